@@ -1,0 +1,39 @@
+"""The inference cache of a model: one slot per layer that owns state.
+
+Slots are allocated by the mixers themselves (``new_cache_slot``), so each
+mixer family decides what it keeps (static K/V, a ring buffer for a window,
+a latent, a recurrent state). Layers that read another layer's K/V hold
+``None``. ``seen`` counts the tokens the model has consumed so far.
+"""
+
+from __future__ import annotations
+
+
+class Cache:
+    def __init__(self, slots: list, batch_size: int, max_len: int):
+        self.slots = slots
+        self.batch_size = batch_size
+        self.max_len = max_len
+        self.seen = 0
+
+    def nbytes(self) -> int:
+        """Bytes of state held for the tokens seen so far."""
+        return sum(s.nbytes() for s in self.slots if s is not None)
+
+    def allocated_bytes(self) -> int:
+        """Bytes of the buffers allocated (whatever has been used)."""
+        return sum(s.allocated_bytes() for s in self.slots if s is not None)
+
+    def reset(self) -> None:
+        """Forget every token, keeping the buffers, to reuse the cache for new sequences."""
+        for s in self.slots:
+            if s is not None:
+                s.reset()
+        self.seen = 0
+
+    def __repr__(self) -> str:
+        owners = sum(s is not None for s in self.slots)
+        return (
+            f"Cache(batch_size={self.batch_size}, max_len={self.max_len}, seen={self.seen}, "
+            f"slots={owners}/{len(self.slots)}, allocated_bytes={self.allocated_bytes():,})"
+        )

@@ -1,0 +1,150 @@
+"""ModelConfig: the whole model as data, validated when built.
+
+A model is a per-layer list of mixer specs plus the MLP and norm choice.
+Three ways to give the mixers:
+
+- ``mixer: {kind: attention, ...}``: every layer the same;
+- ``pattern: "RRA"`` with ``mixers: {R: {...}, A: {...}}``: the pattern is
+  tiled (and cut) to ``n_layers``;
+- cross-layer KV sharing on top of either, as a per-layer source index
+  ``kv_source: [0, 0, 2, 2]`` (layer i attends to the K/V of layer
+  ``kv_source[i]``), or a preset that expands into one:
+  ``kv_sharing: {kind: cla, every: 2}``.
+
+Every error names the field, the value and what would be valid.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from kvlab._config import check_bool, check_choice, check_float, check_int, check_keys, field_names, from_dict, to_dict
+from kvlab.layers import MixerConfig, MLPConfig, NormConfig, mixer_config
+
+KV_SHARING_KINDS = ("cla",)
+
+
+@dataclass
+class KVSharingConfig:
+    """A preset for ``kv_source``. ``cla``: each group of ``every`` consecutive
+    layers reads the K/V of its first layer (Brandon et al. 2024, CLA-2 is every=2)."""
+
+    kind: str = "cla"
+    every: int = 2
+
+    def validate(self, path: str) -> None:
+        check_choice(self.kind, f"{path}.kind", KV_SHARING_KINDS)
+        check_int(self.every, f"{path}.every", minimum=1)
+
+    def kv_source(self, n_layers: int) -> list[int]:
+        return [i - i % self.every for i in range(n_layers)]
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 4096
+    d_model: int = 256
+    n_layers: int = 6
+    max_seq_len: int = 2048
+    norm: NormConfig = field(default_factory=NormConfig)
+    mlp: MLPConfig = field(default_factory=MLPConfig)
+    tie_embeddings: bool = False
+    mixer: MixerConfig | None = None
+    pattern: str | None = None
+    mixers: dict[str, MixerConfig] | None = None
+    kv_source: list[int] | None = None
+    kv_sharing: KVSharingConfig | None = None
+    init_std: float = 0.02
+
+    # Derived, one entry per layer: the mixer config and the layer whose K/V it reads.
+    layer_mixers: list[MixerConfig] = field(init=False, repr=False)
+    layer_kv_source: list[int] = field(init=False, repr=False)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
+        """Read the YAML/Hydra shape of ``configs/model/*.yaml``; unknown keys are errors."""
+        if isinstance(d, ModelConfig):
+            return d
+        if not isinstance(d, Mapping):
+            raise ValueError(f"model config: expected a mapping, got {d!r}")
+        check_keys(d, field_names(cls), "")
+        return cls(**dict(d))
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> ModelConfig:
+        """Read a model YAML such as ``configs/model/gqa.yaml``."""
+        with open(path) as f:
+            return cls.from_dict(yaml.safe_load(f))
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "n_layers", "max_seq_len"):
+            check_int(getattr(self, name), name, minimum=1)
+        check_bool(self.tie_embeddings, "tie_embeddings")
+        check_float(self.init_std, "init_std", positive=True)
+        self.norm = from_dict(NormConfig, self.norm, "norm")
+        self.norm.validate("norm")
+        self.mlp = from_dict(MLPConfig, self.mlp, "mlp")
+        self.mlp.validate(self.d_model, "mlp")
+        self.layer_mixers = self._resolve_mixers()
+        self.layer_kv_source = self._resolve_kv_source()
+
+    def _resolve_mixers(self) -> list[MixerConfig]:
+        if self.pattern is None and self.mixers is None:
+            if self.mixer is None:
+                self.mixer = {"kind": "attention"}
+            self.mixer = mixer_config(self.mixer, "mixer")
+            self.mixer.validate(self.d_model, "mixer")
+            return [self.mixer] * self.n_layers
+        if self.mixer is not None:
+            raise ValueError("mixer and pattern/mixers are both set; give either mixer or pattern with mixers")
+        if not isinstance(self.pattern, str) or not self.pattern:
+            raise ValueError(f"pattern={self.pattern!r} must be a non-empty string of names from mixers")
+        if not isinstance(self.mixers, Mapping) or not self.mixers:
+            raise ValueError(f"mixers={self.mixers!r} must map each name in pattern={self.pattern!r} to a mixer spec")
+        self.mixers = {name: mixer_config(spec, f"mixers.{name}") for name, spec in self.mixers.items()}
+        for name, cfg in self.mixers.items():
+            cfg.validate(self.d_model, f"mixers.{name}")
+        for ch in self.pattern:
+            if ch not in self.mixers:
+                raise ValueError(
+                    f"pattern={self.pattern!r} uses {ch!r}, which is not in mixers ({', '.join(self.mixers)})"
+                )
+        return [self.mixers[self.pattern[i % len(self.pattern)]] for i in range(self.n_layers)]
+
+    def _resolve_kv_source(self) -> list[int]:
+        if self.kv_sharing is not None:
+            if self.kv_source is not None:
+                raise ValueError("kv_source and kv_sharing are both set; give one of them")
+            self.kv_sharing = from_dict(KVSharingConfig, self.kv_sharing, "kv_sharing")
+            self.kv_sharing.validate("kv_sharing")
+            sources, name = self.kv_sharing.kv_source(self.n_layers), "kv_sharing"
+        elif self.kv_source is not None:
+            sources, name = list(self.kv_source), "kv_source"
+            if len(sources) != self.n_layers:
+                raise ValueError(
+                    f"kv_source has {len(sources)} entries; it needs one per layer (n_layers={self.n_layers})"
+                )
+            self.kv_source = sources
+        else:
+            return list(range(self.n_layers))
+        for i, j in enumerate(sources):
+            check_int(j, f"{name}[{i}]", minimum=0)
+            if j > i:
+                raise ValueError(f"{name}[{i}]={j}: a layer can read the K/V of itself or an earlier layer (0..{i})")
+            if sources[j] != j:
+                raise ValueError(
+                    f"{name}[{i}]={j}: layer {j} reads layer {sources[j]} itself; point at a layer that owns its K/V"
+                )
+            if j != i:
+                reason = self.layer_mixers[i].kv_compatible(self.layer_mixers[j])
+                if reason is not None:
+                    raise ValueError(f"{name}[{i}]={j}: layer {i} cannot read layer {j}'s K/V: {reason}")
+        return sources

@@ -1,0 +1,206 @@
+"""The one generic decoder: every architecture is a ModelConfig of it.
+
+embeddings -> n_layers x [x + mixer(norm(x)); x + mlp(norm(x))] -> norm -> LM head.
+The mixer of each layer comes from the registry by its config's ``kind``;
+nothing here knows which families exist. Parameter names follow
+`transformers` Llama where the two overlap (``q_proj``, ``gate_proj``,
+``embed_tokens``, ``lm_head``), which keeps HF import/export a renaming.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from kvlab.archs.cache import Cache
+from kvlab.archs.config import ModelConfig
+from kvlab.archs.footprint import Footprint, FootprintRow
+from kvlab.layers import MIXERS, build_mlp, build_norm
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        mixer_cfg = cfg.layer_mixers[layer_idx]
+        self.mixer_norm = build_norm(cfg.norm, cfg.d_model)
+        self.mixer = MIXERS[mixer_cfg.kind](
+            mixer_cfg,
+            d_model=cfg.d_model,
+            layer_idx=layer_idx,
+            kv_source=cfg.layer_kv_source[layer_idx],
+            max_seq_len=cfg.max_seq_len,
+        )
+        self.mlp_norm = build_norm(cfg.norm, cfg.d_model)
+        self.mlp = build_mlp(cfg.mlp, cfg.d_model)
+
+    def forward(self, x, *, cache=None, positions=None, shared_kv=None):
+        x = x + self.mixer(self.mixer_norm(x), cache=cache, positions=positions, shared_kv=shared_kv)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class CausalLM(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm = build_norm(config.norm, config.d_model)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        # Only layers read by others need to publish their K/V each step.
+        self._shares_kv = any(j != i for i, j in enumerate(config.layer_kv_source))
+        if not self.embed_tokens.weight.is_meta:
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Normal(0, init_std) weights; residual-output projections scaled by
+        1/sqrt(2 n_layers) (GPT-2). Also call after ``to_empty`` from the meta device."""
+        std = self.config.init_std
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                scaled = name.endswith(("o_proj", "down_proj", "out_proj"))
+                nn.init.normal_(module.weight, std=std / math.sqrt(2 * self.config.n_layers) if scaled else std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif module is not self and hasattr(module, "reset_parameters"):
+                module.reset_parameters()  # norms, and mixers' own special parameters (before their children)
+            if hasattr(module, "reset_buffers"):
+                module.reset_buffers()
+
+    # -- forward --------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cache: Cache | None = None,
+        positions: torch.Tensor | None = None,
+        *,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits [B, T, vocab] (or [B, 1, vocab] with ``last_only``).
+
+        With a cache, the tokens continue what the cache has seen (prefill
+        when it is empty, decoding after) and the cache advances in place.
+        """
+        B, T = input_ids.shape
+        if cache is not None:
+            if B != cache.batch_size:
+                raise ValueError(f"input batch size {B} does not match the cache's batch_size={cache.batch_size}")
+            if cache.seen + T > cache.max_len:
+                raise ValueError(f"cache holds {cache.seen} tokens; {T} more exceed its max_len={cache.max_len}")
+        elif T > self.config.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds max_seq_len={self.config.max_seq_len}")
+        shared_kv = {} if self._shares_kv else None
+        x = self.embed_tokens(input_ids)
+        for i, layer in enumerate(self.layers):
+            slot = cache.slots[i] if cache is not None else None
+            x = layer(x, cache=slot, positions=positions, shared_kv=shared_kv)
+        if cache is not None:
+            cache.seen += T
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x))
+
+    # -- cache and footprint --------------------------------------------------
+
+    def new_cache(
+        self,
+        batch_size: int = 1,
+        max_len: int | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> Cache:
+        """Preallocate the cache for ``batch_size`` sequences of up to ``max_len`` tokens."""
+        max_len = self.config.max_seq_len if max_len is None else max_len
+        if not 1 <= max_len <= self.config.max_seq_len:
+            raise ValueError(f"max_len={max_len} must be between 1 and max_seq_len={self.config.max_seq_len}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be >= 1")
+        weight = self.embed_tokens.weight
+        dtype = weight.dtype if dtype is None else dtype
+        device = weight.device if device is None else device
+        slots = [layer.mixer.new_cache_slot(batch_size, max_len, dtype, device) for layer in self.layers]
+        return Cache(slots, batch_size, max_len)
+
+    def kv_footprint(self, dtype: torch.dtype = torch.bfloat16) -> Footprint:
+        rows = []
+        for i, layer in enumerate(self.layers):
+            fp = layer.mixer.kv_footprint(dtype)
+            rows.append(
+                FootprintRow(
+                    layer=i,
+                    kind=layer.mixer.cfg.kind,
+                    bytes_per_token=fp.bytes_per_token,
+                    fixed_bytes=fp.fixed_bytes,
+                    kv_source=self.config.layer_kv_source[i],
+                    max_tokens=fp.max_tokens,
+                )
+            )
+        return Footprint(tuple(rows), dtype)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # -- generation -----------------------------------------------------------
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        eos_token_id: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """The prompt followed by up to ``max_new_tokens`` new tokens, [B, T + new].
+
+        ``temperature=0`` is greedy. Sequences that emit ``eos_token_id`` are
+        padded with it until every sequence has; then generation stops.
+        """
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
+        if temperature < 0:
+            raise ValueError(f"temperature={temperature} must be >= 0")
+        B, T = input_ids.shape
+        if T + max_new_tokens > self.config.max_seq_len:
+            raise ValueError(
+                f"prompt of {T} tokens + max_new_tokens={max_new_tokens} exceeds max_seq_len={self.config.max_seq_len}"
+            )
+        if max_new_tokens == 0:
+            return input_ids
+        cache = self.new_cache(B, T + max_new_tokens)
+        logits = self(input_ids, cache=cache, last_only=True)[:, -1]
+        out = [input_ids]
+        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        for step in range(max_new_tokens):
+            token = _sample(logits, temperature, top_k, generator)
+            if eos_token_id is not None:
+                token = token.masked_fill(done, eos_token_id)
+                done |= token == eos_token_id
+            out.append(token[:, None])
+            if step == max_new_tokens - 1 or (eos_token_id is not None and bool(done.all())):
+                break
+            logits = self(token[:, None], cache=cache)[:, -1]
+        return torch.cat(out, dim=1)
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, generator) -> torch.Tensor:
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
+
+
+def build_model(config: ModelConfig | Mapping[str, Any]) -> CausalLM:
+    """Build the decoder described by ``config`` (a ModelConfig or its dict form)."""
+    return CausalLM(ModelConfig.from_dict(config))

@@ -1,0 +1,66 @@
+"""Causal softmax attention with grouped K/V heads (MHA, GQA, MQA).
+
+``attention`` is the fast path: PyTorch's fused SDPA with ``enable_gqa``, so
+grouped K/V heads are never copied out to the number of query heads.
+``attention_reference`` is the textbook form, softmax(q k^T * scale + mask) v
+with K/V heads repeated explicitly, used by the tests as the ground truth.
+Shapes: q [B, H, T, D], k and v [B, Hkv, S, D] with H divisible by Hkv.
+``mask`` is boolean, True where a query may attend to a key, broadcastable to
+[B, H, T, S]; ``causal=True`` means the top-left aligned causal mask (T == S).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    mask: torch.Tensor | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+) -> torch.Tensor:
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=k.shape[1] != q.shape[1]
+    )
+
+
+def attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    mask: torch.Tensor | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+) -> torch.Tensor:
+    groups = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1)
+    v = v.repeat_interleave(groups, dim=1)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = (q.float() @ k.float().transpose(-1, -2)) * scale
+    if causal:
+        T, S = scores.shape[-2:]
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return (scores.softmax(dim=-1) @ v.float()).to(q.dtype)
+
+
+def position_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """Boolean [T, S] mask from absolute positions: causal, and within ``window`` if given.
+
+    A query at position p sees keys at positions p - window < k <= p: the
+    window counts the query's own token, as in Mistral's sliding window.
+    """
+    diff = q_pos[:, None] - k_pos[None, :]
+    allowed = diff >= 0
+    if window is not None:
+        allowed &= diff < window
+    return allowed

@@ -1,0 +1,48 @@
+"""Rotary position embedding (Su et al. 2021, RoFormer, eq. 34).
+
+Convention: the "rotate half" layout of GPT-NeoX and Llama, in which the
+pairs rotated together are (x[i], x[i + d/2]) rather than neighbours
+(x[2i], x[2i+1]). It is what `transformers` Llama uses, so weights move
+between the two without permutation. Partial rotary (``dims < head_dim``)
+rotates the first ``dims`` channels of each head and passes the rest
+through, as in GPT-NeoX.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def rope_tables(
+    dims: int, theta: float, max_len: int, *, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables of shape [max_len, dims], float32, computed once per model."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, dims, 2, dtype=torch.float64, device=device) / dims)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float64, device=device), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` [B, H, T, D] by the angles in ``cos``/``sin`` [T, d] or [B, T, d], d <= D."""
+    d = cos.shape[-1]
+    if cos.dim() == 3:  # per-sequence positions: broadcast over heads
+        cos, sin = cos[:, None], sin[:, None]
+    rot, rest = (x, None) if d == x.shape[-1] else (x[..., :d], x[..., d:])
+    x1, x2 = rot.float().chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    out = (rot.float() * cos + rotated * sin).to(x.dtype)
+    return out if rest is None else torch.cat([out, rest], dim=-1)
+
+
+def apply_rope_reference(x: torch.Tensor, positions: torch.Tensor, dims: int, theta: float) -> torch.Tensor:
+    """Plain complex-number form of RoPE at integer ``positions`` [T], for tests.
+
+    Channel i of the first half pairs with channel i + dims/2 and the pair is
+    multiplied by exp(i * position * theta^(-2i/dims)).
+    """
+    half = dims // 2
+    freqs = theta ** (-torch.arange(half, dtype=torch.float64) * 2 / dims)
+    phase = torch.polar(torch.ones(len(positions), half, dtype=torch.float64), positions[:, None].double() * freqs)
+    z = torch.complex(x[..., :half].double(), x[..., half:dims].double()) * phase
+    return torch.cat([z.real, z.imag, x[..., dims:].double()], dim=-1).to(x.dtype)

@@ -1,0 +1,21 @@
+"""Floor 2: nn.Modules. Token mixers (one file per family), MLPs, norms.
+
+Importing this package registers every mixer family in ``MIXERS``.
+"""
+
+from kvlab.layers import attention  # noqa: F401  (registers the "attention" mixer)
+from kvlab.layers.base import MIXERS, LayerFootprint, MixerConfig, mixer_config, register_mixer
+from kvlab.layers.mlp import MLPConfig, build_mlp
+from kvlab.layers.norm import NormConfig, build_norm
+
+__all__ = [
+    "MIXERS",
+    "LayerFootprint",
+    "MixerConfig",
+    "MLPConfig",
+    "NormConfig",
+    "build_mlp",
+    "build_norm",
+    "mixer_config",
+    "register_mixer",
+]

@@ -1,0 +1,179 @@
+"""Softmax attention with grouped K/V heads: MHA, GQA and MQA.
+
+- MHA (Vaswani et al. 2017): ``n_kv_heads == n_heads``.
+- GQA (Ainslie et al. 2023): ``n_heads`` query heads share ``n_kv_heads`` K/V
+  heads in equal consecutive groups, shrinking the cache by n_heads/n_kv_heads.
+- MQA (Shazeer 2019): ``n_kv_heads == 1``.
+
+Options: RoPE on all or the first ``rope_dims`` channels of each head,
+a sliding ``window`` (a query sees itself and the ``window - 1`` tokens
+before it; its cache is a ring buffer of ``window`` positions), q/k/v biases
+(Qwen2). A layer whose ``kv_source`` is another layer has no K/V projections
+and attends with its own queries to that layer's keys and values
+(cross-layer sharing, Brandon et al. 2024); it owns no cache slot.
+
+Cache per token and layer: 2 * n_kv_heads * head_dim elements.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kvlab._config import check_bool, check_float, check_int
+from kvlab.kernels.attention import attention, position_mask
+from kvlab.kernels.rope import apply_rope, rope_tables
+from kvlab.layers.base import LayerFootprint, MixerConfig, register_mixer
+from kvlab.layers.kv_cache import KVView, RingKV, StaticKV
+
+
+@dataclass
+class AttentionConfig(MixerConfig):
+    kind = "attention"
+    n_heads: int = 8
+    n_kv_heads: int | None = None  # None: n_heads (MHA)
+    head_dim: int | None = None  # None: d_model // n_heads
+    rope_theta: float = 10000.0
+    rope_dims: int | None = None  # channels of each head that RoPE rotates; None: all
+    window: int | None = None  # sliding window in tokens; None: full causal attention
+    qkv_bias: bool = False
+
+    def validate(self, d_model: int, path: str) -> None:
+        check_int(self.n_heads, f"{path}.n_heads", minimum=1)
+        check_int(self.n_kv_heads, f"{path}.n_kv_heads", minimum=1, optional=True)
+        check_int(self.head_dim, f"{path}.head_dim", minimum=1, optional=True)
+        check_int(self.rope_dims, f"{path}.rope_dims", minimum=0, optional=True)
+        check_int(self.window, f"{path}.window", minimum=1, optional=True)
+        check_float(self.rope_theta, f"{path}.rope_theta", positive=True)
+        check_bool(self.qkv_bias, f"{path}.qkv_bias")
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"{path}.n_heads={self.n_heads} is not divisible by {path}.n_kv_heads={self.n_kv_heads}; "
+                f"n_kv_heads must divide n_heads"
+            )
+        if self.head_dim is None:
+            if d_model % self.n_heads:
+                raise ValueError(
+                    f"d_model={d_model} is not divisible by {path}.n_heads={self.n_heads}; "
+                    f"set {path}.head_dim explicitly or choose n_heads dividing d_model"
+                )
+            self.head_dim = d_model // self.n_heads
+        if self.rope_dims is None:
+            self.rope_dims = self.head_dim
+        if self.rope_dims > self.head_dim or self.rope_dims % 2:
+            raise ValueError(
+                f"{path}.rope_dims={self.rope_dims} must be even and at most {path}.head_dim={self.head_dim}"
+            )
+
+    def kv_compatible(self, source: MixerConfig) -> str | None:
+        if not isinstance(source, AttentionConfig):
+            return f"source mixer kind {source.kind!r} has no attention K/V"
+        for name in ("n_kv_heads", "head_dim", "rope_dims", "rope_theta", "window"):
+            if getattr(self, name) != getattr(source, name):
+                return f"{name}={getattr(self, name)} differs from the source's {name}={getattr(source, name)}"
+        return None
+
+
+@register_mixer
+class Attention(nn.Module):
+    Config = AttentionConfig
+
+    def __init__(self, cfg: AttentionConfig, *, d_model: int, layer_idx: int, kv_source: int, max_seq_len: int):
+        super().__init__()
+        self.cfg = cfg
+        self.layer_idx, self.kv_source = layer_idx, kv_source
+        self.owns_kv = kv_source == layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.max_seq_len = max_seq_len
+        self.scale = 1.0 / math.sqrt(cfg.head_dim)
+        self.q_proj = nn.Linear(d_model, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        if self.owns_kv:
+            self.k_proj = nn.Linear(d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+            self.v_proj = nn.Linear(d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, d_model, bias=False)
+        self.register_buffer("rope_cos", torch.empty(max_seq_len, cfg.rope_dims), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(max_seq_len, cfg.rope_dims), persistent=False)
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        """(Re)compute the RoPE tables; needed after building on the meta device."""
+        if self.rope_cos.is_meta:
+            return
+        cos, sin = rope_tables(self.cfg.rope_dims, self.cfg.rope_theta, self.max_seq_len, device=self.rope_cos.device)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+
+    # -- forward ------------------------------------------------------------
+
+    def forward(self, x, *, cache=None, positions=None, shared_kv=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        if self.owns_kv:
+            start = cache.seen if cache is not None else 0
+            cos, sin = self._rope(start, T, positions)
+            k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            k = apply_rope(k, cos, sin)
+            view = cache.update(k, v) if cache is not None else KVView(k, v, 0)
+            if shared_kv is not None:
+                shared_kv[self.layer_idx] = view
+        else:
+            if shared_kv is None or self.kv_source not in shared_kv:
+                raise RuntimeError(
+                    f"layer {self.layer_idx} reads the K/V of layer {self.kv_source}, which produced none this step"
+                )
+            view = shared_kv[self.kv_source]
+            cos, sin = self._rope(view.start, T, positions)
+        q = apply_rope(q, cos, sin)
+        y = self._attend(q, view)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+    def _rope(self, start: int, T: int, positions):
+        if positions is not None:
+            return self.rope_cos[positions], self.rope_sin[positions]
+        if start + T > self.max_seq_len:
+            raise ValueError(f"position {start + T - 1} is beyond max_seq_len={self.max_seq_len}")
+        return self.rope_cos[start : start + T], self.rope_sin[start : start + T]
+
+    def _attend(self, q: torch.Tensor, view: KVView) -> torch.Tensor:
+        """Attention of the step's queries over ``view``, with the cheapest correct mask."""
+        T, S, window = q.shape[2], view.k.shape[2], self.cfg.window
+        k, v = view.k, view.v
+        if k.dtype != q.dtype:  # a cache kept in another dtype than the activations
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        fits_window = window is None or S <= window
+        if view.k_pos is None and fits_window:
+            if T == 1:  # one query after all its keys: nothing to mask
+                return attention(q, k, v, scale=self.scale)
+            if T == S:
+                return attention(q, k, v, causal=True, scale=self.scale)
+        q_pos = torch.arange(view.start, view.start + T, device=q.device)
+        k_pos = (
+            view.k_pos if view.k_pos is not None else torch.arange(view.start + T - S, view.start + T, device=q.device)
+        )
+        return attention(q, k, v, mask=position_mask(q_pos, k_pos, window), scale=self.scale)
+
+    # -- cache and footprint -------------------------------------------------
+
+    def _cached_positions(self, max_len: int) -> int:
+        """Positions a slot must hold: the window when it is shorter than max_len."""
+        w = self.cfg.window
+        return max_len if w is None or w >= max_len else w
+
+    def new_cache_slot(self, batch_size: int, max_len: int, dtype: torch.dtype, device):
+        if not self.owns_kv:
+            return None
+        length = self._cached_positions(max_len)
+        cls = StaticKV if length == max_len else RingKV
+        return cls(batch_size, self.n_kv_heads, length, self.head_dim, self.head_dim, dtype=dtype, device=device)
+
+    def kv_footprint(self, dtype: torch.dtype) -> LayerFootprint:
+        if not self.owns_kv:
+            return LayerFootprint()
+        per_token = 2 * self.n_kv_heads * self.head_dim * dtype.itemsize
+        return LayerFootprint(bytes_per_token=per_token, max_tokens=self.cfg.window)

@@ -1,0 +1,83 @@
+"""What every token mixer shares: its config base, the registry, footprint rows.
+
+A mixer is an ``nn.Module`` registered under a ``kind`` with a config
+dataclass. The generic decoder builds one per layer with
+``MIXERS[kind](cfg, d_model=..., layer_idx=..., kv_source=..., max_seq_len=...)``
+and relies on this interface:
+
+- ``forward(x, *, cache=None, positions=None, shared_kv=None) -> y``
+  where ``cache`` is the slot the mixer allocated itself (``None`` when
+  running without a cache or when the layer owns no state) and
+  ``shared_kv`` is a per-forward dict through which a layer publishes the
+  K/V it produced for layers that read it (cross-layer sharing);
+- ``new_cache_slot(batch_size, max_len, dtype, device)`` -> a slot with
+  ``nbytes()``, ``allocated_bytes()`` and ``reset()``, or ``None``;
+- ``kv_footprint(dtype) -> LayerFootprint``, computed from the same shapes
+  ``new_cache_slot`` allocates.
+
+A new mixer family registers itself here and needs no change to the decoder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from kvlab._config import from_dict
+
+MIXERS: dict[str, type] = {}
+
+
+def register_mixer(cls: type) -> type:
+    """Class decorator: make ``cls`` buildable as ``{kind: cls.Config.kind, ...}``."""
+    kind = cls.Config.kind
+    if kind in MIXERS:
+        raise ValueError(f"mixer kind {kind!r} is registered twice ({MIXERS[kind].__name__}, {cls.__name__})")
+    MIXERS[kind] = cls
+    return cls
+
+
+@dataclass
+class MixerConfig:
+    """Base of every mixer's config; subclasses set ``kind`` and add fields."""
+
+    kind: ClassVar[str] = ""
+
+    def validate(self, d_model: int, path: str) -> None:
+        """Check values and fill defaults that depend on the model (e.g. head_dim)."""
+
+    def kv_compatible(self, source: MixerConfig) -> str | None:
+        """Why this mixer cannot read ``source``'s K/V, or None if it can."""
+        return f"mixer kind {self.kind!r} does not read another layer's K/V"
+
+
+def mixer_config(spec: Mapping[str, Any] | MixerConfig, path: str) -> MixerConfig:
+    """Parse ``{kind: ..., **settings}`` into the registered mixer's config."""
+    if isinstance(spec, MixerConfig):
+        return spec
+    if not isinstance(spec, Mapping):
+        raise ValueError(f"{path}: expected a mapping with a 'kind' key, got {spec!r}")
+    kind = spec.get("kind")
+    if kind not in MIXERS:
+        raise ValueError(f"{path}.kind={kind!r} is not a known mixer kind; known kinds are {', '.join(sorted(MIXERS))}")
+    settings = {k: v for k, v in spec.items() if k != "kind"}
+    return from_dict(MIXERS[kind].Config, settings, path)
+
+
+@dataclass(frozen=True)
+class LayerFootprint:
+    """Cache bytes one layer holds for one sequence.
+
+    ``bytes_per_token`` is paid for each token seen, for at most
+    ``max_tokens`` tokens (a sliding window) or without limit (None);
+    ``fixed_bytes`` is paid once (recurrent states, memories).
+    """
+
+    bytes_per_token: int = 0
+    fixed_bytes: int = 0
+    max_tokens: int | None = None
+
+    def total_bytes(self, seq_len: int) -> int:
+        tokens = seq_len if self.max_tokens is None else min(seq_len, self.max_tokens)
+        return self.bytes_per_token * tokens + self.fixed_bytes

@@ -1,0 +1,101 @@
+"""Preallocated key/value cache slots for softmax-attention mixers.
+
+``StaticKV`` holds every position up to ``max_len``; ``RingKV`` holds the
+last ``window`` positions in a ring buffer, so a sliding-window layer never
+stores more than its window. Both allocate once and write new keys in place,
+so decoding allocates no cache memory. Keys are stored after RoPE.
+
+``update(k_new, v_new)`` writes the step's K/V and returns a ``KVView``: the
+keys and values the step's queries attend to, which a cross-layer reader
+receives too (through ``shared_kv``), so readers never touch the slot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class KVView:
+    """Keys/values visible to one step's queries, and where they sit.
+
+    ``start`` is the absolute position of the step's first query. ``k_pos``
+    gives the absolute position of each key; None means the keys are, as a
+    set, the ``S`` positions ending at the step's last query (the common
+    case, which needs no position tensor).
+    """
+
+    k: torch.Tensor  # [B, Hkv, S, D]
+    v: torch.Tensor  # [B, Hkv, S, Dv]
+    start: int
+    k_pos: torch.Tensor | None = None
+
+
+class _KVBuffers:
+    """K and V buffers of ``length`` positions, allocated once."""
+
+    def __init__(self, batch_size, n_heads, length, head_dim, v_head_dim, *, dtype, device):
+        self.k = torch.zeros(batch_size, n_heads, length, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros(batch_size, n_heads, length, v_head_dim, dtype=dtype, device=device)
+        self.length = length
+        self.bytes_per_position = (self.k.nbytes + self.v.nbytes) // length  # whole batch
+        self.seen = 0
+
+    def allocated_bytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    def reset(self) -> None:
+        self.seen = 0
+
+
+class StaticKV(_KVBuffers):
+    """Every position up to ``max_len``, in order."""
+
+    def update(self, k_new: torch.Tensor, v_new: torch.Tensor) -> KVView:
+        start, t = self.seen, k_new.shape[2]
+        end = start + t
+        if end > self.length:
+            raise ValueError(f"cache is full: {start} tokens held + {t} new > max_len={self.length}")
+        self.k[:, :, start:end].copy_(k_new)
+        self.v[:, :, start:end].copy_(v_new)
+        self.seen = end
+        return KVView(self.k[:, :, :end], self.v[:, :, :end], start)
+
+    def nbytes(self) -> int:
+        return self.bytes_per_position * self.seen
+
+
+class RingKV(_KVBuffers):
+    """The last ``length`` (the window) positions; position p lives in slot p % length."""
+
+    def update(self, k_new: torch.Tensor, v_new: torch.Tensor) -> KVView:
+        start, t, w = self.seen, k_new.shape[2], self.length
+        if t == 1:  # decode: overwrite the oldest slot, attend to all held slots
+            self.k[:, :, start % w].copy_(k_new[:, :, 0])
+            self.v[:, :, start % w].copy_(v_new[:, :, 0])
+            self.seen += 1
+            held = min(self.seen, w)
+            return KVView(self.k[:, :, :held], self.v[:, :, :held], start)
+        # Several tokens: the queries need the held keys and all new keys, so
+        # gather them before the ring overwrites the oldest ones.
+        held = min(start, w)
+        slots = torch.arange(held, device=self.k.device)
+        old_pos = start - 1 - (start - 1 - slots) % w
+        new_pos = torch.arange(start, start + t, device=self.k.device)
+        view = KVView(
+            torch.cat([self.k[:, :, :held], k_new.to(self.k.dtype)], dim=2),
+            torch.cat([self.v[:, :, :held], v_new.to(self.v.dtype)], dim=2),
+            start,
+            torch.cat([old_pos, new_pos]),
+        )
+        keep = min(t, w)
+        dest = new_pos[-keep:] % w
+        self.k.index_copy_(2, dest, k_new[:, :, -keep:].to(self.k.dtype))
+        self.v.index_copy_(2, dest, v_new[:, :, -keep:].to(self.v.dtype))
+        self.seen += t
+        return view
+
+    def nbytes(self) -> int:
+        return self.bytes_per_position * min(self.seen, self.length)

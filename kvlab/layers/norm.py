@@ -1,0 +1,44 @@
+"""Normalisation layers: RMSNorm (Zhang & Sennrich 2019) and LayerNorm."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kvlab._config import check_choice, check_float
+
+NORM_KINDS = ("rmsnorm", "layernorm")
+
+
+@dataclass
+class NormConfig:
+    kind: str = "rmsnorm"
+    eps: float = 1e-5
+
+    def validate(self, path: str) -> None:
+        check_choice(self.kind, f"{path}.kind", NORM_KINDS)
+        check_float(self.eps, f"{path}.eps", positive=True)
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in float32 whatever the input dtype (as Llama does)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+def build_norm(cfg: NormConfig, dim: int) -> nn.Module:
+    if cfg.kind == "rmsnorm":
+        return RMSNorm(dim, cfg.eps)
+    return nn.LayerNorm(dim, eps=cfg.eps)

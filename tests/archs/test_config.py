@@ -1,0 +1,122 @@
+import pytest
+
+from kvlab import ModelConfig, build_model
+from kvlab.layers import MIXERS
+from tests.conftest import PRESETS, REPO, preset_dict, tiny
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_presets_load_and_build(name):
+    cfg = ModelConfig.from_yaml(REPO / "configs" / "model" / f"{name}.yaml")
+    model = build_model(cfg)
+    assert 5e6 <= model.num_parameters() <= 20e6  # CPU-sized, as the presets promise
+    assert model.config is cfg
+
+
+def test_attention_presets_differ_only_in_kv_heads():
+    dicts = {name: preset_dict(name) for name in ("mha", "gqa", "mqa")}
+    for d in dicts.values():
+        d["mixer"].pop("n_kv_heads")
+    assert dicts["mha"] == dicts["gqa"] == dicts["mqa"]
+
+
+def test_round_trip_through_dict():
+    for spec in [
+        tiny(),
+        tiny(kv_sharing={"kind": "cla", "every": 2}),
+        tiny(
+            mixer=None,
+            pattern="AB",
+            mixers={"A": {"kind": "attention", "n_heads": 4, "window": 8}, "B": {"kind": "attention", "n_heads": 2}},
+        ),
+    ]:
+        cfg = ModelConfig.from_dict(spec)
+        again = ModelConfig.from_dict(cfg.to_dict())
+        assert again.to_dict() == cfg.to_dict()
+        assert again.layer_kv_source == cfg.layer_kv_source
+
+
+def test_defaults_are_filled_in():
+    cfg = ModelConfig.from_dict(tiny(mixer={"kind": "attention", "n_heads": 4}))
+    assert (cfg.mixer.n_kv_heads, cfg.mixer.head_dim, cfg.mixer.rope_dims) == (4, 16, 16)
+    assert ModelConfig(d_model=96, mlp={"hidden": None}).mlp.hidden == 256  # 8/3 x 96 rounded up to 64
+
+
+def test_pattern_is_tiled_to_n_layers():
+    cfg = ModelConfig.from_dict(
+        tiny(
+            n_layers=5,
+            mixer=None,
+            pattern="LLG",
+            mixers={"L": {"kind": "attention", "n_heads": 4, "window": 4}, "G": {"kind": "attention", "n_heads": 4}},
+        )
+    )
+    assert [m.window for m in cfg.layer_mixers] == [4, 4, None, 4, 4]
+
+
+def test_cla_preset_expands_to_kv_source():
+    assert ModelConfig.from_dict(tiny(n_layers=7, kv_sharing={"kind": "cla", "every": 3})).layer_kv_source == [
+        0,
+        0,
+        0,
+        3,
+        3,
+        3,
+        6,
+    ]
+
+
+BAD = {
+    "indivisible heads": (
+        tiny(mixer={"kind": "attention", "n_heads": 8, "n_kv_heads": 3}),
+        r"mixer\.n_heads=8 is not divisible by mixer\.n_kv_heads=3",
+    ),
+    "unknown kind": (tiny(mixer={"kind": "atention"}), r"mixer\.kind='atention' is not a known mixer kind.*attention"),
+    "unknown key": (tiny(mixer={"kind": "attention", "n_kv_head": 2}), r"mixer\.n_kv_head: unknown key.*n_kv_heads"),
+    "unknown top key": (tiny(n_layer=3), r"n_layer: unknown key"),
+    "unknown nested key": (tiny(mlp={"kind": "swiglu", "hiden": 3}), r"mlp\.hiden: unknown key"),
+    "head_dim mismatch": (
+        tiny(d_model=66, mixer={"kind": "attention", "n_heads": 4}),
+        r"d_model=66 is not divisible by mixer\.n_heads=4.*head_dim",
+    ),
+    "negative size": (tiny(d_model=-8), r"d_model=-8 must be >= 1"),
+    "zero layers": (tiny(n_layers=0), r"n_layers=0 must be >= 1"),
+    "negative window": (tiny(mixer={"kind": "attention", "n_heads": 4, "window": -1}), r"mixer\.window=-1"),
+    "odd rope dims": (tiny(mixer={"kind": "attention", "n_heads": 4, "rope_dims": 7}), r"mixer\.rope_dims=7"),
+    "wrong type": (tiny(vocab_size="97"), r"vocab_size='97' must be an integer"),
+    "bad norm": (tiny(norm={"kind": "batchnorm"}), r"norm\.kind='batchnorm' is not one of"),
+    "bad mlp": (tiny(mlp={"kind": "relu2"}), r"mlp\.kind='relu2' is not one of"),
+    "kv_source length": (tiny(kv_source=[0, 0]), r"kv_source has 2 entries.*n_layers=4"),
+    "kv_source forward": (tiny(kv_source=[0, 2, 2, 3]), r"kv_source\[1\]=2"),
+    "kv_source chain": (tiny(kv_source=[0, 0, 1, 3]), r"kv_source\[2\]=1: layer 1 reads layer 0"),
+    "kv_source shapes": (
+        tiny(
+            mixer=None,
+            pattern="AB",
+            mixers={
+                "A": {"kind": "attention", "n_heads": 4},
+                "B": {"kind": "attention", "n_heads": 4, "n_kv_heads": 1},
+            },
+            kv_source=[0, 0, 2, 3],
+        ),
+        r"kv_source\[1\]=0.*n_kv_heads=1 differs",
+    ),
+    "both sharing forms": (tiny(kv_source=[0, 0, 2, 2], kv_sharing={"kind": "cla"}), r"kv_source and kv_sharing"),
+    "bad sharing kind": (tiny(kv_sharing={"kind": "yolo"}), r"kv_sharing\.kind='yolo'"),
+    "pattern name": (
+        tiny(mixer=None, pattern="AX", mixers={"A": {"kind": "attention", "n_heads": 4}}),
+        r"pattern='AX' uses 'X'",
+    ),
+    "mixer and pattern": (tiny(pattern="A", mixers={"A": {"kind": "attention"}}), r"mixer and pattern/mixers"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_config_names_the_field(case):
+    spec, message = BAD[case]
+    with pytest.raises(ValueError, match=message):
+        ModelConfig.from_dict(spec)
+
+
+def test_attention_is_registered():
+    assert MIXERS["attention"].Config.kind == "attention"

@@ -1,0 +1,112 @@
+"""Footprint: exact against the cache, and against published numbers."""
+
+import pytest
+import torch
+
+from kvlab import ModelConfig, build_model
+from tests.archs.test_decode import VARIANTS
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cache_bytes_equal_footprint(name, dtype):
+    model = build_model(VARIANTS[name]).eval()
+    fp = model.kv_footprint(dtype)
+    cache = model.new_cache(batch_size=3, max_len=20, dtype=dtype)
+    assert cache.allocated_bytes() == fp.total_bytes(20, batch_size=3)
+    assert cache.nbytes() == fp.total_bytes(0, batch_size=3) == 0
+    ids = torch.randint(0, 97, (3, 20))
+    seen = 0
+    with torch.no_grad():
+        for size in [6, 1, 1, 5, 1, 6]:
+            model(ids[:, seen : seen + size], cache=cache)
+            seen += size
+            assert cache.nbytes() == fp.total_bytes(seen, batch_size=3)
+    assert cache.allocated_bytes() == fp.total_bytes(20, batch_size=3)
+
+
+def test_readers_own_no_slot_and_add_nothing():
+    model = build_model(VARIANTS["kv_source"])  # kv_source = [0, 0, 0, 3]
+    cache = model.new_cache(1, 8)
+    assert [s is not None for s in cache.slots] == [True, False, False, True]
+    fp = model.kv_footprint(torch.float32)
+    assert [r.bytes_per_token for r in fp.per_layer] == [256, 0, 0, 256]  # (K and V) x 2 heads x 16 dims x 4 bytes
+    assert [r.kv_source for r in fp.per_layer] == [0, 0, 0, 3]
+
+
+def test_window_footprint_is_fixed_once_full():
+    spec = dict(VARIANTS["hybrid_window"])  # pattern WWG over 4 layers: W W G W
+    fp = build_model(spec).kv_footprint(torch.bfloat16)
+    window_row = 2 * 1 * 16 * 2  # 1 K/V head of 16 dims, K and V, 2 bytes
+    global_row = 2 * 2 * 16 * 2
+    assert fp.bytes_per_token == global_row
+    assert fp.fixed_bytes == 3 * window_row * 3  # three window layers holding 3 tokens each
+    assert fp.total_bytes(2) == 2 * (3 * window_row + global_row)
+    assert fp.total_bytes(1000) == 1000 * global_row + fp.fixed_bytes
+
+
+def _meta_model(n_heads, n_kv_heads, head_dim, n_layers, **extra):
+    cfg = ModelConfig(
+        vocab_size=32000,
+        d_model=n_heads * head_dim,
+        n_layers=n_layers,
+        max_seq_len=4096,
+        mixer={"kind": "attention", "n_heads": n_heads, "n_kv_heads": n_kv_heads, "head_dim": head_dim},
+        **extra,
+    )
+    with torch.device("meta"):
+        return build_model(cfg)
+
+
+@pytest.mark.parametrize(
+    "n_heads,n_kv_heads,head_dim,extra,expected",
+    [
+        (16, 16, 128, {}, 163_840),  # CLA Table 1: H128 MHA
+        (16, 4, 128, {}, 40_960),  # H128 GQA4
+        (16, 1, 128, {}, 10_240),  # H128 MQA
+        (32, 1, 64, {}, 5_120),  # H64 MQA
+        (16, 1, 128, {"kv_sharing": {"kind": "cla", "every": 2}}, 5_120),  # H128 MQA-CLA2
+        (16, 1, 128, {"kv_sharing": {"kind": "cla", "every": 3}}, 3_584),  # H128 MQA-CLA3: 7 KV layers
+    ],
+)
+def test_footprint_reproduces_cla_paper_table1(n_heads, n_kv_heads, head_dim, extra, expected):
+    model = _meta_model(n_heads, n_kv_heads, head_dim, 20, **extra)
+    assert model.kv_footprint(torch.bfloat16).bytes_per_token == expected
+
+
+def test_footprint_reproduces_deepseek_v2_mha_row():
+    # DeepSeek-V2 Table 9: MHA with 16 heads of 128 over 27 layers caches 110,592 elements per token.
+    fp = _meta_model(16, 16, 128, 27).kv_footprint(torch.bfloat16)
+    assert fp.bytes_per_token // torch.bfloat16.itemsize == 110_592
+
+
+def test_meta_device_builds_a_7b_config_without_allocating():
+    # Llama-2-7B shapes: 32 layers, 32 heads of 128, MHA: 512 KiB per token in 16-bit.
+    cfg = ModelConfig(
+        vocab_size=32000,
+        d_model=4096,
+        n_layers=32,
+        max_seq_len=4096,
+        mlp={"hidden": 11008},
+        mixer={"kind": "attention", "n_heads": 32},
+    )
+    with torch.device("meta"):
+        model = build_model(cfg)
+    assert all(p.is_meta for p in model.parameters())
+    assert 6.5e9 < model.num_parameters() < 7e9
+    fp = model.kv_footprint(torch.float16)
+    assert fp.bytes_per_token == 512 * 1024
+    assert fp.total_bytes(4096, batch_size=2) == 2 * 4096 * 512 * 1024
+
+
+def test_meta_model_materialises_with_to_empty():
+    cfg = ModelConfig.from_dict(VARIANTS["gqa"])
+    with torch.device("meta"):
+        model = build_model(cfg)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    reference = build_model(cfg)
+    ids = torch.randint(0, 97, (1, 9))
+    # Same RoPE tables and a finite forward after materialising.
+    torch.testing.assert_close(model.layers[0].mixer.rope_cos, reference.layers[0].mixer.rope_cos)
+    assert torch.isfinite(model(ids)).all()

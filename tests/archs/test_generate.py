@@ -1,0 +1,50 @@
+import pytest
+import torch
+
+from kvlab import build_model
+from tests.archs.test_decode import VARIANTS
+
+
+def _greedy_without_cache(model, ids, n):
+    for _ in range(n):
+        ids = torch.cat([ids, model(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids
+
+
+@pytest.mark.parametrize("name", ["gqa", "window", "cla2"])
+def test_greedy_generate_matches_uncached_argmax(name):
+    model = build_model(VARIANTS[name]).eval()
+    prompt = torch.randint(0, 97, (2, 6))
+    out = model.generate(prompt, max_new_tokens=12)
+    assert out.shape == (2, 18)
+    assert torch.equal(out[:, :6], prompt)
+    with torch.no_grad():
+        assert torch.equal(out, _greedy_without_cache(model, prompt, 12))
+
+
+def test_generate_stops_at_eos_and_pads_finished_rows():
+    model = build_model(VARIANTS["gqa"]).eval()
+    prompt = torch.randint(0, 97, (2, 4))
+    free = model.generate(prompt, max_new_tokens=10)
+    eos = int(free[0, 6])  # the third token row 0 generates
+    out = model.generate(prompt, max_new_tokens=10, eos_token_id=eos)
+    assert torch.equal(out[0, :7], free[0, :7])
+    assert (out[0, 7:] == eos).all()
+    if (free[1, 4:] != eos).all():  # row 1 never emits eos, so it runs to the end
+        assert out.shape[1] == 14 and torch.equal(out[1], free[1])
+
+
+def test_sampling_is_reproducible_and_respects_top_k():
+    model = build_model(VARIANTS["gqa"]).eval()
+    prompt = torch.randint(0, 97, (1, 4))
+    a = model.generate(prompt, 20, temperature=1.0, generator=torch.Generator().manual_seed(1))
+    b = model.generate(prompt, 20, temperature=1.0, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+    top1 = model.generate(prompt, 8, temperature=1.0, top_k=1)
+    assert torch.equal(top1, model.generate(prompt, 8))
+
+
+def test_generate_refuses_past_max_seq_len():
+    model = build_model(VARIANTS["gqa"])
+    with pytest.raises(ValueError, match="max_seq_len=64"):
+        model.generate(torch.zeros(1, 60, dtype=torch.long), max_new_tokens=5)

@@ -1,0 +1,34 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+PRESETS = sorted(p.stem for p in (REPO / "configs" / "model").glob("*.yaml"))
+
+
+def preset_dict(name: str) -> dict:
+    import yaml
+
+    return yaml.safe_load((REPO / "configs" / "model" / f"{name}.yaml").read_text())
+
+
+def tiny(**overrides) -> dict:
+    """A model dict small enough for exact tests in milliseconds."""
+    d = dict(
+        vocab_size=97,
+        d_model=64,
+        n_layers=4,
+        max_seq_len=64,
+        mlp={"kind": "swiglu", "hidden": 96},
+        mixer={"kind": "attention", "n_heads": 4, "n_kv_heads": 2},
+    )
+    d.update(overrides)
+    return d
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,43 @@
+import torch
+
+from kvlab.layers.kv_cache import RingKV, StaticKV
+
+
+def _tokens(start, t):
+    """K/V whose every element is its absolute position, so we can read where it went."""
+    pos = torch.arange(start, start + t, dtype=torch.float32)
+    kv = pos.view(1, 1, t, 1).expand(2, 1, t, 3).clone()
+    return kv, kv + 0.5
+
+
+def test_ring_holds_exactly_the_last_window_positions():
+    ring = RingKV(2, 1, 4, 3, 3, dtype=torch.float32, device="cpu")
+    seen = 0
+    for t in [3, 1, 1, 6, 1, 2, 1]:
+        k, v = _tokens(seen, t)
+        view = ring.update(k, v)
+        # The view covers the held positions and all new ones, each labelled with its position.
+        positions = view.k[0, 0, :, 0]
+        if view.k_pos is not None:
+            assert torch.equal(positions, view.k_pos.float())
+        # Decoding sees the window ending at the new token; several tokens see
+        # the held window before them too, and the mask picks each query's keys.
+        first = seen + 1 - 4 if t == 1 else seen - 4
+        expected = set(range(max(0, first), seen + t))
+        assert set(positions.tolist()) == expected
+        assert torch.equal(view.v, view.k + 0.5)
+        seen += t
+        held = set(ring.k[0, 0, : min(seen, 4), 0].tolist())
+        assert held == set(range(max(0, seen - 4), seen))
+        assert ring.nbytes() == min(seen, 4) * 2 * 2 * 3 * 4  # positions x (K and V) x batch x dim x fp32
+
+
+def test_static_cache_refuses_overflow():
+    slot = StaticKV(1, 1, 4, 2, 2, dtype=torch.float32, device="cpu")
+    slot.update(torch.zeros(1, 1, 3, 2), torch.zeros(1, 1, 3, 2))
+    try:
+        slot.update(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2))
+    except ValueError as e:
+        assert "max_len=4" in str(e)
+    else:
+        raise AssertionError("overflow was not refused")
