@@ -1,17 +1,32 @@
 """Entry point: ``python train.py recipe=NAME [overrides]``.
 
-Training, recipes and the ``gqa_uptrain`` main job arrive with the training
-pipeline and uptraining issues; until then this says so instead of failing
-obscurely.
+Hydra composes ``configs/train.yaml`` with the chosen recipe and overrides
+(``python train.py --cfg job`` prints the result; ``-m`` sweeps), then
+``kvlab.recipes.run`` does the work. Configuration mistakes end the run
+before training with one line naming the field and exit status 1.
 """
 
 import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from kvlab.recipes.config import register_configs
+from kvlab.recipes.run import ConfigError, run
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="train")
+def main(cfg: DictConfig) -> None:
+    try:
+        run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except ConfigError as e:
+        print(f"kvlab: error: {e}", file=sys.stderr)
+        sys.exit(1)
+
 
 if __name__ == "__main__":
-    args = " ".join(sys.argv[1:]) or "(no arguments)"
-    print(
-        f"kvlab: training recipes are not yet available (asked for: {args}).\n"
-        "The model core is: see README.md, section 'Models, caches and footprints'.",
-        file=sys.stderr,
-    )
-    sys.exit(2)
+    main()

@@ -15,10 +15,12 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from kvlab.archs.cache import Cache
 from kvlab.archs.config import ModelConfig
 from kvlab.archs.footprint import Footprint, FootprintRow
+from kvlab.kernels.attention import positions_in_documents
 from kvlab.layers import MIXERS, build_mlp, build_norm
 
 
@@ -37,8 +39,9 @@ class Block(nn.Module):
         self.mlp_norm = build_norm(cfg.norm, cfg.d_model)
         self.mlp = build_mlp(cfg.mlp, cfg.d_model)
 
-    def forward(self, x, *, cache=None, positions=None, shared_kv=None):
-        x = x + self.mixer(self.mixer_norm(x), cache=cache, positions=positions, shared_kv=shared_kv)
+    def forward(self, x, *, cache=None, positions=None, shared_kv=None, doc_ids=None):
+        h = self.mixer_norm(x)
+        x = x + self.mixer(h, cache=cache, positions=positions, shared_kv=shared_kv, doc_ids=doc_ids)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -54,6 +57,8 @@ class CausalLM(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         # Only layers read by others need to publish their K/V each step.
         self._shares_kv = any(j != i for i, j in enumerate(config.layer_kv_source))
+        # Recompute each block in the backward pass instead of keeping its activations.
+        self.activation_checkpointing = False
         if not self.embed_tokens.weight.is_meta:
             self.init_weights()
 
@@ -81,14 +86,22 @@ class CausalLM(nn.Module):
         cache: Cache | None = None,
         positions: torch.Tensor | None = None,
         *,
+        doc_ids: torch.Tensor | None = None,
         last_only: bool = False,
     ) -> torch.Tensor:
         """Logits [B, T, vocab] (or [B, 1, vocab] with ``last_only``).
 
         With a cache, the tokens continue what the cache has seen (prefill
         when it is empty, decoding after) and the cache advances in place.
+        ``doc_ids`` [B, T] marks packed documents: tokens attend within their
+        own document and positions restart at each (training, no cache).
         """
         B, T = input_ids.shape
+        if doc_ids is not None:
+            if cache is not None:
+                raise ValueError("doc_ids (packed documents) cannot be combined with a cache")
+            if positions is None:
+                positions = positions_in_documents(doc_ids)
         if cache is not None:
             if B != cache.batch_size:
                 raise ValueError(f"input batch size {B} does not match the cache's batch_size={cache.batch_size}")
@@ -100,7 +113,12 @@ class CausalLM(nn.Module):
         x = self.embed_tokens(input_ids)
         for i, layer in enumerate(self.layers):
             slot = cache.slots[i] if cache is not None else None
-            x = layer(x, cache=slot, positions=positions, shared_kv=shared_kv)
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                # Non-reentrant: the forward graph is recorded as usual (K/V shared
+                # through shared_kv get their gradients), only activations are recomputed.
+                x = checkpoint(layer, x, positions=positions, shared_kv=shared_kv, doc_ids=doc_ids, use_reentrant=False)
+            else:
+                x = layer(x, cache=slot, positions=positions, shared_kv=shared_kv, doc_ids=doc_ids)
         if cache is not None:
             cache.seen += T
         if last_only:

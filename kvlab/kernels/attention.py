@@ -64,3 +64,21 @@ def position_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None =
     if window is not None:
         allowed &= diff < window
     return allowed
+
+
+def document_mask(doc_ids: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """Boolean [B, 1, T, T] mask for packed sequences: causal, within ``window``,
+    and only between tokens of the same document (``doc_ids`` [B, T])."""
+    T = doc_ids.shape[-1]
+    pos = torch.arange(T, device=doc_ids.device)
+    same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]
+    return (position_mask(pos, pos, window) & same_doc)[:, None]
+
+
+def positions_in_documents(doc_ids: torch.Tensor) -> torch.Tensor:
+    """Position of each token within its document ([B, T]), restarting at 0 where doc_ids changes."""
+    T = doc_ids.shape[-1]
+    idx = torch.arange(T, device=doc_ids.device).expand_as(doc_ids)
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    return idx - torch.where(starts, idx, 0).cummax(dim=-1).values

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from kvlab._config import check_bool, check_float, check_int
-from kvlab.kernels.attention import attention, position_mask
+from kvlab.kernels.attention import attention, document_mask, position_mask
 from kvlab.kernels.rope import apply_rope, rope_tables
 from kvlab.layers.base import LayerFootprint, MixerConfig, register_mixer
 from kvlab.layers.kv_cache import KVView, RingKV, StaticKV
@@ -110,7 +110,7 @@ class Attention(nn.Module):
 
     # -- forward ------------------------------------------------------------
 
-    def forward(self, x, *, cache=None, positions=None, shared_kv=None):
+    def forward(self, x, *, cache=None, positions=None, shared_kv=None, doc_ids=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         if self.owns_kv:
@@ -130,7 +130,7 @@ class Attention(nn.Module):
             view = shared_kv[self.kv_source]
             cos, sin = self._rope(view.start, T, positions)
         q = apply_rope(q, cos, sin)
-        y = self._attend(q, view)
+        y = self._attend(q, view, doc_ids)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
     def _rope(self, start: int, T: int, positions):
@@ -140,12 +140,14 @@ class Attention(nn.Module):
             raise ValueError(f"position {start + T - 1} is beyond max_seq_len={self.max_seq_len}")
         return self.rope_cos[start : start + T], self.rope_sin[start : start + T]
 
-    def _attend(self, q: torch.Tensor, view: KVView) -> torch.Tensor:
+    def _attend(self, q: torch.Tensor, view: KVView, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Attention of the step's queries over ``view``, with the cheapest correct mask."""
         T, S, window = q.shape[2], view.k.shape[2], self.cfg.window
         k, v = view.k, view.v
         if k.dtype != q.dtype:  # a cache kept in another dtype than the activations
             k, v = k.to(q.dtype), v.to(q.dtype)
+        if doc_ids is not None:  # packed documents (training, no cache): T == S
+            return attention(q, k, v, mask=document_mask(doc_ids, window), scale=self.scale)
         fits_window = window is None or S <= window
         if view.k_pos is None and fits_window:
             if T == 1:  # one query after all its keys: nothing to mask

@@ -5,11 +5,13 @@ dataclass. The generic decoder builds one per layer with
 ``MIXERS[kind](cfg, d_model=..., layer_idx=..., kv_source=..., max_seq_len=...)``
 and relies on this interface:
 
-- ``forward(x, *, cache=None, positions=None, shared_kv=None) -> y``
+- ``forward(x, *, cache=None, positions=None, shared_kv=None, doc_ids=None) -> y``
   where ``cache`` is the slot the mixer allocated itself (``None`` when
-  running without a cache or when the layer owns no state) and
-  ``shared_kv`` is a per-forward dict through which a layer publishes the
-  K/V it produced for layers that read it (cross-layer sharing);
+  running without a cache or when the layer owns no state), ``positions``
+  are absolute token positions (None: continue from the cache), ``shared_kv``
+  is a per-forward dict through which a layer publishes the K/V it produced
+  for layers that read it (cross-layer sharing), and ``doc_ids`` [B, T]
+  marks packed documents, which must not see each other;
 - ``new_cache_slot(batch_size, max_len, dtype, device)`` -> a slot with
   ``nbytes()``, ``allocated_bytes()`` and ``reset()``, or ``None``;
 - ``kv_footprint(dtype) -> LayerFootprint``, computed from the same shapes

@@ -34,3 +34,17 @@ def test_tied_embeddings_share_one_tensor():
     model = build_model(VARIANTS["bias_tied"])
     assert model.lm_head.weight is model.embed_tokens.weight
     assert "lm_head.weight" not in dict(model.named_parameters())
+
+
+@pytest.mark.parametrize("name", ["gqa", "cla2", "window"])
+def test_activation_checkpointing_gives_the_same_gradients(name):
+    ids = torch.randint(0, 97, (2, 16))
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        model = build_model(VARIANTS[name])
+        model.activation_checkpointing = ckpt
+        F.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten()).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for n, g in grads[0].items():
+        torch.testing.assert_close(grads[1][n], g, atol=1e-6, rtol=1e-5, msg=n)

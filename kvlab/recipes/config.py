@@ -1,0 +1,64 @@
+"""The schema of ``configs/train.yaml``, registered with Hydra's ConfigStore.
+
+Hydra merges the YAML tree into these dataclasses, so a misspelt key or a
+value of the wrong type fails when the config is composed, before anything
+runs. The ``model`` node is free-form here and checked by ``ModelConfig``
+(its fields depend on the mixer kinds), with the same strictness.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+
+from kvlab.recipes.data import DataConfig
+from kvlab.recipes.module import OptimConfig
+
+STRATEGIES = ("auto", "ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3")
+LOGGERS = ("csv", "wandb", "tensorboard", "none")
+STAGES = ("train", "eval")
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = "cpu"  # cpu | gpu | auto
+    devices: Any = 1
+    num_nodes: int = 1
+    strategy: str = "auto"  # auto | ddp | fsdp | deepspeed_zero2 | deepspeed_zero3
+    precision: str = "32-true"  # 32-true | bf16-mixed | 16-mixed
+    max_steps: int = 200
+    val_check_interval: int = 100  # optimizer steps between validations
+    limit_val_batches: int = 20
+    log_every_n_steps: int = 10
+    gradient_clip_val: float | None = 1.0
+    accumulate_grad_batches: int = 1
+    ckpt_every_n_steps: int = 100
+    activation_checkpointing: bool = False
+    progress_bar: bool = True
+
+
+@dataclass
+class LoggerConfig:
+    kind: str = "csv"  # csv | wandb | tensorboard | none
+    project: str = "kvlab"
+    mode: str | None = None  # wandb: offline unless this or WANDB_MODE says online
+
+
+@dataclass
+class TrainConfig:
+    model: dict[str, Any] = field(default_factory=dict)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run_name: str = "train"
+    output_root: str = "outputs"
+    seed: int = 0
+    stages: list[str] = field(default_factory=lambda: ["train"])
+    resume: str | None = None  # null | auto (latest run of this run_name) | path to a .ckpt
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)

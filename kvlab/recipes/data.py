@@ -1,0 +1,343 @@
+"""Training data: corpora, a byte-level BPE tokenizer, packing, an on-disk cache.
+
+Corpora (``DataConfig.kind``):
+- ``stdlib``: the ``.py`` sources of the running interpreter's standard
+  library (tests and IDLE left out): real text nobody here wrote, present on
+  every machine, so the default recipes need no download;
+- ``text``: local files or globs (``.txt`` one document per file; ``.jsonl``
+  and ``.parquet`` one document per row, text in ``text_field``);
+- ``hf``: ``datasets.load_dataset(name)`` for a hub name or a local copy.
+
+Documents are split into train/val by a hash of their name, so the split is
+the same on every machine and run. The tokenizer is trained on the train
+split (``tokenizers`` byte-level BPE) unless one is given by path. Documents
+are joined with an EOS token and cut into rows of ``seq_len + 1`` tokens;
+the boundaries stay recoverable from the EOS tokens, which is how
+``doc_ids`` are made for per-document attention (``doc_mask``).
+
+Tokenized and packed splits are saved with ``datasets``' ``save_to_disk``
+under ``cache_dir``, keyed by the corpus, the settings and the tokenizer,
+so a second run with the same data starts in seconds.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import os
+import sysconfig
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+log = logging.getLogger(__name__)
+
+EOS = "<|endoftext|>"
+DATA_KINDS = ("stdlib", "text", "hf")
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("KVLAB_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "kvlab"))
+
+
+@dataclass
+class DataConfig:
+    kind: str = "stdlib"
+    paths: list[str] = field(default_factory=list)  # kind=text: files or globs
+    name: str | None = None  # kind=hf: dataset name or local path for load_dataset
+    subset: str | None = None  # kind=hf: configuration name
+    text_field: str = "text"
+    seq_len: int = 256
+    batch_size: int = 8
+    val_fraction: float = 0.05
+    max_docs: int | None = None  # keep at most this many documents (before the split): quick runs
+    tokenizer: str | None = None  # tokenizer.json or an HF tokenizer directory; None: train one
+    vocab_size: int = 4096  # for a trained tokenizer
+    doc_mask: bool = False  # attend within documents only, positions restarting at each
+    num_workers: int = 0
+    cache_dir: str | None = None  # None: $KVLAB_CACHE or ~/.cache/kvlab
+
+    def validate(self) -> None:
+        if self.kind not in DATA_KINDS:
+            raise ValueError(f"data.kind={self.kind!r} is not one of {', '.join(DATA_KINDS)}")
+        if self.kind == "text" and not self.paths:
+            raise ValueError("data.paths is empty; data.kind=text needs files or globs")
+        if self.kind == "hf" and not self.name:
+            raise ValueError("data.name is not set; data.kind=hf needs a dataset name or path")
+        for name in ("seq_len", "batch_size", "vocab_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"data.{name}={getattr(self, name)} must be >= 1")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"data.val_fraction={self.val_fraction} must be between 0 and 1")
+
+
+# -- corpora --------------------------------------------------------------------
+
+
+def stdlib_files() -> list[Path]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__"}
+    return sorted(p for p in root.rglob("*.py") if not skip.intersection(p.relative_to(root).parts))
+
+
+def text_files(patterns: list[str]) -> list[str]:
+    """The files matched by ``data.paths``; a pattern matching nothing is an error."""
+    files = set()
+    for pattern in patterns:
+        matched = glob.glob(os.path.expanduser(pattern), recursive=True)
+        if not matched:
+            raise FileNotFoundError(f"data.paths: no file matches {pattern!r}")
+        files.update(matched)
+    return sorted(files)
+
+
+def _is_val(name: str, fraction: float) -> bool:
+    digest = hashlib.sha1(name.encode()).digest()
+    return int.from_bytes(digest[:4], "big") / 2**32 < fraction
+
+
+def load_documents(cfg: DataConfig):
+    """A ``datasets.Dataset`` with columns ``name`` and ``text``, one row per document."""
+    import datasets
+
+    if cfg.kind == "stdlib":
+        root = Path(sysconfig.get_paths()["stdlib"])
+        files = stdlib_files()
+        names = [str(p.relative_to(root)) for p in files]
+        texts = [p.read_text(encoding="utf-8", errors="replace") for p in files]
+        ds = datasets.Dataset.from_dict({"name": names, "text": texts})
+    elif cfg.kind == "text":
+        ds = _load_local(text_files(cfg.paths), cfg.text_field)
+    else:
+        ds = datasets.load_dataset(cfg.name, cfg.subset, split="train")
+        if cfg.text_field not in ds.column_names:
+            raise ValueError(f"data.text_field={cfg.text_field!r} is not a column of {cfg.name}: {ds.column_names}")
+        ds = ds.select_columns([cfg.text_field]).rename_column(cfg.text_field, "text")
+        ds = ds.add_column("name", [f"{cfg.name}/{i}" for i in range(len(ds))])
+    if cfg.max_docs is not None:
+        ds = ds.select(range(min(cfg.max_docs, len(ds))))
+    return ds
+
+
+def _load_local(files: list[str], text_field: str):
+    import datasets
+
+    by_kind: dict[str, list[str]] = {}
+    for f in files:
+        suffix = Path(f).suffix.lower()
+        kind = {".txt": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(suffix)
+        if kind is None:
+            raise ValueError(f"data.paths: {f} has suffix {suffix!r}; use .txt/.md, .jsonl/.json or .parquet")
+        by_kind.setdefault(kind, []).append(f)
+    parts = []
+    for kind, kind_files in by_kind.items():
+        if kind == "text":
+            ds = datasets.load_dataset("text", data_files=kind_files, sample_by="document", split="train")
+            ds = ds.add_column("name", kind_files)
+        else:
+            ds = datasets.load_dataset(kind, data_files=kind_files, split="train")
+            if text_field not in ds.column_names:
+                raise ValueError(
+                    f"data.text_field={text_field!r} is not a column of {kind_files[0]}: {ds.column_names}"
+                )
+            ds = ds.select_columns([text_field]).rename_column(text_field, "text")
+            ds = ds.add_column("name", [f"{kind_files[0]}#{i}" for i in range(len(ds))])
+        parts.append(ds.select_columns(["name", "text"]))
+    return datasets.concatenate_datasets(parts)
+
+
+# -- tokenizer ------------------------------------------------------------------
+
+
+def train_tokenizer(texts, vocab_size: int):
+    """Byte-level BPE over ``texts`` with ``EOS`` as token 0."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    return tok
+
+
+def load_tokenizer(path: str):
+    """A ``tokenizers.Tokenizer`` from a tokenizer.json or a directory holding one."""
+    from tokenizers import Tokenizer
+
+    p = Path(os.path.expanduser(path))
+    if p.is_dir():
+        p = p / "tokenizer.json"
+    if not p.is_file():
+        raise FileNotFoundError(f"data.tokenizer: no tokenizer.json at {p}")
+    return Tokenizer.from_file(str(p))
+
+
+def eos_id(tokenizer) -> int:
+    for candidate in (EOS, "</s>", "<|end_of_text|>", "<eos>"):
+        idx = tokenizer.token_to_id(candidate)
+        if idx is not None:
+            return idx
+    raise ValueError(f"the tokenizer has no end-of-text token (looked for {EOS!r}, '</s>', '<eos>')")
+
+
+# -- packing and the on-disk cache ---------------------------------------------
+
+
+def doc_ids_from_tokens(input_ids: torch.Tensor, eos: int) -> torch.Tensor:
+    """Document index of each position: a new document starts after every EOS."""
+    ends = (input_ids == eos).long()
+    return torch.cumsum(ends, dim=-1) - ends
+
+
+def _pack(batch, *, eos: int, row_len: int):
+    """datasets.map callback: join documents with EOS and cut rows of row_len tokens
+    (the tail shorter than a row is dropped)."""
+    stream = np.concatenate([np.append(np.asarray(ids, dtype=np.int32), eos) for ids in batch["ids"]])
+    n = len(stream) // row_len
+    return {"input_ids": stream[: n * row_len].reshape(n, row_len)}
+
+
+def corpus_fingerprint(cfg: DataConfig) -> str:
+    """A cheap identity of the corpus (names, sizes and times of its files), read before loading it."""
+    if cfg.kind == "stdlib":
+        files = [(str(p), p.stat().st_size) for p in stdlib_files()]
+    elif cfg.kind == "text":
+        files = [(f, os.path.getsize(f), os.path.getmtime(f)) for f in text_files(cfg.paths)]
+    else:
+        files = [cfg.name, cfg.subset]
+    settings = json.dumps({"files": files, "cfg": _cache_settings(cfg)}, sort_keys=True)
+    if cfg.tokenizer:  # a given tokenizer is part of the identity by its content, not its path
+        settings += hashlib.sha256(load_tokenizer(cfg.tokenizer).to_str().encode()).hexdigest()
+    return hashlib.sha256(settings.encode()).hexdigest()[:16]
+
+
+def prepare(cfg: DataConfig) -> tuple[Path, object]:
+    """Tokenize and pack both splits (or reuse the cache); return (cache dir, tokenizer)."""
+    fingerprint = corpus_fingerprint(cfg)
+    root = Path(cfg.cache_dir or default_cache_dir()) / "data" / f"{cfg.kind}-{fingerprint}"
+    tokenizer_path = root / "tokenizer.json"
+    if (root / "DONE").exists():
+        log.info("data: reusing %s", root)
+        return root, load_tokenizer(str(tokenizer_path))
+    docs = load_documents(cfg)
+    if len(docs) == 0:
+        raise ValueError(f"data: the {cfg.kind} corpus has no documents")
+    is_val = [_is_val(n, cfg.val_fraction) for n in docs["name"]]
+    splits = {
+        "train": docs.select([i for i, v in enumerate(is_val) if not v]),
+        "val": docs.select([i for i, v in enumerate(is_val) if v]),
+    }
+    if len(splits["val"]) == 0 or len(splits["train"]) == 0:  # tiny corpora: hold out the last document
+        splits = {"train": docs.select(range(len(docs) - 1)), "val": docs.select([len(docs) - 1])}
+    if cfg.tokenizer:
+        tokenizer = load_tokenizer(cfg.tokenizer)
+    else:
+        log.info("data: training a %d-token BPE tokenizer on %d documents", cfg.vocab_size, len(splits["train"]))
+        tokenizer = train_tokenizer(splits["train"]["text"], cfg.vocab_size)
+    eos = eos_id(tokenizer)
+    tmp = root.with_name(root.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(tmp / "tokenizer.json"))
+    for split, ds in splits.items():
+        ids = ds.map(
+            lambda b: {"ids": [e.ids for e in tokenizer.encode_batch(b["text"])]},
+            batched=True,
+            remove_columns=ds.column_names,
+            new_fingerprint=f"{fingerprint}-{split}-ids",
+            desc=f"tokenizing {split}",
+        )
+        packed = ids.map(
+            _pack,
+            batched=True,
+            batch_size=len(ids),  # one pass, so no tokens are lost between batches
+            remove_columns=["ids"],
+            fn_kwargs={"eos": eos, "row_len": cfg.seq_len + 1},
+            new_fingerprint=f"{fingerprint}-{split}-packed",
+            desc=f"packing {split}",
+        )
+        if len(packed) == 0:
+            raise ValueError(
+                f"data: the {split} split has fewer than seq_len+1={cfg.seq_len + 1} tokens; "
+                "lower data.seq_len or add documents"
+            )
+        packed.save_to_disk(str(tmp / split))
+    (tmp / "DONE").write_text(json.dumps(_cache_settings(cfg)))
+    if root.exists():  # another process finished first
+        return root, load_tokenizer(str(tokenizer_path))
+    tmp.rename(root)  # atomic: a crash leaves only a .tmp directory behind
+    return root, tokenizer
+
+
+def _cache_settings(cfg: DataConfig) -> dict:
+    keep = ("kind", "paths", "name", "subset", "text_field", "seq_len", "val_fraction", "max_docs", "tokenizer")
+    d = {k: v for k, v in asdict(cfg).items() if k in keep}
+    if not cfg.tokenizer:
+        d["vocab_size"] = cfg.vocab_size
+    return d
+
+
+class LMDataModule(L.LightningDataModule):
+    """Batches of packed rows: ``input_ids`` [B, seq_len], ``labels`` [B, seq_len],
+    and ``doc_ids`` [B, seq_len] when ``doc_mask`` is on."""
+
+    def __init__(self, cfg: DataConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.root: Path | None = None
+        self.tokenizer = None
+
+    def prepare_data(self) -> None:
+        if self.root is None:  # Lightning calls this for every fit/validate
+            self.root, self.tokenizer = prepare(self.cfg)
+
+    def setup(self, stage: str | None = None) -> None:
+        import datasets
+
+        if self.root is None:  # other ranks: the cache is ready after prepare_data on rank 0
+            self.root, self.tokenizer = prepare(self.cfg)
+        self.eos = eos_id(self.tokenizer)
+        self.splits = {s: datasets.load_from_disk(str(self.root / s)).with_format("numpy") for s in ("train", "val")}
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size()
+
+    def tokens(self, split: str) -> int:
+        return len(self.splits[split]) * self.cfg.seq_len
+
+    def _collate(self, rows):
+        ids = torch.from_numpy(np.stack([r["input_ids"] for r in rows]).astype(np.int64))
+        batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
+        if self.cfg.doc_mask:
+            batch["doc_ids"] = doc_ids_from_tokens(batch["input_ids"], self.eos)
+        return batch
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            self.splits[split],
+            batch_size=self.cfg.batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle,
+            collate_fn=self._collate,
+            num_workers=self.cfg.num_workers,
+            generator=torch.Generator().manual_seed(0) if shuffle else None,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)

@@ -1,0 +1,97 @@
+"""The LightningModule that trains any kvlab model as a causal LM."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from kvlab.archs import CausalLM, ModelConfig, build_model
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # the cosine decays to lr * min_lr_ratio at max_steps
+    warmup_steps: int = 20
+    weight_decay: float = 0.1  # decoupled (AdamW), on matrices only: not on norms, biases
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+
+    def validate(self) -> None:
+        if not self.lr > 0:
+            raise ValueError(f"optim.lr={self.lr} must be > 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"optim.min_lr_ratio={self.min_lr_ratio} must be between 0 and 1")
+        if self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps={self.warmup_steps} must be >= 0")
+        if self.weight_decay < 0:
+            raise ValueError(f"optim.weight_decay={self.weight_decay} must be >= 0")
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warmup to 1, then cosine down to ``min_ratio`` at ``total`` steps."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class LMModule(L.LightningModule):
+    def __init__(
+        self,
+        model: dict,
+        optim: dict | None = None,
+        max_steps: int = 1000,
+        activation_checkpointing: bool = False,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model: CausalLM = build_model(ModelConfig.from_dict(model))
+        self.optim = OptimConfig(**(optim or {}))
+        self.optim.validate()
+        self.max_steps = max_steps
+        self.model.activation_checkpointing = activation_checkpointing
+        self._t_last: float | None = None
+
+    def forward(self, input_ids, doc_ids=None):
+        return self.model(input_ids, doc_ids=doc_ids)
+
+    def _loss(self, batch) -> torch.Tensor:
+        logits = self(batch["input_ids"], batch.get("doc_ids"))
+        return F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten())
+
+    def training_step(self, batch, batch_idx):
+        loss = self._loss(batch)
+        tokens = batch["input_ids"].numel() * self.trainer.world_size
+        self.log("train_loss", loss, prog_bar=True)
+        self.log("lr", self.lr_schedulers().get_last_lr()[0])
+        now = time.perf_counter()
+        if self._t_last is not None:
+            # tokens/s over one optimizer step (all ranks), shown in the progress bar
+            self.log("tokens_per_s", tokens / max(now - self._t_last, 1e-9), prog_bar=True)
+        self._t_last = now
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", self._loss(batch), prog_bar=True, sync_dist=True)
+
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for p in self.model.parameters():
+            if p.requires_grad:
+                (decay if p.dim() >= 2 else no_decay).append(p)
+        groups = [
+            {"params": decay, "weight_decay": self.optim.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        opt = torch.optim.AdamW(groups, lr=self.optim.lr, betas=tuple(self.optim.betas), eps=self.optim.eps)
+        o = self.optim
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: lr_factor(step, o.warmup_steps, self.max_steps, o.min_lr_ratio)
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

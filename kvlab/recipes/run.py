@@ -1,0 +1,252 @@
+"""What ``python train.py`` does with a composed config: validate, train, evaluate, report.
+
+Everything that can be checked is checked before the first step (model
+config, data settings, resume path, strategy), and reported as one line.
+A run writes into its Hydra output directory:
+
+- ``checkpoints/``: Lightning checkpoints every ``ckpt_every_n_steps`` and at
+  the end (``last.ckpt``, written atomically), with ``config.yaml`` beside them;
+- ``logs/``: the logger's files (CSV by default);
+- ``metrics.json``: final losses, throughput, size and KV footprint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from kvlab.archs import ModelConfig
+from kvlab.recipes.config import LOGGERS, STAGES, STRATEGIES, TrainConfig
+from kvlab.recipes.data import LMDataModule
+from kvlab.recipes.module import LMModule
+
+log = logging.getLogger("kvlab")
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem: reported as one line, exit status 1."""
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    """Train and/or evaluate as ``cfg`` says; return the metrics written to metrics.json."""
+    tc: TrainConfig = OmegaConf.to_object(cfg)
+    model_cfg = _validated(tc)
+    L.seed_everything(tc.seed, verbose=False)
+    ckpt_path = _resume_path(tc, run_dir)
+    datamodule = LMDataModule(tc.data)
+    try:
+        datamodule.prepare_data()
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+    if datamodule.vocab_size > model_cfg.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's {datamodule.vocab_size} tokens"
+        )
+    module = LMModule(
+        model=model_cfg.to_dict(),
+        optim=OmegaConf.to_container(cfg.optim),
+        max_steps=tc.trainer.max_steps,
+        activation_checkpointing=tc.trainer.activation_checkpointing,
+    )
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, run_dir / "checkpoints" / "config.yaml", resolve=True)
+    trainer = _trainer(tc, run_dir)
+    metrics: dict = {}
+    if "train" in tc.stages:
+        if ckpt_path is None:  # the starting point, for comparing with the end
+            metrics["initial_val_loss"] = _validate(trainer, module, datamodule)
+        start_step = _checkpoint_step(ckpt_path)
+        if ckpt_path is not None:
+            metrics["resumed_from"] = {"checkpoint": ckpt_path, "step": start_step}
+        t0 = time.perf_counter()
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        elapsed = time.perf_counter() - t0
+        last = run_dir / "checkpoints" / "last.ckpt"
+        if trainer.is_global_zero and _checkpoint_step(last) != trainer.global_step:
+            trainer.save_checkpoint(last)
+        tokens_per_step = tc.data.batch_size * tc.data.seq_len * tc.trainer.accumulate_grad_batches * trainer.world_size
+        metrics["train_loss"] = _metric(trainer, "train_loss")
+        metrics["tokens_seen"] = trainer.global_step * tokens_per_step
+        metrics["tokens_per_s"] = (trainer.global_step - start_step) * tokens_per_step / elapsed
+        metrics["steps"] = trainer.global_step
+    metrics["val_loss"] = _validate(trainer, module, datamodule)
+    metrics["val_ppl"] = math.exp(min(metrics["val_loss"], 50.0))
+    fp = module.model.kv_footprint(torch.bfloat16)
+    metrics.update(
+        params=module.model.num_parameters(),
+        kv_bytes_per_token=fp.bytes_per_token,
+        kv_fixed_bytes=fp.fixed_bytes,
+        model=model_cfg.to_dict(),
+    )
+    if trainer.is_global_zero:
+        _write_json(run_dir / "metrics.json", metrics)
+        log.info("metrics: %s", {k: v for k, v in metrics.items() if k != "model"})
+    return metrics
+
+
+# -- validation of the whole config, before anything runs ------------------------
+
+
+def _validated(tc: TrainConfig) -> ModelConfig:
+    try:
+        model_cfg = ModelConfig.from_dict(tc.model)
+    except ValueError as e:
+        raise ConfigError(f"model: {e}") from None
+    try:
+        tc.data.validate()
+        tc.optim.validate()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    t = tc.trainer
+    if t.strategy not in STRATEGIES:
+        raise ConfigError(f"trainer.strategy={t.strategy!r} is not one of {', '.join(STRATEGIES)}")
+    if tc.logger.kind not in LOGGERS:
+        raise ConfigError(f"logger.kind={tc.logger.kind!r} is not one of {', '.join(LOGGERS)}")
+    for stage in tc.stages:
+        if stage not in STAGES:
+            raise ConfigError(f"stages: {stage!r} is not one of {', '.join(STAGES)}")
+    for name in ("max_steps", "val_check_interval", "ckpt_every_n_steps", "accumulate_grad_batches"):
+        if getattr(t, name) < 1:
+            raise ConfigError(f"trainer.{name}={getattr(t, name)} must be >= 1")
+    if tc.data.seq_len > model_cfg.max_seq_len:
+        raise ConfigError(f"data.seq_len={tc.data.seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}")
+    if t.strategy.startswith("deepspeed"):
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError:
+            raise ConfigError(f"trainer.strategy={t.strategy} needs DeepSpeed: pip install -e '.[deepspeed]'") from None
+    return model_cfg
+
+
+def _resume_path(tc: TrainConfig, run_dir: Path) -> str | None:
+    if tc.resume in (None, "", "none"):
+        return None
+    if tc.resume == "auto":
+        runs = Path(tc.output_root) / tc.run_name
+        found = [p for p in runs.glob("*/checkpoints/last.ckpt") if p.parent.parent.resolve() != run_dir.resolve()]
+        if not found:
+            log.info("resume=auto: no earlier run under %s; starting afresh", runs)
+            return None
+        latest = max(found, key=lambda p: p.stat().st_mtime)
+        log.info("resume=auto: continuing %s", latest)
+        return str(latest)
+    path = Path(tc.resume).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"resume={tc.resume!r}: no checkpoint file there; give a .ckpt path, auto, or null")
+    return str(path)
+
+
+def _checkpoint_step(path) -> int:
+    if path is None or not Path(path).is_file():
+        return 0
+    return int(torch.load(path, map_location="cpu", weights_only=False).get("global_step", 0))
+
+
+# -- Lightning objects -------------------------------------------------------------
+
+
+def _trainer(tc: TrainConfig, run_dir: Path) -> L.Trainer:
+    from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
+
+    t = tc.trainer
+    # config.yaml sits beside the checkpoints on purpose
+    warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
+    callbacks = [
+        ModelCheckpoint(
+            dirpath=run_dir / "checkpoints",
+            filename="step{step:06d}",
+            auto_insert_metric_name=False,
+            every_n_train_steps=t.ckpt_every_n_steps,
+            save_top_k=1,
+            monitor="step",
+            mode="max",
+            save_last=True,
+        )
+    ]
+    if t.progress_bar:
+        callbacks.append(
+            RichProgressBar() if sys.stdout.isatty() else TQDMProgressBar(refresh_rate=max(1, t.log_every_n_steps))
+        )
+    return L.Trainer(
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=build_strategy(t.strategy, t.accelerator),
+        precision=t.precision,
+        max_steps=t.max_steps,
+        val_check_interval=t.val_check_interval * t.accumulate_grad_batches,
+        check_val_every_n_epoch=None,
+        limit_val_batches=t.limit_val_batches,
+        log_every_n_steps=t.log_every_n_steps,
+        gradient_clip_val=t.gradient_clip_val,
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        callbacks=callbacks,
+        logger=_logger(tc, run_dir),
+        enable_progress_bar=t.progress_bar,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=run_dir,
+    )
+
+
+def build_strategy(name: str, accelerator: str):
+    """Lightning strategy for ``trainer.strategy``; CPU runs use the gloo backend."""
+    on_cpu = accelerator == "cpu"
+    if name == "auto":
+        return "auto"
+    if name == "ddp":
+        from lightning.pytorch.strategies import DDPStrategy
+
+        return DDPStrategy(process_group_backend="gloo" if on_cpu else None)
+    if name == "fsdp":
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        from kvlab.archs.model import Block
+
+        return FSDPStrategy(auto_wrap_policy={Block}, process_group_backend="gloo" if on_cpu else None)
+    raise ConfigError(f"trainer.strategy={name} is not available in this version of kvlab")
+
+
+def _logger(tc: TrainConfig, run_dir: Path):
+    kind = tc.logger.kind
+    if kind == "none":
+        return False
+    if kind == "csv":
+        from lightning.pytorch.loggers import CSVLogger
+
+        return CSVLogger(save_dir=run_dir, name="logs", version="")
+    if kind == "tensorboard":
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        return TensorBoardLogger(save_dir=run_dir, name="logs", version="")
+    from lightning.pytorch.loggers import WandbLogger
+
+    mode = os.environ.get("WANDB_MODE") or tc.logger.mode or "offline"
+    return WandbLogger(project=tc.logger.project, name=tc.run_name, save_dir=str(run_dir), offline=mode != "online")
+
+
+def _validate(trainer: L.Trainer, module: LMModule, datamodule: LMDataModule) -> float:
+    results = trainer.validate(module, datamodule=datamodule, verbose=False)
+    return float(results[0]["val_loss"])
+
+
+def _metric(trainer: L.Trainer, name: str) -> float | None:
+    value = trainer.callback_metrics.get(name)
+    return None if value is None else float(value)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Write through a temporary file and rename, so a crash never leaves half a file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,180 @@
+"""train.py end to end, as a user runs it: a subprocess per command."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import REPO
+
+# A tiny model and data so a run takes seconds; the tokenizer and packed data
+# are cached once per test session in a shared directory.
+TINY_MODEL = [
+    "model.d_model=64",
+    "model.n_layers=2",
+    "model.mixer.n_heads=4",
+    "model.mixer.n_kv_heads=2",
+    "model.mixer.head_dim=16",
+    "model.mlp.hidden=128",
+    "model.vocab_size=512",
+    "model.max_seq_len=128",
+]
+TINY_RUN = [
+    "data.seq_len=64",
+    "data.max_docs=60",
+    "trainer.limit_val_batches=4",
+    "trainer.log_every_n_steps=5",
+    "trainer.progress_bar=false",
+]
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("kvlab-cache")
+
+
+def train(tmp_path: Path, data_cache: Path, *overrides: str, tiny_model=True, check=True, wait=True):
+    flags = [o for o in overrides if o.startswith("-")]  # argparse wants flags before the overrides
+    args = [sys.executable, str(REPO / "train.py"), *flags, *(TINY_MODEL if tiny_model else []), *TINY_RUN]
+    args += [f"output_root={tmp_path / 'outputs'}", f"data.cache_dir={data_cache}"]
+    args += [o for o in overrides if not o.startswith("-")]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if not wait:
+        return subprocess.Popen(
+            args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+    proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def run_dirs(tmp_path: Path, run_name: str) -> list[Path]:
+    return sorted(p for p in (tmp_path / "outputs" / run_name).iterdir() if p.is_dir())
+
+
+METRIC_KEYS = ["val_loss", "val_ppl", "train_loss", "tokens_seen", "tokens_per_s", "params",
+               "kv_bytes_per_token", "kv_fixed_bytes"]  # fmt: skip
+
+
+def test_pretrain_writes_checkpoints_and_metrics_and_learns(tmp_path, data_cache):
+    train(tmp_path, data_cache, "recipe=pretrain", "trainer.max_steps=30", "trainer.ckpt_every_n_steps=10")
+    (run,) = run_dirs(tmp_path, "pretrain")
+    metrics = json.loads((run / "metrics.json").read_text())
+    for key in METRIC_KEYS:
+        assert math.isfinite(metrics[key]), key
+    assert metrics["val_loss"] < metrics["initial_val_loss"]
+    assert metrics["tokens_seen"] == 30 * 8 * 64
+    assert metrics["kv_bytes_per_token"] == 2 * (2 * 2 * 16) * 2  # layers x (K+V x heads x dim) x bf16
+    assert metrics["model"]["mixer"]["n_kv_heads"] == 2
+    ckpts = run / "checkpoints"
+    assert {"last.ckpt", "config.yaml", "step000030.ckpt"} <= {p.name for p in ckpts.iterdir()}
+    assert torch.load(ckpts / "last.ckpt", weights_only=False)["global_step"] == 30
+    assert "val_loss" in (run / "logs" / "metrics.csv").read_text()
+
+
+def test_resume_auto_continues_a_killed_run(tmp_path, data_cache):
+    proc = train(tmp_path, data_cache, "trainer.max_steps=400", "trainer.ckpt_every_n_steps=5", wait=False)
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if list((tmp_path / "outputs" / "train").glob("*/checkpoints/last.ckpt")):
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, f"the run ended before it could be killed:\n{proc.stdout.read()[-3000:]}"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    (killed,) = run_dirs(tmp_path, "train")
+    assert not (killed / "metrics.json").exists()
+    saved = torch.load(killed / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
+    assert saved >= 5
+
+    train(tmp_path, data_cache, "trainer.max_steps=25", "trainer.ckpt_every_n_steps=5", "resume=auto")
+    resumed = [d for d in run_dirs(tmp_path, "train") if d != killed]
+    metrics = json.loads((resumed[0] / "metrics.json").read_text())
+    assert metrics["resumed_from"]["step"] == saved
+    assert metrics["resumed_from"]["checkpoint"].startswith(str(killed))
+    assert metrics["steps"] == 25
+    assert "initial_val_loss" not in metrics
+
+
+def test_multirun_sweeps_presets(tmp_path, data_cache):
+    train(tmp_path, data_cache, "-m", "model=mha,gqa,mqa", "trainer.max_steps=3", "model.vocab_size=512",
+          "trainer.limit_val_batches=1", tiny_model=False)  # fmt: skip
+    (sweep,) = run_dirs(tmp_path, "train")
+    metrics = {d.name: json.loads((d / "metrics.json").read_text()) for d in sweep.iterdir() if d.is_dir()}
+    assert sorted(metrics) == ["0-mha", "1-gqa", "2-mqa"]
+    per_token = [metrics[n]["kv_bytes_per_token"] for n in ["0-mha", "1-gqa", "2-mqa"]]
+    assert per_token == [6 * 2 * h * 32 * 2 for h in (8, 2, 1)]
+
+
+BAD_OVERRIDES = {
+    "indivisible heads": (["model.mixer.n_kv_heads=3"], "mixer.n_heads=4 is not divisible by mixer.n_kv_heads=3"),
+    "unknown trainer key": (["trainer.max_step=3"], "trainer.max_step"),
+    "unknown model key": (["+model.mixer.n_kv_head=1"], "mixer.n_kv_head: unknown key"),
+    "missing data": (["data=text", "data.paths=[/nonexistent/corpus/*.txt]"], "/nonexistent/corpus/*.txt"),
+    "sequence too long": (["data.seq_len=512"], "data.seq_len=512 exceeds model.max_seq_len=128"),
+    "missing checkpoint": (["resume=/nonexistent.ckpt"], "resume='/nonexistent.ckpt'"),
+    "unknown strategy": (["trainer.strategy=dpp"], "trainer.strategy='dpp'"),
+    "wrong type": (["trainer.max_steps=many"], "trainer.max_steps"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_OVERRIDES))
+def test_bad_overrides_fail_before_training(tmp_path, data_cache, case):
+    """In-process (Hydra's compose API) for speed; the subprocess test below checks the exit."""
+    from hydra import compose, initialize_config_dir
+
+    from kvlab.recipes.config import register_configs
+    from kvlab.recipes.run import ConfigError, run
+
+    overrides, message = BAD_OVERRIDES[case]
+    register_configs()
+    common = [*TINY_MODEL, *TINY_RUN, f"output_root={tmp_path}", f"data.cache_dir={data_cache}"]
+    with pytest.raises(Exception) as excinfo:
+        with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+            cfg = compose("train", overrides=[*common, *overrides])
+        run(cfg, tmp_path / "run")
+    assert message in str(excinfo.value)
+    if not isinstance(excinfo.value, ConfigError):  # Hydra's own errors come from composing
+        assert type(excinfo.value).__module__.split(".")[0] in ("hydra", "omegaconf")
+    assert not list(tmp_path.glob("**/*.ckpt"))
+
+
+@pytest.mark.parametrize("case", ["indivisible heads", "unknown trainer key"])
+def test_bad_override_exits_with_the_error_first(tmp_path, data_cache, case):
+    overrides, message = BAD_OVERRIDES[case]
+    proc = train(tmp_path, data_cache, *overrides, check=False)
+    assert proc.returncode == 1
+    assert message in proc.stderr.strip().splitlines()[0], proc.stderr
+    assert not list((tmp_path / "outputs").glob("**/*.ckpt"))
+
+
+def test_ddp_on_two_cpu_processes(tmp_path, data_cache):
+    train(tmp_path, data_cache, "trainer=ddp", "trainer.max_steps=4")
+    (run,) = run_dirs(tmp_path, "train")
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["steps"] == 4
+    assert metrics["tokens_seen"] == 4 * 8 * 64 * 2  # two processes, a batch each per step
+    assert (run / "train_ddp_process_1.log").exists()
+
+
+@pytest.mark.parametrize("logger", ["tensorboard", "wandb"])
+def test_other_loggers_write_their_files(tmp_path, data_cache, logger, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # offline is the default without it
+    train(tmp_path, data_cache, f"logger={logger}", "trainer.max_steps=3", "trainer.val_check_interval=3")
+    (run,) = run_dirs(tmp_path, "train")
+    if logger == "tensorboard":
+        assert list((run / "logs").glob("events.out.tfevents.*"))
+    else:
+        assert list((run / "wandb").glob("offline-run-*"))
