@@ -72,10 +72,13 @@ class LMModule(L.LightningModule):
         self.log("lr", self.lr_schedulers().get_last_lr()[0])
         now = time.perf_counter()
         if self._t_last is not None:
-            # tokens/s over one optimizer step (all ranks), shown in the progress bar
+            # tokens/s since the previous batch (all ranks), shown in the progress bar
             self.log("tokens_per_s", tokens / max(now - self._t_last, 1e-9), prog_bar=True)
         self._t_last = now
         return loss
+
+    def on_validation_epoch_end(self) -> None:
+        self._t_last = None  # validation time is not training throughput
 
     def validation_step(self, batch, batch_idx):
         self.log("val_loss", self._loss(batch), prog_bar=True, sync_dist=True)

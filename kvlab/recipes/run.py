@@ -120,11 +120,11 @@ def _validated(tc: TrainConfig) -> ModelConfig:
             raise ConfigError(f"trainer.{name}={getattr(t, name)} must be >= 1")
     if tc.data.seq_len > model_cfg.max_seq_len:
         raise ConfigError(f"data.seq_len={tc.data.seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}")
-    if t.strategy.startswith("deepspeed"):
-        try:
-            import deepspeed  # noqa: F401
-        except ImportError:
-            raise ConfigError(f"trainer.strategy={t.strategy} needs DeepSpeed: pip install -e '.[deepspeed]'") from None
+    if t.strategy == "fsdp" and t.accelerator == "cpu":
+        raise ConfigError(
+            "trainer.strategy=fsdp needs trainer.accelerator=gpu (Lightning's FSDP runs on CUDA only); "
+            "use trainer=ddp on CPU"
+        )
     return model_cfg
 
 
@@ -149,7 +149,8 @@ def _resume_path(tc: TrainConfig, run_dir: Path) -> str | None:
 def _checkpoint_step(path) -> int:
     if path is None or not Path(path).is_file():
         return 0
-    return int(torch.load(path, map_location="cpu", weights_only=False).get("global_step", 0))
+    # mmap: read the step without loading the weights
+    return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("global_step", 0))
 
 
 # -- Lightning objects -------------------------------------------------------------
@@ -214,7 +215,7 @@ def build_strategy(name: str, accelerator: str):
         from kvlab.archs.model import Block
 
         return FSDPStrategy(auto_wrap_policy={Block}, process_group_backend="gloo" if on_cpu else None)
-    raise ConfigError(f"trainer.strategy={name} is not available in this version of kvlab")
+    raise ConfigError(f"trainer.strategy={name!r} is not one of {', '.join(STRATEGIES)}")
 
 
 def _logger(tc: TrainConfig, run_dir: Path):

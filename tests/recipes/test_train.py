@@ -127,6 +127,7 @@ BAD_OVERRIDES = {
     "missing checkpoint": (["resume=/nonexistent.ckpt"], "resume='/nonexistent.ckpt'"),
     "unknown strategy": (["trainer.strategy=dpp"], "trainer.strategy='dpp'"),
     "wrong type": (["trainer.max_steps=many"], "trainer.max_steps"),
+    "fsdp on cpu": (["trainer=fsdp", "trainer.accelerator=cpu"], "trainer.strategy=fsdp needs trainer.accelerator=gpu"),
 }
 
 
