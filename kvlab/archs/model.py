@@ -53,8 +53,7 @@ class CausalLM(nn.Module):
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm = build_norm(config.norm, config.d_model)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
-        if config.tie_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
+        self.tie_weights()
         # Only layers read by others need to publish their K/V each step.
         self._shares_kv = any(j != i for i, j in enumerate(config.layer_kv_source))
         # Recompute each block in the backward pass instead of keeping its activations.
@@ -62,10 +61,16 @@ class CausalLM(nn.Module):
         if not self.embed_tokens.weight.is_meta:
             self.init_weights()
 
+    def tie_weights(self) -> None:
+        """Share the LM head with the embeddings when the config asks (``to_empty`` unties them)."""
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
     @torch.no_grad()
     def init_weights(self) -> None:
         """Normal(0, init_std) weights; residual-output projections scaled by
         1/sqrt(2 n_layers) (GPT-2). Also call after ``to_empty`` from the meta device."""
+        self.tie_weights()
         std = self.config.init_std
         for name, module in self.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):

@@ -99,8 +99,9 @@ def test_meta_device_builds_a_7b_config_without_allocating():
     assert fp.total_bytes(4096, batch_size=2) == 2 * 4096 * 512 * 1024
 
 
-def test_meta_model_materialises_with_to_empty():
-    cfg = ModelConfig.from_dict(VARIANTS["gqa"])
+@pytest.mark.parametrize("name", ["gqa", "bias_tied"])
+def test_meta_model_materialises_with_to_empty(name):
+    cfg = ModelConfig.from_dict(VARIANTS[name])
     with torch.device("meta"):
         model = build_model(cfg)
     model.to_empty(device="cpu")
@@ -110,3 +111,5 @@ def test_meta_model_materialises_with_to_empty():
     # Same RoPE tables and a finite forward after materialising.
     torch.testing.assert_close(model.layers[0].mixer.rope_cos, reference.layers[0].mixer.rope_cos)
     assert torch.isfinite(model(ids)).all()
+    if cfg.tie_embeddings:  # to_empty unties; init_weights ties again
+        assert model.lm_head.weight is model.embed_tokens.weight
