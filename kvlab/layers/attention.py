@@ -8,7 +8,7 @@
 Options: RoPE on all or the first ``rope_dims`` channels of each head,
 a sliding ``window`` (a query sees itself and the ``window - 1`` tokens
 before it; its cache is a ring buffer of ``window`` positions), q/k/v biases
-(Qwen2). A layer whose ``kv_source`` is another layer has no K/V projections
+(Qwen2) and an output bias (Llama's ``attention_bias``). A layer whose ``kv_source`` is another layer has no K/V projections
 and attends with its own queries to that layer's keys and values
 (cross-layer sharing, Brandon et al. 2024); it owns no cache slot.
 
@@ -40,6 +40,7 @@ class AttentionConfig(MixerConfig):
     rope_dims: int | None = None  # channels of each head that RoPE rotates; None: all
     window: int | None = None  # sliding window in tokens; None: full causal attention
     qkv_bias: bool = False
+    o_bias: bool = False  # Llama's attention_bias puts a bias on the output projection too
 
     def validate(self, d_model: int, path: str) -> None:
         check_int(self.n_heads, f"{path}.n_heads", minimum=1)
@@ -49,6 +50,7 @@ class AttentionConfig(MixerConfig):
         check_int(self.window, f"{path}.window", minimum=1, optional=True)
         check_float(self.rope_theta, f"{path}.rope_theta", positive=True)
         check_bool(self.qkv_bias, f"{path}.qkv_bias")
+        check_bool(self.o_bias, f"{path}.o_bias")
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.n_heads % self.n_kv_heads:
@@ -95,7 +97,7 @@ class Attention(nn.Module):
         if self.owns_kv:
             self.k_proj = nn.Linear(d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
             self.v_proj = nn.Linear(d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, d_model, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, d_model, bias=cfg.o_bias)
         self.register_buffer("rope_cos", torch.empty(max_seq_len, cfg.rope_dims), persistent=False)
         self.register_buffer("rope_sin", torch.empty(max_seq_len, cfg.rope_dims), persistent=False)
         self.reset_buffers()

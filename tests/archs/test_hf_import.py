@@ -1,0 +1,67 @@
+"""load_hf: logits equal `transformers` on the same tokens for Llama-family directories."""
+
+import json
+
+import pytest
+import torch
+
+from kvlab.archs.hf import hf_to_kvlab_name, kvlab_to_hf_name, load_hf
+
+transformers = pytest.importorskip("transformers")
+
+COMMON = dict(vocab_size=101, hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
+              max_position_embeddings=128, rms_norm_eps=1e-6)  # fmt: skip
+
+CASES = {
+    "llama-gqa": (transformers.LlamaConfig, dict(num_key_value_heads=2, rope_theta=5000.0)),
+    "llama-mha-tied": (transformers.LlamaConfig, dict(num_key_value_heads=4, tie_word_embeddings=True)),
+    "llama-bias": (transformers.LlamaConfig, dict(num_key_value_heads=2, attention_bias=True)),
+    "mistral-window": (transformers.MistralConfig, dict(num_key_value_heads=2, sliding_window=5)),
+    "qwen2-bias": (transformers.Qwen2Config, dict(num_key_value_heads=2)),
+    "smollm-style": (transformers.LlamaConfig, dict(num_key_value_heads=1, head_dim=32, tie_word_embeddings=True)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("sharded", [False, True])
+def test_import_matches_transformers(tmp_path, case, sharded):
+    cls, extra = CASES[case]
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(cls(**COMMON, **extra), attn_implementation="eager").eval()
+    with torch.no_grad():  # random biases, so a dropped bias would show
+        for name, p in hf.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(std=0.5)
+    hf.save_pretrained(tmp_path, max_shard_size="40KB" if sharded else "5GB")
+    assert (tmp_path / "model.safetensors.index.json").exists() == sharded
+    ours = load_hf(tmp_path).eval()
+    ids = torch.randint(0, 101, (2, 37))
+    with torch.no_grad():
+        want = hf(ids).logits
+        got = ours(ids)
+    assert (got - want).abs().max() <= 1e-4
+    if "window" in case:
+        assert ours.config.mixer.window == 5
+
+
+def test_names_round_trip():
+    for name in ["model.layers.3.self_attn.q_proj.weight", "model.layers.0.input_layernorm.weight",
+                 "model.layers.1.post_attention_layernorm.weight", "model.embed_tokens.weight", "model.norm.weight",
+                 "lm_head.weight", "model.layers.2.mlp.gate_proj.weight"]:  # fmt: skip
+        assert kvlab_to_hf_name(hf_to_kvlab_name(name)) == name
+
+
+def test_unsupported_and_missing_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_hf(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(ValueError, match="model_type='gpt2' is not supported; supported: llama, mistral, qwen2"):
+        load_hf(tmp_path)
+    cfg = transformers.LlamaConfig(**COMMON).to_dict()
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        load_hf(tmp_path)
+    cfg["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="rope scaling 'yarn' is not supported"):
+        load_hf(tmp_path)
