@@ -8,9 +8,10 @@
 Options: RoPE on all or the first ``rope_dims`` channels of each head,
 a sliding ``window`` (a query sees itself and the ``window - 1`` tokens
 before it; its cache is a ring buffer of ``window`` positions), q/k/v biases
-(Qwen2) and an output bias (Llama's ``attention_bias``). A layer whose ``kv_source`` is another layer has no K/V projections
-and attends with its own queries to that layer's keys and values
-(cross-layer sharing, Brandon et al. 2024); it owns no cache slot.
+(Qwen2) and an output bias (Llama's ``attention_bias``). A layer whose
+``kv_source`` is another layer has no K/V projections and attends with its
+own queries to that layer's keys and values (cross-layer sharing, Brandon
+et al. 2024); it owns no cache slot.
 
 Cache per token and layer: 2 * n_kv_heads * head_dim elements.
 """
