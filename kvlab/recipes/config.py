@@ -58,6 +58,8 @@ class TrainConfig:
     seed: int = 0
     stages: list[str] = field(default_factory=lambda: ["train"])
     resume: str | None = None  # null | auto (latest run of this run_name) | path to a .ckpt
+    # where the weights start: {from: scratch | checkpoint | hf, path: ..., convert: {to: gqa, ...}}
+    init: dict[str, Any] = field(default_factory=lambda: {"from": "scratch", "path": None, "convert": None})
 
 
 def register_configs() -> None:

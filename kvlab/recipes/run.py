@@ -25,7 +25,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from kvlab.archs import ModelConfig
+from kvlab.archs import ModelConfig, build_model, convert_model
 from kvlab.recipes.config import LOGGERS, STAGES, STRATEGIES, TrainConfig
 from kvlab.recipes.data import LMDataModule
 from kvlab.recipes.module import LMModule
@@ -43,6 +43,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     model_cfg = _validated(tc)
     L.seed_everything(tc.seed, verbose=False)
     ckpt_path = _resume_path(tc, run_dir)
+    initial = _initial_model(tc)
+    if initial is not None:  # the architecture comes from the source (and conversion), not from `model`
+        model_cfg = initial.config
+        if tc.data.seq_len > model_cfg.max_seq_len:
+            raise ConfigError(f"data.seq_len={tc.data.seq_len} exceeds the initial model's max_seq_len")
     datamodule = LMDataModule(tc.data)
     try:
         datamodule.prepare_data()
@@ -58,6 +63,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         max_steps=tc.trainer.max_steps,
         activation_checkpointing=tc.trainer.activation_checkpointing,
     )
+    if initial is not None:
+        module.model.load_state_dict(initial.state_dict())
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, run_dir / "checkpoints" / "config.yaml", resolve=True)
     trainer = _trainer(tc, run_dir)
@@ -126,6 +133,50 @@ def _validated(tc: TrainConfig) -> ModelConfig:
             "use trainer=ddp on CPU"
         )
     return model_cfg
+
+
+INIT_SOURCES = ("scratch", "checkpoint", "hf")
+
+
+def _initial_model(tc: TrainConfig):
+    """The model named by ``init`` (converted if asked), or None to start from scratch.
+
+    ``init.from``: ``scratch``; ``checkpoint`` (a kvlab ``.ckpt``); ``hf`` (a
+    Hugging Face directory, whose tokenizer the data then uses unless
+    ``data.tokenizer`` says otherwise). ``init.convert`` takes the mapping of
+    ``kvlab.archs.convert_model``.
+    """
+    init = dict(tc.init)
+    unknown = set(init) - {"from", "path", "convert"}
+    if unknown:
+        raise ConfigError(f"init.{sorted(unknown)[0]}: unknown key; valid keys are from, path, convert")
+    source = init.get("from", "scratch")
+    if source not in INIT_SOURCES:
+        raise ConfigError(f"init.from={source!r} is not one of {', '.join(INIT_SOURCES)}")
+    if source == "scratch":
+        if init.get("convert"):
+            raise ConfigError("init.convert needs init.from=checkpoint or hf: there is nothing to convert")
+        return None
+    path = init.get("path")
+    if not path or not Path(path).expanduser().exists():
+        raise ConfigError(f"init.path={path!r}: nothing there; init.from={source} needs an existing path")
+    try:
+        if source == "hf":
+            from kvlab.archs.hf import load_hf
+
+            model = load_hf(path)
+            if not tc.data.tokenizer:
+                tc.data.tokenizer = str(path)
+        else:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+            model = build_model(ModelConfig.from_dict(ckpt["hyper_parameters"]["model"]))
+            model.load_state_dict({k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()})
+        if init.get("convert"):
+            model = convert_model(model, dict(init["convert"]))
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        raise ConfigError(f"init: {e}") from None
+    log.info("init: from %s %s%s", source, path, f", converted {dict(init['convert'])}" if init.get("convert") else "")
+    return model
 
 
 def _resume_path(tc: TrainConfig, run_dir: Path) -> str | None:

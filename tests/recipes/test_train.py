@@ -128,6 +128,9 @@ BAD_OVERRIDES = {
     "unknown strategy": (["trainer.strategy=dpp"], "trainer.strategy='dpp'"),
     "wrong type": (["trainer.max_steps=many"], "trainer.max_steps"),
     "fsdp on cpu": (["trainer=fsdp", "trainer.accelerator=cpu"], "trainer.strategy=fsdp needs trainer.accelerator=gpu"),
+    "init source": (["init.from=web"], "init.from='web' is not one of scratch, checkpoint, hf"),
+    "init path": (["init.from=hf", "init.path=/nonexistent/model"], "init.path='/nonexistent/model'"),
+    "convert from scratch": (["init.convert={to: gqa}"], "init.convert needs init.from=checkpoint or hf"),
 }
 
 
@@ -179,3 +182,47 @@ def test_other_loggers_write_their_files(tmp_path, data_cache, logger, monkeypat
         assert list((run / "logs").glob("events.out.tfevents.*"))
     else:
         assert list((run / "wandb").glob("offline-run-*"))
+
+
+def test_init_from_checkpoint_and_hf_with_conversion(tmp_path, data_cache):
+    train(tmp_path, data_cache, "recipe=pretrain", "trainer.max_steps=20")
+    (parent_dir,) = run_dirs(tmp_path, "pretrain")
+    parent = json.loads((parent_dir / "metrics.json").read_text())
+    ckpt = parent_dir / "checkpoints" / "last.ckpt"
+
+    # Unconverted, the run starts exactly where the parent ended.
+    train(tmp_path, data_cache, "run_name=same", "init.from=checkpoint", f"init.path={ckpt}", "trainer.max_steps=1")
+    (same_dir,) = run_dirs(tmp_path, "same")
+    same = json.loads((same_dir / "metrics.json").read_text())
+    assert abs(same["initial_val_loss"] - parent["val_loss"]) < 1e-4
+
+    # Converted to MQA: the architecture comes from the source, with one K/V head.
+    train(tmp_path, data_cache, "run_name=mqa", "init.from=checkpoint", f"init.path={ckpt}",
+          "init.convert={to: mqa}", "trainer.max_steps=2")  # fmt: skip
+    (mqa_dir,) = run_dirs(tmp_path, "mqa")
+    mqa = json.loads((mqa_dir / "metrics.json").read_text())
+    assert mqa["model"]["mixer"]["n_kv_heads"] == 1
+    assert mqa["kv_bytes_per_token"] * 2 == parent["kv_bytes_per_token"]
+
+    # A Hugging Face directory (here: the parent exported by hand with its tokenizer).
+    hf_dir = tmp_path / "hf"
+    hf_dir.mkdir()
+    from safetensors.torch import save_file
+
+    from kvlab.archs.hf import kvlab_to_hf_name
+
+    state = torch.load(ckpt, weights_only=False)["state_dict"]
+    save_file({kvlab_to_hf_name(k.removeprefix("model.")): v.contiguous() for k, v in state.items()},
+              hf_dir / "model.safetensors")  # fmt: skip
+    m = parent["model"]
+    (hf_dir / "config.json").write_text(json.dumps({
+        "model_type": "llama", "vocab_size": m["vocab_size"], "hidden_size": m["d_model"],
+        "num_hidden_layers": m["n_layers"], "intermediate_size": m["mlp"]["hidden"],
+        "num_attention_heads": m["mixer"]["n_heads"], "num_key_value_heads": m["mixer"]["n_kv_heads"],
+        "head_dim": m["mixer"]["head_dim"], "max_position_embeddings": m["max_seq_len"],
+        "rms_norm_eps": 1e-5}))  # fmt: skip
+    (tokenizer,) = data_cache.glob("data/*/tokenizer.json")
+    (hf_dir / "tokenizer.json").write_bytes(tokenizer.read_bytes())
+    train(tmp_path, data_cache, "run_name=hf", "init.from=hf", f"init.path={hf_dir}", "trainer.max_steps=1")
+    (hf_run,) = run_dirs(tmp_path, "hf")
+    assert abs(json.loads((hf_run / "metrics.json").read_text())["initial_val_loss"] - parent["val_loss"]) < 1e-4
