@@ -47,7 +47,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     if initial is not None:  # the architecture comes from the source (and conversion), not from `model`
         model_cfg = initial.config
         if tc.data.seq_len > model_cfg.max_seq_len:
-            raise ConfigError(f"data.seq_len={tc.data.seq_len} exceeds the initial model's max_seq_len")
+            raise ConfigError(
+                f"data.seq_len={tc.data.seq_len} exceeds the initial model's max_seq_len={model_cfg.max_seq_len}"
+            )
     datamodule = LMDataModule(tc.data)
     try:
         datamodule.prepare_data()
@@ -125,7 +127,9 @@ def _validated(tc: TrainConfig) -> ModelConfig:
     for name in ("max_steps", "val_check_interval", "ckpt_every_n_steps", "accumulate_grad_batches"):
         if getattr(t, name) < 1:
             raise ConfigError(f"trainer.{name}={getattr(t, name)} must be >= 1")
-    if tc.data.seq_len > model_cfg.max_seq_len:
+    # With init from a checkpoint or HF directory the source's max_seq_len applies (checked in run).
+    from_scratch = dict(tc.init).get("from", "scratch") == "scratch"
+    if from_scratch and tc.data.seq_len > model_cfg.max_seq_len:
         raise ConfigError(f"data.seq_len={tc.data.seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}")
     if t.strategy == "fsdp" and t.accelerator == "cpu":
         raise ConfigError(
