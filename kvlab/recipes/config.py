@@ -16,7 +16,6 @@ from hydra.core.config_store import ConfigStore
 from kvlab.recipes.data import DataConfig
 from kvlab.recipes.module import OptimConfig
 
-STRATEGIES = ("auto", "ddp", "fsdp")
 LOGGERS = ("csv", "wandb", "tensorboard", "none")
 STAGES = ("train", "eval")
 
@@ -26,7 +25,7 @@ class TrainerConfig:
     accelerator: str = "cpu"  # cpu | gpu | auto
     devices: Any = 1
     num_nodes: int = 1
-    strategy: str = "auto"  # auto | ddp | fsdp
+    strategy: str = "auto"  # auto | ddp | fsdp | deepspeed_zero2 | deepspeed_zero3
     precision: str = "32-true"  # 32-true | bf16-mixed | 16-mixed
     max_steps: int = 200
     val_check_interval: int = 100  # optimizer steps between validations

@@ -135,11 +135,15 @@ def _load_local(files: list[str], text_field: str):
         if kind is None:
             raise ValueError(f"data.paths: {f} has suffix {suffix!r}; use .txt/.md, .jsonl/.json or .parquet")
         by_kind.setdefault(kind, []).append(f)
+    # Documents are named relative to the corpus's common directory, so the train/val split
+    # (a hash of the name) is the same wherever the corpus is copied.
+    base = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files])
     parts = []
     for kind, kind_files in by_kind.items():
+        names = [os.path.relpath(os.path.abspath(f), base) for f in kind_files]
         if kind == "text":
             ds = datasets.load_dataset("text", data_files=kind_files, sample_by="document", split="train")
-            ds = ds.add_column("name", kind_files)
+            ds = ds.add_column("name", names)
         else:
             ds = datasets.load_dataset(kind, data_files=kind_files, split="train")
             if text_field not in ds.column_names:
@@ -147,7 +151,7 @@ def _load_local(files: list[str], text_field: str):
                     f"data.text_field={text_field!r} is not a column of {kind_files[0]}: {ds.column_names}"
                 )
             ds = ds.select_columns([text_field]).rename_column(text_field, "text")
-            ds = ds.add_column("name", [f"{kind_files[0]}#{i}" for i in range(len(ds))])
+            ds = ds.add_column("name", [f"{names[0]}#{i}" for i in range(len(ds))])
         parts.append(ds.select_columns(["name", "text"]))
     return datasets.concatenate_datasets(parts)
 

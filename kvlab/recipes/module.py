@@ -93,8 +93,23 @@ class LMModule(L.LightningModule):
             {"params": no_decay, "weight_decay": 0.0},
         ]
         opt = torch.optim.AdamW(groups, lr=self.optim.lr, betas=tuple(self.optim.betas), eps=self.optim.eps)
-        o = self.optim
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda step: lr_factor(step, o.warmup_steps, self.max_steps, o.min_lr_ratio)
-        )
+        sched = WarmupCosine(opt, self.optim.lr, self.optim.warmup_steps, self.max_steps, self.optim.min_lr_ratio)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class WarmupCosine(torch.optim.lr_scheduler.LRScheduler):
+    """``lr * lr_factor(step)`` for every parameter group.
+
+    Not ``LambdaLR``: that keeps one base lr per group it saw at construction,
+    and DeepSpeed ZeRO-3 regroups the parameters it partitions (a rank whose
+    shard holds no bias or norm weight has one group fewer); all groups share
+    one lr here, so the number of groups may change.
+    """
+
+    def __init__(self, optimizer, lr: float, warmup: int, total: int, min_ratio: float):
+        self.lr, self.warmup, self.total, self.min_ratio = lr, warmup, total, min_ratio
+        super().__init__(optimizer)
+
+    def get_lr(self) -> list[float]:
+        value = self.lr * lr_factor(self.last_epoch, self.warmup, self.total, self.min_ratio)
+        return [value] * len(self.optimizer.param_groups)

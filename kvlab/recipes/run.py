@@ -26,9 +26,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from kvlab.archs import ModelConfig, build_model, convert_model
-from kvlab.recipes.config import LOGGERS, STAGES, STRATEGIES, TrainConfig
+from kvlab.recipes.config import LOGGERS, STAGES, TrainConfig
 from kvlab.recipes.data import LMDataModule
 from kvlab.recipes.module import LMModule
+from kvlab.recipes.strategies import STRATEGIES, build_strategy, deepspeed_available
 
 log = logging.getLogger("kvlab")
 
@@ -81,7 +82,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         elapsed = time.perf_counter() - t0
         last = run_dir / "checkpoints" / "last.ckpt"
-        if trainer.is_global_zero and _checkpoint_step(last) != trainer.global_step:
+        # Every rank decides and saves: DeepSpeed writes its partitions from all of them.
+        trainer.strategy.barrier()
+        if _checkpoint_step(last) != trainer.global_step:
             trainer.save_checkpoint(last)
         tokens_per_step = tc.data.batch_size * tc.data.seq_len * tc.trainer.accumulate_grad_batches * trainer.world_size
         metrics["train_loss"] = _metric(trainer, "train_loss")
@@ -136,6 +139,8 @@ def _validated(tc: TrainConfig) -> ModelConfig:
             "trainer.strategy=fsdp needs trainer.accelerator=gpu (Lightning's FSDP runs on CUDA only); "
             "use trainer=ddp on CPU"
         )
+    if t.strategy.startswith("deepspeed") and not deepspeed_available():
+        raise ConfigError(f"trainer.strategy={t.strategy} needs DeepSpeed: pip install 'kvlab[deepspeed]'")
     return model_cfg
 
 
@@ -172,15 +177,36 @@ def _initial_model(tc: TrainConfig):
             if not tc.data.tokenizer:
                 tc.data.tokenizer = str(path)
         else:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-            model = build_model(ModelConfig.from_dict(ckpt["hyper_parameters"]["model"]))
-            model.load_state_dict({k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()})
+            model_dict, state = read_checkpoint(path)
+            model = build_model(ModelConfig.from_dict(model_dict))
+            model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
         if init.get("convert"):
             model = convert_model(model, dict(init["convert"]))
     except (ValueError, FileNotFoundError, KeyError) as e:
         raise ConfigError(f"init: {e}") from None
     log.info("init: from %s %s%s", source, path, f", converted {dict(init['convert'])}" if init.get("convert") else "")
     return model
+
+
+def read_checkpoint(path) -> tuple[dict, dict]:
+    """(model config dict, LMModule state dict) of a kvlab checkpoint.
+
+    A Lightning ``.ckpt`` file, or the directory DeepSpeed strategies write
+    (its partitions are gathered into full fp32 tensors).
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        found = sorted(path.glob("checkpoint/*mp_rank_00_model_states.pt"))
+        if not found:
+            raise FileNotFoundError(
+                f"{path} is a directory but not a DeepSpeed checkpoint (no checkpoint/*model_states.pt)"
+            )
+        meta = torch.load(found[0], map_location="cpu", weights_only=False, mmap=True)
+        return meta["hyper_parameters"]["model"], get_fp32_state_dict_from_zero_checkpoint(str(path), tag="checkpoint")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    return ckpt["hyper_parameters"]["model"], ckpt["state_dict"]
 
 
 def _resume_path(tc: TrainConfig, run_dir: Path) -> str | None:
@@ -196,13 +222,20 @@ def _resume_path(tc: TrainConfig, run_dir: Path) -> str | None:
         log.info("resume=auto: continuing %s", latest)
         return str(latest)
     path = Path(tc.resume).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"resume={tc.resume!r}: no checkpoint file there; give a .ckpt path, auto, or null")
+    if not path.exists():  # a Lightning file, or a DeepSpeed checkpoint directory
+        raise ConfigError(f"resume={tc.resume!r}: no checkpoint there; give a .ckpt path, auto, or null")
     return str(path)
 
 
 def _checkpoint_step(path) -> int:
-    if path is None or not Path(path).is_file():
+    """The global step a checkpoint was saved at: a Lightning file or a DeepSpeed directory; 0 if none."""
+    if path is None:
+        return 0
+    path = Path(path)
+    if path.is_dir():  # DeepSpeed: Lightning's fields sit in rank 0's model-states file
+        found = sorted(path.glob("checkpoint/*mp_rank_00_model_states.pt"))
+        path = found[0] if found else path
+    if not path.is_file():
         return 0
     # mmap: read the step without loading the weights
     return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("global_step", 0))
@@ -253,24 +286,6 @@ def _trainer(tc: TrainConfig, run_dir: Path) -> L.Trainer:
         num_sanity_val_steps=0,
         default_root_dir=run_dir,
     )
-
-
-def build_strategy(name: str, accelerator: str):
-    """Lightning strategy for ``trainer.strategy``; CPU runs use the gloo backend."""
-    on_cpu = accelerator == "cpu"
-    if name == "auto":
-        return "auto"
-    if name == "ddp":
-        from lightning.pytorch.strategies import DDPStrategy
-
-        return DDPStrategy(process_group_backend="gloo" if on_cpu else None)
-    if name == "fsdp":
-        from lightning.pytorch.strategies import FSDPStrategy
-
-        from kvlab.archs.model import Block
-
-        return FSDPStrategy(auto_wrap_policy={Block}, process_group_backend="gloo" if on_cpu else None)
-    raise ConfigError(f"trainer.strategy={name!r} is not one of {', '.join(STRATEGIES)}")
 
 
 def _logger(tc: TrainConfig, run_dir: Path):

@@ -47,3 +47,14 @@ def test_stdlib_corpus_leaves_out_tests():
     files = stdlib_files()
     assert len(files) > 100
     assert not any("test" in p.parts or "site-packages" in p.parts for p in files)
+
+
+def test_split_of_local_files_does_not_depend_on_where_they_are(tmp_path):
+    from kvlab.recipes.data import load_documents
+
+    names = []
+    for where in ("a", "b/c"):
+        (tmp_path / where).mkdir(parents=True)
+        cfg = DataConfig(kind="text", paths=_corpus(tmp_path / where))
+        names.append(load_documents(cfg)["name"])
+    assert names[0] == names[1] == [f"doc{i}.txt" for i in range(6)]

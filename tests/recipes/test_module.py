@@ -1,0 +1,48 @@
+"""The LightningModule's optimiser pieces."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kvlab.recipes.module import LMModule, WarmupCosine
+from tests.conftest import tiny
+
+
+def _lrs(sched, steps):
+    out = []
+    for _ in range(steps):
+        out.append(sched.get_last_lr()[0])
+        sched.optimizer.step()
+        sched.step()
+    return out
+
+
+def test_warmup_then_cosine_to_min_ratio():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    lrs = _lrs(WarmupCosine(opt, lr=2.0, warmup=4, total=14, min_ratio=0.1), 16)
+    assert lrs[:4] == pytest.approx([0.5, 1.0, 1.5, 2.0])  # linear warmup, 2 * (s + 1) / 4
+    # cosine from 2.0 at step 4 to 0.2 at step 14, halfway at step 9; flat after the end
+    assert lrs[9] == pytest.approx(0.2 + 1.8 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lrs[14] == pytest.approx(0.2) and lrs[15] == pytest.approx(0.2)
+
+
+def test_schedule_follows_regrouped_parameters():
+    # DeepSpeed ZeRO-3 may hand a rank fewer parameter groups than the module built.
+    a, b = torch.nn.Parameter(torch.zeros(2, 2)), torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.AdamW([{"params": [a]}, {"params": [b], "weight_decay": 0.0}], lr=1.0)
+    sched = WarmupCosine(opt, lr=1.0, warmup=2, total=10, min_ratio=0.0)
+    opt.param_groups.pop()
+    sched.step()
+    assert [g["lr"] for g in opt.param_groups] == [1.0]
+
+
+def test_weight_decay_only_on_matrices():
+    module = LMModule(model=tiny(), optim={"weight_decay": 0.3})
+    opt = module.configure_optimizers()["optimizer"]
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.3 and all(p.dim() == 2 for p in decay["params"])
+    assert no_decay["weight_decay"] == 0.0 and all(p.dim() == 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(module.model.parameters()))
