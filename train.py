@@ -2,7 +2,8 @@
 
 Hydra composes ``configs/train.yaml`` with the chosen recipe and overrides
 (``python train.py --cfg job`` prints the result; ``-m`` sweeps), then
-``kvlab.recipes.run`` does the work. Configuration mistakes end the run
+``kvlab.recipes.run`` does the work (``kvlab.recipes.uptrain`` for the
+staged uptraining recipes). Configuration mistakes end the run
 before training with one line naming the field and exit status 1.
 """
 
@@ -15,6 +16,7 @@ from omegaconf import DictConfig
 
 from kvlab.recipes.config import register_configs
 from kvlab.recipes.run import ConfigError, run
+from kvlab.recipes.uptrain import run_uptrain
 
 register_configs()
 
@@ -22,7 +24,8 @@ register_configs()
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> None:
     try:
-        run(cfg, Path(HydraConfig.get().runtime.output_dir))
+        staged = run_uptrain if cfg.get("uptrain") is not None else run
+        staged(cfg, Path(HydraConfig.get().runtime.output_dir))
     except ConfigError as e:
         print(f"kvlab: error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -46,6 +46,17 @@ class LoggerConfig:
 
 
 @dataclass
+class UptrainConfig:
+    """The staged uptraining recipes (gqa_uptrain, mqa_uptrain): see kvlab/recipes/uptrain.py."""
+
+    parent_steps: int = 300  # steps of the MHA parent trained (and cached) when init.from=scratch
+    alpha: float = 0.05  # uptraining tokens as a fraction of the parent's training tokens
+    steps: int | None = None  # uptraining steps, overriding alpha
+    warmup_steps: int | None = None  # of the uptraining (and scratch) schedule; null: a tenth of its steps
+    compare_scratch: bool = False  # also train the converted architecture from scratch on the same budget
+
+
+@dataclass
 class TrainConfig:
     model: dict[str, Any] = field(default_factory=dict)
     data: DataConfig = field(default_factory=DataConfig)
@@ -59,6 +70,7 @@ class TrainConfig:
     resume: str | None = None  # null | auto (latest run of this run_name) | path to a .ckpt
     # where the weights start: {from: scratch | checkpoint | hf, path: ..., convert: {to: gqa, ...}}
     init: dict[str, Any] = field(default_factory=lambda: {"from": "scratch", "path": None, "convert": None})
+    uptrain: UptrainConfig | None = None  # set by the staged uptraining recipes
 
 
 def register_configs() -> None:

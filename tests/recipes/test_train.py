@@ -37,11 +37,6 @@ TINY_RUN = [
 ]
 
 
-@pytest.fixture(scope="session")
-def data_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("kvlab-cache")
-
-
 def train(tmp_path: Path, data_cache: Path, *overrides: str, tiny_model=True, check=True, wait=True):
     flags = [o for o in overrides if o.startswith("-")]  # argparse wants flags before the overrides
     args = [sys.executable, str(REPO / "train.py"), *flags, *(TINY_MODEL if tiny_model else []), *TINY_RUN]
@@ -56,6 +51,27 @@ def train(tmp_path: Path, data_cache: Path, *overrides: str, tiny_model=True, ch
     if check and proc.returncode != 0:
         raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
+
+
+def hf_dir_by_hand(ckpt: Path, model: dict, tokenizer: Path, out: Path) -> Path:
+    """A Llama-style HF directory holding a kvlab checkpoint's weights, written without kvlab's exporter."""
+    from safetensors.torch import save_file
+
+    from kvlab.archs.hf import kvlab_to_hf_name
+
+    out.mkdir()
+    state = torch.load(ckpt, weights_only=False)["state_dict"]
+    save_file({kvlab_to_hf_name(k.removeprefix("model.")): v.contiguous() for k, v in state.items()},
+              out / "model.safetensors")  # fmt: skip
+    m = model
+    (out / "config.json").write_text(json.dumps({
+        "model_type": "llama", "vocab_size": m["vocab_size"], "hidden_size": m["d_model"],
+        "num_hidden_layers": m["n_layers"], "intermediate_size": m["mlp"]["hidden"],
+        "num_attention_heads": m["mixer"]["n_heads"], "num_key_value_heads": m["mixer"]["n_kv_heads"],
+        "head_dim": m["mixer"]["head_dim"], "max_position_embeddings": m["max_seq_len"],
+        "rms_norm_eps": 1e-5}))  # fmt: skip
+    (out / "tokenizer.json").write_bytes(tokenizer.read_bytes())
+    return out
 
 
 def run_dirs(tmp_path: Path, run_name: str) -> list[Path]:
@@ -205,24 +221,8 @@ def test_init_from_checkpoint_and_hf_with_conversion(tmp_path, data_cache):
     assert mqa["kv_bytes_per_token"] * 2 == parent["kv_bytes_per_token"]
 
     # A Hugging Face directory (here: the parent exported by hand with its tokenizer).
-    hf_dir = tmp_path / "hf"
-    hf_dir.mkdir()
-    from safetensors.torch import save_file
-
-    from kvlab.archs.hf import kvlab_to_hf_name
-
-    state = torch.load(ckpt, weights_only=False)["state_dict"]
-    save_file({kvlab_to_hf_name(k.removeprefix("model.")): v.contiguous() for k, v in state.items()},
-              hf_dir / "model.safetensors")  # fmt: skip
-    m = parent["model"]
-    (hf_dir / "config.json").write_text(json.dumps({
-        "model_type": "llama", "vocab_size": m["vocab_size"], "hidden_size": m["d_model"],
-        "num_hidden_layers": m["n_layers"], "intermediate_size": m["mlp"]["hidden"],
-        "num_attention_heads": m["mixer"]["n_heads"], "num_key_value_heads": m["mixer"]["n_kv_heads"],
-        "head_dim": m["mixer"]["head_dim"], "max_position_embeddings": m["max_seq_len"],
-        "rms_norm_eps": 1e-5}))  # fmt: skip
     (tokenizer,) = data_cache.glob("data/*/tokenizer.json")
-    (hf_dir / "tokenizer.json").write_bytes(tokenizer.read_bytes())
+    hf_dir = hf_dir_by_hand(ckpt, parent["model"], tokenizer, tmp_path / "hf")
     train(tmp_path, data_cache, "run_name=hf", "init.from=hf", f"init.path={hf_dir}", "trainer.max_steps=1")
     (hf_run,) = run_dirs(tmp_path, "hf")
     assert abs(json.loads((hf_run / "metrics.json").read_text())["initial_val_loss"] - parent["val_loss"]) < 1e-4

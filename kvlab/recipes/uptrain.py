@@ -1,0 +1,217 @@
+"""Staged uptraining (``recipe=gqa_uptrain``, ``recipe=mqa_uptrain``), after Ainslie et al. 2023.
+
+1. parent: ``init.path`` if given (a kvlab checkpoint or a Hugging Face
+   directory); otherwise an MHA parent trained for ``uptrain.parent_steps``
+   on the configured data, cached under ``$KVLAB_CACHE/parents/`` keyed by
+   everything that shapes it, so later runs (and other recipes) reuse it;
+   a parent interrupted mid-training resumes from its last checkpoint;
+2. evaluate the parent;
+3. convert it as ``init.convert`` says (default GQA with n_heads/4 K/V heads,
+   mean-pooled) and evaluate with no training;
+4. uptrain the converted model for ``uptrain.alpha`` of the parent's training
+   tokens (or ``uptrain.steps``) and evaluate;
+5. with ``uptrain.compare_scratch``, train the converted architecture from
+   scratch on the same budget: the paper's comparison.
+
+Each stage is an ordinary run (``kvlab.recipes.run.run``) in a subdirectory
+of the recipe's run directory, with its own checkpoints, logs and
+metrics.json. The recipe's metrics.json holds the uptrained model's metrics
+at the top level and one section per stage.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import math
+import shutil
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from kvlab.recipes.config import TrainConfig
+from kvlab.recipes.data import default_cache_dir
+from kvlab.recipes.run import ConfigError, _write_json, run
+
+log = logging.getLogger("kvlab")
+
+STAGE_KEYS = ("val_loss", "val_ppl", "kv_bytes_per_token", "steps", "tokens_seen")
+
+
+def run_uptrain(cfg: DictConfig, run_dir: Path) -> dict:
+    tc: TrainConfig = OmegaConf.to_object(cfg)
+    up = tc.uptrain
+    _check(tc)
+    init = dict(tc.init)
+    source = init.get("from", "scratch")
+    convert = dict(init.get("convert") or {"to": "gqa", "method": "mean"})
+    cfg = copy.deepcopy(cfg)
+    cfg.resume = None
+    if source == "hf" and not cfg.data.tokenizer:  # every stage reads the data with the parent's tokenizer
+        cfg.data.tokenizer = str(init["path"])
+
+    # 1-2. the parent, and how many tokens it was trained on (None for an HF directory)
+    if source == "scratch":
+        parent_init, parent_tokens = _cached_parent(cfg)
+    else:
+        parent_init = {"from": source, "path": str(init["path"]), "convert": None}
+        parent_tokens = _checkpoint_tokens(Path(init["path"])) if source == "checkpoint" else None
+    parent = _stage(cfg, run_dir / "parent", "parent evaluation", init=parent_init, stages=["eval"])
+    if parent_tokens is not None:
+        parent["tokens_seen"] = parent_tokens
+    convert = _resolve_convert(convert, parent["model"])
+
+    # 3-4. convert, then uptrain; the uptraining run's first validation is the converted model's quality
+    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * cfg.trainer.accumulate_grad_batches
+    if up.steps is not None:
+        steps = up.steps
+    else:
+        budget = parent_tokens if parent_tokens is not None else up.parent_steps * tokens_per_step
+        if parent_tokens is None:
+            log.info("uptrain: the HF parent's training tokens are unknown; alpha applies to parent_steps")
+        steps = max(1, round(up.alpha * budget / tokens_per_step))
+    warmup = up.warmup_steps if up.warmup_steps is not None else steps // 10
+    schedule = {"trainer.max_steps": steps, "optim.warmup_steps": warmup}
+    uptrained = _stage(cfg, run_dir / "uptrained", init={**parent_init, "convert": convert}, **schedule)
+    converted = {
+        "val_loss": uptrained["initial_val_loss"],
+        "val_ppl": math.exp(min(uptrained["initial_val_loss"], 50.0)),
+        "kv_bytes_per_token": uptrained["kv_bytes_per_token"],
+    }
+
+    # 5. the same architecture and budget from scratch
+    scratch = None
+    if up.compare_scratch:
+        init_scratch = {"from": "scratch", "path": None, "convert": None}
+        scratch = _stage(cfg, run_dir / "scratch", init=init_scratch, model=uptrained["model"], **schedule)
+
+    metrics = {k: v for k, v in uptrained.items() if k != "initial_val_loss"}
+    metrics["convert"] = convert
+    metrics["parent"] = _section(parent) | {"init": parent_init}
+    metrics["converted"] = converted
+    metrics["uptrained"] = _section(uptrained)
+    if scratch is not None:
+        metrics["scratch"] = _section(scratch)
+    _write_json(run_dir / "metrics.json", metrics)
+    print(table(metrics))
+    return metrics
+
+
+def _check(tc: TrainConfig) -> None:
+    up, t = tc.uptrain, tc.trainer
+    if t.strategy != "auto" or t.devices not in (1, "1") or t.num_nodes != 1:
+        raise ConfigError(
+            f"trainer.strategy={t.strategy}, devices={t.devices}: the staged uptraining recipes run in one process; "
+            "on several devices run the stages as separate runs (init.from=checkpoint with init.convert)"
+        )
+    if tc.resume not in (None, "", "none"):
+        raise ConfigError(f"resume={tc.resume!r}: the uptraining recipes resume their parent's training on their own")
+    if up.parent_steps < 1:
+        raise ConfigError(f"uptrain.parent_steps={up.parent_steps} must be >= 1")
+    if not 0 < up.alpha <= 1:
+        raise ConfigError(f"uptrain.alpha={up.alpha} must be in (0, 1]: a fraction of the parent's tokens")
+    if up.steps is not None and up.steps < 1:
+        raise ConfigError(f"uptrain.steps={up.steps} must be >= 1 (or null to use uptrain.alpha)")
+    if up.warmup_steps is not None and up.warmup_steps < 0:
+        raise ConfigError(f"uptrain.warmup_steps={up.warmup_steps} must be >= 0")
+    source = dict(tc.init).get("from", "scratch")
+    if source != "scratch" and not dict(tc.init).get("path"):
+        raise ConfigError(f"init.from={source} needs init.path (the parent to uptrain)")
+
+
+def _resolve_convert(convert: dict, parent_model: dict) -> dict:
+    """Fill the default n_kv_heads (n_heads / 4) from the parent's attention."""
+    if convert.get("to") != "gqa" or convert.get("n_kv_heads") is not None:
+        return convert
+    mixer = parent_model.get("mixer") or {}
+    if mixer.get("kind") != "attention":
+        raise ConfigError("init.convert.n_kv_heads: the parent has no single attention mixer; give n_kv_heads")
+    n_kv = max(1, mixer["n_heads"] // 4)
+    if mixer["n_kv_heads"] % n_kv:
+        raise ConfigError(
+            f"init.convert.n_kv_heads: the default n_heads/4={n_kv} does not divide the parent's "
+            f"n_kv_heads={mixer['n_kv_heads']}; give init.convert.n_kv_heads"
+        )
+    return {**convert, "n_kv_heads": n_kv}
+
+
+def _stage(cfg: DictConfig, stage_dir: Path, name: str | None = None, **changes) -> dict:
+    """Run one stage: ``cfg`` with dotted-key ``changes``, writing into ``stage_dir``."""
+    stage_cfg = copy.deepcopy(cfg)
+    stage_cfg.uptrain = None
+    for key, value in changes.items():
+        OmegaConf.update(stage_cfg, key, value, merge=False)
+    log.info("uptrain: stage %s in %s", name or stage_dir.name, stage_dir)
+    return run(stage_cfg, stage_dir)
+
+
+def _cached_parent(cfg: DictConfig) -> tuple[dict, int]:
+    """Train the parent (``model`` from scratch) or reuse the cached one; its init and training tokens."""
+    identity = {
+        "model": OmegaConf.to_container(cfg.model, resolve=True),
+        "data": {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if k != "cache_dir"},
+        "optim": OmegaConf.to_container(cfg.optim, resolve=True),
+        "seed": cfg.seed,
+        "steps": cfg.uptrain.parent_steps,
+        "trainer": {k: cfg.trainer[k] for k in ("precision", "accumulate_grad_batches", "gradient_clip_val")},
+    }
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    parent_dir = Path(cfg.data.cache_dir or default_cache_dir()) / "parents" / key
+    ckpt = parent_dir / "checkpoints" / "last.ckpt"
+    if (parent_dir / "DONE").exists():
+        log.info("uptrain: reusing the parent trained in %s", parent_dir)
+    else:
+        # An interrupted parent continues from its last checkpoint rather than starting over.
+        resume = str(ckpt) if ckpt.exists() else None
+        if resume is None and parent_dir.exists():
+            shutil.rmtree(parent_dir)
+        _stage(
+            cfg,
+            parent_dir,
+            "parent training",
+            init={"from": "scratch", "path": None, "convert": None},
+            resume=resume,
+            stages=["train"],
+            **{"trainer.max_steps": cfg.uptrain.parent_steps},
+        )
+        (parent_dir / "DONE").write_text(json.dumps(identity, indent=2, sort_keys=True) + "\n")
+    tokens = json.loads((parent_dir / "metrics.json").read_text())["tokens_seen"]
+    return {"from": "checkpoint", "path": str(ckpt), "convert": None}, tokens
+
+
+def _checkpoint_tokens(ckpt: Path) -> int | None:
+    """Training tokens of a kvlab checkpoint: its run's metrics.json, when it sits in a run directory."""
+    metrics = ckpt.expanduser().resolve().parent.parent / "metrics.json"
+    if metrics.is_file():
+        return json.loads(metrics.read_text()).get("tokens_seen")
+    return None
+
+
+def _section(metrics: dict) -> dict:
+    return {k: metrics[k] for k in STAGE_KEYS if k in metrics}
+
+
+def table(metrics: dict) -> str:
+    """The stages side by side, as printed at the end of the recipe."""
+    rows = [("stage", "val loss", "val ppl", "KV bytes/token (bf16)", "train tokens")]
+    for name in ("parent", "converted", "uptrained", "scratch"):
+        if name in metrics:
+            m = metrics[name]
+            tokens = m.get("tokens_seen")
+            rows.append(
+                (
+                    name,
+                    f"{m['val_loss']:.4f}",
+                    f"{m['val_ppl']:.2f}",
+                    f"{m['kv_bytes_per_token']:,}" if "kv_bytes_per_token" in m else "",
+                    f"{tokens:,}" if tokens is not None else ("0" if name == "converted" else "?"),
+                )
+            )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+        for r in rows
+    ]
+    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])

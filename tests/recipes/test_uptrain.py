@@ -1,0 +1,108 @@
+"""The staged uptraining recipes end to end (tiny models; the real default is the README's main job)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from tests.recipes.test_train import run_dirs, train
+
+# An 8-head MHA parent, small enough to train in seconds.
+TINY_MHA = ["model.mixer.n_heads=8", "model.mixer.n_kv_heads=8", "model.mixer.head_dim=8"]
+PARENT = ["uptrain.parent_steps=30", "uptrain.alpha=0.2"]  # 6 uptraining steps
+
+
+def _metrics(tmp_path, run_name):
+    return json.loads((run_dirs(tmp_path, run_name)[-1] / "metrics.json").read_text())
+
+
+def test_gqa_uptrain_runs_every_stage_then_reuses_the_parent(tmp_path, data_cache):
+    proc = train(tmp_path, data_cache, "recipe=gqa_uptrain", *TINY_MHA, *PARENT, "uptrain.compare_scratch=true")
+    m = _metrics(tmp_path, "gqa_uptrain")
+    for key in ("val_loss", "val_ppl", "train_loss", "tokens_seen", "tokens_per_s", "params", "kv_bytes_per_token"):
+        assert math.isfinite(m[key]), key
+    assert m["convert"] == {"to": "gqa", "n_kv_heads": 2, "method": "mean"}  # n_heads / 4
+    assert m["parent"]["tokens_seen"] == 30 * 8 * 64
+    assert m["uptrained"]["steps"] == 6 and m["uptrained"]["tokens_seen"] == 6 * 8 * 64
+    assert m["scratch"]["steps"] == 6
+    assert m["converted"]["kv_bytes_per_token"] * 8 == m["parent"]["kv_bytes_per_token"] * 2
+    assert m["uptrained"]["val_ppl"] < m["converted"]["val_ppl"]
+    assert m["val_loss"] == m["uptrained"]["val_loss"] and m["model"]["mixer"]["n_kv_heads"] == 2
+    assert "uptrained" in proc.stdout and "converted" in proc.stdout  # the table
+    run = run_dirs(tmp_path, "gqa_uptrain")[-1]
+    assert (run / "uptrained" / "checkpoints" / "last.ckpt").is_file()
+
+    # mqa_uptrain starts from the same cached parent: no parent training, same parent quality.
+    proc = train(tmp_path, data_cache, "recipe=mqa_uptrain", *TINY_MHA, *PARENT)
+    assert "reusing the parent" in proc.stdout + proc.stderr
+    mqa = _metrics(tmp_path, "mqa_uptrain")
+    assert mqa["parent"]["val_loss"] == pytest.approx(m["parent"]["val_loss"], abs=1e-6)
+    assert mqa["converted"]["kv_bytes_per_token"] * 8 == mqa["parent"]["kv_bytes_per_token"]
+    assert mqa["uptrained"]["val_ppl"] < mqa["converted"]["val_ppl"]
+    assert "scratch" not in mqa
+
+
+def test_uptrain_parent_from_a_checkpoint_counts_its_tokens(tmp_path, data_cache):
+    train(tmp_path, data_cache, "recipe=pretrain", *TINY_MHA, "trainer.max_steps=20")
+    ckpt = run_dirs(tmp_path, "pretrain")[0] / "checkpoints" / "last.ckpt"
+    train(tmp_path, data_cache, "recipe=gqa_uptrain", "init.from=checkpoint", f"init.path={ckpt}",
+          "uptrain.alpha=0.25", "init.convert.n_kv_heads=4")  # fmt: skip
+    m = _metrics(tmp_path, "gqa_uptrain")
+    assert m["parent"]["tokens_seen"] == 20 * 8 * 64 and m["uptrained"]["steps"] == 5
+    assert m["convert"]["n_kv_heads"] == 4
+
+
+@pytest.mark.parametrize("n_kv_heads,tied", [(8, False), (4, True)])
+def test_uptrain_an_hf_directory(tmp_path, n_kv_heads, tied):
+    transformers = pytest.importorskip("transformers")
+    from kvlab.recipes.data import stdlib_files, train_tokenizer
+
+    hf_dir = tmp_path / "hf"
+    texts = [p.read_text(errors="replace") for p in stdlib_files()[:40]]
+    hf_dir.mkdir()
+    train_tokenizer(texts, 512).save(str(hf_dir / "tokenizer.json"))
+    config = transformers.LlamaConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,
+        num_key_value_heads=n_kv_heads, head_dim=8, max_position_embeddings=128, tie_word_embeddings=tied,
+    )  # fmt: skip
+    transformers.LlamaForCausalLM(config).save_pretrained(hf_dir)
+    train(tmp_path, tmp_path / "cache", "recipe=gqa_uptrain", "init.from=hf", f"init.path={hf_dir}",
+          "uptrain.steps=8", "optim.lr=1e-2")  # fmt: skip
+    m = _metrics(tmp_path, "gqa_uptrain")
+    assert m["parent"]["init"] == {"from": "hf", "path": str(hf_dir), "convert": None}
+    assert m["model"]["mixer"]["n_kv_heads"] == 2 and m["model"]["tie_embeddings"] == tied
+    assert m["converted"]["kv_bytes_per_token"] * n_kv_heads == m["parent"]["kv_bytes_per_token"] * 2
+    assert m["uptrained"]["val_ppl"] < m["converted"]["val_ppl"]
+
+
+BAD = {
+    "several processes": (["trainer=ddp"], "the staged uptraining recipes run in one process"),
+    "alpha": (["uptrain.alpha=2"], "uptrain.alpha=2.0 must be in (0, 1]"),
+    "hf without a path": (["init.from=hf"], "init.from=hf needs init.path"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_uptrain_settings_fail_before_training(tmp_path, data_cache, case):
+    overrides, message = BAD[case]
+    proc = train(tmp_path, data_cache, "recipe=gqa_uptrain", *TINY_MHA, *overrides, check=False)
+    assert proc.returncode == 1
+    assert message in proc.stderr.strip().splitlines()[0], proc.stderr
+    assert not list(tmp_path.glob("**/*.ckpt"))
+
+
+def test_an_interrupted_parent_resumes_from_its_checkpoint(tmp_path, data_cache):
+    args = ["recipe=gqa_uptrain", *TINY_MHA, "uptrain.parent_steps=10", "uptrain.steps=1", "seed=7"]
+    train(tmp_path, data_cache, *args)
+    (parent_dir,) = [
+        p for p in data_cache.glob("parents/*") if (p / "DONE").is_file() and '"seed": 7' in (p / "DONE").read_text()
+    ]
+    # As if killed after the last checkpoint: no DONE marker, no metrics.
+    (parent_dir / "DONE").unlink()
+    (parent_dir / "metrics.json").unlink()
+    proc = train(tmp_path, data_cache, *args)
+    resumed = json.loads((parent_dir / "metrics.json").read_text())
+    assert resumed["resumed_from"]["step"] == 10 and resumed["steps"] == 10
+    assert (parent_dir / "DONE").exists() and "reusing the parent" not in proc.stdout + proc.stderr
