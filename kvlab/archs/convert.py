@@ -9,6 +9,12 @@ weights are derived from ``model``'s:
   consecutive heads, so query head h keeps reading the pooled version of the
   K/V head it read before. ``method: first`` keeps the first head of each
   group instead (the paper's comparison). ``to: mqa`` is ``n_kv_heads: 1``.
+- ``method: similarity`` (after AsymGQA, Chen et al. 2024): heads are grouped
+  by how alike their keys and values are on calibration tokens rather than by
+  position, then mean-pooled. Groups stay equal in size (the attention mixer
+  has one group size), so the query heads of each group are permuted to be
+  contiguous, and the output projection's columns with them: before pooling
+  the model computes exactly what it did.
 """
 
 from __future__ import annotations
@@ -28,11 +34,14 @@ from kvlab.layers.attention import AttentionConfig
 log = logging.getLogger(__name__)
 
 CONVERSIONS = ("gqa", "mqa")
-GQA_METHODS = ("mean", "first")
+GQA_METHODS = ("mean", "first", "similarity")
 
 
-def convert_model(model: CausalLM, spec: Mapping[str, Any]) -> CausalLM:
-    """A new model converted as ``spec`` says; ``model`` is left unchanged."""
+def convert_model(model: CausalLM, spec: Mapping[str, Any], calibration: torch.Tensor | None = None) -> CausalLM:
+    """A new model converted as ``spec`` says; ``model`` is left unchanged.
+
+    ``calibration``: token ids ``[B, T]`` that ``method: similarity`` measures the heads on.
+    """
     if not isinstance(spec, Mapping) or "to" not in spec:
         raise ValueError(f"convert: expected a mapping with a 'to' key ({', '.join(CONVERSIONS)}), got {spec!r}")
     check_choice(spec["to"], "convert.to", CONVERSIONS)
@@ -41,14 +50,19 @@ def convert_model(model: CausalLM, spec: Mapping[str, Any]) -> CausalLM:
     method = spec.get("method", "mean")
     check_int(n_kv_heads, "convert.n_kv_heads", minimum=1)
     check_choice(method, "convert.method", GQA_METHODS)
-    converted = _to_gqa(model, n_kv_heads, method)
+    groups = None
+    if method == "similarity":
+        if calibration is None:
+            raise ValueError("convert.method=similarity needs calibration tokens to compare the heads on")
+        groups = similarity_groups(model, calibration, n_kv_heads)
+    converted = _to_gqa(model, n_kv_heads, method, groups)
     before = model.kv_footprint(torch.bfloat16).bytes_per_token
     after = converted.kv_footprint(torch.bfloat16).bytes_per_token
     log.info("convert to %s (%s): KV cache %d -> %d bytes/token (bf16)", spec["to"], method, before, after)
     return converted
 
 
-def _to_gqa(model: CausalLM, n_kv_heads: int, method: str) -> CausalLM:
+def _to_gqa(model: CausalLM, n_kv_heads: int, method: str, groups: dict[int, list[list[int]]] | None) -> CausalLM:
     cfg = model.config
     new_cfg_dict = copy.deepcopy(cfg.to_dict())
     mixer_dicts = [new_cfg_dict["mixer"]] if new_cfg_dict["mixer"] else list((new_cfg_dict["mixers"] or {}).values())
@@ -65,12 +79,23 @@ def _to_gqa(model: CausalLM, n_kv_heads: int, method: str) -> CausalLM:
     new_cfg = ModelConfig.from_dict(new_cfg_dict)
     with torch.device("meta"):
         new = CausalLM(new_cfg)
-    state = model.state_dict()
+    state = dict(model.state_dict())
     for i, layer in enumerate(model.layers):
         mixer = layer.mixer
-        if not isinstance(mixer.cfg, AttentionConfig) or not mixer.owns_kv:
+        if not isinstance(mixer.cfg, AttentionConfig):
+            continue
+        owner = cfg.layer_kv_source[i]
+        if groups is not None:  # K/V heads in group order, and every reader's query heads to match
+            order = [h for group in groups[owner] for h in group]
+            per_kv = mixer.n_heads // mixer.n_kv_heads
+            q_order = [q for h in order for q in range(h * per_kv, (h + 1) * per_kv)]
+            _permute_heads(state, f"layers.{i}.mixer.q_proj", q_order, mixer.head_dim, dim=0)
+            _permute_heads(state, f"layers.{i}.mixer.o_proj", q_order, mixer.head_dim, dim=1)
+        if not mixer.owns_kv:
             continue
         for proj in ("k_proj", "v_proj"):
+            if groups is not None:
+                _permute_heads(state, f"layers.{i}.mixer.{proj}", order, mixer.head_dim, dim=0)
             for tensor in ("weight", "bias"):
                 key = f"layers.{i}.mixer.{proj}.{tensor}"
                 if key in state:
@@ -79,6 +104,58 @@ def _to_gqa(model: CausalLM, n_kv_heads: int, method: str) -> CausalLM:
     new.init_weights()  # buffers (RoPE tables); every parameter is overwritten next
     new.load_state_dict(state, strict=True)
     return new.to(model.embed_tokens.weight.dtype)
+
+
+def _permute_heads(state: dict, prefix: str, order: list[int], head_dim: int, dim: int) -> None:
+    """Reorder the heads of a projection (output rows, dim=0; input columns of o_proj, dim=1)."""
+    index = torch.tensor([h * head_dim + j for h in order for j in range(head_dim)])
+    for tensor in ("weight", "bias"):
+        key = f"{prefix}.{tensor}"
+        if key in state and (dim == 0 or tensor == "weight"):  # o_proj's bias has no head axis
+            state[key] = state[key].index_select(dim, index.to(state[key].device))
+
+
+@torch.no_grad()
+def similarity_groups(model: CausalLM, calibration: torch.Tensor, n_kv_heads: int) -> dict[int, list[list[int]]]:
+    """For each K/V-owning attention layer, its heads in ``n_kv_heads`` equal groups of alike heads.
+
+    A head is described by its keys and values on ``calibration`` (all tokens,
+    concatenated); alike means cosine similarity. Grouping is greedy and
+    deterministic: the lowest-numbered free head takes the free heads most
+    like it until its group is full.
+    """
+    outputs: dict[tuple[int, str], torch.Tensor] = {}
+    hooks = []
+    for i, layer in enumerate(model.layers):
+        if isinstance(layer.mixer.cfg, AttentionConfig) and layer.mixer.owns_kv:
+            for proj in ("k_proj", "v_proj"):
+                hook = getattr(layer.mixer, proj).register_forward_hook(
+                    lambda _m, _inp, out, key=(i, proj): outputs.__setitem__(key, out.detach())
+                )
+                hooks.append(hook)
+    try:
+        model(calibration.to(model.embed_tokens.weight.device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    groups = {}
+    for i, layer in enumerate(model.layers):
+        if (i, "k_proj") not in outputs:
+            continue
+        heads, size = layer.mixer.n_kv_heads, layer.mixer.n_kv_heads // n_kv_heads
+        per_head = [outputs[i, p].float().reshape(-1, heads, layer.mixer.head_dim) for p in ("k_proj", "v_proj")]
+        features = torch.cat([t.transpose(0, 1).reshape(heads, -1) for t in per_head], dim=1)
+        features = torch.nn.functional.normalize(features, dim=1)
+        similarity = features @ features.T
+        free, layer_groups = list(range(heads)), []
+        while free:
+            seed = free[0]
+            ranked = sorted(free[1:], key=lambda h: -similarity[seed, h].item())
+            group = [seed, *ranked[: size - 1]]
+            layer_groups.append(group)
+            free = [h for h in free if h not in group]
+        groups[i] = layer_groups
+    return groups
 
 
 def _pool_heads(w: torch.Tensor, old_heads: int, new_heads: int, method: str) -> torch.Tensor:

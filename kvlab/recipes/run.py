@@ -56,6 +56,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         datamodule.prepare_data()
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(str(e)) from None
+    convert = dict(tc.init).get("convert")
+    if initial is not None and convert:
+        initial = _converted(initial, dict(convert), datamodule)
+        model_cfg = initial.config
     if datamodule.vocab_size > model_cfg.vocab_size:
         raise ConfigError(
             f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's {datamodule.vocab_size} tokens"
@@ -148,12 +152,13 @@ INIT_SOURCES = ("scratch", "checkpoint", "hf")
 
 
 def _initial_model(tc: TrainConfig):
-    """The model named by ``init`` (converted if asked), or None to start from scratch.
+    """The model named by ``init``, before any conversion, or None to start from scratch.
 
     ``init.from``: ``scratch``; ``checkpoint`` (a kvlab ``.ckpt``); ``hf`` (a
     Hugging Face directory, whose tokenizer the data then uses unless
-    ``data.tokenizer`` says otherwise). ``init.convert`` takes the mapping of
-    ``kvlab.archs.convert_model``.
+    ``data.tokenizer`` says otherwise). ``init.convert`` (the mapping of
+    ``kvlab.archs.convert_model``) is applied by ``_converted`` once the data
+    is ready, since ``method: similarity`` calibrates on it.
     """
     init = dict(tc.init)
     unknown = set(init) - {"from", "path", "convert"}
@@ -180,11 +185,27 @@ def _initial_model(tc: TrainConfig):
             model_dict, state = read_checkpoint(path)
             model = build_model(ModelConfig.from_dict(model_dict))
             model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
-        if init.get("convert"):
-            model = convert_model(model, dict(init["convert"]))
     except (ValueError, FileNotFoundError, KeyError) as e:
         raise ConfigError(f"init: {e}") from None
-    log.info("init: from %s %s%s", source, path, f", converted {dict(init['convert'])}" if init.get("convert") else "")
+    log.info("init: from %s %s", source, path)
+    return model
+
+
+CALIBRATION_ROWS = 8  # training rows that convert.method=similarity compares heads on
+
+
+def _converted(model, spec: dict, datamodule: LMDataModule):
+    """``init.convert`` applied to the initial model, with calibration rows from the training data."""
+    calibration = None
+    if spec.get("method") == "similarity":
+        datamodule.setup("fit")
+        rows = datamodule.splits["train"][:CALIBRATION_ROWS]["input_ids"]
+        calibration = torch.as_tensor(rows)[:, :-1].long()
+    try:
+        model = convert_model(model, spec, calibration=calibration)
+    except ValueError as e:
+        raise ConfigError(f"init.convert: {e}") from None
+    log.info("init: converted %s", spec)
     return model
 
 

@@ -71,3 +71,47 @@ def test_bias_and_cross_layer_readers_are_converted():
 def test_bad_conversions_are_named(spec, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):
         convert_model(build_model(MHA), spec)
+
+
+def _interleaved_twins(spec):
+    """A model whose K/V heads 0 and 2 are identical, and 1 and 3 (so position-based groups are wrong)."""
+    model = build_model(spec).eval()
+    with torch.no_grad():
+        for layer in model.layers:
+            if hasattr(layer.mixer, "k_proj"):
+                for proj in (layer.mixer.k_proj, layer.mixer.v_proj):
+                    w = proj.weight.view(4, 16, 64)
+                    w[2], w[3] = w[0], w[1]
+                    if proj.bias is not None:
+                        b = proj.bias.view(4, 16)
+                        b[2], b[3] = b[0], b[1]
+    return model
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        MHA,
+        tiny(mixer={"kind": "attention", "n_heads": 8, "n_kv_heads": 4, "head_dim": 16, "qkv_bias": True,
+                    "o_bias": True}),
+        tiny(mixer={"kind": "attention", "n_heads": 4}, kv_sharing={"kind": "cla", "every": 2}),
+    ],
+    ids=["mha", "gqa-bias", "cla"],
+)  # fmt: skip
+def test_similarity_groups_alike_heads_and_pools_them_exactly(spec):
+    from kvlab.archs.convert import similarity_groups
+
+    model = _interleaved_twins(spec)
+    ids = _ids()
+    owners = [i for i, layer in enumerate(model.layers) if hasattr(layer.mixer, "k_proj")]
+    assert similarity_groups(model, ids, 2) == {i: [[0, 2], [1, 3]] for i in owners}
+    similar = convert_model(model, {"to": "gqa", "n_kv_heads": 2, "method": "similarity"}, calibration=ids).eval()
+    by_position = convert_model(model, {"to": "gqa", "n_kv_heads": 2, "method": "mean"}).eval()
+    with torch.no_grad():
+        assert (similar(ids) - model(ids)).abs().max() <= 1e-5  # query heads permuted with their K/V heads
+        assert (by_position(ids) - model(ids)).abs().max() > 1e-3
+
+
+def test_similarity_needs_calibration_tokens():
+    with pytest.raises(ValueError, match="method=similarity needs calibration tokens"):
+        convert_model(build_model(MHA), {"to": "gqa", "n_kv_heads": 2, "method": "similarity"})

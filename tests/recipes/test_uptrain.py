@@ -44,14 +44,15 @@ def test_gqa_uptrain_runs_every_stage_then_reuses_the_parent(tmp_path, data_cach
     assert "scratch" not in mqa
 
 
-def test_uptrain_parent_from_a_checkpoint_counts_its_tokens(tmp_path, data_cache):
+def test_uptrain_a_checkpoint_parent_counts_its_tokens_and_groups_by_similarity(tmp_path, data_cache):
     train(tmp_path, data_cache, "recipe=pretrain", *TINY_MHA, "trainer.max_steps=20")
     ckpt = run_dirs(tmp_path, "pretrain")[0] / "checkpoints" / "last.ckpt"
     train(tmp_path, data_cache, "recipe=gqa_uptrain", "init.from=checkpoint", f"init.path={ckpt}",
-          "uptrain.alpha=0.25", "init.convert.n_kv_heads=4")  # fmt: skip
+          "uptrain.alpha=0.25", "init.convert.n_kv_heads=4", "init.convert.method=similarity")  # fmt: skip
     m = _metrics(tmp_path, "gqa_uptrain")
     assert m["parent"]["tokens_seen"] == 20 * 8 * 64 and m["uptrained"]["steps"] == 5
-    assert m["convert"]["n_kv_heads"] == 4
+    assert m["convert"] == {"to": "gqa", "n_kv_heads": 4, "method": "similarity"}
+    assert m["uptrained"]["val_ppl"] < m["converted"]["val_ppl"]
 
 
 @pytest.mark.parametrize("n_kv_heads,tied", [(8, False), (4, True)])
