@@ -2,7 +2,7 @@
 
 from kvlab.archs.cache import Cache
 from kvlab.archs.config import KVSharingConfig, ModelConfig
-from kvlab.archs.convert import convert_model
+from kvlab.archs.convert import convert_model, fold_kv_merge
 from kvlab.archs.footprint import Footprint, FootprintRow
 from kvlab.archs.model import CausalLM, build_model
 
@@ -15,4 +15,5 @@ __all__ = [
     "ModelConfig",
     "build_model",
     "convert_model",
+    "fold_kv_merge",
 ]

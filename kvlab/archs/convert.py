@@ -15,6 +15,11 @@ weights are derived from ``model``'s:
   has one group size), so the query heads of each group are permuted to be
   contiguous, and the output projection's columns with them: before pooling
   the model computes exactly what it did.
+- ``method: weighted`` (WGQA, Chinnakonduru & Mohapatra 2024): the K/V
+  projections are kept whole and each new K/V head is a learned weighted sum
+  of its group (the attention mixer's ``kv_merge``), starting as the mean;
+  the weights train during uptraining and ``fold_kv_merge`` folds them into
+  plain GQA projections afterwards (``kvlab.archs.hf`` export does it).
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from kvlab.layers.attention import AttentionConfig
 log = logging.getLogger(__name__)
 
 CONVERSIONS = ("gqa", "mqa")
-GQA_METHODS = ("mean", "first", "similarity")
+GQA_METHODS = ("mean", "first", "similarity", "weighted")
 
 
 def convert_model(model: CausalLM, spec: Mapping[str, Any], calibration: torch.Tensor | None = None) -> CausalLM:
@@ -70,11 +75,15 @@ def _to_gqa(model: CausalLM, n_kv_heads: int, method: str, groups: dict[int, lis
     if not attention:
         raise ValueError("convert.to=gqa: the model has no attention mixer to regroup")
     for m in attention:
+        if m.get("kv_merge", 1) > 1:
+            raise ValueError("convert: the model has WGQA merge weights (kv_merge > 1); fold_kv_merge it first")
         if m["n_kv_heads"] % n_kv_heads:
             raise ValueError(
                 f"convert.n_kv_heads={n_kv_heads} must divide the model's n_kv_heads={m['n_kv_heads']}, "
                 "so that each new K/V head pools whole old ones"
             )
+        if method == "weighted":
+            m["kv_merge"] = m["n_kv_heads"] // n_kv_heads
         m["n_kv_heads"] = n_kv_heads
     new_cfg = ModelConfig.from_dict(new_cfg_dict)
     with torch.device("meta"):
@@ -96,12 +105,44 @@ def _to_gqa(model: CausalLM, n_kv_heads: int, method: str, groups: dict[int, lis
         for proj in ("k_proj", "v_proj"):
             if groups is not None:
                 _permute_heads(state, f"layers.{i}.mixer.{proj}", order, mixer.head_dim, dim=0)
+            if method == "weighted":  # projections kept whole; merge weights start as the mean
+                merge = mixer.n_kv_heads // n_kv_heads
+                state[f"layers.{i}.mixer.{proj[0]}_merge"] = torch.full((mixer.n_kv_heads,), 1.0 / merge)
+                continue
             for tensor in ("weight", "bias"):
                 key = f"layers.{i}.mixer.{proj}.{tensor}"
                 if key in state:
                     state[key] = _pool_heads(state[key], mixer.n_kv_heads, n_kv_heads, method)
     new.to_empty(device=model.embed_tokens.weight.device)
     new.init_weights()  # buffers (RoPE tables); every parameter is overwritten next
+    new.load_state_dict(state, strict=True)
+    return new.to(model.embed_tokens.weight.dtype)
+
+
+def fold_kv_merge(model: CausalLM) -> CausalLM:
+    """The same function with WGQA's merge weights folded into the K/V projections (``kv_merge: 1``)."""
+    new_cfg_dict = copy.deepcopy(model.config.to_dict())
+    for m in [new_cfg_dict["mixer"]] if new_cfg_dict["mixer"] else list((new_cfg_dict["mixers"] or {}).values()):
+        if m["kind"] == AttentionConfig.kind:
+            m["kv_merge"] = 1
+    with torch.device("meta"):
+        new = CausalLM(ModelConfig.from_dict(new_cfg_dict))
+    state = dict(model.state_dict())
+    for i, layer in enumerate(model.layers):
+        mixer = layer.mixer
+        if not isinstance(mixer.cfg, AttentionConfig) or not mixer.owns_kv or mixer.cfg.kv_merge == 1:
+            continue
+        merge, D = mixer.cfg.kv_merge, mixer.head_dim
+        for proj in ("k_proj", "v_proj"):
+            w = state.pop(f"layers.{i}.mixer.{proj[0]}_merge").view(mixer.n_kv_heads, merge, 1)
+            for tensor in ("weight", "bias"):
+                key = f"layers.{i}.mixer.{proj}.{tensor}"
+                if key in state:
+                    t = state[key]
+                    heads = t.reshape(mixer.n_kv_heads, merge, D, -1) * w.unsqueeze(-1)
+                    state[key] = heads.sum(dim=1).reshape(mixer.n_kv_heads * D, *t.shape[1:])
+    new.to_empty(device=model.embed_tokens.weight.device)
+    new.init_weights()
     new.load_state_dict(state, strict=True)
     return new.to(model.embed_tokens.weight.dtype)
 

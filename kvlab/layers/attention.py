@@ -13,6 +13,12 @@ before it; its cache is a ring buffer of ``window`` positions), q/k/v biases
 own queries to that layer's keys and values (cross-layer sharing, Brandon
 et al. 2024); it owns no cache slot.
 
+Weighted GQA (Chinnakonduru & Mohapatra 2024): with ``kv_merge: m > 1`` the
+K/V projections keep ``n_kv_heads * m`` heads and each cached head is a
+learned weighted sum of ``m`` of them (weights start at 1/m, mean pooling).
+It is a training-time form: ``kvlab.archs.convert.fold_kv_merge`` folds the
+weights into plain projections, the same function with ``kv_merge: 1``.
+
 Cache per token and layer: 2 * n_kv_heads * head_dim elements.
 """
 
@@ -42,6 +48,7 @@ class AttentionConfig(MixerConfig):
     window: int | None = None  # sliding window in tokens; None: full causal attention
     qkv_bias: bool = False
     o_bias: bool = False  # Llama's attention_bias puts a bias on the output projection too
+    kv_merge: int = 1  # > 1: each K/V head is a learned weighted sum of this many projection heads (WGQA)
 
     def validate(self, d_model: int, path: str) -> None:
         check_int(self.n_heads, f"{path}.n_heads", minimum=1)
@@ -52,6 +59,7 @@ class AttentionConfig(MixerConfig):
         check_float(self.rope_theta, f"{path}.rope_theta", positive=True)
         check_bool(self.qkv_bias, f"{path}.qkv_bias")
         check_bool(self.o_bias, f"{path}.o_bias")
+        check_int(self.kv_merge, f"{path}.kv_merge", minimum=1)
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.n_heads % self.n_kv_heads:
@@ -96,12 +104,24 @@ class Attention(nn.Module):
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
         self.q_proj = nn.Linear(d_model, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
         if self.owns_kv:
-            self.k_proj = nn.Linear(d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
-            self.v_proj = nn.Linear(d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+            kv_width = cfg.n_kv_heads * cfg.kv_merge * cfg.head_dim
+            self.k_proj = nn.Linear(d_model, kv_width, bias=cfg.qkv_bias)
+            self.v_proj = nn.Linear(d_model, kv_width, bias=cfg.qkv_bias)
+            if cfg.kv_merge > 1:  # one weight per projection head; 1-D, so no weight decay
+                self.k_merge = nn.Parameter(torch.empty(cfg.n_kv_heads * cfg.kv_merge))
+                self.v_merge = nn.Parameter(torch.empty(cfg.n_kv_heads * cfg.kv_merge))
+                self.reset_parameters()
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, d_model, bias=cfg.o_bias)
         self.register_buffer("rope_cos", torch.empty(max_seq_len, cfg.rope_dims), persistent=False)
         self.register_buffer("rope_sin", torch.empty(max_seq_len, cfg.rope_dims), persistent=False)
         self.reset_buffers()
+
+    def reset_parameters(self) -> None:
+        """WGQA merge weights start as mean pooling."""
+        if hasattr(self, "k_merge") and not self.k_merge.is_meta:
+            with torch.no_grad():
+                self.k_merge.fill_(1.0 / self.cfg.kv_merge)
+                self.v_merge.fill_(1.0 / self.cfg.kv_merge)
 
     def reset_buffers(self) -> None:
         """(Re)compute the RoPE tables; needed after building on the meta device."""
@@ -119,8 +139,7 @@ class Attention(nn.Module):
         if self.owns_kv:
             start = cache.seen if cache is not None else 0
             cos, sin = self._rope(start, T, positions)
-            k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-            v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            k, v = self._kv_heads(self.k_proj(x), "k"), self._kv_heads(self.v_proj(x), "v")
             k = apply_rope(k, cos, sin)
             view = cache.update(k, v) if cache is not None else KVView(k, v, 0)
             if shared_kv is not None:
@@ -135,6 +154,15 @@ class Attention(nn.Module):
         q = apply_rope(q, cos, sin)
         y = self._attend(q, view, doc_ids)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+    def _kv_heads(self, projected: torch.Tensor, which: str) -> torch.Tensor:
+        """[B, T, width] -> [B, n_kv_heads, T, head_dim], merging WGQA's weighted heads."""
+        B, T, _ = projected.shape
+        if self.cfg.kv_merge == 1:
+            return projected.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        heads = projected.view(B, T, self.n_kv_heads, self.cfg.kv_merge, self.head_dim)
+        weights = getattr(self, f"{which}_merge").view(self.n_kv_heads, self.cfg.kv_merge, 1)
+        return (heads * weights).sum(dim=3).transpose(1, 2)
 
     def _rope(self, start: int, T: int, positions):
         if positions is not None:

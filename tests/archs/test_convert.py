@@ -115,3 +115,37 @@ def test_similarity_groups_alike_heads_and_pools_them_exactly(spec):
 def test_similarity_needs_calibration_tokens():
     with pytest.raises(ValueError, match="method=similarity needs calibration tokens"):
         convert_model(build_model(MHA), {"to": "gqa", "n_kv_heads": 2, "method": "similarity"})
+
+
+def test_weighted_starts_as_mean_pooling_and_folds_exactly():
+    from kvlab.archs.convert import fold_kv_merge
+
+    spec = tiny(mixer={"kind": "attention", "n_heads": 4, "qkv_bias": True}, kv_sharing={"kind": "cla", "every": 2})
+    model = build_model(spec).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # non-zero biases too
+            p.add_(0.02 * torch.randn_like(p))
+    weighted = convert_model(model, {"to": "gqa", "n_kv_heads": 2, "method": "weighted"}).eval()
+    mean = convert_model(model, {"to": "gqa", "n_kv_heads": 2, "method": "mean"}).eval()
+    assert weighted.config.mixer.kv_merge == 2 and weighted.layers[0].mixer.k_proj.weight.shape == (64, 64)
+    assert weighted.kv_footprint(torch.float32).bytes_per_token == mean.kv_footprint(torch.float32).bytes_per_token
+    ids = _ids()
+    with torch.no_grad():
+        assert (weighted(ids) - mean(ids)).abs().max() <= 1e-5
+        for layer in weighted.layers:  # as if uptraining had moved the weights
+            if hasattr(layer.mixer, "k_merge"):
+                layer.mixer.k_merge.copy_(torch.rand(4))
+                layer.mixer.v_merge.copy_(torch.rand(4))
+        folded = fold_kv_merge(weighted).eval()
+        assert folded.config.mixer.kv_merge == 1 and folded.layers[0].mixer.k_proj.weight.shape == (32, 64)
+        assert (folded(ids) - weighted(ids)).abs().max() <= 1e-5
+        assert (folded(ids) - mean(ids)).abs().max() > 1e-4
+
+
+def test_weighted_merge_weights_learn():
+    weighted = convert_model(build_model(MHA), {"to": "mqa", "method": "weighted"})
+    torch.nn.functional.cross_entropy(weighted(_ids()).flatten(0, 1), _ids().flatten()).backward()
+    mixer = weighted.layers[0].mixer
+    assert mixer.k_merge.grad.abs().sum() > 0 and mixer.v_merge.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="fold_kv_merge it first"):
+        convert_model(weighted, {"to": "mqa"})

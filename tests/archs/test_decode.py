@@ -14,6 +14,10 @@ VARIANTS = {
     "partial_rope": tiny(mixer={"kind": "attention", "n_heads": 4, "n_kv_heads": 2, "rope_dims": 8}),
     "bias_tied": tiny(mixer={"kind": "attention", "n_heads": 4, "qkv_bias": True}, tie_embeddings=True),
     "cla2": tiny(kv_sharing={"kind": "cla", "every": 2}),
+    "wgqa_cla": tiny(
+        mixer={"kind": "attention", "n_heads": 4, "n_kv_heads": 2, "kv_merge": 2, "qkv_bias": True},
+        kv_sharing={"kind": "cla", "every": 2},
+    ),  # fmt: skip
     "kv_source": tiny(kv_source=[0, 0, 0, 3]),
     "hybrid_window": tiny(
         mixer=None,
