@@ -1,16 +1,20 @@
-"""Import of Hugging Face Llama-family checkpoints (Llama, Mistral, Qwen2, SmolLM).
+"""Hugging Face Llama-family checkpoints (Llama, Mistral, Qwen2, SmolLM): import and export.
 
-A local directory with ``config.json`` and safetensors weights (one file or
-shards with ``model.safetensors.index.json``) becomes a kvlab ``CausalLM``.
-The weight layout is the same as ours up to names (our attention keeps
-`transformers`' projection layout and RoPE convention), so the adapter is a
-renaming plus a config translation; export (a later issue) uses the same
-adapter in reverse.
+``load_hf``: a local directory with ``config.json`` and safetensors weights
+(one file or shards with ``model.safetensors.index.json``) becomes a kvlab
+``CausalLM``. ``save_hf``: a kvlab model whose architecture `transformers`
+has a class for becomes such a directory, which
+``AutoModelForCausalLM.from_pretrained`` loads with no remote code. The
+weight layout is the same as ours up to names (our attention keeps
+`transformers`' projection layout and RoPE convention), so one adapter, a
+renaming plus a config translation, serves both directions.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +94,154 @@ def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
             **bias,
         },
     )
+
+
+def hf_config_from_model(cfg: ModelConfig) -> dict[str, Any]:
+    """The ``config.json`` fields of a kvlab model with a native `transformers` class.
+
+    Raises ValueError naming what has no native counterpart.
+    """
+    mixers = _mixer_configs(cfg)
+    m = mixers[0]
+    problems = []
+    if any(x != m for x in mixers[1:]):
+        problems.append("layers with different mixers")
+    if m.kind != "attention":
+        problems.append(f"mixer kind {m.kind!r}")
+    elif m.rope_dims != m.head_dim:
+        problems.append(f"partial RoPE (rope_dims={m.rope_dims} of head_dim={m.head_dim})")
+    if any(src != i for i, src in enumerate(cfg.layer_kv_source)):
+        problems.append("cross-layer K/V sharing")
+    if cfg.norm.kind != "rmsnorm" or cfg.mlp.kind != "swiglu":
+        problems.append(f"norm {cfg.norm.kind!r} / mlp {cfg.mlp.kind!r} (Llama needs rmsnorm / swiglu)")
+    if not problems:
+        if m.window is not None and m.qkv_bias and not m.o_bias:
+            model_type = "qwen2"
+        elif m.window is not None and not m.qkv_bias and not m.o_bias:
+            model_type = "mistral"
+        elif m.window is None and m.qkv_bias == m.o_bias:
+            model_type = "llama"
+        elif m.window is None and m.qkv_bias and not m.o_bias:
+            model_type = "qwen2"
+        else:
+            problems.append(f"qkv_bias={m.qkv_bias}, o_bias={m.o_bias}, window={m.window}")
+    if problems:
+        raise ValueError(
+            "save_hf: no native transformers class for this model (" + "; ".join(problems) + "); "
+            "native export covers attention-only Llama/Mistral/Qwen2 shapes"
+        )
+    hf: dict[str, Any] = {
+        "model_type": model_type,
+        "architectures": [
+            {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}[model_type]
+        ],  # fmt: skip
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.mlp.hidden,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": m.n_heads,
+        "num_key_value_heads": m.n_kv_heads,
+        "head_dim": m.head_dim,
+        "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": cfg.norm.eps,
+        "rope_theta": m.rope_theta,
+        "hidden_act": "silu",
+        "tie_word_embeddings": cfg.tie_embeddings,
+    }
+    if model_type == "llama":
+        hf["attention_bias"] = m.qkv_bias
+    elif model_type == "mistral":
+        hf["sliding_window"] = m.window
+    else:
+        hf.update(use_sliding_window=m.window is not None, sliding_window=m.window,
+                  max_window_layers=cfg.n_layers)  # fmt: skip
+    return hf
+
+
+def save_hf(
+    model: CausalLM,
+    out_dir: str | Path,
+    tokenizer=None,
+    *,
+    max_shard_bytes: int = 5 * 2**30,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write ``model`` as a Hugging Face directory that ``AutoModelForCausalLM.from_pretrained`` loads.
+
+    ``tokenizer``: a ``tokenizers.Tokenizer``, or a path to a tokenizer.json or
+    a directory holding one; written with ``tokenizer_config.json`` so
+    ``AutoTokenizer.from_pretrained(out_dir)`` works. Weights above
+    ``max_shard_bytes`` are split into shards with an index. WGQA merge
+    weights are folded first. The directory is written beside its final
+    place and renamed, so a failed export never leaves half of one.
+    """
+    import transformers
+    from safetensors.torch import save_file
+
+    from kvlab.archs.convert import fold_kv_merge
+
+    hf = hf_config_from_model(model.config)
+    if any(getattr(m, "kv_merge", 1) > 1 for m in _mixer_configs(model.config)):
+        model = fold_kv_merge(model)
+    out = Path(out_dir).expanduser()
+    tmp = out.with_name(out.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+
+    state = {kvlab_to_hf_name(k): v.detach().to(dtype or v.dtype).contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight")
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name in sorted(state):
+        nbytes = state[name].numel() * state[name].element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = state[name]
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], tmp / "model.safetensors", metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, tmp / file, metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, file))
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+    weights_dtype = str(dtype or model.embed_tokens.weight.dtype).removeprefix("torch.")
+    eos = None
+    if tokenizer is not None:
+        eos = _save_tokenizer(tokenizer, tmp)
+    config = transformers.AutoConfig.for_model(**hf, dtype=weights_dtype, eos_token_id=eos, bos_token_id=None)
+    config.save_pretrained(tmp)
+    transformers.GenerationConfig(eos_token_id=eos, bos_token_id=None, pad_token_id=eos).save_pretrained(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def _save_tokenizer(tokenizer, directory: Path) -> int:
+    """tokenizer.json + tokenizer_config.json (+ special tokens) via transformers; returns the EOS id."""
+    import transformers
+    from tokenizers import Tokenizer
+
+    from kvlab.recipes.data import eos_id, load_tokenizer
+
+    tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(str(tokenizer))
+    eos = eos_id(tok)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=tok.id_to_token(eos))
+    fast.save_pretrained(directory)
+    return eos
+
+
+def _mixer_configs(cfg: ModelConfig) -> list:
+    return [cfg.mixer] if cfg.mixer is not None else list(cfg.mixers.values())
 
 
 def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:

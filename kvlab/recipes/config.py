@@ -17,7 +17,7 @@ from kvlab.recipes.data import DataConfig
 from kvlab.recipes.module import OptimConfig
 
 LOGGERS = ("csv", "wandb", "tensorboard", "none")
-STAGES = ("train", "eval")
+STAGES = ("train", "eval", "export")
 
 
 @dataclass

@@ -64,6 +64,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         raise ConfigError(
             f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's {datamodule.vocab_size} tokens"
         )
+    if "export" in tc.stages:  # an architecture without a native transformers class fails now, not after training
+        from kvlab.archs.hf import hf_config_from_model
+
+        try:
+            hf_config_from_model(model_cfg)
+        except ValueError as e:
+            raise ConfigError(f"stages: export: {e}") from None
     module = LMModule(
         model=model_cfg.to_dict(),
         optim=OmegaConf.to_container(cfg.optim),
@@ -74,6 +81,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         module.model.load_state_dict(initial.state_dict())
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, run_dir / "checkpoints" / "config.yaml", resolve=True)
+    # The tokenizer travels with the checkpoints: init from them (uptraining, export) reads the same tokens.
+    datamodule.tokenizer.save(str(run_dir / "checkpoints" / "tokenizer.json"))
     trainer = _trainer(tc, run_dir)
     metrics: dict = {}
     if "train" in tc.stages:
@@ -104,6 +113,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         kv_fixed_bytes=fp.fixed_bytes,
         model=model_cfg.to_dict(),
     )
+    if "export" in tc.stages and trainer.is_global_zero:
+        from kvlab.archs.hf import save_hf
+
+        metrics["hf_dir"] = str(save_hf(module.model, run_dir / "hf", tokenizer=datamodule.tokenizer))
+        log.info("export: %s", metrics["hf_dir"])
     if trainer.is_global_zero:
         _write_json(run_dir / "metrics.json", metrics)
         log.info("metrics: %s", {k: v for k, v in metrics.items() if k != "model"})
@@ -155,8 +169,9 @@ def _initial_model(tc: TrainConfig):
     """The model named by ``init``, before any conversion, or None to start from scratch.
 
     ``init.from``: ``scratch``; ``checkpoint`` (a kvlab ``.ckpt``); ``hf`` (a
-    Hugging Face directory, whose tokenizer the data then uses unless
-    ``data.tokenizer`` says otherwise). ``init.convert`` (the mapping of
+    Hugging Face directory). The source's tokenizer (the HF directory's, or
+    the ``tokenizer.json`` saved beside kvlab checkpoints) is then used for
+    the data unless ``data.tokenizer`` says otherwise. ``init.convert`` (the mapping of
     ``kvlab.archs.convert_model``) is applied by ``_converted`` once the data
     is ready, since ``method: similarity`` calibrates on it.
     """
@@ -182,6 +197,9 @@ def _initial_model(tc: TrainConfig):
             if not tc.data.tokenizer:
                 tc.data.tokenizer = str(path)
         else:
+            beside = Path(path).expanduser().parent / "tokenizer.json"
+            if not tc.data.tokenizer and beside.is_file():
+                tc.data.tokenizer = str(beside)
             model_dict, state = read_checkpoint(path)
             model = build_model(ModelConfig.from_dict(model_dict))
             model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})

@@ -58,6 +58,9 @@ def run_uptrain(cfg: DictConfig, run_dir: Path) -> dict:
     else:
         parent_init = {"from": source, "path": str(init["path"]), "convert": None}
         parent_tokens = _checkpoint_tokens(Path(init["path"])) if source == "checkpoint" else None
+    beside = Path(parent_init["path"]).expanduser().parent / "tokenizer.json"
+    if parent_init["from"] == "checkpoint" and not cfg.data.tokenizer and beside.is_file():
+        cfg.data.tokenizer = str(beside)  # the scratch baseline reads the same tokens as the others
     parent = _stage(cfg, run_dir / "parent", "parent evaluation", init=parent_init, stages=["eval"])
     if parent_tokens is not None:
         parent["tokens_seen"] = parent_tokens

@@ -147,6 +147,10 @@ BAD_OVERRIDES = {
     "init source": (["init.from=web"], "init.from='web' is not one of scratch, checkpoint, hf"),
     "init path": (["init.from=hf", "init.path=/nonexistent/model"], "init.path='/nonexistent/model'"),
     "convert from scratch": (["init.convert={to: gqa}"], "init.convert needs init.from=checkpoint or hf"),
+    "unexportable": (
+        ["stages=[train,export]", "+model.kv_sharing={kind: cla, every: 2}"],
+        "stages: export: save_hf: no native transformers class",
+    ),  # fmt: skip
 }
 
 
@@ -221,8 +225,7 @@ def test_init_from_checkpoint_and_hf_with_conversion(tmp_path, data_cache):
     assert mqa["kv_bytes_per_token"] * 2 == parent["kv_bytes_per_token"]
 
     # A Hugging Face directory (here: the parent exported by hand with its tokenizer).
-    (tokenizer,) = data_cache.glob("data/*/tokenizer.json")
-    hf_dir = hf_dir_by_hand(ckpt, parent["model"], tokenizer, tmp_path / "hf")
+    hf_dir = hf_dir_by_hand(ckpt, parent["model"], ckpt.parent / "tokenizer.json", tmp_path / "hf")
     train(tmp_path, data_cache, "run_name=hf", "init.from=hf", f"init.path={hf_dir}", "trainer.max_steps=1")
     (hf_run,) = run_dirs(tmp_path, "hf")
     assert abs(json.loads((hf_run / "metrics.json").read_text())["initial_val_loss"] - parent["val_loss"]) < 1e-4
@@ -252,3 +255,24 @@ def test_deepspeed_zero_on_two_cpu_processes_checkpoints_resumes_and_inits(tmp_p
     (init_dir,) = run_dirs(tmp_path, "init")
     init = json.loads((init_dir / "metrics.json").read_text())
     assert abs(init["val_loss"] - metrics["val_loss"]) < 1e-5
+
+
+def test_export_stage_and_recipe_write_a_loadable_hf_directory(tmp_path, data_cache):
+    transformers = pytest.importorskip("transformers")
+    train(tmp_path, data_cache, "stages=[train,export]", "trainer.max_steps=2")
+    (run,) = run_dirs(tmp_path, "train")
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["hf_dir"] == str(run / "hf")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(run / "hf")
+    assert tokenizer.get_vocab() == transformers.PreTrainedTokenizerFast(
+        tokenizer_file=str(run / "checkpoints" / "tokenizer.json")).get_vocab()  # fmt: skip
+
+    # recipe=export on the checkpoint: the same weights, evaluated to the same loss
+    train(tmp_path, data_cache, "recipe=export", f"init.path={run / 'checkpoints' / 'last.ckpt'}")
+    (export,) = run_dirs(tmp_path, "export")
+    exported = json.loads((export / "metrics.json").read_text())
+    assert exported["val_loss"] == pytest.approx(metrics["val_loss"], abs=1e-5)
+    from safetensors.torch import load_file
+
+    a, b = load_file(run / "hf" / "model.safetensors"), load_file(export / "hf" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
