@@ -35,6 +35,7 @@ def test_schedule_follows_regrouped_parameters():
     opt = torch.optim.AdamW([{"params": [a]}, {"params": [b], "weight_decay": 0.0}], lr=1.0)
     sched = WarmupCosine(opt, lr=1.0, warmup=2, total=10, min_ratio=0.0)
     opt.param_groups.pop()
+    opt.step()
     sched.step()
     assert [g["lr"] for g in opt.param_groups] == [1.0]
 

@@ -216,6 +216,12 @@ def test_init_from_checkpoint_and_hf_with_conversion(tmp_path, data_cache):
     same = json.loads((same_dir / "metrics.json").read_text())
     assert abs(same["initial_val_loss"] - parent["val_loss"]) < 1e-4
 
+    # The source's max_seq_len (128) bounds data.seq_len, whatever the ignored `model` group says.
+    proc = train(tmp_path, data_cache, "run_name=long", "init.from=checkpoint", f"init.path={ckpt}",
+                 "data.seq_len=256", "model.max_seq_len=4096", check=False)  # fmt: skip
+    assert proc.returncode == 1
+    assert "data.seq_len=256 exceeds the initial model's max_seq_len=128" in proc.stderr.strip().splitlines()[0]
+
     # Converted to MQA: the architecture comes from the source, with one K/V head.
     train(tmp_path, data_cache, "run_name=mqa", "init.from=checkpoint", f"init.path={ckpt}",
           "init.convert={to: mqa}", "trainer.max_steps=2")  # fmt: skip
