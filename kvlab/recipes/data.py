@@ -227,10 +227,26 @@ def corpus_fingerprint(cfg: DataConfig) -> str:
     return hashlib.sha256(settings.encode()).hexdigest()[:16]
 
 
+def _cache_root(cfg: DataConfig) -> Path:
+    return Path(cfg.cache_dir or default_cache_dir()) / "data" / f"{cfg.kind}-{corpus_fingerprint(cfg)}"
+
+
+def tokenizer_to_use(cfg: DataConfig, source_tokenizer: str | Path) -> str | None:
+    """The tokenizer a run starting from a model must read its data with: ``source_tokenizer``
+    (the model's), or None when ``cfg`` already yields that same tokenizer from its cache,
+    so the cached data is reused instead of tokenized again."""
+    if cfg.tokenizer:
+        return cfg.tokenizer
+    done = _cache_root(cfg)
+    if (done / "DONE").exists() and (done / "tokenizer.json").read_text() == Path(source_tokenizer).read_text():
+        return None
+    return str(source_tokenizer)
+
+
 def prepare(cfg: DataConfig) -> tuple[Path, object]:
     """Tokenize and pack both splits (or reuse the cache); return (cache dir, tokenizer)."""
     fingerprint = corpus_fingerprint(cfg)
-    root = Path(cfg.cache_dir or default_cache_dir()) / "data" / f"{cfg.kind}-{fingerprint}"
+    root = _cache_root(cfg)
     tokenizer_path = root / "tokenizer.json"
     if (root / "DONE").exists():
         log.info("data: reusing %s", root)

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kvlab.archs import ModelConfig, build_model, convert_model
 from kvlab.recipes.config import LOGGERS, STAGES, TrainConfig
-from kvlab.recipes.data import LMDataModule
+from kvlab.recipes.data import LMDataModule, tokenizer_to_use
 from kvlab.recipes.module import LMModule
 from kvlab.recipes.strategies import STRATEGIES, build_strategy, deepspeed_available
 
@@ -198,8 +198,8 @@ def _initial_model(tc: TrainConfig):
                 tc.data.tokenizer = str(path)
         else:
             beside = Path(path).expanduser().parent / "tokenizer.json"
-            if not tc.data.tokenizer and beside.is_file():
-                tc.data.tokenizer = str(beside)
+            if beside.is_file():
+                tc.data.tokenizer = tokenizer_to_use(tc.data, beside)
             model_dict, state = read_checkpoint(path)
             model = build_model(ModelConfig.from_dict(model_dict))
             model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})

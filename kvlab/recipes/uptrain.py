@@ -32,7 +32,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from kvlab.recipes.config import TrainConfig
-from kvlab.recipes.data import default_cache_dir
+from kvlab.recipes.data import default_cache_dir, tokenizer_to_use
 from kvlab.recipes.run import ConfigError, _write_json, run
 
 log = logging.getLogger("kvlab")
@@ -59,8 +59,8 @@ def run_uptrain(cfg: DictConfig, run_dir: Path) -> dict:
         parent_init = {"from": source, "path": str(init["path"]), "convert": None}
         parent_tokens = _checkpoint_tokens(Path(init["path"])) if source == "checkpoint" else None
     beside = Path(parent_init["path"]).expanduser().parent / "tokenizer.json"
-    if parent_init["from"] == "checkpoint" and not cfg.data.tokenizer and beside.is_file():
-        cfg.data.tokenizer = str(beside)  # the scratch baseline reads the same tokens as the others
+    if parent_init["from"] == "checkpoint" and beside.is_file():  # the scratch baseline reads the same tokens
+        cfg.data.tokenizer = tokenizer_to_use(OmegaConf.to_object(cfg.data), beside)
     parent = _stage(cfg, run_dir / "parent", "parent evaluation", init=parent_init, stages=["eval"])
     if parent_tokens is not None:
         parent["tokens_seen"] = parent_tokens

@@ -58,3 +58,19 @@ def test_split_of_local_files_does_not_depend_on_where_they_are(tmp_path):
         cfg = DataConfig(kind="text", paths=_corpus(tmp_path / where))
         names.append(load_documents(cfg)["name"])
     assert names[0] == names[1] == [f"doc{i}.txt" for i in range(6)]
+
+
+def test_a_source_tokenizer_reuses_the_cache_only_when_it_is_the_same(tmp_path):
+    from kvlab.recipes.data import tokenizer_to_use, train_tokenizer
+
+    cfg = DataConfig(
+        kind="text", paths=_corpus(tmp_path), seq_len=16, vocab_size=300, cache_dir=str(tmp_path / "cache")
+    )
+    root, tokenizer = prepare(cfg)
+    same, other = tmp_path / "same.json", tmp_path / "other.json"
+    tokenizer.save(str(same))
+    train_tokenizer(["something else entirely"] * 5, 280).save(str(other))
+    assert tokenizer_to_use(cfg, same) is None  # the cached data already uses it
+    assert tokenizer_to_use(cfg, other) == str(other)
+    fresh = DataConfig(kind="text", paths=cfg.paths, seq_len=16, vocab_size=300, cache_dir=str(tmp_path / "empty"))
+    assert tokenizer_to_use(fresh, same) == str(same)  # nothing cached: be explicit
