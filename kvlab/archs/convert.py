@@ -70,8 +70,7 @@ def convert_model(model: CausalLM, spec: Mapping[str, Any], calibration: torch.T
 def _to_gqa(model: CausalLM, n_kv_heads: int, method: str, groups: dict[int, list[list[int]]] | None) -> CausalLM:
     cfg = model.config
     new_cfg_dict = copy.deepcopy(cfg.to_dict())
-    mixer_dicts = [new_cfg_dict["mixer"]] if new_cfg_dict["mixer"] else list((new_cfg_dict["mixers"] or {}).values())
-    attention = [m for m in mixer_dicts if m["kind"] == AttentionConfig.kind]
+    attention = _attention_dicts(new_cfg_dict)
     if not attention:
         raise ValueError("convert.to=gqa: the model has no attention mixer to regroup")
     for m in attention:
@@ -122,9 +121,8 @@ def _to_gqa(model: CausalLM, n_kv_heads: int, method: str, groups: dict[int, lis
 def fold_kv_merge(model: CausalLM) -> CausalLM:
     """The same function with WGQA's merge weights folded into the K/V projections (``kv_merge: 1``)."""
     new_cfg_dict = copy.deepcopy(model.config.to_dict())
-    for m in [new_cfg_dict["mixer"]] if new_cfg_dict["mixer"] else list((new_cfg_dict["mixers"] or {}).values()):
-        if m["kind"] == AttentionConfig.kind:
-            m["kv_merge"] = 1
+    for m in _attention_dicts(new_cfg_dict):
+        m["kv_merge"] = 1
     with torch.device("meta"):
         new = CausalLM(ModelConfig.from_dict(new_cfg_dict))
     state = dict(model.state_dict())
@@ -145,6 +143,12 @@ def fold_kv_merge(model: CausalLM) -> CausalLM:
     new.init_weights()
     new.load_state_dict(state, strict=True)
     return new.to(model.embed_tokens.weight.dtype)
+
+
+def _attention_dicts(cfg_dict: dict) -> list[dict]:
+    """The attention mixer configs inside a ModelConfig dict (``mixer``, or the values of ``mixers``), to edit."""
+    mixers = [cfg_dict["mixer"]] if cfg_dict["mixer"] else list((cfg_dict["mixers"] or {}).values())
+    return [m for m in mixers if m["kind"] == AttentionConfig.kind]
 
 
 def _permute_heads(state: dict, prefix: str, order: list[int], head_dim: int, dim: int) -> None:

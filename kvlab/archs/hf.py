@@ -101,7 +101,7 @@ def hf_config_from_model(cfg: ModelConfig) -> dict[str, Any]:
 
     Raises ValueError naming what has no native counterpart.
     """
-    mixers = _mixer_configs(cfg)
+    mixers = cfg.layer_mixers
     m = mixers[0]
     problems = []
     if any(x != m for x in mixers[1:]):
@@ -181,7 +181,7 @@ def save_hf(
     from kvlab.archs.convert import fold_kv_merge
 
     hf = hf_config_from_model(model.config)
-    if any(getattr(m, "kv_merge", 1) > 1 for m in _mixer_configs(model.config)):
+    if any(getattr(m, "kv_merge", 1) > 1 for m in model.config.layer_mixers):
         model = fold_kv_merge(model)
     out = Path(out_dir).expanduser()
     tmp = out.with_name(out.name + ".partial")
@@ -238,10 +238,6 @@ def _save_tokenizer(tokenizer, directory: Path) -> int:
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=tok.id_to_token(eos))
     fast.save_pretrained(directory)
     return eos
-
-
-def _mixer_configs(cfg: ModelConfig) -> list:
-    return [cfg.mixer] if cfg.mixer is not None else list(cfg.mixers.values())
 
 
 def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:

@@ -237,12 +237,12 @@ def read_checkpoint(path) -> tuple[dict, dict]:
     if path.is_dir():
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        found = sorted(path.glob("checkpoint/*mp_rank_00_model_states.pt"))
-        if not found:
+        states = _lightning_fields_file(path)
+        if states == path:
             raise FileNotFoundError(
                 f"{path} is a directory but not a DeepSpeed checkpoint (no checkpoint/*model_states.pt)"
             )
-        meta = torch.load(found[0], map_location="cpu", weights_only=False, mmap=True)
+        meta = torch.load(states, map_location="cpu", weights_only=False, mmap=True)
         return meta["hyper_parameters"]["model"], get_fp32_state_dict_from_zero_checkpoint(str(path), tag="checkpoint")
     ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     return ckpt["hyper_parameters"]["model"], ckpt["state_dict"]
@@ -266,14 +266,20 @@ def _resume_path(tc: TrainConfig, run_dir: Path) -> str | None:
     return str(path)
 
 
+def _lightning_fields_file(path: Path) -> Path:
+    """The file holding Lightning's fields (step, hyper-parameters): the checkpoint itself, or, in a
+    DeepSpeed checkpoint directory, rank 0's model-states file (``path`` unchanged when there is none)."""
+    if path.is_dir():
+        found = sorted(path.glob("checkpoint/*mp_rank_00_model_states.pt"))
+        return found[0] if found else path
+    return path
+
+
 def _checkpoint_step(path) -> int:
     """The global step a checkpoint was saved at: a Lightning file or a DeepSpeed directory; 0 if none."""
     if path is None:
         return 0
-    path = Path(path)
-    if path.is_dir():  # DeepSpeed: Lightning's fields sit in rank 0's model-states file
-        found = sorted(path.glob("checkpoint/*mp_rank_00_model_states.pt"))
-        path = found[0] if found else path
+    path = _lightning_fields_file(Path(path))
     if not path.is_file():
         return 0
     # mmap: read the step without loading the weights
