@@ -24,6 +24,12 @@ class Cache:
         """Bytes of the buffers allocated (whatever has been used)."""
         return sum(s.allocated_bytes() for s in self.slots if s is not None)
 
+    def reorder(self, batch_idx) -> None:
+        """Keep, in each row, the state of row ``batch_idx[row]`` (beam search)."""
+        for s in self.slots:
+            if s is not None:
+                s.reorder(batch_idx)
+
     def reset(self) -> None:
         """Forget every token, keeping the buffers, to reuse the cache for new sequences."""
         for s in self.slots:

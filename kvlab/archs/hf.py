@@ -1,20 +1,28 @@
-"""Hugging Face Llama-family checkpoints (Llama, Mistral, Qwen2, SmolLM): import and export.
+"""Hugging Face checkpoints: import (Llama, Mistral, Qwen2, SmolLM, our own exports) and export.
 
 ``load_hf``: a local directory with ``config.json`` and safetensors weights
 (one file or shards with ``model.safetensors.index.json``) becomes a kvlab
-``CausalLM``. ``save_hf``: a kvlab model whose architecture `transformers`
-has a class for becomes such a directory, which
-``AutoModelForCausalLM.from_pretrained`` loads with no remote code. The
-weight layout is the same as ours up to names (our attention keeps
-`transformers`' projection layout and RoPE convention), so one adapter, a
-renaming plus a config translation, serves both directions.
+``CausalLM``. ``save_hf``: a kvlab model becomes a directory that
+``AutoModelForCausalLM.from_pretrained`` loads. Where `transformers` has a
+class for the architecture (attention-only Llama/Mistral/Qwen2 shapes) the
+export is native: the weight layout is the same as ours up to names (our
+attention keeps `transformers`' projection layout and RoPE convention), so
+one adapter, a renaming plus a config translation, serves both directions.
+Every other architecture is exported as remote code: kvlab's own modules,
+flattened into the directory (``remote_code_files``), behind the
+``model_type: kvlab`` classes of ``kvlab.archs.hf_modeling``.
 """
 
 from __future__ import annotations
 
+import ast
+import importlib
+import inspect
 import json
 import os
+import re
 import shutil
+import types
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +66,10 @@ def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     """Translate a Llama-family ``config.json`` into a ModelConfig."""
     model_type = hf.get("model_type")
     if model_type not in FAMILIES:
-        raise ValueError(f"config.json: model_type={model_type!r} is not supported; supported: {', '.join(FAMILIES)}")
+        raise ValueError(
+            f"config.json: model_type={model_type!r} is not supported; supported: {', '.join(FAMILIES)} "
+            "and kvlab (our remote-code exports)"
+        )
     family = FAMILIES[model_type]
     rope = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling") or {}
@@ -163,11 +174,16 @@ def save_hf(
     out_dir: str | Path,
     tokenizer=None,
     *,
+    remote_code: bool | None = None,
     max_shard_bytes: int = 5 * 2**30,
     dtype: torch.dtype | None = None,
 ) -> Path:
     """Write ``model`` as a Hugging Face directory that ``AutoModelForCausalLM.from_pretrained`` loads.
 
+    ``remote_code``: None exports natively where `transformers` has a class
+    for the architecture and as ``model_type: kvlab`` remote code otherwise;
+    True always writes remote code; False raises ValueError (naming what
+    has no native counterpart) instead of writing remote code.
     ``tokenizer``: a ``tokenizers.Tokenizer``, or a path to a tokenizer.json or
     a directory holding one; written with ``tokenizer_config.json`` so
     ``AutoTokenizer.from_pretrained(out_dir)`` works. Weights above
@@ -176,22 +192,65 @@ def save_hf(
     place and renamed, so a failed export never leaves half of one.
     """
     import transformers
-    from safetensors.torch import save_file
 
     from kvlab.archs.convert import fold_kv_merge
 
-    hf = hf_config_from_model(model.config)
     if any(getattr(m, "kv_merge", 1) > 1 for m in model.config.layer_mixers):
         model = fold_kv_merge(model)
+    hf = None
+    if remote_code is not True:
+        try:
+            hf = hf_config_from_model(model.config)
+        except ValueError:
+            if remote_code is False:
+                raise
     out = Path(out_dir).expanduser()
     tmp = out.with_name(out.name + ".partial")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
 
-    state = {kvlab_to_hf_name(k): v.detach().to(dtype or v.dtype).contiguous() for k, v in model.state_dict().items()}
+    state = model.state_dict()
     if model.config.tie_embeddings:
         state.pop("lm_head.weight")
+    rename = kvlab_to_hf_name if hf is not None else REMOTE_PREFIX.__add__
+    _save_weights({rename(k): v.detach().to(dtype or v.dtype).contiguous() for k, v in state.items()}, tmp,
+                  max_shard_bytes)  # fmt: skip
+
+    weights_dtype = str(dtype or model.embed_tokens.weight.dtype).removeprefix("torch.")
+    eos = None
+    if tokenizer is not None:
+        eos = _save_tokenizer(tokenizer, tmp)
+    special = {"eos_token_id": eos, "bos_token_id": None}
+    if hf is not None:
+        config = transformers.AutoConfig.for_model(**hf, dtype=weights_dtype, **special)
+    else:
+        from kvlab.archs.hf_modeling import KvlabConfig
+
+        for name, source in remote_code_files().items():
+            (tmp / name).write_text(source)
+        config = KvlabConfig(
+            kvlab=model.config.to_dict(),
+            architectures=["KvlabForCausalLM"],
+            auto_map={
+                "AutoConfig": "modeling_kvlab.KvlabConfig",
+                "AutoModelForCausalLM": "modeling_kvlab.KvlabForCausalLM",
+            },
+            dtype=weights_dtype,
+            **special,
+        )
+    config.save_pretrained(tmp)
+    transformers.GenerationConfig(**special, pad_token_id=eos).save_pretrained(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def _save_weights(state: dict[str, torch.Tensor], directory: Path, max_shard_bytes: int) -> None:
+    """``model.safetensors``, or shards of at most ``max_shard_bytes`` with an index."""
+    from safetensors.torch import save_file
+
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name in sorted(state):
@@ -202,28 +261,77 @@ def save_hf(
         shards[-1][name] = state[name]
         size += nbytes
     if len(shards) == 1:
-        save_file(shards[0], tmp / "model.safetensors", metadata={"format": "pt"})
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, tmp / file, metadata={"format": "pt"})
-            weight_map.update(dict.fromkeys(shard, file))
-        total = sum(t.numel() * t.element_size() for t in state.values())
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        save_file(shards[0], directory / "model.safetensors", metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, directory / file, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, file))
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
-    weights_dtype = str(dtype or model.embed_tokens.weight.dtype).removeprefix("torch.")
-    eos = None
-    if tokenizer is not None:
-        eos = _save_tokenizer(tokenizer, tmp)
-    config = transformers.AutoConfig.for_model(**hf, dtype=weights_dtype, eos_token_id=eos, bos_token_id=None)
-    config.save_pretrained(tmp)
-    transformers.GenerationConfig(eos_token_id=eos, bos_token_id=None, pad_token_id=eos).save_pretrained(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
+
+# -- remote code ---------------------------------------------------------------
+
+REMOTE_PREFIX = "model."  # KvlabForCausalLM keeps the CausalLM under .model
+REMOTE_ENTRY = "kvlab.archs.hf_modeling"
+
+
+def _remote_file_name(module: str) -> str:
+    if module == REMOTE_ENTRY:
+        return "modeling_kvlab.py"
+    return "kvlab_" + module.removeprefix("kvlab.").replace(".", "_") + ".py"
+
+
+def remote_code_files(entry: str = REMOTE_ENTRY) -> dict[str, str]:
+    """File name -> source of the remote code an export carries.
+
+    ``entry`` (``kvlab.archs.hf_modeling``) and every kvlab module it imports, directly
+    or not (so every registered mixer family), each as one flat file whose
+    ``from kvlab.x import y`` lines become ``from .kvlab_x import y``:
+    `transformers` copies a remote module's relative imports along with it,
+    and nothing needs kvlab installed. Modules must import kvlab names from
+    modules (``from kvlab.layers.attention import Attention``), not modules
+    from packages; anything else is refused here rather than shipped broken.
+    """
+    files: dict[str, str] = {}
+    todo, done = [entry], set()
+    while todo:
+        name = todo.pop()
+        if name in done:
+            continue
+        done.add(name)
+        source = inspect.getsource(importlib.import_module(name))
+        lines = source.splitlines(keepends=True)
+        edits = []
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Import) and any(a.name.split(".")[0] == "kvlab" for a in node.names):
+                raise ValueError(f"{name}, line {node.lineno}: 'import kvlab...' cannot be made relative; use 'from'")
+            if not (isinstance(node, ast.ImportFrom) and node.level == 0 and node.module.split(".")[0] == "kvlab"):
+                continue
+            target = importlib.import_module(node.module)
+            for alias in node.names:
+                if isinstance(getattr(target, alias.name, None), types.ModuleType):
+                    raise ValueError(
+                        f"{name}, line {node.lineno}: 'from {node.module} import {alias.name}' imports a module; "
+                        f"import names from {node.module}.{alias.name} instead"
+                    )
+            names = ", ".join(a.name if a.asname is None else f"{a.name} as {a.asname}" for a in node.names)
+            relative = f"{' ' * node.col_offset}from .{_remote_file_name(node.module)[:-3]} import {names}\n"
+            edits.append((node.lineno, node.end_lineno, relative))
+            todo.append(node.module)
+        for first, last, text in sorted(edits, reverse=True):
+            lines[first - 1 : last] = [text]
+        text = "".join(lines)
+        # transformers finds imports with regexes over the whole text: a stray
+        # kvlab import (in a docstring too) would make loading ask for kvlab.
+        stray = re.search(r"^\s*(from|import)\s+kvlab\b.*$", text, flags=re.MULTILINE)
+        if stray:
+            raise ValueError(f"{name}: {stray.group(0).strip()!r} would make the export import kvlab")
+        files[_remote_file_name(name)] = f"# Written by kvlab from {name}; the export's own copy.\n" + text
+    return files
 
 
 def _save_tokenizer(tokenizer, directory: Path) -> int:
@@ -263,8 +371,13 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32) -> CausalLM:
     config_file = directory / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{directory}: no config.json (is this a Hugging Face model directory?)")
-    cfg = model_config_from_hf(json.loads(config_file.read_text()))
-    state = {hf_to_kvlab_name(k): v for k, v in read_safetensors(directory).items()}
+    hf = json.loads(config_file.read_text())
+    if hf.get("model_type") == "kvlab":  # a remote-code export of ours
+        cfg = ModelConfig.from_dict(hf["kvlab"])
+        state = {k.removeprefix(REMOTE_PREFIX): v for k, v in read_safetensors(directory).items()}
+    else:
+        cfg = model_config_from_hf(hf)
+        state = {hf_to_kvlab_name(k): v for k, v in read_safetensors(directory).items()}
     if cfg.tie_embeddings:
         state.pop("lm_head.weight", None)
     with torch.device("meta"):

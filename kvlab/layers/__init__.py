@@ -3,7 +3,7 @@
 Importing this package registers every mixer family in ``MIXERS``.
 """
 
-from kvlab.layers import attention  # noqa: F401  (registers the "attention" mixer)
+from kvlab.layers.attention import Attention  # noqa: F401  (registers the "attention" mixer)
 from kvlab.layers.base import MIXERS, LayerFootprint, MixerConfig, mixer_config, register_mixer
 from kvlab.layers.mlp import MLPConfig, build_mlp
 from kvlab.layers.norm import NormConfig, build_norm

@@ -13,7 +13,8 @@ and relies on this interface:
   for layers that read it (cross-layer sharing), and ``doc_ids`` [B, T]
   marks packed documents, which must not see each other;
 - ``new_cache_slot(batch_size, max_len, dtype, device)`` -> a slot with
-  ``nbytes()``, ``allocated_bytes()`` and ``reset()``, or ``None``;
+  ``nbytes()``, ``allocated_bytes()``, ``reset()`` and ``reorder(batch_idx)``
+  (beam search), or ``None``;
 - ``kv_footprint(dtype) -> LayerFootprint``, computed from the same shapes
   ``new_cache_slot`` allocates.
 

@@ -46,6 +46,10 @@ class _KVBuffers:
     def allocated_bytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
 
+    def reorder(self, batch_idx: torch.Tensor) -> None:
+        self.k.copy_(self.k.index_select(0, batch_idx.to(self.k.device)))
+        self.v.copy_(self.v.index_select(0, batch_idx.to(self.v.device)))
+
     def reset(self) -> None:
         self.seen = 0
 

@@ -64,13 +64,6 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         raise ConfigError(
             f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's {datamodule.vocab_size} tokens"
         )
-    if "export" in tc.stages:  # an architecture without a native transformers class fails now, not after training
-        from kvlab.archs.hf import hf_config_from_model
-
-        try:
-            hf_config_from_model(model_cfg)
-        except ValueError as e:
-            raise ConfigError(f"stages: export: {e}") from None
     module = LMModule(
         model=model_cfg.to_dict(),
         optim=OmegaConf.to_container(cfg.optim),

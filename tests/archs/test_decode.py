@@ -100,6 +100,20 @@ def test_cache_reset_and_reuse():
     torch.testing.assert_close(first, second)
 
 
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_reordered_cache_continues_the_chosen_rows(name):
+    """Beam search's reorder: row r continues the sequence of row batch_idx[r] (windows past their size)."""
+    model = _model(VARIANTS[name])
+    ids = torch.randint(0, 97, (3, 11))
+    batch_idx = torch.tensor([2, 0, 2])
+    with torch.no_grad():
+        cache = model.new_cache(batch_size=3, max_len=16)
+        model(ids[:, :8], cache=cache)
+        cache.reorder(batch_idx)
+        continued = torch.cat([model(ids[batch_idx, t : t + 1], cache=cache) for t in range(8, 11)], dim=1)
+        assert (continued - model(ids[batch_idx])[:, 8:]).abs().max() <= 1e-5
+
+
 def test_cache_errors_name_the_problem():
     model = _model(VARIANTS["gqa"])
     cache = model.new_cache(batch_size=2, max_len=8)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 
@@ -11,34 +13,57 @@ import torch
 
 from kvlab import build_model
 from kvlab.archs.convert import convert_model
-from kvlab.archs.hf import load_hf, save_hf
+from kvlab.archs.hf import load_hf, remote_code_files, save_hf
 from tests.conftest import PRESETS, preset_dict, tiny
 
 transformers = pytest.importorskip("transformers")
 
 ATTENTION = {"kind": "attention", "n_heads": 4, "n_kv_heads": 2}
-EXPORTABLE = {
+NATIVE = {
     **{name: preset_dict(name) | {"n_layers": 2, "vocab_size": 97, "max_seq_len": 64} for name in PRESETS},
     "llama_bias_tied": tiny(mixer={**ATTENTION, "qkv_bias": True, "o_bias": True}, tie_embeddings=True),
     "mistral_window": tiny(mixer={**ATTENTION, "window": 6}),
     "qwen2_bias": tiny(mixer={**ATTENTION, "qkv_bias": True}),
     "sharded": tiny(),
+    "sharp": tiny(),  # weights scaled up: peaked distributions, so beam search reorders its beams
 }
-EXPECTED_TYPE = {"mistral_window": "mistral", "qwen2_bias": "qwen2"}
+# No native transformers class: exported as model_type kvlab with remote code.
+REMOTE = {
+    "cla_tied": tiny(kv_sharing={"kind": "cla", "every": 2}, tie_embeddings=True),
+    "kv_source": tiny(kv_source=[0, 0, 0, 3]),
+    "partial_rope": tiny(mixer={**ATTENTION, "rope_dims": 8}),
+    "gelu_layernorm": tiny(mlp={"kind": "gelu", "hidden": 96}, norm={"kind": "layernorm"}),
+    "hybrid_window": tiny(  # ring-buffer layers, wrapped around during generation
+        mixer=None,
+        pattern="WWG",
+        mixers={"W": {**ATTENTION, "n_kv_heads": 1, "window": 3}, "G": ATTENTION},
+    ),
+    "sharp_forced": tiny(),  # "sharp" again, with remote_code=True though it has a native class
+}
+EXPORTED = {**NATIVE, **REMOTE}
+EXPECTED_TYPE = {"mistral_window": "mistral", "qwen2_bias": "qwen2", **dict.fromkeys(REMOTE, "kvlab")}
 
-# Run in a fresh interpreter that imports only transformers and torch.
+# Run in a fresh interpreter in which kvlab cannot be imported.
 LOADER = """
-import json, sys, torch, transformers
+import json, sys
+sys.modules["kvlab"] = None
+import torch, transformers
 for name, directory in json.loads(sys.argv[1]).items():
-    model = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
+    remote = json.load(open(directory + "/config.json"))["model_type"] == "kvlab"
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=remote).eval()
     ids = torch.load(directory + "/ids.pt")
     with torch.no_grad():
         result = model(ids, use_cache=True)
         generated = model.generate(ids[:1, :5], max_new_tokens=16, do_sample=False, min_new_tokens=16)
-    keys = result.past_key_values.layers[0].keys
-    torch.save({"logits": result.logits, "generated": generated[0, 5:], "kv_heads": keys.shape[1],
+        beams = model.generate(ids[:1, :5], max_new_tokens=8, min_new_tokens=8, num_beams=4, do_sample=False,
+                               num_return_sequences=4, output_scores=True, return_dict_in_generate=True)
+    cache = result.past_key_values
+    torch.save({"logits": result.logits, "generated": generated[0, 5:], "beams": beams.sequences[:, 5:],
+                "beam_scores": beams.sequences_scores,
+                "kv_heads": None if remote else cache.layers[0].keys.shape[1],
+                "cache_bytes": cache.cache.nbytes() if remote else None,
                 "class": type(model).__name__}, directory + "/theirs.pt")
-assert not any(m.startswith("kvlab") for m in sys.modules)
+assert not [m for m in sys.modules if m.startswith("kvlab") and sys.modules[m] is not None]
 """
 
 
@@ -46,32 +71,48 @@ assert not any(m.startswith("kvlab") for m in sys.modules)
 def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf_export")
     models, dirs = {}, {}
-    for name, spec in EXPORTABLE.items():
+    for name, spec in EXPORTED.items():
         torch.manual_seed(0)
         model = build_model(spec).eval()
         with torch.no_grad():  # biases away from zero, so they are checked too
             for p in model.parameters():
                 p.add_(0.02 * torch.randn_like(p))
+                p.mul_(8 if name.startswith("sharp") else 1)
         out = root / name
-        save_hf(model, out, max_shard_bytes=20_000 if name == "sharded" else 5 * 2**30)
+        save_hf(model, out, max_shard_bytes=20_000 if name == "sharded" else 5 * 2**30,
+                remote_code=True if name.endswith("forced") else None)  # fmt: skip
         torch.save(torch.randint(0, 97, (2, 13)), out / "ids.pt")
         models[name], dirs[name] = model, str(out)
-    subprocess.run([sys.executable, "-c", LOADER, json.dumps(dirs)], check=True, cwd=root, timeout=600)
+    env = {**os.environ, "HF_MODULES_CACHE": str(root / "hf_modules")}  # transformers copies remote code there
+    subprocess.run([sys.executable, "-c", LOADER, json.dumps(dirs)], check=True, cwd=root, env=env, timeout=600)
     return models, dirs
 
 
-@pytest.mark.parametrize("name", list(EXPORTABLE))
-def test_export_loads_natively_and_matches_logits_and_generation(exported, name):
+@pytest.mark.parametrize("name", list(EXPORTED))
+def test_export_loads_and_matches_logits_and_generation(exported, name):
     models, dirs = exported
     model, theirs = models[name], torch.load(f"{dirs[name]}/theirs.pt")
     config = json.loads(open(f"{dirs[name]}/config.json").read())
-    assert config["model_type"] == EXPECTED_TYPE.get(name, "llama") and "auto_map" not in config
+    assert config["model_type"] == EXPECTED_TYPE.get(name, "llama")
+    assert ("auto_map" in config) == (name in REMOTE)
     ids = torch.load(f"{dirs[name]}/ids.pt")
     with torch.no_grad():
         assert (theirs["logits"] - model(ids)).abs().max() <= 1e-4
     ours = model.generate(ids[:1, :5], max_new_tokens=16)[0, 5:]
     assert torch.equal(theirs["generated"], ours)
-    assert theirs["kv_heads"] == model.config.layer_mixers[0].n_kv_heads  # transformers' cache is the GQA one
+    if name in REMOTE:  # generate() ran on our own cache, with our footprint
+        assert theirs["class"] == "KvlabForCausalLM"
+        assert theirs["cache_bytes"] == model.kv_footprint(torch.float32).total_bytes(13, batch_size=2)
+    else:
+        assert theirs["kv_heads"] == model.config.layer_mixers[0].n_kv_heads  # transformers' cache is the GQA one
+
+
+def test_remote_code_beam_search_matches_native(exported):
+    """The same weights through LlamaForCausalLM's cache and through our cache adapter (beams reordered)."""
+    _, dirs = exported
+    native, remote = (torch.load(f"{dirs[name]}/theirs.pt") for name in ("sharp", "sharp_forced"))
+    assert torch.equal(native["beams"], remote["beams"])
+    assert torch.allclose(native["beam_scores"], remote["beam_scores"], atol=1e-5)
 
 
 def test_sharded_export_has_an_index(exported):
@@ -80,15 +121,18 @@ def test_sharded_export_has_an_index(exported):
     assert len(set(index["weight_map"].values())) > 1
 
 
-def test_export_import_export_is_the_identity(tmp_path):
+@pytest.mark.parametrize("remote_code", [False, True], ids=["native", "remote"])
+def test_export_import_export_is_the_identity(tmp_path, remote_code):
     from safetensors.torch import load_file
 
-    model = build_model(tiny(tie_embeddings=True))
-    save_hf(model, tmp_path / "a")
+    spec = tiny(tie_embeddings=True, kv_sharing={"kind": "cla", "every": 2} if remote_code else None)
+    model = build_model(spec)
+    save_hf(model, tmp_path / "a", remote_code=remote_code)
     again = load_hf(tmp_path / "a")
-    save_hf(again, tmp_path / "b")
+    assert again.config == model.config
+    save_hf(again, tmp_path / "b", remote_code=remote_code)
     a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
-    assert a.keys() == b.keys() and "lm_head.weight" not in a
+    assert a.keys() == b.keys() and not any(k.endswith("lm_head.weight") for k in a)
     assert all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
 
@@ -125,8 +169,33 @@ def test_tokenizer_is_written_for_auto_tokenizer(tmp_path):
     ],
     ids=["cla", "partial_rope", "gelu"],
 )
-def test_unexportable_models_say_why_and_write_nothing(tmp_path, spec, reason):
+def test_native_only_export_says_why_and_writes_nothing(tmp_path, spec, reason):
     with pytest.raises(ValueError, match="no native transformers class") as excinfo:
-        save_hf(build_model(spec), tmp_path / "hf")
+        save_hf(build_model(spec), tmp_path / "hf", remote_code=False)
     assert reason in str(excinfo.value)
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    "source,error",
+    [
+        ("from kvlab import archs\n", "imports a module"),
+        ("import kvlab.archs\n", "cannot be made relative"),
+        ('"""Use it so:\n\nfrom kvlab import build_model\n"""\n', "would make the export import kvlab"),
+    ],
+    ids=["module_from_package", "plain_import", "docstring"],
+)
+def test_remote_code_refuses_imports_it_cannot_ship(tmp_path, monkeypatch, source, error):
+    module = f"remote_probe_{abs(hash(source))}"  # one name per case: imports are cached
+    (tmp_path / f"{module}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ValueError, match=error):
+        remote_code_files(module)
+
+
+def test_remote_code_files_import_only_each_other():
+    files = remote_code_files()
+    assert "modeling_kvlab.py" in files and "kvlab_layers_attention.py" in files  # mixers come with the registry
+    for name, text in files.items():
+        for module in re.findall(r"^\s*from \.(\w+) import", text, flags=re.MULTILINE):
+            assert f"{module}.py" in files, f"{name} imports .{module}, which is not shipped"

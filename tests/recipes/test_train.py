@@ -147,10 +147,6 @@ BAD_OVERRIDES = {
     "init source": (["init.from=web"], "init.from='web' is not one of scratch, checkpoint, hf"),
     "init path": (["init.from=hf", "init.path=/nonexistent/model"], "init.path='/nonexistent/model'"),
     "convert from scratch": (["init.convert={to: gqa}"], "init.convert needs init.from=checkpoint or hf"),
-    "unexportable": (
-        ["stages=[train,export]", "+model.kv_sharing={kind: cla, every: 2}"],
-        "stages: export: save_hf: no native transformers class",
-    ),  # fmt: skip
 }
 
 

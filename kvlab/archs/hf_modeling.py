@@ -1,0 +1,140 @@
+"""The `transformers` face of a kvlab model, for exports with no native class.
+
+``kvlab.archs.hf.save_hf`` copies this module into an export as
+``modeling_kvlab.py``, together with every kvlab module it imports
+(flattened, imports made relative), and points ``auto_map`` at the classes
+below. ``AutoModelForCausalLM.from_pretrained(out_dir, trust_remote_code=True)``
+then runs the very code that trained the model, needing only `torch` and
+`transformers`.
+
+- ``KvlabConfig``: a ``PretrainedConfig`` whose ``kvlab`` field is the
+  ModelConfig dict.
+- ``KvlabCache``: a `transformers` ``Cache`` holding a kvlab ``Cache``, so
+  ``generate()`` keeps each mixer's own state (a shared layer's nothing, a
+  window's ring buffer, a recurrent state).
+- ``KvlabForCausalLM``: the ``PreTrainedModel`` around ``CausalLM``
+  (parameters under ``model.``), with loss, ``generate()`` and beam search.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.cache_utils import Cache as HFCache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from kvlab.archs.config import ModelConfig
+from kvlab.archs.model import Block, CausalLM
+
+
+class KvlabConfig(PretrainedConfig):
+    model_type = "kvlab"
+
+    def __init__(self, kvlab: dict | None = None, use_cache: bool = True, **kwargs):
+        self.kvlab = kvlab
+        self.use_cache = use_cache
+        if kvlab is not None:  # the fields transformers' generic code reads
+            cfg = ModelConfig.from_dict(kvlab)
+            kwargs.update(
+                vocab_size=cfg.vocab_size,
+                hidden_size=cfg.d_model,
+                num_hidden_layers=cfg.n_layers,
+                max_position_embeddings=cfg.max_seq_len,
+                tie_word_embeddings=cfg.tie_embeddings,
+            )
+        super().__init__(**kwargs)
+
+
+class KvlabCache(HFCache):
+    """A kvlab ``Cache`` behind `transformers`' Cache interface."""
+
+    is_compileable = False
+
+    def __init__(self, cache):
+        super().__init__(layers=[])
+        self.cache = cache
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.cache.seen
+
+    def get_max_cache_shape(self, layer_idx: int = 0) -> int:
+        return self.cache.max_len
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.cache.reorder(beam_idx)
+
+    def reset(self) -> None:
+        self.cache.reset()
+
+    def __len__(self) -> int:
+        return len(self.cache.slots)
+
+    def __repr__(self) -> str:
+        return f"KvlabCache({self.cache!r})"
+
+
+class KvlabForCausalLM(PreTrainedModel, GenerationMixin):
+    config_class = KvlabConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    _no_split_modules = [Block.__name__]
+
+    def __init__(self, config: KvlabConfig):
+        super().__init__(config)
+        self.model = CausalLM(ModelConfig.from_dict(config.kvlab))
+        if config.tie_word_embeddings:
+            self._tied_weights_keys = {"model.lm_head.weight": "model.embed_tokens.weight"}
+        self.post_init()
+
+    def _init_weights(self, module) -> None:
+        # Weights come from the checkpoint; buffers that are not saved (RoPE
+        # tables) are computed again after loading from the meta device.
+        if hasattr(module, "reset_buffers"):
+            module.reset_buffers()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def get_output_embeddings(self):
+        return self.model.lm_head
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # the cache is a KvlabCache, made by forward on the first step
+
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, **kwargs):
+        if isinstance(past_key_values, KvlabCache):  # feed only the tokens the cache has not seen
+            input_ids = input_ids[:, past_key_values.get_seq_length() :]
+        return {
+            "input_ids": input_ids,
+            "past_key_values": past_key_values,
+            "attention_mask": attention_mask,
+            "use_cache": kwargs.get("use_cache", True),
+        }
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: KvlabCache | None = None,
+        use_cache: bool | None = None,
+        labels: torch.LongTensor | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError("kvlab models take unpadded batches: attention_mask must be all ones")
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if past_key_values is not None and not isinstance(past_key_values, KvlabCache):
+            if past_key_values.get_seq_length() > 0:
+                raise ValueError(f"past_key_values must be a KvlabCache, got {type(past_key_values).__name__}")
+            past_key_values = None  # an empty cache of another kind: start ours instead
+        if past_key_values is None and use_cache:
+            past_key_values = KvlabCache(self.model.new_cache(input_ids.shape[0]))
+        cache = past_key_values.cache if past_key_values is not None else None
+        logits = self.model(input_ids, cache=cache)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values if use_cache else None)
