@@ -38,6 +38,13 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "qwen2": {"qkv_bias": True, "o_bias": False, "window": True},
 }
 
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "deepseek_v3": "DeepseekV3ForCausalLM",
+}
+
 _RENAMES = [  # (transformers, kvlab) name fragments
     ("model.embed_tokens.", "embed_tokens."),
     ("model.norm.", "norm."),
@@ -63,14 +70,13 @@ def kvlab_to_hf_name(name: str) -> str:
 
 
 def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
-    """Translate a Llama-family ``config.json`` into a ModelConfig."""
+    """Translate a Llama-family or dense DeepSeek-V3 ``config.json`` into a ModelConfig."""
     model_type = hf.get("model_type")
-    if model_type not in FAMILIES:
+    if model_type not in FAMILIES and model_type != "deepseek_v3":
         raise ValueError(
-            f"config.json: model_type={model_type!r} is not supported; supported: {', '.join(FAMILIES)} "
-            "and kvlab (our remote-code exports)"
+            f"config.json: model_type={model_type!r} is not supported; supported: {', '.join(FAMILIES)}, "
+            "deepseek_v3 (dense MLP) and kvlab (our remote-code exports)"
         )
-    family = FAMILIES[model_type]
     rope = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
@@ -78,15 +84,27 @@ def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         raise ValueError(f"config.json: rope scaling {rope_type!r} is not supported yet (only plain RoPE)")
     if hf.get("hidden_act", "silu") != "silu":
         raise ValueError(f"config.json: hidden_act={hf['hidden_act']!r} is not supported (SwiGLU needs silu)")
+    rope_theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
     n_heads = hf["num_attention_heads"]
-    window = None
-    if family["window"] and (model_type == "mistral" or hf.get("use_sliding_window")):
-        window = hf.get("sliding_window")
-        if model_type == "qwen2" and hf.get("max_window_layers", 0) < hf["num_hidden_layers"]:
-            raise ValueError("config.json: Qwen2 with sliding windows on only some layers is not supported yet")
-    bias = {
-        k: bool(hf.get("attention_bias", False)) if family[k] is None else family[k] for k in ("qkv_bias", "o_bias")
-    }
+    if model_type == "deepseek_v3":
+        mixer = _mla_from_deepseek_v3(hf, rope_theta)
+    else:
+        family = FAMILIES[model_type]
+        window = None
+        if family["window"] and (model_type == "mistral" or hf.get("use_sliding_window")):
+            window = hf.get("sliding_window")
+            if model_type == "qwen2" and hf.get("max_window_layers", 0) < hf["num_hidden_layers"]:
+                raise ValueError("config.json: Qwen2 with sliding windows on only some layers is not supported yet")
+        bias = {k: bool(hf.get("attention_bias")) if family[k] is None else family[k] for k in ("qkv_bias", "o_bias")}
+        mixer = {
+            "kind": "attention",
+            "n_heads": n_heads,
+            "n_kv_heads": hf.get("num_key_value_heads") or n_heads,
+            "head_dim": hf.get("head_dim") or hf["hidden_size"] // n_heads,
+            "rope_theta": rope_theta,
+            "window": window,
+            **bias,
+        }
     return ModelConfig(
         vocab_size=hf["vocab_size"],
         d_model=hf["hidden_size"],
@@ -95,16 +113,48 @@ def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         norm={"kind": "rmsnorm", "eps": hf.get("rms_norm_eps", 1e-6)},
         mlp={"kind": "swiglu", "hidden": hf["intermediate_size"]},
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        mixer={
-            "kind": "attention",
-            "n_heads": n_heads,
-            "n_kv_heads": hf.get("num_key_value_heads") or n_heads,
-            "head_dim": hf.get("head_dim") or hf["hidden_size"] // n_heads,
-            "rope_theta": float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
-            "window": window,
-            **bias,
-        },
+        mixer=mixer,
     )
+
+
+def _mla_from_deepseek_v3(hf: dict[str, Any], rope_theta: float) -> dict[str, Any]:
+    if hf.get("first_k_dense_replace", 0) < hf["num_hidden_layers"]:
+        raise ValueError(
+            f"config.json: DeepSeek-V3 with mixture-of-experts layers (first_k_dense_replace="
+            f"{hf.get('first_k_dense_replace')} < num_hidden_layers={hf['num_hidden_layers']}) is not supported; "
+            "only dense-MLP models are"
+        )
+    if hf["qk_nope_head_dim"] != hf["v_head_dim"]:
+        raise ValueError(
+            f"config.json: qk_nope_head_dim={hf['qk_nope_head_dim']} differs from v_head_dim={hf['v_head_dim']}; "
+            "kvlab's MLA uses one head_dim for both"
+        )
+    if hf.get("attention_bias"):
+        raise ValueError("config.json: attention_bias=true is not supported for MLA")
+    return {
+        "kind": "mla",
+        "n_heads": hf["num_attention_heads"],
+        "head_dim": hf["qk_nope_head_dim"],
+        "rope_head_dim": hf["qk_rope_head_dim"],
+        "kv_lora_rank": hf["kv_lora_rank"],
+        "q_lora_rank": hf.get("q_lora_rank"),
+        "rope_theta": rope_theta,
+        "norm_eps": hf.get("rms_norm_eps", 1e-6),
+    }
+
+
+def _deinterleave_rope(state: dict[str, torch.Tensor], cfg: ModelConfig) -> None:
+    """DeepSeek checkpoints rotate neighbouring channel pairs (``rope_interleave``); we rotate
+    (i, i + d/2) pairs. Reordering the RoPE output rows of the query and key projections to
+    [even channels, odd channels] turns one into the other exactly (q.k is unchanged)."""
+    for i, m in enumerate(cfg.layer_mixers):
+        D, R, r = m.head_dim, m.rope_head_dim, m.kv_lora_rank
+        perm = torch.cat([torch.arange(0, R, 2), torch.arange(1, R, 2)])
+        q_name = f"layers.{i}.mixer.{'q_proj' if m.q_lora_rank is None else 'q_b_proj'}.weight"
+        q = state[q_name].view(m.n_heads, D + R, -1)
+        state[q_name] = torch.cat([q[:, :D], q[:, D:][:, perm]], dim=1).reshape(m.n_heads * (D + R), -1)
+        kv_name = f"layers.{i}.mixer.kv_a_proj_with_mqa.weight"
+        state[kv_name] = torch.cat([state[kv_name][:r], state[kv_name][r:][perm]])
 
 
 def hf_config_from_model(cfg: ModelConfig) -> dict[str, Any]:
@@ -117,16 +167,20 @@ def hf_config_from_model(cfg: ModelConfig) -> dict[str, Any]:
     problems = []
     if any(x != m for x in mixers[1:]):
         problems.append("layers with different mixers")
-    if m.kind != "attention":
+    if m.kind not in ("attention", "mla"):
         problems.append(f"mixer kind {m.kind!r}")
-    elif m.rope_dims != m.head_dim:
+    elif m.kind == "attention" and m.rope_dims != m.head_dim:
         problems.append(f"partial RoPE (rope_dims={m.rope_dims} of head_dim={m.head_dim})")
+    elif m.kind == "mla" and m.norm_eps != cfg.norm.eps:
+        problems.append(f"MLA norm_eps={m.norm_eps} differs from norm.eps={cfg.norm.eps} (DeepSeek-V3 has one eps)")
     if any(src != i for i, src in enumerate(cfg.layer_kv_source)):
         problems.append("cross-layer K/V sharing")
     if cfg.norm.kind != "rmsnorm" or cfg.mlp.kind != "swiglu":
-        problems.append(f"norm {cfg.norm.kind!r} / mlp {cfg.mlp.kind!r} (Llama needs rmsnorm / swiglu)")
+        problems.append(f"norm {cfg.norm.kind!r} / mlp {cfg.mlp.kind!r} (Llama and DeepSeek-V3 need rmsnorm / swiglu)")
     if not problems:
-        if m.window is not None and m.qkv_bias and not m.o_bias:
+        if m.kind == "mla":
+            model_type = "deepseek_v3"
+        elif m.window is not None and m.qkv_bias and not m.o_bias:
             model_type = "qwen2"
         elif m.window is not None and not m.qkv_bias and not m.o_bias:
             model_type = "mistral"
@@ -139,26 +193,28 @@ def hf_config_from_model(cfg: ModelConfig) -> dict[str, Any]:
     if problems:
         raise ValueError(
             "save_hf: no native transformers class for this model (" + "; ".join(problems) + "); "
-            "native export covers attention-only Llama/Mistral/Qwen2 shapes"
+            "native export covers attention-only Llama/Mistral/Qwen2 shapes and MLA as dense DeepSeek-V3"
         )
     hf: dict[str, Any] = {
         "model_type": model_type,
-        "architectures": [
-            {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}[model_type]
-        ],  # fmt: skip
+        "architectures": [ARCHITECTURES[model_type]],
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.d_model,
         "intermediate_size": cfg.mlp.hidden,
         "num_hidden_layers": cfg.n_layers,
         "num_attention_heads": m.n_heads,
-        "num_key_value_heads": m.n_kv_heads,
-        "head_dim": m.head_dim,
         "max_position_embeddings": cfg.max_seq_len,
         "rms_norm_eps": cfg.norm.eps,
         "rope_theta": m.rope_theta,
         "hidden_act": "silu",
         "tie_word_embeddings": cfg.tie_embeddings,
     }
+    if model_type == "deepseek_v3":  # every layer dense (no experts), RoPE pairs as ours
+        hf.update(num_key_value_heads=m.n_heads, first_k_dense_replace=cfg.n_layers, q_lora_rank=m.q_lora_rank,
+                  kv_lora_rank=m.kv_lora_rank, qk_nope_head_dim=m.head_dim, qk_rope_head_dim=m.rope_head_dim,
+                  v_head_dim=m.head_dim, rope_interleave=False, attention_bias=False)  # fmt: skip
+        return hf
+    hf.update(num_key_value_heads=m.n_kv_heads, head_dim=m.head_dim)
     if model_type == "llama":
         hf["attention_bias"] = m.qkv_bias
     elif model_type == "mistral":
@@ -378,6 +434,8 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32) -> CausalLM:
     else:
         cfg = model_config_from_hf(hf)
         state = {hf_to_kvlab_name(k): v for k, v in read_safetensors(directory).items()}
+        if hf["model_type"] == "deepseek_v3" and hf.get("rope_interleave", True):
+            _deinterleave_rope(state, cfg)
     if cfg.tie_embeddings:
         state.pop("lm_head.weight", None)
     with torch.device("meta"):

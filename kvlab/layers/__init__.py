@@ -3,8 +3,10 @@
 Importing this package registers every mixer family in ``MIXERS``.
 """
 
-from kvlab.layers.attention import Attention  # noqa: F401  (registers the "attention" mixer)
+# Importing a family registers its mixer kind.
+from kvlab.layers.attention import Attention  # noqa: F401
 from kvlab.layers.base import MIXERS, LayerFootprint, MixerConfig, mixer_config, register_mixer
+from kvlab.layers.mla import MLA  # noqa: F401
 from kvlab.layers.mlp import MLPConfig, build_mlp
 from kvlab.layers.norm import NormConfig, build_norm
 

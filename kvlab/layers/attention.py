@@ -32,9 +32,10 @@ from torch import nn
 
 from kvlab._config import check_bool, check_float, check_int
 from kvlab.kernels.attention import attention, document_mask, position_mask
-from kvlab.kernels.rope import apply_rope, rope_tables
+from kvlab.kernels.rope import apply_rope
 from kvlab.layers.base import LayerFootprint, MixerConfig, register_mixer
 from kvlab.layers.kv_cache import KVView, RingKV, StaticKV
+from kvlab.layers.rope import Rotary
 
 
 @dataclass
@@ -100,7 +101,6 @@ class Attention(nn.Module):
         self.layer_idx, self.kv_source = layer_idx, kv_source
         self.owns_kv = kv_source == layer_idx
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.max_seq_len = max_seq_len
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
         self.q_proj = nn.Linear(d_model, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
         if self.owns_kv:
@@ -112,9 +112,7 @@ class Attention(nn.Module):
                 self.v_merge = nn.Parameter(torch.empty(cfg.n_kv_heads * cfg.kv_merge))
                 self.reset_parameters()
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, d_model, bias=cfg.o_bias)
-        self.register_buffer("rope_cos", torch.empty(max_seq_len, cfg.rope_dims), persistent=False)
-        self.register_buffer("rope_sin", torch.empty(max_seq_len, cfg.rope_dims), persistent=False)
-        self.reset_buffers()
+        self.rotary = Rotary(cfg.rope_dims, cfg.rope_theta, max_seq_len)
 
     def reset_parameters(self) -> None:
         """WGQA merge weights start as mean pooling."""
@@ -123,14 +121,6 @@ class Attention(nn.Module):
                 self.k_merge.fill_(1.0 / self.cfg.kv_merge)
                 self.v_merge.fill_(1.0 / self.cfg.kv_merge)
 
-    def reset_buffers(self) -> None:
-        """(Re)compute the RoPE tables; needed after building on the meta device."""
-        if self.rope_cos.is_meta:
-            return
-        cos, sin = rope_tables(self.cfg.rope_dims, self.cfg.rope_theta, self.max_seq_len, device=self.rope_cos.device)
-        self.rope_cos.copy_(cos)
-        self.rope_sin.copy_(sin)
-
     # -- forward ------------------------------------------------------------
 
     def forward(self, x, *, cache=None, positions=None, shared_kv=None, doc_ids=None):
@@ -138,7 +128,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         if self.owns_kv:
             start = cache.seen if cache is not None else 0
-            cos, sin = self._rope(start, T, positions)
+            cos, sin = self.rotary(start, T, positions)
             k, v = self._kv_heads(self.k_proj(x), "k"), self._kv_heads(self.v_proj(x), "v")
             k = apply_rope(k, cos, sin)
             view = cache.update(k, v) if cache is not None else KVView(k, v, 0)
@@ -150,7 +140,7 @@ class Attention(nn.Module):
                     f"layer {self.layer_idx} reads the K/V of layer {self.kv_source}, which produced none this step"
                 )
             view = shared_kv[self.kv_source]
-            cos, sin = self._rope(view.start, T, positions)
+            cos, sin = self.rotary(view.start, T, positions)
         q = apply_rope(q, cos, sin)
         y = self._attend(q, view, doc_ids)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
@@ -163,13 +153,6 @@ class Attention(nn.Module):
         heads = projected.view(B, T, self.n_kv_heads, self.cfg.kv_merge, self.head_dim)
         weights = getattr(self, f"{which}_merge").view(self.n_kv_heads, self.cfg.kv_merge, 1)
         return (heads * weights).sum(dim=3).transpose(1, 2)
-
-    def _rope(self, start: int, T: int, positions):
-        if positions is not None:
-            return self.rope_cos[positions], self.rope_sin[positions]
-        if start + T > self.max_seq_len:
-            raise ValueError(f"position {start + T - 1} is beyond max_seq_len={self.max_seq_len}")
-        return self.rope_cos[start : start + T], self.rope_sin[start : start + T]
 
     def _attend(self, q: torch.Tensor, view: KVView, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Attention of the step's queries over ``view``, with the cheapest correct mask."""

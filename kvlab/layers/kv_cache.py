@@ -2,7 +2,8 @@
 
 ``StaticKV`` holds every position up to ``max_len``; ``RingKV`` holds the
 last ``window`` positions in a ring buffer, so a sliding-window layer never
-stores more than its window. Both allocate once and write new keys in place,
+stores more than its window; ``LatentKV`` holds one vector per position
+(MLA's compressed latent and RoPE key) that every head reads. Both allocate once and write new keys in place,
 so decoding allocates no cache memory. Keys are stored after RoPE.
 
 ``update(k_new, v_new)`` writes the step's K/V and returns a ``KVView``: the
@@ -103,3 +104,36 @@ class RingKV(_KVBuffers):
 
     def nbytes(self) -> int:
         return self.bytes_per_position * min(self.seen, self.length)
+
+
+class LatentKV:
+    """One ``width``-wide vector per position, shared by all heads (MLA), up to ``max_len``.
+
+    ``update(new)`` takes [B, T, width] and returns every held position,
+    [B, S, width], a view of the buffer.
+    """
+
+    def __init__(self, batch_size: int, length: int, width: int, *, dtype, device):
+        self.latent = torch.zeros(batch_size, length, width, dtype=dtype, device=device)
+        self.length = length
+        self.seen = 0
+
+    def update(self, new: torch.Tensor) -> torch.Tensor:
+        start, t = self.seen, new.shape[1]
+        if start + t > self.length:
+            raise ValueError(f"cache is full: {start} tokens held + {t} new > max_len={self.length}")
+        self.latent[:, start : start + t].copy_(new)
+        self.seen = start + t
+        return self.latent[:, : self.seen]
+
+    def nbytes(self) -> int:
+        return self.latent[:, : self.seen].nbytes
+
+    def allocated_bytes(self) -> int:
+        return self.latent.nbytes
+
+    def reorder(self, batch_idx: torch.Tensor) -> None:
+        self.latent.copy_(self.latent.index_select(0, batch_idx.to(self.latent.device)))
+
+    def reset(self) -> None:
+        self.seen = 0

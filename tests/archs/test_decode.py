@@ -19,6 +19,18 @@ VARIANTS = {
         kv_sharing={"kind": "cla", "every": 2},
     ),  # fmt: skip
     "kv_source": tiny(kv_source=[0, 0, 0, 3]),
+    "mla": tiny(mixer={"kind": "mla", "n_heads": 4, "head_dim": 16, "rope_head_dim": 8, "kv_lora_rank": 24}),
+    "mla_q_lora": tiny(
+        mixer={"kind": "mla", "n_heads": 4, "head_dim": 16, "rope_head_dim": 8, "kv_lora_rank": 24, "q_lora_rank": 32}
+    ),
+    "hybrid_mla_window": tiny(
+        mixer=None,
+        pattern="MW",
+        mixers={
+            "M": {"kind": "mla", "n_heads": 4, "head_dim": 16, "rope_head_dim": 8, "kv_lora_rank": 24},
+            "W": {"kind": "attention", "n_heads": 4, "n_kv_heads": 1, "window": 3},
+        },
+    ),
     "hybrid_window": tiny(
         mixer=None,
         pattern="WWG",

@@ -80,6 +80,24 @@ def test_footprint_reproduces_deepseek_v2_mha_row():
     assert fp.bytes_per_token // torch.bfloat16.itemsize == 110_592
 
 
+@pytest.mark.parametrize("n_layers,elements", [(1, 576), (27, 15_552), (60, 34_560)])
+def test_footprint_reproduces_deepseek_v2_mla_row(n_layers, elements):
+    # DeepSeek-V2 Table 9: MLA with d_c = 512, d_R = 64 caches (d_c + d_R) elements per token and layer,
+    # however many heads (here DeepSeek-V2's 128 heads of 128).
+    mla = {
+        "kind": "mla",
+        "n_heads": 128,
+        "head_dim": 128,
+        "rope_head_dim": 64,
+        "kv_lora_rank": 512,
+        "q_lora_rank": 1536,
+    }
+    cfg = ModelConfig(vocab_size=32000, d_model=5120, n_layers=n_layers, max_seq_len=4096, mixer=mla)
+    with torch.device("meta"):
+        model = build_model(cfg)
+    assert model.kv_footprint(torch.bfloat16).bytes_per_token == elements * 2
+
+
 def test_meta_device_builds_a_7b_config_without_allocating():
     # Llama-2-7B shapes: 32 layers, 32 heads of 128, MHA: 512 KiB per token in 16-bit.
     cfg = ModelConfig(
@@ -109,7 +127,7 @@ def test_meta_model_materialises_with_to_empty(name):
     reference = build_model(cfg)
     ids = torch.randint(0, 97, (1, 9))
     # Same RoPE tables and a finite forward after materialising.
-    torch.testing.assert_close(model.layers[0].mixer.rope_cos, reference.layers[0].mixer.rope_cos)
+    torch.testing.assert_close(model.layers[0].mixer.rotary.cos, reference.layers[0].mixer.rotary.cos)
     assert torch.isfinite(model(ids)).all()
     if cfg.tie_embeddings:  # to_empty unties; init_weights ties again
         assert model.lm_head.weight is model.embed_tokens.weight

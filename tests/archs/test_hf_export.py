@@ -25,6 +25,9 @@ NATIVE = {
     "mistral_window": tiny(mixer={**ATTENTION, "window": 6}),
     "qwen2_bias": tiny(mixer={**ATTENTION, "qkv_bias": True}),
     "sharded": tiny(),
+    "mla_q_lora": tiny(
+        mixer={"kind": "mla", "n_heads": 4, "head_dim": 16, "rope_head_dim": 8, "kv_lora_rank": 24, "q_lora_rank": 32}
+    ),
     "sharp": tiny(),  # weights scaled up: peaked distributions, so beam search reorders its beams
 }
 # No native transformers class: exported as model_type kvlab with remote code.
@@ -33,6 +36,7 @@ REMOTE = {
     "kv_source": tiny(kv_source=[0, 0, 0, 3]),
     "partial_rope": tiny(mixer={**ATTENTION, "rope_dims": 8}),
     "gelu_layernorm": tiny(mlp={"kind": "gelu", "hidden": 96}, norm={"kind": "layernorm"}),
+    "hybrid_mla_gqa": tiny(mixer=None, pattern="MA", mixers={"M": preset_dict("mla")["mixer"], "A": ATTENTION}),
     "hybrid_window": tiny(  # ring-buffer layers, wrapped around during generation
         mixer=None,
         pattern="WWG",
@@ -41,7 +45,8 @@ REMOTE = {
     "sharp_forced": tiny(),  # "sharp" again, with remote_code=True though it has a native class
 }
 EXPORTED = {**NATIVE, **REMOTE}
-EXPECTED_TYPE = {"mistral_window": "mistral", "qwen2_bias": "qwen2", **dict.fromkeys(REMOTE, "kvlab")}
+EXPECTED_TYPE = {"mistral_window": "mistral", "qwen2_bias": "qwen2", "mla": "deepseek_v3", "mla_q_lora": "deepseek_v3",
+                 **dict.fromkeys(REMOTE, "kvlab")}  # fmt: skip
 
 # Run in a fresh interpreter in which kvlab cannot be imported.
 LOADER = """
@@ -60,7 +65,7 @@ for name, directory in json.loads(sys.argv[1]).items():
     cache = result.past_key_values
     torch.save({"logits": result.logits, "generated": generated[0, 5:], "beams": beams.sequences[:, 5:],
                 "beam_scores": beams.sequences_scores,
-                "kv_heads": None if remote else cache.layers[0].keys.shape[1],
+                "cache_shape": None if remote else tuple(cache.layers[0].keys.shape),
                 "cache_bytes": cache.cache.nbytes() if remote else None,
                 "class": type(model).__name__}, directory + "/theirs.pt")
 assert not [m for m in sys.modules if m.startswith("kvlab") and sys.modules[m] is not None]
@@ -103,8 +108,10 @@ def test_export_loads_and_matches_logits_and_generation(exported, name):
     if name in REMOTE:  # generate() ran on our own cache, with our footprint
         assert theirs["class"] == "KvlabForCausalLM"
         assert theirs["cache_bytes"] == model.kv_footprint(torch.float32).total_bytes(13, batch_size=2)
-    else:
-        assert theirs["kv_heads"] == model.config.layer_mixers[0].n_kv_heads  # transformers' cache is the GQA one
+    elif (m := model.config.layer_mixers[0]).kind == "mla":  # transformers caches the latent too, one "head"
+        assert theirs["cache_shape"][1::2] == (1, m.kv_lora_rank)
+    else:  # transformers' cache is the GQA one
+        assert theirs["cache_shape"][1::2] == (m.n_kv_heads, m.head_dim)  # [B, heads, positions, head_dim]
 
 
 def test_remote_code_beam_search_matches_native(exported):

@@ -1,4 +1,4 @@
-"""load_hf: logits equal `transformers` on the same tokens for Llama-family directories."""
+"""load_hf: logits equal `transformers` on the same tokens for Llama-family and dense DeepSeek-V3 directories."""
 
 import json
 
@@ -19,7 +19,14 @@ CASES = {
     "mistral-window": (transformers.MistralConfig, dict(num_key_value_heads=2, sliding_window=5)),
     "qwen2-bias": (transformers.Qwen2Config, dict(num_key_value_heads=2)),
     "smollm-style": (transformers.LlamaConfig, dict(num_key_value_heads=1, head_dim=32, tie_word_embeddings=True)),
-}
+    # MLA; DeepSeek's own checkpoints rotate neighbouring RoPE channels (rope_interleave), which import reorders
+    **{
+        f"deepseek-v3-{name}": (transformers.DeepseekV3Config, dict(
+            num_key_value_heads=4, first_k_dense_replace=3, kv_lora_rank=32, qk_nope_head_dim=16,
+            qk_rope_head_dim=8, v_head_dim=16, q_lora_rank=q_lora_rank, rope_interleave=interleave))
+        for name, q_lora_rank, interleave in [("interleaved", None, True), ("q-lora", 24, False)]
+    },
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -42,6 +49,8 @@ def test_import_matches_transformers(tmp_path, case, sharded):
     assert (got - want).abs().max() <= 1e-4
     if "window" in case:
         assert ours.config.mixer.window == 5
+    if "deepseek" in case:
+        assert ours.config.mixer.kind == "mla" and ours.config.mixer.kv_lora_rank == 32
 
 
 def test_names_round_trip():
@@ -56,6 +65,10 @@ def test_unsupported_and_missing_are_named(tmp_path):
         load_hf(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(ValueError, match="model_type='gpt2' is not supported; supported: llama, mistral, qwen2"):
+        load_hf(tmp_path)
+    moe = transformers.DeepseekV3Config(**COMMON, first_k_dense_replace=1).to_dict()
+    (tmp_path / "config.json").write_text(json.dumps(moe))
+    with pytest.raises(ValueError, match="mixture-of-experts layers"):
         load_hf(tmp_path)
     cfg = transformers.LlamaConfig(**COMMON).to_dict()
     (tmp_path / "config.json").write_text(json.dumps(cfg))

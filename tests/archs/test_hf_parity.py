@@ -1,4 +1,4 @@
-"""Parity with `transformers` Llama at the same weights: pins RoPE and weight layout."""
+"""Parity with `transformers` (Llama; DeepSeek-V3 for MLA) at the same weights: pins RoPE and weight layouts."""
 
 import re
 
@@ -55,5 +55,53 @@ def test_logits_match_llama(n_kv_heads, tied):
         got = ours(ids)
     assert (got - want).abs().max() <= 1e-4
     with torch.no_grad():
+        hf_greedy = hf.generate(ids[:, :5], max_new_tokens=10, do_sample=False, pad_token_id=0)
+    assert torch.equal(ours.generate(ids[:, :5], max_new_tokens=10), hf_greedy)
+
+
+@pytest.mark.parametrize("q_lora_rank", [None, 24])
+def test_mla_logits_match_deepseek_v3(q_lora_rank):
+    """Dense-MLP DeepseekV3 (every layer below first_k_dense_replace), RoPE not interleaved."""
+    hf_cfg = transformers.DeepseekV3Config(
+        vocab_size=101,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=3,
+        first_k_dense_replace=3,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        q_lora_rank=q_lora_rank,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        rope_interleave=False,
+        max_position_embeddings=128,
+        rope_theta=5000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+    )
+    hf = transformers.DeepseekV3ForCausalLM(hf_cfg).eval()
+    mla = {"kind": "mla", "n_heads": 4, "head_dim": 16, "rope_head_dim": 8, "kv_lora_rank": 32,
+           "q_lora_rank": q_lora_rank, "rope_theta": 5000.0, "norm_eps": 1e-6}  # fmt: skip
+    ours = build_model(
+        dict(
+            vocab_size=101,
+            d_model=64,
+            n_layers=3,
+            max_seq_len=128,
+            norm={"kind": "rmsnorm", "eps": 1e-6},
+            mlp={"kind": "swiglu", "hidden": 160},
+            mixer=mla,
+        )  # fmt: skip
+    ).eval()
+    with torch.no_grad():  # norms away from 1, so their placement is checked too
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    ours.load_state_dict({_to_kvlab_name(k): v for k, v in hf.state_dict().items()})
+    ids = torch.randint(0, 101, (2, 37))
+    with torch.no_grad():
+        assert (ours(ids) - hf(ids).logits).abs().max() <= 1e-4
         hf_greedy = hf.generate(ids[:, :5], max_new_tokens=10, do_sample=False, pad_token_id=0)
     assert torch.equal(ours.generate(ids[:, :5], max_new_tokens=10), hf_greedy)

@@ -125,13 +125,13 @@ def test_resume_auto_continues_a_killed_run(tmp_path, data_cache):
 
 
 def test_multirun_sweeps_presets(tmp_path, data_cache):
-    train(tmp_path, data_cache, "-m", "model=mha,gqa,mqa", "trainer.max_steps=3", "model.vocab_size=512",
+    train(tmp_path, data_cache, "-m", "model=mha,gqa,mqa,mla", "trainer.max_steps=3", "model.vocab_size=512",
           "trainer.limit_val_batches=1", tiny_model=False)  # fmt: skip
     (sweep,) = run_dirs(tmp_path, "train")
     metrics = {d.name: json.loads((d / "metrics.json").read_text()) for d in sweep.iterdir() if d.is_dir()}
-    assert sorted(metrics) == ["0-mha", "1-gqa", "2-mqa"]
-    per_token = [metrics[n]["kv_bytes_per_token"] for n in ["0-mha", "1-gqa", "2-mqa"]]
-    assert per_token == [6 * 2 * h * 32 * 2 for h in (8, 2, 1)]
+    assert sorted(metrics) == ["0-mha", "1-gqa", "2-mqa", "3-mla"]
+    per_token = [metrics[n]["kv_bytes_per_token"] for n in ["0-mha", "1-gqa", "2-mqa", "3-mla"]]
+    assert per_token == [6 * 2 * h * 32 * 2 for h in (8, 2, 1)] + [6 * (128 + 16) * 2]  # MLA: latent + RoPE key
 
 
 BAD_OVERRIDES = {

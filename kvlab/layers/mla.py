@@ -1,0 +1,167 @@
+"""Multi-head latent attention (MLA): DeepSeek-V2 (DeepSeek-AI 2024), section 2.1.
+
+Keys and values of every head are decompressed from one small latent per
+token, and only the latent is cached (eqs. 9-18, per token t, head i):
+
+    c_t     = RMSNorm(W_DKV h_t)                     kv_lora_rank channels  (9)
+    k^C_t,i = W_UK,i c_t,   v_t,i = W_UV,i c_t       head_dim each          (10, 11)
+    k^R_t   = RoPE(W_KR h_t)                         rope_head_dim, shared by all heads (14)
+    c^Q_t   = RMSNorm(W_DQ h_t) if q_lora_rank else h_t                     (12)
+    q^C_t,i = W_UQ,i c^Q_t,   q^R_t,i = RoPE(W_QR,i c^Q_t)                  (13, 15)
+    o_t,i   = sum_j softmax_j([q^C; q^R]_t,i . [k^C; k^R]_j,i / sqrt(head_dim + rope_head_dim)) v_j,i
+
+The cache holds ``[c_t; k^R_t]``: ``kv_lora_rank + rope_head_dim`` elements
+per token and layer, whatever the number of heads (DeepSeek-V2: 512 + 64).
+
+Two ways to compute the same attention:
+- expanded (training, the first prefill): K/V of every head are
+  decompressed and attended to as in MHA;
+- absorbed (decoding from a cache): W_UK,i is folded into the query side,
+  q_i^T W_UK,i c_j = (W_UK,i^T q_i)^T c_j, and W_UV,i into the output,
+  sum_j p_j W_UV,i c_j = W_UV,i sum_j p_j c_j, so every head attends
+  straight over the cached latents, one shared K/V head of width
+  ``kv_lora_rank + rope_head_dim`` whose values are its first
+  ``kv_lora_rank`` channels. Nothing is decompressed per step.
+
+Parameter names and layouts are `transformers`' DeepseekV3Attention (with
+``rope_interleave: false``): ``q_proj`` (or ``q_a_proj``, ``q_a_layernorm``,
+``q_b_proj``) giving per head ``[q^C; q^R]``; ``kv_a_proj_with_mqa`` giving
+``[c; k^R]`` before the norm; ``kv_a_layernorm``; ``kv_b_proj`` giving per
+head ``[k^C; v]``; ``o_proj``. Export to DeepseekV3 is a renaming.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kvlab._config import check_float, check_int
+from kvlab.kernels.attention import attention, document_mask, position_mask
+from kvlab.kernels.rope import apply_rope
+from kvlab.layers.base import LayerFootprint, MixerConfig, register_mixer
+from kvlab.layers.kv_cache import LatentKV
+from kvlab.layers.norm import RMSNorm
+from kvlab.layers.rope import Rotary
+
+
+@dataclass
+class MLAConfig(MixerConfig):
+    kind = "mla"
+    n_heads: int = 8
+    head_dim: int | None = None  # per head: no-RoPE query/key channels, and value channels; None: d_model // n_heads
+    rope_head_dim: int | None = None  # decoupled RoPE channels of queries and the shared key; None: head_dim // 2
+    kv_lora_rank: int | None = None  # latent width; None: 4 * head_dim (DeepSeek-V2's 512 for 128)
+    q_lora_rank: int | None = None  # None: queries are not compressed
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5  # of the latent RMSNorms
+
+    def validate(self, d_model: int, path: str) -> None:
+        check_int(self.n_heads, f"{path}.n_heads", minimum=1)
+        check_int(self.head_dim, f"{path}.head_dim", minimum=1, optional=True)
+        check_int(self.rope_head_dim, f"{path}.rope_head_dim", minimum=2, optional=True)
+        check_int(self.kv_lora_rank, f"{path}.kv_lora_rank", minimum=1, optional=True)
+        check_int(self.q_lora_rank, f"{path}.q_lora_rank", minimum=1, optional=True)
+        check_float(self.rope_theta, f"{path}.rope_theta", positive=True)
+        check_float(self.norm_eps, f"{path}.norm_eps", positive=True)
+        if self.head_dim is None:
+            if d_model % self.n_heads:
+                raise ValueError(
+                    f"d_model={d_model} is not divisible by {path}.n_heads={self.n_heads}; "
+                    f"set {path}.head_dim explicitly or choose n_heads dividing d_model"
+                )
+            self.head_dim = d_model // self.n_heads
+        if self.rope_head_dim is None:
+            self.rope_head_dim = max(2, self.head_dim // 4 * 2)
+        if self.rope_head_dim % 2:
+            raise ValueError(f"{path}.rope_head_dim={self.rope_head_dim} must be even (RoPE rotates pairs)")
+        if self.kv_lora_rank is None:
+            self.kv_lora_rank = 4 * self.head_dim
+
+
+@register_mixer
+class MLA(nn.Module):
+    Config = MLAConfig
+
+    def __init__(self, cfg: MLAConfig, *, d_model: int, layer_idx: int, kv_source: int, max_seq_len: int):
+        super().__init__()
+        if kv_source != layer_idx:  # config validation refuses this first (kv_compatible)
+            raise ValueError(f"layer {layer_idx}: MLA does not read another layer's latent")
+        self.cfg = cfg
+        self.n_heads, self.head_dim, self.rope_head_dim = cfg.n_heads, cfg.head_dim, cfg.rope_head_dim
+        self.kv_lora_rank = cfg.kv_lora_rank
+        self.scale = 1.0 / math.sqrt(cfg.head_dim + cfg.rope_head_dim)
+        q_width = cfg.n_heads * (cfg.head_dim + cfg.rope_head_dim)
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(d_model, q_width, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(d_model, cfg.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, q_width, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(d_model, cfg.kv_lora_rank + cfg.rope_head_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.norm_eps)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, cfg.n_heads * 2 * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, d_model, bias=False)
+        self.rotary = Rotary(cfg.rope_head_dim, cfg.rope_theta, max_seq_len)
+
+    # -- forward ------------------------------------------------------------
+
+    def forward(self, x, *, cache=None, positions=None, shared_kv=None, doc_ids=None):
+        B, T, _ = x.shape
+        H, D, R = self.n_heads, self.head_dim, self.rope_head_dim
+        if self.cfg.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q_nope, q_rope = q.view(B, T, H, D + R).transpose(1, 2).split([D, R], dim=-1)
+        c, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, R], dim=-1)
+        start = cache.seen if cache is not None else 0
+        cos, sin = self.rotary(start, T, positions)
+        q_rope = apply_rope(q_rope, cos, sin)
+        k_rope = apply_rope(k_rope[:, None], cos, sin)[:, 0]
+        latent = torch.cat([self.kv_a_layernorm(c), k_rope], dim=-1)  # [B, T, kv_lora_rank + R]: what is cached
+        if cache is None:
+            y = self._expanded(q_nope, q_rope, latent, mask=document_mask(doc_ids) if doc_ids is not None else None)
+        elif start == 0:  # prefill: the latents are this step's own
+            y = self._expanded(q_nope, q_rope, cache.update(latent))
+        else:
+            held = cache.update(latent)
+            mask = None
+            if T > 1:
+                q_pos = torch.arange(start, start + T, device=x.device)
+                mask = position_mask(q_pos, torch.arange(start + T, device=x.device))
+            y = self._absorbed(q_nope, q_rope, held, mask)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * D))
+
+    def _up_projections(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_UK and W_UV, each [n_heads, head_dim, kv_lora_rank]."""
+        w = self.kv_b_proj.weight.view(self.n_heads, 2 * self.head_dim, self.kv_lora_rank)
+        return w[:, : self.head_dim], w[:, self.head_dim :]
+
+    def _expanded(self, q_nope, q_rope, latent, mask=None) -> torch.Tensor:
+        """Decompress K/V of every head from ``latent`` [B, S, width] and attend as MHA (S == T, causal)."""
+        B, S, _ = latent.shape
+        H, D, R = self.n_heads, self.head_dim, self.rope_head_dim
+        c, k_rope = latent.split([self.kv_lora_rank, R], dim=-1)
+        k_nope, v = self.kv_b_proj(c.to(q_nope.dtype)).view(B, S, H, 2 * D).transpose(1, 2).split([D, D], dim=-1)
+        k = torch.cat([k_nope, k_rope.to(q_nope.dtype)[:, None].expand(B, H, S, R)], dim=-1)
+        q = torch.cat([q_nope, q_rope], dim=-1)
+        return attention(q, k, v, mask=mask, causal=mask is None, scale=self.scale)
+
+    def _absorbed(self, q_nope, q_rope, latent, mask=None) -> torch.Tensor:
+        """Attend over the cached ``latent`` [B, S, width] directly, up-projections folded in."""
+        w_uk, w_uv = self._up_projections()
+        q = torch.cat([torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk), q_rope], dim=-1)
+        kv = latent.to(q.dtype)[:, None]  # one K/V head for all query heads
+        y = attention(q, kv, kv[..., : self.kv_lora_rank], mask=mask, scale=self.scale)
+        return torch.einsum("bhtr,hdr->bhtd", y, w_uv)
+
+    # -- cache and footprint -------------------------------------------------
+
+    def new_cache_slot(self, batch_size: int, max_len: int, dtype: torch.dtype, device):
+        return LatentKV(batch_size, max_len, self.kv_lora_rank + self.rope_head_dim, dtype=dtype, device=device)
+
+    def kv_footprint(self, dtype: torch.dtype) -> LayerFootprint:
+        return LayerFootprint(bytes_per_token=(self.kv_lora_rank + self.rope_head_dim) * dtype.itemsize)

@@ -1,0 +1,63 @@
+"""MLA: the absorbed form attends over the cached latent and equals the expanded form."""
+
+import pytest
+import torch
+
+from kvlab.archs.config import ModelConfig
+from kvlab.kernels.attention import attention_reference, position_mask
+from kvlab.layers.mla import MLA, MLAConfig
+
+
+def _mla(q_lora_rank=None):
+    cfg = MLAConfig(n_heads=4, head_dim=16, rope_head_dim=8, kv_lora_rank=24, q_lora_rank=q_lora_rank)
+    cfg.validate(64, "mixer")
+    torch.manual_seed(0)
+    layer = MLA(cfg, d_model=64, layer_idx=0, kv_source=0, max_seq_len=32)
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    return layer
+
+
+def test_absorbed_equals_expanded_and_a_reference_built_from_decompressed_heads():
+    layer = _mla()
+    B, T, S, H, D, R, r = 2, 3, 11, 4, 16, 8, 24
+    q_nope, q_rope = torch.randn(B, H, T, D), torch.randn(B, H, T, R)
+    latent = torch.randn(B, S, r + R)
+    mask = position_mask(torch.arange(S - T, S), torch.arange(S))  # the last T positions, causal
+    absorbed = layer._absorbed(q_nope, q_rope, latent, mask)
+    # Reference: decompress K/V per head by hand (eqs. 10-11), attend as plain MHA.
+    w = layer.kv_b_proj.weight.view(H, 2 * D, r)
+    c, k_rope = latent[..., :r], latent[..., r:]
+    k = torch.cat([torch.einsum("hdr,bsr->bhsd", w[:, :D], c), k_rope[:, None].expand(B, H, S, R)], dim=-1)
+    v = torch.einsum("hdr,bsr->bhsd", w[:, D:], c)
+    want = attention_reference(torch.cat([q_nope, q_rope], -1), k, v, mask=mask, scale=(D + R) ** -0.5)
+    torch.testing.assert_close(absorbed, want, atol=1e-5, rtol=1e-5)
+    # With every position a query (S == T), the expanded form is the same attention.
+    q_nope, q_rope = torch.randn(B, H, S, D), torch.randn(B, H, S, R)
+    causal = position_mask(torch.arange(S), torch.arange(S))
+    torch.testing.assert_close(
+        layer._expanded(q_nope, q_rope, latent), layer._absorbed(q_nope, q_rope, latent, causal), atol=1e-5, rtol=1e-5
+    )
+
+
+@pytest.mark.parametrize("q_lora_rank", [None, 12])
+def test_cache_holds_only_the_latent_and_rope_key(q_lora_rank):
+    layer = _mla(q_lora_rank)
+    slot = layer.new_cache_slot(2, 10, torch.bfloat16, "cpu")
+    assert slot.allocated_bytes() == 2 * 10 * (24 + 8) * 2  # never decompressed K/V (2 * 4 heads * 16)
+    x = torch.randn(2, 5, 64)
+    with torch.no_grad():
+        layer(x, cache=slot)
+    assert slot.nbytes() == 2 * 5 * (24 + 8) * 2
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ValueError, match="mixer.rope_head_dim=7 must be even"):
+        ModelConfig(vocab_size=97, d_model=64, n_layers=2, mixer={"kind": "mla", "n_heads": 4, "rope_head_dim": 7})
+    with pytest.raises(ValueError, match="does not read another layer's K/V"):
+        ModelConfig(vocab_size=97, d_model=64, n_layers=2, mixer={"kind": "mla", "n_heads": 4}, kv_source=[0, 0])
+
+
+def test_defaults_follow_deepseek_v2_ratios():
+    cfg = ModelConfig(vocab_size=97, d_model=64, n_layers=2, mixer={"kind": "mla", "n_heads": 2})
+    assert (cfg.mixer.head_dim, cfg.mixer.rope_head_dim, cfg.mixer.kv_lora_rank) == (32, 16, 128)
