@@ -20,6 +20,11 @@ weights are derived from ``model``'s:
   of its group (the attention mixer's ``kv_merge``), starting as the mean;
   the weights train during uptraining and ``fold_kv_merge`` folds them into
   plain GQA projections afterwards (``kvlab.archs.hf`` export does it).
+- ``{to: cla, every: s}`` (or ``{to: cla, kv_source: [...]}`` for any
+  layout): cross-layer sharing. Each K/V-owning layer's projections become
+  the mean of those of the layers that will read it, itself included (the
+  initialisation of LCKV, Wu & Tu 2024, and MLKV, Zuhri et al. 2024); the
+  readers' projections are dropped.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from kvlab.layers.attention import AttentionConfig
 
 log = logging.getLogger(__name__)
 
-CONVERSIONS = ("gqa", "mqa")
+CONVERSIONS = ("gqa", "mqa", "cla")
 GQA_METHODS = ("mean", "first", "similarity", "weighted")
 
 
@@ -50,17 +55,22 @@ def convert_model(model: CausalLM, spec: Mapping[str, Any], calibration: torch.T
     if not isinstance(spec, Mapping) or "to" not in spec:
         raise ValueError(f"convert: expected a mapping with a 'to' key ({', '.join(CONVERSIONS)}), got {spec!r}")
     check_choice(spec["to"], "convert.to", CONVERSIONS)
-    check_keys(spec, ["to", "n_kv_heads", "method"], "convert")
-    n_kv_heads = 1 if spec["to"] == "mqa" else spec.get("n_kv_heads")
-    method = spec.get("method", "mean")
-    check_int(n_kv_heads, "convert.n_kv_heads", minimum=1)
-    check_choice(method, "convert.method", GQA_METHODS)
-    groups = None
-    if method == "similarity":
-        if calibration is None:
-            raise ValueError("convert.method=similarity needs calibration tokens to compare the heads on")
-        groups = similarity_groups(model, calibration, n_kv_heads)
-    converted = _to_gqa(model, n_kv_heads, method, groups)
+    if spec["to"] == "cla":
+        check_keys(spec, ["to", "every", "kv_source", "method"], "convert")
+        check_choice(spec.get("method", "mean"), "convert.method", ("mean",))
+        converted, method = _to_cla(model, spec), "mean"
+    else:
+        check_keys(spec, ["to", "n_kv_heads", "method"], "convert")
+        n_kv_heads = 1 if spec["to"] == "mqa" else spec.get("n_kv_heads")
+        method = spec.get("method", "mean")
+        check_int(n_kv_heads, "convert.n_kv_heads", minimum=1)
+        check_choice(method, "convert.method", GQA_METHODS)
+        groups = None
+        if method == "similarity":
+            if calibration is None:
+                raise ValueError("convert.method=similarity needs calibration tokens to compare the heads on")
+            groups = similarity_groups(model, calibration, n_kv_heads)
+        converted = _to_gqa(model, n_kv_heads, method, groups)
     before = model.kv_footprint(torch.bfloat16).bytes_per_token
     after = converted.kv_footprint(torch.bfloat16).bytes_per_token
     log.info("convert to %s (%s): KV cache %d -> %d bytes/token (bf16)", spec["to"], method, before, after)
@@ -84,9 +94,6 @@ def _to_gqa(model: CausalLM, n_kv_heads: int, method: str, groups: dict[int, lis
         if method == "weighted":
             m["kv_merge"] = m["n_kv_heads"] // n_kv_heads
         m["n_kv_heads"] = n_kv_heads
-    new_cfg = ModelConfig.from_dict(new_cfg_dict)
-    with torch.device("meta"):
-        new = CausalLM(new_cfg)
     state = dict(model.state_dict())
     for i, layer in enumerate(model.layers):
         mixer = layer.mixer
@@ -112,10 +119,46 @@ def _to_gqa(model: CausalLM, n_kv_heads: int, method: str, groups: dict[int, lis
                 key = f"layers.{i}.mixer.{proj}.{tensor}"
                 if key in state:
                     state[key] = _pool_heads(state[key], mixer.n_kv_heads, n_kv_heads, method)
-    new.to_empty(device=model.embed_tokens.weight.device)
+    return _build(new_cfg_dict, state, like=model)
+
+
+def _to_cla(model: CausalLM, spec: Mapping[str, Any]) -> CausalLM:
+    if any(src != i for i, src in enumerate(model.config.layer_kv_source)):
+        raise ValueError("convert.to=cla: the model already shares K/V across layers; convert an unshared one")
+    if ("every" in spec) == ("kv_source" in spec):
+        raise ValueError(f"convert.to=cla: give one of every (CLA-s) or kv_source (any layout), got {dict(spec)}")
+    new_cfg_dict = copy.deepcopy(model.config.to_dict())
+    if "every" in spec:
+        check_int(spec["every"], "convert.every", minimum=1)
+        new_cfg_dict["kv_sharing"] = {"kind": "cla", "every": spec["every"]}
+    else:
+        new_cfg_dict["kv_source"] = list(spec["kv_source"])
+    for m in _attention_dicts(new_cfg_dict):
+        if m.get("kv_merge", 1) > 1:
+            raise ValueError("convert: the model has WGQA merge weights (kv_merge > 1); fold_kv_merge it first")
+    try:
+        sources = ModelConfig.from_dict(new_cfg_dict).layer_kv_source
+    except ValueError as e:
+        raise ValueError(f"convert.to=cla: {e}") from None
+    state = dict(model.state_dict())
+    for owner in sorted(set(sources)):
+        readers = [i for i, src in enumerate(sources) if src == owner]
+        for proj in ("k_proj", "v_proj"):
+            for tensor in ("weight", "bias"):
+                keys = [f"layers.{i}.mixer.{proj}.{tensor}" for i in readers]
+                if keys[0] in state:  # readers[0] is the owner
+                    state[keys[0]] = torch.stack([state.pop(k) for k in keys]).mean(dim=0)
+    return _build(new_cfg_dict, state, like=model)
+
+
+def _build(cfg_dict: dict, state: dict[str, torch.Tensor], like: CausalLM) -> CausalLM:
+    """A model of ``cfg_dict`` holding ``state`` (every parameter), on ``like``'s device and dtype."""
+    with torch.device("meta"):
+        new = CausalLM(ModelConfig.from_dict(cfg_dict))
+    new.to_empty(device=like.embed_tokens.weight.device)
     new.init_weights()  # buffers (RoPE tables); every parameter is overwritten next
     new.load_state_dict(state, strict=True)
-    return new.to(model.embed_tokens.weight.dtype)
+    return new.to(like.embed_tokens.weight.dtype)
 
 
 def fold_kv_merge(model: CausalLM) -> CausalLM:
@@ -123,8 +166,6 @@ def fold_kv_merge(model: CausalLM) -> CausalLM:
     new_cfg_dict = copy.deepcopy(model.config.to_dict())
     for m in _attention_dicts(new_cfg_dict):
         m["kv_merge"] = 1
-    with torch.device("meta"):
-        new = CausalLM(ModelConfig.from_dict(new_cfg_dict))
     state = dict(model.state_dict())
     for i, layer in enumerate(model.layers):
         mixer = layer.mixer
@@ -139,10 +180,7 @@ def fold_kv_merge(model: CausalLM) -> CausalLM:
                     t = state[key]
                     heads = t.reshape(mixer.n_kv_heads, merge, D, -1) * w.unsqueeze(-1)
                     state[key] = heads.sum(dim=1).reshape(mixer.n_kv_heads * D, *t.shape[1:])
-    new.to_empty(device=model.embed_tokens.weight.device)
-    new.init_weights()
-    new.load_state_dict(state, strict=True)
-    return new.to(model.embed_tokens.weight.dtype)
+    return _build(new_cfg_dict, state, like=model)
 
 
 def _attention_dicts(cfg_dict: dict) -> list[dict]:

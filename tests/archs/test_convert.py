@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 
@@ -63,13 +65,16 @@ def test_bias_and_cross_layer_readers_are_converted():
     [
         ({"to": "gqa", "n_kv_heads": 3}, "convert.n_kv_heads=3 must divide"),
         ({"to": "gqa", "n_kv_heads": 2, "method": "median"}, "convert.method='median'"),
-        ({"to": "mla"}, "convert.to='mla' is not one of"),
+        ({"to": "mla_v2"}, "convert.to='mla_v2' is not one of"),
+        ({"to": "cla"}, "give one of every (CLA-s) or kv_source"),
+        ({"to": "cla", "every": 0}, "convert.every=0"),
+        ({"to": "cla", "kv_source": [0, 0, 3, 2]}, "convert.to=cla: kv_source[2]=3"),
         ({"to": "gqa", "n_kv_heads": 2, "groups": 2}, "convert.groups: unknown key"),
         ({"n_kv_heads": 2}, "'to' key"),
     ],
 )
 def test_bad_conversions_are_named(spec, message):
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         convert_model(build_model(MHA), spec)
 
 
@@ -149,3 +154,37 @@ def test_weighted_merge_weights_learn():
     assert mixer.k_merge.grad.abs().sum() > 0 and mixer.v_merge.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="fold_kv_merge it first"):
         convert_model(weighted, {"to": "mqa"})
+
+
+def test_cla_every_1_is_the_identity():
+    model = build_model(tiny(mixer={"kind": "attention", "n_heads": 4, "qkv_bias": True})).eval()
+    same = convert_model(model, {"to": "cla", "every": 1}).eval()
+    ids = torch.randint(0, 97, (2, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(same(ids), model(ids), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("spec", [{"to": "cla", "every": 2}, {"to": "cla", "kv_source": [0, 0, 0, 3]}])
+def test_cla_owners_take_the_mean_of_their_readers_and_readers_drop_their_kv(spec):
+    model = build_model(tiny(mixer={"kind": "attention", "n_heads": 4, "qkv_bias": True}))
+    shared = convert_model(model, spec)
+    sources = shared.config.layer_kv_source
+    assert sources == ([0, 0, 2, 2] if "every" in spec else [0, 0, 0, 3])
+    for owner in set(sources):
+        group = [i for i, src in enumerate(sources) if src == owner]
+        for proj in ("k_proj", "v_proj"):
+            for tensor in ("weight", "bias"):
+                want = torch.stack([getattr(getattr(model.layers[i].mixer, proj), tensor) for i in group]).mean(0)
+                torch.testing.assert_close(getattr(getattr(shared.layers[owner].mixer, proj), tensor), want)
+        for reader in group[1:]:
+            assert not hasattr(shared.layers[reader].mixer, "k_proj")
+    owners = len(set(sources))
+    assert shared.kv_footprint().bytes_per_token * 4 == model.kv_footprint().bytes_per_token * owners
+    # everything but K/V is carried over unchanged
+    assert torch.equal(shared.layers[1].mixer.q_proj.weight, model.layers[1].mixer.q_proj.weight)
+    assert torch.equal(shared.layers[3].mlp.down_proj.weight, model.layers[3].mlp.down_proj.weight)
+
+
+def test_cla_refuses_a_model_that_already_shares():
+    with pytest.raises(ValueError, match="already shares K/V"):
+        convert_model(build_model(tiny(kv_sharing={"kind": "cla", "every": 2})), {"to": "cla", "every": 2})

@@ -45,7 +45,8 @@ REMOTE = {
     "sharp_forced": tiny(),  # "sharp" again, with remote_code=True though it has a native class
 }
 EXPORTED = {**NATIVE, **REMOTE}
-EXPECTED_TYPE = {"mistral_window": "mistral", "qwen2_bias": "qwen2", "mla": "deepseek_v3", "mla_q_lora": "deepseek_v3",
+PRESET_TYPES = {"mha": "llama", "gqa": "llama", "mqa": "llama", "mla": "deepseek_v3", "cla": "kvlab"}
+EXPECTED_TYPE = {**PRESET_TYPES, "mistral_window": "mistral", "qwen2_bias": "qwen2", "mla_q_lora": "deepseek_v3",
                  **dict.fromkeys(REMOTE, "kvlab")}  # fmt: skip
 
 # Run in a fresh interpreter in which kvlab cannot be imported.
@@ -99,19 +100,23 @@ def test_export_loads_and_matches_logits_and_generation(exported, name):
     model, theirs = models[name], torch.load(f"{dirs[name]}/theirs.pt")
     config = json.loads(open(f"{dirs[name]}/config.json").read())
     assert config["model_type"] == EXPECTED_TYPE.get(name, "llama")
-    assert ("auto_map" in config) == (name in REMOTE)
+    assert ("auto_map" in config) == (config["model_type"] == "kvlab")
     ids = torch.load(f"{dirs[name]}/ids.pt")
     with torch.no_grad():
         assert (theirs["logits"] - model(ids)).abs().max() <= 1e-4
     ours = model.generate(ids[:1, :5], max_new_tokens=16)[0, 5:]
     assert torch.equal(theirs["generated"], ours)
-    if name in REMOTE:  # generate() ran on our own cache, with our footprint
+    if config["model_type"] == "kvlab":  # generate() ran on our own cache, with our footprint
         assert theirs["class"] == "KvlabForCausalLM"
         assert theirs["cache_bytes"] == model.kv_footprint(torch.float32).total_bytes(13, batch_size=2)
     elif (m := model.config.layer_mixers[0]).kind == "mla":  # transformers caches the latent too, one "head"
         assert theirs["cache_shape"][1::2] == (1, m.kv_lora_rank)
     else:  # transformers' cache is the GQA one
         assert theirs["cache_shape"][1::2] == (m.n_kv_heads, m.head_dim)  # [B, heads, positions, head_dim]
+
+
+def test_every_preset_has_an_expected_export_type():
+    assert set(PRESET_TYPES) == set(PRESETS)
 
 
 def test_remote_code_beam_search_matches_native(exported):

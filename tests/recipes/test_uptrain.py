@@ -43,6 +43,14 @@ def test_gqa_uptrain_runs_every_stage_then_reuses_the_parent(tmp_path, data_cach
     assert mqa["uptrained"]["val_ppl"] < mqa["converted"]["val_ppl"]
     assert "scratch" not in mqa
 
+    # cla_uptrain too: the second of the two layers reads the first's K/V
+    train(tmp_path, data_cache, "recipe=cla_uptrain", *TINY_MHA, *PARENT)
+    cla = _metrics(tmp_path, "cla_uptrain")
+    assert cla["parent"]["val_loss"] == pytest.approx(m["parent"]["val_loss"], abs=1e-6)
+    assert cla["convert"] == {"to": "cla", "every": 2} and cla["model"]["kv_sharing"]["every"] == 2
+    assert cla["converted"]["kv_bytes_per_token"] * 2 == cla["parent"]["kv_bytes_per_token"]
+    assert cla["uptrained"]["val_ppl"] < cla["converted"]["val_ppl"]
+
 
 def test_uptrain_a_checkpoint_parent_counts_its_tokens_and_groups_by_similarity(tmp_path, data_cache):
     train(tmp_path, data_cache, "recipe=pretrain", *TINY_MHA, "trainer.max_steps=20")
