@@ -25,6 +25,18 @@ weights are derived from ``model``'s:
   the mean of those of the layers that will read it, itself included (the
   initialisation of LCKV, Wu & Tu 2024, and MLKV, Zuhri et al. 2024); the
   readers' projections are dropped.
+- ``{to: mla, kv_lora_rank: r, rope_dims: d_r, method: mha2mla}`` (MHA2MLA,
+  Ji et al. 2025) to MLA in its per-K/V-head-RoPE form (``kvlab.layers.mla``):
+  1. partial RoPE: each K/V head keeps the ``d_r / 2`` rotary frequency
+     pairs that matter most to it, scored by the mean 2-norm of the pair in
+     its keys times that in its query heads' queries (on calibration tokens;
+     without them, the same product on the projection weights); the other
+     pairs stop rotating and join the no-RoPE channels;
+  2. low rank: the no-RoPE key rows and the value rows of all K/V heads,
+     stacked, are factored by one truncated SVD, W = U S V^T: V_r^T is the
+     down-projection to the ``r``-wide latent, U_r S_r the up-projections.
+  With ``d_r == head_dim`` and ``r`` at the stacked matrix's rank, the
+  converted model computes what the parent did.
 """
 
 from __future__ import annotations
@@ -43,7 +55,7 @@ from kvlab.layers.attention import AttentionConfig
 
 log = logging.getLogger(__name__)
 
-CONVERSIONS = ("gqa", "mqa", "cla")
+CONVERSIONS = ("gqa", "mqa", "cla", "mla")
 GQA_METHODS = ("mean", "first", "similarity", "weighted")
 
 
@@ -59,6 +71,13 @@ def convert_model(model: CausalLM, spec: Mapping[str, Any], calibration: torch.T
         check_keys(spec, ["to", "every", "kv_source", "method"], "convert")
         check_choice(spec.get("method", "mean"), "convert.method", ("mean",))
         converted, method = _to_cla(model, spec), "mean"
+    elif spec["to"] == "mla":
+        check_keys(spec, ["to", "kv_lora_rank", "rope_dims", "method"], "convert")
+        method = spec.get("method", "mha2mla")
+        check_choice(method, "convert.method", ("mha2mla",))
+        check_int(spec.get("kv_lora_rank"), "convert.kv_lora_rank", minimum=1)
+        check_int(spec.get("rope_dims"), "convert.rope_dims", minimum=2)
+        converted = _to_mla(model, spec["kv_lora_rank"], spec["rope_dims"], calibration)
     else:
         check_keys(spec, ["to", "n_kv_heads", "method"], "convert")
         n_kv_heads = 1 if spec["to"] == "mqa" else spec.get("n_kv_heads")
@@ -149,6 +168,110 @@ def _to_cla(model: CausalLM, spec: Mapping[str, Any]) -> CausalLM:
                 if keys[0] in state:  # readers[0] is the owner
                     state[keys[0]] = torch.stack([state.pop(k) for k in keys]).mean(dim=0)
     return _build(new_cfg_dict, state, like=model)
+
+
+def _to_mla(model: CausalLM, kv_lora_rank: int, rope_dims: int, calibration: torch.Tensor | None) -> CausalLM:
+    cfg = model.config
+    m = cfg.mixer
+    if not isinstance(m, AttentionConfig) or any(src != i for i, src in enumerate(cfg.layer_kv_source)):
+        raise ValueError("convert.to=mla: the model must be attention in every layer (one mixer), unshared")
+    reasons = {
+        "partial RoPE": m.rope_dims != m.head_dim,
+        "a sliding window": m.window is not None,
+        "biases": m.qkv_bias or m.o_bias,
+        "WGQA merge weights": m.kv_merge > 1,
+    }
+    if any(reasons.values()):
+        raise ValueError(f"convert.to=mla: the model has {', '.join(k for k, v in reasons.items() if v)}; MLA has none")
+    if rope_dims % 2 or rope_dims > m.head_dim:
+        raise ValueError(f"convert.rope_dims={rope_dims} must be even and at most the head_dim={m.head_dim}")
+    H, Hk, d, half = m.n_heads, m.n_kv_heads, m.head_dim, m.head_dim // 2
+    D, G = d - rope_dims, Hk  # no-RoPE width per head; one RoPE key per parent K/V head
+    pairs = mha2mla_rope_pairs(model, rope_dims, calibration)
+    new_cfg_dict = copy.deepcopy(cfg.to_dict())
+    new_cfg_dict["mixer"] = {
+        "kind": "mla", "n_heads": H, "head_dim": D, "v_head_dim": d, "rope_head_dim": rope_dims,
+        "rope_kv_heads": G, "rope_spectrum": d, "kv_lora_rank": kv_lora_rank, "q_lora_rank": None,
+        "rope_theta": m.rope_theta, "latent_norm": False,
+    }  # fmt: skip
+    state = {k: v for k, v in model.state_dict().items() if ".mixer." not in k}
+    for i, layer in enumerate(model.layers):
+        mixer, prefix = layer.mixer, f"layers.{i}.mixer."
+        keep = pairs[i]  # [Hk, rope_dims / 2], sorted
+        rope_idx, nope_idx = [], []  # per K/V head: channels in [pairs' first halves; second halves] order
+        for g in range(Hk):
+            kept = keep[g].tolist()
+            dropped = [p for p in range(half) if p not in kept]
+            rope_idx.append(torch.tensor(kept + [p + half for p in kept], dtype=torch.long))
+            nope_idx.append(torch.tensor(dropped + [p + half for p in dropped], dtype=torch.long))
+        w_q = mixer.q_proj.weight.detach().view(H, d, -1)
+        w_k = mixer.k_proj.weight.detach().view(Hk, d, -1)
+        w_v = mixer.v_proj.weight.detach().view(Hk, d, -1)
+        group = [h * Hk // H for h in range(H)]  # the parent K/V head each query head read
+        state[prefix + "q_proj.weight"] = torch.cat(
+            [torch.cat([w_q[h, nope_idx[group[h]]], w_q[h, rope_idx[group[h]]]]) for h in range(H)]
+        )
+        # joint SVD of [no-RoPE keys; values] of every K/V head: [Hk * (D + d), d_model]
+        stacked = torch.cat([torch.cat([w_k[g, nope_idx[g]], w_v[g]]) for g in range(Hk)]).float()
+        U, S, Vh = torch.linalg.svd(stacked, full_matrices=False)
+        r = min(kv_lora_rank, S.numel())
+        down = torch.zeros(kv_lora_rank, stacked.shape[1], device=stacked.device)
+        down[:r] = Vh[:r]
+        up = torch.zeros(stacked.shape[0], kv_lora_rank, device=stacked.device)
+        up[:, :r] = U[:, :r] * S[:r]
+        up = up.view(Hk, D + d, kv_lora_rank)
+        k_rope = torch.cat([w_k[g, rope_idx[g]] for g in range(Hk)])
+        dtype = w_k.dtype
+        state[prefix + "kv_a_proj_with_mqa.weight"] = torch.cat([down.to(dtype), k_rope])
+        state[prefix + "kv_b_proj.weight"] = torch.cat([up[group[h]] for h in range(H)]).to(dtype)
+        state[prefix + "o_proj.weight"] = mixer.o_proj.weight.detach()
+        state[prefix + "rotary.pair_index"] = keep
+    return _build(new_cfg_dict, state, like=model)
+
+
+@torch.no_grad()
+def mha2mla_rope_pairs(
+    model: CausalLM, rope_dims: int, calibration: torch.Tensor | None = None
+) -> dict[int, torch.Tensor]:
+    """Per layer, the ``rope_dims / 2`` rotary pairs each K/V head keeps: [n_kv_heads, rope_dims / 2], sorted.
+
+    Pair p of a head is channels (p, p + head_dim / 2). Its score is the mean
+    2-norm of the pair in the head's keys times the summed mean 2-norms in its
+    query heads' queries, an upper bound of its share of q.k (MHA2MLA's
+    S_2-norm); norms are taken before RoPE, which rotates pairs without
+    changing their norms. Without calibration tokens the projection rows'
+    Frobenius norms stand in for the activations.
+    """
+    outputs: dict[tuple[int, str], torch.Tensor] = {}
+    if calibration is not None:
+        hooks = [
+            getattr(layer.mixer, proj).register_forward_hook(
+                lambda _m, _inp, out, key=(i, proj): outputs.__setitem__(key, out.detach().flatten(0, -2))
+            )
+            for i, layer in enumerate(model.layers)
+            for proj in ("q_proj", "k_proj")
+        ]
+        try:
+            model(calibration.to(model.embed_tokens.weight.device))
+        finally:
+            for hook in hooks:
+                hook.remove()
+    pairs = {}
+    for i, layer in enumerate(model.layers):
+        mixer = layer.mixer
+        H, Hk, d = mixer.n_heads, mixer.n_kv_heads, mixer.head_dim
+        norms = {}
+        for proj, heads in (("q_proj", H), ("k_proj", Hk)):
+            if calibration is not None:  # [tokens, heads, d]: mean over tokens of each pair's 2-norm
+                x = outputs[i, proj].float().view(-1, heads, d)
+                norms[proj] = torch.sqrt(x[..., : d // 2] ** 2 + x[..., d // 2 :] ** 2).mean(0)
+            else:  # [heads, d, d_model]: each pair's rows
+                w = getattr(mixer, proj).weight.float().view(heads, d, -1)
+                norms[proj] = torch.sqrt((w[:, : d // 2] ** 2).sum(-1) + (w[:, d // 2 :] ** 2).sum(-1))
+        queries = norms["q_proj"].view(Hk, H // Hk, d // 2).sum(1)
+        score = queries * norms["k_proj"]
+        pairs[i] = score.topk(rope_dims // 2, dim=-1).indices.sort(dim=-1).values
+    return pairs
 
 
 def _build(cfg_dict: dict, state: dict[str, torch.Tensor], like: CausalLM) -> CausalLM:

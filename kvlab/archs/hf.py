@@ -124,17 +124,13 @@ def _mla_from_deepseek_v3(hf: dict[str, Any], rope_theta: float) -> dict[str, An
             f"{hf.get('first_k_dense_replace')} < num_hidden_layers={hf['num_hidden_layers']}) is not supported; "
             "only dense-MLP models are"
         )
-    if hf["qk_nope_head_dim"] != hf["v_head_dim"]:
-        raise ValueError(
-            f"config.json: qk_nope_head_dim={hf['qk_nope_head_dim']} differs from v_head_dim={hf['v_head_dim']}; "
-            "kvlab's MLA uses one head_dim for both"
-        )
     if hf.get("attention_bias"):
         raise ValueError("config.json: attention_bias=true is not supported for MLA")
     return {
         "kind": "mla",
         "n_heads": hf["num_attention_heads"],
         "head_dim": hf["qk_nope_head_dim"],
+        "v_head_dim": hf["v_head_dim"],
         "rope_head_dim": hf["qk_rope_head_dim"],
         "kv_lora_rank": hf["kv_lora_rank"],
         "q_lora_rank": hf.get("q_lora_rank"),
@@ -171,8 +167,11 @@ def hf_config_from_model(cfg: ModelConfig) -> dict[str, Any]:
         problems.append(f"mixer kind {m.kind!r}")
     elif m.kind == "attention" and m.rope_dims != m.head_dim:
         problems.append(f"partial RoPE (rope_dims={m.rope_dims} of head_dim={m.head_dim})")
-    elif m.kind == "mla" and m.norm_eps != cfg.norm.eps:
-        problems.append(f"MLA norm_eps={m.norm_eps} differs from norm.eps={cfg.norm.eps} (DeepSeek-V3 has one eps)")
+    elif m.kind == "mla":
+        if m.norm_eps != cfg.norm.eps:
+            problems.append(f"MLA norm_eps={m.norm_eps} differs from norm.eps={cfg.norm.eps} (DeepSeek-V3 has one eps)")
+        if m.rope_kv_heads != 1 or m.rope_spectrum is not None or not m.latent_norm:
+            problems.append("MLA with per-head RoPE keys, picked RoPE frequencies or no latent norm (MHA2MLA's form)")
     if any(src != i for i, src in enumerate(cfg.layer_kv_source)):
         problems.append("cross-layer K/V sharing")
     if cfg.norm.kind != "rmsnorm" or cfg.mlp.kind != "swiglu":
@@ -212,7 +211,7 @@ def hf_config_from_model(cfg: ModelConfig) -> dict[str, Any]:
     if model_type == "deepseek_v3":  # every layer dense (no experts), RoPE pairs as ours
         hf.update(num_key_value_heads=m.n_heads, first_k_dense_replace=cfg.n_layers, q_lora_rank=m.q_lora_rank,
                   kv_lora_rank=m.kv_lora_rank, qk_nope_head_dim=m.head_dim, qk_rope_head_dim=m.rope_head_dim,
-                  v_head_dim=m.head_dim, rope_interleave=False, attention_bias=False)  # fmt: skip
+                  v_head_dim=m.v_head_dim, rope_interleave=False, attention_bias=False)  # fmt: skip
         return hf
     hf.update(num_key_value_heads=m.n_kv_heads, head_dim=m.head_dim)
     if model_type == "llama":

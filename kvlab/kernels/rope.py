@@ -24,7 +24,8 @@ def rope_tables(
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` [B, H, T, D] by the angles in ``cos``/``sin`` [T, d] or [B, T, d], d <= D."""
+    """Rotate ``x`` [B, H, T, D] by the angles in ``cos``/``sin``, d <= D channels:
+    [T, d], [B, T, d] (per-sequence positions) or [B or 1, H, T, d] (per-head frequencies)."""
     d = cos.shape[-1]
     if cos.dim() == 3:  # per-sequence positions: broadcast over heads
         cos, sin = cos[:, None], sin[:, None]

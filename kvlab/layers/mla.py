@@ -8,7 +8,7 @@ token, and only the latent is cached (eqs. 9-18, per token t, head i):
     k^R_t   = RoPE(W_KR h_t)                         rope_head_dim, shared by all heads (14)
     c^Q_t   = RMSNorm(W_DQ h_t) if q_lora_rank else h_t                     (12)
     q^C_t,i = W_UQ,i c^Q_t,   q^R_t,i = RoPE(W_QR,i c^Q_t)                  (13, 15)
-    o_t,i   = sum_j softmax_j([q^C; q^R]_t,i . [k^C; k^R]_j,i / sqrt(head_dim + rope_head_dim)) v_j,i
+    o_t,i   = sum_j softmax_j([q^C; q^R]_t,i . [k^C; k^R]_j / sqrt(head_dim + rope_head_dim)) v_j,i
 
 The cache holds ``[c_t; k^R_t]``: ``kv_lora_rank + rope_head_dim`` elements
 per token and layer, whatever the number of heads (DeepSeek-V2: 512 + 64).
@@ -22,6 +22,17 @@ Two ways to compute the same attention:
   straight over the cached latents, one shared K/V head of width
   ``kv_lora_rank + rope_head_dim`` whose values are its first
   ``kv_lora_rank`` channels. Nothing is decompressed per step.
+
+Generalisations, for models converted from MHA/GQA (MHA2MLA, Ji et al.
+2025), which keeps a RoPE key per K/V head of the parent: ``rope_kv_heads``
+RoPE keys instead of one (query head i uses key i // (n_heads /
+rope_kv_heads)); ``rope_spectrum``: each RoPE key head rotates at its own
+frequencies, picked from a ``rope_spectrum``-wide rotary's (the parent's
+head_dim; see ``HeadwiseRotary``); ``v_head_dim`` apart from ``head_dim``
+(the parent's values keep every channel while its keys lose the rotary
+ones); ``latent_norm: false`` (the SVD factors reproduce the parent only
+without a norm between them). The cache then holds ``kv_lora_rank +
+rope_kv_heads * rope_head_dim`` elements per token.
 
 Parameter names and layouts are `transformers`' DeepseekV3Attention (with
 ``rope_interleave: false``): ``q_proj`` (or ``q_a_proj``, ``q_a_layernorm``,
@@ -38,29 +49,37 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kvlab._config import check_float, check_int
+from kvlab._config import check_bool, check_float, check_int
 from kvlab.kernels.attention import attention, document_mask, position_mask
 from kvlab.kernels.rope import apply_rope
 from kvlab.layers.base import LayerFootprint, MixerConfig, register_mixer
 from kvlab.layers.kv_cache import LatentKV
 from kvlab.layers.norm import RMSNorm
-from kvlab.layers.rope import Rotary
+from kvlab.layers.rope import HeadwiseRotary, Rotary
 
 
 @dataclass
 class MLAConfig(MixerConfig):
     kind = "mla"
     n_heads: int = 8
-    head_dim: int | None = None  # per head: no-RoPE query/key channels, and value channels; None: d_model // n_heads
+    head_dim: int | None = None  # per head: no-RoPE query/key channels; None: d_model // n_heads
+    v_head_dim: int | None = None  # per head: value channels; None: head_dim
     rope_head_dim: int | None = None  # decoupled RoPE channels of queries and the shared key; None: head_dim // 2
     kv_lora_rank: int | None = None  # latent width; None: 4 * head_dim (DeepSeek-V2's 512 for 128)
     q_lora_rank: int | None = None  # None: queries are not compressed
     rope_theta: float = 10000.0
+    rope_kv_heads: int = 1  # RoPE keys per token; 1: shared by all heads (DeepSeek)
+    rope_spectrum: int | None = None  # set: per-RoPE-head frequencies picked from a rotary this wide
+    latent_norm: bool = True  # RMSNorm on the latent (DeepSeek); the MHA2MLA conversion has none
     norm_eps: float = 1e-5  # of the latent RMSNorms
 
     def validate(self, d_model: int, path: str) -> None:
         check_int(self.n_heads, f"{path}.n_heads", minimum=1)
-        check_int(self.head_dim, f"{path}.head_dim", minimum=1, optional=True)
+        check_int(self.head_dim, f"{path}.head_dim", minimum=0, optional=True)
+        check_int(self.v_head_dim, f"{path}.v_head_dim", minimum=1, optional=True)
+        check_int(self.rope_kv_heads, f"{path}.rope_kv_heads", minimum=1)
+        check_int(self.rope_spectrum, f"{path}.rope_spectrum", minimum=2, optional=True)
+        check_bool(self.latent_norm, f"{path}.latent_norm")
         check_int(self.rope_head_dim, f"{path}.rope_head_dim", minimum=2, optional=True)
         check_int(self.kv_lora_rank, f"{path}.kv_lora_rank", minimum=1, optional=True)
         check_int(self.q_lora_rank, f"{path}.q_lora_rank", minimum=1, optional=True)
@@ -79,6 +98,16 @@ class MLAConfig(MixerConfig):
             raise ValueError(f"{path}.rope_head_dim={self.rope_head_dim} must be even (RoPE rotates pairs)")
         if self.kv_lora_rank is None:
             self.kv_lora_rank = 4 * self.head_dim
+        if self.v_head_dim is None:
+            self.v_head_dim = self.head_dim
+        if self.n_heads % self.rope_kv_heads:
+            raise ValueError(
+                f"{path}.n_heads={self.n_heads} is not divisible by {path}.rope_kv_heads={self.rope_kv_heads}"
+            )
+        if self.rope_spectrum is not None and self.rope_spectrum < self.rope_head_dim:
+            raise ValueError(
+                f"{path}.rope_spectrum={self.rope_spectrum} must be at least rope_head_dim={self.rope_head_dim}"
+            )
 
 
 @register_mixer
@@ -90,8 +119,12 @@ class MLA(nn.Module):
         if kv_source != layer_idx:  # config validation refuses this first (kv_compatible)
             raise ValueError(f"layer {layer_idx}: MLA does not read another layer's latent")
         self.cfg = cfg
-        self.n_heads, self.head_dim, self.rope_head_dim = cfg.n_heads, cfg.head_dim, cfg.rope_head_dim
-        self.kv_lora_rank = cfg.kv_lora_rank
+        self.n_heads, self.head_dim, self.v_head_dim = cfg.n_heads, cfg.head_dim, cfg.v_head_dim
+        self.rope_head_dim, self.rope_kv_heads, self.kv_lora_rank = (
+            cfg.rope_head_dim,
+            cfg.rope_kv_heads,
+            cfg.kv_lora_rank,
+        )
         self.scale = 1.0 / math.sqrt(cfg.head_dim + cfg.rope_head_dim)
         q_width = cfg.n_heads * (cfg.head_dim + cfg.rope_head_dim)
         if cfg.q_lora_rank is None:
@@ -100,28 +133,39 @@ class MLA(nn.Module):
             self.q_a_proj = nn.Linear(d_model, cfg.q_lora_rank, bias=False)
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps)
             self.q_b_proj = nn.Linear(cfg.q_lora_rank, q_width, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(d_model, cfg.kv_lora_rank + cfg.rope_head_dim, bias=False)
-        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.norm_eps)
-        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, cfg.n_heads * 2 * cfg.head_dim, bias=False)
-        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, d_model, bias=False)
-        self.rotary = Rotary(cfg.rope_head_dim, cfg.rope_theta, max_seq_len)
+        self.kv_a_proj_with_mqa = nn.Linear(d_model, cfg.kv_lora_rank + self.latent_rope_width, bias=False)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.norm_eps) if cfg.latent_norm else nn.Identity()
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, cfg.n_heads * (cfg.head_dim + cfg.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.v_head_dim, d_model, bias=False)
+        if cfg.rope_spectrum is None:
+            self.rotary = Rotary(cfg.rope_head_dim, cfg.rope_theta, max_seq_len)
+        else:
+            self.rotary = HeadwiseRotary(cfg.rope_kv_heads, cfg.rope_head_dim, cfg.rope_spectrum, cfg.rope_theta,
+                                         max_seq_len)  # fmt: skip
+
+    @property
+    def latent_rope_width(self) -> int:
+        return self.rope_kv_heads * self.rope_head_dim
 
     # -- forward ------------------------------------------------------------
 
     def forward(self, x, *, cache=None, positions=None, shared_kv=None, doc_ids=None):
         B, T, _ = x.shape
-        H, D, R = self.n_heads, self.head_dim, self.rope_head_dim
+        H, D, R, G = self.n_heads, self.head_dim, self.rope_head_dim, self.rope_kv_heads
         if self.cfg.q_lora_rank is None:
             q = self.q_proj(x)
         else:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q_nope, q_rope = q.view(B, T, H, D + R).transpose(1, 2).split([D, R], dim=-1)
-        c, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, R], dim=-1)
+        c, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, G * R], dim=-1)
         start = cache.seen if cache is not None else 0
         cos, sin = self.rotary(start, T, positions)
+        k_rope = apply_rope(k_rope.view(B, T, G, R).transpose(1, 2), cos, sin)
+        if cos.dim() == 4 and G < H:  # per-head frequencies: each query head turns as its RoPE key
+            cos, sin = cos.repeat_interleave(H // G, dim=1), sin.repeat_interleave(H // G, dim=1)
         q_rope = apply_rope(q_rope, cos, sin)
-        k_rope = apply_rope(k_rope[:, None], cos, sin)[:, 0]
-        latent = torch.cat([self.kv_a_layernorm(c), k_rope], dim=-1)  # [B, T, kv_lora_rank + R]: what is cached
+        # what is cached: [B, T, kv_lora_rank + G * R]
+        latent = torch.cat([self.kv_a_layernorm(c), k_rope.transpose(1, 2).reshape(B, T, G * R)], dim=-1)
         if cache is None:
             y = self._expanded(q_nope, q_rope, latent, mask=document_mask(doc_ids) if doc_ids is not None else None)
         elif start == 0:  # prefill: the latents are this step's own
@@ -133,35 +177,54 @@ class MLA(nn.Module):
                 q_pos = torch.arange(start, start + T, device=x.device)
                 mask = position_mask(q_pos, torch.arange(start + T, device=x.device))
             y = self._absorbed(q_nope, q_rope, held, mask)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * D))
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * self.v_head_dim))
 
     def _up_projections(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """W_UK and W_UV, each [n_heads, head_dim, kv_lora_rank]."""
-        w = self.kv_b_proj.weight.view(self.n_heads, 2 * self.head_dim, self.kv_lora_rank)
+        """W_UK [n_heads, head_dim, kv_lora_rank] and W_UV [n_heads, v_head_dim, kv_lora_rank]."""
+        w = self.kv_b_proj.weight.view(self.n_heads, self.head_dim + self.v_head_dim, self.kv_lora_rank)
         return w[:, : self.head_dim], w[:, self.head_dim :]
+
+    def _split_latent(self, latent: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, S, width] -> c [B, S, kv_lora_rank], RoPE keys [B, rope_kv_heads, S, rope_head_dim]."""
+        B, S, _ = latent.shape
+        c, k_rope = latent.to(dtype).split([self.kv_lora_rank, self.latent_rope_width], dim=-1)
+        return c, k_rope.view(B, S, self.rope_kv_heads, self.rope_head_dim).transpose(1, 2)
 
     def _expanded(self, q_nope, q_rope, latent, mask=None) -> torch.Tensor:
         """Decompress K/V of every head from ``latent`` [B, S, width] and attend as MHA (S == T, causal)."""
         B, S, _ = latent.shape
         H, D, R = self.n_heads, self.head_dim, self.rope_head_dim
-        c, k_rope = latent.split([self.kv_lora_rank, R], dim=-1)
-        k_nope, v = self.kv_b_proj(c.to(q_nope.dtype)).view(B, S, H, 2 * D).transpose(1, 2).split([D, D], dim=-1)
-        k = torch.cat([k_nope, k_rope.to(q_nope.dtype)[:, None].expand(B, H, S, R)], dim=-1)
-        q = torch.cat([q_nope, q_rope], dim=-1)
+        c, k_rope = self._split_latent(latent, q_nope.dtype)
+        kv = self.kv_b_proj(c).view(B, S, H, D + self.v_head_dim).transpose(1, 2)
+        k_nope, v = kv.split([D, self.v_head_dim], dim=-1)
+        k_rope = (
+            k_rope.expand(B, H, S, R)
+            if self.rope_kv_heads == 1
+            else k_rope.repeat_interleave(H // self.rope_kv_heads, 1)
+        )
+        q, k = torch.cat([q_nope, q_rope], dim=-1), torch.cat([k_nope, k_rope], dim=-1)
         return attention(q, k, v, mask=mask, causal=mask is None, scale=self.scale)
 
     def _absorbed(self, q_nope, q_rope, latent, mask=None) -> torch.Tensor:
         """Attend over the cached ``latent`` [B, S, width] directly, up-projections folded in."""
+        B, S, _ = latent.shape
+        G, r = self.rope_kv_heads, self.kv_lora_rank
         w_uk, w_uv = self._up_projections()
         q = torch.cat([torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk), q_rope], dim=-1)
-        kv = latent.to(q.dtype)[:, None]  # one K/V head for all query heads
-        y = attention(q, kv, kv[..., : self.kv_lora_rank], mask=mask, scale=self.scale)
+        if G == 1:  # one K/V head for all query heads: [c; k^R], values its first kv_lora_rank channels
+            kv = latent.to(q.dtype)[:, None]
+            k, v = kv, kv[..., :r]
+        else:  # a K/V head per RoPE key: [c; k^R_g], values c (the latent is repeated, not cached per head)
+            c, k_rope = self._split_latent(latent, q.dtype)
+            v = c[:, None].expand(B, G, S, r)
+            k = torch.cat([v, k_rope], dim=-1)
+        y = attention(q, k, v, mask=mask, scale=self.scale)
         return torch.einsum("bhtr,hdr->bhtd", y, w_uv)
 
     # -- cache and footprint -------------------------------------------------
 
     def new_cache_slot(self, batch_size: int, max_len: int, dtype: torch.dtype, device):
-        return LatentKV(batch_size, max_len, self.kv_lora_rank + self.rope_head_dim, dtype=dtype, device=device)
+        return LatentKV(batch_size, max_len, self.kv_lora_rank + self.latent_rope_width, dtype=dtype, device=device)
 
     def kv_footprint(self, dtype: torch.dtype) -> LayerFootprint:
-        return LayerFootprint(bytes_per_token=(self.kv_lora_rank + self.rope_head_dim) * dtype.itemsize)
+        return LayerFootprint(bytes_per_token=(self.kv_lora_rank + self.latent_rope_width) * dtype.itemsize)

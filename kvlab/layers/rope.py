@@ -1,10 +1,15 @@
-"""RoPE tables as a module: cos/sin for every position up to max_seq_len, computed once.
+"""RoPE angles as modules, asked for the angles of a step: consecutive
+positions after ``start`` (a cache's count) or explicit per-token
+``positions`` (packed documents).
 
-Mixers that rotate queries and keys (attention, MLA) hold one ``Rotary``
-and ask it for the angles of a step: consecutive positions after ``start``
-(a cache's count) or explicit per-token ``positions`` (packed documents).
-The tables are buffers that are not saved; ``reset_buffers`` recomputes
-them after a model is built on the meta device.
+- ``Rotary``: the standard frequencies theta^(-2i/dims), as cos/sin tables
+  for every position up to max_seq_len, computed once. The tables are
+  buffers that are not saved; ``reset_buffers`` recomputes them after a
+  model is built on the meta device.
+- ``HeadwiseRotary``: each head rotates its pairs at its own frequencies,
+  picked from a wider rotary's (partial RoPE as MHA2MLA converts it: each
+  head keeps the parent's frequencies that mattered most to it). Angles are
+  computed per step, so loaded selections are used as they are.
 """
 
 from __future__ import annotations
@@ -37,3 +42,34 @@ class Rotary(nn.Module):
         if start + length > self.max_seq_len:
             raise ValueError(f"position {start + length - 1} is beyond max_seq_len={self.max_seq_len}")
         return self.cos[start : start + length], self.sin[start : start + length]
+
+
+class HeadwiseRotary(nn.Module):
+    """Per head, ``dims / 2`` pairs rotated at frequencies picked from a ``spectrum``-wide rotary's.
+
+    ``pair_index`` [heads, dims/2] (a saved integer buffer, so no dtype cast
+    rounds it) says which: pair j of head h turns at
+    theta^(-2 pair_index[h, j] / spectrum).
+    """
+
+    def __init__(self, heads: int, dims: int, spectrum: int, theta: float, max_seq_len: int):
+        super().__init__()
+        self.heads, self.dims, self.spectrum, self.theta, self.max_seq_len = heads, dims, spectrum, theta, max_seq_len
+        self.register_buffer("pair_index", torch.empty(heads, dims // 2, dtype=torch.long))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Every head starts with the spectrum's highest frequencies."""
+        if not self.pair_index.is_meta:
+            self.pair_index.copy_(torch.arange(self.dims // 2).expand(self.heads, -1))
+
+    def forward(self, start: int, length: int, positions: torch.Tensor | None = None):
+        """cos, sin of [1, heads, length, dims] from ``start`` on, or [B, heads, T, dims] at ``positions``."""
+        if positions is None:
+            if start + length > self.max_seq_len:
+                raise ValueError(f"position {start + length - 1} is beyond max_seq_len={self.max_seq_len}")
+            positions = torch.arange(start, start + length, device=self.pair_index.device)[None]
+        inv_freq = self.theta ** (-2.0 * self.pair_index.double() / self.spectrum)
+        angles = positions[:, None, :, None].double() * inv_freq[None, :, None, :]
+        angles = torch.cat([angles, angles], dim=-1)
+        return angles.cos().float(), angles.sin().float()

@@ -208,7 +208,7 @@ CALIBRATION_ROWS = 8  # training rows that convert.method=similarity compares he
 def _converted(model, spec: dict, datamodule: LMDataModule):
     """``init.convert`` applied to the initial model, with calibration rows from the training data."""
     calibration = None
-    if spec.get("method") == "similarity":
+    if spec.get("method") == "similarity" or spec.get("to") == "mla":  # they measure heads on tokens
         datamodule.setup("fit")
         rows = datamodule.splits["train"][:CALIBRATION_ROWS]["input_ids"]
         calibration = torch.as_tensor(rows)[:, :-1].long()

@@ -188,3 +188,99 @@ def test_cla_owners_take_the_mean_of_their_readers_and_readers_drop_their_kv(spe
 def test_cla_refuses_a_model_that_already_shares():
     with pytest.raises(ValueError, match="already shares K/V"):
         convert_model(build_model(tiny(kv_sharing={"kind": "cla", "every": 2})), {"to": "cla", "every": 2})
+
+
+MHA2MLA_PARENTS = {
+    "mha": tiny(mixer={"kind": "attention", "n_heads": 4}),
+    "gqa": tiny(mixer={"kind": "attention", "n_heads": 4, "n_kv_heads": 2}),
+}
+
+
+@pytest.mark.parametrize("parent", list(MHA2MLA_PARENTS))
+def test_mha2mla_keeping_every_rope_pair_at_full_rank_is_the_identity(parent):
+    model = build_model(MHA2MLA_PARENTS[parent]).eval()
+    ids = torch.randint(0, 97, (2, 13))
+    # keys' no-RoPE rows (none here) + values of all K/V heads: at most d_model = 64 independent rows
+    mla = convert_model(model, {"to": "mla", "kv_lora_rank": 64, "rope_dims": 16}, calibration=ids).eval()
+    assert mla.config.mixer.kind == "mla" and mla.config.mixer.rope_kv_heads == model.config.mixer.n_kv_heads
+    with torch.no_grad():
+        assert (mla(ids) - model(ids)).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("parent", list(MHA2MLA_PARENTS))
+def test_mha2mla_partial_rope_is_attention_with_the_dropped_pairs_unrotated(parent):
+    """At full rank, only partial RoPE changes the function: compare one layer with a textbook reference."""
+    from kvlab.archs.convert import mha2mla_rope_pairs
+    from kvlab.kernels.attention import attention_reference
+    from kvlab.kernels.rope import rope_tables
+
+    model = build_model(MHA2MLA_PARENTS[parent] | {"n_layers": 1}).eval()
+    ids = torch.randint(0, 97, (2, 13))
+    mla = convert_model(model, {"to": "mla", "kv_lora_rank": 64, "rope_dims": 6}, calibration=ids).eval()
+    keep = mha2mla_rope_pairs(model, 6, ids)[0]  # [Hk, 3]
+    old = model.layers[0].mixer
+    H, Hk, d, T = 4, old.n_kv_heads, 16, 13
+    x = torch.randn(2, T, 64)
+    q = old.q_proj(x).view(2, T, H, d).transpose(1, 2)
+    k = old.k_proj(x).view(2, T, Hk, d).transpose(1, 2)
+    v = old.v_proj(x).view(2, T, Hk, d).transpose(1, 2)
+    cos, sin = rope_tables(d, old.cfg.rope_theta, T)
+    kept = torch.zeros(Hk, d, dtype=torch.bool)
+    for g in range(Hk):
+        kept[g, keep[g]] = kept[g, keep[g] + d // 2] = True
+
+    def rotate(t, heads_kept):  # RoPE on the kept pairs only
+        c = torch.where(heads_kept[:, None], cos, torch.ones_like(cos))
+        s = torch.where(heads_kept[:, None], sin, torch.zeros_like(sin))
+        return t * c + torch.cat([-t[..., d // 2 :], t[..., : d // 2]], dim=-1) * s
+
+    q = rotate(q, kept.repeat_interleave(H // Hk, dim=0))
+    k = rotate(k, kept)
+    y = attention_reference(q, k, v, causal=True, scale=d**-0.5)
+    want = old.o_proj(y.transpose(1, 2).reshape(2, T, H * d))
+    with torch.no_grad():
+        torch.testing.assert_close(mla.layers[0].mixer(x), want, atol=1e-5, rtol=1e-5)
+
+
+def test_mha2mla_keeps_the_pairs_that_carry_the_scores():
+    model = build_model(MHA2MLA_PARENTS["gqa"])
+    with torch.no_grad():  # K/V head 0 leans on pair 5, head 1 on pair 2 (channels p and p + 8)
+        for layer in model.layers:
+            for proj, heads in ((layer.mixer.q_proj, 4), (layer.mixer.k_proj, 2)):
+                w = proj.weight.view(heads, 16, 64)
+                for h in range(heads):
+                    p = 5 if h * 2 // heads == 0 else 2
+                    w[h, [p, p + 8]] *= 20
+    from kvlab.archs.convert import mha2mla_rope_pairs
+
+    for calibration in (None, torch.randint(0, 97, (2, 13))):
+        pairs = mha2mla_rope_pairs(model, 2, calibration)
+        assert all(p.tolist() == [[5], [2]] for p in pairs.values())
+
+
+def test_mha2mla_error_falls_with_rank_and_the_cache_is_latent_plus_rope_keys():
+    model = build_model(MHA2MLA_PARENTS["mha"]).eval()
+    ids = torch.randint(0, 97, (2, 13))
+    errors = []
+    for rank in (8, 24, 48, 64):
+        mla = convert_model(model, {"to": "mla", "kv_lora_rank": rank, "rope_dims": 16}, calibration=ids).eval()
+        assert mla.kv_footprint().bytes_per_token == 4 * (rank + 4 * 16) * 2  # 4 layers, bf16
+        with torch.no_grad():
+            errors.append((mla(ids) - model(ids)).abs().max().item())
+    assert errors == sorted(errors, reverse=True) and errors[-1] <= 1e-4
+
+
+@pytest.mark.parametrize(
+    "spec,convert,message",
+    [
+        (tiny(mixer={"kind": "attention", "n_heads": 4, "qkv_bias": True}), {}, "the model has biases; MLA has none"),
+        (tiny(mixer={"kind": "attention", "n_heads": 4, "rope_dims": 8}), {}, "the model has partial RoPE"),
+        (MHA2MLA_PARENTS["mha"], {"rope_dims": 5}, "convert.rope_dims=5 must be even"),
+        (MHA2MLA_PARENTS["mha"], {"rope_dims": 32}, "convert.rope_dims=32 must be even and at most the head_dim=16"),
+        (tiny(kv_sharing={"kind": "cla", "every": 2}), {}, "unshared"),
+    ],
+    ids=["bias", "partial_rope", "odd", "too_wide", "shared"],
+)
+def test_mha2mla_refuses_what_it_cannot_convert(spec, convert, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        convert_model(build_model(spec), {"to": "mla", "kv_lora_rank": 16, "rope_dims": 4} | convert)

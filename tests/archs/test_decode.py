@@ -23,6 +23,19 @@ VARIANTS = {
     "mla_q_lora": tiny(
         mixer={"kind": "mla", "n_heads": 4, "head_dim": 16, "rope_head_dim": 8, "kv_lora_rank": 24, "q_lora_rank": 32}
     ),
+    "mla_mha2mla_form": tiny(  # per-KV-head RoPE keys at picked frequencies, no latent norm, wider values
+        mixer={
+            "kind": "mla",
+            "n_heads": 4,
+            "head_dim": 8,
+            "v_head_dim": 16,
+            "rope_head_dim": 8,
+            "rope_kv_heads": 2,
+            "rope_spectrum": 16,
+            "kv_lora_rank": 24,
+            "latent_norm": False,
+        }
+    ),  # fmt: skip
     "hybrid_mla_window": tiny(
         mixer=None,
         pattern="MW",

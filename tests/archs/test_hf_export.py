@@ -36,6 +36,19 @@ REMOTE = {
     "kv_source": tiny(kv_source=[0, 0, 0, 3]),
     "partial_rope": tiny(mixer={**ATTENTION, "rope_dims": 8}),
     "gelu_layernorm": tiny(mlp={"kind": "gelu", "hidden": 96}, norm={"kind": "layernorm"}),
+    "mla_mha2mla_form": tiny(
+        mixer={
+            "kind": "mla",
+            "n_heads": 4,
+            "head_dim": 8,
+            "v_head_dim": 16,
+            "rope_head_dim": 8,
+            "rope_kv_heads": 2,
+            "rope_spectrum": 16,
+            "kv_lora_rank": 24,
+            "latent_norm": False,
+        }
+    ),  # fmt: skip
     "hybrid_mla_gqa": tiny(mixer=None, pattern="MA", mixers={"M": preset_dict("mla")["mixer"], "A": ATTENTION}),
     "hybrid_window": tiny(  # ring-buffer layers, wrapped around during generation
         mixer=None,
@@ -84,6 +97,9 @@ def exported(tmp_path_factory):
             for p in model.parameters():
                 p.add_(0.02 * torch.randn_like(p))
                 p.mul_(8 if name.startswith("sharp") else 1)
+            for buffer_name, b in model.named_buffers():  # MHA2MLA's picked RoPE frequencies travel too
+                if buffer_name.endswith("pair_index"):
+                    b.copy_(torch.stack([torch.randperm(8)[: b.shape[1]] for _ in range(b.shape[0])]))
         out = root / name
         save_hf(model, out, max_shard_bytes=20_000 if name == "sharded" else 5 * 2**30,
                 remote_code=True if name.endswith("forced") else None)  # fmt: skip

@@ -51,6 +51,15 @@ def test_gqa_uptrain_runs_every_stage_then_reuses_the_parent(tmp_path, data_cach
     assert cla["converted"]["kv_bytes_per_token"] * 2 == cla["parent"]["kv_bytes_per_token"]
     assert cla["uptrained"]["val_ppl"] < cla["converted"]["val_ppl"]
 
+    # and mla_uptrain (MHA2MLA): per layer a 16-wide latent + 8 K/V heads x 4 RoPE channels, vs 2 x 8 x 8
+    train(tmp_path, data_cache, "recipe=mla_uptrain", *TINY_MHA, *PARENT, "init.convert.kv_lora_rank=16",
+          "init.convert.rope_dims=4")  # fmt: skip
+    mla = _metrics(tmp_path, "mla_uptrain")
+    assert mla["parent"]["val_loss"] == pytest.approx(m["parent"]["val_loss"], abs=1e-6)
+    assert mla["model"]["mixer"]["kind"] == "mla"
+    assert mla["converted"]["kv_bytes_per_token"] * 128 == mla["parent"]["kv_bytes_per_token"] * (16 + 8 * 4)
+    assert mla["uptrained"]["val_ppl"] < mla["converted"]["val_ppl"]
+
 
 def test_uptrain_a_checkpoint_parent_counts_its_tokens_and_groups_by_similarity(tmp_path, data_cache):
     train(tmp_path, data_cache, "recipe=pretrain", *TINY_MHA, "trainer.max_steps=20")
