@@ -58,7 +58,7 @@ REMOTE = {
     "sharp_forced": tiny(),  # "sharp" again, with remote_code=True though it has a native class
 }
 EXPORTED = {**NATIVE, **REMOTE}
-PRESET_TYPES = {"mha": "llama", "gqa": "llama", "mqa": "llama", "mla": "deepseek_v3", "cla": "kvlab"}
+PRESET_TYPES = {"mha": "llama", "gqa": "llama", "mqa": "llama", "mla": "deepseek_v3", "cla": "kvlab", "mlkv": "kvlab"}
 EXPECTED_TYPE = {**PRESET_TYPES, "mistral_window": "mistral", "qwen2_bias": "qwen2", "mla_q_lora": "deepseek_v3",
                  **dict.fromkeys(REMOTE, "kvlab")}  # fmt: skip
 
