@@ -44,6 +44,13 @@ VARIANTS = {
             "W": {"kind": "attention", "n_heads": 4, "n_kv_heads": 1, "window": 3},
         },
     ),
+    "infini": tiny(mixer={"kind": "infini", "n_heads": 4, "n_kv_heads": 2, "segment_len": 5}),
+    "infini_linear_mha": tiny(mixer={"kind": "infini", "n_heads": 4, "segment_len": 4, "update": "linear"}),
+    "hybrid_infini_gqa": tiny(
+        mixer=None,
+        pattern="IA",
+        mixers={"I": {"kind": "infini", "n_heads": 4, "segment_len": 6}, "A": {"kind": "attention", "n_heads": 4}},
+    ),
     "hybrid_window": tiny(
         mixer=None,
         pattern="WWG",

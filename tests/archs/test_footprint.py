@@ -14,7 +14,7 @@ def test_cache_bytes_equal_footprint(name, dtype):
     fp = model.kv_footprint(dtype)
     cache = model.new_cache(batch_size=3, max_len=20, dtype=dtype)
     assert cache.allocated_bytes() == fp.total_bytes(20, batch_size=3)
-    assert cache.nbytes() == fp.total_bytes(0, batch_size=3) == 0
+    assert cache.nbytes() == fp.total_bytes(0, batch_size=3)  # 0, or the fixed states held from the start
     ids = torch.randint(0, 97, (3, 20))
     seen = 0
     with torch.no_grad():

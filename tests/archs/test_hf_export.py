@@ -19,8 +19,18 @@ from tests.conftest import PRESETS, preset_dict, tiny
 transformers = pytest.importorskip("transformers")
 
 ATTENTION = {"kind": "attention", "n_heads": 4, "n_kv_heads": 2}
+
+
+def _small(preset: dict) -> dict:
+    """A preset cut to 2 layers (its layer layout with them) and a tiny vocabulary."""
+    small = preset | {"n_layers": 2, "vocab_size": 97, "max_seq_len": 64}
+    if preset.get("kv_source"):
+        small["kv_source"] = preset["kv_source"][:2]
+    return small
+
+
 NATIVE = {
-    **{name: preset_dict(name) | {"n_layers": 2, "vocab_size": 97, "max_seq_len": 64} for name in PRESETS},
+    **{name: _small(preset_dict(name)) for name in PRESETS},
     "llama_bias_tied": tiny(mixer={**ATTENTION, "qkv_bias": True, "o_bias": True}, tie_embeddings=True),
     "mistral_window": tiny(mixer={**ATTENTION, "window": 6}),
     "qwen2_bias": tiny(mixer={**ATTENTION, "qkv_bias": True}),
@@ -49,6 +59,9 @@ REMOTE = {
             "latent_norm": False,
         }
     ),  # fmt: skip
+    "infini_hybrid": tiny(
+        mixer=None, pattern="IA", mixers={"I": {"kind": "infini", "n_heads": 4, "segment_len": 5}, "A": ATTENTION}
+    ),  # fmt: skip
     "hybrid_mla_gqa": tiny(mixer=None, pattern="MA", mixers={"M": preset_dict("mla")["mixer"], "A": ATTENTION}),
     "hybrid_window": tiny(  # ring-buffer layers, wrapped around during generation
         mixer=None,
@@ -58,7 +71,8 @@ REMOTE = {
     "sharp_forced": tiny(),  # "sharp" again, with remote_code=True though it has a native class
 }
 EXPORTED = {**NATIVE, **REMOTE}
-PRESET_TYPES = {"mha": "llama", "gqa": "llama", "mqa": "llama", "mla": "deepseek_v3", "cla": "kvlab", "mlkv": "kvlab"}
+PRESET_TYPES = {"mha": "llama", "gqa": "llama", "mqa": "llama", "mla": "deepseek_v3", "cla": "kvlab", "mlkv": "kvlab",
+                "infini": "kvlab"}  # fmt: skip
 EXPECTED_TYPE = {**PRESET_TYPES, "mistral_window": "mistral", "qwen2_bias": "qwen2", "mla_q_lora": "deepseek_v3",
                  **dict.fromkeys(REMOTE, "kvlab")}  # fmt: skip
 
