@@ -14,7 +14,10 @@ weights are derived from ``model``'s:
   position, then mean-pooled. Groups stay equal in size (the attention mixer
   has one group size), so the query heads of each group are permuted to be
   contiguous, and the output projection's columns with them: before pooling
-  the model computes exactly what it did.
+  the model computes exactly what it did. With ``uneven: true`` the groups
+  may differ in size (average-linkage clustering of the heads into
+  ``n_kv_heads`` clusters), as AsymGQA proposes: the attention mixer's
+  ``kv_groups`` then maps each query head to its cluster, per layer.
 - ``method: weighted`` (WGQA, Chinnakonduru & Mohapatra 2024): the K/V
   projections are kept whole and each new K/V head is a learned weighted sum
   of its group (the attention mixer's ``kv_merge``), starting as the mean;
@@ -43,12 +46,13 @@ from __future__ import annotations
 
 import copy
 import logging
+import string
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from kvlab._config import check_choice, check_int, check_keys
+from kvlab._config import check_bool, check_choice, check_int, check_keys, to_dict
 from kvlab.archs.config import ModelConfig
 from kvlab.archs.model import CausalLM
 from kvlab.layers.attention import AttentionConfig
@@ -79,17 +83,20 @@ def convert_model(model: CausalLM, spec: Mapping[str, Any], calibration: torch.T
         check_int(spec.get("rope_dims"), "convert.rope_dims", minimum=2)
         converted = _to_mla(model, spec["kv_lora_rank"], spec["rope_dims"], calibration)
     else:
-        check_keys(spec, ["to", "n_kv_heads", "method"], "convert")
+        check_keys(spec, ["to", "n_kv_heads", "method", "uneven"], "convert")
         n_kv_heads = 1 if spec["to"] == "mqa" else spec.get("n_kv_heads")
-        method = spec.get("method", "mean")
+        method, uneven = spec.get("method", "mean"), spec.get("uneven", False)
         check_int(n_kv_heads, "convert.n_kv_heads", minimum=1)
         check_choice(method, "convert.method", GQA_METHODS)
+        check_bool(uneven, "convert.uneven")
+        if uneven and method != "similarity":
+            raise ValueError(f"convert.uneven=true needs method=similarity (got method={method})")
         groups = None
         if method == "similarity":
             if calibration is None:
                 raise ValueError("convert.method=similarity needs calibration tokens to compare the heads on")
-            groups = similarity_groups(model, calibration, n_kv_heads)
-        converted = _to_gqa(model, n_kv_heads, method, groups)
+            groups = similarity_groups(model, calibration, n_kv_heads, equal=not uneven)
+        converted = _to_uneven_gqa(model, groups) if uneven else _to_gqa(model, n_kv_heads, method, groups)
     before = model.kv_footprint(torch.bfloat16).bytes_per_token
     after = converted.kv_footprint(torch.bfloat16).bytes_per_token
     log.info("convert to %s (%s): KV cache %d -> %d bytes/token (bf16)", spec["to"], method, before, after)
@@ -139,6 +146,42 @@ def _to_gqa(model: CausalLM, n_kv_heads: int, method: str, groups: dict[int, lis
                 if key in state:
                     state[key] = _pool_heads(state[key], mixer.n_kv_heads, n_kv_heads, method)
     return _build(new_cfg_dict, state, like=model)
+
+
+def _to_uneven_gqa(model: CausalLM, groups: dict[int, list[list[int]]]) -> CausalLM:
+    """K/V heads pooled within each layer's clusters; query heads keep reading their own head's pool."""
+    cfg = model.config
+    cfg_dict = copy.deepcopy(cfg.to_dict())
+    layer_dicts = [to_dict(m) for m in cfg.layer_mixers]
+    if cfg.n_layers > len(LAYER_NAMES):
+        raise ValueError(f"convert.uneven: at most {len(LAYER_NAMES)} layers (one mixer name each), got {cfg.n_layers}")
+    state = dict(model.state_dict())
+    for i, layer in enumerate(model.layers):
+        mixer = layer.mixer
+        if not isinstance(mixer.cfg, AttentionConfig):
+            continue
+        if mixer.cfg.kv_merge > 1 or mixer.cfg.kv_groups is not None:
+            raise ValueError("convert.uneven: the model already has WGQA merge weights or uneven groups")
+        clusters = groups[cfg.layer_kv_source[i]]
+        cluster_of = {h: c for c, members in enumerate(clusters) for h in members}
+        per_kv = mixer.n_heads // mixer.n_kv_heads
+        layer_dicts[i].update(
+            n_kv_heads=len(clusters), kv_groups=[cluster_of[q // per_kv] for q in range(mixer.n_heads)]
+        )
+        if not mixer.owns_kv:
+            continue
+        for proj in ("k_proj", "v_proj"):
+            for tensor in ("weight", "bias"):
+                key = f"layers.{i}.mixer.{proj}.{tensor}"
+                if key in state:
+                    heads = state[key].unflatten(0, (mixer.n_kv_heads, mixer.head_dim))
+                    state[key] = torch.cat([heads[members].mean(dim=0) for members in clusters])
+    cfg_dict.update(mixer=None, pattern=LAYER_NAMES[: cfg.n_layers],
+                    mixers={LAYER_NAMES[i]: d for i, d in enumerate(layer_dicts)})  # fmt: skip
+    return _build(cfg_dict, state, like=model)
+
+
+LAYER_NAMES = string.ascii_letters + string.digits  # one mixer name per layer when layers differ
 
 
 def _to_cla(model: CausalLM, spec: Mapping[str, Any]) -> CausalLM:
@@ -322,13 +365,17 @@ def _permute_heads(state: dict, prefix: str, order: list[int], head_dim: int, di
 
 
 @torch.no_grad()
-def similarity_groups(model: CausalLM, calibration: torch.Tensor, n_kv_heads: int) -> dict[int, list[list[int]]]:
-    """For each K/V-owning attention layer, its heads in ``n_kv_heads`` equal groups of alike heads.
+def similarity_groups(
+    model: CausalLM, calibration: torch.Tensor, n_kv_heads: int, equal: bool = True
+) -> dict[int, list[list[int]]]:
+    """For each K/V-owning attention layer, its K/V heads in ``n_kv_heads`` groups of alike heads.
 
     A head is described by its keys and values on ``calibration`` (all tokens,
-    concatenated); alike means cosine similarity. Grouping is greedy and
-    deterministic: the lowest-numbered free head takes the free heads most
-    like it until its group is full.
+    concatenated); alike means cosine similarity. ``equal``: greedy equal-size
+    groups, the lowest-numbered free head taking the free heads most like it
+    until its group is full. Otherwise average-linkage clustering: the two
+    clusters most alike on average merge until ``n_kv_heads`` remain (groups
+    listed by their lowest head). Both are deterministic.
     """
     outputs: dict[tuple[int, str], torch.Tensor] = {}
     hooks = []
@@ -348,20 +395,41 @@ def similarity_groups(model: CausalLM, calibration: torch.Tensor, n_kv_heads: in
     for i, layer in enumerate(model.layers):
         if (i, "k_proj") not in outputs:
             continue
-        heads, size = layer.mixer.n_kv_heads, layer.mixer.n_kv_heads // n_kv_heads
+        heads = layer.mixer.n_kv_heads
+        if n_kv_heads > heads:
+            raise ValueError(f"convert.n_kv_heads={n_kv_heads} is more than layer {i}'s {heads} K/V heads")
         per_head = [outputs[i, p].float().reshape(-1, heads, layer.mixer.head_dim) for p in ("k_proj", "v_proj")]
         features = torch.cat([t.transpose(0, 1).reshape(heads, -1) for t in per_head], dim=1)
         features = torch.nn.functional.normalize(features, dim=1)
         similarity = features @ features.T
-        free, layer_groups = list(range(heads)), []
-        while free:
-            seed = free[0]
-            ranked = sorted(free[1:], key=lambda h: -similarity[seed, h].item())
-            group = [seed, *ranked[: size - 1]]
-            layer_groups.append(group)
-            free = [h for h in free if h not in group]
-        groups[i] = layer_groups
+        groups[i] = _equal_groups(similarity, n_kv_heads) if equal else _linkage_groups(similarity, n_kv_heads)
     return groups
+
+
+def _equal_groups(similarity: torch.Tensor, n_groups: int) -> list[list[int]]:
+    size = similarity.shape[0] // n_groups
+    free, groups = list(range(similarity.shape[0])), []
+    while free:
+        seed = free[0]
+        ranked = sorted(free[1:], key=lambda h: -similarity[seed, h].item())
+        group = [seed, *ranked[: size - 1]]
+        groups.append(group)
+        free = [h for h in free if h not in group]
+    return groups
+
+
+def _linkage_groups(similarity: torch.Tensor, n_groups: int) -> list[list[int]]:
+    clusters = [[h] for h in range(similarity.shape[0])]
+    while len(clusters) > n_groups:
+        best, pair = None, None
+        for a in range(len(clusters)):
+            for b in range(a + 1, len(clusters)):
+                mean = similarity[clusters[a]][:, clusters[b]].mean().item()
+                if best is None or mean > best:
+                    best, pair = mean, (a, b)
+        a, b = pair
+        clusters[a] = sorted(clusters[a] + clusters.pop(b))
+    return sorted(clusters)
 
 
 def _pool_heads(w: torch.Tensor, old_heads: int, new_heads: int, method: str) -> torch.Tensor:

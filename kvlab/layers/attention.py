@@ -19,6 +19,12 @@ learned weighted sum of ``m`` of them (weights start at 1/m, mean pooling).
 It is a training-time form: ``kvlab.archs.convert.fold_kv_merge`` folds the
 weights into plain projections, the same function with ``kv_merge: 1``.
 
+Uneven groups (after AsymGQA, Chen et al. 2024): ``kv_groups`` lists, for
+each query head, the K/V head it reads, so groups may differ in size and
+need not be contiguous (a conversion that groups heads by similarity writes
+it). The K/V heads are gathered to the query heads at attention time; the
+cache keeps ``n_kv_heads``.
+
 Cache per token and layer: 2 * n_kv_heads * head_dim elements.
 """
 
@@ -50,6 +56,7 @@ class AttentionConfig(MixerConfig):
     qkv_bias: bool = False
     o_bias: bool = False  # Llama's attention_bias puts a bias on the output projection too
     kv_merge: int = 1  # > 1: each K/V head is a learned weighted sum of this many projection heads (WGQA)
+    kv_groups: list[int] | None = None  # per query head, the K/V head it reads; None: equal consecutive groups
 
     def validate(self, d_model: int, path: str) -> None:
         check_int(self.n_heads, f"{path}.n_heads", minimum=1)
@@ -63,10 +70,12 @@ class AttentionConfig(MixerConfig):
         check_int(self.kv_merge, f"{path}.kv_merge", minimum=1)
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
-        if self.n_heads % self.n_kv_heads:
+        if self.kv_groups is not None:
+            self._check_kv_groups(path)
+        elif self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"{path}.n_heads={self.n_heads} is not divisible by {path}.n_kv_heads={self.n_kv_heads}; "
-                f"n_kv_heads must divide n_heads"
+                f"n_kv_heads must divide n_heads (or give kv_groups for uneven groups)"
             )
         if self.head_dim is None:
             if d_model % self.n_heads:
@@ -81,6 +90,19 @@ class AttentionConfig(MixerConfig):
             raise ValueError(
                 f"{path}.rope_dims={self.rope_dims} must be even and at most {path}.head_dim={self.head_dim}"
             )
+
+    def _check_kv_groups(self, path: str) -> None:
+        groups = self.kv_groups
+        if not isinstance(groups, (list, tuple)) or len(groups) != self.n_heads:
+            raise ValueError(f"{path}.kv_groups={groups!r} must list one K/V head per query head ({self.n_heads})")
+        for h, g in enumerate(groups):
+            check_int(g, f"{path}.kv_groups[{h}]", minimum=0)
+            if g >= self.n_kv_heads:
+                raise ValueError(f"{path}.kv_groups[{h}]={g} must be below n_kv_heads={self.n_kv_heads}")
+        unread = sorted(set(range(self.n_kv_heads)) - set(groups))
+        if unread:
+            raise ValueError(f"{path}.kv_groups leaves K/V heads {unread} unread; every K/V head needs a query head")
+        self.kv_groups = list(groups)
 
     def kv_compatible(self, source: MixerConfig) -> str | None:
         if not isinstance(source, AttentionConfig):
@@ -113,6 +135,16 @@ class Attention(nn.Module):
                 self.reset_parameters()
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, d_model, bias=cfg.o_bias)
         self.rotary = Rotary(cfg.rope_dims, cfg.rope_theta, max_seq_len)
+        if cfg.kv_groups is not None:
+            self.register_buffer("kv_index", torch.empty(cfg.n_heads, dtype=torch.long), persistent=False)
+            self.reset_buffers()
+        else:
+            self.kv_index = None
+
+    def reset_buffers(self) -> None:
+        """The query head -> K/V head map, from the config (also after building on the meta device)."""
+        if self.kv_index is not None and not self.kv_index.is_meta:
+            self.kv_index.copy_(torch.tensor(self.cfg.kv_groups))
 
     def reset_parameters(self) -> None:
         """WGQA merge weights start as mean pooling."""
@@ -160,6 +192,8 @@ class Attention(nn.Module):
         k, v = view.k, view.v
         if k.dtype != q.dtype:  # a cache kept in another dtype than the activations
             k, v = k.to(q.dtype), v.to(q.dtype)
+        if self.kv_index is not None:  # uneven groups: one K/V head per query head
+            k, v = k.index_select(1, self.kv_index), v.index_select(1, self.kv_index)
         if doc_ids is not None:  # packed documents (training, no cache): T == S
             return attention(q, k, v, mask=document_mask(doc_ids, window), scale=self.scale)
         fits_window = window is None or S <= window

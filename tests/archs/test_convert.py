@@ -284,3 +284,42 @@ def test_mha2mla_error_falls_with_rank_and_the_cache_is_latent_plus_rope_keys():
 def test_mha2mla_refuses_what_it_cannot_convert(spec, convert, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         convert_model(build_model(spec), {"to": "mla", "kv_lora_rank": 16, "rope_dims": 4} | convert)
+
+
+def test_uneven_kv_groups_equal_mha_with_the_heads_duplicated():
+    """kv_groups [0, 2, 1, 2] over 3 K/V heads is MHA whose K/V heads are copies of those three."""
+    uneven = build_model(tiny(mixer={"kind": "attention", "n_heads": 4, "n_kv_heads": 3, "kv_groups": [0, 2, 1, 2]}))
+    mha = build_model(tiny(mixer={"kind": "attention", "n_heads": 4}))
+    state = uneven.state_dict()
+    for i in range(4):
+        for proj in ("k_proj", "v_proj"):
+            w = state[f"layers.{i}.mixer.{proj}.weight"].view(3, 16, 64)
+            state[f"layers.{i}.mixer.{proj}.weight"] = w[[0, 2, 1, 2]].reshape(64, 64)
+    mha.load_state_dict(state)
+    ids = torch.randint(0, 97, (2, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(uneven.eval()(ids), mha.eval()(ids), atol=1e-5, rtol=1e-5)
+
+
+def test_uneven_similarity_groups_pool_unequal_twins_exactly():
+    """K/V heads 0, 1 and 3 are identical, 2 differs: two uneven groups pool exactly, equal ones cannot."""
+    model = build_model(MHA).eval()
+    with torch.no_grad():
+        for layer in model.layers:
+            for proj in (layer.mixer.k_proj, layer.mixer.v_proj):
+                w = proj.weight.view(4, 16, 64)
+                w[1], w[3] = w[0], w[0]
+    ids = torch.randint(0, 97, (2, 13))
+    spec = {"to": "gqa", "n_kv_heads": 2, "method": "similarity"}
+    uneven = convert_model(model, spec | {"uneven": True}, calibration=ids).eval()
+    equal = convert_model(model, spec, calibration=ids).eval()
+    assert [m.kv_groups for m in uneven.config.layer_mixers] == [[0, 0, 1, 0]] * 4
+    assert uneven.kv_footprint().bytes_per_token * 2 == model.kv_footprint().bytes_per_token
+    with torch.no_grad():
+        assert (uneven(ids) - model(ids)).abs().max() <= 1e-5
+        assert (equal(ids) - model(ids)).abs().max() > 1e-3
+
+
+def test_uneven_needs_similarity():
+    with pytest.raises(ValueError, match="convert.uneven=true needs method=similarity"):
+        convert_model(build_model(MHA), {"to": "gqa", "n_kv_heads": 2, "uneven": True})

@@ -19,6 +19,10 @@ VARIANTS = {
         kv_sharing={"kind": "cla", "every": 2},
     ),  # fmt: skip
     "kv_source": tiny(kv_source=[0, 0, 0, 3]),
+    "uneven_groups_cla": tiny(  # 3 K/V heads for 4 query heads, in groups of 1, 1 and 2
+        mixer={"kind": "attention", "n_heads": 4, "n_kv_heads": 3, "kv_groups": [0, 2, 1, 2]},
+        kv_sharing={"kind": "cla", "every": 2},
+    ),
     "mla": tiny(mixer={"kind": "mla", "n_heads": 4, "head_dim": 16, "rope_head_dim": 8, "kv_lora_rank": 24}),
     "mla_q_lora": tiny(
         mixer={"kind": "mla", "n_heads": 4, "head_dim": 16, "rope_head_dim": 8, "kv_lora_rank": 24, "q_lora_rank": 32}

@@ -44,6 +44,7 @@ NATIVE = {
 REMOTE = {
     "cla_tied": tiny(kv_sharing={"kind": "cla", "every": 2}, tie_embeddings=True),
     "kv_source": tiny(kv_source=[0, 0, 0, 3]),
+    "uneven_groups": tiny(mixer={**ATTENTION, "n_kv_heads": 3, "kv_groups": [0, 2, 1, 2]}),
     "partial_rope": tiny(mixer={**ATTENTION, "rope_dims": 8}),
     "gelu_layernorm": tiny(mlp={"kind": "gelu", "hidden": 96}, norm={"kind": "layernorm"}),
     "mla_mha2mla_form": tiny(
