@@ -26,13 +26,21 @@ import yaml
 from kvlab._config import check_bool, check_choice, check_float, check_int, check_keys, field_names, from_dict, to_dict
 from kvlab.layers import MixerConfig, MLPConfig, NormConfig, mixer_config
 
-KV_SHARING_KINDS = ("cla",)
+KV_SHARING_KINDS = ("cla", "yoco")
 
 
 @dataclass
 class KVSharingConfig:
-    """A preset for ``kv_source``. ``cla``: each group of ``every`` consecutive
-    layers reads the K/V of its first layer (Brandon et al. 2024, CLA-2 is every=2)."""
+    """A preset for ``kv_source``.
+
+    - ``cla``: each group of ``every`` consecutive layers reads the K/V of
+      its first layer (Brandon et al. 2024; CLA-2 is every=2).
+    - ``yoco`` (Sun et al. 2024, "You Only Cache Once"): the lower half of
+      the layers (the self-decoder; give them constant-cache mixers, such as
+      sliding windows) keep their own state; layer n_layers/2 computes one
+      global K/V from the self-decoder's output and every layer above (the
+      cross-decoder) attends to it with its own queries. ``every`` is unused.
+    """
 
     kind: str = "cla"
     every: int = 2
@@ -42,6 +50,9 @@ class KVSharingConfig:
         check_int(self.every, f"{path}.every", minimum=1)
 
     def kv_source(self, n_layers: int) -> list[int]:
+        if self.kind == "yoco":
+            half = n_layers // 2
+            return [min(i, half) for i in range(n_layers)]
         return [i - i % self.every for i in range(n_layers)]
 
 

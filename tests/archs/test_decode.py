@@ -55,6 +55,15 @@ VARIANTS = {
         pattern="IA",
         mixers={"I": {"kind": "infini", "n_heads": 4, "segment_len": 6}, "A": {"kind": "attention", "n_heads": 4}},
     ),
+    "yoco_swa": tiny(
+        mixer=None,
+        pattern="SSCC",
+        mixers={
+            "S": {"kind": "attention", "n_heads": 4, "n_kv_heads": 1, "window": 3},
+            "C": {"kind": "attention", "n_heads": 4, "n_kv_heads": 2},
+        },
+        kv_sharing={"kind": "yoco"},
+    ),
     "hybrid_window": tiny(
         mixer=None,
         pattern="WWG",

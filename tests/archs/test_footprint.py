@@ -45,6 +45,13 @@ def test_window_footprint_is_fixed_once_full():
     assert fp.total_bytes(1000) == 1000 * global_row + fp.fixed_bytes
 
 
+def test_yoco_caches_one_layer_of_kv_per_token_plus_the_self_decoders_windows():
+    fp = build_model(VARIANTS["yoco_swa"]).kv_footprint(torch.bfloat16)  # S S C C, layers 2-3 read layer 2
+    assert [r.kv_source for r in fp.per_layer] == [0, 1, 2, 2]
+    assert fp.bytes_per_token == 2 * 2 * 16 * 2  # the global K/V: 2 heads of 16, K and V, bf16
+    assert fp.fixed_bytes == 2 * (2 * 1 * 16 * 2) * 3  # two window layers, 1 head, holding 3 tokens each
+
+
 def _meta_model(n_heads, n_kv_heads, head_dim, n_layers, **extra):
     cfg = ModelConfig(
         vocab_size=32000,
