@@ -106,6 +106,10 @@ class ModelConfig:
         self.mlp.validate(self.d_model, "mlp")
         self.layer_mixers = self._resolve_mixers()
         self.layer_kv_source = self._resolve_kv_source()
+        for i, m in enumerate(self.layer_mixers[1:], start=1):
+            problem = m.first_layer_problem(self.layer_mixers[0])
+            if problem is not None:
+                raise ValueError(f"layer {i}: {problem}")
 
     def _resolve_mixers(self) -> list[MixerConfig]:
         if self.pattern is None and self.mixers is None:

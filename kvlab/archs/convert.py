@@ -223,6 +223,7 @@ def _to_mla(model: CausalLM, kv_lora_rank: int, rope_dims: int, calibration: tor
         "a sliding window": m.window is not None,
         "biases": m.qkv_bias or m.o_bias,
         "WGQA merge weights": m.kv_merge > 1,
+        "a value residual": m.value_residual is not None,
     }
     if any(reasons.values()):
         raise ValueError(f"convert.to=mla: the model has {', '.join(k for k, v in reasons.items() if v)}; MLA has none")

@@ -54,8 +54,10 @@ class CausalLM(nn.Module):
         self.norm = build_norm(config.norm, config.d_model)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.tie_weights()
-        # Only layers read by others need to publish their K/V each step.
-        self._shares_kv = any(j != i for i, j in enumerate(config.layer_kv_source))
+        # Only layers read by others (or whose values others mix in) need to publish their K/V each step.
+        self._shares_kv = any(j != i for i, j in enumerate(config.layer_kv_source)) or any(
+            getattr(m, "value_residual", None) for m in config.layer_mixers[1:]
+        )
         # Recompute each block in the backward pass instead of keeping its activations.
         self.activation_checkpointing = False
         if not self.embed_tokens.weight.is_meta:

@@ -25,7 +25,14 @@ need not be contiguous (a conversion that groups heads by similarity writes
 it). The K/V heads are gathered to the query heads at attention time; the
 cache keeps ``n_kv_heads``.
 
-Cache per token and layer: 2 * n_kv_heads * head_dim elements.
+Value residual (Zhou et al. 2024): with ``value_residual: resformer`` every
+layer above the first attends to ``(1 - value_mix) V_n + value_mix V_1``,
+its own values mixed with layer 0's; with ``svformer`` it uses V_1 alone and
+has no V projection, so its cache holds keys only (K per layer plus one V).
+Layer 0 provides V_1 and is unaffected.
+
+Cache per token and layer: 2 * n_kv_heads * head_dim elements (keys only
+for SVFormer layers above the first).
 """
 
 from __future__ import annotations
@@ -36,12 +43,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kvlab._config import check_bool, check_float, check_int
+from kvlab._config import check_bool, check_choice, check_float, check_int
 from kvlab.kernels.attention import attention, document_mask, position_mask
 from kvlab.kernels.rope import apply_rope
 from kvlab.layers.base import LayerFootprint, MixerConfig, register_mixer
 from kvlab.layers.kv_cache import KVView, RingKV, StaticKV
 from kvlab.layers.rope import Rotary
+
+VALUE_RESIDUALS = ("resformer", "svformer")
 
 
 @dataclass
@@ -57,6 +66,8 @@ class AttentionConfig(MixerConfig):
     o_bias: bool = False  # Llama's attention_bias puts a bias on the output projection too
     kv_merge: int = 1  # > 1: each K/V head is a learned weighted sum of this many projection heads (WGQA)
     kv_groups: list[int] | None = None  # per query head, the K/V head it reads; None: equal consecutive groups
+    value_residual: str | None = None  # None | resformer | svformer: layers above 0 use layer 0's values
+    value_mix: float = 0.5  # resformer: the weight of layer 0's values
 
     def validate(self, d_model: int, path: str) -> None:
         check_int(self.n_heads, f"{path}.n_heads", minimum=1)
@@ -68,6 +79,11 @@ class AttentionConfig(MixerConfig):
         check_bool(self.qkv_bias, f"{path}.qkv_bias")
         check_bool(self.o_bias, f"{path}.o_bias")
         check_int(self.kv_merge, f"{path}.kv_merge", minimum=1)
+        if self.value_residual is not None:
+            check_choice(self.value_residual, f"{path}.value_residual", VALUE_RESIDUALS)
+            if self.value_residual == "svformer" and self.kv_merge > 1:
+                raise ValueError(f"{path}.value_residual=svformer has no V projection to merge; use kv_merge: 1")
+        check_float(self.value_mix, f"{path}.value_mix")
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.kv_groups is not None:
@@ -104,10 +120,21 @@ class AttentionConfig(MixerConfig):
             raise ValueError(f"{path}.kv_groups leaves K/V heads {unread} unread; every K/V head needs a query head")
         self.kv_groups = list(groups)
 
+    def first_layer_problem(self, first: MixerConfig) -> str | None:
+        if self.value_residual is None:
+            return None
+        if not isinstance(first, AttentionConfig):
+            return f"value_residual={self.value_residual} needs attention in layer 0, which is {first.kind!r}"
+        for name in ("n_kv_heads", "head_dim", "window"):
+            if getattr(self, name) != getattr(first, name):
+                mine, theirs = getattr(self, name), getattr(first, name)
+                return f"value_residual needs layer 0's {name}={theirs}, this layer has {name}={mine}"
+        return None
+
     def kv_compatible(self, source: MixerConfig) -> str | None:
         if not isinstance(source, AttentionConfig):
             return f"source mixer kind {source.kind!r} has no attention K/V"
-        for name in ("n_kv_heads", "head_dim", "rope_dims", "rope_theta", "window"):
+        for name in ("n_kv_heads", "head_dim", "rope_dims", "rope_theta", "window", "value_residual", "value_mix"):
             if getattr(self, name) != getattr(source, name):
                 return f"{name}={getattr(self, name)} differs from the source's {name}={getattr(source, name)}"
         return None
@@ -125,10 +152,13 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
         self.q_proj = nn.Linear(d_model, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        # layers above the first with a value residual take V_1 from layer 0 (SVFormer: only it)
+        self.value_residual = cfg.value_residual if layer_idx > 0 else None
         if self.owns_kv:
             kv_width = cfg.n_kv_heads * cfg.kv_merge * cfg.head_dim
             self.k_proj = nn.Linear(d_model, kv_width, bias=cfg.qkv_bias)
-            self.v_proj = nn.Linear(d_model, kv_width, bias=cfg.qkv_bias)
+            if self.value_residual != "svformer":
+                self.v_proj = nn.Linear(d_model, kv_width, bias=cfg.qkv_bias)
             if cfg.kv_merge > 1:  # one weight per projection head; 1-D, so no weight decay
                 self.k_merge = nn.Parameter(torch.empty(cfg.n_kv_heads * cfg.kv_merge))
                 self.v_merge = nn.Parameter(torch.empty(cfg.n_kv_heads * cfg.kv_merge))
@@ -161,9 +191,16 @@ class Attention(nn.Module):
         if self.owns_kv:
             start = cache.seen if cache is not None else 0
             cos, sin = self.rotary(start, T, positions)
-            k, v = self._kv_heads(self.k_proj(x), "k"), self._kv_heads(self.v_proj(x), "v")
-            k = apply_rope(k, cos, sin)
+            k = apply_rope(self._kv_heads(self.k_proj(x), "k"), cos, sin)
+            if self.value_residual == "svformer":  # keys only; the values are layer 0's
+                v = k.new_empty(*k.shape[:-1], 0)
+            else:
+                v = self._kv_heads(self.v_proj(x), "v")
             view = cache.update(k, v) if cache is not None else KVView(k, v, 0)
+            if self.value_residual is not None:
+                first = shared_kv[0].v.to(view.k.dtype)
+                v = first if self.value_residual == "svformer" else torch.lerp(view.v, first, self.cfg.value_mix)
+                view = KVView(view.k, v, view.start, view.k_pos)
             if shared_kv is not None:
                 shared_kv[self.layer_idx] = view
         else:
@@ -220,10 +257,11 @@ class Attention(nn.Module):
             return None
         length = self._cached_positions(max_len)
         cls = StaticKV if length == max_len else RingKV
-        return cls(batch_size, self.n_kv_heads, length, self.head_dim, self.head_dim, dtype=dtype, device=device)
+        v_dim = 0 if self.value_residual == "svformer" else self.head_dim
+        return cls(batch_size, self.n_kv_heads, length, self.head_dim, v_dim, dtype=dtype, device=device)
 
     def kv_footprint(self, dtype: torch.dtype) -> LayerFootprint:
         if not self.owns_kv:
             return LayerFootprint()
-        per_token = 2 * self.n_kv_heads * self.head_dim * dtype.itemsize
+        per_token = (1 if self.value_residual == "svformer" else 2) * self.n_kv_heads * self.head_dim * dtype.itemsize
         return LayerFootprint(bytes_per_token=per_token, max_tokens=self.cfg.window)

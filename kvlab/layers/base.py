@@ -54,6 +54,10 @@ class MixerConfig:
         """Why this mixer cannot read ``source``'s K/V, or None if it can."""
         return f"mixer kind {self.kind!r} does not read another layer's K/V"
 
+    def first_layer_problem(self, first: MixerConfig) -> str | None:
+        """Why this mixer, above layer 0, cannot use what it needs from layer 0's mixer ``first``; None if fine."""
+        return None
+
 
 def mixer_config(spec: Mapping[str, Any] | MixerConfig, path: str) -> MixerConfig:
     """Parse ``{kind: ..., **settings}`` into the registered mixer's config."""

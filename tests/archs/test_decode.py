@@ -55,6 +55,20 @@ VARIANTS = {
         pattern="IA",
         mixers={"I": {"kind": "infini", "n_heads": 4, "segment_len": 6}, "A": {"kind": "attention", "n_heads": 4}},
     ),
+    "svformer_cla": tiny(  # keys per layer (shared in pairs), one V: layer 0's
+        mixer={"kind": "attention", "n_heads": 4, "n_kv_heads": 2, "value_residual": "svformer"},
+        kv_sharing={"kind": "cla", "every": 2},
+    ),
+    "resformer_window": tiny(
+        mixer={
+            "kind": "attention",
+            "n_heads": 4,
+            "n_kv_heads": 2,
+            "window": 5,
+            "value_residual": "resformer",
+            "value_mix": 0.3,
+        }
+    ),  # fmt: skip
     "yoco_swa": tiny(
         mixer=None,
         pattern="SSCC",
