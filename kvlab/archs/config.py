@@ -26,7 +26,7 @@ import yaml
 from kvlab._config import check_bool, check_choice, check_float, check_int, check_keys, field_names, from_dict, to_dict
 from kvlab.layers import MixerConfig, MLPConfig, NormConfig, mixer_config
 
-KV_SHARING_KINDS = ("cla", "yoco")
+KV_SHARING_KINDS = ("cla", "yoco", "lckv")
 
 
 @dataclass
@@ -40,16 +40,35 @@ class KVSharingConfig:
       sliding windows) keep their own state; layer n_layers/2 computes one
       global K/V from the self-decoder's output and every layer above (the
       cross-decoder) attends to it with its own queries. ``every`` is unused.
+    - ``lckv`` (Wu & Tu 2024, "Layer-Condensed KV Cache"): the bottom
+      ``warmup`` layers and the top layer keep their own K/V; every layer
+      between attends to the top layer's K/V of the tokens before its own
+      (never its own token's, which does not exist yet when it runs).
+      Decoding is sequential and exact; a forward without a cache (training,
+      evaluation) runs ``iterations`` parallel passes, each reading the top
+      layer's K/V of the pass before (zeros at first), with gradients
+      through the last ``grad_iterations`` (the paper's m and b; all of
+      them when there are fewer passes). A pass
+      settles one more token, so ``iterations`` >= the sequence length is
+      exact.
     """
 
     kind: str = "cla"
     every: int = 2
+    warmup: int = 2
+    iterations: int = 7
+    grad_iterations: int = 2
 
     def validate(self, path: str) -> None:
         check_choice(self.kind, f"{path}.kind", KV_SHARING_KINDS)
         check_int(self.every, f"{path}.every", minimum=1)
+        check_int(self.warmup, f"{path}.warmup", minimum=0)
+        check_int(self.iterations, f"{path}.iterations", minimum=1)
+        check_int(self.grad_iterations, f"{path}.grad_iterations", minimum=1)
 
     def kv_source(self, n_layers: int) -> list[int]:
+        if self.kind == "lckv":
+            return [i if i < self.warmup or i == n_layers - 1 else n_layers - 1 for i in range(n_layers)]
         if self.kind == "yoco":
             half = n_layers // 2
             return [min(i, half) for i in range(n_layers)]
@@ -150,9 +169,13 @@ class ModelConfig:
             self.kv_source = sources
         else:
             return list(range(self.n_layers))
+        reads_later = name == "kv_sharing" and self.kv_sharing.kind == "lckv"
         for i, j in enumerate(sources):
             check_int(j, f"{name}[{i}]", minimum=0)
-            if j > i:
+            if j > i and reads_later:
+                if getattr(self.layer_mixers[i], "window", None) is not None:
+                    raise ValueError(f"kv_sharing: lckv: layer {i} reads the top layer's K/V and cannot have a window")
+            elif j > i:
                 raise ValueError(f"{name}[{i}]={j}: a layer can read the K/V of itself or an earlier layer (0..{i})")
             if sources[j] != j:
                 raise ValueError(

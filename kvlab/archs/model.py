@@ -22,6 +22,7 @@ from kvlab.archs.config import ModelConfig
 from kvlab.archs.footprint import Footprint, FootprintRow
 from kvlab.kernels.attention import positions_in_documents
 from kvlab.layers import MIXERS, build_mlp, build_norm
+from kvlab.layers.kv_cache import KVView
 
 
 class Block(nn.Module):
@@ -58,6 +59,8 @@ class CausalLM(nn.Module):
         self._shares_kv = any(j != i for i, j in enumerate(config.layer_kv_source)) or any(
             getattr(m, "value_residual", None) for m in config.layer_mixers[1:]
         )
+        # Layers whose K/V earlier layers read (LCKV's top layer): forward runs them specially.
+        self._later_sources = sorted({j for i, j in enumerate(config.layer_kv_source) if j > i})
         # Recompute each block in the backward pass instead of keeping its activations.
         self.activation_checkpointing = False
         if not self.embed_tokens.weight.is_meta:
@@ -116,8 +119,16 @@ class CausalLM(nn.Module):
                 raise ValueError(f"cache holds {cache.seen} tokens; {T} more exceed its max_len={cache.max_len}")
         elif T > self.config.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds max_seq_len={self.config.max_seq_len}")
-        shared_kv = {} if self._shares_kv else None
-        x = self.embed_tokens(input_ids)
+        if self._later_sources:
+            return self._forward_reading_later_layers(input_ids, cache, positions, doc_ids, last_only)
+        x = self._layers(self.embed_tokens(input_ids), cache, positions, doc_ids, {} if self._shares_kv else None)
+        if cache is not None:
+            cache.seen += T
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x))
+
+    def _layers(self, x, cache, positions, doc_ids, shared_kv):
         for i, layer in enumerate(self.layers):
             slot = cache.slots[i] if cache is not None else None
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
@@ -126,8 +137,46 @@ class CausalLM(nn.Module):
                 x = checkpoint(layer, x, positions=positions, shared_kv=shared_kv, doc_ids=doc_ids, use_reentrant=False)
             else:
                 x = layer(x, cache=slot, positions=positions, shared_kv=shared_kv, doc_ids=doc_ids)
+        return x
+
+    def _forward_reading_later_layers(self, input_ids, cache, positions, doc_ids, last_only):
+        """LCKV: layers that read a later (top) layer's K/V see it for the tokens before their own.
+
+        With a cache it is sequential and exact: token by token, each reading
+        the K/V the top layer cached for the tokens before. Without one, the
+        paper's parallel approximation: ``iterations`` passes over all tokens,
+        each reading the top layer's K/V from the pass before (zeros at
+        first), gradients through the last ``grad_iterations``.
+        """
+        B, T = input_ids.shape
         if cache is not None:
-            cache.seen += T
+            if T > 1:
+                steps = [self._forward_reading_later_layers(input_ids[:, t : t + 1], cache, None, None, False)
+                         for t in range(T)]  # fmt: skip
+                logits = torch.cat(steps, dim=1)
+                return logits[:, -1:] if last_only else logits
+            shared_kv = {}
+            for j in self._later_sources:  # what the top layer holds: the tokens before this one
+                slot = cache.slots[j]
+                shared_kv[j] = KVView(slot.k[:, :, : cache.seen], slot.v[:, :, : cache.seen], cache.seen)
+            x = self._layers(self.embed_tokens(input_ids), cache, positions, doc_ids, shared_kv)
+            cache.seen += 1
+            return self.lm_head(self.norm(x))
+        sharing = self.config.kv_sharing
+        embedded = self.embed_tokens(input_ids)
+        carried = {}
+        for j in self._later_sources:
+            mixer = self.layers[j].mixer
+            zeros = embedded.new_zeros(B, mixer.n_kv_heads, T, mixer.head_dim)
+            carried[j] = KVView(zeros, zeros, 0)
+        grad = torch.is_grad_enabled()
+        for it in range(sharing.iterations):
+            last = it == sharing.iterations - 1
+            with torch.set_grad_enabled(grad and it >= sharing.iterations - sharing.grad_iterations):
+                shared_kv = dict(carried)  # the top layer overwrites its entry when it runs
+                x = self._layers(embedded, None, positions, doc_ids, shared_kv)
+                if not last:
+                    carried = {j: shared_kv[j] for j in self._later_sources}
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.norm(x))

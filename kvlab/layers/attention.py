@@ -211,7 +211,10 @@ class Attention(nn.Module):
             view = shared_kv[self.kv_source]
             cos, sin = self.rotary(view.start, T, positions)
         q = apply_rope(q, cos, sin)
-        y = self._attend(q, view, doc_ids)
+        if self.kv_source > self.layer_idx:  # LCKV: a later layer's K/V of the tokens before each query
+            y = self._attend_before(q, view, doc_ids)
+        else:
+            y = self._attend(q, view, doc_ids)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
     def _kv_heads(self, projected: torch.Tensor, which: str) -> torch.Tensor:
@@ -244,6 +247,23 @@ class Attention(nn.Module):
             view.k_pos if view.k_pos is not None else torch.arange(view.start + T - S, view.start + T, device=q.device)
         )
         return attention(q, k, v, mask=position_mask(q_pos, k_pos, window), scale=self.scale)
+
+    def _attend_before(self, q: torch.Tensor, view: KVView, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention to the keys strictly before each query (positions 0.. in ``view``); none: output 0."""
+        B, H, T, _ = q.shape
+        k, v = view.k.to(q.dtype), view.v.to(q.dtype)
+        S = k.shape[2]
+        if S == 0:
+            return q.new_zeros(B, H, T, v.shape[-1])
+        if self.kv_index is not None:
+            k, v = k.index_select(1, self.kv_index), v.index_select(1, self.kv_index)
+        q_pos = torch.arange(view.start, view.start + T, device=q.device)
+        mask = torch.arange(S, device=q.device)[None, :] < q_pos[:, None]  # [T, S]
+        if doc_ids is not None:  # training, S == T
+            mask = (mask & (doc_ids[:, :, None] == doc_ids[:, None, :]))[:, None]
+        sees_any = mask.any(dim=-1, keepdim=True)
+        mask = mask | ~sees_any  # rows with nothing to see attend anywhere (no NaN), then count for nothing
+        return attention(q, k, v, mask=mask, scale=self.scale) * sees_any
 
     # -- cache and footprint -------------------------------------------------
 

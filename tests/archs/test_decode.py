@@ -69,6 +69,7 @@ VARIANTS = {
             "value_mix": 0.3,
         }
     ),  # fmt: skip
+    "lckv": tiny(kv_sharing={"kind": "lckv", "warmup": 1, "iterations": 24}),  # passes >= tokens: exact
     "yoco_swa": tiny(
         mixer=None,
         pattern="SSCC",
