@@ -286,20 +286,9 @@ def mha2mla_rope_pairs(
     changing their norms. Without calibration tokens the projection rows'
     Frobenius norms stand in for the activations.
     """
-    outputs: dict[tuple[int, str], torch.Tensor] = {}
+    outputs = {}
     if calibration is not None:
-        hooks = [
-            getattr(layer.mixer, proj).register_forward_hook(
-                lambda _m, _inp, out, key=(i, proj): outputs.__setitem__(key, out.detach().flatten(0, -2))
-            )
-            for i, layer in enumerate(model.layers)
-            for proj in ("q_proj", "k_proj")
-        ]
-        try:
-            model(calibration.to(model.embed_tokens.weight.device))
-        finally:
-            for hook in hooks:
-                hook.remove()
+        outputs = _projection_outputs(model, calibration, list(range(len(model.layers))), ("q_proj", "k_proj"))
     pairs = {}
     for i, layer in enumerate(model.layers):
         mixer = layer.mixer
@@ -378,20 +367,9 @@ def similarity_groups(
     clusters most alike on average merge until ``n_kv_heads`` remain (groups
     listed by their lowest head). Both are deterministic.
     """
-    outputs: dict[tuple[int, str], torch.Tensor] = {}
-    hooks = []
-    for i, layer in enumerate(model.layers):
-        if isinstance(layer.mixer.cfg, AttentionConfig) and layer.mixer.owns_kv:
-            for proj in ("k_proj", "v_proj"):
-                hook = getattr(layer.mixer, proj).register_forward_hook(
-                    lambda _m, _inp, out, key=(i, proj): outputs.__setitem__(key, out.detach())
-                )
-                hooks.append(hook)
-    try:
-        model(calibration.to(model.embed_tokens.weight.device))
-    finally:
-        for hook in hooks:
-            hook.remove()
+    owners = [i for i, layer in enumerate(model.layers)
+              if isinstance(layer.mixer.cfg, AttentionConfig) and layer.mixer.owns_kv]  # fmt: skip
+    outputs = _projection_outputs(model, calibration, owners, ("k_proj", "v_proj"))
     groups = {}
     for i, layer in enumerate(model.layers):
         if (i, "k_proj") not in outputs:
@@ -405,6 +383,25 @@ def similarity_groups(
         similarity = features @ features.T
         groups[i] = _equal_groups(similarity, n_kv_heads) if equal else _linkage_groups(similarity, n_kv_heads)
     return groups
+
+
+@torch.no_grad()
+def _projection_outputs(model: CausalLM, calibration: torch.Tensor, layers: list[int], projections: tuple[str, ...]):
+    """{(layer, projection): its output on ``calibration``, [tokens, width]}, by forward hooks."""
+    outputs: dict[tuple[int, str], torch.Tensor] = {}
+    hooks = [
+        getattr(model.layers[i].mixer, proj).register_forward_hook(
+            lambda _m, _inp, out, key=(i, proj): outputs.__setitem__(key, out.detach().flatten(0, -2))
+        )
+        for i in layers
+        for proj in projections
+    ]
+    try:
+        model(calibration.to(model.embed_tokens.weight.device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return outputs
 
 
 def _equal_groups(similarity: torch.Tensor, n_groups: int) -> list[list[int]]:

@@ -46,7 +46,7 @@ from torch import nn
 from kvlab._config import check_bool, check_choice, check_float, check_int
 from kvlab.kernels.attention import attention, document_mask, position_mask
 from kvlab.kernels.rope import apply_rope
-from kvlab.layers.base import LayerFootprint, MixerConfig, register_mixer
+from kvlab.layers.base import LayerFootprint, MixerConfig, default_head_dim, register_mixer
 from kvlab.layers.kv_cache import KVView, RingKV, StaticKV
 from kvlab.layers.rope import Rotary
 
@@ -93,13 +93,7 @@ class AttentionConfig(MixerConfig):
                 f"{path}.n_heads={self.n_heads} is not divisible by {path}.n_kv_heads={self.n_kv_heads}; "
                 f"n_kv_heads must divide n_heads (or give kv_groups for uneven groups)"
             )
-        if self.head_dim is None:
-            if d_model % self.n_heads:
-                raise ValueError(
-                    f"d_model={d_model} is not divisible by {path}.n_heads={self.n_heads}; "
-                    f"set {path}.head_dim explicitly or choose n_heads dividing d_model"
-                )
-            self.head_dim = d_model // self.n_heads
+        self.head_dim = default_head_dim(self.head_dim, d_model, self.n_heads, path)
         if self.rope_dims is None:
             self.rope_dims = self.head_dim
         if self.rope_dims > self.head_dim or self.rope_dims % 2:

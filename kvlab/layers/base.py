@@ -59,6 +59,18 @@ class MixerConfig:
         return None
 
 
+def default_head_dim(head_dim: int | None, d_model: int, n_heads: int, path: str) -> int:
+    """``head_dim``, or d_model / n_heads when it is None (which must divide)."""
+    if head_dim is not None:
+        return head_dim
+    if d_model % n_heads:
+        raise ValueError(
+            f"d_model={d_model} is not divisible by {path}.n_heads={n_heads}; "
+            f"set {path}.head_dim explicitly or choose n_heads dividing d_model"
+        )
+    return d_model // n_heads
+
+
 def mixer_config(spec: Mapping[str, Any] | MixerConfig, path: str) -> MixerConfig:
     """Parse ``{kind: ..., **settings}`` into the registered mixer's config."""
     if isinstance(spec, MixerConfig):

@@ -34,7 +34,7 @@ from torch import nn
 from kvlab._config import check_choice, check_float, check_int
 from kvlab.kernels.attention import attention, position_mask
 from kvlab.kernels.rope import apply_rope
-from kvlab.layers.base import LayerFootprint, MixerConfig, register_mixer
+from kvlab.layers.base import LayerFootprint, MixerConfig, default_head_dim, register_mixer
 from kvlab.layers.rope import Rotary
 
 UPDATES = ("delta", "linear")
@@ -62,10 +62,7 @@ class InfiniConfig(MixerConfig):
             self.n_kv_heads = self.n_heads
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"{path}.n_heads={self.n_heads} is not divisible by {path}.n_kv_heads={self.n_kv_heads}")
-        if self.head_dim is None:
-            if d_model % self.n_heads:
-                raise ValueError(f"d_model={d_model} is not divisible by {path}.n_heads={self.n_heads}; set head_dim")
-            self.head_dim = d_model // self.n_heads
+        self.head_dim = default_head_dim(self.head_dim, d_model, self.n_heads, path)
         if self.head_dim % 2:
             raise ValueError(f"{path}.head_dim={self.head_dim} must be even (RoPE rotates pairs)")
 

@@ -52,7 +52,7 @@ from torch import nn
 from kvlab._config import check_bool, check_float, check_int
 from kvlab.kernels.attention import attention, document_mask, position_mask
 from kvlab.kernels.rope import apply_rope
-from kvlab.layers.base import LayerFootprint, MixerConfig, register_mixer
+from kvlab.layers.base import LayerFootprint, MixerConfig, default_head_dim, register_mixer
 from kvlab.layers.kv_cache import LatentKV
 from kvlab.layers.norm import RMSNorm
 from kvlab.layers.rope import HeadwiseRotary, Rotary
@@ -85,13 +85,7 @@ class MLAConfig(MixerConfig):
         check_int(self.q_lora_rank, f"{path}.q_lora_rank", minimum=1, optional=True)
         check_float(self.rope_theta, f"{path}.rope_theta", positive=True)
         check_float(self.norm_eps, f"{path}.norm_eps", positive=True)
-        if self.head_dim is None:
-            if d_model % self.n_heads:
-                raise ValueError(
-                    f"d_model={d_model} is not divisible by {path}.n_heads={self.n_heads}; "
-                    f"set {path}.head_dim explicitly or choose n_heads dividing d_model"
-                )
-            self.head_dim = d_model // self.n_heads
+        self.head_dim = default_head_dim(self.head_dim, d_model, self.n_heads, path)
         if self.rope_head_dim is None:
             self.rope_head_dim = max(2, self.head_dim // 4 * 2)
         if self.rope_head_dim % 2:
@@ -120,11 +114,8 @@ class MLA(nn.Module):
             raise ValueError(f"layer {layer_idx}: MLA does not read another layer's latent")
         self.cfg = cfg
         self.n_heads, self.head_dim, self.v_head_dim = cfg.n_heads, cfg.head_dim, cfg.v_head_dim
-        self.rope_head_dim, self.rope_kv_heads, self.kv_lora_rank = (
-            cfg.rope_head_dim,
-            cfg.rope_kv_heads,
-            cfg.kv_lora_rank,
-        )
+        self.rope_head_dim, self.rope_kv_heads = cfg.rope_head_dim, cfg.rope_kv_heads
+        self.kv_lora_rank = cfg.kv_lora_rank
         self.scale = 1.0 / math.sqrt(cfg.head_dim + cfg.rope_head_dim)
         q_width = cfg.n_heads * (cfg.head_dim + cfg.rope_head_dim)
         if cfg.q_lora_rank is None:

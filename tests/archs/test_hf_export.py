@@ -14,6 +14,7 @@ import torch
 from kvlab import build_model
 from kvlab.archs.convert import convert_model
 from kvlab.archs.hf import load_hf, remote_code_files, save_hf
+from tests.archs.test_decode import VARIANTS
 from tests.conftest import PRESETS, preset_dict, tiny
 
 transformers = pytest.importorskip("transformers")
@@ -23,7 +24,10 @@ ATTENTION = {"kind": "attention", "n_heads": 4, "n_kv_heads": 2}
 
 def _small(preset: dict) -> dict:
     """A preset with a tiny vocabulary (its layers and widths kept: they make the architecture)."""
-    return preset | {"vocab_size": 97, "max_seq_len": 64}
+    small = preset | {"vocab_size": 97, "max_seq_len": 64}
+    if (preset.get("kv_sharing") or {}).get("kind") == "lckv":  # parallel passes exact up to 64 tokens, so the
+        small["kv_sharing"] = preset["kv_sharing"] | {"iterations": 64}  # uncached forward matches cached decoding
+    return small
 
 
 NATIVE = {
@@ -44,19 +48,7 @@ REMOTE = {
     "uneven_groups": tiny(mixer={**ATTENTION, "n_kv_heads": 3, "kv_groups": [0, 2, 1, 2]}),
     "partial_rope": tiny(mixer={**ATTENTION, "rope_dims": 8}),
     "gelu_layernorm": tiny(mlp={"kind": "gelu", "hidden": 96}, norm={"kind": "layernorm"}),
-    "mla_mha2mla_form": tiny(
-        mixer={
-            "kind": "mla",
-            "n_heads": 4,
-            "head_dim": 8,
-            "v_head_dim": 16,
-            "rope_head_dim": 8,
-            "rope_kv_heads": 2,
-            "rope_spectrum": 16,
-            "kv_lora_rank": 24,
-            "latent_norm": False,
-        }
-    ),  # fmt: skip
+    "mla_mha2mla_form": VARIANTS["mla_mha2mla_form"],
     "infini_hybrid": tiny(
         mixer=None, pattern="IA", mixers={"I": {"kind": "infini", "n_heads": 4, "segment_len": 5}, "A": ATTENTION}
     ),  # fmt: skip
