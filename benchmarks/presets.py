@@ -1,6 +1,6 @@
 """Every model preset after the same short training on the default data: one markdown table.
 
-    python benchmarks/presets.py [--steps 300] [--presets mha,gqa,...] [--out DIR]
+    python benchmarks/presets.py [--steps 300] [--presets mha,gqa,...] [--out DIR] [override ...]
 
 Runs ``train.py -m model=<presets>`` (one Hydra multirun, identical data,
 optimizer, seed and steps; the presets share d_model, depth and widths)
@@ -25,9 +25,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--presets", default=",".join(presets))
     parser.add_argument("--out", default=str(REPO / "outputs" / "bench_presets"))
+    parser.add_argument("overrides", nargs="*", help="more train.py overrides, e.g. seed=1")
     args = parser.parse_args()
     cmd = [sys.executable, str(REPO / "train.py"), "-m", f"model={args.presets}", f"trainer.max_steps={args.steps}",
-           f"output_root={args.out}", "run_name=presets", "trainer.progress_bar=false"]  # fmt: skip
+           f"output_root={args.out}", "run_name=presets", "trainer.progress_bar=false", *args.overrides]  # fmt: skip
     subprocess.run(cmd, check=True, cwd=REPO)
     sweep = sorted((Path(args.out) / "presets").glob("multirun-*"))[-1]
     rows = []
@@ -36,7 +37,7 @@ def main() -> None:
             continue
         m = json.loads((run / "metrics.json").read_text())
         rows.append((run.name.split("-", 1)[1], m))
-    print(f"\n{args.steps} steps each; footprint in bf16, one sequence\n")
+    print(f"\n{args.steps} steps each {' '.join(args.overrides)}; footprint in bf16, one sequence\n")
     print("| preset | params | KV bytes/token | fixed bytes | bytes at 2,048 tokens | val ppl |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for name, m in rows:

@@ -272,9 +272,9 @@ def save_hf(
     state = model.state_dict()
     if model.config.tie_embeddings:
         state.pop("lm_head.weight")
-    rename = kvlab_to_hf_name if hf is not None else REMOTE_PREFIX.__add__
-    _save_weights({rename(k): v.detach().to(dtype or v.dtype).contiguous() for k, v in state.items()}, tmp,
-                  max_shard_bytes)  # fmt: skip
+    rename = kvlab_to_hf_name if hf is not None else (lambda name: REMOTE_PREFIX + name)
+    cast = {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v for k, v in state.items()}
+    _save_weights({rename(k): v.detach().contiguous() for k, v in cast.items()}, tmp, max_shard_bytes)
 
     weights_dtype = str(dtype or model.embed_tokens.weight.dtype).removeprefix("torch.")
     eos = None

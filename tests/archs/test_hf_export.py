@@ -169,6 +169,17 @@ def test_export_import_export_is_the_identity(tmp_path, remote_code):
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
 
 
+def test_dtype_casts_weights_but_not_integer_buffers(tmp_path):
+    from safetensors.torch import load_file
+
+    model = build_model(VARIANTS["mla_mha2mla_form"])  # its picked RoPE frequencies are a saved integer buffer
+    save_hf(model, tmp_path / "hf", dtype=torch.bfloat16)
+    state = load_file(tmp_path / "hf" / "model.safetensors")
+    assert state["model.layers.0.mixer.rotary.pair_index"].dtype == torch.long
+    assert state["model.layers.0.mixer.q_proj.weight"].dtype == torch.bfloat16
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
 def test_wgqa_exports_folded(tmp_path):
     model = build_model(tiny(mixer={"kind": "attention", "n_heads": 4}))
     weighted = convert_model(model, {"to": "gqa", "n_kv_heads": 2, "method": "weighted"}).eval()
