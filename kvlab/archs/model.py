@@ -121,15 +121,26 @@ class CausalLM(nn.Module):
             raise ValueError(f"sequence length {T} exceeds max_seq_len={self.config.max_seq_len}")
         if self._later_sources:
             return self._forward_reading_later_layers(input_ids, cache, positions, doc_ids, last_only)
-        x = self._layers(self.embed_tokens(input_ids), cache, positions, doc_ids, {} if self._shares_kv else None)
-        if cache is not None:
-            cache.seen += T
+        shared_kv = {} if self._shares_kv else None
+        stateless_from = len(self.layers)
+        if cache is not None and last_only and T > 1:
+            # Top layers that keep no state (they read K/V that lower layers cached, as YOCO's
+            # cross-decoder or CLA's last reader) need only the last position of a prefill.
+            while stateless_from > 0 and cache.slots[stateless_from - 1] is None:
+                stateless_from -= 1
+        x = self._layers(self.embed_tokens(input_ids), cache, positions, doc_ids, shared_kv, stop=stateless_from)
         if last_only:
             x = x[:, -1:]
+        if stateless_from < len(self.layers):
+            shared_kv = {j: KVView(v.k, v.v, v.start + T - 1, v.k_pos) for j, v in (shared_kv or {}).items()}
+            x = self._layers(x, cache, positions, doc_ids, shared_kv, start=stateless_from)
+        if cache is not None:
+            cache.seen += T
         return self.lm_head(self.norm(x))
 
-    def _layers(self, x, cache, positions, doc_ids, shared_kv):
-        for i, layer in enumerate(self.layers):
+    def _layers(self, x, cache, positions, doc_ids, shared_kv, start: int = 0, stop: int | None = None):
+        for i in range(start, len(self.layers) if stop is None else stop):
+            layer = self.layers[i]
             slot = cache.slots[i] if cache is not None else None
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 # Non-reentrant: the forward graph is recorded as usual (K/V shared

@@ -123,6 +123,29 @@ def test_chunked_prefill_matches_forward(name):
     assert (torch.cat(chunks, dim=1) - full).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_prefill_of_the_last_logits_only_then_decode(name):
+    """generate()'s prefill asks for the last logits only; stateless top layers then run on one position."""
+    model = _model(VARIANTS[name])
+    ids = torch.randint(0, 97, (2, 13))
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.new_cache(batch_size=2, max_len=16)
+        last = model(ids[:, :12], cache=cache, last_only=True)
+        after = model(ids[:, 12:], cache=cache)
+    assert (last - full[:, 11:12]).abs().max() <= 1e-5
+    assert (after - full[:, 12:]).abs().max() <= 1e-5
+
+
+def test_yoco_prefill_runs_the_cross_decoder_on_the_last_token_only():
+    model = _model(VARIANTS["yoco_swa"])  # S S C C: layer 2 owns the global K/V, layer 3 only reads it
+    seen = []
+    model.layers[3].register_forward_hook(lambda _m, inputs, _out: seen.append(inputs[0].shape[1]))
+    with torch.no_grad():
+        model(torch.randint(0, 97, (1, 9)), cache=model.new_cache(1, 16), last_only=True)
+    assert seen == [1]
+
+
 @pytest.mark.parametrize("name", PRESETS)
 def test_decode_matches_forward_presets(name):
     spec = preset_dict(name)
