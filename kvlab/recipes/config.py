@@ -47,12 +47,13 @@ class LoggerConfig:
 
 @dataclass
 class UptrainConfig:
-    """The staged uptraining recipes (gqa_uptrain, mqa_uptrain): see kvlab/recipes/uptrain.py."""
+    """The staged uptraining recipes (gqa_, mqa_, mla_, cla_uptrain): see kvlab/recipes/uptrain.py."""
 
     parent_steps: int = 300  # steps of the MHA parent trained (and cached) when init.from=scratch
     alpha: float = 0.05  # uptraining tokens as a fraction of the parent's training tokens
     steps: int | None = None  # uptraining steps, overriding alpha
     warmup_steps: int | None = None  # of the uptraining (and scratch) schedule; null: a tenth of its steps
+    lr: float | None = None  # peak lr of the uptraining (not of the scratch baseline); null: optim.lr
     compare_scratch: bool = False  # also train the converted architecture from scratch on the same budget
 
 

@@ -77,7 +77,8 @@ def run_uptrain(cfg: DictConfig, run_dir: Path) -> dict:
         steps = max(1, round(up.alpha * budget / tokens_per_step))
     warmup = up.warmup_steps if up.warmup_steps is not None else steps // 10
     schedule = {"trainer.max_steps": steps, "optim.warmup_steps": warmup}
-    uptrained = _stage(cfg, run_dir / "uptrained", init={**parent_init, "convert": convert}, **schedule)
+    peak = {"optim.lr": up.lr} if up.lr is not None else {}  # a converted model may want a gentler step
+    uptrained = _stage(cfg, run_dir / "uptrained", init={**parent_init, "convert": convert}, **schedule, **peak)
     converted = {
         "val_loss": uptrained["initial_val_loss"],
         "val_ppl": math.exp(min(uptrained["initial_val_loss"], 50.0)),
@@ -119,6 +120,8 @@ def _check(tc: TrainConfig) -> None:
         raise ConfigError(f"uptrain.steps={up.steps} must be >= 1 (or null to use uptrain.alpha)")
     if up.warmup_steps is not None and up.warmup_steps < 0:
         raise ConfigError(f"uptrain.warmup_steps={up.warmup_steps} must be >= 0")
+    if up.lr is not None and not up.lr > 0:
+        raise ConfigError(f"uptrain.lr={up.lr} must be > 0 (or null: optim.lr)")
     source = dict(tc.init).get("from", "scratch")
     if source != "scratch" and not dict(tc.init).get("path"):
         raise ConfigError(f"init.from={source} needs init.path (the parent to uptrain)")

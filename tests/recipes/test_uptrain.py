@@ -53,8 +53,10 @@ def test_gqa_uptrain_runs_every_stage_then_reuses_the_parent(tmp_path, data_cach
 
     # and mla_uptrain (MHA2MLA): per layer a 16-wide latent + 8 K/V heads x 4 RoPE channels, vs 2 x 8 x 8
     train(tmp_path, data_cache, "recipe=mla_uptrain", *TINY_MHA, *PARENT, "init.convert.kv_lora_rank=16",
-          "init.convert.rope_dims=4")  # fmt: skip
+          "init.convert.rope_dims=4", "uptrain.lr=1e-3")  # fmt: skip
     mla = _metrics(tmp_path, "mla_uptrain")
+    stage_cfg = (run_dirs(tmp_path, "mla_uptrain")[-1] / "uptrained" / "checkpoints" / "config.yaml").read_text()
+    assert "lr: 0.001" in stage_cfg  # the uptraining's own peak lr
     assert mla["parent"]["val_loss"] == pytest.approx(m["parent"]["val_loss"], abs=1e-6)
     assert mla["model"]["mixer"]["kind"] == "mla"
     assert mla["converted"]["kv_bytes_per_token"] * 128 == mla["parent"]["kv_bytes_per_token"] * (16 + 8 * 4)
@@ -99,6 +101,7 @@ BAD = {
     "several processes": (["trainer=ddp"], "the staged uptraining recipes run in one process"),
     "alpha": (["uptrain.alpha=2"], "uptrain.alpha=2.0 must be in (0, 1]"),
     "hf without a path": (["init.from=hf"], "init.from=hf needs init.path"),
+    "lr": (["uptrain.lr=0"], "uptrain.lr=0.0 must be > 0"),
 }
 
 
