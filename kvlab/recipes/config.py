@@ -72,6 +72,7 @@ class TrainConfig:
     # where the weights start: {from: scratch | checkpoint | hf, path: ..., convert: {to: gqa, ...}}
     init: dict[str, Any] = field(default_factory=lambda: {"from": "scratch", "path": None, "convert": None})
     uptrain: UptrainConfig | None = None  # set by the staged uptraining recipes
+    ckpt: str | None = None  # recipe=export's shorthand for init.path: python train.py recipe=export ckpt=PATH
 
 
 def register_configs() -> None:

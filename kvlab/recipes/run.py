@@ -169,6 +169,8 @@ def _initial_model(tc: TrainConfig):
     is ready, since ``method: similarity`` calibrates on it.
     """
     init = dict(tc.init)
+    if tc.ckpt is not None and init.get("path") != tc.ckpt:
+        raise ConfigError(f"ckpt={tc.ckpt!r} is recipe=export's shorthand for init.path; here give init.path instead")
     unknown = set(init) - {"from", "path", "convert"}
     if unknown:
         raise ConfigError(f"init.{sorted(unknown)[0]}: unknown key; valid keys are from, path, convert")

@@ -147,6 +147,7 @@ BAD_OVERRIDES = {
     "init source": (["init.from=web"], "init.from='web' is not one of scratch, checkpoint, hf"),
     "init path": (["init.from=hf", "init.path=/nonexistent/model"], "init.path='/nonexistent/model'"),
     "convert from scratch": (["init.convert={to: gqa}"], "init.convert needs init.from=checkpoint or hf"),
+    "ckpt outside export": (["ckpt=/some.ckpt"], "ckpt='/some.ckpt' is recipe=export's shorthand for init.path"),
 }
 
 
@@ -270,7 +271,7 @@ def test_export_stage_and_recipe_write_a_loadable_hf_directory(tmp_path, data_ca
         tokenizer_file=str(run / "checkpoints" / "tokenizer.json")).get_vocab()  # fmt: skip
 
     # recipe=export on the checkpoint: the same weights, evaluated to the same loss
-    train(tmp_path, data_cache, "recipe=export", f"init.path={run / 'checkpoints' / 'last.ckpt'}")
+    train(tmp_path, data_cache, "recipe=export", f"ckpt={run / 'checkpoints' / 'last.ckpt'}")
     (export,) = run_dirs(tmp_path, "export")
     exported = json.loads((export / "metrics.json").read_text())
     assert exported["val_loss"] == pytest.approx(metrics["val_loss"], abs=1e-5)
