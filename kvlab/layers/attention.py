@@ -220,14 +220,20 @@ class Attention(nn.Module):
         weights = getattr(self, f"{which}_merge").view(self.n_kv_heads, self.cfg.kv_merge, 1)
         return (heads * weights).sum(dim=3).transpose(1, 2)
 
+    def _kv_for(self, q: torch.Tensor, view: KVView) -> tuple[torch.Tensor, torch.Tensor]:
+        """The view's K/V in the queries' dtype (a cache may keep another), one head per query head
+        with uneven groups."""
+        k, v = view.k, view.v
+        if k.dtype != q.dtype:
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        if self.kv_index is not None:
+            k, v = k.index_select(1, self.kv_index), v.index_select(1, self.kv_index)
+        return k, v
+
     def _attend(self, q: torch.Tensor, view: KVView, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Attention of the step's queries over ``view``, with the cheapest correct mask."""
         T, S, window = q.shape[2], view.k.shape[2], self.cfg.window
-        k, v = view.k, view.v
-        if k.dtype != q.dtype:  # a cache kept in another dtype than the activations
-            k, v = k.to(q.dtype), v.to(q.dtype)
-        if self.kv_index is not None:  # uneven groups: one K/V head per query head
-            k, v = k.index_select(1, self.kv_index), v.index_select(1, self.kv_index)
+        k, v = self._kv_for(q, view)
         if doc_ids is not None:  # packed documents (training, no cache): T == S
             return attention(q, k, v, mask=document_mask(doc_ids, window), scale=self.scale)
         fits_window = window is None or S <= window
@@ -245,12 +251,10 @@ class Attention(nn.Module):
     def _attend_before(self, q: torch.Tensor, view: KVView, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Attention to the keys strictly before each query (positions 0.. in ``view``); none: output 0."""
         B, H, T, _ = q.shape
-        k, v = view.k.to(q.dtype), view.v.to(q.dtype)
-        S = k.shape[2]
+        S = view.k.shape[2]
         if S == 0:
-            return q.new_zeros(B, H, T, v.shape[-1])
-        if self.kv_index is not None:
-            k, v = k.index_select(1, self.kv_index), v.index_select(1, self.kv_index)
+            return q.new_zeros(B, H, T, view.v.shape[-1])
+        k, v = self._kv_for(q, view)
         q_pos = torch.arange(view.start, view.start + T, device=q.device)
         mask = torch.arange(S, device=q.device)[None, :] < q_pos[:, None]  # [T, S]
         if doc_ids is not None:  # training, S == T

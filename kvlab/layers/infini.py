@@ -35,6 +35,7 @@ from kvlab._config import check_choice, check_float, check_int
 from kvlab.kernels.attention import attention, position_mask
 from kvlab.kernels.rope import apply_rope
 from kvlab.layers.base import LayerFootprint, MixerConfig, default_head_dim, register_mixer
+from kvlab.layers.kv_cache import reorder_rows
 from kvlab.layers.rope import Rotary
 
 UPDATES = ("delta", "linear")
@@ -88,8 +89,7 @@ class InfiniState:
         return self.nbytes()
 
     def reorder(self, batch_idx: torch.Tensor) -> None:
-        for t in self.tensors():
-            t.copy_(t.index_select(0, batch_idx.to(t.device)))
+        reorder_rows(self.tensors(), batch_idx)
 
     def reset(self) -> None:
         self.memory.zero_()

@@ -18,6 +18,12 @@ from dataclasses import dataclass
 import torch
 
 
+def reorder_rows(tensors: list[torch.Tensor], batch_idx: torch.Tensor) -> None:
+    """In place, row r of each [B, ...] tensor becomes its row ``batch_idx[r]`` (beam search)."""
+    for t in tensors:
+        t.copy_(t.index_select(0, batch_idx.to(t.device)))
+
+
 @dataclass
 class KVView:
     """Keys/values visible to one step's queries, and where they sit.
@@ -48,8 +54,7 @@ class _KVBuffers:
         return self.k.nbytes + self.v.nbytes
 
     def reorder(self, batch_idx: torch.Tensor) -> None:
-        self.k.copy_(self.k.index_select(0, batch_idx.to(self.k.device)))
-        self.v.copy_(self.v.index_select(0, batch_idx.to(self.v.device)))
+        reorder_rows([self.k, self.v], batch_idx)
 
     def reset(self) -> None:
         self.seen = 0
@@ -133,7 +138,7 @@ class LatentKV:
         return self.latent.nbytes
 
     def reorder(self, batch_idx: torch.Tensor) -> None:
-        self.latent.copy_(self.latent.index_select(0, batch_idx.to(self.latent.device)))
+        reorder_rows([self.latent], batch_idx)
 
     def reset(self) -> None:
         self.seen = 0
