@@ -17,6 +17,30 @@ def _to_kvlab_name(hf_name: str) -> str:
     return re.sub(r"post_attention_layernorm", "mlp_norm", name)
 
 
+def _ours(mixer: dict, tied: bool = False):
+    """The kvlab twin of the tiny transformers configs below (3 layers, d_model 64, SwiGLU 160, eps 1e-6)."""
+    return build_model(
+        dict(
+            vocab_size=101,
+            d_model=64,
+            n_layers=3,
+            max_seq_len=128,
+            norm={"kind": "rmsnorm", "eps": 1e-6},
+            mlp={"kind": "swiglu", "hidden": 160},
+            tie_embeddings=tied,
+            mixer=mixer,
+        )
+    ).eval()
+
+
+def _assert_same_logits_and_greedy_tokens(ours, hf):
+    ids = torch.randint(0, 101, (2, 37))
+    with torch.no_grad():
+        assert (ours(ids) - hf(ids).logits).abs().max() <= 1e-4
+        hf_greedy = hf.generate(ids[:, :5], max_new_tokens=10, do_sample=False, pad_token_id=0)
+    assert torch.equal(ours.generate(ids[:, :5], max_new_tokens=10), hf_greedy)
+
+
 @pytest.mark.parametrize("n_kv_heads,tied", [(2, False), (4, False), (1, True)])
 def test_logits_match_llama(n_kv_heads, tied):
     hf_cfg = transformers.LlamaConfig(
@@ -34,29 +58,12 @@ def test_logits_match_llama(n_kv_heads, tied):
         attention_bias=False,
     )
     hf = transformers.LlamaForCausalLM(hf_cfg).eval()
-    ours = build_model(
-        dict(
-            vocab_size=101,
-            d_model=64,
-            n_layers=3,
-            max_seq_len=128,
-            norm={"kind": "rmsnorm", "eps": 1e-6},
-            mlp={"kind": "swiglu", "hidden": 160},
-            tie_embeddings=tied,
-            mixer={"kind": "attention", "n_heads": 4, "n_kv_heads": n_kv_heads, "head_dim": 16, "rope_theta": 5000.0},
-        )
-    ).eval()
+    attention = {"kind": "attention", "n_heads": 4, "n_kv_heads": n_kv_heads, "head_dim": 16, "rope_theta": 5000.0}
+    ours = _ours(attention, tied)
     state = {_to_kvlab_name(k): v for k, v in hf.state_dict().items()}
     missing, unexpected = ours.load_state_dict(state, strict=not tied)
     assert not unexpected and set(missing) <= {"lm_head.weight"}
-    ids = torch.randint(0, 101, (2, 37))
-    with torch.no_grad():
-        want = hf(ids).logits
-        got = ours(ids)
-    assert (got - want).abs().max() <= 1e-4
-    with torch.no_grad():
-        hf_greedy = hf.generate(ids[:, :5], max_new_tokens=10, do_sample=False, pad_token_id=0)
-    assert torch.equal(ours.generate(ids[:, :5], max_new_tokens=10), hf_greedy)
+    _assert_same_logits_and_greedy_tokens(ours, hf)
 
 
 @pytest.mark.parametrize("q_lora_rank", [None, 24])
@@ -84,24 +91,10 @@ def test_mla_logits_match_deepseek_v3(q_lora_rank):
     hf = transformers.DeepseekV3ForCausalLM(hf_cfg).eval()
     mla = {"kind": "mla", "n_heads": 4, "head_dim": 16, "rope_head_dim": 8, "kv_lora_rank": 32,
            "q_lora_rank": q_lora_rank, "rope_theta": 5000.0, "norm_eps": 1e-6}  # fmt: skip
-    ours = build_model(
-        dict(
-            vocab_size=101,
-            d_model=64,
-            n_layers=3,
-            max_seq_len=128,
-            norm={"kind": "rmsnorm", "eps": 1e-6},
-            mlp={"kind": "swiglu", "hidden": 160},
-            mixer=mla,
-        )  # fmt: skip
-    ).eval()
+    ours = _ours(mla)
     with torch.no_grad():  # norms away from 1, so their placement is checked too
         for name, p in hf.named_parameters():
             if "norm" in name:
                 p.add_(0.1 * torch.randn_like(p))
     ours.load_state_dict({_to_kvlab_name(k): v for k, v in hf.state_dict().items()})
-    ids = torch.randint(0, 101, (2, 37))
-    with torch.no_grad():
-        assert (ours(ids) - hf(ids).logits).abs().max() <= 1e-4
-        hf_greedy = hf.generate(ids[:, :5], max_new_tokens=10, do_sample=False, pad_token_id=0)
-    assert torch.equal(ours.generate(ids[:, :5], max_new_tokens=10), hf_greedy)
+    _assert_same_logits_and_greedy_tokens(ours, hf)
