@@ -37,7 +37,7 @@ class KVSharingConfig:
       its first layer (Brandon et al. 2024; CLA-2 is every=2).
     - ``yoco`` (Sun et al. 2024, "You Only Cache Once"): the lower half of
       the layers (the self-decoder; give them constant-cache mixers, such as
-      sliding windows) keep their own state; layer n_layers/2 computes one
+      sliding windows or gated retention) keep their own state; layer n_layers/2 computes one
       global K/V from the self-decoder's output and every layer above (the
       cross-decoder) attends to it with its own queries. ``every`` is unused.
     - ``lckv`` (Wu & Tu 2024, "Layer-Condensed KV Cache"): the bottom

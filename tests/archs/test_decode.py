@@ -79,6 +79,17 @@ VARIANTS = {
         },
         kv_sharing={"kind": "yoco"},
     ),
+    "retnet": tiny(mixer={"kind": "retention", "n_heads": 4, "v_head_dim": 24, "chunk_size": 4}),
+    "gated_retention": tiny(mixer={"kind": "retention", "n_heads": 2, "decay": "gated", "chunk_size": 5}),
+    "yoco_gret": tiny(
+        mixer=None,
+        pattern="RRCC",
+        mixers={
+            "R": {"kind": "retention", "n_heads": 4, "decay": "gated", "chunk_size": 4},
+            "C": {"kind": "attention", "n_heads": 4, "n_kv_heads": 2},
+        },
+        kv_sharing={"kind": "yoco"},
+    ),
     "hybrid_window": tiny(
         mixer=None,
         pattern="WWG",
