@@ -71,6 +71,12 @@ def convert_model(model: CausalLM, spec: Mapping[str, Any], calibration: torch.T
     if not isinstance(spec, Mapping) or "to" not in spec:
         raise ValueError(f"convert: expected a mapping with a 'to' key ({', '.join(CONVERSIONS)}), got {spec!r}")
     check_choice(spec["to"], "convert.to", CONVERSIONS)
+    for i, m in enumerate(model.config.layer_mixers):
+        if getattr(m, "n_q_heads", None) is not None:
+            raise ValueError(
+                f"convert: layer {i} is GQKVA (n_q_heads={m.n_q_heads}), whose heads pair every query with every "
+                "K/V head; conversions start from MHA/GQA/MQA layers"
+            )
     if spec["to"] == "cla":
         check_keys(spec, ["to", "every", "kv_source", "method"], "convert")
         check_choice(spec.get("method", "mean"), "convert.method", ("mean",))

@@ -169,6 +169,8 @@ def hf_config_from_model(cfg: ModelConfig) -> dict[str, Any]:
         problems.append(f"partial RoPE (rope_dims={m.rope_dims} of head_dim={m.head_dim})")
     elif m.kind == "attention" and m.kv_groups is not None:
         problems.append("uneven K/V groups (kv_groups)")
+    elif m.kind == "attention" and m.n_q_heads is not None:
+        problems.append(f"GQKVA query heads (n_q_heads={m.n_q_heads})")
     elif m.kind == "attention" and m.value_residual is not None:
         problems.append(f"value residual ({m.value_residual})")
     elif m.kind == "mla":

@@ -19,6 +19,14 @@ learned weighted sum of ``m`` of them (weights start at 1/m, mean pooling).
 It is a training-time form: ``kvlab.archs.convert.fold_kv_merge`` folds the
 weights into plain projections, the same function with ``kv_merge: 1``.
 
+GQKVA (Javadi et al. 2023): with ``n_q_heads`` set, the layer has
+``n_q_heads`` query projections and ``n_kv_heads`` K/V heads, and every
+query head attends with every K/V head: ``n_heads = n_q_heads *
+n_kv_heads`` attention heads, so fewer query parameters (and, with MQA-like
+``n_kv_heads``, the same small cache). Attention head ``j * n_q_heads + i``
+pairs query ``i`` with K/V head ``j``: the query heads are tiled, which is
+GQA's consecutive grouping, so nothing is gathered.
+
 Uneven groups (after AsymGQA, Chen et al. 2024): ``kv_groups`` lists, for
 each query head, the K/V head it reads, so groups may differ in size and
 need not be contiguous (a conversion that groups heads by similarity writes
@@ -66,6 +74,7 @@ class AttentionConfig(MixerConfig):
     o_bias: bool = False  # Llama's attention_bias puts a bias on the output projection too
     kv_merge: int = 1  # > 1: each K/V head is a learned weighted sum of this many projection heads (WGQA)
     kv_groups: list[int] | None = None  # per query head, the K/V head it reads; None: equal consecutive groups
+    n_q_heads: int | None = None  # GQKVA: query projections, each paired with every K/V head; None: n_heads
     value_residual: str | None = None  # None | resformer | svformer: layers above 0 use layer 0's values
     value_mix: float = 0.5  # resformer: the weight of layer 0's values
 
@@ -86,6 +95,15 @@ class AttentionConfig(MixerConfig):
         check_float(self.value_mix, f"{path}.value_mix")
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
+        check_int(self.n_q_heads, f"{path}.n_q_heads", minimum=1, optional=True)
+        if self.n_q_heads is not None:
+            if self.n_heads != self.n_q_heads * self.n_kv_heads:
+                raise ValueError(
+                    f"{path}.n_heads={self.n_heads} must be n_q_heads * n_kv_heads = {self.n_q_heads} * "
+                    f"{self.n_kv_heads} (GQKVA pairs every query head with every K/V head)"
+                )
+            if self.kv_groups is not None:
+                raise ValueError(f"{path}: kv_groups and n_q_heads cannot be combined (n_q_heads fixes the pairing)")
         if self.kv_groups is not None:
             self._check_kv_groups(path)
         elif self.n_heads % self.n_kv_heads:
@@ -145,7 +163,8 @@ class Attention(nn.Module):
         self.owns_kv = kv_source == layer_idx
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
-        self.q_proj = nn.Linear(d_model, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.n_q_heads = cfg.n_heads if cfg.n_q_heads is None else cfg.n_q_heads  # query projections
+        self.q_proj = nn.Linear(d_model, self.n_q_heads * cfg.head_dim, bias=cfg.qkv_bias)
         # layers above the first with a value residual take V_1 from layer 0 (SVFormer: only it)
         self.value_residual = cfg.value_residual if layer_idx > 0 else None
         if self.owns_kv:
@@ -181,7 +200,7 @@ class Attention(nn.Module):
 
     def forward(self, x, *, cache=None, positions=None, shared_kv=None, doc_ids=None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(B, T, self.n_q_heads, self.head_dim).transpose(1, 2)
         if self.owns_kv:
             start = cache.seen if cache is not None else 0
             cos, sin = self.rotary(start, T, positions)
@@ -205,6 +224,8 @@ class Attention(nn.Module):
             view = shared_kv[self.kv_source]
             cos, sin = self.rotary(view.start, T, positions)
         q = apply_rope(q, cos, sin)
+        if self.n_q_heads != self.n_heads:  # GQKVA: every query head once per K/V head
+            q = q.repeat(1, self.n_heads // self.n_q_heads, 1, 1)
         if self.kv_source > self.layer_idx:  # LCKV: a later layer's K/V of the tokens before each query
             y = self._attend_before(q, view, doc_ids)
         else:

@@ -23,6 +23,10 @@ VARIANTS = {
         mixer={"kind": "attention", "n_heads": 4, "n_kv_heads": 3, "kv_groups": [0, 2, 1, 2]},
         kv_sharing={"kind": "cla", "every": 2},
     ),
+    "gqkva_cla": tiny(  # 2 query heads x 2 K/V heads = 4 attention heads
+        mixer={"kind": "attention", "n_heads": 4, "n_q_heads": 2, "n_kv_heads": 2},
+        kv_sharing={"kind": "cla", "every": 2},
+    ),
     "mla": tiny(mixer={"kind": "mla", "n_heads": 4, "head_dim": 16, "rope_head_dim": 8, "kv_lora_rank": 24}),
     "mla_q_lora": tiny(
         mixer={"kind": "mla", "n_heads": 4, "head_dim": 16, "rope_head_dim": 8, "kv_lora_rank": 24, "q_lora_rank": 32}

@@ -47,6 +47,7 @@ REMOTE = {
     "kv_source": tiny(kv_source=[0, 0, 0, 3]),
     "uneven_groups": tiny(mixer={**ATTENTION, "n_kv_heads": 3, "kv_groups": [0, 2, 1, 2]}),
     "partial_rope": tiny(mixer={**ATTENTION, "rope_dims": 8}),
+    "gqkva": tiny(mixer={**ATTENTION, "n_q_heads": 2}),
     "gelu_layernorm": tiny(mlp={"kind": "gelu", "hidden": 96}, norm={"kind": "layernorm"}),
     "mla_mha2mla_form": VARIANTS["mla_mha2mla_form"],
     "infini_hybrid": tiny(
