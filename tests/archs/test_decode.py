@@ -94,6 +94,15 @@ VARIANTS = {
         },
         kv_sharing={"kind": "yoco"},
     ),
+    "mamba2": tiny(mixer={"kind": "mamba2", "head_dim": 16, "state_dim": 8, "n_groups": 2, "chunk_size": 4}),
+    "hybrid_mamba2_window": tiny(  # Samba's layout
+        mixer=None,
+        pattern="MW",
+        mixers={
+            "M": {"kind": "mamba2", "head_dim": 32, "state_dim": 8, "conv_kernel": 3, "chunk_size": 8},
+            "W": {"kind": "attention", "n_heads": 4, "n_kv_heads": 1, "window": 4},
+        },
+    ),
     "hybrid_window": tiny(
         mixer=None,
         pattern="WWG",

@@ -5,6 +5,7 @@ import torch
 
 from kvlab import ModelConfig, build_model
 from tests.archs.test_decode import VARIANTS
+from tests.conftest import preset_dict
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
@@ -50,6 +51,27 @@ def test_yoco_caches_one_layer_of_kv_per_token_plus_the_self_decoders_windows():
     assert [r.kv_source for r in fp.per_layer] == [0, 1, 2, 2]
     assert fp.bytes_per_token == 2 * 2 * 16 * 2  # the global K/V: 2 heads of 16, K and V, bf16
     assert fp.fixed_bytes == 2 * (2 * 1 * 16 * 2) * 3  # two window layers, 1 head, holding 3 tokens each
+
+
+@pytest.mark.parametrize("name", ["retnet", "mamba2"])
+def test_pure_recurrent_presets_cache_nothing_per_token(name):
+    fp = build_model(preset_dict(name)).kv_footprint(torch.bfloat16)
+    assert fp.bytes_per_token == 0
+    assert fp.total_bytes(10) == fp.total_bytes(100_000) == fp.fixed_bytes > 0
+
+
+@pytest.mark.parametrize("name", ["jamba", "yoco_gret"])
+def test_a_hybrids_bytes_per_token_are_its_attention_layers_alone(name):
+    fp = build_model(preset_dict(name)).kv_footprint(torch.bfloat16)
+    # one layer owns growing K/V: 2 K/V heads of 32, K and V, bf16; the recurrent layers are fixed
+    assert [r.bytes_per_token > 0 for r in fp.per_layer].count(True) == 1
+    assert fp.bytes_per_token == 2 * 2 * 32 * 2
+    assert fp.fixed_bytes == sum(r.fixed_bytes for r in fp.per_layer if r.kind != "attention") > 0
+
+
+def test_samba_cache_stops_growing_at_the_window():
+    fp = build_model(preset_dict("samba")).kv_footprint(torch.bfloat16)
+    assert fp.total_bytes(64) == fp.total_bytes(100_000) > fp.total_bytes(63)
 
 
 def _meta_model(n_heads, n_kv_heads, head_dim, n_layers, **extra):

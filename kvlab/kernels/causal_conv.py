@@ -1,0 +1,39 @@
+"""Short causal depthwise convolution (Mamba's conv1d before the scan), continuing a state.
+
+    y_t = bias + sum_{j=0}^{K-1} w[:, j] * x_{t - (K - 1) + j}
+
+over channels independently. ``prev`` [B, K - 1, C] holds the inputs before
+the first token (zeros when None), so a sequence split into calls gives the
+outputs of one call; the new ``prev`` (the last K - 1 inputs) is returned
+for the next. With ``doc_ids`` [B, T] an output sees only inputs of its own
+document (packed sequences), and position 0 continues ``prev``.
+
+Written as K shifted multiply-adds: K is 4 or so, and this form takes the
+state and the document masks directly. Tests compare it with
+``torch.nn.functional.conv1d``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def causal_conv1d(x, weight, bias=None, *, prev=None, doc_ids=None):
+    """x [B, T, C]; weight [C, K]; bias [C] or None -> (y [B, T, C], new prev [B, K - 1, C])."""
+    B, T, C = x.shape
+    K = weight.shape[1]
+    if prev is None:
+        prev = x.new_zeros(B, K - 1, C)
+    padded = torch.cat([prev.to(x.dtype), x], dim=1)  # [B, K - 1 + T, C]
+    y = padded[:, K - 1 :] * weight[:, K - 1]
+    for j in range(K - 1):
+        shift = K - 1 - j  # how far back this tap reaches
+        tap = padded[:, j : j + T] * weight[:, j]
+        if doc_ids is not None:  # the input ``shift`` tokens back counts if it is of the same document;
+            # inputs before position 0 (``prev``) belong to position 0's document
+            back = torch.cat([doc_ids[:, :1].expand(B, shift), doc_ids], dim=1)[:, :T]
+            tap = tap * (back == doc_ids)[..., None]
+        y = y + tap
+    if bias is not None:
+        y = y + bias
+    return y, padded[:, -(K - 1) :] if K > 1 else padded[:, :0]

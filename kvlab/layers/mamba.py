@@ -1,0 +1,167 @@
+"""Mamba-2 (Dao & Gu 2024, "Transformers are SSMs"): the SSD layer.
+
+One input projection gives the gate z, the SSM input x, the shared B and C
+(``n_groups`` of them, each read by n_heads / n_groups heads, as GQA's K/V)
+and a step size dt per head. x, B and C pass a short causal depthwise
+convolution and SiLU; then per head h, with state S [state_dim, head_dim]:
+
+    dt_t = softplus(dt_t + dt_bias_h),     a_t = -exp(A_log_h) dt_t
+    S_t  = exp(a_t) S_{t-1} + B_t^T (dt_t x_t),     y_t = C_t S_t + D_h x_t
+
+which is linear attention with a scalar decay per head and token (q = C,
+k = B, v = dt x): the chunked kernel trains it, the recurrence decodes it.
+The output is gated and normalised, RMSNorm(y * silu(z)) per group, and
+projected back. Heads are ``head_dim`` wide, ``expand * d_model`` channels
+in all. Initialisation as in the paper's code: A in [1, 16], dt in
+[dt_min, dt_max] log-uniformly, D = 1.
+
+The cache is fixed: per sequence the SSM state (n_heads x state_dim x
+head_dim) plus the last ``conv_kernel - 1`` inputs of the convolution.
+Packed documents start from an empty state and convolve within themselves.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kvlab._config import check_float, check_int
+from kvlab.kernels.causal_conv import causal_conv1d
+from kvlab.kernels.linear_attention import linear_attention
+from kvlab.layers.base import LayerFootprint, MixerConfig, register_mixer
+from kvlab.layers.kv_cache import reorder_rows
+
+
+@dataclass
+class Mamba2Config(MixerConfig):
+    kind = "mamba2"
+    head_dim: int = 64  # P: channels per head; n_heads = expand * d_model / head_dim
+    state_dim: int = 64  # N: the state's width per head (d_state)
+    expand: int = 2  # inner channels = expand * d_model
+    n_groups: int = 1  # B and C are shared by n_heads / n_groups heads each
+    conv_kernel: int = 4
+    chunk_size: int = 64  # tokens per chunk of the chunked form (speed only)
+    dt_min: float = 0.001
+    dt_max: float = 0.1
+    norm_eps: float = 1e-5
+
+    def validate(self, d_model: int, path: str) -> None:
+        for name, minimum in (("head_dim", 1), ("state_dim", 1), ("expand", 1), ("n_groups", 1),
+                              ("conv_kernel", 1), ("chunk_size", 1)):  # fmt: skip
+            check_int(getattr(self, name), f"{path}.{name}", minimum=minimum)
+        check_float(self.dt_min, f"{path}.dt_min", positive=True)
+        check_float(self.dt_max, f"{path}.dt_max", positive=True)
+        check_float(self.norm_eps, f"{path}.norm_eps", positive=True)
+        if self.dt_min > self.dt_max:
+            raise ValueError(f"{path}.dt_min={self.dt_min} must be at most {path}.dt_max={self.dt_max}")
+        inner = self.expand * d_model
+        if inner % self.head_dim:
+            raise ValueError(f"{path}.expand * d_model = {inner} is not divisible by {path}.head_dim={self.head_dim}")
+        if (inner // self.head_dim) % self.n_groups:
+            raise ValueError(
+                f"{path}: n_heads = {inner // self.head_dim} (expand * d_model / head_dim) is not divisible "
+                f"by {path}.n_groups={self.n_groups}"
+            )
+
+
+class MambaState:
+    """One batch's SSM state and the convolution's last inputs."""
+
+    def __init__(self, batch_size, n_heads, state_dim, head_dim, conv_kernel, conv_dim, *, dtype, device):
+        self.ssm = torch.zeros(batch_size, n_heads, state_dim, head_dim, dtype=dtype, device=device)
+        self.conv = torch.zeros(batch_size, conv_kernel - 1, conv_dim, dtype=dtype, device=device)
+
+    def nbytes(self) -> int:
+        return self.ssm.nbytes + self.conv.nbytes
+
+    def allocated_bytes(self) -> int:
+        return self.nbytes()
+
+    def reorder(self, batch_idx: torch.Tensor) -> None:
+        reorder_rows([self.ssm, self.conv], batch_idx)
+
+    def reset(self) -> None:
+        self.ssm.zero_()
+        self.conv.zero_()
+
+
+@register_mixer
+class Mamba2(nn.Module):
+    Config = Mamba2Config
+
+    def __init__(self, cfg: Mamba2Config, *, d_model: int, layer_idx: int, kv_source: int, max_seq_len: int):
+        super().__init__()
+        if kv_source != layer_idx:
+            raise ValueError(f"layer {layer_idx}: mamba2 does not read another layer's K/V")
+        self.cfg = cfg
+        self.inner = cfg.expand * d_model
+        self.n_heads = self.inner // cfg.head_dim
+        self.conv_dim = self.inner + 2 * cfg.n_groups * cfg.state_dim  # x, B, C
+        self.in_proj = nn.Linear(d_model, self.inner + self.conv_dim + self.n_heads, bias=False)  # z, xBC, dt
+        self.conv_weight = nn.Parameter(torch.empty(self.conv_dim, cfg.conv_kernel))
+        self.conv_bias = nn.Parameter(torch.empty(self.conv_dim))
+        self.dt_bias = nn.Parameter(torch.empty(self.n_heads))
+        self.A_log = nn.Parameter(torch.empty(self.n_heads))
+        self.D = nn.Parameter(torch.empty(self.n_heads))
+        self.norm_weight = nn.Parameter(torch.empty(self.inner))
+        self.out_proj = nn.Linear(self.inner, d_model, bias=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        if self.A_log.is_meta:
+            return
+        bound = 1 / math.sqrt(self.cfg.conv_kernel)  # nn.Conv1d's default for a depthwise kernel
+        nn.init.uniform_(self.conv_weight, -bound, bound)
+        nn.init.uniform_(self.conv_bias, -bound, bound)
+        lo, hi = math.log(self.cfg.dt_min), math.log(self.cfg.dt_max)
+        dt = torch.exp(torch.rand(self.n_heads) * (hi - lo) + lo).clamp(min=1e-4)
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus(dt_bias) = dt
+        self.A_log.copy_(torch.empty(self.n_heads).uniform_(1, 16).log())
+        self.D.fill_(1.0)
+        self.norm_weight.fill_(1.0)
+
+    def forward(self, x, *, cache=None, positions=None, shared_kv=None, doc_ids=None):
+        """``positions`` are not used: the convolution and the decay carry order."""
+        B, T, _ = x.shape
+        H, P, N, G = self.n_heads, self.cfg.head_dim, self.cfg.state_dim, self.cfg.n_groups
+        z, xbc, dt = self.in_proj(x).split([self.inner, self.conv_dim, H], dim=-1)
+        xbc, conv_state = causal_conv1d(
+            xbc, self.conv_weight, self.conv_bias, prev=cache.conv if cache is not None else None, doc_ids=doc_ids
+        )
+        xs, b, c = F.silu(xbc).split([self.inner, G * N, G * N], dim=-1)
+        dt = F.softplus(dt.float() + self.dt_bias.float())  # [B, T, H]
+        log_decay = (dt * -self.A_log.float().exp()).transpose(1, 2)
+        xs = xs.view(B, T, H, P).transpose(1, 2)
+        v = xs * dt.transpose(1, 2)[..., None].to(xs.dtype)
+        k, q = (t.view(B, T, G, N).transpose(1, 2).repeat_interleave(H // G, dim=1) for t in (b, c))
+        y, ssm_state = linear_attention(
+            q, k, v, log_decay, state=cache.ssm if cache is not None else None, doc_ids=doc_ids,
+            chunk_size=self.cfg.chunk_size,
+        )  # fmt: skip
+        if cache is not None:
+            cache.ssm.copy_(ssm_state)
+            cache.conv.copy_(conv_state)
+        y = (y + xs * self.D.view(H, 1, 1).to(xs.dtype)).transpose(1, 2).reshape(B, T, self.inner)
+        return self.out_proj(self._gated_norm(y, z))
+
+    def _gated_norm(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """RMSNorm(y * silu(z)) within each of the n_groups channel groups, times a learned weight."""
+        gated = (y * F.silu(z)).float().unflatten(-1, (self.cfg.n_groups, -1))
+        normed = gated * torch.rsqrt(gated.square().mean(-1, keepdim=True) + self.cfg.norm_eps)
+        return (normed.flatten(-2) * self.norm_weight.float()).to(y.dtype)
+
+    def new_cache_slot(self, batch_size: int, max_len: int, dtype: torch.dtype, device):
+        c = self.cfg
+        return MambaState(
+            batch_size, self.n_heads, c.state_dim, c.head_dim, c.conv_kernel, self.conv_dim, dtype=dtype, device=device
+        )
+
+    def kv_footprint(self, dtype: torch.dtype) -> LayerFootprint:
+        c = self.cfg
+        elements = self.n_heads * c.state_dim * c.head_dim + (c.conv_kernel - 1) * self.conv_dim
+        return LayerFootprint(fixed_bytes=elements * dtype.itemsize)

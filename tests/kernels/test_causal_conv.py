@@ -1,0 +1,39 @@
+"""The causal depthwise convolution against torch's conv1d, across calls and documents."""
+
+import torch
+import torch.nn.functional as F
+
+from kvlab.kernels.causal_conv import causal_conv1d
+
+
+def torch_conv(x, weight, bias):
+    """conv1d with K - 1 zeros of left padding, one group per channel."""
+    C, K = weight.shape
+    return F.conv1d(F.pad(x.transpose(1, 2), (K - 1, 0)), weight[:, None], bias, groups=C).transpose(1, 2)
+
+
+def test_matches_torch_conv1d():
+    x, w, b = torch.randn(2, 11, 6), torch.randn(6, 4), torch.randn(6)
+    y, prev = causal_conv1d(x, w, b)
+    torch.testing.assert_close(y, torch_conv(x, w, b))
+    torch.testing.assert_close(prev, x[:, -3:])
+
+
+def test_split_calls_continue_from_the_state():
+    x, w, b = torch.randn(2, 11, 6), torch.randn(6, 4), torch.randn(6)
+    prev, parts = None, []
+    for s, e in [(0, 2), (2, 3), (3, 9), (9, 11)]:  # calls shorter and longer than the kernel
+        y, prev = causal_conv1d(x[:, s:e], w, b, prev=prev)
+        parts.append(y)
+    torch.testing.assert_close(torch.cat(parts, dim=1), torch_conv(x, w, b))
+
+
+def test_documents_do_not_see_each_other():
+    lengths = [2, 5, 1, 4]
+    x, w, b = torch.randn(1, 12, 6), torch.randn(6, 4), torch.randn(6)
+    doc_ids = torch.cat([torch.full((1, n), i) for i, n in enumerate(lengths)], dim=1)
+    y, _ = causal_conv1d(x, w, b, doc_ids=doc_ids)
+    start = 0
+    for n in lengths:
+        torch.testing.assert_close(y[:, start : start + n], torch_conv(x[:, start : start + n], w, b))
+        start += n
