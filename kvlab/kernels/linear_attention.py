@@ -1,21 +1,27 @@
-"""Linear attention with a scalar decay per head and token: retention, gated retention, Mamba-2's SSD.
+"""Linear attention with decay: retention, gated retention, Mamba-2's SSD, RWKV-6.
 
 The recurrence, per batch row and head, with a state S of [Dk, Dv]:
 
-    S_t = exp(g_t) S_{t-1} + k_t^T v_t          (g_t = log decay <= 0)
-    o_t = q_t S_t
+    S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t          (g_t = log decay <= 0)
+    o_t = q_t S_t          (``exclusive``: o_t = q_t S_{t-1})
 
-RetNet's retention has a fixed g per head (g = log gamma), YOCO's gated
-retention and Mamba-2 a data-dependent one. Packed documents (``doc_ids``
-[B, T]) start from an empty state where the id changes; position 0
-continues ``state``.
+The decay is a scalar per head and token (log_decay [B, H, T]: RetNet's
+retention with a fixed g = log gamma per head, YOCO's gated retention and
+Mamba-2 with a data-dependent one) or a vector over the key channels
+(log_decay [B, H, T, Dk]: RWKV-6, GLA). ``exclusive`` reads the state
+before the token's own write, as RWKV does (which adds the token's own
+term separately, with its bonus u). Packed documents (``doc_ids`` [B, T])
+start from an empty state where the id changes; position 0 continues
+``state``.
 
 - ``linear_attention_reference``: the recurrence token by token, for tests.
 - ``linear_attention_chunked``: the chunkwise form (RetNet §2.2, SSD's block
   decomposition). Inside a chunk of C tokens it is attention with a decay
   mask, o_t = sum_{s<=t} (q_t . k_s) exp(b_t - b_s) v_s (b: the cumulative
   log decay within the chunk, so every exponent is <= 0 and nothing
-  overflows); across chunks the state is carried once per chunk:
+  overflows; with a vector decay the mask is per key channel, a
+  [C, C, Dk] product, so chunks of 16-32 suit it); across chunks the state
+  is carried once per chunk:
   o_t += exp(b_t) q_t S_prev and S = exp(b_C) S_prev + sum_s exp(b_C - b_s) k_s^T v_s.
   Work is O(T C D) instead of O(T^2 D), and only T/C steps are sequential.
 - ``linear_attention``: picks the recurrence for a token or two (decoding),
@@ -42,26 +48,33 @@ def _document_starts(doc_ids: torch.Tensor) -> torch.Tensor:
     return starts
 
 
-def linear_attention_reference(q, k, v, log_decay, *, state=None, doc_ids=None):
+def linear_attention_reference(q, k, v, log_decay, *, state=None, doc_ids=None, exclusive: bool = False):
     """o [B, H, T, Dv] and the final state [B, H, Dk, Dv], token by token.
 
-    q, k [B, H, T, Dk]; v [B, H, T, Dv]; log_decay [B, H, T]; state [B, H, Dk, Dv] or None (zeros).
+    q, k [B, H, T, Dk]; v [B, H, T, Dv]; log_decay [B, H, T] or [B, H, T, Dk];
+    state [B, H, Dk, Dv] or None (zeros).
     """
     dt = _compute_dtype(q)
     B, H, T, Dk = q.shape
     S = q.new_zeros(B, H, Dk, v.shape[-1], dtype=dt) if state is None else state.to(dt)
     starts = _document_starts(doc_ids) if doc_ids is not None else None
+    g = log_decay.to(dt) if log_decay.dim() == 4 else log_decay.to(dt)[..., None]  # [B, H, T, Dk or 1]
     outputs = []
     for t in range(T):
-        decay = log_decay[:, :, t].to(dt).exp()
         if starts is not None:
-            decay = decay.masked_fill(starts[:, t, None], 0.0)
-        S = decay[..., None, None] * S + k[:, :, t, :, None].to(dt) * v[:, :, t, None, :].to(dt)
-        outputs.append(q[:, :, t, None, :].to(dt) @ S)
+            S = S.masked_fill(starts[:, t, None, None, None], 0.0)
+        read = q[:, :, t, None, :].to(dt)
+        if exclusive:
+            outputs.append(read @ S)
+        S = g[:, :, t, :, None].exp() * S + k[:, :, t, :, None].to(dt) * v[:, :, t, None, :].to(dt)
+        if not exclusive:
+            outputs.append(read @ S)
     return torch.cat(outputs, dim=2).to(q.dtype), S
 
 
-def linear_attention_chunked(q, k, v, log_decay, *, state=None, doc_ids=None, chunk_size: int = 64):
+def linear_attention_chunked(
+    q, k, v, log_decay, *, state=None, doc_ids=None, exclusive: bool = False, chunk_size: int = 64
+):
     """Same contract as ``linear_attention_reference``, in chunks of ``chunk_size`` tokens."""
     dt = _compute_dtype(q)
     B, H, T, Dk = q.shape
@@ -69,43 +82,51 @@ def linear_attention_chunked(q, k, v, log_decay, *, state=None, doc_ids=None, ch
     C = chunk_size
     N = -(-T // C)
     pad = N * C - T  # padded tokens have k = 0 and no decay: they leave the state as it is
+    vector = log_decay.dim() == 4
     q, k, v = (F.pad(x.to(dt), (0, 0, 0, pad)).view(B, H, N, C, -1) for x in (q, k, v))
-    g = F.pad(log_decay.to(dt), (0, pad)).view(B, H, N, C)
-    b = g.cumsum(dim=-1)  # cumulative log decay within each chunk
-    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    g = log_decay.to(dt) if vector else log_decay.to(dt)[..., None]
+    g = F.pad(g, (0, 0, 0, pad)).view(B, H, N, C, -1)  # [B, H, N, C, Dk or 1]
+    b = g.cumsum(dim=3)  # cumulative log decay within each chunk, up to and including each token
+    b_read = b - g if exclusive else b  # the decay a token's read has seen
+    visible = torch.ones(C, C, dtype=torch.bool, device=q.device).tril(-1 if exclusive else 0)
     if doc_ids is None:
-        same_doc = causal
         carries = None  # every token sees the state carried into its chunk
-        b_end = b[..., -1]
+        b_end = b[:, :, :, -1]
     else:
         starts = F.pad(_document_starts(doc_ids), (0, pad)).view(B, 1, N, C)
         segment = starts.cumsum(dim=-1)  # documents begun so far within the chunk
-        same_doc = causal & (segment[..., :, None] == segment[..., None, :])
-        carries = segment == 0  # tokens still in the document the carried state belongs to
+        visible = visible & (segment[..., :, None] == segment[..., None, :])
+        carries = (segment == 0)[..., None]  # tokens still in the document the carried state belongs to
         # only the chunk's last document passes its state on
-        b_end = b[..., -1].masked_fill(segment[..., -1] > 0, float("-inf"))
-    # inside each chunk: attention with the decay mask exp(b_t - b_s), s <= t
-    decay_mask = (b[..., :, None] - b[..., None, :]).masked_fill(~same_doc, float("-inf")).exp()
-    out = ((q @ k.transpose(-1, -2)) * decay_mask) @ v
+        b_end = b[:, :, :, -1].masked_fill(segment[..., -1:] > 0, float("-inf"))
+    # inside each chunk: attention with the decay mask exp(b_read_t - b_s) over the visible s
+    if vector:  # per key channel: [.., C, C, Dk]
+        exponent = (b_read[..., :, None, :] - b[..., None, :, :]).masked_fill(~visible[..., None], float("-inf"))
+        scores = (q[..., :, None, :] * k[..., None, :, :] * exponent.exp()).sum(-1)
+    else:
+        exponent = (b_read[..., 0, None] - b[..., None, :, 0]).masked_fill(~visible, float("-inf"))
+        scores = (q @ k.transpose(-1, -2)) * exponent.exp()
+    out = scores @ v
     # what each chunk adds to the state: exp(b_C - b_s) k_s^T v_s over its last document's tokens
-    to_end = b[..., -1:] - b
+    to_end = b[:, :, :, -1:] - b
     if carries is not None:
-        to_end = to_end.masked_fill(segment != segment[..., -1:], float("-inf"))
-    written = (k * to_end.exp()[..., None]).transpose(-1, -2) @ v  # [B, H, N, Dk, Dv]
-    q_decayed = q * b.exp()[..., None]
+        to_end = to_end.masked_fill((segment != segment[..., -1:])[..., None], float("-inf"))
+    written = (k * to_end.exp()).transpose(-1, -2) @ v  # [B, H, N, Dk, Dv]
+    q_decayed = q * b_read.exp()
     if carries is not None:
-        q_decayed = q_decayed * carries[..., None]
+        q_decayed = q_decayed * carries
     S = q.new_zeros(B, H, Dk, Dv) if state is None else state.to(dt)
     inter = []
     for n in range(N):  # across chunks: T / C sequential steps
         inter.append(q_decayed[:, :, n] @ S)
-        S = b_end[:, :, n, None, None].exp() * S + written[:, :, n]
+        S = b_end[:, :, n, :, None].exp() * S + written[:, :, n]
     out = out + torch.stack(inter, dim=2)
     return out.reshape(B, H, N * C, Dv)[:, :, :T].to(q.dtype), S
 
 
-def linear_attention(q, k, v, log_decay, *, state=None, doc_ids=None, chunk_size: int = 64):
+def linear_attention(q, k, v, log_decay, *, state=None, doc_ids=None, exclusive: bool = False, chunk_size: int = 64):
     """The recurrence for one or two tokens (decoding), the chunked form otherwise."""
+    kwargs = {"state": state, "doc_ids": doc_ids, "exclusive": exclusive}
     if q.shape[2] <= 2:
-        return linear_attention_reference(q, k, v, log_decay, state=state, doc_ids=doc_ids)
-    return linear_attention_chunked(q, k, v, log_decay, state=state, doc_ids=doc_ids, chunk_size=chunk_size)
+        return linear_attention_reference(q, k, v, log_decay, **kwargs)
+    return linear_attention_chunked(q, k, v, log_decay, chunk_size=chunk_size, **kwargs)

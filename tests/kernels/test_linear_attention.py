@@ -8,26 +8,35 @@ from kvlab.kernels.linear_attention import linear_attention, linear_attention_ch
 B, H, DK, DV = 2, 3, 8, 6
 
 
-def _inputs(T, dtype=torch.float32, requires_grad=False):
+def _inputs(T, dtype=torch.float32, requires_grad=False, vector=False):
     q, k = torch.randn(B, H, T, DK, dtype=dtype), torch.randn(B, H, T, DK, dtype=dtype)
     v = torch.randn(B, H, T, DV, dtype=dtype)
-    log_decay = -torch.rand(B, H, T, dtype=dtype) * 0.5
+    log_decay = -torch.rand(B, H, T, *([DK] if vector else []), dtype=dtype) * 0.5
+    if vector:  # some channels decaying hard, as RWKV's do
+        log_decay[..., 0] *= 20
     state = torch.randn(B, H, DK, DV, dtype=dtype)
     return [t.requires_grad_(requires_grad) for t in (q, k, v, log_decay, state)]
 
 
-def parallel_form(q, k, v, log_decay):
-    """RetNet's parallel form from an empty state: (Q K^T * D) V with D[t, s] = prod_{s<j<=t} exp(g_j)."""
+def parallel_form(q, k, v, log_decay, exclusive=False):
+    """The parallel form from an empty state: o_t = sum_{s<=t} sum_d q_td k_sd D[t, s, d] v_s, with
+    D[t, s] = prod_{s<j<=t} exp(g_j) (RetNet's decay matrix, per key channel); ``exclusive``: s < t, and
+    the product stops at t - 1."""
     T = q.shape[2]
-    cum = log_decay.cumsum(-1)
-    D = (cum[..., :, None] - cum[..., None, :]).exp() * torch.ones(T, T).tril()
-    return ((q @ k.transpose(-1, -2)) * D) @ v
+    g = log_decay if log_decay.dim() == 4 else log_decay[..., None].expand(*q.shape)
+    cum = g.cumsum(2)
+    read = cum - g if exclusive else cum
+    seen = torch.ones(T, T, dtype=torch.bool).tril(-int(exclusive))[..., None]
+    D = (read[..., :, None, :] - cum[..., None, :, :]).masked_fill(~seen, float("-inf")).exp()
+    return (q[..., :, None, :] * k[..., None, :, :] * D).sum(-1) @ v
 
 
-def test_recurrence_equals_the_parallel_form():
-    q, k, v, g, _ = _inputs(11, torch.float64)
-    out, _ = linear_attention_reference(q, k, v, g)
-    torch.testing.assert_close(out, parallel_form(q, k, v, g))
+@pytest.mark.parametrize("vector", [False, True])
+@pytest.mark.parametrize("exclusive", [False, True])
+def test_recurrence_equals_the_parallel_form(vector, exclusive):
+    q, k, v, g, _ = _inputs(11, torch.float64, vector=vector)
+    out, _ = linear_attention_reference(q, k, v, g, exclusive=exclusive)
+    torch.testing.assert_close(out, parallel_form(q, k, v, g, exclusive))
 
 
 DOCS = torch.tensor([[0] * 10 + [1] * 20 + [2] * 7, [0] * 3 + [1] * 3 + [2] * 31])
@@ -36,10 +45,12 @@ DOCS = torch.tensor([[0] * 10 + [1] * 20 + [2] * 7, [0] * 3 + [1] * 3 + [2] * 31
 @pytest.mark.parametrize("chunk_size", [1, 4, 8, 16, 64])
 @pytest.mark.parametrize("with_state", [False, True])
 @pytest.mark.parametrize("with_docs", [False, True])
-def test_chunked_equals_recurrent_outputs_state_and_gradients(chunk_size, with_state, with_docs):
+@pytest.mark.parametrize("decay", ["scalar", "vector", "vector_exclusive"])
+def test_chunked_equals_recurrent_outputs_state_and_gradients(chunk_size, with_state, with_docs, decay):
     """37 tokens: never a whole number of chunks of more than one token."""
-    q, k, v, g, s0 = _inputs(37, requires_grad=True)
+    q, k, v, g, s0 = _inputs(37, requires_grad=True, vector=decay != "scalar")
     kwargs = {"state": s0 if with_state else None, "doc_ids": DOCS if with_docs else None}
+    kwargs["exclusive"] = decay == "vector_exclusive"
     out, state = linear_attention_chunked(q, k, v, g, chunk_size=chunk_size, **kwargs)
     ref_out, ref_state = linear_attention_reference(q, k, v, g, **kwargs)
     assert (out - ref_out).abs().max() <= 1e-4
@@ -49,17 +60,18 @@ def test_chunked_equals_recurrent_outputs_state_and_gradients(chunk_size, with_s
     grads = torch.autograd.grad((out * weights).sum() + state.sum(), leaves)
     ref_grads = torch.autograd.grad((ref_out * weights).sum() + ref_state.sum(), leaves)
     for name, got, want in zip("q k v log_decay state".split(), grads, ref_grads, strict=False):
-        assert (got - want).abs().max() <= 1e-4, name
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=name)
 
 
 @pytest.mark.parametrize("kernel", [linear_attention_reference, linear_attention_chunked])
-def test_documents_start_from_an_empty_state(kernel):
-    q, k, v, g, _ = _inputs(37)
-    packed, _ = kernel(q, k, v, g, doc_ids=DOCS)
+@pytest.mark.parametrize("exclusive", [False, True])
+def test_documents_start_from_an_empty_state(kernel, exclusive):
+    q, k, v, g, _ = _inputs(37, vector=exclusive)
+    packed, _ = kernel(q, k, v, g, doc_ids=DOCS, exclusive=exclusive)
     for b in range(B):
         bounds = [0, *(torch.nonzero(DOCS[b, 1:] != DOCS[b, :-1]).flatten() + 1).tolist(), 37]
         for s, e in zip(bounds[:-1], bounds[1:], strict=True):
-            alone = parallel_form(*(t[b : b + 1, :, s:e] for t in (q, k, v, g)))
+            alone = parallel_form(*(t[b : b + 1, :, s:e] for t in (q, k, v, g)), exclusive=exclusive)
             assert (packed[b : b + 1, :, s:e] - alone).abs().max() <= 1e-4
 
 
