@@ -3,39 +3,47 @@
 Slots are allocated by the mixers themselves (``new_cache_slot``), so each
 mixer family decides what it keeps (static K/V, a ring buffer for a window,
 a latent, a recurrent state). Layers that read another layer's K/V hold
-``None``. ``seen`` counts the tokens the model has consumed so far.
+``None``. The few MLPs that keep state (RWKV's channel mix: the previous
+token) have slots of their own in ``mlp_slots``. ``seen`` counts the tokens
+the model has consumed so far.
 """
 
 from __future__ import annotations
 
 
 class Cache:
-    def __init__(self, slots: list, batch_size: int, max_len: int):
+    def __init__(self, slots: list, batch_size: int, max_len: int, mlp_slots: list | None = None):
         self.slots = slots
+        self.mlp_slots = [None] * len(slots) if mlp_slots is None else mlp_slots
         self.batch_size = batch_size
         self.max_len = max_len
         self.seen = 0
 
+    def _held(self) -> list:
+        return [s for s in self.slots + self.mlp_slots if s is not None]
+
     def nbytes(self) -> int:
         """Bytes of state held for the tokens seen so far."""
-        return sum(s.nbytes() for s in self.slots if s is not None)
+        return sum(s.nbytes() for s in self._held())
 
     def allocated_bytes(self) -> int:
         """Bytes of the buffers allocated (whatever has been used)."""
-        return sum(s.allocated_bytes() for s in self.slots if s is not None)
+        return sum(s.allocated_bytes() for s in self._held())
 
     def reorder(self, batch_idx) -> None:
         """Keep, in each row, the state of row ``batch_idx[row]`` (beam search)."""
-        for s in self.slots:
-            if s is not None:
-                s.reorder(batch_idx)
+        for s in self._held():
+            s.reorder(batch_idx)
 
     def reset(self) -> None:
         """Forget every token, keeping the buffers, to reuse the cache for new sequences."""
-        for s in self.slots:
-            if s is not None:
-                s.reset()
+        for s in self._held():
+            s.reset()
         self.seen = 0
+
+    def layer_is_stateless(self, i: int) -> bool:
+        """Whether layer ``i`` keeps nothing of its own (it reads K/V that another layer cached)."""
+        return self.slots[i] is None and self.mlp_slots[i] is None
 
     def __repr__(self) -> str:
         owners = sum(s is not None for s in self.slots)

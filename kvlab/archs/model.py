@@ -40,10 +40,11 @@ class Block(nn.Module):
         self.mlp_norm = build_norm(cfg.norm, cfg.d_model)
         self.mlp = build_mlp(cfg.mlp, cfg.d_model)
 
-    def forward(self, x, *, cache=None, positions=None, shared_kv=None, doc_ids=None):
+    def forward(self, x, *, cache=None, mlp_cache=None, positions=None, shared_kv=None, doc_ids=None):
         h = self.mixer_norm(x)
         x = x + self.mixer(h, cache=cache, positions=positions, shared_kv=shared_kv, doc_ids=doc_ids)
-        return x + self.mlp(self.mlp_norm(x))
+        h = self.mlp_norm(x)
+        return x + (self.mlp(h, cache=mlp_cache, doc_ids=doc_ids) if self.mlp.stateful else self.mlp(h))
 
 
 class CausalLM(nn.Module):
@@ -126,7 +127,7 @@ class CausalLM(nn.Module):
         if cache is not None and last_only and T > 1:
             # Top layers that keep no state (they read K/V that lower layers cached, as YOCO's
             # cross-decoder or CLA's last reader) need only the last position of a prefill.
-            while stateless_from > 0 and cache.slots[stateless_from - 1] is None:
+            while stateless_from > 0 and cache.layer_is_stateless(stateless_from - 1):
                 stateless_from -= 1
         x = self._layers(self.embed_tokens(input_ids), cache, positions, doc_ids, shared_kv, stop=stateless_from)
         if last_only:
@@ -141,13 +142,13 @@ class CausalLM(nn.Module):
     def _layers(self, x, cache, positions, doc_ids, shared_kv, start: int = 0, stop: int | None = None):
         for i in range(start, len(self.layers) if stop is None else stop):
             layer = self.layers[i]
-            slot = cache.slots[i] if cache is not None else None
+            slot, mlp_slot = (cache.slots[i], cache.mlp_slots[i]) if cache is not None else (None, None)
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 # Non-reentrant: the forward graph is recorded as usual (K/V shared
                 # through shared_kv get their gradients), only activations are recomputed.
                 x = checkpoint(layer, x, positions=positions, shared_kv=shared_kv, doc_ids=doc_ids, use_reentrant=False)
             else:
-                x = layer(x, cache=slot, positions=positions, shared_kv=shared_kv, doc_ids=doc_ids)
+                x = layer(x, cache=slot, mlp_cache=mlp_slot, positions=positions, shared_kv=shared_kv, doc_ids=doc_ids)
         return x
 
     def _forward_reading_later_layers(self, input_ids, cache, positions, doc_ids, last_only):
@@ -211,18 +212,22 @@ class CausalLM(nn.Module):
         dtype = weight.dtype if dtype is None else dtype
         device = weight.device if device is None else device
         slots = [layer.mixer.new_cache_slot(batch_size, max_len, dtype, device) for layer in self.layers]
-        return Cache(slots, batch_size, max_len)
+        mlp_slots = [
+            layer.mlp.new_cache_slot(batch_size, dtype, device) if layer.mlp.stateful else None for layer in self.layers
+        ]
+        return Cache(slots, batch_size, max_len, mlp_slots)
 
     def kv_footprint(self, dtype: torch.dtype = torch.bfloat16) -> Footprint:
         rows = []
         for i, layer in enumerate(self.layers):
             fp = layer.mixer.kv_footprint(dtype)
+            mlp_bytes = layer.mlp.state_bytes(dtype) if layer.mlp.stateful else 0  # RWKV's channel-mix shift
             rows.append(
                 FootprintRow(
                     layer=i,
                     kind=layer.mixer.cfg.kind,
                     bytes_per_token=fp.bytes_per_token,
-                    fixed_bytes=fp.fixed_bytes,
+                    fixed_bytes=fp.fixed_bytes + mlp_bytes,
                     kv_source=self.config.layer_kv_source[i],
                     max_tokens=fp.max_tokens,
                 )

@@ -1,4 +1,4 @@
-"""Short causal depthwise convolution (Mamba's conv1d before the scan), continuing a state.
+"""Short causal depthwise convolution (Mamba's conv1d before the scan) and RWKV's token shift.
 
     y_t = bias + sum_{j=0}^{K-1} w[:, j] * x_{t - (K - 1) + j}
 
@@ -37,3 +37,18 @@ def causal_conv1d(x, weight, bias=None, *, prev=None, doc_ids=None):
     if bias is not None:
         y = y + bias
     return y, padded[:, -(K - 1) :] if K > 1 else padded[:, :0]
+
+
+def token_shift(x, *, prev=None, doc_ids=None):
+    """RWKV's token shift: each token's predecessor, x_{t-1} (x [B, T, C] -> [B, T, C]), and the new ``prev``.
+
+    ``prev`` [B, C] is the token before the first (zeros when None, as at a
+    sequence's start); with ``doc_ids`` a document's first token gets zeros.
+    """
+    before = x.new_zeros(x.shape[0], 1, x.shape[2]) if prev is None else prev[:, None].to(x.dtype)
+    shifted = torch.cat([before, x[:, :-1]], dim=1)
+    if doc_ids is not None:
+        starts = torch.zeros_like(doc_ids, dtype=torch.bool)
+        starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+        shifted = shifted.masked_fill(starts[..., None], 0.0)
+    return shifted, x[:, -1]

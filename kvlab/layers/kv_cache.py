@@ -1,4 +1,4 @@
-"""Preallocated key/value cache slots for softmax-attention mixers.
+"""Preallocated cache slots: key/value buffers for softmax attention, fixed states for recurrent mixers.
 
 ``StaticKV`` holds every position up to ``max_len``; ``RingKV`` holds the
 last ``window`` positions in a ring buffer, so a sliding-window layer never
@@ -9,6 +9,10 @@ so decoding allocates no cache memory. Keys are stored after RoPE.
 ``update(k_new, v_new)`` writes the step's K/V and returns a ``KVView``: the
 keys and values the step's queries attend to, which a cross-layer reader
 receives too (through ``shared_kv``), so readers never touch the slot.
+
+``StateSlot`` holds the fixed-size states of recurrent mixers (retention's
+and Mamba's S, a convolution's last inputs, RWKV's previous token), zeros
+at a sequence's start, whatever the context length.
 """
 
 from __future__ import annotations
@@ -141,4 +145,35 @@ class LatentKV:
         reorder_rows([self.latent], batch_idx)
 
     def reset(self) -> None:
+        self.seen = 0
+
+
+class StateSlot:
+    """Named fixed-size state tensors per sequence, each [batch_size, *shape], read as attributes.
+
+    ``seen`` counts the tokens that went through (mixers that rotate by position need it).
+    """
+
+    def __init__(self, batch_size: int, shapes: dict[str, tuple[int, ...]], *, dtype, device):
+        self.tensors = {n: torch.zeros(batch_size, *shape, dtype=dtype, device=device) for n, shape in shapes.items()}
+        self.seen = 0
+
+    def __getattr__(self, name: str) -> torch.Tensor:
+        tensors = self.__dict__.get("tensors", {})
+        if name in tensors:
+            return tensors[name]
+        raise AttributeError(name)
+
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())  # fixed: held from the first token
+
+    def allocated_bytes(self) -> int:
+        return self.nbytes()
+
+    def reorder(self, batch_idx: torch.Tensor) -> None:
+        reorder_rows(list(self.tensors.values()), batch_idx)
+
+    def reset(self) -> None:
+        for t in self.tensors.values():
+            t.zero_()
         self.seen = 0

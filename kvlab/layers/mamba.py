@@ -33,7 +33,7 @@ from kvlab._config import check_float, check_int
 from kvlab.kernels.causal_conv import causal_conv1d
 from kvlab.kernels.linear_attention import linear_attention
 from kvlab.layers.base import LayerFootprint, MixerConfig, register_mixer
-from kvlab.layers.kv_cache import reorder_rows
+from kvlab.layers.kv_cache import StateSlot
 
 
 @dataclass
@@ -66,27 +66,6 @@ class Mamba2Config(MixerConfig):
                 f"{path}: n_heads = {inner // self.head_dim} (expand * d_model / head_dim) is not divisible "
                 f"by {path}.n_groups={self.n_groups}"
             )
-
-
-class MambaState:
-    """One batch's SSM state and the convolution's last inputs."""
-
-    def __init__(self, batch_size, n_heads, state_dim, head_dim, conv_kernel, conv_dim, *, dtype, device):
-        self.ssm = torch.zeros(batch_size, n_heads, state_dim, head_dim, dtype=dtype, device=device)
-        self.conv = torch.zeros(batch_size, conv_kernel - 1, conv_dim, dtype=dtype, device=device)
-
-    def nbytes(self) -> int:
-        return self.ssm.nbytes + self.conv.nbytes
-
-    def allocated_bytes(self) -> int:
-        return self.nbytes()
-
-    def reorder(self, batch_idx: torch.Tensor) -> None:
-        reorder_rows([self.ssm, self.conv], batch_idx)
-
-    def reset(self) -> None:
-        self.ssm.zero_()
-        self.conv.zero_()
 
 
 @register_mixer
@@ -157,9 +136,8 @@ class Mamba2(nn.Module):
 
     def new_cache_slot(self, batch_size: int, max_len: int, dtype: torch.dtype, device):
         c = self.cfg
-        return MambaState(
-            batch_size, self.n_heads, c.state_dim, c.head_dim, c.conv_kernel, self.conv_dim, dtype=dtype, device=device
-        )
+        shapes = {"ssm": (self.n_heads, c.state_dim, c.head_dim), "conv": (c.conv_kernel - 1, self.conv_dim)}
+        return StateSlot(batch_size, shapes, dtype=dtype, device=device)
 
     def kv_footprint(self, dtype: torch.dtype) -> LayerFootprint:
         c = self.cfg

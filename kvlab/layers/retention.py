@@ -32,7 +32,7 @@ from kvlab._config import check_choice, check_float, check_int
 from kvlab.kernels.linear_attention import linear_attention
 from kvlab.kernels.rope import apply_rope
 from kvlab.layers.base import LayerFootprint, MixerConfig, default_head_dim, register_mixer
-from kvlab.layers.kv_cache import reorder_rows
+from kvlab.layers.kv_cache import StateSlot
 from kvlab.layers.rope import Rotary
 
 DECAYS = ("fixed", "gated")
@@ -64,27 +64,6 @@ class RetentionConfig(MixerConfig):
             raise ValueError(f"{path}.head_dim={self.head_dim} must be even (the rotation turns pairs)")
         if self.v_head_dim is None:
             self.v_head_dim = self.head_dim
-
-
-class RecurrentState:
-    """A fixed-size recurrent state per sequence, and how many tokens it has seen (for positions)."""
-
-    def __init__(self, *shape: int, dtype, device):
-        self.state = torch.zeros(*shape, dtype=dtype, device=device)
-        self.seen = 0
-
-    def nbytes(self) -> int:
-        return self.state.nbytes
-
-    def allocated_bytes(self) -> int:
-        return self.state.nbytes
-
-    def reorder(self, batch_idx: torch.Tensor) -> None:
-        reorder_rows([self.state], batch_idx)
-
-    def reset(self) -> None:
-        self.state.zero_()
-        self.seen = 0
 
 
 @register_mixer
@@ -137,7 +116,8 @@ class Retention(nn.Module):
         return self.o_proj(F.silu(self.g_proj(x)) * y)
 
     def new_cache_slot(self, batch_size: int, max_len: int, dtype: torch.dtype, device):
-        return RecurrentState(batch_size, self.n_heads, self.head_dim, self.v_head_dim, dtype=dtype, device=device)
+        shapes = {"state": (self.n_heads, self.head_dim, self.v_head_dim)}
+        return StateSlot(batch_size, shapes, dtype=dtype, device=device)
 
     def kv_footprint(self, dtype: torch.dtype) -> LayerFootprint:
         return LayerFootprint(fixed_bytes=self.n_heads * self.head_dim * self.v_head_dim * dtype.itemsize)

@@ -103,6 +103,15 @@ VARIANTS = {
             "W": {"kind": "attention", "n_heads": 4, "n_kv_heads": 1, "window": 4},
         },
     ),
+    "rwkv6": tiny(
+        mixer={"kind": "rwkv6", "head_dim": 16, "mix_lora_rank": 4, "decay_lora_rank": 8, "chunk_size": 4},
+        mlp={"kind": "rwkv_channel_mix", "hidden": 96},
+    ),
+    "hybrid_rwkv6_gqa_swiglu": tiny(  # GoldFinch-like: RWKV-6 layers below attention
+        mixer=None,
+        pattern="RRA",
+        mixers={"R": {"kind": "rwkv6", "head_dim": 32, "chunk_size": 5}, "A": {"kind": "attention", "n_heads": 4}},
+    ),
     "hybrid_window": tiny(
         mixer=None,
         pattern="WWG",

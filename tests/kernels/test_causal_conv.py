@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from kvlab.kernels.causal_conv import causal_conv1d
+from kvlab.kernels.causal_conv import causal_conv1d, token_shift
 
 
 def torch_conv(x, weight, bias):
@@ -37,3 +37,15 @@ def test_documents_do_not_see_each_other():
     for n in lengths:
         torch.testing.assert_close(y[:, start : start + n], torch_conv(x[:, start : start + n], w, b))
         start += n
+
+
+def test_token_shift_is_the_previous_token_within_documents():
+    x = torch.randn(2, 6, 3)
+    doc_ids = torch.tensor([[0, 0, 0, 1, 1, 1], [0, 0, 0, 0, 0, 0]])
+    shifted, last = token_shift(x, doc_ids=doc_ids)
+    want = torch.cat([torch.zeros(2, 1, 3), x[:, :-1]], dim=1)
+    want[0, 3] = 0  # the second document starts from nothing
+    torch.testing.assert_close(shifted, want)
+    torch.testing.assert_close(last, x[:, -1])
+    continued, _ = token_shift(x[:, 4:], prev=x[:, 3])
+    torch.testing.assert_close(continued, x[:, 3:5])

@@ -1,0 +1,131 @@
+"""RWKV time mixing: RWKV-6 "Finch" (Peng et al. 2024, "Eagle and Finch", §4).
+
+Each token is mixed with the one before it (token shift) by a
+data-dependent interpolation, one per projection (ddlerp, eqs. 11-12):
+
+    xx = x_{t-1} - x_t
+    m_□ = lambda_□ + tanh((x_t + xx * mu_x) A) B_□            (□ in w, k, v, r, g; a shared LoRA)
+    x_□ = x_t + xx * m_□
+    r, k, v = x_r W_r, x_k W_k, x_v W_v;   g = silu(x_g W_g)
+    d_t = d + tanh(x_w A_d) B_d;   w_t = exp(-exp(d_t))            (a decay per key channel, eq. 14)
+
+and per head (key and value width ``head_dim``), a matrix state with a
+bonus u for the token's own key (eqs. 15-16):
+
+    o_t = r_t (S_{t-1} + diag(u) k_t^T v_t),     S_t = diag(w_t) S_{t-1} + k_t^T v_t
+
+then a group norm per head, the gate, and the output projection. The state
+recurrence is the linear-attention kernel with a vector decay and
+exclusive reads (the chunked form trains, the recurrence decodes); the
+bonus term is added here. The cache: S per head plus the previous token's
+input, whatever the context. RWKV's channel mix is an MLP kind,
+``mlp: {kind: rwkv_channel_mix}``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kvlab._config import check_float, check_int
+from kvlab.kernels.causal_conv import token_shift
+from kvlab.kernels.linear_attention import linear_attention
+from kvlab.layers.base import LayerFootprint, MixerConfig, register_mixer
+from kvlab.layers.kv_cache import StateSlot
+
+MIXED = ("w", "k", "v", "r", "g")  # the five token-shift interpolations, in this order
+
+
+@dataclass
+class RWKV6Config(MixerConfig):
+    kind = "rwkv6"
+    head_dim: int = 64  # key and value width per head; n_heads = d_model / head_dim
+    mix_lora_rank: int = 32  # rank of the shared LoRA that makes the interpolations data-dependent
+    decay_lora_rank: int = 64  # rank of the LoRA that makes the decay data-dependent
+    chunk_size: int = 16  # the vector-decay chunked form is quadratic in the chunk per key channel
+    norm_eps: float = 64e-5  # the group norm's (RWKV: 1e-5 * head_size_divisor^2)
+
+    def validate(self, d_model: int, path: str) -> None:
+        for name in ("head_dim", "mix_lora_rank", "decay_lora_rank", "chunk_size"):
+            check_int(getattr(self, name), f"{path}.{name}", minimum=1)
+        check_float(self.norm_eps, f"{path}.norm_eps", positive=True)
+        if d_model % self.head_dim:
+            raise ValueError(f"d_model={d_model} is not divisible by {path}.head_dim={self.head_dim}")
+
+
+@register_mixer
+class RWKV6(nn.Module):
+    Config = RWKV6Config
+
+    def __init__(self, cfg: RWKV6Config, *, d_model: int, layer_idx: int, kv_source: int, max_seq_len: int):
+        super().__init__()
+        if kv_source != layer_idx:
+            raise ValueError(f"layer {layer_idx}: rwkv6 does not read another layer's K/V")
+        self.cfg = cfg
+        self.d_model, self.head_dim, self.n_heads = d_model, cfg.head_dim, d_model // cfg.head_dim
+        self.mix_x = nn.Parameter(torch.empty(d_model))  # mu_x
+        self.mix_base = nn.Parameter(torch.empty(len(MIXED), d_model))  # lambda_w .. lambda_g
+        self.mix_lora_a = nn.Parameter(torch.empty(d_model, len(MIXED) * cfg.mix_lora_rank))
+        self.mix_lora_b = nn.Parameter(torch.empty(len(MIXED), cfg.mix_lora_rank, d_model))
+        self.decay_base = nn.Parameter(torch.empty(d_model))  # d
+        self.decay_lora_a = nn.Parameter(torch.empty(d_model, cfg.decay_lora_rank))
+        self.decay_lora_b = nn.Parameter(torch.empty(cfg.decay_lora_rank, d_model))
+        self.bonus = nn.Parameter(torch.empty(self.n_heads, self.head_dim))  # u
+        self.r_proj = nn.Linear(d_model, d_model, bias=False)
+        self.k_proj = nn.Linear(d_model, d_model, bias=False)
+        self.v_proj = nn.Linear(d_model, d_model, bias=False)
+        self.g_proj = nn.Linear(d_model, d_model, bias=False)
+        self.o_proj = nn.Linear(d_model, d_model, bias=False)
+        self.group_norm = nn.GroupNorm(self.n_heads, d_model, eps=cfg.norm_eps)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """After RWKV-6's code: mixes at one half, the LoRAs starting near nothing (both factors small
+        rather than one zero, so every parameter learns from the first step), decays spread from slow
+        to fast over the channels (log w = -exp(d), d from -6 to -1), a bonus of 0.5."""
+        if self.mix_x.is_meta:
+            return
+        nn.init.constant_(self.mix_x, 0.5)
+        nn.init.constant_(self.mix_base, 0.5)
+        nn.init.uniform_(self.mix_lora_a, -0.01, 0.01)
+        nn.init.uniform_(self.mix_lora_b, -0.01, 0.01)
+        channel = torch.arange(self.d_model, dtype=torch.float32) / max(self.d_model - 1, 1)
+        self.decay_base.copy_(-6 + 5 * channel**0.7)
+        nn.init.uniform_(self.decay_lora_a, -0.01, 0.01)
+        nn.init.uniform_(self.decay_lora_b, -0.01, 0.01)
+        nn.init.constant_(self.bonus, 0.5)
+
+    def forward(self, x, *, cache=None, positions=None, shared_kv=None, doc_ids=None):
+        """``positions`` are not used: the token shift and the decay carry order."""
+        B, T, C = x.shape
+        H, D = self.n_heads, self.head_dim
+        before, last = token_shift(x, prev=cache.prev if cache is not None else None, doc_ids=doc_ids)
+        xx = before - x
+        lora = torch.tanh((x + xx * self.mix_x) @ self.mix_lora_a).view(B, T, len(MIXED), -1)
+        mixes = self.mix_base + torch.einsum("btfr,frc->btfc", lora, self.mix_lora_b)  # [B, T, 5, C]
+        xw, xk, xv, xr, xg = (x + xx * mixes[:, :, i] for i in range(len(MIXED)))
+        r, k, v = (proj(h).view(B, T, H, D).transpose(1, 2) for proj, h in
+                   ((self.r_proj, xr), (self.k_proj, xk), (self.v_proj, xv)))  # fmt: skip
+        decay = self.decay_base + torch.tanh(xw @ self.decay_lora_a) @ self.decay_lora_b
+        log_decay = -decay.float().exp().view(B, T, H, D).transpose(1, 2)  # log w_t, per key channel
+        state = cache.state if cache is not None else None
+        o, new_state = linear_attention(
+            r, k, v, log_decay, state=state, doc_ids=doc_ids, exclusive=True, chunk_size=self.cfg.chunk_size
+        )
+        o = o + ((r * self.bonus[:, None] * k).sum(-1, keepdim=True) * v)  # the token's own term, with u
+        if cache is not None:
+            cache.state.copy_(new_state)
+            cache.prev.copy_(last)
+        y = self.group_norm(o.transpose(1, 2).reshape(B * T, C)).view(B, T, C)
+        return self.o_proj(y * F.silu(self.g_proj(xg)))
+
+    def new_cache_slot(self, batch_size: int, max_len: int, dtype: torch.dtype, device):
+        shapes = {"state": (self.n_heads, self.head_dim, self.head_dim), "prev": (self.d_model,)}
+        return StateSlot(batch_size, shapes, dtype=dtype, device=device)
+
+    def kv_footprint(self, dtype: torch.dtype) -> LayerFootprint:
+        return LayerFootprint(fixed_bytes=(self.n_heads * self.head_dim**2 + self.d_model) * dtype.itemsize)
