@@ -19,9 +19,8 @@ start from an empty state where the id changes; position 0 continues
   decomposition). Inside a chunk of C tokens it is attention with a decay
   mask, o_t = sum_{s<=t} (q_t . k_s) exp(b_t - b_s) v_s (b: the cumulative
   log decay within the chunk, so every exponent is <= 0 and nothing
-  overflows; with a vector decay the mask is per key channel, a
-  [C, C, Dk] product, so chunks of 16-32 suit it); across chunks the state
-  is carried once per chunk:
+  overflows; with a vector decay the mask is per key channel, see
+  ``decayed_products``); across chunks the state is carried once per chunk:
   o_t += exp(b_t) q_t S_prev and S = exp(b_C) S_prev + sum_s exp(b_C - b_s) k_s^T v_s.
   Work is O(T C D) instead of O(T^2 D), and only T/C steps are sequential.
 - ``linear_attention``: picks the recurrence for a token or two (decoding),
@@ -46,6 +45,28 @@ def _document_starts(doc_ids: torch.Tensor) -> torch.Tensor:
     starts = torch.zeros_like(doc_ids, dtype=torch.bool)
     starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
     return starts
+
+
+# Within this total log decay over a chunk, exp(+-decay) and their products stay far inside float32.
+FACTORABLE_DECAY = 30.0
+
+
+def decayed_products(x, y, x_decay, y_decay, visible):
+    """P[.., t, s] = sum_d x_td y_sd exp(x_decay_td - y_decay_sd) where ``visible[t, s]``, else 0.
+
+    x, y, x_decay, y_decay [.., C, D] (decays: cumulative log decays within a chunk, in [total, 0]);
+    visible [C, C] or broadcastable [.., C, C]. While the chunk's total decay is moderate the exponent
+    factors around the chunk's middle, x exp(x_decay - m) times y exp(m - y_decay), one matrix product
+    whose factors stay within exp(+-total); past ``FACTORABLE_DECAY`` (strongly decaying channels, as
+    RWKV-6 can learn) it is evaluated pairwise, [.., C, C, D], where no exponent is positive.
+    """
+    C = x.shape[-2]
+    if float(-y_decay[..., -1, :].detach().min()) <= FACTORABLE_DECAY:
+        middle = y_decay[..., C // 2 : C // 2 + 1, :]
+        scores = (x * (x_decay - middle).exp()) @ (y * (middle - y_decay).exp()).transpose(-1, -2)
+        return scores.masked_fill(~visible, 0.0)
+    exponent = (x_decay[..., :, None, :] - y_decay[..., None, :, :]).masked_fill(~visible[..., None], float("-inf"))
+    return torch.einsum("...td,...sd,...tsd->...ts", x, y, exponent.exp())
 
 
 def linear_attention_reference(q, k, v, log_decay, *, state=None, doc_ids=None, exclusive: bool = False):
@@ -100,9 +121,8 @@ def linear_attention_chunked(
         # only the chunk's last document passes its state on
         b_end = b[:, :, :, -1].masked_fill(segment[..., -1:] > 0, float("-inf"))
     # inside each chunk: attention with the decay mask exp(b_read_t - b_s) over the visible s
-    if vector:  # per key channel: [.., C, C, Dk]
-        exponent = (b_read[..., :, None, :] - b[..., None, :, :]).masked_fill(~visible[..., None], float("-inf"))
-        scores = (q[..., :, None, :] * k[..., None, :, :] * exponent.exp()).sum(-1)
+    if vector:  # per key channel
+        scores = decayed_products(q, k, b_read, b, visible)
     else:
         exponent = (b_read[..., 0, None] - b[..., None, :, 0]).masked_fill(~visible, float("-inf"))
         scores = (q @ k.transpose(-1, -2)) * exponent.exp()

@@ -107,6 +107,26 @@ VARIANTS = {
         mixer={"kind": "rwkv6", "head_dim": 16, "mix_lora_rank": 4, "decay_lora_rank": 8, "chunk_size": 4},
         mlp={"kind": "rwkv_channel_mix", "hidden": 96},
     ),
+    "rwkv7": tiny(
+        mixer={
+            "kind": "rwkv7",
+            "head_dim": 16,
+            "decay_lora_rank": 8,
+            "lr_lora_rank": 8,
+            "value_lora_rank": 4,
+            "gate_lora_rank": 8,
+            "chunk_size": 4,
+        },
+        mlp={"kind": "rwkv_channel_mix", "hidden": 96},
+    ),  # fmt: skip
+    "hybrid_rwkv7_window": tiny(
+        mixer=None,
+        pattern="RW",
+        mixers={
+            "R": {"kind": "rwkv7", "head_dim": 32, "chunk_size": 5},
+            "W": {"kind": "attention", "n_heads": 4, "n_kv_heads": 1, "window": 4},
+        },
+    ),
     "hybrid_rwkv6_gqa_swiglu": tiny(  # GoldFinch-like: RWKV-6 layers below attention
         mixer=None,
         pattern="RRA",

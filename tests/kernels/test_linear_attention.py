@@ -3,7 +3,13 @@
 import pytest
 import torch
 
-from kvlab.kernels.linear_attention import linear_attention, linear_attention_chunked, linear_attention_reference
+import kvlab.kernels.linear_attention as kernel_module
+from kvlab.kernels.linear_attention import (
+    decayed_products,
+    linear_attention,
+    linear_attention_chunked,
+    linear_attention_reference,
+)
 
 B, H, DK, DV = 2, 3, 8, 6
 
@@ -84,3 +90,16 @@ def test_any_split_into_calls_carries_the_state():
         parts.append(out)
     assert (torch.cat(parts, dim=2) - whole).abs().max() <= 1e-4
     assert (state - final).abs().max() <= 1e-4
+
+
+def test_decayed_products_factored_and_pairwise_agree(monkeypatch):
+    """Moderate decays take the factored matrix product; the pairwise form (forced here) is the definition."""
+    x, y = torch.randn(2, 16, 8, dtype=torch.float64), torch.randn(2, 16, 8, dtype=torch.float64)
+    cum = (-torch.rand(2, 16, 8, dtype=torch.float64)).cumsum(1)  # total decay about 8 < FACTORABLE_DECAY
+    visible = torch.ones(16, 16, dtype=torch.bool).tril()
+    factored = decayed_products(x, y, cum, cum, visible)
+    monkeypatch.setattr(kernel_module, "FACTORABLE_DECAY", -1.0)
+    pairwise = decayed_products(x, y, cum, cum, visible)
+    definition = torch.einsum("td,sd,tsd->ts", x[0], y[0], (cum[0, :, None] - cum[0, None, :]).exp())
+    torch.testing.assert_close(factored, pairwise)
+    torch.testing.assert_close(pairwise[0], definition * visible)
