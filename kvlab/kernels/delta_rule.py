@@ -106,10 +106,12 @@ def delta_rule_chunked(q, k, v, log_decay, a, b, *, state=None, doc_ids=None, ch
         decay_end = decay_end * carry_out
     S = q.new_zeros(B, H, Dk, Dv) if state is None else state.to(dt)
     outputs = []
-    for n in range(N):  # across chunks: T / C sequential steps
-        outputs.append(out_chunk[:, :, n] + out_state[:, :, n] @ S)
-        u = u_from_state[:, :, n] @ S + u_from_chunk[:, :, n]
-        S = decay_end[:, :, n] * S + a_to_end[:, :, n] @ u + written[:, :, n]
+    # across chunks: T / C sequential steps (unbind: one backward for all chunks, not one per index)
+    per_chunk = (out_chunk, out_state, u_from_state, u_from_chunk, decay_end, a_to_end, written)
+    for o_chunk, o_state, u_state, u_chunk, decay, a_end, w in zip(*(t.unbind(2) for t in per_chunk), strict=True):
+        outputs.append(o_chunk + o_state @ S)
+        u = u_state @ S + u_chunk
+        S = decay * S + a_end @ u + w
     out = torch.stack(outputs, dim=2).reshape(B, H, N * C, Dv)[:, :, :T]
     return out.to(out_dtype), S
 

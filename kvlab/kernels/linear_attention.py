@@ -47,7 +47,7 @@ def _document_starts(doc_ids: torch.Tensor) -> torch.Tensor:
     return starts
 
 
-# Within this total log decay over a chunk, exp(+-decay) and their products stay far inside float32.
+# While exp(+-FACTORABLE_DECAY) bounds both factors, they and their products stay far inside float32.
 FACTORABLE_DECAY = 30.0
 
 
@@ -55,18 +55,23 @@ def decayed_products(x, y, x_decay, y_decay, visible):
     """P[.., t, s] = sum_d x_td y_sd exp(x_decay_td - y_decay_sd) where ``visible[t, s]``, else 0.
 
     x, y, x_decay, y_decay [.., C, D] (decays: cumulative log decays within a chunk, in [total, 0]);
-    visible [C, C] or broadcastable [.., C, C]. While the chunk's total decay is moderate the exponent
-    factors around the chunk's middle, x exp(x_decay - m) times y exp(m - y_decay), one matrix product
-    whose factors stay within exp(+-total); past ``FACTORABLE_DECAY`` (strongly decaying channels, as
-    RWKV-6 can learn) it is evaluated pairwise, [.., C, C, D], where no exponent is positive.
+    visible [C, C] or broadcastable [.., C, C]. The exponent factors around the chunk's middle m,
+    x exp(x_decay - m) times y exp(m - y_decay): one matrix product, used while both factors stay
+    within exp(+-FACTORABLE_DECAY). Chunks that decay harder (channels that forget within a few
+    tokens, as RWKV-6 or Mamba can learn) are evaluated row by row over [.., C, D] exponents,
+    masked before exp, so none is positive: exact, slower, and no larger in memory.
     """
     C = x.shape[-2]
-    if float(-y_decay[..., -1, :].detach().min()) <= FACTORABLE_DECAY:
-        middle = y_decay[..., C // 2 : C // 2 + 1, :]
-        scores = (x * (x_decay - middle).exp()) @ (y * (middle - y_decay).exp()).transpose(-1, -2)
+    middle = y_decay[..., C // 2 : C // 2 + 1, :]
+    x_exponent, y_exponent = x_decay - middle, middle - y_decay
+    if max(float(x_exponent.detach().abs().max()), float(y_exponent.detach().abs().max())) <= FACTORABLE_DECAY:
+        scores = (x * x_exponent.exp()) @ (y * y_exponent.exp()).transpose(-1, -2)
         return scores.masked_fill(~visible, 0.0)
-    exponent = (x_decay[..., :, None, :] - y_decay[..., None, :, :]).masked_fill(~visible[..., None], float("-inf"))
-    return torch.einsum("...td,...sd,...tsd->...ts", x, y, exponent.exp())
+    rows = []
+    for t in range(C):
+        exponent = (x_decay[..., t : t + 1, :] - y_decay).masked_fill(~visible[..., t, :, None], float("-inf"))
+        rows.append((x[..., t : t + 1, :] * y * exponent.exp()).sum(-1))
+    return torch.stack(rows, dim=-2)
 
 
 def linear_attention_reference(q, k, v, log_decay, *, state=None, doc_ids=None, exclusive: bool = False):
@@ -137,9 +142,10 @@ def linear_attention_chunked(
         q_decayed = q_decayed * carries
     S = q.new_zeros(B, H, Dk, Dv) if state is None else state.to(dt)
     inter = []
-    for n in range(N):  # across chunks: T / C sequential steps
-        inter.append(q_decayed[:, :, n] @ S)
-        S = b_end[:, :, n, :, None].exp() * S + written[:, :, n]
+    # across chunks: T / C sequential steps (unbind: one backward for all chunks, not one per index)
+    for q_n, decay_n, written_n in zip(q_decayed.unbind(2), b_end.exp().unbind(2), written.unbind(2), strict=True):
+        inter.append(q_n @ S)
+        S = decay_n[..., None] * S + written_n
     out = out + torch.stack(inter, dim=2)
     return out.reshape(B, H, N * C, Dv)[:, :, :T].to(q.dtype), S
 

@@ -7,7 +7,7 @@ Importing this package registers every mixer family in ``MIXERS``.
 from kvlab.layers.attention import Attention  # noqa: F401
 from kvlab.layers.base import MIXERS, LayerFootprint, MixerConfig, mixer_config, register_mixer
 from kvlab.layers.infini import InfiniAttention  # noqa: F401
-from kvlab.layers.mamba import Mamba2  # noqa: F401
+from kvlab.layers.mamba import Mamba, Mamba2  # noqa: F401
 from kvlab.layers.mla import MLA  # noqa: F401
 from kvlab.layers.mlp import MLPConfig, build_mlp
 from kvlab.layers.norm import NormConfig, build_norm

@@ -1,4 +1,7 @@
-"""Mamba-2 (Dao & Gu 2024, "Transformers are SSMs"): the SSD layer.
+"""Mamba-2 (Dao & Gu 2024, "Transformers are SSMs"): the SSD layer; and Mamba (Gu & Dao 2023).
+
+Mamba-2
+-------
 
 One input projection gives the gate z, the SSM input x, the shared B and C
 (``n_groups`` of them, each read by n_heads / n_groups heads, as GQA's K/V)
@@ -18,6 +21,21 @@ in all. Initialisation as in the paper's code: A in [1, 16], dt in
 The cache is fixed: per sequence the SSM state (n_heads x state_dim x
 head_dim) plus the last ``conv_kernel - 1`` inputs of the convolution.
 Packed documents start from an empty state and convolve within themselves.
+
+Mamba
+-----
+The selective SSM of Gu & Dao 2023 (Algorithm 2): x and the gate z from one
+projection; x through the causal convolution and SiLU; from x, a low-rank
+step dt (``dt_rank``, then a projection to every channel), B and C; per
+channel d with a state h [state_dim]:
+
+    dt = softplus(W_dt dt_low + b_dt),   h_t = exp(dt_td A_d) h_{t-1} + dt_td B_t x_td,   y_td = C_t h_t + D_d x_td
+
+A_d = -exp(A_log_d) (S4D-real init: A_dn = -(n + 1)), then y * silu(z) and
+the output projection. The decay differs per channel and per state
+element, so each of the ``expand * d_model`` channels is a head of the
+linear-attention kernel with a vector decay (q = C, k = dt B, v = x, one
+value). The cache: h (channels x state_dim) plus the convolution's inputs.
 """
 
 from __future__ import annotations
@@ -142,4 +160,95 @@ class Mamba2(nn.Module):
     def kv_footprint(self, dtype: torch.dtype) -> LayerFootprint:
         c = self.cfg
         elements = self.n_heads * c.state_dim * c.head_dim + (c.conv_kernel - 1) * self.conv_dim
+        return LayerFootprint(fixed_bytes=elements * dtype.itemsize)
+
+
+@dataclass
+class MambaConfig(MixerConfig):
+    kind = "mamba"
+    state_dim: int = 16  # N (d_state)
+    expand: int = 2  # inner channels = expand * d_model
+    dt_rank: int | None = None  # None: ceil(d_model / 16)
+    conv_kernel: int = 4
+    chunk_size: int = 16  # tokens per chunk of the chunked form (speed only)
+    dt_min: float = 0.001
+    dt_max: float = 0.1
+
+    def validate(self, d_model: int, path: str) -> None:
+        for name in ("state_dim", "expand", "conv_kernel", "chunk_size"):
+            check_int(getattr(self, name), f"{path}.{name}", minimum=1)
+        check_int(self.dt_rank, f"{path}.dt_rank", minimum=1, optional=True)
+        check_float(self.dt_min, f"{path}.dt_min", positive=True)
+        check_float(self.dt_max, f"{path}.dt_max", positive=True)
+        if self.dt_min > self.dt_max:
+            raise ValueError(f"{path}.dt_min={self.dt_min} must be at most {path}.dt_max={self.dt_max}")
+        if self.dt_rank is None:
+            self.dt_rank = -(-d_model // 16)
+
+
+@register_mixer
+class Mamba(nn.Module):
+    Config = MambaConfig
+
+    def __init__(self, cfg: MambaConfig, *, d_model: int, layer_idx: int, kv_source: int, max_seq_len: int):
+        super().__init__()
+        if kv_source != layer_idx:
+            raise ValueError(f"layer {layer_idx}: mamba does not read another layer's K/V")
+        self.cfg = cfg
+        self.inner = cfg.expand * d_model
+        self.in_proj = nn.Linear(d_model, 2 * self.inner, bias=False)  # x, z
+        self.conv_weight = nn.Parameter(torch.empty(self.inner, cfg.conv_kernel))
+        self.conv_bias = nn.Parameter(torch.empty(self.inner))
+        self.x_proj = nn.Linear(self.inner, cfg.dt_rank + 2 * cfg.state_dim, bias=False)  # dt_low, B, C
+        self.dt_proj = nn.Linear(cfg.dt_rank, self.inner, bias=False)
+        self.dt_bias = nn.Parameter(torch.empty(self.inner))  # apart from dt_proj: init_weights zeroes Linear biases
+        self.A_log = nn.Parameter(torch.empty(self.inner, cfg.state_dim))
+        self.D = nn.Parameter(torch.empty(self.inner))
+        self.out_proj = nn.Linear(self.inner, d_model, bias=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Mamba's init: S4D-real A, dt log-uniform in [dt_min, dt_max] through its bias, D = 1."""
+        if self.A_log.is_meta:
+            return
+        bound = 1 / math.sqrt(self.cfg.conv_kernel)
+        nn.init.uniform_(self.conv_weight, -bound, bound)
+        nn.init.uniform_(self.conv_bias, -bound, bound)
+        self.A_log.copy_(torch.arange(1, self.cfg.state_dim + 1, dtype=torch.float32).log().expand(self.inner, -1))
+        lo, hi = math.log(self.cfg.dt_min), math.log(self.cfg.dt_max)
+        dt = torch.exp(torch.rand(self.inner) * (hi - lo) + lo).clamp(min=1e-4)
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus(dt_bias) = dt
+        self.D.fill_(1.0)
+
+    def forward(self, x, *, cache=None, positions=None, shared_kv=None, doc_ids=None):
+        """``positions`` are not used: the convolution and the decay carry order."""
+        B, T, _ = x.shape
+        N, R = self.cfg.state_dim, self.cfg.dt_rank
+        xs, z = self.in_proj(x).chunk(2, dim=-1)
+        xs, conv_state = causal_conv1d(
+            xs, self.conv_weight, self.conv_bias, prev=cache.conv if cache is not None else None, doc_ids=doc_ids
+        )
+        xs = F.silu(xs)
+        dt_low, b, c = self.x_proj(xs).split([R, N, N], dim=-1)
+        dt = F.softplus(self.dt_proj(dt_low).float() + self.dt_bias.float())  # [B, T, inner]
+        # each channel is a head: q = C (shared), k = dt B, v = x (one value), log decay = dt A (per state element)
+        log_decay = (dt[..., None] * -self.A_log.float().exp()).transpose(1, 2)  # [B, inner, T, N]
+        k = (dt[..., None] * b.float()[:, :, None]).transpose(1, 2)
+        q = c.float()[:, None].expand(B, self.inner, T, N)
+        v = xs.float().transpose(1, 2)[..., None]  # [B, inner, T, 1]
+        state, chunk = (cache.ssm if cache is not None else None), self.cfg.chunk_size
+        y, ssm_state = linear_attention(q, k, v, log_decay, state=state, doc_ids=doc_ids, chunk_size=chunk)
+        if cache is not None:
+            cache.ssm.copy_(ssm_state)
+            cache.conv.copy_(conv_state)
+        y = y[..., 0].transpose(1, 2).to(xs.dtype) + xs * self.D.to(xs.dtype)
+        return self.out_proj(y * F.silu(z))
+
+    def new_cache_slot(self, batch_size: int, max_len: int, dtype: torch.dtype, device):
+        shapes = {"ssm": (self.inner, self.cfg.state_dim, 1), "conv": (self.cfg.conv_kernel - 1, self.inner)}
+        return StateSlot(batch_size, shapes, dtype=dtype, device=device)
+
+    def kv_footprint(self, dtype: torch.dtype) -> LayerFootprint:
+        elements = self.inner * self.cfg.state_dim + (self.cfg.conv_kernel - 1) * self.inner
         return LayerFootprint(fixed_bytes=elements * dtype.itemsize)

@@ -95,6 +95,7 @@ VARIANTS = {
         kv_sharing={"kind": "yoco"},
     ),
     "mamba2": tiny(mixer={"kind": "mamba2", "head_dim": 16, "state_dim": 8, "n_groups": 2, "chunk_size": 4}),
+    "mamba": tiny(mixer={"kind": "mamba", "state_dim": 4, "expand": 1, "chunk_size": 4}),
     "hybrid_mamba2_window": tiny(  # Samba's layout
         mixer=None,
         pattern="MW",
