@@ -37,14 +37,17 @@ class Block(nn.Module):
             kv_source=cfg.layer_kv_source[layer_idx],
             max_seq_len=cfg.max_seq_len,
         )
-        self.mlp_norm = build_norm(cfg.norm, cfg.d_model)
-        self.mlp = build_mlp(cfg.mlp, cfg.d_model)
+        self.mlp = build_mlp(cfg.mlp, cfg.d_model)  # None: no MLP (mlp kind none)
+        self.mlp_norm = build_norm(cfg.norm, cfg.d_model) if self.mlp is not None else None
+        self.mlp_stateful = getattr(self.mlp, "stateful", False)
 
     def forward(self, x, *, cache=None, mlp_cache=None, positions=None, shared_kv=None, doc_ids=None):
         h = self.mixer_norm(x)
         x = x + self.mixer(h, cache=cache, positions=positions, shared_kv=shared_kv, doc_ids=doc_ids)
+        if self.mlp is None:
+            return x
         h = self.mlp_norm(x)
-        return x + (self.mlp(h, cache=mlp_cache, doc_ids=doc_ids) if self.mlp.stateful else self.mlp(h))
+        return x + (self.mlp(h, cache=mlp_cache, doc_ids=doc_ids) if self.mlp_stateful else self.mlp(h))
 
 
 class CausalLM(nn.Module):
@@ -213,7 +216,7 @@ class CausalLM(nn.Module):
         device = weight.device if device is None else device
         slots = [layer.mixer.new_cache_slot(batch_size, max_len, dtype, device) for layer in self.layers]
         mlp_slots = [
-            layer.mlp.new_cache_slot(batch_size, dtype, device) if layer.mlp.stateful else None for layer in self.layers
+            layer.mlp.new_cache_slot(batch_size, dtype, device) if layer.mlp_stateful else None for layer in self.layers
         ]
         return Cache(slots, batch_size, max_len, mlp_slots)
 
@@ -221,7 +224,7 @@ class CausalLM(nn.Module):
         rows = []
         for i, layer in enumerate(self.layers):
             fp = layer.mixer.kv_footprint(dtype)
-            mlp_bytes = layer.mlp.state_bytes(dtype) if layer.mlp.stateful else 0  # RWKV's channel-mix shift
+            mlp_bytes = layer.mlp.state_bytes(dtype) if layer.mlp_stateful else 0  # RWKV's channel-mix shift
             rows.append(
                 FootprintRow(
                     layer=i,

@@ -23,9 +23,12 @@ A new mixer family registers itself here and needs no change to the decoder.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import itertools
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
+
+import torch
 
 from kvlab._config import from_dict
 
@@ -100,3 +103,17 @@ class LayerFootprint:
     def total_bytes(self, seq_len: int) -> int:
         tokens = seq_len if self.max_tokens is None else min(seq_len, self.max_tokens)
         return self.bytes_per_token * tokens + self.fixed_bytes
+
+
+def per_document(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, doc_ids: torch.Tensor):
+    """``forward`` run on each packed document of ``x`` [B, T, D] alone, as its own sequence.
+
+    For mixers whose segments or chunks count from a document's start (Infini-attention, FLASH),
+    where masking alone cannot give a document the outputs it has on its own.
+    """
+    out = torch.empty_like(x)
+    for b in range(x.shape[0]):
+        starts = [0, *(torch.nonzero(doc_ids[b, 1:] != doc_ids[b, :-1]).flatten() + 1).tolist(), x.shape[1]]
+        for s, e in itertools.pairwise(starts):
+            out[b : b + 1, s:e] = forward(x[b : b + 1, s:e])
+    return out

@@ -23,7 +23,6 @@ documents each start their own segments and memory.
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass
 
@@ -34,7 +33,7 @@ from torch import nn
 from kvlab._config import check_choice, check_float, check_int
 from kvlab.kernels.attention import attention, position_mask
 from kvlab.kernels.rope import apply_rope
-from kvlab.layers.base import LayerFootprint, MixerConfig, default_head_dim, register_mixer
+from kvlab.layers.base import LayerFootprint, MixerConfig, default_head_dim, per_document, register_mixer
 from kvlab.layers.kv_cache import reorder_rows
 from kvlab.layers.rope import Rotary
 
@@ -123,7 +122,7 @@ class InfiniAttention(nn.Module):
         """``positions`` are not used: local attention needs only positions within segments."""
         B, T, _ = x.shape
         if doc_ids is not None:  # each document starts its own segments and memory
-            return self._per_document(x, doc_ids)
+            return per_document(self, x, doc_ids)
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -179,14 +178,6 @@ class InfiniAttention(nn.Module):
         if self.cfg.update == "delta":  # store only what the memory does not already return
             v = v - (sk @ memory) / (sk @ norm[..., None] + EPS)
         return memory + sk.transpose(-1, -2) @ v, norm + sk.sum(dim=2)
-
-    def _per_document(self, x: torch.Tensor, doc_ids: torch.Tensor) -> torch.Tensor:
-        out = torch.empty_like(x)
-        for b in range(x.shape[0]):
-            starts = [0, *(torch.nonzero(doc_ids[b, 1:] != doc_ids[b, :-1]).flatten() + 1).tolist(), x.shape[1]]
-            for s, e in itertools.pairwise(starts):
-                out[b : b + 1, s:e] = self(x[b : b + 1, s:e])
-        return out
 
     # -- cache and footprint -------------------------------------------------
 

@@ -19,18 +19,22 @@ from kvlab._config import check_choice, check_int
 from kvlab.kernels.causal_conv import token_shift
 from kvlab.layers.kv_cache import StateSlot
 
-MLP_KINDS = ("swiglu", "gelu", "rwkv_channel_mix")
+MLP_KINDS = ("swiglu", "gelu", "rwkv_channel_mix", "none")
 
 
 @dataclass
 class MLPConfig:
     kind: str = "swiglu"
     hidden: int | None = None  # None: 8/3 d_model (SwiGLU), 4 d_model (GELU), 7/2 d_model (RWKV), rounded up to 64
+    # kind none: blocks without an MLP, for mixers that carry one's weight (GAU)
 
     def validate(self, d_model: int, path: str) -> None:
         check_choice(self.kind, f"{path}.kind", MLP_KINDS)
         check_int(self.hidden, f"{path}.hidden", minimum=1, optional=True)
-        if self.hidden is None:
+        if self.kind == "none":
+            if self.hidden is not None:
+                raise ValueError(f"{path}.hidden={self.hidden} is set but {path}.kind=none has no hidden layer")
+        elif self.hidden is None:
             width = {"swiglu": 8 * d_model // 3, "gelu": 4 * d_model, "rwkv_channel_mix": 7 * d_model // 2}[self.kind]
             self.hidden = -(-width // 64) * 64
 
@@ -97,6 +101,9 @@ class RWKVChannelMix(nn.Module):
         return self.mix_k.shape[0] * dtype.itemsize
 
 
-def build_mlp(cfg: MLPConfig, d_model: int) -> nn.Module:
+def build_mlp(cfg: MLPConfig, d_model: int) -> nn.Module | None:
+    """The block's MLP, or None for ``kind: none``."""
+    if cfg.kind == "none":
+        return None
     cls = {"swiglu": SwiGLU, "gelu": GeluMLP, "rwkv_channel_mix": RWKVChannelMix}[cfg.kind]
     return cls(d_model, cfg.hidden)

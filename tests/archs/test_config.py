@@ -108,6 +108,21 @@ BAD = {
         r"pattern='AX' uses 'X'",
     ),
     "mixer and pattern": (tiny(pattern="A", mixers={"A": {"kind": "attention"}}), r"mixer and pattern/mixers"),
+    "hidden without an mlp": (tiny(mlp={"kind": "none", "hidden": 64}), r"mlp\.hidden=64 is set but mlp\.kind=none"),
+    "gqkva heads": (
+        tiny(mixer={"kind": "attention", "n_heads": 6, "n_q_heads": 2, "n_kv_heads": 2}),
+        r"mixer\.n_heads=6 must be n_q_heads \* n_kv_heads",
+    ),
+    "mamba2 heads": (tiny(mixer={"kind": "mamba2", "head_dim": 48}), r"expand \* d_model = 128 is not divisible"),
+    "rwkv7 value residual over attention": (
+        tiny(
+            mixer=None,
+            pattern="AR",
+            mixers={"A": {"kind": "attention", "n_heads": 4}, "R": {"kind": "rwkv7", "head_dim": 16}},
+        ),
+        r"layer 1: rwkv7 with value_residual needs an rwkv7 layer 0",
+    ),
+    "retention decay": (tiny(mixer={"kind": "retention", "decay": "learned"}), r"mixer\.decay='learned' is not one of"),
 }
 
 

@@ -133,6 +133,18 @@ VARIANTS = {
         pattern="RRA",
         mixers={"R": {"kind": "rwkv6", "head_dim": 32, "chunk_size": 5}, "A": {"kind": "attention", "n_heads": 4}},
     ),
+    "gau_flash": tiny(  # larger weights: relu^2 attention is faint at the usual init
+        mixer={"kind": "gau", "qk_dim": 16, "chunk_size": 5}, mlp={"kind": "none"}, n_layers=6, init_std=0.05
+    ),
+    "hybrid_gau_gqa": tiny(
+        mixer=None,
+        pattern="GA",
+        mixers={
+            "G": {"kind": "gau", "qk_dim": 8, "expand": 1, "chunk_size": 4},
+            "A": {"kind": "attention", "n_heads": 4},
+        },
+        init_std=0.1,
+    ),
     "hybrid_window": tiny(
         mixer=None,
         pattern="WWG",

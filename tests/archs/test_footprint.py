@@ -53,7 +53,7 @@ def test_yoco_caches_one_layer_of_kv_per_token_plus_the_self_decoders_windows():
     assert fp.fixed_bytes == 2 * (2 * 1 * 16 * 2) * 3  # two window layers, 1 head, holding 3 tokens each
 
 
-@pytest.mark.parametrize("name", ["retnet", "mamba2", "rwkv6", "rwkv7"])
+@pytest.mark.parametrize("name", ["retnet", "mamba2", "rwkv6", "rwkv7", "gau"])
 def test_pure_recurrent_presets_cache_nothing_per_token(name):
     fp = build_model(preset_dict(name)).kv_footprint(torch.bfloat16)
     assert fp.bytes_per_token == 0

@@ -137,14 +137,14 @@ def test_multirun_sweeps_presets(tmp_path, data_cache):
 
 
 def test_recurrent_and_hybrid_presets_learn(tmp_path, data_cache):
-    names = ["retnet", "mamba2", "rwkv6", "rwkv7", "jamba", "samba", "yoco_gret"]
+    names = ["retnet", "mamba2", "rwkv6", "rwkv7", "gau", "jamba", "samba", "yoco_gret"]
     train(tmp_path, data_cache, "-m", f"model={','.join(names)}", "trainer.max_steps=12", "model.vocab_size=512",
           "optim.warmup_steps=2", "trainer.limit_val_batches=2", tiny_model=False)  # fmt: skip
     (sweep,) = run_dirs(tmp_path, "train")
     for run in sorted(d for d in sweep.iterdir() if d.is_dir()):
         metrics = json.loads((run / "metrics.json").read_text())
         assert metrics["val_loss"] < metrics["initial_val_loss"] - 0.5, run.name
-        recurrent_only = run.name.split("-", 1)[1] in ("retnet", "mamba2", "rwkv6", "rwkv7", "samba")
+        recurrent_only = run.name.split("-", 1)[1] in ("retnet", "mamba2", "rwkv6", "rwkv7", "gau", "samba")
         assert (metrics["kv_bytes_per_token"] == 0) == recurrent_only, run.name
 
 
