@@ -177,3 +177,27 @@ class StateSlot:
         for t in self.tensors.values():
             t.zero_()
         self.seen = 0
+
+
+class SlotGroup:
+    """The slots of mixers that share a layer (parallel branches), as one slot."""
+
+    def __init__(self, slots: list):
+        self.slots = slots
+
+    def _held(self) -> list:
+        return [s for s in self.slots if s is not None]
+
+    def nbytes(self) -> int:
+        return sum(s.nbytes() for s in self._held())
+
+    def allocated_bytes(self) -> int:
+        return sum(s.allocated_bytes() for s in self._held())
+
+    def reorder(self, batch_idx: torch.Tensor) -> None:
+        for s in self._held():
+            s.reorder(batch_idx)
+
+    def reset(self) -> None:
+        for s in self._held():
+            s.reset()

@@ -145,6 +145,26 @@ VARIANTS = {
         },
         init_std=0.1,
     ),
+    "hymba_heads": tiny(  # attention and SSM heads side by side; full attention in layer 0, windows above
+        mixer=None,
+        pattern="FSS",
+        mixers={
+            "F": {
+                "kind": "parallel",
+                "mixers": [
+                    {"kind": "attention", "n_heads": 4, "n_kv_heads": 2},
+                    {"kind": "mamba2", "head_dim": 16, "state_dim": 8, "expand": 1},
+                ],
+            },
+            "S": {
+                "kind": "parallel",
+                "mixers": [
+                    {"kind": "attention", "n_heads": 4, "n_kv_heads": 1, "window": 4},
+                    {"kind": "retention", "n_heads": 2, "chunk_size": 4},
+                ],
+            },
+        },
+    ),  # fmt: skip
     "hybrid_window": tiny(
         mixer=None,
         pattern="WWG",

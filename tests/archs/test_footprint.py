@@ -69,6 +69,14 @@ def test_a_hybrids_bytes_per_token_are_its_attention_layers_alone(name):
     assert fp.fixed_bytes == sum(r.fixed_bytes for r in fp.per_layer if r.kind != "attention") > 0
 
 
+def test_hymba_grows_in_its_full_attention_layers_only():
+    fp = build_model(preset_dict("hymba")).kv_footprint(torch.bfloat16)  # pattern F S S F S F
+    assert [r.bytes_per_token for r in fp.per_layer] == [256, 256, 256, 256, 256, 256]  # every layer's attention
+    assert [r.max_tokens for r in fp.per_layer] == [None, 64, 64, None, 64, None]
+    assert fp.bytes_per_token == 3 * 2 * 2 * 32 * 2
+    assert all(r.fixed_bytes > 0 for r in fp.per_layer)  # the SSM heads' states
+
+
 def test_samba_cache_stops_growing_at_the_window():
     fp = build_model(preset_dict("samba")).kv_footprint(torch.bfloat16)
     assert fp.total_bytes(64) == fp.total_bytes(100_000) > fp.total_bytes(63)
