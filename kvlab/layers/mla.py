@@ -34,6 +34,13 @@ ones); ``latent_norm: false`` (the SVD factors reproduce the parent only
 without a norm between them). The cache then holds ``kv_lora_rank +
 rope_kv_heads * rope_head_dim`` elements per token.
 
+Cross-layer latent sharing (CLA/YOCO over MLA, and the GoldFinch-like
+layout: one compressed key cache for every upper layer): a layer whose
+``kv_source`` is an earlier MLA layer has no down-projection and no cache;
+it reads that layer's latents and decompresses them with its own
+up-projections (``kv_b_proj``), attending with its own queries, expanded or
+absorbed like the owner. The latent is cached once for all its readers.
+
 Parameter names and layouts are `transformers`' DeepseekV3Attention (with
 ``rope_interleave: false``): ``q_proj`` (or ``q_a_proj``, ``q_a_layernorm``,
 ``q_b_proj``) giving per head ``[q^C; q^R]``; ``kv_a_proj_with_mqa`` giving
@@ -53,7 +60,7 @@ from kvlab._config import check_bool, check_float, check_int
 from kvlab.kernels.attention import attention, document_mask, position_mask
 from kvlab.kernels.rope import apply_rope
 from kvlab.layers.base import LayerFootprint, MixerConfig, default_head_dim, register_mixer
-from kvlab.layers.kv_cache import LatentKV
+from kvlab.layers.kv_cache import KVView, LatentKV
 from kvlab.layers.norm import RMSNorm
 from kvlab.layers.rope import HeadwiseRotary, Rotary
 
@@ -103,6 +110,16 @@ class MLAConfig(MixerConfig):
                 f"{path}.rope_spectrum={self.rope_spectrum} must be at least rope_head_dim={self.rope_head_dim}"
             )
 
+    def kv_compatible(self, source: MixerConfig) -> str | None:
+        if not isinstance(source, MLAConfig):
+            return f"source mixer kind {source.kind!r} has no MLA latent"
+        if self.rope_spectrum is not None or source.rope_spectrum is not None:
+            return "per-head RoPE frequencies (rope_spectrum) are a layer's own; readers cannot share them"
+        for name in ("kv_lora_rank", "rope_head_dim", "rope_kv_heads", "rope_theta", "latent_norm"):
+            if getattr(self, name) != getattr(source, name):
+                return f"{name}={getattr(self, name)} differs from the source's {name}={getattr(source, name)}"
+        return None
+
 
 @register_mixer
 class MLA(nn.Module):
@@ -110,9 +127,11 @@ class MLA(nn.Module):
 
     def __init__(self, cfg: MLAConfig, *, d_model: int, layer_idx: int, kv_source: int, max_seq_len: int):
         super().__init__()
-        if kv_source != layer_idx:  # config validation refuses this first (kv_compatible)
-            raise ValueError(f"layer {layer_idx}: MLA does not read another layer's latent")
+        if kv_source > layer_idx:
+            raise ValueError(f"layer {layer_idx}: MLA reads the latents of an earlier layer, not of layer {kv_source}")
         self.cfg = cfg
+        self.layer_idx, self.kv_source = layer_idx, kv_source
+        self.owns_kv = kv_source == layer_idx
         self.n_heads, self.head_dim, self.v_head_dim = cfg.n_heads, cfg.head_dim, cfg.v_head_dim
         self.rope_head_dim, self.rope_kv_heads = cfg.rope_head_dim, cfg.rope_kv_heads
         self.kv_lora_rank = cfg.kv_lora_rank
@@ -124,8 +143,9 @@ class MLA(nn.Module):
             self.q_a_proj = nn.Linear(d_model, cfg.q_lora_rank, bias=False)
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps)
             self.q_b_proj = nn.Linear(cfg.q_lora_rank, q_width, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(d_model, cfg.kv_lora_rank + self.latent_rope_width, bias=False)
-        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.norm_eps) if cfg.latent_norm else nn.Identity()
+        if self.owns_kv:  # readers take the owner's latents as they are
+            self.kv_a_proj_with_mqa = nn.Linear(d_model, cfg.kv_lora_rank + self.latent_rope_width, bias=False)
+            self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.norm_eps) if cfg.latent_norm else nn.Identity()
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, cfg.n_heads * (cfg.head_dim + cfg.v_head_dim), bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.v_head_dim, d_model, bias=False)
         if cfg.rope_spectrum is None:
@@ -148,21 +168,31 @@ class MLA(nn.Module):
         else:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q_nope, q_rope = q.view(B, T, H, D + R).transpose(1, 2).split([D, R], dim=-1)
-        c, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, G * R], dim=-1)
-        start = cache.seen if cache is not None else 0
-        cos, sin = self.rotary(start, T, positions)
-        k_rope = apply_rope(k_rope.view(B, T, G, R).transpose(1, 2), cos, sin)
+        if self.owns_kv:
+            start = cache.seen if cache is not None else 0
+            cos, sin = self.rotary(start, T, positions)
+            c, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, G * R], dim=-1)
+            k_rope = apply_rope(k_rope.view(B, T, G, R).transpose(1, 2), cos, sin)
+            # what is cached: [B, T, kv_lora_rank + G * R]
+            latent = torch.cat([self.kv_a_layernorm(c), k_rope.transpose(1, 2).reshape(B, T, G * R)], dim=-1)
+            held = cache.update(latent) if cache is not None else latent  # every position so far
+            if shared_kv is not None:  # for the layers that read these latents
+                shared_kv[self.layer_idx] = KVView(held, held, start)
+        else:
+            if shared_kv is None or self.kv_source not in shared_kv:
+                raise RuntimeError(
+                    f"layer {self.layer_idx} reads the latents of layer {self.kv_source}, which produced none this step"
+                )
+            view = shared_kv[self.kv_source]
+            held, start = view.k, view.start
+            cos, sin = self.rotary(start, T, positions)
         if cos.dim() == 4 and G < H:  # per-head frequencies: each query head turns as its RoPE key
             cos, sin = cos.repeat_interleave(H // G, dim=1), sin.repeat_interleave(H // G, dim=1)
         q_rope = apply_rope(q_rope, cos, sin)
-        # what is cached: [B, T, kv_lora_rank + G * R]
-        latent = torch.cat([self.kv_a_layernorm(c), k_rope.transpose(1, 2).reshape(B, T, G * R)], dim=-1)
-        if cache is None:
-            y = self._expanded(q_nope, q_rope, latent, mask=document_mask(doc_ids) if doc_ids is not None else None)
-        elif start == 0:  # prefill: the latents are this step's own
-            y = self._expanded(q_nope, q_rope, cache.update(latent))
+        if held.shape[1] == T:  # training, or a first prefill: the latents are this step's own
+            mask = document_mask(doc_ids) if doc_ids is not None else None
+            y = self._expanded(q_nope, q_rope, held, mask=mask)
         else:
-            held = cache.update(latent)
             mask = None
             if T > 1:
                 q_pos = torch.arange(start, start + T, device=x.device)
@@ -215,7 +245,11 @@ class MLA(nn.Module):
     # -- cache and footprint -------------------------------------------------
 
     def new_cache_slot(self, batch_size: int, max_len: int, dtype: torch.dtype, device):
+        if not self.owns_kv:
+            return None
         return LatentKV(batch_size, max_len, self.kv_lora_rank + self.latent_rope_width, dtype=dtype, device=device)
 
     def kv_footprint(self, dtype: torch.dtype) -> LayerFootprint:
+        if not self.owns_kv:
+            return LayerFootprint()
         return LayerFootprint(bytes_per_token=(self.kv_lora_rank + self.latent_rope_width) * dtype.itemsize)

@@ -44,6 +44,19 @@ VARIANTS = {
             "latent_norm": False,
         }
     ),  # fmt: skip
+    "mla_cla": tiny(  # pairs of layers share one cached latent, each decompressing it its own way
+        mixer={"kind": "mla", "n_heads": 4, "head_dim": 16, "rope_head_dim": 8, "kv_lora_rank": 24},
+        kv_sharing={"kind": "cla", "every": 2},
+    ),
+    "goldfinch_like": tiny(  # RWKV-6 below; one compressed latent computed by layer 2, read by layers 2 and 3
+        mixer=None,
+        pattern="RRMM",
+        mixers={
+            "R": {"kind": "rwkv6", "head_dim": 16, "chunk_size": 4},
+            "M": {"kind": "mla", "n_heads": 4, "head_dim": 16, "rope_head_dim": 8, "kv_lora_rank": 8},
+        },
+        kv_source=[0, 1, 2, 2],
+    ),
     "hybrid_mla_window": tiny(
         mixer=None,
         pattern="MW",

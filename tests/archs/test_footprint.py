@@ -77,6 +77,12 @@ def test_hymba_grows_in_its_full_attention_layers_only():
     assert all(r.fixed_bytes > 0 for r in fp.per_layer)  # the SSM heads' states
 
 
+def test_goldfinch_caches_one_compressed_latent_per_token_for_all_its_attention_layers():
+    fp = build_model(preset_dict("goldfinch")).kv_footprint(torch.bfloat16)
+    assert [r.bytes_per_token for r in fp.per_layer] == [0, 0, 0, 0, (16 + 8) * 2, 0]
+    assert [r.kv_source for r in fp.per_layer] == [0, 1, 2, 3, 4, 4]
+
+
 def test_samba_cache_stops_growing_at_the_window():
     fp = build_model(preset_dict("samba")).kv_footprint(torch.bfloat16)
     assert fp.total_bytes(64) == fp.total_bytes(100_000) > fp.total_bytes(63)

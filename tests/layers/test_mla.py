@@ -54,8 +54,13 @@ def test_cache_holds_only_the_latent_and_rope_key(q_lora_rank):
 def test_config_errors_name_the_field():
     with pytest.raises(ValueError, match="mixer.rope_head_dim=7 must be even"):
         ModelConfig(vocab_size=97, d_model=64, n_layers=2, mixer={"kind": "mla", "n_heads": 4, "rope_head_dim": 7})
-    with pytest.raises(ValueError, match="does not read another layer's K/V"):
-        ModelConfig(vocab_size=97, d_model=64, n_layers=2, mixer={"kind": "mla", "n_heads": 4}, kv_source=[0, 0])
+    attention, mla = {"kind": "attention", "n_heads": 4}, {"kind": "mla", "n_heads": 4}
+    with pytest.raises(ValueError, match="layer 1 cannot read layer 0's K/V: source mixer kind 'attention' has no MLA"):
+        ModelConfig(vocab_size=97, d_model=64, n_layers=2, pattern="AM", mixers={"A": attention, "M": mla},
+                    kv_source=[0, 0])  # fmt: skip
+    with pytest.raises(ValueError, match="kv_lora_rank=32 differs from the source's kv_lora_rank=64"):
+        ModelConfig(vocab_size=97, d_model=64, n_layers=2, pattern="MN",
+                    mixers={"M": mla, "N": {**mla, "kv_lora_rank": 32}}, kv_source=[0, 0])  # fmt: skip
 
 
 def test_defaults_follow_deepseek_v2_ratios():

@@ -137,7 +137,7 @@ def test_multirun_sweeps_presets(tmp_path, data_cache):
 
 
 def test_recurrent_and_hybrid_presets_learn(tmp_path, data_cache):
-    names = ["retnet", "mamba2", "rwkv6", "rwkv7", "gau", "jamba", "samba", "hymba", "yoco_gret"]
+    names = ["retnet", "mamba2", "rwkv6", "rwkv7", "gau", "jamba", "samba", "hymba", "goldfinch", "yoco_gret"]
     train(tmp_path, data_cache, "-m", f"model={','.join(names)}", "trainer.max_steps=12", "model.vocab_size=512",
           "optim.warmup_steps=2", "trainer.limit_val_batches=2", tiny_model=False)  # fmt: skip
     (sweep,) = run_dirs(tmp_path, "train")
