@@ -10,11 +10,11 @@ number of repeats after a warm-up. Prints a markdown row per model.
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import torch
 import transformers
+from common import timed  # benchmarks/common.py, beside this script
 
 from kvlab import ModelConfig, build_model
 from kvlab.archs.hf import kvlab_to_hf_name
@@ -41,16 +41,6 @@ def llama_twin(model) -> transformers.LlamaForCausalLM:
     )
     hf.load_state_dict({kvlab_to_hf_name(k): v for k, v in model.state_dict().items()})
     return hf.eval()
-
-
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def main() -> None:

@@ -16,26 +16,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
-import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import timed  # benchmarks/common.py, beside this script
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kvlab.kernels.delta_rule import delta_rule_chunked, delta_rule_reference  # noqa: E402
-from kvlab.kernels.linear_attention import linear_attention_chunked, linear_attention_reference  # noqa: E402
-
-
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+from kvlab.kernels.delta_rule import delta_rule_chunked, delta_rule_reference
+from kvlab.kernels.linear_attention import linear_attention_chunked, linear_attention_reference
 
 
 def main() -> None:

@@ -62,6 +62,15 @@ class MixerConfig:
         return None
 
 
+def check_reads_own_state(kind: str, layer_idx: int, kv_source: int) -> None:
+    """Mixers with no cross-layer reading: ``kv_source`` must be the layer itself.
+
+    Config validation refuses such layouts first (``kv_compatible``); this guards direct construction.
+    """
+    if kv_source != layer_idx:
+        raise ValueError(f"layer {layer_idx}: mixer kind {kind!r} does not read another layer's K/V")
+
+
 def default_head_dim(head_dim: int | None, d_model: int, n_heads: int, path: str) -> int:
     """``head_dim``, or d_model / n_heads when it is None (which must divide)."""
     if head_dim is not None:

@@ -35,7 +35,7 @@ from torch import nn
 
 from kvlab._config import check_float, check_int
 from kvlab.kernels.rope import apply_rope
-from kvlab.layers.base import LayerFootprint, MixerConfig, per_document, register_mixer
+from kvlab.layers.base import LayerFootprint, MixerConfig, check_reads_own_state, per_document, register_mixer
 from kvlab.layers.kv_cache import StateSlot
 from kvlab.layers.rope import Rotary
 
@@ -65,8 +65,7 @@ class GAU(nn.Module):
 
     def __init__(self, cfg: GAUConfig, *, d_model: int, layer_idx: int, kv_source: int, max_seq_len: int):
         super().__init__()
-        if kv_source != layer_idx:
-            raise ValueError(f"layer {layer_idx}: gau does not read another layer's K/V")
+        check_reads_own_state(cfg.kind, layer_idx, kv_source)
         self.cfg = cfg
         self.e, self.s, self.C = cfg.expand * d_model, cfg.qk_dim, cfg.chunk_size
         self.in_proj = nn.Linear(d_model, 2 * self.e + self.s, bias=True)  # U, V, Z

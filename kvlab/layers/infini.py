@@ -33,7 +33,14 @@ from torch import nn
 from kvlab._config import check_choice, check_float, check_int
 from kvlab.kernels.attention import attention, position_mask
 from kvlab.kernels.rope import apply_rope
-from kvlab.layers.base import LayerFootprint, MixerConfig, default_head_dim, per_document, register_mixer
+from kvlab.layers.base import (
+    LayerFootprint,
+    MixerConfig,
+    check_reads_own_state,
+    default_head_dim,
+    per_document,
+    register_mixer,
+)
 from kvlab.layers.kv_cache import reorder_rows
 from kvlab.layers.rope import Rotary
 
@@ -102,8 +109,7 @@ class InfiniAttention(nn.Module):
 
     def __init__(self, cfg: InfiniConfig, *, d_model: int, layer_idx: int, kv_source: int, max_seq_len: int):
         super().__init__()
-        if kv_source != layer_idx:
-            raise ValueError(f"layer {layer_idx}: Infini-attention does not read another layer's K/V")
+        check_reads_own_state(cfg.kind, layer_idx, kv_source)
         self.cfg = cfg
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.q_proj = nn.Linear(d_model, cfg.n_heads * cfg.head_dim, bias=False)

@@ -50,8 +50,20 @@ from torch import nn
 from kvlab._config import check_float, check_int
 from kvlab.kernels.causal_conv import causal_conv1d
 from kvlab.kernels.linear_attention import linear_attention
-from kvlab.layers.base import LayerFootprint, MixerConfig, register_mixer
+from kvlab.layers.base import LayerFootprint, MixerConfig, check_reads_own_state, register_mixer
 from kvlab.layers.kv_cache import StateSlot
+
+
+@torch.no_grad()
+def _init_conv_and_step(conv_weight, conv_bias, dt_bias, dt_min: float, dt_max: float) -> None:
+    """Mamba's init of the convolution (nn.Conv1d's default for a depthwise kernel) and of the step:
+    dt log-uniform in [dt_min, dt_max], through a bias that softplus maps onto it."""
+    bound = 1 / math.sqrt(conv_weight.shape[1])
+    nn.init.uniform_(conv_weight, -bound, bound)
+    nn.init.uniform_(conv_bias, -bound, bound)
+    lo, hi = math.log(dt_min), math.log(dt_max)
+    dt = torch.exp(torch.rand(dt_bias.shape) * (hi - lo) + lo).clamp(min=1e-4)
+    dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus(dt_bias) = dt
 
 
 @dataclass
@@ -92,8 +104,7 @@ class Mamba2(nn.Module):
 
     def __init__(self, cfg: Mamba2Config, *, d_model: int, layer_idx: int, kv_source: int, max_seq_len: int):
         super().__init__()
-        if kv_source != layer_idx:
-            raise ValueError(f"layer {layer_idx}: mamba2 does not read another layer's K/V")
+        check_reads_own_state(cfg.kind, layer_idx, kv_source)
         self.cfg = cfg
         self.inner = cfg.expand * d_model
         self.n_heads = self.inner // cfg.head_dim
@@ -112,12 +123,7 @@ class Mamba2(nn.Module):
     def reset_parameters(self) -> None:
         if self.A_log.is_meta:
             return
-        bound = 1 / math.sqrt(self.cfg.conv_kernel)  # nn.Conv1d's default for a depthwise kernel
-        nn.init.uniform_(self.conv_weight, -bound, bound)
-        nn.init.uniform_(self.conv_bias, -bound, bound)
-        lo, hi = math.log(self.cfg.dt_min), math.log(self.cfg.dt_max)
-        dt = torch.exp(torch.rand(self.n_heads) * (hi - lo) + lo).clamp(min=1e-4)
-        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus(dt_bias) = dt
+        _init_conv_and_step(self.conv_weight, self.conv_bias, self.dt_bias, self.cfg.dt_min, self.cfg.dt_max)
         self.A_log.copy_(torch.empty(self.n_heads).uniform_(1, 16).log())
         self.D.fill_(1.0)
         self.norm_weight.fill_(1.0)
@@ -192,8 +198,7 @@ class Mamba(nn.Module):
 
     def __init__(self, cfg: MambaConfig, *, d_model: int, layer_idx: int, kv_source: int, max_seq_len: int):
         super().__init__()
-        if kv_source != layer_idx:
-            raise ValueError(f"layer {layer_idx}: mamba does not read another layer's K/V")
+        check_reads_own_state(cfg.kind, layer_idx, kv_source)
         self.cfg = cfg
         self.inner = cfg.expand * d_model
         self.in_proj = nn.Linear(d_model, 2 * self.inner, bias=False)  # x, z
@@ -212,13 +217,8 @@ class Mamba(nn.Module):
         """Mamba's init: S4D-real A, dt log-uniform in [dt_min, dt_max] through its bias, D = 1."""
         if self.A_log.is_meta:
             return
-        bound = 1 / math.sqrt(self.cfg.conv_kernel)
-        nn.init.uniform_(self.conv_weight, -bound, bound)
-        nn.init.uniform_(self.conv_bias, -bound, bound)
+        _init_conv_and_step(self.conv_weight, self.conv_bias, self.dt_bias, self.cfg.dt_min, self.cfg.dt_max)
         self.A_log.copy_(torch.arange(1, self.cfg.state_dim + 1, dtype=torch.float32).log().expand(self.inner, -1))
-        lo, hi = math.log(self.cfg.dt_min), math.log(self.cfg.dt_max)
-        dt = torch.exp(torch.rand(self.inner) * (hi - lo) + lo).clamp(min=1e-4)
-        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus(dt_bias) = dt
         self.D.fill_(1.0)
 
     def forward(self, x, *, cache=None, positions=None, shared_kv=None, doc_ids=None):

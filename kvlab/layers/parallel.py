@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from kvlab._config import check_float
-from kvlab.layers.base import MIXERS, LayerFootprint, MixerConfig, mixer_config, register_mixer
+from kvlab.layers.base import MIXERS, LayerFootprint, MixerConfig, check_reads_own_state, mixer_config, register_mixer
 from kvlab.layers.kv_cache import SlotGroup
 from kvlab.layers.norm import RMSNorm
 
@@ -55,8 +55,7 @@ class Parallel(nn.Module):
 
     def __init__(self, cfg: ParallelConfig, *, d_model: int, layer_idx: int, kv_source: int, max_seq_len: int):
         super().__init__()
-        if kv_source != layer_idx:
-            raise ValueError(f"layer {layer_idx}: a parallel mixer does not read another layer's K/V")
+        check_reads_own_state(cfg.kind, layer_idx, kv_source)
         self.cfg = cfg
         self.branches = nn.ModuleList(
             MIXERS[m.kind](m, d_model=d_model, layer_idx=layer_idx, kv_source=layer_idx, max_seq_len=max_seq_len)

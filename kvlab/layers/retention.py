@@ -31,7 +31,7 @@ from torch import nn
 from kvlab._config import check_choice, check_float, check_int
 from kvlab.kernels.linear_attention import linear_attention
 from kvlab.kernels.rope import apply_rope
-from kvlab.layers.base import LayerFootprint, MixerConfig, default_head_dim, register_mixer
+from kvlab.layers.base import LayerFootprint, MixerConfig, check_reads_own_state, default_head_dim, register_mixer
 from kvlab.layers.kv_cache import StateSlot
 from kvlab.layers.rope import Rotary
 
@@ -72,8 +72,7 @@ class Retention(nn.Module):
 
     def __init__(self, cfg: RetentionConfig, *, d_model: int, layer_idx: int, kv_source: int, max_seq_len: int):
         super().__init__()
-        if kv_source != layer_idx:
-            raise ValueError(f"layer {layer_idx}: retention does not read another layer's K/V")
+        check_reads_own_state(cfg.kind, layer_idx, kv_source)
         self.cfg = cfg
         H, D, Dv = cfg.n_heads, cfg.head_dim, cfg.v_head_dim
         self.n_heads, self.head_dim, self.v_head_dim = H, D, Dv

@@ -61,7 +61,7 @@ from kvlab._config import check_bool, check_float, check_int
 from kvlab.kernels.causal_conv import token_shift
 from kvlab.kernels.delta_rule import delta_rule
 from kvlab.kernels.linear_attention import linear_attention
-from kvlab.layers.base import LayerFootprint, MixerConfig, register_mixer
+from kvlab.layers.base import LayerFootprint, MixerConfig, check_reads_own_state, register_mixer
 from kvlab.layers.kv_cache import KVView, StateSlot
 
 MIXED = ("w", "k", "v", "r", "g")  # the five token-shift interpolations, in this order
@@ -90,8 +90,7 @@ class RWKV6(nn.Module):
 
     def __init__(self, cfg: RWKV6Config, *, d_model: int, layer_idx: int, kv_source: int, max_seq_len: int):
         super().__init__()
-        if kv_source != layer_idx:
-            raise ValueError(f"layer {layer_idx}: rwkv6 does not read another layer's K/V")
+        check_reads_own_state(cfg.kind, layer_idx, kv_source)
         self.cfg = cfg
         self.d_model, self.head_dim, self.n_heads = d_model, cfg.head_dim, d_model // cfg.head_dim
         self.mix_x = nn.Parameter(torch.empty(d_model))  # mu_x
@@ -196,8 +195,7 @@ class RWKV7(nn.Module):
 
     def __init__(self, cfg: RWKV7Config, *, d_model: int, layer_idx: int, kv_source: int, max_seq_len: int):
         super().__init__()
-        if kv_source != layer_idx:
-            raise ValueError(f"layer {layer_idx}: rwkv7 does not read another layer's K/V")
+        check_reads_own_state(cfg.kind, layer_idx, kv_source)
         self.cfg, self.layer_idx = cfg, layer_idx
         self.d_model, self.head_dim, self.n_heads = d_model, cfg.head_dim, d_model // cfg.head_dim
         self.value_residual = cfg.value_residual and layer_idx > 0
