@@ -47,6 +47,24 @@ class Footprint:
             per_seq += r.bytes_per_token * tokens + r.fixed_bytes
         return per_seq * batch_size
 
+    def read_bytes_per_step(self, seq_len: int, batch_size: int = 1) -> int:
+        """Cache bytes one decode step reads after ``seq_len`` tokens: each layer reads the slot it
+        attends over (its own, or its ``kv_source``'s: cross-layer sharing stores once and reads many
+        times), a recurrent layer its state. Layer 0's values that value-residual layers mix in are
+        not counted."""
+        rows = {r.layer: r for r in self.per_layer}
+        per_seq = 0
+        for r in self.per_layer:
+            src = rows[r.kv_source]
+            tokens = seq_len if src.max_tokens is None else min(seq_len, src.max_tokens)
+            per_seq += src.bytes_per_token * tokens + src.fixed_bytes
+        return per_seq * batch_size
+
+    def max_batch_size(self, budget_bytes: int, seq_len: int) -> int:
+        """The most sequences of ``seq_len`` tokens whose caches fit in ``budget_bytes`` (0 if none)."""
+        per_seq = self.total_bytes(seq_len, 1)
+        return budget_bytes // per_seq if per_seq else -1  # -1: no cache at all, any batch fits
+
     def table(self) -> str:
         """A plain-text table of the rows and totals."""
         lines = [f"{'layer':>5}  {'kind':<12} {'bytes/token':>12} {'fixed bytes':>12} {'window':>8} {'kv_source':>9}"]

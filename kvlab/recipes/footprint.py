@@ -1,0 +1,140 @@
+"""The KV-cache footprint report of any model config, built on the meta device (no memory, no time).
+
+    python -m kvlab.footprint model=gqa [model.n_layers=32 ...] [--dtype bf16] [--budget 80GiB]
+                              [--context 32768] [--json report.json]
+
+The model is composed exactly as ``train.py`` composes it (the same Hydra
+tree and overrides), so any preset, reference config
+(``model=reference/llama3_8b``) or override works. Prints a per-layer table
+and the totals: bytes per token, fixed bytes, the cache at 2K / 32K / 128K /
+1M tokens, the bytes one decode step reads there (cross-layer sharing
+stores once but every reader reads), and with ``--budget`` the largest batch
+whose caches fit at ``--context`` tokens. ``--json`` writes the same as JSON
+(``-`` for standard output).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from kvlab.archs import ModelConfig, build_model
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONTEXTS = (2048, 32768, 131072, 1048576)
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp8": torch.float8_e4m3fn}
+UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+         "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
+
+
+def parse_bytes(text: str) -> int:
+    """'80GiB', '512 MB', '1e9' -> bytes."""
+    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([A-Za-z]*)\s*", text)
+    if not match or match.group(2).lower() not in UNITS:
+        raise ValueError(f"--budget={text!r} is not a size; write e.g. 80GiB, 512MB or 1e9 (B, KB..TB, KiB..TiB)")
+    return int(float(match.group(1)) * UNITS[match.group(2).lower()])
+
+
+def human(n: int) -> str:
+    """Bytes in binary units, 3 significant digits."""
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n} B"
+
+
+def compose_model_config(overrides: list[str]) -> ModelConfig:
+    """The ``model`` node ``train.py`` would compose with these overrides."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from kvlab.recipes.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    return ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
+
+
+def footprint_report(
+    config: ModelConfig,
+    dtype: torch.dtype = torch.bfloat16,
+    contexts: tuple[int, ...] = CONTEXTS,
+    budget: int | None = None,
+    context: int = 32768,
+) -> dict[str, Any]:
+    """Everything the report shows, as plain data (what ``--json`` writes)."""
+    with torch.device("meta"):
+        model = build_model(config)
+    fp = model.kv_footprint(dtype)
+    report = {
+        "dtype": str(dtype).removeprefix("torch."),
+        "params": model.num_parameters(),
+        "bytes_per_token": fp.bytes_per_token,
+        "fixed_bytes": fp.fixed_bytes,
+        "layers": [asdict(r) for r in fp.per_layer],
+        "total_bytes": {str(n): fp.total_bytes(n) for n in contexts},
+        "read_bytes_per_decode_step": {str(n): fp.read_bytes_per_step(n) for n in contexts},
+    }
+    if budget is not None:
+        report["budget"] = {"bytes": budget, "context": context, "max_batch_size": fp.max_batch_size(budget, context)}
+    return report
+
+
+def render(report: dict[str, Any], console: Console) -> None:
+    layers = Table(title=f"KV cache per layer, one sequence ({report['dtype']})")
+    for name in ("layer", "kind", "bytes/token", "fixed bytes", "window", "kv_source"):
+        layers.add_column(name, justify="left" if name == "kind" else "right")
+    for r in report["layers"]:
+        window = "-" if r["max_tokens"] is None else f"{r['max_tokens']:,}"
+        layers.add_row(str(r["layer"]), r["kind"], f"{r['bytes_per_token']:,}", f"{r['fixed_bytes']:,}", window,
+                       str(r["kv_source"]))  # fmt: skip
+    console.print(layers)
+    totals = Table(title=f"Totals: {report['bytes_per_token']:,} B/token + {report['fixed_bytes']:,} B fixed, "
+                         f"{report['params']:,} parameters")  # fmt: skip
+    for name in ("context", "cache held", "read per decode step"):
+        totals.add_column(name, justify="right")
+    for n, held in report["total_bytes"].items():
+        totals.add_row(f"{int(n):,}", human(held), human(report["read_bytes_per_decode_step"][n]))
+    console.print(totals)
+    if "budget" in report:
+        b = report["budget"]
+        fits = "any batch (no cache)" if b["max_batch_size"] < 0 else f"batch {b['max_batch_size']:,}"
+        console.print(f"Budget {human(b['bytes'])} at {b['context']:,} tokens: {fits}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m kvlab.footprint", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for train.py: model=NAME, model.x=...")
+    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="the cache's dtype")
+    parser.add_argument("--budget", help="memory for caches, e.g. 80GiB: report the largest batch that fits")
+    parser.add_argument("--context", type=int, default=32768, help="tokens per sequence for --budget")
+    parser.add_argument("--json", help="also write the report as JSON to this file ('-': standard output)")
+    args = parser.parse_args(argv)
+    try:
+        budget = parse_bytes(args.budget) if args.budget is not None else None
+        if args.context < 1:
+            raise ValueError(f"--context={args.context} must be >= 1")
+        report = footprint_report(compose_model_config(args.overrides), DTYPES[args.dtype], budget=budget,
+                                  context=args.context)  # fmt: skip
+    except Exception as e:  # config mistakes: one line naming the field, as train.py does
+        if not isinstance(e, ValueError) and type(e).__module__.split(".")[0] not in ("hydra", "omegaconf"):
+            raise
+        print(f"kvlab: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    render(report, Console(file=sys.stdout if args.json != "-" else sys.stderr))
+    if args.json == "-":
+        json.dump(report, sys.stdout, indent=2)
+    elif args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))

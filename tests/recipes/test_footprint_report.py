@@ -1,0 +1,68 @@
+"""python -m kvlab.footprint: published footprints, budgets, reads per step, JSON, errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from kvlab.recipes.footprint import main, parse_bytes
+from tests.conftest import REPO
+
+
+def report(capsys, *args: str) -> dict:
+    main([*args, "--json", "-"])
+    out = capsys.readouterr().out
+    return json.loads(out[out.index("{") :])
+
+
+@pytest.mark.parametrize(
+    "model,per_token",
+    [
+        ("reference/llama2_7b", 512 * 1024),  # MHA: 2 x 32 layers x 32 heads x 128 x 2 bytes
+        ("reference/llama3_8b", 128 * 1024),  # GQA-8
+        ("reference/deepseek_v2", 576 * 60 * 2),  # MLA: 512 latent + 64 RoPE key, 60 layers
+    ],
+)
+def test_reference_configs_reproduce_published_footprints(capsys, model, per_token):
+    r = report(capsys, f"model={model}")
+    assert r["bytes_per_token"] == per_token
+    assert r["total_bytes"]["32768"] == per_token * 32768
+
+
+def test_llama2_7b_has_its_parameter_count(capsys):
+    assert report(capsys, "model=reference/llama2_7b")["params"] == 6_738_415_616
+
+
+def test_budget_gives_the_largest_batch_that_fits(capsys):
+    r = report(capsys, "model=reference/llama3_8b", "--budget", "80GiB", "--context", "32768")
+    assert r["budget"]["max_batch_size"] == 20  # 4 GiB per sequence at 32K tokens
+
+
+def test_cross_layer_readers_read_what_they_do_not_store(capsys):
+    r = report(capsys, "model=cla")  # MQA-CLA2: 3 owners, 6 readers
+    assert r["read_bytes_per_decode_step"]["2048"] == 2 * r["total_bytes"]["2048"]
+
+
+def test_overrides_and_dtype(capsys):
+    r = report(capsys, "model=gqa", "model.n_layers=12", "--dtype", "fp32")
+    assert r["bytes_per_token"] == 12 * 2 * 2 * 32 * 4
+
+
+def test_recurrent_models_fit_any_batch_per_token(capsys):
+    r = report(capsys, "model=mamba2", "--budget", "1GiB")
+    assert r["bytes_per_token"] == 0 and r["total_bytes"]["2048"] == r["total_bytes"]["1048576"] > 0
+
+
+def test_sizes_parse():
+    assert parse_bytes("80GiB") == 80 * 2**30
+    assert parse_bytes("512 MB") == 512 * 10**6
+    with pytest.raises(ValueError, match="--budget='lots' is not a size"):
+        parse_bytes("lots")
+
+
+def test_bad_config_is_one_line_naming_the_field():
+    proc = subprocess.run([sys.executable, "-m", "kvlab.footprint", "model=gqa", "model.mixer.n_kv_heads=3"],
+                          cwd=REPO, capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 1
+    assert "kvlab: error: mixer.n_heads=8 is not divisible by mixer.n_kv_heads=3" in proc.stderr
