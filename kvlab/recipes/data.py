@@ -6,7 +6,9 @@ Corpora (``DataConfig.kind``):
   every machine, so the default recipes need no download;
 - ``text``: local files or globs (``.txt`` one document per file; ``.jsonl``
   and ``.parquet`` one document per row, text in ``text_field``);
-- ``hf``: ``datasets.load_dataset(name)`` for a hub name or a local copy.
+- ``hf``: ``datasets.load_dataset(name)`` for a hub name or a local copy;
+- ``mqar``: generated multi-query associative recall examples (see
+  ``kvlab.recipes.mqar``): token ids are the task, no tokenizer.
 
 Documents are split into train/val by a hash of their name, so the split is
 the same on every machine and run. The tokenizer is trained on the train
@@ -39,7 +41,7 @@ from torch.utils.data import DataLoader
 log = logging.getLogger(__name__)
 
 EOS = "<|endoftext|>"
-DATA_KINDS = ("stdlib", "text", "hf")
+DATA_KINDS = ("stdlib", "text", "hf", "mqar")
 
 
 def default_cache_dir() -> str:
@@ -58,7 +60,10 @@ class DataConfig:
     val_fraction: float = 0.05
     max_docs: int | None = None  # keep at most this many documents (before the split): quick runs
     tokenizer: str | None = None  # tokenizer.json or an HF tokenizer directory; None: train one
-    vocab_size: int = 4096  # for a trained tokenizer
+    vocab_size: int = 4096  # for a trained tokenizer; kind=mqar: the task's vocabulary
+    mqar_pairs: int = 8  # kind=mqar: key-value pairs per example, each queried once
+    mqar_examples: int = 10000  # kind=mqar: training examples (validation: mqar_val_examples)
+    mqar_val_examples: int = 500
     doc_mask: bool = False  # attend within documents only, positions restarting at each
     num_workers: int = 0
     cache_dir: str | None = None  # None: $KVLAB_CACHE or ~/.cache/kvlab
@@ -70,7 +75,7 @@ class DataConfig:
             raise ValueError("data.paths is empty; data.kind=text needs files or globs")
         if self.kind == "hf" and not self.name:
             raise ValueError("data.name is not set; data.kind=hf needs a dataset name or path")
-        for name in ("seq_len", "batch_size", "vocab_size"):
+        for name in ("seq_len", "batch_size", "vocab_size", "mqar_pairs", "mqar_examples", "mqar_val_examples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"data.{name}={getattr(self, name)} must be >= 1")
         if not 0 < self.val_fraction < 1:
@@ -306,6 +311,15 @@ def _cache_settings(cfg: DataConfig) -> dict:
     if not cfg.tokenizer:
         d["vocab_size"] = cfg.vocab_size
     return d
+
+
+def build_datamodule(cfg: DataConfig) -> L.LightningDataModule:
+    """The data module for ``cfg.kind``: packed text, or generated MQAR."""
+    if cfg.kind == "mqar":
+        from kvlab.recipes.mqar import MQARDataModule
+
+        return MQARDataModule(cfg)
+    return LMDataModule(cfg)
 
 
 class LMDataModule(L.LightningDataModule):

@@ -61,8 +61,9 @@ class LMModule(L.LightningModule):
     def forward(self, input_ids, doc_ids=None):
         return self.model(input_ids, doc_ids=doc_ids)
 
-    def _loss(self, batch) -> torch.Tensor:
-        logits = self(batch["input_ids"], batch.get("doc_ids"))
+    def _loss(self, batch, logits=None) -> torch.Tensor:
+        """Cross-entropy over the labelled positions (-100: none, as MQAR's unasked ones)."""
+        logits = self(batch["input_ids"], batch.get("doc_ids")) if logits is None else logits
         return F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten())
 
     def training_step(self, batch, batch_idx):
@@ -81,7 +82,12 @@ class LMModule(L.LightningModule):
         self._t_last = None  # validation time is not training throughput
 
     def validation_step(self, batch, batch_idx):
-        self.log("val_loss", self._loss(batch), prog_bar=True, sync_dist=True)
+        logits = self(batch["input_ids"], batch.get("doc_ids"))
+        self.log("val_loss", self._loss(batch, logits), prog_bar=True, sync_dist=True)
+        # next-token accuracy over the labelled positions (for MQAR: recall accuracy)
+        asked = batch["labels"] != -100
+        correct = (logits.argmax(-1) == batch["labels"]) & asked
+        self.log("val_accuracy", correct.sum() / asked.sum().clamp(min=1), sync_dist=True)
 
     def configure_optimizers(self):
         decay, no_decay = [], []

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kvlab.archs import ModelConfig, build_model, convert_model
 from kvlab.recipes.config import LOGGERS, STAGES, TrainConfig
-from kvlab.recipes.data import LMDataModule, tokenizer_to_use
+from kvlab.recipes.data import LMDataModule, build_datamodule, tokenizer_to_use
 from kvlab.recipes.module import LMModule
 from kvlab.recipes.strategies import STRATEGIES, build_strategy, deepspeed_available
 
@@ -51,7 +51,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             raise ConfigError(
                 f"data.seq_len={tc.data.seq_len} exceeds the initial model's max_seq_len={model_cfg.max_seq_len}"
             )
-    datamodule = LMDataModule(tc.data)
+    datamodule = build_datamodule(tc.data)
     try:
         datamodule.prepare_data()
     except (FileNotFoundError, ValueError) as e:
@@ -75,7 +75,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, run_dir / "checkpoints" / "config.yaml", resolve=True)
     # The tokenizer travels with the checkpoints: init from them (uptraining, export) reads the same tokens.
-    datamodule.tokenizer.save(str(run_dir / "checkpoints" / "tokenizer.json"))
+    if datamodule.tokenizer is not None:  # generated tasks (MQAR) have none
+        datamodule.tokenizer.save(str(run_dir / "checkpoints" / "tokenizer.json"))
     trainer = _trainer(tc, run_dir)
     metrics: dict = {}
     if "train" in tc.stages:
@@ -99,6 +100,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         metrics["steps"] = trainer.global_step
     metrics["val_loss"] = _validate(trainer, module, datamodule)
     metrics["val_ppl"] = math.exp(min(metrics["val_loss"], 50.0))
+    metrics["val_accuracy"] = _metric(trainer, "val_accuracy")  # next-token; on data=mqar, recall
     fp = module.model.kv_footprint(torch.bfloat16)
     metrics.update(
         params=module.model.num_parameters(),
