@@ -108,6 +108,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         kv_fixed_bytes=fp.fixed_bytes,
         model=model_cfg.to_dict(),
     )
+    if "eval" in tc.stages and trainer.is_global_zero:
+        metrics["decode_tokens_per_s"] = {f"batch_{b}": decode_speed(module.model, b) for b in (1, 8)}
     if "export" in tc.stages and trainer.is_global_zero:
         from kvlab.archs.hf import save_hf
 
@@ -172,7 +174,9 @@ def _initial_model(tc: TrainConfig):
     """
     init = dict(tc.init)
     if tc.ckpt is not None and init.get("path") != tc.ckpt:
-        raise ConfigError(f"ckpt={tc.ckpt!r} is recipe=export's shorthand for init.path; here give init.path instead")
+        raise ConfigError(
+            f"ckpt={tc.ckpt!r} is recipe=export's and recipe=eval's shorthand for init.path; here give init.path"
+        )
     unknown = set(init) - {"from", "path", "convert"}
     if unknown:
         raise ConfigError(f"init.{sorted(unknown)[0]}: unknown key; valid keys are from, path, convert")
@@ -346,6 +350,23 @@ def _logger(tc: TrainConfig, run_dir: Path):
 
     mode = os.environ.get("WANDB_MODE") or tc.logger.mode or "offline"
     return WandbLogger(project=tc.logger.project, name=tc.run_name, save_dir=str(run_dir), offline=mode != "online")
+
+
+def decode_speed(model, batch_size: int, prompt_len: int = 32, new_tokens: int = 32) -> float:
+    """Greedy decoding throughput (new tokens per second over the batch) from a random prompt,
+    best of two after a warm-up; prompt and new tokens kept within the model's max_seq_len."""
+    prompt_len = min(prompt_len, model.config.max_seq_len // 2)
+    new_tokens = min(new_tokens, model.config.max_seq_len - prompt_len)
+    was_training = model.training
+    model.eval()
+    ids = torch.randint(0, model.config.vocab_size, (batch_size, prompt_len), device=model.embed_tokens.weight.device)
+    best = float("inf")
+    for _ in range(3):  # the first is the warm-up
+        t0 = time.perf_counter()
+        model.generate(ids, max_new_tokens=new_tokens)
+        best = min(best, time.perf_counter() - t0)
+    model.train(was_training)
+    return batch_size * new_tokens / best
 
 
 def _validate(trainer: L.Trainer, module: LMModule, datamodule: LMDataModule) -> float:

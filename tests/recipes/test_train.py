@@ -161,7 +161,7 @@ BAD_OVERRIDES = {
     "init source": (["init.from=web"], "init.from='web' is not one of scratch, checkpoint, hf"),
     "init path": (["init.from=hf", "init.path=/nonexistent/model"], "init.path='/nonexistent/model'"),
     "convert from scratch": (["init.convert={to: gqa}"], "init.convert needs init.from=checkpoint or hf"),
-    "ckpt outside export": (["ckpt=/some.ckpt"], "ckpt='/some.ckpt' is recipe=export's shorthand for init.path"),
+    "ckpt outside export": (["ckpt=/some.ckpt"], "ckpt='/some.ckpt' is recipe=export's and recipe=eval's shorthand"),
 }
 
 
@@ -284,7 +284,13 @@ def test_export_stage_and_recipe_write_a_loadable_hf_directory(tmp_path, data_ca
     assert tokenizer.get_vocab() == transformers.PreTrainedTokenizerFast(
         tokenizer_file=str(run / "checkpoints" / "tokenizer.json")).get_vocab()  # fmt: skip
 
-    # recipe=export on the checkpoint: the same weights, evaluated to the same loss
+    # recipe=eval and recipe=export on the checkpoint: the same weights, evaluated to the same loss
+    train(tmp_path, data_cache, "recipe=eval", f"ckpt={run / 'checkpoints' / 'last.ckpt'}")
+    (evaluated,) = run_dirs(tmp_path, "eval")
+    evaluation = json.loads((evaluated / "metrics.json").read_text())
+    assert evaluation["val_loss"] == pytest.approx(metrics["val_loss"], abs=1e-5)
+    assert evaluation["decode_tokens_per_s"]["batch_1"] > 0 and evaluation["decode_tokens_per_s"]["batch_8"] > 0
+    assert "hf_dir" not in evaluation
     train(tmp_path, data_cache, "recipe=export", f"ckpt={run / 'checkpoints' / 'last.ckpt'}")
     (export,) = run_dirs(tmp_path, "export")
     exported = json.loads((export / "metrics.json").read_text())
