@@ -1,0 +1,38 @@
+"""recipe=ablation: a sweep of presets into results.csv, results.md and pareto.png."""
+
+import csv
+import json
+
+from kvlab.recipes.ablation import pareto_front, plot_pareto
+from tests.recipes.test_train import run_dirs, train
+
+
+def test_pareto_front_keeps_models_no_other_beats_on_both():
+    points = [("a", 100, 50.0), ("b", 10, 80.0), ("c", 1000, 40.0), ("d", 500, 60.0), ("e", 10, 90.0)]
+    rows = [{"model": m, "kv_bytes_at_context": b, "val_ppl": p} for m, b, p in points]
+    assert [r["model"] for r in pareto_front(rows)] == ["b", "a", "c"]
+
+
+def test_plot_draws_every_row(tmp_path):
+    rows = [{"model": "gqa", "kv_bytes_at_context": 3_000_000, "val_ppl": 200.0},
+            {"model": "mamba2", "kv_bytes_at_context": 400_000, "val_ppl": 150.0}]  # fmt: skip
+    points = plot_pareto(rows, tmp_path / "p.png", 2048)
+    assert points == [("gqa", 3_000_000, 200.0), ("mamba2", 400_000, 150.0)]
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_ablation_sweep_writes_the_table_and_the_plot(tmp_path, data_cache):
+    train(tmp_path, data_cache, "-m", "recipe=ablation", "model=mha,gqa,retnet", "trainer.max_steps=3",
+          "model.vocab_size=512", "trainer.limit_val_batches=1", tiny_model=False)  # fmt: skip
+    (sweep,) = run_dirs(tmp_path, "ablation")
+    with open(sweep / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["model"] for r in rows] == ["mha", "gqa", "retnet"]
+    for r in rows:
+        (job,) = sweep.glob(f"*-{r['model']}")
+        metrics = json.loads((job / "metrics.json").read_text())
+        assert float(r["val_ppl"]) == metrics["val_ppl"]
+        assert int(r["kv_bytes_at_context"]) == metrics["kv_bytes_per_token"] * 2048 + metrics["kv_fixed_bytes"]
+        assert float(r["decode_tok_s_batch_1"]) > 0
+    assert "retnet |" in (sweep / "results.md").read_text()
+    assert (sweep / "pareto.png").stat().st_size > 1000
