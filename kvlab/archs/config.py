@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import yaml
 
 from kvlab._config import check_bool, check_choice, check_float, check_int, check_keys, field_names, from_dict, to_dict
@@ -113,6 +114,23 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
+
+    def with_params(self, target: int) -> ModelConfig:
+        """This config with the MLP's hidden width set so the model has about ``target`` parameters
+        (the nearest multiple of 8; ablations at equal parameter counts)."""
+        from kvlab.archs.model import build_model  # the count comes from the built (meta) model
+
+        if self.mlp.kind == "none":
+            raise ValueError(f"iso_params={target}: mlp.kind=none has no width to change")
+        d = self.to_dict()
+
+        def params(hidden: int) -> int:
+            with torch.device("meta"):
+                return build_model(d | {"mlp": d["mlp"] | {"hidden": hidden}}).num_parameters()
+
+        per_unit = params(16) - params(8)  # parameters per 8 hidden units, over all layers
+        hidden = max(8, 8 + 8 * round((target - params(8)) / per_unit))
+        return ModelConfig.from_dict(d | {"mlp": d["mlp"] | {"hidden": hidden}})
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "max_seq_len"):

@@ -72,7 +72,8 @@ class TrainConfig:
     # where the weights start: {from: scratch | checkpoint | hf, path: ..., convert: {to: gqa, ...}}
     init: dict[str, Any] = field(default_factory=lambda: {"from": "scratch", "path": None, "convert": None})
     uptrain: UptrainConfig | None = None  # set by the staged uptraining recipes
-    ckpt: str | None = None  # recipe=export's shorthand for init.path: python train.py recipe=export ckpt=PATH
+    ckpt: str | None = None  # recipe=export's / eval's shorthand for init.path: python train.py recipe=eval ckpt=PATH
+    iso_params: int | None = None  # widen or narrow the MLP so the model has about this many parameters
 
 
 def register_configs() -> None:

@@ -127,6 +127,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 def _validated(tc: TrainConfig) -> ModelConfig:
     try:
         model_cfg = ModelConfig.from_dict(tc.model)
+        if tc.iso_params is not None:
+            if tc.iso_params < 1:
+                raise ValueError(f"iso_params={tc.iso_params} must be a parameter count >= 1")
+            model_cfg = model_cfg.with_params(tc.iso_params)
+            tc.model = model_cfg.to_dict()
     except ValueError as e:
         raise ConfigError(f"model: {e}") from None
     try:

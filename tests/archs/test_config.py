@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from kvlab import ModelConfig, build_model
 from kvlab.layers import MIXERS
@@ -135,3 +136,20 @@ def test_bad_config_names_the_field(case):
 
 def test_attention_is_registered():
     assert MIXERS["attention"].Config.kind == "attention"
+
+
+@pytest.mark.parametrize("name", ["gqa", "retnet", "rwkv7"])
+def test_with_params_widens_the_mlp_to_a_parameter_count(name):
+    cfg = ModelConfig.from_dict(preset_dict(name))
+    target = 9_000_000
+    wider = cfg.with_params(target)
+    with torch.device("meta"):
+        params = build_model(wider).num_parameters()
+        step = build_model(wider.with_params(target + 10**6)).num_parameters() - params  # a million more, about
+    assert wider.mlp.hidden > cfg.mlp.hidden and wider.mlp.hidden % 8 == 0
+    layers, d = cfg.n_layers, cfg.d_model
+    per_unit = {"swiglu": 3, "rwkv_channel_mix": 2}[cfg.mlp.kind] * d * layers  # parameters per hidden unit
+    assert abs(params - target) <= 4 * per_unit
+    assert abs(step - 10**6) <= 8 * per_unit
+    with pytest.raises(ValueError, match="mlp.kind=none has no width"):
+        ModelConfig.from_dict(preset_dict("gau")).with_params(target)

@@ -21,9 +21,9 @@ def test_plot_draws_every_row(tmp_path):
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_ablation_sweep_writes_the_table_and_the_plot(tmp_path, data_cache):
+def test_ablation_sweep_at_equal_parameters_writes_the_table_and_the_plot(tmp_path, data_cache):
     train(tmp_path, data_cache, "-m", "recipe=ablation", "model=mha,gqa,retnet", "trainer.max_steps=3",
-          "model.vocab_size=512", "trainer.limit_val_batches=1", tiny_model=False)  # fmt: skip
+          "model.vocab_size=512", "trainer.limit_val_batches=1", "iso_params=5500000", tiny_model=False)  # fmt: skip
     (sweep,) = run_dirs(tmp_path, "ablation")
     with open(sweep / "results.csv") as f:
         rows = list(csv.DictReader(f))
@@ -34,5 +34,6 @@ def test_ablation_sweep_writes_the_table_and_the_plot(tmp_path, data_cache):
         assert float(r["val_ppl"]) == metrics["val_ppl"]
         assert int(r["kv_bytes_at_context"]) == metrics["kv_bytes_per_token"] * 2048 + metrics["kv_fixed_bytes"]
         assert float(r["decode_tok_s_batch_1"]) > 0
-    assert "retnet |" in (sweep / "results.md").read_text()
+        assert abs(int(r["params"]) - 5_500_000) <= 4 * 3 * 256 * 6  # iso_params: within a few MLP units
+    assert "retnet** |" in (sweep / "results.md").read_text()  # the smallest cache: on the frontier
     assert (sweep / "pareto.png").stat().st_size > 1000
