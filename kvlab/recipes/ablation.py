@@ -7,7 +7,7 @@ and writes into the sweep directory:
 
 - ``results.csv`` and ``results.md``: parameters, KV bytes per token, fixed
   bytes, the cache of one sequence at ``context`` tokens, validation loss,
-  perplexity and accuracy, decode tokens/s at batch 1 and 8, training
+  perplexity (all tokens, AR hits, the rest) and accuracy, decode tokens/s at batch 1 and 8, training
   tokens/s;
 - ``pareto.png``: validation perplexity against the cache at ``context``
   tokens (log scale), each point labelled, the Pareto frontier (no other
@@ -29,7 +29,8 @@ from hydra.experimental.callback import Callback
 log = logging.getLogger("kvlab")
 
 COLUMNS = ("model", "params", "kv_bytes_per_token", "kv_fixed_bytes", "kv_bytes_at_context", "val_loss", "val_ppl",
-           "val_accuracy", "decode_tok_s_batch_1", "decode_tok_s_batch_8", "train_tok_s")  # fmt: skip
+           "val_ppl_ar_hit", "val_ppl_ar_other", "val_accuracy", "decode_tok_s_batch_1", "decode_tok_s_batch_8",
+           "train_tok_s")  # fmt: skip
 
 
 def collect(sweep_dir: Path, context: int) -> list[dict[str, Any]]:
@@ -48,6 +49,8 @@ def collect(sweep_dir: Path, context: int) -> list[dict[str, Any]]:
             "kv_bytes_at_context": m["kv_bytes_per_token"] * context + m["kv_fixed_bytes"],
             "val_loss": m["val_loss"],
             "val_ppl": m["val_ppl"],
+            "val_ppl_ar_hit": m.get("val_ppl_ar_hit"),
+            "val_ppl_ar_other": m.get("val_ppl_ar_other"),
             "val_accuracy": m.get("val_accuracy"),
             "decode_tok_s_batch_1": decode.get("batch_1"),
             "decode_tok_s_batch_8": decode.get("batch_8"),

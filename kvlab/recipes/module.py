@@ -33,6 +33,14 @@ class OptimConfig:
             raise ValueError(f"optim.weight_decay={self.weight_decay} must be >= 0")
 
 
+def associative_recall_hits(input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[B, T] bool: position t's bigram (input t, next token) already occurred earlier in its row
+    (Zoology's "AR hits": the next token can be recalled from the context)."""
+    pair = input_ids * (int(labels.max().clamp(min=0)) + 1) + labels.clamp(min=0)
+    same = pair[:, :, None] == pair[:, None, :]  # [B, T, T]
+    return (same & torch.ones_like(same[0]).tril(-1)).any(dim=-1)
+
+
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
     """Linear warmup to 1, then cosine down to ``min_ratio`` at ``total`` steps."""
     if step < warmup:
@@ -83,11 +91,20 @@ class LMModule(L.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         logits = self(batch["input_ids"], batch.get("doc_ids"))
+        labels = batch["labels"]
         self.log("val_loss", self._loss(batch, logits), prog_bar=True, sync_dist=True)
         # next-token accuracy over the labelled positions (for MQAR: recall accuracy)
-        asked = batch["labels"] != -100
-        correct = (logits.argmax(-1) == batch["labels"]) & asked
+        asked = labels != -100
+        correct = (logits.argmax(-1) == labels) & asked
         self.log("val_accuracy", correct.sum() / asked.sum().clamp(min=1), sync_dist=True)
+        # Zoology's slices: tokens that complete a bigram seen earlier in the row (recall can predict
+        # them) and the rest; averaged per token over the whole validation set
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="none").view_as(labels)
+        hits = associative_recall_hits(batch["input_ids"], labels) & asked
+        for name, mask in (("val_loss_ar_hit", hits), ("val_loss_ar_other", asked & ~hits)):
+            n = int(mask.sum())
+            if n:
+                self.log(name, (ce * mask).sum() / n, batch_size=n, sync_dist=True)
 
     def configure_optimizers(self):
         decay, no_decay = [], []

@@ -101,6 +101,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     metrics["val_loss"] = _validate(trainer, module, datamodule)
     metrics["val_ppl"] = math.exp(min(metrics["val_loss"], 50.0))
     metrics["val_accuracy"] = _metric(trainer, "val_accuracy")  # next-token; on data=mqar, recall
+    for part in ("ar_hit", "ar_other"):  # perplexity on recallable tokens and on the rest (Zoology)
+        loss = _metric(trainer, f"val_loss_{part}")
+        metrics[f"val_ppl_{part}"] = None if loss is None else math.exp(min(loss, 50.0))
     fp = module.model.kv_footprint(torch.bfloat16)
     metrics.update(
         params=module.model.num_parameters(),

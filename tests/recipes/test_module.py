@@ -47,3 +47,11 @@ def test_weight_decay_only_on_matrices():
     assert decay["weight_decay"] == 0.3 and all(p.dim() == 2 for p in decay["params"])
     assert no_decay["weight_decay"] == 0.0 and all(p.dim() == 1 for p in no_decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(module.model.parameters()))
+
+
+def test_associative_recall_hits_mark_bigrams_seen_before():
+    from kvlab.recipes.module import associative_recall_hits
+
+    ids = torch.tensor([[5, 6, 7, 5, 6, 9, 5, 6]])
+    labels = torch.tensor([[6, 7, 5, 6, 9, 5, 6, 7]])  # bigrams: 56 67 75 56 69 95 56 67
+    assert associative_recall_hits(ids, labels).tolist() == [[False, False, False, True, False, False, True, True]]

@@ -78,8 +78,8 @@ def run_dirs(tmp_path: Path, run_name: str) -> list[Path]:
     return sorted(p for p in (tmp_path / "outputs" / run_name).iterdir() if p.is_dir())
 
 
-METRIC_KEYS = ["val_loss", "val_ppl", "train_loss", "tokens_seen", "tokens_per_s", "params",
-               "kv_bytes_per_token", "kv_fixed_bytes"]  # fmt: skip
+METRIC_KEYS = ["val_loss", "val_ppl", "train_loss", "tokens_seen", "tokens_per_s", "params", "kv_bytes_per_token",
+               "kv_fixed_bytes", "val_accuracy", "val_ppl_ar_hit", "val_ppl_ar_other"]  # fmt: skip
 
 
 def test_pretrain_writes_checkpoints_and_metrics_and_learns(tmp_path, data_cache):
