@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from kvlab.archs import ModelConfig, build_model, convert_model
 from kvlab.recipes.config import LOGGERS, STAGES, TrainConfig
 from kvlab.recipes.data import LMDataModule, build_datamodule, tokenizer_to_use
+from kvlab.recipes.evals import decode_speed, passkey_grid
 from kvlab.recipes.module import LMModule
 from kvlab.recipes.strategies import STRATEGIES, build_strategy, deepspeed_available
 
@@ -113,6 +114,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     )
     if "eval" in tc.stages and trainer.is_global_zero:
         metrics["decode_tokens_per_s"] = {f"batch_{b}": decode_speed(module.model, b) for b in (1, 8)}
+        if datamodule.tokenizer is not None:  # text models: retrieval of a pass key hidden in filler
+            metrics["passkey"] = passkey_grid(module.model, datamodule.tokenizer)  # 1/4, 1/2, all of the context
     if "export" in tc.stages and trainer.is_global_zero:
         from kvlab.archs.hf import save_hf
 
@@ -358,23 +361,6 @@ def _logger(tc: TrainConfig, run_dir: Path):
 
     mode = os.environ.get("WANDB_MODE") or tc.logger.mode or "offline"
     return WandbLogger(project=tc.logger.project, name=tc.run_name, save_dir=str(run_dir), offline=mode != "online")
-
-
-def decode_speed(model, batch_size: int, prompt_len: int = 32, new_tokens: int = 32) -> float:
-    """Greedy decoding throughput (new tokens per second over the batch) from a random prompt,
-    best of two after a warm-up; prompt and new tokens kept within the model's max_seq_len."""
-    prompt_len = min(prompt_len, model.config.max_seq_len // 2)
-    new_tokens = min(new_tokens, model.config.max_seq_len - prompt_len)
-    was_training = model.training
-    model.eval()
-    ids = torch.randint(0, model.config.vocab_size, (batch_size, prompt_len), device=model.embed_tokens.weight.device)
-    best = float("inf")
-    for _ in range(3):  # the first is the warm-up
-        t0 = time.perf_counter()
-        model.generate(ids, max_new_tokens=new_tokens)
-        best = min(best, time.perf_counter() - t0)
-    model.train(was_training)
-    return batch_size * new_tokens / best
 
 
 def _validate(trainer: L.Trainer, module: LMModule, datamodule: LMDataModule) -> float:

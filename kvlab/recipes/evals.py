@@ -1,0 +1,71 @@
+"""Evaluations beyond validation loss: passkey retrieval and decoding speed.
+
+- ``passkey_accuracy`` (Mohtashami & Jaggi 2023): a pass key of random digits
+  is hidden at a relative ``depth`` of ``length`` tokens of repetitive
+  filler; after the filler the model is asked for it and decodes greedily.
+  The score is the fraction of trials whose continuation starts with the key.
+  Small models trained on little text mostly score 0: the harness is for
+  real runs.
+- ``decode_speed``: greedy decoding throughput from a random prompt.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
+QUESTION = "What is the pass key? The pass key is"
+
+
+def passkey_prompt(tokenizer, length: int, depth: float, key: str) -> list[int]:
+    """Token ids of about ``length`` tokens: filler, the needle at ``depth`` (0: start, 1: end), the question."""
+    filler = tokenizer.encode(FILLER).ids
+    needle = tokenizer.encode(NEEDLE.format(key=key)).ids
+    question = tokenizer.encode(QUESTION).ids
+    room = length - len(needle) - len(question)
+    if room < 0:
+        raise ValueError(f"passkey length={length} is too short for the needle and the question")
+    hay = (filler * (room // len(filler) + 1))[:room]
+    cut = round(depth * room)
+    return hay[:cut] + needle + hay[cut:] + question
+
+
+@torch.inference_mode()
+def passkey_accuracy(model, tokenizer, length: int, depth: float, trials: int = 5, seed: int = 0) -> float:
+    """Fraction of ``trials`` random 5-digit keys the model decodes right after the question."""
+    g = torch.Generator().manual_seed(seed)
+    device = model.embed_tokens.weight.device
+    right = 0
+    for _ in range(trials):
+        key = str(int(torch.randint(10000, 100000, (1,), generator=g)))
+        ids = torch.tensor([passkey_prompt(tokenizer, length, depth, key)], device=device)
+        answer = tokenizer.encode(" " + key).ids
+        out = model.generate(ids, max_new_tokens=len(answer))[0, ids.shape[1] :].tolist()
+        right += tokenizer.decode(out).strip().startswith(key)
+    return right / trials
+
+
+def passkey_grid(model, tokenizer, fractions=(0.25, 0.5, 1.0), depths=(0.0, 0.5, 1.0), trials: int = 5):
+    """{length: {depth: accuracy}} at the given fractions of the model's context (room left for the answer)."""
+    lengths = sorted({int(f * (model.config.max_seq_len - 8)) for f in fractions})
+    return {str(n): {str(d): passkey_accuracy(model, tokenizer, n, d, trials) for d in depths} for n in lengths}
+
+
+def decode_speed(model, batch_size: int, prompt_len: int = 32, new_tokens: int = 32) -> float:
+    """Greedy decoding throughput (new tokens per second over the batch) from a random prompt,
+    best of two after a warm-up; prompt and new tokens kept within the model's max_seq_len."""
+    prompt_len = min(prompt_len, model.config.max_seq_len // 2)
+    new_tokens = min(new_tokens, model.config.max_seq_len - prompt_len)
+    was_training = model.training
+    model.eval()
+    ids = torch.randint(0, model.config.vocab_size, (batch_size, prompt_len), device=model.embed_tokens.weight.device)
+    best = float("inf")
+    for _ in range(3):  # the first is the warm-up
+        t0 = time.perf_counter()
+        model.generate(ids, max_new_tokens=new_tokens)
+        best = min(best, time.perf_counter() - t0)
+    model.train(was_training)
+    return batch_size * new_tokens / best
