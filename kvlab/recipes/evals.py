@@ -49,8 +49,10 @@ def passkey_accuracy(model, tokenizer, length: int, depth: float, trials: int = 
 
 
 def passkey_grid(model, tokenizer, fractions=(0.25, 0.5, 1.0), depths=(0.0, 0.5, 1.0), trials: int = 5):
-    """{length: {depth: accuracy}} at the given fractions of the model's context (room left for the answer)."""
-    lengths = sorted({int(f * (model.config.max_seq_len - 8)) for f in fractions})
+    """{length: {depth: accuracy}} at the given fractions of the model's context (room left for the answer),
+    leaving out lengths too short to hold the needle and the question with some filler."""
+    shortest = len(tokenizer.encode(FILLER + NEEDLE.format(key="00000") + QUESTION).ids)
+    lengths = sorted({n for f in fractions if (n := int(f * (model.config.max_seq_len - 8))) >= shortest})
     return {str(n): {str(d): passkey_accuracy(model, tokenizer, n, d, trials) for d in depths} for n in lengths}
 
 

@@ -5,7 +5,15 @@ import torch
 
 from kvlab import build_model
 from kvlab.recipes.data import train_tokenizer
-from kvlab.recipes.evals import FILLER, NEEDLE, QUESTION, decode_speed, passkey_accuracy, passkey_prompt
+from kvlab.recipes.evals import (
+    FILLER,
+    NEEDLE,
+    QUESTION,
+    decode_speed,
+    passkey_accuracy,
+    passkey_grid,
+    passkey_prompt,
+)
 from tests.conftest import tiny
 
 
@@ -50,3 +58,11 @@ def test_decode_speed_is_positive_and_leaves_the_mode():
     model = build_model(tiny()).train()
     assert decode_speed(model, 2, prompt_len=8, new_tokens=4) > 0
     assert model.training
+
+
+def test_grid_keeps_the_lengths_that_hold_the_prompt(tokenizer):
+    model = build_model(tiny(vocab_size=300, max_seq_len=128)).eval()
+    shortest = len(tokenizer.encode(FILLER + NEEDLE.format(key="00000") + QUESTION).ids)
+    grid = passkey_grid(model, tokenizer, fractions=(0.05, 0.5, 1.0), depths=(0.0, 1.0), trials=1)
+    assert list(grid) == [str(n) for n in sorted({int(f * 120) for f in (0.05, 0.5, 1.0)}) if n >= shortest]
+    assert all(set(by_depth) == {"0.0", "1.0"} for by_depth in grid.values())

@@ -291,7 +291,8 @@ def test_export_stage_and_recipe_write_a_loadable_hf_directory(tmp_path, data_ca
     assert evaluation["val_loss"] == pytest.approx(metrics["val_loss"], abs=1e-5)
     assert evaluation["decode_tokens_per_s"]["batch_1"] > 0 and evaluation["decode_tokens_per_s"]["batch_8"] > 0
     assert "hf_dir" not in evaluation
-    assert len(evaluation["passkey"]) == 3 and all(len(by_depth) == 3 for by_depth in evaluation["passkey"].values())
+    assert evaluation["passkey"] and all(0 <= acc <= 1 for by_depth in evaluation["passkey"].values()
+                                         for acc in by_depth.values())  # fmt: skip
     train(tmp_path, data_cache, "recipe=export", f"ckpt={run / 'checkpoints' / 'last.ckpt'}")
     (export,) = run_dirs(tmp_path, "export")
     exported = json.loads((export / "metrics.json").read_text())
