@@ -37,3 +37,18 @@ def test_ablation_sweep_at_equal_parameters_writes_the_table_and_the_plot(tmp_pa
         assert abs(int(r["params"]) - 5_500_000) <= 4 * 3 * 256 * 6  # iso_params: within a few MLP units
     assert "retnet** |" in (sweep / "results.md").read_text()  # the smallest cache: on the frontier
     assert (sweep / "pareto.png").stat().st_size > 1000
+
+
+def test_with_wandb_the_table_and_the_plot_are_logged_offline(tmp_path, monkeypatch):
+    from omegaconf import OmegaConf
+
+    from kvlab.recipes.ablation import COLUMNS, _log_to_wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.chdir(tmp_path)
+    row = {c: 1.0 for c in COLUMNS} | {"model": "gqa", "kv_bytes_at_context": 10, "val_ppl": 5.0}
+    plot_pareto([row], tmp_path / "pareto.png", 2048)
+    _log_to_wandb([row], tmp_path, OmegaConf.create({"logger": {"kind": "wandb", "project": "kvlab", "mode": None}}))
+    (table,) = tmp_path.glob("wandb/offline-run-*/files/media/table/ablation_*.table.json")
+    assert json.loads(table.read_text())["columns"] == list(COLUMNS)
+    assert list(tmp_path.glob("wandb/offline-run-*/files/media/images/pareto_*.png"))
