@@ -37,9 +37,10 @@ class Block(nn.Module):
             kv_source=cfg.layer_kv_source[layer_idx],
             max_seq_len=cfg.max_seq_len,
         )
-        self.mlp = build_mlp(cfg.mlp, cfg.d_model)  # None: no MLP (mlp kind none)
-        self.mlp_norm = build_norm(cfg.norm, cfg.d_model) if self.mlp is not None else None
-        self.mlp_stateful = getattr(self.mlp, "stateful", False)
+        mlp = build_mlp(cfg.mlp, cfg.d_model)  # None: no MLP (mlp kind none)
+        self.mlp_norm = build_norm(cfg.norm, cfg.d_model) if mlp is not None else None
+        self.mlp = mlp
+        self.mlp_stateful = getattr(mlp, "stateful", False)
 
     def forward(self, x, *, cache=None, mlp_cache=None, positions=None, shared_kv=None, doc_ids=None):
         h = self.mixer_norm(x)

@@ -126,8 +126,9 @@ def test_export_loads_and_matches_logits_and_generation(exported, name):
     assert config["model_type"] == EXPECTED_TYPE.get(name, "llama")
     assert ("auto_map" in config) == (config["model_type"] == "kvlab")
     ids = torch.load(f"{dirs[name]}/ids.pt")
-    with torch.no_grad():
-        assert (theirs["logits"] - model(ids)).abs().max() <= 1e-4
+    with torch.no_grad():  # float32 agreement, relative to the logits' scale (the sharp model's reach ~40)
+        ours_logits = model(ids)
+        assert (theirs["logits"] - ours_logits).abs().max() <= 1e-4 + 2e-5 * ours_logits.abs().max()
     ours = model.generate(ids[:1, :5], max_new_tokens=16)[0, 5:]
     assert torch.equal(theirs["generated"], ours)
     if config["model_type"] == "kvlab":  # generate() ran on our own cache, with our footprint
