@@ -75,10 +75,17 @@ def document_mask(doc_ids: torch.Tensor, window: int | None = None) -> torch.Ten
     return (position_mask(pos, pos, window) & same_doc)[:, None]
 
 
+def document_starts(doc_ids: torch.Tensor) -> torch.Tensor:
+    """[B, T] bool, True where a new document begins after another (never at position 0)."""
+    starts = torch.zeros_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    return starts
+
+
 def positions_in_documents(doc_ids: torch.Tensor) -> torch.Tensor:
     """Position of each token within its document ([B, T]), restarting at 0 where doc_ids changes."""
     T = doc_ids.shape[-1]
     idx = torch.arange(T, device=doc_ids.device).expand_as(doc_ids)
-    starts = torch.ones_like(doc_ids, dtype=torch.bool)
-    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    starts = document_starts(doc_ids)
+    starts[:, 0] = True
     return idx - torch.where(starts, idx, 0).cummax(dim=-1).values

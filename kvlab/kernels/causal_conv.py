@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from kvlab.kernels.attention import document_starts
+
 
 def causal_conv1d(x, weight, bias=None, *, prev=None, doc_ids=None):
     """x [B, T, C]; weight [C, K]; bias [C] or None -> (y [B, T, C], new prev [B, K - 1, C])."""
@@ -48,7 +50,5 @@ def token_shift(x, *, prev=None, doc_ids=None):
     before = x.new_zeros(x.shape[0], 1, x.shape[2]) if prev is None else prev[:, None].to(x.dtype)
     shifted = torch.cat([before, x[:, :-1]], dim=1)
     if doc_ids is not None:
-        starts = torch.zeros_like(doc_ids, dtype=torch.bool)
-        starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-        shifted = shifted.masked_fill(starts[..., None], 0.0)
+        shifted = shifted.masked_fill(document_starts(doc_ids)[..., None], 0.0)
     return shifted, x[:, -1]

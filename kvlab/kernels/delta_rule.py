@@ -34,7 +34,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kvlab.kernels.linear_attention import _compute_dtype, _document_starts, decayed_products
+from kvlab.kernels.attention import document_starts
+from kvlab.kernels.linear_attention import _compute_dtype, decayed_products
 
 
 def delta_rule_reference(q, k, v, log_decay, a, b, *, state=None, doc_ids=None):
@@ -45,7 +46,7 @@ def delta_rule_reference(q, k, v, log_decay, a, b, *, state=None, doc_ids=None):
     dt, out_dtype = _compute_dtype(q), q.dtype
     B, H, T, Dk = q.shape
     S = q.new_zeros(B, H, Dk, v.shape[-1], dtype=dt) if state is None else state.to(dt)
-    starts = _document_starts(doc_ids) if doc_ids is not None else None
+    starts = document_starts(doc_ids) if doc_ids is not None else None
     q, k, v, g, a, b = (x.to(dt) for x in (q, k, v, log_decay, a, b))
     outputs = []
     for t in range(T):
@@ -74,7 +75,7 @@ def delta_rule_chunked(q, k, v, log_decay, a, b, *, state=None, doc_ids=None, ch
     carries = None
     end = cum[:, :, :, -1:]  # [B, H, N, 1, Dk]
     if doc_ids is not None:
-        starts = F.pad(_document_starts(doc_ids), (0, pad)).view(B, 1, N, C)
+        starts = F.pad(document_starts(doc_ids), (0, pad)).view(B, 1, N, C)
         segment = starts.cumsum(dim=-1)
         same = segment[..., :, None] == segment[..., None, :]
         inclusive, strict = inclusive & same, strict & same

@@ -35,16 +35,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kvlab.kernels.attention import document_starts
+
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _document_starts(doc_ids: torch.Tensor) -> torch.Tensor:
-    """[B, T] bool, True where a new document begins (never at position 0, which continues the state)."""
-    starts = torch.zeros_like(doc_ids, dtype=torch.bool)
-    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-    return starts
 
 
 # While exp(+-FACTORABLE_DECAY) bounds both factors, they and their products stay far inside float32.
@@ -83,7 +78,7 @@ def linear_attention_reference(q, k, v, log_decay, *, state=None, doc_ids=None, 
     dt = _compute_dtype(q)
     B, H, T, Dk = q.shape
     S = q.new_zeros(B, H, Dk, v.shape[-1], dtype=dt) if state is None else state.to(dt)
-    starts = _document_starts(doc_ids) if doc_ids is not None else None
+    starts = document_starts(doc_ids) if doc_ids is not None else None
     g = log_decay.to(dt) if log_decay.dim() == 4 else log_decay.to(dt)[..., None]  # [B, H, T, Dk or 1]
     outputs = []
     for t in range(T):
@@ -119,7 +114,7 @@ def linear_attention_chunked(
         carries = None  # every token sees the state carried into its chunk
         b_end = b[:, :, :, -1]
     else:
-        starts = F.pad(_document_starts(doc_ids), (0, pad)).view(B, 1, N, C)
+        starts = F.pad(document_starts(doc_ids), (0, pad)).view(B, 1, N, C)
         segment = starts.cumsum(dim=-1)  # documents begun so far within the chunk
         visible = visible & (segment[..., :, None] == segment[..., None, :])
         carries = (segment == 0)[..., None]  # tokens still in the document the carried state belongs to

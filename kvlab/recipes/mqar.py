@@ -16,9 +16,10 @@ ones), deterministically, in memory: nothing to download or cache.
 
 from __future__ import annotations
 
-import lightning as L
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
+
+from kvlab.recipes.data import LMDataModule
 
 FILLER = 0
 
@@ -48,15 +49,12 @@ def mqar_examples(n: int, seq_len: int, vocab_size: int, pairs: int, seed: int) 
     return tokens[:, :-1], labels
 
 
-class MQARDataModule(L.LightningDataModule):
-    """Batches of MQAR examples with the LM data module's interface (``input_ids``, ``labels``)."""
+class MQARDataModule(LMDataModule):
+    """Batches of MQAR examples through the LM data module's loaders (``input_ids``, ``labels``)."""
 
     def __init__(self, cfg):
-        super().__init__()
-        cfg.validate()
-        self.cfg = cfg
-        self.tokenizer = None  # token ids are the task itself
-        self.splits: dict[str, TensorDataset] = {}
+        super().__init__(cfg)
+        self.splits: dict[str, TensorDataset] = {}  # tokenizer stays None: token ids are the task itself
 
     @property
     def vocab_size(self) -> int:
@@ -71,24 +69,5 @@ class MQARDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         self.prepare_data()
 
-    def tokens(self, split: str) -> int:
-        return len(self.splits[split]) * self.cfg.seq_len
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            self.splits[split],
-            batch_size=self.cfg.batch_size,
-            shuffle=shuffle,
-            drop_last=shuffle,
-            collate_fn=lambda rows: {
-                "input_ids": torch.stack([r[0] for r in rows]),
-                "labels": torch.stack([r[1] for r in rows]),
-            },  # fmt: skip
-            generator=torch.Generator().manual_seed(0) if shuffle else None,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+    def _collate(self, rows):
+        return {"input_ids": torch.stack([r[0] for r in rows]), "labels": torch.stack([r[1] for r in rows])}

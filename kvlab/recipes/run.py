@@ -137,7 +137,6 @@ def _validated(tc: TrainConfig) -> ModelConfig:
             if tc.iso_params < 1:
                 raise ValueError(f"iso_params={tc.iso_params} must be a parameter count >= 1")
             model_cfg = model_cfg.with_params(tc.iso_params)
-            tc.model = model_cfg.to_dict()
     except ValueError as e:
         raise ConfigError(f"model: {e}") from None
     try:
