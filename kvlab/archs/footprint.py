@@ -22,6 +22,11 @@ class FootprintRow:
     kv_source: int
     max_tokens: int | None = None  # the window, for layers that keep only the last max_tokens tokens
 
+    def total_bytes(self, seq_len: int) -> int:
+        """What this layer holds for one sequence after ``seq_len`` tokens."""
+        tokens = seq_len if self.max_tokens is None else min(seq_len, self.max_tokens)
+        return self.bytes_per_token * tokens + self.fixed_bytes
+
 
 @dataclass(frozen=True)
 class Footprint:
@@ -41,11 +46,7 @@ class Footprint:
 
     def total_bytes(self, seq_len: int, batch_size: int = 1) -> int:
         """Exact bytes held after ``seq_len`` tokens for ``batch_size`` sequences."""
-        per_seq = 0
-        for r in self.per_layer:
-            tokens = seq_len if r.max_tokens is None else min(seq_len, r.max_tokens)
-            per_seq += r.bytes_per_token * tokens + r.fixed_bytes
-        return per_seq * batch_size
+        return sum(r.total_bytes(seq_len) for r in self.per_layer) * batch_size
 
     def read_bytes_per_step(self, seq_len: int, batch_size: int = 1) -> int:
         """Cache bytes one decode step reads after ``seq_len`` tokens: each layer reads the slot it
@@ -53,12 +54,7 @@ class Footprint:
         times), a recurrent layer its state. Layer 0's values that value-residual layers mix in are
         not counted."""
         rows = {r.layer: r for r in self.per_layer}
-        per_seq = 0
-        for r in self.per_layer:
-            src = rows[r.kv_source]
-            tokens = seq_len if src.max_tokens is None else min(seq_len, src.max_tokens)
-            per_seq += src.bytes_per_token * tokens + src.fixed_bytes
-        return per_seq * batch_size
+        return sum(rows[r.kv_source].total_bytes(seq_len) for r in self.per_layer) * batch_size
 
     def max_batch_size(self, budget_bytes: int, seq_len: int) -> int:
         """The most sequences of ``seq_len`` tokens whose caches fit in ``budget_bytes`` (0 if none)."""
