@@ -1,9 +1,14 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels run on CPU only through the interpreter, which must be on before they are defined.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = sorted(p.stem for p in (REPO / "configs" / "model").glob("*.yaml"))
@@ -32,3 +37,11 @@ def tiny(**overrides) -> dict:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected|: the error kernel tests bound."""
+    return float(
+        (actual.detach().double() - expected.detach().double()).abs().max()
+        / expected.detach().double().abs().max().clamp(min=1e-30)
+    )

@@ -25,6 +25,7 @@ import torch
 import yaml
 
 from kvlab._config import check_bool, check_choice, check_float, check_int, check_keys, field_names, from_dict, to_dict
+from kvlab.kernels.registry import parse_mode
 from kvlab.layers import MixerConfig, MLPConfig, NormConfig, mixer_config
 
 KV_SHARING_KINDS = ("cla", "yoco", "lckv")
@@ -91,6 +92,8 @@ class ModelConfig:
     kv_source: list[int] | None = None
     kv_sharing: KVSharingConfig | None = None
     init_std: float = 0.02
+    # Kernel backends: auto | reference | torch | triton | external, or "mode,op=backend,..." (kvlab.kernels.registry)
+    kernels: str = "auto"
 
     # Derived, one entry per layer: the mixer config and the layer whose K/V it reads.
     layer_mixers: list[MixerConfig] = field(init=False, repr=False)
@@ -137,6 +140,9 @@ class ModelConfig:
             check_int(getattr(self, name), name, minimum=1)
         check_bool(self.tie_embeddings, "tie_embeddings")
         check_float(self.init_std, "init_std", positive=True)
+        if not isinstance(self.kernels, str):
+            raise ValueError(f"kernels={self.kernels!r}: expected a string such as 'auto' or 'triton,attention=torch'")
+        parse_mode(self.kernels, source="kernels")
         self.norm = from_dict(NormConfig, self.norm, "norm")
         self.norm.validate("norm")
         self.mlp = from_dict(MLPConfig, self.mlp, "mlp")

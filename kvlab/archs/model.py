@@ -21,8 +21,11 @@ from kvlab.archs.cache import Cache
 from kvlab.archs.config import ModelConfig
 from kvlab.archs.footprint import Footprint, FootprintRow
 from kvlab.kernels.attention import positions_in_documents
+from kvlab.kernels.ops import linear_cross_entropy
+from kvlab.kernels.registry import use_kernels
 from kvlab.layers import MIXERS, build_mlp, build_norm
 from kvlab.layers.kv_cache import KVView
+from kvlab.layers.norm import RMSNorm
 
 
 class Block(nn.Module):
@@ -44,10 +47,14 @@ class Block(nn.Module):
 
     def forward(self, x, *, cache=None, mlp_cache=None, positions=None, shared_kv=None, doc_ids=None):
         h = self.mixer_norm(x)
-        x = x + self.mixer(h, cache=cache, positions=positions, shared_kv=shared_kv, doc_ids=doc_ids)
+        mixed = self.mixer(h, cache=cache, positions=positions, shared_kv=shared_kv, doc_ids=doc_ids)
         if self.mlp is None:
-            return x
-        h = self.mlp_norm(x)
+            return x + mixed
+        if isinstance(self.mlp_norm, RMSNorm):  # the residual add fused into the norm
+            h, x = self.mlp_norm(mixed, residual=x)
+        else:
+            x = x + mixed
+            h = self.mlp_norm(x)
         return x + (self.mlp(h, cache=mlp_cache, doc_ids=doc_ids) if self.mlp_stateful else self.mlp(h))
 
 
@@ -103,14 +110,27 @@ class CausalLM(nn.Module):
         *,
         doc_ids: torch.Tensor | None = None,
         last_only: bool = False,
+        labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits [B, T, vocab] (or [B, 1, vocab] with ``last_only``).
+        """Logits [B, T, vocab] (or [B, 1, vocab] with ``last_only``); with ``labels``, the loss.
 
         With a cache, the tokens continue what the cache has seen (prefill
         when it is empty, decoding after) and the cache advances in place.
         ``doc_ids`` [B, T] marks packed documents: tokens attend within their
         own document and positions restart at each (training, no cache).
+        ``labels`` [B, T] (next-token targets, -100 ignored): the mean
+        cross-entropy instead of the logits, through the fused head + loss
+        kernel, so the full logits never exist at once. Kernels are the
+        config's ``kernels`` mode (``KVLAB_KERNELS`` overrides it).
         """
+        with use_kernels(self.config.kernels):
+            if labels is None:
+                return self._forward(input_ids, cache, positions, doc_ids, last_only)
+            hidden = self._forward(input_ids, cache, positions, doc_ids, last_only, head=False)
+            return linear_cross_entropy(hidden, self.lm_head.weight, labels)
+
+    def _forward(self, input_ids, cache, positions, doc_ids, last_only, head: bool = True) -> torch.Tensor:
+        """Logits, or with ``head=False`` the final normalised hidden states."""
         B, T = input_ids.shape
         if doc_ids is not None:
             if cache is not None:
@@ -125,7 +145,7 @@ class CausalLM(nn.Module):
         elif T > self.config.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds max_seq_len={self.config.max_seq_len}")
         if self._later_sources:
-            return self._forward_reading_later_layers(input_ids, cache, positions, doc_ids, last_only)
+            return self._forward_reading_later_layers(input_ids, cache, positions, doc_ids, last_only, head)
         shared_kv = {} if self._shares_kv else None
         stateless_from = len(self.layers)
         if cache is not None and last_only and T > 1:
@@ -141,7 +161,11 @@ class CausalLM(nn.Module):
             x = self._layers(x, cache, positions, doc_ids, shared_kv, start=stateless_from)
         if cache is not None:
             cache.seen += T
-        return self.lm_head(self.norm(x))
+        return self._output(x, head)
+
+    def _output(self, x: torch.Tensor, head: bool) -> torch.Tensor:
+        h = self.norm(x)
+        return self.lm_head(h) if head else h
 
     def _layers(self, x, cache, positions, doc_ids, shared_kv, start: int = 0, stop: int | None = None):
         for i in range(start, len(self.layers) if stop is None else stop):
@@ -155,7 +179,7 @@ class CausalLM(nn.Module):
                 x = layer(x, cache=slot, mlp_cache=mlp_slot, positions=positions, shared_kv=shared_kv, doc_ids=doc_ids)
         return x
 
-    def _forward_reading_later_layers(self, input_ids, cache, positions, doc_ids, last_only):
+    def _forward_reading_later_layers(self, input_ids, cache, positions, doc_ids, last_only, head=True):
         """LCKV: layers that read a later (top) layer's K/V see it for the tokens before their own.
 
         With a cache it is sequential and exact: token by token, each reading
@@ -167,7 +191,7 @@ class CausalLM(nn.Module):
         B, T = input_ids.shape
         if cache is not None:
             if T > 1:
-                steps = [self._forward_reading_later_layers(input_ids[:, t : t + 1], cache, None, None, False)
+                steps = [self._forward_reading_later_layers(input_ids[:, t : t + 1], cache, None, None, False, head)
                          for t in range(T)]  # fmt: skip
                 logits = torch.cat(steps, dim=1)
                 return logits[:, -1:] if last_only else logits
@@ -177,7 +201,7 @@ class CausalLM(nn.Module):
                 shared_kv[j] = KVView(slot.k[:, :, : cache.seen], slot.v[:, :, : cache.seen], cache.seen)
             x = self._layers(self.embed_tokens(input_ids), cache, positions, doc_ids, shared_kv)
             cache.seen += 1
-            return self.lm_head(self.norm(x))
+            return self._output(x, head)
         sharing = self.config.kv_sharing
         embedded = self.embed_tokens(input_ids)
         carried = {}
@@ -195,7 +219,7 @@ class CausalLM(nn.Module):
                     carried = {j: shared_kv[j] for j in self._later_sources}
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(self.norm(x))
+        return self._output(x, head)
 
     # -- cache and footprint --------------------------------------------------
 

@@ -1,12 +1,21 @@
-"""Causal softmax attention with grouped K/V heads (MHA, GQA, MQA).
+"""Causal softmax attention with grouped K/V heads (MHA, GQA, MQA), and MLA's absorbed form.
 
 ``attention`` is the fast path: PyTorch's fused SDPA with ``enable_gqa``, so
 grouped K/V heads are never copied out to the number of query heads.
 ``attention_reference`` is the textbook form, softmax(q k^T * scale + mask) v
 with K/V heads repeated explicitly, used by the tests as the ground truth.
-Shapes: q [B, H, T, D], k and v [B, Hkv, S, D] with H divisible by Hkv.
-``mask`` is boolean, True where a query may attend to a key, broadcastable to
-[B, H, T, S]; ``causal=True`` means the top-left aligned causal mask (T == S).
+Shapes: q [B, H, T, D], k [B, Hkv, S, D], v [B, Hkv, S, Dv] with H divisible
+by Hkv. Which keys a query sees:
+
+- ``mask``: boolean, True where a query may attend to a key, broadcastable
+  to [B, H, T, S];
+- ``causal=True``: the top-left aligned causal mask (T == S);
+- ``doc_ids`` [B, T] (packed documents, T == S): causal, and only within the
+  query's document (documents are runs of equal ids);
+- ``window``: with causal or doc_ids, a query at p sees keys p - window < k <= p.
+
+The structured options (causal, window, doc_ids) are what kernels that never
+build a mask (Triton, flash-attn varlen) take; here they become one.
 """
 
 from __future__ import annotations
@@ -17,6 +26,23 @@ import torch
 import torch.nn.functional as F
 
 
+def _structured_mask(q, mask, causal, window, doc_ids):
+    """The boolean mask the options describe (None: no mask), and whether SDPA's is_causal does it alone."""
+    T = q.shape[2]
+    if doc_ids is not None:
+        structured = document_mask(doc_ids, window)
+    elif causal and window is not None:
+        pos = torch.arange(T, device=q.device)
+        structured = position_mask(pos, pos, window)
+    elif causal and mask is None:
+        return None, True
+    elif causal:
+        structured = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    else:
+        return mask, False
+    return (structured if mask is None else structured & mask), False
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -24,10 +50,13 @@ def attention(
     *,
     mask: torch.Tensor | None = None,
     causal: bool = False,
+    window: int | None = None,
+    doc_ids: torch.Tensor | None = None,
     scale: float | None = None,
 ) -> torch.Tensor:
+    mask, is_causal = _structured_mask(q, mask, causal, window, doc_ids)
     return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=k.shape[1] != q.shape[1]
+        q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=k.shape[1] != q.shape[1]
     )
 
 
@@ -38,6 +67,8 @@ def attention_reference(
     *,
     mask: torch.Tensor | None = None,
     causal: bool = False,
+    window: int | None = None,
+    doc_ids: torch.Tensor | None = None,
     scale: float | None = None,
 ) -> torch.Tensor:
     groups = q.shape[1] // k.shape[1]
@@ -45,12 +76,36 @@ def attention_reference(
     v = v.repeat_interleave(groups, dim=1)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     scores = (q.float() @ k.float().transpose(-1, -2)) * scale
-    if causal:
+    mask, is_causal = _structured_mask(q, mask, causal, window, doc_ids)
+    if is_causal:
         T, S = scores.shape[-2:]
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     return (scores.softmax(dim=-1) @ v.float()).to(q.dtype)
+
+
+def absorbed_attention(q, latent, value_dim: int, *, mask=None, scale: float | None = None) -> torch.Tensor:
+    """MLA's absorbed attention: every query head over one shared latent, values its first ``value_dim``
+    channels. q [B, H, T, W] (absorbed no-RoPE part + RoPE part), latent [B, S, W] -> [B, H, T, value_dim]."""
+    # Two batched matmuls with the heads folded into the rows: SDPA would broadcast the one latent
+    # head to every query head (measured 20x slower than this at decode on CPU, benchmarks/kernels.py).
+    B, H, T, W = q.shape
+    scale = 1.0 / math.sqrt(W) if scale is None else scale
+    latent = latent.to(q.dtype)
+    scores = (q.reshape(B, H * T, W) @ latent.transpose(1, 2)).view(B, H, T, -1).float() * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = scores.softmax(-1).to(q.dtype).view(B, H * T, -1)
+    return (probs @ latent[..., :value_dim]).view(B, H, T, value_dim)
+
+
+def absorbed_attention_reference(q, latent, value_dim: int, *, mask=None, scale: float | None = None):
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = torch.einsum("bhtw,bsw->bhts", q.float(), latent.float()) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.einsum("bhts,bsr->bhtr", scores.softmax(-1), latent[..., :value_dim].float()).to(q.dtype)
 
 
 def position_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None = None) -> torch.Tensor:

@@ -52,3 +52,21 @@ def token_shift(x, *, prev=None, doc_ids=None):
     if doc_ids is not None:
         shifted = shifted.masked_fill(document_starts(doc_ids)[..., None], 0.0)
     return shifted, x[:, -1]
+
+
+def causal_conv1d_reference(x, weight, bias=None, *, prev=None, doc_ids=None):
+    """``causal_conv1d`` output by output: y_t sums the K inputs ending at t that share t's document."""
+    B, T, C = x.shape
+    K = weight.shape[1]
+    padded = torch.cat([x.new_zeros(B, K - 1, C) if prev is None else prev.to(x.dtype), x], dim=1)
+    docs = None if doc_ids is None else torch.cat([doc_ids[:, :1].expand(B, K - 1), doc_ids], dim=1)
+    ys = []
+    for t in range(T):
+        y = x.new_zeros(B, C) if bias is None else bias.expand(B, C).to(x.dtype)
+        for j in range(K):  # input at padded index t + j, i.e. K - 1 - j tokens back
+            term = padded[:, t + j] * weight[:, j]
+            if docs is not None:
+                term = term * (docs[:, t + j] == doc_ids[:, t])[:, None]
+            y = y + term
+        ys.append(y)
+    return torch.stack(ys, dim=1), padded[:, T:] if K > 1 else padded[:, :0]

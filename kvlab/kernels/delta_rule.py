@@ -38,7 +38,7 @@ from kvlab.kernels.attention import document_starts
 from kvlab.kernels.linear_attention import _compute_dtype, decayed_products
 
 
-def delta_rule_reference(q, k, v, log_decay, a, b, *, state=None, doc_ids=None):
+def delta_rule_reference(q, k, v, log_decay, a, b, *, state=None, doc_ids=None, chunk_size=None):
     """o [B, H, T, Dv] and the final state [B, H, Dk, Dv], token by token.
 
     q, k, a, b, log_decay [B, H, T, Dk]; v [B, H, T, Dv]; state [B, H, Dk, Dv] or None (zeros).

@@ -69,10 +69,12 @@ def decayed_products(x, y, x_decay, y_decay, visible):
     return torch.stack(rows, dim=-2)
 
 
-def linear_attention_reference(q, k, v, log_decay, *, state=None, doc_ids=None, exclusive: bool = False):
+def linear_attention_reference(
+    q, k, v, log_decay, *, state=None, doc_ids=None, exclusive: bool = False, chunk_size=None
+):
     """o [B, H, T, Dv] and the final state [B, H, Dk, Dv], token by token.
 
-    q, k [B, H, T, Dk]; v [B, H, T, Dv]; log_decay [B, H, T] or [B, H, T, Dk];
+    q, k [B, H, T, Dk]; v [B, H, T, Dv]; log_decay [B, H, T] or [B, H, T, Dk]; chunk_size is ignored;
     state [B, H, Dk, Dv] or None (zeros).
     """
     dt = _compute_dtype(q)

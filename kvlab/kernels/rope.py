@@ -36,6 +36,20 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out if rest is None else torch.cat([out, rest], dim=-1)
 
 
+def apply_rope_tables_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``apply_rope``'s contract written pair by pair: channel i and i + d/2 rotate by the angle of
+    column i of the tables (whose two halves repeat each other)."""
+    d = cos.shape[-1]
+    if cos.dim() == 3:
+        cos, sin = cos[:, None], sin[:, None]
+    out = x.float().clone()
+    for i in range(d // 2):
+        a, b = x[..., i].float(), x[..., i + d // 2].float()
+        c, s = cos[..., i], sin[..., i]
+        out[..., i], out[..., i + d // 2] = a * c - b * s, b * c + a * s
+    return out.to(x.dtype)
+
+
 def apply_rope_reference(x: torch.Tensor, positions: torch.Tensor, dims: int, theta: float) -> torch.Tensor:
     """Plain complex-number form of RoPE at integer ``positions`` [T], for tests.
 

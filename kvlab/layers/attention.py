@@ -52,8 +52,8 @@ import torch
 from torch import nn
 
 from kvlab._config import check_bool, check_choice, check_float, check_int
-from kvlab.kernels.attention import attention, document_mask, position_mask
-from kvlab.kernels.rope import apply_rope
+from kvlab.kernels.attention import position_mask
+from kvlab.kernels.ops import apply_rope, attention
 from kvlab.layers.base import LayerFootprint, MixerConfig, default_head_dim, register_mixer
 from kvlab.layers.kv_cache import KVView, RingKV, StaticKV
 from kvlab.layers.rope import Rotary
@@ -256,13 +256,12 @@ class Attention(nn.Module):
         T, S, window = q.shape[2], view.k.shape[2], self.cfg.window
         k, v = self._kv_for(q, view)
         if doc_ids is not None:  # packed documents (training, no cache): T == S
-            return attention(q, k, v, mask=document_mask(doc_ids, window), scale=self.scale)
-        fits_window = window is None or S <= window
-        if view.k_pos is None and fits_window:
-            if T == 1:  # one query after all its keys: nothing to mask
+            return attention(q, k, v, doc_ids=doc_ids, window=window, scale=self.scale)
+        if view.k_pos is None:
+            if T == 1 and (window is None or S <= window):  # one query after all its keys: nothing to mask
                 return attention(q, k, v, scale=self.scale)
             if T == S:
-                return attention(q, k, v, causal=True, scale=self.scale)
+                return attention(q, k, v, causal=True, window=window, scale=self.scale)
         q_pos = torch.arange(view.start, view.start + T, device=q.device)
         k_pos = (
             view.k_pos if view.k_pos is not None else torch.arange(view.start + T - S, view.start + T, device=q.device)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kvlab._config import check_float, check_int
-from kvlab.kernels.rope import apply_rope
+from kvlab.kernels.ops import apply_rope
 from kvlab.layers.base import LayerFootprint, MixerConfig, check_reads_own_state, per_document, register_mixer
 from kvlab.layers.kv_cache import StateSlot
 from kvlab.layers.rope import Rotary

@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from kvlab._config import check_choice, check_float, check_int
-from kvlab.kernels.attention import attention, position_mask
-from kvlab.kernels.rope import apply_rope
+from kvlab.kernels.attention import position_mask
+from kvlab.kernels.ops import apply_rope, attention
 from kvlab.layers.base import (
     LayerFootprint,
     MixerConfig,

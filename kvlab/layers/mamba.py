@@ -48,8 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kvlab._config import check_float, check_int
-from kvlab.kernels.causal_conv import causal_conv1d
-from kvlab.kernels.linear_attention import linear_attention
+from kvlab.kernels.ops import causal_conv1d, selective_scan, ssd
 from kvlab.layers.base import LayerFootprint, MixerConfig, check_reads_own_state, register_mixer
 from kvlab.layers.kv_cache import StateSlot
 
@@ -138,18 +137,15 @@ class Mamba2(nn.Module):
         )
         xs, b, c = F.silu(xbc).split([self.inner, G * N, G * N], dim=-1)
         dt = F.softplus(dt.float() + self.dt_bias.float())  # [B, T, H]
-        log_decay = (dt * -self.A_log.float().exp()).transpose(1, 2)
-        xs = xs.view(B, T, H, P).transpose(1, 2)
-        v = xs * dt.transpose(1, 2)[..., None].to(xs.dtype)
-        k, q = (t.view(B, T, G, N).transpose(1, 2).repeat_interleave(H // G, dim=1) for t in (b, c))
-        y, ssm_state = linear_attention(
-            q, k, v, log_decay, state=cache.ssm if cache is not None else None, doc_ids=doc_ids,
-            chunk_size=self.cfg.chunk_size,
+        xs = xs.view(B, T, H, P)
+        y, ssm_state = ssd(
+            xs, dt, -self.A_log.float().exp(), b.view(B, T, G, N), c.view(B, T, G, N),
+            state=cache.ssm if cache is not None else None, doc_ids=doc_ids, chunk_size=self.cfg.chunk_size,
         )  # fmt: skip
         if cache is not None:
             cache.ssm.copy_(ssm_state)
             cache.conv.copy_(conv_state)
-        y = (y + xs * self.D.view(H, 1, 1).to(xs.dtype)).transpose(1, 2).reshape(B, T, self.inner)
+        y = (y + xs * self.D.view(H, 1).to(xs.dtype)).reshape(B, T, self.inner)
         return self.out_proj(self._gated_norm(y, z))
 
     def _gated_norm(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -232,17 +228,15 @@ class Mamba(nn.Module):
         xs = F.silu(xs)
         dt_low, b, c = self.x_proj(xs).split([R, N, N], dim=-1)
         dt = F.softplus(self.dt_proj(dt_low).float() + self.dt_bias.float())  # [B, T, inner]
-        # each channel is a head: q = C (shared), k = dt B, v = x (one value), log decay = dt A (per state element)
-        log_decay = (dt[..., None] * -self.A_log.float().exp()).transpose(1, 2)  # [B, inner, T, N]
-        k = (dt[..., None] * b.float()[:, :, None]).transpose(1, 2)
-        q = c.float()[:, None].expand(B, self.inner, T, N)
-        v = xs.float().transpose(1, 2)[..., None]  # [B, inner, T, 1]
-        state, chunk = (cache.ssm if cache is not None else None), self.cfg.chunk_size
-        y, ssm_state = linear_attention(q, k, v, log_decay, state=state, doc_ids=doc_ids, chunk_size=chunk)
+        y, ssm_state = selective_scan(
+            xs.float().transpose(1, 2), dt.transpose(1, 2), -self.A_log.float().exp(),
+            b.float().transpose(1, 2), c.float().transpose(1, 2),
+            state=cache.ssm if cache is not None else None, doc_ids=doc_ids, chunk_size=self.cfg.chunk_size,
+        )  # fmt: skip
         if cache is not None:
             cache.ssm.copy_(ssm_state)
             cache.conv.copy_(conv_state)
-        y = y[..., 0].transpose(1, 2).to(xs.dtype) + xs * self.D.to(xs.dtype)
+        y = y.transpose(1, 2).to(xs.dtype) + xs * self.D.to(xs.dtype)
         return self.out_proj(y * F.silu(z))
 
     def new_cache_slot(self, batch_size: int, max_len: int, dtype: torch.dtype, device):

@@ -57,8 +57,8 @@ import torch
 from torch import nn
 
 from kvlab._config import check_bool, check_float, check_int
-from kvlab.kernels.attention import attention, document_mask, position_mask
-from kvlab.kernels.rope import apply_rope
+from kvlab.kernels.attention import position_mask
+from kvlab.kernels.ops import absorbed_attention, apply_rope, attention
 from kvlab.layers.base import LayerFootprint, MixerConfig, default_head_dim, register_mixer
 from kvlab.layers.kv_cache import KVView, LatentKV
 from kvlab.layers.norm import RMSNorm
@@ -190,8 +190,7 @@ class MLA(nn.Module):
             cos, sin = cos.repeat_interleave(H // G, dim=1), sin.repeat_interleave(H // G, dim=1)
         q_rope = apply_rope(q_rope, cos, sin)
         if held.shape[1] == T:  # training, or a first prefill: the latents are this step's own
-            mask = document_mask(doc_ids) if doc_ids is not None else None
-            y = self._expanded(q_nope, q_rope, held, mask=mask)
+            y = self._expanded(q_nope, q_rope, held, doc_ids=doc_ids)
         else:
             mask = None
             if T > 1:
@@ -211,7 +210,7 @@ class MLA(nn.Module):
         c, k_rope = latent.to(dtype).split([self.kv_lora_rank, self.latent_rope_width], dim=-1)
         return c, k_rope.view(B, S, self.rope_kv_heads, self.rope_head_dim).transpose(1, 2)
 
-    def _expanded(self, q_nope, q_rope, latent, mask=None) -> torch.Tensor:
+    def _expanded(self, q_nope, q_rope, latent, doc_ids=None) -> torch.Tensor:
         """Decompress K/V of every head from ``latent`` [B, S, width] and attend as MHA (S == T, causal)."""
         B, S, _ = latent.shape
         H, D, R = self.n_heads, self.head_dim, self.rope_head_dim
@@ -224,7 +223,7 @@ class MLA(nn.Module):
             else k_rope.repeat_interleave(H // self.rope_kv_heads, 1)
         )
         q, k = torch.cat([q_nope, q_rope], dim=-1), torch.cat([k_nope, k_rope], dim=-1)
-        return attention(q, k, v, mask=mask, causal=mask is None, scale=self.scale)
+        return attention(q, k, v, causal=True, doc_ids=doc_ids, scale=self.scale)
 
     def _absorbed(self, q_nope, q_rope, latent, mask=None) -> torch.Tensor:
         """Attend over the cached ``latent`` [B, S, width] directly, up-projections folded in."""
@@ -233,13 +232,12 @@ class MLA(nn.Module):
         w_uk, w_uv = self._up_projections()
         q = torch.cat([torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk), q_rope], dim=-1)
         if G == 1:  # one K/V head for all query heads: [c; k^R], values its first kv_lora_rank channels
-            kv = latent.to(q.dtype)[:, None]
-            k, v = kv, kv[..., :r]
+            y = absorbed_attention(q, latent, r, mask=mask, scale=self.scale)
         else:  # a K/V head per RoPE key: [c; k^R_g], values c (the latent is repeated, not cached per head)
             c, k_rope = self._split_latent(latent, q.dtype)
             v = c[:, None].expand(B, G, S, r)
             k = torch.cat([v, k_rope], dim=-1)
-        y = attention(q, k, v, mask=mask, scale=self.scale)
+            y = attention(q, k, v, mask=mask, scale=self.scale)
         return torch.einsum("bhtr,hdr->bhtd", y, w_uv)
 
     # -- cache and footprint -------------------------------------------------

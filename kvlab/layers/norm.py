@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kvlab._config import check_choice, check_float
+from kvlab.kernels.ops import rms_norm
 
 NORM_KINDS = ("rmsnorm", "layernorm")
 
@@ -31,8 +31,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """The normalised x; with ``residual``, normalises x + residual and returns (normalised, x + residual)."""
+        return rms_norm(x, self.weight, self.eps, residual)
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)

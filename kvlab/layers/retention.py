@@ -29,8 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kvlab._config import check_choice, check_float, check_int
-from kvlab.kernels.linear_attention import linear_attention
-from kvlab.kernels.rope import apply_rope
+from kvlab.kernels.ops import apply_rope, linear_attention
 from kvlab.layers.base import LayerFootprint, MixerConfig, check_reads_own_state, default_head_dim, register_mixer
 from kvlab.layers.kv_cache import StateSlot
 from kvlab.layers.rope import Rotary

@@ -59,8 +59,7 @@ from torch import nn
 
 from kvlab._config import check_bool, check_float, check_int
 from kvlab.kernels.causal_conv import token_shift
-from kvlab.kernels.delta_rule import delta_rule
-from kvlab.kernels.linear_attention import linear_attention
+from kvlab.kernels.ops import delta_rule, linear_attention
 from kvlab.layers.base import LayerFootprint, MixerConfig, check_reads_own_state, register_mixer
 from kvlab.layers.kv_cache import KVView, StateSlot
 

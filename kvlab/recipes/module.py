@@ -69,13 +69,13 @@ class LMModule(L.LightningModule):
     def forward(self, input_ids, doc_ids=None):
         return self.model(input_ids, doc_ids=doc_ids)
 
-    def _loss(self, batch, logits=None) -> torch.Tensor:
+    def _loss(self, batch, logits) -> torch.Tensor:
         """Cross-entropy over the labelled positions (-100: none, as MQAR's unasked ones)."""
-        logits = self(batch["input_ids"], batch.get("doc_ids")) if logits is None else logits
         return F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten())
 
     def training_step(self, batch, batch_idx):
-        loss = self._loss(batch)
+        # the model computes the loss itself: the fused head + cross-entropy never holds all the logits
+        loss = self.model(batch["input_ids"], doc_ids=batch.get("doc_ids"), labels=batch["labels"])
         tokens = batch["input_ids"].numel() * self.trainer.world_size
         self.log("train_loss", loss, prog_bar=True)
         self.log("lr", self.lr_schedulers().get_last_lr()[0])

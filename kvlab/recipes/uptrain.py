@@ -156,7 +156,8 @@ def _stage(cfg: DictConfig, stage_dir: Path, name: str | None = None, **changes)
 def _cached_parent(cfg: DictConfig) -> tuple[dict, int]:
     """Train the parent (``model`` from scratch) or reuse the cached one; its init and training tokens."""
     identity = {
-        "model": OmegaConf.to_container(cfg.model, resolve=True),
+        # kernel backends change how, not what, the parent computes
+        "model": {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "kernels"},
         "data": {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if k != "cache_dir"},
         "optim": OmegaConf.to_container(cfg.optim, resolve=True),
         "seed": cfg.seed,

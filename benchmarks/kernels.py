@@ -1,0 +1,187 @@
+"""Every kernel op: each backend this machine can run vs the reference, forward + backward.
+
+    python benchmarks/kernels.py [--ops attention,rms_norm,...] [--repeats 3] [--device cpu|cuda]
+    python benchmarks/kernels.py --memory [--vocab 32000] [--tokens 8192] [--dim 512]
+
+For every op in ``kvlab.kernels.ops`` and every registered backend that can
+run its inputs here (interpreted Triton is left out: it is a correctness
+vehicle, not a speed), it checks outputs and input gradients against the
+reference (relative error to the largest reference value, bound printed)
+and times forward + backward, best of ``--repeats`` after a warm-up. A
+speed-up is printed only where the check passed. Shapes are training
+shapes of the presets (d_model 256-512, 8 heads of 64, 1K-token rows).
+
+``--memory``: the fused head + cross-entropy vs the plain one, one
+training step each in a fresh process, peak resident memory above the
+inputs' (CPU) or peak allocated (CUDA), with the loss and gradients compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import subprocess
+import sys
+
+import torch
+from common import timed  # benchmarks/common.py, beside this script
+
+from kvlab.kernels import ops, registry
+from kvlab.kernels.registry import OPS, choose, use_kernels
+
+
+def _inputs(op: str, device: str):
+    """(args, kwargs) at a training shape; floating tensors require grad."""
+    g = lambda *shape, scale=1.0: (torch.randn(*shape, device=device) * scale).requires_grad_()
+    B, H, T, D = 2, 8, 1024, 64
+    if op == "attention":
+        return (g(B, H, T, D), g(B, 2, T, D), g(B, 2, T, D)), {"causal": True}
+    if op == "absorbed_attention":
+        return (g(B, H, 1, 576), g(B, T, 576), 512), {}
+    if op == "linear_attention":
+        log_decay = (-torch.rand(B, H, T, device=device) * 0.1).requires_grad_()
+        return (g(B, H, T, D, scale=0.3), g(B, H, T, D, scale=0.3), g(B, H, T, D), log_decay), {}
+    if op == "delta_rule":
+        k = torch.nn.functional.normalize(torch.randn(B, H, T, D, device=device), dim=-1)
+        decay = (-torch.rand(B, H, T, D, device=device) * 0.1).requires_grad_()
+        eta = torch.rand(B, H, T, D, device=device)
+        return (g(B, H, T, D, scale=0.3), k.requires_grad_(), g(B, H, T, D), decay, (-k * eta).requires_grad_(),
+                (k * eta).requires_grad_()), {}  # fmt: skip
+    if op == "ssd":
+        dt = (torch.rand(B, T, H, device=device) * 0.1).requires_grad_()
+        return (g(B, T, H, D), dt, (-torch.rand(H, device=device)).requires_grad_(), g(B, T, 1, 64), g(B, T, 1, 64)), {}
+    if op == "selective_scan":
+        delta = (torch.rand(B, 512, T, device=device) * 0.1).requires_grad_()
+        return (g(B, 512, T), delta, (-torch.rand(512, 16, device=device)).requires_grad_(), g(B, 16, T),
+                g(B, 16, T)), {}  # fmt: skip
+    if op == "causal_conv1d":
+        return (g(B, T, 1024), g(1024, 4), g(1024)), {}
+    if op == "rms_norm":
+        return (g(B, T, 512), g(512), 1e-5, g(B, T, 512)), {}
+    if op == "apply_rope":
+        from kvlab.kernels.rope import rope_tables
+
+        cos, sin = rope_tables(D, 10000.0, T, device=device)
+        return (g(B, H, T, D), cos, sin), {}
+    if op == "linear_cross_entropy":
+        labels = torch.randint(0, 32000, (B * 512,), device=device)
+        return (g(B * 512, 512), g(32000, 512, scale=0.02), labels), {}
+    raise ValueError(op)
+
+
+def _run(fn, args, kwargs):
+    """Outputs (tensors) and the gradients of every grad-requiring input for a fixed random cotangent."""
+    out = fn(*args, **kwargs)
+    outs = [o for o in (out if isinstance(out, tuple) else (out,)) if o is not None and o.is_floating_point()]
+    wanted = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    gen = torch.Generator(device=outs[0].device).manual_seed(1)
+    cotangents = [torch.randn(o.shape, generator=gen, device=o.device, dtype=o.dtype) for o in outs]
+    grads = torch.autograd.grad(outs, wanted, cotangents, allow_unused=True)
+    return [o.detach() for o in outs] + [g for g in grads if g is not None]
+
+
+def _rel(a, b) -> float:
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp(min=1e-30))
+
+
+def speed(args) -> None:
+    device = args.device
+    where = torch.cuda.get_device_name() if device == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"device: {device} ({where})")
+    print("| op | backend | fwd+bwd ms | vs reference | max rel. error (bound) |")
+    print("|---|---|---:|---:|---|")
+    for op in args.ops.split(","):
+        torch.manual_seed(0)
+        call_args, kwargs = _inputs(op, device)
+        fn = getattr(ops, op)
+        results = {}
+        for backend in registry.ops()[op]:
+            with use_kernels(backend):
+                if choose(op, call_args, kwargs).name != backend:
+                    continue  # not registered, or cannot run these inputs here
+                if backend == "triton" and device != "cuda":
+                    continue
+                outputs = _run(fn, call_args, kwargs)
+                seconds = timed(lambda f=fn, a=call_args, k=kwargs: _run(f, a, k), args.repeats)
+            results[backend] = (outputs, seconds)
+        ref_out, ref_s = results["reference"]
+        for backend, (outputs, seconds) in results.items():
+            bound = args.bound_half if outputs[0].dtype in (torch.float16, torch.bfloat16) else args.bound
+            err = max(_rel(o, r) for o, r in zip(outputs, ref_out, strict=True))
+            ok = err <= bound
+            speedup = f"{ref_s / seconds:.1f}x" if ok else "n/a (check failed)"
+            verdict = "ok" if ok else "FAIL"
+            print(f"| {op} | {backend} | {seconds * 1e3:.1f} | {speedup} | {err:.1e} ({bound:g}) {verdict} |")
+
+
+def _memory_child(kind: str, vocab: int, tokens: int, dim: int, device: str) -> dict:
+    from kvlab.kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
+
+    torch.manual_seed(0)
+    hidden = torch.randn(tokens, dim, device=device, requires_grad=True)
+    weight = (torch.randn(vocab, dim, device=device) * 0.02).requires_grad_()
+    labels = torch.randint(0, vocab, (tokens,), device=device)
+    fn = linear_cross_entropy if kind == "fused" else linear_cross_entropy_reference
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    loss = fn(hidden, weight, labels)
+    loss.backward()
+    peak = (
+        torch.cuda.max_memory_allocated()
+        if device == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    )
+    return {"loss": loss.item(), "peak_extra_bytes": peak - base, "grad_hidden": hidden.grad.norm().item(),
+            "grad_weight": weight.grad.norm().item()}  # fmt: skip
+
+
+def memory(args) -> None:
+    results = {}
+    for kind in ("plain", "fused"):
+        cmd = [sys.executable, __file__, "--memory-child", kind, "--vocab", str(args.vocab), "--tokens",
+               str(args.tokens), "--dim", str(args.dim), "--device", args.device]  # fmt: skip
+        results[kind] = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+    logits_bytes = args.tokens * args.vocab * 4
+    print(f"vocab {args.vocab}, {args.tokens} tokens, d_model {args.dim}, {args.device}; "
+          f"float32 logits would take {logits_bytes / 2**20:.0f} MiB")  # fmt: skip
+    print("| head + loss | peak memory above inputs | loss | grad norm (hidden, weight) |")
+    print("|---|---:|---:|---|")
+    for kind, r in results.items():
+        print(f"| {kind} | {r['peak_extra_bytes'] / 2**20:.0f} MiB | {r['loss']:.6f} | "
+              f"{r['grad_hidden']:.6f}, {r['grad_weight']:.6f} |")  # fmt: skip
+    p, f = results["plain"], results["fused"]
+    same = math.isclose(p["loss"], f["loss"], rel_tol=1e-5) and all(
+        math.isclose(p[k], f[k], rel_tol=1e-4) for k in ("grad_hidden", "grad_weight")
+    )
+    print(f"peak memory {p['peak_extra_bytes'] / max(f['peak_extra_bytes'], 1):.1f}x lower; loss and gradients "
+          f"{'equal' if same else 'DIFFER'}")  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--ops", default=",".join(OPS))
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--bound", type=float, default=1e-4, help="relative error bound, float32")
+    p.add_argument("--bound-half", type=float, default=2e-2)
+    p.add_argument("--memory", action="store_true")
+    p.add_argument("--memory-child", choices=["plain", "fused"])
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--tokens", type=int, default=8192)
+    p.add_argument("--dim", type=int, default=512)
+    args = p.parse_args()
+    if args.memory_child:
+        print(json.dumps(_memory_child(args.memory_child, args.vocab, args.tokens, args.dim, args.device)))
+    elif args.memory:
+        memory(args)
+    else:
+        speed(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""The language-model head and cross-entropy, fused so the full logits never exist at once.
+
+    loss = mean over labelled rows i of  logsumexp(h_i W^T) - (h_i W^T)[y_i]
+
+h [N, D] hidden states, W [V, D] the head's weight, y [N] labels (-100:
+ignored). The plain path materialises logits [N, V] in float32, and its
+backward another tensor as large: at vocab 32k and 16k tokens per step that
+is 2 GiB each. ``linear_cross_entropy`` walks the rows in chunks: each
+chunk's logits are made, reduced to its loss and, when gradients are
+wanted, straight away to its gradients (softmax - one-hot, scaled), which
+go into grad_h (that chunk's rows) and grad_W (accumulated); then the
+chunk's logits are dropped. Backward only scales the stored gradients by
+the incoming one. Peak extra memory is one chunk's logits, not N x V.
+
+``linear_cross_entropy_reference`` is the plain path (the ground truth).
+Logits are computed in the inputs' dtype and reduced in float32, as the
+plain path does.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100
+
+
+def linear_cross_entropy_reference(hidden, weight, labels, *, reduction: str = "mean"):
+    logits = hidden @ weight.t()
+    loss = F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), ignore_index=IGNORE, reduction=reduction)
+    return loss.view(labels.shape) if reduction == "none" else loss
+
+
+def _rows_per_chunk(vocab: int, target_bytes: int = 64 * 2**20) -> int:
+    """Rows whose float32 logits take about ``target_bytes`` (at least 1)."""
+    return max(1, target_bytes // (4 * vocab))
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, reduction, rows):
+        h, y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+        n_valid = int((y != IGNORE).sum())
+        want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        scale = 1.0 / max(n_valid, 1) if reduction == "mean" else 1.0
+        losses = torch.zeros(h.shape[0], dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        grad_w = (
+            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
+        )
+        for start in range(0, h.shape[0], rows):
+            h_c, y_c = h[start : start + rows], y[start : start + rows]
+            logits = (h_c @ weight.t()).float()
+            valid = y_c != IGNORE
+            target = y_c.clamp(min=0)
+            lse = logits.logsumexp(-1)
+            losses[start : start + rows] = (lse - logits.gather(1, target[:, None])[:, 0]) * valid
+            if want_grad:
+                # d loss_i / d logits_i = softmax_i - onehot(y_i), for labelled rows; in place over the logits
+                grad = logits.sub_(lse[:, None]).exp_()
+                grad[torch.arange(len(y_c), device=h.device), target] -= 1.0
+                grad.mul_((valid * scale)[:, None])
+                grad = grad.to(weight.dtype)
+                if grad_h is not None:
+                    grad_h[start : start + rows] = grad @ weight
+                if grad_w is not None:
+                    grad_w.addmm_(grad.t().float(), h_c.float())
+            del logits
+        ctx.reduction = reduction
+        ctx.shape = hidden.shape
+        if want_grad:
+            ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if grad_w is not None else None)
+        if reduction == "none":
+            return losses.view(labels.shape)
+        total = losses.sum()
+        return total * scale if reduction == "mean" else total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        if grad_h is not None:
+            grad_h = (grad_h * grad_out.to(grad_h.dtype)).view(ctx.shape)
+        if grad_w is not None:
+            grad_w = grad_w * grad_out.to(grad_w.dtype)
+        return grad_h, grad_w, None, None, None
+
+
+def linear_cross_entropy(hidden, weight, labels, *, reduction: str = "mean", rows_per_chunk: int | None = None):
+    """Cross-entropy of ``hidden @ weight.T`` against ``labels`` (-100 ignored), chunked over rows.
+
+    hidden [..., D], weight [V, D], labels [...]; reduction "mean" (over labelled rows; 0, not NaN, when
+    there are none) or "sum";
+    "none" (a loss per row) only without gradients, as gradients are computed during the forward.
+    """
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction={reduction!r}: valid are mean, sum, none")
+    if reduction == "none" and torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        raise ValueError("linear_cross_entropy: reduction='none' computes no gradients; use mean or sum to train")
+    rows = rows_per_chunk or _rows_per_chunk(weight.shape[0])
+    return _FusedLinearCrossEntropy.apply(hidden, weight, labels, reduction, rows)

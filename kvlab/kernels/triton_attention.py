@@ -1,0 +1,253 @@
+"""Causal attention in Triton, FlashAttention-2 style (Dao 2023): never a [T, S] score matrix in memory.
+
+Forward: one program per block of BLOCK_M queries of one head walks the key
+blocks it can see (causal: up to its last query; window: from its first
+query's window start), keeps the running max m and sum l of an online
+softmax, and writes the output and LSE = m + log l per query. Grouped K/V
+heads (GQA/MQA) are read in place: query head h reads K/V head h // group.
+Masks are computed, not loaded: causal, window (p - window < k <= p) and
+packed documents (equal ``doc_ids``).
+
+Backward (recomputing probabilities from the LSE, P = exp(S - LSE)):
+    dV = P^T dO,  dP = dO V^T,  dS = P * (dP - rowsum(dO * O)),
+    dK = scale dS^T Q,  dQ = scale dS K
+one kernel per key block for dK/dV (walking the query blocks that see it)
+and one per query block for dQ, so nothing is accumulated atomically. K/V
+gradients are computed per query head and summed over each group after.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kvlab.kernels.triton_common import block, interpreting
+
+
+@triton.jit
+def _visible(offs_m, offs_n, T, S, DOCS, b, WINDOW, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+             HAS_DOCS: tl.constexpr):  # fmt: skip
+    valid = (offs_m[:, None] < T) & (offs_n[None, :] < S)
+    if CAUSAL:
+        valid &= offs_m[:, None] >= offs_n[None, :]
+    if HAS_WINDOW:
+        valid &= offs_m[:, None] - offs_n[None, :] < WINDOW
+    if HAS_DOCS:
+        doc_q = tl.load(DOCS + b * T + offs_m, mask=offs_m < T, other=-1)
+        doc_k = tl.load(DOCS + b * T + offs_n, mask=offs_n < S, other=-2)
+        valid &= doc_q[:, None] == doc_k[None, :]
+    return valid
+
+
+@triton.jit
+def _key_range(start_m, S, WINDOW, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+               HAS_WINDOW: tl.constexpr):  # fmt: skip
+    lo = 0
+    hi = S
+    if CAUSAL:
+        hi = tl.minimum(S, (start_m + 1) * BLOCK_M)
+    if HAS_WINDOW:
+        lo = tl.maximum(0, start_m * BLOCK_M - WINDOW + 1) // BLOCK_N * BLOCK_N
+    return lo, hi
+
+
+@triton.jit
+def _forward(Q, K, V, OUT, LSE, DOCS, scale, T, S, H, GROUP, D, DV, WINDOW, CAUSAL: tl.constexpr,
+             HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):  # fmt: skip
+    start_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    kv_head = b * (H // GROUP) + (bh % H) // GROUP
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = tl.load(Q + (bh * T + offs_m[:, None]) * D + offs_d[None, :],
+                mask=(offs_m[:, None] < T) & (offs_d[None, :] < D), other=0.0)  # fmt: skip
+    if UPCAST:
+        q = q.to(tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    lo, hi = _key_range(start_m, S, WINDOW, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = tl.load(K + (kv_head * S + offs_n[None, :]) * D + offs_d[:, None],
+                    mask=(offs_n[None, :] < S) & (offs_d[:, None] < D), other=0.0)  # fmt: skip
+        v = tl.load(V + (kv_head * S + offs_n[:, None]) * DV + offs_dv[None, :],
+                    mask=(offs_n[:, None] < S) & (offs_dv[None, :] < DV), other=0.0)  # fmt: skip
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, k) * scale
+        s = tl.where(_visible(offs_m, offs_n, T, S, DOCS, b, WINDOW, CAUSAL, HAS_WINDOW, HAS_DOCS), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen nothing yet
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    in_rows = offs_m < T
+    l_i = tl.where(l_i == 0.0, 1.0, l_i)  # padding rows past T (not stored) saw nothing
+    tl.store(OUT + (bh * T + offs_m[:, None]) * DV + offs_dv[None, :], (acc / l_i[:, None]).to(OUT.dtype.element_ty),
+             mask=in_rows[:, None] & (offs_dv[None, :] < DV))  # fmt: skip
+    tl.store(LSE + bh * T + offs_m, m_i + tl.log(l_i), mask=in_rows)
+
+
+@triton.jit
+def _backward_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_OUT, DOCS, scale, T, S, H, GROUP, D, DV, WINDOW,
+                   CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, UPCAST: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_DV: tl.constexpr):  # fmt: skip
+    start_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    kv_head = b * (H // GROUP) + (bh % H) // GROUP
+    offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    k = tl.load(K + (kv_head * S + offs_n[:, None]) * D + offs_d[None, :],
+                mask=(offs_n[:, None] < S) & (offs_d[None, :] < D), other=0.0)  # fmt: skip
+    v = tl.load(V + (kv_head * S + offs_n[:, None]) * DV + offs_dv[None, :],
+                mask=(offs_n[:, None] < S) & (offs_dv[None, :] < DV), other=0.0)  # fmt: skip
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    lo = 0
+    hi = T
+    if CAUSAL:  # queries at or after the block's first key
+        lo = start_n * BLOCK_N // BLOCK_M * BLOCK_M
+    if HAS_WINDOW:  # and within the window of its last key
+        hi = tl.minimum(T, start_n * BLOCK_N + BLOCK_N + WINDOW - 1)
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        in_rows = offs_m < T
+        q = tl.load(Q + (bh * T + offs_m[:, None]) * D + offs_d[None, :],
+                    mask=in_rows[:, None] & (offs_d[None, :] < D), other=0.0)  # fmt: skip
+        do = tl.load(DO + (bh * T + offs_m[:, None]) * DV + offs_dv[None, :],
+                     mask=in_rows[:, None] & (offs_dv[None, :] < DV), other=0.0)  # fmt: skip
+        if UPCAST:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        lse = tl.load(LSE + bh * T + offs_m, mask=in_rows, other=0.0)
+        delta = tl.load(DELTA + bh * T + offs_m, mask=in_rows, other=0.0)
+        s = tl.dot(q, tl.trans(k)) * scale
+        visible = _visible(offs_m, offs_n, T, S, DOCS, b, WINDOW, CAUSAL, HAS_WINDOW, HAS_DOCS)
+        p = tl.where(visible, tl.exp(s - lse[:, None]), 0.0)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    in_keys = offs_n < S
+    tl.store(DK + (bh * S + offs_n[:, None]) * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
+             mask=in_keys[:, None] & (offs_d[None, :] < D))  # fmt: skip
+    tl.store(DV_OUT + (bh * S + offs_n[:, None]) * DV + offs_dv[None, :], dv.to(DV_OUT.dtype.element_ty),
+             mask=in_keys[:, None] & (offs_dv[None, :] < DV))  # fmt: skip
+
+
+@triton.jit
+def _backward_dq(Q, K, V, DO, LSE, DELTA, DQ, DOCS, scale, T, S, H, GROUP, D, DV, WINDOW, CAUSAL: tl.constexpr,
+                 HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):  # fmt: skip
+    start_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    kv_head = b * (H // GROUP) + (bh % H) // GROUP
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    in_rows = offs_m < T
+    q = tl.load(Q + (bh * T + offs_m[:, None]) * D + offs_d[None, :],
+                mask=in_rows[:, None] & (offs_d[None, :] < D), other=0.0)  # fmt: skip
+    do = tl.load(DO + (bh * T + offs_m[:, None]) * DV + offs_dv[None, :],
+                 mask=in_rows[:, None] & (offs_dv[None, :] < DV), other=0.0)  # fmt: skip
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    lse = tl.load(LSE + bh * T + offs_m, mask=in_rows, other=0.0)
+    delta = tl.load(DELTA + bh * T + offs_m, mask=in_rows, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    lo, hi = _key_range(start_m, S, WINDOW, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = tl.load(K + (kv_head * S + offs_n[:, None]) * D + offs_d[None, :],
+                    mask=(offs_n[:, None] < S) & (offs_d[None, :] < D), other=0.0)  # fmt: skip
+        v = tl.load(V + (kv_head * S + offs_n[:, None]) * DV + offs_dv[None, :],
+                    mask=(offs_n[:, None] < S) & (offs_dv[None, :] < DV), other=0.0)  # fmt: skip
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k)) * scale
+        visible = _visible(offs_m, offs_n, T, S, DOCS, b, WINDOW, CAUSAL, HAS_WINDOW, HAS_DOCS)
+        p = tl.where(visible, tl.exp(s - lse[:, None]), 0.0)
+        ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k)
+    tl.store(DQ + (bh * T + offs_m[:, None]) * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
+             mask=in_rows[:, None] & (offs_d[None, :] < D))  # fmt: skip
+
+
+def _meta(q, k, v, window, doc_ids, causal) -> dict:
+    small = interpreting()
+    return {
+        "CAUSAL": bool(causal or window is not None or doc_ids is not None),
+        "HAS_WINDOW": window is not None,
+        "HAS_DOCS": doc_ids is not None,
+        "UPCAST": small,
+        "BLOCK_M": 16 if small else 64,
+        "BLOCK_N": 16 if small else 64,
+        "BLOCK_D": block(q.shape[-1], 256),
+        "BLOCK_DV": block(v.shape[-1], 256),
+    }
+
+
+class _Attention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal, window, doc_ids, scale):
+        B, H, T, D = q.shape
+        S, DV = k.shape[2], v.shape[-1]
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        docs = doc_ids.contiguous() if doc_ids is not None else q.new_empty(0, dtype=torch.long)
+        meta = _meta(q, k, v, window, doc_ids, causal)
+        out = torch.empty(B, H, T, DV, dtype=q.dtype, device=q.device)
+        lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
+        sizes = (scale, T, S, H, H // k.shape[1], D, DV, window or 0)
+        _forward[(triton.cdiv(T, meta["BLOCK_M"]), B * H)](q, k, v, out, lse, docs, *sizes, **meta)
+        ctx.save_for_backward(q, k, v, out, lse, docs)
+        ctx.sizes, ctx.meta = sizes, meta
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, docs = ctx.saved_tensors
+        B, H, T, D = q.shape
+        Hkv, S = k.shape[1], k.shape[2]
+        grad_out = grad_out.contiguous()
+        delta = (grad_out.float() * out.float()).sum(-1)  # rowsum(dO * O) = rowsum(dP * P)
+        dq = torch.empty_like(q)
+        dk = torch.empty(B, H, S, D, dtype=k.dtype, device=k.device)  # per query head, summed below
+        dv = torch.empty(B, H, S, v.shape[-1], dtype=v.dtype, device=v.device)
+        meta = ctx.meta
+        _backward_dkdv[(triton.cdiv(S, meta["BLOCK_N"]), B * H)](
+            q, k, v, grad_out, lse, delta, dk, dv, docs, *ctx.sizes, **meta
+        )
+        _backward_dq[(triton.cdiv(T, meta["BLOCK_M"]), B * H)](
+            q, k, v, grad_out, lse, delta, dq, docs, *ctx.sizes, **meta
+        )
+        if Hkv != H:
+            dk = dk.view(B, Hkv, H // Hkv, S, D).sum(2)
+            dv = dv.view(B, Hkv, H // Hkv, S, -1).sum(2)
+        return dq, dk, dv, None, None, None, None
+
+
+def attention(q, k, v, *, mask=None, causal=False, window=None, doc_ids=None, scale=None):
+    """``kvlab.kernels.attention.attention``'s contract, without ``mask`` (the registry checks)."""
+    if mask is not None:
+        raise ValueError("the Triton attention kernel takes causal/window/doc_ids, not a mask")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    return _Attention.apply(q, k, v, causal, window, doc_ids, scale)

@@ -1,0 +1,50 @@
+"""Model-level: forcing the reference kernels and forcing the fast paths give the same model, for every preset."""
+
+import pytest
+import torch
+
+from kvlab import build_model
+from tests.conftest import PRESETS, preset_dict, rel_error
+
+DOCS = torch.tensor([[0] * 6 + [1] * 10, [0] * 16])
+
+
+def _run(model, mode, ids, labels):
+    """Packed-document logits, the loss and every parameter's gradient under ``mode``."""
+    model.config.kernels = mode
+    model.zero_grad()
+    logits = model(ids, doc_ids=DOCS)
+    loss = model(ids, doc_ids=DOCS, labels=labels)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return logits.detach(), loss.detach(), grads
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_reference_and_fast_kernels_agree(name, monkeypatch):
+    monkeypatch.delenv("KVLAB_KERNELS", raising=False)
+    model = build_model(preset_dict(name))
+    ids = torch.randint(0, model.config.vocab_size, (2, 16))
+    labels = ids.roll(-1, dims=1)
+    labels[:, -1] = -100
+    ref_logits, ref_loss, ref_grads = _run(model, "reference", ids, labels)
+    logits, loss, grads = _run(model, "torch", ids, labels)
+    assert rel_error(logits, ref_logits) < 1e-4
+    assert rel_error(loss, ref_loss) < 1e-5
+    assert grads.keys() == ref_grads.keys() and len(grads) == len(list(model.parameters()))
+    for n, g in grads.items():
+        assert rel_error(g, ref_grads[n]) < 1e-3, n
+
+
+@pytest.mark.parametrize("name", ["gqa", "yoco_swa"])
+def test_triton_kernels_give_the_same_model(name, monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.delenv("KVLAB_KERNELS", raising=False)
+    model = build_model(preset_dict(name))
+    ids = torch.randint(0, model.config.vocab_size, (2, 16))
+    labels = ids.roll(-1, dims=1)
+    ref_logits, ref_loss, ref_grads = _run(model, "reference", ids, labels)
+    logits, loss, grads = _run(model, "triton", ids, labels)
+    assert rel_error(logits, ref_logits) < 1e-4 and rel_error(loss, ref_loss) < 1e-5
+    for n, g in grads.items():
+        assert rel_error(g, ref_grads[n]) < 1e-3, n

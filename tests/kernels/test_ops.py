@@ -1,0 +1,167 @@
+"""Each op's fast path against its reference, and the external wrappers' layout conversions.
+
+flash-attn and mamba-ssm cannot be installed here (CUDA only), so the
+wrappers in ``kvlab.kernels.external`` run against stand-ins written from
+those packages' documented contracts (layouts, window sizes, cu_seqlens,
+seq_idx, state layouts): what is tested is our side of the call.
+"""
+
+import sys
+import types
+
+import pytest
+import torch
+
+from kvlab.kernels import external
+from kvlab.kernels.attention import (
+    absorbed_attention,
+    absorbed_attention_reference,
+    attention,
+    attention_reference,
+)
+from kvlab.kernels.causal_conv import causal_conv1d, causal_conv1d_reference
+from kvlab.kernels.ssm import selective_scan, selective_scan_reference, ssd, ssd_reference
+from tests.conftest import rel_error
+
+DOCS = torch.tensor([[0] * 9 + [1] * 14, [3] * 23])
+
+
+@pytest.mark.parametrize(
+    "kwargs", [dict(causal=True, window=6), dict(doc_ids=DOCS), dict(doc_ids=DOCS, window=5)], ids=str
+)
+def test_attention_structured_masks_match_the_reference(kwargs):
+    q, k, v = torch.randn(2, 4, 23, 16), torch.randn(2, 2, 23, 16), torch.randn(2, 2, 23, 8)
+    assert rel_error(attention(q, k, v, **kwargs), attention_reference(q, k, v, **kwargs)) < 1e-5
+
+
+def test_absorbed_attention_matches_the_reference():
+    q, latent = torch.randn(2, 4, 3, 24), torch.randn(2, 11, 24)
+    mask = torch.ones(3, 11, dtype=torch.bool).tril(8)
+    expected = absorbed_attention_reference(q, latent, 16, mask=mask, scale=0.2)
+    assert rel_error(absorbed_attention(q, latent, 16, mask=mask, scale=0.2), expected) < 1e-5
+
+
+def _ssd_inputs(T=23, G=2):
+    x = torch.randn(2, T, 4, 6, dtype=torch.float64)
+    dt = torch.rand(2, T, 4, dtype=torch.float64) * 0.5
+    A = -torch.rand(4, dtype=torch.float64) * 2
+    B, C = torch.randn(2, T, G, 5, dtype=torch.float64), torch.randn(2, T, G, 5, dtype=torch.float64)
+    return x, dt, A, B, C
+
+
+def _scan_inputs(T=23):
+    u, delta = torch.randn(2, 6, T, dtype=torch.float64), torch.rand(2, 6, T, dtype=torch.float64) * 0.5
+    A = -torch.rand(6, 5, dtype=torch.float64) * 2
+    return u, delta, A, torch.randn(2, 5, T, dtype=torch.float64), torch.randn(2, 5, T, dtype=torch.float64)
+
+
+def test_ssd_and_selective_scan_chunked_equal_their_recurrences():
+    state, inputs = torch.randn(2, 4, 5, 6, dtype=torch.float64), _ssd_inputs()
+    for kwargs in (dict(state=state), dict(doc_ids=DOCS)):
+        for a, b in zip(ssd(*inputs, chunk_size=8, **kwargs), ssd_reference(*inputs, **kwargs), strict=False):
+            assert rel_error(a, b) < 1e-10
+    inputs = _scan_inputs()
+    for a, b in zip(
+        selective_scan(*inputs, chunk_size=8, doc_ids=DOCS),
+        selective_scan_reference(*inputs, doc_ids=DOCS),
+        strict=False,
+    ):
+        assert rel_error(a, b) < 1e-10
+
+
+def test_causal_conv1d_matches_its_reference_across_documents_and_calls():
+    x, w, bias, prev = torch.randn(2, 23, 5), torch.randn(5, 4), torch.randn(5), torch.randn(2, 3, 5)
+    for a, b in zip(causal_conv1d(x, w, bias, prev=prev, doc_ids=DOCS),
+                    causal_conv1d_reference(x, w, bias, prev=prev, doc_ids=DOCS), strict=False):  # fmt: skip
+        assert rel_error(a, b) < 1e-6
+
+
+# -- external wrappers against stand-ins of the packages ---------------------------------------------
+
+
+def _flash_mask(T, S, causal, window_size):
+    """flash-attn 2's visibility: queries aligned to the end of the keys; window_size = (left, right)."""
+    i = torch.arange(T)[:, None] + S - T
+    j = torch.arange(S)[None, :]
+    visible = torch.ones(T, S, dtype=torch.bool)
+    if causal:
+        visible &= j <= i
+    if window_size[0] >= 0:
+        visible &= i - j <= window_size[0]
+    return visible
+
+
+def _flash_attn_func(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1)):
+    mask = _flash_mask(q.shape[1], k.shape[1], causal, window_size)
+    t = lambda x: x.transpose(1, 2)
+    return t(attention_reference(t(q), t(k), t(v), mask=mask, scale=softmax_scale))
+
+
+def _flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=None, causal=False, window_size=(-1, -1)):
+    assert cu_q.dtype == torch.int32 and max_q == int((cu_q[1:] - cu_q[:-1]).max())
+    pieces = [_flash_attn_func(q[None, a:b], k[None, a:b], v[None, a:b], softmax_scale, causal, window_size)[0]
+              for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist(), strict=False)]  # fmt: skip
+    return torch.cat(pieces)
+
+
+def _chunk_scan(x, dt, A, B, C, chunk_size, initial_states=None, seq_idx=None, return_final_states=False):
+    """mamba-ssm's SSD: h [B, H, P, N], h = exp(dt A) h + dt x B^T, y = h C; seq_idx changes reset h."""
+    batch, T, H, P = x.shape
+    group = H // B.shape[2]
+    h = torch.zeros(batch, H, P, B.shape[-1], dtype=x.dtype) if initial_states is None else initial_states.clone()
+    ys = []
+    for t in range(T):
+        if seq_idx is not None and t > 0:
+            h = h * (seq_idx[:, t] == seq_idx[:, t - 1]).to(h.dtype)[:, None, None, None]
+        Bt, Ct = B[:, t].repeat_interleave(group, 1), C[:, t].repeat_interleave(group, 1)  # [batch, H, N]
+        h = (dt[:, t] * A).exp()[..., None, None] * h + (dt[:, t, :, None] * x[:, t])[..., None] * Bt[:, :, None]
+        ys.append((h * Ct[:, :, None]).sum(-1))
+    return torch.stack(ys, 1), h
+
+
+def _selective_scan_fn(u, delta, A, B, C, return_last_state=False):
+    """mamba-ssm's selective scan: h [B, D, N], h = exp(delta A) h + delta B u, y = h . C."""
+    h = torch.zeros(u.shape[0], u.shape[1], A.shape[1], dtype=u.dtype)
+    ys = []
+    for t in range(u.shape[-1]):
+        h = (delta[:, :, t, None] * A).exp() * h + (delta[:, :, t] * u[:, :, t])[..., None] * B[:, None, :, t]
+        ys.append((h * C[:, None, :, t]).sum(-1))
+    return torch.stack(ys, -1), h
+
+
+@pytest.fixture
+def stand_ins(monkeypatch):
+    flash = types.ModuleType("flash_attn")
+    flash.flash_attn_func, flash.flash_attn_varlen_func = _flash_attn_func, _flash_attn_varlen_func
+    ssd_module = types.ModuleType("mamba_ssm.ops.triton.ssd_combined")
+    ssd_module.mamba_chunk_scan_combined = _chunk_scan
+    scan_module = types.ModuleType("mamba_ssm.ops.selective_scan_interface")
+    scan_module.selective_scan_fn = _selective_scan_fn
+    for name, module in {"flash_attn": flash, "mamba_ssm.ops.triton.ssd_combined": ssd_module,
+                         "mamba_ssm.ops.selective_scan_interface": scan_module}.items():  # fmt: skip
+        monkeypatch.setitem(sys.modules, name, module)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [dict(causal=True), dict(causal=True, window=5), dict(doc_ids=DOCS), dict(doc_ids=DOCS, window=4)],
+    ids=str,
+)  # fmt: skip
+def test_flash_attention_wrapper_converts_layouts_windows_and_documents(stand_ins, kwargs):
+    q, k, v = torch.randn(2, 4, 23, 16), torch.randn(2, 2, 23, 16), torch.randn(2, 2, 23, 16)
+    expected = attention_reference(q, k, v, scale=0.3, **kwargs)
+    assert rel_error(external.flash_attention(q, k, v, scale=0.3, **kwargs), expected) < 1e-5
+
+
+def test_flash_attention_wrapper_decodes_over_a_cache(stand_ins):
+    q, k, v = torch.randn(2, 4, 1, 16), torch.randn(2, 2, 9, 16), torch.randn(2, 2, 9, 16)
+    assert rel_error(external.flash_attention(q, k, v), attention_reference(q, k, v)) < 1e-5
+
+
+def test_mamba_ssm_wrappers_convert_states_and_documents(stand_ins):
+    state, inputs = torch.randn(2, 4, 5, 6, dtype=torch.float64), _ssd_inputs()  # state: kvlab's [B, H, N, P]
+    for kwargs in (dict(state=state), dict(doc_ids=DOCS), dict(state=state, doc_ids=DOCS)):
+        for a, b in zip(external.mamba_ssd(*inputs, **kwargs), ssd_reference(*inputs, **kwargs), strict=False):
+            assert rel_error(a, b) < 1e-6  # final states come back in float32, as kvlab's caches hold them
+    inputs = _scan_inputs()
+    for a, b in zip(external.mamba_selective_scan(*inputs), selective_scan_reference(*inputs), strict=False):
+        assert rel_error(a, b) < 1e-6

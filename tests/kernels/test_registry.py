@@ -1,0 +1,83 @@
+"""The kernel registry: modes, the environment override, per-op choices, fallbacks and their reasons."""
+
+import logging
+
+import pytest
+import torch
+
+import kvlab.kernels.ops  # noqa: F401  (registers every op)
+from kvlab.kernels import registry
+from kvlab.kernels.registry import choose, ops, parse_mode, use_kernels
+
+
+def _q():
+    return torch.randn(1, 2, 5, 8)
+
+
+def _attention_args():
+    q = _q()
+    return (q, q, q), {"causal": True}
+
+
+def test_every_op_has_a_reference_and_a_torch_backend():
+    assert set(ops()) == set(registry.OPS)
+    for op, backends in ops().items():
+        assert {"reference", "torch"} <= set(backends), op
+
+
+def test_auto_on_cpu_takes_the_torch_path_and_never_interpreted_triton(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.delenv("KVLAB_KERNELS", raising=False)
+    args, kwargs = _attention_args()
+    assert choose("attention", args, kwargs).name == "torch"
+    assert choose("rms_norm", (_q(), torch.ones(8), 1e-5, None)).name == "torch"
+
+
+def test_modes_force_a_backend_and_fall_back_where_an_op_has_none(monkeypatch, caplog):
+    monkeypatch.delenv("KVLAB_KERNELS", raising=False)
+    args, kwargs = _attention_args()
+    with use_kernels("reference"):
+        assert choose("attention", args, kwargs).name == "reference"
+    with use_kernels("triton"), caplog.at_level(logging.WARNING, logger=registry.__name__):
+        assert choose("attention", args, kwargs).name == "triton"
+        assert choose("linear_attention", args + (torch.zeros(1, 2, 5),)).name == "torch"
+    assert "linear_attention has no triton backend" in caplog.text
+    with use_kernels("torch,attention=reference"):
+        assert choose("attention", args, kwargs).name == "reference"
+        assert choose("rms_norm", (_q(), torch.ones(8), 1e-5, None)).name == "torch"
+
+
+def test_environment_overrides_the_config(monkeypatch):
+    args, kwargs = _attention_args()
+    monkeypatch.setenv("KVLAB_KERNELS", "reference")
+    with use_kernels("torch"):
+        assert choose("attention", args, kwargs).name == "reference"
+
+
+def test_triton_cannot_take_an_explicit_mask_and_says_so(monkeypatch, caplog):
+    monkeypatch.delenv("KVLAB_KERNELS", raising=False)
+    q = _q()
+    with use_kernels("triton"), caplog.at_level(logging.WARNING, logger=registry.__name__):
+        assert choose("attention", (q, q, q), {"mask": torch.ones(5, 5, dtype=torch.bool)}).name == "torch"
+    assert "explicit mask" in caplog.text
+
+
+def test_external_backends_are_unavailable_without_their_packages_or_cuda(monkeypatch, caplog):
+    monkeypatch.delenv("KVLAB_KERNELS", raising=False)
+    args, kwargs = _attention_args()
+    with use_kernels("external"), caplog.at_level(logging.WARNING, logger=registry.__name__):
+        assert choose("attention", args, kwargs).name == "torch"
+    assert "flash_attn is not installed" in caplog.text or "CUDA" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "mode, message",
+    [("fast", "'fast' is not one of auto"), ("attention=turbo", "attention='turbo'"), ("attn=torch", "unknown op")],
+)
+def test_bad_modes_name_the_value_and_what_is_valid(mode, message):
+    with pytest.raises(ValueError, match=message):
+        parse_mode(mode)
+    with pytest.raises(ValueError, match="kernels"):
+        from kvlab import ModelConfig
+
+        ModelConfig(kernels=mode)

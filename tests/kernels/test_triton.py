@@ -1,0 +1,102 @@
+"""Triton kernels against their references, forward and every gradient, under TRITON_INTERPRET=1 on CPU.
+
+Outputs the kernels allocate with torch.empty are NaN-filled here, so an
+element a kernel fails to write shows up. Shapes are odd on purpose: T not a
+multiple of the block, head dims like 48, value dims unlike key dims.
+"""
+
+import pytest
+import torch
+
+from kvlab.kernels.attention import attention_reference
+from kvlab.kernels.norm import rms_norm_reference
+from kvlab.kernels.rope import apply_rope_tables_reference, rope_tables
+from tests.conftest import rel_error
+
+pytest.importorskip("triton")
+
+TOL = 2e-5  # float32 under the interpreter: kernels and references differ by summation order only
+
+
+@pytest.fixture(autouse=True)
+def nan_filled_empty(monkeypatch):
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def nan_empty(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    def nan_empty_like(*args, **kwargs):
+        t = empty_like(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    monkeypatch.setattr(torch, "empty_like", nan_empty_like)
+
+
+def _check(fn, reference, inputs, n_outputs=1):
+    outs, refs = fn(*inputs), reference(*inputs)
+    outs, refs = (outs, refs) if n_outputs > 1 else ((outs,), (refs,))
+    grads_out = [torch.randn_like(r) for r in refs]
+    wanted = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    got = torch.autograd.grad(outs, wanted, grads_out)
+    expected = torch.autograd.grad(refs, wanted, grads_out)
+    for o, r in zip(outs, refs, strict=True):
+        assert not o.isnan().any() and rel_error(o, r) < TOL
+    for i, (g, e) in enumerate(zip(got, expected, strict=True)):
+        assert not g.isnan().any(), f"gradient {i} has unwritten elements"
+        assert rel_error(g, e) < TOL, f"gradient {i}: relative error {rel_error(g, e):.2e}"
+
+
+ATTENTION_CASES = {
+    "causal": dict(causal=True),
+    "full": dict(),
+    "window": dict(causal=True, window=5),
+    "documents": dict(doc_ids=True),
+    "documents+window": dict(doc_ids=True, window=4),
+}
+
+
+@pytest.mark.parametrize("case", list(ATTENTION_CASES))
+@pytest.mark.parametrize("heads", [(3, 3), (6, 2), (4, 1)], ids=["mha", "gqa", "mqa"])
+def test_flash_attention_matches_the_reference(case, heads):
+    from kvlab.kernels.triton_attention import attention
+
+    H, Hkv = heads
+    B, T, D, DV = 2, 37, 48, 24
+    q = torch.randn(B, H, T, D, requires_grad=True)
+    k, v = torch.randn(B, Hkv, T, D, requires_grad=True), torch.randn(B, Hkv, T, DV, requires_grad=True)
+    kwargs = dict(ATTENTION_CASES[case])
+    if kwargs.get("doc_ids"):
+        kwargs["doc_ids"] = torch.tensor([[0] * 10 + [1] * 20 + [2] * 7, [4] * 37])
+    _check(lambda q, k, v: attention(q, k, v, **kwargs), lambda q, k, v: attention_reference(q, k, v, **kwargs),
+           (q, k, v))  # fmt: skip
+
+
+def test_flash_attention_decodes_one_query_over_a_longer_cache():
+    from kvlab.kernels.triton_attention import attention
+
+    q = torch.randn(2, 4, 1, 32, requires_grad=True)
+    k, v = torch.randn(2, 2, 21, 32, requires_grad=True), torch.randn(2, 2, 21, 32, requires_grad=True)
+    _check(lambda *a: attention(*a, scale=0.3), lambda *a: attention_reference(*a, scale=0.3), (q, k, v))
+
+
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("D", [48, 64])
+def test_rms_norm_matches_the_reference(residual, D):
+    from kvlab.kernels.triton_norm import rms_norm
+
+    x, w = torch.randn(3, 7, D, requires_grad=True), torch.randn(D, requires_grad=True)
+    r = torch.randn(3, 7, D, requires_grad=True) if residual else None
+    _check(lambda x, w, r: rms_norm(x, w, 1e-5, r), lambda x, w, r: rms_norm_reference(x, w, 1e-5, r), (x, w, r),
+           n_outputs=2 if residual else 1)  # fmt: skip
+
+
+@pytest.mark.parametrize("dims", [(48, 48), (48, 16), (64, 32)], ids=["full", "partial-16", "partial-32"])
+def test_rope_matches_the_reference(dims):
+    from kvlab.kernels.triton_rope import apply_rope
+
+    D, d = dims
+    x = torch.randn(2, 3, 11, D, requires_grad=True)
+    cos, sin = rope_tables(d, 10000.0, 11)
+    _check(lambda x: apply_rope(x, cos, sin), lambda x: apply_rope_tables_reference(x, cos, sin), (x,))
