@@ -46,9 +46,9 @@ def _inputs(op: str, device: str):
     if op == "delta_rule":
         k = torch.nn.functional.normalize(torch.randn(B, H, T, D, device=device), dim=-1)
         decay = (-torch.rand(B, H, T, D, device=device) * 0.1).requires_grad_()
-        eta = torch.rand(B, H, T, D, device=device)
-        return (g(B, H, T, D, scale=0.3), k.requires_grad_(), g(B, H, T, D), decay, (-k * eta).requires_grad_(),
-                (k * eta).requires_grad_()), {}  # fmt: skip
+        eta = torch.rand(B, H, T, D, device=device)  # RWKV-7's in-context learning rate: a = -k eta, b = k eta
+        a, b = (-k * eta).requires_grad_(), (k * eta).requires_grad_()
+        return (g(B, H, T, D, scale=0.3), k.requires_grad_(), g(B, H, T, D), decay, a, b), {}
     if op == "ssd":
         dt = (torch.rand(B, T, H, device=device) * 0.1).requires_grad_()
         return (g(B, T, H, D), dt, (-torch.rand(H, device=device)).requires_grad_(), g(B, T, 1, 64), g(B, T, 1, 64)), {}

@@ -88,16 +88,14 @@ def attention_reference(
 def absorbed_attention(q, latent, value_dim: int, *, mask=None, scale: float | None = None) -> torch.Tensor:
     """MLA's absorbed attention: every query head over one shared latent, values its first ``value_dim``
     channels. q [B, H, T, W] (absorbed no-RoPE part + RoPE part), latent [B, S, W] -> [B, H, T, value_dim]."""
-    # Two batched matmuls with the heads folded into the rows: SDPA would broadcast the one latent
-    # head to every query head (measured 20x slower than this at decode on CPU, benchmarks/kernels.py).
-    B, H, T, W = q.shape
-    scale = 1.0 / math.sqrt(W) if scale is None else scale
+    # Two einsums over the one latent: SDPA would broadcast the latent head to every query head
+    # (measured 20x slower at decode on CPU, benchmarks/kernels.py).
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     latent = latent.to(q.dtype)
-    scores = (q.reshape(B, H * T, W) @ latent.transpose(1, 2)).view(B, H, T, -1).float() * scale
+    scores = torch.einsum("bhtw,bsw->bhts", q, latent).float() * scale
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    probs = scores.softmax(-1).to(q.dtype).view(B, H * T, -1)
-    return (probs @ latent[..., :value_dim]).view(B, H, T, value_dim)
+    return torch.einsum("bhts,bsr->bhtr", scores.softmax(-1).to(q.dtype), latent[..., :value_dim])
 
 
 def absorbed_attention_reference(q, latent, value_dim: int, *, mask=None, scale: float | None = None):
