@@ -113,8 +113,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main() -> None:
     args = parser().parse_args()
-    print(f"MQAR: {args.pairs} pairs, {args.seq} tokens, vocab {args.vocab}; {args.layers} layers, d_model "
-          f"{args.d_model}, {args.heads} heads; {args.steps} steps of {args.batch}, lr {args.lr}, seed {args.seed}")  # fmt: skip
+    task = f"MQAR: {args.pairs} pairs, {args.seq} tokens, vocab {args.vocab}"
+    models = f"{args.layers} layers, d_model {args.d_model}, {args.heads} heads, state {args.state or 'd_model/heads'}"
+    print(f"{task}; {models}; {args.steps} steps of {args.batch}, lr {args.lr}, seed {args.seed}")
     print("| model | params | cache/state per sequence (fp32) | recall accuracy | train s |")
     print("|---|---:|---:|---:|---:|")
     for kind in args.models.split(","):
