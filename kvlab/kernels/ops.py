@@ -7,7 +7,7 @@ modes, ``KVLAB_KERNELS`` and the fallback rules). Backends per op:
     op                    reference  torch                   triton  external
     attention             x          SDPA                    x       flash-attn (+ varlen)
     absorbed_attention    x          SDPA
-    linear_attention      x          chunked
+    linear_attention      x          chunked                 x (recurrent, fused)
     delta_rule            x          chunked (UT transform)
     ssd                   x          chunked                         mamba-ssm
     selective_scan        x          chunked                         mamba-ssm
@@ -82,6 +82,12 @@ def _selective_scan_supports(u, *args, state=None, doc_ids=None, **kwargs):
     return None
 
 
+def _triton_linear_attention_supports(q, k, v, log_decay, *, state=None, doc_ids=None, exclusive=False, **kwargs):
+    if exclusive or doc_ids is not None:
+        return "exclusive reads or packed documents (the recurrent kernel has neither)"
+    return None if q.shape[-1] <= 256 else f"key dim {q.shape[-1]} > 256"
+
+
 def _triton_rope_supports(x, cos, sin):
     return None if cos.dim() == 2 and cos.shape[0] == x.shape[2] else "per-sequence or per-head RoPE tables"
 
@@ -96,6 +102,8 @@ register("absorbed_attention", "reference", _absorbed_attention_reference)
 register("absorbed_attention", "torch", _absorbed_attention_torch)
 register("linear_attention", "reference", _linear_attention_reference)
 register("linear_attention", "torch", _linear_attention_torch)
+register("linear_attention", "triton", "kvlab.kernels.triton_linear_attention:linear_attention", packages=["triton"],
+         supports=_triton_linear_attention_supports)  # fmt: skip
 register("delta_rule", "reference", _delta_rule_reference)
 register("delta_rule", "torch", _delta_rule_torch)
 register("ssd", "reference", _ssd_reference)

@@ -14,14 +14,16 @@ Both are linear attention with decay (``kvlab.kernels.linear_attention``):
 q = C, k = B (times dt for Mamba-1), v = dt x (x for Mamba-1), log decay
 dt A. ``state`` and the returned final state use linear attention's layout
 ([B, H, N, P]; [B, D, N, 1]), so caches are the same whichever backend ran.
-The skip term D x and the gate are the layer's. The ``_reference``
-variants run the token-by-token recurrence; mamba-ssm's fused kernels are
-the external backends (``kvlab.kernels.external``).
+The skip term D x and the gate are the layer's. The ``torch`` forms call
+linear attention through the registry (its chunked form, or its Triton
+kernel where that is chosen); the ``_reference`` variants run the
+token-by-token recurrence; mamba-ssm's fused kernels are the external
+backends (``kvlab.kernels.external``).
 """
 
 from __future__ import annotations
 
-from kvlab.kernels.linear_attention import linear_attention, linear_attention_reference
+from kvlab.kernels.linear_attention import linear_attention_reference
 
 
 def _ssd(x, dt, A, B, C, state, doc_ids, scan, **kwargs):
@@ -33,9 +35,16 @@ def _ssd(x, dt, A, B, C, state, doc_ids, scan, **kwargs):
     return y.transpose(1, 2), final
 
 
+def _dispatched_linear_attention(*args, **kwargs):
+    """The registry's linear attention (so a Triton kernel there serves the scans too)."""
+    from kvlab.kernels.ops import linear_attention as dispatched  # ops imports this module
+
+    return dispatched(*args, **kwargs)
+
+
 def ssd(x, dt, A, B, C, *, state=None, doc_ids=None, chunk_size: int = 64):
     """y [B, T, H, P] (without the D skip) and the final state [B, H, N, P]."""
-    return _ssd(x, dt, A, B, C, state, doc_ids, linear_attention, chunk_size=chunk_size)
+    return _ssd(x, dt, A, B, C, state, doc_ids, _dispatched_linear_attention, chunk_size=chunk_size)
 
 
 def ssd_reference(x, dt, A, B, C, *, state=None, doc_ids=None, chunk_size: int = 64):
@@ -54,7 +63,7 @@ def _selective_scan(u, delta, A, B, C, state, doc_ids, scan, **kwargs):
 
 def selective_scan(u, delta, A, B, C, *, state=None, doc_ids=None, chunk_size: int = 64):
     """y [B, D, T] (without the D skip) and the final state [B, D, N, 1]; float32 inputs."""
-    return _selective_scan(u, delta, A, B, C, state, doc_ids, linear_attention, chunk_size=chunk_size)
+    return _selective_scan(u, delta, A, B, C, state, doc_ids, _dispatched_linear_attention, chunk_size=chunk_size)
 
 
 def selective_scan_reference(u, delta, A, B, C, *, state=None, doc_ids=None, chunk_size: int = 64):

@@ -3,18 +3,20 @@
 import pytest
 import torch
 
+import kvlab.kernels.ops as ops_module
 from kvlab import build_model
+from kvlab.kernels import registry
 from tests.conftest import PRESETS, preset_dict, rel_error
 
 DOCS = torch.tensor([[0] * 6 + [1] * 10, [0] * 16])
 
 
-def _run(model, mode, ids, labels):
-    """Packed-document logits, the loss and every parameter's gradient under ``mode``."""
+def _run(model, mode, ids, labels, docs=DOCS):
+    """(Packed-document) logits, the loss and every parameter's gradient under ``mode``."""
     model.config.kernels = mode
     model.zero_grad()
-    logits = model(ids, doc_ids=DOCS)
-    loss = model(ids, doc_ids=DOCS, labels=labels)
+    logits = model(ids, doc_ids=docs)
+    loss = model(ids, doc_ids=docs, labels=labels)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return logits.detach(), loss.detach(), grads
@@ -36,15 +38,35 @@ def test_reference_and_fast_kernels_agree(name, monkeypatch):
         assert rel_error(g, ref_grads[n]) < 1e-3, n
 
 
-@pytest.mark.parametrize("name", ["gqa", "yoco_swa"])
-def test_triton_kernels_give_the_same_model(name, monkeypatch):
+@pytest.mark.parametrize(
+    "name, ran",
+    [("gqa", {"attention", "rms_norm"}), ("yoco_swa", {"attention"}), ("retnet", {"linear_attention", "apply_rope"})],
+)
+def test_triton_kernels_give_the_same_model(name, ran, monkeypatch):
+    """Under the interpreter: attention and RMSNorm kernels on packed documents; the recurrent linear
+    attention and RoPE kernels on one document per row (packed rows take the chunked path, and RoPE
+    tables per document position the torch one)."""
     pytest.importorskip("triton")
     monkeypatch.delenv("KVLAB_KERNELS", raising=False)
-    model = build_model(preset_dict(name))
+    used = set()
+
+    def spy(op, *args, **kwargs):  # records which backend ran each op
+        backend = registry.choose(op, args, kwargs)
+        used.add((op, backend.name))
+        return backend.function()(*args, **kwargs)
+
+    monkeypatch.setattr(ops_module, "dispatch", spy)
+    spec = preset_dict(name)
+    if name == "retnet":
+        spec["n_layers"] = 2  # the interpreter walks the recurrence token by token
+    model = build_model(spec)
     ids = torch.randint(0, model.config.vocab_size, (2, 16))
     labels = ids.roll(-1, dims=1)
-    ref_logits, ref_loss, ref_grads = _run(model, "reference", ids, labels)
-    logits, loss, grads = _run(model, "triton", ids, labels)
+    docs = None if name == "retnet" else DOCS
+    ref_logits, ref_loss, ref_grads = _run(model, "reference", ids, labels, docs)
+    used.clear()
+    logits, loss, grads = _run(model, "triton", ids, labels, docs)
+    assert {(op, "triton") for op in ran} <= used
     assert rel_error(logits, ref_logits) < 1e-4 and rel_error(loss, ref_loss) < 1e-5
     for n, g in grads.items():
         assert rel_error(g, ref_grads[n]) < 1e-3, n

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from kvlab.kernels.attention import attention_reference
+from kvlab.kernels.linear_attention import linear_attention_reference
 from kvlab.kernels.norm import rms_norm_reference
 from kvlab.kernels.rope import apply_rope_tables_reference, rope_tables
 from tests.conftest import rel_error
@@ -100,3 +101,52 @@ def test_rope_matches_the_reference(dims):
     x = torch.randn(2, 3, 11, D, requires_grad=True)
     cos, sin = rope_tables(d, 10000.0, 11)
     _check(lambda x: apply_rope(x, cos, sin), lambda x: apply_rope_tables_reference(x, cos, sin), (x,))
+
+
+@pytest.mark.parametrize("vector", [False, True], ids=["scalar-decay", "vector-decay"])
+@pytest.mark.parametrize("with_state", [False, True], ids=["empty", "initial-state"])
+@pytest.mark.parametrize("final_grad", [False, True], ids=["outputs", "outputs+final-state"])
+def test_recurrent_linear_attention_matches_the_reference(vector, with_state, final_grad):
+    from kvlab.kernels.triton_linear_attention import linear_attention
+
+    B, H, T, DK, DV = 2, 3, 19, 12, 20  # value dim over one block of 16 under the interpreter
+    q, k, v = torch.randn(B, H, T, DK), torch.randn(B, H, T, DK), torch.randn(B, H, T, DV)
+    log_decay = -torch.rand(B, H, T, *([DK] if vector else [])) * 0.5
+    state = torch.randn(B, H, DK, DV) if with_state else None
+    inputs = [t.requires_grad_() for t in (q, k, v, log_decay) + ((state,) if with_state else ())]
+
+    def pick(fn):
+        def call(q, k, v, g, state=None):
+            out, final = fn(q, k, v, g, state=state)
+            return (out, final) if final_grad else out
+
+        return call
+
+    _check(pick(linear_attention), pick(linear_attention_reference), inputs, n_outputs=2 if final_grad else 1)
+
+
+def test_mamba_scans_run_on_the_linear_attention_kernel(monkeypatch):
+    """ssd and selective_scan have no kernels of their own: under ``triton`` their linear attention is Triton's."""
+    import kvlab.kernels.ops as ops_module
+    from kvlab.kernels import registry
+    from kvlab.kernels.ssm import selective_scan_reference, ssd_reference
+
+    monkeypatch.delenv("KVLAB_KERNELS", raising=False)
+    used = []
+    choose = registry.choose
+
+    def spy(op, *args):
+        backend = choose(op, *args)
+        used.append((op, backend.name))
+        return backend
+
+    monkeypatch.setattr(registry, "choose", spy)
+    x, dt = torch.randn(1, 7, 2, 4, requires_grad=True), (torch.rand(1, 7, 2) * 0.5).requires_grad_()
+    A, B, C = -torch.rand(2), torch.randn(1, 7, 1, 4), torch.randn(1, 7, 1, 4)
+    u, delta = torch.randn(1, 3, 7, requires_grad=True), (torch.rand(1, 3, 7) * 0.5).requires_grad_()
+    A1, B1, C1 = -torch.rand(3, 4), torch.randn(1, 4, 7), torch.randn(1, 4, 7)
+    with registry.use_kernels("triton"):
+        _check(lambda x, dt: ops_module.ssd(x, dt, A, B, C)[0], lambda x, dt: ssd_reference(x, dt, A, B, C)[0], (x, dt))
+        _check(lambda u, d: ops_module.selective_scan(u, d, A1, B1, C1)[0],
+               lambda u, d: selective_scan_reference(u, d, A1, B1, C1)[0], (u, delta))  # fmt: skip
+    assert ("linear_attention", "triton") in used and ("ssd", "torch") in used
