@@ -28,6 +28,16 @@ from kvlab.kernels.triton_common import block, interpreting
 
 
 @triton.jit
+def _tile(PTR, first_row, rows, n_rows, cols, n_cols, UPCAST: tl.constexpr):
+    """Rows ``first_row + rows`` of a row-major [*, n_cols] tensor, channels ``cols``; zeros outside."""
+    tile = tl.load(PTR + (first_row + rows[:, None]) * n_cols + cols[None, :],
+                   mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols), other=0.0)  # fmt: skip
+    if UPCAST:
+        tile = tile.to(tl.float32)
+    return tile
+
+
+@triton.jit
 def _visible(offs_m, offs_n, T, S, DOCS, b, WINDOW, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
              HAS_DOCS: tl.constexpr):  # fmt: skip
     valid = (offs_m[:, None] < T) & (offs_n[None, :] < S)
@@ -65,24 +75,16 @@ def _forward(Q, K, V, OUT, LSE, DOCS, scale, T, S, H, GROUP, D, DV, WINDOW, CAUS
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(Q + (bh * T + offs_m[:, None]) * D + offs_d[None, :],
-                mask=(offs_m[:, None] < T) & (offs_d[None, :] < D), other=0.0)  # fmt: skip
-    if UPCAST:
-        q = q.to(tl.float32)
+    q = _tile(Q, bh * T, offs_m, T, offs_d, D, UPCAST)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     lo, hi = _key_range(start_m, S, WINDOW, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = tl.load(K + (kv_head * S + offs_n[None, :]) * D + offs_d[:, None],
-                    mask=(offs_n[None, :] < S) & (offs_d[:, None] < D), other=0.0)  # fmt: skip
-        v = tl.load(V + (kv_head * S + offs_n[:, None]) * DV + offs_dv[None, :],
-                    mask=(offs_n[:, None] < S) & (offs_dv[None, :] < DV), other=0.0)  # fmt: skip
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        s = tl.dot(q, k) * scale
+        k = _tile(K, kv_head * S, offs_n, S, offs_d, D, UPCAST)
+        v = _tile(V, kv_head * S, offs_n, S, offs_dv, DV, UPCAST)
+        s = tl.dot(q, tl.trans(k)) * scale
         s = tl.where(_visible(offs_m, offs_n, T, S, DOCS, b, WINDOW, CAUSAL, HAS_WINDOW, HAS_DOCS), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen nothing yet
@@ -110,13 +112,8 @@ def _backward_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_OUT, DOCS, scale, T, S, H, GR
     offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    k = tl.load(K + (kv_head * S + offs_n[:, None]) * D + offs_d[None, :],
-                mask=(offs_n[:, None] < S) & (offs_d[None, :] < D), other=0.0)  # fmt: skip
-    v = tl.load(V + (kv_head * S + offs_n[:, None]) * DV + offs_dv[None, :],
-                mask=(offs_n[:, None] < S) & (offs_dv[None, :] < DV), other=0.0)  # fmt: skip
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+    k = _tile(K, kv_head * S, offs_n, S, offs_d, D, UPCAST)
+    v = _tile(V, kv_head * S, offs_n, S, offs_dv, DV, UPCAST)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     lo = 0
@@ -128,13 +125,8 @@ def _backward_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_OUT, DOCS, scale, T, S, H, GR
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         in_rows = offs_m < T
-        q = tl.load(Q + (bh * T + offs_m[:, None]) * D + offs_d[None, :],
-                    mask=in_rows[:, None] & (offs_d[None, :] < D), other=0.0)  # fmt: skip
-        do = tl.load(DO + (bh * T + offs_m[:, None]) * DV + offs_dv[None, :],
-                     mask=in_rows[:, None] & (offs_dv[None, :] < DV), other=0.0)  # fmt: skip
-        if UPCAST:
-            q = q.to(tl.float32)
-            do = do.to(tl.float32)
+        q = _tile(Q, bh * T, offs_m, T, offs_d, D, UPCAST)
+        do = _tile(DO, bh * T, offs_m, T, offs_dv, DV, UPCAST)
         lse = tl.load(LSE + bh * T + offs_m, mask=in_rows, other=0.0)
         delta = tl.load(DELTA + bh * T + offs_m, mask=in_rows, other=0.0)
         s = tl.dot(q, tl.trans(k)) * scale
@@ -163,26 +155,16 @@ def _backward_dq(Q, K, V, DO, LSE, DELTA, DQ, DOCS, scale, T, S, H, GROUP, D, DV
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     in_rows = offs_m < T
-    q = tl.load(Q + (bh * T + offs_m[:, None]) * D + offs_d[None, :],
-                mask=in_rows[:, None] & (offs_d[None, :] < D), other=0.0)  # fmt: skip
-    do = tl.load(DO + (bh * T + offs_m[:, None]) * DV + offs_dv[None, :],
-                 mask=in_rows[:, None] & (offs_dv[None, :] < DV), other=0.0)  # fmt: skip
-    if UPCAST:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
+    q = _tile(Q, bh * T, offs_m, T, offs_d, D, UPCAST)
+    do = _tile(DO, bh * T, offs_m, T, offs_dv, DV, UPCAST)
     lse = tl.load(LSE + bh * T + offs_m, mask=in_rows, other=0.0)
     delta = tl.load(DELTA + bh * T + offs_m, mask=in_rows, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo, hi = _key_range(start_m, S, WINDOW, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = tl.load(K + (kv_head * S + offs_n[:, None]) * D + offs_d[None, :],
-                    mask=(offs_n[:, None] < S) & (offs_d[None, :] < D), other=0.0)  # fmt: skip
-        v = tl.load(V + (kv_head * S + offs_n[:, None]) * DV + offs_dv[None, :],
-                    mask=(offs_n[:, None] < S) & (offs_dv[None, :] < DV), other=0.0)  # fmt: skip
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k = _tile(K, kv_head * S, offs_n, S, offs_d, D, UPCAST)
+        v = _tile(V, kv_head * S, offs_n, S, offs_dv, DV, UPCAST)
         s = tl.dot(q, tl.trans(k)) * scale
         visible = _visible(offs_m, offs_n, T, S, DOCS, b, WINDOW, CAUSAL, HAS_WINDOW, HAS_DOCS)
         p = tl.where(visible, tl.exp(s - lse[:, None]), 0.0)

@@ -32,6 +32,17 @@ from kvlab.kernels.triton_common import interpreting
 
 
 @triton.jit
+def _step(state, K, V, G, bh, t, T, DK, DV, ik, iv, in_k, in_v, VECTOR: tl.constexpr):
+    """S_t from S_{t-1}: decay (per key channel or scalar), then add k_t^T v_t."""
+    k = tl.load(K + (bh * T + t) * DK + ik, mask=in_k, other=0.0).to(tl.float32)
+    v = tl.load(V + (bh * T + t) * DV + iv, mask=in_v, other=0.0).to(tl.float32)
+    if VECTOR:
+        decay = tl.exp(tl.load(G + (bh * T + t) * DK + ik, mask=in_k, other=0.0).to(tl.float32))
+        return state * decay[:, None] + k[:, None] * v[None, :]
+    return state * tl.exp(tl.load(G + bh * T + t).to(tl.float32)) + k[:, None] * v[None, :]
+
+
+@triton.jit
 def _forward(Q, K, V, G, S0, OUT, S_FINAL, T, DK, DV, HAS_STATE: tl.constexpr, VECTOR: tl.constexpr,
              BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):  # fmt: skip
     bh = tl.program_id(1)
@@ -43,14 +54,8 @@ def _forward(Q, K, V, G, S0, OUT, S_FINAL, T, DK, DV, HAS_STATE: tl.constexpr, V
     if HAS_STATE:
         state += tl.load(S0 + (bh * DK + ik[:, None]) * DV + iv[None, :], mask=in_s, other=0.0).to(tl.float32)
     for t in range(T):
+        state = _step(state, K, V, G, bh, t, T, DK, DV, ik, iv, in_k, in_v, VECTOR)
         q = tl.load(Q + (bh * T + t) * DK + ik, mask=in_k, other=0.0).to(tl.float32)
-        k = tl.load(K + (bh * T + t) * DK + ik, mask=in_k, other=0.0).to(tl.float32)
-        v = tl.load(V + (bh * T + t) * DV + iv, mask=in_v, other=0.0).to(tl.float32)
-        if VECTOR:
-            decay = tl.exp(tl.load(G + (bh * T + t) * DK + ik, mask=in_k, other=0.0).to(tl.float32))
-            state = state * decay[:, None] + k[:, None] * v[None, :]
-        else:
-            state = state * tl.exp(tl.load(G + bh * T + t).to(tl.float32)) + k[:, None] * v[None, :]
         tl.store(OUT + (bh * T + t) * DV + iv, tl.sum(q[:, None] * state, axis=0).to(OUT.dtype.element_ty), mask=in_v)
     tl.store(S_FINAL + (bh * DK + ik[:, None]) * DV + iv[None, :], state, mask=in_s)
 
@@ -68,13 +73,7 @@ def _backward_dq(K, V, G, S0, DO, DQ_PARTIAL, T, DK, DV, BH, HAS_STATE: tl.const
                          other=0.0).to(tl.float32)  # fmt: skip
     partial = DQ_PARTIAL + tl.program_id(0) * BH * T * DK
     for t in range(T):
-        k = tl.load(K + (bh * T + t) * DK + ik, mask=in_k, other=0.0).to(tl.float32)
-        v = tl.load(V + (bh * T + t) * DV + iv, mask=in_v, other=0.0).to(tl.float32)
-        if VECTOR:
-            decay = tl.exp(tl.load(G + (bh * T + t) * DK + ik, mask=in_k, other=0.0).to(tl.float32))
-            state = state * decay[:, None] + k[:, None] * v[None, :]
-        else:
-            state = state * tl.exp(tl.load(G + bh * T + t).to(tl.float32)) + k[:, None] * v[None, :]
+        state = _step(state, K, V, G, bh, t, T, DK, DV, ik, iv, in_k, in_v, VECTOR)
         do = tl.load(DO + (bh * T + t) * DV + iv, mask=in_v, other=0.0).to(tl.float32)
         tl.store(partial + (bh * T + t) * DK + ik, tl.sum(state * do[None, :], axis=1), mask=in_k)
 
