@@ -8,7 +8,7 @@ modes, ``KVLAB_KERNELS`` and the fallback rules). Backends per op:
     attention             x          SDPA                    x       flash-attn (+ varlen)
     absorbed_attention    x          SDPA
     linear_attention      x          chunked                 x (recurrent, fused)
-    delta_rule            x          chunked (UT transform)
+    delta_rule            x          chunked (UT transform)  x (recurrent, chunk checkpoints)
     ssd                   x          chunked                         mamba-ssm
     selective_scan        x          chunked                         mamba-ssm
     causal_conv1d         x          shifted multiply-adds
@@ -88,6 +88,12 @@ def _triton_linear_attention_supports(q, k, v, log_decay, *, state=None, doc_ids
     return None if q.shape[-1] <= 256 else f"key dim {q.shape[-1]} > 256"
 
 
+def _triton_delta_rule_supports(q, *args, doc_ids=None, **kwargs):
+    if doc_ids is not None:
+        return "packed documents (the recurrent kernel has none)"
+    return None if q.shape[-1] <= 256 else f"key dim {q.shape[-1]} > 256"
+
+
 def _triton_rope_supports(x, cos, sin):
     return None if cos.dim() == 2 and cos.shape[0] == x.shape[2] else "per-sequence or per-head RoPE tables"
 
@@ -106,6 +112,8 @@ register("linear_attention", "triton", "kvlab.kernels.triton_linear_attention:li
          supports=_triton_linear_attention_supports)  # fmt: skip
 register("delta_rule", "reference", _delta_rule_reference)
 register("delta_rule", "torch", _delta_rule_torch)
+register("delta_rule", "triton", "kvlab.kernels.triton_delta_rule:delta_rule", packages=["triton"],
+         supports=_triton_delta_rule_supports)  # fmt: skip
 register("ssd", "reference", _ssd_reference)
 register("ssd", "torch", _ssd_torch)
 register("ssd", "external", "kvlab.kernels.external:mamba_ssd", packages=["mamba_ssm"], supports=_cuda)

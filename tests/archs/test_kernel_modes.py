@@ -40,12 +40,17 @@ def test_reference_and_fast_kernels_agree(name, monkeypatch):
 
 @pytest.mark.parametrize(
     "name, ran",
-    [("gqa", {"attention", "rms_norm"}), ("yoco_swa", {"attention"}), ("retnet", {"linear_attention", "apply_rope"})],
+    [
+        ("gqa", {"attention", "rms_norm"}),
+        ("yoco_swa", {"attention"}),
+        ("retnet", {"linear_attention", "apply_rope"}),
+        ("rwkv7", {"delta_rule"}),
+    ],
 )
 def test_triton_kernels_give_the_same_model(name, ran, monkeypatch):
     """Under the interpreter: attention and RMSNorm kernels on packed documents; the recurrent linear
-    attention and RoPE kernels on one document per row (packed rows take the chunked path, and RoPE
-    tables per document position the torch one)."""
+    attention, delta-rule and RoPE kernels on one document per row (packed rows take the chunked paths,
+    and RoPE tables per document position the torch one)."""
     pytest.importorskip("triton")
     monkeypatch.delenv("KVLAB_KERNELS", raising=False)
     used = set()
@@ -57,12 +62,13 @@ def test_triton_kernels_give_the_same_model(name, ran, monkeypatch):
 
     monkeypatch.setattr(ops_module, "dispatch", spy)
     spec = preset_dict(name)
-    if name == "retnet":
+    recurrent = name in ("retnet", "rwkv7")
+    if recurrent:
         spec["n_layers"] = 2  # the interpreter walks the recurrence token by token
     model = build_model(spec)
     ids = torch.randint(0, model.config.vocab_size, (2, 16))
     labels = ids.roll(-1, dims=1)
-    docs = None if name == "retnet" else DOCS
+    docs = None if recurrent else DOCS
     ref_logits, ref_loss, ref_grads = _run(model, "reference", ids, labels, docs)
     used.clear()
     logits, loss, grads = _run(model, "triton", ids, labels, docs)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from kvlab.kernels.attention import attention_reference
+from kvlab.kernels.delta_rule import delta_rule_reference
 from kvlab.kernels.linear_attention import linear_attention_reference
 from kvlab.kernels.norm import rms_norm_reference
 from kvlab.kernels.rope import apply_rope_tables_reference, rope_tables
@@ -150,3 +151,25 @@ def test_mamba_scans_run_on_the_linear_attention_kernel(monkeypatch):
         _check(lambda u, d: ops_module.selective_scan(u, d, A1, B1, C1)[0],
                lambda u, d: selective_scan_reference(u, d, A1, B1, C1)[0], (u, delta))  # fmt: skip
     assert ("linear_attention", "triton") in used and ("ssd", "torch") in used
+
+
+@pytest.mark.parametrize("with_state", [False, True], ids=["empty", "initial-state"])
+@pytest.mark.parametrize("final_grad", [False, True], ids=["outputs", "outputs+final-state"])
+def test_recurrent_delta_rule_matches_the_reference(with_state, final_grad):
+    from kvlab.kernels.triton_delta_rule import delta_rule
+
+    B, H, T, DK, DV = 2, 2, 37, 12, 20  # 3 checkpointed chunks of 16, the last one partial
+    k = torch.nn.functional.normalize(torch.randn(B, H, T, DK), dim=-1)
+    eta = torch.rand(B, H, T, DK)  # RWKV-7's in-context learning rate: a = -k eta, b = k eta
+    inputs = [torch.randn(B, H, T, DK), k, torch.randn(B, H, T, DV), -torch.rand(B, H, T, DK) * 0.5, -k * eta, k * eta]
+    inputs += [torch.randn(B, H, DK, DV)] if with_state else []
+    inputs = [t.clone().requires_grad_() for t in inputs]
+
+    def pick(fn):
+        def call(q, k, v, g, a, b, state=None):
+            out, final = fn(q, k, v, g, a, b, state=state)
+            return (out, final) if final_grad else out
+
+        return call
+
+    _check(pick(delta_rule), pick(delta_rule_reference), inputs, n_outputs=2 if final_grad else 1)
