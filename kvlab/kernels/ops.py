@@ -6,7 +6,7 @@ modes, ``KVLAB_KERNELS`` and the fallback rules). Backends per op:
 
     op                    reference  torch                   triton  external
     attention             x          SDPA                    x       flash-attn (+ varlen)
-    absorbed_attention    x          SDPA
+    absorbed_attention    x          einsums                 x (the attention kernel, one K/V head)
     linear_attention      x          chunked                 x (recurrent, fused)
     delta_rule            x          chunked (UT transform)  x (recurrent, chunk checkpoints)
     ssd                   x          chunked                         mamba-ssm
@@ -94,6 +94,12 @@ def _triton_delta_rule_supports(q, *args, doc_ids=None, **kwargs):
     return None if q.shape[-1] <= 256 else f"key dim {q.shape[-1]} > 256"
 
 
+def _triton_absorbed_supports(q, latent, value_dim, *, mask=None, scale=None):
+    if mask is not None:
+        return "an explicit mask (prefill over a cache)"
+    return None if q.shape[-1] <= 256 else f"latent width {q.shape[-1]} > 256"
+
+
 def _triton_rope_supports(x, cos, sin):
     return None if cos.dim() == 2 and cos.shape[0] == x.shape[2] else "per-sequence or per-head RoPE tables"
 
@@ -106,6 +112,8 @@ register("attention", "external", "kvlab.kernels.external:flash_attention", pack
          supports=_flash_attention_supports)  # fmt: skip
 register("absorbed_attention", "reference", _absorbed_attention_reference)
 register("absorbed_attention", "torch", _absorbed_attention_torch)
+register("absorbed_attention", "triton", "kvlab.kernels.triton_attention:absorbed_attention", packages=["triton"],
+         supports=_triton_absorbed_supports)  # fmt: skip
 register("linear_attention", "reference", _linear_attention_reference)
 register("linear_attention", "torch", _linear_attention_torch)
 register("linear_attention", "triton", "kvlab.kernels.triton_linear_attention:linear_attention", packages=["triton"],

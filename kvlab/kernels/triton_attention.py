@@ -233,3 +233,10 @@ def attention(q, k, v, *, mask=None, causal=False, window=None, doc_ids=None, sc
         raise ValueError("the Triton attention kernel takes causal/window/doc_ids, not a mask")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     return _Attention.apply(q, k, v, causal, window, doc_ids, scale)
+
+
+def absorbed_attention(q, latent, value_dim: int, *, mask=None, scale=None):
+    """MLA's absorbed attention (``kvlab.kernels.attention.absorbed_attention``) on this kernel: the
+    latent is the one K/V head every query head reads, its first ``value_dim`` channels the values."""
+    kv = latent.to(q.dtype)[:, None]
+    return attention(q, kv, kv[..., :value_dim].contiguous(), mask=mask, scale=scale)

@@ -8,7 +8,7 @@ multiple of the block, head dims like 48, value dims unlike key dims.
 import pytest
 import torch
 
-from kvlab.kernels.attention import attention_reference
+from kvlab.kernels.attention import absorbed_attention_reference, attention_reference
 from kvlab.kernels.delta_rule import delta_rule_reference
 from kvlab.kernels.linear_attention import linear_attention_reference
 from kvlab.kernels.norm import rms_norm_reference
@@ -173,3 +173,11 @@ def test_recurrent_delta_rule_matches_the_reference(with_state, final_grad):
         return call
 
     _check(pick(delta_rule), pick(delta_rule_reference), inputs, n_outputs=2 if final_grad else 1)
+
+
+def test_mla_absorbed_decode_matches_the_reference():
+    from kvlab.kernels.triton_attention import absorbed_attention
+
+    q, latent = torch.randn(2, 4, 1, 80, requires_grad=True), torch.randn(2, 23, 80, requires_grad=True)
+    _check(lambda q, c: absorbed_attention(q, c, 64, scale=0.1),
+           lambda q, c: absorbed_attention_reference(q, c, 64, scale=0.1), (q, latent))  # fmt: skip
