@@ -82,16 +82,14 @@ def _selective_scan_supports(u, *args, state=None, doc_ids=None, **kwargs):
     return None
 
 
-def _triton_linear_attention_supports(q, k, v, log_decay, *, state=None, doc_ids=None, exclusive=False, **kwargs):
-    if exclusive or doc_ids is not None:
-        return "exclusive reads or packed documents (the recurrent kernel has neither)"
-    return None if q.shape[-1] <= 256 else f"key dim {q.shape[-1]} > 256"
+def _triton_linear_attention_supports(q, k, v, log_decay, *, exclusive=False, **kwargs):
+    if exclusive:
+        return "exclusive reads (the recurrent kernel reads after each write)"
+    return _triton_delta_rule_supports(q)
 
 
-def _triton_delta_rule_supports(q, *args, doc_ids=None, **kwargs):
-    if doc_ids is not None:
-        return "packed documents (the recurrent kernel has none)"
-    return None if q.shape[-1] <= 256 else f"key dim {q.shape[-1]} > 256"
+def _triton_delta_rule_supports(q, *args, **kwargs):
+    return None if q.shape[-1] <= 256 else f"key dim {q.shape[-1]} > 256 (the kernel holds a state column)"
 
 
 def _triton_absorbed_supports(q, latent, value_dim, *, mask=None, scale=None):

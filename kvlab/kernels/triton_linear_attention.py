@@ -6,9 +6,9 @@ One program per (batch, head, block of value channels) carries its
 [Dk, BLOCK_V] slice of the state through the tokens in registers; at decode
 and at the moderate lengths of decoding-heavy use this is what fused
 recurrent kernels (fla's ``fused_recurrent``) do. Scalar ([B, H, T]) or
-per-key-channel ([B, H, T, Dk]) log decays, initial and final states;
-inclusive reads, no packed documents (the registry sends those to the
-chunked torch path).
+per-key-channel ([B, H, T, Dk]) log decays, initial and final states,
+packed documents (the state empties where one starts); inclusive reads
+only (RWKV-6's exclusive ones go to the chunked torch path).
 
 Backward: a forward pass recomputes S_t for dq_t = do_t S_t^T (per value
 block, summed after); a reverse pass carries G_t = dL/dS_t,
@@ -18,8 +18,8 @@ The decay's gradient needs no pass of its own: with b the cumulative log
 decay, o and the final state depend on b_t through q_t exp(b_t), k_t exp(-b_t)
 and exp(b_T) S_final's factor, so
     dL/db_t = q_t * dq_t - k_t * dk_t  (+ sum_j S_T dS_T at t = T),
-and dL/dg_t is its reverse cumulative sum (summed over channels for a
-scalar decay).
+and dL/dg_t is its reverse cumulative sum within t's document (summed over
+channels for a scalar decay).
 """
 
 from __future__ import annotations
@@ -28,12 +28,16 @@ import torch
 import triton
 import triton.language as tl
 
+from kvlab.kernels.attention import document_starts
 from kvlab.kernels.triton_common import interpreting
 
 
 @triton.jit
-def _step(state, K, V, G, bh, t, T, DK, DV, ik, iv, in_k, in_v, VECTOR: tl.constexpr):
-    """S_t from S_{t-1}: decay (per key channel or scalar), then add k_t^T v_t."""
+def _step(state, K, V, G, STARTS, bh, H, t, T, DK, DV, ik, iv, in_k, in_v, VECTOR: tl.constexpr,
+          HAS_DOCS: tl.constexpr):  # fmt: skip
+    """S_t from S_{t-1}: empty where a document starts, decay (per key channel or scalar), add k_t^T v_t."""
+    if HAS_DOCS:
+        state = state * (1.0 - tl.load(STARTS + (bh // H) * T + t).to(tl.float32))
     k = tl.load(K + (bh * T + t) * DK + ik, mask=in_k, other=0.0).to(tl.float32)
     v = tl.load(V + (bh * T + t) * DV + iv, mask=in_v, other=0.0).to(tl.float32)
     if VECTOR:
@@ -43,7 +47,8 @@ def _step(state, K, V, G, bh, t, T, DK, DV, ik, iv, in_k, in_v, VECTOR: tl.const
 
 
 @triton.jit
-def _forward(Q, K, V, G, S0, OUT, S_FINAL, T, DK, DV, HAS_STATE: tl.constexpr, VECTOR: tl.constexpr,
+def _forward(Q, K, V, G, S0, STARTS, OUT, S_FINAL, T, H, DK, DV, HAS_STATE: tl.constexpr, VECTOR: tl.constexpr,
+             HAS_DOCS: tl.constexpr,
              BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):  # fmt: skip
     bh = tl.program_id(1)
     ik = tl.arange(0, BLOCK_K)
@@ -54,14 +59,15 @@ def _forward(Q, K, V, G, S0, OUT, S_FINAL, T, DK, DV, HAS_STATE: tl.constexpr, V
     if HAS_STATE:
         state += tl.load(S0 + (bh * DK + ik[:, None]) * DV + iv[None, :], mask=in_s, other=0.0).to(tl.float32)
     for t in range(T):
-        state = _step(state, K, V, G, bh, t, T, DK, DV, ik, iv, in_k, in_v, VECTOR)
+        state = _step(state, K, V, G, STARTS, bh, H, t, T, DK, DV, ik, iv, in_k, in_v, VECTOR, HAS_DOCS)
         q = tl.load(Q + (bh * T + t) * DK + ik, mask=in_k, other=0.0).to(tl.float32)
         tl.store(OUT + (bh * T + t) * DV + iv, tl.sum(q[:, None] * state, axis=0).to(OUT.dtype.element_ty), mask=in_v)
     tl.store(S_FINAL + (bh * DK + ik[:, None]) * DV + iv[None, :], state, mask=in_s)
 
 
 @triton.jit
-def _backward_dq(K, V, G, S0, DO, DQ_PARTIAL, T, DK, DV, BH, HAS_STATE: tl.constexpr, VECTOR: tl.constexpr,
+def _backward_dq(K, V, G, S0, STARTS, DO, DQ_PARTIAL, T, H, DK, DV, BH, HAS_STATE: tl.constexpr,
+                 VECTOR: tl.constexpr, HAS_DOCS: tl.constexpr,
                  BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):  # fmt: skip
     bh = tl.program_id(1)
     ik = tl.arange(0, BLOCK_K)
@@ -73,14 +79,15 @@ def _backward_dq(K, V, G, S0, DO, DQ_PARTIAL, T, DK, DV, BH, HAS_STATE: tl.const
                          other=0.0).to(tl.float32)  # fmt: skip
     partial = DQ_PARTIAL + tl.program_id(0) * BH * T * DK
     for t in range(T):
-        state = _step(state, K, V, G, bh, t, T, DK, DV, ik, iv, in_k, in_v, VECTOR)
+        state = _step(state, K, V, G, STARTS, bh, H, t, T, DK, DV, ik, iv, in_k, in_v, VECTOR, HAS_DOCS)
         do = tl.load(DO + (bh * T + t) * DV + iv, mask=in_v, other=0.0).to(tl.float32)
         tl.store(partial + (bh * T + t) * DK + ik, tl.sum(state * do[None, :], axis=1), mask=in_k)
 
 
 @triton.jit
-def _backward_reverse(Q, K, V, G, DO, DS_FINAL, DK_PARTIAL, DV_OUT, DS0, T, DK, DV, BH, HAS_DFINAL: tl.constexpr,
-                      VECTOR: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):  # fmt: skip
+def _backward_reverse(Q, K, V, G, STARTS, DO, DS_FINAL, DK_PARTIAL, DV_OUT, DS0, T, H, DK, DV, BH,
+                      HAS_DFINAL: tl.constexpr, VECTOR: tl.constexpr, HAS_DOCS: tl.constexpr,
+                      BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):  # fmt: skip
     bh = tl.program_id(1)
     ik = tl.arange(0, BLOCK_K)
     iv = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -104,6 +111,8 @@ def _backward_reverse(Q, K, V, G, DO, DS_FINAL, DK_PARTIAL, DV_OUT, DS0, T, DK, 
             grad = grad * tl.exp(tl.load(G + (bh * T + t) * DK + ik, mask=in_k, other=0.0).to(tl.float32))[:, None]
         else:
             grad = grad * tl.exp(tl.load(G + bh * T + t).to(tl.float32))
+        if HAS_DOCS:  # a document's first token read an empty state: nothing flows to the one before
+            grad = grad * (1.0 - tl.load(STARTS + (bh // H) * T + t).to(tl.float32))
     tl.store(DS0 + (bh * DK + ik[:, None]) * DV + iv[None, :], grad, mask=in_s)
 
 
@@ -112,26 +121,44 @@ def _blocks(Dk: int, Dv: int) -> tuple[int, int]:
     return block_k, min(triton.next_power_of_2(Dv), 16 if interpreting() else 32)
 
 
+def reverse_cumsum_within_documents(x: torch.Tensor, starts: torch.Tensor | None) -> torch.Tensor:
+    """y_t = sum of x_u over u >= t in t's document (x [B, H, T, ...], starts [B, T] bool or None)."""
+    total = x.flip(2).cumsum(2).flip(2)
+    if starts is None:
+        return total
+    B, T = starts.shape
+    idx = torch.arange(T, device=x.device).expand(B, T)
+    start_at = torch.where(starts, idx, T)
+    # the next document's first position after each t (T if none): what to subtract
+    after = torch.cat([start_at[:, 1:], start_at.new_full((B, 1), T)], dim=1).flip(1).cummin(1).values.flip(1)
+    padded = torch.cat([total, torch.zeros_like(total[:, :, :1])], dim=2)
+    index = after[:, None].expand(B, x.shape[1], T)
+    index = index.view(*index.shape, *([1] * (x.dim() - 3))).expand_as(total)
+    return total - padded.gather(2, index)
+
+
 class _LinearAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, log_decay, state):
+    def forward(ctx, q, k, v, log_decay, state, starts):
         B, H, T, Dk = q.shape
         Dv = v.shape[-1]
         q, k, v, log_decay = (t.contiguous() for t in (q, k, v, log_decay))
         s0 = state.float().contiguous() if state is not None else q.new_empty(0, dtype=torch.float32)
+        starts_arg = starts.to(torch.int8).contiguous() if starts is not None else q.new_empty(0, dtype=torch.int8)
         block_k, block_v = _blocks(Dk, Dv)
-        meta = {"HAS_STATE": state is not None, "VECTOR": log_decay.dim() == 4, "BLOCK_K": block_k, "BLOCK_V": block_v}
+        meta = {"VECTOR": log_decay.dim() == 4, "HAS_DOCS": starts is not None, "BLOCK_K": block_k, "BLOCK_V": block_v}
         grid = (triton.cdiv(Dv, block_v), B * H)
         out = torch.empty(B, H, T, Dv, dtype=q.dtype, device=q.device)
         final = torch.empty(B, H, Dk, Dv, dtype=torch.float32, device=q.device)
-        _forward[grid](q, k, v, log_decay, s0, out, final, T, Dk, Dv, **meta)
-        ctx.save_for_backward(q, k, v, log_decay, s0, final)
+        _forward[grid](q, k, v, log_decay, s0, starts_arg, out, final, T, H, Dk, Dv, HAS_STATE=state is not None,
+                       **meta)  # fmt: skip
+        ctx.save_for_backward(q, k, v, log_decay, s0, starts_arg, final)
         ctx.meta, ctx.grid, ctx.has_state = meta, grid, state is not None
         return out, final
 
     @staticmethod
     def backward(ctx, d_out, d_final):
-        q, k, v, log_decay, s0, final = ctx.saved_tensors
+        q, k, v, log_decay, s0, starts, final = ctx.saved_tensors
         B, H, T, Dk = q.shape
         Dv = v.shape[-1]
         meta, grid = ctx.meta, ctx.grid
@@ -141,24 +168,24 @@ class _LinearAttention(torch.autograd.Function):
         dk = torch.empty(n_blocks, B, H, T, Dk, dtype=torch.float32, device=q.device)
         dv = torch.empty(B, H, T, Dv, dtype=torch.float32, device=q.device)
         ds0 = torch.empty(B, H, Dk, Dv, dtype=torch.float32, device=q.device)
-        _backward_dq[grid](k, v, log_decay, s0, d_out, dq, T, Dk, Dv, B * H, **meta)
+        _backward_dq[grid](k, v, log_decay, s0, starts, d_out, dq, T, H, Dk, Dv, B * H, HAS_STATE=ctx.has_state,
+                           **meta)  # fmt: skip
         d_final_arg = d_final.float().contiguous() if d_final is not None else ds0
-        _backward_reverse[grid](q, k, v, log_decay, d_out, d_final_arg, dk, dv, ds0, T, Dk, Dv, B * H,
-                                HAS_DFINAL=d_final is not None, VECTOR=meta["VECTOR"], BLOCK_K=meta["BLOCK_K"],
-                                BLOCK_V=meta["BLOCK_V"])  # fmt: skip
+        _backward_reverse[grid](q, k, v, log_decay, starts, d_out, d_final_arg, dk, dv, ds0, T, H, Dk, Dv, B * H,
+                                HAS_DFINAL=d_final is not None, **meta)  # fmt: skip
         dq, dk = dq.sum(0), dk.sum(0)
-        db = q.float() * dq - k.float() * dk  # dL/d(cumulative log decay), per token and key channel
-        if d_final is not None:
+        db = q.float() * dq - k.float() * dk  # dL/d(cumulative log decay within the document)
+        if d_final is not None:  # the final state is the last document's
             db[:, :, -1] += (final * d_final.float()).sum(-1)
-        dg = db.flip(2).cumsum(2).flip(2)
+        dg = reverse_cumsum_within_documents(db, starts.bool() if meta["HAS_DOCS"] else None)
         if not meta["VECTOR"]:
             dg = dg.sum(-1)
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(log_decay.dtype),
-                ds0 if ctx.has_state else None)  # fmt: skip
+                ds0 if ctx.has_state else None, None)  # fmt: skip
 
 
 def linear_attention(q, k, v, log_decay, *, state=None, doc_ids=None, exclusive=False, chunk_size=64):
-    """``kvlab.kernels.linear_attention.linear_attention``'s contract, inclusive reads, no packed documents."""
-    if exclusive or doc_ids is not None:
-        raise ValueError("the Triton linear attention kernel takes inclusive reads without packed documents")
-    return _LinearAttention.apply(q, k, v, log_decay, state)
+    """``kvlab.kernels.linear_attention.linear_attention``'s contract with inclusive reads."""
+    if exclusive:
+        raise ValueError("the Triton linear attention kernel takes inclusive reads only")
+    return _LinearAttention.apply(q, k, v, log_decay, state, document_starts(doc_ids) if doc_ids is not None else None)

@@ -11,12 +11,12 @@ from tests.conftest import PRESETS, preset_dict, rel_error
 DOCS = torch.tensor([[0] * 6 + [1] * 10, [0] * 16])
 
 
-def _run(model, mode, ids, labels, docs=DOCS):
-    """(Packed-document) logits, the loss and every parameter's gradient under ``mode``."""
+def _run(model, mode, ids, labels):
+    """Packed-document logits, the loss and every parameter's gradient under ``mode``."""
     model.config.kernels = mode
     model.zero_grad()
-    logits = model(ids, doc_ids=docs)
-    loss = model(ids, doc_ids=docs, labels=labels)
+    logits = model(ids, doc_ids=DOCS)
+    loss = model(ids, doc_ids=DOCS, labels=labels)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return logits.detach(), loss.detach(), grads
@@ -43,14 +43,13 @@ def test_reference_and_fast_kernels_agree(name, monkeypatch):
     [
         ("gqa", {"attention", "rms_norm"}),
         ("yoco_swa", {"attention"}),
-        ("retnet", {"linear_attention", "apply_rope"}),
+        ("retnet", {"linear_attention"}),
         ("rwkv7", {"delta_rule"}),
     ],
 )
 def test_triton_kernels_give_the_same_model(name, ran, monkeypatch):
-    """Under the interpreter: attention and RMSNorm kernels on packed documents; the recurrent linear
-    attention, delta-rule and RoPE kernels on one document per row (packed rows take the chunked paths,
-    and RoPE tables per document position the torch one)."""
+    """Under the interpreter, on packed documents: the attention, RMSNorm, recurrent linear attention and
+    delta-rule kernels (RoPE's tables per document position take the torch path)."""
     pytest.importorskip("triton")
     monkeypatch.delenv("KVLAB_KERNELS", raising=False)
     used = set()
@@ -62,16 +61,14 @@ def test_triton_kernels_give_the_same_model(name, ran, monkeypatch):
 
     monkeypatch.setattr(ops_module, "dispatch", spy)
     spec = preset_dict(name)
-    recurrent = name in ("retnet", "rwkv7")
-    if recurrent:
+    if name in ("retnet", "rwkv7"):
         spec["n_layers"] = 2  # the interpreter walks the recurrence token by token
     model = build_model(spec)
     ids = torch.randint(0, model.config.vocab_size, (2, 16))
     labels = ids.roll(-1, dims=1)
-    docs = None if recurrent else DOCS
-    ref_logits, ref_loss, ref_grads = _run(model, "reference", ids, labels, docs)
+    ref_logits, ref_loss, ref_grads = _run(model, "reference", ids, labels)
     used.clear()
-    logits, loss, grads = _run(model, "triton", ids, labels, docs)
+    logits, loss, grads = _run(model, "triton", ids, labels)
     assert {(op, "triton") for op in ran} <= used
     assert rel_error(logits, ref_logits) < 1e-4 and rel_error(loss, ref_loss) < 1e-5
     for n, g in grads.items():

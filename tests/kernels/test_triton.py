@@ -104,13 +104,18 @@ def test_rope_matches_the_reference(dims):
     _check(lambda x: apply_rope(x, cos, sin), lambda x: apply_rope_tables_reference(x, cos, sin), (x,))
 
 
+DOCUMENTS = {"one-document": None, "packed": torch.tensor([[0] * 5 + [1] * 20 + [2] * 12, [3] * 37])}
+
+
+@pytest.mark.parametrize("docs", list(DOCUMENTS))
 @pytest.mark.parametrize("vector", [False, True], ids=["scalar-decay", "vector-decay"])
 @pytest.mark.parametrize("with_state", [False, True], ids=["empty", "initial-state"])
 @pytest.mark.parametrize("final_grad", [False, True], ids=["outputs", "outputs+final-state"])
-def test_recurrent_linear_attention_matches_the_reference(vector, with_state, final_grad):
+def test_recurrent_linear_attention_matches_the_reference(docs, vector, with_state, final_grad):
     from kvlab.kernels.triton_linear_attention import linear_attention
 
-    B, H, T, DK, DV = 2, 3, 19, 12, 20  # value dim over one block of 16 under the interpreter
+    B, H, T, DK, DV = 2, 3, 37, 12, 20  # value dim over one block of 16 under the interpreter
+    doc_ids = DOCUMENTS[docs]
     q, k, v = torch.randn(B, H, T, DK), torch.randn(B, H, T, DK), torch.randn(B, H, T, DV)
     log_decay = -torch.rand(B, H, T, *([DK] if vector else [])) * 0.5
     state = torch.randn(B, H, DK, DV) if with_state else None
@@ -118,7 +123,7 @@ def test_recurrent_linear_attention_matches_the_reference(vector, with_state, fi
 
     def pick(fn):
         def call(q, k, v, g, state=None):
-            out, final = fn(q, k, v, g, state=state)
+            out, final = fn(q, k, v, g, state=state, doc_ids=doc_ids)
             return (out, final) if final_grad else out
 
         return call
@@ -153,9 +158,10 @@ def test_mamba_scans_run_on_the_linear_attention_kernel(monkeypatch):
     assert ("linear_attention", "triton") in used and ("ssd", "torch") in used
 
 
+@pytest.mark.parametrize("docs", list(DOCUMENTS))
 @pytest.mark.parametrize("with_state", [False, True], ids=["empty", "initial-state"])
 @pytest.mark.parametrize("final_grad", [False, True], ids=["outputs", "outputs+final-state"])
-def test_recurrent_delta_rule_matches_the_reference(with_state, final_grad):
+def test_recurrent_delta_rule_matches_the_reference(docs, with_state, final_grad):
     from kvlab.kernels.triton_delta_rule import delta_rule
 
     B, H, T, DK, DV = 2, 2, 37, 12, 20  # 3 checkpointed chunks of 16, the last one partial
@@ -167,7 +173,7 @@ def test_recurrent_delta_rule_matches_the_reference(with_state, final_grad):
 
     def pick(fn):
         def call(q, k, v, g, a, b, state=None):
-            out, final = fn(q, k, v, g, a, b, state=state)
+            out, final = fn(q, k, v, g, a, b, state=state, doc_ids=DOCUMENTS[docs])
             return (out, final) if final_grad else out
 
         return call
