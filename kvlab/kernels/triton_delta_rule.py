@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from kvlab.kernels.attention import document_starts
-from kvlab.kernels.triton_common import interpreting
+from kvlab.kernels.triton_common import interpreting, load_state
 
 
 @triton.jit
@@ -57,9 +57,7 @@ def _forward(Q, K, V, G, A, B, S0, STARTS, OUT, S_FINAL, CHECKPOINTS, T, H, DK, 
     iv = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
     in_k, in_v = ik < DK, iv < DV
     in_s = in_k[:, None] & in_v[None, :]
-    state = tl.zeros([BLOCK_K, BLOCK_V], dtype=tl.float32)
-    if HAS_STATE:
-        state += tl.load(S0 + (bh * DK + ik[:, None]) * DV + iv[None, :], mask=in_s, other=0.0).to(tl.float32)
+    state = load_state(S0, bh, DK, DV, ik, iv, in_k, in_v, HAS_STATE, BLOCK_K, BLOCK_V)
     for t in range(T):
         if t % CHUNK == 0:  # the state before the chunk's first token
             tl.store(CHECKPOINTS + ((t // CHUNK * BH + bh) * DK + ik[:, None]) * DV + iv[None, :], state, mask=in_s)

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from kvlab.kernels.attention import document_starts
-from kvlab.kernels.triton_common import interpreting
+from kvlab.kernels.triton_common import interpreting, load_state
 
 
 @triton.jit
@@ -55,9 +55,7 @@ def _forward(Q, K, V, G, S0, STARTS, OUT, S_FINAL, T, H, DK, DV, HAS_STATE: tl.c
     iv = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
     in_k, in_v = ik < DK, iv < DV
     in_s = in_k[:, None] & in_v[None, :]
-    state = tl.zeros([BLOCK_K, BLOCK_V], dtype=tl.float32)
-    if HAS_STATE:
-        state += tl.load(S0 + (bh * DK + ik[:, None]) * DV + iv[None, :], mask=in_s, other=0.0).to(tl.float32)
+    state = load_state(S0, bh, DK, DV, ik, iv, in_k, in_v, HAS_STATE, BLOCK_K, BLOCK_V)
     for t in range(T):
         state = _step(state, K, V, G, STARTS, bh, H, t, T, DK, DV, ik, iv, in_k, in_v, VECTOR, HAS_DOCS)
         q = tl.load(Q + (bh * T + t) * DK + ik, mask=in_k, other=0.0).to(tl.float32)
@@ -73,10 +71,7 @@ def _backward_dq(K, V, G, S0, STARTS, DO, DQ_PARTIAL, T, H, DK, DV, BH, HAS_STAT
     ik = tl.arange(0, BLOCK_K)
     iv = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
     in_k, in_v = ik < DK, iv < DV
-    state = tl.zeros([BLOCK_K, BLOCK_V], dtype=tl.float32)
-    if HAS_STATE:
-        state += tl.load(S0 + (bh * DK + ik[:, None]) * DV + iv[None, :], mask=in_k[:, None] & in_v[None, :],
-                         other=0.0).to(tl.float32)  # fmt: skip
+    state = load_state(S0, bh, DK, DV, ik, iv, in_k, in_v, HAS_STATE, BLOCK_K, BLOCK_V)
     partial = DQ_PARTIAL + tl.program_id(0) * BH * T * DK
     for t in range(T):
         state = _step(state, K, V, G, STARTS, bh, H, t, T, DK, DV, ik, iv, in_k, in_v, VECTOR, HAS_DOCS)
