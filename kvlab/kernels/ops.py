@@ -9,8 +9,8 @@ modes, ``KVLAB_KERNELS`` and the fallback rules). Backends per op:
     absorbed_attention    x          einsums                 x (the attention kernel, one K/V head)
     linear_attention      x          chunked                 x (recurrent, fused)
     delta_rule            x          chunked (UT transform)  x (recurrent, chunk checkpoints)
-    ssd                   x          chunked                         mamba-ssm
-    selective_scan        x          chunked                         mamba-ssm
+    ssd                   x          via linear_attention            mamba-ssm
+    selective_scan        x          via linear_attention            mamba-ssm
     causal_conv1d         x          shifted multiply-adds
     rms_norm (+residual)  x          F.rms_norm              x
     apply_rope            x          rotate-half             x
