@@ -36,9 +36,28 @@ def _rows_per_chunk(vocab: int, target_bytes: int = 64 * 2**20) -> int:
     return max(1, target_bytes // (4 * vocab))
 
 
+def cross_entropy_rows(logits, labels, grad_scale: float | None):
+    """Per-row losses of a chunk of logits [n, V]; with ``grad_scale``, also their gradient, in place.
+
+    Returns (losses [n] float32, gradient or None): the gradient (softmax -
+    one-hot) * grad_scale, zero on ignored rows, overwrites ``logits`` (it is
+    float32 here; the Triton kernel keeps the logits' own dtype).
+    """
+    logits = logits.float()
+    valid = labels != IGNORE
+    target = labels.clamp(min=0)
+    lse = logits.logsumexp(-1)
+    losses = (lse - logits.gather(1, target[:, None])[:, 0]) * valid
+    if grad_scale is None:
+        return losses, None
+    grad = logits.sub_(lse[:, None]).exp_()
+    grad[torch.arange(len(labels), device=logits.device), target] -= 1.0
+    return losses, grad.mul_((valid * grad_scale)[:, None])
+
+
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, reduction, rows):
+    def forward(ctx, hidden, weight, labels, reduction, rows, rows_fn):
         h, y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
         n_valid = int((y != IGNORE).sum())
         want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
@@ -50,22 +69,15 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         )
         for start in range(0, h.shape[0], rows):
             h_c, y_c = h[start : start + rows], y[start : start + rows]
-            logits = (h_c @ weight.t()).float()
-            valid = y_c != IGNORE
-            target = y_c.clamp(min=0)
-            lse = logits.logsumexp(-1)
-            losses[start : start + rows] = (lse - logits.gather(1, target[:, None])[:, 0]) * valid
-            if want_grad:
-                # d loss_i / d logits_i = softmax_i - onehot(y_i), for labelled rows; in place over the logits
-                grad = logits.sub_(lse[:, None]).exp_()
-                grad[torch.arange(len(y_c), device=h.device), target] -= 1.0
-                grad.mul_((valid * scale)[:, None])
+            # d loss_i / d logits_i = softmax_i - onehot(y_i), for labelled rows; written over the logits
+            losses[start : start + rows], grad = rows_fn(h_c @ weight.t(), y_c, scale if want_grad else None)
+            if grad is not None:
                 grad = grad.to(weight.dtype)
                 if grad_h is not None:
                     grad_h[start : start + rows] = grad @ weight
                 if grad_w is not None:
                     grad_w.addmm_(grad.t().float(), h_c.float())
-            del logits
+            del grad
         ctx.reduction = reduction
         ctx.shape = hidden.shape
         if want_grad:
@@ -82,19 +94,22 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             grad_h = (grad_h * grad_out.to(grad_h.dtype)).view(ctx.shape)
         if grad_w is not None:
             grad_w = grad_w * grad_out.to(grad_w.dtype)
-        return grad_h, grad_w, None, None, None
+        return grad_h, grad_w, None, None, None, None
 
 
-def linear_cross_entropy(hidden, weight, labels, *, reduction: str = "mean", rows_per_chunk: int | None = None):
+def linear_cross_entropy(
+    hidden, weight, labels, *, reduction: str = "mean", rows_per_chunk: int | None = None, rows_fn=cross_entropy_rows
+):
     """Cross-entropy of ``hidden @ weight.T`` against ``labels`` (-100 ignored), chunked over rows.
 
     hidden [..., D], weight [V, D], labels [...]; reduction "mean" (over labelled rows; 0, not NaN, when
     there are none) or "sum";
     "none" (a loss per row) only without gradients, as gradients are computed during the forward.
+    ``rows_fn`` reduces one chunk's logits (``cross_entropy_rows``' contract; the Triton backend passes its kernel).
     """
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction={reduction!r}: valid are mean, sum, none")
     if reduction == "none" and torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         raise ValueError("linear_cross_entropy: reduction='none' computes no gradients; use mean or sum to train")
     rows = rows_per_chunk or _rows_per_chunk(weight.shape[0])
-    return _FusedLinearCrossEntropy.apply(hidden, weight, labels, reduction, rows)
+    return _FusedLinearCrossEntropy.apply(hidden, weight, labels, reduction, rows, rows_fn)

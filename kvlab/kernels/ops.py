@@ -14,7 +14,7 @@ modes, ``KVLAB_KERNELS`` and the fallback rules). Backends per op:
     causal_conv1d         x          shifted multiply-adds
     rms_norm (+residual)  x          F.rms_norm              x
     apply_rope            x          rotate-half             x
-    linear_cross_entropy  x          chunked, fused backward
+    linear_cross_entropy  x          chunked, fused backward x (per-row loss + gradient kernel)
 
 Triton kernels live in ``kvlab.kernels.triton_*`` and external wrappers in
 ``kvlab.kernels.external``; both are named by strings, imported only when
@@ -138,6 +138,8 @@ register("apply_rope", "triton", "kvlab.kernels.triton_rope:apply_rope", package
          supports=_triton_rope_supports)  # fmt: skip
 register("linear_cross_entropy", "reference", _linear_cross_entropy_reference)
 register("linear_cross_entropy", "torch", _linear_cross_entropy_torch)
+register("linear_cross_entropy", "triton", "kvlab.kernels.triton_cross_entropy:linear_cross_entropy",
+         packages=["triton"])  # fmt: skip
 
 
 def attention(q, k, v, *, mask=None, causal=False, window=None, doc_ids=None, scale=None):

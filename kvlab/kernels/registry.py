@@ -85,6 +85,9 @@ class Backend:
         for package in self.packages:
             if not _importable(package):
                 return f"{package} is not installed"
+        # An exported checkpoint's remote code carries the registry but not the Triton/external modules
+        if isinstance(self.target, str) and not _importable(self.target.split(":")[0]):
+            return f"{self.target.split(':')[0]} is not importable"
         if self.name == "triton" and not _triton_device_ok(args):
             return "Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 on CPU, when forced)"
         return self.supports(*args, **kwargs) if self.supports is not None else None

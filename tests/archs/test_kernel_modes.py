@@ -41,7 +41,7 @@ def test_reference_and_fast_kernels_agree(name, monkeypatch):
 @pytest.mark.parametrize(
     "name, ran",
     [
-        ("gqa", {"attention", "rms_norm"}),
+        ("gqa", {"attention", "rms_norm", "linear_cross_entropy"}),
         ("yoco_swa", {"attention"}),
         ("retnet", {"linear_attention"}),
         ("rwkv7", {"delta_rule"}),
@@ -49,7 +49,7 @@ def test_reference_and_fast_kernels_agree(name, monkeypatch):
 )
 def test_triton_kernels_give_the_same_model(name, ran, monkeypatch):
     """Under the interpreter, on packed documents: the attention, RMSNorm, recurrent linear attention and
-    delta-rule kernels (RoPE's tables per document position take the torch path)."""
+    delta-rule and fused loss kernels (RoPE's tables per document position take the torch path)."""
     pytest.importorskip("triton")
     monkeypatch.delenv("KVLAB_KERNELS", raising=False)
     used = set()

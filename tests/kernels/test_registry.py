@@ -81,3 +81,15 @@ def test_bad_modes_name_the_value_and_what_is_valid(mode, message):
         from kvlab import ModelConfig
 
         ModelConfig(kernels=mode)
+
+
+def test_a_backend_whose_module_is_missing_falls_back(monkeypatch, caplog):
+    """Exported remote code carries the registry, whose Triton/external targets name kvlab modules it lacks."""
+    monkeypatch.delenv("KVLAB_KERNELS", raising=False)
+    backends = dict(registry._REGISTRY["rms_norm"])
+    monkeypatch.setitem(registry._REGISTRY, "rms_norm", backends)
+    registry.register("rms_norm", "triton", "kvlab_missing.kernels:rms_norm")
+    x = torch.randn(3, 8)
+    with use_kernels("triton"), caplog.at_level(logging.WARNING, logger=registry.__name__):
+        assert choose("rms_norm", (x, torch.ones(8), 1e-6, None), {}).name == "torch"
+    assert "kvlab_missing.kernels is not importable" in caplog.text
