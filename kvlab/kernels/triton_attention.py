@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvlab.kernels.triton_common import block, interpreting
+from kvlab.kernels.triton_common import block, interpreting, length_bucket, tune_configs
 
 
 @triton.jit
@@ -64,8 +64,20 @@ def _key_range(start_m, S, WINDOW, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     return lo, hi
 
 
+# Tiles (BLOCK_M queries x BLOCK_N keys), warps and pipeline stages, timed on the first call for each head
+# dims, mask kind, dtype and length bucket (T_BUCKET, S_BUCKET: keys only, unused in the kernels). Any tile
+# pair is valid: the key ranges are computed from both sizes (the unequal-tile test checks that).
+_TUNE_KEY = ["D", "DV", "T_BUCKET", "S_BUCKET", "CAUSAL", "HAS_WINDOW", "HAS_DOCS"]
+_TILES = tune_configs(
+    [({"BLOCK_M": m, "BLOCK_N": n}, warps, stages) for m, n, warps, stages in
+     [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (128, 32, 4, 3), (64, 32, 4, 4), (32, 32, 2, 3)]],
+    {"BLOCK_M": 16, "BLOCK_N": 16},
+)  # fmt: skip
+
+
+@triton.autotune(configs=_TILES, key=_TUNE_KEY)
 @triton.jit
-def _forward(Q, K, V, OUT, LSE, DOCS, scale, T, S, H, GROUP, D, DV, WINDOW, CAUSAL: tl.constexpr,
+def _forward(Q, K, V, OUT, LSE, DOCS, scale, T, S, H, GROUP, D, DV, WINDOW, T_BUCKET, S_BUCKET, CAUSAL: tl.constexpr,
              HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):  # fmt: skip
     start_m = tl.program_id(0)
@@ -100,8 +112,9 @@ def _forward(Q, K, V, OUT, LSE, DOCS, scale, T, S, H, GROUP, D, DV, WINDOW, CAUS
     tl.store(LSE + bh * T + offs_m, m_i + tl.log(l_i), mask=in_rows)
 
 
+@triton.autotune(configs=_TILES, key=_TUNE_KEY)
 @triton.jit
-def _backward_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_OUT, DOCS, scale, T, S, H, GROUP, D, DV, WINDOW,
+def _backward_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_OUT, DOCS, scale, T, S, H, GROUP, D, DV, WINDOW, T_BUCKET, S_BUCKET,
                    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, UPCAST: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_DV: tl.constexpr):  # fmt: skip
@@ -143,10 +156,12 @@ def _backward_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_OUT, DOCS, scale, T, S, H, GR
              mask=in_keys[:, None] & (offs_dv[None, :] < DV))  # fmt: skip
 
 
+@triton.autotune(configs=_TILES, key=_TUNE_KEY)
 @triton.jit
-def _backward_dq(Q, K, V, DO, LSE, DELTA, DQ, DOCS, scale, T, S, H, GROUP, D, DV, WINDOW, CAUSAL: tl.constexpr,
-                 HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):  # fmt: skip
+def _backward_dq(Q, K, V, DO, LSE, DELTA, DQ, DOCS, scale, T, S, H, GROUP, D, DV, WINDOW, T_BUCKET, S_BUCKET,
+                 CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, UPCAST: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                 BLOCK_DV: tl.constexpr):  # fmt: skip
     start_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -175,14 +190,12 @@ def _backward_dq(Q, K, V, DO, LSE, DELTA, DQ, DOCS, scale, T, S, H, GROUP, D, DV
 
 
 def _meta(q, k, v, window, doc_ids, causal) -> dict:
-    small = interpreting()
+    """The constexprs the call fixes (the tiles are autotuned)."""
     return {
         "CAUSAL": bool(causal or window is not None or doc_ids is not None),
         "HAS_WINDOW": window is not None,
         "HAS_DOCS": doc_ids is not None,
-        "UPCAST": small,
-        "BLOCK_M": 16 if small else 64,
-        "BLOCK_N": 16 if small else 64,
+        "UPCAST": interpreting(),
         "BLOCK_D": block(q.shape[-1], 256),
         "BLOCK_DV": block(v.shape[-1], 256),
     }
@@ -198,8 +211,8 @@ class _Attention(torch.autograd.Function):
         meta = _meta(q, k, v, window, doc_ids, causal)
         out = torch.empty(B, H, T, DV, dtype=q.dtype, device=q.device)
         lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
-        sizes = (scale, T, S, H, H // k.shape[1], D, DV, window or 0)
-        _forward[(triton.cdiv(T, meta["BLOCK_M"]), B * H)](q, k, v, out, lse, docs, *sizes, **meta)
+        sizes = (scale, T, S, H, H // k.shape[1], D, DV, window or 0, length_bucket(T), length_bucket(S))
+        _forward[lambda tile: (triton.cdiv(T, tile["BLOCK_M"]), B * H)](q, k, v, out, lse, docs, *sizes, **meta)
         ctx.save_for_backward(q, k, v, out, lse, docs)
         ctx.sizes, ctx.meta = sizes, meta
         return out
@@ -215,10 +228,10 @@ class _Attention(torch.autograd.Function):
         dk = torch.empty(B, H, S, D, dtype=k.dtype, device=k.device)  # per query head, summed below
         dv = torch.empty(B, H, S, v.shape[-1], dtype=v.dtype, device=v.device)
         meta = ctx.meta
-        _backward_dkdv[(triton.cdiv(S, meta["BLOCK_N"]), B * H)](
+        _backward_dkdv[lambda tile: (triton.cdiv(S, tile["BLOCK_N"]), B * H)](
             q, k, v, grad_out, lse, delta, dk, dv, docs, *ctx.sizes, **meta
         )
-        _backward_dq[(triton.cdiv(T, meta["BLOCK_M"]), B * H)](
+        _backward_dq[lambda tile: (triton.cdiv(T, tile["BLOCK_M"]), B * H)](
             q, k, v, grad_out, lse, delta, dq, docs, *ctx.sizes, **meta
         )
         if Hkv != H:

@@ -1,8 +1,9 @@
-"""What every Triton kernel module shares: interpreter detection and block sizes.
+"""What every Triton kernel module shares: interpreter detection, block sizes, autotune configs.
 
 Under ``TRITON_INTERPRET=1`` (CPU, tests) kernels upcast to float32 right
 after loading, since the interpreter mis-handles bf16 arithmetic, and use
-small blocks; on GPUs they keep the inputs' dtype for tensor-core dots.
+small blocks and one autotune config (so nothing is benchmarked); on GPUs
+they keep the inputs' dtype for tensor-core dots and autotune their tiles.
 """
 
 from __future__ import annotations
@@ -20,6 +21,21 @@ def interpreting() -> bool:
 def block(n: int, cap: int) -> int:
     """The smallest power of two >= n, at most ``cap`` (and at least 16, tl.dot's minimum)."""
     return max(16, min(cap, triton.next_power_of_2(n)))
+
+
+def tune_configs(gpu: list[tuple[dict, int, int]], interpreted: dict) -> list[triton.Config]:
+    """Autotune configs: ``gpu`` as (constexprs, num_warps, num_stages) on a GPU, ``interpreted`` alone under
+    the interpreter. Configs a GPU cannot fit (shared memory at large head dims) are timed as infinite by
+    Triton's autotuner and never chosen."""
+    if interpreting():
+        return [triton.Config(interpreted, num_warps=1, num_stages=1)]
+    return [triton.Config(blocks, num_warps=warps, num_stages=stages) for blocks, warps, stages in gpu]
+
+
+def length_bucket(n: int) -> int:
+    """An autotune key for a sequence length: its power of two, so decoding (one more key each step)
+    re-tunes once per doubling, not once per step."""
+    return triton.next_power_of_2(n)
 
 
 @triton.jit

@@ -8,6 +8,8 @@ pass over the vocabulary keeps a running max and sum of exponentials
 kernels over the chunk and keeps it in float32; this one reads the logits
 twice, writes them once and keeps their dtype (bf16 logits stay bf16, halving
 the chunk), with float32 arithmetic inside.
+It is not autotuned: the autotuner re-runs a kernel to time it, and this
+one overwrites its input.
 """
 
 from __future__ import annotations

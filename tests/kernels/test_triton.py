@@ -75,6 +75,26 @@ def test_flash_attention_matches_the_reference(case, heads):
            (q, k, v))  # fmt: skip
 
 
+@pytest.mark.parametrize("tile", [(32, 16), (16, 32)], ids=["tall", "wide"])
+@pytest.mark.parametrize("case", ["causal", "documents+window"])
+def test_flash_attention_with_unequal_tiles(case, tile, monkeypatch):
+    """GPU autotune configs pair unequal query and key tiles (128 x 32 ...); the interpreter runs the first
+    config, so each kernel's list is swapped for one such tile here."""
+    import triton
+
+    from kvlab.kernels import triton_attention
+
+    config = triton.Config({"BLOCK_M": tile[0], "BLOCK_N": tile[1]}, num_warps=1, num_stages=1)
+    for kernel in (triton_attention._forward, triton_attention._backward_dkdv, triton_attention._backward_dq):
+        monkeypatch.setattr(kernel, "configs", [config])
+    q, k, v = (torch.randn(1, 2, 37, 32, requires_grad=True) for _ in range(3))
+    kwargs = dict(ATTENTION_CASES[case])
+    if kwargs.get("doc_ids"):
+        kwargs["doc_ids"] = torch.tensor([[0] * 19 + [1] * 18])
+    _check(lambda q, k, v: triton_attention.attention(q, k, v, **kwargs),
+           lambda q, k, v: attention_reference(q, k, v, **kwargs), (q, k, v))  # fmt: skip
+
+
 def test_flash_attention_decodes_one_query_over_a_longer_cache():
     from kvlab.kernels.triton_attention import attention
 
