@@ -82,13 +82,7 @@ def _selective_scan_supports(u, *args, state=None, doc_ids=None, **kwargs):
     return None
 
 
-def _triton_linear_attention_supports(q, k, v, log_decay, *, exclusive=False, **kwargs):
-    if exclusive:
-        return "exclusive reads (the recurrent kernel reads after each write)"
-    return _triton_delta_rule_supports(q)
-
-
-def _triton_delta_rule_supports(q, *args, **kwargs):
+def _triton_recurrent_supports(q, *args, **kwargs):
     return None if q.shape[-1] <= 256 else f"key dim {q.shape[-1]} > 256 (the kernel holds a state column)"
 
 
@@ -115,11 +109,11 @@ register("absorbed_attention", "triton", "kvlab.kernels.triton_attention:absorbe
 register("linear_attention", "reference", _linear_attention_reference)
 register("linear_attention", "torch", _linear_attention_torch)
 register("linear_attention", "triton", "kvlab.kernels.triton_linear_attention:linear_attention", packages=["triton"],
-         supports=_triton_linear_attention_supports)  # fmt: skip
+         supports=_triton_recurrent_supports)  # fmt: skip
 register("delta_rule", "reference", _delta_rule_reference)
 register("delta_rule", "torch", _delta_rule_torch)
 register("delta_rule", "triton", "kvlab.kernels.triton_delta_rule:delta_rule", packages=["triton"],
-         supports=_triton_delta_rule_supports)  # fmt: skip
+         supports=_triton_recurrent_supports)  # fmt: skip
 register("ssd", "reference", _ssd_reference)
 register("ssd", "torch", _ssd_torch)
 register("ssd", "external", "kvlab.kernels.external:mamba_ssd", packages=["mamba_ssm"], supports=_cuda)

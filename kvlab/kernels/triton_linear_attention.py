@@ -1,25 +1,28 @@
 """Linear attention with decay in Triton, in its recurrent form (fused: the state never leaves the chip).
 
-    S_t = diag(exp g_t) S_{t-1} + k_t^T v_t,   o_t = q_t S_t
+    S_t = diag(exp g_t) S_{t-1} + k_t^T v_t,   o_t = q_t S_t   (exclusive: o_t = q_t S_{t-1})
 
 One program per (batch, head, block of value channels) carries its
 [Dk, BLOCK_V] slice of the state through the tokens in registers; at decode
 and at the moderate lengths of decoding-heavy use this is what fused
 recurrent kernels (fla's ``fused_recurrent``) do. Scalar ([B, H, T]) or
 per-key-channel ([B, H, T, Dk]) log decays, initial and final states,
-packed documents (the state empties where one starts); inclusive reads
-only (RWKV-6's exclusive ones go to the chunked torch path).
+packed documents (the state empties where one starts); inclusive reads, or
+RWKV-6's exclusive ones (before the token's own write).
 
-Backward: a forward pass recomputes S_t for dq_t = do_t S_t^T (per value
-block, summed after); a reverse pass carries G_t = dL/dS_t,
+Backward: a forward pass recomputes the state each token read for
+dq_t = do_t S_read^T (per value block, summed after); a reverse pass carries
+G_t = dL/dS_t,
     G_t = q_t^T do_t + diag(exp g_{t+1}) G_{t+1}   (G_T starts at dL/dS_final)
-    dk_t = G_t v_t^T,  dv_t = k_t G_t,  dL/dS_0 = diag(exp g_1) G_1.
-The decay's gradient needs no pass of its own: with b the cumulative log
-decay, o and the final state depend on b_t through q_t exp(b_t), k_t exp(-b_t)
-and exp(b_T) S_final's factor, so
-    dL/db_t = q_t * dq_t - k_t * dk_t  (+ sum_j S_T dS_T at t = T),
-and dL/dg_t is its reverse cumulative sum within t's document (summed over
-channels for a scalar decay).
+    dk_t = G_t v_t^T,  dv_t = k_t G_t,  dL/dS_0 = diag(exp g_1) G_1;
+an exclusive read adds q_t^T do_t to G_{t-1} instead. The decay's gradient
+needs no pass of its own: with b the cumulative log decay, o and the final
+state depend on b_t through q_t exp(b_t) (exclusive: q_{t+1} exp(b_t)),
+k_t exp(-b_t) and exp(b_T) S_final's factor, so
+    dL/db_t = q_t * dq_t - k_t * dk_t  (+ sum_j S_T dS_T at t = T)
+(exclusive: q_{t+1} * dq_{t+1}, which is 0 where t+1 starts a document,
+read from an empty state), and dL/dg_t is its reverse cumulative sum within
+t's document (summed over channels for a scalar decay).
 """
 
 from __future__ import annotations
@@ -34,10 +37,20 @@ from kvlab.kernels.triton_common import interpreting, load_state
 
 @triton.jit
 def _step(state, K, V, G, STARTS, bh, H, t, T, DK, DV, ik, iv, in_k, in_v, VECTOR: tl.constexpr,
-          HAS_DOCS: tl.constexpr):  # fmt: skip
-    """S_t from S_{t-1}: empty where a document starts, decay (per key channel or scalar), add k_t^T v_t."""
+          HAS_DOCS: tl.constexpr, EXCLUSIVE: tl.constexpr):  # fmt: skip
+    """(S_t, the state token t reads) from S_{t-1}: empty where a document starts, decay (per key channel or
+    scalar), add k_t^T v_t; an exclusive read sees the state before the decay and the write."""
     if HAS_DOCS:
         state = state * (1.0 - tl.load(STARTS + (bh // H) * T + t).to(tl.float32))
+    read = state
+    state = _decay_and_write(state, K, V, G, bh, t, T, DK, DV, ik, iv, in_k, in_v, VECTOR)
+    if not EXCLUSIVE:
+        read = state
+    return state, read
+
+
+@triton.jit
+def _decay_and_write(state, K, V, G, bh, t, T, DK, DV, ik, iv, in_k, in_v, VECTOR: tl.constexpr):
     k = tl.load(K + (bh * T + t) * DK + ik, mask=in_k, other=0.0).to(tl.float32)
     v = tl.load(V + (bh * T + t) * DV + iv, mask=in_v, other=0.0).to(tl.float32)
     if VECTOR:
@@ -48,8 +61,8 @@ def _step(state, K, V, G, STARTS, bh, H, t, T, DK, DV, ik, iv, in_k, in_v, VECTO
 
 @triton.jit
 def _forward(Q, K, V, G, S0, STARTS, OUT, S_FINAL, T, H, DK, DV, HAS_STATE: tl.constexpr, VECTOR: tl.constexpr,
-             HAS_DOCS: tl.constexpr,
-             BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):  # fmt: skip
+             HAS_DOCS: tl.constexpr, EXCLUSIVE: tl.constexpr, BLOCK_K: tl.constexpr,
+             BLOCK_V: tl.constexpr):  # fmt: skip
     bh = tl.program_id(1)
     ik = tl.arange(0, BLOCK_K)
     iv = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -57,15 +70,16 @@ def _forward(Q, K, V, G, S0, STARTS, OUT, S_FINAL, T, H, DK, DV, HAS_STATE: tl.c
     in_s = in_k[:, None] & in_v[None, :]
     state = load_state(S0, bh, DK, DV, ik, iv, in_k, in_v, HAS_STATE, BLOCK_K, BLOCK_V)
     for t in range(T):
-        state = _step(state, K, V, G, STARTS, bh, H, t, T, DK, DV, ik, iv, in_k, in_v, VECTOR, HAS_DOCS)
+        state, read = _step(state, K, V, G, STARTS, bh, H, t, T, DK, DV, ik, iv, in_k, in_v, VECTOR, HAS_DOCS,
+                            EXCLUSIVE)  # fmt: skip
         q = tl.load(Q + (bh * T + t) * DK + ik, mask=in_k, other=0.0).to(tl.float32)
-        tl.store(OUT + (bh * T + t) * DV + iv, tl.sum(q[:, None] * state, axis=0).to(OUT.dtype.element_ty), mask=in_v)
+        tl.store(OUT + (bh * T + t) * DV + iv, tl.sum(q[:, None] * read, axis=0).to(OUT.dtype.element_ty), mask=in_v)
     tl.store(S_FINAL + (bh * DK + ik[:, None]) * DV + iv[None, :], state, mask=in_s)
 
 
 @triton.jit
 def _backward_dq(K, V, G, S0, STARTS, DO, DQ_PARTIAL, T, H, DK, DV, BH, HAS_STATE: tl.constexpr,
-                 VECTOR: tl.constexpr, HAS_DOCS: tl.constexpr,
+                 VECTOR: tl.constexpr, HAS_DOCS: tl.constexpr, EXCLUSIVE: tl.constexpr,
                  BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):  # fmt: skip
     bh = tl.program_id(1)
     ik = tl.arange(0, BLOCK_K)
@@ -74,15 +88,16 @@ def _backward_dq(K, V, G, S0, STARTS, DO, DQ_PARTIAL, T, H, DK, DV, BH, HAS_STAT
     state = load_state(S0, bh, DK, DV, ik, iv, in_k, in_v, HAS_STATE, BLOCK_K, BLOCK_V)
     partial = DQ_PARTIAL + tl.program_id(0) * BH * T * DK
     for t in range(T):
-        state = _step(state, K, V, G, STARTS, bh, H, t, T, DK, DV, ik, iv, in_k, in_v, VECTOR, HAS_DOCS)
+        state, read = _step(state, K, V, G, STARTS, bh, H, t, T, DK, DV, ik, iv, in_k, in_v, VECTOR, HAS_DOCS,
+                            EXCLUSIVE)  # fmt: skip
         do = tl.load(DO + (bh * T + t) * DV + iv, mask=in_v, other=0.0).to(tl.float32)
-        tl.store(partial + (bh * T + t) * DK + ik, tl.sum(state * do[None, :], axis=1), mask=in_k)
+        tl.store(partial + (bh * T + t) * DK + ik, tl.sum(read * do[None, :], axis=1), mask=in_k)
 
 
 @triton.jit
 def _backward_reverse(Q, K, V, G, STARTS, DO, DS_FINAL, DK_PARTIAL, DV_OUT, DS0, T, H, DK, DV, BH,
                       HAS_DFINAL: tl.constexpr, VECTOR: tl.constexpr, HAS_DOCS: tl.constexpr,
-                      BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):  # fmt: skip
+                      EXCLUSIVE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):  # fmt: skip
     bh = tl.program_id(1)
     ik = tl.arange(0, BLOCK_K)
     iv = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -98,7 +113,8 @@ def _backward_reverse(Q, K, V, G, STARTS, DO, DS_FINAL, DK_PARTIAL, DV_OUT, DS0,
         k = tl.load(K + (bh * T + t) * DK + ik, mask=in_k, other=0.0).to(tl.float32)
         v = tl.load(V + (bh * T + t) * DV + iv, mask=in_v, other=0.0).to(tl.float32)
         do = tl.load(DO + (bh * T + t) * DV + iv, mask=in_v, other=0.0).to(tl.float32)
-        grad += q[:, None] * do[None, :]  # G_t
+        if not EXCLUSIVE:
+            grad += q[:, None] * do[None, :]  # G_t: token t read S_t
         tl.store(partial + (bh * T + t) * DK + ik, tl.sum(grad * v[None, :], axis=1), mask=in_k)
         tl.store(DV_OUT + (bh * T + t) * DV + iv, tl.sum(k[:, None] * grad, axis=0).to(DV_OUT.dtype.element_ty),
                  mask=in_v)  # fmt: skip
@@ -106,6 +122,8 @@ def _backward_reverse(Q, K, V, G, STARTS, DO, DS_FINAL, DK_PARTIAL, DV_OUT, DS0,
             grad = grad * tl.exp(tl.load(G + (bh * T + t) * DK + ik, mask=in_k, other=0.0).to(tl.float32))[:, None]
         else:
             grad = grad * tl.exp(tl.load(G + bh * T + t).to(tl.float32))
+        if EXCLUSIVE:
+            grad += q[:, None] * do[None, :]  # token t read S_{t-1}
         if HAS_DOCS:  # a document's first token read an empty state: nothing flows to the one before
             grad = grad * (1.0 - tl.load(STARTS + (bh // H) * T + t).to(tl.float32))
     tl.store(DS0 + (bh * DK + ik[:, None]) * DV + iv[None, :], grad, mask=in_s)
@@ -134,14 +152,15 @@ def reverse_cumsum_within_documents(x: torch.Tensor, starts: torch.Tensor | None
 
 class _LinearAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, log_decay, state, starts):
+    def forward(ctx, q, k, v, log_decay, state, starts, exclusive):
         B, H, T, Dk = q.shape
         Dv = v.shape[-1]
         q, k, v, log_decay = (t.contiguous() for t in (q, k, v, log_decay))
         s0 = state.float().contiguous() if state is not None else q.new_empty(0, dtype=torch.float32)
         starts_arg = starts.to(torch.int8).contiguous() if starts is not None else q.new_empty(0, dtype=torch.int8)
         block_k, block_v = _blocks(Dk, Dv)
-        meta = {"VECTOR": log_decay.dim() == 4, "HAS_DOCS": starts is not None, "BLOCK_K": block_k, "BLOCK_V": block_v}
+        meta = {"VECTOR": log_decay.dim() == 4, "HAS_DOCS": starts is not None, "EXCLUSIVE": exclusive,
+                "BLOCK_K": block_k, "BLOCK_V": block_v}  # fmt: skip
         grid = (triton.cdiv(Dv, block_v), B * H)
         out = torch.empty(B, H, T, Dv, dtype=q.dtype, device=q.device)
         final = torch.empty(B, H, Dk, Dv, dtype=torch.float32, device=q.device)
@@ -169,18 +188,20 @@ class _LinearAttention(torch.autograd.Function):
         _backward_reverse[grid](q, k, v, log_decay, starts, d_out, d_final_arg, dk, dv, ds0, T, H, Dk, Dv, B * H,
                                 HAS_DFINAL=d_final is not None, **meta)  # fmt: skip
         dq, dk = dq.sum(0), dk.sum(0)
-        db = q.float() * dq - k.float() * dk  # dL/d(cumulative log decay within the document)
+        read = q.float() * dq  # how the loss moves with the decay factor of the state each token read
+        if meta["EXCLUSIVE"]:  # token t+1 read the state decayed up to t
+            read = torch.cat([read[:, :, 1:], torch.zeros_like(read[:, :, :1])], dim=2)
+        db = read - k.float() * dk  # dL/d(cumulative log decay within the document)
         if d_final is not None:  # the final state is the last document's
             db[:, :, -1] += (final * d_final.float()).sum(-1)
         dg = reverse_cumsum_within_documents(db, starts.bool() if meta["HAS_DOCS"] else None)
         if not meta["VECTOR"]:
             dg = dg.sum(-1)
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(log_decay.dtype),
-                ds0 if ctx.has_state else None, None)  # fmt: skip
+                ds0 if ctx.has_state else None, None, None)  # fmt: skip
 
 
 def linear_attention(q, k, v, log_decay, *, state=None, doc_ids=None, exclusive=False, chunk_size=64):
-    """``kvlab.kernels.linear_attention.linear_attention``'s contract with inclusive reads."""
-    if exclusive:
-        raise ValueError("the Triton linear attention kernel takes inclusive reads only")
-    return _LinearAttention.apply(q, k, v, log_decay, state, document_starts(doc_ids) if doc_ids is not None else None)
+    """``kvlab.kernels.linear_attention.linear_attention``'s contract (``chunk_size`` is unused)."""
+    starts = document_starts(doc_ids) if doc_ids is not None else None
+    return _LinearAttention.apply(q, k, v, log_decay, state, starts, exclusive)

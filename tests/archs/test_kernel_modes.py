@@ -44,12 +44,14 @@ def test_reference_and_fast_kernels_agree(name, monkeypatch):
         ("gqa", {"attention", "rms_norm", "linear_cross_entropy"}),
         ("yoco_swa", {"attention"}),
         ("retnet", {"linear_attention"}),
+        ("rwkv6", {"linear_attention"}),
         ("rwkv7", {"delta_rule"}),
     ],
 )
 def test_triton_kernels_give_the_same_model(name, ran, monkeypatch):
-    """Under the interpreter, on packed documents: the attention, RMSNorm, recurrent linear attention and
-    delta-rule and fused loss kernels (RoPE's tables per document position take the torch path)."""
+    """Under the interpreter, on packed documents: the attention, RMSNorm, fused loss, recurrent linear
+    attention (RetNet; RWKV-6, which reads exclusively) and delta-rule (RWKV-7) kernels (RoPE's tables per
+    document position take the torch path)."""
     pytest.importorskip("triton")
     monkeypatch.delenv("KVLAB_KERNELS", raising=False)
     used = set()

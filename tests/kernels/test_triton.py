@@ -131,9 +131,12 @@ DOCUMENTS = {"one-document": None, "packed": torch.tensor([[0] * 5 + [1] * 20 + 
 @pytest.mark.parametrize("vector", [False, True], ids=["scalar-decay", "vector-decay"])
 @pytest.mark.parametrize("with_state", [False, True], ids=["empty", "initial-state"])
 @pytest.mark.parametrize("final_grad", [False, True], ids=["outputs", "outputs+final-state"])
-def test_recurrent_linear_attention_matches_the_reference(docs, vector, with_state, final_grad):
+@pytest.mark.parametrize("exclusive", [False, True], ids=["inclusive", "exclusive"])
+def test_recurrent_linear_attention_matches_the_reference(docs, vector, with_state, final_grad, exclusive):
     from kvlab.kernels.triton_linear_attention import linear_attention
 
+    if exclusive and not final_grad:
+        pytest.skip("the d_final=None path does not depend on the read; its inclusive case covers it")
     B, H, T, DK, DV = 2, 3, 37, 12, 20  # value dim over one block of 16 under the interpreter
     doc_ids = DOCUMENTS[docs]
     q, k, v = torch.randn(B, H, T, DK), torch.randn(B, H, T, DK), torch.randn(B, H, T, DV)
@@ -143,7 +146,7 @@ def test_recurrent_linear_attention_matches_the_reference(docs, vector, with_sta
 
     def pick(fn):
         def call(q, k, v, g, state=None):
-            out, final = fn(q, k, v, g, state=state, doc_ids=doc_ids)
+            out, final = fn(q, k, v, g, state=state, doc_ids=doc_ids, exclusive=exclusive)
             return (out, final) if final_grad else out
 
         return call
