@@ -7,7 +7,7 @@ modes, ``KVLAB_KERNELS`` and the fallback rules). Backends per op:
     op                    reference  torch                   triton  external
     attention             x          SDPA                    x       flash-attn (+ varlen)
     absorbed_attention    x          einsums                 x (the attention kernel, one K/V head)
-    linear_attention      x          chunked                 x (recurrent, fused)
+    linear_attention      x          chunked                 x (fused: chunked for scalar decays, else recurrent)
     delta_rule            x          chunked (UT transform)  x (recurrent, chunk checkpoints)
     ssd                   x          via linear_attention            mamba-ssm
     selective_scan        x          via linear_attention            mamba-ssm

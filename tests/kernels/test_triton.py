@@ -5,6 +5,8 @@ element a kernel fails to write shows up. Shapes are odd on purpose: T not a
 multiple of the block, head dims like 48, value dims unlike key dims.
 """
 
+import functools
+
 import pytest
 import torch
 
@@ -151,7 +153,56 @@ def test_recurrent_linear_attention_matches_the_reference(docs, vector, with_sta
 
         return call
 
-    _check(pick(linear_attention), pick(linear_attention_reference), inputs, n_outputs=2 if final_grad else 1)
+    recurrent = functools.partial(linear_attention, form="recurrent")
+    _check(pick(recurrent), pick(linear_attention_reference), inputs, n_outputs=2 if final_grad else 1)
+
+
+@pytest.mark.parametrize("docs", list(DOCUMENTS))
+@pytest.mark.parametrize("with_state", [False, True], ids=["empty", "initial-state"])
+@pytest.mark.parametrize("exclusive", [False, True], ids=["inclusive", "exclusive"])
+def test_chunked_linear_attention_matches_the_reference(docs, with_state, exclusive):
+    """The scalar-decay chunked form: T = 37 is two chunks of 16 and a partial one under the interpreter;
+    packed documents start mid-chunk; outputs and the final state both carry gradients."""
+    from kvlab.kernels.triton_linear_attention import CHUNK, linear_attention
+
+    B, H, T, DK, DV = 2, 3, 37, 12, 20
+    assert T % CHUNK and T > 2 * CHUNK
+    q, k, v = torch.randn(B, H, T, DK), torch.randn(B, H, T, DK), torch.randn(B, H, T, DV)
+    log_decay = -torch.rand(B, H, T) * 0.5
+    log_decay[0, 0, 3] = -30.0  # a token that forgets everything before it
+    state = torch.randn(B, H, DK, DV) if with_state else None
+    inputs = [t.requires_grad_() for t in (q, k, v, log_decay) + ((state,) if with_state else ())]
+    kwargs = dict(doc_ids=DOCUMENTS[docs], exclusive=exclusive)
+    _check(lambda q, k, v, g, s=None: linear_attention(q, k, v, g, state=s, form="chunked", **kwargs),
+           lambda q, k, v, g, s=None: linear_attention_reference(q, k, v, g, state=s, **kwargs), inputs,
+           n_outputs=2)  # fmt: skip
+
+
+def test_linear_attention_kernel_forms():
+    """auto: chunked for a scalar decay over more than a chunk, recurrent for decoding and per-channel decays;
+    both forms agree on a sequence shorter than a chunk."""
+    from kvlab.kernels import triton_linear_attention as tla
+
+    calls = []
+    original = tla._LinearAttention.apply
+    q, k, v = torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40, 16)
+    scalar, vector = -torch.rand(1, 2, 40), -torch.rand(1, 2, 40, 16)
+    try:
+        tla._LinearAttention.apply = lambda *args: calls.append(args[-1]) or original(*args)
+        tla.linear_attention(q, k, v, scalar)
+        tla.linear_attention(q, k, v, vector)
+        tla.linear_attention(q[:, :, :1], k[:, :, :1], v[:, :, :1], scalar[:, :, :1])
+    finally:
+        tla._LinearAttention.apply = original
+    assert calls == [True, False, False]
+    short = [t[:, :, :5] for t in (q, k, v, scalar)]
+    chunked, recurrent = tla.linear_attention(*short, form="chunked"), tla.linear_attention(*short, form="recurrent")
+    for c, r in zip(chunked, recurrent, strict=True):
+        assert rel_error(c, r) < TOL
+    with pytest.raises(ValueError, match="form='chunked' takes a scalar decay"):
+        tla.linear_attention(q, k, v, vector, form="chunked")
+    with pytest.raises(ValueError, match="form='fused'"):
+        tla.linear_attention(q, k, v, scalar, form="fused")
 
 
 def test_mamba_scans_run_on_the_linear_attention_kernel(monkeypatch):
