@@ -1,6 +1,6 @@
 """Every kernel op: each backend this machine can run vs the reference, forward + backward.
 
-    python benchmarks/kernels.py [--ops attention,rms_norm,...] [--repeats 3] [--device cpu|cuda]
+    python benchmarks/kernels.py [--ops attention,rms_norm,...] [--repeats 3] [--device cpu|cuda] [--compile]
     python benchmarks/kernels.py --memory [--vocab 32000] [--tokens 8192] [--dim 512]
 
 For every op in ``kvlab.kernels.ops`` and every registered backend that can
@@ -10,6 +10,8 @@ reference (relative error to the largest reference value, bound printed)
 and times forward + backward, best of ``--repeats`` after a warm-up. A
 speed-up is printed only where the check passed. Shapes are training
 shapes of the presets (d_model 256-512, 8 heads of 64, 1K-token rows).
+``--compile`` adds a row per op for its ``torch`` backend under
+``torch.compile``, with the first call's time (the compilation) beside it.
 
 ``--memory``: the fused head + cross-entropy vs the plain one, one
 training step each in a fresh process, peak resident memory above the
@@ -24,6 +26,7 @@ import math
 import resource
 import subprocess
 import sys
+import time
 
 import torch
 from common import timed  # benchmarks/common.py, beside this script
@@ -105,7 +108,14 @@ def speed(args) -> None:
                     continue
                 outputs = _run(fn, call_args, kwargs)
                 seconds = timed(lambda f=fn, a=call_args, k=kwargs: _run(f, a, k), args.repeats)
-            results[backend] = (outputs, seconds)
+                results[backend] = (outputs, seconds)
+                if backend == "torch" and args.compile:
+                    compiled = torch.compile(choose(op, call_args, kwargs).function())
+                    start = time.perf_counter()
+                    outputs = _run(compiled, call_args, kwargs)
+                    first = time.perf_counter() - start
+                    seconds = timed(lambda f=compiled, a=call_args, k=kwargs: _run(f, a, k), args.repeats)
+                    results[f"torch, compiled (first call {first:.1f} s)"] = (outputs, seconds)
         ref_out, ref_s = results["reference"]
         for backend, (outputs, seconds) in results.items():
             bound = args.bound_half if outputs[0].dtype in (torch.float16, torch.bfloat16) else args.bound
@@ -169,6 +179,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--bound", type=float, default=1e-4, help="relative error bound, float32")
     p.add_argument("--bound-half", type=float, default=2e-2)
+    p.add_argument("--compile", action="store_true", help="also time the torch backend under torch.compile")
     p.add_argument("--memory", action="store_true")
     p.add_argument("--memory-child", choices=["plain", "fused"])
     p.add_argument("--vocab", type=int, default=32000)
