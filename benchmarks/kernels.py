@@ -2,6 +2,7 @@
 
     python benchmarks/kernels.py [--ops attention,rms_norm,...] [--repeats 3] [--device cpu|cuda] [--compile]
     python benchmarks/kernels.py --memory [--vocab 32000] [--tokens 8192] [--dim 512]
+    python benchmarks/kernels.py --dispatch
 
 For every op in ``kvlab.kernels.ops`` and every registered backend that can
 run its inputs here (interpreted Triton is left out: it is a correctness
@@ -16,6 +17,10 @@ shapes of the presets (d_model 256-512, 8 heads of 64, 1K-token rows).
 ``--memory``: the fused head + cross-entropy vs the plain one, one
 training step each in a fresh process, peak resident memory above the
 inputs' (CPU) or peak allocated (CUDA), with the loss and gradients compared.
+
+``--dispatch``: what going through the registry adds to one op call at a
+decoding shape (one token, d_model 256), inside a model's ``use_kernels``
+and outside it.
 """
 
 from __future__ import annotations
@@ -172,6 +177,30 @@ def memory(args) -> None:
           f"{'equal' if same else 'DIFFER'}")  # fmt: skip
 
 
+def dispatch_cost(args) -> None:
+    import timeit
+
+    x, w = torch.randn(1, 1, 256, device=args.device), torch.ones(256, device=args.device)
+    number = 20000
+
+    def per_call(fn) -> float:
+        return min(timeit.repeat(fn, number=number, repeat=3)) / number * 1e6
+
+    backend = choose("rms_norm", (x, w, 1e-6, None)).function()
+    direct = per_call(lambda: backend(x, w, 1e-6))
+    with use_kernels("auto"):
+        inside = per_call(lambda: ops.rms_norm(x, w, 1e-6))
+        choice_inside = per_call(lambda: choose("rms_norm", (x, w, 1e-6, None)))
+    outside = per_call(lambda: ops.rms_norm(x, w, 1e-6))
+    choice_outside = per_call(lambda: choose("rms_norm", (x, w, 1e-6, None)))
+    print(f"rms_norm at [1, 1, 256] on {args.device}, us per call (best of 3 x {number}):")
+    print("| call | us |\n|---|---:|")
+    print(f"| the chosen backend's function, directly | {direct:.2f} |")
+    print(f"| through the registry, inside use_kernels | {inside:.2f} |")
+    print(f"| through the registry, outside | {outside:.2f} |")
+    print(f"| choose alone, inside / outside | {choice_inside:.2f} / {choice_outside:.2f} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--ops", default=",".join(OPS))
@@ -181,6 +210,7 @@ def main() -> None:
     p.add_argument("--bound-half", type=float, default=2e-2)
     p.add_argument("--compile", action="store_true", help="also time the torch backend under torch.compile")
     p.add_argument("--memory", action="store_true")
+    p.add_argument("--dispatch", action="store_true", help="the registry's cost per op call")
     p.add_argument("--memory-child", choices=["plain", "fused"])
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--tokens", type=int, default=8192)
@@ -190,6 +220,8 @@ def main() -> None:
         print(json.dumps(_memory_child(args.memory_child, args.vocab, args.tokens, args.dim, args.device)))
     elif args.memory:
         memory(args)
+    elif args.dispatch:
+        dispatch_cost(args)
     else:
         speed(args)
 

@@ -43,6 +43,8 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
+
 log = logging.getLogger(__name__)
 
 BACKENDS = ("reference", "torch", "triton", "external")
@@ -80,21 +82,26 @@ class Backend:
                 self._fn = getattr(importlib.import_module(module), name)
         return self._fn
 
-    def unavailable(self, args, kwargs) -> str | None:
-        """None if this backend can run the call, else the reason."""
+    def unavailable_on(self, device_type: str | None, interpreting: bool) -> str | None:
+        """Why this backend cannot run anything on this device (None if it may): what no call changes."""
         for package in self.packages:
             if not _importable(package):
                 return f"{package} is not installed"
         # An exported checkpoint's remote code carries the registry but not the Triton/external modules
         if isinstance(self.target, str) and not _importable(self.target.split(":")[0]):
             return f"{self.target.split(':')[0]} is not importable"
-        if self.name == "triton" and not _triton_device_ok(args):
+        if self.name == "triton" and not (device_type == "cuda" or (device_type is not None and interpreting)):
             return "Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 on CPU, when forced)"
-        return self.supports(*args, **kwargs) if self.supports is not None else None
+        return None
 
 
 _REGISTRY: dict[str, dict[str, Backend]] = {}
-_mode: contextvars.ContextVar[str] = contextvars.ContextVar("kvlab_kernels", default="auto")
+# (op, (mode, interpreting), device type) -> the backends dict it was made from, the mode's wish, the backends left
+# to try in order and why the others cannot run: everything in a choice that does not depend on the call.
+_plans: dict[tuple, tuple[dict, str, tuple[Backend, ...], tuple[str, ...]]] = {}
+# (mode, TRITON_INTERPRET set) as read when ``use_kernels`` was entered: a model's forward reads the
+# environment once, not at each of its op calls. None outside any ``use_kernels``.
+_settings: contextvars.ContextVar[tuple[str, bool] | None] = contextvars.ContextVar("kvlab_kernels", default=None)
 _logged: set[tuple] = set()
 _importable_cache: dict[str, bool] = {}
 
@@ -116,17 +123,13 @@ def _first_tensor(args):
     return next((a for a in args if hasattr(a, "device") and hasattr(a, "dtype")), None)
 
 
-def _triton_device_ok(args) -> bool:
-    t = _first_tensor(args)
-    return t is not None and (t.device.type == "cuda" or _interpreting())
-
-
 def register(op: str, backend: str, target: str | Callable, *, packages=(), supports=None) -> None:
     if op not in OPS:
         raise ValueError(f"kernel op {op!r} is not one of {', '.join(OPS)}")
     if backend not in BACKENDS:
         raise ValueError(f"kernel backend {backend!r} for op {op!r}: valid backends are {', '.join(BACKENDS)}")
     _REGISTRY.setdefault(op, {})[backend] = Backend(backend, target, tuple(packages), supports)
+    _plans.clear()
 
 
 def ops() -> dict[str, tuple[str, ...]]:
@@ -153,54 +156,81 @@ def parse_mode(mode: str | None, *, source: str = "kernels") -> tuple[str, dict[
     return default, per_op
 
 
+def _read_settings(mode: str | None) -> tuple[str, bool]:
+    return os.environ.get(ENV) or mode or "auto", _interpreting()
+
+
 def current_mode() -> str:
     """The mode in force: ``KVLAB_KERNELS`` if set, else the innermost ``use_kernels``, else auto."""
-    return os.environ.get(ENV) or _mode.get()
+    return (_settings.get() or _read_settings(None))[0]
 
 
 @contextlib.contextmanager
 def use_kernels(mode: str | None):
-    """Run the enclosed calls with ``mode`` (``KVLAB_KERNELS`` still wins)."""
+    """Run the enclosed calls with ``mode`` (``KVLAB_KERNELS`` still wins; the environment is read here, once).
+
+    Inside, each op call costs a dictionary lookup and its candidates' ``supports``; outside, choices also
+    read the environment (about 1.5 us more per call)."""
     parse_mode(mode)  # fail here, with the value, rather than inside a layer
-    token = _mode.set(mode or "auto")
+    token = _settings.set(_read_settings(mode))
     try:
         yield
     finally:
-        _mode.reset(token)
+        _settings.reset(token)
 
 
-def choose(op: str, args=(), kwargs=None) -> Backend:
-    """The backend that runs ``op`` on these arguments under the current mode."""
-    kwargs = kwargs or {}
+def _plan(op: str, mode: str, device_type: str | None, interpreting: bool):
     backends = _REGISTRY[op]
-    mode = current_mode()
     default, per_op = parse_mode(mode, source=ENV if os.environ.get(ENV) else "kernels")
     wanted = per_op.get(op, default)
     order = AUTO_ORDER if wanted == "auto" else (wanted,) + tuple(b for b in AUTO_ORDER if b != wanted)
-    reasons = []
-    if wanted != "auto" and wanted not in backends:
-        reasons.append(f"{op} has no {wanted} backend")
+    reasons = [f"{op} has no {wanted} backend"] if wanted != "auto" and wanted not in backends else []
+    candidates = []
     for name in order:
         backend = backends.get(name)
-        if backend is None:
-            continue
-        if name == "triton" and wanted != "triton" and not _first_tensor(args).is_cuda:
+        if backend is None or (name == "triton" and wanted != "triton" and device_type != "cuda"):
             continue  # interpreted Triton only when asked for by name
-        why = backend.unavailable(args, kwargs)
+        why = backend.unavailable_on(device_type, interpreting)
         if why is None:
-            _log_once(op, mode, name, wanted, reasons)
+            candidates.append(backend)
+        else:
+            reasons.append(f"{name}: {why}")
+    return backends, wanted, tuple(candidates), tuple(reasons)
+
+
+def choose(op: str, args=(), kwargs=None) -> Backend:
+    """The backend that runs ``op`` on these arguments under the current mode.
+
+    What does not depend on the call (packages, modules, the device's type) is worked out once per op, mode
+    and device type; per call only the candidates' ``supports`` run (decoding calls every op every token).
+    """
+    kwargs = kwargs or {}
+    settings = _settings.get() or _read_settings(None)
+    mode = settings[0]
+    tensor = args[0] if args and isinstance(args[0], torch.Tensor) else _first_tensor(args)
+    key = (op, settings, tensor.device.type if tensor is not None else None)
+    plan = _plans.get(key)
+    if plan is None or plan[0] is not _REGISTRY[op]:  # registered anew, or the dict swapped (tests)
+        plan = _plans[key] = _plan(op, mode, key[2], settings[1])
+    _, wanted, candidates, reasons = plan
+    refused = []
+    for backend in candidates:
+        why = backend.supports(*args, **kwargs) if backend.supports is not None else None
+        if why is None:
+            _log_once(op, mode, backend.name, wanted, reasons, refused)
             return backend
-        reasons.append(f"{name}: {why}")
-    raise RuntimeError(f"no kernel backend can run {op} here ({'; '.join(reasons)})")
+        refused.append(f"{backend.name}: {why}")
+    raise RuntimeError(f"no kernel backend can run {op} here ({'; '.join(reasons + tuple(refused))})")
 
 
-def _log_once(op, mode, name, wanted, reasons) -> None:
+def _log_once(op, mode, name, wanted, reasons, refused) -> None:
     key = (op, mode, name)
     if key in _logged:
         return
     _logged.add(key)
     if wanted not in ("auto", name):
-        log.warning("kernel %s: %s cannot run it (%s); using %s", op, wanted, "; ".join(reasons) or "none", name)
+        why = "; ".join((*reasons, *refused)) or "none"
+        log.warning("kernel %s: %s cannot run it (%s); using %s", op, wanted, why, name)
     else:
         log.info("kernel %s: %s backend (mode %s)", op, name, mode)
 

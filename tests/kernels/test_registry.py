@@ -86,10 +86,17 @@ def test_bad_modes_name_the_value_and_what_is_valid(mode, message):
 def test_a_backend_whose_module_is_missing_falls_back(monkeypatch, caplog):
     """Exported remote code carries the registry, whose Triton/external targets name kvlab modules it lacks."""
     monkeypatch.delenv("KVLAB_KERNELS", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    args = (torch.randn(3, 8), torch.ones(8), 1e-6, None)
+    with use_kernels("triton"):  # the choice's call-independent part is now cached; registering redoes it
+        assert choose("rms_norm", args).name == "triton"
     backends = dict(registry._REGISTRY["rms_norm"])
     monkeypatch.setitem(registry._REGISTRY, "rms_norm", backends)
     registry.register("rms_norm", "triton", "kvlab_missing.kernels:rms_norm")
-    x = torch.randn(3, 8)
     with use_kernels("triton"), caplog.at_level(logging.WARNING, logger=registry.__name__):
-        assert choose("rms_norm", (x, torch.ones(8), 1e-6, None), {}).name == "torch"
+        assert choose("rms_norm", args).name == "torch"
     assert "kvlab_missing.kernels is not importable" in caplog.text
+    monkeypatch.undo()  # the registry's own dict is back, and so is its kernel
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with use_kernels("triton"):
+        assert choose("rms_norm", args).name == "triton"
