@@ -11,7 +11,7 @@ modes, ``KVLAB_KERNELS`` and the fallback rules). Backends per op:
     delta_rule            x          chunked (UT transform)  x (recurrent, chunk checkpoints)
     ssd                   x          via linear_attention            mamba-ssm
     selective_scan        x          via linear_attention            mamba-ssm
-    causal_conv1d         x          shifted multiply-adds
+    causal_conv1d         x          shifted multiply-adds   x
     rms_norm (+residual)  x          F.rms_norm              x
     apply_rope            x          rotate-half             x
     linear_cross_entropy  x          chunked, fused backward x (per-row loss + gradient kernel)
@@ -123,6 +123,7 @@ register("selective_scan", "external", "kvlab.kernels.external:mamba_selective_s
          supports=_selective_scan_supports)  # fmt: skip
 register("causal_conv1d", "reference", _causal_conv1d_reference)
 register("causal_conv1d", "torch", _causal_conv1d_torch)
+register("causal_conv1d", "triton", "kvlab.kernels.triton_causal_conv:causal_conv1d", packages=["triton"])
 register("rms_norm", "reference", _rms_norm_reference)
 register("rms_norm", "torch", _rms_norm_torch)
 register("rms_norm", "triton", "kvlab.kernels.triton_norm:rms_norm", packages=["triton"])

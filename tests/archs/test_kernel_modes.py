@@ -45,12 +45,14 @@ def test_reference_and_fast_kernels_agree(name, monkeypatch):
         ("yoco_swa", {"attention"}),
         ("retnet", {"linear_attention"}),
         ("rwkv6", {"linear_attention"}),
+        ("mamba2", {"causal_conv1d", "linear_attention"}),
         ("rwkv7", {"delta_rule"}),
     ],
 )
 def test_triton_kernels_give_the_same_model(name, ran, monkeypatch):
     """Under the interpreter, on packed documents: the attention, RMSNorm, fused loss, recurrent linear
-    attention (RetNet; RWKV-6, which reads exclusively) and delta-rule (RWKV-7) kernels (RoPE's tables per
+    attention (RetNet; RWKV-6, which reads exclusively; Mamba-2's SSD), causal conv (Mamba-2) and delta-rule
+    (RWKV-7) kernels (RoPE's tables per
     document position take the torch path)."""
     pytest.importorskip("triton")
     monkeypatch.delenv("KVLAB_KERNELS", raising=False)
@@ -63,8 +65,8 @@ def test_triton_kernels_give_the_same_model(name, ran, monkeypatch):
 
     monkeypatch.setattr(ops_module, "dispatch", spy)
     spec = preset_dict(name)
-    if name in ("retnet", "rwkv7"):
-        spec["n_layers"] = 2  # the interpreter walks the recurrence token by token
+    if name in ("retnet", "rwkv6", "rwkv7", "mamba2"):
+        spec["n_layers"] = 1  # the interpreter walks the recurrence token by token
     model = build_model(spec)
     ids = torch.randint(0, model.config.vocab_size, (2, 16))
     labels = ids.roll(-1, dims=1)

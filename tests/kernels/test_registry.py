@@ -40,8 +40,8 @@ def test_modes_force_a_backend_and_fall_back_where_an_op_has_none(monkeypatch, c
         assert choose("attention", args, kwargs).name == "reference"
     with use_kernels("triton"), caplog.at_level(logging.WARNING, logger=registry.__name__):
         assert choose("attention", args, kwargs).name == "triton"
-        assert choose("causal_conv1d", (torch.randn(1, 5, 4), torch.randn(4, 3))).name == "torch"
-    assert "causal_conv1d has no triton backend" in caplog.text
+        assert choose("ssd", (torch.randn(1, 5, 2, 4),)).name == "torch"
+    assert "ssd has no triton backend" in caplog.text
     with use_kernels("torch,attention=reference"):
         assert choose("attention", args, kwargs).name == "reference"
         assert choose("rms_norm", (_q(), torch.ones(8), 1e-5, None)).name == "torch"

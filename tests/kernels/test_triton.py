@@ -127,6 +127,8 @@ def test_rope_matches_the_reference(dims):
 
 
 DOCUMENTS = {"one-document": None, "packed": torch.tensor([[0] * 5 + [1] * 20 + [2] * 12, [3] * 37])}
+# the recurrent kernels' interpreted cost grows with T; no blocks over T to cover there
+SHORT_DOCUMENTS = {"one-document": None, "packed": torch.tensor([[0] * 5 + [1] * 9 + [2] * 7, [3] * 21])}
 
 
 @pytest.mark.parametrize("docs", list(DOCUMENTS))
@@ -139,8 +141,8 @@ def test_recurrent_linear_attention_matches_the_reference(docs, vector, with_sta
 
     if exclusive and not final_grad:
         pytest.skip("the d_final=None path does not depend on the read; its inclusive case covers it")
-    B, H, T, DK, DV = 2, 3, 37, 12, 20  # value dim over one block of 16 under the interpreter
-    doc_ids = DOCUMENTS[docs]
+    B, H, T, DK, DV = 2, 3, 21, 12, 20  # value dim over one block of 16 under the interpreter
+    doc_ids = SHORT_DOCUMENTS[docs]
     q, k, v = torch.randn(B, H, T, DK), torch.randn(B, H, T, DK), torch.randn(B, H, T, DV)
     log_decay = -torch.rand(B, H, T, *([DK] if vector else [])) * 0.5
     state = torch.randn(B, H, DK, DV) if with_state else None
@@ -287,3 +289,31 @@ def test_fused_cross_entropy_rows_match_the_plain_path(reduction, rows):
         per_row = linear_cross_entropy(hidden, weight, labels, reduction="none", rows_per_chunk=rows)
         expected = linear_cross_entropy_reference(hidden, weight, labels, reduction="none")
         assert not per_row.isnan().any() and rel_error(per_row, expected) < TOL
+
+
+@pytest.mark.parametrize("docs", [False, True], ids=["one-document", "packed"])
+@pytest.mark.parametrize("with_prev", [False, True], ids=["zeros-before", "prev"])
+def test_causal_conv_matches_the_reference(docs, with_prev):
+    from kvlab.kernels.causal_conv import causal_conv1d_reference
+    from kvlab.kernels.triton_causal_conv import causal_conv1d
+
+    B, T, C, K = 2, 37, 40, 4  # T and C over one block of 16 / 32 under the interpreter, neither a multiple
+    x, weight, bias = torch.randn(B, T, C), torch.randn(C, K), torch.randn(C)
+    prev = torch.randn(B, K - 1, C) if with_prev else None
+    doc_ids = torch.tensor([[0] * 2 + [1] * 20 + [2] * 15, [5] * 37]) if docs else None
+    inputs = [t.requires_grad_() for t in (x, weight, bias) + ((prev,) if with_prev else ())]
+
+    def pick(fn):
+        return lambda x, w, b, p=None: fn(x, w, b, prev=p, doc_ids=doc_ids)
+
+    _check(pick(causal_conv1d), pick(causal_conv1d_reference), inputs, n_outputs=2)
+
+
+def test_causal_conv_decodes_a_token_and_runs_without_bias():
+    from kvlab.kernels.causal_conv import causal_conv1d_reference
+    from kvlab.kernels.triton_causal_conv import causal_conv1d
+
+    x, weight, prev = torch.randn(3, 1, 24), torch.randn(24, 4), torch.randn(3, 3, 24)
+    for got, expected in zip(causal_conv1d(x, weight, prev=prev), causal_conv1d_reference(x, weight, prev=prev),
+                             strict=True):  # fmt: skip
+        assert not got.isnan().any() and rel_error(got, expected) < TOL
