@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import hydra
+import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
@@ -29,6 +30,17 @@ def main(cfg: DictConfig) -> None:
     except ConfigError as e:
         print(f"kvlab: error: {e}", file=sys.stderr)
         sys.exit(1)
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Tear down a multi-process run's group while Python still runs: left to interpreter exit, gloo's threads
+    can be destroyed still joinable, and the process aborts ("terminate called without an active exception",
+    seen once in CI after a DDP run had written its metrics)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

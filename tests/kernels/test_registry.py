@@ -10,6 +10,12 @@ from kvlab.kernels import registry
 from kvlab.kernels.registry import choose, ops, parse_mode, use_kernels
 
 
+@pytest.fixture(autouse=True)
+def fresh_log(monkeypatch):
+    """Choices and fallbacks are logged once per process, and other tests made some of them already."""
+    monkeypatch.setattr(registry, "_logged", set())
+
+
 def _q():
     return torch.randn(1, 2, 5, 8)
 
