@@ -39,6 +39,15 @@ def length_bucket(n: int) -> int:
 
 
 @triton.jit
+def state_slice(DK, DV, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):
+    """A recurrent kernel's program on grid (value blocks, B*H): its batch*head, key and value channels, and
+    which of those are in range."""
+    ik = tl.arange(0, BLOCK_K)
+    iv = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
+    return tl.program_id(1), ik, iv, ik < DK, iv < DV
+
+
+@triton.jit
 def load_state(S0, bh, DK, DV, ik, iv, in_k, in_v, HAS_STATE: tl.constexpr, BLOCK_K: tl.constexpr,
                BLOCK_V: tl.constexpr):  # fmt: skip
     """A program's [BLOCK_K, BLOCK_V] slice of a recurrent state [B*H, DK, DV] in float32 (zeros without one)."""

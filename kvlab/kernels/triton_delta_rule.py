@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from kvlab.kernels.attention import document_starts
-from kvlab.kernels.triton_common import interpreting, load_state
+from kvlab.kernels.triton_common import interpreting, load_state, state_slice
 
 
 @triton.jit
@@ -52,10 +52,7 @@ def _step(state, K, V, G, A, B, STARTS, bh, H, t, T, DK, DV, ik, iv, in_k, in_v,
 def _forward(Q, K, V, G, A, B, S0, STARTS, OUT, S_FINAL, CHECKPOINTS, T, H, DK, DV, BH, HAS_DOCS: tl.constexpr,
              CHUNK: tl.constexpr,
              HAS_STATE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):  # fmt: skip
-    bh = tl.program_id(1)
-    ik = tl.arange(0, BLOCK_K)
-    iv = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
-    in_k, in_v = ik < DK, iv < DV
+    bh, ik, iv, in_k, in_v = state_slice(DK, DV, BLOCK_K, BLOCK_V)
     in_s = in_k[:, None] & in_v[None, :]
     state = load_state(S0, bh, DK, DV, ik, iv, in_k, in_v, HAS_STATE, BLOCK_K, BLOCK_V)
     for t in range(T):

@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 
 from kvlab.kernels.attention import document_starts
-from kvlab.kernels.triton_common import block, interpreting, load_state
+from kvlab.kernels.triton_common import block, interpreting, load_state, state_slice
 
 
 @triton.jit
@@ -76,10 +76,7 @@ def _decay_and_write(state, K, V, G, bh, t, T, DK, DV, ik, iv, in_k, in_v, VECTO
 def _forward(Q, K, V, G, S0, STARTS, OUT, S_FINAL, T, H, DK, DV, HAS_STATE: tl.constexpr, VECTOR: tl.constexpr,
              HAS_DOCS: tl.constexpr, EXCLUSIVE: tl.constexpr, BLOCK_K: tl.constexpr,
              BLOCK_V: tl.constexpr):  # fmt: skip
-    bh = tl.program_id(1)
-    ik = tl.arange(0, BLOCK_K)
-    iv = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
-    in_k, in_v = ik < DK, iv < DV
+    bh, ik, iv, in_k, in_v = state_slice(DK, DV, BLOCK_K, BLOCK_V)
     in_s = in_k[:, None] & in_v[None, :]
     state = load_state(S0, bh, DK, DV, ik, iv, in_k, in_v, HAS_STATE, BLOCK_K, BLOCK_V)
     for t in range(T):
@@ -94,10 +91,7 @@ def _forward(Q, K, V, G, S0, STARTS, OUT, S_FINAL, T, H, DK, DV, HAS_STATE: tl.c
 def _backward_dq(K, V, G, S0, STARTS, DO, DQ_PARTIAL, T, H, DK, DV, BH, HAS_STATE: tl.constexpr,
                  VECTOR: tl.constexpr, HAS_DOCS: tl.constexpr, EXCLUSIVE: tl.constexpr,
                  BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):  # fmt: skip
-    bh = tl.program_id(1)
-    ik = tl.arange(0, BLOCK_K)
-    iv = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
-    in_k, in_v = ik < DK, iv < DV
+    bh, ik, iv, in_k, in_v = state_slice(DK, DV, BLOCK_K, BLOCK_V)
     state = load_state(S0, bh, DK, DV, ik, iv, in_k, in_v, HAS_STATE, BLOCK_K, BLOCK_V)
     partial = DQ_PARTIAL + tl.program_id(0) * BH * T * DK
     for t in range(T):
@@ -111,10 +105,7 @@ def _backward_dq(K, V, G, S0, STARTS, DO, DQ_PARTIAL, T, H, DK, DV, BH, HAS_STAT
 def _backward_reverse(Q, K, V, G, STARTS, DO, DS_FINAL, DK_PARTIAL, DV_OUT, DS0, T, H, DK, DV, BH,
                       HAS_DFINAL: tl.constexpr, VECTOR: tl.constexpr, HAS_DOCS: tl.constexpr,
                       EXCLUSIVE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):  # fmt: skip
-    bh = tl.program_id(1)
-    ik = tl.arange(0, BLOCK_K)
-    iv = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
-    in_k, in_v = ik < DK, iv < DV
+    bh, ik, iv, in_k, in_v = state_slice(DK, DV, BLOCK_K, BLOCK_V)
     in_s = in_k[:, None] & in_v[None, :]
     grad = tl.zeros([BLOCK_K, BLOCK_V], dtype=tl.float32)  # G_{t+1}, decayed as it is carried back
     if HAS_DFINAL:
@@ -185,10 +176,7 @@ def _chunk_decays(G, STARTS, bh, H, T, start, HAS_DOCS: tl.constexpr, EXCLUSIVE:
 def _chunk_forward(Q, K, V, G, S0, STARTS, OUT, S_FINAL, T, H, DK, DV, HAS_STATE: tl.constexpr,
                    HAS_DOCS: tl.constexpr, EXCLUSIVE: tl.constexpr, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr,
                    BLOCK_V: tl.constexpr):  # fmt: skip
-    bh = tl.program_id(1)
-    ik = tl.arange(0, BLOCK_K)
-    iv = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
-    in_k, in_v = ik < DK, iv < DV
+    bh, ik, iv, in_k, in_v = state_slice(DK, DV, BLOCK_K, BLOCK_V)
     state = load_state(S0, bh, DK, DV, ik, iv, in_k, in_v, HAS_STATE, BLOCK_K, BLOCK_V)
     for start in range(0, T, CHUNK):
         rows = start + tl.arange(0, CHUNK)
@@ -206,10 +194,7 @@ def _chunk_forward(Q, K, V, G, S0, STARTS, OUT, S_FINAL, T, H, DK, DV, HAS_STATE
 def _chunk_backward_dq(K, V, G, S0, STARTS, DO, DQ_PARTIAL, T, H, DK, DV, BH, HAS_STATE: tl.constexpr,
                        HAS_DOCS: tl.constexpr, EXCLUSIVE: tl.constexpr, CHUNK: tl.constexpr,
                        BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):  # fmt: skip
-    bh = tl.program_id(1)
-    ik = tl.arange(0, BLOCK_K)
-    iv = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
-    in_k, in_v = ik < DK, iv < DV
+    bh, ik, iv, in_k, in_v = state_slice(DK, DV, BLOCK_K, BLOCK_V)
     state = load_state(S0, bh, DK, DV, ik, iv, in_k, in_v, HAS_STATE, BLOCK_K, BLOCK_V)
     partial = DQ_PARTIAL + tl.program_id(0) * BH * T * DK
     for start in range(0, T, CHUNK):
@@ -226,10 +211,7 @@ def _chunk_backward_dq(K, V, G, S0, STARTS, DO, DQ_PARTIAL, T, H, DK, DV, BH, HA
 def _chunk_backward_reverse(Q, K, V, G, STARTS, DO, DS_FINAL, DK_PARTIAL, DV_OUT, DS0, T, H, DK, DV, BH,
                             HAS_DFINAL: tl.constexpr, HAS_DOCS: tl.constexpr, EXCLUSIVE: tl.constexpr,
                             CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):  # fmt: skip
-    bh = tl.program_id(1)
-    ik = tl.arange(0, BLOCK_K)
-    iv = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
-    in_k, in_v = ik < DK, iv < DV
+    bh, ik, iv, in_k, in_v = state_slice(DK, DV, BLOCK_K, BLOCK_V)
     in_s = in_k[:, None] & in_v[None, :]
     grad = tl.zeros([BLOCK_K, BLOCK_V], dtype=tl.float32)  # dL/d(the state leaving the chunk)
     if HAS_DFINAL:
