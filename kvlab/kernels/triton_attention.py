@@ -53,6 +53,23 @@ def _visible(offs_m, offs_n, T, S, DOCS, b, WINDOW, CAUSAL: tl.constexpr, HAS_WI
 
 
 @triton.jit
+def _heads(H, GROUP):
+    """This program's query head row (batch * H + head), its batch, and the K/V head row it reads (GQA)."""
+    bh = tl.program_id(1)
+    b = bh // H
+    return bh, b, b * (H // GROUP) + (bh % H) // GROUP
+
+
+@triton.jit
+def _probabilities(q, k, lse, scale, offs_m, offs_n, T, S, DOCS, b, WINDOW, CAUSAL: tl.constexpr,
+                   HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr):  # fmt: skip
+    """The backward's recomputed P = exp(scale q k^T - LSE) of a query block x key block, 0 where not visible."""
+    s = tl.dot(q, tl.trans(k)) * scale
+    visible = _visible(offs_m, offs_n, T, S, DOCS, b, WINDOW, CAUSAL, HAS_WINDOW, HAS_DOCS)
+    return tl.where(visible, tl.exp(s - lse[:, None]), 0.0)
+
+
+@triton.jit
 def _key_range(start_m, S, WINDOW, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                HAS_WINDOW: tl.constexpr):  # fmt: skip
     lo = 0
@@ -81,9 +98,7 @@ def _forward(Q, K, V, OUT, LSE, DOCS, scale, T, S, H, GROUP, D, DV, WINDOW, T_BU
              HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):  # fmt: skip
     start_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    kv_head = b * (H // GROUP) + (bh % H) // GROUP
+    bh, b, kv_head = _heads(H, GROUP)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -119,9 +134,7 @@ def _backward_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_OUT, DOCS, scale, T, S, H, GR
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_DV: tl.constexpr):  # fmt: skip
     start_n = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    kv_head = b * (H // GROUP) + (bh % H) // GROUP
+    bh, b, kv_head = _heads(H, GROUP)
     offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -142,9 +155,7 @@ def _backward_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_OUT, DOCS, scale, T, S, H, GR
         do = _tile(DO, bh * T, offs_m, T, offs_dv, DV, UPCAST)
         lse = tl.load(LSE + bh * T + offs_m, mask=in_rows, other=0.0)
         delta = tl.load(DELTA + bh * T + offs_m, mask=in_rows, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale
-        visible = _visible(offs_m, offs_n, T, S, DOCS, b, WINDOW, CAUSAL, HAS_WINDOW, HAS_DOCS)
-        p = tl.where(visible, tl.exp(s - lse[:, None]), 0.0)
+        p = _probabilities(q, k, lse, scale, offs_m, offs_n, T, S, DOCS, b, WINDOW, CAUSAL, HAS_WINDOW, HAS_DOCS)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do)
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
@@ -163,9 +174,7 @@ def _backward_dq(Q, K, V, DO, LSE, DELTA, DQ, DOCS, scale, T, S, H, GROUP, D, DV
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                  BLOCK_DV: tl.constexpr):  # fmt: skip
     start_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    kv_head = b * (H // GROUP) + (bh % H) // GROUP
+    bh, b, kv_head = _heads(H, GROUP)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -180,9 +189,7 @@ def _backward_dq(Q, K, V, DO, LSE, DELTA, DQ, DOCS, scale, T, S, H, GROUP, D, DV
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _tile(K, kv_head * S, offs_n, S, offs_d, D, UPCAST)
         v = _tile(V, kv_head * S, offs_n, S, offs_dv, DV, UPCAST)
-        s = tl.dot(q, tl.trans(k)) * scale
-        visible = _visible(offs_m, offs_n, T, S, DOCS, b, WINDOW, CAUSAL, HAS_WINDOW, HAS_DOCS)
-        p = tl.where(visible, tl.exp(s - lse[:, None]), 0.0)
+        p = _probabilities(q, k, lse, scale, offs_m, offs_n, T, S, DOCS, b, WINDOW, CAUSAL, HAS_WINDOW, HAS_DOCS)
         ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k)
     tl.store(DQ + (bh * T + offs_m[:, None]) * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
