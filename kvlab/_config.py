@@ -10,6 +10,7 @@ setting. Errors carry the dotted path of the field (``mixers.A.n_heads``).
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -42,6 +43,7 @@ def from_dict(cls: type[T], d: Mapping[str, Any] | T, path: str = "") -> T:
     if not isinstance(d, Mapping):
         raise ValueError(f"{path or cls.__name__}: expected a mapping of settings, got {d!r}")
     check_keys(d, field_names(cls), path)
+    check_types(cls, d, path)
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in d.items():
@@ -50,6 +52,62 @@ def from_dict(cls: type[T], d: Mapping[str, Any] | T, path: str = "") -> T:
             value = from_dict(sub, value, f"{path}.{key}" if path else key)
         kwargs[key] = value
     return cls(**kwargs)
+
+
+def check_types(cls: type, d: Mapping[str, Any], path: str = "") -> None:
+    """Raise ValueError for the first value of ``d`` that is not of its field's annotated type.
+
+    The shape only (a number where a number goes, a list of integers where
+    one goes): what values are valid is each dataclass's own check. A nested
+    dataclass field takes a mapping of its settings (parsed later) or the
+    dataclass itself.
+    """
+    hints = typing.get_type_hints(cls)
+    for key, value in d.items():
+        if key in hints and not _matches(value, hints[key]):
+            where = f"{path}.{key}" if path else str(key)
+            raise ValueError(f"{where}={value!r} must be {_describe(hints[key])}")
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    if hint is Any:
+        return True
+    if dataclasses.is_dataclass(hint):
+        return isinstance(value, (hint, Mapping))
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (list, tuple):
+        return isinstance(value, (list, tuple)) and all(_matches(v, args[0]) for v in value) if args else True
+    if origin is dict:
+        return isinstance(value, Mapping) and all(_matches(v, args[1]) for v in value.values()) if args else True
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True  # an annotation this check does not understand: leave it to the dataclass
+
+
+def _describe(hint: Any) -> str:
+    if dataclasses.is_dataclass(hint):
+        return "a mapping of settings"
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin in (list, tuple):
+        return f"a list of {_describe(args[0]).removeprefix('a ').removeprefix('an ')}s" if args else "a list"
+    if origin is dict:
+        return "a mapping"
+    names = {type(None): "null", bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    return names.get(hint, getattr(hint, "__name__", str(hint)))
 
 
 def _dataclass_in(hint: Any) -> type | None:
@@ -92,6 +150,8 @@ def check_float(value: Any, name: str, *, positive: bool = False, optional: bool
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name}={value!r} must be a number")
+    if not math.isfinite(value):
+        raise ValueError(f"{name}={value} must be a finite number")
     if positive and not value > 0:
         raise ValueError(f"{name}={value} must be > 0")
 
@@ -105,3 +165,45 @@ def check_choice(value: Any, name: str, choices: typing.Iterable[str]) -> None:
     choices = list(choices)
     if value not in choices:
         raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, choices))}")
+
+
+def differences(ours: Any, theirs: Any, path: str = "") -> list[str]:
+    """Dotted paths where two plain configs (dicts, lists, values) differ, with both values."""
+    if isinstance(ours, Mapping) and isinstance(theirs, Mapping):
+        found = []
+        for key in sorted(set(ours) | set(theirs), key=str):
+            where = f"{path}.{key}" if path else str(key)
+            if key not in ours or key not in theirs:
+                found.append(f"{where}: {ours.get(key, '(absent)')!r} vs {theirs.get(key, '(absent)')!r}")
+            else:
+                found += differences(ours[key], theirs[key], where)
+        return found
+    if isinstance(ours, (list, tuple)) and isinstance(theirs, (list, tuple)) and len(ours) == len(theirs):
+        return [d for i, (a, b) in enumerate(zip(ours, theirs)) for d in differences(a, b, f"{path}[{i}]")]
+    return [] if ours == theirs else [f"{path}: {ours!r} vs {theirs!r}"]
+
+
+def first_non_finite(value: Any, path: str = "") -> tuple[str, float] | None:
+    """(dotted path, value) of the first inf/nan float inside ``value`` (dicts, lists, dataclasses), or None."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else (path, value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value) if f.init}
+    if isinstance(value, Mapping):
+        items = ((f"{path}.{k}" if path else str(k), v) for k, v in value.items())
+    elif isinstance(value, (list, tuple)):
+        items = ((f"{path}[{i}]", v) for i, v in enumerate(value))
+    else:
+        return None
+    for where, sub in items:
+        found = first_non_finite(sub, where)
+        if found is not None:
+            return found
+    return None
+
+
+def check_finite(value: Any, path: str = "") -> None:
+    """Raise ValueError naming the first inf/nan float anywhere inside ``value``."""
+    found = first_non_finite(value, path)
+    if found is not None:
+        raise ValueError(f"{found[0]}={found[1]} must be a finite number")

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 
 class Cache:
-    def __init__(self, slots: list, batch_size: int, max_len: int, mlp_slots: list | None = None):
+    def __init__(self, slots: list, batch_size: int, max_len: int, mlp_slots: list | None = None, config=None):
+        self.config = config  # the ModelConfig of the model that made it: no other model may use it
         self.slots = slots
         self.mlp_slots = [None] * len(slots) if mlp_slots is None else mlp_slots
         self.batch_size = batch_size

@@ -24,7 +24,18 @@ from typing import Any
 import torch
 import yaml
 
-from kvlab._config import check_bool, check_choice, check_float, check_int, check_keys, field_names, from_dict, to_dict
+from kvlab._config import (
+    check_bool,
+    check_choice,
+    check_finite,
+    check_float,
+    check_int,
+    check_keys,
+    check_types,
+    field_names,
+    from_dict,
+    to_dict,
+)
 from kvlab.kernels.registry import parse_mode
 from kvlab.layers import MixerConfig, MLPConfig, NormConfig, mixer_config
 
@@ -111,9 +122,22 @@ class ModelConfig:
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> ModelConfig:
-        """Read a model YAML such as ``configs/model/gqa.yaml``."""
-        with open(path) as f:
-            return cls.from_dict(yaml.safe_load(f))
+        """Read a model YAML such as ``configs/model/gqa.yaml``; errors name the file (and line)."""
+        try:
+            with open(path) as f:
+                d = yaml.safe_load(f)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: no such model file") from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f", line {mark.line + 1}" if mark is not None else ""
+            raise ValueError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+        if d is None:
+            raise ValueError(f"{path}: expected a mapping of model settings, got nothing (the file is empty)")
+        try:
+            return cls.from_dict(d)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
@@ -136,6 +160,9 @@ class ModelConfig:
         return ModelConfig.from_dict(d | {"mlp": d["mlp"] | {"hidden": hidden}})
 
     def __post_init__(self) -> None:
+        given = {name: getattr(self, name) for name in field_names(type(self))}
+        check_types(type(self), given)
+        check_finite(given)
         for name in ("vocab_size", "d_model", "n_layers", "max_seq_len"):
             check_int(getattr(self, name), name, minimum=1)
         check_bool(self.tie_embeddings, "tie_embeddings")
@@ -149,6 +176,13 @@ class ModelConfig:
         self.mlp.validate(self.d_model, "mlp")
         self.layer_mixers = self._resolve_mixers()
         self.layer_kv_source = self._resolve_kv_source()
+        for i, m in enumerate(self.layer_mixers):
+            window = getattr(m, "window", None)
+            if window is not None and window > self.max_seq_len:
+                raise ValueError(
+                    f"layer {i}: window={window} exceeds max_seq_len={self.max_seq_len}; "
+                    f"a window of max_seq_len or more is full attention (window: null)"
+                )
         for i, m in enumerate(self.layer_mixers[1:], start=1):
             problem = m.first_layer_problem(self.layer_mixers[0])
             if problem is not None:

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from kvlab._io import atomic_path, remove_orphans, temp_path
 from kvlab.archs.config import ModelConfig
 from kvlab.archs.model import CausalLM
 
@@ -77,14 +78,18 @@ def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
             f"config.json: model_type={model_type!r} is not supported; supported: {', '.join(FAMILIES)}, "
             "deepseek_v3 (dense MLP) and kvlab (our remote-code exports)"
         )
-    rope = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
+    # As transformers reads it: a legacy rope_scaling, when set, takes the place of rope_parameters.
+    rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+    field = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
-        raise ValueError(f"config.json: rope scaling {rope_type!r} is not supported yet (only plain RoPE)")
+        raise ValueError(
+            f"config.json: {field}.rope_type={rope_type!r}: RoPE scaling is not supported (only plain RoPE); "
+            "importing without it would change the model's outputs"
+        )
     if hf.get("hidden_act", "silu") != "silu":
         raise ValueError(f"config.json: hidden_act={hf['hidden_act']!r} is not supported (SwiGLU needs silu)")
-    rope_theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    rope_theta = float(rope.get("rope_theta") or hf.get("rope_theta") or 10000.0)
     n_heads = hf["num_attention_heads"]
     if model_type == "deepseek_v3":
         mixer = _mla_from_deepseek_v3(hf, rope_theta)
@@ -238,6 +243,7 @@ def save_hf(
     remote_code: bool | None = None,
     max_shard_bytes: int = 5 * 2**30,
     dtype: torch.dtype | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write ``model`` as a Hugging Face directory that ``AutoModelForCausalLM.from_pretrained`` loads.
 
@@ -251,9 +257,10 @@ def save_hf(
     ``max_shard_bytes`` are split into shards with an index. WGQA merge
     weights are folded first. The directory is written beside its final
     place and renamed, so a failed export never leaves half of one.
+    ``out_dir`` must be new, empty, or an earlier kvlab export (its
+    ``.kvlab-export.json`` lists the files kvlab wrote); a directory holding
+    anything else is refused unless ``overwrite=True`` replaces it whole.
     """
-    import transformers
-
     from kvlab.archs.convert import fold_kv_merge
 
     if any(getattr(m, "kv_merge", 1) > 1 for m in model.config.layer_mixers):
@@ -266,10 +273,62 @@ def save_hf(
             if remote_code is False:
                 raise
     out = Path(out_dir).expanduser()
-    tmp = out.with_name(out.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    _check_export_target(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_orphans(out.parent)  # temporaries of exports that were killed
+    with atomic_path(out, install=_swap_in) as tmp:
+        tmp.mkdir()
+        _write_export(model, tmp, tokenizer, hf, max_shard_bytes, dtype)
+        written = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+        (tmp / EXPORT_MANIFEST).write_text(json.dumps({"written_by": "kvlab", "files": written}, indent=2) + "\n")
+    return out
+
+
+EXPORT_MANIFEST = ".kvlab-export.json"  # the files an export wrote: what a later export may replace
+
+
+def _export_files(out: Path) -> set[str] | None:
+    """The files a previous kvlab export wrote into ``out`` (None: ``out`` is no kvlab export)."""
+    try:
+        return set(json.loads((out / EXPORT_MANIFEST).read_text())["files"]) | {EXPORT_MANIFEST}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _check_export_target(out: Path, overwrite: bool) -> None:
+    """Refuse to export over anything kvlab did not write, unless ``overwrite``."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"save_hf: {out} is a file; an export is a directory")
+    if not out.exists() or overwrite:
+        return
+    present = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() or p.is_symlink()}
+    foreign = sorted(present - (_export_files(out) or set()))
+    if foreign:
+        raise ValueError(
+            f"save_hf: {out} holds files kvlab did not write ({', '.join(foreign[:5])}"
+            f"{', ...' if len(foreign) > 5 else ''}); export into a new or empty directory, or pass overwrite=True"
+        )
+
+
+def _swap_in(new: Path, out: Path) -> None:
+    """Put the finished export ``new`` at ``out``: a rename, with what was there set aside first and
+    deleted only once the new export is in place."""
+    if not out.exists():
+        os.replace(new, out)
+        return
+    old = temp_path(out.parent / f"{out.name}.previous")
+    os.replace(out, old)
+    try:
+        os.replace(new, out)
+    except BaseException:
+        os.replace(old, out)
+        raise
+    shutil.rmtree(old)
+
+
+def _write_export(model: CausalLM, tmp: Path, tokenizer, hf: dict | None, max_shard_bytes: int, dtype) -> None:
+    """The export's files, into the directory ``tmp``."""
+    import transformers
 
     state = model.state_dict()
     if model.config.tie_embeddings:
@@ -302,10 +361,6 @@ def save_hf(
         )
     config.save_pretrained(tmp)
     transformers.GenerationConfig(**special, pad_token_id=eos).save_pretrained(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
 
 
 def _save_weights(state: dict[str, torch.Tensor], directory: Path, max_shard_bytes: int) -> None:
@@ -410,17 +465,28 @@ def _save_tokenizer(tokenizer, directory: Path) -> int:
 
 
 def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint directory, sharded or not."""
+    """All tensors of a checkpoint directory, sharded or not; a file that does not load is named."""
     from safetensors.torch import load_file
+
+    def load(file: Path) -> dict[str, torch.Tensor]:
+        try:
+            return load_file(file)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{file}: missing (the index lists it)") from None
+        except Exception as e:  # safetensors raises its own error type for truncated or foreign files
+            raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
 
     single, index = directory / "model.safetensors", directory / "model.safetensors.index.json"
     if single.is_file():
-        return load_file(single)
+        return load(single)
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
         state: dict[str, torch.Tensor] = {}
         for shard in shards:
-            state.update(load_file(directory / shard))
+            state.update(load(directory / shard))
         return state
     found = ", ".join(sorted(p.name for p in directory.iterdir())) or "nothing"
     raise FileNotFoundError(f"{directory}: no model.safetensors or model.safetensors.index.json (found: {found})")
@@ -432,27 +498,69 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32) -> CausalLM:
     config_file = directory / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{directory}: no config.json (is this a Hugging Face model directory?)")
-    hf = json.loads(config_file.read_text())
-    if hf.get("model_type") == "kvlab":  # a remote-code export of ours
-        cfg = ModelConfig.from_dict(hf["kvlab"])
+    try:
+        hf = json.loads(config_file.read_text())
+    except ValueError as e:
+        raise ValueError(f"{config_file}: not valid JSON ({e})") from None
+    if not isinstance(hf, dict):
+        raise ValueError(f"{config_file}: expected a JSON object of settings, got {type(hf).__name__}")
+    try:
+        if hf.get("model_type") == "kvlab":  # a remote-code export of ours
+            cfg = ModelConfig.from_dict(hf["kvlab"])
+        else:
+            cfg = model_config_from_hf(hf)
+    except KeyError as e:
+        raise ValueError(f"{config_file}: the field {e.args[0]!r} is missing") from None
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{config_file}: {str(e).removeprefix('config.json: ')}") from None
+    if hf.get("model_type") == "kvlab":
         state = {k.removeprefix(REMOTE_PREFIX): v for k, v in read_safetensors(directory).items()}
     else:
-        cfg = model_config_from_hf(hf)
         state = {hf_to_kvlab_name(k): v for k, v in read_safetensors(directory).items()}
-        if hf["model_type"] == "deepseek_v3" and hf.get("rope_interleave", True):
-            _deinterleave_rope(state, cfg)
-    if cfg.tie_embeddings:
-        state.pop("lm_head.weight", None)
+    if cfg.tie_embeddings and "lm_head.weight" in state:
+        # transformers would tie the head to the embeddings and drop this one: refuse rather than
+        # silently load a model other than the one the weights describe
+        head, embed = state.pop("lm_head.weight"), state.get("embed_tokens.weight")
+        if embed is None or head.shape != embed.shape or not torch.equal(head, embed):
+            raise ValueError(
+                f"{config_file}: tie_word_embeddings=true, but the weights hold an lm_head.weight that differs "
+                "from the embeddings; set tie_word_embeddings to false to load the head as it is"
+            )
     with torch.device("meta"):
         model = CausalLM(cfg)
     model.to_empty(device="cpu")
     model.init_weights()  # RoPE tables and tying; every parameter is overwritten next
-    expected = {k for k in model.state_dict() if not (cfg.tie_embeddings and k == "lm_head.weight")}
-    missing, unexpected = expected - state.keys(), state.keys() - expected
+    wanted = {k: v.shape for k, v in model.state_dict().items() if not (cfg.tie_embeddings and k == "lm_head.weight")}
+    missing, unexpected = wanted.keys() - state.keys(), state.keys() - wanted.keys()
     if missing or unexpected:
         raise ValueError(
             f"{directory}: weights do not match the config: missing {sorted(missing)[:5]}, "
             f"unexpected {sorted(unexpected)[:5]}"
         )
+    for name, shape in wanted.items():
+        if state[name].shape != shape:
+            raise ValueError(
+                f"{config_file}: {name} has shape {list(state[name].shape)} in the weights, but config.json "
+                f"makes it {list(shape)}; check {_fields_shaping(name)}"
+            )
+    if hf.get("model_type") == "deepseek_v3" and hf.get("rope_interleave", True):
+        _deinterleave_rope(state, cfg)
     model.load_state_dict(state, strict=False)
     return model.to(dtype)
+
+
+def _fields_shaping(name: str) -> str:
+    """The config.json fields that decide the shape of the weight ``name`` (kvlab's naming)."""
+    for fragment, fields in (
+        ("embed_tokens", "vocab_size, hidden_size"),
+        ("lm_head", "vocab_size, hidden_size"),
+        ("q_proj", "num_attention_heads, head_dim, hidden_size"),
+        ("k_proj", "num_key_value_heads, head_dim, hidden_size"),
+        ("v_proj", "num_key_value_heads, head_dim, hidden_size"),
+        ("o_proj", "num_attention_heads, head_dim, hidden_size"),
+        ("mlp", "intermediate_size, hidden_size"),
+        ("norm", "hidden_size"),
+    ):
+        if fragment in name:
+            return fields
+    return "the head counts, head dims and latent ranks (kv_lora_rank, q_lora_rank, qk_rope_head_dim)"

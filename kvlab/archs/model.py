@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from kvlab._config import check_float, check_int
 from kvlab.archs.cache import Cache
 from kvlab.archs.config import ModelConfig
 from kvlab.archs.footprint import Footprint, FootprintRow
@@ -138,6 +139,10 @@ class CausalLM(nn.Module):
             if positions is None:
                 positions = positions_in_documents(doc_ids)
         if cache is not None:
+            if not isinstance(cache, Cache):
+                raise ValueError(f"cache: expected a kvlab Cache from model.new_cache(...), got {type(cache).__name__}")
+            if cache.config is not self.config and cache.config != self.config:
+                raise ValueError("cache: it was made by another model (model.new_cache of a different config)")
             if B != cache.batch_size:
                 raise ValueError(f"input batch size {B} does not match the cache's batch_size={cache.batch_size}")
             if cache.seen + T > cache.max_len:
@@ -232,18 +237,20 @@ class CausalLM(nn.Module):
     ) -> Cache:
         """Preallocate the cache for ``batch_size`` sequences of up to ``max_len`` tokens."""
         max_len = self.config.max_seq_len if max_len is None else max_len
-        if not 1 <= max_len <= self.config.max_seq_len:
+        check_int(max_len, "max_len", minimum=1)
+        check_int(batch_size, "batch_size", minimum=1)
+        if max_len > self.config.max_seq_len:
             raise ValueError(f"max_len={max_len} must be between 1 and max_seq_len={self.config.max_seq_len}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size={batch_size} must be >= 1")
         weight = self.embed_tokens.weight
         dtype = weight.dtype if dtype is None else dtype
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"dtype={dtype}: a cache holds floating-point states (e.g. torch.bfloat16, torch.float32)")
         device = weight.device if device is None else device
         slots = [layer.mixer.new_cache_slot(batch_size, max_len, dtype, device) for layer in self.layers]
         mlp_slots = [
             layer.mlp.new_cache_slot(batch_size, dtype, device) if layer.mlp_stateful else None for layer in self.layers
         ]
-        return Cache(slots, batch_size, max_len, mlp_slots)
+        return Cache(slots, batch_size, max_len, mlp_slots, config=self.config)
 
     def kv_footprint(self, dtype: torch.dtype = torch.bfloat16) -> Footprint:
         rows = []
@@ -268,6 +275,18 @@ class CausalLM(nn.Module):
     # -- generation -----------------------------------------------------------
 
     @torch.inference_mode()
+    def check_token_ids(self, ids, name: str) -> None:
+        """Raise ValueError unless ``ids`` is a non-empty [B, T] integer tensor of this model's token ids."""
+        if not isinstance(ids, torch.Tensor) or ids.dtype.is_floating_point or ids.dtype.is_complex:
+            what = f"a {ids.dtype} tensor" if isinstance(ids, torch.Tensor) else type(ids).__name__
+            raise ValueError(f"{name}: expected an integer tensor of token ids [batch, tokens], got {what}")
+        if ids.dim() != 2 or ids.numel() == 0:
+            raise ValueError(f"{name}: expected a non-empty [batch, tokens] tensor, got shape {list(ids.shape)}")
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= self.config.vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(f"{name}: token id {bad} is outside the vocabulary (0..{self.config.vocab_size - 1})")
+
     def generate(
         self,
         input_ids: torch.Tensor,
@@ -282,10 +301,15 @@ class CausalLM(nn.Module):
         ``temperature=0`` is greedy. Sequences that emit ``eos_token_id`` are
         padded with it until every sequence has; then generation stops.
         """
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
+        check_int(max_new_tokens, "max_new_tokens", minimum=0)
+        check_float(temperature, "temperature")
         if temperature < 0:
-            raise ValueError(f"temperature={temperature} must be >= 0")
+            raise ValueError(f"temperature={temperature} must be >= 0 (0: greedy)")
+        check_int(top_k, "top_k", minimum=1, optional=True)
+        check_int(eos_token_id, "eos_token_id", minimum=0, optional=True)
+        self.check_token_ids(input_ids, "input_ids")
+        if eos_token_id is not None and eos_token_id >= self.config.vocab_size:
+            raise ValueError(f"eos_token_id={eos_token_id} is outside the vocabulary (vocab_size={self.config.vocab_size})")
         B, T = input_ids.shape
         if T + max_new_tokens > self.config.max_seq_len:
             raise ValueError(

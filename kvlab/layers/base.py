@@ -90,7 +90,7 @@ def mixer_config(spec: Mapping[str, Any] | MixerConfig, path: str) -> MixerConfi
     if not isinstance(spec, Mapping):
         raise ValueError(f"{path}: expected a mapping with a 'kind' key, got {spec!r}")
     kind = spec.get("kind")
-    if kind not in MIXERS:
+    if not isinstance(kind, str) or kind not in MIXERS:
         raise ValueError(f"{path}.kind={kind!r} is not a known mixer kind; known kinds are {', '.join(sorted(MIXERS))}")
     settings = {k: v for k, v in spec.items() if k != "kind"}
     return from_dict(MIXERS[kind].Config, settings, path)

@@ -18,6 +18,9 @@ from kvlab.recipes.module import OptimConfig
 
 LOGGERS = ("csv", "wandb", "tensorboard", "none")
 STAGES = ("train", "eval", "export")
+ACCELERATORS = ("cpu", "gpu", "cuda", "mps", "tpu", "auto")
+# Lightning's names; "bf16"/"16" and friends are its older spellings of the same settings
+PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true", "transformer-engine")
 
 
 @dataclass

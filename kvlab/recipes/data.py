@@ -29,6 +29,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import sysconfig
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,6 +38,8 @@ import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
+
+from kvlab._io import remove_orphans, temp_path
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +83,12 @@ class DataConfig:
                 raise ValueError(f"data.{name}={getattr(self, name)} must be >= 1")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"data.val_fraction={self.val_fraction} must be between 0 and 1")
+        if self.max_docs is not None and self.max_docs < 1:
+            raise ValueError(f"data.max_docs={self.max_docs} must be >= 1, or null for every document")
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers={self.num_workers} must be >= 0 (0 loads in the main process)")
+        if not self.text_field:
+            raise ValueError("data.text_field is empty; name the column that holds the text")
 
 
 # -- corpora --------------------------------------------------------------------
@@ -123,7 +132,9 @@ def load_documents(cfg: DataConfig):
         ds = datasets.load_dataset(cfg.name, cfg.subset, split="train")
         if cfg.text_field not in ds.column_names:
             raise ValueError(f"data.text_field={cfg.text_field!r} is not a column of {cfg.name}: {ds.column_names}")
-        ds = ds.select_columns([cfg.text_field]).rename_column(cfg.text_field, "text")
+        ds = ds.select_columns([cfg.text_field])
+        if cfg.text_field != "text":
+            ds = ds.rename_column(cfg.text_field, "text")
         ds = ds.add_column("name", [f"{cfg.name}/{i}" for i in range(len(ds))])
     if cfg.max_docs is not None:
         ds = ds.select(range(min(cfg.max_docs, len(ds))))
@@ -131,34 +142,41 @@ def load_documents(cfg: DataConfig):
 
 
 def _load_local(files: list[str], text_field: str):
+    """One row per ``.txt``/``.md`` file, or per row of each ``.jsonl``/``.json``/``.parquet`` file."""
     import datasets
 
-    by_kind: dict[str, list[str]] = {}
+    kinds = {}
     for f in files:
         suffix = Path(f).suffix.lower()
-        kind = {".txt": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(suffix)
-        if kind is None:
+        kinds[f] = {".txt": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(suffix)
+        if kinds[f] is None:
             raise ValueError(f"data.paths: {f} has suffix {suffix!r}; use .txt/.md, .jsonl/.json or .parquet")
-        by_kind.setdefault(kind, []).append(f)
     # Documents are named relative to the corpus's common directory, so the train/val split
     # (a hash of the name) is the same wherever the corpus is copied.
     base = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files])
-    parts = []
-    for kind, kind_files in by_kind.items():
-        names = [os.path.relpath(os.path.abspath(f), base) for f in kind_files]
-        if kind == "text":
-            ds = datasets.load_dataset("text", data_files=kind_files, sample_by="document", split="train")
-            ds = ds.add_column("name", names)
-        else:
-            ds = datasets.load_dataset(kind, data_files=kind_files, split="train")
-            if text_field not in ds.column_names:
-                raise ValueError(
-                    f"data.text_field={text_field!r} is not a column of {kind_files[0]}: {ds.column_names}"
-                )
-            ds = ds.select_columns([text_field]).rename_column(text_field, "text")
-            ds = ds.add_column("name", [f"{names[0]}#{i}" for i in range(len(ds))])
-        parts.append(ds.select_columns(["name", "text"]))
-    return datasets.concatenate_datasets(parts)
+    names, texts = [], []
+    for f in files:
+        name = os.path.relpath(os.path.abspath(f), base)
+        if kinds[f] == "text":
+            try:
+                texts.append(Path(f).read_text(encoding="utf-8"))
+            except UnicodeDecodeError as e:
+                raise ValueError(f"data.paths: {f} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+            names.append(name)
+            continue
+        try:
+            rows = datasets.load_dataset(kinds[f], data_files=[f], split="train")
+        except Exception as e:  # datasets wraps parse errors in its own types
+            cause = e.__cause__ or e
+            raise ValueError(f"data.paths: {f} could not be read as {kinds[f]}: {cause}") from None
+        if text_field not in rows.column_names:
+            raise ValueError(f"data.text_field={text_field!r} is not a column of {f}: {rows.column_names}")
+        for i, text in enumerate(rows[text_field]):
+            if not isinstance(text, str):
+                raise ValueError(f"data.paths: {f}, row {i}: data.text_field={text_field!r} is {text!r}, not text")
+            texts.append(text)
+            names.append(f"{name}#{i}")
+    return datasets.Dataset.from_dict({"name": names, "text": texts})
 
 
 # -- tokenizer ------------------------------------------------------------------
@@ -272,8 +290,25 @@ def prepare(cfg: DataConfig) -> tuple[Path, object]:
         log.info("data: training a %d-token BPE tokenizer on %d documents", cfg.vocab_size, len(splits["train"]))
         tokenizer = train_tokenizer(splits["train"]["text"], cfg.vocab_size)
     eos = eos_id(tokenizer)
-    tmp = root.with_name(root.name + f".tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    for orphan in remove_orphans(root.parent):  # left by a killed run
+        log.info("data: removed %s, left by an interrupted run", orphan)
+    tmp = temp_path(root)
+    tmp.mkdir()
+    try:
+        _write_splits(tmp, splits, tokenizer, eos, cfg, fingerprint)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if root.exists():  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+        return root, load_tokenizer(str(tokenizer_path))
+    tmp.rename(root)  # atomic: a crash leaves only kvlab's own temporary behind
+    return root, tokenizer
+
+
+def _write_splits(tmp: Path, splits: dict, tokenizer, eos: int, cfg: DataConfig, fingerprint: str) -> None:
+    """Tokenize and pack each split into ``tmp``, with the tokenizer and a DONE marker."""
     tokenizer.save(str(tmp / "tokenizer.json"))
     for split, ds in splits.items():
         ids = ds.map(
@@ -299,10 +334,6 @@ def prepare(cfg: DataConfig) -> tuple[Path, object]:
             )
         packed.save_to_disk(str(tmp / split))
     (tmp / "DONE").write_text(json.dumps(_cache_settings(cfg)))
-    if root.exists():  # another process finished first
-        return root, load_tokenizer(str(tokenizer_path))
-    tmp.rename(root)  # atomic: a crash leaves only a .tmp directory behind
-    return root, tokenizer
 
 
 def _cache_settings(cfg: DataConfig) -> dict:
@@ -359,19 +390,87 @@ class LMDataModule(L.LightningDataModule):
             batch["doc_ids"] = doc_ids_from_tokens(batch["input_ids"], self.eos)
         return batch
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            self.splits[split],
+    def _ranks(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
+    def train_batches(self, world_size: int) -> int:
+        """Batches in one epoch of each of ``world_size`` processes (the last partial batch is dropped)."""
+        return len(self.splits["train"]) // world_size // self.cfg.batch_size
+
+    def train_dataloader(self) -> ResumableLoader:
+        world_size, rank = self._ranks()
+        if self.train_batches(world_size) == 0:
+            raise ValueError(
+                f"data: the train split has {len(self.splits['train'])} rows of seq_len+1={self.cfg.seq_len + 1} "
+                f"tokens, fewer than one batch (data.batch_size={self.cfg.batch_size}"
+                + (f" on each of {world_size} ranks" if world_size > 1 else "")
+                + "); lower data.batch_size or data.seq_len, or add documents"
+            )
+        sampler = ResumableSampler(self.splits["train"], num_replicas=world_size, rank=rank, shuffle=True, seed=0)
+        return ResumableLoader(
+            self.splits["train"],
             batch_size=self.cfg.batch_size,
-            shuffle=shuffle,
-            drop_last=shuffle,
+            sampler=sampler,
+            drop_last=True,
             collate_fn=self._collate,
             num_workers=self.cfg.num_workers,
-            generator=torch.Generator().manual_seed(0) if shuffle else None,
         )
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+        return DataLoader(
+            self.splits["val"],
+            batch_size=self.cfg.batch_size,
+            shuffle=False,
+            collate_fn=self._collate,
+            num_workers=self.cfg.num_workers,
+        )
+
+
+class ResumableSampler(torch.utils.data.DistributedSampler):
+    """The training order: a permutation seeded by (seed, epoch), this rank's share of it, and a
+    number of leading samples to skip once (the part of the epoch a resumed run has trained on).
+
+    A ``DistributedSampler`` also on one process, so Lightning neither replaces it nor its loader.
+    Its length stays the whole epoch's: Lightning counts a resumed epoch's batches from where it stopped.
+    """
+
+    skip = 0
+
+    def __iter__(self):
+        indices = list(super().__iter__())
+        skip, self.skip = self.skip, 0
+        return iter(indices[skip:])
+
+
+class ResumableLoader(DataLoader):
+    """A training loader whose place in the epoch is part of Lightning's checkpoint.
+
+    Lightning saves ``state_dict()`` with the loops (``_Stateful`` loaders) and
+    calls ``load_state_dict`` before iterating again on resume; the epoch then
+    continues with the batch after the last one trained, and the next epochs
+    are the uninterrupted run's (the order depends on the epoch alone). The
+    count is of batches handed to the training loop, which is what was
+    trained: Lightning does not fetch ahead from loaders with a length.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.batches_done = 0
+
+    def __iter__(self):
+        self.batches_done = self.sampler.skip // self.batch_size
+        for batch in super().__iter__():
+            self.batches_done += 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.sampler.epoch, "batches_done": self.batches_done, "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("batch_size") != self.batch_size:
+            raise ValueError(
+                f"resume: the checkpoint was trained with data.batch_size={state.get('batch_size')}, "
+                f"this run has {self.batch_size}; its place in the data cannot be carried over"
+            )
+        self.sampler.skip = state["batches_done"] * self.batch_size

@@ -17,7 +17,7 @@ from kvlab.archs import CausalLM, ModelConfig, build_model
 class OptimConfig:
     lr: float = 3e-3
     min_lr_ratio: float = 0.1  # the cosine decays to lr * min_lr_ratio at max_steps
-    warmup_steps: int = 20
+    warmup_steps: int | None = None  # null: a tenth of the run's steps (trainer.max_steps)
     weight_decay: float = 0.1  # decoupled (AdamW), on matrices only: not on norms, biases
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
@@ -27,10 +27,14 @@ class OptimConfig:
             raise ValueError(f"optim.lr={self.lr} must be > 0")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"optim.min_lr_ratio={self.min_lr_ratio} must be between 0 and 1")
-        if self.warmup_steps < 0:
-            raise ValueError(f"optim.warmup_steps={self.warmup_steps} must be >= 0")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps={self.warmup_steps} must be >= 0, or null for a tenth of the run")
         if self.weight_decay < 0:
             raise ValueError(f"optim.weight_decay={self.weight_decay} must be >= 0")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optim.betas={list(self.betas)} must be two numbers in [0, 1), e.g. [0.9, 0.95]")
+        if not self.eps > 0:
+            raise ValueError(f"optim.eps={self.eps} must be > 0")
 
 
 def associative_recall_hits(input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -63,6 +67,8 @@ class LMModule(L.LightningModule):
         self.optim = OptimConfig(**(optim or {}))
         self.optim.validate()
         self.max_steps = max_steps
+        if self.optim.warmup_steps is None:
+            self.optim.warmup_steps = max_steps // 10
         self.model.activation_checkpointing = activation_checkpointing
         self._t_last: float | None = None
 

@@ -23,10 +23,13 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.fabric.plugins import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
+from kvlab._config import check_finite, differences
+from kvlab._io import atomic_write, atomic_write_text, remove_orphans
 from kvlab.archs import ModelConfig, build_model, convert_model
-from kvlab.recipes.config import LOGGERS, STAGES, TrainConfig
+from kvlab.recipes.config import ACCELERATORS, LOGGERS, PRECISIONS, STAGES, TrainConfig
 from kvlab.recipes.data import LMDataModule, build_datamodule, tokenizer_to_use
 from kvlab.recipes.evals import decode_speed, passkey_grid
 from kvlab.recipes.module import LMModule
@@ -65,6 +68,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         raise ConfigError(
             f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's {datamodule.vocab_size} tokens"
         )
+    if ckpt_path is not None:
+        _check_resumed_model(ckpt_path, model_cfg)
+    _claim_run_dir(run_dir, ckpt_path)
     module = LMModule(
         model=model_cfg.to_dict(),
         optim=OmegaConf.to_container(cfg.optim),
@@ -79,6 +85,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     if datamodule.tokenizer is not None:  # generated tasks (MQAR) have none
         datamodule.tokenizer.save(str(run_dir / "checkpoints" / "tokenizer.json"))
     trainer = _trainer(tc, run_dir)
+    if "train" in tc.stages:
+        datamodule.setup("fit")
+        if datamodule.train_batches(trainer.world_size) == 0:
+            try:
+                datamodule.train_dataloader()  # raises, naming the sizes
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
     metrics: dict = {}
     if "train" in tc.stages:
         if ckpt_path is None:  # the starting point, for comparing with the end
@@ -132,6 +145,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 
 def _validated(tc: TrainConfig) -> ModelConfig:
     try:
+        check_finite(tc)  # every float of the run, the model's included: inf and nan are never meant
         model_cfg = ModelConfig.from_dict(tc.model)
         if tc.iso_params is not None:
             if tc.iso_params < 1:
@@ -152,9 +166,29 @@ def _validated(tc: TrainConfig) -> ModelConfig:
     for stage in tc.stages:
         if stage not in STAGES:
             raise ConfigError(f"stages: {stage!r} is not one of {', '.join(STAGES)}")
-    for name in ("max_steps", "val_check_interval", "ckpt_every_n_steps", "accumulate_grad_batches"):
+    for name in ("max_steps", "val_check_interval", "ckpt_every_n_steps", "accumulate_grad_batches",
+                 "limit_val_batches", "log_every_n_steps", "num_nodes"):  # fmt: skip
         if getattr(t, name) < 1:
             raise ConfigError(f"trainer.{name}={getattr(t, name)} must be >= 1")
+    if t.accelerator not in ACCELERATORS:
+        raise ConfigError(f"trainer.accelerator={t.accelerator!r} is not one of {', '.join(ACCELERATORS)}")
+    if t.precision not in PRECISIONS:
+        raise ConfigError(f"trainer.precision={t.precision!r} is not one of {', '.join(PRECISIONS)}")
+    devices_ok = t.devices in ("auto", -1) or (isinstance(t.devices, int) and not isinstance(t.devices, bool)
+                                                and t.devices >= 1)  # fmt: skip
+    if isinstance(t.devices, (list, tuple)):  # explicit device indices
+        devices_ok = bool(t.devices) and all(isinstance(d, int) and d >= 0 for d in t.devices)
+    if not devices_ok:
+        raise ConfigError(
+            f"trainer.devices={t.devices!r} must be a count >= 1, -1 or 'auto' (all), or a list of device indices"
+        )
+    if t.gradient_clip_val is not None and not t.gradient_clip_val > 0:
+        raise ConfigError(f"trainer.gradient_clip_val={t.gradient_clip_val} must be > 0, or null for no clipping")
+    if "train" in tc.stages and tc.optim.warmup_steps is not None and tc.optim.warmup_steps > t.max_steps:
+        raise ConfigError(
+            f"optim.warmup_steps={tc.optim.warmup_steps} exceeds trainer.max_steps={t.max_steps}: "
+            "the learning rate would never reach optim.lr; lower the warmup"
+        )
     # With init from a checkpoint or HF directory the source's max_seq_len applies (checked in run).
     from_scratch = dict(tc.init).get("from", "scratch") == "scratch"
     if from_scratch and tc.data.seq_len > model_cfg.max_seq_len:
@@ -213,6 +247,10 @@ def _initial_model(tc: TrainConfig):
                 tc.data.tokenizer = tokenizer_to_use(tc.data, beside)
             model_dict, state = read_checkpoint(path)
             model = build_model(ModelConfig.from_dict(model_dict))
+            ignored = differences(ModelConfig.from_dict(tc.model).to_dict(), model.config.to_dict(), "model")
+            if ignored:  # the architecture is the checkpoint's: say which settings of `model` do not apply
+                log.info("init: the checkpoint's model is used; model settings that differ and do not apply: %s",
+                         "; ".join(ignored[:8]))  # fmt: skip
             model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
     except (ValueError, FileNotFoundError, KeyError) as e:
         raise ConfigError(f"init: {e}") from None
@@ -255,26 +293,119 @@ def read_checkpoint(path) -> tuple[dict, dict]:
             )
         meta = torch.load(states, map_location="cpu", weights_only=False, mmap=True)
         return meta["hyper_parameters"]["model"], get_fp32_state_dict_from_zero_checkpoint(str(path), tag="checkpoint")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as e:  # truncated, empty or not a checkpoint: torch raises several types
+        raise ValueError(f"{path}: does not load as a checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "model" not in ckpt.get("hyper_parameters", {}):
+        raise ValueError(f"{path}: not a kvlab checkpoint (no state_dict and hyper_parameters.model)")
     return ckpt["hyper_parameters"]["model"], ckpt["state_dict"]
 
 
 def _resume_path(tc: TrainConfig, run_dir: Path) -> str | None:
+    """The checkpoint to continue from: ``resume=PATH`` (verified), or with ``resume=auto`` the newest
+    checkpoint of an earlier run of this ``run_name`` that loads, falling back past broken ones."""
     if tc.resume in (None, "", "none"):
         return None
     if tc.resume == "auto":
         runs = Path(tc.output_root) / tc.run_name
-        found = [p for p in runs.glob("*/checkpoints/last.ckpt") if p.parent.parent.resolve() != run_dir.resolve()]
-        if not found:
-            log.info("resume=auto: no earlier run under %s; starting afresh", runs)
-            return None
-        latest = max(found, key=lambda p: p.stat().st_mtime)
-        log.info("resume=auto: continuing %s", latest)
-        return str(latest)
+        found = [
+            p
+            for p in runs.glob("*/checkpoints/*.ckpt")
+            if p.parent.parent.resolve() != run_dir.resolve()
+        ]
+        for ckpt_dir in {p.parent for p in found}:
+            for orphan in remove_orphans(ckpt_dir):
+                log.info("resume=auto: removed %s, left by a checkpoint write that was interrupted", orphan)
+        for path in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True):
+            problem = _checkpoint_problem(path)
+            if problem is None:
+                log.info("resume=auto: continuing %s", path)
+                return str(path)
+            log.warning("resume=auto: skipping %s (%s); trying the next newest", path, problem)
+        log.info("resume=auto: no usable checkpoint of an earlier run under %s; starting afresh", runs)
+        return None
     path = Path(tc.resume).expanduser()
     if not path.exists():  # a Lightning file, or a DeepSpeed checkpoint directory
         raise ConfigError(f"resume={tc.resume!r}: no checkpoint there; give a .ckpt path, auto, or null")
+    problem = _checkpoint_problem(path)
+    if problem is not None:
+        raise ConfigError(f"resume={tc.resume!r}: {problem}")
     return str(path)
+
+
+def _checkpoint_problem(path: Path) -> str | None:
+    """Why the checkpoint at ``path`` cannot be resumed from (None: it loads and has what resuming needs)."""
+    fields = _lightning_fields_file(path)
+    if not fields.is_file():
+        return "a directory without a DeepSpeed checkpoint/*model_states.pt"
+    try:
+        ckpt = torch.load(fields, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as e:  # truncated, empty or not a checkpoint: torch raises several types
+        return f"does not load as a checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    missing = [k for k in ("global_step", "loops", "hyper_parameters") if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        return f"not a kvlab training checkpoint (no {', '.join(missing)})"
+    return None
+
+
+def _check_resumed_model(ckpt_path: str, model_cfg: ModelConfig) -> None:
+    """Resuming continues the checkpoint's training: a different model would load (or half load)
+    and train something else, so any difference is refused, field by field."""
+    saved = torch.load(_lightning_fields_file(Path(ckpt_path)), map_location="cpu", weights_only=False, mmap=True)
+    try:
+        theirs = ModelConfig.from_dict(saved["hyper_parameters"]["model"]).to_dict()
+    except (KeyError, ValueError) as e:
+        raise ConfigError(f"resume: {ckpt_path}: its model config does not load ({e})") from None
+    ours = model_cfg.to_dict()
+    ours.pop("kernels"), theirs.pop("kernels")  # how, not what, the model computes
+    found = differences(ours, theirs, "model")
+    if found:
+        raise ConfigError(
+            f"resume: this run's model differs from the checkpoint's ({'; '.join(found[:6])}: this run vs "
+            f"the checkpoint); resume with the checkpoint's settings (its config.yaml) or start a new run"
+        )
+
+
+LOCK_FILE = ".kvlab-run.lock"
+
+
+def _claim_run_dir(run_dir: Path, ckpt_path: str | None) -> None:
+    """Take ``run_dir`` for this run, or refuse one that another run holds (alive, or finished or
+    interrupted with its checkpoints there), unless this run resumes from that directory's checkpoint."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    if rank_zero_only.rank != 0:  # the other processes of a multi-process run share rank 0's directory
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = run_dir / LOCK_FILE
+    resuming_here = ckpt_path is not None and run_dir.resolve() in Path(ckpt_path).resolve().parents
+    if lock.exists():
+        try:
+            pid = int(lock.read_text().split()[0])
+        except (ValueError, IndexError, OSError):
+            pid = None
+        if pid is not None and pid != os.getpid() and _alive(pid):
+            raise ConfigError(f"run directory {run_dir} is in use by another kvlab run (process {pid}); "
+                              "give this run another directory (run_name or hydra.run.dir)")  # fmt: skip
+    ours = lock.exists() and lock.read_text().split()[:1] == [str(os.getpid())]
+    held = (run_dir / "metrics.json").exists() or any((run_dir / "checkpoints").glob("*.ckpt"))
+    if held and not resuming_here and not ours:
+        raise ConfigError(
+            f"run directory {run_dir} holds another run's checkpoints or metrics; give this run another "
+            f"directory, or resume={run_dir / 'checkpoints' / 'last.ckpt'} to continue that run"
+        )
+    atomic_write_text(lock, f"{os.getpid()}\n")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _lightning_fields_file(path: Path) -> Path:
@@ -298,6 +429,21 @@ def _checkpoint_step(path) -> int:
 
 
 # -- Lightning objects -------------------------------------------------------------
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, writing through a temporary file in the checkpoint's own directory.
+
+    Lightning's own goes through a temporary file under ``TMPDIR``; on another
+    filesystem its "rename" is a copy, and a kill during the copy leaves a
+    truncated ``last.ckpt``. Here the rename is atomic (``kvlab._io``).
+    """
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options (got {storage_options!r})")
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
 
 
 def _trainer(tc: TrainConfig, run_dir: Path) -> L.Trainer:
@@ -341,6 +487,8 @@ def _trainer(tc: TrainConfig, run_dir: Path) -> L.Trainer:
         enable_model_summary=False,
         num_sanity_val_steps=0,
         default_root_dir=run_dir,
+        # DeepSpeed writes its own sharded directories and takes no checkpoint plugin
+        plugins=None if t.strategy.startswith("deepspeed") else [AtomicCheckpointIO()],
     )
 
 
@@ -373,7 +521,4 @@ def _metric(trainer: L.Trainer, name: str) -> float | None:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    """Write through a temporary file and rename, so a crash never leaves half a file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")

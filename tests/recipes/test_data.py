@@ -74,3 +74,117 @@ def test_a_source_tokenizer_reuses_the_cache_only_when_it_is_the_same(tmp_path):
     assert tokenizer_to_use(cfg, other) == str(other)
     fresh = DataConfig(kind="text", paths=cfg.paths, seq_len=16, vocab_size=300, cache_dir=str(tmp_path / "empty"))
     assert tokenizer_to_use(fresh, same) == str(same)  # nothing cached: be explicit
+
+
+def _write_rows(path, rows):
+    import json
+
+    if path.suffix == ".parquet":
+        import datasets
+
+        datasets.Dataset.from_list(rows).to_parquet(str(path))
+    else:
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.mark.parametrize("kind", ["txt", "jsonl", "parquet", "hf"])
+def test_every_data_kind_loads_with_its_default_settings(tmp_path, kind):
+    """The default text_field is `text`: a corpus with that column must load (it used to fail renaming it)."""
+    from kvlab.recipes.data import load_documents
+
+    texts = [f"document {i}: " + "print(1)\n" * (i + 1) for i in range(4)]
+    if kind == "txt":
+        for i, t in enumerate(texts):
+            (tmp_path / f"d{i}.txt").write_text(t)
+        cfg = DataConfig(kind="text", paths=[str(tmp_path / "*.txt")])
+    elif kind == "hf":  # a local dataset directory, as load_dataset reads one
+        _write_rows(tmp_path / "train.jsonl", [{"text": t, "id": i} for i, t in enumerate(texts)])
+        cfg = DataConfig(kind="hf", name=str(tmp_path))
+    else:
+        _write_rows(tmp_path / f"corpus.{kind}", [{"text": t, "id": i} for i, t in enumerate(texts)])
+        cfg = DataConfig(kind="text", paths=[str(tmp_path / f"corpus.{kind}")])
+    docs = load_documents(cfg)
+    assert sorted(docs["text"]) == sorted(texts)
+    assert len(set(docs["name"])) == 4
+
+
+def test_rows_of_several_files_keep_their_own_names(tmp_path):
+    from kvlab.recipes.data import load_documents
+
+    _write_rows(tmp_path / "a.jsonl", [{"text": "one"}, {"text": "two"}])
+    _write_rows(tmp_path / "b.jsonl", [{"text": "three"}])
+    docs = load_documents(DataConfig(kind="text", paths=[str(tmp_path / "*.jsonl")]))
+    assert docs["name"] == ["a.jsonl#0", "a.jsonl#1", "b.jsonl#0"]
+
+
+def test_unreadable_text_names_the_file_and_row(tmp_path):
+    from kvlab.recipes.data import load_documents
+
+    (tmp_path / "bad.txt").write_bytes(b"fine so far \xff\xfe then not")
+    with pytest.raises(ValueError, match=r"bad.txt is not UTF-8 text \(byte 12"):
+        load_documents(DataConfig(kind="text", paths=[str(tmp_path / "bad.txt")]))
+    _write_rows(tmp_path / "rows.jsonl", [{"text": "fine"}, {"body": "no text here"}])
+    with pytest.raises(ValueError, match=r"rows.jsonl, row 1: data.text_field='text' is None, not text"):
+        load_documents(DataConfig(kind="text", paths=[str(tmp_path / "rows.jsonl")]))
+    (tmp_path / "broken.jsonl").write_text('{"text": "ok"}\n{"text": \n')
+    with pytest.raises(ValueError, match="broken.jsonl could not be read as json"):
+        load_documents(DataConfig(kind="text", paths=[str(tmp_path / "broken.jsonl")]))
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [("max_docs", 0, "data.max_docs=0 must be >= 1"), ("num_workers", -1, "data.num_workers=-1 must be >= 0"),
+     ("text_field", "", "data.text_field is empty")],  # fmt: skip
+)
+def test_bad_data_settings_are_named(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        DataConfig(**{field: value}).validate()
+
+
+def test_a_corpus_smaller_than_a_batch_is_an_error_not_zero_steps(tmp_path):
+    cfg = DataConfig(kind="text", paths=_corpus(tmp_path, n=2), seq_len=16, batch_size=64, vocab_size=300,
+                     cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    dm = LMDataModule(cfg)
+    dm.prepare_data()
+    dm.setup()
+    assert dm.train_batches(world_size=1) == 0
+    with pytest.raises(ValueError, match="fewer than one batch .data.batch_size=64"):
+        dm.train_dataloader()
+
+
+def test_the_training_order_resumes_mid_epoch_and_stays_the_same_after(tmp_path):
+    cfg = DataConfig(kind="text", paths=_corpus(tmp_path), seq_len=8, batch_size=2, vocab_size=300,
+                     cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    dm = LMDataModule(cfg)
+    dm.prepare_data()
+    dm.setup()
+
+    def epoch(loader, epoch_number):
+        loader.sampler.set_epoch(epoch_number)
+        return [b["input_ids"] for b in loader]
+
+    whole = dm.train_dataloader()
+    first, second = epoch(whole, 0), epoch(whole, 1)
+    assert len(first) >= 4 and not all(torch.equal(a, b) for a, b in zip(first, second))  # reshuffled per epoch
+    interrupted = dm.train_dataloader()
+    interrupted.sampler.set_epoch(0)
+    it = iter(interrupted)
+    for _ in range(3):
+        next(it)
+    state = interrupted.state_dict()
+    assert state == {"epoch": 0, "batches_done": 3, "batch_size": 2}
+    resumed = dm.train_dataloader()
+    resumed.load_state_dict(state)
+    rest = epoch(resumed, 0)
+    assert len(rest) == len(first) - 3 and all(torch.equal(a, b) for a, b in zip(rest, first[3:]))
+    assert resumed.state_dict()["batches_done"] == len(first)
+    assert all(torch.equal(a, b) for a, b in zip(epoch(resumed, 1), second))  # the next epoch as if never stopped
+    other = DataConfig(**{**cfg.__dict__, "batch_size": 3})
+    with pytest.raises(ValueError, match="data.batch_size=2, this run has 3"):
+        _setup(LMDataModule(other)).train_dataloader().load_state_dict(state)
+
+
+def _setup(dm):
+    dm.prepare_data()
+    dm.setup()
+    return dm

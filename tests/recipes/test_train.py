@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -37,9 +38,11 @@ TINY_RUN = [
 ]
 
 
-def train(tmp_path: Path, data_cache: Path, *overrides: str, tiny_model=True, check=True, wait=True):
+def train(tmp_path: Path, data_cache: Path, *overrides: str, tiny_model=True, check=True, wait=True, entry=None):
+    """Run train.py (or ``entry``, a command line standing for it) with the tiny settings and ``overrides``."""
     flags = [o for o in overrides if o.startswith("-")]  # argparse wants flags before the overrides
-    args = [sys.executable, str(REPO / "train.py"), *flags, *(TINY_MODEL if tiny_model else []), *TINY_RUN]
+    entry = entry or [str(REPO / "train.py")]
+    args = [sys.executable, *entry, *flags, *(TINY_MODEL if tiny_model else []), *TINY_RUN]
     args += [f"output_root={tmp_path / 'outputs'}", f"data.cache_dir={data_cache}"]
     args += [o for o in overrides if not o.startswith("-")]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -98,32 +101,48 @@ def test_pretrain_writes_checkpoints_and_metrics_and_learns(tmp_path, data_cache
     assert "val_loss" in (run / "logs" / "metrics.csv").read_text()
 
 
-def test_resume_auto_continues_a_killed_run(tmp_path, data_cache):
-    proc = train(tmp_path, data_cache, "trainer.max_steps=400", "trainer.ckpt_every_n_steps=5", wait=False)
-    deadline = time.time() + 300
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            if list((tmp_path / "outputs" / "train").glob("*/checkpoints/last.ckpt")):
-                break
-            time.sleep(0.5)
-        assert proc.poll() is None, f"the run ended before it could be killed:\n{proc.stdout.read()[-3000:]}"
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    (killed,) = run_dirs(tmp_path, "train")
-    assert not (killed / "metrics.json").exists()
-    saved = torch.load(killed / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
-    assert saved >= 5
+def train_losses(run: Path) -> dict[int, float]:
+    """Step -> training loss, from a run's CSV log (the loss of the batch trained at that step)."""
+    with open(run / "logs" / "metrics.csv") as f:
+        return {int(r["step"]): float(r["train_loss"]) for r in csv.DictReader(f) if r["train_loss"]}
 
-    # The killed run may have got far before the kill landed; resume a fixed number of steps past it.
-    target = saved + 10
-    train(tmp_path, data_cache, f"trainer.max_steps={target}", "trainer.ckpt_every_n_steps=5", "resume=auto")
-    resumed = [d for d in run_dirs(tmp_path, "train") if d != killed]
-    metrics = json.loads((resumed[0] / "metrics.json").read_text())
-    assert metrics["resumed_from"]["step"] == saved
-    assert metrics["resumed_from"]["checkpoint"].startswith(str(killed))
-    assert metrics["steps"] == target
-    assert "initial_val_loss" not in metrics
+
+# Two documents: 3 batches an epoch, so 30 steps cross 9 epoch boundaries and step 10 is mid-epoch.
+RESUMABLE = ["data.max_docs=2", "trainer.max_steps=30", "trainer.ckpt_every_n_steps=5", "trainer.log_every_n_steps=1",
+             "optim.warmup_steps=2"]  # fmt: skip
+
+
+def test_a_run_killed_while_writing_a_checkpoint_resumes_exactly_where_it_stopped(tmp_path, data_cache):
+    train(tmp_path, data_cache, "run_name=whole", *RESUMABLE)
+    (whole,) = run_dirs(tmp_path, "whole")
+
+    # SIGKILL half-way through writing last.ckpt at step 10 (after step000010.ckpt was written)
+    killer = [str(Path(__file__).parent / "killed_train.py"), "10"]
+    proc = train(tmp_path, data_cache, *RESUMABLE, entry=killer, check=False)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    (killed,) = run_dirs(tmp_path, "train")
+    ckpts = killed / "checkpoints"
+    assert not (killed / "metrics.json").exists()
+    # the write went to a temporary beside it: the previous last.ckpt is intact, and the half file is kvlab's
+    assert torch.load(ckpts / "last.ckpt", weights_only=False)["global_step"] == 5
+    (orphan,) = ckpts.glob(".last.ckpt.kvlab-tmp-*")
+    assert orphan.stat().st_size > 0
+    # As a copy across filesystems used to leave it: an empty last.ckpt, the newest file there.
+    (ckpts / "last.ckpt").write_bytes(b"")
+
+    proc = train(tmp_path, data_cache, *RESUMABLE, "resume=auto")
+    assert f"skipping {ckpts / 'last.ckpt'}" in proc.stdout  # said why it fell back
+    (resumed,) = [d for d in run_dirs(tmp_path, "train") if d != killed]
+    metrics = json.loads((resumed / "metrics.json").read_text())
+    assert metrics["resumed_from"] == {"checkpoint": str(ckpts / "step000010.ckpt"), "step": 10}
+    assert metrics["steps"] == 30 and "initial_val_loss" not in metrics
+    assert not orphan.exists()  # its writer is dead: cleaned
+    # the same batches in the same order, loss for loss, across the epoch boundaries after the kill
+    expected, got = train_losses(whole), train_losses(resumed)
+    assert sorted(got) == list(range(10, 30))
+    for step, loss in got.items():
+        assert loss == pytest.approx(expected[step], rel=1e-6, abs=1e-6), step
+    assert metrics["val_loss"] == pytest.approx(json.loads((whole / "metrics.json").read_text())["val_loss"], 1e-6)
 
 
 def test_multirun_sweeps_presets(tmp_path, data_cache):
@@ -162,6 +181,22 @@ BAD_OVERRIDES = {
     "init path": (["init.from=hf", "init.path=/nonexistent/model"], "init.path='/nonexistent/model'"),
     "convert from scratch": (["init.convert={to: gqa}"], "init.convert needs init.from=checkpoint or hf"),
     "ckpt outside export": (["ckpt=/some.ckpt"], "ckpt='/some.ckpt' is recipe=export's and recipe=eval's shorthand"),
+    "warmup longer than the run": (["optim.warmup_steps=50", "trainer.max_steps=10"],
+                                   "optim.warmup_steps=50 exceeds trainer.max_steps=10"),  # fmt: skip
+    "negative clip": (["trainer.gradient_clip_val=-1"], "trainer.gradient_clip_val=-1.0 must be > 0"),
+    "nan learning rate": (["optim.lr=nan"], "optim.lr=nan must be a finite number"),
+    "inf in the model": (["model.mixer.rope_theta=inf"], "model.mixer.rope_theta=inf must be a finite number"),
+    "window beyond max_seq_len": (["model.mixer.window=512"], "window=512 exceeds max_seq_len=128"),
+    "one beta": (["optim.betas=[0.9]"], "optim.betas=[0.9] must be two numbers in [0, 1)"),
+    "precision": (["trainer.precision=fp8"], "trainer.precision='fp8' is not one of 32-true"),
+    "no devices": (["trainer.devices=0"], "trainer.devices=0 must be a count >= 1"),
+    "accelerator": (["trainer.accelerator=tpuu"], "trainer.accelerator='tpuu' is not one of cpu"),
+    "no validation": (["trainer.limit_val_batches=0"], "trainer.limit_val_batches=0 must be >= 1"),
+    "negative workers": (["data.num_workers=-1"], "data.num_workers=-1 must be >= 0"),
+    "no documents": (["data.max_docs=0"], "data.max_docs=0 must be >= 1"),
+    "mixer kind of the wrong type": (["model.mixer.kind=[attention]"], "mixer.kind=['attention'] is not a known"),
+    "corpus smaller than a batch": (["data.max_docs=2", "data.batch_size=64"],
+                                    "fewer than one batch (data.batch_size=64)"),  # fmt: skip
 }
 
 
@@ -186,7 +221,62 @@ def test_bad_overrides_fail_before_training(tmp_path, data_cache, case):
     assert not list(tmp_path.glob("**/*.ckpt"))
 
 
-@pytest.mark.parametrize("case", ["indivisible heads", "unknown trainer key"])
+def _run_in_process(tmp_path, data_cache, overrides, run_dir):
+    from hydra import compose, initialize_config_dir
+
+    from kvlab.recipes.config import register_configs
+    from kvlab.recipes.run import run
+
+    register_configs()
+    common = [*TINY_MODEL, *TINY_RUN, f"output_root={tmp_path}", f"data.cache_dir={data_cache}"]
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = compose("train", overrides=[*common, *overrides])
+    return run(cfg, run_dir)
+
+
+def test_garbage_checkpoints_are_named_not_tracebacks(tmp_path, data_cache):
+    from kvlab.recipes.run import ConfigError
+
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(ConfigError, match=f"resume='{garbage}': does not load as a checkpoint"):
+        _run_in_process(tmp_path, data_cache, [f"resume={garbage}"], tmp_path / "a")
+    with pytest.raises(ConfigError, match=f"init: {garbage}: does not load as a checkpoint"):
+        _run_in_process(tmp_path, data_cache, ["init.from=checkpoint", f"init.path={garbage}"], tmp_path / "b")
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"weights": torch.zeros(2)}, foreign)
+    with pytest.raises(ConfigError, match="not a kvlab training checkpoint"):
+        _run_in_process(tmp_path, data_cache, [f"resume={foreign}"], tmp_path / "c")
+
+
+def test_a_run_directory_holding_another_run_is_refused(tmp_path, data_cache):
+    from kvlab.recipes.run import LOCK_FILE, ConfigError
+
+    finished = tmp_path / "finished"
+    finished.mkdir()
+    (finished / "metrics.json").write_text("{}")
+    with pytest.raises(ConfigError, match="holds another run's checkpoints or metrics"):
+        _run_in_process(tmp_path, data_cache, ["trainer.max_steps=1"], finished)
+    assert (finished / "metrics.json").read_text() == "{}"
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / LOCK_FILE).write_text(f"{os.getppid()}\n")  # a live process that is not this one
+    with pytest.raises(ConfigError, match=f"in use by another kvlab run .process {os.getppid()}"):
+        _run_in_process(tmp_path, data_cache, ["trainer.max_steps=1"], busy)
+
+
+def test_resuming_with_another_model_is_refused_naming_the_fields(tmp_path, data_cache):
+    from kvlab.recipes.run import ConfigError
+
+    train(tmp_path, data_cache, "trainer.max_steps=2")
+    (run,) = run_dirs(tmp_path, "train")
+    last = run / "checkpoints" / "last.ckpt"
+    with pytest.raises(ConfigError, match=r"model.mixer.rope_theta: 500000 vs 10000.0.*model.mixer.window: 32 vs None"):
+        _run_in_process(tmp_path, data_cache, [f"resume={last}", "trainer.max_steps=4", "model.mixer.window=32",
+                                               "model.mixer.rope_theta=500000"], tmp_path / "other")  # fmt: skip
+
+
+@pytest.mark.parametrize("case", ["indivisible heads", "unknown trainer key", "nan learning rate"])
 def test_bad_override_exits_with_the_error_first(tmp_path, data_cache, case):
     overrides, message = BAD_OVERRIDES[case]
     proc = train(tmp_path, data_cache, *overrides, check=False)
