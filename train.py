@@ -15,7 +15,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from kvlab.recipes.config import register_configs
+from kvlab.recipes.config import broken_yaml, register_configs
 from kvlab.recipes.run import ConfigError, run
 from kvlab.recipes.uptrain import run_uptrain
 
@@ -44,4 +44,8 @@ def _leave_process_group() -> None:
 
 
 if __name__ == "__main__":
+    problem = broken_yaml(sys.argv[1:], Path(__file__).resolve().parent / "configs")
+    if problem is not None:
+        print(f"kvlab: error: {problem}", file=sys.stderr)
+        sys.exit(1)
     main()

@@ -207,3 +207,18 @@ def check_finite(value: Any, path: str = "") -> None:
     found = first_non_finite(value, path)
     if found is not None:
         raise ValueError(f"{found[0]}={found[1]} must be a finite number")
+
+
+def load_yaml(path) -> Any:
+    """The YAML document at ``path``; a file that does not parse is a ValueError naming the file and line."""
+    import yaml
+
+    try:
+        with open(path) as f:
+            return yaml.safe_load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f", line {mark.line + 1}" if mark is not None else ""
+        raise ValueError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None

@@ -84,7 +84,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
     try:
@@ -96,15 +96,17 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_orphans(directory: str | os.PathLike) -> list[Path]:
-    """Delete kvlab's temporaries in ``directory`` whose writing process is gone; return them."""
+def remove_orphans(directory: str | os.PathLike, pattern: re.Pattern = _ORPHAN) -> list[Path]:
+    """Delete kvlab's temporaries in ``directory`` whose writing process is gone; return them.
+
+    ``pattern`` matches a temporary's name, its first group the writer's pid."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
     removed = []
     for child in directory.iterdir():
-        m = _ORPHAN.match(child.name)
-        if m is None or _pid_alive(int(m.group(1))):
+        m = pattern.match(child.name)
+        if m is None or pid_alive(int(m.group(1))):
             continue
         if child.is_dir() and not child.is_symlink():
             shutil.rmtree(child, ignore_errors=True)

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import yaml
 
 from kvlab._config import (
     check_bool,
@@ -34,6 +33,7 @@ from kvlab._config import (
     check_types,
     field_names,
     from_dict,
+    load_yaml,
     to_dict,
 )
 from kvlab.kernels.registry import parse_mode
@@ -123,15 +123,7 @@ class ModelConfig:
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> ModelConfig:
         """Read a model YAML such as ``configs/model/gqa.yaml``; errors name the file (and line)."""
-        try:
-            with open(path) as f:
-                d = yaml.safe_load(f)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{path}: no such model file") from None
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f", line {mark.line + 1}" if mark is not None else ""
-            raise ValueError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+        d = load_yaml(path)
         if d is None:
             raise ValueError(f"{path}: expected a mapping of model settings, got nothing (the file is empty)")
         try:

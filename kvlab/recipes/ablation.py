@@ -26,6 +26,8 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
+from kvlab._io import atomic_write, atomic_write_text
+
 log = logging.getLogger("kvlab")
 
 COLUMNS = ("model", "params", "kv_bytes_per_token", "kv_fixed_bytes", "kv_bytes_at_context", "val_loss", "val_ppl",
@@ -78,17 +80,20 @@ def _cell(value: Any) -> str:
 
 
 def write_tables(rows: list[dict[str, Any]], sweep_dir: Path, context: int) -> None:
-    with open(Path(sweep_dir) / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+    def write_csv(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic_write(Path(sweep_dir) / "results.csv", write_csv)
     lines = [f"Cache at {context:,} tokens, one sequence, bf16. Pareto frontier in bold.", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]  # fmt: skip
     front = {r["model"] for r in pareto_front(rows)}
     for r in rows:
         name = f"**{r['model']}**" if r["model"] in front else r["model"]
         lines.append("| " + " | ".join([name] + [_cell(r[c]) for c in COLUMNS[1:]]) + " |")
-    (Path(sweep_dir) / "results.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(Path(sweep_dir) / "results.md", "\n".join(lines) + "\n")
 
 
 def plot_pareto(rows: list[dict[str, Any]], path: Path, context: int) -> list[tuple[str, float, float]]:

@@ -8,11 +8,14 @@ runs. The ``model`` node is free-form here and checked by ``ModelConfig``
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
+from kvlab._config import load_yaml
 from kvlab.recipes.data import DataConfig
 from kvlab.recipes.module import OptimConfig
 
@@ -81,3 +84,27 @@ class TrainConfig:
 
 def register_configs() -> None:
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+
+def broken_yaml(argv: list[str], config_dir: Path) -> str | None:
+    """Why a YAML file this command line picks (``model=mine`` from ``--config-dir``, or the shipped tree)
+    does not parse, naming the file and line; None when they all do. Hydra would show a traceback."""
+    dirs = [config_dir]
+    for i, arg in enumerate(argv):
+        if arg in ("--config-dir", "-cd") and i + 1 < len(argv):
+            dirs.insert(0, Path(argv[i + 1]))
+        elif arg.startswith(("--config-dir=", "-cd=")):
+            dirs.insert(0, Path(arg.split("=", 1)[1]))
+    for arg in argv:
+        choice = re.fullmatch(r"\+?([\w/]+)=([\w/.,-]+)", arg)  # group=option(s), e.g. model=mine or model=a,b
+        if choice is None:
+            continue
+        group, options = choice.groups()
+        for option in options.split(","):
+            found = [d / group / f"{option}.yaml" for d in dirs if (d / group / f"{option}.yaml").is_file()]
+            if found:
+                try:
+                    load_yaml(found[0])
+                except ValueError as e:
+                    return str(e)
+    return None

@@ -29,6 +29,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import sysconfig
 from dataclasses import asdict, dataclass, field
@@ -44,6 +45,7 @@ from kvlab._io import remove_orphans, temp_path
 log = logging.getLogger(__name__)
 
 EOS = "<|endoftext|>"
+_LEGACY_TMP = re.compile(r"^[a-z]+-[0-9a-f]{16}\.tmp(\d+)$")  # the cache's temporaries before kvlab._io
 DATA_KINDS = ("stdlib", "text", "hf", "mqar")
 
 
@@ -291,7 +293,7 @@ def prepare(cfg: DataConfig) -> tuple[Path, object]:
         tokenizer = train_tokenizer(splits["train"]["text"], cfg.vocab_size)
     eos = eos_id(tokenizer)
     root.parent.mkdir(parents=True, exist_ok=True)
-    for orphan in remove_orphans(root.parent):  # left by a killed run
+    for orphan in remove_orphans(root.parent) + remove_orphans(root.parent, _LEGACY_TMP):  # left by killed runs
         log.info("data: removed %s, left by an interrupted run", orphan)
     tmp = temp_path(root)
     tmp.mkdir()

@@ -27,6 +27,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from kvlab._io import atomic_write_text
 from kvlab.archs import ModelConfig, build_model
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -137,4 +138,4 @@ def main(argv: list[str] | None = None) -> None:
     if args.json == "-":
         json.dump(report, sys.stdout, indent=2)
     elif args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
+        atomic_write_text(args.json, json.dumps(report, indent=2))

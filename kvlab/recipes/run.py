@@ -25,9 +25,10 @@ import lightning as L
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from kvlab._config import check_finite, differences
-from kvlab._io import atomic_write, atomic_write_text, remove_orphans
+from kvlab._io import atomic_write, atomic_write_text, pid_alive, remove_orphans
 from kvlab.archs import ModelConfig, build_model, convert_model
 from kvlab.recipes.config import ACCELERATORS, LOGGERS, PRECISIONS, STAGES, TrainConfig
 from kvlab.recipes.data import LMDataModule, build_datamodule, tokenizer_to_use
@@ -44,7 +45,7 @@ class ConfigError(ValueError):
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     """Train and/or evaluate as ``cfg`` says; return the metrics written to metrics.json."""
-    tc: TrainConfig = OmegaConf.to_object(cfg)
+    tc = train_config(cfg)
     model_cfg = _validated(tc)
     L.seed_everything(tc.seed, verbose=False)
     ckpt_path = _resume_path(tc, run_dir)
@@ -141,6 +142,19 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 
 
 # -- validation of the whole config, before anything runs ------------------------
+
+
+def train_config(cfg: DictConfig) -> TrainConfig:
+    """The typed config, or a ConfigError naming the key (an empty model file, a missing interpolation)."""
+    if not cfg.get("model"):
+        raise ConfigError(
+            "model: the model config is empty; model=NAME must name a YAML file of settings "
+            "(configs/model/*.yaml, or one in a --config-dir)"
+        )
+    try:
+        return OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{getattr(e, 'full_key', None) or 'config'}: {getattr(e, 'msg', None) or e}") from None
 
 
 def _validated(tc: TrainConfig) -> ModelConfig:
@@ -339,6 +353,8 @@ def _checkpoint_problem(path: Path) -> str | None:
     fields = _lightning_fields_file(path)
     if not fields.is_file():
         return "a directory without a DeepSpeed checkpoint/*model_states.pt"
+    if path.is_dir() and not (path / "latest").is_file():  # DeepSpeed writes it last, once every shard is saved
+        return "an incomplete DeepSpeed checkpoint (no 'latest' file: its writing was interrupted)"
     try:
         ckpt = torch.load(fields, map_location="cpu", weights_only=False, mmap=True)
     except Exception as e:  # truncated, empty or not a checkpoint: torch raises several types
@@ -380,14 +396,10 @@ def _claim_run_dir(run_dir: Path, ckpt_path: str | None) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = run_dir / LOCK_FILE
     resuming_here = ckpt_path is not None and run_dir.resolve() in Path(ckpt_path).resolve().parents
-    if lock.exists():
-        try:
-            pid = int(lock.read_text().split()[0])
-        except (ValueError, IndexError, OSError):
-            pid = None
-        if pid is not None and pid != os.getpid() and _alive(pid):
-            raise ConfigError(f"run directory {run_dir} is in use by another kvlab run (process {pid}); "
-                              "give this run another directory (run_name or hydra.run.dir)")  # fmt: skip
+    pid = run_dir_in_use(run_dir)
+    if pid is not None:
+        raise ConfigError(f"run directory {run_dir} is in use by another kvlab run (process {pid}); "
+                          "give this run another directory (run_name or hydra.run.dir)")  # fmt: skip
     ours = lock.exists() and lock.read_text().split()[:1] == [str(os.getpid())]
     held = (run_dir / "metrics.json").exists() or any((run_dir / "checkpoints").glob("*.ckpt"))
     if held and not resuming_here and not ours:
@@ -398,14 +410,13 @@ def _claim_run_dir(run_dir: Path, ckpt_path: str | None) -> None:
     atomic_write_text(lock, f"{os.getpid()}\n")
 
 
-def _alive(pid: int) -> bool:
+def run_dir_in_use(run_dir: Path) -> int | None:
+    """The pid of another live process whose run holds ``run_dir`` (its lock file), else None."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        pid = int((run_dir / LOCK_FILE).read_text().split()[0])
+    except (ValueError, IndexError, OSError):
+        return None
+    return pid if pid != os.getpid() and pid_alive(pid) else None
 
 
 def _lightning_fields_file(path: Path) -> Path:

@@ -33,7 +33,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from kvlab.recipes.config import TrainConfig
 from kvlab.recipes.data import default_cache_dir, tokenizer_to_use
-from kvlab.recipes.run import ConfigError, _write_json, run
+from kvlab._io import atomic_write_text
+from kvlab.recipes.run import ConfigError, _write_json, run, run_dir_in_use
 
 log = logging.getLogger("kvlab")
 
@@ -173,7 +174,10 @@ def _cached_parent(cfg: DictConfig) -> tuple[dict, int]:
         # An interrupted parent continues from its last checkpoint rather than starting over.
         resume = str(ckpt) if ckpt.exists() else None
         if resume is None and parent_dir.exists():
-            shutil.rmtree(parent_dir)
+            busy = run_dir_in_use(parent_dir)
+            if busy is not None:
+                raise ConfigError(f"uptrain: another run (process {busy}) is training this parent in {parent_dir}")
+            shutil.rmtree(parent_dir)  # kvlab's own cache entry, interrupted before its first checkpoint
         _stage(
             cfg,
             parent_dir,
@@ -183,7 +187,7 @@ def _cached_parent(cfg: DictConfig) -> tuple[dict, int]:
             stages=["train"],
             **{"trainer.max_steps": cfg.uptrain.parent_steps},
         )
-        (parent_dir / "DONE").write_text(json.dumps(identity, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(parent_dir / "DONE", json.dumps(identity, indent=2, sort_keys=True) + "\n")
     tokens = json.loads((parent_dir / "metrics.json").read_text())["tokens_seen"]
     return {"from": "checkpoint", "path": str(ckpt), "convert": None}, tokens
 

@@ -188,3 +188,22 @@ def _setup(dm):
     dm.prepare_data()
     dm.setup()
     return dm
+
+
+def test_an_interrupted_preparation_is_cleaned_up_and_redone(tmp_path):
+    import subprocess
+    import sys
+
+    cfg = DataConfig(kind="text", paths=_corpus(tmp_path), seq_len=16, vocab_size=300, cache_dir=str(tmp_path / "c"))
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)  # fmt: skip
+    data_dir = tmp_path / "c" / "data"
+    data_dir.mkdir(parents=True)
+    leftovers = [data_dir / f".text-0123456789abcdef.kvlab-tmp-{dead}", data_dir / f"text-0123456789abcdef.tmp{dead}"]
+    for d in leftovers:  # today's temporary name, and the one kvlab used before
+        d.mkdir()
+        (d / "tokenizer.json").write_text("half")
+    mine = data_dir / "my-notes.tmp1"
+    mine.mkdir()
+    root, _ = prepare(cfg)
+    assert (root / "DONE").exists() and not any(d.exists() for d in leftovers) and mine.exists()

@@ -276,6 +276,30 @@ def test_resuming_with_another_model_is_refused_naming_the_fields(tmp_path, data
                                                "model.mixer.rope_theta=500000"], tmp_path / "other")  # fmt: skip
 
 
+def test_broken_or_empty_user_config_files_are_named(tmp_path, data_cache):
+    user = tmp_path / "my_configs"
+    (user / "model").mkdir(parents=True)
+    (user / "model" / "broken.yaml").write_text("d_model: 64\nmixer: {kind: attention, n_heads: 4\nn_layers: 2\n")
+    (user / "model" / "empty.yaml").write_text("")
+    proc = train(tmp_path, data_cache, f"--config-dir={user}", "model=broken", tiny_model=False, check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines()[0].startswith(f"kvlab: error: {user / 'model' / 'broken.yaml'}, line 3: ")
+    proc = train(tmp_path, data_cache, f"--config-dir={user}", "model=empty", tiny_model=False, check=False)
+    assert proc.returncode == 1
+    assert "model: the model config is empty" in proc.stderr.strip().splitlines()[0]
+
+
+def test_an_interrupted_deepspeed_checkpoint_is_not_resumed(tmp_path):
+    from kvlab.recipes.run import _checkpoint_problem
+
+    shards = tmp_path / "last.ckpt" / "checkpoint"
+    shards.mkdir(parents=True)
+    torch.save({"global_step": 3, "loops": {}, "hyper_parameters": {}}, shards / "mp_rank_00_model_states.pt")
+    assert "no 'latest' file" in _checkpoint_problem(tmp_path / "last.ckpt")
+    (tmp_path / "last.ckpt" / "latest").write_text("checkpoint")
+    assert _checkpoint_problem(tmp_path / "last.ckpt") is None
+
+
 @pytest.mark.parametrize("case", ["indivisible heads", "unknown trainer key", "nan learning rate"])
 def test_bad_override_exits_with_the_error_first(tmp_path, data_cache, case):
     overrides, message = BAD_OVERRIDES[case]
