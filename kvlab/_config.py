@@ -10,6 +10,7 @@ setting. Errors carry the dotted path of the field (``mixers.A.n_heads``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import types
 import typing
@@ -44,7 +45,7 @@ def from_dict(cls: type[T], d: Mapping[str, Any] | T, path: str = "") -> T:
         raise ValueError(f"{path or cls.__name__}: expected a mapping of settings, got {d!r}")
     check_keys(d, field_names(cls), path)
     check_types(cls, d, path)
-    hints = typing.get_type_hints(cls)
+    hints = _type_hints(cls)
     kwargs = {}
     for key, value in d.items():
         sub = _dataclass_in(hints[key])
@@ -62,11 +63,16 @@ def check_types(cls: type, d: Mapping[str, Any], path: str = "") -> None:
     dataclass field takes a mapping of its settings (parsed later) or the
     dataclass itself.
     """
-    hints = typing.get_type_hints(cls)
+    hints = _type_hints(cls)
     for key, value in d.items():
         if key in hints and not _matches(value, hints[key]):
             where = f"{path}.{key}" if path else str(key)
             raise ValueError(f"{where}={value!r} must be {_describe(hints[key])}")
+
+
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)  # evaluates every annotation's text: once per class
 
 
 def _matches(value: Any, hint: Any) -> bool:

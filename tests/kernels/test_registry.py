@@ -64,6 +64,7 @@ def test_environment_overrides_the_config(monkeypatch):
         assert choose("attention", args, kwargs).name == "reference"
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="needs the optional triton package")
 def test_triton_cannot_take_an_explicit_mask_and_says_so(monkeypatch, caplog):
     monkeypatch.delenv("KVLAB_KERNELS", raising=False)
     q = _q()
