@@ -185,7 +185,8 @@ def differences(ours: Any, theirs: Any, path: str = "") -> list[str]:
                 found += differences(ours[key], theirs[key], where)
         return found
     if isinstance(ours, (list, tuple)) and isinstance(theirs, (list, tuple)) and len(ours) == len(theirs):
-        return [d for i, (a, b) in enumerate(zip(ours, theirs)) for d in differences(a, b, f"{path}[{i}]")]
+        pairs = enumerate(zip(ours, theirs, strict=True))
+        return [d for i, (a, b) in pairs for d in differences(a, b, f"{path}[{i}]")]
     return [] if ours == theirs else [f"{path}: {ours!r} vs {theirs!r}"]
 
 

@@ -309,7 +309,9 @@ class CausalLM(nn.Module):
         check_int(eos_token_id, "eos_token_id", minimum=0, optional=True)
         self.check_token_ids(input_ids, "input_ids")
         if eos_token_id is not None and eos_token_id >= self.config.vocab_size:
-            raise ValueError(f"eos_token_id={eos_token_id} is outside the vocabulary (vocab_size={self.config.vocab_size})")
+            raise ValueError(
+                f"eos_token_id={eos_token_id} is outside the vocabulary (vocab_size={self.config.vocab_size})"
+            )
         B, T = input_ids.shape
         if T + max_new_tokens > self.config.max_seq_len:
             raise ValueError(

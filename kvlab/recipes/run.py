@@ -323,11 +323,7 @@ def _resume_path(tc: TrainConfig, run_dir: Path) -> str | None:
         return None
     if tc.resume == "auto":
         runs = Path(tc.output_root) / tc.run_name
-        found = [
-            p
-            for p in runs.glob("*/checkpoints/*.ckpt")
-            if p.parent.parent.resolve() != run_dir.resolve()
-        ]
+        found = [p for p in runs.glob("*/checkpoints/*.ckpt") if p.parent.parent.resolve() != run_dir.resolve()]
         for ckpt_dir in {p.parent for p in found}:
             for orphan in remove_orphans(ckpt_dir):
                 log.info("resume=auto: removed %s, left by a checkpoint write that was interrupted", orphan)

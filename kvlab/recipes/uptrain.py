@@ -31,9 +31,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from kvlab._io import atomic_write_text
 from kvlab.recipes.config import TrainConfig
 from kvlab.recipes.data import default_cache_dir, tokenizer_to_use
-from kvlab._io import atomic_write_text
 from kvlab.recipes.run import ConfigError, _write_json, run, run_dir_in_use
 
 log = logging.getLogger("kvlab")

@@ -17,12 +17,16 @@ NAN, INF = float("nan"), float("inf")
 BAD_CONFIGS = {
     "nan init_std": (tiny(init_std=NAN), "init_std=nan must be a finite number"),
     "inf rope_theta": (tiny(mixer={"kind": "attention", "n_heads": 4, "rope_theta": INF}), "rope_theta=inf"),
-    "nan value_mix": (tiny(mixer={"kind": "attention", "n_heads": 4, "value_residual": "resformer",
-                                  "value_mix": NAN}), "value_mix=nan"),  # fmt: skip
+    "nan value_mix": (
+        tiny(mixer={"kind": "attention", "n_heads": 4, "value_residual": "resformer", "value_mix": NAN}),
+        "value_mix=nan",
+    ),  # fmt: skip
     "inf dt_max": (tiny(mixer={"kind": "mamba2", "dt_max": INF}), "dt_max=inf"),
     "nan norm eps": (tiny(norm={"kind": "rmsnorm", "eps": NAN}), "norm.eps=nan"),
-    "window beyond max_seq_len": (tiny(mixer={"kind": "attention", "n_heads": 4, "window": 65}),
-                                  "window=65 exceeds max_seq_len=64"),  # fmt: skip
+    "window beyond max_seq_len": (
+        tiny(mixer={"kind": "attention", "n_heads": 4, "window": 65}),
+        "window=65 exceeds max_seq_len=64",
+    ),  # fmt: skip
     "mixer kind of the wrong type": (tiny(mixer={"kind": ["attention"]}), r"mixer.kind=\['attention'\] is not a known"),
     "mixer kind missing": (tiny(mixer={"n_heads": 4}), "mixer.kind=None is not a known mixer kind"),
 }
@@ -65,7 +69,10 @@ BAD_GENERATE = {
     "1-D prompt": (dict(input_ids=torch.tensor([1, 2, 3])), r"got shape \[3\]"),
     "float prompt": (dict(input_ids=torch.ones(1, 3)), "expected an integer tensor of token ids"),
     "list prompt": (dict(input_ids=[[1, 2, 3]]), "got list"),
-    "id beyond the vocabulary": (dict(input_ids=torch.tensor([[1, 97]])), r"token id 97 is outside the vocabulary \(0..96\)"),
+    "id beyond the vocabulary": (
+        dict(input_ids=torch.tensor([[1, 97]])),
+        r"token id 97 is outside the vocabulary \(0..96\)",
+    ),
     "negative id": (dict(input_ids=torch.tensor([[-1, 5]])), "token id -1 is outside"),
 }
 
@@ -116,7 +123,9 @@ def test_tied_embeddings_with_a_different_head_in_the_file_are_refused(tmp_path)
 
     untied = build_model(tiny(n_layers=1))
     out = _llama_dir(tmp_path, untied, tie_word_embeddings=True)
-    with pytest.raises(ValueError, match="tie_word_embeddings=true, but the weights hold an lm_head.weight that differs"):
+    with pytest.raises(
+        ValueError, match="tie_word_embeddings=true, but the weights hold an lm_head.weight that differs"
+    ):
         load_hf(out)
     state = load_file(out / "model.safetensors")
     state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()  # a head equal to the embeddings: fine
@@ -126,9 +135,11 @@ def test_tied_embeddings_with_a_different_head_in_the_file_are_refused(tmp_path)
 
 @pytest.mark.parametrize(
     "change, message",
-    [({"intermediate_size": 100}, r"mlp.*has shape \[96, 64\] in the weights, .*check intermediate_size"),
-     ({"num_key_value_heads": 4}, r"k_proj.weight has shape .*check num_key_value_heads"),
-     ({"num_hidden_layers": None}, "the field 'num_hidden_layers' is missing|num_hidden_layers")],  # fmt: skip
+    [
+        ({"intermediate_size": 100}, r"mlp.*has shape \[96, 64\] in the weights, .*check intermediate_size"),
+        ({"num_key_value_heads": 4}, r"k_proj.weight has shape .*check num_key_value_heads"),
+        ({"num_hidden_layers": None}, "the field 'num_hidden_layers' is missing|num_hidden_layers"),
+    ],  # fmt: skip
 )
 def test_configs_that_do_not_match_their_weights_name_the_field(tmp_path, change, message):
     from kvlab.archs.hf import load_hf

@@ -133,8 +133,11 @@ def test_unreadable_text_names_the_file_and_row(tmp_path):
 
 @pytest.mark.parametrize(
     "field, value, message",
-    [("max_docs", 0, "data.max_docs=0 must be >= 1"), ("num_workers", -1, "data.num_workers=-1 must be >= 0"),
-     ("text_field", "", "data.text_field is empty")],  # fmt: skip
+    [
+        ("max_docs", 0, "data.max_docs=0 must be >= 1"),
+        ("num_workers", -1, "data.num_workers=-1 must be >= 0"),
+        ("text_field", "", "data.text_field is empty"),
+    ],  # fmt: skip
 )
 def test_bad_data_settings_are_named(field, value, message):
     with pytest.raises(ValueError, match=message):
@@ -165,7 +168,8 @@ def test_the_training_order_resumes_mid_epoch_and_stays_the_same_after(tmp_path)
 
     whole = dm.train_dataloader()
     first, second = epoch(whole, 0), epoch(whole, 1)
-    assert len(first) >= 4 and not all(torch.equal(a, b) for a, b in zip(first, second))  # reshuffled per epoch
+    # reshuffled per epoch
+    assert len(first) >= 4 and not all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
     interrupted = dm.train_dataloader()
     interrupted.sampler.set_epoch(0)
     it = iter(interrupted)
@@ -176,9 +180,10 @@ def test_the_training_order_resumes_mid_epoch_and_stays_the_same_after(tmp_path)
     resumed = dm.train_dataloader()
     resumed.load_state_dict(state)
     rest = epoch(resumed, 0)
-    assert len(rest) == len(first) - 3 and all(torch.equal(a, b) for a, b in zip(rest, first[3:]))
+    assert len(rest) == len(first) - 3 and all(torch.equal(a, b) for a, b in zip(rest, first[3:], strict=True))
     assert resumed.state_dict()["batches_done"] == len(first)
-    assert all(torch.equal(a, b) for a, b in zip(epoch(resumed, 1), second))  # the next epoch as if never stopped
+    # the next epoch as if it had never stopped
+    assert all(torch.equal(a, b) for a, b in zip(epoch(resumed, 1), second, strict=True))
     other = DataConfig(**{**cfg.__dict__, "batch_size": 3})
     with pytest.raises(ValueError, match="data.batch_size=2, this run has 3"):
         _setup(LMDataModule(other)).train_dataloader().load_state_dict(state)

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -192,8 +191,10 @@ BAD_OVERRIDES = {
     "init path": (["init.from=hf", "init.path=/nonexistent/model"], "init.path='/nonexistent/model'"),
     "convert from scratch": (["init.convert={to: gqa}"], "init.convert needs init.from=checkpoint or hf"),
     "ckpt outside export": (["ckpt=/some.ckpt"], "ckpt='/some.ckpt' is recipe=export's and recipe=eval's shorthand"),
-    "warmup longer than the run": (["optim.warmup_steps=50", "trainer.max_steps=10"],
-                                   "optim.warmup_steps=50 exceeds trainer.max_steps=10"),  # fmt: skip
+    "warmup longer than the run": (
+        ["optim.warmup_steps=50", "trainer.max_steps=10"],
+        "optim.warmup_steps=50 exceeds trainer.max_steps=10",
+    ),  # fmt: skip
     "negative clip": (["trainer.gradient_clip_val=-1"], "trainer.gradient_clip_val=-1.0 must be > 0"),
     "nan learning rate": (["optim.lr=nan"], "optim.lr=nan must be a finite number"),
     "inf in the model": (["model.mixer.rope_theta=inf"], "model.mixer.rope_theta=inf must be a finite number"),
@@ -206,8 +207,10 @@ BAD_OVERRIDES = {
     "negative workers": (["data.num_workers=-1"], "data.num_workers=-1 must be >= 0"),
     "no documents": (["data.max_docs=0"], "data.max_docs=0 must be >= 1"),
     "mixer kind of the wrong type": (["model.mixer.kind=[attention]"], "mixer.kind=['attention'] is not a known"),
-    "corpus smaller than a batch": (["data.max_docs=2", "data.batch_size=64"],
-                                    "fewer than one batch (data.batch_size=64)"),  # fmt: skip
+    "corpus smaller than a batch": (
+        ["data.max_docs=2", "data.batch_size=64"],
+        "fewer than one batch (data.batch_size=64)",
+    ),  # fmt: skip
 }
 
 
