@@ -226,6 +226,7 @@ def _to_mla(model: CausalLM, kv_lora_rank: int, rope_dims: int, calibration: tor
         raise ValueError("convert.to=mla: the model must be attention in every layer (one mixer), unshared")
     reasons = {
         "partial RoPE": m.rope_dims != m.head_dim,
+        "RoPE scaling": m.rope_scaling is not None,  # MLA's decoupled RoPE key has none
         "a sliding window": m.window is not None,
         "biases": m.qkv_bias or m.o_bias,
         "WGQA merge weights": m.kv_merge > 1,

@@ -82,16 +82,25 @@ def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
     field = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
+    if rope_type not in ("default", "linear", "llama3"):
         raise ValueError(
-            f"config.json: {field}.rope_type={rope_type!r}: RoPE scaling is not supported (only plain RoPE); "
-            "importing without it would change the model's outputs"
+            f"config.json: {field}.rope_type={rope_type!r}: this RoPE scaling is not supported (default, linear and "
+            "llama3 are); importing without it would change the model's outputs"
         )
+    scaling = None
+    if rope_type == "linear":
+        scaling = {"kind": "linear", "factor": rope["factor"]}
+    elif rope_type == "llama3":
+        scaling = {"kind": "llama3", "factor": rope["factor"], "low_freq_factor": rope["low_freq_factor"],
+                   "high_freq_factor": rope["high_freq_factor"], "original_max_seq_len": rope.get(
+                       "original_max_position_embeddings", hf.get("max_position_embeddings", 2048))}  # fmt: skip
     if hf.get("hidden_act", "silu") != "silu":
         raise ValueError(f"config.json: hidden_act={hf['hidden_act']!r} is not supported (SwiGLU needs silu)")
     rope_theta = float(rope.get("rope_theta") or hf.get("rope_theta") or 10000.0)
     n_heads = hf["num_attention_heads"]
     if model_type == "deepseek_v3":
+        if scaling is not None:
+            raise ValueError(f"config.json: {field}.rope_type={rope_type!r}: RoPE scaling is not supported for MLA")
         mixer = _mla_from_deepseek_v3(hf, rope_theta)
     else:
         family = FAMILIES[model_type]
@@ -107,6 +116,7 @@ def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
             "n_kv_heads": hf.get("num_key_value_heads") or n_heads,
             "head_dim": hf.get("head_dim") or hf["hidden_size"] // n_heads,
             "rope_theta": rope_theta,
+            "rope_scaling": scaling,
             "window": window,
             **bias,
         }
@@ -225,6 +235,12 @@ def hf_config_from_model(cfg: ModelConfig) -> dict[str, Any]:
                   v_head_dim=m.v_head_dim, rope_interleave=False, attention_bias=False)  # fmt: skip
         return hf
     hf.update(num_key_value_heads=m.n_kv_heads, head_dim=m.head_dim)
+    if m.rope_scaling is not None:  # transformers' names for the same settings
+        s = m.rope_scaling
+        hf["rope_parameters"] = {"rope_type": s["kind"], "rope_theta": m.rope_theta, "factor": s["factor"]}
+        if s["kind"] == "llama3":
+            hf["rope_parameters"].update(low_freq_factor=s["low_freq_factor"], high_freq_factor=s["high_freq_factor"],
+                                         original_max_position_embeddings=s["original_max_seq_len"])  # fmt: skip
     if model_type == "llama":
         hf["attention_bias"] = m.qkv_bias
     elif model_type == "mistral":

@@ -10,14 +10,65 @@ through, as in GPT-NeoX.
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+ROPE_SCALINGS = {  # kind -> its settings; every one is required
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_seq_len"),
+}
+
+
+def check_rope_scaling(scaling, path: str) -> None:
+    """Raise ValueError naming what is wrong with a ``rope_scaling`` mapping (None: no scaling)."""
+    if scaling is None:
+        return
+    kind = scaling.get("kind") if isinstance(scaling, dict) else None
+    if kind not in ROPE_SCALINGS:
+        raise ValueError(f"{path}.kind={kind!r} is not one of {', '.join(ROPE_SCALINGS)}")
+    wanted = {"kind", *ROPE_SCALINGS[kind]}
+    if set(scaling) != wanted:
+        raise ValueError(
+            f"{path}: kind {kind} takes exactly {', '.join(sorted(wanted))}; got {', '.join(sorted(scaling))}"
+        )
+    for key in ROPE_SCALINGS[kind]:
+        value = scaling[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{path}.{key}={value!r} must be a positive number")
+    if kind == "llama3" and not scaling["high_freq_factor"] > scaling["low_freq_factor"]:
+        raise ValueError(f"{path}: high_freq_factor must exceed low_freq_factor")
+
+
+def scaled_frequencies(inv_freq: torch.Tensor, scaling: dict | None) -> torch.Tensor:
+    """The RoPE frequencies of a context-extended model.
+
+    - ``linear`` (position interpolation, Chen et al. 2023): every frequency
+      divided by ``factor``, i.e. positions squeezed by it.
+    - ``llama3`` (Llama 3.1): wavelengths longer than
+      ``original_max_seq_len / low_freq_factor`` are interpolated by
+      ``factor``, those shorter than ``original_max_seq_len /
+      high_freq_factor`` are kept, and those between blend the two linearly
+      in ``original_max_seq_len / wavelength``.
+    """
+    if scaling is None:
+        return inv_freq
+    factor = scaling["factor"]
+    if scaling["kind"] == "linear":
+        return inv_freq / factor
+    low, high, context = scaling["low_freq_factor"], scaling["high_freq_factor"], scaling["original_max_seq_len"]
+    wavelength = 2 * math.pi / inv_freq
+    blend = ((context / wavelength - low) / (high - low)).clamp(0, 1)  # 0: interpolate fully, 1: keep
+    return (1 - blend) * inv_freq / factor + blend * inv_freq
 
 
 def rope_tables(
-    dims: int, theta: float, max_len: int, *, device: torch.device | str | None = None
+    dims: int, theta: float, max_len: int, *, device: torch.device | str | None = None, scaling: dict | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables of shape [max_len, dims], float32, computed once per model."""
+    """cos and sin tables of shape [max_len, dims], float32, computed once per model (``scaling``: see
+    :func:`scaled_frequencies`)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, dims, 2, dtype=torch.float64, device=device) / dims)
+    inv_freq = scaled_frequencies(inv_freq, scaling)
     angles = torch.outer(torch.arange(max_len, dtype=torch.float64, device=device), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos().float(), angles.sin().float()

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -54,6 +55,7 @@ from torch import nn
 from kvlab._config import check_bool, check_choice, check_float, check_int
 from kvlab.kernels.attention import position_mask
 from kvlab.kernels.ops import apply_rope, attention
+from kvlab.kernels.rope import check_rope_scaling
 from kvlab.layers.base import LayerFootprint, MixerConfig, default_head_dim, register_mixer
 from kvlab.layers.kv_cache import KVView, RingKV, StaticKV
 from kvlab.layers.rope import Rotary
@@ -69,6 +71,9 @@ class AttentionConfig(MixerConfig):
     head_dim: int | None = None  # None: d_model // n_heads
     rope_theta: float = 10000.0
     rope_dims: int | None = None  # channels of each head that RoPE rotates; None: all
+    # context extension of the frequencies: {kind: linear, factor} or {kind: llama3, factor, low_freq_factor,
+    # high_freq_factor, original_max_seq_len} (kvlab.kernels.rope.scaled_frequencies); None: plain RoPE
+    rope_scaling: dict[str, Any] | None = None
     window: int | None = None  # sliding window in tokens; None: full causal attention
     qkv_bias: bool = False
     o_bias: bool = False  # Llama's attention_bias puts a bias on the output projection too
@@ -85,6 +90,7 @@ class AttentionConfig(MixerConfig):
         check_int(self.rope_dims, f"{path}.rope_dims", minimum=0, optional=True)
         check_int(self.window, f"{path}.window", minimum=1, optional=True)
         check_float(self.rope_theta, f"{path}.rope_theta", positive=True)
+        check_rope_scaling(self.rope_scaling, f"{path}.rope_scaling")
         check_bool(self.qkv_bias, f"{path}.qkv_bias")
         check_bool(self.o_bias, f"{path}.o_bias")
         check_int(self.kv_merge, f"{path}.kv_merge", minimum=1)
@@ -146,7 +152,8 @@ class AttentionConfig(MixerConfig):
     def kv_compatible(self, source: MixerConfig) -> str | None:
         if not isinstance(source, AttentionConfig):
             return f"source mixer kind {source.kind!r} has no attention K/V"
-        for name in ("n_kv_heads", "head_dim", "rope_dims", "rope_theta", "window", "value_residual", "value_mix"):
+        for name in ("n_kv_heads", "head_dim", "rope_dims", "rope_theta", "rope_scaling", "window", "value_residual",
+                     "value_mix"):  # fmt: skip
             if getattr(self, name) != getattr(source, name):
                 return f"{name}={getattr(self, name)} differs from the source's {name}={getattr(source, name)}"
         return None
@@ -177,7 +184,7 @@ class Attention(nn.Module):
                 self.v_merge = nn.Parameter(torch.empty(cfg.n_kv_heads * cfg.kv_merge))
                 self.reset_parameters()
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, d_model, bias=cfg.o_bias)
-        self.rotary = Rotary(cfg.rope_dims, cfg.rope_theta, max_seq_len)
+        self.rotary = Rotary(cfg.rope_dims, cfg.rope_theta, max_seq_len, cfg.rope_scaling)
         if cfg.kv_groups is not None:
             self.register_buffer("kv_index", torch.empty(cfg.n_heads, dtype=torch.long), persistent=False)
             self.reset_buffers()

@@ -2,7 +2,8 @@
 positions after ``start`` (a cache's count) or explicit per-token
 ``positions`` (packed documents).
 
-- ``Rotary``: the standard frequencies theta^(-2i/dims), as cos/sin tables
+- ``Rotary``: the standard frequencies theta^(-2i/dims) (or their context-extended
+  scaling, ``kvlab.kernels.rope.scaled_frequencies``), as cos/sin tables
   for every position up to max_seq_len, computed once. The tables are
   buffers that are not saved; ``reset_buffers`` recomputes them after a
   model is built on the meta device.
@@ -21,9 +22,9 @@ from kvlab.kernels.rope import rope_tables
 
 
 class Rotary(nn.Module):
-    def __init__(self, dims: int, theta: float, max_seq_len: int):
+    def __init__(self, dims: int, theta: float, max_seq_len: int, scaling: dict | None = None):
         super().__init__()
-        self.dims, self.theta, self.max_seq_len = dims, theta, max_seq_len
+        self.dims, self.theta, self.max_seq_len, self.scaling = dims, theta, max_seq_len, scaling
         self.register_buffer("cos", torch.empty(max_seq_len, dims), persistent=False)
         self.register_buffer("sin", torch.empty(max_seq_len, dims), persistent=False)
         self.reset_buffers()
@@ -31,7 +32,7 @@ class Rotary(nn.Module):
     def reset_buffers(self) -> None:
         if self.cos.is_meta:
             return
-        cos, sin = rope_tables(self.dims, self.theta, self.max_seq_len, device=self.cos.device)
+        cos, sin = rope_tables(self.dims, self.theta, self.max_seq_len, device=self.cos.device, scaling=self.scaling)
         self.cos.copy_(cos)
         self.sin.copy_(sin)
 

@@ -29,6 +29,18 @@ BAD_CONFIGS = {
     ),  # fmt: skip
     "mixer kind of the wrong type": (tiny(mixer={"kind": ["attention"]}), r"mixer.kind=\['attention'\] is not a known"),
     "mixer kind missing": (tiny(mixer={"n_heads": 4}), "mixer.kind=None is not a known mixer kind"),
+    "unknown rope scaling": (
+        tiny(mixer={"kind": "attention", "n_heads": 4, "rope_scaling": {"kind": "ntk"}}),
+        "mixer.rope_scaling.kind='ntk' is not one of linear, llama3",
+    ),  # fmt: skip
+    "rope scaling without its settings": (
+        tiny(mixer={"kind": "attention", "n_heads": 4, "rope_scaling": {"kind": "llama3", "factor": 8.0}}),
+        "mixer.rope_scaling: kind llama3 takes exactly factor, high_freq_factor, kind, low_freq_factor",
+    ),
+    "negative rope factor": (
+        tiny(mixer={"kind": "attention", "n_heads": 4, "rope_scaling": {"kind": "linear", "factor": -2.0}}),
+        "mixer.rope_scaling.factor=-2.0 must be a positive number",
+    ),  # fmt: skip
 }
 
 
@@ -227,3 +239,23 @@ def test_non_finite_values_are_caught_anywhere_in_a_config():
 
     assert first_non_finite({"a": [1.0, {"b": math.inf}]}) == ("a[1].b", math.inf)
     assert first_non_finite({"a": [1.0, {"b": 2}], "c": "nan"}) is None
+
+
+def test_scaled_rope_is_carried_or_refused_by_conversions():
+    from kvlab.archs import convert_model
+
+    scaled = {"kind": "attention", "n_heads": 4, "n_kv_heads": 4, "rope_scaling": {"kind": "linear", "factor": 2.0}}
+    model = build_model(tiny(n_layers=2, mixer=scaled))
+    assert convert_model(model, {"to": "gqa", "n_kv_heads": 2}).config.mixer.rope_scaling == scaled["rope_scaling"]
+    with pytest.raises(ValueError, match="RoPE scaling"):
+        convert_model(model, {"to": "mla", "kv_lora_rank": 32, "rope_dims": 8})
+    with pytest.raises(ValueError, match="rope_scaling=None differs from the source's rope_scaling"):
+        ModelConfig.from_dict(
+            tiny(
+                n_layers=2,
+                kv_source=[0, 0],
+                mixers={"S": scaled, "P": {**scaled, "rope_scaling": None}},
+                pattern="SP",
+                mixer=None,
+            )
+        )

@@ -76,11 +76,11 @@ def test_unsupported_and_missing_are_named(tmp_path):
         load_hf(tmp_path)
     cfg["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="rope_parameters.rope_type='yarn': RoPE scaling is not supported"):
+    with pytest.raises(ValueError, match="rope_parameters.rope_type='yarn': this RoPE scaling is not supported"):
         load_hf(tmp_path)
     # transformers reads a legacy rope_scaling in place of rope_parameters: so must we
     cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e4}
-    cfg["rope_scaling"] = {"type": "linear", "factor": 2.0}
+    cfg["rope_scaling"] = {"type": "dynamic", "factor": 2.0}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="rope_scaling.rope_type='linear': RoPE scaling is not supported"):
+    with pytest.raises(ValueError, match="rope_scaling.rope_type='dynamic': this RoPE scaling is not supported"):
         load_hf(tmp_path)

@@ -98,3 +98,45 @@ def test_mla_logits_match_deepseek_v3(q_lora_rank):
                 p.add_(0.1 * torch.randn_like(p))
     ours.load_state_dict({_to_kvlab_name(k): v for k, v in hf.state_dict().items()})
     _assert_same_logits_and_greedy_tokens(ours, hf)
+
+
+ROPE_SCALINGS = {
+    "linear": ({"rope_type": "linear", "factor": 4.0}, {"kind": "linear", "factor": 4.0}),
+    "llama3": (
+        {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+        },
+        {"kind": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_seq_len": 16},
+    ),  # fmt: skip
+}
+
+
+@pytest.mark.parametrize("kind", list(ROPE_SCALINGS))
+def test_rope_scaling_matches_llama_and_survives_import_and_export(kind, tmp_path):
+    """Context-extended RoPE (positions up to 128, beyond the 16 the llama3 scaling was trained for)."""
+    from kvlab.archs.hf import load_hf, save_hf
+
+    theirs, ours = ROPE_SCALINGS[kind]
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=101, hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=128, rms_norm_eps=1e-6, attention_bias=False,
+        rope_parameters={"rope_theta": 5000.0, **theirs},
+    )  # fmt: skip
+    hf = transformers.LlamaForCausalLM(hf_cfg).eval()
+    hf.save_pretrained(tmp_path / "theirs")
+    imported = load_hf(tmp_path / "theirs").eval()
+    assert imported.config.mixer.rope_scaling == ours
+    ids = torch.randint(0, 101, (2, 100))
+    with torch.no_grad():
+        assert (imported(ids) - hf(ids).logits).abs().max() <= 1e-4
+        plain = _ours({"kind": "attention", "n_heads": 4, "n_kv_heads": 2, "head_dim": 16, "rope_theta": 5000.0})
+        plain.load_state_dict(imported.state_dict())
+        assert (plain(ids) - hf(ids).logits).abs().max() > 1e-3  # the scaling matters at these positions
+    save_hf(imported, tmp_path / "again")  # native: transformers reads the same scaling back
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "again").eval()
+    with torch.no_grad():
+        assert (again(ids).logits - hf(ids).logits).abs().max() <= 1e-4
