@@ -467,12 +467,21 @@ class ResumableLoader(DataLoader):
             yield batch
 
     def state_dict(self) -> dict:
-        return {"epoch": self.sampler.epoch, "batches_done": self.batches_done, "batch_size": self.batch_size}
+        return {"epoch": self.sampler.epoch, "batches_done": self.batches_done, "batch_size": self.batch_size,
+                "world_size": self.sampler.num_replicas}  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("batch_size") != self.batch_size:
-            raise ValueError(
-                f"resume: the checkpoint was trained with data.batch_size={state.get('batch_size')}, "
-                f"this run has {self.batch_size}; its place in the data cannot be carried over"
-            )
+        problem = resume_problem(state, self.batch_size, self.sampler.num_replicas)
+        if problem is not None:
+            raise ValueError(f"resume: {problem}")
         self.sampler.skip = state["batches_done"] * self.batch_size
+
+
+def resume_problem(state: dict, batch_size: int, world_size: int) -> str | None:
+    """Why a loader state saved by :class:`ResumableLoader` cannot continue with these settings (None: it can)."""
+    for name, saved, now in (("data.batch_size", state.get("batch_size"), batch_size),
+                             ("the number of processes", state.get("world_size", 1), world_size)):  # fmt: skip
+        if saved != now:
+            return (f"the checkpoint was trained with {name}={saved}, this run has {now}; its place in the data "
+                    "cannot be carried over (resume with the same settings)")  # fmt: skip
+    return None

@@ -31,7 +31,7 @@ from kvlab._config import check_finite, differences
 from kvlab._io import atomic_write, atomic_write_text, pid_alive, remove_orphans
 from kvlab.archs import ModelConfig, build_model, convert_model
 from kvlab.recipes.config import ACCELERATORS, LOGGERS, PRECISIONS, STAGES, TrainConfig
-from kvlab.recipes.data import LMDataModule, build_datamodule, tokenizer_to_use
+from kvlab.recipes.data import LMDataModule, build_datamodule, resume_problem, tokenizer_to_use
 from kvlab.recipes.evals import decode_speed, passkey_grid
 from kvlab.recipes.module import LMModule
 from kvlab.recipes.strategies import STRATEGIES, build_strategy, deepspeed_available
@@ -69,8 +69,6 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         raise ConfigError(
             f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's {datamodule.vocab_size} tokens"
         )
-    if ckpt_path is not None:
-        _check_resumed_model(ckpt_path, model_cfg)
     _claim_run_dir(run_dir, ckpt_path)
     module = LMModule(
         model=model_cfg.to_dict(),
@@ -86,6 +84,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     if datamodule.tokenizer is not None:  # generated tasks (MQAR) have none
         datamodule.tokenizer.save(str(run_dir / "checkpoints" / "tokenizer.json"))
     trainer = _trainer(tc, run_dir)
+    if ckpt_path is not None:
+        _check_resumable(ckpt_path, model_cfg, tc, trainer.world_size)
     if "train" in tc.stages:
         datamodule.setup("fit")
         if datamodule.train_batches(trainer.world_size) == 0:
@@ -361,10 +361,16 @@ def _checkpoint_problem(path: Path) -> str | None:
     return None
 
 
-def _check_resumed_model(ckpt_path: str, model_cfg: ModelConfig) -> None:
+def _check_resumable(ckpt_path: str, model_cfg: ModelConfig, tc: TrainConfig, world_size: int) -> None:
     """Resuming continues the checkpoint's training: a different model would load (or half load)
-    and train something else, so any difference is refused, field by field."""
+    and train something else, so any difference is refused, field by field; so is a batch size or
+    process count under which the checkpoint's place in the data means other rows."""
     saved = torch.load(_lightning_fields_file(Path(ckpt_path)), map_location="cpu", weights_only=False, mmap=True)
+    loaders = saved["loops"].get("fit_loop", {}).get("state_dict", {}).get("combined_loader", [])
+    if not loaders:
+        log.warning("resume: %s holds no place in the data (an older checkpoint): its epoch restarts", ckpt_path)
+    elif (problem := resume_problem(loaders[0], tc.data.batch_size, world_size)) is not None:
+        raise ConfigError(f"resume: {problem}")
     try:
         theirs = ModelConfig.from_dict(saved["hyper_parameters"]["model"]).to_dict()
     except (KeyError, ValueError) as e:

@@ -176,7 +176,7 @@ def test_the_training_order_resumes_mid_epoch_and_stays_the_same_after(tmp_path)
     for _ in range(3):
         next(it)
     state = interrupted.state_dict()
-    assert state == {"epoch": 0, "batches_done": 3, "batch_size": 2}
+    assert state == {"epoch": 0, "batches_done": 3, "batch_size": 2, "world_size": 1}
     resumed = dm.train_dataloader()
     resumed.load_state_dict(state)
     rest = epoch(resumed, 0)

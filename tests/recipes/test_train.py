@@ -153,6 +153,10 @@ def test_a_run_killed_while_writing_a_checkpoint_resumes_exactly_where_it_stoppe
     other = [f"resume={ckpts / 'step000010.ckpt'}", "model.mixer.window=32", "model.mixer.rope_theta=500000"]
     with pytest.raises(ConfigError, match=r"model.mixer.rope_theta: 500000 vs 10000.0.*model.mixer.window: 32 vs None"):
         _run_in_process(tmp_path, data_cache, [*RESUMABLE, *other], tmp_path / "other")
+    # So is another batch size: the checkpoint's place in the data would mean other rows.
+    smaller = [f"resume={ckpts / 'step000010.ckpt'}", "data.batch_size=4"]
+    with pytest.raises(ConfigError, match="trained with data.batch_size=8, this run has 4"):
+        _run_in_process(tmp_path, data_cache, [*RESUMABLE, *smaller], tmp_path / "smaller")
 
 
 def test_multirun_sweeps_presets(tmp_path, data_cache):
