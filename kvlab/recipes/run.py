@@ -352,7 +352,7 @@ def _checkpoint_problem(path: Path) -> str | None:
     if path.is_dir() and not (path / "latest").is_file():  # DeepSpeed writes it last, once every shard is saved
         return "an incomplete DeepSpeed checkpoint (no 'latest' file: its writing was interrupted)"
     try:
-        ckpt = torch.load(fields, map_location="cpu", weights_only=False, mmap=True)
+        ckpt = _lightning_fields(path)
     except Exception as e:  # truncated, empty or not a checkpoint: torch raises several types
         return f"does not load as a checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
     missing = [k for k in ("global_step", "loops", "hyper_parameters") if not isinstance(ckpt, dict) or k not in ckpt]
@@ -365,7 +365,7 @@ def _check_resumable(ckpt_path: str, model_cfg: ModelConfig, tc: TrainConfig, wo
     """Resuming continues the checkpoint's training: a different model would load (or half load)
     and train something else, so any difference is refused, field by field; so is a batch size or
     process count under which the checkpoint's place in the data means other rows."""
-    saved = torch.load(_lightning_fields_file(Path(ckpt_path)), map_location="cpu", weights_only=False, mmap=True)
+    saved = _lightning_fields(Path(ckpt_path))
     loaders = saved["loops"].get("fit_loop", {}).get("state_dict", {}).get("combined_loader", [])
     if not loaders:
         log.warning("resume: %s holds no place in the data (an older checkpoint): its epoch restarts", ckpt_path)
@@ -430,15 +430,16 @@ def _lightning_fields_file(path: Path) -> Path:
     return path
 
 
+def _lightning_fields(path: Path) -> dict:
+    """Lightning's fields of a checkpoint file or DeepSpeed directory, read without loading the weights (mmap)."""
+    return torch.load(_lightning_fields_file(path), map_location="cpu", weights_only=False, mmap=True)
+
+
 def _checkpoint_step(path) -> int:
     """The global step a checkpoint was saved at: a Lightning file or a DeepSpeed directory; 0 if none."""
-    if path is None:
+    if path is None or not _lightning_fields_file(Path(path)).is_file():
         return 0
-    path = _lightning_fields_file(Path(path))
-    if not path.is_file():
-        return 0
-    # mmap: read the step without loading the weights
-    return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("global_step", 0))
+    return int(_lightning_fields(Path(path)).get("global_step", 0))
 
 
 # -- Lightning objects -------------------------------------------------------------
