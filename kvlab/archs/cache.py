@@ -5,7 +5,8 @@ mixer family decides what it keeps (static K/V, a ring buffer for a window,
 a latent, a recurrent state). Layers that read another layer's K/V hold
 ``None``. The few MLPs that keep state (RWKV's channel mix: the previous
 token) have slots of their own in ``mlp_slots``. ``seen`` counts the tokens
-the model has consumed so far.
+the model has consumed so far: the one position counter (slots store, they
+do not count; the model hands ``seen`` to the mixers as the step's start).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ class Cache:
 
     def nbytes(self) -> int:
         """Bytes of state held for the tokens seen so far."""
-        return sum(s.nbytes() for s in self._held())
+        return sum(s.nbytes(self.seen) for s in self._held())
 
     def allocated_bytes(self) -> int:
         """Bytes of the buffers allocated (whatever has been used)."""

@@ -8,8 +8,12 @@ Three ways to give the mixers:
   tiled (and cut) to ``n_layers``;
 - cross-layer KV sharing on top of either, as a per-layer source index
   ``kv_source: [0, 0, 2, 2]`` (layer i attends to the K/V of layer
-  ``kv_source[i]``), or a preset that expands into one:
-  ``kv_sharing: {kind: cla, every: 2}``.
+  ``kv_source[i]``, earlier or later), or a preset that expands into one:
+  ``kv_sharing: {kind: cla, every: 2}``;
+- or the plan written out: ``layers: [{mixer: {...}, kv_from: j, repeat: n}]``.
+
+All of them expand, here and only here, into ``plan``: one frozen
+``LayerPlan`` per layer (``kvlab.archs.plan``) that the decoder runs.
 
 Every error names the field, the value and what would be valid.
 """
@@ -36,10 +40,14 @@ from kvlab._config import (
     load_yaml,
     to_dict,
 )
+from kvlab.archs.plan import LayerPlan, PassesConfig, PlanError, Read, check_plan
 from kvlab.kernels.registry import parse_mode
 from kvlab.layers import MixerConfig, MLPConfig, NormConfig, mixer_config
 
-KV_SHARING_KINDS = ("cla", "yoco", "lckv")
+KV_SHARING_KINDS = ("cla", "yoco", "lckv", "grid")
+GRID_PARTITIONS = ("pizza", "sandwich", "lasagna")
+GRID_TARGETS = ("bottom", "middle", "top")
+LAYER_SPEC_KEYS = ("mixer", "kv_from", "repeat")
 
 
 @dataclass
@@ -54,38 +62,103 @@ class KVSharingConfig:
       global K/V from the self-decoder's output and every layer above (the
       cross-decoder) attends to it with its own queries. ``every`` is unused.
     - ``lckv`` (Wu & Tu 2024, "Layer-Condensed KV Cache"): the bottom
-      ``warmup`` layers and the top layer keep their own K/V; every layer
-      between attends to the top layer's K/V of the tokens before its own
-      (never its own token's, which does not exist yet when it runs).
-      Decoding is sequential and exact; a forward without a cache (training,
-      evaluation) runs ``iterations`` parallel passes, each reading the top
-      layer's K/V of the pass before (zeros at first), with gradients
-      through the last ``grad_iterations`` (the paper's m and b; all of
-      them when there are fewer passes). A pass
-      settles one more token, so ``iterations`` >= the sequence length is
-      exact.
+      ``warmup`` layers and the top ``top_warmup`` layers keep their own
+      K/V; the highest layer below those top ones is the target, and every
+      layer between attends to its K/V of the tokens before its own (never
+      its own token's, which does not exist yet when it runs). The
+      published code's layout is ``warmup: 1, top_warmup: 1``. The model's
+      ``passes`` (m and b) run the training and the prefill.
+    - ``grid`` (Wu et al. 2024, "A Systematic Study of Cross-Layer KV
+      Sharing"): ``n_kv_layers`` layers keep K/V. ``partition`` places them:
+      ``pizza`` keeps n_kv_layers - 1 at the bottom and the remaining layers
+      form one group; ``sandwich`` splits those n_kv_layers - 1 between the
+      bottom (the larger half) and the top, with one group between;
+      ``lasagna`` cuts all layers into n_kv_layers consecutive groups (the
+      lower ones one layer larger when they do not divide). In each group
+      one layer, the ``target`` (its ``bottom``, ``middle``: the group's
+      layer size // 2, or ``top``), keeps K/V and the others attend to it;
+      layers below their target read a later layer (diagonal masked, LCKV's
+      parallel passes). pizza-bottom is YOCO's layout, lasagna-bottom CLA's,
+      sandwich-top LCKV's.
+
+    ``iterations`` and ``grad_iterations`` are the earlier names of the
+    passes of ``lckv`` (all passes; the last with gradients): still read,
+    as ``passes: {no_grad: iterations - grad_iterations, grad: grad_iterations}``.
     """
 
     kind: str = "cla"
     every: int = 2
     warmup: int = 2
-    iterations: int = 7
-    grad_iterations: int = 2
+    top_warmup: int = 0
+    partition: str | None = None
+    target: str | None = None
+    n_kv_layers: int | None = None
+    iterations: int | None = None
+    grad_iterations: int | None = None
 
     def validate(self, path: str) -> None:
         check_choice(self.kind, f"{path}.kind", KV_SHARING_KINDS)
         check_int(self.every, f"{path}.every", minimum=1)
         check_int(self.warmup, f"{path}.warmup", minimum=0)
-        check_int(self.iterations, f"{path}.iterations", minimum=1)
-        check_int(self.grad_iterations, f"{path}.grad_iterations", minimum=1)
+        check_int(self.top_warmup, f"{path}.top_warmup", minimum=0)
+        check_int(self.iterations, f"{path}.iterations", minimum=1, optional=True)
+        check_int(self.grad_iterations, f"{path}.grad_iterations", minimum=1, optional=True)
+        if self.kind == "grid":
+            for name, value, valid in (("partition", self.partition, GRID_PARTITIONS),
+                                       ("target", self.target, GRID_TARGETS)):  # fmt: skip
+                if value is None:
+                    raise ValueError(f"{path}.{name} is missing: kind=grid needs one of {', '.join(valid)}")
+                check_choice(value, f"{path}.{name}", valid)
+            check_int(self.n_kv_layers, f"{path}.n_kv_layers", minimum=1)
+        else:
+            for name in ("partition", "target", "n_kv_layers"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{path}.{name} is set but only kind=grid uses it (kind={self.kind})")
 
-    def kv_source(self, n_layers: int) -> list[int]:
+    def legacy_passes(self) -> PassesConfig | None:
+        """The passes the earlier ``iterations``/``grad_iterations`` describe, or None when neither is set."""
+        if self.iterations is None and self.grad_iterations is None:
+            return None
+        total = 7 if self.iterations is None else self.iterations
+        grad = min(2 if self.grad_iterations is None else self.grad_iterations, total)
+        return PassesConfig(no_grad=total - grad, grad=grad)
+
+    def kv_source(self, n_layers: int, path: str = "kv_sharing") -> list[int]:
         if self.kind == "lckv":
-            return [i if i < self.warmup or i == n_layers - 1 else n_layers - 1 for i in range(n_layers)]
+            target = n_layers - 1 - self.top_warmup  # below warmup: too few layers to share, each keeps its own
+            return [i if i < self.warmup or i > target else target for i in range(n_layers)]
         if self.kind == "yoco":
             half = n_layers // 2
             return [min(i, half) for i in range(n_layers)]
+        if self.kind == "grid":
+            return self._grid(n_layers, path)
         return [i - i % self.every for i in range(n_layers)]
+
+    def _grid(self, n_layers: int, path: str) -> list[int]:
+        n_kv = self.n_kv_layers
+        if n_kv > n_layers:
+            raise ValueError(f"{path}.n_kv_layers={n_kv} exceeds n_layers={n_layers}")
+        if self.partition == "lasagna":
+            size, extra = divmod(n_layers, n_kv)
+            sizes = [size + (g < extra) for g in range(n_kv)]
+            bottom, top = 0, 0
+        else:
+            rest = n_kv - 1  # KV layers outside the one group
+            if self.partition == "sandwich" and rest < 2:
+                raise ValueError(
+                    f"{path}.n_kv_layers={n_kv}: a sandwich keeps K/V at the bottom, the top and one target: at least 3"
+                )
+            top = rest // 2 if self.partition == "sandwich" else 0
+            bottom = rest - top
+            sizes = [n_layers - rest]
+        sources = list(range(n_layers))
+        first = bottom
+        for size in sizes:
+            offset = {"bottom": 0, "middle": size // 2, "top": size - 1}[self.target]
+            for i in range(first, first + size):
+                sources[i] = first + offset
+            first += size
+        return sources
 
 
 @dataclass
@@ -102,13 +175,16 @@ class ModelConfig:
     mixers: dict[str, MixerConfig] | None = None
     kv_source: list[int] | None = None
     kv_sharing: KVSharingConfig | None = None
+    # The plan written out: [{mixer: {...}, kv_from: j, repeat: n}, ...], instead of mixer/pattern/kv_source
+    layers: list[dict[str, Any]] | None = None
+    passes: PassesConfig | None = None  # layers that read later layers: m, b, prefill (None: the defaults)
     init_std: float = 0.02
     # Kernel backends: auto | reference | torch | triton | external, or "mode,op=backend,..." (kvlab.kernels.registry)
     kernels: str = "auto"
 
-    # Derived, one entry per layer: the mixer config and the layer whose K/V it reads.
-    layer_mixers: list[MixerConfig] = field(init=False, repr=False)
-    layer_kv_source: list[int] = field(init=False, repr=False)
+    # Derived: one frozen LayerPlan per layer (kvlab.archs.plan), and the passes in force.
+    plan: tuple[LayerPlan, ...] = field(init=False, repr=False, compare=False)
+    layer_passes: PassesConfig = field(init=False, repr=False, compare=False)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
@@ -151,6 +227,20 @@ class ModelConfig:
         hidden = max(8, 8 + 8 * round((target - params(8)) / per_unit))
         return ModelConfig.from_dict(d | {"mlp": d["mlp"] | {"hidden": hidden}})
 
+    @property
+    def layer_mixers(self) -> list[MixerConfig]:
+        """Each layer's resolved mixer config."""
+        return [p.mixer for p in self.plan]
+
+    @property
+    def layer_kv_source(self) -> list[int]:
+        """Each layer's keys/values source: the layer itself unless it reads another's."""
+        return [p.kv_source for p in self.plan]
+
+    def describe_plan(self) -> str:
+        """The plan, one line per layer: ``3: attention <- kv of 5``."""
+        return "\n".join(p.describe() for p in self.plan)
+
     def __post_init__(self) -> None:
         given = {name: getattr(self, name) for name in field_names(type(self))}
         check_types(type(self), given)
@@ -166,26 +256,45 @@ class ModelConfig:
         self.norm.validate("norm")
         self.mlp = from_dict(MLPConfig, self.mlp, "mlp")
         self.mlp.validate(self.d_model, "mlp")
-        self.layer_mixers = self._resolve_mixers()
-        self.layer_kv_source = self._resolve_kv_source()
-        for i, m in enumerate(self.layer_mixers):
-            window = getattr(m, "window", None)
-            if window is not None and window > self.max_seq_len:
-                raise ValueError(
-                    f"layer {i}: window={window} exceeds max_seq_len={self.max_seq_len}; "
-                    f"a window of max_seq_len or more is full attention (window: null)"
-                )
-        for i, m in enumerate(self.layer_mixers[1:], start=1):
-            problem = m.first_layer_problem(self.layer_mixers[0])
-            if problem is not None:
-                raise ValueError(f"layer {i}: {problem}")
+        if self.passes is not None:
+            self.passes = from_dict(PassesConfig, self.passes, "passes")
+            self.passes.validate("passes")
+        if self.layers is not None:
+            mixers, sources = self._layer_specs()
+        else:
+            mixers, sources = self._resolve_mixers(), self._resolve_kv_source()
+        self.plan = tuple(
+            LayerPlan(i, m, self.mlp, self.norm, self._reads(i, m, sources[i])) for i, m in enumerate(mixers)
+        )
+        try:
+            check_plan(self.plan, self.max_seq_len)
+        except PlanError as e:  # name the field the user wrote, where one layer's K/V read came from
+            if e.read is None or e.read.what != "kv":
+                raise
+            field = (
+                f"kv_source[{e.layer}]={e.read.layer}" if self.kv_source is not None
+                else "kv_sharing" if self.kv_sharing is not None
+                else f"layers (layer {e.layer})"
+            )  # fmt: skip
+            raise ValueError(f"{field}: {e}") from None
+        self.layer_passes = self._resolve_passes()
+
+    @staticmethod
+    def _reads(i: int, mixer: MixerConfig, kv_source: int) -> tuple[Read, ...]:
+        kv = (Read("kv", kv_source),) if kv_source != i else ()
+        return kv + tuple(Read(what, j) for what, j in mixer.own_reads(i))
+
+    def _resolve_passes(self) -> PassesConfig:
+        legacy = self.kv_sharing.legacy_passes() if self.kv_sharing is not None else None
+        if legacy is not None and self.passes is not None:
+            raise ValueError("kv_sharing.iterations/grad_iterations and passes are both set; give passes only")
+        return legacy or self.passes or PassesConfig()
 
     def _resolve_mixers(self) -> list[MixerConfig]:
         if self.pattern is None and self.mixers is None:
             if self.mixer is None:
                 self.mixer = {"kind": "attention"}
-            self.mixer = mixer_config(self.mixer, "mixer")
-            self.mixer.validate(self.d_model, "mixer")
+            self.mixer = mixer_config(self.mixer, "mixer").resolved(self.d_model, "mixer")
             return [self.mixer] * self.n_layers
         if self.mixer is not None:
             raise ValueError("mixer and pattern/mixers are both set; give either mixer or pattern with mixers")
@@ -193,9 +302,10 @@ class ModelConfig:
             raise ValueError(f"pattern={self.pattern!r} must be a non-empty string of names from mixers")
         if not isinstance(self.mixers, Mapping) or not self.mixers:
             raise ValueError(f"mixers={self.mixers!r} must map each name in pattern={self.pattern!r} to a mixer spec")
-        self.mixers = {name: mixer_config(spec, f"mixers.{name}") for name, spec in self.mixers.items()}
-        for name, cfg in self.mixers.items():
-            cfg.validate(self.d_model, f"mixers.{name}")
+        self.mixers = {
+            name: mixer_config(spec, f"mixers.{name}").resolved(self.d_model, f"mixers.{name}")
+            for name, spec in self.mixers.items()
+        }
         for ch in self.pattern:
             if ch not in self.mixers:
                 raise ValueError(
@@ -203,36 +313,46 @@ class ModelConfig:
                 )
         return [self.mixers[self.pattern[i % len(self.pattern)]] for i in range(self.n_layers)]
 
+    def _layer_specs(self) -> tuple[list[MixerConfig], list[int]]:
+        """``layers: [{mixer, kv_from, repeat}, ...]``: the plan written out, repeats expanded in order."""
+        for name in ("mixer", "pattern", "mixers", "kv_source", "kv_sharing"):
+            if getattr(self, name) is not None:
+                raise ValueError(f"layers and {name} are both set; layers describes every layer, give it alone")
+        if not isinstance(self.layers, (list, tuple)) or not self.layers:
+            raise ValueError(f"layers={self.layers!r} must list layer specs such as {{mixer: {{kind: attention}}}}")
+        mixers, sources, specs = [], [], []
+        for n, spec in enumerate(self.layers):
+            path = f"layers[{n}]"
+            if not isinstance(spec, Mapping) or "mixer" not in spec:
+                raise ValueError(f"{path}={spec!r} must be a mapping with a mixer (and optionally kv_from, repeat)")
+            check_keys(spec, LAYER_SPEC_KEYS, path)
+            repeat = spec.get("repeat", 1)
+            check_int(repeat, f"{path}.repeat", minimum=1)
+            kv_from = spec.get("kv_from")
+            check_int(kv_from, f"{path}.kv_from", minimum=0, optional=True)
+            mixer = mixer_config(spec["mixer"], f"{path}.mixer").resolved(self.d_model, f"{path}.mixer")
+            for _ in range(repeat):
+                sources.append(len(mixers) if kv_from is None else kv_from)
+                mixers.append(mixer)
+            specs.append({k: to_dict(mixer) if k == "mixer" else v for k, v in spec.items()})
+        if len(mixers) != self.n_layers:
+            raise ValueError(f"layers describe {len(mixers)} layers (repeats counted) but n_layers={self.n_layers}")
+        self.layers = specs
+        return mixers, sources
+
     def _resolve_kv_source(self) -> list[int]:
         if self.kv_sharing is not None:
             if self.kv_source is not None:
                 raise ValueError("kv_source and kv_sharing are both set; give one of them")
             self.kv_sharing = from_dict(KVSharingConfig, self.kv_sharing, "kv_sharing")
             self.kv_sharing.validate("kv_sharing")
-            sources, name = self.kv_sharing.kv_source(self.n_layers), "kv_sharing"
-        elif self.kv_source is not None:
-            sources, name = list(self.kv_source), "kv_source"
-            if len(sources) != self.n_layers:
-                raise ValueError(
-                    f"kv_source has {len(sources)} entries; it needs one per layer (n_layers={self.n_layers})"
-                )
-            self.kv_source = sources
-        else:
+            return self.kv_sharing.kv_source(self.n_layers)
+        if self.kv_source is None:
             return list(range(self.n_layers))
-        reads_later = name == "kv_sharing" and self.kv_sharing.kind == "lckv"
+        sources = list(self.kv_source)
+        if len(sources) != self.n_layers:
+            raise ValueError(f"kv_source has {len(sources)} entries; it needs one per layer (n_layers={self.n_layers})")
         for i, j in enumerate(sources):
-            check_int(j, f"{name}[{i}]", minimum=0)
-            if j > i and reads_later:
-                if getattr(self.layer_mixers[i], "window", None) is not None:
-                    raise ValueError(f"kv_sharing: lckv: layer {i} reads the top layer's K/V and cannot have a window")
-            elif j > i:
-                raise ValueError(f"{name}[{i}]={j}: a layer can read the K/V of itself or an earlier layer (0..{i})")
-            if sources[j] != j:
-                raise ValueError(
-                    f"{name}[{i}]={j}: layer {j} reads layer {sources[j]} itself; point at a layer that owns its K/V"
-                )
-            if j != i:
-                reason = self.layer_mixers[i].kv_compatible(self.layer_mixers[j])
-                if reason is not None:
-                    raise ValueError(f"{name}[{i}]={j}: layer {i} cannot read layer {j}'s K/V: {reason}")
+            check_int(j, f"kv_source[{i}]", minimum=0)
+        self.kv_source = sources
         return sources

@@ -72,7 +72,7 @@ def convert_model(model: CausalLM, spec: Mapping[str, Any], calibration: torch.T
         raise ValueError(f"convert: expected a mapping with a 'to' key ({', '.join(CONVERSIONS)}), got {spec!r}")
     check_choice(spec["to"], "convert.to", CONVERSIONS)
     for i, m in enumerate(model.config.layer_mixers):
-        if getattr(m, "n_q_heads", None) is not None:
+        if isinstance(m, AttentionConfig) and m.n_q_heads is not None:
             raise ValueError(
                 f"convert: layer {i} is GQKVA (n_q_heads={m.n_q_heads}), whose heads pair every query with every "
                 "K/V head; conversions start from MHA/GQA/MQA layers"

@@ -31,6 +31,7 @@ import torch
 from kvlab._io import atomic_path, remove_orphans, temp_path
 from kvlab.archs.config import ModelConfig
 from kvlab.archs.model import CausalLM
+from kvlab.layers.attention import AttentionConfig
 
 # model_type -> what differs inside the Llama family
 FAMILIES: dict[str, dict[str, Any]] = {
@@ -279,7 +280,7 @@ def save_hf(
     """
     from kvlab.archs.convert import fold_kv_merge
 
-    if any(getattr(m, "kv_merge", 1) > 1 for m in model.config.layer_mixers):
+    if any(isinstance(m, AttentionConfig) and m.kv_merge > 1 for m in model.config.layer_mixers):
         model = fold_kv_merge(model)
     hf = None
     if remote_code is not True:
@@ -471,7 +472,7 @@ def _save_tokenizer(tokenizer, directory: Path) -> int:
     import transformers
     from tokenizers import Tokenizer
 
-    from kvlab.recipes.data import eos_id, load_tokenizer
+    from kvlab.tokenizer import eos_id, load_tokenizer
 
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(str(tokenizer))
     eos = eos_id(tok)

@@ -21,34 +21,35 @@ from kvlab._config import check_float, check_int
 from kvlab.archs.cache import Cache
 from kvlab.archs.config import ModelConfig
 from kvlab.archs.footprint import Footprint, FootprintRow
+from kvlab.archs.plan import PassesConfig, cycle_span
 from kvlab.kernels.attention import positions_in_documents
 from kvlab.kernels.ops import linear_cross_entropy
 from kvlab.kernels.registry import use_kernels
 from kvlab.layers import MIXERS, build_mlp, build_norm
-from kvlab.layers.kv_cache import KVView
+from kvlab.layers.base import StepState
 from kvlab.layers.norm import RMSNorm
 
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
-        mixer_cfg = cfg.layer_mixers[layer_idx]
-        self.mixer_norm = build_norm(cfg.norm, cfg.d_model)
-        self.mixer = MIXERS[mixer_cfg.kind](
-            mixer_cfg,
+        plan = cfg.plan[layer_idx]
+        self.mixer_norm = build_norm(plan.norm, cfg.d_model)
+        self.mixer = MIXERS[plan.mixer.kind](
+            plan.mixer,
             d_model=cfg.d_model,
             layer_idx=layer_idx,
-            kv_source=cfg.layer_kv_source[layer_idx],
+            kv_source=plan.kv_source,
             max_seq_len=cfg.max_seq_len,
         )
-        mlp = build_mlp(cfg.mlp, cfg.d_model)  # None: no MLP (mlp kind none)
-        self.mlp_norm = build_norm(cfg.norm, cfg.d_model) if mlp is not None else None
+        mlp = build_mlp(plan.mlp, cfg.d_model)  # None: no MLP (mlp kind none)
+        self.mlp_norm = build_norm(plan.norm, cfg.d_model) if mlp is not None else None
         self.mlp = mlp
         self.mlp_stateful = getattr(mlp, "stateful", False)
 
-    def forward(self, x, *, cache=None, mlp_cache=None, positions=None, shared_kv=None, doc_ids=None):
+    def forward(self, x, state: StepState, cache=None, mlp_cache=None):
         h = self.mixer_norm(x)
-        mixed = self.mixer(h, cache=cache, positions=positions, shared_kv=shared_kv, doc_ids=doc_ids)
+        mixed = self.mixer(h, cache=cache, state=state)
         if self.mlp is None:
             return x + mixed
         if isinstance(self.mlp_norm, RMSNorm):  # the residual add fused into the norm
@@ -56,7 +57,7 @@ class Block(nn.Module):
         else:
             x = x + mixed
             h = self.mlp_norm(x)
-        return x + (self.mlp(h, cache=mlp_cache, doc_ids=doc_ids) if self.mlp_stateful else self.mlp(h))
+        return x + (self.mlp(h, cache=mlp_cache, doc_ids=state.doc_ids) if self.mlp_stateful else self.mlp(h))
 
 
 class CausalLM(nn.Module):
@@ -68,12 +69,9 @@ class CausalLM(nn.Module):
         self.norm = build_norm(config.norm, config.d_model)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.tie_weights()
-        # Only layers read by others (or whose values others mix in) need to publish their K/V each step.
-        self._shares_kv = any(j != i for i, j in enumerate(config.layer_kv_source)) or any(
-            getattr(m, "value_residual", None) for m in config.layer_mixers[1:]
-        )
-        # Layers whose K/V earlier layers read (LCKV's top layer): forward runs them specially.
-        self._later_sources = sorted({j for i, j in enumerate(config.layer_kv_source) if j > i})
+        # Layers low..high rerun in parallel passes when some read later layers (LCKV); the sources read so.
+        self._cycle = cycle_span(config.plan)
+        self._later_sources = sorted({r.layer for p in config.plan for r in p.reads if r.layer > p.index})
         # Recompute each block in the backward pass instead of keeping its activations.
         self.activation_checkpointing = False
         if not self.embed_tokens.weight.is_meta:
@@ -149,21 +147,29 @@ class CausalLM(nn.Module):
                 raise ValueError(f"cache holds {cache.seen} tokens; {T} more exceed its max_len={cache.max_len}")
         elif T > self.config.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds max_seq_len={self.config.max_seq_len}")
-        if self._later_sources:
-            return self._forward_reading_later_layers(input_ids, cache, positions, doc_ids, last_only, head)
-        shared_kv = {} if self._shares_kv else None
+        passes = self.config.layer_passes
+        if self._cycle is not None and cache is not None and T > 1 and passes.prefill == "sequential":
+            steps = [self._forward(input_ids[:, t : t + 1], cache, None, None, False, head) for t in range(T)]
+            out = torch.cat(steps, dim=1)
+            return out[:, -1:] if last_only else out
+        state = StepState(cache.seen if cache is not None else 0, positions, doc_ids)
+        x = self.embed_tokens(input_ids)
+        top = 0
+        if self._cycle is not None:
+            low, high = self._cycle
+            x = self._layers(self._layers(x, state, cache, 0, low), state, cache, low, high + 1, passes=passes)
+            top = high + 1
         stateless_from = len(self.layers)
         if cache is not None and last_only and T > 1:
             # Top layers that keep no state (they read K/V that lower layers cached, as YOCO's
             # cross-decoder or CLA's last reader) need only the last position of a prefill.
-            while stateless_from > 0 and cache.layer_is_stateless(stateless_from - 1):
+            while stateless_from > top and cache.layer_is_stateless(stateless_from - 1):
                 stateless_from -= 1
-        x = self._layers(self.embed_tokens(input_ids), cache, positions, doc_ids, shared_kv, stop=stateless_from)
+        x = self._layers(x, state, cache, top, stateless_from)
         if last_only:
             x = x[:, -1:]
         if stateless_from < len(self.layers):
-            shared_kv = {j: KVView(v.k, v.v, v.start + T - 1, v.k_pos) for j, v in (shared_kv or {}).items()}
-            x = self._layers(x, cache, positions, doc_ids, shared_kv, start=stateless_from)
+            x = self._layers(x, state.tail(T), cache, stateless_from, len(self.layers))
         if cache is not None:
             cache.seen += T
         return self._output(x, head)
@@ -172,59 +178,32 @@ class CausalLM(nn.Module):
         h = self.norm(x)
         return self.lm_head(h) if head else h
 
-    def _layers(self, x, cache, positions, doc_ids, shared_kv, start: int = 0, stop: int | None = None):
-        for i in range(start, len(self.layers) if stop is None else stop):
-            layer = self.layers[i]
-            slot, mlp_slot = (cache.slots[i], cache.mlp_slots[i]) if cache is not None else (None, None)
-            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                # Non-reentrant: the forward graph is recorded as usual (K/V shared
-                # through shared_kv get their gradients), only activations are recomputed.
-                x = checkpoint(layer, x, positions=positions, shared_kv=shared_kv, doc_ids=doc_ids, use_reentrant=False)
-            else:
-                x = layer(x, cache=slot, mlp_cache=mlp_slot, positions=positions, shared_kv=shared_kv, doc_ids=doc_ids)
-        return x
-
-    def _forward_reading_later_layers(self, input_ids, cache, positions, doc_ids, last_only, head=True):
-        """LCKV: layers that read a later (top) layer's K/V see it for the tokens before their own.
-
-        With a cache it is sequential and exact: token by token, each reading
-        the K/V the top layer cached for the tokens before. Without one, the
-        paper's parallel approximation: ``iterations`` passes over all tokens,
-        each reading the top layer's K/V from the pass before (zeros at
-        first), gradients through the last ``grad_iterations``.
-        """
-        B, T = input_ids.shape
-        if cache is not None:
-            if T > 1:
-                steps = [self._forward_reading_later_layers(input_ids[:, t : t + 1], cache, None, None, False, head)
-                         for t in range(T)]  # fmt: skip
-                logits = torch.cat(steps, dim=1)
-                return logits[:, -1:] if last_only else logits
-            shared_kv = {}
-            for j in self._later_sources:  # what the top layer holds: the tokens before this one
-                slot = cache.slots[j]
-                shared_kv[j] = KVView(slot.k[:, :, : cache.seen], slot.v[:, :, : cache.seen], cache.seen)
-            x = self._layers(self.embed_tokens(input_ids), cache, positions, doc_ids, shared_kv)
-            cache.seen += 1
-            return self._output(x, head)
-        sharing = self.config.kv_sharing
-        embedded = self.embed_tokens(input_ids)
-        carried = {}
-        for j in self._later_sources:
-            mixer = self.layers[j].mixer
-            zeros = embedded.new_zeros(B, mixer.n_kv_heads, T, mixer.head_dim)
-            carried[j] = KVView(zeros, zeros, 0)
+    def _layers(self, x, state: StepState, cache, start: int, stop: int, passes: PassesConfig | None = None):
+        """Layers start..stop-1 on ``x``. With ``passes`` (the span whose layers read later layers), the
+        span runs once per pass from the same input, each pass reading what the later layers published in
+        the pass before (with a cache: what they hold, rewritten by each pass); one pass when decoding."""
+        if passes is None:
+            for i in range(start, stop):
+                layer = self.layers[i]
+                slot, mlp_slot = (cache.slots[i], cache.mlp_slots[i]) if cache is not None else (None, None)
+                if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                    # Non-reentrant: the forward graph is recorded as usual (K/V published to
+                    # readers get their gradients), only activations are recomputed.
+                    x = checkpoint(layer, x, state, use_reentrant=False)
+                else:
+                    x = layer(x, state, cache=slot, mlp_cache=mlp_slot)
+            return x
+        T = x.shape[1]
+        n = 1 if cache is not None and T == 1 else passes.total  # a decoded token's readers see only the past
         grad = torch.is_grad_enabled()
-        for it in range(sharing.iterations):
-            last = it == sharing.iterations - 1
-            with torch.set_grad_enabled(grad and it >= sharing.iterations - sharing.grad_iterations):
-                shared_kv = dict(carried)  # the top layer overwrites its entry when it runs
-                x = self._layers(embedded, None, positions, doc_ids, shared_kv)
-                if not last:
-                    carried = {j: shared_kv[j] for j in self._later_sources}
-        if last_only:
-            x = x[:, -1:]
-        return self._output(x, head)
+        # The first pass sees, of the later layers, what the cache holds before this step (nothing without one).
+        held = {("kv", j): cache.slots[j].view(state.start) for j in self._later_sources} if cache else {}
+        state.earlier_pass = {key: (view if view.end > 0 else None) for key, view in held.items()}
+        for p in range(n):
+            with torch.set_grad_enabled(grad and p >= n - passes.grad):
+                y = self._layers(x, state, cache, start, stop)
+            state.earlier_pass = {("kv", j): state.published[("kv", j)] for j in self._later_sources}
+        return y
 
     # -- cache and footprint --------------------------------------------------
 

@@ -56,7 +56,7 @@ from kvlab._config import check_bool, check_choice, check_float, check_int
 from kvlab.kernels.attention import position_mask
 from kvlab.kernels.ops import apply_rope, attention
 from kvlab.kernels.rope import check_rope_scaling
-from kvlab.layers.base import LayerFootprint, MixerConfig, default_head_dim, register_mixer
+from kvlab.layers.base import LayerFootprint, MixerConfig, StepState, default_head_dim, register_mixer
 from kvlab.layers.kv_cache import KVView, RingKV, StaticKV
 from kvlab.layers.rope import Rotary
 
@@ -66,6 +66,9 @@ VALUE_RESIDUALS = ("resformer", "svformer")
 @dataclass
 class AttentionConfig(MixerConfig):
     kind = "attention"
+    publishes = frozenset({"kv", "values"})
+    reads = frozenset({"kv", "values"})
+    reads_later = True
     n_heads: int = 8
     n_kv_heads: int | None = None  # None: n_heads (MHA)
     head_dim: int | None = None  # None: d_model // n_heads
@@ -138,6 +141,25 @@ class AttentionConfig(MixerConfig):
             raise ValueError(f"{path}.kv_groups leaves K/V heads {unread} unread; every K/V head needs a query head")
         self.kv_groups = list(groups)
 
+    def own_reads(self, layer_idx: int) -> tuple[tuple[str, int], ...]:
+        return (("values", 0),) if self.value_residual is not None and layer_idx > 0 else ()
+
+    def context_problem(self, max_seq_len: int) -> str | None:
+        if self.window is not None and self.window > max_seq_len:
+            return (
+                f"window={self.window} exceeds max_seq_len={max_seq_len}; "
+                f"a window of max_seq_len or more is full attention (window: null)"
+            )
+        return None
+
+    def cache_rewritable(self) -> bool:
+        return self.window is None  # a ring buffer's slots move on: writing a step twice would lose positions
+
+    def read_problem(self, what: str, source: MixerConfig, later: bool) -> str | None:
+        if later and what == "kv" and self.window is not None:
+            return f"window={self.window}: a sliding window over a later layer's keys/values is not supported"
+        return super().read_problem(what, source, later)
+
     def first_layer_problem(self, first: MixerConfig) -> str | None:
         if self.value_residual is None:
             return None
@@ -165,7 +187,7 @@ class Attention(nn.Module):
 
     def __init__(self, cfg: AttentionConfig, *, d_model: int, layer_idx: int, kv_source: int, max_seq_len: int):
         super().__init__()
-        self.cfg = cfg
+        self.cfg = cfg = cfg.resolved(d_model, "mixer")
         self.layer_idx, self.kv_source = layer_idx, kv_source
         self.owns_kv = kv_source == layer_idx
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -205,38 +227,35 @@ class Attention(nn.Module):
 
     # -- forward ------------------------------------------------------------
 
-    def forward(self, x, *, cache=None, positions=None, shared_kv=None, doc_ids=None):
+    def forward(self, x, *, cache=None, state: StepState | None = None):
+        state = StepState() if state is None else state
         B, T, _ = x.shape
+        start = state.start
         q = self.q_proj(x).view(B, T, self.n_q_heads, self.head_dim).transpose(1, 2)
+        cos, sin = self.rotary(start, T, state.positions)
         if self.owns_kv:
-            start = cache.seen if cache is not None else 0
-            cos, sin = self.rotary(start, T, positions)
             k = apply_rope(self._kv_heads(self.k_proj(x), "k"), cos, sin)
             if self.value_residual == "svformer":  # keys only; the values are layer 0's
                 v = k.new_empty(*k.shape[:-1], 0)
             else:
                 v = self._kv_heads(self.v_proj(x), "v")
-            view = cache.update(k, v) if cache is not None else KVView(k, v, 0)
+            view = cache.update(k, v, start) if cache is not None else KVView(k, v, start + T)
             if self.value_residual is not None:
-                first = shared_kv[0].v.to(view.k.dtype)
+                first = state.read("values", 0, self.layer_idx).to(view.k.dtype)
                 v = first if self.value_residual == "svformer" else torch.lerp(view.v, first, self.cfg.value_mix)
-                view = KVView(view.k, v, view.start, view.k_pos)
-            if shared_kv is not None:
-                shared_kv[self.layer_idx] = view
+                view = KVView(view.k, v, view.end, view.k_pos)
+            state.publish("kv", self.layer_idx, view)
+            if self.layer_idx == 0:
+                state.publish("values", 0, view.v)
         else:
-            if shared_kv is None or self.kv_source not in shared_kv:
-                raise RuntimeError(
-                    f"layer {self.layer_idx} reads the K/V of layer {self.kv_source}, which produced none this step"
-                )
-            view = shared_kv[self.kv_source]
-            cos, sin = self.rotary(view.start, T, positions)
+            view = state.read("kv", self.kv_source, self.layer_idx)
         q = apply_rope(q, cos, sin)
         if self.n_q_heads != self.n_heads:  # GQKVA: every query head once per K/V head
             q = q.repeat(1, self.n_heads // self.n_q_heads, 1, 1)
         if self.kv_source > self.layer_idx:  # LCKV: a later layer's K/V of the tokens before each query
-            y = self._attend_before(q, view, doc_ids)
+            y = self._attend_before(q, view, start, state.doc_ids)
         else:
-            y = self._attend(q, view, doc_ids)
+            y = self._attend(q, view, start, state.doc_ids)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
     def _kv_heads(self, projected: torch.Tensor, which: str) -> torch.Tensor:
@@ -258,31 +277,29 @@ class Attention(nn.Module):
             k, v = k.index_select(1, self.kv_index), v.index_select(1, self.kv_index)
         return k, v
 
-    def _attend(self, q: torch.Tensor, view: KVView, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Attention of the step's queries over ``view``, with the cheapest correct mask."""
+    def _attend(self, q: torch.Tensor, view: KVView, start: int, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention of the step's queries (positions ``start..``) over ``view``, with the cheapest correct mask."""
         T, S, window = q.shape[2], view.k.shape[2], self.cfg.window
         k, v = self._kv_for(q, view)
         if doc_ids is not None:  # packed documents (training, no cache): T == S
             return attention(q, k, v, doc_ids=doc_ids, window=window, scale=self.scale)
-        if view.k_pos is None:
+        if view.k_pos is None and view.end == start + T:
             if T == 1 and (window is None or S <= window):  # one query after all its keys: nothing to mask
                 return attention(q, k, v, scale=self.scale)
             if T == S:
                 return attention(q, k, v, causal=True, window=window, scale=self.scale)
-        q_pos = torch.arange(view.start, view.start + T, device=q.device)
-        k_pos = (
-            view.k_pos if view.k_pos is not None else torch.arange(view.start + T - S, view.start + T, device=q.device)
-        )
+        q_pos = torch.arange(start, start + T, device=q.device)
+        k_pos = view.k_pos if view.k_pos is not None else torch.arange(view.end - S, view.end, device=q.device)
         return attention(q, k, v, mask=position_mask(q_pos, k_pos, window), scale=self.scale)
 
-    def _attend_before(self, q: torch.Tensor, view: KVView, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def _attend_before(self, q: torch.Tensor, view: KVView | None, start: int, doc_ids=None) -> torch.Tensor:
         """Attention to the keys strictly before each query (positions 0.. in ``view``); none: output 0."""
         B, H, T, _ = q.shape
+        if view is None or view.k.shape[2] == 0:  # the first pass: the later layer has given nothing yet
+            return q.new_zeros(B, H, T, self.head_dim)
         S = view.k.shape[2]
-        if S == 0:
-            return q.new_zeros(B, H, T, view.v.shape[-1])
         k, v = self._kv_for(q, view)
-        q_pos = torch.arange(view.start, view.start + T, device=q.device)
+        q_pos = torch.arange(start, start + T, device=q.device)
         mask = torch.arange(S, device=q.device)[None, :] < q_pos[:, None]  # [T, S]
         if doc_ids is not None:  # training, S == T
             mask = (mask & (doc_ids[:, :, None] == doc_ids[:, None, :]))[:, None]

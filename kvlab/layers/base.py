@@ -1,31 +1,38 @@
-"""What every token mixer shares: its config base, the registry, footprint rows.
+"""What every token mixer shares: its config base, the registry, the step state, footprint rows.
 
 A mixer is an ``nn.Module`` registered under a ``kind`` with a config
 dataclass. The generic decoder builds one per layer with
 ``MIXERS[kind](cfg, d_model=..., layer_idx=..., kv_source=..., max_seq_len=...)``
-and relies on this interface:
+(``kv_source``: the layer whose keys/values it attends to, itself unless the
+model's plan says otherwise) and relies on this interface:
 
-- ``forward(x, *, cache=None, positions=None, shared_kv=None, doc_ids=None) -> y``
-  where ``cache`` is the slot the mixer allocated itself (``None`` when
-  running without a cache or when the layer owns no state), ``positions``
-  are absolute token positions (None: continue from the cache), ``shared_kv``
-  is a per-forward dict through which a layer publishes the K/V it produced
-  for layers that read it (cross-layer sharing), and ``doc_ids`` [B, T]
-  marks packed documents, which must not see each other;
+- ``forward(x, *, cache=None, state=None) -> y`` where ``cache`` is the slot
+  the mixer allocated itself (``None`` when running without a cache or when
+  the layer owns no state) and ``state`` is the forward's ``StepState``:
+  where the step's tokens sit (``start``, the cache's one position counter;
+  ``positions``; packed ``doc_ids``) and what layers published for their
+  readers this step. A mixer called alone may omit it (a step at position 0);
 - ``new_cache_slot(batch_size, max_len, dtype, device)`` -> a slot with
-  ``nbytes()``, ``allocated_bytes()``, ``reset()`` and ``reorder(batch_idx)``
-  (beam search), or ``None``;
+  ``nbytes(seen)``, ``allocated_bytes()``, ``reset()`` and
+  ``reorder(batch_idx)`` (beam search), or ``None``;
 - ``kv_footprint(dtype) -> LayerFootprint``, computed from the same shapes
   ``new_cache_slot`` allocates.
 
-A new mixer family registers itself here and needs no change to the decoder.
+Its config declares what the layer can give other layers and take from
+them (``publishes``, ``reads``, ``reads_later``), whether its cache may be
+written twice for the same positions (``cache_rewritable()``: the parallel
+passes of layers that read later layers do), and checks each read
+(``read_problem``). The model's plan (``kvlab.archs.plan``) and the decoder
+dispatch on these declarations alone, so a new mixer family registers
+itself here and needs no change anywhere else.
 """
 
 from __future__ import annotations
 
+import copy
 import itertools
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -44,22 +51,115 @@ def register_mixer(cls: type) -> type:
     return cls
 
 
+# What one layer can take from another (``Read.what``): its keys/values (cross-layer KV sharing), its values
+# alone (value residuals), its attention weights, an encoder's states.
+READ_KINDS = ("kv", "values", "attention", "encoder")
+
+
 @dataclass
 class MixerConfig:
-    """Base of every mixer's config; subclasses set ``kind`` and add fields."""
+    """Base of every mixer's config; subclasses set ``kind`` and add fields.
+
+    The class variables declare the family's capabilities, which the plan
+    checks and the decoder dispatches on (never on a family's attributes).
+    """
 
     kind: ClassVar[str] = ""
+    publishes: ClassVar[frozenset[str]] = frozenset()  # what of READ_KINDS a layer of this kind gives readers
+    reads: ClassVar[frozenset[str]] = frozenset()  # what of READ_KINDS it can take from another layer
+    reads_later: ClassVar[bool] = False  # it can read a later layer's keys/values (LCKV's parallel passes)
 
     def validate(self, d_model: int, path: str) -> None:
-        """Check values and fill defaults that depend on the model (e.g. head_dim)."""
+        """Check values and fill defaults that depend on the model (e.g. head_dim), in place.
+
+        Called by ``resolved`` on a copy; call ``resolved`` rather than this.
+        """
+
+    def resolved(self, d_model: int, path: str) -> MixerConfig:
+        """A new, checked config with its defaults filled; this one is left as it is (resolving a
+        resolved config gives an equal one). Mixers resolve the config they are built from."""
+        new = copy.deepcopy(self)
+        new.validate(d_model, path)
+        return new
+
+    def cache_rewritable(self) -> bool:
+        """Whether a step may run twice over the same positions with a cache (the parallel passes of layers
+        that read later layers do): true for caches written at explicit positions, false for recurrent states."""
+        return False
+
+    def own_reads(self, layer_idx: int) -> tuple[tuple[str, int], ...]:
+        """What this mixer reads by its own settings at layer ``layer_idx``, as (what, layer) pairs
+        (a value residual reads layer 0's values); keys/values of other layers come from the model's plan."""
+        return ()
+
+    def context_problem(self, max_seq_len: int) -> str | None:
+        """Why this mixer does not fit a model of ``max_seq_len`` tokens; None if it does."""
+        return None
+
+    def read_problem(self, what: str, source: MixerConfig, later: bool) -> str | None:
+        """Why this mixer cannot take ``what`` from a layer with mixer ``source`` (a later one when ``later``)."""
+        specific = {"kv": self.kv_compatible, "values": self.first_layer_problem}.get(what)
+        problem = specific(source) if specific is not None and what in self.reads else None
+        if problem is not None:
+            return problem
+        if what not in self.reads:
+            return f"mixer kind {self.kind!r} does not read another layer's {READ_NAMES[what]}"
+        if what not in source.publishes:
+            return f"its mixer kind {source.kind!r} publishes no {READ_NAMES[what]}"
+        if later and not self.reads_later:
+            return f"mixer kind {self.kind!r} reads only earlier layers"
+        return None
 
     def kv_compatible(self, source: MixerConfig) -> str | None:
         """Why this mixer cannot read ``source``'s K/V, or None if it can."""
         return f"mixer kind {self.kind!r} does not read another layer's K/V"
 
     def first_layer_problem(self, first: MixerConfig) -> str | None:
-        """Why this mixer, above layer 0, cannot use what it needs from layer 0's mixer ``first``; None if fine."""
+        """Why this mixer, above layer 0, cannot use the values of layer 0's mixer ``first``; None if fine."""
         return None
+
+
+READ_NAMES = {"kv": "K/V", "values": "values", "attention": "attention weights", "encoder": "encoder states"}
+
+
+@dataclass
+class StepState:
+    """What one forward carries through the layers, passed to every mixer.
+
+    ``start`` is the absolute position of the step's first token: the
+    model's cache counter (``Cache.seen``), 0 without a cache; slots never
+    count. ``positions`` [B, T] overrides the positions (packed documents
+    restart them); ``doc_ids`` [B, T] marks packed documents. ``published``
+    holds what layers gave their readers this pass, keyed ``(what, layer)``;
+    ``earlier_pass`` what later layers gave in the pass before (or hold in
+    the cache), which readers of later layers see.
+    """
+
+    start: int = 0
+    positions: torch.Tensor | None = None
+    doc_ids: torch.Tensor | None = None
+    published: dict[tuple[str, int], Any] = field(default_factory=dict)
+    earlier_pass: dict[tuple[str, int], Any] = field(default_factory=dict)
+
+    def publish(self, what: str, layer: int, value: Any) -> None:
+        self.published[(what, layer)] = value
+
+    def read(self, what: str, layer: int, reader: int) -> Any:
+        """What ``layer`` published for ``reader``: from this pass, or for a later layer from the pass
+        before (None when there was none: the first pass sees nothing of it)."""
+        if layer > reader:
+            return self.earlier_pass.get((what, layer))
+        if (what, layer) not in self.published:
+            raise RuntimeError(
+                f"layer {reader} reads the {READ_NAMES[what]} of layer {layer}, which published none this step"
+            )
+        return self.published[(what, layer)]
+
+    def tail(self, t: int) -> StepState:
+        """The same step for its last token only (the ``t``-th): the top layers of a prefill that keep no
+        state need nothing else. What lower layers published stays visible."""
+        positions = self.positions[..., -1:] if self.positions is not None else None
+        return StepState(self.start + t - 1, positions, None, self.published, self.earlier_pass)
 
 
 def check_reads_own_state(kind: str, layer_idx: int, kv_source: int) -> None:

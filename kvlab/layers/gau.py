@@ -35,7 +35,14 @@ from torch import nn
 
 from kvlab._config import check_float, check_int
 from kvlab.kernels.ops import apply_rope
-from kvlab.layers.base import LayerFootprint, MixerConfig, check_reads_own_state, per_document, register_mixer
+from kvlab.layers.base import (
+    LayerFootprint,
+    MixerConfig,
+    StepState,
+    check_reads_own_state,
+    per_document,
+    register_mixer,
+)
 from kvlab.layers.kv_cache import StateSlot
 from kvlab.layers.rope import Rotary
 
@@ -65,6 +72,7 @@ class GAU(nn.Module):
 
     def __init__(self, cfg: GAUConfig, *, d_model: int, layer_idx: int, kv_source: int, max_seq_len: int):
         super().__init__()
+        cfg = cfg.resolved(d_model, "mixer")  # defaults filled on a copy: any config builds a working layer
         check_reads_own_state(cfg.kind, layer_idx, kv_source)
         self.cfg = cfg
         self.e, self.s, self.C = cfg.expand * d_model, cfg.qk_dim, cfg.chunk_size
@@ -90,12 +98,14 @@ class GAU(nn.Module):
         parts = z[:, None] * self.scale[None, :, None] + self.offset[None, :, None]  # [B, 4, T, s]
         return apply_rope(parts, cos, sin).unbind(1)
 
-    def forward(self, x, *, cache=None, positions=None, shared_kv=None, doc_ids=None):
+    def forward(self, x, *, cache=None, state: StepState | None = None):
         """``positions`` are not used: chunks and RoPE count from each document's start."""
+        state = StepState() if state is None else state
+        doc_ids = state.doc_ids
         if doc_ids is not None:  # each document cuts its own chunks from its start
             return per_document(self, x, doc_ids)
         if cache is not None:
-            return self._cached(x, cache)
+            return self._cached(x, cache, state.start)
         B, T, _ = x.shape
         C, N = self.C, -(-T // self.C)
         u, v, z = self._project(x)
@@ -110,24 +120,24 @@ class GAU(nn.Module):
         y = (local + lin_q @ before / C).reshape(B, N * C, self.e)[:, :T]
         return self.o_proj(u * y)
 
-    def _cached(self, x, cache):
-        """Chunk by chunk through the cache: the current chunk's Z and V, and the global state."""
+    def _cached(self, x, cache, start: int):
+        """Chunk by chunk through the cache from position ``start``: the current chunk's Z and V, and the
+        global state."""
         B, T, _ = x.shape
         C = self.C
         u, v, z = self._project(x)
         outputs, t = [], 0
         while t < T:  # the tokens up to the end of the current chunk, then the next ...
-            held, n = cache.seen % C, min(T - t, C - cache.seen % C)
+            position = start + t
+            held, n = position % C, min(T - t, C - position % C)
             cache.z[:, held : held + n] = z[:, t : t + n].to(cache.z.dtype)
             cache.v[:, held : held + n] = v[:, t : t + n].to(cache.v.dtype)
-            start = cache.seen - held  # the chunk's first position
-            cos, sin = self.rotary(start, held + n)
+            cos, sin = self.rotary(position - held, held + n)  # from the chunk's first position
             chunk_z, chunk_v = cache.z[:, : held + n].to(z.dtype), cache.v[:, : held + n].to(v.dtype)
             quad_q, quad_k, lin_q, lin_k = self._parts(chunk_z, cos, sin)
             causal = torch.ones(held + n, held + n, dtype=torch.bool, device=x.device).tril()[held:]
             scores = F.relu(quad_q[:, held:] @ quad_k.transpose(-1, -2)).square() * causal / C
             outputs.append(scores @ chunk_v + lin_q[:, held:] @ cache.state.to(z.dtype) / C)
-            cache.seen += n
             if held + n == C:  # the chunk is complete: fold it into the global state
                 cache.state.add_((lin_k.transpose(-1, -2) @ chunk_v).to(cache.state.dtype))
             t += n

@@ -36,6 +36,7 @@ from kvlab.kernels.ops import apply_rope, attention
 from kvlab.layers.base import (
     LayerFootprint,
     MixerConfig,
+    StepState,
     check_reads_own_state,
     default_head_dim,
     per_document,
@@ -82,13 +83,12 @@ class InfiniState:
         self.norm = torch.zeros(batch_size, n_kv_heads, head_dim, dtype=dtype, device=device)
         # keys (before RoPE) and values of the current segment
         self.k = torch.zeros(batch_size, n_kv_heads, segment_len, head_dim, dtype=dtype, device=device)
-        self.v = torch.zeros_like(self.k)
-        self.held = 0  # tokens of the current segment
+        self.v = torch.zeros_like(self.k)  # the current segment's first (position % segment_len) hold its tokens
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.memory, self.norm, self.k, self.v]
 
-    def nbytes(self) -> int:
+    def nbytes(self, seen: int = 0) -> int:
         return sum(t.nbytes for t in self.tensors())  # fixed: allocated once for the sequence
 
     def allocated_bytes(self) -> int:
@@ -100,7 +100,6 @@ class InfiniState:
     def reset(self) -> None:
         self.memory.zero_()
         self.norm.zero_()
-        self.held = 0
 
 
 @register_mixer
@@ -109,6 +108,7 @@ class InfiniAttention(nn.Module):
 
     def __init__(self, cfg: InfiniConfig, *, d_model: int, layer_idx: int, kv_source: int, max_seq_len: int):
         super().__init__()
+        cfg = cfg.resolved(d_model, "mixer")  # defaults filled on a copy: any config builds a working layer
         check_reads_own_state(cfg.kind, layer_idx, kv_source)
         self.cfg = cfg
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -124,8 +124,10 @@ class InfiniAttention(nn.Module):
 
     # -- forward ------------------------------------------------------------
 
-    def forward(self, x, *, cache=None, positions=None, shared_kv=None, doc_ids=None):
+    def forward(self, x, *, cache=None, state: StepState | None = None):
         """``positions`` are not used: local attention needs only positions within segments."""
+        state = StepState() if state is None else state
+        doc_ids = state.doc_ids
         B, T, _ = x.shape
         if doc_ids is not None:  # each document starts its own segments and memory
             return per_document(self, x, doc_ids)
@@ -144,17 +146,17 @@ class InfiniAttention(nn.Module):
         else:  # inference: the current segment's K/V and the memory live in the cache slot
             t = 0
             while t < T:  # the tokens up to the end of the current segment, then the next ...
-                held, n = cache.held, min(T - t, N - cache.held)
+                held = (state.start + t) % N  # tokens of the current segment
+                n = min(T - t, N - held)
                 cache.k[:, :, held : held + n] = k[:, :, t : t + n].to(cache.k.dtype)
                 cache.v[:, :, held : held + n] = v[:, :, t : t + n].to(cache.v.dtype)
-                cache.held = end = held + n
+                end = held + n
                 seg_k, seg_v = cache.k[:, :, :end].to(q.dtype), cache.v[:, :, :end].to(q.dtype)
                 outputs.append(self._attend(q[:, :, t : t + n], seg_k, seg_v, held, cache.memory, cache.norm))
                 if end == N:
                     memory, norm = self._written(seg_k, seg_v, cache.memory, cache.norm)
                     cache.memory.copy_(memory)
                     cache.norm.copy_(norm)
-                    cache.held = 0
                 t += n
         y = torch.cat(outputs, dim=2)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))

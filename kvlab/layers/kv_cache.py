@@ -6,9 +6,14 @@ stores more than its window; ``LatentKV`` holds one vector per position
 (MLA's compressed latent and RoPE key) that every head reads. Both allocate once and write new keys in place,
 so decoding allocates no cache memory. Keys are stored after RoPE.
 
-``update(k_new, v_new)`` writes the step's K/V and returns a ``KVView``: the
-keys and values the step's queries attend to, which a cross-layer reader
-receives too (through ``shared_kv``), so readers never touch the slot.
+Slots store; they do not count. The one position counter is the model's
+cache (``Cache.seen``), handed to mixers as the step state's ``start``:
+``update(k_new, v_new, start)`` writes the step's K/V at positions
+``start..`` and returns a ``KVView``: the keys and values the step's queries
+attend to, which the layer publishes for cross-layer readers, so readers
+never touch the slot. Writing the same positions again overwrites them,
+which is what the parallel passes over layers that read later layers rely
+on. ``view(end)`` is what the slot holds for positions before ``end``.
 
 ``StateSlot`` holds the fixed-size states of recurrent mixers (retention's
 and Mamba's S, a convolution's last inputs, RWKV's previous token), zeros
@@ -30,17 +35,18 @@ def reorder_rows(tensors: list[torch.Tensor], batch_idx: torch.Tensor) -> None:
 
 @dataclass
 class KVView:
-    """Keys/values visible to one step's queries, and where they sit.
+    """Keys/values, and the positions they sit at.
 
-    ``start`` is the absolute position of the step's first query. ``k_pos``
+    ``end`` is one past the absolute position of the newest key. ``k_pos``
     gives the absolute position of each key; None means the keys are, as a
-    set, the ``S`` positions ending at the step's last query (the common
-    case, which needs no position tensor).
+    set, the ``S`` positions ending at ``end`` (the common case, which needs
+    no position tensor). Where the queries sit is the step's business
+    (``StepState.start``), not the keys'.
     """
 
     k: torch.Tensor  # [B, Hkv, S, D]
     v: torch.Tensor  # [B, Hkv, S, Dv]
-    start: int
+    end: int
     k_pos: torch.Tensor | None = None
 
 
@@ -52,7 +58,6 @@ class _KVBuffers:
         self.v = torch.zeros(batch_size, n_heads, length, v_head_dim, dtype=dtype, device=device)
         self.length = length
         self.bytes_per_position = (self.k.nbytes + self.v.nbytes) // length  # whole batch
-        self.seen = 0
 
     def allocated_bytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
@@ -61,37 +66,38 @@ class _KVBuffers:
         reorder_rows([self.k, self.v], batch_idx)
 
     def reset(self) -> None:
-        self.seen = 0
+        """Nothing to clear: positions are overwritten before they are read."""
 
 
 class StaticKV(_KVBuffers):
     """Every position up to ``max_len``, in order."""
 
-    def update(self, k_new: torch.Tensor, v_new: torch.Tensor) -> KVView:
-        start, t = self.seen, k_new.shape[2]
+    def update(self, k_new: torch.Tensor, v_new: torch.Tensor, start: int) -> KVView:
+        t = k_new.shape[2]
         end = start + t
         if end > self.length:
             raise ValueError(f"cache is full: {start} tokens held + {t} new > max_len={self.length}")
         self.k[:, :, start:end].copy_(k_new)
         self.v[:, :, start:end].copy_(v_new)
-        self.seen = end
-        return KVView(self.k[:, :, :end], self.v[:, :, :end], start)
+        return self.view(end)
 
-    def nbytes(self) -> int:
-        return self.bytes_per_position * self.seen
+    def view(self, end: int) -> KVView:
+        return KVView(self.k[:, :, :end], self.v[:, :, :end], end)
+
+    def nbytes(self, seen: int) -> int:
+        return self.bytes_per_position * seen
 
 
 class RingKV(_KVBuffers):
     """The last ``length`` (the window) positions; position p lives in slot p % length."""
 
-    def update(self, k_new: torch.Tensor, v_new: torch.Tensor) -> KVView:
-        start, t, w = self.seen, k_new.shape[2], self.length
+    def update(self, k_new: torch.Tensor, v_new: torch.Tensor, start: int) -> KVView:
+        t, w = k_new.shape[2], self.length
         if t == 1:  # decode: overwrite the oldest slot, attend to all held slots
             self.k[:, :, start % w].copy_(k_new[:, :, 0])
             self.v[:, :, start % w].copy_(v_new[:, :, 0])
-            self.seen += 1
-            held = min(self.seen, w)
-            return KVView(self.k[:, :, :held], self.v[:, :, :held], start)
+            held = min(start + 1, w)
+            return KVView(self.k[:, :, :held], self.v[:, :, :held], start + 1)
         # Several tokens: the queries need the held keys and all new keys, so
         # gather them before the ring overwrites the oldest ones.
         held = min(start, w)
@@ -101,42 +107,39 @@ class RingKV(_KVBuffers):
         view = KVView(
             torch.cat([self.k[:, :, :held], k_new.to(self.k.dtype)], dim=2),
             torch.cat([self.v[:, :, :held], v_new.to(self.v.dtype)], dim=2),
-            start,
+            start + t,
             torch.cat([old_pos, new_pos]),
         )
         keep = min(t, w)
         dest = new_pos[-keep:] % w
         self.k.index_copy_(2, dest, k_new[:, :, -keep:].to(self.k.dtype))
         self.v.index_copy_(2, dest, v_new[:, :, -keep:].to(self.v.dtype))
-        self.seen += t
         return view
 
-    def nbytes(self) -> int:
-        return self.bytes_per_position * min(self.seen, self.length)
+    def nbytes(self, seen: int) -> int:
+        return self.bytes_per_position * min(seen, self.length)
 
 
 class LatentKV:
     """One ``width``-wide vector per position, shared by all heads (MLA), up to ``max_len``.
 
-    ``update(new)`` takes [B, T, width] and returns every held position,
-    [B, S, width], a view of the buffer.
+    ``update(new, start)`` takes [B, T, width] for positions ``start..`` and
+    returns every held position up to them, [B, S, width], a view of the buffer.
     """
 
     def __init__(self, batch_size: int, length: int, width: int, *, dtype, device):
         self.latent = torch.zeros(batch_size, length, width, dtype=dtype, device=device)
         self.length = length
-        self.seen = 0
 
-    def update(self, new: torch.Tensor) -> torch.Tensor:
-        start, t = self.seen, new.shape[1]
+    def update(self, new: torch.Tensor, start: int) -> torch.Tensor:
+        t = new.shape[1]
         if start + t > self.length:
             raise ValueError(f"cache is full: {start} tokens held + {t} new > max_len={self.length}")
         self.latent[:, start : start + t].copy_(new)
-        self.seen = start + t
-        return self.latent[:, : self.seen]
+        return self.latent[:, : start + t]
 
-    def nbytes(self) -> int:
-        return self.latent[:, : self.seen].nbytes
+    def nbytes(self, seen: int) -> int:
+        return self.latent[:, :seen].nbytes
 
     def allocated_bytes(self) -> int:
         return self.latent.nbytes
@@ -145,18 +148,14 @@ class LatentKV:
         reorder_rows([self.latent], batch_idx)
 
     def reset(self) -> None:
-        self.seen = 0
+        """Nothing to clear: positions are overwritten before they are read."""
 
 
 class StateSlot:
-    """Named fixed-size state tensors per sequence, each [batch_size, *shape], read as attributes.
-
-    ``seen`` counts the tokens that went through (mixers that rotate by position need it).
-    """
+    """Named fixed-size state tensors per sequence, each [batch_size, *shape], read as attributes."""
 
     def __init__(self, batch_size: int, shapes: dict[str, tuple[int, ...]], *, dtype, device):
         self.tensors = {n: torch.zeros(batch_size, *shape, dtype=dtype, device=device) for n, shape in shapes.items()}
-        self.seen = 0
 
     def __getattr__(self, name: str) -> torch.Tensor:
         tensors = self.__dict__.get("tensors", {})
@@ -164,7 +163,7 @@ class StateSlot:
             return tensors[name]
         raise AttributeError(name)
 
-    def nbytes(self) -> int:
+    def nbytes(self, seen: int = 0) -> int:
         return sum(t.nbytes for t in self.tensors.values())  # fixed: held from the first token
 
     def allocated_bytes(self) -> int:
@@ -176,7 +175,6 @@ class StateSlot:
     def reset(self) -> None:
         for t in self.tensors.values():
             t.zero_()
-        self.seen = 0
 
 
 class SlotGroup:
@@ -188,8 +186,8 @@ class SlotGroup:
     def _held(self) -> list:
         return [s for s in self.slots if s is not None]
 
-    def nbytes(self) -> int:
-        return sum(s.nbytes() for s in self._held())
+    def nbytes(self, seen: int) -> int:
+        return sum(s.nbytes(seen) for s in self._held())
 
     def allocated_bytes(self) -> int:
         return sum(s.allocated_bytes() for s in self._held())

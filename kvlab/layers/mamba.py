@@ -49,7 +49,7 @@ from torch import nn
 
 from kvlab._config import check_float, check_int
 from kvlab.kernels.ops import causal_conv1d, selective_scan, ssd
-from kvlab.layers.base import LayerFootprint, MixerConfig, check_reads_own_state, register_mixer
+from kvlab.layers.base import LayerFootprint, MixerConfig, StepState, check_reads_own_state, register_mixer
 from kvlab.layers.kv_cache import StateSlot
 
 
@@ -103,6 +103,7 @@ class Mamba2(nn.Module):
 
     def __init__(self, cfg: Mamba2Config, *, d_model: int, layer_idx: int, kv_source: int, max_seq_len: int):
         super().__init__()
+        cfg = cfg.resolved(d_model, "mixer")  # defaults filled on a copy: any config builds a working layer
         check_reads_own_state(cfg.kind, layer_idx, kv_source)
         self.cfg = cfg
         self.inner = cfg.expand * d_model
@@ -127,8 +128,10 @@ class Mamba2(nn.Module):
         self.D.fill_(1.0)
         self.norm_weight.fill_(1.0)
 
-    def forward(self, x, *, cache=None, positions=None, shared_kv=None, doc_ids=None):
+    def forward(self, x, *, cache=None, state: StepState | None = None):
         """``positions`` are not used: the convolution and the decay carry order."""
+        state = StepState() if state is None else state
+        doc_ids = state.doc_ids
         B, T, _ = x.shape
         H, P, N, G = self.n_heads, self.cfg.head_dim, self.cfg.state_dim, self.cfg.n_groups
         z, xbc, dt = self.in_proj(x).split([self.inner, self.conv_dim, H], dim=-1)
@@ -194,6 +197,7 @@ class Mamba(nn.Module):
 
     def __init__(self, cfg: MambaConfig, *, d_model: int, layer_idx: int, kv_source: int, max_seq_len: int):
         super().__init__()
+        cfg = cfg.resolved(d_model, "mixer")  # defaults filled on a copy: any config builds a working layer
         check_reads_own_state(cfg.kind, layer_idx, kv_source)
         self.cfg = cfg
         self.inner = cfg.expand * d_model
@@ -217,8 +221,10 @@ class Mamba(nn.Module):
         self.A_log.copy_(torch.arange(1, self.cfg.state_dim + 1, dtype=torch.float32).log().expand(self.inner, -1))
         self.D.fill_(1.0)
 
-    def forward(self, x, *, cache=None, positions=None, shared_kv=None, doc_ids=None):
+    def forward(self, x, *, cache=None, state: StepState | None = None):
         """``positions`` are not used: the convolution and the decay carry order."""
+        state = StepState() if state is None else state
+        doc_ids = state.doc_ids
         B, T, _ = x.shape
         N, R = self.cfg.state_dim, self.cfg.dt_rank
         xs, z = self.in_proj(x).chunk(2, dim=-1)

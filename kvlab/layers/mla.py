@@ -59,7 +59,7 @@ from torch import nn
 from kvlab._config import check_bool, check_float, check_int
 from kvlab.kernels.attention import position_mask
 from kvlab.kernels.ops import absorbed_attention, apply_rope, attention
-from kvlab.layers.base import LayerFootprint, MixerConfig, default_head_dim, register_mixer
+from kvlab.layers.base import LayerFootprint, MixerConfig, StepState, default_head_dim, register_mixer
 from kvlab.layers.kv_cache import KVView, LatentKV
 from kvlab.layers.norm import RMSNorm
 from kvlab.layers.rope import HeadwiseRotary, Rotary
@@ -68,6 +68,8 @@ from kvlab.layers.rope import HeadwiseRotary, Rotary
 @dataclass
 class MLAConfig(MixerConfig):
     kind = "mla"
+    publishes = frozenset({"kv"})  # the latents (and RoPE keys) every head decompresses
+    reads = frozenset({"kv"})
     n_heads: int = 8
     head_dim: int | None = None  # per head: no-RoPE query/key channels; None: d_model // n_heads
     v_head_dim: int | None = None  # per head: value channels; None: head_dim
@@ -110,6 +112,9 @@ class MLAConfig(MixerConfig):
                 f"{path}.rope_spectrum={self.rope_spectrum} must be at least rope_head_dim={self.rope_head_dim}"
             )
 
+    def cache_rewritable(self) -> bool:
+        return True
+
     def kv_compatible(self, source: MixerConfig) -> str | None:
         if not isinstance(source, MLAConfig):
             return f"source mixer kind {source.kind!r} has no MLA latent"
@@ -129,7 +134,7 @@ class MLA(nn.Module):
         super().__init__()
         if kv_source > layer_idx:
             raise ValueError(f"layer {layer_idx}: MLA reads the latents of an earlier layer, not of layer {kv_source}")
-        self.cfg = cfg
+        self.cfg = cfg = cfg.resolved(d_model, "mixer")
         self.layer_idx, self.kv_source = layer_idx, kv_source
         self.owns_kv = kv_source == layer_idx
         self.n_heads, self.head_dim, self.v_head_dim = cfg.n_heads, cfg.head_dim, cfg.v_head_dim
@@ -160,37 +165,31 @@ class MLA(nn.Module):
 
     # -- forward ------------------------------------------------------------
 
-    def forward(self, x, *, cache=None, positions=None, shared_kv=None, doc_ids=None):
+    def forward(self, x, *, cache=None, state: StepState | None = None):
+        state = StepState() if state is None else state
         B, T, _ = x.shape
+        start = state.start
         H, D, R, G = self.n_heads, self.head_dim, self.rope_head_dim, self.rope_kv_heads
         if self.cfg.q_lora_rank is None:
             q = self.q_proj(x)
         else:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q_nope, q_rope = q.view(B, T, H, D + R).transpose(1, 2).split([D, R], dim=-1)
+        cos, sin = self.rotary(start, T, state.positions)
         if self.owns_kv:
-            start = cache.seen if cache is not None else 0
-            cos, sin = self.rotary(start, T, positions)
             c, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, G * R], dim=-1)
             k_rope = apply_rope(k_rope.view(B, T, G, R).transpose(1, 2), cos, sin)
             # what is cached: [B, T, kv_lora_rank + G * R]
             latent = torch.cat([self.kv_a_layernorm(c), k_rope.transpose(1, 2).reshape(B, T, G * R)], dim=-1)
-            held = cache.update(latent) if cache is not None else latent  # every position so far
-            if shared_kv is not None:  # for the layers that read these latents
-                shared_kv[self.layer_idx] = KVView(held, held, start)
+            held = cache.update(latent, start) if cache is not None else latent  # every position so far
+            state.publish("kv", self.layer_idx, KVView(held, held, start + T))  # for the layers that read them
         else:
-            if shared_kv is None or self.kv_source not in shared_kv:
-                raise RuntimeError(
-                    f"layer {self.layer_idx} reads the latents of layer {self.kv_source}, which produced none this step"
-                )
-            view = shared_kv[self.kv_source]
-            held, start = view.k, view.start
-            cos, sin = self.rotary(start, T, positions)
+            held = state.read("kv", self.kv_source, self.layer_idx).k
         if cos.dim() == 4 and G < H:  # per-head frequencies: each query head turns as its RoPE key
             cos, sin = cos.repeat_interleave(H // G, dim=1), sin.repeat_interleave(H // G, dim=1)
         q_rope = apply_rope(q_rope, cos, sin)
         if held.shape[1] == T:  # training, or a first prefill: the latents are this step's own
-            y = self._expanded(q_nope, q_rope, held, doc_ids=doc_ids)
+            y = self._expanded(q_nope, q_rope, held, doc_ids=state.doc_ids)
         else:
             mask = None
             if T > 1:

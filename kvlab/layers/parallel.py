@@ -24,7 +24,15 @@ import torch
 from torch import nn
 
 from kvlab._config import check_float
-from kvlab.layers.base import MIXERS, LayerFootprint, MixerConfig, check_reads_own_state, mixer_config, register_mixer
+from kvlab.layers.base import (
+    MIXERS,
+    LayerFootprint,
+    MixerConfig,
+    StepState,
+    check_reads_own_state,
+    mixer_config,
+    register_mixer,
+)
 from kvlab.layers.kv_cache import SlotGroup
 from kvlab.layers.norm import RMSNorm
 
@@ -32,6 +40,7 @@ from kvlab.layers.norm import RMSNorm
 @dataclass
 class ParallelConfig(MixerConfig):
     kind = "parallel"
+    reads = frozenset({"values"})  # a branch's value residual (each branch checks its own)
     mixers: list = field(default_factory=list)  # two or more mixer specs, run side by side
     norm_eps: float = 1e-5
 
@@ -39,11 +48,14 @@ class ParallelConfig(MixerConfig):
         if not isinstance(self.mixers, (list, tuple)) or len(self.mixers) < 2:
             raise ValueError(f"{path}.mixers={self.mixers!r} must list two or more mixer specs to run side by side")
         check_float(self.norm_eps, f"{path}.norm_eps", positive=True)
-        self.mixers = [mixer_config(m, f"{path}.mixers[{i}]") for i, m in enumerate(self.mixers)]
-        for i, m in enumerate(self.mixers):
+        branches = [mixer_config(m, f"{path}.mixers[{i}]") for i, m in enumerate(self.mixers)]
+        for i, m in enumerate(branches):
             if isinstance(m, ParallelConfig):
                 raise ValueError(f"{path}.mixers[{i}] is itself parallel; list its branches here instead")
-            m.validate(d_model, f"{path}.mixers[{i}]")
+        self.mixers = [m.resolved(d_model, f"{path}.mixers[{i}]") for i, m in enumerate(branches)]
+
+    def own_reads(self, layer_idx: int) -> tuple[tuple[str, int], ...]:
+        return tuple(dict.fromkeys(r for m in self.mixers for r in m.own_reads(layer_idx)))
 
     def first_layer_problem(self, first: MixerConfig) -> str | None:
         return next((p for m in self.mixers if (p := m.first_layer_problem(first)) is not None), None)
@@ -55,6 +67,7 @@ class Parallel(nn.Module):
 
     def __init__(self, cfg: ParallelConfig, *, d_model: int, layer_idx: int, kv_source: int, max_seq_len: int):
         super().__init__()
+        cfg = cfg.resolved(d_model, "mixer")  # defaults filled on a copy: any config builds a working layer
         check_reads_own_state(cfg.kind, layer_idx, kv_source)
         self.cfg = cfg
         self.branches = nn.ModuleList(
@@ -64,11 +77,12 @@ class Parallel(nn.Module):
         self.betas = nn.ModuleList(RMSNorm(d_model, cfg.norm_eps) for _ in cfg.mixers)  # weight = beta_i
         self.kv_footprint(torch.float32)  # refuse branch caches that one footprint row cannot describe
 
-    def forward(self, x, *, cache=None, positions=None, shared_kv=None, doc_ids=None):
+    def forward(self, x, *, cache=None, state: StepState | None = None):
+        state = StepState() if state is None else state
         out = 0
         for i, (branch, norm) in enumerate(zip(self.branches, self.betas, strict=True)):
             slot = cache.slots[i] if cache is not None else None
-            out = out + norm(branch(x, cache=slot, positions=positions, shared_kv=shared_kv, doc_ids=doc_ids))
+            out = out + norm(branch(x, cache=slot, state=state))
         return out / len(self.branches)
 
     def new_cache_slot(self, batch_size: int, max_len: int, dtype: torch.dtype, device):

@@ -30,7 +30,14 @@ from torch import nn
 
 from kvlab._config import check_choice, check_float, check_int
 from kvlab.kernels.ops import apply_rope, linear_attention
-from kvlab.layers.base import LayerFootprint, MixerConfig, check_reads_own_state, default_head_dim, register_mixer
+from kvlab.layers.base import (
+    LayerFootprint,
+    MixerConfig,
+    StepState,
+    check_reads_own_state,
+    default_head_dim,
+    register_mixer,
+)
 from kvlab.layers.kv_cache import StateSlot
 from kvlab.layers.rope import Rotary
 
@@ -71,6 +78,7 @@ class Retention(nn.Module):
 
     def __init__(self, cfg: RetentionConfig, *, d_model: int, layer_idx: int, kv_source: int, max_seq_len: int):
         super().__init__()
+        cfg = cfg.resolved(d_model, "mixer")  # defaults filled on a copy: any config builds a working layer
         check_reads_own_state(cfg.kind, layer_idx, kv_source)
         self.cfg = cfg
         H, D, Dv = cfg.n_heads, cfg.head_dim, cfg.v_head_dim
@@ -93,10 +101,12 @@ class Retention(nn.Module):
             heads = torch.arange(self.n_heads, dtype=torch.float64, device=self.log_gamma.device)
             self.log_gamma.copy_(torch.log1p(-(2.0 ** (-5.0 - heads))))
 
-    def forward(self, x, *, cache=None, positions=None, shared_kv=None, doc_ids=None):
+    def forward(self, x, *, cache=None, state: StepState | None = None):
+        state = StepState() if state is None else state
+        doc_ids = state.doc_ids
         B, T, _ = x.shape
         H, D, Dv = self.n_heads, self.head_dim, self.v_head_dim
-        cos, sin = self.rotary(cache.seen if cache is not None else 0, T, positions)
+        cos, sin = self.rotary(state.start, T, state.positions)
         q = apply_rope(self.q_proj(x).view(B, T, H, D).transpose(1, 2), cos, sin)
         k = apply_rope(self.k_proj(x).view(B, T, H, D).transpose(1, 2), cos, sin) / math.sqrt(D)
         v = self.v_proj(x).view(B, T, H, Dv).transpose(1, 2)
@@ -104,12 +114,11 @@ class Retention(nn.Module):
             log_decay = F.logsigmoid(self.gamma_proj(x).float()).transpose(1, 2) / self.cfg.gate_temperature
         else:
             log_decay = self.log_gamma.float()[None, :, None].expand(B, H, T)
-        state = cache.state if cache is not None else None
+        held = cache.state if cache is not None else None  # the recurrent state so far
         chunk = self.cfg.chunk_size
-        o, new_state = linear_attention(q, k, v, log_decay, state=state, doc_ids=doc_ids, chunk_size=chunk)
+        o, new_state = linear_attention(q, k, v, log_decay, state=held, doc_ids=doc_ids, chunk_size=chunk)
         if cache is not None:
             cache.state.copy_(new_state)
-            cache.seen += T
         y = self.group_norm(o.transpose(1, 2).reshape(B * T, H * Dv)).view(B, T, H * Dv)
         return self.o_proj(F.silu(self.g_proj(x)) * y)
 

@@ -60,8 +60,8 @@ from torch import nn
 from kvlab._config import check_bool, check_float, check_int
 from kvlab.kernels.causal_conv import token_shift
 from kvlab.kernels.ops import delta_rule, linear_attention
-from kvlab.layers.base import LayerFootprint, MixerConfig, check_reads_own_state, register_mixer
-from kvlab.layers.kv_cache import KVView, StateSlot
+from kvlab.layers.base import LayerFootprint, MixerConfig, StepState, check_reads_own_state, register_mixer
+from kvlab.layers.kv_cache import StateSlot
 
 MIXED = ("w", "k", "v", "r", "g")  # the five token-shift interpolations, in this order
 
@@ -89,6 +89,7 @@ class RWKV6(nn.Module):
 
     def __init__(self, cfg: RWKV6Config, *, d_model: int, layer_idx: int, kv_source: int, max_seq_len: int):
         super().__init__()
+        cfg = cfg.resolved(d_model, "mixer")  # defaults filled on a copy: any config builds a working layer
         check_reads_own_state(cfg.kind, layer_idx, kv_source)
         self.cfg = cfg
         self.d_model, self.head_dim, self.n_heads = d_model, cfg.head_dim, d_model // cfg.head_dim
@@ -125,8 +126,10 @@ class RWKV6(nn.Module):
         nn.init.uniform_(self.decay_lora_b, -0.01, 0.01)
         nn.init.constant_(self.bonus, 0.5)
 
-    def forward(self, x, *, cache=None, positions=None, shared_kv=None, doc_ids=None):
+    def forward(self, x, *, cache=None, state: StepState | None = None):
         """``positions`` are not used: the token shift and the decay carry order."""
+        state = StepState() if state is None else state
+        doc_ids = state.doc_ids
         B, T, C = x.shape
         H, D = self.n_heads, self.head_dim
         before, last = token_shift(x, prev=cache.prev if cache is not None else None, doc_ids=doc_ids)
@@ -138,9 +141,9 @@ class RWKV6(nn.Module):
                    ((self.r_proj, xr), (self.k_proj, xk), (self.v_proj, xv)))  # fmt: skip
         decay = self.decay_base + torch.tanh(xw @ self.decay_lora_a) @ self.decay_lora_b
         log_decay = -decay.float().exp().view(B, T, H, D).transpose(1, 2)  # log w_t, per key channel
-        state = cache.state if cache is not None else None
+        held = cache.state if cache is not None else None  # the recurrent state so far
         o, new_state = linear_attention(
-            r, k, v, log_decay, state=state, doc_ids=doc_ids, exclusive=True, chunk_size=self.cfg.chunk_size
+            r, k, v, log_decay, state=held, doc_ids=doc_ids, exclusive=True, chunk_size=self.cfg.chunk_size
         )
         o = o + ((r * self.bonus[:, None] * k).sum(-1, keepdim=True) * v)  # the token's own term, with u
         if cache is not None:
@@ -163,6 +166,8 @@ RWKV7_MIXED = ("r", "w", "k", "v", "a", "g")
 @dataclass
 class RWKV7Config(MixerConfig):
     kind = "rwkv7"
+    publishes = frozenset({"values"})  # v_first, layer 0's values
+    reads = frozenset({"values"})
     head_dim: int = 64  # key and value width per head; n_heads = d_model / head_dim
     decay_lora_rank: int = 64
     lr_lora_rank: int = 64  # the in-context learning rate's LoRA
@@ -180,6 +185,9 @@ class RWKV7Config(MixerConfig):
         if d_model % self.head_dim:
             raise ValueError(f"d_model={d_model} is not divisible by {path}.head_dim={self.head_dim}")
 
+    def own_reads(self, layer_idx: int) -> tuple[tuple[str, int], ...]:
+        return (("values", 0),) if self.value_residual and layer_idx > 0 else ()
+
     def first_layer_problem(self, first: MixerConfig) -> str | None:
         if not self.value_residual:
             return None
@@ -194,6 +202,7 @@ class RWKV7(nn.Module):
 
     def __init__(self, cfg: RWKV7Config, *, d_model: int, layer_idx: int, kv_source: int, max_seq_len: int):
         super().__init__()
+        cfg = cfg.resolved(d_model, "mixer")  # defaults filled on a copy: any config builds a working layer
         check_reads_own_state(cfg.kind, layer_idx, kv_source)
         self.cfg, self.layer_idx = cfg, layer_idx
         self.d_model, self.head_dim, self.n_heads = d_model, cfg.head_dim, d_model // cfg.head_dim
@@ -240,8 +249,10 @@ class RWKV7(nn.Module):
         nn.init.ones_(self.key_lr_mix)
         nn.init.constant_(self.bonus, -0.04)
 
-    def forward(self, x, *, cache=None, positions=None, shared_kv=None, doc_ids=None):
+    def forward(self, x, *, cache=None, state: StepState | None = None):
         """``positions`` are not used: the token shift and the decay carry order."""
+        state = StepState() if state is None else state
+        doc_ids = state.doc_ids
         B, T, C = x.shape
         H, D = self.n_heads, self.head_dim
         before, last = token_shift(x, prev=cache.prev if cache is not None else None, doc_ids=doc_ids)
@@ -250,11 +261,11 @@ class RWKV7(nn.Module):
         decay = self.decay_base + torch.tanh(xw @ self.decay_lora_a) @ self.decay_lora_b
         log_decay = -math.exp(-0.5) * torch.sigmoid(decay.float())  # log w_t
         lr = torch.sigmoid(self.lr_base + (xa @ self.lr_lora_a) @ self.lr_lora_b)
-        if self.layer_idx == 0 and shared_kv is not None and self.cfg.value_residual:
-            shared_kv[0] = KVView(v, v, 0)  # v_first, for the layers above
+        if self.layer_idx == 0:
+            state.publish("values", 0, v)  # v_first, for the layers above
         elif self.value_residual:
             mix = torch.sigmoid(self.value_base + (xv @ self.value_lora_a) @ self.value_lora_b)
-            v = v + (shared_kv[0].v - v) * mix
+            v = v + (state.read("values", 0, self.layer_idx) - v) * mix
         g = torch.sigmoid(xg @ self.gate_lora_a) @ self.gate_lora_b
         kappa = F.normalize((k * self.key_scale).view(B, T, H, D), dim=-1)
         k = k * (1 + (lr - 1) * self.key_lr_mix)
@@ -264,9 +275,9 @@ class RWKV7(nn.Module):
 
         r, k, v, lr, kappa = heads(r), heads(k), heads(v), heads(lr), kappa.transpose(1, 2)
         log_decay = heads(log_decay)
-        state = cache.state if cache is not None else None
+        held = cache.state if cache is not None else None  # the recurrent state so far
         o, new_state = delta_rule(
-            r, k, v, log_decay, kappa * lr, -kappa, state=state, doc_ids=doc_ids, chunk_size=self.cfg.chunk_size
+            r, k, v, log_decay, kappa * lr, -kappa, state=held, doc_ids=doc_ids, chunk_size=self.cfg.chunk_size
         )
         if cache is not None:
             cache.state.copy_(new_state)

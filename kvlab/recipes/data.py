@@ -41,10 +41,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from kvlab._io import remove_orphans, temp_path
+from kvlab.tokenizer import EOS, eos_id, load_tokenizer, train_tokenizer  # noqa: F401 (part of this module's API)
 
 log = logging.getLogger(__name__)
 
-EOS = "<|endoftext|>"
 _LEGACY_TMP = re.compile(r"^[a-z]+-[0-9a-f]{16}\.tmp(\d+)$")  # the cache's temporaries before kvlab._io
 DATA_KINDS = ("stdlib", "text", "hf", "mqar")
 
@@ -182,43 +182,6 @@ def _load_local(files: list[str], text_field: str):
 
 
 # -- tokenizer ------------------------------------------------------------------
-
-
-def train_tokenizer(texts, vocab_size: int):
-    """Byte-level BPE over ``texts`` with ``EOS`` as token 0."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[EOS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
-    return tok
-
-
-def load_tokenizer(path: str):
-    """A ``tokenizers.Tokenizer`` from a tokenizer.json or a directory holding one."""
-    from tokenizers import Tokenizer
-
-    p = Path(os.path.expanduser(path))
-    if p.is_dir():
-        p = p / "tokenizer.json"
-    if not p.is_file():
-        raise FileNotFoundError(f"data.tokenizer: no tokenizer.json at {p}")
-    return Tokenizer.from_file(str(p))
-
-
-def eos_id(tokenizer) -> int:
-    for candidate in (EOS, "</s>", "<|end_of_text|>", "<eos>"):
-        idx = tokenizer.token_to_id(candidate)
-        if idx is not None:
-            return idx
-    raise ValueError(f"the tokenizer has no end-of-text token (looked for {EOS!r}, '</s>', '<eos>')")
 
 
 # -- packing and the on-disk cache ---------------------------------------------

@@ -88,8 +88,15 @@ BAD = {
     "bad norm": (tiny(norm={"kind": "batchnorm"}), r"norm\.kind='batchnorm' is not one of"),
     "bad mlp": (tiny(mlp={"kind": "relu2"}), r"mlp\.kind='relu2' is not one of"),
     "kv_source length": (tiny(kv_source=[0, 0]), r"kv_source has 2 entries.*n_layers=4"),
-    "kv_source forward": (tiny(kv_source=[0, 2, 2, 3]), r"kv_source\[1\]=2"),
-    "kv_source chain": (tiny(kv_source=[0, 0, 1, 3]), r"kv_source\[2\]=1: layer 1 reads layer 0"),
+    "kv_source outside": (
+        tiny(kv_source=[0, 5, 2, 3]),
+        r"kv_source\[1\]=5: layer 1 cannot read layer 5's K/V: "
+        r"there is no layer 5 \(layers 0..3\)",
+    ),
+    "kv_source chain": (
+        tiny(kv_source=[0, 0, 1, 3]),
+        r"kv_source\[2\]=1: layer 2 cannot read layer 1's K/V: layer 1 reads layer 0 itself",
+    ),
     "kv_source shapes": (
         tiny(
             mixer=None,
@@ -121,7 +128,7 @@ BAD = {
             pattern="AR",
             mixers={"A": {"kind": "attention", "n_heads": 4}, "R": {"kind": "rwkv7", "head_dim": 16}},
         ),
-        r"layer 1: rwkv7 with value_residual needs an rwkv7 layer 0",
+        r"layer 1 cannot read layer 0's values: rwkv7 with value_residual needs an rwkv7 layer 0",
     ),
     "retention decay": (tiny(mixer={"kind": "retention", "decay": "learned"}), r"mixer\.decay='learned' is not one of"),
 }

@@ -249,7 +249,7 @@ def test_yoco_prefill_runs_the_cross_decoder_on_the_last_token_only():
 def test_decode_matches_forward_presets(name):
     spec = preset_dict(name)
     if (spec.get("kv_sharing") or {}).get("kind") == "lckv":  # as many parallel passes as tokens: exact
-        spec["kv_sharing"]["iterations"] = 12
+        spec["passes"] = {"no_grad": 10, "grad": 2}
     model = _model(spec)
     ids = torch.randint(0, 4096, (2, 12))
     with torch.no_grad():

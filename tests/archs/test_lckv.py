@@ -53,7 +53,10 @@ def test_gradients_flow_through_the_last_passes_only():
 def test_lckv_settings_are_checked():
     with pytest.raises(ValueError, match="kv_sharing.iterations=0 must be >= 1"):
         ModelConfig.from_dict(tiny(kv_sharing={"kind": "lckv", "iterations": 0}))
-    with pytest.raises(ValueError, match="layer 1 reads the top layer's K/V and cannot have a window"):
+    with pytest.raises(
+        ValueError,
+        match="kv_sharing: layer 1 cannot read layer 3's K/V: window=4: a sliding window over a later layer's",
+    ):
         ModelConfig.from_dict(
             tiny(mixer={"kind": "attention", "n_heads": 4, "window": 4}, kv_sharing={"kind": "lckv", "warmup": 1})
         )

@@ -37,7 +37,9 @@ def test_svformer_caches_keys_per_layer_and_one_layer_of_values():
 def test_value_residual_needs_matching_attention_in_layer_0():
     mixers = {"I": {"kind": "infini", "n_heads": 4}, "A": GQA | {"value_residual": "svformer"}}
     with pytest.raises(
-        ValueError, match="layer 1: value_residual=svformer needs attention in layer 0, which is 'infini'"
+        ValueError,
+        match="layer 1 cannot read layer 0's values: value_residual=svformer needs attention in layer 0, which is "
+        "'infini'",
     ):
         ModelConfig.from_dict(tiny(mixer=None, pattern="IA", mixers=mixers))
     mixers = {"A": GQA, "B": GQA | {"n_kv_heads": 1, "value_residual": "resformer"}}

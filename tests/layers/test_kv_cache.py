@@ -15,7 +15,7 @@ def test_ring_holds_exactly_the_last_window_positions():
     seen = 0
     for t in [3, 1, 1, 6, 1, 2, 1]:
         k, v = _tokens(seen, t)
-        view = ring.update(k, v)
+        view = ring.update(k, v, seen)
         # The view covers the held positions and all new ones, each labelled with its position.
         positions = view.k[0, 0, :, 0]
         if view.k_pos is not None:
@@ -29,15 +29,25 @@ def test_ring_holds_exactly_the_last_window_positions():
         seen += t
         held = set(ring.k[0, 0, : min(seen, 4), 0].tolist())
         assert held == set(range(max(0, seen - 4), seen))
-        assert ring.nbytes() == min(seen, 4) * 2 * 2 * 3 * 4  # positions x (K and V) x batch x dim x fp32
+        assert ring.nbytes(seen) == min(seen, 4) * 2 * 2 * 3 * 4  # positions x (K and V) x batch x dim x fp32
 
 
 def test_static_cache_refuses_overflow():
     slot = StaticKV(1, 1, 4, 2, 2, dtype=torch.float32, device="cpu")
-    slot.update(torch.zeros(1, 1, 3, 2), torch.zeros(1, 1, 3, 2))
+    slot.update(torch.zeros(1, 1, 3, 2), torch.zeros(1, 1, 3, 2), 0)
     try:
-        slot.update(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2))
+        slot.update(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2), 3)
     except ValueError as e:
         assert "max_len=4" in str(e)
     else:
         raise AssertionError("overflow was not refused")
+
+
+def test_a_step_written_twice_leaves_the_cache_as_written_once():
+    """Slots store at the positions they are given (the parallel passes rewrite a step): no counter moves."""
+    once, twice = (StaticKV(2, 1, 8, 3, 3, dtype=torch.float32, device="cpu") for _ in range(2))
+    k, v = _tokens(0, 5)
+    once.update(k, v, 0)
+    twice.update(k * 7, v * 7, 0)  # a first pass, overwritten by the last
+    twice.update(k, v, 0)
+    assert torch.equal(once.view(5).k, twice.view(5).k) and once.nbytes(5) == twice.nbytes(5)

@@ -48,14 +48,17 @@ def test_cache_holds_only_the_latent_and_rope_key(q_lora_rank):
     x = torch.randn(2, 5, 64)
     with torch.no_grad():
         layer(x, cache=slot)
-    assert slot.nbytes() == 2 * 5 * (24 + 8) * 2
+    assert slot.nbytes(5) == 2 * 5 * (24 + 8) * 2
 
 
 def test_config_errors_name_the_field():
     with pytest.raises(ValueError, match="mixer.rope_head_dim=7 must be even"):
         ModelConfig(vocab_size=97, d_model=64, n_layers=2, mixer={"kind": "mla", "n_heads": 4, "rope_head_dim": 7})
     attention, mla = {"kind": "attention", "n_heads": 4}, {"kind": "mla", "n_heads": 4}
-    with pytest.raises(ValueError, match="layer 1 cannot read layer 0's K/V: source mixer kind 'attention' has no MLA"):
+    with pytest.raises(
+        ValueError,
+        match=r"kv_source\[1\]=0: layer 1 cannot read layer 0's K/V: source mixer kind 'attention' has no MLA",
+    ):
         ModelConfig(vocab_size=97, d_model=64, n_layers=2, pattern="AM", mixers={"A": attention, "M": mla},
                     kv_source=[0, 0])  # fmt: skip
     with pytest.raises(ValueError, match="kv_lora_rank=32 differs from the source's kv_lora_rank=64"):

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from kvlab.layers import MIXERS, mixer_config
+from kvlab.layers.base import StepState
 
 D_MODEL, T = 32, 19
 SPECS = {
@@ -37,5 +38,5 @@ def test_chunked_form_equals_the_recurrence(name, chunk_size):
     slot = layer.new_cache_slot(2, T, torch.float32, "cpu")
     with torch.no_grad():
         chunked = layer(x)
-        recurrent = torch.cat([layer(x[:, t : t + 1], cache=slot) for t in range(T)], dim=1)
+        recurrent = torch.cat([layer(x[:, t : t + 1], cache=slot, state=StepState(t)) for t in range(T)], dim=1)
     assert (chunked - recurrent).abs().max() <= 1e-4

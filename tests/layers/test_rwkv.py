@@ -5,7 +5,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kvlab.layers.kv_cache import KVView
+from kvlab.layers.base import StepState
 from kvlab.layers.mlp import RWKVChannelMix
 from kvlab.layers.rwkv import RWKV6, RWKV7, RWKV6Config, RWKV7Config
 
@@ -118,11 +118,10 @@ def test_rwkv7_matches_the_papers_recurrence():
     first, above = _rwkv7_layer(0), _rwkv7_layer(1)
     x = torch.randn(2, 10, 32, dtype=torch.float64)
     with torch.no_grad():
-        shared = {}
-        got_first = first(x, shared_kv=shared)
-        v_first = shared[0].v
-        got_above = above(x, shared_kv=shared)
+        state = StepState()
+        got_first = first(x, state=state)
+        v_first = state.published[("values", 0)]
+        got_above = above(x, state=state)
         for b in range(2):
             torch.testing.assert_close(got_first[b], textbook_rwkv7(first, x[b], None))
             torch.testing.assert_close(got_above[b], textbook_rwkv7(above, x[b], v_first[b]))
-    assert isinstance(shared[0], KVView)

@@ -1,0 +1,83 @@
+"""Decoding and training speed of this checkout against another checkout of kvlab (a baseline commit).
+
+    git worktree add /tmp/kvlab_base <commit>
+    python benchmarks/before_after.py /tmp/kvlab_base [--presets gqa,mla,cla,yoco_swa,lckv] [--rounds 3]
+
+Two versions of one package cannot share a process, so each measurement runs
+in a fresh subprocess per checkout, the two alternating round by round (so
+that a noisy moment hits both), and the best round of each is reported.
+Decoding: ``model.generate`` greedy, batch 1, 64-token prompt, 64 new
+tokens, best of 5; training: ``model(ids, labels=...)``, backward and an
+AdamW step on 4 x 256 tokens, best of 5 steps. Same seed, same weights in
+both checkouts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+MEASURE = r"""
+import json, sys, time, torch
+sys.path.insert(0, sys.argv[1])
+from kvlab import ModelConfig, build_model
+torch.manual_seed(0)
+cfg = ModelConfig.from_yaml(sys.argv[1] + "/configs/model/" + sys.argv[2] + ".yaml")
+model = build_model(cfg)
+ids = torch.randint(0, cfg.vocab_size, (1, 64))
+model.eval()
+model.generate(ids, max_new_tokens=8)
+best = float("inf")
+for _ in range(5):
+    t0 = time.perf_counter(); model.generate(ids, max_new_tokens=64); best = min(best, time.perf_counter() - t0)
+decode = 64 / best
+model.train()
+opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+batch = torch.randint(0, cfg.vocab_size, (4, 257))
+def step():
+    loss = model(batch[:, :-1], labels=batch[:, 1:]); loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+step()
+best = float("inf")
+for _ in range(5):
+    t0 = time.perf_counter(); step(); best = min(best, time.perf_counter() - t0)
+print(json.dumps({"decode": decode, "train": 4 * 256 / best}))
+"""
+
+
+def measure(checkout: str, preset: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", MEASURE, checkout, preset], capture_output=True, text=True,
+                         check=True)  # fmt: skip
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("baseline", help="a checkout of the commit to compare against")
+    p.add_argument("--presets", default="gqa,mla,cla,yoco_swa")
+    p.add_argument("--rounds", type=int, default=3)
+    args = p.parse_args()
+    checkouts = {"baseline": args.baseline, "this": str(REPO)}
+    print("| preset | baseline decode tok/s | this decode tok/s | ratio | baseline train tok/s | "
+          "this train tok/s | ratio |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for preset in args.presets.split(","):
+        best = {name: {"decode": 0.0, "train": 0.0} for name in checkouts}
+        for _ in range(args.rounds):
+            for name, checkout in checkouts.items():
+                for key, value in measure(checkout, preset).items():
+                    best[name][key] = max(best[name][key], value)
+        b, t = best["baseline"], best["this"]
+        print(
+            f"| {preset} | {b['decode']:,.0f} | {t['decode']:,.0f} | {t['decode'] / b['decode']:.2f} | "
+            f"{b['train']:,.0f} | {t['train']:,.0f} | {t['train'] / b['train']:.2f} |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()

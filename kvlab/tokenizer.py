@@ -1,0 +1,49 @@
+"""Tokenizer helpers that training and export share: kvlab's byte-level BPE, loading one, its end-of-text id.
+
+Below ``archs`` and ``recipes`` both (the export writes the tokenizer a run trained), so neither reaches
+into the other for them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+EOS = "<|endoftext|>"
+
+
+def train_tokenizer(texts, vocab_size: int):
+    """Byte-level BPE over ``texts`` with ``EOS`` as token 0."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    return tok
+
+
+def load_tokenizer(path: str):
+    """A ``tokenizers.Tokenizer`` from a tokenizer.json or a directory holding one."""
+    from tokenizers import Tokenizer
+
+    p = Path(os.path.expanduser(path))
+    if p.is_dir():
+        p = p / "tokenizer.json"
+    if not p.is_file():
+        raise FileNotFoundError(f"data.tokenizer: no tokenizer.json at {p}")
+    return Tokenizer.from_file(str(p))
+
+
+def eos_id(tokenizer) -> int:
+    for candidate in (EOS, "</s>", "<|end_of_text|>", "<eos>"):
+        idx = tokenizer.token_to_id(candidate)
+        if idx is not None:
+            return idx
+    raise ValueError(f"the tokenizer has no end-of-text token (looked for {EOS!r}, '</s>', '<eos>')")
