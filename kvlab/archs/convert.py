@@ -1,5 +1,9 @@
 """Conversions between architectures, for uptraining from existing checkpoints.
 
+These are the attention family's conversions: every one starts from
+attention layers (MHA/GQA/MQA, ``kvlab.layers.attention``) and refuses
+other mixers by their config type, never by probing attributes.
+
 ``convert_model(model, spec)`` takes the mapping a recipe gives under
 ``init.convert`` and returns a new model of the target architecture whose
 weights are derived from ``model``'s:

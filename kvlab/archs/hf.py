@@ -4,10 +4,12 @@
 (one file or shards with ``model.safetensors.index.json``) becomes a kvlab
 ``CausalLM``. ``save_hf``: a kvlab model becomes a directory that
 ``AutoModelForCausalLM.from_pretrained`` loads. Where `transformers` has a
-class for the architecture (attention-only Llama/Mistral/Qwen2 shapes) the
-export is native: the weight layout is the same as ours up to names (our
-attention keeps `transformers`' projection layout and RoPE convention), so
-one adapter, a renaming plus a config translation, serves both directions.
+class for the architecture the export is native: each mixer family with a
+native counterpart registers how it maps, both ways, in
+``kvlab.archs.hf_families`` (attention as Llama/Mistral/Qwen2, MLA as dense
+DeepSeek-V3), and this module asks that registry, knowing no family itself.
+The weight layout is ours up to names, so one adapter, a renaming plus a
+config translation, serves both directions.
 Every other architecture is exported as remote code: kvlab's own modules,
 flattened into the directory (``remote_code_files``), behind the
 ``model_type: kvlab`` classes of ``kvlab.archs.hf_modeling``.
@@ -30,22 +32,9 @@ import torch
 
 from kvlab._io import atomic_path, remove_orphans, temp_path
 from kvlab.archs.config import ModelConfig
+from kvlab.archs.hf_families import NATIVE_FAMILIES, Rope, family_of_model_type
 from kvlab.archs.model import CausalLM
 from kvlab.layers.attention import AttentionConfig
-
-# model_type -> what differs inside the Llama family
-FAMILIES: dict[str, dict[str, Any]] = {
-    "llama": {"qkv_bias": None, "o_bias": None, "window": False},  # None: from config.attention_bias
-    "mistral": {"qkv_bias": False, "o_bias": False, "window": True},
-    "qwen2": {"qkv_bias": True, "o_bias": False, "window": True},
-}
-
-ARCHITECTURES = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "deepseek_v3": "DeepseekV3ForCausalLM",
-}
 
 _RENAMES = [  # (transformers, kvlab) name fragments
     ("model.embed_tokens.", "embed_tokens."),
@@ -72,12 +61,14 @@ def kvlab_to_hf_name(name: str) -> str:
 
 
 def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
-    """Translate a Llama-family or dense DeepSeek-V3 ``config.json`` into a ModelConfig."""
+    """Translate the ``config.json`` of a native family (``kvlab.archs.hf_families``) into a ModelConfig."""
     model_type = hf.get("model_type")
-    if model_type not in FAMILIES and model_type != "deepseek_v3":
+    family = family_of_model_type(model_type) if isinstance(model_type, str) else None
+    if family is None:
+        types = [t for f in NATIVE_FAMILIES.values() for t in f.model_types]
         raise ValueError(
-            f"config.json: model_type={model_type!r} is not supported; supported: {', '.join(FAMILIES)}, "
-            "deepseek_v3 (dense MLP) and kvlab (our remote-code exports)"
+            f"config.json: model_type={model_type!r} is not supported; supported: {', '.join(types)} "
+            "and kvlab (our remote-code exports)"
         )
     # As transformers reads it: a legacy rope_scaling, when set, takes the place of rope_parameters.
     rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
@@ -97,30 +88,8 @@ def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
                        "original_max_position_embeddings", hf.get("max_position_embeddings", 2048))}  # fmt: skip
     if hf.get("hidden_act", "silu") != "silu":
         raise ValueError(f"config.json: hidden_act={hf['hidden_act']!r} is not supported (SwiGLU needs silu)")
-    rope_theta = float(rope.get("rope_theta") or hf.get("rope_theta") or 10000.0)
-    n_heads = hf["num_attention_heads"]
-    if model_type == "deepseek_v3":
-        if scaling is not None:
-            raise ValueError(f"config.json: {field}.rope_type={rope_type!r}: RoPE scaling is not supported for MLA")
-        mixer = _mla_from_deepseek_v3(hf, rope_theta)
-    else:
-        family = FAMILIES[model_type]
-        window = None
-        if family["window"] and (model_type == "mistral" or hf.get("use_sliding_window")):
-            window = hf.get("sliding_window")
-            if model_type == "qwen2" and hf.get("max_window_layers", 0) < hf["num_hidden_layers"]:
-                raise ValueError("config.json: Qwen2 with sliding windows on only some layers is not supported yet")
-        bias = {k: bool(hf.get("attention_bias")) if family[k] is None else family[k] for k in ("qkv_bias", "o_bias")}
-        mixer = {
-            "kind": "attention",
-            "n_heads": n_heads,
-            "n_kv_heads": hf.get("num_key_value_heads") or n_heads,
-            "head_dim": hf.get("head_dim") or hf["hidden_size"] // n_heads,
-            "rope_theta": rope_theta,
-            "rope_scaling": scaling,
-            "window": window,
-            **bias,
-        }
+    theta = float(rope.get("rope_theta") or hf.get("rope_theta") or 10000.0)
+    mixer = family.from_hf(hf, Rope(theta, scaling, f"{field}.rope_type={rope_type!r}"))
     return ModelConfig(
         vocab_size=hf["vocab_size"],
         d_model=hf["hidden_size"],
@@ -133,42 +102,6 @@ def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     )
 
 
-def _mla_from_deepseek_v3(hf: dict[str, Any], rope_theta: float) -> dict[str, Any]:
-    if hf.get("first_k_dense_replace", 0) < hf["num_hidden_layers"]:
-        raise ValueError(
-            f"config.json: DeepSeek-V3 with mixture-of-experts layers (first_k_dense_replace="
-            f"{hf.get('first_k_dense_replace')} < num_hidden_layers={hf['num_hidden_layers']}) is not supported; "
-            "only dense-MLP models are"
-        )
-    if hf.get("attention_bias"):
-        raise ValueError("config.json: attention_bias=true is not supported for MLA")
-    return {
-        "kind": "mla",
-        "n_heads": hf["num_attention_heads"],
-        "head_dim": hf["qk_nope_head_dim"],
-        "v_head_dim": hf["v_head_dim"],
-        "rope_head_dim": hf["qk_rope_head_dim"],
-        "kv_lora_rank": hf["kv_lora_rank"],
-        "q_lora_rank": hf.get("q_lora_rank"),
-        "rope_theta": rope_theta,
-        "norm_eps": hf.get("rms_norm_eps", 1e-6),
-    }
-
-
-def _deinterleave_rope(state: dict[str, torch.Tensor], cfg: ModelConfig) -> None:
-    """DeepSeek checkpoints rotate neighbouring channel pairs (``rope_interleave``); we rotate
-    (i, i + d/2) pairs. Reordering the RoPE output rows of the query and key projections to
-    [even channels, odd channels] turns one into the other exactly (q.k is unchanged)."""
-    for i, m in enumerate(cfg.layer_mixers):
-        D, R, r = m.head_dim, m.rope_head_dim, m.kv_lora_rank
-        perm = torch.cat([torch.arange(0, R, 2), torch.arange(1, R, 2)])
-        q_name = f"layers.{i}.mixer.{'q_proj' if m.q_lora_rank is None else 'q_b_proj'}.weight"
-        q = state[q_name].view(m.n_heads, D + R, -1)
-        state[q_name] = torch.cat([q[:, :D], q[:, D:][:, perm]], dim=1).reshape(m.n_heads * (D + R), -1)
-        kv_name = f"layers.{i}.mixer.kv_a_proj_with_mqa.weight"
-        state[kv_name] = torch.cat([state[kv_name][:r], state[kv_name][r:][perm]])
-
-
 def hf_config_from_model(cfg: ModelConfig) -> dict[str, Any]:
     """The ``config.json`` fields of a kvlab model with a native `transformers` class.
 
@@ -179,46 +112,26 @@ def hf_config_from_model(cfg: ModelConfig) -> dict[str, Any]:
     problems = []
     if any(x != m for x in mixers[1:]):
         problems.append("layers with different mixers")
-    if m.kind not in ("attention", "mla"):
+    family = NATIVE_FAMILIES.get(m.kind)
+    if family is None:
         problems.append(f"mixer kind {m.kind!r}")
-    elif m.kind == "attention" and m.rope_dims != m.head_dim:
-        problems.append(f"partial RoPE (rope_dims={m.rope_dims} of head_dim={m.head_dim})")
-    elif m.kind == "attention" and m.kv_groups is not None:
-        problems.append("uneven K/V groups (kv_groups)")
-    elif m.kind == "attention" and m.n_q_heads is not None:
-        problems.append(f"GQKVA query heads (n_q_heads={m.n_q_heads})")
-    elif m.kind == "attention" and m.value_residual is not None:
-        problems.append(f"value residual ({m.value_residual})")
-    elif m.kind == "mla":
-        if m.norm_eps != cfg.norm.eps:
-            problems.append(f"MLA norm_eps={m.norm_eps} differs from norm.eps={cfg.norm.eps} (DeepSeek-V3 has one eps)")
-        if m.rope_kv_heads != 1 or m.rope_spectrum is not None or not m.latent_norm:
-            problems.append("MLA with per-head RoPE keys, picked RoPE frequencies or no latent norm (MHA2MLA's form)")
+    else:
+        problems += family.problems(cfg, m)
     if any(src != i for i, src in enumerate(cfg.layer_kv_source)):
         problems.append("cross-layer K/V sharing")
     if cfg.norm.kind != "rmsnorm" or cfg.mlp.kind != "swiglu":
         problems.append(f"norm {cfg.norm.kind!r} / mlp {cfg.mlp.kind!r} (Llama and DeepSeek-V3 need rmsnorm / swiglu)")
-    if not problems:
-        if m.kind == "mla":
-            model_type = "deepseek_v3"
-        elif m.window is not None and m.qkv_bias and not m.o_bias:
-            model_type = "qwen2"
-        elif m.window is not None and not m.qkv_bias and not m.o_bias:
-            model_type = "mistral"
-        elif m.window is None and m.qkv_bias == m.o_bias:
-            model_type = "llama"
-        elif m.window is None and m.qkv_bias and not m.o_bias:
-            model_type = "qwen2"
-        else:
-            problems.append(f"qkv_bias={m.qkv_bias}, o_bias={m.o_bias}, window={m.window}")
+    fields = family.to_hf(cfg, m) if not problems else None
+    if isinstance(fields, str):
+        problems.append(fields)
     if problems:
+        native = "; ".join(f"{f.kind} as {'/'.join(f.model_types)}" for f in NATIVE_FAMILIES.values())
         raise ValueError(
             "save_hf: no native transformers class for this model (" + "; ".join(problems) + "); "
-            "native export covers attention-only Llama/Mistral/Qwen2 shapes and MLA as dense DeepSeek-V3"
+            f"native export covers every layer the same mixer without cross-layer sharing: {native}"
         )
     hf: dict[str, Any] = {
-        "model_type": model_type,
-        "architectures": [ARCHITECTURES[model_type]],
+        "architectures": [family.model_types[fields["model_type"]]],
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.d_model,
         "intermediate_size": cfg.mlp.hidden,
@@ -230,26 +143,7 @@ def hf_config_from_model(cfg: ModelConfig) -> dict[str, Any]:
         "hidden_act": "silu",
         "tie_word_embeddings": cfg.tie_embeddings,
     }
-    if model_type == "deepseek_v3":  # every layer dense (no experts), RoPE pairs as ours
-        hf.update(num_key_value_heads=m.n_heads, first_k_dense_replace=cfg.n_layers, q_lora_rank=m.q_lora_rank,
-                  kv_lora_rank=m.kv_lora_rank, qk_nope_head_dim=m.head_dim, qk_rope_head_dim=m.rope_head_dim,
-                  v_head_dim=m.v_head_dim, rope_interleave=False, attention_bias=False)  # fmt: skip
-        return hf
-    hf.update(num_key_value_heads=m.n_kv_heads, head_dim=m.head_dim)
-    if m.rope_scaling is not None:  # transformers' names for the same settings
-        s = m.rope_scaling
-        hf["rope_parameters"] = {"rope_type": s["kind"], "rope_theta": m.rope_theta, "factor": s["factor"]}
-        if s["kind"] == "llama3":
-            hf["rope_parameters"].update(low_freq_factor=s["low_freq_factor"], high_freq_factor=s["high_freq_factor"],
-                                         original_max_position_embeddings=s["original_max_seq_len"])  # fmt: skip
-    if model_type == "llama":
-        hf["attention_bias"] = m.qkv_bias
-    elif model_type == "mistral":
-        hf["sliding_window"] = m.window
-    else:
-        hf.update(use_sliding_window=m.window is not None, sliding_window=m.window,
-                  max_window_layers=cfg.n_layers)  # fmt: skip
-    return hf
+    return hf | fields
 
 
 def save_hf(
@@ -560,8 +454,9 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32) -> CausalLM:
                 f"{config_file}: {name} has shape {list(state[name].shape)} in the weights, but config.json "
                 f"makes it {list(shape)}; check {_fields_shaping(name)}"
             )
-    if hf.get("model_type") == "deepseek_v3" and hf.get("rope_interleave", True):
-        _deinterleave_rope(state, cfg)
+    family = family_of_model_type(hf["model_type"])
+    if family is not None and family.fix_weights is not None:
+        family.fix_weights(hf, state, cfg)
     model.load_state_dict(state, strict=False)
     return model.to(dtype)
 

@@ -197,7 +197,7 @@ class CausalLM(nn.Module):
         n = 1 if cache is not None and T == 1 else passes.total  # a decoded token's readers see only the past
         grad = torch.is_grad_enabled()
         # The first pass sees, of the later layers, what the cache holds before this step (nothing without one).
-        held = {("kv", j): cache.slots[j].view(state.start) for j in self._later_sources} if cache else {}
+        held = {("kv", j): cache.slots[j].view(state.start) for j in self._later_sources} if cache is not None else {}
         state.earlier_pass = {key: (view if view.end > 0 else None) for key, view in held.items()}
         for p in range(n):
             with torch.set_grad_enabled(grad and p >= n - passes.grad):

@@ -70,6 +70,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's {datamodule.vocab_size} tokens"
         )
     _claim_run_dir(run_dir, ckpt_path)
+    log.info("model plan (layer: mixer <- what it reads of other layers):\n%s", model_cfg.describe_plan())
     module = LMModule(
         model=model_cfg.to_dict(),
         optim=OmegaConf.to_container(cfg.optim),

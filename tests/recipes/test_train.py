@@ -169,8 +169,23 @@ def test_multirun_sweeps_presets(tmp_path, data_cache):
     assert per_token == [6 * 2 * h * 32 * 2 for h in (8, 2, 1)] + [6 * (128 + 16) * 2]  # MLA: latent + RoPE key
 
 
-def test_recurrent_and_hybrid_presets_learn(tmp_path, data_cache):
-    names = ["retnet", "mamba2", "rwkv6", "rwkv7", "gau", "jamba", "samba", "hymba", "goldfinch", "yoco_gret"]
+LEARNING_PRESETS = ["retnet", "mamba2", "rwkv6", "rwkv7", "gau", "jamba", "samba", "hymba", "goldfinch", "yoco_gret"]
+
+
+@pytest.mark.parametrize(
+    "names",
+    [
+        # one of each family by default: retention, the delta rule, a Mamba-2 hybrid, parallel heads
+        ["retnet", "rwkv7", "jamba", "hymba"],
+        pytest.param(
+            [n for n in LEARNING_PRESETS if n not in ("retnet", "rwkv7", "jamba", "hymba")],
+            marks=pytest.mark.slow,
+            id="the-rest",
+        ),  # fmt: skip
+    ],
+    ids=["one-per-family", "the-rest"],
+)
+def test_recurrent_and_hybrid_presets_learn(tmp_path, data_cache, names):
     train(tmp_path, data_cache, "-m", f"model={','.join(names)}", "trainer.max_steps=12", "model.vocab_size=512",
           "optim.warmup_steps=2", "trainer.limit_val_batches=2", tiny_model=False)  # fmt: skip
     (sweep,) = run_dirs(tmp_path, "train")
