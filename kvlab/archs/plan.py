@@ -26,7 +26,6 @@ from kvlab.layers import MixerConfig, MLPConfig, NormConfig
 from kvlab.layers.base import READ_KINDS, READ_NAMES
 
 PREFILLS = ("parallel", "sequential")
-STATEFUL_MLPS = ("rwkv_channel_mix",)  # MLPs that keep a state in the cache (the previous token)
 
 
 @dataclass(frozen=True)
@@ -126,8 +125,8 @@ def check_plan(plan: tuple[LayerPlan, ...], max_seq_len: int) -> None:
     low, high = span
     for p in plan[low : high + 1]:
         owns = p.kv_source == p.index
-        if (owns and not p.mixer.cache_rewritable()) or p.mlp.kind in STATEFUL_MLPS:
-            what = f"mlp {p.mlp.kind}" if p.mlp.kind in STATEFUL_MLPS else f"mixer {p.mixer.kind}"
+        if (owns and not p.mixer.cache_rewritable()) or p.mlp.stateful:
+            what = f"mlp {p.mlp.kind}" if p.mlp.stateful else f"mixer {p.mixer.kind}"
             raise PlanError(
                 f"layer {p.index} ({what}) lies in the cycle of layers {low}..{high} (layer {low} reads a later "
                 f"layer), which parallel passes rerun; its cache state cannot be computed twice: move it outside "

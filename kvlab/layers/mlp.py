@@ -38,6 +38,11 @@ class MLPConfig:
             width = {"swiglu": 8 * d_model // 3, "gelu": 4 * d_model, "rwkv_channel_mix": 7 * d_model // 2}[self.kind]
             self.hidden = -(-width // 64) * 64
 
+    @property
+    def stateful(self) -> bool:
+        """Whether this MLP keeps a state in the cache (RWKV's channel mix: the previous token)."""
+        return self.kind != "none" and MLP_CLASSES[self.kind].stateful
+
 
 class SwiGLU(nn.Module):
     """down(silu(gate(x)) * up(x)); names match `transformers` Llama."""
@@ -105,5 +110,7 @@ def build_mlp(cfg: MLPConfig, d_model: int) -> nn.Module | None:
     """The block's MLP, or None for ``kind: none``."""
     if cfg.kind == "none":
         return None
-    cls = {"swiglu": SwiGLU, "gelu": GeluMLP, "rwkv_channel_mix": RWKVChannelMix}[cfg.kind]
-    return cls(d_model, cfg.hidden)
+    return MLP_CLASSES[cfg.kind](d_model, cfg.hidden)
+
+
+MLP_CLASSES = {"swiglu": SwiGLU, "gelu": GeluMLP, "rwkv_channel_mix": RWKVChannelMix}

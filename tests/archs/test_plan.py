@@ -162,6 +162,10 @@ BAD_PLANS = {
         ),  # fmt: skip
         r"layer 2 \(mixer retention\) lies in the cycle of layers 1..3 .* cannot be computed twice",
     ),
+    "stateful MLP inside a cycle": (
+        tiny(mlp={"kind": "rwkv_channel_mix", "hidden": 96}, kv_source=[1, 1, 3, 3]),
+        r"layer 0 \(mlp rwkv_channel_mix\) lies in the cycle of layers 0..3",
+    ),
     "window reading a later layer": (
         tiny(
             mixer=None,
