@@ -200,9 +200,10 @@ class CausalLM(nn.Module):
         held = {("kv", j): cache.slots[j].view(state.start) for j in self._later_sources} if cache is not None else {}
         state.earlier_pass = {key: (view if view.end > 0 else None) for key, view in held.items()}
         for p in range(n):
+            if p > 0:  # what the pass before published
+                state.earlier_pass = {("kv", j): state.published[("kv", j)] for j in self._later_sources}
             with torch.set_grad_enabled(grad and p >= n - passes.grad):
                 y = self._layers(x, state, cache, start, stop)
-            state.earlier_pass = {("kv", j): state.published[("kv", j)] for j in self._later_sources}
         return y
 
     # -- cache and footprint --------------------------------------------------

@@ -83,7 +83,8 @@ class InfiniState:
         self.norm = torch.zeros(batch_size, n_kv_heads, head_dim, dtype=dtype, device=device)
         # keys (before RoPE) and values of the current segment
         self.k = torch.zeros(batch_size, n_kv_heads, segment_len, head_dim, dtype=dtype, device=device)
-        self.v = torch.zeros_like(self.k)  # the current segment's first (position % segment_len) hold its tokens
+        # the current segment's tokens sit in its first position % segment_len places (the step's start says)
+        self.v = torch.zeros_like(self.k)
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.memory, self.norm, self.k, self.v]
