@@ -1,25 +1,40 @@
-"""Greedy decoding speed: kvlab vs `transformers` Llama at the same weights, one process.
+"""Greedy decoding speed: kvlab (compiled and eager) vs `transformers` Llama, one process.
 
-    python benchmarks/decode.py [--batch 1] [--prompt 64] [--new 128] [--preset gqa]
+    python benchmarks/decode.py [--presets gqa,mla,cla,yoco_swa,mamba2] [--batches 1,8]
+                                [--prompt 128] [--new 128] [--repeats 3]
 
-Both models hold identical weights (the preset's Llama-compatible shapes),
-generate the same greedy tokens (checked), and are timed over the same
-number of repeats after a warm-up. Prints a markdown row per model.
+The peer is `transformers`' LlamaForCausalLM at the presets' common shapes,
+holding the gqa preset's weights (so its tokens must equal kvlab gqa's,
+checked), generating with its default dynamic cache (eager) and with its
+static cache under ``torch.compile`` (``cache_implementation="static"``,
+compiled on CPU too). kvlab generates through ``model.generate`` with the
+compiled decode step (first call: the compilation, reported apart) and
+eagerly (``compile=False``). Each is timed as the best of ``repeats``
+calls after a warm-up, the runners interleaved so drift hits all alike.
+
+``floor`` is the time to read every weight matrix once per token (one
+``F.linear`` per matrix at the batch's rows, cold in cache): at batch 1 in
+fp32 decoding is bound by memory bandwidth, and no implementation of these
+shapes can beat it; the ratio ``transformers / floor`` is the most any can
+gain over the peer.
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 import transformers
 from common import timed  # benchmarks/common.py, beside this script
 
 from kvlab import ModelConfig, build_model
+from kvlab.archs.decode import decode_step_for
 from kvlab.archs.hf import kvlab_to_hf_name
 
-REPO = Path(__file__).resolve().parents[1]
+PRESETS = Path(__file__).resolve().parents[1] / "configs" / "model"
 
 
 def llama_twin(model) -> transformers.LlamaForCausalLM:
@@ -43,36 +58,98 @@ def llama_twin(model) -> transformers.LlamaForCausalLM:
     return hf.eval()
 
 
+def hf_runner(hf, ids, new: int, compiled: bool):
+    kwargs = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+    if compiled:
+        compile_config = transformers.CompileConfig(fullgraph=True)
+        compile_config._compile_all_devices = True  # transformers compiles only on accelerators unless told
+        kwargs.update(cache_implementation="static", compile_config=compile_config)
+
+    def run():
+        with torch.inference_mode():
+            return hf.generate(ids, **kwargs)
+
+    return run
+
+
+def weight_floor(model, batch: int, repeats: int) -> float:
+    """Seconds to multiply ``batch`` rows by every Linear weight once (the LM head included), each weight
+    read once per pass: a decode step's weight traffic, which batch-1 decoding cannot go below."""
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    xs = {w.shape[1]: torch.randn(batch, w.shape[1]) for w in weights}
+
+    def one_pass():
+        with torch.inference_mode():
+            for w in weights:
+                F.linear(xs[w.shape[1]], w)
+
+    return timed(one_pass, repeats)
+
+
+def best_interleaved(runners: dict, repeats: int) -> dict[str, float]:
+    best = dict.fromkeys(runners, float("inf"))
+    for _ in range(repeats):
+        for name, run in runners.items():
+            t0 = time.perf_counter()
+            run()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return best
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--preset", default="gqa")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--prompt", type=int, default=64)
+    p.add_argument("--presets", default="gqa,mla,cla,yoco_swa,mamba2")
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--new", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
-    torch.manual_seed(0)
-    ours = build_model(ModelConfig.from_yaml(REPO / "configs" / "model" / f"{args.preset}.yaml")).eval()
-    hf = llama_twin(ours)
-    ids = torch.randint(0, ours.config.vocab_size, (args.batch, args.prompt))
-    a = ours.generate(ids, max_new_tokens=args.new)
-    with torch.inference_mode():
-        b = hf.generate(ids, max_new_tokens=args.new, do_sample=False, min_new_tokens=args.new, pad_token_id=0)
-    same = torch.equal(a, b)
-
-    def run_hf():
-        with torch.inference_mode():
-            hf.generate(ids, max_new_tokens=args.new, do_sample=False, min_new_tokens=args.new, pad_token_id=0)
-
-    t_ours = timed(lambda: ours.generate(ids, max_new_tokens=args.new), args.repeats)
-    t_hf = timed(run_hf, args.repeats)
-    tokens = args.batch * args.new
-    print(f"preset={args.preset} batch={args.batch} prompt={args.prompt} new={args.new} "
-          f"threads={torch.get_num_threads()} same_tokens={same}")  # fmt: skip
-    print("| model | s | new tokens/s |")
-    print("| --- | --- | --- |")
-    print(f"| kvlab | {t_ours:.3f} | {tokens / t_ours:,.0f} |")
-    print(f"| transformers {transformers.__version__} LlamaForCausalLM | {t_hf:.3f} | {tokens / t_hf:,.0f} |")
+    presets = args.presets.split(",")
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}, "
+          f"prompt {args.prompt}, new {args.new}, best of {args.repeats}, fp32")  # fmt: skip
+    print()
+    print(
+        "| preset | batch | kvlab compiled tok/s | kvlab eager tok/s | HF eager tok/s | HF static+compile tok/s "
+        "| compiled / HF eager | compiled / HF compiled | floor tok/s | compile s (kvlab, HF) | same tokens |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for batch in (int(b) for b in args.batches.split(",")):
+        torch.manual_seed(0)
+        gqa = build_model(ModelConfig.from_yaml(PRESETS / "gqa.yaml")).eval()
+        hf = llama_twin(gqa)
+        ids = torch.randint(0, gqa.config.vocab_size, (batch, args.prompt))
+        hf_eager, hf_compiled = hf_runner(hf, ids, args.new, False), hf_runner(hf, ids, args.new, True)
+        reference = hf_eager()
+        t0 = time.perf_counter()
+        hf_compiled()
+        hf_compile_s = time.perf_counter() - t0
+        floor = weight_floor(gqa, batch, args.repeats)
+        for preset in presets:
+            torch.manual_seed(0)
+            model = gqa if preset == "gqa" else build_model(ModelConfig.from_yaml(PRESETS / f"{preset}.yaml")).eval()
+            t0 = time.perf_counter()
+            compiled_out = model.generate(ids, args.new, compile=True)
+            compile_s = time.perf_counter() - t0
+            step = decode_step_for(model, True)
+            eager_out = model.generate(ids, args.new, compile=False)
+            same = torch.equal(compiled_out, eager_out)
+            if preset == "gqa":
+                same = same and torch.equal(compiled_out, reference)
+            best = best_interleaved(
+                {
+                    "compiled": lambda m=model, ids=ids: m.generate(ids, args.new, compile=True),
+                    "eager": lambda m=model, ids=ids: m.generate(ids, args.new, compile=False),
+                    "hf": hf_eager,
+                    "hf_compiled": hf_compiled,
+                },
+                args.repeats,
+            )
+            rate = {k: batch * args.new / v for k, v in best.items()}
+            note = "" if step.compiled else f" (fell back: {step.fallback_reason})"
+            print(f"| {preset} | {batch} | {rate['compiled']:,.0f}{note} | {rate['eager']:,.0f} | {rate['hf']:,.0f} "
+                  f"| {rate['hf_compiled']:,.0f} | x{rate['compiled'] / rate['hf']:.2f} "
+                  f"| x{rate['compiled'] / rate['hf_compiled']:.2f} | {batch / floor:,.0f} "
+                  f"| {compile_s:.0f}, {hf_compile_s:.0f} | {same} |", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

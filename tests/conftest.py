@@ -10,6 +10,10 @@ if not torch.cuda.is_available():
     # Triton kernels run on CPU only through the interpreter, which must be on before they are defined.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# generate() compiles its decode step by default, seconds per model and shape; the suite decodes eagerly
+# except where a test asks for compilation (tests/archs/test_compiled_decode.py).
+os.environ.setdefault("KVLAB_COMPILE", "0")
+
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = sorted(p.stem for p in (REPO / "configs" / "model").glob("*.yaml"))
 

@@ -13,8 +13,11 @@ from __future__ import annotations
 
 
 class Cache:
-    def __init__(self, slots: list, batch_size: int, max_len: int, mlp_slots: list | None = None, config=None):
+    def __init__(
+        self, slots: list, batch_size: int, max_len: int, mlp_slots: list | None = None, config=None, dtype=None
+    ):
         self.config = config  # the ModelConfig of the model that made it: no other model may use it
+        self.dtype = dtype  # of the states it holds
         self.slots = slots
         self.mlp_slots = [None] * len(slots) if mlp_slots is None else mlp_slots
         self.batch_size = batch_size

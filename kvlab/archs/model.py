@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from kvlab._config import check_float, check_int
 from kvlab.archs.cache import Cache
 from kvlab.archs.config import ModelConfig
+from kvlab.archs.decode import cache_length, compiled_block, decode_step_for
 from kvlab.archs.footprint import Footprint, FootprintRow
 from kvlab.archs.plan import PassesConfig, cycle_span
 from kvlab.kernels.attention import positions_in_documents
@@ -74,6 +75,10 @@ class CausalLM(nn.Module):
         self._later_sources = sorted({r.layer for p in config.plan for r in p.reads if r.layer > p.index})
         # Recompute each block in the backward pass instead of keeping its activations.
         self.activation_checkpointing = False
+        # A torch.compile backend ("inductor") for each block of a training forward (grad on, no cache); None:
+        # eager. Per block, so compilation does not grow with depth beyond one trace per block (Inductor's
+        # kernels, equal for equal blocks, are compiled once); inference and validation stay eager.
+        self.compile_blocks: str | None = None
         if not self.embed_tokens.weight.is_meta:
             self.init_weights()
 
@@ -153,6 +158,23 @@ class CausalLM(nn.Module):
             out = torch.cat(steps, dim=1)
             return out[:, -1:] if last_only else out
         state = StepState(cache.seen if cache is not None else 0, positions, doc_ids)
+        out = self._run(input_ids, state, cache, last_only, head)
+        if cache is not None:
+            cache.seen += T
+        return out
+
+    def decode_step(self, token: torch.Tensor, cache: Cache, start: torch.Tensor) -> torch.Tensor:
+        """Logits [B, vocab] of one token per sequence [B, 1] at position ``start``, a 0-d integer tensor.
+
+        The static-shape step that ``generate`` compiles (``kvlab.archs.decode``): every slot is read whole
+        and masked, nothing depends on the position's value, so one graph serves every step. It neither
+        checks its arguments nor advances ``cache.seen``: its caller does both, outside the graph.
+        """
+        return self._run(token, StepState(start), cache, last_only=False, head=True)[:, -1]
+
+    def _run(self, input_ids, state: StepState, cache, last_only: bool, head: bool) -> torch.Tensor:
+        T = input_ids.shape[1]
+        passes = self.config.layer_passes
         x = self.embed_tokens(input_ids)
         top = 0
         if self._cycle is not None:
@@ -170,8 +192,6 @@ class CausalLM(nn.Module):
             x = x[:, -1:]
         if stateless_from < len(self.layers):
             x = self._layers(x, state.tail(T), cache, stateless_from, len(self.layers))
-        if cache is not None:
-            cache.seen += T
         return self._output(x, head)
 
     def _output(self, x: torch.Tensor, head: bool) -> torch.Tensor:
@@ -183,8 +203,9 @@ class CausalLM(nn.Module):
         span runs once per pass from the same input, each pass reading what the later layers published in
         the pass before (with a cache: what they hold, rewritten by each pass); one pass when decoding."""
         if passes is None:
+            compiled = self.compile_blocks is not None and cache is None and self.training and torch.is_grad_enabled()
             for i in range(start, stop):
-                layer = self.layers[i]
+                layer = compiled_block(self.layers[i], self.compile_blocks) if compiled else self.layers[i]
                 slot, mlp_slot = (cache.slots[i], cache.mlp_slots[i]) if cache is not None else (None, None)
                 if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                     # Non-reentrant: the forward graph is recorded as usual (K/V published to
@@ -196,9 +217,10 @@ class CausalLM(nn.Module):
         T = x.shape[1]
         n = 1 if cache is not None and T == 1 else passes.total  # a decoded token's readers see only the past
         grad = torch.is_grad_enabled()
-        # The first pass sees, of the later layers, what the cache holds before this step (nothing without one).
+        # The first pass sees, of the later layers, what the cache holds before this step (nothing without one;
+        # an empty view before the first token).
         held = {("kv", j): cache.slots[j].view(state.start) for j in self._later_sources} if cache is not None else {}
-        state.earlier_pass = {key: (view if view.end > 0 else None) for key, view in held.items()}
+        state.earlier_pass = held
         for p in range(n):
             if p > 0:  # what the pass before published
                 state.earlier_pass = {("kv", j): state.published[("kv", j)] for j in self._later_sources}
@@ -230,7 +252,7 @@ class CausalLM(nn.Module):
         mlp_slots = [
             layer.mlp.new_cache_slot(batch_size, dtype, device) if layer.mlp_stateful else None for layer in self.layers
         ]
-        return Cache(slots, batch_size, max_len, mlp_slots, config=self.config)
+        return Cache(slots, batch_size, max_len, mlp_slots, config=self.config, dtype=dtype)
 
     def kv_footprint(self, dtype: torch.dtype = torch.bfloat16) -> Footprint:
         rows = []
@@ -267,6 +289,7 @@ class CausalLM(nn.Module):
             bad = low if low < 0 else high
             raise ValueError(f"{name}: token id {bad} is outside the vocabulary (0..{self.config.vocab_size - 1})")
 
+    @torch.no_grad()
     def generate(
         self,
         input_ids: torch.Tensor,
@@ -275,11 +298,16 @@ class CausalLM(nn.Module):
         top_k: int | None = None,
         eos_token_id: int | None = None,
         generator: torch.Generator | None = None,
+        compile: bool | None = None,
     ) -> torch.Tensor:
         """The prompt followed by up to ``max_new_tokens`` new tokens, [B, T + new].
 
         ``temperature=0`` is greedy. Sequences that emit ``eos_token_id`` are
-        padded with it until every sequence has; then generation stops.
+        padded with it until every sequence has; then generation stops. The
+        prompt is prefilled eagerly; each new token goes through the decode
+        step, compiled unless ``compile=False`` (None: ``KVLAB_COMPILE``, default
+        on; see ``kvlab.archs.decode``): the first generation of a batch size
+        and length bucket pays the compilation.
         """
         check_int(max_new_tokens, "max_new_tokens", minimum=0)
         check_float(temperature, "temperature")
@@ -299,7 +327,9 @@ class CausalLM(nn.Module):
             )
         if max_new_tokens == 0:
             return input_ids
-        cache = self.new_cache(B, T + max_new_tokens)
+        decode = decode_step_for(self, compile)
+        needed = T + max_new_tokens
+        cache = self.new_cache(B, cache_length(needed, self.config.max_seq_len) if decode.compiled else needed)
         logits = self(input_ids, cache=cache, last_only=True)[:, -1]
         out = [input_ids]
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
@@ -311,7 +341,7 @@ class CausalLM(nn.Module):
             out.append(token[:, None])
             if step == max_new_tokens - 1 or (eos_token_id is not None and bool(done.all())):
                 break
-            logits = self(token[:, None], cache=cache)[:, -1]
+            logits = decode(token[:, None], cache)
         return torch.cat(out, dim=1)
 
 

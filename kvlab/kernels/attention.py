@@ -54,10 +54,39 @@ def attention(
     doc_ids: torch.Tensor | None = None,
     scale: float | None = None,
 ) -> torch.Tensor:
+    B, H, T, D = q.shape
+    S, Hkv = k.shape[2], k.shape[1]
+    if causal and window is not None and doc_ids is None and mask is None and T == S and T > 2 * window:
+        return _windowed_blocks(q, k, v, window, scale)
+    if q.shape[-1] != v.shape[-1] and T > 1:
+        # SDPA's memory-efficient kernels want one head size: pad the values (zeros add nothing), else the math
+        # path would hold every [T, S] score (MLA's prefill: 20 GB at 16K tokens).
+        padded = F.pad(v, (0, q.shape[-1] - v.shape[-1])) if q.shape[-1] > v.shape[-1] else None
+        if padded is not None:
+            out = attention(q, k, padded, mask=mask, causal=causal, window=window, doc_ids=doc_ids, scale=scale)
+            return out[..., : v.shape[-1]]
     mask, is_causal = _structured_mask(q, mask, causal, window, doc_ids)
+    if T == 1 and Hkv < H and not is_causal and (mask is None or mask.dim() < 3 or mask.shape[-3] == 1):
+        # One query per head (decoding): each K/V head's query heads become its queries, so SDPA reads each K/V
+        # head once rather than once per query head (x2 to x3 faster at long contexts on CPU).
+        grouped = F.scaled_dot_product_attention(q.reshape(B, Hkv, H // Hkv, D), k, v, attn_mask=mask, scale=scale)
+        return grouped.reshape(B, H, 1, v.shape[-1])
     return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=k.shape[1] != q.shape[1]
+        q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=Hkv != H
     )
+
+
+def _windowed_blocks(q, k, v, window: int, scale):
+    """Causal sliding-window attention (T == S) block by block: each block of ``window`` queries against the
+    keys from ``window - 1`` before it, so memory and time grow with T * window, not T^2 (a long prefill)."""
+    T = q.shape[2]
+    out = []
+    for s in range(0, T, window):
+        e = min(s + window, T)
+        lo = max(0, s - window + 1)
+        mask = position_mask(torch.arange(s, e, device=q.device), torch.arange(lo, e, device=q.device), window)
+        out.append(attention(q[:, :, s:e], k[:, :, lo:e], v[:, :, lo:e], mask=mask, scale=scale))
+    return torch.cat(out, dim=2)
 
 
 def attention_reference(

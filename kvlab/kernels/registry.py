@@ -20,6 +20,10 @@ The mode says which backend to use:
   its reason are logged once.
 - Per op: ``"triton,attention=reference"`` (a default, then op=backend).
 
+Under ``torch.compile`` (the compiled decode step, compiled training) every
+op is traced as its ``torch`` backend whatever the mode: Inductor generates
+its own fused kernels from it.
+
 The mode comes from the ``KVLAB_KERNELS`` environment variable if set, else
 from the model config's ``kernels`` (``CausalLM`` enters ``use_kernels`` in
 forward and generation), else ``auto``. The backend chosen for each op and
@@ -236,4 +240,9 @@ def _log_once(op, mode, name, wanted, reasons, refused) -> None:
 
 
 def dispatch(op: str, *args, **kwargs):
+    if torch.compiler.is_compiling():
+        # Inside torch.compile the op is traced as its torch backend (reference where it has none): Inductor
+        # fuses plain PyTorch into its own kernels, and the mode's context variable cannot be traced.
+        backends = _REGISTRY[op]
+        return (backends.get("torch") or backends["reference"]).function()(*args, **kwargs)
     return choose(op, args, kwargs).function()(*args, **kwargs)

@@ -288,7 +288,7 @@ class Attention(nn.Module):
                 return attention(q, k, v, scale=self.scale)
             if T == S:
                 return attention(q, k, v, causal=True, window=window, scale=self.scale)
-        q_pos = torch.arange(start, start + T, device=q.device)
+        q_pos = start + torch.arange(T, device=q.device)  # start may be a tensor (the compiled decode step)
         k_pos = view.k_pos if view.k_pos is not None else torch.arange(view.end - S, view.end, device=q.device)
         return attention(q, k, v, mask=position_mask(q_pos, k_pos, window), scale=self.scale)
 
@@ -299,7 +299,7 @@ class Attention(nn.Module):
             return q.new_zeros(B, H, T, self.head_dim)
         S = view.k.shape[2]
         k, v = self._kv_for(q, view)
-        q_pos = torch.arange(start, start + T, device=q.device)
+        q_pos = start + torch.arange(T, device=q.device)
         mask = torch.arange(S, device=q.device)[None, :] < q_pos[:, None]  # [T, S]
         if doc_ids is not None:  # training, S == T
             mask = (mask & (doc_ids[:, :, None] == doc_ids[:, None, :]))[:, None]

@@ -128,14 +128,17 @@ class StepState:
 
     ``start`` is the absolute position of the step's first token: the
     model's cache counter (``Cache.seen``), 0 without a cache; slots never
-    count. ``positions`` [B, T] overrides the positions (packed documents
-    restart them); ``doc_ids`` [B, T] marks packed documents. ``published``
-    holds what layers gave their readers this pass, keyed ``(what, layer)``;
+    count. In the compiled decode step it is a 0-d tensor, so that one graph
+    serves every position: mixers then write and read their slots by index
+    and mask, never by a Python slice or branch on its value. ``positions``
+    [B, T] overrides the positions (packed documents restart them);
+    ``doc_ids`` [B, T] marks packed documents. ``published`` holds what
+    layers gave their readers this pass, keyed ``(what, layer)``;
     ``earlier_pass`` what later layers gave in the pass before (or hold in
     the cache), which readers of later layers see.
     """
 
-    start: int = 0
+    start: int | torch.Tensor = 0
     positions: torch.Tensor | None = None
     doc_ids: torch.Tensor | None = None
     published: dict[tuple[str, int], Any] = field(default_factory=dict)

@@ -104,6 +104,8 @@ class GAU(nn.Module):
         doc_ids = state.doc_ids
         if doc_ids is not None:  # each document cuts its own chunks from its start
             return per_document(self, x, doc_ids)
+        if cache is not None and isinstance(state.start, torch.Tensor):
+            return self._decoded(x, cache, state.start)
         if cache is not None:
             return self._cached(x, cache, state.start)
         B, T, _ = x.shape
@@ -142,6 +144,30 @@ class GAU(nn.Module):
                 cache.state.add_((lin_k.transpose(-1, -2) @ chunk_v).to(cache.state.dtype))
             t += n
         return self.o_proj(u * torch.cat(outputs, dim=1))
+
+    def _decoded(self, x, cache, start: torch.Tensor):
+        """``_cached`` for one token at a tensor ``start`` (the compiled decode step): the whole chunk buffer,
+        its unwritten places masked, and the fold into the global state weighted by whether the chunk is
+        complete, so no shape or branch depends on the position."""
+        if x.shape[1] != 1:
+            raise ValueError(f"a tensor start decodes one token at a time, got {x.shape[1]}")
+        C = self.C
+        u, v, z = self._project(x)
+        held = start % C  # the token's place in its chunk
+        cache.z.index_copy_(1, held.view(1), z.to(cache.z.dtype))
+        cache.v.index_copy_(1, held.view(1), v.to(cache.v.dtype))
+        places = torch.arange(C, device=x.device)
+        # the chunk's positions; past the table only where nothing is written yet (masked below)
+        positions = (start - held + places).clamp(max=self.rotary.max_seq_len - 1)
+        cos, sin = self.rotary(0, C, positions)
+        chunk_z, chunk_v = cache.z.to(z.dtype), cache.v.to(v.dtype)
+        quad_q, quad_k, lin_q, lin_k = self._parts(chunk_z, cos, sin)
+        quad_q, lin_q = quad_q.index_select(1, held.view(1)), lin_q.index_select(1, held.view(1))
+        scores = F.relu(quad_q @ quad_k.transpose(-1, -2)).square() * (places <= held) / C
+        out = scores @ chunk_v + lin_q @ cache.state.to(z.dtype) / C
+        complete = (held == C - 1).to(chunk_v.dtype)
+        cache.state.add_((lin_k.transpose(-1, -2) @ chunk_v * complete).to(cache.state.dtype))
+        return self.o_proj(u * out)
 
     def new_cache_slot(self, batch_size: int, max_len: int, dtype: torch.dtype, device):
         shapes = {"z": (self.C, self.s), "v": (self.C, self.e), "state": (self.s, self.e)}

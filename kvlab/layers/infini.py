@@ -144,6 +144,8 @@ class InfiniAttention(nn.Module):
                 outputs.append(self._attend(q[:, :, seg], k[:, :, seg], v[:, :, seg], 0, memory, norm))
                 if t + N <= T:
                     memory, norm = self._written(k[:, :, seg], v[:, :, seg], memory, norm)
+        elif isinstance(state.start, torch.Tensor):  # the compiled decode step: by index and mask
+            outputs.append(self._decoded(q, k, v, cache, state.start))
         else:  # inference: the current segment's K/V and the memory live in the cache slot
             t = 0
             while t < T:  # the tokens up to the end of the current segment, then the next ...
@@ -162,18 +164,37 @@ class InfiniAttention(nn.Module):
         y = torch.cat(outputs, dim=2)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
-    def _attend(self, q, seg_k, seg_v, held: int, memory, norm) -> torch.Tensor:
+    def _decoded(self, q, k, v, cache, start: torch.Tensor) -> torch.Tensor:
+        """One token at a tensor ``start``: the whole segment buffer with its unwritten places masked, and the
+        memory written when the segment completes, selected rather than branched on."""
+        if q.shape[2] != 1:
+            raise ValueError(f"a tensor start decodes one token at a time, got {q.shape[2]}")
+        N = self.cfg.segment_len
+        held = start % N
+        cache.k.index_copy_(2, held.view(1), k.to(cache.k.dtype))
+        cache.v.index_copy_(2, held.view(1), v.to(cache.v.dtype))
+        seg_k, seg_v = cache.k.to(q.dtype), cache.v.to(q.dtype)
+        out = self._attend(q, seg_k, seg_v, held, cache.memory, cache.norm)
+        memory, norm = self._written(seg_k, seg_v, cache.memory, cache.norm)
+        complete = held == N - 1
+        cache.memory.copy_(torch.where(complete, memory.to(cache.memory.dtype), cache.memory))
+        cache.norm.copy_(torch.where(complete, norm.to(cache.norm.dtype), cache.norm))
+        return out
+
+    def _attend(self, q, seg_k, seg_v, held: int | torch.Tensor, memory, norm) -> torch.Tensor:
         """Outputs of the queries at segment positions held.. over the segment's first keys
-        (``seg_k`` before RoPE) and the memory of the segments before."""
+        (``seg_k`` before RoPE) and the memory of the segments before. A tensor ``held``: the keys are the
+        whole segment buffer, those after the queries not yet written (masked)."""
         end = seg_k.shape[2]
         cos, sin = self.rotary(0, end)
-        q_rot, k_rot = apply_rope(q, cos[held:], sin[held:]), apply_rope(seg_k, cos, sin)
         scale = 1 / math.sqrt(self.head_dim)
-        if held == 0:
+        pos = torch.arange(end, device=q.device)
+        q_pos = held + pos[: q.shape[2]]  # the queries' places in the segment
+        q_rot, k_rot = apply_rope(q, cos[q_pos], sin[q_pos]), apply_rope(seg_k, cos, sin)
+        if isinstance(held, int) and held == 0:
             local = attention(q_rot, k_rot, seg_v, causal=True, scale=scale)
         else:
-            pos = torch.arange(end, device=q.device)
-            local = attention(q_rot, k_rot, seg_v, mask=position_mask(pos[held:], pos), scale=scale)
+            local = attention(q_rot, k_rot, seg_v, mask=position_mask(q_pos, pos), scale=scale)
         groups = self.n_heads // self.n_kv_heads
         sq = (F.elu(q.float()) + 1).unflatten(1, (self.n_kv_heads, groups))  # [B, Hkv, groups, n, D]
         recalled = (sq @ memory.float()[:, :, None]) / (sq @ norm.float()[:, :, None, :, None] + EPS)

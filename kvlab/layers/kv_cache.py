@@ -15,6 +15,11 @@ never touch the slot. Writing the same positions again overwrites them,
 which is what the parallel passes over layers that read later layers rely
 on. ``view(end)`` is what the slot holds for positions before ``end``.
 
+In the compiled decode step ``start`` is a 0-d tensor: a slot then writes
+by ``index_copy_`` and returns its whole buffer with every slot's position
+(``k_pos``; a position after the query for what is not yet written), so
+causal masking hides the rest and the shapes never change with the step.
+
 ``StateSlot`` holds the fixed-size states of recurrent mixers (retention's
 and Mamba's S, a convolution's last inputs, RWKV's previous token), zeros
 at a sequence's start, whatever the context length.
@@ -58,6 +63,7 @@ class _KVBuffers:
         self.v = torch.zeros(batch_size, n_heads, length, v_head_dim, dtype=dtype, device=device)
         self.length = length
         self.bytes_per_position = (self.k.nbytes + self.v.nbytes) // length  # whole batch
+        self.slot_index = torch.arange(length, device=device)
 
     def allocated_bytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
@@ -72,16 +78,23 @@ class _KVBuffers:
 class StaticKV(_KVBuffers):
     """Every position up to ``max_len``, in order."""
 
-    def update(self, k_new: torch.Tensor, v_new: torch.Tensor, start: int) -> KVView:
+    def update(self, k_new: torch.Tensor, v_new: torch.Tensor, start: int | torch.Tensor) -> KVView:
         t = k_new.shape[2]
         end = start + t
+        if isinstance(start, torch.Tensor):  # static shapes: the whole buffer, positions mask the unwritten
+            new = start + self.slot_index[:t]
+            self.k.index_copy_(2, new, k_new.to(self.k.dtype))
+            self.v.index_copy_(2, new, v_new.to(self.v.dtype))
+            return KVView(self.k, self.v, end, self.slot_index)
         if end > self.length:
             raise ValueError(f"cache is full: {start} tokens held + {t} new > max_len={self.length}")
         self.k[:, :, start:end].copy_(k_new)
         self.v[:, :, start:end].copy_(v_new)
         return self.view(end)
 
-    def view(self, end: int) -> KVView:
+    def view(self, end: int | torch.Tensor) -> KVView:
+        if isinstance(end, torch.Tensor):  # static shapes: the reader masks the positions from end on
+            return KVView(self.k, self.v, end, self.slot_index)
         return KVView(self.k[:, :, :end], self.v[:, :, :end], end)
 
     def nbytes(self, seen: int) -> int:
@@ -91,8 +104,18 @@ class StaticKV(_KVBuffers):
 class RingKV(_KVBuffers):
     """The last ``length`` (the window) positions; position p lives in slot p % length."""
 
-    def update(self, k_new: torch.Tensor, v_new: torch.Tensor, start: int) -> KVView:
+    def update(self, k_new: torch.Tensor, v_new: torch.Tensor, start: int | torch.Tensor) -> KVView:
         t, w = k_new.shape[2], self.length
+        if isinstance(start, torch.Tensor):  # static shapes (decoding one token): every slot, at its position
+            if t != 1:
+                raise ValueError(f"a ring buffer takes one token at a tensor start, got {t}")
+            slot = (start % w).view(1)
+            self.k.index_copy_(2, slot, k_new.to(self.k.dtype))
+            self.v.index_copy_(2, slot, v_new.to(self.v.dtype))
+            held = start - (start - self.slot_index) % w  # the latest position each slot holds
+            # a slot not yet written holds nothing: a position after the query, which causality hides
+            k_pos = torch.where(self.slot_index <= start, held, start + 1)
+            return KVView(self.k, self.v, start + 1, k_pos)
         if t == 1:  # decode: overwrite the oldest slot, attend to all held slots
             self.k[:, :, start % w].copy_(k_new[:, :, 0])
             self.v[:, :, start % w].copy_(v_new[:, :, 0])
@@ -101,15 +124,18 @@ class RingKV(_KVBuffers):
         # Several tokens: the queries need the held keys and all new keys, so
         # gather them before the ring overwrites the oldest ones.
         held = min(start, w)
-        slots = torch.arange(held, device=self.k.device)
-        old_pos = start - 1 - (start - 1 - slots) % w
+        if held == 0:  # a prefill from nothing: its own keys, in order (attention can go block by block)
+            view = KVView(k_new.to(self.k.dtype), v_new.to(self.v.dtype), start + t)
+        else:
+            slots = torch.arange(held, device=self.k.device)
+            old_pos = start - 1 - (start - 1 - slots) % w
+            view = KVView(
+                torch.cat([self.k[:, :, :held], k_new.to(self.k.dtype)], dim=2),
+                torch.cat([self.v[:, :, :held], v_new.to(self.v.dtype)], dim=2),
+                start + t,
+                torch.cat([old_pos, torch.arange(start, start + t, device=self.k.device)]),
+            )
         new_pos = torch.arange(start, start + t, device=self.k.device)
-        view = KVView(
-            torch.cat([self.k[:, :, :held], k_new.to(self.k.dtype)], dim=2),
-            torch.cat([self.v[:, :, :held], v_new.to(self.v.dtype)], dim=2),
-            start + t,
-            torch.cat([old_pos, new_pos]),
-        )
         keep = min(t, w)
         dest = new_pos[-keep:] % w
         self.k.index_copy_(2, dest, k_new[:, :, -keep:].to(self.k.dtype))
@@ -131,8 +157,13 @@ class LatentKV:
         self.latent = torch.zeros(batch_size, length, width, dtype=dtype, device=device)
         self.length = length
 
-    def update(self, new: torch.Tensor, start: int) -> torch.Tensor:
+    def update(self, new: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:
+        """With a tensor ``start`` (static shapes): the whole buffer; positions from ``start + t`` on are
+        not yet written, for the reader to mask."""
         t = new.shape[1]
+        if isinstance(start, torch.Tensor):
+            self.latent.index_copy_(1, start + torch.arange(t, device=start.device), new.to(self.latent.dtype))
+            return self.latent
         if start + t > self.length:
             raise ValueError(f"cache is full: {start} tokens held + {t} new > max_len={self.length}")
         self.latent[:, start : start + t].copy_(new)

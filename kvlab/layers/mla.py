@@ -188,13 +188,14 @@ class MLA(nn.Module):
         if cos.dim() == 4 and G < H:  # per-head frequencies: each query head turns as its RoPE key
             cos, sin = cos.repeat_interleave(H // G, dim=1), sin.repeat_interleave(H // G, dim=1)
         q_rope = apply_rope(q_rope, cos, sin)
-        if held.shape[1] == T:  # training, or a first prefill: the latents are this step's own
+        static = isinstance(start, torch.Tensor)  # the compiled decode step: the whole buffer is held
+        if held.shape[1] == T and not static:  # training, or a first prefill: the latents are this step's own
             y = self._expanded(q_nope, q_rope, held, doc_ids=state.doc_ids)
         else:
             mask = None
-            if T > 1:
-                q_pos = torch.arange(start, start + T, device=x.device)
-                mask = position_mask(q_pos, torch.arange(start + T, device=x.device))
+            if T > 1 or static:
+                q_pos = start + torch.arange(T, device=x.device)
+                mask = position_mask(q_pos, torch.arange(held.shape[1], device=x.device))
             y = self._absorbed(q_nope, q_rope, held, mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * self.v_head_dim))
 

@@ -36,8 +36,13 @@ class Rotary(nn.Module):
         self.cos.copy_(cos)
         self.sin.copy_(sin)
 
-    def forward(self, start: int, length: int, positions: torch.Tensor | None = None):
-        """cos, sin of [length, dims] from position ``start`` on, or of [B, T, dims] at ``positions``."""
+    def forward(self, start: int | torch.Tensor, length: int, positions: torch.Tensor | None = None):
+        """cos, sin of [length, dims] from position ``start`` on, or of [B, T, dims] at ``positions``.
+
+        ``start`` may be a 0-d tensor (the compiled decode step: the graph must not depend on its value);
+        its range is then the caller's to check."""
+        if isinstance(start, torch.Tensor) and positions is None:
+            positions = start + torch.arange(length, device=start.device)
         if positions is not None:
             return self.cos[positions], self.sin[positions]
         if start + length > self.max_seq_len:
@@ -64,8 +69,10 @@ class HeadwiseRotary(nn.Module):
         if not self.pair_index.is_meta:
             self.pair_index.copy_(torch.arange(self.dims // 2).expand(self.heads, -1))
 
-    def forward(self, start: int, length: int, positions: torch.Tensor | None = None):
+    def forward(self, start: int | torch.Tensor, length: int, positions: torch.Tensor | None = None):
         """cos, sin of [1, heads, length, dims] from ``start`` on, or [B, heads, T, dims] at ``positions``."""
+        if isinstance(start, torch.Tensor) and positions is None:
+            positions = (start + torch.arange(length, device=start.device))[None]
         if positions is None:
             if start + length > self.max_seq_len:
                 raise ValueError(f"position {start + length - 1} is beyond max_seq_len={self.max_seq_len}")

@@ -41,6 +41,7 @@ class TrainerConfig:
     accumulate_grad_batches: int = 1
     ckpt_every_n_steps: int = 100
     activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile each block of the training forward (README: "Compiled training")
     progress_bar: bool = True
 
 

@@ -60,6 +60,7 @@ class LMModule(L.LightningModule):
         optim: dict | None = None,
         max_steps: int = 1000,
         activation_checkpointing: bool = False,
+        compile: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -70,6 +71,7 @@ class LMModule(L.LightningModule):
         if self.optim.warmup_steps is None:
             self.optim.warmup_steps = max_steps // 10
         self.model.activation_checkpointing = activation_checkpointing
+        self.model.compile_blocks = "inductor" if compile else None
         self._t_last: float | None = None
 
     def forward(self, input_ids, doc_ids=None):

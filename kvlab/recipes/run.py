@@ -76,6 +76,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         optim=OmegaConf.to_container(cfg.optim),
         max_steps=tc.trainer.max_steps,
         activation_checkpointing=tc.trainer.activation_checkpointing,
+        compile=tc.trainer.compile,
     )
     if initial is not None:
         module.model.load_state_dict(initial.state_dict())

@@ -27,3 +27,32 @@ def test_position_mask_is_causal_sliding_window():
     for qi, p in enumerate(range(10, 13)):
         for kp in range(13):
             assert bool(mask[qi, kp]) == (p - 4 < kp <= p)
+
+
+@pytest.mark.parametrize("mask_shape", [None, (1, 13), (2, 1, 1, 13)])
+def test_one_query_per_head_groups_the_query_heads(mask_shape):
+    """Decoding's shape: the query heads of each K/V head attend as its queries (no K/V repeated)."""
+    q, k, v = torch.randn(2, 8, 1, 16), torch.randn(2, 2, 13, 16), torch.randn(2, 2, 13, 12)
+    mask = None if mask_shape is None else torch.rand(mask_shape) > 0.3
+    if mask is not None:
+        mask[..., 0] = True
+    torch.testing.assert_close(attention(q, k, v, mask=mask), attention_reference(q, k, v, mask=mask))
+
+
+def test_long_sliding_window_runs_block_by_block():
+    """T > 2 * window: blocks of queries against the keys in reach, the full attention's values and gradients."""
+    q, k, v = (torch.randn(1, 4, 23, 8, requires_grad=True) for _ in range(3))
+    out = attention(q, k[:, :2], v[:, :2], causal=True, window=4)
+    ref = attention_reference(q, k[:, :2], v[:, :2], causal=True, window=4)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for g, r in zip(torch.autograd.grad(out.sum(), (q, k, v)), torch.autograd.grad(ref.sum(), (q, k, v)), strict=True):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
+
+
+def test_narrower_values_are_padded_for_the_fused_kernel():
+    """MLA's head sizes (queries and keys wider than values), causal over many tokens: the padded call's
+    outputs, cut back to the value width."""
+    q, k, v = torch.randn(1, 4, 30, 24), torch.randn(1, 4, 30, 24), torch.randn(1, 4, 30, 16)
+    out = attention(q, k, v, causal=True)
+    assert out.shape == (1, 4, 30, 16)
+    torch.testing.assert_close(out, attention_reference(q, k, v, causal=True), atol=1e-5, rtol=1e-5)

@@ -41,7 +41,7 @@ class Oracle(torch.nn.Module):
         self.tokenizer, self.config = tokenizer, config
         self.embed_tokens = torch.nn.Embedding(1, 1)
 
-    def generate(self, ids, max_new_tokens):
+    def generate(self, ids, max_new_tokens, compile=None):
         text = self.tokenizer.decode(ids[0].tolist())
         key = text.split("The pass key is ")[1][:5]
         answer = torch.tensor([self.tokenizer.encode(" " + key).ids[:max_new_tokens]])

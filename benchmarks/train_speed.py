@@ -1,0 +1,113 @@
+"""Training step speed: kvlab (eager and with compiled blocks) vs `transformers` Llama, one process.
+
+    python benchmarks/train_speed.py [--batch 8] [--seq 256] [--repeats 5] [--steps 20]
+
+The step is the training step's work: forward with the loss (kvlab: the
+fused head + loss; transformers: ``labels=``), backward, AdamW step,
+zero_grad, at the gqa preset's shapes in fp32, the two models holding the
+same weights. kvlab's compiled step is ``trainer.compile=true``'s (each
+block under ``torch.compile``); its compilation is reported apart. Also
+printed: the share of kvlab's eager step spent in matrix multiplies and
+attention (torch's profiler), the arithmetic both libraries must do alike,
+which bounds what any fusion can gain; and the losses of ``--steps`` steps
+with and without compilation (same data), which must agree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from decode import llama_twin  # benchmarks/decode.py, beside this script
+from torch.profiler import profile
+
+from kvlab import ModelConfig, build_model
+
+REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"
+
+
+def stepper(model, batches, hf: bool):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    it = iter(batches)
+
+    def step():
+        ids = next(it)
+        if hf:
+            loss = model(input_ids=ids[:, :-1], labels=ids[:, :-1]).loss  # transformers shifts the labels itself
+        else:
+            loss = model(ids[:, :-1], labels=ids[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--steps", type=int, default=20)
+    args = p.parse_args()
+    n = 1 + args.repeats + args.steps
+    data = torch.randint(0, 4096, (n, args.batch, args.seq + 1), generator=torch.Generator().manual_seed(0))
+
+    def model(compiled: bool):
+        torch.manual_seed(0)
+        m = build_model(ModelConfig.from_yaml(REPO_CONFIGS / "gqa.yaml")).train()
+        m.compile_blocks = "inductor" if compiled else None
+        return m
+
+    eager, compiled = model(False), model(True)
+    hf = llama_twin(eager).train()
+    steps = {"kvlab eager": stepper(eager, data, False), "kvlab compiled": stepper(compiled, data, False),
+             "transformers eager": stepper(hf, data, True)}  # fmt: skip
+    first = {}
+    for name, step in steps.items():
+        t0 = time.perf_counter()
+        step()
+        first[name] = time.perf_counter() - t0
+    best = dict.fromkeys(steps, float("inf"))
+    for _ in range(args.repeats):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    tokens = args.batch * args.seq
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}, "
+          f"batch {args.batch} x {args.seq} tokens, fp32, best of {args.repeats}")  # fmt: skip
+    print()
+    print("| step | tokens/s | vs transformers | first step s (compilation) |")
+    print("| --- | --- | --- | --- |")
+    for name in steps:
+        print(f"| {name} | {tokens / best[name]:,.0f} | x{best['transformers eager'] / best[name]:.2f} "
+              f"| {first[name]:.1f} |")  # fmt: skip
+
+    # What no fusion removes: the matrix multiplies and attention of kvlab's eager step.
+    with profile() as prof:
+        for _ in range(2):
+            steps["kvlab eager"]()
+    total = sum(e.self_cpu_time_total for e in prof.key_averages())
+    math = sum(e.self_cpu_time_total for e in prof.key_averages()
+               if e.key in ("aten::mm", "aten::addmm", "aten::bmm", "aten::addmm_")
+               or "scaled_dot_product" in e.key)  # fmt: skip
+    print()
+    print(
+        f"kvlab eager step: {100 * math / total:.0f}% in matrix multiplies and attention (profiler self time); "
+        f"removing everything else would make it x{total / math:.2f} faster at most"
+    )
+
+    # Same losses with and without compilation, from the same weights and data.
+    fresh_e, fresh_c = model(False), model(True)
+    run_e, run_c = stepper(fresh_e, data, False), stepper(fresh_c, data, False)
+    diffs = [abs(run_e() - run_c()) for _ in range(args.steps)]
+    print(f"losses over {args.steps} steps, eager vs compiled: max |difference| {max(diffs):.2e}")
+
+
+if __name__ == "__main__":
+    main()

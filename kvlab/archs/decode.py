@@ -1,0 +1,145 @@
+"""Compiled steps: ``generate``'s decode step, one graph per (batch, cache length, dtype, device), and the
+blocks of a training forward (``compiled_block``).
+
+Decoding a token at these model sizes is mostly Python and per-op dispatch,
+not arithmetic; ``torch.compile`` of the whole step removes them. The step
+is ``CausalLM.decode_step``: its position is a 0-d tensor and every cache
+slot is read whole and masked (``kvlab.layers.kv_cache``), so no shape and
+no branch depends on how far decoding has gone and the graph is traced
+once, not per token (gpt-fast's recipe). Cache lengths are rounded up to
+one of eight buckets per octave (``cache_length``), so generations of
+nearby lengths share a graph; Inductor keeps its compiled kernels on disk,
+so a new process compiles faster than the first.
+
+``compile`` is ``True``, ``False`` (eager: the ordinary cached forward,
+``model(token, cache=cache)``, which slices the cache to what it holds) or
+``None``: the ``KVLAB_COMPILE`` environment variable (``0`` or ``1``) if
+set, else compile. When compilation is unavailable or fails, the step runs
+eager and says why in a warning, once per model. ``model.decode_step``
+itself also runs uncompiled, for debugging what the graph computes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import weakref
+
+import torch
+
+log = logging.getLogger(__name__)
+
+ENV = "KVLAB_COMPILE"
+MIN_BUCKET = 64
+
+
+def compile_wanted(compile: bool | None) -> bool:
+    """``compile`` if given, else ``KVLAB_COMPILE`` (0/1), else True."""
+    if compile is not None:
+        if not isinstance(compile, bool):
+            raise ValueError(f"compile={compile!r}: expected True, False or None (None: ${ENV}, default on)")
+        return compile
+    value = os.environ.get(ENV, "1").strip().lower()
+    if value not in ("0", "1", "false", "true"):
+        raise ValueError(f"{ENV}={value!r}: expected 0 or 1")
+    return value in ("1", "true")
+
+
+def cache_length(needed: int, max_seq_len: int) -> int:
+    """The cache length a compiled step is built for, so that nearby lengths reuse one graph: ``needed``
+    rounded up to a multiple of a sixteenth of the power of two above it (at least MIN_BUCKET), at most
+    ``max_seq_len``. Eight buckets per octave: a cache is at most 1/8 longer than needed (a power-of-two
+    bucket could double a long context's cache)."""
+    step = max(MIN_BUCKET, 1 << max(0, (needed - 1).bit_length() - 4))
+    return min(max_seq_len, -(-needed // step) * step)
+
+
+class DecodeStep:
+    """``model.decode_step`` behind ``torch.compile`` (or eager), advancing the cache it is given.
+
+    ``compile_seconds`` maps (batch, cache length, dtype, device) to the seconds the first step of that
+    shape took: compilation (Inductor's disk cache shortens it in later processes)."""
+
+    def __init__(self, model, compile: bool, backend: str = "inductor"):
+        self.model, self.backend = model, backend  # another backend: tests trace cheaply ("eager", "aot_eager")
+        self.compile_seconds: dict[tuple, float] = {}
+        self.fallback_reason: str | None = None
+        self.compiled = compile
+        self._graphs: dict[tuple, object] = {}
+        if compile and not torch._dynamo.is_dynamo_supported():
+            self._fall_back("torch.compile is not supported on this Python/platform")
+
+    def _fall_back(self, reason: str) -> None:
+        self.fallback_reason = reason
+        self.compiled = False
+        log.warning("decoding eager: the compiled decode step is unavailable (%s)", reason)
+
+    def _compile(self):
+        # One compile call per shape, its entries kept apart from other models' and shapes' (isolated), so
+        # the guards on the model's modules can go: evaluating them each step cost as much as a layer.
+        # Tensor guards stay (the cache's shapes and dtypes).
+        return torch.compile(
+            self.model.decode_step,
+            backend=self.backend,
+            fullgraph=True,
+            dynamic=False,
+            isolate_recompiles=True,
+            options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe},
+        )
+
+    def __call__(self, token: torch.Tensor, cache) -> torch.Tensor:
+        """Logits [B, vocab] of ``token`` [B, 1] after what ``cache`` holds; the cache advances by one."""
+        logits = self._compiled_step(token, cache) if self.compiled else None
+        if logits is None:  # eager: the ordinary cached forward, which slices rather than masks (faster)
+            return self.model(token, cache=cache)[:, -1]
+        cache.seen += 1
+        return logits
+
+    def _compiled_step(self, token: torch.Tensor, cache) -> torch.Tensor | None:
+        """The compiled step's logits; None when compiling it failed just now (then decoding is eager)."""
+        if cache.seen >= cache.max_len:
+            raise ValueError(f"cache holds {cache.seen} tokens; 1 more exceeds its max_len={cache.max_len}")
+        start = torch.tensor(cache.seen, device=token.device)
+        key = (token.shape[0], cache.max_len, cache.dtype, token.device.type)
+        graph = self._graphs.get(key)
+        if graph is not None:
+            return graph(token, cache, start)
+        t0 = time.perf_counter()
+        try:
+            graph = self._compile()
+            logits = graph(token, cache, start)
+        except Exception as e:  # noqa: BLE001 - any compiler failure: decode eager, say why
+            self._fall_back(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            return None
+        self._graphs[key] = graph
+        self.compile_seconds[key] = time.perf_counter() - t0
+        log.info("compiled the decode step for batch %d, cache length %d (%s, %s) in %.1f s",
+                 *key, self.compile_seconds[key])  # fmt: skip
+        return logits
+
+
+_steps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {compile: DecodeStep}
+
+
+def decode_step_for(model, compile: bool | None = None) -> DecodeStep:
+    """The model's decode step (made once per model and choice; kept outside the module, so copying or
+    saving a model never meets a compiled function)."""
+    wanted = compile_wanted(compile)
+    steps = _steps.setdefault(model, {})
+    if wanted not in steps:
+        steps[wanted] = DecodeStep(model, wanted)
+    return steps[wanted]
+
+
+_blocks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # block -> (backend, compiled block)
+
+
+def compiled_block(block, backend: str):
+    """``block`` behind ``torch.compile`` with ``backend``, made once per block (kept outside the module, so
+    its state dict and copies are the eager block's). Graph breaks are allowed: the few per-document loops
+    of packed training (Infini-attention, FLASH) run between graphs."""
+    held = _blocks.get(block)
+    if held is None or held[0] != backend:
+        held = _blocks[block] = (backend, torch.compile(block, backend=backend, dynamic=False, isolate_recompiles=True))
+    return held[1]

@@ -1,0 +1,159 @@
+"""The compiled decode step: the static-shape step equals decoding by the cache's counter, it compiles into
+one graph that serves every position, its tokens are eager's, and it falls back to eager, saying so."""
+
+import logging
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from kvlab import build_model
+from kvlab.archs.decode import DecodeStep, cache_length, compile_wanted, decode_step_for
+from tests.archs.test_decode import VARIANTS
+from tests.conftest import PRESETS, preset_dict, tiny
+
+# One of each mixer family and cache kind: static and ring K/V, latents, chunk and segment buffers, recurrent
+# states, parallel branches, cross-layer and later-layer reads.
+# The suite traces the first five; the rest under -m slow (the static step itself is checked for all above).
+FAMILIES = ["hybrid_window", "mla_cla", "gau_flash", "infini", "hymba_heads"] + [
+    pytest.param(name, marks=pytest.mark.slow) for name in ("rwkv7", "lckv", "mamba", "yoco_gret")
+]
+
+
+def _static_decode(model, ids, prefill: int, max_len: int):
+    """Logits of ids after a prefill of ``prefill`` tokens, then model.decode_step for each further token."""
+    cache = model.new_cache(ids.shape[0], max_len)
+    steps = [model(ids[:, :prefill], cache=cache)] if prefill else []
+    for t in range(prefill, ids.shape[1]):
+        steps.append(model.decode_step(ids[:, t : t + 1], cache, torch.tensor(cache.seen))[:, None])
+        cache.seen += 1
+    return torch.cat(steps, dim=1)
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_static_step_matches_forward(name):
+    """By index and mask over whole buffers longer than the context (unwritten places present), windows
+    and chunks wrapping, from an empty cache (prefill 0) and after a prefill."""
+    model = build_model(VARIANTS[name]).eval()
+    ids = torch.randint(0, 97, (2, 17))
+    with torch.no_grad():
+        full = model(ids)
+        for prefill in (0, 6):
+            assert (_static_decode(model, ids, prefill, max_len=32) - full).abs().max() <= 1e-5, prefill
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_static_step_matches_forward_presets(name):
+    spec = preset_dict(name)
+    if (spec.get("kv_sharing") or {}).get("kind") == "lckv":  # as many parallel passes as tokens: exact
+        spec["passes"] = {"no_grad": 10, "grad": 2}
+    model = build_model(spec).eval()
+    ids = torch.randint(0, 4096, (2, 10))
+    with torch.no_grad():
+        assert (_static_decode(model, ids, 4, max_len=16) - model(ids)).abs().max() <= 1e-5
+
+
+def _generate_with(step: DecodeStep, model, ids, new: int):
+    """generate()'s loop with a given step (greedy)."""
+    cache = model.new_cache(ids.shape[0], cache_length(ids.shape[1] + new, model.config.max_seq_len))
+    with torch.no_grad():
+        logits = model(ids, cache=cache, last_only=True)[:, -1]
+        out, all_logits = [], [logits]
+        for _ in range(new):
+            token = logits.argmax(-1)
+            out.append(token[:, None])
+            logits = step(token[:, None], cache)
+            all_logits.append(logits)
+    return torch.cat(out, dim=1), torch.stack(all_logits, 1)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_every_family_traces_into_one_graph(name):
+    """Dynamo captures the whole step without a break (fullgraph) and keeps one graph as positions move:
+    traced with its eager backend here (seconds); Inductor's code is tested below on one model."""
+    model = build_model(VARIANTS[name]).eval()
+    ids = torch.randint(0, 97, (2, 5))
+    traced = DecodeStep(model, True, backend="eager")
+    frames = counters["stats"]["unique_graphs"]
+    tokens, logits = _generate_with(traced, model, ids, 12)
+    assert traced.compiled and traced.fallback_reason is None
+    assert counters["stats"]["unique_graphs"] - frames == 1
+    expected_tokens, expected = _generate_with(DecodeStep(model, False), model, ids, 12)
+    assert torch.equal(tokens, expected_tokens)
+    assert (logits - expected).abs().max() <= 1e-5
+
+
+def test_inductor_step_gives_eager_tokens_without_recompiling():
+    """64 steps through one compiled graph (torch's compile counters), the tokens and logits of eager."""
+    model = build_model(tiny(max_seq_len=128)).eval()
+    ids = torch.randint(0, 97, (2, 8))
+    compiled = DecodeStep(model, True)
+    graphs, recompiles = counters["stats"]["unique_graphs"], sum(counters["recompiles"].values())
+    tokens, logits = _generate_with(compiled, model, ids, 64)
+    assert compiled.compiled, compiled.fallback_reason
+    assert counters["stats"]["unique_graphs"] - graphs == 1
+    assert sum(counters["recompiles"].values()) == recompiles
+    assert list(compiled.compile_seconds) == [(2, 128, torch.float32, "cpu")]
+    expected_tokens, expected = _generate_with(DecodeStep(model, False), model, ids, 64)
+    assert torch.equal(tokens, expected_tokens)
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+    # generate() itself takes a compiled step: the same tokens
+    assert torch.equal(model.generate(ids, 64, compile=True), torch.cat([ids, tokens], dim=1))
+    assert decode_step_for(model, True).compiled
+    # weights are the graph's inputs, not constants: after an update (training goes on) it decodes with them
+    with torch.no_grad():
+        model.lm_head.weight.mul_(-1)
+    updated, _ = _generate_with(compiled, model, ids, 64)  # the same bucket: the same graph
+    assert torch.equal(updated, _generate_with(DecodeStep(model, False), model, ids, 64)[0])
+    assert not torch.equal(updated, tokens)
+    assert list(compiled.compile_seconds) == [(2, 128, torch.float32, "cpu")]
+
+
+def test_failed_compilation_falls_back_to_eager_and_says_why(monkeypatch, caplog):
+    model = build_model(tiny()).eval()
+    ids = torch.randint(0, 97, (1, 6))
+    expected = model.generate(ids, 10, compile=False)
+
+    def broken(self):
+        def fails(*args):
+            raise RuntimeError("no C++ compiler found")
+
+        return fails
+
+    monkeypatch.setattr(DecodeStep, "_compile", broken)
+    with caplog.at_level(logging.WARNING, logger="kvlab.archs.decode"):
+        out = model.generate(ids, 10, compile=True)
+    assert torch.equal(out, expected)
+    step = decode_step_for(model, True)
+    assert not step.compiled and "no C++ compiler found" in step.fallback_reason
+    assert any("decoding eager" in r.message and "no C++ compiler" in r.message for r in caplog.records)
+
+
+def test_compile_switch_and_buckets(monkeypatch):
+    assert compile_wanted(True) and not compile_wanted(False)
+    monkeypatch.setenv("KVLAB_COMPILE", "1")
+    assert compile_wanted(None)
+    monkeypatch.setenv("KVLAB_COMPILE", "0")
+    assert not compile_wanted(None)
+    monkeypatch.setenv("KVLAB_COMPILE", "sometimes")
+    with pytest.raises(ValueError, match="KVLAB_COMPILE='sometimes'"):
+        compile_wanted(None)
+    with pytest.raises(ValueError, match="compile='yes'"):
+        compile_wanted("yes")
+    assert [cache_length(n, 1 << 20) for n in (1, 64, 65, 200, 256, 257, 1500, 2048, 16416)] == [
+        64, 64, 128, 256, 256, 320, 1536, 2048, 18432
+    ]  # fmt: skip
+    assert cache_length(100, 96) == 96  # never past max_seq_len
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", PRESETS)
+def test_compiled_generate_matches_eager_presets(name):
+    """Every preset through Inductor: the tokens of eager decoding (greedy, fixed seed)."""
+    spec = preset_dict(name)
+    spec["max_seq_len"] = 128
+    model = build_model(spec).eval()
+    ids = torch.randint(0, 4096, (2, 16))
+    compiled = model.generate(ids, 24, compile=True)
+    assert decode_step_for(model, True).compiled, decode_step_for(model, True).fallback_reason
+    assert torch.equal(compiled, model.generate(ids, 24, compile=False))
