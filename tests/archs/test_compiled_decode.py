@@ -2,6 +2,8 @@
 one graph that serves every position, its tokens are eager's, and it falls back to eager, saying so."""
 
 import logging
+import os
+import shutil
 
 import pytest
 import torch
@@ -15,6 +17,12 @@ from tests.conftest import PRESETS, preset_dict, tiny
 # One of each mixer family and cache kind: static and ring K/V, latents, chunk and segment buffers, recurrent
 # states, parallel branches, cross-layer and later-layer reads.
 # The suite traces the first five; the rest under -m slow (the static step itself is checked for all above).
+# Inductor's CPU code is C++: without a compiler generate() falls back to eager (tested below), these cannot run.
+needs_cxx = pytest.mark.skipif(
+    not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "clang++")),
+    reason="Inductor needs a C++ compiler on CPU",
+)
+
 FAMILIES = ["hybrid_window", "mla_cla", "gau_flash", "infini", "hymba_heads"] + [
     pytest.param(name, marks=pytest.mark.slow) for name in ("rwkv7", "lckv", "mamba", "yoco_gret")
 ]
@@ -83,6 +91,7 @@ def test_every_family_traces_into_one_graph(name):
     assert (logits - expected).abs().max() <= 1e-5
 
 
+@needs_cxx
 def test_inductor_step_gives_eager_tokens_without_recompiling():
     """64 steps through one compiled graph (torch's compile counters), the tokens and logits of eager."""
     model = build_model(tiny(max_seq_len=128)).eval()
@@ -147,6 +156,7 @@ def test_compile_switch_and_buckets(monkeypatch):
 
 
 @pytest.mark.slow
+@needs_cxx
 @pytest.mark.parametrize("name", PRESETS)
 def test_compiled_generate_matches_eager_presets(name):
     """Every preset through Inductor: the tokens of eager decoding (greedy, fixed seed)."""

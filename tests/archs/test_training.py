@@ -1,3 +1,5 @@
+import shutil
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -83,6 +85,7 @@ def test_compiled_blocks_train_like_eager(name, packed, checkpointing):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "clang++")), reason="Inductor needs a C++ compiler")
 def test_inductor_blocks_train_like_eager():
     expected, _ = _losses(VARIANTS["gqa"], None)
     losses, _ = _losses(VARIANTS["gqa"], "inductor")
