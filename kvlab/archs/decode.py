@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-import weakref
 
 import torch
 
@@ -119,27 +118,38 @@ class DecodeStep:
         return logits
 
 
-_steps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {compile: DecodeStep}
+class _Compiled(dict):
+    """What was compiled for one module, kept on it (so it is freed with it: a weak map from the module
+    would be kept alive by the compiled code's own reference) but never copied or pickled with it."""
+
+    def __deepcopy__(self, memo):
+        return _Compiled()
+
+    def __reduce__(self):
+        return (_Compiled, ())
+
+
+def _compiled_for(module) -> _Compiled:
+    held = module.__dict__.get("_kvlab_compiled")
+    if held is None:  # set in __dict__: nn.Module's __setattr__ would register compiled modules as children
+        held = module.__dict__["_kvlab_compiled"] = _Compiled()
+    return held
 
 
 def decode_step_for(model, compile: bool | None = None) -> DecodeStep:
-    """The model's decode step (made once per model and choice; kept outside the module, so copying or
-    saving a model never meets a compiled function)."""
+    """The model's decode step, made once per model and choice."""
     wanted = compile_wanted(compile)
-    steps = _steps.setdefault(model, {})
-    if wanted not in steps:
-        steps[wanted] = DecodeStep(model, wanted)
-    return steps[wanted]
-
-
-_blocks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # block -> (backend, compiled block)
+    held = _compiled_for(model)
+    if ("decode", wanted) not in held:
+        held[("decode", wanted)] = DecodeStep(model, wanted)
+    return held[("decode", wanted)]
 
 
 def compiled_block(block, backend: str):
-    """``block`` behind ``torch.compile`` with ``backend``, made once per block (kept outside the module, so
-    its state dict and copies are the eager block's). Graph breaks are allowed: the few per-document loops
-    of packed training (Infini-attention, FLASH) run between graphs."""
-    held = _blocks.get(block)
-    if held is None or held[0] != backend:
-        held = _blocks[block] = (backend, torch.compile(block, backend=backend, dynamic=False, isolate_recompiles=True))
-    return held[1]
+    """``block`` behind ``torch.compile`` with ``backend``, made once per block and backend (its state dict
+    and copies are the eager block's). Graph breaks are allowed: the few per-document loops of packed
+    training (Infini-attention, FLASH) run between graphs."""
+    held = _compiled_for(block)
+    if ("block", backend) not in held:
+        held[("block", backend)] = torch.compile(block, backend=backend, dynamic=False, isolate_recompiles=True)
+    return held[("block", backend)]

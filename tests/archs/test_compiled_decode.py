@@ -1,9 +1,11 @@
 """The compiled decode step: the static-shape step equals decoding by the cache's counter, it compiles into
 one graph that serves every position, its tokens are eager's, and it falls back to eager, saying so."""
 
+import gc
 import logging
 import os
 import shutil
+import weakref
 
 import pytest
 import torch
@@ -136,6 +138,16 @@ def test_failed_compilation_falls_back_to_eager_and_says_why(monkeypatch, caplog
     step = decode_step_for(model, True)
     assert not step.compiled and "no C++ compiler found" in step.fallback_reason
     assert any("decoding eager" in r.message and "no C++ compiler" in r.message for r in caplog.records)
+
+
+def test_a_model_that_decoded_is_freed_with_its_steps():
+    """The steps are kept on the model, not in a map from it that their own reference would keep alive."""
+    model = build_model(tiny()).eval()
+    model.generate(torch.randint(0, 97, (1, 4)), 3, compile=False)
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None
 
 
 def test_compile_switch_and_buckets(monkeypatch):
