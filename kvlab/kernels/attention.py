@@ -58,13 +58,12 @@ def attention(
     S, Hkv = k.shape[2], k.shape[1]
     if causal and window is not None and doc_ids is None and mask is None and T == S and T > 2 * window:
         return _windowed_blocks(q, k, v, window, scale)
-    if q.shape[-1] != v.shape[-1] and T > 1:
+    if T > 1 and q.shape[-1] > v.shape[-1]:
         # SDPA's memory-efficient kernels want one head size: pad the values (zeros add nothing), else the math
         # path would hold every [T, S] score (MLA's prefill: 20 GB at 16K tokens).
-        padded = F.pad(v, (0, q.shape[-1] - v.shape[-1])) if q.shape[-1] > v.shape[-1] else None
-        if padded is not None:
-            out = attention(q, k, padded, mask=mask, causal=causal, window=window, doc_ids=doc_ids, scale=scale)
-            return out[..., : v.shape[-1]]
+        padded = F.pad(v, (0, q.shape[-1] - v.shape[-1]))
+        out = attention(q, k, padded, mask=mask, causal=causal, window=window, doc_ids=doc_ids, scale=scale)
+        return out[..., : v.shape[-1]]
     mask, is_causal = _structured_mask(q, mask, causal, window, doc_ids)
     if T == 1 and Hkv < H and not is_causal and (mask is None or mask.dim() < 3 or mask.shape[-3] == 1):
         # One query per head (decoding): each K/V head's query heads become its queries, so SDPA reads each K/V

@@ -85,7 +85,7 @@ class StaticKV(_KVBuffers):
             new = start + self.slot_index[:t]
             self.k.index_copy_(2, new, k_new.to(self.k.dtype))
             self.v.index_copy_(2, new, v_new.to(self.v.dtype))
-            return KVView(self.k, self.v, end, self.slot_index)
+            return self.view(end)
         if end > self.length:
             raise ValueError(f"cache is full: {start} tokens held + {t} new > max_len={self.length}")
         self.k[:, :, start:end].copy_(k_new)
@@ -124,6 +124,7 @@ class RingKV(_KVBuffers):
         # Several tokens: the queries need the held keys and all new keys, so
         # gather them before the ring overwrites the oldest ones.
         held = min(start, w)
+        new_pos = torch.arange(start, start + t, device=self.k.device)
         if held == 0:  # a prefill from nothing: its own keys, in order (attention can go block by block)
             view = KVView(k_new.to(self.k.dtype), v_new.to(self.v.dtype), start + t)
         else:
@@ -133,9 +134,8 @@ class RingKV(_KVBuffers):
                 torch.cat([self.k[:, :, :held], k_new.to(self.k.dtype)], dim=2),
                 torch.cat([self.v[:, :, :held], v_new.to(self.v.dtype)], dim=2),
                 start + t,
-                torch.cat([old_pos, torch.arange(start, start + t, device=self.k.device)]),
+                torch.cat([old_pos, new_pos]),
             )
-        new_pos = torch.arange(start, start + t, device=self.k.device)
         keep = min(t, w)
         dest = new_pos[-keep:] % w
         self.k.index_copy_(2, dest, k_new[:, :, -keep:].to(self.k.dtype))
