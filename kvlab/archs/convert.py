@@ -27,6 +27,19 @@ weights are derived from ``model``'s:
   of its group (the attention mixer's ``kv_merge``), starting as the mean;
   the weights train during uptraining and ``fold_kv_merge`` folds them into
   plain GQA projections afterwards (``kvlab.archs.hf`` export does it).
+- ``method: qcqa`` (Joshi et al. 2024): groupings found by QCQA's two-stage
+  NSGA-II search on the weight-sharing error (``kvlab.archs.grouping``),
+  within the cache of ``n_kv_heads`` K/V heads per layer on average; groups
+  of any size and number per layer (``uneven: true``, QCQA-AC) or equal ones
+  (QCQA-EC). No calibration tokens: the WSE is computed on the weights. The
+  search's Pareto front (WSE vs cache) goes to ``report["qcqa_front"]``.
+- ``method: asymgqa`` (Chen et al. 2024): AsymGQA's activation-informed
+  search (swaps, and with ``uneven: true`` moves, of the most alike heads,
+  kept when the loss on the calibration tokens improves), ``n_kv_heads``
+  groups per layer; ``report["asymgqa_losses"]`` holds the search's losses.
+- ``query_allocation: kdgqa | dgqa`` with ``method: mean`` (Khan et al. 2024,
+  who uptrain mean-pooled checkpoints this way): the pooled model allocates
+  its query heads to K/V heads by key norms (``kvlab.layers.attention``).
 - ``{to: cla, every: s}`` (or ``{to: cla, kv_source: [...]}`` for any
   layout): cross-layer sharing. Each K/V-owning layer's projections become
   the mean of those of the layers that will read it, itself included (the
@@ -57,6 +70,7 @@ from typing import Any
 import torch
 
 from kvlab._config import check_bool, check_choice, check_int, check_keys, to_dict
+from kvlab.archs import grouping
 from kvlab.archs.config import ModelConfig
 from kvlab.archs.model import CausalLM
 from kvlab.layers.attention import AttentionConfig
@@ -64,13 +78,21 @@ from kvlab.layers.attention import AttentionConfig
 log = logging.getLogger(__name__)
 
 CONVERSIONS = ("gqa", "mqa", "cla", "mla")
-GQA_METHODS = ("mean", "first", "similarity", "weighted")
+GQA_METHODS = ("mean", "first", "similarity", "weighted", "qcqa", "asymgqa")
+SEARCH_KEYS = {"qcqa": ("population", "generations", "seed"), "asymgqa": ("iterations", "seed")}
+SEARCH_DEFAULTS = {"population": 32, "generations": 60, "iterations": 100, "seed": 0}
 
 
-def convert_model(model: CausalLM, spec: Mapping[str, Any], calibration: torch.Tensor | None = None) -> CausalLM:
+def convert_model(
+    model: CausalLM,
+    spec: Mapping[str, Any],
+    calibration: torch.Tensor | None = None,
+    report: dict[str, Any] | None = None,
+) -> CausalLM:
     """A new model converted as ``spec`` says; ``model`` is left unchanged.
 
-    ``calibration``: token ids ``[B, T]`` that ``method: similarity`` measures the heads on.
+    ``calibration``: token ids ``[B, T]`` that ``method: similarity`` (and ``asymgqa``, ``to: mla``)
+    measure the heads on. ``report``: a dict that searches fill with what they found (QCQA's Pareto front).
     """
     if not isinstance(spec, Mapping) or "to" not in spec:
         raise ValueError(f"convert: expected a mapping with a 'to' key ({', '.join(CONVERSIONS)}), got {spec!r}")
@@ -93,27 +115,52 @@ def convert_model(model: CausalLM, spec: Mapping[str, Any], calibration: torch.T
         check_int(spec.get("rope_dims"), "convert.rope_dims", minimum=2)
         converted = _to_mla(model, spec["kv_lora_rank"], spec["rope_dims"], calibration)
     else:
-        check_keys(spec, ["to", "n_kv_heads", "method", "uneven"], "convert")
+        keys = ["to", "n_kv_heads", "method", "uneven", "query_allocation"]
+        check_keys(spec, keys + sorted(SEARCH_DEFAULTS), "convert")
         n_kv_heads = 1 if spec["to"] == "mqa" else spec.get("n_kv_heads")
         method, uneven = spec.get("method", "mean"), spec.get("uneven", False)
         check_int(n_kv_heads, "convert.n_kv_heads", minimum=1)
         check_choice(method, "convert.method", GQA_METHODS)
         check_bool(uneven, "convert.uneven")
-        if uneven and method != "similarity":
-            raise ValueError(f"convert.uneven=true needs method=similarity (got method={method})")
+        if uneven and method not in ("similarity", "qcqa", "asymgqa"):
+            raise ValueError(f"convert.uneven=true needs method=similarity, qcqa or asymgqa (got method={method})")
+        search = {}
+        for name in sorted(SEARCH_DEFAULTS):
+            if name in spec and name not in SEARCH_KEYS.get(method, ()):
+                owners = "/".join(m for m, names in SEARCH_KEYS.items() if name in names)
+                raise ValueError(f"convert.{name} is a setting of method={owners}, not of method={method}")
+            if name in SEARCH_KEYS.get(method, ()):
+                search[name] = spec.get(name, SEARCH_DEFAULTS[name])
+                check_int(search[name], f"convert.{name}", minimum=0 if name in ("seed", "iterations") else 1)
+        allocation = spec.get("query_allocation")
+        if allocation is not None and method != "mean":
+            raise ValueError(f"convert.query_allocation={allocation} pools K/V heads by method=mean (got {method})")
         groups = None
+        if method in ("similarity", "asymgqa") and calibration is None:
+            raise ValueError(f"convert.method={method} needs calibration tokens to compare the heads on")
         if method == "similarity":
-            if calibration is None:
-                raise ValueError("convert.method=similarity needs calibration tokens to compare the heads on")
             groups = similarity_groups(model, calibration, n_kv_heads, equal=not uneven)
-        converted = _to_uneven_gqa(model, groups) if uneven else _to_gqa(model, n_kv_heads, method, groups)
+        elif method == "qcqa":
+            groups, front = qcqa_groups(model, n_kv_heads, equal=not uneven, **search)
+            if report is not None:
+                report["qcqa_front"] = front
+        elif method == "asymgqa":
+            groups, losses = asymgqa_groups(model, calibration, n_kv_heads, uneven, **search)
+            if report is not None:
+                report["asymgqa_losses"] = losses
+        if uneven or method in ("qcqa", "asymgqa"):  # per-layer groups, neither contiguous nor alike in size
+            converted = _to_uneven_gqa(model, groups)
+        else:
+            converted = _to_gqa(model, n_kv_heads, method, groups, allocation)
     before = model.kv_footprint(torch.bfloat16).bytes_per_token
     after = converted.kv_footprint(torch.bfloat16).bytes_per_token
     log.info("convert to %s (%s): KV cache %d -> %d bytes/token (bf16)", spec["to"], method, before, after)
     return converted
 
 
-def _to_gqa(model: CausalLM, n_kv_heads: int, method: str, groups: dict[int, list[list[int]]] | None) -> CausalLM:
+def _to_gqa(
+    model: CausalLM, n_kv_heads: int, method: str, groups: dict[int, list[list[int]]] | None, allocation=None
+) -> CausalLM:
     cfg = model.config
     new_cfg_dict = copy.deepcopy(cfg.to_dict())
     attention = _attention_dicts(new_cfg_dict)
@@ -130,6 +177,8 @@ def _to_gqa(model: CausalLM, n_kv_heads: int, method: str, groups: dict[int, lis
         if method == "weighted":
             m["kv_merge"] = m["n_kv_heads"] // n_kv_heads
         m["n_kv_heads"] = n_kv_heads
+        if allocation is not None:
+            m["query_allocation"] = allocation
     state = dict(model.state_dict())
     for i, layer in enumerate(model.layers):
         mixer = layer.mixer
@@ -319,12 +368,15 @@ def mha2mla_rope_pairs(
 
 
 def _build(cfg_dict: dict, state: dict[str, torch.Tensor], like: CausalLM) -> CausalLM:
-    """A model of ``cfg_dict`` holding ``state`` (every parameter), on ``like``'s device and dtype."""
+    """A model of ``cfg_dict`` holding ``state`` (every parameter), on ``like``'s device and dtype.
+
+    Buffers the target has and ``state`` lacks (DGQA's allocation) keep their initial values."""
     with torch.device("meta"):
         new = CausalLM(ModelConfig.from_dict(cfg_dict))
     new.to_empty(device=like.embed_tokens.weight.device)
     new.init_weights()  # buffers (RoPE tables); every parameter is overwritten next
-    new.load_state_dict(state, strict=True)
+    fresh = {name: b for name, b in new.named_buffers() if name in new.state_dict() and name not in state}
+    new.load_state_dict({**fresh, **state}, strict=True)
     return new.to(like.embed_tokens.weight.dtype)
 
 
@@ -378,22 +430,79 @@ def similarity_groups(
     clusters most alike on average merge until ``n_kv_heads`` remain (groups
     listed by their lowest head). Both are deterministic.
     """
-    owners = [i for i, layer in enumerate(model.layers)
-              if isinstance(layer.mixer.cfg, AttentionConfig) and layer.mixer.owns_kv]  # fmt: skip
-    outputs = _projection_outputs(model, calibration, owners, ("k_proj", "v_proj"))
     groups = {}
-    for i, layer in enumerate(model.layers):
-        if (i, "k_proj") not in outputs:
-            continue
-        heads = layer.mixer.n_kv_heads
+    for i, similarity in head_similarity(model, calibration).items():
+        heads = similarity.shape[0]
         if n_kv_heads > heads:
             raise ValueError(f"convert.n_kv_heads={n_kv_heads} is more than layer {i}'s {heads} K/V heads")
-        per_head = [outputs[i, p].float().reshape(-1, heads, layer.mixer.head_dim) for p in ("k_proj", "v_proj")]
-        features = torch.cat([t.transpose(0, 1).reshape(heads, -1) for t in per_head], dim=1)
-        features = torch.nn.functional.normalize(features, dim=1)
-        similarity = features @ features.T
         groups[i] = _equal_groups(similarity, n_kv_heads) if equal else _linkage_groups(similarity, n_kv_heads)
     return groups
+
+
+def _kv_owners(model: CausalLM) -> list[int]:
+    return [i for i, layer in enumerate(model.layers)
+            if isinstance(layer.mixer.cfg, AttentionConfig) and layer.mixer.owns_kv]  # fmt: skip
+
+
+@torch.no_grad()
+def head_similarity(model: CausalLM, calibration: torch.Tensor) -> dict[int, torch.Tensor]:
+    """For each K/V-owning attention layer, the [H, H] cosine similarity of its K/V heads' keys and values
+    on ``calibration`` (all tokens, concatenated)."""
+    owners = _kv_owners(model)
+    outputs = _projection_outputs(model, calibration, owners, ("k_proj", "v_proj"))
+    similarity = {}
+    for i in owners:
+        heads, d = model.layers[i].mixer.n_kv_heads, model.layers[i].mixer.head_dim
+        per_head = [outputs[i, p].float().reshape(-1, heads, d) for p in ("k_proj", "v_proj")]
+        features = torch.cat([t.transpose(0, 1).reshape(heads, -1) for t in per_head], dim=1)
+        features = torch.nn.functional.normalize(features, dim=1)
+        similarity[i] = features @ features.T
+    return similarity
+
+
+def qcqa_groups(
+    model: CausalLM, n_kv_heads: int, equal: bool, population: int, generations: int, seed: int
+) -> tuple[dict[int, list[list[int]]], list[dict]]:
+    """QCQA's groupings of every K/V-owning attention layer within ``n_kv_heads`` K/V heads per layer on
+    average, and its Pareto front (``kvlab.archs.grouping.qcqa_search``) with each point's bf16 bytes/token."""
+    grams = {}
+    for i in _kv_owners(model):
+        mixer = model.layers[i].mixer
+        if not hasattr(mixer, "v_proj") or mixer.cfg.kv_merge > 1:
+            raise ValueError(f"convert.method=qcqa: layer {i} has no plain V projection (SVFormer or WGQA)")
+        if n_kv_heads > mixer.n_kv_heads:
+            raise ValueError(f"convert.n_kv_heads={n_kv_heads} is more than layer {i}'s {mixer.n_kv_heads} K/V heads")
+        bias = {p: getattr(mixer, p).bias for p in ("k_proj", "v_proj")}
+        grams[i] = grouping.head_gram(mixer.k_proj.weight, mixer.v_proj.weight, mixer.n_kv_heads, bias["k_proj"],
+                                      bias["v_proj"])  # fmt: skip
+    budget = n_kv_heads * len(grams)
+    groups, front = grouping.qcqa_search(grams, budget, equal, population, generations, seed)
+    per_head = {i: 2 * model.layers[i].mixer.head_dim * torch.bfloat16.itemsize for i in grams}
+    for point in front:
+        point["kv_bytes_per_token_bf16"] = sum(
+            n * per_head[i] for i, n in zip(sorted(grams), point["kv_heads_per_layer"], strict=True)
+        )
+    chosen = next(p for p in front if p["chosen"])
+    log.info("QCQA: %d Pareto points; chosen %d K/V heads (budget %d), WSE %.4g, per layer %s",
+             len(front), chosen["kv_heads"], budget, chosen["wse"], chosen["kv_heads_per_layer"])  # fmt: skip
+    return groups, front
+
+
+def asymgqa_groups(
+    model: CausalLM, calibration: torch.Tensor, n_kv_heads: int, uneven: bool, iterations: int, seed: int
+) -> tuple[dict[int, list[list[int]]], list[float]]:
+    """AsymGQA's search (``kvlab.archs.grouping.asymgqa_search``): each candidate is the mean-pooled model,
+    scored by its loss on the calibration tokens."""
+    ids = calibration.to(model.embed_tokens.weight.device)
+
+    @torch.no_grad()
+    def loss(groups):
+        return _to_uneven_gqa(model, groups).eval()(ids[:, :-1], labels=ids[:, 1:]).item()
+
+    groups, losses = grouping.asymgqa_search(head_similarity(model, calibration), n_kv_heads, uneven, loss,
+                                             iterations, seed)  # fmt: skip
+    log.info("AsymGQA: calibration loss %.4f -> %.4f over %d iterations", losses[0], losses[-1], iterations)
+    return groups, losses
 
 
 @torch.no_grad()

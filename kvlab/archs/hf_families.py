@@ -78,6 +78,8 @@ def _attention_problems(cfg: ModelConfig, m) -> list[str]:
         return [f"GQKVA query heads (n_q_heads={m.n_q_heads})"]
     if m.value_residual is not None:
         return [f"value residual ({m.value_residual})"]
+    if m.query_allocation is not None:
+        return [f"query heads allocated by key norms ({m.query_allocation})"]
     return []
 
 

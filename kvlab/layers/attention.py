@@ -33,6 +33,17 @@ need not be contiguous (a conversion that groups heads by similarity writes
 it). The K/V heads are gathered to the query heads at attention time; the
 cache keeps ``n_kv_heads``.
 
+Key-driven query allocation (KDGQA and DGQA, Khan et al. 2024): with
+``query_allocation`` set, the query heads are split among the K/V heads in
+contiguous runs whose lengths follow the K/V heads' key norms, rather than
+in equal groups. ``kdgqa``: per query, from the norms of the keys that query
+attends to (the paper's per-forward ratios, made causal: a query never sees
+later keys' norms); ``dgqa``: from a running average of the key norms,
+updated by every training forward and fixed at inference, when the layer is
+uneven GQA. The cache is plain GQA (``n_kv_heads`` heads); KDGQA reads the
+norms back from it (RoPE keeps a key's norm). ``key_driven_allocation`` and
+``query_heads_per_kv`` are the paper's rule, written once for both.
+
 Value residual (Zhou et al. 2024): with ``value_residual: resformer`` every
 layer above the first attends to ``(1 - value_mix) V_n + value_mix V_1``,
 its own values mixed with layer 0's; with ``svformer`` it uses V_1 alone and
@@ -53,7 +64,7 @@ import torch
 from torch import nn
 
 from kvlab._config import check_bool, check_choice, check_float, check_int
-from kvlab.kernels.attention import position_mask
+from kvlab.kernels.attention import document_mask, position_mask
 from kvlab.kernels.ops import apply_rope, attention
 from kvlab.kernels.rope import check_rope_scaling
 from kvlab.layers.base import LayerFootprint, MixerConfig, StepState, default_head_dim, register_mixer
@@ -61,6 +72,7 @@ from kvlab.layers.kv_cache import KVView, RingKV, StaticKV
 from kvlab.layers.rope import Rotary
 
 VALUE_RESIDUALS = ("resformer", "svformer")
+QUERY_ALLOCATIONS = ("kdgqa", "dgqa")
 
 
 @dataclass
@@ -85,6 +97,8 @@ class AttentionConfig(MixerConfig):
     n_q_heads: int | None = None  # GQKVA: query projections, each paired with every K/V head; None: n_heads
     value_residual: str | None = None  # None | resformer | svformer: layers above 0 use layer 0's values
     value_mix: float = 0.5  # resformer: the weight of layer 0's values
+    query_allocation: str | None = None  # None | kdgqa | dgqa: query heads per K/V head from key norms
+    allocation_beta: float = 0.9  # dgqa: the weight of the newest key norms in their running average
 
     def validate(self, d_model: int, path: str) -> None:
         check_int(self.n_heads, f"{path}.n_heads", minimum=1)
@@ -115,11 +129,13 @@ class AttentionConfig(MixerConfig):
                 raise ValueError(f"{path}: kv_groups and n_q_heads cannot be combined (n_q_heads fixes the pairing)")
         if self.kv_groups is not None:
             self._check_kv_groups(path)
-        elif self.n_heads % self.n_kv_heads:
+        elif self.n_heads % self.n_kv_heads and self.query_allocation is None:
             raise ValueError(
                 f"{path}.n_heads={self.n_heads} is not divisible by {path}.n_kv_heads={self.n_kv_heads}; "
                 f"n_kv_heads must divide n_heads (or give kv_groups for uneven groups)"
             )
+        if self.query_allocation is not None:
+            self._check_query_allocation(path)
         self.head_dim = default_head_dim(self.head_dim, d_model, self.n_heads, path)
         if self.rope_dims is None:
             self.rope_dims = self.head_dim
@@ -141,6 +157,30 @@ class AttentionConfig(MixerConfig):
             raise ValueError(f"{path}.kv_groups leaves K/V heads {unread} unread; every K/V head needs a query head")
         self.kv_groups = list(groups)
 
+    def _check_query_allocation(self, path: str) -> None:
+        check_choice(self.query_allocation, f"{path}.query_allocation", QUERY_ALLOCATIONS)
+        check_float(self.allocation_beta, f"{path}.allocation_beta", positive=True)
+        if self.allocation_beta > 1:
+            raise ValueError(f"{path}.allocation_beta={self.allocation_beta} must be in (0, 1]")
+        if self.n_kv_heads < 2:
+            raise ValueError(
+                f"{path}.query_allocation={self.query_allocation} needs n_kv_heads >= 2 (got {self.n_kv_heads}): "
+                "with one K/V head there is nothing to allocate"
+            )
+        clashes = {
+            "kv_groups": self.kv_groups is not None,
+            "n_q_heads": self.n_q_heads is not None,
+            "kv_merge": self.kv_merge > 1,
+            "window": self.window is not None and self.query_allocation == "kdgqa",
+        }
+        for name, clash in clashes.items():
+            if clash:
+                raise ValueError(
+                    f"{path}.query_allocation={self.query_allocation} cannot be combined with {name}="
+                    f"{getattr(self, name)} (the allocation decides which K/V head each query head reads"
+                    + ("; KDGQA's key norms span every earlier token)" if name == "window" else ")")
+                )
+
     def own_reads(self, layer_idx: int) -> tuple[tuple[str, int], ...]:
         return (("values", 0),) if self.value_residual is not None and layer_idx > 0 else ()
 
@@ -158,6 +198,8 @@ class AttentionConfig(MixerConfig):
     def read_problem(self, what: str, source: MixerConfig, later: bool) -> str | None:
         if later and what == "kv" and self.window is not None:
             return f"window={self.window}: a sliding window over a later layer's keys/values is not supported"
+        if later and what == "kv" and self.query_allocation is not None:
+            return f"query_allocation={self.query_allocation} over a later layer's keys/values is not supported"
         return super().read_problem(what, source, later)
 
     def first_layer_problem(self, first: MixerConfig) -> str | None:
@@ -179,6 +221,38 @@ class AttentionConfig(MixerConfig):
             if getattr(self, name) != getattr(source, name):
                 return f"{name}={getattr(self, name)} differs from the source's {name}={getattr(source, name)}"
         return None
+
+
+def key_driven_allocation(norms: torch.Tensor, n_heads: int, min_max: bool = True) -> torch.Tensor:
+    """Query heads per K/V head ([..., G] integers summing to ``n_heads``) from the K/V heads' key norms [..., G].
+
+    KDGQA first scales the norms to [0, 1] by their minimum and maximum (``min_max``); DGQA takes its running
+    averages as they are. Shares of ``n_heads`` are rounded, then the total is mended one head at a time:
+    while it is too large the largest allocation gives one up, while too small the smallest gains one (the
+    official code's rule; its DGQA picks at random, here the same deterministic rule serves both).
+    """
+    G = norms.shape[-1]
+    tiny = torch.finfo(norms.dtype).tiny
+    if min_max:
+        lo, hi = norms.amin(-1, keepdim=True), norms.amax(-1, keepdim=True)
+        norms = torch.where(hi > lo, (norms - lo) / (hi - lo).clamp_min(tiny), 1.0)  # all equal: equal shares
+    total = norms.sum(-1, keepdim=True)
+    share = torch.where(total > 0, norms / total.clamp_min(tiny), 1.0 / G) * n_heads
+    allocation = share.round().long()
+    for _ in range(G):  # each share is within 1/2 of its rounding: the total is off by at most G/2
+        excess = allocation.sum(-1, keepdim=True) - n_heads
+        give = nn.functional.one_hot(allocation.argmax(-1), G) * (excess > 0)
+        take = nn.functional.one_hot(allocation.argmin(-1), G) * (excess < 0)
+        allocation = allocation - give + take
+    return allocation
+
+
+def kv_head_of_query(allocation: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """[..., G] query heads per K/V head -> [..., n_heads]: the K/V head each query head reads, the query
+    heads taken in order (the first ``allocation[0]`` read K/V head 0, and so on)."""
+    ends = allocation.cumsum(-1)
+    heads = torch.arange(n_heads, device=allocation.device)
+    return (ends.unsqueeze(-2) <= heads[:, None]).sum(-1)
 
 
 @register_mixer
@@ -212,11 +286,21 @@ class Attention(nn.Module):
             self.reset_buffers()
         else:
             self.kv_index = None
+        if cfg.query_allocation == "dgqa":  # learned in training, saved with the weights, fixed at inference
+            self.register_buffer("allocation", torch.empty(cfg.n_kv_heads, dtype=torch.long))
+            self.register_buffer("key_norm_average", torch.empty(cfg.n_kv_heads))
+        if cfg.kv_groups is not None or cfg.query_allocation == "dgqa":
+            self.reset_buffers()
 
     def reset_buffers(self) -> None:
-        """The query head -> K/V head map, from the config (also after building on the meta device)."""
+        """The query head -> K/V head map, from the config (also after building on the meta device);
+        DGQA starts from equal groups and no key norms seen."""
         if self.kv_index is not None and not self.kv_index.is_meta:
             self.kv_index.copy_(torch.tensor(self.cfg.kv_groups))
+        if self.cfg.query_allocation == "dgqa" and not self.allocation.is_meta:
+            H, G = self.n_heads, self.n_kv_heads
+            self.allocation.copy_(torch.tensor([H // G + (g < H % G) for g in range(G)]))
+            self.key_norm_average.zero_()
 
     def reset_parameters(self) -> None:
         """WGQA merge weights start as mean pooling."""
@@ -254,8 +338,13 @@ class Attention(nn.Module):
             q = q.repeat(1, self.n_heads // self.n_q_heads, 1, 1)
         if self.kv_source > self.layer_idx:  # LCKV: a later layer's K/V of the tokens before each query
             y = self._attend_before(q, view, start, state.doc_ids)
+        elif self.cfg.query_allocation == "kdgqa":
+            y = self._attend_key_driven(q, view, start, state.doc_ids)
         else:
             y = self._attend(q, view, start, state.doc_ids)
+        # not while non-reentrant activation checkpointing recomputes this forward inside backward
+        if self.cfg.query_allocation == "dgqa" and self.training and torch._C._current_graph_task_id() == -1:
+            self._update_allocation(view.k)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
     def _kv_heads(self, projected: torch.Tensor, which: str) -> torch.Tensor:
@@ -273,9 +362,44 @@ class Attention(nn.Module):
         k, v = view.k, view.v
         if k.dtype != q.dtype:
             k, v = k.to(q.dtype), v.to(q.dtype)
-        if self.kv_index is not None:
-            k, v = k.index_select(1, self.kv_index), v.index_select(1, self.kv_index)
+        index = self.kv_index
+        if self.cfg.query_allocation == "dgqa":
+            index = kv_head_of_query(self.allocation, self.n_heads)
+        if index is not None:
+            k, v = k.index_select(1, index), v.index_select(1, index)
         return k, v
+
+    def _attend_key_driven(self, q: torch.Tensor, view: KVView, start, doc_ids: torch.Tensor | None) -> torch.Tensor:
+        """KDGQA: each query's heads split among the K/V heads by the norms of the keys that query sees."""
+        T, S = q.shape[2], view.k.shape[2]
+        energy = view.k.float().square().sum(-1)  # [B, G, S]: squared key norms (RoPE keeps them)
+        if doc_ids is None and view.k_pos is None and view.end == start + T and T == S:
+            energy = energy.cumsum(-1).transpose(1, 2)  # causal: every key up to the query's
+        else:
+            if doc_ids is not None:
+                sees = document_mask(doc_ids)[:, 0]
+            else:
+                q_pos = start + torch.arange(T, device=q.device)
+                k_pos = view.k_pos if view.k_pos is not None else torch.arange(view.end - S, view.end, device=q.device)
+                sees = position_mask(q_pos, k_pos)[None]
+            energy = torch.einsum("bts,bgs->btg", sees.to(energy.dtype), energy)
+        allocation = key_driven_allocation(energy.sqrt(), self.n_heads)  # [B, T, G]
+        reads = kv_head_of_query(allocation, self.n_heads).transpose(1, 2).unsqueeze(-1)  # [B, H, T, 1]
+        y = None
+        for g in range(self.n_kv_heads):  # every query head against K/V head g, kept where it reads g
+            one = KVView(view.k[:, g : g + 1], view.v[:, g : g + 1], view.end, view.k_pos)
+            part = self._attend(q, one, start, doc_ids) * (reads == g).to(q.dtype)
+            y = part if y is None else y + part
+        return y
+
+    @torch.no_grad()
+    def _update_allocation(self, k: torch.Tensor) -> None:
+        """DGQA: fold this batch's key norms into their running average and re-allocate the query heads
+        for the forwards that follow (this one used the allocation from before it)."""
+        norms = k.float().norm(dim=(2, 3)).sum(0)  # each sequence's [T, D] norm per K/V head, summed over the batch
+        beta = self.cfg.allocation_beta
+        self.key_norm_average.copy_(beta * norms + (1 - beta) * self.key_norm_average.float())
+        self.allocation.copy_(key_driven_allocation(self.key_norm_average.float(), self.n_heads, min_max=False))
 
     def _attend(self, q: torch.Tensor, view: KVView, start: int, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Attention of the step's queries (positions ``start..``) over ``view``, with the cheapest correct mask."""

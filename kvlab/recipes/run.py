@@ -61,15 +61,17 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         datamodule.prepare_data()
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(str(e)) from None
-    convert = dict(tc.init).get("convert")
+    convert, convert_report = dict(tc.init).get("convert"), {}
     if initial is not None and convert:
-        initial = _converted(initial, dict(convert), datamodule)
+        initial = _converted(initial, dict(convert), datamodule, convert_report)
         model_cfg = initial.config
     if datamodule.vocab_size > model_cfg.vocab_size:
         raise ConfigError(
             f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's {datamodule.vocab_size} tokens"
         )
     _claim_run_dir(run_dir, ckpt_path)
+    if convert_report:  # what a conversion's search found (QCQA's Pareto front), beside the run
+        _write_json(run_dir / "convert_report.json", convert_report)
     log.info("model plan (layer: mixer <- what it reads of other layers):\n%s", model_cfg.describe_plan())
     module = LMModule(
         model=model_cfg.to_dict(),
@@ -274,18 +276,19 @@ def _initial_model(tc: TrainConfig):
     return model
 
 
-CALIBRATION_ROWS = 8  # training rows that convert.method=similarity compares heads on
+CALIBRATION_ROWS = 8  # training rows that convert.method=similarity (asymgqa, to=mla) measure heads on
 
 
-def _converted(model, spec: dict, datamodule: LMDataModule):
-    """``init.convert`` applied to the initial model, with calibration rows from the training data."""
+def _converted(model, spec: dict, datamodule: LMDataModule, report: dict):
+    """``init.convert`` applied to the initial model, with calibration rows from the training data;
+    ``report`` receives what a search found."""
     calibration = None
-    if spec.get("method") == "similarity" or spec.get("to") == "mla":  # they measure heads on tokens
+    if spec.get("method") in ("similarity", "asymgqa") or spec.get("to") == "mla":  # they measure heads on tokens
         datamodule.setup("fit")
         rows = datamodule.splits["train"][:CALIBRATION_ROWS]["input_ids"]
         calibration = torch.as_tensor(rows)[:, :-1].long()
     try:
-        model = convert_model(model, spec, calibration=calibration)
+        model = convert_model(model, spec, calibration=calibration, report=report)
     except ValueError as e:
         raise ConfigError(f"init.convert: {e}") from None
     log.info("init: converted %s", spec)

@@ -23,6 +23,11 @@ VARIANTS = {
         mixer={"kind": "attention", "n_heads": 4, "n_kv_heads": 3, "kv_groups": [0, 2, 1, 2]},
         kv_sharing={"kind": "cla", "every": 2},
     ),
+    "kdgqa_cla": tiny(  # query heads split by key norms, per query; readers split by the owner's keys
+        mixer={"kind": "attention", "n_heads": 6, "n_kv_heads": 3, "head_dim": 8, "query_allocation": "kdgqa"},
+        kv_sharing={"kind": "cla", "every": 2},
+    ),
+    "dgqa": tiny(mixer={"kind": "attention", "n_heads": 4, "n_kv_heads": 2, "query_allocation": "dgqa"}),
     "gqkva_cla": tiny(  # 2 query heads x 2 K/V heads = 4 attention heads
         mixer={"kind": "attention", "n_heads": 4, "n_q_heads": 2, "n_kv_heads": 2},
         kv_sharing={"kind": "cla", "every": 2},

@@ -48,6 +48,7 @@ REMOTE = {
     "uneven_groups": tiny(mixer={**ATTENTION, "n_kv_heads": 3, "kv_groups": [0, 2, 1, 2]}),
     "partial_rope": tiny(mixer={**ATTENTION, "rope_dims": 8}),
     "gqkva": tiny(mixer={**ATTENTION, "n_q_heads": 2}),
+    "dgqa": tiny(mixer={**ATTENTION, "query_allocation": "dgqa"}),  # its allocation buffer travels too
     "gelu_layernorm": tiny(mlp={"kind": "gelu", "hidden": 96}, norm={"kind": "layernorm"}),
     "mla_mha2mla_form": VARIANTS["mla_mha2mla_form"],
     "infini_hybrid": tiny(
@@ -65,7 +66,7 @@ EXPORTED = {**NATIVE, **REMOTE}
 PRESET_TYPES = {"mha": "llama", "gqa": "llama", "mqa": "llama", "mla": "deepseek_v3", "cla": "kvlab", "mlkv": "kvlab",
                 "infini": "kvlab", "yoco_swa": "kvlab", "svformer": "kvlab", "lckv": "kvlab", "retnet": "kvlab",
                 "yoco_gret": "kvlab", "mamba2": "kvlab", "jamba": "kvlab", "samba": "kvlab",
-                "rwkv6": "kvlab", "rwkv7": "kvlab", "gau": "kvlab",
+                "rwkv6": "kvlab", "rwkv7": "kvlab", "gau": "kvlab", "kdgqa": "kvlab",
                 "hymba": "kvlab", "goldfinch": "kvlab"}  # fmt: skip
 EXPECTED_TYPE = {**PRESET_TYPES, "mistral_window": "mistral", "qwen2_bias": "qwen2", "mla_q_lora": "deepseek_v3",
                  **dict.fromkeys(REMOTE, "kvlab")}  # fmt: skip
@@ -108,6 +109,8 @@ def exported(tmp_path_factory):
             for buffer_name, b in model.named_buffers():  # MHA2MLA's picked RoPE frequencies travel too
                 if buffer_name.endswith("pair_index"):
                     b.copy_(torch.stack([torch.randperm(8)[: b.shape[1]] for _ in range(b.shape[0])]))
+                if buffer_name.endswith(".allocation"):  # DGQA's learned allocation, away from equal groups
+                    b.copy_(torch.tensor([3, 1]))
         out = root / name
         save_hf(model, out, max_shard_bytes=20_000 if name == "sharded" else 5 * 2**30,
                 remote_code=True if name.endswith("forced") else None)  # fmt: skip

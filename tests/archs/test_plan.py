@@ -286,13 +286,14 @@ FIXTURE = Path(__file__).parent / "data" / "preset_logits_275f92f.pt"
 def test_every_preset_computes_what_it_did_before_the_plan():
     """Logits (forward, prefill + decode) and the packed loss of every preset on fixed weights, against a
     fixture written at commit 275f92f, before the plan (to float rounding, see below). The LCKV
-    preset now has the published layout and pass counts; it is checked at the settings it had then."""
+    preset now has the published layout and pass counts; it is checked at the settings it had then.
+    Presets added since (kdgqa, clla, ...) have no fixture: their own tests check them."""
     old = torch.load(FIXTURE)
     # Bitwise until issue 18, whose kernels order two sums otherwise (a decoded token's query heads attend
     # grouped by K/V head; MLA's narrower values are padded for SDPA's fused kernel): float rounding since.
     tolerance = {"rtol": 1e-5, "atol": 1e-5}
-    assert sorted(old["presets"]) == PRESETS
-    for name in PRESETS:
+    assert set(old["presets"]) <= set(PRESETS)  # none removed or renamed
+    for name in sorted(old["presets"]):
         d = preset_dict(name)
         if name == "lckv":
             d |= {

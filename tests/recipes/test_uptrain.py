@@ -63,15 +63,29 @@ def test_gqa_uptrain_runs_every_stage_then_reuses_the_parent(tmp_path, data_cach
     assert mla["uptrained"]["val_ppl"] < mla["converted"]["val_ppl"]
 
 
-def test_uptrain_a_checkpoint_parent_counts_its_tokens_and_groups_by_similarity(tmp_path, data_cache):
+def test_uptrain_a_checkpoint_parent_counts_its_tokens_and_groups_by_search(tmp_path, data_cache):
+    """AsymGQA's search (calibrated on training rows, as method=similarity is), then qcqa_uptrain, which
+    writes its Pareto front beside the uptraining run."""
     train(tmp_path, data_cache, "recipe=pretrain", *TINY_MHA, "trainer.max_steps=20")
     ckpt = run_dirs(tmp_path, "pretrain")[0] / "checkpoints" / "last.ckpt"
     train(tmp_path, data_cache, "recipe=gqa_uptrain", "init.from=checkpoint", f"init.path={ckpt}",
-          "uptrain.alpha=0.25", "init.convert.n_kv_heads=4", "init.convert.method=similarity")  # fmt: skip
+          "uptrain.alpha=0.25", "init.convert.n_kv_heads=4", "init.convert.method=asymgqa",
+          "+init.convert.iterations=4")  # fmt: skip
     m = _metrics(tmp_path, "gqa_uptrain")
     assert m["parent"]["tokens_seen"] == 20 * 8 * 64 and m["uptrained"]["steps"] == 5
-    assert m["convert"] == {"to": "gqa", "n_kv_heads": 4, "method": "similarity"}
+    assert m["convert"] == {"to": "gqa", "n_kv_heads": 4, "method": "asymgqa", "iterations": 4}
     assert m["uptrained"]["val_ppl"] < m["converted"]["val_ppl"]
+    losses = json.loads((run_dirs(tmp_path, "gqa_uptrain")[-1] / "uptrained" / "convert_report.json").read_text())
+    assert len(losses["asymgqa_losses"]) == 5
+
+    train(tmp_path, data_cache, "recipe=qcqa_uptrain", "init.from=checkpoint", f"init.path={ckpt}",
+          "uptrain.alpha=0.25", "init.convert.population=8", "init.convert.generations=4")  # fmt: skip
+    q = _metrics(tmp_path, "qcqa_uptrain")
+    assert q["converted"]["kv_bytes_per_token"] * 4 <= q["parent"]["kv_bytes_per_token"]  # n_heads / 4 on average
+    assert q["uptrained"]["val_ppl"] < q["converted"]["val_ppl"]
+    report = json.loads((run_dirs(tmp_path, "qcqa_uptrain")[-1] / "uptrained" / "convert_report.json").read_text())
+    chosen = [p for p in report["qcqa_front"] if p["chosen"]]
+    assert len(chosen) == 1 and chosen[0]["kv_heads"] == sum(m["n_kv_heads"] for m in q["model"]["mixers"].values())
 
 
 @pytest.mark.parametrize("n_kv_heads,tied", [(8, False), (4, True)])

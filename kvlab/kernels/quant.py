@@ -1,0 +1,69 @@
+"""Low-bit integer codes for cached vectors: asymmetric min-max quantization in groups, bit-packed.
+
+A vector's channels are cut into groups of ``group`` channels; each group
+keeps a scale and a zero point (its minimum), and each channel a ``bits``-wide
+code, ``round((x - zero) / scale)`` with ``scale = (max - min) / (2^bits - 1)``,
+so ``code * scale + zero`` gives the value back within half a step. Codes are
+packed ``8 / bits`` to a byte, the lowest channel in the lowest bits. What a
+cache holds per vector is then exactly ``width * bits / 8`` bytes of codes plus
+two numbers per group, which is what the footprint counts.
+
+``quantize`` and ``dequantize`` are the one definition; the forward pass of a
+model that caches quantized vectors runs its vectors through
+``fake_quantize`` (the same round trip, with a straight-through gradient), so
+decoding from the codes computes what the forward computed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+BITS = (2, 4, 8)
+
+
+def quantize(x: torch.Tensor, bits: int, group: int, scale_dtype: torch.dtype):
+    """x [..., width] -> (packed codes uint8 [..., width * bits / 8], scale, zero [..., width / group]).
+
+    ``scale`` and ``zero`` are rounded to ``scale_dtype`` (what the cache stores) before the codes are
+    computed from them, so dequantizing from the stored numbers is the round trip the forward pass takes."""
+    *lead, width = x.shape
+    levels = 2**bits - 1
+    groups = x.float().reshape(*lead, width // group, group)
+    lo, hi = groups.amin(-1), groups.amax(-1)
+    zero = lo.to(scale_dtype)
+    scale = ((hi - zero.float()) / levels).to(scale_dtype)
+    step = scale.float().unsqueeze(-1)
+    codes = torch.where(step > 0, (groups - zero.float().unsqueeze(-1)) / step.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
+    codes = codes.round().clamp(0, levels).to(torch.uint8).reshape(*lead, width)
+    return pack(codes, bits), scale, zero
+
+
+def dequantize(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, dtype: torch.dtype):
+    """The inverse of ``quantize``: [..., width] in ``dtype``."""
+    codes = unpack(packed, bits).float()
+    *lead, width = codes.shape
+    n_groups = scale.shape[-1]
+    values = codes.reshape(*lead, n_groups, width // n_groups) * scale.float().unsqueeze(-1) + zero.float().unsqueeze(-1)
+    return values.reshape(*lead, width).to(dtype)
+
+
+def fake_quantize(x: torch.Tensor, bits: int, group: int, scale_dtype: torch.dtype) -> torch.Tensor:
+    """``dequantize(quantize(x))`` in the forward pass, the identity in the backward (straight through)."""
+    packed, scale, zero = quantize(x.detach(), bits, group, scale_dtype)
+    return x + (dequantize(packed, scale, zero, bits, x.dtype) - x).detach()
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes below 2^bits [..., width] -> [..., width * bits / 8], ``8 / bits`` codes a byte."""
+    per_byte = 8 // bits
+    lanes = codes.reshape(*codes.shape[:-1], -1, per_byte).to(torch.int32)
+    shifts = torch.arange(per_byte, device=codes.device, dtype=torch.int32) * bits
+    return (lanes << shifts).sum(-1).to(torch.uint8)
+
+
+def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """The inverse of ``pack``."""
+    per_byte = 8 // bits
+    shifts = torch.arange(per_byte, device=packed.device, dtype=torch.int32) * bits
+    lanes = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & (2**bits - 1)
+    return lanes.reshape(*packed.shape[:-1], -1).to(torch.uint8)
