@@ -153,6 +153,8 @@ def _mla_problems(cfg: ModelConfig, m) -> list[str]:
         problems.append(f"MLA norm_eps={m.norm_eps} differs from norm.eps={cfg.norm.eps} (DeepSeek-V3 has one eps)")
     if m.rope_kv_heads != 1 or m.rope_spectrum is not None or not m.latent_norm:
         problems.append("MLA with per-head RoPE keys, picked RoPE frequencies or no latent norm (MHA2MLA's form)")
+    if m.latent_bits is not None:
+        problems.append(f"MLA latents quantized to {m.latent_bits} bits (CLLA-quant)")
     return problems
 
 

@@ -28,35 +28,39 @@ def quantize(x: torch.Tensor, bits: int, group: int, scale_dtype: torch.dtype):
     computed from them, so dequantizing from the stored numbers is the round trip the forward pass takes."""
     *lead, width = x.shape
     levels = 2**bits - 1
-    groups = x.float().reshape(*lead, width // group, group)
+    work = torch.promote_types(x.dtype, torch.float32)  # float64 stays float64 (the tests' transcription)
+    groups = x.to(work).reshape(*lead, width // group, group)
     lo, hi = groups.amin(-1), groups.amax(-1)
     zero = lo.to(scale_dtype)
-    scale = ((hi - zero.float()) / levels).to(scale_dtype)
-    step = scale.float().unsqueeze(-1)
-    codes = torch.where(step > 0, (groups - zero.float().unsqueeze(-1)) / step.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
+    scale = ((hi - zero.to(work)) / levels).to(scale_dtype)
+    step = scale.to(work).unsqueeze(-1)
+    offsets = groups - zero.to(work).unsqueeze(-1)
+    codes = torch.where(step > 0, offsets / step.clamp_min(torch.finfo(work).tiny), 0.0)
     codes = codes.round().clamp(0, levels).to(torch.uint8).reshape(*lead, width)
     return pack(codes, bits), scale, zero
 
 
 def dequantize(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, dtype: torch.dtype):
     """The inverse of ``quantize``: [..., width] in ``dtype``."""
-    codes = unpack(packed, bits).float()
+    work = torch.promote_types(scale.dtype, torch.float32)
+    codes = unpack(packed, bits).to(work)
     *lead, width = codes.shape
     n_groups = scale.shape[-1]
-    values = codes.reshape(*lead, n_groups, width // n_groups) * scale.float().unsqueeze(-1) + zero.float().unsqueeze(-1)
-    return values.reshape(*lead, width).to(dtype)
+    values = codes.reshape(*lead, n_groups, width // n_groups) * scale.to(work).unsqueeze(-1)
+    return (values + zero.to(work).unsqueeze(-1)).reshape(*lead, width).to(dtype)
 
 
 def fake_quantize(x: torch.Tensor, bits: int, group: int, scale_dtype: torch.dtype) -> torch.Tensor:
     """``dequantize(quantize(x))`` in the forward pass, the identity in the backward (straight through)."""
     packed, scale, zero = quantize(x.detach(), bits, group, scale_dtype)
-    return x + (dequantize(packed, scale, zero, bits, x.dtype) - x).detach()
+    values = dequantize(packed, scale, zero, bits, x.dtype)
+    return x + (values - x).detach() if x.requires_grad else values
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """uint8 codes below 2^bits [..., width] -> [..., width * bits / 8], ``8 / bits`` codes a byte."""
     per_byte = 8 // bits
-    lanes = codes.reshape(*codes.shape[:-1], -1, per_byte).to(torch.int32)
+    lanes = codes.reshape(*codes.shape[:-1], codes.shape[-1] // per_byte, per_byte).to(torch.int32)
     shifts = torch.arange(per_byte, device=codes.device, dtype=torch.int32) * bits
     return (lanes << shifts).sum(-1).to(torch.uint8)
 
@@ -66,4 +70,4 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     per_byte = 8 // bits
     shifts = torch.arange(per_byte, device=packed.device, dtype=torch.int32) * bits
     lanes = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & (2**bits - 1)
-    return lanes.reshape(*packed.shape[:-1], -1).to(torch.uint8)
+    return lanes.reshape(*packed.shape[:-1], packed.shape[-1] * per_byte).to(torch.uint8)

@@ -3,8 +3,10 @@
 ``StaticKV`` holds every position up to ``max_len``; ``RingKV`` holds the
 last ``window`` positions in a ring buffer, so a sliding-window layer never
 stores more than its window; ``LatentKV`` holds one vector per position
-(MLA's compressed latent and RoPE key) that every head reads. Both allocate once and write new keys in place,
-so decoding allocates no cache memory. Keys are stored after RoPE.
+(MLA's compressed latent and RoPE key) that every head reads, and
+``QuantizedLatentKV`` the same with the latent as low-bit codes (CLLA-quant).
+They allocate once and write new keys in place, so decoding allocates no
+cache memory. Keys are stored after RoPE.
 
 Slots store; they do not count. The one position counter is the model's
 cache (``Cache.seen``), handed to mixers as the step state's ``start``:
@@ -30,6 +32,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from kvlab.kernels.quant import dequantize, quantize
 
 
 def reorder_rows(tensors: list[torch.Tensor], batch_idx: torch.Tensor) -> None:
@@ -177,6 +181,59 @@ class LatentKV:
 
     def reorder(self, batch_idx: torch.Tensor) -> None:
         reorder_rows([self.latent], batch_idx)
+
+    def reset(self) -> None:
+        """Nothing to clear: positions are overwritten before they are read."""
+
+
+class QuantizedLatentKV:
+    """A ``LatentKV`` whose first ``width`` channels (MLA's compressed latent) are held as ``bits``-wide
+    integer codes with a scale and a zero point per ``group`` channels (CLLA-quant, ``kvlab.kernels.quant``),
+    and whose last ``rope_width`` (the RoPE keys) as they are. ``update`` returns the held positions
+    dequantized, [B, S, width + rope_width] in the cache's dtype; what it holds is bit-exact to the
+    footprint: ``width * bits / 8`` bytes of codes and two numbers per group, per position."""
+
+    def __init__(self, batch_size: int, length: int, width: int, rope_width: int, bits: int, group: int, *,
+                 dtype, device):  # fmt: skip
+        self.width, self.rope_width, self.bits, self.group, self.dtype = width, rope_width, bits, group, dtype
+        self.codes = torch.zeros(batch_size, length, width * bits // 8, dtype=torch.uint8, device=device)
+        self.scale = torch.zeros(batch_size, length, width // group, dtype=dtype, device=device)
+        self.zero = torch.zeros(batch_size, length, width // group, dtype=dtype, device=device)
+        self.rope = torch.zeros(batch_size, length, rope_width, dtype=dtype, device=device)
+        self.length = length
+
+    def _buffers(self) -> list[torch.Tensor]:
+        return [self.codes, self.scale, self.zero, self.rope]
+
+    def update(self, new: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:
+        """As ``LatentKV.update``: with a tensor ``start`` the whole buffer (unwritten positions masked by the
+        reader), else the positions up to the new ones."""
+        t = new.shape[1]
+        c, rope = new.split([self.width, self.rope_width], dim=-1)
+        parts = [*quantize(c, self.bits, self.group, self.dtype), rope.to(self.dtype)]
+        if isinstance(start, torch.Tensor):
+            index = start + torch.arange(t, device=start.device)
+            for buffer, part in zip(self._buffers(), parts, strict=True):
+                buffer.index_copy_(1, index, part)
+            return self._held(self.length)
+        if start + t > self.length:
+            raise ValueError(f"cache is full: {start} tokens held + {t} new > max_len={self.length}")
+        for buffer, part in zip(self._buffers(), parts, strict=True):
+            buffer[:, start : start + t].copy_(part)
+        return self._held(start + t)
+
+    def _held(self, end: int) -> torch.Tensor:
+        c = dequantize(self.codes[:, :end], self.scale[:, :end], self.zero[:, :end], self.bits, self.dtype)
+        return torch.cat([c, self.rope[:, :end]], dim=-1)
+
+    def nbytes(self, seen: int) -> int:
+        return sum(b[:, :seen].nbytes for b in self._buffers())
+
+    def allocated_bytes(self) -> int:
+        return sum(b.nbytes for b in self._buffers())
+
+    def reorder(self, batch_idx: torch.Tensor) -> None:
+        reorder_rows(self._buffers(), batch_idx)
 
     def reset(self) -> None:
         """Nothing to clear: positions are overwritten before they are read."""

@@ -41,6 +41,16 @@ it reads that layer's latents and decompresses them with its own
 up-projections (``kv_b_proj``), attending with its own queries, expanded or
 absorbed like the owner. The latent is cached once for all its readers.
 
+Quantized latents (CLLA-quant, Yang et al. 2024, "Lossless KV Cache
+Compression to 2%"): with ``latent_bits`` (2, 4 or 8) the cache holds the
+compressed latent c_t as integer codes with a scale and a zero point per
+``latent_group`` channels (default the whole latent: one pair per token),
+asymmetric min-max quantization (``kvlab.kernels.quant``); the RoPE keys stay
+in the cache's dtype. The forward pass quantizes and dequantizes c_t the same
+way (straight-through gradients), so training sees what decoding reads and
+decode equals forward. With cross-layer sharing (``kv_sharing``) this is
+CLLA: latents shared across layers, quantized.
+
 Parameter names and layouts are `transformers`' DeepseekV3Attention (with
 ``rope_interleave: false``): ``q_proj`` (or ``q_a_proj``, ``q_a_layernorm``,
 ``q_b_proj``) giving per head ``[q^C; q^R]``; ``kv_a_proj_with_mqa`` giving
@@ -56,11 +66,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kvlab._config import check_bool, check_float, check_int
+from kvlab._config import check_bool, check_choice, check_float, check_int
 from kvlab.kernels.attention import position_mask
 from kvlab.kernels.ops import absorbed_attention, apply_rope, attention
+from kvlab.kernels.quant import BITS, fake_quantize
 from kvlab.layers.base import LayerFootprint, MixerConfig, StepState, default_head_dim, register_mixer
-from kvlab.layers.kv_cache import KVView, LatentKV
+from kvlab.layers.kv_cache import KVView, LatentKV, QuantizedLatentKV
 from kvlab.layers.norm import RMSNorm
 from kvlab.layers.rope import HeadwiseRotary, Rotary
 
@@ -81,6 +92,8 @@ class MLAConfig(MixerConfig):
     rope_spectrum: int | None = None  # set: per-RoPE-head frequencies picked from a rotary this wide
     latent_norm: bool = True  # RMSNorm on the latent (DeepSeek); the MHA2MLA conversion has none
     norm_eps: float = 1e-5  # of the latent RMSNorms
+    latent_bits: int | None = None  # CLLA-quant: the cached latent as 2/4/8-bit codes; None: the cache's dtype
+    latent_group: int | None = None  # channels per scale and zero point; None: the whole latent
 
     def validate(self, d_model: int, path: str) -> None:
         check_int(self.n_heads, f"{path}.n_heads", minimum=1)
@@ -107,9 +120,27 @@ class MLAConfig(MixerConfig):
             raise ValueError(
                 f"{path}.n_heads={self.n_heads} is not divisible by {path}.rope_kv_heads={self.rope_kv_heads}"
             )
+        if self.latent_bits is not None:
+            self._check_latent_quantization(path)
         if self.rope_spectrum is not None and self.rope_spectrum < self.rope_head_dim:
             raise ValueError(
                 f"{path}.rope_spectrum={self.rope_spectrum} must be at least rope_head_dim={self.rope_head_dim}"
+            )
+
+    def _check_latent_quantization(self, path: str) -> None:
+        check_choice(self.latent_bits, f"{path}.latent_bits", BITS)
+        check_int(self.latent_group, f"{path}.latent_group", minimum=1, optional=True)
+        if self.latent_group is None:
+            self.latent_group = self.kv_lora_rank
+        if self.kv_lora_rank % self.latent_group:
+            raise ValueError(
+                f"{path}.latent_group={self.latent_group} must divide kv_lora_rank={self.kv_lora_rank} "
+                "(each group of channels has its own scale and zero point)"
+            )
+        if self.kv_lora_rank * self.latent_bits % 8:
+            raise ValueError(
+                f"{path}.kv_lora_rank={self.kv_lora_rank} x latent_bits={self.latent_bits} must fill whole bytes "
+                "(codes are packed 8 / latent_bits to a byte)"
             )
 
     def cache_rewritable(self) -> bool:
@@ -120,7 +151,8 @@ class MLAConfig(MixerConfig):
             return f"source mixer kind {source.kind!r} has no MLA latent"
         if self.rope_spectrum is not None or source.rope_spectrum is not None:
             return "per-head RoPE frequencies (rope_spectrum) are a layer's own; readers cannot share them"
-        for name in ("kv_lora_rank", "rope_head_dim", "rope_kv_heads", "rope_theta", "latent_norm"):
+        for name in ("kv_lora_rank", "rope_head_dim", "rope_kv_heads", "rope_theta", "latent_norm", "latent_bits",
+                     "latent_group"):  # fmt: skip
             if getattr(self, name) != getattr(source, name):
                 return f"{name}={getattr(self, name)} differs from the source's {name}={getattr(source, name)}"
         return None
@@ -181,7 +213,12 @@ class MLA(nn.Module):
             k_rope = apply_rope(k_rope.view(B, T, G, R).transpose(1, 2), cos, sin)
             # what is cached: [B, T, kv_lora_rank + G * R]
             latent = torch.cat([self.kv_a_layernorm(c), k_rope.transpose(1, 2).reshape(B, T, G * R)], dim=-1)
-            held = cache.update(latent, start) if cache is not None else latent  # every position so far
+            if cache is not None:  # every position so far (a quantized cache gives its latents back dequantized)
+                held = cache.update(latent, start)
+            elif self.cfg.latent_bits is not None:  # what a quantized cache would give back
+                held = self._quantized(latent)
+            else:
+                held = latent
             state.publish("kv", self.layer_idx, KVView(held, held, start + T))  # for the layers that read them
         else:
             held = state.read("kv", self.kv_source, self.layer_idx).k
@@ -198,6 +235,12 @@ class MLA(nn.Module):
                 mask = position_mask(q_pos, torch.arange(held.shape[1], device=x.device))
             y = self._absorbed(q_nope, q_rope, held, mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * self.v_head_dim))
+
+    def _quantized(self, latent: torch.Tensor) -> torch.Tensor:
+        """CLLA-quant: the compressed latent through its codes and back (straight-through); RoPE keys as they are."""
+        c, k_rope = latent.split([self.kv_lora_rank, self.latent_rope_width], dim=-1)
+        c = fake_quantize(c, self.cfg.latent_bits, self.cfg.latent_group, c.dtype)
+        return torch.cat([c, k_rope], dim=-1)
 
     def _up_projections(self) -> tuple[torch.Tensor, torch.Tensor]:
         """W_UK [n_heads, head_dim, kv_lora_rank] and W_UV [n_heads, v_head_dim, kv_lora_rank]."""
@@ -245,9 +288,17 @@ class MLA(nn.Module):
     def new_cache_slot(self, batch_size: int, max_len: int, dtype: torch.dtype, device):
         if not self.owns_kv:
             return None
+        if self.cfg.latent_bits is not None:
+            bits, group = self.cfg.latent_bits, self.cfg.latent_group
+            return QuantizedLatentKV(batch_size, max_len, self.kv_lora_rank, self.latent_rope_width, bits, group,
+                                     dtype=dtype, device=device)  # fmt: skip
         return LatentKV(batch_size, max_len, self.kv_lora_rank + self.latent_rope_width, dtype=dtype, device=device)
 
     def kv_footprint(self, dtype: torch.dtype) -> LayerFootprint:
         if not self.owns_kv:
             return LayerFootprint()
+        if self.cfg.latent_bits is not None:  # packed codes, a scale and a zero point per group, RoPE keys
+            codes = self.kv_lora_rank * self.cfg.latent_bits // 8
+            scales = 2 * (self.kv_lora_rank // self.cfg.latent_group) * dtype.itemsize
+            return LayerFootprint(bytes_per_token=codes + scales + self.latent_rope_width * dtype.itemsize)
         return LayerFootprint(bytes_per_token=(self.kv_lora_rank + self.latent_rope_width) * dtype.itemsize)

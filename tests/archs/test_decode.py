@@ -53,6 +53,18 @@ VARIANTS = {
         mixer={"kind": "mla", "n_heads": 4, "head_dim": 16, "rope_head_dim": 8, "kv_lora_rank": 24},
         kv_sharing={"kind": "cla", "every": 2},
     ),
+    "clla": tiny(  # CLLA-quant: latents shared by layer pairs, cached as 4-bit codes in groups of 8 channels
+        mixer={
+            "kind": "mla",
+            "n_heads": 4,
+            "head_dim": 16,
+            "rope_head_dim": 8,
+            "kv_lora_rank": 24,
+            "latent_bits": 4,
+            "latent_group": 8,
+        },
+        kv_sharing={"kind": "cla", "every": 2},
+    ),  # fmt: skip
     "goldfinch_like": tiny(  # RWKV-6 below; one compressed latent computed by layer 2, read by layers 2 and 3
         mixer=None,
         pattern="RRMM",
