@@ -37,6 +37,14 @@ weights are derived from ``model``'s:
   search (swaps, and with ``uneven: true`` moves, of the most alike heads,
   kept when the loss on the calibration tokens improves), ``n_kv_heads``
   groups per layer; ``report["asymgqa_losses"]`` holds the search's losses.
+- ``{to: matryoshka, ranks: [...], rank: [r_k, r_v]}`` (MatryoshkaKV, Lin et
+  al. 2024): every attention layer gets orthogonal K/V projections
+  initialised by PCA of its keys (after RoPE) and values on calibration
+  tokens, with their means, so at full rank the model computes what the
+  parent did; ``ranks`` is the Matryoshka schedule (default the official
+  ``d/4, d/2, 3d/4, d``), ``rank`` the ranks used outside training, or
+  ``budget`` (a fraction of the full K/V width) to choose them per layer by
+  the paper's greedy search (``report["matryoshka_ranks"]``).
 - ``query_allocation: kdgqa | dgqa`` with ``method: mean`` (Khan et al. 2024,
   who uptrain mean-pooled checkpoints this way): the pooled model allocates
   its query heads to K/V heads by key norms (``kvlab.layers.attention``).
@@ -69,7 +77,7 @@ from typing import Any
 
 import torch
 
-from kvlab._config import check_bool, check_choice, check_int, check_keys, to_dict
+from kvlab._config import check_bool, check_choice, check_float, check_int, check_keys, to_dict
 from kvlab.archs import grouping
 from kvlab.archs.config import ModelConfig
 from kvlab.archs.model import CausalLM
@@ -77,7 +85,7 @@ from kvlab.layers.attention import AttentionConfig
 
 log = logging.getLogger(__name__)
 
-CONVERSIONS = ("gqa", "mqa", "cla", "mla")
+CONVERSIONS = ("gqa", "mqa", "cla", "mla", "matryoshka")
 GQA_METHODS = ("mean", "first", "similarity", "weighted", "qcqa", "asymgqa")
 SEARCH_KEYS = {"qcqa": ("population", "generations", "seed"), "asymgqa": ("iterations", "seed")}
 SEARCH_DEFAULTS = {"population": 32, "generations": 60, "iterations": 100, "seed": 0}
@@ -103,7 +111,20 @@ def convert_model(
                 f"convert: layer {i} is GQKVA (n_q_heads={m.n_q_heads}), whose heads pair every query with every "
                 "K/V head; conversions start from MHA/GQA/MQA layers"
             )
-    if spec["to"] == "cla":
+    if spec["to"] == "matryoshka":
+        check_keys(spec, ["to", "ranks", "rank", "budget", "method"], "convert")
+        method = spec.get("method", "pca")
+        check_choice(method, "convert.method", ("pca",))
+        if calibration is None:
+            raise ValueError("convert.to=matryoshka needs calibration tokens for the PCA of keys and values")
+        budget = spec.get("budget")
+        if budget is not None:
+            check_float(budget, "convert.budget", positive=True)
+            if budget > 1 or spec.get("rank") is not None:
+                raise ValueError(f"convert.budget={budget} must be in (0, 1] (a fraction of the full K/V width), "
+                                 "and is instead of convert.rank")  # fmt: skip
+        converted = _to_matryoshka(model, spec.get("ranks"), spec.get("rank"), budget, calibration, report)
+    elif spec["to"] == "cla":
         check_keys(spec, ["to", "every", "kv_source", "method"], "convert")
         check_choice(spec.get("method", "mean"), "convert.method", ("mean",))
         converted, method = _to_cla(model, spec), "mean"
@@ -212,8 +233,6 @@ def _to_uneven_gqa(model: CausalLM, groups: dict[int, list[list[int]]]) -> Causa
     cfg = model.config
     cfg_dict = copy.deepcopy(cfg.to_dict())
     layer_dicts = [to_dict(m) for m in cfg.layer_mixers]
-    if cfg.n_layers > len(LAYER_NAMES):
-        raise ValueError(f"convert.uneven: at most {len(LAYER_NAMES)} layers (one mixer name each), got {cfg.n_layers}")
     state = dict(model.state_dict())
     for i, layer in enumerate(model.layers):
         mixer = layer.mixer
@@ -235,12 +254,134 @@ def _to_uneven_gqa(model: CausalLM, groups: dict[int, list[list[int]]]) -> Causa
                 if key in state:
                     heads = state[key].unflatten(0, (mixer.n_kv_heads, mixer.head_dim))
                     state[key] = torch.cat([heads[members].mean(dim=0) for members in clusters])
-    cfg_dict.update(mixer=None, pattern=LAYER_NAMES[: cfg.n_layers],
-                    mixers={LAYER_NAMES[i]: d for i, d in enumerate(layer_dicts)})  # fmt: skip
-    return _build(cfg_dict, state, like=model)
+    return _build(_one_mixer_per_layer(cfg_dict, layer_dicts), state, like=model)
 
 
 LAYER_NAMES = string.ascii_letters + string.digits  # one mixer name per layer when layers differ
+
+
+def _one_mixer_per_layer(cfg_dict: dict, layer_dicts: list[dict]) -> dict:
+    """``cfg_dict`` with layer i's mixer ``layer_dicts[i]`` (a pattern of one name per layer)."""
+    if len(layer_dicts) > len(LAYER_NAMES):
+        raise ValueError(f"convert: at most {len(LAYER_NAMES)} layers can differ (one mixer name each)")
+    names = LAYER_NAMES[: len(layer_dicts)]
+    return {**cfg_dict, "mixer": None, "pattern": names, "mixers": dict(zip(names, layer_dicts, strict=True))}
+
+
+def _to_matryoshka(
+    model: CausalLM,
+    ranks: list[int] | None,
+    rank: list[int] | None,
+    budget: float | None,
+    calibration: torch.Tensor,
+    report: dict | None,
+) -> CausalLM:
+    """MatryoshkaKV: PCA bases and means of every K/V head's keys (after RoPE) and values on ``calibration``,
+    as the layers' trainable orthogonal projections (through the inverse Cayley map); ``budget``: per-layer
+    ranks by the greedy search (``matryoshka_greedy_ranks``)."""
+    cfg = model.config
+    for i, (m, src) in enumerate(zip(cfg.layer_mixers, cfg.layer_kv_source, strict=True)):
+        if not isinstance(m, AttentionConfig):
+            raise ValueError(f"convert.to=matryoshka: layer {i} is {m.kind!r}; MatryoshkaKV projects attention K/V")
+        if src != i:
+            raise ValueError(f"convert.to=matryoshka: layer {i} reads layer {src}'s K/V; convert an unshared model")
+    layer_dicts = [to_dict(m) for m in cfg.layer_mixers]
+    state = dict(model.state_dict())
+    for i, basis in _pca_bases(model, calibration).items():
+        d = model.layers[i].mixer.head_dim
+        schedule = ranks if ranks is not None else [d // 4, d // 2, 3 * d // 4, d]  # the official schedule
+        layer_dicts[i].update(kv_ranks=sorted({r for r in schedule if r > 0}), kv_rank=rank)
+        for name, tensor in basis.items():
+            state[f"layers.{i}.mixer.{name}"] = tensor.to(state[f"layers.{i}.mixer.k_proj.weight"].dtype)
+    converted = _build(_one_mixer_per_layer(copy.deepcopy(cfg.to_dict()), layer_dicts), state, like=model)
+    if budget is None:
+        return converted
+    chosen, losses = matryoshka_greedy_ranks(converted, calibration, budget)
+    for i, r in chosen.items():
+        layer_dicts[i]["kv_rank"] = list(r)
+    if report is not None:
+        report["matryoshka_ranks"] = {str(i): list(r) for i, r in chosen.items()}
+        report["matryoshka_losses"] = losses
+    return _build(_one_mixer_per_layer(copy.deepcopy(cfg.to_dict()), layer_dicts), state, like=model)
+
+
+@torch.no_grad()
+def _pca_bases(model: CausalLM, calibration: torch.Tensor) -> dict[int, dict[str, torch.Tensor]]:
+    """Per attention layer: each K/V head's mean and principal directions (columns, by falling variance) of
+    its keys after RoPE and of its values on ``calibration``, as MatryoshkaKV's parameters (Cayley form)."""
+    from kvlab.kernels.ops import apply_rope
+    from kvlab.layers.attention import inverse_cayley
+
+    owners = _kv_owners(model)
+    outputs = _projection_outputs(model, calibration, owners, ("k_proj", "v_proj"))
+    B, T = calibration.shape
+    bases = {}
+    for i in owners:
+        mixer = model.layers[i].mixer
+        G, d = mixer.n_kv_heads, mixer.head_dim
+        if mixer.cfg.kv_merge > 1 or mixer.cfg.value_residual is not None or mixer.cfg.query_allocation is not None:
+            raise ValueError(f"convert.to=matryoshka: layer {i} has WGQA merge weights, a value residual or "
+                             "key-driven allocation; MatryoshkaKV projects plain K/V heads")  # fmt: skip
+        keys = outputs[i, "k_proj"].view(B, T, G, d).transpose(1, 2)
+        cos, sin = mixer.rotary(0, T)
+        keys = apply_rope(keys, cos, sin)
+        values = outputs[i, "v_proj"].view(B, T, G, d).transpose(1, 2)
+        for which, x in (("k", keys), ("v", values)):
+            samples = x.transpose(0, 1).reshape(G, -1, d).double()  # [G, tokens, d]
+            mean = samples.mean(1)
+            centered = samples - mean[:, None]
+            _, vectors = torch.linalg.eigh(centered.transpose(1, 2) @ centered)  # ascending eigenvalues
+            basis = vectors.flip(-1)
+            basis = basis * torch.where(basis.diagonal(dim1=-2, dim2=-1) < 0, -1.0, 1.0)[:, None]  # near I: a
+            basis[..., -1] *= torch.linalg.det(basis).sign()[:, None]  # Cayley parameter stays small; det +1
+            bases.setdefault(i, {})[f"{which}_rotation"] = inverse_cayley(basis).float()
+            bases[i][f"{which}_mean"] = mean.float()
+    return bases
+
+
+@torch.no_grad()
+def matryoshka_greedy_ranks(
+    model: CausalLM, calibration: torch.Tensor, budget: float
+) -> tuple[dict[int, tuple[int, int]], list[float]]:
+    """MatryoshkaKV's adaptive search for heterogeneous ranks: from every layer at its schedule's largest key
+    and value ranks, repeatedly lower the one (layer, keys or values) whose next smaller rank raises the loss
+    on ``calibration`` least, until the cache is at most ``budget`` of full-width K/V. Per layer (the paper
+    goes per head too). Returns the ranks per layer and the loss after each step."""
+    mixers = {i: model.layers[i].mixer for i in _kv_owners(model)}
+    ids = calibration.to(model.embed_tokens.weight.device)
+    was_training = model.training
+    model.eval()
+
+    def loss() -> float:
+        return model(ids[:, :-1], labels=ids[:, 1:]).item()
+
+    full = sum(2 * m.n_kv_heads * m.head_dim for m in mixers.values())
+    ranks = {i: [max(m.cfg.kv_ranks)] * 2 for i, m in mixers.items()}
+    for i, m in mixers.items():
+        m.kv_rank = tuple(ranks[i])
+    losses = [loss()]
+    while sum(m.n_kv_heads * sum(ranks[i]) for i, m in mixers.items()) > budget * full:
+        best = None
+        for i, m in mixers.items():
+            for which in (0, 1):
+                lower = [r for r in m.cfg.kv_ranks if r < ranks[i][which]]
+                if not lower:
+                    continue
+                trial = list(ranks[i])
+                trial[which] = lower[-1]
+                m.kv_rank = tuple(trial)
+                value = loss()
+                m.kv_rank = tuple(ranks[i])
+                if best is None or value < best[0]:
+                    best = (value, i, trial)
+        if best is None:
+            raise ValueError(f"convert.budget={budget}: even the smallest ranks of kv_ranks exceed it")
+        value, i, trial = best
+        ranks[i] = trial
+        mixers[i].kv_rank = tuple(trial)
+        losses.append(value)
+    model.train(was_training)
+    return {i: tuple(r) for i, r in ranks.items()}, losses
 
 
 def _to_cla(model: CausalLM, spec: Mapping[str, Any]) -> CausalLM:

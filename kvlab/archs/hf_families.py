@@ -80,6 +80,8 @@ def _attention_problems(cfg: ModelConfig, m) -> list[str]:
         return [f"value residual ({m.value_residual})"]
     if m.query_allocation is not None:
         return [f"query heads allocated by key norms ({m.query_allocation})"]
+    if m.kv_ranks is not None:
+        return ["MatryoshkaKV projections of keys and values (kv_ranks)"]
     return []
 
 

@@ -44,6 +44,19 @@ uneven GQA. The cache is plain GQA (``n_kv_heads`` heads); KDGQA reads the
 norms back from it (RoPE keeps a key's norm). ``key_driven_allocation`` and
 ``query_heads_per_kv`` are the paper's rule, written once for both.
 
+MatryoshkaKV (Lin et al. 2024): with ``kv_ranks`` set, each K/V head has an
+orthogonal basis for its keys and one for its values (trainable, through the
+Cayley map of a free matrix, so they stay orthogonal) and a mean of each;
+the cache holds only the leading ``r`` coordinates, ``(k - mu_k) U_k[:, :r_k]``
+and ``(v - mu_v) U_v[:, :r_v]``. Queries are projected on the same key basis
+(the dropped ``q . mu_k`` is the same for every key, which softmax ignores),
+and the attention output is taken back to the head's space, ``y U_v[:, :r_v]^T
++ mu_v``. At full rank this is exactly attention. Training cycles through
+every (key rank, value rank) pair of ``kv_ranks``, one pair per training
+forward (the official code's Matryoshka schedule), so one model serves every
+rank; outside training the layer uses ``kv_rank`` ([key rank, value rank],
+default full), which sizes its cache.
+
 Value residual (Zhou et al. 2024): with ``value_residual: resformer`` every
 layer above the first attends to ``(1 - value_mix) V_n + value_mix V_1``,
 its own values mixed with layer 0's; with ``svformer`` it uses V_1 alone and
@@ -98,6 +111,8 @@ class AttentionConfig(MixerConfig):
     value_residual: str | None = None  # None | resformer | svformer: layers above 0 use layer 0's values
     value_mix: float = 0.5  # resformer: the weight of layer 0's values
     query_allocation: str | None = None  # None | kdgqa | dgqa: query heads per K/V head from key norms
+    kv_ranks: list[int] | None = None  # MatryoshkaKV: the ranks training cycles through; None: no projections
+    kv_rank: list[int] | None = None  # MatryoshkaKV: [key rank, value rank] outside training; None: full
     allocation_beta: float = 0.9  # dgqa: the weight of the newest key norms in their running average
 
     def validate(self, d_model: int, path: str) -> None:
@@ -137,6 +152,8 @@ class AttentionConfig(MixerConfig):
         if self.query_allocation is not None:
             self._check_query_allocation(path)
         self.head_dim = default_head_dim(self.head_dim, d_model, self.n_heads, path)
+        if self.kv_ranks is not None or self.kv_rank is not None:
+            self._check_kv_ranks(path)
         if self.rope_dims is None:
             self.rope_dims = self.head_dim
         if self.rope_dims > self.head_dim or self.rope_dims % 2:
@@ -181,6 +198,37 @@ class AttentionConfig(MixerConfig):
                     + ("; KDGQA's key norms span every earlier token)" if name == "window" else ")")
                 )
 
+    def _check_kv_ranks(self, path: str) -> None:
+        if self.kv_ranks is None:
+            raise ValueError(f"{path}.kv_rank={self.kv_rank} needs kv_ranks (the MatryoshkaKV rank schedule)")
+        ranks = self.kv_ranks
+        if not isinstance(ranks, (list, tuple)) or not ranks:
+            raise ValueError(f"{path}.kv_ranks={ranks!r} must be a non-empty list of ranks")
+        for n, r in enumerate(ranks):
+            check_int(r, f"{path}.kv_ranks[{n}]", minimum=1)
+            if r > self.head_dim:
+                raise ValueError(f"{path}.kv_ranks[{n}]={r} exceeds head_dim={self.head_dim}")
+        if list(ranks) != sorted(set(ranks)):
+            raise ValueError(f"{path}.kv_ranks={list(ranks)} must be increasing, without repeats")
+        self.kv_ranks = list(ranks)
+        if self.kv_rank is not None:
+            if not isinstance(self.kv_rank, (list, tuple)) or len(self.kv_rank) != 2:
+                raise ValueError(f"{path}.kv_rank={self.kv_rank!r} must be [key rank, value rank]")
+            for n, r in enumerate(self.kv_rank):
+                check_int(r, f"{path}.kv_rank[{n}]", minimum=1)
+                if r > self.head_dim:
+                    raise ValueError(f"{path}.kv_rank[{n}]={r} exceeds head_dim={self.head_dim}")
+            self.kv_rank = list(self.kv_rank)
+        clashes = {
+            "kv_merge": self.kv_merge > 1,
+            "value_residual": self.value_residual is not None,
+            "query_allocation": self.query_allocation is not None,
+            "n_q_heads": self.n_q_heads is not None,
+        }
+        for name, clash in clashes.items():
+            if clash:
+                raise ValueError(f"{path}.kv_ranks (MatryoshkaKV) cannot be combined with {name}={getattr(self, name)}")
+
     def own_reads(self, layer_idx: int) -> tuple[tuple[str, int], ...]:
         return (("values", 0),) if self.value_residual is not None and layer_idx > 0 else ()
 
@@ -216,11 +264,28 @@ class AttentionConfig(MixerConfig):
     def kv_compatible(self, source: MixerConfig) -> str | None:
         if not isinstance(source, AttentionConfig):
             return f"source mixer kind {source.kind!r} has no attention K/V"
+        if self.kv_ranks is not None or source.kv_ranks is not None:
+            return "MatryoshkaKV projections (kv_ranks) are a layer's own; its compressed K/V cannot be shared"
         for name in ("n_kv_heads", "head_dim", "rope_dims", "rope_theta", "rope_scaling", "window", "value_residual",
                      "value_mix"):  # fmt: skip
             if getattr(self, name) != getattr(source, name):
                 return f"{name}={getattr(self, name)} differs from the source's {name}={getattr(source, name)}"
         return None
+
+
+def cayley(free: torch.Tensor) -> torch.Tensor:
+    """The orthogonal matrices ``(I - A/2)^-1 (I + A/2)`` of the skew-symmetric ``A = X - X^T`` ([..., n, n])."""
+    a = free - free.transpose(-1, -2)
+    eye = torch.eye(free.shape[-1], dtype=free.dtype, device=free.device)
+    return torch.linalg.solve(eye - a / 2, eye + a / 2)
+
+
+def inverse_cayley(q: torch.Tensor) -> torch.Tensor:
+    """A free matrix whose ``cayley`` is ``q`` (orthogonal, determinant +1, no eigenvalue -1): the strictly
+    lower triangle of ``A = 2 (Q - I)(Q + I)^-1``."""
+    eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
+    a = 2 * torch.linalg.solve((q + eye).transpose(-1, -2), (q - eye).transpose(-1, -2)).transpose(-1, -2)
+    return a.tril(-1)
 
 
 def key_driven_allocation(norms: torch.Tensor, n_heads: int, min_max: bool = True) -> torch.Tensor:
@@ -279,6 +344,17 @@ class Attention(nn.Module):
                 self.k_merge = nn.Parameter(torch.empty(cfg.n_kv_heads * cfg.kv_merge))
                 self.v_merge = nn.Parameter(torch.empty(cfg.n_kv_heads * cfg.kv_merge))
                 self.reset_parameters()
+            if cfg.kv_ranks is not None:  # MatryoshkaKV: per K/V head, Cayley parameters of the bases and means
+                G, d = cfg.n_kv_heads, cfg.head_dim
+                self.k_rotation, self.v_rotation = (nn.Parameter(torch.empty(G, d, d)) for _ in range(2))
+                self.v_mean = nn.Parameter(torch.empty(G, d))
+                # the key mean only centres what is cached: q . mu_k is the same for every key, which softmax
+                # ignores, so it has no gradient; a buffer, set by the PCA conversion
+                self.register_buffer("k_mean", torch.zeros(G, d))
+                # the (key rank, value rank) pair the next training forward uses: saved, so a resumed run goes on
+                self.register_buffer("rank_step", torch.zeros((), dtype=torch.long))
+                self.reset_parameters()
+                self.kv_rank = tuple(cfg.kv_rank or (d, d))  # outside training
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, d_model, bias=cfg.o_bias)
         self.rotary = Rotary(cfg.rope_dims, cfg.rope_theta, max_seq_len, cfg.rope_scaling)
         if cfg.kv_groups is not None:
@@ -289,25 +365,31 @@ class Attention(nn.Module):
         if cfg.query_allocation == "dgqa":  # learned in training, saved with the weights, fixed at inference
             self.register_buffer("allocation", torch.empty(cfg.n_kv_heads, dtype=torch.long))
             self.register_buffer("key_norm_average", torch.empty(cfg.n_kv_heads))
-        if cfg.kv_groups is not None or cfg.query_allocation == "dgqa":
+        if cfg.kv_groups is not None or cfg.query_allocation == "dgqa" or hasattr(self, "k_mean"):
             self.reset_buffers()
 
     def reset_buffers(self) -> None:
         """The query head -> K/V head map, from the config (also after building on the meta device);
-        DGQA starts from equal groups and no key norms seen."""
+        DGQA starts from equal groups and no key norms seen; MatryoshkaKV's key mean at zero."""
         if self.kv_index is not None and not self.kv_index.is_meta:
             self.kv_index.copy_(torch.tensor(self.cfg.kv_groups))
+        if hasattr(self, "k_mean") and not self.k_mean.is_meta:
+            self.k_mean.zero_()
         if self.cfg.query_allocation == "dgqa" and not self.allocation.is_meta:
             H, G = self.n_heads, self.n_kv_heads
             self.allocation.copy_(torch.tensor([H // G + (g < H % G) for g in range(G)]))
             self.key_norm_average.zero_()
 
     def reset_parameters(self) -> None:
-        """WGQA merge weights start as mean pooling."""
+        """WGQA merge weights start as mean pooling; MatryoshkaKV's bases as the identity, means at zero."""
         if hasattr(self, "k_merge") and not self.k_merge.is_meta:
             with torch.no_grad():
                 self.k_merge.fill_(1.0 / self.cfg.kv_merge)
                 self.v_merge.fill_(1.0 / self.cfg.kv_merge)
+        if hasattr(self, "k_rotation") and not self.k_rotation.is_meta:
+            with torch.no_grad():
+                for p in (self.k_rotation, self.v_rotation, self.v_mean):
+                    p.zero_()
 
     # -- forward ------------------------------------------------------------
 
@@ -317,12 +399,16 @@ class Attention(nn.Module):
         start = state.start
         q = self.q_proj(x).view(B, T, self.n_q_heads, self.head_dim).transpose(1, 2)
         cos, sin = self.rotary(start, T, state.positions)
+        bases = self._matryoshka_bases() if self.cfg.kv_ranks is not None else None
         if self.owns_kv:
             k = apply_rope(self._kv_heads(self.k_proj(x), "k"), cos, sin)
             if self.value_residual == "svformer":  # keys only; the values are layer 0's
                 v = k.new_empty(*k.shape[:-1], 0)
             else:
                 v = self._kv_heads(self.v_proj(x), "v")
+            if bases is not None:  # MatryoshkaKV: what is cached is the leading principal coordinates
+                k = torch.einsum("bgtd,gdr->bgtr", k - self.k_mean[None, :, None].to(k.dtype), bases[0])
+                v = torch.einsum("bgtd,gdr->bgtr", v - self.v_mean[None, :, None].to(v.dtype), bases[1])
             view = cache.update(k, v, start) if cache is not None else KVView(k, v, start + T)
             if self.value_residual is not None:
                 first = state.read("values", 0, self.layer_idx).to(view.k.dtype)
@@ -334,6 +420,8 @@ class Attention(nn.Module):
         else:
             view = state.read("kv", self.kv_source, self.layer_idx)
         q = apply_rope(q, cos, sin)
+        if bases is not None:  # queries on their K/V head's key basis
+            q = torch.einsum("bhtd,hdr->bhtr", q, bases[0][self._kv_head_of_query()])
         if self.n_q_heads != self.n_heads:  # GQKVA: every query head once per K/V head
             q = q.repeat(1, self.n_heads // self.n_q_heads, 1, 1)
         if self.kv_source > self.layer_idx:  # LCKV: a later layer's K/V of the tokens before each query
@@ -342,10 +430,38 @@ class Attention(nn.Module):
             y = self._attend_key_driven(q, view, start, state.doc_ids)
         else:
             y = self._attend(q, view, start, state.doc_ids)
+        if bases is not None:  # back from the value coordinates to the head's space
+            heads = self._kv_head_of_query()
+            y = torch.einsum("bhtr,hdr->bhtd", y, bases[1][heads]) + self.v_mean[heads][None, :, None].to(y.dtype)
         # not while non-reentrant activation checkpointing recomputes this forward inside backward
-        if self.cfg.query_allocation == "dgqa" and self.training and torch._C._current_graph_task_id() == -1:
+        outside_backward = torch._C._current_graph_task_id() == -1
+        if self.cfg.query_allocation == "dgqa" and self.training and outside_backward:
             self._update_allocation(view.k)
+        if bases is not None and self.training and torch.is_grad_enabled() and outside_backward:
+            self.rank_step.add_(1)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+    def _matryoshka_bases(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """MatryoshkaKV: the key and value bases' leading columns for this forward, [G, d, r_k] and [G, d, r_v].
+
+        Training takes the next (key rank, value rank) pair of ``kv_ranks`` x ``kv_ranks`` in turn; otherwise
+        the ranks are ``kv_rank``."""
+        if self.training and torch.is_grad_enabled():
+            pairs = [(a, b) for a in self.cfg.kv_ranks for b in self.cfg.kv_ranks]
+            r_k, r_v = pairs[int(self.rank_step) % len(pairs)]
+        else:
+            r_k, r_v = self.kv_rank
+        dtype = self.k_proj.weight.dtype
+        work = torch.promote_types(dtype, torch.float32)  # the solve in at least fp32
+        k_basis = cayley(self.k_rotation.to(work))[..., :r_k].to(dtype)
+        v_basis = cayley(self.v_rotation.to(work))[..., :r_v].to(dtype)
+        return k_basis, v_basis
+
+    def _kv_head_of_query(self) -> torch.Tensor:
+        """Per query head, the K/V head it reads."""
+        if self.kv_index is not None:
+            return self.kv_index
+        return torch.arange(self.n_heads, device=self.q_proj.weight.device) // (self.n_heads // self.n_kv_heads)
 
     def _kv_heads(self, projected: torch.Tensor, which: str) -> torch.Tensor:
         """[B, T, width] -> [B, n_kv_heads, T, head_dim], merging WGQA's weighted heads."""
@@ -443,11 +559,17 @@ class Attention(nn.Module):
             return None
         length = self._cached_positions(max_len)
         cls = StaticKV if length == max_len else RingKV
-        v_dim = 0 if self.value_residual == "svformer" else self.head_dim
-        return cls(batch_size, self.n_kv_heads, length, self.head_dim, v_dim, dtype=dtype, device=device)
+        k_dim, v_dim = self._cached_widths()
+        return cls(batch_size, self.n_kv_heads, length, k_dim, v_dim, dtype=dtype, device=device)
+
+    def _cached_widths(self) -> tuple[int, int]:
+        """Channels cached per K/V head for keys and for values (MatryoshkaKV: its ranks; SVFormer: no values)."""
+        if self.cfg.kv_ranks is not None:
+            return self.kv_rank
+        return self.head_dim, 0 if self.value_residual == "svformer" else self.head_dim
 
     def kv_footprint(self, dtype: torch.dtype) -> LayerFootprint:
         if not self.owns_kv:
             return LayerFootprint()
-        per_token = (1 if self.value_residual == "svformer" else 2) * self.n_kv_heads * self.head_dim * dtype.itemsize
+        per_token = self.n_kv_heads * sum(self._cached_widths()) * dtype.itemsize
         return LayerFootprint(bytes_per_token=per_token, max_tokens=self.cfg.window)

@@ -27,6 +27,9 @@ VARIANTS = {
         mixer={"kind": "attention", "n_heads": 6, "n_kv_heads": 3, "head_dim": 8, "query_allocation": "kdgqa"},
         kv_sharing={"kind": "cla", "every": 2},
     ),
+    "matryoshka": tiny(
+        mixer={"kind": "attention", "n_heads": 4, "n_kv_heads": 2, "kv_ranks": [4, 8, 16], "kv_rank": [8, 4]}
+    ),  # fmt: skip
     "dgqa": tiny(mixer={"kind": "attention", "n_heads": 4, "n_kv_heads": 2, "query_allocation": "dgqa"}),
     "gqkva_cla": tiny(  # 2 query heads x 2 K/V heads = 4 attention heads
         mixer={"kind": "attention", "n_heads": 4, "n_q_heads": 2, "n_kv_heads": 2},

@@ -49,6 +49,7 @@ REMOTE = {
     "partial_rope": tiny(mixer={**ATTENTION, "rope_dims": 8}),
     "gqkva": tiny(mixer={**ATTENTION, "n_q_heads": 2}),
     "dgqa": tiny(mixer={**ATTENTION, "query_allocation": "dgqa"}),  # its allocation buffer travels too
+    "matryoshka": tiny(mixer={**ATTENTION, "kv_ranks": [4, 8, 16], "kv_rank": [8, 4]}),
     "gelu_layernorm": tiny(mlp={"kind": "gelu", "hidden": 96}, norm={"kind": "layernorm"}),
     "mla_mha2mla_form": VARIANTS["mla_mha2mla_form"],
     "infini_hybrid": tiny(
@@ -67,6 +68,7 @@ PRESET_TYPES = {"mha": "llama", "gqa": "llama", "mqa": "llama", "mla": "deepseek
                 "infini": "kvlab", "yoco_swa": "kvlab", "svformer": "kvlab", "lckv": "kvlab", "retnet": "kvlab",
                 "yoco_gret": "kvlab", "mamba2": "kvlab", "jamba": "kvlab", "samba": "kvlab",
                 "rwkv6": "kvlab", "rwkv7": "kvlab", "gau": "kvlab", "kdgqa": "kvlab", "clla": "kvlab",
+                "matryoshka": "kvlab",
                 "hymba": "kvlab", "goldfinch": "kvlab"}  # fmt: skip
 EXPECTED_TYPE = {**PRESET_TYPES, "mistral_window": "mistral", "qwen2_bias": "qwen2", "mla_q_lora": "deepseek_v3",
                  **dict.fromkeys(REMOTE, "kvlab")}  # fmt: skip

@@ -87,6 +87,14 @@ def test_uptrain_a_checkpoint_parent_counts_its_tokens_and_groups_by_search(tmp_
     chosen = [p for p in report["qcqa_front"] if p["chosen"]]
     assert len(chosen) == 1 and chosen[0]["kv_heads"] == sum(m["n_kv_heads"] for m in q["model"]["mixers"].values())
 
+    # MatryoshkaKV: PCA-initialised projections, trained through the rank schedule, validated at rank [2, 4]
+    train(tmp_path, data_cache, "recipe=matryoshka_uptrain", "init.from=checkpoint", f"init.path={ckpt}",
+          "uptrain.alpha=0.25", "init.convert.rank=[2,4]")  # fmt: skip
+    mk = _metrics(tmp_path, "matryoshka_uptrain")
+    assert mk["model"]["mixers"]["a"]["kv_ranks"] == [2, 4, 6, 8] and mk["model"]["mixers"]["a"]["kv_rank"] == [2, 4]
+    assert mk["converted"]["kv_bytes_per_token"] * 16 == mk["parent"]["kv_bytes_per_token"] * 6
+    assert mk["uptrained"]["val_ppl"] < mk["converted"]["val_ppl"]
+
 
 @pytest.mark.parametrize("n_kv_heads,tied", [(8, False), (4, True)])
 def test_uptrain_an_hf_directory(tmp_path, n_kv_heads, tied):

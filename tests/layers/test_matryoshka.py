@@ -1,0 +1,122 @@
+"""MatryoshkaKV (Lin et al. 2024): orthogonal K/V projections per head, against a float64 transcription of the
+paper's (and its code's) attention; PCA conversion; the Matryoshka rank schedule; the greedy rank search."""
+
+import math
+
+import pytest
+import torch
+
+from kvlab import build_model
+from kvlab.archs.convert import convert_model
+from kvlab.layers.attention import Attention, AttentionConfig, cayley, inverse_cayley
+from tests.conftest import tiny
+
+SPEC = tiny(mixer={"kind": "attention", "n_heads": 4, "n_kv_heads": 2})
+
+
+def _layer(**settings) -> Attention:
+    cfg = AttentionConfig(**{"n_heads": 4, "n_kv_heads": 2, "head_dim": 8, "rope_dims": 0, **settings})
+    cfg.validate(32, "mixer")
+    layer = Attention(cfg, d_model=32, layer_idx=0, kv_source=0, max_seq_len=64).double()
+    with torch.no_grad():
+        for p in (layer.k_rotation, layer.v_rotation, layer.k_mean, layer.v_mean):
+            p.normal_(std=0.5)
+    return layer
+
+
+def test_cayley_round_trip():
+    q, _ = torch.linalg.qr(torch.randn(3, 6, 6, dtype=torch.float64))
+    q[..., 0] *= torch.linalg.det(q).sign()[:, None]  # determinant +1 (a rotation: what Cayley reaches)
+    torch.testing.assert_close(cayley(inverse_cayley(q)), q)
+    u = cayley(torch.randn(2, 5, 5, dtype=torch.float64))
+    torch.testing.assert_close(u @ u.transpose(-1, -2), torch.eye(5, dtype=torch.float64).expand(2, 5, 5))
+
+
+def test_layer_matches_a_transcription_of_the_projected_attention():
+    """Per head: q' = q U_k[:, :r_k], k' = (k - mu_k) U_k[:, :r_k], v' = (v - mu_v) U_v[:, :r_v], softmax(q'k'^T /
+    sqrt(d)) v' U_v[:, :r_v]^T + mu_v (rope_dims=0 keeps RoPE out of the transcription)."""
+    layer = _layer(kv_ranks=[2, 4, 8], kv_rank=[4, 2]).eval()
+    x = torch.randn(2, 7, 32, dtype=torch.float64)
+    B, T, H, G, d = 2, 7, 4, 2, 8
+    q = layer.q_proj(x).view(B, T, H, d)
+    k = layer.k_proj(x).view(B, T, G, d)
+    v = layer.v_proj(x).view(B, T, G, d)
+    uk, uv = cayley(layer.k_rotation)[..., :4], cayley(layer.v_rotation)[..., :2]
+    out = torch.zeros(B, T, H, d, dtype=torch.float64)
+    for b in range(B):
+        for h in range(H):
+            g = h // 2
+            qp = q[b, :, h] @ uk[g]
+            kp = (k[b, :, g] - layer.k_mean[g]) @ uk[g]
+            vp = (v[b, :, g] - layer.v_mean[g]) @ uv[g]
+            scores = (qp @ kp.T / math.sqrt(d)).masked_fill(torch.ones(T, T).triu(1).bool(), float("-inf"))
+            out[b, :, h] = torch.softmax(scores, -1) @ vp @ uv[g].T + layer.v_mean[g]
+    with torch.no_grad():
+        assert (layer(x) - layer.o_proj(out.reshape(B, T, H * d))).abs().max() <= 1e-10
+    assert layer.kv_footprint(torch.bfloat16).bytes_per_token == G * (4 + 2) * 2  # the chosen ranks, cached
+
+
+def test_training_cycles_through_every_rank_pair_and_saves_where_it_is():
+    layer = _layer(kv_ranks=[2, 8]).train()
+    x = torch.randn(1, 5, 32, dtype=torch.float64)
+    seen = []
+    for _ in range(5):
+        step = int(layer.rank_step)
+        basis_k, basis_v = layer._matryoshka_bases()
+        seen.append((basis_k.shape[-1], basis_v.shape[-1]))
+        layer(x).sum().backward()
+        assert int(layer.rank_step) == step + 1
+    assert seen == [(2, 2), (2, 8), (8, 2), (8, 8), (2, 2)]  # the official code's order: keys outer
+    assert "rank_step" in layer.state_dict()  # a resumed run continues the cycle where it stopped
+    assert layer.k_rotation.grad.abs().sum() > 0 and layer.v_mean.grad.abs().sum() > 0
+
+
+def test_pca_conversion_is_exact_at_full_rank_and_orders_by_variance():
+    model = build_model(SPEC).eval()
+    ids = torch.randint(0, 97, (4, 33))
+    full = convert_model(model, {"to": "matryoshka"}, calibration=ids).eval()
+    assert full.config.layer_mixers[0].kv_ranks == [4, 8, 12, 16]  # the official d/4 schedule
+    with torch.no_grad():
+        assert (full(ids) - model(ids)).abs().max() <= 1e-5
+        cache = full.new_cache(4, 33)
+        full(ids, cache=cache)
+    coords = cache.slots[1].k[:, :, :33]  # PCA coordinates of layer 1's keys: variance falls with the index
+    variance = coords.transpose(1, 2).reshape(-1, 2, 16).var(0)
+    assert (variance[:, :-1] >= variance[:, 1:] - 1e-4).all()
+    half = convert_model(model, {"to": "matryoshka", "rank": [8, 8]}, calibration=ids)
+    assert half.kv_footprint().bytes_per_token * 2 == model.kv_footprint().bytes_per_token
+
+
+def test_greedy_ranks_fit_the_budget():
+    model = build_model(SPEC).eval()
+    ids = torch.randint(0, 97, (2, 17))
+    report = {}
+    spec = {"to": "matryoshka", "ranks": [4, 8, 16], "budget": 0.4}
+    chosen = convert_model(model, spec, calibration=ids, report=report)
+    ranks = [m.kv_rank for m in chosen.config.layer_mixers]
+    assert ranks == [report["matryoshka_ranks"][str(i)] for i in range(4)]
+    assert sum(sum(r) for r in ranks) <= 0.4 * 4 * 2 * 16
+    assert chosen.kv_footprint().bytes_per_token == sum(2 * sum(r) * 2 for r in ranks)  # heterogeneous, exact
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"kv_ranks": [4, 2]}, "must be increasing"),
+        ({"kv_ranks": [4, 16]}, "kv_ranks\\[1\\]=16 exceeds head_dim=8"),
+        ({"kv_rank": [4, 4]}, "needs kv_ranks"),
+        ({"kv_ranks": [4], "kv_rank": [4]}, "must be \\[key rank, value rank\\]"),
+        ({"kv_ranks": [4], "kv_merge": 2}, "cannot be combined with kv_merge=2"),
+    ],
+)
+def test_impossible_ranks_are_refused(settings, message):
+    with pytest.raises(ValueError, match=message):
+        _layer(**settings)
+
+
+def test_conversion_needs_calibration_and_unshared_layers():
+    with pytest.raises(ValueError, match="needs calibration tokens"):
+        convert_model(build_model(SPEC), {"to": "matryoshka"})
+    shared = build_model({**SPEC, "kv_sharing": {"kind": "cla", "every": 2}})
+    with pytest.raises(ValueError, match="layer 1 reads layer 0's K/V"):
+        convert_model(shared, {"to": "matryoshka"}, calibration=torch.randint(0, 97, (2, 9)))
