@@ -77,7 +77,8 @@ def main() -> None:
             subprocess.run(cmd, check=True, cwd=REPO)
         m = json.loads((run_dir / "metrics.json").read_text())
         parent = Path(m["parent"]["init"]["path"])
-        wse = None if label == "weighted" else grouping_wse(parent, m["model"])  # weighted: learned, not a grouping
+        # weighted: learned merge weights, not a pooling; similarity: its heads were permuted before pooling
+        wse = None if label in ("weighted", "similarity") else grouping_wse(parent, m["model"])
         rows.append((label, m, wse))
     parent = rows[0][1]["parent"]
     print(f"\noverrides: {' '.join(args.overrides) or '(none)'}; parent MHA val loss {parent['val_loss']:.3f}, "

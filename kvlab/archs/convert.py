@@ -305,6 +305,18 @@ def _to_matryoshka(
     return _build(_one_mixer_per_layer(copy.deepcopy(cfg.to_dict()), layer_dicts), state, like=model)
 
 
+def with_kv_rank(model: CausalLM, rank: list[int]) -> CausalLM:
+    """The same MatryoshkaKV model (same weights) using ``rank`` ([key rank, value rank]) outside training in
+    every attention layer: one trained model, several cache budgets."""
+    cfg_dict = copy.deepcopy(model.config.to_dict())
+    mixers = _attention_dicts(cfg_dict)
+    if not mixers or any(m.get("kv_ranks") is None for m in mixers):
+        raise ValueError("with_kv_rank: the model has attention layers without MatryoshkaKV projections (kv_ranks)")
+    for m in mixers:
+        m["kv_rank"] = list(rank)
+    return _build(cfg_dict, dict(model.state_dict()), like=model)
+
+
 @torch.no_grad()
 def _pca_bases(model: CausalLM, calibration: torch.Tensor) -> dict[int, dict[str, torch.Tensor]]:
     """Per attention layer: each K/V head's mean and principal directions (columns, by falling variance) of

@@ -433,13 +433,20 @@ class Attention(nn.Module):
         if bases is not None:  # back from the value coordinates to the head's space
             heads = self._kv_head_of_query()
             y = torch.einsum("bhtr,hdr->bhtd", y, bases[1][heads]) + self.v_mean[heads][None, :, None].to(y.dtype)
-        # not while non-reentrant activation checkpointing recomputes this forward inside backward
-        outside_backward = torch._C._current_graph_task_id() == -1
-        if self.cfg.query_allocation == "dgqa" and self.training and outside_backward:
-            self._update_allocation(view.k)
-        if bases is not None and self.training and torch.is_grad_enabled() and outside_backward:
-            self.rank_step.add_(1)
+        if self.training and (self.cfg.query_allocation == "dgqa" or bases is not None):
+            self._advance_training_state(view.k)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+    def _advance_training_state(self, k: torch.Tensor) -> None:
+        """After a training forward: DGQA's allocation, MatryoshkaKV's place in its rank schedule. Not while
+        non-reentrant activation checkpointing recomputes the forward inside backward (asked only here: the
+        question is not traceable, and the compiled decode step never trains)."""
+        if torch._C._current_graph_task_id() != -1:
+            return
+        if self.cfg.query_allocation == "dgqa":
+            self._update_allocation(k)
+        if self.cfg.kv_ranks is not None and torch.is_grad_enabled():
+            self.rank_step.add_(1)
 
     def _matryoshka_bases(self) -> tuple[torch.Tensor, torch.Tensor]:
         """MatryoshkaKV: the key and value bases' leading columns for this forward, [G, d, r_k] and [G, d, r_v].

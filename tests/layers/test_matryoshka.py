@@ -87,6 +87,20 @@ def test_pca_conversion_is_exact_at_full_rank_and_orders_by_variance():
     assert half.kv_footprint().bytes_per_token * 2 == model.kv_footprint().bytes_per_token
 
 
+def test_one_trained_model_serves_every_rank():
+    from kvlab.archs.convert import with_kv_rank
+
+    model = build_model(SPEC).eval()
+    ids = torch.randint(0, 97, (2, 17))
+    converted = convert_model(model, {"to": "matryoshka", "rank": [4, 4]}, calibration=ids)
+    full = with_kv_rank(converted, [16, 16]).eval()
+    assert converted.kv_footprint().bytes_per_token * 4 == full.kv_footprint().bytes_per_token
+    with torch.no_grad():
+        assert (full(ids) - model(ids)).abs().max() <= 1e-5  # the same weights, at full rank: the parent
+    with pytest.raises(ValueError, match="without MatryoshkaKV projections"):
+        with_kv_rank(model, [4, 4])
+
+
 def test_greedy_ranks_fit_the_budget():
     model = build_model(SPEC).eval()
     ids = torch.randint(0, 97, (2, 17))
