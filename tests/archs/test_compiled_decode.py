@@ -26,8 +26,7 @@ needs_cxx = pytest.mark.skipif(
 )
 
 FAMILIES = ["hybrid_window", "mla_cla", "gau_flash", "infini", "hymba_heads", "kdgqa_cla", "clla"] + [
-    pytest.param(name, marks=pytest.mark.slow)
-    for name in ("rwkv7", "lckv", "mamba", "yoco_gret", "matryoshka", "dgqa")
+    pytest.param(name, marks=pytest.mark.slow) for name in ("rwkv7", "lckv", "mamba", "yoco_gret", "matryoshka", "dgqa")
 ]
 
 

@@ -234,9 +234,21 @@ def test_mamba_scans_run_on_the_linear_attention_kernel(monkeypatch):
     assert ("linear_attention", "triton") in used and ("ssd", "torch") in used
 
 
-@pytest.mark.parametrize("docs", list(DOCUMENTS))
-@pytest.mark.parametrize("with_state", [False, True], ids=["empty", "initial-state"])
-@pytest.mark.parametrize("final_grad", [False, True], ids=["outputs", "outputs+final-state"])
+def _delta_rule_cases():
+    """Every (documents, initial state, final-state gradient) case; two of the eight, which between them
+    take every branch, by default (each runs the interpreter for seconds), the rest with -m slow."""
+    default = {("packed", True, True), ("one-document", False, False)}
+    for docs in DOCUMENTS:
+        for with_state in (False, True):
+            for final_grad in (False, True):
+                name = (
+                    f"{'outputs+final-state' if final_grad else 'outputs'}-{'initial-state' if with_state else 'empty'}"
+                )
+                marks = () if (docs, with_state, final_grad) in default else (pytest.mark.slow,)
+                yield pytest.param(docs, with_state, final_grad, id=f"{name}-{docs}", marks=marks)
+
+
+@pytest.mark.parametrize("docs, with_state, final_grad", list(_delta_rule_cases()))
 def test_recurrent_delta_rule_matches_the_reference(docs, with_state, final_grad):
     from kvlab.kernels.triton_delta_rule import delta_rule
 

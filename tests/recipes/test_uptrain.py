@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 
@@ -129,10 +130,26 @@ BAD = {
 
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_uptrain_settings_fail_before_training(tmp_path, data_cache, case):
+    """In-process (Hydra's compose API) for speed; one case through train.py checks the exit and the message."""
     overrides, message = BAD[case]
-    proc = train(tmp_path, data_cache, "recipe=gqa_uptrain", *TINY_MHA, *overrides, check=False)
-    assert proc.returncode == 1
-    assert message in proc.stderr.strip().splitlines()[0], proc.stderr
+    if case == "several processes":
+        proc = train(tmp_path, data_cache, "recipe=gqa_uptrain", *TINY_MHA, *overrides, check=False)
+        assert proc.returncode == 1
+        assert message in proc.stderr.strip().splitlines()[0], proc.stderr
+    else:
+        from hydra import compose, initialize_config_dir
+
+        from kvlab.recipes.config import register_configs
+        from kvlab.recipes.run import ConfigError
+        from kvlab.recipes.uptrain import run_uptrain
+        from tests.recipes.test_train import REPO, TINY_MODEL, TINY_RUN
+
+        register_configs()
+        common = [*TINY_MODEL, *TINY_RUN, f"output_root={tmp_path}", f"data.cache_dir={data_cache}"]
+        with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+            cfg = compose("train", overrides=[*common, "recipe=gqa_uptrain", *TINY_MHA, *overrides])
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            run_uptrain(cfg, tmp_path / "run")
     assert not list(tmp_path.glob("**/*.ckpt"))
 
 
