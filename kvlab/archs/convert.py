@@ -81,7 +81,8 @@ from kvlab._config import check_bool, check_choice, check_float, check_int, chec
 from kvlab.archs import grouping
 from kvlab.archs.config import ModelConfig
 from kvlab.archs.model import CausalLM
-from kvlab.layers.attention import AttentionConfig
+from kvlab.kernels.ops import apply_rope
+from kvlab.layers.attention import AttentionConfig, inverse_cayley
 
 log = logging.getLogger(__name__)
 
@@ -321,9 +322,6 @@ def with_kv_rank(model: CausalLM, rank: list[int]) -> CausalLM:
 def _pca_bases(model: CausalLM, calibration: torch.Tensor) -> dict[int, dict[str, torch.Tensor]]:
     """Per attention layer: each K/V head's mean and principal directions (columns, by falling variance) of
     its keys after RoPE and of its values on ``calibration``, as MatryoshkaKV's parameters (Cayley form)."""
-    from kvlab.kernels.ops import apply_rope
-    from kvlab.layers.attention import inverse_cayley
-
     owners = _kv_owners(model)
     outputs = _projection_outputs(model, calibration, owners, ("k_proj", "v_proj"))
     B, T = calibration.shape

@@ -159,11 +159,8 @@ def nsga2(
             crowd = crowding_distances(objectives, members)
             survivors += sorted(members, key=lambda i: -crowd[i])[: size - len(survivors)]
             break
-        while len(survivors) < size:  # fewer distinct individuals than the population: repeat the best
-            survivors.append(survivors[len(survivors) % max(1, len(survivors))])
+        survivors += [survivors[0]] * (size - len(survivors))  # fewer distinct ones than the population
         population = [merged[i] for i in survivors]
-    for p in population:
-        scored(p)
     return seen
 
 

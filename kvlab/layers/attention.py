@@ -42,7 +42,7 @@ later keys' norms); ``dgqa``: from a running average of the key norms,
 updated by every training forward and fixed at inference, when the layer is
 uneven GQA. The cache is plain GQA (``n_kv_heads`` heads); KDGQA reads the
 norms back from it (RoPE keeps a key's norm). ``key_driven_allocation`` and
-``query_heads_per_kv`` are the paper's rule, written once for both.
+``kv_head_of_query`` are the paper's rule, written once for both.
 
 MatryoshkaKV (Lin et al. 2024): with ``kv_ranks`` set, each K/V head has an
 orthogonal basis for its keys and one for its values (trainable, through the
@@ -111,9 +111,9 @@ class AttentionConfig(MixerConfig):
     value_residual: str | None = None  # None | resformer | svformer: layers above 0 use layer 0's values
     value_mix: float = 0.5  # resformer: the weight of layer 0's values
     query_allocation: str | None = None  # None | kdgqa | dgqa: query heads per K/V head from key norms
+    allocation_beta: float = 0.9  # dgqa: the weight of the newest key norms in their running average
     kv_ranks: list[int] | None = None  # MatryoshkaKV: the ranks training cycles through; None: no projections
     kv_rank: list[int] | None = None  # MatryoshkaKV: [key rank, value rank] outside training; None: full
-    allocation_beta: float = 0.9  # dgqa: the weight of the newest key norms in their running average
 
     def validate(self, d_model: int, path: str) -> None:
         check_int(self.n_heads, f"{path}.n_heads", minimum=1)
@@ -465,7 +465,9 @@ class Attention(nn.Module):
         return k_basis, v_basis
 
     def _kv_head_of_query(self) -> torch.Tensor:
-        """Per query head, the K/V head it reads."""
+        """Per query head, the K/V head it reads (KDGQA's differ per query: see ``_attend_key_driven``)."""
+        if self.cfg.query_allocation == "dgqa":
+            return kv_head_of_query(self.allocation, self.n_heads)
         if self.kv_index is not None:
             return self.kv_index
         return torch.arange(self.n_heads, device=self.q_proj.weight.device) // (self.n_heads // self.n_kv_heads)
@@ -485,10 +487,8 @@ class Attention(nn.Module):
         k, v = view.k, view.v
         if k.dtype != q.dtype:
             k, v = k.to(q.dtype), v.to(q.dtype)
-        index = self.kv_index
-        if self.cfg.query_allocation == "dgqa":
-            index = kv_head_of_query(self.allocation, self.n_heads)
-        if index is not None:
+        if self.kv_index is not None or self.cfg.query_allocation == "dgqa":  # else attention groups them itself
+            index = self._kv_head_of_query()
             k, v = k.index_select(1, index), v.index_select(1, index)
         return k, v
 
