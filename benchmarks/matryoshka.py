@@ -43,8 +43,8 @@ def main() -> None:
     from kvlab import build_model
     from kvlab.archs import ModelConfig
     from kvlab.archs.convert import convert_model, with_kv_rank
-    from kvlab.recipes.data import build_datamodule
     from kvlab.recipes.config import TrainConfig
+    from kvlab.recipes.data import build_datamodule
     from kvlab.recipes.run import CALIBRATION_ROWS, read_checkpoint, train_config
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
