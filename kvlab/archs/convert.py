@@ -45,6 +45,11 @@ weights are derived from ``model``'s:
   ``d/4, d/2, 3d/4, d``), ``rank`` the ranks used outside training, or
   ``budget`` (a fraction of the full K/V width) to choose them per layer by
   the paper's greedy search (``report["matryoshka_ranks"]``).
+- ``{to: dha, n_k_heads: K, n_v_heads: V}`` (after DHA, Chen et al. 2024):
+  key heads and value heads grouped apart, each by average linkage on the
+  similarity of their keys (values) on calibration tokens, and mean-pooled:
+  the decoupled-head model DHA starts its fusion from (the learned fusion
+  itself is not implemented).
 - ``query_allocation: kdgqa | dgqa`` with ``method: mean`` (Khan et al. 2024,
   who uptrain mean-pooled checkpoints this way): the pooled model allocates
   its query heads to K/V heads by key norms (``kvlab.layers.attention``).
@@ -86,7 +91,7 @@ from kvlab.layers.attention import AttentionConfig, inverse_cayley
 
 log = logging.getLogger(__name__)
 
-CONVERSIONS = ("gqa", "mqa", "cla", "mla", "matryoshka")
+CONVERSIONS = ("gqa", "mqa", "cla", "mla", "matryoshka", "dha")
 GQA_METHODS = ("mean", "first", "similarity", "weighted", "qcqa", "asymgqa")
 SEARCH_KEYS = {"qcqa": ("population", "generations", "seed"), "asymgqa": ("iterations", "seed")}
 SEARCH_DEFAULTS = {"population": 32, "generations": 60, "iterations": 100, "seed": 0}
@@ -112,7 +117,18 @@ def convert_model(
                 f"convert: layer {i} is GQKVA (n_q_heads={m.n_q_heads}), whose heads pair every query with every "
                 "K/V head; conversions start from MHA/GQA/MQA layers"
             )
-    if spec["to"] == "matryoshka":
+        if isinstance(m, AttentionConfig) and (m.n_v_heads is not None or m.v_groups is not None):
+            raise ValueError(f"convert: layer {i} already has decoupled value heads (n_v_heads, v_groups)")
+    if spec["to"] == "dha":
+        check_keys(spec, ["to", "n_k_heads", "n_v_heads", "method"], "convert")
+        method = spec.get("method", "similarity")
+        check_choice(method, "convert.method", ("similarity",))
+        check_int(spec.get("n_k_heads"), "convert.n_k_heads", minimum=1)
+        check_int(spec.get("n_v_heads"), "convert.n_v_heads", minimum=1)
+        if calibration is None:
+            raise ValueError("convert.to=dha needs calibration tokens to compare the key and value heads on")
+        converted = _to_decoupled_heads(model, spec["n_k_heads"], spec["n_v_heads"], calibration)
+    elif spec["to"] == "matryoshka":
         check_keys(spec, ["to", "ranks", "rank", "budget", "method"], "convert")
         method = spec.get("method", "pca")
         check_choice(method, "convert.method", ("pca",))
@@ -267,6 +283,38 @@ def _one_mixer_per_layer(cfg_dict: dict, layer_dicts: list[dict]) -> dict:
         raise ValueError(f"convert: at most {len(LAYER_NAMES)} layers can differ (one mixer name each)")
     names = LAYER_NAMES[: len(layer_dicts)]
     return {**cfg_dict, "mixer": None, "pattern": names, "mixers": dict(zip(names, layer_dicts, strict=True))}
+
+
+def _to_decoupled_heads(model: CausalLM, n_k_heads: int, n_v_heads: int, calibration: torch.Tensor) -> CausalLM:
+    """DHA's head grouping, decoupled: per layer, the key heads clustered by their keys and the value heads by
+    their values on ``calibration`` (average linkage), each cluster mean-pooled; every query head reads the
+    pooled key head and the pooled value head of the parent's heads it read."""
+    cfg = model.config
+    for i, (m, src) in enumerate(zip(cfg.layer_mixers, cfg.layer_kv_source, strict=True)):
+        if not isinstance(m, AttentionConfig) or src != i or m.kv_merge > 1 or m.kv_groups is not None:
+            raise ValueError(f"convert.to=dha: layer {i} is not plain unshared attention (MHA/GQA/MQA)")
+    key_sim = head_similarity(model, calibration, ("k_proj",))
+    value_sim = head_similarity(model, calibration, ("v_proj",))
+    layer_dicts = [to_dict(m) for m in cfg.layer_mixers]
+    state = dict(model.state_dict())
+    for i, layer in enumerate(model.layers):
+        mixer = layer.mixer
+        if max(n_k_heads, n_v_heads) > mixer.n_kv_heads:
+            raise ValueError(f"convert.to=dha: layer {i} has {mixer.n_kv_heads} K/V heads, fewer than asked")
+        per_kv = mixer.n_heads // mixer.n_kv_heads
+        reads = {}
+        for proj, similarity, n in (("k_proj", key_sim[i], n_k_heads), ("v_proj", value_sim[i], n_v_heads)):
+            clusters = _linkage_groups(similarity, n)
+            cluster_of = {h: c for c, members in enumerate(clusters) for h in members}
+            reads[proj] = [cluster_of[q // per_kv] for q in range(mixer.n_heads)]
+            for tensor in ("weight", "bias"):
+                key = f"layers.{i}.mixer.{proj}.{tensor}"
+                if key in state:
+                    heads = state[key].unflatten(0, (mixer.n_kv_heads, mixer.head_dim))
+                    state[key] = torch.cat([heads[members].mean(dim=0) for members in clusters])
+        layer_dicts[i].update(n_kv_heads=n_k_heads, kv_groups=reads["k_proj"], n_v_heads=n_v_heads,
+                              v_groups=reads["v_proj"])  # fmt: skip
+    return _build(_one_mixer_per_layer(copy.deepcopy(cfg.to_dict()), layer_dicts), state, like=model)
 
 
 def _to_matryoshka(
@@ -596,15 +644,17 @@ def _kv_owners(model: CausalLM) -> list[int]:
 
 
 @torch.no_grad()
-def head_similarity(model: CausalLM, calibration: torch.Tensor) -> dict[int, torch.Tensor]:
+def head_similarity(
+    model: CausalLM, calibration: torch.Tensor, projections: tuple[str, ...] = ("k_proj", "v_proj")
+) -> dict[int, torch.Tensor]:
     """For each K/V-owning attention layer, the [H, H] cosine similarity of its K/V heads' keys and values
-    on ``calibration`` (all tokens, concatenated)."""
+    (or only the outputs of ``projections``) on ``calibration`` (all tokens, concatenated)."""
     owners = _kv_owners(model)
-    outputs = _projection_outputs(model, calibration, owners, ("k_proj", "v_proj"))
+    outputs = _projection_outputs(model, calibration, owners, projections)
     similarity = {}
     for i in owners:
         heads, d = model.layers[i].mixer.n_kv_heads, model.layers[i].mixer.head_dim
-        per_head = [outputs[i, p].float().reshape(-1, heads, d) for p in ("k_proj", "v_proj")]
+        per_head = [outputs[i, p].float().reshape(-1, heads, d) for p in projections]
         features = torch.cat([t.transpose(0, 1).reshape(heads, -1) for t in per_head], dim=1)
         features = torch.nn.functional.normalize(features, dim=1)
         similarity[i] = features @ features.T

@@ -82,6 +82,8 @@ def _attention_problems(cfg: ModelConfig, m) -> list[str]:
         return [f"query heads allocated by key norms ({m.query_allocation})"]
     if m.kv_ranks is not None:
         return ["MatryoshkaKV projections of keys and values (kv_ranks)"]
+    if m.n_v_heads is not None or m.v_groups is not None:
+        return ["value heads grouped apart from the key heads (n_v_heads, v_groups)"]
     return []
 
 

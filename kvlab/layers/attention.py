@@ -33,6 +33,13 @@ need not be contiguous (a conversion that groups heads by similarity writes
 it). The K/V heads are gathered to the query heads at attention time; the
 cache keeps ``n_kv_heads``.
 
+Decoupled key and value heads (after DHA, Chen et al. 2024): ``n_v_heads``
+value heads apart from the ``n_kv_heads`` key heads, each query head reading
+key head ``kv_groups[h]`` and value head ``v_groups[h]`` (default equal
+consecutive groups of each). The cache holds ``n_kv_heads`` keys and
+``n_v_heads`` values per token; layers reading another's K/V need its head
+counts.
+
 Key-driven query allocation (KDGQA and DGQA, Khan et al. 2024): with
 ``query_allocation`` set, the query heads are split among the K/V heads in
 contiguous runs whose lengths follow the K/V heads' key norms, rather than
@@ -107,6 +114,8 @@ class AttentionConfig(MixerConfig):
     o_bias: bool = False  # Llama's attention_bias puts a bias on the output projection too
     kv_merge: int = 1  # > 1: each K/V head is a learned weighted sum of this many projection heads (WGQA)
     kv_groups: list[int] | None = None  # per query head, the K/V head it reads; None: equal consecutive groups
+    n_v_heads: int | None = None  # DHA: value heads apart from the key heads (n_kv_heads); None: as many
+    v_groups: list[int] | None = None  # DHA: per query head, the value head it reads; None: equal consecutive groups
     n_q_heads: int | None = None  # GQKVA: query projections, each paired with every K/V head; None: n_heads
     value_residual: str | None = None  # None | resformer | svformer: layers above 0 use layer 0's values
     value_mix: float = 0.5  # resformer: the weight of layer 0's values
@@ -151,6 +160,8 @@ class AttentionConfig(MixerConfig):
             )
         if self.query_allocation is not None:
             self._check_query_allocation(path)
+        if self.n_v_heads is not None or self.v_groups is not None:
+            self._check_value_heads(path)
         self.head_dim = default_head_dim(self.head_dim, d_model, self.n_heads, path)
         if self.kv_ranks is not None or self.kv_rank is not None:
             self._check_kv_ranks(path)
@@ -161,18 +172,47 @@ class AttentionConfig(MixerConfig):
                 f"{path}.rope_dims={self.rope_dims} must be even and at most {path}.head_dim={self.head_dim}"
             )
 
-    def _check_kv_groups(self, path: str) -> None:
-        groups = self.kv_groups
+    def _checked_groups(self, field: str, n_targets: int, target: str, path: str) -> list[int]:
+        """``kv_groups`` / ``v_groups``: one head index per query head, every one of the ``n_targets`` read."""
+        groups = getattr(self, field)
         if not isinstance(groups, (list, tuple)) or len(groups) != self.n_heads:
-            raise ValueError(f"{path}.kv_groups={groups!r} must list one K/V head per query head ({self.n_heads})")
+            raise ValueError(f"{path}.{field}={groups!r} must list one {target} head per query head ({self.n_heads})")
         for h, g in enumerate(groups):
-            check_int(g, f"{path}.kv_groups[{h}]", minimum=0)
-            if g >= self.n_kv_heads:
-                raise ValueError(f"{path}.kv_groups[{h}]={g} must be below n_kv_heads={self.n_kv_heads}")
-        unread = sorted(set(range(self.n_kv_heads)) - set(groups))
+            check_int(g, f"{path}.{field}[{h}]", minimum=0)
+            if g >= n_targets:
+                raise ValueError(f"{path}.{field}[{h}]={g} must be below the {n_targets} {target} heads")
+        unread = sorted(set(range(n_targets)) - set(groups))
         if unread:
-            raise ValueError(f"{path}.kv_groups leaves K/V heads {unread} unread; every K/V head needs a query head")
-        self.kv_groups = list(groups)
+            raise ValueError(f"{path}.{field} leaves {target} heads {unread} unread; every one needs a query head")
+        return list(groups)
+
+    def _check_kv_groups(self, path: str) -> None:
+        self.kv_groups = self._checked_groups("kv_groups", self.n_kv_heads, "K/V", path)
+
+    def _check_value_heads(self, path: str) -> None:
+        check_int(self.n_v_heads, f"{path}.n_v_heads", minimum=1, optional=True)
+        if self.n_v_heads is None:
+            self.n_v_heads = self.n_kv_heads
+        if self.v_groups is not None:
+            self.v_groups = self._checked_groups("v_groups", self.n_v_heads, "value", path)
+        elif self.n_heads % self.n_v_heads:
+            raise ValueError(
+                f"{path}.n_heads={self.n_heads} is not divisible by {path}.n_v_heads={self.n_v_heads}; "
+                "give v_groups for uneven value groups"
+            )
+        clashes = {
+            "kv_merge": self.kv_merge > 1,
+            "value_residual": self.value_residual is not None,
+            "query_allocation": self.query_allocation is not None,
+            "kv_ranks": self.kv_ranks is not None,
+            "n_q_heads": self.n_q_heads is not None,
+        }
+        for name, clash in clashes.items():
+            if clash:
+                raise ValueError(
+                    f"{path}: decoupled value heads (n_v_heads, v_groups) cannot be combined with "
+                    f"{name}={getattr(self, name)}"
+                )
 
     def _check_query_allocation(self, path: str) -> None:
         check_choice(self.query_allocation, f"{path}.query_allocation", QUERY_ALLOCATIONS)
@@ -270,6 +310,9 @@ class AttentionConfig(MixerConfig):
                      "value_mix"):  # fmt: skip
             if getattr(self, name) != getattr(source, name):
                 return f"{name}={getattr(self, name)} differs from the source's {name}={getattr(source, name)}"
+        mine, theirs = self.n_v_heads or self.n_kv_heads, source.n_v_heads or source.n_kv_heads
+        if mine != theirs:
+            return f"n_v_heads={mine} differs from the source's n_v_heads={theirs} (value heads)"
         return None
 
 
@@ -330,6 +373,9 @@ class Attention(nn.Module):
         self.layer_idx, self.kv_source = layer_idx, kv_source
         self.owns_kv = kv_source == layer_idx
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.n_v_heads = cfg.n_v_heads or cfg.n_kv_heads
+        # DHA: values grouped their own way, so keys and values are gathered to the query heads apart
+        self.values_apart = cfg.v_groups is not None or self.n_v_heads != self.n_kv_heads
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
         self.n_q_heads = cfg.n_heads if cfg.n_q_heads is None else cfg.n_q_heads  # query projections
         self.q_proj = nn.Linear(d_model, self.n_q_heads * cfg.head_dim, bias=cfg.qkv_bias)
@@ -339,7 +385,8 @@ class Attention(nn.Module):
             kv_width = cfg.n_kv_heads * cfg.kv_merge * cfg.head_dim
             self.k_proj = nn.Linear(d_model, kv_width, bias=cfg.qkv_bias)
             if self.value_residual != "svformer":
-                self.v_proj = nn.Linear(d_model, kv_width, bias=cfg.qkv_bias)
+                v_width = self.n_v_heads * cfg.kv_merge * cfg.head_dim
+                self.v_proj = nn.Linear(d_model, v_width, bias=cfg.qkv_bias)
             if cfg.kv_merge > 1:  # one weight per projection head; 1-D, so no weight decay
                 self.k_merge = nn.Parameter(torch.empty(cfg.n_kv_heads * cfg.kv_merge))
                 self.v_merge = nn.Parameter(torch.empty(cfg.n_kv_heads * cfg.kv_merge))
@@ -359,13 +406,14 @@ class Attention(nn.Module):
         self.rotary = Rotary(cfg.rope_dims, cfg.rope_theta, max_seq_len, cfg.rope_scaling)
         if cfg.kv_groups is not None:
             self.register_buffer("kv_index", torch.empty(cfg.n_heads, dtype=torch.long), persistent=False)
-            self.reset_buffers()
         else:
             self.kv_index = None
+        if self.values_apart:
+            self.register_buffer("v_index", torch.empty(cfg.n_heads, dtype=torch.long), persistent=False)
         if cfg.query_allocation == "dgqa":  # learned in training, saved with the weights, fixed at inference
             self.register_buffer("allocation", torch.empty(cfg.n_kv_heads, dtype=torch.long))
             self.register_buffer("key_norm_average", torch.empty(cfg.n_kv_heads))
-        if cfg.kv_groups is not None or cfg.query_allocation == "dgqa" or hasattr(self, "k_mean"):
+        if cfg.kv_groups is not None or cfg.query_allocation == "dgqa" or hasattr(self, "k_mean") or self.values_apart:
             self.reset_buffers()
 
     def reset_buffers(self) -> None:
@@ -373,6 +421,9 @@ class Attention(nn.Module):
         DGQA starts from equal groups and no key norms seen; MatryoshkaKV's key mean at zero."""
         if self.kv_index is not None and not self.kv_index.is_meta:
             self.kv_index.copy_(torch.tensor(self.cfg.kv_groups))
+        if self.values_apart and not self.v_index.is_meta:
+            groups = self.cfg.v_groups or [h // (self.n_heads // self.n_v_heads) for h in range(self.n_heads)]
+            self.v_index.copy_(torch.tensor(groups))
         if hasattr(self, "k_mean") and not self.k_mean.is_meta:
             self.k_mean.zero_()
         if self.cfg.query_allocation == "dgqa" and not self.allocation.is_meta:
@@ -473,10 +524,12 @@ class Attention(nn.Module):
         return torch.arange(self.n_heads, device=self.q_proj.weight.device) // (self.n_heads // self.n_kv_heads)
 
     def _kv_heads(self, projected: torch.Tensor, which: str) -> torch.Tensor:
-        """[B, T, width] -> [B, n_kv_heads, T, head_dim], merging WGQA's weighted heads."""
+        """[B, T, width] -> [B, heads, T, head_dim] (n_kv_heads keys, n_v_heads values), merging WGQA's
+        weighted heads."""
         B, T, _ = projected.shape
         if self.cfg.kv_merge == 1:
-            return projected.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            heads = self.n_v_heads if which == "v" else self.n_kv_heads
+            return projected.view(B, T, heads, self.head_dim).transpose(1, 2)
         heads = projected.view(B, T, self.n_kv_heads, self.cfg.kv_merge, self.head_dim)
         weights = getattr(self, f"{which}_merge").view(self.n_kv_heads, self.cfg.kv_merge, 1)
         return (heads * weights).sum(dim=3).transpose(1, 2)
@@ -487,6 +540,8 @@ class Attention(nn.Module):
         k, v = view.k, view.v
         if k.dtype != q.dtype:
             k, v = k.to(q.dtype), v.to(q.dtype)
+        if self.values_apart:  # DHA: each query head's key head and value head, gathered apart
+            return k.index_select(1, self._kv_head_of_query()), v.index_select(1, self.v_index)
         if self.kv_index is not None or self.cfg.query_allocation == "dgqa":  # else attention groups them itself
             index = self._kv_head_of_query()
             k, v = k.index_select(1, index), v.index_select(1, index)
@@ -567,7 +622,8 @@ class Attention(nn.Module):
         length = self._cached_positions(max_len)
         cls = StaticKV if length == max_len else RingKV
         k_dim, v_dim = self._cached_widths()
-        return cls(batch_size, self.n_kv_heads, length, k_dim, v_dim, dtype=dtype, device=device)
+        return cls(batch_size, self.n_kv_heads, length, k_dim, v_dim, v_heads=self.n_v_heads, dtype=dtype,
+                   device=device)  # fmt: skip
 
     def _cached_widths(self) -> tuple[int, int]:
         """Channels cached per K/V head for keys and for values (MatryoshkaKV: its ranks; SVFormer: no values)."""
@@ -578,5 +634,6 @@ class Attention(nn.Module):
     def kv_footprint(self, dtype: torch.dtype) -> LayerFootprint:
         if not self.owns_kv:
             return LayerFootprint()
-        per_token = self.n_kv_heads * sum(self._cached_widths()) * dtype.itemsize
+        k_dim, v_dim = self._cached_widths()
+        per_token = (self.n_kv_heads * k_dim + self.n_v_heads * v_dim) * dtype.itemsize
         return LayerFootprint(bytes_per_token=per_token, max_tokens=self.cfg.window)

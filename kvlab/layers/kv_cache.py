@@ -62,9 +62,10 @@ class KVView:
 class _KVBuffers:
     """K and V buffers of ``length`` positions, allocated once."""
 
-    def __init__(self, batch_size, n_heads, length, head_dim, v_head_dim, *, dtype, device):
+    def __init__(self, batch_size, n_heads, length, head_dim, v_head_dim, *, v_heads=None, dtype, device):
+        """``v_heads``: value heads when they are not as many as the key heads (DHA); None: ``n_heads``."""
         self.k = torch.zeros(batch_size, n_heads, length, head_dim, dtype=dtype, device=device)
-        self.v = torch.zeros(batch_size, n_heads, length, v_head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros(batch_size, v_heads or n_heads, length, v_head_dim, dtype=dtype, device=device)
         self.length = length
         self.bytes_per_position = (self.k.nbytes + self.v.nbytes) // length  # whole batch
         self.slot_index = torch.arange(length, device=device)

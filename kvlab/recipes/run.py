@@ -283,7 +283,7 @@ def _converted(model, spec: dict, datamodule: LMDataModule, report: dict):
     """``init.convert`` applied to the initial model, with calibration rows from the training data;
     ``report`` receives what a search found."""
     calibration = None
-    if spec.get("method") in ("similarity", "asymgqa") or spec.get("to") in ("mla", "matryoshka"):  # on tokens
+    if spec.get("method") in ("similarity", "asymgqa") or spec.get("to") in ("mla", "matryoshka", "dha"):
         datamodule.setup("fit")
         rows = datamodule.splits["train"][:CALIBRATION_ROWS]["input_ids"]
         calibration = torch.as_tensor(rows)[:, :-1].long()

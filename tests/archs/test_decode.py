@@ -30,6 +30,18 @@ VARIANTS = {
     "matryoshka": tiny(
         mixer={"kind": "attention", "n_heads": 4, "n_kv_heads": 2, "kv_ranks": [4, 8, 16], "kv_rank": [8, 4]}
     ),  # fmt: skip
+    "dha_cla": tiny(  # 2 key heads and 3 value heads for 6 query heads, each grouped its own way; CLA readers
+        mixer={
+            "kind": "attention",
+            "n_heads": 6,
+            "head_dim": 8,
+            "n_kv_heads": 2,
+            "kv_groups": [0, 1, 1, 0, 1, 1],
+            "n_v_heads": 3,
+            "v_groups": [2, 0, 1, 1, 0, 2],
+        },
+        kv_sharing={"kind": "cla", "every": 2},
+    ),  # fmt: skip
     "dgqa": tiny(mixer={"kind": "attention", "n_heads": 4, "n_kv_heads": 2, "query_allocation": "dgqa"}),
     "gqkva_cla": tiny(  # 2 query heads x 2 K/V heads = 4 attention heads
         mixer={"kind": "attention", "n_heads": 4, "n_q_heads": 2, "n_kv_heads": 2},

@@ -50,6 +50,7 @@ REMOTE = {
     "gqkva": tiny(mixer={**ATTENTION, "n_q_heads": 2}),
     "dgqa": tiny(mixer={**ATTENTION, "query_allocation": "dgqa"}),  # its allocation buffer travels too
     "matryoshka": tiny(mixer={**ATTENTION, "kv_ranks": [4, 8, 16], "kv_rank": [8, 4]}),
+    "decoupled_heads": tiny(mixer={**ATTENTION, "n_kv_heads": 1, "n_v_heads": 4, "v_groups": [3, 2, 1, 0]}),
     "gelu_layernorm": tiny(mlp={"kind": "gelu", "hidden": 96}, norm={"kind": "layernorm"}),
     "mla_mha2mla_form": VARIANTS["mla_mha2mla_form"],
     "infini_hybrid": tiny(
