@@ -120,18 +120,14 @@ def convert_model(
         if isinstance(m, AttentionConfig) and (m.n_v_heads is not None or m.v_groups is not None):
             raise ValueError(f"convert: layer {i} already has decoupled value heads (n_v_heads, v_groups)")
     if spec["to"] == "dha":
-        check_keys(spec, ["to", "n_k_heads", "n_v_heads", "method"], "convert")
-        method = spec.get("method", "similarity")
-        check_choice(method, "convert.method", ("similarity",))
+        method = _checked_method(spec, ["to", "n_k_heads", "n_v_heads", "method"], ("similarity",))
         check_int(spec.get("n_k_heads"), "convert.n_k_heads", minimum=1)
         check_int(spec.get("n_v_heads"), "convert.n_v_heads", minimum=1)
         if calibration is None:
             raise ValueError("convert.to=dha needs calibration tokens to compare the key and value heads on")
         converted = _to_decoupled_heads(model, spec["n_k_heads"], spec["n_v_heads"], calibration)
     elif spec["to"] == "matryoshka":
-        check_keys(spec, ["to", "ranks", "rank", "budget", "method"], "convert")
-        method = spec.get("method", "pca")
-        check_choice(method, "convert.method", ("pca",))
+        method = _checked_method(spec, ["to", "ranks", "rank", "budget", "method"], ("pca",))
         if calibration is None:
             raise ValueError("convert.to=matryoshka needs calibration tokens for the PCA of keys and values")
         budget = spec.get("budget")
@@ -142,13 +138,10 @@ def convert_model(
                                  "and is instead of convert.rank")  # fmt: skip
         converted = _to_matryoshka(model, spec.get("ranks"), spec.get("rank"), budget, calibration, report)
     elif spec["to"] == "cla":
-        check_keys(spec, ["to", "every", "kv_source", "method"], "convert")
-        check_choice(spec.get("method", "mean"), "convert.method", ("mean",))
-        converted, method = _to_cla(model, spec), "mean"
+        method = _checked_method(spec, ["to", "every", "kv_source", "method"], ("mean",))
+        converted = _to_cla(model, spec)
     elif spec["to"] == "mla":
-        check_keys(spec, ["to", "kv_lora_rank", "rope_dims", "method"], "convert")
-        method = spec.get("method", "mha2mla")
-        check_choice(method, "convert.method", ("mha2mla",))
+        method = _checked_method(spec, ["to", "kv_lora_rank", "rope_dims", "method"], ("mha2mla",))
         check_int(spec.get("kv_lora_rank"), "convert.kv_lora_rank", minimum=1)
         check_int(spec.get("rope_dims"), "convert.rope_dims", minimum=2)
         converted = _to_mla(model, spec["kv_lora_rank"], spec["rope_dims"], calibration)
@@ -194,6 +187,14 @@ def convert_model(
     after = converted.kv_footprint(torch.bfloat16).bytes_per_token
     log.info("convert to %s (%s): KV cache %d -> %d bytes/token (bf16)", spec["to"], method, before, after)
     return converted
+
+
+def _checked_method(spec: Mapping[str, Any], keys: list[str], methods: tuple[str, ...]) -> str:
+    """The conversion's method (default the first of ``methods``), once ``spec`` holds only ``keys``."""
+    check_keys(spec, keys, "convert")
+    method = spec.get("method", methods[0])
+    check_choice(method, "convert.method", methods)
+    return method
 
 
 def _to_gqa(
