@@ -97,6 +97,16 @@ SEARCH_KEYS = {"qcqa": ("population", "generations", "seed"), "asymgqa": ("itera
 SEARCH_DEFAULTS = {"population": 32, "generations": 60, "iterations": 100, "seed": 0}
 
 
+CALIBRATED_TARGETS = ("mla", "matryoshka", "dha")  # conversions that measure heads on tokens
+CALIBRATED_METHODS = ("similarity", "asymgqa")
+
+
+def uses_calibration(spec: Mapping[str, Any]) -> bool:
+    """Whether ``convert_model`` measures the model on calibration tokens for ``spec`` (to=mla uses them where
+    given; the others need them)."""
+    return spec.get("to") in CALIBRATED_TARGETS or spec.get("method") in CALIBRATED_METHODS
+
+
 def convert_model(
     model: CausalLM,
     spec: Mapping[str, Any],
@@ -259,20 +269,27 @@ def _to_uneven_gqa(model: CausalLM, groups: dict[int, list[list[int]]]) -> Causa
         if mixer.cfg.kv_merge > 1 or mixer.cfg.kv_groups is not None:
             raise ValueError("convert.uneven: the model already has WGQA merge weights or uneven groups")
         clusters = groups[cfg.layer_kv_source[i]]
-        cluster_of = {h: c for c, members in enumerate(clusters) for h in members}
-        per_kv = mixer.n_heads // mixer.n_kv_heads
-        layer_dicts[i].update(
-            n_kv_heads=len(clusters), kv_groups=[cluster_of[q // per_kv] for q in range(mixer.n_heads)]
-        )
-        if not mixer.owns_kv:
-            continue
-        for proj in ("k_proj", "v_proj"):
-            for tensor in ("weight", "bias"):
-                key = f"layers.{i}.mixer.{proj}.{tensor}"
-                if key in state:
-                    heads = state[key].unflatten(0, (mixer.n_kv_heads, mixer.head_dim))
-                    state[key] = torch.cat([heads[members].mean(dim=0) for members in clusters])
+        layer_dicts[i].update(n_kv_heads=len(clusters), kv_groups=_cluster_of_query(mixer, clusters))
+        if mixer.owns_kv:
+            for proj in ("k_proj", "v_proj"):
+                _pool_clusters(state, i, proj, mixer, clusters)
     return _build(_one_mixer_per_layer(cfg_dict, layer_dicts), state, like=model)
+
+
+def _cluster_of_query(mixer, clusters: list[list[int]]) -> list[int]:
+    """Per query head, the cluster of the parent K/V head it read."""
+    cluster_of = {h: c for c, members in enumerate(clusters) for h in members}
+    per_kv = mixer.n_heads // mixer.n_kv_heads
+    return [cluster_of[q // per_kv] for q in range(mixer.n_heads)]
+
+
+def _pool_clusters(state: dict, layer: int, proj: str, mixer, clusters: list[list[int]]) -> None:
+    """In ``state``, layer ``layer``'s ``proj`` heads mean-pooled within each cluster (weight and bias)."""
+    for tensor in ("weight", "bias"):
+        key = f"layers.{layer}.mixer.{proj}.{tensor}"
+        if key in state:
+            heads = state[key].unflatten(0, (mixer.n_kv_heads, mixer.head_dim))
+            state[key] = torch.cat([heads[members].mean(dim=0) for members in clusters])
 
 
 LAYER_NAMES = string.ascii_letters + string.digits  # one mixer name per layer when layers differ
@@ -302,17 +319,11 @@ def _to_decoupled_heads(model: CausalLM, n_k_heads: int, n_v_heads: int, calibra
         mixer = layer.mixer
         if max(n_k_heads, n_v_heads) > mixer.n_kv_heads:
             raise ValueError(f"convert.to=dha: layer {i} has {mixer.n_kv_heads} K/V heads, fewer than asked")
-        per_kv = mixer.n_heads // mixer.n_kv_heads
         reads = {}
         for proj, similarity, n in (("k_proj", key_sim[i], n_k_heads), ("v_proj", value_sim[i], n_v_heads)):
             clusters = _linkage_groups(similarity, n)
-            cluster_of = {h: c for c, members in enumerate(clusters) for h in members}
-            reads[proj] = [cluster_of[q // per_kv] for q in range(mixer.n_heads)]
-            for tensor in ("weight", "bias"):
-                key = f"layers.{i}.mixer.{proj}.{tensor}"
-                if key in state:
-                    heads = state[key].unflatten(0, (mixer.n_kv_heads, mixer.head_dim))
-                    state[key] = torch.cat([heads[members].mean(dim=0) for members in clusters])
+            reads[proj] = _cluster_of_query(mixer, clusters)
+            _pool_clusters(state, i, proj, mixer, clusters)
         layer_dicts[i].update(n_kv_heads=n_k_heads, kv_groups=reads["k_proj"], n_v_heads=n_v_heads,
                               v_groups=reads["v_proj"])  # fmt: skip
     return _build(_one_mixer_per_layer(copy.deepcopy(cfg.to_dict()), layer_dicts), state, like=model)

@@ -472,7 +472,8 @@ class Attention(nn.Module):
             view = state.read("kv", self.kv_source, self.layer_idx)
         q = apply_rope(q, cos, sin)
         if bases is not None:  # queries on their K/V head's key basis
-            q = torch.einsum("bhtd,hdr->bhtr", q, bases[0][self._kv_head_of_query()])
+            heads = self._kv_head_of_query()
+            q = torch.einsum("bhtd,hdr->bhtr", q, bases[0][heads])
         if self.n_q_heads != self.n_heads:  # GQKVA: every query head once per K/V head
             q = q.repeat(1, self.n_heads // self.n_q_heads, 1, 1)
         if self.kv_source > self.layer_idx:  # LCKV: a later layer's K/V of the tokens before each query
@@ -482,7 +483,6 @@ class Attention(nn.Module):
         else:
             y = self._attend(q, view, start, state.doc_ids)
         if bases is not None:  # back from the value coordinates to the head's space
-            heads = self._kv_head_of_query()
             y = torch.einsum("bhtr,hdr->bhtd", y, bases[1][heads]) + self.v_mean[heads][None, :, None].to(y.dtype)
         if self.training and (self.cfg.query_allocation == "dgqa" or bases is not None):
             self._advance_training_state(view.k)

@@ -30,6 +30,7 @@ from omegaconf.errors import OmegaConfBaseException
 from kvlab._config import check_finite, differences
 from kvlab._io import atomic_write, atomic_write_text, pid_alive, remove_orphans
 from kvlab.archs import ModelConfig, build_model, convert_model
+from kvlab.archs.convert import uses_calibration
 from kvlab.recipes.config import ACCELERATORS, LOGGERS, PRECISIONS, STAGES, TrainConfig
 from kvlab.recipes.data import LMDataModule, build_datamodule, resume_problem, tokenizer_to_use
 from kvlab.recipes.evals import decode_speed, passkey_grid
@@ -276,14 +277,14 @@ def _initial_model(tc: TrainConfig):
     return model
 
 
-CALIBRATION_ROWS = 8  # training rows that convert.method=similarity (asymgqa, to=mla) measure heads on
+CALIBRATION_ROWS = 8  # training rows the conversions that measure heads on tokens use (uses_calibration)
 
 
 def _converted(model, spec: dict, datamodule: LMDataModule, report: dict):
     """``init.convert`` applied to the initial model, with calibration rows from the training data;
     ``report`` receives what a search found."""
     calibration = None
-    if spec.get("method") in ("similarity", "asymgqa") or spec.get("to") in ("mla", "matryoshka", "dha"):
+    if uses_calibration(spec):
         datamodule.setup("fit")
         rows = datamodule.splits["train"][:CALIBRATION_ROWS]["input_ids"]
         calibration = torch.as_tensor(rows)[:, :-1].long()
