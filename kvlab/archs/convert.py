@@ -45,11 +45,14 @@ weights are derived from ``model``'s:
   ``d/4, d/2, 3d/4, d``), ``rank`` the ranks used outside training, or
   ``budget`` (a fraction of the full K/V width) to choose them per layer by
   the paper's greedy search (``report["matryoshka_ranks"]``).
-- ``{to: dha, n_k_heads: K, n_v_heads: V}`` (after DHA, Chen et al. 2024):
-  key heads and value heads grouped apart, each by average linkage on the
-  similarity of their keys (values) on calibration tokens, and mean-pooled:
-  the decoupled-head model DHA starts its fusion from (the learned fusion
-  itself is not implemented).
+- ``{to: dha, n_k_heads: K, n_v_heads: V, method: fusion, adaptive: true}``
+  (DHA, Chen et al. 2024; ``kvlab.archs.fusion``): key heads and value heads
+  clustered apart, each by average linkage on the similarity of their keys
+  (values) on calibration tokens, as many clusters per layer as asked or,
+  ``adaptive``, as a search spreads ``K`` (``V``) per layer on average;
+  then each cluster's heads are fused by trained linear fusion operators
+  and merged (``method: similarity`` mean-pools them instead).
+  ``report["dha"]`` holds the counts per layer and the fusion's losses.
 - ``query_allocation: kdgqa | dgqa`` with ``method: mean`` (Khan et al. 2024,
   who uptrain mean-pooled checkpoints this way): the pooled model allocates
   its query heads to K/V heads by key norms (``kvlab.layers.attention``).
@@ -85,6 +88,7 @@ import torch
 from kvlab._config import check_bool, check_choice, check_float, check_int, check_keys, to_dict
 from kvlab.archs import grouping
 from kvlab.archs.config import ModelConfig
+from kvlab.archs.fusion import HeadFusion, fuse_heads, fusion_cost
 from kvlab.archs.model import CausalLM
 from kvlab.kernels.ops import apply_rope
 from kvlab.layers.attention import AttentionConfig, inverse_cayley
@@ -97,6 +101,9 @@ SEARCH_KEYS = {"qcqa": ("population", "generations", "seed"), "asymgqa": ("itera
 SEARCH_DEFAULTS = {"population": 32, "generations": 60, "iterations": 100, "seed": 0}
 
 
+# DHA's fusion stage: steps, Adam's lr for the fusion operators, the multipliers' ascent rate, rows per step
+DHA_FUSION = {"fusion_steps": 50, "fusion_lr": 0.03, "lambda_lr": 10.0, "fusion_batch": 4}
+
 CALIBRATED_TARGETS = ("mla", "matryoshka", "dha")  # conversions that measure heads on tokens
 CALIBRATED_METHODS = ("similarity", "asymgqa")
 
@@ -105,6 +112,25 @@ def uses_calibration(spec: Mapping[str, Any]) -> bool:
     """Whether ``convert_model`` measures the model on calibration tokens for ``spec`` (to=mla uses them where
     given; the others need them)."""
     return spec.get("to") in CALIBRATED_TARGETS or spec.get("method") in CALIBRATED_METHODS
+
+
+def calibration_rows(spec: Mapping[str, Any]) -> int:
+    """How many training rows ``spec`` wants as calibration tokens: its ``calibration_rows``, else 8, or 32
+    for DHA's fusion, which trains on them; 0 when the conversion uses none."""
+    if not isinstance(spec, Mapping) or not uses_calibration(spec):
+        return 0
+    default = 32 if spec.get("to") == "dha" and spec.get("method") == "fusion" else 8
+    return spec.get("calibration_rows", default)
+
+
+def _without_calibration_rows(spec: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``spec`` less ``calibration_rows``, which the caller read to draw the calibration tokens."""
+    if "calibration_rows" not in spec:
+        return spec
+    check_int(spec["calibration_rows"], "convert.calibration_rows", minimum=1)
+    if not uses_calibration(spec):
+        raise ValueError(f"convert.calibration_rows: the conversion {dict(spec)} uses no calibration tokens")
+    return {k: v for k, v in spec.items() if k != "calibration_rows"}
 
 
 def convert_model(
@@ -129,13 +155,27 @@ def convert_model(
             )
         if isinstance(m, AttentionConfig) and (m.n_v_heads is not None or m.v_groups is not None):
             raise ValueError(f"convert: layer {i} already has decoupled value heads (n_v_heads, v_groups)")
+    spec = _without_calibration_rows(spec)
     if spec["to"] == "dha":
-        method = _checked_method(spec, ["to", "n_k_heads", "n_v_heads", "method"], ("similarity",))
+        method = _checked_method(spec, ["to", "n_k_heads", "n_v_heads", "method", "adaptive", *DHA_FUSION],
+                                 ("similarity", "fusion"))  # fmt: skip
         check_int(spec.get("n_k_heads"), "convert.n_k_heads", minimum=1)
         check_int(spec.get("n_v_heads"), "convert.n_v_heads", minimum=1)
+        check_bool(spec.get("adaptive", False), "convert.adaptive")
+        if method != "fusion" and any(name in spec for name in DHA_FUSION):
+            given = [name for name in DHA_FUSION if name in spec]
+            raise ValueError(f"convert.{given[0]} is a setting of method=fusion, not of method={method}")
+        settings = {"method": method, "adaptive": spec.get("adaptive", False)}
+        settings.update({name: spec.get(name, default) for name, default in DHA_FUSION.items()})
+        check_int(settings["fusion_steps"], "convert.fusion_steps", minimum=0)
+        check_int(settings["fusion_batch"], "convert.fusion_batch", minimum=1)
+        check_float(settings["fusion_lr"], "convert.fusion_lr", positive=True)
+        check_float(settings["lambda_lr"], "convert.lambda_lr")
+        if settings["lambda_lr"] < 0:
+            raise ValueError(f"convert.lambda_lr={settings['lambda_lr']} must be >= 0 (the multipliers only rise)")
         if calibration is None:
             raise ValueError("convert.to=dha needs calibration tokens to compare the key and value heads on")
-        converted = _to_decoupled_heads(model, spec["n_k_heads"], spec["n_v_heads"], calibration)
+        converted = _to_decoupled_heads(model, {**spec, **settings}, calibration, report)
     elif spec["to"] == "matryoshka":
         method = _checked_method(spec, ["to", "ranks", "rank", "budget", "method"], ("pca",))
         if calibration is None:
@@ -303,30 +343,54 @@ def _one_mixer_per_layer(cfg_dict: dict, layer_dicts: list[dict]) -> dict:
     return {**cfg_dict, "mixer": None, "pattern": names, "mixers": dict(zip(names, layer_dicts, strict=True))}
 
 
-def _to_decoupled_heads(model: CausalLM, n_k_heads: int, n_v_heads: int, calibration: torch.Tensor) -> CausalLM:
-    """DHA's head grouping, decoupled: per layer, the key heads clustered by their keys and the value heads by
-    their values on ``calibration`` (average linkage), each cluster mean-pooled; every query head reads the
-    pooled key head and the pooled value head of the parent's heads it read."""
+def _to_decoupled_heads(
+    model: CausalLM, spec: Mapping[str, Any], calibration: torch.Tensor, report: dict | None
+) -> CausalLM:
+    """DHA (``kvlab.archs.fusion``): per layer, the key heads clustered by their keys and the value heads by
+    their values on ``calibration`` (average linkage), as many clusters per layer as asked or, ``adaptive``,
+    as the budget search spreads them; each cluster's heads mean-pooled or, ``method: fusion``, fused by the
+    trained fusion operators. Every query head reads the key head and the value head of the parent's heads
+    it read."""
     cfg = model.config
     for i, (m, src) in enumerate(zip(cfg.layer_mixers, cfg.layer_kv_source, strict=True)):
         if not isinstance(m, AttentionConfig) or src != i or m.kv_merge > 1 or m.kv_groups is not None:
             raise ValueError(f"convert.to=dha: layer {i} is not plain unshared attention (MHA/GQA/MQA)")
-    key_sim = head_similarity(model, calibration, ("k_proj",))
-    value_sim = head_similarity(model, calibration, ("v_proj",))
+    layers = range(len(model.layers))
+    clusters: dict[tuple[int, str], list[list[int]]] = {}
+    for proj, n in (("k_proj", spec["n_k_heads"]), ("v_proj", spec["n_v_heads"])):
+        heads = [model.layers[i].mixer.n_kv_heads for i in layers]
+        if n > min(heads):
+            i = heads.index(min(heads))
+            raise ValueError(f"convert.to=dha: layer {i} has {heads[i]} K/V heads, fewer than the {n} asked")
+        outputs = _projection_outputs(model, calibration, list(layers), (proj,))
+        features = {i: _per_head(outputs[i, proj], heads[i]) for i in layers}
+        levels = {i: grouping.linkage_hierarchy(_cosine(features[i])) for i in layers}
+        per_layer = [n] * len(heads)
+        if spec["adaptive"]:  # the spread each count leaves in the heads' outputs, at the start of fusion
+            costs = [[fusion_cost(features[i], levels[i][c]) for c in range(1, heads[i] + 1)] for i in layers]
+            per_layer = grouping.allocate_heads(costs, n * len(heads))
+        for i, count in zip(layers, per_layer, strict=True):
+            clusters[i, proj] = levels[i][count]
+    if spec["method"] == "fusion":
+        fusion, history = fuse_heads(model, clusters, calibration, spec["fusion_steps"], spec["fusion_lr"],
+                                     spec["lambda_lr"], spec["fusion_batch"])  # fmt: skip
+    else:
+        fusion, history = HeadFusion(model, clusters), []  # the identity operators: mean-pooling
     layer_dicts = [to_dict(m) for m in cfg.layer_mixers]
-    state = dict(model.state_dict())
-    for i, layer in enumerate(model.layers):
-        mixer = layer.mixer
-        if max(n_k_heads, n_v_heads) > mixer.n_kv_heads:
-            raise ValueError(f"convert.to=dha: layer {i} has {mixer.n_kv_heads} K/V heads, fewer than asked")
-        reads = {}
-        for proj, similarity, n in (("k_proj", key_sim[i], n_k_heads), ("v_proj", value_sim[i], n_v_heads)):
-            clusters = _linkage_groups(similarity, n)
-            reads[proj] = _cluster_of_query(mixer, clusters)
-            _pool_clusters(state, i, proj, mixer, clusters)
-        layer_dicts[i].update(n_kv_heads=n_k_heads, kv_groups=reads["k_proj"], n_v_heads=n_v_heads,
-                              v_groups=reads["v_proj"])  # fmt: skip
-    return _build(_one_mixer_per_layer(copy.deepcopy(cfg.to_dict()), layer_dicts), state, like=model)
+    for i in layers:
+        mixer, k, v = model.layers[i].mixer, clusters[i, "k_proj"], clusters[i, "v_proj"]
+        layer_dicts[i].update(n_kv_heads=len(k), kv_groups=_cluster_of_query(mixer, k), n_v_heads=len(v),
+                              v_groups=_cluster_of_query(mixer, v))  # fmt: skip
+    converted = _build(_one_mixer_per_layer(copy.deepcopy(cfg.to_dict()), layer_dicts),
+                       {**model.state_dict(), **fusion.merged()}, like=model)  # fmt: skip
+    if report is not None:
+        report["dha"] = {
+            "k_heads_per_layer": [len(clusters[i, "k_proj"]) for i in layers],
+            "v_heads_per_layer": [len(clusters[i, "v_proj"]) for i in layers],
+            "fusion": history,
+            "fusion_tokens": len(history[:-1]) * spec["fusion_batch"] * (calibration.shape[1] - 1),  # trained on
+        }
+    return converted
 
 
 def _to_matryoshka(
@@ -586,9 +650,10 @@ def _build(cfg_dict: dict, state: dict[str, torch.Tensor], like: CausalLM) -> Ca
         new = CausalLM(ModelConfig.from_dict(cfg_dict))
     new.to_empty(device=like.embed_tokens.weight.device)
     new.init_weights()  # buffers (RoPE tables); every parameter is overwritten next
+    new.to(like.embed_tokens.weight.dtype)  # before loading, so a float64 state is kept whole
     fresh = {name: b for name, b in new.named_buffers() if name in new.state_dict() and name not in state}
     new.load_state_dict({**fresh, **state}, strict=True)
-    return new.to(like.embed_tokens.weight.dtype)
+    return new
 
 
 def fold_kv_merge(model: CausalLM) -> CausalLM:
@@ -663,14 +728,19 @@ def head_similarity(
     (or only the outputs of ``projections``) on ``calibration`` (all tokens, concatenated)."""
     owners = _kv_owners(model)
     outputs = _projection_outputs(model, calibration, owners, projections)
-    similarity = {}
-    for i in owners:
-        heads, d = model.layers[i].mixer.n_kv_heads, model.layers[i].mixer.head_dim
-        per_head = [outputs[i, p].float().reshape(-1, heads, d) for p in projections]
-        features = torch.cat([t.transpose(0, 1).reshape(heads, -1) for t in per_head], dim=1)
-        features = torch.nn.functional.normalize(features, dim=1)
-        similarity[i] = features @ features.T
-    return similarity
+    heads = {i: model.layers[i].mixer.n_kv_heads for i in owners}
+    return {i: _cosine(torch.cat([_per_head(outputs[i, p], heads[i]) for p in projections], dim=1)) for i in owners}
+
+
+def _per_head(output: torch.Tensor, heads: int) -> torch.Tensor:
+    """A projection's output [tokens, heads * d] -> [heads, tokens * d], in float32."""
+    return output.float().unflatten(1, (heads, -1)).transpose(0, 1).flatten(1)
+
+
+def _cosine(features: torch.Tensor) -> torch.Tensor:
+    """[n, n] cosine similarity of the rows of ``features``."""
+    features = torch.nn.functional.normalize(features, dim=1)
+    return features @ features.T
 
 
 def qcqa_groups(
@@ -750,17 +820,7 @@ def _equal_groups(similarity: torch.Tensor, n_groups: int) -> list[list[int]]:
 
 
 def _linkage_groups(similarity: torch.Tensor, n_groups: int) -> list[list[int]]:
-    clusters = [[h] for h in range(similarity.shape[0])]
-    while len(clusters) > n_groups:
-        best, pair = None, None
-        for a in range(len(clusters)):
-            for b in range(a + 1, len(clusters)):
-                mean = similarity[clusters[a]][:, clusters[b]].mean().item()
-                if best is None or mean > best:
-                    best, pair = mean, (a, b)
-        a, b = pair
-        clusters[a] = sorted(clusters[a] + clusters.pop(b))
-    return sorted(clusters)
+    return grouping.linkage_hierarchy(similarity)[n_groups]
 
 
 def _pool_heads(w: torch.Tensor, old_heads: int, new_heads: int, method: str) -> torch.Tensor:

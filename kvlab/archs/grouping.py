@@ -51,17 +51,20 @@ def canonical(labels: Sequence[int]) -> Grouping:
     return sorted(groups.values())
 
 
-def head_gram(k_weight: torch.Tensor, v_weight: torch.Tensor, n_heads: int, k_bias=None, v_bias=None) -> np.ndarray:
-    """[H, H] float64 inner products between heads of their K and V projections (rows of a head,
-    bias included, flattened): all that the WSE of any grouping needs."""
-    parts = []
-    for w, b in ((k_weight, k_bias), (v_weight, v_bias)):
-        rows = w.detach().double().reshape(n_heads, -1, w.shape[-1])
-        if b is not None:
-            rows = torch.cat([rows, b.detach().double().reshape(n_heads, -1, 1)], dim=-1)
-        parts.append(rows.reshape(n_heads, -1))
-    flat = torch.cat(parts, dim=1)
+def projection_gram(weight: torch.Tensor, n_heads: int, bias: torch.Tensor | None = None) -> np.ndarray:
+    """[H, H] float64 inner products between the heads of one projection (a head's rows, bias included,
+    flattened)."""
+    rows = weight.detach().double().reshape(n_heads, -1, weight.shape[-1])
+    if bias is not None:
+        rows = torch.cat([rows, bias.detach().double().reshape(n_heads, -1, 1)], dim=-1)
+    flat = rows.reshape(n_heads, -1)
     return (flat @ flat.T).cpu().numpy()
+
+
+def head_gram(k_weight: torch.Tensor, v_weight: torch.Tensor, n_heads: int, k_bias=None, v_bias=None) -> np.ndarray:
+    """[H, H] float64 inner products between heads of their K and V projections together: all that the WSE
+    of any grouping needs."""
+    return projection_gram(k_weight, n_heads, k_bias) + projection_gram(v_weight, n_heads, v_bias)
 
 
 def weight_sharing_error(gram: np.ndarray, groups: Grouping) -> float:
@@ -357,3 +360,42 @@ def asymgqa_search(
             labels[i] = old
         history.append(best)
     return groupings(), history
+
+
+# -- Average linkage and DHA's head budgets ----------------------------------------
+
+
+def linkage_hierarchy(similarity: torch.Tensor) -> dict[int, Grouping]:
+    """Average-linkage clustering of ``H`` heads by ``similarity`` ([H, H]): the grouping into ``n`` clusters
+    for every ``n`` from ``H`` down to 1 (each level merges the two most alike clusters of the one above)."""
+    clusters = [[h] for h in range(similarity.shape[0])]
+    levels = {len(clusters): sorted(clusters)}
+    while len(clusters) > 1:
+        best, pair = None, None
+        for a in range(len(clusters)):
+            for b in range(a + 1, len(clusters)):
+                mean = similarity[clusters[a]][:, clusters[b]].mean().item()
+                if best is None or mean > best:
+                    best, pair = mean, (a, b)
+        a, b = pair
+        clusters[a] = sorted(clusters[a] + clusters.pop(b))
+        levels[len(clusters)] = sorted(clusters)
+    return levels
+
+
+def allocate_heads(costs: Sequence[Sequence[float]], total: int) -> list[int]:
+    """Heads per layer minimising the summed cost with exactly ``total`` heads in all, by dynamic
+    programming; ``costs[l][n - 1]`` is layer ``l``'s cost with ``n`` heads (DHA's per-layer head budgets:
+    the cost is the fusion loss of that layer at that count)."""
+    most = sum(len(c) for c in costs)
+    if not len(costs) <= total <= most:
+        raise ValueError(f"{total} heads cannot be spread over {len(costs)} layers of at most {most} heads in all")
+    best = {0: (0.0, [])}  # heads used so far -> (least summed cost, counts)
+    for layer_costs in costs:
+        step = {}
+        for used, (cost, counts) in best.items():
+            for n, c in enumerate(layer_costs, start=1):
+                if used + n <= total and (used + n not in step or cost + c < step[used + n][0]):
+                    step[used + n] = (cost + c, [*counts, n])
+        best = step
+    return best[total][1]

@@ -30,7 +30,7 @@ from omegaconf.errors import OmegaConfBaseException
 from kvlab._config import check_finite, differences
 from kvlab._io import atomic_write, atomic_write_text, pid_alive, remove_orphans
 from kvlab.archs import ModelConfig, build_model, convert_model
-from kvlab.archs.convert import uses_calibration
+from kvlab.archs.convert import calibration_rows
 from kvlab.recipes.config import ACCELERATORS, LOGGERS, PRECISIONS, STAGES, TrainConfig
 from kvlab.recipes.data import LMDataModule, build_datamodule, resume_problem, tokenizer_to_use
 from kvlab.recipes.evals import decode_speed, passkey_grid
@@ -277,16 +277,14 @@ def _initial_model(tc: TrainConfig):
     return model
 
 
-CALIBRATION_ROWS = 8  # training rows the conversions that measure heads on tokens use (uses_calibration)
-
-
 def _converted(model, spec: dict, datamodule: LMDataModule, report: dict):
     """``init.convert`` applied to the initial model, with calibration rows from the training data;
     ``report`` receives what a search found."""
     calibration = None
-    if uses_calibration(spec):
+    n_rows = calibration_rows(spec)
+    if isinstance(n_rows, int) and n_rows > 0:  # convert_model reports a bad calibration_rows
         datamodule.setup("fit")
-        rows = datamodule.splits["train"][:CALIBRATION_ROWS]["input_ids"]
+        rows = datamodule.splits["train"][:n_rows]["input_ids"]
         calibration = torch.as_tensor(rows)[:, :-1].long()
     try:
         model = convert_model(model, spec, calibration=calibration, report=report)

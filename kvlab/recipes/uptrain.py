@@ -129,19 +129,22 @@ def _check(tc: TrainConfig) -> None:
 
 
 def _resolve_convert(convert: dict, parent_model: dict) -> dict:
-    """Fill the default n_kv_heads (n_heads / 4) from the parent's attention."""
-    if convert.get("to") != "gqa" or convert.get("n_kv_heads") is not None:
+    """Fill the default head counts (n_heads / 4: GQA's n_kv_heads, DHA's n_k_heads and n_v_heads) from the
+    parent's attention."""
+    names = {"gqa": ["n_kv_heads"], "dha": ["n_k_heads", "n_v_heads"]}.get(convert.get("to"), [])
+    missing = [name for name in names if convert.get(name) is None]
+    if not missing:
         return convert
     mixer = parent_model.get("mixer") or {}
     if mixer.get("kind") != "attention":
-        raise ConfigError("init.convert.n_kv_heads: the parent has no single attention mixer; give n_kv_heads")
+        raise ConfigError(f"init.convert.{missing[0]}: the parent has no single attention mixer; give {missing[0]}")
     n_kv = max(1, mixer["n_heads"] // 4)
-    if mixer["n_kv_heads"] % n_kv:
+    if convert["to"] == "gqa" and mixer["n_kv_heads"] % n_kv:  # DHA's clusters need not be equal
         raise ConfigError(
             f"init.convert.n_kv_heads: the default n_heads/4={n_kv} does not divide the parent's "
             f"n_kv_heads={mixer['n_kv_heads']}; give init.convert.n_kv_heads"
         )
-    return {**convert, "n_kv_heads": n_kv}
+    return {**convert, **dict.fromkeys(missing, n_kv)}
 
 
 def _stage(cfg: DictConfig, stage_dir: Path, name: str | None = None, **changes) -> dict:

@@ -142,3 +142,32 @@ def test_asymgqa_search_only_keeps_improvements():
 def test_impossible_searches_are_refused(spec, message):
     with pytest.raises(ValueError, match=message):
         convert_model(build_model(MHA8), {"to": "gqa", **spec}, calibration=torch.randint(0, 97, (2, 9)))
+
+
+def test_linkage_hierarchy_merges_the_most_alike_clusters_level_by_level():
+    torch.manual_seed(0)
+    features = torch.nn.functional.normalize(torch.randn(6, 5), dim=1)
+    similarity = features @ features.T
+    levels = grouping.linkage_hierarchy(similarity)
+    assert sorted(levels) == list(range(1, 7)) and levels[6] == [[h] for h in range(6)] and levels[1] == [[*range(6)]]
+    for n in range(6, 1, -1):  # level n - 1 is level n with its two most alike clusters (mean similarity) merged
+        pairs = itertools.combinations(levels[n], 2)
+        a, b = max(pairs, key=lambda p: similarity[p[0]][:, p[1]].mean().item())
+        expected = sorted([c for c in levels[n] if c not in (a, b)] + [sorted(a + b)])
+        assert levels[n - 1] == expected
+
+
+def test_allocate_heads_is_the_brute_force_optimum():
+    rng = random.Random(0)
+    costs = [sorted((rng.random() for _ in range(h)), reverse=True) for h in (4, 3, 5, 2)]
+    for total in range(4, 15):
+        best = min(
+            (c for c in itertools.product(*(range(1, len(c) + 1) for c in costs)) if sum(c) == total),
+            key=lambda counts: sum(costs[layer][n - 1] for layer, n in enumerate(counts)),
+        )
+        chosen = grouping.allocate_heads(costs, total)
+        assert sum(chosen) == total
+        assert sum(costs[i][n - 1] for i, n in enumerate(chosen)) == pytest.approx(
+            sum(costs[i][n - 1] for i, n in enumerate(best)))  # fmt: skip
+    with pytest.raises(ValueError, match="15 heads cannot be spread over 4 layers of at most 14"):
+        grouping.allocate_heads(costs, 15)

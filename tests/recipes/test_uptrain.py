@@ -96,6 +96,21 @@ def test_uptrain_a_checkpoint_parent_counts_its_tokens_and_groups_by_search(tmp_
     assert mk["converted"]["kv_bytes_per_token"] * 16 == mk["parent"]["kv_bytes_per_token"] * 6
     assert mk["uptrained"]["val_ppl"] < mk["converted"]["val_ppl"]
 
+    # DHA: key and value heads clustered apart, per-layer counts by the budget search, fused for 3 steps
+    train(tmp_path, data_cache, "recipe=dha_uptrain", "init.from=checkpoint", f"init.path={ckpt}",
+          "uptrain.alpha=0.25", "+init.convert.fusion_steps=3", "+init.convert.calibration_rows=4")  # fmt: skip
+    dha = _metrics(tmp_path, "dha_uptrain")
+    assert dha["convert"]["n_k_heads"] == dha["convert"]["n_v_heads"] == 2  # n_heads / 4 each
+    assert dha["converted"]["kv_bytes_per_token"] * 4 == dha["parent"]["kv_bytes_per_token"]
+    assert dha["uptrained"]["val_ppl"] < dha["converted"]["val_ppl"]
+    report = json.loads((run_dirs(tmp_path, "dha_uptrain")[-1] / "uptrained" / "convert_report.json").read_text())
+    mixers = [dha["model"]["mixers"][name] for name in dha["model"]["pattern"]]
+    assert report["dha"]["k_heads_per_layer"] == [m["n_kv_heads"] for m in mixers]
+    assert report["dha"]["v_heads_per_layer"] == [m["n_v_heads"] for m in mixers]
+    assert (
+        len(report["dha"]["fusion"]) == 4 and report["dha"]["fusion_tokens"] == 3 * 4 * 63
+    )  # 64-token rows: 63 predictions
+
 
 @pytest.mark.parametrize("n_kv_heads,tied", [(8, False), (4, True)])
 def test_uptrain_an_hf_directory(tmp_path, n_kv_heads, tied):
