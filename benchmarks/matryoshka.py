@@ -8,8 +8,8 @@ run is already in ``--out``, then evaluates at every rank (keys and values
 alike) on the same validation batches: the converted model (PCA bases, no
 training) and the uptrained one, each from its one set of weights
 (``kvlab.archs.convert.with_kv_rank``). Also the greedy search's per-layer
-ranks within 3/8 of the full width (between ranks 8 and 16), from the
-converted model. Val loss is the token mean over the run's validation batches.
+and per-head ranks within 3/8 of the full width (between ranks 8 and 16),
+from the converted model. Val loss is the token mean over the run's validation batches.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import argparse
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -42,10 +43,10 @@ def val_loss(model, batches) -> float:
 def main() -> None:
     from kvlab import build_model
     from kvlab.archs import ModelConfig
-    from kvlab.archs.convert import convert_model, with_kv_rank
+    from kvlab.archs.convert import calibration_rows, convert_model, with_kv_rank
     from kvlab.recipes.config import TrainConfig
     from kvlab.recipes.data import build_datamodule
-    from kvlab.recipes.run import CALIBRATION_ROWS, read_checkpoint, train_config
+    from kvlab.recipes.run import read_checkpoint, train_config
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(REPO / "outputs" / "bench_matryoshka"))
@@ -64,7 +65,8 @@ def main() -> None:
     datamodule.prepare_data()
     datamodule.setup("fit")
     batches = list(datamodule.val_dataloader())[: tc.trainer.limit_val_batches]
-    calibration = torch.as_tensor(datamodule.splits["train"][:CALIBRATION_ROWS]["input_ids"])[:, :-1].long()
+    rows = calibration_rows(metrics["convert"])
+    calibration = torch.as_tensor(datamodule.splits["train"][:rows]["input_ids"])[:, :-1].long()
 
     parent_dict, parent_state = read_checkpoint(metrics["parent"]["init"]["path"])
     parent = build_model(ModelConfig.from_dict(parent_dict))
@@ -88,6 +90,14 @@ def main() -> None:
     size = greedy.kv_footprint(torch.bfloat16).bytes_per_token
     print(f"\ngreedy per-layer ranks within 3/8 of the width (PCA, no training): {report['matryoshka_ranks']}, "
           f"{size:,} bytes/token, val loss {val_loss(greedy, batches):.3f}")  # fmt: skip
+    report = {}
+    start = time.perf_counter()
+    per_head = convert_model(parent, {**spec, "per_head": True}, calibration=calibration, report=report)
+    seconds = time.perf_counter() - start
+    size = per_head.kv_footprint(torch.bfloat16).bytes_per_token
+    print(f"\ngreedy per-head ranks within 3/8 of the width (PCA, no training; search {seconds:.0f} s): "
+          f"{report['matryoshka_ranks']}, {size:,} bytes/token, "
+          f"val loss {val_loss(per_head, batches):.3f}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -43,8 +43,9 @@ weights are derived from ``model``'s:
   tokens, with their means, so at full rank the model computes what the
   parent did; ``ranks`` is the Matryoshka schedule (default the official
   ``d/4, d/2, 3d/4, d``), ``rank`` the ranks used outside training, or
-  ``budget`` (a fraction of the full K/V width) to choose them per layer by
-  the paper's greedy search (``report["matryoshka_ranks"]``).
+  ``budget`` (a fraction of the full K/V width) to choose them per layer
+  (``per_head: true``: per K/V head) by the paper's greedy search
+  (``report["matryoshka_ranks"]``).
 - ``{to: dha, n_k_heads: K, n_v_heads: V, method: fusion, adaptive: true}``
   (DHA, Chen et al. 2024; ``kvlab.archs.fusion``): key heads and value heads
   clustered apart, each by average linkage on the similarity of their keys
@@ -177,7 +178,8 @@ def convert_model(
             raise ValueError("convert.to=dha needs calibration tokens to compare the key and value heads on")
         converted = _to_decoupled_heads(model, {**spec, **settings}, calibration, report)
     elif spec["to"] == "matryoshka":
-        method = _checked_method(spec, ["to", "ranks", "rank", "budget", "method"], ("pca",))
+        method = _checked_method(spec, ["to", "ranks", "rank", "budget", "per_head", "method"], ("pca",))
+        check_bool(spec.get("per_head", False), "convert.per_head")
         if calibration is None:
             raise ValueError("convert.to=matryoshka needs calibration tokens for the PCA of keys and values")
         budget = spec.get("budget")
@@ -186,7 +188,10 @@ def convert_model(
             if budget > 1 or spec.get("rank") is not None:
                 raise ValueError(f"convert.budget={budget} must be in (0, 1] (a fraction of the full K/V width), "
                                  "and is instead of convert.rank")  # fmt: skip
-        converted = _to_matryoshka(model, spec.get("ranks"), spec.get("rank"), budget, calibration, report)
+        elif spec.get("per_head"):
+            raise ValueError("convert.per_head=true chooses ranks by the greedy search: it needs convert.budget")
+        converted = _to_matryoshka(model, spec.get("ranks"), spec.get("rank"), budget, calibration, report,
+                                   spec.get("per_head", False))  # fmt: skip
     elif spec["to"] == "cla":
         method = _checked_method(spec, ["to", "every", "kv_source", "method"], ("mean",))
         converted = _to_cla(model, spec)
@@ -400,10 +405,11 @@ def _to_matryoshka(
     budget: float | None,
     calibration: torch.Tensor,
     report: dict | None,
+    per_head: bool = False,
 ) -> CausalLM:
     """MatryoshkaKV: PCA bases and means of every K/V head's keys (after RoPE) and values on ``calibration``,
     as the layers' trainable orthogonal projections (through the inverse Cayley map); ``budget``: per-layer
-    ranks by the greedy search (``matryoshka_greedy_ranks``)."""
+    (``per_head``: per-head) ranks by the greedy search (``matryoshka_greedy_ranks``)."""
     cfg = model.config
     for i, (m, src) in enumerate(zip(cfg.layer_mixers, cfg.layer_kv_source, strict=True)):
         if not isinstance(m, AttentionConfig):
@@ -421,7 +427,7 @@ def _to_matryoshka(
     converted = _build(_one_mixer_per_layer(copy.deepcopy(cfg.to_dict()), layer_dicts), state, like=model)
     if budget is None:
         return converted
-    chosen, losses = matryoshka_greedy_ranks(converted, calibration, budget)
+    chosen, losses = matryoshka_greedy_ranks(converted, calibration, budget, per_head)
     for i, r in chosen.items():
         layer_dicts[i]["kv_rank"] = list(r)
     if report is not None:
@@ -475,12 +481,16 @@ def _pca_bases(model: CausalLM, calibration: torch.Tensor) -> dict[int, dict[str
 
 @torch.no_grad()
 def matryoshka_greedy_ranks(
-    model: CausalLM, calibration: torch.Tensor, budget: float
-) -> tuple[dict[int, tuple[int, int]], list[float]]:
-    """MatryoshkaKV's adaptive search for heterogeneous ranks: from every layer at its schedule's largest key
-    and value ranks, repeatedly lower the one (layer, keys or values) whose next smaller rank raises the loss
-    on ``calibration`` least, until the cache is at most ``budget`` of full-width K/V. Per layer (the paper
-    goes per head too). Returns the ranks per layer and the loss after each step."""
+    model: CausalLM, calibration: torch.Tensor, budget: float, per_head: bool = False
+) -> tuple[dict[int, tuple], list[float]]:
+    """MatryoshkaKV's adaptive search for heterogeneous ranks: from every K/V head at its schedule's largest
+    key and value ranks, repeatedly lower the one unit whose next smaller rank raises the loss on
+    ``calibration`` least, until the cache is at most ``budget`` of full-width K/V. A unit is a layer's keys
+    or values (all its heads together) or, ``per_head``, one head's keys or values, as the paper searches.
+    Per head, re-measuring every head at every step would cost a forward per head and step, so each head's
+    loss rise is measured once per lower rank with the others at full rank, and the steps are taken on
+    those measures. Returns the ranks per layer (per-head lists with ``per_head``) and the loss after each
+    step (``per_head``: at the start and the end)."""
     mixers = {i: model.layers[i].mixer for i in _kv_owners(model)}
     ids = calibration.to(model.embed_tokens.weight.device)
     was_training = model.training
@@ -489,33 +499,65 @@ def matryoshka_greedy_ranks(
     def loss() -> float:
         return model(ids[:, :-1], labels=ids[:, 1:]).item()
 
+    def use(i: int, r: list[list[int]]) -> None:  # per-head lists, or one rank per layer's keys / values
+        mixers[i].kv_rank = tuple(list(x) if per_head else x[0] for x in r)
+
     full = sum(2 * m.n_kv_heads * m.head_dim for m in mixers.values())
-    ranks = {i: [max(m.cfg.kv_ranks)] * 2 for i, m in mixers.items()}
+    ranks = {i: [[max(m.cfg.kv_ranks)] * m.n_kv_heads for _ in range(2)] for i, m in mixers.items()}
+    units = []  # (layer, keys 0 / values 1, the heads lowered together), hashable
     for i, m in mixers.items():
-        m.kv_rank = tuple(ranks[i])
+        heads = [(g,) for g in range(m.n_kv_heads)] if per_head else [tuple(range(m.n_kv_heads))]
+        units += [(i, which, h) for which in (0, 1) for h in heads]
+    for i in mixers:
+        use(i, ranks[i])
     losses = [loss()]
-    while sum(m.n_kv_heads * sum(ranks[i]) for i, m in mixers.items()) > budget * full:
-        best = None
-        for i, m in mixers.items():
-            for which in (0, 1):
-                lower = [r for r in m.cfg.kv_ranks if r < ranks[i][which]]
-                if not lower:
-                    continue
-                trial = list(ranks[i])
-                trial[which] = lower[-1]
-                m.kv_rank = tuple(trial)
-                value = loss()
-                m.kv_rank = tuple(ranks[i])
-                if best is None or value < best[0]:
-                    best = (value, i, trial)
-        if best is None:
-            raise ValueError(f"convert.budget={budget}: even the smallest ranks of kv_ranks exceed it")
-        value, i, trial = best
-        ranks[i] = trial
-        mixers[i].kv_rank = tuple(trial)
-        losses.append(value)
+
+    def trial_of(unit) -> list[list[int]] | None:  # the unit's layer with the unit one rank lower
+        i, which, heads = unit
+        lower = [r for r in mixers[i].cfg.kv_ranks if r < ranks[i][which][heads[0]]]
+        if not lower:
+            return None
+        trial = copy.deepcopy(ranks[i])
+        for g in heads:
+            trial[which][g] = lower[-1]
+        return trial
+
+    def measure(unit, trial) -> float:
+        use(unit[0], trial)
+        value = loss()
+        use(unit[0], ranks[unit[0]])
+        return value
+
+    if per_head:  # one forward per head and lower rank, then the cheapest steps on those measures
+        rise = {u: {} for u in units}
+        for u in units:
+            while (t := trial_of(u)) is not None:
+                rise[u][t[u[1]][u[2][0]]] = measure(u, t) - losses[0]
+                ranks[u[0]] = t
+            ranks[u[0]] = [[max(mixers[u[0]].cfg.kv_ranks)] * mixers[u[0]].n_kv_heads for _ in range(2)]
+            use(u[0], ranks[u[0]])  # the next head is measured with this one back at full rank
+        level = {u: max(mixers[u[0]].cfg.kv_ranks) for u in units}
+        while sum(sum(map(sum, r)) for r in ranks.values()) > budget * full:
+            steps = [(rise[u][t[u[1]][u[2][0]]] - rise[u].get(level[u], 0.0), u, t)
+                     for u in units if (t := trial_of(u)) is not None]  # fmt: skip
+            if not steps:
+                raise ValueError(f"convert.budget={budget}: even the smallest ranks of kv_ranks exceed it")
+            _, unit, trial = min(steps, key=lambda s: s[0])
+            level[unit] = trial[unit[1]][unit[2][0]]
+            ranks[unit[0]] = trial
+            use(unit[0], trial)
+        losses.append(loss())
+    else:  # every candidate measured at every step
+        while sum(sum(map(sum, r)) for r in ranks.values()) > budget * full:
+            candidates = [(u, t) for u in units if (t := trial_of(u)) is not None]
+            if not candidates:
+                raise ValueError(f"convert.budget={budget}: even the smallest ranks of kv_ranks exceed it")
+            value, unit, trial = min((measure(u, t), u, t) for u, t in candidates)
+            ranks[unit[0]] = trial
+            use(unit[0], trial)
+            losses.append(value)
     model.train(was_training)
-    return {i: tuple(r) for i, r in ranks.items()}, losses
+    return {i: tuple(list(x) if per_head else x[0] for x in r) for i, r in ranks.items()}, losses
 
 
 def _to_cla(model: CausalLM, spec: Mapping[str, Any]) -> CausalLM:

@@ -64,7 +64,8 @@ class HeadFusion(nn.Module):
 
     def __init__(self, model: nn.Module, clusters: dict[Key, Grouping]):
         super().__init__()
-        self.model, self.clusters = model, clusters
+        self.__dict__["model"] = model  # read, not owned: not a submodule (nor its parameters these ones)
+        self.clusters = clusters
         self.operators = nn.ParameterDict()
         for (layer, proj), groups in clusters.items():
             for c, members in enumerate(groups):

@@ -62,7 +62,10 @@ and the attention output is taken back to the head's space, ``y U_v[:, :r_v]^T
 every (key rank, value rank) pair of ``kv_ranks``, one pair per training
 forward (the official code's Matryoshka schedule), so one model serves every
 rank; outside training the layer uses ``kv_rank`` ([key rank, value rank],
-default full), which sizes its cache.
+default full), which sizes its cache. Either rank may be a list, one per K/V
+head (the paper's heterogeneous ranks): each head keeps its own leading
+coordinates (its basis columns past its rank are zeroed) and the cache holds
+them packed, ``sum of the heads' ranks`` channels per token, no padding.
 
 Value residual (Zhou et al. 2024): with ``value_residual: resformer`` every
 layer above the first attends to ``(1 - value_mix) V_n + value_mix V_1``,
@@ -122,7 +125,8 @@ class AttentionConfig(MixerConfig):
     query_allocation: str | None = None  # None | kdgqa | dgqa: query heads per K/V head from key norms
     allocation_beta: float = 0.9  # dgqa: the weight of the newest key norms in their running average
     kv_ranks: list[int] | None = None  # MatryoshkaKV: the ranks training cycles through; None: no projections
-    kv_rank: list[int] | None = None  # MatryoshkaKV: [key rank, value rank] outside training; None: full
+    # MatryoshkaKV: [key rank, value rank] outside training, each a rank or one per K/V head; None: full
+    kv_rank: list[int | list[int]] | None = None
 
     def validate(self, d_model: int, path: str) -> None:
         check_int(self.n_heads, f"{path}.n_heads", minimum=1)
@@ -255,10 +259,15 @@ class AttentionConfig(MixerConfig):
             if not isinstance(self.kv_rank, (list, tuple)) or len(self.kv_rank) != 2:
                 raise ValueError(f"{path}.kv_rank={self.kv_rank!r} must be [key rank, value rank]")
             for n, r in enumerate(self.kv_rank):
-                check_int(r, f"{path}.kv_rank[{n}]", minimum=1)
-                if r > self.head_dim:
-                    raise ValueError(f"{path}.kv_rank[{n}]={r} exceeds head_dim={self.head_dim}")
-            self.kv_rank = list(self.kv_rank)
+                if isinstance(r, (list, tuple)) and len(r) != self.n_kv_heads:
+                    raise ValueError(f"{path}.kv_rank[{n}]={list(r)} must be one rank, or one per K/V head "
+                                     f"({self.n_kv_heads})")  # fmt: skip
+                for h, x in enumerate(r if isinstance(r, (list, tuple)) else [r]):
+                    name = f"{path}.kv_rank[{n}]" + (f"[{h}]" if isinstance(r, (list, tuple)) else "")
+                    check_int(x, name, minimum=1)
+                    if x > self.head_dim:
+                        raise ValueError(f"{name}={x} exceeds head_dim={self.head_dim}")
+            self.kv_rank = [list(r) if isinstance(r, (list, tuple)) else r for r in self.kv_rank]
         clashes = {
             "kv_merge": self.kv_merge > 1,
             "value_residual": self.value_residual is not None,
@@ -401,7 +410,7 @@ class Attention(nn.Module):
                 # the (key rank, value rank) pair the next training forward uses: saved, so a resumed run goes on
                 self.register_buffer("rank_step", torch.zeros((), dtype=torch.long))
                 self.reset_parameters()
-                self.kv_rank = tuple(cfg.kv_rank or (d, d))  # outside training
+                self.kv_rank = tuple(cfg.kv_rank or (d, d))  # outside training: ranks, or per-head lists
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, d_model, bias=cfg.o_bias)
         self.rotary = Rotary(cfg.rope_dims, cfg.rope_theta, max_seq_len, cfg.rope_scaling)
         if cfg.kv_groups is not None:
@@ -460,7 +469,12 @@ class Attention(nn.Module):
             if bases is not None:  # MatryoshkaKV: what is cached is the leading principal coordinates
                 k = torch.einsum("bgtd,gdr->bgtr", k - self.k_mean[None, :, None].to(k.dtype), bases[0])
                 v = torch.einsum("bgtd,gdr->bgtr", v - self.v_mean[None, :, None].to(v.dtype), bases[1])
-            view = cache.update(k, v, start) if cache is not None else KVView(k, v, start + T)
+            if cache is None:
+                view = KVView(k, v, start + T)
+            elif bases is not None and self._ranks_now()[2]:  # per-head ranks: the cache holds them packed
+                view = self._unpacked(cache.update(*self._packed(k, v), start))
+            else:
+                view = cache.update(k, v, start)
             if self.value_residual is not None:
                 first = state.read("values", 0, self.layer_idx).to(view.k.dtype)
                 v = first if self.value_residual == "svformer" else torch.lerp(view.v, first, self.cfg.value_mix)
@@ -499,21 +513,56 @@ class Attention(nn.Module):
         if self.cfg.kv_ranks is not None and torch.is_grad_enabled():
             self.rank_step.add_(1)
 
-    def _matryoshka_bases(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """MatryoshkaKV: the key and value bases' leading columns for this forward, [G, d, r_k] and [G, d, r_v].
-
-        Training takes the next (key rank, value rank) pair of ``kv_ranks`` x ``kv_ranks`` in turn; otherwise
-        the ranks are ``kv_rank``."""
+    def _ranks_now(self) -> tuple[int | list[int], int | list[int], bool]:
+        """MatryoshkaKV's (key rank, value rank) for this forward, each a rank or one per K/V head, and whether
+        they differ between heads. Training takes the next pair of ``kv_ranks`` x ``kv_ranks`` in turn;
+        otherwise the ranks are ``kv_rank``."""
         if self.training and torch.is_grad_enabled():
             pairs = [(a, b) for a in self.cfg.kv_ranks for b in self.cfg.kv_ranks]
             r_k, r_v = pairs[int(self.rank_step) % len(pairs)]
-        else:
-            r_k, r_v = self.kv_rank
+            return r_k, r_v, False
+        return *self.kv_rank, self._heads_differ()
+
+    def _heads_differ(self) -> bool:
+        """Whether ``kv_rank`` gives the K/V heads different ranks (then the cache holds them packed)."""
+        return any(isinstance(r, list) and len(set(r)) > 1 for r in self.kv_rank)
+
+    def _matryoshka_bases(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """MatryoshkaKV: the key and value bases' leading columns for this forward, [G, d, r_k] and [G, d, r_v]
+        (per-head ranks: as many columns as the largest, each head's past its own rank zeroed)."""
+        r_k, r_v, _ = self._ranks_now()
         dtype = self.k_proj.weight.dtype
         work = torch.promote_types(dtype, torch.float32)  # the solve in at least fp32
-        k_basis = cayley(self.k_rotation.to(work))[..., :r_k].to(dtype)
-        v_basis = cayley(self.v_rotation.to(work))[..., :r_v].to(dtype)
-        return k_basis, v_basis
+
+        def leading(rotation: torch.Tensor, r: int | list[int]) -> torch.Tensor:
+            basis = cayley(rotation.to(work))
+            if isinstance(r, int):
+                return basis[..., :r].to(dtype)
+            width = max(r)
+            keep = torch.arange(width, device=basis.device) < torch.tensor(r, device=basis.device)[:, None]
+            return (basis[..., :width] * keep[:, None, :]).to(dtype)
+
+        return leading(self.k_rotation, r_k), leading(self.v_rotation, r_v)
+
+    def _packed(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head ranks: [B, G, T, max rank] keys/values -> [B, 1, T, sum of ranks], each head's own."""
+        r_k, r_v = (r if isinstance(r, list) else [r] * self.n_kv_heads for r in self.kv_rank)
+
+        def pack(x: torch.Tensor, ranks: list[int]) -> torch.Tensor:
+            return torch.cat([x[:, h, :, :r] for h, r in enumerate(ranks)], dim=-1)[:, None]
+
+        return pack(k, r_k), pack(v, r_v)
+
+    def _unpacked(self, view: KVView) -> KVView:
+        """The inverse of ``_packed`` on a cache view: each head's coordinates, zero-padded to the widest."""
+        r_k, r_v = (r if isinstance(r, list) else [r] * self.n_kv_heads for r in self.kv_rank)
+
+        def unpack(x: torch.Tensor, ranks: list[int]) -> torch.Tensor:
+            width = max(ranks)
+            heads = x[:, 0].split(ranks, dim=-1)
+            return torch.stack([torch.nn.functional.pad(h, (0, width - h.shape[-1])) for h in heads], dim=1)
+
+        return KVView(unpack(view.k, r_k), unpack(view.v, r_v), view.end, view.k_pos)
 
     def _kv_head_of_query(self) -> torch.Tensor:
         """Per query head, the K/V head it reads (KDGQA's differ per query: see ``_attend_key_driven``)."""
@@ -621,19 +670,29 @@ class Attention(nn.Module):
             return None
         length = self._cached_positions(max_len)
         cls = StaticKV if length == max_len else RingKV
+        if self.cfg.kv_ranks is not None and self._heads_differ():
+            k_width, v_width = self._cached_elements()  # per-head ranks: one packed head
+            return cls(batch_size, 1, length, k_width, v_width, dtype=dtype, device=device)
         k_dim, v_dim = self._cached_widths()
         return cls(batch_size, self.n_kv_heads, length, k_dim, v_dim, v_heads=self.n_v_heads, dtype=dtype,
                    device=device)  # fmt: skip
 
     def _cached_widths(self) -> tuple[int, int]:
-        """Channels cached per K/V head for keys and for values (MatryoshkaKV: its ranks; SVFormer: no values)."""
+        """Channels cached per K/V head for keys and for values (MatryoshkaKV: its ranks, the widest where they
+        differ by head; SVFormer: no values)."""
         if self.cfg.kv_ranks is not None:
-            return self.kv_rank
+            return tuple(max(r) if isinstance(r, list) else r for r in self.kv_rank)
         return self.head_dim, 0 if self.value_residual == "svformer" else self.head_dim
+
+    def _cached_elements(self) -> tuple[int, int]:
+        """Key and value channels cached per token, all heads together."""
+        if self.cfg.kv_ranks is not None:
+            return tuple(sum(r) if isinstance(r, list) else r * self.n_kv_heads for r in self.kv_rank)
+        k_dim, v_dim = self._cached_widths()
+        return self.n_kv_heads * k_dim, self.n_v_heads * v_dim
 
     def kv_footprint(self, dtype: torch.dtype) -> LayerFootprint:
         if not self.owns_kv:
             return LayerFootprint()
-        k_dim, v_dim = self._cached_widths()
-        per_token = (self.n_kv_heads * k_dim + self.n_v_heads * v_dim) * dtype.itemsize
+        per_token = sum(self._cached_elements()) * dtype.itemsize
         return LayerFootprint(bytes_per_token=per_token, max_tokens=self.cfg.window)

@@ -81,6 +81,9 @@ class TrainConfig:
     uptrain: UptrainConfig | None = None  # set by the staged uptraining recipes
     ckpt: str | None = None  # recipe=export's / eval's shorthand for init.path: python train.py recipe=eval ckpt=PATH
     iso_params: int | None = None  # widen or narrow the MLP so the model has about this many parameters
+    # train on the KL divergence from the initial model before init.convert (knowledge distillation, as
+    # MatryoshkaKV trains its projections) instead of on the labels
+    distill: bool = False
 
 
 def register_configs() -> None:

@@ -21,6 +21,9 @@ class OptimConfig:
     weight_decay: float = 0.1  # decoupled (AdamW), on matrices only: not on norms, biases
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
+    # only the parameters whose names contain one of these train (e.g. [k_rotation, v_rotation, v_mean]: the
+    # MatryoshkaKV projections); null: all of them
+    trainable: list[str] | None = None
 
     def validate(self) -> None:
         if not self.lr > 0:
@@ -35,6 +38,10 @@ class OptimConfig:
             raise ValueError(f"optim.betas={list(self.betas)} must be two numbers in [0, 1), e.g. [0.9, 0.95]")
         if not self.eps > 0:
             raise ValueError(f"optim.eps={self.eps} must be > 0")
+        if self.trainable is not None and (
+            not isinstance(self.trainable, (list, tuple)) or not all(isinstance(n, str) and n for n in self.trainable)
+        ):
+            raise ValueError(f"optim.trainable={self.trainable!r} must be a list of parameter-name fragments, or null")
 
 
 def associative_recall_hits(input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -51,6 +58,15 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean over the labelled positions (``labels != -100``) of KL(teacher || model) between the next-token
+    distributions, both at temperature 1."""
+    kl = F.kl_div(F.log_softmax(logits.float(), -1), F.log_softmax(teacher_logits.float(), -1), log_target=True,
+                  reduction="none").sum(-1)  # fmt: skip
+    asked = labels != -100
+    return (kl * asked).sum() / asked.sum().clamp(min=1)
 
 
 class LMModule(L.LightningModule):
@@ -73,6 +89,28 @@ class LMModule(L.LightningModule):
         self.model.activation_checkpointing = activation_checkpointing
         self.model.compile_blocks = "inductor" if compile else None
         self._t_last: float | None = None
+        self._teacher: CausalLM | None = None  # set_teacher: distillation instead of the labels
+        if self.optim.trainable is not None:
+            self._freeze_all_but(list(self.optim.trainable))
+
+    def _freeze_all_but(self, fragments: list[str]) -> None:
+        names = [name for name, _ in self.model.named_parameters()]
+        for name, p in self.model.named_parameters():
+            p.requires_grad_(any(f in name for f in fragments))
+        if not any(p.requires_grad for p in self.model.parameters()):
+            raise ValueError(f"optim.trainable={fragments} matches no parameter of the model (its names are like "
+                             f"{', '.join(names[:3])}, ...)")  # fmt: skip
+
+    def set_teacher(self, teacher: CausalLM) -> None:
+        """Train on the KL divergence from ``teacher``'s next-token distributions (knowledge distillation) rather
+        than on the labels. The teacher is frozen and held outside the module: not saved in checkpoints, not
+        optimised; a resumed run sets it again."""
+        teacher.eval().requires_grad_(False)
+        self.__dict__["_teacher"] = teacher  # not a submodule
+
+    def on_fit_start(self) -> None:
+        if self._teacher is not None:
+            self._teacher.to(self.device)
 
     def forward(self, input_ids, doc_ids=None):
         return self.model(input_ids, doc_ids=doc_ids)
@@ -82,8 +120,14 @@ class LMModule(L.LightningModule):
         return F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten())
 
     def training_step(self, batch, batch_idx):
-        # the model computes the loss itself: the fused head + cross-entropy never holds all the logits
-        loss = self.model(batch["input_ids"], doc_ids=batch.get("doc_ids"), labels=batch["labels"])
+        if self._teacher is not None:
+            logits = self.model(batch["input_ids"], doc_ids=batch.get("doc_ids"))
+            with torch.no_grad():
+                target = self._teacher(batch["input_ids"], doc_ids=batch.get("doc_ids"))
+            loss = distillation_loss(logits, target, batch["labels"])
+            self.log("train_lm_loss", self._loss(batch, logits.detach()))
+        else:  # the model computes the loss itself: the fused head + cross-entropy never holds all the logits
+            loss = self.model(batch["input_ids"], doc_ids=batch.get("doc_ids"), labels=batch["labels"])
         tokens = batch["input_ids"].numel() * self.trainer.world_size
         self.log("train_loss", loss, prog_bar=True)
         self.log("lr", self.lr_schedulers().get_last_lr()[0])

@@ -63,6 +63,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(str(e)) from None
     convert, convert_report = dict(tc.init).get("convert"), {}
+    teacher = None
+    if tc.distill:
+        if initial is None or not convert:
+            raise ConfigError("distill=true distils the initial model into its conversion: it needs "
+                              "init.from=checkpoint or hf and init.convert")  # fmt: skip
+        teacher = initial  # convert_model leaves it as it was
     if initial is not None and convert:
         initial = _converted(initial, dict(convert), datamodule, convert_report)
         model_cfg = initial.config
@@ -74,15 +80,20 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     if convert_report:  # what a conversion's search found (QCQA's Pareto front), beside the run
         _write_json(run_dir / "convert_report.json", convert_report)
     log.info("model plan (layer: mixer <- what it reads of other layers):\n%s", model_cfg.describe_plan())
-    module = LMModule(
-        model=model_cfg.to_dict(),
-        optim=OmegaConf.to_container(cfg.optim),
-        max_steps=tc.trainer.max_steps,
-        activation_checkpointing=tc.trainer.activation_checkpointing,
-        compile=tc.trainer.compile,
-    )
+    try:
+        module = LMModule(
+            model=model_cfg.to_dict(),
+            optim=OmegaConf.to_container(cfg.optim),
+            max_steps=tc.trainer.max_steps,
+            activation_checkpointing=tc.trainer.activation_checkpointing,
+            compile=tc.trainer.compile,
+        )
+    except ValueError as e:  # optim.trainable naming no parameter of this model
+        raise ConfigError(str(e)) from None
     if initial is not None:
         module.model.load_state_dict(initial.state_dict())
+    if teacher is not None:
+        module.set_teacher(teacher)
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, run_dir / "checkpoints" / "config.yaml", resolve=True)
     # The tokenizer travels with the checkpoints: init from them (uptraining, export) reads the same tokens.

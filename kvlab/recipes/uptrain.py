@@ -62,7 +62,8 @@ def run_uptrain(cfg: DictConfig, run_dir: Path) -> dict:
     beside = Path(parent_init["path"]).expanduser().parent / "tokenizer.json"
     if parent_init["from"] == "checkpoint" and beside.is_file():  # the scratch baseline reads the same tokens
         cfg.data.tokenizer = tokenizer_to_use(OmegaConf.to_object(cfg.data), beside)
-    parent = _stage(cfg, run_dir / "parent", "parent evaluation", init=parent_init, stages=["eval"])
+    parent = _stage(cfg, run_dir / "parent", "parent evaluation", init=parent_init, stages=["eval"],
+                    **PLAIN_TRAINING)  # fmt: skip
     if parent_tokens is not None:
         parent["tokens_seen"] = parent_tokens
     convert = _resolve_convert(convert, parent["model"])
@@ -90,7 +91,8 @@ def run_uptrain(cfg: DictConfig, run_dir: Path) -> dict:
     scratch = None
     if up.compare_scratch:
         init_scratch = {"from": "scratch", "path": None, "convert": None}
-        scratch = _stage(cfg, run_dir / "scratch", init=init_scratch, model=uptrained["model"], **schedule)
+        scratch = _stage(cfg, run_dir / "scratch", init=init_scratch, model=uptrained["model"], **schedule,
+                         **PLAIN_TRAINING)  # fmt: skip
 
     metrics = {k: v for k, v in uptrained.items() if k != "initial_val_loss"}
     metrics["convert"] = convert
@@ -147,6 +149,11 @@ def _resolve_convert(convert: dict, parent_model: dict) -> dict:
     return {**convert, **dict.fromkeys(missing, n_kv)}
 
 
+# distill and optim.trainable are the uptraining's: the parent and the scratch baseline train on the labels,
+# every parameter
+PLAIN_TRAINING = {"distill": False, "optim.trainable": None}
+
+
 def _stage(cfg: DictConfig, stage_dir: Path, name: str | None = None, **changes) -> dict:
     """Run one stage: ``cfg`` with dotted-key ``changes``, writing into ``stage_dir``."""
     stage_cfg = copy.deepcopy(cfg)
@@ -163,7 +170,8 @@ def _cached_parent(cfg: DictConfig) -> tuple[dict, int]:
         # kernel backends change how, not what, the parent computes
         "model": {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "kernels"},
         "data": {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if k != "cache_dir"},
-        "optim": OmegaConf.to_container(cfg.optim, resolve=True),
+        # which parameters the uptraining trains is not the parent's business (it trains them all)
+        "optim": {k: v for k, v in OmegaConf.to_container(cfg.optim, resolve=True).items() if k != "trainable"},
         "seed": cfg.seed,
         "steps": cfg.uptrain.parent_steps,
         "trainer": {k: cfg.trainer[k] for k in ("precision", "accumulate_grad_batches", "gradient_clip_val")},
@@ -189,6 +197,7 @@ def _cached_parent(cfg: DictConfig) -> tuple[dict, int]:
             resume=resume,
             stages=["train"],
             **{"trainer.max_steps": cfg.uptrain.parent_steps},
+            **PLAIN_TRAINING,
         )
         atomic_write_text(parent_dir / "DONE", json.dumps(identity, indent=2, sort_keys=True) + "\n")
     tokens = json.loads((parent_dir / "metrics.json").read_text())["tokens_seen"]

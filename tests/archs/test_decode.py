@@ -27,8 +27,8 @@ VARIANTS = {
         mixer={"kind": "attention", "n_heads": 6, "n_kv_heads": 3, "head_dim": 8, "query_allocation": "kdgqa"},
         kv_sharing={"kind": "cla", "every": 2},
     ),
-    "matryoshka": tiny(
-        mixer={"kind": "attention", "n_heads": 4, "n_kv_heads": 2, "kv_ranks": [4, 8, 16], "kv_rank": [8, 4]}
+    "matryoshka": tiny(  # key ranks per K/V head (cached packed), one value rank (the preset has uniform ranks)
+        mixer={"kind": "attention", "n_heads": 4, "n_kv_heads": 2, "kv_ranks": [4, 8, 16], "kv_rank": [[8, 16], 4]}
     ),  # fmt: skip
     "dha_cla": tiny(  # 2 key heads and 3 value heads for 6 query heads, each grouped its own way; CLA readers
         mixer={

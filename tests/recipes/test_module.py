@@ -1,4 +1,4 @@
-"""The LightningModule's optimiser pieces."""
+"""The LightningModule's optimiser pieces, the parameters it trains and its distillation loss."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from kvlab.recipes.module import LMModule, WarmupCosine
+from kvlab import build_model
+from kvlab.recipes.module import LMModule, WarmupCosine, distillation_loss
 from tests.conftest import tiny
 
 
@@ -55,3 +56,40 @@ def test_associative_recall_hits_mark_bigrams_seen_before():
     ids = torch.tensor([[5, 6, 7, 5, 6, 9, 5, 6]])
     labels = torch.tensor([[6, 7, 5, 6, 9, 5, 6, 7]])  # bigrams: 56 67 75 56 69 95 56 67
     assert associative_recall_hits(ids, labels).tolist() == [[False, False, False, True, False, False, True, True]]
+
+
+def test_only_the_named_parameters_train():
+    module = LMModule(model=tiny(), optim={"trainable": ["k_proj", "v_proj"]})
+    trained = {name for name, p in module.model.named_parameters() if p.requires_grad}
+    assert trained == {f"layers.{i}.mixer.{p}.weight" for i in range(4) for p in ("k_proj", "v_proj")}
+    opt = module.configure_optimizers()["optimizer"]
+    assert sum(len(g["params"]) for g in opt.param_groups) == 8
+    with pytest.raises(ValueError, match=r"optim.trainable=\['rotation'\] matches no parameter .* embed_tokens"):
+        LMModule(model=tiny(), optim={"trainable": ["rotation"]})
+    with pytest.raises(ValueError, match="optim.trainable='k_proj' must be a list"):
+        LMModule(model=tiny(), optim={"trainable": "k_proj"})
+
+
+def test_distillation_loss_is_the_mean_kl_from_the_teacher_over_labelled_positions():
+    logits, teacher = torch.randn(2, 5, 11, dtype=torch.float64), torch.randn(2, 5, 11, dtype=torch.float64)
+    labels = torch.randint(0, 11, (2, 5))
+    labels[0, 1] = labels[1, 4] = -100
+    total, count = 0.0, 0
+    for b in range(2):
+        for t in range(5):
+            if labels[b, t] == -100:
+                continue
+            p, q = torch.softmax(teacher[b, t], -1), torch.softmax(logits[b, t], -1)
+            total += (p * (p.log() - q.log())).sum().item()
+            count += 1
+    assert distillation_loss(logits, teacher, labels).item() == pytest.approx(total / count, rel=1e-6)
+    assert distillation_loss(teacher, teacher, labels).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_the_teacher_is_held_outside_the_module():
+    module = LMModule(model=tiny())
+    teacher = build_model(tiny())
+    module.set_teacher(teacher)
+    assert module._teacher is teacher and not any(p.requires_grad for p in teacher.parameters())
+    assert all(k.startswith("model.") for k in module.state_dict())
+    assert len(list(module.parameters())) == len(list(module.model.parameters()))

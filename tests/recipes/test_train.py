@@ -209,6 +209,8 @@ BAD_OVERRIDES = {
     "init source": (["init.from=web"], "init.from='web' is not one of scratch, checkpoint, hf"),
     "init path": (["init.from=hf", "init.path=/nonexistent/model"], "init.path='/nonexistent/model'"),
     "convert from scratch": (["init.convert={to: gqa}"], "init.convert needs init.from=checkpoint or hf"),
+    "distill from scratch": (["distill=true"], "distill=true distils the initial model into its conversion: it needs"),
+    "nothing trainable": (["optim.trainable=[rotation]"], "optim.trainable=['rotation'] matches no parameter"),
     "ckpt outside export": (["ckpt=/some.ckpt"], "ckpt='/some.ckpt' is recipe=export's and recipe=eval's shorthand"),
     "warmup longer than the run": (
         ["optim.warmup_steps=50", "trainer.max_steps=10"],
