@@ -306,7 +306,7 @@ def _to_uneven_gqa(model: CausalLM, groups: dict[int, list[list[int]]]) -> Causa
     cfg = model.config
     cfg_dict = copy.deepcopy(cfg.to_dict())
     layer_dicts = [to_dict(m) for m in cfg.layer_mixers]
-    state = dict(model.state_dict())
+    pooled = {}  # (layer, projection) -> the clusters its heads are mean-pooled in
     for i, layer in enumerate(model.layers):
         mixer = layer.mixer
         if not isinstance(mixer.cfg, AttentionConfig):
@@ -316,8 +316,8 @@ def _to_uneven_gqa(model: CausalLM, groups: dict[int, list[list[int]]]) -> Causa
         clusters = groups[cfg.layer_kv_source[i]]
         layer_dicts[i].update(n_kv_heads=len(clusters), kv_groups=_cluster_of_query(mixer, clusters))
         if mixer.owns_kv:
-            for proj in ("k_proj", "v_proj"):
-                _pool_clusters(state, i, proj, mixer, clusters)
+            pooled.update({(i, p): clusters for p in ("k_proj", "v_proj") if hasattr(mixer, p)})  # SVFormer: no V
+    state = {**model.state_dict(), **HeadFusion(model, pooled).merged()}  # identity operators: mean-pooling
     return _build(_one_mixer_per_layer(cfg_dict, layer_dicts), state, like=model)
 
 
@@ -326,15 +326,6 @@ def _cluster_of_query(mixer, clusters: list[list[int]]) -> list[int]:
     cluster_of = {h: c for c, members in enumerate(clusters) for h in members}
     per_kv = mixer.n_heads // mixer.n_kv_heads
     return [cluster_of[q // per_kv] for q in range(mixer.n_heads)]
-
-
-def _pool_clusters(state: dict, layer: int, proj: str, mixer, clusters: list[list[int]]) -> None:
-    """In ``state``, layer ``layer``'s ``proj`` heads mean-pooled within each cluster (weight and bias)."""
-    for tensor in ("weight", "bias"):
-        key = f"layers.{layer}.mixer.{proj}.{tensor}"
-        if key in state:
-            heads = state[key].unflatten(0, (mixer.n_kv_heads, mixer.head_dim))
-            state[key] = torch.cat([heads[members].mean(dim=0) for members in clusters])
 
 
 LAYER_NAMES = string.ascii_letters + string.digits  # one mixer name per layer when layers differ
@@ -503,7 +494,11 @@ def matryoshka_greedy_ranks(
         mixers[i].kv_rank = tuple(list(x) if per_head else x[0] for x in r)
 
     full = sum(2 * m.n_kv_heads * m.head_dim for m in mixers.values())
-    ranks = {i: [[max(m.cfg.kv_ranks)] * m.n_kv_heads for _ in range(2)] for i, m in mixers.items()}
+
+    def top(i: int) -> list[list[int]]:  # layer i's keys and values at the schedule's largest rank
+        return [[max(mixers[i].cfg.kv_ranks)] * mixers[i].n_kv_heads for _ in range(2)]
+
+    ranks = {i: top(i) for i in mixers}
     units = []  # (layer, keys 0 / values 1, the heads lowered together), hashable
     for i, m in mixers.items():
         heads = [(g,) for g in range(m.n_kv_heads)] if per_head else [tuple(range(m.n_kv_heads))]
@@ -534,7 +529,7 @@ def matryoshka_greedy_ranks(
             while (t := trial_of(u)) is not None:
                 rise[u][t[u[1]][u[2][0]]] = measure(u, t) - losses[0]
                 ranks[u[0]] = t
-            ranks[u[0]] = [[max(mixers[u[0]].cfg.kv_ranks)] * mixers[u[0]].n_kv_heads for _ in range(2)]
+            ranks[u[0]] = top(u[0])
             use(u[0], ranks[u[0]])  # the next head is measured with this one back at full rank
         level = {u: max(mixers[u[0]].cfg.kv_ranks) for u in units}
         while sum(sum(map(sum, r)) for r in ranks.values()) > budget * full:

@@ -54,8 +54,12 @@ def fusion_cost(features: torch.Tensor, clusters: Grouping) -> float:
     spread around their clusters' means, relative to their size, in ``features`` ([H, n], each head's
     outputs on calibration tokens, or its weights)."""
     features = features.detach().double()
-    spread = sum(((features[c] - features[c].mean(dim=0)) ** 2).sum() for c in clusters)
-    return float(spread / (features**2).sum())
+    return float(_spread([features[c] for c in clusters]) / (features**2).sum())
+
+
+def _spread(clusters: list[torch.Tensor]) -> torch.Tensor:
+    """Summed squared distance of the rows of each ``[members, n]`` tensor from their mean."""
+    return sum(((rows - rows.mean(dim=0)) ** 2).sum() for rows in clusters)
 
 
 class HeadFusion(nn.Module):
@@ -92,8 +96,7 @@ class HeadFusion(nn.Module):
         losses = []
         for (layer, proj), per_cluster in fused.items():
             size = (head_rows(*self._linear(layer, proj)) ** 2).sum()
-            spread = sum(((f - f.mean(dim=0)) ** 2).sum() for f in per_cluster)
-            losses.append(spread / size)
+            losses.append(_spread(per_cluster) / size)
         return torch.stack(losses).mean()
 
     def _as_state(self, rows_of: dict[Key, torch.Tensor]) -> dict[str, torch.Tensor]:
