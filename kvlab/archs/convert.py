@@ -353,12 +353,12 @@ def _to_decoupled_heads(
             raise ValueError(f"convert.to=dha: layer {i} is not plain unshared attention (MHA/GQA/MQA)")
     layers = range(len(model.layers))
     clusters: dict[tuple[int, str], list[list[int]]] = {}
+    heads = [model.layers[i].mixer.n_kv_heads for i in layers]
+    if max(spec["n_k_heads"], spec["n_v_heads"]) > min(heads):
+        i, n = heads.index(min(heads)), max(spec["n_k_heads"], spec["n_v_heads"])
+        raise ValueError(f"convert.to=dha: layer {i} has {heads[i]} K/V heads, fewer than the {n} asked")
+    outputs = _projection_outputs(model, calibration, list(layers), ("k_proj", "v_proj"))
     for proj, n in (("k_proj", spec["n_k_heads"]), ("v_proj", spec["n_v_heads"])):
-        heads = [model.layers[i].mixer.n_kv_heads for i in layers]
-        if n > min(heads):
-            i = heads.index(min(heads))
-            raise ValueError(f"convert.to=dha: layer {i} has {heads[i]} K/V heads, fewer than the {n} asked")
-        outputs = _projection_outputs(model, calibration, list(layers), (proj,))
         features = {i: _per_head(outputs[i, proj], heads[i]) for i in layers}
         levels = {i: grouping.linkage_hierarchy(_cosine(features[i])) for i in layers}
         per_layer = [n] * len(heads)
@@ -507,9 +507,15 @@ def matryoshka_greedy_ranks(
         use(i, ranks[i])
     losses = [loss()]
 
+    def rank_of(r: list[list[int]], unit) -> int:  # the unit's rank in its layer's ranks r
+        return r[unit[1]][unit[2][0]]
+
+    def cached() -> int:  # K/V channels per token, all layers
+        return sum(sum(map(sum, r)) for r in ranks.values())
+
     def trial_of(unit) -> list[list[int]] | None:  # the unit's layer with the unit one rank lower
         i, which, heads = unit
-        lower = [r for r in mixers[i].cfg.kv_ranks if r < ranks[i][which][heads[0]]]
+        lower = [r for r in mixers[i].cfg.kv_ranks if r < rank_of(ranks[i], unit)]
         if not lower:
             return None
         trial = copy.deepcopy(ranks[i])
@@ -527,23 +533,21 @@ def matryoshka_greedy_ranks(
         rise = {u: {} for u in units}
         for u in units:
             while (t := trial_of(u)) is not None:
-                rise[u][t[u[1]][u[2][0]]] = measure(u, t) - losses[0]
+                rise[u][rank_of(t, u)] = measure(u, t) - losses[0]
                 ranks[u[0]] = t
             ranks[u[0]] = top(u[0])
             use(u[0], ranks[u[0]])  # the next head is measured with this one back at full rank
-        level = {u: max(mixers[u[0]].cfg.kv_ranks) for u in units}
-        while sum(sum(map(sum, r)) for r in ranks.values()) > budget * full:
-            steps = [(rise[u][t[u[1]][u[2][0]]] - rise[u].get(level[u], 0.0), u, t)
+        while cached() > budget * full:
+            steps = [(rise[u][rank_of(t, u)] - rise[u].get(rank_of(ranks[u[0]], u), 0.0), u, t)
                      for u in units if (t := trial_of(u)) is not None]  # fmt: skip
             if not steps:
                 raise ValueError(f"convert.budget={budget}: even the smallest ranks of kv_ranks exceed it")
             _, unit, trial = min(steps, key=lambda s: s[0])
-            level[unit] = trial[unit[1]][unit[2][0]]
             ranks[unit[0]] = trial
             use(unit[0], trial)
         losses.append(loss())
     else:  # every candidate measured at every step
-        while sum(sum(map(sum, r)) for r in ranks.values()) > budget * full:
+        while cached() > budget * full:
             candidates = [(u, t) for u in units if (t := trial_of(u)) is not None]
             if not candidates:
                 raise ValueError(f"convert.budget={budget}: even the smallest ranks of kv_ranks exceed it")

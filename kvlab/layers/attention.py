@@ -523,9 +523,13 @@ class Attention(nn.Module):
             return r_k, r_v, False
         return *self.kv_rank, self._heads_differ()
 
+    def _head_ranks(self) -> tuple[list[int], list[int]]:
+        """``kv_rank`` as one key rank and one value rank per K/V head."""
+        return tuple(r if isinstance(r, list) else [r] * self.n_kv_heads for r in self.kv_rank)
+
     def _heads_differ(self) -> bool:
         """Whether ``kv_rank`` gives the K/V heads different ranks (then the cache holds them packed)."""
-        return any(isinstance(r, list) and len(set(r)) > 1 for r in self.kv_rank)
+        return any(len(set(r)) > 1 for r in self._head_ranks())
 
     def _matryoshka_bases(self) -> tuple[torch.Tensor, torch.Tensor]:
         """MatryoshkaKV: the key and value bases' leading columns for this forward, [G, d, r_k] and [G, d, r_v]
@@ -546,7 +550,7 @@ class Attention(nn.Module):
 
     def _packed(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-head ranks: [B, G, T, max rank] keys/values -> [B, 1, T, sum of ranks], each head's own."""
-        r_k, r_v = (r if isinstance(r, list) else [r] * self.n_kv_heads for r in self.kv_rank)
+        r_k, r_v = self._head_ranks()
 
         def pack(x: torch.Tensor, ranks: list[int]) -> torch.Tensor:
             return torch.cat([x[:, h, :, :r] for h, r in enumerate(ranks)], dim=-1)[:, None]
@@ -555,7 +559,7 @@ class Attention(nn.Module):
 
     def _unpacked(self, view: KVView) -> KVView:
         """The inverse of ``_packed`` on a cache view: each head's coordinates, zero-padded to the widest."""
-        r_k, r_v = (r if isinstance(r, list) else [r] * self.n_kv_heads for r in self.kv_rank)
+        r_k, r_v = self._head_ranks()
 
         def unpack(x: torch.Tensor, ranks: list[int]) -> torch.Tensor:
             width = max(ranks)
@@ -681,13 +685,13 @@ class Attention(nn.Module):
         """Channels cached per K/V head for keys and for values (MatryoshkaKV: its ranks, the widest where they
         differ by head; SVFormer: no values)."""
         if self.cfg.kv_ranks is not None:
-            return tuple(max(r) if isinstance(r, list) else r for r in self.kv_rank)
+            return tuple(map(max, self._head_ranks()))
         return self.head_dim, 0 if self.value_residual == "svformer" else self.head_dim
 
     def _cached_elements(self) -> tuple[int, int]:
         """Key and value channels cached per token, all heads together."""
         if self.cfg.kv_ranks is not None:
-            return tuple(sum(r) if isinstance(r, list) else r * self.n_kv_heads for r in self.kv_rank)
+            return tuple(map(sum, self._head_ranks()))
         k_dim, v_dim = self._cached_widths()
         return self.n_kv_heads * k_dim, self.n_v_heads * v_dim
 
