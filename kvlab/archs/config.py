@@ -10,7 +10,11 @@ Three ways to give the mixers:
   ``kv_source: [0, 0, 2, 2]`` (layer i attends to the K/V of layer
   ``kv_source[i]``, earlier or later), or a preset that expands into one:
   ``kv_sharing: {kind: cla, every: 2}``;
-- or the plan written out: ``layers: [{mixer: {...}, kv_from: j, repeat: n}]``.
+- attention-weight sharing on top of any of them (Shared Attention): a
+  per-layer ``attention_source: [0, 1, 2, 2, 2, 5]`` (layer i applies the
+  softmax probabilities of layer ``attention_source[i]``, an earlier one, to
+  its own values);
+- or the plan written out: ``layers: [{mixer: {...}, kv_from: j, attention_from: j, repeat: n}]``.
 
 All of them expand, here and only here, into ``plan``: one frozen
 ``LayerPlan`` per layer (``kvlab.archs.plan``) that the decoder runs.
@@ -47,7 +51,7 @@ from kvlab.layers import MixerConfig, MLPConfig, NormConfig, mixer_config
 KV_SHARING_KINDS = ("cla", "yoco", "lckv", "grid")
 GRID_PARTITIONS = ("pizza", "sandwich", "lasagna")
 GRID_TARGETS = ("bottom", "middle", "top")
-LAYER_SPEC_KEYS = ("mixer", "kv_from", "repeat")
+LAYER_SPEC_KEYS = ("mixer", "kv_from", "attention_from", "repeat")
 
 
 @dataclass
@@ -175,6 +179,8 @@ class ModelConfig:
     mixers: dict[str, MixerConfig] | None = None
     kv_source: list[int] | None = None
     kv_sharing: KVSharingConfig | None = None
+    # Shared Attention: per layer, the layer whose attention probabilities it applies to its own values
+    attention_source: list[int] | None = None
     # The plan written out: [{mixer: {...}, kv_from: j, repeat: n}, ...], instead of mixer/pattern/kv_source
     layers: list[dict[str, Any]] | None = None
     passes: PassesConfig | None = None  # layers that read later layers: m, b, prefill (None: the defaults)
@@ -260,29 +266,33 @@ class ModelConfig:
             self.passes = from_dict(PassesConfig, self.passes, "passes")
             self.passes.validate("passes")
         if self.layers is not None:
-            mixers, sources = self._layer_specs()
+            mixers, sources, attention = self._layer_specs()
         else:
             mixers, sources = self._resolve_mixers(), self._resolve_kv_source()
+            attention = self._resolve_attention_source()
         self.plan = tuple(
-            LayerPlan(i, m, self.mlp, self.norm, self._reads(i, m, sources[i])) for i, m in enumerate(mixers)
+            LayerPlan(i, m, self.mlp, self.norm, self._reads(i, m, sources[i], attention[i]))
+            for i, m in enumerate(mixers)
         )
         try:
             check_plan(self.plan, self.max_seq_len)
-        except PlanError as e:  # name the field the user wrote, where one layer's K/V read came from
-            if e.read is None or e.read.what != "kv":
+        except PlanError as e:  # name the field the user wrote, where one layer's K/V or weights read came from
+            if e.read is None or e.read.what not in ("kv", "attention"):
                 raise
-            field = (
-                f"kv_source[{e.layer}]={e.read.layer}" if self.kv_source is not None
-                else "kv_sharing" if self.kv_sharing is not None
-                else f"layers (layer {e.layer})"
-            )  # fmt: skip
+            if self.layers is not None:
+                field = f"layers (layer {e.layer})"
+            elif e.read.what == "attention":
+                field = f"attention_source[{e.layer}]={e.read.layer}"
+            else:
+                field = f"kv_source[{e.layer}]={e.read.layer}" if self.kv_source is not None else "kv_sharing"
             raise ValueError(f"{field}: {e}") from None
         self.layer_passes = self._resolve_passes()
 
     @staticmethod
-    def _reads(i: int, mixer: MixerConfig, kv_source: int) -> tuple[Read, ...]:
+    def _reads(i: int, mixer: MixerConfig, kv_source: int, attention_source: int) -> tuple[Read, ...]:
         kv = (Read("kv", kv_source),) if kv_source != i else ()
-        return kv + tuple(Read(what, j) for what, j in mixer.own_reads(i))
+        weights = (Read("attention", attention_source),) if attention_source != i else ()
+        return kv + weights + tuple(Read(what, j) for what, j in mixer.own_reads(i))
 
     def _resolve_passes(self) -> PassesConfig:
         legacy = self.kv_sharing.legacy_passes() if self.kv_sharing is not None else None
@@ -313,14 +323,15 @@ class ModelConfig:
                 )
         return [self.mixers[self.pattern[i % len(self.pattern)]] for i in range(self.n_layers)]
 
-    def _layer_specs(self) -> tuple[list[MixerConfig], list[int]]:
-        """``layers: [{mixer, kv_from, repeat}, ...]``: the plan written out, repeats expanded in order."""
-        for name in ("mixer", "pattern", "mixers", "kv_source", "kv_sharing"):
+    def _layer_specs(self) -> tuple[list[MixerConfig], list[int], list[int]]:
+        """``layers: [{mixer, kv_from, attention_from, repeat}, ...]``: the plan written out, repeats expanded
+        in order."""
+        for name in ("mixer", "pattern", "mixers", "kv_source", "kv_sharing", "attention_source"):
             if getattr(self, name) is not None:
                 raise ValueError(f"layers and {name} are both set; layers describes every layer, give it alone")
         if not isinstance(self.layers, (list, tuple)) or not self.layers:
             raise ValueError(f"layers={self.layers!r} must list layer specs such as {{mixer: {{kind: attention}}}}")
-        mixers, sources, specs = [], [], []
+        mixers, sources, attention, specs = [], [], [], []
         for n, spec in enumerate(self.layers):
             path = f"layers[{n}]"
             if not isinstance(spec, Mapping) or "mixer" not in spec:
@@ -328,17 +339,32 @@ class ModelConfig:
             check_keys(spec, LAYER_SPEC_KEYS, path)
             repeat = spec.get("repeat", 1)
             check_int(repeat, f"{path}.repeat", minimum=1)
-            kv_from = spec.get("kv_from")
+            kv_from, attention_from = spec.get("kv_from"), spec.get("attention_from")
             check_int(kv_from, f"{path}.kv_from", minimum=0, optional=True)
+            check_int(attention_from, f"{path}.attention_from", minimum=0, optional=True)
             mixer = mixer_config(spec["mixer"], f"{path}.mixer").resolved(self.d_model, f"{path}.mixer")
             for _ in range(repeat):
                 sources.append(len(mixers) if kv_from is None else kv_from)
+                attention.append(len(mixers) if attention_from is None else attention_from)
                 mixers.append(mixer)
             specs.append({k: to_dict(mixer) if k == "mixer" else v for k, v in spec.items()})
         if len(mixers) != self.n_layers:
             raise ValueError(f"layers describe {len(mixers)} layers (repeats counted) but n_layers={self.n_layers}")
         self.layers = specs
-        return mixers, sources
+        return mixers, sources, attention
+
+    def _resolve_attention_source(self) -> list[int]:
+        if self.attention_source is None:
+            return list(range(self.n_layers))
+        sources = list(self.attention_source)
+        if len(sources) != self.n_layers:
+            raise ValueError(
+                f"attention_source has {len(sources)} entries; it needs one per layer (n_layers={self.n_layers})"
+            )
+        for i, j in enumerate(sources):
+            check_int(j, f"attention_source[{i}]", minimum=0)
+        self.attention_source = sources
+        return sources
 
     def _resolve_kv_source(self) -> list[int]:
         if self.kv_sharing is not None:

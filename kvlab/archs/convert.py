@@ -74,6 +74,16 @@ weights are derived from ``model``'s:
      down-projection to the ``r``-wide latent, U_r S_r the up-projections.
   With ``d_r == head_dim`` and ``r`` at the stacked matrix's rank, the
   converted model computes what the parent did.
+- ``{to: sa, n_shared: k}`` (Shared Attention, Liao & Vargas 2024): ``k``
+  consecutive layers stop computing attention and apply the probabilities of
+  the layer just below them, keeping their own values and output projections
+  (their query and key projections are dropped). The span is where the
+  paper looks for it: the layers whose attention distributions are most
+  alike, measured on calibration tokens (the mean cosine similarity of each
+  query's probability rows, head by head, between the span's first layer
+  and each of the others); ``spans: [[first, last], ...]`` sets them
+  instead (``first`` gives its weights to ``first + 1 .. last``).
+  ``report["sa"]`` holds the layer-by-layer similarity and the spans.
 """
 
 from __future__ import annotations
@@ -96,7 +106,7 @@ from kvlab.layers.attention import AttentionConfig, inverse_cayley
 
 log = logging.getLogger(__name__)
 
-CONVERSIONS = ("gqa", "mqa", "cla", "mla", "matryoshka", "dha")
+CONVERSIONS = ("gqa", "mqa", "cla", "mla", "matryoshka", "dha", "sa")
 GQA_METHODS = ("mean", "first", "similarity", "weighted", "qcqa", "asymgqa")
 SEARCH_KEYS = {"qcqa": ("population", "generations", "seed"), "asymgqa": ("iterations", "seed")}
 SEARCH_DEFAULTS = {"population": 32, "generations": 60, "iterations": 100, "seed": 0}
@@ -112,6 +122,8 @@ CALIBRATED_METHODS = ("similarity", "asymgqa")
 def uses_calibration(spec: Mapping[str, Any]) -> bool:
     """Whether ``convert_model`` measures the model on calibration tokens for ``spec`` (to=mla uses them where
     given; the others need them)."""
+    if spec.get("to") == "sa":  # SA measures attention to find its span, unless the spans are given
+        return "spans" not in spec
     return spec.get("to") in CALIBRATED_TARGETS or spec.get("method") in CALIBRATED_METHODS
 
 
@@ -195,6 +207,9 @@ def convert_model(
     elif spec["to"] == "cla":
         method = _checked_method(spec, ["to", "every", "kv_source", "method"], ("mean",))
         converted = _to_cla(model, spec)
+    elif spec["to"] == "sa":
+        method = _checked_method(spec, ["to", "n_shared", "spans", "method"], ("similarity",))
+        converted = _to_shared_attention(model, spec, calibration, report)
     elif spec["to"] == "mla":
         method = _checked_method(spec, ["to", "kv_lora_rank", "rope_dims", "method"], ("mha2mla",))
         check_int(spec.get("kv_lora_rank"), "convert.kv_lora_rank", minimum=1)
@@ -586,6 +601,96 @@ def _to_cla(model: CausalLM, spec: Mapping[str, Any]) -> CausalLM:
                 if keys[0] in state:  # readers[0] is the owner
                     state[keys[0]] = torch.stack([state.pop(k) for k in keys]).mean(dim=0)
     return _build(new_cfg_dict, state, like=model)
+
+
+def _to_shared_attention(
+    model: CausalLM, spec: Mapping[str, Any], calibration: torch.Tensor | None, report: dict | None
+) -> CausalLM:
+    cfg = model.config
+    if cfg.attention_source is not None or any(p.attention_source != p.index for p in cfg.plan):
+        raise ValueError("convert.to=sa: the model already shares attention weights; convert one that does not")
+    if ("n_shared" in spec) == ("spans" in spec):
+        raise ValueError(f"convert.to=sa: give one of n_shared (the span is searched) or spans, got {dict(spec)}")
+    n = cfg.n_layers
+    similarity = None
+    if "spans" in spec:
+        spans = spec["spans"]
+        if not isinstance(spans, (list, tuple)) or not spans:
+            raise ValueError(f"convert.spans={spans!r} must list [first, last] layer pairs, e.g. [[2, 4]]")
+        for k, span in enumerate(spans):
+            if not isinstance(span, (list, tuple)) or len(span) != 2:
+                raise ValueError(f"convert.spans[{k}]={span!r} must be [first, last]")
+            for x, name in zip(span, ("first", "last"), strict=True):
+                check_int(x, f"convert.spans[{k}] ({name})", minimum=0)
+            if not span[0] < span[1] < n:
+                raise ValueError(f"convert.spans[{k}]={list(span)} must have first < last < n_layers={n}")
+        spans = [list(span) for span in spans]
+    else:
+        check_int(spec["n_shared"], "convert.n_shared", minimum=1)
+        if spec["n_shared"] >= n:
+            raise ValueError(f"convert.n_shared={spec['n_shared']} must be below n_layers={n}")
+        if calibration is None:
+            raise ValueError("convert.to=sa with n_shared needs calibration tokens to compare the layers' attention on")
+        similarity = attention_similarity(model, calibration)
+        spans = [sa_span(similarity, spec["n_shared"])]
+    sources = list(range(n))
+    for first, last in spans:
+        for i in range(first + 1, last + 1):
+            if sources[i] != i:
+                raise ValueError(f"convert.spans: layer {i} lies in two spans ({spans})")
+            sources[i] = first
+    new_cfg_dict = copy.deepcopy(cfg.to_dict())
+    new_cfg_dict["attention_source"] = sources
+    try:
+        ModelConfig.from_dict(new_cfg_dict)
+    except ValueError as e:
+        raise ValueError(f"convert.to=sa: {e}") from None
+    readers = [i for i in range(n) if sources[i] != i]
+    dropped = tuple(f"layers.{i}.mixer.{proj}." for i in readers for proj in ("q_proj", "k_proj"))
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith(dropped)}
+    if report is not None:
+        report["sa"] = {"spans": spans, "attention_source": sources}
+        if similarity is not None:
+            report["sa"]["similarity"] = [[round(float(x), 4) for x in row] for row in similarity]
+    log.info("SA: layers %s apply the attention weights of layers %s", readers, [sources[i] for i in readers])
+    return _build(new_cfg_dict, state, like=model)
+
+
+@torch.no_grad()
+def attention_similarity(model: CausalLM, calibration: torch.Tensor) -> torch.Tensor:
+    """[L, L]: the mean cosine similarity of layers' attention probabilities on ``calibration``, over every
+    query of every sequence, head h of one layer against head h of the other (SA's criterion)."""
+    mixers = [layer.mixer for layer in model.layers]
+    for i, m in enumerate(mixers):
+        if not isinstance(m.cfg, AttentionConfig) or m.cfg.query_allocation == "kdgqa" or m.kv_source > i:
+            raise ValueError(f"convert.to=sa: layer {i} does not form one attention distribution per head")
+    weights: dict[int, torch.Tensor] = {}
+
+    def keep(mixer, _args, kwargs, _out):
+        weights[mixer.layer_idx] = kwargs["state"].published[("attention", mixer.layer_idx)]
+
+    hooks = [m.register_forward_hook(keep, with_kwargs=True) for m in mixers]
+    shared, training = [m.shares_attention for m in mixers], model.training
+    try:
+        for m in mixers:  # the same attention, formed explicitly so that it is published
+            m.shares_attention = True
+        model.eval()(calibration.to(model.embed_tokens.weight.device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for m, shares in zip(mixers, shared, strict=True):
+            m.shares_attention = shares
+        model.train(training)
+    rows = torch.stack([torch.nn.functional.normalize(weights[i].float(), dim=-1) for i in range(len(mixers))])
+    return torch.einsum("abhts,cbhts->ac", rows, rows) / rows[0, ..., 0].numel()
+
+
+def sa_span(similarity: torch.Tensor, n_shared: int) -> list[int]:
+    """[first, first + n_shared]: the span whose layers' attention is, on average, most like its first layer's."""
+    n = similarity.shape[0]
+    scores = [float(similarity[s, s + 1 : s + n_shared + 1].mean()) for s in range(n - n_shared)]
+    first = max(range(len(scores)), key=scores.__getitem__)
+    return [first, first + n_shared]
 
 
 def _to_mla(model: CausalLM, kv_lora_rank: int, rope_dims: int, calibration: torch.Tensor | None) -> CausalLM:

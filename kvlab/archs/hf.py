@@ -117,8 +117,10 @@ def hf_config_from_model(cfg: ModelConfig) -> dict[str, Any]:
         problems.append(f"mixer kind {m.kind!r}")
     else:
         problems += family.problems(cfg, m)
-    if any(src != i for i, src in enumerate(cfg.layer_kv_source)):
-        problems.append("cross-layer K/V sharing")
+    shared = sorted({r.what for p in cfg.plan for r in p.reads if r.what in ("kv", "attention")})
+    if shared:
+        problems.append("cross-layer sharing of " + " and ".join({"kv": "K/V", "attention": "attention weights"}[w]
+                                                                for w in shared))  # fmt: skip
     if cfg.norm.kind != "rmsnorm" or cfg.mlp.kind != "swiglu":
         problems.append(f"norm {cfg.norm.kind!r} / mlp {cfg.mlp.kind!r} (Llama and DeepSeek-V3 need rmsnorm / swiglu)")
     fields = family.to_hf(cfg, m) if not problems else None

@@ -22,7 +22,7 @@ from kvlab.archs.cache import Cache
 from kvlab.archs.config import ModelConfig
 from kvlab.archs.decode import cache_length, compiled_block, decode_step_for
 from kvlab.archs.footprint import Footprint, FootprintRow
-from kvlab.archs.plan import PassesConfig, cycle_span
+from kvlab.archs.plan import PassesConfig, Read, cycle_span
 from kvlab.kernels.attention import positions_in_documents
 from kvlab.kernels.ops import linear_cross_entropy
 from kvlab.kernels.registry import use_kernels
@@ -36,12 +36,19 @@ class Block(nn.Module):
         super().__init__()
         plan = cfg.plan[layer_idx]
         self.mixer_norm = build_norm(plan.norm, cfg.d_model)
+        # attention weights given to or taken from other layers (SA): only mixers that read them are told
+        weights = {}
+        if plan.attention_source != layer_idx:
+            weights["attention_source"] = plan.attention_source
+        if any(Read("attention", layer_idx) in p.reads for p in cfg.plan):
+            weights["shares_attention"] = True
         self.mixer = MIXERS[plan.mixer.kind](
             plan.mixer,
             d_model=cfg.d_model,
             layer_idx=layer_idx,
             kv_source=plan.kv_source,
             max_seq_len=cfg.max_seq_len,
+            **weights,
         )
         mlp = build_mlp(plan.mlp, cfg.d_model)  # None: no MLP (mlp kind none)
         self.mlp_norm = build_norm(plan.norm, cfg.d_model) if mlp is not None else None

@@ -4,7 +4,9 @@
 ``mixers``, ``kv_source``, ``kv_sharing``, or ``layers``) into a tuple of
 frozen ``LayerPlan``s, one per layer: the layer's resolved mixer config, its
 MLP and norm, and its typed ``reads`` of other layers (``Read("kv", j)``:
-attend to layer j's keys/values; ``Read("values", 0)``: a value residual).
+attend to layer j's keys/values; ``Read("values", 0)``: a value residual;
+``Read("attention", j)``: apply layer j's attention probabilities to this
+layer's own values, Shared Attention).
 The decoder builds and runs layers from the plan alone, and ``check_plan``
 refuses, naming the layers, what the mixers' declared capabilities
 (``kvlab.layers.base.MixerConfig``) do not allow.
@@ -49,6 +51,11 @@ class LayerPlan:
         """The layer whose keys/values this layer attends to: itself unless it reads another's."""
         return next((r.layer for r in self.reads if r.what == "kv"), self.index)
 
+    @property
+    def attention_source(self) -> int:
+        """The layer whose attention probabilities this layer uses: itself unless it reads another's."""
+        return next((r.layer for r in self.reads if r.what == "attention"), self.index)
+
     def describe(self) -> str:
         reads = ", ".join(f"{r.what} of {r.layer}" + (" (later)" if r.layer > self.index else "") for r in self.reads)
         return f"{self.index}: {self.mixer.kind}" + (f" <- {reads}" if reads else "")
@@ -90,6 +97,17 @@ class PlanError(ValueError):
         self.layer, self.read = layer, read
 
 
+def _attention_read_problem(reader: LayerPlan, source: LayerPlan) -> str | None:
+    """Why ``reader`` cannot apply ``source``'s attention probabilities to its own values (None: it can)."""
+    if source.attention_source != source.index:
+        return f"layer {source.index} reads layer {source.attention_source}'s itself; point at that layer"
+    if source.kv_source > source.index:
+        return f"layer {source.index} attends to a later layer's K/V (parallel passes), whose weights change by pass"
+    if reader.kv_source != reader.index:
+        return f"it reads layer {reader.kv_source}'s K/V too; a layer sharing weights caches its own values"
+    return None
+
+
 def check_plan(plan: tuple[LayerPlan, ...], max_seq_len: int) -> None:
     """Raise PlanError (a ValueError), naming the layers, for a read the mixers cannot serve or passes
     cannot run."""
@@ -119,6 +137,10 @@ def check_plan(plan: tuple[LayerPlan, ...], max_seq_len: int) -> None:
                     p.index,
                     r,
                 )
+            if r.what == "attention":
+                problem = _attention_read_problem(p, source)
+                if problem is not None:
+                    raise PlanError(f"{cannot}: {problem}", p.index, r)
     span = cycle_span(plan)
     if span is None:
         return

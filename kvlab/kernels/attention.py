@@ -16,6 +16,12 @@ by Hkv. Which keys a query sees:
 
 The structured options (causal, window, doc_ids) are what kernels that never
 build a mask (Triton, flash-attn varlen) take; here they become one.
+
+``attention_weights`` returns the softmax probabilities themselves, [B, H,
+T, S], for layers that give them to others (Shared Attention, Liao & Vargas
+2024: later layers apply them to their own values with
+``apply_attention_weights``); fused kernels never form them, so only the
+layers that share take this path. Its reference is the same textbook form.
 """
 
 from __future__ import annotations
@@ -111,6 +117,67 @@ def attention_reference(
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     return (scores.softmax(dim=-1) @ v.float()).to(q.dtype)
+
+
+def attention_weights(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    mask: torch.Tensor | None = None,
+    causal: bool = False,
+    window: int | None = None,
+    doc_ids: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) [B, H, T, S] in q's dtype (the softmax in at least fp32). Each K/V head's
+    query heads become its rows, so grouped keys are never repeated to the query heads."""
+    B, H, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    scores = (q.reshape(B, Hkv, H // Hkv * T, D) @ k.transpose(-1, -2)).view(B, H, T, S)
+    mask = _weights_mask(q, k, mask, causal, window, doc_ids)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    work = torch.promote_types(q.dtype, torch.float32)
+    return torch.softmax(scores.to(work) * scale, dim=-1).to(q.dtype)
+
+
+def attention_weights_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    mask: torch.Tensor | None = None,
+    causal: bool = False,
+    window: int | None = None,
+    doc_ids: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    work = torch.promote_types(q.dtype, torch.float32)
+    scores = (q.to(work) @ k.to(work).transpose(-1, -2)) * scale
+    mask = _weights_mask(q, k, mask, causal, window, doc_ids)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(dim=-1).to(q.dtype)
+
+
+def _weights_mask(q, k, mask, causal, window, doc_ids) -> torch.Tensor | None:
+    """The boolean mask of the options for probabilities that are formed whole (never SDPA's is_causal)."""
+    mask, is_causal = _structured_mask(q, mask, causal, window, doc_ids)
+    if is_causal:
+        T, S = q.shape[2], k.shape[2]
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()
+    return mask
+
+
+def apply_attention_weights(weights: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Probabilities [B, H, T, S] applied to values [B, Hv, S, Dv] (Hv dividing H: query head h reads value
+    head h // (H / Hv)) -> [B, H, T, Dv], without repeating the values to the query heads."""
+    B, H, T, S = weights.shape
+    Hv = v.shape[1]
+    out = weights.to(v.dtype).reshape(B, Hv, H // Hv * T, S) @ v
+    return out.view(B, H, T, v.shape[-1])
 
 
 def absorbed_attention(q, latent, value_dim: int, *, mask=None, scale: float | None = None) -> torch.Tensor:

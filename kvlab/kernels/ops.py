@@ -6,6 +6,7 @@ modes, ``KVLAB_KERNELS`` and the fallback rules). Backends per op:
 
     op                    reference  torch                   triton  external
     attention             x          SDPA                    x       flash-attn (+ varlen)
+    attention_weights     x          grouped matmul + softmax (the probabilities, for layers sharing them)
     absorbed_attention    x          einsums                 x (the attention kernel, one K/V head)
     linear_attention      x          chunked                 x (fused: chunked for scalar decays, else recurrent)
     delta_rule            x          chunked (UT transform)  x (recurrent, chunk checkpoints)
@@ -29,6 +30,8 @@ from kvlab.kernels.attention import absorbed_attention as _absorbed_attention_to
 from kvlab.kernels.attention import absorbed_attention_reference as _absorbed_attention_reference
 from kvlab.kernels.attention import attention as _attention_torch
 from kvlab.kernels.attention import attention_reference as _attention_reference
+from kvlab.kernels.attention import attention_weights as _attention_weights_torch
+from kvlab.kernels.attention import attention_weights_reference as _attention_weights_reference
 from kvlab.kernels.causal_conv import causal_conv1d as _causal_conv1d_torch
 from kvlab.kernels.causal_conv import causal_conv1d_reference as _causal_conv1d_reference
 from kvlab.kernels.cross_entropy import linear_cross_entropy as _linear_cross_entropy_torch
@@ -102,6 +105,8 @@ register("attention", "triton", "kvlab.kernels.triton_attention:attention", pack
          supports=_triton_attention_supports)  # fmt: skip
 register("attention", "external", "kvlab.kernels.external:flash_attention", packages=["flash_attn"],
          supports=_flash_attention_supports)  # fmt: skip
+register("attention_weights", "reference", _attention_weights_reference)
+register("attention_weights", "torch", _attention_weights_torch)
 register("absorbed_attention", "reference", _absorbed_attention_reference)
 register("absorbed_attention", "torch", _absorbed_attention_torch)
 register("absorbed_attention", "triton", "kvlab.kernels.triton_attention:absorbed_attention", packages=["triton"],
@@ -139,6 +144,10 @@ register("linear_cross_entropy", "triton", "kvlab.kernels.triton_cross_entropy:l
 
 def attention(q, k, v, *, mask=None, causal=False, window=None, doc_ids=None, scale=None):
     return dispatch("attention", q, k, v, mask=mask, causal=causal, window=window, doc_ids=doc_ids, scale=scale)
+
+
+def attention_weights(q, k, *, mask=None, causal=False, window=None, doc_ids=None, scale=None):
+    return dispatch("attention_weights", q, k, mask=mask, causal=causal, window=window, doc_ids=doc_ids, scale=scale)
 
 
 def absorbed_attention(q, latent, value_dim, *, mask=None, scale=None):

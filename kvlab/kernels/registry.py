@@ -57,6 +57,7 @@ AUTO_ORDER = ("external", "triton", "torch", "reference")
 ENV = "KVLAB_KERNELS"
 OPS = (
     "attention",
+    "attention_weights",
     "absorbed_attention",
     "linear_attention",
     "delta_rule",

@@ -73,8 +73,17 @@ its own values mixed with layer 0's; with ``svformer`` it uses V_1 alone and
 has no V projection, so its cache holds keys only (K per layer plus one V).
 Layer 0 provides V_1 and is unaffected.
 
+Shared Attention (SA, Liao & Vargas 2024): a layer whose plan reads
+another layer's attention weights (``attention_source``) has no query or
+key projection: it applies that layer's softmax probabilities, per query
+head, to its own values (``n_heads`` must match; its own ``n_kv_heads``
+value heads, grouped as in GQA), so it caches values only. A layer that
+gives its weights to others forms them explicitly (``attention_weights``,
+reference and torch backends); every other layer keeps the fused kernels.
+
 Cache per token and layer: 2 * n_kv_heads * head_dim elements (keys only
-for SVFormer layers above the first).
+for SVFormer layers above the first; values only for layers applying
+another's attention weights).
 """
 
 from __future__ import annotations
@@ -87,8 +96,8 @@ import torch
 from torch import nn
 
 from kvlab._config import check_bool, check_choice, check_float, check_int
-from kvlab.kernels.attention import document_mask, position_mask
-from kvlab.kernels.ops import apply_rope, attention
+from kvlab.kernels.attention import apply_attention_weights, document_mask, position_mask
+from kvlab.kernels.ops import apply_rope, attention, attention_weights
 from kvlab.kernels.rope import check_rope_scaling
 from kvlab.layers.base import LayerFootprint, MixerConfig, StepState, default_head_dim, register_mixer
 from kvlab.layers.kv_cache import KVView, RingKV, StaticKV
@@ -101,8 +110,8 @@ QUERY_ALLOCATIONS = ("kdgqa", "dgqa")
 @dataclass
 class AttentionConfig(MixerConfig):
     kind = "attention"
-    publishes = frozenset({"kv", "values"})
-    reads = frozenset({"kv", "values"})
+    publishes = frozenset({"kv", "values", "attention"})
+    reads = frozenset({"kv", "values", "attention"})
     reads_later = True
     n_heads: int = 8
     n_kv_heads: int | None = None  # None: n_heads (MHA)
@@ -297,7 +306,30 @@ class AttentionConfig(MixerConfig):
             return f"window={self.window}: a sliding window over a later layer's keys/values is not supported"
         if later and what == "kv" and self.query_allocation is not None:
             return f"query_allocation={self.query_allocation} over a later layer's keys/values is not supported"
+        if what == "attention" and isinstance(source, AttentionConfig):
+            return self._weights_problem(source)
         return super().read_problem(what, source, later)
+
+    def _weights_problem(self, source: AttentionConfig) -> str | None:
+        """Why this layer cannot apply ``source``'s attention probabilities to its own values (None: it can)."""
+        if source.query_allocation == "kdgqa":
+            return "its query_allocation=kdgqa mixes each query head's keys per query: it forms no single weights"
+        for name in ("n_heads", "window"):  # one probability row per query head, over the same cached positions
+            if getattr(self, name) != getattr(source, name):
+                return f"{name}={getattr(self, name)} differs from the source's {name}={getattr(source, name)}"
+        own = {
+            "kv_merge": self.kv_merge > 1,
+            "kv_groups": self.kv_groups is not None,
+            "n_v_heads": self.n_v_heads is not None or self.v_groups is not None,
+            "n_q_heads": self.n_q_heads is not None,
+            "value_residual": self.value_residual is not None,
+            "query_allocation": self.query_allocation is not None,
+            "kv_ranks": self.kv_ranks is not None,
+        }
+        for name, clash in own.items():
+            if clash:
+                return f"a layer applying another's weights has values alone; {name}={getattr(self, name)} needs keys"
+        return None
 
     def first_layer_problem(self, first: MixerConfig) -> str | None:
         if self.value_residual is None:
@@ -376,23 +408,43 @@ def kv_head_of_query(allocation: torch.Tensor, n_heads: int) -> torch.Tensor:
 class Attention(nn.Module):
     Config = AttentionConfig
 
-    def __init__(self, cfg: AttentionConfig, *, d_model: int, layer_idx: int, kv_source: int, max_seq_len: int):
+    def __init__(
+        self,
+        cfg: AttentionConfig,
+        *,
+        d_model: int,
+        layer_idx: int,
+        kv_source: int,
+        max_seq_len: int,
+        attention_source: int | None = None,
+        shares_attention: bool = False,
+    ):
+        """``attention_source``: the layer whose attention probabilities this one applies to its own values
+        (None: its own, computed here); ``shares_attention``: later layers apply this layer's (SA)."""
         super().__init__()
         self.cfg = cfg = cfg.resolved(d_model, "mixer")
         self.layer_idx, self.kv_source = layer_idx, kv_source
         self.owns_kv = kv_source == layer_idx
+        self.attention_source = layer_idx if attention_source is None else attention_source
+        self.reads_weights = self.attention_source != layer_idx
+        self.shares_attention = shares_attention
+        if self.reads_weights and (not self.owns_kv or shares_attention):
+            raise ValueError(f"layer {layer_idx}: a layer applying another's attention weights caches its own values "
+                             "and computes no weights to share")  # fmt: skip
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.n_v_heads = cfg.n_v_heads or cfg.n_kv_heads
         # DHA: values grouped their own way, so keys and values are gathered to the query heads apart
         self.values_apart = cfg.v_groups is not None or self.n_v_heads != self.n_kv_heads
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
         self.n_q_heads = cfg.n_heads if cfg.n_q_heads is None else cfg.n_q_heads  # query projections
-        self.q_proj = nn.Linear(d_model, self.n_q_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        if not self.reads_weights:  # SA: the weights come from another layer, so no queries or keys here
+            self.q_proj = nn.Linear(d_model, self.n_q_heads * cfg.head_dim, bias=cfg.qkv_bias)
         # layers above the first with a value residual take V_1 from layer 0 (SVFormer: only it)
         self.value_residual = cfg.value_residual if layer_idx > 0 else None
         if self.owns_kv:
             kv_width = cfg.n_kv_heads * cfg.kv_merge * cfg.head_dim
-            self.k_proj = nn.Linear(d_model, kv_width, bias=cfg.qkv_bias)
+            if not self.reads_weights:
+                self.k_proj = nn.Linear(d_model, kv_width, bias=cfg.qkv_bias)
             if self.value_residual != "svformer":
                 v_width = self.n_v_heads * cfg.kv_merge * cfg.head_dim
                 self.v_proj = nn.Linear(d_model, v_width, bias=cfg.qkv_bias)
@@ -455,6 +507,8 @@ class Attention(nn.Module):
 
     def forward(self, x, *, cache=None, state: StepState | None = None):
         state = StepState() if state is None else state
+        if self.reads_weights:
+            return self._apply_shared_weights(x, cache, state)
         B, T, _ = x.shape
         start = state.start
         q = self.q_proj(x).view(B, T, self.n_q_heads, self.head_dim).transpose(1, 2)
@@ -494,12 +548,28 @@ class Attention(nn.Module):
             y = self._attend_before(q, view, start, state.doc_ids)
         elif self.cfg.query_allocation == "kdgqa":
             y = self._attend_key_driven(q, view, start, state.doc_ids)
+        elif self.shares_attention:  # SA: the probabilities formed, applied here and by the layers reading them
+            k, v = self._kv_for(q, view)
+            weights = attention_weights(q, k, **self._mask_options(q, view, start, state.doc_ids), scale=self.scale)
+            state.publish("attention", self.layer_idx, weights)
+            y = apply_attention_weights(weights, v)
         else:
             y = self._attend(q, view, start, state.doc_ids)
         if bases is not None:  # back from the value coordinates to the head's space
             y = torch.einsum("bhtr,hdr->bhtd", y, bases[1][heads]) + self.v_mean[heads][None, :, None].to(y.dtype)
         if self.training and (self.cfg.query_allocation == "dgqa" or bases is not None):
             self._advance_training_state(view.k)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+    def _apply_shared_weights(self, x: torch.Tensor, cache, state: StepState) -> torch.Tensor:
+        """SA: the source layer's probabilities over the step's positions, applied to this layer's values
+        (cached, so they cover the same positions as the source's keys)."""
+        B, T, _ = x.shape
+        v = self._kv_heads(self.v_proj(x), "v")
+        if cache is not None:
+            v = cache.update(v.new_empty(B, self.n_kv_heads, T, 0), v, state.start).v
+        weights = state.read("attention", self.attention_source, self.layer_idx)
+        y = apply_attention_weights(weights, v.to(weights.dtype))
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
     def _advance_training_state(self, k: torch.Tensor) -> None:
@@ -634,18 +704,22 @@ class Attention(nn.Module):
 
     def _attend(self, q: torch.Tensor, view: KVView, start: int, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Attention of the step's queries (positions ``start..``) over ``view``, with the cheapest correct mask."""
-        T, S, window = q.shape[2], view.k.shape[2], self.cfg.window
         k, v = self._kv_for(q, view)
+        return attention(q, k, v, **self._mask_options(q, view, start, doc_ids), scale=self.scale)
+
+    def _mask_options(self, q: torch.Tensor, view: KVView, start: int, doc_ids: torch.Tensor | None) -> dict:
+        """Which keys of ``view`` the step's queries see, as the cheapest options of the attention ops."""
+        T, S, window = q.shape[2], view.k.shape[2], self.cfg.window
         if doc_ids is not None:  # packed documents (training, no cache): T == S
-            return attention(q, k, v, doc_ids=doc_ids, window=window, scale=self.scale)
+            return {"doc_ids": doc_ids, "window": window}
         if view.k_pos is None and view.end == start + T:
             if T == 1 and (window is None or S <= window):  # one query after all its keys: nothing to mask
-                return attention(q, k, v, scale=self.scale)
+                return {}
             if T == S:
-                return attention(q, k, v, causal=True, window=window, scale=self.scale)
+                return {"causal": True, "window": window}
         q_pos = start + torch.arange(T, device=q.device)  # start may be a tensor (the compiled decode step)
         k_pos = view.k_pos if view.k_pos is not None else torch.arange(view.end - S, view.end, device=q.device)
-        return attention(q, k, v, mask=position_mask(q_pos, k_pos, window), scale=self.scale)
+        return {"mask": position_mask(q_pos, k_pos, window)}
 
     def _attend_before(self, q: torch.Tensor, view: KVView | None, start: int, doc_ids=None) -> torch.Tensor:
         """Attention to the keys strictly before each query (positions 0.. in ``view``); none: output 0."""
@@ -686,6 +760,8 @@ class Attention(nn.Module):
         differ by head; SVFormer: no values)."""
         if self.cfg.kv_ranks is not None:
             return tuple(map(max, self._head_ranks()))
+        if self.reads_weights:  # SA: values only
+            return 0, self.head_dim
         return self.head_dim, 0 if self.value_residual == "svformer" else self.head_dim
 
     def _cached_elements(self) -> tuple[int, int]:

@@ -20,7 +20,8 @@ SMALL = {"n_layers": 2, "vocab_size": 50, "max_seq_len": 128}  # keep every mode
 
 def _shrunk(name: str) -> dict:
     d = preset_dict(name)
-    small = SMALL if "kv_source" not in d else {**SMALL, "n_layers": d["n_layers"]}  # sources name layers
+    names_layers = "kv_source" in d or "attention_source" in d  # sources name layers
+    small = {**SMALL, "n_layers": d["n_layers"]} if names_layers else SMALL
     return {**d, **small}
 
 

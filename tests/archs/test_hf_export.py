@@ -69,7 +69,7 @@ PRESET_TYPES = {"mha": "llama", "gqa": "llama", "mqa": "llama", "mla": "deepseek
                 "infini": "kvlab", "yoco_swa": "kvlab", "svformer": "kvlab", "lckv": "kvlab", "retnet": "kvlab",
                 "yoco_gret": "kvlab", "mamba2": "kvlab", "jamba": "kvlab", "samba": "kvlab",
                 "rwkv6": "kvlab", "rwkv7": "kvlab", "gau": "kvlab", "kdgqa": "kvlab", "dha": "kvlab", "clla": "kvlab",
-                "matryoshka": "kvlab",
+                "matryoshka": "kvlab", "sa": "kvlab",
                 "hymba": "kvlab", "goldfinch": "kvlab"}  # fmt: skip
 EXPECTED_TYPE = {**PRESET_TYPES, "mistral_window": "mistral", "qwen2_bias": "qwen2", "mla_q_lora": "deepseek_v3",
                  **dict.fromkeys(REMOTE, "kvlab")}  # fmt: skip
@@ -217,11 +217,12 @@ def test_tokenizer_is_written_for_auto_tokenizer(tmp_path):
 @pytest.mark.parametrize(
     "spec,reason",
     [
-        (tiny(kv_sharing={"kind": "cla", "every": 2}), "cross-layer K/V sharing"),
+        (tiny(kv_sharing={"kind": "cla", "every": 2}), "cross-layer sharing of K/V"),
+        (tiny(attention_source=[0, 0, 2, 3]), "cross-layer sharing of attention weights"),
         (tiny(mixer={**ATTENTION, "rope_dims": 8}), "partial RoPE (rope_dims=8 of head_dim=16)"),
         (tiny(mlp={"kind": "gelu", "hidden": 96}), "mlp 'gelu'"),
     ],
-    ids=["cla", "partial_rope", "gelu"],
+    ids=["cla", "sa", "partial_rope", "gelu"],
 )
 def test_native_only_export_says_why_and_writes_nothing(tmp_path, spec, reason):
     with pytest.raises(ValueError, match="no native transformers class") as excinfo:

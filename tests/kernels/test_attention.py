@@ -1,7 +1,14 @@
 import pytest
 import torch
 
-from kvlab.kernels.attention import attention, attention_reference, position_mask
+from kvlab.kernels.attention import (
+    apply_attention_weights,
+    attention,
+    attention_reference,
+    attention_weights,
+    attention_weights_reference,
+    position_mask,
+)
 
 
 @pytest.mark.parametrize("n_heads,n_kv_heads", [(4, 4), (4, 2), (4, 1)])
@@ -56,3 +63,27 @@ def test_narrower_values_are_padded_for_the_fused_kernel():
     out = attention(q, k, v, causal=True)
     assert out.shape == (1, 4, 30, 16)
     torch.testing.assert_close(out, attention_reference(q, k, v, causal=True), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("masking", ["causal", "window", "documents", "mask"])
+def test_attention_weights_match_the_reference_and_give_attention(masking):
+    """The probabilities shared by SA layers: the grouped form against the textbook one (values and
+    gradients), float64 rows summing to 1, and applied to the values they are attention."""
+    q = torch.randn(2, 4, 9, 8, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 2, 9, 8, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 2, 9, 6, dtype=torch.float64)
+    kwargs = {
+        "causal": {"causal": True},
+        "window": {"causal": True, "window": 3},
+        "documents": {"doc_ids": torch.tensor([[0] * 4 + [1] * 5, [0] * 9])},
+        "mask": {"mask": torch.ones(9, 9, dtype=torch.bool).tril()},
+    }[masking]
+    weights = attention_weights(q, k, **kwargs)
+    ref = attention_weights_reference(q, k, **kwargs)
+    torch.testing.assert_close(weights, ref)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, 4, 9, dtype=torch.float64))
+    for g, r in zip(torch.autograd.grad((weights * ref.detach()).sum(), (q, k)),
+                    torch.autograd.grad((ref * ref.detach()).sum(), (q, k)), strict=True):  # fmt: skip
+        torch.testing.assert_close(g, r)
+    applied = apply_attention_weights(weights, v)  # the reference attention computes in float32
+    torch.testing.assert_close(applied, attention_reference(q, k, v, **kwargs), atol=1e-6, rtol=1e-6)

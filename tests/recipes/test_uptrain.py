@@ -119,6 +119,19 @@ def test_uptrain_a_checkpoint_parent_counts_its_tokens_and_groups_by_search(tmp_
         len(report["dha"]["fusion"]) == 4 and report["dha"]["fusion_tokens"] == 3 * 4 * 63
     )  # 64-token rows: 63 predictions
 
+    # SA: the pair of layers whose attention is most alike, found on calibration rows; the reader keeps values
+    train(tmp_path, data_cache, "recipe=sa_uptrain", "init.from=checkpoint", f"init.path={ckpt}",
+          "uptrain.alpha=0.25", "init.convert.n_shared=1")  # fmt: skip
+    sa = _metrics(tmp_path, "sa_uptrain")
+    sources = sa["model"]["attention_source"]
+    (reader,) = [i for i, j in enumerate(sources) if j != i]
+    report = json.loads((run_dirs(tmp_path, "sa_uptrain")[-1] / "uptrained" / "convert_report.json").read_text())
+    assert report["sa"]["spans"] == [[reader - 1, reader]] and len(report["sa"]["similarity"]) == len(sources)
+    assert sa["converted"]["kv_bytes_per_token"] * 2 * len(sources) == sa["parent"]["kv_bytes_per_token"] * (
+        2 * len(sources) - 1
+    )
+    assert sa["uptrained"]["val_ppl"] < sa["converted"]["val_ppl"]
+
 
 @pytest.mark.parametrize("n_kv_heads,tied", [(8, False), (4, True)])
 def test_uptrain_an_hf_directory(tmp_path, n_kv_heads, tied):
