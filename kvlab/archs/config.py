@@ -16,6 +16,10 @@ Three ways to give the mixers:
   its own values);
 - or the plan written out: ``layers: [{mixer: {...}, kv_from: j, attention_from: j, repeat: n}]``.
 
+``blocks: {length, prefix, token_layers}`` makes the model a Block
+Transformer (``kvlab.archs.block_transformer``): the plan is then its block
+decoder, and ``mixer`` also builds its token decoder.
+
 All of them expand, here and only here, into ``plan``: one frozen
 ``LayerPlan`` per layer (``kvlab.archs.plan``) that the decoder runs.
 
@@ -166,6 +170,27 @@ class KVSharingConfig:
 
 
 @dataclass
+class BlocksConfig:
+    """The Block Transformer's shape (Ho et al. 2024; ``kvlab.archs.block_transformer``): ``length`` tokens per
+    block (the paper's L_B), ``prefix`` positions of the token decoder's input made from the block decoder's
+    output (the prefix strategy's expansion ratio), ``token_layers`` layers of the token decoder."""
+
+    length: int = 4
+    prefix: int = 2
+    token_layers: int = 3
+
+    def validate(self, d_model: int, path: str) -> None:
+        check_int(self.length, f"{path}.length", minimum=1)
+        check_int(self.prefix, f"{path}.prefix", minimum=1)
+        check_int(self.token_layers, f"{path}.token_layers", minimum=1)
+        if d_model % self.length:
+            raise ValueError(
+                f"{path}.length={self.length} must divide d_model={d_model}: the embedder concatenates the "
+                f"block's {self.length} token embeddings of d_model / length channels each"
+            )
+
+
+@dataclass
 class ModelConfig:
     vocab_size: int = 4096
     d_model: int = 256
@@ -184,6 +209,7 @@ class ModelConfig:
     # The plan written out: [{mixer: {...}, kv_from: j, repeat: n}, ...], instead of mixer/pattern/kv_source
     layers: list[dict[str, Any]] | None = None
     passes: PassesConfig | None = None  # layers that read later layers: m, b, prefill (None: the defaults)
+    blocks: BlocksConfig | None = None  # a Block Transformer: the plan is its block decoder (None: a plain decoder)
     init_std: float = 0.02
     # Kernel backends: auto | reference | torch | triton | external, or "mode,op=backend,..." (kvlab.kernels.registry)
     kernels: str = "auto"
@@ -287,6 +313,29 @@ class ModelConfig:
                 field = f"kv_source[{e.layer}]={e.read.layer}" if self.kv_source is not None else "kv_sharing"
             raise ValueError(f"{field}: {e}") from None
         self.layer_passes = self._resolve_passes()
+        if self.blocks is not None:
+            self.blocks = from_dict(BlocksConfig, self.blocks, "blocks")
+            self.blocks.validate(self.d_model, "blocks")
+            if not isinstance(self.mixer, MixerConfig):
+                raise ValueError("blocks: a Block Transformer's token decoder is built from mixer; give mixer "
+                                 "(not pattern/mixers or layers)")  # fmt: skip
+            self.token_decoder_config()  # checked now, not when the model is built
+
+    def token_decoder_config(self) -> ModelConfig:
+        """A Block Transformer's token decoder: ``blocks.token_layers`` layers of ``mixer`` (no window: its
+        context is one block), over the ``prefix + length - 1`` positions of a block's input."""
+        b = self.blocks
+        mixer = {**to_dict(self.mixer), "kind": self.mixer.kind}
+        if "window" in mixer:
+            mixer["window"] = None
+        try:
+            return ModelConfig(
+                vocab_size=self.vocab_size, d_model=self.d_model, n_layers=b.token_layers,
+                max_seq_len=b.prefix + b.length - 1, norm=to_dict(self.norm), mlp=to_dict(self.mlp), mixer=mixer,
+                kernels=self.kernels, init_std=self.init_std,
+            )  # fmt: skip
+        except ValueError as e:
+            raise ValueError(f"blocks: the token decoder: {e}") from None
 
     @staticmethod
     def _reads(i: int, mixer: MixerConfig, kv_source: int, attention_source: int) -> tuple[Read, ...]:

@@ -100,7 +100,7 @@ from kvlab._config import check_bool, check_choice, check_float, check_int, chec
 from kvlab.archs import grouping
 from kvlab.archs.config import ModelConfig
 from kvlab.archs.fusion import HeadFusion, fuse_heads, fusion_cost
-from kvlab.archs.model import CausalLM
+from kvlab.archs.model import CausalLM, build_model
 from kvlab.kernels.ops import apply_rope
 from kvlab.layers.attention import AttentionConfig, inverse_cayley
 
@@ -793,7 +793,7 @@ def _build(cfg_dict: dict, state: dict[str, torch.Tensor], like: CausalLM) -> Ca
 
     Buffers the target has and ``state`` lacks (DGQA's allocation) keep their initial values."""
     with torch.device("meta"):
-        new = CausalLM(ModelConfig.from_dict(cfg_dict))
+        new = build_model(ModelConfig.from_dict(cfg_dict))
     new.to_empty(device=like.embed_tokens.weight.device)
     new.init_weights()  # buffers (RoPE tables); every parameter is overwritten next
     new.to(like.embed_tokens.weight.dtype)  # before loading, so a float64 state is kept whole

@@ -66,7 +66,10 @@ class DecodeStep:
         self.fallback_reason: str | None = None
         self.compiled = compile
         self._graphs: dict[tuple, object] = {}
-        if compile and not torch._dynamo.is_dynamo_supported():
+        if compile and not getattr(model, "static_decode", True):  # by design: said once, not warned
+            self.fallback_reason, self.compiled = f"{type(model).__name__} decodes eagerly", False
+            log.info("decoding eager: %s", self.fallback_reason)
+        elif compile and not torch._dynamo.is_dynamo_supported():
             self._fall_back("torch.compile is not supported on this Python/platform")
 
     def _fall_back(self, reason: str) -> None:

@@ -4,11 +4,16 @@ Each mixer reports what its own cache slot holds (``LayerFootprint``); a
 layer that reads another layer's K/V adds nothing. ``total_bytes`` is exact
 at any length (sliding windows stop growing at their window), and equals
 what ``Cache.nbytes()`` holds after that many tokens.
+
+A row's unit is an *entry*: one token, except in a Block Transformer's block
+decoder, which caches one entry per block of ``per_tokens`` tokens (and one
+for its start block, ``entries_before``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 
@@ -20,12 +25,16 @@ class FootprintRow:
     bytes_per_token: int
     fixed_bytes: int
     kv_source: int
-    max_tokens: int | None = None  # the window, for layers that keep only the last max_tokens tokens
+    max_tokens: int | None = None  # the window, for layers that keep only the last max_tokens entries
+    per_tokens: int = 1  # tokens per cached entry (a Block Transformer's block decoder: the block length)
+    entries_before: int = 0  # entries held before any token (the Block Transformer's start block)
 
     def total_bytes(self, seq_len: int) -> int:
-        """What this layer holds for one sequence after ``seq_len`` tokens."""
-        tokens = seq_len if self.max_tokens is None else min(seq_len, self.max_tokens)
-        return self.bytes_per_token * tokens + self.fixed_bytes
+        """What this layer holds for one sequence after ``seq_len`` tokens (``bytes_per_token`` is per entry)."""
+        entries = self.entries_before + seq_len // self.per_tokens
+        if self.max_tokens is not None:
+            entries = min(entries, self.max_tokens)
+        return self.bytes_per_token * entries + self.fixed_bytes
 
 
 @dataclass(frozen=True)
@@ -34,15 +43,21 @@ class Footprint:
     dtype: torch.dtype
 
     @property
-    def bytes_per_token(self) -> int:
-        """Bytes added per token of context, for one sequence, once every window is full."""
-        return sum(r.bytes_per_token for r in self.per_layer if r.max_tokens is None)
+    def bytes_per_token(self) -> int | float:
+        """Bytes added per token of context, for one sequence, once every window is full (a float only where
+        a block's entry does not divide evenly among its tokens)."""
+        per_token = Fraction(0)
+        for r in self.per_layer:
+            if r.max_tokens is None:
+                per_token += Fraction(r.bytes_per_token, r.per_tokens)
+        return int(per_token) if per_token.denominator == 1 else float(per_token)
 
     @property
     def fixed_bytes(self) -> int:
-        """Bytes per sequence that do not grow with context: states, memories, full windows."""
-        windows = sum(r.bytes_per_token * r.max_tokens for r in self.per_layer if r.max_tokens is not None)
-        return sum(r.fixed_bytes for r in self.per_layer) + windows
+        """Bytes per sequence that do not grow with context: states, memories, full windows, start entries."""
+        held = sum(r.bytes_per_token * (r.max_tokens if r.max_tokens is not None else r.entries_before)
+                   for r in self.per_layer)  # fmt: skip
+        return sum(r.fixed_bytes for r in self.per_layer) + held
 
     def total_bytes(self, seq_len: int, batch_size: int = 1) -> int:
         """Exact bytes held after ``seq_len`` tokens for ``batch_size`` sequences."""
@@ -63,11 +78,12 @@ class Footprint:
 
     def table(self) -> str:
         """A plain-text table of the rows and totals."""
-        lines = [f"{'layer':>5}  {'kind':<12} {'bytes/token':>12} {'fixed bytes':>12} {'window':>8} {'kv_source':>9}"]
+        blocks = any(r.per_tokens > 1 for r in self.per_layer)  # then bytes are per entry of per_tokens tokens
+        unit = f"{'bytes/entry':>12} {'tokens/entry':>12}" if blocks else f"{'bytes/token':>12}"
+        lines = [f"{'layer':>5}  {'kind':<16} {unit} {'fixed bytes':>12} {'window':>8} {'kv_source':>9}"]
         for r in self.per_layer:
             window = "-" if r.max_tokens is None else str(r.max_tokens)
-            lines.append(
-                f"{r.layer:>5}  {r.kind:<12} {r.bytes_per_token:>12,} {r.fixed_bytes:>12,} {window:>8} {r.kv_source:>9}"
-            )
+            per = f"{r.bytes_per_token:>12,}" + (f" {r.per_tokens:>12}" if blocks else "")
+            lines.append(f"{r.layer:>5}  {r.kind:<16} {per} {r.fixed_bytes:>12,} {window:>8} {r.kv_source:>9}")
         lines.append(f"total ({self.dtype}): {self.bytes_per_token:,} bytes/token + {self.fixed_bytes:,} fixed bytes")
         return "\n".join(lines)

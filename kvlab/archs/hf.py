@@ -33,7 +33,7 @@ import torch
 from kvlab._io import atomic_path, remove_orphans, temp_path
 from kvlab.archs.config import ModelConfig
 from kvlab.archs.hf_families import NATIVE_FAMILIES, Rope, family_of_model_type
-from kvlab.archs.model import CausalLM
+from kvlab.archs.model import CausalLM, build_model
 from kvlab.layers.attention import AttentionConfig
 
 _RENAMES = [  # (transformers, kvlab) name fragments
@@ -117,6 +117,8 @@ def hf_config_from_model(cfg: ModelConfig) -> dict[str, Any]:
         problems.append(f"mixer kind {m.kind!r}")
     else:
         problems += family.problems(cfg, m)
+    if cfg.blocks is not None:
+        problems.append("a Block Transformer (blocks)")
     shared = sorted({r.what for p in cfg.plan for r in p.reads if r.what in ("kv", "attention")})
     if shared:
         problems.append("cross-layer sharing of " + " and ".join({"kv": "K/V", "attention": "attention weights"}[w]
@@ -440,7 +442,7 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32) -> CausalLM:
                 "from the embeddings; set tie_word_embeddings to false to load the head as it is"
             )
     with torch.device("meta"):
-        model = CausalLM(cfg)
+        model = build_model(cfg)
     model.to_empty(device="cpu")
     model.init_weights()  # RoPE tables and tying; every parameter is overwritten next
     wanted = {k: v.shape for k, v in model.state_dict().items() if not (cfg.tie_embeddings and k == "lm_head.weight")}

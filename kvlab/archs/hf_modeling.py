@@ -25,7 +25,7 @@ from transformers.cache_utils import Cache as HFCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from kvlab.archs.config import ModelConfig
-from kvlab.archs.model import Block, CausalLM
+from kvlab.archs.model import Block, build_model
 
 
 class KvlabConfig(PretrainedConfig):
@@ -82,7 +82,7 @@ class KvlabForCausalLM(PreTrainedModel, GenerationMixin):
 
     def __init__(self, config: KvlabConfig):
         super().__init__(config)
-        self.model = CausalLM(ModelConfig.from_dict(config.kvlab))
+        self.model = build_model(ModelConfig.from_dict(config.kvlab))
         if config.tie_word_embeddings:
             self._tied_weights_keys = {"model.lm_head.weight": "model.embed_tokens.weight"}
         self.post_init()

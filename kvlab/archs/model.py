@@ -69,6 +69,12 @@ class Block(nn.Module):
 
 
 class CausalLM(nn.Module):
+    # Whether ``decode_step`` serves every position with one static-shape graph (compiled decoding); a model
+    # whose step does different work by position decodes eagerly
+    static_decode = True
+    # Whether forward takes packed rows (doc_ids); a model whose units straddle documents does not
+    takes_packed_documents = True
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
@@ -86,8 +92,13 @@ class CausalLM(nn.Module):
         # eager. Per block, so compilation does not grow with depth beyond one trace per block (Inductor's
         # kernels, equal for equal blocks, are compiled once); inference and validation stay eager.
         self.compile_blocks: str | None = None
+        self._build_extra()
         if not self.embed_tokens.weight.is_meta:
             self.init_weights()
+
+    def _build_extra(self) -> None:
+        """Where a model made of this decoder (the Block Transformer) adds its own modules, before the weights
+        are initialised."""
 
     def tie_weights(self) -> None:
         """Share the LM head with the embeddings when the config asks (``to_empty`` unties them)."""
@@ -180,9 +191,12 @@ class CausalLM(nn.Module):
         return self._run(token, StepState(start), cache, last_only=False, head=True)[:, -1]
 
     def _run(self, input_ids, state: StepState, cache, last_only: bool, head: bool) -> torch.Tensor:
-        T = input_ids.shape[1]
+        return self._output(self._stack(self.embed_tokens(input_ids), state, cache, last_only), head)
+
+    def _stack(self, x: torch.Tensor, state: StepState, cache, last_only: bool) -> torch.Tensor:
+        """The layers on the embedded inputs ``x`` [B, T, D]: the last hidden states, before the final norm."""
+        T = x.shape[1]
         passes = self.config.layer_passes
-        x = self.embed_tokens(input_ids)
         top = 0
         if self._cycle is not None:
             low, high = self._cycle
@@ -199,7 +213,7 @@ class CausalLM(nn.Module):
             x = x[:, -1:]
         if stateless_from < len(self.layers):
             x = self._layers(x, state.tail(T), cache, stateless_from, len(self.layers))
-        return self._output(x, head)
+        return x
 
     def _output(self, x: torch.Tensor, head: bool) -> torch.Tensor:
         h = self.norm(x)
@@ -245,6 +259,11 @@ class CausalLM(nn.Module):
         device: torch.device | str | None = None,
     ) -> Cache:
         """Preallocate the cache for ``batch_size`` sequences of up to ``max_len`` tokens."""
+        batch_size, max_len, dtype, device = self._cache_settings(batch_size, max_len, dtype, device)
+        return self._layer_cache(self.layers, batch_size, max_len, dtype, device)
+
+    def _cache_settings(self, batch_size, max_len, dtype, device) -> tuple:
+        """``new_cache``'s arguments checked, with their defaults filled."""
         max_len = self.config.max_seq_len if max_len is None else max_len
         check_int(max_len, "max_len", minimum=1)
         check_int(batch_size, "batch_size", minimum=1)
@@ -254,12 +273,14 @@ class CausalLM(nn.Module):
         dtype = weight.dtype if dtype is None else dtype
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise ValueError(f"dtype={dtype}: a cache holds floating-point states (e.g. torch.bfloat16, torch.float32)")
-        device = weight.device if device is None else device
-        slots = [layer.mixer.new_cache_slot(batch_size, max_len, dtype, device) for layer in self.layers]
-        mlp_slots = [
-            layer.mlp.new_cache_slot(batch_size, dtype, device) if layer.mlp_stateful else None for layer in self.layers
-        ]
-        return Cache(slots, batch_size, max_len, mlp_slots, config=self.config, dtype=dtype)
+        return batch_size, max_len, dtype, weight.device if device is None else device
+
+    def _layer_cache(self, layers, batch_size: int, length: int, dtype, device) -> Cache:
+        """A cache of ``length`` positions for ``layers``, each slot made by its own mixer (and stateful MLP)."""
+        slots = [layer.mixer.new_cache_slot(batch_size, length, dtype, device) for layer in layers]
+        mlp_slots = [layer.mlp.new_cache_slot(batch_size, dtype, device) if layer.mlp_stateful else None
+                     for layer in layers]  # fmt: skip
+        return Cache(slots, batch_size, length, mlp_slots, config=self.config, dtype=dtype)
 
     def kv_footprint(self, dtype: torch.dtype = torch.bfloat16) -> Footprint:
         rows = []
@@ -363,5 +384,11 @@ def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, generat
 
 
 def build_model(config: ModelConfig | Mapping[str, Any]) -> CausalLM:
-    """Build the decoder described by ``config`` (a ModelConfig or its dict form)."""
-    return CausalLM(ModelConfig.from_dict(config))
+    """Build the decoder described by ``config`` (a ModelConfig or its dict form); with ``blocks``, the Block
+    Transformer made of it."""
+    config = ModelConfig.from_dict(config)
+    if config.blocks is not None:
+        from kvlab.archs.block_transformer import BlockTransformer  # it builds on this module
+
+        return BlockTransformer(config)
+    return CausalLM(config)

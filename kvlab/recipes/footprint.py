@@ -97,8 +97,10 @@ def render(report: dict[str, Any], console: Console) -> None:
         layers.add_column(name, justify="left" if name == "kind" else "right")
     for r in report["layers"]:
         window = "-" if r["max_tokens"] is None else f"{r['max_tokens']:,}"
-        layers.add_row(str(r["layer"]), r["kind"], f"{r['bytes_per_token']:,}", f"{r['fixed_bytes']:,}", window,
-                       str(r["kv_source"]))  # fmt: skip
+        per = f"{r['bytes_per_token']:,}"
+        if r.get("per_tokens", 1) > 1:  # a Block Transformer's block decoder: one entry per block
+            per += f" per {r['per_tokens']} tokens"
+        layers.add_row(str(r["layer"]), r["kind"], per, f"{r['fixed_bytes']:,}", window, str(r["kv_source"]))
     console.print(layers)
     totals = Table(title=f"Totals: {report['bytes_per_token']:,} B/token + {report['fixed_bytes']:,} B fixed, "
                          f"{report['params']:,} parameters")  # fmt: skip

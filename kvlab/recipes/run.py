@@ -188,6 +188,9 @@ def _validated(tc: TrainConfig) -> ModelConfig:
         tc.optim.validate()
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if tc.data.doc_mask and model_cfg.blocks is not None:
+        raise ConfigError("data.doc_mask=true packs documents per row, which a Block Transformer's blocks would "
+                          "straddle (model.blocks is set); use data.doc_mask=false")  # fmt: skip
     t = tc.trainer
     if t.strategy not in STRATEGIES:
         raise ConfigError(f"trainer.strategy={t.strategy!r} is not one of {', '.join(STRATEGIES)}")

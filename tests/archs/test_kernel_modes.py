@@ -23,9 +23,10 @@ def _run(model, mode, ids, labels):
     model.config.kernels = mode
     model.zero_grad()
     _restart_rank_schedules(model)
-    logits = model(ids, doc_ids=DOCS)
+    docs = DOCS if model.takes_packed_documents else None
+    logits = model(ids, doc_ids=docs)
     _restart_rank_schedules(model)
-    loss = model(ids, doc_ids=DOCS, labels=labels)
+    loss = model(ids, doc_ids=docs, labels=labels)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return logits.detach(), loss.detach(), grads

@@ -196,6 +196,18 @@ def test_recurrent_and_hybrid_presets_learn(tmp_path, data_cache, names):
         assert (metrics["kv_bytes_per_token"] == 0) == recurrent_only, run.name
 
 
+def test_block_transformer_trains_through_train_py(tmp_path, data_cache):
+    """The Block Transformer through the ordinary recipe: it learns, and its footprint is per block."""
+    train(tmp_path, data_cache, "model=block_transformer", "model.blocks.token_layers=1", "trainer.max_steps=12",
+          "optim.warmup_steps=2")  # fmt: skip
+    (run,) = run_dirs(tmp_path, "train")
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["val_loss"] < m["initial_val_loss"] - 0.5 and m["model"]["blocks"]["length"] == 4
+    per_block = 2 * 2 * 2 * 16 * 2  # 2 block-decoder layers x (K, V) x 2 K/V heads x 16 channels, bf16
+    token_block = 5 * 2 * 2 * 16 * 2  # 1 token-decoder layer, prefix 2 + 4 - 1 positions
+    assert m["kv_bytes_per_token"] == per_block // 4 and m["kv_fixed_bytes"] == per_block + token_block
+
+
 BAD_OVERRIDES = {
     "indivisible heads": (["model.mixer.n_kv_heads=3"], "mixer.n_heads=4 is not divisible by mixer.n_kv_heads=3"),
     "unknown trainer key": (["trainer.max_step=3"], "trainer.max_step"),
@@ -228,6 +240,7 @@ BAD_OVERRIDES = {
     "negative workers": (["data.num_workers=-1"], "data.num_workers=-1 must be >= 0"),
     "no documents": (["data.max_docs=0"], "data.max_docs=0 must be >= 1"),
     "mixer kind of the wrong type": (["model.mixer.kind=[attention]"], "mixer.kind=['attention'] is not a known"),
+    "blocks over packed documents": (["+model.blocks={length: 4}", "data.doc_mask=true"], "data.doc_mask=true packs"),
     "corpus smaller than a batch": (
         ["data.max_docs=2", "data.batch_size=64"],
         "fewer than one batch (data.batch_size=64)",

@@ -1,0 +1,230 @@
+"""The Block Transformer (Ho et al. 2024, "Block Transformer: Global-to-Local Language Modeling for Fast
+Inference"; its code, itsnamgyu/block-transformer), built from the decoder's own blocks and caches.
+
+A sequence is cut into blocks of ``L`` tokens (``blocks.length``).
+
+- **embedder** (the paper's lookup embedder): a block's ``L`` token embeddings of ``d_model / L`` channels
+  each, concatenated into one ``d_model`` vector;
+- **block decoder**: the model's plan (any mixers), causal over the block vectors, preceded by a learned
+  start block; its output at block ``b`` (normalised) is the context of block ``b + 1``;
+- **token decoder** (the prefix strategy): a linear map (the paper's expansion layer) turns a block's
+  context into ``P`` vectors (``blocks.prefix``) that precede the block's own tokens, and
+  ``blocks.token_layers`` layers of ``mixer`` run causally over those ``P + L - 1`` positions and nothing
+  else. The prefix's last output predicts the block's first token; token ``i`` predicts token ``i + 1``.
+  Its embeddings, final norm and head are the decoder's ``embed_tokens``, ``norm`` and ``lm_head``.
+
+So the logits at position ``t`` (predicting token ``t + 1``) come from the token decoder of that token's
+block, which sees the block decoder's context of every earlier block and the block's tokens up to ``t``:
+causal, as ``CausalLM``'s. With ``L = 1`` the block decoder is an ordinary decoder over the tokens and the
+token decoder sees only its own position's prefix: a deeper decoder whose top ``token_layers`` layers mix no
+positions.
+
+Cache: the block decoder's slots hold one entry per block (plus the start block); the token decoder's hold the
+``P + L - 1`` positions of the current block and are rewritten from its prefix when a block begins. The
+footprint counts the former per ``L`` tokens and the latter as fixed bytes (allocated once, whatever the
+context); ``cache.nbytes()`` equals it.
+
+Deviations (README): a learned start block precedes the first (the official code pads the first block with
+pad tokens, or trains on randomly padded first blocks), so every token is predicted; the block decoder's
+positions are block indices and the token decoder's restart at 0 in each block (RoPE; the official GPT-NeoX
+models do the same); decoding is eager (a step does different work at the end of a block).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kvlab.archs.cache import Cache
+from kvlab.archs.config import ModelConfig
+from kvlab.archs.footprint import Footprint, FootprintRow
+from kvlab.archs.model import Block, CausalLM
+from kvlab.layers import build_norm
+from kvlab.layers.base import StepState
+
+
+class BlockCache(Cache):
+    """A Block Transformer's cache: the block decoder's (``blocks``: one position per block, ``seen`` of them),
+    the token decoder's (``tokens``: the current block's prefix and tokens) and the current block's tokens so
+    far (``pending``). ``seen`` counts tokens."""
+
+    def __init__(self, blocks: Cache, tokens: Cache, block_length: int, max_len: int, config, dtype, device):
+        super().__init__([], blocks.batch_size, max_len, [], config=config, dtype=dtype)
+        self.blocks, self.tokens = blocks, tokens
+        self.pending = torch.zeros(blocks.batch_size, block_length, dtype=torch.long, device=device)
+
+    def nbytes(self) -> int:
+        return self.blocks.nbytes() + self.tokens.allocated_bytes()  # the token decoder's slots are fixed
+
+    def allocated_bytes(self) -> int:
+        return self.blocks.allocated_bytes() + self.tokens.allocated_bytes()
+
+    def reorder(self, batch_idx) -> None:
+        self.blocks.reorder(batch_idx)
+        self.tokens.reorder(batch_idx)
+        self.pending.copy_(self.pending.index_select(0, batch_idx.to(self.pending.device)))
+
+    def reset(self) -> None:
+        self.blocks.reset()
+        self.tokens.reset()
+        self.seen = 0
+
+    def __repr__(self) -> str:
+        return (f"BlockCache(batch_size={self.batch_size}, max_len={self.max_len}, seen={self.seen}, "
+                f"blocks={self.blocks.seen}, allocated_bytes={self.allocated_bytes():,})")  # fmt: skip
+
+
+class BlockTransformer(CausalLM):
+    static_decode = False  # a step's work depends on where its token falls in its block
+    takes_packed_documents = False  # blocks would straddle packed documents
+
+    def __init__(self, config: ModelConfig):
+        if config.blocks is None:
+            raise ValueError("BlockTransformer needs a config with blocks: {length, prefix, token_layers}")
+        self.block_length, self.prefix = config.blocks.length, config.blocks.prefix
+        self.token_config = config.token_decoder_config()
+        super().__init__(config)  # the block decoder (layers), and the token decoder's embeddings, norm and head
+
+    def _build_extra(self) -> None:
+        cfg, d = self.config, self.config.d_model
+        self.block_embed = nn.Embedding(cfg.vocab_size, d // self.block_length)  # the lookup embedder
+        self.start_block = nn.Parameter(torch.empty(d))
+        self.block_norm = build_norm(cfg.norm, d)
+        self.expand = nn.Linear(d, self.prefix * d)  # the prefix strategy's expansion layer
+        self.token_layers = nn.ModuleList(Block(self.token_config, i) for i in range(self.token_config.n_layers))
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        super().init_weights()
+        nn.init.normal_(self.start_block, std=self.config.init_std)
+
+    # -- forward --------------------------------------------------------------
+
+    def _forward(self, input_ids, cache, positions, doc_ids, last_only, head: bool = True) -> torch.Tensor:
+        if doc_ids is not None or positions is not None:
+            raise ValueError(
+                "doc_ids/positions: a Block Transformer takes unpacked rows (its blocks would straddle packed "
+                "documents); train it with data.doc_mask=false"
+            )
+        B, T = input_ids.shape
+        if cache is None:
+            if T > self.config.max_seq_len:
+                raise ValueError(f"sequence length {T} exceeds max_seq_len={self.config.max_seq_len}")
+            hidden = self._parallel(input_ids)
+        else:
+            if not isinstance(cache, BlockCache) or cache.config != self.config:
+                raise ValueError("cache: expected the BlockCache of this model (model.new_cache(...))")
+            if B != cache.batch_size:
+                raise ValueError(f"input batch size {B} does not match the cache's batch_size={cache.batch_size}")
+            if cache.seen + T > cache.max_len:
+                raise ValueError(f"cache holds {cache.seen} tokens; {T} more exceed its max_len={cache.max_len}")
+            hidden = self._continue(input_ids, cache)
+            cache.seen += T
+        return self._output(hidden[:, -1:] if last_only else hidden, head)
+
+    def decode_step(self, token, cache, start):
+        raise NotImplementedError("the Block Transformer decodes eagerly: model(token, cache=cache)")
+
+    def _contexts(self, h: torch.Tensor) -> torch.Tensor:
+        """Block decoder outputs [B, n, D] -> the token decoder prefixes they give, [B, n, P, D]."""
+        return self.expand(self.block_norm(h)).unflatten(-1, (self.prefix, self.config.d_model))
+
+    def _block_vectors(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids [B, n * L] -> the embedder's block vectors [B, n, D]."""
+        return self.block_embed(ids).flatten(-2).unflatten(1, (-1, self.config.d_model))
+
+    def _token_stack(self, z: torch.Tensor, start: int, cache: Cache | None) -> torch.Tensor:
+        """The token decoder's layers over ``z`` [B, n, D] at positions ``start..`` of a block's input."""
+        state = StepState(start)
+        for i, layer in enumerate(self.token_layers):
+            slot, mlp_slot = (cache.slots[i], cache.mlp_slots[i]) if cache is not None else (None, None)
+            z = layer(z, state, cache=slot, mlp_cache=mlp_slot)
+        return z
+
+    def _parallel(self, ids: torch.Tensor) -> torch.Tensor:
+        """Every position's last hidden state [B, T, D] (before the final norm), all blocks at once."""
+        L, P, D = self.block_length, self.prefix, self.config.d_model
+        B, T = ids.shape
+        n = -(-T // L)
+        ids = F.pad(ids, (0, n * L - T))  # the last block filled out; nothing before it sees the filling
+        x = torch.cat(
+            [self.start_block.to(self.embed_tokens.weight.dtype).expand(B, 1, D), self._block_vectors(ids)], 1
+        )
+        context = self._contexts(self._stack(x, StepState(0), None, False))  # [B, n + 1, P, D]: block b's is b
+        inputs = F.pad(ids.view(B, n, L)[..., : L - 1], (0, 0, 0, 1))  # a block's last token is input to none
+        z = torch.cat([context, self.embed_tokens(inputs)], dim=2).flatten(0, 1)  # [B (n + 1), P + L - 1, D]
+        predictions = self._token_stack(z, 0, None)[:, P - 1 :].reshape(B, (n + 1) * L, D)  # of tokens 0..
+        return predictions[:, 1 : T + 1]  # position t predicts token t + 1
+
+    def _continue(self, ids: torch.Tensor, cache: BlockCache) -> torch.Tensor:
+        """The hidden states of ``ids`` after what ``cache`` holds, the cache brought up to date."""
+        L, P, D = self.block_length, self.prefix, self.config.d_model
+        B, T = ids.shape
+        j = cache.seen % L  # tokens of the current block already seen
+        if cache.seen == 0:  # the start block: the first block's context
+            h = self._stack(self.start_block.to(self.embed_tokens.weight.dtype).expand(B, 1, D), StepState(0),
+                            cache.blocks, False)  # fmt: skip
+            cache.blocks.seen = 1
+            self._begin_block(cache, h)
+        tokens = torch.cat([cache.pending[:, :j], ids], dim=1)  # from the current block's start
+        out, at = [], 0
+        while True:
+            block = tokens[:, at : at + L]
+            first = j if at == 0 else 0  # the first new token's place in this block
+            inputs_end = min(block.shape[1], L - 1)  # the block's last token is never a token decoder input
+            if inputs_end > first:
+                out.append(self._token_stack(self.embed_tokens(block[:, first:inputs_end]), P + first, cache.tokens))
+                cache.tokens.seen = P + inputs_end
+            if block.shape[1] < L:
+                break
+            # the block is complete: the block decoder takes it, and the next block's prefix predicts its first
+            h = self._stack(self._block_vectors(block), StepState(cache.blocks.seen), cache.blocks, False)
+            cache.blocks.seen += 1
+            out.append(self._begin_block(cache, h))
+            at += L
+        rest = tokens[:, at:]
+        cache.pending[:, : rest.shape[1]] = rest
+        return torch.cat(out, dim=1)
+
+    def _begin_block(self, cache: BlockCache, h: torch.Tensor) -> torch.Tensor:
+        """A new block from the block decoder's output ``h`` [B, 1, D]: its prefix written into the token
+        decoder's cache; returns the prefix's last hidden state (the prediction of the block's first token)."""
+        cache.tokens.reset()
+        z = self._token_stack(self._contexts(h)[:, 0], 0, cache.tokens)
+        cache.tokens.seen = self.prefix
+        return z[:, -1:]
+
+    # -- cache and footprint --------------------------------------------------
+
+    def new_cache(self, batch_size=1, max_len=None, dtype=None, device=None) -> BlockCache:
+        """The block decoder's slots for the start block and ``max_len / L`` blocks, and the token decoder's for
+        one block's ``P + L - 1`` positions."""
+        batch_size, max_len, dtype, device = self._cache_settings(batch_size, max_len, dtype, device)
+        blocks = self._layer_cache(self.layers, batch_size, 1 + max_len // self.block_length, dtype, device)
+        tokens = self._layer_cache(self.token_layers, batch_size, self.prefix + self.block_length - 1, dtype, device)
+        return BlockCache(blocks, tokens, self.block_length, max_len, self.config, dtype, device)
+
+    def kv_footprint(self, dtype: torch.dtype = torch.bfloat16) -> Footprint:
+        """The block decoder's rows per block of ``L`` tokens (and the start block), the token decoder's as
+        fixed bytes (one block's positions, allocated once)."""
+        rows = [
+            FootprintRow(
+                r.layer,
+                r.kind,
+                r.bytes_per_token,
+                r.fixed_bytes,
+                r.kv_source,
+                r.max_tokens,
+                per_tokens=self.block_length,
+                entries_before=1,
+            )  # fmt: skip
+            for r in super().kv_footprint(dtype).per_layer
+        ]
+        positions = self.prefix + self.block_length - 1
+        first = len(rows)
+        for i, layer in enumerate(self.token_layers):
+            fp = layer.mixer.kv_footprint(dtype)
+            rows.append(FootprintRow(first + i, f"token {layer.mixer.cfg.kind}", 0,
+                                     fp.total_bytes(positions), first + i))  # fmt: skip
+        return Footprint(tuple(rows), dtype)
