@@ -49,10 +49,24 @@ class BlockCache(Cache):
     the token decoder's (``tokens``: the current block's prefix and tokens) and the current block's tokens so
     far (``pending``). ``seen`` counts tokens."""
 
-    def __init__(self, blocks: Cache, tokens: Cache, block_length: int, max_len: int, config, dtype, device):
+    def __init__(self, blocks: Cache, tokens: Cache, block_length: int, prefix: int, max_len: int, config, dtype,
+                 device):  # fmt: skip
+        self.blocks, self.tokens, self.block_length, self.prefix = blocks, tokens, block_length, prefix
         super().__init__([], blocks.batch_size, max_len, [], config=config, dtype=dtype)
-        self.blocks, self.tokens = blocks, tokens
         self.pending = torch.zeros(blocks.batch_size, block_length, dtype=torch.long, device=device)
+
+    @property
+    def seen(self) -> int:
+        return self._seen
+
+    @seen.setter
+    def seen(self, tokens: int) -> None:
+        """Tokens seen; the two decoders' counts follow from it (the start block and every completed block;
+        the current block's prefix and its tokens but the last), so setting it (a benchmark's cache of zeros
+        at a context) leaves the cache as that many tokens would."""
+        self._seen = tokens
+        self.blocks.seen = 1 + tokens // self.block_length if tokens else 0
+        self.tokens.seen = self.prefix + tokens % self.block_length if tokens else 0
 
     def nbytes(self) -> int:
         return self.blocks.nbytes() + self.tokens.allocated_bytes()  # the token decoder's slots are fixed
@@ -68,7 +82,7 @@ class BlockCache(Cache):
     def reset(self) -> None:
         self.blocks.reset()
         self.tokens.reset()
-        self.seen = 0
+        self.seen = 0  # and the decoders' counts with it
 
     def __repr__(self) -> str:
         return (f"BlockCache(batch_size={self.batch_size}, max_len={self.max_len}, seen={self.seen}, "
@@ -162,11 +176,17 @@ class BlockTransformer(CausalLM):
         L, P, D = self.block_length, self.prefix, self.config.d_model
         B, T = ids.shape
         j = cache.seen % L  # tokens of the current block already seen
-        if cache.seen == 0:  # the start block: the first block's context
-            h = self._stack(self.start_block.to(self.embed_tokens.weight.dtype).expand(B, 1, D), StepState(0),
-                            cache.blocks, False)  # fmt: skip
-            cache.blocks.seen = 1
-            self._begin_block(cache, h)
+        if cache.seen == 0:  # a prefill: the outputs all at once, then the caches as these tokens leave them
+            n = T // L
+            start = self.start_block.to(self.embed_tokens.weight.dtype).expand(B, 1, D)
+            x = torch.cat([start, self._block_vectors(ids[:, : n * L])], dim=1)
+            h = self._stack(x, StepState(0), cache.blocks, False)
+            self._begin_block(cache, h[:, -1:])
+            rest = ids[:, n * L :]  # the current block's tokens: all of them token decoder inputs
+            if rest.shape[1]:
+                self._token_stack(self.embed_tokens(rest), P, cache.tokens)
+            cache.pending[:, : rest.shape[1]] = rest
+            return self._parallel(ids)
         tokens = torch.cat([cache.pending[:, :j], ids], dim=1)  # from the current block's start
         out, at = [], 0
         while True:
@@ -203,7 +223,7 @@ class BlockTransformer(CausalLM):
         batch_size, max_len, dtype, device = self._cache_settings(batch_size, max_len, dtype, device)
         blocks = self._layer_cache(self.layers, batch_size, 1 + max_len // self.block_length, dtype, device)
         tokens = self._layer_cache(self.token_layers, batch_size, self.prefix + self.block_length - 1, dtype, device)
-        return BlockCache(blocks, tokens, self.block_length, max_len, self.config, dtype, device)
+        return BlockCache(blocks, tokens, self.block_length, self.prefix, max_len, self.config, dtype, device)
 
     def kv_footprint(self, dtype: torch.dtype = torch.bfloat16) -> Footprint:
         """The block decoder's rows per block of ``L`` tokens (and the start block), the token decoder's as

@@ -681,8 +681,12 @@ def attention_similarity(model: CausalLM, calibration: torch.Tensor) -> torch.Te
         for m, shares in zip(mixers, shared, strict=True):
             m.shares_attention = shares
         model.train(training)
-    rows = torch.stack([torch.nn.functional.normalize(weights[i].float(), dim=-1) for i in range(len(mixers))])
-    return torch.einsum("abhts,cbhts->ac", rows, rows) / rows[0, ..., 0].numel()
+    rows = [torch.nn.functional.normalize(weights[i].float(), dim=-1) for i in range(len(mixers))]
+    similarity = torch.eye(len(rows), dtype=torch.float64)
+    for a in range(len(rows)):
+        for b in range(a + 1, len(rows)):  # each row's cosine in float32, their mean in float64
+            similarity[a, b] = similarity[b, a] = (rows[a] * rows[b]).sum(-1).double().mean()
+    return similarity
 
 
 def sa_span(similarity: torch.Tensor, n_shared: int) -> list[int]:
