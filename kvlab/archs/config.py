@@ -206,7 +206,7 @@ class ModelConfig:
     kv_sharing: KVSharingConfig | None = None
     # Shared Attention: per layer, the layer whose attention probabilities it applies to its own values
     attention_source: list[int] | None = None
-    # The plan written out: [{mixer: {...}, kv_from: j, repeat: n}, ...], instead of mixer/pattern/kv_source
+    # The plan written out: [{mixer, kv_from, attention_from, repeat}, ...], instead of mixer/pattern/kv_source
     layers: list[dict[str, Any]] | None = None
     passes: PassesConfig | None = None  # layers that read later layers: m, b, prefill (None: the defaults)
     blocks: BlocksConfig | None = None  # a Block Transformer: the plan is its block decoder (None: a plain decoder)

@@ -168,6 +168,9 @@ def convert_model(
             )
         if isinstance(m, AttentionConfig) and (m.n_v_heads is not None or m.v_groups is not None):
             raise ValueError(f"convert: layer {i} already has decoupled value heads (n_v_heads, v_groups)")
+        if model.config.plan[i].attention_source != i:
+            raise ValueError(f"convert: layer {i} applies layer {model.config.plan[i].attention_source}'s attention "
+                             "weights (SA); conversions start from models that do not share them")  # fmt: skip
     spec = _without_calibration_rows(spec)
     if spec["to"] == "dha":
         method = _checked_method(spec, ["to", "n_k_heads", "n_v_heads", "method", "adaptive", *DHA_FUSION],
@@ -607,8 +610,6 @@ def _to_shared_attention(
     model: CausalLM, spec: Mapping[str, Any], calibration: torch.Tensor | None, report: dict | None
 ) -> CausalLM:
     cfg = model.config
-    if cfg.attention_source is not None or any(p.attention_source != p.index for p in cfg.plan):
-        raise ValueError("convert.to=sa: the model already shares attention weights; convert one that does not")
     if ("n_shared" in spec) == ("spans" in spec):
         raise ValueError(f"convert.to=sa: give one of n_shared (the span is searched) or spans, got {dict(spec)}")
     n = cfg.n_layers

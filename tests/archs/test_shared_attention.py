@@ -159,3 +159,9 @@ def test_bad_conversions_name_the_setting(spec, message):
     with pytest.raises(ValueError) as e:
         convert_model(build_model(tiny()), spec)
     assert message in str(e.value)
+
+
+@pytest.mark.parametrize("spec", [{"to": "gqa", "n_kv_heads": 1}, {"to": "sa", "spans": [[2, 3]]}])
+def test_a_model_sharing_weights_is_not_converted_again(spec):
+    with pytest.raises(ValueError, match="layer 1 applies layer 0's attention weights"):
+        convert_model(build_model(tiny(attention_source=[0, 0, 2, 3])), spec)
