@@ -156,64 +156,58 @@ class BlockTransformer(CausalLM):
             z = layer(z, state, cache=slot, mlp_cache=mlp_slot)
         return z
 
-    def _parallel(self, ids: torch.Tensor) -> torch.Tensor:
-        """Every position's last hidden state [B, T, D] (before the final norm), all blocks at once."""
+    def _parallel(self, ids: torch.Tensor, cache: BlockCache | None = None) -> torch.Tensor:
+        """Every position's last hidden state [B, T, D] (before the final norm), all blocks at once; with an
+        empty ``cache`` (a prefill), the caches left as these tokens leave them."""
         L, P, D = self.block_length, self.prefix, self.config.d_model
         B, T = ids.shape
-        n = -(-T // L)
-        ids = F.pad(ids, (0, n * L - T))  # the last block filled out; nothing before it sees the filling
-        x = torch.cat(
-            [self.start_block.to(self.embed_tokens.weight.dtype).expand(B, 1, D), self._block_vectors(ids)], 1
-        )
-        context = self._contexts(self._stack(x, StepState(0), None, False))  # [B, n + 1, P, D]: block b's is b
-        inputs = F.pad(ids.view(B, n, L)[..., : L - 1], (0, 0, 0, 1))  # a block's last token is input to none
+        n = T // L  # complete blocks; block n, partial or empty, needs only their context
+        start = self.start_block.to(self.embed_tokens.weight.dtype).expand(B, 1, D)
+        x = torch.cat([start, self._block_vectors(ids[:, : n * L])], dim=1)
+        blocks_cache = cache.blocks if cache is not None else None
+        context = self._contexts(self._stack(x, StepState(0), blocks_cache, False))  # [B, n + 1, P, D]
+        inputs = F.pad(ids, (0, (n + 1) * L - T)).view(B, n + 1, L)[..., : L - 1]  # the last token: input to none
         z = torch.cat([context, self.embed_tokens(inputs)], dim=2).flatten(0, 1)  # [B (n + 1), P + L - 1, D]
         predictions = self._token_stack(z, 0, None)[:, P - 1 :].reshape(B, (n + 1) * L, D)  # of tokens 0..
-        return predictions[:, 1 : T + 1]  # position t predicts token t + 1
-
-    def _continue(self, ids: torch.Tensor, cache: BlockCache) -> torch.Tensor:
-        """The hidden states of ``ids`` after what ``cache`` holds, the cache brought up to date."""
-        L, P, D = self.block_length, self.prefix, self.config.d_model
-        B, T = ids.shape
-        j = cache.seen % L  # tokens of the current block already seen
-        if cache.seen == 0:  # a prefill: the outputs all at once, then the caches as these tokens leave them
-            n = T // L
-            start = self.start_block.to(self.embed_tokens.weight.dtype).expand(B, 1, D)
-            x = torch.cat([start, self._block_vectors(ids[:, : n * L])], dim=1)
-            h = self._stack(x, StepState(0), cache.blocks, False)
-            self._begin_block(cache, h[:, -1:])
-            rest = ids[:, n * L :]  # the current block's tokens: all of them token decoder inputs
+        if cache is not None:  # the current block's prefix and tokens, into the token decoder's cache
+            rest = ids[:, n * L :]
+            self._begin_block(cache, context[:, n])
             if rest.shape[1]:
                 self._token_stack(self.embed_tokens(rest), P, cache.tokens)
             cache.pending[:, : rest.shape[1]] = rest
-            return self._parallel(ids)
+        return predictions[:, 1 : T + 1]  # position t predicts token t + 1
+
+    def _continue(self, ids: torch.Tensor, cache: BlockCache) -> torch.Tensor:
+        """The hidden states of ``ids`` after what ``cache`` holds, the cache brought up to date (its counts
+        follow from ``cache.seen``, which the caller advances)."""
+        if cache.seen == 0:
+            return self._parallel(ids, cache)
+        L, P = self.block_length, self.prefix
+        j = cache.seen % L  # tokens of the current block already seen
         tokens = torch.cat([cache.pending[:, :j], ids], dim=1)  # from the current block's start
-        out, at = [], 0
+        out, at, blocks = [], 0, cache.blocks.seen
         while True:
             block = tokens[:, at : at + L]
             first = j if at == 0 else 0  # the first new token's place in this block
             inputs_end = min(block.shape[1], L - 1)  # the block's last token is never a token decoder input
             if inputs_end > first:
                 out.append(self._token_stack(self.embed_tokens(block[:, first:inputs_end]), P + first, cache.tokens))
-                cache.tokens.seen = P + inputs_end
             if block.shape[1] < L:
                 break
             # the block is complete: the block decoder takes it, and the next block's prefix predicts its first
-            h = self._stack(self._block_vectors(block), StepState(cache.blocks.seen), cache.blocks, False)
-            cache.blocks.seen += 1
-            out.append(self._begin_block(cache, h))
+            h = self._stack(self._block_vectors(block), StepState(blocks), cache.blocks, False)
+            blocks += 1
+            out.append(self._begin_block(cache, self._contexts(h)[:, 0]))
             at += L
         rest = tokens[:, at:]
         cache.pending[:, : rest.shape[1]] = rest
         return torch.cat(out, dim=1)
 
-    def _begin_block(self, cache: BlockCache, h: torch.Tensor) -> torch.Tensor:
-        """A new block from the block decoder's output ``h`` [B, 1, D]: its prefix written into the token
-        decoder's cache; returns the prefix's last hidden state (the prediction of the block's first token)."""
+    def _begin_block(self, cache: BlockCache, context: torch.Tensor) -> torch.Tensor:
+        """A new block from its context [B, P, D]: the prefix written into the token decoder's cache; returns
+        the prefix's last hidden state (the prediction of the block's first token)."""
         cache.tokens.reset()
-        z = self._token_stack(self._contexts(h)[:, 0], 0, cache.tokens)
-        cache.tokens.seen = self.prefix
-        return z[:, -1:]
+        return self._token_stack(context, 0, cache.tokens)[:, -1:]
 
     # -- cache and footprint --------------------------------------------------
 
