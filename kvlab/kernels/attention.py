@@ -110,10 +110,7 @@ def attention_reference(
     v = v.repeat_interleave(groups, dim=1)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     scores = (q.float() @ k.float().transpose(-1, -2)) * scale
-    mask, is_causal = _structured_mask(q, mask, causal, window, doc_ids)
-    if is_causal:
-        T, S = scores.shape[-2:]
-        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()
+    mask = _weights_mask(q, k, mask, causal, window, doc_ids)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     return (scores.softmax(dim=-1) @ v.float()).to(q.dtype)
@@ -163,7 +160,8 @@ def attention_weights_reference(
 
 
 def _weights_mask(q, k, mask, causal, window, doc_ids) -> torch.Tensor | None:
-    """The boolean mask of the options for probabilities that are formed whole (never SDPA's is_causal)."""
+    """The boolean mask of the options, for scores that are formed whole (the references, the shared weights):
+    never SDPA's is_causal shortcut."""
     mask, is_causal = _structured_mask(q, mask, causal, window, doc_ids)
     if is_causal:
         T, S = q.shape[2], k.shape[2]
