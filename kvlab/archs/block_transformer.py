@@ -115,7 +115,8 @@ class BlockTransformer(CausalLM):
 
     # -- forward --------------------------------------------------------------
 
-    def _forward(self, input_ids, cache, positions, doc_ids, last_only, head: bool = True) -> torch.Tensor:
+    def _forward(self, input_ids, cache, positions, doc_ids, last_only, head: bool = True, states=None):
+        # states: a context's, which a Block Transformer never has (its config refuses context)
         if doc_ids is not None or positions is not None:
             raise ValueError(
                 "doc_ids/positions: a Block Transformer takes unpacked rows (its blocks would straddle packed "

@@ -7,6 +7,9 @@ a latent, a recurrent state). Layers that read another layer's K/V hold
 token) have slots of their own in ``mlp_slots``. ``seen`` counts the tokens
 the model has consumed so far: the one position counter (slots store, they
 do not count; the model hands ``seen`` to the mixers as the step's start).
+A model with a context encoder (CEPE, XC-Cache) keeps the encoder's states
+of the context in ``context`` [B, max context, d], ``context_len`` of them:
+all it caches of the context.
 """
 
 from __future__ import annotations
@@ -14,7 +17,14 @@ from __future__ import annotations
 
 class Cache:
     def __init__(
-        self, slots: list, batch_size: int, max_len: int, mlp_slots: list | None = None, config=None, dtype=None
+        self,
+        slots: list,
+        batch_size: int,
+        max_len: int,
+        mlp_slots: list | None = None,
+        config=None,
+        dtype=None,
+        context=None,
     ):
         self.config = config  # the ModelConfig of the model that made it: no other model may use it
         self.dtype = dtype  # of the states it holds
@@ -23,28 +33,53 @@ class Cache:
         self.batch_size = batch_size
         self.max_len = max_len
         self.seen = 0
+        self.context = context  # [B, max context tokens, d]: the context encoder's states (None: no encoder)
+        self.context_len = 0
 
     def _held(self) -> list:
         return [s for s in self.slots + self.mlp_slots if s is not None]
 
+    def write_context(self, states) -> None:
+        """Keep the context encoder's ``states`` [B, C, d], the context of every later step."""
+        if self.context is None:
+            raise ValueError("context: this cache was made without room for a context (new_cache(context_len=0))")
+        C, room = states.shape[1], self.context.shape[1]
+        if C > room:
+            raise ValueError(
+                f"context of {C} tokens exceeds the cache's context_len={room} (new_cache(context_len=...))"
+            )
+        self.context[:, :C] = states
+        self.context_len = C
+
+    def context_states(self):
+        """The context's encoded states held, [B, context_len, d]."""
+        return self.context[:, : self.context_len]
+
+    def _context_bytes(self, tokens: int) -> int:
+        return 0 if self.context is None else tokens * self.batch_size * self.context.shape[2] * self.context.itemsize
+
     def nbytes(self) -> int:
-        """Bytes of state held for the tokens seen so far."""
-        return sum(s.nbytes(self.seen) for s in self._held())
+        """Bytes of state held for the tokens seen so far (and the context's states)."""
+        return sum(s.nbytes(self.seen) for s in self._held()) + self._context_bytes(self.context_len)
 
     def allocated_bytes(self) -> int:
         """Bytes of the buffers allocated (whatever has been used)."""
-        return sum(s.allocated_bytes() for s in self._held())
+        held = 0 if self.context is None else self._context_bytes(self.context.shape[1])
+        return sum(s.allocated_bytes() for s in self._held()) + held
 
     def reorder(self, batch_idx) -> None:
         """Keep, in each row, the state of row ``batch_idx[row]`` (beam search)."""
         for s in self._held():
             s.reorder(batch_idx)
+        if self.context is not None:
+            self.context.copy_(self.context.index_select(0, batch_idx.to(self.context.device)))
 
     def reset(self) -> None:
-        """Forget every token, keeping the buffers, to reuse the cache for new sequences."""
+        """Forget every token (and the context), keeping the buffers, to reuse the cache for new sequences."""
         for s in self._held():
             s.reset()
         self.seen = 0
+        self.context_len = 0
 
     def layer_is_stateless(self, i: int) -> bool:
         """Whether layer ``i`` keeps nothing of its own (it reads K/V that another layer cached)."""

@@ -16,6 +16,9 @@ Three ways to give the mixers:
   its own values);
 - or the plan written out: ``layers: [{mixer: {...}, kv_from: j, attention_from: j, repeat: n}]``.
 
+``context: {...}`` gives the decoder a context encoder that some layers cross-attend to (CEPE, XC-Cache;
+``ContextConfig``): those layers' plans read ``Read("encoder", ...)``.
+
 ``blocks: {length, prefix, token_layers}`` makes the model a Block
 Transformer (``kvlab.archs.block_transformer``): the plan is then its block
 decoder, and ``mixer`` also builds its token decoder.
@@ -190,6 +193,99 @@ class BlocksConfig:
             )
 
 
+CONTEXT_ENCODERS = ("separate", "decoder")
+CROSS_FORMS = ("sublayer", "block")
+
+
+@dataclass
+class ContextConfig:
+    """A context encoder and the cross-attention that reads it (``kvlab.archs.context``).
+
+    A context (token ids given beside the input) is encoded once, in independent ``chunk``-token chunks
+    (None: whole), and the layers in ``cross_layers`` (None: every layer) cross-attend to the encoder's output,
+    which is all a cache keeps of the context.
+
+    - ``encoder: separate``: a small bidirectional encoder of its own (``encoder_layers`` x ``encoder_d_model``
+      with ``encoder_heads`` heads and a SwiGLU of ``encoder_hidden``): CEPE, and XC-Cache's XC-LlamaEnc;
+    - ``encoder: decoder``: the decoder itself, frozen (no gradient reaches it through the context): its final
+      normalised hidden states over the context, XC-Cache's XC-Llama.
+    - ``cross: sublayer`` (CEPE): in each cross layer, a norm and a cross-attention between the mixer and the
+      MLP, with a residual; ``cross: block`` (XC-Llama): before each cross layer, a block of its own: a norm
+      and a cross-attention, then a norm and a SwiGLU of 4 x d_model, each with a residual.
+    - ``cross_rope``: queries turn at their decoder positions and keys at the context's (XC-Llama); CEPE's
+      cross-attention has no positions. ``shared_cross``: one cross block for every cross layer (XC-Llama's
+      default). ``cross_heads`` heads of d_model / cross_heads (as many K/V heads).
+    - ``max_len``: the longest context a forward takes, and what a cache holds unless ``new_cache`` is told
+      otherwise.
+    """
+
+    encoder: str = "separate"
+    encoder_layers: int | None = None  # separate: 2
+    encoder_d_model: int | None = None  # separate: the decoder's d_model
+    encoder_heads: int | None = None  # separate: 4
+    encoder_hidden: int | None = None  # separate: 8/3 encoder_d_model rounded up to 64
+    chunk: int | None = None
+    cross_layers: list[int] | None = None
+    cross: str = "sublayer"
+    cross_rope: bool = False
+    shared_cross: bool = False
+    cross_heads: int = 8
+    max_len: int = 1024
+
+    def validate(self, d_model: int, n_layers: int, max_seq_len: int, path: str) -> None:
+        check_choice(self.encoder, f"{path}.encoder", CONTEXT_ENCODERS)
+        check_choice(self.cross, f"{path}.cross", CROSS_FORMS)
+        check_bool(self.cross_rope, f"{path}.cross_rope")
+        check_bool(self.shared_cross, f"{path}.shared_cross")
+        check_int(self.chunk, f"{path}.chunk", minimum=1, optional=True)
+        check_int(self.max_len, f"{path}.max_len", minimum=1)
+        check_int(self.cross_heads, f"{path}.cross_heads", minimum=1)
+        if d_model % self.cross_heads:
+            raise ValueError(f"{path}.cross_heads={self.cross_heads} must divide d_model={d_model}")
+        if self.encoder == "decoder" and self.chunk is not None and self.chunk > max_seq_len:
+            raise ValueError(f"{path}.chunk={self.chunk}: the decoder encodes that many tokens at once, more than "
+                             f"its max_seq_len={max_seq_len}")  # fmt: skip
+        if self.shared_cross and self.cross != "block":
+            raise ValueError(f"{path}.shared_cross=true shares a cross block; it needs {path}.cross=block")
+        encoder_fields = ("encoder_layers", "encoder_d_model", "encoder_heads", "encoder_hidden")
+        if self.encoder == "decoder":
+            for name in encoder_fields:
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{path}.{name} is set but {path}.encoder=decoder encodes with the decoder")
+        else:
+            for name in encoder_fields:
+                check_int(getattr(self, name), f"{path}.{name}", minimum=1, optional=True)
+            self.encoder_layers = 2 if self.encoder_layers is None else self.encoder_layers
+            self.encoder_d_model = d_model if self.encoder_d_model is None else self.encoder_d_model
+            self.encoder_heads = 4 if self.encoder_heads is None else self.encoder_heads
+            if self.encoder_d_model % self.encoder_heads or (self.encoder_d_model // self.encoder_heads) % 2:
+                raise ValueError(
+                    f"{path}.encoder_heads={self.encoder_heads} must divide encoder_d_model={self.encoder_d_model} "
+                    f"into heads of an even width (RoPE turns pairs of channels)"
+                )
+            if self.encoder_hidden is None:
+                self.encoder_hidden = -(-(8 * self.encoder_d_model // 3) // 64) * 64
+        if self.cross_rope and (d_model // self.cross_heads) % 2:
+            raise ValueError(f"{path}.cross_rope needs an even head width; d_model / cross_heads is odd")
+        if self.cross_layers is None:
+            self.cross_layers = list(range(n_layers))
+        if not isinstance(self.cross_layers, (list, tuple)) or not self.cross_layers:
+            raise ValueError(f"{path}.cross_layers={self.cross_layers!r} must list decoder layers (or be null: all)")
+        for i, layer in enumerate(self.cross_layers):
+            check_int(layer, f"{path}.cross_layers[{i}]", minimum=0)
+            if layer >= n_layers:
+                raise ValueError(f"{path}.cross_layers[{i}]={layer}: there is no layer {layer} (0..{n_layers - 1})")
+        if len(set(self.cross_layers)) != len(self.cross_layers):
+            raise ValueError(f"{path}.cross_layers={list(self.cross_layers)} names a layer twice")
+        self.cross_layers = sorted(self.cross_layers)
+
+    @property
+    def d_states(self) -> int | None:
+        """The width of the encoder's states, which is what a cache keeps per context token (None: the
+        decoder's d_model)."""
+        return self.encoder_d_model
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = 4096
@@ -210,6 +306,7 @@ class ModelConfig:
     layers: list[dict[str, Any]] | None = None
     passes: PassesConfig | None = None  # layers that read later layers: m, b, prefill (None: the defaults)
     blocks: BlocksConfig | None = None  # a Block Transformer: the plan is its block decoder (None: a plain decoder)
+    context: ContextConfig | None = None  # a context encoder that cross layers read (CEPE, XC-Cache)
     init_std: float = 0.02
     # Kernel backends: auto | reference | torch | triton | external, or "mode,op=backend,..." (kvlab.kernels.registry)
     kernels: str = "auto"
@@ -291,13 +388,17 @@ class ModelConfig:
         if self.passes is not None:
             self.passes = from_dict(PassesConfig, self.passes, "passes")
             self.passes.validate("passes")
+        if self.context is not None:
+            self.context = from_dict(ContextConfig, self.context, "context")
+            self.context.validate(self.d_model, self.n_layers, self.max_seq_len, "context")
         if self.layers is not None:
             mixers, sources, attention = self._layer_specs()
         else:
             mixers, sources = self._resolve_mixers(), self._resolve_kv_source()
             attention = self._resolve_attention_source()
+        encoder = self._encoder_reads()
         self.plan = tuple(
-            LayerPlan(i, m, self.mlp, self.norm, self._reads(i, m, sources[i], attention[i]))
+            LayerPlan(i, m, self.mlp, self.norm, self._reads(i, m, sources[i], attention[i]) + encoder.get(i, ()))
             for i, m in enumerate(mixers)
         )
         try:
@@ -314,6 +415,8 @@ class ModelConfig:
             raise ValueError(f"{field}: {e}") from None
         self.layer_passes = self._resolve_passes()
         if self.blocks is not None:
+            if self.context is not None:
+                raise ValueError("context and blocks are both set: a Block Transformer has no cross-attention")
             self.blocks = from_dict(BlocksConfig, self.blocks, "blocks")
             self.blocks.validate(self.d_model, "blocks")
             if not isinstance(self.mixer, MixerConfig):
@@ -342,6 +445,15 @@ class ModelConfig:
         kv = (Read("kv", kv_source),) if kv_source != i else ()
         weights = (Read("attention", attention_source),) if attention_source != i else ()
         return kv + weights + tuple(Read(what, j) for what, j in mixer.own_reads(i))
+
+    def _encoder_reads(self) -> dict[int, tuple[Read, ...]]:
+        """The cross layers' reads of the context encoder's output (``Read("encoder", e)``, e: the encoder's
+        last layer)."""
+        c = self.context
+        if c is None:
+            return {}
+        last = (c.encoder_layers if c.encoder == "separate" else self.n_layers) - 1
+        return {i: (Read("encoder", last),) for i in c.cross_layers}
 
     def _resolve_passes(self) -> PassesConfig:
         legacy = self.kv_sharing.legacy_passes() if self.kv_sharing is not None else None

@@ -106,7 +106,7 @@ from kvlab.layers.attention import AttentionConfig, inverse_cayley
 
 log = logging.getLogger(__name__)
 
-CONVERSIONS = ("gqa", "mqa", "cla", "mla", "matryoshka", "dha", "sa")
+CONVERSIONS = ("gqa", "mqa", "cla", "mla", "matryoshka", "dha", "sa", "context")
 GQA_METHODS = ("mean", "first", "similarity", "weighted", "qcqa", "asymgqa")
 SEARCH_KEYS = {"qcqa": ("population", "generations", "seed"), "asymgqa": ("iterations", "seed")}
 SEARCH_DEFAULTS = {"population": 32, "generations": 60, "iterations": 100, "seed": 0}
@@ -213,6 +213,9 @@ def convert_model(
     elif spec["to"] == "sa":
         method = _checked_method(spec, ["to", "n_shared", "spans", "method"], ("similarity",))
         converted = _to_shared_attention(model, spec, calibration, report)
+    elif spec["to"] == "context":
+        method = _checked_method(spec, ["to", "context", "method"], ("add",))
+        converted = _with_context_encoder(model, spec.get("context"))
     elif spec["to"] == "mla":
         method = _checked_method(spec, ["to", "kv_lora_rank", "rope_dims", "method"], ("mha2mla",))
         check_int(spec.get("kv_lora_rank"), "convert.kv_lora_rank", minimum=1)
@@ -604,6 +607,27 @@ def _to_cla(model: CausalLM, spec: Mapping[str, Any]) -> CausalLM:
                 if keys[0] in state:  # readers[0] is the owner
                     state[keys[0]] = torch.stack([state.pop(k) for k in keys]).mean(dim=0)
     return _build(new_cfg_dict, state, like=model)
+
+
+def _with_context_encoder(model: CausalLM, context: Any) -> CausalLM:
+    """The model with ``context`` (a ``context:`` section: CEPE's encoder and cross-attention, XC-Cache's cross
+    blocks) added: every weight it had kept, the new modules initialised as in training from scratch (as both
+    papers start them); a model without a context still computes what it did."""
+    if model.config.context is not None:
+        raise ValueError("convert.to=context: the model already has a context encoder")
+    if not isinstance(context, Mapping):
+        raise ValueError(f"convert.to=context needs convert.context, the context section to add (as in "
+                         f"configs/model/cepe.yaml), got {context!r}")  # fmt: skip
+    new_cfg_dict = copy.deepcopy(model.config.to_dict()) | {"context": dict(context)}
+    try:
+        cfg = ModelConfig.from_dict(new_cfg_dict)
+    except ValueError as e:
+        raise ValueError(f"convert.{e}" if str(e).startswith("context") else f"convert.to=context: {e}") from None
+    weight = model.embed_tokens.weight
+    new = build_model(cfg).to(device=weight.device, dtype=weight.dtype)
+    loaded = new.load_state_dict(model.state_dict(), strict=False)
+    assert not loaded.unexpected_keys, loaded.unexpected_keys  # the decoder's modules are the parent's
+    return new
 
 
 def _to_shared_attention(

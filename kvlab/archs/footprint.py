@@ -8,6 +8,11 @@ what ``Cache.nbytes()`` holds after that many tokens.
 A row's unit is an *entry*: one token, except in a Block Transformer's block
 decoder, which caches one entry per block of ``per_tokens`` tokens (and one
 for its start block, ``entries_before``).
+
+A model with a context encoder (CEPE, XC-Cache) also holds the encoder's
+states of a context given beside the input: ``context_bytes_per_token`` per
+context token, against the ``bytes_per_token`` the same tokens would cost as
+part of the prompt.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ class FootprintRow:
 class Footprint:
     per_layer: tuple[FootprintRow, ...]
     dtype: torch.dtype
+    context_bytes_per_token: int = 0  # the context encoder's states per context token (0: no context encoder)
 
     @property
     def bytes_per_token(self) -> int | float:
@@ -59,9 +65,11 @@ class Footprint:
                    for r in self.per_layer)  # fmt: skip
         return sum(r.fixed_bytes for r in self.per_layer) + held
 
-    def total_bytes(self, seq_len: int, batch_size: int = 1) -> int:
-        """Exact bytes held after ``seq_len`` tokens for ``batch_size`` sequences."""
-        return sum(r.total_bytes(seq_len) for r in self.per_layer) * batch_size
+    def total_bytes(self, seq_len: int, batch_size: int = 1, context_len: int = 0) -> int:
+        """Exact bytes held after ``seq_len`` tokens (and a context of ``context_len``) for ``batch_size``
+        sequences."""
+        held = sum(r.total_bytes(seq_len) for r in self.per_layer) + self.context_bytes_per_token * context_len
+        return held * batch_size
 
     def read_bytes_per_step(self, seq_len: int, batch_size: int = 1) -> int:
         """Cache bytes one decode step reads after ``seq_len`` tokens: each layer reads the slot it
@@ -86,4 +94,7 @@ class Footprint:
             per = f"{r.bytes_per_token:>12,}" + (f" {r.per_tokens:>12}" if blocks else "")
             lines.append(f"{r.layer:>5}  {r.kind:<16} {per} {r.fixed_bytes:>12,} {window:>8} {r.kv_source:>9}")
         lines.append(f"total ({self.dtype}): {self.bytes_per_token:,} bytes/token + {self.fixed_bytes:,} fixed bytes")
+        if self.context_bytes_per_token:
+            lines.append(f"context: {self.context_bytes_per_token:,} bytes per context token (encoder states; in the "
+                         f"prompt instead, {self.bytes_per_token:,} bytes/token)")  # fmt: skip
         return "\n".join(lines)

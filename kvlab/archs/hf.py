@@ -119,6 +119,8 @@ def hf_config_from_model(cfg: ModelConfig) -> dict[str, Any]:
         problems += family.problems(cfg, m)
     if cfg.blocks is not None:
         problems.append("a Block Transformer (blocks)")
+    if cfg.context is not None:
+        problems.append("a context encoder with cross-attention (context)")
     shared = sorted({r.what for p in cfg.plan for r in p.reads if r.what in ("kv", "attention")})
     if shared:
         problems.append("cross-layer sharing of " + " and ".join({"kv": "K/V", "attention": "attention weights"}[w]

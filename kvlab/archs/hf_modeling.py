@@ -104,6 +104,7 @@ class KvlabForCausalLM(PreTrainedModel, GenerationMixin):
         return False  # the cache is a KvlabCache, made by forward on the first step
 
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, **kwargs):
+        started = isinstance(past_key_values, KvlabCache) and past_key_values.get_seq_length() > 0
         if isinstance(past_key_values, KvlabCache):  # feed only the tokens the cache has not seen
             input_ids = input_ids[:, past_key_values.get_seq_length() :]
         return {
@@ -111,6 +112,8 @@ class KvlabForCausalLM(PreTrainedModel, GenerationMixin):
             "past_key_values": past_key_values,
             "attention_mask": attention_mask,
             "use_cache": kwargs.get("use_cache", True),
+            # a context encoder's context: encoded with the first step, then held by the cache
+            "context_input_ids": None if started else kwargs.get("context_input_ids"),
         }
 
     def forward(
@@ -121,8 +124,10 @@ class KvlabForCausalLM(PreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         labels: torch.LongTensor | None = None,
         return_dict: bool | None = None,
+        context_input_ids: torch.LongTensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        """``context_input_ids`` [B, C]: a context for the context encoder (models with one: CEPE, XC-Cache)."""
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("kvlab models take unpadded batches: attention_mask must be all ones")
         use_cache = self.config.use_cache if use_cache is None else use_cache
@@ -131,9 +136,10 @@ class KvlabForCausalLM(PreTrainedModel, GenerationMixin):
                 raise ValueError(f"past_key_values must be a KvlabCache, got {type(past_key_values).__name__}")
             past_key_values = None  # an empty cache of another kind: start ours instead
         if past_key_values is None and use_cache:
-            past_key_values = KvlabCache(self.model.new_cache(input_ids.shape[0]))
+            room = {"context_len": context_input_ids.shape[1]} if context_input_ids is not None else {}
+            past_key_values = KvlabCache(self.model.new_cache(input_ids.shape[0], **room))
         cache = past_key_values.cache if past_key_values is not None else None
-        logits = self.model(input_ids, cache=cache)
+        logits = self.model(input_ids, cache=cache, context=context_input_ids)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)

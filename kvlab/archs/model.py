@@ -28,13 +28,27 @@ from kvlab.kernels.ops import linear_cross_entropy
 from kvlab.kernels.registry import use_kernels
 from kvlab.layers import MIXERS, build_mlp, build_norm
 from kvlab.layers.base import StepState
+from kvlab.layers.cross_attention import ContextEncoder, CrossAttention, CrossBlock
 from kvlab.layers.norm import RMSNorm
+from kvlab.layers.rope import Rotary
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, cross_rotary: Rotary | None = None):
         super().__init__()
         plan = cfg.plan[layer_idx]
+        # Cross-attention to the context encoder's states (a layer that reads them): CEPE's sublayer between
+        # the mixer and the MLP, or XC-Llama's block before the layer (a shared one is the model's, set here by
+        # it as ``_shared_cross_block``). Without a context they are skipped: the layer is the plain one.
+        self.cross_norm = self.cross = self.cross_block = None
+        if any(r.what == "encoder" for r in plan.reads):
+            ctx = cfg.context
+            d_states, heads = ctx.d_states or cfg.d_model, ctx.cross_heads
+            if ctx.cross == "sublayer":
+                self.cross_norm = build_norm(plan.norm, cfg.d_model)
+                self.cross = CrossAttention(cfg.d_model, d_states, heads, heads, cfg.d_model // heads, cross_rotary)
+            elif not ctx.shared_cross:
+                self.cross_block = CrossBlock(cfg.d_model, d_states, heads, plan.norm, cross_rotary)
         self.mixer_norm = build_norm(plan.norm, cfg.d_model)
         # attention weights given to or taken from other layers (SA): only mixers that read them are told
         weights = {}
@@ -56,8 +70,15 @@ class Block(nn.Module):
         self.mlp_stateful = getattr(mlp, "stateful", False)
 
     def forward(self, x, state: StepState, cache=None, mlp_cache=None):
+        context = state.context
+        block = self.cross_block if self.cross_block is not None else self.__dict__.get("_shared_cross_block")
+        if block is not None and context is not None:
+            x = block(x, context, state.start, state.positions)
         h = self.mixer_norm(x)
         mixed = self.mixer(h, cache=cache, state=state)
+        if self.cross is not None and context is not None:  # the mixer's residual, then the cross sublayer's
+            x = x + mixed
+            mixed = self.cross(self.cross_norm(x), context, state.start, state.positions)
         if self.mlp is None:
             return x + mixed
         if isinstance(self.mlp_norm, RMSNorm):  # the residual add fused into the norm
@@ -79,13 +100,17 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
-        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        rotary = self._build_context()
+        self.layers = nn.ModuleList(Block(config, i, rotary) for i in range(config.n_layers))
+        if getattr(self, "shared_cross_block", None) is not None:
+            for i in config.context.cross_layers:  # a reference, not a submodule: its parameters are the model's
+                self.layers[i].__dict__["_shared_cross_block"] = self.shared_cross_block
         self.norm = build_norm(config.norm, config.d_model)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.tie_weights()
         # Layers low..high rerun in parallel passes when some read later layers (LCKV); the sources read so.
         self._cycle = cycle_span(config.plan)
-        self._later_sources = sorted({r.layer for p in config.plan for r in p.reads if r.layer > p.index})
+        self._later_sources = sorted({r.layer for p in config.plan for r in p.reads if r.is_later(p.index)})
         # Recompute each block in the backward pass instead of keeping its activations.
         self.activation_checkpointing = False
         # A torch.compile backend ("inductor") for each block of a training forward (grad on, no cache); None:
@@ -95,6 +120,40 @@ class CausalLM(nn.Module):
         self._build_extra()
         if not self.embed_tokens.weight.is_meta:
             self.init_weights()
+
+    def _build_context(self) -> Rotary | None:
+        """A context encoder's modules (``config.context``): the encoder of its own (CEPE), the shared cross
+        block (XC-Llama); the rotary of the cross-attention (``cross_rope``), returned for the blocks."""
+        c = self.config.context
+        if c is None:
+            return None
+        longest = max(self.config.max_seq_len, c.max_len)
+        rotary = Rotary(self.config.d_model // c.cross_heads, 10000.0, longest) if c.cross_rope else None
+        if c.encoder == "separate":
+            self.context_encoder = ContextEncoder(self.config.vocab_size, c.encoder_d_model, c.encoder_layers,
+                                                  c.encoder_heads, c.encoder_hidden, self.config.norm,
+                                                  c.chunk or c.max_len)  # fmt: skip
+        if c.shared_cross:
+            self.shared_cross_block = CrossBlock(self.config.d_model, c.d_states or self.config.d_model,
+                                                 c.cross_heads, self.config.norm, rotary)  # fmt: skip
+        return rotary
+
+    def encode_context(self, context: torch.Tensor) -> torch.Tensor:
+        """The context encoder's states [B, C, d] for context token ids [B, C]: the context is cut into
+        ``context.chunk``-token chunks encoded independently and in parallel (the last may be shorter)."""
+        B, C = context.shape
+        size = self.config.context.chunk or C
+        whole = C // size * size
+        parts = [self._encode(context[:, :whole].reshape(-1, size)).reshape(B, whole, -1)] if whole else []
+        if whole < C:
+            parts.append(self._encode(context[:, whole:]))
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+    def _encode(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.config.context.encoder == "separate":
+            return self.context_encoder(ids)
+        with torch.no_grad():  # XC-Llama: the frozen decoder's final (normalised) states, no gradient
+            return self._output(self._stack(self.embed_tokens(ids), StepState(), None, False), head=False)
 
     def _build_extra(self) -> None:
         """Where a model made of this decoder (the Block Transformer) adds its own modules, before the weights
@@ -133,6 +192,7 @@ class CausalLM(nn.Module):
         doc_ids: torch.Tensor | None = None,
         last_only: bool = False,
         labels: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [B, T, vocab] (or [B, 1, vocab] with ``last_only``); with ``labels``, the loss.
 
@@ -144,14 +204,47 @@ class CausalLM(nn.Module):
         cross-entropy instead of the logits, through the fused head + loss
         kernel, so the full logits never exist at once. Kernels are the
         config's ``kernels`` mode (``KVLAB_KERNELS`` overrides it).
+        ``context`` [B, C] (a model with ``config.context``): token ids the
+        model's context encoder encodes and its cross layers attend to; with a
+        cache, give it with the first tokens of an empty cache, which keeps
+        its encoded states for every later step.
         """
         with use_kernels(self.config.kernels):
+            states = self._context_states(context, input_ids, cache, doc_ids)
             if labels is None:
-                return self._forward(input_ids, cache, positions, doc_ids, last_only)
-            hidden = self._forward(input_ids, cache, positions, doc_ids, last_only, head=False)
+                return self._forward(input_ids, cache, positions, doc_ids, last_only, states=states)
+            hidden = self._forward(input_ids, cache, positions, doc_ids, last_only, head=False, states=states)
             return linear_cross_entropy(hidden, self.lm_head.weight, labels)
 
-    def _forward(self, input_ids, cache, positions, doc_ids, last_only, head: bool = True) -> torch.Tensor:
+    def _context_states(self, context, input_ids, cache, doc_ids) -> torch.Tensor | None:
+        """``context`` checked and encoded (with a cache: written into it, and None returned: the cache serves
+        it to every step)."""
+        if context is None:
+            return None
+        if self.config.context is None:
+            raise ValueError("context: this model has no context encoder (its config has no context: section)")
+        self.check_token_ids(context, "context")
+        if context.shape[0] != input_ids.shape[0]:
+            raise ValueError(f"context has {context.shape[0]} rows but input_ids has {input_ids.shape[0]}")
+        c, C = self.config.context, context.shape[1]
+        if C > c.max_len:
+            raise ValueError(f"context of {C} tokens exceeds context.max_len={c.max_len}")
+        if c.encoder == "decoder" and c.chunk is None and C > self.config.max_seq_len:
+            raise ValueError(f"context of {C} tokens: the decoder encodes it at once, beyond its max_seq_len="
+                             f"{self.config.max_seq_len}; set context.chunk to encode it in chunks")  # fmt: skip
+        if doc_ids is not None:
+            raise ValueError("context cannot be combined with doc_ids: a row with a context is one sequence")
+        if cache is None:
+            return self.encode_context(context)
+        if cache.seen or cache.context_len:
+            raise ValueError(
+                f"context: the cache has seen {cache.seen} tokens and holds {cache.context_len} context tokens; "
+                f"give the context with the first tokens of an empty cache (it is encoded once, before them)"
+            )
+        cache.write_context(self.encode_context(context))
+        return None
+
+    def _forward(self, input_ids, cache, positions, doc_ids, last_only, head: bool = True, states=None):
         """Logits, or with ``head=False`` the final normalised hidden states."""
         B, T = input_ids.shape
         if doc_ids is not None:
@@ -175,7 +268,7 @@ class CausalLM(nn.Module):
             steps = [self._forward(input_ids[:, t : t + 1], cache, None, None, False, head) for t in range(T)]
             out = torch.cat(steps, dim=1)
             return out[:, -1:] if last_only else out
-        state = StepState(cache.seen if cache is not None else 0, positions, doc_ids)
+        state = StepState(cache.seen if cache is not None else 0, positions, doc_ids, context=states)
         out = self._run(input_ids, state, cache, last_only, head)
         if cache is not None:
             cache.seen += T
@@ -191,6 +284,8 @@ class CausalLM(nn.Module):
         return self._run(token, StepState(start), cache, last_only=False, head=True)[:, -1]
 
     def _run(self, input_ids, state: StepState, cache, last_only: bool, head: bool) -> torch.Tensor:
+        if cache is not None and cache.context_len:
+            state.context = cache.context_states()
         return self._output(self._stack(self.embed_tokens(input_ids), state, cache, last_only), head)
 
     def _stack(self, x: torch.Tensor, state: StepState, cache, last_only: bool) -> torch.Tensor:
@@ -257,10 +352,23 @@ class CausalLM(nn.Module):
         max_len: int | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        context_len: int | None = None,
     ) -> Cache:
-        """Preallocate the cache for ``batch_size`` sequences of up to ``max_len`` tokens."""
+        """Preallocate the cache for ``batch_size`` sequences of up to ``max_len`` tokens (and, for a model with
+        a context encoder, the states of up to ``context_len`` context tokens; None: ``context.max_len``)."""
         batch_size, max_len, dtype, device = self._cache_settings(batch_size, max_len, dtype, device)
-        return self._layer_cache(self.layers, batch_size, max_len, dtype, device)
+        cache = self._layer_cache(self.layers, batch_size, max_len, dtype, device)
+        c = self.config.context
+        if c is None:
+            if context_len:
+                raise ValueError(f"context_len={context_len}: this model has no context encoder (config.context)")
+            return cache
+        context_len = c.max_len if context_len is None else context_len
+        check_int(context_len, "context_len", minimum=0)
+        if context_len:
+            cache.context = torch.zeros(batch_size, context_len, c.d_states or self.config.d_model, dtype=dtype,
+                                        device=device)  # fmt: skip
+        return cache
 
     def _cache_settings(self, batch_size, max_len, dtype, device) -> tuple:
         """``new_cache``'s arguments checked, with their defaults filled."""
@@ -297,7 +405,9 @@ class CausalLM(nn.Module):
                     max_tokens=fp.max_tokens,
                 )
             )
-        return Footprint(tuple(rows), dtype)
+        c = self.config.context
+        context = 0 if c is None else (c.d_states or self.config.d_model) * dtype.itemsize
+        return Footprint(tuple(rows), dtype, context_bytes_per_token=context)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -327,6 +437,7 @@ class CausalLM(nn.Module):
         eos_token_id: int | None = None,
         generator: torch.Generator | None = None,
         compile: bool | None = None,
+        context: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The prompt followed by up to ``max_new_tokens`` new tokens, [B, T + new].
 
@@ -335,7 +446,9 @@ class CausalLM(nn.Module):
         prompt is prefilled eagerly; each new token goes through the decode
         step, compiled unless ``compile=False`` (None: ``KVLAB_COMPILE``, default
         on; see ``kvlab.archs.decode``): the first generation of a batch size
-        and length bucket pays the compilation.
+        and length bucket pays the compilation. ``context`` [B, C]: token ids
+        for the context encoder (a model with ``config.context``), encoded
+        once; the cache keeps only its encoded states.
         """
         check_int(max_new_tokens, "max_new_tokens", minimum=0)
         check_float(temperature, "temperature")
@@ -357,8 +470,9 @@ class CausalLM(nn.Module):
             return input_ids
         decode = decode_step_for(self, compile)
         needed = T + max_new_tokens
-        cache = self.new_cache(B, cache_length(needed, self.config.max_seq_len) if decode.compiled else needed)
-        logits = self(input_ids, cache=cache, last_only=True)[:, -1]
+        room = {} if self.config.context is None else {"context_len": 0 if context is None else context.shape[-1]}
+        cache = self.new_cache(B, cache_length(needed, self.config.max_seq_len) if decode.compiled else needed, **room)
+        logits = self(input_ids, cache=cache, last_only=True, context=context)[:, -1]
         out = [input_ids]
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         for step in range(max_new_tokens):

@@ -6,7 +6,8 @@ frozen ``LayerPlan``s, one per layer: the layer's resolved mixer config, its
 MLP and norm, and its typed ``reads`` of other layers (``Read("kv", j)``:
 attend to layer j's keys/values; ``Read("values", 0)``: a value residual;
 ``Read("attention", j)``: apply layer j's attention probabilities to this
-layer's own values, Shared Attention).
+layer's own values, Shared Attention; ``Read("encoder", e)``: cross-attend to
+the context encoder's output after its layer e, CEPE and XC-Cache).
 The decoder builds and runs layers from the plan alone, and ``check_plan``
 refuses, naming the layers, what the mixers' declared capabilities
 (``kvlab.layers.base.MixerConfig``) do not allow.
@@ -37,6 +38,16 @@ class Read:
     what: str
     layer: int
 
+    def is_later(self, reader: int) -> bool:
+        """Whether this reads a layer above ``reader`` (parallel passes); an encoder's layers are not the
+        decoder's, so never."""
+        return self.what != "encoder" and self.layer > reader
+
+    def describe(self, reader: int) -> str:
+        if self.what == "encoder":
+            return f"context encoder (its layer {self.layer})"
+        return f"{self.what} of {self.layer}" + (" (later)" if self.is_later(reader) else "")
+
 
 @dataclass(frozen=True)
 class LayerPlan:
@@ -57,7 +68,7 @@ class LayerPlan:
         return next((r.layer for r in self.reads if r.what == "attention"), self.index)
 
     def describe(self) -> str:
-        reads = ", ".join(f"{r.what} of {r.layer}" + (" (later)" if r.layer > self.index else "") for r in self.reads)
+        reads = ", ".join(r.describe(self.index) for r in self.reads)
         return f"{self.index}: {self.mixer.kind}" + (f" <- {reads}" if reads else "")
 
 
@@ -83,7 +94,7 @@ class PassesConfig:
 
 def cycle_span(plan: tuple[LayerPlan, ...]) -> tuple[int, int] | None:
     """(first, last) layer of the span that parallel passes rerun, or None when no layer reads a later one."""
-    later = [(p.index, r.layer) for p in plan for r in p.reads if r.layer > p.index]
+    later = [(p.index, r.layer) for p in plan for r in p.reads if r.is_later(p.index)]
     if not later:
         return None
     return min(i for i, _ in later), max(j for _, j in later)
@@ -118,6 +129,8 @@ def check_plan(plan: tuple[LayerPlan, ...], max_seq_len: int) -> None:
             raise ValueError(f"layer {p.index}: {problem}")
         for r in p.reads:
             check_choice(r.what, f"layer {p.index}: read of layer {r.layer}", READ_KINDS)
+            if r.what == "encoder":  # the context encoder's layer, not the decoder's: ContextConfig checks it
+                continue
             cannot = f"layer {p.index} cannot read layer {r.layer}'s {READ_NAMES[r.what]}"
             if not (0 <= r.layer < n):
                 raise PlanError(f"{cannot}: there is no layer {r.layer} (layers 0..{n - 1})", p.index, r)

@@ -143,6 +143,7 @@ class StepState:
     doc_ids: torch.Tensor | None = None
     published: dict[tuple[str, int], Any] = field(default_factory=dict)
     earlier_pass: dict[tuple[str, int], Any] = field(default_factory=dict)
+    context: torch.Tensor | None = None
 
     def publish(self, what: str, layer: int, value: Any) -> None:
         self.published[(what, layer)] = value
@@ -162,7 +163,7 @@ class StepState:
         """The same step for its last token only (the ``t``-th): the top layers of a prefill that keep no
         state need nothing else. What lower layers published stays visible."""
         positions = self.positions[..., -1:] if self.positions is not None else None
-        return StepState(self.start + t - 1, positions, None, self.published, self.earlier_pass)
+        return StepState(self.start + t - 1, positions, None, self.published, self.earlier_pass, self.context)
 
 
 def check_reads_own_state(kind: str, layer_idx: int, kv_source: int) -> None:

@@ -47,8 +47,7 @@ def collect(sweep_dir: Path, context: int) -> list[dict[str, Any]]:
             "params": m["params"],
             "kv_bytes_per_token": m["kv_bytes_per_token"],
             "kv_fixed_bytes": m["kv_fixed_bytes"],
-            # windows are full by then: their bytes are among the fixed ones
-            "kv_bytes_at_context": m["kv_bytes_per_token"] * context + m["kv_fixed_bytes"],
+            "kv_bytes_at_context": _cache_at(m, context),
             "val_loss": m["val_loss"],
             "val_ppl": m["val_ppl"],
             "val_ppl_ar_hit": m.get("val_ppl_ar_hit"),
@@ -59,6 +58,16 @@ def collect(sweep_dir: Path, context: int) -> list[dict[str, Any]]:
             "train_tok_s": m.get("tokens_per_s"),
         })  # fmt: skip
     return rows
+
+
+def _cache_at(m: dict[str, Any], context: int) -> int:
+    """One sequence's cache at ``context`` tokens: windows are full by then (their bytes are among the fixed
+    ones); a context encoder trained on rows with a context (``data.context``: the run then reports
+    ``val_loss_without_context``) holds those tokens as its encoder states."""
+    per_token = m["kv_bytes_per_token"]
+    if "val_loss_without_context" in m and m.get("context_bytes_per_token"):
+        per_token = m["context_bytes_per_token"]
+    return per_token * context + m["kv_fixed_bytes"]
 
 
 def pareto_front(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -15,7 +15,10 @@ the same on every machine and run. The tokenizer is trained on the train
 split (``tokenizers`` byte-level BPE) unless one is given by path. Documents
 are joined with an EOS token and cut into rows of ``seq_len + 1`` tokens;
 the boundaries stay recoverable from the EOS tokens, which is how
-``doc_ids`` are made for per-document attention (``doc_mask``).
+``doc_ids`` are made for per-document attention (``doc_mask``). With
+``context: C`` (models with a context encoder: CEPE, XC-Cache) rows are
+``C + seq_len + 1`` tokens: the first C are the row's context, given to the
+context encoder, and the model predicts the ``seq_len`` that continue it.
 
 Tokenized and packed splits are saved with ``datasets``' ``save_to_disk``
 under ``cache_dir``, keyed by the corpus, the settings and the tokenizer,
@@ -70,6 +73,7 @@ class DataConfig:
     mqar_examples: int = 10000  # kind=mqar: training examples (validation: mqar_val_examples)
     mqar_val_examples: int = 500
     doc_mask: bool = False  # attend within documents only, positions restarting at each
+    context: int = 0  # tokens before each row's seq_len given as its context (models with a context encoder)
     num_workers: int = 0
     cache_dir: str | None = None  # None: $KVLAB_CACHE or ~/.cache/kvlab
 
@@ -83,6 +87,11 @@ class DataConfig:
         for name in ("seq_len", "batch_size", "vocab_size", "mqar_pairs", "mqar_examples", "mqar_val_examples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"data.{name}={getattr(self, name)} must be >= 1")
+        if not isinstance(self.context, int) or self.context < 0:
+            raise ValueError(f"data.context={self.context!r} must be a number of tokens >= 0 (0: no context)")
+        if self.context and (self.doc_mask or self.kind == "mqar"):
+            what = "data.doc_mask=true packs documents per row" if self.doc_mask else "data.kind=mqar rows are tasks"
+            raise ValueError(f"data.context={self.context} splits each row into context and continuation; {what}")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"data.val_fraction={self.val_fraction} must be between 0 and 1")
         if self.max_docs is not None and self.max_docs < 1:
@@ -288,14 +297,14 @@ def _write_splits(tmp: Path, splits: dict, tokenizer, eos: int, cfg: DataConfig,
             batched=True,
             batch_size=len(ids),  # one pass, so no tokens are lost between batches
             remove_columns=["ids"],
-            fn_kwargs={"eos": eos, "row_len": cfg.seq_len + 1},
+            fn_kwargs={"eos": eos, "row_len": cfg.context + cfg.seq_len + 1},
             new_fingerprint=f"{fingerprint}-{split}-packed",
             desc=f"packing {split}",
         )
         if len(packed) == 0:
             raise ValueError(
-                f"data: the {split} split has fewer than seq_len+1={cfg.seq_len + 1} tokens; "
-                "lower data.seq_len or add documents"
+                f"data: the {split} split has fewer than a row's {cfg.context + cfg.seq_len + 1} tokens "
+                f"(context + seq_len + 1); lower data.seq_len (or data.context) or add documents"
             )
         packed.save_to_disk(str(tmp / split))
     (tmp / "DONE").write_text(json.dumps(_cache_settings(cfg)))
@@ -304,6 +313,8 @@ def _write_splits(tmp: Path, splits: dict, tokenizer, eos: int, cfg: DataConfig,
 def _cache_settings(cfg: DataConfig) -> dict:
     keep = ("kind", "paths", "name", "subset", "text_field", "seq_len", "val_fraction", "max_docs", "tokenizer")
     d = {k: v for k, v in asdict(cfg).items() if k in keep}
+    if cfg.context:  # only then: caches written before the setting existed keep their key
+        d["context"] = cfg.context
     if not cfg.tokenizer:
         d["vocab_size"] = cfg.vocab_size
     return d
@@ -320,7 +331,7 @@ def build_datamodule(cfg: DataConfig) -> L.LightningDataModule:
 
 class LMDataModule(L.LightningDataModule):
     """Batches of packed rows: ``input_ids`` [B, seq_len], ``labels`` [B, seq_len],
-    and ``doc_ids`` [B, seq_len] when ``doc_mask`` is on."""
+    ``doc_ids`` [B, seq_len] when ``doc_mask`` is on, and ``context`` [B, context] when ``context`` is set."""
 
     def __init__(self, cfg: DataConfig):
         super().__init__()
@@ -350,7 +361,10 @@ class LMDataModule(L.LightningDataModule):
 
     def _collate(self, rows):
         ids = torch.from_numpy(np.stack([r["input_ids"] for r in rows]).astype(np.int64))
+        context, ids = ids[:, : self.cfg.context], ids[:, self.cfg.context :]
         batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
+        if self.cfg.context:
+            batch["context"] = context
         if self.cfg.doc_mask:
             batch["doc_ids"] = doc_ids_from_tokens(batch["input_ids"], self.eos)
         return batch
@@ -367,8 +381,9 @@ class LMDataModule(L.LightningDataModule):
         world_size, rank = self._ranks()
         if self.train_batches(world_size) == 0:
             raise ValueError(
-                f"data: the train split has {len(self.splits['train'])} rows of seq_len+1={self.cfg.seq_len + 1} "
-                f"tokens, fewer than one batch (data.batch_size={self.cfg.batch_size}"
+                f"data: the train split has {len(self.splits['train'])} rows of "
+                f"{self.cfg.context + self.cfg.seq_len + 1} tokens, fewer than one batch "
+                f"(data.batch_size={self.cfg.batch_size}"
                 + (f" on each of {world_size} ranks" if world_size > 1 else "")
                 + "); lower data.batch_size or data.seq_len, or add documents"
             )

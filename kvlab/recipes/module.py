@@ -112,22 +112,38 @@ class LMModule(L.LightningModule):
         if self._teacher is not None:
             self._teacher.to(self.device)
 
-    def forward(self, input_ids, doc_ids=None):
-        return self.model(input_ids, doc_ids=doc_ids)
+    def forward(self, input_ids, doc_ids=None, context=None):
+        return self.model(input_ids, doc_ids=doc_ids, context=context)
 
-    def _loss(self, batch, logits) -> torch.Tensor:
+    def _loss(self, labels, logits) -> torch.Tensor:
         """Cross-entropy over the labelled positions (-100: none, as MQAR's unasked ones)."""
-        return F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten())
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+
+    @staticmethod
+    def _inputs(model: CausalLM, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(input_ids, labels, context) for ``model``. A row's context (``data.context``) goes to a model's
+        context encoder; a model without one reads it in its prompt, scored on the continuation only, so both
+        are scored on the same tokens."""
+        ids, labels, context = batch["input_ids"], batch["labels"], batch.get("context")
+        if context is not None and model.config.context is None:
+            ids = torch.cat([context, ids], dim=1)
+            labels = torch.cat([labels.new_full(context.shape, -100), labels], dim=1)
+            context = None
+        return ids, labels, context
 
     def training_step(self, batch, batch_idx):
+        ids, labels, context = self._inputs(self.model, batch)
         if self._teacher is not None:
-            logits = self.model(batch["input_ids"], doc_ids=batch.get("doc_ids"))
+            logits = self.model(ids, doc_ids=batch.get("doc_ids"), context=context)
             with torch.no_grad():
-                target = self._teacher(batch["input_ids"], doc_ids=batch.get("doc_ids"))
-            loss = distillation_loss(logits, target, batch["labels"])
-            self.log("train_lm_loss", self._loss(batch, logits.detach()))
+                t_ids, _, t_context = self._inputs(self._teacher, batch)
+                target = self._teacher(t_ids, doc_ids=batch.get("doc_ids"), context=t_context)
+            # the continuation's positions (the last ones, whether or not a context stands in front)
+            n = min(logits.shape[1], target.shape[1])
+            loss = distillation_loss(logits[:, -n:], target[:, -n:], labels[:, -n:])
+            self.log("train_lm_loss", self._loss(labels, logits.detach()))
         else:  # the model computes the loss itself: the fused head + cross-entropy never holds all the logits
-            loss = self.model(batch["input_ids"], doc_ids=batch.get("doc_ids"), labels=batch["labels"])
+            loss = self.model(ids, doc_ids=batch.get("doc_ids"), labels=labels, context=context)
         tokens = batch["input_ids"].numel() * self.trainer.world_size
         self.log("train_loss", loss, prog_bar=True)
         self.log("lr", self.lr_schedulers().get_last_lr()[0])
@@ -142,9 +158,12 @@ class LMModule(L.LightningModule):
         self._t_last = None  # validation time is not training throughput
 
     def validation_step(self, batch, batch_idx):
-        logits = self(batch["input_ids"], batch.get("doc_ids"))
-        labels = batch["labels"]
-        self.log("val_loss", self._loss(batch, logits), prog_bar=True, sync_dist=True)
+        ids, labels, context = self._inputs(self.model, batch)
+        logits = self(ids, batch.get("doc_ids"), context)
+        self.log("val_loss", self._loss(labels, logits), prog_bar=True, sync_dist=True)
+        if batch.get("context") is not None:  # the same continuations without their context: is it used?
+            alone = self._loss(batch["labels"], self(batch["input_ids"]))
+            self.log("val_loss_without_context", alone, sync_dist=True)
         # next-token accuracy over the labelled positions (for MQAR: recall accuracy)
         asked = labels != -100
         correct = (logits.argmax(-1) == labels) & asked
@@ -152,7 +171,7 @@ class LMModule(L.LightningModule):
         # Zoology's slices: tokens that complete a bigram seen earlier in the row (recall can predict
         # them) and the rest; averaged per token over the whole validation set
         ce = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="none").view_as(labels)
-        hits = associative_recall_hits(batch["input_ids"], labels) & asked
+        hits = associative_recall_hits(ids, labels) & asked
         for name, mask in (("val_loss_ar_hit", hits), ("val_loss_ar_other", asked & ~hits)):
             n = int(mask.sum())
             if n:

@@ -72,6 +72,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     if initial is not None and convert:
         initial = _converted(initial, dict(convert), datamodule, convert_report)
         model_cfg = initial.config
+    if tc.data.context and model_cfg.context is None and tc.data.context + tc.data.seq_len > model_cfg.max_seq_len:
+        raise ConfigError(  # without a context encoder the context is read in the prompt
+            f"data.context={tc.data.context} + data.seq_len={tc.data.seq_len}: a model without a context encoder "
+            f"reads the context in its prompt, which exceeds its max_seq_len={model_cfg.max_seq_len}"
+        )
     if datamodule.vocab_size > model_cfg.vocab_size:
         raise ConfigError(
             f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's {datamodule.vocab_size} tokens"
@@ -132,6 +137,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     metrics["val_loss"] = _validate(trainer, module, datamodule)
     metrics["val_ppl"] = math.exp(min(metrics["val_loss"], 50.0))
     metrics["val_accuracy"] = _metric(trainer, "val_accuracy")  # next-token; on data=mqar, recall
+    if tc.data.context:  # the same continuations without their context: is it used?
+        metrics["val_loss_without_context"] = _metric(trainer, "val_loss_without_context")
     for part in ("ar_hit", "ar_other"):  # perplexity on recallable tokens and on the rest (Zoology)
         loss = _metric(trainer, f"val_loss_{part}")
         metrics[f"val_ppl_{part}"] = None if loss is None else math.exp(min(loss, 50.0))
@@ -142,6 +149,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         kv_fixed_bytes=fp.fixed_bytes,
         model=model_cfg.to_dict(),
     )
+    if fp.context_bytes_per_token:
+        metrics["context_bytes_per_token"] = fp.context_bytes_per_token
     if "eval" in tc.stages and trainer.is_global_zero:
         metrics["decode_tokens_per_s"] = {f"batch_{b}": decode_speed(module.model, b) for b in (1, 8)}
         if datamodule.tokenizer is not None:  # text models: retrieval of a pass key hidden in filler

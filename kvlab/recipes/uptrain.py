@@ -38,7 +38,7 @@ from kvlab.recipes.run import ConfigError, _write_json, run, run_dir_in_use
 
 log = logging.getLogger("kvlab")
 
-STAGE_KEYS = ("val_loss", "val_ppl", "kv_bytes_per_token", "steps", "tokens_seen")
+STAGE_KEYS = ("val_loss", "val_ppl", "kv_bytes_per_token", "steps", "tokens_seen", "val_loss_without_context")
 
 
 def run_uptrain(cfg: DictConfig, run_dir: Path) -> dict:
@@ -63,7 +63,7 @@ def run_uptrain(cfg: DictConfig, run_dir: Path) -> dict:
     if parent_init["from"] == "checkpoint" and beside.is_file():  # the scratch baseline reads the same tokens
         cfg.data.tokenizer = tokenizer_to_use(OmegaConf.to_object(cfg.data), beside)
     parent = _stage(cfg, run_dir / "parent", "parent evaluation", init=parent_init, stages=["eval"],
-                    **PLAIN_TRAINING)  # fmt: skip
+                    **PLAIN_TRAINING, **PLAIN_ROWS)  # fmt: skip
     if parent_tokens is not None:
         parent["tokens_seen"] = parent_tokens
     convert = _resolve_convert(convert, parent["model"])
@@ -152,6 +152,9 @@ def _resolve_convert(convert: dict, parent_model: dict) -> dict:
 # distill and optim.trainable are the uptraining's: the parent and the scratch baseline train on the labels,
 # every parameter
 PLAIN_TRAINING = {"distill": False, "optim.trainable": None}
+# data.context is the converted model's (a context encoder added by init.convert.to=context): the parent, which
+# has none, trains and is evaluated on plain rows
+PLAIN_ROWS = {"data.context": 0}
 
 
 def _stage(cfg: DictConfig, stage_dir: Path, name: str | None = None, **changes) -> dict:
@@ -169,7 +172,9 @@ def _cached_parent(cfg: DictConfig) -> tuple[dict, int]:
     identity = {
         # kernel backends change how, not what, the parent computes
         "model": {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "kernels"},
-        "data": {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if k != "cache_dir"},
+        "data": {
+            k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if k not in ("cache_dir", "context")
+        },  # fmt: skip
         # which parameters the uptraining trains is not the parent's business (it trains them all)
         "optim": {k: v for k, v in OmegaConf.to_container(cfg.optim, resolve=True).items() if k != "trainable"},
         "seed": cfg.seed,
@@ -198,6 +203,7 @@ def _cached_parent(cfg: DictConfig) -> tuple[dict, int]:
             stages=["train"],
             **{"trainer.max_steps": cfg.uptrain.parent_steps},
             **PLAIN_TRAINING,
+            **PLAIN_ROWS,
         )
         atomic_write_text(parent_dir / "DONE", json.dumps(identity, indent=2, sort_keys=True) + "\n")
     tokens = json.loads((parent_dir / "metrics.json").read_text())["tokens_seen"]

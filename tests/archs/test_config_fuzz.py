@@ -20,7 +20,8 @@ SMALL = {"n_layers": 2, "vocab_size": 50, "max_seq_len": 128}  # keep every mode
 
 def _shrunk(name: str) -> dict:
     d = preset_dict(name)
-    names_layers = "kv_source" in d or "attention_source" in d  # sources name layers
+    # sources and cross layers name layers
+    names_layers = "kv_source" in d or "attention_source" in d or (d.get("context") or {}).get("cross_layers")
     small = {**SMALL, "n_layers": d["n_layers"]} if names_layers else SMALL
     return {**d, **small}
 

@@ -69,14 +69,14 @@ PRESET_TYPES = {"mha": "llama", "gqa": "llama", "mqa": "llama", "mla": "deepseek
                 "infini": "kvlab", "yoco_swa": "kvlab", "svformer": "kvlab", "lckv": "kvlab", "retnet": "kvlab",
                 "yoco_gret": "kvlab", "mamba2": "kvlab", "jamba": "kvlab", "samba": "kvlab",
                 "rwkv6": "kvlab", "rwkv7": "kvlab", "gau": "kvlab", "kdgqa": "kvlab", "dha": "kvlab", "clla": "kvlab",
-                "matryoshka": "kvlab", "sa": "kvlab", "block_transformer": "kvlab",
-                "hymba": "kvlab", "goldfinch": "kvlab"}  # fmt: skip
+                "matryoshka": "kvlab", "sa": "kvlab", "block_transformer": "kvlab", "cepe": "kvlab",
+                "xc_cache": "kvlab", "hymba": "kvlab", "goldfinch": "kvlab"}  # fmt: skip
 EXPECTED_TYPE = {**PRESET_TYPES, "mistral_window": "mistral", "qwen2_bias": "qwen2", "mla_q_lora": "deepseek_v3",
                  **dict.fromkeys(REMOTE, "kvlab")}  # fmt: skip
 
 # Run in a fresh interpreter in which kvlab cannot be imported.
 LOADER = """
-import json, sys
+import json, os, sys
 sys.modules["kvlab"] = None
 import torch, transformers
 for name, directory in json.loads(sys.argv[1]).items():
@@ -89,11 +89,18 @@ for name, directory in json.loads(sys.argv[1]).items():
         beams = model.generate(ids[:1, :5], max_new_tokens=8, min_new_tokens=8, num_beams=4, do_sample=False,
                                num_return_sequences=4, output_scores=True, return_dict_in_generate=True)
     cache = result.past_key_values
+    context = {}
+    if os.path.exists(directory + "/context.pt"):  # a context encoder's model: the context as a keyword
+        ctx = torch.load(directory + "/context.pt")
+        with torch.no_grad():
+            context["logits"] = model(ids, context_input_ids=ctx).logits
+            context["generated"] = model.generate(ids[:1, :5], context_input_ids=ctx[:1], max_new_tokens=8,
+                                                  min_new_tokens=8, do_sample=False)[0, 5:]
     torch.save({"logits": result.logits, "generated": generated[0, 5:], "beams": beams.sequences[:, 5:],
                 "beam_scores": beams.sequences_scores,
                 "cache_shape": None if remote else tuple(cache.layers[0].keys.shape),
                 "cache_bytes": cache.cache.nbytes() if remote else None,
-                "class": type(model).__name__}, directory + "/theirs.pt")
+                "class": type(model).__name__, "context": context}, directory + "/theirs.pt")
 assert not [m for m in sys.modules if m.startswith("kvlab") and sys.modules[m] is not None]
 """
 
@@ -118,6 +125,8 @@ def exported(tmp_path_factory):
         save_hf(model, out, max_shard_bytes=20_000 if name == "sharded" else 5 * 2**30,
                 remote_code=True if name.endswith("forced") else None)  # fmt: skip
         torch.save(torch.randint(0, 97, (2, 13)), out / "ids.pt")
+        if model.config.context is not None:
+            torch.save(torch.randint(0, 97, (2, 11)), out / "context.pt")
         models[name], dirs[name] = model, str(out)
     env = {**os.environ, "HF_MODULES_CACHE": str(root / "hf_modules")}  # transformers copies remote code there
     subprocess.run([sys.executable, "-c", LOADER, json.dumps(dirs)], check=True, cwd=root, env=env, timeout=600)
@@ -137,6 +146,11 @@ def test_export_loads_and_matches_logits_and_generation(exported, name):
         assert (theirs["logits"] - ours_logits).abs().max() <= 1e-4 + 2e-5 * ours_logits.abs().max()
     ours = model.generate(ids[:1, :5], max_new_tokens=16)[0, 5:]
     assert torch.equal(theirs["generated"], ours)
+    if theirs["context"]:  # given a context (context_input_ids), as kvlab's own forward and generate with one
+        ctx = torch.load(f"{dirs[name]}/context.pt")
+        with torch.no_grad():
+            assert (theirs["context"]["logits"] - model(ids, context=ctx)).abs().max() <= 1e-4
+        assert torch.equal(theirs["context"]["generated"], model.generate(ids[:1, :5], 8, context=ctx[:1])[0, 5:])
     if config["model_type"] == "kvlab":  # generate() ran on our own cache, with our footprint
         assert theirs["class"] == "KvlabForCausalLM"
         assert theirs["cache_bytes"] == model.kv_footprint(torch.float32).total_bytes(13, batch_size=2)

@@ -23,10 +23,12 @@ def _run(model, mode, ids, labels):
     model.config.kernels = mode
     model.zero_grad()
     _restart_rank_schedules(model)
-    docs = DOCS if model.takes_packed_documents else None
-    logits = model(ids, doc_ids=docs)
+    # a model with a context encoder reads a context (not packed documents), so its encoder has gradients too
+    context = ids.flip(1)[:, :8] if model.config.context is not None else None
+    docs = DOCS if model.takes_packed_documents and context is None else None
+    logits = model(ids, doc_ids=docs, context=context)
     _restart_rank_schedules(model)
-    loss = model(ids, doc_ids=docs, labels=labels)
+    loss = model(ids, doc_ids=docs, labels=labels, context=context)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return logits.detach(), loss.detach(), grads

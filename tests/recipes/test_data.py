@@ -212,3 +212,18 @@ def test_an_interrupted_preparation_is_cleaned_up_and_redone(tmp_path):
     mine.mkdir()
     root, _ = prepare(cfg)
     assert (root / "DONE").exists() and not any(d.exists() for d in leftovers) and mine.exists()
+
+
+def test_rows_with_a_context_split_into_context_and_continuation():
+    """data.context: rows of context + seq_len + 1 tokens; the first ``context`` are the row's context."""
+    import numpy as np
+
+    dm = LMDataModule(DataConfig(seq_len=6, context=4))
+    batch = dm._collate([{"input_ids": np.arange(11)}, {"input_ids": np.arange(11) + 20}])
+    assert batch["context"].tolist() == [[0, 1, 2, 3], [20, 21, 22, 23]]
+    assert batch["input_ids"][0].tolist() == [4, 5, 6, 7, 8, 9] and batch["labels"][0].tolist() == [5, 6, 7, 8, 9, 10]
+    for bad, message in [({"context": -1}, "data.context=-1 must be a number of tokens >= 0"),
+                         ({"context": 8, "doc_mask": True}, "data.doc_mask=true packs documents per row"),
+                         ({"context": 8, "kind": "mqar"}, "data.kind=mqar rows are tasks")]:  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            DataConfig(**bad).validate()

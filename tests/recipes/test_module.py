@@ -93,3 +93,21 @@ def test_the_teacher_is_held_outside_the_module():
     assert module._teacher is teacher and not any(p.requires_grad for p in teacher.parameters())
     assert all(k.startswith("model.") for k in module.state_dict())
     assert len(list(module.parameters())) == len(list(module.model.parameters()))
+
+
+def test_a_rows_context_goes_to_the_encoder_or_into_the_prompt():
+    """data.context rows: a model with a context encoder gets the context beside the input; one without reads
+    it in front of the input, scored on the continuation only: the same tokens scored either way."""
+    context, cont = torch.randint(0, 97, (2, 5)), torch.randint(0, 97, (2, 8))
+    batch = {"context": context, "input_ids": cont[:, :-1], "labels": cont[:, 1:]}
+    plain = LMModule(tiny())
+    ids, labels, ctx = plain._inputs(plain.model, batch)
+    assert ctx is None and torch.equal(ids, torch.cat([context, cont[:, :-1]], 1))
+    assert (labels[:, :5] == -100).all() and torch.equal(labels[:, 5:], cont[:, 1:])
+    with torch.no_grad():
+        scored = plain._loss(labels, plain.model(ids))
+        by_hand = torch.nn.functional.cross_entropy(plain.model(ids)[:, 5:].flatten(0, 1), cont[:, 1:].flatten())
+    assert scored == pytest.approx(float(by_hand), rel=1e-6)
+    encoder = LMModule(tiny(context={"encoder": "decoder", "cross_layers": [3], "cross": "block"}))
+    ids, labels, ctx = encoder._inputs(encoder.model, batch)
+    assert ctx is context and ids is batch["input_ids"] and labels is batch["labels"]

@@ -132,6 +132,35 @@ def test_uptrain_a_checkpoint_parent_counts_its_tokens_and_groups_by_search(tmp_
     )
     assert sa["uptrained"]["val_ppl"] < sa["converted"]["val_ppl"]
 
+    # CEPE (XC-Cache: the slow test below): a context encoder added to the parent and trained with the decoder
+    # frozen
+    _check_context_uptrain(tmp_path, data_cache, ckpt, "cepe_uptrain", "init.convert.context.chunk=16", 128)
+
+
+def _check_context_uptrain(tmp_path, data_cache, ckpt, recipe: str, extra: str, width: int) -> None:
+    """``recipe`` on the parent ``ckpt``, on rows of 32 context tokens + 64 to predict: the continuations are
+    scored with and without their context, and only the new modules train."""
+    train(tmp_path, data_cache, f"recipe={recipe}", "init.from=checkpoint", f"init.path={ckpt}", "data.context=32",
+          "uptrain.steps=6", extra)  # fmt: skip
+    r = _metrics(tmp_path, recipe)
+    assert r["context_bytes_per_token"] == width * 2  # the encoder's states, bf16
+    assert r["kv_bytes_per_token"] == r["parent"]["kv_bytes_per_token"]  # the continuation's cache as it was
+    # the context is read (whether it helps after 6 steps is benchmarks/RESULTS.md's question)
+    assert math.isfinite(r["val_loss_without_context"]) and r["val_loss"] != r["val_loss_without_context"]
+    assert r["uptrained"]["val_loss_without_context"] == r["val_loss_without_context"]
+    parent = torch.load(ckpt, weights_only=False)["state_dict"]
+    up = run_dirs(tmp_path, recipe)[-1] / "uptrained" / "checkpoints" / "last.ckpt"
+    up = torch.load(up, weights_only=False)["state_dict"]
+    assert all(torch.equal(up[k], v) for k, v in parent.items())  # the decoder stayed frozen
+    assert any("cross" in k for k in set(up) - set(parent))
+
+
+@pytest.mark.slow
+def test_xc_cache_uptrain_trains_the_shared_cross_block_alone(tmp_path, data_cache):
+    train(tmp_path, data_cache, "recipe=pretrain", *TINY_MHA, "trainer.max_steps=20")
+    ckpt = run_dirs(tmp_path, "pretrain")[0] / "checkpoints" / "last.ckpt"
+    _check_context_uptrain(tmp_path, data_cache, ckpt, "xc_cache_uptrain", "init.convert.context.cross_layers=[1]", 64)
+
 
 @pytest.mark.parametrize("n_kv_heads,tied", [(8, False), (4, True)])
 def test_uptrain_an_hf_directory(tmp_path, n_kv_heads, tied):
