@@ -199,7 +199,8 @@ CROSS_FORMS = ("sublayer", "block")
 
 @dataclass
 class ContextConfig:
-    """A context encoder and the cross-attention that reads it (``kvlab.archs.context``).
+    """A context encoder and the cross-attention that reads it (``kvlab.layers.cross_attention``, built by
+    ``CausalLM``).
 
     A context (token ids given beside the input) is encoded once, in independent ``chunk``-token chunks
     (None: whole), and the layers in ``cross_layers`` (None: every layer) cross-attend to the encoder's output,
@@ -279,12 +280,6 @@ class ContextConfig:
             raise ValueError(f"{path}.cross_layers={list(self.cross_layers)} names a layer twice")
         self.cross_layers = sorted(self.cross_layers)
 
-    @property
-    def d_states(self) -> int | None:
-        """The width of the encoder's states, which is what a cache keeps per context token (None: the
-        decoder's d_model)."""
-        return self.encoder_d_model
-
 
 @dataclass
 class ModelConfig:
@@ -355,6 +350,11 @@ class ModelConfig:
         per_unit = params(16) - params(8)  # parameters per 8 hidden units, over all layers
         hidden = max(8, 8 + 8 * round((target - params(8)) / per_unit))
         return ModelConfig.from_dict(d | {"mlp": d["mlp"] | {"hidden": hidden}})
+
+    @property
+    def context_width(self) -> int:
+        """The width of the context encoder's states, which is what a cache keeps per context token."""
+        return self.context.encoder_d_model or self.d_model
 
     @property
     def layer_mixers(self) -> list[MixerConfig]:

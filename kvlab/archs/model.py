@@ -43,7 +43,7 @@ class Block(nn.Module):
         self.cross_norm = self.cross = self.cross_block = None
         if any(r.what == "encoder" for r in plan.reads):
             ctx = cfg.context
-            d_states, heads = ctx.d_states or cfg.d_model, ctx.cross_heads
+            d_states, heads = cfg.context_width, ctx.cross_heads
             if ctx.cross == "sublayer":
                 self.cross_norm = build_norm(plan.norm, cfg.d_model)
                 self.cross = CrossAttention(cfg.d_model, d_states, heads, heads, cfg.d_model // heads, cross_rotary)
@@ -134,7 +134,7 @@ class CausalLM(nn.Module):
                                                   c.encoder_heads, c.encoder_hidden, self.config.norm,
                                                   c.chunk or c.max_len)  # fmt: skip
         if c.shared_cross:
-            self.shared_cross_block = CrossBlock(self.config.d_model, c.d_states or self.config.d_model,
+            self.shared_cross_block = CrossBlock(self.config.d_model, self.config.context_width,
                                                  c.cross_heads, self.config.norm, rotary)  # fmt: skip
         return rotary
 
@@ -365,8 +365,10 @@ class CausalLM(nn.Module):
             return cache
         context_len = c.max_len if context_len is None else context_len
         check_int(context_len, "context_len", minimum=0)
+        if context_len > c.max_len:
+            raise ValueError(f"context_len={context_len} exceeds context.max_len={c.max_len}, the longest context")
         if context_len:
-            cache.context = torch.zeros(batch_size, context_len, c.d_states or self.config.d_model, dtype=dtype,
+            cache.context = torch.zeros(batch_size, context_len, self.config.context_width, dtype=dtype,
                                         device=device)  # fmt: skip
         return cache
 
@@ -406,7 +408,7 @@ class CausalLM(nn.Module):
                 )
             )
         c = self.config.context
-        context = 0 if c is None else (c.d_states or self.config.d_model) * dtype.itemsize
+        context = 0 if c is None else self.config.context_width * dtype.itemsize
         return Footprint(tuple(rows), dtype, context_bytes_per_token=context)
 
     def num_parameters(self) -> int:

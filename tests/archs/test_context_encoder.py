@@ -175,6 +175,8 @@ def test_bad_contexts_name_the_field():
         model(ids, context=torch.zeros(1, 2048, dtype=torch.long))
     with pytest.raises(ValueError, match="context of 80 tokens: the decoder encodes it at once, beyond its max_seq"):
         build_model(tiny(context=XC))(ids, context=torch.zeros(1, 80, dtype=torch.long))
+    with pytest.raises(ValueError, match="context_len=2000 exceeds context.max_len=1024"):
+        model.new_cache(1, 8, context_len=2000)
     cache = model.new_cache(1, 8, context_len=4)
     with pytest.raises(ValueError, match="context of 6 tokens exceeds the cache's context_len=4"):
         model(ids, cache=cache, context=ctx)
@@ -182,3 +184,18 @@ def test_bad_contexts_name_the_field():
     model(ids, cache=cache)
     with pytest.raises(ValueError, match="give the context with the first tokens of an empty cache"):
         model(ids, cache=cache, context=ctx)
+
+
+@pytest.mark.parametrize("context", [CEPE, XC], ids=["cepe", "xc_cache"])
+def test_the_static_decode_step_reads_the_context_from_the_cache(context):
+    """decode_step (what generate compiles) takes no context argument: the cache serves the encoded states."""
+    model = build_model(tiny(context=context | {"max_len": 40})).eval()
+    ids, ctx = torch.randint(0, 97, (2, 9)), torch.randint(0, 97, (2, 13))
+    with torch.no_grad():
+        full = model(ids, context=ctx)
+        cache = model.new_cache(2, 16, context_len=16)
+        steps = [model(ids[:, :3], cache=cache, context=ctx)]
+        for t in range(3, 9):
+            steps.append(model.decode_step(ids[:, t : t + 1], cache, torch.tensor(cache.seen))[:, None])
+            cache.seen += 1
+    assert (torch.cat(steps, dim=1) - full).abs().max() <= 1e-5

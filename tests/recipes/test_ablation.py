@@ -3,7 +3,7 @@
 import csv
 import json
 
-from kvlab.recipes.ablation import pareto_front, plot_pareto
+from kvlab.recipes.ablation import _cache_at, pareto_front, plot_pareto
 from tests.recipes.test_train import run_dirs, train
 
 
@@ -11,6 +11,15 @@ def test_pareto_front_keeps_models_no_other_beats_on_both():
     points = [("a", 100, 50.0), ("b", 10, 80.0), ("c", 1000, 40.0), ("d", 500, 60.0), ("e", 10, 90.0)]
     rows = [{"model": m, "kv_bytes_at_context": b, "val_ppl": p} for m, b, p in points]
     assert [r["model"] for r in pareto_front(rows)] == ["b", "a", "c"]
+
+
+def test_a_context_encoder_on_rows_with_a_context_holds_the_context_as_its_states():
+    plain = {"kv_bytes_per_token": 6144, "kv_fixed_bytes": 10}
+    encoder = plain | {"context_bytes_per_token": 256}
+    assert _cache_at(plain, 100) == _cache_at(encoder, 100) == 614_410  # trained without a context: its K/V
+    with_context = {"val_loss_without_context": 4.0}  # data.context was set
+    assert _cache_at(plain | with_context, 100) == 614_410  # the context in the prompt
+    assert _cache_at(encoder | with_context, 100) == 25_610  # the context as encoder states
 
 
 def test_plot_draws_every_row(tmp_path):
