@@ -17,14 +17,7 @@ from __future__ import annotations
 
 class Cache:
     def __init__(
-        self,
-        slots: list,
-        batch_size: int,
-        max_len: int,
-        mlp_slots: list | None = None,
-        config=None,
-        dtype=None,
-        context=None,
+        self, slots: list, batch_size: int, max_len: int, mlp_slots: list | None = None, config=None, dtype=None
     ):
         self.config = config  # the ModelConfig of the model that made it: no other model may use it
         self.dtype = dtype  # of the states it holds
@@ -33,7 +26,7 @@ class Cache:
         self.batch_size = batch_size
         self.max_len = max_len
         self.seen = 0
-        self.context = context  # [B, max context tokens, d]: the context encoder's states (None: no encoder)
+        self.context = None  # [B, max context tokens, d]: the context encoder's states (None: no room for them)
         self.context_len = 0
 
     def _held(self) -> list:

@@ -284,8 +284,8 @@ class CausalLM(nn.Module):
         return self._run(token, StepState(start), cache, last_only=False, head=True)[:, -1]
 
     def _run(self, input_ids, state: StepState, cache, last_only: bool, head: bool) -> torch.Tensor:
-        if cache is not None and cache.context_len:
-            state.context = cache.context_states()
+        if cache is not None and cache.context_len:  # held in the cache's dtype, computed with in the model's
+            state.context = cache.context_states().to(self.embed_tokens.weight.dtype)
         return self._output(self._stack(self.embed_tokens(input_ids), state, cache, last_only), head)
 
     def _stack(self, x: torch.Tensor, state: StepState, cache, last_only: bool) -> torch.Tensor:

@@ -5,8 +5,9 @@
 to the decoder's), every query seeing every state (no causal mask: the states are a context given whole).
 With ``rotary``, queries turn at their positions in the decoder and keys at the states' positions 0..S-1, as
 XC-Llama's cross-attention does; CEPE's has no positions. ``CrossBlock`` is XC-Llama's cross-attention
-block (cross-attention and an MLP, each pre-norm with a residual). ``ContextEncoder`` stacks pre-norm blocks of this
-attention over a sequence's own states (bidirectional self-attention) and a SwiGLU MLP: CEPE's encoder.
+block (cross-attention and an MLP, each pre-norm with a residual). ``ContextEncoder`` stacks pre-norm blocks
+of this attention over a sequence's own states (bidirectional self-attention) and a SwiGLU MLP: CEPE's
+encoder.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ class CrossAttention(nn.Module):
         if self.rotary is not None:
             q = apply_rope(q, *self.rotary(start, T, positions))
             k = apply_rope(k, *self.rotary(0, S))
-        y = attention(q, k, v.to(q.dtype) if v.dtype != q.dtype else v)
+        y = attention(q, k, v)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 

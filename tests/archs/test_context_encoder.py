@@ -199,3 +199,8 @@ def test_the_static_decode_step_reads_the_context_from_the_cache(context):
             steps.append(model.decode_step(ids[:, t : t + 1], cache, torch.tensor(cache.seen))[:, None])
             cache.seen += 1
     assert (torch.cat(steps, dim=1) - full).abs().max() <= 1e-5
+    with torch.no_grad():  # a cache of another dtype keeps the states in it and serves them in the model's
+        cache = model.new_cache(2, 16, dtype=torch.bfloat16, context_len=16)
+        model(ids[:, :3], cache=cache, context=ctx)
+        step = model.decode_step(ids[:, 3:4], cache, torch.tensor(cache.seen))
+    assert cache.context.dtype == torch.bfloat16 and (step - full[:, 3]).abs().max() < 0.1
