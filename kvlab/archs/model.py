@@ -153,7 +153,7 @@ class CausalLM(nn.Module):
         if self.config.context.encoder == "separate":
             return self.context_encoder(ids)
         with torch.no_grad():  # XC-Llama: the frozen decoder's final (normalised) states, no gradient
-            return self._output(self._stack(self.embed_tokens(ids), StepState(), None, False), head=False)
+            return self._run(ids, StepState(), None, last_only=False, head=False)
 
     def _build_extra(self) -> None:
         """Where a model made of this decoder (the Block Transformer) adds its own modules, before the weights

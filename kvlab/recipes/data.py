@@ -16,9 +16,10 @@ split (``tokenizers`` byte-level BPE) unless one is given by path. Documents
 are joined with an EOS token and cut into rows of ``seq_len + 1`` tokens;
 the boundaries stay recoverable from the EOS tokens, which is how
 ``doc_ids`` are made for per-document attention (``doc_mask``). With
-``context: C`` (models with a context encoder: CEPE, XC-Cache) rows are
-``C + seq_len + 1`` tokens: the first C are the row's context, given to the
-context encoder, and the model predicts the ``seq_len`` that continue it.
+``context: C`` rows are ``C + seq_len + 1`` tokens: the first C are the
+row's context (a model with a context encoder, CEPE or XC-Cache, encodes it;
+any other reads it in its prompt), and the model is scored on the
+``seq_len`` that continue it.
 
 Tokenized and packed splits are saved with ``datasets``' ``save_to_disk``
 under ``cache_dir``, keyed by the corpus, the settings and the tokenizer,
@@ -73,7 +74,7 @@ class DataConfig:
     mqar_examples: int = 10000  # kind=mqar: training examples (validation: mqar_val_examples)
     mqar_val_examples: int = 500
     doc_mask: bool = False  # attend within documents only, positions restarting at each
-    context: int = 0  # tokens before each row's seq_len given as its context (models with a context encoder)
+    context: int = 0  # tokens before each row's seq_len given as its context (encoded, or read in the prompt)
     num_workers: int = 0
     cache_dir: str | None = None  # None: $KVLAB_CACHE or ~/.cache/kvlab
 
