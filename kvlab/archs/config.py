@@ -58,7 +58,7 @@ from kvlab.layers import MixerConfig, MLPConfig, NormConfig, mixer_config
 KV_SHARING_KINDS = ("cla", "yoco", "lckv", "grid")
 GRID_PARTITIONS = ("pizza", "sandwich", "lasagna")
 GRID_TARGETS = ("bottom", "middle", "top")
-LAYER_SPEC_KEYS = ("mixer", "kv_from", "attention_from", "repeat")
+LAYER_SPEC_KEYS = ("mixer", "mlp", "kv_from", "attention_from", "repeat")
 
 
 @dataclass
@@ -289,6 +289,10 @@ class ModelConfig:
     max_seq_len: int = 2048
     norm: NormConfig = field(default_factory=NormConfig)
     mlp: MLPConfig = field(default_factory=MLPConfig)
+    # Per-layer MLPs, as pattern/mixers do for mixers (Jamba's MoE every other layer): each layer's MLP is
+    # mlps[mlp_pattern[i % len]]; None: every layer's is mlp. In layers:, a spec's mlp does the same.
+    mlp_pattern: str | None = None
+    mlps: dict[str, MLPConfig] | None = None
     tie_embeddings: bool = False
     mixer: MixerConfig | None = None
     pattern: str | None = None
@@ -341,6 +345,9 @@ class ModelConfig:
 
         if self.mlp.kind == "none":
             raise ValueError(f"iso_params={target}: mlp.kind=none has no width to change")
+        if self.mlp_pattern is not None or any(p.mlp is not self.mlp for p in self.plan):
+            raise ValueError(f"iso_params={target}: the layers' MLPs differ (mlp_pattern or layers[].mlp); only "
+                             f"one shared mlp has a width to change")  # fmt: skip
         d = self.to_dict()
 
         def params(hidden: int) -> int:
@@ -391,14 +398,15 @@ class ModelConfig:
         if self.context is not None:
             self.context = from_dict(ContextConfig, self.context, "context")
             self.context.validate(self.d_model, self.n_layers, self.max_seq_len, "context")
+        mlps = self._resolve_mlps()
         if self.layers is not None:
-            mixers, sources, attention = self._layer_specs()
+            mixers, sources, attention, mlps = self._layer_specs(mlps)
         else:
             mixers, sources = self._resolve_mixers(), self._resolve_kv_source()
             attention = self._resolve_attention_source()
         encoder = self._encoder_reads()
         self.plan = tuple(
-            LayerPlan(i, m, self.mlp, self.norm, self._reads(i, m, sources[i], attention[i]) + encoder.get(i, ()))
+            LayerPlan(i, m, mlps[i], self.norm, self._reads(i, m, sources[i], attention[i]) + encoder.get(i, ()))
             for i, m in enumerate(mixers)
         )
         try:
@@ -484,15 +492,35 @@ class ModelConfig:
                 )
         return [self.mixers[self.pattern[i % len(self.pattern)]] for i in range(self.n_layers)]
 
-    def _layer_specs(self) -> tuple[list[MixerConfig], list[int], list[int]]:
-        """``layers: [{mixer, kv_from, attention_from, repeat}, ...]``: the plan written out, repeats expanded
-        in order."""
+    def _resolve_mlps(self) -> list[MLPConfig]:
+        """Each layer's MLP: ``mlp``, or ``mlps`` by ``mlp_pattern``."""
+        if self.mlp_pattern is None and self.mlps is None:
+            return [self.mlp] * self.n_layers
+        if not isinstance(self.mlp_pattern, str) or not self.mlp_pattern:
+            raise ValueError(f"mlp_pattern={self.mlp_pattern!r} must be a non-empty string of names from mlps")
+        if not isinstance(self.mlps, Mapping) or not self.mlps:
+            raise ValueError(f"mlps={self.mlps!r} must map each name in mlp_pattern={self.mlp_pattern!r} to an MLP")
+        mlps = {}
+        for name, spec in self.mlps.items():
+            mlps[name] = from_dict(MLPConfig, spec, f"mlps.{name}")
+            mlps[name].validate(self.d_model, f"mlps.{name}")
+        self.mlps = mlps
+        for ch in self.mlp_pattern:
+            if ch not in mlps:
+                raise ValueError(
+                    f"mlp_pattern={self.mlp_pattern!r} uses {ch!r}, which is not in mlps ({', '.join(mlps)})"
+                )
+        return [mlps[self.mlp_pattern[i % len(self.mlp_pattern)]] for i in range(self.n_layers)]
+
+    def _layer_specs(self, default_mlps: list[MLPConfig]) -> tuple[list[MixerConfig], list[int], list[int], list]:
+        """``layers: [{mixer, mlp, kv_from, attention_from, repeat}, ...]``: the plan written out, repeats
+        expanded in order (a spec without an mlp keeps the layer's from mlp / mlp_pattern)."""
         for name in ("mixer", "pattern", "mixers", "kv_source", "kv_sharing", "attention_source"):
             if getattr(self, name) is not None:
                 raise ValueError(f"layers and {name} are both set; layers describes every layer, give it alone")
         if not isinstance(self.layers, (list, tuple)) or not self.layers:
             raise ValueError(f"layers={self.layers!r} must list layer specs such as {{mixer: {{kind: attention}}}}")
-        mixers, sources, attention, specs = [], [], [], []
+        mixers, sources, attention, specs, mlps = [], [], [], [], []
         for n, spec in enumerate(self.layers):
             path = f"layers[{n}]"
             if not isinstance(spec, Mapping) or "mixer" not in spec:
@@ -504,15 +532,21 @@ class ModelConfig:
             check_int(kv_from, f"{path}.kv_from", minimum=0, optional=True)
             check_int(attention_from, f"{path}.attention_from", minimum=0, optional=True)
             mixer = mixer_config(spec["mixer"], f"{path}.mixer").resolved(self.d_model, f"{path}.mixer")
+            mlp = None
+            if spec.get("mlp") is not None:
+                mlp = from_dict(MLPConfig, spec["mlp"], f"{path}.mlp")
+                mlp.validate(self.d_model, f"{path}.mlp")
             for _ in range(repeat):
                 sources.append(len(mixers) if kv_from is None else kv_from)
                 attention.append(len(mixers) if attention_from is None else attention_from)
+                mlps.append(mlp or default_mlps[len(mixers) % len(default_mlps)])
                 mixers.append(mixer)
-            specs.append({k: to_dict(mixer) if k == "mixer" else v for k, v in spec.items()})
+            resolved = {"mixer": to_dict(mixer), "mlp": to_dict(mlp) if mlp is not None else None}
+            specs.append({k: resolved.get(k, v) for k, v in spec.items()})
         if len(mixers) != self.n_layers:
             raise ValueError(f"layers describe {len(mixers)} layers (repeats counted) but n_layers={self.n_layers}")
         self.layers = specs
-        return mixers, sources, attention
+        return mixers, sources, attention, mlps
 
     def _resolve_attention_source(self) -> list[int]:
         if self.attention_source is None:

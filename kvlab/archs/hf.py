@@ -6,8 +6,10 @@
 ``AutoModelForCausalLM.from_pretrained`` loads. Where `transformers` has a
 class for the architecture the export is native: each mixer family with a
 native counterpart registers how it maps, both ways, in
-``kvlab.archs.hf_families`` (attention as Llama/Mistral/Qwen2, MLA as dense
-DeepSeek-V3), and this module asks that registry, knowing no family itself.
+``kvlab.archs.hf_families`` (attention as Llama/Mistral/Qwen2, MLA as
+DeepSeek-V3, dense or with MoE; whole hybrids such as Jamba in
+``NATIVE_HYBRIDS``), and this module asks those registries, knowing no
+family itself.
 The weight layout is ours up to names, so one adapter, a renaming plus a
 config translation, serves both directions.
 Every other architecture is exported as remote code: kvlab's own modules,
@@ -32,7 +34,7 @@ import torch
 
 from kvlab._io import atomic_path, remove_orphans, temp_path
 from kvlab.archs.config import ModelConfig
-from kvlab.archs.hf_families import NATIVE_FAMILIES, Rope, family_of_model_type
+from kvlab.archs.hf_families import NATIVE_FAMILIES, NATIVE_HYBRIDS, Rope, family_of_model_type, hybrid_for
 from kvlab.archs.model import CausalLM, build_model
 from kvlab.layers.attention import AttentionConfig
 
@@ -43,7 +45,13 @@ _RENAMES = [  # (transformers, kvlab) name fragments
     (".self_attn.", ".mixer."),
     (".input_layernorm.", ".mixer_norm."),
     (".post_attention_layernorm.", ".mlp_norm."),
+    # MoE (DeepSeek-V3's names): the router, its score bias, shared experts, the stacked experts
+    (".mlp.gate.e_score_correction_bias", ".mlp.score_bias"),
+    (".mlp.gate.", ".mlp.router."),
+    (".mlp.shared_experts.", ".mlp.shared."),
+    (".mlp.experts.", ".mlp."),
 ]
+_STACKED_EXPERTS = re.compile(r"\.mlp\.(gate_up_proj|down_proj)$")  # ours; a dense MLP's end in .weight
 
 
 def hf_to_kvlab_name(name: str) -> str:
@@ -55,9 +63,35 @@ def hf_to_kvlab_name(name: str) -> str:
 def kvlab_to_hf_name(name: str) -> str:
     if name.startswith(("embed_tokens.", "norm.", "layers.")):
         name = "model." + name
-    for theirs, ours in _RENAMES[3:]:
+    if _STACKED_EXPERTS.search(name):
+        return _STACKED_EXPERTS.sub(r".mlp.experts.\1", name)
+    for theirs, ours in _RENAMES[3:-1]:  # not the experts' (".mlp." is in every MLP's names)
         name = name.replace(ours, theirs)
     return name
+
+
+_LEGACY_EXPERT = re.compile(r"^(.*\.mlp)\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
+
+
+def fuse_legacy_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Checkpoints that keep one tensor per expert (``...mlp.experts.<e>.gate_proj.weight``, as the hub's
+    DeepSeek-V3 and Jamba checkpoints do) in `transformers`' stacked layout: ``experts.gate_up_proj`` [E, 2H,
+    D] (gate rows, then up rows) and ``experts.down_proj`` [E, D, H]."""
+    experts: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
+    out = {}
+    for name, value in state.items():
+        match = _LEGACY_EXPERT.match(name)
+        if match is None:
+            out[name] = value
+        else:
+            experts.setdefault(match[1], {}).setdefault(int(match[2]), {})[match[3]] = value
+    for prefix, by_index in experts.items():
+        order = [by_index[e] for e in range(len(by_index))]
+        if sorted(by_index) != list(range(len(by_index))) or any(len(e) != 3 for e in order):
+            raise ValueError(f"{prefix}.experts: the experts' weights are incomplete (each needs gate, up and down)")
+        out[f"{prefix}.experts.gate_up_proj"] = torch.stack([torch.cat([e["gate"], e["up"]]) for e in order])
+        out[f"{prefix}.experts.down_proj"] = torch.stack([e["down"] for e in order])
+    return out
 
 
 def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
@@ -96,9 +130,9 @@ def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         n_layers=hf["num_hidden_layers"],
         max_seq_len=hf.get("max_position_embeddings", 2048),
         norm={"kind": "rmsnorm", "eps": hf.get("rms_norm_eps", 1e-6)},
-        mlp={"kind": "swiglu", "hidden": hf["intermediate_size"]},
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         mixer=mixer,
+        **family.mlps_from_hf(hf),
     )
 
 
@@ -107,6 +141,11 @@ def hf_config_from_model(cfg: ModelConfig) -> dict[str, Any]:
 
     Raises ValueError naming what has no native counterpart.
     """
+    hybrid = hybrid_for(cfg)
+    if hybrid is not None:
+        _refuse(_model_problems(cfg) + hybrid.problems(cfg))
+        a = next(m for m in cfg.layer_mixers if m.kind == "attention")
+        return {"architectures": [hybrid.architecture], **_common_fields(cfg, a), **hybrid.to_hf(cfg)}
     mixers = cfg.layer_mixers
     m = mixers[0]
     problems = []
@@ -117,6 +156,47 @@ def hf_config_from_model(cfg: ModelConfig) -> dict[str, Any]:
         problems.append(f"mixer kind {m.kind!r}")
     else:
         problems += family.problems(cfg, m)
+    problems += _model_problems(cfg)
+    fields = family.to_hf(cfg, m) if not problems else None
+    if isinstance(fields, str):
+        problems.append(fields)
+    _refuse(problems)
+    hf: dict[str, Any] = {
+        "architectures": [family.model_types[fields["model_type"]]],
+        **_common_fields(cfg, m),
+        "intermediate_size": cfg.mlp.hidden,
+        "rope_theta": m.rope_theta,
+    }
+    return hf | fields
+
+
+def _common_fields(cfg: ModelConfig, attention) -> dict[str, Any]:
+    return {
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": attention.n_heads,
+        "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": cfg.norm.eps,
+        "hidden_act": "silu",
+        "tie_word_embeddings": cfg.tie_embeddings,
+    }
+
+
+def _refuse(problems: list[str]) -> None:
+    if problems:
+        native = "; ".join(f"{f.kind} as {'/'.join(f.model_types)}" for f in NATIVE_FAMILIES.values())
+        hybrids = "; ".join(f"{'+'.join(sorted(h.kinds))} as {h.model_type}" for h in NATIVE_HYBRIDS.values())
+        raise ValueError(
+            "save_hf: no native transformers class for this model (" + "; ".join(problems) + "); "
+            f"native export covers every layer the same mixer without cross-layer sharing: {native}; and "
+            f"hybrids: {hybrids}"
+        )
+
+
+def _model_problems(cfg: ModelConfig) -> list[str]:
+    """What no native class has, whatever the mixers."""
+    problems = []
     if cfg.blocks is not None:
         problems.append("a Block Transformer (blocks)")
     if cfg.context is not None:
@@ -125,31 +205,9 @@ def hf_config_from_model(cfg: ModelConfig) -> dict[str, Any]:
     if shared:
         problems.append("cross-layer sharing of " + " and ".join({"kv": "K/V", "attention": "attention weights"}[w]
                                                                 for w in shared))  # fmt: skip
-    if cfg.norm.kind != "rmsnorm" or cfg.mlp.kind != "swiglu":
-        problems.append(f"norm {cfg.norm.kind!r} / mlp {cfg.mlp.kind!r} (Llama and DeepSeek-V3 need rmsnorm / swiglu)")
-    fields = family.to_hf(cfg, m) if not problems else None
-    if isinstance(fields, str):
-        problems.append(fields)
-    if problems:
-        native = "; ".join(f"{f.kind} as {'/'.join(f.model_types)}" for f in NATIVE_FAMILIES.values())
-        raise ValueError(
-            "save_hf: no native transformers class for this model (" + "; ".join(problems) + "); "
-            f"native export covers every layer the same mixer without cross-layer sharing: {native}"
-        )
-    hf: dict[str, Any] = {
-        "architectures": [family.model_types[fields["model_type"]]],
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.d_model,
-        "intermediate_size": cfg.mlp.hidden,
-        "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": m.n_heads,
-        "max_position_embeddings": cfg.max_seq_len,
-        "rms_norm_eps": cfg.norm.eps,
-        "rope_theta": m.rope_theta,
-        "hidden_act": "silu",
-        "tie_word_embeddings": cfg.tie_embeddings,
-    }
-    return hf | fields
+    if cfg.norm.kind != "rmsnorm":
+        problems.append(f"norm {cfg.norm.kind!r} (native classes need rmsnorm)")
+    return problems  # the MLPs each family checks: its own layouts
 
 
 def save_hf(
@@ -250,9 +308,13 @@ def _write_export(model: CausalLM, tmp: Path, tokenizer, hf: dict | None, max_sh
     state = model.state_dict()
     if model.config.tie_embeddings:
         state.pop("lm_head.weight")
-    rename = kvlab_to_hf_name if hf is not None else (lambda name: REMOTE_PREFIX + name)
     cast = {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v for k, v in state.items()}
-    _save_weights({rename(k): v.detach().contiguous() for k, v in cast.items()}, tmp, max_shard_bytes)
+    if hf is not None and hf["model_type"] in NATIVE_HYBRIDS:  # a hybrid's names and layouts are its own
+        cast = NATIVE_HYBRIDS[hf["model_type"]].export_state(cast, model.config)
+    else:
+        rename = kvlab_to_hf_name if hf is not None else (lambda name: REMOTE_PREFIX + name)
+        cast = {rename(k): v for k, v in cast.items()}
+    _save_weights({k: v.detach().contiguous() for k, v in cast.items()}, tmp, max_shard_bytes)
 
     weights_dtype = str(dtype or model.embed_tokens.weight.dtype).removeprefix("torch.")
     eos = None
@@ -424,16 +486,24 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32) -> CausalLM:
     try:
         if hf.get("model_type") == "kvlab":  # a remote-code export of ours
             cfg = ModelConfig.from_dict(hf["kvlab"])
+        elif hf.get("model_type") in NATIVE_HYBRIDS:
+            hf_fields = NATIVE_HYBRIDS[hf["model_type"]].from_hf(hf)
+            if hf.get("hidden_act", "silu") != "silu":
+                raise ValueError(f"config.json: hidden_act={hf['hidden_act']!r} is not supported (SwiGLU needs silu)")
+            cfg = ModelConfig.from_dict(hf_fields)
         else:
             cfg = model_config_from_hf(hf)
     except KeyError as e:
         raise ValueError(f"{config_file}: the field {e.args[0]!r} is missing") from None
     except (TypeError, ValueError) as e:
         raise ValueError(f"{config_file}: {str(e).removeprefix('config.json: ')}") from None
+    hybrid = NATIVE_HYBRIDS.get(hf.get("model_type"))
     if hf.get("model_type") == "kvlab":
         state = {k.removeprefix(REMOTE_PREFIX): v for k, v in read_safetensors(directory).items()}
+    elif hybrid is not None:  # renamed below, once our model's names are known
+        state = fuse_legacy_experts(read_safetensors(directory))
     else:
-        state = {hf_to_kvlab_name(k): v for k, v in read_safetensors(directory).items()}
+        state = {hf_to_kvlab_name(k): v for k, v in fuse_legacy_experts(read_safetensors(directory)).items()}
     if cfg.tie_embeddings and "lm_head.weight" in state:
         # transformers would tie the head to the embeddings and drop this one: refuse rather than
         # silently load a model other than the one the weights describe
@@ -447,6 +517,13 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32) -> CausalLM:
         model = build_model(cfg)
     model.to_empty(device="cpu")
     model.init_weights()  # RoPE tables and tying; every parameter is overwritten next
+    if hybrid is not None:
+        theirs, state = state, hybrid.import_state(state, model.state_dict(), cfg)
+        if cfg.tie_embeddings:
+            state.pop("lm_head.weight", None)
+        unused = set(theirs) - set(hybrid.export_state(state, cfg))
+        if unused:
+            raise ValueError(f"{directory}: weights do not match the config: unexpected {sorted(unused)[:5]}")
     wanted = {k: v.shape for k, v in model.state_dict().items() if not (cfg.tie_embeddings and k == "lm_head.weight")}
     missing, unexpected = wanted.keys() - state.keys(), state.keys() - wanted.keys()
     if missing or unexpected:

@@ -8,7 +8,12 @@ family's ``config.json`` fields, and, on import, which family a
 
 - ``attention`` <-> Llama, Mistral, Qwen2 (our attention keeps their
   projection layout and RoPE convention: the weights are a renaming);
-- ``mla`` <-> dense DeepSeek-V3 (its RoPE channel pairs reordered on import).
+- ``mla`` <-> DeepSeek-V3, dense or with MoE after its first dense layers
+  (its RoPE channel pairs reordered on import).
+
+A model whose layers mix families asks ``NATIVE_HYBRIDS`` (``NativeHybrid``:
+a whole-model class with its own names and layouts), by its set of mixer
+kinds: ``attention`` + ``mamba`` <-> Jamba.
 """
 
 from __future__ import annotations
@@ -43,6 +48,10 @@ class NativeFamily:
     from_hf: Callable[[dict[str, Any], Rope], dict[str, Any]]  # the mixer spec of a config.json
     # after import: change the weights (kvlab names) from the checkpoint's layout to ours, in place
     fix_weights: Callable[[dict[str, Any], dict[str, torch.Tensor], ModelConfig], None] | None = None
+    # the MLPs of a config.json, as ModelConfig fields (mlp, or mlp_pattern and mlps)
+    mlps_from_hf: Callable[[dict[str, Any]], dict[str, Any]] = lambda hf: {
+        "mlp": {"kind": "swiglu", "hidden": hf["intermediate_size"]}
+    }
 
 
 NATIVE_FAMILIES: dict[str, NativeFamily] = {}
@@ -69,7 +78,21 @@ LLAMA_TYPES: dict[str, dict[str, Any]] = {
 }
 
 
+def one_swiglu_problems(cfg: ModelConfig) -> list[str]:
+    """Llama's (and dense DeepSeek-V3's) MLP: one SwiGLU, the same in every layer."""
+    if any(p.mlp != cfg.mlp for p in cfg.plan):  # mlp_pattern or layers[].mlp
+        return [f"mlp {'/'.join(sorted({p.mlp.kind for p in cfg.plan}))} per layer (one swiglu is needed)"]
+    if cfg.mlp.kind != "swiglu":
+        return [f"mlp {cfg.mlp.kind!r} (one swiglu is needed)"]
+    return []
+
+
 def _attention_problems(cfg: ModelConfig, m) -> list[str]:
+    return one_swiglu_problems(cfg) or _attention_layer_problems(m)
+
+
+def _attention_layer_problems(m) -> list[str]:
+    """What Llama's attention layer lacks."""
     if m.rope_dims != m.head_dim:
         return [f"partial RoPE (rope_dims={m.rope_dims} of head_dim={m.head_dim})"]
     if m.kv_groups is not None:
@@ -151,8 +174,29 @@ register_native(
 # -- MLA: dense DeepSeek-V3 ------------------------------------------------------------------------
 
 
-def _mla_problems(cfg: ModelConfig, m) -> list[str]:
+def _deepseek_mlps(cfg: ModelConfig) -> tuple[int, Any]:
+    """(the dense layers before the first MoE one, the MoE config or None)."""
+    first = next((i for i, p in enumerate(cfg.plan) if p.mlp.kind == "moe"), cfg.n_layers)
+    return first, cfg.plan[first].mlp if first < cfg.n_layers else None
+
+
+def _deepseek_mlp_problems(cfg: ModelConfig) -> list[str]:
+    """DeepSeek-V3's MLPs: SwiGLU in the first k layers, one MoE in the rest, routed as it routes."""
+    first, moe = _deepseek_mlps(cfg)
+    if moe is None:
+        return one_swiglu_problems(cfg)
+    dense, rest = [p.mlp for p in cfg.plan[:first]], [p.mlp for p in cfg.plan[first:]]
     problems = []
+    if any(m.kind != "swiglu" or m != dense[0] for m in dense) or any(m != moe for m in rest):
+        problems.append("MLPs other than SwiGLU in the first layers and one MoE in all the rest")
+    if moe.score != "sigmoid" or not moe.score_bias or not moe.n_shared:
+        problems.append(f"MoE routing other than DeepSeek-V3's (score={moe.score!r}, score_bias={moe.score_bias}, "
+                        f"n_shared={moe.n_shared}; it needs sigmoid, a score bias and shared experts)")  # fmt: skip
+    return problems
+
+
+def _mla_problems(cfg: ModelConfig, m) -> list[str]:
+    problems = _deepseek_mlp_problems(cfg)
     if m.norm_eps != cfg.norm.eps:
         problems.append(f"MLA norm_eps={m.norm_eps} differs from norm.eps={cfg.norm.eps} (DeepSeek-V3 has one eps)")
     if m.rope_kv_heads != 1 or m.rope_spectrum is not None or not m.latent_norm:
@@ -163,10 +207,25 @@ def _mla_problems(cfg: ModelConfig, m) -> list[str]:
 
 
 def _mla_to_hf(cfg: ModelConfig, m) -> dict[str, Any]:
-    return {  # every layer dense (no experts), RoPE pairs as ours
+    first, moe = _deepseek_mlps(cfg)
+    experts = {}
+    if moe is not None:
+        experts = {
+            "n_routed_experts": moe.n_experts,
+            "num_experts_per_tok": moe.top_k,
+            "moe_intermediate_size": moe.hidden,
+            "n_shared_experts": moe.n_shared,
+            "n_group": moe.n_groups,
+            "topk_group": moe.topk_groups,
+            "norm_topk_prob": moe.norm_topk,
+            "routed_scaling_factor": moe.routed_scale,
+        }
+    return {  # RoPE pairs as ours
         "model_type": "deepseek_v3",
+        "intermediate_size": cfg.plan[0].mlp.hidden if first else moe.hidden,
+        **experts,
         "num_key_value_heads": m.n_heads,
-        "first_k_dense_replace": cfg.n_layers,
+        "first_k_dense_replace": first,
         "q_lora_rank": m.q_lora_rank,
         "kv_lora_rank": m.kv_lora_rank,
         "qk_nope_head_dim": m.head_dim,
@@ -180,12 +239,6 @@ def _mla_to_hf(cfg: ModelConfig, m) -> dict[str, Any]:
 def _mla_from_hf(hf: dict[str, Any], rope: Rope) -> dict[str, Any]:
     if rope.scaling is not None:
         raise ValueError(f"config.json: {rope.described}: RoPE scaling is not supported for MLA")
-    if hf.get("first_k_dense_replace", 0) < hf["num_hidden_layers"]:
-        raise ValueError(
-            f"config.json: DeepSeek-V3 with mixture-of-experts layers (first_k_dense_replace="
-            f"{hf.get('first_k_dense_replace')} < num_hidden_layers={hf['num_hidden_layers']}) is not supported; "
-            "only dense-MLP models are"
-        )
     if hf.get("attention_bias"):
         raise ValueError("config.json: attention_bias=true is not supported for MLA")
     return {
@@ -199,6 +252,29 @@ def _mla_from_hf(hf: dict[str, Any], rope: Rope) -> dict[str, Any]:
         "rope_theta": rope.theta,
         "norm_eps": hf.get("rms_norm_eps", 1e-6),
     }
+
+
+def _deepseek_mlps_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+    """SwiGLU in the first ``first_k_dense_replace`` layers, MoE in the rest (every layer: DeepSeek-V3's
+    moe_layer_freq is 1)."""
+    n, first = hf["num_hidden_layers"], min(hf.get("first_k_dense_replace", 3), hf["num_hidden_layers"])
+    if first == n:
+        return {"mlp": {"kind": "swiglu", "hidden": hf["intermediate_size"]}}
+    if hf.get("scoring_func", "sigmoid") != "sigmoid" or hf.get("topk_method", "noaux_tc") != "noaux_tc":
+        raise ValueError(
+            f"config.json: DeepSeek routing scoring_func={hf.get('scoring_func')!r}, topk_method="
+            f"{hf.get('topk_method')!r} is not supported (DeepSeek-V3's sigmoid / noaux_tc is)"
+        )
+    moe = {"kind": "moe", "hidden": hf["moe_intermediate_size"], "n_experts": hf.get("n_routed_experts", 256),
+           "top_k": hf.get("num_experts_per_tok", 8), "n_shared": hf.get("n_shared_experts", 1), "score": "sigmoid",
+           "score_bias": True, "norm_topk": bool(hf.get("norm_topk_prob", True)),
+           "routed_scale": float(hf.get("routed_scaling_factor", 2.5)), "n_groups": hf.get("n_group", 8),
+           "topk_groups": hf.get("topk_group", 4),
+           # continued training balances as DeepSeek-V3 trained: its bias update speed and its tiny auxiliary
+           # weight (the paper's sequence-wise loss; ours is over the batch)
+           "bias_update": 0.001, "aux_loss_coef": 0.0001}  # fmt: skip
+    return {"mlp_pattern": "D" * first + "E" * (n - first),
+            "mlps": {"D": {"kind": "swiglu", "hidden": hf["intermediate_size"]}, "E": moe}}  # fmt: skip
 
 
 def _deinterleave_rope(hf: dict[str, Any], state: dict[str, torch.Tensor], cfg: ModelConfig) -> None:
@@ -225,5 +301,192 @@ register_native(
         to_hf=_mla_to_hf,
         from_hf=_mla_from_hf,
         fix_weights=_deinterleave_rope,
+        mlps_from_hf=_deepseek_mlps_from_hf,
     )
+)
+
+
+# -- Hybrids: whole-model layouts (Jamba) ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NativeHybrid:
+    """A `transformers` class for a model whose layers mix families, both ways."""
+
+    model_type: str
+    architecture: str
+    kinds: frozenset[str]  # the mixer kinds it is made of: a model of these kinds is asked about this class
+    problems: Callable[[ModelConfig], list[str]]  # why this model has no such class (empty: it has)
+    to_hf: Callable[[ModelConfig], dict[str, Any]]  # config.json's fields, model_type included
+    # our state dict -> theirs (names and layouts); import inverts it name by name (``import_state``)
+    export_state: Callable[[dict[str, torch.Tensor], ModelConfig], dict[str, torch.Tensor]]
+    from_hf: Callable[[dict[str, Any]], dict[str, Any]]  # config.json -> a ModelConfig dict
+
+    def import_state(self, theirs: dict[str, torch.Tensor], ours: dict[str, torch.Tensor], cfg: ModelConfig):
+        """Their weights under our names and in our layouts, for our model's state ``ours`` (shapes wanted):
+        each of our names is exported alone to find its name there."""
+        state = {}
+        for name, like in ours.items():
+            ((their_name, _),) = self.export_state({name: like}, cfg).items()
+            if their_name in theirs:
+                state[name] = (
+                    theirs[their_name].reshape(like.shape)
+                    if theirs[their_name].numel() == like.numel()
+                    else theirs[their_name]
+                )
+        return state
+
+
+NATIVE_HYBRIDS: dict[str, NativeHybrid] = {}
+
+
+def hybrid_for(cfg: ModelConfig) -> NativeHybrid | None:
+    """The hybrid class a model of several mixer kinds would export to (None: no hybrid has its kinds)."""
+    kinds = {m.kind for m in cfg.layer_mixers}
+    return next((h for h in NATIVE_HYBRIDS.values() if len(kinds) > 1 and kinds <= h.kinds), None)
+
+
+def _period(layers: list[int], n_layers: int) -> tuple[int, int] | None:
+    """(period, offset) such that ``layers`` are exactly those i < n_layers with i % period == offset."""
+    for period in range(1, n_layers + 1):
+        for offset in range(period):
+            if [i for i in range(n_layers) if i % period == offset] == layers:
+                return period, offset
+    return None
+
+
+def _jamba_parts(cfg: ModelConfig):
+    attention = [i for i, m in enumerate(cfg.layer_mixers) if m.kind == "attention"]
+    mamba = [i for i, m in enumerate(cfg.layer_mixers) if m.kind == "mamba"]
+    experts = [i for i, p in enumerate(cfg.plan) if p.mlp.kind == "moe"]
+    return attention, mamba, experts
+
+
+def _jamba_problems(cfg: ModelConfig) -> list[str]:
+    attention, mamba, experts = _jamba_parts(cfg)
+    problems = []
+    a, s = cfg.layer_mixers[attention[0]], cfg.layer_mixers[mamba[0]]
+    if any(cfg.layer_mixers[i] != a for i in attention) or any(cfg.layer_mixers[i] != s for i in mamba):
+        problems.append("attention or Mamba layers that differ from one another (Jamba has one of each)")
+    if _period(attention, cfg.n_layers) is None:
+        problems.append(f"attention in layers {attention}, which no attn_layer_period/offset gives")
+    if _period(experts, cfg.n_layers) is None and experts:
+        problems.append(f"MoE MLPs in layers {experts}, which no expert_layer_period/offset gives")
+    if a.rope_dims != 0:
+        problems.append(f"RoPE in attention (rope_dims={a.rope_dims}; Jamba's attention has no positions: 0)")
+    problems += [p for p in _attention_layer_problems(a) if not p.startswith("partial RoPE")]
+    if a.window is not None or a.qkv_bias or a.o_bias:
+        problems.append("a windowed or biased attention layer")
+    if not s.inner_norms or s.norm_eps != cfg.norm.eps:
+        problems.append("Mamba without inner_norms, or with norm_eps other than norm.eps (Jamba's one rms_norm_eps)")
+    mlps = [p.mlp for p in cfg.plan]
+    if any(m.kind not in ("swiglu", "moe") for m in mlps) or len({m.hidden for m in mlps}) > 1:
+        problems.append("MLPs other than SwiGLU/MoE, or of different widths (Jamba has one intermediate_size)")
+    moe = [m for m in mlps if m.kind == "moe"]
+    if moe and (any(m != moe[0] for m in moe) or moe[0].score != "softmax" or moe[0].norm_topk
+                or moe[0].routed_scale != 1.0 or moe[0].n_shared):  # fmt: skip
+        problems.append("MoE layers that differ, or routing other than Jamba's (softmax, not renormalised, "
+                        "no scale, no shared experts)")  # fmt: skip
+    return problems
+
+
+def _jamba_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    attention, mamba, experts = _jamba_parts(cfg)
+    a, s = cfg.layer_mixers[attention[0]], cfg.layer_mixers[mamba[0]]
+    attn_period, attn_offset = _period(attention, cfg.n_layers)
+    moe = cfg.plan[experts[0]].mlp if experts else None
+    expert_period, expert_offset = _period(experts, cfg.n_layers) if experts else (1, 0)
+    return {
+        "model_type": "jamba",
+        "intermediate_size": cfg.plan[0].mlp.hidden,
+        "num_key_value_heads": a.n_kv_heads,
+        "head_dim": a.head_dim,
+        "attn_layer_period": attn_period,
+        "attn_layer_offset": attn_offset,
+        "expert_layer_period": expert_period,
+        "expert_layer_offset": expert_offset,
+        "num_experts": moe.n_experts if moe else 1,
+        "num_experts_per_tok": moe.top_k if moe else 1,
+        # transformers' balance loss is top_k times ours: the same term needs its coefficient over top_k
+        "router_aux_loss_coef": moe.aux_loss_coef / moe.top_k if moe else 0.001,
+        "mamba_d_state": s.state_dim,
+        "mamba_d_conv": s.conv_kernel,
+        "mamba_expand": s.expand,
+        "mamba_dt_rank": s.dt_rank,
+        "mamba_conv_bias": True,
+        "mamba_proj_bias": False,
+    }
+
+
+_JAMBA_MAMBA = {"conv_weight": "conv1d.weight", "conv_bias": "conv1d.bias", "dt_bias": "dt_proj.bias",
+                "dt_norm.weight": "dt_layernorm.weight", "b_norm.weight": "b_layernorm.weight",
+                "c_norm.weight": "c_layernorm.weight"}  # fmt: skip
+_JAMBA_MOE = {
+    "router.weight": "router.weight",
+    "gate_up_proj": "experts.gate_up_proj",
+    "down_proj": "experts.down_proj",
+}
+
+
+def _jamba_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, value in state.items():
+        top = {"embed_tokens.weight": "model.embed_tokens.weight", "norm.weight": "model.final_layernorm.weight"}
+        if not name.startswith("layers."):
+            out[top.get(name, name)] = value
+            continue
+        _, i, part, rest = name.split(".", 3)
+        prefix = f"model.layers.{i}."
+        if part in ("mixer_norm", "mlp_norm"):
+            out[prefix + {"mixer_norm": "input_layernorm.", "mlp_norm": "pre_ff_layernorm."}[part] + rest] = value
+        elif part == "mixer" and cfg.layer_mixers[int(i)].kind == "attention":
+            out[prefix + "self_attn." + rest] = value
+        elif part == "mixer":  # Mamba: the convolution as nn.Conv1d holds it, dt's bias on its projection
+            out[prefix + "mamba." + _JAMBA_MAMBA.get(rest, rest)] = value[:, None] if rest == "conv_weight" else value
+        elif cfg.plan[int(i)].mlp.kind == "moe":
+            out[prefix + "feed_forward." + _JAMBA_MOE[rest]] = value
+        else:
+            out[prefix + "feed_forward." + rest] = value
+    return out
+
+
+def _jamba_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+    if not hf.get("mamba_conv_bias", True) or hf.get("mamba_proj_bias", False):
+        raise ValueError("config.json: Jamba with mamba_conv_bias=false or mamba_proj_bias=true is not supported")
+    n, d, heads = hf["num_hidden_layers"], hf["hidden_size"], hf["num_attention_heads"]
+    attn = (hf.get("attn_layer_period", 8), hf.get("attn_layer_offset", 4))
+    expert = (hf.get("expert_layer_period", 2), hf.get("expert_layer_offset", 1))
+    n_experts, top_k = hf.get("num_experts", 16), hf.get("num_experts_per_tok", 2)
+    dt_rank = hf.get("mamba_dt_rank", "auto")
+    eps = hf.get("rms_norm_eps", 1e-6)
+    return {
+        "vocab_size": hf["vocab_size"], "d_model": d, "n_layers": n,
+        "max_seq_len": hf.get("max_position_embeddings", 262144),
+        "norm": {"kind": "rmsnorm", "eps": eps},
+        "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
+        "pattern": "".join("A" if i % attn[0] == attn[1] else "M" for i in range(n)),
+        "mixers": {
+            "A": {"kind": "attention", "n_heads": heads, "n_kv_heads": hf.get("num_key_value_heads") or heads,
+                  "head_dim": hf.get("head_dim") or d // heads, "rope_dims": 0},
+            "M": {"kind": "mamba", "state_dim": hf.get("mamba_d_state", 16), "expand": hf.get("mamba_expand", 2),
+                  "conv_kernel": hf.get("mamba_d_conv", 4), "dt_rank": -(-d // 16) if dt_rank == "auto" else dt_rank,
+                  "inner_norms": True, "norm_eps": eps},
+        },
+        "mlp_pattern": "".join("E" if n_experts > 1 and i % expert[0] == expert[1] else "D" for i in range(n)),
+        "mlps": {
+            "D": {"kind": "swiglu", "hidden": hf["intermediate_size"]},
+            "E": {"kind": "moe", "hidden": hf["intermediate_size"], "n_experts": max(n_experts, top_k),
+                  "top_k": top_k, "aux_loss_coef": hf.get("router_aux_loss_coef", 0.001) * top_k},
+        },
+    }  # fmt: skip
+
+
+NATIVE_HYBRIDS["jamba"] = NativeHybrid(
+    model_type="jamba",
+    architecture="JambaForCausalLM",
+    kinds=frozenset({"attention", "mamba"}),
+    problems=_jamba_problems,
+    to_hf=_jamba_to_hf,
+    export_state=_jamba_state,
+    from_hf=_jamba_from_hf,
 )

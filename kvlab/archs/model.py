@@ -176,6 +176,8 @@ class CausalLM(nn.Module):
                 nn.init.normal_(module.weight, std=std / math.sqrt(2 * self.config.n_layers) if scaled else std)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
+            elif hasattr(module, "init_normal"):  # stacked weights (MoE experts): the same two scales
+                module.init_normal(std, std / math.sqrt(2 * self.config.n_layers))
             elif module is not self and hasattr(module, "reset_parameters"):
                 module.reset_parameters()  # norms, and mixers' own special parameters (before their children)
             if hasattr(module, "reset_buffers"):
@@ -215,6 +217,22 @@ class CausalLM(nn.Module):
                 return self._forward(input_ids, cache, positions, doc_ids, last_only, states=states)
             hidden = self._forward(input_ids, cache, positions, doc_ids, last_only, head=False, states=states)
             return linear_cross_entropy(hidden, self.lm_head.weight, labels)
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """The auxiliary losses of the last training forward (MoE layers' load balancing, weighted by their
+        ``aux_loss_coef``), summed over layers; None for a model without any. The training step adds it to
+        the language-model loss."""
+        losses = [m.aux_loss for m in self.modules() if isinstance(getattr(m, "aux_loss", None), torch.Tensor)]
+        return torch.stack(losses).sum() if losses else None
+
+    @torch.no_grad()
+    def update_routing(self, reduce=None) -> None:
+        """After an optimiser step: MoE layers with ``bias_update`` move their score biases toward balance
+        (DeepSeek-V3), from the last training forward's tokens per expert, summed over ranks by ``reduce``
+        (a function of a tensor, e.g. the strategy's all-reduce; None: this process's counts)."""
+        for m in self.modules():
+            if getattr(m, "score_bias", None) is not None and m.cfg.bias_update and m.tokens_per_expert is not None:
+                m.update_score_bias(reduce(m.tokens_per_expert) if reduce is not None else None)
 
     def _context_states(self, context, input_ids, cache, doc_ids) -> torch.Tensor | None:
         """``context`` checked and encoded (with a cache: written into it, and None returned: the cache serves

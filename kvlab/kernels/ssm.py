@@ -14,15 +14,24 @@ Both are linear attention with decay (``kvlab.kernels.linear_attention``):
 q = C, k = B (times dt for Mamba-1), v = dt x (x for Mamba-1), log decay
 dt A. ``state`` and the returned final state use linear attention's layout
 ([B, H, N, P]; [B, D, N, 1]), so caches are the same whichever backend ran.
-The skip term D x and the gate are the layer's. The ``torch`` forms call
-linear attention through the registry (its chunked form, or its Triton
-kernel where that is chosen); the ``_reference`` variants run the
-token-by-token recurrence; mamba-ssm's fused kernels are the external
-backends (``kvlab.kernels.external``).
+The skip term D x and the gate are the layer's. The ``_reference`` variants
+run linear attention's token-by-token recurrence; mamba-ssm's fused kernels
+are the external backends (``kvlab.kernels.external``). The ``torch`` form of
+``ssd`` calls linear attention through the registry (its chunked form, or
+its Triton kernel where that is chosen). Mamba-1's is the elementwise scan
+s_t = a_t * s_{t-1} + b_t itself, as mamba-ssm's kernel runs it: its value
+is one wide, so the chunked form would build a [C, C] decay mask per channel
+and state element (about 9 s a training step of the ``jamba`` preset on 2
+CPU cores, against under 1 s this way); the loop's steps are small
+elementwise ops, and the backward pass is the same scan in reverse
+(``_SelectiveScan``), not an autograd graph of T steps.
 """
 
 from __future__ import annotations
 
+import torch
+
+from kvlab.kernels.attention import document_starts
 from kvlab.kernels.linear_attention import linear_attention_reference
 
 
@@ -61,9 +70,71 @@ def _selective_scan(u, delta, A, B, C, state, doc_ids, scan, **kwargs):
     return y[..., 0], final
 
 
+class _SelectiveScan(torch.autograd.Function):
+    """Mamba-1's scan token by token, its backward the same scan in reverse; per step only [B, D, N] tensors
+    (the discretised a_t = exp(delta_t A) and b_t = delta_t u_t B_t are formed in the step, never for all
+    tokens at once). u, delta [T, B, D]; A [D, N]; B, C [T, B, N]; s0 [B, D, N]; keep [T, B] (0 where a
+    document starts) or None. Returns y [T, B, D] and the final state (not differentiable: a cache's).
+
+    Backward, with g_t the gradient reaching s_t from y_t and from s_{t+1}:
+    g_t = C_t gy_t + a_{t+1} g_{t+1};  dC_t = gy_t s_t;  d(a_t) = g_t s_{t-1};  d(b_t) = g_t;  d s0 = a_0 g_0."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, s0, keep):
+        T = u.shape[0]
+        states = u.new_empty(T, *s0.shape)
+        y = torch.empty_like(u)
+        s = s0
+        for t in range(T):
+            a = (delta[t, ..., None] * A).exp()
+            if keep is not None:
+                a = a * keep[t, :, None, None]
+            s = torch.addcmul(a * s, (delta[t] * u[t])[..., None], B[t, :, None, :])
+            states[t] = s
+            y[t] = torch.bmm(s, C[t, :, :, None])[..., 0]
+        ctx.save_for_backward(u, delta, A, B, C, s0, keep, states)
+        final = states[-1].clone()
+        ctx.mark_non_differentiable(final)
+        return y, final
+
+    @staticmethod
+    def backward(ctx, grad_y, _grad_final):
+        u, delta, A, B, C, s0, keep, states = ctx.saved_tensors
+        T = u.shape[0]
+        grad_u, grad_delta = torch.empty_like(u), torch.empty_like(delta)
+        grad_B, grad_C = torch.empty_like(B), torch.empty_like(C)
+        grad_A = torch.zeros_like(s0)  # summed over the batch at the end
+        g = torch.zeros_like(s0)
+        for t in range(T - 1, -1, -1):
+            gy = grad_y[t]
+            grad_C[t] = torch.bmm(gy[:, None, :], states[t])[:, 0]
+            g = torch.addcmul(g, gy[..., None], C[t, :, None, :])
+            du = delta[t] * u[t]
+            grad_du = torch.bmm(g, B[t, :, :, None])[..., 0]
+            grad_B[t] = torch.bmm(du[:, None, :], g)[:, 0]
+            a = (delta[t, ..., None] * A).exp()
+            if keep is not None:
+                a = a * keep[t, :, None, None]
+            grad_log_a = g * (states[t - 1] if t else s0) * a  # through a = exp(delta A) (times keep)
+            grad_delta[t] = (grad_log_a * A).sum(-1) + grad_du * u[t]
+            grad_u[t] = grad_du * delta[t]
+            grad_A.addcmul_(grad_log_a, delta[t, ..., None])
+            g = g * a
+        return grad_u, grad_delta, grad_A.sum(0), grad_B, grad_C, g, None
+
+
 def selective_scan(u, delta, A, B, C, *, state=None, doc_ids=None, chunk_size: int = 64):
-    """y [B, D, T] (without the D skip) and the final state [B, D, N, 1]; float32 inputs."""
-    return _selective_scan(u, delta, A, B, C, state, doc_ids, _dispatched_linear_attention, chunk_size=chunk_size)
+    """y [B, D, T] (without the D skip) and the final state [B, D, N, 1]; float32 inputs. ``chunk_size`` is
+    not used (the scan runs token by token). The final state carries no gradient."""
+    batch, D, T = u.shape
+    keep = None
+    if doc_ids is not None:  # a document's first token forgets the state before it
+        keep = (~document_starts(doc_ids)).T.to(u.dtype)
+    s0 = u.new_zeros(batch, D, A.shape[1]) if state is None else state[..., 0].to(u.dtype)
+    steps = (t.permute(2, 0, 1).contiguous() for t in (u, delta, B, C))  # [T, B, .]: one slice per token
+    u_t, delta_t, B_t, C_t = steps
+    y, final = _SelectiveScan.apply(u_t, delta_t, A.to(u.dtype), B_t, C_t, s0, keep)
+    return y.permute(1, 2, 0), final[..., None]
 
 
 def selective_scan_reference(u, delta, A, B, C, *, state=None, doc_ids=None, chunk_size: int = 64):

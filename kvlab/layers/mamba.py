@@ -32,7 +32,9 @@ channel d with a state h [state_dim]:
     dt = softplus(W_dt dt_low + b_dt),   h_t = exp(dt_td A_d) h_{t-1} + dt_td B_t x_td,   y_td = C_t h_t + D_d x_td
 
 A_d = -exp(A_log_d) (S4D-real init: A_dn = -(n + 1)), then y * silu(z) and
-the output projection. The decay differs per channel and per state
+the output projection. With ``inner_norms`` (Jamba, Lieber et al. 2024: "we
+add RMSNorm to internal activations"; as its `transformers` code does), dt_low,
+B and C are each RMS-normalised, with a learned weight, before their use. The decay differs per channel and per state
 element, so each of the ``expand * d_model`` channels is a head of the
 linear-attention kernel with a vector decay (q = C, k = dt B, v = x, one
 value). The cache: h (channels x state_dim) plus the convolution's inputs.
@@ -47,10 +49,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvlab._config import check_float, check_int
+from kvlab._config import check_bool, check_float, check_int
 from kvlab.kernels.ops import causal_conv1d, selective_scan, ssd
 from kvlab.layers.base import LayerFootprint, MixerConfig, StepState, check_reads_own_state, register_mixer
 from kvlab.layers.kv_cache import StateSlot
+from kvlab.layers.norm import RMSNorm
 
 
 @torch.no_grad()
@@ -178,11 +181,15 @@ class MambaConfig(MixerConfig):
     chunk_size: int = 16  # tokens per chunk of the chunked form (speed only)
     dt_min: float = 0.001
     dt_max: float = 0.1
+    inner_norms: bool = False  # Jamba's RMSNorms of dt_low, B and C
+    norm_eps: float = 1e-6
 
     def validate(self, d_model: int, path: str) -> None:
         for name in ("state_dim", "expand", "conv_kernel", "chunk_size"):
             check_int(getattr(self, name), f"{path}.{name}", minimum=1)
         check_int(self.dt_rank, f"{path}.dt_rank", minimum=1, optional=True)
+        check_bool(self.inner_norms, f"{path}.inner_norms")
+        check_float(self.norm_eps, f"{path}.norm_eps", positive=True)
         check_float(self.dt_min, f"{path}.dt_min", positive=True)
         check_float(self.dt_max, f"{path}.dt_max", positive=True)
         if self.dt_min > self.dt_max:
@@ -210,6 +217,10 @@ class Mamba(nn.Module):
         self.A_log = nn.Parameter(torch.empty(self.inner, cfg.state_dim))
         self.D = nn.Parameter(torch.empty(self.inner))
         self.out_proj = nn.Linear(self.inner, d_model, bias=False)
+        if cfg.inner_norms:
+            self.dt_norm = RMSNorm(cfg.dt_rank, cfg.norm_eps)
+            self.b_norm = RMSNorm(cfg.state_dim, cfg.norm_eps)
+            self.c_norm = RMSNorm(cfg.state_dim, cfg.norm_eps)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -233,6 +244,8 @@ class Mamba(nn.Module):
         )
         xs = F.silu(xs)
         dt_low, b, c = self.x_proj(xs).split([R, N, N], dim=-1)
+        if self.cfg.inner_norms:
+            dt_low, b, c = self.dt_norm(dt_low), self.b_norm(b), self.c_norm(c)
         dt = F.softplus(self.dt_proj(dt_low).float() + self.dt_bias.float())  # [B, T, inner]
         y, ssm_state = selective_scan(
             xs.float().transpose(1, 2), dt.transpose(1, 2), -self.A_log.float().exp(),

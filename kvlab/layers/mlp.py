@@ -1,10 +1,31 @@
-"""Channel mixers: SwiGLU (Shazeer 2020, as in Llama), the GELU MLP of GPT-2, and RWKV's channel mix.
+"""Channel mixers: SwiGLU (Shazeer 2020, as in Llama), the GELU MLP of GPT-2, RWKV's channel mix, and a
+mixture of SwiGLU experts (MoE).
 
 RWKV's channel mix (Peng et al. 2023, 2024) mixes each token with the one
 before it (token shift), so it is the one MLP that keeps state when
 decoding: the previous token's input, ``d_model`` values per sequence.
 MLPs say so with ``stateful``; a stateful one takes ``cache`` and
 ``doc_ids`` and allocates its slot with ``new_cache_slot``.
+
+The mixture of experts (Shazeer et al. 2017; Fedus et al. 2022; as Jamba,
+Mixtral and DeepSeek-V2/V3 use it) routes each token to ``top_k`` of
+``n_experts`` SwiGLU experts: scores s = softmax(W_r x) (or sigmoid, as
+DeepSeek-V3), the ``top_k`` largest g_e = s_e chosen (renormalised to sum 1
+with ``norm_topk``, times ``routed_scale``), and
+
+    y = sum_{e in top_k} g_e * expert_e(x)  +  shared(x)
+
+where ``shared`` is a SwiGLU of ``n_shared * hidden`` units every token
+passes (DeepSeek's shared experts; none by default). Routing is dropless:
+every token reaches its ``top_k`` experts, whatever the load (no capacity
+factor, so no token is ever dropped). The load-balancing loss of the last
+training forward, ``aux_loss``, is DeepSeek-V2's expert-level one (Switch's,
+scaled to be 1 when balanced):
+
+    L = aux_loss_coef * sum_e f_e P_e,   f_e = n_experts / (top_k T) * #{tokens routed to e},
+                                         P_e = mean over tokens of the (normalised) score s_e
+
+The training step adds it to the language-model loss (``CausalLM.aux_loss``).
 """
 
 from __future__ import annotations
@@ -15,28 +36,85 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvlab._config import check_choice, check_int
+from kvlab._config import check_bool, check_choice, check_float, check_int
 from kvlab.kernels.causal_conv import token_shift
 from kvlab.layers.kv_cache import StateSlot
 
-MLP_KINDS = ("swiglu", "gelu", "rwkv_channel_mix", "none")
+MLP_KINDS = ("swiglu", "gelu", "rwkv_channel_mix", "moe", "none")
+ROUTER_SCORES = ("softmax", "sigmoid")
+# Up to this many (token, expert) assignments (a decode step of up to 32 sequences at top-2), MoE gathers each
+# token's experts' weights: static shapes, so the compiled decode step is one graph; more group tokens by expert.
+GATHER_ASSIGNMENTS = 64
+MOE_FIELDS = ("n_experts", "top_k", "n_shared", "score", "norm_topk", "routed_scale", "aux_loss_coef", "n_groups",
+              "topk_groups", "score_bias", "bias_update")  # fmt: skip
 
 
 @dataclass
 class MLPConfig:
     kind: str = "swiglu"
-    hidden: int | None = None  # None: 8/3 d_model (SwiGLU), 4 d_model (GELU), 7/2 d_model (RWKV), rounded up to 64
+    # None: 8/3 d_model (SwiGLU and each MoE expert), 4 d_model (GELU), 7/2 d_model (RWKV), rounded up to 64
+    hidden: int | None = None
     # kind none: blocks without an MLP, for mixers that carry one's weight (GAU)
+    # kind moe (None: its defaults; set only for moe):
+    n_experts: int | None = None  # routed experts (default 8)
+    top_k: int | None = None  # experts per token (default 2)
+    n_shared: int | None = None  # shared experts, one SwiGLU of n_shared * hidden units (default 0)
+    score: str | None = None  # softmax (default) | sigmoid: the router's scores
+    norm_topk: bool | None = None  # renormalise the chosen scores to sum 1 (default false)
+    routed_scale: float | None = None  # the routed experts' output scale (default 1)
+    aux_loss_coef: float | None = None  # the load-balancing loss's weight (default 0.01)
+    n_groups: int | None = None  # DeepSeek-V3: experts in this many groups (default 1) ...
+    topk_groups: int | None = None  # ... of which each token picks from the best this many (default n_groups)
+    score_bias: bool | None = None  # DeepSeek-V3: a per-expert bias added to the scores to choose (default false)
+    bias_update: float | None = None  # its update per step toward balance, auxiliary-loss-free (default 0)
 
     def validate(self, d_model: int, path: str) -> None:
         check_choice(self.kind, f"{path}.kind", MLP_KINDS)
         check_int(self.hidden, f"{path}.hidden", minimum=1, optional=True)
+        if self.kind == "moe":
+            self._validate_moe(path)
+        else:
+            given = [f"{path}.{name}={getattr(self, name)!r}" for name in MOE_FIELDS if getattr(self, name) is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)} set but {path}.kind={self.kind}; they configure kind moe")
         if self.kind == "none":
             if self.hidden is not None:
                 raise ValueError(f"{path}.hidden={self.hidden} is set but {path}.kind=none has no hidden layer")
         elif self.hidden is None:
-            width = {"swiglu": 8 * d_model // 3, "gelu": 4 * d_model, "rwkv_channel_mix": 7 * d_model // 2}[self.kind]
+            width = {"gelu": 4 * d_model, "rwkv_channel_mix": 7 * d_model // 2}.get(self.kind, 8 * d_model // 3)
             self.hidden = -(-width // 64) * 64
+
+    def _validate_moe(self, path: str) -> None:
+        defaults = {"n_experts": 8, "top_k": 2, "n_shared": 0, "score": "softmax", "norm_topk": False,
+                    "routed_scale": 1.0, "aux_loss_coef": 0.01, "n_groups": 1, "topk_groups": self.n_groups or 1,
+                    "score_bias": False, "bias_update": 0.0}  # fmt: skip
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        check_int(self.n_experts, f"{path}.n_experts", minimum=1)
+        check_int(self.top_k, f"{path}.top_k", minimum=1)
+        check_int(self.n_shared, f"{path}.n_shared", minimum=0)
+        check_choice(self.score, f"{path}.score", ROUTER_SCORES)
+        check_bool(self.norm_topk, f"{path}.norm_topk")
+        check_float(self.routed_scale, f"{path}.routed_scale", positive=True)
+        check_float(self.aux_loss_coef, f"{path}.aux_loss_coef")
+        if self.aux_loss_coef < 0:
+            raise ValueError(f"{path}.aux_loss_coef={self.aux_loss_coef} must be at least 0")
+        if self.top_k > self.n_experts:
+            raise ValueError(f"{path}.top_k={self.top_k} exceeds {path}.n_experts={self.n_experts}")
+        check_int(self.n_groups, f"{path}.n_groups", minimum=1)
+        check_int(self.topk_groups, f"{path}.topk_groups", minimum=1)
+        check_bool(self.score_bias, f"{path}.score_bias")
+        check_float(self.bias_update, f"{path}.bias_update")
+        if self.n_experts % self.n_groups:
+            raise ValueError(f"{path}.n_experts={self.n_experts} is not divisible by {path}.n_groups={self.n_groups}")
+        if self.topk_groups > self.n_groups:
+            raise ValueError(f"{path}.topk_groups={self.topk_groups} exceeds {path}.n_groups={self.n_groups}")
+        if self.top_k > self.topk_groups * (self.n_experts // self.n_groups):
+            raise ValueError(f"{path}.top_k={self.top_k} exceeds the experts of {path}.topk_groups={self.topk_groups} "
+                             f"groups ({self.topk_groups * (self.n_experts // self.n_groups)})")  # fmt: skip
+        if self.bias_update < 0 or (self.bias_update and not self.score_bias):
+            raise ValueError(f"{path}.bias_update={self.bias_update}: must be at least 0, and needs score_bias: true")
 
     @property
     def stateful(self) -> bool:
@@ -106,11 +184,119 @@ class RWKVChannelMix(nn.Module):
         return self.mix_k.shape[0] * dtype.itemsize
 
 
+class MoE(nn.Module):
+    """A dropless mixture of SwiGLU experts (the module docstring has the equations). The experts' weights are
+    stacked, ``gate_up_proj`` [n_experts, 2 hidden, d_model] and ``down_proj`` [n_experts, d_model, hidden],
+    as `transformers` keeps them (Jamba, Mixtral, DeepSeek-V3)."""
+
+    stateful = False
+
+    def __init__(self, d_model: int, cfg: MLPConfig):
+        super().__init__()
+        self.cfg = cfg
+        E, H = cfg.n_experts, cfg.hidden
+        self.router = nn.Linear(d_model, E, bias=False)
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * H, d_model))
+        self.down_proj = nn.Parameter(torch.empty(E, d_model, H))
+        self.shared = SwiGLU(d_model, cfg.n_shared * H) if cfg.n_shared else None
+        # DeepSeek-V3's bias on the scores that choose (not on the weights), moved toward balance by
+        # ``update_score_bias`` rather than by gradients: a buffer, saved with the model
+        self.register_buffer("score_bias", torch.zeros(E) if cfg.score_bias else None)
+        self.aux_loss: torch.Tensor | None = None  # of the last training forward (see CausalLM.aux_loss)
+        self.tokens_per_expert: torch.Tensor | None = None  # in the last training forward
+
+    def init_normal(self, std: float, out_std: float) -> None:
+        """The model's init (``CausalLM.init_weights``) for the stacked weights: N(0, std) in, N(0, out_std)
+        out, as a Linear named up/down would get."""
+        nn.init.normal_(self.gate_up_proj, std=std)
+        nn.init.normal_(self.down_proj, std=out_std)
+        if self.score_bias is not None:
+            self.score_bias.zero_()
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(scores [N, E] in fp32 or wider, the chosen experts [N, top_k], their weights [N, top_k]) for tokens
+        [N, D]."""
+        c = self.cfg
+        logits = self.router(x)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 scores would tie and flip
+        scores = logits.softmax(-1) if c.score == "softmax" else logits.sigmoid()
+        choice = scores if self.score_bias is None else scores + self.score_bias
+        if c.topk_groups < c.n_groups:  # DeepSeek-V3: a group ranks by the sum of its two best scores
+            groups = choice.unflatten(-1, (c.n_groups, -1))
+            rank = groups.topk(min(2, groups.shape[-1]), dim=-1).values.sum(-1)
+            kept = torch.zeros_like(rank, dtype=torch.bool).scatter_(-1, rank.topk(c.topk_groups, -1).indices, True)
+            choice = groups.masked_fill(~kept[..., None], float("-inf")).flatten(-2)
+        experts = choice.topk(c.top_k, dim=-1).indices
+        weights = scores.gather(-1, experts)
+        if c.norm_topk:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return scores, experts, weights * c.routed_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        scores, experts, weights = self.route(x)
+        weights = weights.to(x.dtype)
+        if experts.numel() <= max(self.cfg.n_experts, GATHER_ASSIGNMENTS):  # decoding: gather each token's experts
+            y = self._gathered(x, experts, weights)
+        else:
+            y = self._grouped(x, experts, weights)
+        if self.shared is not None:
+            y = y + self.shared(x)
+        if self.training and torch.is_grad_enabled():
+            self.aux_loss = self.cfg.aux_loss_coef * self.balance(scores, experts)
+            self.tokens_per_expert = torch.bincount(experts.flatten(), minlength=self.cfg.n_experts)
+        return y.reshape(shape)
+
+    @torch.no_grad()
+    def update_score_bias(self, load: torch.Tensor | None = None) -> None:
+        """DeepSeek-V3's auxiliary-loss-free balancing, once per optimiser step: b_e += bias_update * sign(mean
+        load - load_e), from ``load`` (the step's tokens per expert, summed over ranks) or the last forward's."""
+        load = self.tokens_per_expert if load is None else load
+        if self.score_bias is None or not self.cfg.bias_update or load is None:
+            return
+        load = load.to(self.score_bias.dtype)
+        self.score_bias += self.cfg.bias_update * torch.sign(load.mean() - load)
+
+    def balance(self, scores: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """sum_e f_e P_e (1 when every expert gets as many tokens and as much score as the others)."""
+        E = self.cfg.n_experts
+        load = torch.bincount(experts.flatten(), minlength=E).to(scores.dtype) * (E / experts.numel())
+        share = scores if self.cfg.score == "softmax" else scores / scores.sum(-1, keepdim=True)
+        return (load * share.mean(0)).sum()
+
+    def _expert(self, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, down)
+
+    def _grouped(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Tokens sorted by expert, each expert applied once to its tokens. Experts that got none still run (on
+        no rows), so every expert is in the graph and gets a (zero) gradient: DDP needs no unused parameters."""
+        k = self.cfg.top_k
+        flat = experts.flatten()
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=self.cfg.n_experts).tolist()
+        rows = order // k  # the token of each sorted assignment
+        parts = x[rows].split(counts)
+        out = torch.cat([self._expert(p, self.gate_up_proj[e], self.down_proj[e]) for e, p in enumerate(parts)])
+        out = out * weights.flatten()[order, None]
+        return torch.zeros_like(x).index_add_(0, rows, out)
+
+    def _gathered(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Each token's experts' weights gathered: static shapes, so one compiled decode step serves any
+        routing."""
+        gate, up = torch.einsum("nd,nkhd->nkh", x, self.gate_up_proj[experts]).chunk(2, dim=-1)
+        out = torch.einsum("nkh,nkdh->nkd", F.silu(gate) * up, self.down_proj[experts])
+        return (out * weights.unsqueeze(-1)).sum(1)
+
+
 def build_mlp(cfg: MLPConfig, d_model: int) -> nn.Module | None:
     """The block's MLP, or None for ``kind: none``."""
     if cfg.kind == "none":
         return None
+    if cfg.kind == "moe":
+        return MoE(d_model, cfg)
     return MLP_CLASSES[cfg.kind](d_model, cfg.hidden)
 
 
-MLP_CLASSES = {"swiglu": SwiGLU, "gelu": GeluMLP, "rwkv_channel_mix": RWKVChannelMix}
+MLP_CLASSES = {"swiglu": SwiGLU, "gelu": GeluMLP, "rwkv_channel_mix": RWKVChannelMix, "moe": MoE}

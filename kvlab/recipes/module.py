@@ -144,6 +144,12 @@ class LMModule(L.LightningModule):
             self.log("train_lm_loss", self._loss(labels, logits.detach()))
         else:  # the model computes the loss itself: the fused head + cross-entropy never holds all the logits
             loss = self.model(ids, doc_ids=batch.get("doc_ids"), labels=labels, context=context)
+        aux = self.model.aux_loss()
+        if aux is not None:  # MoE load balancing, weighted by its coefficient: trained with, logged apart
+            if self._teacher is None:
+                self.log("train_lm_loss", loss.detach())
+            self.log("train_aux_loss", aux.detach())
+            loss = loss + aux
         tokens = batch["input_ids"].numel() * self.trainer.world_size
         self.log("train_loss", loss, prog_bar=True)
         self.log("lr", self.lr_schedulers().get_last_lr()[0])
@@ -153,6 +159,11 @@ class LMModule(L.LightningModule):
             self.log("tokens_per_s", tokens / max(now - self._t_last, 1e-9), prog_bar=True)
         self._t_last = now
         return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        # DeepSeek-V3's balancing biases follow the batch's load on every rank alike (under gradient
+        # accumulation, each micro-batch's; README "Mixture of experts")
+        self.model.update_routing(reduce=lambda t: self.trainer.strategy.reduce(t.float(), reduce_op="sum"))
 
     def on_validation_epoch_end(self) -> None:
         self._t_last = None  # validation time is not training throughput

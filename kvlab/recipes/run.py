@@ -131,6 +131,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             trainer.save_checkpoint(last)
         tokens_per_step = tc.data.batch_size * tc.data.seq_len * tc.trainer.accumulate_grad_batches * trainer.world_size
         metrics["train_loss"] = _metric(trainer, "train_loss")
+        if "train_aux_loss" in trainer.callback_metrics:  # MoE load balancing, inside train_loss
+            metrics["train_aux_loss"] = _metric(trainer, "train_aux_loss")
         metrics["tokens_seen"] = trainer.global_step * tokens_per_step
         metrics["tokens_per_s"] = (trainer.global_step - start_step) * tokens_per_step / elapsed
         metrics["steps"] = trainer.global_step

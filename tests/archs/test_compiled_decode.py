@@ -29,7 +29,7 @@ needs_cxx = pytest.mark.skipif(
     reason="Inductor needs a C++ compiler on CPU",
 )
 
-FAMILIES = ["hybrid_window", "mla_cla", "gau_flash", "infini", "hymba_heads", "kdgqa_cla", "clla"] + [
+FAMILIES = ["hybrid_window", "mla_cla", "gau_flash", "infini", "hymba_heads", "kdgqa_cla", "clla", "mamba_moe"] + [
     pytest.param(name, marks=pytest.mark.slow) for name in ("rwkv7", "lckv", "mamba", "yoco_gret", "matryoshka", "dgqa")
 ]
 

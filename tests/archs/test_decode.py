@@ -141,6 +141,10 @@ VARIANTS = {
     ),
     "mamba2": tiny(mixer={"kind": "mamba2", "head_dim": 16, "state_dim": 8, "n_groups": 2, "chunk_size": 4}),
     "mamba": tiny(mixer={"kind": "mamba", "state_dim": 4, "expand": 1, "chunk_size": 4}),
+    "mamba_moe": tiny(  # Jamba's pieces: Mamba with its inner norms, a mixture of experts MLP
+        mixer={"kind": "mamba", "state_dim": 4, "expand": 1, "inner_norms": True},
+        mlp={"kind": "moe", "hidden": 16, "n_experts": 4, "top_k": 2},
+    ),
     "hybrid_mamba2_window": tiny(  # Samba's layout
         mixer=None,
         pattern="MW",

@@ -39,6 +39,27 @@ NATIVE = {
     "mla_q_lora": tiny(
         mixer={"kind": "mla", "n_heads": 4, "head_dim": 16, "rope_head_dim": 8, "kv_lora_rank": 24, "q_lora_rank": 32}
     ),
+    "mla_moe": tiny(  # DeepSeek-V3 with MoE after a dense first layer, routed as it routes
+        n_layers=3,
+        mixer={"kind": "mla", "n_heads": 4, "head_dim": 16, "rope_head_dim": 8, "kv_lora_rank": 24},
+        mlp_pattern="DEE",
+        mlps={
+            "D": {"kind": "swiglu", "hidden": 96},
+            "E": {
+                "kind": "moe",
+                "hidden": 16,
+                "n_experts": 8,
+                "top_k": 2,
+                "n_shared": 1,
+                "score": "sigmoid",
+                "score_bias": True,
+                "norm_topk": True,
+                "routed_scale": 2.5,
+                "n_groups": 4,
+                "topk_groups": 2,
+            },
+        },
+    ),
     "sharp": tiny(),  # weights scaled up: peaked distributions, so beam search reorders its beams
 }
 # No native transformers class: exported as model_type kvlab with remote code.
@@ -67,12 +88,12 @@ REMOTE = {
 EXPORTED = {**NATIVE, **REMOTE}
 PRESET_TYPES = {"mha": "llama", "gqa": "llama", "mqa": "llama", "mla": "deepseek_v3", "cla": "kvlab", "mlkv": "kvlab",
                 "infini": "kvlab", "yoco_swa": "kvlab", "svformer": "kvlab", "lckv": "kvlab", "retnet": "kvlab",
-                "yoco_gret": "kvlab", "mamba2": "kvlab", "jamba": "kvlab", "samba": "kvlab",
+                "yoco_gret": "kvlab", "mamba2": "kvlab", "jamba": "jamba", "jamba_m2": "kvlab", "samba": "kvlab",
                 "rwkv6": "kvlab", "rwkv7": "kvlab", "gau": "kvlab", "kdgqa": "kvlab", "dha": "kvlab", "clla": "kvlab",
                 "matryoshka": "kvlab", "sa": "kvlab", "block_transformer": "kvlab", "cepe": "kvlab",
                 "xc_cache": "kvlab", "hymba": "kvlab", "goldfinch": "kvlab"}  # fmt: skip
 EXPECTED_TYPE = {**PRESET_TYPES, "mistral_window": "mistral", "qwen2_bias": "qwen2", "mla_q_lora": "deepseek_v3",
-                 **dict.fromkeys(REMOTE, "kvlab")}  # fmt: skip
+                 "mla_moe": "deepseek_v3", **dict.fromkeys(REMOTE, "kvlab")}  # fmt: skip
 
 # Run in a fresh interpreter in which kvlab cannot be imported.
 LOADER = """
@@ -98,7 +119,8 @@ for name, directory in json.loads(sys.argv[1]).items():
                                                   min_new_tokens=8, do_sample=False)[0, 5:]
     torch.save({"logits": result.logits, "generated": generated[0, 5:], "beams": beams.sequences[:, 5:],
                 "beam_scores": beams.sequences_scores,
-                "cache_shape": None if remote else tuple(cache.layers[0].keys.shape),
+                "cache_shape": None if remote else next(tuple(layer.keys.shape) for layer in cache.layers
+                                                        if getattr(layer, "keys", None) is not None),
                 "cache_bytes": cache.cache.nbytes() if remote else None,
                 "class": type(model).__name__, "context": context}, directory + "/theirs.pt")
 assert not [m for m in sys.modules if m.startswith("kvlab") and sys.modules[m] is not None]
@@ -156,7 +178,8 @@ def test_export_loads_and_matches_logits_and_generation(exported, name):
         assert theirs["cache_bytes"] == model.kv_footprint(torch.float32).total_bytes(13, batch_size=2)
     elif (m := model.config.layer_mixers[0]).kind == "mla":  # transformers caches the latent too, one "head"
         assert theirs["cache_shape"][1::2] == (1, m.kv_lora_rank)
-    else:  # transformers' cache is the GQA one
+    else:  # transformers' cache is the GQA one (Jamba's attention layer: its only K/V)
+        m = next(m for m in model.config.layer_mixers if m.kind == "attention")
         assert theirs["cache_shape"][1::2] == (m.n_kv_heads, m.head_dim)  # [B, heads, positions, head_dim]
 
 
@@ -192,6 +215,22 @@ def test_export_import_export_is_the_identity(tmp_path, remote_code):
     assert a.keys() == b.keys() and not any(k.endswith("lm_head.weight") for k in a)
     assert all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+
+
+def test_jamba_exports_natively_and_reads_back(tmp_path):
+    """JambaForCausalLM both ways (the export test matches its logits and generation): the same layers, and
+    export, import, export writes identical bytes."""
+    model = build_model(_small(preset_dict("jamba")))
+    save_hf(model, tmp_path / "a", remote_code=False)
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["architectures"] == ["JambaForCausalLM"]
+    again = load_hf(tmp_path / "a")
+    assert again.config.plan == model.config.plan  # mlp_pattern comes back written out per layer
+    save_hf(again, tmp_path / "b", remote_code=False)
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="RoPE in attention"):  # jamba_m2 is no Jamba: remote code only
+        save_hf(build_model(_small(preset_dict("jamba_m2") | {"mixers": {
+            "M": {"kind": "mamba", "inner_norms": True, "norm_eps": 1e-5}, "A": {"kind": "attention"}}})),
+            tmp_path / "c", remote_code=False)  # fmt: skip
 
 
 def test_dtype_casts_weights_but_not_integer_buffers(tmp_path):

@@ -26,6 +26,12 @@ CASES = {
             qk_rope_head_dim=8, v_head_dim=16, q_lora_rank=q_lora_rank, rope_interleave=interleave))
         for name, q_lora_rank, interleave in [("interleaved", None, True), ("q-lora", 24, False)]
     },
+    # with MoE above the first layer: 8 experts in 4 groups (tokens choose from the best 2), top 2 renormalised
+    # and scaled, a shared expert, and a score bias that moves the choice
+    "deepseek-v3-moe": (transformers.DeepseekV3Config, dict(
+        num_key_value_heads=4, first_k_dense_replace=1, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+        v_head_dim=16, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
+        n_group=4, topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5)),
 }  # fmt: skip
 
 
@@ -39,6 +45,9 @@ def test_import_matches_transformers(tmp_path, case, sharded):
         for name, p in hf.named_parameters():
             if name.endswith("bias"):
                 p.normal_(std=0.5)
+        for name, b in hf.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(std=0.05)  # the router's scores are near 0.5 at init: this changes which experts win
     hf.save_pretrained(tmp_path, max_shard_size="40KB" if sharded else "5GB")
     assert (tmp_path / "model.safetensors.index.json").exists() == sharded
     ours = load_hf(tmp_path).eval()
@@ -54,9 +63,12 @@ def test_import_matches_transformers(tmp_path, case, sharded):
 
 
 def test_names_round_trip():
+    moe = ["gate.weight", "gate.e_score_correction_bias", "experts.gate_up_proj", "experts.down_proj",
+           "shared_experts.down_proj.weight"]  # fmt: skip
     for name in ["model.layers.3.self_attn.q_proj.weight", "model.layers.0.input_layernorm.weight",
                  "model.layers.1.post_attention_layernorm.weight", "model.embed_tokens.weight", "model.norm.weight",
-                 "lm_head.weight", "model.layers.2.mlp.gate_proj.weight"]:  # fmt: skip
+                 "lm_head.weight", "model.layers.2.mlp.gate_proj.weight",
+                 *(f"model.layers.2.mlp.{n}" for n in moe)]:  # fmt: skip
         assert kvlab_to_hf_name(hf_to_kvlab_name(name)) == name
 
 
@@ -66,9 +78,9 @@ def test_unsupported_and_missing_are_named(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(ValueError, match="model_type='gpt2' is not supported; supported: llama, mistral, qwen2"):
         load_hf(tmp_path)
-    moe = transformers.DeepseekV3Config(**COMMON, first_k_dense_replace=1).to_dict()
+    moe = transformers.DeepseekV3Config(**COMMON, first_k_dense_replace=1).to_dict() | {"scoring_func": "softmax"}
     (tmp_path / "config.json").write_text(json.dumps(moe))
-    with pytest.raises(ValueError, match="mixture-of-experts layers"):
+    with pytest.raises(ValueError, match="scoring_func='softmax', topk_method=None is not supported"):
         load_hf(tmp_path)
     cfg = transformers.LlamaConfig(**COMMON).to_dict()
     (tmp_path / "config.json").write_text(json.dumps(cfg))

@@ -54,12 +54,12 @@ def test_reference_and_fast_kernels_agree(name, monkeypatch):
     "name, ran",
     [
         ("gqa", {"attention", "rms_norm", "linear_cross_entropy"}),
-        # the windowed attention kernel, retention's linear attention, Mamba-2's SSD and causal conv and
-        # RWKV-7's delta rule, each also checked alone in tests/kernels/test_triton.py, take this model-level
-        # run only with -m slow (the suite's time)
+        # the windowed attention kernel, retention's and RWKV-6's linear attention, Mamba-2's SSD and causal
+        # conv and RWKV-7's delta rule, each also checked alone in tests/kernels/test_triton.py, take this
+        # model-level run only with -m slow (the suite's time)
         pytest.param("yoco_swa", {"attention"}, marks=pytest.mark.slow),
         pytest.param("retnet", {"linear_attention"}, marks=pytest.mark.slow),
-        ("rwkv6", {"linear_attention"}),
+        pytest.param("rwkv6", {"linear_attention"}, marks=pytest.mark.slow),
         pytest.param("mamba2", {"causal_conv1d", "linear_attention"}, marks=pytest.mark.slow),
         pytest.param("rwkv7", {"delta_rule"}, marks=pytest.mark.slow),
     ],

@@ -69,6 +69,23 @@ def test_ssd_and_selective_scan_chunked_equal_their_recurrences():
         assert rel_error(a, b) < 1e-10
 
 
+@pytest.mark.parametrize("kwargs", [{"doc_ids": DOCS}, {"state": "random"}], ids=["documents", "state"])
+def test_selective_scans_hand_written_backward_matches_autograd_through_the_recurrence(kwargs):
+    """Mamba-1's torch scan runs its backward by hand (the scan in reverse): every input's gradient against
+    autograd through linear attention's token-by-token recurrence, in float64."""
+    if kwargs.get("state") == "random":
+        kwargs = {"state": torch.randn(2, 6, 5, 1, dtype=torch.float64)}
+    inputs = [t.requires_grad_() for t in _scan_inputs()]
+    weights = torch.randn(2, 6, 23, dtype=torch.float64)  # a loss that weighs every output differently
+    grads = []
+    for scan in (selective_scan, selective_scan_reference):
+        y, final = scan(*inputs, **kwargs)
+        grads.append(torch.autograd.grad((y * weights).sum(), inputs))
+        assert not final.requires_grad or scan is selective_scan_reference
+    for name, a, b in zip("u delta A B C".split(), *grads, strict=True):
+        assert rel_error(a, b) < 1e-10, name
+
+
 def test_causal_conv1d_matches_its_reference_across_documents_and_calls():
     x, w, bias, prev = torch.randn(2, 23, 5), torch.randn(5, 4), torch.randn(5), torch.randn(2, 3, 5)
     for a, b in zip(causal_conv1d(x, w, bias, prev=prev, doc_ids=DOCS),

@@ -169,13 +169,25 @@ def test_multirun_sweeps_presets(tmp_path, data_cache):
     assert per_token == [6 * 2 * h * 32 * 2 for h in (8, 2, 1)] + [6 * (128 + 16) * 2]  # MLA: latent + RoPE key
 
 
-LEARNING_PRESETS = ["retnet", "mamba2", "rwkv6", "rwkv7", "gau", "jamba", "samba", "hymba", "goldfinch", "yoco_gret"]
+LEARNING_PRESETS = [
+    "retnet",
+    "mamba2",
+    "rwkv6",
+    "rwkv7",
+    "gau",
+    "jamba",
+    "jamba_m2",
+    "samba",
+    "hymba",
+    "goldfinch",
+    "yoco_gret",
+]
 
 
 @pytest.mark.parametrize(
     "names",
     [
-        # one of each family by default: retention, the delta rule, a Mamba-2 hybrid, parallel heads
+        # one of each family by default: retention, the delta rule, a Mamba + MoE hybrid, parallel heads
         ["retnet", "rwkv7", "jamba", "hymba"],
         pytest.param(
             [n for n in LEARNING_PRESETS if n not in ("retnet", "rwkv7", "jamba", "hymba")],
@@ -192,6 +204,10 @@ def test_recurrent_and_hybrid_presets_learn(tmp_path, data_cache, names):
     for run in sorted(d for d in sweep.iterdir() if d.is_dir()):
         metrics = json.loads((run / "metrics.json").read_text())
         assert metrics["val_loss"] < metrics["initial_val_loss"] - 0.5, run.name
+        # MoE layers (jamba) train with their load-balancing loss, reported apart
+        assert ("train_aux_loss" in metrics) == run.name.endswith("-jamba"), run.name
+        if run.name.endswith("-jamba"):
+            assert 0 < metrics["train_aux_loss"] < metrics["train_loss"]
         recurrent_only = run.name.split("-", 1)[1] in ("retnet", "mamba2", "rwkv6", "rwkv7", "gau", "samba")
         assert (metrics["kv_bytes_per_token"] == 0) == recurrent_only, run.name
 
@@ -362,10 +378,17 @@ def test_bad_override_exits_with_the_error_first(tmp_path, data_cache, case):
     assert not list((tmp_path / "outputs").glob("**/*.ckpt"))
 
 
+# MoE MLPs, top-1 of 8 experts: some experts get no tokens on a rank (the distributed tests train them)
+MOE_MLP = ["model.mlp.kind=moe", "++model.mlp.n_experts=8", "++model.mlp.top_k=1", "model.mlp.hidden=32"]
+
+
 def test_ddp_on_two_cpu_processes(tmp_path, data_cache):
-    train(tmp_path, data_cache, "trainer=ddp", "trainer.max_steps=4")
+    # with MoE MLPs, top-1 of 8 experts: an expert that gets no tokens on a rank still has a (zero) gradient,
+    # which DDP's all-reduce needs; the balance loss trains with the language-model loss
+    train(tmp_path, data_cache, "trainer=ddp", "trainer.max_steps=4", *MOE_MLP)
     (run,) = run_dirs(tmp_path, "train")
     metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["train_aux_loss"] > 0
     assert metrics["steps"] == 4
     assert metrics["tokens_seen"] == 4 * 8 * 64 * 2  # two processes, a batch each per step
     assert (run / "train_ddp_process_1.log").exists()
@@ -418,7 +441,7 @@ def test_init_from_checkpoint_and_hf_with_conversion(tmp_path, data_cache):
 @pytest.mark.parametrize("stage", [2, pytest.param(3, marks=pytest.mark.slow)])
 def test_deepspeed_zero_on_two_cpu_processes_checkpoints_resumes_and_inits(tmp_path, data_cache, stage):
     ds = [f"trainer=deepspeed_zero{stage}", "trainer.accelerator=cpu", "trainer.devices=2",
-          "trainer.precision=32-true", "trainer.ckpt_every_n_steps=3"]  # fmt: skip
+          "trainer.precision=32-true", "trainer.ckpt_every_n_steps=3", *MOE_MLP]  # fmt: skip
     train(tmp_path, data_cache, *ds, "trainer.max_steps=4")
     (run,) = run_dirs(tmp_path, "train")
     metrics = json.loads((run / "metrics.json").read_text())
@@ -435,7 +458,7 @@ def test_deepspeed_zero_on_two_cpu_processes_checkpoints_resumes_and_inits(tmp_p
     # Plain DDP (same two ranks, so the same validation samples) evaluates the gathered weights
     # exactly where the first run ended.
     train(tmp_path, data_cache, "run_name=init", "init.from=checkpoint", f"init.path={last}", "trainer=ddp",
-          "stages=[eval]")  # fmt: skip
+          "stages=[eval]", *MOE_MLP)  # fmt: skip
     (init_dir,) = run_dirs(tmp_path, "init")
     init = json.loads((init_dir / "metrics.json").read_text())
     assert abs(init["val_loss"] - metrics["val_loss"]) < 1e-5

@@ -162,7 +162,8 @@ def test_xc_cache_uptrain_trains_the_shared_cross_block_alone(tmp_path, data_cac
     _check_context_uptrain(tmp_path, data_cache, ckpt, "xc_cache_uptrain", "init.convert.context.cross_layers=[1]", 64)
 
 
-@pytest.mark.parametrize("n_kv_heads,tied", [(8, False), (4, True)])
+# the untied MHA parent under -m slow (the suite's time); the tied GQA one covers the path
+@pytest.mark.parametrize("n_kv_heads,tied", [pytest.param(8, False, marks=pytest.mark.slow), (4, True)])
 def test_uptrain_an_hf_directory(tmp_path, n_kv_heads, tied):
     transformers = pytest.importorskip("transformers")
     from kvlab.recipes.data import stdlib_files, train_tokenizer

@@ -1,0 +1,184 @@
+"""The mixture-of-experts MLP: routing against a plain loop over tokens and experts in float64, its two
+execution paths, gradients, the load-balancing loss, per-layer MLPs in the config, and training."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kvlab.archs.config import ModelConfig
+from kvlab.archs.model import build_model
+from kvlab.layers.mlp import MLPConfig, MoE
+from tests.conftest import tiny
+
+D = 12
+
+
+def _moe(**settings) -> MoE:
+    cfg = MLPConfig(kind="moe", hidden=8, **settings)
+    cfg.validate(D, "mlp")
+    torch.manual_seed(0)
+    moe = MoE(D, cfg).double()
+    moe.init_normal(0.3, 0.3)
+    torch.nn.init.normal_(moe.router.weight, std=1.0)  # spread scores: no near-ties in the top k
+    if moe.shared is not None:
+        for p in moe.shared.parameters():
+            torch.nn.init.normal_(p, std=0.3)
+    return moe
+
+
+def _loop_reference(moe: MoE, x: torch.Tensor) -> torch.Tensor:
+    """The module docstring's equations, one token and one expert at a time."""
+    c = moe.cfg
+    out = torch.zeros_like(x)
+    for n in range(x.shape[0]):
+        logits = moe.router.weight @ x[n]
+        scores = torch.softmax(logits, 0) if c.score == "softmax" else torch.sigmoid(logits)
+        chosen = sorted(range(c.n_experts), key=lambda e: -scores[e].item())[: c.top_k]
+        total = sum(scores[e] for e in chosen)
+        for e in chosen:
+            g = scores[e] / total if c.norm_topk else scores[e]
+            w_gate, w_up = moe.gate_up_proj[e][: c.hidden], moe.gate_up_proj[e][c.hidden :]
+            h = F.silu(w_gate @ x[n]) * (w_up @ x[n])
+            out[n] += c.routed_scale * g * (moe.down_proj[e] @ h)
+        if moe.shared is not None:
+            s = moe.shared
+            out[n] += s.down_proj.weight @ (F.silu(s.gate_proj.weight @ x[n]) * (s.up_proj.weight @ x[n]))
+    return out
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"n_experts": 6, "top_k": 2},  # Jamba, DeepSeek-V2: softmax, the chosen scores as they are
+        {"n_experts": 5, "top_k": 2, "norm_topk": True},  # Mixtral
+        {"n_experts": 6, "top_k": 3, "score": "sigmoid", "norm_topk": True, "routed_scale": 2.5, "n_shared": 2},
+        {"n_experts": 4, "top_k": 1},
+    ],
+    ids=["softmax", "renormalised", "sigmoid-shared", "top1"],
+)
+def test_both_paths_match_a_loop_over_tokens_and_experts(settings):
+    moe = _moe(**settings)
+    x = torch.randn(2, 40, D, dtype=torch.float64)
+    want = _loop_reference(moe, x.reshape(-1, D)).reshape(x.shape)
+    torch.testing.assert_close(moe(x), want)  # 80 tokens: the grouped path
+    scores, experts, weights = moe.route(x.reshape(-1, D))
+    gathered = moe._gathered(x.reshape(-1, D), experts, weights.double())
+    torch.testing.assert_close(gathered + (moe.shared(x.reshape(-1, D)) if moe.shared else 0), want.reshape(-1, D))
+    one = x[:1, :1]  # one token: the gathered path (decoding)
+    torch.testing.assert_close(moe(one), want[:1, :1])
+
+
+def test_every_expert_that_got_tokens_gets_a_gradient_and_the_others_a_zero_one():
+    moe = _moe(n_experts=8, top_k=1)
+    x = torch.randn(5, D, dtype=torch.float64)
+    _, experts, _ = moe.route(x)
+    used = set(experts.flatten().tolist())
+    assert len(used) < 8  # 5 tokens, one expert each: some experts get nothing
+    moe.train()
+    moe(x).square().sum().backward()
+    for e in range(8):
+        norm = moe.gate_up_proj.grad[e].norm() + moe.down_proj.grad[e].norm()
+        assert (norm > 0) == (e in used), e
+    assert moe.router.weight.grad.norm() > 0  # through the chosen weights
+
+
+def test_the_balance_loss_is_the_expert_level_formula():
+    moe = _moe(n_experts=4, top_k=2, aux_loss_coef=0.1).train()
+    x = torch.randn(9, D, dtype=torch.float64)
+    moe(x)
+    scores = torch.softmax(x @ moe.router.weight.T, -1)
+    chosen = scores.topk(2, -1).indices
+    f = [4 / (2 * 9) * (chosen == e).sum().item() for e in range(4)]
+    P = scores.mean(0)
+    torch.testing.assert_close(moe.aux_loss, 0.1 * sum(f[e] * P[e] for e in range(4)))
+    # uniform scores and an even load give exactly 1
+    load = torch.tensor([[0, 1], [2, 3]])
+    torch.testing.assert_close(moe.balance(torch.full((2, 4), 0.25, dtype=torch.float64), load),
+                               torch.tensor(1.0, dtype=torch.float64))  # fmt: skip
+    moe.eval()
+    moe.aux_loss = None
+    moe(x)
+    assert moe.aux_loss is None  # only training forwards leave one
+
+
+def _jamba_like(**extra) -> dict:
+    return tiny(
+        n_layers=4, mixer=None, pattern="MA",
+        mixers={"M": {"kind": "mamba", "state_dim": 4, "inner_norms": True}, "A": {"kind": "attention", "n_heads": 4}},
+        mlp_pattern="DE", mlps={"D": {"kind": "swiglu"}, "E": {"kind": "moe", "n_experts": 4, "hidden": 16}},
+        **extra,
+    )  # fmt: skip
+
+
+def test_mlp_pattern_gives_each_layer_its_mlp_and_the_training_loss_its_balance_term():
+    model = build_model(_jamba_like())
+    assert [type(layer.mlp).__name__ for layer in model.layers] == ["SwiGLU", "MoE", "SwiGLU", "MoE"]
+    model.train()
+    ids = torch.randint(0, 97, (2, 10))
+    model(ids, labels=ids).backward()
+    aux = model.aux_loss()
+    assert aux is not None and aux.requires_grad
+    layers = [layer.mlp.aux_loss for layer in model.layers if isinstance(layer.mlp, MoE)]
+    torch.testing.assert_close(aux, layers[0] + layers[1])
+    assert build_model(tiny()).aux_loss() is None
+
+
+def test_layers_specs_may_give_an_mlp():
+    cfg = ModelConfig.from_dict(tiny(n_layers=3, mixer=None, layers=[
+        {"mixer": {"kind": "attention", "n_heads": 4}, "repeat": 2},
+        {"mixer": {"kind": "attention", "n_heads": 4}, "mlp": {"kind": "moe", "n_experts": 3, "top_k": 1}},
+    ]))  # fmt: skip
+    assert [p.mlp.kind for p in cfg.plan] == ["swiglu", "swiglu", "moe"]
+    assert cfg.plan[2].mlp.hidden == 192  # an expert is as wide as a default SwiGLU: 8/3 x 64 rounded up to 64
+    assert ModelConfig.from_dict(cfg.to_dict()).plan == cfg.plan
+
+
+@pytest.mark.parametrize(
+    "change, error",
+    [
+        ({"mlp": {"kind": "swiglu", "n_experts": 4}}, r"mlp\.n_experts=4 set but mlp\.kind=swiglu"),
+        ({"mlp": {"kind": "moe", "n_experts": 2, "top_k": 3}}, r"mlp\.top_k=3 exceeds mlp\.n_experts=2"),
+        ({"mlp": {"kind": "moe", "score": "relu"}}, r"mlp\.score='relu' is not one of"),
+        ({"mlp": {"kind": "moe", "aux_loss_coef": -1.0}}, r"mlp\.aux_loss_coef=-1\.0 must be at least 0"),
+        ({"mlp_pattern": "DX", "mlps": {"D": {"kind": "swiglu"}}}, r"mlp_pattern='DX' uses 'X', which is not in mlps"),
+        ({"mlp_pattern": "D"}, r"mlps=None must map each name in mlp_pattern='D'"),
+        ({"mlp_pattern": "D", "mlps": {"D": {"kind": "moe", "hiden": 3}}}, r"mlps\.D\.hiden: unknown key"),
+    ],
+    ids=["moe-field-on-swiglu", "top-k", "score", "coefficient", "unknown-name", "no-mlps", "unknown-key"],
+)
+def test_bad_moe_settings_name_the_field(change, error):
+    with pytest.raises(ValueError, match=error):
+        ModelConfig.from_dict(tiny(**change))
+
+
+def test_iso_params_refuses_per_layer_mlps():
+    with pytest.raises(ValueError, match="the layers' MLPs differ"):
+        ModelConfig.from_dict(_jamba_like()).with_params(100_000)
+
+
+def test_native_export_refuses_per_layer_mlps(tmp_path):
+    from kvlab.archs.hf import save_hf
+
+    model = build_model(tiny(mlp_pattern="DE", mlps={"D": {"kind": "swiglu", "hidden": 96}, "E": {"kind": "moe"}}))
+    with pytest.raises(ValueError, match="mlp moe/swiglu per layer"):
+        save_hf(model, tmp_path / "out", remote_code=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_deepseek_score_bias_chooses_without_weighing_and_moves_toward_balance():
+    moe = _moe(n_experts=4, top_k=1, score="sigmoid", score_bias=True, bias_update=0.1)
+    x = torch.randn(30, D, dtype=torch.float64)
+    with torch.no_grad():
+        moe.score_bias.copy_(torch.tensor([10.0, 0.0, 0.0, 0.0]))  # expert 0 now wins every choice ...
+    scores, chosen, chosen_weights = moe.route(x)
+    assert (chosen == 0).all()
+    torch.testing.assert_close(chosen_weights, scores[:, :1])  # ... weighed by its score, not score + bias
+    model = build_model(tiny(mlp={"kind": "moe", "hidden": 16, "n_experts": 4, "top_k": 1, "score": "sigmoid",
+                                  "score_bias": True, "bias_update": 0.1})).train()  # fmt: skip
+    ids = torch.randint(0, 97, (2, 20))
+    model(ids, labels=ids)
+    layer = model.layers[0].mlp
+    load = layer.tokens_per_expert.double()
+    model.update_routing()
+    torch.testing.assert_close(layer.score_bias.double(), 0.1 * torch.sign(load.mean() - load))
+    assert torch.equal(layer.score_bias > 0, load < load.mean())  # the underloaded experts are chosen more
