@@ -33,11 +33,13 @@ channel d with a state h [state_dim]:
 
 A_d = -exp(A_log_d) (S4D-real init: A_dn = -(n + 1)), then y * silu(z) and
 the output projection. With ``inner_norms`` (Jamba, Lieber et al. 2024: "we
-add RMSNorm to internal activations"; as its `transformers` code does), dt_low,
-B and C are each RMS-normalised, with a learned weight, before their use. The decay differs per channel and per state
-element, so each of the ``expand * d_model`` channels is a head of the
-linear-attention kernel with a vector decay (q = C, k = dt B, v = x, one
-value). The cache: h (channels x state_dim) plus the convolution's inputs.
+add RMSNorm to internal activations"; as its `transformers` code does),
+dt_low, B and C are each RMS-normalised, with a learned weight, before their
+use. The decay differs per channel and per state element, so each of the
+``expand * d_model`` channels is a head of the linear-attention kernel with a
+vector decay (q = C, k = dt B, v = x, one value): the reference; the torch
+backend runs the elementwise scan itself (``kvlab.kernels.ssm``). The cache:
+h (channels x state_dim) plus the convolution's inputs.
 """
 
 from __future__ import annotations
@@ -178,7 +180,7 @@ class MambaConfig(MixerConfig):
     expand: int = 2  # inner channels = expand * d_model
     dt_rank: int | None = None  # None: ceil(d_model / 16)
     conv_kernel: int = 4
-    chunk_size: int = 16  # tokens per chunk of the chunked form (speed only)
+    chunk_size: int = 16  # unused since the torch scan runs token by token; kept so configs stay valid
     dt_min: float = 0.001
     dt_max: float = 0.1
     inner_norms: bool = False  # Jamba's RMSNorms of dt_low, B and C
