@@ -237,15 +237,15 @@ class MoE(nn.Module):
         x = x.reshape(-1, shape[-1])
         scores, experts, weights = self.route(x)
         weights = weights.to(x.dtype)
-        if experts.numel() <= max(self.cfg.n_experts, GATHER_ASSIGNMENTS):  # decoding: gather each token's experts
-            y = self._gathered(x, experts, weights)
-        else:
-            y = self._grouped(x, experts, weights)
+        training = self.training and torch.is_grad_enabled()
+        gather = experts.numel() <= max(self.cfg.n_experts, GATHER_ASSIGNMENTS)  # decoding: each token's experts
+        counts = None if gather and not training else torch.bincount(experts.flatten(), minlength=self.cfg.n_experts)
+        y = self._gathered(x, experts, weights) if gather else self._grouped(x, experts, weights, counts)
         if self.shared is not None:
             y = y + self.shared(x)
-        if self.training and torch.is_grad_enabled():
-            self.aux_loss = self.cfg.aux_loss_coef * self.balance(scores, experts)
-            self.tokens_per_expert = torch.bincount(experts.flatten(), minlength=self.cfg.n_experts)
+        if training:
+            self.aux_loss = self.cfg.aux_loss_coef * self.balance(scores, counts)
+            self.tokens_per_expert = counts
         return y.reshape(shape)
 
     @torch.no_grad()
@@ -258,10 +258,11 @@ class MoE(nn.Module):
         load = load.to(self.score_bias.dtype)
         self.score_bias += self.cfg.bias_update * torch.sign(load.mean() - load)
 
-    def balance(self, scores: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        """sum_e f_e P_e (1 when every expert gets as many tokens and as much score as the others)."""
+    def balance(self, scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """sum_e f_e P_e from the scores [N, E] and the tokens routed to each expert (1 when every expert gets
+        as many tokens and as much score as the others)."""
         E = self.cfg.n_experts
-        load = torch.bincount(experts.flatten(), minlength=E).to(scores.dtype) * (E / experts.numel())
+        load = counts.to(scores.dtype) * (E / (scores.shape[0] * self.cfg.top_k))
         share = scores if self.cfg.score == "softmax" else scores / scores.sum(-1, keepdim=True)
         return (load * share.mean(0)).sum()
 
@@ -269,15 +270,13 @@ class MoE(nn.Module):
         gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
         return F.linear(F.silu(gate) * up, down)
 
-    def _grouped(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Tokens sorted by expert, each expert applied once to its tokens. Experts that got none still run (on
-        no rows), so every expert is in the graph and gets a (zero) gradient: DDP needs no unused parameters."""
-        k = self.cfg.top_k
-        flat = experts.flatten()
-        order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.cfg.n_experts).tolist()
-        rows = order // k  # the token of each sorted assignment
-        parts = x[rows].split(counts)
+    def _grouped(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, counts) -> torch.Tensor:
+        """Tokens sorted by expert, each expert applied once to its ``counts`` tokens. Experts that got none
+        still run (on no rows), so every expert is in the graph and gets a (zero) gradient: DDP needs no unused
+        parameters."""
+        order = experts.flatten().argsort(stable=True)
+        rows = order // self.cfg.top_k  # the token of each sorted assignment
+        parts = x[rows].split(counts.tolist())
         out = torch.cat([self._expert(p, self.gate_up_proj[e], self.down_proj[e]) for e, p in enumerate(parts)])
         out = out * weights.flatten()[order, None]
         return torch.zeros_like(x).index_add_(0, rows, out)

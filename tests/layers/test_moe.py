@@ -92,7 +92,7 @@ def test_the_balance_loss_is_the_expert_level_formula():
     P = scores.mean(0)
     torch.testing.assert_close(moe.aux_loss, 0.1 * sum(f[e] * P[e] for e in range(4)))
     # uniform scores and an even load give exactly 1
-    load = torch.tensor([[0, 1], [2, 3]])
+    load = torch.tensor([1, 1, 1, 1])  # two tokens, two experts each
     torch.testing.assert_close(moe.balance(torch.full((2, 4), 0.25, dtype=torch.float64), load),
                                torch.tensor(1.0, dtype=torch.float64))  # fmt: skip
     moe.eval()
