@@ -428,12 +428,14 @@ _JAMBA_MOE = {
 }
 
 
+_JAMBA_TOP = {"embed_tokens.weight": "model.embed_tokens.weight", "norm.weight": "model.final_layernorm.weight"}
+
+
 def _jamba_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     out = {}
     for name, value in state.items():
-        top = {"embed_tokens.weight": "model.embed_tokens.weight", "norm.weight": "model.final_layernorm.weight"}
         if not name.startswith("layers."):
-            out[top.get(name, name)] = value
+            out[_JAMBA_TOP.get(name, name)] = value
             continue
         _, i, part, rest = name.split(".", 3)
         prefix = f"model.layers.{i}."

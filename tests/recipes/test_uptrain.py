@@ -89,6 +89,18 @@ def test_uptrain_a_checkpoint_parent_counts_its_tokens_and_groups_by_search(tmp_
     chosen = [p for p in report["qcqa_front"] if p["chosen"]]
     assert len(chosen) == 1 and chosen[0]["kv_heads"] == sum(m["n_kv_heads"] for m in q["model"]["mixers"].values())
 
+    # CEPE (XC-Cache: the slow test below): a context encoder added to the parent and trained with the decoder
+    # frozen
+    _check_context_uptrain(tmp_path, data_cache, ckpt, "cepe_uptrain", "init.convert.context.chunk=16", 128)
+
+
+@pytest.mark.slow
+def test_matryoshka_dha_and_sa_uptrain_a_checkpoint_parent(tmp_path, data_cache):
+    """MatryoshkaKV, DHA and SA through their recipes on one parent (under -m slow for the suite's time: their
+    conversions are tested in tests/archs; the default suite runs the checkpoint-parent path above)."""
+    train(tmp_path, data_cache, "recipe=pretrain", *TINY_MHA, "trainer.max_steps=20")
+    ckpt = run_dirs(tmp_path, "pretrain")[0] / "checkpoints" / "last.ckpt"
+
     # MatryoshkaKV: PCA-initialised projections, trained through the rank schedule by distillation from the
     # parent, only the projections, validated at rank [2, 4]
     train(tmp_path, data_cache, "recipe=matryoshka_uptrain", "init.from=checkpoint", f"init.path={ckpt}",
@@ -131,10 +143,6 @@ def test_uptrain_a_checkpoint_parent_counts_its_tokens_and_groups_by_search(tmp_
         2 * len(sources) - 1
     )
     assert sa["uptrained"]["val_ppl"] < sa["converted"]["val_ppl"]
-
-    # CEPE (XC-Cache: the slow test below): a context encoder added to the parent and trained with the decoder
-    # frozen
-    _check_context_uptrain(tmp_path, data_cache, ckpt, "cepe_uptrain", "init.convert.context.chunk=16", 128)
 
 
 def _check_context_uptrain(tmp_path, data_cache, ckpt, recipe: str, extra: str, width: int) -> None:
