@@ -160,13 +160,13 @@ def test_a_run_killed_while_writing_a_checkpoint_resumes_exactly_where_it_stoppe
 
 
 def test_multirun_sweeps_presets(tmp_path, data_cache):
-    train(tmp_path, data_cache, "-m", "model=mha,gqa,mqa,mla", "trainer.max_steps=3", "model.vocab_size=512",
+    train(tmp_path, data_cache, "-m", "model=mqa,mla", "trainer.max_steps=3", "model.vocab_size=512",
           "trainer.limit_val_batches=1", tiny_model=False)  # fmt: skip
     (sweep,) = run_dirs(tmp_path, "train")
     metrics = {d.name: json.loads((d / "metrics.json").read_text()) for d in sweep.iterdir() if d.is_dir()}
-    assert sorted(metrics) == ["0-mha", "1-gqa", "2-mqa", "3-mla"]
-    per_token = [metrics[n]["kv_bytes_per_token"] for n in ["0-mha", "1-gqa", "2-mqa", "3-mla"]]
-    assert per_token == [6 * 2 * h * 32 * 2 for h in (8, 2, 1)] + [6 * (128 + 16) * 2]  # MLA: latent + RoPE key
+    assert sorted(metrics) == ["0-mqa", "1-mla"]
+    per_token = [metrics[n]["kv_bytes_per_token"] for n in ["0-mqa", "1-mla"]]
+    assert per_token == [6 * 2 * 1 * 32 * 2, 6 * (128 + 16) * 2]  # MQA: one K/V head of 32; MLA: latent + RoPE key
 
 
 LEARNING_PRESETS = [
@@ -405,7 +405,7 @@ def test_other_loggers_write_their_files(tmp_path, data_cache, logger, monkeypat
         assert list((run / "wandb").glob("offline-run-*"))
 
 
-def test_init_from_checkpoint_and_hf_with_conversion(tmp_path, data_cache):
+def test_init_from_checkpoint_starts_where_the_parent_ended(tmp_path, data_cache):
     train(tmp_path, data_cache, "recipe=pretrain", "trainer.max_steps=20")
     (parent_dir,) = run_dirs(tmp_path, "pretrain")
     parent = json.loads((parent_dir / "metrics.json").read_text())
@@ -422,6 +422,16 @@ def test_init_from_checkpoint_and_hf_with_conversion(tmp_path, data_cache):
                  "data.seq_len=256", "model.max_seq_len=4096", check=False)  # fmt: skip
     assert proc.returncode == 1
     assert "data.seq_len=256 exceeds the initial model's max_seq_len=128" in proc.stderr.strip().splitlines()[0]
+
+
+@pytest.mark.slow
+def test_init_converted_or_from_an_hf_directory(tmp_path, data_cache):
+    """Under -m slow for the suite's time: recipes convert through init.convert (test_uptrain.py) and
+    test_uptrain_an_hf_directory starts from an HF directory."""
+    train(tmp_path, data_cache, "recipe=pretrain", "trainer.max_steps=20")
+    (parent_dir,) = run_dirs(tmp_path, "pretrain")
+    parent = json.loads((parent_dir / "metrics.json").read_text())
+    ckpt = parent_dir / "checkpoints" / "last.ckpt"
 
     # Converted to MQA: the architecture comes from the source, with one K/V head.
     train(tmp_path, data_cache, "run_name=mqa", "init.from=checkpoint", f"init.path={ckpt}",

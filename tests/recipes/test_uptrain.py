@@ -66,8 +66,8 @@ def test_gqa_uptrain_runs_every_stage_then_reuses_the_parent(tmp_path, data_cach
 
 
 def test_uptrain_a_checkpoint_parent_counts_its_tokens_and_groups_by_search(tmp_path, data_cache):
-    """AsymGQA's search (calibrated on training rows, as method=similarity is), then qcqa_uptrain, which
-    writes its Pareto front beside the uptraining run."""
+    """AsymGQA's search (calibrated on training rows, as method=similarity is) and CEPE's context encoder; the
+    other conversions' recipes on a checkpoint parent are the slow test below."""
     train(tmp_path, data_cache, "recipe=pretrain", *TINY_MHA, "trainer.max_steps=20")
     ckpt = run_dirs(tmp_path, "pretrain")[0] / "checkpoints" / "last.ckpt"
     train(tmp_path, data_cache, "recipe=gqa_uptrain", "init.from=checkpoint", f"init.path={ckpt}",
@@ -80,6 +80,19 @@ def test_uptrain_a_checkpoint_parent_counts_its_tokens_and_groups_by_search(tmp_
     losses = json.loads((run_dirs(tmp_path, "gqa_uptrain")[-1] / "uptrained" / "convert_report.json").read_text())
     assert len(losses["asymgqa_losses"]) == 5
 
+    # CEPE (XC-Cache: a slow test below): a context encoder added to the parent and trained with the decoder
+    # frozen, on rows with a context
+    _check_context_uptrain(tmp_path, data_cache, ckpt, "cepe_uptrain", "init.convert.context.chunk=16", 128)
+
+
+@pytest.mark.slow
+def test_qcqa_matryoshka_dha_and_sa_uptrain_a_checkpoint_parent(tmp_path, data_cache):
+    """QCQA, MatryoshkaKV, DHA and SA through their recipes on one parent (under -m slow for the suite's
+    time: their conversions are tested in tests/archs; the default suite runs the checkpoint-parent path above).
+    qcqa_uptrain writes its Pareto front beside the uptraining run."""
+    train(tmp_path, data_cache, "recipe=pretrain", *TINY_MHA, "trainer.max_steps=20")
+    ckpt = run_dirs(tmp_path, "pretrain")[0] / "checkpoints" / "last.ckpt"
+
     train(tmp_path, data_cache, "recipe=qcqa_uptrain", "init.from=checkpoint", f"init.path={ckpt}",
           "uptrain.alpha=0.25", "init.convert.population=8", "init.convert.generations=4")  # fmt: skip
     q = _metrics(tmp_path, "qcqa_uptrain")
@@ -88,18 +101,6 @@ def test_uptrain_a_checkpoint_parent_counts_its_tokens_and_groups_by_search(tmp_
     report = json.loads((run_dirs(tmp_path, "qcqa_uptrain")[-1] / "uptrained" / "convert_report.json").read_text())
     chosen = [p for p in report["qcqa_front"] if p["chosen"]]
     assert len(chosen) == 1 and chosen[0]["kv_heads"] == sum(m["n_kv_heads"] for m in q["model"]["mixers"].values())
-
-    # CEPE (XC-Cache: the slow test below): a context encoder added to the parent and trained with the decoder
-    # frozen
-    _check_context_uptrain(tmp_path, data_cache, ckpt, "cepe_uptrain", "init.convert.context.chunk=16", 128)
-
-
-@pytest.mark.slow
-def test_matryoshka_dha_and_sa_uptrain_a_checkpoint_parent(tmp_path, data_cache):
-    """MatryoshkaKV, DHA and SA through their recipes on one parent (under -m slow for the suite's time: their
-    conversions are tested in tests/archs; the default suite runs the checkpoint-parent path above)."""
-    train(tmp_path, data_cache, "recipe=pretrain", *TINY_MHA, "trainer.max_steps=20")
-    ckpt = run_dirs(tmp_path, "pretrain")[0] / "checkpoints" / "last.ckpt"
 
     # MatryoshkaKV: PCA-initialised projections, trained through the rank schedule by distillation from the
     # parent, only the projections, validated at rank [2, 4]
