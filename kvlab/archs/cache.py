@@ -9,7 +9,8 @@ the model has consumed so far: the one position counter (slots store, they
 do not count; the model hands ``seen`` to the mixers as the step's start).
 A model with a context encoder (CEPE, XC-Cache) keeps the encoder's states
 of the context in ``context`` [B, max context, d], ``context_len`` of them:
-all it caches of the context.
+all it caches of the context. A model with meta tokens (Hymba) holds them
+before the first token: ``prefix`` positions, written by the first step.
 """
 
 from __future__ import annotations
@@ -17,17 +18,31 @@ from __future__ import annotations
 
 class Cache:
     def __init__(
-        self, slots: list, batch_size: int, max_len: int, mlp_slots: list | None = None, config=None, dtype=None
+        self,
+        slots: list,
+        batch_size: int,
+        max_len: int,
+        mlp_slots: list | None = None,
+        config=None,
+        dtype=None,
+        prefix: int = 0,
     ):
         self.config = config  # the ModelConfig of the model that made it: no other model may use it
         self.dtype = dtype  # of the states it holds
         self.slots = slots
         self.mlp_slots = [None] * len(slots) if mlp_slots is None else mlp_slots
         self.batch_size = batch_size
-        self.max_len = max_len
+        self.max_len = max_len  # tokens, not counting the meta tokens' positions
+        self.prefix = prefix  # the meta tokens' positions, held once the first step has run
         self.seen = 0
         self.context = None  # [B, max context tokens, d]: the context encoder's states (None: no room for them)
         self.context_len = 0
+
+    @property
+    def start(self) -> int:
+        """The absolute position of the next token: after the tokens seen and, once there are any, the meta
+        tokens before them (the first step writes those too, from position 0)."""
+        return self.seen + self.prefix if self.seen else 0
 
     def _held(self) -> list:
         return [s for s in self.slots + self.mlp_slots if s is not None]
@@ -53,7 +68,7 @@ class Cache:
 
     def nbytes(self) -> int:
         """Bytes of state held for the tokens seen so far (and the context's states)."""
-        return sum(s.nbytes(self.seen) for s in self._held()) + self._context_bytes(self.context_len)
+        return sum(s.nbytes(self.start) for s in self._held()) + self._context_bytes(self.context_len)
 
     def allocated_bytes(self) -> int:
         """Bytes of the buffers allocated (whatever has been used)."""

@@ -306,6 +306,9 @@ class ModelConfig:
     passes: PassesConfig | None = None  # layers that read later layers: m, b, prefill (None: the defaults)
     blocks: BlocksConfig | None = None  # a Block Transformer: the plan is its block decoder (None: a plain decoder)
     context: ContextConfig | None = None  # a context encoder that cross layers read (CEPE, XC-Cache)
+    # Hymba's meta tokens: this many learned vectors before every sequence's first token, through every layer
+    # (their K/V and states cached once per sequence, before the prompt); 0: none
+    meta_tokens: int = 0
     init_std: float = 0.02
     # Kernel backends: auto | reference | torch | triton | external, or "mode,op=backend,..." (kvlab.kernels.registry)
     kernels: str = "auto"
@@ -364,6 +367,11 @@ class ModelConfig:
         return self.context.encoder_d_model or self.d_model
 
     @property
+    def positions(self) -> int:
+        """Positions a sequence can take: ``max_seq_len`` tokens after the meta tokens."""
+        return self.max_seq_len + self.meta_tokens
+
+    @property
     def layer_mixers(self) -> list[MixerConfig]:
         """Each layer's resolved mixer config."""
         return [p.mixer for p in self.plan]
@@ -384,6 +392,11 @@ class ModelConfig:
         for name in ("vocab_size", "d_model", "n_layers", "max_seq_len"):
             check_int(getattr(self, name), name, minimum=1)
         check_bool(self.tie_embeddings, "tie_embeddings")
+        check_int(self.meta_tokens, "meta_tokens", minimum=0)
+        for name in ("blocks", "context"):
+            if self.meta_tokens and getattr(self, name) is not None:
+                raise ValueError(f"meta_tokens={self.meta_tokens} cannot be combined with {name} (meta tokens go "
+                                 "before a plain decoder's tokens)")  # fmt: skip
         check_float(self.init_std, "init_std", positive=True)
         if not isinstance(self.kernels, str):
             raise ValueError(f"kernels={self.kernels!r}: expected a string such as 'auto' or 'triton,attention=torch'")

@@ -102,7 +102,7 @@ class DecodeStep:
         """The compiled step's logits; None when compiling it failed just now (then decoding is eager)."""
         if cache.seen >= cache.max_len:
             raise ValueError(f"cache holds {cache.seen} tokens; 1 more exceeds its max_len={cache.max_len}")
-        start = torch.tensor(cache.seen, device=token.device)
+        start = torch.tensor(cache.start, device=token.device)
         key = (token.shape[0], cache.max_len, cache.dtype, token.device.type)
         graph = self._graphs.get(key)
         if graph is not None:

@@ -7,7 +7,9 @@ what ``Cache.nbytes()`` holds after that many tokens.
 
 A row's unit is an *entry*: one token, except in a Block Transformer's block
 decoder, which caches one entry per block of ``per_tokens`` tokens (and one
-for its start block, ``entries_before``).
+for its start block, ``entries_before``). A model with meta tokens (Hymba)
+holds them before the tokens in every layer with a per-token cache
+(``entries_before`` too; windows keep them, so count them in ``max_tokens``).
 
 A model with a context encoder (CEPE, XC-Cache) also holds the encoder's
 states of a context given beside the input: ``context_bytes_per_token`` per
@@ -32,11 +34,12 @@ class FootprintRow:
     kv_source: int
     max_tokens: int | None = None  # the window, for layers that keep only the last max_tokens entries
     per_tokens: int = 1  # tokens per cached entry (a Block Transformer's block decoder: the block length)
-    entries_before: int = 0  # entries held before any token (the Block Transformer's start block)
+    entries_before: int = 0  # entries held before the tokens (a Block Transformer's start block, meta tokens)
 
     def total_bytes(self, seq_len: int) -> int:
-        """What this layer holds for one sequence after ``seq_len`` tokens (``bytes_per_token`` is per entry)."""
-        entries = self.entries_before + seq_len // self.per_tokens
+        """What this layer holds for one sequence after ``seq_len`` tokens (``bytes_per_token`` is per entry;
+        the entries before the tokens are written with the first of them)."""
+        entries = self.entries_before + seq_len // self.per_tokens if seq_len else 0
         if self.max_tokens is not None:
             entries = min(entries, self.max_tokens)
         return self.bytes_per_token * entries + self.fixed_bytes

@@ -201,6 +201,8 @@ def _model_problems(cfg: ModelConfig) -> list[str]:
         problems.append("a Block Transformer (blocks)")
     if cfg.context is not None:
         problems.append("a context encoder with cross-attention (context)")
+    if cfg.meta_tokens:
+        problems.append(f"meta tokens before every sequence (meta_tokens={cfg.meta_tokens})")
     shared = sorted({r.what for p in cfg.plan for r in p.reads if r.what in ("kv", "attention")})
     if shared:
         problems.append("cross-layer sharing of " + " and ".join({"kv": "K/V", "attention": "attention weights"}[w]

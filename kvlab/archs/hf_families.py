@@ -107,6 +107,10 @@ def _attention_layer_problems(m) -> list[str]:
         return ["MatryoshkaKV projections of keys and values (kv_ranks)"]
     if m.n_v_heads is not None or m.v_groups is not None:
         return ["value heads grouped apart from the key heads (n_v_heads, v_groups)"]
+    if m.v_head_dim != m.head_dim:
+        return [f"value heads wider than the key heads (v_head_dim={m.v_head_dim}, head_dim={m.head_dim})"]
+    if m.sinks:
+        return [f"sink positions beside the window (sinks={m.sinks})"]
     return []
 
 

@@ -61,7 +61,7 @@ class Block(nn.Module):
             d_model=cfg.d_model,
             layer_idx=layer_idx,
             kv_source=plan.kv_source,
-            max_seq_len=cfg.max_seq_len,
+            max_seq_len=cfg.positions,
             **weights,
         )
         mlp = build_mlp(plan.mlp, cfg.d_model)  # None: no MLP (mlp kind none)
@@ -100,6 +100,9 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
+        if config.meta_tokens:  # Hymba: learned vectors before every sequence, at positions 0..meta_tokens-1
+            self.meta_tokens = nn.Parameter(torch.empty(config.meta_tokens, config.d_model))
+            self.takes_packed_documents = False  # they go before a row, not before each document in it
         rotary = self._build_context()
         self.layers = nn.ModuleList(Block(config, i, rotary) for i in range(config.n_layers))
         if getattr(self, "shared_cross_block", None) is not None:
@@ -182,6 +185,8 @@ class CausalLM(nn.Module):
                 module.reset_parameters()  # norms, and mixers' own special parameters (before their children)
             if hasattr(module, "reset_buffers"):
                 module.reset_buffers()
+        if self.config.meta_tokens:  # standard normal, as Hymba's code draws them (torch.randn)
+            nn.init.normal_(self.meta_tokens)
 
     # -- forward --------------------------------------------------------------
 
@@ -265,6 +270,10 @@ class CausalLM(nn.Module):
     def _forward(self, input_ids, cache, positions, doc_ids, last_only, head: bool = True, states=None):
         """Logits, or with ``head=False`` the final normalised hidden states."""
         B, T = input_ids.shape
+        meta = self.config.meta_tokens
+        if meta and (doc_ids is not None or positions is not None):
+            raise ValueError(f"meta_tokens={meta} go before a sequence's first token, at positions 0..{meta - 1}: "
+                             "doc_ids (packed documents) and positions cannot be given")  # fmt: skip
         if doc_ids is not None:
             if cache is not None:
                 raise ValueError("doc_ids (packed documents) cannot be combined with a cache")
@@ -286,25 +295,35 @@ class CausalLM(nn.Module):
             steps = [self._forward(input_ids[:, t : t + 1], cache, None, None, False, head) for t in range(T)]
             out = torch.cat(steps, dim=1)
             return out[:, -1:] if last_only else out
-        state = StepState(cache.seen if cache is not None else 0, positions, doc_ids, context=states)
-        out = self._run(input_ids, state, cache, last_only, head)
+        state = StepState(cache.start if cache is not None else 0, positions, doc_ids, context=states)
+        out = self._run(input_ids, state, cache, last_only, head, meta=bool(meta) and (cache is None or not cache.seen))
         if cache is not None:
             cache.seen += T
         return out
 
     def decode_step(self, token: torch.Tensor, cache: Cache, start: torch.Tensor) -> torch.Tensor:
-        """Logits [B, vocab] of one token per sequence [B, 1] at position ``start``, a 0-d integer tensor.
+        """Logits [B, vocab] of one token per sequence [B, 1] at position ``start`` (``cache.start``), a 0-d
+        integer tensor.
 
         The static-shape step that ``generate`` compiles (``kvlab.archs.decode``): every slot is read whole
         and masked, nothing depends on the position's value, so one graph serves every step. It neither
-        checks its arguments nor advances ``cache.seen``: its caller does both, outside the graph.
+        checks its arguments nor advances ``cache.seen``: its caller does both, outside the graph. It
+        continues a sequence: with meta tokens, the eager prefill is the first step (it writes them).
         """
         return self._run(token, StepState(start), cache, last_only=False, head=True)[:, -1]
 
-    def _run(self, input_ids, state: StepState, cache, last_only: bool, head: bool) -> torch.Tensor:
+    def _run(self, input_ids, state: StepState, cache, last_only: bool, head: bool, meta: bool = False):
+        """With ``meta``, the step is a sequence's first: the meta tokens go before its tokens, and their
+        outputs are dropped."""
         if cache is not None and cache.context_len:  # held in the cache's dtype, computed with in the model's
             state.context = cache.context_states().to(self.embed_tokens.weight.dtype)
-        return self._output(self._stack(self.embed_tokens(input_ids), state, cache, last_only), head)
+        x = self.embed_tokens(input_ids)
+        if meta:
+            x = torch.cat([self.meta_tokens.to(x.dtype).expand(x.shape[0], -1, -1), x], dim=1)
+        x = self._stack(x, state, cache, last_only)
+        if meta and not last_only:
+            x = x[:, self.config.meta_tokens :]
+        return self._output(x, head)
 
     def _stack(self, x: torch.Tensor, state: StepState, cache, last_only: bool) -> torch.Tensor:
         """The layers on the embedded inputs ``x`` [B, T, D]: the last hidden states, before the final norm."""
@@ -372,10 +391,11 @@ class CausalLM(nn.Module):
         device: torch.device | str | None = None,
         context_len: int | None = None,
     ) -> Cache:
-        """Preallocate the cache for ``batch_size`` sequences of up to ``max_len`` tokens (and, for a model with
-        a context encoder, the states of up to ``context_len`` context tokens; None: ``context.max_len``)."""
+        """Preallocate the cache for ``batch_size`` sequences of up to ``max_len`` tokens (after the meta tokens,
+        for a model with them; and, for a model with a context encoder, the states of up to ``context_len``
+        context tokens; None: ``context.max_len``)."""
         batch_size, max_len, dtype, device = self._cache_settings(batch_size, max_len, dtype, device)
-        cache = self._layer_cache(self.layers, batch_size, max_len, dtype, device)
+        cache = self._layer_cache(self.layers, batch_size, max_len, dtype, device, prefix=self.config.meta_tokens)
         c = self.config.context
         if c is None:
             if context_len:
@@ -403,12 +423,13 @@ class CausalLM(nn.Module):
             raise ValueError(f"dtype={dtype}: a cache holds floating-point states (e.g. torch.bfloat16, torch.float32)")
         return batch_size, max_len, dtype, weight.device if device is None else device
 
-    def _layer_cache(self, layers, batch_size: int, length: int, dtype, device) -> Cache:
-        """A cache of ``length`` positions for ``layers``, each slot made by its own mixer (and stateful MLP)."""
-        slots = [layer.mixer.new_cache_slot(batch_size, length, dtype, device) for layer in layers]
+    def _layer_cache(self, layers, batch_size: int, length: int, dtype, device, prefix: int = 0) -> Cache:
+        """A cache of ``length`` tokens after ``prefix`` positions (meta tokens) for ``layers``, each slot made
+        by its own mixer (and stateful MLP)."""
+        slots = [layer.mixer.new_cache_slot(batch_size, prefix + length, dtype, device) for layer in layers]
         mlp_slots = [layer.mlp.new_cache_slot(batch_size, dtype, device) if layer.mlp_stateful else None
                      for layer in layers]  # fmt: skip
-        return Cache(slots, batch_size, length, mlp_slots, config=self.config, dtype=dtype)
+        return Cache(slots, batch_size, length, mlp_slots, config=self.config, dtype=dtype, prefix=prefix)
 
     def kv_footprint(self, dtype: torch.dtype = torch.bfloat16) -> Footprint:
         rows = []
@@ -423,6 +444,7 @@ class CausalLM(nn.Module):
                     fixed_bytes=fp.fixed_bytes + mlp_bytes,
                     kv_source=self.config.layer_kv_source[i],
                     max_tokens=fp.max_tokens,
+                    entries_before=self.config.meta_tokens if fp.bytes_per_token else 0,  # held before the tokens
                 )
             )
         c = self.config.context

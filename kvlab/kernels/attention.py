@@ -199,16 +199,22 @@ def absorbed_attention_reference(q, latent, value_dim: int, *, mask=None, scale:
     return torch.einsum("bhts,bsr->bhtr", scores.softmax(-1), latent[..., :value_dim].float()).to(q.dtype)
 
 
-def position_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None = None) -> torch.Tensor:
+def position_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None = None, sinks: int = 0) -> torch.Tensor:
     """Boolean [T, S] mask from absolute positions: causal, and within ``window`` if given.
 
     A query at position p sees keys at positions p - window < k <= p: the
     window counts the query's own token, as in Mistral's sliding window.
+    With ``sinks``, the keys at positions below ``sinks`` stay visible to
+    every later query whatever the window (Hymba's meta tokens, StreamingLLM's
+    attention sinks).
     """
     diff = q_pos[:, None] - k_pos[None, :]
     allowed = diff >= 0
     if window is not None:
-        allowed &= diff < window
+        within = diff < window
+        if sinks:
+            within |= k_pos[None, :] < sinks
+        allowed &= within
     return allowed
 
 

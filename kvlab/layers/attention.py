@@ -7,8 +7,12 @@
 
 Options: RoPE on all or the first ``rope_dims`` channels of each head,
 a sliding ``window`` (a query sees itself and the ``window - 1`` tokens
-before it; its cache is a ring buffer of ``window`` positions), q/k/v biases
-(Qwen2) and an output bias (Llama's ``attention_bias``). A layer whose
+before it; its cache is a ring buffer of ``window`` positions) with
+``sinks``, the first positions every query sees as well, held beside the
+ring (Hymba's meta tokens, Dong et al. 2024), value heads wider than the
+key heads (``v_head_dim``: Hymba's are ``expand`` times wider, to match its
+SSM heads), q/k/v biases (Qwen2) and an output bias (Llama's
+``attention_bias``). A layer whose
 ``kv_source`` is another layer has no K/V projections and attends with its
 own queries to that layer's keys and values (cross-layer sharing, Brandon
 et al. 2024); it owns no cache slot.
@@ -81,7 +85,7 @@ value heads, grouped as in GQA), so it caches values only. A layer that
 gives its weights to others forms them explicitly (``attention_weights``,
 reference and torch backends); every other layer keeps the fused kernels.
 
-Cache per token and layer: 2 * n_kv_heads * head_dim elements (keys only
+Cache per token and layer: n_kv_heads * (head_dim + v_head_dim) elements (keys only
 for SVFormer layers above the first; values only for layers applying
 another's attention weights).
 """
@@ -100,7 +104,7 @@ from kvlab.kernels.attention import apply_attention_weights, document_mask, posi
 from kvlab.kernels.ops import apply_rope, attention, attention_weights
 from kvlab.kernels.rope import check_rope_scaling
 from kvlab.layers.base import LayerFootprint, MixerConfig, StepState, default_head_dim, register_mixer
-from kvlab.layers.kv_cache import KVView, RingKV, StaticKV
+from kvlab.layers.kv_cache import KVView, RingKV, SinkRingKV, StaticKV
 from kvlab.layers.rope import Rotary
 
 VALUE_RESIDUALS = ("resformer", "svformer")
@@ -122,6 +126,8 @@ class AttentionConfig(MixerConfig):
     # high_freq_factor, original_max_seq_len} (kvlab.kernels.rope.scaled_frequencies); None: plain RoPE
     rope_scaling: dict[str, Any] | None = None
     window: int | None = None  # sliding window in tokens; None: full causal attention
+    sinks: int = 0  # with a window: the first positions every query also sees, cached for good (Hymba's meta tokens)
+    v_head_dim: int | None = None  # channels of each value head; None: head_dim (Hymba: expand * head_dim)
     qkv_bias: bool = False
     o_bias: bool = False  # Llama's attention_bias puts a bias on the output projection too
     kv_merge: int = 1  # > 1: each K/V head is a learned weighted sum of this many projection heads (WGQA)
@@ -143,6 +149,11 @@ class AttentionConfig(MixerConfig):
         check_int(self.head_dim, f"{path}.head_dim", minimum=1, optional=True)
         check_int(self.rope_dims, f"{path}.rope_dims", minimum=0, optional=True)
         check_int(self.window, f"{path}.window", minimum=1, optional=True)
+        check_int(self.sinks, f"{path}.sinks", minimum=0)
+        if self.sinks and self.window is None:
+            raise ValueError(f"{path}.sinks={self.sinks} keeps the first positions beside a sliding window; "
+                             "without a window every position is kept already (set window, or sinks: 0)")  # fmt: skip
+        check_int(self.v_head_dim, f"{path}.v_head_dim", minimum=1, optional=True)
         check_float(self.rope_theta, f"{path}.rope_theta", positive=True)
         check_rope_scaling(self.rope_scaling, f"{path}.rope_scaling")
         check_bool(self.qkv_bias, f"{path}.qkv_bias")
@@ -176,6 +187,11 @@ class AttentionConfig(MixerConfig):
         if self.n_v_heads is not None or self.v_groups is not None:
             self._check_value_heads(path)
         self.head_dim = default_head_dim(self.head_dim, d_model, self.n_heads, path)
+        if self.v_head_dim is None:
+            self.v_head_dim = self.head_dim
+        if self.v_head_dim != self.head_dim and self.kv_ranks is not None:
+            raise ValueError(f"{path}.v_head_dim={self.v_head_dim}: MatryoshkaKV (kv_ranks) keeps one basis per head "
+                             f"for keys and values alike; use v_head_dim = head_dim ({self.head_dim})")  # fmt: skip
         if self.kv_ranks is not None or self.kv_rank is not None:
             self._check_kv_ranks(path)
         if self.rope_dims is None:
@@ -314,7 +330,7 @@ class AttentionConfig(MixerConfig):
         """Why this layer cannot apply ``source``'s attention probabilities to its own values (None: it can)."""
         if source.query_allocation == "kdgqa":
             return "its query_allocation=kdgqa mixes each query head's keys per query: it forms no single weights"
-        for name in ("n_heads", "window"):  # one probability row per query head, over the same cached positions
+        for name in ("n_heads", "window", "sinks"):  # one probability row per query head, over the same positions
             if getattr(self, name) != getattr(source, name):
                 return f"{name}={getattr(self, name)} differs from the source's {name}={getattr(source, name)}"
         own = {
@@ -336,7 +352,7 @@ class AttentionConfig(MixerConfig):
             return None
         if not isinstance(first, AttentionConfig):
             return f"value_residual={self.value_residual} needs attention in layer 0, which is {first.kind!r}"
-        for name in ("n_kv_heads", "head_dim", "window"):
+        for name in ("n_kv_heads", "head_dim", "v_head_dim", "window", "sinks"):
             if getattr(self, name) != getattr(first, name):
                 mine, theirs = getattr(self, name), getattr(first, name)
                 return f"value_residual needs layer 0's {name}={theirs}, this layer has {name}={mine}"
@@ -347,8 +363,8 @@ class AttentionConfig(MixerConfig):
             return f"source mixer kind {source.kind!r} has no attention K/V"
         if self.kv_ranks is not None or source.kv_ranks is not None:
             return "MatryoshkaKV projections (kv_ranks) are a layer's own; its compressed K/V cannot be shared"
-        for name in ("n_kv_heads", "head_dim", "rope_dims", "rope_theta", "rope_scaling", "window", "value_residual",
-                     "value_mix"):  # fmt: skip
+        for name in ("n_kv_heads", "head_dim", "v_head_dim", "rope_dims", "rope_theta", "rope_scaling", "window",
+                     "sinks", "value_residual", "value_mix"):  # fmt: skip
             if getattr(self, name) != getattr(source, name):
                 return f"{name}={getattr(self, name)} differs from the source's {name}={getattr(source, name)}"
         mine, theirs = self.n_v_heads or self.n_kv_heads, source.n_v_heads or source.n_kv_heads
@@ -407,6 +423,7 @@ def kv_head_of_query(allocation: torch.Tensor, n_heads: int) -> torch.Tensor:
 @register_mixer
 class Attention(nn.Module):
     Config = AttentionConfig
+    output_projection = "o_proj"  # what a parallel layer with shared_output replaces by its own
 
     def __init__(
         self,
@@ -432,6 +449,7 @@ class Attention(nn.Module):
             raise ValueError(f"layer {layer_idx}: a layer applying another's attention weights caches its own values "
                              "and computes no weights to share")  # fmt: skip
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.v_head_dim = cfg.v_head_dim
         self.n_v_heads = cfg.n_v_heads or cfg.n_kv_heads
         # DHA: values grouped their own way, so keys and values are gathered to the query heads apart
         self.values_apart = cfg.v_groups is not None or self.n_v_heads != self.n_kv_heads
@@ -446,7 +464,7 @@ class Attention(nn.Module):
             if not self.reads_weights:
                 self.k_proj = nn.Linear(d_model, kv_width, bias=cfg.qkv_bias)
             if self.value_residual != "svformer":
-                v_width = self.n_v_heads * cfg.kv_merge * cfg.head_dim
+                v_width = self.n_v_heads * cfg.kv_merge * cfg.v_head_dim
                 self.v_proj = nn.Linear(d_model, v_width, bias=cfg.qkv_bias)
             if cfg.kv_merge > 1:  # one weight per projection head; 1-D, so no weight decay
                 self.k_merge = nn.Parameter(torch.empty(cfg.n_kv_heads * cfg.kv_merge))
@@ -463,7 +481,7 @@ class Attention(nn.Module):
                 self.register_buffer("rank_step", torch.zeros((), dtype=torch.long))
                 self.reset_parameters()
                 self.kv_rank = tuple(cfg.kv_rank or (d, d))  # outside training: ranks, or per-head lists
-        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, d_model, bias=cfg.o_bias)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.v_head_dim, d_model, bias=cfg.o_bias)
         self.rotary = Rotary(cfg.rope_dims, cfg.rope_theta, max_seq_len, cfg.rope_scaling)
         if cfg.kv_groups is not None:
             self.register_buffer("kv_index", torch.empty(cfg.n_heads, dtype=torch.long), persistent=False)
@@ -559,7 +577,7 @@ class Attention(nn.Module):
             y = torch.einsum("bhtr,hdr->bhtd", y, bases[1][heads]) + self.v_mean[heads][None, :, None].to(y.dtype)
         if self.training and (self.cfg.query_allocation == "dgqa" or bases is not None):
             self._advance_training_state(view.k)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.v_head_dim))
 
     def _apply_shared_weights(self, x: torch.Tensor, cache, state: StepState) -> torch.Tensor:
         """SA: the source layer's probabilities over the step's positions, applied to this layer's values
@@ -570,7 +588,7 @@ class Attention(nn.Module):
             v = cache.update(v.new_empty(B, self.n_kv_heads, T, 0), v, state.start).v
         weights = state.read("attention", self.attention_source, self.layer_idx)
         y = apply_attention_weights(weights, v.to(weights.dtype))
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.v_head_dim))
 
     def _advance_training_state(self, k: torch.Tensor) -> None:
         """After a training forward: DGQA's allocation, MatryoshkaKV's place in its rank schedule. Not while
@@ -650,10 +668,11 @@ class Attention(nn.Module):
         """[B, T, width] -> [B, heads, T, head_dim] (n_kv_heads keys, n_v_heads values), merging WGQA's
         weighted heads."""
         B, T, _ = projected.shape
+        dim = self.v_head_dim if which == "v" else self.head_dim
         if self.cfg.kv_merge == 1:
             heads = self.n_v_heads if which == "v" else self.n_kv_heads
-            return projected.view(B, T, heads, self.head_dim).transpose(1, 2)
-        heads = projected.view(B, T, self.n_kv_heads, self.cfg.kv_merge, self.head_dim)
+            return projected.view(B, T, heads, dim).transpose(1, 2)
+        heads = projected.view(B, T, self.n_kv_heads, self.cfg.kv_merge, dim)
         weights = getattr(self, f"{which}_merge").view(self.n_kv_heads, self.cfg.kv_merge, 1)
         return (heads * weights).sum(dim=3).transpose(1, 2)
 
@@ -709,23 +728,25 @@ class Attention(nn.Module):
 
     def _mask_options(self, q: torch.Tensor, view: KVView, start: int, doc_ids: torch.Tensor | None) -> dict:
         """Which keys of ``view`` the step's queries see, as the cheapest options of the attention ops."""
-        T, S, window = q.shape[2], view.k.shape[2], self.cfg.window
+        T, S, window, sinks = q.shape[2], view.k.shape[2], self.cfg.window, self.cfg.sinks
         if doc_ids is not None:  # packed documents (training, no cache): T == S
+            if sinks:
+                raise ValueError(f"sinks={sinks} are a row's first positions: packed documents (doc_ids) have none")
             return {"doc_ids": doc_ids, "window": window}
-        if view.k_pos is None and view.end == start + T:
+        if view.k_pos is None and view.end == start + T and (not sinks or S <= window):  # sinks within the window
             if T == 1 and (window is None or S <= window):  # one query after all its keys: nothing to mask
                 return {}
             if T == S:
                 return {"causal": True, "window": window}
         q_pos = start + torch.arange(T, device=q.device)  # start may be a tensor (the compiled decode step)
         k_pos = view.k_pos if view.k_pos is not None else torch.arange(view.end - S, view.end, device=q.device)
-        return {"mask": position_mask(q_pos, k_pos, window)}
+        return {"mask": position_mask(q_pos, k_pos, window, sinks)}
 
     def _attend_before(self, q: torch.Tensor, view: KVView | None, start: int, doc_ids=None) -> torch.Tensor:
         """Attention to the keys strictly before each query (positions 0.. in ``view``); none: output 0."""
         B, H, T, _ = q.shape
         if view is None or view.k.shape[2] == 0:  # the first pass: the later layer has given nothing yet
-            return q.new_zeros(B, H, T, self.head_dim)
+            return q.new_zeros(B, H, T, self.v_head_dim)
         S = view.k.shape[2]
         k, v = self._kv_for(q, view)
         q_pos = start + torch.arange(T, device=q.device)
@@ -739,9 +760,9 @@ class Attention(nn.Module):
     # -- cache and footprint -------------------------------------------------
 
     def _cached_positions(self, max_len: int) -> int:
-        """Positions a slot must hold: the window when it is shorter than max_len."""
+        """Positions a slot must hold: the window (and the sinks) when shorter than max_len."""
         w = self.cfg.window
-        return max_len if w is None or w >= max_len else w
+        return max_len if w is None or w + self.cfg.sinks >= max_len else w + self.cfg.sinks
 
     def new_cache_slot(self, batch_size: int, max_len: int, dtype: torch.dtype, device):
         if not self.owns_kv:
@@ -752,6 +773,9 @@ class Attention(nn.Module):
             k_width, v_width = self._cached_elements()  # per-head ranks: one packed head
             return cls(batch_size, 1, length, k_width, v_width, dtype=dtype, device=device)
         k_dim, v_dim = self._cached_widths()
+        if cls is RingKV and self.cfg.sinks:
+            return SinkRingKV(batch_size, self.n_kv_heads, self.cfg.sinks, self.cfg.window, k_dim, v_dim,
+                              v_heads=self.n_v_heads, dtype=dtype, device=device)  # fmt: skip
         return cls(batch_size, self.n_kv_heads, length, k_dim, v_dim, v_heads=self.n_v_heads, dtype=dtype,
                    device=device)  # fmt: skip
 
@@ -761,8 +785,8 @@ class Attention(nn.Module):
         if self.cfg.kv_ranks is not None:
             return tuple(map(max, self._head_ranks()))
         if self.reads_weights:  # SA: values only
-            return 0, self.head_dim
-        return self.head_dim, 0 if self.value_residual == "svformer" else self.head_dim
+            return 0, self.v_head_dim
+        return self.head_dim, 0 if self.value_residual == "svformer" else self.v_head_dim
 
     def _cached_elements(self) -> tuple[int, int]:
         """Key and value channels cached per token, all heads together."""
@@ -775,4 +799,5 @@ class Attention(nn.Module):
         if not self.owns_kv:
             return LayerFootprint()
         per_token = sum(self._cached_elements()) * dtype.itemsize
-        return LayerFootprint(bytes_per_token=per_token, max_tokens=self.cfg.window)
+        window = self.cfg.window
+        return LayerFootprint(bytes_per_token=per_token, max_tokens=None if window is None else window + self.cfg.sinks)

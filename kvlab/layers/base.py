@@ -18,6 +18,10 @@ model's plan says otherwise) and relies on this interface:
 - ``kv_footprint(dtype) -> LayerFootprint``, computed from the same shapes
   ``new_cache_slot`` allocates.
 
+A mixer whose output ends in one ``nn.Linear`` names it in the class
+attribute ``output_projection`` (e.g. ``"o_proj"``), so that a parallel
+layer can share one projection among its branches (Hymba).
+
 Its config declares what the layer can give other layers and take from
 them (``publishes``, ``reads``, ``reads_later``), whether its cache may be
 written twice for the same positions (``cache_rewritable()``: the parallel

@@ -2,8 +2,9 @@
 
 ``StaticKV`` holds every position up to ``max_len``; ``RingKV`` holds the
 last ``window`` positions in a ring buffer, so a sliding-window layer never
-stores more than its window; ``LatentKV`` holds one vector per position
-(MLA's compressed latent and RoPE key) that every head reads, and
+stores more than its window (``SinkRingKV``: and the first ``sinks``
+positions); ``LatentKV`` holds one vector per position (MLA's compressed
+latent and RoPE key) that every head reads, and
 ``QuantizedLatentKV`` the same with the latent as low-bit codes (CLLA-quant).
 They allocate once and write new keys in place, so decoding allocates no
 cache memory. Keys are stored after RoPE.
@@ -149,6 +150,62 @@ class RingKV(_KVBuffers):
 
     def nbytes(self, seen: int) -> int:
         return self.bytes_per_position * min(seen, self.length)
+
+
+class SinkRingKV(_KVBuffers):
+    """The first ``sinks`` positions, kept for good, and the last ``window`` positions after them in a ring
+    buffer: position p < sinks lives in slot p, a later one in slot ``sinks + (p - sinks) % window`` (Hymba's
+    meta tokens beside its sliding window). The positions held are not one run, so every view carries each
+    key's position (``k_pos``) and readers mask by them."""
+
+    def __init__(self, batch_size, n_heads, sinks, window, head_dim, v_head_dim, *, v_heads=None, dtype, device):
+        super().__init__(batch_size, n_heads, sinks + window, head_dim, v_head_dim, v_heads=v_heads, dtype=dtype,
+                         device=device)  # fmt: skip
+        self.sinks, self.window = sinks, window
+
+    def _slot(self, pos: torch.Tensor) -> torch.Tensor:
+        s = self.sinks
+        return torch.where(pos < s, pos, s + (pos - s) % self.window)
+
+    def _held(self, end: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per slot, the position it holds once positions before ``end`` are written, and whether it holds one:
+        a ring slot the latest position congruent to it modulo the window (slot i holds p = i mod window)."""
+        i, s = self.slot_index, self.sinks
+        ring = (end - 1) - (end - 1 - i) % self.window
+        pos = torch.where(i < s, i, ring)
+        return pos, torch.where(i < s, i < end, ring >= s)
+
+    def update(self, k_new: torch.Tensor, v_new: torch.Tensor, start: int | torch.Tensor) -> KVView:
+        t = k_new.shape[2]
+        if isinstance(start, torch.Tensor):  # static shapes (decoding one token): every slot, at its position
+            if t != 1:
+                raise ValueError(f"a ring buffer takes one token at a tensor start, got {t}")
+            slot = self._slot(start).view(1)
+            self.k.index_copy_(2, slot, k_new.to(self.k.dtype))
+            self.v.index_copy_(2, slot, v_new.to(self.v.dtype))
+            pos, held = self._held(start + 1)
+            return KVView(self.k, self.v, start + 1, torch.where(held, pos, start + 1))  # unwritten: after the query
+        new_pos = torch.arange(start, start + t, device=self.k.device)
+        # the queries need the held keys and all new ones: gathered before the ring overwrites the oldest
+        if start == 0:
+            view = KVView(k_new.to(self.k.dtype), v_new.to(self.v.dtype), t, new_pos)
+        else:
+            pos, held = self._held(start)
+            idx = held.nonzero()[:, 0]
+            view = KVView(
+                torch.cat([self.k.index_select(2, idx), k_new.to(self.k.dtype)], dim=2),
+                torch.cat([self.v.index_select(2, idx), v_new.to(self.v.dtype)], dim=2),
+                start + t,
+                torch.cat([pos[idx], new_pos]),
+            )
+        keep = (new_pos < self.sinks) | (new_pos >= start + t - self.window)  # what the buffer holds after
+        dest = self._slot(new_pos[keep])
+        self.k.index_copy_(2, dest, k_new[:, :, keep].to(self.k.dtype))
+        self.v.index_copy_(2, dest, v_new[:, :, keep].to(self.v.dtype))
+        return view
+
+    def nbytes(self, seen: int) -> int:
+        return self.bytes_per_position * (min(seen, self.sinks) + min(max(seen - self.sinks, 0), self.window))
 
 
 class LatentKV:

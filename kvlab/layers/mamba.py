@@ -105,6 +105,7 @@ class Mamba2Config(MixerConfig):
 @register_mixer
 class Mamba2(nn.Module):
     Config = Mamba2Config
+    output_projection = "out_proj"  # what a parallel layer with shared_output replaces by its own
 
     def __init__(self, cfg: Mamba2Config, *, d_model: int, layer_idx: int, kv_source: int, max_seq_len: int):
         super().__init__()
@@ -203,6 +204,7 @@ class MambaConfig(MixerConfig):
 @register_mixer
 class Mamba(nn.Module):
     Config = MambaConfig
+    output_projection = "out_proj"  # what a parallel layer with shared_output replaces by its own
 
     def __init__(self, cfg: MambaConfig, *, d_model: int, layer_idx: int, kv_source: int, max_seq_len: int):
         super().__init__()

@@ -2,15 +2,24 @@
 
 Every branch (e.g. attention heads and SSM heads) reads the same normalised
 input; their outputs are each normalised and scaled by a learned vector
-beta, then averaged:
+beta, then averaged. Two forms:
 
-    y = mean_i( beta_i * RMSNorm(branch_i(x)) )
+- ``shared_output: true``, Hymba's: the branches' outputs before any output
+  projection (the attention heads' concatenated values, the SSM's gated
+  output; equally wide) are normalised, averaged and projected by one
+  output projection, ``y = W_out mean_i(beta_i * RMSNorm(branch_i(x)))``, as
+  its paper (Eq. 3) and code (``pre_avg_layernorm1/2``, one ``out_proj``)
+  do. A branch kind names its own output projection (``output_projection``),
+  which the layer replaces by the identity.
+- ``shared_output: false``: each branch keeps its own output projection and
+  the normalisation follows it, ``y = mean_i(beta_i * RMSNorm(branch_i(x)))``,
+  so any registered mixer can be a branch unchanged.
 
 Attention recalls exactly from its cache, the SSM summarises the context in
-a fixed state; Hymba runs both on every token. One difference from Hymba,
-whose branches share one output projection after the normalisation: here
-each branch keeps its own output projection and the normalisation follows
-it, so any registered mixer can be a branch unchanged.
+a fixed state; Hymba runs both on every token. The layer reads another
+layer's K/V through its one branch that has K/V (Hymba shares K/V between
+consecutive layers): that branch attends to the source layer's attention
+branch and keeps no cache, the others keep theirs.
 
 The cache slot holds one slot per branch; the footprint is their sum (at
 most one branch may keep a per-token cache, or all the same window).
@@ -23,13 +32,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from kvlab._config import check_float
+from kvlab._config import check_bool, check_float
 from kvlab.layers.base import (
     MIXERS,
     LayerFootprint,
     MixerConfig,
     StepState,
-    check_reads_own_state,
     mixer_config,
     register_mixer,
 )
@@ -40,25 +48,69 @@ from kvlab.layers.norm import RMSNorm
 @dataclass
 class ParallelConfig(MixerConfig):
     kind = "parallel"
-    reads = frozenset({"values"})  # a branch's value residual (each branch checks its own)
+    publishes = frozenset({"kv"})  # its attention branch's K/V (kv_compatible checks there is one)
+    reads = frozenset({"kv", "values"})  # K/V through its attention branch; a branch's value residual
     mixers: list = field(default_factory=list)  # two or more mixer specs, run side by side
+    shared_output: bool = False  # Hymba: one output projection after the normalised, averaged branches
     norm_eps: float = 1e-5
 
     def validate(self, d_model: int, path: str) -> None:
         if not isinstance(self.mixers, (list, tuple)) or len(self.mixers) < 2:
             raise ValueError(f"{path}.mixers={self.mixers!r} must list two or more mixer specs to run side by side")
         check_float(self.norm_eps, f"{path}.norm_eps", positive=True)
+        check_bool(self.shared_output, f"{path}.shared_output")
         branches = [mixer_config(m, f"{path}.mixers[{i}]") for i, m in enumerate(self.mixers)]
         for i, m in enumerate(branches):
             if isinstance(m, ParallelConfig):
                 raise ValueError(f"{path}.mixers[{i}] is itself parallel; list its branches here instead")
         self.mixers = [m.resolved(d_model, f"{path}.mixers[{i}]") for i, m in enumerate(branches)]
+        if self.shared_output:
+            self._check_shared_output(d_model, path)
+
+    def _check_shared_output(self, d_model: int, path: str) -> None:
+        """One projection for every branch: each must end in one, without a bias, all equally wide (read off
+        the branches built on the meta device, so nothing here restates a family's widths)."""
+        widths = []
+        for i, m in enumerate(self.mixers):
+            cls = MIXERS[m.kind]
+            name = getattr(cls, "output_projection", None)
+            if name is None:
+                raise ValueError(f"{path}.mixers[{i}]: mixer kind {m.kind!r} has no output projection to share "
+                                 "(shared_output: false keeps each branch's own)")  # fmt: skip
+            with torch.device("meta"):
+                proj = getattr(cls(m, d_model=d_model, layer_idx=0, kv_source=0, max_seq_len=1), name)
+            if proj.bias is not None:
+                raise ValueError(f"{path}.mixers[{i}]: a shared output projection has no bias; this branch's {name} "
+                                 "has one (e.g. attention's o_bias)")  # fmt: skip
+            widths.append(proj.in_features)
+        if len(set(widths)) > 1:
+            raise ValueError(
+                f"{path}.shared_output: the branches' outputs are {widths} wide; one projection needs "
+                "them equal (e.g. attention's n_heads * v_head_dim = the SSM's expand * d_model)"
+            )
+
+    def kv_branch(self) -> MixerConfig | None:
+        """The one branch that has K/V to give or take (attention); None if there is none."""
+        found = [m for m in self.mixers if "kv" in m.publishes]
+        return found[0] if len(found) == 1 else None
 
     def own_reads(self, layer_idx: int) -> tuple[tuple[str, int], ...]:
         return tuple(dict.fromkeys(r for m in self.mixers for r in m.own_reads(layer_idx)))
 
+    def context_problem(self, max_seq_len: int) -> str | None:
+        return next((p for m in self.mixers if (p := m.context_problem(max_seq_len)) is not None), None)
+
     def first_layer_problem(self, first: MixerConfig) -> str | None:
         return next((p for m in self.mixers if (p := m.first_layer_problem(first)) is not None), None)
+
+    def kv_compatible(self, source: MixerConfig) -> str | None:
+        mine = self.kv_branch()
+        if mine is None:
+            return "a parallel layer reads K/V through one branch with K/V (attention); this one has none or several"
+        theirs = source.kv_branch() if isinstance(source, ParallelConfig) else None
+        if theirs is None:
+            return "the source must be a parallel layer with one attention branch, whose K/V this one reads"
+        return mine.kv_compatible(theirs)
 
 
 @register_mixer
@@ -68,13 +120,29 @@ class Parallel(nn.Module):
     def __init__(self, cfg: ParallelConfig, *, d_model: int, layer_idx: int, kv_source: int, max_seq_len: int):
         super().__init__()
         cfg = cfg.resolved(d_model, "mixer")  # defaults filled on a copy: any config builds a working layer
-        check_reads_own_state(cfg.kind, layer_idx, kv_source)
         self.cfg = cfg
+        if kv_source != layer_idx and cfg.kv_branch() is None:
+            raise ValueError(f"layer {layer_idx}: a parallel layer reads another layer's K/V through one attention "
+                             "branch; it has none or several")  # fmt: skip
+        kv_branch = cfg.kv_branch()
         self.branches = nn.ModuleList(
-            MIXERS[m.kind](m, d_model=d_model, layer_idx=layer_idx, kv_source=layer_idx, max_seq_len=max_seq_len)
+            MIXERS[m.kind](
+                m,
+                d_model=d_model,
+                layer_idx=layer_idx,
+                max_seq_len=max_seq_len,
+                kv_source=kv_source if m is kv_branch else layer_idx,
+            )  # fmt: skip
             for m in cfg.mixers
         )
-        self.betas = nn.ModuleList(RMSNorm(d_model, cfg.norm_eps) for _ in cfg.mixers)  # weight = beta_i
+        width = d_model
+        if cfg.shared_output:  # each branch's output projection gives way to the layer's one (widths checked)
+            names = [type(b).output_projection for b in self.branches]
+            width = getattr(self.branches[0], names[0]).in_features
+            for branch, name in zip(self.branches, names, strict=True):
+                setattr(branch, name, nn.Identity())
+            self.out_proj = nn.Linear(width, d_model, bias=False)
+        self.betas = nn.ModuleList(RMSNorm(width, cfg.norm_eps) for _ in cfg.mixers)  # weight = beta_i
         self.kv_footprint(torch.float32)  # refuse branch caches that one footprint row cannot describe
 
     def forward(self, x, *, cache=None, state: StepState | None = None):
@@ -83,7 +151,8 @@ class Parallel(nn.Module):
         for i, (branch, norm) in enumerate(zip(self.branches, self.betas, strict=True)):
             slot = cache.slots[i] if cache is not None else None
             out = out + norm(branch(x, cache=slot, state=state))
-        return out / len(self.branches)
+        out = out / len(self.branches)
+        return self.out_proj(out) if self.cfg.shared_output else out
 
     def new_cache_slot(self, batch_size: int, max_len: int, dtype: torch.dtype, device):
         return SlotGroup([b.new_cache_slot(batch_size, max_len, dtype, device) for b in self.branches])

@@ -202,6 +202,11 @@ def _validated(tc: TrainConfig) -> ModelConfig:
     if tc.data.doc_mask and model_cfg.blocks is not None:
         raise ConfigError("data.doc_mask=true packs documents per row, which a Block Transformer's blocks would "
                           "straddle (model.blocks is set); use data.doc_mask=false")  # fmt: skip
+    if tc.data.doc_mask and model_cfg.meta_tokens:
+        raise ConfigError(
+            f"data.doc_mask=true packs documents per row; model.meta_tokens={model_cfg.meta_tokens} "
+            "go before a row's first token only, not before each document; use data.doc_mask=false"
+        )
     t = tc.trainer
     if t.strategy not in STRATEGIES:
         raise ConfigError(f"trainer.strategy={t.strategy!r} is not one of {', '.join(STRATEGIES)}")

@@ -214,6 +214,25 @@ VARIANTS = {
             },
         },
     ),  # fmt: skip
+    "hymba": tiny(  # Hymba's layer: one output projection after the normalised branches, wider values; meta
+        # tokens, which windows keep in view (sinks); layer 2 reads layer 1's K/V, as consecutive SWA layers do
+        mixer=None,
+        pattern="FSS",
+        kv_source=[0, 1, 1],
+        n_layers=3,
+        meta_tokens=3,
+        mixers={
+            kind: {
+                "kind": "parallel",
+                "shared_output": True,
+                "mixers": [
+                    {"kind": "attention", "n_heads": 4, "n_kv_heads": 2, "v_head_dim": 32, **window},
+                    {"kind": "mamba", "state_dim": 4, "expand": 2, "inner_norms": True},
+                ],
+            }
+            for kind, window in (("F", {}), ("S", {"window": 4, "sinks": 3}))
+        },
+    ),
     "hybrid_window": tiny(
         mixer=None,
         pattern="WWG",

@@ -69,12 +69,24 @@ def test_a_hybrids_bytes_per_token_are_its_attention_layers_alone(name):
     assert fp.fixed_bytes == sum(r.fixed_bytes for r in fp.per_layer if r.kind != "attention") > 0
 
 
-def test_hymba_grows_in_its_full_attention_layers_only():
-    fp = build_model(preset_dict("hymba")).kv_footprint(torch.bfloat16)  # pattern F S S F S F
+def test_parallel_heads_grow_in_their_full_attention_layers_only():
+    fp = build_model(preset_dict("parallel_heads")).kv_footprint(torch.bfloat16)  # pattern F S S F S F
     assert [r.bytes_per_token for r in fp.per_layer] == [256, 256, 256, 256, 256, 256]  # every layer's attention
     assert [r.max_tokens for r in fp.per_layer] == [None, 64, 64, None, 64, None]
     assert fp.bytes_per_token == 3 * 2 * 2 * 32 * 2
     assert all(r.fixed_bytes > 0 for r in fp.per_layer)  # the SSM heads' states
+
+
+def test_hymba_counts_its_meta_tokens_and_shares_its_windows_kv():
+    fp = build_model(preset_dict("hymba")).kv_footprint(torch.bfloat16)  # F S S F S S F, kv_source 0 1 1 3 4 4 6
+    per_token = 2 * (32 + 64) * 2  # 2 K/V heads, values twice as wide as keys, bf16
+    assert [r.bytes_per_token for r in fp.per_layer] == [per_token, per_token, 0, per_token, per_token, 0, per_token]
+    assert [r.max_tokens for r in fp.per_layer] == [None, 16 + 128, None, None, 16 + 128, None, None]
+    assert [r.entries_before for r in fp.per_layer] == [16, 16, 0, 16, 16, 0, 16]  # the meta tokens
+    assert fp.bytes_per_token == 3 * per_token
+    mamba = 512 * 16 + 3 * 512  # state and convolution inputs of 512 channels, per layer
+    assert fp.fixed_bytes == 7 * mamba * 2 + 3 * 16 * per_token + 2 * (16 + 128) * per_token
+    assert fp.total_bytes(1) == 7 * mamba * 2 + 5 * 17 * per_token
 
 
 def test_goldfinch_caches_one_compressed_latent_per_token_for_all_its_attention_layers():

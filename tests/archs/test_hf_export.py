@@ -22,9 +22,20 @@ transformers = pytest.importorskip("transformers")
 ATTENTION = {"kind": "attention", "n_heads": 4, "n_kv_heads": 2}
 
 
+def _windows(spec):
+    """Every attention window in a model dict (a model is at least as long as its windows)."""
+    if isinstance(spec, dict):
+        yield from ([spec["window"]] if spec.get("window") else [])
+        for v in spec.values():
+            yield from _windows(v)
+    elif isinstance(spec, list):
+        for v in spec:
+            yield from _windows(v)
+
+
 def _small(preset: dict) -> dict:
     """A preset with a tiny vocabulary (its layers and widths kept: they make the architecture)."""
-    small = preset | {"vocab_size": 97, "max_seq_len": 64}
+    small = preset | {"vocab_size": 97, "max_seq_len": max([64, *_windows(preset)])}
     if (preset.get("kv_sharing") or {}).get("kind") == "lckv":  # parallel passes exact up to 64 tokens, so the
         small["passes"] = {"no_grad": 62, "grad": 2}  # uncached forward matches cached decoding
     return small
@@ -91,7 +102,7 @@ PRESET_TYPES = {"mha": "llama", "gqa": "llama", "mqa": "llama", "mla": "deepseek
                 "yoco_gret": "kvlab", "mamba2": "kvlab", "jamba": "jamba", "jamba_m2": "kvlab", "samba": "kvlab",
                 "rwkv6": "kvlab", "rwkv7": "kvlab", "gau": "kvlab", "kdgqa": "kvlab", "dha": "kvlab", "clla": "kvlab",
                 "matryoshka": "kvlab", "sa": "kvlab", "block_transformer": "kvlab", "cepe": "kvlab",
-                "xc_cache": "kvlab", "hymba": "kvlab", "goldfinch": "kvlab"}  # fmt: skip
+                "xc_cache": "kvlab", "hymba": "kvlab", "parallel_heads": "kvlab", "goldfinch": "kvlab"}  # fmt: skip
 EXPECTED_TYPE = {**PRESET_TYPES, "mistral_window": "mistral", "qwen2_bias": "qwen2", "mla_q_lora": "deepseek_v3",
                  "mla_moe": "deepseek_v3", **dict.fromkeys(REMOTE, "kvlab")}  # fmt: skip
 
@@ -274,8 +285,11 @@ def test_tokenizer_is_written_for_auto_tokenizer(tmp_path):
         (tiny(attention_source=[0, 0, 2, 3]), "cross-layer sharing of attention weights"),
         (tiny(mixer={**ATTENTION, "rope_dims": 8}), "partial RoPE (rope_dims=8 of head_dim=16)"),
         (tiny(mlp={"kind": "gelu", "hidden": 96}), "mlp 'gelu'"),
+        (tiny(meta_tokens=2), "meta tokens before every sequence (meta_tokens=2)"),
+        (tiny(mixer={**ATTENTION, "window": 4, "sinks": 2}), "sink positions beside the window (sinks=2)"),
+        (tiny(mixer={**ATTENTION, "v_head_dim": 32}), "value heads wider than the key heads (v_head_dim=32"),
     ],
-    ids=["cla", "sa", "partial_rope", "gelu"],
+    ids=["cla", "sa", "partial_rope", "gelu", "meta_tokens", "sinks", "v_head_dim"],
 )
 def test_native_only_export_says_why_and_writes_nothing(tmp_path, spec, reason):
     with pytest.raises(ValueError, match="no native transformers class") as excinfo:

@@ -16,6 +16,8 @@ def test_positions_restart_at_each_document():
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_packed_documents_match_separate_runs(name):
     model = build_model(VARIANTS[name]).eval()
+    if not model.takes_packed_documents:  # meta tokens (hymba): refused, tests/layers/test_parallel.py
+        pytest.skip("the model goes before a row's first token, not before each document: it refuses doc_ids")
     lengths = [5, 9, 1, 7]
     docs = [torch.randint(0, 97, (1, n)) for n in lengths]
     packed = torch.cat(docs, dim=1)

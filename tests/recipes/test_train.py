@@ -179,6 +179,7 @@ LEARNING_PRESETS = [
     "jamba_m2",
     "samba",
     "hymba",
+    "parallel_heads",
     "goldfinch",
     "yoco_gret",
 ]
@@ -257,6 +258,10 @@ BAD_OVERRIDES = {
     "no documents": (["data.max_docs=0"], "data.max_docs=0 must be >= 1"),
     "mixer kind of the wrong type": (["model.mixer.kind=[attention]"], "mixer.kind=['attention'] is not a known"),
     "blocks over packed documents": (["+model.blocks={length: 4}", "data.doc_mask=true"], "data.doc_mask=true packs"),
+    "meta tokens over packed documents": (
+        ["+model.meta_tokens=4", "data.doc_mask=true"],
+        "model.meta_tokens=4 go before a row's first token only",
+    ),  # fmt: skip
     "corpus smaller than a batch": (
         ["data.max_docs=2", "data.batch_size=64"],
         "fewer than one batch (data.batch_size=64)",
