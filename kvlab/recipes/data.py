@@ -321,23 +321,27 @@ def _cache_settings(cfg: DataConfig) -> dict:
     return d
 
 
-def build_datamodule(cfg: DataConfig) -> L.LightningDataModule:
-    """The data module for ``cfg.kind``: packed text, or generated MQAR."""
+def build_datamodule(cfg: DataConfig, seed: int = 0) -> L.LightningDataModule:
+    """The data module for ``cfg.kind``: packed text, or generated MQAR; ``seed`` (the run's) orders the
+    training rows."""
     if cfg.kind == "mqar":
         from kvlab.recipes.mqar import MQARDataModule
 
-        return MQARDataModule(cfg)
-    return LMDataModule(cfg)
+        return MQARDataModule(cfg, seed)
+    return LMDataModule(cfg, seed)
 
 
 class LMDataModule(L.LightningDataModule):
     """Batches of packed rows: ``input_ids`` [B, seq_len], ``labels`` [B, seq_len],
     ``doc_ids`` [B, seq_len] when ``doc_mask`` is on, and ``context`` [B, context] when ``context`` is set."""
 
-    def __init__(self, cfg: DataConfig):
+    def __init__(self, cfg: DataConfig, seed: int = 0):
+        """``seed``: of the training order (the run's ``seed``, so that seeds vary the data as well as the
+        initialisation); the rows themselves and the validation split do not depend on it."""
         super().__init__()
         cfg.validate()
         self.cfg = cfg
+        self.seed = seed
         self.root: Path | None = None
         self.tokenizer = None
 
@@ -388,7 +392,8 @@ class LMDataModule(L.LightningDataModule):
                 + (f" on each of {world_size} ranks" if world_size > 1 else "")
                 + "); lower data.batch_size or data.seq_len, or add documents"
             )
-        sampler = ResumableSampler(self.splits["train"], num_replicas=world_size, rank=rank, shuffle=True, seed=0)
+        sampler = ResumableSampler(self.splits["train"], num_replicas=world_size, rank=rank, shuffle=True,
+                                     seed=self.seed)  # fmt: skip
         return ResumableLoader(
             self.splits["train"],
             batch_size=self.cfg.batch_size,
@@ -447,19 +452,21 @@ class ResumableLoader(DataLoader):
 
     def state_dict(self) -> dict:
         return {"epoch": self.sampler.epoch, "batches_done": self.batches_done, "batch_size": self.batch_size,
-                "world_size": self.sampler.num_replicas}  # fmt: skip
+                "world_size": self.sampler.num_replicas, "seed": self.sampler.seed}  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
-        problem = resume_problem(state, self.batch_size, self.sampler.num_replicas)
+        problem = resume_problem(state, self.batch_size, self.sampler.num_replicas, self.sampler.seed)
         if problem is not None:
             raise ValueError(f"resume: {problem}")
         self.sampler.skip = state["batches_done"] * self.batch_size
 
 
-def resume_problem(state: dict, batch_size: int, world_size: int) -> str | None:
-    """Why a loader state saved by :class:`ResumableLoader` cannot continue with these settings (None: it can)."""
+def resume_problem(state: dict, batch_size: int, world_size: int, seed: int = 0) -> str | None:
+    """Why a loader state saved by :class:`ResumableLoader` cannot continue with these settings (None: it can).
+    States saved before the seed ordered the data were seed 0's order."""
     for name, saved, now in (("data.batch_size", state.get("batch_size"), batch_size),
-                             ("the number of processes", state.get("world_size", 1), world_size)):  # fmt: skip
+                             ("the number of processes", state.get("world_size", 1), world_size),
+                             ("seed", state.get("seed", 0), seed)):  # fmt: skip
         if saved != now:
             return (f"the checkpoint was trained with {name}={saved}, this run has {now}; its place in the data "
                     "cannot be carried over (resume with the same settings)")  # fmt: skip

@@ -52,8 +52,8 @@ def mqar_examples(n: int, seq_len: int, vocab_size: int, pairs: int, seed: int) 
 class MQARDataModule(LMDataModule):
     """Batches of MQAR examples through the LM data module's loaders (``input_ids``, ``labels``)."""
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
+    def __init__(self, cfg, seed: int = 0):
+        super().__init__(cfg, seed)
         self.splits: dict[str, TensorDataset] = {}  # tokenizer stays None: token ids are the task itself
 
     @property

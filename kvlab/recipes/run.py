@@ -57,7 +57,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             raise ConfigError(
                 f"data.seq_len={tc.data.seq_len} exceeds the initial model's max_seq_len={model_cfg.max_seq_len}"
             )
-    datamodule = build_datamodule(tc.data)
+    datamodule = build_datamodule(tc.data, seed=tc.seed)
     try:
         datamodule.prepare_data()
     except (FileNotFoundError, ValueError) as e:
@@ -398,12 +398,12 @@ def _checkpoint_problem(path: Path) -> str | None:
 def _check_resumable(ckpt_path: str, model_cfg: ModelConfig, tc: TrainConfig, world_size: int) -> None:
     """Resuming continues the checkpoint's training: a different model would load (or half load)
     and train something else, so any difference is refused, field by field; so is a batch size or
-    process count under which the checkpoint's place in the data means other rows."""
+    process count or seed under which the checkpoint's place in the data means other rows."""
     saved = _lightning_fields(Path(ckpt_path))
     loaders = saved["loops"].get("fit_loop", {}).get("state_dict", {}).get("combined_loader", [])
     if not loaders:
         log.warning("resume: %s holds no place in the data (an older checkpoint): its epoch restarts", ckpt_path)
-    elif (problem := resume_problem(loaders[0], tc.data.batch_size, world_size)) is not None:
+    elif (problem := resume_problem(loaders[0], tc.data.batch_size, world_size, tc.seed)) is not None:
         raise ConfigError(f"resume: {problem}")
     try:
         theirs = ModelConfig.from_dict(saved["hyper_parameters"]["model"]).to_dict()
