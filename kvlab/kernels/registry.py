@@ -237,7 +237,7 @@ def _log_once(op, mode, name, wanted, reasons, refused) -> None:
         why = "; ".join((*reasons, *refused)) or "none"
         log.warning("kernel %s: %s cannot run it (%s); using %s", op, wanted, why, name)
     else:
-        log.info("kernel %s: %s backend (mode %s)", op, name, mode)
+        log.debug("kernel %s: %s backend (mode %s)", op, name, mode)  # a default run's log stays quiet
 
 
 def dispatch(op: str, *args, **kwargs):

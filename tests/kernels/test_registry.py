@@ -112,3 +112,16 @@ def test_a_backend_whose_module_is_missing_falls_back(monkeypatch, caplog):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     with use_kernels("triton"):
         assert choose("rms_norm", args).name == "triton"
+
+
+def test_the_backend_chosen_is_logged_at_debug_only(monkeypatch, caplog):
+    """A default run's log carries no kernel lines; the choice is there at DEBUG."""
+    monkeypatch.setattr(registry, "_logged", set())
+    q = torch.randn(1, 2, 3, 8)
+    with caplog.at_level(logging.INFO, logger=registry.__name__):
+        kvlab.kernels.ops.attention(q, q, q, causal=True)
+    assert not caplog.records
+    monkeypatch.setattr(registry, "_logged", set())
+    with caplog.at_level(logging.DEBUG, logger=registry.__name__):
+        kvlab.kernels.ops.attention(q, q, q, causal=True)
+    assert "kernel attention:" in caplog.text
