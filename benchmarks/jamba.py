@@ -21,8 +21,9 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from common import timed  # benchmarks/common.py, beside this script (imported before the line below)
 
 # benchmarks/kernels.py would shadow the `kernels` package that transformers' Jamba imports
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
@@ -36,16 +37,6 @@ from kvlab.kernels.linear_attention import linear_attention_chunked  # noqa: E40
 from kvlab.kernels.ssm import _selective_scan, selective_scan  # noqa: E402
 
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"
-
-
-def best(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def scan_inputs(batch: int, seq: int, channels: int = 512, state: int = 16):
@@ -69,9 +60,9 @@ def time_scans(batch: int, seq: int, repeats: int) -> dict[str, float]:
     mixer = transformers.models.jamba.modeling_jamba.JambaMambaMixer(config, layer_idx=0)
     hidden = torch.randn(batch, seq, 256)
     return {
-        "kvlab scan (token by token, hand-written backward)": best(lambda: run(selective_scan), repeats),
-        "kvlab before: chunked linear attention, a head per channel": best(lambda: run(chunked), repeats),
-        "transformers JambaMambaMixer (whole mixer, PyTorch path)": best(
+        "kvlab scan (token by token, hand-written backward)": timed(lambda: run(selective_scan), repeats),
+        "kvlab before: chunked linear attention, a head per channel": timed(lambda: run(chunked), repeats),
+        "transformers JambaMambaMixer (whole mixer, PyTorch path)": timed(
             lambda: mixer(hidden).square().mean().backward(), repeats
         ),
     }
@@ -117,8 +108,8 @@ def main() -> None:
         ours_tokens = ours.generate(prompt, args.new, compile=False)
         theirs_tokens = theirs.generate(prompt, max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False)
         same = torch.equal(ours_tokens[:, -args.new :], theirs_tokens[:, -args.new :])
-        t_ours = best(lambda: ours.generate(prompt, args.new, compile=False), args.repeats)
-        t_theirs = best(lambda: theirs.generate(prompt, max_new_tokens=args.new, min_new_tokens=args.new,
+        t_ours = timed(lambda: ours.generate(prompt, args.new, compile=False), args.repeats)
+        t_theirs = timed(lambda: theirs.generate(prompt, max_new_tokens=args.new, min_new_tokens=args.new,
                                                 do_sample=False), args.repeats)  # fmt: skip
     print(f"\nGreedy decoding, batch 1, {args.prompt}-token prompt, {args.new} new tokens (same tokens: {same}):")
     print(f"  kvlab jamba (eager): {args.new / t_ours:.1f} tokens/s")
@@ -134,7 +125,7 @@ def main() -> None:
     for name, (model, hf) in models.items():
         model.train()
         repeats = 1 if hf else args.repeats  # transformers' step takes minutes on a CPU
-        seconds = best(lambda: train_step(model, ids, optimizers[name], hf), repeats)  # noqa: B023
+        seconds = timed(lambda: train_step(model, ids, optimizers[name], hf), repeats)  # noqa: B023
         print(f"  {name}: {seconds:.2f} s/step, {ids.numel() / seconds:,.0f} tokens/s")
 
 

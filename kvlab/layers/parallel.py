@@ -121,10 +121,10 @@ class Parallel(nn.Module):
         super().__init__()
         cfg = cfg.resolved(d_model, "mixer")  # defaults filled on a copy: any config builds a working layer
         self.cfg = cfg
-        if kv_source != layer_idx and cfg.kv_branch() is None:
+        kv_branch = cfg.kv_branch()
+        if kv_source != layer_idx and kv_branch is None:
             raise ValueError(f"layer {layer_idx}: a parallel layer reads another layer's K/V through one attention "
                              "branch; it has none or several")  # fmt: skip
-        kv_branch = cfg.kv_branch()
         self.branches = nn.ModuleList(
             MIXERS[m.kind](
                 m,
