@@ -3,8 +3,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-import torch
+# One thread per test process: the suite runs a process per core (pytest-xdist, pyproject.toml), its shapes are
+# tiny, and threads beyond the cores spin: on 2 cores, 2 processes of 2 threads each were slower than the suite
+# in one process, 2 of one thread each twice as fast. Set before torch starts; tests' subprocesses inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     # Triton kernels run on CPU only through the interpreter, which must be on before they are defined.

@@ -53,6 +53,16 @@ class LoggerConfig:
 
 
 @dataclass
+class EvalConfig:
+    """What stage ``eval`` measures beside the validation loss (kvlab.recipes.evals)."""
+
+    decode_speed: bool = True  # generate's greedy tokens/s at batch 1 and 8
+    passkey: bool = True  # pass-key retrieval (text data) at 1/4, 1/2 and all of passkey_max_len
+    passkey_max_len: int | None = 2048  # the longest prompt; null: the model's max_seq_len (the cap either way)
+    passkey_trials: int = 5  # keys per length and depth
+
+
+@dataclass
 class UptrainConfig:
     """The staged uptraining recipes (gqa_, mqa_, mla_, cla_uptrain): see kvlab/recipes/uptrain.py."""
 
@@ -75,6 +85,7 @@ class TrainConfig:
     output_root: str = "outputs"
     seed: int = 0
     stages: list[str] = field(default_factory=lambda: ["train"])
+    eval: EvalConfig = field(default_factory=EvalConfig)
     resume: str | None = None  # null | auto (latest run of this run_name) | path to a .ckpt
     # where the weights start: {from: scratch | checkpoint | hf, path: ..., convert: {to: gqa, ...}}
     init: dict[str, Any] = field(default_factory=lambda: {"from": "scratch", "path": None, "convert": None})

@@ -9,13 +9,20 @@
 - ``decode_speed``: greedy decoding throughput from a random prompt, through
   ``generate``'s compiled decode step (its compilation is the warm-up call;
   ``KVLAB_COMPILE=0`` measures the eager step).
+
+``evaluate`` runs those ``eval.*`` picks (stage ``eval``), each with a
+progress bar in a terminal and its results in the log.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
+from tqdm.auto import tqdm
+
+log = logging.getLogger("kvlab")
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
@@ -51,12 +58,23 @@ def passkey_accuracy(model, tokenizer, length: int, depth: float, trials: int = 
     return right / trials
 
 
-def passkey_grid(model, tokenizer, fractions=(0.25, 0.5, 1.0), depths=(0.0, 0.5, 1.0), trials: int = 5):
-    """{length: {depth: accuracy}} at the given fractions of the model's context (room left for the answer),
-    leaving out lengths too short to hold the needle and the question with some filler."""
+def passkey_grid(model, tokenizer, fractions=(0.25, 0.5, 1.0), depths=(0.0, 0.5, 1.0), trials: int = 5,
+                 max_len: int | None = None) -> dict:  # fmt: skip
+    """{length: {depth: accuracy}} at the given fractions of the context (the model's max_seq_len, or
+    ``max_len`` when shorter; room left for the answer), leaving out lengths too short to hold the needle and
+    the question with some filler."""
+    context = min(model.config.max_seq_len, max_len or model.config.max_seq_len)
     shortest = len(tokenizer.encode(FILLER + NEEDLE.format(key="00000") + QUESTION).ids)
-    lengths = sorted({n for f in fractions if (n := int(f * (model.config.max_seq_len - 8))) >= shortest})
-    return {str(n): {str(d): passkey_accuracy(model, tokenizer, n, d, trials) for d in depths} for n in lengths}
+    lengths = sorted({n for f in fractions if (n := int(f * (context - 8))) >= shortest})
+    grid = {}
+    with tqdm(total=len(lengths) * len(depths), desc="passkey", unit="prompt set", disable=None) as bar:
+        for n in lengths:
+            grid[str(n)] = {}
+            for d in depths:
+                grid[str(n)][str(d)] = passkey_accuracy(model, tokenizer, n, d, trials)
+                bar.update()
+            log.info("passkey: %d tokens, accuracy by depth %s", n, grid[str(n)])
+    return grid
 
 
 def decode_speed(model, batch_size: int, prompt_len: int = 32, new_tokens: int = 32) -> float:
@@ -74,3 +92,18 @@ def decode_speed(model, batch_size: int, prompt_len: int = 32, new_tokens: int =
         best = min(best, time.perf_counter() - t0)
     model.train(was_training)
     return batch_size * new_tokens / best
+
+
+def evaluate(model, tokenizer, cfg) -> dict:
+    """Stage ``eval``'s measurements beyond the validation loss, as ``cfg`` (the run's ``eval`` section,
+    kvlab.recipes.config.EvalConfig) picks them; the pass key only for text data (a ``tokenizer``)."""
+    metrics = {}
+    if cfg.decode_speed:
+        speeds = {}
+        for b in tqdm((1, 8), desc="decode speed", unit="batch size", disable=None):
+            speeds[f"batch_{b}"] = decode_speed(model, b)
+        log.info("decode speed: %s new tokens/s", {k: round(v, 1) for k, v in speeds.items()})
+        metrics["decode_tokens_per_s"] = speeds
+    if cfg.passkey and tokenizer is not None:
+        metrics["passkey"] = passkey_grid(model, tokenizer, trials=cfg.passkey_trials, max_len=cfg.passkey_max_len)
+    return metrics

@@ -33,7 +33,7 @@ from kvlab.archs import ModelConfig, build_model, convert_model
 from kvlab.archs.convert import calibration_rows
 from kvlab.recipes.config import ACCELERATORS, LOGGERS, PRECISIONS, STAGES, TrainConfig
 from kvlab.recipes.data import LMDataModule, build_datamodule, resume_problem, tokenizer_to_use
-from kvlab.recipes.evals import decode_speed, passkey_grid
+from kvlab.recipes.evals import evaluate
 from kvlab.recipes.module import LMModule
 from kvlab.recipes.strategies import STRATEGIES, build_strategy, deepspeed_available
 
@@ -154,9 +154,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     if fp.context_bytes_per_token:
         metrics["context_bytes_per_token"] = fp.context_bytes_per_token
     if "eval" in tc.stages and trainer.is_global_zero:
-        metrics["decode_tokens_per_s"] = {f"batch_{b}": decode_speed(module.model, b) for b in (1, 8)}
-        if datamodule.tokenizer is not None:  # text models: retrieval of a pass key hidden in filler
-            metrics["passkey"] = passkey_grid(module.model, datamodule.tokenizer)  # 1/4, 1/2, all of the context
+        metrics.update(evaluate(module.model, datamodule.tokenizer, tc.eval))
     if "export" in tc.stages and trainer.is_global_zero:
         from kvlab.archs.hf import save_hf
 
@@ -215,6 +213,10 @@ def _validated(tc: TrainConfig) -> ModelConfig:
     for stage in tc.stages:
         if stage not in STAGES:
             raise ConfigError(f"stages: {stage!r} is not one of {', '.join(STAGES)}")
+    if tc.eval.passkey_max_len is not None and tc.eval.passkey_max_len < 1:
+        raise ConfigError(f"eval.passkey_max_len={tc.eval.passkey_max_len} must be >= 1, or null: max_seq_len")
+    if tc.eval.passkey_trials < 1:
+        raise ConfigError(f"eval.passkey_trials={tc.eval.passkey_trials} must be >= 1")
     for name in ("max_steps", "val_check_interval", "ckpt_every_n_steps", "accumulate_grad_batches",
                  "limit_val_batches", "log_every_n_steps", "num_nodes"):  # fmt: skip
         if getattr(t, name) < 1:

@@ -62,8 +62,9 @@ def run_uptrain(cfg: DictConfig, run_dir: Path) -> dict:
     beside = Path(parent_init["path"]).expanduser().parent / "tokenizer.json"
     if parent_init["from"] == "checkpoint" and beside.is_file():  # the scratch baseline reads the same tokens
         cfg.data.tokenizer = tokenizer_to_use(OmegaConf.to_object(cfg.data), beside)
-    parent = _stage(cfg, run_dir / "parent", "parent evaluation", init=parent_init, stages=["eval"],
-                    **PLAIN_TRAINING, **PLAIN_ROWS)  # fmt: skip
+    # validation only, unless the run's stages ask for the evaluations too (as they then do in every stage)
+    parent = _stage(cfg, run_dir / "parent", "parent evaluation", init=parent_init,
+                    stages=["eval"] if "eval" in cfg.stages else [], **PLAIN_TRAINING, **PLAIN_ROWS)  # fmt: skip
     if parent_tokens is not None:
         parent["tokens_seen"] = parent_tokens
     convert = _resolve_convert(convert, parent["model"])

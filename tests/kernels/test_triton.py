@@ -61,8 +61,20 @@ ATTENTION_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(ATTENTION_CASES))
-@pytest.mark.parametrize("heads", [(3, 3), (6, 2), (4, 1)], ids=["mha", "gqa", "mqa"])
+HEADS = {"mha": (3, 3), "gqa": (6, 2), "mqa": (4, 1)}
+
+
+def _flash_attention_cases():
+    """Every (mask, head grouping) case; five, which between them take every mask and grouping, by default (each
+    runs the interpreter for seconds), the rest with -m slow."""
+    default = {("causal", "mha"), ("full", "gqa"), ("window", "mqa"), ("documents", "gqa"), ("documents+window", "mqa")}
+    for heads in HEADS:
+        for case in ATTENTION_CASES:
+            marks = () if (case, heads) in default else (pytest.mark.slow,)
+            yield pytest.param(case, HEADS[heads], id=f"{heads}-{case}", marks=marks)
+
+
+@pytest.mark.parametrize("case, heads", list(_flash_attention_cases()))
 def test_flash_attention_matches_the_reference(case, heads):
     from kvlab.kernels.triton_attention import attention
 

@@ -4,12 +4,14 @@ import pytest
 import torch
 
 from kvlab import build_model
+from kvlab.recipes.config import EvalConfig
 from kvlab.recipes.data import train_tokenizer
 from kvlab.recipes.evals import (
     FILLER,
     NEEDLE,
     QUESTION,
     decode_speed,
+    evaluate,
     passkey_accuracy,
     passkey_grid,
     passkey_prompt,
@@ -66,3 +68,13 @@ def test_grid_keeps_the_lengths_that_hold_the_prompt(tokenizer):
     grid = passkey_grid(model, tokenizer, fractions=(0.05, 0.5, 1.0), depths=(0.0, 1.0), trials=1)
     assert list(grid) == [str(n) for n in sorted({int(f * 120) for f in (0.05, 0.5, 1.0)}) if n >= shortest]
     assert all(set(by_depth) == {"0.0", "1.0"} for by_depth in grid.values())
+
+
+def test_evaluate_runs_what_eval_picks_with_passkey_lengths_capped(tokenizer):
+    model = build_model(tiny(vocab_size=300, max_seq_len=512)).eval()
+    capped = evaluate(model, tokenizer, EvalConfig(decode_speed=False, passkey_max_len=128, passkey_trials=1))
+    # all of 128 - 8 tokens, not of 512 - 8; a quarter and a half are too short for the needle and the question
+    assert set(capped) == {"passkey"} and list(capped["passkey"]) == ["120"]
+    assert all(set(by_depth) == {"0.0", "0.5", "1.0"} for by_depth in capped["passkey"].values())
+    assert evaluate(model, None, EvalConfig(passkey_trials=1)).keys() == {"decode_tokens_per_s"}  # no text
+    assert evaluate(model, tokenizer, EvalConfig(decode_speed=False, passkey=False)) == {}

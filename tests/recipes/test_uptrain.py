@@ -35,10 +35,18 @@ def test_gqa_uptrain_runs_every_stage_then_reuses_the_parent(tmp_path, data_cach
     assert "uptrained" in proc.stdout and "converted" in proc.stdout  # the table
     run = run_dirs(tmp_path, "gqa_uptrain")[-1]
     assert (run / "uptrained" / "checkpoints" / "last.ckpt").is_file()
+    for stage in ("parent", "uptrained", "scratch"):  # validation only: the stages' time goes to training
+        assert not {"passkey", "decode_tokens_per_s"} & set(json.loads((run / stage / "metrics.json").read_text()))
 
-    # mqa_uptrain starts from the same cached parent: no parent training, same parent quality.
-    proc = train(tmp_path, data_cache, "recipe=mqa_uptrain", *TINY_MHA, *PARENT)
+    # mqa_uptrain starts from the same cached parent: no parent training, same parent quality; with stage eval,
+    # every stage runs the evaluations eval picks (here pass keys, within max_seq_len=128 less the answer's 8)
+    proc = train(tmp_path, data_cache, "recipe=mqa_uptrain", *TINY_MHA, *PARENT, "stages=[train,eval]",
+                 "eval.decode_speed=false", "eval.passkey_trials=1")  # fmt: skip
     assert "reusing the parent" in proc.stdout + proc.stderr
+    for stage in ("parent", "uptrained"):
+        stage_metrics = json.loads((run_dirs(tmp_path, "mqa_uptrain")[-1] / stage / "metrics.json").read_text())
+        assert stage_metrics["passkey"] and "decode_tokens_per_s" not in stage_metrics
+        assert max(map(int, stage_metrics["passkey"])) == 120
     mqa = _metrics(tmp_path, "mqa_uptrain")
     assert mqa["parent"]["val_loss"] == pytest.approx(m["parent"]["val_loss"], abs=1e-6)
     assert mqa["converted"]["kv_bytes_per_token"] * 8 == mqa["parent"]["kv_bytes_per_token"]
