@@ -97,14 +97,22 @@ class TrainConfig:
     distill: bool = False
 
 
+def config_dir() -> Path:
+    """The shipped Hydra tree: ``kvlab/configs`` in an installed kvlab (package data), or ``configs/`` beside the
+    package in a checkout (an editable install included)."""
+    package = Path(__file__).resolve().parents[1]
+    installed = package / "configs"
+    return installed if (installed / "train.yaml").is_file() else package.parent / "configs"
+
+
 def register_configs() -> None:
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 
 
-def broken_yaml(argv: list[str], config_dir: Path) -> str | None:
-    """Why a YAML file this command line picks (``model=mine`` from ``--config-dir``, or the shipped tree)
+def broken_yaml(argv: list[str], shipped: Path) -> str | None:
+    """Why a YAML file this command line picks (``model=mine`` from ``--config-dir``, or the ``shipped`` tree)
     does not parse, naming the file and line; None when they all do. Hydra would show a traceback."""
-    dirs = [config_dir]
+    dirs = [shipped]
     for i, arg in enumerate(argv):
         if arg in ("--config-dir", "-cd") and i + 1 < len(argv):
             dirs.insert(0, Path(argv[i + 1]))

@@ -20,7 +20,6 @@ import json
 import re
 import sys
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,7 +29,6 @@ from rich.table import Table
 from kvlab._io import atomic_write_text
 from kvlab.archs import ModelConfig, build_model
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 CONTEXTS = (2048, 32768, 131072, 1048576)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp8": torch.float8_e4m3fn}
 UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -58,10 +56,10 @@ def compose_model_config(overrides: list[str]) -> ModelConfig:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from kvlab.recipes.config import register_configs
+    from kvlab.recipes.config import config_dir, register_configs
 
     register_configs()
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     return ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
 
@@ -115,9 +113,9 @@ def render(report: dict[str, Any], console: Console) -> None:
         console.print(f"Budget {human(b['bytes'])} at {b['context']:,} tokens: {fits}")
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, prog: str = "python -m kvlab.footprint") -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m kvlab.footprint", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for train.py: model=NAME, model.x=...")
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="the cache's dtype")

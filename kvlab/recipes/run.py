@@ -29,8 +29,14 @@ from omegaconf.errors import OmegaConfBaseException
 
 from kvlab._config import check_finite, differences
 from kvlab._io import atomic_write, atomic_write_text, pid_alive, remove_orphans
-from kvlab.archs import ModelConfig, build_model, convert_model
+from kvlab.archs import ModelConfig, convert_model
 from kvlab.archs.convert import calibration_rows
+from kvlab.recipes.checkpoint import (
+    checkpoint_step,
+    lightning_fields,
+    lightning_fields_file,
+    load_checkpoint_model,
+)
 from kvlab.recipes.config import ACCELERATORS, LOGGERS, PRECISIONS, STAGES, TrainConfig
 from kvlab.recipes.data import LMDataModule, build_datamodule, resume_problem, tokenizer_to_use
 from kvlab.recipes.evals import evaluate
@@ -118,7 +124,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     if "train" in tc.stages:
         if ckpt_path is None:  # the starting point, for comparing with the end
             metrics["initial_val_loss"] = _validate(trainer, module, datamodule)
-        start_step = _checkpoint_step(ckpt_path)
+        start_step = checkpoint_step(ckpt_path)
         if ckpt_path is not None:
             metrics["resumed_from"] = {"checkpoint": ckpt_path, "step": start_step}
         t0 = time.perf_counter()
@@ -127,7 +133,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         last = run_dir / "checkpoints" / "last.ckpt"
         # Every rank decides and saves: DeepSpeed writes its partitions from all of them.
         trainer.strategy.barrier()
-        if _checkpoint_step(last) != trainer.global_step:
+        if checkpoint_step(last) != trainer.global_step:
             trainer.save_checkpoint(last)
         tokens_per_step = tc.data.batch_size * tc.data.seq_len * tc.trainer.accumulate_grad_batches * trainer.world_size
         metrics["train_loss"] = _metric(trainer, "train_loss")
@@ -296,13 +302,11 @@ def _initial_model(tc: TrainConfig):
             beside = Path(path).expanduser().parent / "tokenizer.json"
             if beside.is_file():
                 tc.data.tokenizer = tokenizer_to_use(tc.data, beside)
-            model_dict, state = read_checkpoint(path)
-            model = build_model(ModelConfig.from_dict(model_dict))
+            model = load_checkpoint_model(path)
             ignored = differences(ModelConfig.from_dict(tc.model).to_dict(), model.config.to_dict(), "model")
             if ignored:  # the architecture is the checkpoint's: say which settings of `model` do not apply
                 log.info("init: the checkpoint's model is used; model settings that differ and do not apply: %s",
                          "; ".join(ignored[:8]))  # fmt: skip
-            model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
     except (ValueError, FileNotFoundError, KeyError) as e:
         raise ConfigError(f"init: {e}") from None
     log.info("init: from %s %s", source, path)
@@ -324,32 +328,6 @@ def _converted(model, spec: dict, datamodule: LMDataModule, report: dict):
         raise ConfigError(f"init.convert: {e}") from None
     log.info("init: converted %s", spec)
     return model
-
-
-def read_checkpoint(path) -> tuple[dict, dict]:
-    """(model config dict, LMModule state dict) of a kvlab checkpoint.
-
-    A Lightning ``.ckpt`` file, or the directory DeepSpeed strategies write
-    (its partitions are gathered into full fp32 tensors).
-    """
-    path = Path(path).expanduser()
-    if path.is_dir():
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        states = _lightning_fields_file(path)
-        if states == path:
-            raise FileNotFoundError(
-                f"{path} is a directory but not a DeepSpeed checkpoint (no checkpoint/*model_states.pt)"
-            )
-        meta = torch.load(states, map_location="cpu", weights_only=False, mmap=True)
-        return meta["hyper_parameters"]["model"], get_fp32_state_dict_from_zero_checkpoint(str(path), tag="checkpoint")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as e:  # truncated, empty or not a checkpoint: torch raises several types
-        raise ValueError(f"{path}: does not load as a checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "model" not in ckpt.get("hyper_parameters", {}):
-        raise ValueError(f"{path}: not a kvlab checkpoint (no state_dict and hyper_parameters.model)")
-    return ckpt["hyper_parameters"]["model"], ckpt["state_dict"]
 
 
 def _resume_path(tc: TrainConfig, run_dir: Path) -> str | None:
@@ -382,13 +360,13 @@ def _resume_path(tc: TrainConfig, run_dir: Path) -> str | None:
 
 def _checkpoint_problem(path: Path) -> str | None:
     """Why the checkpoint at ``path`` cannot be resumed from (None: it loads and has what resuming needs)."""
-    fields = _lightning_fields_file(path)
+    fields = lightning_fields_file(path)
     if not fields.is_file():
         return "a directory without a DeepSpeed checkpoint/*model_states.pt"
     if path.is_dir() and not (path / "latest").is_file():  # DeepSpeed writes it last, once every shard is saved
         return "an incomplete DeepSpeed checkpoint (no 'latest' file: its writing was interrupted)"
     try:
-        ckpt = _lightning_fields(path)
+        ckpt = lightning_fields(path)
     except Exception as e:  # truncated, empty or not a checkpoint: torch raises several types
         return f"does not load as a checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
     missing = [k for k in ("global_step", "loops", "hyper_parameters") if not isinstance(ckpt, dict) or k not in ckpt]
@@ -401,7 +379,7 @@ def _check_resumable(ckpt_path: str, model_cfg: ModelConfig, tc: TrainConfig, wo
     """Resuming continues the checkpoint's training: a different model would load (or half load)
     and train something else, so any difference is refused, field by field; so is a batch size or
     process count or seed under which the checkpoint's place in the data means other rows."""
-    saved = _lightning_fields(Path(ckpt_path))
+    saved = lightning_fields(Path(ckpt_path))
     loaders = saved["loops"].get("fit_loop", {}).get("state_dict", {}).get("combined_loader", [])
     if not loaders:
         log.warning("resume: %s holds no place in the data (an older checkpoint): its epoch restarts", ckpt_path)
@@ -455,27 +433,6 @@ def run_dir_in_use(run_dir: Path) -> int | None:
     except (ValueError, IndexError, OSError):
         return None
     return pid if pid != os.getpid() and pid_alive(pid) else None
-
-
-def _lightning_fields_file(path: Path) -> Path:
-    """The file holding Lightning's fields (step, hyper-parameters): the checkpoint itself, or, in a
-    DeepSpeed checkpoint directory, rank 0's model-states file (``path`` unchanged when there is none)."""
-    if path.is_dir():
-        found = sorted(path.glob("checkpoint/*mp_rank_00_model_states.pt"))
-        return found[0] if found else path
-    return path
-
-
-def _lightning_fields(path: Path) -> dict:
-    """Lightning's fields of a checkpoint file or DeepSpeed directory, read without loading the weights (mmap)."""
-    return torch.load(_lightning_fields_file(path), map_location="cpu", weights_only=False, mmap=True)
-
-
-def _checkpoint_step(path) -> int:
-    """The global step a checkpoint was saved at: a Lightning file or a DeepSpeed directory; 0 if none."""
-    if path is None or not _lightning_fields_file(Path(path)).is_file():
-        return 0
-    return int(_lightning_fields(Path(path)).get("global_step", 0))
 
 
 # -- Lightning objects -------------------------------------------------------------

@@ -1,0 +1,168 @@
+"""The ``kvlab`` command, installed with the package (``pip install kvlab``):
+
+    kvlab train recipe=gqa_uptrain [overrides]     # train.py's job: train, uptrain, sweep with -m
+    kvlab eval ckpt=PATH [overrides]               # recipe=eval
+    kvlab export ckpt=PATH [overrides]             # recipe=export
+    kvlab footprint model=NAME [--budget 80GiB]    # the KV-cache footprint report
+    kvlab generate PATH --prompt TEXT              # text from a checkpoint or a Hugging Face directory
+
+``train``, ``eval`` and ``export`` take Hydra overrides and flags as ``train.py`` does, over the configs
+shipped with kvlab; ``--config-dir DIR`` puts a directory of your own (``DIR/model/mine.yaml`` ...) first on
+the search path. ``train.py`` at the top of a checkout runs the same code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+COMMANDS = {
+    "train": "train, uptrain or sweep (-m) as the recipe and overrides say (train.py)",
+    "eval": "evaluate a checkpoint: recipe=eval, ckpt=PATH",
+    "export": "export a checkpoint to a Hugging Face directory: recipe=export, ckpt=PATH",
+    "footprint": "the KV-cache footprint report of a model config (built on the meta device)",
+    "generate": "generate text from a kvlab checkpoint or a Hugging Face directory",
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        width = max(map(len, COMMANDS))
+        print("usage: kvlab COMMAND [ARGS...]\n\ncommands:")
+        print("\n".join(f"  {name:<{width}}  {what}" for name, what in COMMANDS.items()))
+        print("\n`kvlab COMMAND --help` shows a command's own options (Hydra's for train, eval and export).")
+        sys.exit(0 if argv else 2)
+    command, args = argv[0], argv[1:]
+    if command == "footprint":
+        from kvlab.recipes.footprint import main as footprint
+
+        footprint(args, prog="kvlab footprint")
+    elif command == "generate":
+        generate(args)
+    elif command in ("train", "eval", "export"):
+        # recipe=eval/export first, so overrides after it (another recipe's settings) still apply
+        train(args if command == "train" else [f"recipe={command}", *args])
+    else:
+        print(f"kvlab: error: unknown command {command!r}; one of {', '.join(COMMANDS)}", file=sys.stderr)
+        sys.exit(2)
+
+
+def train(args: list[str]) -> None:
+    """``train.py``'s job with ``args`` (Hydra overrides and flags) over the shipped configs. Configuration
+    mistakes end it before training with one line naming the field and exit status 1."""
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import DictConfig
+
+    from kvlab.recipes.config import broken_yaml, config_dir, register_configs
+
+    configs = config_dir()
+    problem = broken_yaml(args, configs)
+    if problem is not None:
+        _fail(problem)
+    register_configs()
+    given = sys.argv
+    if not any(a.startswith("hydra.job.name=") for a in args):  # logs are train.log, as train.py's
+        args = [*args, "hydra.job.name=train"]
+
+    @hydra.main(version_base="1.3", config_path=str(configs), config_name="train")
+    def run_job(cfg: DictConfig) -> None:
+        # Lightning starts a multi-process run's other ranks with this process's command line: the one given
+        sys.argv = given
+        from kvlab.recipes.run import ConfigError, run
+        from kvlab.recipes.uptrain import run_uptrain
+
+        try:
+            staged = run_uptrain if cfg.get("uptrain") is not None else run
+            staged(cfg, Path(HydraConfig.get().runtime.output_dir))
+        except ConfigError as e:
+            _fail(str(e))
+        finally:
+            _leave_process_group()
+
+    sys.argv = [given[0], *args]  # what Hydra parses
+    try:
+        run_job()
+    finally:
+        sys.argv = given
+
+
+def generate(args: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="kvlab generate", description=COMMANDS["generate"])
+    parser.add_argument("path", help="a kvlab checkpoint (.ckpt, or a DeepSpeed checkpoint directory) with "
+                        "tokenizer.json beside it, or a Hugging Face directory kvlab exported or reads")  # fmt: skip
+    parser.add_argument("--prompt", required=True, help="the text to continue")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0, help="of the sampling (with --temperature > 0)")
+    parser.add_argument("--compile", action="store_true", help="compile the decode step: pays from a few "
+                        "hundred new tokens on (kvlab.archs.decode)")  # fmt: skip
+    opts = parser.parse_args(args)
+    if opts.max_new_tokens < 0:
+        parser.error(f"--max-new-tokens={opts.max_new_tokens} must be >= 0")
+    import torch
+
+    from kvlab.tokenizer import EOS
+
+    try:
+        model, tokenizer = load_trained(opts.path)
+        ids = tokenizer.encode(opts.prompt).ids
+        if not ids:
+            raise ValueError("--prompt: the prompt is empty after tokenization")
+        eos = tokenizer.token_to_id(EOS)
+        out = model.generate(
+            torch.tensor([ids]),
+            max_new_tokens=opts.max_new_tokens,
+            temperature=opts.temperature,
+            top_k=opts.top_k,
+            eos_token_id=eos,
+            generator=torch.Generator().manual_seed(opts.seed),
+            compile=opts.compile,
+        )
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    new = [t for t in out[0, len(ids) :].tolist() if t != eos]
+    print(opts.prompt + tokenizer.decode(new))
+
+
+def load_trained(path: str):
+    """(model in eval mode, tokenizer) of a kvlab checkpoint with the ``tokenizer.json`` runs save beside it,
+    or of a Hugging Face directory holding a ``tokenizer.json``."""
+    from kvlab.tokenizer import load_tokenizer
+
+    p = Path(path).expanduser()
+    if (p / "config.json").is_file():  # a Hugging Face directory
+        from kvlab.archs.hf import load_hf
+
+        return load_hf(p).eval(), load_tokenizer(str(p))
+    if not p.exists():
+        raise FileNotFoundError(f"{path}: nothing there; give a kvlab checkpoint or a Hugging Face directory")
+    beside = p.parent / "tokenizer.json"
+    if not beside.is_file():
+        raise FileNotFoundError(f"{beside}: no tokenizer beside the checkpoint (runs save theirs there)")
+    from kvlab.recipes.checkpoint import load_checkpoint_model
+
+    return load_checkpoint_model(p).eval(), load_tokenizer(str(beside))
+
+
+def _leave_process_group() -> None:
+    """Tear down a multi-process run's group while Python still runs: left to interpreter exit, gloo's threads
+    can be destroyed still joinable, and the process aborts ("terminate called without an active exception",
+    seen once in CI after a DDP run had written its metrics)."""
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+def _fail(message: str) -> None:
+    print(f"kvlab: error: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""The ``kvlab`` command: what it dispatches to, and the wheel a user installs, run from an empty directory."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import sysconfig
+import zipfile
+
+import pytest
+
+from kvlab import cli
+from tests.conftest import REPO
+from tests.recipes.test_train import TINY_MODEL, TINY_RUN
+
+
+def test_usage_and_unknown_commands_exit_with_their_status(capsys):
+    for argv, status in (([], 2), (["--help"], 0), (["trian"], 2)):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(argv)
+        assert exit_info.value.code == status
+    out, err = capsys.readouterr()
+    assert "usage: kvlab COMMAND" in out and all(name in out for name in cli.COMMANDS)
+    assert "kvlab: error: unknown command 'trian'; one of train, eval, export, footprint, generate" in err
+
+
+def test_eval_and_export_are_their_recipes_with_the_overrides_after_it(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cli, "train", calls.append)
+    cli.main(["train", "model=mqa"])
+    cli.main(["eval", "ckpt=a.ckpt", "data=mqar"])
+    cli.main(["export", "ckpt=a.ckpt"])
+    assert calls == [["model=mqa"], ["recipe=eval", "ckpt=a.ckpt", "data=mqar"], ["recipe=export", "ckpt=a.ckpt"]]
+
+
+def test_generate_names_what_is_missing(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["generate", str(tmp_path / "nothing.ckpt"), "--prompt", "x"])
+    assert exit_info.value.code == 1 and "nothing.ckpt: nothing there" in capsys.readouterr().err
+    (tmp_path / "last.ckpt").write_bytes(b"")
+    with pytest.raises(SystemExit):
+        cli.main(["generate", str(tmp_path / "last.ckpt"), "--prompt", "x"])
+    assert "tokenizer.json: no tokenizer beside the checkpoint" in capsys.readouterr().err
+
+
+def test_the_wheel_installs_a_kvlab_command_that_works_from_an_empty_directory(tmp_path, data_cache):
+    """Built from the repository's files, installed into a fresh venv (its dependencies from this one's
+    site-packages, kvlab itself only from the wheel), then footprint, a 5-step train and generate."""
+    pytest.importorskip("setuptools")  # the build backend, used without build isolation (offline)
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "kvlab", "configs"):
+        copy = shutil.copytree if (REPO / name).is_dir() else shutil.copy
+        copy(
+            REPO / name, source / name, **({"ignore": shutil.ignore_patterns("__pycache__")} if name == "kvlab" else {})
+        )
+    pip = [sys.executable, "-m", "pip"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", tmp_path / "dist", source],
+                   check=True, capture_output=True)  # fmt: skip
+    (wheel,) = (tmp_path / "dist").glob("kvlab-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    shipped = {f"kvlab/{p.relative_to(REPO / 'kvlab')}" for p in (REPO / "kvlab").rglob("*.py")}
+    shipped |= {f"kvlab/configs/{p.relative_to(REPO / 'configs')}" for p in (REPO / "configs").rglob("*.yaml")}
+    assert not shipped - names, sorted(shipped - names)  # every module (a new subpackage must be listed) and config
+    assert any(n.endswith("entry_points.txt") for n in names)
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True)
+    python = venv / "bin" / "python"
+    site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          check=True, capture_output=True, text=True).stdout.strip()  # fmt: skip
+    # this venv's packages as plain path entries: its .pth files (the editable kvlab's finder) are not run
+    (venv / site.removeprefix(str(venv) + "/") / "dependencies.pth").write_text(sysconfig.get_paths()["purelib"])
+    subprocess.run([*pip, "--python", python, "install", "--no-deps", "--no-index", "-q", wheel], check=True)
+    kvlab = venv / "bin" / "kvlab"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    where = subprocess.run([python, "-c", "import kvlab; print(kvlab.__file__)"], cwd=empty, check=True,
+                           capture_output=True, text=True).stdout  # fmt: skip
+    assert where.startswith(site)
+
+    def kvlab_run(*args):
+        return subprocess.run([kvlab, *args], cwd=empty, check=True, capture_output=True, text=True, timeout=600)
+
+    report = json.loads(kvlab_run("footprint", "model=gqa", "--json", "-").stdout)
+    assert report["bytes_per_token"] == 6 * 2 * 2 * 32 * 2  # 6 layers x (K, V) x 2 K/V heads x 32 channels, bf16
+
+    kvlab_run("train", *TINY_MODEL, *TINY_RUN, "trainer.max_steps=5", f"data.cache_dir={data_cache}")
+    (run,) = (empty / "outputs" / "train").iterdir()
+    assert json.loads((run / "metrics.json").read_text())["steps"] == 5 and (run / "train.log").is_file()
+
+    text = kvlab_run("generate", run / "checkpoints" / "last.ckpt", "--prompt", "def main(", "--max-new-tokens", "4")
+    assert text.stdout.startswith("def main(")
+    assert sorted(p.name for p in empty.iterdir()) == ["outputs"]  # nothing else written where it ran
