@@ -104,17 +104,22 @@ class KvlabForCausalLM(PreTrainedModel, GenerationMixin):
         return False  # the cache is a KvlabCache, made by forward on the first step
 
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, **kwargs):
-        started = isinstance(past_key_values, KvlabCache) and past_key_values.get_seq_length() > 0
-        if isinstance(past_key_values, KvlabCache):  # feed only the tokens the cache has not seen
-            input_ids = input_ids[:, past_key_values.get_seq_length() :]
-        return {
+        # transformers 5 names the cache `cache`, earlier versions `past_key_values`
+        cache = kwargs.pop("cache", None) if past_key_values is None else past_key_values
+        started = isinstance(cache, KvlabCache) and cache.get_seq_length() > 0
+        if isinstance(cache, KvlabCache):  # feed only the tokens the cache has not seen
+            input_ids = input_ids[:, cache.get_seq_length() :]
+        inputs = {
             "input_ids": input_ids,
-            "past_key_values": past_key_values,
+            "cache": cache,
             "attention_mask": attention_mask,
             "use_cache": kwargs.get("use_cache", True),
             # a context encoder's context: encoded with the first step, then held by the cache
             "context_input_ids": None if started else kwargs.get("context_input_ids"),
         }
+        if "logits_to_keep" in kwargs:
+            inputs["logits_to_keep"] = kwargs["logits_to_keep"]
+        return inputs
 
     def forward(
         self,
@@ -125,11 +130,18 @@ class KvlabForCausalLM(PreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         return_dict: bool | None = None,
         context_input_ids: torch.LongTensor | None = None,
+        cache: KvlabCache | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        """``context_input_ids`` [B, C]: a context for the context encoder (models with one: CEPE, XC-Cache)."""
+        """``context_input_ids`` [B, C]: a context for the context encoder (models with one: CEPE, XC-Cache).
+        ``cache`` is ``past_key_values`` under transformers 5's name. ``logits_to_keep``: the last n positions'
+        logits (0: all; generate asks for 1), or those at the given indices."""
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("kvlab models take unpadded batches: attention_mask must be all ones")
+        if cache is not None and past_key_values is not None and cache is not past_key_values:
+            raise ValueError("give cache or past_key_values (its name before transformers 5), not both")
+        past_key_values = cache if cache is not None else past_key_values
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if past_key_values is not None and not isinstance(past_key_values, KvlabCache):
             if past_key_values.get_seq_length() > 0:
@@ -138,9 +150,16 @@ class KvlabForCausalLM(PreTrainedModel, GenerationMixin):
         if past_key_values is None and use_cache:
             room = {"context_len": context_input_ids.shape[1]} if context_input_ids is not None else {}
             past_key_values = KvlabCache(self.model.new_cache(input_ids.shape[0], **room))
-        cache = past_key_values.cache if past_key_values is not None else None
-        logits = self.model(input_ids, cache=cache, context=context_input_ids)
+        state = past_key_values.cache if past_key_values is not None else None
+        last_only = labels is None and isinstance(logits_to_keep, int) and logits_to_keep == 1
+        logits = self.model(input_ids, cache=state, context=context_input_ids, last_only=last_only)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values if use_cache else None)
+        if not last_only and isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            logits = logits[:, -logits_to_keep:]
+        elif isinstance(logits_to_keep, torch.Tensor):
+            logits = logits[:, logits_to_keep]
+        # the output's cache field under the name this transformers version declares
+        name = "cache" if "cache" in getattr(CausalLMOutputWithPast, "__dataclass_fields__", {}) else "past_key_values"
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{name: past_key_values if use_cache else None})

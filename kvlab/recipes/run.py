@@ -168,7 +168,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         log.info("export: %s", metrics["hf_dir"])
     if trainer.is_global_zero:
         _write_json(run_dir / "metrics.json", metrics)
-        log.info("metrics: %s", {k: v for k, v in metrics.items() if k != "model"})
+        log.info("metrics:\n%s", metrics_table(metrics))
     return metrics
 
 
@@ -453,12 +453,85 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
 
 
-def _trainer(tc: TrainConfig, run_dir: Path) -> L.Trainer:
-    from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
+def metrics_table(metrics: dict) -> str:
+    """The run's numbers as aligned ``name  value`` lines, nested sections dotted (the model config left out)."""
 
-    t = tc.trainer
+    def rows(d: dict, prefix: str = ""):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                yield from rows(v, f"{prefix}{k}.")
+            elif isinstance(v, float):
+                yield f"{prefix}{k}", f"{v:,.4f}"
+            else:
+                yield f"{prefix}{k}", f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v)
+
+    table = list(rows({k: v for k, v in metrics.items() if k != "model"}))
+    width = max((len(k) for k, _ in table), default=0)
+    return "\n".join(f"  {k:<{width}}  {v}" for k, v in table)
+
+
+class _NotATip(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("\N{ELECTRIC LIGHT BULB} Tip:")
+
+
+def _quiet_libraries() -> None:
+    """A run's log holds kvlab's lines and Lightning's facts, not a library's advertisements or deprecation
+    notices about its own code that a user cannot act on."""
+    from lightning_utilities.core import rank_zero  # Lightning's rank_zero_info logs through its `log`
+
+    if not any(isinstance(f, _NotATip) for f in rank_zero.log.filters):
+        rank_zero.log.addFilter(_NotATip())  # Lightning's litlogger tip, at every Trainer
+    # Lightning's pytree helper on torch >= 2.10; Lightning's to change, nothing the run does
+    warnings.filterwarnings(
+        "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
+    )
     # config.yaml sits beside the checkpoints on purpose
     warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
+
+
+class LineProgress(L.Callback):
+    """Progress for a log file (standard output not a terminal): a line every ``every`` steps and at the
+    last, with the loss, tokens/s and the time left, instead of a bar redrawn with carriage returns."""
+
+    def __init__(self, every: int):
+        self.every = every
+        self.start: tuple[float, int] | None = None
+        self.shown = -1
+
+    def on_train_start(self, trainer, module) -> None:
+        self.start = (time.perf_counter(), trainer.global_step)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        step, last = trainer.global_step, trainer.max_steps
+        # batches that accumulate gradients leave global_step where it was: one line per step
+        if step in (self.start[1], self.shown) or (step % self.every and step != last):
+            return
+        self.shown = step
+        elapsed = time.perf_counter() - self.start[0]
+        left = elapsed / (step - self.start[1]) * (last - step)
+        m = trainer.callback_metrics
+        loss = f"train_loss {float(m['train_loss']):.4f}" if "train_loss" in m else ""
+        speed = f", {float(m['tokens_per_s']):,.0f} tokens/s" if "tokens_per_s" in m else ""
+        log.info("step %d/%d (%d%%): %s%s, %s left", step, last, 100 * step // last, loss, speed,
+                 _duration(left))  # fmt: skip
+
+    def on_validation_end(self, trainer, module) -> None:
+        if not trainer.sanity_checking and "val_loss" in trainer.callback_metrics:
+            log.info("step %d: val_loss %.4f", trainer.global_step, float(trainer.callback_metrics["val_loss"]))
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(round(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def _trainer(tc: TrainConfig, run_dir: Path) -> L.Trainer:
+    from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+
+    t = tc.trainer
+    _quiet_libraries()
     callbacks = [
         ModelCheckpoint(
             dirpath=run_dir / "checkpoints",
@@ -471,10 +544,11 @@ def _trainer(tc: TrainConfig, run_dir: Path) -> L.Trainer:
             save_last=True,
         )
     ]
-    if t.progress_bar:
-        callbacks.append(
-            RichProgressBar() if sys.stdout.isatty() else TQDMProgressBar(refresh_rate=max(1, t.log_every_n_steps))
-        )
+    bar = t.progress_bar and sys.stdout.isatty()  # a log file gets lines (LineProgress), not a redrawn bar
+    if bar:
+        callbacks.append(RichProgressBar())
+    elif t.progress_bar:
+        callbacks.append(LineProgress(t.log_every_n_steps))
     return L.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,
@@ -490,7 +564,7 @@ def _trainer(tc: TrainConfig, run_dir: Path) -> L.Trainer:
         accumulate_grad_batches=t.accumulate_grad_batches,
         callbacks=callbacks,
         logger=_logger(tc, run_dir),
-        enable_progress_bar=t.progress_bar,
+        enable_progress_bar=bar,
         enable_model_summary=False,
         num_sanity_val_steps=0,
         default_root_dir=run_dir,

@@ -115,12 +115,18 @@ for name, directory in json.loads(sys.argv[1]).items():
     remote = json.load(open(directory + "/config.json"))["model_type"] == "kvlab"
     model = transformers.AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=remote).eval()
     ids = torch.load(directory + "/ids.pt")
+    fed = []  # the token counts generate feeds kvlab's model: the prompt, then one token a step from the cache
+    if remote:
+        inner = model.model.forward
+        model.model.forward = lambda ids, *args, **kwargs: (fed.append(ids.shape[1]), inner(ids, *args, **kwargs))[1]
     with torch.no_grad():
         result = model(ids, use_cache=True)
+        fed.clear()
         generated = model.generate(ids[:1, :5], max_new_tokens=16, do_sample=False, min_new_tokens=16)
+        greedy_fed = fed[:]
         beams = model.generate(ids[:1, :5], max_new_tokens=8, min_new_tokens=8, num_beams=4, do_sample=False,
                                num_return_sequences=4, output_scores=True, return_dict_in_generate=True)
-    cache = result.past_key_values
+    cache = result["cache"] if "cache" in result.keys() else result["past_key_values"]  # transformers 5, 4
     context = {}
     if os.path.exists(directory + "/context.pt"):  # a context encoder's model: the context as a keyword
         ctx = torch.load(directory + "/context.pt")
@@ -133,7 +139,7 @@ for name, directory in json.loads(sys.argv[1]).items():
                 "cache_shape": None if remote else next(tuple(layer.keys.shape) for layer in cache.layers
                                                         if getattr(layer, "keys", None) is not None),
                 "cache_bytes": cache.cache.nbytes() if remote else None,
-                "class": type(model).__name__, "context": context}, directory + "/theirs.pt")
+                "class": type(model).__name__, "context": context, "fed": greedy_fed}, directory + "/theirs.pt")
 assert not [m for m in sys.modules if m.startswith("kvlab") and sys.modules[m] is not None]
 """
 
@@ -198,6 +204,7 @@ def test_export_loads_and_matches_logits_and_generation(exported, name):
         assert torch.equal(theirs["context"]["generated"], model.generate(ids[:1, :5], 8, context=ctx[:1])[0, 5:])
     if config["model_type"] == "kvlab":  # generate() ran on our own cache, with our footprint
         assert theirs["class"] == "KvlabForCausalLM"
+        assert theirs["fed"] == [5] + [1] * 15  # decoded from the cache, not the whole prefix again
         assert theirs["cache_bytes"] == model.kv_footprint(torch.float32).total_bytes(13, batch_size=2)
     elif (m := model.config.layer_mixers[0]).kind == "mla":  # transformers caches the latent too, one "head"
         assert theirs["cache_shape"][1::2] == (1, m.kv_lora_rank)

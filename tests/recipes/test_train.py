@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -85,9 +86,16 @@ METRIC_KEYS = ["val_loss", "val_ppl", "train_loss", "tokens_seen", "tokens_per_s
 
 
 def test_pretrain_writes_checkpoints_and_metrics_and_learns(tmp_path, data_cache):
-    train(tmp_path, data_cache, "recipe=pretrain", "trainer.max_steps=30", "trainer.ckpt_every_n_steps=10")
+    proc = train(tmp_path, data_cache, "recipe=pretrain", "trainer.max_steps=30", "trainer.ckpt_every_n_steps=10",
+                 "trainer.progress_bar=true")  # fmt: skip
     (run,) = run_dirs(tmp_path, "pretrain")
     metrics = json.loads((run / "metrics.json").read_text())
+    # Output to a pipe, as to a log file: progress as lines (steps 5, 10, ... with log_every_n_steps=5), no
+    # carriage-return bars, no library tips or deprecation notices, and the final metrics as a table
+    out = proc.stdout + proc.stderr
+    assert "step 5/30 (16%): train_loss " in out and "step 30/30 (100%)" in out and "\r" not in out
+    assert "Tip:" not in out and "deprecated" not in out and "Warning" not in out, out
+    assert re.search(r"metrics:\n  initial_val_loss +\d\.\d{4}\n", out)
     for key in METRIC_KEYS:
         assert math.isfinite(metrics[key]), key
     assert metrics["val_loss"] < metrics["initial_val_loss"]
