@@ -340,3 +340,33 @@ def test_remote_code_files_import_only_each_other():
     for name, text in files.items():
         for module in re.findall(r"^\s*from \.(\w+) import", text, flags=re.MULTILINE):
             assert f"{module}.py" in files, f"{name} imports .{module}, which is not shipped"
+
+
+def test_with_kvlab_imported_auto_classes_load_an_export_without_remote_code(tmp_path):
+    """``import kvlab`` registers with the Auto classes once transformers' are imported (not before: importing
+    them costs seconds); the installed kvlab's classes then load an export."""
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from kvlab.archs.hf_modeling import KvlabConfig, KvlabForCausalLM
+
+    # here both are imported (whichever first): registered
+    assert CONFIG_MAPPING["kvlab"] is KvlabConfig
+    assert AutoModelForCausalLM._model_mapping[KvlabConfig] is KvlabForCausalLM
+    model = build_model(tiny(kv_sharing={"kind": "cla", "every": 2})).eval()
+    save_hf(model, tmp_path / "export")
+    ids = torch.randint(0, 97, (1, 9))
+    torch.save(ids, tmp_path / "ids.pt")
+    script = """
+import sys, torch
+import kvlab
+assert "transformers" not in sys.modules
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1] + "/export")  # no trust_remote_code
+assert type(model).__module__ == "kvlab.archs.hf_modeling", type(model).__module__
+with torch.no_grad():
+    torch.save(model(torch.load(sys.argv[1] + "/ids.pt")).logits, sys.argv[1] + "/logits.pt")
+"""
+    subprocess.run([sys.executable, "-c", script, str(tmp_path)], check=True, timeout=300)
+    with torch.no_grad():
+        assert torch.allclose(torch.load(tmp_path / "logits.pt"), model(ids), atol=1e-5)
