@@ -321,8 +321,8 @@ def _write_export(model: CausalLM, tmp: Path, tokenizer, hf: dict | None, max_sh
     weights_dtype = str(dtype or model.embed_tokens.weight.dtype).removeprefix("torch.")
     eos = None
     if tokenizer is not None:
-        eos = _save_tokenizer(tokenizer, tmp)
-    special = {"eos_token_id": eos, "bos_token_id": None}
+        eos = _save_tokenizer(tokenizer, tmp, model.config.max_seq_len)
+    special = {"eos_token_id": eos, "bos_token_id": eos}  # EOS begins documents too (_save_tokenizer)
     if hf is not None:
         config = transformers.AutoConfig.for_model(**hf, dtype=weights_dtype, **special)
     else:
@@ -431,8 +431,11 @@ def remote_code_files(entry: str = REMOTE_ENTRY) -> dict[str, str]:
     return files
 
 
-def _save_tokenizer(tokenizer, directory: Path) -> int:
-    """tokenizer.json + tokenizer_config.json (+ special tokens) via transformers; returns the EOS id."""
+def _save_tokenizer(tokenizer, directory: Path, max_len: int) -> int:
+    """tokenizer.json + tokenizer_config.json (+ special tokens) via transformers; returns the EOS id.
+
+    kvlab's data joins documents with EOS, so EOS is what a model saw before a document: it is the BOS token
+    too, and pads a batch (clients such as lm-eval ask for one); ``model_max_length`` is the model's context."""
     import transformers
     from tokenizers import Tokenizer
 
@@ -440,7 +443,9 @@ def _save_tokenizer(tokenizer, directory: Path) -> int:
 
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(str(tokenizer))
     eos = eos_id(tok)
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=tok.id_to_token(eos))
+    token = tok.id_to_token(eos)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=token, bos_token=token,
+                                                pad_token=token, model_max_length=max_len)  # fmt: skip
     fast.save_pretrained(directory)
     return eos
 

@@ -294,7 +294,10 @@ def test_tokenizer_is_written_for_auto_tokenizer(tmp_path):
     save_hf(build_model(tiny()), tmp_path / "hf", tokenizer=tok)
     loaded = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert loaded.eos_token == EOS and loaded("return x")["input_ids"] == tok.encode("return x").ids
-    assert transformers.GenerationConfig.from_pretrained(tmp_path / "hf").eos_token_id == tok.token_to_id(EOS)
+    # what batching clients read: EOS, which separates documents in training, also begins and pads them
+    assert loaded.pad_token == loaded.bos_token == EOS and loaded.model_max_length == 64
+    generation = transformers.GenerationConfig.from_pretrained(tmp_path / "hf")
+    assert generation.eos_token_id == generation.bos_token_id == tok.token_to_id(EOS)
 
 
 @pytest.mark.parametrize(
