@@ -30,8 +30,8 @@ from common import timed  # benchmarks/common.py, beside this script
 from omegaconf import OmegaConf
 
 from kvlab import ModelConfig, build_model
+from kvlab.recipes.checkpoint import read_checkpoint
 from kvlab.recipes.data import DataConfig, LMDataModule
-from kvlab.recipes.run import read_checkpoint
 
 
 def load(path: Path):

@@ -57,7 +57,7 @@ def grouping_wse(parent_ckpt: Path, model: dict) -> float | None:
     """The weight-sharing error of the converted model's grouping, on the parent's K/V weights (key heads
     and value heads each by their own grouping where they differ, as in DHA)."""
     from kvlab.archs.grouping import projection_gram, weight_sharing_error
-    from kvlab.recipes.run import read_checkpoint
+    from kvlab.recipes.checkpoint import read_checkpoint
 
     _, state = read_checkpoint(parent_ckpt)
     mixers = [model["mixer"]] * model["n_layers"] if model.get("mixer") else [

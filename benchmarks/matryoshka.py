@@ -44,9 +44,10 @@ def main() -> None:
     from kvlab import build_model
     from kvlab.archs import ModelConfig
     from kvlab.archs.convert import calibration_rows, convert_model, with_kv_rank
+    from kvlab.recipes.checkpoint import read_checkpoint
     from kvlab.recipes.config import TrainConfig
     from kvlab.recipes.data import build_datamodule
-    from kvlab.recipes.run import read_checkpoint, train_config
+    from kvlab.recipes.run import train_config
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(REPO / "outputs" / "bench_matryoshka"))

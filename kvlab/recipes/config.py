@@ -62,6 +62,16 @@ class EvalConfig:
     passkey_trials: int = 5  # keys per length and depth
 
 
+EXPORT_DTYPES = ("bf16", "fp16", "fp32")
+
+
+@dataclass
+class ExportConfig:
+    """How stage ``export`` writes the Hugging Face directory."""
+
+    dtype: str = "bf16"  # of the exported weights (training keeps fp32 masters): bf16, fp16 or fp32
+
+
 @dataclass
 class UptrainConfig:
     """The staged uptraining recipes (gqa_, mqa_, mla_, cla_uptrain): see kvlab/recipes/uptrain.py."""
@@ -86,6 +96,7 @@ class TrainConfig:
     seed: int = 0
     stages: list[str] = field(default_factory=lambda: ["train"])
     eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     resume: str | None = None  # null | auto (latest run of this run_name) | path to a .ckpt
     # where the weights start: {from: scratch | checkpoint | hf, path: ..., convert: {to: gqa, ...}}
     init: dict[str, Any] = field(default_factory=lambda: {"from": "scratch", "path": None, "convert": None})

@@ -37,7 +37,7 @@ from kvlab.recipes.checkpoint import (
     lightning_fields_file,
     load_checkpoint_model,
 )
-from kvlab.recipes.config import ACCELERATORS, LOGGERS, PRECISIONS, STAGES, TrainConfig
+from kvlab.recipes.config import ACCELERATORS, EXPORT_DTYPES, LOGGERS, PRECISIONS, STAGES, TrainConfig
 from kvlab.recipes.data import LMDataModule, build_datamodule, resume_problem, tokenizer_to_use
 from kvlab.recipes.evals import evaluate
 from kvlab.recipes.module import LMModule
@@ -164,7 +164,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     if "export" in tc.stages and trainer.is_global_zero:
         from kvlab.archs.hf import save_hf
 
-        metrics["hf_dir"] = str(save_hf(module.model, run_dir / "hf", tokenizer=datamodule.tokenizer))
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[tc.export.dtype]
+        metrics["hf_dir"] = str(save_hf(module.model, run_dir / "hf", tokenizer=datamodule.tokenizer, dtype=dtype))
         log.info("export: %s", metrics["hf_dir"])
     if trainer.is_global_zero:
         _write_json(run_dir / "metrics.json", metrics)
@@ -221,6 +222,8 @@ def _validated(tc: TrainConfig) -> ModelConfig:
             raise ConfigError(f"stages: {stage!r} is not one of {', '.join(STAGES)}")
     if tc.eval.passkey_max_len is not None and tc.eval.passkey_max_len < 1:
         raise ConfigError(f"eval.passkey_max_len={tc.eval.passkey_max_len} must be >= 1, or null: max_seq_len")
+    if tc.export.dtype not in EXPORT_DTYPES:
+        raise ConfigError(f"export.dtype={tc.export.dtype!r} is not one of {', '.join(EXPORT_DTYPES)}")
     if tc.eval.passkey_trials < 1:
         raise ConfigError(f"eval.passkey_trials={tc.eval.passkey_trials} must be >= 1")
     for name in ("max_steps", "val_check_interval", "ckpt_every_n_steps", "accumulate_grad_batches",

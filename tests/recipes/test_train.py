@@ -263,6 +263,8 @@ BAD_OVERRIDES = {
     "no devices": (["trainer.devices=0"], "trainer.devices=0 must be a count >= 1"),
     "accelerator": (["trainer.accelerator=tpuu"], "trainer.accelerator='tpuu' is not one of cpu"),
     "no validation": (["trainer.limit_val_batches=0"], "trainer.limit_val_batches=0 must be >= 1"),
+    "export dtype": (["export.dtype=int8"], "export.dtype='int8' is not one of bf16, fp16, fp32"),
+    "passkey trials": (["eval.passkey_trials=0"], "eval.passkey_trials=0 must be >= 1"),
     "negative workers": (["data.num_workers=-1"], "data.num_workers=-1 must be >= 0"),
     "no documents": (["data.max_docs=0"], "data.max_docs=0 must be >= 1"),
     "mixer kind of the wrong type": (["model.mixer.kind=[attention]"], "mixer.kind=['attention'] is not a known"),
@@ -495,6 +497,10 @@ def test_export_stage_and_recipe_write_a_loadable_hf_directory(tmp_path, data_ca
     (run,) = run_dirs(tmp_path, "train")
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["hf_dir"] == str(run / "hf")
+    from safetensors.torch import load_file  # bf16 weights by default (export.dtype), as the config says
+
+    assert {t.dtype for t in load_file(run / "hf" / "model.safetensors").values()} == {torch.bfloat16}
+    assert json.loads((run / "hf" / "config.json").read_text())["dtype"] == "bfloat16"
     tokenizer = transformers.AutoTokenizer.from_pretrained(run / "hf")
     assert tokenizer.get_vocab() == transformers.PreTrainedTokenizerFast(
         tokenizer_file=str(run / "checkpoints" / "tokenizer.json")).get_vocab()  # fmt: skip
