@@ -373,3 +373,22 @@ with torch.no_grad():
     subprocess.run([sys.executable, "-c", script, str(tmp_path)], check=True, timeout=300)
     with torch.no_grad():
         assert torch.allclose(torch.load(tmp_path / "logits.pt"), model(ids), atol=1e-5)
+
+
+def test_remote_code_keeps_the_logits_asked_for():
+    from kvlab.archs.hf_modeling import KvlabConfig, KvlabForCausalLM
+
+    model = build_model(tiny()).eval()
+    hf = KvlabForCausalLM(KvlabConfig(kvlab=model.config.to_dict())).eval()
+    hf.model.load_state_dict(model.state_dict())
+    ids = torch.randint(0, 97, (2, 7))
+    with torch.no_grad():
+        full = model(ids)
+        for keep, expected in (
+            (0, full),
+            (1, full[:, -1:]),
+            (3, full[:, -3:]),
+            (torch.tensor([0, 4]), full[:, [0, 4]]),
+        ):
+            out = hf(ids, logits_to_keep=keep, use_cache=False).logits
+            assert out.shape == expected.shape and torch.allclose(out, expected, atol=1e-5), keep
