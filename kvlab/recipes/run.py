@@ -40,6 +40,7 @@ from kvlab.recipes.checkpoint import (
 from kvlab.recipes.config import ACCELERATORS, EXPORT_DTYPES, LOGGERS, PRECISIONS, STAGES, TrainConfig
 from kvlab.recipes.data import LMDataModule, build_datamodule, resume_problem, tokenizer_to_use
 from kvlab.recipes.evals import evaluate
+from kvlab.recipes.footprint import DTYPES
 from kvlab.recipes.module import LMModule
 from kvlab.recipes.strategies import STRATEGIES, build_strategy, deepspeed_available
 
@@ -164,7 +165,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     if "export" in tc.stages and trainer.is_global_zero:
         from kvlab.archs.hf import save_hf
 
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[tc.export.dtype]
+        dtype = DTYPES[tc.export.dtype]
         metrics["hf_dir"] = str(save_hf(module.model, run_dir / "hf", tokenizer=datamodule.tokenizer, dtype=dtype))
         log.info("export: %s", metrics["hf_dir"])
     if trainer.is_global_zero:
