@@ -93,7 +93,8 @@ def generate(args: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="kvlab generate", description=COMMANDS["generate"])
     parser.add_argument("path", help="a kvlab checkpoint (.ckpt, or a DeepSpeed checkpoint directory) with "
                         "tokenizer.json beside it, or a Hugging Face directory kvlab exported or reads")  # fmt: skip
-    parser.add_argument("--prompt", required=True, help="the text to continue")
+    parser.add_argument("--prompt", required=True, action="append",
+                        help="the text to continue; several: one batch, each continued as alone")  # fmt: skip
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     parser.add_argument("--top-k", type=int, default=None)
@@ -109,12 +110,12 @@ def generate(args: list[str]) -> None:
 
     try:
         model, tokenizer = load_trained(opts.path)
-        ids = tokenizer.encode(opts.prompt).ids
-        if not ids:
-            raise ValueError("--prompt: the prompt is empty after tokenization")
+        rows = [tokenizer.encode(prompt).ids for prompt in opts.prompt]
+        if not all(rows):
+            raise ValueError(f"--prompt {opts.prompt[rows.index([])]!r}: empty after tokenization")
         eos = tokenizer.token_to_id(EOS)
         out = model.generate(
-            torch.tensor([ids]),
+            rows,
             max_new_tokens=opts.max_new_tokens,
             temperature=opts.temperature,
             top_k=opts.top_k,
@@ -124,8 +125,10 @@ def generate(args: list[str]) -> None:
         )
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
-    new = [t for t in out[0, len(ids) :].tolist() if t != eos]
-    print(opts.prompt + tokenizer.decode(new))
+    width = max(map(len, rows))  # the prompts, left-padded to the longest
+    for i, prompt in enumerate(opts.prompt):
+        new = [t for t in out[i, width:].tolist() if t != eos]
+        print(("\n" if i else "") + prompt + tokenizer.decode(new))
 
 
 def load_trained(path: str):

@@ -91,6 +91,7 @@ class BlockCache(Cache):
 
 class BlockTransformer(CausalLM):
     static_decode = False  # a step's work depends on where its token falls in its block
+    takes_padded_rows = False  # blocks count from a row's first token
     takes_packed_documents = False  # blocks would straddle packed documents
 
     def __init__(self, config: ModelConfig):
@@ -115,8 +116,9 @@ class BlockTransformer(CausalLM):
 
     # -- forward --------------------------------------------------------------
 
-    def _forward(self, input_ids, cache, positions, doc_ids, last_only, head: bool = True, states=None):
-        # states: a context's, which a Block Transformer never has (its config refuses context)
+    def _forward(self, input_ids, cache, positions, doc_ids, last_only, head: bool = True, states=None, pads=None):
+        # states: a context's, which a Block Transformer never has (its config refuses context); pads: none
+        # (forward refuses them: takes_padded_rows)
         if doc_ids is not None or positions is not None:
             raise ValueError(
                 "doc_ids/positions: a Block Transformer takes unpacked rows (its blocks would straddle packed "

@@ -11,6 +11,8 @@ A model with a context encoder (CEPE, XC-Cache) keeps the encoder's states
 of the context in ``context`` [B, max context, d], ``context_len`` of them:
 all it caches of the context. A model with meta tokens (Hymba) holds them
 before the first token: ``prefix`` positions, written by the first step.
+Left-padded rows (``attention_mask``) keep their pads in ``pads`` [B] (None:
+none), set by the first step, so that later steps hide them.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class Cache:
         self.seen = 0
         self.context = None  # [B, max context tokens, d]: the context encoder's states (None: no room for them)
         self.context_len = 0
+        self.pads = None  # [B]: each row's pad tokens, held after the meta tokens (None: no row has any)
 
     @property
     def start(self) -> int:
@@ -81,6 +84,8 @@ class Cache:
             s.reorder(batch_idx)
         if self.context is not None:
             self.context.copy_(self.context.index_select(0, batch_idx.to(self.context.device)))
+        if self.pads is not None:
+            self.pads = self.pads.index_select(0, batch_idx.to(self.pads.device))
 
     def reset(self) -> None:
         """Forget every token (and the context), keeping the buffers, to reuse the cache for new sequences."""
@@ -88,6 +93,7 @@ class Cache:
             s.reset()
         self.seen = 0
         self.context_len = 0
+        self.pads = None
 
     def layer_is_stateless(self, i: int) -> bool:
         """Whether layer ``i`` keeps nothing of its own (it reads K/V that another layer cached)."""

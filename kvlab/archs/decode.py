@@ -57,7 +57,7 @@ def cache_length(needed: int, max_seq_len: int) -> int:
 class DecodeStep:
     """``model.decode_step`` behind ``torch.compile`` (or eager), advancing the cache it is given.
 
-    ``compile_seconds`` maps (batch, cache length, dtype, device) to the seconds the first step of that
+    ``compile_seconds`` maps (batch, cache length, dtype, device, padded rows) to the seconds the first step of that
     shape took: compilation (Inductor's disk cache shortens it in later processes)."""
 
     def __init__(self, model, compile: bool, backend: str = "inductor"):
@@ -103,7 +103,8 @@ class DecodeStep:
         if cache.seen >= cache.max_len:
             raise ValueError(f"cache holds {cache.seen} tokens; 1 more exceeds its max_len={cache.max_len}")
         start = torch.tensor(cache.start, device=token.device)
-        key = (token.shape[0], cache.max_len, cache.dtype, token.device.type)
+        # padded rows read their pads from the cache: a graph of their own
+        key = (token.shape[0], cache.max_len, cache.dtype, token.device.type, cache.pads is not None)
         graph = self._graphs.get(key)
         if graph is not None:
             return graph(token, cache, start)
@@ -116,7 +117,7 @@ class DecodeStep:
             return None
         self._graphs[key] = graph
         self.compile_seconds[key] = time.perf_counter() - t0
-        log.info("compiled the decode step for batch %d, cache length %d (%s, %s) in %.1f s",
+        log.info("compiled the decode step for batch %d, cache length %d (%s, %s, padded rows: %s) in %.1f s",
                  *key, self.compile_seconds[key])  # fmt: skip
         return logits
 

@@ -435,7 +435,8 @@ def _save_tokenizer(tokenizer, directory: Path, max_len: int) -> int:
     """tokenizer.json + tokenizer_config.json (+ special tokens) via transformers; returns the EOS id.
 
     kvlab's data joins documents with EOS, so EOS is what a model saw before a document: it is the BOS token
-    too, and pads a batch (clients such as lm-eval ask for one); ``model_max_length`` is the model's context."""
+    too, and pads a batch (clients such as lm-eval ask for one), on the left (kvlab's models take left-padded
+    rows, and a decoder generates after the last token); ``model_max_length`` is the model's context."""
     import transformers
     from tokenizers import Tokenizer
 
@@ -445,7 +446,8 @@ def _save_tokenizer(tokenizer, directory: Path, max_len: int) -> int:
     eos = eos_id(tok)
     token = tok.id_to_token(eos)
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=token, bos_token=token,
-                                                pad_token=token, model_max_length=max_len)  # fmt: skip
+                                                pad_token=token, model_max_length=max_len,
+                                                padding_side="left")  # fmt: skip
     fast.save_pretrained(directory)
     return eos
 

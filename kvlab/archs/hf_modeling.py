@@ -136,9 +136,8 @@ class KvlabForCausalLM(PreTrainedModel, GenerationMixin):
     ) -> CausalLMOutputWithPast:
         """``context_input_ids`` [B, C]: a context for the context encoder (models with one: CEPE, XC-Cache).
         ``cache`` is ``past_key_values`` under transformers 5's name. ``logits_to_keep``: the last n positions'
-        logits (0: all; generate asks for 1), or those at the given indices."""
-        if attention_mask is not None and not bool(attention_mask.all()):
-            raise ValueError("kvlab models take unpadded batches: attention_mask must be all ones")
+        logits (0: all; generate asks for 1), or those at the given indices. ``attention_mask``: left-padded rows
+        (0 at pads), as kvlab's forward takes them; the cache keeps the pads for later steps."""
         if cache is not None and past_key_values is not None and cache is not past_key_values:
             raise ValueError("give cache or past_key_values (its name before transformers 5), not both")
         past_key_values = cache if cache is not None else past_key_values
@@ -152,7 +151,9 @@ class KvlabForCausalLM(PreTrainedModel, GenerationMixin):
             past_key_values = KvlabCache(self.model.new_cache(input_ids.shape[0], **room))
         state = past_key_values.cache if past_key_values is not None else None
         last_only = labels is None and isinstance(logits_to_keep, int) and logits_to_keep == 1
-        logits = self.model(input_ids, cache=state, context=context_input_ids, last_only=last_only)
+        logits = self.model(
+            input_ids, cache=state, context=context_input_ids, last_only=last_only, attention_mask=attention_mask
+        )
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)

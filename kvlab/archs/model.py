@@ -86,7 +86,9 @@ class Block(nn.Module):
         else:
             x = x + mixed
             h = self.mlp_norm(x)
-        return x + (self.mlp(h, cache=mlp_cache, doc_ids=state.doc_ids) if self.mlp_stateful else self.mlp(h))
+        if self.mlp_stateful:
+            return x + self.mlp(h, cache=mlp_cache, doc_ids=state.doc_ids, real=state.real)
+        return x + self.mlp(h)
 
 
 class CausalLM(nn.Module):
@@ -95,6 +97,8 @@ class CausalLM(nn.Module):
     static_decode = True
     # Whether forward takes packed rows (doc_ids); a model whose units straddle documents does not
     takes_packed_documents = True
+    # Whether forward takes left-padded rows (attention_mask); a model whose units count from a row's start does not
+    takes_padded_rows = True
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -200,6 +204,7 @@ class CausalLM(nn.Module):
         last_only: bool = False,
         labels: torch.Tensor | None = None,
         context: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [B, T, vocab] (or [B, 1, vocab] with ``last_only``); with ``labels``, the loss.
 
@@ -215,13 +220,67 @@ class CausalLM(nn.Module):
         model's context encoder encodes and its cross layers attend to; with a
         cache, give it with the first tokens of an empty cache, which keeps
         its encoded states for every later step.
+        ``attention_mask`` [B, T] or [B, seen + T] (``transformers``' form, with
+        the cached tokens), 1 for a token and 0 for a pad: left-padded rows,
+        each one's pads before its tokens. Every row then gets the outputs it
+        has alone, unpadded; the cache remembers the pads, so later steps need
+        no mask. Outputs at pad positions are meaningless.
         """
         with use_kernels(self.config.kernels):
             states = self._context_states(context, input_ids, cache, doc_ids)
+            pads = self._pads(attention_mask, input_ids, cache, positions, doc_ids)
             if labels is None:
-                return self._forward(input_ids, cache, positions, doc_ids, last_only, states=states)
-            hidden = self._forward(input_ids, cache, positions, doc_ids, last_only, head=False, states=states)
+                return self._forward(input_ids, cache, positions, doc_ids, last_only, states=states, pads=pads)
+            hidden = self._forward(input_ids, cache, positions, doc_ids, last_only, head=False, states=states,
+                                   pads=pads)  # fmt: skip
             return linear_cross_entropy(hidden, self.lm_head.weight, labels)
+
+    def _pads(self, mask, input_ids, cache, positions, doc_ids) -> torch.Tensor | None:
+        """Each row's left pads [B] from ``attention_mask`` (checked), or those the cache holds; None: none."""
+        held = cache.pads if isinstance(cache, Cache) else None
+        if mask is None:
+            return held
+        seen = cache.seen if cache is not None else 0
+        B, T = input_ids.shape
+        if (
+            not isinstance(mask, torch.Tensor)
+            or mask.dim() != 2
+            or mask.shape[0] != B
+            or mask.shape[1] not in (T, seen + T)
+        ):
+            shape = list(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise ValueError(f"attention_mask: expected a [batch, tokens] tensor of shape [{B}, {T}]"
+                             f"{f' or [{B}, {seen + T}]' if seen else ''}, got {shape}")  # fmt: skip
+        mask = mask.to(input_ids.device).bool()
+        pads = (~mask).sum(dim=1)
+        if not bool((mask == (torch.arange(mask.shape[1], device=mask.device) >= pads[:, None])).all()):
+            raise ValueError("attention_mask: rows must be left-padded (each row's 0s before its 1s); "
+                             "pad on the left, as transformers' tokenizers do with padding_side='left'")  # fmt: skip
+        if mask.shape[1] == T and seen:  # this step's tokens alone: after the pads, so none of them is one
+            if bool(pads.any()):
+                raise ValueError(f"attention_mask: the cache has seen {seen} tokens; pads go before a row's "
+                                 "first token, so later steps hold none")  # fmt: skip
+            return held
+        if not bool(mask[:, -1].all()):
+            raise ValueError("attention_mask: a row holds only pads; give every row at least one token")
+        if not bool(pads.any()):
+            pads = None
+        if seen and not _same_pads(pads, held):
+            raise ValueError("attention_mask: its pads differ from those of the tokens the cache has seen")
+        if pads is None:
+            return held
+        if positions is not None or doc_ids is not None:
+            raise ValueError("attention_mask with pads cannot be combined with positions or doc_ids")
+        if not self.takes_padded_rows:
+            raise ValueError(f"attention_mask: {type(self).__name__} takes no padded rows; pass rows one at a time")
+        refusing = sorted({layer.mixer.cfg.kind for layer in self.layers if not layer.mixer.cfg.takes_pads})
+        if refusing:
+            raise ValueError(f"attention_mask: mixer kind {', '.join(map(repr, refusing))} takes no padded rows "
+                             "(its segments or chunks count from a row's first token); "
+                             "pass rows one at a time")  # fmt: skip
+        if cache is not None:
+            cache.pads = pads
+        return pads
 
     def aux_loss(self) -> torch.Tensor | None:
         """The auxiliary losses of the last training forward (MoE layers' load balancing, weighted by their
@@ -267,8 +326,8 @@ class CausalLM(nn.Module):
         cache.write_context(self.encode_context(context))
         return None
 
-    def _forward(self, input_ids, cache, positions, doc_ids, last_only, head: bool = True, states=None):
-        """Logits, or with ``head=False`` the final normalised hidden states."""
+    def _forward(self, input_ids, cache, positions, doc_ids, last_only, head: bool = True, states=None, pads=None):
+        """Logits, or with ``head=False`` the final normalised hidden states. ``pads`` [B]: each row's left pads."""
         B, T = input_ids.shape
         meta = self.config.meta_tokens
         if meta and (doc_ids is not None or positions is not None):
@@ -292,10 +351,14 @@ class CausalLM(nn.Module):
             raise ValueError(f"sequence length {T} exceeds max_seq_len={self.config.max_seq_len}")
         passes = self.config.layer_passes
         if self._cycle is not None and cache is not None and T > 1 and passes.prefill == "sequential":
-            steps = [self._forward(input_ids[:, t : t + 1], cache, None, None, False, head) for t in range(T)]
+            steps = [
+                self._forward(input_ids[:, t : t + 1], cache, None, None, False, head, pads=pads) for t in range(T)
+            ]
             out = torch.cat(steps, dim=1)
             return out[:, -1:] if last_only else out
         state = StepState(cache.start if cache is not None else 0, positions, doc_ids, context=states)
+        if pads is not None:
+            state.pads, state.pad_from = pads, self.config.meta_tokens
         out = self._run(input_ids, state, cache, last_only, head, meta=bool(meta) and (cache is None or not cache.seen))
         if cache is not None:
             cache.seen += T
@@ -310,7 +373,8 @@ class CausalLM(nn.Module):
         checks its arguments nor advances ``cache.seen``: its caller does both, outside the graph. It
         continues a sequence: with meta tokens, the eager prefill is the first step (it writes them).
         """
-        return self._run(token, StepState(start), cache, last_only=False, head=True)[:, -1]
+        state = StepState(start, pads=cache.pads, pad_from=cache.prefix)
+        return self._run(token, state, cache, last_only=False, head=True)[:, -1]
 
     def _run(self, input_ids, state: StepState, cache, last_only: bool, head: bool, meta: bool = False):
         """With ``meta``, the step is a sequence's first: the meta tokens go before its tokens, and their
@@ -320,6 +384,10 @@ class CausalLM(nn.Module):
         x = self.embed_tokens(input_ids)
         if meta:
             x = torch.cat([self.meta_tokens.to(x.dtype).expand(x.shape[0], -1, -1), x], dim=1)
+        if state.pads is not None:  # positions count real tokens; which of the step's tokens are real
+            state.positions = state.real_positions(x.shape[1])
+            if not isinstance(state.start, torch.Tensor):  # (the compiled decode step continues a sequence)
+                state.real = state.real_tokens(x.shape[1])
         x = self._stack(x, state, cache, last_only)
         if meta and not last_only:
             x = x[:, self.config.meta_tokens :]
@@ -480,8 +548,16 @@ class CausalLM(nn.Module):
         generator: torch.Generator | None = None,
         compile: bool | None = None,
         context: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The prompt followed by up to ``max_new_tokens`` new tokens, [B, T + new].
+
+        Prompts of different lengths: ``input_ids`` left-padded with
+        ``attention_mask`` (0 at pads, as ``forward``), or a list of 1-D
+        prompts, which are left-padded here (with ``eos_token_id``, else 0).
+        Each row gets the tokens it gets alone. A model that takes no padded
+        rows (``takes_padded_rows``, or a mixer's ``takes_pads``) generates
+        row by row.
 
         ``temperature=0`` is greedy. Sequences that emit ``eos_token_id`` are
         padded with it until every sequence has; then generation stops. The
@@ -498,6 +574,8 @@ class CausalLM(nn.Module):
             raise ValueError(f"temperature={temperature} must be >= 0 (0: greedy)")
         check_int(top_k, "top_k", minimum=1, optional=True)
         check_int(eos_token_id, "eos_token_id", minimum=0, optional=True)
+        if isinstance(input_ids, (list, tuple)):
+            input_ids, attention_mask = self.left_padded(input_ids, 0 if eos_token_id is None else eos_token_id)
         self.check_token_ids(input_ids, "input_ids")
         if eos_token_id is not None and eos_token_id >= self.config.vocab_size:
             raise ValueError(
@@ -510,11 +588,15 @@ class CausalLM(nn.Module):
             )
         if max_new_tokens == 0:
             return input_ids
+        if attention_mask is not None and not bool(attention_mask.bool().all()) and not self.takes_pads():
+            options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                           eos_token_id=eos_token_id, generator=generator, compile=compile)  # fmt: skip
+            return self._generate_rows(input_ids, attention_mask, context, options)
         decode = decode_step_for(self, compile)
         needed = T + max_new_tokens
         room = {} if self.config.context is None else {"context_len": 0 if context is None else context.shape[-1]}
         cache = self.new_cache(B, cache_length(needed, self.config.max_seq_len) if decode.compiled else needed, **room)
-        logits = self(input_ids, cache=cache, last_only=True, context=context)[:, -1]
+        logits = self(input_ids, cache=cache, last_only=True, context=context, attention_mask=attention_mask)[:, -1]
         out = [input_ids]
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         for step in range(max_new_tokens):
@@ -527,6 +609,46 @@ class CausalLM(nn.Module):
                 break
             logits = decode(token[:, None], cache)
         return torch.cat(out, dim=1)
+
+    def takes_pads(self) -> bool:
+        """Whether forward takes left-padded rows: the model (``takes_padded_rows``) and every mixer do."""
+        return self.takes_padded_rows and all(layer.mixer.cfg.takes_pads for layer in self.layers)
+
+    def left_padded(self, prompts, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """1-D prompts of any lengths -> (ids [B, longest] left-padded with ``pad_id``, attention_mask)."""
+        if not prompts:
+            raise ValueError("input_ids: an empty list of prompts")
+        rows = [torch.as_tensor(p, device=self.embed_tokens.weight.device) for p in prompts]
+        for i, r in enumerate(rows):
+            if r.dim() != 1 or r.numel() == 0 or r.dtype.is_floating_point:
+                raise ValueError(f"input_ids[{i}]: expected a non-empty 1-D sequence of token ids, got shape "
+                                 f"{list(r.shape)} ({r.dtype})")  # fmt: skip
+        longest = max(r.numel() for r in rows)
+        ids = torch.full((len(rows), longest), pad_id, dtype=torch.long, device=rows[0].device)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(rows):
+            ids[i, longest - r.numel() :] = r
+            mask[i, longest - r.numel() :] = 1
+        return ids, mask
+
+    def _generate_rows(self, input_ids, attention_mask, context, options: dict) -> torch.Tensor:
+        """``generate`` one row at a time (a model that takes no padded rows): each row's prompt without its pads;
+        the rows' outputs left-padded as given, and the shorter generations (stopped at EOS) continued with it."""
+        rows = []
+        for i in range(input_ids.shape[0]):
+            pads = int((attention_mask[i] == 0).sum())
+            own = context[i : i + 1] if context is not None else None
+            out = self.generate(input_ids[i : i + 1, pads:], context=own, **options)
+            rows.append(torch.cat([input_ids[i : i + 1, :pads], out], dim=1))
+        width = max(r.shape[1] for r in rows)
+        fill = 0 if options["eos_token_id"] is None else options["eos_token_id"]
+        return torch.cat([nn.functional.pad(r, (0, width - r.shape[1]), value=fill) for r in rows])
+
+
+def _same_pads(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return bool((a == b.to(a.device)).all())
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, generator) -> torch.Tensor:

@@ -54,6 +54,27 @@ def token_shift(x, *, prev=None, doc_ids=None):
     return shifted, x[:, -1]
 
 
+def skipping_pads(op, x, prev, real, width: int, **kwargs):
+    """``op(x, prev=prev, **kwargs) -> (y, new prev)`` (``causal_conv1d``, ``token_shift``) over the real tokens
+    of ``x`` alone, as if its pads (``real`` [B, T] False) were not there: per row, ``[prev, x]`` is reordered
+    with the pads first, as zeros, the op runs on that, and each token's output is taken back to its place
+    (a pad's is meaningless). So a real token sees the real inputs before it (and ``prev``, ``width`` [B,
+    width, C] or a token shift's [B, C]; None: zeros), and the new prev holds the last real inputs.
+    ``real`` None: the op as it is."""
+    if real is None:
+        return op(x, prev=prev, **kwargs)
+    B, T, C = x.shape
+    flat = op is token_shift  # its prev is one token, [B, C]
+    before = x.new_zeros(B, width, C) if prev is None else (prev[:, None] if flat else prev).to(x.dtype)
+    keep = torch.cat([real.new_ones(B, width), real], dim=1)
+    order = torch.sort(keep.to(torch.uint8), dim=1, stable=True).indices  # pads first, both parts in order
+    moved = torch.cat([before, x], dim=1).gather(1, order[..., None].expand(-1, -1, C))
+    moved = moved * keep.gather(1, order)[..., None].to(x.dtype)
+    y, new_prev = op(moved[:, width:], prev=moved[:, 0] if flat else moved[:, :width], **kwargs)
+    where = (torch.argsort(order, dim=1)[:, width:] - width).clamp(min=0)  # each token's place in the op's input
+    return y.gather(1, where[..., None].expand(-1, -1, y.shape[-1])), new_prev
+
+
 def causal_conv1d_reference(x, weight, bias=None, *, prev=None, doc_ids=None):
     """``causal_conv1d`` output by output: y_t sums the K inputs ending at t that share t's document."""
     B, T, C = x.shape

@@ -563,16 +563,16 @@ class Attention(nn.Module):
         if self.n_q_heads != self.n_heads:  # GQKVA: every query head once per K/V head
             q = q.repeat(1, self.n_heads // self.n_q_heads, 1, 1)
         if self.kv_source > self.layer_idx:  # LCKV: a later layer's K/V of the tokens before each query
-            y = self._attend_before(q, view, start, state.doc_ids)
+            y = self._attend_before(q, view, state)
         elif self.cfg.query_allocation == "kdgqa":
-            y = self._attend_key_driven(q, view, start, state.doc_ids)
+            y = self._attend_key_driven(q, view, state)
         elif self.shares_attention:  # SA: the probabilities formed, applied here and by the layers reading them
             k, v = self._kv_for(q, view)
-            weights = attention_weights(q, k, **self._mask_options(q, view, start, state.doc_ids), scale=self.scale)
+            weights = attention_weights(q, k, **self._mask_options(q, view, state), scale=self.scale)
             state.publish("attention", self.layer_idx, weights)
             y = apply_attention_weights(weights, v)
         else:
-            y = self._attend(q, view, start, state.doc_ids)
+            y = self._attend(q, view, state)
         if bases is not None:  # back from the value coordinates to the head's space
             y = torch.einsum("bhtr,hdr->bhtd", y, bases[1][heads]) + self.v_mean[heads][None, :, None].to(y.dtype)
         if self.training and (self.cfg.query_allocation == "dgqa" or bases is not None):
@@ -689,11 +689,11 @@ class Attention(nn.Module):
             k, v = k.index_select(1, index), v.index_select(1, index)
         return k, v
 
-    def _attend_key_driven(self, q: torch.Tensor, view: KVView, start, doc_ids: torch.Tensor | None) -> torch.Tensor:
+    def _attend_key_driven(self, q: torch.Tensor, view: KVView, state: StepState) -> torch.Tensor:
         """KDGQA: each query's heads split among the K/V heads by the norms of the keys that query sees."""
-        T, S = q.shape[2], view.k.shape[2]
+        T, S, start, doc_ids = q.shape[2], view.k.shape[2], state.start, state.doc_ids
         energy = view.k.float().square().sum(-1)  # [B, G, S]: squared key norms (RoPE keeps them)
-        if doc_ids is None and view.k_pos is None and view.end == start + T and T == S:
+        if doc_ids is None and state.pads is None and view.k_pos is None and view.end == start + T and T == S:
             energy = energy.cumsum(-1).transpose(1, 2)  # causal: every key up to the query's
         else:
             if doc_ids is not None:
@@ -702,13 +702,15 @@ class Attention(nn.Module):
                 q_pos = start + torch.arange(T, device=q.device)
                 k_pos = view.k_pos if view.k_pos is not None else torch.arange(view.end - S, view.end, device=q.device)
                 sees = position_mask(q_pos, k_pos)[None]
+                if state.pads is not None:
+                    sees = sees & state.pad_mask(q_pos, k_pos)[:, 0]
             energy = torch.einsum("bts,bgs->btg", sees.to(energy.dtype), energy)
         allocation = key_driven_allocation(energy.sqrt(), self.n_heads)  # [B, T, G]
         reads = kv_head_of_query(allocation, self.n_heads).transpose(1, 2).unsqueeze(-1)  # [B, H, T, 1]
         y = None
         for g in range(self.n_kv_heads):  # every query head against K/V head g, kept where it reads g
             one = KVView(view.k[:, g : g + 1], view.v[:, g : g + 1], view.end, view.k_pos)
-            part = self._attend(q, one, start, doc_ids) * (reads == g).to(q.dtype)
+            part = self._attend(q, one, state) * (reads == g).to(q.dtype)
             y = part if y is None else y + part
         return y
 
@@ -721,18 +723,28 @@ class Attention(nn.Module):
         self.key_norm_average.copy_(beta * norms + (1 - beta) * self.key_norm_average.float())
         self.allocation.copy_(key_driven_allocation(self.key_norm_average.float(), self.n_heads, min_max=False))
 
-    def _attend(self, q: torch.Tensor, view: KVView, start: int, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Attention of the step's queries (positions ``start..``) over ``view``, with the cheapest correct mask."""
+    def _attend(self, q: torch.Tensor, view: KVView, state: StepState) -> torch.Tensor:
+        """Attention of the step's queries (positions ``state.start..``) over ``view``, with the cheapest correct
+        mask."""
         k, v = self._kv_for(q, view)
-        return attention(q, k, v, **self._mask_options(q, view, start, doc_ids), scale=self.scale)
+        return attention(q, k, v, **self._mask_options(q, view, state), scale=self.scale)
 
-    def _mask_options(self, q: torch.Tensor, view: KVView, start: int, doc_ids: torch.Tensor | None) -> dict:
+    def _mask_options(self, q: torch.Tensor, view: KVView, state: StepState) -> dict:
         """Which keys of ``view`` the step's queries see, as the cheapest options of the attention ops."""
         T, S, window, sinks = q.shape[2], view.k.shape[2], self.cfg.window, self.cfg.sinks
+        start, doc_ids = state.start, state.doc_ids
         if doc_ids is not None:  # packed documents (training, no cache): T == S
             if sinks:
                 raise ValueError(f"sinks={sinks} are a row's first positions: packed documents (doc_ids) have none")
             return {"doc_ids": doc_ids, "window": window}
+        if state.pads is not None:  # left-padded rows: the pads' keys hidden, row by row
+            if sinks > state.pad_from:
+                raise ValueError(f"sinks={sinks} are a row's first positions, which in a padded row are pads "
+                                 f"(only meta tokens can be sinks there: meta_tokens={state.pad_from}); "
+                                 "pass rows one at a time")  # fmt: skip
+            q_pos = start + torch.arange(T, device=q.device)
+            k_pos = view.k_pos if view.k_pos is not None else torch.arange(view.end - S, view.end, device=q.device)
+            return {"mask": position_mask(q_pos, k_pos, window, sinks) & state.pad_mask(q_pos, k_pos)}
         if view.k_pos is None and view.end == start + T and (not sinks or S <= window):  # sinks within the window
             if T == 1 and (window is None or S <= window):  # one query after all its keys: nothing to mask
                 return {}
@@ -742,17 +754,20 @@ class Attention(nn.Module):
         k_pos = view.k_pos if view.k_pos is not None else torch.arange(view.end - S, view.end, device=q.device)
         return {"mask": position_mask(q_pos, k_pos, window, sinks)}
 
-    def _attend_before(self, q: torch.Tensor, view: KVView | None, start: int, doc_ids=None) -> torch.Tensor:
+    def _attend_before(self, q: torch.Tensor, view: KVView | None, state: StepState) -> torch.Tensor:
         """Attention to the keys strictly before each query (positions 0.. in ``view``); none: output 0."""
         B, H, T, _ = q.shape
         if view is None or view.k.shape[2] == 0:  # the first pass: the later layer has given nothing yet
             return q.new_zeros(B, H, T, self.v_head_dim)
-        S = view.k.shape[2]
+        S, doc_ids = view.k.shape[2], state.doc_ids
         k, v = self._kv_for(q, view)
-        q_pos = start + torch.arange(T, device=q.device)
-        mask = torch.arange(S, device=q.device)[None, :] < q_pos[:, None]  # [T, S]
+        q_pos = state.start + torch.arange(T, device=q.device)
+        k_pos = torch.arange(S, device=q.device)
+        mask = k_pos[None, :] < q_pos[:, None]  # [T, S]
         if doc_ids is not None:  # training, S == T
             mask = (mask & (doc_ids[:, :, None] == doc_ids[:, None, :]))[:, None]
+        elif state.pads is not None:
+            mask = mask & state.pad_mask(q_pos, k_pos)
         sees_any = mask.any(dim=-1, keepdim=True)
         mask = mask | ~sees_any  # rows with nothing to see attend anywhere (no NaN), then count for nothing
         return attention(q, k, v, mask=mask, scale=self.scale) * sees_any

@@ -72,6 +72,7 @@ class MixerConfig:
     publishes: ClassVar[frozenset[str]] = frozenset()  # what of READ_KINDS a layer of this kind gives readers
     reads: ClassVar[frozenset[str]] = frozenset()  # what of READ_KINDS it can take from another layer
     reads_later: ClassVar[bool] = False  # it can read a later layer's keys/values (LCKV's parallel passes)
+    takes_pads: ClassVar[bool] = True  # it gives left-padded rows their unpadded outputs (StepState.pads)
 
     def validate(self, d_model: int, path: str) -> None:
         """Check values and fill defaults that depend on the model (e.g. head_dim), in place.
@@ -140,6 +141,14 @@ class StepState:
     layers gave their readers this pass, keyed ``(what, layer)``;
     ``earlier_pass`` what later layers gave in the pass before (or hold in
     the cache), which readers of later layers see.
+
+    Left-padded rows: ``pads`` [B] counts each row's pad tokens, which sit at
+    the absolute positions ``pad_from .. pad_from + pads - 1`` (after the meta
+    tokens, if any), and ``real`` [B, T] marks the step's tokens that are not
+    pads (None when the step holds none). Attention hides the pads' keys
+    (``pad_mask``); recurrent mixers leave their state as it is at pad tokens
+    and give their convolution or token shift only the real inputs; positions
+    count real tokens (``positions``, set by the model).
     """
 
     start: int | torch.Tensor = 0
@@ -148,6 +157,34 @@ class StepState:
     published: dict[tuple[str, int], Any] = field(default_factory=dict)
     earlier_pass: dict[tuple[str, int], Any] = field(default_factory=dict)
     context: torch.Tensor | None = None
+    pads: torch.Tensor | None = None
+    pad_from: int = 0
+    real: torch.Tensor | None = None
+
+    def pad_mask(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor | None:
+        """[B, 1, T, S]: which keys (absolute positions ``k_pos`` [S]) the queries (``q_pos`` [T]) may see as far
+        as pads go: real keys, and a pad query its own key (so that no query sees nothing: its output is
+        discarded, but a NaN would reach the real tokens through a zero weight). None without pads."""
+        if self.pads is None:
+            return None
+        return (self._real_at(k_pos)[:, None, :] | (q_pos[:, None] == k_pos[None, :])[None])[:, None]
+
+    def _real_at(self, pos: torch.Tensor) -> torch.Tensor:
+        """[B, N]: whether each row holds a real token (not a pad) at the absolute positions ``pos`` [N]."""
+        pads = self.pads.to(pos.device)[:, None]
+        return (pos[None] < self.pad_from) | (pos[None] >= self.pad_from + pads)
+
+    def real_tokens(self, length: int) -> torch.Tensor | None:
+        """[B, length]: which of the step's tokens are not pads; None when all are."""
+        real = self._real_at(self.start + torch.arange(length, device=self.pads.device))
+        return None if bool(real.all()) else real
+
+    def real_positions(self, length: int) -> torch.Tensor:
+        """[B, length]: the positions of the step's tokens counted without the pads before them (a pad's own
+        is clamped to 0: its output is discarded)."""
+        absolute = self.start + torch.arange(length, device=self.pads.device)
+        shifted = torch.where(absolute >= self.pad_from, absolute - self.pads[:, None], absolute)
+        return shifted.clamp(min=0)
 
     def publish(self, what: str, layer: int, value: Any) -> None:
         self.published[(what, layer)] = value
@@ -167,7 +204,8 @@ class StepState:
         """The same step for its last token only (the ``t``-th): the top layers of a prefill that keep no
         state need nothing else. What lower layers published stays visible."""
         positions = self.positions[..., -1:] if self.positions is not None else None
-        return StepState(self.start + t - 1, positions, None, self.published, self.earlier_pass, self.context)
+        return StepState(self.start + t - 1, positions, None, self.published, self.earlier_pass, self.context,
+                         self.pads, self.pad_from)  # fmt: skip
 
 
 def check_reads_own_state(kind: str, layer_idx: int, kv_source: int) -> None:

@@ -52,6 +52,7 @@ PARTS = ("quad_q", "quad_k", "lin_q", "lin_k")
 @dataclass
 class GAUConfig(MixerConfig):
     kind = "gau"
+    takes_pads = False  # chunks count from a row's first token
     expand: int = 2  # e = expand * d_model: the width of U and V
     qk_dim: int = 128  # s: the width of the shared base Z, queries and keys
     chunk_size: int = 256  # FLASH's chunk: quadratic inside, linear across

@@ -52,6 +52,7 @@ EPS = 1e-6  # keeps the first segment's read of the empty memory at 0 rather tha
 @dataclass
 class InfiniConfig(MixerConfig):
     kind = "infini"
+    takes_pads = False  # segments count from a row's first token
     n_heads: int = 8
     n_kv_heads: int | None = None  # None: n_heads; memories are per K/V head
     head_dim: int | None = None  # None: d_model // n_heads

@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kvlab._config import check_bool, check_float, check_int
+from kvlab.kernels.causal_conv import skipping_pads
 from kvlab.kernels.ops import causal_conv1d, selective_scan, ssd
 from kvlab.layers.base import LayerFootprint, MixerConfig, StepState, check_reads_own_state, register_mixer
 from kvlab.layers.kv_cache import StateSlot
@@ -141,11 +142,14 @@ class Mamba2(nn.Module):
         B, T, _ = x.shape
         H, P, N, G = self.n_heads, self.cfg.head_dim, self.cfg.state_dim, self.cfg.n_groups
         z, xbc, dt = self.in_proj(x).split([self.inner, self.conv_dim, H], dim=-1)
-        xbc, conv_state = causal_conv1d(
-            xbc, self.conv_weight, self.conv_bias, prev=cache.conv if cache is not None else None, doc_ids=doc_ids
-        )
+        xbc, conv_state = skipping_pads(
+            causal_conv1d, xbc, cache.conv if cache is not None else None, state.real, self.cfg.conv_kernel - 1,
+            weight=self.conv_weight, bias=self.conv_bias, doc_ids=doc_ids,
+        )  # fmt: skip
         xs, b, c = F.silu(xbc).split([self.inner, G * N, G * N], dim=-1)
         dt = F.softplus(dt.float() + self.dt_bias.float())  # [B, T, H]
+        if state.real is not None:  # a pad's step 0: no decay, no input, the state passes it unchanged
+            dt = dt * state.real[..., None]
         xs = xs.view(B, T, H, P)
         y, ssm_state = ssd(
             xs, dt, -self.A_log.float().exp(), b.view(B, T, G, N), c.view(B, T, G, N),
@@ -243,14 +247,17 @@ class Mamba(nn.Module):
         B, T, _ = x.shape
         N, R = self.cfg.state_dim, self.cfg.dt_rank
         xs, z = self.in_proj(x).chunk(2, dim=-1)
-        xs, conv_state = causal_conv1d(
-            xs, self.conv_weight, self.conv_bias, prev=cache.conv if cache is not None else None, doc_ids=doc_ids
-        )
+        xs, conv_state = skipping_pads(
+            causal_conv1d, xs, cache.conv if cache is not None else None, state.real, self.cfg.conv_kernel - 1,
+            weight=self.conv_weight, bias=self.conv_bias, doc_ids=doc_ids,
+        )  # fmt: skip
         xs = F.silu(xs)
         dt_low, b, c = self.x_proj(xs).split([R, N, N], dim=-1)
         if self.cfg.inner_norms:
             dt_low, b, c = self.dt_norm(dt_low), self.b_norm(b), self.c_norm(c)
         dt = F.softplus(self.dt_proj(dt_low).float() + self.dt_bias.float())  # [B, T, inner]
+        if state.real is not None:  # a pad's step 0: no decay, no input, the state passes it unchanged
+            dt = dt * state.real[..., None]
         y, ssm_state = selective_scan(
             xs.float().transpose(1, 2), dt.transpose(1, 2), -self.A_log.float().exp(),
             b.float().transpose(1, 2), c.float().transpose(1, 2),

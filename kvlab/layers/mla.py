@@ -226,13 +226,18 @@ class MLA(nn.Module):
             cos, sin = cos.repeat_interleave(H // G, dim=1), sin.repeat_interleave(H // G, dim=1)
         q_rope = apply_rope(q_rope, cos, sin)
         static = isinstance(start, torch.Tensor)  # the compiled decode step: the whole buffer is held
+        pads = None  # left-padded rows: the pads' keys hidden, row by row
+        if state.pads is not None:
+            q_pos = start + torch.arange(T, device=x.device)
+            pads = state.pad_mask(q_pos, torch.arange(held.shape[1], device=x.device))
         if held.shape[1] == T and not static:  # training, or a first prefill: the latents are this step's own
-            y = self._expanded(q_nope, q_rope, held, doc_ids=state.doc_ids)
+            y = self._expanded(q_nope, q_rope, held, doc_ids=state.doc_ids, mask=pads)
         else:
-            mask = None
+            mask = pads
             if T > 1 or static:
                 q_pos = start + torch.arange(T, device=x.device)
                 mask = position_mask(q_pos, torch.arange(held.shape[1], device=x.device))
+                mask = mask if pads is None else mask & pads
             y = self._absorbed(q_nope, q_rope, held, mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * self.v_head_dim))
 
@@ -253,7 +258,7 @@ class MLA(nn.Module):
         c, k_rope = latent.to(dtype).split([self.kv_lora_rank, self.latent_rope_width], dim=-1)
         return c, k_rope.view(B, S, self.rope_kv_heads, self.rope_head_dim).transpose(1, 2)
 
-    def _expanded(self, q_nope, q_rope, latent, doc_ids=None) -> torch.Tensor:
+    def _expanded(self, q_nope, q_rope, latent, doc_ids=None, mask=None) -> torch.Tensor:
         """Decompress K/V of every head from ``latent`` [B, S, width] and attend as MHA (S == T, causal)."""
         B, S, _ = latent.shape
         H, D, R = self.n_heads, self.head_dim, self.rope_head_dim
@@ -266,7 +271,7 @@ class MLA(nn.Module):
             else k_rope.repeat_interleave(H // self.rope_kv_heads, 1)
         )
         q, k = torch.cat([q_nope, q_rope], dim=-1), torch.cat([k_nope, k_rope], dim=-1)
-        return attention(q, k, v, causal=True, doc_ids=doc_ids, scale=self.scale)
+        return attention(q, k, v, causal=True, doc_ids=doc_ids, mask=mask, scale=self.scale)
 
     def _absorbed(self, q_nope, q_rope, latent, mask=None) -> torch.Tensor:
         """Attend over the cached ``latent`` [B, S, width] directly, up-projections folded in."""

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kvlab._config import check_bool, check_choice, check_float, check_int
-from kvlab.kernels.causal_conv import token_shift
+from kvlab.kernels.causal_conv import skipping_pads, token_shift
 from kvlab.layers.kv_cache import StateSlot
 
 MLP_KINDS = ("swiglu", "gelu", "rwkv_channel_mix", "moe", "none")
@@ -169,8 +169,10 @@ class RWKVChannelMix(nn.Module):
             nn.init.constant_(self.mix_k, 0.5)  # half the previous token, half this one
             nn.init.constant_(self.mix_r, 0.5)
 
-    def forward(self, x: torch.Tensor, *, cache=None, doc_ids=None) -> torch.Tensor:
-        before, last = token_shift(x, prev=cache.prev if cache is not None else None, doc_ids=doc_ids)
+    def forward(self, x: torch.Tensor, *, cache=None, doc_ids=None, real=None) -> torch.Tensor:
+        """``real`` [B, T]: which tokens are not pads (left-padded rows), which the token shift skips."""
+        prev = cache.prev if cache is not None else None
+        before, last = skipping_pads(token_shift, x, prev, real, 1, doc_ids=doc_ids)
         if cache is not None:
             cache.prev.copy_(last)
         delta = before - x

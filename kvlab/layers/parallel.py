@@ -89,6 +89,10 @@ class ParallelConfig(MixerConfig):
                 "them equal (e.g. attention's n_heads * v_head_dim = the SSM's expand * d_model)"
             )
 
+    @property
+    def takes_pads(self) -> bool:  # every branch must (an instance's: the branches are its own)
+        return all(m.takes_pads for m in self.mixers if isinstance(m, MixerConfig))
+
     def kv_branch(self) -> MixerConfig | None:
         """The one branch that has K/V to give or take (attention); None if there is none."""
         found = [m for m in self.mixers if "kv" in m.publishes]

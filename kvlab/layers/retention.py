@@ -114,6 +114,8 @@ class Retention(nn.Module):
             log_decay = F.logsigmoid(self.gamma_proj(x).float()).transpose(1, 2) / self.cfg.gate_temperature
         else:
             log_decay = self.log_gamma.float()[None, :, None].expand(B, H, T)
+        if state.real is not None:  # a pad writes nothing and does not decay: the state passes it unchanged
+            k, log_decay = k * state.real[:, None, :, None], log_decay * state.real[:, None]
         held = cache.state if cache is not None else None  # the recurrent state so far
         chunk = self.cfg.chunk_size
         o, new_state = linear_attention(q, k, v, log_decay, state=held, doc_ids=doc_ids, chunk_size=chunk)

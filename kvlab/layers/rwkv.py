@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kvlab._config import check_bool, check_float, check_int
-from kvlab.kernels.causal_conv import token_shift
+from kvlab.kernels.causal_conv import skipping_pads, token_shift
 from kvlab.kernels.ops import delta_rule, linear_attention
 from kvlab.layers.base import LayerFootprint, MixerConfig, StepState, check_reads_own_state, register_mixer
 from kvlab.layers.kv_cache import StateSlot
@@ -132,7 +132,8 @@ class RWKV6(nn.Module):
         doc_ids = state.doc_ids
         B, T, C = x.shape
         H, D = self.n_heads, self.head_dim
-        before, last = token_shift(x, prev=cache.prev if cache is not None else None, doc_ids=doc_ids)
+        prev = cache.prev if cache is not None else None
+        before, last = skipping_pads(token_shift, x, prev, state.real, 1, doc_ids=doc_ids)
         xx = before - x
         lora = torch.tanh((x + xx * self.mix_x) @ self.mix_lora_a).view(B, T, len(MIXED), -1)
         mixes = self.mix_base + torch.einsum("btfr,frc->btfc", lora, self.mix_lora_b)  # [B, T, 5, C]
@@ -141,6 +142,8 @@ class RWKV6(nn.Module):
                    ((self.r_proj, xr), (self.k_proj, xk), (self.v_proj, xv)))  # fmt: skip
         decay = self.decay_base + torch.tanh(xw @ self.decay_lora_a) @ self.decay_lora_b
         log_decay = -decay.float().exp().view(B, T, H, D).transpose(1, 2)  # log w_t, per key channel
+        if state.real is not None:  # a pad writes nothing and does not decay: the state passes it unchanged
+            k, log_decay = k * state.real[:, None, :, None], log_decay * state.real[:, None, :, None]
         held = cache.state if cache is not None else None  # the recurrent state so far
         o, new_state = linear_attention(
             r, k, v, log_decay, state=held, doc_ids=doc_ids, exclusive=True, chunk_size=self.cfg.chunk_size
@@ -255,7 +258,8 @@ class RWKV7(nn.Module):
         doc_ids = state.doc_ids
         B, T, C = x.shape
         H, D = self.n_heads, self.head_dim
-        before, last = token_shift(x, prev=cache.prev if cache is not None else None, doc_ids=doc_ids)
+        prev = cache.prev if cache is not None else None
+        before, last = skipping_pads(token_shift, x, prev, state.real, 1, doc_ids=doc_ids)
         xr, xw, xk, xv, xa, xg = (x + (before - x) * self.mix[i] for i in range(len(RWKV7_MIXED)))
         r, k, v = self.r_proj(xr), self.k_proj(xk), self.v_proj(xv)
         decay = self.decay_base + torch.tanh(xw @ self.decay_lora_a) @ self.decay_lora_b
@@ -274,10 +278,13 @@ class RWKV7(nn.Module):
             return t.reshape(B, T, H, D).transpose(1, 2)
 
         r, k, v, lr, kappa = heads(r), heads(k), heads(v), heads(lr), kappa.transpose(1, 2)
-        log_decay = heads(log_decay)
+        log_decay, a = heads(log_decay), kappa * lr
+        if state.real is not None:  # a pad writes nothing, removes nothing, does not decay: the state passes it
+            real = state.real[:, None, :, None]
+            k, log_decay, a = k * real, log_decay * real, a * real
         held = cache.state if cache is not None else None  # the recurrent state so far
         o, new_state = delta_rule(
-            r, k, v, log_decay, kappa * lr, -kappa, state=held, doc_ids=doc_ids, chunk_size=self.cfg.chunk_size
+            r, k, v, log_decay, a, -kappa, state=held, doc_ids=doc_ids, chunk_size=self.cfg.chunk_size
         )
         if cache is not None:
             cache.state.copy_(new_state)

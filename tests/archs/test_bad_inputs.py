@@ -80,7 +80,8 @@ BAD_GENERATE = {
     "empty prompt": (dict(input_ids=torch.zeros(1, 0, dtype=torch.long)), r"non-empty \[batch, tokens\].*\[1, 0\]"),
     "1-D prompt": (dict(input_ids=torch.tensor([1, 2, 3])), r"got shape \[3\]"),
     "float prompt": (dict(input_ids=torch.ones(1, 3)), "expected an integer tensor of token ids"),
-    "list prompt": (dict(input_ids=[[1, 2, 3]]), "got list"),
+    "string prompt": (dict(input_ids="1 2 3"), "got str"),
+    "empty prompt in a list": (dict(input_ids=[[1, 2, 3], []]), r"input_ids\[1\]: expected a non-empty 1-D sequence"),
     "id beyond the vocabulary": (
         dict(input_ids=torch.tensor([[1, 97]])),
         r"token id 97 is outside the vocabulary \(0..96\)",

@@ -110,7 +110,7 @@ def test_inductor_step_gives_eager_tokens_without_recompiling():
     assert compiled.compiled, compiled.fallback_reason
     assert counters["stats"]["unique_graphs"] - graphs == 1
     assert sum(counters["recompiles"].values()) == recompiles
-    assert list(compiled.compile_seconds) == [(2, 128, torch.float32, "cpu")]
+    assert list(compiled.compile_seconds) == [(2, 128, torch.float32, "cpu", False)]  # no padded rows
     expected_tokens, expected = _generate_with(DecodeStep(model, False), model, ids, 64)
     assert torch.equal(tokens, expected_tokens)
     torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
@@ -123,7 +123,7 @@ def test_inductor_step_gives_eager_tokens_without_recompiling():
     updated, _ = _generate_with(compiled, model, ids, 64)  # the same bucket: the same graph
     assert torch.equal(updated, _generate_with(DecodeStep(model, False), model, ids, 64)[0])
     assert not torch.equal(updated, tokens)
-    assert list(compiled.compile_seconds) == [(2, 128, torch.float32, "cpu")]
+    assert list(compiled.compile_seconds) == [(2, 128, torch.float32, "cpu", False)]  # no padded rows
 
 
 def test_failed_compilation_falls_back_to_eager_and_says_why(monkeypatch, caplog):

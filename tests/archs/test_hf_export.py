@@ -127,6 +127,13 @@ for name, directory in json.loads(sys.argv[1]).items():
         beams = model.generate(ids[:1, :5], max_new_tokens=8, min_new_tokens=8, num_beams=4, do_sample=False,
                                num_return_sequences=4, output_scores=True, return_dict_in_generate=True)
     cache = result["cache"] if "cache" in result.keys() else result["past_key_values"]  # transformers 5, 4
+    padded = {}
+    if os.path.exists(directory + "/padded.pt"):  # left-padded rows with their attention mask, as batching clients
+        rows = torch.load(directory + "/padded.pt")
+        with torch.no_grad():
+            padded["logits"] = model(rows["ids"], attention_mask=rows["mask"], use_cache=False).logits
+            padded["generated"] = model.generate(rows["ids"], attention_mask=rows["mask"], max_new_tokens=6,
+                                                 min_new_tokens=6, do_sample=False, pad_token_id=0)
     context = {}
     if os.path.exists(directory + "/context.pt"):  # a context encoder's model: the context as a keyword
         ctx = torch.load(directory + "/context.pt")
@@ -139,10 +146,13 @@ for name, directory in json.loads(sys.argv[1]).items():
                 "cache_shape": None if remote else next(tuple(layer.keys.shape) for layer in cache.layers
                                                         if getattr(layer, "keys", None) is not None),
                 "cache_bytes": cache.cache.nbytes() if remote else None,
-                "class": type(model).__name__, "context": context, "fed": greedy_fed}, directory + "/theirs.pt")
+                "class": type(model).__name__, "context": context, "fed": greedy_fed, "padded": padded},
+               directory + "/theirs.pt")
 assert not [m for m in sys.modules if m.startswith("kvlab") and sys.modules[m] is not None]
 """
 
+
+PADDED_ROWS = (7, 4, 2)
 
 # what the tests beside the per-model one read
 ALWAYS_EXPORTED = {"sharp", "sharp_forced", "sharded"}
@@ -176,6 +186,9 @@ def exported(request, tmp_path_factory):
         save_hf(model, out, max_shard_bytes=20_000 if name == "sharded" else 5 * 2**30,
                 remote_code=True if name.endswith("forced") else None)  # fmt: skip
         torch.save(torch.randint(0, 97, (2, 13)), out / "ids.pt")
+        if model.takes_pads():  # rows of 7, 4 and 2 tokens, left-padded
+            ids, mask = model.left_padded([torch.randint(0, 97, (n,)) for n in PADDED_ROWS])
+            torch.save({"ids": ids, "mask": mask}, out / "padded.pt")
         if model.config.context is not None:
             torch.save(torch.randint(0, 97, (2, 11)), out / "context.pt")
         models[name], dirs[name] = model, str(out)
@@ -202,6 +215,16 @@ def test_export_loads_and_matches_logits_and_generation(exported, name):
         with torch.no_grad():
             assert (theirs["context"]["logits"] - model(ids, context=ctx)).abs().max() <= 1e-4
         assert torch.equal(theirs["context"]["generated"], model.generate(ids[:1, :5], 8, context=ctx[:1])[0, 5:])
+    if model.takes_pads():  # left-padded rows: each gets what it gets alone (native classes as well as ours)
+        padded = torch.load(f"{dirs[name]}/padded.pt")
+        for row, n in enumerate(PADDED_ROWS):
+            alone = padded["ids"][row : row + 1, -n:]
+            with torch.no_grad():
+                ours_logits = model(alone)[0]
+            assert (
+                theirs["padded"]["logits"][row, -n:] - ours_logits
+            ).abs().max() <= 1e-4 + 2e-5 * ours_logits.abs().max()
+            assert torch.equal(theirs["padded"]["generated"][row, -6:], model.generate(alone, 6)[0, -6:])
     if config["model_type"] == "kvlab":  # generate() ran on our own cache, with our footprint
         assert theirs["class"] == "KvlabForCausalLM"
         assert theirs["fed"] == [5] + [1] * 15  # decoded from the cache, not the whole prefix again
@@ -296,6 +319,8 @@ def test_tokenizer_is_written_for_auto_tokenizer(tmp_path):
     assert loaded.eos_token == EOS and loaded("return x")["input_ids"] == tok.encode("return x").ids
     # what batching clients read: EOS, which separates documents in training, also begins and pads them
     assert loaded.pad_token == loaded.bos_token == EOS and loaded.model_max_length == 64
+    batch = loaded(["return x", "def f(x):\n    return"], padding=True)  # left-padded: what kvlab's models take
+    assert batch["attention_mask"][0][0] == 0 and batch["attention_mask"][0][-1] == 1
     generation = transformers.GenerationConfig.from_pretrained(tmp_path / "hf")
     assert generation.eos_token_id == generation.bos_token_id == tok.token_to_id(EOS)
 

@@ -91,6 +91,7 @@ def test_the_wheel_installs_a_kvlab_command_that_works_from_an_empty_directory(t
     (run,) = (empty / "outputs" / "train").iterdir()
     assert json.loads((run / "metrics.json").read_text())["steps"] == 5 and (run / "train.log").is_file()
 
-    text = kvlab_run("generate", run / "checkpoints" / "last.ckpt", "--prompt", "def main(", "--max-new-tokens", "4")
-    assert text.stdout.startswith("def main(")
+    prompts = ("--prompt", "def main(", "--prompt", "x = [1, 2, 3]")  # of different lengths: one padded batch
+    text = kvlab_run("generate", run / "checkpoints" / "last.ckpt", *prompts, "--max-new-tokens", "4")
+    assert text.stdout.startswith("def main(") and "\n\nx = [1, 2, 3]" in text.stdout
     assert sorted(p.name for p in empty.iterdir()) == ["outputs"]  # nothing else written where it ran
