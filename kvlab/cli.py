@@ -3,10 +3,11 @@
     kvlab train recipe=gqa_uptrain [overrides]     # train.py's job: train, uptrain, sweep with -m
     kvlab eval ckpt=PATH [overrides]               # recipe=eval
     kvlab export ckpt=PATH [overrides]             # recipe=export
+    kvlab lm-eval ckpt=PATH lm_eval.tasks=[...]    # recipe=lm_eval: lm-evaluation-harness tasks
     kvlab footprint model=NAME [--budget 80GiB]    # the KV-cache footprint report
     kvlab generate PATH --prompt TEXT              # text from a checkpoint or a Hugging Face directory
 
-``train``, ``eval`` and ``export`` take Hydra overrides and flags as ``train.py`` does, over the configs
+``train``, ``eval``, ``export`` and ``lm-eval`` take Hydra overrides and flags as ``train.py`` does, over the configs
 shipped with kvlab; ``--config-dir DIR`` puts a directory of your own (``DIR/model/mine.yaml`` ...) first on
 the search path. ``train.py`` at the top of a checkout runs the same code.
 """
@@ -21,6 +22,7 @@ COMMANDS = {
     "train": "train, uptrain or sweep (-m) as the recipe and overrides say (train.py)",
     "eval": "evaluate a checkpoint: recipe=eval, ckpt=PATH",
     "export": "export a checkpoint to a Hugging Face directory: recipe=export, ckpt=PATH",
+    "lm-eval": "lm-evaluation-harness tasks on a checkpoint: recipe=lm_eval, ckpt=PATH, lm_eval.tasks=[...]",
     "footprint": "the KV-cache footprint report of a model config (built on the meta device)",
     "generate": "generate text from a kvlab checkpoint or a Hugging Face directory",
 }
@@ -32,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
         width = max(map(len, COMMANDS))
         print("usage: kvlab COMMAND [ARGS...]\n\ncommands:")
         print("\n".join(f"  {name:<{width}}  {what}" for name, what in COMMANDS.items()))
-        print("\n`kvlab COMMAND --help` shows a command's own options (Hydra's for train, eval and export).")
+        print("\n`kvlab COMMAND --help` shows a command's own options (Hydra's for train, eval, export and lm-eval).")
         sys.exit(0 if argv else 2)
     command, args = argv[0], argv[1:]
     if command == "footprint":
@@ -41,9 +43,9 @@ def main(argv: list[str] | None = None) -> None:
         footprint(args, prog="kvlab footprint")
     elif command == "generate":
         generate(args)
-    elif command in ("train", "eval", "export"):
-        # recipe=eval/export first, so overrides after it (another recipe's settings) still apply
-        train(args if command == "train" else [f"recipe={command}", *args])
+    elif command in ("train", "eval", "export", "lm-eval"):
+        # recipe=eval/export/lm_eval first, so overrides after it (another recipe's settings) still apply
+        train(args if command == "train" else [f"recipe={command.replace('-', '_')}", *args])
     else:
         print(f"kvlab: error: unknown command {command!r}; one of {', '.join(COMMANDS)}", file=sys.stderr)
         sys.exit(2)

@@ -8,4 +8,4 @@ cd "$(dirname "$0")/.."
 python3 -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet "${KVLAB_TORCH:-torch==2.13.0}"
-.venv/bin/python -m pip install --quiet -e ".[dev,deepspeed,triton]"
+.venv/bin/python -m pip install --quiet -e ".[dev,deepspeed,triton,lm-eval]"

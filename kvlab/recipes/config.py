@@ -20,7 +20,7 @@ from kvlab.recipes.data import DataConfig
 from kvlab.recipes.module import OptimConfig
 
 LOGGERS = ("csv", "wandb", "tensorboard", "none")
-STAGES = ("train", "eval", "export")
+STAGES = ("train", "eval", "lm_eval", "export")
 ACCELERATORS = ("cpu", "gpu", "cuda", "mps", "tpu", "auto")
 # Lightning's names; "bf16"/"16" and friends are its older spellings of the same settings
 PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true", "transformer-engine")
@@ -62,6 +62,36 @@ class EvalConfig:
     passkey_trials: int = 5  # keys per length and depth
 
 
+@dataclass
+class LmEvalConfig:
+    """Stage ``lm_eval`` (kvlab.recipes.lm_eval): which lm-eval tasks, and how (lm-eval's options, its names)."""
+
+    tasks: list[str] = field(default_factory=list)  # task or group names (or globs), e.g. [lambada_openai]
+    include_path: str | None = None  # a directory of task YAMLs of your own (lm-eval's --include_path)
+    builtin_tasks: bool = True  # lm-eval's own tasks too (indexing them takes seconds; their data needs the hub)
+    num_fewshot: int | None = None  # null: each task's own
+    limit: float | None = None  # examples per task (>= 1), or a fraction of each (< 1); null: all
+    batch_size: int = 4  # rows per forward (log-likelihoods) and per generate call
+    max_gen_toks: int = 256  # new tokens of generate_until where a task does not say
+    bootstrap_iters: int = 100000  # resamples for the metrics' standard errors (0: none)
+    compile: bool = False  # compile generate's decode step (pays on long generations)
+    seed: int = 1234  # of lm-eval's few-shot sampling and its other seeds
+
+    def check(self) -> None:
+        """Raise ValueError naming the field whose value lm-eval would not take."""
+        if not self.tasks or not all(isinstance(t, str) and t for t in self.tasks):
+            raise ValueError(f"lm_eval.tasks={self.tasks!r}: name one or more lm-eval tasks, e.g. [lambada_openai]")
+        for name in ("batch_size", "max_gen_toks"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"lm_eval.{name}={getattr(self, name)} must be >= 1")
+        if self.limit is not None and not self.limit > 0:
+            raise ValueError(f"lm_eval.limit={self.limit} must be > 0 (examples, or a fraction below 1), or null: all")
+        if self.num_fewshot is not None and self.num_fewshot < 0:
+            raise ValueError(f"lm_eval.num_fewshot={self.num_fewshot} must be >= 0, or null: each task's own")
+        if self.bootstrap_iters < 0:
+            raise ValueError(f"lm_eval.bootstrap_iters={self.bootstrap_iters} must be >= 0")
+
+
 EXPORT_DTYPES = ("bf16", "fp16", "fp32")
 
 
@@ -97,6 +127,7 @@ class TrainConfig:
     stages: list[str] = field(default_factory=lambda: ["train"])
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    lm_eval: LmEvalConfig = field(default_factory=LmEvalConfig)
     resume: str | None = None  # null | auto (latest run of this run_name) | path to a .ckpt
     # where the weights start: {from: scratch | checkpoint | hf, path: ..., convert: {to: gqa, ...}}
     init: dict[str, Any] = field(default_factory=lambda: {"from": "scratch", "path": None, "convert": None})

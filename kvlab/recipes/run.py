@@ -12,6 +12,7 @@ A run writes into its Hydra output directory:
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
@@ -162,6 +163,14 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         metrics["context_bytes_per_token"] = fp.context_bytes_per_token
     if "eval" in tc.stages and trainer.is_global_zero:
         metrics.update(evaluate(module.model, datamodule.tokenizer, tc.eval))
+    if "lm_eval" in tc.stages and trainer.is_global_zero:
+        from kvlab.recipes.lm_eval import results_json, run_lm_eval
+
+        try:
+            metrics["lm_eval"], results = run_lm_eval(module.model, datamodule.tokenizer, tc.lm_eval)
+        except ValueError as e:  # a task that is not there
+            raise ConfigError(str(e)) from None
+        atomic_write_text(run_dir / "lm_eval.json", results_json(results))
     if "export" in tc.stages and trainer.is_global_zero:
         from kvlab.archs.hf import save_hf
 
@@ -221,6 +230,13 @@ def _validated(tc: TrainConfig) -> ModelConfig:
     for stage in tc.stages:
         if stage not in STAGES:
             raise ConfigError(f"stages: {stage!r} is not one of {', '.join(STAGES)}")
+    if "lm_eval" in tc.stages:  # before any training, which would be lost to a missing package
+        try:
+            tc.lm_eval.check()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if importlib.util.find_spec("lm_eval") is None:
+            raise ConfigError("stages: lm_eval needs lm-evaluation-harness: pip install 'kvlab[lm-eval]'")
     if tc.eval.passkey_max_len is not None and tc.eval.passkey_max_len < 1:
         raise ConfigError(f"eval.passkey_max_len={tc.eval.passkey_max_len} must be >= 1, or null: max_seq_len")
     if tc.export.dtype not in EXPORT_DTYPES:
@@ -280,7 +296,7 @@ def _initial_model(tc: TrainConfig):
     init = dict(tc.init)
     if tc.ckpt is not None and init.get("path") != tc.ckpt:
         raise ConfigError(
-            f"ckpt={tc.ckpt!r} is recipe=export's and recipe=eval's shorthand for init.path; here give init.path"
+            f"ckpt={tc.ckpt!r} is the shorthand of recipe=eval, export and lm_eval for init.path; here give init.path"
         )
     unknown = set(init) - {"from", "path", "convert"}
     if unknown:

@@ -23,7 +23,7 @@ def test_usage_and_unknown_commands_exit_with_their_status(capsys):
         assert exit_info.value.code == status
     out, err = capsys.readouterr()
     assert "usage: kvlab COMMAND" in out and all(name in out for name in cli.COMMANDS)
-    assert "kvlab: error: unknown command 'trian'; one of train, eval, export, footprint, generate" in err
+    assert "kvlab: error: unknown command 'trian'; one of train, eval, export, lm-eval, footprint, generate" in err
 
 
 def test_eval_and_export_are_their_recipes_with_the_overrides_after_it(monkeypatch):

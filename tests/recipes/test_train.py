@@ -249,7 +249,10 @@ BAD_OVERRIDES = {
     "convert from scratch": (["init.convert={to: gqa}"], "init.convert needs init.from=checkpoint or hf"),
     "distill from scratch": (["distill=true"], "distill=true distils the initial model into its conversion: it needs"),
     "nothing trainable": (["optim.trainable=[rotation]"], "optim.trainable=['rotation'] matches no parameter"),
-    "ckpt outside export": (["ckpt=/some.ckpt"], "ckpt='/some.ckpt' is recipe=export's and recipe=eval's shorthand"),
+    "ckpt outside export": (
+        ["ckpt=/some.ckpt"],
+        "ckpt='/some.ckpt' is the shorthand of recipe=eval, export and lm_eval",
+    ),
     "warmup longer than the run": (
         ["optim.warmup_steps=50", "trainer.max_steps=10"],
         "optim.warmup_steps=50 exceeds trainer.max_steps=10",
