@@ -6,16 +6,24 @@ into the other for them.
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
+import time
 from pathlib import Path
+
+log = logging.getLogger("kvlab")
 
 EOS = "<|endoftext|>"
 
 
 def train_tokenizer(texts, vocab_size: int):
-    """Byte-level BPE over ``texts`` with ``EOS`` as token 0."""
+    """Byte-level BPE over ``texts`` with ``EOS`` as token 0. Progress: the trainer's own bars in a terminal,
+    a line before and after in a log."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+    log.info("tokenizer: training a byte-level BPE of %d tokens on %d documents", vocab_size, len(texts))
+    started = time.perf_counter()
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -23,9 +31,10 @@ def train_tokenizer(texts, vocab_size: int):
         vocab_size=vocab_size,
         special_tokens=[EOS],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        show_progress=sys.stderr.isatty(),  # (bars redrawn in place: a log file would get every frame)
     )
     tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    log.info("tokenizer: %d tokens in %.1f s", tok.get_vocab_size(), time.perf_counter() - started)
     return tok
 
 

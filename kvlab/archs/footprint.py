@@ -25,6 +25,14 @@ from fractions import Fraction
 import torch
 
 
+def human(n: int) -> str:
+    """Bytes in binary units, 3 significant digits."""
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n} B"
+
+
 @dataclass(frozen=True)
 class FootprintRow:
     layer: int

@@ -221,6 +221,7 @@ def save_hf(
     max_shard_bytes: int = 5 * 2**30,
     dtype: torch.dtype | None = None,
     overwrite: bool = False,
+    metrics: dict | None = None,
 ) -> Path:
     """Write ``model`` as a Hugging Face directory that ``AutoModelForCausalLM.from_pretrained`` loads.
 
@@ -237,6 +238,8 @@ def save_hf(
     ``out_dir`` must be new, empty, or an earlier kvlab export (its
     ``.kvlab-export.json`` lists the files kvlab wrote); a directory holding
     anything else is refused unless ``overwrite=True`` replaces it whole.
+    A model card (``README.md``) describes the architecture, its KV-cache
+    footprint and, given ``metrics`` (a run's ``metrics.json``), its numbers.
     """
     from kvlab.archs.convert import fold_kv_merge
 
@@ -256,20 +259,34 @@ def save_hf(
     with atomic_path(out, install=_swap_in) as tmp:
         tmp.mkdir()
         _write_export(model, tmp, tokenizer, hf, max_shard_bytes, dtype)
-        written = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
-        (tmp / EXPORT_MANIFEST).write_text(json.dumps({"written_by": "kvlab", "files": written}, indent=2) + "\n")
+        (tmp / "README.md").write_text(model_card(model, hf, dtype, metrics))
+        for file in tmp.iterdir():  # safetensors writes its files private (0600): the modes of any other file
+            file.chmod(0o666 & ~_umask())
+        written = {str(p.relative_to(tmp)): _stamp(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        manifest = {"written_by": "kvlab", "files": sorted(written), "stamps": written}
+        (tmp / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return out
 
 
 EXPORT_MANIFEST = ".kvlab-export.json"  # the files an export wrote: what a later export may replace
 
 
+def _stamp(path: Path) -> list[int]:
+    """A file's size and modification time: what an edit after the export changes."""
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
 def _export_files(out: Path) -> set[str] | None:
-    """The files a previous kvlab export wrote into ``out`` (None: ``out`` is no kvlab export)."""
+    """The files a previous kvlab export wrote into ``out`` and that are as it wrote them (one edited since, a
+    model card you completed, is no longer kvlab's to replace); None: ``out`` is no kvlab export."""
     try:
-        return set(json.loads((out / EXPORT_MANIFEST).read_text())["files"]) | {EXPORT_MANIFEST}
-    except (OSError, ValueError, KeyError, TypeError):
+        manifest = json.loads((out / EXPORT_MANIFEST).read_text())
+        files, stamps = set(manifest["files"]), manifest.get("stamps", {})  # (exports before stamps: names only)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
+    unchanged = {f for f in files if f not in stamps or not (out / f).is_file() or _stamp(out / f) == stamps[f]}
+    return unchanged | {EXPORT_MANIFEST}
 
 
 def _check_export_target(out: Path, overwrite: bool) -> None:
@@ -282,7 +299,7 @@ def _check_export_target(out: Path, overwrite: bool) -> None:
     foreign = sorted(present - (_export_files(out) or set()))
     if foreign:
         raise ValueError(
-            f"save_hf: {out} holds files kvlab did not write ({', '.join(foreign[:5])}"
+            f"save_hf: {out} holds files kvlab did not write, or changed since ({', '.join(foreign[:5])}"
             f"{', ...' if len(foreign) > 5 else ''}); export into a new or empty directory, or pass overwrite=True"
         )
 
@@ -344,30 +361,95 @@ def _write_export(model: CausalLM, tmp: Path, tokenizer, hf: dict | None, max_sh
     transformers.GenerationConfig(**special, pad_token_id=eos).save_pretrained(tmp)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading it means setting it: set back at once
+    os.umask(mask)
+    return mask
+
+
+def model_card(model: CausalLM, hf: dict | None, dtype: torch.dtype | None, metrics: dict | None = None) -> str:
+    """The export's README.md: Hub metadata (through ``huggingface_hub``), the architecture and its plan, the
+    KV-cache footprint per layer and at a few contexts, the run's metrics, and how to load it."""
+    from huggingface_hub import ModelCardData
+
+    from kvlab.archs.footprint import human
+
+    cfg = model.config
+    kinds = sorted({m.kind for m in cfg.layer_mixers})
+    data = ModelCardData(library_name="transformers", pipeline_tag="text-generation",
+                         tags=["kvlab", "kv-cache", *kinds])  # fmt: skip
+    native = hf is not None
+    loading = (f"a native `{hf['model_type']}` model" if native
+               else "remote code (`model_type: kvlab`, loaded with `trust_remote_code=True`)")  # fmt: skip
+    weights = str(dtype or model.embed_tokens.weight.dtype).removeprefix("torch.")
+    lines = [
+        f"---\n{data.to_yaml()}\n---\n",
+        "# A kvlab model\n",
+        f"Trained with kvlab and exported as {loading}: {cfg.n_layers} layers, d_model "
+        f"{cfg.d_model}, vocabulary {cfg.vocab_size}, context {cfg.max_seq_len} tokens, "
+        f"{model.num_parameters():,} parameters ({weights} weights).\n",
+        "## Architecture\n",
+        "Each layer's token mixer and what it reads of other layers (kvlab's plan):\n",
+        f"```\n{cfg.describe_plan()}\n```\n",
+    ]
+    fp = model.kv_footprint(torch.bfloat16)
+    lines += [
+        "## KV cache (bf16, one sequence)\n",
+        "| layer | mixer | bytes per token | fixed bytes | window | reads K/V of layer |",
+        "|---:|---|---:|---:|---:|---:|",
+        *(
+            f"| {r.layer} | {r.kind} | {r.bytes_per_token:,} | {r.fixed_bytes:,} | "
+            f"{'-' if r.max_tokens is None else r.max_tokens} | {r.kv_source} |"
+            for r in fp.per_layer
+        ),  # fmt: skip
+        "",
+        f"In all: {fp.bytes_per_token:,} bytes per token and {fp.fixed_bytes:,} fixed bytes; "
+        + ", ".join(
+            f"{human(fp.total_bytes(n))} at {n:,} tokens" for n in sorted({min(2048, cfg.max_seq_len), cfg.max_seq_len})
+        )
+        + " (kvlab's `footprint`, checked against the cache it allocates).\n",
+    ]
+    numbers = _flat_numbers({k: v for k, v in (metrics or {}).items() if k != "model"})
+    if numbers:
+        rows = [f"| {k} | {v:,.4g} |" if isinstance(v, float) else f"| {k} | {v:,} |" for k, v in numbers]
+        lines += ["## Metrics\n", "| metric | value |", "|---|---:|", *rows, ""]
+    trust = "" if native else ", trust_remote_code=True"
+    lines += [
+        "## Use\n",
+        "```python\nimport transformers\n\n"
+        f'model = transformers.AutoModelForCausalLM.from_pretrained("<this directory>"{trust})\n'
+        'tokenizer = transformers.AutoTokenizer.from_pretrained("<this directory>")\n```\n',
+    ]
+    if not native:
+        lines.append(
+            "With kvlab installed, `import kvlab` registers the classes, and `trust_remote_code` is not needed.\n"
+        )
+    return "\n".join(lines)
+
+
+def _flat_numbers(d: dict, prefix: str = "") -> list[tuple[str, int | float]]:
+    """(dotted name, number) for every number in a nested dict, in order."""
+    out = []
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out += _flat_numbers(v, f"{prefix}{k}.")
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out.append((f"{prefix}{k}", v))
+    return out
+
+
 def _save_weights(state: dict[str, torch.Tensor], directory: Path, max_shard_bytes: int) -> None:
-    """``model.safetensors``, or shards of at most ``max_shard_bytes`` with an index."""
+    """``model.safetensors``, or shards of at most ``max_shard_bytes`` with an index, split as
+    ``transformers`` splits its own (``huggingface_hub``'s splitter: the same file names and index)."""
+    from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
 
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name in sorted(state):
-        nbytes = state[name].numel() * state[name].element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = state[name]
-        size += nbytes
-    if len(shards) == 1:
-        save_file(shards[0], directory / "model.safetensors", metadata={"format": "pt"})
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, directory / file, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, file))
-    total = sum(t.numel() * t.element_size() for t in state.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_bytes)
+    for file, names in split.filename_to_tensors.items():
+        save_file({name: state[name] for name in names}, directory / file, metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 # -- remote code ---------------------------------------------------------------

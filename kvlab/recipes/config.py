@@ -43,6 +43,7 @@ class TrainerConfig:
     activation_checkpointing: bool = False
     compile: bool = False  # torch.compile each block of the training forward (README: "Compiled training")
     progress_bar: bool = True
+    throughput: bool = True  # Lightning's ThroughputMonitor: tokens/s, FLOP/s and MFU (FLOPs from the shapes)
 
 
 @dataclass
@@ -50,6 +51,8 @@ class LoggerConfig:
     kind: str = "csv"  # csv | wandb | tensorboard | none
     project: str = "kvlab"
     mode: str | None = None  # wandb: offline unless this or WANDB_MODE says online
+    name: str | None = None  # wandb run name; null: <run_name>-<preset>-s<seed> (a sweep's job: its overrides)
+    group: str | None = None  # wandb group; null: the sweep (<run_name>/<sweep dir>) in a -m run, else none
 
 
 @dataclass

@@ -28,6 +28,7 @@ from rich.table import Table
 
 from kvlab._io import atomic_write_text
 from kvlab.archs import ModelConfig, build_model
+from kvlab.archs.footprint import human
 
 CONTEXTS = (2048, 32768, 131072, 1048576)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp8": torch.float8_e4m3fn}
@@ -41,14 +42,6 @@ def parse_bytes(text: str) -> int:
     if not match or match.group(2).lower() not in UNITS:
         raise ValueError(f"--budget={text!r} is not a size; write e.g. 80GiB, 512MB or 1e9 (B, KB..TB, KiB..TiB)")
     return int(float(match.group(1)) * UNITS[match.group(2).lower()])
-
-
-def human(n: int) -> str:
-    """Bytes in binary units, 3 significant digits."""
-    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{n / size:.3g} {unit}"
-    return f"{n} B"
 
 
 def compose_model_config(overrides: list[str]) -> ModelConfig:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -11,6 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from kvlab.archs import CausalLM, ModelConfig, build_model
+
+log = logging.getLogger("kvlab")
 
 
 @dataclass
@@ -69,7 +72,28 @@ def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, labels
     return (kl * asked).sum() / asked.sum().clamp(min=1)
 
 
+def training_flops(config: ModelConfig, batch_size: int, seq_len: int) -> int | None:
+    """FLOPs of one training step's forward and backward on a [batch_size, seq_len] batch, counted by torch's FLOP
+    counter over the model built on the meta device: from the shapes alone, nothing allocated or computed (the
+    loss head counted as a plain head). None for a model whose forward depends on values (MoE routing counts,
+    MatryoshkaKV's rank schedule, RWKV's chunk sizes), which the meta device cannot run."""
+    from lightning.fabric.utilities.throughput import measure_flops
+
+    try:
+        with torch.device("meta"):
+            model = build_model(config)
+            ids = torch.zeros(batch_size, seq_len, dtype=torch.long)
+        model.train()
+        return int(measure_flops(model, lambda: model(ids), torch.Tensor.sum))
+    except (RuntimeError, NotImplementedError) as e:
+        log.debug("training FLOPs: not countable on the meta device (%s)", str(e).splitlines()[0])
+        return None
+
+
 class LMModule(L.LightningModule):
+    # FLOPs of a training batch (training_flops), which Lightning's ThroughputMonitor turns into FLOP/s and MFU
+    flops_per_batch: int | None = None
+
     def __init__(
         self,
         model: dict,

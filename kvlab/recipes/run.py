@@ -42,7 +42,7 @@ from kvlab.recipes.config import ACCELERATORS, EXPORT_DTYPES, LOGGERS, PRECISION
 from kvlab.recipes.data import LMDataModule, build_datamodule, resume_problem, tokenizer_to_use
 from kvlab.recipes.evals import evaluate
 from kvlab.recipes.footprint import DTYPES
-from kvlab.recipes.module import LMModule
+from kvlab.recipes.module import LMModule, training_flops
 from kvlab.recipes.strategies import STRATEGIES, build_strategy, deepspeed_available
 
 log = logging.getLogger("kvlab")
@@ -59,6 +59,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     L.seed_everything(tc.seed, verbose=False)
     ckpt_path = _resume_path(tc, run_dir)
     initial = _initial_model(tc)
+    if tc.stages == ["export"]:  # the initial model as it is: no data, no trainer
+        return _export_only(tc, run_dir, initial)
     if initial is not None:  # the architecture comes from the source (and conversion), not from `model`
         model_cfg = initial.config
         if tc.data.seq_len > model_cfg.max_seq_len:
@@ -126,6 +128,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     if "train" in tc.stages:
         if ckpt_path is None:  # the starting point, for comparing with the end
             metrics["initial_val_loss"] = _validate(trainer, module, datamodule)
+        if tc.trainer.throughput:
+            module.flops_per_batch = training_flops(model_cfg, tc.data.batch_size, tc.data.seq_len)
+            if module.flops_per_batch is not None:
+                metrics["train_flops_per_token"] = module.flops_per_batch // (tc.data.batch_size * tc.data.seq_len)
         start_step = checkpoint_step(ckpt_path)
         if ckpt_path is not None:
             metrics["resumed_from"] = {"checkpoint": ckpt_path, "step": start_step}
@@ -175,7 +181,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         from kvlab.archs.hf import save_hf
 
         dtype = DTYPES[tc.export.dtype]
-        metrics["hf_dir"] = str(save_hf(module.model, run_dir / "hf", tokenizer=datamodule.tokenizer, dtype=dtype))
+        out = save_hf(module.model, run_dir / "hf", tokenizer=datamodule.tokenizer, dtype=dtype, metrics=metrics)
+        metrics["hf_dir"] = str(out)  # the model card holds the metrics so far
         log.info("export: %s", metrics["hf_dir"])
     if trainer.is_global_zero:
         _write_json(run_dir / "metrics.json", metrics)
@@ -320,7 +327,7 @@ def _initial_model(tc: TrainConfig):
                 tc.data.tokenizer = str(path)
         else:
             beside = Path(path).expanduser().parent / "tokenizer.json"
-            if beside.is_file():
+            if beside.is_file() and tc.stages != ["export"]:  # (an export alone reads no data: _export_only)
                 tc.data.tokenizer = tokenizer_to_use(tc.data, beside)
             model = load_checkpoint_model(path)
             ignored = differences(ModelConfig.from_dict(tc.model).to_dict(), model.config.to_dict(), "model")
@@ -331,6 +338,41 @@ def _initial_model(tc: TrainConfig):
         raise ConfigError(f"init: {e}") from None
     log.info("init: from %s %s", source, path)
     return model
+
+
+def _export_only(tc: TrainConfig, run_dir: Path, initial) -> dict:
+    """``stages=[export]``: the initial model (converted where no calibration is asked for) exported with its
+    source's tokenizer, without preparing data or validating."""
+    from kvlab.archs.hf import save_hf
+
+    if initial is None:
+        raise ConfigError("stages=[export] exports an existing model without data: set init.from=checkpoint or hf "
+                          "(recipe=export ckpt=PATH stages=[export]); to export what a run trains: "
+                          "stages=[train,export]")  # fmt: skip
+    init = dict(tc.init)
+    convert, report = init.get("convert"), {}
+    if convert:
+        if calibration_rows(dict(convert)):
+            raise ConfigError(f"init.convert={dict(convert)} calibrates on data, which stages=[export] does not "
+                              "prepare: add stage eval (stages=[eval,export])")  # fmt: skip
+        try:
+            initial = convert_model(initial, dict(convert), report=report)
+        except ValueError as e:
+            raise ConfigError(f"init.convert: {e}") from None
+    source = Path(init["path"]).expanduser()
+    tokenizer = tc.data.tokenizer or (source.parent / "tokenizer.json" if source.is_file() else source)
+    if not Path(tokenizer).is_file() and not (Path(tokenizer) / "tokenizer.json").is_file():
+        log.warning("export: no tokenizer beside %s; the export has none", source)
+        tokenizer = None
+    _claim_run_dir(run_dir, None)
+    fp = initial.kv_footprint(torch.bfloat16)
+    metrics = {"params": initial.num_parameters(), "kv_bytes_per_token": fp.bytes_per_token,
+               "kv_fixed_bytes": fp.fixed_bytes, "model": initial.config.to_dict()}  # fmt: skip
+    out = save_hf(initial, run_dir / "hf", tokenizer=tokenizer, dtype=DTYPES[tc.export.dtype], metrics=metrics)
+    metrics["hf_dir"] = str(out)
+    log.info("export: %s", out)
+    _write_json(run_dir / "metrics.json", metrics)
+    return metrics
 
 
 def _converted(model, spec: dict, datamodule: LMDataModule, report: dict):
@@ -548,7 +590,7 @@ def _duration(seconds: float) -> str:
 
 
 def _trainer(tc: TrainConfig, run_dir: Path) -> L.Trainer:
-    from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+    from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, ThroughputMonitor
 
     t = tc.trainer
     _quiet_libraries()
@@ -564,6 +606,9 @@ def _trainer(tc: TrainConfig, run_dir: Path) -> L.Trainer:
             save_last=True,
         )
     ]
+    if t.throughput:  # FLOP/s and MFU (where the device's peak is known) from the module's flops_per_batch
+        callbacks.append(ThroughputMonitor(batch_size_fn=lambda b: b["input_ids"].shape[0],
+                                           length_fn=lambda b: b["input_ids"].numel()))  # fmt: skip
     bar = t.progress_bar and sys.stdout.isatty()  # a log file gets lines (LineProgress), not a redrawn bar
     if bar:
         callbacks.append(RichProgressBar())
@@ -608,7 +653,42 @@ def _logger(tc: TrainConfig, run_dir: Path):
     from lightning.pytorch.loggers import WandbLogger
 
     mode = os.environ.get("WANDB_MODE") or tc.logger.mode or "offline"
-    return WandbLogger(project=tc.logger.project, name=tc.run_name, save_dir=str(run_dir), offline=mode != "online")
+    name, group, tags = wandb_identity(tc, _hydra_run())
+    return WandbLogger(project=tc.logger.project, name=name, group=group, tags=tags, save_dir=str(run_dir),
+                       offline=mode != "online")  # fmt: skip
+
+
+def _hydra_run() -> dict:
+    """What Hydra knows of this run that the config does not hold: the model preset picked, and in a sweep
+    (-m) its directory and this job's overrides. Empty outside Hydra."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return {}
+    hc = HydraConfig.get()
+    sweep = hc.mode == RunMode.MULTIRUN
+    return {"preset": hc.runtime.choices.get("model"), "sweep": Path(hc.sweep.dir).name if sweep else None,
+            "overrides": hc.job.override_dirname if sweep else ""}  # fmt: skip
+
+
+def wandb_identity(tc: TrainConfig, hydra_run: dict) -> tuple[str, str | None, list[str]]:
+    """A wandb run's (name, group, tags): named ``<run_name>-<preset>-s<seed>`` (a sweep's job: by its overrides
+    instead, which say what differs), grouped by sweep (``<run_name>/<sweep dir>``; None outside a sweep), tagged
+    with the run name, the preset and the mixer kinds. ``logger.name`` and ``logger.group`` override them."""
+    preset = hydra_run.get("preset") or "model"
+    sweep = hydra_run.get("sweep")
+    name = f"{tc.run_name}-{hydra_run['overrides']}" if sweep and hydra_run.get("overrides") else None
+    name = tc.logger.name or name or f"{tc.run_name}-{preset}-s{tc.seed}"
+    group = tc.logger.group or (f"{tc.run_name}/{sweep}" if sweep else None)
+    kinds = sorted({str(m.get("kind")) for m in _mixer_specs(tc.model)})
+    return name, group, [tc.run_name, preset, *kinds]
+
+
+def _mixer_specs(model: dict) -> list[dict]:
+    """The mixer specs a model dict names (its mixer, its pattern's mixers, a parallel layer's branches)."""
+    specs = [model.get("mixer") or {}, *(model.get("mixers") or {}).values()]
+    return [b for s in specs if s for b in ([s] if s.get("kind") != "parallel" else s.get("mixers", []))]
 
 
 def _validate(trainer: L.Trainer, module: LMModule, datamodule: LMDataModule) -> float:

@@ -192,7 +192,7 @@ def test_export_refuses_a_directory_it_did_not_write(tmp_path):
     partial = tmp_path / "mine.partial"  # a name the exporter once used for its temporary
     partial.mkdir()
     (partial / "data.bin").write_bytes(b"mine too")
-    with pytest.raises(ValueError, match=r"mine holds files kvlab did not write \(notes.txt\)"):
+    with pytest.raises(ValueError, match=r"mine holds files kvlab did not write, or changed since \(notes.txt\)"):
         save_hf(model, out)
     assert (out / "notes.txt").read_text() == "my notes" and (partial / "data.bin").read_bytes() == b"mine too"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "mine.partial"]
@@ -210,7 +210,7 @@ def test_export_replaces_its_own_earlier_export_but_not_files_added_to_it(tmp_pa
     assert not list(out.glob("model-*.safetensors"))
     torch.testing.assert_close(load_hf(out).lm_head.weight, second.lm_head.weight)
     (out / "README.md").write_text("# my model card")
-    with pytest.raises(ValueError, match=r"holds files kvlab did not write \(README.md\)"):
+    with pytest.raises(ValueError, match=r"holds files kvlab did not write, or changed since \(README.md\)"):
         save_hf(first, out)
     assert (out / "README.md").exists()
 

@@ -310,6 +310,26 @@ def test_wgqa_exports_folded(tmp_path):
         assert (back(ids) - weighted(ids)).abs().max() <= 1e-5
 
 
+def test_model_card_describes_the_architecture_footprint_and_metrics(tmp_path):
+    from huggingface_hub import ModelCard
+
+    model = build_model(tiny(mixer={**ATTENTION, "window": 8}, kv_sharing={"kind": "cla", "every": 2}))
+    save_hf(model, tmp_path / "hf", metrics={"val_loss": 2.25, "lm_eval": {"task": {"acc": 0.5}}, "model": {}})
+    card = ModelCard.load(tmp_path / "hf" / "README.md")
+    assert card.data.library_name == "transformers" and {"kvlab", "attention"} <= set(card.data.tags)
+    assert model.config.describe_plan() in card.text and "trust_remote_code=True" in card.text
+    fp = model.kv_footprint(torch.bfloat16)
+    for r in fp.per_layer:  # the footprint, layer by layer
+        window = "-" if r.max_tokens is None else r.max_tokens  # (a reader holds nothing: no window)
+        assert f"| {r.layer} | attention | {r.bytes_per_token:,} | 0 | {window} | {r.kv_source} |" in card.text
+    assert "| val_loss | 2.25 |" in card.text and "| lm_eval.task.acc | 0.5 |" in card.text
+    umask = os.umask(0)
+    os.umask(umask)
+    # as any file the user writes (safetensors alone would write the weights 0600)
+    modes = {oct(p.stat().st_mode & 0o777) for p in (tmp_path / "hf").iterdir()}
+    assert modes == {oct(0o666 & ~umask)}
+
+
 def test_tokenizer_is_written_for_auto_tokenizer(tmp_path):
     from kvlab.recipes.data import EOS, train_tokenizer
 

@@ -111,3 +111,19 @@ def test_a_rows_context_goes_to_the_encoder_or_into_the_prompt():
     encoder = LMModule(tiny(context={"encoder": "decoder", "cross_layers": [3], "cross": "block"}))
     ids, labels, ctx = encoder._inputs(encoder.model, batch)
     assert ctx is context and ids is batch["input_ids"] and labels is batch["labels"]
+
+
+def test_training_flops_are_counted_from_the_shapes():
+    """Forward and backward of a [2, 32] batch through the tiny GQA model: three times the forward, whose FLOPs
+    are the projections, the MLP and the head per token, and the attention's T x T scores and outputs."""
+    from kvlab.archs import ModelConfig
+    from kvlab.recipes.module import training_flops
+    from tests.conftest import tiny
+
+    B, T, d, hidden, vocab, layers, heads, head_dim, kv_heads = 2, 32, 64, 96, 97, 4, 4, 16, 2
+    per_token = layers * 2 * (d * heads * head_dim + 2 * d * kv_heads * head_dim + heads * head_dim * d
+                              + 3 * d * hidden) + 2 * d * vocab  # fmt: skip
+    attention = layers * 2 * (2 * T * T * heads * head_dim)  # q k^T and the weighted values, per sequence
+    assert training_flops(ModelConfig.from_dict(tiny()), B, T) == 3 * (B * T * per_token + B * attention)
+    moe = tiny(mlp={"kind": "moe", "hidden": 16, "n_experts": 4, "top_k": 2})  # routing counts tokens by value
+    assert training_flops(ModelConfig.from_dict(moe), B, T) is None

@@ -425,6 +425,22 @@ def test_other_loggers_write_their_files(tmp_path, data_cache, logger, monkeypat
         assert list((run / "wandb").glob("offline-run-*"))
 
 
+def test_wandb_runs_are_named_by_preset_and_grouped_by_sweep():
+    from kvlab.recipes.config import TrainConfig
+    from kvlab.recipes.run import _hydra_run, wandb_identity
+
+    assert _hydra_run() == {}  # outside Hydra: nothing but the config
+    tc = TrainConfig(model={"mixer": {"kind": "attention"}}, run_name="pretrain", seed=3)
+    assert wandb_identity(tc, {"preset": "gqa"}) == ("pretrain-gqa-s3", None, ["pretrain", "gqa", "attention"])
+    job = {"preset": "mla", "sweep": "2026-12-04_10-00-00", "overrides": "model=mla,seed=1"}
+    assert wandb_identity(tc, job)[:2] == ("pretrain-model=mla,seed=1", "pretrain/2026-12-04_10-00-00")
+    parallel = {"kind": "parallel", "mixers": [{"kind": "mamba2"}, {"kind": "rwkv7"}]}
+    hybrid = TrainConfig(model={"mixers": {"A": {"kind": "attention"}, "P": parallel}})
+    assert wandb_identity(hybrid, {})[2] == ["train", "model", "attention", "mamba2", "rwkv7"]
+    tc.logger.name, tc.logger.group = "mine", "ours"
+    assert wandb_identity(tc, job)[:2] == ("mine", "ours")
+
+
 def test_init_from_checkpoint_starts_where_the_parent_ended(tmp_path, data_cache):
     train(tmp_path, data_cache, "recipe=pretrain", "trainer.max_steps=20")
     (parent_dir,) = run_dirs(tmp_path, "pretrain")
@@ -504,6 +520,8 @@ def test_export_stage_and_recipe_write_a_loadable_hf_directory(tmp_path, data_ca
 
     assert {t.dtype for t in load_file(run / "hf" / "model.safetensors").values()} == {torch.bfloat16}
     assert json.loads((run / "hf" / "config.json").read_text())["dtype"] == "bfloat16"
+    card = (run / "hf" / "README.md").read_text()  # the model card, with the run's numbers
+    assert card.startswith("---\nlibrary_name: transformers") and f"| val_loss | {metrics['val_loss']:,.4g} |" in card
     tokenizer = transformers.AutoTokenizer.from_pretrained(run / "hf")
     assert tokenizer.get_vocab() == transformers.PreTrainedTokenizerFast(
         tokenizer_file=str(run / "checkpoints" / "tokenizer.json")).get_vocab()  # fmt: skip
@@ -525,3 +543,11 @@ def test_export_stage_and_recipe_write_a_loadable_hf_directory(tmp_path, data_ca
 
     a, b = load_file(run / "hf" / "model.safetensors"), load_file(export / "hf" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # stages=[export] alone: no data prepared (a corpus that is not there is never read), the same weights
+    train(tmp_path, data_cache, "recipe=export", f"ckpt={run / 'checkpoints' / 'last.ckpt'}", "stages=[export]",
+          "run_name=export_only", "data=text", "data.paths=[/nonexistent/corpus/*.txt]")  # fmt: skip
+    (only,) = run_dirs(tmp_path, "export_only")
+    c = load_file(only / "hf" / "model.safetensors")
+    assert a.keys() == c.keys() and all(torch.equal(a[k], c[k]) for k in a)
+    assert "val_loss" not in json.loads((only / "metrics.json").read_text())
+    assert transformers.AutoTokenizer.from_pretrained(only / "hf").get_vocab() == tokenizer.get_vocab()
