@@ -23,7 +23,7 @@ from kvlab.archs.config import ModelConfig
 from kvlab.archs.decode import cache_length, compiled_block, decode_step_for
 from kvlab.archs.footprint import Footprint, FootprintRow
 from kvlab.archs.plan import PassesConfig, Read, cycle_span
-from kvlab.kernels.attention import positions_in_documents
+from kvlab.kernels.attention import doc_ids_from_cu_seqlens, positions_in_documents
 from kvlab.kernels.ops import linear_cross_entropy
 from kvlab.kernels.registry import use_kernels
 from kvlab.layers import MIXERS, build_mlp, build_norm
@@ -205,13 +205,16 @@ class CausalLM(nn.Module):
         labels: torch.Tensor | None = None,
         context: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [B, T, vocab] (or [B, 1, vocab] with ``last_only``); with ``labels``, the loss.
 
         With a cache, the tokens continue what the cache has seen (prefill
         when it is empty, decoding after) and the cache advances in place.
         ``doc_ids`` [B, T] marks packed documents: tokens attend within their
-        own document and positions restart at each (training, no cache).
+        own document and positions restart at each (training, no cache);
+        ``cu_seqlens`` says the same in flash-attn's varlen form (the
+        cumulative document lengths over the flattened batch), instead.
         ``labels`` [B, T] (next-token targets, -100 ignored): the mean
         cross-entropy instead of the logits, through the fused head + loss
         kernel, so the full logits never exist at once. Kernels are the
@@ -226,6 +229,10 @@ class CausalLM(nn.Module):
         has alone, unpadded; the cache remembers the pads, so later steps need
         no mask. Outputs at pad positions are meaningless.
         """
+        if cu_seqlens is not None:
+            if doc_ids is not None:
+                raise ValueError("give doc_ids or cu_seqlens (the same documents in flash-attn's form), not both")
+            doc_ids = doc_ids_from_cu_seqlens(cu_seqlens, tuple(input_ids.shape))
         with use_kernels(self.config.kernels):
             states = self._context_states(context, input_ids, cache, doc_ids)
             pads = self._pads(attention_mask, input_ids, cache, positions, doc_ids)

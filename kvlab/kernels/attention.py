@@ -241,3 +241,21 @@ def positions_in_documents(doc_ids: torch.Tensor) -> torch.Tensor:
     starts = document_starts(doc_ids)
     starts[:, 0] = True
     return idx - torch.where(starts, idx, 0).cummax(dim=-1).values
+
+
+def doc_ids_from_cu_seqlens(cu_seqlens: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """flash-attn's varlen form of packed documents, ``cu_seqlens`` [N + 1] (the cumulative lengths of N documents
+    over the batch's tokens flattened row by row, from 0 to B * T), as ``doc_ids`` [B, T]. A row boundary must be a
+    document boundary too (a document does not continue into the next row)."""
+    B, T = shape
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.dtype.is_floating_point:
+        raise ValueError("cu_seqlens: expected a 1-D integer tensor of cumulative document lengths [0, ..., B * T]")
+    cu = cu_seqlens.long()
+    if cu.numel() < 2 or int(cu[0]) != 0 or int(cu[-1]) != B * T or not bool((cu[1:] > cu[:-1]).all()):
+        raise ValueError(f"cu_seqlens={cu.tolist()[:8]}{'...' if cu.numel() > 8 else ''}: must rise strictly from 0 "
+                         f"to the batch's {B} x {T} = {B * T} tokens")  # fmt: skip
+    rows = torch.arange(1, B, device=cu.device) * T
+    if not bool(torch.isin(rows, cu).all()):
+        raise ValueError(f"cu_seqlens: every row boundary (multiples of {T}) must be a document boundary too")
+    flat = torch.arange(B * T, device=cu.device)
+    return torch.searchsorted(cu[1:], flat, right=True).view(B, T)

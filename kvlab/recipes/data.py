@@ -226,7 +226,14 @@ def corpus_fingerprint(cfg: DataConfig) -> str:
 
 
 def _cache_root(cfg: DataConfig) -> Path:
+    """Where the corpus's token ids (and its tokenizer) are cached: one directory per corpus and tokenizer,
+    whatever the row length, under which each row length's packed rows have their own (``_rows_root``)."""
     return Path(cfg.cache_dir or default_cache_dir()) / "data" / f"{cfg.kind}-{corpus_fingerprint(cfg)}"
+
+
+def _rows_root(cfg: DataConfig) -> Path:
+    """Where the rows of ``context + seq_len + 1`` tokens packed from the cached token ids are."""
+    return _cache_root(cfg) / f"rows-{cfg.context + cfg.seq_len + 1}"
 
 
 def tokenizer_to_use(cfg: DataConfig, source_tokenizer: str | Path) -> str | None:
@@ -242,13 +249,49 @@ def tokenizer_to_use(cfg: DataConfig, source_tokenizer: str | Path) -> str | Non
 
 
 def prepare(cfg: DataConfig) -> tuple[Path, object]:
-    """Tokenize and pack both splits (or reuse the cache); return (cache dir, tokenizer)."""
+    """Tokenize both splits and pack them into rows (or reuse what the cache holds); return (the rows' directory,
+    tokenizer). The token ids are cached apart from the rows, so another ``seq_len`` packs again from them
+    without tokenizing."""
+    tokens, rows = _cache_root(cfg), _rows_root(cfg)
+    if (rows / "DONE").exists():
+        log.info("data: reusing %s", rows)
+        return rows, load_tokenizer(str(tokens / "tokenizer.json"))
+    if (tokens / "DONE").exists():
+        log.info("data: reusing the token ids of %s", tokens)
+        tokenizer = load_tokenizer(str(tokens / "tokenizer.json"))
+    else:
+        tokenizer = _tokenize(cfg, tokens)
+    _clean(rows.parent)
+    _install(rows, lambda tmp: _pack_splits(tmp, tokens, eos_id(tokenizer), cfg))
+    return rows, tokenizer
+
+
+def _clean(directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    for orphan in remove_orphans(directory) + remove_orphans(directory, _LEGACY_TMP):  # left by killed runs
+        log.info("data: removed %s, left by an interrupted run", orphan)
+
+
+def _install(root: Path, write) -> None:
+    """``write(tmp)`` fills a temporary directory beside ``root``, renamed to it once done (a crash leaves only
+    kvlab's own temporary; another process that finished first wins)."""
+    tmp = temp_path(root)
+    tmp.mkdir()
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if root.exists():  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    tmp.rename(root)  # atomic
+
+
+def _tokenize(cfg: DataConfig, root: Path):
+    """The corpus split, its tokenizer (trained here unless ``data.tokenizer``) and both splits' token ids, into
+    ``root``; returns the tokenizer."""
     fingerprint = corpus_fingerprint(cfg)
-    root = _cache_root(cfg)
-    tokenizer_path = root / "tokenizer.json"
-    if (root / "DONE").exists():
-        log.info("data: reusing %s", root)
-        return root, load_tokenizer(str(tokenizer_path))
     docs = load_documents(cfg)
     if len(docs) == 0:
         raise ValueError(f"data: the {cfg.kind} corpus has no documents")
@@ -262,44 +305,40 @@ def prepare(cfg: DataConfig) -> tuple[Path, object]:
     if cfg.tokenizer:
         tokenizer = load_tokenizer(cfg.tokenizer)
     else:
-        log.info("data: training a %d-token BPE tokenizer on %d documents", cfg.vocab_size, len(splits["train"]))
         tokenizer = train_tokenizer(splits["train"]["text"], cfg.vocab_size)
-    eos = eos_id(tokenizer)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    for orphan in remove_orphans(root.parent) + remove_orphans(root.parent, _LEGACY_TMP):  # left by killed runs
-        log.info("data: removed %s, left by an interrupted run", orphan)
-    tmp = temp_path(root)
-    tmp.mkdir()
-    try:
-        _write_splits(tmp, splits, tokenizer, eos, cfg, fingerprint)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if root.exists():  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
-        return root, load_tokenizer(str(tokenizer_path))
-    tmp.rename(root)  # atomic: a crash leaves only kvlab's own temporary behind
-    return root, tokenizer
+    _clean(root.parent)
+
+    def write(tmp: Path) -> None:
+        tokenizer.save(str(tmp / "tokenizer.json"))
+        for split, ds in splits.items():
+            ds.map(
+                lambda b: {"ids": [e.ids for e in tokenizer.encode_batch(b["text"])]},
+                batched=True,
+                remove_columns=ds.column_names,
+                new_fingerprint=f"{fingerprint}-{split}-ids",
+                desc=f"tokenizing {split}",
+            ).save_to_disk(str(tmp / "ids" / split))
+        (tmp / "DONE").write_text(json.dumps(_cache_settings(cfg)))
+
+    _install(root, write)
+    return load_tokenizer(str(root / "tokenizer.json"))
 
 
-def _write_splits(tmp: Path, splits: dict, tokenizer, eos: int, cfg: DataConfig, fingerprint: str) -> None:
-    """Tokenize and pack each split into ``tmp``, with the tokenizer and a DONE marker."""
-    tokenizer.save(str(tmp / "tokenizer.json"))
-    for split, ds in splits.items():
-        ids = ds.map(
-            lambda b: {"ids": [e.ids for e in tokenizer.encode_batch(b["text"])]},
-            batched=True,
-            remove_columns=ds.column_names,
-            new_fingerprint=f"{fingerprint}-{split}-ids",
-            desc=f"tokenizing {split}",
-        )
+def _pack_splits(tmp: Path, tokens: Path, eos: int, cfg: DataConfig) -> None:
+    """Pack each split's cached token ids (``tokens/ids``) into rows of ``context + seq_len + 1`` tokens, into
+    ``tmp`` with a DONE marker."""
+    import datasets
+
+    for split in ("train", "val"):
+        ids = datasets.load_from_disk(str(tokens / "ids" / split))
         packed = ids.map(
             _pack,
             batched=True,
             batch_size=len(ids),  # one pass, so no tokens are lost between batches
+            keep_in_memory=True,  # (a cache file would land among the token ids, one per row length)
             remove_columns=["ids"],
             fn_kwargs={"eos": eos, "row_len": cfg.context + cfg.seq_len + 1},
-            new_fingerprint=f"{fingerprint}-{split}-packed",
+            new_fingerprint=f"{corpus_fingerprint(cfg)}-{split}-rows-{cfg.context + cfg.seq_len + 1}",
             desc=f"packing {split}",
         )
         if len(packed) == 0:
@@ -308,14 +347,13 @@ def _write_splits(tmp: Path, splits: dict, tokenizer, eos: int, cfg: DataConfig,
                 f"(context + seq_len + 1); lower data.seq_len (or data.context) or add documents"
             )
         packed.save_to_disk(str(tmp / split))
-    (tmp / "DONE").write_text(json.dumps(_cache_settings(cfg)))
+    (tmp / "DONE").write_text(json.dumps({"row_len": cfg.context + cfg.seq_len + 1}))
 
 
 def _cache_settings(cfg: DataConfig) -> dict:
-    keep = ("kind", "paths", "name", "subset", "text_field", "seq_len", "val_fraction", "max_docs", "tokenizer")
+    """What the cached token ids depend on: the corpus, its split and the tokenizer, not the row length."""
+    keep = ("kind", "paths", "name", "subset", "text_field", "val_fraction", "max_docs", "tokenizer")
     d = {k: v for k, v in asdict(cfg).items() if k in keep}
-    if cfg.context:  # only then: caches written before the setting existed keep their key
-        d["context"] = cfg.context
     if not cfg.tokenizer:
         d["vocab_size"] = cfg.vocab_size
     return d

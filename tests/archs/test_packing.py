@@ -28,3 +28,25 @@ def test_packed_documents_match_separate_runs(name):
         unmasked = model(packed)
     assert (got - want).abs().max() <= 1e-5
     assert (unmasked - want).abs().max() > 1e-3  # without doc_ids the documents do see each other
+
+
+def test_cu_seqlens_are_doc_ids_in_flash_attns_form():
+    from kvlab.kernels.attention import doc_ids_from_cu_seqlens
+
+    # two rows of 6: documents of 3, 3 | 2, 4 over the flattened 12 tokens
+    doc_ids = doc_ids_from_cu_seqlens(torch.tensor([0, 3, 6, 8, 12]), (2, 6))
+    assert doc_ids.tolist() == [[0, 0, 0, 1, 1, 1], [2, 2, 3, 3, 3, 3]]
+    model = build_model(VARIANTS["mamba2"]).eval()
+    ids = torch.randint(0, 97, (2, 6))
+    with torch.no_grad():
+        assert torch.equal(model(ids, cu_seqlens=torch.tensor([0, 3, 6, 8, 12])), model(ids, doc_ids=doc_ids))
+    for bad, message in [
+        (torch.tensor([0, 3, 12]), "every row boundary"),  # a document running from row 0 into row 1
+        (torch.tensor([0, 3, 3, 12]), "must rise strictly from 0 to the batch's 2 x 6 = 12 tokens"),
+        (torch.tensor([0, 6, 10]), "must rise strictly"),
+        (torch.tensor([[0, 6, 12]]), "expected a 1-D integer tensor"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            model(ids, cu_seqlens=bad)
+    with pytest.raises(ValueError, match="give doc_ids or cu_seqlens"):
+        model(ids, doc_ids=doc_ids, cu_seqlens=torch.tensor([0, 6, 12]))

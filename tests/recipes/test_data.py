@@ -34,6 +34,25 @@ def test_text_files_pack_into_rows_with_boundaries(tmp_path):
     assert first[0] == again[0] == dm.root  # cached: same directory, reused
 
 
+def test_another_seq_len_packs_the_cached_token_ids_again_without_tokenizing(tmp_path, monkeypatch):
+    import datasets
+
+    from kvlab.recipes import data
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    cfg = DataConfig(kind="text", paths=_corpus(corpus), seq_len=16, vocab_size=300, cache_dir=str(tmp_path / "a"))
+    rows16, tokenizer = prepare(cfg)
+    monkeypatch.setattr(data, "load_documents", lambda cfg: pytest.fail("the corpus was read again"))
+    rows8, again = prepare(DataConfig(**{**cfg.__dict__, "seq_len": 8}))
+    assert rows8.parent == rows16.parent and rows8 != rows16 and again.to_str() == tokenizer.to_str()
+    monkeypatch.undo()  # from nothing at seq_len 8: the same rows
+    fresh, _ = prepare(DataConfig(**{**cfg.__dict__, "seq_len": 8, "cache_dir": str(tmp_path / "b")}))
+    for split in ("train", "val"):
+        assert datasets.load_from_disk(str(rows8 / split))["input_ids"] == datasets.load_from_disk(
+            str(fresh / split))["input_ids"]  # fmt: skip
+
+
 def test_missing_files_and_bad_settings_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="no file matches"):
         prepare(DataConfig(kind="text", paths=[str(tmp_path / "none*.txt")], cache_dir=str(tmp_path)))
