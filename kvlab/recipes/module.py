@@ -132,6 +132,20 @@ class LMModule(L.LightningModule):
         teacher.eval().requires_grad_(False)
         self.__dict__["_teacher"] = teacher  # not a submodule
 
+    def configure_model(self) -> None:
+        """Under ``trainer=fsdp`` (Lightning's ModelParallelStrategy, which sets ``device_mesh``): FSDP2, each
+        decoder block sharded over the data-parallel processes, then the rest (embeddings, head) at the root.
+        Other strategies leave the model as it is."""
+        mesh = self.device_mesh
+        if mesh is None or getattr(self.model, "_kvlab_sharded", False):
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        for block in self.model.layers:
+            fully_shard(block, mesh=mesh["data_parallel"])
+        fully_shard(self.model, mesh=mesh["data_parallel"])
+        self.model._kvlab_sharded = True
+
     def on_fit_start(self) -> None:
         if self._teacher is not None:
             self._teacher.to(self.device)

@@ -167,13 +167,14 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     )
     if fp.context_bytes_per_token:
         metrics["context_bytes_per_token"] = fp.context_bytes_per_token
+    whole = _whole_model(module, run_dir, initial) if trainer.is_global_zero else None  # rank 0's stages use it
     if "eval" in tc.stages and trainer.is_global_zero:
-        metrics.update(evaluate(module.model, datamodule.tokenizer, tc.eval))
+        metrics.update(evaluate(whole, datamodule.tokenizer, tc.eval))
     if "lm_eval" in tc.stages and trainer.is_global_zero:
         from kvlab.recipes.lm_eval import results_json, run_lm_eval
 
         try:
-            metrics["lm_eval"], results = run_lm_eval(module.model, datamodule.tokenizer, tc.lm_eval)
+            metrics["lm_eval"], results = run_lm_eval(whole, datamodule.tokenizer, tc.lm_eval)
         except ValueError as e:  # a task that is not there
             raise ConfigError(str(e)) from None
         atomic_write_text(run_dir / "lm_eval.json", results_json(results))
@@ -181,7 +182,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         from kvlab.archs.hf import save_hf
 
         dtype = DTYPES[tc.export.dtype]
-        out = save_hf(module.model, run_dir / "hf", tokenizer=datamodule.tokenizer, dtype=dtype, metrics=metrics)
+        out = save_hf(whole, run_dir / "hf", tokenizer=datamodule.tokenizer, dtype=dtype, metrics=metrics)
         metrics["hf_dir"] = str(out)  # the model card holds the metrics so far
         log.info("export: %s", metrics["hf_dir"])
     if trainer.is_global_zero:
@@ -277,11 +278,6 @@ def _validated(tc: TrainConfig) -> ModelConfig:
     from_scratch = dict(tc.init).get("from", "scratch") == "scratch"
     if from_scratch and tc.data.seq_len > model_cfg.max_seq_len:
         raise ConfigError(f"data.seq_len={tc.data.seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}")
-    if t.strategy == "fsdp" and t.accelerator == "cpu":
-        raise ConfigError(
-            "trainer.strategy=fsdp needs trainer.accelerator=gpu (Lightning's FSDP runs on CUDA only); "
-            "use trainer=ddp on CPU"
-        )
     if t.strategy.startswith("deepspeed") and not deepspeed_available():
         raise ConfigError(f"trainer.strategy={t.strategy} needs DeepSpeed: pip install 'kvlab[deepspeed]'")
     return model_cfg
@@ -338,6 +334,22 @@ def _initial_model(tc: TrainConfig):
         raise ConfigError(f"init: {e}") from None
     log.info("init: from %s %s", source, path)
     return model
+
+
+def _whole_model(module: LMModule, run_dir: Path, initial):
+    """The model as one process holds it, for rank 0's evaluations and export: the module's own, or under FSDP2
+    (its parameters sharded over the ranks, which rank 0 alone cannot run) the gathered weights the run saved
+    (or, without training, the initial model they came from)."""
+    from torch.distributed.tensor import DTensor
+
+    if not any(isinstance(p, DTensor) for p in module.model.parameters()):
+        return module.model
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        return load_checkpoint_model(last).eval()
+    if initial is not None:
+        return initial.eval()
+    raise ConfigError("trainer=fsdp without training or an initial model: nothing whole to evaluate or export")
 
 
 def _export_only(tc: TrainConfig, run_dir: Path, initial) -> dict:
@@ -618,7 +630,9 @@ def _trainer(tc: TrainConfig, run_dir: Path) -> L.Trainer:
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
-        strategy=build_strategy(t.strategy, t.accelerator),
+        strategy=build_strategy(
+            t.strategy, t.accelerator, t.devices * t.num_nodes if isinstance(t.devices, int) and t.devices > 0 else None
+        ),  # fmt: skip
         precision=t.precision,
         max_steps=t.max_steps,
         val_check_interval=t.val_check_interval * t.accumulate_grad_batches,

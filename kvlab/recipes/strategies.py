@@ -1,6 +1,7 @@
 """Lightning strategies for ``trainer.strategy``, CPU included.
 
-``ddp`` and ``fsdp`` are Lightning's own, with the gloo backend on CPU.
+``ddp`` is Lightning's own and ``fsdp`` Lightning's ``ModelParallelStrategy`` (PyTorch's FSDP2, ``fully_shard``
+per decoder block), with the gloo backend on CPU.
 ``deepspeed_zero2``/``deepspeed_zero3`` use Lightning's DeepSpeed strategy on
 GPUs; on CPU a small subclass lifts its CUDA-only check so ZeRO's
 partitioning, gradient reduction and sharded checkpoints run (and are tested)
@@ -16,8 +17,9 @@ import os
 STRATEGIES = ("auto", "ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3")
 
 
-def build_strategy(name: str, accelerator: str):
-    """The Lightning strategy object (or ``"auto"``) for ``trainer.strategy=name``."""
+def build_strategy(name: str, accelerator: str, world_size: int | None = None):
+    """The Lightning strategy object (or ``"auto"``) for ``trainer.strategy=name``; ``world_size``: the processes
+    of the run, where the config gives them (``fsdp`` shards over all of them)."""
     on_cpu = accelerator == "cpu"
     backend = "gloo" if on_cpu else None
     if name == "auto":
@@ -27,11 +29,13 @@ def build_strategy(name: str, accelerator: str):
 
         return DDPStrategy(process_group_backend=backend)
     if name == "fsdp":
-        from lightning.pytorch.strategies import FSDPStrategy
+        # FSDP2: LMModule.configure_model shards each decoder block (fully_shard) over every process; no tensor
+        # parallelism. Checkpoints are gathered into one file on rank 0, as every other strategy's, so resume,
+        # init and export read them alike.
+        from lightning.pytorch.strategies import ModelParallelStrategy
 
-        from kvlab.archs.model import Block
-
-        return FSDPStrategy(auto_wrap_policy={Block}, process_group_backend=backend)
+        return ModelParallelStrategy(data_parallel_size=world_size or "auto", tensor_parallel_size=1,
+                                     save_distributed_checkpoint=False, process_group_backend=backend)  # fmt: skip
     if name.startswith("deepspeed_zero"):
         stage = int(name.removeprefix("deepspeed_zero"))
         if on_cpu:
