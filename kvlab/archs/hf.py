@@ -345,7 +345,7 @@ def _write_export(model: CausalLM, tmp: Path, tokenizer, hf: dict | None, max_sh
     else:
         from kvlab.archs.hf_modeling import KvlabConfig
 
-        for name, source in remote_code_files().items():
+        for name, source in remote_code_files(leave_out=unused_modules(model.config)).items():
             (tmp / name).write_text(source)
         config = KvlabConfig(
             kvlab=model.config.to_dict(),
@@ -464,11 +464,31 @@ def _remote_file_name(module: str) -> str:
     return "kvlab_" + module.removeprefix("kvlab.").replace(".", "_") + ".py"
 
 
-def remote_code_files(entry: str = REMOTE_ENTRY) -> dict[str, str]:
+def unused_modules(config: ModelConfig) -> set[str]:
+    """The kvlab modules a model of ``config`` never runs: the mixer families it has no layer of (each family's
+    module registers its kinds) and, unless it has blocks, the Block Transformer."""
+    from kvlab.layers import MIXERS
+    from kvlab.layers.parallel import ParallelConfig
+
+    used = set()
+    for m in config.layer_mixers:
+        used |= {m.kind, *(b.kind for b in m.mixers)} if isinstance(m, ParallelConfig) else {m.kind}
+    by_module: dict[str, set[str]] = {}
+    for kind, cls in MIXERS.items():
+        by_module.setdefault(cls.__module__, set()).add(kind)
+    unused = {module for module, kinds in by_module.items() if not kinds & used and kinds != {"attention"}}
+    return unused | ({"kvlab.archs.block_transformer"} if config.blocks is None else set())
+
+
+def remote_code_files(entry: str = REMOTE_ENTRY, leave_out: set[str] = frozenset()) -> dict[str, str]:
     """File name -> source of the remote code an export carries.
 
     ``entry`` (``kvlab.archs.hf_modeling``) and every kvlab module it imports, directly
-    or not (so every registered mixer family), each as one flat file whose
+    or not (so every registered mixer family), but those in ``leave_out``
+    (``unused_modules``: an export ships the families its model uses): an
+    import of one at a module's top is dropped (the registry's imports), one
+    inside a function (``build_model``'s of the Block Transformer) raises
+    ImportError if ever reached. Each module becomes one flat file whose
     ``from kvlab.x import y`` lines become ``from .kvlab_x import y``:
     `transformers` copies a remote module's relative imports along with it,
     and nothing needs kvlab installed. Modules must import kvlab names from
@@ -497,8 +517,13 @@ def remote_code_files(entry: str = REMOTE_ENTRY) -> dict[str, str]:
                         f"{name}, line {node.lineno}: 'from {node.module} import {alias.name}' imports a module; "
                         f"import names from {node.module}.{alias.name} instead"
                     )
+            indent = " " * node.col_offset
+            if node.module in leave_out:  # not shipped: nothing at the top, an error should it ever be reached
+                why = f'{indent}raise ImportError("this export does not hold {node.module}: its model never uses it")\n'
+                edits.append((node.lineno, node.end_lineno, why if node.col_offset else ""))
+                continue
             names = ", ".join(a.name if a.asname is None else f"{a.name} as {a.asname}" for a in node.names)
-            relative = f"{' ' * node.col_offset}from .{_remote_file_name(node.module)[:-3]} import {names}\n"
+            relative = f"{indent}from .{_remote_file_name(node.module)[:-3]} import {names}\n"
             edits.append((node.lineno, node.end_lineno, relative))
             todo.append(node.module)
         for first, last, text in sorted(edits, reverse=True):

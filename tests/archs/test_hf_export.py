@@ -390,6 +390,23 @@ def test_remote_code_files_import_only_each_other():
             assert f"{module}.py" in files, f"{name} imports .{module}, which is not shipped"
 
 
+@pytest.mark.parametrize("name", ["cla", "hymba", "block_transformer"])
+def test_an_export_ships_only_the_mixer_families_its_model_uses(name):
+    """A CLA model carries attention, not Mamba or RWKV; Hymba its parallel layer and Mamba; only a Block
+    Transformer the Block Transformer. What is shipped imports only what is shipped (the loading test runs it)."""
+    from kvlab.archs.hf import unused_modules
+
+    config = build_model(_small(preset_dict(name))).config
+    files = remote_code_files(leave_out=unused_modules(config))
+    used = {"cla": {"attention"}, "hymba": {"attention", "parallel", "mamba"}, "block_transformer": {"attention"}}
+    families = {"attention", "gau", "infini", "mamba", "mla", "parallel", "retention", "rwkv"}
+    assert {f for f in families if f"kvlab_layers_{f}.py" in files} == used[name]
+    assert ("kvlab_archs_block_transformer.py" in files) == (name == "block_transformer")
+    for file, text in files.items():
+        for module in re.findall(r"^\s*from \.(\w+) import", text, flags=re.MULTILINE):
+            assert f"{module}.py" in files, f"{file} imports .{module}, which is not shipped"
+
+
 def test_with_kvlab_imported_auto_classes_load_an_export_without_remote_code(tmp_path):
     """``import kvlab`` registers with the Auto classes once transformers' are imported (not before: importing
     them costs seconds); the installed kvlab's classes then load an export."""
