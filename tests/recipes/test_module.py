@@ -127,3 +127,20 @@ def test_training_flops_are_counted_from_the_shapes():
     assert training_flops(ModelConfig.from_dict(tiny()), B, T) == 3 * (B * T * per_token + B * attention)
     moe = tiny(mlp={"kind": "moe", "hidden": 16, "n_experts": 4, "top_k": 2})  # routing counts tokens by value
     assert training_flops(ModelConfig.from_dict(moe), B, T) is None
+
+
+def test_weight_decay_groups_follow_each_parameters_own_shape_under_zero3():
+    """ZeRO-3 flattens each rank's partition of a parameter (its shape stays in ``ds_shape``): grouped by the
+    flattened shape, matrices would lose their weight decay and a resumed run would find other groups than
+    it saved (DeepSpeed: "loaded state dict has a different number of parameter groups")."""
+    from kvlab.recipes.module import LMModule
+    from tests.conftest import tiny
+
+    module = LMModule(tiny())
+    matrices = sum(p.dim() >= 2 for p in module.model.parameters())
+    for p in module.model.parameters():  # as ZeRO-3 leaves them: 1-D partitions, the shape kept aside
+        p.ds_shape = p.shape
+        p.data = p.data.flatten()
+    groups = module.configure_optimizers()["optimizer"].param_groups
+    assert [len(g["params"]) for g in groups] == [matrices, sum(1 for _ in module.model.parameters()) - matrices]
+    assert groups[0]["weight_decay"] > 0 and groups[1]["weight_decay"] == 0
