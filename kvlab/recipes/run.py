@@ -167,7 +167,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     )
     if fp.context_bytes_per_token:
         metrics["context_bytes_per_token"] = fp.context_bytes_per_token
-    whole = _whole_model(module, run_dir, initial) if trainer.is_global_zero else None  # rank 0's stages use it
+    after = {"eval", "lm_eval", "export"} & set(tc.stages) and trainer.is_global_zero  # rank 0's stages use it
+    whole = _whole_model(module, run_dir, initial) if after else None
     if "eval" in tc.stages and trainer.is_global_zero:
         metrics.update(evaluate(whole, datamodule.tokenizer, tc.eval))
     if "lm_eval" in tc.stages and trainer.is_global_zero:
