@@ -173,6 +173,14 @@ def check_choice(value: Any, name: str, choices: typing.Iterable[str]) -> None:
         raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, choices))}")
 
 
+def dotted_items(d: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """The leaves of a nested dict as (dotted name, value), in order: ``{"a": {"b": 1}}`` -> ``[("a.b", 1)]``."""
+    items = []
+    for k, v in d.items():
+        items += dotted_items(v, f"{prefix}{k}.") if isinstance(v, Mapping) else [(f"{prefix}{k}", v)]
+    return items
+
+
 def differences(ours: Any, theirs: Any, path: str = "") -> list[str]:
     """Dotted paths where two plain configs (dicts, lists, values) differ, with both values."""
     if isinstance(ours, Mapping) and isinstance(theirs, Mapping):

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from kvlab._config import dotted_items
 from kvlab._io import atomic_path, remove_orphans, temp_path
 from kvlab.archs.config import ModelConfig
 from kvlab.archs.hf_families import NATIVE_FAMILIES, NATIVE_HYBRIDS, Rope, family_of_model_type, hybrid_for
@@ -375,7 +376,7 @@ def model_card(model: CausalLM, hf: dict | None, dtype: torch.dtype | None, metr
     from kvlab.archs.footprint import human
 
     cfg = model.config
-    kinds = sorted({m.kind for m in cfg.layer_mixers})
+    kinds = sorted(_mixer_kinds(cfg))
     data = ModelCardData(library_name="transformers", pipeline_tag="text-generation",
                          tags=["kvlab", "kv-cache", *kinds])  # fmt: skip
     native = hf is not None
@@ -409,7 +410,8 @@ def model_card(model: CausalLM, hf: dict | None, dtype: torch.dtype | None, metr
         )
         + " (kvlab's `footprint`, checked against the cache it allocates).\n",
     ]
-    numbers = _flat_numbers({k: v for k, v in (metrics or {}).items() if k != "model"})
+    numbers = [(k, v) for k, v in dotted_items({k: v for k, v in (metrics or {}).items() if k != "model"})
+               if isinstance(v, (int, float)) and not isinstance(v, bool)]  # fmt: skip
     if numbers:
         rows = [f"| {k} | {v:,.4g} |" if isinstance(v, float) else f"| {k} | {v:,} |" for k, v in numbers]
         lines += ["## Metrics\n", "| metric | value |", "|---|---:|", *rows, ""]
@@ -425,17 +427,6 @@ def model_card(model: CausalLM, hf: dict | None, dtype: torch.dtype | None, metr
             "With kvlab installed, `import kvlab` registers the classes, and `trust_remote_code` is not needed.\n"
         )
     return "\n".join(lines)
-
-
-def _flat_numbers(d: dict, prefix: str = "") -> list[tuple[str, int | float]]:
-    """(dotted name, number) for every number in a nested dict, in order."""
-    out = []
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out += _flat_numbers(v, f"{prefix}{k}.")
-        elif isinstance(v, (int, float)) and not isinstance(v, bool):
-            out.append((f"{prefix}{k}", v))
-    return out
 
 
 def _save_weights(state: dict[str, torch.Tensor], directory: Path, max_shard_bytes: int) -> None:
@@ -464,15 +455,22 @@ def _remote_file_name(module: str) -> str:
     return "kvlab_" + module.removeprefix("kvlab.").replace(".", "_") + ".py"
 
 
+def _mixer_kinds(config: ModelConfig) -> set[str]:
+    """Every mixer kind of the model's layers, a parallel layer's branches included."""
+    from kvlab.layers.parallel import ParallelConfig
+
+    kinds = set()
+    for m in config.layer_mixers:
+        kinds |= {m.kind, *(b.kind for b in m.mixers)} if isinstance(m, ParallelConfig) else {m.kind}
+    return kinds
+
+
 def unused_modules(config: ModelConfig) -> set[str]:
     """The kvlab modules a model of ``config`` never runs: the mixer families it has no layer of (each family's
     module registers its kinds) and, unless it has blocks, the Block Transformer."""
     from kvlab.layers import MIXERS
-    from kvlab.layers.parallel import ParallelConfig
 
-    used = set()
-    for m in config.layer_mixers:
-        used |= {m.kind, *(b.kind for b in m.mixers)} if isinstance(m, ParallelConfig) else {m.kind}
+    used = _mixer_kinds(config)
     by_module: dict[str, set[str]] = {}
     for kind, cls in MIXERS.items():
         by_module.setdefault(cls.__module__, set()).add(kind)

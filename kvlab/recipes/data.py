@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from kvlab._io import remove_orphans, temp_path
+from kvlab._io import atomic_path, remove_orphans
 from kvlab.tokenizer import EOS, eos_id, load_tokenizer, train_tokenizer  # noqa: F401 (part of this module's API)
 
 log = logging.getLogger(__name__)
@@ -273,19 +273,18 @@ def _clean(directory: Path) -> None:
 
 
 def _install(root: Path, write) -> None:
-    """``write(tmp)`` fills a temporary directory beside ``root``, renamed to it once done (a crash leaves only
-    kvlab's own temporary; another process that finished first wins)."""
-    tmp = temp_path(root)
-    tmp.mkdir()
-    try:
+    """``write(tmp)`` fills a temporary directory beside ``root``, renamed to it once done (``atomic_path``: a
+    crash leaves only kvlab's own temporary); another process that finished first wins."""
+
+    def first_wins(tmp: Path, root: Path) -> None:
+        if root.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            os.replace(tmp, root)
+
+    with atomic_path(root, install=first_wins) as tmp:
+        tmp.mkdir()
         write(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if root.exists():  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
-        return
-    tmp.rename(root)  # atomic
 
 
 def _tokenize(cfg: DataConfig, root: Path):

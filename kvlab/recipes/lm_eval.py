@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-from itertools import groupby
 
 import torch
 from tqdm.auto import tqdm
@@ -112,10 +111,11 @@ class KvlabLM(TemplateLM):
         answers: list = [None] * len(requests)
         eos_text = self.tok_decode([self.eot])
         # a batch shares its generation settings; longest prompts first
-        keyed = sorted(range(len(requests)), key=lambda i: json.dumps(requests[i].args[1], sort_keys=True))
-        groups = [list(g) for _, g in groupby(keyed, key=lambda i: json.dumps(requests[i].args[1], sort_keys=True))]
+        groups: dict[str, list[int]] = {}
+        for i, request in enumerate(requests):
+            groups.setdefault(json.dumps(request.args[1], sort_keys=True), []).append(i)
         batches = []
-        for group in groups:
+        for group in groups.values():
             group.sort(key=lambda i: -len(requests[i].args[0]))
             batches += [group[i : i + self.batch_size] for i in range(0, len(group), self.batch_size)]
         for batch in tqdm(batches, desc="generate_until", disable=disable_tqdm):

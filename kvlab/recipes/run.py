@@ -28,7 +28,7 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from kvlab._config import check_finite, differences
+from kvlab._config import check_finite, differences, dotted_items
 from kvlab._io import atomic_write, atomic_write_text, pid_alive, remove_orphans
 from kvlab.archs import ModelConfig, convert_model
 from kvlab.archs.convert import calibration_rows
@@ -158,15 +158,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     for part in ("ar_hit", "ar_other"):  # perplexity on recallable tokens and on the rest (Zoology)
         loss = _metric(trainer, f"val_loss_{part}")
         metrics[f"val_ppl_{part}"] = None if loss is None else math.exp(min(loss, 50.0))
-    fp = module.model.kv_footprint(torch.bfloat16)
-    metrics.update(
-        params=module.model.num_parameters(),
-        kv_bytes_per_token=fp.bytes_per_token,
-        kv_fixed_bytes=fp.fixed_bytes,
-        model=model_cfg.to_dict(),
-    )
-    if fp.context_bytes_per_token:
-        metrics["context_bytes_per_token"] = fp.context_bytes_per_token
+    metrics.update(_model_metrics(module.model))
     after = {"eval", "lm_eval", "export"} & set(tc.stages) and trainer.is_global_zero  # rank 0's stages use it
     whole = _whole_model(module, run_dir, initial) if after else None
     if "eval" in tc.stages and trainer.is_global_zero:
@@ -337,6 +329,16 @@ def _initial_model(tc: TrainConfig):
     return model
 
 
+def _model_metrics(model) -> dict:
+    """What every run reports of its model: parameters, the bf16 KV footprint, and the config."""
+    fp = model.kv_footprint(torch.bfloat16)
+    metrics = {"params": model.num_parameters(), "kv_bytes_per_token": fp.bytes_per_token,
+               "kv_fixed_bytes": fp.fixed_bytes, "model": model.config.to_dict()}  # fmt: skip
+    if fp.context_bytes_per_token:
+        metrics["context_bytes_per_token"] = fp.context_bytes_per_token
+    return metrics
+
+
 def _whole_model(module: LMModule, run_dir: Path, initial):
     """The model as one process holds it, for rank 0's evaluations and export: the module's own, or under FSDP2
     (its parameters sharded over the ranks, which rank 0 alone cannot run) the gathered weights the run saved
@@ -378,9 +380,7 @@ def _export_only(tc: TrainConfig, run_dir: Path, initial) -> dict:
         log.warning("export: no tokenizer beside %s; the export has none", source)
         tokenizer = None
     _claim_run_dir(run_dir, None)
-    fp = initial.kv_footprint(torch.bfloat16)
-    metrics = {"params": initial.num_parameters(), "kv_bytes_per_token": fp.bytes_per_token,
-               "kv_fixed_bytes": fp.fixed_bytes, "model": initial.config.to_dict()}  # fmt: skip
+    metrics = _model_metrics(initial)
     out = save_hf(initial, run_dir / "hf", tokenizer=tokenizer, dtype=DTYPES[tc.export.dtype], metrics=metrics)
     metrics["hf_dir"] = str(out)
     log.info("export: %s", out)
@@ -531,16 +531,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 def metrics_table(metrics: dict) -> str:
     """The run's numbers as aligned ``name  value`` lines, nested sections dotted (the model config left out)."""
 
-    def rows(d: dict, prefix: str = ""):
-        for k, v in d.items():
-            if isinstance(v, dict):
-                yield from rows(v, f"{prefix}{k}.")
-            elif isinstance(v, float):
-                yield f"{prefix}{k}", f"{v:,.4f}"
-            else:
-                yield f"{prefix}{k}", f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v)
+    def shown(v) -> str:
+        if isinstance(v, float):
+            return f"{v:,.4f}"
+        return f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v)
 
-    table = list(rows({k: v for k, v in metrics.items() if k != "model"}))
+    table = [(k, shown(v)) for k, v in dotted_items({k: v for k, v in metrics.items() if k != "model"})]
     width = max((len(k) for k, _ in table), default=0)
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in table)
 
