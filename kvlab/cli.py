@@ -108,14 +108,17 @@ def generate(args: list[str]) -> None:
         parser.error(f"--max-new-tokens={opts.max_new_tokens} must be >= 0")
     import torch
 
-    from kvlab.tokenizer import EOS
+    from kvlab.tokenizer import eos_id
 
     try:
         model, tokenizer = load_trained(opts.path)
         rows = [tokenizer.encode(prompt).ids for prompt in opts.prompt]
         if not all(rows):
             raise ValueError(f"--prompt {opts.prompt[rows.index([])]!r}: empty after tokenization")
-        eos = tokenizer.token_to_id(EOS)
+        try:  # (an HF directory's tokenizer may end text with '</s>' or another: eos_id knows them)
+            eos = eos_id(tokenizer)
+        except ValueError:  # none at all: generate the full --max-new-tokens
+            eos = None
         out = model.generate(
             rows,
             max_new_tokens=opts.max_new_tokens,

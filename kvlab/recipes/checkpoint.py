@@ -27,8 +27,8 @@ def read_checkpoint(path) -> tuple[dict, dict]:
             raise FileNotFoundError(
                 f"{path} is a directory but not a DeepSpeed checkpoint (no checkpoint/*model_states.pt)"
             )
-        meta = torch.load(states, map_location="cpu", weights_only=False, mmap=True)
-        return meta["hyper_parameters"]["model"], get_fp32_state_dict_from_zero_checkpoint(str(path), tag="checkpoint")
+        model = lightning_fields(path)["hyper_parameters"]["model"]
+        return model, get_fp32_state_dict_from_zero_checkpoint(str(path), tag="checkpoint")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as e:  # truncated, empty or not a checkpoint: torch raises several types
