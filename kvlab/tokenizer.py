@@ -18,11 +18,21 @@ EOS = "<|endoftext|>"
 
 
 def train_tokenizer(texts, vocab_size: int):
-    """Byte-level BPE over ``texts`` with ``EOS`` as token 0. Progress: the trainer's own bars in a terminal,
-    a line before and after in a log."""
+    """Byte-level BPE over ``texts`` (a sequence, or an iterable read once: a corpus streamed from disk) with
+    ``EOS`` as token 0. Progress: the trainer's own bars in a terminal, a line before and after in a log."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    log.info("tokenizer: training a byte-level BPE of %d tokens on %d documents", vocab_size, len(texts))
+    length = len(texts) if hasattr(texts, "__len__") else None
+    seen = 0
+
+    def counted():
+        nonlocal seen
+        for text in texts:
+            seen += 1
+            yield text
+
+    log.info("tokenizer: training a byte-level BPE of %d tokens on %s documents", vocab_size,
+             length if length is not None else "the train split's")  # fmt: skip
     started = time.perf_counter()
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -33,8 +43,9 @@ def train_tokenizer(texts, vocab_size: int):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=sys.stderr.isatty(),  # (bars redrawn in place: a log file would get every frame)
     )
-    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
-    log.info("tokenizer: %d tokens in %.1f s", tok.get_vocab_size(), time.perf_counter() - started)
+    tok.train_from_iterator(counted(), trainer=trainer, length=length)
+    log.info("tokenizer: %d tokens from %d documents in %.1f s", tok.get_vocab_size(), seen,
+             time.perf_counter() - started)  # fmt: skip
     return tok
 
 

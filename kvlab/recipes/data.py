@@ -6,24 +6,31 @@ Corpora (``DataConfig.kind``):
   every machine, so the default recipes need no download;
 - ``text``: local files or globs (``.txt`` one document per file; ``.jsonl``
   and ``.parquet`` one document per row, text in ``text_field``);
-- ``hf``: ``datasets.load_dataset(name)`` for a hub name or a local copy;
+- ``hf``: ``datasets.load_dataset(name)`` for a hub name or a local copy,
+  read as a stream with ``streaming: true`` (nothing downloaded whole;
+  ``max_tokens`` takes the first N tokens of a corpus of any size);
 - ``mqar``: generated multi-query associative recall examples (see
   ``kvlab.recipes.mqar``): token ids are the task, no tokenizer.
 
-Documents are split into train/val by a hash of their name, so the split is
-the same on every machine and run. The tokenizer is trained on the train
-split (``tokenizers`` byte-level BPE) unless one is given by path. Documents
-are joined with an EOS token and cut into rows of ``seq_len + 1`` tokens;
-the boundaries stay recoverable from the EOS tokens, which is how
-``doc_ids`` are made for per-document attention (``doc_mask``). With
-``context: C`` rows are ``C + seq_len + 1`` tokens: the first C are the
-row's context (a model with a context encoder, CEPE or XC-Cache, encodes it;
-any other reads it in its prompt), and the model is scored on the
-``seq_len`` that continue it.
+Every corpus is read a batch of documents at a time and never held whole,
+so one larger than memory tokenizes in bounded memory. Documents are split
+into train/val by a hash of their name, so the split is the same on every
+machine and run. The tokenizer is trained on the train split (``tokenizers``
+byte-level BPE; the first ``tokenizer_docs`` documents) unless one is given
+by path. Each split is one stream of token ids on disk, documents joined by
+an EOS token, memory-mapped and cut into rows of ``seq_len + 1`` tokens when
+read (``PackedRows``), so any ``seq_len`` reads the same cache; the
+boundaries stay recoverable from the EOS tokens, which is how ``doc_ids``
+are made for per-document attention (``doc_mask``). With ``context: C`` rows
+are ``C + seq_len + 1`` tokens: the first C are the row's context (a model
+with a context encoder, CEPE or XC-Cache, encodes it; any other reads it in
+its prompt), and the model is scored on the ``seq_len`` that continue it.
 
-Tokenized and packed splits are saved with ``datasets``' ``save_to_disk``
-under ``cache_dir``, keyed by the corpus, the settings and the tokenizer,
-so a second run with the same data starts in seconds.
+The tokenizer and the streams are cached under ``cache_dir``, keyed by the
+corpus, the split and the tokenizer, so a second run with the same data
+starts in seconds. The training order is a seeded permutation of the rows
+(``ResumableSampler``): a resumed run continues from the row where the
+killed one stopped, whatever the corpus's size.
 """
 
 from __future__ import annotations
@@ -36,6 +43,8 @@ import os
 import re
 import shutil
 import sysconfig
+import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -43,6 +52,7 @@ import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from kvlab._io import atomic_path, remove_orphans
 from kvlab.tokenizer import EOS, eos_id, load_tokenizer, train_tokenizer  # noqa: F401 (part of this module's API)
@@ -50,6 +60,7 @@ from kvlab.tokenizer import EOS, eos_id, load_tokenizer, train_tokenizer  # noqa
 log = logging.getLogger(__name__)
 
 _LEGACY_TMP = re.compile(r"^[a-z]+-[0-9a-f]{16}\.tmp(\d+)$")  # the cache's temporaries before kvlab._io
+CACHE_FORMAT = 2  # one token stream per split; 1 (no key) was datasets' token ids and packed rows per length
 DATA_KINDS = ("stdlib", "text", "hf", "mqar")
 
 
@@ -63,12 +74,15 @@ class DataConfig:
     paths: list[str] = field(default_factory=list)  # kind=text: files or globs
     name: str | None = None  # kind=hf: dataset name or local path for load_dataset
     subset: str | None = None  # kind=hf: configuration name
+    streaming: bool = False  # kind=hf: read the dataset as a stream (nothing downloaded whole), see max_tokens
+    max_tokens: int | None = None  # stop reading the corpus once the train split has this many tokens
     text_field: str = "text"
     seq_len: int = 256
     batch_size: int = 8
     val_fraction: float = 0.05
     max_docs: int | None = None  # keep at most this many documents (before the split): quick runs
     tokenizer: str | None = None  # tokenizer.json or an HF tokenizer directory; None: train one
+    tokenizer_docs: int | None = None  # train the tokenizer on the first N train documents (None: all)
     vocab_size: int = 4096  # for a trained tokenizer; kind=mqar: the task's vocabulary
     mqar_pairs: int = 8  # kind=mqar: key-value pairs per example, each queried once
     mqar_examples: int = 10000  # kind=mqar: training examples (validation: mqar_val_examples)
@@ -95,8 +109,12 @@ class DataConfig:
             raise ValueError(f"data.context={self.context} splits each row into context and continuation; {what}")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"data.val_fraction={self.val_fraction} must be between 0 and 1")
-        if self.max_docs is not None and self.max_docs < 1:
-            raise ValueError(f"data.max_docs={self.max_docs} must be >= 1, or null for every document")
+        for name in ("max_docs", "max_tokens", "tokenizer_docs"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"data.{name}={getattr(self, name)} must be >= 1, or null for no limit")
+        if self.streaming and self.kind != "hf":
+            raise ValueError(f"data.streaming=true is for data.kind=hf, not {self.kind!r} (local files are always "
+                             "read a batch at a time)")  # fmt: skip
         if self.num_workers < 0:
             raise ValueError(f"data.num_workers={self.num_workers} must be >= 0 (0 loads in the main process)")
         if not self.text_field:
@@ -128,33 +146,61 @@ def _is_val(name: str, fraction: float) -> bool:
     return int.from_bytes(digest[:4], "big") / 2**32 < fraction
 
 
-def load_documents(cfg: DataConfig):
-    """A ``datasets.Dataset`` with columns ``name`` and ``text``, one row per document."""
-    import datasets
+class CorpusError(ValueError):
+    """A corpus that cannot be read as configured (told apart from the parse errors of ``datasets``, which are
+    ``ValueError`` s too)."""
 
+
+def iter_documents(cfg: DataConfig, batch_size: int = 1000) -> Iterator[list[tuple[str, str]]]:
+    """The corpus in its order, as batches of ``(name, text)``: read a batch at a time (a file, or a batch of rows
+    of a ``.jsonl``/``.parquet`` file or dataset), so a corpus larger than memory is never held whole."""
+    seen = 0
+    for batch in _document_batches(cfg, batch_size):
+        if cfg.max_docs is not None:
+            batch = batch[: cfg.max_docs - seen]
+        seen += len(batch)
+        if batch:
+            yield batch
+        if cfg.max_docs is not None and seen >= cfg.max_docs:
+            return
+
+
+def _document_batches(cfg: DataConfig, batch_size: int) -> Iterator[list[tuple[str, str]]]:
     if cfg.kind == "stdlib":
         root = Path(sysconfig.get_paths()["stdlib"])
         files = stdlib_files()
-        names = [str(p.relative_to(root)) for p in files]
-        texts = [p.read_text(encoding="utf-8", errors="replace") for p in files]
-        ds = datasets.Dataset.from_dict({"name": names, "text": texts})
+        for i in range(0, len(files), batch_size):
+            yield [(str(p.relative_to(root)), p.read_text(encoding="utf-8", errors="replace"))
+                   for p in files[i : i + batch_size]]  # fmt: skip
     elif cfg.kind == "text":
-        ds = _load_local(text_files(cfg.paths), cfg.text_field)
+        yield from _local_batches(text_files(cfg.paths), cfg.text_field, batch_size)
     else:
-        ds = datasets.load_dataset(cfg.name, cfg.subset, split="train")
-        if cfg.text_field not in ds.column_names:
-            raise ValueError(f"data.text_field={cfg.text_field!r} is not a column of {cfg.name}: {ds.column_names}")
-        ds = ds.select_columns([cfg.text_field])
-        if cfg.text_field != "text":
-            ds = ds.rename_column(cfg.text_field, "text")
-        ds = ds.add_column("name", [f"{cfg.name}/{i}" for i in range(len(ds))])
-    if cfg.max_docs is not None:
-        ds = ds.select(range(min(cfg.max_docs, len(ds))))
-    return ds
+        import datasets
+
+        ds = datasets.load_dataset(cfg.name, cfg.subset, split="train", streaming=cfg.streaming)
+        i = 0
+        for rows in _rows(ds, cfg.text_field, batch_size, where=cfg.name):
+            yield [(f"{cfg.name}/{i + j}", text) for j, text in enumerate(rows)]
+            i += len(rows)
 
 
-def _load_local(files: list[str], text_field: str):
-    """One row per ``.txt``/``.md`` file, or per row of each ``.jsonl``/``.json``/``.parquet`` file."""
+def _rows(ds, text_field: str, batch_size: int, where: str) -> Iterator[list[str]]:
+    """The ``text_field`` column of a dataset (in memory, on disk or streamed), a batch at a time; a missing
+    column or a row that is not text is an error naming ``where`` (and the row)."""
+    i = 0
+    for batch in ds.iter(batch_size=batch_size):
+        if text_field not in batch:
+            raise CorpusError(f"data.text_field={text_field!r} is not a column of {where}: {list(batch)}")
+        for j, text in enumerate(batch[text_field]):
+            if not isinstance(text, str):
+                raise CorpusError(f"data.paths: {where}, row {i + j}: data.text_field={text_field!r} is {text!r}, "
+                                 "not text")  # fmt: skip
+        i += len(batch[text_field])
+        yield batch[text_field]
+
+
+def _local_batches(files: list[str], text_field: str, batch_size: int) -> Iterator[list[tuple[str, str]]]:
+    """One document per ``.txt``/``.md`` file, or per row of each ``.jsonl``/``.json``/``.parquet`` file."""
     import datasets
 
     kinds = {}
@@ -166,29 +212,34 @@ def _load_local(files: list[str], text_field: str):
     # Documents are named relative to the corpus's common directory, so the train/val split
     # (a hash of the name) is the same wherever the corpus is copied.
     base = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files])
-    names, texts = [], []
+    batch = []
     for f in files:
         name = os.path.relpath(os.path.abspath(f), base)
         if kinds[f] == "text":
             try:
-                texts.append(Path(f).read_text(encoding="utf-8"))
+                batch.append((name, Path(f).read_text(encoding="utf-8")))
             except UnicodeDecodeError as e:
                 raise ValueError(f"data.paths: {f} is not UTF-8 text (byte {e.start}: {e.reason})") from None
-            names.append(name)
-            continue
-        try:
-            rows = datasets.load_dataset(kinds[f], data_files=[f], split="train")
-        except Exception as e:  # datasets wraps parse errors in its own types
-            cause = e.__cause__ or e
-            raise ValueError(f"data.paths: {f} could not be read as {kinds[f]}: {cause}") from None
-        if text_field not in rows.column_names:
-            raise ValueError(f"data.text_field={text_field!r} is not a column of {f}: {rows.column_names}")
-        for i, text in enumerate(rows[text_field]):
-            if not isinstance(text, str):
-                raise ValueError(f"data.paths: {f}, row {i}: data.text_field={text_field!r} is {text!r}, not text")
-            texts.append(text)
-            names.append(f"{name}#{i}")
-    return datasets.Dataset.from_dict({"name": names, "text": texts})
+        else:
+            rows = datasets.load_dataset(kinds[f], data_files=[f], split="train", streaming=True)
+            i = 0
+            try:
+                for texts in _rows(rows, text_field, batch_size, where=f):
+                    batch.extend((f"{name}#{i + j}", text) for j, text in enumerate(texts))
+                    i += len(texts)
+                    if len(batch) >= batch_size:
+                        yield batch
+                        batch = []
+            except CorpusError:
+                raise
+            except Exception as e:  # datasets wraps parse errors in its own types
+                cause = e.__cause__ or e
+                raise ValueError(f"data.paths: {f} could not be read as {kinds[f]}: {cause}") from None
+        if len(batch) >= batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 # -- tokenizer ------------------------------------------------------------------
@@ -201,14 +252,6 @@ def doc_ids_from_tokens(input_ids: torch.Tensor, eos: int) -> torch.Tensor:
     """Document index of each position: a new document starts after every EOS."""
     ends = (input_ids == eos).long()
     return torch.cumsum(ends, dim=-1) - ends
-
-
-def _pack(batch, *, eos: int, row_len: int):
-    """datasets.map callback: join documents with EOS and cut rows of row_len tokens
-    (the tail shorter than a row is dropped)."""
-    stream = np.concatenate([np.append(np.asarray(ids, dtype=np.int32), eos) for ids in batch["ids"]])
-    n = len(stream) // row_len
-    return {"input_ids": stream[: n * row_len].reshape(n, row_len)}
 
 
 def corpus_fingerprint(cfg: DataConfig) -> str:
@@ -226,14 +269,9 @@ def corpus_fingerprint(cfg: DataConfig) -> str:
 
 
 def _cache_root(cfg: DataConfig) -> Path:
-    """Where the corpus's token ids (and its tokenizer) are cached: one directory per corpus and tokenizer,
-    whatever the row length, under which each row length's packed rows have their own (``_rows_root``)."""
+    """Where the corpus's tokenizer and token streams are cached: one directory per corpus and tokenizer,
+    whatever the row length (rows are cut from the streams when read, ``PackedRows``)."""
     return Path(cfg.cache_dir or default_cache_dir()) / "data" / f"{cfg.kind}-{corpus_fingerprint(cfg)}"
-
-
-def _rows_root(cfg: DataConfig) -> Path:
-    """Where the rows of ``context + seq_len + 1`` tokens packed from the cached token ids are."""
-    return _cache_root(cfg) / f"rows-{cfg.context + cfg.seq_len + 1}"
 
 
 def tokenizer_to_use(cfg: DataConfig, source_tokenizer: str | Path) -> str | None:
@@ -249,21 +287,16 @@ def tokenizer_to_use(cfg: DataConfig, source_tokenizer: str | Path) -> str | Non
 
 
 def prepare(cfg: DataConfig) -> tuple[Path, object]:
-    """Tokenize both splits and pack them into rows (or reuse what the cache holds); return (the rows' directory,
-    tokenizer). The token ids are cached apart from the rows, so another ``seq_len`` packs again from them
-    without tokenizing."""
-    tokens, rows = _cache_root(cfg), _rows_root(cfg)
-    if (rows / "DONE").exists():
-        log.info("data: reusing %s", rows)
-        return rows, load_tokenizer(str(tokens / "tokenizer.json"))
-    if (tokens / "DONE").exists():
-        log.info("data: reusing the token ids of %s", tokens)
-        tokenizer = load_tokenizer(str(tokens / "tokenizer.json"))
-    else:
-        tokenizer = _tokenize(cfg, tokens)
-    _clean(rows.parent)
-    _install(rows, lambda tmp: _pack_splits(tmp, tokens, eos_id(tokenizer), cfg))
-    return rows, tokenizer
+    """Tokenize the corpus into one token stream per split (or reuse what the cache holds); return (the cache
+    directory, tokenizer). Every row length reads the same streams (``PackedRows``)."""
+    root = _cache_root(cfg)
+    if (root / "DONE").exists():
+        log.info("data: reusing %s", root)
+        return root, load_tokenizer(str(root / "tokenizer.json"))
+    _clean(root.parent)
+    log.info("data: tokenizing the %s corpus into %s", cfg.kind, root)
+    _install(root, lambda tmp: _tokenize(cfg, tmp))
+    return root, load_tokenizer(str(root / "tokenizer.json"))
 
 
 def _clean(directory: Path) -> None:
@@ -287,75 +320,114 @@ def _install(root: Path, write) -> None:
         write(tmp)
 
 
-def _tokenize(cfg: DataConfig, root: Path):
-    """The corpus split, its tokenizer (trained here unless ``data.tokenizer``) and both splits' token ids, into
-    ``root``; returns the tokenizer."""
-    fingerprint = corpus_fingerprint(cfg)
-    docs = load_documents(cfg)
-    if len(docs) == 0:
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+
+
+def _train_texts(cfg: DataConfig) -> Iterator[str]:
+    """The texts a tokenizer is trained on: the train split's documents, the first ``data.tokenizer_docs``
+    (every one when None)."""
+    n = 0
+    for batch in iter_documents(cfg):
+        for name, text in batch:
+            if cfg.tokenizer_docs is not None and n >= cfg.tokenizer_docs:
+                return
+            if not _is_val(name, cfg.val_fraction):
+                n += 1
+                yield text
+    if n == 0:  # a tiny corpus hashed to validation whole (``_tokenize`` then keeps its last document there)
+        for batch in iter_documents(cfg):
+            yield from (text for _, text in batch)
+
+
+def _tokenize(cfg: DataConfig, tmp: Path) -> None:
+    """The tokenizer (trained here unless ``data.tokenizer``) and both splits' token streams, into ``tmp``.
+
+    One pass over the corpus (a second, shorter one trains the tokenizer), a batch of documents at a time:
+    each document's ids and an end-of-text token are appended to its split's file, ``train.bin`` or
+    ``val.bin`` (uint16, or uint32 past 65,536 tokens), so memory stays bounded whatever the corpus's size.
+    """
+    started = time.perf_counter()
+    tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else train_tokenizer(_train_texts(cfg), cfg.vocab_size)
+    tokenizer.save(str(tmp / "tokenizer.json"))
+    eos, dtype = eos_id(tokenizer), token_dtype(tokenizer.get_vocab_size())
+    streams = {split: open(tmp / f"{split}.bin", "wb") for split in ("train", "val")}
+    docs, tokens = dict.fromkeys(streams, 0), dict.fromkeys(streams, 0)
+    last = None  # (split, length) of the corpus's last document
+    enough = cfg.max_tokens if cfg.max_tokens is not None else float("inf")
+    with tqdm(desc="tokenizing", unit=" docs", disable=None) as bar:
+        for batch in iter_documents(cfg):
+            for (name, _), encoding in zip(batch, tokenizer.encode_batch([t for _, t in batch]), strict=True):
+                split = "val" if _is_val(name, cfg.val_fraction) else "train"
+                ids = np.append(np.asarray(encoding.ids, dtype=dtype), np.asarray(eos, dtype=dtype))
+                ids.tofile(streams[split])
+                docs[split] += 1
+                tokens[split] += len(ids)
+                last = (split, len(ids))
+                if tokens["train"] >= enough:
+                    break
+            bar.update(len(batch))
+            if tokens["train"] >= enough:  # (the stream's remainder is never read)
+                break
+    for f in streams.values():
+        f.close()
+    if last is None:
         raise ValueError(f"data: the {cfg.kind} corpus has no documents")
-    is_val = [_is_val(n, cfg.val_fraction) for n in docs["name"]]
-    splits = {
-        "train": docs.select([i for i, v in enumerate(is_val) if not v]),
-        "val": docs.select([i for i, v in enumerate(is_val) if v]),
-    }
-    if len(splits["val"]) == 0 or len(splits["train"]) == 0:  # tiny corpora: hold out the last document
-        splits = {"train": docs.select(range(len(docs) - 1)), "val": docs.select([len(docs) - 1])}
-    if cfg.tokenizer:
-        tokenizer = load_tokenizer(cfg.tokenizer)
-    else:
-        tokenizer = train_tokenizer(splits["train"]["text"], cfg.vocab_size)
-    _clean(root.parent)
-
-    def write(tmp: Path) -> None:
-        tokenizer.save(str(tmp / "tokenizer.json"))
-        for split, ds in splits.items():
-            ds.map(
-                lambda b: {"ids": [e.ids for e in tokenizer.encode_batch(b["text"])]},
-                batched=True,
-                remove_columns=ds.column_names,
-                new_fingerprint=f"{fingerprint}-{split}-ids",
-                desc=f"tokenizing {split}",
-            ).save_to_disk(str(tmp / "ids" / split))
-        (tmp / "DONE").write_text(json.dumps(_cache_settings(cfg)))
-
-    _install(root, write)
-    return load_tokenizer(str(root / "tokenizer.json"))
+    if not docs["val"] or not docs["train"]:  # tiny corpora: the last document is the validation split
+        if not docs["train"]:
+            os.replace(tmp / "val.bin", tmp / "train.bin")
+        _move_tail(tmp / "train.bin", tmp / "val.bin", last[1], dtype)
+        tokens = {"train": tokens["train"] + tokens["val"] - last[1], "val": last[1]}
+        docs = {"train": docs["train"] + docs["val"] - 1, "val": 1}
+    (tmp / "DONE").write_text(json.dumps({**_cache_settings(cfg), "dtype": dtype.name, "documents": docs,
+                                          "tokens": tokens}))  # fmt: skip
+    log.info("data: %s train and %s validation tokens from %s documents in %.1f s", f"{tokens['train']:,}",
+             f"{tokens['val']:,}", f"{sum(docs.values()):,}", time.perf_counter() - started)  # fmt: skip
 
 
-def _pack_splits(tmp: Path, tokens: Path, eos: int, cfg: DataConfig) -> None:
-    """Pack each split's cached token ids (``tokens/ids``) into rows of ``context + seq_len + 1`` tokens, into
-    ``tmp`` with a DONE marker."""
-    import datasets
-
-    for split in ("train", "val"):
-        ids = datasets.load_from_disk(str(tokens / "ids" / split))
-        packed = ids.map(
-            _pack,
-            batched=True,
-            batch_size=len(ids),  # one pass, so no tokens are lost between batches
-            keep_in_memory=True,  # (a cache file would land among the token ids, one per row length)
-            remove_columns=["ids"],
-            fn_kwargs={"eos": eos, "row_len": cfg.context + cfg.seq_len + 1},
-            new_fingerprint=f"{corpus_fingerprint(cfg)}-{split}-rows-{cfg.context + cfg.seq_len + 1}",
-            desc=f"packing {split}",
-        )
-        if len(packed) == 0:
-            raise ValueError(
-                f"data: the {split} split has fewer than a row's {cfg.context + cfg.seq_len + 1} tokens "
-                f"(context + seq_len + 1); lower data.seq_len (or data.context) or add documents"
-            )
-        packed.save_to_disk(str(tmp / split))
-    (tmp / "DONE").write_text(json.dumps({"row_len": cfg.context + cfg.seq_len + 1}))
+def _move_tail(source: Path, target: Path, n: int, dtype: np.dtype) -> None:
+    """Move the last ``n`` tokens of ``source`` into ``target`` (which they replace)."""
+    size = os.path.getsize(source)
+    tail = np.fromfile(source, dtype=dtype, offset=size - n * dtype.itemsize)
+    tail.tofile(target)
+    os.truncate(source, size - n * dtype.itemsize)
 
 
 def _cache_settings(cfg: DataConfig) -> dict:
-    """What the cached token ids depend on: the corpus, its split and the tokenizer, not the row length."""
+    """What the cached token streams depend on: the corpus, its split and the tokenizer, not the row length."""
     keep = ("kind", "paths", "name", "subset", "text_field", "val_fraction", "max_docs", "tokenizer")
     d = {k: v for k, v in asdict(cfg).items() if k in keep}
+    d["format"] = CACHE_FORMAT
     if not cfg.tokenizer:
         d["vocab_size"] = cfg.vocab_size
+        if cfg.tokenizer_docs is not None:
+            d["tokenizer_docs"] = cfg.tokenizer_docs
+    if cfg.max_tokens is not None:
+        d["max_tokens"] = cfg.max_tokens
     return d
+
+
+class PackedRows(torch.utils.data.Dataset):
+    """The rows of ``row_len`` tokens a split's token stream packs into: documents joined by end-of-text
+    tokens, cut every ``row_len`` tokens, the tail shorter than a row left out. The stream is memory-mapped
+    (any corpus size; opened again in each loader worker); ``rows[i]`` and ``rows[a:b]`` give
+    ``{"input_ids": int64 array}``, a row or a [n, row_len] block."""
+
+    def __init__(self, path: Path, dtype: str, row_len: int):
+        self.path, self.dtype, self.row_len = Path(path), np.dtype(dtype), row_len
+        self.n = os.path.getsize(self.path) // self.dtype.itemsize // row_len
+        self._rows = None
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index) -> dict:
+        if self._rows is None:
+            self._rows = np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.n, self.row_len))
+        return {"input_ids": np.asarray(self._rows[index], dtype=np.int64)}
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_rows": None}
 
 
 def build_datamodule(cfg: DataConfig, seed: int = 0) -> L.LightningDataModule:
@@ -387,12 +459,18 @@ class LMDataModule(L.LightningDataModule):
             self.root, self.tokenizer = prepare(self.cfg)
 
     def setup(self, stage: str | None = None) -> None:
-        import datasets
-
         if self.root is None:  # other ranks: the cache is ready after prepare_data on rank 0
             self.root, self.tokenizer = prepare(self.cfg)
         self.eos = eos_id(self.tokenizer)
-        self.splits = {s: datasets.load_from_disk(str(self.root / s)).with_format("numpy") for s in ("train", "val")}
+        dtype = json.loads((self.root / "DONE").read_text())["dtype"]
+        row_len = self.cfg.context + self.cfg.seq_len + 1
+        self.splits = {s: PackedRows(self.root / f"{s}.bin", dtype, row_len) for s in ("train", "val")}
+        for split, rows in self.splits.items():
+            if len(rows) == 0:
+                raise ValueError(
+                    f"data: the {split} split has fewer than a row's {row_len} tokens (context + seq_len + 1); "
+                    "lower data.seq_len (or data.context) or add documents"
+                )
 
     @property
     def vocab_size(self) -> int:
@@ -456,14 +534,27 @@ class ResumableSampler(torch.utils.data.DistributedSampler):
 
     A ``DistributedSampler`` also on one process, so Lightning neither replaces it nor its loader.
     Its length stays the whole epoch's: Lightning counts a resumed epoch's batches from where it stopped.
+    The order is ``DistributedSampler``'s, held as one int64 array rather than its Python list (tens of
+    bytes per row: gigabytes for a corpus of billions of tokens).
     """
 
     skip = 0
 
     def __iter__(self):
-        indices = list(super().__iter__())
+        n = len(self.dataset)
+        if self.shuffle:
+            g = torch.Generator()
+            g.manual_seed(self.seed + self.epoch)
+            order = torch.randperm(n, generator=g).numpy()
+        else:
+            order = np.arange(n)
+        if self.drop_last:
+            order = order[: self.total_size]
+        elif self.total_size > n:  # every rank gets as many: the first rows again
+            order = np.concatenate([order, np.resize(order, self.total_size - n)])
+        mine = order[self.rank : self.total_size : self.num_replicas]
         skip, self.skip = self.skip, 0
-        return iter(indices[skip:])
+        return map(int, mine[skip:])
 
 
 class ResumableLoader(DataLoader):

@@ -4,6 +4,14 @@ import torch
 from kvlab.recipes.data import DataConfig, LMDataModule, doc_ids_from_tokens, prepare, resume_problem, stdlib_files
 
 
+def _documents(cfg):
+    """The corpus's (names, texts) as ``iter_documents`` reads them."""
+    from kvlab.recipes.data import iter_documents
+
+    pairs = [pair for batch in iter_documents(cfg, batch_size=2) for pair in batch]
+    return {"name": [n for n, _ in pairs], "text": [t for _, t in pairs]}
+
+
 def _corpus(tmp_path, n=6):
     for i in range(n):
         (tmp_path / f"doc{i}.txt").write_text(f"document {i}: " + "def f(x):\n    return x + 1\n" * (5 + i))
@@ -34,23 +42,21 @@ def test_text_files_pack_into_rows_with_boundaries(tmp_path):
     assert first[0] == again[0] == dm.root  # cached: same directory, reused
 
 
-def test_another_seq_len_packs_the_cached_token_ids_again_without_tokenizing(tmp_path, monkeypatch):
-    import datasets
-
+def test_another_seq_len_reads_the_cached_tokens_without_tokenizing(tmp_path, monkeypatch):
     from kvlab.recipes import data
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     cfg = DataConfig(kind="text", paths=_corpus(corpus), seq_len=16, vocab_size=300, cache_dir=str(tmp_path / "a"))
-    rows16, tokenizer = prepare(cfg)
-    monkeypatch.setattr(data, "load_documents", lambda cfg: pytest.fail("the corpus was read again"))
-    rows8, again = prepare(DataConfig(**{**cfg.__dict__, "seq_len": 8}))
-    assert rows8.parent == rows16.parent and rows8 != rows16 and again.to_str() == tokenizer.to_str()
+    _setup(LMDataModule(cfg))
+    monkeypatch.setattr(data, "iter_documents", lambda *a, **k: pytest.fail("the corpus was read again"))
+    cached = _setup(LMDataModule(DataConfig(**{**cfg.__dict__, "seq_len": 8})))
     monkeypatch.undo()  # from nothing at seq_len 8: the same rows
-    fresh, _ = prepare(DataConfig(**{**cfg.__dict__, "seq_len": 8, "cache_dir": str(tmp_path / "b")}))
+    fresh = _setup(LMDataModule(DataConfig(**{**cfg.__dict__, "seq_len": 8, "cache_dir": str(tmp_path / "b")})))
+    assert cached.tokenizer.to_str() == fresh.tokenizer.to_str()
     for split in ("train", "val"):
-        assert datasets.load_from_disk(str(rows8 / split))["input_ids"] == datasets.load_from_disk(
-            str(fresh / split))["input_ids"]  # fmt: skip
+        rows = cached.splits[split][:]["input_ids"]
+        assert rows.shape[1] == 9 and (rows == fresh.splits[split][:]["input_ids"]).all()
 
 
 def test_missing_files_and_bad_settings_are_named(tmp_path):
@@ -69,13 +75,12 @@ def test_stdlib_corpus_leaves_out_tests():
 
 
 def test_split_of_local_files_does_not_depend_on_where_they_are(tmp_path):
-    from kvlab.recipes.data import load_documents
 
     names = []
     for where in ("a", "b/c"):
         (tmp_path / where).mkdir(parents=True)
         cfg = DataConfig(kind="text", paths=_corpus(tmp_path / where))
-        names.append(load_documents(cfg)["name"])
+        names.append(_documents(cfg)["name"])
     assert names[0] == names[1] == [f"doc{i}.txt" for i in range(6)]
 
 
@@ -109,7 +114,6 @@ def _write_rows(path, rows):
 @pytest.mark.parametrize("kind", ["txt", "jsonl", "parquet", "hf"])
 def test_every_data_kind_loads_with_its_default_settings(tmp_path, kind):
     """The default text_field is `text`: a corpus with that column must load (it used to fail renaming it)."""
-    from kvlab.recipes.data import load_documents
 
     texts = [f"document {i}: " + "print(1)\n" * (i + 1) for i in range(4)]
     if kind == "txt":
@@ -122,32 +126,30 @@ def test_every_data_kind_loads_with_its_default_settings(tmp_path, kind):
     else:
         _write_rows(tmp_path / f"corpus.{kind}", [{"text": t, "id": i} for i, t in enumerate(texts)])
         cfg = DataConfig(kind="text", paths=[str(tmp_path / f"corpus.{kind}")])
-    docs = load_documents(cfg)
+    docs = _documents(cfg)
     assert sorted(docs["text"]) == sorted(texts)
     assert len(set(docs["name"])) == 4
 
 
 def test_rows_of_several_files_keep_their_own_names(tmp_path):
-    from kvlab.recipes.data import load_documents
 
     _write_rows(tmp_path / "a.jsonl", [{"text": "one"}, {"text": "two"}])
     _write_rows(tmp_path / "b.jsonl", [{"text": "three"}])
-    docs = load_documents(DataConfig(kind="text", paths=[str(tmp_path / "*.jsonl")]))
+    docs = _documents(DataConfig(kind="text", paths=[str(tmp_path / "*.jsonl")]))
     assert docs["name"] == ["a.jsonl#0", "a.jsonl#1", "b.jsonl#0"]
 
 
 def test_unreadable_text_names_the_file_and_row(tmp_path):
-    from kvlab.recipes.data import load_documents
 
     (tmp_path / "bad.txt").write_bytes(b"fine so far \xff\xfe then not")
     with pytest.raises(ValueError, match=r"bad.txt is not UTF-8 text \(byte 12"):
-        load_documents(DataConfig(kind="text", paths=[str(tmp_path / "bad.txt")]))
+        _documents(DataConfig(kind="text", paths=[str(tmp_path / "bad.txt")]))
     _write_rows(tmp_path / "rows.jsonl", [{"text": "fine"}, {"body": "no text here"}])
     with pytest.raises(ValueError, match=r"rows.jsonl, row 1: data.text_field='text' is None, not text"):
-        load_documents(DataConfig(kind="text", paths=[str(tmp_path / "rows.jsonl")]))
+        _documents(DataConfig(kind="text", paths=[str(tmp_path / "rows.jsonl")]))
     (tmp_path / "broken.jsonl").write_text('{"text": "ok"}\n{"text": \n')
     with pytest.raises(ValueError, match="broken.jsonl could not be read as json"):
-        load_documents(DataConfig(kind="text", paths=[str(tmp_path / "broken.jsonl")]))
+        _documents(DataConfig(kind="text", paths=[str(tmp_path / "broken.jsonl")]))
 
 
 @pytest.mark.parametrize(
@@ -266,3 +268,86 @@ def test_rows_with_a_context_split_into_context_and_continuation():
                          ({"context": 8, "kind": "mqar"}, "data.kind=mqar rows are tasks")]:  # fmt: skip
         with pytest.raises(ValueError, match=message):
             DataConfig(**bad).validate()
+
+
+def test_the_training_order_is_distributed_samplers_held_as_an_array():
+    """ResumableSampler keeps DistributedSampler's order (checkpoints of earlier runs resume on the same rows)."""
+    from kvlab.recipes.data import ResumableSampler
+
+    for n, world, drop_last, shuffle in [(10, 1, False, True), (10, 3, False, True), (11, 4, True, True),
+                                         (7, 3, False, False), (2, 5, False, True)]:  # fmt: skip
+        for rank in range(world):
+            ours, theirs = (cls(range(n), num_replicas=world, rank=rank, shuffle=shuffle, seed=3, drop_last=drop_last)
+                            for cls in (ResumableSampler, torch.utils.data.DistributedSampler))  # fmt: skip
+            ours.set_epoch(2)
+            theirs.set_epoch(2)
+            assert list(ours) == list(theirs)
+
+
+def test_a_streamed_dataset_gives_the_rows_of_the_downloaded_one_and_max_tokens_stops_it(tmp_path):
+    import json
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    texts = [f"document {i}: " + "x = f(y)\n" * (3 + i % 7) for i in range(40)]
+    _write_rows(corpus / "train.jsonl", [{"text": t} for t in texts])
+    modules = {}
+    for streaming in (False, True):
+        cfg = DataConfig(kind="hf", name=str(corpus), streaming=streaming, seq_len=8, vocab_size=300,
+                         val_fraction=0.2, cache_dir=str(tmp_path / f"cache-{streaming}"))  # fmt: skip
+        modules[streaming] = _setup(LMDataModule(cfg))
+    for split in ("train", "val"):
+        assert (modules[True].splits[split][:]["input_ids"] == modules[False].splits[split][:]["input_ids"]).all()
+    whole = json.loads((modules[True].root / "DONE").read_text())["tokens"]["train"]
+    capped = _setup(LMDataModule(DataConfig(**{**cfg.__dict__, "max_tokens": whole // 3})))
+    assert capped.root != modules[True].root
+    done = json.loads((capped.root / "DONE").read_text())
+    longest = max(len(capped.tokenizer.encode(t).ids) for t in texts) + 1
+    assert whole // 3 <= done["tokens"]["train"] < whole // 3 + longest
+    assert len(capped.splits["train"]) == done["tokens"]["train"] // 9
+    with pytest.raises(ValueError, match="data.streaming=true is for data.kind=hf, not 'text'"):
+        DataConfig(kind="text", paths=["x"], streaming=True).validate()
+
+
+@pytest.mark.parametrize("fraction", [0.001, 0.999])
+def test_a_corpus_hashed_to_one_split_keeps_its_last_document_for_validation(tmp_path, fraction):
+    import numpy as np
+
+    texts = [f"doc {i} " * (i + 2) for i in range(3)]
+    for i, t in enumerate(texts):
+        (tmp_path / f"d{i}.txt").write_text(t)
+    cfg = DataConfig(kind="text", paths=[str(tmp_path / "*.txt")], seq_len=2, vocab_size=270, val_fraction=fraction,
+                     cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    root, tokenizer = prepare(cfg)
+    eos = tokenizer.token_to_id("<|endoftext|>")
+    ids = [tokenizer.encode(t).ids + [eos] for t in texts]
+    assert np.fromfile(root / "train.bin", dtype=np.uint16).tolist() == ids[0] + ids[1]
+    assert np.fromfile(root / "val.bin", dtype=np.uint16).tolist() == ids[2]
+
+
+def test_tokenizing_holds_a_batch_of_documents_not_the_corpus(tmp_path, monkeypatch):
+    """Peak Python memory while tokenizing stays flat when the corpus grows 4x (it held every text and id
+    before: a corpus larger than memory could not be prepared)."""
+    import tracemalloc
+
+    from kvlab.recipes import data
+    from kvlab.recipes.data import train_tokenizer
+
+    tokenizer = tmp_path / "tokenizer.json"
+    train_tokenizer(["def f(x):\n    return x + 1\n"] * 20, 300).save(str(tokenizer))
+    peaks = []
+    for n in (2000, 8000):
+
+        def corpus(cfg, batch_size, n=n):
+            for start in range(0, n, batch_size):
+                yield [
+                    (f"d{i}", f"doc {i}: " + "y = g(x) + 1\n" * 30) for i in range(start, min(n, start + batch_size))
+                ]
+
+        monkeypatch.setattr(data, "_document_batches", corpus)
+        cfg = DataConfig(kind="hf", name=f"corpus-{n}", tokenizer=str(tokenizer), cache_dir=str(tmp_path / f"c{n}"))
+        tracemalloc.start()
+        prepare(cfg)
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+    assert peaks[1] < 1.5 * peaks[0], peaks
