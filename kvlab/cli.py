@@ -78,7 +78,12 @@ def train(args: list[str]) -> None:
 
         try:
             staged = run_uptrain if cfg.get("uptrain") is not None else run
-            staged(cfg, Path(HydraConfig.get().runtime.output_dir))
+            if cfg.get("lr_sweep") is not None and cfg.lr_sweep.grid:
+                from kvlab.recipes.lr_sweep import run_lr_sweep
+
+                run_lr_sweep(cfg, Path(HydraConfig.get().runtime.output_dir), then=staged)
+            else:
+                staged(cfg, Path(HydraConfig.get().runtime.output_dir))
         except ConfigError as e:
             _fail(str(e))
         finally:

@@ -346,19 +346,29 @@ class ModelConfig:
         (the nearest multiple of 8; ablations at equal parameter counts)."""
         from kvlab.archs.model import build_model  # the count comes from the built (meta) model
 
+        def params(config: ModelConfig) -> int:
+            with torch.device("meta"):
+                return build_model(config).num_parameters()
+
+        return self.with_mlp_hidden_for(target, params, f"iso_params={target}")
+
+    def with_mlp_hidden_for(self, target: float, measure, setting: str) -> ModelConfig:
+        """This config with the MLP's hidden width set (a multiple of 8) so that ``measure(config)``, a quantity
+        linear in that width (parameters, FLOPs per token), is about ``target``; ``setting`` names the request
+        in errors."""
         if self.mlp.kind == "none":
-            raise ValueError(f"iso_params={target}: mlp.kind=none has no width to change")
+            raise ValueError(f"{setting}: mlp.kind=none has no width to change")
         if self.mlp_pattern is not None or any(p.mlp is not self.mlp for p in self.plan):
-            raise ValueError(f"iso_params={target}: the layers' MLPs differ (mlp_pattern or layers[].mlp); only "
+            raise ValueError(f"{setting}: the layers' MLPs differ (mlp_pattern or layers[].mlp); only "
                              f"one shared mlp has a width to change")  # fmt: skip
         d = self.to_dict()
 
-        def params(hidden: int) -> int:
-            with torch.device("meta"):
-                return build_model(d | {"mlp": d["mlp"] | {"hidden": hidden}}).num_parameters()
+        def at(hidden: int) -> float:
+            return measure(ModelConfig.from_dict(d | {"mlp": d["mlp"] | {"hidden": hidden}}))
 
-        per_unit = params(16) - params(8)  # parameters per 8 hidden units, over all layers
-        hidden = max(8, 8 + 8 * round((target - params(8)) / per_unit))
+        base = at(8)
+        per_unit = at(16) - base  # per 8 hidden units, over all layers
+        hidden = max(8, 8 + 8 * round((target - base) / per_unit))
         return ModelConfig.from_dict(d | {"mlp": d["mlp"] | {"hidden": hidden}})
 
     @property

@@ -1,19 +1,24 @@
-"""``python train.py -m recipe=ablation``: model presets trained and evaluated alike, then one table and a plot.
+"""``python train.py -m recipe=ablation``: presets trained and evaluated alike over seeds, then tables and a plot.
 
-The recipe is a Hydra multirun over ``model`` (every job the same data,
-steps, optimizer and seed; stages train + eval). When the sweep ends,
-``AblationReport`` (a Hydra callback) reads every job's ``metrics.json``
-and writes into the sweep directory:
+The recipe is a Hydra multirun over ``model`` and ``seed`` (every job the
+same data, steps and optimizer; stages train + eval; with ``lr_sweep.grid``
+each preset's learning rate is chosen first, see ``kvlab.recipes.lr_sweep``).
+When the sweep ends, ``AblationReport`` (a Hydra callback) reads every job's
+``metrics.json`` and writes into the sweep directory:
 
-- ``results.csv`` and ``results.md``: parameters, KV bytes per token, fixed
-  bytes, the cache of one sequence at ``context`` tokens, validation loss,
-  perplexity (all tokens, AR hits, the rest) and accuracy, decode tokens/s at batch 1 and 8, training
-  tokens/s;
+- ``runs.csv``: one row per run (preset, seed, learning rate, parameters,
+  training FLOPs per token, KV bytes, losses, accuracy, speeds), for any
+  re-analysis;
+- ``results.csv`` and ``results.md``: one row per preset, the mean of its
+  runs with a 95% confidence interval (Student's t over the seeds) for the
+  validation loss and the perplexity, and each preset's place on the Pareto
+  frontier: on it (by the means), tied with it (its interval overlaps those
+  of the frontier presets that beat it), or beaten;
 - ``pareto.png``: validation perplexity against the cache at ``context``
-  tokens (log scale), each point labelled, the Pareto frontier (no other
-  model both smaller and better) drawn through.
+  tokens (log scale), each preset's mean with its interval, labelled, the
+  frontier drawn through the means.
 
-With the wandb logger on, the table and the plot go to wandb as well.
+With the wandb logger on, the tables and the plot go to wandb as well.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +36,14 @@ from kvlab._io import atomic_write, atomic_write_text
 
 log = logging.getLogger("kvlab")
 
-COLUMNS = ("model", "params", "kv_bytes_per_token", "kv_fixed_bytes", "kv_bytes_at_context", "val_loss", "val_ppl",
-           "val_ppl_ar_hit", "val_ppl_ar_other", "val_accuracy", "decode_tok_s_batch_1", "decode_tok_s_batch_8",
-           "train_tok_s")  # fmt: skip
+RUN_COLUMNS = ("model", "seed", "lr", "params", "train_flops_per_token", "kv_bytes_per_token", "kv_fixed_bytes",
+               "kv_bytes_at_context", "steps", "tokens_seen", "val_loss", "val_ppl", "val_ppl_ar_hit",
+               "val_ppl_ar_other", "val_accuracy", "decode_tok_s_batch_1", "decode_tok_s_batch_8", "train_tok_s",
+               "job")  # fmt: skip
+COLUMNS = ("model", "runs", "seeds", "lr", "params", "train_flops_per_token", "kv_bytes_per_token",
+           "kv_bytes_at_context", "val_loss", "val_loss_ci95", "val_ppl", "val_ppl_low", "val_ppl_high",
+           "val_accuracy", "decode_tok_s_batch_1", "train_tok_s", "frontier")  # fmt: skip
+CONFIDENCE = 0.95
 
 
 def collect(sweep_dir: Path, context: int) -> list[dict[str, Any]]:
@@ -44,10 +55,15 @@ def collect(sweep_dir: Path, context: int) -> list[dict[str, Any]]:
         decode = m.get("decode_tokens_per_s") or {}
         rows.append({
             "model": job.name.split("-", 1)[1],
+            "seed": m.get("seed", 0),
+            "lr": m.get("lr"),
             "params": m["params"],
+            "train_flops_per_token": m.get("train_flops_per_token"),
             "kv_bytes_per_token": m["kv_bytes_per_token"],
             "kv_fixed_bytes": m["kv_fixed_bytes"],
             "kv_bytes_at_context": _cache_at(m, context),
+            "steps": m.get("steps"),
+            "tokens_seen": m.get("tokens_seen"),
             "val_loss": m["val_loss"],
             "val_ppl": m["val_ppl"],
             "val_ppl_ar_hit": m.get("val_ppl_ar_hit"),
@@ -56,6 +72,7 @@ def collect(sweep_dir: Path, context: int) -> list[dict[str, Any]]:
             "decode_tok_s_batch_1": decode.get("batch_1"),
             "decode_tok_s_batch_8": decode.get("batch_8"),
             "train_tok_s": m.get("tokens_per_s"),
+            "job": job.name,
         })  # fmt: skip
     return rows
 
@@ -70,14 +87,98 @@ def _cache_at(m: dict[str, Any], context: int) -> int:
     return per_token * context + m["kv_fixed_bytes"]
 
 
+# -- statistics -----------------------------------------------------------------
+
+
+def mean_interval(values: list[float], confidence: float = CONFIDENCE) -> tuple[float, float | None]:
+    """The mean of ``values`` and the half-width of its ``confidence`` interval, Student's t with n - 1 degrees of
+    freedom (seeds are few: the normal's 1.96 would understate it); None for a single value, which has none."""
+    from scipy import stats
+
+    n = len(values)
+    if n == 0:
+        raise ValueError("mean_interval: no values")
+    mean = sum(values) / n
+    if n == 1:
+        return mean, None
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    return mean, float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * sd / math.sqrt(n)
+
+
+def _mean(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per preset (in the order of its first run): the means of its runs, the validation loss's 95%
+    interval and the perplexity's (exp of the loss's bounds), and its frontier mark (``frontier_marks``)."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in runs:
+        groups.setdefault(r["model"], []).append(r)
+    rows = []
+    for model, rs in groups.items():
+        loss, half = mean_interval([r["val_loss"] for r in rs])
+        lrs = sorted({r["lr"] for r in rs if r["lr"] is not None})
+        rows.append({
+            "model": model,
+            "runs": len(rs),
+            "seeds": " ".join(str(r["seed"]) for r in rs),
+            "lr": " ".join(f"{lr:g}" for lr in lrs) or None,
+            "params": rs[0]["params"],
+            "train_flops_per_token": rs[0]["train_flops_per_token"],
+            "kv_bytes_per_token": rs[0]["kv_bytes_per_token"],
+            "kv_bytes_at_context": rs[0]["kv_bytes_at_context"],
+            "val_loss": loss,
+            "val_loss_ci95": half,
+            "val_ppl": math.exp(min(loss, 50.0)),
+            "val_ppl_low": None if half is None else math.exp(min(loss - half, 50.0)),
+            "val_ppl_high": None if half is None else math.exp(min(loss + half, 50.0)),
+            "val_accuracy": _mean([r["val_accuracy"] for r in rs]),
+            "decode_tok_s_batch_1": _mean([r["decode_tok_s_batch_1"] for r in rs]),
+            "train_tok_s": _mean([r["train_tok_s"] for r in rs]),
+        })  # fmt: skip
+    marks = frontier_marks(rows)
+    for r in rows:
+        r["frontier"] = marks[r["model"]]
+    return rows
+
+
 def pareto_front(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The rows no other row beats on both cache size and perplexity, from the smallest cache up."""
+    """The rows no other row beats on both cache size and (mean) perplexity, from the smallest cache up."""
     front, best = [], float("inf")
     for r in sorted(rows, key=lambda r: (r["kv_bytes_at_context"], r["val_ppl"])):
         if r["val_ppl"] < best:
             front.append(r)
             best = r["val_ppl"]
     return front
+
+
+def frontier_marks(rows: list[dict[str, Any]]) -> dict[str, str]:
+    """Per preset: ``front`` (on the frontier of the means), ``tie`` (beaten by the means, but no frontier preset
+    with a cache as small or smaller is better beyond the intervals: its interval overlaps theirs) or ``""``
+    (beaten: some such frontier preset's interval lies wholly below its own). Without intervals (one seed)
+    the means decide alone."""
+
+    def bounds(r: dict[str, Any]) -> tuple[float, float]:
+        half = r.get("val_loss_ci95") or 0.0
+        loss = r.get("val_loss", math.log(r["val_ppl"]))
+        return loss - half, loss + half
+
+    front = pareto_front(rows)
+    on_front = {id(r) for r in front}
+    marks = {}
+    for r in rows:
+        if id(r) in on_front:
+            marks[r["model"]] = "front"
+            continue
+        low = bounds(r)[0]
+        beaten = any(bounds(f)[1] < low for f in front if f["kv_bytes_at_context"] <= r["kv_bytes_at_context"])
+        marks[r["model"]] = "" if beaten else "tie"
+    return marks
+
+
+# -- tables and the plot ------------------------------------------------------------
 
 
 def _cell(value: Any) -> str:
@@ -88,25 +189,41 @@ def _cell(value: Any) -> str:
     return f"{value:,}" if isinstance(value, int) else str(value)
 
 
-def write_tables(rows: list[dict[str, Any]], sweep_dir: Path, context: int) -> None:
-    def write_csv(tmp: Path) -> None:
+def _write_csv(path: Path, rows: list[dict[str, Any]], columns: tuple[str, ...]) -> None:
+    def write(tmp: Path) -> None:
         with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS)
+            writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows)
 
-    atomic_write(Path(sweep_dir) / "results.csv", write_csv)
-    lines = [f"Cache at {context:,} tokens, one sequence, bf16. Pareto frontier in bold.", "",
-             "| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]  # fmt: skip
-    front = {r["model"] for r in pareto_front(rows)}
-    for r in rows:
-        name = f"**{r['model']}**" if r["model"] in front else r["model"]
-        lines.append("| " + " | ".join([name] + [_cell(r[c]) for c in COLUMNS[1:]]) + " |")
-    atomic_write_text(Path(sweep_dir) / "results.md", "\n".join(lines) + "\n")
+    atomic_write(path, write)
+
+
+def markdown_table(summary: list[dict[str, Any]], context: int) -> str:
+    """The per-preset table as Markdown: loss and perplexity as mean ± interval, the frontier in bold, ties
+    marked."""
+    head = ("model", "runs", "lr", "params", "train FLOPs/token", "KV bytes/token", f"cache at {context:,}",
+            "val loss (95% CI)", "val ppl (95% CI)", "frontier")  # fmt: skip
+    lines = [f"Mean over seeds with a 95% confidence interval (Student's t); cache at {context:,} tokens, one "
+             "sequence, bf16. Pareto frontier of the means in bold; *tie*: beaten by the means, not beyond the "
+             "intervals.", "", "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]  # fmt: skip
+    for r in summary:
+        name = {"front": f"**{r['model']}**", "tie": f"*{r['model']}*"}.get(r["frontier"], r["model"])
+        if r["val_loss_ci95"] is None:
+            loss, ppl = f"{r['val_loss']:.4f}", f"{r['val_ppl']:.2f}"
+        else:
+            loss = f"{r['val_loss']:.4f} ± {r['val_loss_ci95']:.4f}"
+            ppl = f"{r['val_ppl']:.2f} ({r['val_ppl_low']:.2f}-{r['val_ppl_high']:.2f})"
+        cells = [name, _cell(r["runs"]), _cell(r["lr"]), _cell(r["params"]), _cell(r["train_flops_per_token"]),
+                 _cell(r["kv_bytes_per_token"]), _cell(r["kv_bytes_at_context"]), loss, ppl,
+                 r["frontier"] or "beaten"]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def plot_pareto(rows: list[dict[str, Any]], path: Path, context: int) -> list[tuple[str, float, float]]:
-    """Draw the plot into ``path``; return its points (label, cache bytes, perplexity)."""
+    """Draw the per-preset rows into ``path`` (means with their intervals where they have them); return the
+    points (label, cache bytes, mean perplexity)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -114,12 +231,17 @@ def plot_pareto(rows: list[dict[str, Any]], path: Path, context: int) -> list[tu
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     xs = [max(r["kv_bytes_at_context"], 1) for r in rows]
-    ax.scatter(xs, [r["val_ppl"] for r in rows], color="tab:blue", zorder=3)
+    ys = [r["val_ppl"] for r in rows]
+    low = [y - (r.get("val_ppl_low") or y) for y, r in zip(ys, rows, strict=True)]
+    high = [(r.get("val_ppl_high") or y) - y for y, r in zip(ys, rows, strict=True)]
+    ax.errorbar(xs, ys, yerr=[low, high], fmt="o", color="tab:blue", ecolor="tab:blue", elinewidth=1, capsize=3,
+                zorder=3, label="mean, 95% interval")  # fmt: skip
     for x, r in zip(xs, rows, strict=True):
-        ax.annotate(r["model"], (x, r["val_ppl"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        label = r["model"] + (" (tie)" if r.get("frontier") == "tie" else "")
+        ax.annotate(label, (x, r["val_ppl"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
     front = pareto_front(rows)
     ax.step([max(r["kv_bytes_at_context"], 1) for r in front], [r["val_ppl"] for r in front], where="post",
-            color="tab:red", alpha=0.6, label="Pareto frontier", zorder=2)  # fmt: skip
+            color="tab:red", alpha=0.6, label="Pareto frontier (means)", zorder=2)  # fmt: skip
     ax.set_xscale("log")
     ax.set_xlabel(f"KV cache bytes per sequence at {context:,} tokens (bf16, log scale)")
     ax.set_ylabel("validation perplexity")
@@ -132,15 +254,19 @@ def plot_pareto(rows: list[dict[str, Any]], path: Path, context: int) -> list[tu
 
 
 def report(sweep_dir: Path, context: int = 2048) -> list[dict[str, Any]]:
-    """Collect the sweep, write results.csv, results.md and pareto.png; return the rows."""
-    rows = collect(sweep_dir, context)
-    if not rows:
+    """Collect the sweep, write runs.csv, results.csv, results.md and pareto.png; return the per-preset rows."""
+    runs = collect(sweep_dir, context)
+    if not runs:
         log.warning("ablation: no finished job in %s, nothing to report", sweep_dir)
-        return rows
-    write_tables(rows, sweep_dir, context)
-    plot_pareto(rows, Path(sweep_dir) / "pareto.png", context)
-    log.info("ablation: %d models, results in %s", len(rows), sweep_dir)
-    return rows
+        return []
+    summary = summarize(runs)
+    sweep_dir = Path(sweep_dir)
+    _write_csv(sweep_dir / "runs.csv", runs, RUN_COLUMNS)
+    _write_csv(sweep_dir / "results.csv", summary, COLUMNS)
+    atomic_write_text(sweep_dir / "results.md", markdown_table(summary, context))
+    plot_pareto(summary, sweep_dir / "pareto.png", context)
+    log.info("ablation: %d runs of %d models, results in %s", len(runs), len(summary), sweep_dir)
+    return summary
 
 
 class AblationReport(Callback):

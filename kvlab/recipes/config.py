@@ -118,6 +118,25 @@ class UptrainConfig:
 
 
 @dataclass
+class LrSweepConfig:
+    """The learning-rate sweep run before training (``kvlab.recipes.lr_sweep``): each rate of ``grid`` trained
+    for ``steps`` at seed ``seed``, the one of least validation loss then trains the run."""
+
+    grid: list[float] = field(default_factory=list)  # peak learning rates to try; empty: no sweep (optim.lr)
+    steps: int = 100  # of each trial (a shorter budget than the run's, with its own warmup and cosine)
+    seed: int = 0  # of the trials, whatever the run's seed: every seed of a preset trains at the rate chosen once
+
+    def check(self) -> None:
+        """Raise ValueError naming the field that is out of range."""
+        if any(not (isinstance(lr, int | float) and lr > 0) for lr in self.grid):
+            raise ValueError(f"lr_sweep.grid={list(self.grid)}: every learning rate must be > 0")
+        if len(set(self.grid)) != len(self.grid):
+            raise ValueError(f"lr_sweep.grid={list(self.grid)} names a learning rate twice")
+        if self.steps < 1:
+            raise ValueError(f"lr_sweep.steps={self.steps} must be >= 1")
+
+
+@dataclass
 class TrainConfig:
     model: dict[str, Any] = field(default_factory=dict)
     data: DataConfig = field(default_factory=DataConfig)
@@ -137,6 +156,10 @@ class TrainConfig:
     uptrain: UptrainConfig | None = None  # set by the staged uptraining recipes
     ckpt: str | None = None  # recipe=export's / eval's shorthand for init.path: python train.py recipe=eval ckpt=PATH
     iso_params: int | None = None  # widen or narrow the MLP so the model has about this many parameters
+    iso_flops: int | None = (
+        None  # ... so a training token (forward + backward at data.seq_len) costs about this many FLOPs
+    )
+    lr_sweep: LrSweepConfig = field(default_factory=LrSweepConfig)  # choose optim.lr first (grid: empty, off)
     # train on the KL divergence from the initial model before init.convert (knowledge distillation, as
     # MatryoshkaKV trains its projections) instead of on the labels
     distill: bool = False

@@ -159,6 +159,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         loss = _metric(trainer, f"val_loss_{part}")
         metrics[f"val_ppl_{part}"] = None if loss is None else math.exp(min(loss, 50.0))
     metrics.update(_model_metrics(module.model))
+    metrics.update(seed=tc.seed, lr=tc.optim.lr)  # what an ablation's runs.csv tells its runs apart by
     after = {"eval", "lm_eval", "export"} & set(tc.stages) and trainer.is_global_zero  # rank 0's stages use it
     whole = _whole_model(module, run_dir, initial) if after else None
     if "eval" in tc.stages and trainer.is_global_zero:
@@ -208,11 +209,14 @@ def _validated(tc: TrainConfig) -> ModelConfig:
             if tc.iso_params < 1:
                 raise ValueError(f"iso_params={tc.iso_params} must be a parameter count >= 1")
             model_cfg = model_cfg.with_params(tc.iso_params)
+        if tc.iso_flops is not None:
+            model_cfg = _with_flops(model_cfg, tc)
     except ValueError as e:
         raise ConfigError(f"model: {e}") from None
     try:
         tc.data.validate()
         tc.optim.validate()
+        tc.lr_sweep.check()
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if tc.data.doc_mask and model_cfg.blocks is not None:
@@ -277,6 +281,25 @@ def _validated(tc: TrainConfig) -> ModelConfig:
 
 
 INIT_SOURCES = ("scratch", "checkpoint", "hf")
+
+
+def _with_flops(model_cfg: ModelConfig, tc: TrainConfig) -> ModelConfig:
+    """``model_cfg`` with the MLP width at which a training token costs about ``tc.iso_flops`` FLOPs (forward and
+    backward of a row of ``data.seq_len``, counted from the shapes by ``training_flops``)."""
+    setting = f"iso_flops={tc.iso_flops}"
+    if tc.iso_params is not None:
+        raise ValueError(f"{setting} and iso_params={tc.iso_params}: both set the MLP's width; choose one")
+    if tc.iso_flops < 1:
+        raise ValueError(f"{setting} must be a number of FLOPs per training token >= 1")
+
+    def per_token(config: ModelConfig) -> float:
+        flops = training_flops(config, 1, tc.data.seq_len)
+        if flops is None:
+            raise ValueError(f"{setting}: this model's FLOPs cannot be counted from its shapes (its forward depends "
+                             "on values: MoE routing, MatryoshkaKV's ranks, RWKV's chunks)")  # fmt: skip
+        return flops / tc.data.seq_len
+
+    return model_cfg.with_mlp_hidden_for(tc.iso_flops, per_token, setting)
 
 
 def _initial_model(tc: TrainConfig):

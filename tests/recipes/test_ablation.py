@@ -2,8 +2,11 @@
 
 import csv
 import json
+import math
 
-from kvlab.recipes.ablation import _cache_at, pareto_front, plot_pareto
+import pytest
+
+from kvlab.recipes.ablation import _cache_at, frontier_marks, mean_interval, pareto_front, plot_pareto, summarize
 from tests.recipes.test_train import run_dirs, train
 
 
@@ -23,29 +26,88 @@ def test_a_context_encoder_on_rows_with_a_context_holds_the_context_as_its_state
 
 
 def test_plot_draws_every_row(tmp_path):
-    rows = [{"model": "gqa", "kv_bytes_at_context": 3_000_000, "val_ppl": 200.0},
+    rows = [{"model": "gqa", "kv_bytes_at_context": 3_000_000, "val_ppl": 200.0, "val_ppl_low": 180.0,
+             "val_ppl_high": 230.0},
             {"model": "mamba2", "kv_bytes_at_context": 400_000, "val_ppl": 150.0}]  # fmt: skip
     points = plot_pareto(rows, tmp_path / "p.png", 2048)
     assert points == [("gqa", 3_000_000, 200.0), ("mamba2", 400_000, 150.0)]
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_ablation_sweep_at_equal_parameters_writes_the_table_and_the_plot(tmp_path, data_cache):
-    train(tmp_path, data_cache, "-m", "recipe=ablation", "model=mha,retnet", "trainer.max_steps=3",
-          "model.vocab_size=512", "trainer.limit_val_batches=1", "iso_params=5500000", tiny_model=False)  # fmt: skip
+def test_ablation_sweep_over_seeds_with_an_lr_sweep_writes_every_run_and_the_means(tmp_path, data_cache):
+    train(tmp_path, data_cache, "-m", "recipe=ablation", "model=mha,retnet", "seed=0,1", "trainer.max_steps=3",
+          "model.vocab_size=512", "trainer.limit_val_batches=1", "iso_params=5500000", "lr_sweep.grid=[1e-3,3e-3]",
+          "lr_sweep.steps=2", tiny_model=False)  # fmt: skip
     (sweep,) = run_dirs(tmp_path, "ablation")
-    with open(sweep / "results.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert [r["model"] for r in rows] == ["mha", "retnet"]
-    for r in rows:
-        (job,) = sweep.glob(f"*-{r['model']}")
-        metrics = json.loads((job / "metrics.json").read_text())
-        assert float(r["val_ppl"]) == metrics["val_ppl"]
+    with open(sweep / "runs.csv") as f:
+        runs = list(csv.DictReader(f))
+    assert sorted((r["model"], r["seed"]) for r in runs) == [
+        ("mha", "0"),
+        ("mha", "1"),
+        ("retnet", "0"),
+        ("retnet", "1"),
+    ]
+    for r in runs:
+        metrics = json.loads((sweep / r["job"] / "metrics.json").read_text())
+        assert metrics["seed"] == int(r["seed"]) and float(r["val_loss"]) == metrics["val_loss"]
         assert int(r["kv_bytes_at_context"]) == metrics["kv_bytes_per_token"] * 2048 + metrics["kv_fixed_bytes"]
         assert float(r["decode_tok_s_batch_1"]) > 0
         assert abs(int(r["params"]) - 5_500_000) <= 4 * 3 * 256 * 6  # iso_params: within a few MLP units
-    assert "retnet** |" in (sweep / "results.md").read_text()  # the smallest cache: on the frontier
+        sweep_record = metrics["lr_sweep"]  # the rate of least trial loss, the same for both seeds (one sweep)
+        losses = {float(lr): loss for lr, loss in sweep_record["val_loss"].items()}
+        assert metrics["lr"] == sweep_record["chosen"] == min(losses, key=losses.get) and len(losses) == 2
+        assert float(r["lr"]) == metrics["lr"]
+    trials = {json.loads((sweep / r["job"] / "metrics.json").read_text())["lr_sweep"]["trials"] for r in runs}
+    assert len(trials) == 2  # one set of trials per preset, shared by its seeds
+    with open(sweep / "results.csv") as f:
+        results = {r["model"]: r for r in csv.DictReader(f)}
+    for model, row in results.items():
+        losses = [float(r["val_loss"]) for r in runs if r["model"] == model]
+        mean, half = mean_interval(losses)
+        assert row["runs"] == "2" and float(row["val_loss"]) == pytest.approx(mean)
+        assert float(row["val_loss_ci95"]) == pytest.approx(half)
+    assert results["retnet"]["frontier"] == "front"  # the smallest cache
+    assert "**retnet** |" in (sweep / "results.md").read_text()
     assert (sweep / "pareto.png").stat().st_size > 1000
+
+
+def test_mean_interval_is_students_t_and_covers_the_mean_as_often_as_it_says():
+    mean, half = mean_interval([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert mean == 3.0 and half == pytest.approx(2.776445105197793 * math.sqrt(2.5 / 5))  # t(0.975, 4), tables
+    assert mean_interval([4.0]) == (4.0, None)
+    import numpy as np
+
+    rng = np.random.default_rng(0)  # 3 seeds of a metric with mean 5 and sd 0.1, 4000 times
+    covered = 0
+    for sample in rng.normal(5.0, 0.1, size=(4000, 3)):
+        m, h = mean_interval(sample.tolist())
+        covered += abs(m - 5.0) <= h
+    assert 0.935 < covered / 4000 < 0.965
+
+
+def test_the_means_decide_the_frontier_and_overlapping_intervals_are_ties():
+    def row(model, cache, loss, half):
+        return {"model": model, "kv_bytes_at_context": cache, "val_loss": loss, "val_loss_ci95": half,
+                "val_ppl": math.exp(loss)}  # fmt: skip
+
+    rows = [row("small", 10, 5.0, 0.05), row("big", 100, 4.0, 0.05), row("close", 50, 5.05, 0.05),
+            row("far", 200, 4.5, 0.05), row("noisy", 300, 4.3, 0.4)]  # fmt: skip
+    assert frontier_marks(rows) == {"small": "front", "big": "front", "close": "tie", "far": "", "noisy": "tie"}
+    assert frontier_marks([row("a", 1, 5.0, None), row("b", 2, 5.01, None)]) == {"a": "front", "b": ""}
+
+
+def test_summary_groups_runs_by_preset_with_the_perplexity_interval_from_the_loss():
+    runs = [{"model": m, "seed": s, "lr": 3e-3, "params": 10, "train_flops_per_token": 60, "kv_bytes_per_token": k,
+             "kv_bytes_at_context": k * 2048, "val_loss": loss, "val_accuracy": 0.5, "decode_tok_s_batch_1": None,
+             "train_tok_s": 100.0} for m, s, k, loss in [("gqa", 0, 1024, 5.0), ("mqa", 0, 512, 5.2),
+                                                         ("gqa", 1, 1024, 5.2), ("mqa", 1, 512, 5.4)]]  # fmt: skip
+    gqa, mqa = summarize(runs)
+    assert (gqa["model"], gqa["runs"], gqa["seeds"], gqa["lr"]) == ("gqa", 2, "0 1", "0.003")
+    mean, half = mean_interval([5.0, 5.2])
+    assert gqa["val_loss"] == pytest.approx(mean) and gqa["val_loss_ci95"] == pytest.approx(half)
+    assert gqa["val_ppl_low"] == pytest.approx(math.exp(mean - half))
+    assert gqa["val_ppl_high"] == pytest.approx(math.exp(mean + half))
+    assert (gqa["frontier"], mqa["frontier"]) == ("front", "front")
 
 
 def test_with_wandb_the_table_and_the_plot_are_logged_offline(tmp_path, monkeypatch):
@@ -55,7 +117,8 @@ def test_with_wandb_the_table_and_the_plot_are_logged_offline(tmp_path, monkeypa
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.chdir(tmp_path)
-    row = {c: 1.0 for c in COLUMNS} | {"model": "gqa", "kv_bytes_at_context": 10, "val_ppl": 5.0}
+    row = {c: 1.0 for c in COLUMNS} | {"model": "gqa", "kv_bytes_at_context": 10, "val_ppl": 5.0, "val_ppl_low": 4.0,
+                                       "val_ppl_high": 6.0}  # fmt: skip
     plot_pareto([row], tmp_path / "pareto.png", 2048)
     _log_to_wandb([row], tmp_path, OmegaConf.create({"logger": {"kind": "wandb", "project": "kvlab", "mode": None}}))
     (table,) = tmp_path.glob("wandb/offline-run-*/files/media/table/ablation_*.table.json")

@@ -129,6 +129,33 @@ def test_training_flops_are_counted_from_the_shapes():
     assert training_flops(ModelConfig.from_dict(moe), B, T) is None
 
 
+def test_training_flops_of_mla_and_retnet_are_counted_from_the_shapes():
+    """The same count for MLA (the training path decompresses K/V: q, the latent's down projection, its up
+    projection, the output; attention over no-RoPE + RoPE channels, the values padded to that width for SDPA)
+    and RetNet's chunked retention (within each chunk q k^T and its product with v; across chunks each chunk's
+    k^T v and the queries' read of the state, whose first read, of the zero state, has no gradient to give)."""
+    from kvlab.archs import ModelConfig
+    from kvlab.recipes.module import training_flops
+    from tests.conftest import tiny
+
+    B, T, d, hidden, vocab, layers, H = 2, 32, 64, 96, 97, 4, 4
+    mlp_and_head = layers * 2 * 3 * d * hidden, 2 * d * vocab
+    D, R, Dv, rank = 16, 8, 16, 64  # MLA's defaults at d_model 64, 4 heads
+    per_token = layers * 2 * (d * H * (D + R) + d * (rank + R) + rank * H * (D + Dv) + H * Dv * d) + sum(mlp_and_head)
+    attention = layers * 2 * (T * T * H * (D + R) + T * T * H * max(D + R, Dv))
+    mla = tiny(mixer={"kind": "mla", "n_heads": H})
+    assert training_flops(ModelConfig.from_dict(mla), B, T) == 3 * (B * T * per_token + B * attention)
+    Dk, chunk = 16, 16
+    per_token = layers * 2 * (d * H * Dk * 2 + d * H * Dv * 2 + H * Dv * d) + sum(mlp_and_head)  # q k v g, o
+    chunks = T // chunk
+    retention = layers * H * chunks * (2 * chunk * chunk * (Dk + Dv) + 2 * 2 * chunk * Dk * Dv)
+    first_read = layers * H * 2 * chunk * Dk * Dv
+    retnet = tiny(mixer={"kind": "retention", "n_heads": H, "chunk_size": chunk})
+    assert (
+        training_flops(ModelConfig.from_dict(retnet), B, T) == 3 * (B * T * per_token + B * retention) - B * first_read
+    )
+
+
 def test_weight_decay_groups_follow_each_parameters_own_shape_under_zero3():
     """ZeRO-3 flattens each rank's partition of a parameter (its shape stays in ``ds_shape``): grouped by the
     flattened shape, matrices would lose their weight decay and a resumed run would find other groups than

@@ -1,0 +1,106 @@
+"""lr_sweep: the choice of rate on stub trials, its cache, and iso_flops."""
+
+import json
+import math
+
+import pytest
+from omegaconf import OmegaConf
+
+from kvlab.recipes.config import TrainConfig
+from kvlab.recipes.lr_sweep import choose_lr, run_lr_sweep
+from kvlab.recipes.run import ConfigError
+
+
+def _cfg(tmp_path, **changes):
+    cfg = OmegaConf.structured(TrainConfig)
+    cfg.model = {"d_model": 64}
+    cfg.data.cache_dir = str(tmp_path / "cache")
+    cfg.trainer.max_steps = 200
+    cfg.lr_sweep.grid = [1e-3, 3e-3, 1e-2]
+    cfg.lr_sweep.steps = 20
+    for key, value in changes.items():
+        OmegaConf.update(cfg, key, value, merge=False)
+    return cfg
+
+
+def _stub_trials(losses, calls):
+    """A trial that writes the loss ``losses`` gives its rate, as run() writes metrics.json."""
+
+    def trial(cfg, run_dir):
+        calls.append((cfg.optim.lr, cfg.trainer.max_steps, cfg.seed, list(cfg.stages), cfg.optim.warmup_steps))
+        run_dir.mkdir(parents=True)
+        (run_dir / "metrics.json").write_text(json.dumps({"val_loss": losses[cfg.optim.lr]}))
+        return {"val_loss": losses[cfg.optim.lr]}
+
+    return trial
+
+
+def test_the_rate_of_least_loss_is_chosen_and_diverged_trials_lose():
+    assert choose_lr({1e-3: 5.0, 3e-3: 4.5, 1e-2: 4.8}) == 3e-3
+    assert choose_lr({1e-3: 5.0, 3e-3: float("nan"), 1e-2: float("inf")}) == 1e-3
+    assert choose_lr({1e-3: 4.0, 3e-3: 4.0}) == 1e-3  # a tie: the first in the grid
+    with pytest.raises(ConfigError, match="every learning rate diverged"):
+        choose_lr({1e-3: float("nan"), 1e-2: float("inf")})
+
+
+def test_the_sweep_trains_each_rate_once_then_every_seed_at_the_chosen_one(tmp_path):
+    calls, runs = [], []
+    trial = _stub_trials({1e-3: 5.0, 3e-3: 4.2, 1e-2: math.inf}, calls)
+
+    def then(cfg, run_dir):
+        runs.append((cfg.optim.lr, cfg.seed, cfg.trainer.max_steps, list(cfg.lr_sweep.grid)))
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return {"val_loss": 4.0, "lr": cfg.optim.lr}
+
+    for seed in (0, 1):
+        metrics = run_lr_sweep(_cfg(tmp_path, seed=seed), tmp_path / f"run{seed}", then=then, trial=trial)
+        assert metrics["lr"] == 3e-3 and metrics["lr_sweep"]["chosen"] == 3e-3
+        assert metrics["lr_sweep"]["val_loss"] == {"0.001": 5.0, "0.003": 4.2, "0.01": math.inf}
+        written = json.loads((tmp_path / f"run{seed}" / "metrics.json").read_text())
+        assert written["lr"] == 3e-3 and written["lr_sweep"]["chosen"] == 3e-3
+    # the trials: seed 0 (lr_sweep.seed), its own short budget with no warmup set, trained once for both seeds
+    assert calls == [(lr, 20, 0, ["train"], None) for lr in (1e-3, 3e-3, 1e-2)]
+    assert runs == [(3e-3, 0, 200, []), (3e-3, 1, 200, [])]
+    # another grid reuses the trials it shares; a warmup keeps its share of the shorter budget
+    run_lr_sweep(_cfg(tmp_path, **{"lr_sweep.grid": [3e-3, 3e-4]}), tmp_path / "run2", then=then,
+                 trial=_stub_trials({3e-4: 6.0}, calls))  # fmt: skip
+    assert calls[3:] == [(3e-4, 20, 0, ["train"], None)]
+    run_lr_sweep(_cfg(tmp_path, **{"optim.warmup_steps": 50, "lr_sweep.grid": [1e-3]}), tmp_path / "run3",
+                 then=then, trial=_stub_trials({1e-3: 5.0}, calls))  # fmt: skip
+    assert calls[4:] == [(1e-3, 20, 0, ["train"], 5)]  # a new optimizer setting: trials of its own
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"lr_sweep.grid": [1e-3, -1.0]}, r"lr_sweep.grid=\[0.001, -1.0\]: every learning rate must be > 0"),
+        ({"lr_sweep.steps": 0}, "lr_sweep.steps=0 must be >= 1"),
+        ({"stages": ["eval"]}, r"stages=\['eval'\] does not train"),
+        ({"trainer.devices": 2, "trainer.strategy": "ddp"}, "the sweep runs in one process"),
+    ],
+)
+def test_bad_sweeps_are_named(tmp_path, changes, message):
+    with pytest.raises(ConfigError, match=message):
+        run_lr_sweep(_cfg(tmp_path, **changes), tmp_path / "run", then=None, trial=None)
+
+
+def test_iso_flops_sets_the_mlp_width_for_the_flops_per_token():
+    from kvlab.archs import ModelConfig
+    from kvlab.recipes.module import training_flops
+    from kvlab.recipes.run import _with_flops
+    from tests.conftest import tiny
+
+    tc = TrainConfig(iso_flops=3_000_000)
+    tc.data.seq_len = 32
+    for model in (tiny(), tiny(mixer={"kind": "mla", "n_heads": 4}), tiny(mixer={"kind": "retention", "n_heads": 4})):
+        scaled = _with_flops(ModelConfig.from_dict(model), tc)
+        per_token = training_flops(scaled, 1, 32) / 32
+        unit = (
+            training_flops(ModelConfig.from_dict(model | {"mlp": {"kind": "swiglu", "hidden": 16}}), 1, 32)
+            - training_flops(ModelConfig.from_dict(model | {"mlp": {"kind": "swiglu", "hidden": 8}}), 1, 32)
+        ) / 32
+        assert abs(per_token - 3_000_000) <= unit / 2 + 1  # the nearest multiple of 8 hidden units
+    with pytest.raises(ValueError, match="this model's FLOPs cannot be counted"):
+        _with_flops(ModelConfig.from_dict(tiny(mlp={"kind": "moe", "hidden": 16, "n_experts": 4, "top_k": 2})), tc)
+    with pytest.raises(ValueError, match="iso_flops=3000000 and iso_params=10: both set the MLP's width"):
+        _with_flops(ModelConfig.from_dict(tiny()), TrainConfig(iso_flops=3_000_000, iso_params=10))
