@@ -31,6 +31,8 @@ Every error names the field, the value and what would be valid.
 
 from __future__ import annotations
 
+import copy
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -281,6 +283,17 @@ class ContextConfig:
         self.cross_layers = sorted(self.cross_layers)
 
 
+# The field of each mixer kind that sets the width of what it caches (per token, or its state), its step, and the
+# fields that follow it (equal to it: stay equal; else scaled alike): ModelConfig.with_cache scales them
+# (iso_cache).
+CACHE_WIDTHS = {
+    "attention": ("head_dim", 2, ("rope_dims", "v_head_dim")),
+    "retention": ("head_dim", 2, ("v_head_dim",)),
+    "mla": ("kv_lora_rank", 1, ()),
+    "mamba2": ("state_dim", 1, ()),
+}
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = 4096
@@ -351,6 +364,65 @@ class ModelConfig:
                 return build_model(config).num_parameters()
 
         return self.with_mlp_hidden_for(target, params, f"iso_params={target}")
+
+    def with_cache(self, target: float, context: int, dtype: torch.dtype = torch.bfloat16) -> ModelConfig:
+        """This config with every mixer's cache width (``CACHE_WIDTHS``: attention's and retention's head_dim,
+        MLA's kv_lora_rank, Mamba-2's state_dim) scaled by one common factor so that one sequence's cache after
+        ``context`` tokens holds about ``target`` bytes per token (ablations at equal cache: the cache of
+        a layer that reads another layer's is none, so cross-layer sharing keeps its saving). Each width keeps
+        its step (head_dim even, for RoPE's pairs) and is at least one step."""
+        from kvlab.archs.model import build_model  # the footprint comes from the built (meta) model
+        from kvlab.layers.base import MIXERS
+
+        setting = f"iso_cache={target}"
+        if not target > 0 or context < 1:
+            raise ValueError(f"{setting} at iso_cache_context={context}: both must be > 0")
+        base = self.to_dict()
+        widths = []  # (mapping, field, width, step, {follower: width}) of every mixer spec, parallel branches too
+
+        def find(node, path: str) -> None:
+            if isinstance(node, dict):
+                kind = node.get("kind")
+                if isinstance(kind, str) and kind in MIXERS and kind != "parallel":
+                    if kind not in CACHE_WIDTHS:
+                        raise ValueError(f"{setting}: {path} is a {kind} mixer, whose cache kvlab does not scale "
+                                         f"(it scales {', '.join(sorted(CACHE_WIDTHS))})")  # fmt: skip
+                    name, step, tied = CACHE_WIDTHS[kind]
+                    resolved = mixer_config(node, path)
+                    resolved.validate(self.d_model, path)  # fills the defaults (head_dim: d_model / n_heads)
+                    followers = {f: getattr(resolved, f) for f in tied if getattr(resolved, f, None) is not None}
+                    widths.append((node, name, getattr(resolved, name), step, followers))
+                    return
+                for key, value in node.items():
+                    find(value, f"{path}.{key}" if path else key)
+            elif isinstance(node, list):
+                for i, value in enumerate(node):
+                    find(value, f"{path}[{i}]")
+
+        find(base, "")
+
+        def scaled(factor: float) -> ModelConfig:
+            for node, name, width, step, followers in widths:
+                node[name] = max(step, step * round(width * factor / step))
+                for f, value in followers.items():  # equal: stays equal; narrower (partial RoPE): never wider
+                    alike = max(step, step * round(value * factor / step))
+                    node[f] = node[name] if value == width else min(node[name], alike) if value < width else alike
+            return ModelConfig.from_dict(copy.deepcopy(base))
+
+        def per_token(config: ModelConfig) -> float:
+            with torch.device("meta"):
+                return build_model(config).kv_footprint(dtype).total_bytes(context) / context
+
+        if not widths or per_token(scaled(1.0)) == per_token(scaled(4.0)):
+            raise ValueError(f"{setting}: no mixer of this model has a cache width to scale")
+        low, high = 1 / 1024, 1024.0  # bisect the factor in log space: the bytes never fall as it grows
+        best = (abs(per_token(scaled(1.0)) - target), 1.0)
+        for _ in range(40):
+            mid = math.sqrt(low * high)
+            held = per_token(scaled(mid))
+            best = min(best, (abs(held - target), mid))
+            low, high = (mid, high) if held < target else (low, mid)
+        return scaled(best[1])
 
     def with_mlp_hidden_for(self, target: float, measure, setting: str) -> ModelConfig:
         """This config with the MLP's hidden width set (a multiple of 8) so that ``measure(config)``, a quantity

@@ -159,6 +159,10 @@ class TrainConfig:
     iso_flops: int | None = (
         None  # ... so a training token (forward + backward at data.seq_len) costs about this many FLOPs
     )
+    # scale every mixer's cache width (head_dim, kv_lora_rank, state_dim) so one sequence's cache at
+    # iso_cache_context tokens holds about this many bf16 bytes per token
+    iso_cache: float | None = None
+    iso_cache_context: int = 2048
     lr_sweep: LrSweepConfig = field(default_factory=LrSweepConfig)  # choose optim.lr first (grid: empty, off)
     # train on the KL divergence from the initial model before init.convert (knowledge distillation, as
     # MatryoshkaKV trains its projections) instead of on the labels

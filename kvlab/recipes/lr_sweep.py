@@ -52,7 +52,7 @@ def sweep_key(cfg: DictConfig) -> str:
         "optim": {k: v for k, v in container["optim"].items() if k != "lr"},
         "trainer": {k: container["trainer"][k] for k in ("precision", "accumulate_grad_batches", "gradient_clip_val")},
         "init": container["init"],
-        "iso": [container.get("iso_params"), container.get("iso_flops")],
+        "iso": [container.get(k) for k in ("iso_params", "iso_flops", "iso_cache", "iso_cache_context")],
         "distill": container.get("distill"),
         "sweep": {k: v for k, v in container["lr_sweep"].items() if k != "grid"},  # each rate is a trial of its own
     }

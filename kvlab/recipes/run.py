@@ -205,6 +205,8 @@ def _validated(tc: TrainConfig) -> ModelConfig:
     try:
         check_finite(tc)  # every float of the run, the model's included: inf and nan are never meant
         model_cfg = ModelConfig.from_dict(tc.model)
+        if tc.iso_cache is not None:  # first: the MLP's width (iso_params, iso_flops) leaves the cache as it is
+            model_cfg = model_cfg.with_cache(tc.iso_cache, tc.iso_cache_context)
         if tc.iso_params is not None:
             if tc.iso_params < 1:
                 raise ValueError(f"iso_params={tc.iso_params} must be a parameter count >= 1")

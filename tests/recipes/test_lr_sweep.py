@@ -1,4 +1,5 @@
-"""lr_sweep: the choice of rate on stub trials, its cache, and iso_flops."""
+"""Fair comparisons: the learning-rate sweep (its choice on stub trials, its cache) and the iso settings (iso_flops,
+iso_cache) that scale presets to one budget."""
 
 import json
 import math
@@ -104,3 +105,36 @@ def test_iso_flops_sets_the_mlp_width_for_the_flops_per_token():
         _with_flops(ModelConfig.from_dict(tiny(mlp={"kind": "moe", "hidden": 16, "n_experts": 4, "top_k": 2})), tc)
     with pytest.raises(ValueError, match="iso_flops=3000000 and iso_params=10: both set the MLP's width"):
         _with_flops(ModelConfig.from_dict(tiny()), TrainConfig(iso_flops=3_000_000, iso_params=10))
+
+
+def test_iso_cache_scales_each_mixers_cache_width_to_the_bytes_per_token():
+    """Attention's head_dim (its RoPE and value widths with it), MLA's latent and Mamba-2's state, scaled by one
+    factor; cross-layer sharing keeps its saving (the reading layers hold nothing)."""
+    import torch
+
+    from kvlab.archs import ModelConfig
+    from kvlab.archs.model import build_model
+    from tests.conftest import tiny
+
+    def per_token(config, context=64):
+        with torch.device("meta"):
+            return build_model(config).kv_footprint(torch.bfloat16).total_bytes(context) / context
+
+    gqa = ModelConfig.from_dict(tiny())  # 4 layers x K,V x 2 heads x 16 x 2 bytes = 512 bytes per token
+    half = gqa.with_cache(256, 64)
+    assert per_token(half) == 256 and {(m.head_dim, m.rope_dims, m.v_head_dim) for m in half.layer_mixers} == {
+        (8, 8, 8)
+    }
+    cla = ModelConfig.from_dict(
+        tiny(kv_sharing={"kind": "cla", "every": 2})
+    )  # half the layers hold K/V: twice the head width
+    assert {m.head_dim for m in cla.with_cache(512, 64).layer_mixers} == {32}
+    mla = ModelConfig.from_dict(tiny(mixer={"kind": "mla", "n_heads": 4}))  # latent 64 + RoPE key 8 per layer
+    assert [m.kv_lora_rank for m in mla.with_cache(4 * 2 * (40 + 8), 64).layer_mixers] == [40] * 4
+    mamba = ModelConfig.from_dict(tiny(mixer={"kind": "mamba2", "head_dim": 16}))
+    target = per_token(mamba) * 2
+    assert abs(per_token(mamba.with_cache(target, 64)) - target) < 0.01 * target
+    with pytest.raises(ValueError, match="iso_cache=100: mixer is a rwkv7 mixer, whose cache kvlab does not scale"):
+        ModelConfig.from_dict(tiny(mixer={"kind": "rwkv7"}, mlp={"kind": "rwkv_channel_mix", "hidden": 96})).with_cache(
+            100, 64
+        )
