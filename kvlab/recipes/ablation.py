@@ -41,8 +41,9 @@ RUN_COLUMNS = ("model", "seed", "lr", "params", "train_flops_per_token", "kv_byt
                "val_ppl_ar_other", "val_accuracy", "decode_tok_s_batch_1", "decode_tok_s_batch_8", "train_tok_s",
                "job")  # fmt: skip
 COLUMNS = ("model", "runs", "seeds", "lr", "params", "train_flops_per_token", "kv_bytes_per_token",
-           "kv_bytes_at_context", "val_loss", "val_loss_ci95", "val_ppl", "val_ppl_low", "val_ppl_high",
-           "val_accuracy", "decode_tok_s_batch_1", "train_tok_s", "frontier")  # fmt: skip
+           "kv_bytes_at_context", "val_loss", "val_loss_ci95", "val_loss_diff", "val_loss_diff_ci95", "val_ppl",
+           "val_ppl_low", "val_ppl_high", "val_accuracy", "decode_tok_s_batch_1", "train_tok_s",
+           "frontier")  # fmt: skip
 CONFIDENCE = 0.95
 
 
@@ -112,13 +113,16 @@ def _mean(values: list) -> float | None:
 
 def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per preset (in the order of its first run): the means of its runs, the validation loss's 95%
-    interval and the perplexity's (exp of the loss's bounds), and its frontier mark (``frontier_marks``)."""
+    interval and the perplexity's (exp of the loss's bounds), the difference from the first preset's loss paired
+    by seed (``paired_difference``), and its frontier mark (``frontier_marks``)."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in runs:
         groups.setdefault(r["model"], []).append(r)
+    reference = next(iter(groups.values()))
     rows = []
     for model, rs in groups.items():
         loss, half = mean_interval([r["val_loss"] for r in rs])
+        diff, diff_half = paired_difference(rs, reference) if rs is not reference else (None, None)
         lrs = sorted({r["lr"] for r in rs if r["lr"] is not None})
         rows.append({
             "model": model,
@@ -131,6 +135,8 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "kv_bytes_at_context": rs[0]["kv_bytes_at_context"],
             "val_loss": loss,
             "val_loss_ci95": half,
+            "val_loss_diff": diff,
+            "val_loss_diff_ci95": diff_half,
             "val_ppl": math.exp(min(loss, 50.0)),
             "val_ppl_low": None if half is None else math.exp(min(loss - half, 50.0)),
             "val_ppl_high": None if half is None else math.exp(min(loss + half, 50.0)),
@@ -142,6 +148,15 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for r in rows:
         r["frontier"] = marks[r["model"]]
     return rows
+
+
+def paired_difference(runs: list[dict[str, Any]], reference: list[dict[str, Any]]) -> tuple[float | None, float | None]:
+    """The mean over seeds of ``runs``' validation loss minus ``reference``'s at the same seed, and its 95% interval
+    (None, None without a seed in common). A seed gives both the same data order, so the pairs cancel what the
+    order adds to both: the difference is surer than the two intervals side by side say."""
+    by_seed = {r["seed"]: r["val_loss"] for r in reference}
+    diffs = [r["val_loss"] - by_seed[r["seed"]] for r in runs if r["seed"] in by_seed]
+    return mean_interval(diffs) if diffs else (None, None)
 
 
 def pareto_front(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -202,9 +217,11 @@ def _write_csv(path: Path, rows: list[dict[str, Any]], columns: tuple[str, ...])
 def markdown_table(summary: list[dict[str, Any]], context: int) -> str:
     """The per-preset table as Markdown: loss and perplexity as mean ± interval, the frontier in bold, ties
     marked."""
+    first = summary[0]["model"]
     head = ("model", "runs", "lr", "params", "train FLOPs/token", "KV bytes/token", f"cache at {context:,}",
-            "val loss (95% CI)", "val ppl (95% CI)", "frontier")  # fmt: skip
-    lines = [f"Mean over seeds with a 95% confidence interval (Student's t); cache at {context:,} tokens, one "
+            "val loss (95% CI)", f"- {first}'s, paired by seed", "val ppl (95% CI)", "frontier")  # fmt: skip
+    lines = [f"Mean over seeds with a 95% confidence interval (Student's t); the difference from {first}'s loss "
+             f"at the same seed (same data order), its mean and interval; cache at {context:,} tokens, one "
              "sequence, bf16. Pareto frontier of the means in bold; *tie*: beaten by the means, not beyond the "
              "intervals.", "", "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]  # fmt: skip
     for r in summary:
@@ -214,8 +231,14 @@ def markdown_table(summary: list[dict[str, Any]], context: int) -> str:
         else:
             loss = f"{r['val_loss']:.4f} ± {r['val_loss_ci95']:.4f}"
             ppl = f"{r['val_ppl']:.2f} ({r['val_ppl_low']:.2f}-{r['val_ppl_high']:.2f})"
+        if r["val_loss_diff"] is None:
+            diff = "-"
+        elif r["val_loss_diff_ci95"] is None:
+            diff = f"{r['val_loss_diff']:+.4f}"
+        else:
+            diff = f"{r['val_loss_diff']:+.4f} ± {r['val_loss_diff_ci95']:.4f}"
         cells = [name, _cell(r["runs"]), _cell(r["lr"]), _cell(r["params"]), _cell(r["train_flops_per_token"]),
-                 _cell(r["kv_bytes_per_token"]), _cell(r["kv_bytes_at_context"]), loss, ppl,
+                 _cell(r["kv_bytes_per_token"]), _cell(r["kv_bytes_at_context"]), loss, diff, ppl,
                  r["frontier"] or "beaten"]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -292,3 +315,23 @@ def _log_to_wandb(rows, sweep_dir: Path, config) -> None:
     run.log({"ablation": wandb.Table(columns=list(COLUMNS), data=[[r[c] for c in COLUMNS] for r in rows]),
              "pareto": wandb.Image(str(sweep_dir / "pareto.png"))})  # fmt: skip
     run.finish()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m kvlab.recipes.ablation SWEEP_DIR [--context N]``: the report of a sweep again (after more seeds
+    ran into it, or at another context length)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m kvlab.recipes.ablation", description=main.__doc__)
+    parser.add_argument("sweep_dir", type=Path, help="a recipe=ablation multirun directory")
+    parser.add_argument("--context", type=int, default=2048, help="tokens per sequence of the cache compared")
+    args = parser.parse_args(argv)
+    if not args.sweep_dir.is_dir():
+        parser.error(f"{args.sweep_dir} is not a directory")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if report(args.sweep_dir, args.context):
+        print((args.sweep_dir / "results.md").read_text(), end="")
+
+
+if __name__ == "__main__":
+    main()

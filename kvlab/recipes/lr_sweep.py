@@ -48,7 +48,8 @@ def sweep_key(cfg: DictConfig) -> str:
     container = OmegaConf.to_container(cfg, resolve=True)
     identity = {
         "model": {k: v for k, v in container["model"].items() if k != "kernels"},  # how, not what, it computes
-        "data": {k: v for k, v in container["data"].items() if k != "cache_dir"},
+        # where the data is cached and how it is read change nothing of what the trials see
+        "data": {k: v for k, v in container["data"].items() if k not in ("cache_dir", "streaming", "num_workers")},
         "optim": {k: v for k, v in container["optim"].items() if k != "lr"},
         "trainer": {k: container["trainer"][k] for k in ("precision", "accumulate_grad_batches", "gradient_clip_val")},
         "init": container["init"],

@@ -174,7 +174,9 @@ def _cached_parent(cfg: DictConfig) -> tuple[dict, int]:
         # kernel backends change how, not what, the parent computes
         "model": {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "kernels"},
         "data": {
-            k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if k not in ("cache_dir", "context")
+            k: v
+            for k, v in OmegaConf.to_container(cfg.data, resolve=True).items()
+            if k not in ("cache_dir", "context", "streaming", "num_workers")
         },  # fmt: skip
         # which parameters the uptraining trains is not the parent's business (it trains them all)
         "optim": {k: v for k, v in OmegaConf.to_container(cfg.optim, resolve=True).items() if k != "trainable"},

@@ -69,6 +69,13 @@ def test_ablation_sweep_over_seeds_with_an_lr_sweep_writes_every_run_and_the_mea
     assert results["retnet"]["frontier"] == "front"  # the smallest cache
     assert "**retnet** |" in (sweep / "results.md").read_text()
     assert (sweep / "pareto.png").stat().st_size > 1000
+    from kvlab.recipes.ablation import main
+
+    main([str(sweep), "--context", "1024"])  # the report again, at another length
+    with open(sweep / "results.csv") as f:
+        again = {r["model"]: r for r in csv.DictReader(f)}
+    mha = json.loads((sweep / next(r["job"] for r in runs if r["model"] == "mha") / "metrics.json").read_text())
+    assert int(again["mha"]["kv_bytes_at_context"]) == mha["kv_bytes_per_token"] * 1024 + mha["kv_fixed_bytes"]
 
 
 def test_mean_interval_is_students_t_and_covers_the_mean_as_often_as_it_says():
@@ -100,7 +107,8 @@ def test_summary_groups_runs_by_preset_with_the_perplexity_interval_from_the_los
     runs = [{"model": m, "seed": s, "lr": 3e-3, "params": 10, "train_flops_per_token": 60, "kv_bytes_per_token": k,
              "kv_bytes_at_context": k * 2048, "val_loss": loss, "val_accuracy": 0.5, "decode_tok_s_batch_1": None,
              "train_tok_s": 100.0} for m, s, k, loss in [("gqa", 0, 1024, 5.0), ("mqa", 0, 512, 5.2),
-                                                         ("gqa", 1, 1024, 5.2), ("mqa", 1, 512, 5.4)]]  # fmt: skip
+                                                         ("gqa", 1, 1024, 5.2), ("mqa", 1, 512, 5.5),
+                                                         ("mqa", 2, 512, 5.9)]]  # fmt: skip
     gqa, mqa = summarize(runs)
     assert (gqa["model"], gqa["runs"], gqa["seeds"], gqa["lr"]) == ("gqa", 2, "0 1", "0.003")
     mean, half = mean_interval([5.0, 5.2])
@@ -108,6 +116,11 @@ def test_summary_groups_runs_by_preset_with_the_perplexity_interval_from_the_los
     assert gqa["val_ppl_low"] == pytest.approx(math.exp(mean - half))
     assert gqa["val_ppl_high"] == pytest.approx(math.exp(mean + half))
     assert (gqa["frontier"], mqa["frontier"]) == ("front", "front")
+    # against the first preset at the seeds both ran (seed 2 has no gqa run to pair with)
+    assert gqa["val_loss_diff"] is None and mqa["runs"] == 3
+    diff, diff_half = mean_interval([0.2, 0.3])
+    assert mqa["val_loss_diff"] == pytest.approx(diff) and mqa["val_loss_diff_ci95"] == pytest.approx(diff_half)
+    assert diff_half < mqa["val_loss_ci95"]  # the pairs take out what the seed moves in both
 
 
 def test_with_wandb_the_table_and_the_plot_are_logged_offline(tmp_path, monkeypatch):
@@ -124,3 +137,19 @@ def test_with_wandb_the_table_and_the_plot_are_logged_offline(tmp_path, monkeypa
     (table,) = tmp_path.glob("wandb/offline-run-*/files/media/table/ablation_*.table.json")
     assert json.loads(table.read_text())["columns"] == list(COLUMNS)
     assert list(tmp_path.glob("wandb/offline-run-*/files/media/images/pareto_*.png"))
+
+
+@pytest.mark.parametrize("setting, steps, seeds, width", [(None, 100, "0", 256), ("standard", 1000, "0,1,2", 128)])
+def test_the_ablation_settings_set_the_budget_and_the_seeds(setting, steps, seeds, width):
+    from hydra import compose, initialize_config_dir
+
+    from kvlab.archs import ModelConfig
+    from kvlab.recipes.config import register_configs
+    from tests.recipes.test_train import REPO
+
+    register_configs()
+    overrides = ["recipe=ablation", "model=mqa"] + ([f"ablation={setting}"] if setting else [])
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    assert cfg.trainer.max_steps == steps and str(cfg.hydra.sweeper.params.seed) == seeds
+    assert ModelConfig.from_dict(cfg.model).d_model == width
