@@ -343,7 +343,8 @@ def _train_texts(cfg: DataConfig) -> Iterator[str]:
 def _tokenize(cfg: DataConfig, tmp: Path) -> None:
     """The tokenizer (trained here unless ``data.tokenizer``) and both splits' token streams, into ``tmp``.
 
-    One pass over the corpus (a second, shorter one trains the tokenizer), a batch of documents at a time:
+    One pass over the corpus (the tokenizer's training reads the train split before it, only its first
+    ``data.tokenizer_docs`` documents when that is set), a batch of documents at a time:
     each document's ids and an end-of-text token are appended to its split's file, ``train.bin`` or
     ``val.bin`` (uint16, or uint32 past 65,536 tokens), so memory stays bounded whatever the corpus's size.
     """
