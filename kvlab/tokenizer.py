@@ -32,7 +32,7 @@ def train_tokenizer(texts, vocab_size: int):
             yield text
 
     log.info("tokenizer: training a byte-level BPE of %d tokens on %s documents", vocab_size,
-             length if length is not None else "the train split's")  # fmt: skip
+             length if length is not None else "a stream of")  # fmt: skip
     started = time.perf_counter()
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

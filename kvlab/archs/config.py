@@ -413,10 +413,11 @@ class ModelConfig:
             with torch.device("meta"):
                 return build_model(config).kv_footprint(dtype).total_bytes(context) / context
 
-        if not widths or per_token(scaled(1.0)) == per_token(scaled(4.0)):
+        now = per_token(scaled(1.0))
+        if not widths or now == per_token(scaled(4.0)):
             raise ValueError(f"{setting}: no mixer of this model has a cache width to scale")
         low, high = 1 / 1024, 1024.0  # bisect the factor in log space: the bytes never fall as it grows
-        best = (abs(per_token(scaled(1.0)) - target), 1.0)
+        best = (abs(now - target), 1.0)
         for _ in range(40):
             mid = math.sqrt(low * high)
             held = per_token(scaled(mid))

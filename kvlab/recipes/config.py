@@ -156,9 +156,8 @@ class TrainConfig:
     uptrain: UptrainConfig | None = None  # set by the staged uptraining recipes
     ckpt: str | None = None  # recipe=export's / eval's shorthand for init.path: python train.py recipe=eval ckpt=PATH
     iso_params: int | None = None  # widen or narrow the MLP so the model has about this many parameters
-    iso_flops: int | None = (
-        None  # ... so a training token (forward + backward at data.seq_len) costs about this many FLOPs
-    )
+    # ... so a training token (forward + backward of a data.seq_len row) costs about this many FLOPs
+    iso_flops: int | None = None
     # scale every mixer's cache width (head_dim, kv_lora_rank, state_dim) so one sequence's cache at
     # iso_cache_context tokens holds about this many bf16 bytes per token
     iso_cache: float | None = None

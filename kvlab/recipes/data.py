@@ -35,6 +35,7 @@ killed one stopped, whatever the corpus's size.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
@@ -352,26 +353,26 @@ def _tokenize(cfg: DataConfig, tmp: Path) -> None:
     tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else train_tokenizer(_train_texts(cfg), cfg.vocab_size)
     tokenizer.save(str(tmp / "tokenizer.json"))
     eos, dtype = eos_id(tokenizer), token_dtype(tokenizer.get_vocab_size())
-    streams = {split: open(tmp / f"{split}.bin", "wb") for split in ("train", "val")}
-    docs, tokens = dict.fromkeys(streams, 0), dict.fromkeys(streams, 0)
+    docs, tokens = {"train": 0, "val": 0}, {"train": 0, "val": 0}
     last = None  # (split, length) of the corpus's last document
     enough = cfg.max_tokens if cfg.max_tokens is not None else float("inf")
-    with tqdm(desc="tokenizing", unit=" docs", disable=None) as bar:
-        for batch in iter_documents(cfg):
-            for (name, _), encoding in zip(batch, tokenizer.encode_batch([t for _, t in batch]), strict=True):
-                split = "val" if _is_val(name, cfg.val_fraction) else "train"
-                ids = np.append(np.asarray(encoding.ids, dtype=dtype), np.asarray(eos, dtype=dtype))
-                ids.tofile(streams[split])
-                docs[split] += 1
-                tokens[split] += len(ids)
-                last = (split, len(ids))
-                if tokens["train"] >= enough:
-                    break
-            bar.update(len(batch))
-            if tokens["train"] >= enough:  # (the stream's remainder is never read)
+    encoded = (  # (name, encoding) per document, each batch encoded at once (tokenizers' threads)
+        (name, encoding)
+        for batch in iter_documents(cfg)
+        for (name, _), encoding in zip(batch, tokenizer.encode_batch([t for _, t in batch]), strict=True)
+    )
+    with contextlib.ExitStack() as files, tqdm(desc="tokenizing", unit=" docs", disable=None) as bar:
+        streams = {split: files.enter_context(open(tmp / f"{split}.bin", "wb")) for split in docs}
+        for name, encoding in encoded:
+            split = "val" if _is_val(name, cfg.val_fraction) else "train"
+            ids = np.append(np.asarray(encoding.ids, dtype=dtype), np.asarray(eos, dtype=dtype))
+            ids.tofile(streams[split])
+            docs[split] += 1
+            tokens[split] += len(ids)
+            last = (split, len(ids))
+            bar.update()
+            if tokens["train"] >= enough:  # the rest of the corpus is never read
                 break
-    for f in streams.values():
-        f.close()
     if last is None:
         raise ValueError(f"data: the {cfg.kind} corpus has no documents")
     if not docs["val"] or not docs["train"]:  # tiny corpora: the last document is the validation split

@@ -25,7 +25,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from kvlab.recipes.data import default_cache_dir
-from kvlab.recipes.run import ConfigError, _write_json, run, run_dir_in_use
+from kvlab.recipes.run import ConfigError, _write_json, run, run_dir_in_use, training_identity
 
 log = logging.getLogger("kvlab")
 
@@ -43,20 +43,16 @@ def _listed(losses: dict[float, float]) -> str:
 
 
 def sweep_key(cfg: DictConfig) -> str:
-    """What the trials depend on: the model, the data, the optimizer but its rate, the trainer's numerics, the
-    sweep; not the run's seed or steps (its trials serve every seed and budget)."""
+    """What the trials depend on: the run's training (``training_identity``) but its rate, where it starts, the
+    iso settings, the sweep; not the run's seed or steps (its trials serve every seed and budget)."""
     container = OmegaConf.to_container(cfg, resolve=True)
-    identity = {
-        "model": {k: v for k, v in container["model"].items() if k != "kernels"},  # how, not what, it computes
-        # where the data is cached and how it is read change nothing of what the trials see
-        "data": {k: v for k, v in container["data"].items() if k not in ("cache_dir", "streaming", "num_workers")},
-        "optim": {k: v for k, v in container["optim"].items() if k != "lr"},
-        "trainer": {k: container["trainer"][k] for k in ("precision", "accumulate_grad_batches", "gradient_clip_val")},
+    identity = training_identity(cfg) | {
         "init": container["init"],
         "iso": [container.get(k) for k in ("iso_params", "iso_flops", "iso_cache", "iso_cache_context")],
         "distill": container.get("distill"),
         "sweep": {k: v for k, v in container["lr_sweep"].items() if k != "grid"},  # each rate is a trial of its own
     }
+    del identity["optim"]["lr"]
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -354,6 +354,23 @@ def _initial_model(tc: TrainConfig):
     return model
 
 
+def training_identity(cfg: DictConfig) -> dict:
+    """What shapes the result of training ``cfg``'s model, for the caches of runs that other runs reuse (an
+    uptraining parent, the learning-rate sweep's trials; each adds what else its runs depend on): the model
+    but its kernel backends (how, not what, it computes), the data but where it is cached and how it is read,
+    the optimizer, and the trainer's numerics."""
+
+    def plain(node) -> dict:
+        return OmegaConf.to_container(node, resolve=True)
+
+    return {
+        "model": {k: v for k, v in plain(cfg.model).items() if k != "kernels"},
+        "data": {k: v for k, v in plain(cfg.data).items() if k not in ("cache_dir", "streaming", "num_workers")},
+        "optim": plain(cfg.optim),
+        "trainer": {k: cfg.trainer[k] for k in ("precision", "accumulate_grad_batches", "gradient_clip_val")},
+    }
+
+
 def _model_metrics(model) -> dict:
     """What every run reports of its model: parameters, the bf16 KV footprint, and the config."""
     fp = model.kv_footprint(torch.bfloat16)

@@ -34,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from kvlab._io import atomic_write_text
 from kvlab.recipes.config import TrainConfig
 from kvlab.recipes.data import default_cache_dir, tokenizer_to_use
-from kvlab.recipes.run import ConfigError, _write_json, run, run_dir_in_use
+from kvlab.recipes.run import ConfigError, _write_json, run, run_dir_in_use, training_identity
 
 log = logging.getLogger("kvlab")
 
@@ -170,20 +170,9 @@ def _stage(cfg: DictConfig, stage_dir: Path, name: str | None = None, **changes)
 
 def _cached_parent(cfg: DictConfig) -> tuple[dict, int]:
     """Train the parent (``model`` from scratch) or reuse the cached one; its init and training tokens."""
-    identity = {
-        # kernel backends change how, not what, the parent computes
-        "model": {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "kernels"},
-        "data": {
-            k: v
-            for k, v in OmegaConf.to_container(cfg.data, resolve=True).items()
-            if k not in ("cache_dir", "context", "streaming", "num_workers")
-        },  # fmt: skip
-        # which parameters the uptraining trains is not the parent's business (it trains them all)
-        "optim": {k: v for k, v in OmegaConf.to_container(cfg.optim, resolve=True).items() if k != "trainable"},
-        "seed": cfg.seed,
-        "steps": cfg.uptrain.parent_steps,
-        "trainer": {k: cfg.trainer[k] for k in ("precision", "accumulate_grad_batches", "gradient_clip_val")},
-    }
+    identity = training_identity(cfg) | {"seed": cfg.seed, "steps": cfg.uptrain.parent_steps}
+    del identity["data"]["context"]  # the converted model's rows (PLAIN_ROWS): the parent trains on plain ones
+    del identity["optim"]["trainable"]  # which parameters the uptraining trains: the parent trains them all
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     parent_dir = Path(cfg.data.cache_dir or default_cache_dir()) / "parents" / key
     ckpt = parent_dir / "checkpoints" / "last.ckpt"
