@@ -39,9 +39,10 @@ from torch import nn
 from kvlab.archs.cache import Cache
 from kvlab.archs.config import ModelConfig
 from kvlab.archs.footprint import Footprint, FootprintRow
-from kvlab.archs.model import Block, CausalLM
+from kvlab.archs.model import Block, CausalLM, module_rng
 from kvlab.layers import build_norm
 from kvlab.layers.base import StepState
+from kvlab.layers.cache_policy import CachePolicy, policy_footprint
 
 
 class BlockCache(Cache):
@@ -69,7 +70,8 @@ class BlockCache(Cache):
         self.tokens.seen = self.prefix + tokens % self.block_length if tokens else 0
 
     def nbytes(self) -> int:
-        return self.blocks.nbytes() + self.tokens.allocated_bytes()  # the token decoder's slots are fixed
+        # the token decoder's slots are fixed: what they hold when full (their allocation, but for KIVI's residual)
+        return self.blocks.nbytes() + self.tokens.nbytes(self.tokens.max_len)
 
     def allocated_bytes(self) -> int:
         return self.blocks.allocated_bytes() + self.tokens.allocated_bytes()
@@ -110,9 +112,10 @@ class BlockTransformer(CausalLM):
         self.token_layers = nn.ModuleList(Block(self.token_config, i) for i in range(self.token_config.n_layers))
 
     @torch.no_grad()
-    def init_weights(self) -> None:
-        super().init_weights()
-        nn.init.normal_(self.start_block, std=self.config.init_std)
+    def init_weights(self, seed: int | None = None) -> None:
+        super().init_weights(seed)
+        with module_rng(seed, "start_block", self.start_block.device):
+            nn.init.normal_(self.start_block, std=self.config.init_std)
 
     # -- forward --------------------------------------------------------------
 
@@ -214,17 +217,21 @@ class BlockTransformer(CausalLM):
 
     # -- cache and footprint --------------------------------------------------
 
-    def new_cache(self, batch_size=1, max_len=None, dtype=None, device=None) -> BlockCache:
+    def new_cache(self, batch_size=1, max_len=None, dtype=None, device=None, policy=None) -> BlockCache:
         """The block decoder's slots for the start block and ``max_len / L`` blocks, and the token decoder's for
-        one block's ``P + L - 1`` positions."""
+        one block's ``P + L - 1`` positions; ``policy`` for both (``CausalLM.new_cache``)."""
         batch_size, max_len, dtype, device = self._cache_settings(batch_size, max_len, dtype, device)
-        blocks = self._layer_cache(self.layers, batch_size, 1 + max_len // self.block_length, dtype, device)
-        tokens = self._layer_cache(self.token_layers, batch_size, self.prefix + self.block_length - 1, dtype, device)
+        policy = CachePolicy.from_spec(policy)
+        blocks = self._layer_cache(self.layers, batch_size, 1 + max_len // self.block_length, dtype, device,
+                                   policy=policy)  # fmt: skip
+        tokens = self._layer_cache(self.token_layers, batch_size, self.prefix + self.block_length - 1, dtype, device,
+                                   policy=policy)  # fmt: skip
         return BlockCache(blocks, tokens, self.block_length, self.prefix, max_len, self.config, dtype, device)
 
-    def kv_footprint(self, dtype: torch.dtype = torch.bfloat16) -> Footprint:
+    def kv_footprint(self, dtype: torch.dtype = torch.bfloat16, policy=None) -> Footprint:
         """The block decoder's rows per block of ``L`` tokens (and the start block), the token decoder's as
-        fixed bytes (one block's positions, allocated once)."""
+        fixed bytes (one block's positions, allocated once); K/V held through ``policy``."""
+        policy = CachePolicy.from_spec(policy)
         rows = [
             FootprintRow(
                 r.layer,
@@ -235,13 +242,20 @@ class BlockTransformer(CausalLM):
                 r.max_tokens,
                 per_tokens=self.block_length,
                 entries_before=1,
+                held=r.held,
             )  # fmt: skip
-            for r in super().kv_footprint(dtype).per_layer
+            for r in super().kv_footprint(dtype, policy).per_layer
         ]
         positions = self.prefix + self.block_length - 1
         first = len(rows)
         for i, layer in enumerate(self.token_layers):
             fp = layer.mixer.kv_footprint(dtype)
-            rows.append(FootprintRow(first + i, f"token {layer.mixer.cfg.kind}", 0,
-                                     fp.total_bytes(positions), first + i))  # fmt: skip
-        return Footprint(tuple(rows), dtype)
+            held = None if policy is None else policy_footprint(layer.mixer, positions, dtype, policy,
+                                                                f"token layer {i}")  # fmt: skip
+            if held is None:
+                fixed = fp.total_bytes(positions)
+            else:  # the token decoder's slots fill every block: its whole length (or what the policy keeps)
+                kept = min(positions, held.max_tokens or positions)
+                fixed = held.held(kept) if held.held is not None else held.bytes_per_token * kept
+            rows.append(FootprintRow(first + i, f"token {layer.mixer.cfg.kind}", 0, fixed, first + i))
+        return Footprint(tuple(rows), dtype, policy=None if policy is None else policy.describe())

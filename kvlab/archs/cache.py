@@ -28,9 +28,11 @@ class Cache:
         config=None,
         dtype=None,
         prefix: int = 0,
+        policy=None,
     ):
         self.config = config  # the ModelConfig of the model that made it: no other model may use it
         self.dtype = dtype  # of the states it holds
+        self.policy = policy  # how its K/V slots hold keys and values (a CachePolicy; None: as computed)
         self.slots = slots
         self.mlp_slots = [None] * len(slots) if mlp_slots is None else mlp_slots
         self.batch_size = batch_size
@@ -69,9 +71,10 @@ class Cache:
     def _context_bytes(self, tokens: int) -> int:
         return 0 if self.context is None else tokens * self.batch_size * self.context.shape[2] * self.context.itemsize
 
-    def nbytes(self) -> int:
-        """Bytes of state held for the tokens seen so far (and the context's states)."""
-        return sum(s.nbytes(self.start) for s in self._held()) + self._context_bytes(self.context_len)
+    def nbytes(self, tokens: int | None = None) -> int:
+        """Bytes of state held for the tokens seen so far (or once ``tokens`` are) and the context's states."""
+        start = self.start if tokens is None else tokens + self.prefix if tokens else 0
+        return sum(s.nbytes(start) for s in self._held()) + self._context_bytes(self.context_len)
 
     def allocated_bytes(self) -> int:
         """Bytes of the buffers allocated (whatever has been used)."""
@@ -103,5 +106,6 @@ class Cache:
         owners = sum(s is not None for s in self.slots)
         return (
             f"Cache(batch_size={self.batch_size}, max_len={self.max_len}, seen={self.seen}, "
-            f"slots={owners}/{len(self.slots)}, allocated_bytes={self.allocated_bytes():,})"
+            f"slots={owners}/{len(self.slots)}, allocated_bytes={self.allocated_bytes():,}"
+            + (f", policy={self.policy.describe()})" if self.policy is not None else ")")
         )

@@ -460,6 +460,14 @@ class ModelConfig:
         return [p.mixer for p in self.plan]
 
     @property
+    def mixer_kinds(self) -> list[str]:
+        """Every mixer kind the layers run, sorted: a parallel layer's and its branches'."""
+        kinds = set()
+        for m in self.layer_mixers:
+            kinds |= {m.kind, *(b.kind for b in getattr(m, "mixers", ()))} if m.kind == "parallel" else {m.kind}
+        return sorted(kinds)
+
+    @property
     def layer_kv_source(self) -> list[int]:
         """Each layer's keys/values source: the layer itself unless it reads another's."""
         return [p.kv_source for p in self.plan]

@@ -19,7 +19,8 @@ part of the prompt.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from fractions import Fraction
 
 import torch
@@ -43,6 +44,9 @@ class FootprintRow:
     max_tokens: int | None = None  # the window, for layers that keep only the last max_tokens entries
     per_tokens: int = 1  # tokens per cached entry (a Block Transformer's block decoder: the block length)
     entries_before: int = 0  # entries held before the tokens (a Block Transformer's start block, meta tokens)
+    # the bytes of n entries where they are not n * bytes_per_token (a cache policy with a full-precision
+    # residual: KIVI); bytes_per_token is then what each entry costs in the long run
+    held: Callable[[int], int] | None = field(default=None, compare=False, repr=False)
 
     def total_bytes(self, seq_len: int) -> int:
         """What this layer holds for one sequence after ``seq_len`` tokens (``bytes_per_token`` is per entry;
@@ -50,7 +54,8 @@ class FootprintRow:
         entries = self.entries_before + seq_len // self.per_tokens if seq_len else 0
         if self.max_tokens is not None:
             entries = min(entries, self.max_tokens)
-        return self.bytes_per_token * entries + self.fixed_bytes
+        per_entry = self.bytes_per_token * entries if self.held is None else self.held(entries)
+        return per_entry + self.fixed_bytes
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,7 @@ class Footprint:
     per_layer: tuple[FootprintRow, ...]
     dtype: torch.dtype
     context_bytes_per_token: int = 0  # the context encoder's states per context token (0: no context encoder)
+    policy: str | None = None  # the cache policy its K/V are held through (None: as computed, in dtype)
 
     @property
     def bytes_per_token(self) -> int | float:
@@ -104,7 +110,8 @@ class Footprint:
             window = "-" if r.max_tokens is None else str(r.max_tokens)
             per = f"{r.bytes_per_token:>12,}" + (f" {r.per_tokens:>12}" if blocks else "")
             lines.append(f"{r.layer:>5}  {r.kind:<16} {per} {r.fixed_bytes:>12,} {window:>8} {r.kv_source:>9}")
-        lines.append(f"total ({self.dtype}): {self.bytes_per_token:,} bytes/token + {self.fixed_bytes:,} fixed bytes")
+        held = f"{self.dtype}" + (f", K/V {self.policy}" if self.policy else "")
+        lines.append(f"total ({held}): {self.bytes_per_token:,} bytes/token + {self.fixed_bytes:,} fixed bytes")
         if self.context_bytes_per_token:
             lines.append(f"context: {self.context_bytes_per_token:,} bytes per context token (encoder states; in the "
                          f"prompt instead, {self.bytes_per_token:,} bytes/token)")  # fmt: skip

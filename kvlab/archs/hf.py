@@ -376,7 +376,7 @@ def model_card(model: CausalLM, hf: dict | None, dtype: torch.dtype | None, metr
     from kvlab.archs.footprint import human
 
     cfg = model.config
-    kinds = sorted(_mixer_kinds(cfg))
+    kinds = cfg.mixer_kinds
     data = ModelCardData(library_name="transformers", pipeline_tag="text-generation",
                          tags=["kvlab", "kv-cache", *kinds])  # fmt: skip
     native = hf is not None
@@ -455,22 +455,12 @@ def _remote_file_name(module: str) -> str:
     return "kvlab_" + module.removeprefix("kvlab.").replace(".", "_") + ".py"
 
 
-def _mixer_kinds(config: ModelConfig) -> set[str]:
-    """Every mixer kind of the model's layers, a parallel layer's branches included."""
-    from kvlab.layers.parallel import ParallelConfig
-
-    kinds = set()
-    for m in config.layer_mixers:
-        kinds |= {m.kind, *(b.kind for b in m.mixers)} if isinstance(m, ParallelConfig) else {m.kind}
-    return kinds
-
-
 def unused_modules(config: ModelConfig) -> set[str]:
     """The kvlab modules a model of ``config`` never runs: the mixer families it has no layer of (each family's
     module registers its kinds) and, unless it has blocks, the Block Transformer."""
     from kvlab.layers import MIXERS
 
-    used = _mixer_kinds(config)
+    used = set(config.mixer_kinds)
     by_module: dict[str, set[str]] = {}
     for kind, cls in MIXERS.items():
         by_module.setdefault(cls.__module__, set()).add(kind)

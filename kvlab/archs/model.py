@@ -9,8 +9,11 @@ nothing here knows which families exist. Parameter names follow
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import hashlib
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -28,6 +31,7 @@ from kvlab.kernels.ops import linear_cross_entropy
 from kvlab.kernels.registry import use_kernels
 from kvlab.layers import MIXERS, build_mlp, build_norm
 from kvlab.layers.base import StepState
+from kvlab.layers.cache_policy import CachePolicy, policy_cache_slot, policy_footprint
 from kvlab.layers.cross_attention import ContextEncoder, CrossAttention, CrossBlock
 from kvlab.layers.norm import RMSNorm
 from kvlab.layers.rope import Rotary
@@ -172,25 +176,37 @@ class CausalLM(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
 
     @torch.no_grad()
-    def init_weights(self) -> None:
+    def init_weights(self, seed: int | None = None) -> None:
         """Normal(0, init_std) weights; residual-output projections scaled by
-        1/sqrt(2 n_layers) (GPT-2). Also call after ``to_empty`` from the meta device."""
+        1/sqrt(2 n_layers) (GPT-2). Also call after ``to_empty`` from the meta device.
+
+        ``seed``: each module draws from a generator of its own, seeded by ``seed`` and the module's name, instead
+        of from torch's global one in module order. Two models then start with the same weights wherever they
+        have a module of the same name (and the same leading rows where its shape differs: MHA's and GQA's key
+        projections), whatever else differs between them: common random numbers, which make a comparison of
+        architectures at one seed differ by the architecture and not by the luck of their draws."""
         self.tie_weights()
         std = self.config.init_std
         for name, module in self.named_modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                scaled = name.endswith(("o_proj", "down_proj", "out_proj"))
-                nn.init.normal_(module.weight, std=std / math.sqrt(2 * self.config.n_layers) if scaled else std)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
-            elif hasattr(module, "init_normal"):  # stacked weights (MoE experts): the same two scales
-                module.init_normal(std, std / math.sqrt(2 * self.config.n_layers))
-            elif module is not self and hasattr(module, "reset_parameters"):
-                module.reset_parameters()  # norms, and mixers' own special parameters (before their children)
-            if hasattr(module, "reset_buffers"):
-                module.reset_buffers()
+            with module_rng(seed, name, self.embed_tokens.weight.device):
+                self._init_module(name, module, std)
         if self.config.meta_tokens:  # standard normal, as Hymba's code draws them (torch.randn)
-            nn.init.normal_(self.meta_tokens)
+            with module_rng(seed, "meta_tokens", self.meta_tokens.device):
+                nn.init.normal_(self.meta_tokens)
+
+    def _init_module(self, name: str, module: nn.Module, std: float) -> None:
+        """``module``'s own parameters and buffers (not its children's, which have their turn)."""
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            scaled = name.endswith(("o_proj", "down_proj", "out_proj"))
+            nn.init.normal_(module.weight, std=std / math.sqrt(2 * self.config.n_layers) if scaled else std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        elif hasattr(module, "init_normal"):  # stacked weights (MoE experts): the same two scales
+            module.init_normal(std, std / math.sqrt(2 * self.config.n_layers))
+        elif module is not self and hasattr(module, "reset_parameters"):
+            module.reset_parameters()  # norms, and mixers' own special parameters (before their children)
+        if hasattr(module, "reset_buffers"):
+            module.reset_buffers()
 
     # -- forward --------------------------------------------------------------
 
@@ -465,12 +481,16 @@ class CausalLM(nn.Module):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         context_len: int | None = None,
+        policy=None,
     ) -> Cache:
         """Preallocate the cache for ``batch_size`` sequences of up to ``max_len`` tokens (after the meta tokens,
         for a model with them; and, for a model with a context encoder, the states of up to ``context_len``
-        context tokens; None: ``context.max_len``)."""
+        context tokens; None: ``context.max_len``). ``policy``: how the attention layers' keys and values are
+        held (``kvlab.layers.cache_policy``: ``"int8"``, ``"int4"``, ``"fp8"``, ``"kivi"``, ``"sinks"``, or a mapping of
+        ``kind`` and its settings); None: as computed, in ``dtype``."""
         batch_size, max_len, dtype, device = self._cache_settings(batch_size, max_len, dtype, device)
-        cache = self._layer_cache(self.layers, batch_size, max_len, dtype, device, prefix=self.config.meta_tokens)
+        cache = self._layer_cache(self.layers, batch_size, max_len, dtype, device, prefix=self.config.meta_tokens,
+                                  policy=CachePolicy.from_spec(policy))  # fmt: skip
         c = self.config.context
         if c is None:
             if context_len:
@@ -498,18 +518,33 @@ class CausalLM(nn.Module):
             raise ValueError(f"dtype={dtype}: a cache holds floating-point states (e.g. torch.bfloat16, torch.float32)")
         return batch_size, max_len, dtype, weight.device if device is None else device
 
-    def _layer_cache(self, layers, batch_size: int, length: int, dtype, device, prefix: int = 0) -> Cache:
+    def _layer_cache(self, layers, batch_size: int, length: int, dtype, device, prefix: int = 0,
+                     policy: CachePolicy | None = None) -> Cache:  # fmt: skip
         """A cache of ``length`` tokens after ``prefix`` positions (meta tokens) for ``layers``, each slot made
-        by its own mixer (and stateful MLP)."""
-        slots = [layer.mixer.new_cache_slot(batch_size, prefix + length, dtype, device) for layer in layers]
+        by its own mixer (and stateful MLP), its K/V held through ``policy`` (None: as computed)."""
+        if policy is None:
+            slots = [layer.mixer.new_cache_slot(batch_size, prefix + length, dtype, device) for layer in layers]
+        else:
+            slots = [policy_cache_slot(layer.mixer, batch_size, prefix + length, dtype, device, policy, f"layer {i}")
+                     for i, layer in enumerate(layers)]  # fmt: skip
         mlp_slots = [layer.mlp.new_cache_slot(batch_size, dtype, device) if layer.mlp_stateful else None
                      for layer in layers]  # fmt: skip
-        return Cache(slots, batch_size, length, mlp_slots, config=self.config, dtype=dtype, prefix=prefix)
+        return Cache(slots, batch_size, length, mlp_slots, config=self.config, dtype=dtype, prefix=prefix,
+                     policy=policy)  # fmt: skip
 
-    def kv_footprint(self, dtype: torch.dtype = torch.bfloat16) -> Footprint:
+    def kv_footprint(self, dtype: torch.dtype = torch.bfloat16, policy=None) -> Footprint:
+        """What the cache holds per layer in ``dtype``, its K/V held through ``policy`` (as ``new_cache``)."""
+        policy = CachePolicy.from_spec(policy)
         rows = []
         for i, layer in enumerate(self.layers):
-            fp = layer.mixer.kv_footprint(dtype)
+            fp, held = layer.mixer.kv_footprint(dtype), None
+            if policy is not None:
+                length = self.config.max_seq_len + self.config.meta_tokens
+                held_as = policy_footprint(layer.mixer, length, dtype, policy, f"layer {i}")
+                if held_as is not None:
+                    fp = dataclasses.replace(fp, bytes_per_token=held_as.bytes_per_token,
+                                             max_tokens=held_as.max_tokens or fp.max_tokens)  # fmt: skip
+                    held = held_as.held
             mlp_bytes = layer.mlp.state_bytes(dtype) if layer.mlp_stateful else 0  # RWKV's channel-mix shift
             rows.append(
                 FootprintRow(
@@ -520,11 +555,13 @@ class CausalLM(nn.Module):
                     kv_source=self.config.layer_kv_source[i],
                     max_tokens=fp.max_tokens,
                     entries_before=self.config.meta_tokens if fp.bytes_per_token else 0,  # held before the tokens
+                    held=held,
                 )
             )
         c = self.config.context
         context = 0 if c is None else self.config.context_width * dtype.itemsize
-        return Footprint(tuple(rows), dtype, context_bytes_per_token=context)
+        return Footprint(tuple(rows), dtype, context_bytes_per_token=context,
+                         policy=None if policy is None else policy.describe())  # fmt: skip
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -556,6 +593,7 @@ class CausalLM(nn.Module):
         compile: bool | None = None,
         context: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        cache_policy=None,
     ) -> torch.Tensor:
         """The prompt followed by up to ``max_new_tokens`` new tokens, [B, T + new].
 
@@ -573,7 +611,8 @@ class CausalLM(nn.Module):
         on; see ``kvlab.archs.decode``): the first generation of a batch size
         and length bucket pays the compilation. ``context`` [B, C]: token ids
         for the context encoder (a model with ``config.context``), encoded
-        once; the cache keeps only its encoded states.
+        once; the cache keeps only its encoded states. ``cache_policy``: how
+        the cache holds keys and values (``new_cache``'s ``policy``).
         """
         check_int(max_new_tokens, "max_new_tokens", minimum=0)
         check_float(temperature, "temperature")
@@ -597,12 +636,17 @@ class CausalLM(nn.Module):
             return input_ids
         if attention_mask is not None and not bool(attention_mask.bool().all()) and not self.takes_pads():
             options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                           eos_token_id=eos_token_id, generator=generator, compile=compile)  # fmt: skip
+                           eos_token_id=eos_token_id, generator=generator, compile=compile,
+                           cache_policy=cache_policy)  # fmt: skip
             return self._generate_rows(input_ids, attention_mask, context, options)
+        policy = CachePolicy.from_spec(cache_policy)
+        if policy is not None and not policy.static_steps:  # KIVI's steps differ with its residual's fill
+            compile = False
         decode = decode_step_for(self, compile)
         needed = T + max_new_tokens
         room = {} if self.config.context is None else {"context_len": 0 if context is None else context.shape[-1]}
-        cache = self.new_cache(B, cache_length(needed, self.config.max_seq_len) if decode.compiled else needed, **room)
+        length = cache_length(needed, self.config.max_seq_len) if decode.compiled else needed
+        cache = self.new_cache(B, length, policy=policy, **room)
         logits = self(input_ids, cache=cache, last_only=True, context=context, attention_mask=attention_mask)[:, -1]
         out = [input_ids]
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
@@ -666,6 +710,25 @@ def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, generat
         kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
+
+
+@contextlib.contextmanager
+def module_rng(seed: int | None, name: str, device: torch.device) -> Iterator[None]:
+    """Within: torch's CPU generator, and the current accelerator's when ``device`` is one, seeded from
+    ``seed`` and ``name``; after: both as they were. With ``seed`` None, the global generators as they are."""
+    if seed is None:
+        yield
+        return
+    accelerator = device.type not in ("cpu", "meta")
+    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
+    derived = int.from_bytes(digest[:8], "little") >> 1  # 63 bits: generators take an int64
+    with torch.random.fork_rng(
+        devices=[device] if accelerator else [], device_type=device.type if accelerator else "cuda"
+    ):
+        torch.random.default_generator.manual_seed(derived)
+        if accelerator:
+            torch.get_device_module(device.type).manual_seed(derived)
+        yield
 
 
 def build_model(config: ModelConfig | Mapping[str, Any]) -> CausalLM:

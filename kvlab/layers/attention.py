@@ -497,7 +497,7 @@ class Attention(nn.Module):
 
     def reset_buffers(self) -> None:
         """The query head -> K/V head map, from the config (also after building on the meta device);
-        DGQA starts from equal groups and no key norms seen; MatryoshkaKV's key mean at zero."""
+        DGQA starts from equal groups and no key norms seen; MatryoshkaKV's key mean and rank step at zero."""
         if self.kv_index is not None and not self.kv_index.is_meta:
             self.kv_index.copy_(torch.tensor(self.cfg.kv_groups))
         if self.values_apart and not self.v_index.is_meta:
@@ -505,6 +505,7 @@ class Attention(nn.Module):
             self.v_index.copy_(torch.tensor(groups))
         if hasattr(self, "k_mean") and not self.k_mean.is_meta:
             self.k_mean.zero_()
+            self.rank_step.zero_()
         if self.cfg.query_allocation == "dgqa" and not self.allocation.is_meta:
             H, G = self.n_heads, self.n_kv_heads
             self.allocation.copy_(torch.tensor([H // G + (g < H % G) for g in range(G)]))

@@ -36,8 +36,9 @@ from kvlab._io import atomic_write, atomic_write_text
 
 log = logging.getLogger("kvlab")
 
-RUN_COLUMNS = ("model", "seed", "lr", "params", "train_flops_per_token", "kv_bytes_per_token", "kv_fixed_bytes",
-               "kv_bytes_at_context", "steps", "tokens_seen", "val_loss", "val_ppl", "val_ppl_ar_hit",
+RUN_COLUMNS = ("model", "cache", "seed", "lr", "params", "train_flops_per_token", "kv_bytes_per_token",
+               "kv_fixed_bytes", "kv_bytes_at_context", "steps", "tokens_seen", "val_loss", "val_loss_forward",
+               "val_ppl", "val_ppl_ar_hit",
                "val_ppl_ar_other", "val_accuracy", "decode_tok_s_batch_1", "decode_tok_s_batch_8", "train_tok_s",
                "job")  # fmt: skip
 COLUMNS = ("model", "runs", "seeds", "lr", "params", "train_flops_per_token", "kv_bytes_per_token",
@@ -48,14 +49,19 @@ CONFIDENCE = 0.95
 
 
 def collect(sweep_dir: Path, context: int) -> list[dict[str, Any]]:
-    """One row per finished job of the sweep, in job order (``<num>-<model>`` directories)."""
+    """One row per finished job of the sweep, in job order (``<num>-<model>`` directories). A run evaluated
+    through a cache policy (``cache``) is its own row, ``<preset>+<policy>``, whose validation loss is the one
+    decoded through that cache (``cache_val_loss``: the forward's, ``val_loss_forward``, is blind to it)."""
     rows = []
     jobs = [d for d in Path(sweep_dir).iterdir() if (d / "metrics.json").is_file() and d.name.split("-")[0].isdigit()]
     for job in sorted(jobs, key=lambda d: int(d.name.split("-")[0])):
         m = json.loads((job / "metrics.json").read_text())
         decode = m.get("decode_tokens_per_s") or {}
+        policy = m.get("cache_policy") or ""
+        loss = m.get("cache_val_loss", m["val_loss"])
         rows.append({
-            "model": job.name.split("-", 1)[1],
+            "model": job.name.split("-", 1)[1] + (f"+{policy}" if policy else ""),
+            "cache": policy,
             "seed": m.get("seed", 0),
             "lr": m.get("lr"),
             "params": m["params"],
@@ -65,8 +71,9 @@ def collect(sweep_dir: Path, context: int) -> list[dict[str, Any]]:
             "kv_bytes_at_context": _cache_at(m, context),
             "steps": m.get("steps"),
             "tokens_seen": m.get("tokens_seen"),
-            "val_loss": m["val_loss"],
-            "val_ppl": m["val_ppl"],
+            "val_loss": loss,
+            "val_loss_forward": m["val_loss"],
+            "val_ppl": math.exp(min(loss, 50.0)),
             "val_ppl_ar_hit": m.get("val_ppl_ar_hit"),
             "val_ppl_ar_other": m.get("val_ppl_ar_other"),
             "val_accuracy": m.get("val_accuracy"),

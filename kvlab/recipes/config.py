@@ -63,6 +63,9 @@ class EvalConfig:
     passkey: bool = True  # pass-key retrieval (text data) at 1/4, 1/2 and all of passkey_max_len
     passkey_max_len: int | None = 2048  # the longest prompt; null: the model's max_seq_len (the cap either way)
     passkey_trials: int = 5  # keys per length and depth
+    # with a cache policy (`cache`): the validation rows are decoded through it this many tokens a step, each
+    # step reading the earlier ones back from the cache (1: every token, as in generation)
+    cache_chunk: int = 1
 
 
 @dataclass
@@ -166,6 +169,9 @@ class TrainConfig:
     # train on the KL divergence from the initial model before init.convert (knowledge distillation, as
     # MatryoshkaKV trains its projections) instead of on the labels
     distill: bool = False
+    # the cache policy stage eval decodes through (kvlab.layers.cache_policy): null (keys and values as
+    # computed), int8, int4, fp8, kivi, sinks, or a mapping: {kind: kivi, bits: 4}; its loss, footprint, pass key, speed
+    cache: Any = None
 
 
 def config_dir() -> Path:

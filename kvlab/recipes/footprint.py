@@ -63,17 +63,19 @@ def footprint_report(
     contexts: tuple[int, ...] = CONTEXTS,
     budget: int | None = None,
     context: int = 32768,
+    policy=None,
 ) -> dict[str, Any]:
-    """Everything the report shows, as plain data (what ``--json`` writes)."""
+    """Everything the report shows, as plain data (what ``--json`` writes); K/V held through the cache
+    ``policy`` (``kvlab.layers.cache_policy``) when one is given."""
     with torch.device("meta"):
         model = build_model(config)
-    fp = model.kv_footprint(dtype)
+    fp = model.kv_footprint(dtype, policy)
     report = {
-        "dtype": str(dtype).removeprefix("torch."),
+        "dtype": str(dtype).removeprefix("torch.") + (f", K/V {fp.policy}" if fp.policy else ""),
         "params": model.num_parameters(),
         "bytes_per_token": fp.bytes_per_token,
         "fixed_bytes": fp.fixed_bytes,
-        "layers": [asdict(r) for r in fp.per_layer],
+        "layers": [{k: v for k, v in asdict(r).items() if k != "held"} for r in fp.per_layer],
         "total_bytes": {str(n): fp.total_bytes(n) for n in contexts},
         "read_bytes_per_decode_step": {str(n): fp.read_bytes_per_step(n) for n in contexts},
     }
@@ -115,13 +117,16 @@ def main(argv: list[str] | None = None, prog: str = "python -m kvlab.footprint")
     parser.add_argument("--budget", help="memory for caches, e.g. 80GiB: report the largest batch that fits")
     parser.add_argument("--context", type=int, default=32768, help="tokens per sequence for --budget")
     parser.add_argument("--json", help="also write the report as JSON to this file ('-': standard output)")
+    parser.add_argument("--policy", help="a cache policy: int8, int4, fp8, kivi, or a JSON mapping such as "
+                                         '\'{"kind": "kivi", "bits": 4}\'')  # fmt: skip
     args = parser.parse_args(argv)
     try:
         budget = parse_bytes(args.budget) if args.budget is not None else None
         if args.context < 1:
             raise ValueError(f"--context={args.context} must be >= 1")
+        policy = json.loads(args.policy) if args.policy and args.policy.lstrip().startswith("{") else args.policy
         report = footprint_report(compose_model_config(args.overrides), DTYPES[args.dtype], budget=budget,
-                                  context=args.context)  # fmt: skip
+                                  context=args.context, policy=policy)  # fmt: skip
     except Exception as e:  # config mistakes: one line naming the field, as train.py does
         if not isinstance(e, ValueError) and type(e).__module__.split(".")[0] not in ("hydra", "omegaconf"):
             raise

@@ -101,10 +101,21 @@ class LMModule(L.LightningModule):
         max_steps: int = 1000,
         activation_checkpointing: bool = False,
         compile: bool = False,
+        init_seed: int | None = None,
     ):
+        """``init_seed``: initialise each module from its own seed (``CausalLM.init_weights``), so runs of
+        different architectures at one seed start from the same weights wherever their modules coincide; None:
+        torch's global generator, as it stands."""
         super().__init__()
         self.save_hyperparameters()
-        self.model: CausalLM = build_model(ModelConfig.from_dict(model))
+        config = ModelConfig.from_dict(model)
+        if init_seed is None:
+            self.model: CausalLM = build_model(config)
+        else:  # built without weights, then drawn once from the modules' own seeds
+            with torch.device("meta"):
+                self.model = build_model(config)
+            self.model.to_empty(device="cpu")
+            self.model.init_weights(init_seed)
         self.optim = OptimConfig(**(optim or {}))
         self.optim.validate()
         self.max_steps = max_steps

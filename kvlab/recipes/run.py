@@ -20,6 +20,7 @@ import os
 import sys
 import time
 import warnings
+from itertools import islice
 from pathlib import Path
 
 import lightning as L
@@ -30,8 +31,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from kvlab._config import check_finite, differences, dotted_items
 from kvlab._io import atomic_write, atomic_write_text, pid_alive, remove_orphans
-from kvlab.archs import ModelConfig, convert_model
+from kvlab.archs import ModelConfig, build_model, convert_model
 from kvlab.archs.convert import calibration_rows
+from kvlab.layers.cache_policy import CachePolicy
 from kvlab.recipes.checkpoint import (
     checkpoint_step,
     lightning_fields,
@@ -102,6 +104,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             max_steps=tc.trainer.max_steps,
             activation_checkpointing=tc.trainer.activation_checkpointing,
             compile=tc.trainer.compile,
+            init_seed=tc.seed,
         )
     except ValueError as e:  # optim.trainable naming no parameter of this model
         raise ConfigError(str(e)) from None
@@ -158,12 +161,14 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     for part in ("ar_hit", "ar_other"):  # perplexity on recallable tokens and on the rest (Zoology)
         loss = _metric(trainer, f"val_loss_{part}")
         metrics[f"val_ppl_{part}"] = None if loss is None else math.exp(min(loss, 50.0))
-    metrics.update(_model_metrics(module.model))
+    policy = CachePolicy.from_spec(tc.cache)
+    metrics.update(_model_metrics(module.model, policy))
     metrics.update(seed=tc.seed, lr=tc.optim.lr)  # what an ablation's runs.csv tells its runs apart by
     after = {"eval", "lm_eval", "export"} & set(tc.stages) and trainer.is_global_zero  # rank 0's stages use it
     whole = _whole_model(module, run_dir, initial) if after else None
     if "eval" in tc.stages and trainer.is_global_zero:
-        metrics.update(evaluate(whole, datamodule.tokenizer, tc.eval))
+        rows = islice(datamodule.val_dataloader(), tc.trainer.limit_val_batches) if policy is not None else None
+        metrics.update(evaluate(whole, datamodule.tokenizer, tc.eval, policy, rows))
     if "lm_eval" in tc.stages and trainer.is_global_zero:
         from kvlab.recipes.lm_eval import results_json, run_lm_eval
 
@@ -221,6 +226,7 @@ def _validated(tc: TrainConfig) -> ModelConfig:
         tc.lr_sweep.check()
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    _check_cache_policy(tc, model_cfg)
     if tc.data.doc_mask and model_cfg.blocks is not None:
         raise ConfigError("data.doc_mask=true packs documents per row, which a Block Transformer's blocks would "
                           "straddle (model.blocks is set); use data.doc_mask=false")  # fmt: skip
@@ -354,6 +360,11 @@ def _initial_model(tc: TrainConfig):
     return model
 
 
+# How a run from scratch draws its weights: per module, from the run's seed and the module's name
+# (CausalLM.init_weights(seed)); runs cached before it drew them from the global generator and are not reused.
+INIT_SCHEME = "per-module seeds"
+
+
 def training_identity(cfg: DictConfig) -> dict:
     """What shapes the result of training ``cfg``'s model, for the caches of runs that other runs reuse (an
     uptraining parent, the learning-rate sweep's trials; each adds what else its runs depend on): the model
@@ -364,6 +375,7 @@ def training_identity(cfg: DictConfig) -> dict:
         return OmegaConf.to_container(node, resolve=True)
 
     return {
+        "init": INIT_SCHEME,
         "model": {k: v for k, v in plain(cfg.model).items() if k != "kernels"},
         "data": {k: v for k, v in plain(cfg.data).items() if k not in ("cache_dir", "streaming", "num_workers")},
         "optim": plain(cfg.optim),
@@ -371,11 +383,34 @@ def training_identity(cfg: DictConfig) -> dict:
     }
 
 
-def _model_metrics(model) -> dict:
-    """What every run reports of its model: parameters, the bf16 KV footprint, and the config."""
-    fp = model.kv_footprint(torch.bfloat16)
+def _check_cache_policy(tc: TrainConfig, model_cfg: ModelConfig) -> None:
+    """``cache``: a policy the model's caches take, for a run that evaluates through it."""
+    if tc.cache is None:
+        return
+    try:
+        policy = CachePolicy.from_spec(tc.cache)
+        with torch.device("meta"):  # MLA's latent is refused here, before any training
+            build_model(model_cfg).kv_footprint(torch.bfloat16, policy)
+    except ValueError as e:
+        raise ConfigError(f"cache: {e}") from None
+    if policy is not None and "eval" not in tc.stages:
+        raise ConfigError(f"cache={policy.kind} is the cache stage eval decodes through; stages={tc.stages} has "
+                          "no eval stage (training never reads a cache)")  # fmt: skip
+    if policy is not None and tc.data.doc_mask:
+        raise ConfigError(f"cache={policy.kind} decodes the validation rows through the cache, which cannot restart "
+                          "at packed documents: use data.doc_mask=false")  # fmt: skip
+    if tc.eval.cache_chunk < 1:
+        raise ConfigError(f"eval.cache_chunk={tc.eval.cache_chunk} must be >= 1 (tokens per decoding step)")
+
+
+def _model_metrics(model, policy: CachePolicy | None = None) -> dict:
+    """What every run reports of its model: parameters, the bf16 KV footprint (its K/V held through
+    ``policy``, and then the footprint without it beside), and the config."""
+    fp = model.kv_footprint(torch.bfloat16, policy)
     metrics = {"params": model.num_parameters(), "kv_bytes_per_token": fp.bytes_per_token,
                "kv_fixed_bytes": fp.fixed_bytes, "model": model.config.to_dict()}  # fmt: skip
+    if policy is not None:
+        metrics["kv_bytes_per_token_bf16"] = model.kv_footprint(torch.bfloat16).bytes_per_token
     if fp.context_bytes_per_token:
         metrics["context_bytes_per_token"] = fp.context_bytes_per_token
     return metrics
@@ -734,14 +769,7 @@ def wandb_identity(tc: TrainConfig, hydra_run: dict) -> tuple[str, str | None, l
     name = f"{tc.run_name}-{hydra_run['overrides']}" if sweep and hydra_run.get("overrides") else None
     name = tc.logger.name or name or f"{tc.run_name}-{preset}-s{tc.seed}"
     group = tc.logger.group or (f"{tc.run_name}/{sweep}" if sweep else None)
-    kinds = sorted({str(m.get("kind")) for m in _mixer_specs(tc.model)})
-    return name, group, [tc.run_name, preset, *kinds]
-
-
-def _mixer_specs(model: dict) -> list[dict]:
-    """The mixer specs a model dict names (its mixer, its pattern's mixers, a parallel layer's branches)."""
-    specs = [model.get("mixer") or {}, *(model.get("mixers") or {}).values()]
-    return [b for s in specs if s for b in ([s] if s.get("kind") != "parallel" else s.get("mixers", []))]
+    return name, group, [tc.run_name, preset, *ModelConfig.from_dict(tc.model).mixer_kinds]
 
 
 def _validate(trainer: L.Trainer, module: LMModule, datamodule: LMDataModule) -> float:

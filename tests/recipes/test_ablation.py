@@ -7,6 +7,7 @@ import math
 import pytest
 
 from kvlab.recipes.ablation import _cache_at, frontier_marks, mean_interval, pareto_front, plot_pareto, summarize
+from tests.conftest import tiny
 from tests.recipes.test_train import run_dirs, train
 
 
@@ -153,3 +154,47 @@ def test_the_ablation_settings_set_the_budget_and_the_seeds(setting, steps, seed
         cfg = compose("train", overrides=overrides, return_hydra_config=True)
     assert cfg.trainer.max_steps == steps and str(cfg.hydra.sweeper.params.seed) == seeds
     assert ModelConfig.from_dict(cfg.model).d_model == width
+
+
+def test_an_ablation_sweeps_cache_policies_like_models(tmp_path, data_cache):
+    train(tmp_path, data_cache, "-m", "recipe=ablation", "model=gqa", "cache=null,int8", "trainer.max_steps=3",
+          "trainer.limit_val_batches=2", "eval.decode_speed=false", "eval.cache_chunk=4")  # fmt: skip
+    (sweep,) = run_dirs(tmp_path, "ablation")
+    with open(sweep / "runs.csv") as f:
+        runs = {r["model"]: r for r in csv.DictReader(f)}
+    assert sorted(runs) == ["gqa", "gqa+int8"] and runs["gqa+int8"]["cache"] == "int8"
+    plain, int8 = (json.loads((sweep / runs[m]["job"] / "metrics.json").read_text()) for m in ("gqa", "gqa+int8"))
+    assert plain["val_loss"] == int8["val_loss"]  # the forward pass never reads the cache
+    # decoded through int8 codes: close to the forward's loss, not equal to it; the table's loss is that one
+    assert 0 < abs(int8["cache_val_loss"] - int8["val_loss"]) < 0.05
+    assert float(runs["gqa+int8"]["val_loss"]) == int8["cache_val_loss"]
+    # 2 layers, 2 K/V heads of 16: 16 bytes of codes and a bf16 scale and zero point per vector, bf16's 32
+    assert int8["kv_bytes_per_token"] == 2 * 2 * 2 * (16 + 4) and int8["kv_bytes_per_token_bf16"] == 2 * 2 * 2 * 32
+    with open(sweep / "results.csv") as f:
+        assert [r["model"] for r in csv.DictReader(f)] == ["gqa", "gqa+int8"]
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"cache": "int5"}, "cache: cache policy kind=.int5. is not one of none, int8, int4, fp8, kivi, sinks"),
+        (
+            {"cache": "int8", "stages": ["train"]},
+            r"cache=int8 is the cache stage eval decodes through; stages=\['train'\]",
+        ),
+        ({"cache": "int8", "model": tiny(mixer={"kind": "mla", "n_heads": 4})}, "layer 0 caches a latent per token"),
+        ({"cache": "int8", "doc_mask": True}, "use data.doc_mask=false"),
+        ({"cache": "int8", "cache_chunk": 0}, "eval.cache_chunk=0 must be >= 1"),
+    ],
+)
+def test_bad_cache_settings_are_refused_before_training(changes, message):
+    from kvlab.recipes.config import TrainConfig
+    from kvlab.recipes.run import ConfigError, _validated
+
+    tc = TrainConfig(
+        model=changes.get("model", tiny()), cache=changes["cache"], stages=changes.get("stages", ["train", "eval"])
+    )
+    tc.data.doc_mask = changes.get("doc_mask", False)
+    tc.eval.cache_chunk = changes.get("cache_chunk", 1)
+    with pytest.raises(ConfigError, match=message):
+        _validated(tc)

@@ -66,3 +66,14 @@ def test_bad_config_is_one_line_naming_the_field():
                           cwd=REPO, capture_output=True, text=True)  # fmt: skip
     assert proc.returncode == 1
     assert "kvlab: error: mixer.n_heads=8 is not divisible by mixer.n_kv_heads=3" in proc.stderr
+
+
+def test_a_cache_policy_counts_its_codes_scales_and_residual(capsys):
+    # Llama-2-7B, 32 layers x 32 heads x 128 channels, keys and values; bf16 scales and zero points
+    r = report(capsys, "model=reference/llama2_7b", "--policy", "int4")
+    assert r["bytes_per_token"] == 32 * 32 * 2 * (64 + 2 * 2) and r["dtype"] == "bfloat16, K/V int4"
+    r = report(capsys, "model=reference/llama2_7b", "--policy", '{"kind": "kivi", "bits": 2}')
+    # KIVI-2 (group 32, residual 128): after 2,048 tokens all 2,048 keys and 1,920 values are codes
+    keys = 2048 * 128 * 2 // 8 + 128 * (2048 // 32) * 2 * 2
+    values = 1920 * (128 * 2 // 8 + 128 // 32 * 2 * 2) + 128 * 128 * 2
+    assert r["total_bytes"]["2048"] == 32 * 32 * (keys + values)

@@ -433,9 +433,9 @@ def test_wandb_runs_are_named_by_preset_and_grouped_by_sweep():
     assert wandb_identity(tc, {"preset": "gqa"}) == ("pretrain-gqa-s3", None, ["pretrain", "gqa", "attention"])
     job = {"preset": "mla", "sweep": "2026-12-04_10-00-00", "overrides": "model=mla,seed=1"}
     assert wandb_identity(tc, job)[:2] == ("pretrain-model=mla,seed=1", "pretrain/2026-12-04_10-00-00")
-    parallel = {"kind": "parallel", "mixers": [{"kind": "mamba2"}, {"kind": "rwkv7"}]}
-    hybrid = TrainConfig(model={"mixers": {"A": {"kind": "attention"}, "P": parallel}})
-    assert wandb_identity(hybrid, {})[2] == ["train", "model", "attention", "mamba2", "rwkv7"]
+    parallel = {"kind": "parallel", "mixers": [{"kind": "mamba2"}, {"kind": "rwkv7", "value_residual": False}]}
+    hybrid = TrainConfig(model={"n_layers": 2, "pattern": "AP", "mixers": {"A": {"kind": "attention"}, "P": parallel}})
+    assert wandb_identity(hybrid, {})[2] == ["train", "model", "attention", "mamba2", "parallel", "rwkv7"]
     tc.logger.name, tc.logger.group = "mine", "ours"
     assert wandb_identity(tc, job)[:2] == ("mine", "ours")
 

@@ -1,0 +1,561 @@
+"""Cache policies: how a cache stores the keys and values attention caches per token.
+
+A policy is chosen when the cache is made (``model.new_cache(policy=...)``,
+``model.kv_footprint(dtype, policy=...)``) and changes nothing of the
+mixers' math: it replaces the K/V slots (``StaticKV``, ``RingKV``,
+``SinkRingKV``: every attention layer that owns a cache, whatever its
+grouping, window, sinks or cross-layer readers, and the attention branches
+of hybrids) by slots that hold the same positions as codes (``PolicyKV``,
+``KiviKV``), or fewer of them (``sinks``). Fixed recurrent states are not
+per-token caches and stay as they are.
+
+Policies (``POLICIES``):
+
+- ``int8``, ``int4``: every cached key and value vector quantized on its own
+  (per token and head): asymmetric min-max codes with a scale and a zero point
+  per ``group`` channels (``kvlab.kernels.quant``; ``group`` None: one pair per
+  vector), the scales in the cache's dtype. Bytes per vector:
+  ``width * bits / 8 + 2 * width / group * itemsize``.
+- ``fp8``: every element cast to float8 (e4m3, no scales), 1 byte; values
+  beyond e4m3's range (+-448) saturate to it.
+- ``kivi`` (Liu et al. 2024, KIVI), ``bits`` 2 or 4: keys quantized per
+  channel, each channel's codes in groups of ``group`` tokens with a scale
+  and a zero point, values per token in groups of ``group`` channels; the
+  last ``residual`` tokens stay as computed. As the paper's code does it:
+  keys wait in a full-precision residual until ``residual`` of them are
+  there, then are quantized together (so ``n % residual`` keys are full
+  precision after n tokens), while values leave their residual one at a
+  time, oldest first (the last ``min(n, residual)`` are full precision).
+  Only for layers that cache every token (``StaticKV``): a window evicts
+  tokens one at a time, which key groups of ``group`` tokens cannot follow.
+  Its steps depend on how full the residual is, so ``generate`` decodes
+  through it eagerly.
+- ``sinks`` (Xiao et al. 2024, StreamingLLM): a layer that caches every
+  token keeps the first ``sinks`` (4) and the last ``window`` (1020); the
+  others are evicted. As the paper does, positions are those within the
+  cache, not in the text: the keys are cached after RoPE, at their
+  positions in the text, and RoPE's angles add up, so turning the sinks' keys
+  by the number of tokens evicted puts them just before the window, where
+  the paper's cache positions put them (relative distances are all RoPE
+  sees); the window's keys are where they are. Layers with a window of their
+  own keep theirs. Not for MatryoshkaKV's layers, whose cached keys are
+  projections of the rotated ones.
+
+What a step attends to: what was cached before it, read back from the codes,
+and its own tokens' keys and values as computed. A prompt prefilled in one
+step therefore attends exactly as the uncompressed model does, and the
+codes' error reaches the tokens after it (as KIVI's and vLLM's quantized
+caches prefill in full precision). ``PolicyKV.nbytes`` counts the codes,
+scales and zero points it holds, which is what the footprint counts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from fractions import Fraction
+
+import torch
+
+from kvlab.kernels.quant import dequantize, quantize
+from kvlab.kernels.rope import apply_rope
+from kvlab.layers.kv_cache import (
+    KVView,
+    LatentKV,
+    QuantizedLatentKV,
+    RingKV,
+    SinkRingKV,
+    SlotGroup,
+    StaticKV,
+    reorder_rows,
+)
+from kvlab.layers.rope import Rotary
+
+POLICIES = ("int8", "int4", "fp8", "kivi", "sinks")
+_CODECS = ("int8", "int4", "fp8")  # the policies that hold each vector as codes
+_BITS = {"int8": 8, "int4": 4, "fp8": 8}
+KIVI_BITS = (2, 4)
+FP8 = torch.float8_e4m3fn
+_FP8_MAX = torch.finfo(FP8).max
+
+
+@dataclass(frozen=True)
+class CachePolicy:
+    kind: str
+    # int8/int4: channels per scale and zero point (None: a whole head's vector); kivi: the keys' tokens and the
+    # values' channels per scale and zero point (None: 32, the paper's)
+    group: int | None = None
+    bits: int | None = None  # kivi: 2 or 4 (None: 2); the others' bits are their names'
+    residual: int | None = None  # kivi: the recent tokens kept as computed, a multiple of group (None: 128)
+    sinks: int | None = None  # sinks: the first tokens kept (None: 4, the paper's)
+    window: int | None = None  # sinks: the last tokens kept (None: 1020: a cache of 1,024, the paper's)
+
+    def __post_init__(self) -> None:
+        defaults = {"kivi": {"bits": 2, "group": 32, "residual": 128}, "sinks": {"sinks": 4, "window": 1020},
+                    **{kind: {"bits": bits} for kind, bits in _BITS.items()}}  # fmt: skip
+        for name, value in defaults.get(self.kind, {}).items():
+            if getattr(self, name) is None or name == "bits" and self.kind in _BITS:
+                object.__setattr__(self, name, value)
+
+    @property
+    def static_steps(self) -> bool:
+        """Whether a decode step's shapes and branches are the same at every position (a compiled step can run
+        it): not KIVI's, whose keys are quantized when the residual fills."""
+        return self.kind != "kivi"
+
+    @classmethod
+    def from_spec(cls, spec) -> CachePolicy | None:
+        """A policy from its name (``"int8"``), a mapping (``{kind: int4, group: 32}``) or itself; None or
+        ``"none"``: the full-precision cache."""
+        if spec is None or spec == "none" or isinstance(spec, CachePolicy):
+            return None if spec == "none" else spec
+        if isinstance(spec, str):
+            spec = {"kind": spec}
+        if not isinstance(spec, dict):
+            raise ValueError(f"cache policy {spec!r}: give a name ({', '.join(POLICIES)}) or a mapping with kind")
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(spec) - set(names))
+        if unknown:
+            raise ValueError(f"cache policy: unknown key {unknown[0]!r}; valid keys are {', '.join(names)}")
+        kind = spec.get("kind")
+        if kind not in POLICIES:
+            raise ValueError(f"cache policy kind={kind!r} is not one of none, {', '.join(POLICIES)}")
+        owners = {"group": ("int8", "int4", "kivi"), "bits": ("kivi",), "residual": ("kivi",),
+                  "sinks": ("sinks",), "window": ("sinks",)}  # fmt: skip
+        for name, kinds in owners.items():
+            if spec.get(name) is not None and kind not in kinds:
+                raise ValueError(f"cache policy {kind}: {name} is a setting of {', '.join(kinds)}, not of {kind}")
+        group = spec.get("group")
+        if group is not None and not _positive(group):
+            raise ValueError(f"cache policy {kind}: group={group!r} is not valid (a positive number, or null)")
+        policy = cls(kind, group, spec.get("bits"), spec.get("residual"), spec.get("sinks"), spec.get("window"))
+        if kind == "sinks" and not (_positive(policy.window) and (policy.sinks == 0 or _positive(policy.sinks))):
+            raise ValueError(f"cache policy sinks: sinks={policy.sinks!r} and window={policy.window!r} must be "
+                             "counts of tokens (sinks >= 0, window >= 1)")  # fmt: skip
+        if kind == "kivi":
+            if policy.bits not in KIVI_BITS:
+                raise ValueError(f"cache policy kivi: bits={policy.bits!r} is not one of 2, 4")
+            if not _positive(policy.residual) or policy.residual % policy.group:
+                raise ValueError(f"cache policy kivi: residual={policy.residual!r} must be a positive multiple of "
+                                 f"group={policy.group} (keys are quantized a residual at a time, in whole groups "
+                                 "of tokens)")  # fmt: skip
+            if policy.group * policy.bits % 8:
+                raise ValueError(f"cache policy kivi: group={policy.group} tokens of {policy.bits}-bit codes do not "
+                                 "fill whole bytes")  # fmt: skip
+        return policy
+
+    def check_width(self, width: int, where: str) -> None:
+        """Raise unless vectors of ``width`` channels split into this policy's groups and whole bytes."""
+        if width == 0 or self.kind in ("fp8", "sinks"):
+            return
+        group = self.group or width
+        if width % group or group * self.bits % 8:
+            raise ValueError(f"cache policy {self.kind} with group={self.group}: {where} caches vectors of "
+                             f"{width} channels, which do not split into groups of {group} channels of whole "
+                             "bytes")  # fmt: skip
+
+    def bytes_per_vector(self, width: int, dtype: torch.dtype) -> int:
+        """Bytes one cached vector of ``width`` channels takes: its codes, and its scales and zero points in
+        ``dtype`` (per token and head: int8, int4, fp8)."""
+        if width == 0 or self.kind == "fp8":
+            return width
+        return width * self.bits // 8 + 2 * (width // (self.group or width)) * dtype.itemsize
+
+    def describe(self) -> str:
+        if self.kind == "kivi":
+            return f"kivi-{self.bits} (group {self.group}, residual {self.residual})"
+        if self.kind == "sinks":
+            return f"sinks {self.sinks} + window {self.window}"
+        return self.kind + (f" (group {self.group})" if self.group else "")
+
+
+def _positive(n) -> bool:
+    return isinstance(n, int) and not isinstance(n, bool) and n >= 1
+
+
+class _Vectors:
+    """[B, H, L, D] vectors held through a codec policy (int8, int4, fp8): codes (and scales and zero points),
+    read back in ``dtype``; with none, as they are."""
+
+    def __init__(self, shape: tuple[int, ...], policy: CachePolicy | None, dtype: torch.dtype, device):
+        B, H, L, D = shape
+        self.policy, self.dtype, self.width = policy, dtype, D
+        if policy is None or D == 0:
+            self.tensors = [torch.zeros(B, H, L, D, dtype=dtype, device=device)]
+        elif policy.kind == "fp8":  # fp8 bytes held as uint8 (torch's CPU index ops take no float8)
+            self.tensors = [torch.zeros(B, H, L, D, dtype=torch.uint8, device=device)]
+        else:
+            groups = D // (policy.group or D)
+            self.tensors = [torch.zeros(B, H, L, D * policy.bits // 8, dtype=torch.uint8, device=device),
+                            torch.zeros(B, H, L, groups, dtype=dtype, device=device),
+                            torch.zeros(B, H, L, groups, dtype=dtype, device=device)]  # fmt: skip
+
+    def _encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if self.policy is None or self.width == 0:
+            return [x.to(self.dtype)]
+        if self.policy.kind == "fp8":
+            return [x.clamp(-_FP8_MAX, _FP8_MAX).to(FP8).view(torch.uint8)]
+        return list(quantize(x, self.policy.bits, self.policy.group or self.width, self.dtype))
+
+    def put(self, index: torch.Tensor, x: torch.Tensor) -> None:
+        """Hold ``x`` [B, H, t, D] at positions ``index`` [t] of dim 2."""
+        for held, part in zip(self.tensors, self._encode(x), strict=True):
+            held.index_copy_(2, index, part)
+
+    def get(self, index: torch.Tensor | None = None) -> torch.Tensor:
+        """The vectors at ``index`` (None: all), decoded, [B, H, S, D]."""
+        parts = self.tensors if index is None else [t.index_select(2, index) for t in self.tensors]
+        if self.policy is None or self.width == 0:
+            return parts[0]
+        if self.policy.kind == "fp8":
+            return parts[0].view(FP8).to(self.dtype)
+        return dequantize(*parts, self.policy.bits, self.dtype)
+
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+class PolicyKV:
+    """A K/V slot held through a policy: the positions a ``StaticKV`` (``sinks = length``, no window), a
+    ``RingKV`` (no sinks, ``window = length``), a ``SinkRingKV`` or StreamingLLM's cache holds, position
+    p < sinks in slot p, a later one in slot ``sinks + (p - sinks) % window``; each vector as codes
+    (``codec``: int8, int4, fp8) or as computed (None). With ``rotary`` (StreamingLLM), a view turns the sinks'
+    keys, cached after RoPE at their positions, by the tokens evicted between them and the window, and says
+    they sit there. Every view carries the keys' positions where they are not one run from 0."""
+
+    def __init__(self, batch_size, k_heads, v_heads, sinks, window, k_dim, v_dim, *, codec, dtype, device,
+                 rotary=None):  # fmt: skip
+        self.sinks, self.window, self.length = sinks, window, sinks + window
+        self.dtype, self.rotary = dtype, rotary
+        self.k = _Vectors((batch_size, k_heads, self.length, k_dim), codec, dtype, device)
+        self.v = _Vectors((batch_size, v_heads, self.length, v_dim), codec, dtype, device)
+        self.bytes_per_position = (self.k.nbytes() + self.v.nbytes()) // self.length  # whole batch
+        self.slot_index = torch.arange(self.length, device=device)
+
+    @classmethod
+    def like(cls, slot, policy: CachePolicy, device, rotary=None) -> PolicyKV:
+        """The form of a full-precision K/V slot (built on the meta device: only its shapes are read) that
+        ``policy`` holds: the same positions as codes; StreamingLLM's sinks and window in a layer that caches
+        every token (``rotary``: the layer's, for the sinks' keys)."""
+        if isinstance(slot, SinkRingKV):
+            sinks, window = slot.sinks, slot.window
+        elif isinstance(slot, RingKV):
+            sinks, window = 0, slot.length
+        elif policy.kind == "sinks" and policy.sinks + policy.window < slot.length:
+            sinks, window = policy.sinks, policy.window
+        else:
+            sinks, window, rotary = slot.length, 0, None  # every position kept: nothing moves
+        B, Hk, _, Dk = slot.k.shape
+        _, Hv, _, Dv = slot.v.shape
+        codec = policy if policy.kind in _CODECS else None
+        return cls(B, Hk, Hv, sinks, window, Dk, Dv, codec=codec, dtype=slot.k.dtype, device=device,
+                   rotary=rotary if sinks and window else None)  # fmt: skip
+
+    def _slot(self, pos: torch.Tensor) -> torch.Tensor:
+        s = self.sinks
+        return torch.where(pos < s, pos, s + (pos - s) % max(self.window, 1))
+
+    def _held(self, end) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per slot, the position it holds once positions before ``end`` are written, and whether it holds one."""
+        i, s = self.slot_index, self.sinks
+        ring = (end - 1) - (end - 1 - i) % max(self.window, 1)
+        return torch.where(i < s, i, ring), torch.where(i < s, i < end, ring >= s)
+
+    def _moved_sinks(self, k: torch.Tensor, pos: torch.Tensor, first_window) -> tuple[torch.Tensor, torch.Tensor]:
+        """StreamingLLM: the keys ``k`` [B, H, S, D] at ``pos`` [S] with the sinks' (the first ``sinks`` of
+        them) turned by the positions evicted before ``first_window``, the earliest window position the view
+        holds, and their positions moved by as many, so the sinks sit just before the window."""
+        evicted = (first_window - self.sinks).clamp(min=0) if isinstance(first_window, torch.Tensor) else max(
+            first_window - self.sinks, 0)  # fmt: skip
+        cos, sin = self.rotary(evicted, 1)
+        s = self.sinks
+        sinks = apply_rope(k[:, :, :s], cos, sin)
+        return torch.cat([sinks, k[:, :, s:]], dim=2), torch.cat([pos[:s] + evicted, pos[s:]])
+
+    def update(self, k_new: torch.Tensor, v_new: torch.Tensor, start: int | torch.Tensor) -> KVView:
+        t = k_new.shape[2]
+        new_pos = start + torch.arange(t, device=self.slot_index.device)
+        if isinstance(start, torch.Tensor):  # static shapes: every slot, at its position (unwritten: after the query)
+            slots = self._slot(new_pos)
+            self.k.put(slots, k_new)
+            self.v.put(slots, v_new)
+            k, v = self.k.get(), self.v.get()
+            k.index_copy_(2, slots, k_new.to(self.dtype))  # the step's own, as computed
+            v.index_copy_(2, slots, v_new.to(self.dtype))
+            pos, held = self._held(start + t)
+            k_pos = torch.where(held, pos, start + t)
+            if self.rotary is not None:  # the window's earliest position once full (slots hold positions in order)
+                k, k_pos = self._moved_sinks(k, k_pos, start + t - self.window)
+            return KVView(k, v, start + t, k_pos)
+        if not self.window and start + t > self.length:
+            raise ValueError(f"cache is full: {start} tokens held + {t} new > max_len={self.length}")
+        view = self._with_new(start, k_new, v_new)
+        keep = (new_pos < self.sinks) | (new_pos >= start + t - self.window)  # what the slot holds after
+        self.k.put(self._slot(new_pos[keep]), k_new[:, :, keep])
+        self.v.put(self._slot(new_pos[keep]), v_new[:, :, keep])
+        return view
+
+    def _with_new(self, start: int, k_new: torch.Tensor, v_new: torch.Tensor) -> KVView:
+        """The positions held before ``start``, decoded, then the new ones as computed."""
+        end = start + k_new.shape[2]
+        if start == 0:
+            return KVView(k_new.to(self.dtype), v_new.to(self.dtype), end)
+        pos, held = self._held(start)
+        if self.window:  # not what no query of the step reaches: a window's positions before start + 1 - window
+            held &= (pos < self.sinks) | (pos > start - self.window)
+        idx = held.nonzero()[:, 0]
+        k = torch.cat([self.k.get(idx), k_new.to(self.dtype)], dim=2)
+        v = torch.cat([self.v.get(idx), v_new.to(self.dtype)], dim=2)
+        if not self.window:  # positions 0..end-1 in order
+            return KVView(k, v, end)
+        k_pos = torch.cat([pos[idx], torch.arange(start, end, device=idx.device)])
+        if self.rotary is not None and len(idx) >= self.sinks:
+            k, k_pos = self._moved_sinks(k, k_pos, int(k_pos[self.sinks :].min()))  # ring slots: not in order
+        return KVView(k, v, end, k_pos)
+
+    def view(self, end: int) -> KVView:
+        """What the slot holds of the positions before ``end``, decoded (the sinks as they were cached)."""
+        pos, held = self._held(end)
+        idx = held.nonzero()[:, 0]
+        return KVView(self.k.get(idx), self.v.get(idx), end, None if not self.window else pos[idx])
+
+    def nbytes(self, seen: int) -> int:
+        positions = min(seen, self.sinks) + min(max(seen - self.sinks, 0), self.window)
+        return self.bytes_per_position * positions
+
+    def allocated_bytes(self) -> int:
+        return self.k.nbytes() + self.v.nbytes()
+
+    def reorder(self, batch_idx: torch.Tensor) -> None:
+        reorder_rows(self.k.tensors + self.v.tensors, batch_idx)
+
+    def reset(self) -> None:
+        """Nothing to clear: positions are overwritten before they are read."""
+
+
+class KiviKV:
+    """A ``StaticKV``'s positions held the KIVI way (``CachePolicy`` kind ``kivi``): keys as per-channel codes in
+    groups of ``group`` tokens once ``residual`` of them have gathered (``n % residual`` wait as computed), values
+    as per-token codes in groups of ``group`` channels once they are older than the last ``residual`` (a ring of
+    ``residual`` slots holds those). Every view is the positions 0..end in order."""
+
+    def __init__(self, batch_size, k_heads, v_heads, length, k_dim, v_dim, *, policy, dtype, device):
+        self.policy, self.dtype, self.length = policy, dtype, length
+        self.bits, self.group, self.residual = policy.bits, policy.group, policy.residual
+        B, R, G = batch_size, self.residual, self.group
+        keys = length // R * R  # at most this many keys are ever quantized
+        values = max(length - R, 0)
+        z = dict(device=device)
+        self.k_codes = torch.zeros(B, k_heads, k_dim, keys * self.bits // 8, dtype=torch.uint8, **z)
+        self.k_scale, self.k_zero = (torch.zeros(B, k_heads, k_dim, keys // G, dtype=dtype, **z) for _ in range(2))
+        self.k_residual = torch.zeros(B, k_heads, min(R, length), k_dim, dtype=dtype, **z)
+        self.v_codes = torch.zeros(B, v_heads, values, v_dim * self.bits // 8, dtype=torch.uint8, **z)
+        self.v_scale, self.v_zero = (torch.zeros(B, v_heads, values, v_dim // G if v_dim else 0, dtype=dtype, **z)
+                                     for _ in range(2))  # fmt: skip
+        self.v_residual = torch.zeros(B, v_heads, min(R, length), v_dim, dtype=dtype, **z)  # position p: slot p % R
+        self.shapes = (batch_size, k_heads, v_heads, k_dim, v_dim)
+
+    @classmethod
+    def like(cls, slot: StaticKV, policy: CachePolicy, device) -> KiviKV:
+        B, Hk, _, Dk = slot.k.shape
+        _, Hv, _, Dv = slot.v.shape
+        return cls(B, Hk, Hv, slot.length, Dk, Dv, policy=policy, dtype=slot.k.dtype, device=device)
+
+    def _tensors(self) -> list[torch.Tensor]:
+        return [self.k_codes, self.k_scale, self.k_zero, self.k_residual, self.v_codes, self.v_scale, self.v_zero,
+                self.v_residual]  # fmt: skip
+
+    # positions before n: keys quantized / as computed, values quantized / as computed
+    def _quantized_keys(self, n: int) -> int:
+        return n // self.residual * self.residual
+
+    def _quantized_values(self, n: int) -> int:
+        return max(n - self.residual, 0)
+
+    def _keys(self, n: int) -> torch.Tensor:
+        """Keys of positions 0..n-1, [B, H, n, D]: the codes, then the residual."""
+        q = self._quantized_keys(n)
+        held = [self.k_residual[:, :, : n - q]]
+        if q:
+            codes = self.k_codes[..., : q * self.bits // 8]
+            groups = slice(0, q // self.group)
+            held.insert(0, dequantize(codes, self.k_scale[..., groups], self.k_zero[..., groups], self.bits,
+                                      self.dtype).transpose(2, 3))  # fmt: skip
+        return torch.cat(held, dim=2) if len(held) > 1 else held[0]
+
+    def _values(self, n: int) -> torch.Tensor:
+        """Values of positions 0..n-1, [B, H, n, D]: the codes, then the residual ring in order of position."""
+        q = self._quantized_values(n)
+        ring = torch.arange(q, n, device=self.v_residual.device) % self.residual
+        held = [self.v_residual.index_select(2, ring)]
+        if q:
+            held.insert(0, self._decode_values(slice(0, q)))
+        return torch.cat(held, dim=2) if len(held) > 1 else held[0]
+
+    def _decode_values(self, positions: slice) -> torch.Tensor:
+        if not self.v_codes.shape[-1]:  # no values (SVFormer's layers, SA's): width 0
+            return self.v_codes[:, :, positions].to(self.dtype)
+        return dequantize(self.v_codes[:, :, positions], self.v_scale[:, :, positions], self.v_zero[:, :, positions],
+                          self.bits, self.dtype)  # fmt: skip
+
+    def update(self, k_new: torch.Tensor, v_new: torch.Tensor, start: int | torch.Tensor) -> KVView:
+        if isinstance(start, torch.Tensor):
+            raise ValueError("cache policy kivi: its steps differ with how full the residual is, so it decodes "
+                             "eagerly (generate does; decode_step does not take it)")  # fmt: skip
+        t = k_new.shape[2]
+        end = start + t
+        if end > self.length:
+            raise ValueError(f"cache is full: {start} tokens held + {t} new > max_len={self.length}")
+        k_new, v_new = k_new.to(self.dtype), v_new.to(self.dtype)
+        view = KVView(torch.cat([self._keys(start), k_new], dim=2), torch.cat([self._values(start), v_new], dim=2),
+                      end)  # fmt: skip
+        self._write_keys(start, k_new)
+        self._write_values(start, v_new)
+        return view
+
+    def _write_keys(self, start: int, k_new: torch.Tensor) -> None:
+        """The residual's keys and the new ones: every whole residual of them quantized, the rest kept."""
+        q = self._quantized_keys(start)
+        pending = torch.cat([self.k_residual[:, :, : start - q], k_new], dim=2)
+        whole = pending.shape[2] // self.residual * self.residual
+        if whole:
+            codes, scale, zero = quantize(pending[:, :, :whole].transpose(2, 3), self.bits, self.group, self.dtype)
+            self.k_codes[..., q * self.bits // 8 : (q + whole) * self.bits // 8] = codes
+            self.k_scale[..., q // self.group : (q + whole) // self.group] = scale
+            self.k_zero[..., q // self.group : (q + whole) // self.group] = zero
+        rest = pending[:, :, whole:]
+        self.k_residual[:, :, : rest.shape[2]] = rest
+
+    def _write_values(self, start: int, v_new: torch.Tensor) -> None:
+        """Values older than the last ``residual`` positions quantized, those into the ring."""
+        end = start + v_new.shape[2]
+        first = self._quantized_values(start)  # positions first..end-1 are the ring's and the new ones
+        pending = torch.cat([self._values(start)[:, :, first:], v_new], dim=2)
+        q = self._quantized_values(end) - first  # of them, the first q leave the residual
+        if q and pending.shape[-1]:
+            codes, scale, zero = quantize(pending[:, :, :q], self.bits, self.group, self.dtype)
+            self.v_codes[:, :, first : first + q] = codes
+            self.v_scale[:, :, first : first + q] = scale
+            self.v_zero[:, :, first : first + q] = zero
+        kept = torch.arange(first + q, end, device=self.v_residual.device)
+        self.v_residual.index_copy_(2, kept % self.residual, pending[:, :, q:])
+
+    def view(self, end: int) -> KVView:
+        return KVView(self._keys(end), self._values(end), end)
+
+    def nbytes(self, seen: int) -> int:
+        B, Hk, Hv, Dk, Dv = self.shapes
+        return B * kivi_bytes(seen, Hk, Hv, Dk, Dv, self.policy, self.dtype)
+
+    def allocated_bytes(self) -> int:
+        return sum(t.nbytes for t in self._tensors())
+
+    def reorder(self, batch_idx: torch.Tensor) -> None:
+        reorder_rows(self._tensors(), batch_idx)
+
+    def reset(self) -> None:
+        """Nothing to clear: positions are overwritten before they are read."""
+
+
+def kivi_bytes(n: int, k_heads: int, v_heads: int, k_dim: int, v_dim: int, policy: CachePolicy,
+               dtype: torch.dtype) -> int:  # fmt: skip
+    """What KIVI holds for one sequence after ``n`` tokens: the quantized keys' codes and their per-channel scales
+    and zero points (one pair per ``group`` tokens), the residual keys as computed; the quantized values' codes
+    with one pair per ``group`` channels, the last ``min(n, residual)`` values as computed."""
+    R, G, b, item = policy.residual, policy.group, policy.bits, dtype.itemsize
+    keys = n // R * R
+    values = max(n - R, 0)
+    key_bytes = k_dim * (keys * b // 8 + keys // G * 2 * item) + (n - keys) * k_dim * item
+    value_bytes = values * (v_dim * b // 8 + v_dim // G * 2 * item) + (n - values) * v_dim * item
+    return k_heads * key_bytes + v_heads * value_bytes
+
+
+KV_SLOTS = (StaticKV, RingKV, SinkRingKV)
+
+
+def policy_cache_slot(mixer, batch_size: int, max_len: int, dtype: torch.dtype, device, policy: CachePolicy,
+                      where: str):  # fmt: skip
+    """``mixer``'s cache slot with its K/V held through ``policy``: its slot is first built on the meta device
+    (nothing allocated), K/V slots are then made as the policy holds them on ``device`` (a window of a layer's
+    own stays as it is under ``sinks``), a parallel layer's group branch by branch, and other slots (fixed
+    recurrent states) as the mixer makes them."""
+    meta = mixer.new_cache_slot(batch_size, max_len, dtype, "meta")
+    if meta is None:
+        return None
+    if isinstance(meta, KV_SLOTS):
+        _check_slot(meta, mixer, policy, where)
+        if policy.kind == "kivi":
+            return KiviKV.like(meta, policy, device)
+        if policy.kind != "sinks" or isinstance(meta, StaticKV):
+            return PolicyKV.like(meta, policy, device, rotary=getattr(mixer, "rotary", None))
+    if isinstance(meta, SlotGroup):  # a parallel layer's branches, each its own slot
+        return SlotGroup([policy_cache_slot(b, batch_size, max_len, dtype, device, policy, f"{where}.{i}")
+                          for i, b in enumerate(mixer.branches)])  # fmt: skip
+    _refuse_latent(meta, policy, where)
+    return mixer.new_cache_slot(batch_size, max_len, dtype, device)
+
+
+def _check_slot(meta_slot, mixer, policy: CachePolicy, where: str) -> None:
+    if policy.kind == "sinks":
+        if isinstance(meta_slot, StaticKV) and not isinstance(getattr(mixer, "rotary", None), Rotary):
+            raise ValueError(f"cache policy sinks: {where} has no rotary to move the sinks' keys by")
+        if isinstance(meta_slot, StaticKV) and getattr(mixer.cfg, "kv_ranks", None) is not None:
+            raise ValueError(f"cache policy sinks: {where} caches MatryoshkaKV's projections of its keys, which "
+                             "RoPE's angles cannot turn")  # fmt: skip
+        return
+    if policy.kind == "kivi":
+        if not isinstance(meta_slot, StaticKV):
+            raise ValueError(f"cache policy kivi: {where} keeps a window, whose tokens leave one at a time, which "
+                             "KIVI's key groups of several tokens cannot follow; use int8, int4 or fp8 for "
+                             "models with windows")  # fmt: skip
+        policy.check_width(meta_slot.v.shape[-1], f"{where}'s values")  # keys are grouped over tokens
+        return
+    policy.check_width(meta_slot.k.shape[-1], f"{where}'s keys")
+    policy.check_width(meta_slot.v.shape[-1], f"{where}'s values")
+
+
+def _refuse_latent(meta_slot, policy: CachePolicy, where: str) -> None:
+    if isinstance(meta_slot, (LatentKV, QuantizedLatentKV)):
+        raise ValueError(f"cache policy {policy.kind}: {where} caches a latent per token (MLA), which the cache "
+                         "policies do not compress yet; they compress attention's keys and values")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class PolicyFootprint:
+    """What a layer's K/V cost held through a policy, for one sequence."""
+
+    bytes_per_token: int | float  # per position, in the long run
+    held: Callable[[int], int] | None = None  # the bytes of n positions where they are not n times that
+    max_tokens: int | None = None  # the positions kept at most, where the policy bounds them (None: as the layer)
+
+
+def policy_footprint(mixer, max_len: int, dtype: torch.dtype, policy: CachePolicy, where: str):
+    """``mixer``'s ``PolicyFootprint`` under ``policy``; None where it caches no K/V or the policy leaves its
+    cache as it is (its footprint stands)."""
+    meta = mixer.new_cache_slot(1, max_len, dtype, "meta")
+    if isinstance(meta, SlotGroup):
+        parts = [p for i, b in enumerate(mixer.branches)
+                 if (p := policy_footprint(b, max_len, dtype, policy, f"{where}.{i}")) is not None]  # fmt: skip
+        if len(parts) > 1 and any(p.held is not None or p.max_tokens is not None for p in parts):
+            raise ValueError(f"cache policy {policy.kind}: {where} has more than one attention branch")
+        if len(parts) == 1:
+            return parts[0]
+        return PolicyFootprint(sum(p.bytes_per_token for p in parts)) if parts else None
+    _refuse_latent(meta, policy, where)
+    if not isinstance(meta, KV_SLOTS):
+        return None
+    _check_slot(meta, mixer, policy, where)
+    _, Hk, _, Dk = meta.k.shape
+    _, Hv, _, Dv = meta.v.shape
+    if policy.kind == "sinks":
+        kept = policy.sinks + policy.window
+        if not isinstance(meta, StaticKV) or kept >= meta.length:
+            return None  # a window of the layer's own, or room for every token: the cache as it is
+        return PolicyFootprint((Hk * Dk + Hv * Dv) * dtype.itemsize, max_tokens=kept)
+    if policy.kind == "kivi":
+        # the keys' per-channel scale and zero point are shared by `group` tokens: a fraction of a byte per token
+        rate = Hk * (Fraction(Dk * policy.bits, 8) + Fraction(2 * Dk * dtype.itemsize, policy.group))
+        rate += Hv * policy.bytes_per_vector(Dv, dtype)
+        return PolicyFootprint(int(rate) if rate.denominator == 1 else float(rate),
+                               held=lambda n: kivi_bytes(n, Hk, Hv, Dk, Dv, policy, dtype))  # fmt: skip
+    return PolicyFootprint(Hk * policy.bytes_per_vector(Dk, dtype) + Hv * policy.bytes_per_vector(Dv, dtype))

@@ -1,0 +1,262 @@
+"""Cache policies (int8, int4, fp8, KIVI, StreamingLLM's sinks): K/V held as codes or evicted, read back as a
+float64 transcription of the paper says, counted bit-exactly by the footprint, composed with every attention
+layout (grouping, windows, sinks, cross-layer readers, hybrids' attention branches)."""
+
+import pytest
+import torch
+
+from kvlab import build_model
+from kvlab.kernels.rope import apply_rope
+from kvlab.layers.cache_policy import CachePolicy, KiviKV, PolicyKV
+from kvlab.layers.kv_cache import RingKV, SinkRingKV, StaticKV
+from kvlab.layers.rope import Rotary
+from tests.archs.test_decode import VARIANTS
+from tests.conftest import tiny
+
+POLICIES = ["int8", "int4", {"kind": "int4", "group": 8}, "fp8"]
+KIVI = {"kind": "kivi", "bits": 2, "group": 4, "residual": 8}  # small groups and residual, to cross them often
+SINKS = {"kind": "sinks", "sinks": 2, "window": 5}  # evicting from the 8th token on
+
+
+def _round_trip(x: torch.Tensor, policy: CachePolicy) -> torch.Tensor:
+    """A float64 transcription of what a policy gives back for vectors x [..., D]."""
+    x = x.double()
+    if policy.kind == "fp8":  # e4m3: saturating at +-448, then the nearest of its values (torch's cast rounds so)
+        return x.clamp(-448, 448).to(torch.float8_e4m3fn).double()
+    levels = 2**policy.bits - 1
+    group = policy.group or x.shape[-1]
+    g = x.reshape(*x.shape[:-1], x.shape[-1] // group, group)
+    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    scale = (hi - lo) / levels
+    codes = torch.where(scale > 0, ((g - lo) / scale).round().clamp(0, levels), 0)
+    return (codes * scale + lo).reshape(x.shape)
+
+
+def _by_position(view):
+    """(positions, keys, values) of a view, in order of position. Without ``k_pos`` a view holds the S positions
+    up to ``end`` as a set: in order, or (a ring buffer's decode step) position p in slot p % S."""
+    S = view.k.shape[2]
+    pos = view.k_pos
+    if pos is None:
+        pos = torch.arange(view.end - S, view.end)
+        pos = (view.end - 1) - (view.end - 1 - torch.arange(S)) % S if S else pos
+    order = pos.argsort()
+    return pos[order], view.k[:, :, order], view.v[:, :, order]
+
+
+@pytest.mark.parametrize("spec", POLICIES, ids=str)
+@pytest.mark.parametrize("layout", ["static", "ring", "sinks"])
+def test_a_slot_gives_back_the_round_trip_of_what_it_held_and_the_new_tokens_as_computed(spec, layout):
+    policy = CachePolicy.from_spec(spec)
+    B, H, D = 2, 3, 16
+    plain = {"static": StaticKV(B, H, 24, D, D, dtype=torch.float64, device="cpu"),
+             "ring": RingKV(B, H, 6, D, D, dtype=torch.float64, device="cpu"),
+             "sinks": SinkRingKV(B, H, 2, 5, D, D, dtype=torch.float64, device="cpu")}[layout]  # fmt: skip
+    slot = PolicyKV.like(plain, policy, "cpu")
+    window = {"static": 0, "ring": 6, "sinks": 5}[layout]
+    torch.manual_seed(0)
+    start = 0
+    for t in [5, 1, 1, 4, 1, 1, 3]:
+        k, v = torch.randn(B, H, t, D, dtype=torch.float64) * 3, torch.randn(B, H, t, D, dtype=torch.float64)
+        ours, ref = _by_position(slot.update(k, v, start)), _by_position(plain.update(k, v, start))
+        # the positions the full-precision slot holds, but the one a window has just left, which no query reaches
+        reached = (ref[0] < getattr(plain, "sinks", 0)) | (ref[0] > start - window) if window else ref[0] >= 0
+        ref = tuple(x[:, :, reached] if x.dim() > 1 else x[reached] for x in ref)
+        assert torch.equal(ours[0], ref[0])
+        old = ref[0] < start  # held from earlier steps: their codes; this step's: as computed
+        for got, want in zip(ours[1:], ref[1:], strict=True):
+            torch.testing.assert_close(got[:, :, old], _round_trip(want[:, :, old], policy), rtol=0, atol=1e-12)
+            torch.testing.assert_close(got[:, :, ~old], want[:, :, ~old], rtol=0, atol=0)
+        start += t
+        assert slot.nbytes(start) == slot.bytes_per_position * plain.nbytes(start) // plain.bytes_per_position
+
+
+def test_policy_bytes_count_codes_scales_and_zero_points():
+    fp32 = torch.float32
+    assert CachePolicy.from_spec("int8").bytes_per_vector(64, fp32) == 64 + 2 * 4  # one scale and zero point
+    assert CachePolicy.from_spec("int4").bytes_per_vector(64, torch.bfloat16) == 32 + 2 * 2
+    assert CachePolicy.from_spec({"kind": "int4", "group": 16}).bytes_per_vector(64, fp32) == 32 + 4 * 2 * 4
+    assert CachePolicy.from_spec("fp8").bytes_per_vector(64, fp32) == 64
+    model = build_model(VARIANTS["gqa"])  # 4 layers, 2 K/V heads of 16 channels, keys and values
+    assert model.kv_footprint(torch.bfloat16, policy="int4").bytes_per_token == 4 * 2 * 2 * (8 + 4)
+    assert "K/V int4" in model.kv_footprint(torch.bfloat16, policy="int4").table()
+
+
+def test_streaming_llm_attends_to_the_sinks_and_the_window_at_their_positions_in_the_cache():
+    """The paper's definition, in float64: keys cached before RoPE, the kept ones (the first 2, the last 5) at
+    their indices in the cache, the query at the next one; kvlab caches keys after RoPE at their positions in
+    the text, turns the sinks' by the tokens evicted, and must give every kept key the same score."""
+    B, H, D, theta = 1, 2, 8, 10000.0
+    rotary = Rotary(D, theta, 64)
+    slot = PolicyKV.like(StaticKV(B, H, 64, D, D, dtype=torch.float64, device="cpu"),
+                         CachePolicy.from_spec(SINKS), "cpu", rotary=rotary)  # fmt: skip
+    torch.manual_seed(0)
+    raw = torch.randn(B, H, 30, D, dtype=torch.float64)  # keys before RoPE
+    cos, sin = rotary(0, 30)
+    prompt = apply_rope(raw[:, :, :9], cos[:9], sin[:9])  # cached after RoPE, at their positions in the text
+    slot.update(prompt, raw[:, :, :9], 0)  # a prompt of 9 (attends as computed), then token by token
+    for t in range(9, 30):
+        key = apply_rope(raw[:, :, t : t + 1], cos[t : t + 1], sin[t : t + 1])
+        view = slot.update(key, raw[:, :, t : t + 1], t)
+        q = torch.randn(B, H, 1, D, dtype=torch.float64)
+        ours = apply_rope(q, cos[t : t + 1], sin[t : t + 1]) @ view.k.transpose(2, 3)  # the query at its own position
+        kept = [0, 1, *range(t - 4, t + 1)]  # the sinks, and the window with the new token
+        assert view.v.shape[2] == len(kept)
+        torch.testing.assert_close(view.v[:, :, view.k_pos.argsort()], raw[:, :, kept], rtol=0, atol=0)
+        cache_cos, cache_sin = rotary(0, len(kept))  # the paper: positions within the cache
+        keys = apply_rope(raw[:, :, kept], cache_cos, cache_sin)
+        query = apply_rope(q, cache_cos[-1:], cache_sin[-1:])
+        torch.testing.assert_close(ours[..., view.k_pos.argsort()], query @ keys.transpose(2, 3), rtol=1e-5, atol=1e-5)
+        assert view.k_pos.max() == t and sorted(view.k_pos.tolist()) == list(range(t - len(kept) + 1, t + 1))
+
+
+def test_sinks_evict_only_past_their_cache_and_decode_exactly_before():
+    model = build_model(VARIANTS["gqa"]).eval()
+    ids = torch.randint(0, 97, (2, 24))
+    with torch.no_grad():
+        plain, streaming = model.new_cache(2, 24), model.new_cache(2, 24, policy=SINKS | {"window": 10})
+        outs = [[model(ids[:, :4], cache=c)] for c in (plain, streaming)]
+        for t in range(4, 24):
+            for out, c in zip(outs, (plain, streaming), strict=True):
+                out.append(model(ids[:, t : t + 1], cache=c))
+        full, evicting = (torch.cat(o, dim=1) for o in outs)
+    torch.testing.assert_close(evicting[:, :12], full[:, :12])  # 12 tokens fit in 2 sinks + 10: nothing moved
+    assert not torch.allclose(evicting[:, 12:], full[:, 12:])  # then the middle is gone
+    assert streaming.nbytes() == model.kv_footprint(torch.float32, policy=SINKS | {"window": 10}).total_bytes(24, 2)
+    assert streaming.nbytes() * 24 == plain.nbytes() * 12
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_kivi_holds_keys_per_channel_and_values_per_token_behind_a_full_precision_residual(bits):
+    policy = CachePolicy.from_spec(KIVI | {"bits": bits})
+    B, H, D, G, R = 2, 3, 8, 4, 8
+    slot = KiviKV.like(StaticKV(B, H, 40, D, D, dtype=torch.float64, device="cpu"), policy, "cpu")
+    torch.manual_seed(0)
+    keys, values = torch.empty(B, H, 0, D, dtype=torch.float64), torch.empty(B, H, 0, D, dtype=torch.float64)
+    start = 0
+    for t in [5, 1, 1, 9, 1, 3, 1, 7, 8, 1]:
+        k, v = torch.randn(B, H, t, D, dtype=torch.float64) * 3, torch.randn(B, H, t, D, dtype=torch.float64)
+        view = slot.update(k, v, start)
+        assert view.k_pos is None and view.end == start + t
+        # the transcription: keys of the whole residuals before `start` per channel, in groups of G tokens;
+        # values older than the last R per token, in groups of G channels; the rest as computed
+        q_k, q_v = start // R * R, max(start - R, 0)
+        want_k = torch.cat(
+            [_round_trip(keys[:, :, :q_k].transpose(2, 3), policy).transpose(2, 3), keys[:, :, q_k:], k], 2
+        )
+        want_v = torch.cat([_round_trip(values[:, :, :q_v], policy), values[:, :, q_v:], v], 2)
+        torch.testing.assert_close(view.k, want_k, rtol=0, atol=1e-12)
+        torch.testing.assert_close(view.v, want_v, rtol=0, atol=1e-12)
+        keys, values, start = torch.cat([keys, k], 2), torch.cat([values, v], 2), start + t
+        # bytes by hand: codes of bits per element, a scale and a zero point per group, the rest 8 bytes each
+        q_k, q_v = start // R * R, max(start - R, 0)
+        by_hand = B * H * (q_k * D * bits // 8 + D * (q_k // G) * 2 * 8 + (start - q_k) * D * 8)
+        by_hand += B * H * (q_v * D * bits // 8 + q_v * (D // G) * 2 * 8 + (start - q_v) * D * 8)
+        assert slot.nbytes(start) == by_hand
+    held = slot.view(start)  # what a later layer reads (LCKV): every position, the same way
+    q_k, q_v = start // R * R, max(start - R, 0)
+    torch.testing.assert_close(held.k[:, :, q_k:], keys[:, :, q_k:], rtol=0, atol=0)
+    torch.testing.assert_close(held.v[:, :, :q_v], _round_trip(values[:, :, :q_v], policy), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("spec", ["int4", KIVI, SINKS], ids=str)  # fp8: as int4 but for the codec (tested above)
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_cache_bytes_equal_the_policys_footprint_for_every_layout(name, spec):
+    model = build_model(VARIANTS[name]).eval()
+    try:
+        fp = model.kv_footprint(torch.float32, policy=spec)
+    except ValueError as e:  # MLA's latent, KIVI in a window, MatryoshkaKV's sinks: refused by both alike
+        assert any(word in str(e) for word in ("latent", "window", "MatryoshkaKV")), str(e)
+        with pytest.raises(ValueError, match="latent|window|MatryoshkaKV"):
+            model.new_cache(2, 20, dtype=torch.float32, policy=spec)
+        return
+    cache = model.new_cache(batch_size=2, max_len=20, dtype=torch.float32, policy=spec)
+    assert cache.nbytes() == fp.total_bytes(0, batch_size=2)
+    ids = torch.randint(0, 97, (2, 20))
+    seen = 0
+    with torch.no_grad():
+        full = model(ids)
+        for size in [6, 1, 1, 5, 1, 6]:
+            out = model(ids[:, seen : seen + size], cache=cache)
+            if seen == 0:  # a prompt in one step attends as computed: the forward's logits
+                torch.testing.assert_close(out, full[:, :size])
+            seen += size
+            assert cache.nbytes() == fp.total_bytes(seen, batch_size=2)
+    assert torch.isfinite(out).all()
+
+
+def test_decoding_through_a_policy_costs_little_and_the_static_step_agrees_with_the_eager_one():
+    model = build_model(tiny(mixer={"kind": "attention", "n_heads": 4, "n_kv_heads": 2, "window": 6})).eval()
+    ids = torch.randint(0, 97, (2, 16))
+    with torch.no_grad():
+        full = model(ids)
+        errors = {}
+        for spec in ["int8", "int4"]:
+            eager, static = (model.new_cache(2, 16, policy=spec) for _ in range(2))
+            model(ids[:, :8], cache=eager)
+            model(ids[:, :8], cache=static)
+            for t in range(8, 16):
+                a = model(ids[:, t : t + 1], cache=eager)[:, -1]
+                b = model.decode_step(ids[:, t : t + 1], static, torch.tensor(static.start))
+                static.seen += 1
+                torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+            errors[spec] = (a - full[:, -1]).abs().max().item()
+    assert 0 < errors["int8"] < errors["int4"] < 0.1  # lossy, more so at 4 bits, still close
+
+
+def test_the_static_step_moves_the_sinks_as_the_eager_one():
+    model = build_model(VARIANTS["gqa"]).eval()  # every layer caches every token: the sinks policy applies
+    ids = torch.randint(0, 97, (2, 20))
+    with torch.no_grad():
+        eager, static = (model.new_cache(2, 20, policy=SINKS) for _ in range(2))
+        model(ids[:, :3], cache=eager)
+        model(ids[:, :3], cache=static)
+        for t in range(3, 20):  # evicting from t = 7 on
+            a = model(ids[:, t : t + 1], cache=eager)[:, -1]
+            b = model.decode_step(ids[:, t : t + 1], static, torch.tensor(static.start))
+            static.seen += 1
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+def test_generate_takes_a_policy_and_decodes_kivi_eagerly():
+    model = build_model(VARIANTS["gqa"]).eval()
+    ids = torch.randint(0, 97, (2, 5))
+    out = model.generate(ids, max_new_tokens=4, compile=False, cache_policy="int8")
+    assert out.shape == (2, 9) and torch.equal(out[:, :5], ids)
+    out = model.generate(ids, max_new_tokens=12, compile=True, cache_policy=KIVI)  # crosses the residual: eager
+    assert out.shape == (2, 17) and torch.equal(out[:, :5], ids)
+    with pytest.raises(ValueError, match="kivi: its steps differ"):
+        model.decode_step(ids[:, :1], model.new_cache(2, 16, policy=KIVI), torch.tensor(0))
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("int3", "kind='int3' is not one of none, int8, int4, fp8, kivi, sinks"),
+        ({"kind": "int4", "bit": 4}, "unknown key 'bit'; valid keys are kind, group, bits, residual, sinks, window"),
+        ({"kind": "int4", "bits": 4}, "bits is a setting of kivi, not of int4"),
+        ({"kind": "fp8", "group": 8}, "group is a setting of int8, int4, kivi, not of fp8"),
+        ({"kind": "sinks", "window": 0}, "sinks=4 and window=0 must be counts of tokens"),
+        ({"kind": "kivi", "bits": 3}, "bits=3 is not one of 2, 4"),
+        ({"kind": "kivi", "group": 32, "residual": 48}, "residual=48 must be a positive multiple of group=32"),
+        ({"kind": "int4", "group": 0}, "group=0 is not valid"),
+        (3, "give a name"),
+    ],
+)
+def test_bad_policies_are_refused_naming_what_is_valid(spec, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        CachePolicy.from_spec(spec)
+
+
+def test_a_group_that_does_not_divide_the_head_is_refused_naming_the_layer():
+    model = build_model(VARIANTS["gqa"])  # heads of 16 channels
+    with pytest.raises(ValueError, match="layer 0's keys caches vectors of 16 channels"):
+        model.new_cache(1, 8, policy={"kind": "int4", "group": 5})
+
+
+@pytest.mark.slow
+def test_the_compiled_decode_step_reads_a_quantized_cache_as_the_eager_one():
+    model = build_model(VARIANTS["window"]).eval()  # a ring buffer: every slot read whole and masked
+    ids = torch.randint(0, 97, (2, 6))
+    compiled = model.generate(ids, max_new_tokens=10, compile=True, cache_policy="int4")
+    assert torch.equal(compiled, model.generate(ids, max_new_tokens=10, compile=False, cache_policy="int4"))
