@@ -2,12 +2,20 @@
 
     python benchmarks/mqar.py [--models attention,retention,mamba2] [--pairs 8] [--seq 64] [--vocab 128]
                               [--d-model 64] [--layers 2] [--steps 1500] [--batch 64] [--lr 3e-3] [--seed 0]
+                              [--states 4,8,16,32 [--plot mqar_states.png]]
 
 Every model is a 2-layer kvlab decoder of the same width trained on the same
 generated MQAR examples (``kvlab.recipes.mqar``) with the same optimiser and
 steps; the loss and the accuracy count the queried values only. Prints a
 markdown row per model: parameters, recurrent state or KV cache per
 sequence, recall accuracy on held-out examples.
+
+``--states`` sweeps the recurrent mixers' state (Zoology's figure 2: recall
+against state size): each fixed-state model is trained once per key width
+(retention's head_dim and v_head_dim, Mamba-2's state_dim, RWKV's
+head_dim), attention once (its cache grows with the sequence instead);
+``--plot`` draws accuracy against the bytes each holds per sequence, one
+line per family.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ def mixer_for(kind: str, d_model: int, heads: int, state: int | None = None) -> 
         "retention": {"kind": "retention", "n_heads": heads, "head_dim": s, "v_head_dim": s, "decay": "fixed"},
         "gated_retention": {"kind": "retention", "n_heads": heads, "head_dim": s, "v_head_dim": s, "decay": "gated"},
         "mamba2": {"kind": "mamba2", "head_dim": hd, "state_dim": s, "expand": 1, "chunk_size": 32},
+        "rwkv7": {"kind": "rwkv7", "head_dim": s, "value_residual": False},
     }[kind]
 
 
@@ -108,6 +117,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--examples", type=int, default=20000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=0)
+    p.add_argument("--states", default=None, help="comma-separated state widths to sweep the recurrent mixers over")
+    p.add_argument("--plot", default=None, help="with --states: accuracy against state bytes, into this PNG")
     return p
 
 
@@ -116,11 +127,41 @@ def main() -> None:
     task = f"MQAR: {args.pairs} pairs, {args.seq} tokens, vocab {args.vocab}"
     models = f"{args.layers} layers, d_model {args.d_model}, {args.heads} heads, state {args.state or 'd_model/heads'}"
     print(f"{task}; {models}; {args.steps} steps of {args.batch}, lr {args.lr}, seed {args.seed}")
-    print("| model | params | cache/state per sequence (fp32) | recall accuracy | train s |")
-    print("|---|---:|---:|---:|---:|")
+    print("| model | state width | params | cache/state per sequence (fp32) | recall accuracy | train s |")
+    print("|---|---:|---:|---:|---:|---:|")
+    widths = [int(w) for w in args.states.split(",")] if args.states else [args.state]
+    results = []
     for kind in args.models.split(","):
-        r = train_and_evaluate(kind, args, args.log_every)
-        print(f"| {kind} | {r['params']:,} | {r['state_bytes']:,} B | {r['accuracy']:.3f} | {r['seconds']:.0f} |")
+        for width in [None] if kind == "attention" else widths:  # attention's cache is its sequence's, not a state
+            args.state = width
+            r = train_and_evaluate(kind, args, args.log_every) | {"width": width}
+            results.append(r)
+            shown = "-" if width is None else str(width)
+            print(f"| {kind} | {shown} | {r['params']:,} | {r['state_bytes']:,} B | {r['accuracy']:.3f} | "
+                  f"{r['seconds']:.0f} |", flush=True)  # fmt: skip
+    if args.plot:
+        plot(results, args.plot, task)
+
+
+def plot(results: list[dict], path: str, title: str) -> None:
+    """Recall accuracy against the bytes held per sequence, one line per family (attention: one point)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for kind in dict.fromkeys(r["model"] for r in results):
+        rs = sorted((r for r in results if r["model"] == kind), key=lambda r: r["state_bytes"])
+        ax.plot([r["state_bytes"] for r in rs], [r["accuracy"] for r in rs], marker="o", label=kind)
+    ax.set_xscale("log")
+    ax.set_xlabel("cache or state per sequence (bytes, fp32)")
+    ax.set_ylabel("recall accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

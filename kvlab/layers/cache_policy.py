@@ -39,7 +39,9 @@ Policies (``POLICIES``):
   the paper's cache positions put them (relative distances are all RoPE
   sees); the window's keys are where they are. Layers with a window of their
   own keep theirs. Not for MatryoshkaKV's layers, whose cached keys are
-  projections of the rotated ones.
+  projections of the rotated ones. A deviation: queries and keys keep their
+  positions in the text, so a stream is bounded by ``max_seq_len`` (the
+  paper's streams are unbounded, its positions never exceeding the cache's).
 
 What a step attends to: what was cached before it, read back from the codes,
 and its own tokens' keys and values as computed. A prompt prefilled in one

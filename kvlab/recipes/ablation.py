@@ -86,9 +86,13 @@ def collect(sweep_dir: Path, context: int) -> list[dict[str, Any]]:
 
 
 def _cache_at(m: dict[str, Any], context: int) -> int:
-    """One sequence's cache at ``context`` tokens: windows are full by then (their bytes are among the fixed
-    ones); a context encoder trained on rows with a context (``data.context``: the run then reports
-    ``val_loss_without_context``) holds those tokens as its encoder states."""
+    """One sequence's cache at ``context`` tokens: as the run counted it (``kv_bytes_at``, exact, e.g. KIVI's
+    residual in full precision) where it did at that length; else windows are full by then (their bytes are
+    among the fixed ones); a context encoder trained on rows with a context (``data.context``: the run then
+    reports ``val_loss_without_context``) holds those tokens as its encoder states."""
+    exact = (m.get("kv_bytes_at") or {}).get(str(context))
+    if exact is not None and "val_loss_without_context" not in m:
+        return exact
     per_token = m["kv_bytes_per_token"]
     if "val_loss_without_context" in m and m.get("context_bytes_per_token"):
         per_token = m["context_bytes_per_token"]

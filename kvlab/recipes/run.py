@@ -383,6 +383,11 @@ def training_identity(cfg: DictConfig) -> dict:
     }
 
 
+# the contexts every run counts its cache at, exactly (what an ablation's table reads; KIVI's residual and
+# windows make a cache more than per-token bytes times tokens)
+KV_CONTEXTS = (1024, 2048, 4096, 8192, 32768)
+
+
 def _check_cache_policy(tc: TrainConfig, model_cfg: ModelConfig) -> None:
     """``cache``: a policy the model's caches take, for a run that evaluates through it."""
     if tc.cache is None:
@@ -408,7 +413,8 @@ def _model_metrics(model, policy: CachePolicy | None = None) -> dict:
     ``policy``, and then the footprint without it beside), and the config."""
     fp = model.kv_footprint(torch.bfloat16, policy)
     metrics = {"params": model.num_parameters(), "kv_bytes_per_token": fp.bytes_per_token,
-               "kv_fixed_bytes": fp.fixed_bytes, "model": model.config.to_dict()}  # fmt: skip
+               "kv_fixed_bytes": fp.fixed_bytes, "model": model.config.to_dict(),
+               "kv_bytes_at": {str(n): fp.total_bytes(n) for n in KV_CONTEXTS}}  # fmt: skip
     if policy is not None:
         metrics["kv_bytes_per_token_bf16"] = model.kv_footprint(torch.bfloat16).bytes_per_token
     if fp.context_bytes_per_token:

@@ -24,6 +24,8 @@ def test_a_context_encoder_on_rows_with_a_context_holds_the_context_as_its_state
     with_context = {"val_loss_without_context": 4.0}  # data.context was set
     assert _cache_at(plain | with_context, 100) == 614_410  # the context in the prompt
     assert _cache_at(encoder | with_context, 100) == 25_610  # the context as encoder states
+    counted = {"kv_bytes_at": {"100": 700_000}}  # as the run counted it (KIVI's residual): read, not recomputed
+    assert _cache_at(plain | counted, 100) == 700_000 and _cache_at(plain | counted, 200) == 1_228_810
 
 
 def test_plot_draws_every_row(tmp_path):
@@ -168,6 +170,7 @@ def test_an_ablation_sweeps_cache_policies_like_models(tmp_path, data_cache):
     # decoded through int8 codes: close to the forward's loss, not equal to it; the table's loss is that one
     assert 0 < abs(int8["cache_val_loss"] - int8["val_loss"]) < 0.05
     assert float(runs["gqa+int8"]["val_loss"]) == int8["cache_val_loss"]
+    assert int(runs["gqa+int8"]["kv_bytes_at_context"]) == int8["kv_bytes_at"]["2048"] == 2048 * 2 * 2 * 2 * 20
     # 2 layers, 2 K/V heads of 16: 16 bytes of codes and a bf16 scale and zero point per vector, bf16's 32
     assert int8["kv_bytes_per_token"] == 2 * 2 * 2 * (16 + 4) and int8["kv_bytes_per_token_bf16"] == 2 * 2 * 2 * 32
     with open(sweep / "results.csv") as f:
