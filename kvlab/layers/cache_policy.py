@@ -70,6 +70,8 @@ from kvlab.layers.kv_cache import (
     SlotGroup,
     StaticKV,
     reorder_rows,
+    sink_ring_held,
+    sink_ring_slot,
 )
 from kvlab.layers.rope import Rotary
 
@@ -239,29 +241,25 @@ class PolicyKV:
         """The form of a full-precision K/V slot (built on the meta device: only its shapes are read) that
         ``policy`` holds: the same positions as codes; StreamingLLM's sinks and window in a layer that caches
         every token (``rotary``: the layer's, for the sinks' keys)."""
+        moved = None  # only StreamingLLM's own sinks move: a layer's sinks (Hymba's) keep their positions
         if isinstance(slot, SinkRingKV):
             sinks, window = slot.sinks, slot.window
         elif isinstance(slot, RingKV):
             sinks, window = 0, slot.length
         elif policy.kind == "sinks" and policy.sinks + policy.window < slot.length:
-            sinks, window = policy.sinks, policy.window
+            sinks, window, moved = policy.sinks, policy.window, rotary if policy.sinks else None
         else:
-            sinks, window, rotary = slot.length, 0, None  # every position kept: nothing moves
+            sinks, window = slot.length, 0  # every position kept
         B, Hk, _, Dk = slot.k.shape
         _, Hv, _, Dv = slot.v.shape
         codec = policy if policy.kind in _CODECS else None
-        return cls(B, Hk, Hv, sinks, window, Dk, Dv, codec=codec, dtype=slot.k.dtype, device=device,
-                   rotary=rotary if sinks and window else None)  # fmt: skip
+        return cls(B, Hk, Hv, sinks, window, Dk, Dv, codec=codec, dtype=slot.k.dtype, device=device, rotary=moved)
 
     def _slot(self, pos: torch.Tensor) -> torch.Tensor:
-        s = self.sinks
-        return torch.where(pos < s, pos, s + (pos - s) % max(self.window, 1))
+        return sink_ring_slot(pos, self.sinks, self.window)
 
     def _held(self, end) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per slot, the position it holds once positions before ``end`` are written, and whether it holds one."""
-        i, s = self.slot_index, self.sinks
-        ring = (end - 1) - (end - 1 - i) % max(self.window, 1)
-        return torch.where(i < s, i, ring), torch.where(i < s, i < end, ring >= s)
+        return sink_ring_held(self.slot_index, self.sinks, self.window, end)
 
     def _moved_sinks(self, k: torch.Tensor, pos: torch.Tensor, first_window) -> tuple[torch.Tensor, torch.Tensor]:
         """StreamingLLM: the keys ``k`` [B, H, S, D] at ``pos`` [S] with the sinks' (the first ``sinks`` of
@@ -388,11 +386,14 @@ class KiviKV:
     def _values(self, n: int) -> torch.Tensor:
         """Values of positions 0..n-1, [B, H, n, D]: the codes, then the residual ring in order of position."""
         q = self._quantized_values(n)
-        ring = torch.arange(q, n, device=self.v_residual.device) % self.residual
-        held = [self.v_residual.index_select(2, ring)]
+        held = [self._residual_values(q, n)]
         if q:
             held.insert(0, self._decode_values(slice(0, q)))
         return torch.cat(held, dim=2) if len(held) > 1 else held[0]
+
+    def _residual_values(self, first: int, end: int) -> torch.Tensor:
+        """The ring's values of positions first..end-1 (those not yet quantized), in order."""
+        return self.v_residual.index_select(2, torch.arange(first, end, device=self.v_residual.device) % self.residual)
 
     def _decode_values(self, positions: slice) -> torch.Tensor:
         if not self.v_codes.shape[-1]:  # no values (SVFormer's layers, SA's): width 0
@@ -432,7 +433,7 @@ class KiviKV:
         """Values older than the last ``residual`` positions quantized, those into the ring."""
         end = start + v_new.shape[2]
         first = self._quantized_values(start)  # positions first..end-1 are the ring's and the new ones
-        pending = torch.cat([self._values(start)[:, :, first:], v_new], dim=2)
+        pending = torch.cat([self._residual_values(first, start), v_new], dim=2)
         q = self._quantized_values(end) - first  # of them, the first q leave the residual
         if q and pending.shape[-1]:
             codes, scale, zero = quantize(pending[:, :, :q], self.bits, self.group, self.dtype)

@@ -152,6 +152,20 @@ class RingKV(_KVBuffers):
         return self.bytes_per_position * min(seen, self.length)
 
 
+def sink_ring_slot(pos: torch.Tensor, sinks: int, window: int) -> torch.Tensor:
+    """The slot of each position in a buffer of ``sinks`` kept positions then a ring of ``window``: p < sinks in
+    slot p, a later one in ``sinks + (p - sinks) % window`` (no window: every position in its own slot)."""
+    return torch.where(pos < sinks, pos, sinks + (pos - sinks) % max(window, 1))
+
+
+def sink_ring_held(slot_index: torch.Tensor, sinks: int, window: int, end) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per slot of such a buffer, the position it holds once positions before ``end`` are written, and whether it
+    holds one: a ring slot the latest position congruent to it modulo the window (slot i holds p = i mod window)."""
+    i = slot_index
+    ring = (end - 1) - (end - 1 - i) % max(window, 1)
+    return torch.where(i < sinks, i, ring), torch.where(i < sinks, i < end, ring >= sinks)
+
+
 class SinkRingKV(_KVBuffers):
     """The first ``sinks`` positions, kept for good, and the last ``window`` positions after them in a ring
     buffer: position p < sinks lives in slot p, a later one in slot ``sinks + (p - sinks) % window`` (Hymba's
@@ -164,16 +178,10 @@ class SinkRingKV(_KVBuffers):
         self.sinks, self.window = sinks, window
 
     def _slot(self, pos: torch.Tensor) -> torch.Tensor:
-        s = self.sinks
-        return torch.where(pos < s, pos, s + (pos - s) % self.window)
+        return sink_ring_slot(pos, self.sinks, self.window)
 
     def _held(self, end: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per slot, the position it holds once positions before ``end`` are written, and whether it holds one:
-        a ring slot the latest position congruent to it modulo the window (slot i holds p = i mod window)."""
-        i, s = self.slot_index, self.sinks
-        ring = (end - 1) - (end - 1 - i) % self.window
-        pos = torch.where(i < s, i, ring)
-        return pos, torch.where(i < s, i < end, ring >= s)
+        return sink_ring_held(self.slot_index, self.sinks, self.window, end)
 
     def update(self, k_new: torch.Tensor, v_new: torch.Tensor, start: int | torch.Tensor) -> KVView:
         t = k_new.shape[2]

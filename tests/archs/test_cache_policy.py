@@ -52,7 +52,8 @@ def test_a_slot_gives_back_the_round_trip_of_what_it_held_and_the_new_tokens_as_
     plain = {"static": StaticKV(B, H, 24, D, D, dtype=torch.float64, device="cpu"),
              "ring": RingKV(B, H, 6, D, D, dtype=torch.float64, device="cpu"),
              "sinks": SinkRingKV(B, H, 2, 5, D, D, dtype=torch.float64, device="cpu")}[layout]  # fmt: skip
-    slot = PolicyKV.like(plain, policy, "cpu")
+    # the layer's rotary given, as the model gives it: a codec leaves a layer's own sinks (Hymba's) where they are
+    slot = PolicyKV.like(plain, policy, "cpu", rotary=Rotary(D, 10000.0, 64))
     window = {"static": 0, "ring": 6, "sinks": 5}[layout]
     torch.manual_seed(0)
     start = 0
