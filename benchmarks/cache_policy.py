@@ -1,7 +1,7 @@
 """Cache policies: what each holds and what decoding through it costs, beside the full-precision cache, one process.
 
     python benchmarks/cache_policy.py [--preset gqa] [--ckpt PATH] [--context 1024] [--new 32] [--batches 1,8]
-        [--policies none,int8,int4,fp8,kivi-4,kivi-2,sinks-256] [--repeats 3] [--eager-only]
+        [--policies none,int8,int4,fp8,kivi-4,kivi-2,sinks-256,h2o-256,snapkv-256] [--repeats 3] [--eager-only]
 
 For each policy (``kvlab.layers.cache_policy``) and batch size: the bf16
 footprint per token and one sequence's exact bytes after ``context +
@@ -37,6 +37,8 @@ POLICIES = {
     "kivi-4": {"kind": "kivi", "bits": 4},
     "kivi-2": {"kind": "kivi", "bits": 2},
     "sinks-256": {"kind": "sinks", "sinks": 4, "window": 252},  # StreamingLLM: a quarter of a 1K context
+    "h2o-256": {"kind": "h2o", "budget": 256},  # 128 heavy hitters and 128 recent tokens
+    "snapkv-256": {"kind": "snapkv", "budget": 256, "window": 32},  # the prompt kept as 256, then every new token
 }
 
 
@@ -86,11 +88,16 @@ def main() -> None:
     for name in names:
         policy = CachePolicy.from_spec(POLICIES[name])
         fp = model.kv_footprint(torch.bfloat16, policy=policy)
-        check = model.new_cache(1, end, dtype=torch.bfloat16, policy=policy)
-        check.seen = end  # the bytes held once that many tokens are in (the footprint's count, checked)
-        assert check.nbytes() == fp.total_bytes(end), (name, check.nbytes(), fp.total_bytes(end))
-        rows[name] = {"per_token": fp.bytes_per_token, "held": fp.total_bytes(end), "static": policy is None
-                      or policy.static_steps}  # fmt: skip
+        held = fp.total_bytes(end)
+        if policy is not None and policy.kind == "snapkv":  # the prompt compressed, then every new token kept
+            held = fp.total_bytes(args.context) + args.new * sum(
+                r.bytes_per_token for r in fp.per_layer if r.max_tokens == policy.budget
+            )
+        else:
+            check = model.new_cache(1, end, dtype=torch.bfloat16, policy=policy)
+            check.seen = end  # the bytes held once that many tokens are in (the footprint's count, checked)
+            assert check.nbytes() == held, (name, check.nbytes(), held)
+        rows[name] = {"per_token": fp.bytes_per_token, "held": held, "static": policy is None or policy.static_steps}
     compiled = () if args.eager_only else (True,)
     runners = [(n, b, c) for n in names for b in batches for c in (False, *compiled) if not c or rows[n]["static"]]
     best = dict.fromkeys(runners, float("inf"))

@@ -200,7 +200,8 @@ def absorbed_attention_reference(q, latent, value_dim: int, *, mask=None, scale:
 
 
 def position_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None = None, sinks: int = 0) -> torch.Tensor:
-    """Boolean [T, S] mask from absolute positions: causal, and within ``window`` if given.
+    """Boolean [T, S] mask from absolute positions: causal, and within ``window`` if given (``k_pos`` [..., S]
+    positions per row and head: [..., T, S]).
 
     A query at position p sees keys at positions p - window < k <= p: the
     window counts the query's own token, as in Mistral's sliding window.
@@ -208,12 +209,12 @@ def position_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None =
     every later query whatever the window (Hymba's meta tokens, StreamingLLM's
     attention sinks).
     """
-    diff = q_pos[:, None] - k_pos[None, :]
+    diff = q_pos[:, None] - k_pos[..., None, :]
     allowed = diff >= 0
     if window is not None:
         within = diff < window
         if sinks:
-            within |= k_pos[None, :] < sinks
+            within |= k_pos[..., None, :] < sinks
         allowed &= within
     return allowed
 

@@ -16,6 +16,7 @@ modes, ``KVLAB_KERNELS`` and the fallback rules). Backends per op:
     rms_norm (+residual)  x          F.rms_norm              x
     apply_rope            x          rotate-half             x
     linear_cross_entropy  x          chunked, fused backward x (per-row loss + gradient kernel)
+    dequantize            x          unpack + scale + zero   x (one pass; the caches' low-bit codes read back)
 
 Triton kernels live in ``kvlab.kernels.triton_*`` and external wrappers in
 ``kvlab.kernels.external``; both are named by strings, imported only when
@@ -42,6 +43,8 @@ from kvlab.kernels.linear_attention import linear_attention as _linear_attention
 from kvlab.kernels.linear_attention import linear_attention_reference as _linear_attention_reference
 from kvlab.kernels.norm import rms_norm as _rms_norm_torch
 from kvlab.kernels.norm import rms_norm_reference as _rms_norm_reference
+from kvlab.kernels.quant import dequantize as _dequantize_torch
+from kvlab.kernels.quant import dequantize_reference as _dequantize_reference
 from kvlab.kernels.registry import dispatch, register
 from kvlab.kernels.rope import apply_rope as _apply_rope_torch
 from kvlab.kernels.rope import apply_rope_tables_reference as _apply_rope_reference
@@ -99,6 +102,10 @@ def _triton_rope_supports(x, cos, sin):
     return None if cos.dim() == 2 and cos.shape[0] == x.shape[2] else "per-sequence or per-head RoPE tables"
 
 
+def _triton_dequantize_supports(packed, scale, zero, bits, dtype):
+    return "float64 (the kernel computes in float32)" if torch.float64 in (scale.dtype, dtype) else None
+
+
 register("attention", "reference", _attention_reference)
 register("attention", "torch", _attention_torch)
 register("attention", "triton", "kvlab.kernels.triton_attention:attention", packages=["triton"],
@@ -136,6 +143,10 @@ register("apply_rope", "reference", _apply_rope_reference)
 register("apply_rope", "torch", _apply_rope_torch)
 register("apply_rope", "triton", "kvlab.kernels.triton_rope:apply_rope", packages=["triton"],
          supports=_triton_rope_supports)  # fmt: skip
+register("dequantize", "reference", _dequantize_reference)
+register("dequantize", "torch", _dequantize_torch)
+register("dequantize", "triton", "kvlab.kernels.triton_quant:dequantize", packages=["triton"],
+         supports=_triton_dequantize_supports)  # fmt: skip
 register("linear_cross_entropy", "reference", _linear_cross_entropy_reference)
 register("linear_cross_entropy", "torch", _linear_cross_entropy_torch)
 register("linear_cross_entropy", "triton", "kvlab.kernels.triton_cross_entropy:linear_cross_entropy",
@@ -171,6 +182,10 @@ def ssd(x, dt, A, B, C, *, state=None, doc_ids=None, chunk_size=64):
 
 def selective_scan(u, delta, A, B, C, *, state=None, doc_ids=None, chunk_size=64):
     return dispatch("selective_scan", u, delta, A, B, C, state=state, doc_ids=doc_ids, chunk_size=chunk_size)
+
+
+def dequantize(packed, scale, zero, bits, dtype):
+    return dispatch("dequantize", packed, scale, zero, bits, dtype)
 
 
 def causal_conv1d(x, weight, bias=None, *, prev=None, doc_ids=None):

@@ -8,10 +8,12 @@ packed ``8 / bits`` to a byte, the lowest channel in the lowest bits. What a
 cache holds per vector is then exactly ``width * bits / 8`` bytes of codes plus
 two numbers per group, which is what the footprint counts.
 
-``quantize`` and ``dequantize`` are the one definition; the forward pass of a
-model that caches quantized vectors runs its vectors through
-``fake_quantize`` (the same round trip, with a straight-through gradient), so
-decoding from the codes computes what the forward computed.
+``quantize`` and ``dequantize`` are the one definition (``dequantize`` is also
+the kernel op ``kvlab.kernels.ops.dequantize`` that caches read their codes
+back through, with ``dequantize_reference`` and a Triton kernel beside it);
+the forward pass of a model that caches quantized vectors runs its vectors
+through ``fake_quantize`` (the same round trip, with a straight-through
+gradient), so decoding from the codes computes what the forward computed.
 """
 
 from __future__ import annotations
@@ -48,6 +50,20 @@ def dequantize(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bi
     n_groups = scale.shape[-1]
     values = codes.reshape(*lead, n_groups, width // n_groups) * scale.to(work).unsqueeze(-1)
     return (values + zero.to(work).unsqueeze(-1)).reshape(*lead, width).to(dtype)
+
+
+def dequantize_reference(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
+                         dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+    """``dequantize`` as its definition reads, in float64: channel c's code is bits ``(c % k) * bits`` on of byte
+    ``c // k`` (``k = 8 / bits`` codes a byte), times its group's scale, plus its group's zero point."""
+    per_byte = 8 // bits
+    width = packed.shape[-1] * per_byte
+    channel = torch.arange(width, device=packed.device)
+    byte = packed.index_select(-1, channel // per_byte).to(torch.int64)
+    code = byte // 2 ** ((channel % per_byte) * bits) % 2**bits  # arithmetic, not the shifts dequantize uses
+    group = channel // (width // scale.shape[-1])
+    value = code.double() * scale.double().index_select(-1, group) + zero.double().index_select(-1, group)
+    return value.to(dtype)
 
 
 def fake_quantize(x: torch.Tensor, bits: int, group: int, scale_dtype: torch.dtype) -> torch.Tensor:

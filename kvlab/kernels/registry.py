@@ -67,6 +67,7 @@ OPS = (
     "rms_norm",
     "apply_rope",
     "linear_cross_entropy",
+    "dequantize",
 )  # fmt: skip  (registered in kvlab.kernels.ops)
 
 

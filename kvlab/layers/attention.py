@@ -92,6 +92,8 @@ another's attention weights).
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -106,6 +108,8 @@ from kvlab.kernels.rope import check_rope_scaling
 from kvlab.layers.base import LayerFootprint, MixerConfig, StepState, default_head_dim, register_mixer
 from kvlab.layers.kv_cache import KVView, RingKV, SinkRingKV, StaticKV
 from kvlab.layers.rope import Rotary
+
+log = logging.getLogger("kvlab")
 
 VALUE_RESIDUALS = ("resformer", "svformer")
 QUERY_ALLOCATIONS = ("kdgqa", "dgqa")
@@ -572,6 +576,8 @@ class Attention(nn.Module):
             weights = attention_weights(q, k, **self._mask_options(q, view, state), scale=self.scale)
             state.publish("attention", self.layer_idx, weights)
             y = apply_attention_weights(weights, v)
+        elif cache is not None and getattr(cache, "scored_rows", 0):  # H2O, SnapKV: the cache keeps by attention
+            y = self._attend_scored(q, view, state, cache)
         else:
             y = self._attend(q, view, state)
         if bases is not None:  # back from the value coordinates to the head's space
@@ -730,10 +736,63 @@ class Attention(nn.Module):
         k, v = self._kv_for(q, view)
         return attention(q, k, v, **self._mask_options(q, view, state), scale=self.scale)
 
+    def score_problem(self) -> str | None:
+        """Why a cache policy that keeps positions by the attention they receive (H2O, SnapKV) cannot hold this
+        layer's K/V; None if it can: the layer forms its own probabilities over its own keys and values."""
+        cfg = self.cfg
+        problems = [
+            (self.reads_weights or self.shares_attention, "shares attention probabilities between layers (SA), "
+             "whose layers' caches would have to keep the same positions"),
+            (cfg.value_residual is not None, "mixes in layer 0's values "
+             f"(value_residual={cfg.value_residual}), which layer 0 keeps at positions of its own"),
+            (cfg.kv_ranks is not None, "caches MatryoshkaKV's coordinates"),
+            (self.values_apart, "groups its values apart from its keys (DHA)"),
+            (cfg.query_allocation == "kdgqa", "allocates query heads by the keys each query sees (KDGQA)"),
+        ]  # fmt: skip
+        return next((why for bad, why in problems if bad), None)
+
+    def _attend_scored(self, q: torch.Tensor, view: KVView, state: StepState, slot) -> torch.Tensor:
+        """Attention whose probabilities the cache keeps positions by (H2O, SnapKV): those of the step's last
+        ``slot.scored_rows`` queries are formed explicitly (fused kernels never form them) and handed to the slot,
+        summed over each K/V head's query heads; pads' queries hand none."""
+        if not getattr(self, "_told_scores", False):
+            log.info("cache policy: layer %d forms its attention probabilities explicitly for the cache to keep "
+                     "positions by (fused attention kernels do not return them)", self.layer_idx)  # fmt: skip
+            self._told_scores = True
+        k, v = self._kv_for(q, view)
+        B, _, T, _ = q.shape
+        rows = slot.scored_rows
+        if rows == T:
+            weights = attention_weights(q, k, **self._mask_options(q, view, state), scale=self.scale)
+            y = apply_attention_weights(weights, v)
+        else:  # SnapKV's observation window: the prompt's last queries
+            y = attention(q, k, v, **self._mask_options(q, view, state), scale=self.scale)
+            last = dataclasses.replace(state, start=state.start + T - rows)
+            q = q[:, :, T - rows :]
+            weights = attention_weights(q, k, **self._mask_options(q, view, last), scale=self.scale)
+        real_keys = None
+        if state.pads is not None:  # pads' queries give no attention, pads' keys are chosen last
+            q_real = state.real_at(state.start + torch.arange(T - rows, T, device=q.device))  # [B, rows]
+            weights = weights * q_real[:, None, :, None].to(weights.dtype)
+            S = weights.shape[-1]
+            k_pos = view.k_pos if view.k_pos is not None else torch.arange(view.end - S, view.end, device=q.device)
+            real_keys = state.real_at(k_pos)
+        per_kv = weights.new_zeros(B, view.k.shape[1], rows, weights.shape[-1], dtype=torch.float32)
+        slot.observe(per_kv.index_add_(1, self._kv_head_of_query(), weights.float()), real_keys)
+        return y
+
     def _mask_options(self, q: torch.Tensor, view: KVView, state: StepState) -> dict:
         """Which keys of ``view`` the step's queries see, as the cheapest options of the attention ops."""
         T, S, window, sinks = q.shape[2], view.k.shape[2], self.cfg.window, self.cfg.sinks
         start, doc_ids = state.start, state.doc_ids
+        if view.k_pos is not None and view.k_pos.dim() == 3:  # positions per row and K/V head (H2O, SnapKV)
+            if T == 1 and state.pads is None and window is None and not isinstance(start, torch.Tensor):
+                return {}  # such a cache holds no position after the step's: one query sees all
+            q_pos = start + torch.arange(T, device=q.device)
+            mask = position_mask(q_pos, view.k_pos, window, sinks)  # [B, Hkv, T, S]
+            if state.pads is not None:
+                mask = mask & state.pad_mask(q_pos, view.k_pos)
+            return {"mask": mask.index_select(1, self._kv_head_of_query())}
         if doc_ids is not None:  # packed documents (training, no cache): T == S
             if sinks:
                 raise ValueError(f"sinks={sinks} are a row's first positions: packed documents (doc_ids) have none")

@@ -167,16 +167,20 @@ class StepState:
         discarded, but a NaN would reach the real tokens through a zero weight). None without pads."""
         if self.pads is None:
             return None
-        return (self._real_at(k_pos)[:, None, :] | (q_pos[:, None] == k_pos[None, :])[None])[:, None]
+        if k_pos.dim() == 3:  # positions per row and K/V head [B, H, S] (H2O, SnapKV): [B, H, T, S]
+            return self.real_at(k_pos)[:, :, None, :] | (q_pos[:, None] == k_pos[..., None, :])
+        return (self.real_at(k_pos)[:, None, :] | (q_pos[:, None] == k_pos[None, :])[None])[:, None]
 
-    def _real_at(self, pos: torch.Tensor) -> torch.Tensor:
-        """[B, N]: whether each row holds a real token (not a pad) at the absolute positions ``pos`` [N]."""
-        pads = self.pads.to(pos.device)[:, None]
-        return (pos[None] < self.pad_from) | (pos[None] >= self.pad_from + pads)
+    def real_at(self, pos: torch.Tensor) -> torch.Tensor:
+        """[B, N]: whether each row holds a real token (not a pad) at the absolute positions ``pos`` [N] (or
+        [B, ...]: each row's own positions, the same shape back)."""
+        pads = self.pads.to(pos.device)
+        pads, pos = (pads[:, None], pos[None]) if pos.dim() == 1 else (pads.view(-1, *[1] * (pos.dim() - 1)), pos)
+        return (pos < self.pad_from) | (pos >= self.pad_from + pads)
 
     def real_tokens(self, length: int) -> torch.Tensor | None:
         """[B, length]: which of the step's tokens are not pads; None when all are."""
-        real = self._real_at(self.start + torch.arange(length, device=self.pads.device))
+        real = self.real_at(self.start + torch.arange(length, device=self.pads.device))
         return None if bool(real.all()) else real
 
     def real_positions(self, length: int) -> torch.Tensor:

@@ -6,8 +6,9 @@ mixers' math: it replaces the K/V slots (``StaticKV``, ``RingKV``,
 ``SinkRingKV``: every attention layer that owns a cache, whatever its
 grouping, window, sinks or cross-layer readers, and the attention branches
 of hybrids) by slots that hold the same positions as codes (``PolicyKV``,
-``KiviKV``), or fewer of them (``sinks``). Fixed recurrent states are not
-per-token caches and stay as they are.
+``KiviKV``), or fewer of them (``sinks``, ``h2o``, ``snapkv``; the last two
+are told the attention probabilities by the layer, one seam). Fixed
+recurrent states are not per-token caches and stay as they are.
 
 Policies (``POLICIES``):
 
@@ -42,6 +43,18 @@ Policies (``POLICIES``):
   projections of the rotated ones. A deviation: queries and keys keep their
   positions in the text, so a stream is bounded by ``max_seq_len`` (the
   paper's streams are unbounded, its positions never exceeding the cache's).
+- ``h2o`` (Zhang et al. 2023, H2O) and ``snapkv`` (Li et al. 2024): each K/V
+  head of a layer that caches every token keeps ``budget`` positions of its
+  own, chosen by the attention they receive (``EvictingKV``): H2O by all the
+  attention received so far, at every step, keeping the last ``window`` too;
+  SnapKV by the attention of a prompt's last ``window`` queries, pooled, once
+  per prompt (decoded tokens are all kept). The layer forms those
+  probabilities explicitly and hands them over (``Attention._attend_scored``:
+  fused kernels never form them), so only attention layers that own their
+  K/V and compute their own probabilities take these policies; SA, value
+  residuals, MatryoshkaKV, DHA, KDGQA and layers reading a later layer's K/V
+  are refused, by name. Keys keep their positions in the text (each view
+  carries them per row and head). Both decode eagerly.
 
 What a step attends to: what was cached before it, read back from the codes,
 and its own tokens' keys and values as computed. A prompt prefilled in one
@@ -58,8 +71,10 @@ from dataclasses import dataclass, fields
 from fractions import Fraction
 
 import torch
+import torch.nn.functional as F
 
-from kvlab.kernels.quant import dequantize, quantize
+from kvlab.kernels.ops import dequantize
+from kvlab.kernels.quant import quantize
 from kvlab.kernels.rope import apply_rope
 from kvlab.layers.kv_cache import (
     KVView,
@@ -75,8 +90,10 @@ from kvlab.layers.kv_cache import (
 )
 from kvlab.layers.rope import Rotary
 
-POLICIES = ("int8", "int4", "fp8", "kivi", "sinks")
+POLICIES = ("int8", "int4", "fp8", "kivi", "sinks", "h2o", "snapkv")
 _CODECS = ("int8", "int4", "fp8")  # the policies that hold each vector as codes
+EVICTING = ("h2o", "snapkv")  # the policies that keep each head's positions by the attention they receive
+POOLINGS = ("avgpool", "maxpool")
 _BITS = {"int8": 8, "int4": 4, "fp8": 8}
 KIVI_BITS = (2, 4)
 FP8 = torch.float8_e4m3fn
@@ -92,20 +109,30 @@ class CachePolicy:
     bits: int | None = None  # kivi: 2 or 4 (None: 2); the others' bits are their names'
     residual: int | None = None  # kivi: the recent tokens kept as computed, a multiple of group (None: 128)
     sinks: int | None = None  # sinks: the first tokens kept (None: 4, the paper's)
-    window: int | None = None  # sinks: the last tokens kept (None: 1020: a cache of 1,024, the paper's)
+    # sinks: the last tokens kept (None: 1020: a cache of 1,024, the paper's); h2o: the recent tokens among the
+    # budget (None: half of it); snapkv: the observation window, the prompt's last queries (None: 32, the paper's)
+    window: int | None = None
+    budget: int | None = None  # h2o, snapkv: the positions each K/V head of a layer keeps (None: 1024 / 2048)
+    kernel: int | None = None  # snapkv: the pooling's width over positions (None: 5, the paper's code)
+    pooling: str | None = None  # snapkv: avgpool or maxpool (None: avgpool, the paper's code)
 
     def __post_init__(self) -> None:
         defaults = {"kivi": {"bits": 2, "group": 32, "residual": 128}, "sinks": {"sinks": 4, "window": 1020},
+                    "h2o": {"budget": 1024}, "snapkv": {"budget": 2048, "window": 32, "kernel": 5,
+                                                         "pooling": "avgpool"},
                     **{kind: {"bits": bits} for kind, bits in _BITS.items()}}  # fmt: skip
         for name, value in defaults.get(self.kind, {}).items():
             if getattr(self, name) is None or name == "bits" and self.kind in _BITS:
                 object.__setattr__(self, name, value)
+        if self.kind == "h2o" and self.window is None and _positive(self.budget):  # heavy hitters and recent alike
+            object.__setattr__(self, "window", self.budget // 2)
 
     @property
     def static_steps(self) -> bool:
         """Whether a decode step's shapes and branches are the same at every position (a compiled step can run
-        it): not KIVI's, whose keys are quantized when the residual fills."""
-        return self.kind != "kivi"
+        it): not KIVI's, whose keys are quantized when the residual fills, nor an eviction's, whose positions
+        held differ by head and step."""
+        return self.kind not in ("kivi", *EVICTING)
 
     @classmethod
     def from_spec(cls, spec) -> CachePolicy | None:
@@ -125,17 +152,20 @@ class CachePolicy:
         if kind not in POLICIES:
             raise ValueError(f"cache policy kind={kind!r} is not one of none, {', '.join(POLICIES)}")
         owners = {"group": ("int8", "int4", "kivi"), "bits": ("kivi",), "residual": ("kivi",),
-                  "sinks": ("sinks",), "window": ("sinks",)}  # fmt: skip
+                  "sinks": ("sinks",), "window": ("sinks", *EVICTING), "budget": EVICTING,
+                  "kernel": ("snapkv",), "pooling": ("snapkv",)}  # fmt: skip
         for name, kinds in owners.items():
             if spec.get(name) is not None and kind not in kinds:
                 raise ValueError(f"cache policy {kind}: {name} is a setting of {', '.join(kinds)}, not of {kind}")
         group = spec.get("group")
         if group is not None and not _positive(group):
             raise ValueError(f"cache policy {kind}: group={group!r} is not valid (a positive number, or null)")
-        policy = cls(kind, group, spec.get("bits"), spec.get("residual"), spec.get("sinks"), spec.get("window"))
+        policy = cls(kind, group, *(spec.get(n) for n in names[2:]))
         if kind == "sinks" and not (_positive(policy.window) and (policy.sinks == 0 or _positive(policy.sinks))):
             raise ValueError(f"cache policy sinks: sinks={policy.sinks!r} and window={policy.window!r} must be "
                              "counts of tokens (sinks >= 0, window >= 1)")  # fmt: skip
+        if kind in EVICTING:
+            _check_eviction(policy)
         if kind == "kivi":
             if policy.bits not in KIVI_BITS:
                 raise ValueError(f"cache policy kivi: bits={policy.bits!r} is not one of 2, 4")
@@ -170,11 +200,32 @@ class CachePolicy:
             return f"kivi-{self.bits} (group {self.group}, residual {self.residual})"
         if self.kind == "sinks":
             return f"sinks {self.sinks} + window {self.window}"
+        if self.kind == "h2o":
+            return f"h2o {self.budget} ({self.budget - self.window} heavy + {self.window} recent)"
+        if self.kind == "snapkv":
+            return f"snapkv {self.budget} (window {self.window}, {self.pooling} {self.kernel})"
         return self.kind + (f" (group {self.group})" if self.group else "")
 
 
 def _positive(n) -> bool:
     return isinstance(n, int) and not isinstance(n, bool) and n >= 1
+
+
+def _check_eviction(policy: CachePolicy) -> None:
+    kind, budget, window = policy.kind, policy.budget, policy.window
+    if not _positive(budget):
+        raise ValueError(f"cache policy {kind}: budget={budget!r} must be a count of positions (>= 1)")
+    low = 0 if kind == "h2o" else 1  # h2o: a window of 0 keeps heavy hitters alone; snapkv observes >= 1 query
+    if not (isinstance(window, int) and not isinstance(window, bool) and low <= window <= budget - (kind != "h2o")):
+        what = "recent tokens" if kind == "h2o" else "observation window (its queries choose the rest)"
+        raise ValueError(f"cache policy {kind}: window={window!r} ({what}) must be from {low} to "
+                         f"{budget if kind == 'h2o' else budget - 1} within budget={budget}")  # fmt: skip
+    if kind == "snapkv":
+        if not (_positive(policy.kernel) and policy.kernel % 2):
+            raise ValueError(f"cache policy snapkv: kernel={policy.kernel!r} must be an odd width (>= 1), so the "
+                             "pooling keeps each position's place")  # fmt: skip
+        if policy.pooling not in POOLINGS:
+            raise ValueError(f"cache policy snapkv: pooling={policy.pooling!r} is not one of {', '.join(POOLINGS)}")
 
 
 class _Vectors:
@@ -460,6 +511,164 @@ class KiviKV:
         """Nothing to clear: positions are overwritten before they are read."""
 
 
+class EvictingKV:
+    """A ``StaticKV``'s keys and values kept by the attention they receive (``CachePolicy`` kinds ``h2o`` and
+    ``snapkv``): each K/V head of each row holds its own ``budget`` positions, the keys and values as computed,
+    in order of position, with the position of each (``pos``) and, for H2O, the attention it has received.
+
+    A step's ``update`` returns what the step attends to: the positions held and its own, with their positions
+    per head (``KVView.k_pos`` [B, H, S]; None while the held ones are still every position from 0 in order).
+    Where the policy decides by this step's attention, ``scored_rows`` says how many of the step's last
+    queries it needs the probabilities of, and the layer hands them over (``observe``) before the next step;
+    the slot then keeps what the policy chooses of the view. Otherwise the new positions are simply added.
+
+    - H2O (Zhang et al. 2023, its code's ``H2OKVCache_LayerWise``): every key's score is the attention it has
+      received from every query since it was cached, summed; once more than ``budget`` positions are held,
+      the last ``window`` (recent) stay, and of the others the ``budget - window`` with the highest scores
+      (the heavy hitters). Every step is scored, the prompt's too.
+    - SnapKV (Li et al. 2024, its code's ``SnapKVCluster``): a step of several tokens that brings the held
+      positions to ``budget`` or more keeps its last ``window`` positions (the observation window) and the
+      ``budget - window`` earlier ones whose attention from the window's queries, summed over those queries
+      and pooled over ``kernel`` neighbouring positions (avg or max, zero-padded), is highest. Decoded tokens
+      are then added without eviction: after a prompt of n >= budget tokens and g new ones it holds
+      budget + g.
+
+    Grouped K/V heads: a K/V head's score sums those of the query heads that read it (the papers' models
+    have one query head per K/V head; SnapKV's code repeats K/V to the query heads, which multiplies the
+    cache by the group size, so kvlab keeps one selection per K/V head instead). Pads' queries score
+    nothing. Positions are kept as int32 and H2O's scores as float32: both are counted in ``nbytes``."""
+
+    def __init__(self, batch_size, heads, length, k_dim, v_dim, *, policy, dtype, device):
+        self.policy, self.dtype, self.length = policy, dtype, length
+        self.h2o = policy.kind == "h2o"
+        # H2O never holds more than its budget between steps; SnapKV adds every decoded token after the prompt
+        self.capacity = min(policy.budget, length) if self.h2o else length
+        z = dict(device=device)
+        self.k = torch.zeros(batch_size, heads, self.capacity, k_dim, dtype=dtype, **z)
+        self.v = torch.zeros(batch_size, heads, self.capacity, v_dim, dtype=dtype, **z)
+        self.pos = torch.zeros(batch_size, heads, self.capacity, dtype=torch.int32, **z)
+        self.score = torch.zeros(batch_size, heads, self.capacity, dtype=torch.float32, **z) if self.h2o else None
+        self.shape = (batch_size, heads, k_dim, v_dim)
+        self.count = 0  # positions each head holds
+        self.pending = None  # (k, v, pos) of the step's view, until observe chooses what stays
+        self.scored_rows = 0
+
+    @classmethod
+    def like(cls, slot: StaticKV, policy: CachePolicy, device) -> EvictingKV:
+        B, Hk, _, Dk = slot.k.shape
+        return cls(B, Hk, slot.length, Dk, slot.v.shape[-1], policy=policy, dtype=slot.k.dtype, device=device)
+
+    def _tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.k, self.v, self.pos, self.score) if t is not None]
+
+    def bytes_per_position(self) -> int:
+        """One position of every head of every row: its key, value and position (and H2O's score)."""
+        return sum(t[:, :, :1].nbytes for t in self._tensors())
+
+    def update(self, k_new: torch.Tensor, v_new: torch.Tensor, start: int | torch.Tensor) -> KVView:
+        if isinstance(start, torch.Tensor):
+            raise ValueError(f"cache policy {self.policy.kind}: its positions held differ by head and step, so it "
+                             "decodes eagerly (generate does; decode_step does not take it)")  # fmt: skip
+        if self.pending is not None:
+            raise ValueError(f"cache policy {self.policy.kind}: the step before was not scored (observe); only "
+                             "attention layers that hand the cache their probabilities take this policy")  # fmt: skip
+        B, H, t, _ = k_new.shape
+        end = start + t
+        if end > self.length:
+            raise ValueError(f"cache is full: {start} tokens held + {t} new > max_len={self.length}")
+        k_new, v_new = k_new.to(self.dtype), v_new.to(self.dtype)
+        n = self.count + t
+        in_order = self.count == start  # nothing evicted yet: the held positions are 0..start-1
+        if self.h2o:
+            self.scored_rows = t if self.capacity < self.length else 0  # a budget it can reach: every step scored
+        else:  # a prompt (or a chunk of one) that fills the budget
+            self.scored_rows = min(t, self.policy.window) if t > 1 and n >= self.policy.budget else 0
+        new_pos = torch.arange(start, end, device=k_new.device, dtype=torch.int32).expand(B, H, t)
+        if self.count == 0:
+            k, v, pos = k_new, v_new, new_pos
+        else:
+            c = self.count
+            k = torch.cat([self.k[:, :, :c], k_new], dim=2)
+            v = torch.cat([self.v[:, :, :c], v_new], dim=2)
+            pos = torch.cat([self.pos[:, :, :c], new_pos], dim=2)
+        if self.scored_rows:
+            self.pending = (k, v, pos)
+        else:  # nothing to choose this step (H2O: a budget it never reaches, so no scores either)
+            self._keep(k_new, v_new, new_pos, at=self.count)
+        # while every position from 0 is held in order, the view is positions 0..end-1, as a plain cache's
+        return KVView(k, v, end, None if in_order else pos.long())
+
+    def _keep(self, k, v, pos, at: int = 0, score=None) -> None:
+        n = k.shape[2]
+        self.k[:, :, at : at + n] = k
+        self.v[:, :, at : at + n] = v
+        self.pos[:, :, at : at + n] = pos
+        if score is not None:
+            self.score[:, :, at : at + n] = score
+        self.count = at + n
+
+    def observe(self, weights: torch.Tensor, real: torch.Tensor | None = None) -> None:
+        """The probabilities [B, H, rows, S] of the step's last ``scored_rows`` queries (summed over the query
+        heads of each K/V head) over the view's positions: keep what the policy chooses. ``real`` [B, S] or
+        [B, H, S]: which of them are not pads (left-padded rows), which are chosen last, so that a row keeps
+        the tokens it keeps alone."""
+        k, v, pos = self.pending
+        self.pending, self.scored_rows = None, 0
+        n = k.shape[2]
+        if real is not None and real.dim() == 2:
+            real = real[:, None].expand(-1, k.shape[1], -1)
+        if self.h2o:
+            received = weights.float().sum(2)  # [B, H, n]: this step's queries' attention to each position
+            held = self.count  # the view's first positions, then the step's own (no score yet)
+            score = received + F.pad(self.score[:, :, :held], (0, n - held))
+            budget, recent = self.policy.budget, self.policy.window
+            if n <= budget:
+                return self._keep(k, v, pos, score=score)
+            candidates = score[:, :, : n - recent]
+            if real is not None:
+                candidates = candidates.masked_fill(~real[..., : n - recent], -1.0)  # a real token's score is > 0
+            keep = _top_then_last(candidates, budget - recent, n)
+        else:
+            window = weights.shape[2]
+            observed = weights.float().sum(2)[:, :, : n - window]  # [B, H, n - w]
+            pool = F.avg_pool1d if self.policy.pooling == "avgpool" else F.max_pool1d
+            width = self.policy.kernel
+            pooled = pool(observed, kernel_size=width, padding=width // 2, stride=1)
+            if real is not None:  # a pad's zero attention pooled as the zero padding a row alone has
+                pooled = pooled.masked_fill(~real[..., : n - window], -1.0)
+            keep, score = _top_then_last(pooled, self.policy.budget - window, n), None
+        take = keep[..., None]
+        self._keep(k.gather(2, take.expand(-1, -1, -1, k.shape[-1])), v.gather(2, take.expand(-1, -1, -1, v.shape[-1])),
+                   pos.gather(2, keep), score=None if score is None else score.gather(2, keep))  # fmt: skip
+
+    def view(self, end: int) -> KVView:
+        c = self.count
+        return KVView(self.k[:, :, :c], self.v[:, :, :c], end, self.pos[:, :, :c].long())
+
+    def nbytes(self, seen: int) -> int:
+        """The positions held (H2O: ``min(seen, budget)``, whatever came before; SnapKV: as it chose)."""
+        held = min(seen, self.capacity) if self.h2o else self.count
+        return self.bytes_per_position() * held
+
+    def allocated_bytes(self) -> int:
+        return sum(t.nbytes for t in self._tensors())
+
+    def reorder(self, batch_idx: torch.Tensor) -> None:
+        reorder_rows(self._tensors(), batch_idx)
+
+    def reset(self) -> None:
+        self.count, self.pending, self.scored_rows = 0, None, 0
+
+
+def _top_then_last(score: torch.Tensor, top: int, n: int) -> torch.Tensor:
+    """Per row and head, the indices of the ``top`` highest of ``score`` [B, H, m] in order, then m..n-1. Ties
+    (max pooling's plateaus) go to the earlier position, so the choice does not depend on topk's kernel."""
+    B, H, m = score.shape
+    chosen = score.sort(dim=-1, descending=True, stable=True).indices[..., :top].sort(dim=-1).values
+    last = torch.arange(m, n, device=score.device).expand(B, H, n - m)
+    return torch.cat([chosen, last], dim=-1)
+
+
 def kivi_bytes(n: int, k_heads: int, v_heads: int, k_dim: int, v_dim: int, policy: CachePolicy,
                dtype: torch.dtype) -> int:  # fmt: skip
     """What KIVI holds for one sequence after ``n`` tokens: the quantized keys' codes and their per-channel scales
@@ -476,6 +685,17 @@ def kivi_bytes(n: int, k_heads: int, v_heads: int, k_dim: int, v_dim: int, polic
 KV_SLOTS = (StaticKV, RingKV, SinkRingKV)
 
 
+def check_plan(policy: CachePolicy, kv_sources: list[int]) -> None:
+    """Raise where ``policy`` cannot hold the caches of a model whose layer i reads the K/V of layer
+    ``kv_sources[i]``: an eviction under a layer that reads a later layer's (LCKV), which reads the positions
+    from 0 in order."""
+    if policy.kind in EVICTING:
+        for i, source in enumerate(kv_sources):
+            if source > i:
+                raise ValueError(f"cache policy {policy.kind}: layer {i} reads the K/V of the later layer {source} "
+                                 "as every position from 0 in order, which an eviction does not keep")  # fmt: skip
+
+
 def policy_cache_slot(mixer, batch_size: int, max_len: int, dtype: torch.dtype, device, policy: CachePolicy,
                       where: str):  # fmt: skip
     """``mixer``'s cache slot with its K/V held through ``policy``: its slot is first built on the meta device
@@ -489,7 +709,9 @@ def policy_cache_slot(mixer, batch_size: int, max_len: int, dtype: torch.dtype, 
         _check_slot(meta, mixer, policy, where)
         if policy.kind == "kivi":
             return KiviKV.like(meta, policy, device)
-        if policy.kind != "sinks" or isinstance(meta, StaticKV):
+        if policy.kind in EVICTING and isinstance(meta, StaticKV) and policy.budget < meta.length:
+            return EvictingKV.like(meta, policy, device)
+        if policy.kind in _CODECS or policy.kind == "sinks" and isinstance(meta, StaticKV):
             return PolicyKV.like(meta, policy, device, rotary=getattr(mixer, "rotary", None))
     if isinstance(meta, SlotGroup):  # a parallel layer's branches, each its own slot
         return SlotGroup([policy_cache_slot(b, batch_size, max_len, dtype, device, policy, f"{where}.{i}")
@@ -499,6 +721,16 @@ def policy_cache_slot(mixer, batch_size: int, max_len: int, dtype: torch.dtype, 
 
 
 def _check_slot(meta_slot, mixer, policy: CachePolicy, where: str) -> None:
+    if policy.kind in EVICTING:  # a window of the layer's own stays as it is, as under sinks
+        if isinstance(meta_slot, StaticKV):
+            problem = (
+                mixer.score_problem()
+                if hasattr(mixer, "score_problem")
+                else (f"its {mixer.cfg.kind} mixer does not hand the cache the attention probabilities it keeps by")
+            )
+            if problem is not None:
+                raise ValueError(f"cache policy {policy.kind}: {where} {problem}")
+        return
     if policy.kind == "sinks":
         if isinstance(meta_slot, StaticKV) and not isinstance(getattr(mixer, "rotary", None), Rotary):
             raise ValueError(f"cache policy sinks: {where} has no rotary to move the sinks' keys by")
@@ -555,6 +787,13 @@ def policy_footprint(mixer, max_len: int, dtype: torch.dtype, policy: CachePolic
         if not isinstance(meta, StaticKV) or kept >= meta.length:
             return None  # a window of the layer's own, or room for every token: the cache as it is
         return PolicyFootprint((Hk * Dk + Hv * Dv) * dtype.itemsize, max_tokens=kept)
+    if policy.kind in EVICTING:
+        if not isinstance(meta, StaticKV) or policy.budget >= meta.length:
+            return None
+        # each head's positions (int32) and H2O's scores (float32) beside the keys and values; SnapKV: a context
+        # read as one prompt (the decoded tokens after it add this much each)
+        held = (Hk * Dk + Hv * Dv) * dtype.itemsize + Hk * (4 + 4 * (policy.kind == "h2o"))
+        return PolicyFootprint(held, max_tokens=policy.budget)
     if policy.kind == "kivi":
         # the keys' per-channel scale and zero point are shared by `group` tokens: a fraction of a byte per token
         rate = Hk * (Fraction(Dk * policy.bits, 8) + Fraction(2 * Dk * dtype.itemsize, policy.group))

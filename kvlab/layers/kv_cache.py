@@ -34,7 +34,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kvlab.kernels.quant import dequantize, quantize
+from kvlab.kernels.ops import dequantize
+from kvlab.kernels.quant import quantize
 
 
 def reorder_rows(tensors: list[torch.Tensor], batch_idx: torch.Tensor) -> None:
@@ -51,13 +52,15 @@ class KVView:
     gives the absolute position of each key; None means the keys are, as a
     set, the ``S`` positions ending at ``end`` (the common case, which needs
     no position tensor). Where the queries sit is the step's business
-    (``StepState.start``), not the keys'.
+    (``StepState.start``), not the keys'. A cache that keeps different
+    positions in each row and K/V head (H2O, SnapKV) gives them per head,
+    [B, Hkv, S].
     """
 
     k: torch.Tensor  # [B, Hkv, S, D]
     v: torch.Tensor  # [B, Hkv, S, Dv]
     end: int
-    k_pos: torch.Tensor | None = None
+    k_pos: torch.Tensor | None = None  # [S], or [B, Hkv, S]
 
 
 class _KVBuffers:

@@ -66,6 +66,9 @@ class EvalConfig:
     # with a cache policy (`cache`): the validation rows are decoded through it this many tokens a step, each
     # step reading the earlier ones back from the cache (1: every token, as in generation)
     cache_chunk: int = 1
+    # ... after the first cache_prompt tokens of each row, prefilled in one step as a prompt (0: none; SnapKV
+    # compresses a prompt, and only a prompt)
+    cache_prompt: int = 0
 
 
 @dataclass

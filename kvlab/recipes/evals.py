@@ -113,11 +113,12 @@ def _through(policy) -> dict:
 
 
 @torch.inference_mode()
-def cached_val_loss(model, batches, policy, chunk: int = 1) -> float:
+def cached_val_loss(model, batches, policy, chunk: int = 1, prompt: int = 0) -> float:
     """The mean cross-entropy over the labelled tokens of ``batches`` (dicts of ``input_ids``, ``labels`` and
     optionally ``context``, as the validation loader gives them) with each row decoded through a cache held by
-    ``policy``, ``chunk`` tokens a step: a step's tokens attend to each other as computed and to the earlier
-    steps' keys and values through the cache. Through a full-precision cache it is the forward's loss."""
+    ``policy``: its first ``prompt`` tokens in one step (as a prompt), then ``chunk`` tokens a step; a step's
+    tokens attend to each other as computed and to the earlier steps' keys and values through the cache.
+    Through a full-precision cache it is the forward's loss."""
     from kvlab.recipes.module import LMModule  # the rows as training reads them (a context in the prompt)
 
     device = model.embed_tokens.weight.device
@@ -132,9 +133,11 @@ def cached_val_loss(model, batches, policy, chunk: int = 1) -> float:
         room = {} if model.config.context is None else {"context_len": 0 if context is None else context.shape[1]}
         cache = model.new_cache(ids.shape[0], ids.shape[1], policy=policy, **room)
         logits = []
-        for s in range(0, ids.shape[1], chunk):
+        bounds = [0, *range(prompt, ids.shape[1], chunk), ids.shape[1]] if prompt else [*range(0, ids.shape[1], chunk),
+                                                                                        ids.shape[1]]  # fmt: skip
+        for s, e in zip(bounds[:-1], bounds[1:], strict=True):
             extra = {"context": context} if s == 0 and context is not None else {}
-            logits.append(model(ids[:, s : s + chunk], cache=cache, **extra))
+            logits.append(model(ids[:, s:e], cache=cache, **extra))
         logits = torch.cat(logits, dim=1)
         total += float(F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum"))
         count += int((labels != -100).sum())
@@ -151,7 +154,7 @@ def evaluate(model, tokenizer, cfg, policy=None, val_batches=None) -> dict:
     if policy is not None:
         metrics["cache_policy"] = policy.describe()
         if val_batches is not None:
-            loss = cached_val_loss(model, val_batches, policy, cfg.cache_chunk)
+            loss = cached_val_loss(model, val_batches, policy, cfg.cache_chunk, cfg.cache_prompt)
             metrics.update(cache_val_loss=loss, cache_val_ppl=math.exp(min(loss, 50.0)))
             log.info("validation loss decoded through the %s cache: %.4f", policy.describe(), loss)
     if cfg.decode_speed:

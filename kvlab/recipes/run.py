@@ -406,6 +406,9 @@ def _check_cache_policy(tc: TrainConfig, model_cfg: ModelConfig) -> None:
                           "at packed documents: use data.doc_mask=false")  # fmt: skip
     if tc.eval.cache_chunk < 1:
         raise ConfigError(f"eval.cache_chunk={tc.eval.cache_chunk} must be >= 1 (tokens per decoding step)")
+    if not 0 <= tc.eval.cache_prompt < tc.data.seq_len:
+        raise ConfigError(f"eval.cache_prompt={tc.eval.cache_prompt} must be from 0 to data.seq_len - 1 = "
+                          f"{tc.data.seq_len - 1} (a validation row's tokens prefilled before it decodes)")  # fmt: skip
 
 
 def _model_metrics(model, policy: CachePolicy | None = None) -> dict:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kvlab.kernels.quant import dequantize, fake_quantize, pack, quantize, unpack
+from kvlab.kernels.quant import dequantize, dequantize_reference, fake_quantize, pack, quantize, unpack
 
 
 def _reference(x: torch.Tensor, bits: int, group: int) -> torch.Tensor:
@@ -32,6 +32,24 @@ def test_round_trip_matches_the_transcription_and_packs_whole_bytes(bits, group)
     torch.testing.assert_close(got, _reference(x, bits, group), rtol=0, atol=1e-12)
     assert ((got - x).abs() <= scale.repeat_interleave(group, -1) / 2 + 1e-12).all()  # within half a step
     assert (got[0, 0, :group] == 0.25).all()
+
+
+@pytest.mark.parametrize("bits, group", [(2, 4), (4, 16), (8, 8)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_the_dequantize_op_reads_codes_as_their_definition_in_every_backend(bits, group, dtype):
+    from kvlab.kernels.ops import dequantize as dequantize_op
+    from kvlab.kernels.registry import use_kernels
+
+    x = torch.randn(3, 2, 7, 16)
+    packed, scale, zero = quantize(x, bits, group, dtype)
+    want = dequantize_reference(packed, scale, zero, bits, dtype)
+    assert want.dtype == dtype and want.shape == x.shape
+    # float32 arithmetic rounds code * scale + zero twice where float64 rounds once: an ulp of the largest value
+    ulp = {torch.float64: 1e-15, torch.float32: 2**-23, torch.bfloat16: 2**-7}[dtype] * float(want.abs().max())
+    for mode in ("reference", "torch"):
+        with use_kernels(mode):
+            torch.testing.assert_close(dequantize_op(packed, scale, zero, bits, dtype), want, rtol=0, atol=ulp)
+    torch.testing.assert_close(dequantize(packed, scale, zero, bits, dtype), want, rtol=0, atol=ulp)
 
 
 def test_pack_is_the_inverse_of_unpack():

@@ -363,3 +363,18 @@ def test_causal_conv_decodes_a_token_and_runs_without_bias():
     for got, expected in zip(causal_conv1d(x, weight, prev=prev), causal_conv1d_reference(x, weight, prev=prev),
                              strict=True):  # fmt: skip
         assert not got.isnan().any() and rel_error(got, expected) < TOL
+
+
+@pytest.mark.parametrize("bits, group", [(2, 4), (4, 48), (8, 16)])
+def test_dequantize_matches_the_reference(bits, group):
+    from kvlab.kernels.quant import dequantize_reference, quantize
+    from kvlab.kernels.triton_quant import dequantize
+
+    x = torch.randn(3, 5, 2, 48)  # a width that is not a power of two
+    for dtype in (torch.float32, torch.bfloat16):
+        packed, scale, zero = quantize(x, bits, group, dtype)
+        got = dequantize(packed, scale, zero, bits, dtype)
+        want = dequantize_reference(packed, scale, zero, bits, dtype)
+        assert got.dtype == dtype and not got.isnan().any()
+        ulp = (2**-23 if dtype == torch.float32 else 2**-7) * float(want.abs().max())  # as the torch op's test
+        torch.testing.assert_close(got, want, rtol=0, atol=ulp)

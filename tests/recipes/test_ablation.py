@@ -180,7 +180,10 @@ def test_an_ablation_sweeps_cache_policies_like_models(tmp_path, data_cache):
 @pytest.mark.parametrize(
     "changes, message",
     [
-        ({"cache": "int5"}, "cache: cache policy kind=.int5. is not one of none, int8, int4, fp8, kivi, sinks"),
+        (
+            {"cache": "int5"},
+            "cache: cache policy kind=.int5. is not one of none, int8, int4, fp8, kivi, sinks, h2o",
+        ),
         (
             {"cache": "int8", "stages": ["train"]},
             r"cache=int8 is the cache stage eval decodes through; stages=\['train'\]",
@@ -188,6 +191,7 @@ def test_an_ablation_sweeps_cache_policies_like_models(tmp_path, data_cache):
         ({"cache": "int8", "model": tiny(mixer={"kind": "mla", "n_heads": 4})}, "layer 0 caches a latent per token"),
         ({"cache": "int8", "doc_mask": True}, "use data.doc_mask=false"),
         ({"cache": "int8", "cache_chunk": 0}, "eval.cache_chunk=0 must be >= 1"),
+        ({"cache": "snapkv", "cache_prompt": 256}, "eval.cache_prompt=256 must be from 0 to data.seq_len - 1 = 255"),
     ],
 )
 def test_bad_cache_settings_are_refused_before_training(changes, message):
@@ -199,5 +203,6 @@ def test_bad_cache_settings_are_refused_before_training(changes, message):
     )
     tc.data.doc_mask = changes.get("doc_mask", False)
     tc.eval.cache_chunk = changes.get("cache_chunk", 1)
+    tc.eval.cache_prompt = changes.get("cache_prompt", 0)
     with pytest.raises(ConfigError, match=message):
         _validated(tc)
