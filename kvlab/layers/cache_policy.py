@@ -17,6 +17,8 @@ Policies (``POLICIES``):
   per ``group`` channels (``kvlab.kernels.quant``; ``group`` None: one pair per
   vector), the scales in the cache's dtype. Bytes per vector:
   ``width * bits / 8 + 2 * width / group * itemsize``.
+  MLA's latent (``PolicyLatentKV``): its compressed part so, per token, as
+  CLLA-quant's cache holds it; its RoPE keys as computed.
 - ``fp8``: every element cast to float8 (e4m3, no scales), 1 byte; values
   beyond e4m3's range (+-448) saturate to it.
 - ``kivi`` (Liu et al. 2024, KIVI), ``bits`` 2 or 4: keys quantized per
@@ -716,7 +718,10 @@ def policy_cache_slot(mixer, batch_size: int, max_len: int, dtype: torch.dtype, 
     if isinstance(meta, SlotGroup):  # a parallel layer's branches, each its own slot
         return SlotGroup([policy_cache_slot(b, batch_size, max_len, dtype, device, policy, f"{where}.{i}")
                           for i, b in enumerate(mixer.branches)])  # fmt: skip
-    _refuse_latent(meta, policy, where)
+    rank = _latent_rank(meta, mixer, policy, where)
+    if rank is not None:
+        return PolicyLatentKV(batch_size, meta.length, rank, meta.latent.shape[-1] - rank, policy.bits,
+                              policy.group or rank, dtype=meta.latent.dtype, device=device)  # fmt: skip
     return mixer.new_cache_slot(batch_size, max_len, dtype, device)
 
 
@@ -749,10 +754,35 @@ def _check_slot(meta_slot, mixer, policy: CachePolicy, where: str) -> None:
     policy.check_width(meta_slot.v.shape[-1], f"{where}'s values")
 
 
-def _refuse_latent(meta_slot, policy: CachePolicy, where: str) -> None:
-    if isinstance(meta_slot, (LatentKV, QuantizedLatentKV)):
-        raise ValueError(f"cache policy {policy.kind}: {where} caches a latent per token (MLA), which the cache "
-                         "policies do not compress yet; they compress attention's keys and values")  # fmt: skip
+def _latent_rank(meta_slot, mixer, policy: CachePolicy, where: str) -> int | None:
+    """The width of the compressed part of the latent ``meta_slot`` holds per token (MLA's ``kv_lora_rank``),
+    where ``policy`` quantizes it; None where the slot holds no latent. Raises for the policies that do not
+    hold latents and for CLLA-quant's latent, codes already."""
+    if isinstance(meta_slot, QuantizedLatentKV):
+        raise ValueError(f"cache policy {policy.kind}: {where} holds its latent as codes already (CLLA-quant's "
+                         "latent_bits: an architecture of its own)")  # fmt: skip
+    if not isinstance(meta_slot, LatentKV):
+        return None
+    rank = getattr(mixer, "kv_lora_rank", None)
+    if policy.kind not in ("int8", "int4") or rank is None:
+        raise ValueError(f"cache policy {policy.kind}: {where} caches a latent per token (MLA), which int8 and "
+                         "int4 compress (its compressed part, as CLLA-quant's cache does) and the other policies "
+                         "do not; they compress attention's keys and values")  # fmt: skip
+    policy.check_width(rank, f"{where}'s latent")
+    return rank
+
+
+class PolicyLatentKV(QuantizedLatentKV):
+    """MLA's latent held through int8 or int4: its compressed part as codes with a scale and a zero point per
+    ``group`` channels (as CLLA-quant's cache holds it), its RoPE keys as computed; a step reads what was
+    cached before it back from the codes and its own latents as computed, as every policy's step does."""
+
+    def update(self, new: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:
+        held = super().update(new, start)
+        t = new.shape[1]
+        if isinstance(start, torch.Tensor):
+            return held.index_copy(1, start + torch.arange(t, device=held.device), new.to(held.dtype))
+        return torch.cat([held[:, :start], new.to(held.dtype)], dim=1)
 
 
 @dataclass(frozen=True)
@@ -776,7 +806,10 @@ def policy_footprint(mixer, max_len: int, dtype: torch.dtype, policy: CachePolic
         if len(parts) == 1:
             return parts[0]
         return PolicyFootprint(sum(p.bytes_per_token for p in parts)) if parts else None
-    _refuse_latent(meta, policy, where)
+    rank = _latent_rank(meta, mixer, policy, where)
+    if rank is not None:  # codes, a scale and a zero point per group, then the RoPE keys
+        rope = meta.latent.shape[-1] - rank
+        return PolicyFootprint(policy.bytes_per_vector(rank, dtype) + rope * dtype.itemsize)
     if not isinstance(meta, KV_SLOTS):
         return None
     _check_slot(meta, mixer, policy, where)

@@ -268,3 +268,34 @@ def test_the_compiled_decode_step_reads_a_quantized_cache_as_the_eager_one():
     ids = torch.randint(0, 97, (2, 6))
     compiled = model.generate(ids, max_new_tokens=10, compile=True, cache_policy="int4")
     assert torch.equal(compiled, model.generate(ids, max_new_tokens=10, compile=False, cache_policy="int4"))
+
+
+@pytest.mark.parametrize("spec", ["int8", {"kind": "int4", "group": 8}], ids=str)
+def test_mlas_latent_is_held_as_codes_and_its_rope_keys_and_the_steps_own_as_computed(spec):
+    from kvlab.layers.cache_policy import PolicyLatentKV
+
+    policy = CachePolicy.from_spec(spec)
+    slot = PolicyLatentKV(2, 12, 16, 4, policy.bits, policy.group or 16, dtype=torch.float64, device="cpu")
+    latents = torch.randn(2, 12, 20, dtype=torch.float64)
+    start = 0
+    for t in [5, 1, 4, 2]:
+        held = slot.update(latents[:, start : start + t], start)
+        before = latents[:, :start]
+        torch.testing.assert_close(held[:, :start, :16], _round_trip(before[..., :16], policy), rtol=0, atol=1e-12)
+        assert torch.equal(held[:, :start, 16:], before[..., 16:])  # the RoPE keys as computed
+        assert torch.equal(held[:, start:], latents[:, start : start + t])  # the step's own as computed
+        start += t
+    model = build_model(VARIANTS["mla"]).eval()
+    ids = torch.randint(0, 97, (2, 16))
+    with torch.no_grad():
+        full = model(ids)
+        eager, static = (model.new_cache(2, 16, policy=spec) for _ in range(2))
+        torch.testing.assert_close(model(ids[:, :8], cache=eager), full[:, :8])  # a prompt attends as computed
+        model(ids[:, :8], cache=static)
+        for t in range(8, 16):
+            a = model(ids[:, t : t + 1], cache=eager)[:, -1]
+            b = model.decode_step(ids[:, t : t + 1], static, torch.tensor(static.start))
+            static.seen += 1
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    assert 0 < (a - full[:, -1]).abs().max() < 0.1
+    assert eager.nbytes() == model.kv_footprint(torch.float32, policy=spec).total_bytes(16, batch_size=2)
