@@ -550,7 +550,6 @@ class EvictingKV:
         self.v = torch.zeros(batch_size, heads, self.capacity, v_dim, dtype=dtype, **z)
         self.pos = torch.zeros(batch_size, heads, self.capacity, dtype=torch.int32, **z)
         self.score = torch.zeros(batch_size, heads, self.capacity, dtype=torch.float32, **z) if self.h2o else None
-        self.shape = (batch_size, heads, k_dim, v_dim)
         self.count = 0  # positions each head holds
         self.pending = None  # (k, v, pos) of the step's view, until observe chooses what stays
         self.scored_rows = 0
@@ -639,9 +638,11 @@ class EvictingKV:
             if real is not None:  # a pad's zero attention pooled as the zero padding a row alone has
                 pooled = pooled.masked_fill(~real[..., : n - window], -1.0)
             keep, score = _top_then_last(pooled, self.policy.budget - window, n), None
-        take = keep[..., None]
-        self._keep(k.gather(2, take.expand(-1, -1, -1, k.shape[-1])), v.gather(2, take.expand(-1, -1, -1, v.shape[-1])),
-                   pos.gather(2, keep), score=None if score is None else score.gather(2, keep))  # fmt: skip
+
+        def chosen(x: torch.Tensor) -> torch.Tensor:
+            return x.gather(2, keep if x.dim() == 3 else keep[..., None].expand(-1, -1, -1, x.shape[-1]))
+
+        self._keep(chosen(k), chosen(v), chosen(pos), score=None if score is None else chosen(score))
 
     def view(self, end: int) -> KVView:
         c = self.count
@@ -728,11 +729,9 @@ def policy_cache_slot(mixer, batch_size: int, max_len: int, dtype: torch.dtype, 
 def _check_slot(meta_slot, mixer, policy: CachePolicy, where: str) -> None:
     if policy.kind in EVICTING:  # a window of the layer's own stays as it is, as under sinks
         if isinstance(meta_slot, StaticKV):
-            problem = (
-                mixer.score_problem()
-                if hasattr(mixer, "score_problem")
-                else (f"its {mixer.cfg.kind} mixer does not hand the cache the attention probabilities it keeps by")
-            )
+            problem = f"its {mixer.cfg.kind} mixer does not hand the cache the attention probabilities it keeps by"
+            if hasattr(mixer, "score_problem"):
+                problem = mixer.score_problem()
             if problem is not None:
                 raise ValueError(f"cache policy {policy.kind}: {where} {problem}")
         return
