@@ -116,6 +116,7 @@ class KvlabForCausalLM(PreTrainedModel, GenerationMixin):
             "use_cache": kwargs.get("use_cache", True),
             # a context encoder's context: encoded with the first step, then held by the cache
             "context_input_ids": None if started else kwargs.get("context_input_ids"),
+            "cache_policy": kwargs.get("cache_policy"),  # how the cache the first step makes holds its K/V
         }
         if "logits_to_keep" in kwargs:
             inputs["logits_to_keep"] = kwargs["logits_to_keep"]
@@ -132,12 +133,15 @@ class KvlabForCausalLM(PreTrainedModel, GenerationMixin):
         context_input_ids: torch.LongTensor | None = None,
         cache: KvlabCache | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        cache_policy: str | dict | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """``context_input_ids`` [B, C]: a context for the context encoder (models with one: CEPE, XC-Cache).
         ``cache`` is ``past_key_values`` under transformers 5's name. ``logits_to_keep``: the last n positions'
         logits (0: all; generate asks for 1), or those at the given indices. ``attention_mask``: left-padded rows
-        (0 at pads), as kvlab's forward takes them; the cache keeps the pads for later steps."""
+        (0 at pads), as kvlab's forward takes them; the cache keeps the pads for later steps. ``cache_policy``: how
+        the cache this call makes holds its keys and values (kvlab's cache policies: ``"int8"``, ``{"kind": "kivi",
+        "bits": 2}``, ...; ``generate(..., cache_policy=...)`` passes it on)."""
         if cache is not None and past_key_values is not None and cache is not past_key_values:
             raise ValueError("give cache or past_key_values (its name before transformers 5), not both")
         past_key_values = cache if cache is not None else past_key_values
@@ -148,7 +152,7 @@ class KvlabForCausalLM(PreTrainedModel, GenerationMixin):
             past_key_values = None  # an empty cache of another kind: start ours instead
         if past_key_values is None and use_cache:
             room = {"context_len": context_input_ids.shape[1]} if context_input_ids is not None else {}
-            past_key_values = KvlabCache(self.model.new_cache(input_ids.shape[0], **room))
+            past_key_values = KvlabCache(self.model.new_cache(input_ids.shape[0], policy=cache_policy, **room))
         state = past_key_values.cache if past_key_values is not None else None
         last_only = labels is None and isinstance(logits_to_keep, int) and logits_to_keep == 1
         logits = self.model(

@@ -135,6 +135,16 @@ for name, directory in json.loads(sys.argv[1]).items():
             padded["logits"] = model(rows["ids"], attention_mask=rows["mask"], use_cache=False).logits
             padded["generated"] = model.generate(rows["ids"], attention_mask=rows["mask"], max_new_tokens=6,
                                                  min_new_tokens=6, do_sample=False, pad_token_id=0)
+    policy = {}
+    if remote:  # generate through a cache policy, passed as kvlab's generate takes it
+        try:
+            with torch.no_grad():
+                out = model.generate(ids[:1, :5], max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                                     cache_policy="int8", return_dict_in_generate=True)
+            held = out["cache"] if "cache" in out.keys() else out["past_key_values"]
+            policy = {"generated": out.sequences[0, 5:], "kind": held.cache.policy.kind}
+        except ValueError as e:
+            policy = {"refused": str(e)}
     context = {}
     if os.path.exists(directory + "/context.pt"):  # a context encoder's model: the context as a keyword
         ctx = torch.load(directory + "/context.pt")
@@ -147,7 +157,8 @@ for name, directory in json.loads(sys.argv[1]).items():
                 "cache_shape": None if remote else next(tuple(layer.keys.shape) for layer in cache.layers
                                                         if getattr(layer, "keys", None) is not None),
                 "cache_bytes": cache.cache.nbytes() if remote else None,
-                "class": type(model).__name__, "context": context, "fed": greedy_fed, "padded": padded},
+                "class": type(model).__name__, "context": context, "policy": policy, "fed": greedy_fed,
+                "padded": padded},
                directory + "/theirs.pt")
 assert not [m for m in sys.modules if m.startswith("kvlab") and sys.modules[m] is not None]
 """
@@ -230,6 +241,14 @@ def test_export_loads_and_matches_logits_and_generation(exported, name):
         assert theirs["class"] == "KvlabForCausalLM"
         assert theirs["fed"] == [5] + [1] * 15  # decoded from the cache, not the whole prefix again
         assert theirs["cache_bytes"] == model.kv_footprint(torch.float32).total_bytes(13, batch_size=2)
+        if "refused" in theirs["policy"]:  # int8 refused (a latent held as codes already): by kvlab alike
+            with pytest.raises(ValueError):
+                model.new_cache(1, 13, policy="int8")
+        else:  # generate(cache_policy=...) reaches the cache the remote code makes: kvlab's own tokens
+            assert theirs["policy"]["kind"] == "int8"
+            assert torch.equal(
+                theirs["policy"]["generated"], model.generate(ids[:1, :5], 8, cache_policy="int8")[0, 5:]
+            )
     elif (m := model.config.layer_mixers[0]).kind == "mla":  # transformers caches the latent too, one "head"
         assert theirs["cache_shape"][1::2] == (1, m.kv_lora_rank)
     else:  # transformers' cache is the GQA one (Jamba's attention layer: its only K/V)
