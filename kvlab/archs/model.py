@@ -31,7 +31,7 @@ from kvlab.kernels.ops import linear_cross_entropy
 from kvlab.kernels.registry import use_kernels
 from kvlab.layers import MIXERS, build_mlp, build_norm
 from kvlab.layers.base import StepState
-from kvlab.layers.cache_policy import CachePolicy, check_plan, policy_cache_slot, policy_footprint
+from kvlab.layers.cache_policy import CachePolicy, check_model, policy_cache_slot, policy_footprint
 from kvlab.layers.cross_attention import ContextEncoder, CrossAttention, CrossBlock
 from kvlab.layers.norm import RMSNorm
 from kvlab.layers.rope import Rotary
@@ -525,7 +525,8 @@ class CausalLM(nn.Module):
         if policy is None:
             slots = [layer.mixer.new_cache_slot(batch_size, prefix + length, dtype, device) for layer in layers]
         else:
-            check_plan(policy, self.config.layer_kv_source)
+            check_model(policy, [layer.mixer for layer in layers], self.config.layer_kv_source,
+                        self.config.max_seq_len)  # fmt: skip
             slots = [policy_cache_slot(layer.mixer, batch_size, prefix + length, dtype, device, policy, f"layer {i}")
                      for i, layer in enumerate(layers)]  # fmt: skip
         mlp_slots = [layer.mlp.new_cache_slot(batch_size, dtype, device) if layer.mlp_stateful else None
@@ -537,7 +538,8 @@ class CausalLM(nn.Module):
         """What the cache holds per layer in ``dtype``, its K/V held through ``policy`` (as ``new_cache``)."""
         policy = CachePolicy.from_spec(policy)
         if policy is not None:
-            check_plan(policy, self.config.layer_kv_source)
+            check_model(policy, [layer.mixer for layer in self.layers], self.config.layer_kv_source,
+                        self.config.max_seq_len)  # fmt: skip
         rows = []
         for i, layer in enumerate(self.layers):
             fp, held = layer.mixer.kv_footprint(dtype), None

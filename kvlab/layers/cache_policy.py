@@ -688,15 +688,30 @@ def kivi_bytes(n: int, k_heads: int, v_heads: int, k_dim: int, v_dim: int, polic
 KV_SLOTS = (StaticKV, RingKV, SinkRingKV)
 
 
-def check_plan(policy: CachePolicy, kv_sources: list[int]) -> None:
-    """Raise where ``policy`` cannot hold the caches of a model whose layer i reads the K/V of layer
-    ``kv_sources[i]``: an eviction under a layer that reads a later layer's (LCKV), which reads the positions
-    from 0 in order."""
-    if policy.kind in EVICTING:
-        for i, source in enumerate(kv_sources):
-            if source > i:
-                raise ValueError(f"cache policy {policy.kind}: layer {i} reads the K/V of the later layer {source} "
-                                 "as every position from 0 in order, which an eviction does not keep")  # fmt: skip
+def check_model(policy: CachePolicy, mixers: list, kv_sources: list[int], max_seq_len: int) -> None:
+    """Raise where ``policy`` cannot hold the caches of a model of these layers' ``mixers``, layer i reading the
+    K/V of layer ``kv_sources[i]``: no layer caching per token (a recurrent model: nothing to hold), a budget
+    beyond what the model ever holds (it would never evict), or an eviction under a layer that reads a later
+    layer's K/V (LCKV), which reads the positions from 0 in order."""
+
+    def per_token(mixer) -> bool:
+        if hasattr(mixer, "branches"):
+            return any(per_token(b) for b in mixer.branches)
+        return isinstance(mixer.new_cache_slot(1, 1, torch.float32, "meta"), (*KV_SLOTS, LatentKV, QuantizedLatentKV))
+
+    if not any(per_token(m) for m in mixers):
+        kinds = sorted({m.cfg.kind for m in mixers})
+        raise ValueError(f"cache policy {policy.kind}: no layer of this model caches keys and values per token "
+                         f"(its mixers: {', '.join(kinds)}, whose states are fixed): nothing to hold")  # fmt: skip
+    if policy.kind not in EVICTING:
+        return
+    if policy.budget > max_seq_len:
+        raise ValueError(f"cache policy {policy.kind}: budget={policy.budget} is more than the model's "
+                         f"max_seq_len={max_seq_len}, so it would never evict")  # fmt: skip
+    for i, source in enumerate(kv_sources):
+        if source > i:
+            raise ValueError(f"cache policy {policy.kind}: layer {i} reads the K/V of the later layer {source} "
+                             "as every position from 0 in order, which an eviction does not keep")  # fmt: skip
 
 
 def policy_cache_slot(mixer, batch_size: int, max_len: int, dtype: torch.dtype, device, policy: CachePolicy,

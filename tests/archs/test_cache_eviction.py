@@ -165,6 +165,7 @@ def test_bad_eviction_settings_are_refused_naming_what_is_valid(spec, message):
         ("dha_cla", "layer 0 groups its values apart from its keys"),
         ("lckv", "layer 1 reads the K/V of the later layer 3"),
         ("mla", "layer 0 caches a latent per token"),
+        ("mamba2", "no layer of this model caches keys and values per token .its mixers: mamba2"),
     ],
 )
 def test_layers_that_cannot_score_are_refused_naming_the_layer(name, message):
@@ -188,3 +189,9 @@ def test_the_decoded_validation_loss_reads_every_token_once_after_its_prompt(pro
     # SnapKV compresses a prompt of 7 (and chunks of 3) to 5; token by token with no prompt, nothing
     tight = cached_val_loss(model, [batch], CachePolicy.from_spec(SNAPKV), chunk, prompt)
     assert abs(tight - want) > 1e-4 if prompt else abs(tight - want) < 1e-5
+
+
+def test_a_budget_beyond_the_models_context_is_refused():
+    model = build_model(VARIANTS["gqa"])  # max_seq_len 64
+    with pytest.raises(ValueError, match="budget=65 is more than the model's max_seq_len=64, so it would never evict"):
+        model.new_cache(1, 8, policy={"kind": "snapkv", "budget": 65})

@@ -164,7 +164,7 @@ def test_kivi_holds_keys_per_channel_and_values_per_token_behind_a_full_precisio
 
 
 H2O = {"kind": "h2o", "budget": 6, "window": 2}  # evicting from the 7th token on (SnapKV: test_cache_eviction)
-REFUSALS = "latent|window|MatryoshkaKV|DHA|KDGQA|later layer|value_residual"
+REFUSALS = "latent|window|MatryoshkaKV|DHA|KDGQA|later layer|value_residual|nothing to hold"
 
 
 @pytest.mark.parametrize("spec", ["int4", KIVI, SINKS, H2O], ids=str)  # fp8: as int4 but for the codec (tested above)
