@@ -188,7 +188,7 @@ def test_an_ablation_sweeps_cache_policies_like_models(tmp_path, data_cache):
             {"cache": "int8", "stages": ["train"]},
             r"cache=int8 is the cache stage eval decodes through; stages=\['train'\]",
         ),
-        ({"cache": "int8", "model": tiny(mixer={"kind": "mla", "n_heads": 4})}, "layer 0 caches a latent per token"),
+        ({"cache": "fp8", "model": tiny(mixer={"kind": "mla", "n_heads": 4})}, "layer 0 caches a latent per token"),
         ({"cache": "int8", "doc_mask": True}, "use data.doc_mask=false"),
         ({"cache": "int8", "cache_chunk": 0}, "eval.cache_chunk=0 must be >= 1"),
         ({"cache": "snapkv", "cache_prompt": 256}, "eval.cache_prompt=256 must be from 0 to data.seq_len - 1 = 255"),
