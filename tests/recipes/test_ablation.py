@@ -191,7 +191,7 @@ def test_an_ablation_sweeps_cache_policies_like_models(tmp_path, data_cache):
         ({"cache": "fp8", "model": tiny(mixer={"kind": "mla", "n_heads": 4})}, "layer 0 caches a latent per token"),
         ({"cache": "int8", "doc_mask": True}, "use data.doc_mask=false"),
         ({"cache": "int8", "cache_chunk": 0}, "eval.cache_chunk=0 must be >= 1"),
-        ({"cache": "snapkv", "cache_prompt": 256}, "eval.cache_prompt=256 must be from 0 to data.seq_len - 1 = 255"),
+        ({"cache": "int8", "cache_prompt": 256}, "eval.cache_prompt=256 must be from 0 to data.seq_len - 1 = 255"),
     ],
 )
 def test_bad_cache_settings_are_refused_before_training(changes, message):
