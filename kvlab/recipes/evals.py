@@ -133,9 +133,8 @@ def cached_val_loss(model, batches, policy, chunk: int = 1, prompt: int = 0) -> 
         room = {} if model.config.context is None else {"context_len": 0 if context is None else context.shape[1]}
         cache = model.new_cache(ids.shape[0], ids.shape[1], policy=policy, **room)
         logits = []
-        bounds = [0, *range(prompt, ids.shape[1], chunk), ids.shape[1]] if prompt else [*range(0, ids.shape[1], chunk),
-                                                                                        ids.shape[1]]  # fmt: skip
-        for s, e in zip(bounds[:-1], bounds[1:], strict=True):
+        starts = [0, *range(prompt or chunk, ids.shape[1], chunk)]  # the prompt's step, then chunk by chunk
+        for s, e in zip(starts, [*starts[1:], ids.shape[1]], strict=True):
             extra = {"context": context} if s == 0 and context is not None else {}
             logits.append(model(ids[:, s:e], cache=cache, **extra))
         logits = torch.cat(logits, dim=1)
