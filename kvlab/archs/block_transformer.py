@@ -53,7 +53,7 @@ class BlockCache(Cache):
     def __init__(self, blocks: Cache, tokens: Cache, block_length: int, prefix: int, max_len: int, config, dtype,
                  device):  # fmt: skip
         self.blocks, self.tokens, self.block_length, self.prefix = blocks, tokens, block_length, prefix
-        super().__init__([], blocks.batch_size, max_len, [], config=config, dtype=dtype)
+        super().__init__([], blocks.batch_size, max_len, [], config=config, dtype=dtype, policy=blocks.policy)
         self.pending = torch.zeros(blocks.batch_size, block_length, dtype=torch.long, device=device)
 
     @property
