@@ -585,17 +585,19 @@ class EvictingKV:
         else:  # a prompt (or a chunk of one) that fills the budget
             self.scored_rows = min(t, self.policy.window) if t > 1 and n >= self.policy.budget else 0
         new_pos = torch.arange(start, end, device=k_new.device, dtype=torch.int32).expand(B, H, t)
-        if self.count == 0:
+        if not self.scored_rows:  # nothing to choose (SnapKV's decoding): written in place, the view the buffers'
+            self._keep(k_new, v_new, new_pos, at=self.count)
+            c = self.count
+            k, v, pos = self.k[:, :, :c], self.v[:, :, :c], self.pos[:, :, :c]
+        elif self.count == 0:
             k, v, pos = k_new, v_new, new_pos
-        else:
+        else:  # the held and the new apart from the buffers, which observe then rewrites
             c = self.count
             k = torch.cat([self.k[:, :, :c], k_new], dim=2)
             v = torch.cat([self.v[:, :, :c], v_new], dim=2)
             pos = torch.cat([self.pos[:, :, :c], new_pos], dim=2)
         if self.scored_rows:
             self.pending = (k, v, pos)
-        else:  # nothing to choose this step (H2O: a budget it never reaches, so no scores either)
-            self._keep(k_new, v_new, new_pos, at=self.count)
         # while every position from 0 is held in order, the view is positions 0..end-1, as a plain cache's
         return KVView(k, v, end, None if in_order else pos.long())
 
