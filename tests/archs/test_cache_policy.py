@@ -193,6 +193,22 @@ def test_cache_bytes_equal_the_policys_footprint_for_every_layout(name, spec):
     assert torch.isfinite(out).all()
 
 
+def _decode_eager_and_static(model, ids, spec, prompt: int):
+    """Prefill ``prompt`` tokens into two caches held through ``spec``, then decode the rest of ``ids`` one token a
+    step eagerly and through the static decode step, checking each step's logits agree; the prefill's logits,
+    the last step's and the eager cache."""
+    T = ids.shape[1]
+    eager, static = (model.new_cache(ids.shape[0], T, policy=spec) for _ in range(2))
+    prefill = model(ids[:, :prompt], cache=eager)
+    model(ids[:, :prompt], cache=static)
+    for t in range(prompt, T):
+        a = model(ids[:, t : t + 1], cache=eager)[:, -1]
+        b = model.decode_step(ids[:, t : t + 1], static, torch.tensor(static.start))
+        static.seen += 1
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    return prefill, a, eager
+
+
 def test_decoding_through_a_policy_costs_little_and_the_static_step_agrees_with_the_eager_one():
     model = build_model(tiny(mixer={"kind": "attention", "n_heads": 4, "n_kv_heads": 2, "window": 6})).eval()
     ids = torch.randint(0, 97, (2, 16))
@@ -200,15 +216,8 @@ def test_decoding_through_a_policy_costs_little_and_the_static_step_agrees_with_
         full = model(ids)
         errors = {}
         for spec in ["int8", "int4"]:
-            eager, static = (model.new_cache(2, 16, policy=spec) for _ in range(2))
-            model(ids[:, :8], cache=eager)
-            model(ids[:, :8], cache=static)
-            for t in range(8, 16):
-                a = model(ids[:, t : t + 1], cache=eager)[:, -1]
-                b = model.decode_step(ids[:, t : t + 1], static, torch.tensor(static.start))
-                static.seen += 1
-                torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
-            errors[spec] = (a - full[:, -1]).abs().max().item()
+            _, last, _ = _decode_eager_and_static(model, ids, spec, 8)
+            errors[spec] = (last - full[:, -1]).abs().max().item()
     assert 0 < errors["int8"] < errors["int4"] < 0.1  # lossy, more so at 4 bits, still close
 
 
@@ -216,14 +225,7 @@ def test_the_static_step_moves_the_sinks_as_the_eager_one():
     model = build_model(VARIANTS["gqa"]).eval()  # every layer caches every token: the sinks policy applies
     ids = torch.randint(0, 97, (2, 20))
     with torch.no_grad():
-        eager, static = (model.new_cache(2, 20, policy=SINKS) for _ in range(2))
-        model(ids[:, :3], cache=eager)
-        model(ids[:, :3], cache=static)
-        for t in range(3, 20):  # evicting from t = 7 on
-            a = model(ids[:, t : t + 1], cache=eager)[:, -1]
-            b = model.decode_step(ids[:, t : t + 1], static, torch.tensor(static.start))
-            static.seen += 1
-            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+        _decode_eager_and_static(model, ids, SINKS, 3)  # evicting from t = 7 on
 
 
 def test_generate_takes_a_policy_and_decodes_kivi_eagerly():
@@ -289,13 +291,7 @@ def test_mlas_latent_is_held_as_codes_and_its_rope_keys_and_the_steps_own_as_com
     ids = torch.randint(0, 97, (2, 16))
     with torch.no_grad():
         full = model(ids)
-        eager, static = (model.new_cache(2, 16, policy=spec) for _ in range(2))
-        torch.testing.assert_close(model(ids[:, :8], cache=eager), full[:, :8])  # a prompt attends as computed
-        model(ids[:, :8], cache=static)
-        for t in range(8, 16):
-            a = model(ids[:, t : t + 1], cache=eager)[:, -1]
-            b = model.decode_step(ids[:, t : t + 1], static, torch.tensor(static.start))
-            static.seen += 1
-            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
-    assert 0 < (a - full[:, -1]).abs().max() < 0.1
+        prefill, last, eager = _decode_eager_and_static(model, ids, spec, 8)
+    torch.testing.assert_close(prefill, full[:, :8])  # a prompt attends as computed
+    assert 0 < (last - full[:, -1]).abs().max() < 0.1
     assert eager.nbytes() == model.kv_footprint(torch.float32, policy=spec).total_bytes(16, batch_size=2)
