@@ -46,6 +46,12 @@ def _inputs(op: str, device: str):
     B, H, T, D = 2, 8, 1024, 64
     if op == "attention":
         return (g(B, H, T, D), g(B, 2, T, D), g(B, 2, T, D)), {"causal": True}
+    if op == "attention_weights":  # the probabilities an eviction policy reads: a 256-token prompt's
+        return (g(B, H, 256, D), g(B, 2, 256, D)), {"causal": True}
+    if op == "dequantize":  # a 4K-token cache of 2 K/V heads of 64 in int4, per-token groups of 32: no gradients
+        from kvlab.kernels.quant import quantize
+
+        return (*quantize(torch.randn(B, 2, 4 * T, D, device=device), 4, 32, torch.float32), 4, torch.float32), {}
     if op == "absorbed_attention":
         return (g(B, H, 1, 576), g(B, T, 576), 512), {}
     if op == "linear_attention":
@@ -80,13 +86,18 @@ def _inputs(op: str, device: str):
 
 
 def _run(fn, args, kwargs):
-    """Outputs (tensors) and the gradients of every grad-requiring input for a fixed random cotangent."""
+    """Outputs (tensors) and the gradients of every grad-requiring input for a fixed random cotangent of the
+    first output."""
     out = fn(*args, **kwargs)
     outs = [o for o in (out if isinstance(out, tuple) else (out,)) if o is not None and o.is_floating_point()]
     wanted = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    if not wanted:  # an op with no differentiable inputs (dequantize): its outputs alone
+        return [o.detach() for o in outs]
+    # the backward of the main output, as training runs it (a final state, which some backends return
+    # detached, feeds only the cache; tests/kernels check its gradients)
     gen = torch.Generator(device=outs[0].device).manual_seed(1)
-    cotangents = [torch.randn(o.shape, generator=gen, device=o.device, dtype=o.dtype) for o in outs]
-    grads = torch.autograd.grad(outs, wanted, cotangents, allow_unused=True)
+    cotangent = torch.randn(outs[0].shape, generator=gen, device=outs[0].device, dtype=outs[0].dtype)
+    grads = torch.autograd.grad(outs[0], wanted, cotangent, allow_unused=True)
     return [o.detach() for o in outs] + [g for g in grads if g is not None]
 
 

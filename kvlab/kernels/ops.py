@@ -98,6 +98,15 @@ def _triton_absorbed_supports(q, latent, value_dim, *, mask=None, scale=None):
     return None if q.shape[-1] <= 256 else f"latent width {q.shape[-1]} > 256"
 
 
+def _sdpa_is_faster(q, k, v, *, mask=None, causal=False, window=None, doc_ids=None, scale=None):
+    # On an H200, SDPA's fused kernels ran causal attention 1.3x (FlashAttention-2) to 2x (cuDNN) faster than
+    # kvlab's Triton kernel, forward + backward (benchmarks/RESULTS.md, "GPU kernels"). Windows, packed
+    # documents and unequal head dims SDPA runs unfused (a mask, padded values): those stay on the kernel.
+    if window is None and doc_ids is None and q.shape[-1] == v.shape[-1]:
+        return "SDPA's fused kernels run plain attention faster (benchmarks/RESULTS.md, 'GPU kernels')"
+    return None
+
+
 def _triton_rope_supports(x, cos, sin):
     return None if cos.dim() == 2 and cos.shape[0] == x.shape[2] else "per-sequence or per-head RoPE tables"
 
@@ -109,7 +118,7 @@ def _triton_dequantize_supports(packed, scale, zero, bits, dtype):
 register("attention", "reference", _attention_reference)
 register("attention", "torch", _attention_torch)
 register("attention", "triton", "kvlab.kernels.triton_attention:attention", packages=["triton"],
-         supports=_triton_attention_supports)  # fmt: skip
+         supports=_triton_attention_supports, auto_skip=_sdpa_is_faster)  # fmt: skip
 register("attention", "external", "kvlab.kernels.external:flash_attention", packages=["flash_attn"],
          supports=_flash_attention_supports)  # fmt: skip
 register("attention_weights", "reference", _attention_weights_reference)

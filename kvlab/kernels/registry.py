@@ -13,7 +13,9 @@ The mode says which backend to use:
 
 - ``auto`` (default): the first that can run of external, triton, torch,
   reference; Triton only on CUDA tensors (under ``TRITON_INTERPRET=1`` on
-  CPU it is a test vehicle, orders of magnitude slower, so never automatic).
+  CPU it is a test vehicle, orders of magnitude slower, so never automatic),
+  and not for calls its ``auto_skip`` leaves to a faster later backend
+  (plain attention, which PyTorch's SDPA runs on FlashAttention-2 or cuDNN).
 - ``reference`` | ``torch`` | ``triton`` | ``external``: that backend where
   the op has it and it can run this call; otherwise the op falls back as in
   ``auto`` (an op without a Triton kernel still runs), and the fallback and
@@ -77,6 +79,9 @@ class Backend:
     target: str | Callable  # "module:function" (imported on first use) or the function itself
     packages: tuple[str, ...] = ()  # must be importable
     supports: Callable[..., str | None] | None = None  # (*args, **kwargs) -> None if it can run, else why not
+    # (*args, **kwargs) -> None, or why ``auto`` should leave this call to a later backend that runs it faster
+    # (measured: kvlab's Triton attention is slower than SDPA's fused kernels where those apply)
+    auto_skip: Callable[..., str | None] | None = None
     _fn: Callable | None = field(default=None, repr=False)
 
     def function(self) -> Callable:
@@ -129,12 +134,12 @@ def _first_tensor(args):
     return next((a for a in args if hasattr(a, "device") and hasattr(a, "dtype")), None)
 
 
-def register(op: str, backend: str, target: str | Callable, *, packages=(), supports=None) -> None:
+def register(op: str, backend: str, target: str | Callable, *, packages=(), supports=None, auto_skip=None) -> None:
     if op not in OPS:
         raise ValueError(f"kernel op {op!r} is not one of {', '.join(OPS)}")
     if backend not in BACKENDS:
         raise ValueError(f"kernel backend {backend!r} for op {op!r}: valid backends are {', '.join(BACKENDS)}")
-    _REGISTRY.setdefault(op, {})[backend] = Backend(backend, target, tuple(packages), supports)
+    _REGISTRY.setdefault(op, {})[backend] = Backend(backend, target, tuple(packages), supports, auto_skip)
     _plans.clear()
 
 
@@ -219,13 +224,19 @@ def choose(op: str, args=(), kwargs=None) -> Backend:
     if plan is None or plan[0] is not _REGISTRY[op]:  # registered anew, or the dict swapped (tests)
         plan = _plans[key] = _plan(op, mode, key[2], settings[1])
     _, wanted, candidates, reasons = plan
-    refused = []
+    refused, passed_over = [], None
     for backend in candidates:
         why = backend.supports(*args, **kwargs) if backend.supports is not None else None
+        if why is None and wanted == "auto" and backend.auto_skip is not None:
+            if (why := backend.auto_skip(*args, **kwargs)) is not None:
+                passed_over = passed_over or backend  # still the one to run if no later backend can
         if why is None:
             _log_once(op, mode, backend.name, wanted, reasons, refused)
             return backend
         refused.append(f"{backend.name}: {why}")
+    if passed_over is not None:
+        _log_once(op, mode, passed_over.name, wanted, reasons, refused)
+        return passed_over
     raise RuntimeError(f"no kernel backend can run {op} here ({'; '.join(reasons + tuple(refused))})")
 
 

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvlab.kernels.triton_common import block, interpreting, length_bucket, tune_configs
+from kvlab.kernels.triton_common import block, dot_precision, interpreting, length_bucket, tune_configs
 
 
 @triton.jit
@@ -62,9 +62,9 @@ def _heads(H, GROUP):
 
 @triton.jit
 def _probabilities(q, k, lse, scale, offs_m, offs_n, T, S, DOCS, b, WINDOW, CAUSAL: tl.constexpr,
-                   HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr):  # fmt: skip
+                   HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, DOT: tl.constexpr):  # fmt: skip
     """The backward's recomputed P = exp(scale q k^T - LSE) of a query block x key block, 0 where not visible."""
-    s = tl.dot(q, tl.trans(k)) * scale
+    s = tl.dot(q, tl.trans(k), input_precision=DOT) * scale
     visible = _visible(offs_m, offs_n, T, S, DOCS, b, WINDOW, CAUSAL, HAS_WINDOW, HAS_DOCS)
     return tl.where(visible, tl.exp(s - lse[:, None]), 0.0)
 
@@ -95,8 +95,8 @@ _TILES = tune_configs(
 @triton.autotune(configs=_TILES, key=_TUNE_KEY)
 @triton.jit
 def _forward(Q, K, V, OUT, LSE, DOCS, scale, T, S, H, GROUP, D, DV, WINDOW, T_BUCKET, S_BUCKET, CAUSAL: tl.constexpr,
-             HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
-             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):  # fmt: skip
+             HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, UPCAST: tl.constexpr, DOT: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):  # fmt: skip
     start_m = tl.program_id(0)
     bh, b, kv_head = _heads(H, GROUP)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -111,14 +111,14 @@ def _forward(Q, K, V, OUT, LSE, DOCS, scale, T, S, H, GROUP, D, DV, WINDOW, T_BU
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _tile(K, kv_head * S, offs_n, S, offs_d, D, UPCAST)
         v = _tile(V, kv_head * S, offs_n, S, offs_dv, DV, UPCAST)
-        s = tl.dot(q, tl.trans(k)) * scale
+        s = tl.dot(q, tl.trans(k), input_precision=DOT) * scale
         s = tl.where(_visible(offs_m, offs_n, T, S, DOCS, b, WINDOW, CAUSAL, HAS_WINDOW, HAS_DOCS), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen nothing yet
         alpha = tl.exp(m_i - m_safe)
         p = tl.exp(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT)
         m_i = m_new
     in_rows = offs_m < T
     l_i = tl.where(l_i == 0.0, 1.0, l_i)  # padding rows past T (not stored) saw nothing
@@ -131,7 +131,7 @@ def _forward(Q, K, V, OUT, LSE, DOCS, scale, T, S, H, GROUP, D, DV, WINDOW, T_BU
 @triton.jit
 def _backward_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_OUT, DOCS, scale, T, S, H, GROUP, D, DV, WINDOW, T_BUCKET, S_BUCKET,
                    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, UPCAST: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                   DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_DV: tl.constexpr):  # fmt: skip
     start_n = tl.program_id(0)
     bh, b, kv_head = _heads(H, GROUP)
@@ -155,11 +155,11 @@ def _backward_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_OUT, DOCS, scale, T, S, H, GR
         do = _tile(DO, bh * T, offs_m, T, offs_dv, DV, UPCAST)
         lse = tl.load(LSE + bh * T + offs_m, mask=in_rows, other=0.0)
         delta = tl.load(DELTA + bh * T + offs_m, mask=in_rows, other=0.0)
-        p = _probabilities(q, k, lse, scale, offs_m, offs_n, T, S, DOCS, b, WINDOW, CAUSAL, HAS_WINDOW, HAS_DOCS)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-        dp = tl.dot(do, tl.trans(v))
+        p = _probabilities(q, k, lse, scale, offs_m, offs_n, T, S, DOCS, b, WINDOW, CAUSAL, HAS_WINDOW, HAS_DOCS, DOT)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT)
         ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT)
     in_keys = offs_n < S
     tl.store(DK + (bh * S + offs_n[:, None]) * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
              mask=in_keys[:, None] & (offs_d[None, :] < D))  # fmt: skip
@@ -171,7 +171,7 @@ def _backward_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_OUT, DOCS, scale, T, S, H, GR
 @triton.jit
 def _backward_dq(Q, K, V, DO, LSE, DELTA, DQ, DOCS, scale, T, S, H, GROUP, D, DV, WINDOW, T_BUCKET, S_BUCKET,
                  CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, UPCAST: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                 DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                  BLOCK_DV: tl.constexpr):  # fmt: skip
     start_m = tl.program_id(0)
     bh, b, kv_head = _heads(H, GROUP)
@@ -189,9 +189,9 @@ def _backward_dq(Q, K, V, DO, LSE, DELTA, DQ, DOCS, scale, T, S, H, GROUP, D, DV
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _tile(K, kv_head * S, offs_n, S, offs_d, D, UPCAST)
         v = _tile(V, kv_head * S, offs_n, S, offs_dv, DV, UPCAST)
-        p = _probabilities(q, k, lse, scale, offs_m, offs_n, T, S, DOCS, b, WINDOW, CAUSAL, HAS_WINDOW, HAS_DOCS)
-        ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k)
+        p = _probabilities(q, k, lse, scale, offs_m, offs_n, T, S, DOCS, b, WINDOW, CAUSAL, HAS_WINDOW, HAS_DOCS, DOT)
+        ds = p * (tl.dot(do, tl.trans(v), input_precision=DOT) - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT)
     tl.store(DQ + (bh * T + offs_m[:, None]) * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
              mask=in_rows[:, None] & (offs_d[None, :] < D))  # fmt: skip
 
@@ -203,6 +203,7 @@ def _meta(q, k, v, window, doc_ids, causal) -> dict:
         "HAS_WINDOW": window is not None,
         "HAS_DOCS": doc_ids is not None,
         "UPCAST": interpreting(),
+        "DOT": dot_precision(q.dtype),
         "BLOCK_D": block(q.shape[-1], 256),
         "BLOCK_DV": block(v.shape[-1], 256),
     }

@@ -10,12 +10,21 @@ from __future__ import annotations
 
 import os
 
+import torch
 import triton
 import triton.language as tl
 
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot``'s input precision for a kernel called on ``dtype`` tensors. Float32 inputs get float32
+    products where torch's own float32 matmuls do (``torch.get_float32_matmul_precision()`` "highest", its
+    default), not Triton's GPU default, TF32 (about 1e-3 relative error); "high" or "medium" let them use
+    TF32, as they let torch. Half inputs keep TF32 for the float32 tiles their kernels multiply."""
+    return "ieee" if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
 def block(n: int, cap: int) -> int:
@@ -26,9 +35,13 @@ def block(n: int, cap: int) -> int:
 def tune_configs(gpu: list[tuple[dict, int, int]], interpreted: dict) -> list[triton.Config]:
     """Autotune configs: ``gpu`` as (constexprs, num_warps, num_stages) on a GPU, ``interpreted`` alone under
     the interpreter. Configs a GPU cannot fit (shared memory at large head dims) are timed as infinite by
-    Triton's autotuner and never chosen."""
+    Triton's autotuner and never chosen. ``KVLAB_TRITON_AUTOTUNE=0`` keeps the first GPU config alone: nothing
+    timed, one compilation per shape (the test suite on a GPU, where tuning every case's shape would cost more
+    than checking it)."""
     if interpreting():
         return [triton.Config(interpreted, num_warps=1, num_stages=1)]
+    if os.environ.get("KVLAB_TRITON_AUTOTUNE", "1") == "0":
+        gpu = gpu[:1]
     return [triton.Config(blocks, num_warps=warps, num_stages=stages) for blocks, warps, stages in gpu]
 
 

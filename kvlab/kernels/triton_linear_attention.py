@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 
 from kvlab.kernels.attention import document_starts
-from kvlab.kernels.triton_common import block, interpreting, load_state, state_slice
+from kvlab.kernels.triton_common import block, dot_precision, interpreting, load_state, state_slice
 
 
 @triton.jit
@@ -174,8 +174,8 @@ def _chunk_decays(G, STARTS, bh, H, T, start, HAS_DOCS: tl.constexpr, EXCLUSIVE:
 
 @triton.jit
 def _chunk_forward(Q, K, V, G, S0, STARTS, OUT, S_FINAL, T, H, DK, DV, HAS_STATE: tl.constexpr,
-                   HAS_DOCS: tl.constexpr, EXCLUSIVE: tl.constexpr, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr,
-                   BLOCK_V: tl.constexpr):  # fmt: skip
+                   HAS_DOCS: tl.constexpr, EXCLUSIVE: tl.constexpr, CHUNK: tl.constexpr, DOT: tl.constexpr,
+                   BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):  # fmt: skip
     bh, ik, iv, in_k, in_v = state_slice(DK, DV, BLOCK_K, BLOCK_V)
     state = load_state(S0, bh, DK, DV, ik, iv, in_k, in_v, HAS_STATE, BLOCK_K, BLOCK_V)
     for start in range(0, T, CHUNK):
@@ -183,17 +183,19 @@ def _chunk_forward(Q, K, V, G, S0, STARTS, OUT, S_FINAL, T, H, DK, DV, HAS_STATE
         q, k = _rows(Q, bh, T, rows, ik, DK), _rows(K, bh, T, rows, ik, DK)
         v = _rows(V, bh, T, rows, iv, DV)
         decay, read, write, carry = _chunk_decays(G, STARTS, bh, H, T, start, HAS_DOCS, EXCLUSIVE, CHUNK)
-        out = tl.dot(tl.dot(q, tl.trans(k)) * decay, v) + tl.dot(q * read[:, None], state)
+        out = tl.dot(tl.dot(q, tl.trans(k), input_precision=DOT) * decay, v, input_precision=DOT) + tl.dot(
+            q * read[:, None], state, input_precision=DOT
+        )
         tl.store(OUT + (bh * T + rows[:, None]) * DV + iv[None, :], out.to(OUT.dtype.element_ty),
                  mask=(rows[:, None] < T) & in_v[None, :])  # fmt: skip
-        state = state * carry + tl.dot(tl.trans(k * write[:, None]), v)
+        state = state * carry + tl.dot(tl.trans(k * write[:, None]), v, input_precision=DOT)
     tl.store(S_FINAL + (bh * DK + ik[:, None]) * DV + iv[None, :], state, mask=in_k[:, None] & in_v[None, :])
 
 
 @triton.jit
 def _chunk_backward_dq(K, V, G, S0, STARTS, DO, DQ_PARTIAL, T, H, DK, DV, BH, HAS_STATE: tl.constexpr,
                        HAS_DOCS: tl.constexpr, EXCLUSIVE: tl.constexpr, CHUNK: tl.constexpr,
-                       BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):  # fmt: skip
+                       DOT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):  # fmt: skip
     bh, ik, iv, in_k, in_v = state_slice(DK, DV, BLOCK_K, BLOCK_V)
     state = load_state(S0, bh, DK, DV, ik, iv, in_k, in_v, HAS_STATE, BLOCK_K, BLOCK_V)
     partial = DQ_PARTIAL + tl.program_id(0) * BH * T * DK
@@ -202,15 +204,19 @@ def _chunk_backward_dq(K, V, G, S0, STARTS, DO, DQ_PARTIAL, T, H, DK, DV, BH, HA
         k = _rows(K, bh, T, rows, ik, DK)
         v, do = _rows(V, bh, T, rows, iv, DV), _rows(DO, bh, T, rows, iv, DV)
         decay, read, write, carry = _chunk_decays(G, STARTS, bh, H, T, start, HAS_DOCS, EXCLUSIVE, CHUNK)
-        dq = tl.dot(tl.dot(do, tl.trans(v)) * decay, k) + tl.dot(do, tl.trans(state)) * read[:, None]
+        dq = (
+            tl.dot(tl.dot(do, tl.trans(v), input_precision=DOT) * decay, k, input_precision=DOT)
+            + tl.dot(do, tl.trans(state), input_precision=DOT) * read[:, None]
+        )
         tl.store(partial + (bh * T + rows[:, None]) * DK + ik[None, :], dq, mask=(rows[:, None] < T) & in_k[None, :])
-        state = state * carry + tl.dot(tl.trans(k * write[:, None]), v)
+        state = state * carry + tl.dot(tl.trans(k * write[:, None]), v, input_precision=DOT)
 
 
 @triton.jit
 def _chunk_backward_reverse(Q, K, V, G, STARTS, DO, DS_FINAL, DK_PARTIAL, DV_OUT, DS0, T, H, DK, DV, BH,
                             HAS_DFINAL: tl.constexpr, HAS_DOCS: tl.constexpr, EXCLUSIVE: tl.constexpr,
-                            CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):  # fmt: skip
+                            CHUNK: tl.constexpr, DOT: tl.constexpr, BLOCK_K: tl.constexpr,
+                            BLOCK_V: tl.constexpr):  # fmt: skip
     bh, ik, iv, in_k, in_v = state_slice(DK, DV, BLOCK_K, BLOCK_V)
     in_s = in_k[:, None] & in_v[None, :]
     grad = tl.zeros([BLOCK_K, BLOCK_V], dtype=tl.float32)  # dL/d(the state leaving the chunk)
@@ -224,15 +230,18 @@ def _chunk_backward_reverse(Q, K, V, G, STARTS, DO, DS_FINAL, DK_PARTIAL, DV_OUT
         q, k = _rows(Q, bh, T, rows, ik, DK), _rows(K, bh, T, rows, ik, DK)
         v, do = _rows(V, bh, T, rows, iv, DV), _rows(DO, bh, T, rows, iv, DV)
         decay, read, write, carry = _chunk_decays(G, STARTS, bh, H, T, start, HAS_DOCS, EXCLUSIVE, CHUNK)
-        scores = tl.dot(q, tl.trans(k)) * decay
-        d_scores = tl.dot(do, tl.trans(v)) * decay
-        dk = tl.dot(tl.trans(d_scores), q) + tl.dot(v, tl.trans(grad)) * write[:, None]
-        dv = tl.dot(tl.trans(scores), do) + tl.dot(k * write[:, None], grad)
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT) * decay
+        d_scores = tl.dot(do, tl.trans(v), input_precision=DOT) * decay
+        dk = (
+            tl.dot(tl.trans(d_scores), q, input_precision=DOT)
+            + tl.dot(v, tl.trans(grad), input_precision=DOT) * write[:, None]
+        )
+        dv = tl.dot(tl.trans(scores), do, input_precision=DOT) + tl.dot(k * write[:, None], grad, input_precision=DOT)
         in_rows = rows[:, None] < T
         tl.store(partial + (bh * T + rows[:, None]) * DK + ik[None, :], dk, mask=in_rows & in_k[None, :])
         tl.store(DV_OUT + (bh * T + rows[:, None]) * DV + iv[None, :], dv.to(DV_OUT.dtype.element_ty),
                  mask=in_rows & in_v[None, :])  # fmt: skip
-        grad = grad * carry + tl.dot(tl.trans(q * read[:, None]), do)
+        grad = grad * carry + tl.dot(tl.trans(q * read[:, None]), do, input_precision=DOT)
     tl.store(DS0 + (bh * DK + ik[:, None]) * DV + iv[None, :], grad, mask=in_s)
 
 
@@ -270,7 +279,7 @@ class _LinearAttention(torch.autograd.Function):
         starts_arg = starts.to(torch.int8).contiguous() if starts is not None else q.new_empty(0, dtype=torch.int8)
         block_k, block_v = _blocks(Dk, Dv)
         meta = {"HAS_DOCS": starts is not None, "EXCLUSIVE": exclusive, "BLOCK_K": block_k, "BLOCK_V": block_v}
-        meta.update({"CHUNK": CHUNK} if chunked else {"VECTOR": log_decay.dim() == 4})
+        meta.update({"CHUNK": CHUNK, "DOT": dot_precision(q.dtype)} if chunked else {"VECTOR": log_decay.dim() == 4})
         grid = (triton.cdiv(Dv, block_v), B * H)
         out = torch.empty(B, H, T, Dv, dtype=q.dtype, device=q.device)
         final = torch.empty(B, H, Dk, Dv, dtype=torch.float32, device=q.device)

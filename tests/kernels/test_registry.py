@@ -125,3 +125,26 @@ def test_the_backend_chosen_is_logged_at_debug_only(monkeypatch, caplog):
     with caplog.at_level(logging.DEBUG, logger=registry.__name__):
         kvlab.kernels.ops.attention(q, q, q, causal=True)
     assert "kernel attention:" in caplog.text
+
+
+def test_auto_leaves_a_call_to_a_faster_later_backend_and_a_named_mode_does_not(monkeypatch):
+    """A backend's auto_skip passes a call on in auto (kvlab's Triton attention leaves plain attention to SDPA);
+    a mode naming the backend still gets it, and so does auto when no later backend can run the call."""
+    monkeypatch.delenv("KVLAB_KERNELS", raising=False)
+    fake = registry.Backend(
+        "external",
+        lambda *a, **k: None,
+        auto_skip=lambda q, *a, doc_ids=None, **k: "slower here" if doc_ids is None else None,
+    )
+    backends = {**registry._REGISTRY["attention"], "external": fake}
+    monkeypatch.setitem(registry._REGISTRY, "attention", backends)
+    args, kwargs = _attention_args()
+    with use_kernels("auto"):
+        assert choose("attention", args, kwargs).name == "torch"
+        assert choose("attention", args, {**kwargs, "doc_ids": torch.zeros(1, 5, dtype=torch.long)}) is fake
+    with use_kernels("external"):
+        assert choose("attention", args, kwargs) is fake
+    refusing = {name: registry.Backend(name, b.target, supports=lambda *a, **k: "no") for name, b in backends.items()}
+    monkeypatch.setitem(registry._REGISTRY, "attention", {**refusing, "external": fake})
+    with use_kernels("auto"):
+        assert choose("attention", args, kwargs) is fake

@@ -23,6 +23,18 @@ TOL = 2e-5  # float32 under the interpreter: kernels and references differ by su
 
 
 @pytest.fixture(autouse=True)
+def on_the_gpu_where_there_is_one():
+    """On a CUDA machine (where tests/conftest.py leaves the interpreter off) every case runs compiled on the
+    GPU: benchmarks/gpu.sh. Float32 dots are IEEE there (kvlab.kernels.triton_common.dot_precision)."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    torch.set_default_device("cuda")
+    yield
+    torch.set_default_device(None)
+
+
+@pytest.fixture(autouse=True)
 def nan_filled_empty(monkeypatch):
     empty, empty_like = torch.empty, torch.empty_like
 
@@ -138,9 +150,15 @@ def test_rope_matches_the_reference(dims):
     _check(lambda x: apply_rope(x, cos, sin), lambda x: apply_rope_tables_reference(x, cos, sin), (x,))
 
 
-DOCUMENTS = {"one-document": None, "packed": torch.tensor([[0] * 5 + [1] * 20 + [2] * 12, [3] * 37])}
-# the recurrent kernels' interpreted cost grows with T; no blocks over T to cover there
-SHORT_DOCUMENTS = {"one-document": None, "packed": torch.tensor([[0] * 5 + [1] * 9 + [2] * 7, [3] * 21])}
+DOCUMENTS = ("one-document", "packed")
+
+
+def _documents(docs: str, T: int, second: int = 20):
+    """None, or doc ids over T tokens: row 0 three documents (starting at 0, 5 and 5 + ``second``), row 1 one;
+    made at the call, on the default device (the GPU's, where there is one)."""
+    if docs == "one-document":
+        return None
+    return torch.tensor([[0] * 5 + [1] * second + [2] * (T - 5 - second), [3] * T])
 
 
 def _linear_attention_cases():
@@ -176,7 +194,7 @@ def test_recurrent_linear_attention_matches_the_reference(docs, vector, with_sta
     from kvlab.kernels.triton_linear_attention import linear_attention
 
     B, H, T, DK, DV = 2, 3, 21, 12, 20  # value dim over one block of 16 under the interpreter
-    doc_ids = SHORT_DOCUMENTS[docs]
+    doc_ids = _documents(docs, T, second=9)  # the recurrent kernels' interpreted cost grows with T
     q, k, v = torch.randn(B, H, T, DK), torch.randn(B, H, T, DK), torch.randn(B, H, T, DV)
     log_decay = -torch.rand(B, H, T, *([DK] if vector else [])) * 0.5
     state = torch.randn(B, H, DK, DV) if with_state else None
@@ -197,18 +215,17 @@ def test_recurrent_linear_attention_matches_the_reference(docs, vector, with_sta
 @pytest.mark.parametrize("with_state", [False, True], ids=["empty", "initial-state"])
 @pytest.mark.parametrize("exclusive", [False, True], ids=["inclusive", "exclusive"])
 def test_chunked_linear_attention_matches_the_reference(docs, with_state, exclusive):
-    """The scalar-decay chunked form: T = 37 is two chunks of 16 and a partial one under the interpreter;
+    """The scalar-decay chunked form: T = 2 CHUNK + 5 is two chunks and a partial one;
     packed documents start mid-chunk; outputs and the final state both carry gradients."""
     from kvlab.kernels.triton_linear_attention import CHUNK, linear_attention
 
-    B, H, T, DK, DV = 2, 3, 37, 12, 20
-    assert T % CHUNK and T > 2 * CHUNK
+    B, H, T, DK, DV = 2, 3, 2 * CHUNK + 5, 12, 20  # CHUNK: 16 interpreted, 64 on a GPU
     q, k, v = torch.randn(B, H, T, DK), torch.randn(B, H, T, DK), torch.randn(B, H, T, DV)
     log_decay = -torch.rand(B, H, T) * 0.5
     log_decay[0, 0, 3] = -30.0  # a token that forgets everything before it
     state = torch.randn(B, H, DK, DV) if with_state else None
     inputs = [t.requires_grad_() for t in (q, k, v, log_decay) + ((state,) if with_state else ())]
-    kwargs = dict(doc_ids=DOCUMENTS[docs], exclusive=exclusive)
+    kwargs = dict(doc_ids=_documents(docs, T), exclusive=exclusive)
     _check(lambda q, k, v, g, s=None: linear_attention(q, k, v, g, state=s, form="chunked", **kwargs),
            lambda q, k, v, g, s=None: linear_attention_reference(q, k, v, g, state=s, **kwargs), inputs,
            n_outputs=2)  # fmt: skip
@@ -221,8 +238,9 @@ def test_linear_attention_kernel_forms():
 
     calls = []
     original = tla._LinearAttention.apply
-    q, k, v = torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40, 16)
-    scalar, vector = -torch.rand(1, 2, 40), -torch.rand(1, 2, 40, 16)
+    T = tla.CHUNK + 24  # over one chunk
+    q, k, v = torch.randn(1, 2, T, 16), torch.randn(1, 2, T, 16), torch.randn(1, 2, T, 16)
+    scalar, vector = -torch.rand(1, 2, T), -torch.rand(1, 2, T, 16)
     try:
         tla._LinearAttention.apply = lambda *args: calls.append(args[-1]) or original(*args)
         tla.linear_attention(q, k, v, scalar)
@@ -295,7 +313,7 @@ def test_recurrent_delta_rule_matches_the_reference(docs, with_state, final_grad
 
     def pick(fn):
         def call(q, k, v, g, a, b, state=None):
-            out, final = fn(q, k, v, g, a, b, state=state, doc_ids=DOCUMENTS[docs])
+            out, final = fn(q, k, v, g, a, b, state=state, doc_ids=_documents(docs, T))
             return (out, final) if final_grad else out
 
         return call

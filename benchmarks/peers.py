@@ -1,0 +1,198 @@
+"""kvlab's Triton kernels beside what a GPU user would call instead, forward + backward, one process (CUDA only).
+
+    python benchmarks/peers.py [--cases attention,gqa,retention,simple_gla,gla] [--batch 4] [--heads 16]
+        [--length 4096] [--dim 64]
+
+- ``attention`` (causal, bf16, every head its own K/V) and ``gqa`` (4 query
+  heads per K/V head): kvlab's kernel (``kvlab.kernels.triton_attention``)
+  vs PyTorch's ``scaled_dot_product_attention`` pinned to its
+  FlashAttention-2 backend and to cuDNN's, and flash-attn's
+  ``flash_attn_func`` where that package is installed.
+- ``retention`` (a fixed decay per head, RetNet's), ``simple_gla`` (a decay
+  per head and token) and ``gla`` (per key channel): kvlab's linear-attention
+  kernels vs fla's chunked ones (``chunk_simple_gla``, ``chunk_gla``) where
+  fla is installed; bf16 inputs, no 1/sqrt(d) scale (kvlab's contract).
+
+Each contender gets its own layout ([B, H, T, D] for kvlab and SDPA, [B, T,
+H, D] for flash-attn and fla), made contiguous before timing. A row gives
+the median milliseconds of forward + backward (``triton.testing.do_bench``),
+TFLOP/s for attention (causal: half the square; backward 2.5x the forward),
+and the largest error of the output and of every input's gradient against
+a float32 computation of the same function on the same inputs, relative to
+that tensor's largest value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from kvlab.kernels import ops
+from kvlab.kernels.registry import choose, use_kernels
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1e-30))
+
+
+def _fwd_bwd(fn, inputs: list[torch.Tensor], cotangent: torch.Tensor):
+    out = fn(*inputs)
+    return [out.detach(), *torch.autograd.grad(out, inputs, cotangent)]
+
+
+def _time(fn, inputs, cotangent) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(lambda: _fwd_bwd(fn, inputs, cotangent), warmup=25, rep=100)
+
+
+def _leaves(tensors, dtype):
+    return [t.detach().to(dtype).contiguous().requires_grad_() for t in tensors]
+
+
+def attention_case(B: int, H: int, Hkv: int, T: int, D: int) -> list[tuple[str, float, float | None, float]]:
+    """Rows (contender, ms, TFLOP/s, max rel. error) for causal attention over [B, H, T, D] queries."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(B, H, T, D), torch.randn(B, Hkv, T, D), torch.randn(B, Hkv, T, D)
+    cot = torch.randn(B, H, T, D)
+    group = H // Hkv
+    ref_in = _leaves((q, k, v), torch.float32)
+    # the float32 reference: SDPA's math over K/V repeated to every query head (gradients summed back)
+    with sdpa_kernel(SDPBackend.MATH):
+        reference = _fwd_bwd(
+            lambda a, b, c: F.scaled_dot_product_attention(
+                a, b.repeat_interleave(group, 1), c.repeat_interleave(group, 1), is_causal=True
+            ),
+            ref_in,
+            cot,
+        )  # fmt: skip
+    flops = 4 * B * H * T * T * D / 2 * 3.5  # causal forward (QK^T and PV over half the square) + 2.5x backward
+    rows = []
+
+    def add(name, fn, layout):
+        to_native, to_common = layout
+        inputs = _leaves([to_native(t) for t in (q, k, v)], torch.bfloat16)
+        native_cot = to_native(cot).to(torch.bfloat16).contiguous()
+        try:
+            got = [to_common(t) for t in _fwd_bwd(fn, inputs, native_cot)]
+            err = max(_rel(g, r) for g, r in zip(got, reference, strict=True))
+            ms = _time(fn, inputs, native_cot)
+        except Exception as e:  # a backend that does not take these inputs: say why, keep going
+            rows.append((f"{name}: n/a ({type(e).__name__}: {str(e).splitlines()[0][:80]})", math.nan, None, math.nan))
+            return
+        rows.append((name, ms, flops / ms / 1e9, err))
+
+    bhtd = (lambda t: t, lambda t: t)
+    bthd = (lambda t: t.transpose(1, 2), lambda t: t.transpose(1, 2))
+
+    def kvlab_attention(a, b, c):
+        assert choose("attention", (a, b, c), {"causal": True}).name == "triton"
+        return ops.attention(a, b, c, causal=True)
+
+    with use_kernels("triton"):
+        add("kvlab Triton", kvlab_attention, bhtd)
+    for backend, label in ((SDPBackend.FLASH_ATTENTION, "SDPA, FlashAttention-2"), (SDPBackend.CUDNN_ATTENTION,
+                                                                                      "SDPA, cuDNN")):  # fmt: skip
+
+        def sdpa(a, b, c, backend=backend):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(a, b, c, is_causal=True, enable_gqa=group > 1)
+
+        add(label, sdpa, bhtd)
+    try:
+        from flash_attn import flash_attn_func
+
+        add("flash-attn", lambda a, b, c: flash_attn_func(a, b, c, causal=True), bthd)
+    except ImportError:
+        rows.append(("flash-attn: not installed", math.nan, None, math.nan))
+    return rows
+
+
+def linear_case(kind: str, B: int, H: int, T: int, D: int) -> list[tuple[str, float, float | None, float]]:
+    """Rows for linear attention with ``kind``'s decay: kvlab's kernel vs fla's chunked one."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(B, H, T, D) * 0.3, torch.randn(B, H, T, D) * 0.3, torch.randn(B, H, T, D)
+    gamma = None
+    if kind == "retention":  # RetNet's decays, 1 - 2^(-5 - h), fixed per head: a constant, not an input
+        gamma = torch.log(1 - 2.0 ** (-5.0 - torch.arange(H, dtype=torch.float32)))
+        g = gamma[None, :, None].expand(B, H, T).contiguous()
+    elif kind == "simple_gla":
+        g = F.logsigmoid(torch.randn(B, H, T)) / 16
+    else:  # gla: a gate per key channel
+        g = F.logsigmoid(torch.randn(B, H, T, D)) / 16
+    cot = torch.randn(B, H, T, D)
+    learned = [q, k, v] + ([] if gamma is not None else [g])  # the inputs whose gradients are compared
+
+    def kvlab_fn(a, b, c, d=None):
+        return ops.linear_attention(a, b, c, g if d is None else d)[0]
+
+    with use_kernels("torch"):  # the float32 reference: the chunked torch form (checked against the recurrence)
+        reference = _fwd_bwd(kvlab_fn, _leaves(learned, torch.float32), cot)
+    rows = []
+
+    def add(name, fn, native, common):
+        inputs = [t.detach().contiguous().requires_grad_() for t in native]
+        native_cot = common(cot).to(torch.bfloat16).contiguous()  # common() is its own inverse here
+        try:
+            got = [common(t) for t in _fwd_bwd(fn, inputs, native_cot)]
+            err = max(_rel(gr, r) for gr, r in zip(got, reference, strict=True))
+            ms = _time(fn, inputs, native_cot)
+        except Exception as e:
+            rows.append((f"{name}: n/a ({type(e).__name__}: {str(e).splitlines()[0][:80]})", math.nan, None, math.nan))
+            return
+        rows.append((name, ms, None, err))
+
+    half = [t.to(torch.bfloat16) for t in (q, k, v)]
+    decay = [] if gamma is not None else [g.float()]
+    with use_kernels("triton"):
+        add("kvlab Triton", kvlab_fn, [*half, *decay], lambda t: t)
+    to_fla = lambda t: t.transpose(1, 2)  # [B, H, T, ...] <-> [B, T, H, ...]
+    try:
+        from fla.ops.gla import chunk_gla
+        from fla.ops.simple_gla import chunk_simple_gla
+    except ImportError:
+        rows.append(("fla: not installed", math.nan, None, math.nan))
+        return rows
+    fla_in = [to_fla(t) for t in half]
+    if kind == "retention":
+        add("fla chunk_simple_gla (g_gamma)",
+            lambda a, b, c: chunk_simple_gla(a, b, c, g_gamma=gamma, scale=1.0)[0], fla_in, to_fla)  # fmt: skip
+    elif kind == "simple_gla":
+        add("fla chunk_simple_gla", lambda a, b, c, d: chunk_simple_gla(a, b, c, d, scale=1.0)[0],
+            [*fla_in, to_fla(g)], to_fla)  # fmt: skip
+    else:
+        add("fla chunk_gla", lambda a, b, c, d: chunk_gla(a, b, c, d, scale=1.0)[0], [*fla_in, to_fla(g)], to_fla)
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cases", default="attention,gqa,retention,simple_gla,gla")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--length", type=int, default=4096)
+    p.add_argument("--dim", type=int, default=64)
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks/peers.py compares GPU kernels: no CUDA device here")
+    torch.set_default_device("cuda")
+    B, H, T, D = args.batch, args.heads, args.length, args.dim
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; B={B}, H={H}, T={T}, D={D}, bf16")
+    print("| case | contender | fwd+bwd ms | TFLOP/s | max rel. error vs float32 |")
+    print("|---|---|---:|---:|---:|")
+    for case in args.cases.split(","):
+        if case in ("attention", "gqa"):
+            rows = attention_case(B, H, H if case == "attention" else H // 4, T, D)
+        else:
+            rows = linear_case(case, B, H, T, D)
+        for name, ms, tflops, err in rows:
+            rate = "" if tflops is None else f"{tflops:.0f}"
+            print(f"| {case} | {name} | {ms:.2f} | {rate} | {err:.1e} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
