@@ -119,29 +119,36 @@ def cached_val_loss(model, batches, policy, chunk: int = 1, prompt: int = 0) -> 
     ``policy``: its first ``prompt`` tokens in one step (as a prompt), then ``chunk`` tokens a step; a step's
     tokens attend to each other as computed and to the earlier steps' keys and values through the cache.
     Through a full-precision cache it is the forward's loss."""
-    from kvlab.recipes.module import LMModule  # the rows as training reads them (a context in the prompt)
-
-    device = model.embed_tokens.weight.device
     total, count = 0.0, 0
     was_training = model.training
     model.eval()
     for batch in tqdm(batches, desc=f"val loss through a {policy.describe()} cache", unit="batch", disable=None):
-        if batch.get("doc_ids") is not None:
-            raise ValueError("the validation rows pack documents (data.doc_mask=true), which a cache cannot "
-                             "restart at; decode them through the cache with data.doc_mask=false")  # fmt: skip
-        ids, labels, context = (None if t is None else t.to(device) for t in LMModule._inputs(model, batch))
-        room = {} if model.config.context is None else {"context_len": 0 if context is None else context.shape[1]}
-        cache = model.new_cache(ids.shape[0], ids.shape[1], policy=policy, **room)
-        logits = []
-        starts = [0, *range(prompt or chunk, ids.shape[1], chunk)]  # the prompt's step, then chunk by chunk
-        for s, e in zip(starts, [*starts[1:], ids.shape[1]], strict=True):
-            extra = {"context": context} if s == 0 and context is not None else {}
-            logits.append(model(ids[:, s:e], cache=cache, **extra))
-        logits = torch.cat(logits, dim=1)
+        _, labels, logits = decoded_logits(model, batch, policy, chunk, prompt)
         total += float(F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum"))
         count += int((labels != -100).sum())
     model.train(was_training)
     return total / max(count, 1)
+
+
+@torch.inference_mode()
+def decoded_logits(model, batch: dict, policy, chunk: int = 1, prompt: int = 0) -> tuple:
+    """``(input_ids, labels, logits)`` of one validation ``batch`` decoded through a cache held by ``policy``
+    (None: full precision), as ``cached_val_loss`` decodes it."""
+    from kvlab.recipes.module import LMModule  # the rows as training reads them (a context in the prompt)
+
+    if batch.get("doc_ids") is not None:
+        raise ValueError("the validation rows pack documents (data.doc_mask=true), which a cache cannot "
+                         "restart at; decode them through the cache with data.doc_mask=false")  # fmt: skip
+    device = model.embed_tokens.weight.device
+    ids, labels, context = (None if t is None else t.to(device) for t in LMModule._inputs(model, batch))
+    room = {} if model.config.context is None else {"context_len": 0 if context is None else context.shape[1]}
+    cache = model.new_cache(ids.shape[0], ids.shape[1], policy=policy, **room)
+    logits = []
+    starts = [0, *range(prompt or chunk, ids.shape[1], chunk)]  # the prompt's step, then chunk by chunk
+    for s, e in zip(starts, [*starts[1:], ids.shape[1]], strict=True):
+        extra = {"context": context} if s == 0 and context is not None else {}
+        logits.append(model(ids[:, s:e], cache=cache, **extra))
+    return ids, labels, torch.cat(logits, dim=1)
 
 
 def evaluate(model, tokenizer, cfg, policy=None, val_batches=None) -> dict:
