@@ -1,4 +1,4 @@
-"""What the benchmark scripts share: best-of-n timing after a warm-up."""
+"""What the benchmark scripts share: best-of-n timing after a warm-up, and the relative error they report."""
 
 from __future__ import annotations
 
@@ -21,3 +21,8 @@ def timed(fn: Callable[[], object], repeats: int) -> float:
         sync()
         best = min(best, time.perf_counter() - t0)
     return best
+
+
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The largest absolute difference of ``a`` from ``b`` relative to ``b``'s largest magnitude (in float64)."""
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp(min=1e-30))

@@ -10,7 +10,7 @@ and tokenizer are the parent's). Every model is scored on the same first
 ``--batches`` validation batches of the parent's data (its run's
 ``checkpoints/config.yaml``): conversions and the parent by the forward's
 loss, the parent through each of ``--policies`` by decoding every row token
-by token through a cache held that way (``kvlab.recipes.evals.cached_val_loss``,
+by token through a cache held that way (``kvlab.recipes.evals.decoded_logits``,
 where each token reads its past back from the cache), over every labelled token and
 over the AR hits (tokens completing a bigram seen earlier in the row). Bytes are one
 sequence's cache in bf16 at ``--context`` tokens, exactly

@@ -34,7 +34,7 @@ import sys
 import time
 
 import torch
-from common import timed  # benchmarks/common.py, beside this script
+from common import rel_error, timed  # benchmarks/common.py, beside this script
 
 from kvlab.kernels import ops, registry
 from kvlab.kernels.registry import OPS, choose, use_kernels
@@ -101,10 +101,6 @@ def _run(fn, args, kwargs):
     return [o.detach() for o in outs] + [g for g in grads if g is not None]
 
 
-def _rel(a, b) -> float:
-    return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp(min=1e-30))
-
-
 def speed(args) -> None:
     device = args.device
     where = torch.cuda.get_device_name() if device == "cuda" else f"{torch.get_num_threads()} threads"
@@ -135,7 +131,7 @@ def speed(args) -> None:
         ref_out, ref_s = results["reference"]
         for backend, (outputs, seconds) in results.items():
             bound = args.bound_half if outputs[0].dtype in (torch.float16, torch.bfloat16) else args.bound
-            err = max(_rel(o, r) for o, r in zip(outputs, ref_out, strict=True))
+            err = max(rel_error(o, r) for o, r in zip(outputs, ref_out, strict=True))
             ok = err <= bound
             speedup = f"{ref_s / seconds:.1f}x" if ok else "n/a (check failed)"
             verdict = "ok" if ok else "FAIL"

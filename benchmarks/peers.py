@@ -29,14 +29,11 @@ import math
 
 import torch
 import torch.nn.functional as F
+from common import rel_error  # benchmarks/common.py, beside this script
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kvlab.kernels import ops
 from kvlab.kernels.registry import choose, use_kernels
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1e-30))
 
 
 def _fwd_bwd(fn, inputs: list[torch.Tensor], cotangent: torch.Tensor):
@@ -52,6 +49,19 @@ def _time(fn, inputs, cotangent) -> float:
 
 def _leaves(tensors, dtype):
     return [t.detach().to(dtype).contiguous().requires_grad_() for t in tensors]
+
+
+def _row(name, fn, inputs, cotangent, reference, layout, flops=None) -> tuple[str, float, float | None, float]:
+    """(contender, ms, TFLOP/s or None, max rel. error) of ``fn`` on ``inputs`` in its own layout; ``layout`` maps
+    a tensor between it and the reference's (a transpose, its own inverse). A contender that does not take these
+    inputs gives a row that says why."""
+    try:
+        got = [layout(t) for t in _fwd_bwd(fn, inputs, cotangent)]
+        err = max(rel_error(g, r) for g, r in zip(got, reference, strict=True))
+        ms = _time(fn, inputs, cotangent)
+    except Exception as e:
+        return f"{name}: n/a ({type(e).__name__}: {str(e).splitlines()[0][:80]})", math.nan, None, math.nan
+    return name, ms, None if flops is None else flops / ms / 1e9, err
 
 
 def attention_case(B: int, H: int, Hkv: int, T: int, D: int) -> list[tuple[str, float, float | None, float]]:
@@ -74,20 +84,11 @@ def attention_case(B: int, H: int, Hkv: int, T: int, D: int) -> list[tuple[str, 
     rows = []
 
     def add(name, fn, layout):
-        to_native, to_common = layout
-        inputs = _leaves([to_native(t) for t in (q, k, v)], torch.bfloat16)
-        native_cot = to_native(cot).to(torch.bfloat16).contiguous()
-        try:
-            got = [to_common(t) for t in _fwd_bwd(fn, inputs, native_cot)]
-            err = max(_rel(g, r) for g, r in zip(got, reference, strict=True))
-            ms = _time(fn, inputs, native_cot)
-        except Exception as e:  # a backend that does not take these inputs: say why, keep going
-            rows.append((f"{name}: n/a ({type(e).__name__}: {str(e).splitlines()[0][:80]})", math.nan, None, math.nan))
-            return
-        rows.append((name, ms, flops / ms / 1e9, err))
+        inputs = _leaves([layout(t) for t in (q, k, v)], torch.bfloat16)
+        rows.append(_row(name, fn, inputs, layout(cot).to(torch.bfloat16).contiguous(), reference, layout, flops))
 
-    bhtd = (lambda t: t, lambda t: t)
-    bthd = (lambda t: t.transpose(1, 2), lambda t: t.transpose(1, 2))
+    bhtd = lambda t: t  # noqa: E731
+    bthd = lambda t: t.transpose(1, 2)  # noqa: E731
 
     def kvlab_attention(a, b, c):
         assert choose("attention", (a, b, c), {"causal": True}).name == "triton"
@@ -134,17 +135,9 @@ def linear_case(kind: str, B: int, H: int, T: int, D: int) -> list[tuple[str, fl
         reference = _fwd_bwd(kvlab_fn, _leaves(learned, torch.float32), cot)
     rows = []
 
-    def add(name, fn, native, common):
+    def add(name, fn, native, layout):
         inputs = [t.detach().contiguous().requires_grad_() for t in native]
-        native_cot = common(cot).to(torch.bfloat16).contiguous()  # common() is its own inverse here
-        try:
-            got = [common(t) for t in _fwd_bwd(fn, inputs, native_cot)]
-            err = max(_rel(gr, r) for gr, r in zip(got, reference, strict=True))
-            ms = _time(fn, inputs, native_cot)
-        except Exception as e:
-            rows.append((f"{name}: n/a ({type(e).__name__}: {str(e).splitlines()[0][:80]})", math.nan, None, math.nan))
-            return
-        rows.append((name, ms, None, err))
+        rows.append(_row(name, fn, inputs, layout(cot).to(torch.bfloat16).contiguous(), reference, layout))
 
     half = [t.to(torch.bfloat16) for t in (q, k, v)]
     decay = [] if gamma is not None else [g.float()]

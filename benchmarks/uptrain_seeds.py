@@ -24,13 +24,10 @@ from kvlab.recipes.ablation import mean_interval
 
 
 def _runs(directory: Path) -> list[dict]:
-    found = [directory] if (directory / "metrics.json").is_file() else sorted(directory.glob("*/metrics.json"))
-    runs = []
-    for path in found:
-        m = json.loads((path if path.is_file() else path / "metrics.json").read_text())
-        if "uptrained" in m and "parent" in m:
-            runs.append(m)
-    return runs
+    single = directory / "metrics.json"
+    found = [single] if single.is_file() else sorted(directory.glob("*/metrics.json"))
+    runs = [json.loads(path.read_text()) for path in found]
+    return [m for m in runs if "uptrained" in m and "parent" in m]
 
 
 def _cell(values: list[float]) -> str:
