@@ -396,3 +396,25 @@ def test_dequantize_matches_the_reference(bits, group):
         assert got.dtype == dtype and not got.isnan().any()
         ulp = (2**-23 if dtype == torch.float32 else 2**-7) * float(want.abs().max())  # as the torch op's test
         torch.testing.assert_close(got, want, rtol=0, atol=ulp)
+
+
+def test_float32_dots_follow_torchs_matmul_precision_and_autotuning_can_be_turned_off(monkeypatch):
+    """Float32 kernels multiply in IEEE float32 while torch's float32 matmuls do ("highest", the default) and in
+    TF32 once torch allows it; half inputs keep TF32. KVLAB_TRITON_AUTOTUNE=0 keeps the first GPU tile alone."""
+    from kvlab.kernels.triton_common import dot_precision, tune_configs
+
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert dot_precision(torch.float32) == "ieee" and dot_precision(torch.bfloat16) == "tf32"
+        torch.set_float32_matmul_precision("high")
+        assert dot_precision(torch.float32) == "tf32"
+    finally:
+        torch.set_float32_matmul_precision(before)
+    tiles = [({"BLOCK_M": 64}, 4, 2), ({"BLOCK_M": 128}, 8, 3)]
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert [c.kwargs for c in tune_configs(tiles, {"BLOCK_M": 16})] == [{"BLOCK_M": 64}, {"BLOCK_M": 128}]
+    monkeypatch.setenv("KVLAB_TRITON_AUTOTUNE", "0")
+    assert [c.kwargs for c in tune_configs(tiles, {"BLOCK_M": 16})] == [{"BLOCK_M": 64}]
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert [c.kwargs for c in tune_configs(tiles, {"BLOCK_M": 16})] == [{"BLOCK_M": 16}]
