@@ -1,15 +1,16 @@
 """Greedy decoding speed: kvlab (compiled and eager) vs `transformers` Llama, one process.
 
     python benchmarks/decode.py [--presets gqa,mla,cla,yoco_swa,mamba2] [--batches 1,8]
-                                [--prompt 128] [--new 128] [--repeats 3]
+                                [--prompt 128] [--new 128] [--repeats 3] [--device cpu] [--dtype float32]
 
 The peer is `transformers`' LlamaForCausalLM at the presets' common shapes,
 holding the gqa preset's weights (so its tokens must equal kvlab gqa's,
 checked), generating with its default dynamic cache (eager) and with its
 static cache under ``torch.compile`` (``cache_implementation="static"``,
 compiled on CPU too). kvlab generates through ``model.generate`` with the
-compiled decode step (first call: the compilation, reported apart) and
-eagerly (``compile=False``). Each is timed as the best of ``repeats``
+compiled decode step (first call: the compilation, reported apart; on a
+GPU also captured as a CUDA graph) and eagerly (``compile=False``).
+``--device cuda --dtype bfloat16`` runs it all on a GPU. Each is timed as the best of ``repeats``
 calls after a warm-up, the runners interleaved so drift hits all alike.
 
 ``floor`` is the time to read every weight matrix once per token (one
@@ -72,11 +73,16 @@ def hf_runner(hf, ids, new: int, compiled: bool):
     return run
 
 
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def weight_floor(model, batch: int, repeats: int) -> float:
     """Seconds to multiply ``batch`` rows by every Linear weight once (the LM head included), each weight
     read once per pass: a decode step's weight traffic, which batch-1 decoding cannot go below."""
     weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    xs = {w.shape[1]: torch.randn(batch, w.shape[1]) for w in weights}
+    xs = {w.shape[1]: torch.randn(batch, w.shape[1], device=w.device, dtype=w.dtype) for w in weights}
 
     def one_pass():
         with torch.inference_mode():
@@ -90,8 +96,10 @@ def best_interleaved(runners: dict, repeats: int) -> dict[str, float]:
     best = dict.fromkeys(runners, float("inf"))
     for _ in range(repeats):
         for name, run in runners.items():
+            sync()
             t0 = time.perf_counter()
             run()
+            sync()
             best[name] = min(best[name], time.perf_counter() - t0)
     return best
 
@@ -103,10 +111,14 @@ def main() -> None:
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--new", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = p.parse_args()
     presets = args.presets.split(",")
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}, "
-          f"prompt {args.prompt}, new {args.new}, best of {args.repeats}, fp32")  # fmt: skip
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"threads {torch.get_num_threads()}"
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {where}, "
+          f"prompt {args.prompt}, new {args.new}, best of {args.repeats}, {args.dtype}")  # fmt: skip
     print()
     print(
         "| preset | batch | kvlab compiled tok/s | kvlab eager tok/s | HF eager tok/s | HF static+compile tok/s "
@@ -116,19 +128,23 @@ def main() -> None:
     for batch in (int(b) for b in args.batches.split(",")):
         torch.manual_seed(0)
         gqa = build_model(ModelConfig.from_yaml(PRESETS / "gqa.yaml")).eval()
-        hf = llama_twin(gqa)
-        ids = torch.randint(0, gqa.config.vocab_size, (batch, args.prompt))
+        hf = llama_twin(gqa).to(device, dtype)
+        gqa.to(device, dtype)
+        ids = torch.randint(0, gqa.config.vocab_size, (batch, args.prompt)).to(device)
         hf_eager, hf_compiled = hf_runner(hf, ids, args.new, False), hf_runner(hf, ids, args.new, True)
         reference = hf_eager()
         t0 = time.perf_counter()
         hf_compiled()
+        sync()
         hf_compile_s = time.perf_counter() - t0
         floor = weight_floor(gqa, batch, args.repeats)
         for preset in presets:
             torch.manual_seed(0)
             model = gqa if preset == "gqa" else build_model(ModelConfig.from_yaml(PRESETS / f"{preset}.yaml")).eval()
+            model.to(device, dtype)
             t0 = time.perf_counter()
             compiled_out = model.generate(ids, args.new, compile=True)
+            sync()
             compile_s = time.perf_counter() - t0
             step = decode_step_for(model, True)
             eager_out = model.generate(ids, args.new, compile=False)

@@ -19,22 +19,17 @@ Three measurements, each the best of ``repeats`` after a warm-up, the runners in
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
-from common import timed  # benchmarks/common.py, beside this script (imported before the line below)
+import torch
+import transformers
+from common import timed  # benchmarks/common.py, beside this script
 
-# benchmarks/kernels.py would shadow the `kernels` package that transformers' Jamba imports
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
-import torch  # noqa: E402
-import transformers  # noqa: E402
-
-from kvlab import ModelConfig, build_model  # noqa: E402
-from kvlab.archs.hf import save_hf  # noqa: E402
-from kvlab.kernels.linear_attention import linear_attention_chunked  # noqa: E402
-from kvlab.kernels.ssm import _selective_scan, selective_scan  # noqa: E402
+from kvlab import ModelConfig, build_model
+from kvlab.archs.hf import save_hf
+from kvlab.kernels.linear_attention import linear_attention_chunked
+from kvlab.kernels.ssm import _selective_scan, selective_scan
 
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"
 

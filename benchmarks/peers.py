@@ -41,31 +41,37 @@ def _fwd_bwd(fn, inputs: list[torch.Tensor], cotangent: torch.Tensor):
     return [out.detach(), *torch.autograd.grad(out, inputs, cotangent)]
 
 
-def _time(fn, inputs, cotangent) -> float:
+def _time(fn, inputs, cotangent) -> tuple[float, float]:
+    """Median ms of forward + backward, and of the forward alone (no graph kept)."""
     import triton.testing
 
-    return triton.testing.do_bench(lambda: _fwd_bwd(fn, inputs, cotangent), warmup=25, rep=100)
+    def forward():
+        with torch.no_grad():
+            fn(*inputs)
+
+    both = triton.testing.do_bench(lambda: _fwd_bwd(fn, inputs, cotangent), warmup=25, rep=100)
+    return both, triton.testing.do_bench(forward, warmup=25, rep=100)
 
 
 def _leaves(tensors, dtype):
     return [t.detach().to(dtype).contiguous().requires_grad_() for t in tensors]
 
 
-def _row(name, fn, inputs, cotangent, reference, layout, flops=None) -> tuple[str, float, float | None, float]:
-    """(contender, ms, TFLOP/s or None, max rel. error) of ``fn`` on ``inputs`` in its own layout; ``layout`` maps
-    a tensor between it and the reference's (a transpose, its own inverse). A contender that does not take these
-    inputs gives a row that says why."""
+def _row(name, fn, inputs, cotangent, reference, layout, flops=None) -> tuple[str, float, float, float | None, float]:
+    """(contender, ms, forward ms, TFLOP/s or None, max rel. error) of ``fn`` on ``inputs`` in its own layout;
+    ``layout`` maps a tensor between it and the reference's (a transpose, its own inverse). A contender that does
+    not take these inputs gives a row that says why."""
     try:
         got = [layout(t) for t in _fwd_bwd(fn, inputs, cotangent)]
         err = max(rel_error(g, r) for g, r in zip(got, reference, strict=True))
-        ms = _time(fn, inputs, cotangent)
+        ms, forward_ms = _time(fn, inputs, cotangent)
     except Exception as e:
-        return f"{name}: n/a ({type(e).__name__}: {str(e).splitlines()[0][:80]})", math.nan, None, math.nan
-    return name, ms, None if flops is None else flops / ms / 1e9, err
+        return f"{name}: n/a ({type(e).__name__}: {str(e).splitlines()[0][:80]})", math.nan, math.nan, None, math.nan
+    return name, ms, forward_ms, None if flops is None else flops / ms / 1e9, err
 
 
-def attention_case(B: int, H: int, Hkv: int, T: int, D: int) -> list[tuple[str, float, float | None, float]]:
-    """Rows (contender, ms, TFLOP/s, max rel. error) for causal attention over [B, H, T, D] queries."""
+def attention_case(B: int, H: int, Hkv: int, T: int, D: int) -> list[tuple[str, float, float, float | None, float]]:
+    """Rows (contender, ms, forward ms, TFLOP/s, max rel. error) for causal attention over [B, H, T, D] queries."""
     torch.manual_seed(0)
     q, k, v = torch.randn(B, H, T, D), torch.randn(B, Hkv, T, D), torch.randn(B, Hkv, T, D)
     cot = torch.randn(B, H, T, D)
@@ -109,11 +115,11 @@ def attention_case(B: int, H: int, Hkv: int, T: int, D: int) -> list[tuple[str, 
 
         add("flash-attn", lambda a, b, c: flash_attn_func(a, b, c, causal=True), bthd)
     except ImportError:
-        rows.append(("flash-attn: not installed", math.nan, None, math.nan))
+        rows.append(("flash-attn: not installed", math.nan, math.nan, None, math.nan))
     return rows
 
 
-def linear_case(kind: str, B: int, H: int, T: int, D: int) -> list[tuple[str, float, float | None, float]]:
+def linear_case(kind: str, B: int, H: int, T: int, D: int) -> list[tuple[str, float, float, float | None, float]]:
     """Rows for linear attention with ``kind``'s decay: kvlab's kernel vs fla's chunked one."""
     torch.manual_seed(0)
     q, k, v = torch.randn(B, H, T, D) * 0.3, torch.randn(B, H, T, D) * 0.3, torch.randn(B, H, T, D)
@@ -148,7 +154,7 @@ def linear_case(kind: str, B: int, H: int, T: int, D: int) -> list[tuple[str, fl
         from fla.ops.gla import chunk_gla
         from fla.ops.simple_gla import chunk_simple_gla
     except ImportError:
-        rows.append(("fla: not installed", math.nan, None, math.nan))
+        rows.append(("fla: not installed", math.nan, math.nan, None, math.nan))
         return rows
     fla_in = [to_fla(t) for t in half]
     if kind == "retention":
@@ -175,16 +181,16 @@ def main() -> None:
     torch.set_default_device("cuda")
     B, H, T, D = args.batch, args.heads, args.length, args.dim
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; B={B}, H={H}, T={T}, D={D}, bf16")
-    print("| case | contender | fwd+bwd ms | TFLOP/s | max rel. error vs float32 |")
-    print("|---|---|---:|---:|---:|")
+    print("| case | contender | fwd+bwd ms | fwd ms | TFLOP/s (fwd+bwd) | max rel. error vs float32 |")
+    print("|---|---|---:|---:|---:|---:|")
     for case in args.cases.split(","):
         if case in ("attention", "gqa"):
             rows = attention_case(B, H, H if case == "attention" else H // 4, T, D)
         else:
             rows = linear_case(case, B, H, T, D)
-        for name, ms, tflops, err in rows:
+        for name, ms, forward_ms, tflops, err in rows:
             rate = "" if tflops is None else f"{tflops:.0f}"
-            print(f"| {case} | {name} | {ms:.2f} | {rate} | {err:.1e} |", flush=True)
+            print(f"| {case} | {name} | {ms:.2f} | {forward_ms:.2f} | {rate} | {err:.1e} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Training step speed: kvlab (eager and with compiled blocks) vs `transformers` Llama, one process.
 
-    python benchmarks/train_speed.py [--batch 8] [--seq 256] [--repeats 5] [--steps 20]
+    python benchmarks/train_speed.py [--batch 8] [--seq 256] [--repeats 5] [--steps 20] [--device cpu]
+                                     [--dtype float32]
 
 The step is the training step's work: forward with the loss (kvlab: the
 fused head + loss; transformers: ``labels=``), backward, AdamW step,
@@ -11,6 +12,10 @@ printed: the share of kvlab's eager step spent in matrix multiplies and
 attention (torch's profiler), the arithmetic both libraries must do alike,
 which bounds what any fusion can gain; and the losses of ``--steps`` steps
 with and without compilation (same data), which must agree.
+``--device cuda --dtype bfloat16`` runs it on a GPU, both models under
+bf16 autocast (float32 weights and optimizer, as ``trainer.precision=
+bf16-mixed`` trains); the profiler's share is then not printed (it times
+the host).
 """
 
 from __future__ import annotations
@@ -29,16 +34,18 @@ from kvlab import ModelConfig, build_model
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"
 
 
-def stepper(model, batches, hf: bool):
+def stepper(model, batches, hf: bool, dtype=torch.float32):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     it = iter(batches)
+    device = next(model.parameters()).device
 
     def step():
-        ids = next(it)
-        if hf:
-            loss = model(input_ids=ids[:, :-1], labels=ids[:, :-1]).loss  # transformers shifts the labels itself
-        else:
-            loss = model(ids[:, :-1], labels=ids[:, 1:])
+        ids = next(it).to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            if hf:
+                loss = model(input_ids=ids[:, :-1], labels=ids[:, :-1]).loss  # transformers shifts labels itself
+            else:
+                loss = model(ids[:, :-1], labels=ids[:, 1:])
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -53,20 +60,25 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = p.parse_args()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     n = 1 + args.repeats + args.steps
     data = torch.randint(0, 4096, (n, args.batch, args.seq + 1), generator=torch.Generator().manual_seed(0))
 
     def model(compiled: bool):
         torch.manual_seed(0)
-        m = build_model(ModelConfig.from_yaml(REPO_CONFIGS / "gqa.yaml")).train()
+        m = build_model(ModelConfig.from_yaml(REPO_CONFIGS / "gqa.yaml")).train().to(device)
         m.compile_blocks = "inductor" if compiled else None
         return m
 
     eager, compiled = model(False), model(True)
-    hf = llama_twin(eager).train()
-    steps = {"kvlab eager": stepper(eager, data, False), "kvlab compiled": stepper(compiled, data, False),
-             "transformers eager": stepper(hf, data, True)}  # fmt: skip
+    hf = llama_twin(eager.cpu()).train().to(device)
+    eager.to(device)
+    steps = {"kvlab eager": stepper(eager, data, False, dtype), "kvlab compiled": stepper(compiled, data, False, dtype),
+             "transformers eager": stepper(hf, data, True, dtype)}  # fmt: skip
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     first = {}
     for name, step in steps.items():
         t0 = time.perf_counter()
@@ -75,12 +87,15 @@ def main() -> None:
     best = dict.fromkeys(steps, float("inf"))
     for _ in range(args.repeats):
         for name, step in steps.items():
+            sync()
             t0 = time.perf_counter()
             step()
+            sync()
             best[name] = min(best[name], time.perf_counter() - t0)
     tokens = args.batch * args.seq
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}, "
-          f"batch {args.batch} x {args.seq} tokens, fp32, best of {args.repeats}")  # fmt: skip
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"threads {torch.get_num_threads()}"
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {where}, "
+          f"batch {args.batch} x {args.seq} tokens, {args.dtype}, best of {args.repeats}")  # fmt: skip
     print()
     print("| step | tokens/s | vs transformers | first step s (compilation) |")
     print("| --- | --- | --- | --- |")
@@ -88,10 +103,21 @@ def main() -> None:
         print(f"| {name} | {tokens / best[name]:,.0f} | x{best['transformers eager'] / best[name]:.2f} "
               f"| {first[name]:.1f} |")  # fmt: skip
 
-    # What no fusion removes: the matrix multiplies and attention of kvlab's eager step.
+    # What no fusion removes: the matrix multiplies and attention of kvlab's eager step (host time: CPU only).
+    if device.type == "cpu":
+        _profile_share(steps["kvlab eager"])
+
+    # Same losses with and without compilation, from the same weights and data.
+    fresh_e, fresh_c = model(False), model(True)
+    run_e, run_c = stepper(fresh_e, data, False, dtype), stepper(fresh_c, data, False, dtype)
+    diffs = [abs(run_e() - run_c()) for _ in range(args.steps)]
+    print(f"losses over {args.steps} steps, eager vs compiled: max |difference| {max(diffs):.2e}")
+
+
+def _profile_share(step) -> None:
     with profile() as prof:
         for _ in range(2):
-            steps["kvlab eager"]()
+            step()
     total = sum(e.self_cpu_time_total for e in prof.key_averages())
     math = sum(e.self_cpu_time_total for e in prof.key_averages()
                if e.key in ("aten::mm", "aten::addmm", "aten::bmm", "aten::addmm_")
@@ -101,12 +127,6 @@ def main() -> None:
         f"kvlab eager step: {100 * math / total:.0f}% in matrix multiplies and attention (profiler self time); "
         f"removing everything else would make it x{total / math:.2f} faster at most"
     )
-
-    # Same losses with and without compilation, from the same weights and data.
-    fresh_e, fresh_c = model(False), model(True)
-    run_e, run_c = stepper(fresh_e, data, False), stepper(fresh_c, data, False)
-    diffs = [abs(run_e() - run_c()) for _ in range(args.steps)]
-    print(f"losses over {args.steps} steps, eager vs compiled: max |difference| {max(diffs):.2e}")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,14 @@ one of eight buckets per octave (``cache_length``), so generations of
 nearby lengths share a graph; Inductor keeps its compiled kernels on disk,
 so a new process compiles faster than the first.
 
+On a CUDA device the compiled step is also captured as a CUDA graph
+(Inductor's ``triton.cudagraphs``, what ``mode="reduce-overhead"`` turns
+on): a decode step of a small model is hundreds of kernel launches, and a
+graph replays them with one. The cache's tensors are the graph's state:
+they are marked static (``mark_static_address``), so the graph writes them
+in place rather than copying them in and out each step, and a new cache (a
+new ``generate`` call) re-records the graph once.
+
 ``compile`` is ``True``, ``False`` (eager: the ordinary cached forward,
 ``model(token, cache=cache)``, which slices the cache to what it holds) or
 ``None``: the ``KVLAB_COMPILE`` environment variable (``0`` or ``1``) if
@@ -21,6 +29,7 @@ itself also runs uncompiled, for debugging what the graph computes.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import time
@@ -31,6 +40,8 @@ log = logging.getLogger(__name__)
 
 ENV = "KVLAB_COMPILE"
 MIN_BUCKET = 64
+# Keyword arguments of torch.compile newer than the torch this declares (>= 2.4): used where present
+_ISOLATED = {"isolate_recompiles": True} if "isolate_recompiles" in inspect.signature(torch.compile).parameters else {}
 
 
 def compile_wanted(compile: bool | None) -> bool:
@@ -77,17 +88,21 @@ class DecodeStep:
         self.compiled = False
         log.warning("decoding eager: the compiled decode step is unavailable (%s)", reason)
 
-    def _compile(self):
+    def _compile(self, cuda_graph: bool):
         # One compile call per shape, its entries kept apart from other models' and shapes' (isolated), so
         # the guards on the model's modules can go: evaluating them each step cost as much as a layer.
         # Tensor guards stay (the cache's shapes and dtypes).
+        skip_module_guards = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)
+        options = {"guard_filter_fn": skip_module_guards} if skip_module_guards is not None else {}
+        if cuda_graph:
+            options["triton.cudagraphs"] = True
         return torch.compile(
             self.model.decode_step,
             backend=self.backend,
             fullgraph=True,
             dynamic=False,
-            isolate_recompiles=True,
-            options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe},
+            options=options,
+            **_ISOLATED,
         )
 
     def __call__(self, token: torch.Tensor, cache) -> torch.Tensor:
@@ -105,13 +120,21 @@ class DecodeStep:
         start = torch.tensor(cache.start, device=token.device)
         # padded rows read their pads from the cache: a graph of their own
         key = (token.shape[0], cache.max_len, cache.dtype, token.device.type, cache.pads is not None)
+        cuda_graph = token.device.type == "cuda" and self.backend == "inductor"
+        if cuda_graph:
+            for t in cache_tensors(cache):
+                torch._dynamo.mark_static_address(t)
+            # the last step's logits (read already) may be overwritten by this replay
+            torch.compiler.cudagraph_mark_step_begin()
         graph = self._graphs.get(key)
         if graph is not None:
-            return graph(token, cache, start)
+            logits = graph(token, cache, start)
+            return logits.clone() if cuda_graph else logits
         t0 = time.perf_counter()
         try:
-            graph = self._compile()
+            graph = self._compile(cuda_graph)
             logits = graph(token, cache, start)
+            logits = logits.clone() if cuda_graph else logits
         except Exception as e:  # noqa: BLE001 - any compiler failure: decode eager, say why
             self._fall_back(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
             return None
@@ -120,6 +143,25 @@ class DecodeStep:
         log.info("compiled the decode step for batch %d, cache length %d (%s, %s, padded rows: %s) in %.1f s",
                  *key, self.compile_seconds[key])  # fmt: skip
         return logits
+
+
+def cache_tensors(obj, seen: set | None = None) -> list[torch.Tensor]:
+    """Every tensor a cache holds: its attributes, lists, tuples and dicts, and kvlab objects among them."""
+    seen = set() if seen is None else seen
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if id(obj) in seen:
+        return []
+    seen.add(id(obj))
+    if isinstance(obj, (list, tuple)):
+        items = obj
+    elif isinstance(obj, dict):
+        items = obj.values()
+    elif type(obj).__module__.startswith("kvlab.") and hasattr(obj, "__dict__"):
+        items = vars(obj).values()
+    else:
+        return []
+    return [t for item in items for t in cache_tensors(item, seen)]
 
 
 class _Compiled(dict):
@@ -155,5 +197,5 @@ def compiled_block(block, backend: str):
     training (Infini-attention, FLASH) run between graphs."""
     held = _compiled_for(block)
     if ("block", backend) not in held:
-        held[("block", backend)] = torch.compile(block, backend=backend, dynamic=False, isolate_recompiles=True)
+        held[("block", backend)] = torch.compile(block, backend=backend, dynamic=False, **_ISOLATED)
     return held[("block", backend)]

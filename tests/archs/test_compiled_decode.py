@@ -12,7 +12,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from kvlab import build_model
-from kvlab.archs.decode import DecodeStep, cache_length, compile_wanted, decode_step_for
+from kvlab.archs.decode import DecodeStep, cache_length, cache_tensors, compile_wanted, decode_step_for
 from tests.archs.test_decode import VARIANTS
 from tests.conftest import PRESETS, preset_dict, tiny
 
@@ -67,6 +67,16 @@ def test_static_step_matches_forward_presets(name):
     ids = torch.randint(0, 4096, (2, 10))
     with torch.no_grad():
         assert (_static_decode(model, ids, 4, max_len=16) - model(ids)).abs().max() <= 1e-5
+
+
+def test_cache_tensors_finds_every_buffer():
+    """What a CUDA-graph step marks static: every buffer the cache allocates (its own count of bytes), in every
+    cache kind, and nothing twice."""
+    for name, config in VARIANTS.items():
+        cache = build_model(config).new_cache(2, 16)
+        tensors = cache_tensors(cache)
+        assert len({t.data_ptr() for t in tensors if t.numel()}) == len([t for t in tensors if t.numel()]), name
+        assert sum(t.nbytes for t in tensors) >= cache.allocated_bytes() > 0, name
 
 
 def _generate_with(step: DecodeStep, model, ids, new: int):
@@ -126,12 +136,28 @@ def test_inductor_step_gives_eager_tokens_without_recompiling():
     assert list(compiled.compile_seconds) == [(2, 128, torch.float32, "cpu", False)]  # no padded rows
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device (benchmarks/gpu.sh)")
+@pytest.mark.parametrize("name", ["hybrid_window", "mla_cla", "mamba_moe"])
+def test_cuda_graph_step_gives_eager_tokens(name):
+    """On a GPU the compiled step replays a CUDA graph that writes the cache in place: the tokens and logits of
+    eager decoding, also for a second generation, whose new cache the graph is re-recorded for."""
+    model = build_model(VARIANTS[name]).eval().cuda()
+    ids = torch.randint(0, 97, (2, 8), device="cuda")
+    compiled = DecodeStep(model, True)
+    expected_tokens, expected = _generate_with(DecodeStep(model, False), model, ids, 40)
+    for _ in range(2):
+        tokens, logits = _generate_with(compiled, model, ids, 40)
+        assert compiled.compiled, compiled.fallback_reason
+        assert torch.equal(tokens, expected_tokens)
+        torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+
+
 def test_failed_compilation_falls_back_to_eager_and_says_why(monkeypatch, caplog):
     model = build_model(tiny()).eval()
     ids = torch.randint(0, 97, (1, 6))
     expected = model.generate(ids, 10, compile=False)
 
-    def broken(self):
+    def broken(self, cuda_graph):
         def fails(*args):
             raise RuntimeError("no C++ compiler found")
 

@@ -121,6 +121,18 @@ def test_flash_attention_with_unequal_tiles(case, tile, monkeypatch):
            lambda q, k, v: attention_reference(q, k, v, **kwargs), (q, k, v))  # fmt: skip
 
 
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_flash_attention_on_whole_tiles(causal):
+    """Lengths a multiple of every tile and power-of-two head dims: the loads check no bounds (the other cases'
+    odd shapes check them all)."""
+    from kvlab.kernels.triton_attention import _largest_tile, _meta, attention
+
+    q, k, v = (torch.randn(1, 2, 4 * _largest_tile(), 32, requires_grad=True) for _ in range(3))
+    meta = _meta(q, k, v, None, None, causal)
+    assert not meta["CHECK_LEN"] and not meta["CHECK_D"]
+    _check(lambda *a: attention(*a, causal=causal), lambda *a: attention_reference(*a, causal=causal), (q, k, v))
+
+
 def test_flash_attention_decodes_one_query_over_a_longer_cache():
     from kvlab.kernels.triton_attention import attention
 

@@ -1,8 +1,8 @@
 """Every kernel op: each backend this machine can run vs the reference, forward + backward.
 
-    python benchmarks/kernels.py [--ops attention,rms_norm,...] [--repeats 3] [--device cpu|cuda] [--compile]
-    python benchmarks/kernels.py --memory [--vocab 32000] [--tokens 8192] [--dim 512]
-    python benchmarks/kernels.py --dispatch
+    python benchmarks/kernel_ops.py [--ops attention,rms_norm,...] [--repeats 3] [--device cpu|cuda] [--compile]
+    python benchmarks/kernel_ops.py --memory [--vocab 32000] [--tokens 8192] [--dim 512]
+    python benchmarks/kernel_ops.py --dispatch
 
 For every op in ``kvlab.kernels.ops`` and every registered backend that can
 run its inputs here (interpreted Triton is left out: it is a correctness
