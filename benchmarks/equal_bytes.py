@@ -1,7 +1,7 @@
 """Cache policies on a parent against conversions of it, over seeds: validation loss against cache bytes.
 
     python benchmarks/equal_bytes.py --parent SEED=CKPT [...] --conversion NAME:SEED=CKPT [...]
-        [--policies int4,kivi-2,sinks-64] [--batches 8] [--context 2048] [--csv PATH]
+        [--policies int4,kivi-2,sinks-64] [--batches 8] [--context 2048] [--csv PATH] [--hf-route]
 
 Each ``--parent`` is one seed's parent checkpoint (a kvlab ``.ckpt``), each
 ``--conversion`` the checkpoint of the model ``NAME`` made from that seed's
@@ -17,6 +17,12 @@ sequence's cache in bf16 at ``--context`` tokens, exactly
 (``model.kv_footprint(policy).total_bytes``). The table gives, per row, the
 mean over seeds with a 95% interval (Student's t) and the difference from
 the parent's own loss paired by seed; ``--csv`` keeps every (row, seed) value.
+
+``--hf-route`` scores each parent a second time the way a user's pretrained
+model arrives: exported to a Hugging Face directory (``save_hf``: MHA is a
+native Llama there) and imported back (``load_hf``), every policy applied
+to the imported model. Its rows must equal the parent's own (the import is
+exact); they are printed beside them.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import tempfile
 from collections import defaultdict
 from itertools import islice
 from pathlib import Path
@@ -33,6 +40,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
+from kvlab.archs.hf import load_hf, save_hf
 from kvlab.layers.cache_policy import CachePolicy
 from kvlab.recipes.ablation import mean_interval
 from kvlab.recipes.checkpoint import load_checkpoint_model
@@ -98,6 +106,7 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=8)
     p.add_argument("--context", type=int, default=2048)
     p.add_argument("--csv", default=None)
+    p.add_argument("--hf-route", action="store_true", help="also score each parent exported to and imported from HF")
     args = p.parse_args()
     policies = [s for s in args.policies.split(",") if s]
     unknown = [s for s in policies if s not in POLICIES]
@@ -116,12 +125,18 @@ def main() -> None:
     for seed, ckpt in parents.items():
         batches = val_batches(ckpt, args.batches)
         parent = load_checkpoint_model(ckpt).eval()
-        values["parent"][seed] = scores(parent, batches)
-        nbytes["parent"] = parent.kv_footprint().total_bytes(args.context)
-        for name in policies:
-            policy = CachePolicy.from_spec(POLICIES[name])
-            values[f"parent + {name}"][seed] = scores(parent, batches, policy)
-            nbytes[f"parent + {name}"] = parent.kv_footprint(policy=policy).total_bytes(args.context)
+        routes = {"parent": parent}
+        if args.hf_route:
+            with tempfile.TemporaryDirectory() as tmp:
+                save_hf(parent, Path(tmp) / "hf")
+                routes["parent via HF"] = load_hf(Path(tmp) / "hf").eval()
+        for route, model in routes.items():
+            values[route][seed] = scores(model, batches)
+            nbytes[route] = model.kv_footprint().total_bytes(args.context)
+            for name in policies:
+                policy = CachePolicy.from_spec(POLICIES[name])
+                values[f"{route} + {name}"][seed] = scores(model, batches, policy)
+                nbytes[f"{route} + {name}"] = model.kv_footprint(policy=policy).total_bytes(args.context)
         for name, by_seed in conversions.items():
             if seed in by_seed:
                 model = load_checkpoint_model(by_seed[seed]).eval()

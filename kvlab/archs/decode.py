@@ -122,8 +122,10 @@ class DecodeStep:
         key = (token.shape[0], cache.max_len, cache.dtype, token.device.type, cache.pads is not None)
         cuda_graph = token.device.type == "cuda" and self.backend == "inductor"
         if cuda_graph:
-            for t in cache_tensors(cache):
-                torch._dynamo.mark_static_address(t)
+            if not getattr(cache, "_static_marked", False):  # once per cache
+                for t in cache_tensors(cache):
+                    torch._dynamo.mark_static_address(t)
+                cache._static_marked = True
             # the last step's logits (read already) may be overwritten by this replay
             torch.compiler.cudagraph_mark_step_begin()
         graph = self._graphs.get(key)

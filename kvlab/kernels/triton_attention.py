@@ -3,17 +3,17 @@
 Forward: one program per block of BLOCK_M queries of one head walks the key
 blocks it can see (causal: up to its last query; window: from its first
 query's window start), keeps the running max m and sum l of an online
-softmax, and writes the output and LSE = m + log l per query. Grouped K/V
+softmax, and writes the output and the log-sum-exp per query. Grouped K/V
 heads (GQA/MQA) are read in place: query head h reads K/V head h // group.
 Masks are computed, not loaded: causal, window (p - window < k <= p) and
 packed documents (equal ``doc_ids``), and only on the blocks that need one:
 under a plain causal mask the blocks below the diagonal are wholly visible
 and skip it (as do whole tiles' bound checks), the FlashAttention-2 paper's
-split of masked and unmasked blocks. Exponentials are base 2, the scale
-multiplied by log2 e once (exp2 is the hardware instruction); the LSE kept for the
-backward is base 2 too.
+split of masked and unmasked blocks. Exponentials are base 2 (exp2 is the
+hardware instruction): scores are scaled by scale * log2 e, and the
+log-sum-exp kept for the backward (LSE2) is base 2 too.
 
-Backward (recomputing probabilities from the LSE, P = exp(S - LSE)):
+Backward (recomputing probabilities from the LSE, P = exp(S - LSE) = 2^(S log2 e - LSE2)):
     dV = P^T dO,  dP = dO V^T,  dS = P * (dP - rowsum(dO * O)),
     dK = scale dS^T Q,  dQ = scale dS K
 one kernel per key block for dK/dV (walking the query blocks that see it)
