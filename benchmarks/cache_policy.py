@@ -37,6 +37,7 @@ POLICIES = {
     "kivi-4": {"kind": "kivi", "bits": 4},
     "kivi-2": {"kind": "kivi", "bits": 2},
     "sinks-256": {"kind": "sinks", "sinks": 4, "window": 252},  # StreamingLLM: a quarter of a 1K context
+    "sinks-256-int4": {"kind": "sinks", "sinks": 4, "window": 252, "codec": "int4"},  # and the kept ones coded
     "h2o-256": {"kind": "h2o", "budget": 256},  # 128 heavy hitters and 128 recent tokens
     "snapkv-256": {"kind": "snapkv", "budget": 256, "window": 32},  # the prompt kept as 256, then every new token
 }

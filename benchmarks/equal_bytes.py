@@ -55,6 +55,7 @@ POLICIES = {
     "kivi-4": {"kind": "kivi", "bits": 4},
     "kivi-2": {"kind": "kivi", "bits": 2},
     "sinks-64": {"kind": "sinks", "sinks": 4, "window": 60},
+    "sinks-64-int4": {"kind": "sinks", "sinks": 4, "window": 60, "codec": "int4"},  # both: evicting and coding
     "h2o-64": {"kind": "h2o", "budget": 64, "window": 32},
 }
 

@@ -45,6 +45,9 @@ Policies (``POLICIES``):
   projections of the rotated ones. A deviation: queries and keys keep their
   positions in the text, so a stream is bounded by ``max_seq_len`` (the
   paper's streams are unbounded, its positions never exceeding the cache's).
+  With ``codec`` (int8, int4 with its ``group``, or fp8) the kept positions
+  are held as that codec holds them: eviction and quantization together, the
+  bytes of both (layers with a window of their own keep their window, coded).
 - ``h2o`` (Zhang et al. 2023, H2O) and ``snapkv`` (Li et al. 2024): each K/V
   head of a layer that caches every token keeps ``budget`` positions of its
   own, chosen by the attention they receive (``EvictingKV``): H2O by all the
@@ -117,6 +120,9 @@ class CachePolicy:
     budget: int | None = None  # h2o, snapkv: the positions each K/V head of a layer keeps (None: 1024 / 2048)
     kernel: int | None = None  # snapkv: the pooling's width over positions (None: 5, the paper's code)
     pooling: str | None = None  # snapkv: avgpool or maxpool (None: avgpool, the paper's code)
+    # sinks: how the kept positions' vectors are held, int8, int4 or fp8 (with int8/int4's ``group``; None: as
+    # computed): StreamingLLM's eviction and a codec's compression together
+    codec: str | None = None
 
     def __post_init__(self) -> None:
         defaults = {"kivi": {"bits": 2, "group": 32, "residual": 128}, "sinks": {"sinks": 4, "window": 1020},
@@ -153,13 +159,19 @@ class CachePolicy:
         kind = spec.get("kind")
         if kind not in POLICIES:
             raise ValueError(f"cache policy kind={kind!r} is not one of none, {', '.join(POLICIES)}")
-        owners = {"group": ("int8", "int4", "kivi"), "bits": ("kivi",), "residual": ("kivi",),
+        owners = {"group": ("int8", "int4", "kivi", "sinks"), "bits": ("kivi",), "residual": ("kivi",),
                   "sinks": ("sinks",), "window": ("sinks", *EVICTING), "budget": EVICTING,
-                  "kernel": ("snapkv",), "pooling": ("snapkv",)}  # fmt: skip
+                  "kernel": ("snapkv",), "pooling": ("snapkv",), "codec": ("sinks",)}  # fmt: skip
         for name, kinds in owners.items():
             if spec.get(name) is not None and kind not in kinds:
                 raise ValueError(f"cache policy {kind}: {name} is a setting of {', '.join(kinds)}, not of {kind}")
+        codec = spec.get("codec")
+        if codec is not None and codec not in _CODECS:
+            raise ValueError(f"cache policy sinks: codec={codec!r} is not one of {', '.join(_CODECS)} (or null)")
         group = spec.get("group")
+        if kind == "sinks" and group is not None and codec not in ("int8", "int4"):
+            raise ValueError(f"cache policy sinks: group is a setting of its codec int8 or int4, not of "
+                             f"codec={codec!r}")  # fmt: skip
         if group is not None and not _positive(group):
             raise ValueError(f"cache policy {kind}: group={group!r} is not valid (a positive number, or null)")
         policy = cls(kind, group, *(spec.get(n) for n in names[2:]))
@@ -180,8 +192,19 @@ class CachePolicy:
                                  "fill whole bytes")  # fmt: skip
         return policy
 
+    @property
+    def codec_policy(self) -> CachePolicy | None:
+        """The policy each held vector is coded by: int8/int4/fp8 themselves, sinks' ``codec``; None: as computed."""
+        if self.kind in _CODECS:
+            return self
+        if self.kind == "sinks" and self.codec is not None:
+            return CachePolicy(self.codec, self.group)
+        return None
+
     def check_width(self, width: int, where: str) -> None:
         """Raise unless vectors of ``width`` channels split into this policy's groups and whole bytes."""
+        if self.kind == "sinks" and self.codec is not None:
+            return self.codec_policy.check_width(width, where)
         if width == 0 or self.kind in ("fp8", "sinks"):
             return
         group = self.group or width
@@ -201,7 +224,8 @@ class CachePolicy:
         if self.kind == "kivi":
             return f"kivi-{self.bits} (group {self.group}, residual {self.residual})"
         if self.kind == "sinks":
-            return f"sinks {self.sinks} + window {self.window}"
+            coded = "" if self.codec is None else f", {self.codec_policy.describe()}"
+            return f"sinks {self.sinks} + window {self.window}{coded}"
         if self.kind == "h2o":
             return f"h2o {self.budget} ({self.budget - self.window} heavy + {self.window} recent)"
         if self.kind == "snapkv":
@@ -305,7 +329,7 @@ class PolicyKV:
             sinks, window = slot.length, 0  # every position kept
         B, Hk, _, Dk = slot.k.shape
         _, Hv, _, Dv = slot.v.shape
-        codec = policy if policy.kind in _CODECS else None
+        codec = policy.codec_policy
         return cls(B, Hk, Hv, sinks, window, Dk, Dv, codec=codec, dtype=slot.k.dtype, device=device, rotary=moved)
 
     def _slot(self, pos: torch.Tensor) -> torch.Tensor:
@@ -731,7 +755,7 @@ def policy_cache_slot(mixer, batch_size: int, max_len: int, dtype: torch.dtype, 
             return KiviKV.like(meta, policy, device)
         if policy.kind in EVICTING and isinstance(meta, StaticKV) and policy.budget < meta.length:
             return EvictingKV.like(meta, policy, device)
-        if policy.kind in _CODECS or policy.kind == "sinks" and isinstance(meta, StaticKV):
+        if policy.codec_policy is not None or policy.kind == "sinks" and isinstance(meta, StaticKV):
             return PolicyKV.like(meta, policy, device, rotary=getattr(mixer, "rotary", None))
     if isinstance(meta, SlotGroup):  # a parallel layer's branches, each its own slot
         return SlotGroup([policy_cache_slot(b, batch_size, max_len, dtype, device, policy, f"{where}.{i}")
@@ -758,6 +782,9 @@ def _check_slot(meta_slot, mixer, policy: CachePolicy, where: str) -> None:
         if isinstance(meta_slot, StaticKV) and getattr(mixer.cfg, "kv_ranks", None) is not None:
             raise ValueError(f"cache policy sinks: {where} caches MatryoshkaKV's projections of its keys, which "
                              "RoPE's angles cannot turn")  # fmt: skip
+        if policy.codec is not None:
+            policy.check_width(meta_slot.k.shape[-1], f"{where}'s keys")
+            policy.check_width(meta_slot.v.shape[-1], f"{where}'s values")
         return
     if policy.kind == "kivi":
         if not isinstance(meta_slot, StaticKV):
@@ -831,11 +858,14 @@ def policy_footprint(mixer, max_len: int, dtype: torch.dtype, policy: CachePolic
     _check_slot(meta, mixer, policy, where)
     _, Hk, _, Dk = meta.k.shape
     _, Hv, _, Dv = meta.v.shape
+    codec = policy.codec_policy
+    per_position = (Hk * Dk + Hv * Dv) * dtype.itemsize if codec is None else (
+        Hk * codec.bytes_per_vector(Dk, dtype) + Hv * codec.bytes_per_vector(Dv, dtype))  # fmt: skip
     if policy.kind == "sinks":
         kept = policy.sinks + policy.window
-        if not isinstance(meta, StaticKV) or kept >= meta.length:
-            return None  # a window of the layer's own, or room for every token: the cache as it is
-        return PolicyFootprint((Hk * Dk + Hv * Dv) * dtype.itemsize, max_tokens=kept)
+        if not isinstance(meta, StaticKV) or kept >= meta.length:  # a window of the layer's own, or room for all
+            return None if codec is None else PolicyFootprint(per_position)  # as it is, or its positions coded
+        return PolicyFootprint(per_position, max_tokens=kept)
     if policy.kind in EVICTING:
         if not isinstance(meta, StaticKV) or policy.budget >= meta.length:
             return None
@@ -849,4 +879,4 @@ def policy_footprint(mixer, max_len: int, dtype: torch.dtype, policy: CachePolic
         rate += Hv * policy.bytes_per_vector(Dv, dtype)
         return PolicyFootprint(int(rate) if rate.denominator == 1 else float(rate),
                                held=lambda n: kivi_bytes(n, Hk, Hv, Dk, Dv, policy, dtype))  # fmt: skip
-    return PolicyFootprint(Hk * policy.bytes_per_vector(Dk, dtype) + Hv * policy.bytes_per_vector(Dv, dtype))
+    return PolicyFootprint(per_position)

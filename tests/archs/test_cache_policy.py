@@ -19,6 +19,7 @@ from tests.conftest import tiny
 POLICIES = ["int8", "int4", {"kind": "int4", "group": 8}, "fp8"]
 KIVI = {"kind": "kivi", "bits": 2, "group": 4, "residual": 8}  # small groups and residual, to cross them often
 SINKS = {"kind": "sinks", "sinks": 2, "window": 5}  # evicting from the 8th token on
+SINKS_INT4 = SINKS | {"codec": "int4", "group": 8}  # and the kept positions as 4-bit codes
 
 
 def _round_trip(x: torch.Tensor, policy: CachePolicy) -> torch.Tensor:
@@ -167,7 +168,9 @@ H2O = {"kind": "h2o", "budget": 6, "window": 2}  # evicting from the 7th token o
 REFUSALS = "latent|window|MatryoshkaKV|DHA|KDGQA|later layer|value_residual|nothing to hold"
 
 
-@pytest.mark.parametrize("spec", ["int4", KIVI, SINKS, H2O], ids=str)  # fp8: as int4 but for the codec (tested above)
+@pytest.mark.parametrize(
+    "spec", ["int4", KIVI, SINKS, SINKS_INT4, H2O], ids=str
+)  # fp8: as int4 but for the codec (tested above)
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_cache_bytes_equal_the_policys_footprint_for_every_layout(name, spec):
     model = build_model(VARIANTS[name]).eval()
@@ -221,11 +224,35 @@ def test_decoding_through_a_policy_costs_little_and_the_static_step_agrees_with_
     assert 0 < errors["int8"] < errors["int4"] < 0.1  # lossy, more so at 4 bits, still close
 
 
-def test_the_static_step_moves_the_sinks_as_the_eager_one():
+@pytest.mark.parametrize("spec", [SINKS, SINKS_INT4], ids=str)
+def test_the_static_step_moves_the_sinks_as_the_eager_one(spec):
     model = build_model(VARIANTS["gqa"]).eval()  # every layer caches every token: the sinks policy applies
     ids = torch.randint(0, 97, (2, 20))
     with torch.no_grad():
-        _decode_eager_and_static(model, ids, SINKS, 3)  # evicting from t = 7 on
+        _decode_eager_and_static(model, ids, spec, 3)  # evicting from t = 7 on
+
+
+def test_sinks_with_a_codec_hold_the_kept_positions_as_its_codes():
+    """StreamingLLM's positions (the same as without a codec), their values the codec's round trip of what the
+    uncoded policy holds, the step's own as computed; bytes: the codec's per kept position."""
+    B, H, D = 2, 3, 16
+    plain, coded = (PolicyKV.like(StaticKV(B, H, 24, D, D, dtype=torch.float64, device="cpu"),
+                                  CachePolicy.from_spec(spec), "cpu", rotary=Rotary(D, 10000.0, 64))
+                    for spec in (SINKS, SINKS_INT4))  # fmt: skip
+    int4 = CachePolicy.from_spec({"kind": "int4", "group": 8})
+    torch.manual_seed(0)
+    start = 0
+    for t in [5, 1, 1, 4, 1, 1, 3]:
+        k, v = torch.randn(B, H, t, D, dtype=torch.float64) * 3, torch.randn(B, H, t, D, dtype=torch.float64)
+        ours, ref = coded.update(k, v, start), plain.update(k, v, start)
+        assert torch.equal(ours.k_pos, ref.k_pos) if ref.k_pos is not None else ours.k_pos is None
+        old = (ref.k_pos if ref.k_pos is not None else torch.arange(ref.v.shape[2])) < start
+        torch.testing.assert_close(ours.v[:, :, old], _round_trip(ref.v[:, :, old], int4), rtol=0, atol=1e-12)
+        torch.testing.assert_close(ours.v[:, :, ~old], ref.v[:, :, ~old], rtol=0, atol=0)
+        start += t
+        assert coded.nbytes(start) * plain.bytes_per_position == plain.nbytes(start) * coded.bytes_per_position
+    assert coded.bytes_per_position == 2 * B * H * int4.bytes_per_vector(D, torch.float64)
+    assert CachePolicy.from_spec(SINKS_INT4).describe() == "sinks 2 + window 5, int4 (group 8)"
 
 
 def test_generate_takes_a_policy_and_decodes_kivi_eagerly():
@@ -245,11 +272,14 @@ def test_generate_takes_a_policy_and_decodes_kivi_eagerly():
         ("int3", "kind='int3' is not one of none, int8, int4, fp8, kivi, sinks"),
         ({"kind": "int4", "bit": 4}, "unknown key 'bit'; valid keys are kind, group, bits, residual, sinks, window"),
         ({"kind": "int4", "bits": 4}, "bits is a setting of kivi, not of int4"),
-        ({"kind": "fp8", "group": 8}, "group is a setting of int8, int4, kivi, not of fp8"),
+        ({"kind": "fp8", "group": 8}, "group is a setting of int8, int4, kivi, sinks, not of fp8"),
         ({"kind": "sinks", "window": 0}, "sinks=4 and window=0 must be counts of tokens"),
         ({"kind": "kivi", "bits": 3}, "bits=3 is not one of 2, 4"),
         ({"kind": "kivi", "group": 32, "residual": 48}, "residual=48 must be a positive multiple of group=32"),
         ({"kind": "int4", "group": 0}, "group=0 is not valid"),
+        ({"kind": "int4", "codec": "int8"}, "codec is a setting of sinks, not of int4"),
+        ({"kind": "sinks", "codec": "int2"}, "codec='int2' is not one of int8, int4, fp8"),
+        ({"kind": "sinks", "codec": "fp8", "group": 8}, "group is a setting of its codec int8 or int4"),
         (3, "give a name"),
     ],
 )
