@@ -645,7 +645,7 @@ class CausalLM(nn.Module):
                            cache_policy=cache_policy)  # fmt: skip
             return self._generate_rows(input_ids, attention_mask, context, options)
         policy = CachePolicy.from_spec(cache_policy)
-        if policy is not None and not policy.static_steps:  # KIVI's steps differ with its residual's fill
+        if policy is not None and not policy.static_steps:  # H2O's, SnapKV's positions differ by head and step
             compile = False
         decode = decode_step_for(self, compile)
         needed = T + max_new_tokens

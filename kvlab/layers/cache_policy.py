@@ -31,8 +31,9 @@ Policies (``POLICIES``):
   time, oldest first (the last ``min(n, residual)`` are full precision).
   Only for layers that cache every token (``StaticKV``): a window evicts
   tokens one at a time, which key groups of ``group`` tokens cannot follow.
-  Its steps depend on how full the residual is, so ``generate`` decodes
-  through it eagerly.
+  The compiled decode step takes it too: its static step quantizes the
+  residual's keys at every step and keeps the codes only where they fill it
+  (``KiviKV._static_update``), so no shape or branch depends on the fill.
 - ``sinks`` (Xiao et al. 2024, StreamingLLM): a layer that caches every
   token keeps the first ``sinks`` (4) and the last ``window`` (1020); the
   others are evicted. As the paper does, positions are those within the
@@ -138,9 +139,9 @@ class CachePolicy:
     @property
     def static_steps(self) -> bool:
         """Whether a decode step's shapes and branches are the same at every position (a compiled step can run
-        it): not KIVI's, whose keys are quantized when the residual fills, nor an eviction's, whose positions
-        held differ by head and step."""
-        return self.kind not in ("kivi", *EVICTING)
+        it): not an eviction's, whose positions held differ by head and step. (KIVI's step quantizes the
+        residual's keys at every step and keeps the codes only when it is full: ``KiviKV._static_update``.)"""
+        return self.kind not in EVICTING
 
     @classmethod
     def from_spec(cls, spec) -> CachePolicy | None:
@@ -431,6 +432,7 @@ class KiviKV:
                                      for _ in range(2))  # fmt: skip
         self.v_residual = torch.zeros(B, v_heads, min(R, length), v_dim, dtype=dtype, **z)  # position p: slot p % R
         self.shapes = (batch_size, k_heads, v_heads, k_dim, v_dim)
+        self.positions = torch.arange(length, device=device)
 
     @classmethod
     def like(cls, slot: StaticKV, policy: CachePolicy, device) -> KiviKV:
@@ -480,8 +482,7 @@ class KiviKV:
 
     def update(self, k_new: torch.Tensor, v_new: torch.Tensor, start: int | torch.Tensor) -> KVView:
         if isinstance(start, torch.Tensor):
-            raise ValueError("cache policy kivi: its steps differ with how full the residual is, so it decodes "
-                             "eagerly (generate does; decode_step does not take it)")  # fmt: skip
+            return self._static_update(k_new.to(self.dtype), v_new.to(self.dtype), start)
         t = k_new.shape[2]
         end = start + t
         if end > self.length:
@@ -522,6 +523,51 @@ class KiviKV:
 
     def view(self, end: int) -> KVView:
         return KVView(self._keys(end), self._values(end), end)
+
+    def _static_update(self, k_new: torch.Tensor, v_new: torch.Tensor, start: torch.Tensor) -> KVView:
+        """The compiled decode step's update (``start`` a 0-d tensor): what ``update`` does for one token, with
+        shapes and branches that do not depend on ``start``. The view is every position, read from the codes or
+        the residuals by position (the reader masks those from ``start + 1`` on). The writes: the token's key into
+        the residual, whose keys are quantized at every step and their codes kept only where that fills it; the
+        value leaving the residual ring (position ``start - residual``), quantized and kept where there is one."""
+        if k_new.shape[2] != 1:
+            raise ValueError(f"cache policy kivi: a static step takes one token, not {k_new.shape[2]}")
+        R, G, bits, pos = self.residual, self.group, self.bits, self.positions
+        first_residual_key = start // R * R
+        in_residual = (pos - first_residual_key).clamp(0, self.k_residual.shape[2] - 1)
+        k = torch.where((pos < first_residual_key)[:, None], self._padded(self._decode_all_keys()),
+                        self.k_residual.index_select(2, in_residual))  # fmt: skip
+        v_held = torch.where((pos < start - R)[:, None], self._padded(self._decode_values(slice(None))),
+                             self.v_residual.index_select(2, pos % self.v_residual.shape[2]))  # fmt: skip
+        at = start.view(1)
+        view = KVView(k.index_copy(2, at, k_new), v_held.index_copy(2, at, v_new), start + 1, pos)
+        self.k_residual.index_copy_(2, at - first_residual_key, k_new)
+        if self.k_codes.shape[-1]:  # a whole residual fits in the codes: quantized now, kept if full
+            full = start - first_residual_key == R - 1
+            first = first_residual_key.clamp(max=self.k_codes.shape[-1] * 8 // bits - R)  # in range when not full
+            codes, scale, zero = quantize(self.k_residual.transpose(2, 3), bits, G, self.dtype)
+            for held, new, index, n in ((self.k_codes, codes, first * bits // 8, R * bits // 8),
+                                        (self.k_scale, scale, first // G, R // G),
+                                        (self.k_zero, zero, first // G, R // G)):  # fmt: skip
+                index = index + torch.arange(n, device=held.device)
+                held.index_copy_(3, index, torch.where(full, new, held.index_select(3, index)))
+        ring_slot = (start % R).view(1)
+        if self.v_codes.shape[2] and self.v_codes.shape[-1]:  # the value leaving the ring, where one does
+            leaving = start - R
+            at_code = leaving.clamp(0, self.v_codes.shape[2] - 1).view(1)
+            codes, scale, zero = quantize(self.v_residual.index_select(2, ring_slot), bits, G, self.dtype)
+            for held, new in ((self.v_codes, codes), (self.v_scale, scale), (self.v_zero, zero)):
+                held.index_copy_(2, at_code, torch.where(leaving >= 0, new, held.index_select(2, at_code)))
+        self.v_residual.index_copy_(2, ring_slot, v_new)
+        return view
+
+    def _decode_all_keys(self) -> torch.Tensor:
+        """Every quantized key place, decoded, [B, H, places, D] (those not yet written are garbage)."""
+        return dequantize(self.k_codes, self.k_scale, self.k_zero, self.bits, self.dtype).transpose(2, 3)
+
+    def _padded(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` [B, H, n, D] padded with zeros to the cache's length along positions."""
+        return F.pad(x, (0, 0, 0, self.length - x.shape[2]))
 
     def nbytes(self, seen: int) -> int:
         B, Hk, Hv, Dk, Dv = self.shapes

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from kvlab import build_model
+from kvlab.archs.decode import decode_step_for
 from kvlab.kernels.rope import apply_rope
 from kvlab.layers.cache_policy import CachePolicy, KiviKV, PolicyKV
 from kvlab.layers.kv_cache import RingKV, SinkRingKV, StaticKV
@@ -255,15 +256,40 @@ def test_sinks_with_a_codec_hold_the_kept_positions_as_its_codes():
     assert CachePolicy.from_spec(SINKS_INT4).describe() == "sinks 2 + window 5, int4 (group 8)"
 
 
-def test_generate_takes_a_policy_and_decodes_kivi_eagerly():
+def test_generate_takes_a_policy():
     model = build_model(VARIANTS["gqa"]).eval()
     ids = torch.randint(0, 97, (2, 5))
     out = model.generate(ids, max_new_tokens=4, compile=False, cache_policy="int8")
     assert out.shape == (2, 9) and torch.equal(out[:, :5], ids)
-    out = model.generate(ids, max_new_tokens=12, compile=True, cache_policy=KIVI)  # crosses the residual: eager
+    out = model.generate(ids, max_new_tokens=12, compile=False, cache_policy=KIVI)  # crosses the residual
     assert out.shape == (2, 17) and torch.equal(out[:, :5], ids)
-    with pytest.raises(ValueError, match="kivi: its steps differ"):
-        model.decode_step(ids[:, :1], model.new_cache(2, 16, policy=KIVI), torch.tensor(0))
+
+
+@pytest.mark.parametrize("length", [20, 30], ids=["residual-multiple", "ragged"])
+def test_kivis_static_step_agrees_with_the_eager_one(length):
+    """Keys flushed from the residual at every multiple of it, values leaving it one a step, from a prompt
+    shorter than the residual and across it, up to a cache whose last keys never fill a residual (30 = 3 x 8 + 6);
+    the same codes held after."""
+    model = build_model(VARIANTS["gqa"]).eval()
+    ids = torch.randint(0, 97, (2, length))
+    with torch.no_grad():
+        for prompt in (3, 11):
+            eager, static = (model.new_cache(2, length, policy=KIVI) for _ in range(2))
+            model(ids[:, :prompt], cache=eager)
+            model(ids[:, :prompt], cache=static)
+            for t in range(prompt, length):
+                a = model(ids[:, t : t + 1], cache=eager)[:, -1]
+                b = model.decode_step(ids[:, t : t + 1], static, torch.tensor(static.start))
+                static.seen += 1
+                torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+            slots = [(a, b) for a, b in zip(eager.slots, static.slots, strict=True) if isinstance(a, KiviKV)]
+            assert slots
+            for a, b in slots:  # the same codes; the key residual's stale places aside (never read)
+                for x, y in zip(a._tensors(), b._tensors(), strict=True):
+                    if x is not a.k_residual:
+                        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="static step takes one token"):
+        model.decode_step(ids[:, :2], model.new_cache(2, 16, policy=KIVI), torch.tensor(0))
 
 
 @pytest.mark.parametrize(
@@ -295,11 +321,14 @@ def test_a_group_that_does_not_divide_the_head_is_refused_naming_the_layer():
 
 
 @pytest.mark.slow
-def test_the_compiled_decode_step_reads_a_quantized_cache_as_the_eager_one():
-    model = build_model(VARIANTS["window"]).eval()  # a ring buffer: every slot read whole and masked
+# a ring buffer, every slot read whole and masked; KIVI's residual flushed twice (new tokens past 2 x 8)
+@pytest.mark.parametrize("name, spec", [("window", "int4"), ("gqa", KIVI)], ids=["int4-ring", "kivi"])
+def test_the_compiled_decode_step_reads_a_quantized_cache_as_the_eager_one(name, spec):
+    model = build_model(VARIANTS[name]).eval()
     ids = torch.randint(0, 97, (2, 6))
-    compiled = model.generate(ids, max_new_tokens=10, compile=True, cache_policy="int4")
-    assert torch.equal(compiled, model.generate(ids, max_new_tokens=10, compile=False, cache_policy="int4"))
+    compiled = model.generate(ids, max_new_tokens=14, compile=True, cache_policy=spec)
+    assert decode_step_for(model, True).compiled
+    assert torch.equal(compiled, model.generate(ids, max_new_tokens=14, compile=False, cache_policy=spec))
 
 
 @pytest.mark.parametrize("spec", ["int8", {"kind": "int4", "group": 8}], ids=str)
