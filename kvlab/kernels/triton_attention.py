@@ -57,7 +57,8 @@ def _tile(PTR, first_row, rows, n_rows, cols, n_cols, UPCAST: tl.constexpr, CHEC
 def _visible(offs_m, offs_n, T, S, DOCS, b, WINDOW, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
              HAS_DOCS: tl.constexpr):  # fmt: skip
     """Which keys each query sees. Query rows past T are padding: never stored, their loads are zeros (so
-    they add nothing to any gradient), and they see key 0 unless documents hide it (then m_safe covers them)."""
+    they add nothing to any gradient), and they see key 0 unless documents hide it (MASK_ALL's guard then keeps
+    their running max finite)."""
     valid = offs_n[None, :] < S
     if CAUSAL:
         valid &= offs_m[:, None] >= offs_n[None, :]
