@@ -51,10 +51,11 @@ def test_padded_rows_match_each_row_alone(name):
             alone = model.new_cache(1, len(row) + NEW)
             want = model(row[None], cache=alone)[0]
             want_steps = [model(new[b : b + 1, t : t + 1], cache=alone)[0, 0] for t in range(NEW)]
-            assert (uncached[b, -len(row) :] - model(row[None])[0]).abs().max() <= 1e-5
-            assert (prefill[b, -len(row) :] - want).abs().max() <= 1e-5
+            # float32 summation order over the presets' widths: up to about 1e-5 on some machines' BLAS
+            assert (uncached[b, -len(row) :] - model(row[None])[0]).abs().max() <= 3e-5
+            assert (prefill[b, -len(row) :] - want).abs().max() <= 3e-5
             for t in range(NEW):
-                assert (steps[t][b, 0] - want_steps[t]).abs().max() <= 1e-5, t
+                assert (steps[t][b, 0] - want_steps[t]).abs().max() <= 3e-5, t
 
 
 @pytest.mark.parametrize("name", ["variant:gqa", "variant:window", "variant:mla", "variant:hymba", "preset:rwkv7"])
