@@ -1,4 +1,5 @@
-"""What the benchmark scripts share: best-of-n timing after a warm-up, and the relative error they report."""
+"""What the benchmark scripts share: best-of-n timing after a warm-up, waiting for a GPU's queued work, the
+relative error they report, and a mean with its 95% interval as a table cell."""
 
 from __future__ import annotations
 
@@ -7,11 +8,18 @@ from collections.abc import Callable
 
 import torch
 
+from kvlab.recipes.ablation import mean_interval
+
+
+def sync() -> None:
+    """Wait for the GPU's queued work (kernels run asynchronously to the host); nothing without one."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
 
 def timed(fn: Callable[[], object], repeats: int) -> float:
     """The best wall-clock seconds of ``repeats`` calls of ``fn``, after one warm-up call (on a GPU, until its
-    queued work is done: kernels run asynchronously to the host)."""
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
+    queued work is done)."""
     fn()
     best = float("inf")
     for _ in range(repeats):
@@ -26,3 +34,9 @@ def timed(fn: Callable[[], object], repeats: int) -> float:
 def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
     """The largest absolute difference of ``a`` from ``b`` relative to ``b``'s largest magnitude (in float64)."""
     return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp(min=1e-30))
+
+
+def interval_cell(values: list[float], signed: bool = False) -> str:
+    """``mean ± half-width`` of the 95% interval (Student's t) of ``values``, the mean alone for one value."""
+    mean, half = mean_interval(values)
+    return f"{mean:{'+' if signed else ''}.4f}" + ("" if half is None else f" ± {half:.4f}")

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import transformers
-from common import timed  # benchmarks/common.py, beside this script
+from common import sync, timed  # benchmarks/common.py, beside this script
 
 from kvlab import ModelConfig, build_model
 from kvlab.archs.decode import decode_step_for
@@ -71,11 +71,6 @@ def hf_runner(hf, ids, new: int, compiled: bool):
             return hf.generate(ids, **kwargs)
 
     return run
-
-
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def weight_floor(model, batch: int, repeats: int) -> float:

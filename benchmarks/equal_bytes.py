@@ -37,12 +37,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import interval_cell  # benchmarks/common.py, beside this script
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from kvlab.archs.hf import load_hf, save_hf
 from kvlab.layers.cache_policy import CachePolicy
-from kvlab.recipes.ablation import mean_interval
 from kvlab.recipes.checkpoint import load_checkpoint_model
 from kvlab.recipes.data import DataConfig, build_datamodule
 from kvlab.recipes.evals import decoded_logits
@@ -152,12 +152,11 @@ def main() -> None:
               + " | mean (95% CI) | - parent's, paired by seed (95% CI) |")  # fmt: skip
         print("| --- | ---: | " + "---: | " * len(seeds) + "--- | --- |")
         for row, by_seed in values.items():
-            mean, ci = mean_interval([v[metric] for v in by_seed.values()])
-            dmean, dci = mean_interval([v[metric] - values["parent"][s][metric] for s, v in by_seed.items()])
+            diffs = [v[metric] - values["parent"][s][metric] for s, v in by_seed.items()]
             cells = " | ".join(f"{by_seed[s][metric]:.4f}" if s in by_seed else "-" for s in seeds)
-            interval = "" if ci is None else f" ± {ci:.4f}"
-            diff = "-" if row == "parent" else f"{dmean:+.4f}" + ("" if dci is None else f" ± {dci:.4f}")
-            print(f"| {row} | {nbytes[row]:,} | {cells} | {mean:.4f}{interval} | {diff} |")
+            diff = "-" if row == "parent" else interval_cell(diffs, signed=True)
+            print(f"| {row} | {nbytes[row]:,} | {cells} | {interval_cell([v[metric] for v in by_seed.values()])} "
+                  f"| {diff} |")  # fmt: skip
     if args.csv:
         with open(args.csv, "w", newline="") as f:
             w = csv.writer(f)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from common import sync  # benchmarks/common.py, beside this script
 from decode import llama_twin  # benchmarks/decode.py, beside this script
 from torch.profiler import profile
 
@@ -78,7 +79,6 @@ def main() -> None:
     eager.to(device)
     steps = {"kvlab eager": stepper(eager, data, False, dtype), "kvlab compiled": stepper(compiled, data, False, dtype),
              "transformers eager": stepper(hf, data, True, dtype)}  # fmt: skip
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     first = {}
     for name, step in steps.items():
         t0 = time.perf_counter()

@@ -20,7 +20,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from kvlab.recipes.ablation import mean_interval
+from common import interval_cell  # benchmarks/common.py, beside this script
 
 
 def _runs(directory: Path) -> list[dict]:
@@ -28,11 +28,6 @@ def _runs(directory: Path) -> list[dict]:
     found = [single] if single.is_file() else sorted(directory.glob("*/metrics.json"))
     runs = [json.loads(path.read_text()) for path in found]
     return [m for m in runs if "uptrained" in m and "parent" in m]
-
-
-def _cell(values: list[float]) -> str:
-    mean, half = mean_interval(values)
-    return f"{mean:.4f}" + ("" if half is None else f" ± {half:.4f}")
 
 
 def main() -> None:
@@ -54,9 +49,9 @@ def main() -> None:
     for name, ms in groups.items():
         ms = sorted(ms, key=lambda m: m["seed"])
         diffs = [m["uptrained"]["val_loss"] - m["parent"]["val_loss"] for m in ms]
+        stages = " | ".join(interval_cell([m[s]["val_loss"] for m in ms]) for s in ("parent", "converted", "uptrained"))
         print(f"| {name} | {' '.join(str(m['seed']) for m in ms)} | {ms[0]['uptrained']['kv_bytes_per_token']:,} | "
-              f"{_cell([m['parent']['val_loss'] for m in ms])} | {_cell([m['converted']['val_loss'] for m in ms])} | "
-              f"{_cell([m['uptrained']['val_loss'] for m in ms])} | {_cell(diffs)} |")  # fmt: skip
+              f"{stages} | {interval_cell(diffs)} |")  # fmt: skip
     for spec in args.alike:
         name, _, sweep = spec.partition("=")
         runs = [json.loads(f.read_text()) for f in sorted(Path(sweep).glob(f"*-{name}/metrics.json"))]
@@ -67,7 +62,7 @@ def main() -> None:
         diffs = [m["val_loss"] - parents[m["seed"]] for m in runs]
         seeds, losses = " ".join(str(m["seed"]) for m in runs), [m["val_loss"] for m in runs]
         print(f"| {name}, trained alike from scratch | {seeds} | {runs[0]['kv_bytes_per_token']:,} | | | "
-              f"{_cell(losses)} | {_cell(diffs)} |")  # fmt: skip
+              f"{interval_cell(losses)} | {interval_cell(diffs)} |")  # fmt: skip
 
 
 if __name__ == "__main__":

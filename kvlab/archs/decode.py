@@ -131,20 +131,19 @@ class DecodeStep:
         graph = self._graphs.get(key)
         if graph is not None:
             logits = graph(token, cache, start)
-            return logits.clone() if cuda_graph else logits
-        t0 = time.perf_counter()
-        try:
-            graph = self._compile(cuda_graph)
-            logits = graph(token, cache, start)
-            logits = logits.clone() if cuda_graph else logits
-        except Exception as e:  # noqa: BLE001 - any compiler failure: decode eager, say why
-            self._fall_back(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-            return None
-        self._graphs[key] = graph
-        self.compile_seconds[key] = time.perf_counter() - t0
-        log.info("compiled the decode step for batch %d, cache length %d (%s, %s, padded rows: %s) in %.1f s",
-                 *key, self.compile_seconds[key])  # fmt: skip
-        return logits
+        else:
+            t0 = time.perf_counter()
+            try:
+                graph = self._compile(cuda_graph)
+                logits = graph(token, cache, start)
+            except Exception as e:  # noqa: BLE001 - any compiler failure: decode eager, say why
+                self._fall_back(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                return None
+            self._graphs[key] = graph
+            self.compile_seconds[key] = time.perf_counter() - t0
+            log.info("compiled the decode step for batch %d, cache length %d (%s, %s, padded rows: %s) in %.1f s",
+                     *key, self.compile_seconds[key])  # fmt: skip
+        return logits.clone() if cuda_graph else logits  # a graph's output is overwritten by its next replay
 
 
 def cache_tensors(obj, seen: set | None = None) -> list[torch.Tensor]:

@@ -146,15 +146,24 @@ _TILES = tune_configs(
 
 
 @triton.jit
+def _key_block(K, V, kv_head, start_n, S, offs_d, offs_dv, D, DV, UPCAST: tl.constexpr, MASKED: tl.constexpr,
+               CHECK_D: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """The key positions from ``start_n`` and their keys and values (rows checked only in MASKED blocks: the
+    unmasked ones lie wholly below S)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k = _tile(K, kv_head * S, offs_n, S, offs_d, D, UPCAST, MASKED, CHECK_D)
+    v = _tile(V, kv_head * S, offs_n, S, offs_dv, DV, UPCAST, MASKED, CHECK_D)
+    return offs_n, k, v
+
+
+@triton.jit
 def _forward_blocks(acc, m_i, l_i, q, K, V, DOCS, kv_head, b, offs_m, offs_d, offs_dv, lo, hi, qk_scale, T, S, D,
                     DV, WINDOW, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                     HAS_DOCS: tl.constexpr, MASK_ALL: tl.constexpr, UPCAST: tl.constexpr, CHECK_D: tl.constexpr,
                     DOT: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
     """The online softmax over key blocks [lo, hi), in base 2 (scores scaled by qk_scale = scale log2 e)."""
     for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _tile(K, kv_head * S, offs_n, S, offs_d, D, UPCAST, MASKED, CHECK_D)
-        v = _tile(V, kv_head * S, offs_n, S, offs_dv, DV, UPCAST, MASKED, CHECK_D)
+        offs_n, k, v = _key_block(K, V, kv_head, start_n, S, offs_d, offs_dv, D, DV, UPCAST, MASKED, CHECK_D, BLOCK_N)
         s = tl.dot(q, tl.trans(k), input_precision=DOT) * qk_scale
         if MASKED:
             s = tl.where(
@@ -260,9 +269,7 @@ def _dq_blocks(dq, q, do, lse2, delta, K, V, DOCS, kv_head, b, offs_m, offs_d, o
                HAS_DOCS: tl.constexpr, UPCAST: tl.constexpr, CHECK_D: tl.constexpr, DOT: tl.constexpr,
                BLOCK_N: tl.constexpr):  # fmt: skip
     for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _tile(K, kv_head * S, offs_n, S, offs_d, D, UPCAST, MASKED, CHECK_D)
-        v = _tile(V, kv_head * S, offs_n, S, offs_dv, DV, UPCAST, MASKED, CHECK_D)
+        offs_n, k, v = _key_block(K, V, kv_head, start_n, S, offs_d, offs_dv, D, DV, UPCAST, MASKED, CHECK_D, BLOCK_N)
         p = _probabilities(q, k, lse2, qk_scale, offs_m, offs_n, T, S, DOCS, b, WINDOW, MASKED, CAUSAL, HAS_WINDOW,
                            HAS_DOCS, DOT)  # fmt: skip
         ds = p * (tl.dot(do, tl.trans(v), input_precision=DOT) - delta[:, None])

@@ -828,11 +828,8 @@ def _check_slot(meta_slot, mixer, policy: CachePolicy, where: str) -> None:
         if isinstance(meta_slot, StaticKV) and getattr(mixer.cfg, "kv_ranks", None) is not None:
             raise ValueError(f"cache policy sinks: {where} caches MatryoshkaKV's projections of its keys, which "
                              "RoPE's angles cannot turn")  # fmt: skip
-        if policy.codec is not None:
-            policy.check_width(meta_slot.k.shape[-1], f"{where}'s keys")
-            policy.check_width(meta_slot.v.shape[-1], f"{where}'s values")
-        return
-    if policy.kind == "kivi":
+        # and its codec's widths, below (without one, check_width has nothing to check)
+    elif policy.kind == "kivi":
         if not isinstance(meta_slot, StaticKV):
             raise ValueError(f"cache policy kivi: {where} keeps a window, whose tokens leave one at a time, which "
                              "KIVI's key groups of several tokens cannot follow; use int8, int4 or fp8 for "

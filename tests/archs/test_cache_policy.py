@@ -200,7 +200,7 @@ def test_cache_bytes_equal_the_policys_footprint_for_every_layout(name, spec):
 def _decode_eager_and_static(model, ids, spec, prompt: int):
     """Prefill ``prompt`` tokens into two caches held through ``spec``, then decode the rest of ``ids`` one token a
     step eagerly and through the static decode step, checking each step's logits agree; the prefill's logits,
-    the last step's and the eager cache."""
+    the last step's, the eager cache and the static one."""
     T = ids.shape[1]
     eager, static = (model.new_cache(ids.shape[0], T, policy=spec) for _ in range(2))
     prefill = model(ids[:, :prompt], cache=eager)
@@ -210,7 +210,7 @@ def _decode_eager_and_static(model, ids, spec, prompt: int):
         b = model.decode_step(ids[:, t : t + 1], static, torch.tensor(static.start))
         static.seen += 1
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
-    return prefill, a, eager
+    return prefill, a, eager, static
 
 
 def test_decoding_through_a_policy_costs_little_and_the_static_step_agrees_with_the_eager_one():
@@ -220,7 +220,7 @@ def test_decoding_through_a_policy_costs_little_and_the_static_step_agrees_with_
         full = model(ids)
         errors = {}
         for spec in ["int8", "int4"]:
-            _, last, _ = _decode_eager_and_static(model, ids, spec, 8)
+            _, last, _, _ = _decode_eager_and_static(model, ids, spec, 8)
             errors[spec] = (last - full[:, -1]).abs().max().item()
     assert 0 < errors["int8"] < errors["int4"] < 0.1  # lossy, more so at 4 bits, still close
 
@@ -274,14 +274,7 @@ def test_kivis_static_step_agrees_with_the_eager_one(length):
     ids = torch.randint(0, 97, (2, length))
     with torch.no_grad():
         for prompt in (3, 11):
-            eager, static = (model.new_cache(2, length, policy=KIVI) for _ in range(2))
-            model(ids[:, :prompt], cache=eager)
-            model(ids[:, :prompt], cache=static)
-            for t in range(prompt, length):
-                a = model(ids[:, t : t + 1], cache=eager)[:, -1]
-                b = model.decode_step(ids[:, t : t + 1], static, torch.tensor(static.start))
-                static.seen += 1
-                torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+            _, _, eager, static = _decode_eager_and_static(model, ids, KIVI, prompt)
             slots = [(a, b) for a, b in zip(eager.slots, static.slots, strict=True) if isinstance(a, KiviKV)]
             assert slots
             for a, b in slots:  # the same codes; the key residual's stale places aside (never read)
@@ -350,7 +343,7 @@ def test_mlas_latent_is_held_as_codes_and_its_rope_keys_and_the_steps_own_as_com
     ids = torch.randint(0, 97, (2, 16))
     with torch.no_grad():
         full = model(ids)
-        prefill, last, eager = _decode_eager_and_static(model, ids, spec, 8)
+        prefill, last, eager, _ = _decode_eager_and_static(model, ids, spec, 8)
     torch.testing.assert_close(prefill, full[:, :8])  # a prompt attends as computed
     assert 0 < (last - full[:, -1]).abs().max() < 0.1
     assert eager.nbytes() == model.kv_footprint(torch.float32, policy=spec).total_bytes(16, batch_size=2)
