@@ -40,6 +40,8 @@ POLICIES = {
     "sinks-256-int4": {"kind": "sinks", "sinks": 4, "window": 252, "codec": "int4"},  # and the kept ones coded
     "h2o-256": {"kind": "h2o", "budget": 256},  # 128 heavy hitters and 128 recent tokens
     "snapkv-256": {"kind": "snapkv", "budget": 256, "window": 32},  # the prompt kept as 256, then every new token
+    "minicache": "minicache",  # MiniCache: layers merged in pairs from the middle one
+    "minicache-all": {"kind": "minicache", "start_layer": 0},  # every layer merged with its neighbour
 }
 
 

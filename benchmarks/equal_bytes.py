@@ -57,6 +57,11 @@ POLICIES = {
     "sinks-64": {"kind": "sinks", "sinks": 4, "window": 60},
     "sinks-64-int4": {"kind": "sinks", "sinks": 4, "window": 60, "codec": "int4"},  # both: evicting and coding
     "h2o-64": {"kind": "h2o", "budget": 64, "window": 32},
+    "minicache": "minicache",  # MiniCache: layers merged in pairs from the middle one
+    "minicache-all": {"kind": "minicache", "start_layer": 0},  # every layer merged with its neighbour
+    "minicache-all-retain0": {"kind": "minicache", "start_layer": 0, "retain": 0.0},  # no position kept unmerged
+    "minicache-all-retain20": {"kind": "minicache", "start_layer": 0, "retain": 0.2},
+    "minicache-all-t05": {"kind": "minicache", "start_layer": 0, "interpolation": 0.5},  # the two directions alike
 }
 
 

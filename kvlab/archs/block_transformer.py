@@ -42,7 +42,7 @@ from kvlab.archs.footprint import Footprint, FootprintRow
 from kvlab.archs.model import Block, CausalLM, module_rng
 from kvlab.layers import build_norm
 from kvlab.layers.base import StepState
-from kvlab.layers.cache_policy import CachePolicy, policy_footprint
+from kvlab.layers.cache_policy import CachePolicy, policy_footprints
 
 
 class BlockCache(Cache):
@@ -248,10 +248,14 @@ class BlockTransformer(CausalLM):
         ]
         positions = self.prefix + self.block_length - 1
         first = len(rows)
-        for i, layer in enumerate(self.token_layers):
+        mixers = [layer.mixer for layer in self.token_layers]
+        held_as = (
+            [None] * len(mixers)
+            if policy is None
+            else policy_footprints(mixers, positions, dtype, policy, "token layer")
+        )
+        for i, (layer, held) in enumerate(zip(self.token_layers, held_as, strict=True)):
             fp = layer.mixer.kv_footprint(dtype)
-            held = None if policy is None else policy_footprint(layer.mixer, positions, dtype, policy,
-                                                                f"token layer {i}")  # fmt: skip
             if held is None:
                 fixed = fp.total_bytes(positions)
             else:  # the token decoder's slots fill every block: its whole length (or what the policy keeps)

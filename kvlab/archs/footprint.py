@@ -38,7 +38,7 @@ def human(n: int) -> str:
 class FootprintRow:
     layer: int
     kind: str
-    bytes_per_token: int
+    bytes_per_token: int | float  # a float only where a policy keeps a fraction of positions (MiniCache)
     fixed_bytes: int
     kv_source: int
     max_tokens: int | None = None  # the window, for layers that keep only the last max_tokens entries
@@ -68,11 +68,11 @@ class Footprint:
     @property
     def bytes_per_token(self) -> int | float:
         """Bytes added per token of context, for one sequence, once every window is full (a float only where
-        a block's entry does not divide evenly among its tokens)."""
+        a block's entry does not divide evenly among its tokens, or a policy keeps a fraction: MiniCache)."""
         per_token = Fraction(0)
         for r in self.per_layer:
             if r.max_tokens is None:
-                per_token += Fraction(r.bytes_per_token, r.per_tokens)
+                per_token += Fraction(r.bytes_per_token) / r.per_tokens
         return int(per_token) if per_token.denominator == 1 else float(per_token)
 
     @property

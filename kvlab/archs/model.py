@@ -31,7 +31,7 @@ from kvlab.kernels.ops import linear_cross_entropy
 from kvlab.kernels.registry import use_kernels
 from kvlab.layers import MIXERS, build_mlp, build_norm
 from kvlab.layers.base import StepState
-from kvlab.layers.cache_policy import CachePolicy, check_model, policy_cache_slot, policy_footprint
+from kvlab.layers.cache_policy import CachePolicy, check_model, policy_cache_slots, policy_footprints
 from kvlab.layers.cross_attention import ContextEncoder, CrossAttention, CrossBlock
 from kvlab.layers.norm import RMSNorm
 from kvlab.layers.rope import Rotary
@@ -486,8 +486,8 @@ class CausalLM(nn.Module):
         """Preallocate the cache for ``batch_size`` sequences of up to ``max_len`` tokens (after the meta tokens,
         for a model with them; and, for a model with a context encoder, the states of up to ``context_len``
         context tokens; None: ``context.max_len``). ``policy``: how the attention layers' keys and values are
-        held (``kvlab.layers.cache_policy``: ``"int8"``, ``"int4"``, ``"fp8"``, ``"kivi"``, ``"sinks"``, or a mapping of
-        ``kind`` and its settings); None: as computed, in ``dtype``."""
+        held (``kvlab.layers.cache_policy``: ``"int8"``, ``"int4"``, ``"fp8"``, ``"kivi"``, ``"sinks"``, ``"h2o"``,
+        ``"snapkv"``, ``"minicache"``, or a mapping of ``kind`` and its settings); None: as computed, in ``dtype``."""
         batch_size, max_len, dtype, device = self._cache_settings(batch_size, max_len, dtype, device)
         cache = self._layer_cache(self.layers, batch_size, max_len, dtype, device, prefix=self.config.meta_tokens,
                                   policy=CachePolicy.from_spec(policy))  # fmt: skip
@@ -527,8 +527,8 @@ class CausalLM(nn.Module):
         else:
             check_model(policy, [layer.mixer for layer in layers], self.config.layer_kv_source,
                         self.config.max_seq_len)  # fmt: skip
-            slots = [policy_cache_slot(layer.mixer, batch_size, prefix + length, dtype, device, policy, f"layer {i}")
-                     for i, layer in enumerate(layers)]  # fmt: skip
+            slots = policy_cache_slots([layer.mixer for layer in layers], batch_size, prefix + length, dtype, device,
+                                       policy)  # fmt: skip
         mlp_slots = [layer.mlp.new_cache_slot(batch_size, dtype, device) if layer.mlp_stateful else None
                      for layer in layers]  # fmt: skip
         return Cache(slots, batch_size, length, mlp_slots, config=self.config, dtype=dtype, prefix=prefix,
@@ -540,12 +540,14 @@ class CausalLM(nn.Module):
         if policy is not None:
             check_model(policy, [layer.mixer for layer in self.layers], self.config.layer_kv_source,
                         self.config.max_seq_len)  # fmt: skip
-        rows = []
+        rows, held_as_policy = [], [None] * len(self.layers)
+        if policy is not None:
+            length = self.config.max_seq_len + self.config.meta_tokens
+            held_as_policy = policy_footprints([layer.mixer for layer in self.layers], length, dtype, policy)
         for i, layer in enumerate(self.layers):
             fp, held = layer.mixer.kv_footprint(dtype), None
             if policy is not None:
-                length = self.config.max_seq_len + self.config.meta_tokens
-                held_as = policy_footprint(layer.mixer, length, dtype, policy, f"layer {i}")
+                held_as = held_as_policy[i]
                 if held_as is not None:
                     fp = dataclasses.replace(fp, bytes_per_token=held_as.bytes_per_token,
                                              max_tokens=held_as.max_tokens or fp.max_tokens)  # fmt: skip

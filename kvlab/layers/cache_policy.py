@@ -61,6 +61,18 @@ Policies (``POLICIES``):
   residuals, MatryoshkaKV, DHA, KDGQA and layers reading a later layer's K/V
   are refused, by name. Keys keep their positions in the text (each view
   carries them per row and head). Both decode eagerly.
+- ``minicache`` (Liu et al. 2024, MiniCache): from ``start_layer`` (None: the
+  middle layer) on, consecutive layers that cache every token's K/V alike
+  form pairs (lower, upper) whose K/V are held once (``MergedPair``): per
+  position and K/V head, the two vectors' directions interpolated by SLERP
+  (``interpolation``: t, toward the upper's) and each layer's magnitude, so
+  a layer's vector reads back as its magnitude times the shared direction;
+  the ``retain`` fraction of positions whose two vectors are furthest apart
+  (angular distance) per row and head are kept unmerged, both layers' as
+  computed. The paper stores it all at the upper layer, so the lower's slot
+  counts nothing. The merging rule is the paper's (its abstract and figure);
+  the retention rule's exact form, t's default and where the pairs start
+  are kvlab's (the paper's text was out of reach): see ``MergedPair``.
 
 What a step attends to: what was cached before it, read back from the codes,
 and its own tokens' keys and values as computed. A prompt prefilled in one
@@ -72,6 +84,7 @@ scales and zero points it holds, which is what the footprint counts.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from fractions import Fraction
@@ -96,7 +109,7 @@ from kvlab.layers.kv_cache import (
 )
 from kvlab.layers.rope import Rotary
 
-POLICIES = ("int8", "int4", "fp8", "kivi", "sinks", "h2o", "snapkv")
+POLICIES = ("int8", "int4", "fp8", "kivi", "sinks", "h2o", "snapkv", "minicache")
 _CODECS = ("int8", "int4", "fp8")  # the policies that hold each vector as codes
 EVICTING = ("h2o", "snapkv")  # the policies that keep each head's positions by the attention they receive
 POOLINGS = ("avgpool", "maxpool")
@@ -124,11 +137,15 @@ class CachePolicy:
     # sinks: how the kept positions' vectors are held, int8, int4 or fp8 (with int8/int4's ``group``; None: as
     # computed): StreamingLLM's eviction and a codec's compression together
     codec: str | None = None
+    start_layer: int | None = None  # minicache: the first layer of the first pair (None: the middle, n_layers // 2)
+    interpolation: float | None = None  # minicache: SLERP's t, 0 the lower layer's direction, 1 the upper's (0.6)
+    retain: float | None = None  # minicache: the fraction of positions per K/V head kept unmerged (None: 0.05)
 
     def __post_init__(self) -> None:
         defaults = {"kivi": {"bits": 2, "group": 32, "residual": 128}, "sinks": {"sinks": 4, "window": 1020},
                     "h2o": {"budget": 1024}, "snapkv": {"budget": 2048, "window": 32, "kernel": 5,
                                                          "pooling": "avgpool"},
+                    "minicache": {"interpolation": 0.6, "retain": 0.05},
                     **{kind: {"bits": bits} for kind, bits in _BITS.items()}}  # fmt: skip
         for name, value in defaults.get(self.kind, {}).items():
             if getattr(self, name) is None or name == "bits" and self.kind in _BITS:
@@ -141,7 +158,7 @@ class CachePolicy:
         """Whether a decode step's shapes and branches are the same at every position (a compiled step can run
         it): not an eviction's, whose positions held differ by head and step. (KIVI's step quantizes the
         residual's keys at every step and keeps the codes only when it is full: ``KiviKV._static_update``.)"""
-        return self.kind not in EVICTING
+        return self.kind not in (*EVICTING, "minicache")  # MiniCache's retained positions differ by head
 
     @classmethod
     def from_spec(cls, spec) -> CachePolicy | None:
@@ -162,7 +179,8 @@ class CachePolicy:
             raise ValueError(f"cache policy kind={kind!r} is not one of none, {', '.join(POLICIES)}")
         owners = {"group": ("int8", "int4", "kivi", "sinks"), "bits": ("kivi",), "residual": ("kivi",),
                   "sinks": ("sinks",), "window": ("sinks", *EVICTING), "budget": EVICTING,
-                  "kernel": ("snapkv",), "pooling": ("snapkv",), "codec": ("sinks",)}  # fmt: skip
+                  "kernel": ("snapkv",), "pooling": ("snapkv",), "codec": ("sinks",),
+                  **dict.fromkeys(("start_layer", "interpolation", "retain"), ("minicache",))}  # fmt: skip
         for name, kinds in owners.items():
             if spec.get(name) is not None and kind not in kinds:
                 raise ValueError(f"cache policy {kind}: {name} is a setting of {', '.join(kinds)}, not of {kind}")
@@ -181,6 +199,8 @@ class CachePolicy:
                              "counts of tokens (sinks >= 0, window >= 1)")  # fmt: skip
         if kind in EVICTING:
             _check_eviction(policy)
+        if kind == "minicache":
+            _check_merging(policy)
         if kind == "kivi":
             if policy.bits not in KIVI_BITS:
                 raise ValueError(f"cache policy kivi: bits={policy.bits!r} is not one of 2, 4")
@@ -231,11 +251,30 @@ class CachePolicy:
             return f"h2o {self.budget} ({self.budget - self.window} heavy + {self.window} recent)"
         if self.kind == "snapkv":
             return f"snapkv {self.budget} (window {self.window}, {self.pooling} {self.kernel})"
+        if self.kind == "minicache":
+            start = "the middle layer" if self.start_layer is None else f"layer {self.start_layer}"
+            return f"minicache from {start} (t {self.interpolation}, retain {self.retain})"
         return self.kind + (f" (group {self.group})" if self.group else "")
 
 
 def _positive(n) -> bool:
     return isinstance(n, int) and not isinstance(n, bool) and n >= 1
+
+
+def _check_merging(policy: CachePolicy) -> None:
+    def number(x) -> bool:
+        return isinstance(x, int | float) and not isinstance(x, bool)
+
+    t, retain, start = policy.interpolation, policy.retain, policy.start_layer
+    if not (number(t) and 0 <= t <= 1):
+        raise ValueError(f"cache policy minicache: interpolation={t!r} must be a number from 0 to 1 (SLERP's t: 0 "
+                         "the lower layer's direction, 1 the upper's)")  # fmt: skip
+    if not (number(retain) and 0 <= retain < 1):
+        raise ValueError(f"cache policy minicache: retain={retain!r} must be a fraction from 0 up to 1 (not "
+                         "included): the positions per K/V head kept unmerged")  # fmt: skip
+    if start is not None and not (isinstance(start, int) and not isinstance(start, bool) and start >= 0):
+        raise ValueError(f"cache policy minicache: start_layer={start!r} must be a layer index (>= 0), or null for "
+                         "the middle layer")  # fmt: skip
 
 
 def _check_eviction(policy: CachePolicy) -> None:
@@ -744,6 +783,246 @@ def _top_then_last(score: torch.Tensor, top: int, n: int) -> torch.Tensor:
     return torch.cat([chosen, last], dim=-1)
 
 
+def retained_count(n: int, retain: float) -> int:
+    """MiniCache: the positions each K/V head keeps unmerged after ``n``: floor(retain * n), whatever the steps."""
+    return int(n * retain + 1e-9)  # + 1e-9: 0.29 * 100 is 28.999... in floats
+
+
+def slerp_merge(lower: torch.Tensor, upper: torch.Tensor, t: float):
+    """MiniCache's merge of two layers' vectors [..., D] at the same positions: each one's magnitude (its L2
+    norm), the SLERP of their directions ``e = sin((1 - t) W) / sin W * a + sin(t W) / sin W * b`` (a, b the unit
+    vectors of lower and upper, W the angle between them), and their angular distance W / pi in [0, 1]. Computed
+    in float32 at least. Where sin W vanishes (W near 0 or pi) SLERP's weights tend to 1 - t and t: the
+    interpolation of the directions, normalized. Returns (e [..., D], magnitudes [..., 2]: lower's, upper's,
+    distance [...])."""
+    work = torch.promote_types(lower.dtype, torch.float32)
+    x, y = lower.to(work), upper.to(work)
+    norms = torch.stack([x.norm(dim=-1), y.norm(dim=-1)], dim=-1)
+    tiny = torch.finfo(work).tiny
+    a, b = x / norms[..., :1].clamp_min(tiny), y / norms[..., 1:].clamp_min(tiny)
+    angle = torch.arccos((a * b).sum(-1, keepdim=True).clamp(-1, 1))
+    sin = torch.sin(angle)
+    curved = sin > 1e-6
+    sin = torch.where(curved, sin, 1.0)
+    wa = torch.where(curved, torch.sin((1 - t) * angle) / sin, 1 - t)
+    wb = torch.where(curved, torch.sin(t * angle) / sin, t)
+    e = wa * a + wb * b
+    e = torch.where(curved, e, e / e.norm(dim=-1, keepdim=True).clamp_min(tiny))
+    return e, norms, angle[..., 0] / math.pi
+
+
+class _MergedVectors:
+    """The keys (or values) of a MiniCache pair, [B, H, L, D] per layer: per position the shared direction and
+    the two layers' magnitudes; per row and K/V head the ``count`` positions kept unmerged: their positions
+    (int32), both layers' vectors as computed and their angular distance (float32, to compare later positions
+    with)."""
+
+    def __init__(self, B, H, L, D, kept: int, *, dtype, device):
+        z = dict(device=device)
+        self.width, self.count = D, 0
+        self.direction = torch.zeros(B, H, L if D else 0, D, dtype=dtype, **z)
+        self.magnitude = torch.zeros(B, H, L if D else 0, 2, dtype=dtype, **z)
+        kept = kept if D else 0
+        self.kept_pos = torch.zeros(B, H, kept, dtype=torch.int32, **z)
+        self.kept = torch.zeros(B, H, kept, 2, D, dtype=dtype, **z)
+        self.kept_distance = torch.zeros(B, H, kept, dtype=torch.float32, **z)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.direction, self.magnitude, self.kept_pos, self.kept, self.kept_distance]
+
+    def merge(self, lower: torch.Tensor, upper: torch.Tensor, start: int, t: float, retain: float) -> None:
+        """Merge both layers' vectors of positions ``start..`` [B, H, n, D]; of the positions kept before and
+        these, keep the ``retained_count(start + n)`` furthest apart (ties: the earlier position)."""
+        if not self.width:
+            return
+        n = lower.shape[2]
+        end = start + n
+        direction, magnitude, distance = slerp_merge(lower, upper, t)
+        self.direction[:, :, start:end] = direction
+        self.magnitude[:, :, start:end] = magnitude
+        held, keep = self.count, retained_count(end, retain)
+        if not keep:
+            return
+        B, H = lower.shape[:2]
+        # candidates in order of position: the positions kept so far, then the step's
+        pos = torch.cat(
+            [
+                self.kept_pos[:, :, :held],
+                torch.arange(start, end, dtype=torch.int32, device=lower.device).expand(B, H, n),
+            ],
+            dim=2,
+        )
+        dist = torch.cat([self.kept_distance[:, :, :held], distance.float()], dim=2)
+        vectors = torch.cat([self.kept[:, :, :held], torch.stack([lower, upper], dim=3).to(self.kept.dtype)], dim=2)
+        chosen = dist.sort(dim=-1, descending=True, stable=True).indices[..., :keep].sort(dim=-1).values
+        self.kept_pos[:, :, :keep] = pos.gather(2, chosen)
+        self.kept_distance[:, :, :keep] = dist.gather(2, chosen)
+        self.kept[:, :, :keep] = vectors.gather(2, chosen[..., None, None].expand(-1, -1, -1, 2, self.width))
+        self.count = keep
+
+    def restore(self, merged: int, which: int) -> torch.Tensor:
+        """Layer ``which``'s (0 lower, 1 upper) vectors of positions 0..merged-1: its magnitude times the shared
+        direction, and its own vectors where they were kept unmerged."""
+        B, H = self.direction.shape[:2]
+        if not self.width:
+            return self.direction.new_zeros(B, H, merged, 0)
+        x = self.direction[:, :, :merged] * self.magnitude[:, :, :merged, which : which + 1]
+        if self.count:
+            pos = self.kept_pos[:, :, : self.count, None].long().expand(-1, -1, -1, self.width)
+            x = x.scatter(2, pos, self.kept[:, :, : self.count, which])
+        return x
+
+
+class MergedPair:
+    """The K/V of two layers held once, as MiniCache (Liu et al. 2024) holds them (``CachePolicy`` kind
+    ``minicache``); ``lower`` and ``upper`` are the two layers' slots (``MergedKV``).
+
+    A step's lower layer writes first: its keys and values wait as computed (``pending``) until the upper layer
+    writes the same positions; then both are merged (``slerp_merge``): per position and K/V head the SLERP of
+    the two directions and each layer's magnitude, a layer reading back its magnitude times the shared
+    direction. Each step attends to the positions before it read back so, and its own as computed (as every
+    policy's step does: a prompt in one step attends exactly as the full cache).
+
+    Retention (the paper's "token retention": state pairs too far apart to merge stay unmerged): per row and
+    K/V head, the ``retain`` fraction of positions (``retained_count``) whose two vectors have the largest
+    angular distance keep both layers' vectors as computed. kvlab's form of it, the paper's rule being out of
+    reach here: after n positions exactly floor(retain * n) are kept, chosen at each step among those kept
+    before and the step's (after a prompt in one step: the prompt's furthest apart), so the bytes held are
+    known at every length. What a pair holds (``minicache_bytes``) is counted in the upper layer's slot, where
+    the paper stores it; the lower's counts nothing."""
+
+    def __init__(self, batch_size, k_heads, v_heads, length, k_dim, v_dim, *, policy, dtype, device):
+        self.policy, self.dtype, self.length = policy, dtype, length
+        kept = retained_count(length, policy.retain)
+        z = dict(dtype=dtype, device=device)
+        self.k = _MergedVectors(batch_size, k_heads, length, k_dim, kept, **z)
+        self.v = _MergedVectors(batch_size, v_heads, length, v_dim, kept, **z)
+        self.shapes = (batch_size, k_heads, v_heads, k_dim, v_dim)
+        self.merged = 0  # positions 0..merged-1 are held merged
+        self.pending = None  # the lower layer's (keys, values) of the step, until the upper's arrive
+        self.lower, self.upper = MergedKV(self, 0), MergedKV(self, 1)
+
+    @classmethod
+    def like(cls, slot: StaticKV, policy: CachePolicy, device) -> MergedPair:
+        B, Hk, _, Dk = slot.k.shape
+        _, Hv, _, Dv = slot.v.shape
+        return cls(B, Hk, Hv, slot.length, Dk, Dv, policy=policy, dtype=slot.k.dtype, device=device)
+
+    def write(self, which: int, k_new: torch.Tensor, v_new: torch.Tensor, start) -> KVView:
+        if isinstance(start, torch.Tensor):
+            raise ValueError(
+                "cache policy minicache: the positions each K/V head keeps unmerged differ by head "
+                "and step, so it decodes eagerly (generate does; decode_step does not take it)"
+            )
+        t = k_new.shape[2]
+        end = start + t
+        if end > self.length:
+            raise ValueError(f"cache is full: {start} tokens held + {t} new > max_len={self.length}")
+        if start != self.merged or (which == 1) != (self.pending is not None):
+            raise ValueError(f"cache policy minicache: a merged pair takes its lower layer's step, then its upper "
+                             f"layer's, at the position after those merged ({self.merged}); got the "
+                             f"{('lower', 'upper')[which]} layer's at {start}")  # fmt: skip
+        k_new, v_new = k_new.to(self.dtype), v_new.to(self.dtype)
+        view = KVView(torch.cat([self.k.restore(start, which), k_new], dim=2),
+                      torch.cat([self.v.restore(start, which), v_new], dim=2), end)  # fmt: skip
+        if which == 0:
+            self.pending = (k_new, v_new)
+        else:
+            (k_lower, v_lower), self.pending = self.pending, None
+            if k_lower.shape[2] != t:
+                raise ValueError(f"cache policy minicache: the upper layer wrote {t} positions where the lower "
+                                 f"wrote {k_lower.shape[2]}")  # fmt: skip
+            p = self.policy
+            self.k.merge(k_lower, k_new, start, p.interpolation, p.retain)
+            self.v.merge(v_lower, v_new, start, p.interpolation, p.retain)
+            self.merged = end
+        return view
+
+    def view(self, which: int, end: int) -> KVView:
+        held = min(end, self.merged)
+        k, v = self.k.restore(held, which), self.v.restore(held, which)
+        if end > held and which == 0 and self.pending is not None:  # the lower layer's step, not yet merged
+            k = torch.cat([k, self.pending[0][:, :, : end - held]], dim=2)
+            v = torch.cat([v, self.pending[1][:, :, : end - held]], dim=2)
+        return KVView(k, v, k.shape[2])  # positions 0.. in order
+
+    def nbytes(self, seen: int) -> int:
+        B, Hk, Hv, Dk, Dv = self.shapes
+        return B * minicache_bytes(seen, Hk, Hv, Dk, Dv, self.policy.retain, self.dtype)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return self.k.tensors() + self.v.tensors()
+
+    def reset(self) -> None:
+        self.merged, self.pending, self.k.count, self.v.count = 0, None, 0, 0
+
+
+class MergedKV:
+    """One layer's slot of a ``MergedPair`` (``which`` 0: the lower layer, 1: the upper, which counts the pair's
+    bytes)."""
+
+    def __init__(self, pair: MergedPair, which: int):
+        self.pair, self.which = pair, which
+
+    def update(self, k_new: torch.Tensor, v_new: torch.Tensor, start) -> KVView:
+        return self.pair.write(self.which, k_new, v_new, start)
+
+    def view(self, end: int) -> KVView:
+        return self.pair.view(self.which, end)
+
+    def nbytes(self, seen: int) -> int:
+        return self.pair.nbytes(seen) if self.which else 0
+
+    def allocated_bytes(self) -> int:
+        return sum(t.nbytes for t in self.pair.tensors()) if self.which else 0
+
+    def reorder(self, batch_idx: torch.Tensor) -> None:
+        if self.which:
+            reorder_rows(self.pair.tensors(), batch_idx)
+
+    def reset(self) -> None:
+        self.pair.reset()
+
+
+def minicache_bytes(n: int, k_heads: int, v_heads: int, k_dim: int, v_dim: int, retain: float,
+                    dtype: torch.dtype) -> int:  # fmt: skip
+    """What a MiniCache pair holds for one sequence after ``n`` positions: per position and K/V head the shared
+    direction and the two layers' magnitudes; per K/V head ``retained_count(n)`` positions kept unmerged, with
+    both layers' vectors, the position (int32) and the angular distance (float32)."""
+    kept, item = retained_count(n, retain), dtype.itemsize
+    return sum(H * (n * (D + 2) * item + kept * (2 * D * item + 8)) for H, D in ((k_heads, k_dim), (v_heads, v_dim))
+               if D)  # fmt: skip
+
+
+def merged_pairs(policy: CachePolicy, mixers: list) -> list[tuple[int, int]]:
+    """MiniCache's pairs of layers (lower, upper): from ``start_layer`` on, consecutive layers among those that
+    cache every token's keys and values in full at any length (``StaticKV``; not a window, even one as long as a
+    short cache) with the same heads and widths, two by two.
+    Others (windows, latents, readers of another layer's K/V, recurrent states, MatryoshkaKV's projections)
+    stay as they are. Raises where there is no pair."""
+    start = len(mixers) // 2 if policy.start_layer is None else policy.start_layer
+    if start >= len(mixers):
+        raise ValueError(f"cache policy minicache: start_layer={start} is past the last layer "
+                         f"({len(mixers) - 1})")  # fmt: skip
+    owners = []  # (layer, key shape, value shape)
+    for i in range(start, len(mixers)):
+        meta = mixers[i].new_cache_slot(1, 1 << 30, torch.float32, "meta")  # on meta: nothing allocated
+        if type(meta) is StaticKV and getattr(mixers[i].cfg, "kv_ranks", None) is None:
+            owners.append((i, meta.k.shape, meta.v.shape))
+    pairs, j = [], 0
+    while j + 1 < len(owners):
+        if owners[j][1:] == owners[j + 1][1:]:
+            pairs.append((owners[j][0], owners[j + 1][0]))
+            j += 2
+        else:
+            j += 1
+    if not pairs:
+        raise ValueError(f"cache policy minicache: no two layers from layer {start} on cache every token's keys "
+                         "and values alike (full attention with the same heads and widths), so there is nothing "
+                         "to merge; set start_layer lower, or use another policy")  # fmt: skip
+    return pairs
+
+
 def kivi_bytes(n: int, k_heads: int, v_heads: int, k_dim: int, v_dim: int, policy: CachePolicy,
                dtype: torch.dtype) -> int:  # fmt: skip
     """What KIVI holds for one sequence after ``n`` tokens: the quantized keys' codes and their per-channel scales
@@ -775,15 +1054,17 @@ def check_model(policy: CachePolicy, mixers: list, kv_sources: list[int], max_se
         kinds = sorted({m.cfg.kind for m in mixers})
         raise ValueError(f"cache policy {policy.kind}: no layer of this model caches keys and values per token "
                          f"(its mixers: {', '.join(kinds)}, whose states are fixed): nothing to hold")  # fmt: skip
-    if policy.kind not in EVICTING:
+    if policy.kind not in (*EVICTING, "minicache"):
         return
-    if policy.budget > max_seq_len:
+    if policy.kind in EVICTING and policy.budget > max_seq_len:
         raise ValueError(f"cache policy {policy.kind}: budget={policy.budget} is more than the model's "
                          f"max_seq_len={max_seq_len}, so it would never evict")  # fmt: skip
     for i, source in enumerate(kv_sources):
         if source > i:
+            kept = "an eviction does not keep" if policy.kind in EVICTING else (
+                "merged pairs hold only once both layers of a step have written")  # fmt: skip
             raise ValueError(f"cache policy {policy.kind}: layer {i} reads the K/V of the later layer {source} "
-                             "as every position from 0 in order, which an eviction does not keep")  # fmt: skip
+                             f"as every position from 0 in order, which {kept}")  # fmt: skip
 
 
 def policy_cache_slot(mixer, batch_size: int, max_len: int, dtype: torch.dtype, device, policy: CachePolicy,
@@ -811,6 +1092,24 @@ def policy_cache_slot(mixer, batch_size: int, max_len: int, dtype: torch.dtype, 
         return PolicyLatentKV(batch_size, meta.length, rank, meta.latent.shape[-1] - rank, policy.bits,
                               policy.group or rank, dtype=meta.latent.dtype, device=device)  # fmt: skip
     return mixer.new_cache_slot(batch_size, max_len, dtype, device)
+
+
+def policy_cache_slots(mixers: list, batch_size: int, max_len: int, dtype: torch.dtype, device,
+                       policy: CachePolicy) -> list:  # fmt: skip
+    """The cache slots of a model of these layers' ``mixers`` held through ``policy``: each layer's own
+    (``policy_cache_slot``), or, for MiniCache, its pairs' two slots over one ``MergedPair`` and the other layers'
+    as their mixers make them."""
+    if policy.kind != "minicache":
+        return [policy_cache_slot(m, batch_size, max_len, dtype, device, policy, f"layer {i}")
+                for i, m in enumerate(mixers)]  # fmt: skip
+    pairs = merged_pairs(policy, mixers)
+    paired = {i for pair in pairs for i in pair}
+    slots = [None if i in paired else m.new_cache_slot(batch_size, max_len, dtype, device)
+             for i, m in enumerate(mixers)]  # fmt: skip
+    for lower, upper in pairs:
+        pair = MergedPair.like(mixers[lower].new_cache_slot(batch_size, max_len, dtype, "meta"), policy, device)
+        slots[lower], slots[upper] = pair.lower, pair.upper
+    return slots
 
 
 def _check_slot(meta_slot, mixer, policy: CachePolicy, where: str) -> None:
@@ -878,6 +1177,26 @@ class PolicyFootprint:
     bytes_per_token: int | float  # per position, in the long run
     held: Callable[[int], int] | None = None  # the bytes of n positions where they are not n times that
     max_tokens: int | None = None  # the positions kept at most, where the policy bounds them (None: as the layer)
+
+
+def policy_footprints(mixers: list, max_len: int, dtype: torch.dtype, policy: CachePolicy, name: str = "layer") -> list:
+    """Each layer's ``PolicyFootprint`` under ``policy`` (None where its footprint stands): ``policy_footprint``,
+    or, for MiniCache, a pair's bytes at its upper layer and nothing at its lower. ``name``: what errors call a
+    layer."""
+    if policy.kind != "minicache":
+        return [policy_footprint(m, max_len, dtype, policy, f"{name} {i}") for i, m in enumerate(mixers)]
+    rows = [None] * len(mixers)
+    for lower, upper in merged_pairs(policy, mixers):
+        meta = mixers[lower].new_cache_slot(1, max_len, dtype, "meta")
+        (_, Hk, _, Dk), (_, Hv, _, Dv) = meta.k.shape, meta.v.shape
+        item, r = dtype.itemsize, Fraction(repr(policy.retain))
+        rate = sum(H * ((D + 2) * item + r * (2 * D * item + 8)) for H, D in ((Hk, Dk), (Hv, Dv)) if D)
+        rows[lower] = PolicyFootprint(0)
+        rows[upper] = PolicyFootprint(
+            int(rate) if rate.denominator == 1 else float(rate),
+            held=lambda n, s=(Hk, Hv, Dk, Dv): minicache_bytes(n, *s, policy.retain, dtype),
+        )
+    return rows
 
 
 def policy_footprint(mixer, max_len: int, dtype: torch.dtype, policy: CachePolicy, where: str):

@@ -166,11 +166,12 @@ def test_kivi_holds_keys_per_channel_and_values_per_token_behind_a_full_precisio
 
 
 H2O = {"kind": "h2o", "budget": 6, "window": 2}  # evicting from the 7th token on (SnapKV: test_cache_eviction)
-REFUSALS = "latent|window|MatryoshkaKV|DHA|KDGQA|later layer|value_residual|nothing to hold"
+REFUSALS = "latent|window|MatryoshkaKV|DHA|KDGQA|later layer|value_residual|nothing to hold|nothing to merge"
+MINICACHE = {"kind": "minicache", "start_layer": 0, "retain": 0.25}  # every pair merged, a position kept in four
 
 
 @pytest.mark.parametrize(
-    "spec", ["int4", KIVI, SINKS, SINKS_INT4, H2O], ids=str
+    "spec", ["int4", KIVI, SINKS, SINKS_INT4, H2O, MINICACHE], ids=str
 )  # fp8: as int4 but for the codec (tested above)
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_cache_bytes_equal_the_policys_footprint_for_every_layout(name, spec):
