@@ -126,7 +126,8 @@ def main() -> None:
             fast = f"{b * args.new / best[(n, b, True)]:,.0f}" if (n, b, True) in best else "-"
             cells += [f"{eager:,.0f}", fast]
         r = rows[n]
-        print(f"| {n} | {r['per_token']:,} | {r['held']:,} | " + " | ".join(cells) + " |")
+        per_token = f"{r['per_token']:,.1f}" if isinstance(r["per_token"], float) else f"{r['per_token']:,}"
+        print(f"| {n} | {per_token} | {r['held']:,} | " + " | ".join(cells) + " |")
     if compile_s:
         print("\ncompilation (first call per shape, s): " + ", ".join(f"{n} b{b} {s:.1f}" for (n, b), s in
                                                                    compile_s.items()))  # fmt: skip
