@@ -537,13 +537,12 @@ class CausalLM(nn.Module):
     def kv_footprint(self, dtype: torch.dtype = torch.bfloat16, policy=None) -> Footprint:
         """What the cache holds per layer in ``dtype``, its K/V held through ``policy`` (as ``new_cache``)."""
         policy = CachePolicy.from_spec(policy)
+        rows, held_as_policy = [], [None] * len(self.layers)  # each layer's PolicyFootprint (None: as it is)
         if policy is not None:
-            check_model(policy, [layer.mixer for layer in self.layers], self.config.layer_kv_source,
-                        self.config.max_seq_len)  # fmt: skip
-        rows, held_as_policy = [], [None] * len(self.layers)
-        if policy is not None:
+            mixers = [layer.mixer for layer in self.layers]
+            check_model(policy, mixers, self.config.layer_kv_source, self.config.max_seq_len)
             length = self.config.max_seq_len + self.config.meta_tokens
-            held_as_policy = policy_footprints([layer.mixer for layer in self.layers], length, dtype, policy)
+            held_as_policy = policy_footprints(mixers, length, dtype, policy)
         for i, layer in enumerate(self.layers):
             fp, held = layer.mixer.kv_footprint(dtype), None
             if policy is not None:
