@@ -70,9 +70,11 @@ Policies (``POLICIES``):
   the ``retain`` fraction of positions whose two vectors are furthest apart
   (angular distance) per row and head are kept unmerged, both layers' as
   computed. The paper stores it all at the upper layer, so the lower's slot
-  counts nothing. The merging rule is the paper's (its abstract and figure);
-  the retention rule's exact form, t's default and where the pairs start
-  are kvlab's (the paper's text was out of reach): see ``MergedPair``.
+  counts nothing. The merge, retention by angular distance and the start
+  from the middle layer follow the paper's abstract and figure; the
+  retention rule's exact form, t's default, pairs across layers that cannot
+  merge and left pads competing for retention are kvlab's (the paper's text
+  was out of reach): see ``MergedPair``.
 
 What a step attends to: what was cached before it, read back from the codes,
 and its own tokens' keys and values as computed. A prompt prefilled in one
