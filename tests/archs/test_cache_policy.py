@@ -1,7 +1,7 @@
-"""Cache policies (int8, int4, fp8, KIVI, StreamingLLM's sinks; H2O in the footprint's every layout): K/V held as
-codes or evicted, read back as a float64 transcription of the paper says, counted bit-exactly by the footprint,
-composed with every attention layout (grouping, windows, sinks, cross-layer readers, hybrids' attention
-branches)."""
+"""Cache policies (int8, int4, fp8, KIVI, StreamingLLM's sinks; H2O and MiniCache in the footprint's every
+layout): K/V held as codes or evicted, read back as a float64 transcription of the paper says, counted bit-exactly
+by the footprint, composed with every attention layout (grouping, windows, sinks, cross-layer readers, hybrids'
+attention branches)."""
 
 import re
 
