@@ -158,9 +158,10 @@ class CachePolicy:
     @property
     def static_steps(self) -> bool:
         """Whether a decode step's shapes and branches are the same at every position (a compiled step can run
-        it): not an eviction's, whose positions held differ by head and step. (KIVI's step quantizes the
+        it): not an eviction's, whose positions held differ by head and step, nor MiniCache's, whose positions
+        kept unmerged do. (KIVI's step quantizes the
         residual's keys at every step and keeps the codes only when it is full: ``KiviKV._static_update``.)"""
-        return self.kind not in (*EVICTING, "minicache")  # MiniCache's retained positions differ by head
+        return self.kind not in (*EVICTING, "minicache")
 
     @classmethod
     def from_spec(cls, spec) -> CachePolicy | None:
@@ -794,9 +795,9 @@ def slerp_merge(lower: torch.Tensor, upper: torch.Tensor, t: float):
     """MiniCache's merge of two layers' vectors [..., D] at the same positions: each one's magnitude (its L2
     norm), the SLERP of their directions ``e = sin((1 - t) W) / sin W * a + sin(t W) / sin W * b`` (a, b the unit
     vectors of lower and upper, W the angle between them), and their angular distance W / pi in [0, 1]. Computed
-    in float32 at least. Where sin W vanishes (W near 0 or pi) SLERP's weights tend to 1 - t and t: the
-    interpolation of the directions, normalized. Returns (e [..., D], magnitudes [..., 2]: lower's, upper's,
-    distance [...])."""
+    in float32 at least. Where sin W vanishes, W near 0 (SLERP's weights tend to 1 - t and t there) or near pi
+    (SLERP is undefined), the linear interpolation of the directions, normalized. Returns (e [..., D],
+    magnitudes [..., 2]: lower's, upper's, distance [...])."""
     work = torch.promote_types(lower.dtype, torch.float32)
     x, y = lower.to(work), upper.to(work)
     norms = torch.stack([x.norm(dim=-1), y.norm(dim=-1)], dim=-1)
