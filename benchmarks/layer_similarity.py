@@ -11,11 +11,11 @@ key vectors at the same position and K/V head (and of their value vectors), and 
 from __future__ import annotations
 
 import argparse
-import math
 
 import torch
 from equal_bytes import val_batches  # benchmarks/equal_bytes.py, beside this script
 
+from kvlab.layers.cache_policy import slerp_merge
 from kvlab.layers.kv_cache import StaticKV
 from kvlab.recipes.checkpoint import load_checkpoint_model
 
@@ -37,10 +37,9 @@ def main() -> None:
             a, b = cache.slots[lower].view(ids.shape[1]), cache.slots[upper].view(ids.shape[1])
             if a.k.shape != b.k.shape or a.v.shape != b.v.shape:
                 continue
-            k_cos = torch.nn.functional.cosine_similarity(a.k, b.k, dim=-1)
-            v_cos = torch.nn.functional.cosine_similarity(a.v, b.v, dim=-1)
-            row = [float(k_cos.mean()), float(v_cos.mean()), float(k_cos.clamp(-1, 1).acos().mean() / math.pi),
-                   float(v_cos.clamp(-1, 1).acos().mean() / math.pi), 1.0]  # fmt: skip
+            cosines = [torch.nn.functional.cosine_similarity(x, y, dim=-1) for x, y in ((a.k, b.k), (a.v, b.v))]
+            distances = [slerp_merge(x, y, 0.5)[2] for x, y in ((a.k, b.k), (a.v, b.v))]  # as MiniCache ranks by
+            row = [float(x.mean()) for x in cosines + distances] + [1.0]
             sums[lower, upper] = [s + r for s, r in zip(sums.get((lower, upper), [0.0] * 5), row, strict=True)]
     print("| layers | keys: mean cosine | values: mean cosine | keys: mean angular distance | values: same |")
     print("| --- | ---: | ---: | ---: | ---: |")

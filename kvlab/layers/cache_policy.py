@@ -987,12 +987,13 @@ class MergedKV:
         self.pair.reset()
 
 
-def minicache_bytes(n: int, k_heads: int, v_heads: int, k_dim: int, v_dim: int, retain: float,
-                    dtype: torch.dtype) -> int:  # fmt: skip
+def minicache_bytes(n, k_heads: int, v_heads: int, k_dim: int, v_dim: int, retain: float, dtype: torch.dtype,
+                    kept=None):  # fmt: skip
     """What a MiniCache pair holds for one sequence after ``n`` positions: per position and K/V head the shared
-    direction and the two layers' magnitudes; per K/V head ``retained_count(n)`` positions kept unmerged, with
-    both layers' vectors, the position (int32) and the angular distance (float32)."""
-    kept, item = retained_count(n, retain), dtype.itemsize
+    direction and the two layers' magnitudes; per K/V head ``kept`` positions (None: ``retained_count(n)``) kept
+    unmerged, with both layers' vectors, the position (int32) and the angular distance (float32). (The footprint's
+    long-run rate: ``n`` 1 and ``kept`` the fraction ``retain`` as a Fraction.)"""
+    kept, item = retained_count(n, retain) if kept is None else kept, dtype.itemsize
     return sum(H * (n * (D + 2) * item + kept * (2 * D * item + 8)) for H, D in ((k_heads, k_dim), (v_heads, v_dim))
                if D)  # fmt: skip
 
@@ -1192,12 +1193,12 @@ def policy_footprints(mixers: list, max_len: int, dtype: torch.dtype, policy: Ca
     for lower, upper in merged_pairs(policy, mixers):
         meta = mixers[lower].new_cache_slot(1, max_len, dtype, "meta")
         (_, Hk, _, Dk), (_, Hv, _, Dv) = meta.k.shape, meta.v.shape
-        item, r = dtype.itemsize, Fraction(repr(policy.retain))
-        rate = sum(H * ((D + 2) * item + r * (2 * D * item + 8)) for H, D in ((Hk, Dk), (Hv, Dv)) if D)
+        shapes = (Hk, Hv, Dk, Dv)
+        rate = Fraction(minicache_bytes(1, *shapes, policy.retain, dtype, kept=Fraction(repr(policy.retain))))
         rows[lower] = PolicyFootprint(0)
         rows[upper] = PolicyFootprint(
             int(rate) if rate.denominator == 1 else float(rate),
-            held=lambda n, s=(Hk, Hv, Dk, Dv): minicache_bytes(n, *s, policy.retain, dtype),
+            held=lambda n, s=shapes: minicache_bytes(n, *s, policy.retain, dtype),
         )
     return rows
 
