@@ -13,7 +13,8 @@ When the sweep ends, ``AblationReport`` (a Hydra callback) reads every job's
   runs with a 95% confidence interval (Student's t over the seeds) for the
   validation loss and the perplexity, and each preset's place on the Pareto
   frontier: on it (by the means), tied with it (its interval overlaps those
-  of the frontier presets that beat it), or beaten;
+  of the frontier presets that beat it), or beaten; below the table, the
+  order of the presets at each seed and whether it is the same at every one;
 - ``pareto.png``: validation perplexity against the cache at ``context``
   tokens (log scale), each preset's mean with its interval, labelled, the
   frontier drawn through the means.
@@ -170,6 +171,29 @@ def paired_difference(runs: list[dict[str, Any]], reference: list[dict[str, Any]
     return mean_interval(diffs) if diffs else (None, None)
 
 
+def seed_orders(runs: list[dict[str, Any]]) -> dict[Any, list[str]]:
+    """Per seed, the presets from the lowest validation loss to the highest, at the seeds where every preset ran
+    exactly once: whether that order is the same at every seed is what a budget must show before its ranking is
+    reported (a seed's order alone can be any)."""
+    models = {r["model"] for r in runs}
+    by_seed: dict[Any, list[dict[str, Any]]] = {}
+    for r in runs:
+        by_seed.setdefault(r["seed"], []).append(r)
+    return {seed: [r["model"] for r in sorted(rs, key=lambda r: r["val_loss"])]
+            for seed, rs in sorted(by_seed.items())
+            if len(rs) == len(models) and {r["model"] for r in rs} == models}  # fmt: skip
+
+
+def order_line(orders: dict[Any, list[str]]) -> str:
+    """``orders`` (``seed_orders``) in words: each seed's order and whether it is the same at every seed."""
+    if len(orders) < 2 or len(next(iter(orders.values()))) < 2:
+        return ""
+    each = "; ".join(f"seed {seed}: {' < '.join(order)}" for seed, order in orders.items())
+    same = len({tuple(order) for order in orders.values()}) == 1
+    verdict = "the same at every seed" if same else "not the same at every seed"
+    return f"Order by validation loss (lowest first), {each}: **{verdict}**."
+
+
 def pareto_front(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The rows no other row beats on both cache size and (mean) perplexity, from the smallest cache up."""
     front, best = [], float("inf")
@@ -225,9 +249,9 @@ def _write_csv(path: Path, rows: list[dict[str, Any]], columns: tuple[str, ...])
     atomic_write(path, write)
 
 
-def markdown_table(summary: list[dict[str, Any]], context: int) -> str:
+def markdown_table(summary: list[dict[str, Any]], context: int, orders: dict[Any, list[str]] | None = None) -> str:
     """The per-preset table as Markdown: loss and perplexity as mean ± interval, the frontier in bold, ties
-    marked."""
+    marked; below it, with ``orders`` (``seed_orders``), the order of the presets at each seed."""
     first = summary[0]["model"]
     head = ("model", "runs", "lr", "params", "train FLOPs/token", "KV bytes/token", f"cache at {context:,}",
             "val loss (95% CI)", f"- {first}'s, paired by seed", "val ppl (95% CI)", "frontier")  # fmt: skip
@@ -252,7 +276,8 @@ def markdown_table(summary: list[dict[str, Any]], context: int) -> str:
                  _cell(r["kv_bytes_per_token"]), _cell(r["kv_bytes_at_context"]), loss, diff, ppl,
                  r["frontier"] or "beaten"]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    line = order_line(orders or {})
+    return "\n".join(lines + (["", line] if line else [])) + "\n"
 
 
 def plot_pareto(rows: list[dict[str, Any]], path: Path, context: int) -> list[tuple[str, float, float]]:
@@ -297,9 +322,12 @@ def report(sweep_dir: Path, context: int = 2048) -> list[dict[str, Any]]:
     sweep_dir = Path(sweep_dir)
     _write_csv(sweep_dir / "runs.csv", runs, RUN_COLUMNS)
     _write_csv(sweep_dir / "results.csv", summary, COLUMNS)
-    atomic_write_text(sweep_dir / "results.md", markdown_table(summary, context))
+    orders = seed_orders(runs)
+    atomic_write_text(sweep_dir / "results.md", markdown_table(summary, context, orders))
     plot_pareto(summary, sweep_dir / "pareto.png", context)
     log.info("ablation: %d runs of %d models, results in %s", len(runs), len(summary), sweep_dir)
+    if order_line(orders):
+        log.info("ablation: %s", order_line(orders).replace("**", ""))
     return summary
 
 

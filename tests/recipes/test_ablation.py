@@ -6,7 +6,17 @@ import math
 
 import pytest
 
-from kvlab.recipes.ablation import _cache_at, frontier_marks, mean_interval, pareto_front, plot_pareto, summarize
+from kvlab.recipes.ablation import (
+    _cache_at,
+    frontier_marks,
+    markdown_table,
+    mean_interval,
+    order_line,
+    pareto_front,
+    plot_pareto,
+    seed_orders,
+    summarize,
+)
 from tests.conftest import tiny
 from tests.recipes.test_train import run_dirs, train
 
@@ -71,6 +81,7 @@ def test_ablation_sweep_over_seeds_with_an_lr_sweep_writes_every_run_and_the_mea
         assert float(row["val_loss_ci95"]) == pytest.approx(half)
     assert results["retnet"]["frontier"] == "front"  # the smallest cache
     assert "**retnet** |" in (sweep / "results.md").read_text()
+    assert "Order by validation loss (lowest first), seed 0: " in (sweep / "results.md").read_text()
     assert (sweep / "pareto.png").stat().st_size > 1000
     from kvlab.recipes.ablation import main
 
@@ -124,6 +135,27 @@ def test_summary_groups_runs_by_preset_with_the_perplexity_interval_from_the_los
     diff, diff_half = mean_interval([0.2, 0.3])
     assert mqa["val_loss_diff"] == pytest.approx(diff) and mqa["val_loss_diff_ci95"] == pytest.approx(diff_half)
     assert diff_half < mqa["val_loss_ci95"]  # the pairs take out what the seed moves in both
+
+
+def test_the_order_at_each_seed_and_whether_every_seed_agrees():
+    def runs(losses):
+        return [{"model": m, "seed": s, "val_loss": loss} for (m, s), loss in losses.items()]
+
+    agree = runs({("mha", 0): 3.0, ("gqa", 0): 3.1, ("mqa", 0): 3.3, ("mha", 1): 2.9, ("gqa", 1): 3.0,
+                  ("mqa", 1): 3.2, ("mha", 10): 3.1, ("gqa", 10): 3.15, ("mqa", 10): 3.2,
+                  ("mha", 2): 3.0, ("gqa", 2): 3.05})  # fmt: skip
+    orders = seed_orders(agree)  # seed 2 lacks mqa: no order to compare there
+    assert orders == {0: ["mha", "gqa", "mqa"], 1: ["mha", "gqa", "mqa"], 10: ["mha", "gqa", "mqa"]}
+    assert order_line(orders).startswith("Order by validation loss (lowest first), seed 0: mha < gqa < mqa; seed 1")
+    assert order_line(orders).endswith("**the same at every seed**.")
+    swapped = seed_orders(agree[:3] + runs({("mha", 1): 3.1, ("gqa", 1): 3.0, ("mqa", 1): 3.2}))
+    assert swapped[1] == ["gqa", "mha", "mqa"] and "**not the same at every seed**" in order_line(swapped)
+    assert order_line({0: ["mha", "gqa"]}) == "" and order_line({0: ["mha"], 1: ["mha"]}) == ""  # nothing to rank
+    summary = [{"model": "mha", "runs": 3, "lr": None, "params": 1, "train_flops_per_token": 1,
+                "kv_bytes_per_token": 1, "kv_bytes_at_context": 1, "val_loss": 3.0, "val_loss_ci95": 0.1,
+                "val_loss_diff": None, "val_loss_diff_ci95": None, "val_ppl": 20.0, "val_ppl_low": 19.0,
+                "val_ppl_high": 21.0, "frontier": "front"}]  # fmt: skip
+    assert markdown_table(summary, 2048, swapped).rstrip().endswith(order_line(swapped))
 
 
 def test_with_wandb_the_table_and_the_plot_are_logged_offline(tmp_path, monkeypatch):
