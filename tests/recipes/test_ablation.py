@@ -174,7 +174,7 @@ def test_with_wandb_the_table_and_the_plot_are_logged_offline(tmp_path, monkeypa
     assert list(tmp_path.glob("wandb/offline-run-*/files/media/images/pareto_*.png"))
 
 
-@pytest.mark.parametrize("setting, steps, seeds, width", [(None, 100, "0", 256), ("standard", 1000, "0,1,2", 128)])
+@pytest.mark.parametrize("setting, steps, seeds, width", [(None, 100, "0", 256), ("standard", 2000, "0,1,2", 128)])
 def test_the_ablation_settings_set_the_budget_and_the_seeds(setting, steps, seeds, width):
     from hydra import compose, initialize_config_dir
 
