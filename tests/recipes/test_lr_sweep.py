@@ -44,7 +44,7 @@ def test_the_rate_of_least_loss_is_chosen_and_diverged_trials_lose():
         choose_lr({1e-3: float("nan"), 1e-2: float("inf")})
 
 
-def test_the_sweep_trains_each_rate_once_then_every_seed_at_the_chosen_one(tmp_path):
+def test_the_sweep_trains_each_rate_once_then_every_seed_at_the_chosen_one(tmp_path, caplog):
     calls, runs = [], []
     trial = _stub_trials({1e-3: 5.0, 3e-3: 4.2, 1e-2: math.inf}, calls)
 
@@ -62,6 +62,10 @@ def test_the_sweep_trains_each_rate_once_then_every_seed_at_the_chosen_one(tmp_p
     # the trials: seed 0 (lr_sweep.seed), its own short budget with no warmup set, trained once for both seeds
     assert calls == [(lr, 20, 0, ["train"], None) for lr in (1e-3, 3e-3, 1e-2)]
     assert runs == [(3e-3, 0, 200, []), (3e-3, 1, 200, [])]
+    assert "trials of 20 steps for a run of 200 favour small rates" in caplog.text  # a tenth of the run
+    caplog.clear()
+    run_lr_sweep(_cfg(tmp_path, **{"trainer.max_steps": 40}), tmp_path / "half", then=then, trial=trial)
+    assert "favour small rates" not in caplog.text  # half the run: no warning
     # another grid reuses the trials it shares; a warmup keeps its share of the shorter budget
     run_lr_sweep(_cfg(tmp_path, **{"lr_sweep.grid": [3e-3, 3e-4]}), tmp_path / "run2", then=then,
                  trial=_stub_trials({3e-4: 6.0}, calls))  # fmt: skip
