@@ -159,8 +159,8 @@ class CachePolicy:
     def static_steps(self) -> bool:
         """Whether a decode step's shapes and branches are the same at every position (a compiled step can run
         it): not an eviction's, whose positions held differ by head and step, nor MiniCache's, whose positions
-        kept unmerged do. (KIVI's step quantizes the
-        residual's keys at every step and keeps the codes only when it is full: ``KiviKV._static_update``.)"""
+        kept unmerged do. (KIVI's step quantizes the residual's keys at every step and keeps the codes only when
+        it is full: ``KiviKV._static_update``.)"""
         return self.kind not in (*EVICTING, "minicache")
 
     @classmethod

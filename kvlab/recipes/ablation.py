@@ -326,8 +326,9 @@ def report(sweep_dir: Path, context: int = 2048) -> list[dict[str, Any]]:
     atomic_write_text(sweep_dir / "results.md", markdown_table(summary, context, orders))
     plot_pareto(summary, sweep_dir / "pareto.png", context)
     log.info("ablation: %d runs of %d models, results in %s", len(runs), len(summary), sweep_dir)
-    if order_line(orders):
-        log.info("ablation: %s", order_line(orders).replace("**", ""))
+    line = order_line(orders)
+    if line:
+        log.info("ablation: %s", line.replace("**", ""))
     return summary
 
 
