@@ -73,6 +73,7 @@ def train(args: list[str]) -> None:
     def run_job(cfg: DictConfig) -> None:
         # Lightning starts a multi-process run's other ranks with this process's command line: the one given
         sys.argv = given
+        _end_with_the_sweep()
         from kvlab.recipes.run import ConfigError, run
         from kvlab.recipes.uptrain import run_uptrain
 
@@ -170,6 +171,41 @@ def _leave_process_group() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+
+
+_sweep_pid: int | None = None  # in a parallel sweep's worker: the sweep's process, watched
+
+
+def _end_with_the_sweep(poll_s: float = 2.0, grace_s: float = 30.0) -> None:
+    """In a worker of a parallel sweep (``hydra/launcher=joblib``, as ``ablation=standard`` runs): end this process
+    when the sweep's is gone. A sweep killed with the basic launcher stops its one job; a joblib worker would go
+    on with the job it runs and those handed to it ahead. The watch sends SIGTERM (Lightning stops after the
+    step; the last periodic checkpoint resumes it, as after any kill) and ends the worker ``grace_s`` later, or
+    at once when the next job starts (here) after the sweep is gone."""
+    import multiprocessing
+    import os
+    import signal
+    import threading
+    import time
+
+    global _sweep_pid
+    if not multiprocessing.current_process().name.startswith("LokyProcess"):
+        return
+    if _sweep_pid is not None:  # a later job of this worker
+        if os.getppid() != _sweep_pid:
+            os._exit(1)
+        return
+    _sweep_pid = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == _sweep_pid:
+            time.sleep(poll_s)
+        print(f"kvlab: the sweep's process {_sweep_pid} is gone: ending this job", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(grace_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="kvlab-sweep-watch", daemon=True).start()
 
 
 def _fail(message: str) -> None:

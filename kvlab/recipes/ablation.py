@@ -41,7 +41,7 @@ RUN_COLUMNS = ("model", "cache", "seed", "lr", "params", "train_flops_per_token"
                "kv_fixed_bytes", "kv_bytes_at_context", "steps", "tokens_seen", "val_loss", "val_loss_forward",
                "val_ppl", "val_ppl_ar_hit",
                "val_ppl_ar_other", "val_accuracy", "decode_tok_s_batch_1", "decode_tok_s_batch_8", "train_tok_s",
-               "job")  # fmt: skip
+               "threads", "job")  # fmt: skip
 COLUMNS = ("model", "runs", "seeds", "lr", "params", "train_flops_per_token", "kv_bytes_per_token",
            "kv_bytes_at_context", "val_loss", "val_loss_ci95", "val_loss_diff", "val_loss_diff_ci95", "val_ppl",
            "val_ppl_low", "val_ppl_high", "val_accuracy", "decode_tok_s_batch_1", "train_tok_s",
@@ -81,6 +81,7 @@ def collect(sweep_dir: Path, context: int) -> list[dict[str, Any]]:
             "decode_tok_s_batch_1": decode.get("batch_1"),
             "decode_tok_s_batch_8": decode.get("batch_8"),
             "train_tok_s": m.get("tokens_per_s"),
+            "threads": m.get("threads"),  # with jobs in parallel (ablation=standard), speeds share the machine
             "job": job.name,
         })  # fmt: skip
     return rows

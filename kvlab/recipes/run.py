@@ -152,6 +152,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             metrics["train_aux_loss"] = _metric(trainer, "train_aux_loss")
         metrics["tokens_seen"] = trainer.global_step * tokens_per_step
         metrics["tokens_per_s"] = (trainer.global_step - start_step) * tokens_per_step / elapsed
+        metrics["threads"] = torch.get_num_threads()  # a parallel sweep's jobs run one thread each (ablation)
         metrics["steps"] = trainer.global_step
     metrics["val_loss"] = _validate(trainer, module, datamodule)
     metrics["val_ppl"] = math.exp(min(metrics["val_loss"], 50.0))

@@ -174,8 +174,11 @@ def test_with_wandb_the_table_and_the_plot_are_logged_offline(tmp_path, monkeypa
     assert list(tmp_path.glob("wandb/offline-run-*/files/media/images/pareto_*.png"))
 
 
-@pytest.mark.parametrize("setting, steps, seeds, width", [(None, 100, "0", 256), ("standard", 2000, "0,1,2", 128)])
-def test_the_ablation_settings_set_the_budget_and_the_seeds(setting, steps, seeds, width):
+@pytest.mark.parametrize(
+    "setting, steps, seeds, width, launcher",
+    [(None, 100, "0", 256, "basic_launcher.BasicLauncher"), ("standard", 2000, "0,1,2", 128, "JoblibLauncher")],
+)
+def test_the_ablation_settings_set_the_budget_and_the_seeds(setting, steps, seeds, width, launcher):
     from hydra import compose, initialize_config_dir
 
     from kvlab.archs import ModelConfig
@@ -188,15 +191,19 @@ def test_the_ablation_settings_set_the_budget_and_the_seeds(setting, steps, seed
         cfg = compose("train", overrides=overrides, return_hydra_config=True)
     assert cfg.trainer.max_steps == steps and str(cfg.hydra.sweeper.params.seed) == seeds
     assert ModelConfig.from_dict(cfg.model).d_model == width
+    assert cfg.hydra.launcher._target_.endswith(launcher)  # the standard runs its jobs in parallel, one per core
 
 
-def test_an_ablation_sweeps_cache_policies_like_models(tmp_path, data_cache):
-    train(tmp_path, data_cache, "-m", "recipe=ablation", "model=gqa", "cache=null,int8", "trainer.max_steps=3",
-          "trainer.limit_val_batches=2", "eval.decode_speed=false", "eval.cache_chunk=4")  # fmt: skip
+def test_an_ablation_sweeps_cache_policies_like_models_in_parallel_jobs(tmp_path, data_cache):
+    proc = train(tmp_path, data_cache, "-m", "recipe=ablation", "model=gqa", "cache=null,int8", "trainer.max_steps=3",
+                 "trainer.limit_val_batches=2", "eval.decode_speed=false", "eval.cache_chunk=4",
+                 "hydra/launcher=joblib", "hydra.launcher.n_jobs=2")  # fmt: skip
+    assert "Joblib.Parallel(n_jobs=2" in proc.stdout + proc.stderr  # two worker processes ran the jobs
     (sweep,) = run_dirs(tmp_path, "ablation")
     with open(sweep / "runs.csv") as f:
         runs = {r["model"]: r for r in csv.DictReader(f)}
     assert sorted(runs) == ["gqa", "gqa+int8"] and runs["gqa+int8"]["cache"] == "int8"
+    assert runs["gqa"]["threads"] == "1"  # each job's torch threads (the tests run with OMP_NUM_THREADS=1)
     plain, int8 = (json.loads((sweep / runs[m]["job"] / "metrics.json").read_text()) for m in ("gqa", "gqa+int8"))
     assert plain["val_loss"] == int8["val_loss"]  # the forward pass never reads the cache
     # decoded through int8 codes: close to the forward's loss, not equal to it; the table's loss is that one

@@ -95,3 +95,54 @@ def test_the_wheel_installs_a_kvlab_command_that_works_from_an_empty_directory(t
     text = kvlab_run("generate", run / "checkpoints" / "last.ckpt", *prompts, "--max-new-tokens", "4")
     assert text.stdout.startswith("def main(") and "\n\nx = [1, 2, 3]" in text.stdout
     assert sorted(p.name for p in empty.iterdir()) == ["outputs"]  # nothing else written where it ran
+
+
+SWEEP_WORKER = """
+import multiprocessing, pathlib, signal, sys, time
+from kvlab import cli
+
+class Stop(Exception):
+    pass
+
+def stop(*_):
+    raise Stop
+
+mark = pathlib.Path(sys.argv[1])
+signal.signal(signal.SIGTERM, stop)  # as Lightning's handler: the job ends after its step
+multiprocessing.current_process().name = "LokyProcess-1"  # a joblib worker
+cli._end_with_the_sweep(poll_s=0.05, grace_s=60)
+print("watching", flush=True)
+try:
+    time.sleep(60)  # the job
+except Stop:
+    mark.write_text("stopped by SIGTERM")
+cli._end_with_the_sweep()  # the next job handed to this worker starts
+mark.write_text("went on with the next job")
+"""
+
+
+def _ended(pid: int) -> bool:
+    try:  # gone, or a zombie its new parent has not reaped
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] in "ZX"
+    except FileNotFoundError:
+        return True
+
+
+def test_a_parallel_sweeps_worker_ends_when_the_sweep_is_killed(tmp_path):
+    import threading
+    import time
+
+    cli._end_with_the_sweep()  # not a worker: nothing is watched
+    assert "kvlab-sweep-watch" not in [t.name for t in threading.enumerate()]
+    mark = tmp_path / "mark"
+    sweep = (  # starts the worker, waits until it watches, and exits as a killed sweep would
+        "import subprocess, sys\n"
+        f"w = subprocess.Popen([sys.executable, '-c', {SWEEP_WORKER!r}, {str(mark)!r}], stdout=subprocess.PIPE, "
+        "text=True)\nprint(w.pid, flush=True)\nw.stdout.readline()\n"
+    )
+    out = subprocess.run([sys.executable, "-c", sweep], capture_output=True, text=True, timeout=60, cwd=REPO)
+    worker = int(out.stdout)
+    deadline = time.monotonic() + 30  # the grace is 60 s: ending sooner is the next job's check
+    while not _ended(worker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _ended(worker) and mark.read_text() == "stopped by SIGTERM"
