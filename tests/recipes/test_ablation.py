@@ -192,6 +192,7 @@ def test_the_ablation_settings_set_the_budget_and_the_seeds(setting, steps, seed
     assert cfg.trainer.max_steps == steps and str(cfg.hydra.sweeper.params.seed) == seeds
     assert ModelConfig.from_dict(cfg.model).d_model == width
     assert cfg.hydra.launcher._target_.endswith(launcher)  # the standard runs its jobs in parallel, one per core
+    assert cfg.eval.decode_speed == (setting is None)  # speeds beside another job are not measured
 
 
 def test_an_ablation_sweeps_cache_policies_like_models_in_parallel_jobs(tmp_path, data_cache):
