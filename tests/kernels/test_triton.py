@@ -6,6 +6,10 @@ multiple of the block, head dims like 48, value dims unlike key dims.
 """
 
 import functools
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -243,6 +247,21 @@ def test_chunked_linear_attention_matches_the_reference(docs, with_state, exclus
            n_outputs=2)  # fmt: skip
 
 
+def test_chunked_linear_attention_with_a_constant_decay(monkeypatch):
+    """RetNet's decays are constants: q, k, v and the initial state get their gradients, the decay's is never
+    computed."""
+    from kvlab.kernels import triton_linear_attention as tla
+
+    B, H, T, DK, DV = 1, 2, tla.CHUNK + 7, 16, 24
+    q, k, v = torch.randn(B, H, T, DK), torch.randn(B, H, T, DK), torch.randn(B, H, T, DV)
+    log_decay = torch.log(1 - 2.0 ** (-1.0 - torch.arange(H, dtype=torch.float32)))[None, :, None].expand(B, H, T)
+    state = torch.randn(B, H, DK, DV)
+    inputs = [t.requires_grad_() for t in (q, k, v)] + [log_decay, state.requires_grad_()]
+    monkeypatch.setattr(tla, "reverse_cumsum_within_documents", None)  # calling it would raise
+    _check(lambda q, k, v, g, s: tla.linear_attention(q, k, v, g, state=s, form="chunked"),
+           lambda q, k, v, g, s: linear_attention_reference(q, k, v, g, state=s), inputs, n_outputs=2)  # fmt: skip
+
+
 def test_linear_attention_kernel_forms():
     """auto: chunked for a scalar decay over more than a chunk, recurrent for decoding and per-channel decays;
     both forms agree on a sequence shorter than a chunk."""
@@ -430,3 +449,16 @@ def test_float32_dots_follow_torchs_matmul_precision_and_autotuning_can_be_turne
     assert [c.kwargs for c in tune_configs(tiles, {"BLOCK_M": 16})] == [{"BLOCK_M": 64}]
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert [c.kwargs for c in tune_configs(tiles, {"BLOCK_M": 16})] == [{"BLOCK_M": 16}]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", pytest.param("float32", marks=pytest.mark.slow)])
+def test_every_triton_kernel_compiles_for_a_gpu(dtype):
+    """The interpreter runs a kernel's Python; only Triton's compiler checks what a GPU builds (a dot's operand
+    types, layouts). Every kernel variant the entry points reach compiles for sm_90 here, without a GPU, and
+    none is left unreached (tests/kernels/compile_for_gpu.py; float32's IEEE dots take minutes: slow)."""
+    pytest.importorskip("triton.backends.nvidia", reason="this Triton has no CUDA backend")
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-m", "tests.kernels.compile_for_gpu", "--dtype", dtype], env=env,
+                          cwd=Path(__file__).parents[2], capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
+    assert "kernel variants compiled for sm_90" in done.stdout
