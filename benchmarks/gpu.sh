@@ -14,9 +14,13 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv >"$out/gpu.txt" 2>&1
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__,
 'transformers', transformers.__version__)" >>"$out/gpu.txt" 2>&1
-# SIGINT: pytest and the scripts still print what they have when a part runs out of time
+# SIGINT: pytest and the scripts still print what they have when a part runs out of time.
+# Each test case compiles its kernels afresh (15-20 s of CPU): TESTS_N workers compile side by side (pytest-xdist,
+# where installed; the GPU's numbers are unaffected, these are correctness checks).
+workers=()
+python3 -c "import xdist" 2>/dev/null && workers=(-n "${TESTS_N:-8}")
 KVLAB_TRITON_AUTOTUNE=0 timeout -s INT "${TESTS_S:-150}" python3 -m pytest -q -p no:cacheprovider -o addopts="" \
-    tests/kernels/test_triton.py -m "slow or not slow" -k "${TESTS_K:-}" -rf >"$out/tests.txt" 2>&1
+    "${workers[@]}" tests/kernels/test_triton.py -m "slow or not slow" -k "${TESTS_K:-}" -rf >"$out/tests.txt" 2>&1
 timeout -s INT "${PEERS_S:-200}" python3 benchmarks/peers.py --cases "${PEERS_CASES:-attention,gqa,retention,simple_gla,gla}" \
     >"$out/peers.txt" 2>&1
 timeout -s INT "${DECODE_S:-150}" python3 benchmarks/decode.py --device cuda --dtype bfloat16 \
