@@ -50,6 +50,25 @@ def test_weight_decay_only_on_matrices():
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(module.model.parameters()))
 
 
+def test_the_optimizer_is_fused_adamw_and_steps_as_the_per_tensor_loop():
+    module = LMModule(model=tiny(), optim={"weight_decay": 0.3, "lr": 1e-2, "warmup_steps": 0})
+    opt = module.configure_optimizers()["optimizer"]  # its schedule has set the first step's rate
+    assert opt.defaults["fused"]
+    twin = [p.detach().clone().requires_grad_() for p in module.model.parameters()]
+    loop = torch.optim.AdamW([{"params": [t for t in twin if t.dim() >= 2], "weight_decay": 0.3},
+                              {"params": [t for t in twin if t.dim() < 2], "weight_decay": 0.0}],
+                             lr=opt.param_groups[0]["lr"], betas=opt.defaults["betas"], eps=opt.defaults["eps"],
+                             foreach=False)  # fmt: skip
+    for _ in range(3):
+        for p, t in zip(module.model.parameters(), twin, strict=True):
+            p.grad = torch.randn_like(p)
+            t.grad = p.grad.clone()
+        opt.step()
+        loop.step()
+    for p, t in zip(module.model.parameters(), twin, strict=True):
+        torch.testing.assert_close(p, t, rtol=1e-5, atol=1e-6)
+
+
 def test_associative_recall_hits_mark_bigrams_seen_before():
     from kvlab.recipes.module import associative_recall_hits
 
