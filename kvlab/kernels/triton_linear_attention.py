@@ -242,10 +242,10 @@ def _chunk_outputs(Q, K, G, STARTS, X, STATES, OUT, T, H, DK, DV, T_BUCKET, HAS_
     scores = (tl.dot(q, tl.trans(k), input_precision=DOT) * decay).to(x.dtype)
     if VALUE_GRAD:
         out = tl.dot(tl.trans(scores), x, input_precision=DOT)
-        out += tl.dot((k * write[:, None]).to(k.dtype), state, input_precision=DOT)
+        out += tl.dot((k * write[:, None]).to(state.dtype), state, input_precision=DOT)
     else:
         out = tl.dot(scores, x, input_precision=DOT)
-        out += tl.dot((q * read[:, None]).to(q.dtype), state, input_precision=DOT)
+        out += tl.dot((q * read[:, None]).to(state.dtype), state, input_precision=DOT)
     tl.store(OUT + (bh * T + rows[:, None]) * DV + iv[None, :], out.to(OUT.dtype.element_ty),
              mask=(rows[:, None] < T) & (iv[None, :] < DV))  # fmt: skip
 
@@ -274,8 +274,8 @@ def _chunk_query_key_grads(Q, K, V, G, STARTS, DO, STATES, DSTATES, DQ, DK_OUT, 
         state = _chunk_slice(STATES, bh, chunk, n_chunks, DK, DV, ik, iv, in_k, in_v, UPCAST)
         d_state = _chunk_slice(DSTATES, bh, chunk, n_chunks, DK, DV, ik, iv, in_k, in_v, UPCAST)
         d_scores += tl.dot(do, tl.trans(v), input_precision=DOT)
-        dq += tl.dot(do, tl.trans(state), input_precision=DOT)
-        dk += tl.dot(v, tl.trans(d_state), input_precision=DOT)
+        dq += tl.dot(do.to(state.dtype), tl.trans(state), input_precision=DOT)
+        dk += tl.dot(v.to(d_state.dtype), tl.trans(d_state), input_precision=DOT)
     q, k = _rows(Q, bh, T, rows, ik, DK, UPCAST), _rows(K, bh, T, rows, ik, DK, UPCAST)
     decay, read, write, _ = _chunk_decays(G, STARTS, bh, H, T, chunk * CHUNK, HAS_DOCS, EXCLUSIVE, CHUNK)
     d_scores = (d_scores * decay).to(q.dtype)
@@ -339,7 +339,10 @@ def _chunked_forward(q, k, v, log_decay, s0, starts, meta, has_state):
     B, H, T, Dk = q.shape
     Dv, n_chunks = v.shape[-1], triton.cdiv(T, CHUNK)
     sizes = (T, H, Dk, Dv, triton.next_power_of_2(T))
-    states = torch.empty(B, H, n_chunks, Dk, Dv, dtype=q.dtype, device=q.device)  # what tensor cores multiply
+    # In the inputs' dtype, what tensor cores multiply; float32 for float16 inputs, whose range a state summing
+    # thousands of tokens' k^T v can leave.
+    states = torch.empty(B, H, n_chunks, Dk, Dv, dtype=torch.float32 if q.dtype == torch.float16 else q.dtype,
+                         device=q.device)  # fmt: skip
     final = torch.empty(B, H, Dk, Dv, dtype=torch.float32, device=q.device)
     out = torch.empty(B, H, T, Dv, dtype=q.dtype, device=q.device)
     _tuned["states"][lambda m: (triton.cdiv(Dv, m["BLOCK_V"]), B * H)](

@@ -1,6 +1,6 @@
 """Compile every Triton kernel kvlab launches for a Hopper GPU (sm_90), on a machine without one.
 
-    python -m tests.kernels.compile_for_gpu [--dtype bfloat16|float32]
+    python -m tests.kernels.compile_for_gpu [--dtype bfloat16|float16|float32]
 
 The interpreter (``TRITON_INTERPRET=1``, the rest of the suite) runs a
 kernel's Python, not its compilation: what only Triton's compiler refuses
@@ -170,7 +170,7 @@ def unreached() -> list[str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     dtype = getattr(torch, parser.parse_args().dtype)
     JITFunction.run = _compile_instead_of_launching
     start = time.perf_counter()

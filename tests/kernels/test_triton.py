@@ -451,7 +451,7 @@ def test_float32_dots_follow_torchs_matmul_precision_and_autotuning_can_be_turne
     assert [c.kwargs for c in tune_configs(tiles, {"BLOCK_M": 16})] == [{"BLOCK_M": 16}]
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", pytest.param("float32", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", pytest.param("float32", marks=pytest.mark.slow)])
 def test_every_triton_kernel_compiles_for_a_gpu(dtype):
     """The interpreter runs a kernel's Python; only Triton's compiler checks what a GPU builds (a dot's operand
     types, layouts). Every kernel variant the entry points reach compiles for sm_90 here, without a GPU, and
