@@ -88,14 +88,18 @@ class DecodeStep:
         self.compiled = False
         log.warning("decoding eager: the compiled decode step is unavailable (%s)", reason)
 
-    def _compile(self, cuda_graph: bool):
+    def _compile(self, device_type: str):
         # One compile call per shape, its entries kept apart from other models' and shapes' (isolated), so
         # the guards on the model's modules can go: evaluating them each step cost as much as a layer.
         # Tensor guards stay (the cache's shapes and dtypes).
         skip_module_guards = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)
         options = {"guard_filter_fn": skip_module_guards} if skip_module_guards is not None else {}
-        if cuda_graph:
+        if self.backend == "inductor" and device_type == "cuda":
             options["triton.cudagraphs"] = True
+        elif self.backend == "inductor" and device_type == "cpu":
+            # The step's hundred-odd kernel and matmul calls made from generated C++, not Python: a gqa step
+            # at batch 1 took 1.01-1.12 ms against 1.19-1.21 (benchmarks/RESULTS.md, "Compiled decoding").
+            options["cpp_wrapper"] = True
         return torch.compile(
             self.model.decode_step,
             backend=self.backend,
@@ -134,7 +138,7 @@ class DecodeStep:
         else:
             t0 = time.perf_counter()
             try:
-                graph = self._compile(cuda_graph)
+                graph = self._compile(token.device.type)
                 logits = graph(token, cache, start)
             except Exception as e:  # noqa: BLE001 - any compiler failure: decode eager, say why
                 self._fall_back(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
