@@ -11,7 +11,9 @@ one of eight buckets per octave (``cache_length``), so generations of
 nearby lengths share a graph; Inductor keeps its compiled kernels on disk,
 so a new process compiles faster than the first.
 
-On a CUDA device the compiled step is also captured as a CUDA graph
+On a CPU the generated code calls the step's kernels from C++ (Inductor's
+``cpp_wrapper``) rather than Python, which shortens a small model's step by
+a tenth to a fifth. On a CUDA device the compiled step is also captured as a CUDA graph
 (Inductor's ``triton.cudagraphs``, what ``mode="reduce-overhead"`` turns
 on): a decode step of a small model is hundreds of kernel launches, and a
 graph replays them with one. The cache's tensors are the graph's state:
