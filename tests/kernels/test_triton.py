@@ -262,6 +262,30 @@ def test_chunked_linear_attention_with_a_constant_decay(monkeypatch):
            lambda q, k, v, g, s: linear_attention_reference(q, k, v, g, state=s), inputs, n_outputs=2)  # fmt: skip
 
 
+def test_chunked_linear_attention_in_half_precision_on_the_gpus_path(monkeypatch):
+    """On a GPU the chunked kernels multiply tiles in the inputs' dtype (tensor cores), where the interpreter
+    upcasts them. fp16, which the interpreter computes natively (bf16 it does not), through the GPU's path:
+    within fp16's rounding of float32 on the same inputs, gradients included."""
+    from kvlab.kernels import triton_linear_attention as tla
+
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU every chunked case runs this path")
+    monkeypatch.setattr(tla, "interpreting", lambda: False)  # UPCAST off: the dtype GPUs multiply in
+    B, H, T, D = 1, 2, 2 * tla.CHUNK + 5, 32
+    half = [(torch.randn(B, H, T, D) * 0.3).half().requires_grad_() for _ in range(3)]
+    log_decay = -torch.rand(B, H, T) * 0.2
+    cot = torch.randn(B, H, T, D)
+    out, final = tla.linear_attention(*half, log_decay, form="chunked")
+    grads = torch.autograd.grad((out.float() * cot).sum() + final.sum(), half)
+    exact = [t.detach().float().requires_grad_() for t in half]
+    ref_out, ref_final = linear_attention_reference(*exact, log_decay)
+    ref_grads = torch.autograd.grad((ref_out * cot).sum() + ref_final.sum(), exact)
+    assert out.dtype == torch.float16 and rel_error(out.float(), ref_out) < 3e-3
+    assert rel_error(final, ref_final) < 3e-3
+    for g, r in zip(grads, ref_grads, strict=True):
+        assert g.dtype == torch.float16 and rel_error(g.float(), r) < 3e-3
+
+
 def test_linear_attention_kernel_forms():
     """auto: chunked for a scalar decay over more than a chunk, recurrent for decoding and per-channel decays;
     both forms agree on a sequence shorter than a chunk."""
