@@ -56,7 +56,15 @@ import triton
 import triton.language as tl
 
 from kvlab.kernels.attention import document_starts
-from kvlab.kernels.triton_common import block, dot_precision, interpreting, load_state, state_slice, tune_configs
+from kvlab.kernels.triton_common import (
+    block,
+    dot_precision,
+    interpreting,
+    length_bucket,
+    load_state,
+    state_slice,
+    tune_configs,
+)
 
 
 @triton.jit
@@ -338,7 +346,7 @@ def _chunked_forward(q, k, v, log_decay, s0, starts, meta, has_state):
     """Two passes: the state entering each chunk (sequential over chunks), then every chunk's outputs at once."""
     B, H, T, Dk = q.shape
     Dv, n_chunks = v.shape[-1], triton.cdiv(T, CHUNK)
-    sizes = (T, H, Dk, Dv, triton.next_power_of_2(T))
+    sizes = (T, H, Dk, Dv, length_bucket(T))
     # In the inputs' dtype, what tensor cores multiply; float32 for float16 inputs, whose range a state summing
     # thousands of tokens' k^T v can leave.
     states = torch.empty(B, H, n_chunks, Dk, Dv, dtype=torch.float32 if q.dtype == torch.float16 else q.dtype,
@@ -359,7 +367,7 @@ def _chunked_backward(q, k, v, log_decay, starts, states, d_out, d_final, meta):
     gradients at once (dV; dQ and dK, with q.dq and k.dk per token for the decay's gradient)."""
     B, H, T, Dk = q.shape
     Dv, n_chunks = v.shape[-1], states.shape[2]
-    sizes = (T, H, Dk, Dv, triton.next_power_of_2(T))
+    sizes = (T, H, Dk, Dv, length_bucket(T))
     d_states = torch.empty_like(states)
     ds0 = torch.empty(B, H, Dk, Dv, dtype=torch.float32, device=q.device)
     d_final_arg = d_final.float().contiguous() if d_final is not None else ds0

@@ -121,8 +121,7 @@ def run_entry_points(dtype: torch.dtype) -> None:
         _grad(triton_linear_attention.linear_attention(q, k, v, decay, state=state, doc_ids=docs, exclusive=True,
                                                        form=form), inputs)  # fmt: skip
 
-    qd, kd, vd, gd, ad, bd = _leaves(dtype, *[(B, H, T, 32)] * 3, (B, H, T, 32), (B, H, T, 32), (B, H, T, 32))
-    inputs = (qd, kd, vd, gd, ad, bd)
+    inputs = _leaves(dtype, *[(B, H, T, 32)] * 6)  # q, k, v, log decay, a, b
     _grad(triton_delta_rule.delta_rule(*inputs), inputs)
     _grad(triton_delta_rule.delta_rule(*inputs, state=state[..., :32, :32].detach(), doc_ids=docs), inputs)
 
