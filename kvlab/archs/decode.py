@@ -13,7 +13,18 @@ so a new process compiles faster than the first.
 
 On a CPU the generated code calls the step's kernels from C++ (Inductor's
 ``cpp_wrapper``) rather than Python, which shortens a small model's step by
-a tenth to a fifth. On a CUDA device the compiled step is also captured as a CUDA graph
+a tenth to a fifth. And there only a cache's first step goes through
+TorchDynamo (whose guards check that the graph fits the cache, the weights
+and the token, and whose bytecode gathers their tensors): the graph notes
+the arguments it was called with, and the cache's later steps call it with
+them directly, their own token and position swapped in (``_DirectCall``),
+another seventh off a small model's step. That is sound because a step
+changes nothing of the cache but its tensors' values (checked on the first
+step) and a cache keeps its tensors for its life; what a caller can change
+between steps (the token's shape, the rows' pads, the context, the grad
+mode) is checked each step, and sends the step through Dynamo again.
+
+On a CUDA device the compiled step is also captured as a CUDA graph
 (Inductor's ``triton.cudagraphs``, what ``mode="reduce-overhead"`` turns
 on): a decode step of a small model is hundreds of kernel launches, and a
 graph replays them with one. The cache's tensors are the graph's state:
@@ -35,6 +46,7 @@ import inspect
 import logging
 import os
 import time
+import weakref
 
 import torch
 
@@ -79,6 +91,11 @@ class DecodeStep:
         self.fallback_reason: str | None = None
         self.compiled = compile
         self._graphs: dict[tuple, object] = {}
+        # On CPUs the step's graphs note their latest call, which later steps of a cache repeat (_DirectCall).
+        # Inductor's hundred-odd kernel and matmul calls there are made from generated C++, not Python: a gqa
+        # step at batch 1 took 1.01-1.12 ms against 1.19-1.21 (benchmarks/RESULTS.md, "Compiled decoding").
+        self._recorder = _RecordingBackend(backend, {"cpp_wrapper": True} if backend == "inductor" else {})
+        self._direct: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> _DirectCall
         if compile and not getattr(model, "static_decode", True):  # by design: said once, not warned
             self.fallback_reason, self.compiled = f"{type(model).__name__} decodes eagerly", False
             log.info("decoding eager: %s", self.fallback_reason)
@@ -98,13 +115,9 @@ class DecodeStep:
         options = {"guard_filter_fn": skip_module_guards} if skip_module_guards is not None else {}
         if self.backend == "inductor" and device_type == "cuda":
             options["triton.cudagraphs"] = True
-        elif self.backend == "inductor" and device_type == "cpu":
-            # The step's hundred-odd kernel and matmul calls made from generated C++, not Python: a gqa step
-            # at batch 1 took 1.01-1.12 ms against 1.19-1.21 (benchmarks/RESULTS.md, "Compiled decoding").
-            options["cpp_wrapper"] = True
         return torch.compile(
             self.model.decode_step,
-            backend=self.backend,
+            backend=self._recorder if device_type == "cpu" else self.backend,
             fullgraph=True,
             dynamic=False,
             options=options,
@@ -124,6 +137,10 @@ class DecodeStep:
         if cache.seen >= cache.max_len:
             raise ValueError(f"cache holds {cache.seen} tokens; 1 more exceeds its max_len={cache.max_len}")
         start = torch.tensor(cache.start, device=token.device)
+        direct = self._direct.get(cache)  # False: this cache's steps cannot bypass Dynamo
+        if direct and direct.fits(token, cache):
+            return direct(token, start)
+        record = token.device.type == "cpu" and direct is not False
         # padded rows read their pads from the cache: a graph of their own
         key = (token.shape[0], cache.max_len, cache.dtype, token.device.type, cache.pads is not None)
         cuda_graph = token.device.type == "cuda" and self.backend == "inductor"
@@ -135,6 +152,8 @@ class DecodeStep:
             # the last step's logits (read already) may be overwritten by this replay
             torch.compiler.cudagraph_mark_step_begin()
         graph = self._graphs.get(key)
+        if record:
+            self._recorder.last, before = None, _python_state(cache)
         if graph is not None:
             logits = graph(token, cache, start)
         else:
@@ -149,7 +168,101 @@ class DecodeStep:
             self.compile_seconds[key] = time.perf_counter() - t0
             log.info("compiled the decode step for batch %d, cache length %d (%s, %s, padded rows: %s) in %.1f s",
                      *key, self.compile_seconds[key])  # fmt: skip
+        if record and self._recorder.last is not None:
+            # a step that changed no attribute of the cache (only its tensors' values) can be bypassed
+            unchanged = _python_state(cache) == before
+            self._direct[cache] = (
+                unchanged and _DirectCall.of(self._recorder.last, token, start, logits, cache) or False
+            )
+            self._recorder.last = None  # its arguments hold the cache's tensors: kept only with the cache
         return logits.clone() if cuda_graph else logits  # a graph's output is overwritten by its next replay
+
+
+class _RecordingBackend:
+    """TorchDynamo's ``backend`` (Inductor with the config ``options``), each graph it compiles noting its
+    latest call: the compiled callable, the arguments Dynamo gathered and what it returned (``_DirectCall``)."""
+
+    def __init__(self, backend: str, options: dict):
+        self.backend, self.options, self.last = backend, options, None
+
+    def __call__(self, graph_module, example_inputs):
+        if self.backend == "inductor":
+            from torch._inductor.compile_fx import compile_fx  # what backend="inductor" calls
+
+            graph = compile_fx(graph_module, example_inputs, config_patches=self.options)
+        else:
+            graph = torch._dynamo.lookup_backend(self.backend)(graph_module, example_inputs)
+
+        def run(*args):
+            out = graph(*args)
+            self.last = (graph, args, out)
+            return out
+
+        return run
+
+
+class _DirectCall:
+    """A compiled step's graph called without TorchDynamo, for one cache: the arguments Dynamo gathered on the
+    cache's first step (its tensors, the weights), each later step's token and position swapped in.
+
+    What Dynamo's guards would check each step, and could change between steps, is checked here: the
+    token's shape and dtype, the rows' pads, the context's length and the grad mode (the cache's other
+    attributes and the tensors it holds stay as they are for its life; weights are updated in place)."""
+
+    __slots__ = ("graph", "args", "token_at", "start_at", "output_at", "token_meta", "pads", "context_len", "grad")
+
+    @classmethod
+    def of(cls, last, token, start, logits, cache) -> _DirectCall | None:
+        """From a graph's recorded call (graph, args, outputs) that computed ``logits`` of ``token`` at ``start``;
+        None where the arguments or outputs do not hold them as such (then each step goes through Dynamo)."""
+        graph, args, outputs = last
+
+        def index(items, item):
+            return next((i for i, x in enumerate(items) if x is item), None)
+
+        call = cls()
+        call.graph, call.args = graph, list(args)
+        call.token_at, call.start_at = index(args, token), index(args, start)
+        call.output_at = index(outputs, logits) if isinstance(outputs, (list, tuple)) else None
+        if call.token_at is None or call.output_at is None:
+            return None  # (no start among them: the graph does not read it, as a recurrent model's does not)
+        call.token_meta = (token.shape, token.dtype, token.device)
+        call.pads, call.context_len, call.grad = cache.pads, cache.context_len, torch.is_grad_enabled()
+        return call
+
+    def fits(self, token, cache) -> bool:
+        return (
+            (token.shape, token.dtype, token.device) == self.token_meta
+            and cache.pads is self.pads
+            and cache.context_len == self.context_len
+            and torch.is_grad_enabled() == self.grad
+        )
+
+    def __call__(self, token, start):
+        args = self.args
+        args[self.token_at] = token
+        if self.start_at is not None:
+            args[self.start_at] = start
+        logits = self.graph(*args)[self.output_at]
+        args[self.token_at] = None  # not kept past the step
+        return logits
+
+
+def _python_state(obj, seen: set | None = None):
+    """What a step could change of a cache other than its tensors' values: every attribute but the position
+    ``seen`` (which the caller advances), tensors by identity, nested lists, dicts and kvlab objects."""
+    seen = set() if seen is None else seen
+    if isinstance(obj, torch.Tensor):
+        return ("tensor", id(obj))
+    if isinstance(obj, (list, tuple, dict)) or type(obj).__module__.startswith("kvlab."):
+        if id(obj) in seen:
+            return ("again", id(obj))
+        seen.add(id(obj))
+        if isinstance(obj, (list, tuple)):
+            return tuple(_python_state(x, seen) for x in obj)
+        items = obj.items() if isinstance(obj, dict) else getattr(obj, "__dict__", {}).items()
+        return tuple((k, _python_state(v, seen)) for k, v in items if k != "seen")
+    return obj
 
 
 def cache_tensors(obj, seen: set | None = None) -> list[torch.Tensor]:

@@ -12,6 +12,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from kvlab import build_model
+from kvlab.archs import decode
 from kvlab.archs.decode import DecodeStep, cache_length, cache_tensors, compile_wanted, decode_step_for
 from tests.archs.test_decode import VARIANTS
 from tests.conftest import PRESETS, preset_dict, tiny
@@ -93,10 +94,25 @@ def _generate_with(step: DecodeStep, model, ids, new: int):
     return torch.cat(out, dim=1), torch.stack(all_logits, 1)
 
 
+@pytest.fixture
+def direct_calls(monkeypatch):
+    """Counts the steps that called a compiled graph directly, past TorchDynamo (``_DirectCall``)."""
+    calls = []
+    through = decode._DirectCall.__call__
+
+    def counted(self, token, start):
+        calls.append(token.shape)
+        return through(self, token, start)
+
+    monkeypatch.setattr(decode._DirectCall, "__call__", counted)
+    return calls
+
+
 @pytest.mark.parametrize("name", FAMILIES)
-def test_every_family_traces_into_one_graph(name):
+def test_every_family_traces_into_one_graph(name, direct_calls):
     """Dynamo captures the whole step without a break (fullgraph) and keeps one graph as positions move:
-    traced with its eager backend here (seconds); Inductor's code is tested below on one model."""
+    traced with its eager backend here (seconds); Inductor's code is tested below on one model. Every step
+    after a cache's first calls the graph directly, and gives the same tokens and logits."""
     model = build_model(VARIANTS[name]).eval()
     ids = torch.randint(0, 97, (2, 5))
     traced = DecodeStep(model, True, backend="eager")
@@ -104,14 +120,18 @@ def test_every_family_traces_into_one_graph(name):
     tokens, logits = _generate_with(traced, model, ids, 12)
     assert traced.compiled and traced.fallback_reason is None
     assert counters["stats"]["unique_graphs"] - frames == 1
+    assert len(direct_calls) == 11
+    gc.collect()
+    assert len(traced._direct) == 0 and traced._recorder.last is None  # nothing kept once the cache is gone
     expected_tokens, expected = _generate_with(DecodeStep(model, False), model, ids, 12)
     assert torch.equal(tokens, expected_tokens)
     assert (logits - expected).abs().max() <= 1e-5
 
 
 @needs_cxx
-def test_inductor_step_gives_eager_tokens_without_recompiling():
-    """64 steps through one compiled graph (torch's compile counters), the tokens and logits of eager."""
+def test_inductor_step_gives_eager_tokens_without_recompiling(direct_calls):
+    """64 steps through one compiled graph (torch's compile counters; all but the first called directly),
+    the tokens and logits of eager."""
     model = build_model(tiny(max_seq_len=128)).eval()
     ids = torch.randint(0, 97, (2, 8))
     compiled = DecodeStep(model, True)
@@ -119,6 +139,7 @@ def test_inductor_step_gives_eager_tokens_without_recompiling():
     tokens, logits = _generate_with(compiled, model, ids, 64)
     assert compiled.compiled, compiled.fallback_reason
     assert counters["stats"]["unique_graphs"] - graphs == 1
+    assert len(direct_calls) == 63
     assert sum(counters["recompiles"].values()) == recompiles
     assert list(compiled.compile_seconds) == [(2, 128, torch.float32, "cpu", False)]  # no padded rows
     expected_tokens, expected = _generate_with(DecodeStep(model, False), model, ids, 64)
@@ -134,6 +155,51 @@ def test_inductor_step_gives_eager_tokens_without_recompiling():
     assert torch.equal(updated, _generate_with(DecodeStep(model, False), model, ids, 64)[0])
     assert not torch.equal(updated, tokens)
     assert list(compiled.compile_seconds) == [(2, 128, torch.float32, "cpu", False)]  # no padded rows
+
+
+def test_direct_steps_go_back_through_dynamo_when_what_it_checks_changes(direct_calls):
+    """A step whose grad mode, token shape or rows' pads differ from the cache's first step's is checked by
+    Dynamo's guards again (it retraces where they fail), with eager's logits."""
+    model = build_model(tiny()).eval()
+    step = DecodeStep(model, True, backend="eager")
+    ids = torch.randint(0, 97, (2, 6))
+    cache, reference = model.new_cache(2, 32), model.new_cache(2, 32)
+    with torch.no_grad():
+        model(ids, cache=cache), model(ids, cache=reference)
+        token = ids[:, -1:]
+        # the cache's first step, then one like it (direct); grad on (Dynamo), again (direct); grad off (Dynamo)
+        for grad, direct in ((False, 0), (False, 1), (True, 0), (True, 1), (False, 0)):
+            with torch.set_grad_enabled(grad):
+                calls = len(direct_calls)
+                logits = step(token, cache)
+                expected = model(token, cache=reference)[:, -1]
+            assert (logits - expected).abs().max() <= 1e-5
+            assert len(direct_calls) - calls == direct
+        cache.pads = torch.zeros(2, dtype=torch.long)  # a caller's change between steps: Dynamo sees it
+        calls = len(direct_calls)
+        step(token, cache)
+        assert len(direct_calls) == calls and step._direct[cache].pads is cache.pads
+
+
+def test_a_step_that_changes_the_cache_is_never_bypassed(direct_calls):
+    """Dynamo replays a step's changes to the cache's attributes after its graph: such a step keeps going through
+    Dynamo, so that every step makes them."""
+    model = build_model(tiny()).eval()
+    traced = model.decode_step
+
+    def counting_step(token, cache, start):
+        cache.counted += 1
+        return traced(token, cache, start)
+
+    model.decode_step = counting_step
+    step = DecodeStep(model, True, backend="eager")
+    cache = model.new_cache(1, 32)
+    cache.counted = 0
+    with torch.no_grad():
+        model(torch.randint(0, 97, (1, 4)), cache=cache)
+        for _ in range(5):
+            step(torch.randint(0, 97, (1, 1)), cache)
+    assert cache.counted == 5 and not direct_calls and step._direct[cache] is False
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device (benchmarks/gpu.sh)")
