@@ -9,6 +9,7 @@ from kvlab.kernels.linear_attention import (
     linear_attention,
     linear_attention_chunked,
     linear_attention_reference,
+    linear_attention_step,
 )
 
 B, H, DK, DV = 2, 3, 8, 6
@@ -43,6 +44,25 @@ def test_recurrence_equals_the_parallel_form(vector, exclusive):
     q, k, v, g, _ = _inputs(11, torch.float64, vector=vector)
     out, _ = linear_attention_reference(q, k, v, g, exclusive=exclusive)
     torch.testing.assert_close(out, parallel_form(q, k, v, g, exclusive))
+
+
+@pytest.mark.parametrize("vector", [False, True])
+@pytest.mark.parametrize("exclusive", [False, True])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_one_token_step_equals_the_recurrence(vector, exclusive, with_state):
+    """The decode step reads its output from the state it finds: the recurrence's output and state, in float64
+    to rounding, and in float32 (the compute dtype of lower precisions) from float16 inputs."""
+    q, k, v, g, state = _inputs(1, torch.float64, vector=vector)
+    state = state if with_state else None
+    out, final = linear_attention_step(q, k, v, g, state=state, exclusive=exclusive)
+    expected, expected_final = linear_attention_reference(q, k, v, g, state=state, exclusive=exclusive)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(final, expected_final, rtol=1e-12, atol=1e-12)
+    half = [t.half() for t in (q, k, v, g)]
+    out, final = linear_attention_step(*half, state=state, exclusive=exclusive)
+    assert out.dtype == torch.float16 and final.dtype == torch.float32
+    expected, _ = linear_attention_reference(*half, state=state, exclusive=exclusive)
+    torch.testing.assert_close(out, expected, rtol=2e-3, atol=2e-3)
 
 
 DOCS = torch.tensor([[0] * 10 + [1] * 20 + [2] * 7, [0] * 3 + [1] * 3 + [2] * 31])
