@@ -71,6 +71,8 @@ def attention(
         out = attention(q, k, padded, mask=mask, causal=causal, window=window, doc_ids=doc_ids, scale=scale)
         return out[..., : v.shape[-1]]
     mask, is_causal = _structured_mask(q, mask, causal, window, doc_ids)
+    if T == 1 and not is_causal and _short_compiled_cpu_query(q, k):
+        return _one_query(q, k, v, mask, scale)
     if T == 1 and Hkv < H and not is_causal and (mask is None or mask.dim() < 3 or mask.shape[-3] == 1):
         # One query per head (decoding): each K/V head's query heads become its queries, so SDPA reads each K/V
         # head once rather than once per query head (x2 to x3 faster at long contexts on CPU).
@@ -79,6 +81,41 @@ def attention(
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=Hkv != H
     )
+
+
+# A compiled decode step's one query per head over a short cache, on a CPU: written as plain tensor ops, which
+# Inductor fuses into two loops (scores and softmax; the weighted values), rather than a call into SDPA, whose
+# fixed cost dominates there. gqa's compiled step took 1.13 against 1.28 ms at batch 1 over 256 positions, 1.42
+# against 1.51 over 1,024, 1.98 against 2.06 at batch 8 over 256; past 1,024 positions, or 4,096 over a batch,
+# SDPA's blocked kernel is faster (1.74 against 1.64 ms at batch 1 over 2,048; benchmarks/RESULTS.md). MLA's
+# absorbed attention keeps its matrix products: its latent is every head's, and wide, and the fused loops were
+# x1.07 at batch 1 over 256 positions but x0.84 over 1,024 and x0.86 at batch 8.
+SHORT_CACHE, SHORT_BATCH_CACHE = 1024, 4096
+
+
+def _short_compiled_cpu_query(q, k) -> bool:
+    S = k.shape[2]
+    return (
+        q.device.type == "cpu"
+        and torch.compiler.is_compiling()
+        and S <= SHORT_CACHE
+        and q.shape[0] * S <= SHORT_BATCH_CACHE
+    )
+
+
+def _one_query(q, k, v, mask, scale):
+    """``attention`` for T = 1 (q [B, H, 1, D]) as elementwise products and sums, in float32 (or float64): each
+    K/V head's query heads read it together; ``mask`` (boolean) broadcastable to [B, H, 1, S]."""
+    B, H, _, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    dt = torch.promote_types(q.dtype, torch.float32)
+    grouped = q.reshape(B, Hkv, H // Hkv, 1, D).to(dt)
+    scores = (grouped * k[:, :, None].to(dt)).sum(-1) * scale  # [B, Hkv, H / Hkv, S]
+    if mask is not None:
+        scores = scores.masked_fill(~mask.expand(B, H, 1, S).reshape(B, Hkv, H // Hkv, S), float("-inf"))
+    out = (scores.softmax(-1)[..., None] * v[:, :, None].to(dt)).sum(-2)  # [B, Hkv, H / Hkv, Dv]
+    return out.reshape(B, H, 1, v.shape[-1]).to(q.dtype)
 
 
 def _windowed_blocks(q, k, v, window: int, scale):

@@ -46,6 +46,37 @@ def test_one_query_per_head_groups_the_query_heads(mask_shape):
     torch.testing.assert_close(attention(q, k, v, mask=mask), attention_reference(q, k, v, mask=mask))
 
 
+@pytest.mark.parametrize("n_kv_heads", [8, 2, 1])
+@pytest.mark.parametrize("mask_shape", [None, (1, 13), (2, 1, 1, 13), (2, 8, 1, 13)])
+def test_a_compiled_steps_one_query_is_fused_loops_over_a_short_cache(monkeypatch, n_kv_heads, mask_shape):
+    """Inside a compiled CPU step (as Dynamo traces it), one query per head over a short cache is plain tensor ops
+    (_one_query), not SDPA: softmax(q k^T / sqrt(d)) v in float64, per-head masks included, and bf16 in bf16."""
+    import kvlab.kernels.attention as kernel
+
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    taken, fused = [], kernel._one_query
+    monkeypatch.setattr(kernel, "_one_query", lambda *args: taken.append(args) or fused(*args))
+    q, k, v = (torch.randn(2, h, s, d, dtype=torch.float64) for h, s, d in ((8, 1, 16), (n_kv_heads, 13, 16),
+                                                                             (n_kv_heads, 13, 12)))  # fmt: skip
+    mask = None if mask_shape is None else torch.rand(mask_shape) > 0.3
+    if mask is not None:
+        mask[..., 0] = True
+    groups = 8 // n_kv_heads  # softmax(q k^T / sqrt(d)) v in float64, each K/V head repeated for its query heads
+    scores = q @ k.repeat_interleave(groups, 1).transpose(-1, -2) / 4.0
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    expected = scores.softmax(-1) @ v.repeat_interleave(groups, 1)
+    torch.testing.assert_close(attention(q, k, v, mask=mask), expected, rtol=1e-12, atol=1e-12)
+    assert len(taken) == 1
+    half = attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask=mask)
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.double(), expected, atol=2e-2, rtol=2e-2)
+    # past the short cache SDPA's kernel takes it
+    long = torch.randn(2, n_kv_heads, kernel.SHORT_BATCH_CACHE, 16, dtype=torch.float64)
+    attention(q, long, long)
+    assert len(taken) == 2
+
+
 def test_long_sliding_window_runs_block_by_block():
     """T > 2 * window: blocks of queries against the keys in reach, the full attention's values and gradients."""
     q, k, v = (torch.randn(1, 4, 23, 8, requires_grad=True) for _ in range(3))
