@@ -13,11 +13,16 @@ GPU also captured as a CUDA graph) and eagerly (``compile=False``).
 ``--device cuda --dtype bfloat16`` runs it all on a GPU. Each is timed as the best of ``repeats``
 calls after a warm-up, the runners interleaved so drift hits all alike.
 
-``floor`` is the time to read every weight matrix once per token (one
-``F.linear`` per matrix at the batch's rows, cold in cache): at batch 1 in
-fp32 decoding is bound by memory bandwidth, and no implementation of these
-shapes can beat it; the ratio ``transformers / floor`` is the most any can
-gain over the peer.
+``floor`` is the time to read every weight matrix of the preset once per
+token (one ``F.linear`` per matrix at the batch's rows): at batch 1 in fp32
+decoding is bound by memory bandwidth, and no implementation of a preset
+can beat its floor (mla and mamba2 carry more weights than the peer's
+Llama: their floors are lower).
+
+All runs of a batch are timed in one interleaved loop, each preset's
+between runs of the peer, so every row is divided by the same best peer
+time (measured as often as all presets together): on a shared VM one run's
+noise would otherwise land on one row's ratio.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import transformers
-from common import sync, timed  # benchmarks/common.py, beside this script
+from common import sync  # benchmarks/common.py, beside this script
 
 from kvlab import ModelConfig, build_model
 from kvlab.archs.decode import decode_step_for
@@ -73,24 +78,30 @@ def hf_runner(hf, ids, new: int, compiled: bool):
     return run
 
 
-def weight_floor(model, batch: int, repeats: int) -> float:
-    """Seconds to multiply ``batch`` rows by every Linear weight once (the LM head included), each weight
-    read once per pass: a decode step's weight traffic, which batch-1 decoding cannot go below."""
+FLOOR_PASSES = 16
+
+
+def weight_pass(model, batch: int):
+    """A run that multiplies ``batch`` rows by every Linear weight (the LM head included), each weight read once
+    per pass, FLOOR_PASSES times: a decode step's weight traffic, which batch-1 decoding cannot go below."""
     weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
     xs = {w.shape[1]: torch.randn(batch, w.shape[1], device=w.device, dtype=w.dtype) for w in weights}
 
-    def one_pass():
+    def passes():
         with torch.inference_mode():
-            for w in weights:
-                F.linear(xs[w.shape[1]], w)
+            for _ in range(FLOOR_PASSES):
+                for w in weights:
+                    F.linear(xs[w.shape[1]], w)
 
-    return timed(one_pass, repeats)
+    return passes
 
 
-def best_interleaved(runners: dict, repeats: int) -> dict[str, float]:
-    best = dict.fromkeys(runners, float("inf"))
+def best_interleaved(runners: list[tuple[str, object]], repeats: int) -> dict[str, float]:
+    """The best time of each name over ``repeats`` rounds of ``runners`` in order (a name listed more than once
+    is timed each time it comes: the peer, between every preset's runs)."""
+    best = {name: float("inf") for name, _ in runners}
     for _ in range(repeats):
-        for name, run in runners.items():
+        for name, run in runners:
             sync()
             t0 = time.perf_counter()
             run()
@@ -117,9 +128,10 @@ def main() -> None:
     print()
     print(
         "| preset | batch | kvlab compiled tok/s | kvlab eager tok/s | HF eager tok/s | HF static+compile tok/s "
-        "| compiled / HF eager | compiled / HF compiled | floor tok/s | compile s (kvlab, HF) | same tokens |"
+        "| compiled / HF eager | compiled / HF compiled | floor tok/s | compiled / floor | compile s (kvlab, HF) "
+        "| same tokens |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for batch in (int(b) for b in args.batches.split(",")):
         torch.manual_seed(0)
         gqa = build_model(ModelConfig.from_yaml(PRESETS / "gqa.yaml")).eval()
@@ -132,7 +144,7 @@ def main() -> None:
         hf_compiled()
         sync()
         hf_compile_s = time.perf_counter() - t0
-        floor = weight_floor(gqa, batch, args.repeats)
+        models, rows = {}, []
         for preset in presets:
             torch.manual_seed(0)
             model = gqa if preset == "gqa" else build_model(ModelConfig.from_yaml(PRESETS / f"{preset}.yaml")).eval()
@@ -141,26 +153,32 @@ def main() -> None:
             compiled_out = model.generate(ids, args.new, compile=True)
             sync()
             compile_s = time.perf_counter() - t0
-            step = decode_step_for(model, True)
-            eager_out = model.generate(ids, args.new, compile=False)
-            same = torch.equal(compiled_out, eager_out)
+            same = torch.equal(compiled_out, model.generate(ids, args.new, compile=False))
             if preset == "gqa":
                 same = same and torch.equal(compiled_out, reference)
-            best = best_interleaved(
-                {
-                    "compiled": lambda m=model, ids=ids: m.generate(ids, args.new, compile=True),
-                    "eager": lambda m=model, ids=ids: m.generate(ids, args.new, compile=False),
-                    "hf": hf_eager,
-                    "hf_compiled": hf_compiled,
-                },
-                args.repeats,
-            )
-            rate = {k: batch * args.new / v for k, v in best.items()}
+            models[preset] = model
+            rows.append((preset, compile_s, same))
+        # One interleaved timing for the batch: each preset's runs between the peer's, so that every row is
+        # divided by the same (best) peer time, measured as often as all presets together
+        runners = []
+        for preset, model in models.items():
+            runners += [
+                ("hf", hf_eager),
+                ("hf_compiled", hf_compiled),
+                (f"compiled {preset}", lambda m=model, ids=ids: m.generate(ids, args.new, compile=True)),
+                (f"eager {preset}", lambda m=model, ids=ids: m.generate(ids, args.new, compile=False)),
+                (f"floor {preset}", weight_pass(model, batch)),  # one step's weights: divided by new below
+            ]
+        rate = {k: batch * args.new / v for k, v in best_interleaved(runners, args.repeats).items()}
+        for preset, compile_s, same in rows:
+            step = decode_step_for(models[preset], True)
+            compiled, peer, peer_compiled = rate[f"compiled {preset}"], rate["hf"], rate["hf_compiled"]
+            floor = rate[f"floor {preset}"] * FLOOR_PASSES / args.new  # a token per pass over the weights
             note = "" if step.compiled else f" (fell back: {step.fallback_reason})"
-            print(f"| {preset} | {batch} | {rate['compiled']:,.0f}{note} | {rate['eager']:,.0f} | {rate['hf']:,.0f} "
-                  f"| {rate['hf_compiled']:,.0f} | x{rate['compiled'] / rate['hf']:.2f} "
-                  f"| x{rate['compiled'] / rate['hf_compiled']:.2f} | {batch / floor:,.0f} "
-                  f"| {compile_s:.0f}, {hf_compile_s:.0f} | {same} |", flush=True)  # fmt: skip
+            print(f"| {preset} | {batch} | {compiled:,.0f}{note} | {rate[f'eager {preset}']:,.0f} | {peer:,.0f} "
+                  f"| {peer_compiled:,.0f} | x{compiled / peer:.2f} | x{compiled / peer_compiled:.2f} "
+                  f"| {floor:,.0f} | {compiled / floor:.0%} | {compile_s:.0f}, {hf_compile_s:.0f} | {same} |",
+                  flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
