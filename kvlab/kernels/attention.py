@@ -85,9 +85,9 @@ def attention(
 
 # A compiled decode step's one query per head over a short cache, on a CPU: written as plain tensor ops, which
 # Inductor fuses into two loops (scores and softmax; the weighted values), rather than a call into SDPA, whose
-# fixed cost dominates there. gqa's compiled step took 1.13 against 1.28 ms at batch 1 over 256 positions, 1.42
-# against 1.51 over 1,024, 1.98 against 2.06 at batch 8 over 256; past 1,024 positions, or 4,096 over a batch,
-# SDPA's blocked kernel is faster (1.74 against 1.64 ms at batch 1 over 2,048; benchmarks/RESULTS.md). MLA's
+# fixed cost dominates there. gqa's compiled step: x1.10 at batch 1 over 256 positions (1.10 against 1.21 ms),
+# x1.06 over 1,024, even at batch 8 over 256 and x1.06 over 512; past 1,024 positions, or 4,096 over a batch,
+# SDPA's blocked kernel is faster (x0.94 at batch 1 over 2,048, x0.69 at batch 8; benchmarks/RESULTS.md). MLA's
 # absorbed attention keeps its matrix products: its latent is every head's, and wide, and the fused loops were
 # x1.07 at batch 1 over 256 positions but x0.84 over 1,024 and x0.86 at batch 8.
 SHORT_CACHE, SHORT_BATCH_CACHE = 1024, 4096
