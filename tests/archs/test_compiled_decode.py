@@ -158,7 +158,7 @@ def test_inductor_step_gives_eager_tokens_without_recompiling(direct_calls):
 
 
 def test_direct_steps_go_back_through_dynamo_when_what_it_checks_changes(direct_calls):
-    """A step whose grad mode, token shape or rows' pads differ from the cache's first step's is checked by
+    """A step whose grad mode, token dtype or rows' pads differ from the cache's first step's is checked by
     Dynamo's guards again (it retraces where they fail), with eager's logits."""
     model = build_model(tiny()).eval()
     step = DecodeStep(model, True, backend="eager")
@@ -175,6 +175,9 @@ def test_direct_steps_go_back_through_dynamo_when_what_it_checks_changes(direct_
                 expected = model(token, cache=reference)[:, -1]
             assert (logits - expected).abs().max() <= 1e-5
             assert len(direct_calls) - calls == direct
+        calls = len(direct_calls)  # int32 ids: a graph of their own
+        assert (step(token.int(), cache) - model(token, cache=reference)[:, -1]).abs().max() <= 1e-5
+        assert len(direct_calls) == calls and step._direct[cache].token_meta[1] == torch.int32
         cache.pads = torch.zeros(2, dtype=torch.long)  # a caller's change between steps: Dynamo sees it
         calls = len(direct_calls)
         step(token, cache)
