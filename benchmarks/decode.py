@@ -96,18 +96,22 @@ def weight_pass(model, batch: int):
     return passes
 
 
-def best_interleaved(runners: list[tuple[str, object]], repeats: int) -> dict[str, float]:
+def best_interleaved(runners: list[tuple[str, object]], repeats: int) -> tuple[dict[str, float], bool]:
     """The best time of each name over ``repeats`` rounds of ``runners`` in order (a name listed more than once
-    is timed each time it comes: the peer, between every preset's runs)."""
+    is timed each time it comes: the peer, between every preset's runs), and whether an interrupt (Ctrl-C,
+    ``timeout -s INT`` in benchmarks/gpu.sh) cut the rounds short: then the best so far (inf: not yet run)."""
     best = {name: float("inf") for name, _ in runners}
-    for _ in range(repeats):
-        for name, run in runners:
-            sync()
-            t0 = time.perf_counter()
-            run()
-            sync()
-            best[name] = min(best[name], time.perf_counter() - t0)
-    return best
+    try:
+        for _ in range(repeats):
+            for name, run in runners:
+                sync()
+                t0 = time.perf_counter()
+                run()
+                sync()
+                best[name] = min(best[name], time.perf_counter() - t0)
+    except KeyboardInterrupt:
+        return best, True
+    return best, False
 
 
 def main() -> None:
@@ -169,16 +173,26 @@ def main() -> None:
                 (f"eager {preset}", lambda m=model, ids=ids: m.generate(ids, args.new, compile=False)),
                 (f"floor {preset}", weight_pass(model, batch)),  # one step's weights: divided by new below
             ]
-        rate = {k: batch * args.new / v for k, v in best_interleaved(runners, args.repeats).items()}
+        best, interrupted = best_interleaved(runners, args.repeats)
+        rate = {k: batch * args.new / v for k, v in best.items()}  # 0.0: not run before an interrupt
         for preset, compile_s, same in rows:
             step = decode_step_for(models[preset], True)
             compiled, peer, peer_compiled = rate[f"compiled {preset}"], rate["hf"], rate["hf_compiled"]
             floor = rate[f"floor {preset}"] * FLOOR_PASSES / args.new  # a token per pass over the weights
             note = "" if step.compiled else f" (fell back: {step.fallback_reason})"
             print(f"| {preset} | {batch} | {compiled:,.0f}{note} | {rate[f'eager {preset}']:,.0f} | {peer:,.0f} "
-                  f"| {peer_compiled:,.0f} | x{compiled / peer:.2f} | x{compiled / peer_compiled:.2f} "
-                  f"| {floor:,.0f} | {compiled / floor:.0%} | {compile_s:.0f}, {hf_compile_s:.0f} | {same} |",
-                  flush=True)  # fmt: skip
+                  f"| {peer_compiled:,.0f} | {_ratio(compiled, peer)} | {_ratio(compiled, peer_compiled)} "
+                  f"| {floor:,.0f} | {_ratio(compiled, floor, '.0%')} | {compile_s:.0f}, {hf_compile_s:.0f} "
+                  f"| {same} |", flush=True)  # fmt: skip
+        if interrupted:
+            print(f"(interrupted during batch {batch}'s timing: the best of the rounds it completed; 0: not run)")
+            return
+
+
+def _ratio(a: float, b: float, spec: str = ".2f") -> str:
+    if not (a and b):
+        return "-"
+    return f"{a / b:{spec}}" if spec.endswith("%") else f"x{a / b:{spec}}"
 
 
 if __name__ == "__main__":
