@@ -248,21 +248,31 @@ class _DirectCall:
         return logits
 
 
+def _parts(obj) -> list | None:
+    """What a cache's container holds, as (key, value) pairs: a list's or tuple's items, a dict's entries, a kvlab
+    object's attributes; None for anything else (a leaf)."""
+    if isinstance(obj, (list, tuple)):
+        return list(enumerate(obj))
+    if isinstance(obj, dict):
+        return list(obj.items())
+    if type(obj).__module__.startswith("kvlab.") and hasattr(obj, "__dict__"):
+        return list(vars(obj).items())
+    return None
+
+
 def _python_state(obj, seen: set | None = None):
     """What a step could change of a cache other than its tensors' values: every attribute but the position
     ``seen`` (which the caller advances), tensors by identity, nested lists, dicts and kvlab objects."""
     seen = set() if seen is None else seen
     if isinstance(obj, torch.Tensor):
         return ("tensor", id(obj))
-    if isinstance(obj, (list, tuple, dict)) or type(obj).__module__.startswith("kvlab."):
-        if id(obj) in seen:
-            return ("again", id(obj))
-        seen.add(id(obj))
-        if isinstance(obj, (list, tuple)):
-            return tuple(_python_state(x, seen) for x in obj)
-        items = obj.items() if isinstance(obj, dict) else getattr(obj, "__dict__", {}).items()
-        return tuple((k, _python_state(v, seen)) for k, v in items if k != "seen")
-    return obj
+    parts = _parts(obj)
+    if parts is None:
+        return obj
+    if id(obj) in seen:
+        return ("again", id(obj))
+    seen.add(id(obj))
+    return tuple((k, _python_state(v, seen)) for k, v in parts if k != "seen")
 
 
 def cache_tensors(obj, seen: set | None = None) -> list[torch.Tensor]:
@@ -270,18 +280,11 @@ def cache_tensors(obj, seen: set | None = None) -> list[torch.Tensor]:
     seen = set() if seen is None else seen
     if isinstance(obj, torch.Tensor):
         return [obj]
-    if id(obj) in seen:
+    parts = _parts(obj)
+    if parts is None or id(obj) in seen:
         return []
     seen.add(id(obj))
-    if isinstance(obj, (list, tuple)):
-        items = obj
-    elif isinstance(obj, dict):
-        items = obj.values()
-    elif type(obj).__module__.startswith("kvlab.") and hasattr(obj, "__dict__"):
-        items = vars(obj).values()
-    else:
-        return []
-    return [t for item in items for t in cache_tensors(item, seen)]
+    return [t for _, item in parts for t in cache_tensors(item, seen)]
 
 
 class _Compiled(dict):
