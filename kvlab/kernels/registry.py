@@ -256,6 +256,8 @@ def dispatch(op: str, *args, **kwargs):
     if torch.compiler.is_compiling():
         # Inside torch.compile the op is traced as its torch backend (reference where it has none): Inductor
         # fuses plain PyTorch into its own kernels, and the mode's context variable cannot be traced.
-        backends = _REGISTRY[op]
-        return (backends.get("torch") or backends["reference"]).function()(*args, **kwargs)
+        # The function itself where it was registered as one: resolving it here (``function()``'s first call)
+        # would be a change Dynamo guards on, and the next step would retrace once the eager path resolved it.
+        backend = _REGISTRY[op].get("torch") or _REGISTRY[op]["reference"]
+        return (backend.target if callable(backend.target) else backend.function())(*args, **kwargs)
     return choose(op, args, kwargs).function()(*args, **kwargs)

@@ -5,8 +5,9 @@ import logging
 
 import pytest
 import torch
+import torch._dynamo.testing
 
-import kvlab.kernels.ops  # noqa: F401  (registers every op)
+import kvlab.kernels.ops  # registers every op
 from kvlab.kernels import registry
 from kvlab.kernels.registry import choose, ops, parse_mode, use_kernels
 
@@ -148,3 +149,19 @@ def test_auto_leaves_a_call_to_a_faster_later_backend_and_a_named_mode_does_not(
     monkeypatch.setitem(registry._REGISTRY, "attention", {**refusing, "external": fake})
     with use_kernels("auto"):
         assert choose("attention", args, kwargs) is fake
+
+
+def test_a_traced_op_is_not_retraced_once_the_eager_path_has_imported_its_backend(monkeypatch):
+    """Inside torch.compile an op is its torch backend's function, called as registered: a backend resolved lazily
+    there (``function()``'s first call, as in a new process) would be a guard that fails once eager code resolves
+    it, and the next call would retrace (MLA's absorbed attention, which only the decode step calls, cost each
+    model's second generation a second)."""
+    for backend in registry._REGISTRY["rms_norm"].values():  # none of its functions imported yet
+        monkeypatch.setattr(backend, "_fn", None)
+    counter = torch._dynamo.testing.CompileCounter()
+    norm = torch.compile(lambda x, w: kvlab.kernels.ops.rms_norm(x, w, 1e-5), backend=counter, fullgraph=True)
+    x, w = torch.randn(2, 8), torch.rand(8)
+    traced = norm(x, w)
+    torch.testing.assert_close(kvlab.kernels.ops.rms_norm(x, w, 1e-5), traced)  # eager: imports the backend
+    norm(x, w)
+    assert counter.frame_count == 1
