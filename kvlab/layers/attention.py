@@ -536,7 +536,7 @@ class Attention(nn.Module):
         start = state.start
         q = self.q_proj(x).view(B, T, self.n_q_heads, self.head_dim).transpose(1, 2)
         cos, sin = self.rotary(start, T, state.positions)
-        bases = self._matryoshka_bases() if self.cfg.kv_ranks is not None else None
+        bases = self._matryoshka_bases(state) if self.cfg.kv_ranks is not None else None
         if self.owns_kv:
             k = apply_rope(self._kv_heads(self.k_proj(x), "k"), cos, sin)
             if self.value_residual == "svformer":  # keys only; the values are layer 0's
@@ -626,9 +626,45 @@ class Attention(nn.Module):
         """Whether ``kv_rank`` gives the K/V heads different ranks (then the cache holds them packed)."""
         return any(len(set(r)) > 1 for r in self._head_ranks())
 
-    def _matryoshka_bases(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _matryoshka_bases(self, state: StepState | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """MatryoshkaKV: the key and value bases' leading columns for this forward, [G, d, r_k] and [G, d, r_v]
-        (per-head ranks: as many columns as the largest, each head's past its own rank zeroed)."""
+        (per-head ranks: as many columns as the largest, each head's past its own rank zeroed).
+
+        Outside autograd they depend on the parameters alone, so they are held (``hold_for_inference``), not
+        solved again for every token: the twelve Cayley solves of the preset were 60% of its decode step."""
+        if not torch.is_grad_enabled():
+            if not torch.compiler.is_compiling():
+                self.hold_for_inference()
+                return self._held_bases
+            held = getattr(self, "_held_bases", None)
+            if state is not None and isinstance(state.start, torch.Tensor) and held is not None:
+                return held  # the compiled decode step, whose caller holds them up to date before each step
+        return self._solved_bases()
+
+    def hold_for_inference(self) -> bool:
+        """MatryoshkaKV: compute the bases of the parameters and ranks as they are now, unless those are held
+        already; True when they were computed (new tensors). Held against the rotation tensors themselves (a
+        replaced parameter), their versions (an optimizer step or a load in place), the dtype and the ranks.
+        Nothing to hold otherwise."""
+        if self.cfg.kv_ranks is None:
+            return False
+        rotations = (self.k_rotation, self.v_rotation)
+        if any(p.is_inference() for p in rotations):  # no version counter: held bases could go stale unseen
+            self._held_bases, self._held_for = self._solved_bases(), None
+            return True
+        held_for = getattr(self, "_held_for", None)
+        now = (tuple(p._version for p in rotations), self.k_proj.weight.dtype, repr(self.kv_rank))
+        if (
+            held_for is not None
+            and all(a is b for a, b in zip(held_for[0], rotations, strict=True))
+            and held_for[1:] == now
+        ):
+            return False
+        with torch.no_grad():
+            self._held_bases, self._held_for = self._solved_bases(), (rotations, *now)
+        return True
+
+    def _solved_bases(self) -> tuple[torch.Tensor, torch.Tensor]:
         r_k, r_v, _ = self._ranks_now()
         dtype = self.k_proj.weight.dtype
         work = torch.promote_types(dtype, torch.float32)  # the solve in at least fp32

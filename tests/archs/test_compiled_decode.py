@@ -157,6 +157,45 @@ def test_inductor_step_gives_eager_tokens_without_recompiling(direct_calls):
     assert list(compiled.compile_seconds) == [(2, 128, torch.float32, "cpu", False)]  # no padded rows
 
 
+def test_a_matryoshka_step_reads_its_bases_held_and_follows_their_updates(direct_calls):
+    """MatryoshkaKV's bases depend on its parameters alone: the compiled step reads them held (no Cayley solve in
+    its graph), and after an update of the rotations (training goes on, even within a generation) the next step
+    and the eager forward without grad decode with the new bases: checked against the cached forward with grad
+    on, which solves them afresh in every call."""
+    graphs = []
+
+    def backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    model = build_model(VARIANTS["matryoshka"]).eval()
+    rotations = [p for name, p in model.named_parameters() if name.endswith("_rotation")]
+
+    def rotate(scale):  # away from the identity, so that the bases matter
+        with torch.no_grad():
+            for p in rotations:
+                p.add_(torch.randn_like(p), alpha=scale)
+
+    rotate(0.3)
+    step = DecodeStep(model, True, backend=backend)
+    ids = torch.randint(0, 97, (2, 5))
+    compiled, held, solved = (model.new_cache(2, 32) for _ in range(3))
+    with torch.no_grad():
+        for cache in (compiled, held, solved):
+            model(ids, cache=cache)
+    for n in range(4):
+        if n == 2:
+            rotate(0.1)
+        token = torch.randint(0, 97, (2, 1))
+        with torch.enable_grad():
+            expected = model(token, cache=solved)[:, -1].detach()
+        with torch.no_grad():
+            for logits in (step(token, compiled), model(token, cache=held)[:, -1]):
+                assert (logits - expected).abs().max() <= 1e-5, n
+    assert len(direct_calls) == 2  # the step after the update went through Dynamo, which took the new bases
+    assert graphs and not any("linalg" in str(node.target) for g in graphs for node in g.graph.nodes)
+
+
 def test_direct_steps_go_back_through_dynamo_when_what_it_checks_changes(direct_calls):
     """A step whose grad mode, token dtype or rows' pads differ from the cache's first step's is checked by
     Dynamo's guards again (it retraces where they fail), with eager's logits."""
