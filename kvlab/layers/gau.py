@@ -20,7 +20,12 @@ sequence), so a token's output never depends on how long the sequence will
 be, which decoding needs.
 
 The cache is fixed: the base Z and the values of the current chunk, and the
-global state sum lin_k^T V of every completed chunk, whatever the context.
+state sum lin_k^T V of every token so far, whatever the context. A token's
+global part reads only the chunks before its own, so the terms of its
+chunk's earlier tokens, which the state holds, come off its linear scores:
+a decode step adds its own token's outer product to the state, rather than
+folding in a whole chunk when it completes (which a static-shape step
+would compute at every token, and weight by whether the chunk is complete).
 Training, prefill and decoding cut the same chunks from each document's
 start.
 """
@@ -125,7 +130,7 @@ class GAU(nn.Module):
 
     def _cached(self, x, cache, start: int):
         """Chunk by chunk through the cache from position ``start``: the current chunk's Z and V, and the
-        global state."""
+        state of every token before."""
         B, T, _ = x.shape
         C = self.C
         u, v, z = self._project(x)
@@ -139,17 +144,19 @@ class GAU(nn.Module):
             chunk_z, chunk_v = cache.z[:, : held + n].to(z.dtype), cache.v[:, : held + n].to(v.dtype)
             quad_q, quad_k, lin_q, lin_k = self._parts(chunk_z, cos, sin)
             causal = torch.ones(held + n, held + n, dtype=torch.bool, device=x.device).tril()[held:]
-            scores = F.relu(quad_q[:, held:] @ quad_k.transpose(-1, -2)).square() * causal / C
-            outputs.append(scores @ chunk_v + lin_q[:, held:] @ cache.state.to(z.dtype) / C)
-            if held + n == C:  # the chunk is complete: fold it into the global state
-                cache.state.add_((lin_k.transpose(-1, -2) @ chunk_v).to(cache.state.dtype))
+            scores = F.relu(quad_q[:, held:] @ quad_k.transpose(-1, -2)).square() * causal
+            # the state holds this chunk's tokens before ``held``: their linear terms come off
+            before = torch.arange(held + n, device=x.device) < held
+            scores = scores - (lin_q[:, held:] @ lin_k.transpose(-1, -2)) * before
+            outputs.append((scores @ chunk_v + lin_q[:, held:] @ cache.state.to(z.dtype)) / C)
+            new_k, new_v = lin_k[:, held:], chunk_v[:, held:]
+            cache.state.add_((new_k.transpose(-1, -2) @ new_v).to(cache.state.dtype))
             t += n
         return self.o_proj(u * torch.cat(outputs, dim=1))
 
     def _decoded(self, x, cache, start: torch.Tensor):
         """``_cached`` for one token at a tensor ``start`` (the compiled decode step): the whole chunk buffer,
-        its unwritten places masked, and the fold into the global state weighted by whether the chunk is
-        complete, so no shape or branch depends on the position."""
+        its unwritten places masked, so no shape or branch depends on the position."""
         if x.shape[1] != 1:
             raise ValueError(f"a tensor start decodes one token at a time, got {x.shape[1]}")
         C = self.C
@@ -164,10 +171,11 @@ class GAU(nn.Module):
         chunk_z, chunk_v = cache.z.to(z.dtype), cache.v.to(v.dtype)
         quad_q, quad_k, lin_q, lin_k = self._parts(chunk_z, cos, sin)
         quad_q, lin_q = quad_q.index_select(1, held.view(1)), lin_q.index_select(1, held.view(1))
-        scores = F.relu(quad_q @ quad_k.transpose(-1, -2)).square() * (places <= held) / C
-        out = scores @ chunk_v + lin_q @ cache.state.to(z.dtype) / C
-        complete = (held == C - 1).to(chunk_v.dtype)
-        cache.state.add_((lin_k.transpose(-1, -2) @ chunk_v * complete).to(cache.state.dtype))
+        scores = F.relu(quad_q @ quad_k.transpose(-1, -2)).square() * (places <= held)
+        scores = scores - (lin_q @ lin_k.transpose(-1, -2)) * (places < held)  # the chunk's terms in the state
+        out = (scores @ chunk_v + lin_q @ cache.state.to(z.dtype)) / C
+        new_k = lin_k.index_select(1, held.view(1))  # [B, 1, s]
+        cache.state.add_((new_k.transpose(-1, -2) * v).to(cache.state.dtype))  # this token's outer product
         return self.o_proj(u * out)
 
     def new_cache_slot(self, batch_size: int, max_len: int, dtype: torch.dtype, device):

@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from kvlab.kernels.rope import apply_rope_reference
+from kvlab.layers.base import StepState
 from kvlab.layers.gau import GAU, GAUConfig
 
 
@@ -62,3 +63,24 @@ def test_cache_is_one_chunk_and_the_global_state():
     assert (fp.bytes_per_token, fp.fixed_bytes) == (0, (4 * (8 + 32) + 8 * 32) * 4)
     slot = layer.new_cache_slot(2, 64, torch.float32, "cpu")
     assert slot.nbytes() == 2 * fp.fixed_bytes
+
+
+def test_the_state_holds_every_token_so_far_and_decoding_gives_the_definition():
+    """The cache's state is sum_s lin_k_s^T v_s over every token so far, the current chunk's included (a token's
+    global part takes its chunk's terms back off). Decoding from a prefill that ends inside a chunk, one token at
+    a time, by the cache's counter and through the static step (a tensor position), gives the definition's
+    outputs across chunk ends, and the state after all eleven tokens is their sum."""
+    layer = _layer(chunk_size=4)
+    x = torch.randn(1, 11, 16, dtype=torch.float64)
+    expected = textbook_flash(layer, x[0])
+    _, v, z = F.silu(layer.in_proj(x[0])).split([layer.e, layer.e, layer.s], dim=-1)
+    lin_k = apply_rope_reference(z * layer.scale[3] + layer.offset[3], torch.arange(11), layer.s, 10000.0)
+    with torch.no_grad():
+        for static in (False, True):
+            slot = layer.new_cache_slot(1, 64, torch.float64, "cpu")
+            outputs = [layer(x[:, :6], cache=slot, state=StepState(0))]
+            for t in range(6, 11):
+                start = torch.tensor(t) if static else t
+                outputs.append(layer(x[:, t : t + 1], cache=slot, state=StepState(start)))
+            torch.testing.assert_close(torch.cat(outputs, dim=1)[0], expected, rtol=1e-5, atol=1e-4)
+            torch.testing.assert_close(slot.state[0], lin_k.T @ v, rtol=1e-5, atol=1e-4)
