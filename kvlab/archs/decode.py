@@ -96,9 +96,10 @@ class DecodeStep:
         # step at batch 1 took 1.01-1.12 ms against 1.19-1.21 (benchmarks/RESULTS.md, "Compiled decoding").
         self._recorder = _RecordingBackend(backend, {"cpp_wrapper": True} if backend == "inductor" else {})
         self._direct: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> _DirectCall
-        # What layers compute from their parameters alone and hold for inference (MatryoshkaKV's bases): brought
-        # up to date before each step, outside the graph, which reads them as inputs
+        # What layers compute from their parameters alone and hold for the step (MatryoshkaKV's bases): solved
+        # at a cache's first step and when their parameters change in place, outside the graph, which reads them
         self._holders = [m for m in model.modules() if hasattr(m, "hold_for_inference") and m.cfg.kv_ranks is not None]
+        self._held_for: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # the caches they were solved for
         if compile and not getattr(model, "static_decode", True):  # by design: said once, not warned
             self.fallback_reason, self.compiled = f"{type(model).__name__} decodes eagerly", False
             log.info("decoding eager: %s", self.fallback_reason)
@@ -140,8 +141,11 @@ class DecodeStep:
         if cache.seen >= cache.max_len:
             raise ValueError(f"cache holds {cache.seen} tokens; 1 more exceeds its max_len={cache.max_len}")
         start = torch.tensor(cache.start, device=token.device)
-        if not torch.is_grad_enabled() and any([m.hold_for_inference() for m in self._holders]):
-            self._direct.pop(cache, None)  # new held tensors: the arguments a direct call would pass are stale
+        if self._holders and not torch.is_grad_enabled():
+            again = cache not in self._held_for
+            if any([m.hold_for_inference(again) for m in self._holders]):
+                self._direct.pop(cache, None)  # new held tensors: the arguments a direct call would pass are stale
+            self._held_for[cache] = True
         direct = self._direct.get(cache)  # False: this cache's steps cannot bypass Dynamo
         if direct and direct.fits(token, cache):
             return direct(token, start)

@@ -630,38 +630,27 @@ class Attention(nn.Module):
         """MatryoshkaKV: the key and value bases' leading columns for this forward, [G, d, r_k] and [G, d, r_v]
         (per-head ranks: as many columns as the largest, each head's past its own rank zeroed).
 
-        Outside autograd they depend on the parameters alone, so they are held (``hold_for_inference``), not
-        solved again for every token: the twelve Cayley solves of the preset were 60% of its decode step."""
-        if not torch.is_grad_enabled():
-            if not torch.compiler.is_compiling():
-                self.hold_for_inference()
-                return self._held_bases
+        The compiled decode step reads them held (``hold_for_inference``), not solved again for every token:
+        the twelve Cayley solves of the preset were 60% of its step. Every other forward solves them."""
+        if not torch.is_grad_enabled() and torch.compiler.is_compiling() and state is not None:
             held = getattr(self, "_held_bases", None)
-            if state is not None and isinstance(state.start, torch.Tensor) and held is not None:
-                return held  # the compiled decode step, whose caller holds them up to date before each step
+            if isinstance(state.start, torch.Tensor) and held is not None:
+                return held  # the decode step, whose caller holds them up to date before each step
         return self._solved_bases()
 
-    def hold_for_inference(self) -> bool:
-        """MatryoshkaKV: compute the bases of the parameters and ranks as they are now, unless those are held
-        already; True when they were computed (new tensors). Held against the rotation tensors themselves (a
-        replaced parameter), their versions (an optimizer step or a load in place), the dtype and the ranks.
-        Nothing to hold otherwise."""
+    def hold_for_inference(self, again: bool) -> bool:
+        """MatryoshkaKV, for the compiled decode step (``kvlab.archs.decode``): solve the bases of the parameters
+        as they are now if ``again`` (a generation's first step: whatever changed the weights before it, a
+        load, a move, a write through ``.data``, is seen) or if the rotations were written in place since
+        (their versions: training between two steps of one generation). True when solved (new tensors)."""
         if self.cfg.kv_ranks is None:
             return False
         rotations = (self.k_rotation, self.v_rotation)
-        if any(p.is_inference() for p in rotations):  # no version counter: held bases could go stale unseen
-            self._held_bases, self._held_for = self._solved_bases(), None
-            return True
-        held_for = getattr(self, "_held_for", None)
-        now = (tuple(p._version for p in rotations), self.k_proj.weight.dtype, repr(self.kv_rank))
-        if (
-            held_for is not None
-            and all(a is b for a, b in zip(held_for[0], rotations, strict=True))
-            and held_for[1:] == now
-        ):
+        versions = None if any(p.is_inference() for p in rotations) else tuple(p._version for p in rotations)
+        if not again and versions is not None and getattr(self, "_held_for", None) == versions:
             return False
         with torch.no_grad():
-            self._held_bases, self._held_for = self._solved_bases(), (rotations, *now)
+            self._held_bases, self._held_for = self._solved_bases(), versions
         return True
 
     def _solved_bases(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -159,9 +159,9 @@ def test_inductor_step_gives_eager_tokens_without_recompiling(direct_calls):
 
 def test_a_matryoshka_step_reads_its_bases_held_and_follows_their_updates(direct_calls):
     """MatryoshkaKV's bases depend on its parameters alone: the compiled step reads them held (no Cayley solve in
-    its graph), and after an update of the rotations (training goes on, even within a generation) the next step
-    and the eager forward without grad decode with the new bases: checked against the cached forward with grad
-    on, which solves them afresh in every call."""
+    its graph), solved again at a cache's first step (a write through ``.data``, which no version counts, is seen
+    by the next generation) and after an in-place update of the rotations within a generation: checked against the
+    cached forward with grad on, which solves them in every call, as the eager forward without grad does."""
     graphs = []
 
     def backend(graph_module, example_inputs):
@@ -194,6 +194,14 @@ def test_a_matryoshka_step_reads_its_bases_held_and_follows_their_updates(direct
                 assert (logits - expected).abs().max() <= 1e-5, n
     assert len(direct_calls) == 2  # the step after the update went through Dynamo, which took the new bases
     assert graphs and not any("linalg" in str(node.target) for g in graphs for node in g.graph.nodes)
+    with torch.no_grad():
+        for p in rotations:
+            p.data.mul_(-1)  # unversioned: seen at the next generation's first step
+        compiled, solved = model.new_cache(2, 32), model.new_cache(2, 32)
+        model(ids, cache=compiled), model(ids, cache=solved)
+        logits = step(ids[:, -1:], compiled)
+    with torch.enable_grad():
+        assert (logits - model(ids[:, -1:], cache=solved)[:, -1].detach()).abs().max() <= 1e-5
 
 
 def test_direct_steps_go_back_through_dynamo_when_what_it_checks_changes(direct_calls):
