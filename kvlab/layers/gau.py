@@ -174,8 +174,8 @@ class GAU(nn.Module):
         scores = F.relu(quad_q @ quad_k.transpose(-1, -2)).square() * (places <= held)
         scores = scores - (lin_q @ lin_k.transpose(-1, -2)) * (places < held)  # the chunk's terms in the state
         out = (scores @ chunk_v + lin_q @ cache.state.to(z.dtype)) / C
-        new_k = lin_k.index_select(1, held.view(1))  # [B, 1, s]
-        cache.state.add_((new_k.transpose(-1, -2) * v).to(cache.state.dtype))  # this token's outer product
+        new_k, new_v = (part.index_select(1, held.view(1)) for part in (lin_k, chunk_v))  # as the cache holds it
+        cache.state.add_((new_k.transpose(-1, -2) * new_v).to(cache.state.dtype))  # this token's outer product
         return self.o_proj(u * out)
 
     def new_cache_slot(self, batch_size: int, max_len: int, dtype: torch.dtype, device):
