@@ -3,8 +3,9 @@
 # for benchmarks/peers.py): every Triton test case compiled on the GPU (tests/kernels/test_triton.py, one tile
 # per shape; TESTS_K selects cases), the Triton kernels beside SDPA and fla (peers.py), decoding and training
 # against transformers in bf16 (decode.py, train_speed.py), and every kernel op's backends against its
-# reference at training shapes (kernel_ops.py; KERNEL_OPS selects ops). Each part's log goes to $OUT (default
-# gpu_out/); *_S variables bound each part's seconds.
+# reference at training shapes (kernel_ops.py; KERNEL_OPS selects ops), and the compiled decode step replayed
+# as a CUDA graph against eager (tests/archs/test_compiled_decode.py). Each part's log goes to $OUT (default
+# gpu_out/); *_S variables bound each part's seconds, and 0 skips the part.
 #   bash benchmarks/gpu.sh
 set -u
 cd "$(dirname "$0")/.."
@@ -15,18 +16,24 @@ nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv >"$out/gpu
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__,
 'transformers', transformers.__version__)" >>"$out/gpu.txt" 2>&1
 # SIGINT: pytest and the scripts still print what they have when a part runs out of time.
+part() {  # part SECONDS LOG command...: run it within SECONDS (0: skip), its output in $out/LOG
+    local seconds=$1 log=$2
+    shift 2
+    [ "$seconds" = 0 ] && return 0
+    timeout -s INT "$seconds" "$@" >"$out/$log" 2>&1
+}
 # Each test case compiles its kernels afresh (15-20 s of CPU): TESTS_N workers compile side by side (pytest-xdist,
 # where installed; the GPU's numbers are unaffected, these are correctness checks).
 workers=()
 python3 -c "import xdist" 2>/dev/null && workers=(-n "${TESTS_N:-8}")
-KVLAB_TRITON_AUTOTUNE=0 timeout -s INT "${TESTS_S:-150}" python3 -m pytest -q -p no:cacheprovider -o addopts="" \
-    "${workers[@]}" tests/kernels/test_triton.py -m "slow or not slow" -k "${TESTS_K:-}" -rf >"$out/tests.txt" 2>&1
-timeout -s INT "${PEERS_S:-200}" python3 benchmarks/peers.py --cases "${PEERS_CASES:-attention,gqa,retention,simple_gla,gla}" \
-    >"$out/peers.txt" 2>&1
-timeout -s INT "${DECODE_S:-150}" python3 benchmarks/decode.py --device cuda --dtype bfloat16 \
-    --presets "${DECODE_PRESETS:-gqa,mla,cla,yoco_swa,mamba2}" --batches "${DECODE_BATCHES:-1,8}" >"$out/decode.txt" 2>&1
-timeout -s INT "${TRAIN_S:-90}" python3 benchmarks/train_speed.py --device cuda --dtype bfloat16 --batch 16 \
-    --seq 1024 --steps 10 >"$out/train.txt" 2>&1
-timeout -s INT "${KERNELS_S:-120}" python3 benchmarks/kernel_ops.py --device cuda ${KERNEL_OPS:+--ops "$KERNEL_OPS"} \
-    >"$out/kernel_ops.txt" 2>&1
+KVLAB_TRITON_AUTOTUNE=0 part "${TESTS_S:-150}" tests.txt python3 -m pytest -q -p no:cacheprovider -o addopts="" \
+    "${workers[@]}" tests/kernels/test_triton.py -m "slow or not slow" -k "${TESTS_K:-}" -rf
+part "${PEERS_S:-200}" peers.txt python3 benchmarks/peers.py --cases "${PEERS_CASES:-attention,gqa,retention,simple_gla,gla}"
+part "${DECODE_S:-150}" decode.txt python3 benchmarks/decode.py --device cuda --dtype bfloat16 \
+    --presets "${DECODE_PRESETS:-gqa,mla,cla,yoco_swa,mamba2}" --batches "${DECODE_BATCHES:-1,8}"
+part "${TRAIN_S:-90}" train.txt python3 benchmarks/train_speed.py --device cuda --dtype bfloat16 --batch 16 \
+    --seq 1024 --steps 10
+part "${KERNELS_S:-120}" kernel_ops.txt python3 benchmarks/kernel_ops.py --device cuda ${KERNEL_OPS:+--ops "$KERNEL_OPS"}
+part "${GRAPHS_S:-150}" graphs.txt python3 -m pytest -q -p no:cacheprovider -o addopts="" "${workers[@]}" \
+    tests/archs/test_compiled_decode.py -k cuda_graph -rf
 tail -n 3 "$out"/*.txt

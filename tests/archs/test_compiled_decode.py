@@ -253,7 +253,7 @@ def test_a_step_that_changes_the_cache_is_never_bypassed(direct_calls):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device (benchmarks/gpu.sh)")
-@pytest.mark.parametrize("name", ["hybrid_window", "mla_cla", "mamba_moe"])
+@pytest.mark.parametrize("name", ["hybrid_window", "mla_cla", "mamba_moe", "matryoshka", "gau_flash"])
 def test_cuda_graph_step_gives_eager_tokens(name):
     """On a GPU the compiled step replays a CUDA graph that writes the cache in place: the tokens and logits of
     eager decoding, also for a second generation, whose new cache the graph is re-recorded for."""
