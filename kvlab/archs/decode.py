@@ -42,6 +42,7 @@ itself also runs uncompiled, for debugging what the graph computes.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
@@ -198,7 +199,9 @@ class _RecordingBackend:
         if self.backend == "inductor":
             from torch._inductor.compile_fx import compile_fx  # what backend="inductor" calls
 
-            graph = compile_fx(graph_module, example_inputs, config_patches=self.options)
+            with _dense_unit_strides() as cache_key:
+                options = self.options if cache_key is None else {**self.options, **cache_key}
+                graph = compile_fx(graph_module, example_inputs, config_patches=options)
         else:
             graph = torch._dynamo.lookup_backend(self.backend)(graph_module, example_inputs)
 
@@ -208,6 +211,53 @@ class _RecordingBackend:
             return out
 
         return run
+
+
+@contextlib.contextmanager
+def _dense_unit_strides():
+    """While Inductor compiles a CPU step: the views it passes to its extern kernels (matrix multiplies) get a
+    dense stride in their size-1 dimensions, not the 0 it reads off an index that does not depend on them.
+
+    Any stride addresses a size-1 dimension alike, but ATen's ``mm`` takes a row of stride 0 for a matrix BLAS
+    cannot read and copies it first: at batch 1 every product of a view's single row, 13 copies in a gqa step,
+    73 in rwkv7's, 5-7% of the step (benchmarks/RESULTS.md, "Compiled decoding"). Yields the config entry that
+    keeps graphs compiled so apart in Inductor's cache (a no-op pass whose uuid names this), or None and
+    changes nothing where this torch's Inductor lacks what it replaces."""
+    try:
+        from torch._inductor import ir
+        from torch._inductor.custom_graph_pass import CustomGraphPass
+    except ImportError:
+        yield None
+        return
+    original = ir.ExternKernel.__dict__.get("convert_to_reinterpret_view")
+    if not isinstance(original, classmethod) or not hasattr(ir, "FixedLayout"):
+        yield None
+        return
+
+    def dense(cls, x):
+        view = original.__func__(cls, x)
+        size, stride = list(view.layout.size), list(view.layout.stride)
+        for i in reversed(range(len(size))):
+            if size[i] == 1:
+                stride[i] = stride[i + 1] * size[i + 1] if i + 1 < len(size) else 1
+        if stride == list(view.layout.stride):
+            return view
+        layout = ir.FixedLayout(device=view.layout.device, dtype=view.layout.dtype, size=size, stride=stride,
+                                offset=view.layout.offset)  # fmt: skip
+        return ir.ReinterpretView(data=view.data, layout=layout)
+
+    class Marker(CustomGraphPass):
+        def __call__(self, graph) -> None:
+            pass
+
+        def uuid(self) -> str:
+            return "kvlab: dense strides in size-1 dimensions of extern kernels' views, 2"
+
+    ir.ExternKernel.convert_to_reinterpret_view = classmethod(dense)
+    try:
+        yield {"post_grad_custom_post_pass": Marker()}
+    finally:
+        ir.ExternKernel.convert_to_reinterpret_view = original
 
 
 class _DirectCall:

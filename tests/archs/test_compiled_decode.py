@@ -204,6 +204,31 @@ def test_a_matryoshka_step_reads_its_bases_held_and_follows_their_updates(direct
         assert (logits - model(ids[:, -1:], cache=solved)[:, -1].detach()).abs().max() <= 1e-5
 
 
+@needs_cxx
+def test_inductor_step_at_batch_1_copies_no_row_before_its_products():
+    """At batch 1 Inductor passes its matrix multiplies single rows viewed from larger buffers; with the stride of
+    0 it reads off their size-1 dimension ATen copies each row first (``_dense_unit_strides`` gives them a dense
+    one). The step makes no copy, and decodes eager's tokens."""
+    from torch.profiler import profile
+
+    model = build_model(tiny(max_seq_len=64)).eval()
+    ids = torch.randint(0, 97, (1, 6))
+    compiled = DecodeStep(model, True)
+    compiled._recorder.options["fx_graph_cache"] = False  # compiled here, not an artifact of an earlier run
+    tokens, logits = _generate_with(compiled, model, ids, 4)
+    assert compiled.compiled, compiled.fallback_reason
+    cache = model.new_cache(1, 64)
+    with torch.no_grad():
+        model(ids, cache=cache)
+        compiled(ids[:, -1:], cache)
+        with profile() as prof:
+            compiled(ids[:, -1:], cache)
+    assert not [e.key for e in prof.key_averages() if e.key in ("aten::clone", "aten::contiguous")]
+    expected_tokens, expected = _generate_with(DecodeStep(model, False), model, ids, 4)
+    assert torch.equal(tokens, expected_tokens)
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_direct_steps_go_back_through_dynamo_when_what_it_checks_changes(direct_calls):
     """A step whose grad mode, token dtype or rows' pads differ from the cache's first step's is checked by
     Dynamo's guards again (it retraces where they fail), with eager's logits."""
