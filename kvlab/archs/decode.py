@@ -236,15 +236,18 @@ def _dense_unit_strides():
 
     def dense(cls, x):
         view = original.__func__(cls, x)
-        size, stride = list(view.layout.size), list(view.layout.stride)
-        for i in reversed(range(len(size))):
-            if size[i] == 1:
-                stride[i] = stride[i + 1] * size[i + 1] if i + 1 < len(size) else 1
-        if stride == list(view.layout.stride):
+        try:
+            size, stride = list(view.layout.size), list(view.layout.stride)
+            for i in reversed(range(len(size))):
+                if size[i] == 1:
+                    stride[i] = stride[i + 1] * size[i + 1] if i + 1 < len(size) else 1
+            if stride == list(view.layout.stride):
+                return view
+            layout = ir.FixedLayout(device=view.layout.device, dtype=view.layout.dtype, size=size, stride=stride,
+                                    offset=view.layout.offset)  # fmt: skip
+            return ir.ReinterpretView(data=view.data, layout=layout)
+        except Exception:  # noqa: BLE001 - another torch's IR: its own view, as Inductor made it
             return view
-        layout = ir.FixedLayout(device=view.layout.device, dtype=view.layout.dtype, size=size, stride=stride,
-                                offset=view.layout.offset)  # fmt: skip
-        return ir.ReinterpretView(data=view.data, layout=layout)
 
     class Marker(CustomGraphPass):
         def __call__(self, graph) -> None:
