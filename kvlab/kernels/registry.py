@@ -84,13 +84,17 @@ class Backend:
     auto_skip: Callable[..., str | None] | None = None
     _fn: Callable | None = field(default=None, repr=False)
 
+    def __post_init__(self) -> None:
+        # A function needs no import: resolved now, not on the first call, which could be inside torch.compile's
+        # trace, where it would be a change Dynamo guards on (the next call would retrace once eager code had
+        # resolved it: MLA's absorbed attention, which only the decode step calls, cost each second generation 1 s)
+        if callable(self.target):
+            self._fn = self.target
+
     def function(self) -> Callable:
         if self._fn is None:
-            if callable(self.target):
-                self._fn = self.target
-            else:
-                module, name = self.target.split(":")
-                self._fn = getattr(importlib.import_module(module), name)
+            module, name = self.target.split(":")
+            self._fn = getattr(importlib.import_module(module), name)
         return self._fn
 
     def unavailable_on(self, device_type: str | None, interpreting: bool) -> str | None:
@@ -256,8 +260,6 @@ def dispatch(op: str, *args, **kwargs):
     if torch.compiler.is_compiling():
         # Inside torch.compile the op is traced as its torch backend (reference where it has none): Inductor
         # fuses plain PyTorch into its own kernels, and the mode's context variable cannot be traced.
-        # The function itself where it was registered as one: resolving it here (``function()``'s first call)
-        # would be a change Dynamo guards on, and the next step would retrace once the eager path resolved it.
-        backend = _REGISTRY[op].get("torch") or _REGISTRY[op]["reference"]
-        return (backend.target if callable(backend.target) else backend.function())(*args, **kwargs)
+        backends = _REGISTRY[op]
+        return (backends.get("torch") or backends["reference"]).function()(*args, **kwargs)
     return choose(op, args, kwargs).function()(*args, **kwargs)

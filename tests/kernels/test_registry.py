@@ -152,12 +152,15 @@ def test_auto_leaves_a_call_to_a_faster_later_backend_and_a_named_mode_does_not(
 
 
 def test_a_traced_op_is_not_retraced_once_the_eager_path_has_imported_its_backend(monkeypatch):
-    """Inside torch.compile an op is its torch backend's function, called as registered: a backend resolved lazily
-    there (``function()``'s first call, as in a new process) would be a guard that fails once eager code resolves
-    it, and the next call would retrace (MLA's absorbed attention, which only the decode step calls, cost each
-    model's second generation a second)."""
-    for backend in registry._REGISTRY["rms_norm"].values():  # none of its functions imported yet
-        monkeypatch.setattr(backend, "_fn", None)
+    """Inside torch.compile an op is its torch backend's function, resolved when it was registered: one resolved
+    lazily there (``function()``'s first call) would be a guard that fails once eager code resolves it, and the
+    next call would retrace (MLA's absorbed attention, which only the decode step calls, cost each model's second
+    generation a second)."""
+    fresh = {  # registered and never called, as in a new process
+        name: registry.Backend(b.name, b.target, b.packages, b.supports, b.auto_skip)
+        for name, b in registry._REGISTRY["rms_norm"].items()
+    }
+    monkeypatch.setitem(registry._REGISTRY, "rms_norm", fresh)
     counter = torch._dynamo.testing.CompileCounter()
     norm = torch.compile(lambda x, w: kvlab.kernels.ops.rms_norm(x, w, 1e-5), backend=counter, fullgraph=True)
     x, w = torch.randn(2, 8), torch.rand(8)
