@@ -647,10 +647,10 @@ class Attention(nn.Module):
             return False
         rotations = (self.k_rotation, self.v_rotation)
         versions = None if any(p.is_inference() for p in rotations) else tuple(p._version for p in rotations)
-        if not again and versions is not None and getattr(self, "_held_for", None) == versions:
+        if not again and versions is not None and getattr(self, "_held_versions", None) == versions:
             return False
         with torch.no_grad():
-            self._held_bases, self._held_for = self._solved_bases(), versions
+            self._held_bases, self._held_versions = self._solved_bases(), versions
         return True
 
     def _solved_bases(self) -> tuple[torch.Tensor, torch.Tensor]:
