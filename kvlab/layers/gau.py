@@ -145,9 +145,9 @@ class GAU(nn.Module):
             quad_q, quad_k, lin_q, lin_k = self._parts(chunk_z, cos, sin)
             causal = torch.ones(held + n, held + n, dtype=torch.bool, device=x.device).tril()[held:]
             scores = F.relu(quad_q[:, held:] @ quad_k.transpose(-1, -2)).square() * causal
-            # the state holds this chunk's tokens before ``held``: their linear terms come off
-            before = torch.arange(held + n, device=x.device) < held
-            scores = scores - (lin_q[:, held:] @ lin_k.transpose(-1, -2)) * before
+            if held:  # the state holds this chunk's tokens before ``held``: their linear terms come off
+                before = torch.arange(held + n, device=x.device) < held
+                scores = scores - (lin_q[:, held:] @ lin_k.transpose(-1, -2)) * before
             outputs.append((scores @ chunk_v + lin_q[:, held:] @ cache.state.to(z.dtype)) / C)
             new_k, new_v = lin_k[:, held:], chunk_v[:, held:]
             cache.state.add_((new_k.transpose(-1, -2) @ new_v).to(cache.state.dtype))
