@@ -220,7 +220,7 @@ def _dense_unit_strides():
 
     Any stride addresses a size-1 dimension alike, but ATen's ``mm`` takes a row of stride 0 for a matrix BLAS
     cannot read and copies it first: at batch 1 every product of a view's single row, 13 copies in a gqa step,
-    73 in rwkv7's, 5-7% of the step (benchmarks/RESULTS.md, "Compiled decoding"). Yields the config entry that
+    73 in rwkv7's, 2-5% of a generation (benchmarks/RESULTS.md, "Compiled decoding"). Yields the config entry that
     keeps graphs compiled so apart in Inductor's cache (a no-op pass whose uuid names this), or None and
     changes nothing where this torch's Inductor lacks what it replaces."""
     try:
