@@ -1,7 +1,7 @@
 """Training step speed: kvlab (eager and with compiled blocks) vs `transformers` Llama, one process.
 
     python benchmarks/train_speed.py [--batch 8] [--seq 256] [--repeats 5] [--steps 20] [--device cpu]
-                                     [--dtype float32]
+                                     [--dtype float32] [--loss-rows N]
 
 The step is the training step's work: forward with the loss (kvlab: the
 fused head + loss; transformers: ``labels=``), backward, AdamW step,
@@ -11,7 +11,10 @@ block under ``torch.compile``); its compilation is reported apart. Also
 printed: the share of kvlab's eager step spent in matrix multiplies and
 attention (torch's profiler), the arithmetic both libraries must do alike,
 which bounds what any fusion can gain; and the losses of ``--steps`` steps
-with and without compilation (same data), which must agree.
+with and without compilation (same data), which must agree. ``--loss-rows
+N`` adds kvlab's two steps again with the fused head + loss walking
+N-row chunks instead of its default (``_rows_per_chunk``), interleaved with
+the others: what the chunk size is worth, side by side.
 ``--device cuda --dtype bfloat16`` runs it on a GPU, both models under
 bf16 autocast (float32 weights and optimizer, as ``trainer.precision=
 bf16-mixed`` trains); the profiler's share is then not printed (it times
@@ -30,18 +33,28 @@ from common import sync  # benchmarks/common.py, beside this script
 from decode import llama_twin  # benchmarks/decode.py, beside this script
 from torch.profiler import profile
 
+import kvlab.kernels.cross_entropy as fused_loss
 from kvlab import ModelConfig, build_model
 
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"
 
 
-def stepper(model, batches, hf: bool, dtype=torch.float32):
+def stepper(model, batches, hf: bool, dtype=torch.float32, loss_rows: int | None = None):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)  # kvlab's recipe and transformers' Trainer
     it = iter(batches)
     device = next(model.parameters()).device
+    default_rows = fused_loss._rows_per_chunk
 
     def step():
         ids = next(it).to(device, non_blocking=True)
+        if loss_rows:  # this step's loss only: restored below
+            fused_loss._rows_per_chunk = lambda vocab, device=None: loss_rows
+        try:
+            return _step(ids)
+        finally:
+            fused_loss._rows_per_chunk = default_rows
+
+    def _step(ids):
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             if hf:
                 loss = model(input_ids=ids[:, :-1], labels=ids[:, :-1]).loss  # transformers shifts labels itself
@@ -63,6 +76,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--loss-rows", type=int, default=0, help="also time kvlab's steps with N-row loss chunks")
     args = p.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     n = 1 + args.repeats + args.steps
@@ -79,6 +93,11 @@ def main() -> None:
     eager.to(device)
     steps = {"kvlab eager": stepper(eager, data, False, dtype), "kvlab compiled": stepper(compiled, data, False, dtype),
              "transformers eager": stepper(hf, data, True, dtype)}  # fmt: skip
+    if args.loss_rows:
+        for kind, compile_it in (("eager", False), ("compiled", True)):
+            steps[f"kvlab {kind}, {args.loss_rows}-row loss chunks"] = stepper(
+                model(compile_it), data, False, dtype, loss_rows=args.loss_rows
+            )
     first = {}
     for name, step in steps.items():
         t0 = time.perf_counter()

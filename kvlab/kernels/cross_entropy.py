@@ -31,9 +31,22 @@ def linear_cross_entropy_reference(hidden, weight, labels, *, reduction: str = "
     return loss.view(labels.shape) if reduction == "none" else loss
 
 
-def _rows_per_chunk(vocab: int, target_bytes: int = 64 * 2**20) -> int:
-    """Rows whose float32 logits take about ``target_bytes`` (at least 1)."""
-    return max(1, target_bytes // (4 * vocab))
+def _rows_per_chunk(vocab: int, device: torch.device | None = None) -> int:
+    """Rows per chunk: float32 logits of about 64 MiB on an accelerator, 4 MiB (and at least 128 rows) on a CPU.
+
+    On a CPU a large chunk costs twice over: glibc's allocator hands out a
+    block of 32 MiB or more as fresh pages every time (mmap; faulting them in
+    took as long as the softmax's exp), and each chunk's logits are passed
+    over several times (the matrix product, logsumexp, the gradient), which
+    is cheap only while they stay in cache. At gqa's shapes (2,048 rows,
+    vocab 4,096) 256-row chunks made the loss x1.3 and the whole training
+    step x1.05 faster than one 2,048-row chunk (benchmarks/RESULTS.md,
+    "Training step"). Below about 128 rows the gradient of W, accumulated
+    over every chunk, costs more than the chunks save.
+    """
+    if device is not None and device.type == "cpu":
+        return max(128, 4 * 2**20 // (4 * vocab))
+    return max(1, 64 * 2**20 // (4 * vocab))
 
 
 def cross_entropy_rows(logits, labels, grad_scale: float | None):
@@ -111,5 +124,5 @@ def linear_cross_entropy(
         raise ValueError(f"reduction={reduction!r}: valid are mean, sum, none")
     if reduction == "none" and torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         raise ValueError("linear_cross_entropy: reduction='none' computes no gradients; use mean or sum to train")
-    rows = rows_per_chunk or _rows_per_chunk(weight.shape[0])
+    rows = rows_per_chunk or _rows_per_chunk(weight.shape[0], weight.device)
     return _FusedLinearCrossEntropy.apply(hidden, weight, labels, reduction, rows, rows_fn)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kvlab.kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
+from kvlab.kernels.cross_entropy import cross_entropy_rows, linear_cross_entropy, linear_cross_entropy_reference
 from tests.conftest import rel_error
 
 
@@ -28,6 +28,24 @@ def test_loss_and_gradients_equal_the_plain_path(reduction, rows):
     expected = torch.autograd.grad(plain * scale, (hidden, weight))
     for g, e in zip(got, expected, strict=True):
         assert rel_error(g, e) < 1e-5
+
+
+def test_a_cpu_loss_walks_cache_sized_chunks_of_at_least_128_rows():
+    # 4 MiB of float32 logits per chunk on a CPU, never under 128 rows (cross_entropy._rows_per_chunk)
+    chunks = []
+
+    def counting_rows(logits, labels, grad_scale):
+        chunks.append(logits.shape[0])
+        return cross_entropy_rows(logits, labels, grad_scale)
+
+    for vocab, expected in ((2048, [512, 300]), (16384, [128, 128, 128, 44])):  # 4 MiB is 64 rows of 16384
+        hidden = torch.randn(sum(expected), 8, requires_grad=True)
+        weight = (torch.randn(vocab, 8) * 0.2).requires_grad_()
+        labels = torch.randint(0, vocab, (sum(expected),))
+        chunks.clear()
+        fused = linear_cross_entropy(hidden, weight, labels, rows_fn=counting_rows)
+        assert chunks == expected
+        assert rel_error(fused, linear_cross_entropy_reference(hidden, weight, labels)) < 1e-6
 
 
 def test_bfloat16_matches_the_plain_path_at_its_precision():
