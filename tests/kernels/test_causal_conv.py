@@ -12,11 +12,16 @@ def torch_conv(x, weight, bias):
     return F.conv1d(F.pad(x.transpose(1, 2), (K - 1, 0)), weight[:, None], bias, groups=C).transpose(1, 2)
 
 
-def test_matches_torch_conv1d():
-    x, w, b = torch.randn(2, 11, 6), torch.randn(6, 4), torch.randn(6)
+def test_matches_torch_conv1d_and_its_gradients():
+    x, w, b = (t.requires_grad_() for t in (torch.randn(2, 11, 6), torch.randn(6, 4), torch.randn(6)))
     y, prev = causal_conv1d(x, w, b)
-    torch.testing.assert_close(y, torch_conv(x, w, b))
+    expected = torch_conv(x, w, b)
+    torch.testing.assert_close(y, expected)
     torch.testing.assert_close(prev, x[:, -3:])
+    cotangent = torch.randn_like(y)  # the taps accumulate in place: their gradients must still reach x, w, b
+    for got, want in zip(torch.autograd.grad(y, (x, w, b), cotangent),
+                         torch.autograd.grad(expected, (x, w, b), cotangent), strict=True):  # fmt: skip
+        torch.testing.assert_close(got, want)
 
 
 def test_split_calls_continue_from_the_state():
