@@ -12,7 +12,9 @@ Mamba-2 with a data-dependent one) or a vector over the key channels
 before the token's own write, as RWKV does (which adds the token's own
 term separately, with its bonus u). Packed documents (``doc_ids`` [B, T])
 start from an empty state where the id changes; position 0 continues
-``state``.
+``state``. q and k may have one head that every value head reads (q, k
+[B, 1, T, Dk]: Mamba-2's B and C with one group): it is broadcast, not
+copied per head, and the chunked form's q k^T products are computed once.
 
 - ``linear_attention_reference``: the recurrence token by token, for tests.
 - ``linear_attention_chunked``: the chunkwise form (RetNet §2.2, SSD's block
@@ -76,11 +78,12 @@ def linear_attention_reference(
 ):
     """o [B, H, T, Dv] and the final state [B, H, Dk, Dv], token by token.
 
-    q, k [B, H, T, Dk]; v [B, H, T, Dv]; log_decay [B, H, T] or [B, H, T, Dk]; chunk_size is ignored;
-    state [B, H, Dk, Dv] or None (zeros).
+    q, k [B, H or 1, T, Dk] (one head: read by every head of v); v [B, H, T, Dv]; log_decay [B, H, T] or
+    [B, H, T, Dk]; chunk_size is ignored; state [B, H, Dk, Dv] or None (zeros).
     """
     dt = _compute_dtype(q)
-    B, H, T, Dk = q.shape
+    B, _, T, Dk = q.shape
+    H = v.shape[1]
     S = q.new_zeros(B, H, Dk, v.shape[-1], dtype=dt) if state is None else state.to(dt)
     starts = document_starts(doc_ids) if doc_ids is not None else None
     g = log_decay.to(dt) if log_decay.dim() == 4 else log_decay.to(dt)[..., None]  # [B, H, T, Dk or 1]
@@ -102,13 +105,14 @@ def linear_attention_chunked(
 ):
     """Same contract as ``linear_attention_reference``, in chunks of ``chunk_size`` tokens."""
     dt = _compute_dtype(q)
-    B, H, T, Dk = q.shape
-    Dv = v.shape[-1]
+    B, _, T, Dk = q.shape
+    H, Dv = v.shape[1], v.shape[-1]
     C = chunk_size
     N = -(-T // C)
     pad = N * C - T  # padded tokens have k = 0 and no decay: they leave the state as it is
     vector = log_decay.dim() == 4
-    q, k, v = (F.pad(x.to(dt), (0, 0, 0, pad)).view(B, H, N, C, -1) for x in (q, k, v))
+    # q and k keep their own head count: one shared head is broadcast against the decays' H heads below
+    q, k, v = (F.pad(x.to(dt), (0, 0, 0, pad)).view(B, x.shape[1], N, C, -1) for x in (q, k, v))
     g = log_decay.to(dt) if vector else log_decay.to(dt)[..., None]
     g = F.pad(g, (0, 0, 0, pad)).view(B, H, N, C, -1)  # [B, H, N, C, Dk or 1]
     b = g.cumsum(dim=3)  # cumulative log decay within each chunk, up to and including each token
@@ -157,7 +161,7 @@ def linear_attention_step(q, k, v, log_decay, *, state=None, exclusive: bool = F
     cache, where the caller copies it) and the old one read once by the update and once by the output,
     not written to a temporary and read back (a quarter less traffic over a Mamba-2 state per step)."""
     dt = _compute_dtype(q)
-    S = q.new_zeros(q.shape[0], q.shape[1], q.shape[-1], v.shape[-1], dtype=dt) if state is None else state.to(dt)
+    S = q.new_zeros(q.shape[0], v.shape[1], q.shape[-1], v.shape[-1], dtype=dt) if state is None else state.to(dt)
     read, key, value = q[:, :, 0].to(dt), k[:, :, 0].to(dt), v[:, :, 0].to(dt)  # [B, H, D]
     decay = log_decay[:, :, 0].to(dt).exp()  # [B, H] or [B, H, Dk]
     decay = decay[..., None] if decay.dim() == 3 else decay[..., None, None]  # [B, H, Dk or 1, 1]

@@ -39,7 +39,9 @@ def _ssd(x, dt, A, B, C, state, doc_ids, scan, **kwargs):
     H, G = x.shape[2], B.shape[2]
     log_decay = (dt * A).transpose(1, 2)  # [B, H, T]
     v = (x * dt[..., None].to(x.dtype)).transpose(1, 2)
-    k, q = (t.transpose(1, 2).repeat_interleave(H // G, dim=1) for t in (B, C))
+    # one group: B and C go in as one head that every head reads (linear attention broadcasts it, and its
+    # chunked form computes C B^T once, not per head)
+    k, q = (t.transpose(1, 2) if G == 1 else t.transpose(1, 2).repeat_interleave(H // G, dim=1) for t in (B, C))
     y, final = scan(q, k, v, log_decay, state=state, doc_ids=doc_ids, **kwargs)
     return y.transpose(1, 2), final
 

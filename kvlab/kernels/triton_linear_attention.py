@@ -467,4 +467,6 @@ def linear_attention(q, k, v, log_decay, *, state=None, doc_ids=None, exclusive=
         raise ValueError("form='chunked' takes a scalar decay per head and token (log_decay [B, H, T])")
     chunked = form == "chunked" or (form == "auto" and log_decay.dim() == 3 and q.shape[2] > CHUNK)
     starts = document_starts(doc_ids) if doc_ids is not None else None
+    if q.shape[1] != v.shape[1]:  # one q/k head read by every value head: the kernels index q and k per head
+        q, k = q.expand(-1, v.shape[1], -1, -1), k.expand(-1, v.shape[1], -1, -1)
     return _LinearAttention.apply(q, k, v, log_decay, state, starts, exclusive, chunked)

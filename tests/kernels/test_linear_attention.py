@@ -89,6 +89,31 @@ def test_chunked_equals_recurrent_outputs_state_and_gradients(chunk_size, with_s
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("kernel", ["reference", "chunked", "step"])
+@pytest.mark.parametrize("decay", ["scalar", "vector_exclusive"])
+def test_one_q_and_k_head_read_by_every_head_equals_it_copied_to_each(kernel, decay):
+    """Mamba-2's single B/C group: q and k [B, 1, T, Dk] broadcast over v's heads, outputs, state and
+    gradients (summed over the heads for q and k) as the same head repeated through the reference, float64."""
+    T = 1 if kernel == "step" else 37
+    q, k, v, g, s0 = _inputs(T, torch.float64, requires_grad=True, vector=decay != "scalar")
+    q1, k1 = (t[:, :1].detach().requires_grad_() for t in (q, k))
+    kwargs = {"state": s0, "exclusive": decay == "vector_exclusive"}
+    if kernel == "chunked":
+        out, state = linear_attention_chunked(q1, k1, v, g, chunk_size=8, doc_ids=DOCS, **kwargs)
+        kwargs["doc_ids"] = DOCS
+    else:
+        out, state = (linear_attention_step if kernel == "step" else linear_attention_reference)(q1, k1, v, g, **kwargs)
+    ref_out, ref_state = linear_attention_reference(q1.expand(-1, H, -1, -1), k1.expand(-1, H, -1, -1), v, g, **kwargs)
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(state, ref_state, rtol=1e-10, atol=1e-10)
+    weights = torch.randn_like(out)
+    leaves = (q1, k1, v, g, s0)
+    grads = torch.autograd.grad((out * weights).sum() + state.sum(), leaves)
+    ref_grads = torch.autograd.grad((ref_out * weights).sum() + ref_state.sum(), leaves)
+    for name, got, want in zip("q k v log_decay state".split(), grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=name)
+
+
 @pytest.mark.parametrize("kernel", [linear_attention_reference, linear_attention_chunked])
 @pytest.mark.parametrize("exclusive", [False, True])
 def test_documents_start_from_an_empty_state(kernel, exclusive):

@@ -331,11 +331,13 @@ def test_mamba_scans_run_on_the_linear_attention_kernel(monkeypatch):
 
     monkeypatch.setattr(registry, "choose", spy)
     x, dt = torch.randn(1, 7, 2, 4, requires_grad=True), (torch.rand(1, 7, 2) * 0.5).requires_grad_()
-    A, B, C = -torch.rand(2), torch.randn(1, 7, 1, 4), torch.randn(1, 7, 1, 4)
+    A, B, C = -torch.rand(2), torch.randn(1, 7, 1, 4, requires_grad=True), torch.randn(1, 7, 1, 4, requires_grad=True)
     u, delta = torch.randn(1, 3, 7, requires_grad=True), (torch.rand(1, 3, 7) * 0.5).requires_grad_()
     A1, B1, C1 = -torch.rand(3, 4), torch.randn(1, 4, 7), torch.randn(1, 4, 7)
     with registry.use_kernels("triton"):
-        _check(lambda x, dt: ops_module.ssd(x, dt, A, B, C)[0], lambda x, dt: ssd_reference(x, dt, A, B, C)[0], (x, dt))
+        # one B/C group: the kernel gets one q/k head for both value heads (expanded in its wrapper)
+        _check(lambda x, dt, B, C: ops_module.ssd(x, dt, A, B, C)[0],
+               lambda x, dt, B, C: ssd_reference(x, dt, A, B, C)[0], (x, dt, B, C))  # fmt: skip
         _check(lambda u, d: ops_module.selective_scan(u, d, A1, B1, C1)[0],
                lambda u, d: selective_scan_reference(u, d, A1, B1, C1)[0], (u, delta))  # fmt: skip
     assert ("linear_attention", "triton") in used and ("ssd", "torch") in used
