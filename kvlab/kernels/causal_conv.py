@@ -27,8 +27,8 @@ def causal_conv1d(x, weight, bias=None, *, prev=None, doc_ids=None):
     if prev is None:
         prev = x.new_zeros(B, K - 1, C)
     padded = torch.cat([prev.to(x.dtype), x], dim=1)  # [B, K - 1 + T, C]
-    # Each tap is accumulated in place into one output (bias first): a pass over [B, T, C] per tap, where a
-    # product and a sum per tap took two and a new tensor each (x1.4 on the forward at mamba2's prefill).
+    # The taps accumulate in place into one output that starts from the bias: one pass per tap, where a
+    # product and then a sum had taken two, each into a new tensor (x1.4 on the forward at mamba2's prefill).
     last = padded[:, K - 1 :]
     y = last * weight[:, K - 1] if bias is None else torch.addcmul(bias.to(x.dtype), last, weight[:, K - 1])
     for j in range(K - 1):

@@ -40,7 +40,7 @@ def _rows_per_chunk(vocab: int, device: torch.device | None = None) -> int:
     over several times (the matrix product, logsumexp, the gradient), which
     is cheap only while they stay in cache. At gqa's shapes (2,048 rows,
     vocab 4,096) 256-row chunks made the loss x1.3 and the whole training
-    step x1.05 faster than one 2,048-row chunk (benchmarks/RESULTS.md,
+    step x1.02 to x1.05 faster than one 2,048-row chunk (benchmarks/RESULTS.md,
     "Training step"). Below about 128 rows the gradient of W, accumulated
     over every chunk, costs more than the chunks save.
     """
