@@ -8,8 +8,10 @@ in a fresh subprocess per checkout, the two alternating round by round (so
 that a noisy moment hits both), and the best round of each is reported.
 Decoding: ``model.generate`` greedy, batch 1, 64-token prompt, 64 new
 tokens, best of 5; training: ``model(ids, labels=...)``, backward and an
-AdamW step on 4 x 256 tokens, best of 5 steps. Same seed, same weights in
-both checkouts.
+AdamW step on 4 x 256 tokens, best of 5 steps; prefill: a cached forward
+that asks for the last logits only, as ``generate``'s (``last_only=True``),
+of 8 x 128 and of 1 x 2,048 tokens, best of 5. Same seed, same weights in
+both checkouts. Every column is tokens/s.
 """
 
 from __future__ import annotations
@@ -45,7 +47,20 @@ step()
 best = float("inf")
 for _ in range(5):
     t0 = time.perf_counter(); step(); best = min(best, time.perf_counter() - t0)
-print(json.dumps({"decode": decode, "train": 4 * 256 / best}))
+train = 4 * 256 / best
+model.eval()
+prefill = {}
+for key, (rows, length) in {"prefill 8x128": (8, 128), "prefill 1x2048": (1, 2048)}.items():
+    prompt = torch.randint(0, cfg.vocab_size, (rows, length))
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(6):  # the first warms the allocator
+            cache = model.new_cache(rows, length)
+            t0 = time.perf_counter()
+            model(prompt, cache=cache, last_only=True)
+            best = min(best, time.perf_counter() - t0)
+    prefill[key] = rows * length / best
+print(json.dumps({"decode": decode, "train": train, **prefill}))
 """
 
 
@@ -62,21 +77,18 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
     checkouts = {"baseline": args.baseline, "this": str(REPO)}
-    print("| preset | baseline decode tok/s | this decode tok/s | ratio | baseline train tok/s | "
-          "this train tok/s | ratio |")  # fmt: skip
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    keys = ["decode", "train", "prefill 8x128", "prefill 1x2048"]
+    print("| preset | " + " | ".join(f"baseline {k} | this {k} | ratio" for k in keys) + " |")
+    print("| --- " * (1 + 3 * len(keys)) + "|")
     for preset in args.presets.split(","):
-        best = {name: {"decode": 0.0, "train": 0.0} for name in checkouts}
+        best = {name: dict.fromkeys(keys, 0.0) for name in checkouts}
         for _ in range(args.rounds):
             for name, checkout in checkouts.items():
                 for key, value in measure(checkout, preset).items():
                     best[name][key] = max(best[name][key], value)
         b, t = best["baseline"], best["this"]
-        print(
-            f"| {preset} | {b['decode']:,.0f} | {t['decode']:,.0f} | {t['decode'] / b['decode']:.2f} | "
-            f"{b['train']:,.0f} | {t['train']:,.0f} | {t['train'] / b['train']:.2f} |",
-            flush=True,
-        )
+        cells = (f"{b[k]:,.0f} | {t[k]:,.0f} | {t[k] / b[k]:.2f}" for k in keys)
+        print(f"| {preset} | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

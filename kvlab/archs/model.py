@@ -73,16 +73,24 @@ class Block(nn.Module):
         self.mlp = mlp
         self.mlp_stateful = getattr(mlp, "stateful", False)
 
-    def forward(self, x, state: StepState, cache=None, mlp_cache=None):
+    def forward(self, x, state: StepState, cache=None, mlp_cache=None, last_only: bool = False):
+        """``last_only``: only the last position's output is wanted (a prefill's top layer). The mixer still
+        runs over every position, which its cache needs; a stateless MLP runs over the last alone."""
         context = state.context
         block = self.cross_block if self.cross_block is not None else self.__dict__.get("_shared_cross_block")
         if block is not None and context is not None:
             x = block(x, context, state.start, state.positions)
         h = self.mixer_norm(x)
-        mixed = self.mixer(h, cache=cache, state=state)
+        last_only = last_only and not self.mlp_stateful  # a stateful MLP takes every position in
+        if last_only and self.cross is None and getattr(self.mixer, "takes_last_only", False):
+            mixed = self.mixer(h, cache=cache, state=state, last_only=True)  # [B, 1, D] (or [B, T, D])
+        else:
+            mixed = self.mixer(h, cache=cache, state=state)
         if self.cross is not None and context is not None:  # the mixer's residual, then the cross sublayer's
             x = x + mixed
             mixed = self.cross(self.cross_norm(x), context, state.start, state.positions)
+        if last_only:
+            x, mixed = x[:, -1:], mixed[:, -1:]
         if self.mlp is None:
             return x + mixed
         if isinstance(self.mlp_norm, RMSNorm):  # the residual add fused into the norm
@@ -431,7 +439,9 @@ class CausalLM(nn.Module):
             # cross-decoder or CLA's last reader) need only the last position of a prefill.
             while stateless_from > top and cache.layer_is_stateless(stateless_from - 1):
                 stateless_from -= 1
-        x = self._layers(x, state, cache, top, stateless_from)
+        # (a training forward keeps every row through its MLPs: an MoE's balance is over all of them)
+        trim = last_only and not (self.training and torch.is_grad_enabled())
+        x = self._layers(x, state, cache, top, stateless_from, last_only=trim)
         if last_only:
             x = x[:, -1:]
         if stateless_from < len(self.layers):
@@ -442,8 +452,12 @@ class CausalLM(nn.Module):
         h = self.norm(x)
         return self.lm_head(h) if head else h
 
-    def _layers(self, x, state: StepState, cache, start: int, stop: int, passes: PassesConfig | None = None):
-        """Layers start..stop-1 on ``x``. With ``passes`` (the span whose layers read later layers), the
+    def _layers(
+        self, x, state: StepState, cache, start: int, stop: int, passes: PassesConfig | None = None,
+        last_only: bool = False,
+    ):  # fmt: skip
+        """Layers start..stop-1 on ``x``; with ``last_only``, the last of them returns its last position alone
+        (``Block``: its MLP runs on that position). With ``passes`` (the span whose layers read later layers), the
         span runs once per pass from the same input, each pass reading what the later layers published in
         the pass before (with a cache: what they hold, rewritten by each pass); one pass when decoding."""
         if passes is None:
@@ -456,7 +470,7 @@ class CausalLM(nn.Module):
                     # readers get their gradients), only activations are recomputed.
                     x = checkpoint(layer, x, state, use_reentrant=False)
                 else:
-                    x = layer(x, state, cache=slot, mlp_cache=mlp_slot)
+                    x = layer(x, state, cache=slot, mlp_cache=mlp_slot, last_only=last_only and i == stop - 1)
             return x
         T = x.shape[1]
         n = 1 if cache is not None and T == 1 else passes.total  # a decoded token's readers see only the past

@@ -428,6 +428,7 @@ def kv_head_of_query(allocation: torch.Tensor, n_heads: int) -> torch.Tensor:
 class Attention(nn.Module):
     Config = AttentionConfig
     output_projection = "o_proj"  # what a parallel layer with shared_output replaces by its own
+    takes_last_only = True  # forward's ``last_only``: the last position's output alone (``Block``)
 
     def __init__(
         self,
@@ -528,13 +529,14 @@ class Attention(nn.Module):
 
     # -- forward ------------------------------------------------------------
 
-    def forward(self, x, *, cache=None, state: StepState | None = None):
+    def forward(self, x, *, cache=None, state: StepState | None = None, last_only: bool = False):
+        """``last_only``: the output of the last position alone (a prefill's top layer); keys and values are
+        still made, cached and published for every position."""
         state = StepState() if state is None else state
         if self.reads_weights:
             return self._apply_shared_weights(x, cache, state)
         B, T, _ = x.shape
         start = state.start
-        q = self.q_proj(x).view(B, T, self.n_q_heads, self.head_dim).transpose(1, 2)
         cos, sin = self.rotary(start, T, state.positions)
         bases = self._matryoshka_bases(state) if self.cfg.kv_ranks is not None else None
         if self.owns_kv:
@@ -561,6 +563,11 @@ class Attention(nn.Module):
                 state.publish("values", 0, view.v)
         else:
             view = state.read("kv", self.kv_source, self.layer_idx)
+        last_only = last_only and self._queries_can_be_trimmed(cache)  # (after the update: it may score this step)
+        Tq = 1 if last_only else T
+        q = self.q_proj(x[:, -Tq:]).view(B, Tq, self.n_q_heads, self.head_dim).transpose(1, 2)
+        if last_only:  # the last position's query, asking as the top layers of a prefill that keep no state do
+            cos, sin, state = cos[..., -1:, :], sin[..., -1:, :], state.tail(T)
         q = apply_rope(q, cos, sin)
         if bases is not None:  # queries on their K/V head's key basis
             heads = self._kv_head_of_query()
@@ -584,7 +591,16 @@ class Attention(nn.Module):
             y = torch.einsum("bhtr,hdr->bhtd", y, bases[1][heads]) + self.v_mean[heads][None, :, None].to(y.dtype)
         if self.training and (self.cfg.query_allocation == "dgqa" or bases is not None):
             self._advance_training_state(view.k)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.v_head_dim))
+        return self.o_proj(y.transpose(1, 2).reshape(B, Tq, self.n_heads * self.v_head_dim))
+
+    def _queries_can_be_trimmed(self, cache) -> bool:
+        """Whether ``last_only`` may drop the other positions' queries: nothing else reads their attention (SA's
+        readers, an H2O or SnapKV cache, KDGQA's allocation by what each query sees), they read no later layer
+        (LCKV) and no training forward counts them."""
+        return not (
+            self.shares_attention or self.kv_source > self.layer_idx or self.cfg.query_allocation == "kdgqa"
+            or getattr(cache, "scored_rows", 0) or (self.training and torch.is_grad_enabled())
+        )  # fmt: skip
 
     def _apply_shared_weights(self, x: torch.Tensor, cache, state: StepState) -> torch.Tensor:
         """SA: the source layer's probabilities over the step's positions, applied to this layer's values

@@ -107,6 +107,7 @@ class Mamba2Config(MixerConfig):
 class Mamba2(nn.Module):
     Config = Mamba2Config
     output_projection = "out_proj"  # what a parallel layer with shared_output replaces by its own
+    takes_last_only = True  # forward's ``last_only``: the last position's output alone (``Block``)
 
     def __init__(self, cfg: Mamba2Config, *, d_model: int, layer_idx: int, kv_source: int, max_seq_len: int):
         super().__init__()
@@ -135,8 +136,9 @@ class Mamba2(nn.Module):
         self.D.fill_(1.0)
         self.norm_weight.fill_(1.0)
 
-    def forward(self, x, *, cache=None, state: StepState | None = None):
-        """``positions`` are not used: the convolution and the decay carry order."""
+    def forward(self, x, *, cache=None, state: StepState | None = None, last_only: bool = False):
+        """``positions`` are not used: the convolution and the decay carry order. ``last_only``: the output of
+        the last position alone (a prefill's top layer); the scan still runs over every position."""
         state = StepState() if state is None else state
         doc_ids = state.doc_ids
         B, T, _ = x.shape
@@ -158,6 +160,8 @@ class Mamba2(nn.Module):
         if cache is not None:
             cache.ssm.copy_(ssm_state)
             cache.conv.copy_(conv_state)
+        if last_only:  # the gate, the norm and the projection for the last position
+            y, xs, z, T = y[:, -1:], xs[:, -1:], z[:, -1:], 1
         y = (y + xs * self.D.view(H, 1).to(xs.dtype)).reshape(B, T, self.inner)
         return self.out_proj(self._gated_norm(y, z))
 

@@ -161,6 +161,7 @@ class MLAConfig(MixerConfig):
 @register_mixer
 class MLA(nn.Module):
     Config = MLAConfig
+    takes_last_only = True  # forward's ``last_only``: the last position's output alone (``Block``)
 
     def __init__(self, cfg: MLAConfig, *, d_model: int, layer_idx: int, kv_source: int, max_seq_len: int):
         super().__init__()
@@ -197,16 +198,13 @@ class MLA(nn.Module):
 
     # -- forward ------------------------------------------------------------
 
-    def forward(self, x, *, cache=None, state: StepState | None = None):
+    def forward(self, x, *, cache=None, state: StepState | None = None, last_only: bool = False):
+        """``last_only``: the output of the last position alone (a prefill's top layer), its query absorbed as
+        a decode step's; the latents are still made, cached and published for every position."""
         state = StepState() if state is None else state
         B, T, _ = x.shape
         start = state.start
         H, D, R, G = self.n_heads, self.head_dim, self.rope_head_dim, self.rope_kv_heads
-        if self.cfg.q_lora_rank is None:
-            q = self.q_proj(x)
-        else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        q_nope, q_rope = q.view(B, T, H, D + R).transpose(1, 2).split([D, R], dim=-1)
         cos, sin = self.rotary(start, T, state.positions)
         if self.owns_kv:
             c, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, G * R], dim=-1)
@@ -222,6 +220,14 @@ class MLA(nn.Module):
             state.publish("kv", self.layer_idx, KVView(held, held, start + T))  # for the layers that read them
         else:
             held = state.read("kv", self.kv_source, self.layer_idx).k
+        if last_only and not (self.training and torch.is_grad_enabled()):  # (a training forward: all queries)
+            x, cos, sin, state = x[:, -1:], cos[..., -1:, :], sin[..., -1:, :], state.tail(T)
+            start, T = state.start, 1
+        if self.cfg.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q_nope, q_rope = q.view(B, T, H, D + R).transpose(1, 2).split([D, R], dim=-1)
         if cos.dim() == 4 and G < H:  # per-head frequencies: each query head turns as its RoPE key
             cos, sin = cos.repeat_interleave(H // G, dim=1), sin.repeat_interleave(H // G, dim=1)
         q_rope = apply_rope(q_rope, cos, sin)

@@ -300,6 +300,37 @@ def test_yoco_prefill_runs_the_cross_decoder_on_the_last_token_only():
     assert seen == [1]
 
 
+@pytest.mark.parametrize(
+    "name, policy, parts, rows",
+    [
+        ("gqa", None, ("k_proj", "q_proj", "mlp"), [9, 1, 1]),
+        ("gqa", "snapkv", ("k_proj", "q_proj", "mlp"), [9, 9, 1]),  # the cache keeps by the last queries' attention
+        ("mla", None, ("kv_a_proj_with_mqa", "q_proj", "mlp"), [9, 1, 1]),
+        ("mamba2", None, ("in_proj", "out_proj", "mlp"), [9, 1, 1]),
+        ("rwkv6", None, ("mixer", "mlp"), [9, 9]),  # the channel mix's token shift keeps the last input
+    ],
+)
+def test_a_last_only_prefill_runs_the_top_layer_on_the_last_position_where_nothing_keeps_the_rest(
+    name, policy, parts, rows
+):
+    """Keys and values are made for every position (the cache needs them); the query, the attention and the
+    MLP after it for the last only, unless a cache or a stateful MLP takes every position in."""
+    model = _model(VARIANTS[name])
+    seen = []
+    top = model.layers[-1]
+    for part in parts:
+        module = getattr(top.mixer, part, None) or getattr(top, part)
+        module.register_forward_hook(lambda _m, inputs, _out: seen.append(inputs[0].shape[1]))
+    ids = torch.randint(0, 97, (2, 9))
+    spec = None if policy is None else {"kind": policy, "budget": 4, "window": 2}
+    with torch.no_grad():
+        full = model(ids, cache=model.new_cache(2, 16, policy=spec))
+        seen.clear()
+        last = model(ids, cache=model.new_cache(2, 16, policy=spec), last_only=True)
+    assert seen == rows
+    assert (last - full[:, -1:]).abs().max() <= 1e-5
+
+
 @pytest.mark.parametrize("name", PRESETS)
 def test_decode_matches_forward_presets(name):
     spec = preset_dict(name)
