@@ -439,8 +439,9 @@ class CausalLM(nn.Module):
             # cross-decoder or CLA's last reader) need only the last position of a prefill.
             while stateless_from > top and cache.layer_is_stateless(stateless_from - 1):
                 stateless_from -= 1
-        # (a training forward keeps every row through its MLPs: an MoE's balance is over all of them)
-        trim = last_only and not (self.training and torch.is_grad_enabled())
+        # (a training forward keeps every row through its MLPs: an MoE's balance is over all of them; the
+        # last position's attention alone has no mask for packed documents)
+        trim = last_only and state.doc_ids is None and not (self.training and torch.is_grad_enabled())
         x = self._layers(x, state, cache, top, stateless_from, last_only=trim)
         if last_only:
             x = x[:, -1:]

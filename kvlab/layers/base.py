@@ -20,7 +20,11 @@ model's plan says otherwise) and relies on this interface:
 
 A mixer whose output ends in one ``nn.Linear`` names it in the class
 attribute ``output_projection`` (e.g. ``"o_proj"``), so that a parallel
-layer can share one projection among its branches (Hymba).
+layer can share one projection among its branches (Hymba). One that can
+give the last position's output alone, still writing its cache for every
+position, sets ``takes_last_only = True`` and takes ``forward(...,
+last_only=True)``: a prefill's top layer is called so (``Block``), and may
+still return every position where it must compute them.
 
 Its config declares what the layer can give other layers and take from
 them (``publishes``, ``reads``, ``reads_later``), whether its cache may be

@@ -331,6 +331,16 @@ def test_a_last_only_prefill_runs_the_top_layer_on_the_last_position_where_nothi
     assert (last - full[:, -1:]).abs().max() <= 1e-5
 
 
+def test_a_last_only_forward_of_packed_documents_is_the_last_row_of_the_full_one():
+    model = _model(VARIANTS["gqa"])
+    ids = torch.randint(0, 97, (2, 9))
+    doc_ids = torch.tensor([[0] * 5 + [1] * 4, [0] * 9])
+    with torch.no_grad():
+        full = model(ids, doc_ids=doc_ids)
+        last = model(ids, doc_ids=doc_ids, last_only=True)
+    assert (last - full[:, -1:]).abs().max() <= 1e-5
+
+
 @pytest.mark.parametrize("name", PRESETS)
 def test_decode_matches_forward_presets(name):
     spec = preset_dict(name)
