@@ -246,14 +246,13 @@ def position_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None =
     every later query whatever the window (Hymba's meta tokens, StreamingLLM's
     attention sinks).
     """
+    if window is None:  # one comparison, without the [T, S] of int64 differences (a chunked prefill's cost)
+        return k_pos[..., None, :] <= q_pos[:, None]
     diff = q_pos[:, None] - k_pos[..., None, :]
-    allowed = diff >= 0
-    if window is not None:
-        within = diff < window
-        if sinks:
-            within |= k_pos[..., None, :] < sinks
-        allowed &= within
-    return allowed
+    within = diff < window
+    if sinks:
+        within |= k_pos[..., None, :] < sinks
+    return (diff >= 0) & within
 
 
 def document_mask(doc_ids: torch.Tensor, window: int | None = None) -> torch.Tensor:

@@ -75,6 +75,11 @@ from kvlab.layers.kv_cache import KVView, LatentKV, QuantizedLatentKV
 from kvlab.layers.norm import RMSNorm
 from kvlab.layers.rope import HeadwiseRotary, Rotary
 
+# From this many queries over a filled cache (a chunked prefill, a prompt after earlier turns), keys and values are
+# decompressed and attended as in a first prefill: the absorbed form's work grows with queries x positions x
+# the latent's width, and it holds every [T, S] score (set by benchmarks/RESULTS.md, "chunked prefill").
+EXPANDED_FROM = 64
+
 
 @dataclass
 class MLAConfig(MixerConfig):
@@ -238,6 +243,10 @@ class MLA(nn.Module):
             pads = state.pad_mask(q_pos, torch.arange(held.shape[1], device=x.device))
         if held.shape[1] == T and not static:  # training, or a first prefill: the latents are this step's own
             y = self._expanded(q_nope, q_rope, held, doc_ids=state.doc_ids, mask=pads)
+        elif T >= EXPANDED_FROM and not static:  # a prompt on a filled cache: as a first prefill, with positions
+            q_pos = start + torch.arange(T, device=x.device)
+            mask = position_mask(q_pos, torch.arange(held.shape[1], device=x.device))
+            y = self._expanded(q_nope, q_rope, held, mask=mask if pads is None else mask & pads, causal=False)
         else:
             mask = pads
             if T > 1 or static:
@@ -264,8 +273,9 @@ class MLA(nn.Module):
         c, k_rope = latent.to(dtype).split([self.kv_lora_rank, self.latent_rope_width], dim=-1)
         return c, k_rope.view(B, S, self.rope_kv_heads, self.rope_head_dim).transpose(1, 2)
 
-    def _expanded(self, q_nope, q_rope, latent, doc_ids=None, mask=None) -> torch.Tensor:
-        """Decompress K/V of every head from ``latent`` [B, S, width] and attend as MHA (S == T, causal)."""
+    def _expanded(self, q_nope, q_rope, latent, doc_ids=None, mask=None, causal: bool = True) -> torch.Tensor:
+        """Decompress K/V of every head from ``latent`` [B, S, width] and attend as MHA (S == T and causal, or
+        by ``mask`` alone)."""
         B, S, _ = latent.shape
         H, D, R = self.n_heads, self.head_dim, self.rope_head_dim
         c, k_rope = self._split_latent(latent, q_nope.dtype)
@@ -277,7 +287,7 @@ class MLA(nn.Module):
             else k_rope.repeat_interleave(H // self.rope_kv_heads, 1)
         )
         q, k = torch.cat([q_nope, q_rope], dim=-1), torch.cat([k_nope, k_rope], dim=-1)
-        return attention(q, k, v, causal=True, doc_ids=doc_ids, mask=mask, scale=self.scale)
+        return attention(q, k, v, causal=causal, doc_ids=doc_ids, mask=mask, scale=self.scale)
 
     def _absorbed(self, q_nope, q_rope, latent, mask=None) -> torch.Tensor:
         """Attend over the cached ``latent`` [B, S, width] directly, up-projections folded in."""

@@ -277,6 +277,29 @@ def test_chunked_prefill_matches_forward(name):
     assert (torch.cat(chunks, dim=1) - full).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("name", ["mla", "mla_q_lora", "mla_cla", "clla"])
+def test_mla_attends_a_prompt_on_a_filled_cache_expanded_as_it_does_absorbed(name, monkeypatch):
+    """From ``EXPANDED_FROM`` queries over a filled cache, MLA decompresses keys and values as in a first
+    prefill (the absorbed form below that): chunks of either kind, and after left-padded rows."""
+    import kvlab.layers.mla as mla
+
+    monkeypatch.setattr(mla, "EXPANDED_FROM", 3)
+    model = _model(VARIANTS[name])
+    ids = torch.randint(0, 97, (2, 16))
+    mask = torch.ones(2, 16, dtype=torch.long)
+    mask[0, :4] = 0  # row 0: 4 pads before its prompt
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.new_cache(batch_size=2, max_len=16)
+        chunks = [model(ids[:, a:b], cache=cache) for a, b in [(0, 4), (4, 6), (6, 13), (13, 16)]]
+        padded_full = model(ids, attention_mask=mask)
+        cache = model.new_cache(batch_size=2, max_len=16)
+        model(ids[:, :9], cache=cache, attention_mask=mask[:, :9])
+        padded_chunk = model(ids[:, 9:], cache=cache)
+    assert (torch.cat(chunks, dim=1) - full).abs().max() <= 1e-5
+    assert (padded_chunk - padded_full[:, 9:]).abs().max() <= 1e-5
+
+
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_prefill_of_the_last_logits_only_then_decode(name):
     """generate()'s prefill asks for the last logits only; stateless top layers then run on one position."""

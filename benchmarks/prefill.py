@@ -1,0 +1,70 @@
+"""Prefill of one long prompt: at once, or in pieces each on the cache the ones before filled (chunked prefill).
+
+    python benchmarks/prefill.py [--presets gqa,mla,mamba2,rwkv7] [--length 16384]
+                                 [--chunks 16384,4096,2048,512] [--repeats 2]
+
+For each preset (random weights, batch 1, the presets' widths with
+``max_seq_len`` raised to ``length``) a prompt of ``length`` tokens is
+prefilled as ``generate`` does (``last_only=True``), in pieces of each
+``chunks`` size (the whole length: one call), each on the cache the pieces
+before it filled. Prints seconds (best of ``repeats``, the sizes interleaved
+so that drift hits all alike), tokens/s and the last logits' largest
+difference from the one-call prefill. A chunk is what bounds a long
+prompt's activations; what it costs or saves in time depends on the mixer:
+attention over a filled cache takes a position mask, where a first prefill
+is causal, and recurrent scans and the MLPs pass over cache-sized pieces.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from kvlab import ModelConfig, build_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def prefill(model, ids: torch.Tensor, chunk: int) -> tuple[float, torch.Tensor]:
+    cache = model.new_cache(1, ids.shape[1])
+    start = time.perf_counter()
+    for at in range(0, ids.shape[1], chunk):
+        logits = model(ids[:, at : at + chunk], cache=cache, last_only=True)
+    return time.perf_counter() - start, logits
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--presets", default="gqa,mla,mamba2,rwkv7")
+    p.add_argument("--length", type=int, default=16384)
+    p.add_argument("--chunks", default="16384,4096,2048,512")
+    p.add_argument("--repeats", type=int, default=2)
+    args = p.parse_args()
+    chunks = [int(c) for c in args.chunks.split(",")]
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch 1, {args.length:,} tokens, fp32\n")
+    print("| preset | chunk | prefill s | tokens/s | max abs diff vs one call |")
+    print("| --- | --- | --- | --- | --- |")
+    for preset in args.presets.split(","):
+        torch.manual_seed(0)
+        spec = ModelConfig.from_yaml(REPO / "configs" / "model" / f"{preset}.yaml").to_dict()
+        spec["max_seq_len"] = max(spec["max_seq_len"], args.length)
+        model = build_model(spec).eval()
+        ids = torch.randint(0, model.config.vocab_size, (1, args.length))
+        best, last = {}, {}
+        with torch.inference_mode():
+            for _ in range(args.repeats):
+                for chunk in chunks:
+                    seconds, last[chunk] = prefill(model, ids, chunk)
+                    best[chunk] = min(best.get(chunk, float("inf")), seconds)
+        whole = last[max(chunks)]
+        for chunk in chunks:
+            diff = (last[chunk] - whole).abs().max().item()
+            print(f"| {preset} | {chunk:,} | {best[chunk]:.2f} | {args.length / best[chunk]:,.0f} | {diff:.1e} |",
+                  flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
