@@ -243,10 +243,11 @@ class MLA(nn.Module):
             pads = state.pad_mask(q_pos, torch.arange(held.shape[1], device=x.device))
         if held.shape[1] == T and not static:  # training, or a first prefill: the latents are this step's own
             y = self._expanded(q_nope, q_rope, held, doc_ids=state.doc_ids, mask=pads)
-        elif T >= EXPANDED_FROM and not static:  # a prompt on a filled cache: as a first prefill, with positions
-            q_pos = start + torch.arange(T, device=x.device)
-            mask = position_mask(q_pos, torch.arange(held.shape[1], device=x.device))
-            y = self._expanded(q_nope, q_rope, held, mask=mask if pads is None else mask & pads, causal=False)
+        elif T >= EXPANDED_FROM and not static:  # a prompt on a filled cache: as a first prefill, the last T
+            if pads is not None:  # of its positions (causal, bottom-right)
+                q_pos = start + torch.arange(T, device=x.device)
+                pads = position_mask(q_pos, torch.arange(held.shape[1], device=x.device)) & pads
+            y = self._expanded(q_nope, q_rope, held, mask=pads, causal=pads is None)
         else:
             mask = pads
             if T > 1 or static:
@@ -274,8 +275,8 @@ class MLA(nn.Module):
         return c, k_rope.view(B, S, self.rope_kv_heads, self.rope_head_dim).transpose(1, 2)
 
     def _expanded(self, q_nope, q_rope, latent, doc_ids=None, mask=None, causal: bool = True) -> torch.Tensor:
-        """Decompress K/V of every head from ``latent`` [B, S, width] and attend as MHA (S == T and causal, or
-        by ``mask`` alone)."""
+        """Decompress K/V of every head from ``latent`` [B, S, width] and attend as MHA: causal (the queries
+        being the last of the S positions), or by ``mask`` alone."""
         B, S, _ = latent.shape
         H, D, R = self.n_heads, self.head_dim, self.rope_head_dim
         c, k_rope = self._split_latent(latent, q_nope.dtype)

@@ -29,6 +29,33 @@ def test_attention_matches_reference(n_heads, n_kv_heads, masking):
         torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("n_kv_heads", [4, 2, 1])
+@pytest.mark.parametrize("grad", [False, True])
+def test_causal_with_fewer_queries_than_keys_ends_at_the_last_key(n_kv_heads, grad):
+    """A prompt on a filled cache: query i is position S - T + i and sees the keys up to it. Without gradients
+    a CPU attends to the cached keys and to the new ones apart and merges the two by their log-sum-exps."""
+    import kvlab.kernels.attention as kernels
+
+    T, S, H = 5, 12, 4
+    q = torch.randn(2, H, T, 16, requires_grad=grad)
+    k, v = (torch.randn(2, n_kv_heads, S, 16, requires_grad=grad) for _ in range(2))
+    allowed = position_mask(torch.arange(S - T, S), torch.arange(S))
+    scores = q.double() @ k.double().repeat_interleave(H // n_kv_heads, 1).transpose(-1, -2) / 4.0
+    want = scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v.double().repeat_interleave(H // n_kv_heads, 1)
+    assert kernels._splits_on_cpu(q, k, v) is not grad
+    out = attention(q, k, v, causal=True)
+    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(attention_reference(q, k, v, causal=True).double(), want, atol=1e-5, rtol=1e-5)
+    windowed = position_mask(torch.arange(S - T, S), torch.arange(S), window=3)
+    torch.testing.assert_close(
+        attention(q, k, v, causal=True, window=3), attention_reference(q, k, v, mask=windowed), atol=1e-5, rtol=1e-5
+    )
+    if grad:  # through the mask
+        grads = torch.autograd.grad(out.sum(), (q, k, v))
+        for g, r in zip(grads, torch.autograd.grad(want.sum(), (q, k, v)), strict=True):
+            torch.testing.assert_close(g, r.float(), atol=1e-5, rtol=1e-5)
+
+
 def test_position_mask_is_causal_sliding_window():
     mask = position_mask(torch.arange(10, 13), torch.arange(0, 13), window=4)
     for qi, p in enumerate(range(10, 13)):
