@@ -124,11 +124,13 @@ def _one_query(q, k, v, mask, scale):
 
 def _splits_on_cpu(q, k, v) -> bool:
     """Whether ``_causal_after_cache`` can run: CPU tensors, no gradient wanted (a prompt on a cache is inference),
-    equal head sizes and torch's CPU flash kernel, which returns the log-sum-exp the halves merge by."""
+    equal head sizes, as many key heads as value heads, and torch's CPU flash kernel, which returns the
+    log-sum-exp the halves merge by."""
     return (
         q.device.type == "cpu"
         and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
         and q.shape[-1] == v.shape[-1]
+        and k.shape[1] == v.shape[1]
         and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
     )
 
