@@ -241,13 +241,10 @@ class MLA(nn.Module):
         if state.pads is not None:
             q_pos = start + torch.arange(T, device=x.device)
             pads = state.pad_mask(q_pos, torch.arange(held.shape[1], device=x.device))
-        if held.shape[1] == T and not static:  # training, or a first prefill: the latents are this step's own
+        if not static and (held.shape[1] == T or T >= EXPANDED_FROM):
+            # training, a first prefill (the latents are this step's own), or a prompt on a filled cache, whose
+            # queries are the last T positions (the attention op's causal)
             y = self._expanded(q_nope, q_rope, held, doc_ids=state.doc_ids, mask=pads)
-        elif T >= EXPANDED_FROM and not static:  # a prompt on a filled cache: as a first prefill, the last T
-            if pads is not None:  # of its positions (causal, bottom-right)
-                q_pos = start + torch.arange(T, device=x.device)
-                pads = position_mask(q_pos, torch.arange(held.shape[1], device=x.device)) & pads
-            y = self._expanded(q_nope, q_rope, held, mask=pads, causal=pads is None)
         else:
             mask = pads
             if T > 1 or static:
@@ -274,9 +271,9 @@ class MLA(nn.Module):
         c, k_rope = latent.to(dtype).split([self.kv_lora_rank, self.latent_rope_width], dim=-1)
         return c, k_rope.view(B, S, self.rope_kv_heads, self.rope_head_dim).transpose(1, 2)
 
-    def _expanded(self, q_nope, q_rope, latent, doc_ids=None, mask=None, causal: bool = True) -> torch.Tensor:
-        """Decompress K/V of every head from ``latent`` [B, S, width] and attend as MHA: causal (the queries
-        being the last of the S positions), or by ``mask`` alone."""
+    def _expanded(self, q_nope, q_rope, latent, doc_ids=None, mask=None) -> torch.Tensor:
+        """Decompress K/V of every head from ``latent`` [B, S, width] and attend as MHA, causally (the queries
+        being the last of the S positions)."""
         B, S, _ = latent.shape
         H, D, R = self.n_heads, self.head_dim, self.rope_head_dim
         c, k_rope = self._split_latent(latent, q_nope.dtype)
@@ -288,7 +285,7 @@ class MLA(nn.Module):
             else k_rope.repeat_interleave(H // self.rope_kv_heads, 1)
         )
         q, k = torch.cat([q_nope, q_rope], dim=-1), torch.cat([k_nope, k_rope], dim=-1)
-        return attention(q, k, v, causal=causal, doc_ids=doc_ids, mask=mask, scale=self.scale)
+        return attention(q, k, v, causal=True, doc_ids=doc_ids, mask=mask, scale=self.scale)
 
     def _absorbed(self, q_nope, q_rope, latent, mask=None) -> torch.Tensor:
         """Attend over the cached ``latent`` [B, S, width] directly, up-projections folded in."""
