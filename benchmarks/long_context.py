@@ -2,12 +2,13 @@
 
     python benchmarks/long_context.py [--presets mha,gqa,mqa,mla,cla,yoco_swa,samba,mamba2,rwkv7]
         [--contexts 1024,4096,16384,32768] [--new 32] [--budget-gib 4] [--max-batch 128]
-        [--plot benchmarks/long_context.png] [--timeout 1800]
+        [--plot benchmarks/long_context.png] [--timeout 1800] [--prefill-chunk N]
 
 For each preset (random weights: speed and memory do not depend on them) and
 context length, in a fresh process so that its peak memory is its own:
 
-- batch 1: a prompt of ``context`` tokens is prefilled and decoded from;
+- batch 1: a prompt of ``context`` tokens is prefilled (``model.prefill``,
+  as ``generate`` does) and decoded from;
   time to first token (the prefill and the first decode step), then decode
   speed over ``new`` tokens through ``generate``'s compiled step (its
   compilation, done before on the same shapes, is reported apart);
@@ -52,7 +53,7 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def measure(preset: str, context: int, new: int, budget: int, max_batch: int) -> dict:
+def measure(preset: str, context: int, new: int, budget: int, max_batch: int, prefill_chunk: int | None) -> dict:
     """One preset at one context, in this process (see the module's docstring)."""
     import torch
 
@@ -80,7 +81,7 @@ def measure(preset: str, context: int, new: int, budget: int, max_batch: int) ->
         cache.reset()
         ids = torch.randint(0, model.config.vocab_size, (1, context))
         t0 = time.perf_counter()
-        logits = model(ids, cache=cache, last_only=True)[:, -1]
+        logits = model.prefill(ids, cache, chunk=prefill_chunk)  # as generate prefills (None: PREFILL_CHUNK pieces)
         logits = step(logits.argmax(-1)[:, None], cache)
         out["ttft_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -110,6 +111,8 @@ def measure(preset: str, context: int, new: int, budget: int, max_batch: int) ->
 def run_one(args, preset: str, context: int) -> dict:
     cmd = [sys.executable, __file__, "--one", f"{preset}:{context}", "--new", str(args.new),
            "--budget-gib", str(args.budget_gib), "--max-batch", str(args.max_batch)]  # fmt: skip
+    if args.prefill_chunk is not None:
+        cmd += ["--prefill-chunk", str(args.prefill_chunk)]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired:
@@ -181,12 +184,18 @@ def main() -> None:
     p.add_argument("--max-batch", type=int, default=128)
     p.add_argument("--timeout", type=int, default=1800, help="seconds per preset and context")
     p.add_argument("--plot", type=Path, default=None)
+    p.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=None,
+        help="prompt tokens per prefill call (default: generate's PREFILL_CHUNK; 0: the prompt in one call)",
+    )
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # preset:context, in a child process
     args = p.parse_args()
     budget = int(args.budget_gib * (1 << 30))
     if args.one:
         preset, context = args.one.split(":")
-        print(json.dumps(measure(preset, int(context), args.new, budget, args.max_batch)))
+        print(json.dumps(measure(preset, int(context), args.new, budget, args.max_batch, args.prefill_chunk)))
         return
     import torch
 

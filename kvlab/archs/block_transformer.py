@@ -94,6 +94,7 @@ class BlockCache(Cache):
 class BlockTransformer(CausalLM):
     static_decode = False  # a step's work depends on where its token falls in its block
     takes_padded_rows = False  # blocks count from a row's first token
+    prefills_in_pieces = False  # a prompt's blocks are embedded in one pass
     takes_packed_documents = False  # blocks would straddle packed documents
 
     def __init__(self, config: ModelConfig):

@@ -36,6 +36,12 @@ from kvlab.layers.cross_attention import ContextEncoder, CrossAttention, CrossBl
 from kvlab.layers.norm import RMSNorm
 from kvlab.layers.rope import Rotary
 
+# ``prefill`` (and so ``generate``) takes a longer prompt in pieces of this many tokens. A 16K-token prompt at the
+# presets' widths on 2 CPU cores (benchmarks/RESULTS.md, "Chunked prefill"), against one call: x1.01 to x1.10 for
+# gqa, mla, cla and yoco_swa, x1.4 to x1.8 for rwkv7, samba and mamba2 (their scans' activations outgrow the
+# caches); 2,048-token pieces were no faster (x0.97 to x1.02 of these), 512-token ones slower for mla and gqa.
+PREFILL_CHUNK = 4096
+
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int, cross_rotary: Rotary | None = None):
@@ -111,6 +117,8 @@ class CausalLM(nn.Module):
     takes_packed_documents = True
     # Whether forward takes left-padded rows (attention_mask); a model whose units count from a row's start does not
     takes_padded_rows = True
+    # Whether ``generate`` may prefill a long prompt in pieces, each on the cache the ones before filled
+    prefills_in_pieces = True
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -615,6 +623,7 @@ class CausalLM(nn.Module):
         context: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         cache_policy=None,
+        prefill_chunk: int | None = None,
     ) -> torch.Tensor:
         """The prompt followed by up to ``max_new_tokens`` new tokens, [B, T + new].
 
@@ -634,8 +643,13 @@ class CausalLM(nn.Module):
         for the context encoder (a model with ``config.context``), encoded
         once; the cache keeps only its encoded states. ``cache_policy``: how
         the cache holds keys and values (``new_cache``'s ``policy``).
+
+        The prompt is prefilled by ``prefill``, in pieces of ``prefill_chunk``
+        tokens when it is longer (None: ``PREFILL_CHUNK`` on a CPU; 0: in one
+        call).
         """
         check_int(max_new_tokens, "max_new_tokens", minimum=0)
+        check_int(prefill_chunk, "prefill_chunk", minimum=0, optional=True)
         check_float(temperature, "temperature")
         if temperature < 0:
             raise ValueError(f"temperature={temperature} must be >= 0 (0: greedy)")
@@ -658,7 +672,7 @@ class CausalLM(nn.Module):
         if attention_mask is not None and not bool(attention_mask.bool().all()) and not self.takes_pads():
             options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                            eos_token_id=eos_token_id, generator=generator, compile=compile,
-                           cache_policy=cache_policy)  # fmt: skip
+                           cache_policy=cache_policy, prefill_chunk=prefill_chunk)  # fmt: skip
             return self._generate_rows(input_ids, attention_mask, context, options)
         policy = CachePolicy.from_spec(cache_policy)
         if policy is not None and not policy.static_steps:  # H2O's, SnapKV's positions differ by head and step
@@ -668,7 +682,7 @@ class CausalLM(nn.Module):
         room = {} if self.config.context is None else {"context_len": 0 if context is None else context.shape[-1]}
         length = cache_length(needed, self.config.max_seq_len) if decode.compiled else needed
         cache = self.new_cache(B, length, policy=policy, **room)
-        logits = self(input_ids, cache=cache, last_only=True, context=context, attention_mask=attention_mask)[:, -1]
+        logits = self.prefill(input_ids, cache, context=context, attention_mask=attention_mask, chunk=prefill_chunk)
         out = [input_ids]
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         for step in range(max_new_tokens):
@@ -681,6 +695,34 @@ class CausalLM(nn.Module):
                 break
             logits = decode(token[:, None], cache)
         return torch.cat(out, dim=1)
+
+    @torch.no_grad()
+    def prefill(self, input_ids, cache, *, context=None, attention_mask=None, chunk: int | None = None) -> torch.Tensor:
+        """The logits of the prompt's last position, [B, vocab], with ``input_ids`` [B, T] written into ``cache``.
+
+        A prompt longer than ``chunk`` tokens (0: never; None: ``PREFILL_CHUNK``
+        on a CPU, never elsewhere) goes in pieces of that many, each on the
+        cache the ones before filled: the same logits (to float rounding),
+        activations bounded by the piece rather than the prompt, and a faster
+        prefill for recurrent and sliding-window layers. In one call with a
+        cache policy (a piece would see the earlier ones as the policy keeps
+        them, one call sees them as computed), a ``context``, padded rows, or a
+        model that prefills whole (``prefills_in_pieces``). Not by default on
+        an accelerator: there a piece's attention over the cache takes a [T, S]
+        mask (the fused kernels take fewer causal queries than keys on a CPU
+        only, ``kvlab.kernels.attention``), where one call is causal and fused.
+        """
+        check_int(chunk, "chunk", minimum=0, optional=True)
+        if chunk is None:
+            chunk = PREFILL_CHUNK if input_ids.device.type == "cpu" else 0
+        T = input_ids.shape[1]
+        padded = attention_mask is not None and not bool(attention_mask.bool().all())
+        whole = not self.prefills_in_pieces or getattr(cache, "policy", None) is not None or context is not None
+        if whole or padded or not 0 < chunk < T:
+            return self(input_ids, cache=cache, last_only=True, context=context, attention_mask=attention_mask)[:, -1]
+        for at in range(0, T, chunk):
+            logits = self(input_ids[:, at : at + chunk], cache=cache, last_only=True)
+        return logits[:, -1]
 
     def takes_pads(self) -> bool:
         """Whether forward takes left-padded rows: the model (``takes_padded_rows``) and every mixer do."""

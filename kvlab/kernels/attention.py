@@ -64,7 +64,7 @@ def attention(
 ) -> torch.Tensor:
     B, H, T, D = q.shape
     S, Hkv = k.shape[2], k.shape[1]
-    if causal and window is not None and doc_ids is None and mask is None and T == S and T > 2 * window:
+    if causal and window is not None and doc_ids is None and mask is None and T <= S and T > 2 * window:
         return _windowed_blocks(q, k, v, window, scale)
     if T > 1 and q.shape[-1] > v.shape[-1]:
         # SDPA's memory-efficient kernels want one head size: pad the values (zeros add nothing), else the math
@@ -154,15 +154,17 @@ def _causal_after_cache(q, k, v, scale):
 
 
 def _windowed_blocks(q, k, v, window: int, scale):
-    """Causal sliding-window attention (T == S) block by block: each block of ``window`` queries against the
-    keys from ``window - 1`` before it, so memory and time grow with T * window, not T^2 (a long prefill)."""
-    T = q.shape[2]
+    """Causal sliding-window attention block by block: each block of ``window`` queries against the keys from
+    ``window - 1`` before it, so memory and time grow with T * window, not T * S (a long prefill, or a long
+    prompt's pieces after the ones before: the queries are the last T of the S key positions)."""
+    T, S = q.shape[2], k.shape[2]
     out = []
-    for s in range(0, T, window):
-        e = min(s + window, T)
+    for s in range(S - T, S, window):  # key positions of the block's queries: s .. e - 1
+        e = min(s + window, S)
         lo = max(0, s - window + 1)
         mask = position_mask(torch.arange(s, e, device=q.device), torch.arange(lo, e, device=q.device), window)
-        out.append(attention(q[:, :, s:e], k[:, :, lo:e], v[:, :, lo:e], mask=mask, scale=scale))
+        rows = slice(s - (S - T), e - (S - T))
+        out.append(attention(q[:, :, rows], k[:, :, lo:e], v[:, :, lo:e], mask=mask, scale=scale))
     return torch.cat(out, dim=2)
 
 

@@ -851,8 +851,10 @@ class Attention(nn.Module):
                 return {}
             if T == S:
                 return {"causal": True, "window": window}
-            if T > 1 and window is None and S == view.end and not isinstance(start, torch.Tensor):
-                return {"causal": True}  # a prompt on a filled cache: the last T of positions 0..S-1
+            if T > 1 and not isinstance(start, torch.Tensor) and (window is not None or S == view.end):
+                # a prompt on a filled cache: the queries are the last T of the S positions in a row (from 0
+                # without a window; a ring's held positions with one)
+                return {"causal": True, "window": window}
         q_pos = start + torch.arange(T, device=q.device)  # start may be a tensor (the compiled decode step)
         k_pos = view.k_pos if view.k_pos is not None else torch.arange(view.end - S, view.end, device=q.device)
         return {"mask": position_mask(q_pos, k_pos, window, sinks)}

@@ -49,9 +49,11 @@ class KVView:
     """Keys/values, and the positions they sit at.
 
     ``end`` is one past the absolute position of the newest key. ``k_pos``
-    gives the absolute position of each key; None means the keys are, as a
-    set, the ``S`` positions ending at ``end`` (the common case, which needs
-    no position tensor). Where the queries sit is the step's business
+    gives the absolute position of each key; None means the keys are the
+    ``S`` positions ending at ``end``, in order (the common case, which needs
+    no position tensor), but for a ring buffer's one-token step, which gives
+    them in slot order (its one query sees them all, in any order). Where
+    the queries sit is the step's business
     (``StepState.start``), not the keys'. A cache that keeps different
     positions in each row and K/V head (H2O, SnapKV) gives them per head,
     [B, Hkv, S].
@@ -136,14 +138,13 @@ class RingKV(_KVBuffers):
         new_pos = torch.arange(start, start + t, device=self.k.device)
         if held == 0:  # a prefill from nothing: its own keys, in order (attention can go block by block)
             view = KVView(k_new.to(self.k.dtype), v_new.to(self.v.dtype), start + t)
-        else:
-            slots = torch.arange(held, device=self.k.device)
-            old_pos = start - 1 - (start - 1 - slots) % w
+        else:  # the held keys in the order of their positions (start - held ..), then the new: positions in a
+            # row, so the queries are the last t of them and attention goes block by block, as from nothing
+            order = (start - held + torch.arange(held, device=self.k.device)) % w
             view = KVView(
-                torch.cat([self.k[:, :, :held], k_new.to(self.k.dtype)], dim=2),
-                torch.cat([self.v[:, :, :held], v_new.to(self.v.dtype)], dim=2),
+                torch.cat([self.k.index_select(2, order), k_new.to(self.k.dtype)], dim=2),
+                torch.cat([self.v.index_select(2, order), v_new.to(self.v.dtype)], dim=2),
                 start + t,
-                torch.cat([old_pos, new_pos]),
             )
         keep = min(t, w)
         dest = new_pos[-keep:] % w

@@ -48,3 +48,28 @@ def test_generate_refuses_past_max_seq_len():
     model = build_model(VARIANTS["gqa"])
     with pytest.raises(ValueError, match="max_seq_len=64"):
         model.generate(torch.zeros(1, 60, dtype=torch.long), max_new_tokens=5)
+
+
+@pytest.mark.parametrize("name", ["gqa", "window", "yoco_swa", "mamba2", "hymba"])
+def test_a_long_prompt_is_prefilled_in_pieces_with_the_same_tokens(name, monkeypatch):
+    """Past ``prefill_chunk`` tokens (default ``PREFILL_CHUNK``) the prompt goes in pieces, each on the cache the ones
+    before filled; one call with ``prefill_chunk=0``, or with a cache policy, which would see earlier pieces as kept."""
+    import kvlab.archs.model as model_module
+
+    torch.manual_seed(0)
+    model = build_model(VARIANTS[name]).eval()
+    prompt = torch.randint(0, 97, (2, 13))
+    calls = []
+    model.embed_tokens.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[1]))
+    whole = model.generate(prompt, 5, prefill_chunk=0, compile=False)
+    assert calls[0] == 13
+    calls.clear()
+    monkeypatch.setattr(model_module, "PREFILL_CHUNK", 4)
+    assert torch.equal(model.generate(prompt, 5, compile=False), whole)
+    assert calls[:5] == [4, 4, 4, 1, 1]  # the pieces, then the first decode step
+    with pytest.raises(ValueError, match="prefill_chunk"):
+        model.generate(prompt, 5, prefill_chunk=-1)
+    if name != "mamba2":  # a policy needs per-token keys and values to hold
+        calls.clear()
+        model.generate(prompt, 5, compile=False, cache_policy="int8")
+        assert calls[0] == 13

@@ -46,10 +46,14 @@ def test_causal_with_fewer_queries_than_keys_ends_at_the_last_key(n_kv_heads, gr
     out = attention(q, k, v, causal=True)
     torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(attention_reference(q, k, v, causal=True).double(), want, atol=1e-5, rtol=1e-5)
-    windowed = position_mask(torch.arange(S - T, S), torch.arange(S), window=3)
-    torch.testing.assert_close(
-        attention(q, k, v, causal=True, window=3), attention_reference(q, k, v, mask=windowed), atol=1e-5, rtol=1e-5
-    )
+    for window in (3, 2):  # T > 2 * window: block by block, each block's queries against their window's keys
+        windowed = position_mask(torch.arange(S - T, S), torch.arange(S), window=window)
+        within = scores.masked_fill(~windowed, float("-inf")).softmax(-1) @ v.double().repeat_interleave(
+            H // n_kv_heads, 1
+        )
+        torch.testing.assert_close(
+            attention(q, k, v, causal=True, window=window).double(), within, atol=1e-5, rtol=1e-5
+        )
     if grad:  # through the mask
         grads = torch.autograd.grad(out.sum(), (q, k, v))
         for g, r in zip(grads, torch.autograd.grad(want.sum(), (q, k, v)), strict=True):

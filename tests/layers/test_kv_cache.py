@@ -25,6 +25,8 @@ def test_ring_holds_exactly_the_last_window_positions():
         first = seen + 1 - 4 if t == 1 else seen - 4
         expected = set(range(max(0, first), seen + t))
         assert set(positions.tolist()) == expected
+        if t > 1:  # the held positions then the new, in order: the step's queries are the last t of them
+            assert view.k_pos is None and positions.tolist() == sorted(expected)
         assert torch.equal(view.v, view.k + 0.5)
         seen += t
         held = set(ring.k[0, 0, : min(seen, 4), 0].tolist())
