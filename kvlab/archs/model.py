@@ -706,7 +706,8 @@ class CausalLM(nn.Module):
         activations bounded by the piece rather than the prompt, and a faster
         prefill for recurrent and sliding-window layers. In one call with a
         cache policy (a piece would see the earlier ones as the policy keeps
-        them, one call sees them as computed), a ``context``, padded rows, or a
+        them, one call sees them as computed), a ``context``, padded rows, LCKV's
+        parallel prefill passes (which would iterate piece by piece), or a
         model that prefills whole (``prefills_in_pieces``). Not by default on
         an accelerator: there a piece's attention over the cache takes a [T, S]
         mask (the fused kernels take fewer causal queries than keys on a CPU
@@ -718,7 +719,10 @@ class CausalLM(nn.Module):
         T = input_ids.shape[1]
         padded = attention_mask is not None and not bool(attention_mask.bool().all())
         whole = not self.prefills_in_pieces or getattr(cache, "policy", None) is not None or context is not None
-        if whole or padded or not 0 < chunk < T:
+        # LCKV's prompt in parallel passes: a piece would iterate over its own tokens against the earlier pieces'
+        # final keys, not over the whole prompt (sequential passes are token by token either way)
+        iterated = self._cycle is not None and self.config.layer_passes.prefill != "sequential"
+        if whole or iterated or padded or not 0 < chunk < T:
             return self(input_ids, cache=cache, last_only=True, context=context, attention_mask=attention_mask)[:, -1]
         for at in range(0, T, chunk):
             logits = self(input_ids[:, at : at + chunk], cache=cache, last_only=True)

@@ -73,3 +73,19 @@ def test_a_long_prompt_is_prefilled_in_pieces_with_the_same_tokens(name, monkeyp
         calls.clear()
         model.generate(prompt, 5, compile=False, cache_policy="int8")
         assert calls[0] == 13
+
+
+def test_lckv_parallel_prefill_passes_take_the_prompt_in_one_call(monkeypatch):
+    """LCKV's prompt in parallel passes iterates over the whole prompt at once; pieces would converge piece by piece
+    (at the preset's 7 passes they differ), so ``prefill`` keeps one call; sequential passes may go in pieces."""
+    import kvlab.archs.model as model_module
+
+    monkeypatch.setattr(model_module, "PREFILL_CHUNK", 4)
+    for prefill, first in (("parallel", 13), ("sequential", 4)):
+        spec = {**VARIANTS["lckv"], "kv_sharing": {"kind": "lckv", "warmup": 1},
+                "passes": {"no_grad": 2, "grad": 1, "prefill": prefill}}  # fmt: skip
+        model = build_model(spec).eval()
+        calls = []  # the model's own calls (a sequential prefill embeds token by token within each)
+        model.register_forward_pre_hook(lambda module, args, calls=calls: calls.append(args[0].shape[1]))
+        model.prefill(torch.randint(0, 97, (1, 13)), model.new_cache(1, 16))
+        assert calls[0] == first
