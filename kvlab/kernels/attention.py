@@ -72,6 +72,12 @@ def attention(
         padded = F.pad(v, (0, q.shape[-1] - v.shape[-1]))
         out = attention(q, k, padded, mask=mask, causal=causal, window=window, doc_ids=doc_ids, scale=scale)
         return out[..., : v.shape[-1]]
+    if T > 1 and q.shape[-1] < v.shape[-1]:
+        # and the other way (Hymba's values twice its keys' width): zero-padded queries and keys score the same,
+        # at the queries' own scale, where the math path held every [T, S] score
+        scale = 1.0 / math.sqrt(D) if scale is None else scale
+        q, k = (F.pad(t, (0, v.shape[-1] - D)) for t in (q, k))
+        return attention(q, k, v, mask=mask, causal=causal, window=window, doc_ids=doc_ids, scale=scale)
     if causal and T < S and mask is None and window is None and doc_ids is None and _splits_on_cpu(q, k, v):
         return _causal_after_cache(q, k, v, scale)
     mask, is_causal = _structured_mask(q, mask, causal, window, doc_ids, S)

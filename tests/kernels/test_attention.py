@@ -127,6 +127,27 @@ def test_narrower_values_are_padded_for_the_fused_kernel():
     torch.testing.assert_close(out, attention_reference(q, k, v, causal=True), atol=1e-5, rtol=1e-5)
 
 
+def test_wider_values_pad_the_queries_and_keys_at_their_own_scale():
+    """Hymba's head sizes (values twice the keys' width): zero-padded queries and keys, scaled by the unpadded
+    width, against a float64 textbook; a padded row mask too (a prompt on a filled cache), and the gradients."""
+    q = torch.randn(2, 4, 12, 8, requires_grad=True)
+    k, v = torch.randn(2, 2, 20, 8, requires_grad=True), torch.randn(2, 2, 20, 16, requires_grad=True)
+    mask = position_mask(torch.arange(8, 20), torch.arange(20), window=5) & (torch.arange(20) != 3)
+    for kwargs, allowed in (
+        ({"causal": True}, position_mask(torch.arange(8, 20), torch.arange(20))),
+        ({"mask": mask}, mask),
+    ):
+        scores = q.double() @ k.double().repeat_interleave(2, 1).transpose(-1, -2) / 8**0.5
+        want = scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v.double().repeat_interleave(2, 1)
+        out = attention(q, k, v, **kwargs)
+        assert out.shape == (2, 4, 12, 16)
+        torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
+        for g, r in zip(
+            torch.autograd.grad(out.sum(), (q, k, v)), torch.autograd.grad(want.sum(), (q, k, v)), strict=True
+        ):
+            torch.testing.assert_close(g, r.float(), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("masking", ["causal", "window", "documents", "mask"])
 def test_attention_weights_match_the_reference_and_give_attention(masking):
     """The probabilities shared by SA layers: the grouped form against the textbook one (values and
