@@ -849,11 +849,9 @@ class Attention(nn.Module):
         if view.k_pos is None and view.end == start + T and (not sinks or S <= window):  # sinks within the window
             if T == 1 and (window is None or S <= window):  # one query after all its keys: nothing to mask
                 return {}
-            if T == S:
-                return {"causal": True, "window": window}
-            if T > 1 and not isinstance(start, torch.Tensor) and (window is not None or S == view.end):
-                # a prompt on a filled cache: the queries are the last T of the S positions in a row (from 0
-                # without a window; a ring's held positions with one)
+            if T == S or (T > 1 and not isinstance(start, torch.Tensor)):
+                # the queries are the last T of the S positions in a row: a first prefill, or a prompt on a
+                # filled cache (the cached positions from 0, or a ring's held window)
                 return {"causal": True, "window": window}
         q_pos = start + torch.arange(T, device=q.device)  # start may be a tensor (the compiled decode step)
         k_pos = view.k_pos if view.k_pos is not None else torch.arange(view.end - S, view.end, device=q.device)
