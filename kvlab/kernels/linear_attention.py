@@ -46,6 +46,30 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+LOG2_E = 1.4426950408889634
+FLUSHED_BELOW = -100.0  # log2: decay weights under 2^-100 (8e-31) are flushed to 0
+
+
+def decay_exp(x: torch.Tensor) -> torch.Tensor:
+    """exp(x) for log decays and masked exponents, which may lie far below zero or be -inf.
+
+    On a CPU, two slow paths lie in wait there (benchmarks/RESULTS.md, "Exponentials far below zero"):
+    ``torch.exp`` of float32 goes through MKL's vectorised exp, about 170x slower where the result is
+    below float32's smallest normal (x < -87.3) and 20x where x is -inf; and a subnormal result, once
+    in a matrix product, makes that product up to 200x slower. A Mamba-2 chunk of 64 tokens decays past
+    -87 at initialisation. So on a CPU, float32 weights are exp2(x log2 e), within 4e-6 of exp(x)
+    (relative: the product's rounding), and 0 below 2^-100 (8e-31 relative to an undecayed term:
+    far below float32's resolution of any sum that holds one). Elsewhere (accelerators; float64, whose
+    exp2 is the slower one on a CPU) plain exp.
+    """
+    if x.device.type != "cpu" or x.dtype != torch.float32:
+        return x.exp()
+    # One new tensor, as exp makes: the flush (threshold: one pass, where a comparison and masked_fill took
+    # two and three times as long), then the scaling and exp2 over it in place. A CPU allocator hands a
+    # large tensor out as fresh pages, which cost more than a pass: three new tensors took x8 longer.
+    return F.threshold(x, FLUSHED_BELOW / LOG2_E, float("-inf")).mul_(LOG2_E).exp2_()
+
+
 # While exp(+-FACTORABLE_DECAY) bounds both factors, they and their products stay far inside float32.
 FACTORABLE_DECAY = 30.0
 
@@ -133,20 +157,24 @@ def linear_attention_chunked(
         scores = decayed_products(q, k, b_read, b, visible)
     else:
         exponent = (b_read[..., 0, None] - b[..., None, :, 0]).masked_fill(~visible, float("-inf"))
-        scores = (q @ k.transpose(-1, -2)) * exponent.exp()
+        scores = (q @ k.transpose(-1, -2)) * decay_exp(exponent)
     out = scores @ v
     # what each chunk adds to the state: exp(b_C - b_s) k_s^T v_s over its last document's tokens
     to_end = b[:, :, :, -1:] - b
     if carries is not None:
         to_end = to_end.masked_fill((segment != segment[..., -1:])[..., None], float("-inf"))
-    written = (k * to_end.exp()).transpose(-1, -2) @ v  # [B, H, N, Dk, Dv]
-    q_decayed = q * b_read.exp()
+    # A scalar decay (Mamba-2, retention) can push a chunk's weights far below exp's range (decay_exp); a
+    # vector one (RWKV-6, GLA) too, but there its pairwise products are what slows (the rows of
+    # decayed_products), and decay_exp's passes over [.., C, Dk] weights cost its training step 14%
+    exp = torch.exp if vector else decay_exp
+    written = (k * exp(to_end)).transpose(-1, -2) @ v  # [B, H, N, Dk, Dv]
+    q_decayed = q * exp(b_read)
     if carries is not None:
         q_decayed = q_decayed * carries
     S = q.new_zeros(B, H, Dk, Dv) if state is None else state.to(dt)
     inter = []
     # across chunks: T / C sequential steps (unbind: one backward for all chunks, not one per index)
-    for q_n, decay_n, written_n in zip(q_decayed.unbind(2), b_end.exp().unbind(2), written.unbind(2), strict=True):
+    for q_n, decay_n, written_n in zip(q_decayed.unbind(2), exp(b_end).unbind(2), written.unbind(2), strict=True):
         inter.append(q_n @ S)
         S = decay_n[..., None] * S + written_n
     out = out + torch.stack(inter, dim=2)

@@ -5,6 +5,7 @@ import torch
 
 import kvlab.kernels.linear_attention as kernel_module
 from kvlab.kernels.linear_attention import (
+    decay_exp,
     decayed_products,
     linear_attention,
     linear_attention_chunked,
@@ -148,3 +149,40 @@ def test_decayed_products_factored_and_pairwise_agree(monkeypatch):
     definition = torch.einsum("td,sd,tsd->ts", x[0], y[0], (cum[0, :, None] - cum[0, None, :]).exp())
     torch.testing.assert_close(factored, pairwise)
     torch.testing.assert_close(pairwise[0], definition * visible)
+
+
+def test_decay_exp_is_exp_without_subnormals_and_exact_at_minus_infinity():
+    """float32 on a CPU: exp to 4e-6 relative above the flush (2^-100), exactly 0 below it and at -inf, never
+    a subnormal (which would slow every matrix product it enters); its gradient is exp's. float64: exp itself."""
+    x = torch.cat([torch.linspace(-69.0, 0.0, 2001), torch.linspace(-120.0, -70.0, 51), torch.tensor([float("-inf")])])
+    x.requires_grad_(True)
+    got = decay_exp(x)
+    want = x.detach().double().exp()
+    kept = x.detach() > -69.3
+    assert ((got.detach().double() - want).abs() / want)[kept].max() < 4e-6
+    assert (got[~kept] == 0).all()
+    assert not ((got > 0) & (got < torch.finfo(torch.float32).tiny)).any()
+    (grad,) = torch.autograd.grad(got.sum(), x)
+    torch.testing.assert_close(grad[kept], got.detach()[kept], rtol=1e-6, atol=0)
+    x64 = x.detach().double()[:-1]
+    assert torch.equal(decay_exp(x64), x64.exp())
+
+
+@pytest.mark.parametrize("with_docs", [False, True])
+def test_chunked_form_under_decays_strong_enough_to_underflow(with_docs):
+    """Heads that forget within a few tokens (log decay down to -30 a token, as Mamba-2's dt A can be after
+    training): a 16-token chunk spans exponents far below float32's range, whose weights are flushed to 0;
+    outputs, state and gradients still agree with the float64 recurrence."""
+    q, k, v, g, s0 = _inputs(37, requires_grad=False)
+    g = -torch.rand(B, H, 37) * 30.0
+    leaves = [t.requires_grad_(True) for t in (q, k, v, g, s0)]
+    docs = DOCS if with_docs else None
+    out, state = linear_attention_chunked(*leaves[:4], state=leaves[4], doc_ids=docs, chunk_size=16)
+    doubled = [t.detach().double().requires_grad_(True) for t in leaves]
+    ref_out, ref_state = linear_attention_reference(*doubled[:4], state=doubled[4], doc_ids=docs)
+    assert (out.double() - ref_out).abs().max() <= 1e-4 and (state.double() - ref_state).abs().max() <= 1e-4
+    weights = torch.randn_like(out)
+    grads = torch.autograd.grad((out * weights).sum() + state.sum(), leaves)
+    ref_grads = torch.autograd.grad((ref_out * weights.double()).sum() + ref_state.sum(), doubled)
+    for name, got, want in zip("q k v log_decay state".split(), grads, ref_grads, strict=True):
+        torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4, msg=name)
