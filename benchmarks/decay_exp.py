@@ -14,8 +14,8 @@ the presets' initialisation, and with fast-forgetting heads as training
 can make them (Mamba-2's dt bias drawn from U(-1, 2): dt A down to about
 -34 a token; RWKV-6's decay base raised by 2: log decays down to about -20;
 retention's decays are fixed). ``decay_exp`` serves scalar decays (Mamba-2,
-retention); RWKV-6's vector decays keep plain exp, so its row shows what
-the swap leaves alone.
+retention) and, with vector decays (RWKV-6), the row-by-row products that
+decays too strong to factor take; their other weights keep plain exp.
 """
 
 from __future__ import annotations
@@ -68,7 +68,9 @@ def build(name: str, strong: bool):
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--cases", default="mamba2:1:4096,mamba2:8:128,mamba2:8:256:train,retnet:1:4096,rwkv6:8:256:train")
+    p.add_argument(
+        "--cases", default="mamba2:1:4096,mamba2:8:128,mamba2:8:256:train,retnet:1:4096,rwkv6:1:2048,rwkv6:8:256:train"
+    )
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")

@@ -93,7 +93,7 @@ def decayed_products(x, y, x_decay, y_decay, visible):
     rows = []
     for t in range(C):
         exponent = (x_decay[..., t : t + 1, :] - y_decay).masked_fill(~visible[..., t, :, None], float("-inf"))
-        rows.append((x[..., t : t + 1, :] * y * exponent.exp()).sum(-1))
+        rows.append((x[..., t : t + 1, :] * y * decay_exp(exponent)).sum(-1))
     return torch.stack(rows, dim=-2)
 
 
@@ -164,8 +164,8 @@ def linear_attention_chunked(
     if carries is not None:
         to_end = to_end.masked_fill((segment != segment[..., -1:])[..., None], float("-inf"))
     # A scalar decay (Mamba-2, retention) can push a chunk's weights far below exp's range (decay_exp); a
-    # vector one (RWKV-6, GLA) too, but there its pairwise products are what slows (the rows of
-    # decayed_products), and decay_exp's passes over [.., C, Dk] weights cost its training step 14%
+    # vector one (RWKV-6, GLA) too, but there the rows of decayed_products take those chunks (through
+    # decay_exp), and decay_exp's passes over these [.., C, Dk] weights cost its training step 14%
     exp = torch.exp if vector else decay_exp
     written = (k * exp(to_end)).transpose(-1, -2) @ v  # [B, H, N, Dk, Dv]
     q_decayed = q * exp(b_read)
