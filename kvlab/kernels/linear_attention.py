@@ -54,7 +54,7 @@ def decay_exp(x: torch.Tensor) -> torch.Tensor:
     """exp(x) for log decays and masked exponents, which may lie far below zero or be -inf.
 
     On a CPU, two slow paths lie in wait there (benchmarks/RESULTS.md, "Exponentials far below zero"):
-    ``torch.exp`` of float32 goes through MKL's vectorised exp, about 170x slower where the result is
+    ``torch.exp`` of float32 goes through MKL's vectorised exp, 100-180x slower where the result is
     below float32's smallest normal (x < -87.3) and 20x where x is -inf; and a subnormal result, once
     in a matrix product, makes that product up to 200x slower. A Mamba-2 chunk of 64 tokens decays past
     -87 at initialisation. So on a CPU, float32 weights are exp2(x log2 e), within 4e-6 of exp(x)
