@@ -22,6 +22,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kvlab.kernels.flushed_exp import flushed_exp
+
 IGNORE = -100
 
 
@@ -53,23 +55,23 @@ def cross_entropy_rows(logits, labels, grad_scale: float | None):
     """Per-row losses of a chunk of logits [n, V]; with ``grad_scale``, also their gradient, in place.
 
     Returns (losses [n] float32, gradient or None): the gradient (softmax -
-    one-hot) * grad_scale, zero on ignored rows, overwrites ``logits`` (it is
-    float32 here; the Triton kernel keeps the logits' own dtype).
+    one-hot) * grad_scale, zero on ignored rows, in float32 (the Triton
+    kernel keeps the logits' own dtype). ``logits`` is written over.
     """
     logits = logits.float()
     valid = labels != IGNORE
     target = labels.clamp(min=0)
     picked = logits.gather(1, target[:, None])[:, 0]
     top = logits.amax(-1, keepdim=True)
-    if grad_scale is None:
-        lse = (logits - top).exp_().sum(-1).log_() + top[:, 0]
-        return (lse - picked) * valid, None
-    # One exp over the chunk, in place: e = exp(z - max) gives both the loss (log sum e + max) and the
-    # gradient (e / sum e), where logsumexp and then exp(z - lse) took two (the loss and its backward
-    # x1.05 faster at gqa's shapes, the exp being most of the elementwise work)
-    e = logits.sub_(top).exp_()
+    # One exp over the chunk: e = exp(z - max) gives both the loss (log sum e + max) and the gradient
+    # (e / sum e), where logsumexp and then exp(z - lse) took two (the loss and its backward x1.05 faster
+    # at gqa's shapes). Through flushed_exp: a trained model's logits spread past exp's range on a CPU,
+    # where plain exp made the loss x6 to x10 slower (benchmarks/RESULTS.md, "Exponentials far below zero")
+    e = flushed_exp(logits.sub_(top))
     total = e.sum(-1)
     losses = (total.log() + top[:, 0] - picked) * valid
+    if grad_scale is None:
+        return losses, None
     weight = valid * grad_scale
     grad = e.mul_((weight / total)[:, None])
     grad[torch.arange(len(labels), device=logits.device), target] -= weight

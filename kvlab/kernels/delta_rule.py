@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 
 from kvlab.kernels.attention import document_starts
-from kvlab.kernels.linear_attention import _compute_dtype, decay_exp, decayed_products
+from kvlab.kernels.flushed_exp import flushed_exp
+from kvlab.kernels.linear_attention import _compute_dtype, decayed_products
 
 
 def delta_rule_reference(q, k, v, log_decay, a, b, *, state=None, doc_ids=None, chunk_size=None):
@@ -81,9 +82,9 @@ def delta_rule_chunked(q, k, v, log_decay, a, b, *, state=None, doc_ids=None, ch
         inclusive, strict = inclusive & same, strict & same
         carries = (segment == 0)[..., None]  # tokens whose document is the one the carried state belongs to
         in_last = (segment == segment[..., -1:])[..., None]  # only the chunk's last document passes state on
-        # exp(-inf) takes a slow path on a CPU (decay_exp); elsewhere plain exp serves, as RWKV-7's log decays
+        # exp(-inf) takes a slow path on a CPU (flushed_exp); elsewhere plain exp serves, as RWKV-7's log decays
         # stay above -0.61 a token, and a chunk's far from where exp underflows
-        end_weight = decay_exp((end - cum).masked_fill(~in_last, float("-inf")))
+        end_weight = flushed_exp((end - cum).masked_fill(~in_last, float("-inf")))
         carry_out = (segment[..., -1:] == 0)[..., None]  # [B, 1, N, 1, 1]
     else:
         end_weight = (end - cum).exp()

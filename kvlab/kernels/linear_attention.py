@@ -40,34 +40,11 @@ import torch
 import torch.nn.functional as F
 
 from kvlab.kernels.attention import document_starts
+from kvlab.kernels.flushed_exp import flushed_exp
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-LOG2_E = 1.4426950408889634
-FLUSHED_BELOW = -100.0  # log2: decay weights under 2^-100 (8e-31) are flushed to 0
-
-
-def decay_exp(x: torch.Tensor) -> torch.Tensor:
-    """exp(x) for log decays and masked exponents, which may lie far below zero or be -inf.
-
-    On a CPU, two slow paths lie in wait there (benchmarks/RESULTS.md, "Exponentials far below zero"):
-    ``torch.exp`` of float32 goes through MKL's vectorised exp, 100-180x slower where the result is
-    below float32's smallest normal (x < -87.3) and 20x where x is -inf; and a subnormal result, once
-    in a matrix product, makes that product up to 200x slower. A Mamba-2 chunk of 64 tokens decays past
-    -87 at initialisation. So on a CPU, float32 weights are exp2(x log2 e), within 4e-6 of exp(x)
-    (relative: the product's rounding), and 0 below 2^-100 (8e-31 relative to an undecayed term:
-    far below float32's resolution of any sum that holds one). Elsewhere (accelerators; float64, whose
-    exp2 is the slower one on a CPU) plain exp.
-    """
-    if x.device.type != "cpu" or x.dtype != torch.float32:
-        return x.exp()
-    # One new tensor, as exp makes: the flush (threshold: one pass, where a comparison and masked_fill took
-    # two and three times as long), then the scaling and exp2 over it in place. A CPU allocator hands a
-    # large tensor out as fresh pages, which cost more than a pass: three new tensors took x8 longer.
-    return F.threshold(x, FLUSHED_BELOW / LOG2_E, float("-inf")).mul_(LOG2_E).exp2_()
 
 
 # While exp(+-FACTORABLE_DECAY) bounds both factors, they and their products stay far inside float32.
@@ -93,7 +70,7 @@ def decayed_products(x, y, x_decay, y_decay, visible):
     rows = []
     for t in range(C):
         exponent = (x_decay[..., t : t + 1, :] - y_decay).masked_fill(~visible[..., t, :, None], float("-inf"))
-        rows.append((x[..., t : t + 1, :] * y * decay_exp(exponent)).sum(-1))
+        rows.append((x[..., t : t + 1, :] * y * flushed_exp(exponent)).sum(-1))
     return torch.stack(rows, dim=-2)
 
 
@@ -157,16 +134,16 @@ def linear_attention_chunked(
         scores = decayed_products(q, k, b_read, b, visible)
     else:
         exponent = (b_read[..., 0, None] - b[..., None, :, 0]).masked_fill(~visible, float("-inf"))
-        scores = (q @ k.transpose(-1, -2)) * decay_exp(exponent)
+        scores = (q @ k.transpose(-1, -2)) * flushed_exp(exponent)
     out = scores @ v
     # what each chunk adds to the state: exp(b_C - b_s) k_s^T v_s over its last document's tokens
     to_end = b[:, :, :, -1:] - b
     if carries is not None:
         to_end = to_end.masked_fill((segment != segment[..., -1:])[..., None], float("-inf"))
-    # A scalar decay (Mamba-2, retention) can push a chunk's weights far below exp's range (decay_exp); a
+    # A scalar decay (Mamba-2, retention) can push a chunk's weights far below exp's range (flushed_exp); a
     # vector one (RWKV-6, GLA) too, but there the rows of decayed_products take those chunks (through
-    # decay_exp), and decay_exp's passes over these [.., C, Dk] weights cost its training step 14%
-    exp = torch.exp if vector else decay_exp
+    # flushed_exp), and flushed_exp's passes over these [.., C, Dk] weights cost its training step 14%
+    exp = torch.exp if vector else flushed_exp
     written = (k * exp(to_end)).transpose(-1, -2) @ v  # [B, H, N, Dk, Dv]
     q_decayed = q * exp(b_read)
     if carries is not None:

@@ -69,3 +69,25 @@ def test_per_row_losses_without_gradients_and_all_ignored_rows():
     none_asked = torch.full_like(labels, -100)
     loss = linear_cross_entropy(hidden, weight, none_asked)
     assert loss.item() == 0.0 and torch.autograd.grad(loss, hidden)[0].abs().max() == 0
+
+
+def test_logits_spread_past_exps_range_give_the_plain_paths_loss_and_gradients():
+    """A trained model's logits can spread over hundreds (here about 300), below where float32's exp
+    underflows: the chunk's softmax is flushed to 0 there (kvlab.kernels.flushed_exp), not slowed, and the
+    loss and gradients still equal the plain path's; per-row losses without gradients too."""
+    hidden = torch.randn(3, 29, 48, requires_grad=True)
+    weight = (torch.randn(101, 48) * 7.0).requires_grad_()
+    labels = torch.randint(0, 101, (3, 29))
+    with torch.no_grad():
+        logits = hidden @ weight.t()
+        assert (logits.amax(-1) - logits.amin(-1)).min() > 150
+    fused = linear_cross_entropy(hidden, weight, labels, rows_per_chunk=7)
+    plain = linear_cross_entropy_reference(hidden, weight, labels)
+    assert rel_error(fused, plain) < 1e-6
+    for g, e in zip(
+        torch.autograd.grad(fused, (hidden, weight)), torch.autograd.grad(plain, (hidden, weight)), strict=True
+    ):
+        assert rel_error(g, e) < 1e-5
+    with torch.no_grad():
+        per_row = linear_cross_entropy(hidden, weight, labels, reduction="none", rows_per_chunk=7)
+        assert rel_error(per_row, linear_cross_entropy_reference(hidden, weight, labels, reduction="none")) < 1e-6

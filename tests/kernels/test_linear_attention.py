@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import kvlab.kernels.linear_attention as kernel_module
+from kvlab.kernels.flushed_exp import flushed_exp
 from kvlab.kernels.linear_attention import (
-    decay_exp,
     decayed_products,
     linear_attention,
     linear_attention_chunked,
@@ -151,12 +151,12 @@ def test_decayed_products_factored_and_pairwise_agree(monkeypatch):
     torch.testing.assert_close(pairwise[0], definition * visible)
 
 
-def test_decay_exp_is_exp_without_subnormals_and_exact_at_minus_infinity():
+def test_flushed_exp_is_exp_without_subnormals_and_exact_at_minus_infinity():
     """float32 on a CPU: exp to 4e-6 relative above the flush (2^-100), exactly 0 below it and at -inf, never
     a subnormal (which would slow every matrix product it enters); its gradient is exp's. float64: exp itself."""
     x = torch.cat([torch.linspace(-69.0, 0.0, 2001), torch.linspace(-120.0, -70.0, 51), torch.tensor([float("-inf")])])
     x.requires_grad_(True)
-    got = decay_exp(x)
+    got = flushed_exp(x)
     want = x.detach().double().exp()
     kept = x.detach() > -69.3
     assert ((got.detach().double() - want).abs() / want)[kept].max() < 4e-6
@@ -165,7 +165,7 @@ def test_decay_exp_is_exp_without_subnormals_and_exact_at_minus_infinity():
     (grad,) = torch.autograd.grad(got.sum(), x)
     torch.testing.assert_close(grad[kept], got.detach()[kept], rtol=1e-6, atol=0)
     x64 = x.detach().double()[:-1]
-    assert torch.equal(decay_exp(x64), x64.exp())
+    assert torch.equal(flushed_exp(x64), x64.exp())
 
 
 @pytest.mark.parametrize("with_docs", [False, True])
