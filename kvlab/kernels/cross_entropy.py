@@ -66,7 +66,7 @@ def cross_entropy_rows(logits, labels, grad_scale: float | None):
     # One exp over the chunk: e = exp(z - max) gives both the loss (log sum e + max) and the gradient
     # (e / sum e), where logsumexp and then exp(z - lse) took two (the loss and its backward x1.05 faster
     # at gqa's shapes). Through flushed_exp: a trained model's logits spread past exp's range on a CPU,
-    # where plain exp made the loss x6 to x10 slower (benchmarks/RESULTS.md, "Exponentials far below zero")
+    # where plain exp made the loss x6 to x13 slower (benchmarks/RESULTS.md, "Exponentials far below zero")
     e = flushed_exp(logits.sub_(top))
     total = e.sum(-1)
     losses = (total.log() + top[:, 0] - picked) * valid
