@@ -55,8 +55,8 @@ def cross_entropy_rows(logits, labels, grad_scale: float | None):
     """Per-row losses of a chunk of logits [n, V]; with ``grad_scale``, also their gradient, in place.
 
     Returns (losses [n] float32, gradient or None): the gradient (softmax -
-    one-hot) * grad_scale, zero on ignored rows, in float32 (the Triton
-    kernel keeps the logits' own dtype). ``logits`` is written over.
+    one-hot) * grad_scale, zero on ignored rows, overwrites ``logits`` (it is
+    float32 here; the Triton kernel keeps the logits' own dtype).
     """
     logits = logits.float()
     valid = labels != IGNORE
@@ -67,7 +67,7 @@ def cross_entropy_rows(logits, labels, grad_scale: float | None):
     # (e / sum e), where logsumexp and then exp(z - lse) took two (the loss and its backward x1.05 faster
     # at gqa's shapes). Through flushed_exp: a trained model's logits spread past exp's range on a CPU,
     # where plain exp made the loss x6 to x13 slower (benchmarks/RESULTS.md, "Exponentials far below zero")
-    e = flushed_exp(logits.sub_(top))
+    e = flushed_exp(logits.sub_(top), inplace=True)  # over the logits: one chunk's worth of memory, as before
     total = e.sum(-1)
     losses = (total.log() + top[:, 0] - picked) * valid
     if grad_scale is None:

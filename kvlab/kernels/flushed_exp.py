@@ -18,14 +18,16 @@ LOG2_E = 1.4426950408889634
 FLUSHED_BELOW = -100.0  # log2: results under 2^-100 (8e-31) are flushed to 0
 
 
-def flushed_exp(x: torch.Tensor) -> torch.Tensor:
+def flushed_exp(x: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
     """exp(x), on a CPU in float32 as exp2(x log2 e), within 4e-6 of exp(x) (relative: the product's
     rounding), and 0 below 2^-100 (8e-31 relative to an undecayed term or the largest logit: far below
     float32's resolution of any sum that holds one). Elsewhere (accelerators; float64, whose exp2 is the
-    slower one on a CPU) plain exp."""
+    slower one on a CPU) plain exp. ``inplace``: written over ``x`` (no gradient through it), where a
+    caller's ``x`` is spent, as the loss's chunk of logits is."""
     if x.device.type != "cpu" or x.dtype != torch.float32:
-        return x.exp()
-    # One new tensor, as exp makes: the flush (threshold: one pass, where a comparison and masked_fill took
-    # two and three times as long), then the scaling and exp2 over it in place. A CPU allocator hands a
+        return x.exp_() if inplace else x.exp()
+    # At most one new tensor, as exp makes: the flush (threshold: one pass, where a comparison and masked_fill
+    # took two and three times as long), then the scaling and exp2 over it in place. A CPU allocator hands a
     # large tensor out as fresh pages, which cost more than a pass: three new tensors took x8 longer.
-    return F.threshold(x, FLUSHED_BELOW / LOG2_E, float("-inf")).mul_(LOG2_E).exp2_()
+    threshold = F.threshold_ if inplace else F.threshold
+    return threshold(x, FLUSHED_BELOW / LOG2_E, float("-inf")).mul_(LOG2_E).exp2_()

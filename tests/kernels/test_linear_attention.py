@@ -164,6 +164,8 @@ def test_flushed_exp_is_exp_without_subnormals_and_exact_at_minus_infinity():
     assert not ((got > 0) & (got < torch.finfo(torch.float32).tiny)).any()
     (grad,) = torch.autograd.grad(got.sum(), x)
     torch.testing.assert_close(grad[kept], got.detach()[kept], rtol=1e-6, atol=0)
+    spent = x.detach().clone()  # inplace (the loss's spent logits): the same values, over its input
+    assert flushed_exp(spent, inplace=True).data_ptr() == spent.data_ptr() and torch.equal(spent, got.detach())
     x64 = x.detach().double()[:-1]
     assert torch.equal(flushed_exp(x64), x64.exp())
 
