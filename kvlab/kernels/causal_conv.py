@@ -22,6 +22,8 @@ from kvlab.kernels.attention import document_starts
 
 def causal_conv1d(x, weight, bias=None, *, prev=None, doc_ids=None):
     """x [B, T, C]; weight [C, K]; bias [C] or None -> (y [B, T, C], new prev [B, K - 1, C])."""
+    if not torch.is_grad_enabled():
+        return _taps_in_place(x, weight, bias, prev, doc_ids)
     B, T, C = x.shape
     K = weight.shape[1]
     if prev is None:
@@ -40,6 +42,34 @@ def causal_conv1d(x, weight, bias=None, *, prev=None, doc_ids=None):
             tap = tap * (back == doc_ids)[..., None]
         y = y.addcmul_(tap, weight[:, j])
     return y, padded[:, -(K - 1) :] if K > 1 else padded[:, :0]
+
+
+def _taps_in_place(x, weight, bias, prev, doc_ids):
+    """``causal_conv1d`` without a gradient: each tap added in place to the slice of outputs it reaches, from
+    ``x`` and ``prev`` as they are, where the form above first copies both into one padded tensor. That copy
+    (``x`` is a strided slice of Mamba's input projection) took as long as the taps: the forward x1.9 at
+    mamba2's prefill of 8 x 128 tokens. Under autograd the padded form stays: a tap in place on a slice
+    (a view) costs its backward more than the copy (forward and backward x0.8)."""
+    B, T, C = x.shape
+    K = weight.shape[1]
+    y = x * weight[:, K - 1] if bias is None else torch.addcmul(bias.to(x.dtype), x, weight[:, K - 1])
+    for j in range(K - 1):
+        shift = K - 1 - j  # how far back this tap reaches: outputs t >= shift read x, the first ones prev
+        if T > shift:
+            tap = x[:, : T - shift]
+            if doc_ids is not None:  # the input ``shift`` tokens back counts if it is of the same document
+                tap = tap * (doc_ids[:, : T - shift] == doc_ids[:, shift:])[..., None]
+            y[:, shift:].addcmul_(tap, weight[:, j])
+        if prev is not None:  # inputs before position 0 belong to position 0's document
+            n = min(shift, T)
+            tap = prev[:, j : j + n].to(x.dtype)
+            if doc_ids is not None:
+                tap = tap * (doc_ids[:, :1] == doc_ids[:, :n])[..., None]
+            y[:, :n].addcmul_(tap, weight[:, j])
+    if T >= K - 1:
+        return y, x[:, T - (K - 1) :]
+    before = x.new_zeros(B, K - 1, C) if prev is None else prev.to(x.dtype)
+    return y, torch.cat([before, x], dim=1)[:, T:]
 
 
 def token_shift(x, *, prev=None, doc_ids=None):

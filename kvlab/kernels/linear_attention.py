@@ -112,10 +112,16 @@ def linear_attention_chunked(
     N = -(-T // C)
     pad = N * C - T  # padded tokens have k = 0 and no decay: they leave the state as it is
     vector = log_decay.dim() == 4
-    # q and k keep their own head count: one shared head is broadcast against the decays' H heads below
-    q, k, v = (F.pad(x.to(dt), (0, 0, 0, pad)).view(B, x.shape[1], N, C, -1) for x in (q, k, v))
-    g = log_decay.to(dt) if vector else log_decay.to(dt)[..., None]
-    g = F.pad(g, (0, 0, 0, pad)).view(B, H, N, C, -1)  # [B, H, N, C, Dk or 1]
+
+    def chunked(x):  # [B, heads, T, D] -> [B, heads, N, C, D]; a copy only where T needs padding
+        x = x.to(dt)
+        return (F.pad(x, (0, 0, 0, pad)) if pad else x).reshape(B, x.shape[1], N, C, -1)
+
+    # q and k keep their own head count: one shared head is broadcast against the decays' H heads below.
+    # v is made contiguous once: both its products would otherwise copy a strided one (Mamba-2's is a
+    # transposed view) to fold their batch dimensions
+    q, k, v = chunked(q), chunked(k), chunked(v).contiguous()
+    g = chunked(log_decay if vector else log_decay[..., None])  # [B, H, N, C, Dk or 1]
     b = g.cumsum(dim=3)  # cumulative log decay within each chunk, up to and including each token
     b_read = b - g if exclusive else b  # the decay a token's read has seen
     visible = torch.ones(C, C, dtype=torch.bool, device=q.device).tril(-1 if exclusive else 0)
@@ -133,7 +139,7 @@ def linear_attention_chunked(
     if vector:  # per key channel
         scores = decayed_products(q, k, b_read, b, visible)
     else:
-        exponent = (b_read[..., 0, None] - b[..., None, :, 0]).masked_fill(~visible, float("-inf"))
+        exponent = (b_read[..., 0, None] - b[..., None, :, 0]).masked_fill_(~visible, float("-inf"))
         scores = (q @ k.transpose(-1, -2)) * flushed_exp(exponent)
     out = scores @ v
     # what each chunk adds to the state: exp(b_C - b_s) k_s^T v_s over its last document's tokens

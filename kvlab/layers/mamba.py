@@ -162,14 +162,19 @@ class Mamba2(nn.Module):
             cache.conv.copy_(conv_state)
         if last_only:  # the gate, the norm and the projection for the last position
             y, xs, z, T = y[:, -1:], xs[:, -1:], z[:, -1:], 1
-        y = (y + xs * self.D.view(H, 1).to(xs.dtype)).reshape(B, T, self.inner)
+        # the skip term first: the sum takes its layout, [B, T, H, P], not the scan's transposed one, which the
+        # reshape would copy
+        y = (xs * self.D.view(H, 1).to(xs.dtype) + y).reshape(B, T, self.inner)
         return self.out_proj(self._gated_norm(y, z))
 
     def _gated_norm(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """RMSNorm(y * silu(z)) within each of the n_groups channel groups, times a learned weight."""
-        gated = (y * F.silu(z)).float().unflatten(-1, (self.cfg.n_groups, -1))
-        normed = gated * torch.rsqrt(gated.square().mean(-1, keepdim=True) + self.cfg.norm_eps)
-        return (normed.flatten(-2) * self.norm_weight.float()).to(y.dtype)
+        gated = (y * F.silu(z)).float()
+        G, eps = self.cfg.n_groups, self.cfg.norm_eps
+        if G == 1:  # torch's fused norm, its weight included
+            return F.rms_norm(gated, (self.inner,), self.norm_weight.float(), eps).to(y.dtype)
+        normed = F.rms_norm(gated.unflatten(-1, (G, -1)), (self.inner // G,), eps=eps).flatten(-2)
+        return (normed * self.norm_weight.float()).to(y.dtype)
 
     def new_cache_slot(self, batch_size: int, max_len: int, dtype: torch.dtype, device):
         c = self.cfg

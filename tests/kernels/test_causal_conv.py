@@ -1,5 +1,6 @@
 """The causal depthwise convolution against torch's conv1d, across calls and documents."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -24,13 +25,33 @@ def test_matches_torch_conv1d_and_its_gradients():
         torch.testing.assert_close(got, want)
 
 
-def test_split_calls_continue_from_the_state():
+@pytest.mark.parametrize("grad", [True, False], ids=["padded", "in place"])
+def test_split_calls_continue_from_the_state(grad):
     x, w, b = torch.randn(2, 11, 6), torch.randn(6, 4), torch.randn(6)
     prev, parts = None, []
-    for s, e in [(0, 2), (2, 3), (3, 9), (9, 11)]:  # calls shorter and longer than the kernel
-        y, prev = causal_conv1d(x[:, s:e], w, b, prev=prev)
-        parts.append(y)
+    with torch.set_grad_enabled(grad):  # without a gradient the taps go in place (_taps_in_place)
+        for s, e in [(0, 2), (2, 3), (3, 9), (9, 11)]:  # calls shorter and longer than the kernel
+            y, prev = causal_conv1d(x[:, s:e], w, b, prev=prev)
+            parts.append(y)
     torch.testing.assert_close(torch.cat(parts, dim=1), torch_conv(x, w, b))
+
+
+@pytest.mark.parametrize("T", [1, 2, 3, 4, 9])
+def test_the_in_place_form_is_the_padded_one(T):
+    """Without a gradient: the same outputs and state as under autograd, from a strided slice (as Mamba's
+    projection gives), with and without a state, documents or a bias, calls shorter than the kernel too."""
+    torch.manual_seed(T)
+    wide = torch.randn(2, T, 20, dtype=torch.float64)
+    x, w, b = wide[..., 3:11], torch.randn(8, 4, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
+    doc_ids = torch.randint(0, 2, (2, T)).cumsum(1)
+    for prev in (None, torch.randn(2, 3, 8, dtype=torch.float64)):
+        for docs in (None, doc_ids):
+            for bias in (None, b):
+                want = causal_conv1d(x, w, bias, prev=prev, doc_ids=docs)
+                with torch.no_grad():
+                    got = causal_conv1d(x, w, bias, prev=prev, doc_ids=docs)
+                for g, e in zip(got, want, strict=True):
+                    torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
 
 
 def test_documents_do_not_see_each_other():
@@ -38,6 +59,8 @@ def test_documents_do_not_see_each_other():
     x, w, b = torch.randn(1, 12, 6), torch.randn(6, 4), torch.randn(6)
     doc_ids = torch.cat([torch.full((1, n), i) for i, n in enumerate(lengths)], dim=1)
     y, _ = causal_conv1d(x, w, b, doc_ids=doc_ids)
+    with torch.no_grad():
+        torch.testing.assert_close(causal_conv1d(x, w, b, doc_ids=doc_ids)[0], y)
     start = 0
     for n in lengths:
         torch.testing.assert_close(y[:, start : start + n], torch_conv(x[:, start : start + n], w, b))
