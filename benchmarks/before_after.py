@@ -5,7 +5,12 @@
 
 Two versions of one package cannot share a process, so each measurement runs
 in a fresh subprocess per checkout, the two alternating round by round (so
-that a noisy moment hits both), and the best round of each is reported.
+that a noisy moment hits both; which goes first alternates too, so a steady
+drift does not favour one), and the best round of each is reported. Each
+ratio is the best rounds' ratio, and in parentheses the median over rounds
+of each round's pair (measured back to back): on a VM whose speed drifts
+between processes, a best round can be one lucky process, and the paired
+median is the steadier estimate.
 Decoding: ``model.generate`` greedy, batch 1, 64-token prompt, 64 new
 tokens, best of 5; training: ``model(ids, labels=...)``, backward and an
 AdamW step on 4 x 256 tokens, best of 5 steps; prefill: a cached forward
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -92,13 +98,13 @@ def main() -> None:
     print("| preset | " + " | ".join(f"baseline {k} | this {k} | ratio" for k in keys) + " |")
     print("| --- " * (1 + 3 * len(keys)) + "|")
     for preset in args.presets.split(","):
-        best = {name: dict.fromkeys(keys, 0.0) for name in checkouts}
-        for _ in range(args.rounds):
-            for name, checkout in checkouts.items():
-                for key, value in measure(checkout, preset).items():
-                    best[name][key] = max(best[name][key], value)
-        b, t = best["baseline"], best["this"]
-        cells = (f"{b[k]:,.0f} | {t[k]:,.0f} | {t[k] / b[k]:.2f}" for k in keys)
+        rounds = []  # per round: {checkout: {key: tokens/s}}
+        for r in range(args.rounds):
+            order = list(checkouts.items()) if r % 2 == 0 else list(checkouts.items())[::-1]
+            rounds.append({name: measure(checkout, preset) for name, checkout in order})
+        b, t = ({k: max(run[name][k] for run in rounds) for k in keys} for name in ("baseline", "this"))
+        paired = {k: statistics.median(run["this"][k] / run["baseline"][k] for run in rounds) for k in keys}
+        cells = (f"{b[k]:,.0f} | {t[k]:,.0f} | {t[k] / b[k]:.2f} ({paired[k]:.2f})" for k in keys)
         print(f"| {preset} | " + " | ".join(cells) + " |", flush=True)
 
 
