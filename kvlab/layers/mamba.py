@@ -53,7 +53,7 @@ from torch import nn
 
 from kvlab._config import check_bool, check_float, check_int
 from kvlab.kernels.causal_conv import skipping_pads
-from kvlab.kernels.ops import causal_conv1d, selective_scan, ssd
+from kvlab.kernels.ops import causal_conv1d, rms_norm, selective_scan, ssd
 from kvlab.layers.base import LayerFootprint, MixerConfig, StepState, check_reads_own_state, register_mixer
 from kvlab.layers.kv_cache import StateSlot
 from kvlab.layers.norm import RMSNorm
@@ -171,8 +171,8 @@ class Mamba2(nn.Module):
         """RMSNorm(y * silu(z)) within each of the n_groups channel groups, times a learned weight."""
         gated = (y * F.silu(z)).float()
         G, eps = self.cfg.n_groups, self.cfg.norm_eps
-        if G == 1:  # torch's fused norm, its weight included
-            return F.rms_norm(gated, (self.inner,), self.norm_weight.float(), eps).to(y.dtype)
+        if G == 1:  # the kernels' RMSNorm (in float32 here, its weight too)
+            return rms_norm(gated, self.norm_weight.float(), eps).to(y.dtype)
         normed = F.rms_norm(gated.unflatten(-1, (G, -1)), (self.inner // G,), eps=eps).flatten(-2)
         return (normed * self.norm_weight.float()).to(y.dtype)
 
