@@ -29,10 +29,11 @@ def causal_conv1d(x, weight, bias=None, *, prev=None, doc_ids=None):
     if prev is None:
         prev = x.new_zeros(B, K - 1, C)
     padded = torch.cat([prev.to(x.dtype), x], dim=1)  # [B, K - 1 + T, C]
+    taps = _tap_rows(weight)
     # The taps accumulate in place into one output that starts from the bias: one pass per tap, where a
     # product and then a sum had taken two, each into a new tensor (x1.4 on the forward at mamba2's prefill).
     last = padded[:, K - 1 :]
-    y = last * weight[:, K - 1] if bias is None else torch.addcmul(bias.to(x.dtype), last, weight[:, K - 1])
+    y = last * taps[K - 1] if bias is None else torch.addcmul(bias.to(x.dtype), last, taps[K - 1])
     for j in range(K - 1):
         shift = K - 1 - j  # how far back this tap reaches
         tap = padded[:, j : j + T]
@@ -40,7 +41,7 @@ def causal_conv1d(x, weight, bias=None, *, prev=None, doc_ids=None):
             # inputs before position 0 (``prev``) belong to position 0's document
             back = torch.cat([doc_ids[:, :1].expand(B, shift), doc_ids], dim=1)[:, :T]
             tap = tap * (back == doc_ids)[..., None]
-        y = y.addcmul_(tap, weight[:, j])
+        y = y.addcmul_(tap, taps[j])
     return y, padded[:, -(K - 1) :] if K > 1 else padded[:, :0]
 
 
@@ -52,24 +53,32 @@ def _taps_in_place(x, weight, bias, prev, doc_ids):
     (a view) costs its backward more than the copy (forward and backward x0.8)."""
     B, T, C = x.shape
     K = weight.shape[1]
-    y = x * weight[:, K - 1] if bias is None else torch.addcmul(bias.to(x.dtype), x, weight[:, K - 1])
+    taps = _tap_rows(weight)
+    y = x * taps[K - 1] if bias is None else torch.addcmul(bias.to(x.dtype), x, taps[K - 1])
     for j in range(K - 1):
         shift = K - 1 - j  # how far back this tap reaches: outputs t >= shift read x, the first ones prev
         if T > shift:
             tap = x[:, : T - shift]
             if doc_ids is not None:  # the input ``shift`` tokens back counts if it is of the same document
                 tap = tap * (doc_ids[:, : T - shift] == doc_ids[:, shift:])[..., None]
-            y[:, shift:].addcmul_(tap, weight[:, j])
+            y[:, shift:].addcmul_(tap, taps[j])
         if prev is not None:  # inputs before position 0 belong to position 0's document
             n = min(shift, T)
             tap = prev[:, j : j + n].to(x.dtype)
             if doc_ids is not None:
                 tap = tap * (doc_ids[:, :1] == doc_ids[:, :n])[..., None]
-            y[:, :n].addcmul_(tap, weight[:, j])
+            y[:, :n].addcmul_(tap, taps[j])
     if T >= K - 1:
         return y, x[:, T - (K - 1) :]
     before = x.new_zeros(B, K - 1, C) if prev is None else prev.to(x.dtype)
     return y, torch.cat([before, x], dim=1)[:, T:]
+
+
+def _tap_rows(weight: torch.Tensor) -> torch.Tensor:
+    """weight [C, K] as [K, C], each tap's weights one contiguous row. A column ``weight[:, j]`` has stride K, and
+    an elementwise op broadcasting a strided vector over [B, T, C] leaves TensorIterator's vectorized loop: one tap
+    took 82 against 21 us at 1 x 128 x 640 (mamba2's prefill), the whole convolution 391 against 185 us."""
+    return weight.t().contiguous()
 
 
 def token_shift(x, *, prev=None, doc_ids=None):
