@@ -685,15 +685,18 @@ class CausalLM(nn.Module):
         logits = self.prefill(input_ids, cache, context=context, attention_mask=attention_mask, chunk=prefill_chunk)
         out = [input_ids]
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        token = _sample(logits, temperature, top_k, generator)
         for step in range(max_new_tokens):
-            token = _sample(logits, temperature, top_k, generator)
             if eos_token_id is not None:
                 token = token.masked_fill(done, eos_token_id)
                 done |= token == eos_token_id
             out.append(token[:, None])
             if step == max_new_tokens - 1 or (eos_token_id is not None and bool(done.all())):
                 break
-            logits = decode(token[:, None], cache)
+            if temperature == 0:  # greedy: the choice made by the step itself (in its compiled graph)
+                token = decode.next_tokens(token[:, None], cache)
+            else:
+                token = _sample(decode(token[:, None], cache), temperature, top_k, generator)
         return torch.cat(out, dim=1)
 
     @torch.no_grad()

@@ -141,20 +141,24 @@ def test_inductor_step_gives_eager_tokens_without_recompiling(direct_calls):
     assert counters["stats"]["unique_graphs"] - graphs == 1
     assert len(direct_calls) == 63
     assert sum(counters["recompiles"].values()) == recompiles
-    assert list(compiled.compile_seconds) == [(2, 128, torch.float32, "cpu", False)]  # no padded rows
+    assert list(compiled.compile_seconds) == [(2, 128, torch.float32, "cpu", False, "logits")]  # no padded rows
     expected_tokens, expected = _generate_with(DecodeStep(model, False), model, ids, 64)
     assert torch.equal(tokens, expected_tokens)
     torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
-    # generate() itself takes a compiled step: the same tokens
+    # generate() itself takes a compiled step, greedy: its graph makes the choice (a graph of its own, called
+    # directly after its first step), the same tokens
+    steps = len(direct_calls)
     assert torch.equal(model.generate(ids, 64, compile=True), torch.cat([ids, tokens], dim=1))
-    assert decode_step_for(model, True).compiled
+    assert len(direct_calls) - steps == 62  # 63 steps after the prefill's token, the first through Dynamo
+    greedy = decode_step_for(model, True)
+    assert greedy.compiled and list(greedy.compile_seconds) == [(2, 128, torch.float32, "cpu", False, "tokens")]
     # weights are the graph's inputs, not constants: after an update (training goes on) it decodes with them
     with torch.no_grad():
         model.lm_head.weight.mul_(-1)
     updated, _ = _generate_with(compiled, model, ids, 64)  # the same bucket: the same graph
     assert torch.equal(updated, _generate_with(DecodeStep(model, False), model, ids, 64)[0])
     assert not torch.equal(updated, tokens)
-    assert list(compiled.compile_seconds) == [(2, 128, torch.float32, "cpu", False)]  # no padded rows
+    assert list(compiled.compile_seconds) == [(2, 128, torch.float32, "cpu", False, "logits")]
 
 
 def test_a_matryoshka_step_reads_its_bases_held_and_follows_their_updates(direct_calls):
@@ -249,11 +253,11 @@ def test_direct_steps_go_back_through_dynamo_when_what_it_checks_changes(direct_
             assert len(direct_calls) - calls == direct
         calls = len(direct_calls)  # int32 ids: a graph of their own
         assert (step(token.int(), cache) - model(token, cache=reference)[:, -1]).abs().max() <= 1e-5
-        assert len(direct_calls) == calls and step._direct[cache].token_meta[1] == torch.int32
+        assert len(direct_calls) == calls and step._direct[cache][False].token_meta[1] == torch.int32
         cache.pads = torch.zeros(2, dtype=torch.long)  # a caller's change between steps: Dynamo sees it
         calls = len(direct_calls)
         step(token, cache)
-        assert len(direct_calls) == calls and step._direct[cache].pads is cache.pads
+        assert len(direct_calls) == calls and step._direct[cache][False].pads is cache.pads
 
 
 def test_a_step_that_changes_the_cache_is_never_bypassed(direct_calls):
@@ -274,7 +278,7 @@ def test_a_step_that_changes_the_cache_is_never_bypassed(direct_calls):
         model(torch.randint(0, 97, (1, 4)), cache=cache)
         for _ in range(5):
             step(torch.randint(0, 97, (1, 1)), cache)
-    assert cache.counted == 5 and not direct_calls and step._direct[cache] is False
+    assert cache.counted == 5 and not direct_calls and step._direct[cache] == {False: False}  # (the logits' graph)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device (benchmarks/gpu.sh)")
@@ -298,7 +302,7 @@ def test_failed_compilation_falls_back_to_eager_and_says_why(monkeypatch, caplog
     ids = torch.randint(0, 97, (1, 6))
     expected = model.generate(ids, 10, compile=False)
 
-    def broken(self, cuda_graph):
+    def broken(self, *args):
         def fails(*args):
             raise RuntimeError("no C++ compiler found")
 
