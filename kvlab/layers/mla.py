@@ -80,6 +80,21 @@ from kvlab.layers.rope import HeadwiseRotary, Rotary
 # the latent's width, and it holds every [T, S] score (set by benchmarks/RESULTS.md, "chunked prefill").
 EXPANDED_FROM = 64
 
+# In a compiled CPU decode step of a few rows, the absorbed form's two per-head products with W_UK and W_UV are
+# elementwise products and sums, which Inductor fuses into one loop each, not batched matrix products: MKL's bmm
+# costs 8-12 us at these shapes whatever the work (one row per head). mla's greedy generation at batch 1: x1.018
+# to x1.026; at batch 8 x1.002, so no further (benchmarks/RESULTS.md, "The greedy pick inside the graph").
+FUSED_ABSORPTION_ROWS = 8
+
+
+def _fused_absorption(q_nope: torch.Tensor) -> bool:
+    """Whether ``_absorbed`` writes its up-projection products as elementwise products and sums."""
+    return (
+        q_nope.device.type == "cpu"
+        and torch.compiler.is_compiling()
+        and q_nope.shape[0] * q_nope.shape[2] <= FUSED_ABSORPTION_ROWS
+    )
+
 
 @dataclass
 class MLAConfig(MixerConfig):
@@ -292,7 +307,11 @@ class MLA(nn.Module):
         B, S, _ = latent.shape
         G, r = self.rope_kv_heads, self.kv_lora_rank
         w_uk, w_uv = self._up_projections()
-        q = torch.cat([torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk), q_rope], dim=-1)
+        fused = _fused_absorption(q_nope)  # [B, H, T, D, 1] * [H, 1, D, r] summed over D
+        q_latent = (
+            (q_nope[..., None] * w_uk[:, None]).sum(-2) if fused else torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk)
+        )
+        q = torch.cat([q_latent, q_rope], dim=-1)
         if G == 1:  # one K/V head for all query heads: [c; k^R], values its first kv_lora_rank channels
             y = absorbed_attention(q, latent, r, mask=mask, scale=self.scale)
         else:  # a K/V head per RoPE key: [c; k^R_g], values c (the latent is repeated, not cached per head)
@@ -300,6 +319,8 @@ class MLA(nn.Module):
             v = c[:, None].expand(B, G, S, r)
             k = torch.cat([v, k_rope], dim=-1)
             y = attention(q, k, v, mask=mask, scale=self.scale)
+        if fused:  # [B, H, T, 1, r] * [H, 1, Dv, r] summed over r
+            return (y[..., None, :] * w_uv[:, None]).sum(-1)
         return torch.einsum("bhtr,hdr->bhtd", y, w_uv)
 
     # -- cache and footprint -------------------------------------------------

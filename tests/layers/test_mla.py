@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import kvlab.layers.mla as mla_module
 from kvlab.archs.config import ModelConfig
 from kvlab.kernels.attention import attention_reference, position_mask
 from kvlab.layers.mla import MLA, MLAConfig
@@ -18,7 +19,10 @@ def _mla(q_lora_rank=None):
     return layer
 
 
-def test_absorbed_equals_expanded_and_a_reference_built_from_decompressed_heads():
+@pytest.mark.parametrize("fused", [False, True])
+def test_absorbed_equals_expanded_and_a_reference_built_from_decompressed_heads(fused, monkeypatch):
+    """``fused``: the up-projection products as elementwise products and sums (a compiled CPU step's few rows)."""
+    monkeypatch.setattr(mla_module, "_fused_absorption", lambda q_nope: fused)
     layer = _mla()
     B, T, S, H, D, R, r = 2, 3, 11, 4, 16, 8, 24
     q_nope, q_rope = torch.randn(B, H, T, D), torch.randn(B, H, T, R)
