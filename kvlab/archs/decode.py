@@ -134,21 +134,21 @@ class DecodeStep:
 
     def __call__(self, token: torch.Tensor, cache) -> torch.Tensor:
         """Logits [B, vocab] of ``token`` [B, 1] after what ``cache`` holds; the cache advances by one."""
-        logits = self._compiled_step(token, cache, tokens=False) if self.compiled else None
-        if logits is None:  # eager: the ordinary cached forward, which slices rather than masks (faster)
-            return self.model(token, cache=cache)[:, -1]
-        cache.seen += 1
-        return logits
+        return self._step(token, cache, tokens=False)
 
     def next_tokens(self, token: torch.Tensor, cache) -> torch.Tensor:
         """The greedy next tokens [B] (the logits' first maximum) after ``token`` [B, 1]; the cache advances by
         one. Compiled, the choice is made in the step's graph, not by an eager ``max`` over the vocabulary after
         it (x1.02 to x1.03 on a batch-1 generation, benchmarks/RESULTS.md)."""
-        chosen = self._compiled_step(token, cache, tokens=True) if self.compiled else None
-        if chosen is None:
-            return self.model(token, cache=cache)[:, -1].max(dim=-1).indices
+        return self._step(token, cache, tokens=True)
+
+    def _step(self, token: torch.Tensor, cache, tokens: bool) -> torch.Tensor:
+        out = self._compiled_step(token, cache, tokens) if self.compiled else None
+        if out is None:  # eager: the ordinary cached forward, which slices rather than masks (faster)
+            logits = self.model(token, cache=cache)[:, -1]
+            return logits.max(dim=-1).indices if tokens else logits
         cache.seen += 1
-        return chosen
+        return out
 
     def _compiled_step(self, token: torch.Tensor, cache, tokens: bool) -> torch.Tensor | None:
         """The compiled step's logits (the greedy tokens with ``tokens``); None when compiling it failed just now
