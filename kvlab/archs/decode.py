@@ -18,7 +18,9 @@ TorchDynamo (whose guards check that the graph fits the cache, the weights
 and the token, and whose bytecode gathers their tensors): the graph notes
 the arguments it was called with, and the cache's later steps call it with
 them directly, their own token and position swapped in (``_DirectCall``),
-another seventh off a small model's step. That is sound because a step
+another seventh off a small model's step; without a gradient the call goes
+past AOTAutograd's and Inductor's Python wrappers too, to the compiled code
+itself (1-3% of a generation at batch 1). That is sound because a step
 changes nothing of the cache but its tensors' values (checked on the first
 step) and a cache keeps its tensors for its life; what a caller can change
 between steps (the token's shape, the rows' pads, the context, the grad
@@ -46,6 +48,7 @@ import contextlib
 import inspect
 import logging
 import os
+import threading
 import time
 import weakref
 
@@ -155,7 +158,6 @@ class DecodeStep:
         (then decoding is eager)."""
         if cache.seen >= cache.max_len:
             raise ValueError(f"cache holds {cache.seen} tokens; 1 more exceeds its max_len={cache.max_len}")
-        start = torch.tensor(cache.start, device=token.device)
         if self._holders and not torch.is_grad_enabled():
             again = cache not in self._held_for
             if any([m.hold_for_inference(again) for m in self._holders]):
@@ -163,8 +165,10 @@ class DecodeStep:
             self._held_for[cache] = True
         direct = self._direct.get(cache, {}).get(tokens)
         if direct and direct.fits(token, cache):
-            return direct(token, start)
+            return direct(token, cache)
+        start = torch.tensor(cache.start, device=token.device)
         record = token.device.type == "cpu" and direct is not False
+        self._recorder.inner = record and not torch.is_grad_enabled()
         # padded rows read their pads from the cache: a graph of their own
         key = (token.shape[0], cache.max_len, cache.dtype, token.device.type, cache.pads is not None,
                "tokens" if tokens else "logits")  # fmt: skip
@@ -179,20 +183,12 @@ class DecodeStep:
         graph = self._graphs.get(key)
         if record:
             self._recorder.last, before = None, _python_state(cache)
-        if graph is not None:
-            result = graph(token, cache, start)
-        else:
-            t0 = time.perf_counter()
-            try:
-                graph = self._compile(token.device.type, tokens)
-                result = graph(token, cache, start)
-            except Exception as e:  # noqa: BLE001 - any compiler failure: decode eager, say why
-                self._fall_back(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-                return None
-            self._graphs[key] = graph
-            self.compile_seconds[key] = time.perf_counter() - t0
-            log.info("compiled the decode step for batch %d, cache length %d (%s, %s, padded rows: %s) in %.1f s",
-                     *key, self.compile_seconds[key])  # fmt: skip
+        try:
+            result = self._traced_step(graph, key, token, cache, start, tokens)
+        finally:
+            self._recorder.inner = False
+        if result is None:
+            return None
         if record and self._recorder.last is not None:
             # a step that changed no attribute of the cache (only its tensors' values) can be bypassed
             unchanged = _python_state(cache) == before
@@ -202,13 +198,31 @@ class DecodeStep:
             self._recorder.last = None  # its arguments hold the cache's tensors: kept only with the cache
         return result.clone() if cuda_graph else result  # a graph's output is overwritten by its next replay
 
+    def _traced_step(self, graph, key, token, cache, start, tokens: bool) -> torch.Tensor | None:
+        """The step through TorchDynamo, compiling its graph first where ``graph`` is None (None: that failed)."""
+        if graph is not None:
+            return graph(token, cache, start)
+        t0 = time.perf_counter()
+        try:
+            graph = self._compile(token.device.type, tokens)
+            result = graph(token, cache, start)
+        except Exception as e:  # noqa: BLE001 - any compiler failure: decode eager, say why
+            self._fall_back(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            return None
+        self._graphs[key] = graph
+        self.compile_seconds[key] = time.perf_counter() - t0
+        log.info("compiled the decode step for batch %d, cache length %d (%s, %s, padded rows: %s) in %.1f s",
+                 *key, self.compile_seconds[key])  # fmt: skip
+        return result
+
 
 class _RecordingBackend:
     """TorchDynamo's ``backend`` (Inductor with the config ``options``), each graph it compiles noting its
-    latest call: the compiled callable, the arguments Dynamo gathered and what it returned (``_DirectCall``)."""
+    latest call: the compiled callable, the arguments Dynamo gathered and what it returned (``_DirectCall``);
+    while ``inner`` is set, also Inductor's own call below AOTAutograd's wrappers (``_innermost_call``)."""
 
     def __init__(self, backend: str, options: dict):
-        self.backend, self.options, self.last = backend, options, None
+        self.backend, self.options, self.last, self.inner = backend, options, None, False
 
     def __call__(self, graph_module, example_inputs):
         if self.backend == "inductor":
@@ -221,11 +235,51 @@ class _RecordingBackend:
             graph = torch._dynamo.lookup_backend(self.backend)(graph_module, example_inputs)
 
         def run(*args):
-            out = graph(*args)
-            self.last = (graph, args, out)
+            if not self.inner:
+                out = graph(*args)
+                self.last = (graph, args, out, None)
+                return out
+            versions = [a._version if isinstance(a, torch.Tensor) else None for a in args]
+            with _innermost_call() as calls:
+                out = graph(*args)
+            # what the wrappers marked as written (the cache's tensors): a direct call marks them too
+            written = [a for a, v in zip(args, versions, strict=True) if v is not None and a._version != v]
+            self.last = (graph, args, out, (calls, written))
             return out
 
         return run
+
+
+@contextlib.contextmanager
+def _innermost_call():
+    """While a compiled graph runs in this thread: the calls of Inductor's compiled code below AOTAutograd's and
+    Inductor's Python wrappers, as [callable, its arguments, its outputs] (empty where this torch has no
+    ``CompiledFxGraph``). Those wrappers (six frames, contexts, runtime checks) took 20-40 us of a 0.9 ms step at
+    batch 1; a direct call past them is what ``_DirectCall.of`` builds from a call recorded here."""
+    try:
+        from torch._inductor.output_code import CompiledFxGraph
+    except ImportError:
+        yield []
+        return
+    original = CompiledFxGraph.__dict__.get("__call__")
+    if original is None:
+        yield []
+        return
+    calls, thread = [], threading.get_ident()
+
+    def recorded(graph, inputs):
+        if threading.get_ident() != thread:
+            return original(graph, inputs)
+        call = [graph.current_callable, list(inputs), None]  # (the callable empties the list it is given)
+        calls.append(call)
+        call[2] = original(graph, inputs)
+        return call[2]
+
+    CompiledFxGraph.__call__ = recorded
+    try:
+        yield calls
+    finally:
+        CompiledFxGraph.__call__ = original
 
 
 @contextlib.contextmanager
@@ -284,29 +338,52 @@ class _DirectCall:
 
     What Dynamo's guards would check each step, and could change between steps, is checked here: the
     token's shape and dtype, the rows' pads, the context's length and the grad mode (the cache's other
-    attributes and the tensors it holds stay as they are for its life; weights are updated in place)."""
+    attributes and the tensors it holds stay as they are for its life; weights are updated in place).
 
-    __slots__ = ("graph", "args", "token_at", "start_at", "output_at", "token_meta", "pads", "context_len", "grad")
+    Without a gradient, the call goes further down, to Inductor's compiled code itself (``_innermost_call``),
+    where what AOTAutograd's wrappers do around it for such a step is nothing but marking the cache's tensors as
+    written: it takes the same arguments, every one of them the step's own (none made per call), and returns the
+    same outputs (no mutated input to copy back, no alias to rebuild). Else the wrappers' entry, as Dynamo calls
+    it."""
+
+    __slots__ = ("graph", "args", "token_at", "start_at", "output_at", "boxed", "written", "token_meta", "pads",
+                 "context_len", "grad")  # fmt: skip
 
     @classmethod
     def of(cls, last, token, start, result, cache) -> _DirectCall | None:
-        """From a graph's recorded call (graph, args, outputs) that computed ``result`` (the step's logits or
-        tokens) of ``token`` at ``start``;
-        None where the arguments or outputs do not hold them as such (then each step goes through Dynamo)."""
-        graph, args, outputs = last
-
-        def index(items, item):
-            return next((i for i, x in enumerate(items) if x is item), None)
-
+        """From a graph's recorded call (graph, args, outputs, and the innermost call or None) that computed
+        ``result`` (the step's logits or tokens) of ``token`` at ``start``; None where the arguments or outputs
+        do not hold them as such (then each step goes through Dynamo)."""
+        graph, args, outputs, inner = last
         call = cls()
-        call.graph, call.args = graph, list(args)
-        call.token_at, call.start_at = index(args, token), index(args, start)
-        call.output_at = index(outputs, result) if isinstance(outputs, (list, tuple)) else None
-        if call.token_at is None or call.output_at is None:
-            return None  # (no start among them: the graph does not read it, as a recurrent model's does not)
         call.token_meta = (token.shape, token.dtype, token.device)
         call.pads, call.context_len, call.grad = cache.pads, cache.context_len, torch.is_grad_enabled()
+        if not call._call(graph, args, outputs, token, start, result, boxed=False):
+            return None  # (no start among them: the graph does not read it, as a recurrent model's does not)
+        if inner is not None and len(inner[0]) == 1:
+            (compiled, inner_args, inner_outputs), written = inner[0][0], inner[1]
+            ours = {id(a) for a in args if isinstance(a, torch.Tensor)}
+            passed_through = isinstance(inner_outputs, (list, tuple)) and len(inner_outputs) == len(outputs)
+            if (
+                passed_through
+                and all(a is b for a, b in zip(inner_outputs, outputs, strict=True))
+                and all(id(a) in ours for a in inner_args)
+                and (_index(args, start) is None) == (_index(inner_args, start) is None)
+            ):
+                saved = (call.graph, call.args, call.token_at, call.start_at, call.output_at)
+                if call._call(compiled, inner_args, inner_outputs, token, start, result, boxed=True):
+                    call.written = written
+                else:
+                    call.graph, call.args, call.token_at, call.start_at, call.output_at = saved
         return call
+
+    def _call(self, graph, args, outputs, token, start, result, boxed: bool) -> bool:
+        """Takes ``graph`` called with ``args`` (its list, ``boxed``) returning ``outputs``; False where the token
+        or the result are not among them."""
+        self.graph, self.args, self.boxed, self.written = graph, list(args), boxed, None
+        self.token_at, self.start_at = _index(args, token), _index(args, start)
+        self.output_at = _index(outputs, result) if isinstance(outputs, (list, tuple)) else None
+        return self.token_at is not None and self.output_at is not None
 
     def fits(self, token, cache) -> bool:
         return (
@@ -316,14 +393,24 @@ class _DirectCall:
             and torch.is_grad_enabled() == self.grad
         )
 
-    def __call__(self, token, start):
-        args = self.args
+    def __call__(self, token, cache):
+        args = self.args.copy() if self.boxed else self.args  # (a boxed callable empties the list it is given)
         args[self.token_at] = token
         if self.start_at is not None:
-            args[self.start_at] = start
+            args[self.start_at] = torch.tensor(cache.start, device=token.device)
+        if self.boxed:
+            result = self.graph(args)[self.output_at]
+            if self.written:
+                torch.autograd.graph.increment_version(self.written)
+            return result
         result = self.graph(*args)[self.output_at]
         args[self.token_at] = None  # not kept past the step
         return result
+
+
+def _index(items, item) -> int | None:
+    """Where ``item`` itself (not an equal value) is in ``items``."""
+    return next((i for i, x in enumerate(items) if x is item), None)
 
 
 def _greedy(model):

@@ -100,9 +100,9 @@ def direct_calls(monkeypatch):
     calls = []
     through = decode._DirectCall.__call__
 
-    def counted(self, token, start):
+    def counted(self, token, cache):
         calls.append(token.shape)
-        return through(self, token, start)
+        return through(self, token, cache)
 
     monkeypatch.setattr(decode._DirectCall, "__call__", counted)
     return calls
@@ -159,6 +159,20 @@ def test_inductor_step_gives_eager_tokens_without_recompiling(direct_calls):
     assert torch.equal(updated, _generate_with(DecodeStep(model, False), model, ids, 64)[0])
     assert not torch.equal(updated, tokens)
     assert list(compiled.compile_seconds) == [(2, 128, torch.float32, "cpu", False, "logits")]
+    # without a gradient a direct step calls Inductor's code itself, past AOTAutograd's wrappers, and marks the
+    # cache's tensors written as they do (a new version each, as on the first step, which goes through them), the
+    # same logits as the eager step
+    cache, reference = model.new_cache(2, 128), model.new_cache(2, 128)
+    written = []
+    with torch.no_grad():
+        model(ids, cache=cache), model(ids, cache=reference)
+        for n in range(3):
+            before = [t._version for t in decode.cache_tensors(cache)]
+            logits = compiled(ids[:, n : n + 1], cache)
+            torch.testing.assert_close(logits, model(ids[:, n : n + 1], cache=reference)[:, -1], atol=1e-5, rtol=1e-5)
+            written.append([t._version - v for t, v in zip(decode.cache_tensors(cache), before, strict=True)])
+    assert any(written[0]) and written[0] == written[1] == written[2]
+    assert compiled._direct[cache][False].boxed
 
 
 def test_a_matryoshka_step_reads_its_bases_held_and_follows_their_updates(direct_calls):
