@@ -82,6 +82,12 @@ def test_chunked_equals_recurrent_outputs_state_and_gradients(chunk_size, with_s
     ref_out, ref_state = linear_attention_reference(q, k, v, g, **kwargs)
     assert (out - ref_out).abs().max() <= 1e-4
     assert (state - ref_state).abs().max() <= 1e-4
+    with torch.no_grad():  # (a scalar decay computes in place there) the same, the given state untouched
+        given = s0.clone()
+        inference_out, inference_state = linear_attention_chunked(q, k, v, g, chunk_size=chunk_size, **kwargs)
+    torch.testing.assert_close(inference_out, out, atol=1e-5, rtol=1e-5)  # (float32: another order of sums)
+    torch.testing.assert_close(inference_state, state, atol=1e-5, rtol=1e-5)
+    assert torch.equal(s0, given)
     weights = torch.randn_like(out)
     leaves = (q, k, v, g, s0) if with_state else (q, k, v, g)
     grads = torch.autograd.grad((out * weights).sum() + state.sum(), leaves)
@@ -101,6 +107,9 @@ def test_one_q_and_k_head_read_by_every_head_equals_it_copied_to_each(kernel, de
     kwargs = {"state": s0, "exclusive": decay == "vector_exclusive"}
     if kernel == "chunked":
         out, state = linear_attention_chunked(q1, k1, v, g, chunk_size=8, doc_ids=DOCS, **kwargs)
+        with torch.no_grad():
+            inference = linear_attention_chunked(q1, k1, v, g, chunk_size=8, doc_ids=DOCS, **kwargs)
+        torch.testing.assert_close(inference, (out, state), rtol=1e-10, atol=1e-10)
         kwargs["doc_ids"] = DOCS
     else:
         out, state = (linear_attention_step if kernel == "step" else linear_attention_reference)(q1, k1, v, g, **kwargs)
