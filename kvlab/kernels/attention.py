@@ -98,8 +98,9 @@ def attention(
 # fixed cost dominates there. gqa's compiled step: x1.10 at batch 1 over 256 positions (1.10 against 1.21 ms),
 # x1.06 over 1,024, even at batch 8 over 256 and x1.06 over 512; past 1,024 positions, or 4,096 over a batch,
 # SDPA's blocked kernel is faster (x0.94 at batch 1 over 2,048, x0.69 at batch 8; benchmarks/RESULTS.md). MLA's
-# absorbed attention keeps its matrix products: its latent is every head's, and wide, and the fused loops were
-# x1.07 at batch 1 over 256 positions but x0.84 over 1,024 and x0.86 at batch 8.
+# absorbed attention, whose latent is every head's and wide, takes only its scores so, and over a shorter cache
+# (SHORT_LATENT, below): with its weighted values too, the fused loops were x1.07 on the step at batch 1 over 256
+# positions but x0.84 over 1,024 and x0.86 at batch 8.
 SHORT_CACHE, SHORT_BATCH_CACHE = 1024, 4096
 
 
@@ -265,10 +266,30 @@ def absorbed_attention(q, latent, value_dim: int, *, mask=None, scale: float | N
     # (measured 20x slower at decode on CPU, benchmarks/kernels.py).
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     latent = latent.to(q.dtype)
-    scores = torch.einsum("bhtw,bsw->bhts", q, latent).float() * scale
+    if _short_compiled_cpu_latent(q, latent):  # the scores in the softmax's loop: [B, H, 1, W] * [B, 1, S, W]
+        scores = (q.float() * latent[:, None].float()).sum(-1)[:, :, None] * scale  # [B, H, 1, S]
+    else:
+        scores = torch.einsum("bhtw,bsw->bhts", q, latent).float() * scale
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     return torch.einsum("bhts,bsr->bhtr", scores.softmax(-1).to(q.dtype), latent[..., :value_dim])
+
+
+# A compiled CPU decode step's scores over a short latent cache (at most 512 positions over the batch): elementwise
+# products and sums, which Inductor fuses with the softmax, not a batched matrix product of 5-10 us whatever its
+# work. mla's greedy generation (128 after a 128-token prompt): x1.00 to x1.04 at batch 1 (256 positions; five
+# processes), x1.013 at batch 2, x1.004 at batch 1 over 512; x0.96 at batch 4 and x0.99 at batch 8, so no further. The weighted
+# values keep their product (as fused loops too, the step was no faster: benchmarks/RESULTS.md).
+SHORT_LATENT = 512
+
+
+def _short_compiled_cpu_latent(q, latent) -> bool:
+    return (
+        q.device.type == "cpu"
+        and torch.compiler.is_compiling()
+        and q.shape[2] == 1
+        and q.shape[0] * latent.shape[1] <= SHORT_LATENT
+    )
 
 
 def absorbed_attention_reference(q, latent, value_dim: int, *, mask=None, scale: float | None = None):

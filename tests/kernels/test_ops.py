@@ -12,6 +12,7 @@ import types
 import pytest
 import torch
 
+import kvlab.kernels.attention as attention_module
 from kvlab.kernels import external
 from kvlab.kernels.attention import (
     absorbed_attention,
@@ -34,9 +35,12 @@ def test_attention_structured_masks_match_the_reference(kwargs):
     assert rel_error(attention(q, k, v, **kwargs), attention_reference(q, k, v, **kwargs)) < 1e-5
 
 
-def test_absorbed_attention_matches_the_reference():
-    q, latent = torch.randn(2, 4, 3, 24), torch.randn(2, 11, 24)
-    mask = torch.ones(3, 11, dtype=torch.bool).tril(8)
+@pytest.mark.parametrize("queries", [3, 1])
+def test_absorbed_attention_matches_the_reference(queries, monkeypatch):
+    """One query per head: the scores as products and sums, as a compiled CPU step over a short cache takes them."""
+    monkeypatch.setattr(attention_module, "_short_compiled_cpu_latent", lambda q, latent: q.shape[2] == 1)
+    q, latent = torch.randn(2, 4, queries, 24), torch.randn(2, 11, 24)
+    mask = torch.ones(3, 11, dtype=torch.bool).tril(8)[-queries:]
     expected = absorbed_attention_reference(q, latent, 16, mask=mask, scale=0.2)
     assert rel_error(absorbed_attention(q, latent, 16, mask=mask, scale=0.2), expected) < 1e-5
 
