@@ -278,8 +278,8 @@ def absorbed_attention(q, latent, value_dim: int, *, mask=None, scale: float | N
 # A compiled CPU decode step's scores over a short latent cache (at most 512 positions over the batch): elementwise
 # products and sums, which Inductor fuses with the softmax, not a batched matrix product of 5-10 us whatever its
 # work. mla's greedy generation (128 after a 128-token prompt): x1.00 to x1.04 at batch 1 (256 positions; five
-# processes), x1.013 at batch 2, x1.004 at batch 1 over 512; x0.96 at batch 4 and x0.99 at batch 8, so no further. The weighted
-# values keep their product (as fused loops too, the step was no faster: benchmarks/RESULTS.md).
+# processes), x1.013 at batch 2, x1.004 at batch 1 over 512; x0.96 at batch 4 and x0.99 at batch 8, so no further.
+# The weighted values keep their product (as fused loops too, the step was no faster: benchmarks/RESULTS.md).
 SHORT_LATENT = 512
 
 
