@@ -38,7 +38,11 @@ from kvlab.kernels.linear_attention import linear_attention_reference
 def _ssd(x, dt, A, B, C, state, doc_ids, scan, **kwargs):
     H, G = x.shape[2], B.shape[2]
     log_decay = (dt * A).transpose(1, 2)  # [B, H, T]
-    v = (x * dt[..., None].to(x.dtype)).transpose(1, 2)
+    if torch.is_grad_enabled():
+        v = (x * dt[..., None].to(x.dtype)).transpose(1, 2)
+    else:  # written in the [B, H, T, P] layout the scan reads (it would copy a transposed view): one pass, not two
+        x, dt = x.transpose(1, 2), dt.transpose(1, 2)[..., None].to(x.dtype)
+        v = torch.mul(x, dt, out=x.new_empty(x.shape))
     # one group: B and C go in as one head that every head reads (linear attention broadcasts it, and its
     # chunked form computes C B^T once, not per head)
     k, q = (t.transpose(1, 2) if G == 1 else t.transpose(1, 2).repeat_interleave(H // G, dim=1) for t in (B, C))

@@ -163,13 +163,13 @@ class Mamba2(nn.Module):
         if last_only:  # the gate, the norm and the projection for the last position
             y, xs, z, T = y[:, -1:], xs[:, -1:], z[:, -1:], 1
         # the skip term first: the sum takes its layout, [B, T, H, P], not the scan's transposed one, which the
-        # reshape would copy
-        y = (xs * self.D.view(H, 1).to(xs.dtype) + y).reshape(B, T, self.inner)
+        # reshape would copy; and the sum is made in place on it (one [B, T, inner] tensor, not two)
+        y = (xs * self.D.view(H, 1).to(xs.dtype)).add_(y).reshape(B, T, self.inner)
         return self.out_proj(self._gated_norm(y, z))
 
     def _gated_norm(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """RMSNorm(y * silu(z)) within each of the n_groups channel groups, times a learned weight."""
-        gated = (y * F.silu(z)).float()
+        gated = (y * F.silu(z) if torch.is_grad_enabled() else F.silu(z).mul_(y)).float()  # (no grad: in place)
         G, eps = self.cfg.n_groups, self.cfg.norm_eps
         if G == 1:  # the kernels' RMSNorm (in float32 here, its weight too)
             return rms_norm(gated, self.norm_weight.float(), eps).to(y.dtype)
