@@ -148,7 +148,8 @@ class Mamba2(nn.Module):
             causal_conv1d, xbc, cache.conv if cache is not None else None, state.real, self.cfg.conv_kernel - 1,
             weight=self.conv_weight, bias=self.conv_bias, doc_ids=doc_ids,
         )  # fmt: skip
-        xs, b, c = F.silu(xbc).split([self.inner, G * N, G * N], dim=-1)
+        # (without a gradient in place: the convolution's output is its own, not a view of the projection's)
+        xs, b, c = F.silu(xbc, inplace=not torch.is_grad_enabled()).split([self.inner, G * N, G * N], dim=-1)
         dt = F.softplus(dt.float() + self.dt_bias.float())  # [B, T, H]
         if state.real is not None:  # a pad's step 0: no decay, no input, the state passes it unchanged
             dt = dt * state.real[..., None]
