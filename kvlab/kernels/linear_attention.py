@@ -137,8 +137,9 @@ def linear_attention_chunked(
         b_end = b[:, :, :, -1].masked_fill(segment[..., -1:] > 0, float("-inf"))
     # Without a gradient (a prefill) and with a scalar decay, what is spent is overwritten rather than copied: the
     # decay weights by the scores, each chunk's share of the state by the state carried past it, and the outputs
-    # take each chunk's read of the carried state in place. Mamba-2's scan at 8 x 128 tokens: 1.9 against 4.4 ms
-    # (its temporaries are 2 MB each there, often fresh pages); at 1 x 128 0.43 against 0.50 (benchmarks/RESULTS.md)
+    # take each chunk's read of the carried state in place. Mamba-2's scan alone at 8 x 128 tokens: 1.9 against 4.4
+    # ms (its temporaries are 2 MB each there, often fresh pages); at 1 x 128 0.43 against 0.50; in a prefill, as the
+    # allocator's state allows (benchmarks/RESULTS.md, "Past AOTAutograd's wrappers")
     inplace = not vector and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, log_decay)))
     # inside each chunk: attention with the decay mask exp(b_read_t - b_s) over the visible s
     if vector:  # per key channel
