@@ -358,31 +358,24 @@ class _DirectCall:
         call = cls()
         call.token_meta = (token.shape, token.dtype, token.device)
         call.pads, call.context_len, call.grad = cache.pads, cache.context_len, torch.is_grad_enabled()
-        if not call._call(graph, args, outputs, token, start, result, boxed=False):
-            return None  # (no start among them: the graph does not read it, as a recurrent model's does not)
-        if inner is not None and len(inner[0]) == 1:
-            (compiled, inner_args, inner_outputs), written = inner[0][0], inner[1]
-            ours = {id(a) for a in args if isinstance(a, torch.Tensor)}
-            passed_through = isinstance(inner_outputs, (list, tuple)) and len(inner_outputs) == len(outputs)
-            if (
-                passed_through
-                and all(a is b for a, b in zip(inner_outputs, outputs, strict=True))
-                and all(id(a) in ours for a in inner_args)
-                and (_index(args, start) is None) == (_index(inner_args, start) is None)
-            ):
-                saved = (call.graph, call.args, call.token_at, call.start_at, call.output_at)
-                if call._call(compiled, inner_args, inner_outputs, token, start, result, boxed=True):
-                    call.written = written
-                else:
-                    call.graph, call.args, call.token_at, call.start_at, call.output_at = saved
-        return call
+        below = _passed_through(inner, args, outputs, start)
+        if below is not None and call._takes(*below[:3], token, start, result, boxed=True):
+            call.written = below[3]
+            return call
+        if call._takes(graph, args, outputs, token, start, result, boxed=False):
+            return call
+        return None
 
-    def _call(self, graph, args, outputs, token, start, result, boxed: bool) -> bool:
-        """Takes ``graph`` called with ``args`` (its list, ``boxed``) returning ``outputs``; False where the token
-        or the result are not among them."""
+    def _takes(self, graph, args, outputs, token, start, result, boxed: bool) -> bool:
+        """Calls ``graph`` with ``args`` (as one list where ``boxed``), which returned ``outputs``; False where the
+        token or the result are not among them (the position may be absent: a recurrent model's graph does not read
+        it). The token's and the position's places are left empty."""
         self.graph, self.args, self.boxed, self.written = graph, list(args), boxed, None
         self.token_at, self.start_at = _index(args, token), _index(args, start)
         self.output_at = _index(outputs, result) if isinstance(outputs, (list, tuple)) else None
+        for at in (self.token_at, self.start_at):
+            if at is not None:
+                self.args[at] = None  # (a step's own, not kept)
         return self.token_at is not None and self.output_at is not None
 
     def fits(self, token, cache) -> bool:
@@ -406,6 +399,26 @@ class _DirectCall:
         result = self.graph(*args)[self.output_at]
         args[self.token_at] = None  # not kept past the step
         return result
+
+
+def _passed_through(inner, args, outputs, start):
+    """(Inductor's compiled callable, its arguments, its outputs, the tensors it writes) from a step's innermost
+    call (``_innermost_call``, with the tensors the wrappers marked written), where the wrappers above it passed
+    the step's arguments and outputs through as they are: one call, every argument one of the step's own, the
+    same outputs, the position among its arguments where it is among the step's. Else None."""
+    if inner is None or len(inner[0]) != 1:
+        return None
+    (compiled, inner_args, inner_outputs), written = inner[0][0], inner[1]
+    ours = {id(a) for a in args if isinstance(a, torch.Tensor)}
+    if not (
+        isinstance(inner_outputs, (list, tuple))
+        and len(inner_outputs) == len(outputs)
+        and all(a is b for a, b in zip(inner_outputs, outputs, strict=True))
+        and all(id(a) in ours for a in inner_args)
+        and (_index(args, start) is None) == (_index(inner_args, start) is None)
+    ):
+        return None
+    return compiled, inner_args, inner_outputs, written
 
 
 def _index(items, item) -> int | None:
