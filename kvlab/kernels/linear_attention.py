@@ -145,7 +145,10 @@ def linear_attention_chunked(
     if vector:  # per key channel
         scores = decayed_products(q, k, b_read, b, visible)
     else:
-        exponent = (b_read[..., 0, None] - b[..., None, :, 0]).masked_fill_(~visible, float("-inf"))
+        # the hidden pairs' exponents made -inf by adding a [C, C] mask of 0 and -inf (b is finite): a vectorized pass,
+        # where masked_fill_ with a broadcast mask is a scalar loop (8 x 8 x 2 x 64 x 64: 40 against 530 us)
+        hidden = torch.zeros(visible.shape, dtype=dt, device=q.device).masked_fill_(~visible, float("-inf"))
+        exponent = (b_read[..., 0, None] - b[..., None, :, 0]).add_(hidden)
         if inplace:
             scores = flushed_exp(exponent, inplace=True).mul_(q @ k.transpose(-1, -2))
         else:
