@@ -66,7 +66,9 @@ def decayed_products(x, y, x_decay, y_decay, visible):
     x_exponent, y_exponent = x_decay - middle, middle - y_decay
     if max(float(x_exponent.detach().abs().max()), float(y_exponent.detach().abs().max())) <= FACTORABLE_DECAY:
         scores = (x * x_exponent.exp()) @ (y * y_exponent.exp()).transpose(-1, -2)
-        return scores.masked_fill(~visible, 0.0)
+        # (finite scores: zeroed by a product, a vectorized pass, where masked_fill with a broadcast mask is ATen's
+        # scalar loop: 40-50 against 640 us at 8 x 8 x 2 x 64 x 64)
+        return scores.mul_(visible)
     rows = []
     for t in range(C):
         exponent = (x_decay[..., t : t + 1, :] - y_decay).masked_fill(~visible[..., t, :, None], float("-inf"))
