@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from kvlab.kernels.attention import document_starts
 from kvlab.kernels.flushed_exp import flushed_exp
-from kvlab.kernels.linear_attention import _compute_dtype, decayed_products
+from kvlab.kernels.linear_attention import _compute_dtype, decayed_products, minus_inf_where_hidden
 
 
 def delta_rule_reference(q, k, v, log_decay, a, b, *, state=None, doc_ids=None, chunk_size=None):
@@ -84,8 +84,7 @@ def delta_rule_chunked(q, k, v, log_decay, a, b, *, state=None, doc_ids=None, ch
         in_last = (segment == segment[..., -1:])[..., None]  # only the chunk's last document passes state on
         # exp(-inf) takes a slow path on a CPU (flushed_exp); elsewhere plain exp serves, as RWKV-7's log decays
         # stay above -0.61 a token, and a chunk's far from where exp underflows
-        hidden = torch.zeros(in_last.shape, dtype=cum.dtype, device=cum.device).masked_fill_(~in_last, float("-inf"))
-        end_weight = flushed_exp((end - cum).add_(hidden))  # (added: masked_fill_ broadcast is a scalar loop)
+        end_weight = flushed_exp((end - cum).add_(minus_inf_where_hidden(in_last, cum.dtype)))
         carry_out = (segment[..., -1:] == 0)[..., None]  # [B, 1, N, 1, 1]
     else:
         end_weight = (end - cum).exp()
