@@ -168,8 +168,13 @@ def linear_attention_chunked(
     # vector one (RWKV-6, GLA) too, but there the rows of decayed_products take those chunks (through
     # flushed_exp), and flushed_exp's passes over these [.., C, Dk] weights cost its training step 14%
     exp = torch.exp if vector else flushed_exp
-    written = (k * exp(to_end)).transpose(-1, -2) @ v  # [B, H, N, Dk, Dv]
     S = q.new_zeros(B, H, Dk, Dv) if state is None else state.to(dt)
+    if inplace and Dv > 1 and S.stride(-2) == 1:  # a state held keys-first: the chunks' shares laid out alike, so
+        # the sums over the chunks keep that layout and the final state is copied back into it as it is
+        # (mamba2's scan at 8 x 128 and its copy back: 3.2 ms as from a plain state, 3.3-3.4 mixing the layouts)
+        written = (v.transpose(-1, -2) @ (k * exp(to_end))).mT  # [B, H, N, Dk, Dv], Dk contiguous
+    else:
+        written = (k * exp(to_end)).transpose(-1, -2) @ v  # [B, H, N, Dk, Dv]
     if inplace:  # the read of the carried state scaled in the outputs (a scalar per token), not in a copy of q
         read_decay, end_decay = exp(b_read), exp(b_end)[..., None]  # [B, H, N, C, 1], [B, H, N, 1, 1]
         if carries is not None:
@@ -202,13 +207,24 @@ def linear_attention_step(q, k, v, log_decay, *, state=None, exclusive: bool = F
     read, key, value = q[:, :, 0].to(dt), k[:, :, 0].to(dt), v[:, :, 0].to(dt)  # [B, H, D]
     decay = log_decay[:, :, 0].to(dt).exp()  # [B, H] or [B, H, Dk]
     decay = decay[..., None] if decay.dim() == 3 else decay[..., None, None]  # [B, H, Dk or 1, 1]
+    key_first = S.stride(-2) == 1  # a state held keys-first (``StateSlot``'s key_contiguous)
+    # the outer product in the state's own layout: a sum over mixed layouts is a slower loop (eager)
+    written = (value[..., :, None] * key[..., None, :]).mT if key_first else key[..., :, None] * value[..., None, :]
+    if key_first and not exclusive and torch.compiler.is_compiling():
+        # Under Inductor, the output as the reduction over keys of the new state, which it fuses with the update
+        # row by row: the state read once and written once (with the order below, or with P contiguous, it is
+        # read twice, in two loops). The new state is made twice on purpose: one tensor with two users and over
+        # four inputs is stored as a buffer of its own and read back, which splits the loops again.
+        def updated():
+            return decay * S + written
+
+        return (read[..., :, None] * updated()).sum(-2)[:, :, None].to(q.dtype), updated()
     if exclusive:
         out = (read[:, :, None, :] @ S)[:, :, 0]
     else:
         decayed = read * decay[..., 0]  # [B, H, Dk]
         out = (decayed[:, :, None, :] @ S)[:, :, 0] + (read * key).sum(-1, keepdim=True) * value
-    S = decay * S + key[..., :, None] * value[..., None, :]
-    return out[:, :, None].to(q.dtype), S
+    return out[:, :, None].to(q.dtype), decay * S + written
 
 
 def linear_attention(q, k, v, log_decay, *, state=None, doc_ids=None, exclusive: bool = False, chunk_size: int = 64):

@@ -310,10 +310,23 @@ class QuantizedLatentKV:
 
 
 class StateSlot:
-    """Named fixed-size state tensors per sequence, each [batch_size, *shape], read as attributes."""
+    """Named fixed-size state tensors per sequence, each [batch_size, *shape], read as attributes.
 
-    def __init__(self, batch_size: int, shapes: dict[str, tuple[int, ...]], *, dtype, device):
-        self.tensors = {n: torch.zeros(batch_size, *shape, dtype=dtype, device=device) for n, shape in shapes.items()}
+    ``key_contiguous`` names matrix states [..., N, P] held on a CPU with N the contiguous dimension (a
+    transposed view of [..., P, N] memory, mamba-ssm's own layout for Mamba-2). A compiled decode step then
+    updates such a state and reduces it over N in one pass, row by row (``linear_attention_step``); with P
+    contiguous Inductor reads the state twice, once for the output and once for the update (mamba2's steps
+    x1.07 to x1.17, benchmarks/RESULTS.md). Other devices keep P contiguous (not measured there)."""
+
+    def __init__(self, batch_size: int, shapes: dict[str, tuple[int, ...]], *, dtype, device, key_contiguous=()):
+        on_cpu = torch.device(device).type == "cpu"
+
+        def zeros(name, shape):
+            if name not in key_contiguous or not on_cpu:
+                return torch.zeros(batch_size, *shape, dtype=dtype, device=device)
+            return torch.zeros(batch_size, *shape[:-2], shape[-1], shape[-2], dtype=dtype, device=device).mT
+
+        self.tensors = {n: zeros(n, shape) for n, shape in shapes.items()}
 
     def __getattr__(self, name: str) -> torch.Tensor:
         tensors = self.__dict__.get("tensors", {})

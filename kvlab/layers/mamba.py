@@ -180,7 +180,7 @@ class Mamba2(nn.Module):
     def new_cache_slot(self, batch_size: int, max_len: int, dtype: torch.dtype, device):
         c = self.cfg
         shapes = {"ssm": (self.n_heads, c.state_dim, c.head_dim), "conv": (c.conv_kernel - 1, self.conv_dim)}
-        return StateSlot(batch_size, shapes, dtype=dtype, device=device)
+        return StateSlot(batch_size, shapes, dtype=dtype, device=device, key_contiguous=("ssm",))
 
     def kv_footprint(self, dtype: torch.dtype) -> LayerFootprint:
         c = self.cfg

@@ -66,6 +66,46 @@ def test_one_token_step_equals_the_recurrence(vector, exclusive, with_state):
     torch.testing.assert_close(out, expected, rtol=2e-3, atol=2e-3)
 
 
+@pytest.mark.parametrize("vector", [False, True])
+def test_the_compiled_step_on_a_key_contiguous_state_reduces_the_new_state(vector):
+    """Traced (``torch.compile``) over a state held keys-first (``StateSlot``'s key_contiguous), the step takes
+    its output as a reduction of the new state, with no matrix product (Inductor fuses it with the update), and
+    still gives the recurrence's output and state; a value-contiguous state keeps the product."""
+    q, k, v, g, state = _inputs(1, torch.float64, vector=vector)
+    expected, expected_final = linear_attention_reference(q, k, v, g, state=state)
+    for keys_first in (True, False):
+        held = state.mT.contiguous().mT if keys_first else state.clone()
+        ops = []
+
+        def capture(gm, example_inputs, ops=ops):
+            ops.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+            return gm
+
+        torch._dynamo.reset()
+        out, final = torch.compile(linear_attention_step, backend=capture, fullgraph=True)(q, k, v, g, state=held)
+        torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(final, expected_final, rtol=1e-12, atol=1e-12)
+        assert any("matmul" in op for op in ops) != keys_first, ops
+
+
+@pytest.mark.parametrize("shared_head", [False, True])
+def test_the_chunked_prefill_from_a_key_contiguous_state_keeps_its_layout(shared_head):
+    """Without a gradient, a state held keys-first gives the same outputs and final state as a plain one, and the
+    final state comes back keys-first (so its copy into the cache is not a transpose)."""
+    q, k, v, g, state = _inputs(37)
+    if shared_head:
+        q, k = q[:, :1], k[:, :1]
+    with torch.no_grad():
+        out, final = linear_attention_chunked(q, k, v, g, state=state, chunk_size=8)
+        out_kf, final_kf = linear_attention_chunked(q, k, v, g, state=state.mT.contiguous().mT, chunk_size=8)
+    torch.testing.assert_close(out_kf, out)
+    torch.testing.assert_close(final_kf, final)
+    assert final_kf.stride(-2) == 1 and final.stride(-1) == 1
+    expected, expected_final = linear_attention_reference(q, k, v, g, state=state)
+    torch.testing.assert_close(final_kf, expected_final, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out_kf, expected, rtol=1e-4, atol=1e-4)
+
+
 DOCS = torch.tensor([[0] * 10 + [1] * 20 + [2] * 7, [0] * 3 + [1] * 3 + [2] * 31])
 
 

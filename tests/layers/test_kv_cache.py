@@ -1,6 +1,6 @@
 import torch
 
-from kvlab.layers.kv_cache import RingKV, StaticKV
+from kvlab.layers.kv_cache import RingKV, StateSlot, StaticKV
 
 
 def _tokens(start, t):
@@ -53,3 +53,17 @@ def test_a_step_written_twice_leaves_the_cache_as_written_once():
     twice.update(k * 7, v * 7, 0)  # a first pass, overwritten by the last
     twice.update(k, v, 0)
     assert torch.equal(once.view(5).k, twice.view(5).k) and once.nbytes(5) == twice.nbytes(5)
+
+
+def test_a_key_contiguous_state_holds_its_shape_keys_first_on_a_cpu_only():
+    """``key_contiguous`` states keep their declared [..., N, P] shape over [..., P, N] memory on a CPU (what a
+    compiled step reads in one pass); other devices, and the other states, are plain contiguous tensors."""
+    slot = StateSlot(2, {"s": (3, 4, 5), "prev": (7,)}, dtype=torch.float32, device="cpu", key_contiguous=("s",))
+    assert slot.s.shape == (2, 3, 4, 5) and slot.s.stride()[-2:] == (1, 4) and not slot.s.any()
+    assert slot.prev.is_contiguous() and slot.nbytes() == (2 * 3 * 4 * 5 + 2 * 7) * 4
+    rows = torch.arange(2 * 3 * 4 * 5, dtype=torch.float32).view(2, 3, 4, 5)
+    slot.s.copy_(rows)
+    slot.reorder(torch.tensor([1, 1]))
+    assert torch.equal(slot.s, rows[[1, 1]]) and slot.s.stride()[-2:] == (1, 4)
+    elsewhere = StateSlot(2, {"s": (3, 4, 5)}, dtype=torch.float32, device="meta", key_contiguous=("s",))
+    assert elsewhere.s.shape == (2, 3, 4, 5) and elsewhere.s.is_contiguous()
