@@ -201,7 +201,9 @@ def linear_attention_step(q, k, v, log_decay, *, state=None, exclusive: bool = F
     The output is read from the state the token finds, o = (q * exp(g)) S_prev + (q . k) v (the same
     o = q S as the recurrence's), not from the state it leaves: so the new state is only written (into the
     cache, where the caller copies it) and the old one read once by the update and once by the output,
-    not written to a temporary and read back (a quarter less traffic over a Mamba-2 state per step)."""
+    not written to a temporary and read back (a quarter less traffic over a Mamba-2 state per step). Traced
+    over a state held keys-first, the output is the new state's reduction, which Inductor fuses with the
+    update: the state read once."""
     dt = _compute_dtype(q)
     S = q.new_zeros(q.shape[0], v.shape[1], q.shape[-1], v.shape[-1], dtype=dt) if state is None else state.to(dt)
     read, key, value = q[:, :, 0].to(dt), k[:, :, 0].to(dt), v[:, :, 0].to(dt)  # [B, H, D]

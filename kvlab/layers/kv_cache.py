@@ -316,7 +316,7 @@ class StateSlot:
     transposed view of [..., P, N] memory, mamba-ssm's own layout for Mamba-2). A compiled decode step then
     updates such a state and reduces it over N in one pass, row by row (``linear_attention_step``); with P
     contiguous Inductor reads the state twice, once for the output and once for the update (mamba2's steps
-    x1.07 to x1.17, benchmarks/RESULTS.md). Other devices keep P contiguous (not measured there)."""
+    x1.01 to x1.06, benchmarks/RESULTS.md). Other devices keep P contiguous (not measured there)."""
 
     def __init__(self, batch_size: int, shapes: dict[str, tuple[int, ...]], *, dtype, device, key_contiguous=()):
         on_cpu = torch.device(device).type == "cpu"

@@ -19,7 +19,9 @@ in all. Initialisation as in the paper's code: A in [1, 16], dt in
 [dt_min, dt_max] log-uniformly, D = 1.
 
 The cache is fixed: per sequence the SSM state (n_heads x state_dim x
-head_dim) plus the last ``conv_kernel - 1`` inputs of the convolution.
+head_dim; on a CPU held with state_dim contiguous, as mamba-ssm holds it,
+so a compiled step updates and reads it in one pass) plus the last
+``conv_kernel - 1`` inputs of the convolution.
 Packed documents start from an empty state and convolve within themselves.
 
 Mamba
