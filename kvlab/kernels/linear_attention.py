@@ -51,6 +51,12 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 FACTORABLE_DECAY = 30.0
 
 
+def _keys_first(state: torch.Tensor) -> bool:
+    """A matrix state [.., Dk, Dv] held with Dk contiguous (``StateSlot``'s key_contiguous; a one-column state
+    is contiguous either way and counts as not)."""
+    return state.shape[-1] > 1 and state.stride(-2) == 1
+
+
 def minus_inf_where_hidden(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """0 where ``visible``, -inf elsewhere, in ``dtype``: added to finite exponents broadcast over more dimensions, it
     hides what ``masked_fill_`` with ``~visible`` would, in a vectorized pass, where ATen's masked fill with a
@@ -169,7 +175,7 @@ def linear_attention_chunked(
     # flushed_exp), and flushed_exp's passes over these [.., C, Dk] weights cost its training step 14%
     exp = torch.exp if vector else flushed_exp
     S = q.new_zeros(B, H, Dk, Dv) if state is None else state.to(dt)
-    if inplace and Dv > 1 and S.stride(-2) == 1:  # a state held keys-first: the chunks' shares laid out alike, so
+    if inplace and _keys_first(S):  # a state held keys-first: the chunks' shares laid out alike, so
         # the sums over the chunks keep that layout and the final state is copied back into it as it is
         # (mamba2's scan at 8 x 128 and its copy back: 3.2 ms as from a plain state, 3.3-3.4 mixing the layouts)
         written = (v.transpose(-1, -2) @ (k * exp(to_end))).mT  # [B, H, N, Dk, Dv], Dk contiguous
@@ -209,7 +215,7 @@ def linear_attention_step(q, k, v, log_decay, *, state=None, exclusive: bool = F
     read, key, value = q[:, :, 0].to(dt), k[:, :, 0].to(dt), v[:, :, 0].to(dt)  # [B, H, D]
     decay = log_decay[:, :, 0].to(dt).exp()  # [B, H] or [B, H, Dk]
     decay = decay[..., None] if decay.dim() == 3 else decay[..., None, None]  # [B, H, Dk or 1, 1]
-    key_first = S.stride(-2) == 1  # a state held keys-first (``StateSlot``'s key_contiguous)
+    key_first = _keys_first(S)
     # the outer product in the state's own layout: a sum over mixed layouts is a slower loop (eager)
     written = (value[..., :, None] * key[..., None, :]).mT if key_first else key[..., :, None] * value[..., None, :]
     if key_first and not exclusive and torch.compiler.is_compiling():
