@@ -1,4 +1,4 @@
-"""Greedy decoding speed: kvlab (compiled and eager) vs `transformers` Llama, one process.
+"""Greedy decoding speed: kvlab (compiled and eager) vs `transformers` Llama and litgpt, one process.
 
     python benchmarks/decode.py [--presets gqa,mla,cla,yoco_swa,mamba2] [--batches 1,8]
                                 [--prompt 128] [--new 128] [--repeats 3] [--device cpu] [--dtype float32]
@@ -7,7 +7,11 @@ The peer is `transformers`' LlamaForCausalLM at the presets' common shapes,
 holding the gqa preset's weights (so its tokens must equal kvlab gqa's,
 checked), generating with its default dynamic cache (eager) and with its
 static cache under ``torch.compile`` (``cache_implementation="static"``,
-compiled on CPU too). kvlab generates through ``model.generate`` with the
+compiled on CPU too). The second peer, where litgpt is installed
+(benchmarks/litgpt_peer.py says how and what its paths are), is litgpt's GPT
+built as the same Llama with the same weights (tokens checked too),
+generating eagerly and with ``litgpt generate --compile``'s recipe; its
+rows follow the first table. kvlab generates through ``model.generate`` with the
 compiled decode step (first call: the compilation, reported apart; on a
 GPU also captured as a CUDA graph) and eagerly (``compile=False``).
 ``--device cuda --dtype bfloat16`` runs it all on a GPU. Each is timed as the best of ``repeats``
@@ -31,6 +35,7 @@ import argparse
 import time
 from pathlib import Path
 
+import litgpt_peer  # benchmarks/litgpt_peer.py, beside this script
 import torch
 import torch.nn.functional as F
 import transformers
@@ -127,8 +132,8 @@ def main() -> None:
     presets = args.presets.split(",")
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"threads {torch.get_num_threads()}"
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {where}, "
-          f"prompt {args.prompt}, new {args.new}, best of {args.repeats}, {args.dtype}")  # fmt: skip
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, litgpt {litgpt_peer.version()}, "
+          f"{where}, prompt {args.prompt}, new {args.new}, best of {args.repeats}, {args.dtype}")  # fmt: skip
     print()
     print(
         "| preset | batch | kvlab compiled tok/s | kvlab eager tok/s | HF eager tok/s | HF static+compile tok/s "
@@ -136,6 +141,7 @@ def main() -> None:
         "| same tokens |"
     )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    litgpt_rows = []
     for batch in (int(b) for b in args.batches.split(",")):
         torch.manual_seed(0)
         gqa = build_model(ModelConfig.from_yaml(PRESETS / "gqa.yaml")).eval()
@@ -148,6 +154,15 @@ def main() -> None:
         hf_compiled()
         sync()
         hf_compile_s = time.perf_counter() - t0
+        lit = {}
+        if litgpt_peer.MISSING is None:  # two models: each runner keeps its cache on its own
+            for name, compiled in (("litgpt", False), ("litgpt_compiled", True)):
+                run = litgpt_peer.generation_runner(litgpt_peer.litgpt_twin(gqa).to(device, dtype).eval(), ids,
+                                                    args.new, compiled)  # fmt: skip
+                t0 = time.perf_counter()
+                same = torch.equal(run(), reference[:, args.prompt :])
+                sync()
+                lit[name] = (run, time.perf_counter() - t0, same)
         models, rows = {}, []
         for preset in presets:
             torch.manual_seed(0)
@@ -169,6 +184,7 @@ def main() -> None:
             runners += [
                 ("hf", hf_eager),
                 ("hf_compiled", hf_compiled),
+                *((name, run) for name, (run, _, _) in lit.items()),
                 (f"compiled {preset}", lambda m=model, ids=ids: m.generate(ids, args.new, compile=True)),
                 (f"eager {preset}", lambda m=model, ids=ids: m.generate(ids, args.new, compile=False)),
                 (f"floor {preset}", weight_pass(model, batch)),  # one step's weights: divided by new below
@@ -184,9 +200,31 @@ def main() -> None:
                   f"| {peer_compiled:,.0f} | {_ratio(compiled, peer)} | {_ratio(compiled, peer_compiled)} "
                   f"| {floor:,.0f} | {_ratio(compiled, floor, '.0%')} | {compile_s:.0f}, {hf_compile_s:.0f} "
                   f"| {same} |", flush=True)  # fmt: skip
+        if lit:
+            litgpt_rows.append((batch, {p: rate[f"compiled {p}"] for p in models}, rate["litgpt"],
+                                rate["litgpt_compiled"], lit["litgpt_compiled"][1], lit))  # fmt: skip
         if interrupted:
             print(f"(interrupted during batch {batch}'s timing: the best of the rounds it completed; 0: not run)")
-            return
+            break
+    _print_litgpt(litgpt_rows)
+
+
+def _print_litgpt(rows) -> None:
+    print()
+    if not rows:
+        print(f"(no litgpt rows: {litgpt_peer.MISSING})")
+        return
+    print(
+        "| preset | batch | kvlab compiled tok/s | litgpt eager tok/s | litgpt compiled tok/s "
+        "| compiled / litgpt eager | compiled / litgpt compiled | litgpt compile s | litgpt same tokens |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for batch, compiled, eager_rate, compiled_rate, compile_s, lit in rows:
+        same = lit["litgpt"][2] and lit["litgpt_compiled"][2]
+        for preset, rate in compiled.items():
+            ratios = f"{_ratio(rate, eager_rate)} | {_ratio(rate, compiled_rate)}"
+            print(f"| {preset} | {batch} | {rate:,.0f} | {eager_rate:,.0f} | {compiled_rate:,.0f} | {ratios} "
+                  f"| {compile_s:.0f} | {same} |")  # fmt: skip
 
 
 def _ratio(a: float, b: float, spec: str = ".2f") -> str:

@@ -1,4 +1,4 @@
-"""Training step speed: kvlab (eager and with compiled blocks) vs `transformers` Llama, one process.
+"""Training step speed: kvlab (eager and with compiled blocks) vs `transformers` Llama and litgpt, one process.
 
     python benchmarks/train_speed.py [--batch 8] [--seq 256] [--repeats 5] [--steps 20] [--device cpu]
                                      [--dtype float32] [--loss-rows N]
@@ -6,7 +6,10 @@
 The step is the training step's work: forward with the loss (kvlab: the
 fused head + loss; transformers: ``labels=``), backward, AdamW step,
 zero_grad, at the gqa preset's shapes in fp32, the two models holding the
-same weights. kvlab's compiled step is ``trainer.compile=true``'s (each
+same weights. Where litgpt is installed (benchmarks/litgpt_peer.py), its
+GPT as the same Llama trains beside them as its pretrain script does
+(``chunked_cross_entropy`` on the logits; compiled: the whole model under
+``torch.compile``), with the same optimizer. kvlab's compiled step is ``trainer.compile=true``'s (each
 block under ``torch.compile``); its compilation is reported apart. Also
 printed: the share of kvlab's eager step spent in matrix multiplies and
 attention (torch's profiler), the arithmetic both libraries must do alike,
@@ -27,6 +30,7 @@ import argparse
 import time
 from pathlib import Path
 
+import litgpt_peer  # benchmarks/litgpt_peer.py, beside this script
 import torch
 import transformers
 from common import sync  # benchmarks/common.py, beside this script
@@ -39,7 +43,9 @@ from kvlab import ModelConfig, build_model
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"
 
 
-def stepper(model, batches, hf: bool, dtype=torch.float32, loss_rows: int | None = None):
+def stepper(model, batches, hf: bool, dtype=torch.float32, loss_rows: int | None = None, loss_fn=None):
+    """One training step per call on the next of ``batches``; ``loss_fn(ids)`` (litgpt's) in place of the
+    model's own loss where given."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)  # kvlab's recipe and transformers' Trainer
     it = iter(batches)
     device = next(model.parameters()).device
@@ -56,7 +62,9 @@ def stepper(model, batches, hf: bool, dtype=torch.float32, loss_rows: int | None
 
     def _step(ids):
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            if hf:
+            if loss_fn is not None:
+                loss = loss_fn(ids)
+            elif hf:
                 loss = model(input_ids=ids[:, :-1], labels=ids[:, :-1]).loss  # transformers shifts labels itself
             else:
                 loss = model(ids[:, :-1], labels=ids[:, 1:])
@@ -93,6 +101,12 @@ def main() -> None:
     eager.to(device)
     steps = {"kvlab eager": stepper(eager, data, False, dtype), "kvlab compiled": stepper(compiled, data, False, dtype),
              "transformers eager": stepper(hf, data, True, dtype)}  # fmt: skip
+    if litgpt_peer.MISSING is None:
+        for kind, compile_it in (("eager", False), ("compiled", True)):
+            gpt = litgpt_peer.litgpt_twin(eager.cpu()).train().to(device)
+            loss_fn = litgpt_peer.train_forward(gpt, compile_it)
+            steps[f"litgpt {kind}"] = stepper(gpt, data, False, dtype, loss_fn=loss_fn)
+        eager.to(device)
     if args.loss_rows:
         for kind, compile_it in (("eager", False), ("compiled", True)):
             steps[f"kvlab {kind}, {args.loss_rows}-row loss chunks"] = stepper(
@@ -113,14 +127,17 @@ def main() -> None:
             best[name] = min(best[name], time.perf_counter() - t0)
     tokens = args.batch * args.seq
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"threads {torch.get_num_threads()}"
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {where}, "
-          f"batch {args.batch} x {args.seq} tokens, {args.dtype}, best of {args.repeats}")  # fmt: skip
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, litgpt {litgpt_peer.version()}, "
+          f"{where}, batch {args.batch} x {args.seq} tokens, {args.dtype}, best of {args.repeats}")  # fmt: skip
     print()
-    print("| step | tokens/s | vs transformers | first step s (compilation) |")
-    print("| --- | --- | --- | --- |")
+    peers = ["transformers eager"] + [name for name in ("litgpt eager", "litgpt compiled") if name in steps]
+    print(f"| step | tokens/s | {' | '.join(f'vs {p}' for p in peers)} | first step s (compilation) |")
+    print("| --- " * (len(peers) + 3) + "|")
     for name in steps:
-        print(f"| {name} | {tokens / best[name]:,.0f} | x{best['transformers eager'] / best[name]:.2f} "
-              f"| {first[name]:.1f} |")  # fmt: skip
+        ratios = " | ".join(f"x{best[p] / best[name]:.2f}" for p in peers)
+        print(f"| {name} | {tokens / best[name]:,.0f} | {ratios} | {first[name]:.1f} |")
+    if litgpt_peer.MISSING is not None:
+        print(f"(no litgpt rows: {litgpt_peer.MISSING})")
 
     # What no fusion removes: the matrix multiplies and attention of kvlab's eager step (host time: CPU only).
     if device.type == "cpu":
