@@ -11,7 +11,10 @@ compiled on CPU too). The second peer, where litgpt is installed
 (benchmarks/litgpt_peer.py says how and what its paths are), is litgpt's GPT
 built as the same Llama with the same weights (tokens checked too),
 generating eagerly and with ``litgpt generate --compile``'s recipe; its
-rows follow the first table. kvlab generates through ``model.generate`` with the
+rows follow the first table. A preset other than gqa that `transformers`
+has a class for (mla: DeepSeek-V3's) also runs against that class at the
+same shapes and weights (kvlab's native export, loaded back), eagerly and
+compiled, its tokens checked: a third table. kvlab generates through ``model.generate`` with the
 compiled decode step (first call: the compilation, reported apart; on a
 GPU also captured as a CUDA graph) and eagerly (``compile=False``).
 ``--device cuda --dtype bfloat16`` runs it all on a GPU. Each is timed as the best of ``repeats``
@@ -32,6 +35,7 @@ noise would otherwise land on one row's ratio.
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 from pathlib import Path
 
@@ -43,7 +47,7 @@ from common import sync  # benchmarks/common.py, beside this script
 
 from kvlab import ModelConfig, build_model
 from kvlab.archs.decode import decode_step_for
-from kvlab.archs.hf import kvlab_to_hf_name
+from kvlab.archs.hf import hf_config_from_model, kvlab_to_hf_name, save_hf
 
 PRESETS = Path(__file__).resolve().parents[1] / "configs" / "model"
 
@@ -81,6 +85,20 @@ def hf_runner(hf, ids, new: int, compiled: bool):
             return hf.generate(ids, **kwargs)
 
     return run
+
+
+def same_architecture_twin(model):
+    """`transformers`' own class for ``model``'s architecture (MLA: DeepseekV3ForCausalLM) with its weights,
+    through kvlab's native export; None where `transformers` has none (cross-layer sharing, recurrent mixers)."""
+    try:
+        architecture = hf_config_from_model(model.config)["architectures"][0]
+    except ValueError:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        save_hf(model, f"{tmp}/twin", remote_code=False)
+        twin = transformers.AutoModelForCausalLM.from_pretrained(f"{tmp}/twin", dtype=torch.float32).eval()
+    assert type(twin).__name__ == architecture, (type(twin).__name__, architecture)
+    return twin
 
 
 FLOOR_PASSES = 16
@@ -141,7 +159,7 @@ def main() -> None:
         "| same tokens |"
     )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    litgpt_rows = []
+    litgpt_rows, same_rows = [], []
     for batch in (int(b) for b in args.batches.split(",")):
         torch.manual_seed(0)
         gqa = build_model(ModelConfig.from_yaml(PRESETS / "gqa.yaml")).eval()
@@ -163,7 +181,7 @@ def main() -> None:
                 same = torch.equal(run(), reference[:, args.prompt :])
                 sync()
                 lit[name] = (run, time.perf_counter() - t0, same)
-        models, rows = {}, []
+        models, rows, twins = {}, [], {}
         for preset in presets:
             torch.manual_seed(0)
             model = gqa if preset == "gqa" else build_model(ModelConfig.from_yaml(PRESETS / f"{preset}.yaml")).eval()
@@ -175,6 +193,11 @@ def main() -> None:
             same = torch.equal(compiled_out, model.generate(ids, args.new, compile=False))
             if preset == "gqa":
                 same = same and torch.equal(compiled_out, reference)
+            elif (twin := same_architecture_twin(model)) is not None:  # its own tokens: those of kvlab's model
+                twin.to(device, dtype)
+                twin_runs = [hf_runner(twin, ids, args.new, compiled) for compiled in (False, True)]
+                twin_same = all(torch.equal(run(), compiled_out) for run in twin_runs)  # the second compiles
+                twins[preset] = (type(twin).__name__, twin_runs, twin_same)
             models[preset] = model
             rows.append((preset, compile_s, same))
         # One interleaved timing for the batch: each preset's runs between the peer's, so that every row is
@@ -189,6 +212,8 @@ def main() -> None:
                 (f"eager {preset}", lambda m=model, ids=ids: m.generate(ids, args.new, compile=False)),
                 (f"floor {preset}", weight_pass(model, batch)),  # one step's weights: divided by new below
             ]
+            if preset in twins:
+                runners += [(f"twin {preset}", twins[preset][1][0]), (f"twin_compiled {preset}", twins[preset][1][1])]
         best, interrupted = best_interleaved(runners, args.repeats)
         rate = {k: batch * args.new / v for k, v in best.items()}  # 0.0: not run before an interrupt
         for preset, compile_s, same in rows:
@@ -200,6 +225,9 @@ def main() -> None:
                   f"| {peer_compiled:,.0f} | {_ratio(compiled, peer)} | {_ratio(compiled, peer_compiled)} "
                   f"| {floor:,.0f} | {_ratio(compiled, floor, '.0%')} | {compile_s:.0f}, {hf_compile_s:.0f} "
                   f"| {same} |", flush=True)  # fmt: skip
+        for preset, (architecture, _, twin_same) in twins.items():
+            same_rows.append((preset, batch, architecture, rate[f"compiled {preset}"], rate[f"twin {preset}"],
+                              rate[f"twin_compiled {preset}"], twin_same))  # fmt: skip
         if lit:
             litgpt_rows.append((batch, {p: rate[f"compiled {p}"] for p in models}, rate["litgpt"],
                                 rate["litgpt_compiled"], lit["litgpt_compiled"][1], lit))  # fmt: skip
@@ -207,6 +235,7 @@ def main() -> None:
             print(f"(interrupted during batch {batch}'s timing: the best of the rounds it completed; 0: not run)")
             break
     _print_litgpt(litgpt_rows)
+    _print_same_architecture(same_rows)
 
 
 def _print_litgpt(rows) -> None:
@@ -225,6 +254,21 @@ def _print_litgpt(rows) -> None:
             ratios = f"{_ratio(rate, eager_rate)} | {_ratio(rate, compiled_rate)}"
             print(f"| {preset} | {batch} | {rate:,.0f} | {eager_rate:,.0f} | {compiled_rate:,.0f} | {ratios} "
                   f"| {compile_s:.0f} | {same} |")  # fmt: skip
+
+
+def _print_same_architecture(rows) -> None:
+    if not rows:
+        return
+    print()
+    print(
+        "| preset | batch | transformers class | kvlab compiled tok/s | its eager tok/s | its static+compile tok/s "
+        "| compiled / its eager | compiled / its compiled | same tokens |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for preset, batch, architecture, compiled, eager_rate, compiled_rate, same in rows:
+        ratios = f"{_ratio(compiled, eager_rate)} | {_ratio(compiled, compiled_rate)}"
+        print(f"| {preset} | {batch} | {architecture} | {compiled:,.0f} | {eager_rate:,.0f} | {compiled_rate:,.0f} "
+              f"| {ratios} | {same} |")  # fmt: skip
 
 
 def _ratio(a: float, b: float, spec: str = ".2f") -> str:
