@@ -196,7 +196,7 @@ def main() -> None:
             elif (twin := same_architecture_twin(model)) is not None:  # its own tokens: those of kvlab's model
                 twin.to(device, dtype)
                 twin_runs = [hf_runner(twin, ids, args.new, compiled) for compiled in (False, True)]
-                twin_same = all(torch.equal(run(), compiled_out) for run in twin_runs)  # the second compiles
+                twin_same = all([torch.equal(run(), compiled_out) for run in twin_runs])  # each once: compiles
                 twins[preset] = (type(twin).__name__, twin_runs, twin_same)
             models[preset] = model
             rows.append((preset, compile_s, same))

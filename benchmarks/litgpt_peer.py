@@ -22,6 +22,8 @@ What each path is, following litgpt's scripts (``litgpt/generate/base.py``, ``li
 
 from __future__ import annotations
 
+import importlib.metadata
+
 import torch
 
 try:
@@ -40,16 +42,10 @@ from kvlab.archs.hf import kvlab_to_hf_name
 
 
 def version() -> str:
-    return litgpt.__version__ if litgpt is not None and hasattr(litgpt, "__version__") else _dist_version()
-
-
-def _dist_version() -> str:
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as dist_version
-
+    """The installed litgpt's version, or "absent"."""
     try:
-        return dist_version("litgpt")
-    except PackageNotFoundError:
+        return importlib.metadata.version("litgpt")
+    except importlib.metadata.PackageNotFoundError:
         return "absent"
 
 

@@ -9,8 +9,9 @@ zero_grad, at the gqa preset's shapes in fp32, the two models holding the
 same weights. Where litgpt is installed (benchmarks/litgpt_peer.py), its
 GPT as the same Llama trains beside them as its pretrain script does
 (``chunked_cross_entropy`` on the logits; compiled: the whole model under
-``torch.compile``), with the same optimizer. kvlab's compiled step is ``trainer.compile=true``'s (each
-block under ``torch.compile``); its compilation is reported apart. Also
+``torch.compile``), with the same optimizer. kvlab's compiled step is
+``trainer.compile=true``'s (each block under ``torch.compile``); its
+compilation is reported apart. Also
 printed: the share of kvlab's eager step spent in matrix multiplies and
 attention (torch's profiler), the arithmetic both libraries must do alike,
 which bounds what any fusion can gain; and the losses of ``--steps`` steps
