@@ -1,13 +1,16 @@
 """Training step speed: kvlab (eager and with compiled blocks) vs `transformers` Llama and litgpt, one process.
 
-    python benchmarks/train_speed.py [--batch 8] [--seq 256] [--repeats 5] [--steps 20] [--device cpu]
-                                     [--dtype float32] [--loss-rows N]
+    python benchmarks/train_speed.py [--preset gqa] [--batch 8] [--seq 256] [--repeats 5] [--steps 20]
+                                     [--device cpu] [--dtype float32] [--loss-rows N]
 
 The step is the training step's work: forward with the loss (kvlab: the
 fused head + loss; transformers: ``labels=``), backward, AdamW step,
 zero_grad, at the gqa preset's shapes in fp32, the two models holding the
-same weights. Where litgpt is installed (benchmarks/litgpt_peer.py), its
-GPT as the same Llama trains beside them as its pretrain script does
+same weights. ``--preset`` picks another preset that `transformers` has a
+class for, the peer then that class (through kvlab's export; mla:
+DeepseekV3ForCausalLM). Where litgpt is installed
+(benchmarks/litgpt_peer.py) and the preset is a Llama, litgpt's GPT as the
+same Llama trains beside them as its pretrain script does
 (``chunked_cross_entropy`` on the logits; compiled: the whole model under
 ``torch.compile``), with the same optimizer. kvlab's compiled step is
 ``trainer.compile=true``'s (each block under ``torch.compile``); its
@@ -35,7 +38,7 @@ import litgpt_peer  # benchmarks/litgpt_peer.py, beside this script
 import torch
 import transformers
 from common import sync  # benchmarks/common.py, beside this script
-from decode import llama_twin  # benchmarks/decode.py, beside this script
+from decode import same_architecture_twin  # benchmarks/decode.py, beside this script
 from torch.profiler import profile
 
 import kvlab.kernels.cross_entropy as fused_loss
@@ -79,6 +82,7 @@ def stepper(model, batches, hf: bool, dtype=torch.float32, loss_rows: int | None
 
 def main() -> None:
     p = argparse.ArgumentParser()
+    p.add_argument("--preset", default="gqa", help="a preset with a transformers class: gqa, mha, mqa, mla, ...")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--repeats", type=int, default=5)
@@ -93,16 +97,20 @@ def main() -> None:
 
     def model(compiled: bool):
         torch.manual_seed(0)
-        m = build_model(ModelConfig.from_yaml(REPO_CONFIGS / "gqa.yaml")).train().to(device)
+        m = build_model(ModelConfig.from_yaml(REPO_CONFIGS / f"{args.preset}.yaml")).train().to(device)
         m.compile_blocks = "inductor" if compiled else None
         return m
 
     eager, compiled = model(False), model(True)
-    hf = llama_twin(eager.cpu()).train().to(device)
+    hf = same_architecture_twin(eager.cpu())  # the preset as `transformers`' own class, with the same weights
+    if hf is None:
+        raise SystemExit(f"--preset {args.preset}: transformers has no class for it (kvlab exports it as remote code)")
+    hf = hf.train().to(device)
+    llama_shaped = type(hf).__name__ == "LlamaForCausalLM"
     eager.to(device)
     steps = {"kvlab eager": stepper(eager, data, False, dtype), "kvlab compiled": stepper(compiled, data, False, dtype),
              "transformers eager": stepper(hf, data, True, dtype)}  # fmt: skip
-    if litgpt_peer.MISSING is None:
+    if litgpt_peer.MISSING is None and llama_shaped:
         for kind, compile_it in (("eager", False), ("compiled", True)):
             gpt = litgpt_peer.litgpt_twin(eager.cpu()).train().to(device)
             loss_fn = litgpt_peer.train_forward(gpt, compile_it)
@@ -129,7 +137,8 @@ def main() -> None:
     tokens = args.batch * args.seq
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"threads {torch.get_num_threads()}"
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, litgpt {litgpt_peer.version()}, "
-          f"{where}, batch {args.batch} x {args.seq} tokens, {args.dtype}, best of {args.repeats}")  # fmt: skip
+          f"{where}, {args.preset} against {type(hf).__name__}, batch {args.batch} x {args.seq} tokens, "
+          f"{args.dtype}, best of {args.repeats}")  # fmt: skip
     print()
     peers = ["transformers eager"] + [name for name in ("litgpt eager", "litgpt compiled") if name in steps]
     print(f"| step | tokens/s | {' | '.join(f'vs {p}' for p in peers)} | first step s (compilation) |")
@@ -139,6 +148,8 @@ def main() -> None:
         print(f"| {name} | {tokens / best[name]:,.0f} | {ratios} | {first[name]:.1f} |")
     if litgpt_peer.MISSING is not None:
         print(f"(no litgpt rows: {litgpt_peer.MISSING})")
+    elif not llama_shaped:
+        print(f"(no litgpt rows: {args.preset} is not a Llama but a {type(hf).__name__})")
 
     # What no fusion removes: the matrix multiplies and attention of kvlab's eager step (host time: CPU only).
     if device.type == "cpu":
