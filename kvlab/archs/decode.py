@@ -211,7 +211,7 @@ class DecodeStep:
             return None
         self._graphs[key] = graph
         self.compile_seconds[key] = time.perf_counter() - t0
-        log.info("compiled the decode step for batch %d, cache length %d (%s, %s, padded rows: %s) in %.1f s",
+        log.info("compiled the decode step for batch %d, cache length %d (%s, %s, padded rows: %s, %s) in %.1f s",
                  *key, self.compile_seconds[key])  # fmt: skip
         return result
 

@@ -274,6 +274,20 @@ def test_direct_steps_go_back_through_dynamo_when_what_it_checks_changes(direct_
         assert len(direct_calls) == calls and step._direct[cache][False].pads is cache.pads
 
 
+def test_compilation_is_logged_with_its_shape_and_seconds(caplog):
+    """One line per graph compiled, naming its shape (formatted: a wrong count of arguments would be a logging
+    error, not a line)."""
+    model = build_model(tiny()).eval()
+    step = DecodeStep(model, True, backend="eager")
+    cache = model.new_cache(2, 32)
+    with torch.no_grad(), caplog.at_level(logging.INFO, logger="kvlab.archs.decode"):
+        model(torch.randint(0, 97, (2, 4)), cache=cache)
+        step(torch.randint(0, 97, (2, 1)), cache)
+    lines = [r.getMessage() for r in caplog.records if r.name == "kvlab.archs.decode"]
+    assert len(lines) == 1 and lines[0].startswith("compiled the decode step for batch 2, cache length 32 ")
+    assert "padded rows: False, logits) in " in lines[0] and lines[0].endswith(" s")
+
+
 def test_a_step_that_changes_the_cache_is_never_bypassed(direct_calls):
     """Dynamo replays a step's changes to the cache's attributes after its graph: such a step keeps going through
     Dynamo, so that every step makes them."""
