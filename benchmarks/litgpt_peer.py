@@ -5,7 +5,7 @@ benchmarks/train_speed.py when litgpt is importable; they print their other rows
 litgpt 0.5.x pins ``huggingface_hub<1.4`` where ``transformers`` 5 needs 2.4 or later, so it goes in without
 its dependencies (its model, generation and loss need only torch and lightning, which kvlab has):
 
-    .venv/bin/pip install --no-deps litgpt==0.5.13
+    .venv/bin/pip install --no-deps litgpt==0.5.13      # or: KVLAB_PEERS=1 bash scripts/setup.sh
 
 What each path is, following litgpt's scripts (``litgpt/generate/base.py``, ``litgpt/pretrain.py``):
 
