@@ -14,11 +14,12 @@ generating eagerly and with ``litgpt generate --compile``'s recipe; its
 rows follow the first table. A preset other than gqa that `transformers`
 has a class for (mla: DeepSeek-V3's) also runs against that class at the
 same shapes and weights (kvlab's native export, loaded back), eagerly and
-compiled, its tokens checked: a third table. kvlab generates through ``model.generate`` with the
-compiled decode step (first call: the compilation, reported apart; on a
-GPU also captured as a CUDA graph) and eagerly (``compile=False``).
-``--device cuda --dtype bfloat16`` runs it all on a GPU. Each is timed as the best of ``repeats``
-calls after a warm-up, the runners interleaved so drift hits all alike.
+compiled, its tokens checked: a third table. kvlab generates through
+``model.generate`` with the compiled decode step (first call: the
+compilation, reported apart; on a GPU also captured as a CUDA graph) and
+eagerly (``compile=False``). ``--device cuda --dtype bfloat16`` runs it all
+on a GPU. Each is timed as the best of ``repeats`` calls after a warm-up,
+the runners interleaved so drift hits all alike.
 
 ``floor`` is the time to read every weight matrix of the preset once per
 token (one ``F.linear`` per matrix at the batch's rows): at batch 1 in fp32
