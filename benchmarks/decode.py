@@ -4,8 +4,8 @@
                                 [--prompt 128] [--new 128] [--repeats 3] [--device cpu] [--dtype float32]
 
 The peer is `transformers`' LlamaForCausalLM at the presets' common shapes,
-holding the gqa preset's weights (so its tokens must equal kvlab gqa's,
-checked), generating with its default dynamic cache (eager) and with its
+holding the gqa preset's weights (kvlab's export of it, loaded back; so its
+tokens must equal kvlab gqa's, checked), generating with its default dynamic cache (eager) and with its
 static cache under ``torch.compile`` (``cache_implementation="static"``,
 compiled on CPU too). The second peer, where litgpt is installed
 (benchmarks/litgpt_peer.py says how and what its paths are), is litgpt's GPT
@@ -48,30 +48,9 @@ from common import sync  # benchmarks/common.py, beside this script
 
 from kvlab import ModelConfig, build_model
 from kvlab.archs.decode import decode_step_for
-from kvlab.archs.hf import hf_config_from_model, kvlab_to_hf_name, save_hf
+from kvlab.archs.hf import hf_config_from_model, save_hf
 
 PRESETS = Path(__file__).resolve().parents[1] / "configs" / "model"
-
-
-def llama_twin(model) -> transformers.LlamaForCausalLM:
-    c = model.config
-    hf = transformers.LlamaForCausalLM(
-        transformers.LlamaConfig(
-            vocab_size=c.vocab_size,
-            hidden_size=c.d_model,
-            intermediate_size=c.mlp.hidden,
-            num_hidden_layers=c.n_layers,
-            num_attention_heads=c.mixer.n_heads,
-            num_key_value_heads=c.mixer.n_kv_heads,
-            head_dim=c.mixer.head_dim,
-            max_position_embeddings=c.max_seq_len,
-            rope_theta=c.mixer.rope_theta,
-            rms_norm_eps=c.norm.eps,
-            tie_word_embeddings=c.tie_embeddings,
-        )
-    )
-    hf.load_state_dict({kvlab_to_hf_name(k): v for k, v in model.state_dict().items()})
-    return hf.eval()
 
 
 def hf_runner(hf, ids, new: int, compiled: bool):
@@ -164,7 +143,7 @@ def main() -> None:
     for batch in (int(b) for b in args.batches.split(",")):
         torch.manual_seed(0)
         gqa = build_model(ModelConfig.from_yaml(PRESETS / "gqa.yaml")).eval()
-        hf = llama_twin(gqa).to(device, dtype)
+        hf = same_architecture_twin(gqa).to(device, dtype)  # LlamaForCausalLM, through kvlab's export
         gqa.to(device, dtype)
         ids = torch.randint(0, gqa.config.vocab_size, (batch, args.prompt)).to(device)
         hf_eager, hf_compiled = hf_runner(hf, ids, args.new, False), hf_runner(hf, ids, args.new, True)
