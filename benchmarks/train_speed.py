@@ -121,10 +121,10 @@ def main() -> None:
             steps[f"kvlab {kind}, {args.loss_rows}-row loss chunks"] = stepper(
                 model(compile_it), data, False, dtype, loss_rows=args.loss_rows
             )
-    first = {}
+    first, first_loss = {}, {}
     for name, step in steps.items():
         t0 = time.perf_counter()
-        step()
+        first_loss[name] = step()  # the same weights and batch: the same loss, to rounding
         first[name] = time.perf_counter() - t0
     best = dict.fromkeys(steps, float("inf"))
     for _ in range(args.repeats):
@@ -146,6 +146,9 @@ def main() -> None:
     for name in steps:
         ratios = " | ".join(f"x{best[p] / best[name]:.2f}" for p in peers)
         print(f"| {name} | {tokens / best[name]:,.0f} | {ratios} | {first[name]:.1f} |")
+    # (the same for every row but transformers': it shifts its labels itself, so its loss covers one position
+    # fewer per row, those with a next token in its input)
+    print("first step's loss: " + ", ".join(f"{name} {loss:.6f}" for name, loss in first_loss.items()))
     if litgpt_peer.MISSING is not None:
         print(f"(no litgpt rows: {litgpt_peer.MISSING})")
     elif not llama_shaped:
