@@ -5,9 +5,9 @@
 
 The peer is `transformers`' LlamaForCausalLM at the presets' common shapes,
 holding the gqa preset's weights (kvlab's export of it, loaded back; so its
-tokens must equal kvlab gqa's, checked), generating with its default dynamic cache (eager) and with its
-static cache under ``torch.compile`` (``cache_implementation="static"``,
-compiled on CPU too). The second peer, where litgpt is installed
+tokens must equal kvlab gqa's, checked), generating with its default
+dynamic cache (eager) and with its static cache under ``torch.compile``
+(``cache_implementation="static"``, compiled on CPU too). The second peer, where litgpt is installed
 (benchmarks/litgpt_peer.py says how and what its paths are), is litgpt's GPT
 built as the same Llama with the same weights (tokens checked too),
 generating eagerly and with ``litgpt generate --compile``'s recipe; its
@@ -152,15 +152,15 @@ def main() -> None:
         hf_compiled()
         sync()
         hf_compile_s = time.perf_counter() - t0
-        lit = {}
+        lit, lit_same, lit_compile_s = {}, True, 0.0  # name -> runner; its tokens; the compiled one's first call
         if litgpt_peer.MISSING is None:  # two models: each runner keeps its cache on its own
             for name, compiled in (("litgpt", False), ("litgpt_compiled", True)):
                 run = litgpt_peer.generation_runner(litgpt_peer.litgpt_twin(gqa).to(device, dtype).eval(), ids,
                                                     args.new, compiled)  # fmt: skip
                 t0 = time.perf_counter()
-                same = torch.equal(run(), reference[:, args.prompt :])
+                lit_same &= torch.equal(run(), reference[:, args.prompt :])
                 sync()
-                lit[name] = (run, time.perf_counter() - t0, same)
+                lit[name], lit_compile_s = run, time.perf_counter() - t0
         models, rows, twins = {}, [], {}
         for preset in presets:
             torch.manual_seed(0)
@@ -187,7 +187,7 @@ def main() -> None:
             runners += [
                 ("hf", hf_eager),
                 ("hf_compiled", hf_compiled),
-                *((name, run) for name, (run, _, _) in lit.items()),
+                *lit.items(),
                 (f"compiled {preset}", lambda m=model, ids=ids: m.generate(ids, args.new, compile=True)),
                 (f"eager {preset}", lambda m=model, ids=ids: m.generate(ids, args.new, compile=False)),
                 (f"floor {preset}", weight_pass(model, batch)),  # one step's weights: divided by new below
@@ -210,7 +210,7 @@ def main() -> None:
                               rate[f"twin_compiled {preset}"], twin_same))  # fmt: skip
         if lit:
             litgpt_rows.append((batch, {p: rate[f"compiled {p}"] for p in models}, rate["litgpt"],
-                                rate["litgpt_compiled"], lit["litgpt_compiled"][1], lit))  # fmt: skip
+                                rate["litgpt_compiled"], lit_compile_s, lit_same))  # fmt: skip
         if interrupted:
             print(f"(interrupted during batch {batch}'s timing: the best of the rounds it completed; 0: not run)")
             break
@@ -228,8 +228,7 @@ def _print_litgpt(rows) -> None:
         "| compiled / litgpt eager | compiled / litgpt compiled | litgpt compile s | litgpt same tokens |"
     )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for batch, compiled, eager_rate, compiled_rate, compile_s, lit in rows:
-        same = lit["litgpt"][2] and lit["litgpt_compiled"][2]
+    for batch, compiled, eager_rate, compiled_rate, compile_s, same in rows:
         for preset, rate in compiled.items():
             ratios = f"{_ratio(rate, eager_rate)} | {_ratio(rate, compiled_rate)}"
             print(f"| {preset} | {batch} | {rate:,.0f} | {eager_rate:,.0f} | {compiled_rate:,.0f} | {ratios} "

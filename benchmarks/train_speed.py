@@ -14,10 +14,10 @@ same Llama trains beside them as its pretrain script does
 (``chunked_cross_entropy`` on the logits; compiled: the whole model under
 ``torch.compile``), with the same optimizer. kvlab's compiled step is
 ``trainer.compile=true``'s (each block under ``torch.compile``); its
-compilation is reported apart. Also
-printed: the share of kvlab's eager step spent in matrix multiplies and
-attention (torch's profiler), the arithmetic both libraries must do alike,
-which bounds what any fusion can gain; and the losses of ``--steps`` steps
+compilation is reported apart. Also printed: every row's first loss; the
+share of kvlab's eager step spent in matrix multiplies and attention
+(torch's profiler), the arithmetic both libraries must do alike, which
+bounds what any fusion can gain; and the losses of ``--steps`` steps
 with and without compilation (same data), which must agree. ``--loss-rows
 N`` adds kvlab's two steps again with the fused head + loss walking
 N-row chunks instead of its default (``_rows_per_chunk``), interleaved with
@@ -105,17 +105,17 @@ def main() -> None:
     hf = same_architecture_twin(eager.cpu())  # the preset as `transformers`' own class, with the same weights
     if hf is None:
         raise SystemExit(f"--preset {args.preset}: transformers has no class for it (kvlab exports it as remote code)")
-    hf = hf.train().to(device)
     llama_shaped = type(hf).__name__ == "LlamaForCausalLM"
+    litgpt_steps = {}
+    if litgpt_peer.MISSING is None and llama_shaped:  # (twins of the weights while they are on the CPU, as above)
+        for kind, compile_it in (("eager", False), ("compiled", True)):
+            gpt = litgpt_peer.litgpt_twin(eager).train().to(device)
+            loss_fn = litgpt_peer.train_forward(gpt, compile_it)
+            litgpt_steps[f"litgpt {kind}"] = stepper(gpt, data, False, dtype, loss_fn=loss_fn)
+    hf = hf.train().to(device)
     eager.to(device)
     steps = {"kvlab eager": stepper(eager, data, False, dtype), "kvlab compiled": stepper(compiled, data, False, dtype),
-             "transformers eager": stepper(hf, data, True, dtype)}  # fmt: skip
-    if litgpt_peer.MISSING is None and llama_shaped:
-        for kind, compile_it in (("eager", False), ("compiled", True)):
-            gpt = litgpt_peer.litgpt_twin(eager.cpu()).train().to(device)
-            loss_fn = litgpt_peer.train_forward(gpt, compile_it)
-            steps[f"litgpt {kind}"] = stepper(gpt, data, False, dtype, loss_fn=loss_fn)
-        eager.to(device)
+             "transformers eager": stepper(hf, data, True, dtype), **litgpt_steps}  # fmt: skip
     if args.loss_rows:
         for kind, compile_it in (("eager", False), ("compiled", True)):
             steps[f"kvlab {kind}, {args.loss_rows}-row loss chunks"] = stepper(
