@@ -54,7 +54,10 @@ PRESETS = Path(__file__).resolve().parents[1] / "configs" / "model"
 
 
 def hf_runner(hf, ids, new: int, compiled: bool):
-    kwargs = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+    # Every prompt position is a token: without an explicit mask `generate` takes pad_token_id's occurrences in
+    # the random prompt for padding (seen: a 0 in one row of a batch of 8 changed that row's tokens)
+    kwargs = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0,
+                  attention_mask=torch.ones_like(ids))  # fmt: skip
     if compiled:
         compile_config = transformers.CompileConfig(fullgraph=True)
         compile_config._compile_all_devices = True  # transformers compiles only on accelerators unless told

@@ -84,6 +84,20 @@ weights are derived from ``model``'s:
   and each of the others); ``spans: [[first, last], ...]`` sets them
   instead (``first`` gives its weights to ``first + 1 .. last``).
   ``report["sa"]`` holds the layer-by-layer similarity and the spans.
+- ``{to: recurformer, fraction: f, window: w}`` (RecurFormer, Yan et al.
+  2024): the K/V heads whose attention sits nearest their queries
+  (``recurformer_recency``: the mean probability mass on the last ``w``
+  positions, itself included, on calibration tokens) are replaced by Mamba,
+  the others kept with every weight. ``fraction`` of all K/V heads, the most
+  recency-aware first, or every head at ``threshold`` or above, or
+  ``heads: [[...] per layer]`` by hand. In a layer with heads of both kinds
+  the Mamba (``mamba``: its settings) is as wide as the replaced query heads
+  and takes their place before the layer's output projection (a parallel
+  layer, ``combine: concat``); a layer with every head replaced becomes a
+  Mamba layer with the attention's output projection. ``init: values``
+  starts the Mamba's SSM input projection from the replaced heads' value
+  rows, ``fresh`` draws it. ``report["recurformer"]`` holds the recency of
+  every head and which were replaced.
 """
 
 from __future__ import annotations
@@ -106,7 +120,8 @@ from kvlab.layers.attention import AttentionConfig, inverse_cayley
 
 log = logging.getLogger(__name__)
 
-CONVERSIONS = ("gqa", "mqa", "cla", "mla", "matryoshka", "dha", "sa", "context")
+CONVERSIONS = ("gqa", "mqa", "cla", "mla", "matryoshka", "dha", "sa", "recurformer", "context")
+RECURFORMER_INITS = ("values", "fresh")  # a replacing Mamba's SSM input: the replaced heads' value rows, or new
 GQA_METHODS = ("mean", "first", "similarity", "weighted", "qcqa", "asymgqa")
 SEARCH_KEYS = {"qcqa": ("population", "generations", "seed"), "asymgqa": ("iterations", "seed")}
 SEARCH_DEFAULTS = {"population": 32, "generations": 60, "iterations": 100, "seed": 0}
@@ -124,6 +139,8 @@ def uses_calibration(spec: Mapping[str, Any]) -> bool:
     given; the others need them)."""
     if spec.get("to") == "sa":  # SA measures attention to find its span, unless the spans are given
         return "spans" not in spec
+    if spec.get("to") == "recurformer":  # RecurFormer measures each head's recency, unless the heads are given
+        return "heads" not in spec
     return spec.get("to") in CALIBRATED_TARGETS or spec.get("method") in CALIBRATED_METHODS
 
 
@@ -213,6 +230,10 @@ def convert_model(
     elif spec["to"] == "sa":
         method = _checked_method(spec, ["to", "n_shared", "spans", "method"], ("similarity",))
         converted = _to_shared_attention(model, spec, calibration, report)
+    elif spec["to"] == "recurformer":
+        method = _checked_method(spec, ["to", "fraction", "threshold", "heads", "window", "mamba", "init", "method"],
+                                 ("recency",))  # fmt: skip
+        converted = _to_recurformer(model, spec, calibration, report)
     elif spec["to"] == "context":
         method = _checked_method(spec, ["to", "context", "method"], ("add",))
         converted = _with_context_encoder(model, spec.get("context"))
@@ -685,10 +706,23 @@ def _to_shared_attention(
 def attention_similarity(model: CausalLM, calibration: torch.Tensor) -> torch.Tensor:
     """[L, L]: the mean cosine similarity of layers' attention probabilities on ``calibration``, over every
     query of every sequence, head h of one layer against head h of the other (SA's criterion)."""
+    weights = attention_probabilities(model, calibration, "sa")
+    rows = [torch.nn.functional.normalize(weights[i].float(), dim=-1) for i in range(len(weights))]
+    similarity = torch.eye(len(rows), dtype=torch.float64)
+    for a in range(len(rows)):
+        for b in range(a + 1, len(rows)):  # each row's cosine in float32, their mean in float64
+            similarity[a, b] = similarity[b, a] = (rows[a] * rows[b]).sum(-1).double().mean()
+    return similarity
+
+
+@torch.no_grad()
+def attention_probabilities(model: CausalLM, calibration: torch.Tensor, target: str) -> dict[int, torch.Tensor]:
+    """{layer: its attention probabilities [B, H, T, T] on ``calibration``}, every layer being attention that
+    forms one distribution per query head (``target`` names the conversion in the error otherwise)."""
     mixers = [layer.mixer for layer in model.layers]
     for i, m in enumerate(mixers):
         if not isinstance(m.cfg, AttentionConfig) or m.cfg.query_allocation == "kdgqa" or m.kv_source > i:
-            raise ValueError(f"convert.to=sa: layer {i} does not form one attention distribution per head")
+            raise ValueError(f"convert.to={target}: layer {i} does not form one attention distribution per head")
     weights: dict[int, torch.Tensor] = {}
 
     def keep(mixer, _args, kwargs, _out):
@@ -706,12 +740,148 @@ def attention_similarity(model: CausalLM, calibration: torch.Tensor) -> torch.Te
         for m, shares in zip(mixers, shared, strict=True):
             m.shares_attention = shares
         model.train(training)
-    rows = [torch.nn.functional.normalize(weights[i].float(), dim=-1) for i in range(len(mixers))]
-    similarity = torch.eye(len(rows), dtype=torch.float64)
-    for a in range(len(rows)):
-        for b in range(a + 1, len(rows)):  # each row's cosine in float32, their mean in float64
-            similarity[a, b] = similarity[b, a] = (rows[a] * rows[b]).sum(-1).double().mean()
-    return similarity
+    return weights
+
+
+@torch.no_grad()
+def recurformer_recency(model: CausalLM, calibration: torch.Tensor, window: int) -> dict[int, torch.Tensor]:
+    """{layer: [K/V heads]}: how recency-aware each K/V head's attention is on ``calibration``, RecurFormer's
+    criterion as its abstract states it ("attention weights concentrated on tokens near the query"): the
+    probability mass on the last ``window`` positions (the query's own included), averaged over the queries
+    that can see past the window (position >= window) of every sequence, then over a K/V head's query heads."""
+    T = calibration.shape[1]
+    if T <= window:
+        raise ValueError(f"convert.window={window}: the calibration rows are {T} tokens; the recency of a head needs "
+                         "queries that see past the window")  # fmt: skip
+    recency = {}
+    for i, weights in attention_probabilities(model, calibration, "recurformer").items():
+        behind = torch.arange(T, device=weights.device)[:, None] - torch.arange(T, device=weights.device)
+        near = (behind >= 0) & (behind < window)  # [query, key]: the key is one of the query's last `window`
+        mass = (weights.double() * near).sum(-1)[:, :, window:].mean(dim=(0, 2))  # [query heads]
+        per_kv = model.layers[i].mixer.n_heads // model.layers[i].mixer.n_kv_heads
+        recency[i] = mass.view(-1, per_kv).mean(-1).cpu()
+    return recency
+
+
+def _recurformer_heads(
+    model: CausalLM, spec: Mapping[str, Any], calibration: torch.Tensor | None, report: dict | None
+) -> list[list[int]]:
+    """Per layer, the K/V heads to replace: given (``heads``), or chosen by ``fraction`` / ``threshold``."""
+    given = [name for name in ("fraction", "threshold", "heads") if name in spec]
+    if len(given) != 1:
+        raise ValueError(f"convert.to=recurformer: give one of fraction, threshold or heads, got {dict(spec)}")
+    counts = [layer.mixer.n_kv_heads for layer in model.layers]
+    if "heads" in spec:
+        heads = spec["heads"]
+        if not isinstance(heads, (list, tuple)) or len(heads) != len(counts):
+            raise ValueError(f"convert.heads={heads!r} must list, for each of the {len(counts)} layers, the K/V heads "
+                             "to replace (e.g. [[0, 3], [], ...])")  # fmt: skip
+        for i, (layer, n) in enumerate(zip(heads, counts, strict=True)):
+            if not isinstance(layer, (list, tuple)) or len(set(layer)) != len(layer):
+                raise ValueError(f"convert.heads[{i}]={layer!r} must list distinct K/V heads")
+            for h in layer:
+                check_int(h, f"convert.heads[{i}]", minimum=0)
+                if h >= n:
+                    raise ValueError(f"convert.heads[{i}]: head {h} is not one of layer {i}'s {n} K/V heads")
+        return [sorted(layer) for layer in heads]
+    window = spec.get("window", 16)
+    check_int(window, "convert.window", minimum=1)
+    name = given[0]
+    check_float(spec[name], f"convert.{name}")
+    if name == "fraction" and not 0 <= spec[name] <= 1:
+        raise ValueError(f"convert.fraction={spec[name]} must be in [0, 1] (of all K/V heads)")
+    if calibration is None:
+        raise ValueError("convert.to=recurformer needs calibration tokens to measure the heads' recency on")
+    recency = recurformer_recency(model, calibration, window)
+    units = sorted(((float(r), i, h) for i, row in recency.items() for h, r in enumerate(row)), reverse=True)
+    if name == "fraction":
+        chosen = units[: round(spec[name] * len(units))]
+    else:
+        chosen = [u for u in units if u[0] >= spec[name]]
+    heads = [sorted(h for _, i, h in chosen if i == layer) for layer in range(len(counts))]
+    if report is not None:
+        report["recurformer"] = {
+            "window": window,
+            "recency": [[round(float(r), 4) for r in recency[i]] for i in range(len(counts))],
+            "replaced": heads,
+        }
+    return heads
+
+
+def _to_recurformer(
+    model: CausalLM, spec: Mapping[str, Any], calibration: torch.Tensor | None, report: dict | None
+) -> CausalLM:
+    cfg = model.config
+    for i, (m, src) in enumerate(zip(cfg.layer_mixers, cfg.layer_kv_source, strict=True)):
+        if (not isinstance(m, AttentionConfig) or src != i or m.kv_merge > 1 or m.kv_groups is not None
+                or m.n_v_heads is not None or m.kv_ranks is not None or m.value_residual is not None
+                or m.query_allocation is not None):  # fmt: skip
+            raise ValueError(f"convert.to=recurformer: layer {i} is not plain attention with its own K/V (MHA/GQA/MQA)")
+        if m.o_bias:
+            raise ValueError(f"convert.to=recurformer: layer {i}'s o_proj has a bias (o_bias), which the replacing "
+                             "Mamba's output projection has not")  # fmt: skip
+    mamba = dict(spec.get("mamba") or {})
+    if "inner" in mamba or "kind" in mamba:
+        raise ValueError("convert.mamba: inner and kind are set by the conversion (the replaced heads' width)")
+    init = spec.get("init", "values")
+    check_choice(init, "convert.init", RECURFORMER_INITS)
+    replaced = _recurformer_heads(model, spec, calibration, report)
+    layer_dicts, state = [to_dict(m) for m in cfg.layer_mixers], {}
+    parent = model.state_dict()
+    for i, (layer, heads) in enumerate(zip(model.layers, replaced, strict=True)):
+        if not heads:
+            continue
+        mixer, prefix = layer.mixer, f"layers.{i}.mixer."
+        per_kv, width = mixer.n_heads // mixer.n_kv_heads, mixer.v_head_dim
+        kept = [h for h in range(mixer.n_kv_heads) if h not in heads]
+        queries = {name: [q for h in group for q in range(h * per_kv, (h + 1) * per_kv)]
+                   for name, group in (("kept", kept), ("replaced", heads))}  # fmt: skip
+        branch = {**mamba, "kind": "mamba", "inner": len(queries["replaced"]) * width}
+        own = {k[len(prefix) :]: v for k, v in parent.items() if k.startswith(prefix)}
+        output = own["o_proj.weight"][:, _head_rows(queries["kept"] + queries["replaced"], width)]
+        if not kept:  # every head recency-aware: a Mamba layer behind the attention's output projection
+            layer_dicts[i] = branch
+            state[prefix + "out_proj.weight"] = output
+            continue
+        layer_dicts[i] = {"kind": "parallel", "shared_output": True, "combine": "concat",
+                          "mixers": [{**layer_dicts[i], "n_heads": len(queries["kept"]), "n_kv_heads": len(kept)},
+                                     branch]}  # fmt: skip
+        state[prefix + "out_proj.weight"] = output
+        for name, tensor in own.items():
+            if name.startswith("o_proj."):
+                continue
+            proj = name.split(".")[0]
+            if proj in ("q_proj", "k_proj", "v_proj"):
+                rows = queries["kept"] if proj == "q_proj" else kept
+                size = mixer.head_dim if proj != "v_proj" else width
+                tensor = tensor[_head_rows(rows, size)]
+            state[f"{prefix}branches.0.{name}"] = tensor
+    converted = _build(_one_mixer_per_layer(copy.deepcopy(cfg.to_dict()), layer_dicts),
+                       {k: v for k, v in parent.items() if not _is_replaced_mixer(k, replaced)} | state, like=model,
+                       fresh=tuple(f"layers.{i}.mixer." for i, heads in enumerate(replaced) if heads))  # fmt: skip
+    if init == "values":  # the SSM input x starts as the replaced heads' values (each query head's K/V head's)
+        with torch.no_grad():
+            for i, heads in enumerate(replaced):
+                if not heads:
+                    continue
+                mixer, new = model.layers[i].mixer, converted.layers[i].mixer
+                ssm = new.branches[1] if hasattr(new, "branches") else new
+                per_kv = mixer.n_heads // mixer.n_kv_heads
+                rows = [h for h in heads for _ in range(per_kv)]
+                ssm.in_proj.weight[: ssm.inner].copy_(mixer.v_proj.weight[_head_rows(rows, mixer.v_head_dim)])
+    log.info("RecurFormer: K/V heads replaced by Mamba per layer %s", [len(h) for h in replaced])
+    return converted
+
+
+def _head_rows(heads: list[int], size: int) -> torch.Tensor:
+    """The rows (or columns) of ``heads``, ``size`` each, in that order."""
+    return torch.tensor([h * size + j for h in heads for j in range(size)], dtype=torch.long)
+
+
+def _is_replaced_mixer(key: str, replaced: list[list[int]]) -> bool:
+    """Whether ``key`` is a parameter of a layer's mixer that the RecurFormer conversion rebuilds."""
+    parts = key.split(".")
+    return parts[0] == "layers" and parts[2] == "mixer" and bool(replaced[int(parts[1])])
 
 
 def sa_span(similarity: torch.Tensor, n_shared: int) -> list[int]:
@@ -817,17 +987,20 @@ def mha2mla_rope_pairs(
     return pairs
 
 
-def _build(cfg_dict: dict, state: dict[str, torch.Tensor], like: CausalLM) -> CausalLM:
+def _build(cfg_dict: dict, state: dict[str, torch.Tensor], like: CausalLM, fresh: tuple[str, ...] = ()) -> CausalLM:
     """A model of ``cfg_dict`` holding ``state`` (every parameter), on ``like``'s device and dtype.
 
-    Buffers the target has and ``state`` lacks (DGQA's allocation) keep their initial values."""
+    Buffers the target has and ``state`` lacks (DGQA's allocation) keep their initial values, and so do the
+    parameters under the prefixes ``fresh`` (new modules: RecurFormer's Mamba), drawn with seed 0."""
     with torch.device("meta"):
         new = build_model(ModelConfig.from_dict(cfg_dict))
     new.to_empty(device=like.embed_tokens.weight.device)
-    new.init_weights()  # buffers (RoPE tables); every parameter is overwritten next
+    new.init_weights(seed=0)  # buffers (RoPE tables) and fresh modules; every other parameter is overwritten next
     new.to(like.embed_tokens.weight.dtype)  # before loading, so a float64 state is kept whole
-    fresh = {name: b for name, b in new.named_buffers() if name in new.state_dict() and name not in state}
-    new.load_state_dict({**fresh, **state}, strict=True)
+    buffers = dict(new.named_buffers())
+    kept = {name: t for name, t in new.state_dict().items()
+            if name not in state and (name.startswith(fresh) or name in buffers)}  # fmt: skip
+    new.load_state_dict({**kept, **state}, strict=True)
     return new
 
 

@@ -381,6 +381,8 @@ def _jamba_problems(cfg: ModelConfig) -> list[str]:
     problems += [p for p in _attention_layer_problems(a) if not p.startswith("partial RoPE")]
     if a.window is not None or a.qkv_bias or a.o_bias:
         problems.append("a windowed or biased attention layer")
+    if s.inner is not None:
+        problems.append(f"Mamba with inner={s.inner} given outright (Jamba's width is mamba_expand * hidden_size)")
     if not s.inner_norms or s.norm_eps != cfg.norm.eps:
         problems.append("Mamba without inner_norms, or with norm_eps other than norm.eps (Jamba's one rms_norm_eps)")
     mlps = [p.mlp for p in cfg.plan]

@@ -38,7 +38,8 @@ the output projection. With ``inner_norms`` (Jamba, Lieber et al. 2024: "we
 add RMSNorm to internal activations"; as its `transformers` code does),
 dt_low, B and C are each RMS-normalised, with a learned weight, before their
 use. The decay differs per channel and per state element, so each of the
-``expand * d_model`` channels is a head of the linear-attention kernel with a
+``expand * d_model`` channels (``inner``, where given: RecurFormer's Mamba is as wide as the
+heads it replaces) is a head of the linear-attention kernel with a
 vector decay (q = C, k = dt B, v = x, one value): the reference; the torch
 backend runs the elementwise scan itself (``kvlab.kernels.ssm``). The cache:
 h (channels x state_dim) plus the convolution's inputs.
@@ -195,6 +196,7 @@ class MambaConfig(MixerConfig):
     kind = "mamba"
     state_dim: int = 16  # N (d_state)
     expand: int = 2  # inner channels = expand * d_model
+    inner: int | None = None  # inner channels given outright (RecurFormer: the replaced heads' width); None: expand
     dt_rank: int | None = None  # None: ceil(d_model / 16)
     conv_kernel: int = 4
     chunk_size: int = 16  # unused since the torch scan runs token by token; kept so configs stay valid
@@ -207,6 +209,7 @@ class MambaConfig(MixerConfig):
         for name in ("state_dim", "expand", "conv_kernel", "chunk_size"):
             check_int(getattr(self, name), f"{path}.{name}", minimum=1)
         check_int(self.dt_rank, f"{path}.dt_rank", minimum=1, optional=True)
+        check_int(self.inner, f"{path}.inner", minimum=1, optional=True)
         check_bool(self.inner_norms, f"{path}.inner_norms")
         check_float(self.norm_eps, f"{path}.norm_eps", positive=True)
         check_float(self.dt_min, f"{path}.dt_min", positive=True)
@@ -227,7 +230,7 @@ class Mamba(nn.Module):
         cfg = cfg.resolved(d_model, "mixer")  # defaults filled on a copy: any config builds a working layer
         check_reads_own_state(cfg.kind, layer_idx, kv_source)
         self.cfg = cfg
-        self.inner = cfg.expand * d_model
+        self.inner = cfg.inner if cfg.inner is not None else cfg.expand * d_model
         self.in_proj = nn.Linear(d_model, 2 * self.inner, bias=False)  # x, z
         self.conv_weight = nn.Parameter(torch.empty(self.inner, cfg.conv_kernel))
         self.conv_bias = nn.Parameter(torch.empty(self.inner))

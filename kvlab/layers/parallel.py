@@ -15,6 +15,15 @@ beta, then averaged. Two forms:
   the normalisation follows it, ``y = mean_i(beta_i * RMSNorm(branch_i(x)))``,
   so any registered mixer can be a branch unchanged.
 
+- ``combine: concat``, RecurFormer's (Yan et al. 2024): the branches are
+  one layer's heads split by kind. The attention heads the paper calls
+  recency-aware (their weights sit on the last few tokens) are replaced by
+  Mamba, whose channels take those heads' place before the layer's one
+  output projection, the others stay attention:
+  ``y = W_out [attention heads(x); mamba(x)]``, no norms, no betas, widths
+  free. ``kvlab.archs.convert`` makes it from a trained attention layer
+  (``to: recurformer``), keeping every weight of the heads that stay.
+
 Attention recalls exactly from its cache, the SSM summarises the context in
 a fixed state; Hymba runs both on every token. The layer reads another
 layer's K/V through its one branch that has K/V (Hymba shares K/V between
@@ -44,6 +53,8 @@ from kvlab.layers.base import (
 from kvlab.layers.kv_cache import SlotGroup
 from kvlab.layers.norm import RMSNorm
 
+COMBINES = ("mean", "concat")  # how the branches' outputs meet: Hymba's normalised average, RecurFormer's heads
+
 
 @dataclass
 class ParallelConfig(MixerConfig):
@@ -52,6 +63,7 @@ class ParallelConfig(MixerConfig):
     reads = frozenset({"kv", "values"})  # K/V through its attention branch; a branch's value residual
     mixers: list = field(default_factory=list)  # two or more mixer specs, run side by side
     shared_output: bool = False  # Hymba: one output projection after the normalised, averaged branches
+    combine: str = "mean"  # mean: Hymba's normalised average; concat: RecurFormer's heads side by side
     norm_eps: float = 1e-5
 
     def validate(self, d_model: int, path: str) -> None:
@@ -59,6 +71,11 @@ class ParallelConfig(MixerConfig):
             raise ValueError(f"{path}.mixers={self.mixers!r} must list two or more mixer specs to run side by side")
         check_float(self.norm_eps, f"{path}.norm_eps", positive=True)
         check_bool(self.shared_output, f"{path}.shared_output")
+        if self.combine not in COMBINES:
+            raise ValueError(f"{path}.combine={self.combine!r} is not one of {', '.join(COMBINES)}")
+        if self.combine == "concat" and not self.shared_output:
+            raise ValueError(f"{path}.combine=concat places the branches' outputs side by side before one output "
+                             "projection: it needs shared_output: true")  # fmt: skip
         branches = [mixer_config(m, f"{path}.mixers[{i}]") for i, m in enumerate(self.mixers)]
         for i, m in enumerate(branches):
             if isinstance(m, ParallelConfig):
@@ -83,7 +100,7 @@ class ParallelConfig(MixerConfig):
                 raise ValueError(f"{path}.mixers[{i}]: a shared output projection has no bias; this branch's {name} "
                                  "has one (e.g. attention's o_bias)")  # fmt: skip
             widths.append(proj.in_features)
-        if len(set(widths)) > 1:
+        if len(set(widths)) > 1 and self.combine == "mean":
             raise ValueError(
                 f"{path}.shared_output: the branches' outputs are {widths} wide; one projection needs "
                 "them equal (e.g. attention's n_heads * v_head_dim = the SSM's expand * d_model)"
@@ -142,20 +159,22 @@ class Parallel(nn.Module):
         width = d_model
         if cfg.shared_output:  # each branch's output projection gives way to the layer's one (widths checked)
             names = [type(b).output_projection for b in self.branches]
-            width = getattr(self.branches[0], names[0]).in_features
+            widths = [getattr(b, name).in_features for b, name in zip(self.branches, names, strict=True)]
+            width = sum(widths) if cfg.combine == "concat" else widths[0]
             for branch, name in zip(self.branches, names, strict=True):
                 setattr(branch, name, nn.Identity())
             self.out_proj = nn.Linear(width, d_model, bias=False)
-        self.betas = nn.ModuleList(RMSNorm(width, cfg.norm_eps) for _ in cfg.mixers)  # weight = beta_i
+        if cfg.combine == "mean":
+            self.betas = nn.ModuleList(RMSNorm(width, cfg.norm_eps) for _ in cfg.mixers)  # weight = beta_i
         self.kv_footprint(torch.float32)  # refuse branch caches that one footprint row cannot describe
 
     def forward(self, x, *, cache=None, state: StepState | None = None):
         state = StepState() if state is None else state
-        out = 0
-        for i, (branch, norm) in enumerate(zip(self.branches, self.betas, strict=True)):
-            slot = cache.slots[i] if cache is not None else None
-            out = out + norm(branch(x, cache=slot, state=state))
-        out = out / len(self.branches)
+        outs = [branch(x, cache=cache.slots[i] if cache is not None else None, state=state)
+                for i, branch in enumerate(self.branches)]  # fmt: skip
+        if self.cfg.combine == "concat":
+            return self.out_proj(torch.cat(outs, dim=-1))
+        out = sum(norm(o) for o, norm in zip(outs, self.betas, strict=True)) / len(outs)
         return self.out_proj(out) if self.cfg.shared_output else out
 
     def new_cache_slot(self, batch_size: int, max_len: int, dtype: torch.dtype, device):

@@ -89,6 +89,27 @@ def test_hymba_layer_matches_its_equations_in_float64():
     torch.testing.assert_close(layer(x, state=StepState())[0], expected, rtol=1e-5, atol=1e-6)
 
 
+def test_recurformer_layer_is_its_heads_side_by_side_in_float64():
+    """RecurFormer's layer (combine: concat): the attention heads that stay and the Mamba that replaced the
+    others, side by side before the one output projection, no norms: W_out [attention heads(x); mamba(x)]."""
+    torch.manual_seed(0)
+    branches = [BRANCHES[0], {**BRANCHES[1], "inner": 24}]  # a Mamba as wide as the heads it would replace
+    layer = Parallel(ParallelConfig(mixers=branches, shared_output=True, combine="concat"), d_model=D, layer_idx=0,
+                     kv_source=0, max_seq_len=32).double()  # fmt: skip
+    assert not hasattr(layer, "betas") and layer.out_proj.in_features == HEADS * V_HEAD + 24
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(1, 11, D, dtype=torch.float64)
+    att, ssm = layer.branches
+    expected = torch.cat([_attention_heads(att, x[0]), _mamba_heads(ssm, x[0])], -1) @ layer.out_proj.weight.T
+    torch.testing.assert_close(layer(x, state=StepState())[0], expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"mixer.combine=concat .* needs shared_output: true"):
+        ParallelConfig(mixers=branches, combine="concat").resolved(D, "mixer")
+    with pytest.raises(ValueError, match=r"mixer.combine='sum' is not one of mean, concat"):
+        ParallelConfig(mixers=branches, shared_output=True, combine="sum").resolved(D, "mixer")
+
+
 def test_shared_output_needs_equal_widths_and_projections_without_bias():
     def check(mixers):
         ParallelConfig(mixers=mixers, shared_output=True).resolved(D, "mixer")

@@ -190,6 +190,7 @@ LEARNING_PRESETS = [
     "parallel_heads",
     "goldfinch",
     "yoco_gret",
+    "recurformer",
 ]
 
 

@@ -72,6 +72,20 @@ def test_gqa_uptrain_runs_every_stage_then_reuses_the_parent(tmp_path, data_cach
     assert mla["converted"]["kv_bytes_per_token"] * 128 == mla["parent"]["kv_bytes_per_token"] * (16 + 8 * 4)
     assert mla["uptrained"]["val_ppl"] < mla["converted"]["val_ppl"]
 
+    # and recurformer_uptrain: half of all heads, the most recency-aware on calibration rows, become Mamba
+    train(tmp_path, data_cache, "recipe=recurformer_uptrain", *TINY_MHA, *PARENT, "init.convert.window=8")
+    rf = _metrics(tmp_path, "recurformer_uptrain")
+    assert rf["parent"]["val_loss"] == pytest.approx(m["parent"]["val_loss"], abs=1e-6)
+    report = json.loads((run_dirs(tmp_path, "recurformer_uptrain")[-1] / "uptrained" / "convert_report.json")
+                        .read_text())["recurformer"]  # fmt: skip
+    layers = len(report["recency"])
+    assert sum(map(len, report["replaced"])) * 2 == layers * 8 and all(len(r) == 8 for r in report["recency"])
+    chosen = [r for row, heads in zip(report["recency"], report["replaced"], strict=True) for h, r in enumerate(row)
+              if h in heads]  # fmt: skip
+    assert min(chosen) >= max(r for row in report["recency"] for r in row if r not in chosen)
+    assert rf["converted"]["kv_bytes_per_token"] * 2 == rf["parent"]["kv_bytes_per_token"]
+    assert rf["uptrained"]["val_ppl"] < rf["converted"]["val_ppl"]
+
 
 def test_uptrain_a_checkpoint_parent_counts_its_tokens_and_groups_by_search(tmp_path, data_cache):
     """AsymGQA's search (calibrated on training rows, as method=similarity is) and CEPE's context encoder; the
