@@ -995,7 +995,9 @@ def _build(cfg_dict: dict, state: dict[str, torch.Tensor], like: CausalLM, fresh
     with torch.device("meta"):
         new = build_model(ModelConfig.from_dict(cfg_dict))
     new.to_empty(device=like.embed_tokens.weight.device)
-    new.init_weights(seed=0)  # buffers (RoPE tables) and fresh modules; every other parameter is overwritten next
+    # buffers (RoPE tables) and fresh modules (their own seed, so that a conversion is repeatable); every other
+    # parameter is overwritten next
+    new.init_weights(seed=0 if fresh else None)
     new.to(like.embed_tokens.weight.dtype)  # before loading, so a float64 state is kept whole
     buffers = dict(new.named_buffers())
     kept = {name: t for name, t in new.state_dict().items()

@@ -38,7 +38,7 @@ from kvlab.layers.rope import Rotary
 
 # ``prefill`` (and so ``generate``) takes a longer prompt in pieces of this many tokens. A 16K-token prompt at the
 # presets' widths on 2 CPU cores (benchmarks/RESULTS.md, "Chunked prefill"), against one call: x1.01 to x1.10 for
-# gqa, mla, cla and yoco_swa, x1.4 to x1.8 for rwkv7, samba and mamba2 (their scans' activations outgrow the
+# gqa, mla, cla and yoco_swa, x1.4 to x1.8 for rwkv7, samba_m2 and mamba2 (their scans' activations outgrow the
 # caches); 2,048-token pieces were no faster (x0.97 to x1.02 of these), 512-token ones slower for mla and gqa.
 PREFILL_CHUNK = 4096
 

@@ -95,9 +95,12 @@ def test_goldfinch_caches_one_compressed_latent_per_token_for_all_its_attention_
     assert [r.kv_source for r in fp.per_layer] == [0, 1, 2, 3, 4, 4]
 
 
-def test_samba_cache_stops_growing_at_the_window():
-    fp = build_model(preset_dict("samba")).kv_footprint(torch.bfloat16)
-    assert fp.total_bytes(64) == fp.total_bytes(100_000) > fp.total_bytes(63)
+@pytest.mark.parametrize("name", ["samba", "samba_m2"])
+def test_samba_cache_stops_growing_at_the_window(name):
+    spec = preset_dict(name)
+    window = spec["mixers"]["W"]["window"]
+    fp = build_model(spec).kv_footprint(torch.bfloat16)
+    assert fp.total_bytes(window) == fp.total_bytes(100_000) > fp.total_bytes(window - 1)
 
 
 def _meta_model(n_heads, n_kv_heads, head_dim, n_layers, **extra):

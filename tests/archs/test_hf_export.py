@@ -100,7 +100,7 @@ EXPORTED = {**NATIVE, **REMOTE}
 PRESET_TYPES = {"mha": "llama", "gqa": "llama", "mqa": "llama", "mla": "deepseek_v3", "cla": "kvlab", "mlkv": "kvlab",
                 "infini": "kvlab", "yoco_swa": "kvlab", "svformer": "kvlab", "lckv": "kvlab", "retnet": "kvlab",
                 "resformer": "kvlab", "yoco_gret": "kvlab", "mamba2": "kvlab", "jamba": "jamba", "jamba_m2": "kvlab",
-                "samba": "kvlab",
+                "samba": "kvlab", "samba_m2": "kvlab",
                 "rwkv6": "kvlab", "rwkv7": "kvlab", "gau": "kvlab", "kdgqa": "kvlab", "dha": "kvlab", "clla": "kvlab",
                 "matryoshka": "kvlab", "sa": "kvlab", "block_transformer": "kvlab", "cepe": "kvlab",
                 "xc_cache": "kvlab", "hymba": "kvlab", "parallel_heads": "kvlab", "goldfinch": "kvlab",

@@ -186,6 +186,7 @@ LEARNING_PRESETS = [
     "jamba",
     "jamba_m2",
     "samba",
+    "samba_m2",
     "hymba",
     "parallel_heads",
     "goldfinch",
@@ -219,7 +220,7 @@ def test_recurrent_and_hybrid_presets_learn(tmp_path, data_cache, names):
         assert ("train_aux_loss" in metrics) == run.name.endswith("-jamba"), run.name
         if run.name.endswith("-jamba"):
             assert 0 < metrics["train_aux_loss"] < metrics["train_loss"]
-        recurrent_only = run.name.split("-", 1)[1] in ("retnet", "mamba2", "rwkv6", "rwkv7", "gau", "samba")
+        recurrent_only = run.name.split("-", 1)[1] in ("retnet", "mamba2", "rwkv6", "rwkv7", "gau", "samba", "samba_m2")
         assert (metrics["kv_bytes_per_token"] == 0) == recurrent_only, run.name
 
 
