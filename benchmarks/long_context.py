@@ -1,6 +1,6 @@
 """Long context, where the architectures differ: decoding speed and memory per preset as the context grows.
 
-    python benchmarks/long_context.py [--presets mha,gqa,mqa,mla,cla,yoco_swa,samba_m2,mamba2,rwkv7]
+    python benchmarks/long_context.py [--presets mha,gqa,mqa,mla,cla,yoco_swa,samba,samba_m2,mamba2,rwkv7,recurformer]
         [--contexts 1024,4096,16384,32768] [--new 32] [--budget-gib 4] [--max-batch 128]
         [--plot benchmarks/long_context.png] [--timeout 1800] [--prefill-chunk N]
 
@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PRESETS = "mha,gqa,mqa,mla,cla,yoco_swa,samba_m2,mamba2,rwkv7"  # the README's figure (samba: Mamba-1, apart)
+PRESETS = "mha,gqa,mqa,mla,cla,yoco_swa,samba,samba_m2,mamba2,rwkv7,recurformer"  # the README's figure
 MIB = 1 << 20
 
 
@@ -156,12 +156,13 @@ def plot(rows: list[dict], path: Path, budget_gib: float) -> None:
         ("batch", f"largest batch whose cache fits {budget_gib:g} GiB"),
         ("footprint_mib", "cache per sequence, MiB (fp32, analytic)"),
     ]
-    for preset in dict.fromkeys(r["preset"] for r in rows):
+    for i, preset in enumerate(dict.fromkeys(r["preset"] for r in rows)):
         ok = [r for r in rows if r["preset"] == preset and "error" not in r]
+        style = ("-", "--", ":")[i // 10 % 3]  # past the colour cycle's 10 colours, the line tells them apart
         for ax, (key, _) in zip(axes, panels, strict=True):
             points = [(r["context"], r[key]) for r in ok if key in r and r[key] > 0]
             if points:
-                ax.plot(*zip(*points, strict=True), marker="o", label=preset)
+                ax.plot(*zip(*points, strict=True), marker="o", linestyle=style, label=preset)
     for ax, (_, title) in zip(axes, panels, strict=True):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
