@@ -291,6 +291,7 @@ CACHE_WIDTHS = {
     "retention": ("head_dim", 2, ("v_head_dim",)),
     "mla": ("kv_lora_rank", 1, ()),
     "mamba2": ("state_dim", 1, ()),
+    "mamba": ("state_dim", 1, ()),  # Mamba-1: every channel's state (Samba, Jamba, Hymba, RecurFormer)
 }
 
 
@@ -367,8 +368,8 @@ class ModelConfig:
 
     def with_cache(self, target: float, context: int, dtype: torch.dtype = torch.bfloat16) -> ModelConfig:
         """This config with every mixer's cache width (``CACHE_WIDTHS``: attention's and retention's head_dim,
-        MLA's kv_lora_rank, Mamba-2's state_dim) scaled by one common factor so that one sequence's cache after
-        ``context`` tokens holds about ``target`` bytes per token (ablations at equal cache: the cache of
+        MLA's kv_lora_rank, Mamba-2's and Mamba's state_dim) scaled by one common factor so that one sequence's
+        cache after ``context`` tokens holds about ``target`` bytes per token (ablations at equal cache: the cache of
         a layer that reads another layer's is none, so cross-layer sharing keeps its saving). Each width keeps
         its step (head_dim even, for RoPE's pairs) and is at least one step."""
         from kvlab.archs.model import build_model  # the footprint comes from the built (meta) model

@@ -118,7 +118,7 @@ def test_iso_cache_scales_each_mixers_cache_width_to_the_bytes_per_token():
 
     from kvlab.archs import ModelConfig
     from kvlab.archs.model import build_model
-    from tests.conftest import tiny
+    from tests.conftest import REPO, tiny
 
     def per_token(config, context=64):
         with torch.device("meta"):
@@ -135,9 +135,14 @@ def test_iso_cache_scales_each_mixers_cache_width_to_the_bytes_per_token():
     assert {m.head_dim for m in cla.with_cache(512, 64).layer_mixers} == {32}
     mla = ModelConfig.from_dict(tiny(mixer={"kind": "mla", "n_heads": 4}))  # latent 64 + RoPE key 8 per layer
     assert [m.kv_lora_rank for m in mla.with_cache(4 * 2 * (40 + 8), 64).layer_mixers] == [40] * 4
-    mamba = ModelConfig.from_dict(tiny(mixer={"kind": "mamba2", "head_dim": 16}))
-    target = per_token(mamba) * 2
-    assert abs(per_token(mamba.with_cache(target, 64)) - target) < 0.01 * target
+    for ssm in ({"kind": "mamba2", "head_dim": 16}, {"kind": "mamba"}):  # Mamba-2's and Mamba-1's state
+        mamba = ModelConfig.from_dict(tiny(mixer=ssm))
+        target = per_token(mamba) * 2
+        assert abs(per_token(mamba.with_cache(target, 64)) - target) < 0.01 * target, ssm["kind"]
+    recurformer = ModelConfig.from_yaml(REPO / "configs" / "model" / "recurformer.yaml")  # both widths, one factor
+    scaled = recurformer.with_cache(1_000, 2048)
+    attention, ssm = scaled.layer_mixers[0].mixers
+    assert attention.head_dim < 32 and ssm.state_dim < 16 and abs(per_token(scaled, 2048) - 1_000) < 50
     with pytest.raises(ValueError, match="iso_cache=100: mixer is a rwkv7 mixer, whose cache kvlab does not scale"):
         ModelConfig.from_dict(tiny(mixer={"kind": "rwkv7"}, mlp={"kind": "rwkv_channel_mix", "hidden": 96})).with_cache(
             100, 64
