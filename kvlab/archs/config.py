@@ -384,6 +384,10 @@ class ModelConfig:
         def find(node, path: str) -> None:
             if isinstance(node, dict):
                 kind = node.get("kind")
+                if kind == "parallel" and node.get("shared_output") and node.get("combine", "mean") == "mean":
+                    raise ValueError(f"{setting}: {path} is a parallel layer whose branches are averaged before one "
+                                     "shared output projection (Hymba's), which ties their widths; kvlab does not "
+                                     "scale it")  # fmt: skip
                 if isinstance(kind, str) and kind in MIXERS and kind != "parallel":
                     if kind not in CACHE_WIDTHS:
                         raise ValueError(f"{setting}: {path} is a {kind} mixer, whose cache kvlab does not scale "

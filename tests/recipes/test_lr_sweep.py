@@ -143,6 +143,8 @@ def test_iso_cache_scales_each_mixers_cache_width_to_the_bytes_per_token():
     scaled = recurformer.with_cache(1_000, 2048)
     attention, ssm = scaled.layer_mixers[0].mixers
     assert attention.head_dim < 32 and ssm.state_dim < 16 and abs(per_token(scaled, 2048) - 1_000) < 50
+    with pytest.raises(ValueError, match=r"mixers.F is a parallel layer whose branches are averaged .* ties their"):
+        ModelConfig.from_yaml(REPO / "configs" / "model" / "hymba.yaml").with_cache(300, 2048)
     with pytest.raises(ValueError, match="iso_cache=100: mixer is a rwkv7 mixer, whose cache kvlab does not scale"):
         ModelConfig.from_dict(tiny(mixer={"kind": "rwkv7"}, mlp={"kind": "rwkv_channel_mix", "hidden": 96})).with_cache(
             100, 64
