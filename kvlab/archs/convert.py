@@ -827,6 +827,7 @@ def _to_recurformer(
     check_choice(init, "convert.init", RECURFORMER_INITS)
     replaced = _recurformer_heads(model, spec, calibration, report)
     layer_dicts, state = [to_dict(m) for m in cfg.layer_mixers], {}
+    value_rows = {}  # layer -> the replaced query heads' value rows, in the order of the Mamba's channels
     parent = model.state_dict()
     for i, (layer, heads) in enumerate(zip(model.layers, replaced, strict=True)):
         if not heads:
@@ -838,15 +839,15 @@ def _to_recurformer(
                    for name, group in (("kept", kept), ("replaced", heads))}  # fmt: skip
         branch = {**mamba, "kind": "mamba", "inner": len(queries["replaced"]) * width}
         own = {k[len(prefix) :]: v for k, v in parent.items() if k.startswith(prefix)}
-        output = own["o_proj.weight"][:, _head_rows(queries["kept"] + queries["replaced"], width)]
+        columns = _head_rows(queries["kept"] + queries["replaced"], width)  # the heads as the new layer lays them
+        state[prefix + "out_proj.weight"] = own["o_proj.weight"][:, columns]
+        value_rows[i] = own["v_proj.weight"][_head_rows([q // per_kv for q in queries["replaced"]], width)]
         if not kept:  # every head recency-aware: a Mamba layer behind the attention's output projection
             layer_dicts[i] = branch
-            state[prefix + "out_proj.weight"] = output
             continue
         layer_dicts[i] = {"kind": "parallel", "shared_output": True, "combine": "concat",
                           "mixers": [{**layer_dicts[i], "n_heads": len(queries["kept"]), "n_kv_heads": len(kept)},
                                      branch]}  # fmt: skip
-        state[prefix + "out_proj.weight"] = output
         for name, tensor in own.items():
             if name.startswith("o_proj."):
                 continue
@@ -856,19 +857,16 @@ def _to_recurformer(
                 size = mixer.head_dim if proj != "v_proj" else width
                 tensor = tensor[_head_rows(rows, size)]
             state[f"{prefix}branches.0.{name}"] = tensor
+    rebuilt = tuple(f"layers.{i}.mixer." for i in value_rows)  # the mixers this conversion builds anew
     converted = _build(_one_mixer_per_layer(copy.deepcopy(cfg.to_dict()), layer_dicts),
-                       {k: v for k, v in parent.items() if not _is_replaced_mixer(k, replaced)} | state, like=model,
-                       fresh=tuple(f"layers.{i}.mixer." for i, heads in enumerate(replaced) if heads))  # fmt: skip
+                       {k: v for k, v in parent.items() if not k.startswith(rebuilt)} | state, like=model,
+                       fresh=rebuilt)  # fmt: skip
     if init == "values":  # the SSM input x starts as the replaced heads' values (each query head's K/V head's)
         with torch.no_grad():
-            for i, heads in enumerate(replaced):
-                if not heads:
-                    continue
-                mixer, new = model.layers[i].mixer, converted.layers[i].mixer
+            for i, rows in value_rows.items():
+                new = converted.layers[i].mixer
                 ssm = new.branches[1] if hasattr(new, "branches") else new
-                per_kv = mixer.n_heads // mixer.n_kv_heads
-                rows = [h for h in heads for _ in range(per_kv)]
-                ssm.in_proj.weight[: ssm.inner].copy_(mixer.v_proj.weight[_head_rows(rows, mixer.v_head_dim)])
+                ssm.in_proj.weight[: ssm.inner].copy_(rows)
     log.info("RecurFormer: K/V heads replaced by Mamba per layer %s", [len(h) for h in replaced])
     return converted
 
@@ -876,12 +874,6 @@ def _to_recurformer(
 def _head_rows(heads: list[int], size: int) -> torch.Tensor:
     """The rows (or columns) of ``heads``, ``size`` each, in that order."""
     return torch.tensor([h * size + j for h in heads for j in range(size)], dtype=torch.long)
-
-
-def _is_replaced_mixer(key: str, replaced: list[list[int]]) -> bool:
-    """Whether ``key`` is a parameter of a layer's mixer that the RecurFormer conversion rebuilds."""
-    parts = key.split(".")
-    return parts[0] == "layers" and parts[2] == "mixer" and bool(replaced[int(parts[1])])
 
 
 def sa_span(similarity: torch.Tensor, n_shared: int) -> list[int]:
@@ -1036,7 +1028,7 @@ def _attention_dicts(cfg_dict: dict) -> list[dict]:
 
 def _permute_heads(state: dict, prefix: str, order: list[int], head_dim: int, dim: int) -> None:
     """Reorder the heads of a projection (output rows, dim=0; input columns of o_proj, dim=1)."""
-    index = torch.tensor([h * head_dim + j for h in order for j in range(head_dim)])
+    index = _head_rows(order, head_dim)
     for tensor in ("weight", "bias"):
         key = f"{prefix}.{tensor}"
         if key in state and (dim == 0 or tensor == "weight"):  # o_proj's bias has no head axis
