@@ -21,11 +21,18 @@ inputs' (CPU) or peak allocated (CUDA), with the loss and gradients compared.
 ``--dispatch``: what going through the registry adds to one op call at a
 decoding shape (one token, d_model 256), inside a model's ``use_kernels``
 and outside it.
+
+``--bf16-attention``: causal attention's forward + backward on bf16 tensors
+(a training step under bf16 autocast) through SDPA as it comes and on
+float32 copies (the casts timed with it), 2,048 tokens a call (batch x
+positions), 8 query heads over 2 K/V heads, over head sizes and row
+lengths, and which of the two ``attention`` takes there (BF16_SHORT).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import resource
@@ -208,6 +215,36 @@ def dispatch_cost(args) -> None:
     print(f"| choose alone, inside / outside | {choice_inside:.2f} / {choice_outside:.2f} |")
 
 
+def bf16_attention(args) -> None:
+    import torch.nn.functional as F
+
+    from kvlab.kernels import attention as kernel
+
+    def sdpa(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+    def in_float32(q, k, v):
+        return sdpa(q.float(), k.float(), v.float()).to(q.dtype)
+
+    def forward_backward(f, q, k, v, grad):
+        f(q, k, v).backward(grad)
+
+    print(f"causal attention forward + backward, bf16 inputs, 2,048 tokens a call, 8 query heads over 2 K/V heads, "
+          f"{args.device}, ms (best of {args.repeats})")  # fmt: skip
+    print("| head size | positions | batch | SDPA in bf16 | SDPA in float32 | float32 faster | attention takes |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for D in (32, 64, 128):
+        for T in (128, 256, 512, 1024, 2048):
+            B = 2048 // T
+            q, k, v = (torch.randn(B, h, T, D, device=args.device, dtype=torch.bfloat16, requires_grad=True)
+                       for h in (8, 2, 2))  # fmt: skip
+            grad = torch.randn(B, 8, T, D, device=args.device, dtype=torch.bfloat16)
+            ms = [timed(functools.partial(forward_backward, f, q, k, v, grad), args.repeats) * 1e3
+                  for f in (sdpa, in_float32)]  # fmt: skip
+            takes = "float32" if kernel._short_bf16_training_on_cpu(q, k, v) else "bf16"
+            print(f"| {D} | {T} | {B} | {ms[0]:.2f} | {ms[1]:.2f} | x{ms[0] / ms[1]:.2f} | {takes} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--ops", default=",".join(OPS))
@@ -218,6 +255,7 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="also time the torch backend under torch.compile")
     p.add_argument("--memory", action="store_true")
     p.add_argument("--dispatch", action="store_true", help="the registry's cost per op call")
+    p.add_argument("--bf16-attention", action="store_true", help="bf16 training attention: SDPA vs float32 copies")
     p.add_argument("--memory-child", choices=["plain", "fused"])
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--tokens", type=int, default=8192)
@@ -229,6 +267,8 @@ def main() -> None:
         memory(args)
     elif args.dispatch:
         dispatch_cost(args)
+    elif args.bf16_attention:
+        bf16_attention(args)
     else:
         speed(args)
 

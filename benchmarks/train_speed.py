@@ -1,7 +1,7 @@
 """Training step speed: kvlab (eager and with compiled blocks) vs `transformers` Llama and litgpt, one process.
 
     python benchmarks/train_speed.py [--preset gqa] [--batch 8] [--seq 256] [--repeats 5] [--steps 20]
-                                     [--device cpu] [--dtype float32] [--loss-rows N]
+                                     [--device cpu] [--dtype float32] [--loss-rows N] [--attention-in-bf16]
 
 The step is the training step's work: forward with the loss (kvlab: the
 fused head + loss; transformers: ``labels=``), backward, AdamW step,
@@ -21,7 +21,10 @@ bounds what any fusion can gain; and the losses of ``--steps`` steps
 with and without compilation (same data), which must agree. ``--loss-rows
 N`` adds kvlab's two steps again with the fused head + loss walking
 N-row chunks instead of its default (``_rows_per_chunk``), interleaved with
-the others: what the chunk size is worth, side by side.
+the others: what the chunk size is worth, side by side. ``--attention-in-bf16``
+adds them with the attention left to SDPA's bf16 kernels where kvlab would
+attend in float32 (training in bf16 on a CPU over short rows: BF16_SHORT in
+kvlab/kernels/attention.py), so what that choice is worth, side by side.
 ``--device cuda --dtype bfloat16`` runs it on a GPU, both models under
 bf16 autocast (float32 weights and optimizer, as ``trainer.precision=
 bf16-mixed`` trains); the profiler's share is then not printed (it times
@@ -41,28 +44,32 @@ from common import sync  # benchmarks/common.py, beside this script
 from decode import same_architecture_twin  # benchmarks/decode.py, beside this script
 from torch.profiler import profile
 
+import kvlab.kernels.attention as attention_kernel
 import kvlab.kernels.cross_entropy as fused_loss
 from kvlab import ModelConfig, build_model
 
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"
 
 
-def stepper(model, batches, hf: bool, dtype=torch.float32, loss_rows: int | None = None, loss_fn=None):
+def stepper(model, batches, hf: bool, dtype=torch.float32, loss_rows: int | None = None, loss_fn=None,
+            bf16_short: int | None = None):  # fmt: skip
     """One training step per call on the next of ``batches``; ``loss_fn(ids)`` (litgpt's) in place of the
-    model's own loss where given."""
+    model's own loss where given; ``bf16_short`` in place of kvlab's BF16_SHORT (0: attention in bf16)."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)  # kvlab's recipe and transformers' Trainer
     it = iter(batches)
     device = next(model.parameters()).device
-    default_rows = fused_loss._rows_per_chunk
+    default_rows, default_short = fused_loss._rows_per_chunk, attention_kernel.BF16_SHORT
 
     def step():
         ids = next(it).to(device, non_blocking=True)
         if loss_rows:  # this step's loss only: restored below
             fused_loss._rows_per_chunk = lambda vocab, device=None: loss_rows
+        if bf16_short is not None:  # (read when the compiled blocks trace: Dynamo guards on it)
+            attention_kernel.BF16_SHORT = bf16_short
         try:
             return _step(ids)
         finally:
-            fused_loss._rows_per_chunk = default_rows
+            fused_loss._rows_per_chunk, attention_kernel.BF16_SHORT = default_rows, default_short
 
     def _step(ids):
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
@@ -90,6 +97,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--loss-rows", type=int, default=0, help="also time kvlab's steps with N-row loss chunks")
+    p.add_argument("--attention-in-bf16", action="store_true", help="also time kvlab's steps with SDPA in bf16")
     args = p.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     n = 1 + args.repeats + args.steps
@@ -121,6 +129,9 @@ def main() -> None:
             steps[f"kvlab {kind}, {args.loss_rows}-row loss chunks"] = stepper(
                 model(compile_it), data, False, dtype, loss_rows=args.loss_rows
             )
+    if args.attention_in_bf16:
+        for kind, compile_it in (("eager", False), ("compiled", True)):
+            steps[f"kvlab {kind}, attention in bf16"] = stepper(model(compile_it), data, False, dtype, bf16_short=0)
     first, first_loss = {}, {}
     for name, step in steps.items():
         t0 = time.perf_counter()

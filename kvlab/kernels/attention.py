@@ -88,8 +88,34 @@ def attention(
         # head once rather than once per query head (x2 to x3 faster at long contexts on CPU).
         grouped = F.scaled_dot_product_attention(q.reshape(B, Hkv, H // Hkv, D), k, v, attn_mask=mask, scale=scale)
         return grouped.reshape(B, H, 1, v.shape[-1])
+    if _short_bf16_training_on_cpu(q, k, v):
+        with torch.autocast("cpu", enabled=False):  # (or autocast would cast the inputs back down)
+            out = F.scaled_dot_product_attention(
+                q.float(), k.float(), v.float(), attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=Hkv != H
+            )
+        return out.to(q.dtype)
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=Hkv != H
+    )
+
+
+# Training under bf16 autocast on a CPU (trainer.precision=bf16-mixed: with AMX, the gqa preset's step x1.5 to x2
+# faster than in fp32 on this machine), torch 2.13's CPU flash kernel runs its bf16 backward far slower than its
+# float32 one over short rows: a cost per head and block that a short row's work does not cover. Causal, forward and
+# backward, 2,048 tokens a call, 8 query heads over 2 K/V heads, float32 (the casts included) against bf16: head size
+# 32 x2.34 / x1.80 / x1.28 / x0.89 at 128 / 256 / 512 / 1,024 positions, 64 x2.26 / x1.39 / x0.75 at 128 / 256 / 512,
+# 128 x1.20 / x0.82 at 128 / 256 (benchmarks/kernel_ops.py --bf16-attention; in the step x1.15, RESULTS.md). So up to
+# BF16_SHORT the attention runs in float32, and is the more exact for it.
+BF16_SHORT = 16384  # positions x head size at most
+
+
+def _short_bf16_training_on_cpu(q, k, v) -> bool:
+    return (
+        q.device.type == "cpu"
+        and q.dtype == torch.bfloat16
+        and q.shape[2] * q.shape[-1] <= BF16_SHORT
+        and torch.is_grad_enabled()
+        and any(t.requires_grad for t in (q, k, v))
     )
 
 

@@ -247,10 +247,18 @@ class LMModule(L.LightningModule):
             {"params": no_decay, "weight_decay": 0.0},
         ]
         # Fused AdamW, one kernel over every tensor (transformers' Trainer default since torch 2.8): the gqa
-        # preset's optimizer step took 2.4 ms against 14.3 for the per-tensor loop on a 2-core CPU.
-        fused = all(p.device.type in ("cpu", "cuda") for p in decay + no_decay) or None
+        # preset's optimizer step took 2.4 ms against 14.3 for the per-tensor loop on a 2-core CPU. Not under a
+        # gradient scaler (16-mixed): a fused step unscales the gradients itself, after clipping would have seen
+        # them scaled, so there the per-tensor form lets the scaler unscale first.
+        scaler = getattr(getattr(self._trainer, "precision_plugin", None), "scaler", None)
+        fused = (scaler is None and all(p.device.type in ("cpu", "cuda") for p in decay + no_decay)) or None
         opt = torch.optim.AdamW(groups, lr=self.optim.lr, betas=tuple(self.optim.betas), eps=self.optim.eps,
                                 fused=fused)  # fmt: skip
+        if fused:
+            # The flag says "my step unscales what a GradScaler scaled"; only a GradScaler reads it, and Lightning,
+            # which then refuses to clip gradients (bf16-mixed with trainer.gradient_clip_val failed at its first
+            # step). With no scaler nothing is scaled: clipping before the fused step is exact.
+            opt._step_supports_amp_scaling = False
         sched = WarmupCosine(opt, self.optim.lr, self.optim.warmup_steps, self.max_steps, self.optim.min_lr_ratio)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 

@@ -118,6 +118,36 @@ def test_long_sliding_window_runs_block_by_block():
         torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
 
 
+def test_bf16_training_on_a_cpu_attends_in_float32_over_short_rows(monkeypatch):
+    """Gradients wanted, bf16, positions x head size at most BF16_SHORT: SDPA runs on float32 copies (its CPU bf16
+    backward is the slower there) under autocast too, and hands back bf16; values and gradients as a float64
+    textbook's to bf16's rounding. Without gradients, or over longer rows, SDPA takes the bf16 tensors."""
+    import torch.nn.functional as F
+
+    import kvlab.kernels.attention as kernel
+
+    seen, sdpa = [], F.scaled_dot_product_attention
+    monkeypatch.setattr(
+        F, "scaled_dot_product_attention", lambda q, *a, **kw: seen.append(q.dtype) or sdpa(q, *a, **kw)
+    )
+    q, k, v = (torch.randn(2, h, 12, 16, dtype=torch.bfloat16, requires_grad=True) for h in (4, 2, 2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attention(q, k, v, causal=True)
+    assert seen == [torch.float32] and out.dtype == torch.bfloat16
+    wide = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    want = attention_reference(*wide, causal=True)
+    torch.testing.assert_close(out.double(), want, atol=1e-2, rtol=1e-2)
+    grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+    for g, r in zip(grads, torch.autograd.grad(want.square().sum(), wide), strict=True):
+        assert g.dtype == torch.bfloat16
+        torch.testing.assert_close(g.double(), r, atol=2e-2, rtol=2e-2)
+    with torch.no_grad():
+        attention(q, k, v, causal=True)
+    monkeypatch.setattr(kernel, "BF16_SHORT", 12 * 16 - 1)
+    attention(q, k, v, causal=True)
+    assert seen == [torch.float32, torch.bfloat16, torch.bfloat16]
+
+
 def test_narrower_values_are_padded_for_the_fused_kernel():
     """MLA's head sizes (queries and keys wider than values), causal over many tokens: the padded call's
     outputs, cut back to the value width."""

@@ -69,6 +69,48 @@ def test_the_optimizer_is_fused_adamw_and_steps_as_the_per_tensor_loop():
         torch.testing.assert_close(p, t, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated")  # Lightning's own
+@pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`")
+@pytest.mark.parametrize("precision", ["bf16-mixed", "32-true"])
+def test_gradients_are_clipped_before_the_fused_step(precision, tmp_path):
+    """Under bf16-mixed as under 32-true (no gradient scaler) the fused step sees the clipped gradients. (The fused
+    step's flag had made Lightning refuse to clip under bf16-mixed: trainer=gpu failed at its first step.)"""
+    import lightning as L
+
+    module = LMModule(model=tiny(), optim={"lr": 1e-3, "warmup_steps": 0})
+    clip, before, after = 0.05, [], []
+
+    def norm():
+        return float(torch.stack([p.grad.float().norm() for p in module.parameters()]).norm())
+
+    class Watch(L.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):  # before clipping
+            before.append(norm())
+
+        def on_train_batch_end(self, *_):  # after the step, which leaves the gradients as it found them
+            after.append(norm())
+
+    ids = torch.randint(0, 97, (3, 2, 17))
+    trainer = L.Trainer(accelerator="cpu", precision=precision, gradient_clip_val=clip, max_steps=3, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path, callbacks=[Watch()])  # fmt: skip
+    batches = [{"input_ids": b[:, :-1], "labels": b[:, 1:]} for b in ids]
+    trainer.fit(module, torch.utils.data.DataLoader(batches, batch_size=None))
+    assert trainer.optimizers[0].defaults["fused"]
+    assert len(after) == 3 and all(b > 10 * clip for b in before)
+    assert after == pytest.approx([clip] * 3, rel=1e-3)
+
+
+def test_a_gradient_scaler_gets_the_per_tensor_step():
+    """16-mixed's GradScaler unscales the gradients before clipping them; a fused step would unscale them itself,
+    after clipping had seen them scaled."""
+    from types import SimpleNamespace
+
+    module = LMModule(model=tiny())
+    module._trainer = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=torch.amp.GradScaler("cpu")))
+    assert not module.configure_optimizers()["optimizer"].defaults["fused"]
+
+
 def test_associative_recall_hits_mark_bigrams_seen_before():
     from kvlab.recipes.module import associative_recall_hits
 
