@@ -103,13 +103,13 @@ def weight_pass(model, batch: int):
 
 
 def best_interleaved(runners: list[tuple[str, object]], repeats: int) -> tuple[dict[str, float], bool]:
-    """The best time of each name over ``repeats`` rounds of ``runners`` in order (a name listed more than once
-    is timed each time it comes: the peer, between every preset's runs), and whether an interrupt (Ctrl-C,
+    """The best time of each name over ``repeats`` rounds of ``runners``, in order and back (a name listed more
+    than once is timed each time it comes: the peer, between every preset's runs), and whether an interrupt (Ctrl-C,
     ``timeout -s INT`` in benchmarks/gpu.sh) cut the rounds short: then the best so far (inf: not yet run)."""
     best = {name: float("inf") for name, _ in runners}
     try:
-        for _ in range(repeats):
-            for name, run in runners:
+        for r in range(repeats):
+            for name, run in runners[:: 1 if r % 2 == 0 else -1]:  # each round in the other order (train_speed.py)
                 sync()
                 t0 = time.perf_counter()
                 run()

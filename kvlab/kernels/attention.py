@@ -104,8 +104,8 @@ def attention(
 # float32 one over short rows: a cost per head and block that a short row's work does not cover. Causal, forward and
 # backward, 2,048 tokens a call, 8 query heads over 2 K/V heads, float32 (the casts included) against bf16: head size
 # 32 x2.34 / x1.80 / x1.28 / x0.89 at 128 / 256 / 512 / 1,024 positions, 64 x2.26 / x1.39 / x0.75 at 128 / 256 / 512,
-# 128 x1.20 / x0.82 at 128 / 256 (benchmarks/kernel_ops.py --bf16-attention; in the step x1.15, RESULTS.md). So up to
-# BF16_SHORT the attention runs in float32, and is the more exact for it.
+# 128 x1.20 / x0.82 at 128 / 256 (benchmarks/kernel_ops.py --bf16-attention; the step x1.15 to x1.27, RESULTS.md).
+# So up to BF16_SHORT the attention runs in float32, and is the more exact for it.
 BF16_SHORT = 16384  # positions x head size at most
 
 

@@ -90,16 +90,22 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         grad_w = (
             torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
         )
+        # Under autocast the gradients' products run in its dtype, as a linear's backward does there (the
+        # logits' gradient cast once, not by each product; the weight's accumulated in float32 chunk by chunk)
+        autocast = torch.is_autocast_enabled(h.device.type)
+        work = torch.get_autocast_dtype(h.device.type) if autocast else weight.dtype
         for start in range(0, h.shape[0], rows):
             h_c, y_c = h[start : start + rows], y[start : start + rows]
             # d loss_i / d logits_i = softmax_i - onehot(y_i), for labelled rows; written over the logits
             losses[start : start + rows], grad = rows_fn(h_c @ weight.t(), y_c, scale if want_grad else None)
             if grad is not None:
-                grad = grad.to(weight.dtype)
+                grad = grad.to(work)
                 if grad_h is not None:
                     grad_h[start : start + rows] = grad @ weight
-                if grad_w is not None:
-                    grad_w.addmm_(grad.t().float(), h_c.float())
+                if grad_w is not None and autocast:
+                    grad_w += grad.t() @ h_c
+                elif grad_w is not None:
+                    grad_w.addmm_(grad.t().float(), h_c.float())  # (autocast passes over in-place ops: float32)
             del grad
         ctx.reduction = reduction
         ctx.shape = hidden.shape

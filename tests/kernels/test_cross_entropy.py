@@ -59,6 +59,21 @@ def test_bfloat16_matches_the_plain_path_at_its_precision():
         assert g.dtype == torch.bfloat16 and rel_error(g, e) < 2e-2
 
 
+def test_under_autocast_the_gradients_are_the_plain_paths_at_its_precision():
+    """float32 weights under bf16 autocast (trainer.precision=bf16-mixed): loss and gradients as the plain path's under
+    the same autocast, to bf16's precision, and as float32's; the weight's gradient float32 as the weight."""
+    hidden, weight, labels = _inputs()
+    exact = linear_cross_entropy_reference(hidden, weight, labels)
+    exact_grads = torch.autograd.grad(exact, (hidden, weight))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = linear_cross_entropy(hidden, weight, labels, rows_per_chunk=16)
+        plain = linear_cross_entropy_reference(hidden, weight, labels)
+    assert rel_error(fused, plain) < 1e-2 and rel_error(fused, exact) < 1e-2
+    got = torch.autograd.grad(fused, (hidden, weight))
+    for g, p, e in zip(got, torch.autograd.grad(plain, (hidden, weight)), exact_grads, strict=True):
+        assert g.dtype == torch.float32 and rel_error(g, p) < 2e-2 and rel_error(g, e) < 2e-2
+
+
 def test_per_row_losses_without_gradients_and_all_ignored_rows():
     hidden, weight, labels = _inputs()
     with torch.no_grad():
