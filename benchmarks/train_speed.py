@@ -2,6 +2,7 @@
 
     python benchmarks/train_speed.py [--preset gqa] [--batch 8] [--seq 256] [--repeats 5] [--steps 20]
                                      [--device cpu] [--dtype float32] [--loss-rows N] [--attention-in-bf16]
+    python benchmarks/train_speed.py --precisions gqa,mamba2,... [--repeats 5]
 
 The step is the training step's work: forward with the loss (kvlab: the
 fused head + loss; transformers: ``labels=``), backward, AdamW step,
@@ -25,6 +26,8 @@ the others: what the chunk size is worth, side by side. ``--attention-in-bf16``
 adds them with the attention left to SDPA's bf16 kernels where kvlab would
 attend in float32 (training in bf16 on a CPU over short rows: BF16_SHORT in
 kvlab/kernels/attention.py), so what that choice is worth, side by side.
+``--precisions a,b,...`` times kvlab's eager step alone, for any preset,
+in float32 and under bf16 autocast, alternating.
 ``--device cuda --dtype bfloat16`` runs it on a GPU, both models under
 bf16 autocast (float32 weights and optimizer, as ``trainer.precision=
 bf16-mixed`` trains); the profiler's share is then not printed (it times
@@ -98,8 +101,11 @@ def main() -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--loss-rows", type=int, default=0, help="also time kvlab's steps with N-row loss chunks")
     p.add_argument("--attention-in-bf16", action="store_true", help="also time kvlab's steps with SDPA in bf16")
+    p.add_argument("--precisions", default="", help="presets (a,b,...): kvlab's eager step in float32 and in bf16")
     args = p.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if args.precisions:
+        return precisions(args.precisions.split(","), args, device)
     n = 1 + args.repeats + args.steps
     data = torch.randint(0, 4096, (n, args.batch, args.seq + 1), generator=torch.Generator().manual_seed(0))
 
@@ -176,6 +182,33 @@ def main() -> None:
     run_e, run_c = stepper(fresh_e, data, False, dtype), stepper(fresh_c, data, False, dtype)
     diffs = [abs(run_e() - run_c()) for _ in range(args.steps)]
     print(f"losses over {args.steps} steps, eager vs compiled: max |difference| {max(diffs):.2e}")
+
+
+def precisions(presets: list[str], args, device) -> None:
+    """Each preset's eager training step in float32 and under bf16 autocast, the two alternating, best of
+    ``--repeats``: what ``trainer.precision=bf16-mixed`` is worth per architecture (any preset: no peer)."""
+    data = torch.randint(0, 4096, (1 + 2 * args.repeats, args.batch, args.seq + 1),
+                         generator=torch.Generator().manual_seed(0))  # fmt: skip
+    print(f"kvlab's eager training step, batch {args.batch} x {args.seq} tokens, {device}, tokens/s "
+          f"(best of {args.repeats})\n")  # fmt: skip
+    print("| preset | float32 | bf16 autocast | bf16 faster |\n| --- | --- | --- | --- |")
+    for name in presets:
+        steps = {}
+        for dtype in (torch.float32, torch.bfloat16):
+            torch.manual_seed(0)
+            model = build_model(ModelConfig.from_yaml(REPO_CONFIGS / f"{name}.yaml")).train().to(device)
+            steps[dtype] = stepper(model, data, False, dtype)
+        best = dict.fromkeys(steps, float("inf"))
+        for r in range(1 + args.repeats):  # (the first round warms up)
+            for dtype, step in list(steps.items())[:: 1 if r % 2 == 0 else -1]:
+                sync()
+                t0 = time.perf_counter()
+                step()
+                sync()
+                if r:
+                    best[dtype] = min(best[dtype], time.perf_counter() - t0)
+        fp32, bf16 = (args.batch * args.seq / best[d] for d in steps)
+        print(f"| {name} | {fp32:,.0f} | {bf16:,.0f} | x{bf16 / fp32:.2f} |", flush=True)
 
 
 def _profile_share(step) -> None:

@@ -90,6 +90,19 @@ def test_selective_scans_hand_written_backward_matches_autograd_through_the_recu
         assert rel_error(a, b) < 1e-10, name
 
 
+def test_selective_scan_runs_in_float32_under_autocast():
+    """Mamba-1's scan under bf16 autocast (trainer.precision=bf16-mixed) is the scan outside it: its products per
+    token stay float32 (casting them only cost time and the state's precision), outputs and gradients alike."""
+    inputs = [t.float().requires_grad_() for t in _scan_inputs()]
+    runs = []
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y, final = selective_scan(*inputs, doc_ids=DOCS)
+        runs.append((y, final, *torch.autograd.grad(y.square().sum(), inputs)))
+    for a, b in zip(*runs, strict=True):
+        assert a.dtype == torch.float32 and torch.equal(a, b)
+
+
 def test_causal_conv1d_matches_its_reference_across_documents_and_calls():
     x, w, bias, prev = torch.randn(2, 23, 5), torch.randn(5, 4), torch.randn(5), torch.randn(2, 3, 5)
     for a, b in zip(causal_conv1d(x, w, bias, prev=prev, doc_ids=DOCS),
