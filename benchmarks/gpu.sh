@@ -4,8 +4,8 @@
 # per shape; TESTS_K selects cases), the Triton kernels beside SDPA and fla (peers.py), decoding and training
 # against transformers in bf16 (decode.py, train_speed.py), and every kernel op's backends against its
 # reference at training shapes (kernel_ops.py; KERNEL_OPS selects ops), and the compiled decode step replayed
-# as a CUDA graph against eager (tests/archs/test_compiled_decode.py). Each part's log goes to $OUT (default
-# gpu_out/); *_S variables bound each part's seconds, and 0 skips the part.
+# as a CUDA graph against eager (tests/archs/test_compiled_decode.py), and train.py's trainer=gpu for 30 steps.
+# Each part's log goes to $OUT (default gpu_out/); *_S variables bound each part's seconds, and 0 skips the part.
 #   bash benchmarks/gpu.sh
 set -u
 cd "$(dirname "$0")/.."
@@ -33,6 +33,10 @@ part "${DECODE_S:-150}" decode.txt python3 benchmarks/decode.py --device cuda --
     --presets "${DECODE_PRESETS:-gqa,mla,cla,yoco_swa,mamba2}" --batches "${DECODE_BATCHES:-1,8}"
 part "${TRAIN_S:-90}" train.txt python3 benchmarks/train_speed.py --device cuda --dtype bfloat16 --batch 16 \
     --seq 1024 --steps 10
+# The default GPU recipe end to end (trainer=gpu: bf16-mixed, the fused AdamW, gradient clipping; needs lightning,
+# hydra-core, datasets and tokenizers beside torch): 30 steps on the bundled corpus.
+part "${RECIPE_S:-120}" recipe.txt python3 train.py trainer=gpu trainer.max_steps=30 trainer.val_check_interval=30 \
+    trainer.progress_bar=false output_root="$out/runs"
 part "${KERNELS_S:-120}" kernel_ops.txt python3 benchmarks/kernel_ops.py --device cuda ${KERNEL_OPS:+--ops "$KERNEL_OPS"}
 part "${GRAPHS_S:-150}" graphs.txt python3 -m pytest -q -p no:cacheprovider -o addopts="" "${workers[@]}" \
     tests/archs/test_compiled_decode.py -k cuda_graph -rf
