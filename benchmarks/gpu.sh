@@ -35,7 +35,7 @@ part "${TRAIN_S:-90}" train.txt python3 benchmarks/train_speed.py --device cuda 
     --seq 1024 --steps 10
 # The default GPU recipe end to end (trainer=gpu: bf16-mixed, the fused AdamW, gradient clipping; needs lightning,
 # hydra-core, datasets and tokenizers beside torch): 30 steps on the bundled corpus.
-part "${RECIPE_S:-120}" recipe.txt python3 train.py trainer=gpu trainer.max_steps=30 trainer.val_check_interval=30 \
+part "${RECIPE_S:-90}" recipe.txt python3 train.py trainer=gpu trainer.max_steps=30 trainer.val_check_interval=30 \
     trainer.progress_bar=false output_root="$out/runs"
 part "${KERNELS_S:-120}" kernel_ops.txt python3 benchmarks/kernel_ops.py --device cuda ${KERNEL_OPS:+--ops "$KERNEL_OPS"}
 part "${GRAPHS_S:-150}" graphs.txt python3 -m pytest -q -p no:cacheprovider -o addopts="" "${workers[@]}" \
