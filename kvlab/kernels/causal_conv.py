@@ -29,7 +29,9 @@ def causal_conv1d(x, weight, bias=None, *, prev=None, doc_ids=None):
     if prev is None:
         prev = x.new_zeros(B, K - 1, C)
     padded = torch.cat([prev.to(x.dtype), x], dim=1)  # [B, K - 1 + T, C]
-    taps = _tap_rows(weight)
+    # In x's dtype (as the bias already was): under bf16 autocast, float32 taps had made the output float32 and every
+    # product a cast of x and back in the backward (mamba2's training step x1.08 without them, samba's x1.04)
+    taps = _tap_rows(weight).to(x.dtype)
     # The taps accumulate in place into one output that starts from the bias: one pass per tap, where a
     # product and then a sum had taken two, each into a new tensor (x1.4 on the forward at mamba2's prefill).
     last = padded[:, K - 1 :]
@@ -53,7 +55,7 @@ def _taps_in_place(x, weight, bias, prev, doc_ids):
     (a view) costs its backward more than the copy (forward and backward x0.8)."""
     B, T, C = x.shape
     K = weight.shape[1]
-    taps = _tap_rows(weight)
+    taps = _tap_rows(weight).to(x.dtype)
     y = x * taps[K - 1] if bias is None else torch.addcmul(bias.to(x.dtype), x, taps[K - 1])
     for j in range(K - 1):
         shift = K - 1 - j  # how far back this tap reaches: outputs t >= shift read x, the first ones prev

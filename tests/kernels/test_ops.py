@@ -110,6 +110,18 @@ def test_causal_conv1d_matches_its_reference_across_documents_and_calls():
         assert rel_error(a, b) < 1e-6
 
 
+@pytest.mark.parametrize("grad", [True, False])
+def test_causal_conv1d_keeps_its_inputs_dtype(grad):
+    """bf16 inputs over float32 weights (a Mamba layer under bf16 autocast) give bf16 outputs, as float32's to bf16's
+    rounding: float32 taps had promoted the output and made every tap a cast."""
+    x, w, bias, prev = torch.randn(2, 23, 5), torch.randn(5, 4), torch.randn(5), torch.randn(2, 3, 5)
+    want, _ = causal_conv1d_reference(x, w, bias, prev=prev, doc_ids=DOCS)
+    with torch.set_grad_enabled(grad):
+        y, new_prev = causal_conv1d(x.bfloat16(), w, bias, prev=prev.bfloat16(), doc_ids=DOCS)
+    assert y.dtype == new_prev.dtype == torch.bfloat16
+    assert rel_error(y, want) < 2e-2
+
+
 # -- external wrappers against stand-ins of the packages ---------------------------------------------
 
 
