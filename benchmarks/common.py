@@ -1,5 +1,5 @@
-"""What the benchmark scripts share: best-of-n timing after a warm-up, waiting for a GPU's queued work, the
-relative error they report, and a mean with its 95% interval as a table cell."""
+"""What the benchmark scripts share: best-of-n timing after a warm-up, rounds of several runs interleaved, waiting
+for a GPU's queued work, the relative error they report, and a mean with its 95% interval as a table cell."""
 
 from __future__ import annotations
 
@@ -29,6 +29,26 @@ def timed(fn: Callable[[], object], repeats: int) -> float:
         sync()
         best = min(best, time.perf_counter() - t0)
     return best
+
+
+def best_interleaved(runners: list[tuple[str, object]], repeats: int) -> tuple[dict[str, float], bool]:
+    """The best time of each name over ``repeats`` rounds of ``runners``, in order and back (a name listed more
+    than once is timed each time it comes: decode.py's peer, between every preset's runs), and whether an interrupt
+    (Ctrl-C, ``timeout -s INT`` in benchmarks/gpu.sh) cut the rounds short: then the best so far (inf: not yet run)."""
+    best = {name: float("inf") for name, _ in runners}
+    try:
+        for r in range(repeats):
+            # each round in the other order: a step can run up to 20% slower right after another kind of step
+            # (two equal training steps timed in turn, benchmarks/RESULTS.md), so no row always follows the same one
+            for name, run in runners[:: 1 if r % 2 == 0 else -1]:
+                sync()
+                t0 = time.perf_counter()
+                run()
+                sync()
+                best[name] = min(best[name], time.perf_counter() - t0)
+    except KeyboardInterrupt:
+        return best, True
+    return best, False
 
 
 def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -44,7 +44,7 @@ import litgpt_peer  # benchmarks/litgpt_peer.py, beside this script
 import torch
 import torch.nn.functional as F
 import transformers
-from common import sync  # benchmarks/common.py, beside this script
+from common import best_interleaved, sync  # benchmarks/common.py, beside this script
 
 from kvlab import ModelConfig, build_model
 from kvlab.archs.decode import decode_step_for
@@ -100,24 +100,6 @@ def weight_pass(model, batch: int):
                     F.linear(xs[w.shape[1]], w)
 
     return passes
-
-
-def best_interleaved(runners: list[tuple[str, object]], repeats: int) -> tuple[dict[str, float], bool]:
-    """The best time of each name over ``repeats`` rounds of ``runners``, in order and back (a name listed more
-    than once is timed each time it comes: the peer, between every preset's runs), and whether an interrupt (Ctrl-C,
-    ``timeout -s INT`` in benchmarks/gpu.sh) cut the rounds short: then the best so far (inf: not yet run)."""
-    best = {name: float("inf") for name, _ in runners}
-    try:
-        for r in range(repeats):
-            for name, run in runners[:: 1 if r % 2 == 0 else -1]:  # each round in the other order (train_speed.py)
-                sync()
-                t0 = time.perf_counter()
-                run()
-                sync()
-                best[name] = min(best[name], time.perf_counter() - t0)
-    except KeyboardInterrupt:
-        return best, True
-    return best, False
 
 
 def main() -> None:

@@ -43,7 +43,7 @@ from pathlib import Path
 import litgpt_peer  # benchmarks/litgpt_peer.py, beside this script
 import torch
 import transformers
-from common import sync  # benchmarks/common.py, beside this script
+from common import best_interleaved  # benchmarks/common.py, beside this script
 from decode import same_architecture_twin  # benchmarks/decode.py, beside this script
 from torch.profiler import profile
 
@@ -143,16 +143,7 @@ def main() -> None:
         t0 = time.perf_counter()
         first_loss[name] = step()  # the same weights and batch: the same loss, to rounding
         first[name] = time.perf_counter() - t0
-    best = dict.fromkeys(steps, float("inf"))
-    for r in range(args.repeats):
-        # each round in the other order: a step runs slower right after some others (up to 20% in a scratch
-        # comparison of two equal steps), so no row always follows the same one
-        for name, step in list(steps.items())[:: 1 if r % 2 == 0 else -1]:
-            sync()
-            t0 = time.perf_counter()
-            step()
-            sync()
-            best[name] = min(best[name], time.perf_counter() - t0)
+    best, _ = best_interleaved(list(steps.items()), args.repeats)
     tokens = args.batch * args.seq
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"threads {torch.get_num_threads()}"
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, litgpt {litgpt_peer.version()}, "
@@ -187,7 +178,7 @@ def main() -> None:
 def precisions(presets: list[str], args, device) -> None:
     """Each preset's eager training step in float32 and under bf16 autocast, the two alternating, best of
     ``--repeats``: what ``trainer.precision=bf16-mixed`` is worth per architecture (any preset: no peer)."""
-    data = torch.randint(0, 4096, (1 + 2 * args.repeats, args.batch, args.seq + 1),
+    data = torch.randint(0, 4096, (1 + args.repeats, args.batch, args.seq + 1),  # each model: a warm-up, the rounds
                          generator=torch.Generator().manual_seed(0))  # fmt: skip
     print(f"kvlab's eager training step, batch {args.batch} x {args.seq} tokens, {device}, tokens/s "
           f"(best of {args.repeats})\n")  # fmt: skip
@@ -198,15 +189,9 @@ def precisions(presets: list[str], args, device) -> None:
             torch.manual_seed(0)
             model = build_model(ModelConfig.from_yaml(REPO_CONFIGS / f"{name}.yaml")).train().to(device)
             steps[dtype] = stepper(model, data, False, dtype)
-        best = dict.fromkeys(steps, float("inf"))
-        for r in range(1 + args.repeats):  # (the first round warms up)
-            for dtype, step in list(steps.items())[:: 1 if r % 2 == 0 else -1]:
-                sync()
-                t0 = time.perf_counter()
-                step()
-                sync()
-                if r:
-                    best[dtype] = min(best[dtype], time.perf_counter() - t0)
+        for step in steps.values():  # warm-up
+            step()
+        best, _ = best_interleaved(list(steps.items()), args.repeats)
         fp32, bf16 = (args.batch * args.seq / best[d] for d in steps)
         print(f"| {name} | {fp32:,.0f} | {bf16:,.0f} | x{bf16 / fp32:.2f} |", flush=True)
 
