@@ -753,11 +753,11 @@ def recurformer_recency(model: CausalLM, calibration: torch.Tensor, window: int)
     if T <= window:
         raise ValueError(f"convert.window={window}: the calibration rows are {T} tokens; the recency of a head needs "
                          "queries that see past the window")  # fmt: skip
+    behind = torch.arange(T, device=calibration.device)[:, None] - torch.arange(T, device=calibration.device)
+    near = (behind >= 0) & (behind < window)  # [query, key]: the key is one of the query's last `window`
     recency = {}
     for i, weights in attention_probabilities(model, calibration, "recurformer").items():
-        behind = torch.arange(T, device=weights.device)[:, None] - torch.arange(T, device=weights.device)
-        near = (behind >= 0) & (behind < window)  # [query, key]: the key is one of the query's last `window`
-        mass = (weights.double() * near).sum(-1)[:, :, window:].mean(dim=(0, 2))  # [query heads]
+        mass = (weights.double() * near.to(weights.device)).sum(-1)[:, :, window:].mean(dim=(0, 2))  # [query heads]
         per_kv = model.layers[i].mixer.n_heads // model.layers[i].mixer.n_kv_heads
         recency[i] = mass.view(-1, per_kv).mean(-1).cpu()
     return recency

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from kvlab import ModelConfig, build_model
 from tests.archs.test_decode import VARIANTS
-from tests.conftest import PRESETS, REPO
+from tests.conftest import PRESETS, preset_dict
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
@@ -103,7 +103,7 @@ def test_every_preset_trains_under_bf16_autocast_on_a_cpu(name):
     """trainer.precision=bf16-mixed on a CPU (README, "bf16 on a CPU"): one training step of each preset at its own
     shapes under bf16 autocast gives fp32's loss and gradient norm to bf16's rounding, gradients in the weights'
     float32. (KDGQA's groups follow its keys' norms, which bf16 may rank otherwise: 1.5% on the norm.)"""
-    config = ModelConfig.from_yaml(REPO / "configs" / "model" / f"{name}.yaml")
+    config = ModelConfig.from_dict(preset_dict(name))
     ids = torch.randint(0, config.vocab_size, (2, min(128, config.max_seq_len) + 1))
     context = torch.randint(0, config.vocab_size, (2, 32)) if config.context is not None else None
     torch.manual_seed(0)

@@ -118,7 +118,7 @@ def test_iso_cache_scales_each_mixers_cache_width_to_the_bytes_per_token():
 
     from kvlab.archs import ModelConfig
     from kvlab.archs.model import build_model
-    from tests.conftest import REPO, tiny
+    from tests.conftest import preset_dict, tiny
 
     def per_token(config, context=64):
         with torch.device("meta"):
@@ -139,12 +139,12 @@ def test_iso_cache_scales_each_mixers_cache_width_to_the_bytes_per_token():
         mamba = ModelConfig.from_dict(tiny(mixer=ssm))
         target = per_token(mamba) * 2
         assert abs(per_token(mamba.with_cache(target, 64)) - target) < 0.01 * target, ssm["kind"]
-    recurformer = ModelConfig.from_yaml(REPO / "configs" / "model" / "recurformer.yaml")  # both widths, one factor
+    recurformer = ModelConfig.from_dict(preset_dict("recurformer"))  # both widths, one factor
     scaled = recurformer.with_cache(1_000, 2048)
     attention, ssm = scaled.layer_mixers[0].mixers
     assert attention.head_dim < 32 and ssm.state_dim < 16 and abs(per_token(scaled, 2048) - 1_000) < 50
     with pytest.raises(ValueError, match=r"mixers.F is a parallel layer whose branches are averaged .* ties their"):
-        ModelConfig.from_yaml(REPO / "configs" / "model" / "hymba.yaml").with_cache(300, 2048)
+        ModelConfig.from_dict(preset_dict("hymba")).with_cache(300, 2048)
     with pytest.raises(ValueError, match="iso_cache=100: mixer is a rwkv7 mixer, whose cache kvlab does not scale"):
         ModelConfig.from_dict(tiny(mixer={"kind": "rwkv7"}, mlp={"kind": "rwkv_channel_mix", "hidden": 96})).with_cache(
             100, 64
