@@ -1,13 +1,15 @@
 """Jamba (Mamba + MoE) speed: kvlab beside `transformers`' JambaForCausalLM at the same weights, one process.
 
-    python benchmarks/jamba.py [--batch 8] [--seq 256] [--prompt 64] [--new 64] [--repeats 3]
+    python benchmarks/jamba.py [--batch 8] [--seq 256] [--prompt 64] [--new 64] [--repeats 3] [--scan-only]
 
 Three measurements, each the best of ``repeats`` after a warm-up, the runners interleaved:
 
 - Mamba-1's scan at the preset's shapes (batch x 512 channels x state 16 over ``seq`` tokens), forward and
-  backward: kvlab's token-by-token scan with its hand-written backward (the torch backend) against the
-  chunked linear-attention form it replaced (``linear_attention_chunked`` with a head per channel) and
-  `transformers`' Jamba scan (its PyTorch path, as it runs without mamba-ssm).
+  backward: kvlab's torch backend as training runs it on a CPU (compiled chunks of SCAN_CHUNK tokens; its
+  first call, the compilation, timed apart) and token by token with its hand-written backward (the
+  chunks off, as under ``KVLAB_COMPILE=0``), against the chunked linear-attention form the token loop
+  replaced (``linear_attention_chunked`` with a head per channel) and `transformers`' Jamba scan (its
+  PyTorch path, as it runs without mamba-ssm).
 - Greedy decoding at batch 1 after a ``prompt``-token prompt: kvlab's ``generate`` (eager) and
   JambaForCausalLM's ``generate``, holding the same weights (exported natively by ``save_hf``); the tokens
   must agree.
@@ -19,13 +21,16 @@ Three measurements, each the best of ``repeats`` after a warm-up, the runners in
 from __future__ import annotations
 
 import argparse
+import math
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 import transformers
 from common import timed  # benchmarks/common.py, beside this script
 
+import kvlab.kernels.ssm as ssm
 from kvlab import ModelConfig, build_model
 from kvlab.archs.hf import save_hf
 from kvlab.kernels.linear_attention import linear_attention_chunked
@@ -51,11 +56,26 @@ def time_scans(batch: int, seq: int, repeats: int) -> dict[str, float]:
         y, _ = scan(*inputs)
         y.square().mean().backward()
 
+    def token_by_token(*args):
+        held, ssm.COMPILED_SCAN_MIN = ssm.COMPILED_SCAN_MIN, math.inf
+        try:
+            return selective_scan(*args)
+        finally:
+            ssm.COMPILED_SCAN_MIN = held
+
     config = transformers.JambaConfig(hidden_size=256, mamba_d_state=16, mamba_expand=2)
     mixer = transformers.models.jamba.modeling_jamba.JambaMambaMixer(config, layer_idx=0)
     hidden = torch.randn(batch, seq, 256)
+    t0 = time.perf_counter()
+    run(selective_scan)
+    first = time.perf_counter() - t0
     return {
-        "kvlab scan (token by token, hand-written backward)": timed(lambda: run(selective_scan), repeats),
+        f"kvlab scan in compiled chunks of {ssm.SCAN_CHUNK} tokens (first call, compiling: {first:.1f} s)": timed(
+            lambda: run(selective_scan), repeats
+        ),
+        "kvlab scan token by token, hand-written backward (KVLAB_COMPILE=0)": timed(
+            lambda: run(token_by_token), repeats
+        ),
         "kvlab before: chunked linear attention, a head per channel": timed(lambda: run(chunked), repeats),
         "transformers JambaMambaMixer (whole mixer, PyTorch path)": timed(
             lambda: mixer(hidden).square().mean().backward(), repeats
@@ -82,6 +102,7 @@ def main() -> None:
     p.add_argument("--prompt", type=int, default=64)
     p.add_argument("--new", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--scan-only", action="store_true", help="the scan's timings alone")
     args = p.parse_args()
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}\n")
@@ -89,6 +110,8 @@ def main() -> None:
     print(f"Mamba-1 scan, forward + backward, batch {args.batch}, {args.seq} tokens, 512 channels, state 16:")
     for name, seconds in time_scans(args.batch, args.seq, args.repeats).items():
         print(f"  {name}: {seconds * 1e3:.0f} ms")
+    if args.scan_only:
+        return
 
     ours = build_model(ModelConfig.from_yaml(REPO_CONFIGS / "jamba.yaml"))
     with tempfile.TemporaryDirectory() as tmp:

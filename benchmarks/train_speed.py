@@ -3,6 +3,7 @@
     python benchmarks/train_speed.py [--preset gqa] [--batch 8] [--seq 256] [--repeats 5] [--steps 20]
                                      [--device cpu] [--dtype float32] [--loss-rows N] [--attention-in-bf16]
     python benchmarks/train_speed.py --precisions gqa,mamba2,... [--repeats 5]
+    python benchmarks/train_speed.py --compiled-blocks jamba,samba,... [--repeats 5] [--dtype bfloat16]
 
 The step is the training step's work: forward with the loss (kvlab: the
 fused head + loss; transformers: ``labels=``), backward, AdamW step,
@@ -27,7 +28,10 @@ adds them with the attention left to SDPA's bf16 kernels where kvlab would
 attend in float32 (training in bf16 on a CPU over short rows: BF16_SHORT in
 kvlab/kernels/attention.py), so what that choice is worth, side by side.
 ``--precisions a,b,...`` times kvlab's eager step alone, for any preset,
-in float32 and under bf16 autocast, alternating.
+in float32 and under bf16 autocast, alternating. ``--compiled-blocks
+a,b,...`` times any preset's step eager and through compiled blocks, and
+for Mamba-1 presets eager with its scan token by token (the compiled
+chunks off), interleaved.
 ``--device cuda --dtype bfloat16`` runs it on a GPU, both models under
 bf16 autocast (float32 weights and optimizer, as ``trainer.precision=
 bf16-mixed`` trains); the profiler's share is then not printed (it times
@@ -37,6 +41,7 @@ the host).
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
 
@@ -49,30 +54,31 @@ from torch.profiler import profile
 
 import kvlab.kernels.attention as attention_kernel
 import kvlab.kernels.cross_entropy as fused_loss
+import kvlab.kernels.ssm as ssm
 from kvlab import ModelConfig, build_model
+from kvlab.layers.mamba import Mamba
 
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"
 
 
-def stepper(model, batches, hf: bool, dtype=torch.float32, loss_rows: int | None = None, loss_fn=None,
-            bf16_short: int | None = None):  # fmt: skip
+def stepper(model, batches, hf: bool, dtype=torch.float32, loss_fn=None, patches=()):
     """One training step per call on the next of ``batches``; ``loss_fn(ids)`` (litgpt's) in place of the
-    model's own loss where given; ``bf16_short`` in place of kvlab's BF16_SHORT (0: attention in bf16)."""
+    model's own loss where given; ``patches``, (module, name, value) triples: kvlab's module globals set to
+    those values for this step's duration (read when compiled blocks trace too: Dynamo guards on them)."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)  # kvlab's recipe and transformers' Trainer
     it = iter(batches)
     device = next(model.parameters()).device
-    default_rows, default_short = fused_loss._rows_per_chunk, attention_kernel.BF16_SHORT
 
     def step():
         ids = next(it).to(device, non_blocking=True)
-        if loss_rows:  # this step's loss only: restored below
-            fused_loss._rows_per_chunk = lambda vocab, device=None: loss_rows
-        if bf16_short is not None:  # (read when the compiled blocks trace: Dynamo guards on it)
-            attention_kernel.BF16_SHORT = bf16_short
+        held = [(module, name, getattr(module, name)) for module, name, _ in patches]
+        for module, name, value in patches:
+            setattr(module, name, value)
         try:
             return _step(ids)
         finally:
-            fused_loss._rows_per_chunk, attention_kernel.BF16_SHORT = default_rows, default_short
+            for module, name, value in held:
+                setattr(module, name, value)
 
     def _step(ids):
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
@@ -102,10 +108,13 @@ def main() -> None:
     p.add_argument("--loss-rows", type=int, default=0, help="also time kvlab's steps with N-row loss chunks")
     p.add_argument("--attention-in-bf16", action="store_true", help="also time kvlab's steps with SDPA in bf16")
     p.add_argument("--precisions", default="", help="presets (a,b,...): kvlab's eager step in float32 and in bf16")
+    p.add_argument("--compiled-blocks", default="", help="presets (a,b,...): kvlab's step eager and compiled")
     args = p.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     if args.precisions:
         return precisions(args.precisions.split(","), args, device)
+    if args.compiled_blocks:
+        return compiled_blocks(args.compiled_blocks.split(","), args, device, dtype)
     n = 1 + args.repeats + args.steps
     data = torch.randint(0, 4096, (n, args.batch, args.seq + 1), generator=torch.Generator().manual_seed(0))
 
@@ -131,13 +140,14 @@ def main() -> None:
     steps = {"kvlab eager": stepper(eager, data, False, dtype), "kvlab compiled": stepper(compiled, data, False, dtype),
              "transformers eager": stepper(hf, data, True, dtype), **litgpt_steps}  # fmt: skip
     if args.loss_rows:
+        rows = [(fused_loss, "_rows_per_chunk", lambda vocab, device=None: args.loss_rows)]
         for kind, compile_it in (("eager", False), ("compiled", True)):
-            steps[f"kvlab {kind}, {args.loss_rows}-row loss chunks"] = stepper(
-                model(compile_it), data, False, dtype, loss_rows=args.loss_rows
-            )
+            steps[f"kvlab {kind}, {args.loss_rows}-row loss chunks"] = stepper(model(compile_it), data, False, dtype,
+                                                                               patches=rows)  # fmt: skip
     if args.attention_in_bf16:
         for kind, compile_it in (("eager", False), ("compiled", True)):
-            steps[f"kvlab {kind}, attention in bf16"] = stepper(model(compile_it), data, False, dtype, bf16_short=0)
+            patches = [(attention_kernel, "BF16_SHORT", 0)]
+            steps[f"kvlab {kind}, attention in bf16"] = stepper(model(compile_it), data, False, dtype, patches=patches)
     first, first_loss = {}, {}
     for name, step in steps.items():
         t0 = time.perf_counter()
@@ -194,6 +204,42 @@ def precisions(presets: list[str], args, device) -> None:
         best, _ = best_interleaved(list(steps.items()), args.repeats)
         fp32, bf16 = (args.batch * args.seq / best[d] for d in steps)
         print(f"| {name} | {fp32:,.0f} | {bf16:,.0f} | x{bf16 / fp32:.2f} |", flush=True)
+
+
+def compiled_blocks(presets: list[str], args, device, dtype) -> None:
+    """Each preset's training step eager and through compiled blocks (``trainer.compile``), and for presets
+    with Mamba-1 layers also eager with the scan token by token (its compiled chunks off, as under
+    ``KVLAB_COMPILE=0`` or below ``COMPILED_SCAN_MIN``), interleaved, best of ``--repeats``; the first
+    step of each, which compiles, timed apart (any preset: no peer)."""
+    data = torch.randint(0, 4096, (1 + args.repeats, args.batch, args.seq + 1),  # each model: a first step, the rounds
+                         generator=torch.Generator().manual_seed(0))  # fmt: skip
+    print(f"kvlab's training step, batch {args.batch} x {args.seq} tokens, {device}, {args.dtype}, tokens/s "
+          f"(best of {args.repeats}); first steps (compilation) in seconds\n")  # fmt: skip
+    print("| preset | eager, Mamba-1 scan token by token | eager | compiled blocks | compiled vs eager "
+          "| first step s: eager / compiled |\n| --- | --- | --- | --- | --- | --- |")  # fmt: skip
+    token_by_token = [(ssm, "COMPILED_SCAN_MIN", math.inf)]
+    for name in presets:
+        steps = {}
+        for kind in ("token by token", "eager", "compiled"):
+            torch.manual_seed(0)
+            model = build_model(ModelConfig.from_yaml(REPO_CONFIGS / f"{name}.yaml")).train().to(device)
+            if kind == "token by token" and not any(isinstance(m, Mamba) for m in model.modules()):
+                continue
+            model.compile_blocks = "inductor" if kind == "compiled" else None
+            steps[kind] = stepper(model, data, False, dtype, patches=token_by_token if kind == "token by token" else ())
+        first = {}
+        for kind, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            first[kind] = time.perf_counter() - t0
+        best, _ = best_interleaved(list(steps.items()), args.repeats)
+        rate = {kind: args.batch * args.seq / seconds for kind, seconds in best.items()}
+        scan = f"{rate['token by token']:,.0f}" if "token by token" in rate else "-"
+        print(
+            f"| {name} | {scan} | {rate['eager']:,.0f} | {rate['compiled']:,.0f} | "
+            f"x{rate['compiled'] / rate['eager']:.2f} | {first['eager']:.1f} / {first['compiled']:.1f} |",
+            flush=True,
+        )
 
 
 def _profile_share(step) -> None:

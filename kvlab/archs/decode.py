@@ -45,33 +45,19 @@ itself also runs uncompiled, for debugging what the graph computes.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
-import os
 import threading
 import time
 import weakref
 
 import torch
 
+from kvlab.kernels.registry import ISOLATED_COMPILE as _ISOLATED
+from kvlab.kernels.registry import compile_wanted
+
 log = logging.getLogger(__name__)
 
-ENV = "KVLAB_COMPILE"
 MIN_BUCKET = 64
-# Keyword arguments of torch.compile newer than the torch this declares (>= 2.4): used where present
-_ISOLATED = {"isolate_recompiles": True} if "isolate_recompiles" in inspect.signature(torch.compile).parameters else {}
-
-
-def compile_wanted(compile: bool | None) -> bool:
-    """``compile`` if given, else ``KVLAB_COMPILE`` (0/1), else True."""
-    if compile is not None:
-        if not isinstance(compile, bool):
-            raise ValueError(f"compile={compile!r}: expected True, False or None (None: ${ENV}, default on)")
-        return compile
-    value = os.environ.get(ENV, "1").strip().lower()
-    if value not in ("0", "1", "false", "true"):
-        raise ValueError(f"{ENV}={value!r}: expected 0 or 1")
-    return value in ("1", "true")
 
 
 def cache_length(needed: int, max_seq_len: int) -> int:

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from kvlab.kernels.attention import document_starts
 from kvlab.kernels.flushed_exp import flushed_exp
-from kvlab.kernels.linear_attention import _compute_dtype, decayed_products, minus_inf_where_hidden
+from kvlab.kernels.linear_attention import _compute_dtype, between_graphs, decayed_products, minus_inf_where_hidden
 
 
 def delta_rule_reference(q, k, v, log_decay, a, b, *, state=None, doc_ids=None, chunk_size=None):
@@ -124,4 +124,5 @@ def delta_rule(q, k, v, log_decay, a, b, *, state=None, doc_ids=None, chunk_size
     """The recurrence for one or two tokens (decoding), the chunked form otherwise."""
     if q.shape[2] <= 2:
         return delta_rule_reference(q, k, v, log_decay, a, b, state=state, doc_ids=doc_ids)
-    return delta_rule_chunked(q, k, v, log_decay, a, b, state=state, doc_ids=doc_ids, chunk_size=chunk_size)
+    chunked = between_graphs(delta_rule_chunked)
+    return chunked(q, k, v, log_decay, a, b, state=state, doc_ids=doc_ids, chunk_size=chunk_size)

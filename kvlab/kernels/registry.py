@@ -44,6 +44,7 @@ import contextvars
 import functools
 import importlib
 import importlib.util
+import inspect
 import logging
 import os
 from collections.abc import Callable
@@ -52,6 +53,26 @@ from dataclasses import dataclass, field
 import torch
 
 log = logging.getLogger(__name__)
+
+# What kvlab compiles on its own (``generate``'s decode step, the Mamba-1 scan's training chunks): the
+# environment variable that turns it off, and torch.compile's keywords newer than the torch kvlab declares
+# (>= 2.4), used where present (each compiled function then keeps its own recompilation budget).
+COMPILE_ENV = "KVLAB_COMPILE"
+_NEWER = inspect.signature(torch.compile).parameters
+ISOLATED_COMPILE = {"isolate_recompiles": True} if "isolate_recompiles" in _NEWER else {}
+
+
+def compile_wanted(compile: bool | None) -> bool:
+    """``compile`` if given, else ``KVLAB_COMPILE`` (0/1), else True."""
+    if compile is not None:
+        if not isinstance(compile, bool):
+            raise ValueError(f"compile={compile!r}: expected True, False or None (None: ${COMPILE_ENV}, default on)")
+        return compile
+    value = os.environ.get(COMPILE_ENV, "1").strip().lower()
+    if value not in ("0", "1", "false", "true"):
+        raise ValueError(f"{COMPILE_ENV}={value!r}: expected 0 or 1")
+    return value in ("1", "true")
+
 
 BACKENDS = ("reference", "torch", "triton", "external")
 MODES = ("auto",) + BACKENDS

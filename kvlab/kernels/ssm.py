@@ -25,14 +25,27 @@ and state element (2.1 s forward and backward at the ``jamba`` preset's
 shapes on 2 CPU cores, against 0.18 s this way: ``benchmarks/jamba.py``);
 the loop's steps are small elementwise ops, and the backward pass is the
 same scan in reverse (``_SelectiveScan``), not an autograd graph of T steps.
+Training on a CPU, the loop runs in compiled chunks of SCAN_CHUNK tokens
+(``_CompiledSelectiveScan``), its state in registers through each chunk.
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 
 from kvlab.kernels.attention import document_starts
 from kvlab.kernels.linear_attention import linear_attention_reference
+from kvlab.kernels.registry import ISOLATED_COMPILE, compile_wanted
+
+log = logging.getLogger(__name__)
+
+# Mamba-1's training scan on a CPU in compiled chunks of SCAN_CHUNK tokens (_CompiledSelectiveScan) where
+# batch x channels x state x tokens reaches COMPILED_SCAN_MIN: below it the compilation (about 10 s, once per
+# shape and process) would not pay for itself; a module global so that tests can lower it.
+SCAN_CHUNK = 8
+COMPILED_SCAN_MIN = 1 << 20
 
 
 def _ssd(x, dt, A, B, C, state, doc_ids, scan, **kwargs):
@@ -129,9 +142,140 @@ class _SelectiveScan(torch.autograd.Function):
         return grad_u, grad_delta, grad_A.sum(0), grad_B, grad_C, g, None
 
 
+def _scan_chunk(s, delta, u, A, B, C, keep):
+    """The scan over one chunk of L tokens from the state ``s`` [B, D, N] before it: y [L, B, D] and the state
+    after the chunk (layouts as _SelectiveScan's). Compiled, the L steps are one loop over (b, d, n): the
+    state stays in registers rather than passing through memory five times a token."""
+    ys = []
+    for t in range(delta.shape[0]):
+        a = (delta[t, ..., None] * A).exp()
+        if keep is not None:
+            a = a * keep[t, :, None, None]
+        s = a * s + (delta[t] * u[t])[..., None] * B[t, :, None, :]
+        ys.append((s * C[t, :, None, :]).sum(-1))
+    return torch.stack(ys), s
+
+
+def _scan_chunk_backward(s, g, grad_y, delta, u, A, B, C, keep):
+    """One chunk's backward (_SelectiveScan's equations) from the state ``s`` before the chunk, recomputing
+    the chunk's states, and ``g``, the gradient reaching the state after it: the gradients of the chunk's
+    u, delta, B and C, of A summed over it, and the gradient reaching ``s``."""
+    L = delta.shape[0]
+    decays, states = [], [s]
+    for t in range(L):
+        a = (delta[t, ..., None] * A).exp()
+        if keep is not None:
+            a = a * keep[t, :, None, None]
+        decays.append(a)
+        states.append(a * states[-1] + (delta[t] * u[t])[..., None] * B[t, :, None, :])
+    grad_u, grad_delta, grad_B, grad_C = ([None] * L for _ in range(4))
+    grad_A = torch.zeros_like(A)
+    for t in range(L - 1, -1, -1):
+        gy = grad_y[t, ..., None]
+        grad_C[t] = (gy * states[t + 1]).sum(1)
+        g = g + gy * C[t, :, None, :]
+        grad_du = (g * B[t, :, None, :]).sum(-1)
+        grad_B[t] = ((delta[t] * u[t])[..., None] * g).sum(1)
+        grad_log_a = g * states[t] * decays[t]
+        grad_delta[t] = (grad_log_a * A).sum(-1) + grad_du * u[t]
+        grad_u[t] = grad_du * delta[t]
+        grad_A = grad_A + (grad_log_a * delta[t, ..., None]).sum(0)
+        g = g * decays[t]
+    return g, torch.stack(grad_u), torch.stack(grad_delta), grad_A, torch.stack(grad_B), torch.stack(grad_C)
+
+
+_compiled_chunks: dict[str, object] = {}  # "forward"/"backward" -> the compiled chunk; cleared when it fails
+
+
+def _run_chunk(which: str, *args):
+    """The chunk through its compiled form; on any compiler failure, warned once, eagerly from then on."""
+    eager = _scan_chunk if which == "forward" else _scan_chunk_backward
+    compiled = _compiled_chunks.get(which)
+    if compiled is None:
+        return eager(*args)
+    try:
+        return compiled(*args)
+    except Exception as e:  # noqa: BLE001 - any compiler failure: run eagerly, say why
+        _compiled_chunks.clear()
+        _compiled_chunks["failed"] = True
+        log.warning("Mamba-1 scan: the compiled chunks are unavailable (%s: %s); scanning eagerly",
+                    type(e).__name__, str(e).splitlines()[0] if str(e) else "")  # fmt: skip
+        return eager(*args)
+
+
+def _compile_chunks() -> bool:
+    """Whether the compiled chunks can run (made on first use; KVLAB_COMPILE=0 keeps the scan eager)."""
+    if "failed" in _compiled_chunks or not compile_wanted(None) or not torch._dynamo.is_dynamo_supported():
+        return False
+    if not _compiled_chunks:
+        for which, fn in (("forward", _scan_chunk), ("backward", _scan_chunk_backward)):
+            _compiled_chunks[which] = torch.compile(fn, dynamic=False, fullgraph=True, **ISOLATED_COMPILE)
+    return True
+
+
+class _CompiledSelectiveScan(torch.autograd.Function):
+    """_SelectiveScan in chunks of SCAN_CHUNK tokens, each chunk one compiled kernel forward and one backward,
+    the backward recomputing a chunk's states from the state before it (saved: one state per chunk, not per
+    token). A shorter last chunk runs eagerly (no second compilation). At jamba's shapes (batch 8, 512
+    channels, state 16, 256 tokens) the scan's forward and backward took 42 ms against 114 token by token
+    (benchmarks/RESULTS.md, "Mamba-1's scan in compiled chunks, ...")."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, s0, keep):
+        T, L = u.shape[0], SCAN_CHUNK
+        starts, ys, s = [], [], s0
+        for t0 in range(0, T, L):
+            chunk = slice(t0, t0 + L)
+            starts.append(s)
+            args = (s, delta[chunk], u[chunk], A, B[chunk], C[chunk], None if keep is None else keep[chunk])
+            y, s = _run_chunk("forward", *args) if t0 + L <= T else _scan_chunk(*args)
+            ys.append(y)
+        ctx.save_for_backward(u, delta, A, B, C, keep, *starts)
+        final = s.clone()
+        ctx.mark_non_differentiable(final)
+        return torch.cat(ys), final
+
+    @staticmethod
+    def backward(ctx, grad_y, _grad_final):
+        u, delta, A, B, C, keep, *starts = ctx.saved_tensors
+        T, L = u.shape[0], SCAN_CHUNK
+        g, grad_A = torch.zeros_like(starts[0]), torch.zeros_like(A)
+        grads = []
+        for i in range(len(starts) - 1, -1, -1):
+            chunk = slice(i * L, i * L + L)
+            args = (starts[i], g, grad_y[chunk].contiguous(), delta[chunk], u[chunk], A, B[chunk], C[chunk],
+                    None if keep is None else keep[chunk])  # fmt: skip
+            g, *chunk_grads = _run_chunk("backward", *args) if i * L + L <= T else _scan_chunk_backward(*args)
+            grad_A += chunk_grads[2]
+            grads.append(chunk_grads)
+        grad_u, grad_delta, _, grad_B, grad_C = (torch.cat(parts[::-1]) for parts in zip(*grads, strict=True))
+        return grad_u, grad_delta, grad_A, grad_B, grad_C, g, None
+
+
+def _compiled_scan_pays(u, delta, A, B, C, state) -> bool:
+    batch, D, T = u.shape
+    return (
+        u.device.type == "cpu"
+        and torch.is_grad_enabled()
+        and any(t is not None and t.requires_grad for t in (u, delta, A, B, C, state))
+        and batch * D * A.shape[1] * T >= COMPILED_SCAN_MIN
+        and T >= SCAN_CHUNK
+        and _compile_chunks()
+    )
+
+
 def selective_scan(u, delta, A, B, C, *, state=None, doc_ids=None, chunk_size: int = 64):
     """y [B, D, T] (without the D skip) and the final state [B, D, N, 1]; float32 inputs. ``chunk_size`` is
-    not used (the scan runs token by token). The final state carries no gradient."""
+    not used (the scan runs token by token, or SCAN_CHUNK tokens per compiled kernel). The final state
+    carries no gradient."""
+    if torch.compiler.is_compiling() and torch.is_grad_enabled() and u.shape[2] > 1:
+        # Inside a compiled block (trainer.compile) the scan's loop would unroll into the block's graph: T steps
+        # forward and backward (jamba: 305 s to compile, then 15 s a step). The graph breaks here instead.
+        return _selective_scan_outside_graph(u, delta, A, B, C, state, doc_ids)
+    return _selective_scan_eager(u, delta, A, B, C, state, doc_ids)
+
+
+def _selective_scan_eager(u, delta, A, B, C, state, doc_ids):
     batch, D, T = u.shape
     keep = None
     if doc_ids is not None:  # a document's first token forgets the state before it
@@ -139,11 +283,15 @@ def selective_scan(u, delta, A, B, C, *, state=None, doc_ids=None, chunk_size: i
     s0 = u.new_zeros(batch, D, A.shape[1]) if state is None else state[..., 0].to(u.dtype)
     steps = (t.permute(2, 0, 1).contiguous() for t in (u, delta, B, C))  # [T, B, .]: one slice per token
     u_t, delta_t, B_t, C_t = steps
+    scan = _CompiledSelectiveScan if _compiled_scan_pays(u, delta, A, B, C, state) else _SelectiveScan
     # Outside autocast: each step's product is [B, D, N] by [B, N], where a bf16 autocast only adds casts (and the
     # state's rounding): jamba's training step under bf16 autocast ran at 0.89x its float32 speed with them.
     with torch.autocast(u.device.type, enabled=False):
-        y, final = _SelectiveScan.apply(u_t, delta_t, A.to(u.dtype), B_t, C_t, s0, keep)
+        y, final = scan.apply(u_t, delta_t, A.to(u.dtype), B_t, C_t, s0, keep)
     return y.permute(1, 2, 0), final[..., None]
+
+
+_selective_scan_outside_graph = torch.compiler.disable(_selective_scan_eager)
 
 
 def selective_scan_reference(u, delta, A, B, C, *, state=None, doc_ids=None, chunk_size: int = 64):

@@ -532,6 +532,8 @@ class Attention(nn.Module):
     def forward(self, x, *, cache=None, state: StepState | None = None, last_only: bool = False):
         """``last_only``: the output of the last position alone (a prefill's top layer); keys and values are
         still made, cached and published for every position."""
+        if self.cfg.kv_ranks is not None and self.training and torch.compiler.is_compiling():
+            return self._forward_between_graphs(x, cache=cache, state=state, last_only=last_only)
         state = StepState() if state is None else state
         if self.reads_weights:
             return self._apply_shared_weights(x, cache, state)
@@ -612,6 +614,13 @@ class Attention(nn.Module):
         weights = state.read("attention", self.attention_source, self.layer_idx)
         y = apply_attention_weights(weights, v.to(weights.dtype))
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.v_head_dim))
+
+    # MatryoshkaKV's training forward under trainer.compile's blocks: each step takes the next pair of ranks, and
+    # so other shapes, which traced would be a graph per pair and layer (16 x 6 at the preset: 10 s a step while
+    # they compiled, then Dynamo's limit and eager anyway).
+    @torch.compiler.disable
+    def _forward_between_graphs(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
 
     def _advance_training_state(self, k: torch.Tensor) -> None:
         """After a training forward: DGQA's allocation, MatryoshkaKV's place in its rank schedule. Not while

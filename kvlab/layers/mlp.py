@@ -212,6 +212,11 @@ class MoE(nn.Module):
         self.aux_loss: torch.Tensor | None = None  # of the last training forward (see CausalLM.aux_loss)
         self.tokens_per_expert: torch.Tensor | None = None  # in the last training forward
 
+    def __getstate__(self):
+        # Copies and pickles leave out the last forward's auxiliary loss: it holds that forward's graph, and
+        # copy.deepcopy refuses tensors inside a graph (a model copied after a training step).
+        return {**self.__dict__, "aux_loss": None}
+
     def init_normal(self, std: float, out_std: float) -> None:
         """The model's init (``CausalLM.init_weights``) for the stacked weights: N(0, std) in, N(0, out_std)
         out, as a Linear named up/down would get."""
@@ -277,10 +282,20 @@ class MoE(nn.Module):
         gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
         return F.linear(F.silu(gate) * up, down)
 
+    # Outside any compiled graph (trainer.compile's blocks): the experts' row counts change every step, and a
+    # graph specialised on them recompiled at every step (jamba: 4.3 s a step against 0.64 eager).
+    @torch.compiler.disable
     def _grouped(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, counts) -> torch.Tensor:
         """Tokens sorted by expert, each expert applied once to its ``counts`` tokens. Experts that got none
         still run (on no rows), so every expert is in the graph and gets a (zero) gradient: DDP needs no unused
         parameters."""
+        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            # In float32: bf16 matrix products on a CPU go through oneDNN, which builds a kernel for each new shape
+            # (about 1 ms), and the experts' row counts are new every step: jamba's step under bf16 autocast ran at
+            # 0.94x its float32 speed, and at 1.25x with its experts in float32 (benchmarks/RESULTS.md)
+            wide = torch.promote_types(x.dtype, torch.float32)
+            with torch.autocast("cpu", enabled=False):
+                return self._grouped(x.to(wide), experts, weights.to(wide), counts).to(x.dtype)
         order = experts.flatten().argsort(stable=True)
         rows = order // self.cfg.top_k  # the token of each sorted assignment
         parts = x[rows].split(counts.tolist())

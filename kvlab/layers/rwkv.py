@@ -277,7 +277,10 @@ class RWKV7(nn.Module):
         def heads(t):
             return t.reshape(B, T, H, D).transpose(1, 2)
 
-        r, k, v, lr, kappa = heads(r), heads(k), heads(v), heads(lr), kappa.transpose(1, 2)
+        # v's heads copied, not a view of the v published above: under trainer.compile the delta rule runs between
+        # graphs, so both leave one graph, and torch 2.13's AOT autograd cache rebuilt a view of the other one
+        # wrongly (a crash at the first step of any run after the first, with a warm cache)
+        r, k, v, lr, kappa = heads(r), heads(k), heads(v).contiguous(), heads(lr), kappa.transpose(1, 2)
         log_decay, a = heads(log_decay), kappa * lr
         if state.real is not None:  # a pad writes nothing, removes nothing, does not decay: the state passes it
             real = state.real[:, None, :, None]

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import kvlab.kernels.attention as attention_module
+import kvlab.kernels.ssm as ssm_module
 from kvlab.kernels import external
 from kvlab.kernels.attention import (
     absorbed_attention,
@@ -101,6 +102,55 @@ def test_selective_scan_runs_in_float32_under_autocast():
         runs.append((y, final, *torch.autograd.grad(y.square().sum(), inputs)))
     for a, b in zip(*runs, strict=True):
         assert a.dtype == torch.float32 and torch.equal(a, b)
+
+
+@pytest.fixture
+def compiled_scan(monkeypatch):
+    """Mamba-1's training scan in compiled chunks at the tests' shapes (the suite sets KVLAB_COMPILE=0)."""
+    monkeypatch.setenv("KVLAB_COMPILE", "1")
+    monkeypatch.setattr(ssm_module, "COMPILED_SCAN_MIN", 0)
+    monkeypatch.setattr(ssm_module, "_compiled_chunks", {})
+    return ssm_module._compiled_chunks
+
+
+def _scan_with_gradients(scan, inputs, state, doc_ids):
+    y, final = scan(*inputs, state=state, doc_ids=doc_ids)
+    weights = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)  # every output weighed differently
+    return y, final, *torch.autograd.grad((y * weights).sum(), [*inputs, state])
+
+
+@pytest.mark.skipif(not torch._dynamo.is_dynamo_supported(), reason="torch.compile is unsupported here")
+def test_selective_scan_in_compiled_chunks_matches_the_float64_recurrence(compiled_scan):
+    """The training scan on a CPU, SCAN_CHUNK tokens per compiled kernel and a shorter eager chunk last (23 = 8 +
+    8 + 7), its backward recomputing each chunk's states: outputs, final state and every gradient (the initial
+    state's included) against autograd through the float64 token-by-token recurrence, across documents."""
+    exact = [t.requires_grad_() for t in _scan_inputs()]
+    state = torch.randn(2, 6, 5, 1, dtype=torch.float64, requires_grad=True)
+    expected = _scan_with_gradients(selective_scan_reference, exact, state, DOCS)
+    inputs = [t.detach().float().requires_grad_() for t in exact]
+    got = _scan_with_gradients(selective_scan, inputs, state.detach().float().requires_grad_(), DOCS)
+    assert set(compiled_scan) == {"forward", "backward"}  # made, and none failed
+    for name, a, b in zip("y final u delta A B C state".split(), got, expected, strict=True):
+        assert a.dtype == torch.float32 and rel_error(a, b) < 1e-5, name
+
+
+def test_selective_scan_runs_eagerly_and_says_why_when_compilation_fails(compiled_scan, caplog):
+    def broken(*args):
+        raise RuntimeError("no C++ compiler\nmore detail")
+
+    compiled_scan.update(forward=broken, backward=broken)
+    exact = [t.requires_grad_() for t in _scan_inputs()]
+    state = torch.zeros(2, 6, 5, 1, dtype=torch.float64, requires_grad=True)
+    expected = _scan_with_gradients(selective_scan_reference, exact, state, None)
+    with caplog.at_level("WARNING", logger="kvlab.kernels.ssm"):
+        got = _scan_with_gradients(selective_scan, exact, state, None)
+        again = _scan_with_gradients(selective_scan, exact, state, None)  # token by token from then on, warned once
+    assert [r.getMessage() for r in caplog.records] == [
+        "Mamba-1 scan: the compiled chunks are unavailable (RuntimeError: no C++ compiler); scanning eagerly"
+    ]
+    assert compiled_scan == {"failed": True}
+    for a, b, c in zip(got, again, expected, strict=True):
+        assert rel_error(a, c) < 1e-10 and rel_error(b, c) < 1e-10
 
 
 def test_causal_conv1d_matches_its_reference_across_documents_and_calls():

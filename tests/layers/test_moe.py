@@ -1,6 +1,8 @@
 """The mixture-of-experts MLP: routing against a plain loop over tokens and experts in float64, its two
 execution paths, gradients, the load-balancing loss, per-layer MLPs in the config, and training."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -82,6 +84,22 @@ def test_every_expert_that_got_tokens_gets_a_gradient_and_the_others_a_zero_one(
     assert moe.router.weight.grad.norm() > 0  # through the chosen weights
 
 
+def test_experts_run_in_float32_under_a_cpus_bf16_autocast():
+    """On a CPU, bf16 products build a kernel per new shape, and the experts' row counts change every step: under
+    autocast the experts compute as without it (float32), outputs and gradients alike."""
+    moe = _moe(n_experts=4, top_k=2).float().train()
+    x = torch.randn(2, 9, D, requires_grad=True)
+    _, experts, weights = moe.route(x.reshape(-1, D))
+    counts = torch.bincount(experts.flatten(), minlength=4)
+    runs = []
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = moe._grouped(x.reshape(-1, D), experts, weights.detach(), counts)
+        runs.append((y, *torch.autograd.grad(y.square().sum(), [x, moe.gate_up_proj, moe.down_proj])))
+    for a, b in zip(*runs, strict=True):
+        assert a.dtype == torch.float32 and torch.equal(a, b)
+
+
 def test_the_balance_loss_is_the_expert_level_formula():
     moe = _moe(n_experts=4, top_k=2, aux_loss_coef=0.1).train()
     x = torch.randn(9, D, dtype=torch.float64)
@@ -121,6 +139,11 @@ def test_mlp_pattern_gives_each_layer_its_mlp_and_the_training_loss_its_balance_
     layers = [layer.mlp.aux_loss for layer in model.layers if isinstance(layer.mlp, MoE)]
     torch.testing.assert_close(aux, layers[0] + layers[1])
     assert build_model(tiny()).aux_loss() is None
+    # a copy after the step (its balance terms hold the step's graph, which deepcopy refuses) has none
+    twin = copy.deepcopy(model)
+    assert twin.aux_loss() is None
+    torch.testing.assert_close(model.aux_loss(), aux)  # the model's own are kept
+    torch.testing.assert_close(twin.state_dict(), model.state_dict())
 
 
 def test_layers_specs_may_give_an_mlp():
