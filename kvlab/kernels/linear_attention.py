@@ -251,7 +251,8 @@ def linear_attention(q, k, v, log_decay, *, state=None, doc_ids=None, exclusive:
 
 def between_graphs(fn):
     """``fn`` as it is, or inside torch.compile (trainer.compile's blocks) run between the block's graphs: for
-    the chunked forms over a vector decay, whose choice of form per chunk reads the decays' values
-    (``decayed_products``). Traced, each read split the block and specialised what followed on the value
-    read: rwkv6's compiled step ran at 0.62x its eager one, and rwkv7's first step compiled for 214 s."""
+    work a graph holds badly. The chunked forms over a vector decay choose each chunk's form by the decays'
+    values (``decayed_products``); traced, each read split the block and specialised what followed on the
+    value read: rwkv6's compiled step ran at 0.62x its eager one, and rwkv7's first step compiled for 214 s.
+    Mamba-1's scan (``kvlab.kernels.ssm``) would unroll its token loop into the graph."""
     return torch.compiler.disable(fn) if torch.compiler.is_compiling() else fn

@@ -36,7 +36,7 @@ import logging
 import torch
 
 from kvlab.kernels.attention import document_starts
-from kvlab.kernels.linear_attention import linear_attention_reference
+from kvlab.kernels.linear_attention import between_graphs, linear_attention_reference
 from kvlab.kernels.registry import ISOLATED_COMPILE, compile_wanted
 
 log = logging.getLogger(__name__)
@@ -89,6 +89,12 @@ def _selective_scan(u, delta, A, B, C, state, doc_ids, scan, **kwargs):
     return y[..., 0], final
 
 
+def _decay(delta, A, keep, t):
+    """Token t's decay a_t = exp(delta_t A) [B, D, N], zero where a document starts (``keep`` [T, B] 0)."""
+    a = (delta[t, ..., None] * A).exp()
+    return a if keep is None else a * keep[t, :, None, None]
+
+
 class _SelectiveScan(torch.autograd.Function):
     """Mamba-1's scan token by token, its backward the same scan in reverse; per step only [B, D, N] tensors
     (the discretised a_t = exp(delta_t A) and b_t = delta_t u_t B_t are formed in the step, never for all
@@ -105,9 +111,7 @@ class _SelectiveScan(torch.autograd.Function):
         y = torch.empty_like(u)
         s = s0
         for t in range(T):
-            a = (delta[t, ..., None] * A).exp()
-            if keep is not None:
-                a = a * keep[t, :, None, None]
+            a = _decay(delta, A, keep, t)
             s = torch.addcmul(a * s, (delta[t] * u[t])[..., None], B[t, :, None, :])
             states[t] = s
             y[t] = torch.bmm(s, C[t, :, :, None])[..., 0]
@@ -131,9 +135,7 @@ class _SelectiveScan(torch.autograd.Function):
             du = delta[t] * u[t]
             grad_du = torch.bmm(g, B[t, :, :, None])[..., 0]
             grad_B[t] = torch.bmm(du[:, None, :], g)[:, 0]
-            a = (delta[t, ..., None] * A).exp()
-            if keep is not None:
-                a = a * keep[t, :, None, None]
+            a = _decay(delta, A, keep, t)
             grad_log_a = g * (states[t - 1] if t else s0) * a  # through a = exp(delta A) (times keep)
             grad_delta[t] = (grad_log_a * A).sum(-1) + grad_du * u[t]
             grad_u[t] = grad_du * delta[t]
@@ -148,9 +150,7 @@ def _scan_chunk(s, delta, u, A, B, C, keep):
     state stays in registers rather than passing through memory five times a token."""
     ys = []
     for t in range(delta.shape[0]):
-        a = (delta[t, ..., None] * A).exp()
-        if keep is not None:
-            a = a * keep[t, :, None, None]
+        a = _decay(delta, A, keep, t)
         s = a * s + (delta[t] * u[t])[..., None] * B[t, :, None, :]
         ys.append((s * C[t, :, None, :]).sum(-1))
     return torch.stack(ys), s
@@ -163,9 +163,7 @@ def _scan_chunk_backward(s, g, grad_y, delta, u, A, B, C, keep):
     L = delta.shape[0]
     decays, states = [], [s]
     for t in range(L):
-        a = (delta[t, ..., None] * A).exp()
-        if keep is not None:
-            a = a * keep[t, :, None, None]
+        a = _decay(delta, A, keep, t)
         decays.append(a)
         states.append(a * states[-1] + (delta[t] * u[t])[..., None] * B[t, :, None, :])
     grad_u, grad_delta, grad_B, grad_C = ([None] * L for _ in range(4))
@@ -268,11 +266,11 @@ def selective_scan(u, delta, A, B, C, *, state=None, doc_ids=None, chunk_size: i
     """y [B, D, T] (without the D skip) and the final state [B, D, N, 1]; float32 inputs. ``chunk_size`` is
     not used (the scan runs token by token, or SCAN_CHUNK tokens per compiled kernel). The final state
     carries no gradient."""
-    if torch.compiler.is_compiling() and torch.is_grad_enabled() and u.shape[2] > 1:
-        # Inside a compiled block (trainer.compile) the scan's loop would unroll into the block's graph: T steps
-        # forward and backward (jamba: 305 s to compile, then 15 s a step). The graph breaks here instead.
-        return _selective_scan_outside_graph(u, delta, A, B, C, state, doc_ids)
-    return _selective_scan_eager(u, delta, A, B, C, state, doc_ids)
+    # Inside a compiled block (trainer.compile) the scan's loop would unroll into the block's graph: T steps
+    # forward and backward (jamba: 305 s to compile, then 15 s a step). It runs between the graphs instead.
+    training = torch.is_grad_enabled() and u.shape[2] > 1
+    scan = between_graphs(_selective_scan_eager) if training else _selective_scan_eager
+    return scan(u, delta, A, B, C, state, doc_ids)
 
 
 def _selective_scan_eager(u, delta, A, B, C, state, doc_ids):
@@ -289,9 +287,6 @@ def _selective_scan_eager(u, delta, A, B, C, state, doc_ids):
     with torch.autocast(u.device.type, enabled=False):
         y, final = scan.apply(u_t, delta_t, A.to(u.dtype), B_t, C_t, s0, keep)
     return y.permute(1, 2, 0), final[..., None]
-
-
-_selective_scan_outside_graph = torch.compiler.disable(_selective_scan_eager)
 
 
 def selective_scan_reference(u, delta, A, B, C, *, state=None, doc_ids=None, chunk_size: int = 64):
