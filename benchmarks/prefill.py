@@ -15,6 +15,11 @@ recurrent scans and the MLPs pass over cache-sized pieces, attention over
 the cached positions and the piece's own is causal with the queries at the
 end. ``model.prefill`` (what ``generate`` calls) takes pieces of
 ``PREFILL_CHUNK`` = 4,096 tokens on a CPU, set from this script's numbers.
+
+``--mamba1-token-loop`` adds, for each size, the prefill with Mamba-1's scan
+token by token as before its no-gradient form (``_scan_without_grad`` in
+``kvlab/kernels/ssm.py``), interleaved with the others; their last column
+is the difference from the one-call prefill with the no-gradient form.
 """
 
 from __future__ import annotations
@@ -26,15 +31,22 @@ from pathlib import Path
 import torch
 
 from kvlab import ModelConfig, build_model
+from kvlab.kernels import ssm
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def prefill(model, ids: torch.Tensor, chunk: int) -> tuple[float, torch.Tensor]:
+def prefill(model, ids: torch.Tensor, chunk: int, token_loop: bool = False) -> tuple[float, torch.Tensor]:
     cache = model.new_cache(1, ids.shape[1])
-    start = time.perf_counter()
-    logits = model.prefill(ids, cache, chunk=chunk)  # the whole length: one call
-    return time.perf_counter() - start, logits
+    held = ssm._scan_without_grad
+    if token_loop:
+        ssm._scan_without_grad = ssm._SelectiveScan.apply
+    try:
+        start = time.perf_counter()
+        logits = model.prefill(ids, cache, chunk=chunk)  # the whole length: one call
+        return time.perf_counter() - start, logits
+    finally:
+        ssm._scan_without_grad = held
 
 
 def main() -> None:
@@ -43,8 +55,11 @@ def main() -> None:
     p.add_argument("--length", type=int, default=16384)
     p.add_argument("--chunks", default="16384,4096,2048,512")
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--mamba1-token-loop", action="store_true", help="also each size with Mamba-1's token loop")
     args = p.parse_args()
-    chunks = [int(c) for c in args.chunks.split(",")]
+    chunks = [(int(c), False) for c in args.chunks.split(",")]
+    if args.mamba1_token_loop:
+        chunks = [run for chunk, _ in chunks for run in ((chunk, False), (chunk, True))]
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch 1, {args.length:,} tokens, fp32\n")
     print("| preset | chunk | prefill s | tokens/s | max abs diff vs one call |")
     print("| --- | --- | --- | --- | --- |")
@@ -57,14 +72,14 @@ def main() -> None:
         best, last = {}, {}
         with torch.inference_mode():
             for _ in range(args.repeats):
-                for chunk in chunks:
-                    seconds, last[chunk] = prefill(model, ids, chunk)
-                    best[chunk] = min(best.get(chunk, float("inf")), seconds)
-        whole = last[max(chunks)]
-        for chunk in chunks:
-            diff = (last[chunk] - whole).abs().max().item()
-            print(f"| {preset} | {chunk:,} | {best[chunk]:.2f} | {args.length / best[chunk]:,.0f} | {diff:.1e} |",
-                  flush=True)  # fmt: skip
+                for run in chunks:
+                    seconds, last[run] = prefill(model, ids, *run)
+                    best[run] = min(best.get(run, float("inf")), seconds)
+        whole = last[max(chunks)[0], False]
+        for run in chunks:
+            diff = (last[run] - whole).abs().max().item()
+            name = f"{run[0]:,}" + (", Mamba-1 token by token" if run[1] else "")
+            print(f"| {preset} | {name} | {best[run]:.2f} | {args.length / best[run]:,.0f} | {diff:.1e} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,8 @@ shapes on 2 CPU cores, against 0.18 s this way: ``benchmarks/jamba.py``);
 the loop's steps are small elementwise ops, and the backward pass is the
 same scan in reverse (``_SelectiveScan``), not an autograd graph of T steps.
 Training on a CPU, the loop runs in compiled chunks of SCAN_CHUNK tokens
-(``_CompiledSelectiveScan``), its state in registers through each chunk.
+(``_CompiledSelectiveScan``), its state in registers through each chunk;
+without gradients, one fused op per token (``_scan_without_grad``).
 """
 
 from __future__ import annotations
@@ -46,6 +47,10 @@ log = logging.getLogger(__name__)
 # shape and process) would not pay for itself; a module global so that tests can lower it.
 SCAN_CHUNK = 8
 COMPILED_SCAN_MIN = 1 << 20
+# Without gradients (prefill, evaluation) the scan forms a block of tokens' decays and inputs at once, in blocks
+# of about this many elements (4 MiB in float32: they stay in cache), and at most NO_GRAD_BLOCK_TOKENS tokens.
+NO_GRAD_BLOCK_ELEMENTS = 1 << 20
+NO_GRAD_BLOCK_TOKENS = 64
 
 
 def _ssd(x, dt, A, B, C, state, doc_ids, scan, **kwargs):
@@ -250,12 +255,38 @@ class _CompiledSelectiveScan(torch.autograd.Function):
         return grad_u, grad_delta, grad_A, grad_B, grad_C, g, None
 
 
+def _scan_without_grad(u, delta, A, B, C, s0, keep):
+    """The scan when nothing needs its gradient (a prefill, an evaluation), in _SelectiveScan's layouts. A block
+    of tokens' decays a_t and inputs b_t = delta_t u_t B_t are formed in one op each, then each token is one
+    fused op, s_t = b_t + a_t s_{t-1}, written over b_t, and the block's outputs are one batched product. No
+    state outlives its block (_SelectiveScan keeps all T for a backward). At batch 1, 512 channels, state 16,
+    a 4,096-token prefill took 52 ms against 233 token by token: a token's tensors are small, so its cost is
+    the number of ops (benchmarks/RESULTS.md, "Mamba-1's prefill ...")."""
+    T, batch, D = u.shape
+    block = max(1, min(NO_GRAD_BLOCK_TOKENS, NO_GRAD_BLOCK_ELEMENTS // s0.numel()))
+    y = torch.empty_like(u)
+    s = s0
+    for t0 in range(0, T, block):
+        chunk = slice(t0, t0 + block)
+        decays = (delta[chunk, ..., None] * A).exp_()  # [L, B, D, N]
+        if keep is not None:
+            decays.mul_(keep[chunk, :, None, None])
+        states = (delta[chunk] * u[chunk])[..., None] * B[chunk, :, None, :]
+        for t in range(states.shape[0]):
+            s = states[t].addcmul_(decays[t], s)
+        L = states.shape[0]
+        torch.bmm(states.view(L * batch, D, -1), C[chunk].reshape(L * batch, -1, 1), out=y[chunk].view(L * batch, D, 1))
+    return y, s.clone()  # not a view that would hold the last block
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _compiled_scan_pays(u, delta, A, B, C, state) -> bool:
     batch, D, T = u.shape
     return (
         u.device.type == "cpu"
-        and torch.is_grad_enabled()
-        and any(t is not None and t.requires_grad for t in (u, delta, A, B, C, state))
         and batch * D * A.shape[1] * T >= COMPILED_SCAN_MIN
         and T >= SCAN_CHUNK
         and _compile_chunks()
@@ -281,11 +312,14 @@ def _selective_scan_eager(u, delta, A, B, C, state, doc_ids):
     s0 = u.new_zeros(batch, D, A.shape[1]) if state is None else state[..., 0].to(u.dtype)
     steps = (t.permute(2, 0, 1).contiguous() for t in (u, delta, B, C))  # [T, B, .]: one slice per token
     u_t, delta_t, B_t, C_t = steps
-    scan = _CompiledSelectiveScan if _compiled_scan_pays(u, delta, A, B, C, state) else _SelectiveScan
+    if not _needs_grad(u, delta, A, B, C, state):
+        scan = _scan_without_grad
+    else:
+        scan = (_CompiledSelectiveScan if _compiled_scan_pays(u, delta, A, B, C, state) else _SelectiveScan).apply
     # Outside autocast: each step's product is [B, D, N] by [B, N], where a bf16 autocast only adds casts (and the
     # state's rounding): jamba's training step under bf16 autocast ran at 0.89x its float32 speed with them.
     with torch.autocast(u.device.type, enabled=False):
-        y, final = scan.apply(u_t, delta_t, A.to(u.dtype), B_t, C_t, s0, keep)
+        y, final = scan(u_t, delta_t, A.to(u.dtype), B_t, C_t, s0, keep)
     return y.permute(1, 2, 0), final[..., None]
 
 

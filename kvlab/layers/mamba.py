@@ -199,7 +199,7 @@ class MambaConfig(MixerConfig):
     inner: int | None = None  # inner channels given outright (RecurFormer: the replaced heads' width); None: expand
     dt_rank: int | None = None  # None: ceil(d_model / 16)
     conv_kernel: int = 4
-    chunk_size: int = 16  # unused since the torch scan runs token by token; kept so configs stay valid
+    chunk_size: int = 16  # unused since the torch scan is elementwise (kvlab.kernels.ssm); kept so configs stay valid
     dt_min: float = 0.001
     dt_max: float = 0.1
     inner_norms: bool = False  # Jamba's RMSNorms of dt_low, B and C

@@ -74,6 +74,23 @@ def test_ssd_and_selective_scan_chunked_equal_their_recurrences():
         assert rel_error(a, b) < 1e-10
 
 
+@pytest.mark.parametrize("block", [5, 64])
+def test_selective_scan_without_gradients_matches_the_float64_recurrence(block, monkeypatch):
+    """A prefill's scan (nothing needs a gradient): blocks of tokens formed at once and one fused op per token,
+    in blocks of 5 (23 = 4 x 5 + 3) and in one, from a state and across documents, in float32 against float64.
+    Its final state is its own tensor (not a view of a block), and the state passed in is left as it was."""
+    monkeypatch.setattr(ssm_module, "NO_GRAD_BLOCK_TOKENS", block)
+    exact, state = _scan_inputs(), torch.randn(2, 6, 5, 1, dtype=torch.float64)
+    expected = selective_scan_reference(*exact, state=state, doc_ids=DOCS)
+    inputs, state32 = [t.float() for t in exact], state.float()
+    before = state32.clone()
+    with torch.no_grad():
+        got = selective_scan(*inputs, state=state32, doc_ids=DOCS)
+    for name, a, b in zip(["y", "final"], got, expected, strict=True):
+        assert a.dtype == torch.float32 and rel_error(a, b) < 1e-5, name
+    assert got[1].untyped_storage().nbytes() == got[1].nbytes and torch.equal(state32, before)
+
+
 @pytest.mark.parametrize("kwargs", [{"doc_ids": DOCS}, {"state": "random"}], ids=["documents", "state"])
 def test_selective_scans_hand_written_backward_matches_autograd_through_the_recurrence(kwargs):
     """Mamba-1's torch scan runs its backward by hand (the scan in reverse): every input's gradient against
