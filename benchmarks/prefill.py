@@ -2,6 +2,7 @@
 
     python benchmarks/prefill.py [--presets gqa,mla,mamba2,rwkv7] [--length 16384]
                                  [--chunks 16384,4096,2048,512] [--repeats 2]
+                                 [--baselines mamba1-token-loop,sinks-whole-mask]
 
 For each preset (random weights, batch 1, the presets' widths with
 ``max_seq_len`` raised to ``length``) a prompt of ``length`` tokens is
@@ -16,37 +17,45 @@ the cached positions and the piece's own is causal with the queries at the
 end. ``model.prefill`` (what ``generate`` calls) takes pieces of
 ``PREFILL_CHUNK`` = 4,096 tokens on a CPU, set from this script's numbers.
 
-``--mamba1-token-loop`` adds, for each size, the prefill with Mamba-1's scan
-token by token as before its no-gradient form (``_scan_without_grad`` in
-``kvlab/kernels/ssm.py``), interleaved with the others; their last column
-is the difference from the one-call prefill with the no-gradient form.
+``--baselines`` adds, for each size, the prefill with one of kvlab's own
+paths as it was before a change, interleaved with the others (their last
+column: the difference from the one-call prefill as it is now):
+``mamba1-token-loop``, Mamba-1's scan token by token as before its
+no-gradient form (``_scan_without_grad`` in ``kvlab/kernels/ssm.py``);
+``sinks-whole-mask``, a window with sinks (Hymba's) over one mask of every
+key, as before it went block by block (``windowed_attention_with_sinks``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
 from kvlab import ModelConfig, build_model
 from kvlab.kernels import ssm
+from kvlab.layers.attention import Attention
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def prefill(model, ids: torch.Tensor, chunk: int, token_loop: bool = False) -> tuple[float, torch.Tensor]:
+# kvlab's paths as they were before a change: (owner, attribute, the earlier value)
+BASELINES = {
+    "mamba1-token-loop": (ssm, "_scan_without_grad", ssm._SelectiveScan.apply),
+    "sinks-whole-mask": (Attention, "_sinks_block_by_block", lambda self, q, view, state: False),
+}
+
+
+def prefill(model, ids: torch.Tensor, chunk: int, baseline: str | None = None) -> tuple[float, torch.Tensor]:
     cache = model.new_cache(1, ids.shape[1])
-    held = ssm._scan_without_grad
-    if token_loop:
-        ssm._scan_without_grad = ssm._SelectiveScan.apply
-    try:
+    with mock.patch.object(*BASELINES[baseline]) if baseline else contextlib.nullcontext():
         start = time.perf_counter()
         logits = model.prefill(ids, cache, chunk=chunk)  # the whole length: one call
         return time.perf_counter() - start, logits
-    finally:
-        ssm._scan_without_grad = held
 
 
 def main() -> None:
@@ -55,11 +64,13 @@ def main() -> None:
     p.add_argument("--length", type=int, default=16384)
     p.add_argument("--chunks", default="16384,4096,2048,512")
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--mamba1-token-loop", action="store_true", help="also each size with Mamba-1's token loop")
+    p.add_argument("--baselines", default="", help=f"also each size with kvlab's earlier path: {', '.join(BASELINES)}")
     args = p.parse_args()
-    chunks = [(int(c), False) for c in args.chunks.split(",")]
-    if args.mamba1_token_loop:
-        chunks = [run for chunk, _ in chunks for run in ((chunk, False), (chunk, True))]
+    baselines = [None] + [b for b in args.baselines.split(",") if b]
+    for b in baselines[1:]:
+        if b not in BASELINES:
+            p.error(f"--baselines: {b!r} is not one of {', '.join(BASELINES)}")
+    chunks = [(int(c), b) for c in args.chunks.split(",") for b in baselines]
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch 1, {args.length:,} tokens, fp32\n")
     print("| preset | chunk | prefill s | tokens/s | max abs diff vs one call |")
     print("| --- | --- | --- | --- | --- |")
@@ -75,10 +86,10 @@ def main() -> None:
                 for run in chunks:
                     seconds, last[run] = prefill(model, ids, *run)
                     best[run] = min(best.get(run, float("inf")), seconds)
-        whole = last[max(chunks)[0], False]
+        whole = last[max(c for c, _ in chunks), None]
         for run in chunks:
             diff = (last[run] - whole).abs().max().item()
-            name = f"{run[0]:,}" + (", Mamba-1 token by token" if run[1] else "")
+            name = f"{run[0]:,}" + (f", {run[1]}" if run[1] else "")
             print(f"| {preset} | {name} | {best[run]:.2f} | {args.length / best[run]:,.0f} | {diff:.1e} |", flush=True)
 
 

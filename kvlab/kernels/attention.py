@@ -201,6 +201,31 @@ def _windowed_blocks(q, k, v, window: int, scale):
     return torch.cat(out, dim=2)
 
 
+def windowed_attention_with_sinks(attend, q, k, v, k_pos: torch.Tensor, window: int, sinks: int, scale=None):
+    """Sliding-window attention with sinks (``position_mask``'s rule) block by block, through ``attend`` (an
+    attention op taking a mask) per block of ``window`` queries: the block's window of keys and the sinks before
+    it, so time and memory grow with T * (window + sinks), not T * S. ``k_pos`` [S]: the keys' positions,
+    ascending, the last T of them the queries' own and consecutive (a sink ring's view: the sinks, then a run of
+    positions; a gap between them is allowed). A mask over all S keys would cost as much as full attention."""
+    T, S = q.shape[2], k.shape[2]
+    q_pos = k_pos[S - T :]
+    blocks = range(0, T, window)
+    # each block's first key: the first at or after its first query's position - window + 1
+    firsts = torch.searchsorted(k_pos, q_pos[list(blocks)] - window + 1).tolist()
+    n_sinks = int(torch.searchsorted(k_pos, torch.tensor(sinks, device=k_pos.device)))  # keys below ``sinks``
+    out = []
+    for a, first in zip(blocks, firsts, strict=True):
+        b, held = min(a + window, T), min(n_sinks, first)  # the sinks not already in the block's window
+        keys = slice(first, S - T + b)
+        k_b, v_b, pos_b = k[:, :, keys], v[:, :, keys], k_pos[keys]
+        if held:
+            k_b, v_b = torch.cat([k[:, :, :held], k_b], dim=2), torch.cat([v[:, :, :held], v_b], dim=2)
+            pos_b = torch.cat([k_pos[:held], pos_b])
+        mask = position_mask(q_pos[a:b], pos_b, window, sinks)
+        out.append(attend(q[:, :, a:b], k_b, v_b, mask=mask, scale=scale))
+    return torch.cat(out, dim=2)
+
+
 def attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,

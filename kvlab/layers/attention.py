@@ -102,7 +102,12 @@ import torch
 from torch import nn
 
 from kvlab._config import check_bool, check_choice, check_float, check_int
-from kvlab.kernels.attention import apply_attention_weights, document_mask, position_mask
+from kvlab.kernels.attention import (
+    apply_attention_weights,
+    document_mask,
+    position_mask,
+    windowed_attention_with_sinks,
+)
 from kvlab.kernels.ops import apply_rope, attention, attention_weights
 from kvlab.kernels.rope import check_rope_scaling
 from kvlab.layers.base import LayerFootprint, MixerConfig, StepState, default_head_dim, register_mixer
@@ -784,7 +789,27 @@ class Attention(nn.Module):
         """Attention of the step's queries (positions ``state.start..``) over ``view``, with the cheapest correct
         mask."""
         k, v = self._kv_for(q, view)
+        if self._sinks_block_by_block(q, view, state):
+            S = k.shape[2]
+            k_pos = view.k_pos if view.k_pos is not None else torch.arange(view.end - S, view.end, device=q.device)
+            return windowed_attention_with_sinks(attention, q, k, v, k_pos, self.cfg.window, self.cfg.sinks, self.scale)
         return attention(q, k, v, **self._mask_options(q, view, state), scale=self.scale)
+
+    def _sinks_block_by_block(self, q: torch.Tensor, view: KVView, state: StepState) -> bool:
+        """Whether a window with sinks over many queries goes block by block: the queries the last T of the
+        view's keys, which are in the order of their positions (a first prefill, or a prompt's piece on a sink
+        ring: the sinks, then the window's run). Its mask over every key made Hymba's windowed layers cost as
+        much as its global ones (a 16K-token prefill, benchmarks/RESULTS.md)."""
+        T, window = q.shape[2], self.cfg.window
+        return (
+            bool(self.cfg.sinks)
+            and T > 2 * window
+            and state.doc_ids is None
+            and state.pads is None
+            and not isinstance(state.start, torch.Tensor)
+            and view.end == state.start + T
+            and (view.k_pos is None or view.k_pos.dim() == 1)
+        )
 
     def score_problem(self) -> str | None:
         """Why a cache policy that keeps positions by the attention they receive (H2O, SnapKV) cannot hold this

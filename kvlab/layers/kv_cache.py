@@ -204,6 +204,7 @@ class SinkRingKV(_KVBuffers):
         else:
             pos, held = self._held(start)
             idx = held.nonzero()[:, 0]
+            idx = idx[pos[idx].argsort()]  # in the order of their positions: attention can go block by block
             view = KVView(
                 torch.cat([self.k.index_select(2, idx), k_new.to(self.k.dtype)], dim=2),
                 torch.cat([self.v.index_select(2, idx), v_new.to(self.v.dtype)], dim=2),

@@ -8,6 +8,7 @@ from kvlab.kernels.attention import (
     attention_weights,
     attention_weights_reference,
     position_mask,
+    windowed_attention_with_sinks,
 )
 
 
@@ -115,6 +116,30 @@ def test_long_sliding_window_runs_block_by_block():
     ref = attention_reference(q, k[:, :2], v[:, :2], causal=True, window=4)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     for g, r in zip(torch.autograd.grad(out.sum(), (q, k, v)), torch.autograd.grad(ref.sum(), (q, k, v)), strict=True):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("gap", [0, 9], ids=["one run", "sinks then a later run"])
+def test_a_window_with_sinks_runs_block_by_block(gap):
+    """Sinks beside a window, block by block over keys at ascending positions whose last T are the queries (a sink
+    ring's view: 3 sinks, then a run, with or without a gap after the sinks), values wider than keys: against the
+    reference with the whole mask (blocks through the reference, and through SDPA, gradients too: Hymba's training
+    rows run so, its meta tokens making them longer than two windows)."""
+    T, window, sinks = 23, 4, 3
+    run = torch.arange(sinks + gap, sinks + gap + 8 + T)  # 8 held keys before the queries
+    k_pos = torch.cat([torch.arange(sinks), run]) if gap else torch.arange(sinks + 8 + T)
+    q, k, v = (
+        torch.randn(2, h, n, d, requires_grad=True) for h, n, d in ((4, T, 8), (2, len(k_pos), 8), (2, len(k_pos), 16))
+    )
+    mask = position_mask(k_pos[-T:], k_pos, window, sinks)
+    expected = attention_reference(q, k, v, mask=mask, scale=0.3)
+    blocks = windowed_attention_with_sinks(attention_reference, q, k, v, k_pos, window, sinks, scale=0.3)
+    torch.testing.assert_close(blocks, expected, atol=1e-6, rtol=1e-6)
+    fused = windowed_attention_with_sinks(attention, q, k, v, k_pos, window, sinks, scale=0.3)
+    torch.testing.assert_close(fused, expected, atol=1e-5, rtol=1e-5)
+    weights = torch.randn_like(expected)
+    for g, r in zip(torch.autograd.grad((fused * weights).sum(), (q, k, v)),
+                    torch.autograd.grad((expected * weights).sum(), (q, k, v)), strict=True):  # fmt: skip
         torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
 
 
