@@ -205,8 +205,9 @@ def windowed_attention_with_sinks(attend, q, k, v, k_pos: torch.Tensor, window: 
     """Sliding-window attention with sinks (``position_mask``'s rule) block by block, through ``attend`` (an
     attention op taking a mask) per block of ``window`` queries: the block's window of keys and the sinks before
     it, so time and memory grow with T * (window + sinks), not T * S. ``k_pos`` [S]: the keys' positions,
-    ascending, the last T of them the queries' own and consecutive (a sink ring's view: the sinks, then a run of
-    positions; a gap between them is allowed). A mask over all S keys would cost as much as full attention."""
+    ascending, the last T of them the queries' own and consecutive (a sink ring's view, whose caches list the
+    held keys in position order: the sinks, then a run of positions; a gap between them is allowed). A mask over
+    all S keys would cost as much as full attention."""
     T, S = q.shape[2], k.shape[2]
     q_pos = k_pos[S - T :]
     blocks = range(0, T, window)

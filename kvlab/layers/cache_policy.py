@@ -424,13 +424,15 @@ class PolicyKV:
         if self.window:  # not what no query of the step reaches: a window's positions before start + 1 - window
             held &= (pos < self.sinks) | (pos > start - self.window)
         idx = held.nonzero()[:, 0]
+        if self.window:  # in the order of their positions, as a sink ring's view (attention goes block by block)
+            idx = idx[pos[idx].argsort()]
         k = torch.cat([self.k.get(idx), k_new.to(self.dtype)], dim=2)
         v = torch.cat([self.v.get(idx), v_new.to(self.dtype)], dim=2)
         if not self.window:  # positions 0..end-1 in order
             return KVView(k, v, end)
         k_pos = torch.cat([pos[idx], torch.arange(start, end, device=idx.device)])
         if self.rotary is not None and len(idx) >= self.sinks:
-            k, k_pos = self._moved_sinks(k, k_pos, int(k_pos[self.sinks :].min()))  # ring slots: not in order
+            k, k_pos = self._moved_sinks(k, k_pos, int(k_pos[self.sinks]))  # the window's earliest held position
         return KVView(k, v, end, k_pos)
 
     def view(self, end: int) -> KVView:

@@ -4,13 +4,16 @@ by the footprint, composed with every attention layout (grouping, windows, sinks
 attention branches)."""
 
 import re
+from unittest import mock
 
 import pytest
 import torch
 
 from kvlab import build_model
 from kvlab.archs.decode import decode_step_for
+from kvlab.kernels.attention import windowed_attention_with_sinks as windowed
 from kvlab.kernels.rope import apply_rope
+from kvlab.layers.attention import Attention
 from kvlab.layers.cache_policy import CachePolicy, KiviKV, PolicyKV
 from kvlab.layers.kv_cache import RingKV, SinkRingKV, StaticKV
 from kvlab.layers.rope import Rotary
@@ -199,6 +202,25 @@ def test_cache_bytes_equal_the_policys_footprint_for_every_layout(name, spec):
             seen += size
             assert cache.nbytes() == fp.total_bytes(seen, batch_size=2)
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("spec", [None, "int8"], ids=str)
+def test_a_window_with_sinks_over_a_policy_goes_block_by_block_as_over_one_mask(spec):
+    """Hymba's windows over a long prompt's second piece (its sink ring wrapped; held as codes or not): block by
+    block, keys listed in the order of their positions, as through one mask over every key."""
+    model = build_model(VARIANTS["hymba"]).eval()  # windows of 4 with 3 sinks
+    ids = torch.randint(0, 97, (2, 30))
+    runs, seen = [], []
+    for blocks in (True, False):
+        take = Attention._sinks_block_by_block if blocks else (lambda self, q, view, state: False)
+        with torch.no_grad(), mock.patch.object(Attention, "_sinks_block_by_block", take):
+            cache = model.new_cache(2, 30, policy=spec)
+            model(ids[:, :13], cache=cache)
+            with mock.patch("kvlab.layers.attention.windowed_attention_with_sinks", wraps=windowed) as spy:
+                runs.append(model(ids[:, 13:], cache=cache))
+            seen += [call.args[4] for call in spy.call_args_list]
+    assert seen and all(bool((pos[1:] > pos[:-1]).all()) for pos in seen)  # the block path ran, in order
+    torch.testing.assert_close(runs[0], runs[1], atol=1e-5, rtol=1e-5)
 
 
 def _decode_eager_and_static(model, ids, spec, prompt: int):
