@@ -201,19 +201,25 @@ def _windowed_blocks(q, k, v, window: int, scale):
     return torch.cat(out, dim=2)
 
 
-def windowed_attention_with_sinks(attend, q, k, v, k_pos: torch.Tensor, window: int, sinks: int, scale=None):
+def windowed_attention_with_sinks(attend, q, k, v, k_pos: torch.Tensor | int, window: int, sinks: int, scale=None):
     """Sliding-window attention with sinks (``position_mask``'s rule) block by block, through ``attend`` (an
     attention op taking a mask) per block of ``window`` queries: the block's window of keys and the sinks before
     it, so time and memory grow with T * (window + sinks), not T * S. ``k_pos`` [S]: the keys' positions,
     ascending, the last T of them the queries' own and consecutive (a sink ring's view, whose caches list the
-    held keys in position order: the sinks, then a run of positions; a gap between them is allowed). A mask over
-    all S keys would cost as much as full attention."""
+    held keys in position order: the sinks, then a run of positions; a gap between them is allowed); or an int
+    p, keys at the positions p, p + 1, ... (a row without a cache: no host reads, so a compiled block's graph
+    holds it whole). A mask over all S keys would cost as much as full attention."""
     T, S = q.shape[2], k.shape[2]
-    q_pos = k_pos[S - T :]
     blocks = range(0, T, window)
-    # each block's first key: the first at or after its first query's position - window + 1
-    firsts = torch.searchsorted(k_pos, q_pos[list(blocks)] - window + 1).tolist()
-    n_sinks = int(torch.searchsorted(k_pos, torch.tensor(sinks, device=k_pos.device)))  # keys below ``sinks``
+    # each block's first key: the first at or after its first query's position - window + 1; the keys below sinks
+    if isinstance(k_pos, int):
+        firsts = [max(0, S - T + a - window + 1) for a in blocks]
+        n_sinks = min(max(sinks - k_pos, 0), S)
+        k_pos = torch.arange(k_pos, k_pos + S, device=q.device)
+    else:
+        firsts = torch.searchsorted(k_pos, k_pos[S - T :: window] - window + 1).tolist()
+        n_sinks = int(torch.searchsorted(k_pos, torch.tensor(sinks, device=k_pos.device)))
+    q_pos = k_pos[S - T :]
     out = []
     for a, first in zip(blocks, firsts, strict=True):
         b, held = min(a + window, T), min(n_sinks, first)  # the sinks not already in the block's window

@@ -790,8 +790,7 @@ class Attention(nn.Module):
         mask."""
         k, v = self._kv_for(q, view)
         if self._sinks_block_by_block(q, view, state):
-            S = k.shape[2]
-            k_pos = view.k_pos if view.k_pos is not None else torch.arange(view.end - S, view.end, device=q.device)
+            k_pos = view.k_pos if view.k_pos is not None else view.end - k.shape[2]  # a run's first position
             return windowed_attention_with_sinks(attention, q, k, v, k_pos, self.cfg.window, self.cfg.sinks, self.scale)
         return attention(q, k, v, **self._mask_options(q, view, state), scale=self.scale)
 

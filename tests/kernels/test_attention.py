@@ -119,23 +119,26 @@ def test_long_sliding_window_runs_block_by_block():
         torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("gap", [0, 9], ids=["one run", "sinks then a later run"])
+@pytest.mark.parametrize("gap", [0, 9, "first position"], ids=["one run", "sinks then a later run", "a run's start"])
 def test_a_window_with_sinks_runs_block_by_block(gap):
     """Sinks beside a window, block by block over keys at ascending positions whose last T are the queries (a sink
     ring's view: 3 sinks, then a run, with or without a gap after the sinks), values wider than keys: against the
     reference with the whole mask (blocks through the reference, and through SDPA, gradients too: Hymba's training
     rows run so, its meta tokens making them longer than two windows)."""
     T, window, sinks = 23, 4, 3
-    run = torch.arange(sinks + gap, sinks + gap + 8 + T)  # 8 held keys before the queries
-    k_pos = torch.cat([torch.arange(sinks), run]) if gap else torch.arange(sinks + 8 + T)
+    given = k_pos = torch.arange(sinks + 8 + T)  # 8 held keys before the queries
+    if gap == "first position":  # the same run given by its first position
+        given = 0
+    elif gap:
+        k_pos = given = torch.cat([torch.arange(sinks), torch.arange(sinks + gap, sinks + gap + 8 + T)])
     q, k, v = (
         torch.randn(2, h, n, d, requires_grad=True) for h, n, d in ((4, T, 8), (2, len(k_pos), 8), (2, len(k_pos), 16))
     )
     mask = position_mask(k_pos[-T:], k_pos, window, sinks)
     expected = attention_reference(q, k, v, mask=mask, scale=0.3)
-    blocks = windowed_attention_with_sinks(attention_reference, q, k, v, k_pos, window, sinks, scale=0.3)
+    blocks = windowed_attention_with_sinks(attention_reference, q, k, v, given, window, sinks, scale=0.3)
     torch.testing.assert_close(blocks, expected, atol=1e-6, rtol=1e-6)
-    fused = windowed_attention_with_sinks(attention, q, k, v, k_pos, window, sinks, scale=0.3)
+    fused = windowed_attention_with_sinks(attention, q, k, v, given, window, sinks, scale=0.3)
     torch.testing.assert_close(fused, expected, atol=1e-5, rtol=1e-5)
     weights = torch.randn_like(expected)
     for g, r in zip(torch.autograd.grad((fused * weights).sum(), (q, k, v)),
