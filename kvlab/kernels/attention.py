@@ -65,7 +65,9 @@ def attention(
     B, H, T, D = q.shape
     S, Hkv = k.shape[2], k.shape[1]
     if causal and window is not None and doc_ids is None and mask is None and T <= S and T > 2 * window:
-        return _windowed_blocks(q, k, v, window, scale)
+        # block by block: each block of ``window`` queries against the keys from ``window - 1`` before it, so
+        # memory and time grow with T * window, not T * S (a long prefill, or a prompt's pieces after others)
+        return windowed_attention_with_sinks(attention, q, k, v, 0, window, 0, scale)
     if T > 1 and q.shape[-1] > v.shape[-1]:
         # SDPA's memory-efficient kernels want one head size: pad the values (zeros add nothing), else the math
         # path would hold every [T, S] score (MLA's prefill: 20 GB at 16K tokens).
@@ -186,29 +188,15 @@ def _causal_after_cache(q, k, v, scale):
     return old * weight_old + new * weight_new
 
 
-def _windowed_blocks(q, k, v, window: int, scale):
-    """Causal sliding-window attention block by block: each block of ``window`` queries against the keys from
-    ``window - 1`` before it, so memory and time grow with T * window, not T * S (a long prefill, or a long
-    prompt's pieces after the ones before: the queries are the last T of the S key positions)."""
-    T, S = q.shape[2], k.shape[2]
-    out = []
-    for s in range(S - T, S, window):  # key positions of the block's queries: s .. e - 1
-        e = min(s + window, S)
-        lo = max(0, s - window + 1)
-        mask = position_mask(torch.arange(s, e, device=q.device), torch.arange(lo, e, device=q.device), window)
-        rows = slice(s - (S - T), e - (S - T))
-        out.append(attention(q[:, :, rows], k[:, :, lo:e], v[:, :, lo:e], mask=mask, scale=scale))
-    return torch.cat(out, dim=2)
-
-
 def windowed_attention_with_sinks(attend, q, k, v, k_pos: torch.Tensor | int, window: int, sinks: int, scale=None):
     """Sliding-window attention with sinks (``position_mask``'s rule) block by block, through ``attend`` (an
     attention op taking a mask) per block of ``window`` queries: the block's window of keys and the sinks before
     it, so time and memory grow with T * (window + sinks), not T * S. ``k_pos`` [S]: the keys' positions,
     ascending, the last T of them the queries' own and consecutive (a sink ring's view, whose caches list the
     held keys in position order: the sinks, then a run of positions; a gap between them is allowed); or an int
-    p, keys at the positions p, p + 1, ... (a row without a cache: no host reads, so a compiled block's graph
-    holds it whole). A mask over all S keys would cost as much as full attention."""
+    p, keys at the positions p, p + 1, ... (a row without a cache; or, with no sinks, ``attention``'s causal
+    window, the keys counted from 0): no host reads, so a compiled block's graph holds it whole. A mask over
+    all S keys would cost as much as full attention."""
     T, S = q.shape[2], k.shape[2]
     blocks = range(0, T, window)
     # each block's first key: the first at or after its first query's position - window + 1; the keys below sinks
