@@ -107,6 +107,7 @@ from kvlab.layers.kv_cache import (
     StaticKV,
     reorder_rows,
     sink_ring_held,
+    sink_ring_in_order,
     sink_ring_slot,
 )
 from kvlab.layers.rope import Rotary
@@ -423,9 +424,7 @@ class PolicyKV:
         pos, held = self._held(start)
         if self.window:  # not what no query of the step reaches: a window's positions before start + 1 - window
             held &= (pos < self.sinks) | (pos > start - self.window)
-        idx = held.nonzero()[:, 0]
-        if self.window:  # in the order of their positions, as a sink ring's view (attention goes block by block)
-            idx = idx[pos[idx].argsort()]
+        idx = sink_ring_in_order(pos, held)  # (without a window the slots are the positions, in order already)
         k = torch.cat([self.k.get(idx), k_new.to(self.dtype)], dim=2)
         v = torch.cat([self.v.get(idx), v_new.to(self.dtype)], dim=2)
         if not self.window:  # positions 0..end-1 in order

@@ -170,6 +170,13 @@ def sink_ring_held(slot_index: torch.Tensor, sinks: int, window: int, end) -> tu
     return torch.where(i < sinks, i, ring), torch.where(i < sinks, i < end, ring >= sinks)
 
 
+def sink_ring_in_order(pos: torch.Tensor, held: torch.Tensor) -> torch.Tensor:
+    """The slots ``held`` (a ``sink_ring_held`` mask), in the order of the positions ``pos`` they hold: a view of
+    them is the sinks, then a run of positions, so attention can go block by block over it."""
+    idx = held.nonzero()[:, 0]
+    return idx[pos[idx].argsort()]
+
+
 class SinkRingKV(_KVBuffers):
     """The first ``sinks`` positions, kept for good, and the last ``window`` positions after them in a ring
     buffer: position p < sinks lives in slot p, a later one in slot ``sinks + (p - sinks) % window`` (Hymba's
@@ -203,8 +210,7 @@ class SinkRingKV(_KVBuffers):
             view = KVView(k_new.to(self.k.dtype), v_new.to(self.v.dtype), t, new_pos)
         else:
             pos, held = self._held(start)
-            idx = held.nonzero()[:, 0]
-            idx = idx[pos[idx].argsort()]  # in the order of their positions: attention can go block by block
+            idx = sink_ring_in_order(pos, held)
             view = KVView(
                 torch.cat([self.k.index_select(2, idx), k_new.to(self.k.dtype)], dim=2),
                 torch.cat([self.v.index_select(2, idx), v_new.to(self.v.dtype)], dim=2),
