@@ -25,6 +25,7 @@ import math
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 import transformers
@@ -57,11 +58,8 @@ def time_scans(batch: int, seq: int, repeats: int) -> dict[str, float]:
         y.square().mean().backward()
 
     def token_by_token(*args):
-        held, ssm.COMPILED_SCAN_MIN = ssm.COMPILED_SCAN_MIN, math.inf
-        try:
+        with mock.patch.object(ssm, "COMPILED_SCAN_MIN", math.inf):
             return selective_scan(*args)
-        finally:
-            ssm.COMPILED_SCAN_MIN = held
 
     config = transformers.JambaConfig(hidden_size=256, mamba_d_state=16, mamba_expand=2)
     mixer = transformers.models.jamba.modeling_jamba.JambaMambaMixer(config, layer_idx=0)

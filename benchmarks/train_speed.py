@@ -41,9 +41,11 @@ the host).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import time
 from pathlib import Path
+from unittest import mock
 
 import litgpt_peer  # benchmarks/litgpt_peer.py, beside this script
 import torch
@@ -71,14 +73,10 @@ def stepper(model, batches, hf: bool, dtype=torch.float32, loss_fn=None, patches
 
     def step():
         ids = next(it).to(device, non_blocking=True)
-        held = [(module, name, getattr(module, name)) for module, name, _ in patches]
-        for module, name, value in patches:
-            setattr(module, name, value)
-        try:
+        with contextlib.ExitStack() as stack:
+            for module, name, value in patches:
+                stack.enter_context(mock.patch.object(module, name, value))
             return _step(ids)
-        finally:
-            for module, name, value in held:
-                setattr(module, name, value)
 
     def _step(ids):
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
