@@ -11,7 +11,7 @@ modes, ``KVLAB_KERNELS`` and the fallback rules). Backends per op:
     linear_attention      x          chunked                 x (fused: chunked for scalar decays, else recurrent)
     delta_rule            x          chunked (UT transform)  x (recurrent, chunk checkpoints)
     ssd                   x          via linear_attention            mamba-ssm
-    selective_scan        x          via linear_attention            mamba-ssm
+    selective_scan        x          token loop (compiled chunks)  x (recurrent, chunk checkpoints)  mamba-ssm
     causal_conv1d         x          shifted multiply-adds   x
     rms_norm (+residual)  x          F.rms_norm              x
     apply_rope            x          rotate-half             x
@@ -140,6 +140,7 @@ register("ssd", "torch", _ssd_torch)
 register("ssd", "external", "kvlab.kernels.external:mamba_ssd", packages=["mamba_ssm"], supports=_cuda)
 register("selective_scan", "reference", _selective_scan_reference)
 register("selective_scan", "torch", _selective_scan_torch)
+register("selective_scan", "triton", "kvlab.kernels.triton_selective_scan:selective_scan", packages=["triton"])
 register("selective_scan", "external", "kvlab.kernels.external:mamba_selective_scan", packages=["mamba_ssm"],
          supports=_selective_scan_supports)  # fmt: skip
 register("causal_conv1d", "reference", _causal_conv1d_reference)

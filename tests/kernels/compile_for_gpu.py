@@ -99,6 +99,7 @@ def run_entry_points(dtype: torch.dtype) -> None:
         triton_norm,
         triton_quant,
         triton_rope,
+        triton_selective_scan,
     )
     from kvlab.kernels.quant import quantize
     from kvlab.kernels.rope import rope_tables
@@ -124,6 +125,13 @@ def run_entry_points(dtype: torch.dtype) -> None:
     inputs = _leaves(dtype, *[(B, H, T, 32)] * 6)  # q, k, v, log decay, a, b
     _grad(triton_delta_rule.delta_rule(*inputs), inputs)
     _grad(triton_delta_rule.delta_rule(*inputs, state=state[..., :32, :32].detach(), doc_ids=docs), inputs)
+
+    u, delta, b, c = _leaves(dtype, (B, 96, T), (B, 96, T), (B, 16, T), (B, 16, T))
+    A, s0 = _leaves(torch.float32, (96, 16), (B, 96, 16, 1))
+    _grad(triton_selective_scan.selective_scan(u, delta, A, b, c)[0], (u, delta, A, b, c))
+    _grad(triton_selective_scan.selective_scan(u, delta, A, b, c, state=s0, doc_ids=docs), (u, delta, A, b, c, s0))
+    with torch.no_grad():  # a prefill: no checkpoints
+        triton_selective_scan.selective_scan(u, delta, A, b, c, state=s0)
 
     x, weight, bias, prev = _leaves(dtype, (B, T, 96), (96, 4), (96,), (B, 3, 96))
     _grad(triton_causal_conv.causal_conv1d(x, weight), (x, weight))

@@ -314,11 +314,12 @@ def test_linear_attention_kernel_forms():
         tla.linear_attention(q, k, v, scalar, form="fused")
 
 
-def test_mamba_scans_run_on_the_linear_attention_kernel(monkeypatch):
-    """ssd and selective_scan have no kernels of their own: under ``triton`` their linear attention is Triton's."""
+def test_mamba2_scan_runs_on_the_linear_attention_kernel(monkeypatch):
+    """ssd has no kernel of its own: under ``triton`` its linear attention is Triton's. Mamba-1's selective_scan
+    has its own (the test below)."""
     import kvlab.kernels.ops as ops_module
     from kvlab.kernels import registry
-    from kvlab.kernels.ssm import selective_scan_reference, ssd_reference
+    from kvlab.kernels.ssm import ssd_reference
 
     monkeypatch.delenv("KVLAB_KERNELS", raising=False)
     used = []
@@ -332,15 +333,58 @@ def test_mamba_scans_run_on_the_linear_attention_kernel(monkeypatch):
     monkeypatch.setattr(registry, "choose", spy)
     x, dt = torch.randn(1, 7, 2, 4, requires_grad=True), (torch.rand(1, 7, 2) * 0.5).requires_grad_()
     A, B, C = -torch.rand(2), torch.randn(1, 7, 1, 4, requires_grad=True), torch.randn(1, 7, 1, 4, requires_grad=True)
-    u, delta = torch.randn(1, 3, 7, requires_grad=True), (torch.rand(1, 3, 7) * 0.5).requires_grad_()
-    A1, B1, C1 = -torch.rand(3, 4), torch.randn(1, 4, 7), torch.randn(1, 4, 7)
     with registry.use_kernels("triton"):
         # one B/C group: the kernel gets one q/k head for both value heads (expanded in its wrapper)
         _check(lambda x, dt, B, C: ops_module.ssd(x, dt, A, B, C)[0],
                lambda x, dt, B, C: ssd_reference(x, dt, A, B, C)[0], (x, dt, B, C))  # fmt: skip
-        _check(lambda u, d: ops_module.selective_scan(u, d, A1, B1, C1)[0],
-               lambda u, d: selective_scan_reference(u, d, A1, B1, C1)[0], (u, delta))  # fmt: skip
     assert ("linear_attention", "triton") in used and ("ssd", "torch") in used
+
+
+def _selective_scan_cases():
+    """Every (documents, initial state, final-state gradient) case; two of the eight by default, which between
+    them take every branch, the rest with -m slow."""
+    default = {("packed", True, True), ("one-document", False, False)}
+    for docs in DOCUMENTS:
+        for with_state in (False, True):
+            for final_grad in (False, True):
+                name = (
+                    f"{'outputs+final-state' if final_grad else 'outputs'}-{'initial-state' if with_state else 'empty'}"
+                )
+                marks = () if (docs, with_state, final_grad) in default else (pytest.mark.slow,)
+                yield pytest.param(docs, with_state, final_grad, id=f"{name}-{docs}", marks=marks)
+
+
+@pytest.mark.parametrize("docs, with_state, final_grad", list(_selective_scan_cases()))
+def test_selective_scan_kernel_matches_the_reference(docs, with_state, final_grad, monkeypatch):
+    """Mamba-1's scan kernel, every gradient (A's and the initial state's included), through the registry's
+    ``triton`` choice; 20 channels in blocks of 16, a state of 5 in a block of 8, 37 tokens in checkpointed
+    chunks of 16 (the last partial)."""
+    import kvlab.kernels.ops as ops_module
+    from kvlab.kernels import registry
+    from kvlab.kernels.ssm import selective_scan_reference
+
+    monkeypatch.delenv("KVLAB_KERNELS", raising=False)
+    Bsz, D, N, T = 2, 20, 5, 37
+    inputs = [torch.randn(Bsz, D, T), torch.rand(Bsz, D, T) * 0.5, -torch.rand(D, N) * 2, torch.randn(Bsz, N, T),
+              torch.randn(Bsz, N, T)]  # fmt: skip
+    inputs += [torch.randn(Bsz, D, N, 1)] if with_state else []
+    inputs = [t.clone().requires_grad_() for t in inputs]
+    chosen = []
+
+    def pick(fn):
+        def call(u, delta, A, B, C, state=None):
+            y, final = fn(u, delta, A, B, C, state=state, doc_ids=_documents(docs, T))
+            return (y, final) if final_grad else y
+
+        return call
+
+    def kernel(*args, **kwargs):
+        with registry.use_kernels("triton"):
+            chosen.append(registry.choose("selective_scan", args, kwargs).name)
+            return ops_module.selective_scan(*args, **kwargs)
+
+    _check(pick(kernel), pick(selective_scan_reference), inputs, n_outputs=2 if final_grad else 1)
+    assert chosen == ["triton"]
 
 
 def _delta_rule_cases():
