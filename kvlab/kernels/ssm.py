@@ -299,10 +299,18 @@ def selective_scan(u, delta, A, B, C, *, state=None, doc_ids=None, chunk_size: i
     not used (the scan runs token by token, or SCAN_CHUNK tokens per compiled kernel). The final state
     carries no gradient."""
     # Inside a compiled block (trainer.compile) the scan's loop would unroll into the block's graph: T steps
-    # forward and backward (jamba: 305 s to compile, then 15 s a step). It runs between the graphs instead.
-    training = torch.is_grad_enabled() and u.shape[2] > 1
-    scan = between_graphs(_selective_scan_eager) if training else _selective_scan_eager
-    return scan(u, delta, A, B, C, state, doc_ids)
+    # forward and backward (jamba: 305 s to compile, then 15 s a step). It runs between the graphs instead,
+    # chosen there by the registry as outside a graph: on a GPU, the Triton kernel rather than this loop.
+    if torch.is_grad_enabled() and u.shape[2] > 1 and torch.compiler.is_compiling():
+        return between_graphs(_dispatched_selective_scan)(u, delta, A, B, C, state=state, doc_ids=doc_ids)
+    return _selective_scan_eager(u, delta, A, B, C, state, doc_ids)
+
+
+def _dispatched_selective_scan(*args, **kwargs):
+    """The registry's selective scan (outside a graph: this backend's eager scan on a CPU)."""
+    from kvlab.kernels.ops import selective_scan as dispatched  # ops imports this module
+
+    return dispatched(*args, **kwargs)
 
 
 def _selective_scan_eager(u, delta, A, B, C, state, doc_ids):

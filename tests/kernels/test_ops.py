@@ -170,6 +170,26 @@ def test_selective_scan_runs_eagerly_and_says_why_when_compilation_fails(compile
         assert rel_error(a, c) < 1e-10 and rel_error(b, c) < 1e-10
 
 
+@pytest.mark.skipif(not torch._dynamo.is_dynamo_supported(), reason="torch.compile is unsupported here")
+def test_selective_scan_inside_a_compiled_block_is_chosen_between_its_graphs(monkeypatch):
+    """Under trainer.compile the scan runs outside the block's graphs, and the registry chooses its backend there
+    as it would outside any graph (on a GPU, the Triton kernel rather than the torch loop): here the mode's
+    ``reference``, which a traced call could not read."""
+    from kvlab.kernels import ops, registry
+
+    monkeypatch.delenv("KVLAB_KERNELS", raising=False)
+    chosen, choose = [], registry.choose
+    monkeypatch.setattr(registry, "choose", lambda op, *a: chosen.append((op, choose(op, *a).name)) or choose(op, *a))
+    inputs = [t.float().requires_grad_() for t in _scan_inputs()]
+    block = torch.compile(lambda *args: ops.selective_scan(*args)[0].tanh(), backend="eager")
+    with registry.use_kernels("reference"):
+        got = torch.autograd.grad(block(*inputs).sum(), inputs)
+    expected = torch.autograd.grad(selective_scan_reference(*inputs)[0].tanh().sum(), inputs)
+    assert chosen == [("selective_scan", "reference")]
+    for a, b in zip(got, expected, strict=True):
+        assert rel_error(a, b) < 1e-5
+
+
 def test_causal_conv1d_matches_its_reference_across_documents_and_calls():
     x, w, bias, prev = torch.randn(2, 23, 5), torch.randn(5, 4), torch.randn(5), torch.randn(2, 3, 5)
     for a, b in zip(causal_conv1d(x, w, bias, prev=prev, doc_ids=DOCS),
