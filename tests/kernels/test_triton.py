@@ -340,9 +340,9 @@ def test_mamba2_scan_runs_on_the_linear_attention_kernel(monkeypatch):
     assert ("linear_attention", "triton") in used and ("ssd", "torch") in used
 
 
-def _selective_scan_cases():
-    """Every (documents, initial state, final-state gradient) case; two of the eight by default, which between
-    them take every branch, the rest with -m slow."""
+def _recurrent_cases():
+    """A recurrent kernel's (documents, initial state, final-state gradient) cases; two of the eight, which
+    between them take every branch, by default (each runs the interpreter for seconds), the rest with -m slow."""
     default = {("packed", True, True), ("one-document", False, False)}
     for docs in DOCUMENTS:
         for with_state in (False, True):
@@ -354,7 +354,7 @@ def _selective_scan_cases():
                 yield pytest.param(docs, with_state, final_grad, id=f"{name}-{docs}", marks=marks)
 
 
-@pytest.mark.parametrize("docs, with_state, final_grad", list(_selective_scan_cases()))
+@pytest.mark.parametrize("docs, with_state, final_grad", list(_recurrent_cases()))
 def test_selective_scan_kernel_matches_the_reference(docs, with_state, final_grad, monkeypatch):
     """Mamba-1's scan kernel, every gradient (A's and the initial state's included), through the registry's
     ``triton`` choice; 20 channels in blocks of 16, a state of 5 in a block of 8, 37 tokens in checkpointed
@@ -387,21 +387,7 @@ def test_selective_scan_kernel_matches_the_reference(docs, with_state, final_gra
     assert chosen == ["triton"]
 
 
-def _delta_rule_cases():
-    """Every (documents, initial state, final-state gradient) case; two of the eight, which between them
-    take every branch, by default (each runs the interpreter for seconds), the rest with -m slow."""
-    default = {("packed", True, True), ("one-document", False, False)}
-    for docs in DOCUMENTS:
-        for with_state in (False, True):
-            for final_grad in (False, True):
-                name = (
-                    f"{'outputs+final-state' if final_grad else 'outputs'}-{'initial-state' if with_state else 'empty'}"
-                )
-                marks = () if (docs, with_state, final_grad) in default else (pytest.mark.slow,)
-                yield pytest.param(docs, with_state, final_grad, id=f"{name}-{docs}", marks=marks)
-
-
-@pytest.mark.parametrize("docs, with_state, final_grad", list(_delta_rule_cases()))
+@pytest.mark.parametrize("docs, with_state, final_grad", list(_recurrent_cases()))
 def test_recurrent_delta_rule_matches_the_reference(docs, with_state, final_grad):
     from kvlab.kernels.triton_delta_rule import delta_rule
 
