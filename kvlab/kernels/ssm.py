@@ -17,7 +17,8 @@ dt A. ``state`` and the returned final state use linear attention's layout
 The skip term D x and the gate are the layer's. The ``_reference`` variants
 run linear attention's token-by-token recurrence; mamba-ssm's fused kernels
 are the external backends (``kvlab.kernels.external``), and Mamba-1's scan
-has a Triton kernel of its own (``kvlab.kernels.triton_selective_scan``). The ``torch`` form of
+has a Triton kernel of its own (``kvlab.kernels.triton_selective_scan``).
+The ``torch`` form of
 ``ssd`` calls linear attention through the registry (its chunked form, or
 its Triton kernel where that is chosen). Mamba-1's is the elementwise scan
 s_t = a_t * s_{t-1} + b_t itself, as mamba-ssm's kernel runs it: its value

@@ -15,8 +15,9 @@ this one does (a cache's prefill, packed training rows).
 
 The forward pass writes the state at every chunk boundary (each ``chunk``
 tokens) when a gradient is wanted. Backward walks the chunks from last to
-first, recomputes a chunk's states from its checkpoint into a scratch
-buffer, then walks its tokens backwards carrying g_t = dL/ds_t (g_T =
+first, recomputes from its checkpoint the states the chunk's tokens start
+from into a scratch buffer, then walks its tokens backwards (each token's
+own state recomputed from the one before) carrying g_t = dL/ds_t (g_T =
 dL/ds_final), with a_t = exp(delta_t A) (0 where a document starts):
     g_t += gy_t C_t;  dC_t = sum_d gy_t s_t;  dB_t = sum_d delta_t u_t g_t;
     e_t = g_t s_(t-1) a_t (the gradient of delta_t A);  d delta_t = sum_n e_t A + u_t sum_n g_t B_t;
