@@ -8,7 +8,7 @@ modes, ``KVLAB_KERNELS`` and the fallback rules). Backends per op:
     attention             x          SDPA                    x       flash-attn (+ varlen)
     attention_weights     x          grouped matmul + softmax (the probabilities, for layers sharing them)
     absorbed_attention    x          einsums                 x (the attention kernel, one K/V head)
-    linear_attention      x          chunked                 x (fused: chunked for scalar decays, else recurrent)
+    linear_attention      x          chunked                 x (chunked over a chunk of tokens, else recurrent)
     delta_rule            x          chunked (UT transform)  x (recurrent, chunk checkpoints)
     ssd                   x          via linear_attention            mamba-ssm
     selective_scan        x          token loop (compiled chunks)  x (recurrent, chunk checkpoints)  mamba-ssm

@@ -24,8 +24,20 @@ outputs, all at once. Carrying the state and computing the outputs in one
 sequential walk (fla's "fused chunk") leaves a GPU's cores idle below a few
 hundred (batch, head, value block) programs, and ran 1.5x fla's time here
 (RESULTS, "GPU kernels"). The per-chunk states cost memory: B H (T / CHUNK)
-Dk Dv in the inputs' dtype, kept for the backward. A per-key-channel decay
-would need D per channel, so it stays recurrent.
+Dk Dv in the inputs' dtype, kept for the backward.
+
+A decay per key channel (GLA, RWKV-6) has no D common to the channels:
+A[t, s] = sum_k q_t k_s exp(b_read_t - b_s), and q exp(b_read), k exp(-b)
+alone would overflow over a chunk. Its chunks (VECTOR_CHUNK tokens, b
+summed within each in torch first) go in sub-chunks of 16 (fla's
+chunk_gla): for the queries of sub-chunk i, the keys before it through one
+product, q scaled by exp(b_read - r) and k by exp(r - b) with r the b of the
+token before the sub-chunk (every exponent <= 0); the sub-chunk's own keys
+one at a time, elementwise; the state passes as for a scalar decay with the
+factors per channel. Its backward the same way round (dV from the later
+queries against b at the sub-chunk's last token; dQ and dK per sub-chunk
+from dA's rows and columns), and the decay's gradient from q * dq - k * dk
+per channel.
 
 The recurrent backward: a forward pass recomputes the state each token read for
 dq_t = do_t S_read^T (per value block, summed after); a reverse pass carries
@@ -207,15 +219,16 @@ def _chunk_slice(PTR, bh, chunk, n_chunks, DK, DV, ik, iv, in_k, in_v, UPCAST: t
 
 
 @triton.jit
-def _chunk_states(A, X, G, STARTS, S_IN, STATES, S_OUT, T, H, DK, DV, T_BUCKET, HAS_IN: tl.constexpr,
-                  REVERSE: tl.constexpr, HAS_DOCS: tl.constexpr, EXCLUSIVE: tl.constexpr, CHUNK: tl.constexpr,
-                  UPCAST: tl.constexpr, DOT: tl.constexpr, BLOCK_K: tl.constexpr,
-                  BLOCK_V: tl.constexpr):  # fmt: skip
+def _chunk_states(A, X, G, STARTS, CUM, READ_CUM, SEG, S_IN, STATES, S_OUT, T, T_PAD, H, DK, DV, T_BUCKET,
+                  HAS_IN: tl.constexpr, REVERSE: tl.constexpr, VECTOR: tl.constexpr, HAS_DOCS: tl.constexpr,
+                  EXCLUSIVE: tl.constexpr, CHUNK: tl.constexpr, UPCAST: tl.constexpr, DOT: tl.constexpr,
+                  BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):  # fmt: skip
     """The one sequential pass, writing a state per chunk (grid: value blocks, B*H). Forward (A = K, X = V,
     S_IN the initial state): STATES[bh, c] = S_c, the state entering chunk c, S_{c+1} = exp(b_C) S_c +
     (K * exp(b_C - b))^T V, and S_OUT the final state. REVERSE (A = Q, X = dO, S_IN dL/dS_final), from the
     last chunk: STATES[bh, c] = G_c, the gradient of the state leaving chunk c, G_{c-1} = exp(b_C) G_c +
-    (Q * exp(b_read))^T dO, and S_OUT dL/dS_0."""
+    (Q * exp(b_read))^T dO, and S_OUT dL/dS_0. A VECTOR decay's factors are per key channel (from CUM,
+    READ_CUM and SEG, _vector_rows), a scalar one's per token (from G and STARTS)."""
     bh, ik, iv, in_k, in_v = state_slice(DK, DV, BLOCK_K, BLOCK_V)
     in_s = in_k[:, None] & in_v[None, :]
     state = load_state(S_IN, bh, DK, DV, ik, iv, in_k, in_v, HAS_IN, BLOCK_K, BLOCK_V)
@@ -226,10 +239,143 @@ def _chunk_states(A, X, G, STARTS, S_IN, STATES, S_OUT, T, H, DK, DV, T_BUCKET, 
                  state.to(STATES.dtype.element_ty), mask=in_s)  # fmt: skip
         rows = chunk * CHUNK + tl.arange(0, CHUNK)
         a, x = _rows(A, bh, T, rows, ik, DK, UPCAST), _rows(X, bh, T, rows, iv, DV, UPCAST)
-        _, read, write, carry = _chunk_decays(G, STARTS, bh, H, T, chunk * CHUNK, HAS_DOCS, EXCLUSIVE, CHUNK)
-        weighted = a * (read if REVERSE else write)[:, None]
-        state = state * carry + tl.dot(tl.trans(weighted.to(a.dtype)), x, input_precision=DOT)
+        if VECTOR:
+            read, write, carry = _vector_factors(CUM, READ_CUM, SEG, bh, H, T_PAD, DK, rows, chunk * CHUNK + CHUNK - 1,
+                                                 ik, HAS_DOCS)  # fmt: skip
+            weighted = a * (read if REVERSE else write)
+            state = state * carry[:, None]
+        else:
+            _, read, write, carry = _chunk_decays(G, STARTS, bh, H, T, chunk * CHUNK, HAS_DOCS, EXCLUSIVE, CHUNK)
+            weighted = a * (read if REVERSE else write)[:, None]
+            state = state * carry
+        state += tl.dot(tl.trans(weighted.to(a.dtype)), x, input_precision=DOT)
     tl.store(S_OUT + (bh * DK + ik[:, None]) * DV + iv[None, :], state, mask=in_s)
+
+
+@triton.jit
+def _vector_rows(CUM, READ_CUM, SEG, bh, H, T_PAD, DK, rows, ik, HAS_DOCS: tl.constexpr):
+    """For tokens ``rows`` of a chunk, per key channel: b, the cumulative log decay within the chunk (float32,
+    padded past T with zero log decays), b_read (b before the token's own decay for exclusive reads, else b),
+    and each token's document segment within the chunk (0 without documents)."""
+    offs = (bh * T_PAD + rows[:, None]) * DK + ik[None, :]
+    in_k = (ik < DK)[None, :]
+    b = tl.load(CUM + offs, mask=in_k, other=0.0)
+    b_read = tl.load(READ_CUM + offs, mask=in_k, other=0.0)
+    seg = tl.zeros_like(rows)
+    if HAS_DOCS:
+        seg = tl.load(SEG + (bh // H) * T_PAD + rows)
+    return b, b_read, seg
+
+
+@triton.jit
+def _vector_row(CUM, bh, T_PAD, DK, t, ik):
+    """Token t's cumulative log decay within its chunk, per key channel."""
+    return tl.load(CUM + (bh * T_PAD + t) * DK + ik, mask=ik < DK, other=0.0)
+
+
+@triton.jit
+def _vector_factors(CUM, READ_CUM, SEG, bh, H, T_PAD, DK, rows, last, ik, HAS_DOCS: tl.constexpr):
+    """_chunk_decays's factors per key channel, for tokens ``rows`` of the chunk whose last token is ``last``:
+    on the carried state each reads, exp(b_read) (0 once a document starts in the chunk); into the state
+    passed on, exp(b_C - b) (0 outside the chunk's last document); the carried state's decay over the chunk,
+    exp(b_C) (0 if a document starts in it). Every exponent is <= 0."""
+    b, b_read, seg = _vector_rows(CUM, READ_CUM, SEG, bh, H, T_PAD, DK, rows, ik, HAS_DOCS)
+    b_chunk = _vector_row(CUM, bh, T_PAD, DK, last, ik)
+    read, write, carry = tl.exp(b_read), tl.exp(b_chunk[None, :] - b), tl.exp(b_chunk)
+    if HAS_DOCS:
+        last_seg = tl.load(SEG + (bh // H) * T_PAD + last)
+        read = tl.where(seg[:, None] == 0, read, 0.0)
+        write = tl.where(seg[:, None] == last_seg, write, 0.0)
+        carry = tl.where(last_seg > 0, 0.0, carry)
+    return read, write, carry
+
+
+@triton.jit
+def _token(PTR, bh, T, t, cols, n_cols):
+    """Token t's row (channels ``cols``) of a [B*H, T, n_cols] tensor in float32; zeros past T."""
+    in_t = tl.full(cols.shape, t, tl.int32) < T
+    return tl.load(PTR + (bh * T + t) * n_cols + cols, mask=(cols < n_cols) & in_t, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _across_sub_chunks(mine, OTHER, X, bh, T, DK, DV, cols, ik, iv, other, exponent, seg, other_seg,
+                       HAS_DOCS: tl.constexpr, UPCAST: tl.constexpr, DOT: tl.constexpr):  # fmt: skip
+    """A sub-chunk's rows ``mine`` (already scaled against the reference) against the chunk's tokens ``other``
+    of OTHER (queries or keys), scaled by exp(``exponent``), through one product: (mine theirs^T) X."""
+    theirs = _rows(OTHER, bh, T, cols, ik, DK, UPCAST)
+    theirs = tl.where(other[:, None], theirs * tl.exp(tl.where(other[:, None], exponent, 0.0)), 0.0).to(mine.dtype)
+    scores = tl.dot(mine, tl.trans(theirs), input_precision=DOT)
+    if HAS_DOCS:
+        scores = tl.where(seg[:, None] == other_seg[None, :], scores, 0.0)
+    x = _rows(X, bh, T, cols, iv, DV, UPCAST)
+    return tl.dot(scores.to(x.dtype), x, input_precision=DOT)
+
+
+@triton.jit
+def _vector_chunk_outputs(Q, K, X, CUM, READ_CUM, SEG, STATES, OUT, T, T_PAD, H, DK, DV, T_BUCKET,
+                          VALUE_GRAD: tl.constexpr, HAS_DOCS: tl.constexpr, EXCLUSIVE: tl.constexpr,
+                          CHUNK: tl.constexpr, SUB: tl.constexpr, UPCAST: tl.constexpr, DOT: tl.constexpr,
+                          BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):  # fmt: skip
+    """_chunk_outputs for a decay per key channel (grid: value blocks, chunks, B*H): A[t, s] = sum_k q_t k_s
+    exp(b_read_t - b_s) has no [C, C] factor common to every channel, and q exp(b_read) and k exp(-b) alone
+    would overflow, so the chunk goes in sub-chunks of SUB tokens (fla's chunk_gla). Forward, for the queries
+    of sub-chunk i: the keys before it through one product, both sides scaled against b at the token before
+    the sub-chunk (every exponent <= 0); the sub-chunk's own keys one at a time, elementwise; the carried state
+    through (Q * exp(b_read)) S_c. VALUE_GRAD (X = dO, STATES the gradients of the states leaving each chunk):
+    dV for the keys of sub-chunk j, the later queries scaled against b at its last token."""
+    chunk, bh = tl.program_id(1), tl.program_id(2)
+    ik = tl.arange(0, BLOCK_K)
+    iv = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
+    in_k, in_v = ik < DK, iv < DV
+    start = chunk * CHUNK
+    cols = start + tl.arange(0, CHUNK)
+    jr = tl.arange(0, SUB)
+    state = _chunk_slice(STATES, bh, chunk, tl.num_programs(1), DK, DV, ik, iv, in_k, in_v, UPCAST)
+    for i in tl.static_range(CHUNK // SUB):
+        rows = start + i * SUB + jr
+        read, write, _ = _vector_factors(CUM, READ_CUM, SEG, bh, H, T_PAD, DK, rows, start + CHUNK - 1, ik, HAS_DOCS)
+        b, b_read, seg = _vector_rows(CUM, READ_CUM, SEG, bh, H, T_PAD, DK, rows, ik, HAS_DOCS)
+        if VALUE_GRAD:  # rows: keys; the queries that read them: after the sub-chunk, then within it
+            mine = _rows(K, bh, T, rows, ik, DK, UPCAST)
+            out = tl.dot((mine * write).to(state.dtype), state, input_precision=DOT)
+            if i < CHUNK // SUB - 1:
+                ref = _vector_row(CUM, bh, T_PAD, DK, start + i * SUB + SUB - 1, ik)
+                later = tl.arange(0, CHUNK) >= (i + 1) * SUB
+                _, their_cum, their_seg = _vector_rows(CUM, READ_CUM, SEG, bh, H, T_PAD, DK, cols, ik, HAS_DOCS)
+                out += _across_sub_chunks((mine * tl.exp(ref[None, :] - b)).to(mine.dtype), Q, X, bh, T, DK, DV,
+                                          cols, ik, iv, later, their_cum - ref[None, :], seg, their_seg, HAS_DOCS,
+                                          UPCAST, DOT)  # fmt: skip
+        else:  # rows: queries; the keys they read: before the sub-chunk, then within it
+            mine = _rows(Q, bh, T, rows, ik, DK, UPCAST)
+            out = tl.dot((mine * read).to(state.dtype), state, input_precision=DOT)
+            if i > 0:
+                ref = _vector_row(CUM, bh, T_PAD, DK, start + i * SUB - 1, ik)
+                earlier = tl.arange(0, CHUNK) < i * SUB
+                their_cum, _, their_seg = _vector_rows(CUM, READ_CUM, SEG, bh, H, T_PAD, DK, cols, ik, HAS_DOCS)
+                out += _across_sub_chunks((mine * tl.exp(b_read - ref[None, :])).to(mine.dtype), K, X, bh, T, DK, DV,
+                                          cols, ik, iv, earlier, ref[None, :] - their_cum, seg, their_seg, HAS_DOCS,
+                                          UPCAST, DOT)  # fmt: skip
+        mine = mine.to(tl.float32)
+        for j in range(SUB):  # the diagonal block, one token of the other side at a time
+            t = start + i * SUB + j
+            seen = jr >= j
+            if VALUE_GRAD:  # token t's query reads keys jr <= j (< j exclusive)
+                seen = jr <= j
+            if EXCLUSIVE:
+                seen = seen & (jr != j)
+            if HAS_DOCS:
+                seen = seen & (seg == tl.load(SEG + (bh // H) * T_PAD + t))
+            x_t = _token(X, bh, T, t, iv, DV)
+            if VALUE_GRAD:
+                exponent = _vector_row(READ_CUM, bh, T_PAD, DK, t, ik)[None, :] - b
+                other_t = _token(Q, bh, T, t, ik, DK)
+            else:
+                exponent = b_read - _vector_row(CUM, bh, T_PAD, DK, t, ik)[None, :]
+                other_t = _token(K, bh, T, t, ik, DK)
+            weight = tl.sum(mine * other_t[None, :] * tl.exp(tl.where(seen[:, None], exponent, 0.0)), axis=1)
+            out += tl.where(seen, weight, 0.0)[:, None] * x_t[None, :]
+        tl.store(OUT + (bh * T + rows[:, None]) * DV + iv[None, :], out.to(OUT.dtype.element_ty),
+                 mask=(rows[:, None] < T) & in_v[None, :])  # fmt: skip
 
 
 @triton.jit
@@ -298,7 +444,99 @@ def _chunk_query_key_grads(Q, K, V, G, STARTS, DO, STATES, DSTATES, DQ, DK_OUT, 
     tl.store(WRITE_GRAD + bh * T + rows, tl.sum(k.to(tl.float32) * dk, axis=1), mask=in_rows)
 
 
+@triton.jit
+def _vector_chunk_query_key_grads(Q, K, V, CUM, READ_CUM, SEG, DO, STATES, DSTATES, DQ, DK_OUT, READ_GRAD, WRITE_GRAD,
+                                  T, T_PAD, H, DK, DV, T_BUCKET, HAS_DOCS: tl.constexpr, EXCLUSIVE: tl.constexpr,
+                                  CHUNK: tl.constexpr, SUB: tl.constexpr, UPCAST: tl.constexpr, DOT: tl.constexpr,
+                                  BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):  # fmt: skip
+    """_chunk_query_key_grads for a decay per key channel (grid: sub-chunks, chunks, B*H): for the tokens of
+    sub-chunk p, summed over the value blocks first, dA's rows dO_p V^T and columns V_p dO^T over the chunk,
+    dO_p S_c^T and V_p G_c^T; then, as _vector_chunk_outputs scales them,
+        dq_t = sum_(s seen) dA[t, s] k_s exp(b_read_t - b_s) + (dO S_c^T)_t exp(b_read_t),
+        dk_s = sum_(t seeing s) dA[t, s] q_t exp(b_read_t - b_s) + (V G_c^T)_s exp(b_C - b_s),
+    earlier keys and later queries through one product each, the sub-chunk's own one token at a time, and
+    q * dq, k * dk per channel for the decay's gradient."""
+    p, chunk, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    n_chunks = tl.num_programs(1)
+    ik = tl.arange(0, BLOCK_K)
+    in_k = ik < DK
+    start = chunk * CHUNK
+    cols = start + tl.arange(0, CHUNK)
+    jr = tl.arange(0, SUB)
+    rows = start + p * SUB + jr
+    d_scores = tl.zeros([SUB, CHUNK], dtype=tl.float32)  # dA[rows, cols]
+    d_scores_t = tl.zeros([SUB, CHUNK], dtype=tl.float32)  # dA[cols, rows]^T
+    dq = tl.zeros([SUB, BLOCK_K], dtype=tl.float32)
+    dk = tl.zeros([SUB, BLOCK_K], dtype=tl.float32)
+    for v_start in range(0, DV, BLOCK_V):
+        iv = v_start + tl.arange(0, BLOCK_V)
+        in_v = iv < DV
+        v, do = _rows(V, bh, T, rows, iv, DV, UPCAST), _rows(DO, bh, T, rows, iv, DV, UPCAST)
+        v_all, do_all = _rows(V, bh, T, cols, iv, DV, UPCAST), _rows(DO, bh, T, cols, iv, DV, UPCAST)
+        state = _chunk_slice(STATES, bh, chunk, n_chunks, DK, DV, ik, iv, in_k, in_v, UPCAST)
+        d_state = _chunk_slice(DSTATES, bh, chunk, n_chunks, DK, DV, ik, iv, in_k, in_v, UPCAST)
+        d_scores += tl.dot(do, tl.trans(v_all), input_precision=DOT)
+        d_scores_t += tl.dot(v, tl.trans(do_all), input_precision=DOT)
+        dq += tl.dot(do.to(state.dtype), tl.trans(state), input_precision=DOT)
+        dk += tl.dot(v.to(d_state.dtype), tl.trans(d_state), input_precision=DOT)
+    read, write, _ = _vector_factors(CUM, READ_CUM, SEG, bh, H, T_PAD, DK, rows, start + CHUNK - 1, ik, HAS_DOCS)
+    dq, dk = dq * read, dk * write
+    b, b_read, seg = _vector_rows(CUM, READ_CUM, SEG, bh, H, T_PAD, DK, rows, ik, HAS_DOCS)
+    b_all, b_read_all, seg_all = _vector_rows(CUM, READ_CUM, SEG, bh, H, T_PAD, DK, cols, ik, HAS_DOCS)
+    if HAS_DOCS:
+        same = seg[:, None] == seg_all[None, :]
+        d_scores, d_scores_t = tl.where(same, d_scores, 0.0), tl.where(same, d_scores_t, 0.0)
+    q, k = _rows(Q, bh, T, rows, ik, DK, UPCAST), _rows(K, bh, T, rows, ik, DK, UPCAST)
+    # keys before the sub-chunk, against b at the token before it (none for the first: exponents kept at 0)
+    earlier = tl.arange(0, CHUNK) < p * SUB
+    ref = _vector_row(CUM, bh, T_PAD, DK, start + tl.maximum(p * SUB - 1, 0), ik)
+    keys = _rows(K, bh, T, cols, ik, DK, UPCAST)
+    keys = tl.where(earlier[:, None], keys * tl.exp(tl.where(earlier[:, None], ref[None, :] - b_all, 0.0)), 0.0)
+    d_earlier = tl.where(earlier[None, :], d_scores, 0.0).to(keys.dtype)
+    dq += tl.dot(d_earlier, keys.to(d_earlier.dtype), input_precision=DOT) * tl.exp(
+        tl.where(p > 0, b_read - ref[None, :], 0.0)
+    )
+    # queries after the sub-chunk, against b at its last token
+    later = tl.arange(0, CHUNK) >= p * SUB + SUB
+    ref = _vector_row(CUM, bh, T_PAD, DK, start + p * SUB + SUB - 1, ik)
+    queries = _rows(Q, bh, T, cols, ik, DK, UPCAST)
+    queries = tl.where(later[:, None], queries * tl.exp(tl.where(later[:, None], b_read_all - ref[None, :], 0.0)), 0.0)
+    d_later = tl.where(later[None, :], d_scores_t, 0.0).to(queries.dtype)
+    dk += tl.dot(d_later, queries.to(d_later.dtype), input_precision=DOT) * tl.exp(ref[None, :] - b)
+    # the sub-chunk's own tokens, one at a time: as key for dq, as query for dk
+    q32, k32 = q.to(tl.float32), k.to(tl.float32)
+    index = tl.arange(0, CHUNK)
+    for j in range(SUB):
+        t = start + p * SUB + j
+        seen_as_key = jr >= j  # query jr reads key j
+        seen_as_query = jr <= j  # key jr is read by query j
+        if EXCLUSIVE:
+            seen_as_key, seen_as_query = seen_as_key & (jr != j), seen_as_query & (jr != j)
+        if HAS_DOCS:
+            same_doc = seg == tl.load(SEG + (bh // H) * T_PAD + t)
+            seen_as_key, seen_as_query = seen_as_key & same_doc, seen_as_query & same_doc
+        at = index == p * SUB + j
+        d_key = tl.sum(tl.where(at[None, :], d_scores, 0.0), axis=1)  # dA[rows, t]
+        d_query = tl.sum(tl.where(at[None, :], d_scores_t, 0.0), axis=1)  # dA[t, rows]
+        k_t, q_t = _token(K, bh, T, t, ik, DK), _token(Q, bh, T, t, ik, DK)
+        to_key = tl.exp(tl.where(seen_as_key[:, None], b_read - _vector_row(CUM, bh, T_PAD, DK, t, ik)[None, :], 0.0))
+        to_query = tl.exp(
+            tl.where(seen_as_query[:, None], _vector_row(READ_CUM, bh, T_PAD, DK, t, ik)[None, :] - b, 0.0)
+        )
+        dq += tl.where(seen_as_key, d_key, 0.0)[:, None] * k_t[None, :] * to_key
+        dk += tl.where(seen_as_query, d_query, 0.0)[:, None] * q_t[None, :] * to_query
+    in_rows = (rows < T)[:, None] & in_k[None, :]
+    offs = (bh * T + rows[:, None]) * DK + ik[None, :]
+    tl.store(DQ + offs, dq.to(DQ.dtype.element_ty), mask=in_rows)
+    tl.store(DK_OUT + offs, dk.to(DK_OUT.dtype.element_ty), mask=in_rows)
+    tl.store(READ_GRAD + offs, q32 * dq, mask=in_rows)
+    tl.store(WRITE_GRAD + offs, k32 * dk, mask=in_rows)
+
+
 CHUNK = 16 if interpreting() else 64
+# A decay per key channel: chunks of VECTOR_CHUNK tokens in sub-chunks of SUB_CHUNK (two of them interpreted,
+# so that the tests cross a sub-chunk boundary).
+VECTOR_CHUNK, SUB_CHUNK = (32 if interpreting() else 64), 16
 
 # Value blocks, warps and stages of the chunked passes, timed on a GPU's first call per (key dim, value dim,
 # length bucket). The sequential passes run one program per (value block, batch*head), so narrow blocks buy
@@ -310,12 +548,20 @@ _SEQUENTIAL = tune_configs([({"BLOCK_V": bv}, w, 1) for bv in (32, 16, 64) for w
 _PARALLEL = tune_configs(
     [({"BLOCK_V": bv}, w, st) for bv in (64, 32) for w in (8, 4) for st in (2, 1)], {"BLOCK_V": 16}
 )
+# The vector decay's dQ/dK pass holds dA's rows and columns for its sub-chunk besides dQ and dK: at value blocks
+# of 64 it spilled registers (ptxas, sm_90, bf16, head dims 64), at 32 it does not.
+_VECTOR_GRADS = tune_configs(
+    [({"BLOCK_V": bv}, w, st) for bv in (32, 64) for w in (8, 4) for st in (2, 1)], {"BLOCK_V": 16}
+)
 _tuned = {
     name: triton.autotune(configs, key=_TUNE_KEY)(kernel)
     for name, kernel, configs in (
         ("states", _chunk_states, _SEQUENTIAL),
         ("outputs", _chunk_outputs, _PARALLEL),
         ("query_key_grads", _chunk_query_key_grads, _PARALLEL),
+        ("vector_states", _chunk_states, _SEQUENTIAL),
+        ("vector_outputs", _vector_chunk_outputs, _PARALLEL),
+        ("vector_query_key_grads", _vector_chunk_query_key_grads, _VECTOR_GRADS),
     )
 }
 
@@ -342,47 +588,85 @@ def reverse_cumsum_within_documents(x: torch.Tensor, starts: torch.Tensor | None
     return total - padded.gather(2, index)
 
 
+def _cumulative_decays(log_decay, starts, exclusive):
+    """A decay per key channel's chunk-local sums for the chunked kernels, padded to whole chunks of
+    VECTOR_CHUNK tokens with zero log decays: (b, b_read, segments, padded length), b and b_read [B, H,
+    T_PAD, Dk] float32 (b_read = b - g for exclusive reads, else b itself), segments [B, T_PAD] int32, each
+    token's document within its chunk (empty without documents). A scalar decay's are formed in the kernels."""
+    if log_decay.dim() == 3:
+        empty = log_decay.new_empty(0, dtype=torch.float32)
+        return empty, empty, log_decay.new_empty(0, dtype=torch.int32), log_decay.shape[2]
+    B, H, T, Dk = log_decay.shape
+    n_chunks = triton.cdiv(T, VECTOR_CHUNK)
+    padded = torch.nn.functional.pad(log_decay.float(), (0, 0, 0, n_chunks * VECTOR_CHUNK - T))
+    b = padded.view(B, H, n_chunks, VECTOR_CHUNK, Dk).cumsum(3).view(padded.shape)
+    b_read = b - padded if exclusive else b
+    segments = starts.new_empty(0, dtype=torch.int32)
+    if starts.numel():
+        segments = torch.nn.functional.pad(starts.int(), (0, n_chunks * VECTOR_CHUNK - T))
+        segments = segments.view(B, n_chunks, VECTOR_CHUNK).cumsum(2, dtype=torch.int32).view(B, -1).contiguous()
+    return b, b_read, segments, n_chunks * VECTOR_CHUNK
+
+
 def _chunked_forward(q, k, v, log_decay, s0, starts, meta, has_state):
     """Two passes: the state entering each chunk (sequential over chunks), then every chunk's outputs at once."""
     B, H, T, Dk = q.shape
-    Dv, n_chunks = v.shape[-1], triton.cdiv(T, CHUNK)
-    sizes = (T, H, Dk, Dv, length_bucket(T))
+    vector = log_decay.dim() == 4
+    Dv, n_chunks = v.shape[-1], triton.cdiv(T, meta["CHUNK"])
+    cum, read_cum, segments, t_pad = _cumulative_decays(log_decay, starts, meta["EXCLUSIVE"])
+    sizes = (T, t_pad, H, Dk, Dv, length_bucket(T))
     # In the inputs' dtype, what tensor cores multiply; float32 for float16 inputs, whose range a state summing
     # thousands of tokens' k^T v can leave.
     states = torch.empty(B, H, n_chunks, Dk, Dv, dtype=torch.float32 if q.dtype == torch.float16 else q.dtype,
                          device=q.device)  # fmt: skip
     final = torch.empty(B, H, Dk, Dv, dtype=torch.float32, device=q.device)
     out = torch.empty(B, H, T, Dv, dtype=q.dtype, device=q.device)
-    _tuned["states"][lambda m: (triton.cdiv(Dv, m["BLOCK_V"]), B * H)](
-        k, v, log_decay, starts, s0, states, final, *sizes, HAS_IN=has_state, REVERSE=False, **meta
-    )
-    _tuned["outputs"][lambda m: (triton.cdiv(Dv, m["BLOCK_V"]), n_chunks, B * H)](
-        q, k, log_decay, starts, v, states, out, *sizes, VALUE_GRAD=False, **meta
-    )
+    _tuned["vector_states" if vector else "states"][lambda m: (triton.cdiv(Dv, m["BLOCK_V"]), B * H)](
+        k, v, log_decay, starts, cum, read_cum, segments, s0, states, final, *sizes, HAS_IN=has_state, REVERSE=False,
+        VECTOR=vector, **meta)  # fmt: skip
+    grid = lambda m: (triton.cdiv(Dv, m["BLOCK_V"]), n_chunks, B * H)  # noqa: E731
+    if vector:
+        _tuned["vector_outputs"][grid](q, k, v, cum, read_cum, segments, states, out, *sizes, VALUE_GRAD=False,
+                                       SUB=SUB_CHUNK, **meta)  # fmt: skip
+    else:
+        _tuned["outputs"][grid](q, k, log_decay, starts, v, states, out, T, H, Dk, Dv, length_bucket(T),
+                                VALUE_GRAD=False, **meta)  # fmt: skip
     return out, final, states
 
 
 def _chunked_backward(q, k, v, log_decay, starts, states, d_out, d_final, meta):
     """The gradient of the state leaving each chunk (sequential, from the last), then every chunk's input
-    gradients at once (dV; dQ and dK, with q.dq and k.dk per token for the decay's gradient)."""
+    gradients at once (dV; dQ and dK, with q.dq and k.dk per token, per key channel for a vector decay, for
+    the decay's gradient)."""
     B, H, T, Dk = q.shape
+    vector = log_decay.dim() == 4
     Dv, n_chunks = v.shape[-1], states.shape[2]
-    sizes = (T, H, Dk, Dv, length_bucket(T))
+    cum, read_cum, segments, t_pad = _cumulative_decays(log_decay, starts, meta["EXCLUSIVE"])
+    sizes = (T, t_pad, H, Dk, Dv, length_bucket(T))
     d_states = torch.empty_like(states)
     ds0 = torch.empty(B, H, Dk, Dv, dtype=torch.float32, device=q.device)
     d_final_arg = d_final.float().contiguous() if d_final is not None else ds0
-    _tuned["states"][lambda m: (triton.cdiv(Dv, m["BLOCK_V"]), B * H)](
-        q, d_out, log_decay, starts, d_final_arg, d_states, ds0, *sizes, HAS_IN=d_final is not None, REVERSE=True,
-        **meta)  # fmt: skip
+    _tuned["vector_states" if vector else "states"][lambda m: (triton.cdiv(Dv, m["BLOCK_V"]), B * H)](
+        q, d_out, log_decay, starts, cum, read_cum, segments, d_final_arg, d_states, ds0, *sizes,
+        HAS_IN=d_final is not None, REVERSE=True, VECTOR=vector, **meta)  # fmt: skip
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    _tuned["outputs"][lambda m: (triton.cdiv(Dv, m["BLOCK_V"]), n_chunks, B * H)](
-        q, k, log_decay, starts, d_out, d_states, dv, *sizes, VALUE_GRAD=True, **meta
-    )
-    read_grad = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
-    write_grad = torch.empty_like(read_grad)
-    _tuned["query_key_grads"][(n_chunks, B * H)](
-        q, k, v, log_decay, starts, d_out, states, d_states, dq, dk, read_grad, write_grad, *sizes, **meta
-    )
+    grid = lambda m: (triton.cdiv(Dv, m["BLOCK_V"]), n_chunks, B * H)  # noqa: E731
+    if vector:
+        _tuned["vector_outputs"][grid](q, k, d_out, cum, read_cum, segments, d_states, dv, *sizes, VALUE_GRAD=True,
+                                       SUB=SUB_CHUNK, **meta)  # fmt: skip
+        read_grad = torch.empty(B, H, T, Dk, dtype=torch.float32, device=q.device)
+        write_grad = torch.empty_like(read_grad)
+        _tuned["vector_query_key_grads"][(meta["CHUNK"] // SUB_CHUNK, n_chunks, B * H)](
+            q, k, v, cum, read_cum, segments, d_out, states, d_states, dq, dk, read_grad, write_grad, *sizes,
+            SUB=SUB_CHUNK, **meta)  # fmt: skip
+    else:
+        scalar_sizes = (T, H, Dk, Dv, length_bucket(T))
+        _tuned["outputs"][grid](q, k, log_decay, starts, d_out, d_states, dv, *scalar_sizes, VALUE_GRAD=True, **meta)
+        read_grad = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
+        write_grad = torch.empty_like(read_grad)
+        _tuned["query_key_grads"][(n_chunks, B * H)](
+            q, k, v, log_decay, starts, d_out, states, d_states, dq, dk, read_grad, write_grad, *scalar_sizes, **meta
+        )
     return dq, dk, dv, ds0, read_grad, write_grad
 
 
@@ -417,7 +701,8 @@ class _LinearAttention(torch.autograd.Function):
         meta = {"HAS_DOCS": starts is not None, "EXCLUSIVE": exclusive}
         ctx.has_state, ctx.chunked = state is not None, chunked
         if chunked:
-            meta.update(CHUNK=CHUNK, UPCAST=interpreting(), DOT=dot_precision(q.dtype), BLOCK_K=block(Dk, 256))
+            chunk = VECTOR_CHUNK if log_decay.dim() == 4 else CHUNK
+            meta.update(CHUNK=chunk, UPCAST=interpreting(), DOT=dot_precision(q.dtype), BLOCK_K=block(Dk, 256))
             out, final, states = _chunked_forward(q, k, v, log_decay, s0, starts_arg, meta, state is not None)
             ctx.save_for_backward(q, k, v, log_decay, s0, starts_arg, final, states)
         else:
@@ -459,13 +744,12 @@ class _LinearAttention(torch.autograd.Function):
 
 def linear_attention(q, k, v, log_decay, *, state=None, doc_ids=None, exclusive=False, chunk_size=64, form="auto"):
     """``kvlab.kernels.linear_attention.linear_attention``'s contract (its ``chunk_size`` is unused: the kernel's
-    is CHUNK). ``form``: "chunked" (scalar decays only), "recurrent", or "auto": chunked for a scalar decay over
-    more than one chunk of tokens, recurrent otherwise (decoding, per-channel decays)."""
+    is CHUNK, or VECTOR_CHUNK for a decay per key channel). ``form``: "chunked", "recurrent", or "auto": chunked
+    over more than one chunk of tokens, recurrent otherwise (decoding)."""
     if form not in ("auto", "chunked", "recurrent"):
         raise ValueError(f"form={form!r}: valid are auto, chunked, recurrent")
-    if form == "chunked" and log_decay.dim() == 4:
-        raise ValueError("form='chunked' takes a scalar decay per head and token (log_decay [B, H, T])")
-    chunked = form == "chunked" or (form == "auto" and log_decay.dim() == 3 and q.shape[2] > CHUNK)
+    chunk = VECTOR_CHUNK if log_decay.dim() == 4 else CHUNK
+    chunked = form == "chunked" or (form == "auto" and q.shape[2] > chunk)
     starts = document_starts(doc_ids) if doc_ids is not None else None
     if q.shape[1] != v.shape[1]:  # one q/k head read by every value head: the kernels index q and k per head
         q, k = q.expand(-1, v.shape[1], -1, -1), k.expand(-1, v.shape[1], -1, -1)

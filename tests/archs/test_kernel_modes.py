@@ -26,6 +26,8 @@ def _run(model, mode, ids, labels):
     # a model with a context encoder reads a context (not packed documents), so its encoder has gradients too
     context = ids.flip(1)[:, :8] if model.config.context is not None else None
     docs = DOCS if model.takes_packed_documents and context is None else None
+    if docs is not None and ids.shape[1] > docs.shape[1]:  # longer rows: the second document runs on
+        docs = torch.cat([docs, docs[:, -1:].expand(-1, ids.shape[1] - docs.shape[1])], dim=1)
     logits = model(ids, doc_ids=docs, context=context)
     _restart_rank_schedules(model)
     loss = model(ids, doc_ids=docs, labels=labels, context=context)
@@ -60,6 +62,9 @@ def test_reference_and_fast_kernels_agree(name, monkeypatch):
         pytest.param("yoco_swa", {"attention"}, marks=pytest.mark.slow),
         pytest.param("retnet", {"linear_attention"}, marks=pytest.mark.slow),
         pytest.param("rwkv6", {"linear_attention"}, marks=pytest.mark.slow),
+        # over 32 tokens (VECTOR_CHUNK under the interpreter): RWKV-6's decays per channel in the chunked kernels
+        pytest.param("rwkv6-chunked", {"linear_attention"}, marks=pytest.mark.slow),
+        pytest.param("samba", {"causal_conv1d", "selective_scan"}, marks=pytest.mark.slow),
         pytest.param("mamba2", {"causal_conv1d", "linear_attention"}, marks=pytest.mark.slow),
         pytest.param("rwkv7", {"delta_rule"}, marks=pytest.mark.slow),
     ],
@@ -79,11 +84,13 @@ def test_triton_kernels_give_the_same_model(name, ran, monkeypatch):
         return backend.function()(*args, **kwargs)
 
     monkeypatch.setattr(ops_module, "dispatch", spy)
-    spec = preset_dict(name)
-    if name in ("retnet", "rwkv6", "rwkv7", "mamba2"):
+    spec = preset_dict(name.removesuffix("-chunked"))
+    if name in ("retnet", "rwkv6", "rwkv6-chunked", "rwkv7", "mamba2"):
         spec["n_layers"] = 1  # the interpreter walks the recurrence token by token
+    if name == "samba":
+        spec["n_layers"] = 2  # one Mamba-1 layer, one windowed attention layer
     model = build_model(spec)
-    ids = torch.randint(0, model.config.vocab_size, (2, 16))
+    ids = torch.randint(0, model.config.vocab_size, (2, 40 if name.endswith("-chunked") else 16))
     labels = ids.roll(-1, dims=1)
     ref_logits, ref_loss, ref_grads = _run(model, "reference", ids, labels)
     used.clear()

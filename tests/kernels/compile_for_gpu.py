@@ -116,7 +116,7 @@ def run_entry_points(dtype: torch.dtype) -> None:
     q, k, v = _leaves(dtype, (B, H, T, 64), (B, H, T, 64), (B, H, T, 48))
     scalar, vector = -torch.rand(B, H, T, requires_grad=True), -torch.rand(B, H, T, 64, requires_grad=True)
     (state,) = _leaves(torch.float32, (B, H, 64, 48))
-    for form, decay in (("chunked", scalar), ("recurrent", vector), ("recurrent", scalar)):
+    for form, decay in (("chunked", scalar), ("chunked", vector), ("recurrent", vector), ("recurrent", scalar)):
         inputs = (q, k, v, decay, state)
         _grad(triton_linear_attention.linear_attention(q, k, v, decay, form=form), inputs)
         _grad(triton_linear_attention.linear_attention(q, k, v, decay, state=state, doc_ids=docs, exclusive=True,

@@ -227,17 +227,35 @@ def test_recurrent_linear_attention_matches_the_reference(docs, vector, with_sta
     _check(pick(recurrent), pick(linear_attention_reference), inputs, n_outputs=2 if final_grad else 1)
 
 
-@pytest.mark.parametrize("docs", list(DOCUMENTS))
-@pytest.mark.parametrize("with_state", [False, True], ids=["empty", "initial-state"])
-@pytest.mark.parametrize("exclusive", [False, True], ids=["inclusive", "exclusive"])
-def test_chunked_linear_attention_matches_the_reference(docs, with_state, exclusive):
-    """The scalar-decay chunked form: T = 2 CHUNK + 5 is two chunks and a partial one;
-    packed documents start mid-chunk; outputs and the final state both carry gradients."""
-    from kvlab.kernels.triton_linear_attention import CHUNK, linear_attention
+def _chunked_cases():
+    """Every (documents, initial state, read, decay) case; a decay per key channel's cost 15-20 s each under the
+    interpreter, so two of its eight, which between them take every branch, by default, the rest -m slow."""
+    vector_default = {("packed", True, True), ("one-document", False, False)}
+    for vector in (False, True):
+        for exclusive in (False, True):
+            for with_state in (False, True):
+                for docs in DOCUMENTS:
+                    slow = vector and (docs, with_state, exclusive) not in vector_default
+                    name = "-".join([
+                        "vector-decay" if vector else "scalar-decay", "exclusive" if exclusive else "inclusive",
+                        "initial-state" if with_state else "empty", docs,
+                    ])  # fmt: skip
+                    yield pytest.param(docs, with_state, exclusive, vector, id=name,
+                                       marks=(pytest.mark.slow,) if slow else ())  # fmt: skip
 
-    B, H, T, DK, DV = 2, 3, 2 * CHUNK + 5, 12, 20  # CHUNK: 16 interpreted, 64 on a GPU
+
+@pytest.mark.parametrize("docs, with_state, exclusive, vector", list(_chunked_cases()))
+def test_chunked_linear_attention_matches_the_reference(docs, with_state, exclusive, vector):
+    """The chunked form: T = 2 chunks + 5 is two chunks and a partial one (a decay per key channel: chunks of
+    VECTOR_CHUNK in sub-chunks of 16, two under the interpreter, so keys and queries also meet across
+    sub-chunks); packed documents start mid-chunk, and for a vector decay mid-sub-chunk; outputs and the final
+    state both carry gradients."""
+    from kvlab.kernels.triton_linear_attention import CHUNK, VECTOR_CHUNK, linear_attention
+
+    chunk = VECTOR_CHUNK if vector else CHUNK  # 16 (32) interpreted, 64 on a GPU
+    B, H, T, DK, DV = 2, 2 if vector else 3, 2 * chunk + 5, 12, 20
     q, k, v = torch.randn(B, H, T, DK), torch.randn(B, H, T, DK), torch.randn(B, H, T, DV)
-    log_decay = -torch.rand(B, H, T) * 0.5
+    log_decay = -torch.rand(B, H, T, *([DK] if vector else [])) * 0.5
     log_decay[0, 0, 3] = -30.0  # a token that forgets everything before it
     state = torch.randn(B, H, DK, DV) if with_state else None
     inputs = [t.requires_grad_() for t in (q, k, v, log_decay) + ((state,) if with_state else ())]
@@ -287,29 +305,33 @@ def test_chunked_linear_attention_in_half_precision_on_the_gpus_path(monkeypatch
 
 
 def test_linear_attention_kernel_forms():
-    """auto: chunked for a scalar decay over more than a chunk, recurrent for decoding and per-channel decays;
-    both forms agree on a sequence shorter than a chunk."""
+    """auto: chunked over more than a chunk (VECTOR_CHUNK tokens for a decay per key channel), recurrent for
+    decoding and shorter sequences; both forms agree on a sequence shorter than a chunk."""
     from kvlab.kernels import triton_linear_attention as tla
 
     calls = []
     original = tla._LinearAttention.apply
-    T = tla.CHUNK + 24  # over one chunk
+    T = tla.VECTOR_CHUNK + 8  # over one chunk of either kind
     q, k, v = torch.randn(1, 2, T, 16), torch.randn(1, 2, T, 16), torch.randn(1, 2, T, 16)
     scalar, vector = -torch.rand(1, 2, T), -torch.rand(1, 2, T, 16)
+    short_vector = [t[:, :, : tla.VECTOR_CHUNK] for t in (q, k, v, vector)]  # one chunk: recurrent
     try:
         tla._LinearAttention.apply = lambda *args: calls.append(args[-1]) or original(*args)
         tla.linear_attention(q, k, v, scalar)
         tla.linear_attention(q, k, v, vector)
+        tla.linear_attention(*short_vector)
         tla.linear_attention(q[:, :, :1], k[:, :, :1], v[:, :, :1], scalar[:, :, :1])
     finally:
         tla._LinearAttention.apply = original
-    assert calls == [True, False, False]
-    short = [t[:, :, :5] for t in (q, k, v, scalar)]
-    chunked, recurrent = tla.linear_attention(*short, form="chunked"), tla.linear_attention(*short, form="recurrent")
-    for c, r in zip(chunked, recurrent, strict=True):
-        assert rel_error(c, r) < TOL
-    with pytest.raises(ValueError, match="form='chunked' takes a scalar decay"):
-        tla.linear_attention(q, k, v, vector, form="chunked")
+    assert calls == [True, True, False, False]
+    for decay in (scalar, vector):
+        short = [t[:, :, :5] for t in (q, k, v, decay)]
+        chunked, recurrent = (
+            tla.linear_attention(*short, form="chunked"),
+            tla.linear_attention(*short, form="recurrent"),
+        )
+        for c, r in zip(chunked, recurrent, strict=True):
+            assert rel_error(c, r) < TOL
     with pytest.raises(ValueError, match="form='fused'"):
         tla.linear_attention(q, k, v, scalar, form="fused")
 
