@@ -490,19 +490,17 @@ def _vector_chunk_query_key_grads(Q, K, V, CUM, READ_CUM, SEG, DO, STATES, DSTAT
     # keys before the sub-chunk, against b at the token before it (none for the first: exponents kept at 0)
     earlier = tl.arange(0, CHUNK) < p * SUB
     ref = _vector_row(CUM, bh, T_PAD, DK, start + tl.maximum(p * SUB - 1, 0), ik)
-    keys = _rows(K, bh, T, cols, ik, DK, UPCAST)
+    keys = _rows(K, bh, T, cols, ik, DK, UPCAST)  # products in the inputs' dtype (tensor cores), as the forward's
     keys = tl.where(earlier[:, None], keys * tl.exp(tl.where(earlier[:, None], ref[None, :] - b_all, 0.0)), 0.0)
-    d_earlier = tl.where(earlier[None, :], d_scores, 0.0).to(keys.dtype)
-    dq += tl.dot(d_earlier, keys.to(d_earlier.dtype), input_precision=DOT) * tl.exp(
-        tl.where(p > 0, b_read - ref[None, :], 0.0)
-    )
+    d_earlier = tl.where(earlier[None, :], d_scores, 0.0).to(q.dtype)
+    dq += tl.dot(d_earlier, keys.to(q.dtype), input_precision=DOT) * tl.exp(tl.where(p > 0, b_read - ref[None, :], 0.0))
     # queries after the sub-chunk, against b at its last token
     later = tl.arange(0, CHUNK) >= p * SUB + SUB
     ref = _vector_row(CUM, bh, T_PAD, DK, start + p * SUB + SUB - 1, ik)
     queries = _rows(Q, bh, T, cols, ik, DK, UPCAST)
     queries = tl.where(later[:, None], queries * tl.exp(tl.where(later[:, None], b_read_all - ref[None, :], 0.0)), 0.0)
-    d_later = tl.where(later[None, :], d_scores_t, 0.0).to(queries.dtype)
-    dk += tl.dot(d_later, queries.to(d_later.dtype), input_precision=DOT) * tl.exp(ref[None, :] - b)
+    d_later = tl.where(later[None, :], d_scores_t, 0.0).to(q.dtype)
+    dk += tl.dot(d_later, queries.to(q.dtype), input_precision=DOT) * tl.exp(ref[None, :] - b)
     # the sub-chunk's own tokens, one at a time: as key for dq, as query for dk
     q32, k32 = q.to(tl.float32), k.to(tl.float32)
     index = tl.arange(0, CHUNK)

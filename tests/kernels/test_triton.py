@@ -280,7 +280,8 @@ def test_chunked_linear_attention_with_a_constant_decay(monkeypatch):
            lambda q, k, v, g, s: linear_attention_reference(q, k, v, g, state=s), inputs, n_outputs=2)  # fmt: skip
 
 
-def test_chunked_linear_attention_in_half_precision_on_the_gpus_path(monkeypatch):
+@pytest.mark.parametrize("vector", [False, True], ids=["scalar-decay", "vector-decay"])
+def test_chunked_linear_attention_in_half_precision_on_the_gpus_path(vector, monkeypatch):
     """On a GPU the chunked kernels multiply tiles in the inputs' dtype (tensor cores), where the interpreter
     upcasts them. fp16, which the interpreter computes natively (bf16 it does not), through the GPU's path:
     within fp16's rounding of float32 on the same inputs, gradients included."""
@@ -289,9 +290,9 @@ def test_chunked_linear_attention_in_half_precision_on_the_gpus_path(monkeypatch
     if torch.cuda.is_available():
         pytest.skip("on a GPU every chunked case runs this path")
     monkeypatch.setattr(tla, "interpreting", lambda: False)  # UPCAST off: the dtype GPUs multiply in
-    B, H, T, D = 1, 2, 2 * tla.CHUNK + 5, 32
+    B, H, T, D = 1, 2, 2 * (tla.VECTOR_CHUNK if vector else tla.CHUNK) + 5, 32
     half = [(torch.randn(B, H, T, D) * 0.3).half().requires_grad_() for _ in range(3)]
-    log_decay = -torch.rand(B, H, T) * 0.2
+    log_decay = -torch.rand(B, H, T, *([D] if vector else [])) * 0.2
     cot = torch.randn(B, H, T, D)
     out, final = tla.linear_attention(*half, log_decay, form="chunked")
     grads = torch.autograd.grad((out.float() * cot).sum() + final.sum(), half)
