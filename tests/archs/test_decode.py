@@ -80,7 +80,7 @@ VARIANTS = {
         },
         kv_sharing={"kind": "cla", "every": 2},
     ),  # fmt: skip
-    "goldfinch_like": tiny(  # RWKV-6 below; one compressed latent computed by layer 2, read by layers 2 and 3
+    "rwkv6_shared_mla": tiny(  # RWKV-6 below; one compressed latent computed by layer 2, read by layers 2 and 3
         mixer=None,
         pattern="RRMM",
         mixers={

@@ -89,8 +89,8 @@ def test_hymba_counts_its_meta_tokens_and_shares_its_windows_kv():
     assert fp.total_bytes(1) == 7 * mamba * 2 + 5 * 17 * per_token
 
 
-def test_goldfinch_caches_one_compressed_latent_per_token_for_all_its_attention_layers():
-    fp = build_model(preset_dict("goldfinch")).kv_footprint(torch.bfloat16)
+def test_rwkv6_shared_mla_caches_one_compressed_latent_per_token_for_all_its_attention_layers():
+    fp = build_model(preset_dict("rwkv6_shared_mla")).kv_footprint(torch.bfloat16)
     assert [r.bytes_per_token for r in fp.per_layer] == [0, 0, 0, 0, (16 + 8) * 2, 0]
     assert [r.kv_source for r in fp.per_layer] == [0, 1, 2, 3, 4, 4]
 

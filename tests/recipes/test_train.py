@@ -189,7 +189,7 @@ LEARNING_PRESETS = [
     "samba_m2",
     "hymba",
     "parallel_heads",
-    "goldfinch",
+    "rwkv6_shared_mla",
     "yoco_gret",
     "recurformer",
 ]
