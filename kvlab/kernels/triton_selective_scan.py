@@ -128,10 +128,20 @@ def _backward(U, DELTA, A_, B, C, STARTS, DY, DS_FINAL, CHECKPOINTS, SCRATCH, DU
     tl.store(DA + s_off, grad_A, mask=in_s)
 
 
-def _blocks(D: int, N: int) -> tuple[int, int, int]:
-    """(BLOCK_D, BLOCK_N, chunk): a program's channels (its grid is D / BLOCK_D per sequence, so smaller blocks
-    keep more of a GPU busy), the whole state width, and the tokens between checkpoints."""
-    return min(triton.next_power_of_2(D), 16 if interpreting() else 32), triton.next_power_of_2(N), 16
+def _blocks(batch: int, D: int, N: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_D, BLOCK_N, chunk, warps): a program's channels, the whole state width, the tokens between
+    checkpoints, and the warps for a [BLOCK_D, BLOCK_N] tile. Each program walks every token in turn, so the
+    programs side by side are the parallelism: blocks of 32 channels, halved (down to 4) while there would be
+    fewer than two programs per multiprocessor (a batch-1 prefill of 512 channels: 16 programs of 32 on 132
+    multiprocessors, 128 of 4)."""
+    block_n = triton.next_power_of_2(N)
+    if interpreting() or device.type != "cuda":
+        return min(triton.next_power_of_2(D), 16), block_n, 16, 4
+    block_d = min(triton.next_power_of_2(D), 32)
+    processors = torch.cuda.get_device_properties(device).multi_processor_count
+    while block_d > 4 and batch * triton.cdiv(D, block_d) < 2 * processors:
+        block_d //= 2
+    return block_d, block_n, 16, max(1, min(4, block_d * block_n // 128))
 
 
 class _SelectiveScan(torch.autograd.Function):
@@ -143,7 +153,7 @@ class _SelectiveScan(torch.autograd.Function):
     def forward(ctx, u, delta, A, B, C, s0, starts, checkpoint):
         Bsz, T, D = u.shape
         N = A.shape[1]
-        block_d, block_n, chunk = _blocks(D, N)
+        block_d, block_n, chunk, warps = _blocks(Bsz, D, N, u.device)
         grid = (triton.cdiv(D, block_d), Bsz)
         f32 = {"dtype": torch.float32, "device": u.device}
         y = torch.empty(Bsz, T, D, dtype=u.dtype, device=u.device)
@@ -152,9 +162,10 @@ class _SelectiveScan(torch.autograd.Function):
         no_starts = u.new_empty(0, dtype=torch.int8)
         _forward[grid](u, delta, A, B, C, s0 if s0 is not None else final, starts if starts is not None else no_starts,
                        y, final, checkpoints, T, D, N, Bsz, HAS_DOCS=starts is not None, HAS_STATE=s0 is not None,
-                       CHECKPOINT=checkpoint, CHUNK=chunk, BLOCK_D=block_d, BLOCK_N=block_n)  # fmt: skip
+                       CHECKPOINT=checkpoint, CHUNK=chunk, BLOCK_D=block_d, BLOCK_N=block_n,
+                       num_warps=warps)  # fmt: skip
         ctx.save_for_backward(u, delta, A, B, C, starts, checkpoints)
-        ctx.blocks, ctx.grid, ctx.has_state = (block_d, block_n, chunk), grid, s0 is not None
+        ctx.blocks, ctx.grid, ctx.has_state = (block_d, block_n, chunk, warps), grid, s0 is not None
         ctx.set_materialize_grads(False)  # an unused final state's gradient stays None: the kernel skips it
         return y, final
 
@@ -163,7 +174,7 @@ class _SelectiveScan(torch.autograd.Function):
         u, delta, A, B, C, starts, checkpoints = ctx.saved_tensors
         Bsz, T, D = u.shape
         N = A.shape[1]
-        block_d, block_n, chunk = ctx.blocks
+        block_d, block_n, chunk, warps = ctx.blocks
         grid = ctx.grid
         f32 = {"dtype": torch.float32, "device": u.device}
         scratch = torch.empty(grid[0] * Bsz * chunk * block_d * block_n, **f32)
@@ -175,8 +186,8 @@ class _SelectiveScan(torch.autograd.Function):
         _backward[grid](u, delta, A, B, C, starts if starts is not None else no_starts, d_y,
                         d_final.float().contiguous() if d_final is not None else ds0, checkpoints, scratch, du,
                         ddelta, dA, dB, dC, ds0, T, D, N, Bsz, HAS_DOCS=starts is not None,
-                        HAS_DFINAL=d_final is not None, CHUNK=chunk, BLOCK_D=block_d,
-                        BLOCK_N=block_n)  # fmt: skip
+                        HAS_DFINAL=d_final is not None, CHUNK=chunk, BLOCK_D=block_d, BLOCK_N=block_n,
+                        num_warps=warps)  # fmt: skip
         return (du.to(u.dtype), ddelta.to(delta.dtype), dA.sum(0).to(A.dtype), dB.sum(0).to(B.dtype),
                 dC.sum(0).to(C.dtype), ds0 if ctx.has_state else None, None, None)  # fmt: skip
 
