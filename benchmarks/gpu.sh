@@ -4,7 +4,8 @@
 # per shape; TESTS_K selects cases), the Triton kernels beside SDPA and fla (peers.py), decoding and training
 # against transformers in bf16 (decode.py, train_speed.py), and every kernel op's backends against its
 # reference at training shapes (kernel_ops.py; KERNEL_OPS selects ops), and the compiled decode step replayed
-# as a CUDA graph against eager (tests/archs/test_compiled_decode.py), and train.py's trainer=gpu for 30 steps.
+# as a CUDA graph against eager (tests/archs/test_compiled_decode.py), train.py's trainer=gpu for 30 steps, and
+# Mamba-1 presets' training step with the scan's Triton kernel against its torch loop (MAMBA_PRESETS).
 # Each part's log goes to $OUT (default gpu_out/); *_S variables bound each part's seconds, and 0 skips the part.
 #   bash benchmarks/gpu.sh
 set -u
@@ -33,6 +34,9 @@ part "${DECODE_S:-150}" decode.txt python3 benchmarks/decode.py --device cuda --
     --presets "${DECODE_PRESETS:-gqa,mla,cla,yoco_swa,mamba2}" --batches "${DECODE_BATCHES:-1,8}"
 part "${TRAIN_S:-90}" train.txt python3 benchmarks/train_speed.py --device cuda --dtype bfloat16 --batch 16 \
     --seq 1024 --steps 10
+# Mamba-1's scan through the model: the Triton kernel against the torch backend's loop, eager and compiled blocks.
+part "${MAMBA_S:-90}" mamba.txt python3 benchmarks/train_speed.py --device cuda --dtype bfloat16 --batch 8 \
+    --seq 1024 --repeats 3 --compiled-blocks "${MAMBA_PRESETS:-samba}"
 # The default GPU recipe end to end (trainer=gpu: bf16-mixed, the fused AdamW, gradient clipping; needs lightning,
 # hydra-core, datasets and tokenizers beside torch): 30 steps on the bundled corpus.
 part "${RECIPE_S:-90}" recipe.txt python3 train.py trainer=gpu trainer.max_steps=30 trainer.val_check_interval=30 \

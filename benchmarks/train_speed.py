@@ -206,9 +206,10 @@ def precisions(presets: list[str], args, device) -> None:
 
 def compiled_blocks(presets: list[str], args, device, dtype) -> None:
     """Each preset's training step eager and through compiled blocks (``trainer.compile``), and for presets
-    with Mamba-1 layers also eager with the scan token by token (its compiled chunks off, as under
-    ``KVLAB_COMPILE=0`` or below ``COMPILED_SCAN_MIN``), interleaved, best of ``--repeats``; the first
-    step of each, which compiles, timed apart (any preset: no peer)."""
+    with Mamba-1 layers also eager with the scan token by token (on a CPU its compiled chunks off, as under
+    ``KVLAB_COMPILE=0`` or below ``COMPILED_SCAN_MIN``; on a GPU the torch backend's loop in place of the
+    Triton kernel), interleaved, best of ``--repeats``; the first step of each, which compiles, timed apart
+    (any preset: no peer)."""
     data = torch.randint(0, 4096, (1 + args.repeats, args.batch, args.seq + 1),  # each model: a first step, the rounds
                          generator=torch.Generator().manual_seed(0))  # fmt: skip
     print(f"kvlab's training step, batch {args.batch} x {args.seq} tokens, {device}, {args.dtype}, tokens/s "
@@ -224,6 +225,8 @@ def compiled_blocks(presets: list[str], args, device, dtype) -> None:
             if kind == "token by token" and not any(isinstance(m, Mamba) for m in model.modules()):
                 continue
             model.compile_blocks = "inductor" if kind == "compiled" else None
+            if kind == "token by token" and device.type == "cuda":
+                model.config.kernels = "auto,selective_scan=torch"
             steps[kind] = stepper(model, data, False, dtype, patches=token_by_token if kind == "token by token" else ())
         first = {}
         for kind, step in steps.items():
