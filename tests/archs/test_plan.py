@@ -292,8 +292,8 @@ def test_every_preset_computes_what_it_did_before_the_plan():
     # Bitwise until issue 18, whose kernels order two sums otherwise (a decoded token's query heads attend
     # grouped by K/V head; MLA's narrower values are padded for SDPA's fused kernel): float rounding since.
     tolerance = {"rtol": 1e-5, "atol": 1e-5}
-    # names given back to the faithful presets (issue 21)
-    renamed = {"jamba": "jamba_m2", "hymba": "parallel_heads", "samba": "samba_m2"}
+    # names given back to the faithful presets, or to no paper (issue 21)
+    renamed = {"jamba": "jamba_m2", "hymba": "parallel_heads", "samba": "samba_m2", "goldfinch": "rwkv6_shared_mla"}
     assert {renamed.get(n, n) for n in old["presets"]} <= set(PRESETS)  # none removed
     for name in sorted(old["presets"]):
         d = preset_dict(renamed.get(name, name))
