@@ -58,10 +58,10 @@ def train(args: list[str]) -> None:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import DictConfig
 
-    from kvlab.recipes.config import broken_yaml, config_dir, register_configs
+    from kvlab.recipes.config import choice_problem, config_dir, register_configs
 
     configs = config_dir()
-    problem = broken_yaml(args, configs)
+    problem = choice_problem(args, configs)
     if problem is not None:
         _fail(problem)
     register_configs()

@@ -189,9 +189,20 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 
 
-def broken_yaml(argv: list[str], shipped: Path) -> str | None:
-    """Why a YAML file this command line picks (``model=mine`` from ``--config-dir``, or the ``shipped`` tree)
-    does not parse, naming the file and line; None when they all do. Hydra would show a traceback."""
+# Presets renamed since users first ran them: the old name, the new one and why. A command line naming the old
+# one is told so (Hydra would only list every preset).
+RENAMED_PRESETS = {
+    "goldfinch": (
+        "rwkv6_shared_mla",
+        "on 2026-12-06: GoldFinch's layout without its TokenCat and Finch-C2 layers is not GoldFinch, so not its name",
+    ),  # fmt: skip
+}
+
+
+def choice_problem(argv: list[str], shipped: Path) -> str | None:
+    """Why a config file this command line picks (``model=mine`` from ``--config-dir``, or the ``shipped`` tree)
+    cannot be used: a YAML file that does not parse (naming the file and line; Hydra would show a traceback),
+    or a model preset renamed since (naming the new one); None when every choice can be."""
     dirs = [shipped]
     for i, arg in enumerate(argv):
         if arg in ("--config-dir", "-cd") and i + 1 < len(argv):
@@ -210,4 +221,7 @@ def broken_yaml(argv: list[str], shipped: Path) -> str | None:
                     load_yaml(found[0])
                 except ValueError as e:
                     return str(e)
+            elif group == "model" and option in RENAMED_PRESETS:
+                new, why = RENAMED_PRESETS[option]
+                return f"model={option}: the preset was renamed {new} {why} (README, 'Models, caches and footprints')"
     return None

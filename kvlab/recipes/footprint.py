@@ -120,7 +120,12 @@ def main(argv: list[str] | None = None, prog: str = "python -m kvlab.footprint")
     parser.add_argument("--policy", help="a cache policy: int8, int4, fp8, kivi, or a JSON mapping such as "
                                          '\'{"kind": "kivi", "bits": 4}\'')  # fmt: skip
     args = parser.parse_args(argv)
+    from kvlab.recipes.config import choice_problem, config_dir
+
     try:
+        problem = choice_problem(args.overrides, config_dir())
+        if problem is not None:
+            raise ValueError(problem)
         budget = parse_bytes(args.budget) if args.budget is not None else None
         if args.context < 1:
             raise ValueError(f"--context={args.context} must be >= 1")

@@ -350,21 +350,35 @@ def test_a_run_directory_holding_another_run_is_refused(tmp_path, data_cache):
         _run_in_process(tmp_path, data_cache, ["trainer.max_steps=1"], busy)
 
 
+def test_a_renamed_preset_is_named_with_its_new_name(tmp_path):
+    """model=goldfinch (renamed rwkv6_shared_mla) ends with one line giving the new name, unless a config
+    directory of the user's own has a goldfinch.yaml, which is then theirs to use."""
+    from kvlab.recipes.config import choice_problem
+
+    shipped = REPO / "configs"
+    problem = choice_problem(["model=gqa,goldfinch", "trainer.max_steps=3"], shipped)
+    assert problem.startswith("model=goldfinch: the preset was renamed rwkv6_shared_mla on 2026-12-06")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "goldfinch.yaml").write_text("d_model: 64\n")
+    assert choice_problem(["-cd", str(tmp_path), "model=goldfinch"], shipped) is None
+    assert choice_problem(["model=rwkv6_shared_mla"], shipped) is None
+
+
 def test_broken_or_empty_user_config_files_are_named(tmp_path, data_cache):
     """train.py checks the YAML files its command line picks before Hydra composes (which would show a
     traceback); an empty model file composes to nothing, which run() names."""
     from omegaconf import OmegaConf
 
-    from kvlab.recipes.config import broken_yaml
+    from kvlab.recipes.config import choice_problem
     from kvlab.recipes.run import ConfigError
 
     user = tmp_path / "my_configs"
     (user / "model").mkdir(parents=True)
     (user / "model" / "broken.yaml").write_text("d_model: 64\nmixer: {kind: attention, n_heads: 4\nn_layers: 2\n")
     shipped = REPO / "configs"
-    problem = broken_yaml([f"--config-dir={user}", "model=gqa,broken", "trainer.max_steps=3"], shipped)
+    problem = choice_problem([f"--config-dir={user}", "model=gqa,broken", "trainer.max_steps=3"], shipped)
     assert problem.startswith(f"{user / 'model' / 'broken.yaml'}, line 3: not valid YAML")
-    assert broken_yaml(["-cd", str(user), "model=gqa"], shipped) is None  # only the files it picks
+    assert choice_problem(["-cd", str(user), "model=gqa"], shipped) is None  # only the files it picks
     from hydra import compose, initialize_config_dir
 
     from kvlab.recipes.config import register_configs
