@@ -546,9 +546,9 @@ _SEQUENTIAL = tune_configs([({"BLOCK_V": bv}, w, 1) for bv in (32, 16, 64) for w
 _PARALLEL = tune_configs(
     [({"BLOCK_V": bv}, w, st) for bv in (64, 32) for w in (8, 4) for st in (2, 1)], {"BLOCK_V": 16}
 )
-# The vector decay's dQ/dK pass holds dA's rows and columns for its sub-chunk besides dQ and dK: at value blocks
-# of 64 it spilled registers (ptxas, sm_90, bf16, head dims 64), at 32 it does not.
-_VECTOR_GRADS = tune_configs(
+# A vector decay's parallel passes hold more per program (the dQ/dK pass dA's rows and columns for its sub-chunk
+# besides dQ and dK): at value blocks of 64 both spilled registers (sm_90, bf16, head dims 64), at 32 neither.
+_VECTOR_PARALLEL = tune_configs(
     [({"BLOCK_V": bv}, w, st) for bv in (32, 64) for w in (8, 4) for st in (2, 1)], {"BLOCK_V": 16}
 )
 _tuned = {
@@ -558,8 +558,8 @@ _tuned = {
         ("outputs", _chunk_outputs, _PARALLEL),
         ("query_key_grads", _chunk_query_key_grads, _PARALLEL),
         ("vector_states", _chunk_states, _SEQUENTIAL),
-        ("vector_outputs", _vector_chunk_outputs, _PARALLEL),
-        ("vector_query_key_grads", _vector_chunk_query_key_grads, _VECTOR_GRADS),
+        ("vector_outputs", _vector_chunk_outputs, _VECTOR_PARALLEL),
+        ("vector_query_key_grads", _vector_chunk_query_key_grads, _VECTOR_PARALLEL),
     )
 }
 

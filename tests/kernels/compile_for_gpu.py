@@ -12,16 +12,24 @@ needed), so every kernel and constexpr combination these calls reach is
 built to a cubin; the numbers the kernels would compute are not produced
 (outputs stay uninitialised). Autotuning is off (``KVLAB_TRITON_AUTOTUNE=0``:
 the first GPU tile), as in the GPU test run. Prints one line per compiled
-kernel variant and, last, the module-level kernels no call reached; exits
-1 if any compilation fails or any kernel is unreached.
+kernel variant with the registers a thread uses and the bytes of stack it
+spills them to (``cuobjdump -res-usage`` on the cubin Triton built, where
+Triton ships cuobjdump: what a GPU would run with this Triton and its
+ptxas, whose register allocation differs between versions) and, last, the
+module-level kernels no call reached; exits 1 if any compilation fails or
+any kernel is unreached.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)  # kernels as JITFunctions, compiled for the GPU
 os.environ["KVLAB_TRITON_AUTOTUNE"] = "0"
@@ -38,6 +46,20 @@ _POINTERS = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*f
 _OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 compiled: dict[tuple, float] = {}
 failures: list[str] = []
+CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+
+
+def _resources(cubin: bytes) -> tuple[int, int] | None:
+    """(registers a thread, bytes of stack and local memory a thread: where ptxas spills registers) of a
+    compiled kernel, or None without cuobjdump."""
+    if not CUOBJDUMP.is_file():
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([str(CUOBJDUMP), "-res-usage", f.name], capture_output=True, text=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+) .*LOCAL:(\d+)", out)
+    return (int(found[1]), int(found[2]) + int(found[3])) if found else None
 
 
 def _signature(kernel: JITFunction, args: tuple, kwargs: dict) -> tuple[dict, dict]:
@@ -68,14 +90,20 @@ def _compile_instead_of_launching(self: JITFunction, *args, grid, warmup, **kwar
     if key in compiled:
         return
     start = time.perf_counter()
+    resources = None
     try:
-        triton.compile(ASTSource(fn=self, signature=signature, constexprs=constexprs), target=TARGET, options=options)
+        kernel = triton.compile(ASTSource(fn=self, signature=signature, constexprs=constexprs), target=TARGET,
+                                options=options)  # fmt: skip
+        resources = _resources(kernel.asm["cubin"])
     except Exception as error:  # noqa: BLE001 - every failure is reported, then the run fails
         failures.append(f"{self.fn.__name__} {constexprs}: {type(error).__name__}: {str(error)[:2000]}")
     compiled[key] = time.perf_counter() - start
     flags = ", ".join(f"{k}={v}" for k, v in constexprs.items() if isinstance(v, bool) and v)
+    usage = f", {resources[0]} registers" if resources else ""
+    if resources and resources[1]:
+        usage += f", spills to {resources[1]} bytes of stack"
     print(f"{self.fn.__module__.rsplit('.', 1)[-1]}.{self.fn.__name__} ({flags or 'plain'}): "
-          f"{compiled[key]:.1f} s", flush=True)  # fmt: skip
+          f"{compiled[key]:.1f} s{usage}", flush=True)  # fmt: skip
 
 
 def _grad(outputs, inputs) -> None:
