@@ -5,7 +5,8 @@
 # against transformers in bf16 (decode.py, train_speed.py), and every kernel op's backends against its
 # reference at training shapes (kernel_ops.py; KERNEL_OPS selects ops), and the compiled decode step replayed
 # as a CUDA graph against eager (tests/archs/test_compiled_decode.py), train.py's trainer=gpu for 30 steps, and
-# Mamba-1 presets' training step with the scan's Triton kernel against its torch loop (MAMBA_PRESETS).
+# Mamba-1 presets' training step with the scan's Triton kernel against its torch loop (MAMBA_PRESETS), and every
+# Triton kernel variant's registers and spills as this machine's Triton builds them (tests/kernels/compile_for_gpu).
 # Each part's log goes to $OUT (default gpu_out/); *_S variables bound each part's seconds, and 0 skips the part.
 #   bash benchmarks/gpu.sh
 set -u
@@ -41,6 +42,8 @@ part "${MAMBA_S:-90}" mamba.txt python3 benchmarks/train_speed.py --device cuda 
 # hydra-core, datasets and tokenizers beside torch): 30 steps on the bundled corpus.
 part "${RECIPE_S:-90}" recipe.txt python3 train.py trainer=gpu trainer.max_steps=30 trainer.val_check_interval=30 \
     trainer.progress_bar=false output_root="$out/runs"
+# Each Triton kernel variant's registers and spilled stack as this machine's Triton and ptxas build them.
+part "${SPILLS_S:-60}" registers.txt python3 -m tests.kernels.compile_for_gpu --dtype bfloat16
 part "${KERNELS_S:-120}" kernel_ops.txt python3 benchmarks/kernel_ops.py --device cuda ${KERNEL_OPS:+--ops "$KERNEL_OPS"}
 part "${GRAPHS_S:-150}" graphs.txt python3 -m pytest -q -p no:cacheprovider -o addopts="" "${workers[@]}" \
     tests/archs/test_compiled_decode.py -k cuda_graph -rf
