@@ -240,7 +240,8 @@ def _chunk_states(A, X, G, STARTS, CUM, READ_CUM, SEG, S_IN, STATES, S_OUT, T, T
         rows = chunk * CHUNK + tl.arange(0, CHUNK)
         a, x = _rows(A, bh, T, rows, ik, DK, UPCAST), _rows(X, bh, T, rows, iv, DV, UPCAST)
         if VECTOR:
-            read, write, carry = _vector_factors(CUM, READ_CUM, SEG, bh, H, T_PAD, DK, rows, chunk * CHUNK + CHUNK - 1,
+            b, b_read, seg = _vector_rows(CUM, READ_CUM, SEG, bh, H, T_PAD, DK, rows, ik, HAS_DOCS)
+            read, write, carry = _vector_factors(CUM, SEG, bh, H, T_PAD, DK, b, b_read, seg, chunk * CHUNK + CHUNK - 1,
                                                  ik, HAS_DOCS)  # fmt: skip
             weighted = a * (read if REVERSE else write)
             state = state * carry[:, None]
@@ -274,12 +275,11 @@ def _vector_row(CUM, bh, T_PAD, DK, t, ik):
 
 
 @triton.jit
-def _vector_factors(CUM, READ_CUM, SEG, bh, H, T_PAD, DK, rows, last, ik, HAS_DOCS: tl.constexpr):
-    """_chunk_decays's factors per key channel, for tokens ``rows`` of the chunk whose last token is ``last``:
-    on the carried state each reads, exp(b_read) (0 once a document starts in the chunk); into the state
-    passed on, exp(b_C - b) (0 outside the chunk's last document); the carried state's decay over the chunk,
-    exp(b_C) (0 if a document starts in it). Every exponent is <= 0."""
-    b, b_read, seg = _vector_rows(CUM, READ_CUM, SEG, bh, H, T_PAD, DK, rows, ik, HAS_DOCS)
+def _vector_factors(CUM, SEG, bh, H, T_PAD, DK, b, b_read, seg, last, ik, HAS_DOCS: tl.constexpr):
+    """_chunk_decays's factors per key channel, for tokens of the chunk whose last token is ``last`` (their b,
+    b_read and segments from _vector_rows): on the carried state each reads, exp(b_read) (0 once a document
+    starts in the chunk); into the state passed on, exp(b_C - b) (0 outside the chunk's last document); the
+    carried state's decay over the chunk, exp(b_C) (0 if a document starts in it). Every exponent is <= 0."""
     b_chunk = _vector_row(CUM, bh, T_PAD, DK, last, ik)
     read, write, carry = tl.exp(b_read), tl.exp(b_chunk[None, :] - b), tl.exp(b_chunk)
     if HAS_DOCS:
@@ -333,8 +333,8 @@ def _vector_chunk_outputs(Q, K, X, CUM, READ_CUM, SEG, STATES, OUT, T, T_PAD, H,
     state = _chunk_slice(STATES, bh, chunk, tl.num_programs(1), DK, DV, ik, iv, in_k, in_v, UPCAST)
     for i in tl.static_range(CHUNK // SUB):
         rows = start + i * SUB + jr
-        read, write, _ = _vector_factors(CUM, READ_CUM, SEG, bh, H, T_PAD, DK, rows, start + CHUNK - 1, ik, HAS_DOCS)
         b, b_read, seg = _vector_rows(CUM, READ_CUM, SEG, bh, H, T_PAD, DK, rows, ik, HAS_DOCS)
+        read, write, _ = _vector_factors(CUM, SEG, bh, H, T_PAD, DK, b, b_read, seg, start + CHUNK - 1, ik, HAS_DOCS)
         if VALUE_GRAD:  # rows: keys; the queries that read them: after the sub-chunk, then within it
             mine = _rows(K, bh, T, rows, ik, DK, UPCAST)
             out = tl.dot((mine * write).to(state.dtype), state, input_precision=DOT)
@@ -479,9 +479,9 @@ def _vector_chunk_query_key_grads(Q, K, V, CUM, READ_CUM, SEG, DO, STATES, DSTAT
         d_scores_t += tl.dot(v, tl.trans(do_all), input_precision=DOT)
         dq += tl.dot(do.to(state.dtype), tl.trans(state), input_precision=DOT)
         dk += tl.dot(v.to(d_state.dtype), tl.trans(d_state), input_precision=DOT)
-    read, write, _ = _vector_factors(CUM, READ_CUM, SEG, bh, H, T_PAD, DK, rows, start + CHUNK - 1, ik, HAS_DOCS)
-    dq, dk = dq * read, dk * write
     b, b_read, seg = _vector_rows(CUM, READ_CUM, SEG, bh, H, T_PAD, DK, rows, ik, HAS_DOCS)
+    read, write, _ = _vector_factors(CUM, SEG, bh, H, T_PAD, DK, b, b_read, seg, start + CHUNK - 1, ik, HAS_DOCS)
+    dq, dk = dq * read, dk * write
     b_all, b_read_all, seg_all = _vector_rows(CUM, READ_CUM, SEG, bh, H, T_PAD, DK, cols, ik, HAS_DOCS)
     if HAS_DOCS:
         same = seg[:, None] == seg_all[None, :]
