@@ -70,16 +70,21 @@ def _ssd(x, dt, A, B, C, state, doc_ids, scan, **kwargs):
     return y.transpose(1, 2), final
 
 
-def _dispatched_linear_attention(*args, **kwargs):
-    """The registry's linear attention (so a Triton kernel there serves the scans too)."""
-    from kvlab.kernels.ops import linear_attention as dispatched  # ops imports this module
+def _through_registry(op: str):
+    """The registry's ``op`` (``kvlab.kernels.ops``, which imports this module, so looked up at the call): what
+    a Triton kernel or an external backend registered for it serves."""
 
-    return dispatched(*args, **kwargs)
+    def call(*args, **kwargs):
+        from kvlab.kernels import ops
+
+        return getattr(ops, op)(*args, **kwargs)
+
+    return call
 
 
 def ssd(x, dt, A, B, C, *, state=None, doc_ids=None, chunk_size: int = 64):
     """y [B, T, H, P] (without the D skip) and the final state [B, H, N, P]."""
-    return _ssd(x, dt, A, B, C, state, doc_ids, _dispatched_linear_attention, chunk_size=chunk_size)
+    return _ssd(x, dt, A, B, C, state, doc_ids, _through_registry("linear_attention"), chunk_size=chunk_size)
 
 
 def ssd_reference(x, dt, A, B, C, *, state=None, doc_ids=None, chunk_size: int = 64):
@@ -303,15 +308,9 @@ def selective_scan(u, delta, A, B, C, *, state=None, doc_ids=None, chunk_size: i
     # forward and backward (jamba: 305 s to compile, then 15 s a step). It runs between the graphs instead,
     # chosen there by the registry as outside a graph: on a GPU, the Triton kernel rather than this loop.
     if torch.is_grad_enabled() and u.shape[2] > 1 and torch.compiler.is_compiling():
-        return between_graphs(_dispatched_selective_scan)(u, delta, A, B, C, state=state, doc_ids=doc_ids)
+        # (outside a graph the registry sends it back here on a CPU, to the eager scan)
+        return between_graphs(_through_registry("selective_scan"))(u, delta, A, B, C, state=state, doc_ids=doc_ids)
     return _selective_scan_eager(u, delta, A, B, C, state, doc_ids)
-
-
-def _dispatched_selective_scan(*args, **kwargs):
-    """The registry's selective scan (outside a graph: this backend's eager scan on a CPU)."""
-    from kvlab.kernels.ops import selective_scan as dispatched  # ops imports this module
-
-    return dispatched(*args, **kwargs)
 
 
 def _selective_scan_eager(u, delta, A, B, C, state, doc_ids):
