@@ -639,6 +639,8 @@ def _chunked_backward(q, k, v, log_decay, starts, states, d_out, d_final, meta):
     B, H, T, Dk = q.shape
     vector = log_decay.dim() == 4
     Dv, n_chunks = v.shape[-1], states.shape[2]
+    # a vector decay's sums again rather than held from the forward: two cumulative sums, against two more
+    # [B, H, T, Dk] float32 tensors per layer kept until the backward
     cum, read_cum, segments, t_pad = _cumulative_decays(log_decay, starts, meta["EXCLUSIVE"])
     sizes = (T, t_pad, H, Dk, Dv, length_bucket(T))
     d_states = torch.empty_like(states)
@@ -648,20 +650,19 @@ def _chunked_backward(q, k, v, log_decay, starts, states, d_out, d_final, meta):
         q, d_out, log_decay, starts, cum, read_cum, segments, d_final_arg, d_states, ds0, *sizes,
         HAS_IN=d_final is not None, REVERSE=True, VECTOR=vector, **meta)  # fmt: skip
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # q.dq and k.dk per token, per key channel for a vector decay
+    read_grad = torch.empty(B, H, T, *([Dk] if vector else []), dtype=torch.float32, device=q.device)
+    write_grad = torch.empty_like(read_grad)
     grid = lambda m: (triton.cdiv(Dv, m["BLOCK_V"]), n_chunks, B * H)  # noqa: E731
     if vector:
         _tuned["vector_outputs"][grid](q, k, d_out, cum, read_cum, segments, d_states, dv, *sizes, VALUE_GRAD=True,
                                        SUB=SUB_CHUNK, **meta)  # fmt: skip
-        read_grad = torch.empty(B, H, T, Dk, dtype=torch.float32, device=q.device)
-        write_grad = torch.empty_like(read_grad)
         _tuned["vector_query_key_grads"][(meta["CHUNK"] // SUB_CHUNK, n_chunks, B * H)](
             q, k, v, cum, read_cum, segments, d_out, states, d_states, dq, dk, read_grad, write_grad, *sizes,
             SUB=SUB_CHUNK, **meta)  # fmt: skip
     else:
         scalar_sizes = (T, H, Dk, Dv, length_bucket(T))
         _tuned["outputs"][grid](q, k, log_decay, starts, d_out, d_states, dv, *scalar_sizes, VALUE_GRAD=True, **meta)
-        read_grad = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
-        write_grad = torch.empty_like(read_grad)
         _tuned["query_key_grads"][(n_chunks, B * H)](
             q, k, v, log_decay, starts, d_out, states, d_states, dq, dk, read_grad, write_grad, *scalar_sizes, **meta
         )
