@@ -292,6 +292,7 @@ CACHE_WIDTHS = {
     "mla": ("kv_lora_rank", 1, ()),
     "mamba2": ("state_dim", 1, ()),
     "mamba": ("state_dim", 1, ()),  # Mamba-1: every channel's state (Samba, Jamba, Hymba, RecurFormer)
+    "conba": ("state_dim", 1, ()),  # MixCon's Conba: Mamba-1's state
 }
 
 

@@ -329,6 +329,16 @@ class CausalLM(nn.Module):
         return torch.stack(losses).sum() if losses else None
 
     @torch.no_grad()
+    def after_training_batch(self, reduce=None) -> None:
+        """What a training step does to the model outside its gradient, after each batch (each micro-batch
+        under gradient accumulation), from the batch's last forward: MoE score biases (``update_routing``) and
+        MixCon's online learning of its Conba layers' control gains. ``reduce`` sums a tensor over ranks."""
+        self.update_routing(reduce)
+        for m in self.modules():
+            if hasattr(m, "apply_gain_update"):
+                m.apply_gain_update(reduce)
+
+    @torch.no_grad()
     def update_routing(self, reduce=None) -> None:
         """After an optimiser step: MoE layers with ``bias_update`` move their score biases toward balance
         (DeepSeek-V3), from the last training forward's tokens per expert, summed over ranks by ``reduce``

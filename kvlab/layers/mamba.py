@@ -43,6 +43,30 @@ heads it replaces) is a head of the linear-attention kernel with a
 vector decay (q = C, k = dt B, v = x, one value): the reference; the torch
 backend runs the elementwise scan itself (``kvlab.kernels.ssm``). The cache:
 h (channels x state_dim) plus the convolution's inputs.
+
+Conba
+-----
+MixCon's layer (Xu et al. 2024, "MixCon: A Hybrid Architecture for Efficient
+and Adaptive Sequence Modeling"). The paper's text is out of reach (its
+abstract only); this follows the most precise description found, a
+`transformers`-style ``modeling_mixcon.py`` (MixConConbaMixer, built on
+Jamba's code) whose repository the search index does not name. Conba is
+Mamba with Jamba's inner norms, then three maps of its output u per token:
+
+    s = u * (W_s u + b_s)          "dynamic state scaling"
+    e = s + W_d s + b_d            "delayed state representation" (no delay in the code: a residual map)
+    y = e - K e                    "adaptive control": K e is the gain times the tracking error e - 0
+
+and "online learning" of the gain, outside the gradient: K <- K - eta sum_t e_t e_t^T.
+Deviations, each where the code cannot run as written: W_s, W_d and K are
+d_model x d_model (the code has d_state x d_state and inner x inner, which
+cannot multiply its d_model-wide u); the online update is the mean over the
+batch's rows of the code's per-row update (the code's broadcast makes K
+batched), taken from real tokens only, applied once per training batch by
+the training step (``CausalLM.after_training_batch``; the code reassigns a
+parameter inside its forward, which autograd refuses) and never in
+evaluation or decoding, so decoding equals the forward and evaluating does
+not change the model. K is drawn standard normal, as the code draws it.
 """
 
 from __future__ import annotations
@@ -291,3 +315,72 @@ class Mamba(nn.Module):
     def kv_footprint(self, dtype: torch.dtype) -> LayerFootprint:
         elements = self.inner * self.cfg.state_dim + (self.cfg.conv_kernel - 1) * self.inner
         return LayerFootprint(fixed_bytes=elements * dtype.itemsize)
+
+
+@dataclass
+class ConbaConfig(MambaConfig):
+    kind = "conba"
+    inner_norms: bool = True  # MixCon's Conba normalises dt_low, B and C as Jamba's Mamba does
+    online_lr: float = 1e-5  # the code's online_learning_rate (eta); 0 keeps the gain K to the optimiser alone
+
+    def validate(self, d_model: int, path: str) -> None:
+        super().validate(d_model, path)
+        check_float(self.online_lr, f"{path}.online_lr")
+        if self.online_lr < 0:
+            raise ValueError(f"{path}.online_lr={self.online_lr} must be at least 0")
+
+
+@register_mixer
+class Conba(Mamba):
+    """MixCon's Conba: Mamba, then the scaling, "delayed" and control maps of its output (module docstring).
+    The code's gain K is held as two terms, ``control_gain`` (the optimiser's) plus ``online_gain`` (a buffer,
+    the online updates' sum), so that no optimiser or sharded strategy holding a copy of the parameter
+    overwrites the online updates; the same K, and the same gradient for it."""
+
+    Config = ConbaConfig
+    output_projection = None  # the output goes on past out_proj: a parallel layer cannot share it
+
+    def __init__(self, cfg: ConbaConfig, *, d_model: int, layer_idx: int, kv_source: int, max_seq_len: int):
+        super().__init__(cfg, d_model=d_model, layer_idx=layer_idx, kv_source=kv_source, max_seq_len=max_seq_len)
+        self.scaling = nn.Linear(d_model, d_model)
+        self.delayed = nn.Linear(d_model, d_model)
+        self.control_gain = nn.Parameter(torch.empty(d_model, d_model))
+        self.register_buffer("online_gain", torch.zeros(d_model, d_model))
+        # The last training forward's online update: the sum over its rows of sum_t e_t e_t^T, and its rows
+        self.gain_update: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if hasattr(self, "control_gain") and not self.control_gain.is_meta:
+            self.control_gain.normal_()  # torch.randn, as the MixCon code draws it
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        if not self.online_gain.is_meta:
+            self.online_gain.zero_()
+
+    def forward(self, x, *, cache=None, state: StepState | None = None):
+        u = super().forward(x, cache=cache, state=state)
+        s = u * self.scaling(u)
+        e = s + self.delayed(s)
+        if self.training and torch.is_grad_enabled() and self.cfg.online_lr:
+            with torch.no_grad():
+                err = e.float()
+                real = state.real if state is not None else None
+                if real is not None:  # a pad's output is no tracking error
+                    err = err * real[..., None].to(err.dtype)
+                rows = torch.tensor(float(x.shape[0]), device=x.device)
+                self.gain_update = (torch.einsum("btd,bte->de", err, err), rows)
+        return e - F.linear(e, self.control_gain + self.online_gain.to(self.control_gain.dtype))
+
+    @torch.no_grad()
+    def apply_gain_update(self, reduce=None) -> None:
+        """MixCon's online learning, once per training batch: K -= online_lr * (the rows' mean of sum_t e_t
+        e_t^T), from the last training forward; ``reduce`` sums a tensor over ranks (None: this process's)."""
+        if self.gain_update is None:
+            return
+        total, rows = self.gain_update if reduce is None else tuple(reduce(t) for t in self.gain_update)
+        self.online_gain -= (self.cfg.online_lr * total / rows).to(self.online_gain.dtype)
+        self.gain_update = None

@@ -211,8 +211,8 @@ class LMModule(L.LightningModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         # DeepSeek-V3's balancing biases follow the batch's load on every rank alike (under gradient
-        # accumulation, each micro-batch's; README "Mixture of experts")
-        self.model.update_routing(reduce=lambda t: self.trainer.strategy.reduce(t.float(), reduce_op="sum"))
+        # accumulation, each micro-batch's; README "Mixture of experts"), and MixCon's gains their online update
+        self.model.after_training_batch(reduce=lambda t: self.trainer.strategy.reduce(t.float(), reduce_op="sum"))
 
     def on_validation_epoch_end(self) -> None:
         self._t_last = None  # validation time is not training throughput

@@ -145,6 +145,9 @@ VARIANTS = {
         mixer={"kind": "mamba", "state_dim": 4, "expand": 1, "inner_norms": True},
         mlp={"kind": "moe", "hidden": 16, "n_experts": 4, "top_k": 2},
     ),
+    # MixCon's Mamba and its output maps; their first, u (W_s u + b_s), is quadratic in the small outputs of a
+    # model at its init scale, so a larger one lets the tokens' mixing show
+    "conba": tiny(mixer={"kind": "conba", "state_dim": 4, "expand": 1}, init_std=0.05),
     "hybrid_mamba2_window": tiny(  # Samba's layout
         mixer=None,
         pattern="MW",

@@ -60,7 +60,7 @@ def test_pure_recurrent_presets_cache_nothing_per_token(name):
     assert fp.total_bytes(10) == fp.total_bytes(100_000) == fp.fixed_bytes > 0
 
 
-@pytest.mark.parametrize("name", ["jamba", "yoco_gret"])
+@pytest.mark.parametrize("name", ["jamba", "yoco_gret", "mixcon"])
 def test_a_hybrids_bytes_per_token_are_its_attention_layers_alone(name):
     fp = build_model(preset_dict(name)).kv_footprint(torch.bfloat16)
     # one layer owns growing K/V: 2 K/V heads of 32, K and V, bf16; the recurrent layers are fixed

@@ -232,3 +232,32 @@ def test_weight_decay_groups_follow_each_parameters_own_shape_under_zero3():
     groups = module.configure_optimizers()["optimizer"].param_groups
     assert [len(g["params"]) for g in groups] == [matrices, sum(1 for _ in module.model.parameters()) - matrices]
     assert groups[0]["weight_decay"] > 0 and groups[1]["weight_decay"] == 0
+
+
+def test_the_training_step_applies_mixcons_online_gain_updates_once_per_batch(tmp_path):
+    """The Conba layers' online learning (K -= eta * the rows' mean of sum_t e_t e_t^T) happens after each
+    training batch, from that batch's forward, apart from the optimiser's step on the trained gain."""
+    import lightning as L
+
+    module = LMModule(model=tiny(mixer={"kind": "conba", "state_dim": 4, "expand": 1, "online_lr": 0.1},
+                                 init_std=0.05), optim={"lr": 1e-3, "warmup_steps": 0})  # fmt: skip
+    conba = module.model.layers[0].mixer
+    seen = []
+
+    class Watch(L.Callback):
+        def on_train_batch_start(self, *_):
+            seen.append(conba.online_gain.clone())
+
+        def on_before_optimizer_step(self, *_):  # the batch's update, not yet applied
+            seen.append(conba.gain_update[0] / conba.gain_update[1])
+
+    ids = torch.randint(0, 97, (2, 2, 17))
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                        callbacks=[Watch()])  # fmt: skip
+    batches = [{"input_ids": b[:, :-1], "labels": b[:, 1:]} for b in ids]
+    trainer.fit(module, torch.utils.data.DataLoader(batches, batch_size=None))
+    (gain0, update0, gain1, update1), gain2 = seen, conba.online_gain
+    assert not gain0.any() and update0.abs().max() > 0
+    torch.testing.assert_close(gain1, gain0 - 0.1 * update0)
+    torch.testing.assert_close(gain2, gain1 - 0.1 * update1)

@@ -192,6 +192,7 @@ LEARNING_PRESETS = [
     "rwkv6_shared_mla",
     "yoco_gret",
     "recurformer",
+    "mixcon",
 ]
 
 
