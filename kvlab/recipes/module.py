@@ -209,9 +209,12 @@ class LMModule(L.LightningModule):
         self._t_last = now
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+    def on_after_backward(self) -> None:
         # DeepSeek-V3's balancing biases follow the batch's load on every rank alike (under gradient
-        # accumulation, each micro-batch's; README "Mixture of experts"), and MixCon's gains their online update
+        # accumulation, each micro-batch's; README "Mixture of experts"), and MixCon's gains their online update.
+        # Here rather than at the batch's end: Lightning runs the callbacks' on_train_batch_end (the checkpoint's
+        # save among them) before the module's, and a checkpoint without its last batch's update would not resume
+        # where the run stopped.
         self.model.after_training_batch(reduce=lambda t: self.trainer.strategy.reduce(t.float(), reduce_op="sum"))
 
     def on_validation_epoch_end(self) -> None:

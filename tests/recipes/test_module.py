@@ -235,8 +235,10 @@ def test_weight_decay_groups_follow_each_parameters_own_shape_under_zero3():
 
 
 def test_the_training_step_applies_mixcons_online_gain_updates_once_per_batch(tmp_path):
-    """The Conba layers' online learning (K -= eta * the rows' mean of sum_t e_t e_t^T) happens after each
-    training batch, from that batch's forward, apart from the optimiser's step on the trained gain."""
+    """The Conba layers' online learning (K -= eta * the rows' mean of sum_t e_t e_t^T) happens once per training
+    batch, from that batch's forward, apart from the optimiser's step on the trained gain, and before the batch
+    ends, where a checkpoint is saved (callbacks' on_train_batch_end run before the module's): a run resumed from
+    it continues with every update."""
     import lightning as L
 
     module = LMModule(model=tiny(mixer={"kind": "conba", "state_dim": 4, "expand": 1, "online_lr": 0.1},
@@ -248,8 +250,11 @@ def test_the_training_step_applies_mixcons_online_gain_updates_once_per_batch(tm
         def on_train_batch_start(self, *_):
             seen.append(conba.online_gain.clone())
 
-        def on_before_optimizer_step(self, *_):  # the batch's update, not yet applied
+        def on_after_backward(self, *_):  # the batch's update, not yet applied (callbacks' hooks come first)
             seen.append(conba.gain_update[0] / conba.gain_update[1])
+
+        def on_train_batch_end(self, *_):  # where ModelCheckpoint saves
+            seen.append(conba.online_gain.clone())
 
     ids = torch.randint(0, 97, (2, 2, 17))
     trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
@@ -257,7 +262,9 @@ def test_the_training_step_applies_mixcons_online_gain_updates_once_per_batch(tm
                         callbacks=[Watch()])  # fmt: skip
     batches = [{"input_ids": b[:, :-1], "labels": b[:, 1:]} for b in ids]
     trainer.fit(module, torch.utils.data.DataLoader(batches, batch_size=None))
-    (gain0, update0, gain1, update1), gain2 = seen, conba.online_gain
+    gain0, update0, saved0, gain1, update1, saved1 = seen
     assert not gain0.any() and update0.abs().max() > 0
-    torch.testing.assert_close(gain1, gain0 - 0.1 * update0)
-    torch.testing.assert_close(gain2, gain1 - 0.1 * update1)
+    torch.testing.assert_close(saved0, gain0 - 0.1 * update0)
+    torch.testing.assert_close(gain1, saved0)
+    torch.testing.assert_close(saved1, gain1 - 0.1 * update1)
+    assert torch.equal(conba.online_gain, saved1)
