@@ -330,9 +330,10 @@ class CausalLM(nn.Module):
 
     @torch.no_grad()
     def after_training_batch(self, reduce=None) -> None:
-        """What a training step does to the model outside its gradient, after each batch (each micro-batch
-        under gradient accumulation), from the batch's last forward: MoE score biases (``update_routing``) and
-        MixCon's online learning of its Conba layers' control gains. ``reduce`` sums a tensor over ranks."""
+        """What a training step does to the model outside its gradient, after each batch's backward (each
+        micro-batch's under gradient accumulation), from the batch's forward: MoE score biases
+        (``update_routing``) and MixCon's online learning of its Conba layers' control gains. ``reduce`` sums a
+        tensor over ranks."""
         self.update_routing(reduce)
         for m in self.modules():
             if hasattr(m, "apply_gain_update"):
@@ -340,7 +341,7 @@ class CausalLM(nn.Module):
 
     @torch.no_grad()
     def update_routing(self, reduce=None) -> None:
-        """After an optimiser step: MoE layers with ``bias_update`` move their score biases toward balance
+        """After a training batch's backward: MoE layers with ``bias_update`` move their score biases toward balance
         (DeepSeek-V3), from the last training forward's tokens per expert, summed over ranks by ``reduce``
         (a function of a tensor, e.g. the strategy's all-reduce; None: this process's counts)."""
         for m in self.modules():
