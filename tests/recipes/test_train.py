@@ -217,9 +217,10 @@ def test_recurrent_and_hybrid_presets_learn(tmp_path, data_cache, names):
     for run in sorted(d for d in sweep.iterdir() if d.is_dir()):
         metrics = json.loads((run / "metrics.json").read_text())
         assert metrics["val_loss"] < metrics["initial_val_loss"] - 0.5, run.name
-        # MoE layers (jamba) train with their load-balancing loss, reported apart
-        assert ("train_aux_loss" in metrics) == run.name.endswith("-jamba"), run.name
-        if run.name.endswith("-jamba"):
+        # MoE layers (jamba, mixcon) train with their load-balancing loss, reported apart
+        moe = run.name.endswith(("-jamba", "-mixcon"))
+        assert ("train_aux_loss" in metrics) == moe, run.name
+        if moe:
             assert 0 < metrics["train_aux_loss"] < metrics["train_loss"]
         recurrent_only = run.name.split("-", 1)[1] in ("retnet", "mamba2", "rwkv6", "rwkv7", "gau", "samba", "samba_m2")
         assert (metrics["kv_bytes_per_token"] == 0) == recurrent_only, run.name
