@@ -25,7 +25,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from kvlab.recipes.data import default_cache_dir
-from kvlab.recipes.run import ConfigError, _write_json, run, run_dir_in_use, training_identity
+from kvlab.recipes.run import ConfigError, RunDiverged, _write_json, run, run_dir_in_use, training_identity
 
 log = logging.getLogger("kvlab")
 
@@ -92,7 +92,10 @@ def trial_losses(cfg: DictConfig, trial=run) -> tuple[dict[float, float], Path]:
                     raise ConfigError(f"lr_sweep: another run (process {busy}) is training the trial in {trial_dir}")
                 shutil.rmtree(trial_dir)
             log.info("lr_sweep: trial at lr %g for %d steps in %s", lr, cfg.lr_sweep.steps, trial_dir)
-            trial(_trial_config(cfg, lr), trial_dir)
+            try:
+                trial(_trial_config(cfg, lr), trial_dir)
+            except RunDiverged as e:  # its metrics.json has no validation loss: the rate loses
+                log.info("lr_sweep: the trial at lr %g diverged (%s)", lr, e)
         loss = json.loads(done.read_text())["val_loss"]
         losses[float(lr)] = float("nan") if loss is None else float(loss)
     return losses, root

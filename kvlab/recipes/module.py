@@ -90,6 +90,16 @@ def training_flops(config: ModelConfig, batch_size: int, seq_len: int) -> int | 
         return None
 
 
+class TrainingDiverged(RuntimeError):
+    """A training loss, or gradients, that are not finite, on any rank: raised before the update would apply
+    them (the loss before its backward, the gradients before the optimiser's step), so that the weights and
+    every checkpoint saved so far stay finite."""
+
+    def __init__(self, step: int, what: str, loss: float):
+        super().__init__(f"at step {step} {what}")
+        self.step, self.what, self.loss = step, what, loss
+
+
 class LMModule(L.LightningModule):
     # FLOPs of a training batch (training_flops), which Lightning's ThroughputMonitor turns into FLOP/s and MFU
     flops_per_batch: int | None = None
@@ -124,6 +134,7 @@ class LMModule(L.LightningModule):
         self.model.activation_checkpointing = activation_checkpointing
         self.model.compile_blocks = "inductor" if compile else None
         self._t_last: float | None = None
+        self._last_loss = math.nan  # the last training step's loss, for a report of its gradients
         self._teacher: CausalLM | None = None  # set_teacher: distillation instead of the labels
         if self.optim.trainable is not None:
             self._freeze_all_but(list(self.optim.trainable))
@@ -199,6 +210,12 @@ class LMModule(L.LightningModule):
                 self.log("train_lm_loss", loss.detach())
             self.log("train_aux_loss", aux.detach())
             loss = loss + aux
+        # Every rank decides alike (one of them seeing nan is enough): a nan update would spread to every
+        # weight, and the run would go on to its last step and save its checkpoints over the good ones.
+        self._last_loss = float(loss.detach())
+        if not self.trainer.strategy.reduce_boolean_decision(math.isfinite(self._last_loss), all=True):
+            step = self.trainer.global_step + 1
+            raise TrainingDiverged(step, f"the training loss was {self._last_loss}", self._last_loss)
         tokens = batch["input_ids"].numel() * self.trainer.world_size
         self.log("train_loss", loss, prog_bar=True)
         self.log("lr", self.lr_schedulers().get_last_lr()[0])
@@ -208,6 +225,18 @@ class LMModule(L.LightningModule):
             self.log("tokens_per_s", tokens / max(now - self._t_last, 1e-9), prog_bar=True)
         self._t_last = now
         return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """A finite loss can still give gradients that are not (an overflow in the backward): stop before the
+        step applies them. fp16's gradient scaler skips such a step itself, and is left to it; gradients a
+        strategy keeps outside the parameters (DeepSpeed's) are not seen here, the loss's check still is."""
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        finite = bool(torch.stack(torch._foreach_norm(grads)).isfinite().all()) if grads else True
+        if not self.trainer.strategy.reduce_boolean_decision(finite, all=True):
+            step, loss = self.trainer.global_step + 1, self._last_loss
+            raise TrainingDiverged(step, f"the gradients were not finite (the loss {loss:.4g})", loss)
 
     def on_after_backward(self) -> None:
         # DeepSeek-V3's balancing biases follow the batch's load on every rank alike (under gradient

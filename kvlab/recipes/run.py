@@ -44,7 +44,7 @@ from kvlab.recipes.config import ACCELERATORS, EXPORT_DTYPES, LOGGERS, PRECISION
 from kvlab.recipes.data import LMDataModule, build_datamodule, resume_problem, tokenizer_to_use
 from kvlab.recipes.evals import evaluate
 from kvlab.recipes.footprint import DTYPES
-from kvlab.recipes.module import LMModule, training_flops
+from kvlab.recipes.module import LMModule, TrainingDiverged, training_flops
 from kvlab.recipes.strategies import STRATEGIES, build_strategy, deepspeed_available
 
 log = logging.getLogger("kvlab")
@@ -52,6 +52,11 @@ log = logging.getLogger("kvlab")
 
 class ConfigError(ValueError):
     """A user-facing configuration problem: reported as one line, exit status 1."""
+
+
+class RunDiverged(ConfigError):
+    """Training stopped at a loss that is not finite; its metrics.json says where (``diverged``). Reported as one
+    line, exit status 1, as a configuration's problem is: the rate or the clipping is what to change."""
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
@@ -139,7 +144,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         if ckpt_path is not None:
             metrics["resumed_from"] = {"checkpoint": ckpt_path, "step": start_step}
         t0 = time.perf_counter()
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        except TrainingDiverged as e:
+            _stop_diverged(e, trainer, run_dir, metrics)
         elapsed = time.perf_counter() - t0
         last = run_dir / "checkpoints" / "last.ckpt"
         # Every rank decides and saves: DeepSpeed writes its partitions from all of them.
@@ -189,6 +197,20 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         _write_json(run_dir / "metrics.json", metrics)
         log.info("metrics:\n%s", metrics_table(metrics))
     return metrics
+
+
+def _stop_diverged(e: TrainingDiverged, trainer: L.Trainer, run_dir: Path, metrics: dict) -> None:
+    """After a training step's loss that is not finite: no update applied it and no checkpoint is saved after it
+    (the ones saved before are kept as they are); metrics.json records it, with no validation loss (an lr sweep's
+    trial that diverged loses); then RunDiverged. (On several processes Lightning has ended the other ranks.)"""
+    last = run_dir / "checkpoints" / "last.ckpt"
+    metrics.update(diverged={"step": e.step, "what": e.what, "loss": str(e.loss)}, steps=e.step - 1, val_loss=None)
+    if trainer.is_global_zero:
+        _write_json(run_dir / "metrics.json", metrics)
+    held = checkpoint_step(last) if last.exists() else 0
+    where = f"{last} holds step {held} (resume=auto continues from it)" if held else "no checkpoint was saved before it"
+    raise RunDiverged(f"training diverged: {e}, and the run stopped before applying it; {where}; a lower optim.lr "
+                      "or trainer.gradient_clip_val may keep the loss finite")  # fmt: skip
 
 
 # -- validation of the whole config, before anything runs ------------------------

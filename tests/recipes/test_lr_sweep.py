@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from kvlab.recipes.config import TrainConfig
 from kvlab.recipes.lr_sweep import choose_lr, run_lr_sweep
-from kvlab.recipes.run import ConfigError
+from kvlab.recipes.run import ConfigError, RunDiverged
 
 
 def _cfg(tmp_path, **changes):
@@ -30,8 +30,12 @@ def _stub_trials(losses, calls):
     def trial(cfg, run_dir):
         calls.append((cfg.optim.lr, cfg.trainer.max_steps, cfg.seed, list(cfg.stages), cfg.optim.warmup_steps))
         run_dir.mkdir(parents=True)
-        (run_dir / "metrics.json").write_text(json.dumps({"val_loss": losses[cfg.optim.lr]}))
-        return {"val_loss": losses[cfg.optim.lr]}
+        loss = losses[cfg.optim.lr]
+        if loss == "diverged":  # as run() ends a run whose loss or gradients stopped being finite
+            (run_dir / "metrics.json").write_text(json.dumps({"val_loss": None, "diverged": {"step": 3}}))
+            raise RunDiverged("training diverged: at step 3 the training loss was nan, ...")
+        (run_dir / "metrics.json").write_text(json.dumps({"val_loss": loss}))
+        return {"val_loss": loss}
 
     return trial
 
@@ -46,7 +50,7 @@ def test_the_rate_of_least_loss_is_chosen_and_diverged_trials_lose():
 
 def test_the_sweep_trains_each_rate_once_then_every_seed_at_the_chosen_one(tmp_path, caplog):
     calls, runs = [], []
-    trial = _stub_trials({1e-3: 5.0, 3e-3: 4.2, 1e-2: math.inf}, calls)
+    trial = _stub_trials({1e-3: 5.0, 3e-3: 4.2, 1e-2: "diverged"}, calls)  # the last one stops at a nan loss
 
     def then(cfg, run_dir):
         runs.append((cfg.optim.lr, cfg.seed, cfg.trainer.max_steps, list(cfg.lr_sweep.grid)))
@@ -56,7 +60,9 @@ def test_the_sweep_trains_each_rate_once_then_every_seed_at_the_chosen_one(tmp_p
     for seed in (0, 1):
         metrics = run_lr_sweep(_cfg(tmp_path, seed=seed), tmp_path / f"run{seed}", then=then, trial=trial)
         assert metrics["lr"] == 3e-3 and metrics["lr_sweep"]["chosen"] == 3e-3
-        assert metrics["lr_sweep"]["val_loss"] == {"0.001": 5.0, "0.003": 4.2, "0.01": math.inf}
+        by_rate = metrics["lr_sweep"]["val_loss"]
+        assert by_rate.keys() == {"0.001", "0.003", "0.01"} and (by_rate["0.001"], by_rate["0.003"]) == (5.0, 4.2)
+        assert math.isnan(by_rate["0.01"])  # the trial that diverged (its run raised RunDiverged) loses
         written = json.loads((tmp_path / f"run{seed}" / "metrics.json").read_text())
         assert written["lr"] == 3e-3 and written["lr_sweep"]["chosen"] == 3e-3
     # the trials: seed 0 (lr_sweep.seed), its own short budget with no warmup set, trained once for both seeds

@@ -268,3 +268,37 @@ def test_the_training_step_applies_mixcons_online_gain_updates_once_per_batch(tm
     torch.testing.assert_close(gain1, saved0)
     torch.testing.assert_close(saved1, gain1 - 0.1 * update1)
     assert torch.equal(conba.online_gain, saved1)
+
+
+@pytest.mark.parametrize("poison", ["loss", "gradients"])
+def test_a_loss_or_gradients_that_are_not_finite_stop_training_before_the_update(tmp_path, poison):
+    """A nan update would reach every weight, and the run would go on saving checkpoints over the good ones: the
+    step stops first, for a loss that is not finite (before its backward) and for gradients that are not (before
+    the optimiser's step), and the weights stay those of the step before."""
+    import lightning as L
+
+    from kvlab.recipes.module import TrainingDiverged
+
+    module = LMModule(model=tiny(), optim={"lr": 1e-3, "warmup_steps": 0})
+    before = {}
+
+    class Poison(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 2:  # the third step
+                before.update({k: v.clone() for k, v in pl_module.state_dict().items()})
+                if poison == "loss":  # (an MoE's balance term is added to the loss)
+                    pl_module.model.aux_loss = lambda: torch.tensor(float("nan"))
+                else:
+                    pl_module.model.lm_head.weight.register_hook(lambda g: torch.full_like(g, float("inf")))
+
+    ids = torch.randint(0, 97, (4, 2, 17))
+    trainer = L.Trainer(accelerator="cpu", max_steps=4, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                        callbacks=[Poison()])  # fmt: skip
+    batches = [{"input_ids": b[:, :-1], "labels": b[:, 1:]} for b in ids]
+    said = "the training loss was nan" if poison == "loss" else "the gradients were not finite"
+    with pytest.raises(TrainingDiverged, match=f"at step 3 {said}"):
+        trainer.fit(module, torch.utils.data.DataLoader(batches, batch_size=None))
+    assert trainer.global_step == 2
+    after = module.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())

@@ -414,6 +414,26 @@ def test_bad_override_exits_with_the_error_first(tmp_path, data_cache, case):
     assert not list((tmp_path / "outputs").glob("**/*.ckpt"))
 
 
+def test_a_diverging_run_stops_with_its_checkpoints_finite(tmp_path, data_cache):
+    """At a rate that overflows, the run stops at the first step whose loss or gradients are not finite, before
+    applying it: one line says where and which checkpoint holds the last finite weights, metrics.json records it,
+    and no checkpoint holds nan (before, the run trained on to its last step and saved nan over them)."""
+    proc = train(tmp_path, data_cache, "optim.lr=1000", "optim.warmup_steps=0", "trainer.max_steps=20",
+                 "trainer.ckpt_every_n_steps=2", check=False)  # fmt: skip
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]  # the last: Lightning's lines about devices come before
+    assert re.match(r"kvlab: error: training diverged: at step (\d+) the (training loss|gradients) ", last), last
+    (run,) = run_dirs(tmp_path, "train")
+    metrics = json.loads((run / "metrics.json").read_text())
+    step = metrics["diverged"]["step"]
+    assert f"at step {step} " in last and metrics["steps"] == step - 1 < 19 and metrics["val_loss"] is None
+    saved = sorted((run / "checkpoints").glob("*.ckpt"))
+    assert saved and f"holds step {(step - 1) // 2 * 2}" in last
+    for path in saved:
+        weights = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+        assert all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point()), path.name
+
+
 # MoE MLPs, top-1 of 8 experts: some experts get no tokens on a rank (the distributed tests train them)
 MOE_MLP = ["model.mlp.kind=moe", "++model.mlp.n_experts=8", "++model.mlp.top_k=1", "model.mlp.hidden=32"]
 
