@@ -12,6 +12,7 @@ A run writes into its Hydra output directory:
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -147,7 +148,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         except TrainingDiverged as e:
-            _stop_diverged(e, trainer, run_dir, metrics)
+            _stop_diverged(e, trainer, run_dir, metrics, ckpt_path)
         elapsed = time.perf_counter() - t0
         last = run_dir / "checkpoints" / "last.ckpt"
         # Every rank decides and saves: DeepSpeed writes its partitions from all of them.
@@ -199,7 +200,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     return metrics
 
 
-def _stop_diverged(e: TrainingDiverged, trainer: L.Trainer, run_dir: Path, metrics: dict) -> None:
+def _stop_diverged(e: TrainingDiverged, trainer: L.Trainer, run_dir: Path, metrics: dict, resumed: str | None) -> None:
     """After a training step's loss that is not finite: no update applied it and no checkpoint is saved after it
     (the ones saved before are kept as they are); metrics.json records it, with no validation loss (an lr sweep's
     trial that diverged loses); then RunDiverged. (On several processes Lightning has ended the other ranks.)"""
@@ -207,10 +208,17 @@ def _stop_diverged(e: TrainingDiverged, trainer: L.Trainer, run_dir: Path, metri
     metrics.update(diverged={"step": e.step, "what": e.what, "loss": str(e.loss)}, steps=e.step - 1, val_loss=None)
     if trainer.is_global_zero:
         _write_json(run_dir / "metrics.json", metrics)
-    held = checkpoint_step(last) if last.exists() else 0
-    where = f"{last} holds step {held} (resume=auto continues from it)" if held else "no checkpoint was saved before it"
-    raise RunDiverged(f"training diverged: {e}, and the run stopped before applying it; {where}; a lower optim.lr "
-                      "or trainer.gradient_clip_val may keep the loss finite")  # fmt: skip
+    held = last if last.exists() else (Path(resumed) if resumed is not None else None)
+    if held is None:
+        raise RunDiverged(
+            f"training diverged: {e}, and the run stopped before applying it (no checkpoint was saved before it); "
+            "a lower optim.lr or trainer.gradient_clip_val may keep the loss finite"
+        )
+    raise RunDiverged(
+        f"training diverged: {e}, and the run stopped before applying it; {held} holds the weights of step "
+        f"{checkpoint_step(held)}: train them on at a lower rate or with clipping from a fresh optimizer "
+        f"(init.from=checkpoint init.path={held} optim.lr=... or trainer.gradient_clip_val=...)"
+    )
 
 
 # -- validation of the whole config, before anything runs ------------------------
@@ -580,6 +588,17 @@ def _check_resumable(ckpt_path: str, model_cfg: ModelConfig, tc: TrainConfig, wo
         raise ConfigError(
             f"resume: this run's model differs from the checkpoint's ({'; '.join(found[:6])}: this run vs "
             f"the checkpoint); resume with the checkpoint's settings (its config.yaml) or start a new run"
+        )
+    # The optimizer's state and its schedule come back from the checkpoint, so another optim setting would be
+    # silently ignored (a lower rate after a divergence is the usual wish): refused, with the way to get it.
+    saved_optim = saved["hyper_parameters"].get("optim")
+    found = [] if saved_optim is None else differences(dataclasses.asdict(tc.optim), dict(saved_optim), "optim")
+    if found:
+        raise ConfigError(
+            f"resume: this run's optimizer settings differ from the checkpoint's ({'; '.join(found[:6])}: this run "
+            f"vs the checkpoint), which a resumed run would not use: it continues the checkpoint's optimizer and "
+            f"schedule; resume with the checkpoint's settings, or train its weights with new ones from a fresh "
+            f"optimizer: init.from=checkpoint init.path={ckpt_path}"
         )
 
 

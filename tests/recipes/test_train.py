@@ -417,7 +417,8 @@ def test_bad_override_exits_with_the_error_first(tmp_path, data_cache, case):
 def test_a_diverging_run_stops_with_its_checkpoints_finite(tmp_path, data_cache):
     """At a rate that overflows, the run stops at the first step whose loss or gradients are not finite, before
     applying it: one line says where and which checkpoint holds the last finite weights, metrics.json records it,
-    and no checkpoint holds nan (before, the run trained on to its last step and saved nan over them)."""
+    and no checkpoint holds nan (before, the run trained on to its last step and saved nan over them). Those
+    weights then train on at a lower rate as the line says."""
     proc = train(tmp_path, data_cache, "optim.lr=1000", "optim.warmup_steps=0", "trainer.max_steps=20",
                  "trainer.ckpt_every_n_steps=2", check=False)  # fmt: skip
     assert proc.returncode == 1
@@ -428,10 +429,19 @@ def test_a_diverging_run_stops_with_its_checkpoints_finite(tmp_path, data_cache)
     step = metrics["diverged"]["step"]
     assert f"at step {step} " in last and metrics["steps"] == step - 1 < 19 and metrics["val_loss"] is None
     saved = sorted((run / "checkpoints").glob("*.ckpt"))
-    assert saved and f"holds step {(step - 1) // 2 * 2}" in last
+    held = run / "checkpoints" / "last.ckpt"
+    assert saved and f"{held} holds the weights of step {(step - 1) // 2 * 2}" in last
     for path in saved:
         weights = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
         assert all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point()), path.name
+    # a resumed run would continue the checkpoint's optimizer and schedule, lr 1000 included: another rate is
+    # refused, naming the way that applies it (the weights from a fresh optimizer), which trains on
+    proc = train(tmp_path, data_cache, "resume=auto", "optim.lr=1e-3", "trainer.max_steps=20", check=False)
+    assert proc.returncode == 1 and "optim.lr: 0.001 vs 1000.0" in proc.stderr.strip().splitlines()[-1]
+    train(tmp_path, data_cache, "run_name=again", "init.from=checkpoint", f"init.path={held}", "optim.lr=1e-3",
+          "trainer.max_steps=2")  # fmt: skip
+    (again,) = run_dirs(tmp_path, "again")
+    assert math.isfinite(json.loads((again / "metrics.json").read_text())["val_loss"])
 
 
 # MoE MLPs, top-1 of 8 experts: some experts get no tokens on a rank (the distributed tests train them)
