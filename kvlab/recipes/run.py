@@ -56,8 +56,9 @@ class ConfigError(ValueError):
 
 
 class RunDiverged(ConfigError):
-    """Training stopped at a loss that is not finite; its metrics.json says where (``diverged``). Reported as one
-    line, exit status 1, as a configuration's problem is: the rate or the clipping is what to change."""
+    """Training stopped at a loss or gradients that are not finite; its metrics.json says where (``diverged``).
+    Reported as one line, exit status 1, as a configuration's problem is: the rate or the clipping is what to
+    change."""
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
@@ -201,9 +202,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 
 
 def _stop_diverged(e: TrainingDiverged, trainer: L.Trainer, run_dir: Path, metrics: dict, resumed: str | None) -> None:
-    """After a training step's loss that is not finite: no update applied it and no checkpoint is saved after it
-    (the ones saved before are kept as they are); metrics.json records it, with no validation loss (an lr sweep's
-    trial that diverged loses); then RunDiverged. (On several processes Lightning has ended the other ranks.)"""
+    """After a training step whose loss or gradients are not finite: no update applied them and no checkpoint is
+    saved after it (those saved before stay as they are); metrics.json records it, with no validation loss (an lr
+    sweep's trial that diverged loses); then RunDiverged. (On several processes each rank gets here alike.)"""
     last = run_dir / "checkpoints" / "last.ckpt"
     metrics.update(diverged={"step": e.step, "what": e.what, "loss": str(e.loss)}, steps=e.step - 1, val_loss=None)
     if trainer.is_global_zero:
