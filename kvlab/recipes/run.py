@@ -573,6 +573,11 @@ def _check_resumable(ckpt_path: str, model_cfg: ModelConfig, tc: TrainConfig, wo
     and train something else, so any difference is refused, field by field; so is a batch size or
     process count or seed under which the checkpoint's place in the data means other rows."""
     saved = lightning_fields(Path(ckpt_path))
+    planned = saved.get("hyper_parameters", {}).get("max_steps")
+    if planned is not None and planned != tc.trainer.max_steps:  # a longer run is a common wish: said, not refused
+        log.warning("resume: trainer.max_steps=%d, the checkpoint's run planned %d: its learning-rate schedule comes "
+                    "back with it, so the rate follows the checkpoint's cosine to step %d and then stays at "
+                    "optim.lr * optim.min_lr_ratio", tc.trainer.max_steps, planned, planned)  # fmt: skip
     loaders = saved["loops"].get("fit_loop", {}).get("state_dict", {}).get("combined_loader", [])
     if not loaders:
         log.warning("resume: %s holds no place in the data (an older checkpoint): its epoch restarts", ckpt_path)

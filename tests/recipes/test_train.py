@@ -119,7 +119,9 @@ RESUMABLE = ["data.max_docs=2", "trainer.max_steps=30", "trainer.ckpt_every_n_st
              "optim.warmup_steps=2"]  # fmt: skip
 
 
-def test_a_run_killed_while_writing_a_checkpoint_resumes_exactly_where_it_stopped(tmp_path, data_cache, monkeypatch):
+def test_a_run_killed_while_writing_a_checkpoint_resumes_exactly_where_it_stopped(
+    tmp_path, data_cache, monkeypatch, caplog
+):
     train(tmp_path, data_cache, "run_name=whole", *RESUMABLE)
     (whole,) = run_dirs(tmp_path, "whole")
 
@@ -161,10 +163,12 @@ def test_a_run_killed_while_writing_a_checkpoint_resumes_exactly_where_it_stoppe
     other = [f"resume={ckpts / 'step000010.ckpt'}", "model.mixer.window=32", "model.mixer.rope_theta=500000"]
     with pytest.raises(ConfigError, match=r"model.mixer.rope_theta: 500000 vs 10000.0.*model.mixer.window: 32 vs None"):
         _run_in_process(tmp_path, data_cache, [*RESUMABLE, *other], tmp_path / "other")
-    # So is another batch size: the checkpoint's place in the data would mean other rows.
-    smaller = [f"resume={ckpts / 'step000010.ckpt'}", "data.batch_size=4"]
+    # So is another batch size: the checkpoint's place in the data would mean other rows. (Another max_steps is
+    # said first: the schedule that comes back with the checkpoint keeps its own length.)
+    smaller = [f"resume={ckpts / 'step000010.ckpt'}", "data.batch_size=4", "trainer.max_steps=60"]
     with pytest.raises(ConfigError, match="trained with data.batch_size=8, this run has 4"):
         _run_in_process(tmp_path, data_cache, [*RESUMABLE, *smaller], tmp_path / "smaller")
+    assert "trainer.max_steps=60, the checkpoint's run planned 30" in caplog.text
 
 
 def test_multirun_sweeps_presets(tmp_path, data_cache):
