@@ -348,12 +348,17 @@ class Conba(Mamba):
         self.register_buffer("online_gain", torch.zeros(d_model, d_model))
         # The last training forward's online update: the sum over its rows of sum_t e_t e_t^T, and its rows
         self.gain_update: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.reset_parameters()
+        self._reset_gain()  # (Mamba's own parameters were drawn by its __init__)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
         super().reset_parameters()
-        if hasattr(self, "control_gain") and not self.control_gain.is_meta:
+        if hasattr(self, "control_gain"):  # not while Mamba's __init__ draws its own, before the gain exists
+            self._reset_gain()
+
+    @torch.no_grad()
+    def _reset_gain(self) -> None:
+        if not self.control_gain.is_meta:
             self.control_gain.normal_()  # torch.randn, as the MixCon code draws it
 
     @torch.no_grad()
