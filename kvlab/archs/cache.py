@@ -17,6 +17,8 @@ none), set by the first step, so that later steps hide them.
 
 from __future__ import annotations
 
+from kvlab.layers.kv_cache import SlotGroup
+
 
 class Cache:
     def __init__(
@@ -97,6 +99,18 @@ class Cache:
         self.seen = 0
         self.context_len = 0
         self.pads = None
+
+    def pads_refused_because(self) -> str | None:
+        """Why a left-padded row would not get from this cache what it gets alone (None: it would): a slot held
+        by a cache policy that counts from the cache's first position (StreamingLLM's sinks, KIVI's groups,
+        MiniCache's retention), which in a padded row is a pad. Codes per token and H2O's and SnapKV's choices
+        per row take pads."""
+        for slot in self._held():
+            for held in slot.slots if isinstance(slot, SlotGroup) else [slot]:
+                why = getattr(held, "pads_refused_because", None)
+                if why:
+                    return why
+        return None
 
     def layer_is_stateless(self, i: int) -> bool:
         """Whether layer ``i`` keeps nothing of its own (it reads K/V that another layer cached)."""

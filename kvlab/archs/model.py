@@ -317,6 +317,10 @@ class CausalLM(nn.Module):
             raise ValueError(f"attention_mask: mixer kind {', '.join(map(repr, refusing))} takes no padded rows "
                              "(its segments or chunks count from a row's first token); "
                              "pass rows one at a time")  # fmt: skip
+        why = cache.pads_refused_because() if isinstance(cache, Cache) else None
+        if why:
+            raise ValueError(f"attention_mask: cache policy {cache.policy.describe()} takes no padded rows ({why}); "
+                             "pass rows one at a time (generate does)")  # fmt: skip
         if cache is not None:
             cache.pads = pads
         return pads
@@ -642,8 +646,9 @@ class CausalLM(nn.Module):
         ``attention_mask`` (0 at pads, as ``forward``), or a list of 1-D
         prompts, which are left-padded here (with ``eos_token_id``, else 0).
         Each row gets the tokens it gets alone. A model that takes no padded
-        rows (``takes_padded_rows``, or a mixer's ``takes_pads``) generates
-        row by row.
+        rows (``takes_padded_rows``, or a mixer's ``takes_pads``), or a
+        cache that does not (``Cache.pads_refused_because``: StreamingLLM's
+        sinks, KIVI, MiniCache), generates row by row.
 
         ``temperature=0`` is greedy. Sequences that emit ``eos_token_id`` are
         padded with it until every sequence has; then generation stops. The
@@ -680,10 +685,11 @@ class CausalLM(nn.Module):
             )
         if max_new_tokens == 0:
             return input_ids
-        if attention_mask is not None and not bool(attention_mask.bool().all()) and not self.takes_pads():
-            options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                           eos_token_id=eos_token_id, generator=generator, compile=compile,
-                           cache_policy=cache_policy, prefill_chunk=prefill_chunk)  # fmt: skip
+        options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                       eos_token_id=eos_token_id, generator=generator, compile=compile,
+                       cache_policy=cache_policy, prefill_chunk=prefill_chunk)  # fmt: skip
+        padded = attention_mask is not None and not bool(attention_mask.bool().all())
+        if padded and not self.takes_pads():
             return self._generate_rows(input_ids, attention_mask, context, options)
         policy = CachePolicy.from_spec(cache_policy)
         if policy is not None and not policy.static_steps:  # H2O's, SnapKV's positions differ by head and step
@@ -693,6 +699,8 @@ class CausalLM(nn.Module):
         room = {} if self.config.context is None else {"context_len": 0 if context is None else context.shape[-1]}
         length = cache_length(needed, self.config.max_seq_len) if decode.compiled else needed
         cache = self.new_cache(B, length, policy=policy, **room)
+        if padded and cache.pads_refused_because():  # a policy that counts from the cache's first position
+            return self._generate_rows(input_ids, attention_mask, context, options)
         logits = self.prefill(input_ids, cache, context=context, attention_mask=attention_mask, chunk=prefill_chunk)
         out = [input_ids]
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)

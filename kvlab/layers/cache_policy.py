@@ -72,9 +72,13 @@ Policies (``POLICIES``):
   computed. The paper stores it all at the upper layer, so the lower's slot
   counts nothing. The merge, retention by angular distance and the start
   from the middle layer follow the paper's abstract and figure; the
-  retention rule's exact form, t's default, pairs across layers that cannot
-  merge and left pads competing for retention are kvlab's (the paper's text
-  was out of reach): see ``MergedPair``.
+  retention rule's exact form, t's default and pairs across layers that
+  cannot merge are kvlab's (the paper's text was out of reach): see
+  ``MergedPair``.
+
+StreamingLLM's sinks, KIVI and MiniCache count from the cache's first
+position, which in a left-padded row is a pad: their slots refuse padded rows
+(``pads_refused_because``; ``generate`` then goes row by row).
 
 What a step attends to: what was cached before it, read back from the codes,
 and its own tokens' keys and values as computed. A prompt prefilled in one
@@ -349,8 +353,13 @@ class PolicyKV:
     they sit there. Every view carries the keys' positions where they are not one run from 0."""
 
     def __init__(self, batch_size, k_heads, v_heads, sinks, window, k_dim, v_dim, *, codec, dtype, device,
-                 rotary=None):  # fmt: skip
+                 rotary=None, streaming=False):  # fmt: skip
         self.sinks, self.window, self.length = sinks, window, sinks + window
+        # StreamingLLM's sinks are the cache's first positions, which in a left-padded row are pads (a layer's
+        # own sinks, Hymba's meta tokens, come before every row's pads and are the same for all)
+        self.pads_refused_because = (
+            "its sinks are the cache's first positions, a padded row's pads" if streaming and sinks else None
+        )
         self.dtype, self.rotary = dtype, rotary
         self.k = _Vectors((batch_size, k_heads, self.length, k_dim), codec, dtype, device)
         self.v = _Vectors((batch_size, v_heads, self.length, v_dim), codec, dtype, device)
@@ -362,19 +371,20 @@ class PolicyKV:
         """The form of a full-precision K/V slot (built on the meta device: only its shapes are read) that
         ``policy`` holds: the same positions as codes; StreamingLLM's sinks and window in a layer that caches
         every token (``rotary``: the layer's, for the sinks' keys)."""
-        moved = None  # only StreamingLLM's own sinks move: a layer's sinks (Hymba's) keep their positions
+        moved, streaming = None, False  # only StreamingLLM's own sinks move: a layer's sinks (Hymba's) keep theirs
         if isinstance(slot, SinkRingKV):
             sinks, window = slot.sinks, slot.window
         elif isinstance(slot, RingKV):
             sinks, window = 0, slot.length
         elif policy.kind == "sinks" and policy.sinks + policy.window < slot.length:
-            sinks, window, moved = policy.sinks, policy.window, rotary if policy.sinks else None
+            sinks, window, moved, streaming = policy.sinks, policy.window, rotary if policy.sinks else None, True
         else:
             sinks, window = slot.length, 0  # every position kept
         B, Hk, _, Dk = slot.k.shape
         _, Hv, _, Dv = slot.v.shape
         codec = policy.codec_policy
-        return cls(B, Hk, Hv, sinks, window, Dk, Dv, codec=codec, dtype=slot.k.dtype, device=device, rotary=moved)
+        return cls(B, Hk, Hv, sinks, window, Dk, Dv, codec=codec, dtype=slot.k.dtype, device=device, rotary=moved,
+                   streaming=streaming)  # fmt: skip
 
     def _slot(self, pos: torch.Tensor) -> torch.Tensor:
         return sink_ring_slot(pos, self.sinks, self.window)
@@ -459,6 +469,9 @@ class KiviKV:
     groups of ``group`` tokens once ``residual`` of them have gathered (``n % residual`` wait as computed), values
     as per-token codes in groups of ``group`` channels once they are older than the last ``residual`` (a ring of
     ``residual`` slots holds those). Every view is the positions 0..end in order."""
+
+    # groups and the residual count from the cache's first position: a left-padded row's would hold its pads
+    pads_refused_because = "its key groups and residual count tokens from the cache's first position, pads included"
 
     def __init__(self, batch_size, k_heads, v_heads, length, k_dim, v_dim, *, policy, dtype, device):
         self.policy, self.dtype, self.length = policy, dtype, length
@@ -964,6 +977,8 @@ class MergedPair:
 class MergedKV:
     """One layer's slot of a ``MergedPair`` (``which`` 0: the lower layer, 1: the upper, which counts the pair's
     bytes)."""
+
+    pads_refused_because = "the positions it keeps unmerged are a share of the cache's, pads included"
 
     def __init__(self, pair: MergedPair, which: int):
         self.pair, self.which = pair, which

@@ -291,6 +291,51 @@ def test_generate_takes_a_policy():
     assert out.shape == (2, 17) and torch.equal(out[:, :5], ids)
 
 
+def _padded_then_each_alone(model, policy, rows, new):
+    """Logits of left-padded ``rows`` prefilled then decoding ``new`` [B, n] through ``policy``, and each row's
+    alone."""
+    ids, mask = model.left_padded(rows, pad_id=1)
+    with torch.no_grad():
+        cache = model.new_cache(len(rows), ids.shape[1] + new.shape[1], policy=policy)
+        got = [model(ids, cache=cache, attention_mask=mask)[:, -1]]
+        got += [model(new[:, t : t + 1], cache=cache)[:, 0] for t in range(new.shape[1])]
+        alone = []
+        for b, row in enumerate(rows):
+            cache = model.new_cache(1, len(row) + new.shape[1], policy=policy)
+            want = [model(row[None], cache=cache)[0, -1]]
+            want += [model(new[b : b + 1, t : t + 1], cache=cache)[0, 0] for t in range(new.shape[1])]
+            alone.append(torch.stack(want))
+    return torch.stack(got, 1), torch.stack(alone)
+
+
+@pytest.mark.parametrize(
+    "policy", ["int4", "fp8", {"kind": "sinks", "sinks": 0, "window": 5}, {"kind": "h2o", "budget": 8}]
+)
+def test_padded_rows_through_a_policy_get_what_they_get_alone(policy):
+    """Codes per token and head, a window without sinks (rows end together) and choices per row take pads."""
+    model = build_model(VARIANTS["cla2"]).eval()
+    rows = [torch.randint(0, 97, (n,)) for n in (11, 4)]
+    got, alone = _padded_then_each_alone(model, policy, rows, torch.randint(0, 97, (2, 6)))
+    assert (got - alone).abs().max() <= 3e-5
+
+
+@pytest.mark.parametrize("policy", [SINKS, SINKS_INT4, KIVI, {"kind": "minicache", "start_layer": 2}])
+def test_policies_counting_from_the_caches_first_position_refuse_pads_and_generate_goes_row_by_row(policy):
+    """StreamingLLM's sinks, KIVI's groups and MiniCache's retention count from the cache's first position, a pad
+    in a padded row (a shorter row kept pads as its sinks: 0.14 off in the logits): a padded forward is refused,
+    naming the policy and why, and ``generate`` gives each row what it generates alone."""
+    model = build_model(VARIANTS["gqa"]).eval()
+    rows = [torch.randint(0, 97, (n,)) for n in (11, 4)]
+    ids, mask = model.left_padded(rows, pad_id=1)
+    described = re.escape(CachePolicy.from_spec(policy).describe())
+    with pytest.raises(ValueError, match=rf"attention_mask: cache policy {described} takes no padded rows \(.*pads"):
+        model(ids, cache=model.new_cache(2, 24, policy=policy), attention_mask=mask)
+    out = model.generate(rows, max_new_tokens=12, compile=False, cache_policy=policy)  # evicts, fills groups
+    for b, row in enumerate(rows):
+        alone = model.generate(row[None], max_new_tokens=12, compile=False, cache_policy=policy)
+        assert torch.equal(out[b, ids.shape[1] - len(row) :], alone[0])
+
+
 @pytest.mark.parametrize("length", [20, 30], ids=["residual-multiple", "ragged"])
 def test_kivis_static_step_agrees_with_the_eager_one(length):
     """Keys flushed from the residual at every multiple of it, values leaving it one a step, from a prompt
