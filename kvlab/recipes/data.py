@@ -61,7 +61,8 @@ from kvlab.tokenizer import EOS, eos_id, load_tokenizer, train_tokenizer  # noqa
 log = logging.getLogger(__name__)
 
 _LEGACY_TMP = re.compile(r"^[a-z]+-[0-9a-f]{16}\.tmp(\d+)$")  # the cache's temporaries before kvlab._io
-CACHE_FORMAT = 2  # one token stream per split; 1 (no key) was datasets' token ids and packed rows per length
+# 3: documents of no text left out; 2: one token stream per split; 1 (no key): datasets' token ids and packed rows
+CACHE_FORMAT = 3
 DATA_KINDS = ("stdlib", "text", "hf", "mqar")
 
 
@@ -152,11 +153,19 @@ class CorpusError(ValueError):
     ``ValueError`` s too)."""
 
 
-def iter_documents(cfg: DataConfig, batch_size: int = 1000) -> Iterator[list[tuple[str, str]]]:
+def iter_documents(
+    cfg: DataConfig, batch_size: int = 1000, blank: list | None = None
+) -> Iterator[list[tuple[str, str]]]:
     """The corpus in its order, as batches of ``(name, text)``: read a batch at a time (a file, or a batch of rows
-    of a ``.jsonl``/``.parquet`` file or dataset), so a corpus larger than memory is never held whole."""
+    of a ``.jsonl``/``.parquet`` file or dataset), so a corpus larger than memory is never held whole.
+
+    Documents of no text but whitespace are left out (their names appended to ``blank``): each would be a lone
+    end-of-text token in the stream, and datasets such as wikitext hold a third of their rows empty."""
     seen = 0
     for batch in _document_batches(cfg, batch_size):
+        if blank is not None:
+            blank.extend(name for name, text in batch if not text.strip())
+        batch = [(name, text) for name, text in batch if text.strip()]
         if cfg.max_docs is not None:
             batch = batch[: cfg.max_docs - seen]
         seen += len(batch)
@@ -356,9 +365,10 @@ def _tokenize(cfg: DataConfig, tmp: Path) -> None:
     docs, tokens = {"train": 0, "val": 0}, {"train": 0, "val": 0}
     last = None  # (split, length) of the corpus's last document
     enough = cfg.max_tokens if cfg.max_tokens is not None else float("inf")
+    blank = []
     encoded = (  # (name, encoding) per document, each batch encoded at once (tokenizers' threads)
         (name, encoding)
-        for batch in iter_documents(cfg)
+        for batch in iter_documents(cfg, blank=blank)
         for (name, _), encoding in zip(batch, tokenizer.encode_batch([t for _, t in batch]), strict=True)
     )
     with contextlib.ExitStack() as files, tqdm(desc="tokenizing", unit=" docs", disable=None) as bar:
@@ -373,8 +383,11 @@ def _tokenize(cfg: DataConfig, tmp: Path) -> None:
             bar.update()
             if tokens["train"] >= enough:  # the rest of the corpus is never read
                 break
+    if blank:
+        log.info("data: left out %d documents with no text (%s%s)", len(blank), ", ".join(blank[:3]),
+                 ", ..." if len(blank) > 3 else "")  # fmt: skip
     if last is None:
-        raise ValueError(f"data: the {cfg.kind} corpus has no documents")
+        raise ValueError(f"data: the {cfg.kind} corpus has no documents" + (" with text" if blank else ""))
     if not docs["val"] or not docs["train"]:  # tiny corpora: the last document is the validation split
         if not docs["train"]:
             os.replace(tmp / "val.bin", tmp / "train.bin")
@@ -464,14 +477,19 @@ class LMDataModule(L.LightningDataModule):
         if self.root is None:  # other ranks: the cache is ready after prepare_data on rank 0
             self.root, self.tokenizer = prepare(self.cfg)
         self.eos = eos_id(self.tokenizer)
-        dtype = json.loads((self.root / "DONE").read_text())["dtype"]
+        done = json.loads((self.root / "DONE").read_text())
+        dtype = done["dtype"]
         row_len = self.cfg.context + self.cfg.seq_len + 1
         self.splits = {s: PackedRows(self.root / f"{s}.bin", dtype, row_len) for s in ("train", "val")}
         for split, rows in self.splits.items():
             if len(rows) == 0:
+                # documents go to val by a hash of their names: a few documents may send none there
+                docs, tokens = done.get("documents", {}).get(split), done.get("tokens", {}).get(split)
+                held = f" ({docs} documents, {tokens} tokens)" if docs is not None and tokens is not None else ""
                 raise ValueError(
-                    f"data: the {split} split has fewer than a row's {row_len} tokens (context + seq_len + 1); "
-                    "lower data.seq_len (or data.context) or add documents"
+                    f"data: the {split} split{held} has fewer than a row's {row_len} tokens (context + seq_len + "
+                    f"1); lower data.seq_len (or data.context), add documents"
+                    + (f" or raise data.val_fraction={self.cfg.val_fraction}" if split == "val" else "")
                 )
 
     @property

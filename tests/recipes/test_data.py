@@ -42,6 +42,35 @@ def test_text_files_pack_into_rows_with_boundaries(tmp_path):
     assert first[0] == again[0] == dm.root  # cached: same directory, reused
 
 
+def test_documents_without_text_are_left_out(tmp_path, caplog):
+    """An empty file or row (a third of wikitext's rows) would be a lone end-of-text token in the stream."""
+    import json
+
+    import numpy as np
+
+    _corpus(tmp_path, n=2)
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "blank.md").write_text("  \n\t\n")
+    rows = [{"text": "first row"}, {"text": ""}, {"text": "\n"}, {"text": "last row"}]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    paths = [str(tmp_path / p) for p in ("*.txt", "*.md", "*.jsonl")]
+    cfg = DataConfig(kind="text", paths=paths, vocab_size=300, val_fraction=0.0, cache_dir=str(tmp_path / "cache"))
+    assert _documents(cfg)["name"] == ["doc0.txt", "doc1.txt", "rows.jsonl#0", "rows.jsonl#3"]
+    with caplog.at_level("INFO", logger="kvlab.recipes.data"):
+        root, tokenizer = prepare(cfg)
+    assert "left out 4 documents with no text (blank.md, empty.txt, rows.jsonl#1, ...)" in caplog.text
+    done = json.loads((root / "DONE").read_text())
+    assert done["documents"] == {"train": 3, "val": 1}  # the last document kept for validation
+    eos = tokenizer.token_to_id("<|endoftext|>")
+    stream = np.concatenate([np.fromfile(root / f"{s}.bin", dtype=np.uint16) for s in ("train", "val")])
+    assert int((stream == eos).sum()) == 4 and not ((stream[1:] == eos) & (stream[:-1] == eos)).any()
+    (tmp_path / "doc0.txt").write_text(" ")
+    (tmp_path / "doc1.txt").write_text("")
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"text": ""}) + "\n")
+    with pytest.raises(ValueError, match="the text corpus has no documents with text"):
+        prepare(cfg)
+
+
 def test_another_seq_len_reads_the_cached_tokens_without_tokenizing(tmp_path, monkeypatch):
     from kvlab.recipes import data
 
