@@ -15,6 +15,7 @@ the search path. ``train.py`` at the top of a checkout runs the same code.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -109,14 +110,25 @@ def generate(args: list[str]) -> None:
     parser.add_argument("--seed", type=int, default=0, help="of the sampling (with --temperature > 0)")
     parser.add_argument("--compile", action="store_true", help="compile the decode step: pays from a few "
                         "hundred new tokens on (kvlab.archs.decode)")  # fmt: skip
+    parser.add_argument("--cache-policy", help="how the cache holds keys and values: int8, int4, fp8, kivi, "
+                        "sinks, h2o, snapkv, minicache, or a JSON mapping such as "
+                        '\'{"kind": "sinks", "window": 60}\'')  # fmt: skip
     opts = parser.parse_args(args)
     if opts.max_new_tokens < 0:
         parser.error(f"--max-new-tokens={opts.max_new_tokens} must be >= 0")
     import torch
 
+    from kvlab.layers.cache_policy import CachePolicy
     from kvlab.tokenizer import eos_id
 
     try:
+        policy = opts.cache_policy
+        if policy is not None and policy.lstrip().startswith("{"):
+            try:
+                policy = json.loads(policy)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"--cache-policy {policy!r} is not a JSON mapping: {e}") from None
+        CachePolicy.from_spec(policy)  # named errors before the model loads
         model, tokenizer = load_trained(opts.path)
         rows = [tokenizer.encode(prompt).ids for prompt in opts.prompt]
         if not all(rows):
@@ -133,6 +145,7 @@ def generate(args: list[str]) -> None:
             eos_token_id=eos,
             generator=torch.Generator().manual_seed(opts.seed),
             compile=opts.compile,
+            cache_policy=policy,
         )
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))

@@ -43,6 +43,11 @@ def test_generate_names_what_is_missing(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["generate", str(tmp_path / "last.ckpt"), "--prompt", "x"])
     assert "tokenizer.json: no tokenizer beside the checkpoint" in capsys.readouterr().err
+    for policy, message in [("zip", "cache policy kind='zip' is not one of none, int8"),
+                            ("{kind: kivi}", "--cache-policy '{kind: kivi}' is not a JSON mapping")]:  # fmt: skip
+        with pytest.raises(SystemExit):  # named before the checkpoint is read
+            cli.main(["generate", str(tmp_path / "nothing.ckpt"), "--prompt", "x", "--cache-policy", policy])
+        assert message in capsys.readouterr().err
 
 
 def test_the_wheel_installs_a_kvlab_command_that_works_from_an_empty_directory(tmp_path, data_cache):
@@ -93,6 +98,10 @@ def test_the_wheel_installs_a_kvlab_command_that_works_from_an_empty_directory(t
 
     prompts = ("--prompt", "def main(", "--prompt", "x = [1, 2, 3]")  # of different lengths: one padded batch
     text = kvlab_run("generate", run / "checkpoints" / "last.ckpt", *prompts, "--max-new-tokens", "4")
+    assert text.stdout.startswith("def main(") and "\n\nx = [1, 2, 3]" in text.stdout
+    # a policy that takes no padded rows: each prompt alone
+    sinks = ("--cache-policy", '{"kind": "sinks", "sinks": 1, "window": 3}')
+    text = kvlab_run("generate", run / "checkpoints" / "last.ckpt", *prompts, "--max-new-tokens", "6", *sinks)
     assert text.stdout.startswith("def main(") and "\n\nx = [1, 2, 3]" in text.stdout
     assert sorted(p.name for p in empty.iterdir()) == ["outputs"]  # nothing else written where it ran
 
