@@ -762,9 +762,15 @@ class EvictingKV:
             observed = weights.float().sum(2)[:, :, : n - window]  # [B, H, n - w]
             pool = F.avg_pool1d if self.policy.pooling == "avgpool" else F.max_pool1d
             width = self.policy.kernel
-            pooled = pool(observed, kernel_size=width, padding=width // 2, stride=1)
-            if real is not None:  # a pad's zero attention pooled as the zero padding a row alone has
-                pooled = pooled.masked_fill(~real[..., : n - window], -1.0)
+            if real is None:
+                pooled = pool(observed, kernel_size=width, padding=width // 2, stride=1)
+            else:
+                # pooled with each row's pads moved before its first position, where they pool as the zero padding
+                # a row alone has: after meta tokens (Hymba's), pads would sit between neighbours the row alone has
+                real = real[..., : n - window]
+                order = real.int().argsort(dim=-1, stable=True)  # pads first, then the rest in order
+                pooled = pool(observed.gather(2, order), kernel_size=width, padding=width // 2, stride=1)
+                pooled = torch.empty_like(pooled).scatter_(2, order, pooled).masked_fill(~real, -1.0)
             keep, score = _top_then_last(pooled, self.policy.budget - window, n), None
 
         def chosen(x: torch.Tensor) -> torch.Tensor:
