@@ -320,7 +320,7 @@ class CausalLM(nn.Module):
         why = cache.pads_refused_because() if isinstance(cache, Cache) else None
         if why:
             raise ValueError(f"attention_mask: cache policy {cache.policy.describe()} takes no padded rows ({why}); "
-                             "pass rows one at a time (generate does)")  # fmt: skip
+                             "pass rows one at a time (kvlab's generate does)")  # fmt: skip
         if cache is not None:
             cache.pads = pads
         return pads
