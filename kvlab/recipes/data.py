@@ -559,6 +559,7 @@ class ResumableSampler(torch.utils.data.DistributedSampler):
     """
 
     skip = 0
+    skip_epoch = None  # the epoch ``skip`` is of (None: whichever comes)
 
     def __iter__(self):
         n = len(self.dataset)
@@ -593,6 +594,10 @@ class ResumableLoader(DataLoader):
         self.batches_done = 0
 
     def __iter__(self):
+        if self.sampler.skip_epoch not in (None, self.sampler.epoch):
+            # a checkpoint saved at its epoch's last batch: Lightning goes on with the next epoch, from its start
+            self.sampler.skip = 0
+        self.sampler.skip_epoch = None
         self.batches_done = self.sampler.skip // self.batch_size
         for batch in super().__iter__():
             self.batches_done += 1
@@ -607,6 +612,7 @@ class ResumableLoader(DataLoader):
         if problem is not None:
             raise ValueError(f"resume: {problem}")
         self.sampler.skip = state["batches_done"] * self.batch_size
+        self.sampler.skip_epoch = state["epoch"]
 
 
 def resume_problem(state: dict, batch_size: int, world_size: int, seed: int = 0) -> str | None:

@@ -27,6 +27,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -732,22 +733,41 @@ def _duration(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
+class StepCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint saving the newest step every ``every_n_train_steps`` optimizer steps (and
+    ``last.ckpt``), only after a batch that stepped.
+
+    It saves at a batch's end when the step count is a multiple of ``every_n_train_steps``. Under gradient
+    accumulation the count stays put through the next window's micro-batches, whose gradients a checkpoint does
+    not hold: a save there resumed without them. That happened when the save due at an epoch's last batch was
+    put off (a monitored checkpoint waits for an end-of-epoch validation, which step-based validation never
+    runs) to the next batch: with one batch a step the checkpoint was lost; with accumulation the next epoch's
+    first micro-batch was trained into the checkpoint but its gradient was not, and the resumed run left it out
+    of its step. So no monitor (the newest kept, as ``monitor="step"`` kept it) and no save after a batch that
+    did not step."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._steps_before = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step != self._steps_before:  # an optimizer step: nothing left in the gradients
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+
 def _trainer(tc: TrainConfig, run_dir: Path) -> L.Trainer:
-    from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, ThroughputMonitor
+    from lightning.pytorch.callbacks import RichProgressBar, ThroughputMonitor
 
     t = tc.trainer
     _quiet_libraries()
     callbacks = [
-        ModelCheckpoint(
+        StepCheckpoint(
             dirpath=run_dir / "checkpoints",
             filename="step{step:06d}",
             auto_insert_metric_name=False,
             every_n_train_steps=t.ckpt_every_n_steps,
             save_top_k=1,
-            monitor="step",
-            mode="max",
             save_last=True,
-        )
+        )  # fmt: skip
     ]
     if t.throughput:  # FLOP/s and MFU (where the device's peak is known) from the module's flops_per_batch
         callbacks.append(ThroughputMonitor(batch_size_fn=lambda b: b["input_ids"].shape[0],

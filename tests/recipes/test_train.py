@@ -171,6 +171,30 @@ def test_a_run_killed_while_writing_a_checkpoint_resumes_exactly_where_it_stoppe
     assert "trainer.max_steps=60, the checkpoint's run planned 30" in caplog.text
 
 
+def test_a_run_killed_at_an_epochs_last_batch_under_gradient_accumulation_resumes_exactly(tmp_path, data_cache):
+    """Two documents in 7 batches of 4 rows an epoch, 2 batches a step: an epoch is 3 steps and a step of its
+    last batch alone, so the checkpoint at step 4 falls on epoch 0's last batch. Lightning's checkpoint put that
+    save off to the next batch, the first of the next step's two, whose gradient no checkpoint holds (the
+    resumed run left it out of its step); and a checkpoint at an epoch's last batch skipped the whole next epoch
+    on resume (the loader's place in the finished epoch was applied to the next)."""
+    run = ["data.max_docs=2", "data.batch_size=4", "trainer.accumulate_grad_batches=2", "trainer.max_steps=8",
+           "trainer.ckpt_every_n_steps=4", "trainer.log_every_n_steps=1", "optim.warmup_steps=2"]  # fmt: skip
+    train(tmp_path, data_cache, "run_name=whole", *run)
+    (whole,) = run_dirs(tmp_path, "whole")
+    killer = [str(Path(__file__).parent / "killed_train.py"), "4"]
+    proc = train(tmp_path, data_cache, *run, entry=killer, check=False)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    (killed,) = run_dirs(tmp_path, "train")
+    saved = torch.load(killed / "checkpoints" / "step000004.ckpt", weights_only=False)
+    assert saved["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["ready"] == 7  # the epoch's last
+    train(tmp_path, data_cache, *run, "resume=auto")
+    (resumed,) = [d for d in run_dirs(tmp_path, "train") if d != killed]
+    expected, got = train_losses(whole), train_losses(resumed)
+    assert sorted(got) == list(range(4, 8))
+    for step, loss in got.items():
+        assert loss == pytest.approx(expected[step], rel=1e-6, abs=1e-6), step
+
+
 def test_multirun_sweeps_presets(tmp_path, data_cache):
     train(tmp_path, data_cache, "-m", "model=mqa,mla", "trainer.max_steps=3", "model.vocab_size=512",
           "trainer.limit_val_batches=1", tiny_model=False)  # fmt: skip
