@@ -43,7 +43,14 @@ from kvlab.recipes.checkpoint import (
     load_checkpoint_model,
 )
 from kvlab.recipes.config import ACCELERATORS, EXPORT_DTYPES, LOGGERS, PRECISIONS, STAGES, TrainConfig
-from kvlab.recipes.data import LMDataModule, build_datamodule, resume_problem, tokenizer_to_use
+from kvlab.recipes.data import (
+    DataConfig,
+    LMDataModule,
+    build_datamodule,
+    corpus_fingerprint,
+    resume_problem,
+    tokenizer_to_use,
+)
 from kvlab.recipes.evals import evaluate
 from kvlab.recipes.footprint import DTYPES
 from kvlab.recipes.module import LMModule, TrainingDiverged, training_flops
@@ -402,15 +409,19 @@ def training_identity(cfg: DictConfig) -> dict:
     """What shapes the result of training ``cfg``'s model, for the caches of runs that other runs reuse (an
     uptraining parent, the learning-rate sweep's trials; each adds what else its runs depend on): the model
     but its kernel backends (how, not what, it computes), the data but where it is cached and how it is read,
-    the optimizer, and the trainer's numerics."""
+    the optimizer, and the trainer's numerics. The data by its settings and by what the corpus holds
+    (``corpus_fingerprint``: its files' sizes and times, the token streams' format), so that a corpus edited in
+    place trains a new parent rather than reusing one trained on the old text."""
 
     def plain(node) -> dict:
         return OmegaConf.to_container(node, resolve=True)
 
+    data = plain(cfg.data)
     return {
         "init": INIT_SCHEME,
         "model": {k: v for k, v in plain(cfg.model).items() if k != "kernels"},
-        "data": {k: v for k, v in plain(cfg.data).items() if k not in ("cache_dir", "streaming", "num_workers")},
+        "data": {k: v for k, v in data.items() if k not in ("cache_dir", "streaming", "num_workers")},
+        "corpus": corpus_fingerprint(DataConfig(**data)),
         "optim": plain(cfg.optim),
         "trainer": {k: cfg.trainer[k] for k in ("precision", "accumulate_grad_batches", "gradient_clip_val")},
     }

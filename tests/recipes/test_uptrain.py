@@ -263,3 +263,23 @@ def test_an_interrupted_parent_resumes_from_its_checkpoint(tmp_path, data_cache)
     resumed = json.loads((parent_dir / "metrics.json").read_text())
     assert resumed["resumed_from"]["step"] == 10 and resumed["steps"] == 10
     assert (parent_dir / "DONE").exists() and "reusing the parent" not in proc.stdout + proc.stderr
+
+
+def test_a_corpus_edited_in_place_is_another_parent(tmp_path):
+    """The cached parent's key holds the corpus's fingerprint (its files' sizes and times), not only the data
+    settings: text changed under the same paths trains a new parent instead of reusing one of the old text."""
+    from hydra import compose, initialize_config_dir
+
+    from kvlab.recipes.config import register_configs
+    from kvlab.recipes.run import training_identity
+    from tests.recipes.test_train import REPO
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the old text\n")
+    register_configs()
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = compose("train", overrides=["data=text", f"data.paths=[{corpus}]"])
+    before = training_identity(cfg)
+    assert training_identity(cfg) == before
+    corpus.write_text("the new text, longer\n")
+    assert training_identity(cfg)["corpus"] != before["corpus"]
