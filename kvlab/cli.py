@@ -15,7 +15,6 @@ the search path. ``train.py`` at the top of a checkout runs the same code.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -118,17 +117,11 @@ def generate(args: list[str]) -> None:
         parser.error(f"--max-new-tokens={opts.max_new_tokens} must be >= 0")
     import torch
 
-    from kvlab.layers.cache_policy import CachePolicy
+    from kvlab.layers.cache_policy import CachePolicy, policy_option
     from kvlab.tokenizer import eos_id
 
     try:
-        policy = opts.cache_policy
-        if policy is not None and policy.lstrip().startswith("{"):
-            try:
-                policy = json.loads(policy)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"--cache-policy {policy!r} is not a JSON mapping: {e}") from None
-        CachePolicy.from_spec(policy)  # named errors before the model loads
+        policy = CachePolicy.from_spec(policy_option(opts.cache_policy, "--cache-policy"))  # before the model loads
         model, tokenizer = load_trained(opts.path)
         rows = [tokenizer.encode(prompt).ids for prompt in opts.prompt]
         if not all(rows):

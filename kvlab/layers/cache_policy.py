@@ -90,6 +90,7 @@ scales and zero points it holds, which is what the footprint counts.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -263,6 +264,17 @@ class CachePolicy:
             start = "the middle layer" if self.start_layer is None else f"layer {self.start_layer}"
             return f"minicache from {start} (t {self.interpolation}, retain {self.retain})"
         return self.kind + (f" (group {self.group})" if self.group else "")
+
+
+def policy_option(text: str | None, option: str):
+    """A command line's cache policy option: a name as given, or a JSON mapping (``'{"kind": "kivi"}'``) as a
+    dict, for ``CachePolicy.from_spec``; ``option`` names the flag in the error for a mapping that is not JSON."""
+    if text is None or not text.lstrip().startswith("{"):
+        return text
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{option} {text!r} is not a JSON mapping: {e}") from None
 
 
 def _positive(n) -> bool:

@@ -162,10 +162,13 @@ def iter_documents(
     Documents of no text but whitespace are left out (their names appended to ``blank``): each would be a lone
     end-of-text token in the stream, and datasets such as wikitext hold a third of their rows empty."""
     seen = 0
-    for batch in _document_batches(cfg, batch_size):
-        if blank is not None:
-            blank.extend(name for name, text in batch if not text.strip())
-        batch = [(name, text) for name, text in batch if text.strip()]
+    for read in _document_batches(cfg, batch_size):
+        batch = []
+        for name, text in read:
+            if text and not text.isspace():  # (isspace: no stripped copy of a long document)
+                batch.append((name, text))
+            elif blank is not None:
+                blank.append(name)
         if cfg.max_docs is not None:
             batch = batch[: cfg.max_docs - seen]
         seen += len(batch)

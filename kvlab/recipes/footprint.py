@@ -29,6 +29,7 @@ from rich.table import Table
 from kvlab._io import atomic_write_text
 from kvlab.archs import ModelConfig, build_model
 from kvlab.archs.footprint import human
+from kvlab.layers.cache_policy import policy_option
 
 CONTEXTS = (2048, 32768, 131072, 1048576)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp8": torch.float8_e4m3fn}
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m kvlab.footprint")
         budget = parse_bytes(args.budget) if args.budget is not None else None
         if args.context < 1:
             raise ValueError(f"--context={args.context} must be >= 1")
-        policy = json.loads(args.policy) if args.policy and args.policy.lstrip().startswith("{") else args.policy
+        policy = policy_option(args.policy, "--policy")
         report = footprint_report(compose_model_config(args.overrides), DTYPES[args.dtype], budget=budget,
                                   context=args.context, policy=policy)  # fmt: skip
     except Exception as e:  # config mistakes: one line naming the field, as train.py does

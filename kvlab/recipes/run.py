@@ -778,7 +778,7 @@ def _trainer(tc: TrainConfig, run_dir: Path) -> L.Trainer:
             every_n_train_steps=t.ckpt_every_n_steps,
             save_top_k=1,
             save_last=True,
-        )  # fmt: skip
+        )
     ]
     if t.throughput:  # FLOP/s and MFU (where the device's peak is known) from the module's flops_per_batch
         callbacks.append(ThroughputMonitor(batch_size_fn=lambda b: b["input_ids"].shape[0],
