@@ -55,6 +55,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from kvlab._config import differences
 from kvlab._io import atomic_path, remove_orphans
 from kvlab.tokenizer import EOS, eos_id, load_tokenizer, train_tokenizer  # noqa: F401 (part of this module's API)
 
@@ -516,6 +517,12 @@ class LMDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
 
+    def train_rows(self) -> dict:
+        """Which rows the training split holds (the corpus, its split and tokenizer, the row length) and how
+        many: a checkpoint's place in the data, a count of batches, means the same rows only under the same."""
+        return {**_cache_settings(self.cfg), "seq_len": self.cfg.seq_len, "context": self.cfg.context,
+                "rows": len(self.splits["train"])}  # fmt: skip
+
     def train_batches(self, world_size: int) -> int:
         """Batches in one epoch of each of ``world_size`` processes (the last partial batch is dropped)."""
         return len(self.splits["train"]) // world_size // self.cfg.batch_size
@@ -533,6 +540,7 @@ class LMDataModule(L.LightningDataModule):
         sampler = ResumableSampler(self.splits["train"], num_replicas=world_size, rank=rank, shuffle=True,
                                      seed=self.seed)  # fmt: skip
         return ResumableLoader(
+            self.train_rows(),
             self.splits["train"],
             batch_size=self.cfg.batch_size,
             sampler=sampler,
@@ -592,8 +600,10 @@ class ResumableLoader(DataLoader):
     trained: Lightning does not fetch ahead from loaders with a length.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, rows: dict, *args, **kwargs):
+        """``rows``: which rows the dataset holds (``LMDataModule.train_rows``), saved with the place in them."""
         super().__init__(*args, **kwargs)
+        self.rows = rows
         self.batches_done = 0
 
     def __iter__(self):
@@ -608,23 +618,42 @@ class ResumableLoader(DataLoader):
 
     def state_dict(self) -> dict:
         return {"epoch": self.sampler.epoch, "batches_done": self.batches_done, "batch_size": self.batch_size,
-                "world_size": self.sampler.num_replicas, "seed": self.sampler.seed}  # fmt: skip
+                "world_size": self.sampler.num_replicas, "seed": self.sampler.seed, "rows": self.rows}  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
-        problem = resume_problem(state, self.batch_size, self.sampler.num_replicas, self.sampler.seed)
+        problem = resume_problem(state, self.batch_size, self.sampler.num_replicas, self.sampler.seed, self.rows)
         if problem is not None:
             raise ValueError(f"resume: {problem}")
         self.sampler.skip = state["batches_done"] * self.batch_size
         self.sampler.skip_epoch = state["epoch"]
 
 
-def resume_problem(state: dict, batch_size: int, world_size: int, seed: int = 0) -> str | None:
-    """Why a loader state saved by :class:`ResumableLoader` cannot continue with these settings (None: it can).
-    States saved before the seed ordered the data were seed 0's order."""
+def resume_problem(
+    state: dict, batch_size: int, world_size: int, seed: int = 0, rows: dict | None = None, checkpoint: str = "..."
+) -> str | None:
+    """Why a loader state saved by :class:`ResumableLoader` cannot continue with these settings and these
+    training ``rows`` (``LMDataModule.train_rows``) (None: it can). States saved before the seed ordered the data
+    were seed 0's order; states saved before the rows were recorded are not checked for them. ``checkpoint``: its
+    path, for the message."""
     for name, saved, now in (("data.batch_size", state.get("batch_size"), batch_size),
                              ("the number of processes", state.get("world_size", 1), world_size),
                              ("seed", state.get("seed", 0), seed)):  # fmt: skip
         if saved != now:
             return (f"the checkpoint was trained with {name}={saved}, this run has {now}; its place in the data "
                     "cannot be carried over (resume with the same settings)")  # fmt: skip
+    if rows is None or "rows" not in state:
+        return None
+    ours, theirs = dict(rows), dict(state["rows"])
+    count, saved_count = ours.pop("rows"), theirs.pop("rows", None)
+    found = differences(ours, theirs, "data")
+    if found:
+        return (f"the checkpoint was trained on other rows ({'; '.join(found[:6])}: this run vs the checkpoint); "
+                "its place in the data would be a place in these; resume with the checkpoint's data settings, "
+                "or train its weights on this data from a fresh optimizer (init.from=checkpoint "
+                f"init.path={checkpoint})")  # fmt: skip
+    if count != saved_count:
+        return (f"the training split holds {count} rows of data.seq_len={ours['seq_len']}, the checkpoint's held "
+                f"{saved_count}: the corpus's files changed since; its place in the data would be a place in "
+                "other rows (restore the files, or train its weights on them from a fresh optimizer: "
+                f"init.from=checkpoint init.path={checkpoint})")  # fmt: skip
     return None

@@ -69,5 +69,10 @@ class MQARDataModule(LMDataModule):
     def setup(self, stage: str | None = None) -> None:
         self.prepare_data()
 
+    def train_rows(self) -> dict:
+        c = self.cfg
+        return {"kind": c.kind, "seq_len": c.seq_len, "vocab_size": c.vocab_size, "mqar_pairs": c.mqar_pairs,
+                "mqar_examples": c.mqar_examples, "rows": len(self.splits["train"])}  # fmt: skip
+
     def _collate(self, rows):
         return {"input_ids": torch.stack([r[0] for r in rows]), "labels": torch.stack([r[1] for r in rows])}

@@ -133,8 +133,6 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     if datamodule.tokenizer is not None:  # generated tasks (MQAR) have none
         datamodule.tokenizer.save(str(run_dir / "checkpoints" / "tokenizer.json"))
     trainer = _trainer(tc, run_dir)
-    if ckpt_path is not None:
-        _check_resumable(ckpt_path, model_cfg, tc, trainer.world_size)
     if "train" in tc.stages:
         datamodule.setup("fit")
         if datamodule.train_batches(trainer.world_size) == 0:
@@ -142,6 +140,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                 datamodule.train_dataloader()  # raises, naming the sizes
             except ValueError as e:
                 raise ConfigError(str(e)) from None
+    if ckpt_path is not None:
+        rows = datamodule.train_rows() if "train" in tc.stages else None
+        _check_resumable(ckpt_path, model_cfg, tc, trainer.world_size, rows)
     metrics: dict = {}
     if "train" in tc.stages:
         if ckpt_path is None:  # the starting point, for comparing with the end
@@ -580,10 +581,13 @@ def _checkpoint_problem(path: Path) -> str | None:
     return None
 
 
-def _check_resumable(ckpt_path: str, model_cfg: ModelConfig, tc: TrainConfig, world_size: int) -> None:
+def _check_resumable(
+    ckpt_path: str, model_cfg: ModelConfig, tc: TrainConfig, world_size: int, rows: dict | None
+) -> None:
     """Resuming continues the checkpoint's training: a different model would load (or half load)
-    and train something else, so any difference is refused, field by field; so is a batch size or
-    process count or seed under which the checkpoint's place in the data means other rows."""
+    and train something else, so any difference is refused, field by field; so are training ``rows``
+    (``LMDataModule.train_rows``; None: not training), a batch size, process count or seed under which the
+    checkpoint's place in the data means other rows."""
     saved = lightning_fields(Path(ckpt_path))
     planned = saved.get("hyper_parameters", {}).get("max_steps")
     if planned is not None and planned != tc.trainer.max_steps:  # a longer run is a common wish: said, not refused
@@ -593,7 +597,7 @@ def _check_resumable(ckpt_path: str, model_cfg: ModelConfig, tc: TrainConfig, wo
     loaders = saved["loops"].get("fit_loop", {}).get("state_dict", {}).get("combined_loader", [])
     if not loaders:
         log.warning("resume: %s holds no place in the data (an older checkpoint): its epoch restarts", ckpt_path)
-    elif (problem := resume_problem(loaders[0], tc.data.batch_size, world_size, tc.seed)) is not None:
+    elif (problem := resume_problem(loaders[0], tc.data.batch_size, world_size, tc.seed, rows, ckpt_path)) is not None:
         raise ConfigError(f"resume: {problem}")
     try:
         theirs = ModelConfig.from_dict(saved["hyper_parameters"]["model"]).to_dict()

@@ -226,7 +226,11 @@ def test_the_training_order_resumes_mid_epoch_and_stays_the_same_after(tmp_path)
     for _ in range(3):
         next(it)
     state = interrupted.state_dict()
+    rows = state.pop("rows")
     assert state == {"epoch": 0, "batches_done": 3, "batch_size": 2, "world_size": 1, "seed": 0}
+    assert rows == {**{k: getattr(cfg, k) for k in ("kind", "paths", "seq_len", "context", "val_fraction")},
+                    **rows, "rows": len(dm.splits["train"])}  # fmt: skip
+    state["rows"] = rows
     resumed = dm.train_dataloader()
     resumed.load_state_dict(state)
     rest = epoch(resumed, 0)
@@ -240,6 +244,16 @@ def test_the_training_order_resumes_mid_epoch_and_stays_the_same_after(tmp_path)
     with pytest.raises(ValueError, match="seed=0, this run has 1"):
         _setup(LMDataModule(cfg, seed=1)).train_dataloader().load_state_dict(state)
     assert resume_problem({k: v for k, v in state.items() if k != "seed"}, 2, 1, 0) is None  # saved before seeds
+    # Other rows: the place would be a place in them. Another row length, or the corpus's files changed.
+    longer = DataConfig(**{**cfg.__dict__, "seq_len": 9})
+    with pytest.raises(ValueError, match=r"trained on other rows \(data.seq_len: 9 vs 8: this run vs the checkpoint"):
+        _setup(LMDataModule(longer)).train_dataloader().load_state_dict(state)
+    (tmp_path / "more.txt").write_text("another document, " * 40)
+    grown = LMDataModule(cfg)
+    with pytest.raises(ValueError, match=rf"holds {len(_setup(grown).splits['train'])} rows of data.seq_len=8, the "
+                                         rf"checkpoint's held {rows['rows']}: the corpus's files changed"):  # fmt: skip
+        grown.train_dataloader().load_state_dict(state)
+    assert resume_problem({k: v for k, v in state.items() if k != "rows"}, 2, 1, 0, grown.train_rows()) is None
 
 
 def test_the_seed_orders_the_training_rows_and_nothing_else(tmp_path):

@@ -169,6 +169,10 @@ def test_a_run_killed_while_writing_a_checkpoint_resumes_exactly_where_it_stoppe
     with pytest.raises(ConfigError, match="trained with data.batch_size=8, this run has 4"):
         _run_in_process(tmp_path, data_cache, [*RESUMABLE, *smaller], tmp_path / "smaller")
     assert "trainer.max_steps=60, the checkpoint's run planned 30" in caplog.text
+    # And so are other rows: another row length (32 tokens instead of the tests' 64).
+    shorter = [f"resume={ckpts / 'step000010.ckpt'}", "data.seq_len=32"]
+    with pytest.raises(ConfigError, match=r"trained on other rows \(data.seq_len: 32 vs 64: this run vs the check"):
+        _run_in_process(tmp_path, data_cache, [*RESUMABLE, *shorter], tmp_path / "shorter")
 
 
 def test_a_run_killed_at_an_epochs_last_batch_under_gradient_accumulation_resumes_exactly(tmp_path, data_cache):
