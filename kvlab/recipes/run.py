@@ -12,6 +12,7 @@ A run writes into its Hydra output directory:
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import importlib.util
 import json
@@ -26,8 +27,11 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -74,6 +78,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     tc = train_config(cfg)
     model_cfg = _validated(tc)
     L.seed_everything(tc.seed, verbose=False)
+    if tc.resume == "auto" and _hydra_run().get("sweep"):  # a sweep continued: this job's own directory
+        finished = _finished_job(cfg, run_dir)
+        if finished is not None:
+            return finished
     ckpt_path = _resume_path(tc, run_dir)
     initial = _initial_model(tc)
     if tc.stages == ["export"]:  # the initial model as it is: no data, no trainer
@@ -132,7 +140,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     # The tokenizer travels with the checkpoints: init from them (uptraining, export) reads the same tokens.
     if datamodule.tokenizer is not None:  # generated tasks (MQAR) have none
         datamodule.tokenizer.save(str(run_dir / "checkpoints" / "tokenizer.json"))
-    trainer = _trainer(tc, run_dir)
+    # a run resuming in its own directory (a killed sweep's job, an uptraining parent) continues its log there
+    here = ckpt_path is not None and run_dir.resolve() in Path(ckpt_path).resolve().parents
+    trainer = _trainer(tc, run_dir, continues_log_at=checkpoint_step(ckpt_path) if here else None)
     if "train" in tc.stages:
         datamodule.setup("fit")
         if datamodule.train_batches(trainer.world_size) == 0:
@@ -536,14 +546,48 @@ def _converted(model, spec: dict, datamodule: LMDataModule, report: dict):
     return model
 
 
+def _finished_job(cfg: DictConfig, run_dir: Path) -> dict | None:
+    """A continued sweep's job (``resume=auto`` in a multirun over the sweep directory of a killed one) whose
+    directory holds its finished run: that run's metrics, kept as they are (None: it did not finish). A
+    directory holding a run of other settings (the sweep's overrides changed, and with them the jobs' numbers)
+    is refused, naming what differs."""
+    _same_job(cfg, run_dir)
+    if not (run_dir / "metrics.json").is_file():
+        return None
+    log.info("resume=auto: this sweep job finished before in %s; its run is kept as it is", run_dir)
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def _same_job(cfg: DictConfig, run_dir: Path) -> None:
+    """Refuse a sweep job's directory that holds another job's run (its ``checkpoints/config.yaml``) or one in use."""
+    pid = run_dir_in_use(run_dir)
+    if pid is not None:
+        raise ConfigError(f"run directory {run_dir} is in use by another kvlab run (process {pid})")
+    saved = run_dir / "checkpoints" / "config.yaml"
+    if not saved.is_file():
+        return
+    theirs, ours = OmegaConf.to_container(OmegaConf.load(saved)), OmegaConf.to_container(cfg, resolve=True)
+    theirs.pop("resume", None), ours.pop("resume", None)
+    found = differences(ours, theirs)
+    if found:
+        raise ConfigError(
+            f"resume=auto: {run_dir} holds a run of other settings ({'; '.join(found[:6])}: this job vs that run); "
+            "continue a sweep with the overrides it ran with (the jobs' numbers name their directories), or "
+            "give it another hydra.sweep.dir"
+        )
+
+
 def _resume_path(tc: TrainConfig, run_dir: Path) -> str | None:
     """The checkpoint to continue from: ``resume=PATH`` (verified), or with ``resume=auto`` the newest
-    checkpoint of an earlier run of this ``run_name`` that loads, falling back past broken ones."""
+    checkpoint of an earlier run of this ``run_name`` that loads, falling back past broken ones (in a sweep:
+    of this job's own directory, which a killed sweep's job left)."""
     if tc.resume in (None, "", "none"):
         return None
     if tc.resume == "auto":
         runs = Path(tc.output_root) / tc.run_name
         found = [p for p in runs.glob("*/checkpoints/*.ckpt") if p.parent.parent.resolve() != run_dir.resolve()]
+        if _hydra_run().get("sweep"):
+            runs, found = run_dir, list(run_dir.glob("checkpoints/*.ckpt"))
         for ckpt_dir in {p.parent for p in found}:
             for orphan in remove_orphans(ckpt_dir):
                 log.info("resume=auto: removed %s, left by a checkpoint write that was interrupted", orphan)
@@ -769,7 +813,9 @@ class StepCheckpoint(ModelCheckpoint):
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
 
-def _trainer(tc: TrainConfig, run_dir: Path) -> L.Trainer:
+def _trainer(tc: TrainConfig, run_dir: Path, continues_log_at: int | None = None) -> L.Trainer:
+    """``continues_log_at``: the step of the checkpoint a run resumes in its own directory (its CSV log goes on
+    from there); None: a new directory."""
     from lightning.pytorch.callbacks import RichProgressBar, ThroughputMonitor
 
     t = tc.trainer
@@ -808,7 +854,7 @@ def _trainer(tc: TrainConfig, run_dir: Path) -> L.Trainer:
         gradient_clip_val=t.gradient_clip_val,
         accumulate_grad_batches=t.accumulate_grad_batches,
         callbacks=callbacks,
-        logger=_logger(tc, run_dir),
+        logger=_logger(tc, run_dir, continues_log_at),
         enable_progress_bar=bar,
         enable_model_summary=False,
         num_sanity_val_steps=0,
@@ -818,14 +864,12 @@ def _trainer(tc: TrainConfig, run_dir: Path) -> L.Trainer:
     )
 
 
-def _logger(tc: TrainConfig, run_dir: Path):
+def _logger(tc: TrainConfig, run_dir: Path, continues_log_at: int | None):
     kind = tc.logger.kind
     if kind == "none":
         return False
     if kind == "csv":
-        from lightning.pytorch.loggers import CSVLogger
-
-        return CSVLogger(save_dir=run_dir, name="logs", version="")
+        return RunCSVLogger(run_dir, continues_log_at)
     if kind == "tensorboard":
         from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -836,6 +880,55 @@ def _logger(tc: TrainConfig, run_dir: Path):
     name, group, tags = wandb_identity(tc, _hydra_run())
     return WandbLogger(project=tc.logger.project, name=name, group=group, tags=tags, save_dir=str(run_dir),
                        offline=mode != "online")  # fmt: skip
+
+
+class _ContinuedWriter(ExperimentWriter):
+    """Lightning's CSV writer, which deletes a metrics.csv already there; with ``continues_at`` (the step of the
+    checkpoint a run resumes in its own directory) it keeps the rows the killed run logged before that step and
+    writes on after them (those from that step on, the resumed run logs again)."""
+
+    def __init__(self, log_dir: str, continues_at: int | None):
+        self.continues_at = continues_at
+        super().__init__(log_dir)
+
+    def _check_log_dir_exists(self) -> None:
+        path = Path(self.metrics_file_path)
+        if self.continues_at is None or not path.is_file():
+            return super()._check_log_dir_exists()
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            header, kept = reader.fieldnames or [], []
+            for row in reader:  # in the order logged: up to the first row of the resumed step (or a torn one)
+                if None in row.values() or not row["step"].isdigit() or int(row["step"]) >= self.continues_at:
+                    break
+                kept.append(row)
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=header)
+                writer.writeheader()
+                writer.writerows(kept)
+
+        atomic_write(path, write)
+        self.metrics_keys = list(header)  # the rows to come go under the same columns (or all are rewritten)
+
+
+class RunCSVLogger(CSVLogger):
+    """Lightning's CSV logger into ``run_dir/logs/metrics.csv`` (written at every logged step), continuing the log
+    of the run it resumes in the same directory, from ``continues_at`` (see ``_ContinuedWriter``), so the file is
+    the uninterrupted run's log; None: a new run."""
+
+    def __init__(self, run_dir: Path, continues_at: int | None):
+        super().__init__(save_dir=run_dir, name="logs", version="")
+        self.continues_at = continues_at
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _ContinuedWriter(self.log_dir, self.continues_at)
+        return self._experiment
 
 
 def _hydra_run() -> dict:

@@ -199,6 +199,42 @@ def test_a_run_killed_at_an_epochs_last_batch_under_gradient_accumulation_resume
         assert loss == pytest.approx(expected[step], rel=1e-6, abs=1e-6), step
 
 
+def test_a_killed_sweep_continues_with_resume_auto_keeping_finished_jobs_and_resuming_the_killed_one_in_place(
+    tmp_path, data_cache
+):
+    """A sweep of two jobs killed in its second (while writing last.ckpt at step 10), run again over its directory
+    with resume=auto: the finished job is kept as it is, the killed one continues its checkpoint in its own
+    directory, its losses the uninterrupted run's and its CSV log that run's (the killed run's rows kept)."""
+    sweep = tmp_path / "sweep"
+    jobs = ["-m", *[o for o in RESUMABLE if not o.startswith("trainer.max_steps")], "trainer.max_steps=8,30",
+            f"hydra.sweep.dir={sweep}"]  # fmt: skip
+    killer = [str(Path(__file__).parent / "killed_train.py"), "10"]
+    assert train(tmp_path, data_cache, *jobs, entry=killer, check=False).returncode == -signal.SIGKILL
+    finished = (sweep / "0-gqa" / "metrics.json").read_text()
+    assert not (sweep / "1-gqa" / "metrics.json").exists()
+    proc = train(tmp_path, data_cache, *jobs, "resume=auto")
+    assert f"this sweep job finished before in {sweep / '0-gqa'}" in proc.stdout
+    assert (sweep / "0-gqa" / "metrics.json").read_text() == finished
+    resumed = json.loads((sweep / "1-gqa" / "metrics.json").read_text())
+    assert resumed["resumed_from"] == {"checkpoint": str(sweep / "1-gqa/checkpoints/step000010.ckpt"), "step": 10}
+
+    train(tmp_path, data_cache, *RESUMABLE, "run_name=whole")
+    (whole,) = run_dirs(tmp_path, "whole")
+    assert resumed["val_loss"] == pytest.approx(json.loads((whole / "metrics.json").read_text())["val_loss"], 1e-6)
+    # The log: the killed run's rows before step 10 and the resumed run's after (Lightning's logger deleted the
+    # killed run's). Step 9's training loss is logged after the checkpoint of step 10, so the kill took it.
+    expected, got = train_losses(whole), train_losses(sweep / "1-gqa")
+    assert sorted(got) == [s for s in range(30) if s != 9]
+    for step, loss in got.items():
+        assert loss == pytest.approx(expected[step], rel=1e-6, abs=1e-6), step
+
+    # Continued with other overrides, a job's directory holds another job's run: refused, naming the difference.
+    other = [o.replace("8,30", "8,40") for o in jobs]
+    proc = train(tmp_path, data_cache, *other, "resume=auto", check=False)
+    assert proc.returncode == 1
+    assert f"{sweep / '1-gqa'} holds a run of other settings (trainer.max_steps: 40 vs 30" in proc.stderr
+
+
 def test_multirun_sweeps_presets(tmp_path, data_cache):
     train(tmp_path, data_cache, "-m", "model=mqa,mla", "trainer.max_steps=3", "model.vocab_size=512",
           "trainer.limit_val_batches=1", tiny_model=False)  # fmt: skip
