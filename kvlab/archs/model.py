@@ -28,6 +28,7 @@ from kvlab.archs.footprint import Footprint, FootprintRow
 from kvlab.archs.plan import PassesConfig, Read, cycle_span
 from kvlab.kernels.attention import doc_ids_from_cu_seqlens, positions_in_documents
 from kvlab.kernels.ops import linear_cross_entropy
+from kvlab.kernels.precision import upcast
 from kvlab.kernels.registry import use_kernels
 from kvlab.layers import MIXERS, build_mlp, build_norm
 from kvlab.layers.base import StepState
@@ -794,7 +795,7 @@ def _same_pads(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
 def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, generator) -> torch.Tensor:
     if temperature == 0:  # argmax's index (the first maximum) from max's kernel: 3.5x faster at batch 8 on CPU
         return logits.max(dim=-1).indices
-    logits = logits.float() / temperature
+    logits = upcast(logits) / temperature
     if top_k is not None:
         kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -34,6 +34,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from kvlab.kernels.precision import upcast
+
 
 def _structured_mask(q, mask, causal, window, doc_ids, S: int):
     """The boolean mask the options describe (None: no mask), and whether SDPA's is_causal does it alone."""
@@ -93,7 +95,7 @@ def attention(
     if _short_bf16_training_on_cpu(q, k, v):
         with torch.autocast("cpu", enabled=False):  # (or autocast would cast the inputs back down)
             out = F.scaled_dot_product_attention(
-                q.float(), k.float(), v.float(), attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=Hkv != H
+                upcast(q), upcast(k), upcast(v), attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=Hkv != H
             )
         return out.to(q.dtype)
     return F.scaled_dot_product_attention(
@@ -236,11 +238,11 @@ def attention_reference(
     k = k.repeat_interleave(groups, dim=1)
     v = v.repeat_interleave(groups, dim=1)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    scores = (q.float() @ k.float().transpose(-1, -2)) * scale
+    scores = (upcast(q) @ upcast(k).transpose(-1, -2)) * scale
     mask = _weights_mask(q, k, mask, causal, window, doc_ids)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    return (scores.softmax(dim=-1) @ v.float()).to(q.dtype)
+    return (scores.softmax(dim=-1) @ upcast(v)).to(q.dtype)
 
 
 def attention_weights(
@@ -313,9 +315,9 @@ def absorbed_attention(q, latent, value_dim: int, *, mask=None, scale: float | N
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     latent = latent.to(q.dtype)
     if _short_compiled_cpu_latent(q, latent):  # the scores in the softmax's loop: [B, H, 1, W] * [B, 1, S, W]
-        scores = (q.float() * latent[:, None].float()).sum(-1)[:, :, None] * scale  # [B, H, 1, S]
+        scores = (upcast(q) * upcast(latent[:, None])).sum(-1)[:, :, None] * scale  # [B, H, 1, S]
     else:
-        scores = torch.einsum("bhtw,bsw->bhts", q, latent).float() * scale
+        scores = upcast(torch.einsum("bhtw,bsw->bhts", q, latent)) * scale
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     return torch.einsum("bhts,bsr->bhtr", scores.softmax(-1).to(q.dtype), latent[..., :value_dim])
@@ -340,10 +342,10 @@ def _short_compiled_cpu_latent(q, latent) -> bool:
 
 def absorbed_attention_reference(q, latent, value_dim: int, *, mask=None, scale: float | None = None):
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    scores = torch.einsum("bhtw,bsw->bhts", q.float(), latent.float()) * scale
+    scores = torch.einsum("bhtw,bsw->bhts", upcast(q), upcast(latent)) * scale
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.einsum("bhts,bsr->bhtr", scores.softmax(-1), latent[..., :value_dim].float()).to(q.dtype)
+    return torch.einsum("bhts,bsr->bhtr", scores.softmax(-1), upcast(latent[..., :value_dim])).to(q.dtype)
 
 
 def position_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None = None, sinks: int = 0) -> torch.Tensor:

@@ -23,13 +23,14 @@ import torch
 import torch.nn.functional as F
 
 from kvlab.kernels.flushed_exp import flushed_exp
+from kvlab.kernels.precision import upcast
 
 IGNORE = -100
 
 
 def linear_cross_entropy_reference(hidden, weight, labels, *, reduction: str = "mean"):
     logits = hidden @ weight.t()
-    loss = F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), ignore_index=IGNORE, reduction=reduction)
+    loss = F.cross_entropy(upcast(logits.flatten(0, -2)), labels.flatten(), ignore_index=IGNORE, reduction=reduction)
     return loss.view(labels.shape) if reduction == "none" else loss
 
 
@@ -58,7 +59,7 @@ def cross_entropy_rows(logits, labels, grad_scale: float | None):
     one-hot) * grad_scale, zero on ignored rows, overwrites ``logits`` (it is
     float32 here; the Triton kernel keeps the logits' own dtype).
     """
-    logits = logits.float()
+    logits = upcast(logits)
     valid = labels != IGNORE
     target = labels.clamp(min=0)
     picked = logits.gather(1, target[:, None])[:, 0]
@@ -105,7 +106,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 if grad_w is not None and autocast:
                     grad_w += grad.t() @ h_c
                 elif grad_w is not None:
-                    grad_w.addmm_(grad.t().float(), h_c.float())  # (autocast passes over in-place ops: float32)
+                    grad_w.addmm_(upcast(grad.t()), upcast(h_c))  # (autocast passes over in-place ops: float32)
             del grad
         ctx.reduction = reduction
         ctx.shape = hidden.shape

@@ -36,7 +36,8 @@ import torch.nn.functional as F
 
 from kvlab.kernels.attention import document_starts
 from kvlab.kernels.flushed_exp import flushed_exp
-from kvlab.kernels.linear_attention import _compute_dtype, between_graphs, decayed_products, minus_inf_where_hidden
+from kvlab.kernels.linear_attention import between_graphs, decayed_products, minus_inf_where_hidden
+from kvlab.kernels.precision import compute_dtype
 
 
 def delta_rule_reference(q, k, v, log_decay, a, b, *, state=None, doc_ids=None, chunk_size=None):
@@ -44,7 +45,7 @@ def delta_rule_reference(q, k, v, log_decay, a, b, *, state=None, doc_ids=None, 
 
     q, k, a, b, log_decay [B, H, T, Dk]; v [B, H, T, Dv]; state [B, H, Dk, Dv] or None (zeros).
     """
-    dt, out_dtype = _compute_dtype(q), q.dtype
+    dt, out_dtype = compute_dtype(q.dtype), q.dtype
     B, H, T, Dk = q.shape
     S = q.new_zeros(B, H, Dk, v.shape[-1], dtype=dt) if state is None else state.to(dt)
     starts = document_starts(doc_ids) if doc_ids is not None else None
@@ -61,7 +62,7 @@ def delta_rule_reference(q, k, v, log_decay, a, b, *, state=None, doc_ids=None, 
 
 def delta_rule_chunked(q, k, v, log_decay, a, b, *, state=None, doc_ids=None, chunk_size: int = 16):
     """Same contract as ``delta_rule_reference``, in chunks of ``chunk_size`` tokens."""
-    dt = _compute_dtype(q)
+    dt = compute_dtype(q.dtype)
     out_dtype = q.dtype
     B, H, T, Dk = q.shape
     Dv = v.shape[-1]

@@ -41,11 +41,7 @@ import torch.nn.functional as F
 
 from kvlab.kernels.attention import document_starts
 from kvlab.kernels.flushed_exp import flushed_exp
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
+from kvlab.kernels.precision import compute_dtype
 
 # While exp(+-FACTORABLE_DECAY) bounds both factors, they and their products stay far inside float32.
 FACTORABLE_DECAY = 30.0
@@ -100,7 +96,7 @@ def linear_attention_reference(
     q, k [B, H or 1, T, Dk] (one head: read by every head of v); v [B, H, T, Dv]; log_decay [B, H, T] or
     [B, H, T, Dk]; chunk_size is ignored; state [B, H, Dk, Dv] or None (zeros).
     """
-    dt = _compute_dtype(q)
+    dt = compute_dtype(q.dtype)
     B, _, T, Dk = q.shape
     H = v.shape[1]
     S = q.new_zeros(B, H, Dk, v.shape[-1], dtype=dt) if state is None else state.to(dt)
@@ -123,7 +119,7 @@ def linear_attention_chunked(
     q, k, v, log_decay, *, state=None, doc_ids=None, exclusive: bool = False, chunk_size: int = 64
 ):
     """Same contract as ``linear_attention_reference``, in chunks of ``chunk_size`` tokens."""
-    dt = _compute_dtype(q)
+    dt = compute_dtype(q.dtype)
     B, _, T, Dk = q.shape
     H, Dv = v.shape[1], v.shape[-1]
     C = chunk_size
@@ -213,7 +209,7 @@ def linear_attention_step(q, k, v, log_decay, *, state=None, exclusive: bool = F
     not written to a temporary and read back (a quarter less traffic over a Mamba-2 state per step). Traced
     over a state held keys-first, the output is the new state's reduction, which Inductor fuses with the
     update: the state read once."""
-    dt = _compute_dtype(q)
+    dt = compute_dtype(q.dtype)
     S = q.new_zeros(q.shape[0], v.shape[1], q.shape[-1], v.shape[-1], dtype=dt) if state is None else state.to(dt)
     read, key, value = q[:, :, 0].to(dt), k[:, :, 0].to(dt), v[:, :, 0].to(dt)  # [B, H, D]
     decay = log_decay[:, :, 0].to(dt).exp()  # [B, H] or [B, H, Dk]

@@ -12,17 +12,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kvlab.kernels.precision import upcast
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
     if residual is not None:
         x = x + residual
-    y = weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+    y = weight * F.rms_norm(upcast(x), (x.shape[-1],), eps=eps).to(x.dtype)
     return y if residual is None else (y, x)
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
     if residual is not None:
         x = x + residual
-    xf = x.float()
+    xf = upcast(x)
     y = weight * (xf / torch.sqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
     return y if residual is None else (y, x)

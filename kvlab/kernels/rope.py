@@ -14,6 +14,8 @@ import math
 
 import torch
 
+from kvlab.kernels.precision import upcast
+
 ROPE_SCALINGS = {  # kind -> its settings; every one is required
     "linear": ("factor",),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_seq_len"),
@@ -63,15 +65,21 @@ def scaled_frequencies(inv_freq: torch.Tensor, scaling: dict | None) -> torch.Te
 
 
 def rope_tables(
-    dims: int, theta: float, max_len: int, *, device: torch.device | str | None = None, scaling: dict | None = None
+    dims: int,
+    theta: float,
+    max_len: int,
+    *,
+    device: torch.device | str | None = None,
+    scaling: dict | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables of shape [max_len, dims], float32, computed once per model (``scaling``: see
-    :func:`scaled_frequencies`)."""
+    """cos and sin tables of shape [max_len, dims] in ``dtype`` (float32; float64 for a float64 model), computed
+    in float64 once per model (``scaling``: see :func:`scaled_frequencies`)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, dims, 2, dtype=torch.float64, device=device) / dims)
     inv_freq = scaled_frequencies(inv_freq, scaling)
     angles = torch.outer(torch.arange(max_len, dtype=torch.float64, device=device), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos().float(), angles.sin().float()
+    return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -81,9 +89,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     if cos.dim() == 3:  # per-sequence positions: broadcast over heads
         cos, sin = cos[:, None], sin[:, None]
     rot, rest = (x, None) if d == x.shape[-1] else (x[..., :d], x[..., d:])
-    x1, x2 = rot.float().chunk(2, dim=-1)
+    x1, x2 = upcast(rot).chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
-    out = (rot.float() * cos + rotated * sin).to(x.dtype)
+    out = (upcast(rot) * cos + rotated * sin).to(x.dtype)
     return out if rest is None else torch.cat([out, rest], dim=-1)
 
 
@@ -93,9 +101,9 @@ def apply_rope_tables_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.T
     d = cos.shape[-1]
     if cos.dim() == 3:
         cos, sin = cos[:, None], sin[:, None]
-    out = x.float().clone()
+    out = upcast(x).clone()
     for i in range(d // 2):
-        a, b = x[..., i].float(), x[..., i + d // 2].float()
+        a, b = upcast(x[..., i]), upcast(x[..., i + d // 2])
         c, s = cos[..., i], sin[..., i]
         out[..., i], out[..., i + d // 2] = a * c - b * s, b * c + a * s
     return out.to(x.dtype)

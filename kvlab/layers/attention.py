@@ -109,6 +109,7 @@ from kvlab.kernels.attention import (
     windowed_attention_with_sinks,
 )
 from kvlab.kernels.ops import apply_rope, attention, attention_weights
+from kvlab.kernels.precision import compute_dtype, upcast
 from kvlab.kernels.rope import check_rope_scaling
 from kvlab.layers.base import LayerFootprint, MixerConfig, StepState, default_head_dim, register_mixer
 from kvlab.layers.kv_cache import KVView, RingKV, SinkRingKV, StaticKV
@@ -754,7 +755,7 @@ class Attention(nn.Module):
     def _attend_key_driven(self, q: torch.Tensor, view: KVView, state: StepState) -> torch.Tensor:
         """KDGQA: each query's heads split among the K/V heads by the norms of the keys that query sees."""
         T, S, start, doc_ids = q.shape[2], view.k.shape[2], state.start, state.doc_ids
-        energy = view.k.float().square().sum(-1)  # [B, G, S]: squared key norms (RoPE keeps them)
+        energy = upcast(view.k).square().sum(-1)  # [B, G, S]: squared key norms (RoPE keeps them)
         if doc_ids is None and state.pads is None and view.k_pos is None and view.end == start + T and T == S:
             energy = energy.cumsum(-1).transpose(1, 2)  # causal: every key up to the query's
         else:
@@ -780,10 +781,10 @@ class Attention(nn.Module):
     def _update_allocation(self, k: torch.Tensor) -> None:
         """DGQA: fold this batch's key norms into their running average and re-allocate the query heads
         for the forwards that follow (this one used the allocation from before it)."""
-        norms = k.float().norm(dim=(2, 3)).sum(0)  # each sequence's [T, D] norm per K/V head, summed over the batch
+        norms = upcast(k).norm(dim=(2, 3)).sum(0)  # each sequence's [T, D] norm per K/V head, summed over the batch
         beta = self.cfg.allocation_beta
-        self.key_norm_average.copy_(beta * norms + (1 - beta) * self.key_norm_average.float())
-        self.allocation.copy_(key_driven_allocation(self.key_norm_average.float(), self.n_heads, min_max=False))
+        self.key_norm_average.copy_(beta * norms + (1 - beta) * upcast(self.key_norm_average))
+        self.allocation.copy_(key_driven_allocation(upcast(self.key_norm_average), self.n_heads, min_max=False))
 
     def _attend(self, q: torch.Tensor, view: KVView, state: StepState) -> torch.Tensor:
         """Attention of the step's queries (positions ``state.start..``) over ``view``, with the cheapest correct
@@ -851,8 +852,8 @@ class Attention(nn.Module):
             S = weights.shape[-1]
             k_pos = view.k_pos if view.k_pos is not None else torch.arange(view.end - S, view.end, device=q.device)
             real_keys = state.real_at(k_pos)
-        per_kv = weights.new_zeros(B, view.k.shape[1], rows, weights.shape[-1], dtype=torch.float32)
-        slot.observe(per_kv.index_add_(1, self._kv_head_of_query(), weights.float()), real_keys)
+        per_kv = weights.new_zeros(B, view.k.shape[1], rows, weights.shape[-1], dtype=compute_dtype(weights.dtype))
+        slot.observe(per_kv.index_add_(1, self._kv_head_of_query(), upcast(weights)), real_keys)
         return y
 
     def _mask_options(self, q: torch.Tensor, view: KVView, state: StepState) -> dict:

@@ -100,6 +100,7 @@ import torch
 import torch.nn.functional as F
 
 from kvlab.kernels.ops import dequantize
+from kvlab.kernels.precision import compute_dtype, upcast
 from kvlab.kernels.quant import quantize
 from kvlab.kernels.rope import apply_rope
 from kvlab.layers.kv_cache import (
@@ -687,7 +688,9 @@ class EvictingKV:
         self.k = torch.zeros(batch_size, heads, self.capacity, k_dim, dtype=dtype, **z)
         self.v = torch.zeros(batch_size, heads, self.capacity, v_dim, dtype=dtype, **z)
         self.pos = torch.zeros(batch_size, heads, self.capacity, dtype=torch.int32, **z)
-        self.score = torch.zeros(batch_size, heads, self.capacity, dtype=torch.float32, **z) if self.h2o else None
+        self.score = (
+            torch.zeros(batch_size, heads, self.capacity, dtype=compute_dtype(dtype), **z) if self.h2o else None
+        )
         self.count = 0  # positions each head holds
         self.pending = None  # (k, v, pos) of the step's view, until observe chooses what stays
         self.scored_rows = 0
@@ -759,7 +762,7 @@ class EvictingKV:
         if real is not None and real.dim() == 2:
             real = real[:, None].expand(-1, k.shape[1], -1)
         if self.h2o:
-            received = weights.float().sum(2)  # [B, H, n]: this step's queries' attention to each position
+            received = upcast(weights).sum(2)  # [B, H, n]: this step's queries' attention to each position
             held = self.count  # the view's first positions, then the step's own (no score yet)
             score = received + F.pad(self.score[:, :, :held], (0, n - held))
             budget, recent = self.policy.budget, self.policy.window
@@ -771,7 +774,7 @@ class EvictingKV:
             keep = _top_then_last(candidates, budget - recent, n)
         else:
             window = weights.shape[2]
-            observed = weights.float().sum(2)[:, :, : n - window]  # [B, H, n - w]
+            observed = upcast(weights).sum(2)[:, :, : n - window]  # [B, H, n - w]
             pool = F.avg_pool1d if self.policy.pooling == "avgpool" else F.max_pool1d
             width = self.policy.kernel
             if real is None:
@@ -860,7 +863,7 @@ class _MergedVectors:
         kept = kept if D else 0
         self.kept_pos = torch.zeros(B, H, kept, dtype=torch.int32, **z)
         self.kept = torch.zeros(B, H, kept, 2, D, dtype=dtype, **z)
-        self.kept_distance = torch.zeros(B, H, kept, dtype=torch.float32, **z)
+        self.kept_distance = torch.zeros(B, H, kept, dtype=compute_dtype(dtype), **z)
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.direction, self.magnitude, self.kept_pos, self.kept, self.kept_distance]
@@ -887,7 +890,7 @@ class _MergedVectors:
             ],
             dim=2,
         )
-        dist = torch.cat([self.kept_distance[:, :, :held], distance.float()], dim=2)
+        dist = torch.cat([self.kept_distance[:, :, :held], upcast(distance)], dim=2)
         vectors = torch.cat([self.kept[:, :, :held], torch.stack([lower, upper], dim=3).to(self.kept.dtype)], dim=2)
         chosen = dist.sort(dim=-1, descending=True, stable=True).indices[..., :keep].sort(dim=-1).values
         self.kept_pos[:, :, :keep] = pos.gather(2, chosen)

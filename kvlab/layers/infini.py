@@ -33,6 +33,7 @@ from torch import nn
 from kvlab._config import check_choice, check_float, check_int
 from kvlab.kernels.attention import position_mask
 from kvlab.kernels.ops import apply_rope, attention
+from kvlab.kernels.precision import compute_dtype, upcast
 from kvlab.layers.base import (
     LayerFootprint,
     MixerConfig,
@@ -138,8 +139,8 @@ class InfiniAttention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         N, outputs = self.cfg.segment_len, []
         if cache is None:  # training: whole segments, the memory carried as plain tensors (autograd sees it all)
-            memory = k.new_zeros(B, self.n_kv_heads, self.head_dim, self.head_dim, dtype=torch.float32)
-            norm = k.new_zeros(B, self.n_kv_heads, self.head_dim, dtype=torch.float32)
+            memory = k.new_zeros(B, self.n_kv_heads, self.head_dim, self.head_dim, dtype=compute_dtype(k.dtype))
+            norm = k.new_zeros(B, self.n_kv_heads, self.head_dim, dtype=compute_dtype(k.dtype))
             for t in range(0, T, N):
                 seg = slice(t, t + N)
                 outputs.append(self._attend(q[:, :, seg], k[:, :, seg], v[:, :, seg], 0, memory, norm))
@@ -197,15 +198,15 @@ class InfiniAttention(nn.Module):
         else:
             local = attention(q_rot, k_rot, seg_v, mask=position_mask(q_pos, pos), scale=scale)
         groups = self.n_heads // self.n_kv_heads
-        sq = (F.elu(q.float()) + 1).unflatten(1, (self.n_kv_heads, groups))  # [B, Hkv, groups, n, D]
-        recalled = (sq @ memory.float()[:, :, None]) / (sq @ norm.float()[:, :, None, :, None] + EPS)
+        sq = (F.elu(upcast(q)) + 1).unflatten(1, (self.n_kv_heads, groups))  # [B, Hkv, groups, n, D]
+        recalled = (sq @ upcast(memory)[:, :, None]) / (sq @ upcast(norm)[:, :, None, :, None] + EPS)
         gate = torch.sigmoid(self.beta).view(1, -1, 1, 1)
         return gate * recalled.flatten(1, 2).to(q.dtype) + (1 - gate) * local
 
     def _written(self, seg_k, seg_v, memory, norm) -> tuple[torch.Tensor, torch.Tensor]:
         """The memory (M, z) after a whole segment, from its keys (before RoPE) and values."""
-        sk, v = F.elu(seg_k.float()) + 1, seg_v.float()  # [B, Hkv, N, D]
-        memory, norm = memory.float(), norm.float()
+        sk, v = F.elu(upcast(seg_k)) + 1, upcast(seg_v)  # [B, Hkv, N, D]
+        memory, norm = upcast(memory), upcast(norm)
         if self.cfg.update == "delta":  # store only what the memory does not already return
             v = v - (sk @ memory) / (sk @ norm[..., None] + EPS)
         return memory + sk.transpose(-1, -2) @ v, norm + sk.sum(dim=2)

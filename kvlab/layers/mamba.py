@@ -81,6 +81,7 @@ from torch import nn
 from kvlab._config import check_bool, check_float, check_int
 from kvlab.kernels.causal_conv import skipping_pads
 from kvlab.kernels.ops import causal_conv1d, rms_norm, selective_scan, ssd
+from kvlab.kernels.precision import upcast
 from kvlab.layers.base import LayerFootprint, MixerConfig, StepState, check_reads_own_state, register_mixer
 from kvlab.layers.kv_cache import StateSlot
 from kvlab.layers.norm import RMSNorm
@@ -177,12 +178,12 @@ class Mamba2(nn.Module):
         )  # fmt: skip
         # (without a gradient in place: the convolution's output is its own, not a view of the projection's)
         xs, b, c = F.silu(xbc, inplace=not torch.is_grad_enabled()).split([self.inner, G * N, G * N], dim=-1)
-        dt = F.softplus(dt.float() + self.dt_bias.float())  # [B, T, H]
+        dt = F.softplus(upcast(dt) + upcast(self.dt_bias))  # [B, T, H]
         if state.real is not None:  # a pad's step 0: no decay, no input, the state passes it unchanged
             dt = dt * state.real[..., None]
         xs = xs.view(B, T, H, P)
         y, ssm_state = ssd(
-            xs, dt, -self.A_log.float().exp(), b.view(B, T, G, N), c.view(B, T, G, N),
+            xs, dt, -upcast(self.A_log).exp(), b.view(B, T, G, N), c.view(B, T, G, N),
             state=cache.ssm if cache is not None else None, doc_ids=doc_ids, chunk_size=self.cfg.chunk_size,
         )  # fmt: skip
         if cache is not None:
@@ -197,12 +198,12 @@ class Mamba2(nn.Module):
 
     def _gated_norm(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """RMSNorm(y * silu(z)) within each of the n_groups channel groups, times a learned weight."""
-        gated = (y * F.silu(z) if torch.is_grad_enabled() else F.silu(z).mul_(y)).float()  # (no grad: in place)
+        gated = upcast(y * F.silu(z) if torch.is_grad_enabled() else F.silu(z).mul_(y))  # (no grad: in place)
         G, eps = self.cfg.n_groups, self.cfg.norm_eps
         if G == 1:  # the kernels' RMSNorm (in float32 here, its weight too)
-            return rms_norm(gated, self.norm_weight.float(), eps).to(y.dtype)
+            return rms_norm(gated, upcast(self.norm_weight), eps).to(y.dtype)
         normed = F.rms_norm(gated.unflatten(-1, (G, -1)), (self.inner // G,), eps=eps).flatten(-2)
-        return (normed * self.norm_weight.float()).to(y.dtype)
+        return (normed * upcast(self.norm_weight)).to(y.dtype)
 
     def new_cache_slot(self, batch_size: int, max_len: int, dtype: torch.dtype, device):
         c = self.cfg
@@ -294,12 +295,12 @@ class Mamba(nn.Module):
         dt_low, b, c = self.x_proj(xs).split([R, N, N], dim=-1)
         if self.cfg.inner_norms:
             dt_low, b, c = self.dt_norm(dt_low), self.b_norm(b), self.c_norm(c)
-        dt = F.softplus(self.dt_proj(dt_low).float() + self.dt_bias.float())  # [B, T, inner]
+        dt = F.softplus(upcast(self.dt_proj(dt_low)) + upcast(self.dt_bias))  # [B, T, inner]
         if state.real is not None:  # a pad's step 0: no decay, no input, the state passes it unchanged
             dt = dt * state.real[..., None]
         y, ssm_state = selective_scan(
-            xs.float().transpose(1, 2), dt.transpose(1, 2), -self.A_log.float().exp(),
-            b.float().transpose(1, 2), c.float().transpose(1, 2),
+            upcast(xs).transpose(1, 2), dt.transpose(1, 2), -upcast(self.A_log).exp(),
+            upcast(b).transpose(1, 2), upcast(c).transpose(1, 2),
             state=cache.ssm if cache is not None else None, doc_ids=doc_ids, chunk_size=self.cfg.chunk_size,
         )  # fmt: skip
         if cache is not None:
@@ -372,7 +373,7 @@ class Conba(Mamba):
         e = s + self.delayed(s)
         if self.training and torch.is_grad_enabled() and self.cfg.online_lr:
             with torch.no_grad():
-                err = e.float()
+                err = upcast(e)
                 real = state.real if state is not None else None
                 if real is not None:  # a pad's output is no tracking error
                     err = err * real[..., None].to(err.dtype)

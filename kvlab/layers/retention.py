@@ -30,6 +30,7 @@ from torch import nn
 
 from kvlab._config import check_choice, check_float, check_int
 from kvlab.kernels.ops import apply_rope, linear_attention
+from kvlab.kernels.precision import upcast
 from kvlab.layers.base import (
     LayerFootprint,
     MixerConfig,
@@ -39,7 +40,7 @@ from kvlab.layers.base import (
     register_mixer,
 )
 from kvlab.layers.kv_cache import StateSlot
-from kvlab.layers.rope import Rotary
+from kvlab.layers.rope import ConstantBuffers, Rotary
 
 DECAYS = ("fixed", "gated")
 
@@ -73,7 +74,7 @@ class RetentionConfig(MixerConfig):
 
 
 @register_mixer
-class Retention(nn.Module):
+class Retention(ConstantBuffers):
     Config = RetentionConfig
 
     def __init__(self, cfg: RetentionConfig, *, d_model: int, layer_idx: int, kv_source: int, max_seq_len: int):
@@ -111,9 +112,9 @@ class Retention(nn.Module):
         k = apply_rope(self.k_proj(x).view(B, T, H, D).transpose(1, 2), cos, sin) / math.sqrt(D)
         v = self.v_proj(x).view(B, T, H, Dv).transpose(1, 2)
         if self.cfg.decay == "gated":
-            log_decay = F.logsigmoid(self.gamma_proj(x).float()).transpose(1, 2) / self.cfg.gate_temperature
+            log_decay = F.logsigmoid(upcast(self.gamma_proj(x))).transpose(1, 2) / self.cfg.gate_temperature
         else:
-            log_decay = self.log_gamma.float()[None, :, None].expand(B, H, T)
+            log_decay = upcast(self.log_gamma)[None, :, None].expand(B, H, T)
         if state.real is not None:  # a pad writes nothing and does not decay: the state passes it unchanged
             k, log_decay = k * state.real[:, None, :, None], log_decay * state.real[:, None]
         held = cache.state if cache is not None else None  # the recurrent state so far

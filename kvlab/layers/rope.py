@@ -6,7 +6,8 @@ positions after ``start`` (a cache's count) or explicit per-token
   scaling, ``kvlab.kernels.rope.scaled_frequencies``), as cos/sin tables
   for every position up to max_seq_len, computed once. The tables are
   buffers that are not saved; ``reset_buffers`` recomputes them after a
-  model is built on the meta device.
+  model is built on the meta device, and after a cast to float64
+  (``ConstantBuffers``).
 - ``HeadwiseRotary``: each head rotates its pairs at its own frequencies,
   picked from a wider rotary's (partial RoPE as MHA2MLA converts it: each
   head keeps the parent's frequencies that mattered most to it). Angles are
@@ -21,7 +22,23 @@ from torch import nn
 from kvlab.kernels.rope import rope_tables
 
 
-class Rotary(nn.Module):
+class ConstantBuffers(nn.Module):
+    """A module whose ``reset_buffers`` computes constants from its settings in float64 (RoPE's tables, RetNet's
+    decays) into buffers of the module's dtype. A cast to float64 (``model.double()``) computes them again, so a
+    float64 model holds them exact rather than float32's values cast, and computes in float64 throughout."""
+
+    def reset_buffers(self) -> None:
+        raise NotImplementedError
+
+    def _apply(self, fn, recurse=True):
+        before = [b.dtype for b in self.buffers(recurse=False)]
+        super()._apply(fn, recurse)
+        if torch.float64 not in before and any(b.dtype == torch.float64 for b in self.buffers(recurse=False)):
+            self.reset_buffers()
+        return self
+
+
+class Rotary(ConstantBuffers):
     def __init__(self, dims: int, theta: float, max_seq_len: int, scaling: dict | None = None):
         super().__init__()
         self.dims, self.theta, self.max_seq_len, self.scaling = dims, theta, max_seq_len, scaling
@@ -32,7 +49,8 @@ class Rotary(nn.Module):
     def reset_buffers(self) -> None:
         if self.cos.is_meta:
             return
-        cos, sin = rope_tables(self.dims, self.theta, self.max_seq_len, device=self.cos.device, scaling=self.scaling)
+        cos, sin = rope_tables(self.dims, self.theta, self.max_seq_len, device=self.cos.device, scaling=self.scaling,
+                               dtype=torch.float64 if self.cos.dtype == torch.float64 else torch.float32)  # fmt: skip
         self.cos.copy_(cos)
         self.sin.copy_(sin)
 
@@ -80,4 +98,4 @@ class HeadwiseRotary(nn.Module):
         inv_freq = self.theta ** (-2.0 * self.pair_index.double() / self.spectrum)
         angles = positions[:, None, :, None].double() * inv_freq[None, :, None, :]
         angles = torch.cat([angles, angles], dim=-1)
-        return angles.cos().float(), angles.sin().float()
+        return angles.cos().float(), angles.sin().float()  # tables in float32, computed in float64

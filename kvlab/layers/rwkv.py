@@ -60,6 +60,7 @@ from torch import nn
 from kvlab._config import check_bool, check_float, check_int
 from kvlab.kernels.causal_conv import skipping_pads, token_shift
 from kvlab.kernels.ops import delta_rule, linear_attention
+from kvlab.kernels.precision import upcast
 from kvlab.layers.base import LayerFootprint, MixerConfig, StepState, check_reads_own_state, register_mixer
 from kvlab.layers.kv_cache import StateSlot
 
@@ -141,7 +142,7 @@ class RWKV6(nn.Module):
         r, k, v = (proj(h).view(B, T, H, D).transpose(1, 2) for proj, h in
                    ((self.r_proj, xr), (self.k_proj, xk), (self.v_proj, xv)))  # fmt: skip
         decay = self.decay_base + torch.tanh(xw @ self.decay_lora_a) @ self.decay_lora_b
-        log_decay = -decay.float().exp().view(B, T, H, D).transpose(1, 2)  # log w_t, per key channel
+        log_decay = -upcast(decay).exp().view(B, T, H, D).transpose(1, 2)  # log w_t, per key channel
         if state.real is not None:  # a pad writes nothing and does not decay: the state passes it unchanged
             k, log_decay = k * state.real[:, None, :, None], log_decay * state.real[:, None, :, None]
         held = cache.state if cache is not None else None  # the recurrent state so far
@@ -263,7 +264,7 @@ class RWKV7(nn.Module):
         xr, xw, xk, xv, xa, xg = (x + (before - x) * self.mix[i] for i in range(len(RWKV7_MIXED)))
         r, k, v = self.r_proj(xr), self.k_proj(xk), self.v_proj(xv)
         decay = self.decay_base + torch.tanh(xw @ self.decay_lora_a) @ self.decay_lora_b
-        log_decay = -math.exp(-0.5) * torch.sigmoid(decay.float())  # log w_t
+        log_decay = -math.exp(-0.5) * torch.sigmoid(upcast(decay))  # log w_t
         lr = torch.sigmoid(self.lr_base + (xa @ self.lr_lora_a) @ self.lr_lora_b)
         if self.layer_idx == 0:
             state.publish("values", 0, v)  # v_first, for the layers above

@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from kvlab.kernels.precision import upcast
+
 log = logging.getLogger("kvlab")
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -124,7 +126,7 @@ def cached_val_loss(model, batches, policy, chunk: int = 1, prompt: int = 0) -> 
     model.eval()
     for batch in tqdm(batches, desc=f"val loss through a {policy.describe()} cache", unit="batch", disable=None):
         _, labels, logits = decoded_logits(model, batch, policy, chunk, prompt)
-        total += float(F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum"))
+        total += float(F.cross_entropy(upcast(logits.flatten(0, 1)), labels.flatten(), reduction="sum"))
         count += int((labels != -100).sum())
     model.train(was_training)
     return total / max(count, 1)

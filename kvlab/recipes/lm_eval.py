@@ -39,6 +39,7 @@ try:
 except ImportError:
     raise ImportError("stage lm_eval needs lm-evaluation-harness: pip install 'kvlab[lm-eval]'") from None
 
+from kvlab.kernels.precision import upcast
 from kvlab.recipes.config import LmEvalConfig
 from kvlab.tokenizer import eos_id
 
@@ -82,7 +83,7 @@ class KvlabLM(TemplateLM):
             for row, (i, whole) in enumerate(zip(batch, wholes, strict=True)):
                 n = min(len(requests[i][2]), len(whole) - 1)  # continuation tokens, as many as fit
                 end = len(whole) - 1
-                logprobs = logits[row, end - n : end].float().log_softmax(dim=-1)
+                logprobs = upcast(logits[row, end - n : end]).log_softmax(dim=-1)
                 target = torch.tensor(whole[-n:], device=logprobs.device)
                 score = float(logprobs.gather(-1, target[:, None]).sum())
                 answers[i] = (score, bool((logprobs.argmax(dim=-1) == target).all()))

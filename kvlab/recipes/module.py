@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from kvlab.archs import CausalLM, ModelConfig, build_model
+from kvlab.kernels.precision import upcast
 
 log = logging.getLogger("kvlab")
 
@@ -66,7 +67,7 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
 def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean over the labelled positions (``labels != -100``) of KL(teacher || model) between the next-token
     distributions, both at temperature 1."""
-    kl = F.kl_div(F.log_softmax(logits.float(), -1), F.log_softmax(teacher_logits.float(), -1), log_target=True,
+    kl = F.kl_div(F.log_softmax(upcast(logits), -1), F.log_softmax(upcast(teacher_logits), -1), log_target=True,
                   reduction="none").sum(-1)  # fmt: skip
     asked = labels != -100
     return (kl * asked).sum() / asked.sum().clamp(min=1)
@@ -177,7 +178,7 @@ class LMModule(L.LightningModule):
 
     def _loss(self, labels, logits) -> torch.Tensor:
         """Cross-entropy over the labelled positions (-100: none, as MQAR's unasked ones)."""
-        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+        return F.cross_entropy(upcast(logits.flatten(0, 1)), labels.flatten())
 
     @staticmethod
     def _inputs(model: CausalLM, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -244,7 +245,7 @@ class LMModule(L.LightningModule):
         # Here rather than at the batch's end: Lightning runs the callbacks' on_train_batch_end (the checkpoint's
         # save among them) before the module's, and a checkpoint without its last batch's update would not resume
         # where the run stopped.
-        self.model.after_training_batch(reduce=lambda t: self.trainer.strategy.reduce(t.float(), reduce_op="sum"))
+        self.model.after_training_batch(reduce=lambda t: self.trainer.strategy.reduce(upcast(t), reduce_op="sum"))
 
     def on_validation_epoch_end(self) -> None:
         self._t_last = None  # validation time is not training throughput
@@ -262,7 +263,7 @@ class LMModule(L.LightningModule):
         self.log("val_accuracy", correct.sum() / asked.sum().clamp(min=1), sync_dist=True)
         # Zoology's slices: tokens that complete a bigram seen earlier in the row (recall can predict
         # them) and the rest; averaged per token over the whole validation set
-        ce = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="none").view_as(labels)
+        ce = F.cross_entropy(upcast(logits.flatten(0, 1)), labels.flatten(), reduction="none").view_as(labels)
         hits = associative_recall_hits(ids, labels) & asked
         for name, mask in (("val_loss_ar_hit", hits), ("val_loss_ar_other", asked & ~hits)):
             n = int(mask.sum())

@@ -44,17 +44,17 @@ def _reference(layer, x):
                 write = vs - (sk @ M) / ((sk @ z[..., None]) + 1e-6) if cfg.update == "delta" else vs
                 M = M + sk.transpose(1, 2) @ write
                 z = z + sk.sum(dim=1)
-    return layer.o_proj(out.transpose(1, 2).reshape(B, T, H * D).float())
+    return layer.o_proj(out.transpose(1, 2).reshape(B, T, H * D).to(x.dtype))
 
 
 @pytest.mark.parametrize("update", ["delta", "linear"])
 @pytest.mark.parametrize("n_kv_heads", [4, 2])
 def test_matches_the_equations_segment_by_segment(update, n_kv_heads):
     torch.manual_seed(0)
-    layer = _layer(update, n_kv_heads)
-    x = torch.randn(2, 14, 32)  # three whole segments of 4 and a partial one
+    layer = _layer(update, n_kv_heads).double()  # computing in float64 throughout, as the equations
+    x = torch.randn(2, 14, 32, dtype=torch.float64)  # three whole segments of 4 and a partial one
     with torch.no_grad():
-        torch.testing.assert_close(layer(x), _reference(layer, x), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(layer(x), _reference(layer, x), atol=1e-12, rtol=1e-10)
 
 
 def test_memory_carries_what_left_the_segment():

@@ -120,7 +120,7 @@ def test_conba_matches_its_equations_in_float64_and_learns_its_gain_online_in_tr
     layer = _conba()
     x = torch.randn(2, 13, 32, dtype=torch.float64)
     want, update = _conba_in_float64(layer, x)
-    with torch.no_grad():  # evaluation: the output (the scan runs in float32), and no update kept
+    with torch.no_grad():  # evaluation: the output (`transformers`' scan rounds to float32), and no update kept
         assert (layer.eval()(x) - want).abs().max() <= 1e-6 * max(1.0, want.abs().max().item())
     assert layer.gain_update is None
     layer.train()(x).sum().backward()
