@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kvlab.kernels.precision import compute_dtype
 from kvlab.kernels.rope import rope_tables
 
 
@@ -80,6 +81,8 @@ class HeadwiseRotary(nn.Module):
         super().__init__()
         self.heads, self.dims, self.spectrum, self.theta, self.max_seq_len = heads, dims, spectrum, theta, max_seq_len
         self.register_buffer("pair_index", torch.empty(heads, dims // 2, dtype=torch.long))
+        # no values: its dtype follows the model's casts, so a float64 model gets its angles in float64
+        self.register_buffer("angle_dtype", torch.empty(0), persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -98,4 +101,5 @@ class HeadwiseRotary(nn.Module):
         inv_freq = self.theta ** (-2.0 * self.pair_index.double() / self.spectrum)
         angles = positions[:, None, :, None].double() * inv_freq[None, :, None, :]
         angles = torch.cat([angles, angles], dim=-1)
-        return angles.cos().float(), angles.sin().float()  # tables in float32, computed in float64
+        dtype = compute_dtype(self.angle_dtype.dtype)  # float32, or float64 for a float64 model
+        return angles.cos().to(dtype), angles.sin().to(dtype)
