@@ -59,7 +59,7 @@ def test_cepe_layer_cross_attends_between_self_attention_and_the_mlp():
         h = x + layer.mixer(_rms(x, layer.mixer_norm.weight))  # the self-attention (tested on its own elsewhere)
         h = h + _cross(layer.cross, _rms(h, layer.cross_norm.weight), states)
         want = h + _swiglu(layer.mlp, _rms(h, layer.mlp_norm.weight))
-    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)  # RMSNorm works in float32
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)  # in float64 throughout
 
 
 def test_cepe_encoder_is_bidirectional_within_a_chunk_and_chunks_are_independent():
@@ -97,7 +97,7 @@ def test_xc_llama_block_runs_before_the_layer_with_rope_on_both_sides():
         x = inputs["layer"]
         h = x + _cross(block.cross, _rms(x, block.cross_norm.weight), states, q_pos=torch.arange(6))
         h = h + _swiglu(block.mlp, _rms(h, block.mlp_norm.weight))
-    torch.testing.assert_close(inputs["mixer"], _rms(h, layer.mixer_norm.weight), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(inputs["mixer"], _rms(h, layer.mixer_norm.weight), rtol=1e-12, atol=1e-12)
     assert not model.encode_context(ctx).requires_grad  # no gradient reaches the decoder through the context
 
 

@@ -49,8 +49,7 @@ def test_readers_apply_the_source_layers_probabilities_to_their_own_values():
     for layer, mixer in ((1, source), (2, reader)):
         v = _heads(inputs[layer], mixer.v_proj.weight, 2).repeat_interleave(2, dim=1)
         want = (probs @ v).transpose(1, 2).reshape(2, 11, 64) @ mixer.o_proj.weight.T
-        # to the float32 RoPE tables' precision
-        torch.testing.assert_close(outputs[layer], want, rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(outputs[layer], want, rtol=1e-10, atol=1e-12)  # in float64 throughout
 
 
 @pytest.mark.parametrize("settings", [{}, {"window": 5}], ids=["full", "window"])

@@ -86,7 +86,7 @@ def test_hymba_layer_matches_its_equations_in_float64():
     mixed = (_rms(_attention_heads(att, x[0]), layer.betas[0].weight, 1e-6)
              + _rms(_mamba_heads(ssm, x[0]), layer.betas[1].weight, 1e-6)) / 2  # fmt: skip
     expected = mixed @ layer.out_proj.weight.T
-    torch.testing.assert_close(layer(x, state=StepState())[0], expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer(x, state=StepState())[0], expected, rtol=1e-10, atol=1e-12)
 
 
 def test_recurformer_layer_is_its_heads_side_by_side_in_float64():
@@ -103,7 +103,7 @@ def test_recurformer_layer_is_its_heads_side_by_side_in_float64():
     x = torch.randn(1, 11, D, dtype=torch.float64)
     att, ssm = layer.branches
     expected = torch.cat([_attention_heads(att, x[0]), _mamba_heads(ssm, x[0])], -1) @ layer.out_proj.weight.T
-    torch.testing.assert_close(layer(x, state=StepState())[0], expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer(x, state=StepState())[0], expected, rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match=r"mixer.combine=concat .* needs shared_output: true"):
         ParallelConfig(mixers=branches, combine="concat").resolved(D, "mixer")
     with pytest.raises(ValueError, match=r"mixer.combine='sum' is not one of mean, concat"):
