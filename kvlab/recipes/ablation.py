@@ -308,7 +308,7 @@ def plot_pareto(rows: list[dict[str, Any]], path: Path, context: int) -> list[tu
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))  # (the temporary's name has no .png)
     plt.close(fig)
     return [(r["model"], x, r["val_ppl"]) for x, r in zip(xs, rows, strict=True)]
 
