@@ -873,7 +873,8 @@ def _logger(tc: TrainConfig, run_dir: Path, continues_log_at: int | None):
     if kind == "tensorboard":
         from lightning.pytorch.loggers import TensorBoardLogger
 
-        return TensorBoardLogger(save_dir=run_dir, name="logs", version="")
+        # a run resuming in its own directory hides the killed run's events from its checkpoint's step on
+        return TensorBoardLogger(save_dir=run_dir, name="logs", version="", purge_step=continues_log_at)
     from lightning.pytorch.loggers import WandbLogger
 
     mode = os.environ.get("WANDB_MODE") or tc.logger.mode or "offline"

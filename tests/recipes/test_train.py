@@ -540,6 +540,32 @@ def test_other_loggers_write_their_files(tmp_path, data_cache, logger, monkeypat
         assert list((run / "wandb").glob("offline-run-*"))
 
 
+def test_a_run_resuming_in_its_own_directory_purges_the_killed_runs_later_tensorboard_events(tmp_path):
+    """TensorBoard's purge marker at the checkpoint's step: the killed run's events from there on are hidden,
+    as the CSV log drops its rows (the resumed run logs them again)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    from kvlab.recipes.config import TrainConfig
+    from kvlab.recipes.run import _logger
+
+    tc = TrainConfig(model={"mixer": {"kind": "attention"}})
+    tc.logger.kind = "tensorboard"
+    for run, resumed_at in (tmp_path / "fresh", None), (tmp_path / "resumed", 7):
+        logger = _logger(tc, run, resumed_at)
+        logger.log_metrics({"train_loss": 1.0}, step=8)
+        logger.experiment.close()  # (its writer thread has written everything)
+        data, marks, i = next((run / "logs").glob("events.out.tfevents.*")).read_bytes(), [], 0
+        while i < len(data):  # TFRecords: length, its checksum, the event, its checksum
+            (n,) = struct.unpack("<Q", data[i : i + 8])
+            event = Event.FromString(data[i + 12 : i + 12 + n])
+            i += 16 + n
+            if event.HasField("session_log"):
+                marks.append((event.step, event.session_log.status))
+        assert marks == ([] if resumed_at is None else [(7, 1)])  # 1: SessionLog.START, the purge
+
+
 def test_wandb_runs_are_named_by_preset_and_grouped_by_sweep():
     from kvlab.recipes.config import TrainConfig
     from kvlab.recipes.run import _hydra_run, wandb_identity
