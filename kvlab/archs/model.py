@@ -110,6 +110,45 @@ class Block(nn.Module):
         return x + self.mlp(h)
 
 
+def _checkpointed(layer: nn.Module, x: torch.Tensor, state: StepState) -> torch.Tensor:
+    """``layer(x, state)`` under non-reentrant activation checkpointing: the forward graph is recorded as usual (K/V
+    published to readers get their gradients), only activations are recomputed in the backward. The
+    recomputation must read what the forward read, and two things change in between: LCKV's passes rewrite what
+    layers published (``state.published``, ``state.earlier_pass``) before the backward of a pass that is not the
+    last, and a training forward moves the layer's own training state (DGQA's allocation, MatryoshkaKV's rank
+    step: persistent buffers). So each run reads a copy of the publications as they were, and the recomputation
+    the buffers as they were (restored after it); what the forward publishes goes on to the layers after it."""
+    published, earlier = dict(state.published), dict(state.earlier_pass)
+    buffers = [
+        b
+        for m in layer.modules()
+        for name, b in m._buffers.items()
+        if b is not None and name not in m._non_persistent_buffers_set
+    ]
+    before = [b.clone() for b in buffers]
+    runs = []
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        view = dataclasses.replace(state, published=dict(published), earlier_pass=earlier)
+        runs.append(view)
+        if len(runs) == 1:  # the forward
+            return layer(x, view)
+        now = [b.clone() for b in buffers]
+        with torch.no_grad():
+            for b, old in zip(buffers, before, strict=True):
+                b.copy_(old)
+        try:
+            return layer(x, view)
+        finally:
+            with torch.no_grad():
+                for b, current in zip(buffers, now, strict=True):
+                    b.copy_(current)
+
+    out = checkpoint(run, x, use_reentrant=False)
+    state.published.update(runs[0].published)
+    return out
+
+
 class CausalLM(nn.Module):
     # Whether ``decode_step`` serves every position with one static-shape graph (compiled decoding); a model
     # whose step does different work by position decodes eagerly
@@ -491,9 +530,7 @@ class CausalLM(nn.Module):
                 layer = compiled_block(self.layers[i], self.compile_blocks) if compiled else self.layers[i]
                 slot, mlp_slot = (cache.slots[i], cache.mlp_slots[i]) if cache is not None else (None, None)
                 if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                    # Non-reentrant: the forward graph is recorded as usual (K/V published to
-                    # readers get their gradients), only activations are recomputed.
-                    x = checkpoint(layer, x, state, use_reentrant=False)
+                    x = _checkpointed(layer, x, state)
                 else:
                     x = layer(x, state, cache=slot, mlp_cache=mlp_slot, last_only=last_only and i == stop - 1)
             return x

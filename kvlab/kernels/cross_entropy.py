@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from kvlab.kernels.flushed_exp import flushed_exp
-from kvlab.kernels.precision import upcast
+from kvlab.kernels.precision import compute_dtype, upcast
 
 IGNORE = -100
 
@@ -86,11 +86,10 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         n_valid = int((y != IGNORE).sum())
         want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         scale = 1.0 / max(n_valid, 1) if reduction == "mean" else 1.0
-        losses = torch.zeros(h.shape[0], dtype=torch.float32, device=h.device)
+        wide = compute_dtype(weight.dtype)  # the losses and the weight's gradient: float32, or float64's
+        losses = torch.zeros(h.shape[0], dtype=wide, device=h.device)
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
-        grad_w = (
-            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
-        )
+        grad_w = torch.zeros(weight.shape, dtype=wide, device=weight.device) if ctx.needs_input_grad[1] else None
         # Under autocast the gradients' products run in its dtype, as a linear's backward does there (the
         # logits' gradient cast once, not by each product; the weight's accumulated in float32 chunk by chunk)
         autocast = torch.is_autocast_enabled(h.device.type)

@@ -41,18 +41,35 @@ def test_tied_embeddings_share_one_tensor():
     assert "lm_head.weight" not in dict(model.named_parameters())
 
 
-@pytest.mark.parametrize("name", ["gqa", "cla2", "window"])
-def test_activation_checkpointing_gives_the_same_gradients(name):
-    ids = torch.randint(0, 97, (2, 16))
-    grads = []
+CHECKPOINTED = {
+    **{name: VARIANTS[name] for name in ("gqa", "cla2", "window", "dgqa", "matryoshka")},
+    # LCKV's two passes with gradients: the first pass's layers recompute after the second rewrote what they read
+    "lckv": VARIANTS["lckv"] | {"kv_sharing": {"kind": "lckv", "warmup": 1}, "passes": {"no_grad": 3, "grad": 2}},
+}
+
+
+@pytest.mark.parametrize("name", list(CHECKPOINTED))
+def test_activation_checkpointing_gives_the_same_step(name):
+    """In float64, the same loss, gradients and training state (DGQA's allocation, MatryoshkaKV's rank step) with
+    and without activation checkpointing: the recomputation reads what the forward read. Before, MatryoshkaKV's
+    recomputation took the next pair of ranks (an error) and LCKV's first pass read the second's keys (gradients
+    3e-4 off)."""
+    ids = torch.randint(0, 97, (2, 17))
+    steps = []
     for ckpt in (False, True):
         torch.manual_seed(0)
-        model = build_model(VARIANTS[name])
+        model = build_model(CHECKPOINTED[name]).double().train()
         model.activation_checkpointing = ckpt
-        F.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten()).backward()
-        grads.append({n: p.grad for n, p in model.named_parameters()})
-    for n, g in grads[0].items():
-        torch.testing.assert_close(grads[1][n], g, atol=1e-6, rtol=1e-5, msg=n)
+        loss = model(ids[:, :-1], labels=ids[:, 1:])
+        loss.backward()
+        model.after_training_batch()
+        steps.append((loss, {n: p.grad for n, p in model.named_parameters()}, dict(model.named_buffers())))
+    (loss, grads, buffers), (loss_c, grads_c, buffers_c) = steps
+    torch.testing.assert_close(loss_c, loss, atol=1e-13, rtol=1e-13)
+    for n, g in grads.items():
+        torch.testing.assert_close(grads_c[n], g, atol=1e-12, rtol=1e-10, msg=n)
+    for n, b in buffers.items():
+        torch.testing.assert_close(buffers_c[n], b, atol=0, rtol=0, msg=n)
 
 
 def _losses(spec, compile_blocks, steps: int = 20, packed: bool = False, checkpointing: bool = False):
