@@ -116,6 +116,7 @@ from kvlab.archs.config import ModelConfig
 from kvlab.archs.fusion import HeadFusion, fuse_heads, fusion_cost
 from kvlab.archs.model import CausalLM, build_model
 from kvlab.kernels.ops import apply_rope
+from kvlab.kernels.precision import compute_dtype, upcast
 from kvlab.layers.attention import AttentionConfig, inverse_cayley
 
 log = logging.getLogger(__name__)
@@ -507,8 +508,9 @@ def _pca_bases(model: CausalLM, calibration: torch.Tensor) -> dict[int, dict[str
             basis = vectors.flip(-1)
             basis = basis * torch.where(basis.diagonal(dim1=-2, dim2=-1) < 0, -1.0, 1.0)[:, None]  # near I: a
             basis[..., -1] *= torch.linalg.det(basis).sign()[:, None]  # Cayley parameter stays small; det +1
-            bases.setdefault(i, {})[f"{which}_rotation"] = inverse_cayley(basis).float()
-            bases[i][f"{which}_mean"] = mean.float()
+            work = compute_dtype(x.dtype)  # (float64 for a float64 model, whose weights take them exactly)
+            bases.setdefault(i, {})[f"{which}_rotation"] = inverse_cayley(basis).to(work)
+            bases[i][f"{which}_mean"] = mean.to(work)
     return bases
 
 
@@ -928,12 +930,12 @@ def _to_mla(model: CausalLM, kv_lora_rank: int, rope_dims: int, calibration: tor
             [torch.cat([w_q[h, nope_idx[group[h]]], w_q[h, rope_idx[group[h]]]]) for h in range(H)]
         )
         # joint SVD of [no-RoPE keys; values] of every K/V head: [Hk * (D + d), d_model]
-        stacked = torch.cat([torch.cat([w_k[g, nope_idx[g]], w_v[g]]) for g in range(Hk)]).float()
+        stacked = upcast(torch.cat([torch.cat([w_k[g, nope_idx[g]], w_v[g]]) for g in range(Hk)]))
         U, S, Vh = torch.linalg.svd(stacked, full_matrices=False)
         r = min(kv_lora_rank, S.numel())
-        down = torch.zeros(kv_lora_rank, stacked.shape[1], device=stacked.device)
+        down = torch.zeros(kv_lora_rank, stacked.shape[1], dtype=stacked.dtype, device=stacked.device)
         down[:r] = Vh[:r]
-        up = torch.zeros(stacked.shape[0], kv_lora_rank, device=stacked.device)
+        up = torch.zeros(stacked.shape[0], kv_lora_rank, dtype=stacked.dtype, device=stacked.device)
         up[:, :r] = U[:, :r] * S[:r]
         up = up.view(Hk, D + d, kv_lora_rank)
         k_rope = torch.cat([w_k[g, rope_idx[g]] for g in range(Hk)])
