@@ -116,14 +116,15 @@ def _checkpointed(layer: nn.Module, x: torch.Tensor, state: StepState) -> torch.
     recomputation must read what the forward read, and two things change in between: LCKV's passes rewrite what
     layers published (``state.published``, ``state.earlier_pass``) before the backward of a pass that is not the
     last, and a training forward moves the layer's own training state (DGQA's allocation, MatryoshkaKV's rank
-    step: persistent buffers). So each run reads a copy of the publications as they were, and the recomputation
-    the buffers as they were (restored after it); what the forward publishes goes on to the layers after it."""
+    step: the buffers its modules name in ``moved_by_forward``). So each run reads a copy of the publications as
+    they were, and the recomputation those buffers as they were (restored after it); what the forward publishes
+    goes on to the layers after it."""
     published, earlier = dict(state.published), dict(state.earlier_pass)
     buffers = [
         b
         for m in layer.modules()
-        for name, b in m._buffers.items()
-        if b is not None and name not in m._non_persistent_buffers_set
+        for name in getattr(m, "moved_by_forward", ())
+        if (b := getattr(m, name, None)) is not None
     ]
     before = [b.clone() for b in buffers]
     runs = []

@@ -435,6 +435,9 @@ class Attention(nn.Module):
     Config = AttentionConfig
     output_projection = "o_proj"  # what a parallel layer with shared_output replaces by its own
     takes_last_only = True  # forward's ``last_only``: the last position's output alone (``Block``)
+    # the buffers a training forward moves (``_advance_training_state``), which activation checkpointing's
+    # recomputation must read as the forward did (``kvlab.archs.model._checkpointed``)
+    moved_by_forward = ("allocation", "key_norm_average", "rank_step")
 
     def __init__(
         self,
