@@ -73,7 +73,8 @@ def cross_entropy_rows(logits, labels, grad_scale: float | None):
     losses = (total.log() + top[:, 0] - picked) * valid
     if grad_scale is None:
         return losses, None
-    weight = valid * grad_scale
+    weight = valid.to(logits.dtype) * grad_scale  # (a bool tensor times a float is float32: a float64 scale
+    # would have been rounded)
     grad = e.mul_((weight / total)[:, None])
     grad[torch.arange(len(labels), device=logits.device), target] -= weight
     return losses, grad
