@@ -158,9 +158,8 @@ class BlockTransformer(CausalLM):
     def _token_stack(self, z: torch.Tensor, start: int, cache: Cache | None) -> torch.Tensor:
         """The token decoder's layers over ``z`` [B, n, D] at positions ``start..`` of a block's input."""
         state = StepState(start)
-        for i, layer in enumerate(self.token_layers):
-            slot, mlp_slot = (cache.slots[i], cache.mlp_slots[i]) if cache is not None else (None, None)
-            z = layer(z, state, cache=slot, mlp_cache=mlp_slot)
+        for i, layer in enumerate(self.token_layers):  # (compiled and checkpointed in training, as the blocks')
+            z = self._block(layer, z, state, (cache.slots[i], cache.mlp_slots[i]) if cache is not None else None)
         return z
 
     def _parallel(self, ids: torch.Tensor, cache: BlockCache | None = None) -> torch.Tensor:

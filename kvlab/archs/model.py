@@ -517,6 +517,18 @@ class CausalLM(nn.Module):
         h = self.norm(x)
         return self.lm_head(h) if head else h
 
+    def _block(self, layer, x, state: StepState, slots=None, last_only: bool = False):
+        """One block on ``x`` with its cache ``slots`` (the mixer's and the MLP's; None: no cache); in a training
+        forward (no cache, gradients on) compiled (``compile_blocks``) and checkpointed
+        (``activation_checkpointing``) as the trainer asks."""
+        if slots is None and self.training and torch.is_grad_enabled():
+            if self.compile_blocks is not None:
+                layer = compiled_block(layer, self.compile_blocks)
+            if self.activation_checkpointing:
+                return _checkpointed(layer, x, state)
+        slot, mlp_slot = slots or (None, None)
+        return layer(x, state, cache=slot, mlp_cache=mlp_slot, last_only=last_only)
+
     def _layers(
         self, x, state: StepState, cache, start: int, stop: int, passes: PassesConfig | None = None,
         last_only: bool = False,
@@ -526,14 +538,9 @@ class CausalLM(nn.Module):
         span runs once per pass from the same input, each pass reading what the later layers published in
         the pass before (with a cache: what they hold, rewritten by each pass); one pass when decoding."""
         if passes is None:
-            compiled = self.compile_blocks is not None and cache is None and self.training and torch.is_grad_enabled()
             for i in range(start, stop):
-                layer = compiled_block(self.layers[i], self.compile_blocks) if compiled else self.layers[i]
-                slot, mlp_slot = (cache.slots[i], cache.mlp_slots[i]) if cache is not None else (None, None)
-                if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                    x = _checkpointed(layer, x, state)
-                else:
-                    x = layer(x, state, cache=slot, mlp_cache=mlp_slot, last_only=last_only and i == stop - 1)
+                slots = (cache.slots[i], cache.mlp_slots[i]) if cache is not None else None
+                x = self._block(self.layers[i], x, state, slots, last_only and i == stop - 1)
             return x
         T = x.shape[1]
         n = 1 if cache is not None and T == 1 else passes.total  # a decoded token's readers see only the past

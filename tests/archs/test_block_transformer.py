@@ -127,3 +127,23 @@ def test_packed_documents_are_refused():
     ids = torch.randint(0, 97, (1, 8))
     with pytest.raises(ValueError, match="unpacked rows"):
         model(ids, doc_ids=torch.zeros_like(ids))
+
+
+def test_the_trainers_compiled_and_checkpointed_blocks_include_the_token_decoders(monkeypatch):
+    """trainer.compile and trainer.activation_checkpointing reach the token decoder's layers as well as the block
+    decoder's (before, the token decoder ran them plainly: half the model neither compiled nor checkpointed)."""
+    import kvlab.archs.model as model_module
+
+    compiled, checkpointed = [], []
+    monkeypatch.setattr(model_module, "compiled_block", lambda layer, backend: compiled.append(layer) or layer)
+    real = model_module.checkpoint
+    monkeypatch.setattr(model_module, "checkpoint", lambda *a, **k: checkpointed.append(1) or real(*a, **k))
+    model = _model(4, 2).train()
+    model.compile_blocks, model.activation_checkpointing = "inductor", True
+    ids = torch.randint(0, 97, (2, 13))
+    model(ids[:, :-1], labels=ids[:, 1:]).backward()
+    assert compiled == [*model.layers, *model.token_layers]
+    assert len(checkpointed) == len(model.layers) + len(model.token_layers) == 4
+    with torch.no_grad():  # and neither outside training
+        model.eval()(ids)
+    assert len(compiled) == len(checkpointed) == 4
