@@ -900,7 +900,8 @@ class _ContinuedWriter(ExperimentWriter):
             reader = csv.DictReader(f)
             header, kept = reader.fieldnames or [], []
             for row in reader:  # in the order logged: up to the first row of the resumed step (or a torn one)
-                if None in row.values() or not row["step"].isdigit() or int(row["step"]) >= self.continues_at:
+                step = row.get("step") or ""
+                if None in row.values() or not step.isdigit() or int(step) >= self.continues_at:
                     break
                 kept.append(row)
 
