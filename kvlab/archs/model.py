@@ -219,7 +219,8 @@ class CausalLM(nn.Module):
 
     def _encode(self, ids: torch.Tensor) -> torch.Tensor:
         if self.config.context.encoder == "separate":
-            return self.context_encoder(ids)
+            training = self.training and torch.is_grad_enabled()
+            return self.context_encoder(ids, checkpointed=self.activation_checkpointing and training)
         with torch.no_grad():  # XC-Llama: the frozen decoder's final (normalised) states, no gradient
             return self._run(ids, StepState(), None, last_only=False, head=False)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from kvlab.kernels.ops import apply_rope, attention
 from kvlab.layers.mlp import SwiGLU
@@ -91,8 +92,10 @@ class ContextEncoder(nn.Module):
         self.layers = nn.ModuleList(EncoderLayer(d, n_heads, hidden, norm, rotary) for _ in range(n_layers))
         self.norm = build_norm(norm, d)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, checkpointed: bool = False) -> torch.Tensor:
+        """``checkpointed``: each layer's activations recomputed in the backward (the trainer's
+        ``activation_checkpointing``; a context is often longer than the rows it serves)."""
         x = self.embed_tokens(ids)
         for layer in self.layers:
-            x = layer(x)
+            x = checkpoint(layer, x, use_reentrant=False) if checkpointed else layer(x)
         return self.norm(x)

@@ -4,6 +4,7 @@ the errors."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -204,3 +205,31 @@ def test_the_static_decode_step_reads_the_context_from_the_cache(context):
         model(ids[:, :3], cache=cache, context=ctx)
         step = model.decode_step(ids[:, 3:4], cache, torch.tensor(cache.seen))
     assert cache.context.dtype == torch.bfloat16 and (step - full[:, 3]).abs().max() < 0.1
+
+
+@pytest.mark.parametrize("context", [CEPE, XC], ids=["cepe", "xc"])
+def test_activation_checkpointing_reaches_the_encoder_and_gives_the_same_step(context, monkeypatch):
+    """CEPE's encoder layers are checkpointed too (a context is often longer than its rows), with the loss and
+    gradients of the plain step in float64; XC-Llama's encoder is the frozen decoder, run without gradients."""
+    import kvlab.layers.cross_attention as cross
+
+    calls = []
+    real = cross.checkpoint
+    monkeypatch.setattr(cross, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    base = build_model(tiny(context=context)).double().train()
+    ids, ctx = torch.randint(0, 97, (2, 9)), torch.randint(0, 97, (2, 12))
+    steps = []
+    for ckpt in (False, True):
+        model = copy.deepcopy(base)
+        model.activation_checkpointing = ckpt
+        loss = model(ids[:, :-1], labels=ids[:, 1:], context=ctx)
+        loss.backward()
+        steps.append((loss, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    # CEPE: two passes of its layers, the two whole chunks of 5 batched and the last 2 tokens
+    assert len(calls) == (2 * base.config.context.encoder_layers if context is CEPE else 0)
+    (loss, grads), (loss_c, grads_c) = steps
+    torch.testing.assert_close(loss_c, loss, atol=1e-13, rtol=1e-13)
+    assert grads.keys() == grads_c.keys()
+    for n, g in grads.items():
+        torch.testing.assert_close(grads_c[n], g, atol=1e-12, rtol=1e-10, msg=n)
