@@ -34,7 +34,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kvlab.kernels.precision import upcast
+from kvlab.kernels.precision import compute_dtype, upcast
 
 
 def _structured_mask(q, mask, causal, window, doc_ids, S: int):
@@ -150,7 +150,7 @@ def _one_query(q, k, v, mask, scale):
     B, H, _, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    dt = torch.promote_types(q.dtype, torch.float32)
+    dt = compute_dtype(q.dtype)
     grouped = q.reshape(B, Hkv, H // Hkv, 1, D).to(dt)
     scores = (grouped * k[:, :, None].to(dt)).sum(-1) * scale  # [B, Hkv, H / Hkv, S]
     if mask is not None:
@@ -264,7 +264,7 @@ def attention_weights(
     mask = _weights_mask(q, k, mask, causal, window, doc_ids)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    work = torch.promote_types(q.dtype, torch.float32)
+    work = compute_dtype(q.dtype)
     return torch.softmax(scores.to(work) * scale, dim=-1).to(q.dtype)
 
 
@@ -280,7 +280,7 @@ def attention_weights_reference(
 ) -> torch.Tensor:
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    work = torch.promote_types(q.dtype, torch.float32)
+    work = compute_dtype(q.dtype)
     scores = (q.to(work) @ k.to(work).transpose(-1, -2)) * scale
     mask = _weights_mask(q, k, mask, causal, window, doc_ids)
     if mask is not None:

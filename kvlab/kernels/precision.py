@@ -7,7 +7,7 @@ import torch
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype values of ``dtype`` are computed in: float32, or float64 for float64 (see ``upcast``)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    return torch.promote_types(dtype, torch.float32)
 
 
 def upcast(x: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from kvlab.kernels.precision import compute_dtype
+
 BITS = (2, 4, 8)
 
 
@@ -30,7 +32,7 @@ def quantize(x: torch.Tensor, bits: int, group: int, scale_dtype: torch.dtype):
     computed from them, so dequantizing from the stored numbers is the round trip the forward pass takes."""
     *lead, width = x.shape
     levels = 2**bits - 1
-    work = torch.promote_types(x.dtype, torch.float32)  # float64 stays float64 (the tests' transcription)
+    work = compute_dtype(x.dtype)  # float64 stays float64 (the tests' transcription)
     groups = x.to(work).reshape(*lead, width // group, group)
     lo, hi = groups.amin(-1), groups.amax(-1)
     zero = lo.to(scale_dtype)
@@ -44,7 +46,7 @@ def quantize(x: torch.Tensor, bits: int, group: int, scale_dtype: torch.dtype):
 
 def dequantize(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, dtype: torch.dtype):
     """The inverse of ``quantize``: [..., width] in ``dtype``."""
-    work = torch.promote_types(scale.dtype, torch.float32)
+    work = compute_dtype(scale.dtype)
     codes = unpack(packed, bits).to(work)
     *lead, width = codes.shape
     n_groups = scale.shape[-1]

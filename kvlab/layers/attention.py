@@ -690,7 +690,7 @@ class Attention(nn.Module):
     def _solved_bases(self) -> tuple[torch.Tensor, torch.Tensor]:
         r_k, r_v, _ = self._ranks_now()
         dtype = self.k_proj.weight.dtype
-        work = torch.promote_types(dtype, torch.float32)  # the solve in at least fp32
+        work = compute_dtype(dtype)  # the solve in at least fp32
 
         def leading(rotation: torch.Tensor, r: int | list[int]) -> torch.Tensor:
             basis = cayley(rotation.to(work))

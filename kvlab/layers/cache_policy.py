@@ -833,7 +833,7 @@ def slerp_merge(lower: torch.Tensor, upper: torch.Tensor, t: float):
     in float32 at least. Where sin W vanishes, W near 0 (SLERP's weights tend to 1 - t and t there) or near pi
     (SLERP is undefined), the linear interpolation of the directions, normalized. Returns (e [..., D],
     magnitudes [..., 2]: lower's, upper's, distance [...])."""
-    work = torch.promote_types(lower.dtype, torch.float32)
+    work = compute_dtype(lower.dtype)
     x, y = lower.to(work), upper.to(work)
     norms = torch.stack([x.norm(dim=-1), y.norm(dim=-1)], dim=-1)
     tiny = torch.finfo(work).tiny

@@ -38,6 +38,7 @@ from torch import nn
 
 from kvlab._config import check_bool, check_choice, check_float, check_int
 from kvlab.kernels.causal_conv import skipping_pads, token_shift
+from kvlab.kernels.precision import compute_dtype
 from kvlab.layers.kv_cache import StateSlot
 
 MLP_KINDS = ("swiglu", "gelu", "rwkv_channel_mix", "moe", "none")
@@ -230,7 +231,7 @@ class MoE(nn.Module):
         [N, D]."""
         c = self.cfg
         logits = self.router(x)
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 scores would tie and flip
+        logits = logits.to(compute_dtype(logits.dtype))  # bf16 scores would tie and flip
         scores = logits.softmax(-1) if c.score == "softmax" else logits.sigmoid()
         choice = scores if self.score_bias is None else scores + self.score_bias
         if c.topk_groups < c.n_groups:  # DeepSeek-V3: a group ranks by the sum of its two best scores
@@ -293,7 +294,7 @@ class MoE(nn.Module):
             # In float32: bf16 matrix products on a CPU go through oneDNN, which builds a kernel for each new shape
             # (about 1 ms), and the experts' row counts are new every step: jamba's step under bf16 autocast ran at
             # 0.94x its float32 speed, and at 1.25x with its experts in float32 (benchmarks/RESULTS.md)
-            wide = torch.promote_types(x.dtype, torch.float32)
+            wide = compute_dtype(x.dtype)
             with torch.autocast("cpu", enabled=False):
                 return self._grouped(x.to(wide), experts, weights.to(wide), counts).to(x.dtype)
         order = experts.flatten().argsort(stable=True)

@@ -51,7 +51,7 @@ class Rotary(ConstantBuffers):
         if self.cos.is_meta:
             return
         cos, sin = rope_tables(self.dims, self.theta, self.max_seq_len, device=self.cos.device, scaling=self.scaling,
-                               dtype=torch.float64 if self.cos.dtype == torch.float64 else torch.float32)  # fmt: skip
+                               dtype=compute_dtype(self.cos.dtype))  # fmt: skip
         self.cos.copy_(cos)
         self.sin.copy_(sin)
 

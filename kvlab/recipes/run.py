@@ -141,7 +141,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     if datamodule.tokenizer is not None:  # generated tasks (MQAR) have none
         datamodule.tokenizer.save(str(run_dir / "checkpoints" / "tokenizer.json"))
     # a run resuming in its own directory (a killed sweep's job, an uptraining parent) continues its log there
-    here = ckpt_path is not None and run_dir.resolve() in Path(ckpt_path).resolve().parents
+    here = _resumes_in(run_dir, ckpt_path)
     trainer = _trainer(tc, run_dir, continues_log_at=checkpoint_step(ckpt_path) if here else None)
     if "train" in tc.stages:
         datamodule.setup("fit")
@@ -584,10 +584,11 @@ def _resume_path(tc: TrainConfig, run_dir: Path) -> str | None:
     if tc.resume in (None, "", "none"):
         return None
     if tc.resume == "auto":
-        runs = Path(tc.output_root) / tc.run_name
-        found = [p for p in runs.glob("*/checkpoints/*.ckpt") if p.parent.parent.resolve() != run_dir.resolve()]
         if _hydra_run().get("sweep"):
             runs, found = run_dir, list(run_dir.glob("checkpoints/*.ckpt"))
+        else:
+            runs = Path(tc.output_root) / tc.run_name
+            found = [p for p in runs.glob("*/checkpoints/*.ckpt") if p.parent.parent.resolve() != run_dir.resolve()]
         for ckpt_dir in {p.parent for p in found}:
             for orphan in remove_orphans(ckpt_dir):
                 log.info("resume=auto: removed %s, left by a checkpoint write that was interrupted", orphan)
@@ -680,7 +681,7 @@ def _claim_run_dir(run_dir: Path, ckpt_path: str | None) -> None:
         return
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = run_dir / LOCK_FILE
-    resuming_here = ckpt_path is not None and run_dir.resolve() in Path(ckpt_path).resolve().parents
+    resuming_here = _resumes_in(run_dir, ckpt_path)
     pid = run_dir_in_use(run_dir)
     if pid is not None:
         raise ConfigError(f"run directory {run_dir} is in use by another kvlab run (process {pid}); "
@@ -693,6 +694,11 @@ def _claim_run_dir(run_dir: Path, ckpt_path: str | None) -> None:
             f"directory, or resume={run_dir / 'checkpoints' / 'last.ckpt'} to continue that run"
         )
     atomic_write_text(lock, f"{os.getpid()}\n")
+
+
+def _resumes_in(run_dir: Path, ckpt_path: str | None) -> bool:
+    """Whether the run resumes a checkpoint inside ``run_dir`` (its own directory)."""
+    return ckpt_path is not None and run_dir.resolve() in Path(ckpt_path).resolve().parents
 
 
 def run_dir_in_use(run_dir: Path) -> int | None:
