@@ -199,10 +199,16 @@ def _deepseek_mlp_problems(cfg: ModelConfig) -> list[str]:
     return problems
 
 
+# DeepSeek-V2/V3 build their latent norms (q_a_layernorm, kv_a_layernorm) with RMSNorm's default eps, not
+# rms_norm_eps (the block norms'): so does `transformers`, so a checkpoint's latent eps is always this one.
+DEEPSEEK_LATENT_EPS = 1e-6
+
+
 def _mla_problems(cfg: ModelConfig, m) -> list[str]:
     problems = _deepseek_mlp_problems(cfg)
-    if m.norm_eps != cfg.norm.eps:
-        problems.append(f"MLA norm_eps={m.norm_eps} differs from norm.eps={cfg.norm.eps} (DeepSeek-V3 has one eps)")
+    if m.norm_eps != DEEPSEEK_LATENT_EPS:
+        problems.append(f"MLA norm_eps={m.norm_eps} (DeepSeek-V3's latent norms have eps {DEEPSEEK_LATENT_EPS}, "
+                        "whatever rms_norm_eps is)")  # fmt: skip
     if m.rope_kv_heads != 1 or m.rope_spectrum is not None or not m.latent_norm:
         problems.append("MLA with per-head RoPE keys, picked RoPE frequencies or no latent norm (MHA2MLA's form)")
     if m.latent_bits is not None:
@@ -254,7 +260,7 @@ def _mla_from_hf(hf: dict[str, Any], rope: Rope) -> dict[str, Any]:
         "kv_lora_rank": hf["kv_lora_rank"],
         "q_lora_rank": hf.get("q_lora_rank"),
         "rope_theta": rope.theta,
-        "norm_eps": hf.get("rms_norm_eps", 1e-6),
+        "norm_eps": DEEPSEEK_LATENT_EPS,
     }
 
 

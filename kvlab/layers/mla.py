@@ -111,7 +111,7 @@ class MLAConfig(MixerConfig):
     rope_kv_heads: int = 1  # RoPE keys per token; 1: shared by all heads (DeepSeek)
     rope_spectrum: int | None = None  # set: per-RoPE-head frequencies picked from a rotary this wide
     latent_norm: bool = True  # RMSNorm on the latent (DeepSeek); the MHA2MLA conversion has none
-    norm_eps: float = 1e-5  # of the latent RMSNorms
+    norm_eps: float = 1e-6  # of the latent RMSNorms: DeepSeek-V2/V3's, whatever eps the block norms have
     latent_bits: int | None = None  # CLLA-quant: the cached latent as 2/4/8-bit codes; None: the cache's dtype
     latent_group: int | None = None  # channels per scale and zero point; None: the whole latent
 

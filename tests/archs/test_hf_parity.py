@@ -140,3 +140,37 @@ def test_rope_scaling_matches_llama_and_survives_import_and_export(kind, tmp_pat
     again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "again").eval()
     with torch.no_grad():
         assert (again(ids).logits - hf(ids).logits).abs().max() <= 1e-4
+
+
+def test_mla_latent_norms_keep_deepseeks_eps_through_import_and_export(tmp_path):
+    """DeepSeek builds its latent norms with eps 1e-6 whatever rms_norm_eps is (1e-5 here, as Moonlight's):
+    both ways keep them apart. Latents of mean square ~1e-6 make the eps matter at float32 tolerance."""
+    from kvlab.archs.hf import load_hf, save_hf
+
+    hf_cfg = transformers.DeepseekV3Config(
+        vocab_size=101, hidden_size=64, intermediate_size=160, num_hidden_layers=2, first_k_dense_replace=2,
+        num_attention_heads=4, num_key_value_heads=4, q_lora_rank=24, kv_lora_rank=32, qk_nope_head_dim=16,
+        qk_rope_head_dim=8, v_head_dim=16, rope_interleave=False, max_position_embeddings=128, rms_norm_eps=1e-5,
+    )  # fmt: skip
+    hf = transformers.DeepseekV3ForCausalLM(hf_cfg).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith(("kv_a_proj_with_mqa.weight", "q_a_proj.weight")):
+                p.mul_(0.05)
+    hf.save_pretrained(tmp_path / "theirs")
+    ours = load_hf(tmp_path / "theirs").eval()
+    assert ours.config.mixer.norm_eps == 1e-6 and ours.config.norm.eps == 1e-5
+    ids = torch.randint(0, 101, (2, 17))
+    with torch.no_grad():
+        expected = hf(ids).logits
+        assert (ours(ids) - expected).abs().max() <= 1e-4
+        save_hf(ours, tmp_path / "again")
+        again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "again").eval()
+        assert again.config.rms_norm_eps == 1e-5 and (again(ids).logits - expected).abs().max() <= 1e-4
+        spec = ours.config.to_dict()
+        spec["mixer"]["norm_eps"] = 1e-5
+        moved = build_model(spec).eval()
+        moved.load_state_dict(ours.state_dict())
+        assert (moved(ids) - expected).abs().max() > 1e-2  # the eps matters at these latents
+    with pytest.raises(ValueError, match="latent norms have eps 1e-06"):  # another latent eps has no native class
+        save_hf(moved, tmp_path / "moved", remote_code=False)
