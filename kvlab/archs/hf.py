@@ -71,7 +71,9 @@ def kvlab_to_hf_name(name: str) -> str:
     return name
 
 
-_LEGACY_EXPERT = re.compile(r"^(.*\.mlp)\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
+_LEGACY_EXPERT = re.compile(
+    r"^(.*\.(?:mlp|feed_forward))\.experts\.(\d+)\.(gate|up|down)_proj\.weight$"
+)  # DeepSeek's, Jamba's
 
 
 def fuse_legacy_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -123,6 +125,8 @@ def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
                        "original_max_position_embeddings", hf.get("max_position_embeddings", 2048))}  # fmt: skip
     if hf.get("hidden_act", "silu") != "silu":
         raise ValueError(f"config.json: hidden_act={hf['hidden_act']!r} is not supported (SwiGLU needs silu)")
+    if hf.get("mlp_bias"):
+        raise ValueError("config.json: mlp_bias=true is not supported (kvlab's SwiGLU has no biases)")
     theta = float(rope.get("rope_theta") or hf.get("rope_theta") or 10000.0)
     mixer = family.from_hf(hf, Rope(theta, scaling, f"{field}.rope_type={rope_type!r}"))
     return ModelConfig(
@@ -617,8 +621,8 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32) -> CausalLM:
                 f"{config_file}: tie_word_embeddings=true, but the weights hold an lm_head.weight that differs "
                 "from the embeddings; set tie_word_embeddings to false to load the head as it is"
             )
-    with torch.device("meta"):
-        model = build_model(cfg)
+    with torch.device("meta"):  # built in its dtype: a float64 checkpoint keeps its digits, a bf16 one
+        model = build_model(cfg).to(dtype)  # never passes through float32's twice the memory
     model.to_empty(device="cpu")
     model.init_weights()  # RoPE tables and tying; every parameter is overwritten next
     if hybrid is not None:
@@ -645,7 +649,7 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32) -> CausalLM:
     if family is not None and family.fix_weights is not None:
         family.fix_weights(hf, state, cfg)
     model.load_state_dict(state, strict=False)
-    return model.to(dtype)
+    return model
 
 
 def _fields_shaping(name: str) -> str:

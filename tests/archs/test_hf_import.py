@@ -32,6 +32,10 @@ CASES = {
         num_key_value_heads=4, first_k_dense_replace=1, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
         v_head_dim=16, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
         n_group=4, topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5)),
+    # Mamba and attention layers, MoE in every other one; save_pretrained writes each expert's own tensors
+    "jamba-moe": (transformers.JambaConfig, dict(
+        num_key_value_heads=2, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1,
+        num_experts=4, num_experts_per_tok=2, mamba_d_state=8, mamba_dt_rank=8)),
 }  # fmt: skip
 
 
@@ -83,6 +87,9 @@ def test_unsupported_and_missing_are_named(tmp_path):
     with pytest.raises(ValueError, match="scoring_func='softmax', topk_method=None is not supported"):
         load_hf(tmp_path)
     cfg = transformers.LlamaConfig(**COMMON).to_dict()
+    (tmp_path / "config.json").write_text(json.dumps(cfg | {"mlp_bias": True}))
+    with pytest.raises(ValueError, match="mlp_bias=true is not supported"):
+        load_hf(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
         load_hf(tmp_path)
@@ -96,3 +103,20 @@ def test_unsupported_and_missing_are_named(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="rope_scaling.rope_type='dynamic': this RoPE scaling is not supported"):
         load_hf(tmp_path)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_import_builds_in_the_dtype_asked_for(tmp_path, dtype):
+    """A float64 checkpoint keeps its digits (not rounded through float32 on the way), a bf16 one loads as its
+    bits; the RoPE tables are computed in the dtype's own precision, as a model cast to it has them."""
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**COMMON, num_key_value_heads=2)).to(dtype)
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p))  # digits beyond float32's
+    hf.save_pretrained(tmp_path)
+    ours = load_hf(tmp_path, dtype=dtype)
+    theirs = {hf_to_kvlab_name(k): v for k, v in hf.state_dict().items()}
+    assert all(torch.equal(p, theirs[name]) for name, p in ours.named_parameters())
+    cast = load_hf(tmp_path).to(dtype)  # through float32 and cast: the same buffers
+    assert all(torch.equal(b, dict(cast.named_buffers())[name]) for name, b in ours.named_buffers())
