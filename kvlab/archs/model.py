@@ -307,6 +307,13 @@ class CausalLM(nn.Module):
             if doc_ids is not None:
                 raise ValueError("give doc_ids or cu_seqlens (the same documents in flash-attn's form), not both")
             doc_ids = doc_ids_from_cu_seqlens(cu_seqlens, tuple(input_ids.shape))
+        if labels is not None and (
+            not isinstance(labels, torch.Tensor) or labels.shape != input_ids.shape or labels.is_floating_point()
+        ):
+            got = f"a {labels.dtype} tensor of shape {list(labels.shape)}" if isinstance(labels, torch.Tensor) else (
+                type(labels).__name__)  # fmt: skip
+            raise ValueError(f"labels: expected integer next-token targets of input_ids' shape "
+                             f"{list(input_ids.shape)} (-100 where ignored), got {got}")  # fmt: skip
         with use_kernels(self.config.kernels):
             states = self._context_states(context, input_ids, cache, doc_ids)
             pads = self._pads(attention_mask, input_ids, cache, positions, doc_ids)

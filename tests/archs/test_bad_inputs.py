@@ -98,6 +98,16 @@ def test_bad_generate_arguments_are_named(model, case):
         model.generate(**kwargs)
 
 
+@pytest.mark.parametrize(
+    "labels,message",
+    [(torch.ones(1, 2, dtype=torch.long), r"input_ids' shape \[1, 3\].*got a torch.int64 tensor of shape \[1, 2\]"),
+     (torch.ones(1, 3), "got a torch.float32 tensor"), ([[1, 2, 3]], "got list")],
+)  # fmt: skip
+def test_labels_not_shaped_as_the_tokens_are_named(model, labels, message):
+    with pytest.raises(ValueError, match=message):
+        model(torch.tensor([[1, 2, 3]]), labels=labels)
+
+
 def test_bad_cache_arguments_and_foreign_caches_are_refused(model):
     with pytest.raises(ValueError, match="dtype=torch.int8: a cache holds floating-point states"):
         model.new_cache(1, 8, dtype=torch.int8)
