@@ -220,7 +220,9 @@ class CausalLM(nn.Module):
     def _encode(self, ids: torch.Tensor) -> torch.Tensor:
         if self.config.context.encoder == "separate":
             training = self.training and torch.is_grad_enabled()
-            return self.context_encoder(ids, checkpointed=self.activation_checkpointing and training)
+            compiled = None if not training or self.compile_blocks is None else (
+                lambda layer: compiled_block(layer, self.compile_blocks))  # fmt: skip
+            return self.context_encoder(ids, checkpointed=self.activation_checkpointing and training, compiled=compiled)
         with torch.no_grad():  # XC-Llama: the frozen decoder's final (normalised) states, no gradient
             return self._run(ids, StepState(), None, last_only=False, head=False)
 

@@ -92,10 +92,12 @@ class ContextEncoder(nn.Module):
         self.layers = nn.ModuleList(EncoderLayer(d, n_heads, hidden, norm, rotary) for _ in range(n_layers))
         self.norm = build_norm(norm, d)
 
-    def forward(self, ids: torch.Tensor, checkpointed: bool = False) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, checkpointed: bool = False, compiled=None) -> torch.Tensor:
         """``checkpointed``: each layer's activations recomputed in the backward (the trainer's
-        ``activation_checkpointing``; a context is often longer than the rows it serves)."""
+        ``activation_checkpointing``; a context is often longer than the rows it serves). ``compiled``: a
+        function giving a layer's compiled form (the trainer's ``compile``, as the decoder's blocks)."""
         x = self.embed_tokens(ids)
         for layer in self.layers:
+            layer = layer if compiled is None else compiled(layer)
             x = checkpoint(layer, x, use_reentrant=False) if checkpointed else layer(x)
         return self.norm(x)

@@ -208,26 +208,38 @@ def test_the_static_decode_step_reads_the_context_from_the_cache(context):
 
 
 @pytest.mark.parametrize("context", [CEPE, XC], ids=["cepe", "xc"])
-def test_activation_checkpointing_reaches_the_encoder_and_gives_the_same_step(context, monkeypatch):
-    """CEPE's encoder layers are checkpointed too (a context is often longer than its rows), with the loss and
-    gradients of the plain step in float64; XC-Llama's encoder is the frozen decoder, run without gradients."""
+@pytest.mark.parametrize("how", ["checkpointed", "compiled"])
+def test_checkpointing_and_compiling_reach_the_encoder_and_give_the_same_step(context, how, monkeypatch):
+    """CEPE's encoder layers are checkpointed and compiled too, as the trainer asks (a context is often longer
+    than its rows), with the loss and gradients of the plain step in float64 (compiled: Dynamo's graphs alone,
+    which run eager's ops); XC-Llama's encoder is the frozen decoder, run without gradients."""
+    import kvlab.archs.model as model_module
     import kvlab.layers.cross_attention as cross
 
     calls = []
-    real = cross.checkpoint
-    monkeypatch.setattr(cross, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    if how == "checkpointed":
+        real = cross.checkpoint
+        monkeypatch.setattr(cross, "checkpoint", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    else:
+        real = model_module.compiled_block
+        monkeypatch.setattr(model_module, "compiled_block", lambda layer, b: calls.append(layer) or real(layer, b))
     torch.manual_seed(0)
     base = build_model(tiny(context=context)).double().train()
     ids, ctx = torch.randint(0, 97, (2, 9)), torch.randint(0, 97, (2, 12))
     steps = []
-    for ckpt in (False, True):
+    for on in (False, True):
         model = copy.deepcopy(base)
-        model.activation_checkpointing = ckpt
+        if how == "checkpointed":
+            model.activation_checkpointing = on
+        else:
+            model.compile_blocks = "eager" if on else None
+        calls.clear()
         loss = model(ids[:, :-1], labels=ids[:, 1:], context=ctx)
         loss.backward()
         steps.append((loss, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
     # CEPE: two passes of its layers, the two whole chunks of 5 batched and the last 2 tokens
-    assert len(calls) == (2 * base.config.context.encoder_layers if context is CEPE else 0)
+    encoder = list(model.context_encoder.layers) if context is CEPE else []
+    assert [c for c in calls if any(c is e for e in encoder)] == encoder * 2
     (loss, grads), (loss_c, grads_c) = steps
     torch.testing.assert_close(loss_c, loss, atol=1e-13, rtol=1e-13)
     assert grads.keys() == grads_c.keys()
