@@ -568,7 +568,7 @@ class Attention(nn.Module):
             if self.value_residual is not None:
                 first = state.read("values", 0, self.layer_idx).to(view.k.dtype)
                 v = first if self.value_residual == "svformer" else torch.lerp(view.v, first, self.cfg.value_mix)
-                view = KVView(view.k, v, view.end, view.k_pos)
+                view = dataclasses.replace(view, v=v)
             state.publish("kv", self.layer_idx, view)
             if self.layer_idx == 0:
                 state.publish("values", 0, view.v)
@@ -720,7 +720,7 @@ class Attention(nn.Module):
             heads = x[:, 0].split(ranks, dim=-1)
             return torch.stack([torch.nn.functional.pad(h, (0, width - h.shape[-1])) for h in heads], dim=1)
 
-        return KVView(unpack(view.k, r_k), unpack(view.v, r_v), view.end, view.k_pos)
+        return dataclasses.replace(view, k=unpack(view.k, r_k), v=unpack(view.v, r_v))
 
     def _kv_head_of_query(self) -> torch.Tensor:
         """Per query head, the K/V head it reads (KDGQA's differ per query: see ``_attend_key_driven``)."""
@@ -766,7 +766,7 @@ class Attention(nn.Module):
                 sees = document_mask(doc_ids)[:, 0]
             else:
                 q_pos = start + torch.arange(T, device=q.device)
-                k_pos = view.k_pos if view.k_pos is not None else torch.arange(view.end - S, view.end, device=q.device)
+                k_pos = view.key_positions()
                 sees = position_mask(q_pos, k_pos)[None]
                 if state.pads is not None:
                     sees = sees & state.pad_mask(q_pos, k_pos)[:, 0]
@@ -775,7 +775,7 @@ class Attention(nn.Module):
         reads = kv_head_of_query(allocation, self.n_heads).transpose(1, 2).unsqueeze(-1)  # [B, H, T, 1]
         y = None
         for g in range(self.n_kv_heads):  # every query head against K/V head g, kept where it reads g
-            one = KVView(view.k[:, g : g + 1], view.v[:, g : g + 1], view.end, view.k_pos)
+            one = dataclasses.replace(view, k=view.k[:, g : g + 1], v=view.v[:, g : g + 1])
             part = self._attend(q, one, state) * (reads == g).to(q.dtype)
             y = part if y is None else y + part
         return y
@@ -852,9 +852,7 @@ class Attention(nn.Module):
         if state.pads is not None:  # pads' queries give no attention, pads' keys are chosen last
             q_real = state.real_at(state.start + torch.arange(T - rows, T, device=q.device))  # [B, rows]
             weights = weights * q_real[:, None, :, None].to(weights.dtype)
-            S = weights.shape[-1]
-            k_pos = view.k_pos if view.k_pos is not None else torch.arange(view.end - S, view.end, device=q.device)
-            real_keys = state.real_at(k_pos)
+            real_keys = state.real_at(view.key_positions())
         per_kv = weights.new_zeros(B, view.k.shape[1], rows, weights.shape[-1], dtype=compute_dtype(weights.dtype))
         slot.observe(per_kv.index_add_(1, self._kv_head_of_query(), upcast(weights)), real_keys)
         return y
@@ -881,7 +879,7 @@ class Attention(nn.Module):
                                  f"(only meta tokens can be sinks there: meta_tokens={state.pad_from}); "
                                  "pass rows one at a time")  # fmt: skip
             q_pos = start + torch.arange(T, device=q.device)
-            k_pos = view.k_pos if view.k_pos is not None else torch.arange(view.end - S, view.end, device=q.device)
+            k_pos = view.key_positions()
             return {"mask": position_mask(q_pos, k_pos, window, sinks) & state.pad_mask(q_pos, k_pos)}
         if view.k_pos is None and view.end == start + T and (not sinks or S <= window):  # sinks within the window
             if T == 1 and (window is None or S <= window):  # one query after all its keys: nothing to mask
@@ -891,7 +889,7 @@ class Attention(nn.Module):
                 # filled cache (the cached positions from 0, or a ring's held window)
                 return {"causal": True, "window": window}
         q_pos = start + torch.arange(T, device=q.device)  # start may be a tensor (the compiled decode step)
-        k_pos = view.k_pos if view.k_pos is not None else torch.arange(view.end - S, view.end, device=q.device)
+        k_pos = view.key_positions()
         return {"mask": position_mask(q_pos, k_pos, window, sinks)}
 
     def _attend_before(self, q: torch.Tensor, view: KVView | None, state: StepState) -> torch.Tensor:

@@ -51,9 +51,10 @@ class KVView:
     ``end`` is one past the absolute position of the newest key. ``k_pos``
     gives the absolute position of each key; None means the keys are the
     ``S`` positions ending at ``end``, in order (the common case, which needs
-    no position tensor), but for a ring buffer's one-token step, which gives
-    them in slot order (its one query sees them all, in any order). Where
-    the queries sit is the step's business
+    no position tensor), or, with ``ring`` (a ring buffer's one-token step),
+    in the ring's slot order: position p in slot p % ring (its one query sees
+    them all, in any order; a mask that needs them, as left pads do, asks
+    ``key_positions``). Where the queries sit is the step's business
     (``StepState.start``), not the keys'. A cache that keeps different
     positions in each row and K/V head (H2O, SnapKV) gives them per head,
     [B, Hkv, S].
@@ -63,6 +64,18 @@ class KVView:
     v: torch.Tensor  # [B, Hkv, S, Dv]
     end: int
     k_pos: torch.Tensor | None = None  # [S], or [B, Hkv, S]
+    ring: int | None = None  # k_pos None: the keys in the slot order of a ring buffer of this length
+
+    def key_positions(self) -> torch.Tensor:
+        """Each key's absolute position, [S] (or ``k_pos`` as given)."""
+        if self.k_pos is not None:
+            return self.k_pos
+        S = self.k.shape[2]
+        index = torch.arange(S, device=self.k.device)
+        if self.ring is None:
+            return index + (self.end - S)
+        newest = self.end - 1  # slot j holds the latest position up to the newest that sits in slot j
+        return newest - (newest - index) % self.ring
 
 
 class _KVBuffers:
@@ -131,7 +144,7 @@ class RingKV(_KVBuffers):
             self.k[:, :, start % w].copy_(k_new[:, :, 0])
             self.v[:, :, start % w].copy_(v_new[:, :, 0])
             held = min(start + 1, w)
-            return KVView(self.k[:, :, :held], self.v[:, :, :held], start + 1)
+            return KVView(self.k[:, :, :held], self.v[:, :, :held], start + 1, ring=w)
         # Several tokens: the queries need the held keys and all new keys, so
         # gather them before the ring overwrites the oldest ones.
         held = min(start, w)

@@ -58,6 +58,33 @@ def test_padded_rows_match_each_row_alone(name):
                 assert (steps[t][b, 0] - want_steps[t]).abs().max() <= 3e-5, t
 
 
+@pytest.mark.parametrize("window", [4, 6])
+def test_a_ring_buffer_that_wraps_with_pads_still_inside_it_decodes_each_row_as_alone(window):
+    """A window's ring holds positions in slot order once it wraps; a row's pads that are still inside the
+    window must be masked at the slots that hold them (they were masked by place, as if the slots were in
+    order: 2-token rows padded to 9 decoded other tokens than alone)."""
+    model = build_model(tiny(n_layers=2, mixer={"kind": "attention", "n_heads": 4, "n_kv_heads": 1,
+                                                "window": window})).double().eval()  # fmt: skip
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    rows = [torch.randint(0, 97, (n,)) for n in (9, 2, 6)]
+    ids, mask = model.left_padded(rows)
+    new = torch.randint(0, 97, (3, 6))
+    with torch.no_grad():
+        cache = model.new_cache(3, 16)
+        model(ids, cache=cache, attention_mask=mask)
+        steps = torch.cat([model(new[:, t : t + 1], cache=cache) for t in range(6)], dim=1)
+        for b, row in enumerate(rows):
+            alone = model.new_cache(1, 16)
+            model(row[None], cache=alone)
+            want = torch.cat([model(new[b : b + 1, t : t + 1], cache=alone) for t in range(6)], dim=1)
+            torch.testing.assert_close(steps[b], want[0], rtol=0, atol=1e-12, msg=f"row {b}")
+    together = model.generate(rows, 6, compile=False)
+    for b, row in enumerate(rows):
+        assert torch.equal(together[b, -6:], model.generate(row[None], 6, compile=False)[0, -6:])
+
+
 @pytest.mark.parametrize("name", ["variant:gqa", "variant:window", "variant:mla", "variant:hymba", "preset:rwkv7"])
 def test_static_decode_step_after_a_padded_prefill(name):
     """The compiled step's form (a tensor position, whole buffers masked) reads the pads from the cache."""
