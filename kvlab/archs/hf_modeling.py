@@ -159,8 +159,15 @@ class KvlabForCausalLM(PreTrainedModel, GenerationMixin):
             input_ids, cache=state, context=context_input_ids, last_only=last_only, attention_mask=attention_mask
         )
         loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        if labels is not None:  # labels as transformers gives them: shifted here
+            # num_items_in_batch (transformers' Trainer, which sees **kwargs and then neither divides by the
+            # accumulation steps nor averages processes): the loss is over the tokens of the whole step
+            items = kwargs.get("num_items_in_batch")
+            wide = torch.promote_types(logits.dtype, torch.float32)
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).to(wide), labels[:, 1:].flatten().to(logits.device),
+                                   ignore_index=-100, reduction="mean" if items is None else "sum")  # fmt: skip
+            if items is not None:
+                loss = loss / (items.to(loss.device) if isinstance(items, torch.Tensor) else items)
         if not last_only and isinstance(logits_to_keep, int) and logits_to_keep > 0:
             logits = logits[:, -logits_to_keep:]
         elif isinstance(logits_to_keep, torch.Tensor):

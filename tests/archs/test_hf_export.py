@@ -473,6 +473,27 @@ with torch.no_grad():
         assert torch.allclose(torch.load(tmp_path / "logits.pt"), model(ids), atol=1e-5)
 
 
+def test_remote_code_loss_is_over_the_steps_tokens_as_transformers_trainer_asks():
+    """transformers' Trainer sees the forward's **kwargs, passes num_items_in_batch (the labelled tokens of the
+    whole step: every micro-batch, every process) and then neither divides by the accumulation steps nor
+    averages processes: the micro-batches' losses must add up to the step's mean."""
+    from kvlab.archs.hf_modeling import KvlabConfig, KvlabForCausalLM
+
+    model = build_model(tiny()).double().eval()
+    hf = KvlabForCausalLM(KvlabConfig(kvlab=model.config.to_dict())).double().eval()
+    hf.model.load_state_dict(model.state_dict())
+    ids = torch.randint(0, 97, (4, 9))
+    labels = ids.clone()  # transformers' labels: the inputs, shifted by the model
+    labels[0, 3:] = labels[2, 6:] = -100  # micro-batches with unequal numbers of labelled tokens
+    with torch.no_grad():
+        whole = model(ids[:, :-1], labels=labels[:, 1:])
+        assert torch.allclose(hf(ids, labels=labels, use_cache=False).loss, whole, rtol=1e-12)
+        n = (labels[:, 1:] != -100).sum()
+        parts = [hf(ids[i : i + 2], labels=labels[i : i + 2], use_cache=False, num_items_in_batch=n).loss
+                 for i in (0, 2)]  # fmt: skip
+    assert torch.allclose(sum(parts), whole, rtol=1e-12)
+
+
 def test_remote_code_keeps_the_logits_asked_for():
     from kvlab.archs.hf_modeling import KvlabConfig, KvlabForCausalLM
 
