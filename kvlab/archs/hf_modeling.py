@@ -79,6 +79,16 @@ class KvlabForCausalLM(PreTrainedModel, GenerationMixin):
     base_model_prefix = "model"
     main_input_name = "input_ids"
     _no_split_modules = [Block.__name__]
+    # transformers' gradient (activation) checkpointing is kvlab's activation_checkpointing: each block recomputed
+    # in the backward, reading what its forward read (the checkpoint function transformers passes is not used)
+    supports_gradient_checkpointing = True
+
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None, **kwargs) -> None:
+        self.model.activation_checkpointing = enable
+
+    @property
+    def gradient_checkpointing(self) -> bool:  # what transformers' is_gradient_checkpointing looks for
+        return self.model.activation_checkpointing
 
     def __init__(self, config: KvlabConfig):
         super().__init__(config)

@@ -494,6 +494,31 @@ def test_remote_code_loss_is_over_the_steps_tokens_as_transformers_trainer_asks(
     assert torch.allclose(sum(parts), whole, rtol=1e-12)
 
 
+def test_remote_codes_gradient_checkpointing_is_kvlabs_activation_checkpointing():
+    """transformers' Trainer(gradient_checkpointing=True) calls gradient_checkpointing_enable: it turns on kvlab's
+    own, and the step's loss and gradients stay those of the plain step (float64)."""
+    from kvlab.archs.hf_modeling import KvlabConfig, KvlabForCausalLM
+
+    model = build_model(tiny(kv_sharing={"kind": "cla", "every": 2})).double()
+    hf = KvlabForCausalLM(KvlabConfig(kvlab=model.config.to_dict())).double().train()
+    hf.model.load_state_dict(model.state_dict())
+    ids = torch.randint(0, 97, (2, 9))
+    steps = []
+    for on in (False, True):
+        if on:  # transformers 5's name, and its old one
+            (getattr(hf, "activation_checkpointing_enable", None) or hf.gradient_checkpointing_enable)()
+        assert hf.model.activation_checkpointing is on and hf.gradient_checkpointing is on
+        hf.zero_grad()
+        loss = hf(ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        steps.append((loss.detach(), [p.grad.clone() for p in hf.parameters()]))
+    (getattr(hf, "activation_checkpointing_disable", None) or hf.gradient_checkpointing_disable)()
+    assert not hf.model.activation_checkpointing
+    (plain, plain_grads), (checkpointed, grads) = steps
+    assert torch.allclose(checkpointed, plain, rtol=1e-13)
+    assert all(torch.allclose(g, h, rtol=1e-10, atol=1e-13) for g, h in zip(grads, plain_grads, strict=True))
+
+
 def test_remote_code_keeps_the_logits_asked_for():
     from kvlab.archs.hf_modeling import KvlabConfig, KvlabForCausalLM
 
