@@ -109,6 +109,28 @@ class KvlabForCausalLM(PreTrainedModel, GenerationMixin):
     def get_output_embeddings(self):
         return self.model.lm_head
 
+    def set_input_embeddings(self, value) -> None:
+        self.model.embed_tokens = value
+
+    def set_output_embeddings(self, value) -> None:
+        self.model.lm_head = value
+
+    def resize_token_embeddings(self, *args, **kwargs):
+        """transformers' resize (new tokens for fine-tuning), with kvlab's own config kept in step, so the model
+        checks ids against the new vocabulary and a saved model loads again at its new size."""
+        others = [name for name, m in self.model.named_modules()
+                  if isinstance(m, torch.nn.Embedding) and m is not self.model.embed_tokens]  # fmt: skip
+        if others:
+            raise NotImplementedError(
+                f"resize_token_embeddings: this model has other embeddings of the vocabulary too ({', '.join(others)}"
+                "); resize them in kvlab and export it again"
+            )
+        out = super().resize_token_embeddings(*args, **kwargs)
+        n = self.model.embed_tokens.num_embeddings
+        self.model.config.vocab_size = n
+        self.config.kvlab = {**self.config.kvlab, "vocab_size": n}
+        return out
+
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # the cache is a KvlabCache, made by forward on the first step

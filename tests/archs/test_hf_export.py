@@ -519,6 +519,33 @@ def test_remote_codes_gradient_checkpointing_is_kvlabs_activation_checkpointing(
     assert all(torch.allclose(g, h, rtol=1e-10, atol=1e-13) for g, h in zip(grads, plain_grads, strict=True))
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_remote_code_resizes_its_vocabulary_and_saves_the_new_size(tmp_path, tied):
+    """resize_token_embeddings (new tokens for fine-tuning) keeps kvlab's own config in step: the new ids are
+    taken, and the saved model loads again at its new size; a model with other vocabulary-sized embeddings (the
+    Block Transformer's lookup embedder) is refused, naming them."""
+    from kvlab.archs.hf_modeling import KvlabConfig, KvlabForCausalLM
+
+    model = build_model(tiny(tie_embeddings=tied))
+    hf = KvlabForCausalLM(KvlabConfig(kvlab=model.config.to_dict())).eval()
+    hf.model.load_state_dict(model.state_dict())
+    hf.resize_token_embeddings(120, mean_resizing=False)
+    assert hf.model.config.vocab_size == hf.config.kvlab["vocab_size"] == 120
+    assert (
+        hf.model.lm_head.weight.shape == (120, 64) and (hf.model.lm_head.weight is hf.model.embed_tokens.weight) == tied
+    )
+    ids = torch.tensor([[1, 110, 5]])
+    with torch.no_grad():
+        logits = hf(ids, use_cache=False).logits
+        assert logits.shape == (1, 3, 120)
+        hf.save_pretrained(tmp_path)
+        again = KvlabForCausalLM.from_pretrained(tmp_path).eval()
+        assert torch.equal(again(ids, use_cache=False).logits, logits)
+    blocks = build_model(_small(preset_dict("block_transformer")))
+    with pytest.raises(NotImplementedError, match="block_embed"):
+        KvlabForCausalLM(KvlabConfig(kvlab=blocks.config.to_dict())).resize_token_embeddings(120)
+
+
 def test_remote_code_keeps_the_logits_asked_for():
     from kvlab.archs.hf_modeling import KvlabConfig, KvlabForCausalLM
 
