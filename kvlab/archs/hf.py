@@ -461,10 +461,20 @@ def _remote_file_name(module: str) -> str:
 
 def unused_modules(config: ModelConfig) -> set[str]:
     """The kvlab modules a model of ``config`` never runs: the mixer families it has no layer of (each family's
-    module registers its kinds) and, unless it has blocks, the Block Transformer."""
+    module registers its kinds) and, unless it has blocks, the Block Transformer. A family the config names
+    without using it (a ``mixers`` entry the pattern leaves out) is shipped: loading validates the config."""
     from kvlab.layers import MIXERS
 
-    used = set(config.mixer_kinds)
+    def named(spec) -> set[str]:
+        kinds = set()
+        if isinstance(spec, dict):
+            kinds = {spec["kind"]} if isinstance(spec.get("kind"), str) else set()
+            spec = list(spec.values())
+        for value in spec if isinstance(spec, list) else ():
+            kinds |= named(value)
+        return kinds
+
+    used = set(config.mixer_kinds) | named(config.to_dict())
     by_module: dict[str, set[str]] = {}
     for kind, cls in MIXERS.items():
         by_module.setdefault(cls.__module__, set()).add(kind)

@@ -96,6 +96,17 @@ REMOTE = {
         mixers={"W": {**ATTENTION, "n_kv_heads": 1, "window": 3}, "G": ATTENTION},
     ),
     "sharp_forced": tiny(),  # "sharp" again, with remote_code=True though it has a native class
+    # mixers the pattern leaves out: loading validates them, so their families ship too
+    "unused_mixer_named": tiny(
+        mixer=None,
+        pattern="RRW",
+        n_layers=3,
+        mixers={
+            "R": {"kind": "rwkv6", "head_dim": 32, "chunk_size": 5},
+            "I": {"kind": "infini", "n_heads": 4, "segment_len": 4},
+            "W": {**ATTENTION, "window": 5},
+        },
+    ),  # fmt: skip
 }
 EXPORTED = {**NATIVE, **REMOTE}
 PRESET_TYPES = {"mha": "llama", "gqa": "llama", "mqa": "llama", "mla": "deepseek_v3", "cla": "kvlab", "mlkv": "kvlab",
