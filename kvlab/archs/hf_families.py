@@ -136,9 +136,9 @@ def _attention_to_hf(cfg: ModelConfig, m) -> dict[str, Any] | str:
         hf["attention_bias"] = m.qkv_bias
     elif model_type == "mistral":
         hf["sliding_window"] = m.window
-    else:
+    else:  # Qwen2's windows are on the layers from max_window_layers on (transformers' layer_types): all or none
         hf.update(use_sliding_window=m.window is not None, sliding_window=m.window,
-                  max_window_layers=cfg.n_layers)  # fmt: skip
+                  max_window_layers=0 if m.window is not None else cfg.n_layers)  # fmt: skip
     return hf
 
 
@@ -148,8 +148,16 @@ def _attention_from_hf(hf: dict[str, Any], rope: Rope) -> dict[str, Any]:
     window = None
     if kind["window"] and (model_type == "mistral" or hf.get("use_sliding_window")):
         window = hf.get("sliding_window")
-        if model_type == "qwen2" and hf.get("max_window_layers", 0) < hf["num_hidden_layers"]:
-            raise ValueError("config.json: Qwen2 with sliding windows on only some layers is not supported yet")
+    if model_type == "qwen2" and window is not None:
+        # as transformers reads it: layer_types, else a window on every layer from max_window_layers (28) on
+        n, first = hf["num_hidden_layers"], hf.get("max_window_layers", 28)
+        types = hf.get("layer_types") or ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
+        sliding = [i for i, t in enumerate(types) if t == "sliding_attention"]
+        if not sliding:
+            window = None
+        elif len(sliding) < n:
+            raise ValueError(f"config.json: Qwen2 with sliding windows on layers {sliding} only (max_window_layers="
+                             f"{first}) is not supported; windows on all layers or on none are")  # fmt: skip
     bias = {k: bool(hf.get("attention_bias")) if kind[k] is None else kind[k] for k in ("qkv_bias", "o_bias")}
     n_heads = hf["num_attention_heads"]
     return {

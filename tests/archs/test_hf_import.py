@@ -18,6 +18,11 @@ CASES = {
     "llama-bias": (transformers.LlamaConfig, dict(num_key_value_heads=2, attention_bias=True)),
     "mistral-window": (transformers.MistralConfig, dict(num_key_value_heads=2, sliding_window=5)),
     "qwen2-bias": (transformers.Qwen2Config, dict(num_key_value_heads=2)),
+    # transformers puts Qwen2's windows on the layers from max_window_layers on: all of them here, none below
+    "qwen2-window": (transformers.Qwen2Config, dict(num_key_value_heads=2, use_sliding_window=True, sliding_window=5,
+                                                    max_window_layers=0)),
+    "qwen2-window-on-no-layer": (transformers.Qwen2Config, dict(num_key_value_heads=2, use_sliding_window=True,
+                                                                sliding_window=5, max_window_layers=3)),
     "smollm-style": (transformers.LlamaConfig, dict(num_key_value_heads=1, head_dim=32, tie_word_embeddings=True)),
     # MLA; DeepSeek's own checkpoints rotate neighbouring RoPE channels (rope_interleave), which import reorders
     **{
@@ -70,7 +75,7 @@ def test_import_matches_transformers(tmp_path, case, sharded):
         with torch.no_grad():
             assert (load_hf(tmp_path, dtype=torch.float64)(ids) - hf64(ids).logits).abs().max() <= 1e-6
     if "window" in case:
-        assert ours.config.mixer.window == 5
+        assert ours.config.mixer.window == (None if "no-layer" in case else 5)
     if "deepseek" in case:
         assert ours.config.mixer.kind == "mla" and ours.config.mixer.kv_lora_rank == 32
 
@@ -101,6 +106,10 @@ def test_unsupported_and_missing_are_named(tmp_path):
         load_hf(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        load_hf(tmp_path)
+    qwen2 = transformers.Qwen2Config(**COMMON, use_sliding_window=True, sliding_window=4, max_window_layers=1)
+    (tmp_path / "config.json").write_text(json.dumps(qwen2.to_dict()))
+    with pytest.raises(ValueError, match=r"sliding windows on layers \[1, 2\] only \(max_window_layers=1\)"):
         load_hf(tmp_path)
     cfg["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
