@@ -131,6 +131,16 @@ class KvlabForCausalLM(PreTrainedModel, GenerationMixin):
         self.config.kvlab = {**self.config.kvlab, "vocab_size": n}
         return out
 
+    def generate(self, *args, **kwargs):
+        """transformers' generate on kvlab's cache; assisted generation is refused by name (transformers' own error
+        said only that it needs a cache): it cuts the cache back to the accepted tokens, which rings, recurrent
+        states and kvlab's cache policies cannot do."""
+        if kwargs.get("assistant_model") is not None or kwargs.get("prompt_lookup_num_tokens"):
+            raise ValueError("assisted generation (assistant_model, prompt_lookup_num_tokens) is not supported by "
+                             "kvlab's remote code: it cuts the cache back to the accepted tokens, which kvlab's "
+                             "caches do not; generate without it")  # fmt: skip
+        return super().generate(*args, **kwargs)
+
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # the cache is a KvlabCache, made by forward on the first step

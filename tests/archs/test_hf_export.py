@@ -558,6 +558,17 @@ def test_remote_code_resizes_its_vocabulary_and_saves_the_new_size(tmp_path, tie
         KvlabForCausalLM(KvlabConfig(kvlab=blocks.config.to_dict())).resize_token_embeddings(120)
 
 
+def test_remote_code_refuses_assisted_generation_by_name():
+    from kvlab.archs.hf_modeling import KvlabConfig, KvlabForCausalLM
+
+    hf = KvlabForCausalLM(KvlabConfig(kvlab=build_model(tiny()).config.to_dict())).eval()
+    ids = torch.tensor([[1, 2, 3]])
+    for kwargs in ({"assistant_model": hf}, {"prompt_lookup_num_tokens": 3}):
+        with pytest.raises(ValueError, match="assisted generation .* is not supported"):
+            hf.generate(ids, max_new_tokens=2, **kwargs)
+    assert hf.generate(ids, max_new_tokens=2, do_sample=False).shape == (1, 5)
+
+
 def test_remote_code_keeps_the_logits_asked_for():
     from kvlab.archs.hf_modeling import KvlabConfig, KvlabForCausalLM
 
