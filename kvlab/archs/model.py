@@ -807,8 +807,11 @@ class CausalLM(nn.Module):
         return logits[:, -1]
 
     def takes_pads(self) -> bool:
-        """Whether forward takes left-padded rows: the model (``takes_padded_rows``) and every mixer do."""
-        return self.takes_padded_rows and all(layer.mixer.cfg.takes_pads for layer in self.layers)
+        """Whether forward takes left-padded rows: the model (``takes_padded_rows``) and every mixer do, and no
+        attention keeps sinks beyond the meta tokens (a padded row's first positions are pads)."""
+        configs = [c for layer in self.layers for c in (layer.mixer.cfg, *getattr(layer.mixer.cfg, "mixers", ()))]
+        sinks = max((getattr(c, "sinks", 0) or 0 for c in configs), default=0)
+        return self.takes_padded_rows and all(c.takes_pads for c in configs) and sinks <= self.config.meta_tokens
 
     def left_padded(self, prompts, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """1-D prompts of any lengths -> (ids [B, longest] left-padded with ``pad_id``, attention_mask)."""

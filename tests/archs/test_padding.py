@@ -127,9 +127,13 @@ def test_models_that_take_no_pads_say_so_and_generate_row_by_row(name):
 def test_sinks_over_pads_are_refused():
     """A sink is a row's first position, a pad in a padded row: only meta tokens can be sinks there (Hymba)."""
     model = build_model(tiny(mixer={"kind": "attention", "n_heads": 4, "window": 4, "sinks": 2})).eval()
-    _, ids, mask = _padded(model, 97)
+    rows, ids, mask = _padded(model, 97)
     with pytest.raises(ValueError, match="sinks=2 are a row's first positions"):
         model(ids, attention_mask=mask)
+    assert not model.takes_pads()  # so generate goes row by row (it raised the forward's error)
+    together = model.generate(rows, 3, compile=False)
+    for b, row in enumerate(rows):
+        assert torch.equal(together[b, -3:], model.generate(row[None], 3, compile=False)[0, -3:])
 
 
 def test_an_all_ones_mask_is_no_padding():
