@@ -31,6 +31,7 @@ from kvlab.kernels.ops import linear_cross_entropy
 from kvlab.kernels.precision import upcast
 from kvlab.kernels.registry import use_kernels
 from kvlab.layers import MIXERS, build_mlp, build_norm
+from kvlab.layers.attention import pads_refused_by_window
 from kvlab.layers.base import StepState
 from kvlab.layers.cache_policy import CachePolicy, check_model, policy_cache_slots, policy_footprints
 from kvlab.layers.cross_attention import ContextEncoder, CrossAttention, CrossBlock
@@ -807,11 +808,16 @@ class CausalLM(nn.Module):
         return logits[:, -1]
 
     def takes_pads(self) -> bool:
-        """Whether forward takes left-padded rows: the model (``takes_padded_rows``) and every mixer do, and no
-        attention keeps sinks beyond the meta tokens (a padded row's first positions are pads)."""
+        """Whether forward takes left-padded rows: the model (``takes_padded_rows``) and every mixer do, and every
+        window keeps exactly the meta tokens as sinks, if any (``pads_refused_by_window``)."""
         configs = [c for layer in self.layers for c in (layer.mixer.cfg, *getattr(layer.mixer.cfg, "mixers", ()))]
-        sinks = max((getattr(c, "sinks", 0) or 0 for c in configs), default=0)
-        return self.takes_padded_rows and all(c.takes_pads for c in configs) and sinks <= self.config.meta_tokens
+        meta = self.config.meta_tokens
+        return (
+            self.takes_padded_rows
+            and all(c.takes_pads for c in configs)
+            and not any(pads_refused_by_window(getattr(c, "window", None), getattr(c, "sinks", 0), meta)
+                        for c in configs)
+        )  # fmt: skip
 
     def left_padded(self, prompts, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """1-D prompts of any lengths -> (ids [B, longest] left-padded with ``pad_id``, attention_mask)."""

@@ -121,6 +121,21 @@ VALUE_RESIDUALS = ("resformer", "svformer")
 QUERY_ALLOCATIONS = ("kdgqa", "dgqa")
 
 
+def pads_refused_by_window(window: int | None, sinks: int, meta_tokens: int) -> str | None:
+    """Why a window (with ``sinks``) cannot give left-padded rows what they get alone; None if it can. A padded row
+    holds its pads between the meta tokens and its tokens: sinks beyond the meta tokens would be pads, and meta
+    tokens the window does not keep as sinks would leave it (and a ring buffer) sooner than alone."""
+    if sinks and sinks > meta_tokens:
+        return (f"sinks={sinks} are a row's first positions, which in a padded row are pads (only meta tokens can be "
+                f"sinks there: meta_tokens={meta_tokens})")  # fmt: skip
+    if window is not None and meta_tokens and (sinks or 0) < meta_tokens:
+        return (
+            f"window={window} keeps {sinks or 0} of the meta_tokens={meta_tokens} as sinks: in a padded row the "
+            "pads stand between the rest and the row's tokens, which would see them leave the window sooner"
+        )
+    return None
+
+
 @dataclass
 class AttentionConfig(MixerConfig):
     kind = "attention"
@@ -874,10 +889,9 @@ class Attention(nn.Module):
                 raise ValueError(f"sinks={sinks} are a row's first positions: packed documents (doc_ids) have none")
             return {"doc_ids": doc_ids, "window": window}
         if state.pads is not None:  # left-padded rows: the pads' keys hidden, row by row
-            if sinks > state.pad_from:
-                raise ValueError(f"sinks={sinks} are a row's first positions, which in a padded row are pads "
-                                 f"(only meta tokens can be sinks there: meta_tokens={state.pad_from}); "
-                                 "pass rows one at a time")  # fmt: skip
+            why = pads_refused_by_window(window, sinks, state.pad_from)
+            if why:
+                raise ValueError(f"{why}; pass rows one at a time")
             q_pos = start + torch.arange(T, device=q.device)
             k_pos = view.key_positions()
             return {"mask": position_mask(q_pos, k_pos, window, sinks) & state.pad_mask(q_pos, k_pos)}

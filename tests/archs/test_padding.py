@@ -136,6 +136,19 @@ def test_sinks_over_pads_are_refused():
         assert torch.equal(together[b, -3:], model.generate(row[None], 3, compile=False)[0, -3:])
 
 
+def test_a_window_that_keeps_meta_tokens_only_by_distance_refuses_pads_and_generates_row_by_row():
+    """Pads stand between the meta tokens and a row's tokens: a window without the meta tokens as sinks would see
+    them leave sooner than alone (a 2-token row padded to 9 got other logits), so such a model refuses pads."""
+    model = build_model(tiny(n_layers=2, meta_tokens=1, mixer={"kind": "attention", "n_heads": 4, "window": 4}))
+    rows, ids, mask = _padded(model.eval(), 97)
+    with pytest.raises(ValueError, match="window=4 keeps 0 of the meta_tokens=1 as sinks"):
+        model(ids, attention_mask=mask)
+    assert not model.takes_pads()
+    together = model.generate(rows, 3, compile=False)
+    for b, row in enumerate(rows):
+        assert torch.equal(together[b, -3:], model.generate(row[None], 3, compile=False)[0, -3:])
+
+
 def test_an_all_ones_mask_is_no_padding():
     model = build_model(SPECS["variant:gqa"]).eval()
     ids = torch.randint(0, 97, (2, 7))
