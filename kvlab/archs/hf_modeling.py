@@ -90,6 +90,10 @@ class KvlabForCausalLM(PreTrainedModel, GenerationMixin):
     def gradient_checkpointing(self) -> bool:  # what transformers' is_gradient_checkpointing looks for
         return self.model.activation_checkpointing
 
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, enable: bool) -> None:  # code that sets the flag itself
+        self.model.activation_checkpointing = bool(enable)
+
     def __init__(self, config: KvlabConfig):
         super().__init__(config)
         self.model = build_model(ModelConfig.from_dict(config.kvlab))

@@ -526,6 +526,8 @@ def test_remote_codes_gradient_checkpointing_is_kvlabs_activation_checkpointing(
         steps.append((loss.detach(), [p.grad.clone() for p in hf.parameters()]))
     (getattr(hf, "activation_checkpointing_disable", None) or hf.gradient_checkpointing_disable)()
     assert not hf.model.activation_checkpointing
+    hf.gradient_checkpointing = True  # as code that sets the flag itself does
+    assert hf.model.activation_checkpointing
     (plain, plain_grads), (checkpointed, grads) = steps
     assert torch.allclose(checkpointed, plain, rtol=1e-13)
     assert all(torch.allclose(g, h, rtol=1e-10, atol=1e-13) for g, h in zip(grads, plain_grads, strict=True))
