@@ -466,12 +466,14 @@ class ModelConfig:
         return [p.mixer for p in self.plan]
 
     @property
+    def layer_mixers_and_branches(self) -> list[MixerConfig]:
+        """Each layer's resolved mixer config, a parallel layer's followed by its branches'."""
+        return [c for m in self.layer_mixers for c in (m, *(m.mixers if m.kind == "parallel" else ()))]
+
+    @property
     def mixer_kinds(self) -> list[str]:
         """Every mixer kind the layers run, sorted: a parallel layer's and its branches'."""
-        kinds = set()
-        for m in self.layer_mixers:
-            kinds |= {m.kind, *(b.kind for b in getattr(m, "mixers", ()))} if m.kind == "parallel" else {m.kind}
-        return sorted(kinds)
+        return sorted({m.kind for m in self.layer_mixers_and_branches})
 
     @property
     def layer_kv_source(self) -> list[int]:

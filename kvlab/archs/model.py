@@ -810,13 +810,12 @@ class CausalLM(nn.Module):
     def takes_pads(self) -> bool:
         """Whether forward takes left-padded rows: the model (``takes_padded_rows``) and every mixer do, and every
         window keeps exactly the meta tokens as sinks, if any (``pads_refused_by_window``)."""
-        configs = [c for layer in self.layers for c in (layer.mixer.cfg, *getattr(layer.mixer.cfg, "mixers", ()))]
         meta = self.config.meta_tokens
         return (
             self.takes_padded_rows
-            and all(c.takes_pads for c in configs)
+            and all(layer.mixer.cfg.takes_pads for layer in self.layers)
             and not any(pads_refused_by_window(getattr(c, "window", None), getattr(c, "sinks", 0), meta)
-                        for c in configs)
+                        for c in self.config.layer_mixers_and_branches)
         )  # fmt: skip
 
     def left_padded(self, prompts, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
