@@ -29,9 +29,10 @@ import lightning as L
 import torch
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.fabric.plugins import TorchCheckpointIO
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ThroughputMonitor
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.trainer.states import RunningStage
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -809,20 +810,72 @@ class StepCheckpoint(ModelCheckpoint):
     runs) to the next batch: with one batch a step the checkpoint was lost; with accumulation the next epoch's
     first micro-batch was trained into the checkpoint but its gradient was not, and the resumed run left it out
     of its step. So no monitor (the newest kept, as ``monitor="step"`` kept it) and no save after a batch that
-    did not step."""
+    did not step.
+
+    And nothing the run logs at the checkpoint's step is lost to a kill after it. Lightning writes a step's log
+    row after the checkpoint callbacks and validates after that; the resumed run starts at the next step and
+    skips a validation due at the checkpoint's (it takes it as done). So the step's row is written before the
+    save, and at a step that validates the save waits for the validation's end (a kill during it resumes from
+    the checkpoint before, whose run validates again)."""
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._steps_before = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step != self._steps_before:  # an optimizer step: nothing left in the gradients
-            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if trainer.global_step == self._steps_before:  # no optimizer step: its gradients are in no checkpoint
+            return
+        if self._every_n_train_steps < 1 or trainer.global_step % self._every_n_train_steps:
+            return
+        loop = trainer.fit_loop.epoch_loop
+        if loop._should_check_val_fx(trainer.fit_loop._data_fetcher):
+            self._defer_save_until_validation = True  # ModelCheckpoint.on_validation_end saves it
+            return
+        _log_the_step_now(trainer)
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+
+class ContinuedThroughputMonitor(ThroughputMonitor):
+    """Lightning's ThroughputMonitor, whose training counts (``train/batches``, ``train/samples``,
+    ``train/lengths``, ``train/time``) go in the checkpoint and on from there in a resumed run, as the
+    uninterrupted run logs them (Lightning's start again from 0). Its rates start a new window."""
+
+    _resumed: dict | None = None
+
+    def state_dict(self) -> dict:
+        stage = RunningStage.TRAINING
+        if stage not in self._t0s:  # not rank 0, or not training
+            return {}
+        return {"batches": self._batches[stage], "samples": self._samples[stage], "lengths": self._lengths[stage],
+                "time": time.perf_counter() - self._t0s[stage]}  # fmt: skip
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._resumed = state_dict or None
+
+    def on_train_start(self, trainer, *args) -> None:
+        super().on_train_start(trainer, *args)
+        stage, resumed, self._resumed = RunningStage.TRAINING, self._resumed, None
+        if resumed and stage in self._t0s:
+            self._batches[stage], self._samples[stage] = resumed["batches"], resumed["samples"]
+            self._lengths[stage] = resumed["lengths"]
+            self._t0s[stage] -= resumed["time"]
+
+
+def _log_the_step_now(trainer: L.Trainer) -> None:
+    """Writes the step's log row now (the loggers save it at once), and not again where Lightning would write it,
+    after the checkpoint callbacks (ThroughputMonitor's row is written already: it runs before them)."""
+    connector = trainer._logger_connector
+    connector.update_train_step_metrics()
+
+    def written_already() -> None:
+        del connector.update_train_step_metrics  # the class's method again from the next step on
+
+    connector.update_train_step_metrics = written_already
 
 
 def _trainer(tc: TrainConfig, run_dir: Path, continues_log_at: int | None = None) -> L.Trainer:
     """``continues_log_at``: the step of the checkpoint a run resumes in its own directory (its CSV log goes on
     from there); None: a new directory."""
-    from lightning.pytorch.callbacks import RichProgressBar, ThroughputMonitor
+    from lightning.pytorch.callbacks import RichProgressBar
 
     t = tc.trainer
     _quiet_libraries()
@@ -837,8 +890,8 @@ def _trainer(tc: TrainConfig, run_dir: Path, continues_log_at: int | None = None
         )
     ]
     if t.throughput:  # FLOP/s and MFU (where the device's peak is known) from the module's flops_per_batch
-        callbacks.append(ThroughputMonitor(batch_size_fn=lambda b: b["input_ids"].shape[0],
-                                           length_fn=lambda b: b["input_ids"].numel()))  # fmt: skip
+        callbacks.append(ContinuedThroughputMonitor(batch_size_fn=lambda b: b["input_ids"].shape[0],
+                                                    length_fn=lambda b: b["input_ids"].numel()))  # fmt: skip
     bar = t.progress_bar and sys.stdout.isatty()  # a log file gets lines (LineProgress), not a redrawn bar
     if bar:
         callbacks.append(RichProgressBar())

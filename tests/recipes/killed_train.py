@@ -3,6 +3,8 @@
 
 Half of the checkpoint's bytes reach the file being written, then the process kills itself, so
 whatever was renamed into place before survives only if writes are atomic.
+
+``validating:STEP``: killed instead in the validation after global step STEP, at its first batch.
 """
 
 import io
@@ -14,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-KILL_AT = int(sys.argv.pop(1))
+WHEN = sys.argv.pop(1)
+KILL_AT = int(WHEN.removeprefix("validating:"))
 _save = torch.save
 
 
@@ -31,7 +34,21 @@ def _save_then_die_halfway(obj, f, *args, **kwargs):
     return _save(obj, f, *args, **kwargs)
 
 
-torch.save = _save_then_die_halfway
+def _die_validating(validation_step):
+    def step(self, *args, **kwargs):
+        if self.trainer.global_step == KILL_AT:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return validation_step(self, *args, **kwargs)
+
+    return step
+
+
+if WHEN.startswith("validating:"):
+    from kvlab.recipes.module import LMModule
+
+    LMModule.validation_step = _die_validating(LMModule.validation_step)
+else:
+    torch.save = _save_then_die_halfway
 train_py = Path(__file__).resolve().parents[2] / "train.py"
 sys.argv[0] = str(train_py)
 runpy.run_path(str(train_py), run_name="__main__")

@@ -114,6 +114,12 @@ def train_losses(run: Path) -> dict[int, float]:
         return {int(r["step"]): float(r["train_loss"]) for r in csv.DictReader(f) if r["train_loss"]}
 
 
+def log_rows(run: Path) -> list[dict]:
+    """A run's CSV log, without ThroughputMonitor's validation rows (counted per validation)."""
+    with open(run / "logs" / "metrics.csv") as f:
+        return [r for r in csv.DictReader(f) if not any(k.startswith("validate/") and v for k, v in r.items())]
+
+
 # Two documents: 3 batches an epoch, so 30 steps cross 9 epoch boundaries and step 10 is mid-epoch.
 RESUMABLE = ["data.max_docs=2", "trainer.max_steps=30", "trainer.ckpt_every_n_steps=5", "trainer.log_every_n_steps=1",
              "optim.warmup_steps=2"]  # fmt: skip
@@ -204,29 +210,42 @@ def test_a_killed_sweep_continues_with_resume_auto_keeping_finished_jobs_and_res
 ):
     """A sweep of two jobs killed in its second (while writing last.ckpt at step 10), run again over its directory
     with resume=auto: the finished job is kept as it is, the killed one continues its checkpoint in its own
-    directory, its losses the uninterrupted run's and its CSV log that run's (the killed run's rows kept)."""
+    directory. Killed again in the validation after step 20 (a checkpoint's step too) and continued, its losses
+    are the uninterrupted run's and its CSV log that run's, every row of it (the killed runs' rows kept)."""
     sweep = tmp_path / "sweep"
+    validating = ["trainer.val_check_interval=4", "trainer.limit_val_batches=1"]
     jobs = ["-m", *[o for o in RESUMABLE if not o.startswith("trainer.max_steps")], "trainer.max_steps=8,30",
-            f"hydra.sweep.dir={sweep}"]  # fmt: skip
+            *validating, f"hydra.sweep.dir={sweep}"]  # fmt: skip
     killer = [str(Path(__file__).parent / "killed_train.py"), "10"]
     assert train(tmp_path, data_cache, *jobs, entry=killer, check=False).returncode == -signal.SIGKILL
     finished = (sweep / "0-gqa" / "metrics.json").read_text()
     assert not (sweep / "1-gqa" / "metrics.json").exists()
-    proc = train(tmp_path, data_cache, *jobs, "resume=auto")
+    killer = [str(Path(__file__).parent / "killed_train.py"), "validating:20"]
+    proc = train(tmp_path, data_cache, *jobs, "resume=auto", entry=killer, check=False)
+    assert proc.returncode == -signal.SIGKILL
     assert f"this sweep job finished before in {sweep / '0-gqa'}" in proc.stdout
     assert (sweep / "0-gqa" / "metrics.json").read_text() == finished
+    proc = train(tmp_path, data_cache, *jobs, "resume=auto")
     resumed = json.loads((sweep / "1-gqa" / "metrics.json").read_text())
-    assert resumed["resumed_from"] == {"checkpoint": str(sweep / "1-gqa/checkpoints/step000010.ckpt"), "step": 10}
+    # the checkpoint of step 20 waited for its validation, which the kill stopped
+    assert resumed["resumed_from"]["step"] == 15
 
-    train(tmp_path, data_cache, *RESUMABLE, "run_name=whole")
+    train(tmp_path, data_cache, *RESUMABLE, *validating, "run_name=whole")
     (whole,) = run_dirs(tmp_path, "whole")
     assert resumed["val_loss"] == pytest.approx(json.loads((whole / "metrics.json").read_text())["val_loss"], 1e-6)
-    # The log: the killed run's rows before step 10 and the resumed run's after (Lightning's logger deleted the
-    # killed run's). Step 9's training loss is logged after the checkpoint of step 10, so the kill took it.
-    expected, got = train_losses(whole), train_losses(sweep / "1-gqa")
-    assert sorted(got) == [s for s in range(30) if s != 9]
-    for step, loss in got.items():
-        assert loss == pytest.approx(expected[step], rel=1e-6, abs=1e-6), step
+    # The log: the killed runs' rows before steps 10 and 15 and the resumed runs' after (Lightning's logger deleted
+    # the killed run's). Lightning wrote a step's row after its checkpoint (the kill at 10 took step 9's) and skipped
+    # the validation of the checkpoint's step on resuming (the kill at 20 took its row, the run never made it again).
+    expected, got = log_rows(whole), log_rows(sweep / "1-gqa")
+    assert [r["step"] for r in got] == [r["step"] for r in expected]
+    assert {int(r["step"]) for r in got if r["train_loss"]} == set(range(30))
+    for want, row in zip(expected, got, strict=True):
+        assert [row[n] for n in ("epoch", "train/batches", "train/samples")] == [
+            want[n] for n in ("epoch", "train/batches", "train/samples")]  # fmt: skip
+        for name in ("train_loss", "val_loss", "lr"):
+            assert bool(row[name]) == bool(want[name]), (name, row)
+            if want[name]:
+                assert float(row[name]) == pytest.approx(float(want[name]), rel=1e-6, abs=1e-6), (name, row)
 
     # Continued with other overrides, a job's directory holds another job's run: refused, naming the difference.
     other = [o.replace("8,30", "8,40") for o in jobs]
