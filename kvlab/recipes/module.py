@@ -136,6 +136,7 @@ class LMModule(L.LightningModule):
         self.model.compile_blocks = "inductor" if compile else None
         self._t_last: float | None = None
         self._last_loss = math.nan  # the last training step's loss, for a report of its gradients
+        self.initial_val_loss: float | None = None  # the run's first validation, before any step
         self._teacher: CausalLM | None = None  # set_teacher: distillation instead of the labels
         if self.optim.trainable is not None:
             self._freeze_all_but(list(self.optim.trainable))
@@ -226,6 +227,15 @@ class LMModule(L.LightningModule):
             self.log("tokens_per_s", tokens / max(now - self._t_last, 1e-9), prog_bar=True)
         self._t_last = now
         return loss
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # what a run resumed from it reports of the training before (a run resumed at its last step trains none)
+        checkpoint["kvlab_run"] = {"initial_val_loss": self.initial_val_loss, "train_loss": self._last_loss}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("kvlab_run", {})  # none in checkpoints from before it was kept
+        self.initial_val_loss = saved.get("initial_val_loss")
+        self._last_loss = saved.get("train_loss", math.nan)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         """A finite loss can still give gradients that are not (an overflow in the backward): stop before the

@@ -156,8 +156,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         _check_resumable(ckpt_path, model_cfg, tc, trainer.world_size, rows)
     metrics: dict = {}
     if "train" in tc.stages:
-        if ckpt_path is None:  # the starting point, for comparing with the end
-            metrics["initial_val_loss"] = _validate(trainer, module, datamodule)
+        if ckpt_path is None:  # the starting point, for comparing with the end (a resumed run: its checkpoint's)
+            metrics["initial_val_loss"] = module.initial_val_loss = _validate(trainer, module, datamodule)
         if tc.trainer.throughput:
             module.flops_per_batch = training_flops(model_cfg, tc.data.batch_size, tc.data.seq_len)
             if module.flops_per_batch is not None:
@@ -177,11 +177,17 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         if checkpoint_step(last) != trainer.global_step:
             trainer.save_checkpoint(last)
         tokens_per_step = tc.data.batch_size * tc.data.seq_len * tc.trainer.accumulate_grad_batches * trainer.world_size
+        if trainer.global_step == start_step and ckpt_path is not None:
+            _as_after_the_last_step(trainer, ckpt_path)
+        metrics.setdefault("initial_val_loss", module.initial_val_loss)
         metrics["train_loss"] = _metric(trainer, "train_loss")
+        if metrics["train_loss"] is None and math.isfinite(module._last_loss):  # resumed at its last step
+            metrics["train_loss"] = module._last_loss
         if "train_aux_loss" in trainer.callback_metrics:  # MoE load balancing, inside train_loss
             metrics["train_aux_loss"] = _metric(trainer, "train_aux_loss")
         metrics["tokens_seen"] = trainer.global_step * tokens_per_step
-        metrics["tokens_per_s"] = (trainer.global_step - start_step) * tokens_per_step / elapsed
+        trained = trainer.global_step - start_step
+        metrics["tokens_per_s"] = trained * tokens_per_step / elapsed if trained else None
         metrics["threads"] = torch.get_num_threads()  # a parallel sweep's jobs run one thread each (ablation)
         metrics["steps"] = trainer.global_step
     metrics["val_loss"] = _validate(trainer, module, datamodule)
@@ -945,7 +951,11 @@ def _logger(tc: TrainConfig, run_dir: Path, continues_log_at: int | None):
 class _ContinuedWriter(ExperimentWriter):
     """Lightning's CSV writer, which deletes a metrics.csv already there; with ``continues_at`` (the step of the
     checkpoint a run resumes in its own directory) it keeps the rows the killed run logged before that step and
-    writes on after them (those from that step on, the resumed run logs again)."""
+    writes on after them (those from that step on, the resumed run logs again).
+
+    ThroughputMonitor's validation rows (only ``validate/`` columns) count their step in validation batches, not
+    training steps: they go with the validation whose results row follows them, kept or not with it (a
+    validation the kill interrupted has no results row: the resumed run runs it again)."""
 
     def __init__(self, log_dir: str, continues_at: int | None):
         self.continues_at = continues_at
@@ -957,12 +967,18 @@ class _ContinuedWriter(ExperimentWriter):
             return super()._check_log_dir_exists()
         with open(path, newline="") as f:
             reader = csv.DictReader(f)
-            header, kept = reader.fieldnames or [], []
+            header, kept, validation = reader.fieldnames or [], [], []
             for row in reader:  # in the order logged: up to the first row of the resumed step (or a torn one)
                 step = row.get("step") or ""
-                if None in row.values() or not step.isdigit() or int(step) >= self.continues_at:
+                if None in row.values() or not step.isdigit():
                     break
-                kept.append(row)
+                if all(k.startswith("validate/") for k, v in row.items() if v and k != "step"):
+                    validation.append(row)
+                    continue
+                if int(step) >= self.continues_at:
+                    break
+                kept += validation + [row]
+                validation = []
 
         def write(tmp: Path) -> None:
             with open(tmp, "w", newline="") as f:
@@ -1016,6 +1032,21 @@ def wandb_identity(tc: TrainConfig, hydra_run: dict) -> tuple[str, str | None, l
     name = tc.logger.name or name or f"{tc.run_name}-{preset}-s{tc.seed}"
     group = tc.logger.group or (f"{tc.run_name}/{sweep}" if sweep else None)
     return name, group, [tc.run_name, preset, *ModelConfig.from_dict(tc.model).mixer_kinds]
+
+
+def _as_after_the_last_step(trainer: L.Trainer, ckpt_path: str) -> None:
+    """A run resumed from its last step's checkpoint trains nothing, and Lightning's fit stops before it counts
+    that step's end (the log's step) and closes its epoch (the epoch counter goes past the last batch's when a
+    fit ends), as it did where the checkpoint was saved in the fit: count them as the uninterrupted run's fit
+    did, so that the final validation's log row is that run's."""
+    loop = trainer.fit_loop
+    loop.epoch_loop._batches_that_stepped = trainer.global_step
+    saved = lightning_fields(Path(ckpt_path))["loops"].get("fit_loop", {}).get("state_dict", {})
+    loaders = saved.get("combined_loader", [])
+    if loaders and "epoch" in loaders[0]:  # the epoch of the last batch trained
+        while trainer.current_epoch <= loaders[0]["epoch"]:
+            loop.epoch_progress.increment_processed()
+            loop.epoch_progress.increment_completed()
 
 
 def _validate(trainer: L.Trainer, module: LMModule, datamodule: LMDataModule) -> float:

@@ -4,7 +4,8 @@
 Half of the checkpoint's bytes reach the file being written, then the process kills itself, so
 whatever was renamed into place before survives only if writes are atomic.
 
-``validating:STEP``: killed instead in the validation after global step STEP, at its first batch.
+``validating:STEP``: killed instead in the validation after global step STEP, at its first batch;
+``evaluating:STEP``: in the validation after training, at global step STEP.
 """
 
 import io
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 
 WHEN = sys.argv.pop(1)
-KILL_AT = int(WHEN.removeprefix("validating:"))
+KILL_AT = int(WHEN.split(":")[-1])
 _save = torch.save
 
 
@@ -43,10 +44,23 @@ def _die_validating(validation_step):
     return step
 
 
+def _die_evaluating(validate):
+    def final_validation(trainer, *args, **kwargs):
+        if trainer.global_step == KILL_AT:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return validate(trainer, *args, **kwargs)
+
+    return final_validation
+
+
 if WHEN.startswith("validating:"):
     from kvlab.recipes.module import LMModule
 
     LMModule.validation_step = _die_validating(LMModule.validation_step)
+elif WHEN.startswith("evaluating:"):
+    import kvlab.recipes.run
+
+    kvlab.recipes.run._validate = _die_evaluating(kvlab.recipes.run._validate)
 else:
     torch.save = _save_then_die_halfway
 train_py = Path(__file__).resolve().parents[2] / "train.py"

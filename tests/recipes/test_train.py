@@ -154,7 +154,8 @@ def test_a_run_killed_while_writing_a_checkpoint_resumes_exactly_where_it_stoppe
     (resumed,) = [d for d in run_dirs(tmp_path, "train") if d != killed]
     metrics = json.loads((resumed / "metrics.json").read_text())
     assert metrics["resumed_from"] == {"checkpoint": str(ckpts / "step000010.ckpt"), "step": 10}
-    assert metrics["steps"] == 30 and "initial_val_loss" not in metrics
+    assert metrics["steps"] == 30  # and the killed run's first validation, from the checkpoint:
+    assert metrics["initial_val_loss"] == json.loads((whole / "metrics.json").read_text())["initial_val_loss"]
     assert not orphan.exists()  # its writer is dead: cleaned
     # the same batches in the same order, loss for loss, across the epoch boundaries after the kill
     expected, got = train_losses(whole), train_losses(resumed)
@@ -210,8 +211,9 @@ def test_a_killed_sweep_continues_with_resume_auto_keeping_finished_jobs_and_res
 ):
     """A sweep of two jobs killed in its second (while writing last.ckpt at step 10), run again over its directory
     with resume=auto: the finished job is kept as it is, the killed one continues its checkpoint in its own
-    directory. Killed again in the validation after step 20 (a checkpoint's step too) and continued, its losses
-    are the uninterrupted run's and its CSV log that run's, every row of it (the killed runs' rows kept)."""
+    directory. Killed again in the validation after step 20 (a checkpoint's step too), and in the validation after
+    training, and continued, its losses are the uninterrupted run's, its CSV log that run's, every row of it (the
+    killed runs' rows kept), and its metrics.json's losses that run's."""
     sweep = tmp_path / "sweep"
     validating = ["trainer.val_check_interval=4", "trainer.limit_val_batches=1"]
     jobs = ["-m", *[o for o in RESUMABLE if not o.startswith("trainer.max_steps")], "trainer.max_steps=8,30",
@@ -225,14 +227,20 @@ def test_a_killed_sweep_continues_with_resume_auto_keeping_finished_jobs_and_res
     assert proc.returncode == -signal.SIGKILL
     assert f"this sweep job finished before in {sweep / '0-gqa'}" in proc.stdout
     assert (sweep / "0-gqa" / "metrics.json").read_text() == finished
+    # the checkpoint of step 20 waited for its validation, which the kill stopped
+    assert max(p.name for p in (sweep / "1-gqa/checkpoints").glob("step*")) == "step000015.ckpt"
+    killer = [str(Path(__file__).parent / "killed_train.py"), "evaluating:30"]
+    proc = train(tmp_path, data_cache, *jobs, "resume=auto", entry=killer, check=False)
+    assert proc.returncode == -signal.SIGKILL
     proc = train(tmp_path, data_cache, *jobs, "resume=auto")
     resumed = json.loads((sweep / "1-gqa" / "metrics.json").read_text())
-    # the checkpoint of step 20 waited for its validation, which the kill stopped
-    assert resumed["resumed_from"]["step"] == 15
+    assert resumed["resumed_from"]["step"] == 30 and resumed["tokens_per_s"] is None  # it trained no step
 
     train(tmp_path, data_cache, *RESUMABLE, *validating, "run_name=whole")
     (whole,) = run_dirs(tmp_path, "whole")
-    assert resumed["val_loss"] == pytest.approx(json.loads((whole / "metrics.json").read_text())["val_loss"], 1e-6)
+    uninterrupted = json.loads((whole / "metrics.json").read_text())
+    for name in ("val_loss", "train_loss", "initial_val_loss"):  # the last two: from the checkpoint
+        assert resumed[name] == pytest.approx(uninterrupted[name], rel=1e-6), name
     # The log: the killed runs' rows before steps 10 and 15 and the resumed runs' after (Lightning's logger deleted
     # the killed run's). Lightning wrote a step's row after its checkpoint (the kill at 10 took step 9's) and skipped
     # the validation of the checkpoint's step on resuming (the kill at 20 took its row, the run never made it again).
@@ -252,6 +260,33 @@ def test_a_killed_sweep_continues_with_resume_auto_keeping_finished_jobs_and_res
     proc = train(tmp_path, data_cache, *other, "resume=auto", check=False)
     assert proc.returncode == 1
     assert f"{sweep / '1-gqa'} holds a run of other settings (trainer.max_steps: 40 vs 30" in proc.stderr
+
+
+def test_a_continued_log_keeps_the_rows_before_the_checkpoint_by_training_step(tmp_path):
+    """ThroughputMonitor's validation rows count validation batches in their step: they go with their
+    validation's results row (the first continued log cut at one whose count reached the checkpoint's step, and
+    lost the rows after it), and those of a validation with no results row (killed) are left to the resumed run."""
+    from kvlab.recipes.run import RunCSVLogger
+
+    log = tmp_path / "logs" / "metrics.csv"
+    log.parent.mkdir()
+    log.write_text(
+        "epoch,step,train_loss,val_loss,validate/batches\n"
+        ",1,,,1\n0,0,,6.0,\n"  # the first validation
+        "0,0,5.9,,\n0,1,5.8,,\n0,2,5.7,,\n"
+        ",7,,,7\n,8,,,8\n0,2,,5.5,\n"  # the validation after step 3: its batches counted 7 and 8
+        "0,3,5.6,,\n0,4,5.5,,\n"  # the checkpoint of step 5 (these rows' steps count from 0)
+        "0,5,5.4,,\n,9,,,9\n0,6,,5.3,\n0,6,5.3,,\n"  # after it: logged again by the resumed run
+        ",10,,,10\n"  # a validation the kill stopped
+    )
+    logger = RunCSVLogger(tmp_path, continues_at=5)
+    logger.log_metrics({"train_loss": 5.4}, step=5)
+    logger.save()
+    with open(log) as f:
+        rows = [(r["step"], r["train_loss"], r["val_loss"], r["validate/batches"]) for r in csv.DictReader(f)]
+    assert rows == [("1", "", "", "1"), ("0", "", "6.0", ""), ("0", "5.9", "", ""), ("1", "5.8", "", ""),
+                    ("2", "5.7", "", ""), ("7", "", "", "7"), ("8", "", "", "8"), ("2", "", "5.5", ""),
+                    ("3", "5.6", "", ""), ("4", "5.5", "", ""), ("5", "5.4", "", "")]  # fmt: skip
 
 
 def test_multirun_sweeps_presets(tmp_path, data_cache):
