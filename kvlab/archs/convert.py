@@ -265,6 +265,11 @@ def convert_model(
         if allocation is not None and method != "mean":
             raise ValueError(f"convert.query_allocation={allocation} pools K/V heads by method=mean (got {method})")
         groups = None
+        residual = [i for i, m in enumerate(model.config.layer_mixers) if getattr(m, "value_residual", None) and i]
+        if residual and method in ("similarity", "qcqa", "asymgqa"):
+            raise ValueError(f"convert.method={method} regroups each layer's heads its own way, but layer "
+                             f"{residual[0]} reads layer 0's values (value_residual) in layer 0's head order; use "
+                             "method=mean")  # fmt: skip
         if method in ("similarity", "asymgqa") and calibration is None:
             raise ValueError(f"convert.method={method} needs calibration tokens to compare the heads on")
         if method == "similarity":
@@ -327,12 +332,13 @@ def _to_gqa(
             per_kv = mixer.n_heads // mixer.n_kv_heads
             q_order = [q for h in order for q in range(h * per_kv, (h + 1) * per_kv)]
             _permute_heads(state, f"layers.{i}.mixer.q_proj", q_order, mixer.head_dim, dim=0)
-            _permute_heads(state, f"layers.{i}.mixer.o_proj", q_order, mixer.head_dim, dim=1)
+            _permute_heads(state, f"layers.{i}.mixer.o_proj", q_order, mixer.v_head_dim, dim=1)
         if not mixer.owns_kv:
             continue
         for proj in ("k_proj", "v_proj"):
             if groups is not None:
-                _permute_heads(state, f"layers.{i}.mixer.{proj}", order, mixer.head_dim, dim=0)
+                width = mixer.v_head_dim if proj == "v_proj" else mixer.head_dim
+                _permute_heads(state, f"layers.{i}.mixer.{proj}", order, width, dim=0)
             if method == "weighted":  # projections kept whole; merge weights start as the mean
                 merge = mixer.n_kv_heads // n_kv_heads
                 state[f"layers.{i}.mixer.{proj[0]}_merge"] = torch.full((mixer.n_kv_heads,), 1.0 / merge)
@@ -394,6 +400,9 @@ def _to_decoupled_heads(
     for i, (m, src) in enumerate(zip(cfg.layer_mixers, cfg.layer_kv_source, strict=True)):
         if not isinstance(m, AttentionConfig) or src != i or m.kv_merge > 1 or m.kv_groups is not None:
             raise ValueError(f"convert.to=dha: layer {i} is not plain unshared attention (MHA/GQA/MQA)")
+        if m.value_residual is not None:
+            raise ValueError(f"convert.to=dha: layer {i} has value_residual={m.value_residual}; DHA's value heads are "
+                             "its own")  # fmt: skip
     layers = range(len(model.layers))
     clusters: dict[tuple[int, str], list[list[int]]] = {}
     heads = [model.layers[i].mixer.n_kv_heads for i in layers]
@@ -450,6 +459,12 @@ def _to_matryoshka(
             raise ValueError(f"convert.to=matryoshka: layer {i} is {m.kind!r}; MatryoshkaKV projects attention K/V")
         if src != i:
             raise ValueError(f"convert.to=matryoshka: layer {i} reads layer {src}'s K/V; convert an unshared model")
+        if m.kv_merge > 1 or m.value_residual is not None or m.query_allocation is not None:
+            raise ValueError(f"convert.to=matryoshka: layer {i} has WGQA merge weights, a value residual or "
+                             "key-driven allocation; MatryoshkaKV projects plain K/V heads")  # fmt: skip
+        if m.v_head_dim not in (None, m.head_dim):
+            raise ValueError(f"convert.to=matryoshka: layer {i}'s value heads are {m.v_head_dim} wide, its key heads "
+                             f"{m.head_dim}; MatryoshkaKV's bases are of heads as wide as the keys")  # fmt: skip
     layer_dicts = [to_dict(m) for m in cfg.layer_mixers]
     state = dict(model.state_dict())
     for i, basis in _pca_bases(model, calibration).items():
@@ -488,14 +503,12 @@ def _pca_bases(model: CausalLM, calibration: torch.Tensor) -> dict[int, dict[str
     its keys after RoPE and of its values on ``calibration``, as MatryoshkaKV's parameters (Cayley form)."""
     owners = _kv_owners(model)
     outputs = _projection_outputs(model, calibration, owners, ("k_proj", "v_proj"))
-    B, T = calibration.shape
+    B = calibration.shape[0]
+    T = calibration.shape[1] + model.config.meta_tokens  # the meta tokens go first, at positions 0, 1, ...
     bases = {}
     for i in owners:
         mixer = model.layers[i].mixer
         G, d = mixer.n_kv_heads, mixer.head_dim
-        if mixer.cfg.kv_merge > 1 or mixer.cfg.value_residual is not None or mixer.cfg.query_allocation is not None:
-            raise ValueError(f"convert.to=matryoshka: layer {i} has WGQA merge weights, a value residual or "
-                             "key-driven allocation; MatryoshkaKV projects plain K/V heads")  # fmt: skip
         keys = outputs[i, "k_proj"].view(B, T, G, d).transpose(1, 2)
         cos, sin = mixer.rotary(0, T)
         keys = apply_rope(keys, cos, sin)
@@ -627,8 +640,8 @@ def _to_cla(model: CausalLM, spec: Mapping[str, Any]) -> CausalLM:
         for proj in ("k_proj", "v_proj"):
             for tensor in ("weight", "bias"):
                 keys = [f"layers.{i}.mixer.{proj}.{tensor}" for i in readers]
-                if keys[0] in state:  # readers[0] is the owner
-                    state[keys[0]] = torch.stack([state.pop(k) for k in keys]).mean(dim=0)
+                if keys[0] in state:  # readers[0] is the owner; SVFormer's readers have no V (they read layer 0's)
+                    state[keys[0]] = torch.stack([state.pop(k) for k in keys if k in state]).mean(dim=0)
     return _build(new_cfg_dict, state, like=model)
 
 
@@ -755,6 +768,7 @@ def recurformer_recency(model: CausalLM, calibration: torch.Tensor, window: int)
     if T <= window:
         raise ValueError(f"convert.window={window}: the calibration rows are {T} tokens; the recency of a head needs "
                          "queries that see past the window")  # fmt: skip
+    T += model.config.meta_tokens  # they go first, at positions 0, 1, ...: keys like the tokens' own
     behind = torch.arange(T, device=calibration.device)[:, None] - torch.arange(T, device=calibration.device)
     near = (behind >= 0) & (behind < window)  # [query, key]: the key is one of the query's last `window`
     recency = {}
@@ -904,11 +918,12 @@ def _to_mla(model: CausalLM, kv_lora_rank: int, rope_dims: int, calibration: tor
     if rope_dims % 2 or rope_dims > m.head_dim:
         raise ValueError(f"convert.rope_dims={rope_dims} must be even and at most the head_dim={m.head_dim}")
     H, Hk, d, half = m.n_heads, m.n_kv_heads, m.head_dim, m.head_dim // 2
+    dv = m.v_head_dim or d
     D, G = d - rope_dims, Hk  # no-RoPE width per head; one RoPE key per parent K/V head
     pairs = mha2mla_rope_pairs(model, rope_dims, calibration)
     new_cfg_dict = copy.deepcopy(cfg.to_dict())
     new_cfg_dict["mixer"] = {
-        "kind": "mla", "n_heads": H, "head_dim": D, "v_head_dim": d, "rope_head_dim": rope_dims,
+        "kind": "mla", "n_heads": H, "head_dim": D, "v_head_dim": dv, "rope_head_dim": rope_dims,
         "rope_kv_heads": G, "rope_spectrum": d, "kv_lora_rank": kv_lora_rank, "q_lora_rank": None,
         "rope_theta": m.rope_theta, "latent_norm": False,
     }  # fmt: skip
@@ -924,12 +939,12 @@ def _to_mla(model: CausalLM, kv_lora_rank: int, rope_dims: int, calibration: tor
             nope_idx.append(torch.tensor(dropped + [p + half for p in dropped], dtype=torch.long))
         w_q = mixer.q_proj.weight.detach().view(H, d, -1)
         w_k = mixer.k_proj.weight.detach().view(Hk, d, -1)
-        w_v = mixer.v_proj.weight.detach().view(Hk, d, -1)
+        w_v = mixer.v_proj.weight.detach().view(Hk, dv, -1)
         group = [h * Hk // H for h in range(H)]  # the parent K/V head each query head read
         state[prefix + "q_proj.weight"] = torch.cat(
             [torch.cat([w_q[h, nope_idx[group[h]]], w_q[h, rope_idx[group[h]]]]) for h in range(H)]
         )
-        # joint SVD of [no-RoPE keys; values] of every K/V head: [Hk * (D + d), d_model]
+        # joint SVD of [no-RoPE keys; values] of every K/V head: [Hk * (D + dv), d_model]
         stacked = upcast(torch.cat([torch.cat([w_k[g, nope_idx[g]], w_v[g]]) for g in range(Hk)]))
         U, S, Vh = torch.linalg.svd(stacked, full_matrices=False)
         r = min(kv_lora_rank, S.numel())
@@ -937,7 +952,7 @@ def _to_mla(model: CausalLM, kv_lora_rank: int, rope_dims: int, calibration: tor
         down[:r] = Vh[:r]
         up = torch.zeros(stacked.shape[0], kv_lora_rank, dtype=stacked.dtype, device=stacked.device)
         up[:, :r] = U[:, :r] * S[:r]
-        up = up.view(Hk, D + d, kv_lora_rank)
+        up = up.view(Hk, D + dv, kv_lora_rank)
         k_rope = torch.cat([w_k[g, rope_idx[g]] for g in range(Hk)])
         dtype = w_k.dtype
         state[prefix + "kv_a_proj_with_mqa.weight"] = torch.cat([down.to(dtype), k_rope])
@@ -1168,7 +1183,8 @@ def _linkage_groups(similarity: torch.Tensor, n_groups: int) -> list[list[int]]:
 
 
 def _pool_heads(w: torch.Tensor, old_heads: int, new_heads: int, method: str) -> torch.Tensor:
-    """[old_heads * D, ...] -> [new_heads * D, ...], pooling consecutive heads in groups."""
+    """[old_heads * D, ...] -> [new_heads * D, ...], pooling consecutive heads in groups: their mean, or with
+    ``method="first"`` the first head's (method=similarity's groups are made consecutive first, then averaged)."""
     grouped = w.reshape(new_heads, old_heads // new_heads, w.shape[0] // old_heads, *w.shape[1:])
-    pooled = grouped.mean(dim=1) if method == "mean" else grouped[:, 0]
+    pooled = grouped[:, 0] if method == "first" else grouped.mean(dim=1)
     return pooled.reshape(new_heads * grouped.shape[2], *w.shape[1:]).clone()

@@ -190,6 +190,44 @@ def test_cla_refuses_a_model_that_already_shares():
         convert_model(build_model(tiny(kv_sharing={"kind": "cla", "every": 2})), {"to": "cla", "every": 2})
 
 
+WIDE_V = tiny(mixer={"kind": "attention", "n_heads": 4, "v_head_dim": 32})  # value heads twice the keys' width
+
+
+def test_parents_with_wider_values_or_meta_tokens_convert_exactly_at_full_size():
+    """Found by a fuzz of random parents: MHA2MLA and regrouping by similarity took the value heads as wide as the
+    key heads, MatryoshkaKV's PCA the calibration as its rows' length without the meta tokens before them."""
+    ids = torch.randint(0, 97, (2, 13))
+    wide = build_model(WIDE_V).double().eval()
+    mla = convert_model(wide, {"to": "mla", "kv_lora_rank": 64, "rope_dims": 16}, calibration=ids).eval()
+    alike = convert_model(wide, {"to": "mqa", "method": "similarity"}, calibration=ids).eval()
+    mean = convert_model(wide, {"to": "mqa"}).eval()  # one group: the same pool, the query heads reordered
+    meta = build_model({**MHA, "meta_tokens": 2}).double().eval()
+    matryoshka = convert_model(meta, {"to": "matryoshka", "rank": [16, 16]}, calibration=ids).eval()
+    with torch.no_grad():
+        assert (mla(ids) - wide(ids)).abs().max() <= 1e-11 and mla.config.mixer.v_head_dim == 32
+        assert (alike(ids) - mean(ids)).abs().max() <= 1e-12
+        assert (matryoshka(ids) - meta(ids)).abs().max() <= 1e-11
+
+
+def test_value_residual_parents_convert_where_their_values_allow_and_are_refused_by_name_elsewhere():
+    """SVFormer's upper layers have no V projection (they read layer 0's); a regrouping of each layer's heads its
+    own way would pair them with layer 0's heads in another order. These crashed with Python errors."""
+    ids = torch.randint(0, 97, (2, 13))
+    model = build_model(tiny(mixer={"kind": "attention", "n_heads": 4, "value_residual": "svformer"}))
+    cla = convert_model(model, {"to": "cla", "every": 2})
+    torch.testing.assert_close(cla.layers[0].mixer.v_proj.weight, model.layers[0].mixer.v_proj.weight)
+    assert torch.isfinite(cla(ids)).all()
+    for spec, message in [
+        ({"to": "gqa", "n_kv_heads": 2, "method": "similarity"}, "layer 1 reads layer 0's values"),
+        ({"to": "matryoshka", "rank": [8, 8]}, "layer 0 has WGQA merge weights, a value residual"),
+        ({"to": "dha", "n_k_heads": 2, "n_v_heads": 2}, "layer 0 has value_residual=svformer"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            convert_model(model, spec, calibration=ids)
+    with pytest.raises(ValueError, match="value heads are 32 wide, its key heads 16"):
+        convert_model(build_model(WIDE_V), {"to": "matryoshka", "rank": [8, 8]}, calibration=ids)
+
+
 MHA2MLA_PARENTS = {
     "mha": tiny(mixer={"kind": "attention", "n_heads": 4}),
     "gqa": tiny(mixer={"kind": "attention", "n_heads": 4, "n_kv_heads": 2}),

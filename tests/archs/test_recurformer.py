@@ -43,6 +43,16 @@ def test_recency_is_the_attention_mass_on_the_last_window_positions():
     assert report["recurformer"]["replaced"] == [[], [0]] and threshold.config == converted.config
 
 
+def test_a_parent_with_meta_tokens_is_measured_with_them():
+    """Its attention spans the meta tokens before the row (the recency took the row's length alone and failed)."""
+    parent = build_model({**_parent().config.to_dict(), "meta_tokens": 2})
+    ids = torch.randint(0, 97, (2, T))
+    recency = recurformer_recency(parent, ids, WINDOW)
+    assert sorted(recency) == [0, 1] and all(((r > 0) & (r < 1)).all() for r in recency.values())
+    converted = convert_model(parent, {"to": "recurformer", "fraction": 0.25, "window": WINDOW}, ids)
+    assert torch.isfinite(converted(ids)).all()
+
+
 def test_no_head_replaced_is_the_parent():
     parent, ids = _parent(), torch.randint(0, 97, (2, T))
     for spec in ({"fraction": 0.0, "window": WINDOW}, {"heads": [[], []]}):
