@@ -567,7 +567,10 @@ def _finished_job(cfg: DictConfig, run_dir: Path) -> dict | None:
 
 def _same_job(cfg: DictConfig, run_dir: Path) -> None:
     """Refuse a sweep job's directory that holds another job's run (its ``checkpoints/config.yaml``) or one in use."""
-    pid = run_dir_in_use(run_dir)
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    # The other processes of a multi-process run start inside rank 0's fit, which holds the directory by then
+    pid = run_dir_in_use(run_dir) if rank_zero_only.rank == 0 else None
     if pid is not None:
         raise ConfigError(f"run directory {run_dir} is in use by another kvlab run (process {pid})")
     saved = run_dir / "checkpoints" / "config.yaml"

@@ -573,8 +573,12 @@ MOE_MLP = ["model.mlp.kind=moe", "++model.mlp.n_experts=8", "++model.mlp.top_k=1
 def test_ddp_on_two_cpu_processes(tmp_path, data_cache):
     # with MoE MLPs, top-1 of 8 experts: an expert that gets no tokens on a rank still has a (zero) gradient,
     # which DDP's all-reduce needs; the balance loss trains with the language-model loss
-    train(tmp_path, data_cache, "trainer=ddp", "trainer.max_steps=4", *MOE_MLP)
-    (run,) = run_dirs(tmp_path, "train")
+    # As a sweep's job continued with resume=auto (nothing to resume here): the second process, started inside
+    # the first's fit, had taken the job's directory for another run's (the first's) and ended them both
+    sweep = tmp_path / "sweep"
+    train(tmp_path, data_cache, "-m", "trainer=ddp", "trainer.max_steps=4", *MOE_MLP, f"hydra.sweep.dir={sweep}",
+          "resume=auto")  # fmt: skip
+    run = sweep / "0-gqa"
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["train_aux_loss"] > 0
     assert metrics["steps"] == 4
