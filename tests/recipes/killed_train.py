@@ -35,32 +35,25 @@ def _save_then_die_halfway(obj, f, *args, **kwargs):
     return _save(obj, f, *args, **kwargs)
 
 
-def _die_validating(validation_step):
-    def step(self, *args, **kwargs):
-        if self.trainer.global_step == KILL_AT:
+def _dying(fn, trainer_of):
+    """``fn``, killing the process when called at global step KILL_AT (``trainer_of(args)``: the trainer)."""
+
+    def wrapped(*args, **kwargs):
+        if trainer_of(args).global_step == KILL_AT:
             os.kill(os.getpid(), signal.SIGKILL)
-        return validation_step(self, *args, **kwargs)
+        return fn(*args, **kwargs)
 
-    return step
-
-
-def _die_evaluating(validate):
-    def final_validation(trainer, *args, **kwargs):
-        if trainer.global_step == KILL_AT:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return validate(trainer, *args, **kwargs)
-
-    return final_validation
+    return wrapped
 
 
 if WHEN.startswith("validating:"):
     from kvlab.recipes.module import LMModule
 
-    LMModule.validation_step = _die_validating(LMModule.validation_step)
+    LMModule.validation_step = _dying(LMModule.validation_step, lambda args: args[0].trainer)
 elif WHEN.startswith("evaluating:"):
     import kvlab.recipes.run
 
-    kvlab.recipes.run._validate = _die_evaluating(kvlab.recipes.run._validate)
+    kvlab.recipes.run._validate = _dying(kvlab.recipes.run._validate, lambda args: args[0])
 else:
     torch.save = _save_then_die_halfway
 train_py = Path(__file__).resolve().parents[2] / "train.py"
