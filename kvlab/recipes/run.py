@@ -595,21 +595,8 @@ def _resume_path(tc: TrainConfig, run_dir: Path) -> str | None:
         return None
     if tc.resume == "auto":
         if _hydra_run().get("sweep"):
-            runs, found = run_dir, list(run_dir.glob("checkpoints/*.ckpt"))
-        else:
-            runs = Path(tc.output_root) / tc.run_name
-            found = [p for p in runs.glob("*/checkpoints/*.ckpt") if p.parent.parent.resolve() != run_dir.resolve()]
-        for ckpt_dir in {p.parent for p in found}:
-            for orphan in remove_orphans(ckpt_dir):
-                log.info("resume=auto: removed %s, left by a checkpoint write that was interrupted", orphan)
-        for path in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True):
-            problem = _checkpoint_problem(path)
-            if problem is None:
-                log.info("resume=auto: continuing %s", path)
-                return str(path)
-            log.warning("resume=auto: skipping %s (%s); trying the next newest", path, problem)
-        log.info("resume=auto: no usable checkpoint of an earlier run under %s; starting afresh", runs)
-        return None
+            return newest_checkpoint(run_dir, "checkpoints/*.ckpt")
+        return newest_checkpoint(Path(tc.output_root) / tc.run_name, "*/checkpoints/*.ckpt", but_not=run_dir)
     path = Path(tc.resume).expanduser()
     if not path.exists():  # a Lightning file, or a DeepSpeed checkpoint directory
         raise ConfigError(f"resume={tc.resume!r}: no checkpoint there; give a .ckpt path, auto, or null")
@@ -617,6 +604,23 @@ def _resume_path(tc: TrainConfig, run_dir: Path) -> str | None:
     if problem is not None:
         raise ConfigError(f"resume={tc.resume!r}: {problem}")
     return str(path)
+
+
+def newest_checkpoint(runs: Path, pattern: str, but_not: Path | None = None) -> str | None:
+    """``resume=auto``'s choice: the newest checkpoint matching ``pattern`` under ``runs`` that loads, falling
+    back past broken ones (None: none does), outside the run directory ``but_not`` (this run's own)."""
+    found = [p for p in runs.glob(pattern) if but_not is None or but_not.resolve() not in p.resolve().parents]
+    for ckpt_dir in {p.parent for p in found}:
+        for orphan in remove_orphans(ckpt_dir):
+            log.info("resume=auto: removed %s, left by a checkpoint write that was interrupted", orphan)
+    for path in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True):
+        problem = _checkpoint_problem(path)
+        if problem is None:
+            log.info("resume=auto: continuing %s", path)
+            return str(path)
+        log.warning("resume=auto: skipping %s (%s); trying the next newest", path, problem)
+    log.info("resume=auto: no usable checkpoint of an earlier run under %s; starting afresh", runs)
+    return None
 
 
 def _checkpoint_problem(path: Path) -> str | None:

@@ -16,7 +16,8 @@
 Each stage is an ordinary run (``kvlab.recipes.run.run``) in a subdirectory
 of the recipe's run directory, with its own checkpoints, logs and
 metrics.json. The recipe's metrics.json holds the uptrained model's metrics
-at the top level and one section per stage.
+at the top level and one section per stage. A killed recipe continues with
+``resume=auto``, stage by stage (``_resumed``).
 """
 
 from __future__ import annotations
@@ -34,7 +35,15 @@ from omegaconf import DictConfig, OmegaConf
 from kvlab._io import atomic_write_text
 from kvlab.recipes.config import TrainConfig
 from kvlab.recipes.data import default_cache_dir, tokenizer_to_use
-from kvlab.recipes.run import ConfigError, _write_json, run, run_dir_in_use, training_identity
+from kvlab.recipes.run import (
+    ConfigError,
+    _hydra_run,
+    _write_json,
+    newest_checkpoint,
+    run,
+    run_dir_in_use,
+    training_identity,
+)
 
 log = logging.getLogger("kvlab")
 
@@ -49,7 +58,8 @@ def run_uptrain(cfg: DictConfig, run_dir: Path) -> dict:
     source = init.get("from", "scratch")
     convert = dict(init.get("convert") or {"to": "gqa", "method": "mean"})
     cfg = copy.deepcopy(cfg)
-    cfg.resume = None
+    resume, cfg.resume = cfg.resume, None  # the stages' own, below
+    runs = Path(tc.output_root) / tc.run_name
     if source == "hf" and not cfg.data.tokenizer:  # every stage reads the data with the parent's tokenizer
         cfg.data.tokenizer = str(init["path"])
 
@@ -64,7 +74,8 @@ def run_uptrain(cfg: DictConfig, run_dir: Path) -> dict:
         cfg.data.tokenizer = tokenizer_to_use(OmegaConf.to_object(cfg.data), beside)
     # validation only, unless the run's stages ask for the evaluations too (as they then do in every stage)
     parent = _stage(cfg, run_dir / "parent", "parent evaluation", init=parent_init,
-                    stages=["eval"] if "eval" in cfg.stages else [], **PLAIN_TRAINING, **PLAIN_ROWS)  # fmt: skip
+                    stages=["eval"] if "eval" in cfg.stages else [], **_resumed(resume, runs, run_dir, "parent"),
+                    **PLAIN_TRAINING, **PLAIN_ROWS)  # fmt: skip
     if parent_tokens is not None:
         parent["tokens_seen"] = parent_tokens
     convert = _resolve_convert(convert, parent["model"])
@@ -81,7 +92,8 @@ def run_uptrain(cfg: DictConfig, run_dir: Path) -> dict:
     warmup = up.warmup_steps if up.warmup_steps is not None else steps // 10
     schedule = {"trainer.max_steps": steps, "optim.warmup_steps": warmup}
     peak = {"optim.lr": up.lr} if up.lr is not None else {}  # a converted model may want a gentler step
-    uptrained = _stage(cfg, run_dir / "uptrained", init={**parent_init, "convert": convert}, **schedule, **peak)
+    uptrained = _stage(cfg, run_dir / "uptrained", init={**parent_init, "convert": convert}, **schedule, **peak,
+                       **_resumed(resume, runs, run_dir, "uptrained"))  # fmt: skip
     converted = {
         "val_loss": uptrained["initial_val_loss"],
         "val_ppl": math.exp(min(uptrained["initial_val_loss"], 50.0)),
@@ -93,7 +105,7 @@ def run_uptrain(cfg: DictConfig, run_dir: Path) -> dict:
     if up.compare_scratch:
         init_scratch = {"from": "scratch", "path": None, "convert": None}
         scratch = _stage(cfg, run_dir / "scratch", init=init_scratch, model=uptrained["model"], **schedule,
-                         **PLAIN_TRAINING)  # fmt: skip
+                         **_resumed(resume, runs, run_dir, "scratch"), **PLAIN_TRAINING)  # fmt: skip
 
     metrics = {k: v for k, v in uptrained.items() if k != "initial_val_loss"}
     metrics["convert"] = convert
@@ -114,8 +126,11 @@ def _check(tc: TrainConfig) -> None:
             f"trainer.strategy={t.strategy}, devices={t.devices}: the staged uptraining recipes run in one process; "
             "on several devices run the stages as separate runs (init.from=checkpoint with init.convert)"
         )
-    if tc.resume not in (None, "", "none"):
-        raise ConfigError(f"resume={tc.resume!r}: the uptraining recipes resume their parent's training on their own")
+    if tc.resume not in (None, "", "none", "auto"):
+        raise ConfigError(
+            f"resume={tc.resume!r}: an uptraining recipe resumes with resume=auto, each stage from its own newest "
+            "checkpoint (a checkpoint path names one stage's; train it on with init.from=checkpoint)"
+        )
     if up.parent_steps < 1:
         raise ConfigError(f"uptrain.parent_steps={up.parent_steps} must be >= 1")
     if not 0 < up.alpha <= 1:
@@ -166,6 +181,21 @@ def _stage(cfg: DictConfig, stage_dir: Path, name: str | None = None, **changes)
         OmegaConf.update(stage_cfg, key, value, merge=False)
     log.info("uptrain: stage %s in %s", name or stage_dir.name, stage_dir)
     return run(stage_cfg, stage_dir)
+
+
+def _resumed(resume: str | None, runs: Path, run_dir: Path, stage: str) -> dict:
+    """The ``resume`` of ``stage`` in a recipe run with ``resume`` (None or auto). A sweep's job continued over
+    its sweep directory continues each stage in its own directory (a finished one is kept, a killed one resumes
+    there); otherwise a training stage continues the newest checkpoint of that stage in an earlier run of this
+    ``run_name`` (under ``runs``) and writes into this run's directory, as ``resume=auto`` does for a plain run.
+    The parent's evaluation, which trains nothing, runs again."""
+    if resume != "auto":
+        return {"resume": None}
+    if _hydra_run().get("sweep"):
+        return {"resume": "auto"}
+    if stage == "parent":
+        return {"resume": None}
+    return {"resume": newest_checkpoint(runs, f"*/{stage}/checkpoints/*.ckpt", but_not=run_dir)}
 
 
 def _cached_parent(cfg: DictConfig) -> tuple[dict, int]:

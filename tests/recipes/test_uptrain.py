@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import math
 import re
+import signal
+from pathlib import Path
 
 import pytest
 import torch
 
-from tests.recipes.test_train import run_dirs, train
+from tests.recipes.test_train import log_rows, run_dirs, train, train_losses
 
 # An 8-head MHA parent, small enough to train in seconds.
 TINY_MHA = ["model.mixer.n_heads=8", "model.mixer.n_kv_heads=8", "model.mixer.head_dim=8"]
@@ -222,6 +224,7 @@ BAD = {
     "alpha": (["uptrain.alpha=2"], "uptrain.alpha=2.0 must be in (0, 1]"),
     "hf without a path": (["init.from=hf"], "init.from=hf needs init.path"),
     "lr": (["uptrain.lr=0"], "uptrain.lr=0.0 must be > 0"),
+    "resume a path": (["resume=x.ckpt"], "resume='x.ckpt': an uptraining recipe resumes with resume=auto"),
 }
 
 
@@ -250,19 +253,54 @@ def test_bad_uptrain_settings_fail_before_training(tmp_path, data_cache, case):
     assert not list(tmp_path.glob("**/*.ckpt"))
 
 
-def test_an_interrupted_parent_resumes_from_its_checkpoint(tmp_path, data_cache):
-    args = ["recipe=gqa_uptrain", *TINY_MHA, "uptrain.parent_steps=10", "uptrain.steps=1", "seed=7"]
-    train(tmp_path, data_cache, *args)
+def test_a_killed_uptraining_resumes_every_stage_exactly_with_resume_auto(tmp_path, data_cache):
+    """The main job killed in its uptraining (while writing last.ckpt at step 4 of 6) continues with resume=auto:
+    as a sweep's job over its sweep directory, in place (the parent's finished evaluation kept, the uptraining
+    resumed in its own directory, its log the uninterrupted run's, row for row); as a plain run, into a new run
+    directory from the killed run's newest checkpoint of that stage, with the parent's training, killed too after
+    its last checkpoint, resumed from it. Before, the recipes refused resume: a killed uptraining started over."""
+    args = ["recipe=gqa_uptrain", *TINY_MHA, "uptrain.parent_steps=10", "uptrain.steps=6", "seed=7",
+            "trainer.ckpt_every_n_steps=2", "trainer.log_every_n_steps=1"]  # fmt: skip
+    train(tmp_path, data_cache, *args, "run_name=whole")
+    (whole,) = run_dirs(tmp_path, "whole")
+    expected = json.loads((whole / "metrics.json").read_text())
+    killer = [str(Path(__file__).parent / "killed_train.py"), "4"]
+
+    def same_as_whole(run: Path) -> None:
+        m = json.loads((run / "metrics.json").read_text())
+        for stage in ("parent", "converted", "uptrained"):
+            assert m[stage]["val_loss"] == pytest.approx(expected[stage]["val_loss"], rel=1e-6), stage
+        assert m["train_loss"] == pytest.approx(expected["train_loss"], rel=1e-6)
+        assert m["uptrained"]["steps"] == 6 and m["resumed_from"]["step"] == 4
+
+    sweep = tmp_path / "sweep"
+    jobs = ["-m", *args, f"hydra.sweep.dir={sweep}"]
+    assert train(tmp_path, data_cache, *jobs, entry=killer, check=False).returncode == -signal.SIGKILL
+    proc = train(tmp_path, data_cache, *jobs, "resume=auto")
+    assert f"this sweep job finished before in {sweep / '0-mha' / 'parent'}" in proc.stdout
+    same_as_whole(sweep / "0-mha")
+    want, got = log_rows(whole / "uptrained"), log_rows(sweep / "0-mha" / "uptrained")
+    assert [(r["step"], r["train/batches"]) for r in got] == [(r["step"], r["train/batches"]) for r in want]
+    for name in ("train_loss", "val_loss"):
+        assert [float(r[name] or "nan") for r in got] == pytest.approx([float(r[name] or "nan") for r in want],
+                                                                        rel=1e-6, nan_ok=True), name  # fmt: skip
+
+    assert train(tmp_path, data_cache, *args, entry=killer, check=False).returncode == -signal.SIGKILL
+    (killed,) = run_dirs(tmp_path, "gqa_uptrain")
     (parent_dir,) = [
         p for p in data_cache.glob("parents/*") if (p / "DONE").is_file() and '"seed": 7' in (p / "DONE").read_text()
     ]
-    # As if killed after the last checkpoint: no DONE marker, no metrics.
-    (parent_dir / "DONE").unlink()
+    (parent_dir / "DONE").unlink()  # as if the parent was killed after its last checkpoint too
     (parent_dir / "metrics.json").unlink()
-    proc = train(tmp_path, data_cache, *args)
-    resumed = json.loads((parent_dir / "metrics.json").read_text())
-    assert resumed["resumed_from"]["step"] == 10 and resumed["steps"] == 10
+    proc = train(tmp_path, data_cache, *args, "resume=auto")
+    assert f"continuing {killed / 'uptrained' / 'checkpoints' / 'step000004.ckpt'}" in proc.stdout
+    (resumed,) = [d for d in run_dirs(tmp_path, "gqa_uptrain") if d != killed]
+    same_as_whole(resumed)
+    assert json.loads((parent_dir / "metrics.json").read_text())["resumed_from"]["step"] == 10
     assert (parent_dir / "DONE").exists() and "reusing the parent" not in proc.stdout + proc.stderr
+    losses = train_losses(resumed / "uptrained")
+    assert sorted(losses) == [4, 5]
+    assert [losses[s] for s in (4, 5)] == pytest.approx([train_losses(whole / "uptrained")[s] for s in (4, 5)], 1e-6)
 
 
 def test_a_corpus_edited_in_place_is_another_parent(tmp_path):
