@@ -6,8 +6,8 @@ the rate of least validation loss then trains the run itself, for its full
 budget, at its own seed. The trials are cached under
 ``$KVLAB_CACHE/lr_sweeps/<key>/lr-<rate>/``, keyed by everything that shapes
 them but the run's seed and budget, so every seed of a preset in an ablation
-trains at the rate chosen once, and a sweep interrupted between trials
-continues with the next. A diverged trial (a loss that is not finite) loses.
+trains at the rate chosen once, and a sweep interrupted in a trial
+continues it from its newest checkpoint. A diverged trial (a loss that is not finite) loses.
 The run's ``metrics.json`` records the grid, each trial's loss and the choice
 (``lr_sweep``) beside the rate it trained at (``lr``).
 """
@@ -19,13 +19,12 @@ import hashlib
 import json
 import logging
 import math
-import shutil
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from kvlab.recipes.data import default_cache_dir
-from kvlab.recipes.run import ConfigError, RunDiverged, _write_json, run, run_dir_in_use, training_identity
+from kvlab.recipes.run import ConfigError, RunDiverged, _write_json, run, training_identity, unfinished_cached_run
 
 log = logging.getLogger("kvlab")
 
@@ -56,7 +55,7 @@ def sweep_key(cfg: DictConfig) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _trial_config(cfg: DictConfig, lr: float) -> DictConfig:
+def _trial_config(cfg: DictConfig, lr: float, resume: str | None) -> DictConfig:
     sweep = cfg.lr_sweep
     trial = copy.deepcopy(cfg)
     warmup = cfg.optim.warmup_steps  # an explicit warmup keeps its share of the shorter budget
@@ -66,7 +65,7 @@ def _trial_config(cfg: DictConfig, lr: float) -> DictConfig:
         "optim.warmup_steps": None if warmup is None else round(warmup * sweep.steps / cfg.trainer.max_steps),
         "seed": sweep.seed,
         "stages": ["train"],
-        "resume": None,
+        "resume": resume,
         "lr_sweep.grid": [],
         "logger.kind": "csv",  # trials are the sweep's business, not runs of the tracker's project
     }
@@ -85,15 +84,11 @@ def trial_losses(cfg: DictConfig, trial=run) -> tuple[dict[float, float], Path]:
         done = trial_dir / "metrics.json"
         if done.is_file():
             log.info("lr_sweep: reusing the trial at lr %g in %s", lr, trial_dir)
-        else:
-            if trial_dir.exists():  # kvlab's own trial, interrupted: trained again
-                busy = run_dir_in_use(trial_dir)
-                if busy is not None:
-                    raise ConfigError(f"lr_sweep: another run (process {busy}) is training the trial in {trial_dir}")
-                shutil.rmtree(trial_dir)
+        else:  # an interrupted trial continues from its newest checkpoint
+            resume = unfinished_cached_run(trial_dir, f"lr_sweep: the trial at lr {lr:g}")
             log.info("lr_sweep: trial at lr %g for %d steps in %s", lr, cfg.lr_sweep.steps, trial_dir)
             try:
-                trial(_trial_config(cfg, lr), trial_dir)
+                trial(_trial_config(cfg, lr, resume), trial_dir)
             except RunDiverged as e:  # its metrics.json has no validation loss: the rate loses
                 log.info("lr_sweep: the trial at lr %g diverged (%s)", lr, e)
         loss = json.loads(done.read_text())["val_loss"]

@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 import warnings
@@ -606,21 +607,36 @@ def _resume_path(tc: TrainConfig, run_dir: Path) -> str | None:
     return str(path)
 
 
-def newest_checkpoint(runs: Path, pattern: str, but_not: Path | None = None) -> str | None:
+def newest_checkpoint(runs: Path, pattern: str, but_not: Path | None = None, who: str = "resume=auto") -> str | None:
     """``resume=auto``'s choice: the newest checkpoint matching ``pattern`` under ``runs`` that loads, falling
-    back past broken ones (None: none does), outside the run directory ``but_not`` (this run's own)."""
+    back past broken ones (None: none does), outside the run directory ``but_not`` (this run's own); ``who``
+    heads what is logged."""
     found = [p for p in runs.glob(pattern) if but_not is None or but_not.resolve() not in p.resolve().parents]
     for ckpt_dir in {p.parent for p in found}:
         for orphan in remove_orphans(ckpt_dir):
-            log.info("resume=auto: removed %s, left by a checkpoint write that was interrupted", orphan)
+            log.info("%s: removed %s, left by a checkpoint write that was interrupted", who, orphan)
     for path in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True):
         problem = _checkpoint_problem(path)
         if problem is None:
-            log.info("resume=auto: continuing %s", path)
+            log.info("%s: continuing %s", who, path)
             return str(path)
-        log.warning("resume=auto: skipping %s (%s); trying the next newest", path, problem)
-    log.info("resume=auto: no usable checkpoint of an earlier run under %s; starting afresh", runs)
+        log.warning("%s: skipping %s (%s); trying the next newest", who, path, problem)
+    log.info("%s: no usable checkpoint under %s; starting afresh", who, runs)
     return None
+
+
+def unfinished_cached_run(run_dir: Path, who: str) -> str | None:
+    """A run kvlab caches for other runs to reuse (an uptraining parent, a learning-rate trial), interrupted: the
+    checkpoint it continues from, or None with its directory cleared (kvlab's own, holding no checkpoint)."""
+    if not run_dir.exists():
+        return None
+    busy = run_dir_in_use(run_dir)
+    if busy is not None:
+        raise ConfigError(f"{who}: another run (process {busy}) is training it in {run_dir}")
+    ckpt = newest_checkpoint(run_dir, "checkpoints/*.ckpt", who=who)
+    if ckpt is None:
+        shutil.rmtree(run_dir)
+    return ckpt
 
 
 def _checkpoint_problem(path: Path) -> str | None:

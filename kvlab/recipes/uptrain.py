@@ -27,7 +27,6 @@ import hashlib
 import json
 import logging
 import math
-import shutil
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -41,8 +40,8 @@ from kvlab.recipes.run import (
     _write_json,
     newest_checkpoint,
     run,
-    run_dir_in_use,
     training_identity,
+    unfinished_cached_run,
 )
 
 log = logging.getLogger("kvlab")
@@ -209,13 +208,8 @@ def _cached_parent(cfg: DictConfig) -> tuple[dict, int]:
     if (parent_dir / "DONE").exists():
         log.info("uptrain: reusing the parent trained in %s", parent_dir)
     else:
-        # An interrupted parent continues from its last checkpoint rather than starting over.
-        resume = str(ckpt) if ckpt.exists() else None
-        if resume is None and parent_dir.exists():
-            busy = run_dir_in_use(parent_dir)
-            if busy is not None:
-                raise ConfigError(f"uptrain: another run (process {busy}) is training this parent in {parent_dir}")
-            shutil.rmtree(parent_dir)  # kvlab's own cache entry, interrupted before its first checkpoint
+        # An interrupted parent continues from its newest checkpoint rather than starting over.
+        resume = unfinished_cached_run(parent_dir, "uptrain: the parent")
         _stage(
             cfg,
             parent_dir,

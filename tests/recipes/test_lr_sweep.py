@@ -81,6 +81,39 @@ def test_the_sweep_trains_each_rate_once_then_every_seed_at_the_chosen_one(tmp_p
     assert calls[4:] == [(1e-3, 20, 0, ["train"], 5)]  # a new optimizer setting: trials of its own
 
 
+def test_an_interrupted_trial_continues_from_its_newest_checkpoint(tmp_path):
+    """A trial killed after a checkpoint resumes it (with resume set to it, where its run continues exactly, as
+    train.py's kill tests check), one killed before its first is cleared and trained afresh; a finished one is
+    reused. Before, an interrupted trial was deleted, checkpoints and all, and trained again from its first step."""
+    import torch
+
+    from kvlab.recipes.lr_sweep import sweep_key
+
+    cfg = _cfg(tmp_path, **{"lr_sweep.grid": [1e-3, 3e-3]})
+    root = tmp_path / "cache" / "lr_sweeps" / sweep_key(cfg)
+    (root / "lr-0.001" / "checkpoints").mkdir(parents=True)
+    saved = {"global_step": 5, "loops": {}, "hyper_parameters": {}}  # what resuming reads of a Lightning file
+    torch.save(saved, root / "lr-0.001" / "checkpoints" / "step000005.ckpt")
+    (root / "lr-0.001" / "checkpoints" / "last.ckpt").write_bytes(b"")  # torn: the one before it is taken
+    (root / "lr-0.003" / "logs").mkdir(parents=True)  # killed before its first checkpoint
+    resumes = []
+
+    def trial(cfg, run_dir):
+        resumes.append((cfg.optim.lr, cfg.resume, sorted(p.name for p in run_dir.glob("*"))))
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "metrics.json").write_text(json.dumps({"val_loss": 5.0}))
+
+    def then(cfg, run_dir):
+        run_dir.mkdir()
+        return {}
+
+    run_lr_sweep(cfg, tmp_path / "run", then=then, trial=trial)
+    ckpt = str(root / "lr-0.001" / "checkpoints" / "step000005.ckpt")
+    assert resumes == [(1e-3, ckpt, ["checkpoints"]), (3e-3, None, [])]
+    run_lr_sweep(cfg, tmp_path / "again", then=then, trial=trial)
+    assert len(resumes) == 2  # both finished: reused
+
+
 @pytest.mark.parametrize(
     "changes, message",
     [
