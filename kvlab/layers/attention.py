@@ -907,14 +907,15 @@ class Attention(nn.Module):
         return {"mask": position_mask(q_pos, k_pos, window, sinks)}
 
     def _attend_before(self, q: torch.Tensor, view: KVView | None, state: StepState) -> torch.Tensor:
-        """Attention to the keys strictly before each query (positions 0.. in ``view``); none: output 0."""
+        """Attention to the keys strictly before each query (at the positions ``view`` gives: those of a cache
+        policy's window once it evicts, not 0..S-1); none: output 0."""
         B, H, T, _ = q.shape
         if view is None or view.k.shape[2] == 0:  # the first pass: the later layer has given nothing yet
             return q.new_zeros(B, H, T, self.v_head_dim)
-        S, doc_ids = view.k.shape[2], state.doc_ids
+        doc_ids = state.doc_ids
         k, v = self._kv_for(q, view)
         q_pos = state.start + torch.arange(T, device=q.device)
-        k_pos = torch.arange(S, device=q.device)
+        k_pos = view.key_positions()
         mask = k_pos[None, :] < q_pos[:, None]  # [T, S]
         if doc_ids is not None:  # training, S == T
             mask = (mask & (doc_ids[:, :, None] == doc_ids[:, None, :]))[:, None]

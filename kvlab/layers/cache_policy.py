@@ -457,11 +457,24 @@ class PolicyKV:
             k, k_pos = self._moved_sinks(k, k_pos, int(k_pos[self.sinks]))  # the window's earliest held position
         return KVView(k, v, end, k_pos)
 
-    def view(self, end: int) -> KVView:
-        """What the slot holds of the positions before ``end``, decoded (the sinks as they were cached)."""
+    def view(self, end: int | torch.Tensor) -> KVView:
+        """What the slot holds of the positions before ``end``, decoded, in order; StreamingLLM's sinks turned
+        and moved to just before the window, as a step's own view has them (what a layer reading a later
+        layer's K/V, LCKV's, sees when decoding)."""
         pos, held = self._held(end)
-        idx = held.nonzero()[:, 0]
-        return KVView(self.k.get(idx), self.v.get(idx), end, None if not self.window else pos[idx])
+        if isinstance(end, torch.Tensor):  # static shapes: every slot, at its position (unwritten: not before end)
+            k, v, k_pos = self.k.get(), self.v.get(), torch.where(held, pos, end)
+            if self.rotary is not None:  # the window's earliest position once full (slots hold positions in order)
+                k, k_pos = self._moved_sinks(k, k_pos, end - self.window)
+            return KVView(k, v, end, k_pos)
+        idx = sink_ring_in_order(pos, held)
+        k, v = self.k.get(idx), self.v.get(idx)
+        if not self.window:  # positions 0..end-1 in order
+            return KVView(k, v, end)
+        k_pos = pos[idx]
+        if self.rotary is not None and len(idx) > self.sinks:
+            k, k_pos = self._moved_sinks(k, k_pos, int(k_pos[self.sinks]))  # the window's earliest held position
+        return KVView(k, v, end, k_pos)
 
     def nbytes(self, seen: int) -> int:
         positions = min(seen, self.sinks) + min(max(seen - self.sinks, 0), self.window)

@@ -104,7 +104,7 @@ def test_streaming_llm_attends_to_the_sinks_and_the_window_at_their_positions_in
                          CachePolicy.from_spec(SINKS), "cpu", rotary=rotary)  # fmt: skip
     torch.manual_seed(0)
     raw = torch.randn(B, H, 30, D, dtype=torch.float64)  # keys before RoPE
-    cos, sin = rotary(0, 30)
+    cos, sin = rotary(0, 31)
     prompt = apply_rope(raw[:, :, :9], cos[:9], sin[:9])  # cached after RoPE, at their positions in the text
     slot.update(prompt, raw[:, :, :9], 0)  # a prompt of 9 (attends as computed), then token by token
     for t in range(9, 30):
@@ -120,6 +120,14 @@ def test_streaming_llm_attends_to_the_sinks_and_the_window_at_their_positions_in
         query = apply_rope(q, cache_cos[-1:], cache_sin[-1:])
         torch.testing.assert_close(ours[..., view.k_pos.argsort()], query @ keys.transpose(2, 3), rtol=1e-5, atol=1e-5)
         assert view.k_pos.max() == t and sorted(view.k_pos.tolist()) == list(range(t - len(kept) + 1, t + 1))
+        # What a layer reading this one's K/V (LCKV's) sees before the next token, eager and in the static step:
+        # the same kept keys at the same cache positions, its query at the next one. (Its view kept the sinks
+        # unturned at their text positions, and LCKV's readers took the keys for positions 0..S-1.)
+        query = apply_rope(q, *(c[-1:] for c in rotary(0, len(kept) + 1)))
+        for held in (slot.view(t + 1), slot.view(torch.tensor(t + 1))):
+            ours = apply_rope(q, cos[t + 1 : t + 2], sin[t + 1 : t + 2]) @ held.k.transpose(2, 3)
+            torch.testing.assert_close(ours[..., held.k_pos.argsort()], query @ keys.transpose(2, 3), rtol=1e-5,
+                                       atol=1e-5)  # fmt: skip
 
 
 def test_sinks_evict_only_past_their_cache_and_decode_exactly_before():
@@ -308,12 +316,19 @@ def _padded_then_each_alone(model, policy, rows, new):
     return torch.stack(got, 1), torch.stack(alone)
 
 
+WINDOW = {"kind": "sinks", "sinks": 0, "window": 5}
+
+
 @pytest.mark.parametrize(
-    "policy", ["int4", "fp8", {"kind": "sinks", "sinks": 0, "window": 5}, {"kind": "h2o", "budget": 8}]
+    "name, policy",
+    [("cla2", "int4"), ("cla2", "fp8"), ("cla2", WINDOW), ("cla2", {"kind": "h2o", "budget": 8}), ("lckv", WINDOW)],
+    ids=["cla2-int4", "cla2-fp8", "cla2-window", "cla2-h2o", "lckv-window"],
 )
-def test_padded_rows_through_a_policy_get_what_they_get_alone(policy):
-    """Codes per token and head, a window without sinks (rows end together) and choices per row take pads."""
-    model = build_model(VARIANTS["cla2"]).eval()
+def test_padded_rows_through_a_policy_get_what_they_get_alone(name, policy):
+    """Codes per token and head, a window without sinks (rows end together) and choices per row take pads. LCKV's
+    readers of the top layer's window read its positions (they took the S kept keys for positions 0..S-1: a
+    padded row's pads were not hidden, 0.19 off in the logits, and every row read its keys at wrong positions)."""
+    model = build_model(VARIANTS[name]).eval()
     rows = [torch.randint(0, 97, (n,)) for n in (11, 4)]
     got, alone = _padded_then_each_alone(model, policy, rows, torch.randint(0, 97, (2, 6)))
     assert (got - alone).abs().max() <= 3e-5
@@ -385,8 +400,10 @@ def test_a_group_that_does_not_divide_the_head_is_refused_naming_the_layer():
 
 
 @pytest.mark.slow
-# a ring buffer, every slot read whole and masked; KIVI's residual flushed twice (new tokens past 2 x 8)
-@pytest.mark.parametrize("name, spec", [("window", "int4"), ("gqa", KIVI)], ids=["int4-ring", "kivi"])
+# a ring buffer, every slot read whole and masked; KIVI's residual flushed twice (new tokens past 2 x 8); LCKV's
+# readers of a later layer's sinks and window (its held view, which had no static form: the step fell back to eager)
+@pytest.mark.parametrize("name, spec", [("window", "int4"), ("gqa", KIVI), ("lckv", SINKS)],
+                         ids=["int4-ring", "kivi", "lckv-sinks"])  # fmt: skip
 def test_the_compiled_decode_step_reads_a_quantized_cache_as_the_eager_one(name, spec):
     model = build_model(VARIANTS[name]).eval()
     ids = torch.randint(0, 97, (2, 6))
