@@ -31,6 +31,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from kvlab._config import differences
 from kvlab._io import atomic_write_text
 from kvlab.recipes.config import TrainConfig
 from kvlab.recipes.data import default_cache_dir, tokenizer_to_use
@@ -73,7 +74,7 @@ def run_uptrain(cfg: DictConfig, run_dir: Path) -> dict:
         cfg.data.tokenizer = tokenizer_to_use(OmegaConf.to_object(cfg.data), beside)
     # validation only, unless the run's stages ask for the evaluations too (as they then do in every stage)
     parent = _stage(cfg, run_dir / "parent", "parent evaluation", init=parent_init,
-                    stages=["eval"] if "eval" in cfg.stages else [], **_resumed(resume, runs, run_dir, "parent"),
+                    stages=["eval"] if "eval" in cfg.stages else [], **_resumed(resume, runs, run_dir, "parent", None),
                     **PLAIN_TRAINING, **PLAIN_ROWS)  # fmt: skip
     if parent_tokens is not None:
         parent["tokens_seen"] = parent_tokens
@@ -91,8 +92,9 @@ def run_uptrain(cfg: DictConfig, run_dir: Path) -> dict:
     warmup = up.warmup_steps if up.warmup_steps is not None else steps // 10
     schedule = {"trainer.max_steps": steps, "optim.warmup_steps": warmup}
     peak = {"optim.lr": up.lr} if up.lr is not None else {}  # a converted model may want a gentler step
-    uptrained = _stage(cfg, run_dir / "uptrained", init={**parent_init, "convert": convert}, **schedule, **peak,
-                       **_resumed(resume, runs, run_dir, "uptrained"))  # fmt: skip
+    init_uptrained = {**parent_init, "convert": convert}
+    uptrained = _stage(cfg, run_dir / "uptrained", init=init_uptrained, **schedule, **peak,
+                       **_resumed(resume, runs, run_dir, "uptrained", init_uptrained))  # fmt: skip
     converted = {
         "val_loss": uptrained["initial_val_loss"],
         "val_ppl": math.exp(min(uptrained["initial_val_loss"], 50.0)),
@@ -104,7 +106,7 @@ def run_uptrain(cfg: DictConfig, run_dir: Path) -> dict:
     if up.compare_scratch:
         init_scratch = {"from": "scratch", "path": None, "convert": None}
         scratch = _stage(cfg, run_dir / "scratch", init=init_scratch, model=uptrained["model"], **schedule,
-                         **_resumed(resume, runs, run_dir, "scratch"), **PLAIN_TRAINING)  # fmt: skip
+                         **_resumed(resume, runs, run_dir, "scratch", init_scratch), **PLAIN_TRAINING)  # fmt: skip
 
     metrics = {k: v for k, v in uptrained.items() if k != "initial_val_loss"}
     metrics["convert"] = convert
@@ -182,19 +184,31 @@ def _stage(cfg: DictConfig, stage_dir: Path, name: str | None = None, **changes)
     return run(stage_cfg, stage_dir)
 
 
-def _resumed(resume: str | None, runs: Path, run_dir: Path, stage: str) -> dict:
+def _resumed(resume: str | None, runs: Path, run_dir: Path, stage: str, init: dict | None) -> dict:
     """The ``resume`` of ``stage`` in a recipe run with ``resume`` (None or auto). A sweep's job continued over
     its sweep directory continues each stage in its own directory (a finished one is kept, a killed one resumes
     there); otherwise a training stage continues the newest checkpoint of that stage in an earlier run of this
     ``run_name`` (under ``runs``) and writes into this run's directory, as ``resume=auto`` does for a plain run.
-    The parent's evaluation, which trains nothing, runs again."""
+    The parent's evaluation, which trains nothing, runs again. A checkpoint of a stage that started from another
+    ``init`` (another parent, or conversion) is refused: its run is another recipe's, though its model may be the
+    same."""
     if resume != "auto":
         return {"resume": None}
     if _hydra_run().get("sweep"):
         return {"resume": "auto"}
     if stage == "parent":
         return {"resume": None}
-    return {"resume": newest_checkpoint(runs, f"*/{stage}/checkpoints/*.ckpt", but_not=run_dir)}
+    path = newest_checkpoint(runs, f"*/{stage}/checkpoints/*.ckpt", but_not=run_dir)
+    saved = Path(path).parent / "config.yaml" if path is not None else None
+    if saved is not None and saved.is_file():
+        theirs = OmegaConf.to_container(OmegaConf.load(saved).init)
+        found = differences(init, {k: theirs.get(k) for k in init}, "init")
+        if found:
+            raise ConfigError(
+                f"resume=auto: {path} is of a recipe run from another start ({'; '.join(found[:4])}: this run vs "
+                "that one); run it without resume, or with that run's settings"
+            )
+    return {"resume": path}
 
 
 def _cached_parent(cfg: DictConfig) -> tuple[dict, int]:

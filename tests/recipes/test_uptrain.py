@@ -290,11 +290,14 @@ def test_a_killed_uptraining_resumes_every_stage_exactly_with_resume_auto(tmp_pa
     (parent_dir,) = [
         p for p in data_cache.glob("parents/*") if (p / "DONE").is_file() and '"seed": 7' in (p / "DONE").read_text()
     ]
+    # a checkpoint of another conversion (the same model, other weights) is not continued
+    proc = train(tmp_path, data_cache, *args, "init.convert.method=first", "resume=auto", check=False)
+    assert proc.returncode == 1 and "init.convert.method: 'first' vs 'mean'" in proc.stderr, proc.stderr[-2000:]
     (parent_dir / "DONE").unlink()  # as if the parent was killed after its last checkpoint too
     (parent_dir / "metrics.json").unlink()
     proc = train(tmp_path, data_cache, *args, "resume=auto")
     assert f"continuing {killed / 'uptrained' / 'checkpoints' / 'step000004.ckpt'}" in proc.stdout
-    (resumed,) = [d for d in run_dirs(tmp_path, "gqa_uptrain") if d != killed]
+    (resumed,) = [d for d in run_dirs(tmp_path, "gqa_uptrain") if (d / "metrics.json").is_file()]
     same_as_whole(resumed)
     assert json.loads((parent_dir / "metrics.json").read_text())["resumed_from"]["step"] == 10
     assert (parent_dir / "DONE").exists() and "reusing the parent" not in proc.stdout + proc.stderr
