@@ -196,7 +196,8 @@ class RWKV7Config(MixerConfig):
         if not self.value_residual:
             return None
         if not isinstance(first, RWKV7Config) or first.head_dim != self.head_dim:
-            return f"rwkv7 with value_residual needs an rwkv7 layer 0 with head_dim={self.head_dim} (got {first!r})"
+            got = f"{first.kind} with head_dim={getattr(first, 'head_dim', None)}"  # not the whole config's repr
+            return f"rwkv7 with value_residual needs an rwkv7 layer 0 with head_dim={self.head_dim} (got {got})"
         return None
 
 

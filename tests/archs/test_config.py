@@ -128,7 +128,8 @@ BAD = {
             pattern="AR",
             mixers={"A": {"kind": "attention", "n_heads": 4}, "R": {"kind": "rwkv7", "head_dim": 16}},
         ),
-        r"layer 1 cannot read layer 0's values: rwkv7 with value_residual needs an rwkv7 layer 0",
+        r"layer 1 cannot read layer 0's values: rwkv7 with value_residual needs an rwkv7 layer 0 with head_dim=16 "
+        r"\(got attention with head_dim=16\)$",
     ),
     "retention decay": (tiny(mixer={"kind": "retention", "decay": "learned"}), r"mixer\.decay='learned' is not one of"),
 }

@@ -177,6 +177,16 @@ BAD_PLANS = {
         ),  # fmt: skip
         r"layers \(layer 1\): layer 1 cannot read layer 3's K/V: window=4: a sliding window over a later",
     ),
+    "value residual of a layer 0 reading a later layer": (  # it publishes no values: an error mid-forward before
+        tiny(
+            mixer=None,
+            layers=[
+                {"mixer": ATTENTION | {"value_residual": "resformer"}, "kv_from": 1},
+                {"mixer": ATTENTION | {"value_residual": "resformer"}, "repeat": 3},
+            ],
+        ),  # fmt: skip
+        r"layer 1 cannot read layer 0's values: layer 0 reads layer 1's K/V and computes no values of its own",
+    ),
     "reads a reader": (
         tiny(kv_sharing=None, kv_source=[0, 0, 1, 3]),
         r"layer 2 cannot read layer 1's K/V: layer 1 reads layer 0 itself",
