@@ -150,6 +150,9 @@ def check_plan(plan: tuple[LayerPlan, ...], max_seq_len: int) -> None:
                     p.index,
                     r,
                 )
+            if r.what == "kv" and source.attention_source != r.layer:  # SA's reader: values alone, no keys
+                raise PlanError(f"{cannot}: layer {r.layer} applies layer {source.attention_source}'s attention "
+                                f"weights and has no keys of its own", p.index, r)  # fmt: skip
             if r.what == "values" and source.kv_source != r.layer:  # it would publish none: an error mid-forward
                 raise PlanError(f"{cannot}: layer {r.layer} reads layer {source.kv_source}'s K/V and computes no "
                                 f"values of its own", p.index, r)  # fmt: skip

@@ -187,6 +187,18 @@ BAD_PLANS = {
         ),  # fmt: skip
         r"layer 1 cannot read layer 0's values: layer 0 reads layer 1's K/V and computes no values of its own",
     ),
+    "reads the K/V of a layer sharing attention weights": (  # it has values alone: an error mid-forward before
+        tiny(
+            mixer=None,
+            layers=[
+                {"mixer": ATTENTION},
+                {"mixer": ATTENTION, "attention_from": 0},
+                {"mixer": ATTENTION, "kv_from": 1},
+                {"mixer": ATTENTION},
+            ],
+        ),  # fmt: skip
+        r"layer 2 cannot read layer 1's K/V: layer 1 applies layer 0's attention weights and has no keys of its own",
+    ),
     "reads a reader": (
         tiny(kv_sharing=None, kv_source=[0, 0, 1, 3]),
         r"layer 2 cannot read layer 1's K/V: layer 1 reads layer 0 itself",
