@@ -690,7 +690,8 @@ class EvictingKV:
     Grouped K/V heads: a K/V head's score sums those of the query heads that read it (the papers' models
     have one query head per K/V head; SnapKV's code repeats K/V to the query heads, which multiplies the
     cache by the group size, so kvlab keeps one selection per K/V head instead). Pads' queries score
-    nothing. Positions are kept as int32 and H2O's scores as float32: both are counted in ``nbytes``."""
+    nothing. Positions are kept as int32 and H2O's scores as float32 (float64 in a float64 cache): both are counted
+    in ``nbytes``."""
 
     def __init__(self, batch_size, heads, length, k_dim, v_dim, *, policy, dtype, device):
         self.policy, self.dtype, self.length = policy, dtype, length
@@ -1285,9 +1286,10 @@ def policy_footprint(mixer, max_len: int, dtype: torch.dtype, policy: CachePolic
     if policy.kind in EVICTING:
         if not isinstance(meta, StaticKV) or policy.budget >= meta.length:
             return None
-        # each head's positions (int32) and H2O's scores (float32) beside the keys and values; SnapKV: a context
-        # read as one prompt (the decoded tokens after it add this much each)
-        held = (Hk * Dk + Hv * Dv) * dtype.itemsize + Hk * (4 + 4 * (policy.kind == "h2o"))
+        # each head's positions (int32) and H2O's scores (float32; float64 in a float64 cache) beside the keys and
+        # values; SnapKV: a context read as one prompt (the decoded tokens after it add this much each)
+        score = compute_dtype(dtype).itemsize if policy.kind == "h2o" else 0
+        held = (Hk * Dk + Hv * Dv) * dtype.itemsize + Hk * (4 + score)
         return PolicyFootprint(held, max_tokens=policy.budget)
     if policy.kind == "kivi":
         # the keys' per-channel scale and zero point are shared by `group` tokens: a fraction of a byte per token

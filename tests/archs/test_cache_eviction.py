@@ -101,6 +101,16 @@ def test_a_budget_with_room_for_every_token_is_bitwise_the_plain_cache(spec):
     assert torch.equal(plain.out, roomy.out)
 
 
+def test_h2os_footprint_counts_its_scores_in_the_caches_compute_dtype():
+    """A float64 cache keeps H2O's scores in float64: the footprint counted them as float32."""
+    model = build_model(VARIANTS["gqa"]).double().eval()
+    fp = model.kv_footprint(torch.float64, policy=H2O)
+    cache = model.new_cache(2, 20, dtype=torch.float64, policy=H2O)
+    with torch.no_grad():
+        model(torch.randint(0, 97, (2, 12)), cache=cache)
+    assert cache.nbytes() == fp.total_bytes(12, batch_size=2)
+
+
 @pytest.mark.parametrize("name", ["gqa", "uneven_groups_cla", "yoco_swa"])
 def test_snapkv_holds_its_budget_after_a_prompt_then_every_decoded_token(name):
     model = build_model(VARIANTS[name]).eval()
