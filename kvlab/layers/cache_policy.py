@@ -390,7 +390,9 @@ class PolicyKV:
         elif isinstance(slot, RingKV):
             sinks, window = 0, slot.length
         elif policy.kind == "sinks" and policy.sinks + policy.window < slot.length:
-            sinks, window, moved, streaming = policy.sinks, policy.window, rotary if policy.sinks else None, True
+            # (SA's readers cache values alone: no keys to turn)
+            moved = rotary if policy.sinks and slot.k.shape[-1] else None
+            sinks, window, streaming = policy.sinks, policy.window, True
         else:
             sinks, window = slot.length, 0  # every position kept
         B, Hk, _, Dk = slot.k.shape

@@ -87,6 +87,42 @@ def test_decoding_from_the_value_cache_is_the_forward_and_the_cache_is_the_footp
     torch.testing.assert_close(model.generate(ids[:, :4], 8), model.generate(ids[:, :4], 8, compile=False))
 
 
+def test_under_streaming_llms_cache_readers_apply_the_weights_to_their_values_at_the_kept_positions():
+    """Sinks 2 and a window of 4: the source's probabilities over the positions it keeps (the sinks, the window)
+    applied to the reader's values of the same positions. (The reader caches values alone, and turning its
+    sinks' keys, of no channels, failed.)"""
+    from kvlab.layers.base import StepState
+
+    model = build_model(tiny(n_layers=3, attention_source=[0, 1, 1])).double().eval()
+    policy = {"kind": "sinks", "sinks": 2, "window": 4}
+    published, inputs = [], []
+    publish = StepState.publish
+    reader = model.layers[2].mixer
+    reader.register_forward_pre_hook(lambda _m, args: inputs.append(args[0]))
+    outputs = []
+    reader.register_forward_hook(lambda _m, _a, out: outputs.append(out))
+    ids = torch.randint(0, 97, (2, 12))
+
+    def recording(state, what, layer, value):
+        if what == "attention":
+            published.append(value)
+        return publish(state, what, layer, value)
+
+    cache = model.new_cache(2, 12, dtype=torch.float64, policy=policy)
+    with torch.no_grad(), pytest.MonkeyPatch.context() as m:
+        m.setattr(StepState, "publish", recording)
+        for t in range(12):
+            model(ids[:, t : t + 1], cache=cache)
+    assert cache.nbytes() == model.kv_footprint(torch.float64, policy=policy).total_bytes(12, batch_size=2)
+    values = _heads(torch.cat(inputs, 1), reader.v_proj.weight, 2).repeat_interleave(2, dim=1)  # [B, 4, 12, 16]
+    for t in range(12):
+        kept = list(range(t + 1)) if t < 6 else [0, 1, *range(t - 3, t + 1)]  # in order: sinks, then the window
+        weights = published[t]  # [B, 4, 1, len(kept)]
+        assert weights.shape[-1] == len(kept)
+        want = (weights @ values[:, :, kept]).transpose(1, 2).reshape(2, 1, 64) @ reader.o_proj.weight.T
+        torch.testing.assert_close(outputs[t], want, rtol=1e-10, atol=1e-12)
+
+
 def test_the_conversion_finds_the_most_alike_span_and_keeps_what_the_parent_computes():
     """Layers 1 and 2 have zero queries, so uniform attention, the others sharp attention: the one pair whose
     distributions agree, the span the search picks; layer 2 then applies layer 1's (equal) weights, and the
