@@ -74,7 +74,9 @@ def train(args: list[str]) -> None:
         # Lightning starts a multi-process run's other ranks with this process's command line: the one given
         sys.argv = given
         _end_with_the_sweep()
-        from kvlab.recipes.run import ConfigError, run
+        from hydra.types import RunMode
+
+        from kvlab.recipes.run import ConfigError, RunDiverged, run
         from kvlab.recipes.uptrain import run_uptrain
 
         try:
@@ -85,6 +87,11 @@ def train(args: list[str]) -> None:
                 run_lr_sweep(cfg, Path(HydraConfig.get().runtime.output_dir), then=staged)
             else:
                 staged(cfg, Path(HydraConfig.get().runtime.output_dir))
+        except RunDiverged as e:
+            if HydraConfig.get().mode != RunMode.MULTIRUN:
+                _fail(str(e))
+            # a sweep's result (its metrics.json says so; the ablation's report lists it): the other jobs go on
+            print(f"kvlab: error: {e}", file=sys.stderr)
         except ConfigError as e:
             _fail(str(e))
         finally:

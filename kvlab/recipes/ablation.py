@@ -14,7 +14,8 @@ When the sweep ends, ``AblationReport`` (a Hydra callback) reads every job's
   validation loss and the perplexity, and each preset's place on the Pareto
   frontier: on it (by the means), tied with it (its interval overlaps those
   of the frontier presets that beat it), or beaten; below the table, the
-  order of the presets at each seed and whether it is the same at every one;
+  order of the presets at each seed and whether it is the same at every one,
+  the runs that diverged (in no mean) and the jobs that did not finish;
 - ``pareto.png``: validation perplexity against the cache at ``context``
   tokens (log scale), each preset's mean with its interval, labelled, the
   frontier drawn through the means.
@@ -41,18 +42,19 @@ RUN_COLUMNS = ("model", "cache", "seed", "lr", "params", "train_flops_per_token"
                "kv_fixed_bytes", "kv_bytes_at_context", "steps", "tokens_seen", "val_loss", "val_loss_forward",
                "val_ppl", "val_ppl_ar_hit",
                "val_ppl_ar_other", "val_accuracy", "decode_tok_s_batch_1", "decode_tok_s_batch_8", "train_tok_s",
-               "threads", "job")  # fmt: skip
+               "threads", "diverged", "job")  # fmt: skip
 COLUMNS = ("model", "runs", "seeds", "lr", "params", "train_flops_per_token", "kv_bytes_per_token",
            "kv_bytes_at_context", "val_loss", "val_loss_ci95", "val_loss_diff", "val_loss_diff_ci95", "val_ppl",
            "val_ppl_low", "val_ppl_high", "val_accuracy", "decode_tok_s_batch_1", "train_tok_s",
-           "frontier")  # fmt: skip
+           "frontier", "diverged")  # fmt: skip
 CONFIDENCE = 0.95
 
 
 def collect(sweep_dir: Path, context: int) -> list[dict[str, Any]]:
     """One row per finished job of the sweep, in job order (``<num>-<model>`` directories). A run evaluated
     through a cache policy (``cache``) is its own row, ``<preset>+<policy>``, whose validation loss is the one
-    decoded through that cache (``cache_val_loss``: the forward's, ``val_loss_forward``, is blind to it)."""
+    decoded through that cache (``cache_val_loss``: the forward's, ``val_loss_forward``, is blind to it). A run
+    whose training diverged has no loss and says at which step (``diverged``)."""
     rows = []
     jobs = [d for d in Path(sweep_dir).iterdir() if (d / "metrics.json").is_file() and d.name.split("-")[0].isdigit()]
     for job in sorted(jobs, key=lambda d: int(d.name.split("-")[0])):
@@ -60,6 +62,7 @@ def collect(sweep_dir: Path, context: int) -> list[dict[str, Any]]:
         decode = m.get("decode_tokens_per_s") or {}
         policy = m.get("cache_policy") or ""
         loss = m.get("cache_val_loss", m["val_loss"])
+        diverged = (m.get("diverged") or {}).get("step")
         rows.append({
             "model": job.name.split("-", 1)[1] + (f"+{policy}" if policy else ""),
             "cache": policy,
@@ -74,7 +77,8 @@ def collect(sweep_dir: Path, context: int) -> list[dict[str, Any]]:
             "tokens_seen": m.get("tokens_seen"),
             "val_loss": loss,
             "val_loss_forward": m["val_loss"],
-            "val_ppl": math.exp(min(loss, 50.0)),
+            "val_ppl": None if loss is None else math.exp(min(loss, 50.0)),
+            "diverged": diverged,
             "val_ppl_ar_hit": m.get("val_ppl_ar_hit"),
             "val_ppl_ar_other": m.get("val_ppl_ar_other"),
             "val_accuracy": m.get("val_accuracy"),
@@ -131,26 +135,31 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in runs:
         groups.setdefault(r["model"], []).append(r)
-    reference = next(iter(groups.values()))
+    # runs that diverged have no loss: they are counted apart (``diverged``: seed@step), not in the means
+    finished = {model: [r for r in rs if r["val_loss"] is not None] for model, rs in groups.items()}
+    reference = next(iter(finished.values()))
     rows = []
-    for model, rs in groups.items():
-        loss, half = mean_interval([r["val_loss"] for r in rs])
-        diff, diff_half = paired_difference(rs, reference) if rs is not reference else (None, None)
+    for model, all_runs in groups.items():
+        rs = finished[model]
+        loss, half = mean_interval([r["val_loss"] for r in rs]) if rs else (None, None)
+        diff, diff_half = paired_difference(rs, reference) if rs and rs is not reference else (None, None)
         lrs = sorted({r["lr"] for r in rs if r["lr"] is not None})
+        first = all_runs[0]
         rows.append({
             "model": model,
             "runs": len(rs),
+            "diverged": " ".join(f"{r['seed']}@{r['diverged']}" for r in all_runs if r["val_loss"] is None) or None,
             "seeds": " ".join(str(r["seed"]) for r in rs),
             "lr": " ".join(f"{lr:g}" for lr in lrs) or None,
-            "params": rs[0]["params"],
-            "train_flops_per_token": rs[0]["train_flops_per_token"],
-            "kv_bytes_per_token": rs[0]["kv_bytes_per_token"],
-            "kv_bytes_at_context": rs[0]["kv_bytes_at_context"],
+            "params": first["params"],
+            "train_flops_per_token": first["train_flops_per_token"],
+            "kv_bytes_per_token": first["kv_bytes_per_token"],
+            "kv_bytes_at_context": first["kv_bytes_at_context"],
             "val_loss": loss,
             "val_loss_ci95": half,
             "val_loss_diff": diff,
             "val_loss_diff_ci95": diff_half,
-            "val_ppl": math.exp(min(loss, 50.0)),
+            "val_ppl": None if loss is None else math.exp(min(loss, 50.0)),
             "val_ppl_low": None if half is None else math.exp(min(loss - half, 50.0)),
             "val_ppl_high": None if half is None else math.exp(min(loss + half, 50.0)),
             "val_accuracy": _mean([r["val_accuracy"] for r in rs]),
@@ -216,10 +225,13 @@ def frontier_marks(rows: list[dict[str, Any]]) -> dict[str, str]:
         loss = r.get("val_loss", math.log(r["val_ppl"]))
         return loss - half, loss + half
 
-    front = pareto_front(rows)
+    front = pareto_front([r for r in rows if r["val_ppl"] is not None])
     on_front = {id(r) for r in front}
     marks = {}
     for r in rows:
+        if r["val_ppl"] is None:  # every run diverged
+            marks[r["model"]] = "diverged"
+            continue
         if id(r) in on_front:
             marks[r["model"]] = "front"
             continue
@@ -250,9 +262,11 @@ def _write_csv(path: Path, rows: list[dict[str, Any]], columns: tuple[str, ...])
     atomic_write(path, write)
 
 
-def markdown_table(summary: list[dict[str, Any]], context: int, orders: dict[Any, list[str]] | None = None) -> str:
+def markdown_table(summary: list[dict[str, Any]], context: int, orders: dict[Any, list[str]] | None = None,
+                   unfinished: list[str] = ()) -> str:  # fmt: skip
     """The per-preset table as Markdown: loss and perplexity as mean ± interval, the frontier in bold, ties
-    marked; below it, with ``orders`` (``seed_orders``), the order of the presets at each seed."""
+    marked; below it, with ``orders`` (``seed_orders``), the order of the presets at each seed, then the runs
+    that diverged and the jobs that did not finish (``unfinished``), which no mean holds."""
     first = summary[0]["model"]
     head = ("model", "runs", "lr", "params", "train FLOPs/token", "KV bytes/token", f"cache at {context:,}",
             "val loss (95% CI)", f"- {first}'s, paired by seed", "val ppl (95% CI)", "frontier")  # fmt: skip
@@ -262,7 +276,9 @@ def markdown_table(summary: list[dict[str, Any]], context: int, orders: dict[Any
              "intervals.", "", "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]  # fmt: skip
     for r in summary:
         name = {"front": f"**{r['model']}**", "tie": f"*{r['model']}*"}.get(r["frontier"], r["model"])
-        if r["val_loss_ci95"] is None:
+        if r["val_loss"] is None:
+            loss, ppl = "diverged", "-"
+        elif r["val_loss_ci95"] is None:
             loss, ppl = f"{r['val_loss']:.4f}", f"{r['val_ppl']:.2f}"
         else:
             loss = f"{r['val_loss']:.4f} ± {r['val_loss_ci95']:.4f}"
@@ -273,12 +289,19 @@ def markdown_table(summary: list[dict[str, Any]], context: int, orders: dict[Any
             diff = f"{r['val_loss_diff']:+.4f}"
         else:
             diff = f"{r['val_loss_diff']:+.4f} ± {r['val_loss_diff_ci95']:.4f}"
-        cells = [name, _cell(r["runs"]), _cell(r["lr"]), _cell(r["params"]), _cell(r["train_flops_per_token"]),
+        runs = _cell(r["runs"]) + (f" (+{len(r['diverged'].split())} diverged)" if r.get("diverged") else "")
+        cells = [name, runs, _cell(r["lr"]), _cell(r["params"]), _cell(r["train_flops_per_token"]),
                  _cell(r["kv_bytes_per_token"]), _cell(r["kv_bytes_at_context"]), loss, diff, ppl,
                  r["frontier"] or "beaten"]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
-    line = order_line(orders or {})
-    return "\n".join(lines + (["", line] if line else [])) + "\n"
+    notes = [order_line(orders or {})]
+    lost = [f"{r['model']} at seed {run.replace('@', ' (step ')})" for r in summary if r.get("diverged")
+            for run in r["diverged"].split()]  # fmt: skip
+    if lost:
+        notes.append(f"Diverged, so in no mean: {', '.join(lost)}.")
+    if unfinished:
+        notes.append(f"Not finished (no metrics.json; continue the sweep with resume=auto): {', '.join(unfinished)}.")
+    return "\n".join(lines + [x for note in notes if note for x in ("", note)]) + "\n"
 
 
 def plot_pareto(rows: list[dict[str, Any]], path: Path, context: int) -> list[tuple[str, float, float]]:
@@ -315,17 +338,23 @@ def plot_pareto(rows: list[dict[str, Any]], path: Path, context: int) -> list[tu
 
 def report(sweep_dir: Path, context: int = 2048) -> list[dict[str, Any]]:
     """Collect the sweep, write runs.csv, results.csv, results.md and pareto.png; return the per-preset rows."""
+    sweep_dir = Path(sweep_dir)
     runs = collect(sweep_dir, context)
+    unfinished = sorted((d.name for d in sweep_dir.iterdir() if d.is_dir() and d.name.split("-")[0].isdigit()
+                         and not (d / "metrics.json").is_file()), key=lambda name: int(name.split("-")[0]))  # fmt: skip
+    if unfinished:
+        log.warning("ablation: jobs that did not finish, in no mean: %s", ", ".join(unfinished))
     if not runs:
         log.warning("ablation: no finished job in %s, nothing to report", sweep_dir)
         return []
     summary = summarize(runs)
-    sweep_dir = Path(sweep_dir)
     _write_csv(sweep_dir / "runs.csv", runs, RUN_COLUMNS)
     _write_csv(sweep_dir / "results.csv", summary, COLUMNS)
-    orders = seed_orders(runs)
-    atomic_write_text(sweep_dir / "results.md", markdown_table(summary, context, orders))
-    plot_pareto(summary, sweep_dir / "pareto.png", context)
+    orders = seed_orders([r for r in runs if r["val_loss"] is not None])
+    atomic_write_text(sweep_dir / "results.md", markdown_table(summary, context, orders, unfinished))
+    scored = [r for r in summary if r["val_ppl"] is not None]
+    if scored:
+        plot_pareto(scored, sweep_dir / "pareto.png", context)
     log.info("ablation: %d runs of %d models, results in %s", len(runs), len(summary), sweep_dir)
     line = order_line(orders)
     if line:

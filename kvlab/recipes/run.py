@@ -169,7 +169,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         t0 = time.perf_counter()
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-        except TrainingDiverged as e:
+        except TrainingDiverged as e:  # what tells the run apart in a sweep's table (an ablation's), then stop
+            metrics.update(_model_metrics(module.model, CachePolicy.from_spec(tc.cache)), seed=tc.seed, lr=tc.optim.lr)
             _stop_diverged(e, trainer, run_dir, metrics, ckpt_path)
         elapsed = time.perf_counter() - t0
         last = run_dir / "checkpoints" / "last.ckpt"

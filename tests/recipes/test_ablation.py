@@ -92,6 +92,44 @@ def test_ablation_sweep_over_seeds_with_an_lr_sweep_writes_every_run_and_the_mea
     assert int(again["mha"]["kv_bytes_at_context"]) == mha["kv_bytes_per_token"] * 1024 + mha["kv_fixed_bytes"]
 
 
+def test_a_job_that_diverges_is_a_result_of_the_sweep_and_the_report_names_it_and_the_unfinished(tmp_path, data_cache):
+    """A sweep's job that diverges ends with its line and its metrics.json, and the next job runs (its exit ended
+    the whole sweep); the report keeps it out of the means and says so, and names the jobs with no metrics (killed)
+    rather than averaging fewer seeds in silence (the report failed on a diverged job's missing loss)."""
+    from kvlab.recipes.ablation import main
+
+    proc = train(tmp_path, data_cache, "-m", "optim.lr=1e9,0.003", "optim.warmup_steps=0", "trainer.max_steps=4",
+                 "seed=0", "run_name=lrs")  # fmt: skip
+    assert "kvlab: error: training diverged: at step" in proc.stderr
+    (sweep,) = run_dirs(tmp_path, "lrs")
+    diverged, finished = (json.loads((sweep / f"{i}-gqa" / "metrics.json").read_text()) for i in (0, 1))
+    assert diverged["val_loss"] is None and diverged["diverged"]["step"] >= 1 and finished["val_loss"] > 0
+    (sweep / "2-mha").mkdir()  # a job killed before it wrote its metrics
+    main([str(sweep)])
+    table = (sweep / "results.md").read_text()
+    step = diverged["diverged"]["step"]
+    assert "| 1 (+1 diverged) |" in table and f"Diverged, so in no mean: gqa at seed 0 (step {step})." in table
+    assert "Not finished (no metrics.json; continue the sweep with resume=auto): 2-mha." in table
+    with open(sweep / "results.csv") as f:
+        (row,) = csv.DictReader(f)
+    assert float(row["val_loss"]) == finished["val_loss"] and row["diverged"] == f"0@{step}"
+
+
+def test_a_preset_that_diverged_at_every_seed_is_marked_and_pairs_only_finished_seeds():
+    runs = [{"model": m, "seed": s, "lr": 3e-3, "params": 10, "train_flops_per_token": 60, "kv_bytes_per_token": k,
+             "kv_bytes_at_context": k * 2048, "val_loss": loss, "val_ppl": loss and math.exp(loss), "diverged": d,
+             "val_accuracy": 0.5, "decode_tok_s_batch_1": None, "train_tok_s": 100.0}
+            for m, s, k, loss, d in [("gqa", 0, 1024, 5.0, None), ("gqa", 1, 1024, None, 7), ("mqa", 0, 512, 5.2, None),
+                                     ("mqa", 1, 512, 5.5, None), ("mla", 0, 256, None, 3)]]  # fmt: skip
+    gqa, mqa, mla = summarize(runs)
+    assert (gqa["runs"], gqa["diverged"], gqa["val_loss"]) == (1, "1@7", 5.0)
+    assert mqa["val_loss_diff"] == pytest.approx(0.2) and mqa["val_loss_diff_ci95"] is None  # seed 0 alone
+    assert (mla["runs"], mla["val_loss"], mla["frontier"]) == (0, None, "diverged")
+    assert (gqa["frontier"], mqa["frontier"]) == ("", "front") or mqa["frontier"] == "front"
+    assert seed_orders([r for r in runs if r["val_loss"] is not None]) == {0: ["gqa", "mqa"]}
+    assert "| mla | 0 (+1 diverged) |" in markdown_table([gqa, mqa, mla], 2048)
+
+
 def test_mean_interval_is_students_t_and_covers_the_mean_as_often_as_it_says():
     mean, half = mean_interval([1.0, 2.0, 3.0, 4.0, 5.0])
     assert mean == 3.0 and half == pytest.approx(2.776445105197793 * math.sqrt(2.5 / 5))  # t(0.975, 4), tables
