@@ -290,6 +290,13 @@ def _validated(tc: TrainConfig) -> ModelConfig:
     if tc.data.doc_mask and model_cfg.blocks is not None:
         raise ConfigError("data.doc_mask=true packs documents per row, which a Block Transformer's blocks would "
                           "straddle (model.blocks is set); use data.doc_mask=false")  # fmt: skip
+    sinks = [(p.index, m.sinks) for p in model_cfg.plan for m in [p.mixer, *getattr(p.mixer, "mixers", [])]
+             if getattr(m, "sinks", 0)]  # fmt: skip
+    if tc.data.doc_mask and sinks:  # (the first training step failed, deep in the attention's masks)
+        raise ConfigError(
+            f"data.doc_mask=true packs documents per row; layer {sinks[0][0]}'s sinks={sinks[0][1]} are a row's "
+            "first positions, which a packed document does not start at; use data.doc_mask=false"
+        )
     if tc.data.doc_mask and model_cfg.meta_tokens:
         raise ConfigError(
             f"data.doc_mask=true packs documents per row; model.meta_tokens={model_cfg.meta_tokens} "

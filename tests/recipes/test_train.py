@@ -401,6 +401,10 @@ BAD_OVERRIDES = {
         ["+model.meta_tokens=4", "data.doc_mask=true"],
         "model.meta_tokens=4 go before a row's first token only",
     ),  # fmt: skip
+    "sinks over packed documents": (  # the first training step failed, deep in the attention's masks
+        ["+model.mixer.window=8", "+model.mixer.sinks=2", "data.doc_mask=true"],
+        "layer 0's sinks=2 are a row's first positions, which a packed document does not start at",
+    ),  # fmt: skip
     "corpus smaller than a batch": (
         ["data.max_docs=2", "data.batch_size=64"],
         "fewer than one batch (data.batch_size=64)",
