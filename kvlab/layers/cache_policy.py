@@ -605,8 +605,24 @@ class KiviKV:
         kept = torch.arange(first + q, end, device=self.v_residual.device)
         self.v_residual.index_copy_(2, kept % self.residual, pending[:, :, q:])
 
-    def view(self, end: int) -> KVView:
+    def view(self, end: int | torch.Tensor) -> KVView:
+        """Positions 0..end-1 in order (what a layer reading a later layer's K/V, LCKV's, sees when decoding); in
+        the compiled step's form (``end`` a tensor), every position, those from ``end`` on for the reader to mask."""
+        if isinstance(end, torch.Tensor):
+            return KVView(*self._static_held(end), end, self.positions)
         return KVView(self._keys(end), self._values(end), end)
+
+    def _static_held(self, end: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every position's key and value [B, H, length, D] as held once positions before ``end`` (a 0-d tensor)
+        are written, read from the codes or the residuals by position, with shapes that do not depend on ``end``."""
+        R, pos = self.residual, self.positions
+        first_residual_key = end // R * R
+        in_residual = (pos - first_residual_key).clamp(0, self.k_residual.shape[2] - 1)
+        k = torch.where((pos < first_residual_key)[:, None], self._padded(self._decode_all_keys()),
+                        self.k_residual.index_select(2, in_residual))  # fmt: skip
+        v = torch.where((pos < end - R)[:, None], self._padded(self._decode_values(slice(None))),
+                        self.v_residual.index_select(2, pos % self.v_residual.shape[2]))  # fmt: skip
+        return k, v
 
     def _static_update(self, k_new: torch.Tensor, v_new: torch.Tensor, start: torch.Tensor) -> KVView:
         """The compiled decode step's update (``start`` a 0-d tensor): what ``update`` does for one token, with
@@ -618,11 +634,7 @@ class KiviKV:
             raise ValueError(f"cache policy kivi: a static step takes one token, not {k_new.shape[2]}")
         R, G, bits, pos = self.residual, self.group, self.bits, self.positions
         first_residual_key = start // R * R
-        in_residual = (pos - first_residual_key).clamp(0, self.k_residual.shape[2] - 1)
-        k = torch.where((pos < first_residual_key)[:, None], self._padded(self._decode_all_keys()),
-                        self.k_residual.index_select(2, in_residual))  # fmt: skip
-        v_held = torch.where((pos < start - R)[:, None], self._padded(self._decode_values(slice(None))),
-                             self.v_residual.index_select(2, pos % self.v_residual.shape[2]))  # fmt: skip
+        k, v_held = self._static_held(start)
         at = start.view(1)
         view = KVView(k.index_copy(2, at, k_new), v_held.index_copy(2, at, v_new), start + 1, pos)
         self.k_residual.index_copy_(2, at - first_residual_key, k_new)

@@ -371,6 +371,23 @@ def test_kivis_static_step_agrees_with_the_eager_one(length):
         model.decode_step(ids[:, :2], model.new_cache(2, 16, policy=KIVI), torch.tensor(0))
 
 
+def test_kivis_held_view_in_the_static_form_is_the_eager_one():
+    """What LCKV's readers of a later layer see when decoding: every position held before ``end``, read from the
+    codes or the residuals, the same in the compiled step's form (a tensor ``end``; it had none, and the compiled
+    step fell back to eager)."""
+    B, H, D = 2, 2, 8
+    slot = KiviKV(B, H, H, 30, D, D, policy=CachePolicy.from_spec(KIVI), dtype=torch.float32, device="cpu")
+    keys, values = torch.randn(B, H, 30, D), torch.randn(B, H, 30, D)
+    slot.update(keys[:, :, :5], values[:, :, :5], 0)
+    for end in range(5, 30):
+        eager, static = slot.view(end), slot.view(torch.tensor(end))
+        held = static.k_pos < end
+        assert held.sum() == end and torch.equal(static.k_pos[held], torch.arange(end))
+        torch.testing.assert_close(static.k[:, :, held], eager.k, rtol=0, atol=0)
+        torch.testing.assert_close(static.v[:, :, held], eager.v, rtol=0, atol=0)
+        slot.update(keys[:, :, end : end + 1], values[:, :, end : end + 1], end)
+
+
 @pytest.mark.parametrize(
     "spec, message",
     [
@@ -401,9 +418,10 @@ def test_a_group_that_does_not_divide_the_head_is_refused_naming_the_layer():
 
 @pytest.mark.slow
 # a ring buffer, every slot read whole and masked; KIVI's residual flushed twice (new tokens past 2 x 8); LCKV's
-# readers of a later layer's sinks and window (its held view, which had no static form: the step fell back to eager)
-@pytest.mark.parametrize("name, spec", [("window", "int4"), ("gqa", KIVI), ("lckv", SINKS)],
-                         ids=["int4-ring", "kivi", "lckv-sinks"])  # fmt: skip
+# readers of a later layer's sinks and window, or KIVI's codes (their held views had no static form: the step fell
+# back to eager)
+@pytest.mark.parametrize("name, spec", [("window", "int4"), ("gqa", KIVI), ("lckv", SINKS), ("lckv", KIVI)],
+                         ids=["int4-ring", "kivi", "lckv-sinks", "lckv-kivi"])  # fmt: skip
 def test_the_compiled_decode_step_reads_a_quantized_cache_as_the_eager_one(name, spec):
     model = build_model(VARIANTS[name]).eval()
     ids = torch.randint(0, 97, (2, 6))
