@@ -428,11 +428,7 @@ class PolicyKV:
             k, v = self.k.get(), self.v.get()
             k.index_copy_(2, slots, k_new.to(self.dtype))  # the step's own, as computed
             v.index_copy_(2, slots, v_new.to(self.dtype))
-            pos, held = self._held(start + t)
-            k_pos = torch.where(held, pos, start + t)
-            if self.rotary is not None:  # the window's earliest position once full (slots hold positions in order)
-                k, k_pos = self._moved_sinks(k, k_pos, start + t - self.window)
-            return KVView(k, v, start + t, k_pos)
+            return self._every_slot(k, v, start + t)
         if not self.window and start + t > self.length:
             raise ValueError(f"cache is full: {start} tokens held + {t} new > max_len={self.length}")
         view = self._with_new(start, k_new, v_new)
@@ -449,32 +445,37 @@ class PolicyKV:
         pos, held = self._held(start)
         if self.window:  # not what no query of the step reaches: a window's positions before start + 1 - window
             held &= (pos < self.sinks) | (pos > start - self.window)
-        idx = sink_ring_in_order(pos, held)  # (without a window the slots are the positions, in order already)
-        k = torch.cat([self.k.get(idx), k_new.to(self.dtype)], dim=2)
-        v = torch.cat([self.v.get(idx), v_new.to(self.dtype)], dim=2)
-        if not self.window:  # positions 0..end-1 in order
-            return KVView(k, v, end)
-        k_pos = torch.cat([pos[idx], torch.arange(start, end, device=idx.device)])
-        if self.rotary is not None and len(idx) >= self.sinks:
-            k, k_pos = self._moved_sinks(k, k_pos, int(k_pos[self.sinks]))  # the window's earliest held position
-        return KVView(k, v, end, k_pos)
+        return self._in_order(pos, held, end, k_new.to(self.dtype), v_new.to(self.dtype))
 
     def view(self, end: int | torch.Tensor) -> KVView:
         """What the slot holds of the positions before ``end``, decoded, in order; StreamingLLM's sinks turned
         and moved to just before the window, as a step's own view has them (what a layer reading a later
         layer's K/V, LCKV's, sees when decoding)."""
+        if isinstance(end, torch.Tensor):
+            return self._every_slot(self.k.get(), self.v.get(), end)
+        return self._in_order(*self._held(end), end)
+
+    def _every_slot(self, k: torch.Tensor, v: torch.Tensor, end: torch.Tensor) -> KVView:
+        """Static shapes: every slot's ``k``/``v`` at its position once those before ``end`` are written (a slot
+        not yet written at ``end``, which no query before it sees), StreamingLLM's sinks moved to just before
+        the window."""
         pos, held = self._held(end)
-        if isinstance(end, torch.Tensor):  # static shapes: every slot, at its position (unwritten: not before end)
-            k, v, k_pos = self.k.get(), self.v.get(), torch.where(held, pos, end)
-            if self.rotary is not None:  # the window's earliest position once full (slots hold positions in order)
-                k, k_pos = self._moved_sinks(k, k_pos, end - self.window)
-            return KVView(k, v, end, k_pos)
-        idx = sink_ring_in_order(pos, held)
-        k, v = self.k.get(idx), self.v.get(idx)
+        k_pos = torch.where(held, pos, end)
+        if self.rotary is not None:  # the window's earliest position once full (slots hold positions in order)
+            k, k_pos = self._moved_sinks(k, k_pos, end - self.window)
+        return KVView(k, v, end, k_pos)
+
+    def _in_order(self, pos, held, end: int, k_new=None, v_new=None) -> KVView:
+        """The slots ``held`` (``pos``: their positions), decoded, in order of position, then the step's own
+        ``k_new``/``v_new`` as computed, up to ``end``; StreamingLLM's sinks moved to just before the window."""
+        idx = sink_ring_in_order(pos, held)  # (without a window the slots are the positions, in order already)
+        k, v, k_pos = self.k.get(idx), self.v.get(idx), pos[idx]
+        if k_new is not None:
+            k, v = torch.cat([k, k_new], dim=2), torch.cat([v, v_new], dim=2)
+            k_pos = torch.cat([k_pos, torch.arange(end - k_new.shape[2], end, device=idx.device)])
         if not self.window:  # positions 0..end-1 in order
             return KVView(k, v, end)
-        k_pos = pos[idx]
-        if self.rotary is not None and len(idx) > self.sinks:
+        if self.rotary is not None and len(idx) >= self.sinks and len(k_pos) > self.sinks:
             k, k_pos = self._moved_sinks(k, k_pos, int(k_pos[self.sinks]))  # the window's earliest held position
         return KVView(k, v, end, k_pos)
 
