@@ -119,7 +119,7 @@ def linear_attention_chunked(
     q, k, v, log_decay, *, state=None, doc_ids=None, exclusive: bool = False, chunk_size: int = 64
 ):
     """Same contract as ``linear_attention_reference``, in chunks of ``chunk_size`` tokens."""
-    dt = compute_dtype(q.dtype)
+    dt, out_dtype = compute_dtype(q.dtype), q.dtype  # (q is rebound to its chunks in ``dt`` below)
     B, _, T, Dk = q.shape
     H, Dv = v.shape[1], v.shape[-1]
     C = chunk_size
@@ -187,7 +187,7 @@ def linear_attention_chunked(
         for n in range(N):
             out[:, :, n].addcmul_(q[:, :, n] @ S, read_decay[:, :, n])
             S = written[:, :, n].addcmul_(end_decay[:, :, n], S)  # (this chunk's share is spent)
-        return out.reshape(B, H, N * C, Dv)[:, :, :T].to(q.dtype), S
+        return out.reshape(B, H, N * C, Dv)[:, :, :T].to(out_dtype), S
     q_decayed = q * exp(b_read)
     if carries is not None:
         q_decayed = q_decayed * carries
@@ -197,7 +197,7 @@ def linear_attention_chunked(
         inter.append(q_n @ S)
         S = decay_n[..., None] * S + written_n
     out = out + torch.stack(inter, dim=2)
-    return out.reshape(B, H, N * C, Dv)[:, :, :T].to(q.dtype), S
+    return out.reshape(B, H, N * C, Dv)[:, :, :T].to(out_dtype), S
 
 
 def linear_attention_step(q, k, v, log_decay, *, state=None, exclusive: bool = False):

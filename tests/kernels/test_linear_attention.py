@@ -136,6 +136,18 @@ def test_chunked_equals_recurrent_outputs_state_and_gradients(chunk_size, with_s
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("vector", [False, True])
+def test_the_chunked_form_returns_outputs_in_the_inputs_dtype(vector):
+    """From bfloat16 inputs, in float32 inside (as the recurrence): outputs in bfloat16, the state in float32."""
+    q, k, v, g, _ = _inputs(11, vector=vector)
+    half = [t.bfloat16() for t in (q, k, v, g)]
+    out, state = linear_attention_chunked(*half, chunk_size=4)
+    expected, expected_state = linear_attention_reference(*half)
+    assert out.dtype == torch.bfloat16 and state.dtype == torch.float32
+    torch.testing.assert_close(out, expected, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(state, expected_state, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("kernel", ["reference", "chunked", "step"])
 @pytest.mark.parametrize("decay", ["scalar", "vector_exclusive"])
 def test_one_q_and_k_head_read_by_every_head_equals_it_copied_to_each(kernel, decay):
