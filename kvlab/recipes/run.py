@@ -30,8 +30,9 @@ import lightning as L
 import torch
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import ModelCheckpoint, ThroughputMonitor
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.trainer.states import RunningStage
 from omegaconf import DictConfig, OmegaConf
@@ -576,8 +577,6 @@ def _finished_job(cfg: DictConfig, run_dir: Path) -> dict | None:
 
 def _same_job(cfg: DictConfig, run_dir: Path) -> None:
     """Refuse a sweep job's directory that holds another job's run (its ``checkpoints/config.yaml``) or one in use."""
-    from lightning.fabric.utilities.rank_zero import rank_zero_only
-
     # The other processes of a multi-process run start inside rank 0's fit, which holds the directory by then
     pid = run_dir_in_use(run_dir) if rank_zero_only.rank == 0 else None
     if pid is not None:
@@ -713,8 +712,6 @@ LOCK_FILE = ".kvlab-run.lock"
 def _claim_run_dir(run_dir: Path, ckpt_path: str | None) -> None:
     """Take ``run_dir`` for this run, or refuse one that another run holds (alive, or finished or
     interrupted with its checkpoints there), unless this run resumes from that directory's checkpoint."""
-    from lightning.fabric.utilities.rank_zero import rank_zero_only
-
     if rank_zero_only.rank != 0:  # the other processes of a multi-process run share rank 0's directory
         return
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -870,6 +867,12 @@ class StepCheckpoint(ModelCheckpoint):
         _log_the_step_now(trainer)
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
+    def _save_checkpoint(self, trainer, filepath: str) -> None:
+        for logger in trainer.loggers:  # what was logged before the checkpoint is on disk before it
+            if isinstance(logger, RunTensorBoardLogger):
+                logger.write_out()
+        super()._save_checkpoint(trainer, filepath)
+
 
 class ContinuedThroughputMonitor(ThroughputMonitor):
     """Lightning's ThroughputMonitor, whose training counts (``train/batches``, ``train/samples``,
@@ -967,16 +970,53 @@ def _logger(tc: TrainConfig, run_dir: Path, continues_log_at: int | None):
     if kind == "csv":
         return RunCSVLogger(run_dir, continues_log_at)
     if kind == "tensorboard":
-        from lightning.pytorch.loggers import TensorBoardLogger
-
         # a run resuming in its own directory hides the killed run's events from its checkpoint's step on
-        return TensorBoardLogger(save_dir=run_dir, name="logs", version="", purge_step=continues_log_at)
+        return RunTensorBoardLogger(save_dir=run_dir, name="logs", version="", purge_step=continues_log_at)
     from lightning.pytorch.loggers import WandbLogger
 
     mode = os.environ.get("WANDB_MODE") or tc.logger.mode or "offline"
     name, group, tags = wandb_identity(tc, _hydra_run())
     return WandbLogger(project=tc.logger.project, name=name, group=group, tags=tags, save_dir=str(run_dir),
                        offline=mode != "online")  # fmt: skip
+
+
+class RunTensorBoardLogger(TensorBoardLogger):
+    """Lightning's TensorBoard logger, whose events are all in their file before each checkpoint is saved, so a
+    kill loses none that the resumed run will not log again.
+
+    tensorboardX writes events from a thread, and only closing its file waits for them (its flush writes out
+    what the thread has written; the events still queued stay there, up to ``flush_secs``, 2 minutes): a kill
+    after a checkpoint lost the events before it, which the resumed run, starting after it, never logs. So the
+    file is closed before each checkpoint and at each stage's end (the validation before training, the
+    training, the final validation), and the next events go to a new file, numbered (tensorboardX names a file
+    by the second it opens in, and a stage ended within its file's second had it overwritten by the next
+    stage's). A resumed run's purge marker (``purge_step``) goes into its first file only: Lightning's wrote it
+    into every new file, where the final validation's hid the resumed run's own training from the checkpoint's
+    step on."""
+
+    _files = 0
+
+    @property
+    @rank_zero_experiment
+    def experiment(self):
+        if self._experiment is None:
+            self._files += 1
+            self._kwargs["filename_suffix"] = f".{self._files:06d}"  # (files of one second sort in their order)
+        writer = super().experiment
+        self._kwargs.pop("purge_step", None)
+        return writer
+
+    @rank_zero_only
+    def write_out(self) -> None:
+        """Close the file, with every event logged so far in it; the next event opens a new one."""
+        if self._experiment is not None:
+            self._experiment.close()
+            self._experiment = None
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        super().finalize(status)
+        self._experiment = None  # closed: the next stage writes a file of its own
 
 
 class _ContinuedWriter(ExperimentWriter):

@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -590,25 +591,54 @@ def test_ddp_on_two_cpu_processes(tmp_path, data_cache):
     assert (run / "train_ddp_process_1.log").exists()
 
 
+def tensorboard_log(logdir: Path) -> tuple[list[tuple[int, int]], dict[tuple[str, int], float]]:
+    """The session marks (step, status) of a TensorBoard log and the scalars TensorBoard shows: its event files in
+    name order, a SessionLog START (status 1: a purge) at step s hiding every event before it at step >= s."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    marks, scalars = [], {}
+    for path in sorted(logdir.glob("events.out.tfevents.*")):
+        data, i = path.read_bytes(), 0
+        while i < len(data):  # TFRecords: length, its checksum, the event, its checksum
+            (n,) = struct.unpack("<Q", data[i : i + 8])
+            event = Event.FromString(data[i + 12 : i + 12 + n])
+            i += 16 + n
+            if event.HasField("session_log"):
+                marks.append((event.step, event.session_log.status))
+                if event.session_log.status == 1:
+                    scalars = {key: value for key, value in scalars.items() if key[1] < event.step}
+            scalars.update({(value.tag, event.step): value.simple_value for value in event.summary.value})
+    return marks, scalars
+
+
 # wandb under -m slow for the suite's time (its offline files: test_ablation.py's wandb test, in process)
 @pytest.mark.parametrize("logger", ["tensorboard", pytest.param("wandb", marks=pytest.mark.slow)])
 def test_other_loggers_write_their_files(tmp_path, data_cache, logger, monkeypatch):
+    """TensorBoard shows every step's training loss and every validation's loss, the one before training and the
+    final one included (each stage opened a file of its own, named by the second: a training of under a second
+    went under the final validation's)."""
     monkeypatch.delenv("WANDB_MODE", raising=False)  # offline is the default without it
-    train(tmp_path, data_cache, f"logger={logger}", "trainer.max_steps=3", "trainer.val_check_interval=3")
+    train(tmp_path, data_cache, f"logger={logger}", "trainer.max_steps=3", "trainer.val_check_interval=2",
+          "trainer.log_every_n_steps=1")  # fmt: skip
     (run,) = run_dirs(tmp_path, "train")
     if logger == "tensorboard":
-        assert list((run / "logs").glob("events.out.tfevents.*"))
+        _, scalars = tensorboard_log(run / "logs")
+        metrics = json.loads((run / "metrics.json").read_text())
+        assert sorted(step for tag, step in scalars if tag == "train_loss") == [0, 1, 2]
+        validations = {step: loss for (tag, step), loss in scalars.items() if tag == "val_loss"}
+        assert sorted(validations) == [0, 1, 3]  # before training, at step 2, the final one
+        assert validations[0] == pytest.approx(metrics["initial_val_loss"])
+        assert validations[3] == pytest.approx(metrics["val_loss"])
     else:
         assert list((run / "wandb").glob("offline-run-*"))
 
 
 def test_a_run_resuming_in_its_own_directory_purges_the_killed_runs_later_tensorboard_events(tmp_path):
     """TensorBoard's purge marker at the checkpoint's step: the killed run's events from there on are hidden,
-    as the CSV log drops its rows (the resumed run logs them again)."""
-    import struct
-
-    from tensorboardX.proto.event_pb2 import Event
-
+    as the CSV log drops its rows (the resumed run logs them again); the marker is written once, in the resumed
+    run's first file, and its own events of the stages after it (here the final validation's) all show."""
     from kvlab.recipes.config import TrainConfig
     from kvlab.recipes.run import _logger
 
@@ -617,15 +647,42 @@ def test_a_run_resuming_in_its_own_directory_purges_the_killed_runs_later_tensor
     for run, resumed_at in (tmp_path / "fresh", None), (tmp_path / "resumed", 7):
         logger = _logger(tc, run, resumed_at)
         logger.log_metrics({"train_loss": 1.0}, step=8)
-        logger.experiment.close()  # (its writer thread has written everything)
-        data, marks, i = next((run / "logs").glob("events.out.tfevents.*")).read_bytes(), [], 0
-        while i < len(data):  # TFRecords: length, its checksum, the event, its checksum
-            (n,) = struct.unpack("<Q", data[i : i + 8])
-            event = Event.FromString(data[i + 12 : i + 12 + n])
-            i += 16 + n
-            if event.HasField("session_log"):
-                marks.append((event.step, event.session_log.status))
+        logger.finalize("success")  # the end of training: what it logged is in the file
+        logger.log_metrics({"val_loss": 2.0}, step=9)
+        logger.finalize("success")
+        marks, scalars = tensorboard_log(run / "logs")
         assert marks == ([] if resumed_at is None else [(7, 1)])  # 1: SessionLog.START, the purge
+        assert scalars == {("train_loss", 8): 1.0, ("val_loss", 9): 2.0}
+
+
+def test_every_tensorboard_event_is_in_its_file_before_a_checkpoint_is_saved(tmp_path):
+    """tensorboardX writes from a thread and writes out only on closing (or every 2 minutes): a kill after a
+    checkpoint lost the events logged before it, which the resumed run does not log again."""
+    from types import SimpleNamespace
+
+    from kvlab.recipes.config import TrainConfig
+    from kvlab.recipes.run import StepCheckpoint, _logger
+
+    tc = TrainConfig(model={"mixer": {"kind": "attention"}})
+    tc.logger.kind = "tensorboard"
+    logger = _logger(tc, tmp_path, None)
+    logger.log_metrics({"train_loss": 1.0}, step=1)
+    time.sleep(0.5)  # the thread writes its first event out at once, the next ones when it next flushes
+    logger.log_metrics({"train_loss": 2.0}, step=2)
+    on_disk = []
+    trainer = SimpleNamespace(
+        loggers=[logger], global_step=2, is_global_zero=True,
+        save_checkpoint=lambda path, weights_only: on_disk.append(tensorboard_log(tmp_path / "logs")[1]),
+    )  # fmt: skip
+    StepCheckpoint(dirpath=tmp_path)._save_checkpoint(trainer, str(tmp_path / "step000002.ckpt"))
+    assert on_disk == [{("train_loss", 1): 1.0, ("train_loss", 2): 2.0}]
+    logger.log_metrics({"train_loss": 3.0}, step=3)  # on into another file
+    logger.finalize("success")
+    assert tensorboard_log(tmp_path / "logs")[1] == {
+        ("train_loss", 1): 1.0,
+        ("train_loss", 2): 2.0,
+        ("train_loss", 3): 3.0,
+    }
 
 
 def test_wandb_runs_are_named_by_preset_and_grouped_by_sweep():
