@@ -109,7 +109,7 @@ def generate(args: list[str]) -> None:
     parser.add_argument("path", help="a kvlab checkpoint (.ckpt, or a DeepSpeed checkpoint directory) with "
                         "tokenizer.json beside it, or a Hugging Face directory kvlab exported or reads")  # fmt: skip
     parser.add_argument("--prompt", required=True, action="append",
-                        help="the text to continue; several: one batch, each continued as alone")  # fmt: skip
+                        help="the text to continue; several: one batch (greedy: each continued as alone)")  # fmt: skip
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     parser.add_argument("--top-k", type=int, default=None)

@@ -702,7 +702,9 @@ class CausalLM(nn.Module):
         Prompts of different lengths: ``input_ids`` left-padded with
         ``attention_mask`` (0 at pads, as ``forward``), or a list of 1-D
         prompts, which are left-padded here (with ``eos_token_id``, else 0).
-        Each row gets the tokens it gets alone. A model that takes no padded
+        Each greedy row gets the tokens it gets alone (sampled rows draw from
+        one generator in turn, so a row's draws depend on the batch, as in
+        ``transformers``). A model that takes no padded
         rows (``takes_padded_rows``, or a mixer's ``takes_pads``), or a
         cache that does not (``Cache.pads_refused_because``: StreamingLLM's
         sinks, KIVI, MiniCache), generates row by row.
