@@ -15,6 +15,7 @@ import math
 import types
 import typing
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -237,3 +238,11 @@ def load_yaml(path) -> Any:
         mark = getattr(e, "problem_mark", None)
         where = f", line {mark.line + 1}" if mark is not None else ""
         raise ValueError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+
+
+def config_dir() -> Path:
+    """The shipped Hydra tree: ``kvlab/configs`` in an installed kvlab (package data), or ``configs/`` beside the
+    package in a checkout (an editable install included)."""
+    package = Path(__file__).resolve().parent
+    installed = package / "configs"
+    return installed if (installed / "train.yaml").is_file() else package.parent / "configs"

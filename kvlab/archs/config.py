@@ -48,6 +48,7 @@ from kvlab._config import (
     check_int,
     check_keys,
     check_types,
+    config_dir,
     field_names,
     from_dict,
     load_yaml,
@@ -341,6 +342,21 @@ class ModelConfig:
             raise ValueError(f"model config: expected a mapping, got {d!r}")
         check_keys(d, field_names(cls), "")
         return cls(**dict(d))
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> ModelConfig:
+        """A preset that ships with kvlab (``configs/model/NAME.yaml``: ``"gqa"``, ``"mla"``,
+        ``"reference/llama3_8b"``, as ``model=NAME`` names it), wherever kvlab is installed, its top-level settings
+        replaced by ``overrides`` (``n_layers=12``, ``mixer={...}``, ``vocab_size=32000``)."""
+        presets = config_dir() / "model"
+        path = presets / f"{name}.yaml"
+        if not isinstance(name, str) or not path.is_file():
+            known = sorted(str(p.relative_to(presets).with_suffix("")) for p in presets.rglob("*.yaml"))
+            raise ValueError(f"preset {name!r} is not one of kvlab's model presets: {', '.join(known)}")
+        try:
+            return cls.from_dict({**load_yaml(path), **overrides})
+        except ValueError as e:
+            raise ValueError(f"preset {name!r}: {e}") from None
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> ModelConfig:

@@ -15,7 +15,7 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
-from kvlab._config import load_yaml
+from kvlab._config import config_dir, load_yaml  # noqa: F401 (config_dir: part of this module's API)
 from kvlab.recipes.data import DataConfig
 from kvlab.recipes.module import OptimConfig
 
@@ -175,14 +175,6 @@ class TrainConfig:
     # the cache policy stage eval decodes through (kvlab.layers.cache_policy): null (keys and values as
     # computed), int8, int4, fp8, kivi, sinks, or a mapping: {kind: kivi, bits: 4}; its loss, footprint, pass key, speed
     cache: Any = None
-
-
-def config_dir() -> Path:
-    """The shipped Hydra tree: ``kvlab/configs`` in an installed kvlab (package data), or ``configs/`` beside the
-    package in a checkout (an editable install included)."""
-    package = Path(__file__).resolve().parents[1]
-    installed = package / "configs"
-    return installed if (installed / "train.yaml").is_file() else package.parent / "configs"
 
 
 def register_configs() -> None:

@@ -14,6 +14,17 @@ def test_presets_load_and_build(name):
     assert model.config is cfg
 
 
+def test_a_preset_by_name_with_top_level_settings_replaced():
+    assert ModelConfig.from_preset("mla") == ModelConfig.from_yaml(REPO / "configs" / "model" / "mla.yaml")
+    mixer = {"kind": "attention", "n_heads": 4, "n_kv_heads": 1}
+    cfg = ModelConfig.from_preset("reference/llama3_8b", n_layers=2, d_model=64, mixer=mixer)
+    assert (cfg.n_layers, cfg.d_model, cfg.mixer.n_kv_heads, cfg.vocab_size) == (2, 64, 1, 128256)
+    with pytest.raises(ValueError, match=r"preset 'nope' is not one of kvlab's model presets: .*gqa, .*mla"):
+        ModelConfig.from_preset("nope")
+    with pytest.raises(ValueError, match="preset 'gqa': n_layrs: unknown key"):
+        ModelConfig.from_preset("gqa", n_layrs=3)
+
+
 def test_attention_presets_differ_only_in_kv_heads():
     dicts = {name: preset_dict(name) for name in ("mha", "gqa", "mqa")}
     for d in dicts.values():

@@ -12,7 +12,7 @@ import zipfile
 import pytest
 
 from kvlab import cli
-from tests.conftest import REPO
+from tests.conftest import REPO, preset_dict
 from tests.recipes.test_train import TINY_MODEL, TINY_RUN
 
 
@@ -85,6 +85,9 @@ def test_the_wheel_installs_a_kvlab_command_that_works_from_an_empty_directory(t
     where = subprocess.run([python, "-c", "import kvlab; print(kvlab.__file__)"], cwd=empty, check=True,
                            capture_output=True, text=True).stdout  # fmt: skip
     assert where.startswith(site)
+    script = "from kvlab import ModelConfig; print(ModelConfig.from_preset('mla').n_layers)"
+    layers = subprocess.run([python, "-c", script], cwd=empty, check=True, capture_output=True, text=True).stdout
+    assert layers == f"{preset_dict('mla')['n_layers']}\n"  # the presets ship with it
 
     def kvlab_run(*args):
         return subprocess.run([kvlab, *args], cwd=empty, check=True, capture_output=True, text=True, timeout=600)
