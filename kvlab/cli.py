@@ -162,6 +162,11 @@ def load_trained(path: str):
 
     p = Path(path).expanduser()
     if (p / "config.json").is_file():  # a Hugging Face directory
+        if not (p / "tokenizer.json").is_file():  # (before its weights are read)
+            raise FileNotFoundError(
+                f"{p}: no tokenizer.json in this Hugging Face directory; one with a slow tokenizer's files alone "
+                "(tokenizer.model) gets one from transformers: AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)"
+            )
         from kvlab.archs.hf import load_hf
 
         return load_hf(p).eval(), load_tokenizer(str(p))

@@ -43,6 +43,11 @@ def test_generate_names_what_is_missing(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["generate", str(tmp_path / "last.ckpt"), "--prompt", "x"])
     assert "tokenizer.json: no tokenizer beside the checkpoint" in capsys.readouterr().err
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    with pytest.raises(SystemExit):
+        cli.main(["generate", str(tmp_path / "hf"), "--prompt", "x"])
+    assert "hf: no tokenizer.json in this Hugging Face directory" in capsys.readouterr().err
     for policy, message in [("zip", "cache policy kind='zip' is not one of none, int8"),
                             ("{kind: kivi}", "--cache-policy '{kind: kivi}' is not a JSON mapping")]:  # fmt: skip
         with pytest.raises(SystemExit):  # named before the checkpoint is read
