@@ -561,32 +561,40 @@ def _save_tokenizer(tokenizer, directory: Path, max_len: int) -> int:
     return eos
 
 
-def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint directory, sharded or not; a file that does not load is named."""
+def read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint directory, sharded or not: safetensors, else PyTorch's pickled files
+    (``pytorch_model.bin``, as older checkpoints have them alone; read with ``weights_only``, which unpickles
+    tensors and nothing else). A file that does not load is named."""
     from safetensors.torch import load_file
 
     def load(file: Path) -> dict[str, torch.Tensor]:
         try:
+            if file.suffix == ".bin":
+                return torch.load(file, map_location="cpu", weights_only=True)
             return load_file(file)
         except FileNotFoundError:
             raise FileNotFoundError(f"{file}: missing (the index lists it)") from None
-        except Exception as e:  # safetensors raises its own error type for truncated or foreign files
-            raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
+        except Exception as e:  # safetensors and torch raise their own error types for truncated or foreign files
+            raise ValueError(f"{file}: not a readable {'PyTorch' if file.suffix == '.bin' else 'safetensors'} "
+                             f"weights file ({e})") from None  # fmt: skip
 
-    single, index = directory / "model.safetensors", directory / "model.safetensors.index.json"
-    if single.is_file():
-        return load(single)
-    if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise ValueError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
-        state: dict[str, torch.Tensor] = {}
-        for shard in shards:
-            state.update(load(directory / shard))
-        return state
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        if (directory / single).is_file():
+            return load(directory / single)
+        index = directory / f"{single}.index.json"
+        if index.is_file():
+            try:
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise ValueError(f"{index}: not a weights index ({type(e).__name__}: {e})") from None
+            state: dict[str, torch.Tensor] = {}
+            for shard in shards:
+                state.update(load(directory / shard))
+            return state
     found = ", ".join(sorted(p.name for p in directory.iterdir())) or "nothing"
-    raise FileNotFoundError(f"{directory}: no model.safetensors or model.safetensors.index.json (found: {found})")
+    raise FileNotFoundError(
+        f"{directory}: no model.safetensors, pytorch_model.bin or an index of their shards (found: {found})"
+    )
 
 
 def load_hf(path: str | Path, dtype: torch.dtype = torch.float32) -> CausalLM:
@@ -617,11 +625,11 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32) -> CausalLM:
         raise ValueError(f"{config_file}: {str(e).removeprefix('config.json: ')}") from None
     hybrid = NATIVE_HYBRIDS.get(hf.get("model_type"))
     if hf.get("model_type") == "kvlab":
-        state = {k.removeprefix(REMOTE_PREFIX): v for k, v in read_safetensors(directory).items()}
+        state = {k.removeprefix(REMOTE_PREFIX): v for k, v in read_weights(directory).items()}
     elif hybrid is not None:  # renamed below, once our model's names are known
-        state = fuse_legacy_experts(read_safetensors(directory))
+        state = fuse_legacy_experts(read_weights(directory))
     else:
-        state = {hf_to_kvlab_name(k): v for k, v in fuse_legacy_experts(read_safetensors(directory)).items()}
+        state = {hf_to_kvlab_name(k): v for k, v in fuse_legacy_experts(read_weights(directory)).items()}
     if cfg.tie_embeddings and "lm_head.weight" in state:
         # transformers would tie the head to the embeddings and drop this one: refuse rather than
         # silently load a model other than the one the weights describe

@@ -182,7 +182,11 @@ def test_garbage_weights_and_configs_name_the_file(tmp_path):
     out = _llama_dir(tmp_path, build_model(tiny(n_layers=1)))
     weights = out / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])  # truncated
-    with pytest.raises(ValueError, match=r"model.safetensors: not a readable safetensors file"):
+    with pytest.raises(ValueError, match=r"model.safetensors: not a readable safetensors weights file"):
+        load_hf(out)
+    weights.unlink()
+    (out / "pytorch_model.bin").write_bytes(b"not a pickle")
+    with pytest.raises(ValueError, match=r"pytorch_model.bin: not a readable PyTorch weights file"):
         load_hf(out)
     (out / "config.json").write_text("")
     with pytest.raises(ValueError, match=r"config.json: not valid JSON"):

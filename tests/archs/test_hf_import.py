@@ -80,6 +80,29 @@ def test_import_matches_transformers(tmp_path, case, sharded):
         assert ours.config.mixer.kind == "mla" and ours.config.mixer.kv_lora_rank == 32
 
 
+@pytest.mark.parametrize("sharded", [False, True])
+def test_import_reads_pytorch_pickled_weights(tmp_path, sharded):
+    """Older checkpoints hold ``pytorch_model.bin`` (or its shards and their index) alone; written here by hand
+    (transformers 5 writes safetensors only), as earlier versions of it did."""
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**COMMON, num_key_value_heads=2)).eval()
+    hf.save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    state = hf.state_dict()
+    if sharded:
+        names = sorted(state)
+        shards = {"pytorch_model-00001-of-00002.bin": names[::2], "pytorch_model-00002-of-00002.bin": names[1::2]}
+        for file, keys in shards.items():
+            torch.save({k: state[k] for k in keys}, tmp_path / file)
+        weight_map = {k: file for file, keys in shards.items() for k in keys}
+        (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    else:
+        torch.save(state, tmp_path / "pytorch_model.bin")
+    ids = torch.randint(0, 101, (2, 13))
+    with torch.no_grad():
+        assert (load_hf(tmp_path)(ids) - hf(ids).logits).abs().max() <= 1e-4
+
+
 def test_names_round_trip():
     moe = ["gate.weight", "gate.e_score_correction_bias", "experts.gate_up_proj", "experts.down_proj",
            "shared_experts.down_proj.weight"]  # fmt: skip
