@@ -57,7 +57,10 @@ def load_tokenizer(path: str):
     if p.is_dir():
         p = p / "tokenizer.json"
     if not p.is_file():
-        raise FileNotFoundError(f"data.tokenizer: no tokenizer.json at {p}")
+        slow = [n for n in ("tokenizer.model", "spiece.model", "vocab.json") if (p.parent / n).is_file()]
+        hint = (f" ({p.parent} holds a slow tokenizer's {', '.join(slow)}: transformers writes its tokenizer.json, "
+                "AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR))") if slow else ""  # fmt: skip
+        raise FileNotFoundError(f"data.tokenizer: no tokenizer.json at {p}{hint}")
     return Tokenizer.from_file(str(p))
 
 

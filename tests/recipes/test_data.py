@@ -398,3 +398,13 @@ def test_tokenizing_holds_a_batch_of_documents_not_the_corpus(tmp_path, monkeypa
         peaks.append(tracemalloc.get_traced_memory()[1])
         tracemalloc.stop()
     assert peaks[1] < 1.5 * peaks[0], peaks
+
+
+def test_a_missing_tokenizer_json_names_a_slow_tokenizers_files_and_how_to_convert_them(tmp_path):
+    from kvlab.tokenizer import load_tokenizer
+
+    with pytest.raises(FileNotFoundError, match=r"data.tokenizer: no tokenizer.json at .*tokenizer.json$"):
+        load_tokenizer(str(tmp_path))
+    (tmp_path / "tokenizer.model").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"holds a slow tokenizer's tokenizer.model: .*save_pretrained"):
+        load_tokenizer(str(tmp_path))
