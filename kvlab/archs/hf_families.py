@@ -158,6 +158,8 @@ def _attention_from_hf(hf: dict[str, Any], rope: Rope) -> dict[str, Any]:
         elif len(sliding) < n:
             raise ValueError(f"config.json: Qwen2 with sliding windows on layers {sliding} only (max_window_layers="
                              f"{first}) is not supported; windows on all layers or on none are")  # fmt: skip
+    if window is not None and window >= hf.get("max_position_embeddings", float("inf")):
+        window = None  # it covers every position the model takes: full attention (a config of kvlab's refuses it)
     bias = {k: bool(hf.get("attention_bias")) if kind[k] is None else kind[k] for k in ("qkv_bias", "o_bias")}
     n_heads = hf["num_attention_heads"]
     return {

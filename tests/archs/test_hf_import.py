@@ -23,6 +23,8 @@ CASES = {
                                                     max_window_layers=0)),
     "qwen2-window-on-no-layer": (transformers.Qwen2Config, dict(num_key_value_heads=2, use_sliding_window=True,
                                                                 sliding_window=5, max_window_layers=3)),
+    # a window over more positions than the model takes (Mistral's default 4096 on a shorter model): full attention
+    "mistral-window-past-every-position": (transformers.MistralConfig, dict(num_key_value_heads=2, sliding_window=256)),
     "smollm-style": (transformers.LlamaConfig, dict(num_key_value_heads=1, head_dim=32, tie_word_embeddings=True)),
     # MLA; DeepSeek's own checkpoints rotate neighbouring RoPE channels (rope_interleave), which import reorders
     **{
@@ -75,7 +77,7 @@ def test_import_matches_transformers(tmp_path, case, sharded):
         with torch.no_grad():
             assert (load_hf(tmp_path, dtype=torch.float64)(ids) - hf64(ids).logits).abs().max() <= 1e-6
     if "window" in case:
-        assert ours.config.mixer.window == (None if "no-layer" in case else 5)
+        assert ours.config.mixer.window == (None if "no-layer" in case or "past-every" in case else 5)
     if "deepseek" in case:
         assert ours.config.mixer.kind == "mla" and ours.config.mixer.kv_lora_rank == 32
 
