@@ -139,10 +139,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     if teacher is not None:
         module.set_teacher(teacher)
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, run_dir / "checkpoints" / "config.yaml", resolve=True)
+    # (through temporaries: a resumed run writes them again beside the checkpoints that need them)
+    atomic_write_text(run_dir / "checkpoints" / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     # The tokenizer travels with the checkpoints: init from them (uptraining, export) reads the same tokens.
     if datamodule.tokenizer is not None:  # generated tasks (MQAR) have none
-        datamodule.tokenizer.save(str(run_dir / "checkpoints" / "tokenizer.json"))
+        tokenizer = datamodule.tokenizer
+        atomic_write(run_dir / "checkpoints" / "tokenizer.json", lambda tmp: tokenizer.save(str(tmp)))
     # a run resuming in its own directory (a killed sweep's job, an uptraining parent) continues its log there
     here = _resumes_in(run_dir, ckpt_path)
     trainer = _trainer(tc, run_dir, continues_log_at=checkpoint_step(ckpt_path) if here else None)
