@@ -584,7 +584,12 @@ def matryoshka_greedy_ranks(
         use(unit[0], trial)
         value = loss()
         use(unit[0], ranks[unit[0]])
+        forwards.update()
         return value
+
+    from tqdm.auto import tqdm  # (a forward of the calibration tokens per candidate, many on a large model)
+
+    forwards = tqdm(desc="MatryoshkaKV: ranks tried", unit="forward", disable=None)
 
     if per_head:  # one forward per head and lower rank, then the cheapest steps on those measures
         rise = {u: {} for u in units}
@@ -612,6 +617,7 @@ def matryoshka_greedy_ranks(
             ranks[unit[0]] = trial
             use(unit[0], trial)
             losses.append(value)
+    forwards.close()
     model.train(was_training)
     return {i: tuple(list(x) if per_head else x[0] for x in r) for i, r in ranks.items()}, losses
 

@@ -171,3 +171,17 @@ def test_allocate_heads_is_the_brute_force_optimum():
             sum(costs[i][n - 1] for i, n in enumerate(best)))  # fmt: skip
     with pytest.raises(ValueError, match="15 heads cannot be spread over 4 layers of at most 14"):
         grouping.allocate_heads(costs, 15)
+
+
+def test_pareto_of_two_objectives_sweeps_to_the_first_front_with_ties_and_duplicates():
+    """The sort-and-sweep front equals NSGA-II's first front by pairwise comparison (the reference), in the same
+    order, on points full of equal objectives; more objectives take the pairwise path."""
+    import random
+
+    rng = random.Random(0)
+    for n in range(1, 80):
+        for width in (2, 3):
+            points = {i: (tuple(float(rng.randint(0, 5)) for _ in range(width)), i) for i in range(n)}
+            items = list(points.values())
+            first = grouping.non_dominated_fronts([objectives for objectives, _ in items])[0]
+            assert grouping.pareto(points) == sorted((items[i] for i in first), key=lambda item: item[0])
