@@ -510,6 +510,8 @@ def _pca_bases(model: CausalLM, calibration: torch.Tensor) -> dict[int, dict[str
         mixer = model.layers[i].mixer
         G, d = mixer.n_kv_heads, mixer.head_dim
         keys = outputs[i, "k_proj"].view(B, T, G, d).transpose(1, 2)
+        if mixer.cfg.qk_norm:  # the keys as the layer caches them: normalised, then turned
+            keys = mixer.k_norm(keys)
         cos, sin = mixer.rotary(0, T)
         keys = apply_rope(keys, cos, sin)
         values = outputs[i, "v_proj"].view(B, T, G, d).transpose(1, 2)
@@ -643,7 +645,7 @@ def _to_cla(model: CausalLM, spec: Mapping[str, Any]) -> CausalLM:
     state = dict(model.state_dict())
     for owner in sorted(set(sources)):
         readers = [i for i, src in enumerate(sources) if src == owner]
-        for proj in ("k_proj", "v_proj"):
+        for proj in ("k_proj", "k_norm", "v_proj"):
             for tensor in ("weight", "bias"):
                 keys = [f"layers.{i}.mixer.{proj}.{tensor}" for i in readers]
                 if keys[0] in state:  # readers[0] is the owner; SVFormer's readers have no V (they read layer 0's)
@@ -713,7 +715,7 @@ def _to_shared_attention(
     except ValueError as e:
         raise ValueError(f"convert.to=sa: {e}") from None
     readers = [i for i in range(n) if sources[i] != i]
-    dropped = tuple(f"layers.{i}.mixer.{proj}." for i in readers for proj in ("q_proj", "k_proj"))
+    dropped = tuple(f"layers.{i}.mixer.{proj}." for i in readers for proj in ("q_proj", "k_proj", "q_norm", "k_norm"))
     state = {k: v for k, v in model.state_dict().items() if not k.startswith(dropped)}
     if report is not None:
         report["sa"] = {"spans": spans, "attention_source": sources}
@@ -918,6 +920,7 @@ def _to_mla(model: CausalLM, kv_lora_rank: int, rope_dims: int, calibration: tor
         "biases": m.qkv_bias or m.o_bias,
         "WGQA merge weights": m.kv_merge > 1,
         "a value residual": m.value_residual is not None,
+        "per-head query and key norms (qk_norm)": m.qk_norm,  # the latent's keys are linear in it
     }
     if any(reasons.values()):
         raise ValueError(f"convert.to=mla: the model has {', '.join(k for k, v in reasons.items() if v)}; MLA has none")

@@ -680,6 +680,8 @@ def _fields_shaping(name: str) -> str:
         ("v_proj", "num_key_value_heads, head_dim, hidden_size"),
         ("o_proj", "num_attention_heads, head_dim, hidden_size"),
         ("mlp", "intermediate_size, hidden_size"),
+        ("q_norm", "head_dim"),  # Qwen3's, over each head
+        ("k_norm", "head_dim"),
         ("norm", "hidden_size"),
     ):
         if fragment in name:

@@ -72,10 +72,12 @@ def family_of_model_type(model_type: str) -> NativeFamily | None:
 
 # model_type -> what differs inside the Llama family
 LLAMA_TYPES: dict[str, dict[str, Any]] = {
-    "llama": {"qkv_bias": None, "o_bias": None, "window": False},  # None: from config.attention_bias
-    "mistral": {"qkv_bias": False, "o_bias": False, "window": True},
-    "qwen2": {"qkv_bias": True, "o_bias": False, "window": True},
+    "llama": {"qkv_bias": None, "o_bias": None, "window": False, "qk_norm": False},  # None: config.attention_bias
+    "mistral": {"qkv_bias": False, "o_bias": False, "window": True, "qk_norm": False},
+    "qwen2": {"qkv_bias": True, "o_bias": False, "window": True, "qk_norm": False},
+    "qwen3": {"qkv_bias": None, "o_bias": None, "window": True, "qk_norm": True},  # norms with rms_norm_eps
 }
+QWEN_WINDOWS = ("qwen2", "qwen3")  # windows on the layers from max_window_layers on (transformers' layer_types)
 
 
 def one_swiglu_problems(cfg: ModelConfig) -> list[str]:
@@ -115,7 +117,13 @@ def _attention_layer_problems(m) -> list[str]:
 
 
 def _attention_to_hf(cfg: ModelConfig, m) -> dict[str, Any] | str:
-    if m.window is not None and m.qkv_bias and not m.o_bias:
+    if m.qk_norm:  # Qwen3: its norms take the model's rms_norm_eps; its biases are all or none (attention_bias)
+        if m.qkv_bias != m.o_bias:
+            return f"qk_norm with qkv_bias={m.qkv_bias}, o_bias={m.o_bias} (Qwen3 has both or neither)"
+        if cfg.norm.kind != "rmsnorm" or m.qk_norm_eps != cfg.norm.eps:
+            return f"qk_norm_eps={m.qk_norm_eps} apart from the model's norm eps={cfg.norm.eps} (Qwen3 has one)"
+        model_type = "qwen3"
+    elif m.window is not None and m.qkv_bias and not m.o_bias:
         model_type = "qwen2"
     elif m.window is not None and not m.qkv_bias and not m.o_bias:
         model_type = "mistral"
@@ -132,11 +140,11 @@ def _attention_to_hf(cfg: ModelConfig, m) -> dict[str, Any] | str:
         if s["kind"] == "llama3":
             hf["rope_parameters"].update(low_freq_factor=s["low_freq_factor"], high_freq_factor=s["high_freq_factor"],
                                          original_max_position_embeddings=s["original_max_seq_len"])  # fmt: skip
-    if model_type == "llama":
+    if model_type in ("llama", "qwen3"):
         hf["attention_bias"] = m.qkv_bias
-    elif model_type == "mistral":
+    if model_type == "mistral":
         hf["sliding_window"] = m.window
-    else:  # Qwen2's windows are on the layers from max_window_layers on (transformers' layer_types): all or none
+    elif model_type in QWEN_WINDOWS:  # on the layers from max_window_layers on (layer_types): all or none
         hf.update(use_sliding_window=m.window is not None, sliding_window=m.window,
                   max_window_layers=0 if m.window is not None else cfg.n_layers)  # fmt: skip
     return hf
@@ -148,7 +156,7 @@ def _attention_from_hf(hf: dict[str, Any], rope: Rope) -> dict[str, Any]:
     window = None
     if kind["window"] and (model_type == "mistral" or hf.get("use_sliding_window")):
         window = hf.get("sliding_window")
-    if model_type == "qwen2" and window is not None:
+    if model_type in QWEN_WINDOWS and window is not None:
         # as transformers reads it: layer_types, else a window on every layer from max_window_layers (28) on
         n, first = hf["num_hidden_layers"], hf.get("max_window_layers", 28)
         types = hf.get("layer_types") or ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
@@ -156,8 +164,10 @@ def _attention_from_hf(hf: dict[str, Any], rope: Rope) -> dict[str, Any]:
         if not sliding:
             window = None
         elif len(sliding) < n:
-            raise ValueError(f"config.json: Qwen2 with sliding windows on layers {sliding} only (max_window_layers="
-                             f"{first}) is not supported; windows on all layers or on none are")  # fmt: skip
+            raise ValueError(
+                f"config.json: {model_type} with sliding windows on layers {sliding} only (max_window_layers={first}) "
+                "is not supported; windows on all layers or on none are"
+            )
     if window is not None and window >= hf.get("max_position_embeddings", float("inf")):
         window = None  # it covers every position the model takes: full attention (a config of kvlab's refuses it)
     bias = {k: bool(hf.get("attention_bias")) if kind[k] is None else kind[k] for k in ("qkv_bias", "o_bias")}
@@ -171,13 +181,19 @@ def _attention_from_hf(hf: dict[str, Any], rope: Rope) -> dict[str, Any]:
         "rope_scaling": rope.scaling,
         "window": window,
         **bias,
+        **({"qk_norm": True, "qk_norm_eps": hf.get("rms_norm_eps", 1e-6)} if kind["qk_norm"] else {}),
     }
 
 
 register_native(
     NativeFamily(
         kind="attention",
-        model_types={"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"},
+        model_types={
+            "llama": "LlamaForCausalLM",
+            "mistral": "MistralForCausalLM",
+            "qwen2": "Qwen2ForCausalLM",
+            "qwen3": "Qwen3ForCausalLM",
+        },  # fmt: skip
         problems=_attention_problems,
         to_hf=_attention_to_hf,
         from_hf=_attention_from_hf,

@@ -11,8 +11,9 @@ before it; its cache is a ring buffer of ``window`` positions) with
 ``sinks``, the first positions every query sees as well, held beside the
 ring (Hymba's meta tokens, Dong et al. 2024), value heads wider than the
 key heads (``v_head_dim``: Hymba's are ``expand`` times wider, to match its
-SSM heads), q/k/v biases (Qwen2) and an output bias (Llama's
-``attention_bias``). A layer whose
+SSM heads), q/k/v biases (Qwen2), an output bias (Llama's
+``attention_bias``) and ``qk_norm`` (Qwen3: every query and key head
+RMS-normalised before RoPE, so the cache holds normalised keys). A layer whose
 ``kv_source`` is another layer has no K/V projections and attends with its
 own queries to that layer's keys and values (cross-layer sharing, Brandon
 et al. 2024); it owns no cache slot.
@@ -113,6 +114,7 @@ from kvlab.kernels.precision import compute_dtype, upcast
 from kvlab.kernels.rope import check_rope_scaling
 from kvlab.layers.base import LayerFootprint, MixerConfig, StepState, default_head_dim, register_mixer
 from kvlab.layers.kv_cache import KVView, RingKV, SinkRingKV, StaticKV
+from kvlab.layers.norm import RMSNorm
 from kvlab.layers.rope import Rotary
 
 log = logging.getLogger("kvlab")
@@ -155,6 +157,9 @@ class AttentionConfig(MixerConfig):
     v_head_dim: int | None = None  # channels of each value head; None: head_dim (Hymba: expand * head_dim)
     qkv_bias: bool = False
     o_bias: bool = False  # Llama's attention_bias puts a bias on the output projection too
+    # Qwen3's: each query and key head RMS-normalised (one weight over head_dim, shared by the heads) before RoPE
+    qk_norm: bool = False
+    qk_norm_eps: float = 1e-5  # (import sets Qwen3's rms_norm_eps; export needs the model's norm eps)
     kv_merge: int = 1  # > 1: each K/V head is a learned weighted sum of this many projection heads (WGQA)
     kv_groups: list[int] | None = None  # per query head, the K/V head it reads; None: equal consecutive groups
     n_v_heads: int | None = None  # DHA: value heads apart from the key heads (n_kv_heads); None: as many
@@ -183,6 +188,8 @@ class AttentionConfig(MixerConfig):
         check_rope_scaling(self.rope_scaling, f"{path}.rope_scaling")
         check_bool(self.qkv_bias, f"{path}.qkv_bias")
         check_bool(self.o_bias, f"{path}.o_bias")
+        check_bool(self.qk_norm, f"{path}.qk_norm")
+        check_float(self.qk_norm_eps, f"{path}.qk_norm_eps", positive=True)
         check_int(self.kv_merge, f"{path}.kv_merge", minimum=1)
         if self.value_residual is not None:
             check_choice(self.value_residual, f"{path}.value_residual", VALUE_RESIDUALS)
@@ -486,12 +493,16 @@ class Attention(nn.Module):
         self.n_q_heads = cfg.n_heads if cfg.n_q_heads is None else cfg.n_q_heads  # query projections
         if not self.reads_weights:  # SA: the weights come from another layer, so no queries or keys here
             self.q_proj = nn.Linear(d_model, self.n_q_heads * cfg.head_dim, bias=cfg.qkv_bias)
+            if cfg.qk_norm:
+                self.q_norm = RMSNorm(cfg.head_dim, cfg.qk_norm_eps)
         # layers above the first with a value residual take V_1 from layer 0 (SVFormer: only it)
         self.value_residual = cfg.value_residual if layer_idx > 0 else None
         if self.owns_kv:
             kv_width = cfg.n_kv_heads * cfg.kv_merge * cfg.head_dim
             if not self.reads_weights:
                 self.k_proj = nn.Linear(d_model, kv_width, bias=cfg.qkv_bias)
+                if cfg.qk_norm:
+                    self.k_norm = RMSNorm(cfg.head_dim, cfg.qk_norm_eps)
             if self.value_residual != "svformer":
                 v_width = self.n_v_heads * cfg.kv_merge * cfg.v_head_dim
                 self.v_proj = nn.Linear(d_model, v_width, bias=cfg.qkv_bias)
@@ -566,7 +577,8 @@ class Attention(nn.Module):
         cos, sin = self.rotary(start, T, state.positions)
         bases = self._matryoshka_bases(state) if self.cfg.kv_ranks is not None else None
         if self.owns_kv:
-            k = apply_rope(self._kv_heads(self.k_proj(x), "k"), cos, sin)
+            k = self._kv_heads(self.k_proj(x), "k")
+            k = apply_rope(self.k_norm(k) if self.cfg.qk_norm else k, cos, sin)
             if self.value_residual == "svformer":  # keys only; the values are layer 0's
                 v = k.new_empty(*k.shape[:-1], 0)
             else:
@@ -594,7 +606,7 @@ class Attention(nn.Module):
         q = self.q_proj(x[:, -Tq:]).view(B, Tq, self.n_q_heads, self.head_dim).transpose(1, 2)
         if last_only:  # the last position's query, asking as the top layers of a prefill that keep no state do
             cos, sin, state = cos[..., -1:, :], sin[..., -1:, :], state.tail(T)
-        q = apply_rope(q, cos, sin)
+        q = apply_rope(self.q_norm(q) if self.cfg.qk_norm else q, cos, sin)
         if bases is not None:  # queries on their K/V head's key basis
             heads = self._kv_head_of_query()
             q = torch.einsum("bhtd,hdr->bhtr", q, bases[0][heads])

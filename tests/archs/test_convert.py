@@ -26,13 +26,19 @@ def test_gqa_with_as_many_kv_heads_is_the_identity(tied):
 
 
 @pytest.mark.parametrize("method", ["mean", "first"])
-def test_pooling_identical_heads_is_exact(method):
-    model = build_model(MHA).double().eval()  # (exact to float64's rounding)
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_pooling_identical_heads_is_exact(method, qk_norm):
+    """With Qwen3's query and key norms too (their weights, shared by the heads, carried as they are)."""
+    spec = tiny(mixer={**MHA["mixer"], "qk_norm": qk_norm})
+    model = build_model(spec).double().eval()  # (exact to float64's rounding)
     with torch.no_grad():  # make heads (0,1) and (2,3) identical in K and V
         for layer in model.layers:
             for proj in (layer.mixer.k_proj, layer.mixer.v_proj):
                 w = proj.weight.view(2, 2, 16, 64)
                 w[:, 1] = w[:, 0]
+            if qk_norm:
+                layer.mixer.q_norm.weight.normal_(1.0, 0.3)
+                layer.mixer.k_norm.weight.normal_(1.0, 0.3)
     gqa = convert_model(model, {"to": "gqa", "n_kv_heads": 2, "method": method}).eval()
     assert gqa.config.mixer.n_kv_heads == 2 and gqa.layers[0].mixer.k_proj.weight.shape == (32, 64)
     ids = _ids()
@@ -166,7 +172,11 @@ def test_cla_every_1_is_the_identity():
 
 @pytest.mark.parametrize("spec", [{"to": "cla", "every": 2}, {"to": "cla", "kv_source": [0, 0, 0, 3]}])
 def test_cla_owners_take_the_mean_of_their_readers_and_readers_drop_their_kv(spec):
-    model = build_model(tiny(mixer={"kind": "attention", "n_heads": 4, "qkv_bias": True}))
+    """Qwen3's key norms too: the owner's is its readers' mean; the readers keep their query norms."""
+    model = build_model(tiny(mixer={"kind": "attention", "n_heads": 4, "qkv_bias": True, "qk_norm": True}))
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.mixer.k_norm.weight.normal_(1.0, 0.3)
     shared = convert_model(model, spec)
     sources = shared.config.layer_kv_source
     assert sources == ([0, 0, 2, 2] if "every" in spec else [0, 0, 0, 3])
@@ -176,8 +186,13 @@ def test_cla_owners_take_the_mean_of_their_readers_and_readers_drop_their_kv(spe
             for tensor in ("weight", "bias"):
                 want = torch.stack([getattr(getattr(model.layers[i].mixer, proj), tensor) for i in group]).mean(0)
                 torch.testing.assert_close(getattr(getattr(shared.layers[owner].mixer, proj), tensor), want)
+        want = torch.stack([model.layers[i].mixer.k_norm.weight for i in group]).mean(0)
+        torch.testing.assert_close(shared.layers[owner].mixer.k_norm.weight, want)
         for reader in group[1:]:
-            assert not hasattr(shared.layers[reader].mixer, "k_proj")
+            assert not hasattr(shared.layers[reader].mixer, "k_proj") and not hasattr(
+                shared.layers[reader].mixer, "k_norm"
+            )
+            assert hasattr(shared.layers[reader].mixer, "q_norm")
     owners = len(set(sources))
     assert shared.kv_footprint().bytes_per_token * 4 == model.kv_footprint().bytes_per_token * owners
     # everything but K/V is carried over unchanged
@@ -317,8 +332,9 @@ def test_mha2mla_error_falls_with_rank_and_the_cache_is_latent_plus_rope_keys():
         (MHA2MLA_PARENTS["mha"], {"rope_dims": 5}, "convert.rope_dims=5 must be even"),
         (MHA2MLA_PARENTS["mha"], {"rope_dims": 32}, "convert.rope_dims=32 must be even and at most the head_dim=16"),
         (tiny(kv_sharing={"kind": "cla", "every": 2}), {}, "unshared"),
+        (tiny(mixer={"kind": "attention", "n_heads": 4, "qk_norm": True}), {}, "per-head query and key norms"),
     ],
-    ids=["bias", "partial_rope", "odd", "too_wide", "shared"],
+    ids=["bias", "partial_rope", "odd", "too_wide", "shared", "qk_norm"],
 )
 def test_mha2mla_refuses_what_it_cannot_convert(spec, convert, message):
     with pytest.raises(ValueError, match=re.escape(message)):

@@ -9,6 +9,7 @@ from tests.conftest import PRESETS, preset_dict, tiny
 VARIANTS = {
     "mha": tiny(mixer={"kind": "attention", "n_heads": 4}),
     "gqa": tiny(),
+    "gqa_qk_norm": tiny(mixer={"kind": "attention", "n_heads": 4, "n_kv_heads": 2, "qk_norm": True}),  # Qwen3's
     "mqa": tiny(mixer={"kind": "attention", "n_heads": 4, "n_kv_heads": 1}),
     "window": tiny(mixer={"kind": "attention", "n_heads": 4, "n_kv_heads": 2, "window": 5}),
     "partial_rope": tiny(mixer={"kind": "attention", "n_heads": 4, "n_kv_heads": 2, "rope_dims": 8}),

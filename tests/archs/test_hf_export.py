@@ -48,6 +48,7 @@ NATIVE = {
     "mistral_window": tiny(mixer={**ATTENTION, "window": 6}),
     "qwen2_bias": tiny(mixer={**ATTENTION, "qkv_bias": True}),
     "qwen2_window": tiny(mixer={**ATTENTION, "qkv_bias": True, "window": 6}),  # windows on every layer
+    "qwen3_qk_norm_bias": tiny(mixer={**ATTENTION, "qk_norm": True, "qkv_bias": True, "o_bias": True}),
     "sharded": tiny(),
     "mla_q_lora": tiny(
         mixer={"kind": "mla", "n_heads": 4, "head_dim": 16, "rope_head_dim": 8, "kv_lora_rank": 24, "q_lora_rank": 32}
@@ -119,6 +120,7 @@ PRESET_TYPES = {"mha": "llama", "gqa": "llama", "mqa": "llama", "mla": "deepseek
                 "xc_cache": "kvlab", "hymba": "kvlab", "parallel_heads": "kvlab", "rwkv6_shared_mla": "kvlab",
                 "recurformer": "kvlab", "mixcon": "kvlab"}  # fmt: skip
 EXPECTED_TYPE = {**PRESET_TYPES, "mistral_window": "mistral", "qwen2_bias": "qwen2", "qwen2_window": "qwen2",
+                 "qwen3_qk_norm_bias": "qwen3",
                  "mla_q_lora": "deepseek_v3", "mla_moe": "deepseek_v3", **dict.fromkeys(REMOTE, "kvlab")}  # fmt: skip
 
 # Run in a fresh interpreter in which kvlab cannot be imported.

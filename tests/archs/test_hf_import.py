@@ -25,6 +25,9 @@ CASES = {
                                                                 sliding_window=5, max_window_layers=3)),
     # a window over more positions than the model takes (Mistral's default 4096 on a shorter model): full attention
     "mistral-window-past-every-position": (transformers.MistralConfig, dict(num_key_value_heads=2, sliding_window=256)),
+    # per-head query and key norms before RoPE (Qwen3's q_norm, k_norm), with and without biases
+    "qwen3": (transformers.Qwen3Config, dict(num_key_value_heads=2, head_dim=32)),
+    "qwen3-bias": (transformers.Qwen3Config, dict(num_key_value_heads=1, attention_bias=True)),
     "smollm-style": (transformers.LlamaConfig, dict(num_key_value_heads=1, head_dim=32, tie_word_embeddings=True)),
     # MLA; DeepSeek's own checkpoints rotate neighbouring RoPE channels (rope_interleave), which import reorders
     **{
@@ -56,10 +59,12 @@ def test_import_matches_transformers(tmp_path, case, sharded):
     cls, extra = CASES[case]
     torch.manual_seed(0)
     hf = transformers.AutoModelForCausalLM.from_config(cls(**COMMON, **extra), attn_implementation="eager").eval()
-    with torch.no_grad():  # random biases, so a dropped bias would show
+    with torch.no_grad():  # random biases and norm weights, so a dropped or misplaced one would show
         for name, p in hf.named_parameters():
             if name.endswith("bias"):
                 p.normal_(std=0.5)
+            elif "norm" in name:
+                p.normal_(mean=1.0, std=0.3)
         for name, b in hf.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 b.normal_(std=0.05)  # the router's scores are near 0.5 at init: this changes which experts win

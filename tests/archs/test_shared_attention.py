@@ -146,6 +146,10 @@ def test_the_conversion_finds_the_most_alike_span_and_keeps_what_the_parent_comp
     by_hand = convert_model(parent, {"to": "sa", "spans": [[0, 1], [2, 3]]})
     assert by_hand.config.attention_source == [0, 0, 2, 2]
     assert any(hasattr(parent.layers[i].mixer, "k_proj") for i in (1, 3))  # the parent is left as it was
+    # Qwen3's query and key norms go with a reader's query and key projections
+    qwen3 = build_model(tiny(n_layers=4, mixer={"kind": "attention", "n_heads": 4, "qk_norm": True}))
+    reader = convert_model(qwen3, {"to": "sa", "spans": [[0, 1]]}).layers[1].mixer
+    assert not any(hasattr(reader, name) for name in ("q_proj", "k_proj", "q_norm", "k_norm"))
 
 
 @pytest.mark.parametrize(

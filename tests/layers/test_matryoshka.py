@@ -83,8 +83,15 @@ def test_training_cycles_through_every_rank_pair_and_saves_where_it_is():
     assert layer.k_rotation.grad.abs().sum() > 0 and layer.v_mean.grad.abs().sum() > 0
 
 
-def test_pca_conversion_is_exact_at_full_rank_and_orders_by_variance():
-    model = build_model(SPEC).double().eval()  # exact to float64's rounding: the bases keep the parent's precision
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_pca_conversion_is_exact_at_full_rank_and_orders_by_variance(qk_norm):
+    """With Qwen3's key norms, the bases are those of the keys as cached: normalised, then turned."""
+    spec = {**SPEC, "mixer": {**SPEC["mixer"], "qk_norm": qk_norm}}
+    model = build_model(spec).double().eval()  # exact to float64's rounding: the bases keep the parent's precision
+    if qk_norm:
+        with torch.no_grad():
+            for layer in model.layers:
+                layer.mixer.k_norm.weight.copy_(torch.linspace(0.2, 3.0, 16))
     ids = torch.randint(0, 97, (4, 33))
     full = convert_model(model, {"to": "matryoshka"}, calibration=ids).eval()
     assert full.config.layer_mixers[0].kv_ranks == [4, 8, 12, 16]  # the official d/4 schedule
