@@ -84,6 +84,19 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
+def atomic_write_csv(path: str | os.PathLike, rows: list[dict], columns, ignore_extra: bool = False) -> None:
+    """``rows`` under a header of ``columns``; with ``ignore_extra``, keys not in ``columns`` are left out."""
+    import csv
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore" if ignore_extra else "raise")
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic_write(path, write)
+
+
 def pid_alive(pid: int) -> bool:
     if pid == os.getpid():
         return True

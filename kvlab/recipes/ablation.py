@@ -25,7 +25,6 @@ With the wandb logger on, the tables and the plot go to wandb as well.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -34,7 +33,7 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
-from kvlab._io import atomic_write, atomic_write_text
+from kvlab._io import atomic_write, atomic_write_csv, atomic_write_text
 
 log = logging.getLogger("kvlab")
 
@@ -252,16 +251,6 @@ def _cell(value: Any) -> str:
     return f"{value:,}" if isinstance(value, int) else str(value)
 
 
-def _write_csv(path: Path, rows: list[dict[str, Any]], columns: tuple[str, ...]) -> None:
-    def write(tmp: Path) -> None:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
-
-    atomic_write(path, write)
-
-
 def markdown_table(summary: list[dict[str, Any]], context: int, orders: dict[Any, list[str]] | None = None,
                    unfinished: list[str] = ()) -> str:  # fmt: skip
     """The per-preset table as Markdown: loss and perplexity as mean ± interval, the frontier in bold, ties
@@ -348,8 +337,8 @@ def report(sweep_dir: Path, context: int = 2048) -> list[dict[str, Any]]:
         log.warning("ablation: no finished job in %s, nothing to report", sweep_dir)
         return []
     summary = summarize(runs)
-    _write_csv(sweep_dir / "runs.csv", runs, RUN_COLUMNS)
-    _write_csv(sweep_dir / "results.csv", summary, COLUMNS)
+    atomic_write_csv(sweep_dir / "runs.csv", runs, RUN_COLUMNS, ignore_extra=True)
+    atomic_write_csv(sweep_dir / "results.csv", summary, COLUMNS, ignore_extra=True)
     orders = seed_orders([r for r in runs if r["val_loss"] is not None])
     atomic_write_text(sweep_dir / "results.md", markdown_table(summary, context, orders, unfinished))
     scored = [r for r in summary if r["val_ppl"] is not None]

@@ -39,7 +39,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from kvlab._config import check_finite, differences, dotted_items
-from kvlab._io import atomic_write, atomic_write_text, pid_alive, remove_orphans
+from kvlab._io import atomic_write, atomic_write_csv, atomic_write_text, pid_alive, remove_orphans
 from kvlab.archs import ModelConfig, build_model, convert_model
 from kvlab.archs.convert import calibration_rows
 from kvlab.layers.cache_policy import CachePolicy
@@ -1052,15 +1052,15 @@ class _ContinuedWriter(ExperimentWriter):
                     break
                 kept += validation + [row]
                 validation = []
-
-        def write(tmp: Path) -> None:
-            with open(tmp, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=header)
-                writer.writeheader()
-                writer.writerows(kept)
-
-        atomic_write(path, write)
+        atomic_write_csv(path, kept, header)
         self.metrics_keys = list(header)  # the rows to come go under the same columns (or all are rewritten)
+
+    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
+        """Every row again under the columns a new metric adds, through a temporary (Lightning's rewrites the
+        file in place: a kill then lost the whole log)."""
+        with open(self.metrics_file_path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        atomic_write_csv(self.metrics_file_path, rows, fieldnames)
 
 
 class RunCSVLogger(CSVLogger):

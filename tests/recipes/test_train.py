@@ -685,6 +685,34 @@ def test_every_tensorboard_event_is_in_its_file_before_a_checkpoint_is_saved(tmp
     }
 
 
+def test_a_new_column_rewrites_the_csv_log_through_a_temporary(tmp_path, monkeypatch):
+    """A metric first logged late (the first validation's) rewrites every row under the new header; Lightning
+    rewrote the file in place, so a kill during it lost the whole log. Killed here inside the rewrite."""
+    from kvlab.recipes.run import _ContinuedWriter
+
+    for killed in (False, True):
+        directory = tmp_path / str(killed)
+        writer = _ContinuedWriter(str(directory), None)
+        writer.log_metrics({"train_loss": 1.0}, step=0)
+        writer.save()
+        before = (directory / "metrics.csv").read_text()
+        writer.log_metrics({"val_loss": 2.0}, step=1)
+        if not killed:
+            writer.save()
+            rows = list(csv.DictReader(open(directory / "metrics.csv")))
+            assert [(r["train_loss"], r["val_loss"]) for r in rows] == [("1.0", ""), ("", "2.0")]
+            continue
+
+        def kill(self, rows):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(csv.DictWriter, "writerows", kill)
+        with pytest.raises(KeyboardInterrupt):
+            writer.save()
+        assert (directory / "metrics.csv").read_text() == before
+        assert [p.name for p in directory.iterdir()] == ["metrics.csv"]  # no temporary left behind
+
+
 def test_wandb_runs_are_named_by_preset_and_grouped_by_sweep():
     from kvlab.recipes.config import TrainConfig
     from kvlab.recipes.run import _hydra_run, wandb_identity
