@@ -240,6 +240,16 @@ def load_yaml(path) -> Any:
         raise ValueError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
 
 
+# Presets renamed since users first ran them: the old name, the new one and why. A command line naming the old
+# one is told so (Hydra would only list every preset), and so is ModelConfig.from_preset.
+RENAMED_PRESETS = {
+    "goldfinch": (
+        "rwkv6_shared_mla",
+        "on 2026-12-06: GoldFinch's layout without its TokenCat and Finch-C2 layers is not GoldFinch, so not its name",
+    ),  # fmt: skip
+}
+
+
 def config_dir() -> Path:
     """The shipped Hydra tree: ``kvlab/configs`` in an installed kvlab (package data), or ``configs/`` beside the
     package in a checkout (an editable install included)."""

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from kvlab._config import (
+    RENAMED_PRESETS,
     check_bool,
     check_choice,
     check_finite,
@@ -350,6 +351,9 @@ class ModelConfig:
         replaced by ``overrides`` (``n_layers=12``, ``mixer={...}``, ``vocab_size=32000``)."""
         presets = config_dir() / "model"
         path = presets / f"{name}.yaml"
+        if isinstance(name, str) and name in RENAMED_PRESETS:
+            new, why = RENAMED_PRESETS[name]
+            raise ValueError(f"preset {name!r} was renamed {new!r} {why}")
         if not isinstance(name, str) or not path.is_file():
             known = sorted(str(p.relative_to(presets).with_suffix("")) for p in presets.rglob("*.yaml"))
             raise ValueError(f"preset {name!r} is not one of kvlab's model presets: {', '.join(known)}")

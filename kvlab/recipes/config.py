@@ -15,7 +15,7 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
-from kvlab._config import config_dir, load_yaml  # noqa: F401 (config_dir: part of this module's API)
+from kvlab._config import RENAMED_PRESETS, config_dir, load_yaml  # noqa: F401 (config_dir: part of this module's API)
 from kvlab.recipes.data import DataConfig
 from kvlab.recipes.module import OptimConfig
 
@@ -179,16 +179,6 @@ class TrainConfig:
 
 def register_configs() -> None:
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
-
-
-# Presets renamed since users first ran them: the old name, the new one and why. A command line naming the old
-# one is told so (Hydra would only list every preset).
-RENAMED_PRESETS = {
-    "goldfinch": (
-        "rwkv6_shared_mla",
-        "on 2026-12-06: GoldFinch's layout without its TokenCat and Finch-C2 layers is not GoldFinch, so not its name",
-    ),  # fmt: skip
-}
 
 
 def choice_problem(argv: list[str], shipped: Path) -> str | None:

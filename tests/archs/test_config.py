@@ -23,6 +23,8 @@ def test_a_preset_by_name_with_top_level_settings_replaced():
         ModelConfig.from_preset("nope")
     with pytest.raises(ValueError, match="preset 'gqa': n_layrs: unknown key"):
         ModelConfig.from_preset("gqa", n_layrs=3)
+    with pytest.raises(ValueError, match="preset 'goldfinch' was renamed 'rwkv6_shared_mla' on 2026-12-06"):
+        ModelConfig.from_preset("goldfinch")
 
 
 def test_attention_presets_differ_only_in_kv_heads():
