@@ -630,6 +630,7 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32) -> CausalLM:
         state = fuse_legacy_experts(read_weights(directory))
     else:
         state = {hf_to_kvlab_name(k): v for k, v in fuse_legacy_experts(read_weights(directory)).items()}
+    _split_fused_projections(state, cfg, config_file)
     if cfg.tie_embeddings and "lm_head.weight" in state:
         # transformers would tie the head to the embeddings and drop this one: refuse rather than
         # silently load a model other than the one the weights describe
@@ -668,6 +669,25 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32) -> CausalLM:
         family.fix_weights(hf, state, cfg)
     model.load_state_dict(state, strict=False)
     return model
+
+
+def _split_fused_projections(state: dict[str, torch.Tensor], cfg: ModelConfig, config_file: Path) -> None:
+    """Phi-3's fused projections split into ours, as transformers splits them: ``qkv_proj``'s rows are the
+    queries', then the keys', then the values'; ``gate_up_proj``'s the gate's, then the up projection's."""
+    for i, m in enumerate(cfg.layer_mixers):
+        qkv = state.pop(f"layers.{i}.mixer.qkv_proj.weight", None)
+        if qkv is not None:
+            q, kv = m.n_heads * m.head_dim, m.n_kv_heads * m.head_dim
+            if qkv.shape[0] != q + 2 * kv:
+                raise ValueError(
+                    f"{config_file}: layer {i}'s qkv_proj has {qkv.shape[0]} rows, but config.json makes it "
+                    f"{q + 2 * kv}; check num_attention_heads, num_key_value_heads, head_dim"
+                )
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), qkv.split([q, kv, kv]), strict=True):
+                state[f"layers.{i}.mixer.{name}.weight"] = part
+        gate_up = state.pop(f"layers.{i}.mlp.gate_up_proj.weight", None)
+        if gate_up is not None:
+            state[f"layers.{i}.mlp.gate_proj.weight"], state[f"layers.{i}.mlp.up_proj.weight"] = gate_up.chunk(2)
 
 
 def _fields_shaping(name: str) -> str:

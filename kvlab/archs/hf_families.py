@@ -76,6 +76,9 @@ LLAMA_TYPES: dict[str, dict[str, Any]] = {
     "mistral": {"qkv_bias": False, "o_bias": False, "window": True, "qk_norm": False},
     "qwen2": {"qkv_bias": True, "o_bias": False, "window": True, "qk_norm": False},
     "qwen3": {"qkv_bias": None, "o_bias": None, "window": True, "qk_norm": True},  # norms with rms_norm_eps
+    # Phi-3 (imported; exported as the Llama or Mistral it computes): projections fused (kvlab.archs.hf splits
+    # them), RoPE on the first partial_rotary_factor of each head (Phi-4-mini's 0.75)
+    "phi3": {"qkv_bias": False, "o_bias": False, "window": True, "qk_norm": False},
 }
 QWEN_WINDOWS = ("qwen2", "qwen3")  # windows on the layers from max_window_layers on (transformers' layer_types)
 
@@ -154,7 +157,7 @@ def _attention_from_hf(hf: dict[str, Any], rope: Rope) -> dict[str, Any]:
     model_type = hf["model_type"]
     kind = LLAMA_TYPES[model_type]
     window = None
-    if kind["window"] and (model_type == "mistral" or hf.get("use_sliding_window")):
+    if kind["window"] and (model_type in ("mistral", "phi3") or hf.get("use_sliding_window")):
         window = hf.get("sliding_window")
     if model_type in QWEN_WINDOWS and window is not None:
         # as transformers reads it: layer_types, else a window on every layer from max_window_layers (28) on
@@ -172,11 +175,14 @@ def _attention_from_hf(hf: dict[str, Any], rope: Rope) -> dict[str, Any]:
         window = None  # it covers every position the model takes: full attention (a config of kvlab's refuses it)
     bias = {k: bool(hf.get("attention_bias")) if kind[k] is None else kind[k] for k in ("qkv_bias", "o_bias")}
     n_heads = hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // n_heads
+    rotated = hf.get("partial_rotary_factor", 1.0) if model_type == "phi3" else 1.0
     return {
         "kind": "attention",
         "n_heads": n_heads,
         "n_kv_heads": hf.get("num_key_value_heads") or n_heads,
-        "head_dim": hf.get("head_dim") or hf["hidden_size"] // n_heads,
+        "head_dim": head_dim,
+        **({"rope_dims": int(head_dim * rotated)} if rotated != 1.0 else {}),
         "rope_theta": rope.theta,
         "rope_scaling": rope.scaling,
         "window": window,
@@ -193,6 +199,7 @@ register_native(
             "mistral": "MistralForCausalLM",
             "qwen2": "Qwen2ForCausalLM",
             "qwen3": "Qwen3ForCausalLM",
+            "phi3": "Phi3ForCausalLM",
         },  # fmt: skip
         problems=_attention_problems,
         to_hf=_attention_to_hf,

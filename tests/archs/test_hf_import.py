@@ -28,6 +28,10 @@ CASES = {
     # per-head query and key norms before RoPE (Qwen3's q_norm, k_norm), with and without biases
     "qwen3": (transformers.Qwen3Config, dict(num_key_value_heads=2, head_dim=32)),
     "qwen3-bias": (transformers.Qwen3Config, dict(num_key_value_heads=1, attention_bias=True)),
+    # Phi-3: fused qkv_proj and gate_up_proj, split on import; a sliding window; Phi-4-mini's partial RoPE
+    "phi3-window": (transformers.Phi3Config, dict(num_key_value_heads=2, sliding_window=7, pad_token_id=0)),
+    "phi3-partial-rope": (transformers.Phi3Config, dict(num_key_value_heads=1, partial_rotary_factor=0.75,
+                                                        sliding_window=None, pad_token_id=0)),
     "smollm-style": (transformers.LlamaConfig, dict(num_key_value_heads=1, head_dim=32, tie_word_embeddings=True)),
     # MLA; DeepSeek's own checkpoints rotate neighbouring RoPE channels (rope_interleave), which import reorders
     **{
@@ -82,7 +86,10 @@ def test_import_matches_transformers(tmp_path, case, sharded):
         with torch.no_grad():
             assert (load_hf(tmp_path, dtype=torch.float64)(ids) - hf64(ids).logits).abs().max() <= 1e-6
     if "window" in case:
-        assert ours.config.mixer.window == (None if "no-layer" in case or "past-every" in case else 5)
+        assert ours.config.mixer.window == (None if "no-layer" in case or "past-every" in case else
+                                            7 if "phi3" in case else 5)  # fmt: skip
+    if "partial-rope" in case:
+        assert ours.config.mixer.rope_dims == 12  # 0.75 of 16
     if "deepseek" in case:
         assert ours.config.mixer.kind == "mla" and ours.config.mixer.kv_lora_rank == 32
 
@@ -108,6 +115,15 @@ def test_import_reads_pytorch_pickled_weights(tmp_path, sharded):
     ids = torch.randint(0, 101, (2, 13))
     with torch.no_grad():
         assert (load_hf(tmp_path)(ids) - hf(ids).logits).abs().max() <= 1e-4
+
+
+def test_a_fused_projection_of_other_rows_names_the_fields(tmp_path):
+    hf = transformers.Phi3ForCausalLM(transformers.Phi3Config(**COMMON, num_key_value_heads=2, pad_token_id=0))
+    hf.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "num_key_value_heads": 1}))
+    with pytest.raises(ValueError, match=r"layer 0's qkv_proj has 128 rows, but config.json makes it 96; check"):
+        load_hf(tmp_path)
 
 
 def test_names_round_trip():
