@@ -13,6 +13,7 @@ writer is no longer alive, and nothing else.
 from __future__ import annotations
 
 import contextlib
+import csv
 import os
 import re
 import shutil
@@ -86,7 +87,6 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_write_csv(path: str | os.PathLike, rows: list[dict], columns, ignore_extra: bool = False) -> None:
     """``rows`` under a header of ``columns``; with ``ignore_extra``, keys not in ``columns`` are left out."""
-    import csv
 
     def write(tmp: Path) -> None:
         with open(tmp, "w", newline="") as f:

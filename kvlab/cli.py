@@ -58,7 +58,8 @@ def train(args: list[str]) -> None:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import DictConfig
 
-    from kvlab.recipes.config import choice_problem, config_dir, register_configs
+    from kvlab._config import config_dir
+    from kvlab.recipes.config import choice_problem, register_configs
 
     configs = config_dir()
     problem = choice_problem(args, configs)

@@ -49,14 +49,19 @@ COLUMNS = ("model", "runs", "seeds", "lr", "params", "train_flops_per_token", "k
 CONFIDENCE = 0.95
 
 
+def job_dirs(sweep_dir: Path) -> list[Path]:
+    """The sweep's job directories (``<num>-<model>``), in job order."""
+    jobs = [d for d in Path(sweep_dir).iterdir() if d.is_dir() and d.name.split("-")[0].isdigit()]
+    return sorted(jobs, key=lambda d: int(d.name.split("-")[0]))
+
+
 def collect(sweep_dir: Path, context: int) -> list[dict[str, Any]]:
     """One row per finished job of the sweep, in job order (``<num>-<model>`` directories). A run evaluated
     through a cache policy (``cache``) is its own row, ``<preset>+<policy>``, whose validation loss is the one
     decoded through that cache (``cache_val_loss``: the forward's, ``val_loss_forward``, is blind to it). A run
     whose training diverged has no loss and says at which step (``diverged``)."""
     rows = []
-    jobs = [d for d in Path(sweep_dir).iterdir() if (d / "metrics.json").is_file() and d.name.split("-")[0].isdigit()]
-    for job in sorted(jobs, key=lambda d: int(d.name.split("-")[0])):
+    for job in (d for d in job_dirs(sweep_dir) if (d / "metrics.json").is_file()):
         m = json.loads((job / "metrics.json").read_text())
         decode = m.get("decode_tokens_per_s") or {}
         policy = m.get("cache_policy") or ""
@@ -329,8 +334,7 @@ def report(sweep_dir: Path, context: int = 2048) -> list[dict[str, Any]]:
     """Collect the sweep, write runs.csv, results.csv, results.md and pareto.png; return the per-preset rows."""
     sweep_dir = Path(sweep_dir)
     runs = collect(sweep_dir, context)
-    unfinished = sorted((d.name for d in sweep_dir.iterdir() if d.is_dir() and d.name.split("-")[0].isdigit()
-                         and not (d / "metrics.json").is_file()), key=lambda name: int(name.split("-")[0]))  # fmt: skip
+    unfinished = [d.name for d in job_dirs(sweep_dir) if not (d / "metrics.json").is_file()]
     if unfinished:
         log.warning("ablation: jobs that did not finish, in no mean: %s", ", ".join(unfinished))
     if not runs:

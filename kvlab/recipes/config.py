@@ -15,7 +15,7 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
-from kvlab._config import RENAMED_PRESETS, config_dir, load_yaml  # noqa: F401 (config_dir: part of this module's API)
+from kvlab._config import RENAMED_PRESETS, load_yaml
 from kvlab.recipes.data import DataConfig
 from kvlab.recipes.module import OptimConfig
 

@@ -50,7 +50,8 @@ def compose_model_config(overrides: list[str]) -> ModelConfig:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from kvlab.recipes.config import config_dir, register_configs
+    from kvlab._config import config_dir
+    from kvlab.recipes.config import register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
@@ -121,7 +122,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m kvlab.footprint")
     parser.add_argument("--policy", help="a cache policy: int8, int4, fp8, kivi, or a JSON mapping such as "
                                          '\'{"kind": "kivi", "bits": 4}\'')  # fmt: skip
     args = parser.parse_args(argv)
-    from kvlab.recipes.config import choice_problem, config_dir
+    from kvlab._config import config_dir
+    from kvlab.recipes.config import choice_problem
 
     try:
         problem = choice_problem(args.overrides, config_dir())
