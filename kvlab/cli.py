@@ -110,11 +110,14 @@ def generate(args: list[str]) -> None:
     parser.add_argument("path", help="a kvlab checkpoint (.ckpt, or a DeepSpeed checkpoint directory) with "
                         "tokenizer.json beside it, or a Hugging Face directory kvlab exported or reads")  # fmt: skip
     parser.add_argument("--prompt", required=True, action="append",
-                        help="the text to continue; several: one batch (greedy: each continued as alone)")  # fmt: skip
+                        help="the text to continue; several: one batch, each continued as alone")  # fmt: skip
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=0, help="of the sampling (with --temperature > 0)")
+    parser.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
+    parser.add_argument("--top-p", type=float, default=None, help="sample from the fewest most likely tokens whose "
+                        "probability reaches p (nucleus sampling)")  # fmt: skip
+    parser.add_argument("--seed", type=int, default=0, help="of the sampling (with --temperature > 0); each "
+                        "prompt draws from its own generator with this seed")  # fmt: skip
     parser.add_argument("--compile", action="store_true", help="compile the decode step: pays from a few "
                         "hundred new tokens on (kvlab.archs.decode)")  # fmt: skip
     parser.add_argument("--cache-policy", help="how the cache holds keys and values: int8, int4, fp8, kivi, "
@@ -143,8 +146,9 @@ def generate(args: list[str]) -> None:
             max_new_tokens=opts.max_new_tokens,
             temperature=opts.temperature,
             top_k=opts.top_k,
+            top_p=opts.top_p,
             eos_token_id=eos,
-            generator=torch.Generator().manual_seed(opts.seed),
+            generator=[torch.Generator().manual_seed(opts.seed) for _ in rows],  # each prompt as alone
             compile=opts.compile,
             cache_policy=policy,
         )

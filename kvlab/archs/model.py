@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -690,26 +691,32 @@ class CausalLM(nn.Module):
         temperature: float = 0.0,
         top_k: int | None = None,
         eos_token_id: int | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
         compile: bool | None = None,
         context: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         cache_policy=None,
         prefill_chunk: int | None = None,
+        top_p: float | None = None,
     ) -> torch.Tensor:
         """The prompt followed by up to ``max_new_tokens`` new tokens, [B, T + new].
 
         Prompts of different lengths: ``input_ids`` left-padded with
         ``attention_mask`` (0 at pads, as ``forward``), or a list of 1-D
         prompts, which are left-padded here (with ``eos_token_id``, else 0).
-        Each greedy row gets the tokens it gets alone (sampled rows draw from
-        one generator in turn, so a row's draws depend on the batch, as in
-        ``transformers``). A model that takes no padded
+        Each greedy row gets the tokens it gets alone. Sampled rows draw from
+        ``generator`` in turn, so a row's draws depend on the batch (as in
+        ``transformers``); a sequence of generators, one per row, gives each
+        row its own draws: row i samples what it samples alone from a
+        generator in the state of ``generator[i]``. A model that takes no padded
         rows (``takes_padded_rows``, or a mixer's ``takes_pads``), or a
         cache that does not (``Cache.pads_refused_because``: StreamingLLM's
         sinks, KIVI, MiniCache), generates row by row.
 
-        ``temperature=0`` is greedy. Sequences that emit ``eos_token_id`` are
+        ``temperature=0`` is greedy; above it, a token is drawn from the
+        softmax of the logits over ``temperature``, kept to the ``top_k`` most
+        likely tokens and then to the fewest whose probability reaches
+        ``top_p`` (nucleus sampling), in ``transformers``' order. Sequences that emit ``eos_token_id`` are
         padded with it until every sequence has; then generation stops. The
         prompt is prefilled eagerly; each new token goes through the decode
         step, compiled unless ``compile=False`` (None: ``KVLAB_COMPILE``, default
@@ -729,6 +736,10 @@ class CausalLM(nn.Module):
         if temperature < 0:
             raise ValueError(f"temperature={temperature} must be >= 0 (0: greedy)")
         check_int(top_k, "top_k", minimum=1, optional=True)
+        if top_p is not None:
+            check_float(top_p, "top_p")
+            if not 0 < top_p <= 1:
+                raise ValueError(f"top_p={top_p} must be in (0, 1] (1: no nucleus)")
         check_int(eos_token_id, "eos_token_id", minimum=0, optional=True)
         if isinstance(input_ids, (list, tuple)):
             input_ids, attention_mask = self.left_padded(input_ids, 0 if eos_token_id is None else eos_token_id)
@@ -738,13 +749,18 @@ class CausalLM(nn.Module):
                 f"eos_token_id={eos_token_id} is outside the vocabulary (vocab_size={self.config.vocab_size})"
             )
         B, T = input_ids.shape
+        if isinstance(generator, Sequence):
+            if len(generator) != B or not all(isinstance(g, torch.Generator) for g in generator):
+                raise ValueError(f"generator: {len(generator)} items for a batch of {B} rows; give one "
+                                 "torch.Generator, or one per row")  # fmt: skip
+            generator = list(generator)
         if T + max_new_tokens > self.config.max_seq_len:
             raise ValueError(
                 f"prompt of {T} tokens + max_new_tokens={max_new_tokens} exceeds max_seq_len={self.config.max_seq_len}"
             )
         if max_new_tokens == 0:
             return input_ids
-        options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+        options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                        eos_token_id=eos_token_id, generator=generator, compile=compile,
                        cache_policy=cache_policy, prefill_chunk=prefill_chunk)  # fmt: skip
         padded = attention_mask is not None and not bool(attention_mask.bool().all())
@@ -763,7 +779,8 @@ class CausalLM(nn.Module):
         logits = self.prefill(input_ids, cache, context=context, attention_mask=attention_mask, chunk=prefill_chunk)
         out = [input_ids]
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-        token = _sample(logits, temperature, top_k, generator)
+        sample = functools.partial(_sample, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        token = sample(logits)
         for step in range(max_new_tokens):
             if eos_token_id is not None:
                 token = token.masked_fill(done, eos_token_id)
@@ -774,7 +791,7 @@ class CausalLM(nn.Module):
             if temperature == 0:  # greedy: the choice made by the step itself (in its compiled graph)
                 token = decode.next_tokens(token[:, None], cache)
             else:
-                token = _sample(decode(token[:, None], cache), temperature, top_k, generator)
+                token = sample(decode(token[:, None], cache))
         return torch.cat(out, dim=1)
 
     @torch.no_grad()
@@ -844,7 +861,10 @@ class CausalLM(nn.Module):
         for i in range(input_ids.shape[0]):
             pads = int((attention_mask[i] == 0).sum())
             own = context[i : i + 1] if context is not None else None
-            out = self.generate(input_ids[i : i + 1, pads:], context=own, **options)
+            row = dict(options)
+            if isinstance(options["generator"], list):  # one per row: the row's own
+                row["generator"] = options["generator"][i : i + 1]
+            out = self.generate(input_ids[i : i + 1, pads:], context=own, **row)
             rows.append(torch.cat([input_ids[i : i + 1, :pads], out], dim=1))
         width = max(r.shape[1] for r in rows)
         fill = 0 if options["eos_token_id"] is None else options["eos_token_id"]
@@ -857,14 +877,29 @@ def _same_pads(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
     return bool((a == b.to(a.device)).all())
 
 
-def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, generator) -> torch.Tensor:
-    if temperature == 0:  # argmax's index (the first maximum) from max's kernel: 3.5x faster at batch 8 on CPU
-        return logits.max(dim=-1).indices
+def sampling_logits(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """[B, vocab] logits as sampling sees them: over ``temperature``, -inf outside the ``top_k`` largest, then
+    outside the nucleus (the fewest largest whose probability reaches ``top_p``): ``transformers``' warpers, in
+    its order."""
     logits = upcast(logits) / temperature
     if top_k is not None:
         kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
+    if top_p is not None and top_p < 1:
+        ascending, order = logits.sort(dim=-1)
+        below = ascending.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p  # the mass of these and all smaller
+        below[:, -1] = False  # the most likely token always stays
+        logits = logits.masked_fill(below.scatter(-1, order, below), float("-inf"))
+    return logits
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None, generator):
+    if temperature == 0:  # argmax's index (the first maximum) from max's kernel: 3.5x faster at batch 8 on CPU
+        return logits.max(dim=-1).indices
+    probs = sampling_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
+    if isinstance(generator, list):  # one per row: each row's draw as alone, [1, vocab] from its own generator
+        return torch.cat([torch.multinomial(p[None], 1, generator=g)[0] for p, g in zip(probs, generator, strict=True)])
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
 @contextlib.contextmanager

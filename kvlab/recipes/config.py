@@ -84,7 +84,7 @@ class LmEvalConfig:
     max_gen_toks: int = 256  # new tokens of generate_until where a task does not say
     bootstrap_iters: int = 100000  # resamples for the metrics' standard errors (0: none)
     compile: bool = False  # compile generate's decode step (pays on long generations)
-    seed: int = 1234  # of lm-eval's few-shot sampling and its other seeds
+    seed: int = 1234  # of lm-eval's few-shot sampling and its other seeds, and of sampled generations
 
     def check(self) -> None:
         """Raise ValueError naming the field whose value lm-eval would not take."""

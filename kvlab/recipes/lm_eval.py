@@ -13,7 +13,11 @@ tokenizer (the ``tokenizers`` one a run saves beside its checkpoints):
   ``max_seq_len`` tokens, each scored as above;
 - ``generate_until``: prompts of different lengths in one left-padded batch
   through ``CausalLM.generate`` (kvlab's own caches; models that take no
-  padded rows go row by row), cut at the first stop sequence.
+  padded rows go row by row), cut at the first stop sequence. A task that
+  samples (``do_sample``, with ``temperature``, ``top_k``, ``top_p``) gives
+  each request its own generator, seeded from ``lm_eval.seed``, the request
+  and its repeat's number, so its answer depends on neither the batch size
+  nor the other requests (lm-eval's ``repeats`` each draw anew).
 
 ``run_lm_eval`` runs ``lm_eval.simple_evaluate`` on the tasks of ``lm_eval.*``
 (hub tasks where the hub is reachable, and task YAMLs of your own from
@@ -24,6 +28,7 @@ lm-eval is an optional dependency (``pip install 'kvlab[lm-eval]'``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 
@@ -49,8 +54,11 @@ log = logging.getLogger("kvlab")
 class KvlabLM(TemplateLM):
     """A kvlab ``CausalLM`` (in eval mode) and its ``tokenizers.Tokenizer`` as an lm-eval model."""
 
-    def __init__(self, model, tokenizer, batch_size: int = 4, max_gen_toks: int = 256, compile: bool = False):
+    def __init__(self, model, tokenizer, batch_size: int = 4, max_gen_toks: int = 256, compile: bool = False,
+                 seed: int = 1234):  # fmt: skip
         super().__init__()
+        self.seed = seed  # of the sampled generate_until requests' generators
+        self._unused_settings: set[str] = set()  # generate_until's settings kvlab does not take, said once
         self.model, self.tok = model.eval(), tokenizer
         self.eot = eos_id(tokenizer)
         self.max_length = model.config.max_seq_len
@@ -111,6 +119,12 @@ class KvlabLM(TemplateLM):
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         answers: list = [None] * len(requests)
         eos_text = self.tok_decode([self.eot])
+        seeds, seen = [], {}  # a request's: lm_eval.seed, its text and settings, which repeat of them it is
+        for request in requests:
+            key = json.dumps(request.args[:2], sort_keys=True)
+            seen[key] = seen.get(key, -1) + 1
+            digest = hashlib.sha256(f"{self.seed}/{seen[key]}/{key}".encode()).digest()
+            seeds.append(int.from_bytes(digest[:8], "little") >> 1)  # 63 bits: generators take an int64
         # a batch shares its generation settings; longest prompts first
         groups: dict[str, list[int]] = {}
         for i, request in enumerate(requests):
@@ -123,11 +137,23 @@ class KvlabLM(TemplateLM):
             settings = normalize_gen_kwargs(requests[batch[0]].args[1], self.max_gen_toks)
             until = handle_stop_sequences(settings.get("until"), eos_text)
             new = min(settings["max_gen_toks"], self.max_length - 1)
-            temperature = float(settings.get("temperature", 0.0)) if settings.get("do_sample") else 0.0
+            unused = set(settings) - {"until", "max_gen_toks", "do_sample", "temperature", "top_k", "top_p"}
+            if unused - self._unused_settings:
+                self._unused_settings |= unused
+                log.warning("lm_eval generate_until: kvlab's generate takes no %s; generating without", sorted(unused))
+            sampling = {}  # greedy
+            if settings.get("do_sample") and float(settings.get("temperature", 0.0)) > 0:
+                top_k, top_p = settings.get("top_k"), settings.get("top_p")  # (0 and 1 mean none, as in transformers)
+                sampling = {
+                    "temperature": float(settings["temperature"]),
+                    "top_k": int(top_k) if top_k else None,
+                    "top_p": float(top_p) if top_p is not None and top_p < 1 else None,
+                    "generator": [torch.Generator().manual_seed(seeds[i]) for i in batch],
+                }
             prompts = [self.tok_encode(requests[i].args[0])[-(self.max_length - new) :] or [self.eot]
                        for i in batch]  # fmt: skip
             out = self.model.generate(
-                prompts, max_new_tokens=new, temperature=temperature, eos_token_id=self.eot, compile=self.compile
+                prompts, max_new_tokens=new, eos_token_id=self.eot, compile=self.compile, **sampling
             )
             width = max(map(len, prompts))
             for row, i in enumerate(batch):
@@ -150,7 +176,7 @@ def run_lm_eval(model, tokenizer, cfg: LmEvalConfig) -> tuple[dict, dict]:
         where = [*(["lm-eval's own"] if cfg.builtin_tasks else []), *([cfg.include_path] if cfg.include_path else [])]
         where = " or ".join(where) or "any directory (lm_eval.builtin_tasks=false and no lm_eval.include_path)"
         raise ValueError(f"lm_eval.tasks: {', '.join(map(repr, missing))} is not a task of {where}")
-    lm = KvlabLM(model, tokenizer, cfg.batch_size, cfg.max_gen_toks, cfg.compile)
+    lm = KvlabLM(model, tokenizer, cfg.batch_size, cfg.max_gen_toks, cfg.compile, cfg.seed)
     limit = int(cfg.limit) if cfg.limit is not None and cfg.limit >= 1 else cfg.limit
     results = simple_evaluate(
         model=lm, tasks=list(cfg.tasks), num_fewshot=cfg.num_fewshot, limit=limit, task_manager=tasks,

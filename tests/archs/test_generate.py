@@ -44,6 +44,49 @@ def test_sampling_is_reproducible_and_respects_top_k():
     assert torch.equal(top1, model.generate(prompt, 8))
 
 
+@pytest.mark.parametrize("policy", [None, "sinks"])  # a batch in one; row by row (sinks take no pads)
+def test_a_generator_per_row_samples_each_row_as_alone(policy):
+    """Sampled rows of one (padded) batch, each from its own generator, draw what they draw alone; one generator
+    shared by the rows gives other draws (it is drawn from in turn)."""
+    torch.manual_seed(0)
+    model = build_model(VARIANTS["gqa"]).eval()
+    prompts = [[3, 14, 15, 92, 65], [35, 89], [79, 32, 38, 46]]
+    settings = dict(max_new_tokens=12, temperature=1.5, top_k=40, compile=False, cache_policy=policy)
+    if policy == "sinks":
+        settings["cache_policy"] = {"kind": "sinks", "sinks": 1, "window": 8}
+    seeds = [1, 2, 3]
+    batched = model.generate(prompts, generator=[torch.Generator().manual_seed(s) for s in seeds], **settings)
+    for row, (prompt, seed) in enumerate(zip(prompts, seeds, strict=True)):
+        alone = model.generate([prompt], generator=torch.Generator().manual_seed(seed), **settings)
+        assert torch.equal(batched[row, -len(prompt) - 12 :], alone[0]), row
+    shared = model.generate(prompts, generator=torch.Generator().manual_seed(1), **settings)
+    assert not torch.equal(shared[1:], batched[1:])
+    with pytest.raises(ValueError, match="generator: 2 items for a batch of 3 rows"):
+        model.generate(prompts, generator=[torch.Generator()] * 2, **settings)
+
+
+def test_sampling_filters_as_transformers_warpers_do():
+    """Temperature, then top-k, then top-p (nucleus), against ``transformers``' logits warpers in float64."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    from kvlab.archs.model import sampling_logits
+
+    logits = torch.randn(6, 50, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 3
+    for temperature, top_k, top_p in ((0.7, None, 0.9), (1.3, 10, 0.5), (1.0, 5, None), (2.0, None, 0.05)):
+        theirs = TemperatureLogitsWarper(temperature)(None, logits)
+        theirs = TopKLogitsWarper(top_k)(None, theirs) if top_k else theirs
+        theirs = TopPLogitsWarper(top_p)(None, theirs) if top_p else theirs
+        ours = sampling_logits(logits, temperature, top_k, top_p)
+        assert torch.equal(ours.isinf(), theirs.isinf()), (temperature, top_k, top_p)
+        torch.testing.assert_close(ours.softmax(-1), theirs.softmax(-1))
+        assert 1 <= int(ours.isfinite().sum(-1).min()) and int(ours.isfinite().sum(-1).max()) < 50
+    model = build_model(VARIANTS["gqa"]).eval()
+    prompt = torch.randint(0, 97, (2, 4))
+    assert torch.equal(model.generate(prompt, 6, temperature=1.0, top_p=1e-9), model.generate(prompt, 6))
+    with pytest.raises(ValueError, match=r"top_p=1.5 must be in \(0, 1\]"):
+        model.generate(prompt, 6, temperature=1.0, top_p=1.5)
+
+
 def test_generate_refuses_past_max_seq_len():
     model = build_model(VARIANTS["gqa"])
     with pytest.raises(ValueError, match="max_seq_len=64"):

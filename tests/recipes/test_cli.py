@@ -55,6 +55,39 @@ def test_generate_names_what_is_missing(tmp_path, capsys):
         assert message in capsys.readouterr().err
 
 
+def test_generate_samples_each_prompt_as_it_samples_alone(monkeypatch, capsys):
+    """Several prompts are one batch; with --seed each draws from its own generator, so its text is its text alone."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from kvlab import build_model
+    from tests.archs.test_decode import VARIANTS
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()  # bytes as single tokens: any text encodes
+    tokenizer = Tokenizer(models.BPE({c: i for i, c in enumerate(sorted(alphabet))}, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    model = build_model({**VARIANTS["gqa"], "vocab_size": 256}).eval()
+    monkeypatch.setattr(cli, "load_trained", lambda path: (model, tokenizer))
+
+    def printed(*prompts):
+        args = [
+            "generate",
+            "last.ckpt",
+            "--temperature",
+            "1.5",
+            "--top-p",
+            "0.9",
+            "--seed",
+            "4",
+            "--max-new-tokens",
+            "9",
+        ]
+        cli.main([*args, *(a for p in prompts for a in ("--prompt", p))])
+        return capsys.readouterr().out
+
+    assert printed("def main(", "x = [1]") == printed("def main(") + "\n" + printed("x = [1]")
+
+
 def test_the_wheel_installs_a_kvlab_command_that_works_from_an_empty_directory(tmp_path, data_cache):
     """Built from the repository's files, installed into a fresh venv (its dependencies from this one's
     site-packages, kvlab itself only from the wheel), then footprint, a 5-step train and generate."""

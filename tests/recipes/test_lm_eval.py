@@ -72,6 +72,23 @@ def test_generate_until_in_a_padded_batch_equals_each_alone(lm):
         assert text == alone.split(".")[0]
 
 
+def test_sampled_generate_until_depends_on_neither_batch_nor_order(lm):
+    """Each request samples from its own generator (lm_eval.seed, the request, its repeat): the same answers in
+    batches of 3 or 1 and in another order; a repeated request draws anew; a nucleus of one token is greedy."""
+    prompts = ["the cat", "one two three four", "a", "the cat"]  # the last: a repeat of the first
+    settings = {"until": ["\n\n"], "max_gen_toks": 6, "do_sample": True, "temperature": 1.5, "top_k": 0}
+    requests = [Instance("generate_until", {}, (p, dict(settings)), i) for i, p in enumerate(prompts)]
+    texts = lm.generate_until(requests, disable_tqdm=True)
+    one_by_one = KvlabLM(lm.model, lm.tok, batch_size=1, max_gen_toks=6)
+    order = [2, 0, 1, 3]  # the repeats in their order (identical requests: which is first is all that tells them apart)
+    assert one_by_one.generate_until([requests[i] for i in order], disable_tqdm=True) == [texts[i] for i in order]
+    assert texts[0] != texts[3]
+    assert KvlabLM(lm.model, lm.tok, batch_size=3, max_gen_toks=6, seed=7).generate_until(requests) != texts
+    greedy = [Instance("generate_until", {}, (p, {**settings, "do_sample": False}), 0) for p in prompts]
+    nucleus_of_one = [Instance("generate_until", {}, (p, {**settings, "top_p": 1e-9}), 0) for p in prompts]
+    assert lm.generate_until(nucleus_of_one, disable_tqdm=True) == lm.generate_until(greedy, disable_tqdm=True)
+
+
 TASKS = {
     "kvlab_ppl": {
         "output_type": "loglikelihood_rolling",
