@@ -311,6 +311,9 @@ class ModelConfig:
     mlp_pattern: str | None = None
     mlps: dict[str, MLPConfig] | None = None
     tie_embeddings: bool = False
+    # GPT-NeoX's (and GPT-J's) block: x + mixer(mixer_norm(x)) + mlp(mlp_norm(x)), the MLP beside the mixer
+    # rather than after it (false: x' = x + mixer(mixer_norm(x)), then x' + mlp(mlp_norm(x')))
+    parallel_residual: bool = False
     mixer: MixerConfig | None = None
     pattern: str | None = None
     mixers: dict[str, MixerConfig] | None = None
@@ -511,6 +514,7 @@ class ModelConfig:
         for name in ("vocab_size", "d_model", "n_layers", "max_seq_len"):
             check_int(getattr(self, name), name, minimum=1)
         check_bool(self.tie_embeddings, "tie_embeddings")
+        check_bool(self.parallel_residual, "parallel_residual")
         check_int(self.meta_tokens, "meta_tokens", minimum=0)
         for name in ("blocks", "context"):
             if self.meta_tokens and getattr(self, name) is not None:
@@ -554,6 +558,16 @@ class ModelConfig:
                 field = f"kv_source[{e.layer}]={e.read.layer}" if self.kv_source is not None else "kv_sharing"
             raise ValueError(f"{field}: {e}") from None
         self.layer_passes = self._resolve_passes()
+        if self.parallel_residual:
+            bare = [p.index for p in self.plan if p.mlp.kind == "none"]
+            if bare:
+                raise ValueError(f"parallel_residual=true, but layers {bare} have no MLP (mlp kind none) to run "
+                                 "beside their mixer")  # fmt: skip
+            if self.context is not None and self.context.cross == "sublayer":
+                raise ValueError(
+                    "parallel_residual=true with context.cross=sublayer: CEPE's cross-attention sublayer "
+                    "goes between the mixer and the MLP, which a parallel block runs side by side"
+                )
         if self.blocks is not None:
             if self.context is not None:
                 raise ValueError("context and blocks are both set: a Block Transformer has no cross-attention")
@@ -575,7 +589,7 @@ class ModelConfig:
             return ModelConfig(
                 vocab_size=self.vocab_size, d_model=self.d_model, n_layers=b.token_layers,
                 max_seq_len=b.prefix + b.length - 1, norm=to_dict(self.norm), mlp=to_dict(self.mlp), mixer=mixer,
-                kernels=self.kernels, init_std=self.init_std,
+                kernels=self.kernels, init_std=self.init_std, parallel_residual=self.parallel_residual,
             )  # fmt: skip
         except ValueError as e:
             raise ValueError(f"blocks: the token decoder: {e}") from None

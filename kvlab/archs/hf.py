@@ -1,4 +1,5 @@
-"""Hugging Face checkpoints: import (Llama, Mistral, Qwen2, SmolLM, our own exports) and export.
+"""Hugging Face checkpoints: import (Llama, Mistral, Qwen2/3, Phi-3, DeepSeek-V3, Jamba, GPT-NeoX, our own
+exports) and export.
 
 ``load_hf``: a local directory with ``config.json`` and safetensors weights
 (one file or shards with ``model.safetensors.index.json``) becomes a kvlab
@@ -7,8 +8,8 @@
 class for the architecture the export is native: each mixer family with a
 native counterpart registers how it maps, both ways, in
 ``kvlab.archs.hf_families`` (attention as Llama/Mistral/Qwen2, MLA as
-DeepSeek-V3, dense or with MoE; whole hybrids such as Jamba in
-``NATIVE_HYBRIDS``), and this module asks those registries, knowing no
+DeepSeek-V3, dense or with MoE; whole-model classes, Jamba and GPT-NeoX, in
+``NATIVE_LAYOUTS``), and this module asks those registries, knowing no
 family itself.
 The weight layout is ours up to names, so one adapter, a renaming plus a
 config translation, serves both directions.
@@ -35,7 +36,7 @@ import torch
 from kvlab._config import dotted_items
 from kvlab._io import atomic_path, remove_orphans, temp_path
 from kvlab.archs.config import ModelConfig
-from kvlab.archs.hf_families import NATIVE_FAMILIES, NATIVE_HYBRIDS, Rope, family_of_model_type, hybrid_for
+from kvlab.archs.hf_families import NATIVE_FAMILIES, NATIVE_LAYOUTS, family_of_model_type, layout_for, read_rope
 from kvlab.archs.model import CausalLM, build_model
 from kvlab.layers.attention import AttentionConfig
 
@@ -102,33 +103,17 @@ def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     model_type = hf.get("model_type")
     family = family_of_model_type(model_type) if isinstance(model_type, str) else None
     if family is None:
-        types = [t for f in NATIVE_FAMILIES.values() for t in f.model_types]
+        types = [t for f in NATIVE_FAMILIES.values() for t in f.model_types] + list(NATIVE_LAYOUTS)
         raise ValueError(
             f"config.json: model_type={model_type!r} is not supported; supported: {', '.join(types)} "
             "and kvlab (our remote-code exports)"
         )
-    # As transformers reads it: a legacy rope_scaling, when set, takes the place of rope_parameters.
-    rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
-    field = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", "linear", "llama3"):
-        raise ValueError(
-            f"config.json: {field}.rope_type={rope_type!r}: this RoPE scaling is not supported (default, linear and "
-            "llama3 are); importing without it would change the model's outputs"
-        )
-    scaling = None
-    if rope_type == "linear":
-        scaling = {"kind": "linear", "factor": rope["factor"]}
-    elif rope_type == "llama3":
-        scaling = {"kind": "llama3", "factor": rope["factor"], "low_freq_factor": rope["low_freq_factor"],
-                   "high_freq_factor": rope["high_freq_factor"], "original_max_seq_len": rope.get(
-                       "original_max_position_embeddings", hf.get("max_position_embeddings", 2048))}  # fmt: skip
+    rope = read_rope(hf)
     if hf.get("hidden_act", "silu") != "silu":
         raise ValueError(f"config.json: hidden_act={hf['hidden_act']!r} is not supported (SwiGLU needs silu)")
     if hf.get("mlp_bias"):
         raise ValueError("config.json: mlp_bias=true is not supported (kvlab's SwiGLU has no biases)")
-    theta = float(rope.get("rope_theta") or hf.get("rope_theta") or 10000.0)
-    mixer = family.from_hf(hf, Rope(theta, scaling, f"{field}.rope_type={rope_type!r}"))
+    mixer = family.from_hf(hf, rope)
     return ModelConfig(
         vocab_size=hf["vocab_size"],
         d_model=hf["hidden_size"],
@@ -146,11 +131,11 @@ def hf_config_from_model(cfg: ModelConfig) -> dict[str, Any]:
 
     Raises ValueError naming what has no native counterpart.
     """
-    hybrid = hybrid_for(cfg)
-    if hybrid is not None:
-        _refuse(_model_problems(cfg) + hybrid.problems(cfg))
+    layout = layout_for(cfg)
+    if layout is not None:
+        _refuse(_model_problems(cfg) + layout.problems(cfg))
         a = next(m for m in cfg.layer_mixers if m.kind == "attention")
-        return {"architectures": [hybrid.architecture], **_common_fields(cfg, a), **hybrid.to_hf(cfg)}
+        return {"architectures": [layout.architecture], **_common_fields(cfg, a), **layout.to_hf(cfg)}
     mixers = cfg.layer_mixers
     m = mixers[0]
     problems = []
@@ -182,20 +167,19 @@ def _common_fields(cfg: ModelConfig, attention) -> dict[str, Any]:
         "num_hidden_layers": cfg.n_layers,
         "num_attention_heads": attention.n_heads,
         "max_position_embeddings": cfg.max_seq_len,
-        "rms_norm_eps": cfg.norm.eps,
-        "hidden_act": "silu",
         "tie_word_embeddings": cfg.tie_embeddings,
+        **({"rms_norm_eps": cfg.norm.eps, "hidden_act": "silu"} if cfg.norm.kind == "rmsnorm" else {}),  # Llama's
     }
 
 
 def _refuse(problems: list[str]) -> None:
     if problems:
         native = "; ".join(f"{f.kind} as {'/'.join(f.model_types)}" for f in NATIVE_FAMILIES.values())
-        hybrids = "; ".join(f"{'+'.join(sorted(h.kinds))} as {h.model_type}" for h in NATIVE_HYBRIDS.values())
+        layouts = "; ".join(layout.describes for layout in NATIVE_LAYOUTS.values())
         raise ValueError(
             "save_hf: no native transformers class for this model (" + "; ".join(problems) + "); "
             f"native export covers every layer the same mixer without cross-layer sharing: {native}; and "
-            f"hybrids: {hybrids}"
+            f"whole models: {layouts}"
         )
 
 
@@ -212,9 +196,7 @@ def _model_problems(cfg: ModelConfig) -> list[str]:
     if shared:
         problems.append("cross-layer sharing of " + " and ".join({"kv": "K/V", "attention": "attention weights"}[w]
                                                                 for w in shared))  # fmt: skip
-    if cfg.norm.kind != "rmsnorm":
-        problems.append(f"norm {cfg.norm.kind!r} (native classes need rmsnorm)")
-    return problems  # the MLPs each family checks: its own layouts
+    return problems  # the norms, blocks and MLPs each family checks: its own layouts
 
 
 def save_hf(
@@ -333,8 +315,8 @@ def _write_export(model: CausalLM, tmp: Path, tokenizer, hf: dict | None, max_sh
     if model.config.tie_embeddings:
         state.pop("lm_head.weight")
     cast = {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v for k, v in state.items()}
-    if hf is not None and hf["model_type"] in NATIVE_HYBRIDS:  # a hybrid's names and layouts are its own
-        cast = NATIVE_HYBRIDS[hf["model_type"]].export_state(cast, model.config)
+    if hf is not None and hf["model_type"] in NATIVE_LAYOUTS:  # a whole-model class's names and layouts
+        cast = NATIVE_LAYOUTS[hf["model_type"]].export_state(cast, model.config)
     else:
         rename = kvlab_to_hf_name if hf is not None else (lambda name: REMOTE_PREFIX + name)
         cast = {rename(k): v for k, v in cast.items()}
@@ -612,21 +594,18 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32) -> CausalLM:
     try:
         if hf.get("model_type") == "kvlab":  # a remote-code export of ours
             cfg = ModelConfig.from_dict(hf["kvlab"])
-        elif hf.get("model_type") in NATIVE_HYBRIDS:
-            hf_fields = NATIVE_HYBRIDS[hf["model_type"]].from_hf(hf)
-            if hf.get("hidden_act", "silu") != "silu":
-                raise ValueError(f"config.json: hidden_act={hf['hidden_act']!r} is not supported (SwiGLU needs silu)")
-            cfg = ModelConfig.from_dict(hf_fields)
+        elif hf.get("model_type") in NATIVE_LAYOUTS:
+            cfg = ModelConfig.from_dict(NATIVE_LAYOUTS[hf["model_type"]].from_hf(hf))
         else:
             cfg = model_config_from_hf(hf)
     except KeyError as e:
         raise ValueError(f"{config_file}: the field {e.args[0]!r} is missing") from None
     except (TypeError, ValueError) as e:
         raise ValueError(f"{config_file}: {str(e).removeprefix('config.json: ')}") from None
-    hybrid = NATIVE_HYBRIDS.get(hf.get("model_type"))
+    layout = NATIVE_LAYOUTS.get(hf.get("model_type"))
     if hf.get("model_type") == "kvlab":
         state = {k.removeprefix(REMOTE_PREFIX): v for k, v in read_weights(directory).items()}
-    elif hybrid is not None:  # renamed below, once our model's names are known
+    elif layout is not None:  # renamed below, once our model's names are known
         state = fuse_legacy_experts(read_weights(directory))
     else:
         state = {hf_to_kvlab_name(k): v for k, v in fuse_legacy_experts(read_weights(directory)).items()}
@@ -644,11 +623,13 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32) -> CausalLM:
         model = build_model(cfg).to(dtype)  # never passes through float32's twice the memory
     model.to_empty(device="cpu")
     model.init_weights()  # RoPE tables and tying; every parameter is overwritten next
-    if hybrid is not None:
-        theirs, state = state, hybrid.import_state(state, model.state_dict(), cfg)
+    if layout is not None:
+        unfuse = layout.unfuse or (lambda weights, cfg: weights)
+        theirs = unfuse(state, cfg)
+        state = layout.import_state(theirs, model.state_dict(), cfg)
         if cfg.tie_embeddings:
             state.pop("lm_head.weight", None)
-        unused = set(theirs) - set(hybrid.export_state(state, cfg))
+        unused = set(theirs) - set(unfuse(layout.export_state(state, cfg), cfg))
         if unused:
             raise ValueError(f"{directory}: weights do not match the config: unexpected {sorted(unused)[:5]}")
     wanted = {k: v.shape for k, v in model.state_dict().items() if not (cfg.tie_embeddings and k == "lm_head.weight")}

@@ -11,13 +11,15 @@ family's ``config.json`` fields, and, on import, which family a
 - ``mla`` <-> DeepSeek-V3, dense or with MoE after its first dense layers
   (its RoPE channel pairs reordered on import).
 
-A model whose layers mix families asks ``NATIVE_HYBRIDS`` (``NativeHybrid``:
-a whole-model class with its own names and layouts), by its set of mixer
-kinds: ``attention`` + ``mamba`` <-> Jamba.
+A model that a whole-model class claims (``NATIVE_LAYOUTS``, ``NativeLayout``:
+a class with names and layouts of its own) goes there instead: by its set
+of mixer kinds, ``attention`` + ``mamba`` <-> Jamba; by its block,
+attention layers with LayerNorm or a parallel residual <-> GPT-NeoX (Pythia).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -83,6 +85,17 @@ LLAMA_TYPES: dict[str, dict[str, Any]] = {
 QWEN_WINDOWS = ("qwen2", "qwen3")  # windows on the layers from max_window_layers on (transformers' layer_types)
 
 
+def llama_block_problems(cfg: ModelConfig) -> list[str]:
+    """What the blocks of Llama, Mistral, Qwen, DeepSeek-V3 and Jamba lack: an RMSNorm before the mixer, then one
+    before the MLP on the mixer's residual."""
+    problems = []
+    if cfg.norm.kind != "rmsnorm":
+        problems.append(f"norm {cfg.norm.kind!r} (rmsnorm is needed)")
+    if cfg.parallel_residual:
+        problems.append("parallel_residual (the MLP after the mixer is needed)")
+    return problems
+
+
 def one_swiglu_problems(cfg: ModelConfig) -> list[str]:
     """Llama's (and dense DeepSeek-V3's) MLP: one SwiGLU, the same in every layer."""
     if any(p.mlp != cfg.mlp for p in cfg.plan):  # mlp_pattern or layers[].mlp
@@ -93,7 +106,7 @@ def one_swiglu_problems(cfg: ModelConfig) -> list[str]:
 
 
 def _attention_problems(cfg: ModelConfig, m) -> list[str]:
-    return one_swiglu_problems(cfg) or _attention_layer_problems(m)
+    return llama_block_problems(cfg) + (one_swiglu_problems(cfg) or _attention_layer_problems(m))
 
 
 def _attention_layer_problems(m) -> list[str]:
@@ -137,12 +150,8 @@ def _attention_to_hf(cfg: ModelConfig, m) -> dict[str, Any] | str:
     else:
         return f"qkv_bias={m.qkv_bias}, o_bias={m.o_bias}, window={m.window}"
     hf: dict[str, Any] = {"model_type": model_type, "num_key_value_heads": m.n_kv_heads, "head_dim": m.head_dim}
-    if m.rope_scaling is not None:  # transformers' names for the same settings
-        s = m.rope_scaling
-        hf["rope_parameters"] = {"rope_type": s["kind"], "rope_theta": m.rope_theta, "factor": s["factor"]}
-        if s["kind"] == "llama3":
-            hf["rope_parameters"].update(low_freq_factor=s["low_freq_factor"], high_freq_factor=s["high_freq_factor"],
-                                         original_max_position_embeddings=s["original_max_seq_len"])  # fmt: skip
+    if m.rope_scaling is not None:
+        hf["rope_parameters"] = rope_parameters(m)
     if model_type in ("llama", "qwen3"):
         hf["attention_bias"] = m.qkv_bias
     if model_type == "mistral":
@@ -151,6 +160,40 @@ def _attention_to_hf(cfg: ModelConfig, m) -> dict[str, Any] | str:
         hf.update(use_sliding_window=m.window is not None, sliding_window=m.window,
                   max_window_layers=0 if m.window is not None else cfg.n_layers)  # fmt: skip
     return hf
+
+
+def rope_parameters(m) -> dict[str, Any]:
+    """An attention mixer's RoPE settings under transformers' names (``rope_parameters``)."""
+    out: dict[str, Any] = {"rope_type": "default", "rope_theta": m.rope_theta}
+    s = m.rope_scaling
+    if s is not None:
+        out.update(rope_type=s["kind"], factor=s["factor"])
+        if s["kind"] == "llama3":
+            out.update(low_freq_factor=s["low_freq_factor"], high_freq_factor=s["high_freq_factor"],
+                       original_max_position_embeddings=s["original_max_seq_len"])  # fmt: skip
+    return out
+
+
+def read_rope(hf: dict[str, Any]) -> Rope:
+    """What ``config.json`` says of RoPE, as transformers reads it: a legacy ``rope_scaling``, when set, takes the
+    place of ``rope_parameters``; ``rope_theta`` in either, or beside them (GPT-NeoX: ``rotary_emb_base``)."""
+    rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+    field = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "linear", "llama3"):
+        raise ValueError(
+            f"config.json: {field}.rope_type={rope_type!r}: this RoPE scaling is not supported (default, linear and "
+            "llama3 are); importing without it would change the model's outputs"
+        )
+    scaling = None
+    if rope_type == "linear":
+        scaling = {"kind": "linear", "factor": rope["factor"]}
+    elif rope_type == "llama3":
+        scaling = {"kind": "llama3", "factor": rope["factor"], "low_freq_factor": rope["low_freq_factor"],
+                   "high_freq_factor": rope["high_freq_factor"], "original_max_seq_len": rope.get(
+                       "original_max_position_embeddings", hf.get("max_position_embeddings", 2048))}  # fmt: skip
+    theta = rope.get("rope_theta") or hf.get("rope_theta") or hf.get("rotary_emb_base") or 10000.0
+    return Rope(float(theta), scaling, f"{field}.rope_type={rope_type!r}")
 
 
 def _attention_from_hf(hf: dict[str, Any], rope: Rope) -> dict[str, Any]:
@@ -238,7 +281,7 @@ DEEPSEEK_LATENT_EPS = 1e-6
 
 
 def _mla_problems(cfg: ModelConfig, m) -> list[str]:
-    problems = _deepseek_mlp_problems(cfg)
+    problems = llama_block_problems(cfg) + _deepseek_mlp_problems(cfg)
     if m.norm_eps != DEEPSEEK_LATENT_EPS:
         problems.append(f"MLA norm_eps={m.norm_eps} (DeepSeek-V3's latent norms have eps {DEEPSEEK_LATENT_EPS}, "
                         "whatever rms_norm_eps is)")  # fmt: skip
@@ -349,25 +392,29 @@ register_native(
 )
 
 
-# -- Hybrids: whole-model layouts (Jamba) ----------------------------------------------------------
+# -- Whole-model layouts: Jamba (a hybrid), GPT-NeoX (its own block) ----------------------------
 
 
 @dataclass(frozen=True)
-class NativeHybrid:
-    """A `transformers` class for a model whose layers mix families, both ways."""
+class NativeLayout:
+    """A `transformers` class with names and layouts of its own for the whole model, both ways."""
 
     model_type: str
     architecture: str
-    kinds: frozenset[str]  # the mixer kinds it is made of: a model of these kinds is asked about this class
+    describes: str  # which models it claims, for messages
+    claims: Callable[[ModelConfig], bool]  # whether a model exports to this class (or says why not)
     problems: Callable[[ModelConfig], list[str]]  # why this model has no such class (empty: it has)
     to_hf: Callable[[ModelConfig], dict[str, Any]]  # config.json's fields, model_type included
     # our state dict -> theirs (names and layouts); import inverts it name by name (``import_state``)
     export_state: Callable[[dict[str, torch.Tensor], ModelConfig], dict[str, torch.Tensor]]
     from_hf: Callable[[dict[str, Any]], dict[str, Any]]  # config.json -> a ModelConfig dict
+    # their weights with each fused tensor split into the names export_state gives its parts alone, and the
+    # buffers old checkpoints hold dropped (None: nothing fused)
+    unfuse: Callable[[dict[str, torch.Tensor], ModelConfig], dict[str, torch.Tensor]] | None = None
 
     def import_state(self, theirs: dict[str, torch.Tensor], ours: dict[str, torch.Tensor], cfg: ModelConfig):
         """Their weights under our names and in our layouts, for our model's state ``ours`` (shapes wanted):
-        each of our names is exported alone to find its name there."""
+        each of our names is exported alone to find its name there (``theirs`` unfused first)."""
         state = {}
         for name, like in ours.items():
             ((their_name, _),) = self.export_state({name: like}, cfg).items()
@@ -380,13 +427,12 @@ class NativeHybrid:
         return state
 
 
-NATIVE_HYBRIDS: dict[str, NativeHybrid] = {}
+NATIVE_LAYOUTS: dict[str, NativeLayout] = {}
 
 
-def hybrid_for(cfg: ModelConfig) -> NativeHybrid | None:
-    """The hybrid class a model of several mixer kinds would export to (None: no hybrid has its kinds)."""
-    kinds = {m.kind for m in cfg.layer_mixers}
-    return next((h for h in NATIVE_HYBRIDS.values() if len(kinds) > 1 and kinds <= h.kinds), None)
+def layout_for(cfg: ModelConfig) -> NativeLayout | None:
+    """The whole-model class that claims a model (None: none does; it is a family's, or remote code's)."""
+    return next((layout for layout in NATIVE_LAYOUTS.values() if layout.claims(cfg)), None)
 
 
 def _period(layers: list[int], n_layers: int) -> tuple[int, int] | None:
@@ -407,7 +453,7 @@ def _jamba_parts(cfg: ModelConfig):
 
 def _jamba_problems(cfg: ModelConfig) -> list[str]:
     attention, mamba, experts = _jamba_parts(cfg)
-    problems = []
+    problems = llama_block_problems(cfg)
     a, s = cfg.layer_mixers[attention[0]], cfg.layer_mixers[mamba[0]]
     if any(cfg.layer_mixers[i] != a for i in attention) or any(cfg.layer_mixers[i] != s for i in mamba):
         problems.append("attention or Mamba layers that differ from one another (Jamba has one of each)")
@@ -498,6 +544,8 @@ def _jamba_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, 
 
 
 def _jamba_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"config.json: hidden_act={hf['hidden_act']!r} is not supported (SwiGLU needs silu)")
     if not hf.get("mamba_conv_bias", True) or hf.get("mamba_proj_bias", False):
         raise ValueError("config.json: Jamba with mamba_conv_bias=false or mamba_proj_bias=true is not supported")
     n, d, heads = hf["num_hidden_layers"], hf["hidden_size"], hf["num_attention_heads"]
@@ -528,12 +576,150 @@ def _jamba_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
     }  # fmt: skip
 
 
-NATIVE_HYBRIDS["jamba"] = NativeHybrid(
+def _mixer_kinds(cfg: ModelConfig) -> set[str]:
+    return {m.kind for m in cfg.layer_mixers}
+
+
+NATIVE_LAYOUTS["jamba"] = NativeLayout(
     model_type="jamba",
     architecture="JambaForCausalLM",
-    kinds=frozenset({"attention", "mamba"}),
+    describes="attention+mamba as jamba",
+    claims=lambda cfg: _mixer_kinds(cfg) == {"attention", "mamba"},
     problems=_jamba_problems,
     to_hf=_jamba_to_hf,
     export_state=_jamba_state,
     from_hf=_jamba_from_hf,
+)
+
+
+# GPT-NeoX (Pythia): attention and a GELU MLP side by side on LayerNorms, the projections biased, RoPE on the
+# first rotary_pct of each head, q, k and v fused head by head. A model of attention layers with LayerNorm or a
+# parallel residual is its; the problems say what else it needs.
+
+NEOX_ACTIVATIONS = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}  # hidden_act -> approximate
+
+
+def _neox_claims(cfg: ModelConfig) -> bool:
+    return _mixer_kinds(cfg) == {"attention"} and (cfg.parallel_residual or cfg.norm.kind == "layernorm")
+
+
+def _neox_problems(cfg: ModelConfig) -> list[str]:
+    m, problems = cfg.layer_mixers[0], []
+    if any(x != m for x in cfg.layer_mixers[1:]):
+        problems.append("layers with different mixers")
+    if cfg.norm.kind != "layernorm":
+        problems.append(f"norm {cfg.norm.kind!r} (GPT-NeoX's are LayerNorms)")
+    if any(p.mlp != cfg.mlp for p in cfg.plan) or cfg.mlp.kind != "gelu" or not cfg.mlp.bias:
+        problems.append("MLPs other than one GELU with biases in every layer")
+    problems += [p for p in _attention_layer_problems(m) if not p.startswith("partial RoPE")]
+    if m.n_kv_heads != m.n_heads:
+        problems.append(f"n_kv_heads={m.n_kv_heads} below n_heads={m.n_heads} (GPT-NeoX's attention is MHA)")
+    if m.n_heads * m.head_dim != cfg.d_model:
+        problems.append(f"n_heads * head_dim = {m.n_heads * m.head_dim} apart from d_model={cfg.d_model}")
+    if m.qkv_bias != m.o_bias or m.window is not None or m.qk_norm:
+        problems.append("attention with biases on some projections only, a window or query/key norms")
+    return problems
+
+
+def _neox_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    m = cfg.layer_mixers[0]
+    return {
+        "model_type": "gpt_neox",
+        "intermediate_size": cfg.mlp.hidden,
+        "hidden_act": "gelu" if cfg.mlp.approximate == "none" else "gelu_pytorch_tanh",
+        "layer_norm_eps": cfg.norm.eps,
+        "use_parallel_residual": cfg.parallel_residual,
+        "attention_bias": m.qkv_bias,
+        "rope_parameters": {**rope_parameters(m), "partial_rotary_factor": m.rope_dims / m.head_dim},
+    }
+
+
+_NEOX_TOP = {"embed_tokens.": "gpt_neox.embed_in.", "norm.": "gpt_neox.final_layer_norm.", "lm_head.": "embed_out."}
+_NEOX_PARTS = {"mixer_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm",
+               "mixer.o_proj": "attention.dense", "mlp.up_proj": "mlp.dense_h_to_4h",
+               "mlp.down_proj": "mlp.dense_4h_to_h"}  # fmt: skip
+_NEOX_QKV = re.compile(r"^(gpt_neox\.layers\.\d+\.attention\.)([qkv])_proj\.(weight|bias)$")
+
+
+def _neox_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, value in state.items():
+        top = next((p for p in _NEOX_TOP if name.startswith(p)), None)
+        if top is not None:
+            out[_NEOX_TOP[top] + name.removeprefix(top)] = value
+            continue
+        _, i, rest = name.split(".", 2)
+        part, _, tail = rest.rpartition(".")
+        out[f"gpt_neox.layers.{i}.{_NEOX_PARTS.get(part, part.replace('mixer.', 'attention.'))}.{tail}"] = value
+    # q, k and v fused as GPT-NeoX holds them: per head, its query rows, key rows, value rows
+    parts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for name in [n for n in out if _NEOX_QKV.match(n)]:
+        prefix, which, tail = _NEOX_QKV.match(name).groups()
+        parts.setdefault((prefix, tail), {})[which] = out.pop(name)
+    heads = cfg.layer_mixers[0].n_heads
+    for (prefix, tail), qkv in parts.items():
+        if len(qkv) < 3:  # a part alone (import_state asks each name): its own name
+            out.update({f"{prefix}{which}_proj.{tail}": v for which, v in qkv.items()})
+            continue
+        per_head = [qkv[w].reshape(heads, -1, *qkv[w].shape[1:]) for w in "qkv"]
+        out[f"{prefix}query_key_value.{tail}"] = torch.cat(per_head, dim=1).flatten(0, 1)
+    return out
+
+
+_NEOX_BUFFERS = re.compile(r"\.attention\.(bias|masked_bias|rotary_emb\.inv_freq)$")  # old checkpoints hold them
+
+
+def _neox_unfuse(theirs: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    heads, out = cfg.layer_mixers[0].n_heads, {}
+    for name, value in theirs.items():
+        if _NEOX_BUFFERS.search(name):
+            continue
+        if name == "lm_head.weight":  # (transformers 5 names the head so; checkpoints, embed_out)
+            name = "embed_out.weight"
+        prefix, fused, tail = name.rpartition("query_key_value.")
+        if not fused:
+            out[name] = value
+            continue
+        if value.shape[0] % (3 * heads):
+            raise ValueError(f"{name} has {value.shape[0]} rows, not 3 per head of num_attention_heads={heads}")
+        q, k, v = value.reshape(heads, 3, -1, *value.shape[1:]).unbind(1)
+        out.update({f"{prefix}{w}_proj.{tail}": x.flatten(0, 1) for w, x in zip("qkv", (q, k, v), strict=True)})
+    return out
+
+
+def _neox_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+    act = hf.get("hidden_act", "gelu")
+    if act not in NEOX_ACTIVATIONS:
+        raise ValueError(
+            f"config.json: hidden_act={act!r} is not supported for gpt_neox ({', '.join(NEOX_ACTIVATIONS)} are)"
+        )
+    rope = read_rope(hf)
+    n_heads, d = hf["num_attention_heads"], hf["hidden_size"]
+    head_dim = d // n_heads
+    params = hf.get("rope_parameters") or {}
+    rotated = params.get("partial_rotary_factor", hf.get("rotary_pct", 0.25))
+    bias = bool(hf.get("attention_bias", True))
+    return {
+        "vocab_size": hf["vocab_size"], "d_model": d, "n_layers": hf["num_hidden_layers"],
+        "max_seq_len": hf.get("max_position_embeddings", 2048),
+        "norm": {"kind": "layernorm", "eps": hf.get("layer_norm_eps", 1e-5)},
+        "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
+        "parallel_residual": bool(hf.get("use_parallel_residual", True)),
+        "mixer": {"kind": "attention", "n_heads": n_heads, "n_kv_heads": n_heads, "head_dim": head_dim,
+                  "rope_dims": int(head_dim * rotated), "rope_theta": rope.theta, "rope_scaling": rope.scaling,
+                  "qkv_bias": bias, "o_bias": bias},
+        "mlp": {"kind": "gelu", "hidden": hf["intermediate_size"], "bias": True, "approximate": NEOX_ACTIVATIONS[act]},
+    }  # fmt: skip
+
+
+NATIVE_LAYOUTS["gpt_neox"] = NativeLayout(
+    model_type="gpt_neox",
+    architecture="GPTNeoXForCausalLM",
+    describes="attention with LayerNorm or parallel_residual as gpt_neox",
+    claims=_neox_claims,
+    problems=_neox_problems,
+    to_hf=_neox_to_hf,
+    export_state=_neox_state,
+    from_hf=_neox_from_hf,
+    unfuse=_neox_unfuse,
 )

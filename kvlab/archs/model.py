@@ -81,6 +81,7 @@ class Block(nn.Module):
         self.mlp_norm = build_norm(plan.norm, cfg.d_model) if mlp is not None else None
         self.mlp = mlp
         self.mlp_stateful = getattr(mlp, "stateful", False)
+        self.parallel_residual = cfg.parallel_residual
 
     def forward(self, x, state: StepState, cache=None, mlp_cache=None, last_only: bool = False):
         """``last_only``: only the last position's output is wanted (a prefill's top layer). The mixer still
@@ -102,7 +103,10 @@ class Block(nn.Module):
             x, mixed = x[:, -1:], mixed[:, -1:]
         if self.mlp is None:
             return x + mixed
-        if isinstance(self.mlp_norm, RMSNorm):  # the residual add fused into the norm
+        if self.parallel_residual:  # GPT-NeoX's block: the MLP reads the block's input, beside the mixer
+            h = self.mlp_norm(x)
+            x = x + mixed
+        elif isinstance(self.mlp_norm, RMSNorm):  # the residual add fused into the norm
             h, x = self.mlp_norm(mixed, residual=x)
         else:
             x = x + mixed

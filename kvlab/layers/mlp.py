@@ -42,6 +42,7 @@ from kvlab.kernels.precision import compute_dtype
 from kvlab.layers.kv_cache import StateSlot
 
 MLP_KINDS = ("swiglu", "gelu", "rwkv_channel_mix", "moe", "none")
+GELU_APPROXIMATIONS = ("tanh", "none")  # torch's names: F.gelu(approximate=...)
 ROUTER_SCORES = ("softmax", "sigmoid")
 # Up to this many (token, expert) assignments (a decode step of up to 32 sequences at top-2), MoE gathers each
 # token's experts' weights: static shapes, so the compiled decode step is one graph; more group tokens by expert.
@@ -56,6 +57,10 @@ class MLPConfig:
     # None: 8/3 d_model (SwiGLU and each MoE expert), 4 d_model (GELU), 7/2 d_model (RWKV), rounded up to 64
     hidden: int | None = None
     # kind none: blocks without an MLP, for mixers that carry one's weight (GAU)
+    # kind gelu (None: its defaults; set only for gelu): biases on both projections (default false; GPT-NeoX
+    # has them), and torch's GELU approximation: tanh (default, GPT-2's) | none (the exact erf form, GPT-NeoX's)
+    bias: bool | None = None
+    approximate: str | None = None
     # kind moe (None: its defaults; set only for moe):
     n_experts: int | None = None  # routed experts (default 8)
     top_k: int | None = None  # experts per token (default 2)
@@ -78,6 +83,16 @@ class MLPConfig:
             given = [f"{path}.{name}={getattr(self, name)!r}" for name in MOE_FIELDS if getattr(self, name) is not None]
             if given:
                 raise ValueError(f"{', '.join(given)} set but {path}.kind={self.kind}; they configure kind moe")
+        if self.kind == "gelu":
+            self.bias = False if self.bias is None else self.bias
+            self.approximate = "tanh" if self.approximate is None else self.approximate
+            check_bool(self.bias, f"{path}.bias")
+            check_choice(self.approximate, f"{path}.approximate", GELU_APPROXIMATIONS)
+        else:
+            given = [f"{path}.{name}={getattr(self, name)!r}" for name in ("bias", "approximate")
+                     if getattr(self, name) is not None]  # fmt: skip
+            if given:
+                raise ValueError(f"{', '.join(given)} set but {path}.kind={self.kind}; they configure kind gelu")
         if self.kind == "none":
             if self.hidden is not None:
                 raise ValueError(f"{path}.hidden={self.hidden} is set but {path}.kind=none has no hidden layer")
@@ -144,15 +159,19 @@ class SwiGLU(nn.Module):
 
 
 class GeluMLP(nn.Module):
+    """down(gelu(up(x))): GPT-2's MLP (tanh's approximation, no biases by default), GPT-NeoX's with biases and
+    the exact GELU."""
+
     stateful = False
 
-    def __init__(self, d_model: int, hidden: int):
+    def __init__(self, d_model: int, hidden: int, bias: bool = False, approximate: str = "tanh"):
         super().__init__()
-        self.up_proj = nn.Linear(d_model, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, d_model, bias=False)
+        self.up_proj = nn.Linear(d_model, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, d_model, bias=bias)
+        self.approximate = approximate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
+        return self.down_proj(F.gelu(self.up_proj(x), approximate=self.approximate))
 
 
 class RWKVChannelMix(nn.Module):
@@ -321,6 +340,8 @@ def build_mlp(cfg: MLPConfig, d_model: int) -> nn.Module | None:
         return None
     if cfg.kind == "moe":
         return MoE(d_model, cfg)
+    if cfg.kind == "gelu":
+        return GeluMLP(d_model, cfg.hidden, cfg.bias, cfg.approximate)
     return MLP_CLASSES[cfg.kind](d_model, cfg.hidden)
 
 

@@ -145,6 +145,13 @@ BAD = {
         r"\(got attention with head_dim=16\)$",
     ),
     "retention decay": (tiny(mixer={"kind": "retention", "decay": "learned"}), r"mixer\.decay='learned' is not one of"),
+    "gelu settings on swiglu": (tiny(mlp={"kind": "swiglu", "bias": True}), r"mlp\.bias=True set but mlp\.kind=swiglu"),
+    "gelu approximation": (tiny(mlp={"kind": "gelu", "approximate": "erf"}), r"mlp\.approximate='erf' is not one of"),
+    "parallel block without an mlp": (
+        tiny(parallel_residual=True, mixer=None, mixers={"A": {"kind": "attention"}}, pattern="A",
+             layers=None, mlp_pattern="DN", mlps={"D": {"kind": "swiglu"}, "N": {"kind": "none"}}),
+        r"parallel_residual=true, but layers \[1, 3\] have no MLP",
+    ),  # fmt: skip
 }
 
 

@@ -46,6 +46,11 @@ CASES = {
         num_key_value_heads=4, first_k_dense_replace=1, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
         v_head_dim=16, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
         n_group=4, topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5)),
+    # GPT-NeoX (Pythia): LayerNorms, attention beside a biased GELU MLP, RoPE on a quarter of each head, q/k/v
+    # fused head by head; and its sequential block with tanh's GELU and a tied head
+    "gpt-neox-pythia": (transformers.GPTNeoXConfig, dict(rotary_pct=0.25, rotary_emb_base=5000)),
+    "gpt-neox-sequential": (transformers.GPTNeoXConfig, dict(use_parallel_residual=False, hidden_act="gelu_new",
+                                                             tie_word_embeddings=True, rotary_pct=0.5)),
     # Mamba and attention layers, MoE in every other one; save_pretrained writes each expert's own tensors
     "jamba-moe": (transformers.JambaConfig, dict(
         num_key_value_heads=2, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1,
@@ -117,6 +122,31 @@ def test_import_reads_pytorch_pickled_weights(tmp_path, sharded):
         assert (load_hf(tmp_path)(ids) - hf(ids).logits).abs().max() <= 1e-4
 
 
+def test_import_reads_pythia_checkpoints_as_the_hub_holds_them(tmp_path):
+    """Pythia's config.json names RoPE rotary_pct and rotary_emb_base, and its weights hold buffers of older
+    transformers (each layer's causal mask, masked_bias, inv_freq): read, and dropped."""
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    hf = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(**COMMON, rotary_pct=0.25)).eval()
+    hf.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["rope_parameters"]
+    (tmp_path / "config.json").write_text(json.dumps(config | {"rotary_pct": 0.5, "rotary_emb_base": 500}))
+    state = load_file(tmp_path / "model.safetensors")
+    for i in range(3):
+        state[f"gpt_neox.layers.{i}.attention.bias"] = torch.ones(1, 1, 8, 8, dtype=torch.bool).tril()
+        state[f"gpt_neox.layers.{i}.attention.masked_bias"] = torch.tensor(-1e9)
+        state[f"gpt_neox.layers.{i}.attention.rotary_emb.inv_freq"] = torch.rand(4)
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    ours = load_hf(tmp_path).eval()
+    assert (ours.config.mixer.rope_dims, ours.config.mixer.rope_theta) == (8, 500.0)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()  # as transformers reads the same
+    ids = torch.randint(0, 101, (2, 19))
+    with torch.no_grad():
+        assert (ours(ids) - hf(ids).logits).abs().max() <= 1e-4
+
+
 def test_a_fused_projection_of_other_rows_names_the_fields(tmp_path):
     hf = transformers.Phi3ForCausalLM(transformers.Phi3Config(**COMMON, num_key_value_heads=2, pad_token_id=0))
     hf.save_pretrained(tmp_path)
@@ -145,6 +175,10 @@ def test_unsupported_and_missing_are_named(tmp_path):
     moe = transformers.DeepseekV3Config(**COMMON, first_k_dense_replace=1).to_dict() | {"scoring_func": "softmax"}
     (tmp_path / "config.json").write_text(json.dumps(moe))
     with pytest.raises(ValueError, match="scoring_func='softmax', topk_method=None is not supported"):
+        load_hf(tmp_path)
+    neox = transformers.GPTNeoXConfig(**COMMON).to_dict() | {"hidden_act": "relu"}
+    (tmp_path / "config.json").write_text(json.dumps(neox))
+    with pytest.raises(ValueError, match="hidden_act='relu' is not supported for gpt_neox"):
         load_hf(tmp_path)
     cfg = transformers.LlamaConfig(**COMMON).to_dict()
     (tmp_path / "config.json").write_text(json.dumps(cfg | {"mlp_bias": True}))
