@@ -314,6 +314,10 @@ class ModelConfig:
     # GPT-NeoX's (and GPT-J's) block: x + mixer(mixer_norm(x)) + mlp(mlp_norm(x)), the MLP beside the mixer
     # rather than after it (false: x' = x + mixer(mixer_norm(x)), then x' + mlp(mlp_norm(x')))
     parallel_residual: bool = False
+    # Gemma's: an RMSNorm on the mixer's and on the MLP's output before each residual add (with the norms before
+    # them: "sandwich" norms), and the embeddings scaled by embed_scale (Gemma: sqrt(d_model); None: 1)
+    post_norms: bool = False
+    embed_scale: float | None = None
     mixer: MixerConfig | None = None
     pattern: str | None = None
     mixers: dict[str, MixerConfig] | None = None
@@ -515,6 +519,9 @@ class ModelConfig:
             check_int(getattr(self, name), name, minimum=1)
         check_bool(self.tie_embeddings, "tie_embeddings")
         check_bool(self.parallel_residual, "parallel_residual")
+        check_bool(self.post_norms, "post_norms")
+        if self.embed_scale is not None:
+            check_float(self.embed_scale, "embed_scale", positive=True)
         check_int(self.meta_tokens, "meta_tokens", minimum=0)
         for name in ("blocks", "context"):
             if self.meta_tokens and getattr(self, name) is not None:
@@ -590,6 +597,7 @@ class ModelConfig:
                 vocab_size=self.vocab_size, d_model=self.d_model, n_layers=b.token_layers,
                 max_seq_len=b.prefix + b.length - 1, norm=to_dict(self.norm), mlp=to_dict(self.mlp), mixer=mixer,
                 kernels=self.kernels, init_std=self.init_std, parallel_residual=self.parallel_residual,
+                post_norms=self.post_norms, embed_scale=self.embed_scale,
             )  # fmt: skip
         except ValueError as e:
             raise ValueError(f"blocks: the token decoder: {e}") from None

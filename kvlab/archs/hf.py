@@ -624,12 +624,12 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32) -> CausalLM:
     model.to_empty(device="cpu")
     model.init_weights()  # RoPE tables and tying; every parameter is overwritten next
     if layout is not None:
-        unfuse = layout.unfuse or (lambda weights, cfg: weights)
-        theirs = unfuse(state, cfg)
+        prepare = layout.prepare or (lambda weights, cfg: weights)
+        theirs = prepare(state, cfg)
         state = layout.import_state(theirs, model.state_dict(), cfg)
         if cfg.tie_embeddings:
             state.pop("lm_head.weight", None)
-        unused = set(theirs) - set(unfuse(layout.export_state(state, cfg), cfg))
+        unused = set(theirs) - set(prepare(layout.export_state(state, cfg), cfg))
         if unused:
             raise ValueError(f"{directory}: weights do not match the config: unexpected {sorted(unused)[:5]}")
     wanted = {k: v.shape for k, v in model.state_dict().items() if not (cfg.tie_embeddings and k == "lm_head.weight")}

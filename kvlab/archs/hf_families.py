@@ -88,12 +88,22 @@ QWEN_WINDOWS = ("qwen2", "qwen3")  # windows on the layers from max_window_layer
 def llama_block_problems(cfg: ModelConfig) -> list[str]:
     """What the blocks of Llama, Mistral, Qwen, DeepSeek-V3 and Jamba lack: an RMSNorm before the mixer, then one
     before the MLP on the mixer's residual."""
-    problems = []
+    problems = gemma_problems(cfg)
     if cfg.norm.kind != "rmsnorm":
         problems.append(f"norm {cfg.norm.kind!r} (rmsnorm is needed)")
     if cfg.parallel_residual:
         problems.append("parallel_residual (the MLP after the mixer is needed)")
     return problems
+
+
+def gemma_problems(cfg: ModelConfig) -> list[str]:
+    """Gemma's parts, which only Gemma's class has."""
+    parts = [f"{name}={getattr(cfg, name)}" for name in ("post_norms", "embed_scale") if getattr(cfg, name)]
+    if cfg.norm.unit_offset:
+        parts.append("norm.unit_offset=True")
+    if any(getattr(m, "qk_norm_unit_offset", False) for m in cfg.layer_mixers):
+        parts.append("qk_norm_unit_offset=True")
+    return [f"{' and '.join(parts)} (Gemma's)"] if parts else []
 
 
 def one_swiglu_problems(cfg: ModelConfig) -> list[str]:
@@ -408,13 +418,13 @@ class NativeLayout:
     # our state dict -> theirs (names and layouts); import inverts it name by name (``import_state``)
     export_state: Callable[[dict[str, torch.Tensor], ModelConfig], dict[str, torch.Tensor]]
     from_hf: Callable[[dict[str, Any]], dict[str, Any]]  # config.json -> a ModelConfig dict
-    # their weights with each fused tensor split into the names export_state gives its parts alone, and the
-    # buffers old checkpoints hold dropped (None: nothing fused)
-    unfuse: Callable[[dict[str, torch.Tensor], ModelConfig], dict[str, torch.Tensor]] | None = None
+    # their weights in our layouts, under the names export_state gives each of ours alone: fused tensors split,
+    # values offset, the buffers old checkpoints hold dropped (None: as they are)
+    prepare: Callable[[dict[str, torch.Tensor], ModelConfig], dict[str, torch.Tensor]] | None = None
 
     def import_state(self, theirs: dict[str, torch.Tensor], ours: dict[str, torch.Tensor], cfg: ModelConfig):
         """Their weights under our names and in our layouts, for our model's state ``ours`` (shapes wanted):
-        each of our names is exported alone to find its name there (``theirs`` unfused first)."""
+        each of our names is exported alone to find its name there (``theirs`` prepared first)."""
         state = {}
         for name, like in ours.items():
             ((their_name, _),) = self.export_state({name: like}, cfg).items()
@@ -604,7 +614,7 @@ def _neox_claims(cfg: ModelConfig) -> bool:
 
 
 def _neox_problems(cfg: ModelConfig) -> list[str]:
-    m, problems = cfg.layer_mixers[0], []
+    m, problems = cfg.layer_mixers[0], gemma_problems(cfg)
     if any(x != m for x in cfg.layer_mixers[1:]):
         problems.append("layers with different mixers")
     if cfg.norm.kind != "layernorm":
@@ -721,5 +731,141 @@ NATIVE_LAYOUTS["gpt_neox"] = NativeLayout(
     to_hf=_neox_to_hf,
     export_state=_neox_state,
     from_hf=_neox_from_hf,
-    unfuse=_neox_unfuse,
+    prepare=_neox_unfuse,
+)
+
+
+# Gemma 3 (its text model, gemma3_text): attention with query and key norms in every layer, sliding windows on
+# the layers layer_types names (5 of 6 in Gemma 3), each kind of layer with its own RoPE; "sandwich" norms
+# (post_norms); GeGLU; embeddings times sqrt(hidden_size); every RMSNorm weighs by 1 + w (unit_offset).
+
+GEMMA_TYPES = ("sliding_attention", "full_attention")
+
+
+def _gemma_claims(cfg: ModelConfig) -> bool:
+    return _mixer_kinds(cfg) == {"attention"} and bool(gemma_problems(cfg))  # any of Gemma's parts
+
+
+def _gemma_kinds(cfg: ModelConfig) -> dict[str, Any]:
+    """Gemma's two kinds of layer: each kind's attention (None where no layer is of it)."""
+    mixers = cfg.layer_mixers
+    return {kind: next((m for m in mixers if (m.window is not None) == (kind == "sliding_attention")), None)
+            for kind in GEMMA_TYPES}  # fmt: skip
+
+
+def _gemma_problems(cfg: ModelConfig) -> list[str]:
+    problems = []
+    if (
+        not cfg.post_norms
+        or cfg.embed_scale != cfg.d_model**0.5
+        or cfg.norm.kind != "rmsnorm"
+        or not cfg.norm.unit_offset
+    ):
+        problems.append(f"post_norms={cfg.post_norms}, embed_scale={cfg.embed_scale}, norm {cfg.norm.kind!r} with "
+                        f"unit_offset={cfg.norm.unit_offset} (Gemma has post norms, RMSNorms weighing by 1 + w, "
+                        f"embeddings times sqrt(d_model) = {cfg.d_model**0.5:g})")  # fmt: skip
+    if cfg.parallel_residual:
+        problems.append("parallel_residual (the MLP after the mixer is needed)")
+    if any(p.mlp != cfg.mlp for p in cfg.plan) or cfg.mlp.kind != "geglu":
+        problems.append("MLPs other than one GeGLU in every layer")
+    kinds = _gemma_kinds(cfg)
+    for m in cfg.layer_mixers:
+        same = kinds["sliding_attention" if m.window is not None else "full_attention"]
+        if m != same:
+            problems.append("layers of one kind (windowed, or full) that differ (Gemma has one setting per kind)")
+            break
+    a = next(m for m in kinds.values() if m is not None)
+    for m in filter(None, kinds.values()):
+        problems += [p for p in _attention_layer_problems(m) if p not in problems]
+        shared = ("n_heads", "n_kv_heads", "head_dim", "qkv_bias", "o_bias", "qk_norm", "qk_norm_eps")
+        if any(getattr(m, f) != getattr(a, f) for f in shared) and "the windowed and full" not in str(problems):
+            problems.append("the windowed and full layers' heads, biases or norms differ")
+    if not a.qk_norm or not a.qk_norm_unit_offset or a.qk_norm_eps != cfg.norm.eps or a.qkv_bias != a.o_bias:
+        problems.append("attention without qk_norm (unit_offset, at the model's norm eps), or with biases on some "
+                        "projections")  # fmt: skip
+    return problems
+
+
+def _gemma_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    kinds = _gemma_kinds(cfg)
+    a = next(m for m in kinds.values() if m is not None)
+    rope = {kind: rope_parameters(m or a) for kind, m in kinds.items()}
+    return {
+        "model_type": "gemma3_text",
+        "intermediate_size": cfg.mlp.hidden,
+        "num_key_value_heads": a.n_kv_heads,
+        "head_dim": a.head_dim,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "hidden_act": "gelu_pytorch_tanh",
+        "query_pre_attn_scalar": a.head_dim,  # ours scale by 1/sqrt(head_dim)
+        "sliding_window": kinds["sliding_attention"].window if kinds["sliding_attention"] else None,
+        "layer_types": ["sliding_attention" if m.window is not None else "full_attention" for m in cfg.layer_mixers],
+        "rope_parameters": rope,
+        "attention_bias": a.qkv_bias,
+        "final_logit_softcapping": None,
+        "attn_logit_softcapping": None,
+    }
+
+
+_GEMMA_NORMS = {"mixer_norm": "input_layernorm", "mixer_post_norm": "post_attention_layernorm",
+                "mlp_norm": "pre_feedforward_layernorm", "mlp_post_norm": "post_feedforward_layernorm"}  # fmt: skip
+
+
+def _gemma_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, value in state.items():
+        if not name.startswith("layers."):
+            out["model." + name if name != "lm_head.weight" else name] = value
+            continue
+        _, i, part, rest = name.split(".", 3)
+        part = _GEMMA_NORMS.get(part, {"mixer": "self_attn"}.get(part, part))
+        out[f"model.layers.{i}.{part}.{rest}"] = value
+    return out
+
+
+def _gemma_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+    import transformers
+
+    hf = transformers.AutoConfig.for_model(**hf).to_dict()  # layer_types and rope_parameters as transformers reads them
+    for name in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if hf.get(name) is not None:
+            raise ValueError(f"config.json: {name}={hf[name]} is not supported (Gemma 2's soft-capping)")
+    if hf.get("use_bidirectional_attention"):
+        raise ValueError("config.json: use_bidirectional_attention=true is not supported (kvlab's models are causal)")
+    act = hf.get("hidden_activation") or "gelu_pytorch_tanh"
+    if act not in ("gelu_pytorch_tanh", "gelu_new"):
+        raise ValueError(f"config.json: hidden_activation={act!r} is not supported (GeGLU with tanh's GELU is)")
+    n_heads, d = hf["num_attention_heads"], hf["hidden_size"]
+    head_dim = hf.get("head_dim") or d // n_heads
+    if hf["query_pre_attn_scalar"] != head_dim:
+        raise ValueError(f"config.json: query_pre_attn_scalar={hf['query_pre_attn_scalar']} apart from head_dim="
+                         f"{head_dim} is not supported (kvlab scales attention by 1/sqrt(head_dim))")  # fmt: skip
+    eps, bias = hf.get("rms_norm_eps", 1e-6), bool(hf.get("attention_bias"))
+    mixers = {}
+    for kind, letter in zip(GEMMA_TYPES, "LG", strict=True):
+        rope = read_rope({"rope_parameters": hf["rope_parameters"][kind]})
+        mixers[letter] = {"kind": "attention", "n_heads": n_heads, "n_kv_heads": hf["num_key_value_heads"],
+                          "head_dim": head_dim, "rope_theta": rope.theta, "rope_scaling": rope.scaling,
+                          "window": hf["sliding_window"] if letter == "L" else None, "qkv_bias": bias, "o_bias": bias,
+                          "qk_norm": True, "qk_norm_eps": eps, "qk_norm_unit_offset": True}  # fmt: skip
+    pattern = "".join("L" if t == "sliding_attention" else "G" for t in hf["layer_types"])
+    return {
+        "vocab_size": hf["vocab_size"], "d_model": d, "n_layers": hf["num_hidden_layers"],
+        "max_seq_len": hf.get("max_position_embeddings", 131072),
+        "norm": {"kind": "rmsnorm", "eps": eps, "unit_offset": True},
+        "tie_embeddings": bool(hf.get("tie_word_embeddings", True)), "post_norms": True, "embed_scale": d**0.5,
+        "pattern": pattern, "mixers": {k: v for k, v in mixers.items() if k in pattern},
+        "mlp": {"kind": "geglu", "hidden": hf["intermediate_size"]},
+    }  # fmt: skip
+
+
+NATIVE_LAYOUTS["gemma3_text"] = NativeLayout(
+    model_type="gemma3_text",
+    architecture="Gemma3ForCausalLM",
+    describes="attention with post_norms or embed_scale as gemma3_text",
+    claims=_gemma_claims,
+    problems=_gemma_problems,
+    to_hf=_gemma_to_hf,
+    export_state=_gemma_state,
+    from_hf=_gemma_from_hf,
 )

@@ -46,6 +46,18 @@ from kvlab.layers.rope import Rotary
 PREFILL_CHUNK = 4096
 
 
+class ScaledEmbedding(nn.Embedding):
+    """Embeddings times ``scale`` (``embed_scale``), the scale rounded to the weights' dtype first (as Gemma does:
+    a bf16 model multiplies by the bf16 nearest sqrt(d_model))."""
+
+    def __init__(self, num_embeddings: int, dim: int, scale: float):
+        super().__init__(num_embeddings, dim)
+        self.scale = scale
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(ids) * torch.tensor(self.scale, dtype=self.weight.dtype, device=self.weight.device)
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int, cross_rotary: Rotary | None = None):
         super().__init__()
@@ -82,6 +94,9 @@ class Block(nn.Module):
         self.mlp = mlp
         self.mlp_stateful = getattr(mlp, "stateful", False)
         self.parallel_residual = cfg.parallel_residual
+        # Gemma's norms on the mixer's and the MLP's outputs (post_norms)
+        self.mixer_post_norm = build_norm(plan.norm, cfg.d_model) if cfg.post_norms else None
+        self.mlp_post_norm = build_norm(plan.norm, cfg.d_model) if cfg.post_norms and mlp is not None else None
 
     def forward(self, x, state: StepState, cache=None, mlp_cache=None, last_only: bool = False):
         """``last_only``: only the last position's output is wanted (a prefill's top layer). The mixer still
@@ -96,6 +111,8 @@ class Block(nn.Module):
             mixed = self.mixer(h, cache=cache, state=state, last_only=True)  # [B, 1, D] (or [B, T, D])
         else:
             mixed = self.mixer(h, cache=cache, state=state)
+        if self.mixer_post_norm is not None:
+            mixed = self.mixer_post_norm(mixed)
         if self.cross is not None and context is not None:  # the mixer's residual, then the cross sublayer's
             x = x + mixed
             mixed = self.cross(self.cross_norm(x), context, state.start, state.positions)
@@ -112,8 +129,10 @@ class Block(nn.Module):
             x = x + mixed
             h = self.mlp_norm(x)
         if self.mlp_stateful:
-            return x + self.mlp(h, cache=mlp_cache, doc_ids=state.doc_ids, real=state.real)
-        return x + self.mlp(h)
+            out = self.mlp(h, cache=mlp_cache, doc_ids=state.doc_ids, real=state.real)
+        else:
+            out = self.mlp(h)
+        return x + (out if self.mlp_post_norm is None else self.mlp_post_norm(out))
 
 
 def _checkpointed(layer: nn.Module, x: torch.Tensor, state: StepState) -> torch.Tensor:
@@ -170,7 +189,10 @@ class CausalLM(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
+        if config.embed_scale is None:
+            self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
+        else:
+            self.embed_tokens = ScaledEmbedding(config.vocab_size, config.d_model, config.embed_scale)
         if config.meta_tokens:  # Hymba: learned vectors before every sequence, at positions 0..meta_tokens-1
             self.meta_tokens = nn.Parameter(torch.empty(config.meta_tokens, config.d_model))
             self.takes_packed_documents = False  # they go before a row, not before each document in it

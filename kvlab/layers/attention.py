@@ -160,6 +160,7 @@ class AttentionConfig(MixerConfig):
     # Qwen3's: each query and key head RMS-normalised (one weight over head_dim, shared by the heads) before RoPE
     qk_norm: bool = False
     qk_norm_eps: float = 1e-5  # (import sets Qwen3's rms_norm_eps; export needs the model's norm eps)
+    qk_norm_unit_offset: bool = False  # Gemma 3's: the norms weigh by 1 + w (kvlab.layers.norm.RMSNorm)
     kv_merge: int = 1  # > 1: each K/V head is a learned weighted sum of this many projection heads (WGQA)
     kv_groups: list[int] | None = None  # per query head, the K/V head it reads; None: equal consecutive groups
     n_v_heads: int | None = None  # DHA: value heads apart from the key heads (n_kv_heads); None: as many
@@ -190,6 +191,9 @@ class AttentionConfig(MixerConfig):
         check_bool(self.o_bias, f"{path}.o_bias")
         check_bool(self.qk_norm, f"{path}.qk_norm")
         check_float(self.qk_norm_eps, f"{path}.qk_norm_eps", positive=True)
+        check_bool(self.qk_norm_unit_offset, f"{path}.qk_norm_unit_offset")
+        if self.qk_norm_unit_offset and not self.qk_norm:
+            raise ValueError(f"{path}.qk_norm_unit_offset=true without {path}.qk_norm: there are no norms to offset")
         check_int(self.kv_merge, f"{path}.kv_merge", minimum=1)
         if self.value_residual is not None:
             check_choice(self.value_residual, f"{path}.value_residual", VALUE_RESIDUALS)
@@ -494,7 +498,7 @@ class Attention(nn.Module):
         if not self.reads_weights:  # SA: the weights come from another layer, so no queries or keys here
             self.q_proj = nn.Linear(d_model, self.n_q_heads * cfg.head_dim, bias=cfg.qkv_bias)
             if cfg.qk_norm:
-                self.q_norm = RMSNorm(cfg.head_dim, cfg.qk_norm_eps)
+                self.q_norm = RMSNorm(cfg.head_dim, cfg.qk_norm_eps, cfg.qk_norm_unit_offset)
         # layers above the first with a value residual take V_1 from layer 0 (SVFormer: only it)
         self.value_residual = cfg.value_residual if layer_idx > 0 else None
         if self.owns_kv:
@@ -502,7 +506,7 @@ class Attention(nn.Module):
             if not self.reads_weights:
                 self.k_proj = nn.Linear(d_model, kv_width, bias=cfg.qkv_bias)
                 if cfg.qk_norm:
-                    self.k_norm = RMSNorm(cfg.head_dim, cfg.qk_norm_eps)
+                    self.k_norm = RMSNorm(cfg.head_dim, cfg.qk_norm_eps, cfg.qk_norm_unit_offset)
             if self.value_residual != "svformer":
                 v_width = self.n_v_heads * cfg.kv_merge * cfg.v_head_dim
                 self.v_proj = nn.Linear(d_model, v_width, bias=cfg.qkv_bias)

@@ -41,7 +41,7 @@ from kvlab.kernels.causal_conv import skipping_pads, token_shift
 from kvlab.kernels.precision import compute_dtype
 from kvlab.layers.kv_cache import StateSlot
 
-MLP_KINDS = ("swiglu", "gelu", "rwkv_channel_mix", "moe", "none")
+MLP_KINDS = ("swiglu", "geglu", "gelu", "rwkv_channel_mix", "moe", "none")
 GELU_APPROXIMATIONS = ("tanh", "none")  # torch's names: F.gelu(approximate=...)
 ROUTER_SCORES = ("softmax", "sigmoid")
 # Up to this many (token, expert) assignments (a decode step of up to 32 sequences at top-2), MoE gathers each
@@ -54,7 +54,7 @@ MOE_FIELDS = ("n_experts", "top_k", "n_shared", "score", "norm_topk", "routed_sc
 @dataclass
 class MLPConfig:
     kind: str = "swiglu"
-    # None: 8/3 d_model (SwiGLU and each MoE expert), 4 d_model (GELU), 7/2 d_model (RWKV), rounded up to 64
+    # None: 8/3 d_model (SwiGLU, GeGLU and each MoE expert), 4 d_model (GELU), 7/2 d_model (RWKV), rounded up to 64
     hidden: int | None = None
     # kind none: blocks without an MLP, for mixers that carry one's weight (GAU)
     # kind gelu (None: its defaults; set only for gelu): biases on both projections (default false; GPT-NeoX
@@ -152,10 +152,22 @@ class SwiGLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_proj(x), self.up_proj(x)
         if torch.is_grad_enabled():
-            return self.down_proj(F.silu(gate) * up)
+            return self.down_proj(self.activation(gate) * up)
         # Without a gradient (a prefill) the activation and the product overwrite the gate, not two new [T, hidden]
         # tensors: an eager prefill of 8 x 128 tokens x1.09 (gqa) to x1.12 (mamba2); at 1 x 128 the same
-        return self.down_proj(F.silu(gate, inplace=True).mul_(up))
+        return self.down_proj(self.activation(gate, inplace=True).mul_(up))
+
+    @staticmethod
+    def activation(gate: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        return F.silu(gate, inplace=inplace)
+
+
+class GeGLU(SwiGLU):
+    """down(gelu(gate(x)) * up(x)), tanh's GELU (Shazeer 2020; Gemma's MLP, ``gelu_pytorch_tanh``)."""
+
+    @staticmethod
+    def activation(gate: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        return F.gelu(gate, approximate="tanh")  # (no in-place form)
 
 
 class GeluMLP(nn.Module):
@@ -345,4 +357,4 @@ def build_mlp(cfg: MLPConfig, d_model: int) -> nn.Module | None:
     return MLP_CLASSES[cfg.kind](d_model, cfg.hidden)
 
 
-MLP_CLASSES = {"swiglu": SwiGLU, "gelu": GeluMLP, "rwkv_channel_mix": RWKVChannelMix, "moe": MoE}
+MLP_CLASSES = {"swiglu": SwiGLU, "geglu": GeGLU, "gelu": GeluMLP, "rwkv_channel_mix": RWKVChannelMix, "moe": MoE}

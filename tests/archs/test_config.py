@@ -147,9 +147,22 @@ BAD = {
     "retention decay": (tiny(mixer={"kind": "retention", "decay": "learned"}), r"mixer\.decay='learned' is not one of"),
     "gelu settings on swiglu": (tiny(mlp={"kind": "swiglu", "bias": True}), r"mlp\.bias=True set but mlp\.kind=swiglu"),
     "gelu approximation": (tiny(mlp={"kind": "gelu", "approximate": "erf"}), r"mlp\.approximate='erf' is not one of"),
+    "unit offset on a layernorm": (tiny(norm={"kind": "layernorm", "unit_offset": True}), r"norm\.unit_offset=true"),
+    "qk norm offset without norms": (
+        tiny(mixer={"kind": "attention", "qk_norm_unit_offset": True}),
+        r"mixer\.qk_norm_unit_offset=true without mixer\.qk_norm",
+    ),
+    "embed scale": (tiny(embed_scale=-2.0), r"embed_scale=-2.0"),
     "parallel block without an mlp": (
-        tiny(parallel_residual=True, mixer=None, mixers={"A": {"kind": "attention"}}, pattern="A",
-             layers=None, mlp_pattern="DN", mlps={"D": {"kind": "swiglu"}, "N": {"kind": "none"}}),
+        tiny(
+            parallel_residual=True,
+            mixer=None,
+            mixers={"A": {"kind": "attention"}},
+            pattern="A",
+            layers=None,
+            mlp_pattern="DN",
+            mlps={"D": {"kind": "swiglu"}, "N": {"kind": "none"}},
+        ),
         r"parallel_residual=true, but layers \[1, 3\] have no MLP",
     ),  # fmt: skip
 }

@@ -341,32 +341,43 @@ NEOX = {"norm": {"kind": "layernorm"}, "parallel_residual": True, "mlp": {"kind"
         "o_bias": True}}  # fmt: skip
 
 
-def test_gpt_neox_exports_natively_and_reads_back(tmp_path):
-    """A GPT-NeoX-shaped model (Pythia's block) exports to GPTNeoXForCausalLM: transformers' logits and greedy
-    tokens are ours in float64 (decoding from our cache too); export, import, export writes identical bytes;
-    what GPT-NeoX lacks is named."""
+def _native_round_trip(spec: dict, tmp_path, architecture: str, bound: float):
+    """``spec``'s model in float64, its biases and norm weights moved off their initial values (so a misplaced one
+    shows), exported natively: transformers loads ``architecture``, whose logits are ours within ``bound`` (ours
+    decoding from the cache to 1e-10) and whose greedy tokens are ours; export, import, export writes identical
+    bytes. Returns the model."""
     torch.manual_seed(0)
-    model = build_model(tiny(**NEOX)).double().eval()
-    with torch.no_grad():  # biases and LayerNorms away from their initial values, so a misplaced one shows
+    model = build_model(tiny(**spec)).double().eval()
+    with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name:
                 p.add_(torch.randn_like(p) * 0.3)
     save_hf(model, tmp_path / "a", remote_code=False)
-    assert json.loads((tmp_path / "a" / "config.json").read_text())["architectures"] == ["GPTNeoXForCausalLM"]
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "a", dtype=torch.float64).eval()
+    assert type(theirs).__name__ == architecture
     ids = torch.randint(0, 97, (2, 13))
     cache = model.new_cache(2, 20, dtype=torch.float64)
     with torch.no_grad():
         whole = model(ids)
         stepped = torch.cat([model(ids[:, :7], cache=cache)] + [model(ids[:, t : t + 1], cache=cache)
                                                                  for t in range(7, 13)], dim=1)  # fmt: skip
-        assert (theirs(ids).logits - whole).abs().max() <= 1e-10 and (stepped - whole).abs().max() <= 1e-10
-    greedy = theirs.generate(ids[:, :5], max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
-    assert torch.equal(model.generate(ids[:, :5], max_new_tokens=6), greedy)
+        assert (theirs(ids).logits - whole).abs().max() <= bound and (stepped - whole).abs().max() <= 1e-10
+    prompt = ids[:, :5]  # (a mask of ones: transformers would take a 0 in the prompt for a pad)
+    greedy = theirs.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, min_new_tokens=6,
+                             do_sample=False, pad_token_id=0)  # fmt: skip
+    assert torch.equal(model.generate(prompt, max_new_tokens=6), greedy)
     again = load_hf(tmp_path / "a", dtype=torch.float64)
-    assert again.config == model.config
+    assert again.config.plan == model.config.plan
     save_hf(again, tmp_path / "b", remote_code=False)
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+    return model
+
+
+def test_gpt_neox_exports_natively_and_reads_back(tmp_path):
+    """A GPT-NeoX-shaped model (Pythia's block) exports to GPTNeoXForCausalLM (``_native_round_trip``, logits to
+    float64's rounding); what GPT-NeoX lacks is named."""
+    model = _native_round_trip(NEOX, tmp_path, "GPTNeoXForCausalLM", 1e-10)
+    assert load_hf(tmp_path / "a").config == model.config
     with pytest.raises(ValueError, match=r"n_kv_heads=2 below n_heads=4 \(GPT-NeoX's attention is MHA\)"):
         save_hf(build_model(tiny(**NEOX | {"mixer": {**NEOX["mixer"], "n_kv_heads": 2}})), tmp_path / "c",
                 remote_code=False)  # fmt: skip
@@ -375,6 +386,24 @@ def test_gpt_neox_exports_natively_and_reads_back(tmp_path):
     mla = {"kind": "mla", "n_heads": 4, "head_dim": 16, "rope_head_dim": 8, "kv_lora_rank": 32}
     with pytest.raises(ValueError, match=r"parallel_residual \(the MLP after the mixer is needed\)"):
         save_hf(build_model(tiny(parallel_residual=True, mixer=mla)), tmp_path / "e", remote_code=False)
+
+
+GEMMA_ATTENTION = {**ATTENTION, "qk_norm": True, "qk_norm_eps": 1e-6, "qk_norm_unit_offset": True}
+GEMMA = {"norm": {"kind": "rmsnorm", "eps": 1e-6, "unit_offset": True}, "post_norms": True, "embed_scale": 8.0,
+         "mlp": {"kind": "geglu", "hidden": 96}, "tie_embeddings": True, "mixer": None, "pattern": "LLG",
+         "mixers": {"L": {**GEMMA_ATTENTION, "window": 5, "rope_theta": 500.0}, "G": GEMMA_ATTENTION}}  # fmt: skip
+
+
+def test_gemma3_exports_natively_and_reads_back(tmp_path):
+    """A Gemma-3-shaped model (windowed and full layers, each kind with its RoPE base, sandwich norms weighing by
+    1 + w, GeGLU, scaled embeddings) exports to Gemma3ForCausalLM (``_native_round_trip``; transformers' norms
+    compute in float32 whatever the input); what Gemma lacks is named."""
+    _native_round_trip(GEMMA, tmp_path, "Gemma3ForCausalLM", 1e-5)
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["layer_types"] == [
+        "sliding_attention", "sliding_attention", "full_attention", "sliding_attention"]  # fmt: skip
+    plain = {**GEMMA, "mixers": {k: {**v, "qk_norm_unit_offset": False} for k, v in GEMMA["mixers"].items()}}
+    with pytest.raises(ValueError, match=r"attention without qk_norm \(unit_offset"):
+        save_hf(build_model(tiny(**plain)), tmp_path / "c", remote_code=False)
 
 
 def test_dtype_casts_weights_but_not_integer_buffers(tmp_path):

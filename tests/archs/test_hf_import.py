@@ -51,6 +51,11 @@ CASES = {
     "gpt-neox-pythia": (transformers.GPTNeoXConfig, dict(rotary_pct=0.25, rotary_emb_base=5000)),
     "gpt-neox-sequential": (transformers.GPTNeoXConfig, dict(use_parallel_residual=False, hidden_act="gelu_new",
                                                              tie_word_embeddings=True, rotary_pct=0.5)),
+    # Gemma 3: windows on layers 0 and 2 (with their own RoPE base), full attention on layer 1; sandwich norms
+    # weighing by 1 + w, query and key norms, GeGLU, embeddings times sqrt(hidden_size)
+    "gemma3": (transformers.Gemma3TextConfig, dict(num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
+                                                   sliding_window=5, sliding_window_pattern=2, rope_theta=20000.0,
+                                                   rope_local_base_freq=500.0)),
     # Mamba and attention layers, MoE in every other one; save_pretrained writes each expert's own tensors
     "jamba-moe": (transformers.JambaConfig, dict(
         num_key_value_heads=2, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1,
@@ -88,13 +93,18 @@ def test_import_matches_transformers(tmp_path, case, sharded):
     if not sharded:  # in float64, where float32's rounding no longer hides another constant (an eps, a scale);
         # transformers' own float32 parts (RoPE angles, norms, routers, Jamba's scan) leave 3e-7
         hf64 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64, **EAGER).eval()
+        # (Gemma's seven norms a layer compute in float32 whatever the input, x.float(): 2.5e-6 here)
+        bound = 1e-5 if case == "gemma3" else 1e-6
         with torch.no_grad():
-            assert (load_hf(tmp_path, dtype=torch.float64)(ids) - hf64(ids).logits).abs().max() <= 1e-6
+            assert (load_hf(tmp_path, dtype=torch.float64)(ids) - hf64(ids).logits).abs().max() <= bound
     if "window" in case:
         assert ours.config.mixer.window == (None if "no-layer" in case or "past-every" in case else
                                             7 if "phi3" in case else 5)  # fmt: skip
     if "partial-rope" in case:
         assert ours.config.mixer.rope_dims == 12  # 0.75 of 16
+    if case == "gemma3":
+        assert ours.config.pattern == "LGL" and [m.window for m in ours.config.layer_mixers] == [5, None, 5]
+        assert [m.rope_theta for m in ours.config.layer_mixers] == [500.0, 20000.0, 500.0]
     if "deepseek" in case:
         assert ours.config.mixer.kind == "mla" and ours.config.mixer.kv_lora_rank == 32
 
@@ -176,6 +186,14 @@ def test_unsupported_and_missing_are_named(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(moe))
     with pytest.raises(ValueError, match="scoring_func='softmax', topk_method=None is not supported"):
         load_hf(tmp_path)
+    gemma = transformers.Gemma3TextConfig(**COMMON, head_dim=16, query_pre_attn_scalar=16).to_dict()
+    for change, message in (
+        ({"final_logit_softcapping": 30.0}, "final_logit_softcapping=30.0 is not supported"),
+        ({"query_pre_attn_scalar": 24}, "query_pre_attn_scalar=24 apart from head_dim=16"),
+    ):
+        (tmp_path / "config.json").write_text(json.dumps(gemma | change))
+        with pytest.raises(ValueError, match=message):
+            load_hf(tmp_path)
     neox = transformers.GPTNeoXConfig(**COMMON).to_dict() | {"hidden_act": "relu"}
     (tmp_path / "config.json").write_text(json.dumps(neox))
     with pytest.raises(ValueError, match="hidden_act='relu' is not supported for gpt_neox"):
