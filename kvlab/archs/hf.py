@@ -175,7 +175,7 @@ def _common_fields(cfg: ModelConfig, attention) -> dict[str, Any]:
 def _refuse(problems: list[str]) -> None:
     if problems:
         native = "; ".join(f"{f.kind} as {'/'.join(f.model_types)}" for f in NATIVE_FAMILIES.values())
-        layouts = "; ".join(layout.describes for layout in NATIVE_LAYOUTS.values())
+        layouts = "; ".join(layout.describes for layout in NATIVE_LAYOUTS.values() if layout.describes)
         raise ValueError(
             "save_hf: no native transformers class for this model (" + "; ".join(problems) + "); "
             f"native export covers every layer the same mixer without cross-layer sharing: {native}; and "
@@ -579,12 +579,14 @@ def read_weights(directory: Path) -> dict[str, torch.Tensor]:
     )
 
 
-def load_hf(path: str | Path, dtype: torch.dtype = torch.float32) -> CausalLM:
-    """A kvlab model with the weights of the Hugging Face directory ``path``."""
-    directory = Path(path).expanduser()
-    config_file = directory / "config.json"
+def hf_model_config(path: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
+    """(the ModelConfig ``load_hf`` builds, the ``config.json`` it reads) of a Hugging Face directory, or of a
+    ``config.json`` itself; no weights are read."""
+    config_file = Path(path).expanduser()
+    if config_file.is_dir() or not config_file.name.endswith(".json"):
+        config_file = config_file / "config.json"
     if not config_file.is_file():
-        raise FileNotFoundError(f"{directory}: no config.json (is this a Hugging Face model directory?)")
+        raise FileNotFoundError(f"{config_file.parent}: no config.json (is this a Hugging Face model directory?)")
     try:
         hf = json.loads(config_file.read_text())
     except ValueError as e:
@@ -602,6 +604,16 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32) -> CausalLM:
         raise ValueError(f"{config_file}: the field {e.args[0]!r} is missing") from None
     except (TypeError, ValueError) as e:
         raise ValueError(f"{config_file}: {str(e).removeprefix('config.json: ')}") from None
+    return cfg, hf
+
+
+def load_hf(path: str | Path, dtype: torch.dtype = torch.float32) -> CausalLM:
+    """A kvlab model with the weights of the Hugging Face directory ``path``."""
+    directory = Path(path).expanduser()
+    config_file = directory / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{directory}: no config.json (is this a Hugging Face model directory?)")
+    cfg, hf = hf_model_config(directory)
     layout = NATIVE_LAYOUTS.get(hf.get("model_type"))
     if hf.get("model_type") == "kvlab":
         state = {k.removeprefix(REMOTE_PREFIX): v for k, v in read_weights(directory).items()}

@@ -411,7 +411,7 @@ class NativeLayout:
 
     model_type: str
     architecture: str
-    describes: str  # which models it claims, for messages
+    describes: str  # which models it claims, for messages (empty: none, it is read only)
     claims: Callable[[ModelConfig], bool]  # whether a model exports to this class (or says why not)
     problems: Callable[[ModelConfig], list[str]]  # why this model has no such class (empty: it has)
     to_hf: Callable[[ModelConfig], dict[str, Any]]  # config.json's fields, model_type included
@@ -868,4 +868,35 @@ NATIVE_LAYOUTS["gemma3_text"] = NativeLayout(
     to_hf=_gemma_to_hf,
     export_state=_gemma_state,
     from_hf=_gemma_from_hf,
+)
+
+
+# Gemma 3's multimodal checkpoints (4B, 12B, 27B: Gemma3ForConditionalGeneration): their text model, read as
+# gemma3_text; the vision tower and its projector are not read (kvlab's models take tokens). Exported back as
+# gemma3_text.
+_GEMMA_TEXT_PREFIXES = (("language_model.model.", "model."), ("model.language_model.", "model."),
+                        ("language_model.lm_head.", "lm_head."))  # fmt: skip
+_GEMMA_VISION = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+
+
+def _gemma_text_weights(theirs: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, value in theirs.items():
+        if name.startswith(_GEMMA_VISION):
+            continue
+        old, new = next(((o, n) for o, n in _GEMMA_TEXT_PREFIXES if name.startswith(o)), ("", ""))
+        out[new + name.removeprefix(old)] = value
+    return out
+
+
+NATIVE_LAYOUTS["gemma3"] = NativeLayout(
+    model_type="gemma3",
+    architecture="Gemma3ForConditionalGeneration",
+    describes="",  # (no model exports to it)
+    claims=lambda cfg: False,  # a text model exports as gemma3_text
+    problems=_gemma_problems,
+    to_hf=_gemma_to_hf,
+    export_state=_gemma_state,
+    from_hf=lambda hf: _gemma_from_hf({"model_type": "gemma3_text", **hf.get("text_config", {})}),
+    prepare=_gemma_text_weights,
 )

@@ -2,10 +2,13 @@
 
     python -m kvlab.footprint model=gqa [model.n_layers=32 ...] [--dtype bf16] [--budget 80GiB]
                               [--context 32768] [--json report.json]
+    python -m kvlab.footprint --hf path/to/hf-dir    # a Hugging Face model as load_hf would import it
 
 The model is composed exactly as ``train.py`` composes it (the same Hydra
 tree and overrides), so any preset, reference config
-(``model=reference/llama3_8b``) or override works. Prints a per-layer table
+(``model=reference/llama3_8b``) or override works; ``--hf`` takes a Hugging
+Face directory (or its ``config.json``) instead, translated as ``load_hf``
+imports it, its weights unread. Prints a per-layer table
 and the totals: bytes per token, fixed bytes, the cache at 2K / 32K / 128K /
 1M tokens, the bytes one decode step reads there (cross-layer sharing
 stores once but every reader reads), and with ``--budget`` the largest batch
@@ -115,6 +118,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m kvlab.footprint")
         prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for train.py: model=NAME, model.x=...")
+    parser.add_argument("--hf", help="a Hugging Face model directory (or its config.json) instead of a model config: "
+                        "its footprint as load_hf imports it (no weights read)")  # fmt: skip
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="the cache's dtype")
     parser.add_argument("--budget", help="memory for caches, e.g. 80GiB: report the largest batch that fits")
     parser.add_argument("--context", type=int, default=32768, help="tokens per sequence for --budget")
@@ -133,10 +138,18 @@ def main(argv: list[str] | None = None, prog: str = "python -m kvlab.footprint")
         if args.context < 1:
             raise ValueError(f"--context={args.context} must be >= 1")
         policy = policy_option(args.policy, "--policy")
-        report = footprint_report(compose_model_config(args.overrides), DTYPES[args.dtype], budget=budget,
-                                  context=args.context, policy=policy)  # fmt: skip
+        if args.hf is not None:
+            if args.overrides:
+                raise ValueError(f"--hf gives the model; the overrides {' '.join(args.overrides)} would be ignored")
+            from kvlab.archs.hf import hf_model_config
+
+            config = hf_model_config(args.hf)[0]
+        else:
+            config = compose_model_config(args.overrides)
+        report = footprint_report(config, DTYPES[args.dtype], budget=budget, context=args.context, policy=policy)
     except Exception as e:  # config mistakes: one line naming the field, as train.py does
-        if not isinstance(e, ValueError) and type(e).__module__.split(".")[0] not in ("hydra", "omegaconf"):
+        if not isinstance(e, (ValueError, FileNotFoundError)) and type(e).__module__.split(".")[0] not in (
+            "hydra", "omegaconf"):  # fmt: skip
             raise
         print(f"kvlab: error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -1,6 +1,7 @@
 """load_hf: logits equal `transformers` on the same tokens for Llama-family and dense DeepSeek-V3 directories."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -155,6 +156,41 @@ def test_import_reads_pythia_checkpoints_as_the_hub_holds_them(tmp_path):
     ids = torch.randint(0, 101, (2, 19))
     with torch.no_grad():
         assert (ours(ids) - hf(ids).logits).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("names", ["transformers 5", "hub"])
+def test_import_reads_the_text_model_of_gemma3_multimodal_checkpoints(tmp_path, names):
+    """Gemma 3 4B-27B are Gemma3ForConditionalGeneration: the text model is read (under transformers 5's names, or
+    the hub's language_model.model.*), the vision tower and projector are not; logits as transformers' on tokens."""
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    text = dict(COMMON, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=5,
+                sliding_window_pattern=2)  # fmt: skip
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)  # fmt: skip
+    config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                       image_token_index=100, boi_token_index=98, eoi_token_index=99)  # fmt: skip
+    hf = transformers.Gemma3ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.normal_(std=0.3)
+    hf.save_pretrained(tmp_path)
+    if names == "hub":  # as the hub's checkpoints (transformers 4) hold them
+        state = load_file(tmp_path / "model.safetensors")
+        renamed = (re.sub(r"^model\.(vision|multi)", r"\1", k) for k in state)
+        hub = {re.sub(r"^model\.language_model\.", "language_model.model.", k): v
+               for k, v in zip(renamed, state.values(), strict=True)}  # fmt: skip
+        assert any(k.startswith("vision_tower.") for k in hub) and any(
+            k.startswith("language_model.model.") for k in hub
+        )
+        save_file(hub, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    ours = load_hf(tmp_path).eval()
+    assert ours.config.pattern == "LGL" and ours.config.tie_embeddings
+    ids = torch.randint(0, 97, (2, 17))
+    with torch.no_grad():
+        assert (hf(input_ids=ids).logits - ours(ids)).abs().max() <= 1e-4
 
 
 def test_a_fused_projection_of_other_rows_names_the_fields(tmp_path):

@@ -77,3 +77,22 @@ def test_a_cache_policy_counts_its_codes_scales_and_residual(capsys):
     keys = 2048 * 128 * 2 // 8 + 128 * (2048 // 32) * 2 * 2
     values = 1920 * (128 * 2 // 8 + 128 // 32 * 2 * 2) + 128 * 128 * 2
     assert r["total_bytes"]["2048"] == 32 * 32 * (keys + values)
+
+
+def test_a_hugging_face_config_as_load_hf_imports_it(capsys, tmp_path):
+    """--hf: Gemma 3 1B's shapes (written by transformers' own config class: no weights anywhere): 22 layers of
+    512-token windows, 4 full layers (every sixth), one K/V head of 256."""
+    transformers = pytest.importorskip("transformers")
+    transformers.Gemma3TextConfig(
+        vocab_size=262144, hidden_size=1152, intermediate_size=6912, num_hidden_layers=26, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256, sliding_window=512, sliding_window_pattern=6,
+        max_position_embeddings=32768,
+    ).save_pretrained(tmp_path)  # fmt: skip
+    r = report(capsys, "--hf", str(tmp_path))
+    per_layer = 2 * 256 * 2  # K and V, one head of 256, bf16
+    assert [row["max_tokens"] for row in r["layers"]].count(512) == 22
+    assert r["total_bytes"]["32768"] == 4 * per_layer * 32768 + 22 * per_layer * 512
+    assert r["params"] == 999_885_952  # Gemma 3 1B's count (its embeddings tied)
+    with pytest.raises(SystemExit):
+        main(["--hf", str(tmp_path), "model=gqa"])
+    assert "--hf gives the model; the overrides model=gqa would be ignored" in capsys.readouterr().err
