@@ -921,6 +921,7 @@ def _to_mla(model: CausalLM, kv_lora_rank: int, rope_dims: int, calibration: tor
         "WGQA merge weights": m.kv_merge > 1,
         "a value residual": m.value_residual is not None,
         "per-head query and key norms (qk_norm)": m.qk_norm,  # the latent's keys are linear in it
+        "a softmax_scale of its own": m.softmax_scale is not None,
     }
     if any(reasons.values()):
         raise ValueError(f"convert.to=mla: the model has {', '.join(k for k, v in reasons.items() if v)}; MLA has none")

@@ -139,6 +139,8 @@ def _attention_layer_problems(m) -> list[str]:
         return [f"value heads wider than the key heads (v_head_dim={m.v_head_dim}, head_dim={m.head_dim})"]
     if m.sinks:
         return [f"sink positions beside the window (sinks={m.sinks})"]
+    if m.softmax_scale is not None:
+        return [f"softmax_scale={m.softmax_scale} (1/sqrt(head_dim) is needed)"]
     return []
 
 
@@ -776,8 +778,8 @@ def _gemma_problems(cfg: ModelConfig) -> list[str]:
             break
     a = next(m for m in kinds.values() if m is not None)
     for m in filter(None, kinds.values()):
-        problems += [p for p in _attention_layer_problems(m) if p not in problems]
-        shared = ("n_heads", "n_kv_heads", "head_dim", "qkv_bias", "o_bias", "qk_norm", "qk_norm_eps")
+        problems += [p for p in _attention_layer_problems(m) if p not in problems and "softmax_scale" not in p]
+        shared = ("n_heads", "n_kv_heads", "head_dim", "qkv_bias", "o_bias", "qk_norm", "qk_norm_eps", "softmax_scale")
         if any(getattr(m, f) != getattr(a, f) for f in shared) and "the windowed and full" not in str(problems):
             problems.append("the windowed and full layers' heads, biases or norms differ")
     if not a.qk_norm or not a.qk_norm_unit_offset or a.qk_norm_eps != cfg.norm.eps or a.qkv_bias != a.o_bias:
@@ -797,7 +799,7 @@ def _gemma_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         "head_dim": a.head_dim,
         "hidden_activation": "gelu_pytorch_tanh",
         "hidden_act": "gelu_pytorch_tanh",
-        "query_pre_attn_scalar": a.head_dim,  # ours scale by 1/sqrt(head_dim)
+        "query_pre_attn_scalar": a.head_dim if a.softmax_scale is None else _scalar(a.softmax_scale),
         "sliding_window": kinds["sliding_attention"].window if kinds["sliding_attention"] else None,
         "layer_types": ["sliding_attention" if m.window is not None else "full_attention" for m in cfg.layer_mixers],
         "rope_parameters": rope,
@@ -809,6 +811,12 @@ def _gemma_to_hf(cfg: ModelConfig) -> dict[str, Any]:
 
 _GEMMA_NORMS = {"mixer_norm": "input_layernorm", "mixer_post_norm": "post_attention_layernorm",
                 "mlp_norm": "pre_feedforward_layernorm", "mlp_post_norm": "post_feedforward_layernorm"}  # fmt: skip
+
+
+def _scalar(softmax_scale: float) -> int | float:
+    """Gemma's query_pre_attn_scalar for a softmax scale: s with s**-0.5 the scale (an integer where it is one)."""
+    s = softmax_scale**-2
+    return round(s) if abs(s - round(s)) < 1e-6 * s else s
 
 
 def _gemma_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -837,9 +845,7 @@ def _gemma_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"config.json: hidden_activation={act!r} is not supported (GeGLU with tanh's GELU is)")
     n_heads, d = hf["num_attention_heads"], hf["hidden_size"]
     head_dim = hf.get("head_dim") or d // n_heads
-    if hf["query_pre_attn_scalar"] != head_dim:
-        raise ValueError(f"config.json: query_pre_attn_scalar={hf['query_pre_attn_scalar']} apart from head_dim="
-                         f"{head_dim} is not supported (kvlab scales attention by 1/sqrt(head_dim))")  # fmt: skip
+    scalar = hf["query_pre_attn_scalar"]  # scores scaled by scalar**-0.5 (Gemma 3 27B: 168, heads of 128)
     eps, bias = hf.get("rms_norm_eps", 1e-6), bool(hf.get("attention_bias"))
     mixers = {}
     for kind, letter in zip(GEMMA_TYPES, "LG", strict=True):
@@ -847,7 +853,8 @@ def _gemma_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
         mixers[letter] = {"kind": "attention", "n_heads": n_heads, "n_kv_heads": hf["num_key_value_heads"],
                           "head_dim": head_dim, "rope_theta": rope.theta, "rope_scaling": rope.scaling,
                           "window": hf["sliding_window"] if letter == "L" else None, "qkv_bias": bias, "o_bias": bias,
-                          "qk_norm": True, "qk_norm_eps": eps, "qk_norm_unit_offset": True}  # fmt: skip
+                          "qk_norm": True, "qk_norm_eps": eps, "qk_norm_unit_offset": True,
+                          "softmax_scale": None if scalar == head_dim else float(scalar) ** -0.5}  # fmt: skip
     pattern = "".join("L" if t == "sliding_attention" else "G" for t in hf["layer_types"])
     return {
         "vocab_size": hf["vocab_size"], "d_model": d, "n_layers": hf["num_hidden_layers"],

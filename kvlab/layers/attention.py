@@ -161,6 +161,8 @@ class AttentionConfig(MixerConfig):
     qk_norm: bool = False
     qk_norm_eps: float = 1e-5  # (import sets Qwen3's rms_norm_eps; export needs the model's norm eps)
     qk_norm_unit_offset: bool = False  # Gemma 3's: the norms weigh by 1 + w (kvlab.layers.norm.RMSNorm)
+    # the scores' scale; None: 1/sqrt(head_dim) (Gemma's query_pre_attn_scalar s gives s**-0.5: 27B's 168 for 128)
+    softmax_scale: float | None = None
     kv_merge: int = 1  # > 1: each K/V head is a learned weighted sum of this many projection heads (WGQA)
     kv_groups: list[int] | None = None  # per query head, the K/V head it reads; None: equal consecutive groups
     n_v_heads: int | None = None  # DHA: value heads apart from the key heads (n_kv_heads); None: as many
@@ -192,6 +194,8 @@ class AttentionConfig(MixerConfig):
         check_bool(self.qk_norm, f"{path}.qk_norm")
         check_float(self.qk_norm_eps, f"{path}.qk_norm_eps", positive=True)
         check_bool(self.qk_norm_unit_offset, f"{path}.qk_norm_unit_offset")
+        if self.softmax_scale is not None:
+            check_float(self.softmax_scale, f"{path}.softmax_scale", positive=True)
         if self.qk_norm_unit_offset and not self.qk_norm:
             raise ValueError(f"{path}.qk_norm_unit_offset=true without {path}.qk_norm: there are no norms to offset")
         check_int(self.kv_merge, f"{path}.kv_merge", minimum=1)
@@ -493,7 +497,7 @@ class Attention(nn.Module):
         self.n_v_heads = cfg.n_v_heads or cfg.n_kv_heads
         # DHA: values grouped their own way, so keys and values are gathered to the query heads apart
         self.values_apart = cfg.v_groups is not None or self.n_v_heads != self.n_kv_heads
-        self.scale = 1.0 / math.sqrt(cfg.head_dim)
+        self.scale = 1.0 / math.sqrt(cfg.head_dim) if cfg.softmax_scale is None else cfg.softmax_scale
         self.n_q_heads = cfg.n_heads if cfg.n_q_heads is None else cfg.n_q_heads  # query projections
         if not self.reads_weights:  # SA: the weights come from another layer, so no queries or keys here
             self.q_proj = nn.Linear(d_model, self.n_q_heads * cfg.head_dim, bias=cfg.qkv_bias)

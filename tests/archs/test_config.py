@@ -153,6 +153,7 @@ BAD = {
         r"mixer\.qk_norm_unit_offset=true without mixer\.qk_norm",
     ),
     "embed scale": (tiny(embed_scale=-2.0), r"embed_scale=-2.0"),
+    "softmax scale": (tiny(mixer={"kind": "attention", "softmax_scale": 0.0}), r"mixer\.softmax_scale=0.0"),
     "parallel block without an mlp": (
         tiny(
             parallel_residual=True,

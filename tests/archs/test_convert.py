@@ -333,8 +333,9 @@ def test_mha2mla_error_falls_with_rank_and_the_cache_is_latent_plus_rope_keys():
         (MHA2MLA_PARENTS["mha"], {"rope_dims": 32}, "convert.rope_dims=32 must be even and at most the head_dim=16"),
         (tiny(kv_sharing={"kind": "cla", "every": 2}), {}, "unshared"),
         (tiny(mixer={"kind": "attention", "n_heads": 4, "qk_norm": True}), {}, "per-head query and key norms"),
+        (tiny(mixer={"kind": "attention", "n_heads": 4, "softmax_scale": 0.2}), {}, "a softmax_scale of its own"),
     ],
-    ids=["bias", "partial_rope", "odd", "too_wide", "shared", "qk_norm"],
+    ids=["bias", "partial_rope", "odd", "too_wide", "shared", "qk_norm", "softmax_scale"],
 )
 def test_mha2mla_refuses_what_it_cannot_convert(spec, convert, message):
     with pytest.raises(ValueError, match=re.escape(message)):

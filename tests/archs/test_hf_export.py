@@ -394,11 +394,15 @@ GEMMA = {"norm": {"kind": "rmsnorm", "eps": 1e-6, "unit_offset": True}, "post_no
          "mixers": {"L": {**GEMMA_ATTENTION, "window": 5, "rope_theta": 500.0}, "G": GEMMA_ATTENTION}}  # fmt: skip
 
 
-def test_gemma3_exports_natively_and_reads_back(tmp_path):
+@pytest.mark.parametrize("scalar", [None, 21])  # Gemma's query_pre_attn_scalar: head_dim, or its own (27B's)
+def test_gemma3_exports_natively_and_reads_back(tmp_path, scalar):
     """A Gemma-3-shaped model (windowed and full layers, each kind with its RoPE base, sandwich norms weighing by
     1 + w, GeGLU, scaled embeddings) exports to Gemma3ForCausalLM (``_native_round_trip``; transformers' norms
     compute in float32 whatever the input); what Gemma lacks is named."""
-    _native_round_trip(GEMMA, tmp_path, "Gemma3ForCausalLM", 1e-5)
+    scale = {"softmax_scale": None if scalar is None else scalar**-0.5}
+    spec = {**GEMMA, "mixers": {k: {**v, **scale} for k, v in GEMMA["mixers"].items()}}
+    _native_round_trip(spec, tmp_path, "Gemma3ForCausalLM", 1e-5)
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["query_pre_attn_scalar"] == (scalar or 16)
     assert json.loads((tmp_path / "a" / "config.json").read_text())["layer_types"] == [
         "sliding_attention", "sliding_attention", "full_attention", "sliding_attention"]  # fmt: skip
     plain = {**GEMMA, "mixers": {k: {**v, "qk_norm_unit_offset": False} for k, v in GEMMA["mixers"].items()}}

@@ -57,6 +57,9 @@ CASES = {
     "gemma3": (transformers.Gemma3TextConfig, dict(num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
                                                    sliding_window=5, sliding_window_pattern=2, rope_theta=20000.0,
                                                    rope_local_base_freq=500.0)),
+    # Gemma 3 27B's scale: scores over sqrt(query_pre_attn_scalar), not sqrt(head_dim)
+    "gemma3-scalar": (transformers.Gemma3TextConfig, dict(num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=21,
+                                                          sliding_window=5, sliding_window_pattern=3)),
     # Mamba and attention layers, MoE in every other one; save_pretrained writes each expert's own tensors
     "jamba-moe": (transformers.JambaConfig, dict(
         num_key_value_heads=2, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1,
@@ -95,7 +98,7 @@ def test_import_matches_transformers(tmp_path, case, sharded):
         # transformers' own float32 parts (RoPE angles, norms, routers, Jamba's scan) leave 3e-7
         hf64 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64, **EAGER).eval()
         # (Gemma's seven norms a layer compute in float32 whatever the input, x.float(): 2.5e-6 here)
-        bound = 1e-5 if case == "gemma3" else 1e-6
+        bound = 1e-5 if case.startswith("gemma3") else 1e-6
         with torch.no_grad():
             assert (load_hf(tmp_path, dtype=torch.float64)(ids) - hf64(ids).logits).abs().max() <= bound
     if "window" in case:
@@ -103,6 +106,8 @@ def test_import_matches_transformers(tmp_path, case, sharded):
                                             7 if "phi3" in case else 5)  # fmt: skip
     if "partial-rope" in case:
         assert ours.config.mixer.rope_dims == 12  # 0.75 of 16
+    if case == "gemma3-scalar":
+        assert ours.config.mixers["L"].softmax_scale == 21**-0.5
     if case == "gemma3":
         assert ours.config.pattern == "LGL" and [m.window for m in ours.config.layer_mixers] == [5, None, 5]
         assert [m.rope_theta for m in ours.config.layer_mixers] == [500.0, 20000.0, 500.0]
@@ -225,7 +230,7 @@ def test_unsupported_and_missing_are_named(tmp_path):
     gemma = transformers.Gemma3TextConfig(**COMMON, head_dim=16, query_pre_attn_scalar=16).to_dict()
     for change, message in (
         ({"final_logit_softcapping": 30.0}, "final_logit_softcapping=30.0 is not supported"),
-        ({"query_pre_attn_scalar": 24}, "query_pre_attn_scalar=24 apart from head_dim=16"),
+        ({"use_bidirectional_attention": True}, "use_bidirectional_attention=true is not supported"),
     ):
         (tmp_path / "config.json").write_text(json.dumps(gemma | change))
         with pytest.raises(ValueError, match=message):
