@@ -681,7 +681,7 @@ def _neox_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, t
 _NEOX_BUFFERS = re.compile(r"\.attention\.(bias|masked_bias|rotary_emb\.inv_freq)$")  # old checkpoints hold them
 
 
-def _neox_unfuse(theirs: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+def _neox_prepare(theirs: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     heads, out = cfg.layer_mixers[0].n_heads, {}
     for name, value in theirs.items():
         if _NEOX_BUFFERS.search(name):
@@ -733,7 +733,7 @@ NATIVE_LAYOUTS["gpt_neox"] = NativeLayout(
     to_hf=_neox_to_hf,
     export_state=_neox_state,
     from_hf=_neox_from_hf,
-    prepare=_neox_unfuse,
+    prepare=_neox_prepare,
 )
 
 
@@ -776,12 +776,13 @@ def _gemma_problems(cfg: ModelConfig) -> list[str]:
         if m != same:
             problems.append("layers of one kind (windowed, or full) that differ (Gemma has one setting per kind)")
             break
-    a = next(m for m in kinds.values() if m is not None)
-    for m in filter(None, kinds.values()):
+    present = [m for m in kinds.values() if m is not None]
+    a = present[0]
+    for m in present:  # (Gemma's softmax scale is its query_pre_attn_scalar)
         problems += [p for p in _attention_layer_problems(m) if p not in problems and "softmax_scale" not in p]
-        shared = ("n_heads", "n_kv_heads", "head_dim", "qkv_bias", "o_bias", "qk_norm", "qk_norm_eps", "softmax_scale")
-        if any(getattr(m, f) != getattr(a, f) for f in shared) and "the windowed and full" not in str(problems):
-            problems.append("the windowed and full layers' heads, biases or norms differ")
+    shared = ("n_heads", "n_kv_heads", "head_dim", "qkv_bias", "o_bias", "qk_norm", "qk_norm_eps", "softmax_scale")
+    if any(getattr(m, f) != getattr(a, f) for m in present for f in shared):
+        problems.append("the windowed and full layers' heads, biases, norms or scales differ")
     if not a.qk_norm or not a.qk_norm_unit_offset or a.qk_norm_eps != cfg.norm.eps or a.qkv_bias != a.o_bias:
         problems.append("attention without qk_norm (unit_offset, at the model's norm eps), or with biases on some "
                         "projections")  # fmt: skip
@@ -798,7 +799,7 @@ def _gemma_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         "num_key_value_heads": a.n_kv_heads,
         "head_dim": a.head_dim,
         "hidden_activation": "gelu_pytorch_tanh",
-        "hidden_act": "gelu_pytorch_tanh",
+        "hidden_act": "gelu_pytorch_tanh",  # (in place of the common fields' silu, which Gemma does not read)
         "query_pre_attn_scalar": a.head_dim if a.softmax_scale is None else _scalar(a.softmax_scale),
         "sliding_window": kinds["sliding_attention"].window if kinds["sliding_attention"] else None,
         "layer_types": ["sliding_attention" if m.window is not None else "full_attention" for m in cfg.layer_mixers],
@@ -869,7 +870,7 @@ def _gemma_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
 NATIVE_LAYOUTS["gemma3_text"] = NativeLayout(
     model_type="gemma3_text",
     architecture="Gemma3ForCausalLM",
-    describes="attention with post_norms or embed_scale as gemma3_text",
+    describes="attention with Gemma's parts (post_norms, unit-offset norms, embed_scale) as gemma3_text",
     claims=_gemma_claims,
     problems=_gemma_problems,
     to_hf=_gemma_to_hf,
