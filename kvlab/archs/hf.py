@@ -21,6 +21,7 @@ flattened into the directory (``remote_code_files``), behind the
 from __future__ import annotations
 
 import ast
+import dataclasses
 import importlib
 import inspect
 import json
@@ -114,6 +115,13 @@ def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     if hf.get("mlp_bias"):
         raise ValueError("config.json: mlp_bias=true is not supported (kvlab's SwiGLU has no biases)")
     mixer = family.from_hf(hf, rope)
+    if isinstance(mixer, list):  # one per layer: the distinct ones named A, B, ... in a pattern
+        distinct = [m for i, m in enumerate(mixer) if m not in mixer[:i]]
+        names = {chr(ord("A") + i): m for i, m in enumerate(distinct)}
+        pattern = "".join(next(k for k, v in names.items() if v == m) for m in mixer)
+        layers = {"pattern": pattern, "mixers": names}
+    else:
+        layers = {"mixer": mixer}
     return ModelConfig(
         vocab_size=hf["vocab_size"],
         d_model=hf["hidden_size"],
@@ -121,7 +129,7 @@ def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         max_seq_len=hf.get("max_position_embeddings", 2048),
         norm={"kind": "rmsnorm", "eps": hf.get("rms_norm_eps", 1e-6)},
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        mixer=mixer,
+        **layers,
         **family.mlps_from_hf(hf),
     )
 
@@ -139,9 +147,10 @@ def hf_config_from_model(cfg: ModelConfig) -> dict[str, Any]:
     mixers = cfg.layer_mixers
     m = mixers[0]
     problems = []
-    if any(x != m for x in mixers[1:]):
-        problems.append("layers with different mixers")
     family = NATIVE_FAMILIES.get(m.kind)
+    may_differ = family.per_layer_fields if family is not None else ()
+    if any(not _same_but(x, m, may_differ) for x in mixers[1:]):
+        problems.append("layers with different mixers" + (f" (beyond {', '.join(may_differ)})" if may_differ else ""))
     if family is None:
         problems.append(f"mixer kind {m.kind!r}")
     else:
@@ -158,6 +167,13 @@ def hf_config_from_model(cfg: ModelConfig) -> dict[str, Any]:
         "rope_theta": m.rope_theta,
     }
     return hf | fields
+
+
+def _same_but(a, b, fields: tuple[str, ...]) -> bool:
+    """Whether two mixer configs are equal but for ``fields``."""
+    if type(a) is not type(b):
+        return False
+    return all(getattr(a, f.name) == getattr(b, f.name) for f in dataclasses.fields(a) if f.name not in fields)
 
 
 def _common_fields(cfg: ModelConfig, attention) -> dict[str, Any]:
@@ -326,7 +342,9 @@ def _write_export(model: CausalLM, tmp: Path, tokenizer, hf: dict | None, max_sh
     eos = None
     if tokenizer is not None:
         eos = _save_tokenizer(tokenizer, tmp, model.config.max_seq_len)
-    special = {"eos_token_id": eos, "bos_token_id": eos}  # EOS begins documents too (_save_tokenizer)
+    # EOS begins documents too, and pads (_save_tokenizer); given, so that no class's own default ids (SmolLM3's
+    # pad 128004 past a smaller vocabulary) stand in for them
+    special = {"eos_token_id": eos, "bos_token_id": eos, "pad_token_id": eos}
     if hf is not None:
         config = transformers.AutoConfig.for_model(**hf, dtype=weights_dtype, **special)
     else:
@@ -345,7 +363,7 @@ def _write_export(model: CausalLM, tmp: Path, tokenizer, hf: dict | None, max_sh
             **special,
         )
     config.save_pretrained(tmp)
-    transformers.GenerationConfig(**special, pad_token_id=eos).save_pretrained(tmp)
+    transformers.GenerationConfig(**special).save_pretrained(tmp)
 
 
 def _umask() -> int:

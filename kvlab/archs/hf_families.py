@@ -47,13 +47,15 @@ class NativeFamily:
     problems: Callable[[ModelConfig, MixerConfig], list[str]]
     # the family's config.json fields (model_type included), or a problem when the settings fit no class
     to_hf: Callable[[ModelConfig, MixerConfig], dict[str, Any] | str]
-    from_hf: Callable[[dict[str, Any], Rope], dict[str, Any]]  # the mixer spec of a config.json
+    # the mixer spec of a config.json, or one per layer where its layers differ
+    from_hf: Callable[[dict[str, Any], Rope], dict[str, Any] | list[dict[str, Any]]]
     # after import: change the weights (kvlab names) from the checkpoint's layout to ours, in place
     fix_weights: Callable[[dict[str, Any], dict[str, torch.Tensor], ModelConfig], None] | None = None
     # the MLPs of a config.json, as ModelConfig fields (mlp, or mlp_pattern and mlps)
     mlps_from_hf: Callable[[dict[str, Any]], dict[str, Any]] = lambda hf: {
         "mlp": {"kind": "swiglu", "hidden": hf["intermediate_size"]}
     }
+    per_layer_fields: tuple[str, ...] = ()  # mixer settings its class takes per layer (to_hf reads them all)
 
 
 NATIVE_FAMILIES: dict[str, NativeFamily] = {}
@@ -81,8 +83,12 @@ LLAMA_TYPES: dict[str, dict[str, Any]] = {
     # Phi-3 (imported; exported as the Llama or Mistral it computes): projections fused (kvlab.archs.hf splits
     # them), RoPE on the first partial_rotary_factor of each head (Phi-4-mini's 0.75)
     "phi3": {"qkv_bias": False, "o_bias": False, "window": True, "qk_norm": False},
+    # SmolLM3: Llama with RoPE left out of every no_rope_layer_interval-th layer (no_rope_layers), and windows on
+    # the layers layer_types names
+    "smollm3": {"qkv_bias": None, "o_bias": None, "window": True, "qk_norm": False},
 }
-QWEN_WINDOWS = ("qwen2", "qwen3")  # windows on the layers from max_window_layers on (transformers' layer_types)
+# windows on the layers layer_types names (Qwen2/3: by default the layers from max_window_layers on)
+PER_LAYER_WINDOWS = ("qwen2", "qwen3", "smollm3")
 
 
 def llama_block_problems(cfg: ModelConfig) -> list[str]:
@@ -116,7 +122,13 @@ def one_swiglu_problems(cfg: ModelConfig) -> list[str]:
 
 
 def _attention_problems(cfg: ModelConfig, m) -> list[str]:
-    return llama_block_problems(cfg) + (one_swiglu_problems(cfg) or _attention_layer_problems(m))
+    if one_swiglu_problems(cfg):
+        return llama_block_problems(cfg) + one_swiglu_problems(cfg)
+    problems = llama_block_problems(cfg)
+    for x in {id(x): x for x in cfg.layer_mixers}.values():  # (a layer without RoPE is SmolLM3's)
+        problems += [p for p in _attention_layer_problems(x) if p not in problems and not (
+            x.rope_dims == 0 and p.startswith("partial RoPE"))]  # fmt: skip
+    return problems
 
 
 def _attention_layer_problems(m) -> list[str]:
@@ -145,11 +157,15 @@ def _attention_layer_problems(m) -> list[str]:
 
 
 def _attention_to_hf(cfg: ModelConfig, m) -> dict[str, Any] | str:
-    if m.qk_norm:  # Qwen3: its norms take the model's rms_norm_eps; its biases are all or none (attention_bias)
-        if m.qkv_bias != m.o_bias:
-            return f"qk_norm with qkv_bias={m.qkv_bias}, o_bias={m.o_bias} (Qwen3 has both or neither)"
-        if cfg.norm.kind != "rmsnorm" or m.qk_norm_eps != cfg.norm.eps:
-            return f"qk_norm_eps={m.qk_norm_eps} apart from the model's norm eps={cfg.norm.eps} (Qwen3 has one)"
+    mixers = cfg.layer_mixers
+    if any(x.window != m.window or x.rope_dims != m.rope_dims for x in mixers):
+        return _per_layer_attention_to_hf(cfg, m)
+    if m.rope_dims == 0:  # no RoPE in any layer: SmolLM3's NoPE layers
+        return _per_layer_attention_to_hf(cfg, m)
+    if m.qk_norm:
+        problem = _qwen3_problem(cfg, m)
+        if problem:
+            return problem
         model_type = "qwen3"
     elif m.window is not None and m.qkv_bias and not m.o_bias:
         model_type = "qwen2"
@@ -168,9 +184,53 @@ def _attention_to_hf(cfg: ModelConfig, m) -> dict[str, Any] | str:
         hf["attention_bias"] = m.qkv_bias
     if model_type == "mistral":
         hf["sliding_window"] = m.window
-    elif model_type in QWEN_WINDOWS:  # on the layers from max_window_layers on (layer_types): all or none
+    elif model_type in PER_LAYER_WINDOWS[:2]:  # on the layers from max_window_layers on (layer_types): all or none
         hf.update(use_sliding_window=m.window is not None, sliding_window=m.window,
                   max_window_layers=0 if m.window is not None else cfg.n_layers)  # fmt: skip
+    return hf
+
+
+def _qwen3_problem(cfg: ModelConfig, m) -> str | None:
+    """Qwen3's query and key norms take the model's rms_norm_eps; its biases are all or none (attention_bias)."""
+    if m.qkv_bias != m.o_bias:
+        return f"qk_norm with qkv_bias={m.qkv_bias}, o_bias={m.o_bias} (Qwen3 has both or neither)"
+    if cfg.norm.kind != "rmsnorm" or m.qk_norm_eps != cfg.norm.eps:
+        return f"qk_norm_eps={m.qk_norm_eps} apart from the model's norm eps={cfg.norm.eps} (Qwen3 has one)"
+    return None
+
+
+def _per_layer_attention_to_hf(cfg: ModelConfig, m) -> dict[str, Any] | str:
+    """Layers that differ by their window or by having RoPE or none: Qwen2 and Qwen3 (windows on the layers
+    layer_types names), SmolLM3 (that, and layers without RoPE)."""
+    mixers = cfg.layer_mixers
+    windows = {x.window for x in mixers} - {None}
+    if len(windows) > 1:
+        return f"windows of different sizes ({sorted(windows)}; one sliding_window is needed)"
+    no_rope = [x.rope_dims == 0 for x in mixers]
+    if m.qk_norm and not any(no_rope):
+        model_type = _qwen3_problem(cfg, m) or "qwen3"
+    elif m.qkv_bias and not m.o_bias and not any(no_rope):
+        model_type = "qwen2"
+    elif m.qkv_bias == m.o_bias and not m.qk_norm:
+        model_type = "smollm3"
+    else:
+        model_type = (f"layers without RoPE with qk_norm={m.qk_norm}, qkv_bias={m.qkv_bias}, o_bias={m.o_bias} "
+                      "(SmolLM3 has no query or key norms and its biases all or none)")  # fmt: skip
+    if model_type not in LLAMA_TYPES:
+        return model_type
+    types = ["sliding_attention" if x.window is not None else "full_attention" for x in mixers]
+    window = next(iter(windows), None)
+    hf: dict[str, Any] = {"model_type": model_type, "num_key_value_heads": m.n_kv_heads, "head_dim": m.head_dim,
+                          "use_sliding_window": window is not None, "sliding_window": window,
+                          "layer_types": types}  # fmt: skip
+    if m.rope_scaling is not None:
+        hf["rope_parameters"] = rope_parameters(m)
+    if model_type != "qwen2":
+        hf["attention_bias"] = m.qkv_bias
+    if model_type == "smollm3":
+        hf["no_rope_layers"] = [0 if x else 1 for x in no_rope]
+    else:  # (transformers 5 reads layer_types; before it, the windows from max_window_layers on)
+        hf["max_window_layers"] = types.index("sliding_attention") if window is not None else cfg.n_layers
     return hf
 
 
@@ -208,42 +268,44 @@ def read_rope(hf: dict[str, Any]) -> Rope:
     return Rope(float(theta), scaling, f"{field}.rope_type={rope_type!r}")
 
 
-def _attention_from_hf(hf: dict[str, Any], rope: Rope) -> dict[str, Any]:
+def _attention_from_hf(hf: dict[str, Any], rope: Rope) -> dict[str, Any] | list[dict[str, Any]]:
+    """The attention of a config.json: one mixer spec, or one per layer where layers differ (windows on some
+    layers only, SmolLM3's layers without RoPE)."""
     model_type = hf["model_type"]
     kind = LLAMA_TYPES[model_type]
+    n = hf["num_hidden_layers"]
     window = None
     if kind["window"] and (model_type in ("mistral", "phi3") or hf.get("use_sliding_window")):
         window = hf.get("sliding_window")
-    if model_type in QWEN_WINDOWS and window is not None:
-        # as transformers reads it: layer_types, else a window on every layer from max_window_layers (28) on
-        n, first = hf["num_hidden_layers"], hf.get("max_window_layers", 28)
-        types = hf.get("layer_types") or ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
-        sliding = [i for i, t in enumerate(types) if t == "sliding_attention"]
-        if not sliding:
-            window = None
-        elif len(sliding) < n:
-            raise ValueError(
-                f"config.json: {model_type} with sliding windows on layers {sliding} only (max_window_layers={first}) "
-                "is not supported; windows on all layers or on none are"
-            )
     if window is not None and window >= hf.get("max_position_embeddings", float("inf")):
         window = None  # it covers every position the model takes: full attention (a config of kvlab's refuses it)
+    windows, roped = [window] * n, [True] * n
+    if model_type in PER_LAYER_WINDOWS:  # layer_types (and no_rope_layers) as transformers derives them
+        import transformers
+
+        derived = transformers.AutoConfig.for_model(**hf)
+        windows = [window if t == "sliding_attention" else None for t in derived.layer_types]
+        roped = [bool(r) for r in getattr(derived, "no_rope_layers", roped)]
     bias = {k: bool(hf.get("attention_bias")) if kind[k] is None else kind[k] for k in ("qkv_bias", "o_bias")}
     n_heads = hf["num_attention_heads"]
     head_dim = hf.get("head_dim") or hf["hidden_size"] // n_heads
     rotated = hf.get("partial_rotary_factor", 1.0) if model_type == "phi3" else 1.0
-    return {
-        "kind": "attention",
-        "n_heads": n_heads,
-        "n_kv_heads": hf.get("num_key_value_heads") or n_heads,
-        "head_dim": head_dim,
-        **({"rope_dims": int(head_dim * rotated)} if rotated != 1.0 else {}),
-        "rope_theta": rope.theta,
-        "rope_scaling": rope.scaling,
-        "window": window,
-        **bias,
-        **({"qk_norm": True, "qk_norm_eps": hf.get("rms_norm_eps", 1e-6)} if kind["qk_norm"] else {}),
-    }
+    layers = [
+        {
+            "kind": "attention",
+            "n_heads": n_heads,
+            "n_kv_heads": hf.get("num_key_value_heads") or n_heads,
+            "head_dim": head_dim,
+            **({"rope_dims": int(head_dim * rotated) if has_rope else 0} if rotated != 1.0 or not has_rope else {}),
+            "rope_theta": rope.theta,
+            "rope_scaling": rope.scaling,
+            "window": window,
+            **bias,
+            **({"qk_norm": True, "qk_norm_eps": hf.get("rms_norm_eps", 1e-6)} if kind["qk_norm"] else {}),
+        }
+        for window, has_rope in zip(windows, roped, strict=True)
+    ]
+    return layers[0] if all(layer == layers[0] for layer in layers) else layers
 
 
 register_native(
@@ -255,10 +317,12 @@ register_native(
             "qwen2": "Qwen2ForCausalLM",
             "qwen3": "Qwen3ForCausalLM",
             "phi3": "Phi3ForCausalLM",
+            "smollm3": "SmolLM3ForCausalLM",
         },  # fmt: skip
         problems=_attention_problems,
         to_hf=_attention_to_hf,
         from_hf=_attention_from_hf,
+        per_layer_fields=("window", "rope_dims"),
     )
 )
 

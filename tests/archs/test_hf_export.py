@@ -410,6 +410,32 @@ def test_gemma3_exports_natively_and_reads_back(tmp_path, scalar):
         save_hf(build_model(tiny(**plain)), tmp_path / "c", remote_code=False)
 
 
+PER_LAYER = {  # layers that differ by a window or by RoPE: (spec, class, its layer_types)
+    "qwen2": ({"pattern": "FWWW", "mixers": {"F": {**ATTENTION, "qkv_bias": True}, "W": {**ATTENTION, "qkv_bias": True,
+              "window": 5}}}, "Qwen2ForCausalLM", "FSSS"),
+    "qwen3": ({"pattern": "WF", "mixers": {"F": {**ATTENTION, "qk_norm": True}, "W": {**ATTENTION, "qk_norm": True,
+              "window": 5}}, "norm": {"kind": "rmsnorm", "eps": 1e-5}}, "Qwen3ForCausalLM", "SFSF"),
+    "smollm3": ({"pattern": "RRRN", "mixers": {"R": ATTENTION, "N": {**ATTENTION, "rope_dims": 0, "window": 6}}},
+                "SmolLM3ForCausalLM", "FFFS"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(PER_LAYER))
+def test_layers_that_differ_by_window_or_rope_export_natively(tmp_path, case):
+    """Windows on some layers (Qwen2, Qwen3: layer_types), layers without RoPE (SmolLM3's no_rope_layers): the
+    class's logits and greedy tokens are ours (``_native_round_trip``; transformers' RoPE angles in float32)."""
+    spec, architecture, types = PER_LAYER[case]
+    _native_round_trip({"mixer": None, **spec}, tmp_path, architecture, 1e-6)
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert ["S" if t == "sliding_attention" else "F" for t in config["layer_types"]] == list(types)
+    if case == "smollm3":
+        assert config["no_rope_layers"] == [1, 1, 1, 0]
+    if case == "qwen2":
+        two = {"W": {**ATTENTION, "qkv_bias": True, "window": 5}, "X": {**ATTENTION, "qkv_bias": True, "window": 6}}
+        with pytest.raises(ValueError, match=r"windows of different sizes \(\[5, 6\]"):
+            save_hf(build_model(tiny(mixer=None, pattern="WX", mixers=two)), tmp_path / "c", remote_code=False)
+
+
 def test_dtype_casts_weights_but_not_integer_buffers(tmp_path):
     from safetensors.torch import load_file
 

@@ -24,6 +24,16 @@ CASES = {
                                                     max_window_layers=0)),
     "qwen2-window-on-no-layer": (transformers.Qwen2Config, dict(num_key_value_heads=2, use_sliding_window=True,
                                                                 sliding_window=5, max_window_layers=3)),
+    # windows on some layers only, as transformers reads them (layer_types, else from max_window_layers on)
+    "qwen2-window-on-some-layers": (transformers.Qwen2Config, dict(num_key_value_heads=2, use_sliding_window=True,
+                                                                   sliding_window=5, max_window_layers=1)),
+    "qwen3-windows-alternating": (transformers.Qwen3Config, dict(
+        num_key_value_heads=2, head_dim=16, use_sliding_window=True, sliding_window=5,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"])),
+    # SmolLM3: RoPE left out of every other layer (no_rope_layer_interval), a window on those, biases
+    "smollm3-nope": (transformers.SmolLM3Config, dict(
+        num_key_value_heads=2, no_rope_layer_interval=2, use_sliding_window=True, sliding_window=5,
+        attention_bias=True, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
     # a window over more positions than the model takes (Mistral's default 4096 on a shorter model): full attention
     "mistral-window-past-every-position": (transformers.MistralConfig, dict(num_key_value_heads=2, sliding_window=256)),
     # per-head query and key norms before RoPE (Qwen3's q_norm, k_norm), with and without biases
@@ -67,6 +77,12 @@ CASES = {
 }  # fmt: skip
 
 
+PER_LAYER = {  # (window, rope_dims) of each layer
+    "qwen2-window-on-some-layers": [(None, 16), (5, 16), (5, 16)],
+    "qwen3-windows-alternating": [(5, 16), (None, 16), (5, 16)],
+    "smollm3-nope": [(None, 16), (5, 0), (None, 16)],
+}
+
 # transformers' grouped expert products take no float64 (an option of transformers 5)
 EAGER = {"experts_implementation": "eager"} if int(transformers.__version__.split(".")[0]) >= 5 else {}
 
@@ -101,7 +117,9 @@ def test_import_matches_transformers(tmp_path, case, sharded):
         bound = 1e-5 if case.startswith("gemma3") else 1e-6
         with torch.no_grad():
             assert (load_hf(tmp_path, dtype=torch.float64)(ids) - hf64(ids).logits).abs().max() <= bound
-    if "window" in case:
+    if case in PER_LAYER:
+        assert [(m.window, m.rope_dims) for m in ours.config.layer_mixers] == PER_LAYER[case]
+    elif "window" in case:
         assert ours.config.mixer.window == (None if "no-layer" in case or "past-every" in case else
                                             7 if "phi3" in case else 5)  # fmt: skip
     if "partial-rope" in case:
@@ -245,10 +263,6 @@ def test_unsupported_and_missing_are_named(tmp_path):
         load_hf(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
-        load_hf(tmp_path)
-    qwen2 = transformers.Qwen2Config(**COMMON, use_sliding_window=True, sliding_window=4, max_window_layers=1)
-    (tmp_path / "config.json").write_text(json.dumps(qwen2.to_dict()))
-    with pytest.raises(ValueError, match=r"sliding windows on layers \[1, 2\] only \(max_window_layers=1\)"):
         load_hf(tmp_path)
     cfg["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
