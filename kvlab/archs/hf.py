@@ -342,9 +342,10 @@ def _write_export(model: CausalLM, tmp: Path, tokenizer, hf: dict | None, max_sh
     eos = None
     if tokenizer is not None:
         eos = _save_tokenizer(tokenizer, tmp, model.config.max_seq_len)
-    # EOS begins documents too, and pads (_save_tokenizer); given, so that no class's own default ids (SmolLM3's
-    # pad 128004 past a smaller vocabulary) stand in for them
-    special = {"eos_token_id": eos, "bos_token_id": eos, "pad_token_id": eos}
+    # EOS begins documents too (_save_tokenizer). The model's pad id is none: classes make it their embeddings'
+    # padding_idx, whose row then trains no more (EOS's, here), and some have a default of their own (SmolLM3's
+    # 128004, past a smaller vocabulary); generation pads with EOS.
+    special = {"eos_token_id": eos, "bos_token_id": eos, "pad_token_id": None}
     if hf is not None:
         config = transformers.AutoConfig.for_model(**hf, dtype=weights_dtype, **special)
     else:
@@ -363,7 +364,7 @@ def _write_export(model: CausalLM, tmp: Path, tokenizer, hf: dict | None, max_sh
             **special,
         )
     config.save_pretrained(tmp)
-    transformers.GenerationConfig(**special).save_pretrained(tmp)
+    transformers.GenerationConfig(**special | {"pad_token_id": eos}).save_pretrained(tmp)
 
 
 def _umask() -> int:

@@ -492,7 +492,10 @@ def test_tokenizer_is_written_for_auto_tokenizer(tmp_path):
     batch = loaded(["return x", "def f(x):\n    return"], padding=True)  # left-padded: what kvlab's models take
     assert batch["attention_mask"][0][0] == 0 and batch["attention_mask"][0][-1] == 1
     generation = transformers.GenerationConfig.from_pretrained(tmp_path / "hf")
-    assert generation.eos_token_id == generation.bos_token_id == tok.token_to_id(EOS)
+    assert generation.eos_token_id == generation.bos_token_id == generation.pad_token_id == tok.token_to_id(EOS)
+    # the model itself has no pad id: transformers would make EOS's embedding its padding_idx, which trains no more
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert model.config.pad_token_id is None and model.model.embed_tokens.padding_idx is None
 
 
 @pytest.mark.parametrize(
