@@ -318,6 +318,7 @@ class ModelConfig:
     # them: "sandwich" norms), and the embeddings scaled by embed_scale (Gemma: sqrt(d_model); None: 1)
     post_norms: bool = False
     embed_scale: float | None = None
+    pre_norms: bool = True  # false: no norm before the mixer or the MLP, only post_norms after them (OLMo 2)
     mixer: MixerConfig | None = None
     pattern: str | None = None
     mixers: dict[str, MixerConfig] | None = None
@@ -520,6 +521,7 @@ class ModelConfig:
         check_bool(self.tie_embeddings, "tie_embeddings")
         check_bool(self.parallel_residual, "parallel_residual")
         check_bool(self.post_norms, "post_norms")
+        check_bool(self.pre_norms, "pre_norms")
         if self.embed_scale is not None:
             check_float(self.embed_scale, "embed_scale", positive=True)
         check_int(self.meta_tokens, "meta_tokens", minimum=0)
@@ -597,7 +599,7 @@ class ModelConfig:
                 vocab_size=self.vocab_size, d_model=self.d_model, n_layers=b.token_layers,
                 max_seq_len=b.prefix + b.length - 1, norm=to_dict(self.norm), mlp=to_dict(self.mlp), mixer=mixer,
                 kernels=self.kernels, init_std=self.init_std, parallel_residual=self.parallel_residual,
-                post_norms=self.post_norms, embed_scale=self.embed_scale,
+                post_norms=self.post_norms, embed_scale=self.embed_scale, pre_norms=self.pre_norms,
             )  # fmt: skip
         except ValueError as e:
             raise ValueError(f"blocks: the token decoder: {e}") from None

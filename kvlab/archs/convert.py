@@ -189,6 +189,12 @@ def convert_model(
         if model.config.plan[i].attention_source != i:
             raise ValueError(f"convert: layer {i} applies layer {model.config.plan[i].attention_source}'s attention "
                              "weights (SA); conversions start from models that do not share them")  # fmt: skip
+        if isinstance(m, AttentionConfig) and m.qk_norm and m.qk_norm_over == "projection":
+            pooled = spec["to"] in ("gqa", "mqa") and spec.get("method", "mean") in ("mean", "first")
+            if not (spec["to"] == "cla" or pooled and not spec.get("uneven") and not spec.get("query_allocation")):
+                raise ValueError(f"convert: layer {i} normalises its whole key projection (qk_norm_over: projection, "
+                                 "OLMo 2's), which to: gqa or mqa with method mean or first (even groups), and to: "
+                                 f"cla carry; not to: {spec['to']} with these settings")  # fmt: skip
     spec = _without_calibration_rows(spec)
     if spec["to"] == "dha":
         method = _checked_method(spec, ["to", "n_k_heads", "n_v_heads", "method", "adaptive", *DHA_FUSION],
@@ -335,7 +341,8 @@ def _to_gqa(
             _permute_heads(state, f"layers.{i}.mixer.o_proj", q_order, mixer.v_head_dim, dim=1)
         if not mixer.owns_kv:
             continue
-        for proj in ("k_proj", "v_proj"):
+        # (a key norm over the whole projection, OLMo 2's, weighs each head's channels: pooled as the heads)
+        for proj in ("k_proj", "v_proj") + (("k_norm",) if mixer.norm_projections else ()):
             if groups is not None:
                 width = mixer.v_head_dim if proj == "v_proj" else mixer.head_dim
                 _permute_heads(state, f"layers.{i}.mixer.{proj}", order, width, dim=0)

@@ -21,7 +21,6 @@ flattened into the directory (``remote_code_files``), behind the
 from __future__ import annotations
 
 import ast
-import dataclasses
 import importlib
 import inspect
 import json
@@ -37,7 +36,14 @@ import torch
 from kvlab._config import dotted_items
 from kvlab._io import atomic_path, remove_orphans, temp_path
 from kvlab.archs.config import ModelConfig
-from kvlab.archs.hf_families import NATIVE_FAMILIES, NATIVE_LAYOUTS, family_of_model_type, layout_for, read_rope
+from kvlab.archs.hf_families import (
+    NATIVE_FAMILIES,
+    NATIVE_LAYOUTS,
+    family_of_model_type,
+    layout_for,
+    read_rope,
+    same_but,
+)
 from kvlab.archs.model import CausalLM, build_model
 from kvlab.layers.attention import AttentionConfig
 
@@ -149,7 +155,7 @@ def hf_config_from_model(cfg: ModelConfig) -> dict[str, Any]:
     problems = []
     family = NATIVE_FAMILIES.get(m.kind)
     may_differ = family.per_layer_fields if family is not None else ()
-    if any(not _same_but(x, m, may_differ) for x in mixers[1:]):
+    if any(not same_but(x, m, may_differ) for x in mixers[1:]):
         problems.append("layers with different mixers" + (f" (beyond {', '.join(may_differ)})" if may_differ else ""))
     if family is None:
         problems.append(f"mixer kind {m.kind!r}")
@@ -167,13 +173,6 @@ def hf_config_from_model(cfg: ModelConfig) -> dict[str, Any]:
         "rope_theta": m.rope_theta,
     }
     return hf | fields
-
-
-def _same_but(a, b, fields: tuple[str, ...]) -> bool:
-    """Whether two mixer configs are equal but for ``fields``."""
-    if type(a) is not type(b):
-        return False
-    return all(getattr(a, f.name) == getattr(b, f.name) for f in dataclasses.fields(a) if f.name not in fields)
 
 
 def _common_fields(cfg: ModelConfig, attention) -> dict[str, Any]:

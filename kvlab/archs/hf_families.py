@@ -94,11 +94,24 @@ PER_LAYER_WINDOWS = ("qwen2", "qwen3", "smollm3")
 def llama_block_problems(cfg: ModelConfig) -> list[str]:
     """What the blocks of Llama, Mistral, Qwen, DeepSeek-V3 and Jamba lack: an RMSNorm before the mixer, then one
     before the MLP on the mixer's residual."""
-    problems = gemma_problems(cfg)
+    problems = gemma_problems(cfg) + pre_norm_problems(cfg)
     if cfg.norm.kind != "rmsnorm":
         problems.append(f"norm {cfg.norm.kind!r} (rmsnorm is needed)")
     if cfg.parallel_residual:
         problems.append("parallel_residual (the MLP after the mixer is needed)")
+    return problems
+
+
+def same_but(a, b, fields: tuple[str, ...]) -> bool:
+    """Whether two mixer configs are equal but for ``fields``."""
+    return type(a) is type(b) and all(getattr(a, f) == getattr(b, f) for f in a.__dataclass_fields__ if f not in fields)
+
+
+def pre_norm_problems(cfg: ModelConfig) -> list[str]:
+    """The norms before the mixer and the MLP, which all but OLMo 2's classes have; and per-head q/k norms."""
+    problems = ["pre_norms=False (OLMo 2's)"] if not cfg.pre_norms else []
+    if any(getattr(m, "qk_norm_over", "head") == "projection" for m in cfg.layer_mixers):
+        problems.append("query and key norms over the whole projections (qk_norm_over: projection, OLMo 2's)")
     return problems
 
 
@@ -266,6 +279,13 @@ def read_rope(hf: dict[str, Any]) -> Rope:
                        "original_max_position_embeddings", hf.get("max_position_embeddings", 2048))}  # fmt: skip
     theta = rope.get("rope_theta") or hf.get("rope_theta") or hf.get("rotary_emb_base") or 10000.0
     return Rope(float(theta), scaling, f"{field}.rope_type={rope_type!r}")
+
+
+def rope_of_layer_type(hf: dict[str, Any], layer_type: str) -> Rope:
+    """The RoPE of one kind of layer where ``rope_parameters`` holds one per kind (Gemma 3, OLMo 3:
+    ``sliding_attention``, ``full_attention``), else the model's."""
+    per_type = hf.get("rope_parameters") or {}
+    return read_rope({"rope_parameters": per_type[layer_type]} if layer_type in per_type else hf)
 
 
 def _attention_from_hf(hf: dict[str, Any], rope: Rope) -> dict[str, Any] | list[dict[str, Any]]:
@@ -680,7 +700,7 @@ def _neox_claims(cfg: ModelConfig) -> bool:
 
 
 def _neox_problems(cfg: ModelConfig) -> list[str]:
-    m, problems = cfg.layer_mixers[0], gemma_problems(cfg)
+    m, problems = cfg.layer_mixers[0], gemma_problems(cfg) + pre_norm_problems(cfg)
     if any(x != m for x in cfg.layer_mixers[1:]):
         problems.append("layers with different mixers")
     if cfg.norm.kind != "layernorm":
@@ -809,7 +829,7 @@ GEMMA_TYPES = ("sliding_attention", "full_attention")
 
 
 def _gemma_claims(cfg: ModelConfig) -> bool:
-    return _mixer_kinds(cfg) == {"attention"} and bool(gemma_problems(cfg))  # any of Gemma's parts
+    return _mixer_kinds(cfg) == {"attention"} and cfg.pre_norms and bool(gemma_problems(cfg))  # any of Gemma's parts
 
 
 def _gemma_kinds(cfg: ModelConfig) -> dict[str, Any]:
@@ -820,7 +840,7 @@ def _gemma_kinds(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def _gemma_problems(cfg: ModelConfig) -> list[str]:
-    problems = []
+    problems = pre_norm_problems(cfg)
     if (
         not cfg.post_norms
         or cfg.embed_scale != cfg.d_model**0.5
@@ -914,7 +934,7 @@ def _gemma_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
     eps, bias = hf.get("rms_norm_eps", 1e-6), bool(hf.get("attention_bias"))
     mixers = {}
     for kind, letter in zip(GEMMA_TYPES, "LG", strict=True):
-        rope = read_rope({"rope_parameters": hf["rope_parameters"][kind]})
+        rope = rope_of_layer_type(hf, kind)
         mixers[letter] = {"kind": "attention", "n_heads": n_heads, "n_kv_heads": hf["num_key_value_heads"],
                           "head_dim": head_dim, "rope_theta": rope.theta, "rope_scaling": rope.scaling,
                           "window": hf["sliding_window"] if letter == "L" else None, "qkv_bias": bias, "o_bias": bias,
@@ -972,3 +992,100 @@ NATIVE_LAYOUTS["gemma3"] = NativeLayout(
     from_hf=lambda hf: _gemma_from_hf({"model_type": "gemma3_text", **hf.get("text_config", {})}),
     prepare=_gemma_text_weights,
 )
+
+
+# OLMo 2 (and OLMo 3, its windows on the layers layer_types names): no norm before the attention or the MLP,
+# an RMSNorm after each (post_norms, pre_norms false); queries and keys RMS-normalised over the whole projection
+# (qk_norm_over: projection); SwiGLU. Names as Gemma's post norms (_gemma_state).
+
+
+def _olmo_claims(cfg: ModelConfig) -> bool:
+    projection = any(getattr(m, "qk_norm_over", "head") == "projection" for m in cfg.layer_mixers)
+    return _mixer_kinds(cfg) == {"attention"} and (not cfg.pre_norms or projection)
+
+
+def _olmo_problems(cfg: ModelConfig) -> list[str]:
+    problems = []
+    if cfg.embed_scale is not None or cfg.norm.unit_offset or any(m.qk_norm_unit_offset for m in cfg.layer_mixers):
+        problems.append("embed_scale or norms weighing by 1 + w (Gemma's)")
+    if cfg.pre_norms or not cfg.post_norms or cfg.norm.kind != "rmsnorm" or cfg.parallel_residual:
+        problems.append(f"pre_norms={cfg.pre_norms}, post_norms={cfg.post_norms}, norm {cfg.norm.kind!r}, "
+                        f"parallel_residual={cfg.parallel_residual} (OLMo 2 normalises each sublayer's output alone, "
+                        "with RMSNorms, one after the other)")  # fmt: skip
+    problems += one_swiglu_problems(cfg)
+    mixers = cfg.layer_mixers
+    m = mixers[0]
+    kinds = _gemma_kinds(cfg)  # (OLMo 3's two kinds of layer, each with its RoPE)
+    if any(x != kinds["sliding_attention" if x.window is not None else "full_attention"] for x in mixers):
+        problems.append("layers of one kind (windowed, or full) that differ (OLMo 3 has one setting per kind)")
+    present = [x for x in kinds.values() if x is not None]
+    if any(not same_but(x, m, ("window", "rope_theta", "rope_scaling")) for x in present):
+        problems.append("the windowed and full layers differ by more than their window and RoPE")
+    windows = {x.window for x in mixers} - {None}
+    if len(windows) > 1:
+        problems.append(f"windows of different sizes ({sorted(windows)}; one sliding_window is needed)")
+    problems += _attention_layer_problems(m)
+    if not m.qk_norm or m.qk_norm_over != "projection" or m.qk_norm_eps != cfg.norm.eps or m.qkv_bias != m.o_bias:
+        problems.append("attention without query and key norms over the projections at the model's norm eps, or "
+                        "with biases on some projections only")  # fmt: skip
+    return problems
+
+
+def _olmo_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    m = cfg.layer_mixers[0]
+    windows = {x.window for x in cfg.layer_mixers} - {None}
+    hf = {
+        "model_type": "olmo3" if windows else "olmo2",
+        "intermediate_size": cfg.mlp.hidden,
+        "num_key_value_heads": m.n_kv_heads,
+        "attention_bias": m.qkv_bias,
+        "rope_parameters": rope_parameters(m),
+    }
+    if windows:  # OLMo 3: RoPE per kind of layer
+        hf["rope_parameters"] = {kind: rope_parameters(x or m) for kind, x in _gemma_kinds(cfg).items()}
+        hf["sliding_window"] = next(iter(windows))
+        hf["layer_types"] = [
+            "sliding_attention" if x.window is not None else "full_attention" for x in cfg.layer_mixers
+        ]
+    return hf
+
+
+def _olmo_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+    import transformers
+
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"config.json: hidden_act={hf['hidden_act']!r} is not supported (SwiGLU needs silu)")
+    hf = transformers.AutoConfig.for_model(**hf).to_dict()  # (OLMo 3's layer_types as transformers derives them)
+    n_heads, d, eps = hf["num_attention_heads"], hf["hidden_size"], hf.get("rms_norm_eps", 1e-6)
+    bias = bool(hf.get("attention_bias"))
+    types = hf.get("layer_types") or ["full_attention"] * hf["num_hidden_layers"]
+    mixers = {}
+    for letter, kind in (("L", "sliding_attention"), ("G", "full_attention")):  # OLMo 3: RoPE per kind
+        rope = rope_of_layer_type(hf, kind)
+        mixers[letter] = {"kind": "attention", "n_heads": n_heads,
+                          "n_kv_heads": hf.get("num_key_value_heads") or n_heads,
+                          "head_dim": hf.get("head_dim") or d // n_heads, "rope_theta": rope.theta,
+                          "rope_scaling": rope.scaling, "window": hf.get("sliding_window") if letter == "L" else None,
+                          "qkv_bias": bias, "o_bias": bias, "qk_norm": True, "qk_norm_eps": eps,
+                          "qk_norm_over": "projection"}  # fmt: skip
+    pattern = "".join("L" if t == "sliding_attention" else "G" for t in types)
+    return {
+        "vocab_size": hf["vocab_size"], "d_model": d, "n_layers": hf["num_hidden_layers"],
+        "max_seq_len": hf.get("max_position_embeddings", 4096), "norm": {"kind": "rmsnorm", "eps": eps},
+        "tie_embeddings": bool(hf.get("tie_word_embeddings", False)), "pre_norms": False, "post_norms": True,
+        "pattern": pattern, "mixers": {k: v for k, v in mixers.items() if k in pattern},
+        "mlp": {"kind": "swiglu", "hidden": hf["intermediate_size"]},
+    }  # fmt: skip
+
+
+for _olmo in ("olmo2", "olmo3"):
+    NATIVE_LAYOUTS[_olmo] = NativeLayout(
+        model_type=_olmo,
+        architecture=f"{_olmo.capitalize()}ForCausalLM",
+        describes="" if _olmo == "olmo3" else "attention with post norms alone as olmo2 (with windows: olmo3)",
+        claims=_olmo_claims if _olmo == "olmo2" else lambda cfg: False,  # (olmo2's to_hf picks between them)
+        problems=_olmo_problems,
+        to_hf=_olmo_to_hf,
+        export_state=_gemma_state,
+        from_hf=_olmo_from_hf,
+    )

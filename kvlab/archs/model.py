@@ -74,7 +74,8 @@ class Block(nn.Module):
                 self.cross = CrossAttention(cfg.d_model, d_states, heads, heads, cfg.d_model // heads, cross_rotary)
             elif not ctx.shared_cross:
                 self.cross_block = CrossBlock(cfg.d_model, d_states, heads, plan.norm, cross_rotary)
-        self.mixer_norm = build_norm(plan.norm, cfg.d_model)
+        # (none before the mixer and the MLP with pre_norms false: OLMo 2 normalises their outputs alone)
+        self.mixer_norm = build_norm(plan.norm, cfg.d_model) if cfg.pre_norms else nn.Identity()
         # attention weights given to or taken from other layers (SA): only mixers that read them are told
         weights = {}
         if plan.attention_source != layer_idx:
@@ -90,7 +91,7 @@ class Block(nn.Module):
             **weights,
         )
         mlp = build_mlp(plan.mlp, cfg.d_model)  # None: no MLP (mlp kind none)
-        self.mlp_norm = build_norm(plan.norm, cfg.d_model) if mlp is not None else None
+        self.mlp_norm = None if mlp is None else build_norm(plan.norm, cfg.d_model) if cfg.pre_norms else nn.Identity()
         self.mlp = mlp
         self.mlp_stateful = getattr(mlp, "stateful", False)
         self.parallel_residual = cfg.parallel_residual

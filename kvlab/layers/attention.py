@@ -13,7 +13,9 @@ ring (Hymba's meta tokens, Dong et al. 2024), value heads wider than the
 key heads (``v_head_dim``: Hymba's are ``expand`` times wider, to match its
 SSM heads), q/k/v biases (Qwen2), an output bias (Llama's
 ``attention_bias``) and ``qk_norm`` (Qwen3: every query and key head
-RMS-normalised before RoPE, so the cache holds normalised keys). A layer whose
+RMS-normalised before RoPE, so the cache holds normalised keys; OLMo 2:
+the whole query and key projections normalised, ``qk_norm_over:
+projection``). A layer whose
 ``kv_source`` is another layer has no K/V projections and attends with its
 own queries to that layer's keys and values (cross-layer sharing, Brandon
 et al. 2024); it owns no cache slot.
@@ -120,6 +122,7 @@ from kvlab.layers.rope import Rotary
 log = logging.getLogger("kvlab")
 
 VALUE_RESIDUALS = ("resformer", "svformer")
+QK_NORM_SPANS = ("head", "projection")
 QUERY_ALLOCATIONS = ("kdgqa", "dgqa")
 
 
@@ -161,6 +164,7 @@ class AttentionConfig(MixerConfig):
     qk_norm: bool = False
     qk_norm_eps: float = 1e-5  # (import sets Qwen3's rms_norm_eps; export needs the model's norm eps)
     qk_norm_unit_offset: bool = False  # Gemma 3's: the norms weigh by 1 + w (kvlab.layers.norm.RMSNorm)
+    qk_norm_over: str = "head"  # head: each head over head_dim (Qwen3, Gemma 3) | projection: all heads (OLMo 2)
     # the scores' scale; None: 1/sqrt(head_dim) (Gemma's query_pre_attn_scalar s gives s**-0.5: 27B's 168 for 128)
     softmax_scale: float | None = None
     kv_merge: int = 1  # > 1: each K/V head is a learned weighted sum of this many projection heads (WGQA)
@@ -196,6 +200,12 @@ class AttentionConfig(MixerConfig):
         check_bool(self.qk_norm_unit_offset, f"{path}.qk_norm_unit_offset")
         if self.softmax_scale is not None:
             check_float(self.softmax_scale, f"{path}.softmax_scale", positive=True)
+        check_choice(self.qk_norm_over, f"{path}.qk_norm_over", QK_NORM_SPANS)
+        if self.qk_norm_over != "head" and not self.qk_norm:
+            raise ValueError(f"{path}.qk_norm_over={self.qk_norm_over!r} without {path}.qk_norm: there are no norms")
+        if self.qk_norm_over == "projection" and self.kv_merge > 1:
+            raise ValueError(f"{path}.qk_norm_over='projection' normalises the key projection as the heads read it; "
+                             f"kv_merge={self.kv_merge} (WGQA) projects more heads than it caches")  # fmt: skip
         if self.qk_norm_unit_offset and not self.qk_norm:
             raise ValueError(f"{path}.qk_norm_unit_offset=true without {path}.qk_norm: there are no norms to offset")
         check_int(self.kv_merge, f"{path}.kv_merge", minimum=1)
@@ -499,10 +509,13 @@ class Attention(nn.Module):
         self.values_apart = cfg.v_groups is not None or self.n_v_heads != self.n_kv_heads
         self.scale = 1.0 / math.sqrt(cfg.head_dim) if cfg.softmax_scale is None else cfg.softmax_scale
         self.n_q_heads = cfg.n_heads if cfg.n_q_heads is None else cfg.n_q_heads  # query projections
+        self.norm_heads = cfg.qk_norm and cfg.qk_norm_over == "head"
+        self.norm_projections = cfg.qk_norm and cfg.qk_norm_over == "projection"
         if not self.reads_weights:  # SA: the weights come from another layer, so no queries or keys here
             self.q_proj = nn.Linear(d_model, self.n_q_heads * cfg.head_dim, bias=cfg.qkv_bias)
-            if cfg.qk_norm:
-                self.q_norm = RMSNorm(cfg.head_dim, cfg.qk_norm_eps, cfg.qk_norm_unit_offset)
+            if cfg.qk_norm:  # over each head, or over the whole projection (qk_norm_over)
+                width = cfg.head_dim * (self.n_q_heads if cfg.qk_norm_over == "projection" else 1)
+                self.q_norm = RMSNorm(width, cfg.qk_norm_eps, cfg.qk_norm_unit_offset)
         # layers above the first with a value residual take V_1 from layer 0 (SVFormer: only it)
         self.value_residual = cfg.value_residual if layer_idx > 0 else None
         if self.owns_kv:
@@ -510,7 +523,8 @@ class Attention(nn.Module):
             if not self.reads_weights:
                 self.k_proj = nn.Linear(d_model, kv_width, bias=cfg.qkv_bias)
                 if cfg.qk_norm:
-                    self.k_norm = RMSNorm(cfg.head_dim, cfg.qk_norm_eps, cfg.qk_norm_unit_offset)
+                    width = cfg.head_dim * (cfg.n_kv_heads if cfg.qk_norm_over == "projection" else 1)
+                    self.k_norm = RMSNorm(width, cfg.qk_norm_eps, cfg.qk_norm_unit_offset)
             if self.value_residual != "svformer":
                 v_width = self.n_v_heads * cfg.kv_merge * cfg.v_head_dim
                 self.v_proj = nn.Linear(d_model, v_width, bias=cfg.qkv_bias)
@@ -585,8 +599,9 @@ class Attention(nn.Module):
         cos, sin = self.rotary(start, T, state.positions)
         bases = self._matryoshka_bases(state) if self.cfg.kv_ranks is not None else None
         if self.owns_kv:
-            k = self._kv_heads(self.k_proj(x), "k")
-            k = apply_rope(self.k_norm(k) if self.cfg.qk_norm else k, cos, sin)
+            k = self.k_proj(x)
+            k = self._kv_heads(self.k_norm(k) if self.norm_projections else k, "k")
+            k = apply_rope(self.k_norm(k) if self.norm_heads else k, cos, sin)
             if self.value_residual == "svformer":  # keys only; the values are layer 0's
                 v = k.new_empty(*k.shape[:-1], 0)
             else:
@@ -611,10 +626,11 @@ class Attention(nn.Module):
             view = state.read("kv", self.kv_source, self.layer_idx)
         last_only = last_only and self._queries_can_be_trimmed(cache)  # (after the update: it may score this step)
         Tq = 1 if last_only else T
-        q = self.q_proj(x[:, -Tq:]).view(B, Tq, self.n_q_heads, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x[:, -Tq:])
+        q = (self.q_norm(q) if self.norm_projections else q).view(B, Tq, self.n_q_heads, self.head_dim).transpose(1, 2)
         if last_only:  # the last position's query, asking as the top layers of a prefill that keep no state do
             cos, sin, state = cos[..., -1:, :], sin[..., -1:, :], state.tail(T)
-        q = apply_rope(self.q_norm(q) if self.cfg.qk_norm else q, cos, sin)
+        q = apply_rope(self.q_norm(q) if self.norm_heads else q, cos, sin)
         if bases is not None:  # queries on their K/V head's key basis
             heads = self._kv_head_of_query()
             q = torch.einsum("bhtd,hdr->bhtr", q, bases[0][heads])

@@ -153,6 +153,14 @@ BAD = {
         r"mixer\.qk_norm_unit_offset=true without mixer\.qk_norm",
     ),
     "embed scale": (tiny(embed_scale=-2.0), r"embed_scale=-2.0"),
+    "qk norm span without norms": (
+        tiny(mixer={"kind": "attention", "qk_norm_over": "projection"}),
+        r"mixer\.qk_norm_over='projection' without mixer\.qk_norm",
+    ),
+    "qk norm span over merged heads": (
+        tiny(mixer={"kind": "attention", "qk_norm": True, "qk_norm_over": "projection", "kv_merge": 2}),
+        r"kv_merge=2 \(WGQA\) projects more heads",
+    ),
     "softmax scale": (tiny(mixer={"kind": "attention", "softmax_scale": 0.0}), r"mixer\.softmax_scale=0.0"),
     "parallel block without an mlp": (
         tiny(

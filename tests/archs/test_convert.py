@@ -342,6 +342,29 @@ def test_mha2mla_refuses_what_it_cannot_convert(spec, convert, message):
         convert_model(build_model(spec), {"to": "mla", "kv_lora_rank": 16, "rope_dims": 4} | convert)
 
 
+def test_key_norms_over_the_projection_pool_with_the_heads():
+    """OLMo 2's key norm spans the whole projection: GQA's mean pooling pools its weights as the heads', so twin
+    heads convert exactly (the norm's statistic over twins is the pooled heads'); CLA carries it; the rest refuse."""
+    olmo = {"kind": "attention", "n_heads": 4, "qk_norm": True, "qk_norm_over": "projection"}
+    torch.manual_seed(0)
+    model = build_model(tiny(pre_norms=False, post_norms=True, mixer=olmo)).double().eval()
+    with torch.no_grad():
+        for layer in model.layers:  # K/V heads 0 = 1 and 2 = 3, their key norm weights too (away from 1)
+            a = layer.mixer
+            a.k_norm.weight.add_(torch.randn_like(a.k_norm.weight))
+            for t in (a.k_proj.weight, a.v_proj.weight, a.k_norm.weight):
+                heads = t.view(4, 16, *t.shape[1:])
+                heads[1], heads[3] = heads[0], heads[2]
+    ids = torch.randint(0, 97, (2, 12))
+    gqa = convert_model(model, {"to": "gqa", "n_kv_heads": 2}).eval()
+    assert gqa.layers[0].mixer.k_norm.weight.shape == (32,)
+    with torch.no_grad():
+        assert (gqa(ids) - model(ids)).abs().max() <= 1e-12
+    assert convert_model(model, {"to": "cla", "every": 2}).config.layer_kv_source == [0, 0, 2, 2]
+    with pytest.raises(ValueError, match=r"qk_norm_over: projection, OLMo 2's\), which to: gqa or mqa"):
+        convert_model(model, {"to": "gqa", "n_kv_heads": 2, "method": "similarity"}, calibration=ids)
+
+
 def test_uneven_kv_groups_equal_mha_with_the_heads_duplicated():
     """kv_groups [0, 2, 1, 2] over 3 K/V heads is MHA whose K/V heads are copies of those three."""
     uneven = build_model(tiny(mixer={"kind": "attention", "n_heads": 4, "n_kv_heads": 3, "kv_groups": [0, 2, 1, 2]}))

@@ -410,13 +410,18 @@ def test_gemma3_exports_natively_and_reads_back(tmp_path, scalar):
         save_hf(build_model(tiny(**plain)), tmp_path / "c", remote_code=False)
 
 
-PER_LAYER = {  # layers that differ by a window or by RoPE: (spec, class, its layer_types)
+OLMO_ATTENTION = {**ATTENTION, "qk_norm": True, "qk_norm_over": "projection"}
+PER_LAYER = {  # layers that differ by a window or by RoPE, and OLMo's: (spec, class, its layer_types)
     "qwen2": ({"pattern": "FWWW", "mixers": {"F": {**ATTENTION, "qkv_bias": True}, "W": {**ATTENTION, "qkv_bias": True,
               "window": 5}}}, "Qwen2ForCausalLM", "FSSS"),
     "qwen3": ({"pattern": "WF", "mixers": {"F": {**ATTENTION, "qk_norm": True}, "W": {**ATTENTION, "qk_norm": True,
               "window": 5}}, "norm": {"kind": "rmsnorm", "eps": 1e-5}}, "Qwen3ForCausalLM", "SFSF"),
     "smollm3": ({"pattern": "RRRN", "mixers": {"R": ATTENTION, "N": {**ATTENTION, "rope_dims": 0, "window": 6}}},
                 "SmolLM3ForCausalLM", "FFFS"),
+    # OLMo 2's block (post norms alone, q/k norms over the projections); OLMo 3's windows, RoPE per kind
+    "olmo2": ({"pre_norms": False, "post_norms": True, "mixer": OLMO_ATTENTION}, "Olmo2ForCausalLM", None),
+    "olmo3": ({"pre_norms": False, "post_norms": True, "pattern": "LLLG", "mixers": {
+        "L": {**OLMO_ATTENTION, "window": 5, "rope_theta": 700.0}, "G": OLMO_ATTENTION}}, "Olmo3ForCausalLM", "SSSF"),
 }  # fmt: skip
 
 
@@ -427,7 +432,8 @@ def test_layers_that_differ_by_window_or_rope_export_natively(tmp_path, case):
     spec, architecture, types = PER_LAYER[case]
     _native_round_trip({"mixer": None, **spec}, tmp_path, architecture, 1e-6)
     config = json.loads((tmp_path / "a" / "config.json").read_text())
-    assert ["S" if t == "sliding_attention" else "F" for t in config["layer_types"]] == list(types)
+    if types is not None:
+        assert ["S" if t == "sliding_attention" else "F" for t in config["layer_types"]] == list(types)
     if case == "smollm3":
         assert config["no_rope_layers"] == [1, 1, 1, 0]
     if case == "qwen2":

@@ -70,6 +70,10 @@ CASES = {
     # Gemma 3 27B's scale: scores over sqrt(query_pre_attn_scalar), not sqrt(head_dim)
     "gemma3-scalar": (transformers.Gemma3TextConfig, dict(num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=21,
                                                           sliding_window=5, sliding_window_pattern=3)),
+    # OLMo 2: no norm before the sublayers, one after each; query and key norms over the whole projections; and
+    # OLMo 3's windows on three of four layers, RoPE per kind of layer
+    "olmo2": (transformers.Olmo2Config, dict(num_key_value_heads=2, attention_bias=True, pad_token_id=0)),
+    "olmo3-local-layers": (transformers.Olmo3Config, dict(num_key_value_heads=4, sliding_window=5, pad_token_id=0)),
     # Mamba and attention layers, MoE in every other one; save_pretrained writes each expert's own tensors
     "jamba-moe": (transformers.JambaConfig, dict(
         num_key_value_heads=2, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1,
