@@ -95,7 +95,7 @@ class Block(nn.Module):
         self.mlp = mlp
         self.mlp_stateful = getattr(mlp, "stateful", False)
         self.parallel_residual = cfg.parallel_residual
-        # Gemma's norms on the mixer's and the MLP's outputs (post_norms)
+        # norms on the mixer's and the MLP's outputs (post_norms: Gemma's, and OLMo 2's without pre-norms)
         self.mixer_post_norm = build_norm(plan.norm, cfg.d_model) if cfg.post_norms else None
         self.mlp_post_norm = build_norm(plan.norm, cfg.d_model) if cfg.post_norms and mlp is not None else None
 
@@ -743,8 +743,9 @@ class CausalLM(nn.Module):
         ``temperature=0`` is greedy; above it, a token is drawn from the
         softmax of the logits over ``temperature``, kept to the ``top_k`` most
         likely tokens and then to the fewest whose probability reaches
-        ``top_p`` (nucleus sampling), in ``transformers``' order. Sequences that emit ``eos_token_id`` are
-        padded with it until every sequence has; then generation stops. The
+        ``top_p`` (nucleus sampling), in ``transformers``' order. Sequences
+        that emit ``eos_token_id`` are padded with it until every sequence
+        has; then generation stops. The
         prompt is prefilled eagerly; each new token goes through the decode
         step, compiled unless ``compile=False`` (None: ``KVLAB_COMPILE``, default
         on; see ``kvlab.archs.decode``): the first generation of a batch size
