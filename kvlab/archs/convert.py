@@ -105,7 +105,7 @@ from __future__ import annotations
 import copy
 import logging
 import string
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -135,9 +135,11 @@ CALIBRATED_TARGETS = ("mla", "matryoshka", "dha")  # conversions that measure he
 CALIBRATED_METHODS = ("similarity", "asymgqa")
 
 
-def uses_calibration(spec: Mapping[str, Any]) -> bool:
+def uses_calibration(spec: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> bool:
     """Whether ``convert_model`` measures the model on calibration tokens for ``spec`` (to=mla uses them where
-    given; the others need them)."""
+    given; the others need them); for a chain, whether any of its conversions does."""
+    if isinstance(spec, Sequence) and not isinstance(spec, str):
+        return any(uses_calibration(step) for step in spec)
     if spec.get("to") == "sa":  # SA measures attention to find its span, unless the spans are given
         return "spans" not in spec
     if spec.get("to") == "recurformer":  # RecurFormer measures each head's recency, unless the heads are given
@@ -148,6 +150,8 @@ def uses_calibration(spec: Mapping[str, Any]) -> bool:
 def calibration_rows(spec: Mapping[str, Any]) -> int:
     """How many training rows ``spec`` wants as calibration tokens: its ``calibration_rows``, else 8, or 32
     for DHA's fusion, which trains on them; 0 when the conversion uses none."""
+    if isinstance(spec, Sequence) and not isinstance(spec, str):  # a chain: as many as its most wanting step
+        return max((calibration_rows(step) for step in spec), default=0)
     if not isinstance(spec, Mapping) or not uses_calibration(spec):
         return 0
     default = 32 if spec.get("to") == "dha" and spec.get("method") == "fusion" else 8
@@ -174,7 +178,21 @@ def convert_model(
 
     ``calibration``: token ids ``[B, T]`` that ``method: similarity`` (and ``asymgqa``, ``to: mla``)
     measure the heads on. ``report``: a dict that searches fill with what they found (QCQA's Pareto front).
+
+    A list of specs is a chain, each conversion applied to the one before's result (MLKV from MHA: ``[{to:
+    mqa}, {to: cla, every: 3}]``, the heads pooled within each layer, then across layers); an error names the
+    step.
     """
+    if isinstance(spec, Sequence) and not isinstance(spec, str):
+        if not spec:
+            raise ValueError("convert: an empty list of conversions; give one, or a chain of them")
+        for i, step in enumerate(spec):
+            try:
+                model = convert_model(model, step, calibration, report)
+            except ValueError as e:
+                to = step.get("to") if isinstance(step, Mapping) else step
+                raise ValueError(f"step {i + 1} of {len(spec)} (to: {to}): {e}") from None
+        return model
     if not isinstance(spec, Mapping) or "to" not in spec:
         raise ValueError(f"convert: expected a mapping with a 'to' key ({', '.join(CONVERSIONS)}), got {spec!r}")
     check_choice(spec["to"], "convert.to", CONVERSIONS)

@@ -35,7 +35,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, ThroughputMonitor
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.trainer.states import RunningStage
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from kvlab._config import check_finite, differences, dotted_items
@@ -108,7 +108,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                               "init.from=checkpoint or hf and init.convert")  # fmt: skip
         teacher = initial  # convert_model leaves it as it was
     if initial is not None and convert:
-        initial = _converted(initial, dict(convert), datamodule, convert_report)
+        initial = _converted(initial, conversion_spec(convert), datamodule, convert_report)
         model_cfg = initial.config
     if tc.data.context and model_cfg.context is None and tc.data.context + tc.data.seq_len > model_cfg.max_seq_len:
         raise ConfigError(  # without a context encoder the context is read in the prompt
@@ -527,11 +527,11 @@ def _export_only(tc: TrainConfig, run_dir: Path, initial) -> dict:
     init = dict(tc.init)
     convert, report = init.get("convert"), {}
     if convert:
-        if calibration_rows(dict(convert)):
-            raise ConfigError(f"init.convert={dict(convert)} calibrates on data, which stages=[export] does not "
-                              "prepare: add stage eval (stages=[eval,export])")  # fmt: skip
+        if calibration_rows(conversion_spec(convert)):
+            raise ConfigError(f"init.convert={conversion_spec(convert)} calibrates on data, which stages=[export] "
+                              "does not prepare: add stage eval (stages=[eval,export])")  # fmt: skip
         try:
-            initial = convert_model(initial, dict(convert), report=report)
+            initial = convert_model(initial, conversion_spec(convert), report=report)
         except ValueError as e:
             raise ConfigError(f"init.convert: {e}") from None
     source = Path(init["path"]).expanduser()
@@ -548,7 +548,14 @@ def _export_only(tc: TrainConfig, run_dir: Path, initial) -> dict:
     return metrics
 
 
-def _converted(model, spec: dict, datamodule: LMDataModule, report: dict):
+def conversion_spec(convert) -> dict | list[dict]:
+    """``init.convert`` as plain data: one conversion's mapping, or a chain's list of them."""
+    if isinstance(convert, (list, tuple, ListConfig)):
+        return [dict(step) if isinstance(step, (dict, DictConfig)) else step for step in convert]
+    return dict(convert)
+
+
+def _converted(model, spec: dict | list[dict], datamodule: LMDataModule, report: dict):
     """``init.convert`` applied to the initial model, with calibration rows from the training data;
     ``report`` receives what a search found."""
     calibration = None

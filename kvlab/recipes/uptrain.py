@@ -39,6 +39,7 @@ from kvlab.recipes.run import (
     ConfigError,
     _hydra_run,
     _write_json,
+    conversion_spec,
     newest_checkpoint,
     run,
     training_identity,
@@ -56,7 +57,7 @@ def run_uptrain(cfg: DictConfig, run_dir: Path) -> dict:
     _check(tc)
     init = dict(tc.init)
     source = init.get("from", "scratch")
-    convert = dict(init.get("convert") or {"to": "gqa", "method": "mean"})
+    convert = conversion_spec(init.get("convert") or {"to": "gqa", "method": "mean"})
     cfg = copy.deepcopy(cfg)
     resume, cfg.resume = cfg.resume, None  # the stages' own, below
     runs = Path(tc.output_root) / tc.run_name
@@ -147,9 +148,11 @@ def _check(tc: TrainConfig) -> None:
         raise ConfigError(f"init.from={source} needs init.path (the parent to uptrain)")
 
 
-def _resolve_convert(convert: dict, parent_model: dict) -> dict:
+def _resolve_convert(convert: dict | list[dict], parent_model: dict) -> dict | list[dict]:
     """Fill the default head counts (n_heads / 4: GQA's n_kv_heads, DHA's n_k_heads and n_v_heads) from the
-    parent's attention."""
+    parent's attention (of a chain, its first conversion's: the later ones convert another model)."""
+    if isinstance(convert, list):
+        return [_resolve_convert(convert[0], parent_model), *convert[1:]] if convert else convert
     names = {"gqa": ["n_kv_heads"], "dha": ["n_k_heads", "n_v_heads"]}.get(convert.get("to"), [])
     missing = [name for name in names if convert.get(name) is None]
     if not missing:

@@ -342,6 +342,27 @@ def test_mha2mla_refuses_what_it_cannot_convert(spec, convert, message):
         convert_model(build_model(spec), {"to": "mla", "kv_lora_rank": 16, "rope_dims": 4} | convert)
 
 
+def test_a_chain_converts_step_by_step():
+    """[{to: mqa}, {to: cla, every: 3}]: every layer's K/V heads pooled, then the layers' (the K/V heads MLKV's
+    layout shares across layers and heads): the owner's projection is the mean over its layers and heads."""
+    from kvlab.archs.convert import calibration_rows
+
+    torch.manual_seed(0)
+    model = build_model(tiny(n_layers=6, mixer={"kind": "attention", "n_heads": 4, "n_kv_heads": 4}))
+    chained = convert_model(model, [{"to": "mqa"}, {"to": "cla", "every": 3}])
+    assert chained.config.layer_kv_source == [0, 0, 0, 3, 3, 3] and chained.config.layer_mixers[0].n_kv_heads == 1
+    for owner in (0, 3):
+        heads = torch.stack([model.layers[i].mixer.k_proj.weight.view(4, 16, 64) for i in range(owner, owner + 3)])
+        torch.testing.assert_close(chained.layers[owner].mixer.k_proj.weight, heads.mean(dim=(0, 1)))
+    assert chained.kv_footprint().bytes_per_token * 12 == model.kv_footprint().bytes_per_token  # 4 heads, 3 layers
+    with pytest.raises(ValueError, match=r"step 2 of 2 \(to: cla\): convert.every"):
+        convert_model(model, [{"to": "mqa"}, {"to": "cla", "every": 0}])
+    with pytest.raises(ValueError, match="an empty list of conversions"):
+        convert_model(model, [])
+    similarity = {"to": "gqa", "n_kv_heads": 2, "method": "similarity", "calibration_rows": 5}
+    assert calibration_rows([{"to": "mqa"}, similarity]) == 5 and calibration_rows([{"to": "mqa"}]) == 0
+
+
 def test_key_norms_over_the_projection_pool_with_the_heads():
     """OLMo 2's key norm spans the whole projection: GQA's mean pooling pools its weights as the heads', so twin
     heads convert exactly (the norm's statistic over twins is the pooled heads'); CLA carries it; the rest refuse."""
