@@ -86,9 +86,10 @@ LLAMA_TYPES: dict[str, dict[str, Any]] = {
     # SmolLM3: Llama with RoPE left out of every no_rope_layer_interval-th layer (no_rope_layers), and windows on
     # the layers layer_types names
     "smollm3": {"qkv_bias": None, "o_bias": None, "window": True, "qk_norm": False},
+    "ministral": {"qkv_bias": False, "o_bias": False, "window": True, "qk_norm": False},  # Mistral's, per layer
 }
 # windows on the layers layer_types names (Qwen2/3: by default the layers from max_window_layers on)
-PER_LAYER_WINDOWS = ("qwen2", "qwen3", "smollm3")
+PER_LAYER_WINDOWS = ("qwen2", "qwen3", "smollm3", "ministral")
 
 
 def llama_block_problems(cfg: ModelConfig) -> list[str]:
@@ -213,8 +214,8 @@ def _qwen3_problem(cfg: ModelConfig, m) -> str | None:
 
 
 def _per_layer_attention_to_hf(cfg: ModelConfig, m) -> dict[str, Any] | str:
-    """Layers that differ by their window or by having RoPE or none: Qwen2 and Qwen3 (windows on the layers
-    layer_types names), SmolLM3 (that, and layers without RoPE)."""
+    """Layers that differ by their window or by having RoPE or none: Qwen2, Qwen3 and Ministral (windows on the
+    layers layer_types names), SmolLM3 (that, and layers without RoPE)."""
     mixers = cfg.layer_mixers
     windows = {x.window for x in mixers} - {None}
     if len(windows) > 1:
@@ -224,6 +225,8 @@ def _per_layer_attention_to_hf(cfg: ModelConfig, m) -> dict[str, Any] | str:
         model_type = _qwen3_problem(cfg, m) or "qwen3"
     elif m.qkv_bias and not m.o_bias and not any(no_rope):
         model_type = "qwen2"
+    elif not m.qkv_bias and not m.o_bias and not m.qk_norm and not any(no_rope):
+        model_type = "ministral"
     elif m.qkv_bias == m.o_bias and not m.qk_norm:
         model_type = "smollm3"
     else:
@@ -234,10 +237,12 @@ def _per_layer_attention_to_hf(cfg: ModelConfig, m) -> dict[str, Any] | str:
     types = ["sliding_attention" if x.window is not None else "full_attention" for x in mixers]
     window = next(iter(windows), None)
     hf: dict[str, Any] = {"model_type": model_type, "num_key_value_heads": m.n_kv_heads, "head_dim": m.head_dim,
-                          "use_sliding_window": window is not None, "sliding_window": window,
-                          "layer_types": types}  # fmt: skip
+                          "sliding_window": window, "layer_types": types}  # fmt: skip
     if m.rope_scaling is not None:
         hf["rope_parameters"] = rope_parameters(m)
+    if model_type == "ministral":  # (its windows are where layer_types puts them, no switch)
+        return hf
+    hf["use_sliding_window"] = window is not None
     if model_type != "qwen2":
         hf["attention_bias"] = m.qkv_bias
     if model_type == "smollm3":
@@ -295,7 +300,7 @@ def _attention_from_hf(hf: dict[str, Any], rope: Rope) -> dict[str, Any] | list[
     kind = LLAMA_TYPES[model_type]
     n = hf["num_hidden_layers"]
     window = None
-    if kind["window"] and (model_type in ("mistral", "phi3") or hf.get("use_sliding_window")):
+    if kind["window"] and (model_type in ("mistral", "phi3", "ministral") or hf.get("use_sliding_window")):
         window = hf.get("sliding_window")
     if window is not None and window >= hf.get("max_position_embeddings", float("inf")):
         window = None  # it covers every position the model takes: full attention (a config of kvlab's refuses it)
@@ -338,6 +343,7 @@ register_native(
             "qwen3": "Qwen3ForCausalLM",
             "phi3": "Phi3ForCausalLM",
             "smollm3": "SmolLM3ForCausalLM",
+            "ministral": "MinistralForCausalLM",
         },  # fmt: skip
         problems=_attention_problems,
         to_hf=_attention_to_hf,

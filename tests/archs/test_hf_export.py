@@ -418,6 +418,8 @@ PER_LAYER = {  # layers that differ by a window or by RoPE, and OLMo's: (spec, c
               "window": 5}}, "norm": {"kind": "rmsnorm", "eps": 1e-5}}, "Qwen3ForCausalLM", "SFSF"),
     "smollm3": ({"pattern": "RRRN", "mixers": {"R": ATTENTION, "N": {**ATTENTION, "rope_dims": 0, "window": 6}}},
                 "SmolLM3ForCausalLM", "FFFS"),
+    "ministral": ({"pattern": "WWF", "mixers": {"F": ATTENTION, "W": {**ATTENTION, "window": 5}}},
+                  "MinistralForCausalLM", "SSFS"),
     # OLMo 2's block (post norms alone, q/k norms over the projections); OLMo 3's windows, RoPE per kind
     "olmo2": ({"pre_norms": False, "post_norms": True, "mixer": OLMO_ATTENTION}, "Olmo2ForCausalLM", None),
     "olmo3": ({"pre_norms": False, "post_norms": True, "pattern": "LLLG", "mixers": {

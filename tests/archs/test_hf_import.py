@@ -30,6 +30,9 @@ CASES = {
     "qwen3-windows-alternating": (transformers.Qwen3Config, dict(
         num_key_value_heads=2, head_dim=16, use_sliding_window=True, sliding_window=5,
         layer_types=["sliding_attention", "full_attention", "sliding_attention"])),
+    "ministral-windows-alternating": (transformers.MinistralConfig, dict(
+        num_key_value_heads=2, head_dim=16, sliding_window=5,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"])),
     # SmolLM3: RoPE left out of every other layer (no_rope_layer_interval), a window on those, biases
     "smollm3-nope": (transformers.SmolLM3Config, dict(
         num_key_value_heads=2, no_rope_layer_interval=2, use_sliding_window=True, sliding_window=5,
@@ -85,6 +88,7 @@ PER_LAYER = {  # (window, rope_dims) of each layer
     "qwen2-window-on-some-layers": [(None, 16), (5, 16), (5, 16)],
     "qwen3-windows-alternating": [(5, 16), (None, 16), (5, 16)],
     "smollm3-nope": [(None, 16), (5, 0), (None, 16)],
+    "ministral-windows-alternating": [(5, 16), (None, 16), (5, 16)],
 }
 
 # transformers' grouped expert products take no float64 (an option of transformers 5)
