@@ -6,15 +6,19 @@ family's ``config.json`` fields, and, on import, which family a
 ``model_type`` belongs to. A family with a native counterpart registers one
 ``NativeFamily`` here; the others export as remote code.
 
-- ``attention`` <-> Llama, Mistral, Qwen2 (our attention keeps their
-  projection layout and RoPE convention: the weights are a renaming);
+- ``attention`` <-> Llama, Mistral, Ministral, Qwen2, Qwen3, SmolLM3, Phi-3
+  (import) (our attention keeps their projection layout and RoPE
+  convention: the weights are a renaming; layers may differ by their
+  window or by having RoPE, ``per_layer_fields``);
 - ``mla`` <-> DeepSeek-V3, dense or with MoE after its first dense layers
   (its RoPE channel pairs reordered on import).
 
 A model that a whole-model class claims (``NATIVE_LAYOUTS``, ``NativeLayout``:
 a class with names and layouts of its own) goes there instead: by its set
 of mixer kinds, ``attention`` + ``mamba`` <-> Jamba; by its block,
-attention layers with LayerNorm or a parallel residual <-> GPT-NeoX (Pythia).
+attention layers with LayerNorm or a parallel residual <-> GPT-NeoX (Pythia),
+with Gemma's parts (post norms, unit-offset norms, scaled embeddings) <->
+Gemma 3, with post norms alone <-> OLMo 2 and 3.
 """
 
 from __future__ import annotations
