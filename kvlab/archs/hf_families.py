@@ -895,7 +895,8 @@ def _gemma_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         "hidden_activation": "gelu_pytorch_tanh",
         "hidden_act": "gelu_pytorch_tanh",  # (in place of the common fields' silu, which Gemma does not read)
         "query_pre_attn_scalar": a.head_dim if a.softmax_scale is None else _scalar(a.softmax_scale),
-        "sliding_window": kinds["sliding_attention"].window if kinds["sliding_attention"] else None,
+        # (transformers builds the windowed mask whether a layer uses it or not: a window over every position)
+        "sliding_window": kinds["sliding_attention"].window if kinds["sliding_attention"] else cfg.max_seq_len,
         "layer_types": ["sliding_attention" if m.window is not None else "full_attention" for m in cfg.layer_mixers],
         "rope_parameters": rope,
         "attention_bias": a.qkv_bias,
@@ -1048,6 +1049,7 @@ def _olmo_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         "model_type": "olmo3" if windows else "olmo2",
         "intermediate_size": cfg.mlp.hidden,
         "num_key_value_heads": m.n_kv_heads,
+        "head_dim": m.head_dim,  # (the classes read it where given, else hidden_size / num_attention_heads)
         "attention_bias": m.qkv_bias,
         "rope_parameters": rope_parameters(m),
     }
