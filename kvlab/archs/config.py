@@ -319,6 +319,10 @@ class ModelConfig:
     post_norms: bool = False
     embed_scale: float | None = None
     pre_norms: bool = True  # false: no norm before the mixer or the MLP, only post_norms after them (OLMo 2)
+    # Granite's multipliers: each sublayer's output times residual_scale before its residual add, the logits
+    # times logit_scale (Granite: 1 / logits_scaling); None: 1
+    residual_scale: float | None = None
+    logit_scale: float | None = None
     mixer: MixerConfig | None = None
     pattern: str | None = None
     mixers: dict[str, MixerConfig] | None = None
@@ -522,8 +526,9 @@ class ModelConfig:
         check_bool(self.parallel_residual, "parallel_residual")
         check_bool(self.post_norms, "post_norms")
         check_bool(self.pre_norms, "pre_norms")
-        if self.embed_scale is not None:
-            check_float(self.embed_scale, "embed_scale", positive=True)
+        for name in ("embed_scale", "residual_scale", "logit_scale"):
+            if getattr(self, name) is not None:
+                check_float(getattr(self, name), name, positive=True)
         check_int(self.meta_tokens, "meta_tokens", minimum=0)
         for name in ("blocks", "context"):
             if self.meta_tokens and getattr(self, name) is not None:
@@ -600,6 +605,7 @@ class ModelConfig:
                 max_seq_len=b.prefix + b.length - 1, norm=to_dict(self.norm), mlp=to_dict(self.mlp), mixer=mixer,
                 kernels=self.kernels, init_std=self.init_std, parallel_residual=self.parallel_residual,
                 post_norms=self.post_norms, embed_scale=self.embed_scale, pre_norms=self.pre_norms,
+                residual_scale=self.residual_scale, logit_scale=self.logit_scale,
             )  # fmt: skip
         except ValueError as e:
             raise ValueError(f"blocks: the token decoder: {e}") from None

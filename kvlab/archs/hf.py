@@ -1,5 +1,5 @@
-"""Hugging Face checkpoints: import and export (Llama, Mistral, Ministral, Qwen2/3, SmolLM3, Phi-3, DeepSeek-V3,
-Jamba, GPT-NeoX, Gemma 3, OLMo 2/3, and our own remote-code exports).
+"""Hugging Face checkpoints: import and export (Llama, Mistral, Ministral, Qwen2/3, SmolLM3, Granite, Phi-3,
+DeepSeek-V3, Jamba, GPT-NeoX, Gemma 3, OLMo 2/3, and our own remote-code exports).
 
 ``load_hf``: a local directory with ``config.json`` and safetensors weights
 (one file or shards with ``model.safetensors.index.json``) becomes a kvlab
@@ -138,6 +138,7 @@ def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         **layers,
         **family.mlps_from_hf(hf),
+        **family.model_fields_from_hf(hf),
     )
 
 

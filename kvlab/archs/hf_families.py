@@ -6,8 +6,8 @@ family's ``config.json`` fields, and, on import, which family a
 ``model_type`` belongs to. A family with a native counterpart registers one
 ``NativeFamily`` here; the others export as remote code.
 
-- ``attention`` <-> Llama, Mistral, Ministral, Qwen2, Qwen3, SmolLM3, Phi-3
-  (import) (our attention keeps their projection layout and RoPE
+- ``attention`` <-> Llama, Mistral, Ministral, Qwen2, Qwen3, SmolLM3, Granite,
+  Phi-3 (import) (our attention keeps their projection layout and RoPE
   convention: the weights are a renaming; layers may differ by their
   window or by having RoPE, ``per_layer_fields``);
 - ``mla`` <-> DeepSeek-V3, dense or with MoE after its first dense layers
@@ -60,6 +60,8 @@ class NativeFamily:
         "mlp": {"kind": "swiglu", "hidden": hf["intermediate_size"]}
     }
     per_layer_fields: tuple[str, ...] = ()  # mixer settings its class takes per layer (to_hf reads them all)
+    # ModelConfig fields a config.json sets beyond the layers and MLPs (Granite's multipliers)
+    model_fields_from_hf: Callable[[dict[str, Any]], dict[str, Any]] = lambda hf: {}
 
 
 NATIVE_FAMILIES: dict[str, NativeFamily] = {}
@@ -91,6 +93,8 @@ LLAMA_TYPES: dict[str, dict[str, Any]] = {
     # the layers layer_types names
     "smollm3": {"qkv_bias": None, "o_bias": None, "window": True, "qk_norm": False},
     "ministral": {"qkv_bias": False, "o_bias": False, "window": True, "qk_norm": False},  # Mistral's, per layer
+    # Granite: Llama with multipliers (embeddings, sublayer outputs, attention scores, logits)
+    "granite": {"qkv_bias": None, "o_bias": None, "window": False, "qk_norm": False},
 }
 # windows on the layers layer_types names (Qwen2/3: by default the layers from max_window_layers on)
 PER_LAYER_WINDOWS = ("qwen2", "qwen3", "smollm3", "ministral")
@@ -120,9 +124,17 @@ def pre_norm_problems(cfg: ModelConfig) -> list[str]:
     return problems
 
 
+def multiplier_problems(cfg: ModelConfig, but: tuple[str, ...] = ()) -> list[str]:
+    """Granite's multipliers (embeddings, sublayer outputs, logits), which only Granite's class has (and Gemma's
+    its own embedding scale: ``but``)."""
+    parts = [f"{name}={getattr(cfg, name)}" for name in ("embed_scale", "residual_scale", "logit_scale")
+             if getattr(cfg, name) is not None and name not in but]  # fmt: skip
+    return [f"{' and '.join(parts)} (Granite's multipliers)"] if parts else []
+
+
 def gemma_problems(cfg: ModelConfig) -> list[str]:
     """Gemma's parts, which only Gemma's class has."""
-    parts = [f"{name}={getattr(cfg, name)}" for name in ("post_norms", "embed_scale") if getattr(cfg, name)]
+    parts = ["post_norms=True"] if cfg.post_norms else []
     if cfg.norm.unit_offset:
         parts.append("norm.unit_offset=True")
     if any(getattr(m, "qk_norm_unit_offset", False) for m in cfg.layer_mixers):
@@ -143,10 +155,18 @@ def _attention_problems(cfg: ModelConfig, m) -> list[str]:
     if one_swiglu_problems(cfg):
         return llama_block_problems(cfg) + one_swiglu_problems(cfg)
     problems = llama_block_problems(cfg)
+    granite = _granite(cfg)
     for x in {id(x): x for x in cfg.layer_mixers}.values():  # (a layer without RoPE is SmolLM3's)
-        problems += [p for p in _attention_layer_problems(x) if p not in problems and not (
-            x.rope_dims == 0 and p.startswith("partial RoPE"))]  # fmt: skip
+        allowed = ("partial RoPE",) if x.rope_dims == 0 else ()
+        allowed += ("softmax_scale",) if granite else ()  # (Granite's attention_multiplier)
+        problems += [p for p in _attention_layer_problems(x) if p not in problems and not p.startswith(allowed)]
     return problems
+
+
+def _granite(cfg: ModelConfig) -> bool:
+    """Whether a model has Granite's multipliers (its own softmax scale among them)."""
+    return bool(multiplier_problems(cfg)) or any(getattr(m, "softmax_scale", None) is not None
+                                                 for m in cfg.layer_mixers)  # fmt: skip
 
 
 def _attention_layer_problems(m) -> list[str]:
@@ -176,6 +196,8 @@ def _attention_layer_problems(m) -> list[str]:
 
 def _attention_to_hf(cfg: ModelConfig, m) -> dict[str, Any] | str:
     mixers = cfg.layer_mixers
+    if _granite(cfg):
+        return _granite_to_hf(cfg, m)
     if any(x.window != m.window or x.rope_dims != m.rope_dims for x in mixers):
         return _per_layer_attention_to_hf(cfg, m)
     if m.rope_dims == 0:  # no RoPE in any layer: SmolLM3's NoPE layers
@@ -206,6 +228,32 @@ def _attention_to_hf(cfg: ModelConfig, m) -> dict[str, Any] | str:
         hf.update(use_sliding_window=m.window is not None, sliding_window=m.window,
                   max_window_layers=0 if m.window is not None else cfg.n_layers)  # fmt: skip
     return hf
+
+
+def _granite_to_hf(cfg: ModelConfig, m) -> dict[str, Any] | str:
+    """Granite: Llama with multipliers on the embeddings, the sublayer outputs, the attention scores, the
+    logits (logits_scaling divides them)."""
+    if any(x != m for x in cfg.layer_mixers) or m.window is not None or m.qk_norm or m.qkv_bias != m.o_bias:
+        return (f"Granite's multipliers with layers that differ, a window, qk_norm or biases on some projections "
+                f"(window={m.window}, qk_norm={m.qk_norm}, qkv_bias={m.qkv_bias}, o_bias={m.o_bias})")  # fmt: skip
+    hf: dict[str, Any] = {"model_type": "granite", "num_key_value_heads": m.n_kv_heads, "head_dim": m.head_dim,
+                          "attention_bias": m.qkv_bias,
+                          "embedding_multiplier": cfg.embed_scale if cfg.embed_scale is not None else 1.0,
+                          "residual_multiplier": cfg.residual_scale if cfg.residual_scale is not None else 1.0,
+                          "logits_scaling": 1 / cfg.logit_scale if cfg.logit_scale is not None else 1.0,
+                          "attention_multiplier": m.softmax_scale or m.head_dim**-0.5}  # fmt: skip
+    if m.rope_scaling is not None:
+        hf["rope_parameters"] = rope_parameters(m)
+    return hf
+
+
+def _granite_fields(hf: dict[str, Any]) -> dict[str, Any]:
+    """Granite's multipliers as ModelConfig fields (1: none)."""
+    if hf.get("model_type") != "granite":
+        return {}
+    fields = {"embed_scale": hf.get("embedding_multiplier", 1.0), "residual_scale": hf.get("residual_multiplier", 1.0),
+              "logit_scale": 1 / hf.get("logits_scaling", 1.0)}  # fmt: skip
+    return {k: float(v) for k, v in fields.items() if v != 1}
 
 
 def _qwen3_problem(cfg: ModelConfig, m) -> str | None:
@@ -319,6 +367,7 @@ def _attention_from_hf(hf: dict[str, Any], rope: Rope) -> dict[str, Any] | list[
     n_heads = hf["num_attention_heads"]
     head_dim = hf.get("head_dim") or hf["hidden_size"] // n_heads
     rotated = hf.get("partial_rotary_factor", 1.0) if model_type == "phi3" else 1.0
+    scale = hf.get("attention_multiplier", 1.0) if model_type == "granite" else head_dim**-0.5
     layers = [
         {
             "kind": "attention",
@@ -331,6 +380,7 @@ def _attention_from_hf(hf: dict[str, Any], rope: Rope) -> dict[str, Any] | list[
             "window": window,
             **bias,
             **({"qk_norm": True, "qk_norm_eps": hf.get("rms_norm_eps", 1e-6)} if kind["qk_norm"] else {}),
+            **({"softmax_scale": float(scale)} if scale != head_dim**-0.5 else {}),
         }
         for window, has_rope in zip(windows, roped, strict=True)
     ]
@@ -348,11 +398,13 @@ register_native(
             "phi3": "Phi3ForCausalLM",
             "smollm3": "SmolLM3ForCausalLM",
             "ministral": "MinistralForCausalLM",
+            "granite": "GraniteForCausalLM",
         },  # fmt: skip
         problems=_attention_problems,
         to_hf=_attention_to_hf,
         from_hf=_attention_from_hf,
         per_layer_fields=("window", "rope_dims"),
+        model_fields_from_hf=_granite_fields,
     )
 )
 
@@ -387,7 +439,7 @@ DEEPSEEK_LATENT_EPS = 1e-6
 
 
 def _mla_problems(cfg: ModelConfig, m) -> list[str]:
-    problems = llama_block_problems(cfg) + _deepseek_mlp_problems(cfg)
+    problems = llama_block_problems(cfg) + multiplier_problems(cfg) + _deepseek_mlp_problems(cfg)
     if m.norm_eps != DEEPSEEK_LATENT_EPS:
         problems.append(f"MLA norm_eps={m.norm_eps} (DeepSeek-V3's latent norms have eps {DEEPSEEK_LATENT_EPS}, "
                         "whatever rms_norm_eps is)")  # fmt: skip
@@ -559,7 +611,7 @@ def _jamba_parts(cfg: ModelConfig):
 
 def _jamba_problems(cfg: ModelConfig) -> list[str]:
     attention, mamba, experts = _jamba_parts(cfg)
-    problems = llama_block_problems(cfg)
+    problems = llama_block_problems(cfg) + multiplier_problems(cfg)
     a, s = cfg.layer_mixers[attention[0]], cfg.layer_mixers[mamba[0]]
     if any(cfg.layer_mixers[i] != a for i in attention) or any(cfg.layer_mixers[i] != s for i in mamba):
         problems.append("attention or Mamba layers that differ from one another (Jamba has one of each)")
@@ -710,7 +762,7 @@ def _neox_claims(cfg: ModelConfig) -> bool:
 
 
 def _neox_problems(cfg: ModelConfig) -> list[str]:
-    m, problems = cfg.layer_mixers[0], gemma_problems(cfg) + pre_norm_problems(cfg)
+    m, problems = cfg.layer_mixers[0], gemma_problems(cfg) + pre_norm_problems(cfg) + multiplier_problems(cfg)
     if any(x != m for x in cfg.layer_mixers[1:]):
         problems.append("layers with different mixers")
     if cfg.norm.kind != "layernorm":
@@ -850,7 +902,7 @@ def _gemma_kinds(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def _gemma_problems(cfg: ModelConfig) -> list[str]:
-    problems = pre_norm_problems(cfg)
+    problems = pre_norm_problems(cfg) + multiplier_problems(cfg, but=("embed_scale",))
     if (
         not cfg.post_norms
         or cfg.embed_scale != cfg.d_model**0.5
@@ -1016,9 +1068,9 @@ def _olmo_claims(cfg: ModelConfig) -> bool:
 
 
 def _olmo_problems(cfg: ModelConfig) -> list[str]:
-    problems = []
-    if cfg.embed_scale is not None or cfg.norm.unit_offset or any(m.qk_norm_unit_offset for m in cfg.layer_mixers):
-        problems.append("embed_scale or norms weighing by 1 + w (Gemma's)")
+    problems = multiplier_problems(cfg)
+    if cfg.norm.unit_offset or any(m.qk_norm_unit_offset for m in cfg.layer_mixers):
+        problems.append("norms weighing by 1 + w (Gemma's)")
     if cfg.pre_norms or not cfg.post_norms or cfg.norm.kind != "rmsnorm" or cfg.parallel_residual:
         problems.append(f"pre_norms={cfg.pre_norms}, post_norms={cfg.post_norms}, norm {cfg.norm.kind!r}, "
                         f"parallel_residual={cfg.parallel_residual} (OLMo 2 normalises each sublayer's output alone, "

@@ -98,6 +98,7 @@ class Block(nn.Module):
         # norms on the mixer's and the MLP's outputs (post_norms: Gemma's, and OLMo 2's without pre-norms)
         self.mixer_post_norm = build_norm(plan.norm, cfg.d_model) if cfg.post_norms else None
         self.mlp_post_norm = build_norm(plan.norm, cfg.d_model) if cfg.post_norms and mlp is not None else None
+        self.residual_scale = cfg.residual_scale  # Granite's residual_multiplier (None: 1)
 
     def forward(self, x, state: StepState, cache=None, mlp_cache=None, last_only: bool = False):
         """``last_only``: only the last position's output is wanted (a prefill's top layer). The mixer still
@@ -114,6 +115,8 @@ class Block(nn.Module):
             mixed = self.mixer(h, cache=cache, state=state)
         if self.mixer_post_norm is not None:
             mixed = self.mixer_post_norm(mixed)
+        if self.residual_scale is not None:
+            mixed = mixed * self.residual_scale
         if self.cross is not None and context is not None:  # the mixer's residual, then the cross sublayer's
             x = x + mixed
             mixed = self.cross(self.cross_norm(x), context, state.start, state.positions)
@@ -133,7 +136,9 @@ class Block(nn.Module):
             out = self.mlp(h, cache=mlp_cache, doc_ids=state.doc_ids, real=state.real)
         else:
             out = self.mlp(h)
-        return x + (out if self.mlp_post_norm is None else self.mlp_post_norm(out))
+        if self.mlp_post_norm is not None:
+            out = self.mlp_post_norm(out)
+        return x + (out if self.residual_scale is None else out * self.residual_scale)
 
 
 def _checkpointed(layer: nn.Module, x: torch.Tensor, state: StepState) -> torch.Tensor:
@@ -352,7 +357,7 @@ class CausalLM(nn.Module):
                 return self._forward(input_ids, cache, positions, doc_ids, last_only, states=states, pads=pads)
             hidden = self._forward(input_ids, cache, positions, doc_ids, last_only, head=False, states=states,
                                    pads=pads)  # fmt: skip
-            return linear_cross_entropy(hidden, self.lm_head.weight, labels)
+            return linear_cross_entropy(self._head_input(hidden), self.lm_head.weight, labels)
 
     def _pads(self, mask, input_ids, cache, positions, doc_ids) -> torch.Tensor | None:
         """Each row's left pads [B] from ``attention_mask`` (checked), or those the cache holds; None: none."""
@@ -554,7 +559,12 @@ class CausalLM(nn.Module):
 
     def _output(self, x: torch.Tensor, head: bool) -> torch.Tensor:
         h = self.norm(x)
-        return self.lm_head(h) if head else h
+        return self.lm_head(self._head_input(h)) if head else h
+
+    def _head_input(self, h: torch.Tensor) -> torch.Tensor:
+        """The final states as the head takes them: times ``logit_scale`` (Granite's logits over logits_scaling,
+        the same product on the way in, so the fused head + loss takes it too)."""
+        return h if self.config.logit_scale is None else h * self.config.logit_scale
 
     def _block(self, layer, x, state: StepState, slots=None, last_only: bool = False):
         """One block on ``x`` with its cache ``slots`` (the mixer's and the MLP's; None: no cache); in a training

@@ -426,9 +426,26 @@ PER_LAYER = {  # layers that differ by a window or by RoPE, and OLMo's: (spec, c
               "Olmo2ForCausalLM", None),
     "olmo3": ({"pre_norms": False, "post_norms": True, "pattern": "LLLG", "mixers": {
         "L": {**OLMO_ATTENTION, "window": 5, "rope_theta": 700.0}, "G": OLMO_ATTENTION}}, "Olmo3ForCausalLM", "SSSF"),
+    # Granite's multipliers (its attention_multiplier our softmax_scale)
+    "granite": ({"embed_scale": 12.0, "residual_scale": 0.22, "logit_scale": 0.125,
+                 "mixer": {**ATTENTION, "softmax_scale": 1 / 128}}, "GraniteForCausalLM", None),
     # Gemma 3 with no windowed layer (transformers builds its windowed mask all the same: it needs a window)
     "gemma3-full": ({**GEMMA, "pattern": "G", "mixers": {"G": GEMMA["mixers"]["G"]}}, "Gemma3ForCausalLM", "FFFF"),
 }  # fmt: skip
+
+
+def test_the_logit_scale_reaches_the_fused_loss():
+    """``logit_scale`` (Granite's logits_scaling) scales the final states on their way into the head: the fused
+    head + loss is the cross-entropy of the logits ``forward`` returns."""
+    torch.manual_seed(0)
+    model = build_model(tiny(logit_scale=0.125, residual_scale=0.5, embed_scale=3.0)).double()
+    ids = torch.randint(0, 97, (2, 9))
+    logits = model(ids)
+    want = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids.flatten())
+    torch.testing.assert_close(model(ids, labels=ids), want)
+    plain = build_model(tiny(residual_scale=0.5, embed_scale=3.0)).double()
+    plain.load_state_dict(model.state_dict())
+    torch.testing.assert_close(plain(ids) * 0.125, logits)
 
 
 @pytest.mark.parametrize("case", list(PER_LAYER))

@@ -73,6 +73,11 @@ CASES = {
     # Gemma 3 27B's scale: scores over sqrt(query_pre_attn_scalar), not sqrt(head_dim)
     "gemma3-scalar": (transformers.Gemma3TextConfig, dict(num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=21,
                                                           sliding_window=5, sliding_window_pattern=3)),
+    # Granite: Llama with multipliers on the embeddings, the sublayer outputs, the scores (not 1/sqrt(head_dim))
+    # and the logits
+    "granite": (transformers.GraniteConfig, dict(num_key_value_heads=2, embedding_multiplier=12.0,
+                                                 residual_multiplier=0.22, logits_scaling=8.0,
+                                                 attention_multiplier=0.0078125, pad_token_id=0)),
     # OLMo 2: no norm before the sublayers, one after each; query and key norms over the whole projections; and
     # OLMo 3's windows on three of four layers, RoPE per kind of layer
     "olmo2": (transformers.Olmo2Config, dict(num_key_value_heads=2, attention_bias=True, pad_token_id=0)),
