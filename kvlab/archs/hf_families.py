@@ -198,9 +198,8 @@ def _attention_to_hf(cfg: ModelConfig, m) -> dict[str, Any] | str:
     mixers = cfg.layer_mixers
     if _granite(cfg):
         return _granite_to_hf(cfg, m)
-    if any(x.window != m.window or x.rope_dims != m.rope_dims for x in mixers):
-        return _per_layer_attention_to_hf(cfg, m)
-    if m.rope_dims == 0:  # no RoPE in any layer: SmolLM3's NoPE layers
+    # layers that differ by their window or their RoPE, or have none (SmolLM3's NoPE layers)
+    if m.rope_dims == 0 or any(x.window != m.window or x.rope_dims != m.rope_dims for x in mixers):
         return _per_layer_attention_to_hf(cfg, m)
     if m.qk_norm:
         problem = _qwen3_problem(cfg, m)
@@ -343,6 +342,29 @@ def rope_of_layer_type(hf: dict[str, Any], layer_type: str) -> Rope:
     ``sliding_attention``, ``full_attention``), else the model's."""
     per_type = hf.get("rope_parameters") or {}
     return read_rope({"rope_parameters": per_type[layer_type]} if layer_type in per_type else hf)
+
+
+LAYER_TYPES = ("sliding_attention", "full_attention")  # transformers' layer_types, where a class has two kinds
+
+
+def attention_of_layer_types(cfg: ModelConfig) -> dict[str, Any]:
+    """The attention of each of the two kinds of layer (Gemma 3, OLMo 3: windowed or full), None where no layer
+    is of that kind."""
+    mixers = cfg.layer_mixers
+    return {kind: next((m for m in mixers if (m.window is not None) == (kind == "sliding_attention")), None)
+            for kind in LAYER_TYPES}  # fmt: skip
+
+
+def layers_of_types(hf: dict[str, Any], attention: dict[str, Any], types: list[str]) -> dict[str, Any]:
+    """``pattern`` and ``mixers`` for layers of the two kinds ``types`` names: ``attention`` with each kind's
+    RoPE, ``L`` with ``sliding_window`` and ``G`` without (the kinds no layer has left out)."""
+    mixers = {}
+    for letter, kind in zip("LG", LAYER_TYPES, strict=True):
+        rope = rope_of_layer_type(hf, kind)
+        mixers[letter] = {**attention, "rope_theta": rope.theta, "rope_scaling": rope.scaling,
+                          "window": hf.get("sliding_window") if letter == "L" else None}  # fmt: skip
+    pattern = "".join("L" if t == "sliding_attention" else "G" for t in types)
+    return {"pattern": pattern, "mixers": {k: v for k, v in mixers.items() if k in pattern}}
 
 
 def _attention_from_hf(hf: dict[str, Any], rope: Rope) -> dict[str, Any] | list[dict[str, Any]]:
@@ -887,18 +909,9 @@ NATIVE_LAYOUTS["gpt_neox"] = NativeLayout(
 # the layers layer_types names (5 of 6 in Gemma 3), each kind of layer with its own RoPE; "sandwich" norms
 # (post_norms); GeGLU; embeddings times sqrt(hidden_size); every RMSNorm weighs by 1 + w (unit_offset).
 
-GEMMA_TYPES = ("sliding_attention", "full_attention")
-
 
 def _gemma_claims(cfg: ModelConfig) -> bool:
     return _mixer_kinds(cfg) == {"attention"} and cfg.pre_norms and bool(gemma_problems(cfg))  # any of Gemma's parts
-
-
-def _gemma_kinds(cfg: ModelConfig) -> dict[str, Any]:
-    """Gemma's two kinds of layer: each kind's attention (None where no layer is of it)."""
-    mixers = cfg.layer_mixers
-    return {kind: next((m for m in mixers if (m.window is not None) == (kind == "sliding_attention")), None)
-            for kind in GEMMA_TYPES}  # fmt: skip
 
 
 def _gemma_problems(cfg: ModelConfig) -> list[str]:
@@ -916,7 +929,7 @@ def _gemma_problems(cfg: ModelConfig) -> list[str]:
         problems.append("parallel_residual (the MLP after the mixer is needed)")
     if any(p.mlp != cfg.mlp for p in cfg.plan) or cfg.mlp.kind != "geglu":
         problems.append("MLPs other than one GeGLU in every layer")
-    kinds = _gemma_kinds(cfg)
+    kinds = attention_of_layer_types(cfg)
     for m in cfg.layer_mixers:
         same = kinds["sliding_attention" if m.window is not None else "full_attention"]
         if m != same:
@@ -936,7 +949,7 @@ def _gemma_problems(cfg: ModelConfig) -> list[str]:
 
 
 def _gemma_to_hf(cfg: ModelConfig) -> dict[str, Any]:
-    kinds = _gemma_kinds(cfg)
+    kinds = attention_of_layer_types(cfg)
     a = next(m for m in kinds.values() if m is not None)
     rope = {kind: rope_parameters(m or a) for kind, m in kinds.items()}
     return {
@@ -995,21 +1008,16 @@ def _gemma_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
     head_dim = hf.get("head_dim") or d // n_heads
     scalar = hf["query_pre_attn_scalar"]  # scores scaled by scalar**-0.5 (Gemma 3 27B: 168, heads of 128)
     eps, bias = hf.get("rms_norm_eps", 1e-6), bool(hf.get("attention_bias"))
-    mixers = {}
-    for kind, letter in zip(GEMMA_TYPES, "LG", strict=True):
-        rope = rope_of_layer_type(hf, kind)
-        mixers[letter] = {"kind": "attention", "n_heads": n_heads, "n_kv_heads": hf["num_key_value_heads"],
-                          "head_dim": head_dim, "rope_theta": rope.theta, "rope_scaling": rope.scaling,
-                          "window": hf["sliding_window"] if letter == "L" else None, "qkv_bias": bias, "o_bias": bias,
-                          "qk_norm": True, "qk_norm_eps": eps, "qk_norm_unit_offset": True,
-                          "softmax_scale": None if scalar == head_dim else float(scalar) ** -0.5}  # fmt: skip
-    pattern = "".join("L" if t == "sliding_attention" else "G" for t in hf["layer_types"])
+    attention = {"kind": "attention", "n_heads": n_heads, "n_kv_heads": hf["num_key_value_heads"],
+                 "head_dim": head_dim, "qkv_bias": bias, "o_bias": bias, "qk_norm": True, "qk_norm_eps": eps,
+                 "qk_norm_unit_offset": True,
+                 "softmax_scale": None if scalar == head_dim else float(scalar) ** -0.5}  # fmt: skip
     return {
         "vocab_size": hf["vocab_size"], "d_model": d, "n_layers": hf["num_hidden_layers"],
         "max_seq_len": hf.get("max_position_embeddings", 131072),
         "norm": {"kind": "rmsnorm", "eps": eps, "unit_offset": True},
         "tie_embeddings": bool(hf.get("tie_word_embeddings", True)), "post_norms": True, "embed_scale": d**0.5,
-        "pattern": pattern, "mixers": {k: v for k, v in mixers.items() if k in pattern},
+        **layers_of_types(hf, attention, hf["layer_types"]),
         "mlp": {"kind": "geglu", "hidden": hf["intermediate_size"]},
     }  # fmt: skip
 
@@ -1078,7 +1086,7 @@ def _olmo_problems(cfg: ModelConfig) -> list[str]:
     problems += one_swiglu_problems(cfg)
     mixers = cfg.layer_mixers
     m = mixers[0]
-    kinds = _gemma_kinds(cfg)  # (OLMo 3's two kinds of layer, each with its RoPE)
+    kinds = attention_of_layer_types(cfg)  # (OLMo 3's two kinds of layer, each with its RoPE)
     if any(x != kinds["sliding_attention" if x.window is not None else "full_attention"] for x in mixers):
         problems.append("layers of one kind (windowed, or full) that differ (OLMo 3 has one setting per kind)")
     present = [x for x in kinds.values() if x is not None]
@@ -1106,7 +1114,7 @@ def _olmo_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         "rope_parameters": rope_parameters(m),
     }
     if windows:  # OLMo 3: RoPE per kind of layer
-        hf["rope_parameters"] = {kind: rope_parameters(x or m) for kind, x in _gemma_kinds(cfg).items()}
+        hf["rope_parameters"] = {kind: rope_parameters(x or m) for kind, x in attention_of_layer_types(cfg).items()}
         hf["sliding_window"] = next(iter(windows))
         hf["layer_types"] = [
             "sliding_attention" if x.window is not None else "full_attention" for x in cfg.layer_mixers
@@ -1122,22 +1130,15 @@ def _olmo_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
     hf = transformers.AutoConfig.for_model(**hf).to_dict()  # (OLMo 3's layer_types as transformers derives them)
     n_heads, d, eps = hf["num_attention_heads"], hf["hidden_size"], hf.get("rms_norm_eps", 1e-6)
     bias = bool(hf.get("attention_bias"))
-    types = hf.get("layer_types") or ["full_attention"] * hf["num_hidden_layers"]
-    mixers = {}
-    for letter, kind in (("L", "sliding_attention"), ("G", "full_attention")):  # OLMo 3: RoPE per kind
-        rope = rope_of_layer_type(hf, kind)
-        mixers[letter] = {"kind": "attention", "n_heads": n_heads,
-                          "n_kv_heads": hf.get("num_key_value_heads") or n_heads,
-                          "head_dim": hf.get("head_dim") or d // n_heads, "rope_theta": rope.theta,
-                          "rope_scaling": rope.scaling, "window": hf.get("sliding_window") if letter == "L" else None,
-                          "qkv_bias": bias, "o_bias": bias, "qk_norm": True, "qk_norm_eps": eps,
-                          "qk_norm_over": "projection"}  # fmt: skip
-    pattern = "".join("L" if t == "sliding_attention" else "G" for t in types)
+    types = hf.get("layer_types") or ["full_attention"] * hf["num_hidden_layers"]  # (OLMo 2: every layer full)
+    attention = {"kind": "attention", "n_heads": n_heads, "n_kv_heads": hf.get("num_key_value_heads") or n_heads,
+                 "head_dim": hf.get("head_dim") or d // n_heads, "qkv_bias": bias, "o_bias": bias, "qk_norm": True,
+                 "qk_norm_eps": eps, "qk_norm_over": "projection"}  # fmt: skip
     return {
         "vocab_size": hf["vocab_size"], "d_model": d, "n_layers": hf["num_hidden_layers"],
         "max_seq_len": hf.get("max_position_embeddings", 4096), "norm": {"kind": "rmsnorm", "eps": eps},
         "tie_embeddings": bool(hf.get("tie_word_embeddings", False)), "pre_norms": False, "post_norms": True,
-        "pattern": pattern, "mixers": {k: v for k, v in mixers.items() if k in pattern},
+        **layers_of_types(hf, attention, types),
         "mlp": {"kind": "swiglu", "hidden": hf["intermediate_size"]},
     }  # fmt: skip
 
