@@ -135,10 +135,15 @@ CALIBRATED_TARGETS = ("mla", "matryoshka", "dha")  # conversions that measure he
 CALIBRATED_METHODS = ("similarity", "asymgqa")
 
 
+def _is_chain(spec: Any) -> bool:
+    """Whether a conversion spec is a chain: a list of specs, each converting the one before's result."""
+    return isinstance(spec, Sequence) and not isinstance(spec, str)
+
+
 def uses_calibration(spec: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> bool:
     """Whether ``convert_model`` measures the model on calibration tokens for ``spec`` (to=mla uses them where
     given; the others need them); for a chain, whether any of its conversions does."""
-    if isinstance(spec, Sequence) and not isinstance(spec, str):
+    if _is_chain(spec):
         return any(uses_calibration(step) for step in spec)
     if spec.get("to") == "sa":  # SA measures attention to find its span, unless the spans are given
         return "spans" not in spec
@@ -150,7 +155,7 @@ def uses_calibration(spec: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> b
 def calibration_rows(spec: Mapping[str, Any]) -> int:
     """How many training rows ``spec`` wants as calibration tokens: its ``calibration_rows``, else 8, or 32
     for DHA's fusion, which trains on them; 0 when the conversion uses none."""
-    if isinstance(spec, Sequence) and not isinstance(spec, str):  # a chain: as many as its most wanting step
+    if _is_chain(spec):  # as many as its most wanting step
         return max((calibration_rows(step) for step in spec), default=0)
     if not isinstance(spec, Mapping) or not uses_calibration(spec):
         return 0
@@ -183,7 +188,7 @@ def convert_model(
     mqa}, {to: cla, every: 3}]``, the heads pooled within each layer, then across layers); an error names the
     step.
     """
-    if isinstance(spec, Sequence) and not isinstance(spec, str):
+    if _is_chain(spec):
         if not spec:
             raise ValueError("convert: an empty list of conversions; give one, or a chain of them")
         for i, step in enumerate(spec):

@@ -514,7 +514,7 @@ class Attention(nn.Module):
         if not self.reads_weights:  # SA: the weights come from another layer, so no queries or keys here
             self.q_proj = nn.Linear(d_model, self.n_q_heads * cfg.head_dim, bias=cfg.qkv_bias)
             if cfg.qk_norm:  # over each head, or over the whole projection (qk_norm_over)
-                width = cfg.head_dim * (self.n_q_heads if cfg.qk_norm_over == "projection" else 1)
+                width = cfg.head_dim * (self.n_q_heads if self.norm_projections else 1)
                 self.q_norm = RMSNorm(width, cfg.qk_norm_eps, cfg.qk_norm_unit_offset)
         # layers above the first with a value residual take V_1 from layer 0 (SVFormer: only it)
         self.value_residual = cfg.value_residual if layer_idx > 0 else None
@@ -523,7 +523,7 @@ class Attention(nn.Module):
             if not self.reads_weights:
                 self.k_proj = nn.Linear(d_model, kv_width, bias=cfg.qkv_bias)
                 if cfg.qk_norm:
-                    width = cfg.head_dim * (cfg.n_kv_heads if cfg.qk_norm_over == "projection" else 1)
+                    width = cfg.head_dim * (cfg.n_kv_heads if self.norm_projections else 1)
                     self.k_norm = RMSNorm(width, cfg.qk_norm_eps, cfg.qk_norm_unit_offset)
             if self.value_residual != "svformer":
                 v_width = self.n_v_heads * cfg.kv_merge * cfg.v_head_dim

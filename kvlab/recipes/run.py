@@ -527,11 +527,12 @@ def _export_only(tc: TrainConfig, run_dir: Path, initial) -> dict:
     init = dict(tc.init)
     convert, report = init.get("convert"), {}
     if convert:
-        if calibration_rows(conversion_spec(convert)):
-            raise ConfigError(f"init.convert={conversion_spec(convert)} calibrates on data, which stages=[export] "
+        convert = conversion_spec(convert)
+        if calibration_rows(convert):
+            raise ConfigError(f"init.convert={convert} calibrates on data, which stages=[export] "
                               "does not prepare: add stage eval (stages=[eval,export])")  # fmt: skip
         try:
-            initial = convert_model(initial, conversion_spec(convert), report=report)
+            initial = convert_model(initial, convert, report=report)
         except ValueError as e:
             raise ConfigError(f"init.convert: {e}") from None
     source = Path(init["path"]).expanduser()
