@@ -323,6 +323,8 @@ class ModelConfig:
     # times logit_scale (Granite: 1 / logits_scaling); None: 1
     residual_scale: float | None = None
     logit_scale: float | None = None
+    # the logits z become logit_softcap * tanh(z / logit_softcap) (Gemma 2's final_logit_softcapping); None: as they are
+    logit_softcap: float | None = None
     mixer: MixerConfig | None = None
     pattern: str | None = None
     mixers: dict[str, MixerConfig] | None = None
@@ -526,7 +528,7 @@ class ModelConfig:
         check_bool(self.parallel_residual, "parallel_residual")
         check_bool(self.post_norms, "post_norms")
         check_bool(self.pre_norms, "pre_norms")
-        for name in ("embed_scale", "residual_scale", "logit_scale"):
+        for name in ("embed_scale", "residual_scale", "logit_scale", "logit_softcap"):
             if getattr(self, name) is not None:
                 check_float(getattr(self, name), name, positive=True)
         check_int(self.meta_tokens, "meta_tokens", minimum=0)
@@ -605,7 +607,7 @@ class ModelConfig:
                 max_seq_len=b.prefix + b.length - 1, norm=to_dict(self.norm), mlp=to_dict(self.mlp), mixer=mixer,
                 kernels=self.kernels, init_std=self.init_std, parallel_residual=self.parallel_residual,
                 post_norms=self.post_norms, embed_scale=self.embed_scale, pre_norms=self.pre_norms,
-                residual_scale=self.residual_scale, logit_scale=self.logit_scale,
+                residual_scale=self.residual_scale, logit_scale=self.logit_scale, logit_softcap=self.logit_softcap,
             )  # fmt: skip
         except ValueError as e:
             raise ValueError(f"blocks: the token decoder: {e}") from None

@@ -952,6 +952,7 @@ def _to_mla(model: CausalLM, kv_lora_rank: int, rope_dims: int, calibration: tor
         "a value residual": m.value_residual is not None,
         "per-head query and key norms (qk_norm)": m.qk_norm,  # the latent's keys are linear in it
         "a softmax_scale of its own": m.softmax_scale is not None,
+        "soft-capped scores (softcap)": m.softcap is not None,
     }
     if any(reasons.values()):
         raise ValueError(f"convert.to=mla: the model has {', '.join(k for k, v in reasons.items() if v)}; MLA has none")

@@ -1,5 +1,5 @@
 """Hugging Face checkpoints: import and export (Llama, Mistral, Ministral, Qwen2/3, SmolLM3, Granite, Phi-3,
-DeepSeek-V3, Jamba, GPT-NeoX, Gemma 3, OLMo 2/3, and our own remote-code exports).
+DeepSeek-V3, Jamba, GPT-NeoX, Gemma 1/2/3, OLMo 2/3, and our own remote-code exports).
 
 ``load_hf``: a local directory with ``config.json`` and safetensors weights
 (one file or shards with ``model.safetensors.index.json``) becomes a kvlab
@@ -9,7 +9,7 @@ class for the architecture the export is native: each mixer family with a
 native counterpart registers how it maps, both ways, in
 ``kvlab.archs.hf_families`` (attention as the Llama family's classes, MLA
 as DeepSeek-V3, dense or with MoE; whole-model classes with names and
-layouts of their own, Jamba, GPT-NeoX, Gemma 3 and OLMo, in
+layouts of their own, Jamba, GPT-NeoX, Gemma and OLMo, in
 ``NATIVE_LAYOUTS``), and this module asks those registries, knowing no
 family itself.
 The weight layout is ours up to names, so one adapter, a renaming plus a

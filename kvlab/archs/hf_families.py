@@ -17,12 +17,13 @@ A model that a whole-model class claims (``NATIVE_LAYOUTS``, ``NativeLayout``:
 a class with names and layouts of its own) goes there instead: by its set
 of mixer kinds, ``attention`` + ``mamba`` <-> Jamba; by its block,
 attention layers with LayerNorm or a parallel residual <-> GPT-NeoX (Pythia),
-with Gemma's parts (post norms, unit-offset norms, scaled embeddings) <->
-Gemma 3, with post norms alone <-> OLMo 2 and 3.
+with Gemma's parts (unit-offset norms, scaled embeddings) <-> Gemma 1, 2 or 3
+(by its post norms and query/key norms), with post norms alone <-> OLMo 2 and 3.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -139,6 +140,8 @@ def gemma_problems(cfg: ModelConfig) -> list[str]:
         parts.append("norm.unit_offset=True")
     if any(getattr(m, "qk_norm_unit_offset", False) for m in cfg.layer_mixers):
         parts.append("qk_norm_unit_offset=True")
+    if cfg.logit_softcap is not None:
+        parts.append(f"logit_softcap={cfg.logit_softcap}")
     return [f"{' and '.join(parts)} (Gemma's)"] if parts else []
 
 
@@ -191,6 +194,8 @@ def _attention_layer_problems(m) -> list[str]:
         return [f"sink positions beside the window (sinks={m.sinks})"]
     if m.softmax_scale is not None:
         return [f"softmax_scale={m.softmax_scale} (1/sqrt(head_dim) is needed)"]
+    if m.softcap is not None:
+        return [f"soft-capped scores (softcap={m.softcap}: Gemma 2's)"]
     return []
 
 
@@ -905,25 +910,41 @@ NATIVE_LAYOUTS["gpt_neox"] = NativeLayout(
 )
 
 
-# Gemma 3 (its text model, gemma3_text): attention with query and key norms in every layer, sliding windows on
-# the layers layer_types names (5 of 6 in Gemma 3), each kind of layer with its own RoPE; "sandwich" norms
-# (post_norms); GeGLU; embeddings times sqrt(hidden_size); every RMSNorm weighs by 1 + w (unit_offset).
+# Gemma's three generations of classes, each with GeGLU, embeddings times sqrt(hidden_size) and every RMSNorm
+# weighing by 1 + w (unit_offset): gemma (Gemma 1: Llama's block, full attention); gemma2 ("sandwich" norms:
+# post_norms; sliding windows on the layers layer_types names; scores and logits soft-capped; the softmax scale from
+# query_pre_attn_scalar); gemma3_text (as gemma2 with query and key norms in every layer, each kind of layer with its
+# own RoPE, 5 windowed layers of 6 in Gemma 3, its logits' soft cap off by default).
 
 
-def _gemma_claims(cfg: ModelConfig) -> bool:
-    return _mixer_kinds(cfg) == {"attention"} and cfg.pre_norms and bool(gemma_problems(cfg))  # any of Gemma's parts
+def _gemma_generation(cfg: ModelConfig) -> str:
+    """The Gemma class a model with Gemma's parts exports to: gemma without post norms, gemma3_text with query and
+    key norms, else gemma2."""
+    if not cfg.post_norms:
+        return "gemma"
+    return "gemma3_text" if any(getattr(m, "qk_norm", False) for m in cfg.layer_mixers) else "gemma2"
 
 
-def _gemma_problems(cfg: ModelConfig) -> list[str]:
+def _gemma_claims(model_type: str) -> Callable[[ModelConfig], bool]:
+    def claims(cfg: ModelConfig) -> bool:  # any of Gemma's parts, and this generation's
+        gemma = _mixer_kinds(cfg) == {"attention"} and cfg.pre_norms and bool(gemma_problems(cfg))
+        return gemma and _gemma_generation(cfg) == model_type
+
+    return claims
+
+
+def _gemma_problems(cfg: ModelConfig, model_type: str) -> list[str]:
     problems = pre_norm_problems(cfg) + multiplier_problems(cfg, but=("embed_scale",))
+    post = model_type != "gemma"
     if (
-        not cfg.post_norms
+        cfg.post_norms != post
         or cfg.embed_scale != cfg.d_model**0.5
         or cfg.norm.kind != "rmsnorm"
         or not cfg.norm.unit_offset
     ):
+        has = "post norms" if post else "no post norms"
         problems.append(f"post_norms={cfg.post_norms}, embed_scale={cfg.embed_scale}, norm {cfg.norm.kind!r} with "
-                        f"unit_offset={cfg.norm.unit_offset} (Gemma has post norms, RMSNorms weighing by 1 + w, "
+                        f"unit_offset={cfg.norm.unit_offset} ({model_type} has {has}, RMSNorms weighing by 1 + w, "
                         f"embeddings times sqrt(d_model) = {cfg.d_model**0.5:g})")  # fmt: skip
     if cfg.parallel_residual:
         problems.append("parallel_residual (the MLP after the mixer is needed)")
@@ -937,36 +958,56 @@ def _gemma_problems(cfg: ModelConfig) -> list[str]:
             break
     present = [m for m in kinds.values() if m is not None]
     a = present[0]
-    for m in present:  # (Gemma's softmax scale is its query_pre_attn_scalar)
-        problems += [p for p in _attention_layer_problems(m) if p not in problems and "softmax_scale" not in p]
-    shared = ("n_heads", "n_kv_heads", "head_dim", "qkv_bias", "o_bias", "qk_norm", "qk_norm_eps", "softmax_scale")
+    for m in present:  # (Gemma 2 and 3's softmax scale is their query_pre_attn_scalar; their caps: below)
+        own = ("softmax_scale", "soft-capped") if post else ()
+        problems += [p for p in _attention_layer_problems(m) if p not in problems and not any(o in p for o in own)]
+    shared = ("n_heads", "n_kv_heads", "head_dim", "qkv_bias", "o_bias", "qk_norm", "qk_norm_eps", "softmax_scale",
+              "softcap")  # fmt: skip
     if any(getattr(m, f) != getattr(a, f) for m in present for f in shared):
-        problems.append("the windowed and full layers' heads, biases, norms or scales differ")
-    if not a.qk_norm or not a.qk_norm_unit_offset or a.qk_norm_eps != cfg.norm.eps or a.qkv_bias != a.o_bias:
-        problems.append("attention without qk_norm (unit_offset, at the model's norm eps), or with biases on some "
-                        "projections")  # fmt: skip
+        problems.append("the windowed and full layers' heads, biases, norms, scales or caps differ")
+    if a.qkv_bias != a.o_bias:
+        problems.append("biases on some of the attention's projections only")
+    if model_type == "gemma3_text" and a.softcap is not None:
+        problems.append(f"soft-capped scores (softcap={a.softcap}: transformers' Gemma 3 reads "
+                        "attn_logit_softcapping and does not apply it; Gemma 2's class does)")  # fmt: skip
+    if model_type == "gemma3_text" and (not a.qk_norm or not a.qk_norm_unit_offset or a.qk_norm_eps != cfg.norm.eps):
+        problems.append("attention without qk_norm (unit_offset, at the model's norm eps)")
+    if model_type != "gemma3_text" and any(m.qk_norm for m in present):
+        problems.append(f"query and key norms (qk_norm: Gemma 3's, which {model_type} has not)")
+    if model_type != "gemma3_text" and not same_but(a, present[-1], ("window",)):
+        problems.append(f"RoPE per kind of layer (Gemma 3's; {model_type} has one)")
+    if model_type == "gemma" and (kinds["sliding_attention"] is not None or cfg.logit_softcap is not None):
+        problems.append(f"windows={kinds['sliding_attention'] is not None}, logit_softcap={cfg.logit_softcap} "
+                        "(the first Gemma's attention is full, its logits uncapped: Gemma 2's have these, with "
+                        "post_norms)")  # fmt: skip
     return problems
 
 
-def _gemma_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+def _gemma_to_hf(cfg: ModelConfig, model_type: str) -> dict[str, Any]:
     kinds = attention_of_layer_types(cfg)
     a = next(m for m in kinds.values() if m is not None)
-    rope = {kind: rope_parameters(m or a) for kind, m in kinds.items()}
-    return {
-        "model_type": "gemma3_text",
+    hf = {
+        "model_type": model_type,
         "intermediate_size": cfg.mlp.hidden,
         "num_key_value_heads": a.n_kv_heads,
         "head_dim": a.head_dim,
+        "hidden_act": "gelu_pytorch_tanh",  # (in place of the common fields' silu; Gemma 2 and 3 read the next)
+        "attention_bias": a.qkv_bias,
+        "rope_parameters": rope_parameters(a),
+    }
+    if model_type == "gemma":
+        return hf
+    if model_type == "gemma3_text":
+        hf["rope_parameters"] = {kind: rope_parameters(m or a) for kind, m in kinds.items()}
+    return {
+        **hf,
         "hidden_activation": "gelu_pytorch_tanh",
-        "hidden_act": "gelu_pytorch_tanh",  # (in place of the common fields' silu, which Gemma does not read)
         "query_pre_attn_scalar": a.head_dim if a.softmax_scale is None else _scalar(a.softmax_scale),
         # (transformers builds the windowed mask whether a layer uses it or not: a window over every position)
         "sliding_window": kinds["sliding_attention"].window if kinds["sliding_attention"] else cfg.max_seq_len,
         "layer_types": ["sliding_attention" if m.window is not None else "full_attention" for m in cfg.layer_mixers],
-        "rope_parameters": rope,
-        "attention_bias": a.qkv_bias,
-        "final_logit_softcapping": None,
-        "attn_logit_softcapping": None,
+        "final_logit_softcapping": cfg.logit_softcap,
+        "attn_logit_softcapping": a.softcap,
     }
 
 
@@ -981,13 +1022,17 @@ def _scalar(softmax_scale: float) -> int | float:
 
 
 def _gemma_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Names with post norms (Gemma 2 and 3, OLMo), or Llama's without them (Gemma 1)."""
+    norms = (
+        _GEMMA_NORMS if cfg.post_norms else {"mixer_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
+    )
     out = {}
     for name, value in state.items():
         if not name.startswith("layers."):
             out["model." + name if name != "lm_head.weight" else name] = value
             continue
         _, i, part, rest = name.split(".", 3)
-        part = _GEMMA_NORMS.get(part, {"mixer": "self_attn"}.get(part, part))
+        part = norms.get(part, {"mixer": "self_attn"}.get(part, part))
         out[f"model.layers.{i}.{part}.{rest}"] = value
     return out
 
@@ -996,42 +1041,53 @@ def _gemma_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
     import transformers
 
     hf = transformers.AutoConfig.for_model(**hf).to_dict()  # layer_types and rope_parameters as transformers reads them
-    for name in ("final_logit_softcapping", "attn_logit_softcapping"):
-        if hf.get(name) is not None:
-            raise ValueError(f"config.json: {name}={hf[name]} is not supported (Gemma 2's soft-capping)")
+    model_type = hf["model_type"]
     if hf.get("use_bidirectional_attention"):
         raise ValueError("config.json: use_bidirectional_attention=true is not supported (kvlab's models are causal)")
-    act = hf.get("hidden_activation") or "gelu_pytorch_tanh"
+    if model_type == "gemma3_text" and hf.get("attn_logit_softcapping") is not None:
+        raise ValueError(f"config.json: attn_logit_softcapping={hf['attn_logit_softcapping']} with model_type "
+                         "gemma3_text is not supported: transformers' Gemma 3 does not apply it (Gemma 2's does), so "
+                         "which model the checkpoint is cannot be told")  # fmt: skip
+    act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"  # (Gemma 1 reads hidden_act)
     if act not in ("gelu_pytorch_tanh", "gelu_new"):
         raise ValueError(f"config.json: hidden_activation={act!r} is not supported (GeGLU with tanh's GELU is)")
     n_heads, d = hf["num_attention_heads"], hf["hidden_size"]
     head_dim = hf.get("head_dim") or d // n_heads
-    scalar = hf["query_pre_attn_scalar"]  # scores scaled by scalar**-0.5 (Gemma 3 27B: 168, heads of 128)
+    # Gemma 2 and 3 scale scores by query_pre_attn_scalar**-0.5 (Gemma 3 27B: 168, heads of 128); Gemma 1 by head_dim's
+    scalar = hf.get("query_pre_attn_scalar") or head_dim
     eps, bias = hf.get("rms_norm_eps", 1e-6), bool(hf.get("attention_bias"))
+    qk_norm = model_type == "gemma3_text"
     attention = {"kind": "attention", "n_heads": n_heads, "n_kv_heads": hf["num_key_value_heads"],
-                 "head_dim": head_dim, "qkv_bias": bias, "o_bias": bias, "qk_norm": True, "qk_norm_eps": eps,
-                 "qk_norm_unit_offset": True,
-                 "softmax_scale": None if scalar == head_dim else float(scalar) ** -0.5}  # fmt: skip
+                 "head_dim": head_dim, "qkv_bias": bias, "o_bias": bias, "softcap": hf.get("attn_logit_softcapping"),
+                 "softmax_scale": None if scalar == head_dim else float(scalar) ** -0.5,
+                 **({"qk_norm": True, "qk_norm_eps": eps, "qk_norm_unit_offset": True} if qk_norm else {})}  # fmt: skip
+    types = hf.get("layer_types") or ["full_attention"] * hf["num_hidden_layers"]
     return {
         "vocab_size": hf["vocab_size"], "d_model": d, "n_layers": hf["num_hidden_layers"],
         "max_seq_len": hf.get("max_position_embeddings", 131072),
         "norm": {"kind": "rmsnorm", "eps": eps, "unit_offset": True},
-        "tie_embeddings": bool(hf.get("tie_word_embeddings", True)), "post_norms": True, "embed_scale": d**0.5,
-        **layers_of_types(hf, attention, hf["layer_types"]),
+        "tie_embeddings": bool(hf.get("tie_word_embeddings", True)), "post_norms": model_type != "gemma",
+        "embed_scale": d**0.5, "logit_softcap": hf.get("final_logit_softcapping"),
+        **layers_of_types(hf, attention, types),
         "mlp": {"kind": "geglu", "hidden": hf["intermediate_size"]},
     }  # fmt: skip
 
 
-NATIVE_LAYOUTS["gemma3_text"] = NativeLayout(
-    model_type="gemma3_text",
-    architecture="Gemma3ForCausalLM",
-    describes="attention with Gemma's parts (post_norms, unit-offset norms, embed_scale) as gemma3_text",
-    claims=_gemma_claims,
-    problems=_gemma_problems,
-    to_hf=_gemma_to_hf,
-    export_state=_gemma_state,
-    from_hf=_gemma_from_hf,
-)
+for _type, _architecture, _names in (
+    ("gemma", "GemmaForCausalLM", "Llama's block"),
+    ("gemma2", "Gemma2ForCausalLM", "post_norms, without qk_norm"),
+    ("gemma3_text", "Gemma3ForCausalLM", "post_norms and qk_norm"),
+):
+    NATIVE_LAYOUTS[_type] = NativeLayout(
+        model_type=_type,
+        architecture=_architecture,
+        describes=f"attention with Gemma's parts (unit-offset norms, embed_scale) and {_names} as {_type}",
+        claims=_gemma_claims(_type),
+        problems=functools.partial(_gemma_problems, model_type=_type),
+        to_hf=functools.partial(_gemma_to_hf, model_type=_type),
+        export_state=_gemma_state,
+        from_hf=_gemma_from_hf,
+    )
 
 
 # Gemma 3's multimodal checkpoints (4B, 12B, 27B: Gemma3ForConditionalGeneration): their text model, read as
@@ -1057,8 +1113,8 @@ NATIVE_LAYOUTS["gemma3"] = NativeLayout(
     architecture="Gemma3ForConditionalGeneration",
     describes="",  # (no model exports to it)
     claims=lambda cfg: False,  # a text model exports as gemma3_text
-    problems=_gemma_problems,
-    to_hf=_gemma_to_hf,
+    problems=functools.partial(_gemma_problems, model_type="gemma3_text"),
+    to_hf=functools.partial(_gemma_to_hf, model_type="gemma3_text"),
     export_state=_gemma_state,
     from_hf=lambda hf: _gemma_from_hf({"model_type": "gemma3_text", **hf.get("text_config", {})}),
     prepare=_gemma_text_weights,
@@ -1077,6 +1133,8 @@ def _olmo_claims(cfg: ModelConfig) -> bool:
 
 def _olmo_problems(cfg: ModelConfig) -> list[str]:
     problems = multiplier_problems(cfg)
+    if cfg.logit_softcap is not None:
+        problems.append(f"logit_softcap={cfg.logit_softcap} (Gemma 2's)")
     if cfg.norm.unit_offset or any(m.qk_norm_unit_offset for m in cfg.layer_mixers):
         problems.append("norms weighing by 1 + w (Gemma's)")
     if cfg.pre_norms or not cfg.post_norms or cfg.norm.kind != "rmsnorm" or cfg.parallel_residual:

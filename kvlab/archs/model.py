@@ -357,7 +357,9 @@ class CausalLM(nn.Module):
                 return self._forward(input_ids, cache, positions, doc_ids, last_only, states=states, pads=pads)
             hidden = self._forward(input_ids, cache, positions, doc_ids, last_only, head=False, states=states,
                                    pads=pads)  # fmt: skip
-            return linear_cross_entropy(self._head_input(hidden), self.lm_head.weight, labels)
+            return linear_cross_entropy(
+                self._head_input(hidden), self.lm_head.weight, labels, softcap=self.config.logit_softcap
+            )
 
     def _pads(self, mask, input_ids, cache, positions, doc_ids) -> torch.Tensor | None:
         """Each row's left pads [B] from ``attention_mask`` (checked), or those the cache holds; None: none."""
@@ -559,7 +561,11 @@ class CausalLM(nn.Module):
 
     def _output(self, x: torch.Tensor, head: bool) -> torch.Tensor:
         h = self.norm(x)
-        return self.lm_head(self._head_input(h)) if head else h
+        if not head:
+            return h
+        logits = self.lm_head(self._head_input(h))
+        cap = self.config.logit_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
     def _head_input(self, h: torch.Tensor) -> torch.Tensor:
         """The final states as the head takes them: times ``logit_scale`` (Granite's logits over logits_scaling,

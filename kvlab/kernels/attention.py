@@ -17,6 +17,11 @@ by Hkv. Which keys a query sees:
   query's document (documents are runs of equal ids);
 - ``window``: with causal or doc_ids, a query at p sees keys p - window < k <= p.
 
+``softcap`` c (Gemma 2's attn_logit_softcapping): each score s = q.k * scale
+becomes c * tanh(s / c) before the mask and the softmax. No fused CPU kernel
+takes it, so such attention forms its scores (``attention_weights``): memory
+T x S per head, as ``transformers``' eager path; flash-attn >= 2.6 takes it.
+
 The structured options (causal, window, doc_ids) are what kernels that never
 build a mask (Triton, flash-attn varlen) take; here they become one.
 
@@ -63,13 +68,18 @@ def attention(
     window: int | None = None,
     doc_ids: torch.Tensor | None = None,
     scale: float | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     B, H, T, D = q.shape
     S, Hkv = k.shape[2], k.shape[1]
     if causal and window is not None and doc_ids is None and mask is None and T <= S and T > 2 * window:
         # block by block: each block of ``window`` queries against the keys from ``window - 1`` before it, so
         # memory and time grow with T * window, not T * S (a long prefill, or a prompt's pieces after others)
-        return windowed_attention_with_sinks(attention, q, k, v, 0, window, 0, scale)
+        return windowed_attention_with_sinks(attention, q, k, v, 0, window, 0, scale, softcap=softcap)
+    if softcap is not None:  # (scores capped before the softmax: formed explicitly)
+        weights = attention_weights(q, k, mask=mask, causal=causal, window=window, doc_ids=doc_ids, scale=scale,
+                                    softcap=softcap)  # fmt: skip
+        return apply_attention_weights(weights, v)
     if T > 1 and q.shape[-1] > v.shape[-1]:
         # SDPA's memory-efficient kernels want one head size: pad the values (zeros add nothing), else the math
         # path would hold every [T, S] score (MLA's prefill: 20 GB at 16K tokens).
@@ -190,7 +200,9 @@ def _causal_after_cache(q, k, v, scale):
     return old * weight_old + new * weight_new
 
 
-def windowed_attention_with_sinks(attend, q, k, v, k_pos: torch.Tensor | int, window: int, sinks: int, scale=None):
+def windowed_attention_with_sinks(
+    attend, q, k, v, k_pos: torch.Tensor | int, window: int, sinks: int, scale=None, *, softcap=None
+):
     """Sliding-window attention with sinks (``position_mask``'s rule) block by block, through ``attend`` (an
     attention op taking a mask) per block of ``window`` queries: the block's window of keys and the sinks before
     it, so time and memory grow with T * (window + sinks), not T * S. ``k_pos`` [S]: the keys' positions,
@@ -219,7 +231,7 @@ def windowed_attention_with_sinks(attend, q, k, v, k_pos: torch.Tensor | int, wi
             k_b, v_b = torch.cat([k[:, :, :held], k_b], dim=2), torch.cat([v[:, :, :held], v_b], dim=2)
             pos_b = torch.cat([k_pos[:held], pos_b])
         mask = position_mask(q_pos[a:b], pos_b, window, sinks)
-        out.append(attend(q[:, :, a:b], k_b, v_b, mask=mask, scale=scale))
+        out.append(attend(q[:, :, a:b], k_b, v_b, mask=mask, scale=scale, softcap=softcap))
     return torch.cat(out, dim=2)
 
 
@@ -233,12 +245,15 @@ def attention_reference(
     window: int | None = None,
     doc_ids: torch.Tensor | None = None,
     scale: float | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     groups = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(groups, dim=1)
     v = v.repeat_interleave(groups, dim=1)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     scores = (upcast(q) @ upcast(k).transpose(-1, -2)) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     mask = _weights_mask(q, k, mask, causal, window, doc_ids)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
@@ -254,18 +269,23 @@ def attention_weights(
     window: int | None = None,
     doc_ids: torch.Tensor | None = None,
     scale: float | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """softmax(q k^T * scale + mask) [B, H, T, S] in q's dtype (the softmax in at least fp32). Each K/V head's
-    query heads become its rows, so grouped keys are never repeated to the query heads."""
+    """softmax(q k^T * scale + mask) [B, H, T, S] in q's dtype (the softmax in at least fp32), the scores
+    capped first at ``softcap``. Each K/V head's query heads become its rows, so grouped keys are never repeated to
+    the query heads."""
     B, H, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     scores = (q.reshape(B, Hkv, H // Hkv * T, D) @ k.transpose(-1, -2)).view(B, H, T, S)
+    work = compute_dtype(q.dtype)
+    scores = scores.to(work) * scale
+    if softcap is not None:  # (before the mask: a capped -inf would be -softcap)
+        scores = torch.tanh(scores / softcap) * softcap
     mask = _weights_mask(q, k, mask, causal, window, doc_ids)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    work = compute_dtype(q.dtype)
-    return torch.softmax(scores.to(work) * scale, dim=-1).to(q.dtype)
+    return torch.softmax(scores, dim=-1).to(q.dtype)
 
 
 def attention_weights_reference(
@@ -277,11 +297,14 @@ def attention_weights_reference(
     window: int | None = None,
     doc_ids: torch.Tensor | None = None,
     scale: float | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     work = compute_dtype(q.dtype)
     scores = (q.to(work) @ k.to(work).transpose(-1, -2)) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     mask = _weights_mask(q, k, mask, causal, window, doc_ids)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))

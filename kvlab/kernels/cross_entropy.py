@@ -12,6 +12,10 @@ go into grad_h (that chunk's rows) and grad_W (accumulated); then the
 chunk's logits are dropped. Backward only scales the stored gradients by
 the incoming one. Peak extra memory is one chunk's logits, not N x V.
 
+With ``softcap`` c (Gemma 2's final_logit_softcapping) each chunk's logits z
+become c * tanh(z / c) in float32 first, and their gradient is carried back
+through it (times 1 - tanh(z / c)^2).
+
 ``linear_cross_entropy_reference`` is the plain path (the ground truth).
 Logits are computed in the inputs' dtype and reduced in float32, as the
 plain path does.
@@ -28,8 +32,10 @@ from kvlab.kernels.precision import compute_dtype, upcast
 IGNORE = -100
 
 
-def linear_cross_entropy_reference(hidden, weight, labels, *, reduction: str = "mean"):
+def linear_cross_entropy_reference(hidden, weight, labels, *, reduction: str = "mean", softcap=None):
     logits = hidden @ weight.t()
+    if softcap is not None:
+        logits = softcap * torch.tanh(upcast(logits) / softcap)
     loss = F.cross_entropy(upcast(logits.flatten(0, -2)), labels.flatten(), ignore_index=IGNORE, reduction=reduction)
     return loss.view(labels.shape) if reduction == "none" else loss
 
@@ -82,7 +88,7 @@ def cross_entropy_rows(logits, labels, grad_scale: float | None):
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, reduction, rows, rows_fn):
+    def forward(ctx, hidden, weight, labels, reduction, rows, rows_fn, softcap):
         h, y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
         n_valid = int((y != IGNORE).sum())
         want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
@@ -98,7 +104,13 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, h.shape[0], rows):
             h_c, y_c = h[start : start + rows], y[start : start + rows]
             # d loss_i / d logits_i = softmax_i - onehot(y_i), for labelled rows; written over the logits
-            losses[start : start + rows], grad = rows_fn(h_c @ weight.t(), y_c, scale if want_grad else None)
+            logits = h_c @ weight.t()
+            if softcap is not None:
+                tanh = torch.tanh(upcast(logits) / softcap)
+                logits = tanh * softcap
+            losses[start : start + rows], grad = rows_fn(logits, y_c, scale if want_grad else None)
+            if grad is not None and softcap is not None:
+                grad = grad * (1 - tanh * tanh)
             if grad is not None:
                 grad = grad.to(work)
                 if grad_h is not None:
@@ -124,13 +136,21 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             grad_h = (grad_h * grad_out.to(grad_h.dtype)).view(ctx.shape)
         if grad_w is not None:
             grad_w = grad_w * grad_out.to(grad_w.dtype)
-        return grad_h, grad_w, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None
 
 
 def linear_cross_entropy(
-    hidden, weight, labels, *, reduction: str = "mean", rows_per_chunk: int | None = None, rows_fn=cross_entropy_rows
+    hidden,
+    weight,
+    labels,
+    *,
+    reduction: str = "mean",
+    rows_per_chunk: int | None = None,
+    rows_fn=cross_entropy_rows,
+    softcap: float | None = None,
 ):
-    """Cross-entropy of ``hidden @ weight.T`` against ``labels`` (-100 ignored), chunked over rows.
+    """Cross-entropy of ``hidden @ weight.T`` (capped at ``softcap`` if given) against ``labels`` (-100 ignored),
+    chunked over rows.
 
     hidden [..., D], weight [V, D], labels [...]; reduction "mean" (over labelled rows; 0, not NaN, when
     there are none) or "sum";
@@ -142,4 +162,4 @@ def linear_cross_entropy(
     if reduction == "none" and torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         raise ValueError("linear_cross_entropy: reduction='none' computes no gradients; use mean or sum to train")
     rows = rows_per_chunk or _rows_per_chunk(weight.shape[0], weight.device)
-    return _FusedLinearCrossEntropy.apply(hidden, weight, labels, reduction, rows, rows_fn)
+    return _FusedLinearCrossEntropy.apply(hidden, weight, labels, reduction, rows, rows_fn, softcap)

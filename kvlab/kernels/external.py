@@ -35,20 +35,22 @@ def document_boundaries(doc_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     return cu, int((cu[1:] - cu[:-1]).max())
 
 
-def flash_attention(q, k, v, *, mask=None, causal=False, window=None, doc_ids=None, scale=None):
+def flash_attention(q, k, v, *, mask=None, causal=False, window=None, doc_ids=None, scale=None, softcap=None):
     from flash_attn import flash_attn_func, flash_attn_varlen_func
 
     B, H, T, _ = q.shape
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # flash-attn: [B, T, heads, D]
+    capped = {} if softcap is None else {"softcap": softcap}  # (flash-attn >= 2.6; the registry checks)
     if doc_ids is None:
         out = flash_attn_func(
-            q, k, v, softmax_scale=scale, causal=causal or window is not None, window_size=flash_window(window)
-        )
+            q, k, v, softmax_scale=scale, causal=causal or window is not None, window_size=flash_window(window),
+            **capped,
+        )  # fmt: skip
         return out.transpose(1, 2)
     cu, longest = document_boundaries(doc_ids)
     out = flash_attn_varlen_func(
         *(t.reshape(B * T, *t.shape[2:]) for t in (q, k, v)), cu, cu, longest, longest,
-        softmax_scale=scale, causal=True, window_size=flash_window(window),
+        softmax_scale=scale, causal=True, window_size=flash_window(window), **capped,
     )  # fmt: skip
     return out.view(B, T, H, -1).transpose(1, 2)
 

@@ -56,7 +56,11 @@ from kvlab.kernels.ssm import ssd_reference as _ssd_reference
 HALF = (torch.float16, torch.bfloat16)
 
 
-def _triton_attention_supports(q, k, v, *, mask=None, causal=False, window=None, doc_ids=None, scale=None):
+def _triton_attention_supports(
+    q, k, v, *, mask=None, causal=False, window=None, doc_ids=None, scale=None, softcap=None
+):
+    if softcap is not None:
+        return "a soft cap on the scores (Gemma 2's)"
     if mask is not None:
         return "an explicit mask (the kernel takes causal/window/doc_ids)"
     if (causal or window is not None or doc_ids is not None) and q.shape[2] != k.shape[2]:
@@ -68,12 +72,22 @@ def _triton_attention_supports(q, k, v, *, mask=None, causal=False, window=None,
     return None
 
 
-def _flash_attention_supports(q, k, v, *, mask=None, causal=False, window=None, doc_ids=None, scale=None):
+def _flash_attention_supports(q, k, v, *, mask=None, causal=False, window=None, doc_ids=None, scale=None, softcap=None):
     if not q.is_cuda or q.dtype not in HALF:
         return f"flash-attn needs CUDA fp16/bf16 tensors (got {q.device.type} {q.dtype})"
     if q.shape[-1] != v.shape[-1] or q.shape[-1] > 256 or q.shape[-1] % 8:
         return f"head dims q {q.shape[-1]}, v {v.shape[-1]} (flash-attn: equal, <= 256, multiple of 8)"
+    if softcap is not None and not _flash_takes_softcap():
+        return "a soft cap on the scores (flash-attn >= 2.6 takes it)"
     return _triton_attention_supports(q, k, v, mask=mask, causal=causal, window=window, doc_ids=doc_ids)
+
+
+def _flash_takes_softcap() -> bool:
+    import inspect
+
+    from flash_attn import flash_attn_func  # (importable: the backend's packages are checked first)
+
+    return "softcap" in inspect.signature(flash_attn_func).parameters
 
 
 def _cuda(*args, **kwargs):
@@ -98,7 +112,7 @@ def _triton_absorbed_supports(q, latent, value_dim, *, mask=None, scale=None):
     return None if q.shape[-1] <= 256 else f"latent width {q.shape[-1]} > 256"
 
 
-def _sdpa_is_faster(q, k, v, *, mask=None, causal=False, window=None, doc_ids=None, scale=None):
+def _sdpa_is_faster(q, k, v, *, mask=None, causal=False, window=None, doc_ids=None, scale=None, softcap=None):
     # On an H200, SDPA's fused kernels ran causal attention 1.3x (FlashAttention-2) to 2x (cuDNN) faster than
     # kvlab's Triton kernel, forward + backward (benchmarks/RESULTS.md, "GPU kernels"). Windows, packed
     # documents and unequal head dims SDPA runs unfused (a mask, padded values): those stay on the kernel.
@@ -163,12 +177,18 @@ register("linear_cross_entropy", "triton", "kvlab.kernels.triton_cross_entropy:l
          packages=["triton"])  # fmt: skip
 
 
-def attention(q, k, v, *, mask=None, causal=False, window=None, doc_ids=None, scale=None):
-    return dispatch("attention", q, k, v, mask=mask, causal=causal, window=window, doc_ids=doc_ids, scale=scale)
+def attention(q, k, v, *, mask=None, causal=False, window=None, doc_ids=None, scale=None, softcap=None):
+    capped = {} if softcap is None else {"softcap": softcap}  # (the backends without caps never see the option)
+    return dispatch(
+        "attention", q, k, v, mask=mask, causal=causal, window=window, doc_ids=doc_ids, scale=scale, **capped
+    )
 
 
-def attention_weights(q, k, *, mask=None, causal=False, window=None, doc_ids=None, scale=None):
-    return dispatch("attention_weights", q, k, mask=mask, causal=causal, window=window, doc_ids=doc_ids, scale=scale)
+def attention_weights(q, k, *, mask=None, causal=False, window=None, doc_ids=None, scale=None, softcap=None):
+    return dispatch(
+        "attention_weights", q, k, mask=mask, causal=causal, window=window, doc_ids=doc_ids, scale=scale,
+        softcap=softcap,
+    )  # fmt: skip
 
 
 def absorbed_attention(q, latent, value_dim, *, mask=None, scale=None):
@@ -210,5 +230,5 @@ def apply_rope(x, cos, sin):
     return dispatch("apply_rope", x, cos, sin)
 
 
-def linear_cross_entropy(hidden, weight, labels, *, reduction="mean"):
-    return dispatch("linear_cross_entropy", hidden, weight, labels, reduction=reduction)
+def linear_cross_entropy(hidden, weight, labels, *, reduction="mean", softcap=None):
+    return dispatch("linear_cross_entropy", hidden, weight, labels, reduction=reduction, softcap=softcap)

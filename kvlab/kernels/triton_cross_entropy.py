@@ -63,8 +63,11 @@ def cross_entropy_rows(logits: torch.Tensor, labels: torch.Tensor, grad_scale: f
     return losses, logits if grad_scale is not None else None
 
 
-def linear_cross_entropy(hidden, weight, labels, *, reduction: str = "mean", rows_per_chunk: int | None = None):
+def linear_cross_entropy(
+    hidden, weight, labels, *, reduction: str = "mean", rows_per_chunk: int | None = None, softcap=None
+):
     """``kvlab.kernels.cross_entropy.linear_cross_entropy``' contract, each chunk reduced by the kernel above."""
     return _chunked_linear_cross_entropy(
-        hidden, weight, labels, reduction=reduction, rows_per_chunk=rows_per_chunk, rows_fn=cross_entropy_rows
-    )
+        hidden, weight, labels, reduction=reduction, rows_per_chunk=rows_per_chunk, rows_fn=cross_entropy_rows,
+        softcap=softcap,
+    )  # fmt: skip

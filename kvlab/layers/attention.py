@@ -167,6 +167,7 @@ class AttentionConfig(MixerConfig):
     qk_norm_over: str = "head"  # head: each head over head_dim (Qwen3, Gemma 3) | projection: all heads (OLMo 2)
     # the scores' scale; None: 1/sqrt(head_dim) (Gemma's query_pre_attn_scalar s gives s**-0.5: 27B's 168 for 128)
     softmax_scale: float | None = None
+    softcap: float | None = None  # scores s become softcap * tanh(s / softcap) (Gemma 2's attn_logit_softcapping)
     kv_merge: int = 1  # > 1: each K/V head is a learned weighted sum of this many projection heads (WGQA)
     kv_groups: list[int] | None = None  # per query head, the K/V head it reads; None: equal consecutive groups
     n_v_heads: int | None = None  # DHA: value heads apart from the key heads (n_kv_heads); None: as many
@@ -200,6 +201,8 @@ class AttentionConfig(MixerConfig):
         check_bool(self.qk_norm_unit_offset, f"{path}.qk_norm_unit_offset")
         if self.softmax_scale is not None:
             check_float(self.softmax_scale, f"{path}.softmax_scale", positive=True)
+        if self.softcap is not None:
+            check_float(self.softcap, f"{path}.softcap", positive=True)
         check_choice(self.qk_norm_over, f"{path}.qk_norm_over", QK_NORM_SPANS)
         if self.qk_norm_over != "head" and not self.qk_norm:
             raise ValueError(f"{path}.qk_norm_over={self.qk_norm_over!r} without {path}.qk_norm: there are no norms")
@@ -508,6 +511,7 @@ class Attention(nn.Module):
         # DHA: values grouped their own way, so keys and values are gathered to the query heads apart
         self.values_apart = cfg.v_groups is not None or self.n_v_heads != self.n_kv_heads
         self.scale = 1.0 / math.sqrt(cfg.head_dim) if cfg.softmax_scale is None else cfg.softmax_scale
+        self.softcap = cfg.softcap
         self.n_q_heads = cfg.n_heads if cfg.n_q_heads is None else cfg.n_q_heads  # query projections
         self.norm_heads = cfg.qk_norm and cfg.qk_norm_over == "head"
         self.norm_projections = cfg.qk_norm and cfg.qk_norm_over == "projection"
@@ -642,7 +646,9 @@ class Attention(nn.Module):
             y = self._attend_key_driven(q, view, state)
         elif self.shares_attention:  # SA: the probabilities formed, applied here and by the layers reading them
             k, v = self._kv_for(q, view)
-            weights = attention_weights(q, k, **self._mask_options(q, view, state), scale=self.scale)
+            weights = attention_weights(
+                q, k, **self._mask_options(q, view, state), scale=self.scale, softcap=self.softcap
+            )
             state.publish("attention", self.layer_idx, weights)
             y = apply_attention_weights(weights, v)
         elif cache is not None and getattr(cache, "scored_rows", 0):  # H2O, SnapKV: the cache keeps by attention
@@ -846,8 +852,10 @@ class Attention(nn.Module):
         k, v = self._kv_for(q, view)
         if self._sinks_block_by_block(q, view, state):
             k_pos = view.k_pos if view.k_pos is not None else view.end - k.shape[2]  # a run's first position
-            return windowed_attention_with_sinks(attention, q, k, v, k_pos, self.cfg.window, self.cfg.sinks, self.scale)
-        return attention(q, k, v, **self._mask_options(q, view, state), scale=self.scale)
+            return windowed_attention_with_sinks(
+                attention, q, k, v, k_pos, self.cfg.window, self.cfg.sinks, self.scale, softcap=self.softcap
+            )
+        return attention(q, k, v, **self._mask_options(q, view, state), scale=self.scale, softcap=self.softcap)
 
     def _sinks_block_by_block(self, q: torch.Tensor, view: KVView, state: StepState) -> bool:
         """Whether a window with sinks over many queries goes block by block: the queries the last T of the
@@ -892,13 +900,17 @@ class Attention(nn.Module):
         B, _, T, _ = q.shape
         rows = slot.scored_rows
         if rows == T:
-            weights = attention_weights(q, k, **self._mask_options(q, view, state), scale=self.scale)
+            weights = attention_weights(
+                q, k, **self._mask_options(q, view, state), scale=self.scale, softcap=self.softcap
+            )
             y = apply_attention_weights(weights, v)
         else:  # SnapKV's observation window: the prompt's last queries
-            y = attention(q, k, v, **self._mask_options(q, view, state), scale=self.scale)
+            y = attention(q, k, v, **self._mask_options(q, view, state), scale=self.scale, softcap=self.softcap)
             last = dataclasses.replace(state, start=state.start + T - rows)
             q = q[:, :, T - rows :]
-            weights = attention_weights(q, k, **self._mask_options(q, view, last), scale=self.scale)
+            weights = attention_weights(
+                q, k, **self._mask_options(q, view, last), scale=self.scale, softcap=self.softcap
+            )
         real_keys = None
         if state.pads is not None:  # pads' queries give no attention, pads' keys are chosen last
             q_real = state.real_at(state.start + torch.arange(T - rows, T, device=q.device))  # [B, rows]
@@ -959,7 +971,7 @@ class Attention(nn.Module):
             mask = mask & state.pad_mask(q_pos, k_pos)
         sees_any = mask.any(dim=-1, keepdim=True)
         mask = mask | ~sees_any  # rows with nothing to see attend anywhere (no NaN), then count for nothing
-        return attention(q, k, v, mask=mask, scale=self.scale) * sees_any
+        return attention(q, k, v, mask=mask, scale=self.scale, softcap=self.softcap) * sees_any
 
     # -- cache and footprint -------------------------------------------------
 

@@ -30,7 +30,17 @@ needs_cxx = pytest.mark.skipif(
     reason="Inductor needs a C++ compiler on CPU",
 )
 
-FAMILIES = ["hybrid_window", "mla_cla", "gau_flash", "infini", "hymba", "kdgqa_cla", "clla", "mamba_moe"] + [
+FAMILIES = [
+    "hybrid_window",
+    "mla_cla",
+    "gau_flash",
+    "infini",
+    "hymba",
+    "kdgqa_cla",
+    "clla",
+    "mamba_moe",
+    "gemma2_softcaps",
+] + [
     pytest.param(name, marks=pytest.mark.slow)
     for name in ("rwkv7", "lckv", "mamba", "yoco_gret", "matryoshka", "dgqa", "hymba_heads")
 ]

@@ -48,6 +48,19 @@ VARIANTS = {
         mixer={"kind": "attention", "n_heads": 4, "n_q_heads": 2, "n_kv_heads": 2},
         kv_sharing={"kind": "cla", "every": 2},
     ),
+    "gemma2_softcaps": tiny(  # Gemma 2's parts: sandwich norms, windows on every other layer, capped scores and logits
+        mixer=None,
+        pattern="LG",
+        post_norms=True,
+        norm={"kind": "rmsnorm", "unit_offset": True},
+        embed_scale=8.0,
+        mlp={"kind": "geglu", "hidden": 96},
+        logit_softcap=0.5,
+        mixers={
+            "L": {"kind": "attention", "n_heads": 4, "n_kv_heads": 2, "window": 5, "softcap": 0.2},
+            "G": {"kind": "attention", "n_heads": 4, "n_kv_heads": 2, "softcap": 0.2},
+        },
+    ),  # fmt: skip
     "mla": tiny(mixer={"kind": "mla", "n_heads": 4, "head_dim": 16, "rope_head_dim": 8, "kv_lora_rank": 24}),
     "mla_q_lora": tiny(
         mixer={"kind": "mla", "n_heads": 4, "head_dim": 16, "rope_head_dim": 8, "kv_lora_rank": 24, "q_lora_rank": 32}

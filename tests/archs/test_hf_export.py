@@ -431,21 +431,34 @@ PER_LAYER = {  # layers that differ by a window or by RoPE, and OLMo's: (spec, c
                  "mixer": {**ATTENTION, "softmax_scale": 1 / 128}}, "GraniteForCausalLM", None),
     # Gemma 3 with no windowed layer (transformers builds its windowed mask all the same: it needs a window)
     "gemma3-full": ({**GEMMA, "pattern": "G", "mixers": {"G": GEMMA["mixers"]["G"]}}, "Gemma3ForCausalLM", "FFFF"),
+    # Gemma 2: no query and key norms, one RoPE, scores and logits soft-capped (low caps: they bend these values)
+    "gemma2": ({**GEMMA, "logit_softcap": 0.5, "mixers": {"L": {**ATTENTION, "window": 5, "softcap": 0.1},
+                "G": {**ATTENTION, "softcap": 0.1}}}, "Gemma2ForCausalLM", "SSFS"),
+    # Gemma 1: Llama's block with Gemma's norms, GeGLU and scaled embeddings
+    "gemma": ({**GEMMA, "post_norms": False, "pattern": None, "mixers": None, "mixer": ATTENTION}, "GemmaForCausalLM",
+              None),
 }  # fmt: skip
 
 
-def test_the_logit_scale_reaches_the_fused_loss():
-    """``logit_scale`` (Granite's logits_scaling) scales the final states on their way into the head: the fused
-    head + loss is the cross-entropy of the logits ``forward`` returns."""
+@pytest.mark.parametrize("softcap", [None, 0.05])
+def test_the_logit_scale_and_cap_reach_the_fused_loss(softcap):
+    """``logit_scale`` (Granite's logits_scaling) scales the final states on their way into the head, and
+    ``logit_softcap`` (Gemma 2's) caps the logits: the fused head + loss is the cross-entropy of the logits
+    ``forward`` returns, and its gradients are theirs."""
     torch.manual_seed(0)
-    model = build_model(tiny(logit_scale=0.125, residual_scale=0.5, embed_scale=3.0)).double()
+    model = build_model(tiny(logit_scale=0.125, residual_scale=0.5, embed_scale=3.0, logit_softcap=softcap)).double()
     ids = torch.randint(0, 97, (2, 9))
     logits = model(ids)
     want = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids.flatten())
-    torch.testing.assert_close(model(ids, labels=ids), want)
+    got = model(ids, labels=ids)
+    torch.testing.assert_close(got, want)
+    for g, e in zip(torch.autograd.grad(got, model.lm_head.weight), torch.autograd.grad(want, model.lm_head.weight),
+                    strict=True):  # fmt: skip
+        torch.testing.assert_close(g, e)
     plain = build_model(tiny(residual_scale=0.5, embed_scale=3.0)).double()
     plain.load_state_dict(model.state_dict())
-    torch.testing.assert_close(plain(ids) * 0.125, logits)
+    scaled = plain(ids) * 0.125
+    torch.testing.assert_close(scaled if softcap is None else softcap * torch.tanh(scaled / softcap), logits)
 
 
 @pytest.mark.parametrize("case", list(PER_LAYER))
@@ -459,6 +472,14 @@ def test_layers_that_differ_by_window_or_rope_export_natively(tmp_path, case):
         assert ["S" if t == "sliding_attention" else "F" for t in config["layer_types"]] == list(types)
     if case == "smollm3":
         assert config["no_rope_layers"] == [1, 1, 1, 0]
+    if case == "gemma2":
+        assert (config["attn_logit_softcapping"], config["final_logit_softcapping"]) == (0.1, 0.5)
+        wrong = {**spec, "mixers": {k: {**v, "softcap": 0.2 if k == "L" else 0.1} for k, v in spec["mixers"].items()}}
+        with pytest.raises(ValueError, match="the windowed and full layers' heads, biases, norms, scales or caps"):
+            save_hf(build_model(tiny(**wrong)), tmp_path / "c", remote_code=False)
+        windowed_gemma1 = {**spec, "post_norms": False}
+        with pytest.raises(ValueError, match=r"windows=True, logit_softcap=0.5 \(the first Gemma's"):
+            save_hf(build_model(tiny(**windowed_gemma1)), tmp_path / "d", remote_code=False)
     if case == "qwen2":
         two = {"W": {**ATTENTION, "qkv_bias": True, "window": 5}, "X": {**ATTENTION, "qkv_bias": True, "window": 6}}
         with pytest.raises(ValueError, match=r"windows of different sizes \(\[5, 6\]"):

@@ -73,6 +73,12 @@ CASES = {
     # Gemma 3 27B's scale: scores over sqrt(query_pre_attn_scalar), not sqrt(head_dim)
     "gemma3-scalar": (transformers.Gemma3TextConfig, dict(num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=21,
                                                           sliding_window=5, sliding_window_pattern=3)),
+    # Gemma 1: Llama's block with Gemma's norms, GeGLU and scaled embeddings; Gemma 2: sandwich norms, windows on
+    # every other layer, scores and logits soft-capped (caps low enough to bend these tiny models' values)
+    "gemma": (transformers.GemmaConfig, dict(num_key_value_heads=2, head_dim=16)),
+    "gemma2": (transformers.Gemma2Config, dict(num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=21,
+                                               sliding_window=5, attn_logit_softcapping=0.1,
+                                               final_logit_softcapping=0.2)),
     # Granite: Llama with multipliers on the embeddings, the sublayer outputs, the scores (not 1/sqrt(head_dim))
     # and the logits
     "granite": (transformers.GraniteConfig, dict(num_key_value_heads=2, embedding_multiplier=12.0,
@@ -127,7 +133,7 @@ def test_import_matches_transformers(tmp_path, case, sharded):
         # transformers' own float32 parts (RoPE angles, norms, routers, Jamba's scan) leave 3e-7
         hf64 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64, **EAGER).eval()
         # (Gemma's seven norms a layer compute in float32 whatever the input, x.float(): 2.5e-6 here)
-        bound = 1e-5 if case.startswith("gemma3") else 1e-6
+        bound = 1e-5 if case.startswith("gemma") else 1e-6
         with torch.no_grad():
             assert (load_hf(tmp_path, dtype=torch.float64)(ids) - hf64(ids).logits).abs().max() <= bound
     if case in PER_LAYER:
@@ -139,6 +145,12 @@ def test_import_matches_transformers(tmp_path, case, sharded):
         assert ours.config.mixer.rope_dims == 12  # 0.75 of 16
     if case == "gemma3-scalar":
         assert ours.config.mixers["L"].softmax_scale == 21**-0.5
+    if case == "gemma2":
+        assert ours.config.logit_softcap == 0.2 and ours.config.post_norms and ours.config.pattern == "LGL"
+        assert [(m.softcap, m.window, m.softmax_scale) for m in ours.config.layer_mixers[:2]] == [
+            (0.1, 5, 21**-0.5), (0.1, None, 21**-0.5)]  # fmt: skip
+    if case == "gemma":
+        assert not ours.config.post_norms and ours.config.mixer is None and ours.config.pattern == "GGG"
     if case == "gemma3":
         assert ours.config.pattern == "LGL" and [m.window for m in ours.config.layer_mixers] == [5, None, 5]
         assert [m.rope_theta for m in ours.config.layer_mixers] == [500.0, 20000.0, 500.0]
@@ -260,7 +272,8 @@ def test_unsupported_and_missing_are_named(tmp_path):
         load_hf(tmp_path)
     gemma = transformers.Gemma3TextConfig(**COMMON, head_dim=16, query_pre_attn_scalar=16).to_dict()
     for change, message in (
-        ({"final_logit_softcapping": 30.0}, "final_logit_softcapping=30.0 is not supported"),
+        ({"hidden_activation": "relu"}, "hidden_activation='relu' is not supported"),
+        ({"attn_logit_softcapping": 50.0}, "transformers' Gemma 3 does not apply it"),
         ({"use_bidirectional_attention": True}, "use_bidirectional_attention=true is not supported"),
     ):
         (tmp_path / "config.json").write_text(json.dumps(gemma | change))

@@ -228,3 +228,36 @@ def test_attention_weights_match_the_reference_and_give_attention(masking):
         torch.testing.assert_close(g, r)
     applied = apply_attention_weights(weights, v)  # the reference attention computes in float32
     torch.testing.assert_close(applied, attention_reference(q, k, v, **kwargs), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["causal", "long-window", "one-query-over-a-cache", "documents"])
+def test_soft_capped_scores_match_a_transcription(case):
+    """Gemma 2's attn_logit_softcapping in float64 against its definition, softmax(c tanh(q k^T s / c) + mask) v
+    (values and gradients), through the fast path's every route (block by block for a long window, one query
+    after a cache), the reference and the shared weights."""
+    T, S = (1, 13) if case == "one-query-over-a-cache" else (37, 37)
+    q = (torch.randn(2, 4, T, 8, dtype=torch.float64) * 2).requires_grad_()
+    k, v = (torch.randn(2, 2, S, 8, dtype=torch.float64) * 2).requires_grad_(), torch.randn(2, 2, S, 8).double()
+    kwargs = {"causal": {"causal": True}, "long-window": {"causal": True, "window": 5}, "one-query-over-a-cache": {},
+              "documents": {"doc_ids": torch.tensor([[0] * 20 + [1] * 17, [0] * 37])}}[case]  # fmt: skip
+    cap, scale = 1.5, 0.3
+    scores = q @ k.repeat_interleave(2, dim=1).transpose(-1, -2) * scale
+    scores = cap * torch.tanh(scores / cap)
+    if case in ("causal", "long-window"):
+        qp, kp = torch.arange(T)[:, None], torch.arange(S)[None]
+        scores = scores.masked_fill((kp > qp) | (kp <= qp - kwargs.get("window", S)), float("-inf"))
+    if case == "documents":
+        same = kwargs["doc_ids"][:, :, None] == kwargs["doc_ids"][:, None, :]
+        scores = scores.masked_fill(~(same & torch.ones(T, S, dtype=torch.bool).tril())[:, None], float("-inf"))
+    want = scores.softmax(-1) @ v.repeat_interleave(2, dim=1)
+    plain = attention(q, k, v, scale=scale, **kwargs)  # (uncapped: the cap matters here)
+    assert (plain - want).abs().max() > 0.1
+    want_grads = torch.autograd.grad(want.sum(), (q, k))
+    for got in (
+        attention(q, k, v, scale=scale, softcap=cap, **kwargs),
+        attention_reference(q, k, v, scale=scale, softcap=cap, **kwargs),
+        apply_attention_weights(attention_weights(q, k, scale=scale, softcap=cap, **kwargs), v),
+    ):
+        torch.testing.assert_close(got, want)
+        for g, r in zip(torch.autograd.grad(got.sum(), (q, k)), want_grads, strict=True):
+            torch.testing.assert_close(g, r)

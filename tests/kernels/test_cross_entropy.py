@@ -109,3 +109,20 @@ def test_logits_spread_past_exps_range_give_the_plain_paths_loss_and_gradients()
     with torch.no_grad():
         per_row = linear_cross_entropy(hidden, weight, labels, reduction="none", rows_per_chunk=7)
         assert rel_error(per_row, linear_cross_entropy_reference(hidden, weight, labels, reduction="none")) < 1e-6
+
+
+@pytest.mark.parametrize("rows", [7, 1000], ids=["uneven-chunks", "one-chunk"])
+def test_soft_capped_logits_give_the_loss_and_gradients_of_their_definition(rows):
+    """Gemma 2's final_logit_softcapping, c tanh(z / c), inside the fused loss: float64 against the cross-entropy
+    of the capped logits written out."""
+    hidden, weight, labels = (t.double() if t.is_floating_point() else t for t in _inputs())
+    hidden, weight = hidden.detach().requires_grad_(), (weight.detach() * 10).requires_grad_()
+    fused = linear_cross_entropy(hidden, weight, labels, rows_per_chunk=rows, softcap=2.0)
+    logits = 2.0 * torch.tanh(hidden @ weight.t() / 2.0)
+    plain = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+    assert rel_error(fused, plain) < 1e-14
+    assert rel_error(linear_cross_entropy_reference(hidden, weight, labels, softcap=2.0), plain) < 1e-14
+    assert rel_error(linear_cross_entropy(hidden, weight, labels, rows_per_chunk=rows), plain) > 0.1  # it caps
+    for g, e in zip(torch.autograd.grad(fused, (hidden, weight)), torch.autograd.grad(plain, (hidden, weight)),
+                    strict=True):  # fmt: skip
+        assert rel_error(g, e) < 1e-13

@@ -224,15 +224,17 @@ def _flash_mask(T, S, causal, window_size):
     return visible
 
 
-def _flash_attn_func(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1)):
+def _flash_attn_func(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0):
     mask = _flash_mask(q.shape[1], k.shape[1], causal, window_size)
     t = lambda x: x.transpose(1, 2)
-    return t(attention_reference(t(q), t(k), t(v), mask=mask, scale=softmax_scale))
+    return t(attention_reference(t(q), t(k), t(v), mask=mask, scale=softmax_scale, softcap=softcap or None))
 
 
-def _flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=None, causal=False, window_size=(-1, -1)):
+def _flash_attn_varlen_func(
+    q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0
+):
     assert cu_q.dtype == torch.int32 and max_q == int((cu_q[1:] - cu_q[:-1]).max())
-    pieces = [_flash_attn_func(q[None, a:b], k[None, a:b], v[None, a:b], softmax_scale, causal, window_size)[0]
+    pieces = [_flash_attn_func(q[None, a:b], k[None, a:b], v[None, a:b], softmax_scale, causal, window_size, softcap)[0]
               for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist(), strict=False)]  # fmt: skip
     return torch.cat(pieces)
 
@@ -276,7 +278,8 @@ def stand_ins(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "kwargs", [dict(causal=True), dict(causal=True, window=5), dict(doc_ids=DOCS), dict(doc_ids=DOCS, window=4)],
+    "kwargs", [dict(causal=True), dict(causal=True, window=5), dict(doc_ids=DOCS), dict(doc_ids=DOCS, window=4),
+               dict(causal=True, softcap=0.5), dict(doc_ids=DOCS, softcap=0.5)],
     ids=str,
 )  # fmt: skip
 def test_flash_attention_wrapper_converts_layouts_windows_and_documents(stand_ins, kwargs):

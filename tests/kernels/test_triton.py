@@ -465,6 +465,18 @@ def test_fused_cross_entropy_rows_match_the_plain_path(reduction, rows):
         assert not per_row.isnan().any() and rel_error(per_row, expected) < TOL
 
 
+def test_fused_cross_entropy_carries_a_soft_cap():
+    """Gemma 2's capped logits through the kernel's chunks: loss and gradients of the plain capped path."""
+    from kvlab.kernels.cross_entropy import linear_cross_entropy_reference
+    from kvlab.kernels.triton_cross_entropy import linear_cross_entropy
+
+    hidden, weight = torch.randn(2, 23, 48, requires_grad=True), (torch.randn(301, 48) * 0.3).requires_grad_()
+    labels = torch.randint(0, 301, (2, 23))
+    labels[:, ::5] = -100
+    _check(lambda h, w: linear_cross_entropy(h, w, labels, rows_per_chunk=7, softcap=1.5),
+           lambda h, w: linear_cross_entropy_reference(h, w, labels, softcap=1.5), (hidden, weight))  # fmt: skip
+
+
 @pytest.mark.parametrize("docs", [False, True], ids=["one-document", "packed"])
 @pytest.mark.parametrize("with_prev", [False, True], ids=["zeros-before", "prev"])
 def test_causal_conv_matches_the_reference(docs, with_prev):
