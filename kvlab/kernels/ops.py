@@ -59,8 +59,6 @@ HALF = (torch.float16, torch.bfloat16)
 def _triton_attention_supports(
     q, k, v, *, mask=None, causal=False, window=None, doc_ids=None, scale=None, softcap=None
 ):
-    if softcap is not None:
-        return "a soft cap on the scores (Gemma 2's)"
     if mask is not None:
         return "an explicit mask (the kernel takes causal/window/doc_ids)"
     if (causal or window is not None or doc_ids is not None) and q.shape[2] != k.shape[2]:
@@ -79,7 +77,7 @@ def _flash_attention_supports(q, k, v, *, mask=None, causal=False, window=None, 
         return f"head dims q {q.shape[-1]}, v {v.shape[-1]} (flash-attn: equal, <= 256, multiple of 8)"
     if softcap is not None and not _flash_takes_softcap():
         return "a soft cap on the scores (flash-attn >= 2.6 takes it)"
-    return _triton_attention_supports(q, k, v, mask=mask, causal=causal, window=window, doc_ids=doc_ids)
+    return _triton_attention_supports(q, k, v, mask=mask, causal=causal, window=window, doc_ids=doc_ids)  # (no cap)
 
 
 def _flash_takes_softcap() -> bool:
@@ -115,8 +113,9 @@ def _triton_absorbed_supports(q, latent, value_dim, *, mask=None, scale=None):
 def _sdpa_is_faster(q, k, v, *, mask=None, causal=False, window=None, doc_ids=None, scale=None, softcap=None):
     # On an H200, SDPA's fused kernels ran causal attention 1.3x (FlashAttention-2) to 2x (cuDNN) faster than
     # kvlab's Triton kernel, forward + backward (benchmarks/RESULTS.md, "GPU kernels"). Windows, packed
-    # documents and unequal head dims SDPA runs unfused (a mask, padded values): those stay on the kernel.
-    if window is None and doc_ids is None and q.shape[-1] == v.shape[-1]:
+    # documents, unequal head dims and capped scores SDPA runs unfused (a mask, padded values, the scores formed):
+    # those stay on the kernel.
+    if window is None and doc_ids is None and q.shape[-1] == v.shape[-1] and softcap is None:
         return "SDPA's fused kernels run plain attention faster (benchmarks/RESULTS.md, 'GPU kernels')"
     return None
 

@@ -19,6 +19,10 @@ Backward (recomputing probabilities from the LSE, P = exp(S - LSE) = 2^(S log2 e
 one kernel per key block for dK/dV (walking the query blocks that see it)
 and one per query block for dQ, so nothing is accumulated atomically. K/V
 gradients are computed per query head and summed over each group after.
+
+With a soft cap c (Gemma 2's), each score becomes c tanh(q.k scale / c)
+before the softmax, recomputed so in the backward, where dS is carried back
+through the tanh (times 1 - tanh^2) before dK and dQ.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import triton.language as tl
 from kvlab.kernels.triton_common import block, dot_precision, interpreting, length_bucket, tune_configs
 
 _LOG2E = 1.4426950408889634
+_TWO_LOG2E: tl.constexpr = tl.constexpr(2 * _LOG2E)  # (a kernel reads only constexpr globals)
 
 
 @triton.jit
@@ -80,15 +85,30 @@ def _heads(H, GROUP):
 
 
 @triton.jit
-def _probabilities(q, k, lse2, qk_scale, offs_m, offs_n, T, S, DOCS, b, WINDOW, MASKED: tl.constexpr,
-                   CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr,
+def _scores(q, k, qk_scale, cap2, SOFTCAP: tl.constexpr, DOT: tl.constexpr):
+    """A query block x key block's scores in base 2, q k^T qk_scale (qk_scale = scale log2 e); with SOFTCAP,
+    cap2 tanh(q k^T qk_scale) (qk_scale = scale / c, cap2 = c log2 e). Also the tanh, whose 1 - tanh^2 the
+    backward multiplies by (without a cap: the scores again, unused)."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT) * qk_scale
+    if SOFTCAP:
+        t = 1.0 - 2.0 / (tl.math.exp2(s * _TWO_LOG2E) + 1.0)  # tanh x = 1 - 2 / (e^2x + 1): +-1 at the ends
+        s = t * cap2
+    else:
+        t = s
+    return s, t
+
+
+@triton.jit
+def _probabilities(q, k, lse2, qk_scale, cap2, offs_m, offs_n, T, S, DOCS, b, WINDOW, MASKED: tl.constexpr,
+                   CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, SOFTCAP: tl.constexpr,
                    DOT: tl.constexpr):  # fmt: skip
-    """The backward's recomputed P = 2^(qk_scale q k^T - LSE2) of a query block x key block (0 where not
-    visible; blocks that are not MASKED are wholly visible)."""
-    p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=DOT) * qk_scale - lse2[:, None])
+    """The backward's recomputed P = 2^(scores - LSE2) of a query block x key block (0 where not visible;
+    blocks that are not MASKED are wholly visible), and the scores' tanh (``_scores``)."""
+    s, t = _scores(q, k, qk_scale, cap2, SOFTCAP, DOT)
+    p = tl.math.exp2(s - lse2[:, None])
     if MASKED:
         p = tl.where(_visible(offs_m, offs_n, T, S, DOCS, b, WINDOW, CAUSAL, HAS_WINDOW, HAS_DOCS), p, 0.0)
-    return p
+    return p, t
 
 
 @triton.jit
@@ -157,14 +177,14 @@ def _key_block(K, V, kv_head, start_n, S, offs_d, offs_dv, D, DV, UPCAST: tl.con
 
 
 @triton.jit
-def _forward_blocks(acc, m_i, l_i, q, K, V, DOCS, kv_head, b, offs_m, offs_d, offs_dv, lo, hi, qk_scale, T, S, D,
-                    DV, WINDOW, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                    HAS_DOCS: tl.constexpr, MASK_ALL: tl.constexpr, UPCAST: tl.constexpr, CHECK_D: tl.constexpr,
-                    DOT: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
-    """The online softmax over key blocks [lo, hi), in base 2 (scores scaled by qk_scale = scale log2 e)."""
+def _forward_blocks(acc, m_i, l_i, q, K, V, DOCS, kv_head, b, offs_m, offs_d, offs_dv, lo, hi, qk_scale, cap2, T, S,
+                    D, DV, WINDOW, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                    HAS_DOCS: tl.constexpr, MASK_ALL: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
+                    CHECK_D: tl.constexpr, DOT: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """The online softmax over key blocks [lo, hi), in base 2 (``_scores``)."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n, k, v = _key_block(K, V, kv_head, start_n, S, offs_d, offs_dv, D, DV, UPCAST, MASKED, CHECK_D, BLOCK_N)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT) * qk_scale
+        s, _ = _scores(q, k, qk_scale, cap2, SOFTCAP, DOT)
         if MASKED:
             s = tl.where(
                 _visible(offs_m, offs_n, T, S, DOCS, b, WINDOW, CAUSAL, HAS_WINDOW, HAS_DOCS), s, float("-inf")
@@ -182,10 +202,11 @@ def _forward_blocks(acc, m_i, l_i, q, K, V, DOCS, kv_head, b, offs_m, offs_d, of
 
 @triton.autotune(configs=_TILES, key=_TUNE_KEY)
 @triton.jit
-def _forward(Q, K, V, OUT, LSE2, DOCS, qk_scale, T, S, H, GROUP, D, DV, WINDOW, T_BUCKET, S_BUCKET,
+def _forward(Q, K, V, OUT, LSE2, DOCS, qk_scale, cap2, T, S, H, GROUP, D, DV, WINDOW, T_BUCKET, S_BUCKET,
              CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, MASK_ALL: tl.constexpr,
-             UPCAST: tl.constexpr, CHECK_D: tl.constexpr, CHECK_LEN: tl.constexpr, DOT: tl.constexpr,
-             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):  # fmt: skip
+             SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, CHECK_D: tl.constexpr, CHECK_LEN: tl.constexpr,
+             DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+             BLOCK_DV: tl.constexpr):  # fmt: skip
     start_m = tl.program_id(0)
     bh, b, kv_head = _heads(H, GROUP)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -197,11 +218,11 @@ def _forward(Q, K, V, OUT, LSE2, DOCS, qk_scale, T, S, H, GROUP, D, DV, WINDOW, 
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     lo, mid, hi = _key_range(start_m, S, WINDOW, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW, MASK_ALL)
     acc, m_i, l_i = _forward_blocks(acc, m_i, l_i, q, K, V, DOCS, kv_head, b, offs_m, offs_d, offs_dv, lo, mid,
-                                    qk_scale, T, S, D, DV, WINDOW, False, CAUSAL, HAS_WINDOW, HAS_DOCS, MASK_ALL,
-                                    UPCAST, CHECK_D, DOT, BLOCK_N)  # fmt: skip
+                                    qk_scale, cap2, T, S, D, DV, WINDOW, False, CAUSAL, HAS_WINDOW, HAS_DOCS,
+                                    MASK_ALL, SOFTCAP, UPCAST, CHECK_D, DOT, BLOCK_N)  # fmt: skip
     acc, m_i, l_i = _forward_blocks(acc, m_i, l_i, q, K, V, DOCS, kv_head, b, offs_m, offs_d, offs_dv, mid, hi,
-                                    qk_scale, T, S, D, DV, WINDOW, True, CAUSAL, HAS_WINDOW, HAS_DOCS, MASK_ALL,
-                                    UPCAST, CHECK_D, DOT, BLOCK_N)  # fmt: skip
+                                    qk_scale, cap2, T, S, D, DV, WINDOW, True, CAUSAL, HAS_WINDOW, HAS_DOCS,
+                                    MASK_ALL, SOFTCAP, UPCAST, CHECK_D, DOT, BLOCK_N)  # fmt: skip
     in_rows = offs_m < T
     l_i = tl.where(l_i == 0.0, 1.0, l_i)  # rows that saw nothing (padding, under documents)
     tl.store(OUT + (bh * T + offs_m[:, None]) * DV + offs_dv[None, :], (acc / l_i[:, None]).to(OUT.dtype.element_ty),
@@ -210,10 +231,10 @@ def _forward(Q, K, V, OUT, LSE2, DOCS, qk_scale, T, S, H, GROUP, D, DV, WINDOW, 
 
 
 @triton.jit
-def _dkdv_blocks(dk, dv, k, v, Q, DO, LSE2, DELTA, DOCS, bh, b, offs_n, offs_d, offs_dv, lo, hi, qk_scale, T, S, D,
-                 DV, WINDOW, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                 HAS_DOCS: tl.constexpr, UPCAST: tl.constexpr, CHECK_D: tl.constexpr, CHECK_LEN: tl.constexpr,
-                 DOT: tl.constexpr, BLOCK_M: tl.constexpr):  # fmt: skip
+def _dkdv_blocks(dk, dv, k, v, Q, DO, LSE2, DELTA, DOCS, bh, b, offs_n, offs_d, offs_dv, lo, hi, qk_scale, cap2, T, S,
+                 D, DV, WINDOW, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                 HAS_DOCS: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, CHECK_D: tl.constexpr,
+                 CHECK_LEN: tl.constexpr, DOT: tl.constexpr, BLOCK_M: tl.constexpr):  # fmt: skip
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q = _tile(Q, bh * T, offs_m, T, offs_d, D, UPCAST, CHECK_LEN, CHECK_D)
@@ -224,21 +245,23 @@ def _dkdv_blocks(dk, dv, k, v, Q, DO, LSE2, DELTA, DOCS, bh, b, offs_n, offs_d, 
         else:
             lse2 = tl.load(LSE2 + bh * T + offs_m)
             delta = tl.load(DELTA + bh * T + offs_m)
-        p = _probabilities(q, k, lse2, qk_scale, offs_m, offs_n, T, S, DOCS, b, WINDOW, MASKED, CAUSAL, HAS_WINDOW,
-                           HAS_DOCS, DOT)  # fmt: skip
+        p, t = _probabilities(q, k, lse2, qk_scale, cap2, offs_m, offs_n, T, S, DOCS, b, WINDOW, MASKED, CAUSAL,
+                              HAS_WINDOW, HAS_DOCS, SOFTCAP, DOT)  # fmt: skip
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT)
         ds = p * (tl.dot(do, tl.trans(v), input_precision=DOT) - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - t * t)
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT)
     return dk, dv
 
 
 @triton.autotune(configs=_TILES, key=_TUNE_KEY)
 @triton.jit
-def _backward_dkdv(Q, K, V, DO, LSE2, DELTA, DK, DV_OUT, DOCS, qk_scale, scale, T, S, H, GROUP, D, DV, WINDOW,
+def _backward_dkdv(Q, K, V, DO, LSE2, DELTA, DK, DV_OUT, DOCS, qk_scale, cap2, scale, T, S, H, GROUP, D, DV, WINDOW,
                    T_BUCKET, S_BUCKET, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr,
-                   MASK_ALL: tl.constexpr, UPCAST: tl.constexpr, CHECK_D: tl.constexpr, CHECK_LEN: tl.constexpr,
-                   DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_DV: tl.constexpr):  # fmt: skip
+                   MASK_ALL: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, CHECK_D: tl.constexpr,
+                   CHECK_LEN: tl.constexpr, DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):  # fmt: skip
     start_n = tl.program_id(0)
     bh, b, kv_head = _heads(H, GROUP)
     offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -251,11 +274,11 @@ def _backward_dkdv(Q, K, V, DO, LSE2, DELTA, DK, DV_OUT, DOCS, qk_scale, scale, 
     # keys past S (a last partial block) are zeros and never stored: unmasked blocks may include them
     lo, mid, hi = _query_range(start_n, T, WINDOW, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW, MASK_ALL)
     dk, dv = _dkdv_blocks(dk, dv, k, v, Q, DO, LSE2, DELTA, DOCS, bh, b, offs_n, offs_d, offs_dv, lo, mid, qk_scale,
-                          T, S, D, DV, WINDOW, True, CAUSAL, HAS_WINDOW, HAS_DOCS, UPCAST, CHECK_D, CHECK_LEN, DOT,
-                          BLOCK_M)  # fmt: skip
+                          cap2, T, S, D, DV, WINDOW, True, CAUSAL, HAS_WINDOW, HAS_DOCS, SOFTCAP, UPCAST, CHECK_D,
+                          CHECK_LEN, DOT, BLOCK_M)  # fmt: skip
     dk, dv = _dkdv_blocks(dk, dv, k, v, Q, DO, LSE2, DELTA, DOCS, bh, b, offs_n, offs_d, offs_dv, mid, hi, qk_scale,
-                          T, S, D, DV, WINDOW, False, CAUSAL, HAS_WINDOW, HAS_DOCS, UPCAST, CHECK_D, CHECK_LEN, DOT,
-                          BLOCK_M)  # fmt: skip
+                          cap2, T, S, D, DV, WINDOW, False, CAUSAL, HAS_WINDOW, HAS_DOCS, SOFTCAP, UPCAST, CHECK_D,
+                          CHECK_LEN, DOT, BLOCK_M)  # fmt: skip
     in_keys = offs_n < S
     tl.store(DK + (bh * S + offs_n[:, None]) * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
              mask=in_keys[:, None] & (offs_d[None, :] < D))  # fmt: skip
@@ -264,24 +287,27 @@ def _backward_dkdv(Q, K, V, DO, LSE2, DELTA, DK, DV_OUT, DOCS, qk_scale, scale, 
 
 
 @triton.jit
-def _dq_blocks(dq, q, do, lse2, delta, K, V, DOCS, kv_head, b, offs_m, offs_d, offs_dv, lo, hi, qk_scale, T, S, D,
-               DV, WINDOW, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-               HAS_DOCS: tl.constexpr, UPCAST: tl.constexpr, CHECK_D: tl.constexpr, DOT: tl.constexpr,
-               BLOCK_N: tl.constexpr):  # fmt: skip
+def _dq_blocks(dq, q, do, lse2, delta, K, V, DOCS, kv_head, b, offs_m, offs_d, offs_dv, lo, hi, qk_scale, cap2, T, S,
+               D, DV, WINDOW, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+               HAS_DOCS: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, CHECK_D: tl.constexpr,
+               DOT: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
     for start_n in range(lo, hi, BLOCK_N):
         offs_n, k, v = _key_block(K, V, kv_head, start_n, S, offs_d, offs_dv, D, DV, UPCAST, MASKED, CHECK_D, BLOCK_N)
-        p = _probabilities(q, k, lse2, qk_scale, offs_m, offs_n, T, S, DOCS, b, WINDOW, MASKED, CAUSAL, HAS_WINDOW,
-                           HAS_DOCS, DOT)  # fmt: skip
+        p, t = _probabilities(q, k, lse2, qk_scale, cap2, offs_m, offs_n, T, S, DOCS, b, WINDOW, MASKED, CAUSAL,
+                              HAS_WINDOW, HAS_DOCS, SOFTCAP, DOT)  # fmt: skip
         ds = p * (tl.dot(do, tl.trans(v), input_precision=DOT) - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - t * t)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT)
     return dq
 
 
 @triton.autotune(configs=_TILES, key=_TUNE_KEY)
 @triton.jit
-def _backward_dq(Q, K, V, DO, LSE2, DELTA, DQ, DOCS, qk_scale, scale, T, S, H, GROUP, D, DV, WINDOW, T_BUCKET,
+def _backward_dq(Q, K, V, DO, LSE2, DELTA, DQ, DOCS, qk_scale, cap2, scale, T, S, H, GROUP, D, DV, WINDOW, T_BUCKET,
                  S_BUCKET, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr,
-                 MASK_ALL: tl.constexpr, UPCAST: tl.constexpr, CHECK_D: tl.constexpr, CHECK_LEN: tl.constexpr,
+                 MASK_ALL: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, CHECK_D: tl.constexpr,
+                 CHECK_LEN: tl.constexpr,
                  DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                  BLOCK_DV: tl.constexpr):  # fmt: skip
     start_m = tl.program_id(0)
@@ -296,10 +322,12 @@ def _backward_dq(Q, K, V, DO, LSE2, DELTA, DQ, DOCS, qk_scale, scale, T, S, H, G
     delta = tl.load(DELTA + bh * T + offs_m, mask=in_rows, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo, mid, hi = _key_range(start_m, S, WINDOW, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW, MASK_ALL)
-    dq = _dq_blocks(dq, q, do, lse2, delta, K, V, DOCS, kv_head, b, offs_m, offs_d, offs_dv, lo, mid, qk_scale, T, S,
-                    D, DV, WINDOW, False, CAUSAL, HAS_WINDOW, HAS_DOCS, UPCAST, CHECK_D, DOT, BLOCK_N)  # fmt: skip
-    dq = _dq_blocks(dq, q, do, lse2, delta, K, V, DOCS, kv_head, b, offs_m, offs_d, offs_dv, mid, hi, qk_scale, T, S,
-                    D, DV, WINDOW, True, CAUSAL, HAS_WINDOW, HAS_DOCS, UPCAST, CHECK_D, DOT, BLOCK_N)  # fmt: skip
+    dq = _dq_blocks(dq, q, do, lse2, delta, K, V, DOCS, kv_head, b, offs_m, offs_d, offs_dv, lo, mid, qk_scale, cap2,
+                    T, S, D, DV, WINDOW, False, CAUSAL, HAS_WINDOW, HAS_DOCS, SOFTCAP, UPCAST, CHECK_D, DOT,
+                    BLOCK_N)  # fmt: skip
+    dq = _dq_blocks(dq, q, do, lse2, delta, K, V, DOCS, kv_head, b, offs_m, offs_d, offs_dv, mid, hi, qk_scale, cap2,
+                    T, S, D, DV, WINDOW, True, CAUSAL, HAS_WINDOW, HAS_DOCS, SOFTCAP, UPCAST, CHECK_D, DOT,
+                    BLOCK_N)  # fmt: skip
     tl.store(DQ + (bh * T + offs_m[:, None]) * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
              mask=in_rows[:, None] & (offs_d[None, :] < D))  # fmt: skip
 
@@ -311,7 +339,7 @@ def _largest_tile() -> int:
     return max(max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for kernel in _KERNELS for c in kernel.configs)
 
 
-def _meta(q, k, v, window, doc_ids, causal) -> dict:
+def _meta(q, k, v, window, doc_ids, causal, softcap) -> dict:
     """The constexprs the call fixes (the tiles are autotuned). CHECK_LEN: a length is not a multiple of every
     tile the kernels may pick, so row bounds are checked on every load; CHECK_D: a head dim is not a power of
     two, so channel bounds are."""
@@ -323,6 +351,7 @@ def _meta(q, k, v, window, doc_ids, causal) -> dict:
         "HAS_WINDOW": window is not None,
         "HAS_DOCS": doc_ids is not None,
         "MASK_ALL": window is not None or doc_ids is not None,
+        "SOFTCAP": softcap is not None,
         "UPCAST": interpreting(),
         "CHECK_D": block_d != D or block_dv != DV,
         "CHECK_LEN": T % largest != 0 or S % largest != 0,
@@ -334,21 +363,22 @@ def _meta(q, k, v, window, doc_ids, causal) -> dict:
 
 class _Attention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, window, doc_ids, scale):
+    def forward(ctx, q, k, v, causal, window, doc_ids, scale, softcap):
         B, H, T, D = q.shape
         S, DV = k.shape[2], v.shape[-1]
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         docs = doc_ids.contiguous() if doc_ids is not None else q.new_empty(0, dtype=torch.long)
-        meta = _meta(q, k, v, window, doc_ids, causal)
+        meta = _meta(q, k, v, window, doc_ids, causal, softcap)
         out = torch.empty(B, H, T, DV, dtype=q.dtype, device=q.device)
         lse2 = torch.empty(B, H, T, dtype=torch.float32, device=q.device)  # log2-sum-exp2 of the scaled scores
         sizes = (T, S, H, H // k.shape[1], D, DV, window or 0, length_bucket(T), length_bucket(S))
-        qk_scale = scale * _LOG2E  # the kernels exponentiate in base 2
+        # the kernels exponentiate in base 2; a cap c: scores c log2 e tanh(q.k scale / c) (``_scores``)
+        qk_scale, cap2 = (scale * _LOG2E, 0.0) if softcap is None else (scale / softcap, softcap * _LOG2E)
         _forward[lambda tile: (triton.cdiv(T, tile["BLOCK_M"]), B * H)](
-            q, k, v, out, lse2, docs, qk_scale, *sizes, **meta
+            q, k, v, out, lse2, docs, qk_scale, cap2, *sizes, **meta
         )
         ctx.save_for_backward(q, k, v, out, lse2, docs)
-        ctx.sizes, ctx.meta, ctx.scales = sizes, meta, (qk_scale, scale)
+        ctx.sizes, ctx.meta, ctx.scales = sizes, meta, (qk_scale, cap2, scale)
         return out
 
     @staticmethod
@@ -371,15 +401,15 @@ class _Attention(torch.autograd.Function):
         if Hkv != H:
             dk = dk.view(B, Hkv, H // Hkv, S, D).sum(2)
             dv = dv.view(B, Hkv, H // Hkv, S, -1).sum(2)
-        return dq, dk, dv, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None
 
 
-def attention(q, k, v, *, mask=None, causal=False, window=None, doc_ids=None, scale=None):
+def attention(q, k, v, *, mask=None, causal=False, window=None, doc_ids=None, scale=None, softcap=None):
     """``kvlab.kernels.attention.attention``'s contract, without ``mask`` (the registry checks)."""
     if mask is not None:
         raise ValueError("the Triton attention kernel takes causal/window/doc_ids, not a mask")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    return _Attention.apply(q, k, v, causal, window, doc_ids, scale)
+    return _Attention.apply(q, k, v, causal, window, doc_ids, scale, softcap)
 
 
 def absorbed_attention(q, latent, value_dim: int, *, mask=None, scale=None):

@@ -138,6 +138,7 @@ def run_entry_points(dtype: torch.dtype) -> None:
     _grad(triton_attention.attention(q, k, v, causal=True), (q, k, v))
     _grad(triton_attention.attention(q, k, v, causal=True, window=32, doc_ids=docs), (q, k, v))
     _grad(triton_attention.attention(q, k, v), (q, k, v))
+    _grad(triton_attention.attention(q, k, v, causal=True, softcap=30.0), (q, k, v))
     q1, latent = _leaves(dtype, (B, H, 1, 80), (B, T, 80))
     _grad(triton_attention.absorbed_attention(q1, latent, 64), (q1, latent))
 

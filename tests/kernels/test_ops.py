@@ -14,7 +14,7 @@ import torch
 
 import kvlab.kernels.attention as attention_module
 import kvlab.kernels.ssm as ssm_module
-from kvlab.kernels import external
+from kvlab.kernels import external, ops
 from kvlab.kernels.attention import (
     absorbed_attention,
     absorbed_attention_reference,
@@ -301,3 +301,12 @@ def test_mamba_ssm_wrappers_convert_states_and_documents(stand_ins):
     inputs = _scan_inputs()
     for a, b in zip(external.mamba_selective_scan(*inputs), selective_scan_reference(*inputs), strict=False):
         assert rel_error(a, b) < 1e-6
+
+
+def test_capped_scores_stay_on_the_triton_kernel_that_takes_them():
+    """SDPA takes no soft cap, so auto does not leave capped plain attention to it (it would form the scores); the
+    kernel takes the cap as it takes masks it computes."""
+    q = torch.randn(1, 2, 8, 16)
+    assert ops._sdpa_is_faster(q, q, q, causal=True) is not None
+    assert ops._sdpa_is_faster(q, q, q, causal=True, softcap=30.0) is None
+    assert ops._triton_attention_supports(q, q, q, causal=True, softcap=30.0) is None

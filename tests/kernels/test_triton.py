@@ -74,6 +74,7 @@ ATTENTION_CASES = {
     "window": dict(causal=True, window=5),
     "documents": dict(doc_ids=True),
     "documents+window": dict(doc_ids=True, window=4),
+    "capped": dict(causal=True, softcap=0.7),  # Gemma 2's soft cap: c tanh(s / c), low enough to bend these scores
 }
 
 
@@ -83,7 +84,8 @@ HEADS = {"mha": (3, 3), "gqa": (6, 2), "mqa": (4, 1)}
 def _flash_attention_cases():
     """Every (mask, head grouping) case; five, which between them take every mask and grouping, by default (each
     runs the interpreter for seconds), the rest with -m slow."""
-    default = {("causal", "mha"), ("full", "gqa"), ("window", "mqa"), ("documents", "gqa"), ("documents+window", "mqa")}
+    default = {("causal", "mha"), ("full", "gqa"), ("window", "mqa"), ("documents", "gqa"), ("documents+window", "mqa"),
+               ("capped", "gqa")}  # fmt: skip
     for heads in HEADS:
         for case in ATTENTION_CASES:
             marks = () if (case, heads) in default else (pytest.mark.slow,)
@@ -132,7 +134,7 @@ def test_flash_attention_on_whole_tiles(causal):
     from kvlab.kernels.triton_attention import _largest_tile, _meta, attention
 
     q, k, v = (torch.randn(1, 2, 4 * _largest_tile(), 32, requires_grad=True) for _ in range(3))
-    meta = _meta(q, k, v, None, None, causal)
+    meta = _meta(q, k, v, None, None, causal, None)
     assert not meta["CHECK_LEN"] and not meta["CHECK_D"]
     _check(lambda *a: attention(*a, causal=causal), lambda *a: attention_reference(*a, causal=causal), (q, k, v))
 
