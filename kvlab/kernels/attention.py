@@ -77,9 +77,7 @@ def attention(
         # memory and time grow with T * window, not T * S (a long prefill, or a prompt's pieces after others)
         return windowed_attention_with_sinks(attention, q, k, v, 0, window, 0, scale, softcap=softcap)
     if softcap is not None:  # (scores capped before the softmax: formed explicitly)
-        weights = attention_weights(q, k, mask=mask, causal=causal, window=window, doc_ids=doc_ids, scale=scale,
-                                    softcap=softcap)  # fmt: skip
-        return apply_attention_weights(weights, v)
+        return _capped_attention(q, k, v, mask, causal, window, doc_ids, scale, softcap)
     if T > 1 and q.shape[-1] > v.shape[-1]:
         # SDPA's memory-efficient kernels want one head size: pad the values (zeros add nothing), else the math
         # path would hold every [T, S] score (MLA's prefill: 20 GB at 16K tokens).
@@ -152,6 +150,29 @@ def _short_compiled_cpu_query(q, k) -> bool:
         and S <= SHORT_CACHE
         and q.shape[0] * S <= SHORT_BATCH_CACHE
     )
+
+
+CAPPED_ROWS = 512  # queries per block of capped scores formed at once, where no gradient is wanted
+
+
+def _capped_attention(q, k, v, mask, causal, window, doc_ids, scale, softcap):
+    """Attention over soft-capped scores, formed explicitly (``attention_weights``). Without gradients (a prefill)
+    in blocks of CAPPED_ROWS queries, so a long prompt holds a block's [rows, S] scores per head, not [T, S]
+    (Gemma 2's 8K-token prompt: 2 GiB a layer in one block at 8 heads)."""
+    T = q.shape[2]
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if T <= CAPPED_ROWS or grad:
+        weights = attention_weights(q, k, mask=mask, causal=causal, window=window, doc_ids=doc_ids, scale=scale,
+                                    softcap=softcap)  # fmt: skip
+        return apply_attention_weights(weights, v)
+    full = _weights_mask(q, k, mask, causal, window, doc_ids)  # boolean, [T, S] or broadcast to [B, H, T, S]
+    out = []
+    for a in range(0, T, CAPPED_ROWS):
+        rows = slice(a, a + CAPPED_ROWS)
+        block = None if full is None else full if full.shape[-2] == 1 else full[..., rows, :]
+        out.append(apply_attention_weights(attention_weights(q[:, :, rows], k, mask=block, scale=scale,
+                                                             softcap=softcap), v))  # fmt: skip
+    return torch.cat(out, dim=2)
 
 
 def _one_query(q, k, v, mask, scale):

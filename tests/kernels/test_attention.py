@@ -261,3 +261,19 @@ def test_soft_capped_scores_match_a_transcription(case):
         torch.testing.assert_close(got, want)
         for g, r in zip(torch.autograd.grad(got.sum(), (q, k)), want_grads, strict=True):
             torch.testing.assert_close(g, r)
+
+
+@pytest.mark.parametrize("case", ["causal", "documents", "mask"])
+def test_a_long_capped_prefill_goes_block_by_block_as_in_one(case, monkeypatch):
+    """Without gradients, capped scores are formed a block of queries at a time: the same output as in one."""
+    import kvlab.kernels.attention as module
+
+    q, k, v = torch.randn(2, 4, 23, 8), torch.randn(2, 2, 23, 8), torch.randn(2, 2, 23, 8)
+    kwargs = {"causal": {"causal": True}, "documents": {"doc_ids": torch.tensor([[0] * 9 + [1] * 14, [0] * 23])},
+              "mask": {"mask": torch.rand(2, 1, 23, 23) < 0.7}}[case]  # fmt: skip
+    kwargs.get("mask", torch.ones(1, dtype=torch.bool))[..., 0] = True  # (every row sees a key)
+    whole = attention(q, k, v, softcap=1.5, **kwargs)
+    monkeypatch.setattr(module, "CAPPED_ROWS", 5)
+    with torch.no_grad():
+        torch.testing.assert_close(attention(q, k, v, softcap=1.5, **kwargs), whole)
+    torch.testing.assert_close(attention_reference(q, k, v, softcap=1.5, **kwargs), whole)
