@@ -1,5 +1,5 @@
 """Hugging Face checkpoints: import and export (Llama, Mistral, Ministral, Qwen2/3, SmolLM3, Granite, Phi-3,
-DeepSeek-V3, Jamba, GPT-NeoX, Gemma 1/2/3, OLMo 2/3, and our own remote-code exports).
+Mixtral, Qwen3-MoE, DeepSeek-V3, Jamba, GPT-NeoX, Gemma 1/2/3, OLMo 2/3, and our own remote-code exports).
 
 ``load_hf``: a local directory with ``config.json`` and safetensors weights
 (one file or shards with ``model.safetensors.index.json``) becomes a kvlab
@@ -81,22 +81,26 @@ def kvlab_to_hf_name(name: str) -> str:
 
 
 _LEGACY_EXPERT = re.compile(
-    r"^(.*\.(?:mlp|feed_forward))\.experts\.(\d+)\.(gate|up|down)_proj\.weight$"
-)  # DeepSeek's, Jamba's
+    r"^(.*\.(?:mlp|feed_forward|block_sparse_moe))\.experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight$"
+)  # DeepSeek's, Jamba's, Qwen3-MoE's; Mixtral's (block_sparse_moe, w1 the gate, w3 up, w2 down)
+_MIXTRAL_PARTS = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 
 
 def fuse_legacy_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Checkpoints that keep one tensor per expert (``...mlp.experts.<e>.gate_proj.weight``, as the hub's
-    DeepSeek-V3 and Jamba checkpoints do) in `transformers`' stacked layout: ``experts.gate_up_proj`` [E, 2H,
-    D] (gate rows, then up rows) and ``experts.down_proj`` [E, D, H]."""
+    DeepSeek-V3, Jamba and Qwen3-MoE checkpoints do; Mixtral's ``block_sparse_moe.experts.<e>.w1.weight``) in
+    `transformers`' stacked layout: ``experts.gate_up_proj`` [E, 2H, D] (gate rows, then up rows) and
+    ``experts.down_proj`` [E, D, H]; Mixtral's router (``block_sparse_moe.gate``) under transformers' name."""
     experts: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
     out = {}
     for name, value in state.items():
         match = _LEGACY_EXPERT.match(name)
         if match is None:
-            out[name] = value
+            out[name.replace(".block_sparse_moe.gate.", ".mlp.gate.")] = value
         else:
-            experts.setdefault(match[1], {}).setdefault(int(match[2]), {})[match[3]] = value
+            prefix = match[1].replace(".block_sparse_moe", ".mlp")
+            part = _MIXTRAL_PARTS.get(match[3], match[3]).removesuffix("_proj")
+            experts.setdefault(prefix, {}).setdefault(int(match[2]), {})[part] = value
     for prefix, by_index in experts.items():
         order = [by_index[e] for e in range(len(by_index))]
         if sorted(by_index) != list(range(len(by_index))) or any(len(e) != 3 for e in order):

@@ -9,7 +9,8 @@ family's ``config.json`` fields, and, on import, which family a
 - ``attention`` <-> Llama, Mistral, Ministral, Qwen2, Qwen3, SmolLM3, Granite,
   Phi-3 (import) (our attention keeps their projection layout and RoPE
   convention: the weights are a renaming; layers may differ by their
-  window or by having RoPE, ``per_layer_fields``);
+  window or by having RoPE, ``per_layer_fields``); with a mixture of experts,
+  Mixtral and Qwen3-MoE;
 - ``mla`` <-> DeepSeek-V3, dense or with MoE after its first dense layers
   (its RoPE channel pairs reordered on import).
 
@@ -96,7 +97,12 @@ LLAMA_TYPES: dict[str, dict[str, Any]] = {
     "ministral": {"qkv_bias": False, "o_bias": False, "window": True, "qk_norm": False},  # Mistral's, per layer
     # Granite: Llama with multipliers (embeddings, sublayer outputs, attention scores, logits)
     "granite": {"qkv_bias": None, "o_bias": None, "window": False, "qk_norm": False},
+    # Mixtral and Qwen3-MoE: Mistral's and Qwen3's attention (windows in every layer or none) with a mixture of
+    # SwiGLU experts, routed by softmax and top-k (MOE_TYPES)
+    "mixtral": {"qkv_bias": False, "o_bias": False, "window": True, "qk_norm": False},
+    "qwen3_moe": {"qkv_bias": None, "o_bias": None, "window": True, "qk_norm": True},
 }
+MOE_TYPES = ("mixtral", "qwen3_moe")
 # windows on the layers layer_types names (Qwen2/3: by default the layers from max_window_layers on)
 PER_LAYER_WINDOWS = ("qwen2", "qwen3", "smollm3", "ministral")
 
@@ -155,8 +161,9 @@ def one_swiglu_problems(cfg: ModelConfig) -> list[str]:
 
 
 def _attention_problems(cfg: ModelConfig, m) -> list[str]:
-    if one_swiglu_problems(cfg):
-        return llama_block_problems(cfg) + one_swiglu_problems(cfg)
+    mlp_problems = _moe_problems(cfg, m) if _moe_of(cfg) is not None else one_swiglu_problems(cfg)
+    if mlp_problems:
+        return llama_block_problems(cfg) + mlp_problems
     problems = llama_block_problems(cfg)
     granite = _granite(cfg)
     for x in {id(x): x for x in cfg.layer_mixers}.values():  # (a layer without RoPE is SmolLM3's)
@@ -201,6 +208,8 @@ def _attention_layer_problems(m) -> list[str]:
 
 def _attention_to_hf(cfg: ModelConfig, m) -> dict[str, Any] | str:
     mixers = cfg.layer_mixers
+    if _moe_of(cfg) is not None:
+        return _moe_to_hf(cfg, m)
     if _granite(cfg):
         return _granite_to_hf(cfg, m)
     # layers that differ by their window or their RoPE, or have none (SmolLM3's NoPE layers)
@@ -232,6 +241,85 @@ def _attention_to_hf(cfg: ModelConfig, m) -> dict[str, Any] | str:
         hf.update(use_sliding_window=m.window is not None, sliding_window=m.window,
                   max_window_layers=0 if m.window is not None else cfg.n_layers)  # fmt: skip
     return hf
+
+
+def _moe_of(cfg: ModelConfig):
+    """The model's mixture of experts (its first), or None."""
+    return next((p.mlp for p in cfg.plan if p.mlp.kind == "moe"), None)
+
+
+def _moe_problems(cfg: ModelConfig, m) -> list[str]:
+    """What Mixtral's and Qwen3-MoE's MLPs lack: one MoE routed by softmax and top-k in every layer (Qwen3-MoE:
+    or a SwiGLU in the layers mlp_only_layers names)."""
+    moe, problems = _moe_of(cfg), []
+    dense = [p.mlp for p in cfg.plan if p.mlp.kind != "moe"]
+    if any(p.mlp != moe for p in cfg.plan if p.mlp.kind == "moe") or any(x.kind != "swiglu" or x != dense[0]
+                                                                         for x in dense):  # fmt: skip
+        problems.append("MLPs other than one MoE, and one SwiGLU in some layers")
+    if moe.score != "softmax" or moe.n_shared or moe.score_bias or moe.n_groups != 1 or moe.routed_scale != 1:
+        problems.append(f"MoE routing other than Mixtral's and Qwen3-MoE's (score={moe.score!r}, "
+                        f"n_shared={moe.n_shared}, score_bias={moe.score_bias}, n_groups={moe.n_groups}, "
+                        f"routed_scale={moe.routed_scale}; theirs: softmax, top-k, no shared experts, groups, "
+                        "bias or scale)")  # fmt: skip
+    if not m.qk_norm and (dense or not moe.norm_topk):
+        problems.append(f"dense layers or norm_topk={moe.norm_topk} without qk_norm (Mixtral has experts in "
+                        "every layer and renormalises the chosen scores; Qwen3-MoE, with qk_norm, "
+                        "may not)")  # fmt: skip
+    if _granite(cfg) or any(x != m for x in cfg.layer_mixers):
+        problems.append("experts with layers that differ or Granite's multipliers (Mixtral and Qwen3-MoE have "
+                        "one attention)")  # fmt: skip
+    return problems
+
+
+def _moe_to_hf(cfg: ModelConfig, m) -> dict[str, Any] | str:
+    """Mixtral (Mistral's attention) or Qwen3-MoE (Qwen3's), by the attention's query and key norms."""
+    moe = _moe_of(cfg)
+    dense = [i for i, p in enumerate(cfg.plan) if p.mlp.kind != "moe"]
+    hf: dict[str, Any] = {"num_key_value_heads": m.n_kv_heads, "head_dim": m.head_dim, "sliding_window": m.window,
+                          "num_experts_per_tok": moe.top_k,
+                          # transformers' balance loss is top_k times ours: the same term, its coefficient over top_k
+                          "router_aux_loss_coef": moe.aux_loss_coef / moe.top_k}  # fmt: skip
+    if m.rope_scaling is not None:
+        hf["rope_parameters"] = rope_parameters(m)
+    if m.qk_norm:
+        problem = _qwen3_problem(cfg, m)
+        if problem:
+            return problem
+        return hf | {"model_type": "qwen3_moe", "attention_bias": m.qkv_bias,
+                     "use_sliding_window": m.window is not None, "num_experts": moe.n_experts,
+                     "moe_intermediate_size": moe.hidden, "norm_topk_prob": moe.norm_topk,
+                     "decoder_sparse_step": 1, "mlp_only_layers": dense,
+                     "intermediate_size": cfg.plan[dense[0]].mlp.hidden if dense else moe.hidden}  # fmt: skip
+    if m.qkv_bias or m.o_bias:
+        return f"qkv_bias={m.qkv_bias}, o_bias={m.o_bias} with experts (Mixtral's attention has no biases)"
+    return hf | {"model_type": "mixtral", "num_local_experts": moe.n_experts, "intermediate_size": moe.hidden}
+
+
+def _llama_mlps_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+    """One SwiGLU in every layer; Mixtral's and Qwen3-MoE's experts (Qwen3-MoE: SwiGLU in its mlp_only_layers
+    and where decoder_sparse_step skips)."""
+    model_type, n = hf["model_type"], hf["num_hidden_layers"]
+    swiglu = {"kind": "swiglu", "hidden": hf["intermediate_size"]}
+    if model_type not in MOE_TYPES:
+        return {"mlp": swiglu}
+    if hf.get("router_jitter_noise"):
+        raise ValueError(f"config.json: router_jitter_noise={hf['router_jitter_noise']} is not supported (kvlab's "
+                         "router takes no noise in training)")  # fmt: skip
+    mixtral = model_type == "mixtral"
+    top_k = hf.get("num_experts_per_tok", 2 if mixtral else 8)
+    # (Qwen3-MoE's num_experts, which transformers 5 writes as num_local_experts)
+    n_experts = next((hf[k] for k in ("num_local_experts", "num_experts") if hf.get(k) is not None), 8 if mixtral
+                     else 128)  # fmt: skip
+    moe = {"kind": "moe", "hidden": hf["intermediate_size"] if mixtral else hf.get("moe_intermediate_size", 768),
+           "n_experts": n_experts, "top_k": top_k, "norm_topk": mixtral or bool(hf.get("norm_topk_prob", False)),
+           "aux_loss_coef": hf.get("router_aux_loss_coef", 0.001) * top_k}  # fmt: skip
+    step, only = hf.get("decoder_sparse_step") or 1, set(hf.get("mlp_only_layers") or [])
+    sparse = [mixtral or (n_experts > 0 and i not in only and (i + 1) % step == 0) for i in range(n)]
+    if not any(sparse):
+        return {"mlp": swiglu}
+    if all(sparse):
+        return {"mlp": moe}
+    return {"mlp_pattern": "".join("E" if s else "D" for s in sparse), "mlps": {"D": swiglu, "E": moe}}
 
 
 def _granite_to_hf(cfg: ModelConfig, m) -> dict[str, Any] | str:
@@ -379,7 +467,7 @@ def _attention_from_hf(hf: dict[str, Any], rope: Rope) -> dict[str, Any] | list[
     kind = LLAMA_TYPES[model_type]
     n = hf["num_hidden_layers"]
     window = None
-    if kind["window"] and (model_type in ("mistral", "phi3", "ministral") or hf.get("use_sliding_window")):
+    if kind["window"] and (model_type in ("mistral", "phi3", "ministral", "mixtral") or hf.get("use_sliding_window")):
         window = hf.get("sliding_window")
     if window is not None and window >= hf.get("max_position_embeddings", float("inf")):
         window = None  # it covers every position the model takes: full attention (a config of kvlab's refuses it)
@@ -426,10 +514,13 @@ register_native(
             "smollm3": "SmolLM3ForCausalLM",
             "ministral": "MinistralForCausalLM",
             "granite": "GraniteForCausalLM",
+            "mixtral": "MixtralForCausalLM",
+            "qwen3_moe": "Qwen3MoeForCausalLM",
         },  # fmt: skip
         problems=_attention_problems,
         to_hf=_attention_to_hf,
         from_hf=_attention_from_hf,
+        mlps_from_hf=_llama_mlps_from_hf,
         per_layer_fields=("window", "rope_dims"),
         model_fields_from_hf=_granite_fields,
     )

@@ -353,7 +353,9 @@ def _native_round_trip(spec: dict, tmp_path, architecture: str, bound: float):
             if name.endswith("bias") or "norm" in name:
                 p.add_(torch.randn_like(p) * 0.3)
     save_hf(model, tmp_path / "a", remote_code=False)
-    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "a", dtype=torch.float64).eval()
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(  # (grouped expert products take no float64)
+        tmp_path / "a", dtype=torch.float64, experts_implementation="eager"
+    ).eval()
     assert type(theirs).__name__ == architecture
     ids = torch.randint(0, 97, (2, 13))
     cache = model.new_cache(2, 20, dtype=torch.float64)
@@ -438,6 +440,33 @@ PER_LAYER = {  # layers that differ by a window or by RoPE, and OLMo's: (spec, c
     "gemma": ({**GEMMA, "post_norms": False, "pattern": None, "mixers": None, "mixer": ATTENTION}, "GemmaForCausalLM",
               None),
 }  # fmt: skip
+
+
+MOE = {"kind": "moe", "hidden": 32, "n_experts": 4, "top_k": 2}
+EXPERTS = {  # Mixtral (Mistral's attention, experts renormalised in every layer); Qwen3-MoE (qk_norm, a dense layer)
+    "mixtral": ({"mixer": {**ATTENTION, "window": 5}, "mlp": {**MOE, "norm_topk": True}}, "MixtralForCausalLM"),
+    "qwen3-moe": ({"mixer": {**ATTENTION, "qk_norm": True, "qkv_bias": True, "o_bias": True},
+                   "norm": {"kind": "rmsnorm", "eps": 1e-5}, "mlp_pattern": "EDEE",
+                   "mlps": {"E": MOE, "D": {"kind": "swiglu", "hidden": 48}}}, "Qwen3MoeForCausalLM"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(EXPERTS))
+def test_experts_export_as_mixtral_or_qwen3_moe(tmp_path, case):
+    """A mixture of SwiGLU experts routed by softmax and top-k beside Mistral's or Qwen3's attention exports to
+    MixtralForCausalLM or Qwen3MoeForCausalLM (``_native_round_trip``: logits, tokens, the config read back); what
+    neither routes as is named."""
+    spec, architecture = EXPERTS[case]
+    _native_round_trip(spec, tmp_path, architecture, 1e-6)
+    if case == "mixtral":
+        plain = {**spec, "mlp": {**MOE, "norm_topk": False}}
+        with pytest.raises(ValueError, match=r"norm_topk=False without qk_norm \(Mixtral"):
+            save_hf(build_model(tiny(**plain)), tmp_path / "c", remote_code=False)
+        deepseek = {**spec, "mlp": {**MOE, "norm_topk": True, "score": "sigmoid"}}
+        with pytest.raises(ValueError, match="MoE routing other than Mixtral's and Qwen3-MoE's"):
+            save_hf(build_model(tiny(**deepseek)), tmp_path / "d", remote_code=False)
+    else:
+        assert json.loads((tmp_path / "a" / "config.json").read_text())["mlp_only_layers"] == [1]
 
 
 @pytest.mark.parametrize("softcap", [None, 0.05])

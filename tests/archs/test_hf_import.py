@@ -88,6 +88,13 @@ CASES = {
     # OLMo 3's windows on three of four layers, RoPE per kind of layer
     "olmo2": (transformers.Olmo2Config, dict(num_key_value_heads=2, attention_bias=True, pad_token_id=0)),
     "olmo3-local-layers": (transformers.Olmo3Config, dict(num_key_value_heads=4, sliding_window=5, pad_token_id=0)),
+    # Mixtral: Mistral's attention (a window) with 4 experts, top 2 renormalised, in every layer (save_pretrained
+    # writes the hub's names: block_sparse_moe, each expert's w1, w2, w3); Qwen3-MoE: Qwen3's attention, experts
+    # with the chosen scores as they are, a SwiGLU in the layer mlp_only_layers names
+    "mixtral": (transformers.MixtralConfig, dict(num_key_value_heads=2, num_local_experts=4, sliding_window=5)),
+    "qwen3-moe": (transformers.Qwen3MoeConfig, dict(num_key_value_heads=2, head_dim=16, num_experts=4,
+                                                    num_experts_per_tok=2, moe_intermediate_size=32,
+                                                    mlp_only_layers=[1], attention_bias=True)),
     # Mamba and attention layers, MoE in every other one; save_pretrained writes each expert's own tensors
     "jamba-moe": (transformers.JambaConfig, dict(
         num_key_value_heads=2, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1,
@@ -118,6 +125,8 @@ def test_import_matches_transformers(tmp_path, case, sharded):
                 p.normal_(std=0.5)
             elif "norm" in name:
                 p.normal_(mean=1.0, std=0.3)
+            elif name.endswith("mlp.gate.weight"):  # routers (Qwen3-MoE's start at zero: every score tied)
+                p.normal_(std=0.3)
         for name, b in hf.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 b.normal_(std=0.05)  # the router's scores are near 0.5 at init: this changes which experts win
@@ -149,6 +158,10 @@ def test_import_matches_transformers(tmp_path, case, sharded):
         assert ours.config.logit_softcap == 0.2 and ours.config.post_norms and ours.config.pattern == "LGL"
         assert [(m.softcap, m.window, m.softmax_scale) for m in ours.config.layer_mixers[:2]] == [
             (0.1, 5, 21**-0.5), (0.1, None, 21**-0.5)]  # fmt: skip
+    if case == "qwen3-moe":
+        assert ours.config.mlp_pattern == "EDE" and not ours.config.mlps["E"].norm_topk
+    if case == "mixtral":
+        assert ours.config.mlp.kind == "moe" and ours.config.mlp.norm_topk and ours.config.mixer.window == 5
     if case == "gemma":
         assert not ours.config.post_norms and ours.config.mixer is None and ours.config.pattern == "GGG"
     if case == "gemma3":
