@@ -157,14 +157,19 @@ def _resolve_convert(convert: dict | list[dict], parent_model: dict) -> dict | l
     missing = [name for name in names if convert.get(name) is None]
     if not missing:
         return convert
-    mixer = parent_model.get("mixer") or {}
-    if mixer.get("kind") != "attention":
-        raise ConfigError(f"init.convert.{missing[0]}: the parent has no single attention mixer; give {missing[0]}")
-    n_kv = max(1, mixer["n_heads"] // 4)
-    if convert["to"] == "gqa" and mixer["n_kv_heads"] % n_kv:  # DHA's clusters need not be equal
+    # one mixer, or a pattern of attention mixers with one head layout (Gemma 2/3's windowed and full layers)
+    mixers = [parent_model.get("mixer")] + list((parent_model.get("mixers") or {}).values())
+    mixers = [m for m in mixers if m]
+    heads = {(m.get("n_heads"), m.get("n_kv_heads") or m.get("n_heads")) for m in mixers}
+    if not mixers or any(m.get("kind") != "attention" for m in mixers) or len(heads) != 1:
+        raise ConfigError(f"init.convert.{missing[0]}: the parent's layers are not attention with one number of "
+                          f"heads; give {missing[0]}")  # fmt: skip
+    ((n_heads, n_kv_heads),) = heads
+    n_kv = max(1, n_heads // 4)
+    if convert["to"] == "gqa" and n_kv_heads % n_kv:  # DHA's clusters need not be equal
         raise ConfigError(
             f"init.convert.n_kv_heads: the default n_heads/4={n_kv} does not divide the parent's "
-            f"n_kv_heads={mixer['n_kv_heads']}; give init.convert.n_kv_heads"
+            f"n_kv_heads={n_kv_heads}; give init.convert.n_kv_heads"
         )
     return {**convert, **dict.fromkeys(missing, n_kv)}
 

@@ -324,3 +324,20 @@ def test_a_corpus_edited_in_place_is_another_parent(tmp_path):
     assert training_identity(cfg) == before
     corpus.write_text("the new text, longer\n")
     assert training_identity(cfg)["corpus"] != before["corpus"]
+
+
+def test_default_head_counts_come_from_attention_layers_with_one_head_layout():
+    """GQA's default n_kv_heads (n_heads / 4) is read from the parent's one attention mixer, or from a pattern of
+    attention mixers that share their heads (Gemma 2 and 3's windowed and full layers); other parents name it."""
+    from kvlab.recipes.uptrain import _resolve_convert
+
+    full = {"kind": "attention", "n_heads": 8, "n_kv_heads": 8}
+    gemma = {"mixer": None, "pattern": "LG", "mixers": {"L": {**full, "window": 5}, "G": full}}
+    assert _resolve_convert({"to": "gqa"}, {"mixer": full})["n_kv_heads"] == 2
+    assert _resolve_convert({"to": "gqa"}, gemma)["n_kv_heads"] == 2
+    assert _resolve_convert([{"to": "gqa"}, {"to": "cla"}], gemma)[0]["n_kv_heads"] == 2
+    uneven = {**gemma, "mixers": {"L": {**full, "n_kv_heads": 4}, "G": full}}
+    hybrid = {**gemma, "mixers": {"L": {"kind": "mamba2"}, "G": full}}
+    for parent in (uneven, hybrid):
+        with pytest.raises(ValueError, match="not attention with one number of heads; give n_kv_heads"):
+            _resolve_convert({"to": "gqa"}, parent)
