@@ -19,8 +19,10 @@ by Hkv. Which keys a query sees:
 
 ``softcap`` c (Gemma 2's attn_logit_softcapping): each score s = q.k * scale
 becomes c * tanh(s / c) before the mask and the softmax. No fused CPU kernel
-takes it, so such attention forms its scores (``attention_weights``): memory
-T x S per head, as ``transformers``' eager path; flash-attn >= 2.6 takes it.
+takes it, so such attention forms its scores (``attention_weights``): T x S
+per head, as ``transformers``' eager path (without gradients, a block of
+queries at a time); on a GPU kvlab's Triton kernel and flash-attn >= 2.6
+take it fused.
 
 The structured options (causal, window, doc_ids) are what kernels that never
 build a mask (Triton, flash-attn varlen) take; here they become one.

@@ -77,7 +77,7 @@ def _flash_attention_supports(q, k, v, *, mask=None, causal=False, window=None, 
         return f"head dims q {q.shape[-1]}, v {v.shape[-1]} (flash-attn: equal, <= 256, multiple of 8)"
     if softcap is not None and not _flash_takes_softcap():
         return "a soft cap on the scores (flash-attn >= 2.6 takes it)"
-    return _triton_attention_supports(q, k, v, mask=mask, causal=causal, window=window, doc_ids=doc_ids)  # (no cap)
+    return _triton_attention_supports(q, k, v, mask=mask, causal=causal, window=window, doc_ids=doc_ids)
 
 
 def _flash_takes_softcap() -> bool:
@@ -177,9 +177,8 @@ register("linear_cross_entropy", "triton", "kvlab.kernels.triton_cross_entropy:l
 
 
 def attention(q, k, v, *, mask=None, causal=False, window=None, doc_ids=None, scale=None, softcap=None):
-    capped = {} if softcap is None else {"softcap": softcap}  # (the backends without caps never see the option)
     return dispatch(
-        "attention", q, k, v, mask=mask, causal=causal, window=window, doc_ids=doc_ids, scale=scale, **capped
+        "attention", q, k, v, mask=mask, causal=causal, window=window, doc_ids=doc_ids, scale=scale, softcap=softcap
     )
 
 
