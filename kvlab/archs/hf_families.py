@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from kvlab.archs.config import ModelConfig
+from kvlab.kernels.rope import yarn_mscale
 from kvlab.layers import MixerConfig
 
 
@@ -405,6 +406,9 @@ def rope_parameters(m) -> dict[str, Any]:
         if s["kind"] == "llama3":
             out.update(low_freq_factor=s["low_freq_factor"], high_freq_factor=s["high_freq_factor"],
                        original_max_position_embeddings=s["original_max_seq_len"])  # fmt: skip
+        if s["kind"] == "yarn":
+            out.update(original_max_position_embeddings=s["original_max_seq_len"], beta_fast=s["beta_fast"],
+                       beta_slow=s["beta_slow"], attention_factor=s["attention_factor"])  # fmt: skip
     return out
 
 
@@ -414,10 +418,10 @@ def read_rope(hf: dict[str, Any]) -> Rope:
     rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
     field = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", "linear", "llama3"):
+    if rope_type not in ("default", "linear", "llama3", "yarn"):
         raise ValueError(
-            f"config.json: {field}.rope_type={rope_type!r}: this RoPE scaling is not supported (default, linear and "
-            "llama3 are); importing without it would change the model's outputs"
+            f"config.json: {field}.rope_type={rope_type!r}: this RoPE scaling is not supported (default, linear, "
+            "llama3 and yarn are); importing without it would change the model's outputs"
         )
     scaling = None
     if rope_type == "linear":
@@ -426,8 +430,28 @@ def read_rope(hf: dict[str, Any]) -> Rope:
         scaling = {"kind": "llama3", "factor": rope["factor"], "low_freq_factor": rope["low_freq_factor"],
                    "high_freq_factor": rope["high_freq_factor"], "original_max_seq_len": rope.get(
                        "original_max_position_embeddings", hf.get("max_position_embeddings", 2048))}  # fmt: skip
+    elif rope_type == "yarn":
+        scaling = yarn_scaling(rope, hf, field)
     theta = rope.get("rope_theta") or hf.get("rope_theta") or hf.get("rotary_emb_base") or 10000.0
     return Rope(float(theta), scaling, f"{field}.rope_type={rope_type!r}")
+
+
+def yarn_scaling(rope: dict[str, Any], hf: dict[str, Any], field: str) -> dict[str, Any]:
+    """kvlab's yarn ``rope_scaling`` of a config's YaRN settings, read as `transformers` reads them: a missing
+    factor is max_position_embeddings over the original context; the attention factor, unless given, is
+    mscale(factor, mscale) / mscale(factor, mscale_all_dim) with both, else mscale(factor)."""
+    if rope.get("truncate", True) is False:
+        raise ValueError(f"config.json: {field}.truncate=false is not supported (YaRN's floored and ceiled ramp is)")
+    original = rope.get("original_max_position_embeddings") or hf.get("max_position_embeddings", 2048)
+    factor = rope.get("factor") or hf["max_position_embeddings"] / original
+    attention_factor = rope.get("attention_factor")
+    if attention_factor is None:
+        mscale, all_dims = rope.get("mscale"), rope.get("mscale_all_dim")
+        attention_factor = (yarn_mscale(factor, mscale) / yarn_mscale(factor, all_dims) if mscale and all_dims
+                            else yarn_mscale(factor))  # fmt: skip
+    return {"kind": "yarn", "factor": float(factor), "original_max_seq_len": int(original),
+            "beta_fast": float(rope.get("beta_fast") or 32), "beta_slow": float(rope.get("beta_slow") or 1),
+            "attention_factor": float(attention_factor)}  # fmt: skip
 
 
 def rope_of_layer_type(hf: dict[str, Any], layer_type: str) -> Rope:
@@ -595,12 +619,16 @@ def _mla_to_hf(cfg: ModelConfig, m) -> dict[str, Any]:
         "v_head_dim": m.v_head_dim,
         "rope_interleave": False,
         "attention_bias": False,
+        **({"rope_parameters": {**rope_parameters(m), "mscale_all_dim": m.mscale_all_dim}} if m.rope_scaling else {}),
     }
 
 
 def _mla_from_hf(hf: dict[str, Any], rope: Rope) -> dict[str, Any]:
-    if rope.scaling is not None:
-        raise ValueError(f"config.json: {rope.described}: RoPE scaling is not supported for MLA")
+    # DeepSeek's YaRN (V2, V3: factor 40 over 4,096 positions) also folds mscale_all_dim into the softmax scale
+    all_dims = (hf.get("rope_scaling") or hf.get("rope_parameters") or {}).get("mscale_all_dim") or 0.0
+    if all_dims and (rope.scaling or {}).get("kind") != "yarn":
+        raise ValueError(f"config.json: {rope.described} with mscale_all_dim={all_dims} is not supported (DeepSeek "
+                         "folds mscale_all_dim into the softmax scale with yarn)")  # fmt: skip
     if hf.get("attention_bias"):
         raise ValueError("config.json: attention_bias=true is not supported for MLA")
     return {
@@ -612,6 +640,8 @@ def _mla_from_hf(hf: dict[str, Any], rope: Rope) -> dict[str, Any]:
         "kv_lora_rank": hf["kv_lora_rank"],
         "q_lora_rank": hf.get("q_lora_rank"),
         "rope_theta": rope.theta,
+        "rope_scaling": rope.scaling,
+        "mscale_all_dim": float(all_dims),
         "norm_eps": DEEPSEEK_LATENT_EPS,
     }
 

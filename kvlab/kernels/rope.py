@@ -19,6 +19,7 @@ from kvlab.kernels.precision import upcast
 ROPE_SCALINGS = {  # kind -> its settings; every one is required
     "linear": ("factor",),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_seq_len"),
+    "yarn": ("factor", "original_max_seq_len", "beta_fast", "beta_slow", "attention_factor"),
 }
 
 
@@ -42,7 +43,13 @@ def check_rope_scaling(scaling, path: str) -> None:
         raise ValueError(f"{path}: high_freq_factor must exceed low_freq_factor")
 
 
-def scaled_frequencies(inv_freq: torch.Tensor, scaling: dict | None) -> torch.Tensor:
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's attention factor sqrt(1/t) = 0.1 mscale ln(factor) + 1 (eq. 21, with DeepSeek's mscale; 1 for
+    factor <= 1)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def scaled_frequencies(inv_freq: torch.Tensor, scaling: dict | None, theta: float | None = None) -> torch.Tensor:
     """The RoPE frequencies of a context-extended model.
 
     - ``linear`` (position interpolation, Chen et al. 2023): every frequency
@@ -52,12 +59,33 @@ def scaled_frequencies(inv_freq: torch.Tensor, scaling: dict | None) -> torch.Te
       ``factor``, those shorter than ``original_max_seq_len /
       high_freq_factor`` are kept, and those between blend the two linearly
       in ``original_max_seq_len / wavelength``.
+    - ``yarn`` (Peng et al. 2023, YaRN, "NTK-by-parts"): a frequency is kept
+      where the original context (``original_max_seq_len`` L) holds more than
+      ``beta_fast`` of its rotations, divided by ``factor`` where it holds
+      fewer than ``beta_slow``, and blended linearly in its index between
+      (the indices of those rotation counts, i = d ln(L / (2 pi r)) / (2 ln
+      theta), floored and ceiled, as YaRN's code and `transformers` compute
+      them; ``theta`` is needed for them). Its ``attention_factor`` (eq. 21's
+      0.1 ln s + 1 unless a model gives its own) scales the cos/sin tables
+      (``rope_tables``), so the rotated channels' scores by its square.
     """
     if scaling is None:
         return inv_freq
     factor = scaling["factor"]
     if scaling["kind"] == "linear":
         return inv_freq / factor
+    if scaling["kind"] == "yarn":
+        half = inv_freq.shape[0]
+        dims = 2 * half
+
+        def index_of(rotations: float) -> float:  # the frequency index that turns this often in the context
+            return dims * math.log(scaling["original_max_seq_len"] / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+        low = max(math.floor(index_of(scaling["beta_fast"])), 0)
+        high = min(math.ceil(index_of(scaling["beta_slow"])), dims - 1)
+        high = high + 0.001 if high == low else high  # (as YaRN's code: no zero-width ramp)
+        ramp = ((torch.arange(half, dtype=inv_freq.dtype, device=inv_freq.device) - low) / (high - low)).clamp(0, 1)
+        return inv_freq / factor * ramp + inv_freq * (1 - ramp)  # ramp 0: kept (fast), 1: interpolated
     low, high, context = scaling["low_freq_factor"], scaling["high_freq_factor"], scaling["original_max_seq_len"]
     wavelength = 2 * math.pi / inv_freq
     blend = ((context / wavelength - low) / (high - low)).clamp(0, 1)  # 0: interpolate fully, 1: keep
@@ -76,10 +104,11 @@ def rope_tables(
     """cos and sin tables of shape [max_len, dims] in ``dtype`` (float32; float64 for a float64 model), computed
     in float64 once per model (``scaling``: see :func:`scaled_frequencies`)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, dims, 2, dtype=torch.float64, device=device) / dims)
-    inv_freq = scaled_frequencies(inv_freq, scaling)
+    inv_freq = scaled_frequencies(inv_freq, scaling, theta)
     angles = torch.outer(torch.arange(max_len, dtype=torch.float64, device=device), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    gain = scaling["attention_factor"] if scaling is not None and scaling["kind"] == "yarn" else 1.0  # (YaRN's)
+    return (angles.cos() * gain).to(dtype), (angles.sin() * gain).to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

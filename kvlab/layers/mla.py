@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -70,6 +71,7 @@ from kvlab._config import check_bool, check_choice, check_float, check_int
 from kvlab.kernels.attention import position_mask
 from kvlab.kernels.ops import absorbed_attention, apply_rope, attention
 from kvlab.kernels.quant import BITS, fake_quantize
+from kvlab.kernels.rope import check_rope_scaling, yarn_mscale
 from kvlab.layers.base import LayerFootprint, MixerConfig, StepState, default_head_dim, register_mixer
 from kvlab.layers.kv_cache import KVView, LatentKV, QuantizedLatentKV
 from kvlab.layers.norm import RMSNorm
@@ -108,6 +110,11 @@ class MLAConfig(MixerConfig):
     kv_lora_rank: int | None = None  # latent width; None: 4 * head_dim (DeepSeek-V2's 512 for 128)
     q_lora_rank: int | None = None  # None: queries are not compressed
     rope_theta: float = 10000.0
+    # context-extended RoPE of the decoupled channels (kvlab.kernels.rope.scaled_frequencies: DeepSeek-V2/V3's yarn)
+    rope_scaling: dict[str, Any] | None = None
+    # DeepSeek's fold of YaRN into the softmax scale, times mscale(factor, mscale_all_dim)^2 = (0.1 m ln factor + 1)^2
+    # over every channel (its reference code's, and `transformers`'); 0: none
+    mscale_all_dim: float = 0.0
     rope_kv_heads: int = 1  # RoPE keys per token; 1: shared by all heads (DeepSeek)
     rope_spectrum: int | None = None  # set: per-RoPE-head frequencies picked from a rotary this wide
     latent_norm: bool = True  # RMSNorm on the latent (DeepSeek); the MHA2MLA conversion has none
@@ -126,6 +133,15 @@ class MLAConfig(MixerConfig):
         check_int(self.kv_lora_rank, f"{path}.kv_lora_rank", minimum=1, optional=True)
         check_int(self.q_lora_rank, f"{path}.q_lora_rank", minimum=1, optional=True)
         check_float(self.rope_theta, f"{path}.rope_theta", positive=True)
+        check_rope_scaling(self.rope_scaling, f"{path}.rope_scaling")
+        check_float(self.mscale_all_dim, f"{path}.mscale_all_dim")
+        if self.mscale_all_dim and (self.rope_scaling or {}).get("kind") != "yarn":
+            raise ValueError(f"{path}.mscale_all_dim={self.mscale_all_dim} folds YaRN into the softmax scale; it "
+                             f"needs rope_scaling of kind yarn (got {self.rope_scaling})")  # fmt: skip
+        if self.mscale_all_dim < 0:
+            raise ValueError(f"{path}.mscale_all_dim={self.mscale_all_dim} must be at least 0")
+        if self.rope_scaling is not None and self.rope_spectrum is not None:
+            raise ValueError(f"{path}: rope_scaling with rope_spectrum (per-head frequencies) is not supported")
         check_float(self.norm_eps, f"{path}.norm_eps", positive=True)
         self.head_dim = default_head_dim(self.head_dim, d_model, self.n_heads, path)
         if self.rope_head_dim is None:
@@ -171,8 +187,8 @@ class MLAConfig(MixerConfig):
             return f"source mixer kind {source.kind!r} has no MLA latent"
         if self.rope_spectrum is not None or source.rope_spectrum is not None:
             return "per-head RoPE frequencies (rope_spectrum) are a layer's own; readers cannot share them"
-        for name in ("kv_lora_rank", "rope_head_dim", "rope_kv_heads", "rope_theta", "latent_norm", "latent_bits",
-                     "latent_group"):  # fmt: skip
+        for name in ("kv_lora_rank", "rope_head_dim", "rope_kv_heads", "rope_theta", "rope_scaling", "latent_norm",
+                     "latent_bits", "latent_group"):  # fmt: skip
             if getattr(self, name) != getattr(source, name):
                 return f"{name}={getattr(self, name)} differs from the source's {name}={getattr(source, name)}"
         return None
@@ -194,6 +210,8 @@ class MLA(nn.Module):
         self.rope_head_dim, self.rope_kv_heads = cfg.rope_head_dim, cfg.rope_kv_heads
         self.kv_lora_rank = cfg.kv_lora_rank
         self.scale = 1.0 / math.sqrt(cfg.head_dim + cfg.rope_head_dim)
+        if cfg.mscale_all_dim:  # DeepSeek's YaRN fold (mscale_all_dim's comment)
+            self.scale *= yarn_mscale(cfg.rope_scaling["factor"], cfg.mscale_all_dim) ** 2
         q_width = cfg.n_heads * (cfg.head_dim + cfg.rope_head_dim)
         if cfg.q_lora_rank is None:
             self.q_proj = nn.Linear(d_model, q_width, bias=False)
@@ -207,7 +225,7 @@ class MLA(nn.Module):
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, cfg.n_heads * (cfg.head_dim + cfg.v_head_dim), bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.v_head_dim, d_model, bias=False)
         if cfg.rope_spectrum is None:
-            self.rotary = Rotary(cfg.rope_head_dim, cfg.rope_theta, max_seq_len)
+            self.rotary = Rotary(cfg.rope_head_dim, cfg.rope_theta, max_seq_len, cfg.rope_scaling)
         else:
             self.rotary = HeadwiseRotary(cfg.rope_kv_heads, cfg.rope_head_dim, cfg.rope_spectrum, cfg.rope_theta,
                                          max_seq_len)  # fmt: skip

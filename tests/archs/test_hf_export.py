@@ -469,6 +469,20 @@ def test_experts_export_as_mixtral_or_qwen3_moe(tmp_path, case):
         assert json.loads((tmp_path / "a" / "config.json").read_text())["mlp_only_layers"] == [1]
 
 
+def test_mla_with_deepseeks_yarn_exports_natively(tmp_path):
+    """MLA with YaRN on its RoPE channels and DeepSeek's mscale_all_dim fold of it into the softmax scale exports to
+    DeepseekV3ForCausalLM (``_native_round_trip``: positions past the 4 the scaling was trained for)."""
+    yarn = {"kind": "yarn", "factor": 4.0, "original_max_seq_len": 4, "beta_fast": 32.0, "beta_slow": 1.0,
+            "attention_factor": 1.1}  # fmt: skip
+    mla = {"kind": "mla", "n_heads": 4, "head_dim": 16, "rope_head_dim": 8, "kv_lora_rank": 32, "rope_scaling": yarn,
+           "mscale_all_dim": 0.7}  # fmt: skip
+    _native_round_trip({"mixer": mla}, tmp_path, "DeepseekV3ForCausalLM", 1e-6)
+    rope = json.loads((tmp_path / "a" / "config.json").read_text())["rope_parameters"]
+    assert (rope["rope_type"], rope["mscale_all_dim"], rope["attention_factor"]) == ("yarn", 0.7, 1.1)
+    with pytest.raises(ValueError, match="mscale_all_dim=0.7 folds YaRN into the softmax scale; it needs rope_scaling"):
+        build_model(tiny(mixer={**mla, "rope_scaling": None}))
+
+
 @pytest.mark.parametrize("softcap", [None, 0.05])
 def test_the_logit_scale_and_cap_reach_the_fused_loss(softcap):
     """``logit_scale`` (Granite's logits_scaling) scales the final states on their way into the head, and

@@ -60,6 +60,13 @@ CASES = {
         num_key_value_heads=4, first_k_dense_replace=1, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
         v_head_dim=16, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
         n_group=4, topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5)),
+    # DeepSeek-V2/V3's YaRN (factor 40 in their configs; 4 over 16 positions here), its mscale_all_dim folded into
+    # the softmax scale, mscale over it the RoPE tables' attention factor
+    "deepseek-v3-yarn": (transformers.DeepseekV3Config, dict(
+        num_key_value_heads=4, first_k_dense_replace=3, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+        v_head_dim=16, rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "beta_fast": 32,
+                                        "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 0.7,
+                                        "original_max_position_embeddings": 16})),
     # GPT-NeoX (Pythia): LayerNorms, attention beside a biased GELU MLP, RoPE on a quarter of each head, q/k/v
     # fused head by head; and its sequential block with tanh's GELU and a tied head
     "gpt-neox-pythia": (transformers.GPTNeoXConfig, dict(rotary_pct=0.25, rotary_emb_base=5000)),
@@ -169,6 +176,8 @@ def test_import_matches_transformers(tmp_path, case, sharded):
         assert [m.rope_theta for m in ours.config.layer_mixers] == [500.0, 20000.0, 500.0]
     if "deepseek" in case:
         assert ours.config.mixer.kind == "mla" and ours.config.mixer.kv_lora_rank == 32
+    if case == "deepseek-v3-yarn":
+        assert ours.config.mixer.mscale_all_dim == 0.7 and ours.config.mixer.rope_scaling["factor"] == 4.0
 
 
 @pytest.mark.parametrize("sharded", [False, True])
@@ -303,9 +312,13 @@ def test_unsupported_and_missing_are_named(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
         load_hf(tmp_path)
-    cfg["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}
+    cfg["rope_parameters"] = {"rope_type": "longrope", "rope_theta": 1e4, "factor": 4.0}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="rope_parameters.rope_type='yarn': this RoPE scaling is not supported"):
+    with pytest.raises(ValueError, match="rope_parameters.rope_type='longrope': this RoPE scaling is not supported"):
+        load_hf(tmp_path)
+    cfg["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "truncate": False}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="rope_parameters.truncate=false is not supported"):
         load_hf(tmp_path)
     # transformers reads a legacy rope_scaling in place of rope_parameters: so must we
     cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e4}

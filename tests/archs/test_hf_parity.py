@@ -1,5 +1,6 @@
 """Parity with `transformers` (Llama; DeepSeek-V3 for MLA) at the same weights: pins RoPE and weight layouts."""
 
+import math
 import re
 
 import pytest
@@ -111,6 +112,37 @@ ROPE_SCALINGS = {
             "original_max_position_embeddings": 16,
         },
         {"kind": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_seq_len": 16},
+    ),  # fmt: skip
+    # YaRN (Qwen2.5's long-context settings): its attention factor from the factor, 0.1 ln 4 + 1
+    "yarn": (
+        {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+        {
+            "kind": "yarn",
+            "factor": 4.0,
+            "original_max_seq_len": 16,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "attention_factor": 0.1 * math.log(4.0) + 1,
+        },
+    ),  # fmt: skip
+    # and with its own ramp and attention factor
+    "yarn-own-factor": (
+        {
+            "rope_type": "yarn",
+            "factor": 8.0,
+            "original_max_position_embeddings": 32,
+            "beta_fast": 8.0,
+            "beta_slow": 2.0,
+            "attention_factor": 1.25,
+        },
+        {
+            "kind": "yarn",
+            "factor": 8.0,
+            "original_max_seq_len": 32,
+            "beta_fast": 8.0,
+            "beta_slow": 2.0,
+            "attention_factor": 1.25,
+        },
     ),  # fmt: skip
 }
 
