@@ -1,5 +1,5 @@
 """Hugging Face checkpoints: import and export (Llama, Mistral, Ministral, Qwen2/3, SmolLM3, Granite, Phi-3,
-Mixtral, Qwen3-MoE, DeepSeek-V3, Jamba, GPT-NeoX, Gemma 1/2/3, OLMo 2/3, and our own remote-code exports).
+Mixtral, Qwen3-MoE, DeepSeek-V2/V3, Jamba, GPT-NeoX, Gemma 1/2/3, OLMo 2/3, and our own remote-code exports).
 
 ``load_hf``: a local directory with ``config.json`` and safetensors weights
 (one file or shards with ``model.safetensors.index.json``) becomes a kvlab
@@ -336,6 +336,9 @@ def _write_export(model: CausalLM, tmp: Path, tokenizer, hf: dict | None, max_sh
     if model.config.tie_embeddings:
         state.pop("lm_head.weight")
     cast = {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v for k, v in state.items()}
+    family = family_of_model_type(hf["model_type"]) if hf is not None else None
+    if family is not None and family.export_weights is not None:  # (DeepSeek-V2's neighbouring RoPE pairs)
+        family.export_weights(hf, cast, model.config)
     if hf is not None and hf["model_type"] in NATIVE_LAYOUTS:  # a whole-model class's names and layouts
         cast = NATIVE_LAYOUTS[hf["model_type"]].export_state(cast, model.config)
     else:

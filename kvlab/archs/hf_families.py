@@ -11,8 +11,9 @@ family's ``config.json`` fields, and, on import, which family a
   convention: the weights are a renaming; layers may differ by their
   window or by having RoPE, ``per_layer_fields``); with a mixture of experts,
   Mixtral and Qwen3-MoE;
-- ``mla`` <-> DeepSeek-V3, dense or with MoE after its first dense layers
-  (its RoPE channel pairs reordered on import).
+- ``mla`` <-> DeepSeek-V3, dense or with MoE after its first dense layers,
+  and DeepSeek-V2 (its routing); their RoPE channel pairs reordered on import
+  (and back on V2's export).
 
 A model that a whole-model class claims (``NATIVE_LAYOUTS``, ``NativeLayout``:
 a class with names and layouts of its own) goes there instead: by its set
@@ -58,6 +59,8 @@ class NativeFamily:
     from_hf: Callable[[dict[str, Any], Rope], dict[str, Any] | list[dict[str, Any]]]
     # after import: change the weights (kvlab names) from the checkpoint's layout to ours, in place
     fix_weights: Callable[[dict[str, Any], dict[str, torch.Tensor], ModelConfig], None] | None = None
+    # before export: our weights (kvlab names) into the layout of the class config.json names, in place
+    export_weights: Callable[[dict[str, Any], dict[str, torch.Tensor], ModelConfig], None] | None = None
     # the MLPs of a config.json, as ModelConfig fields (mlp, or mlp_pattern and mlps)
     mlps_from_hf: Callable[[dict[str, Any]], dict[str, Any]] = lambda hf: {
         "mlp": {"kind": "swiglu", "hidden": hf["intermediate_size"]}
@@ -560,8 +563,14 @@ def _deepseek_mlps(cfg: ModelConfig) -> tuple[int, Any]:
     return first, cfg.plan[first].mlp if first < cfg.n_layers else None
 
 
+def _deepseek_v2_routing(moe) -> bool:
+    """Whether an MoE routes as DeepSeek-V2's class does (softmax, the top k of all, scaled, not renormalised)."""
+    return moe.score == "softmax" and not moe.score_bias and moe.n_groups == 1 and not moe.norm_topk
+
+
 def _deepseek_mlp_problems(cfg: ModelConfig) -> list[str]:
-    """DeepSeek-V3's MLPs: SwiGLU in the first k layers, one MoE in the rest, routed as it routes."""
+    """DeepSeek-V2's or V3's MLPs: SwiGLU in the first k layers, one MoE in the rest, routed as one of them routes,
+    with shared experts."""
     first, moe = _deepseek_mlps(cfg)
     if moe is None:
         return one_swiglu_problems(cfg)
@@ -569,9 +578,12 @@ def _deepseek_mlp_problems(cfg: ModelConfig) -> list[str]:
     problems = []
     if any(m.kind != "swiglu" or m != dense[0] for m in dense) or any(m != moe for m in rest):
         problems.append("MLPs other than SwiGLU in the first layers and one MoE in all the rest")
-    if moe.score != "sigmoid" or not moe.score_bias or not moe.n_shared:
-        problems.append(f"MoE routing other than DeepSeek-V3's (score={moe.score!r}, score_bias={moe.score_bias}, "
-                        f"n_shared={moe.n_shared}; it needs sigmoid, a score bias and shared experts)")  # fmt: skip
+    v3 = moe.score == "sigmoid" and moe.score_bias
+    if not (v3 or _deepseek_v2_routing(moe)) or not moe.n_shared:
+        problems.append(f"MoE routing other than DeepSeek-V2's or V3's (score={moe.score!r}, score_bias="
+                        f"{moe.score_bias}, n_groups={moe.n_groups}, norm_topk={moe.norm_topk}, n_shared="
+                        f"{moe.n_shared}; V3's: sigmoid with a score bias, V2's: softmax, the top k of all, not "
+                        "renormalised; both with shared experts)")  # fmt: skip
     return problems
 
 
@@ -595,6 +607,14 @@ def _mla_problems(cfg: ModelConfig, m) -> list[str]:
 def _mla_to_hf(cfg: ModelConfig, m) -> dict[str, Any]:
     first, moe = _deepseek_mlps(cfg)
     experts = {}
+    if moe is not None and _deepseek_v2_routing(moe):  # DeepSeek-V2's class (its RoPE pairs: export_weights)
+        return {
+            **_deepseek_attention_fields(m), "model_type": "deepseek_v2",
+            "intermediate_size": cfg.plan[0].mlp.hidden if first else moe.hidden, "first_k_dense_replace": first,
+            "n_routed_experts": moe.n_experts, "num_experts_per_tok": moe.top_k, "moe_intermediate_size": moe.hidden,
+            "n_shared_experts": moe.n_shared, "topk_method": "greedy", "norm_topk_prob": False,
+            "routed_scaling_factor": moe.routed_scale, "aux_loss_alpha": moe.aux_loss_coef,
+        }  # fmt: skip
     if moe is not None:
         experts = {
             "n_routed_experts": moe.n_experts,
@@ -610,14 +630,20 @@ def _mla_to_hf(cfg: ModelConfig, m) -> dict[str, Any]:
         "model_type": "deepseek_v3",
         "intermediate_size": cfg.plan[0].mlp.hidden if first else moe.hidden,
         **experts,
-        "num_key_value_heads": m.n_heads,
         "first_k_dense_replace": first,
+        **_deepseek_attention_fields(m),
+        "rope_interleave": False,
+    }
+
+
+def _deepseek_attention_fields(m) -> dict[str, Any]:
+    return {
+        "num_key_value_heads": m.n_heads,
         "q_lora_rank": m.q_lora_rank,
         "kv_lora_rank": m.kv_lora_rank,
         "qk_nope_head_dim": m.head_dim,
         "qk_rope_head_dim": m.rope_head_dim,
         "v_head_dim": m.v_head_dim,
-        "rope_interleave": False,
         "attention_bias": False,
         **({"rope_parameters": {**rope_parameters(m), "mscale_all_dim": m.mscale_all_dim}} if m.rope_scaling else {}),
     }
@@ -647,11 +673,18 @@ def _mla_from_hf(hf: dict[str, Any], rope: Rope) -> dict[str, Any]:
 
 
 def _deepseek_mlps_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
-    """SwiGLU in the first ``first_k_dense_replace`` layers, MoE in the rest (every layer: DeepSeek-V3's
+    """SwiGLU in the first ``first_k_dense_replace`` layers, MoE in the rest (every layer: DeepSeek-V2's and V3's
     moe_layer_freq is 1)."""
-    n, first = hf["num_hidden_layers"], min(hf.get("first_k_dense_replace", 3), hf["num_hidden_layers"])
+    v2 = hf["model_type"] == "deepseek_v2"
+    n, first = hf["num_hidden_layers"], min(hf.get("first_k_dense_replace", 0 if v2 else 3), hf["num_hidden_layers"])
     if first == n:
         return {"mlp": {"kind": "swiglu", "hidden": hf["intermediate_size"]}}
+    if hf.get("moe_layer_freq", 1) != 1:
+        raise ValueError(f"config.json: moe_layer_freq={hf['moe_layer_freq']} is not supported (MoE in every layer "
+                         "after the first dense ones is)")  # fmt: skip
+    if v2:
+        dense = {"kind": "swiglu", "hidden": hf["intermediate_size"]}
+        return {"mlp_pattern": "D" * first + "E" * (n - first), "mlps": {"D": dense, "E": _deepseek_v2_moe(hf)}}
     if hf.get("scoring_func", "sigmoid") != "sigmoid" or hf.get("topk_method", "noaux_tc") != "noaux_tc":
         raise ValueError(
             f"config.json: DeepSeek routing scoring_func={hf.get('scoring_func')!r}, topk_method="
@@ -669,15 +702,34 @@ def _deepseek_mlps_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
             "mlps": {"D": {"kind": "swiglu", "hidden": hf["intermediate_size"]}, "E": moe}}  # fmt: skip
 
 
-def _deinterleave_rope(hf: dict[str, Any], state: dict[str, torch.Tensor], cfg: ModelConfig) -> None:
-    """DeepSeek checkpoints rotate neighbouring channel pairs (``rope_interleave``); we rotate
-    (i, i + d/2) pairs. Reordering the RoPE output rows of the query and key projections to
-    [even channels, odd channels] turns one into the other exactly (q.k is unchanged)."""
-    if not hf.get("rope_interleave", True):
+def _deepseek_v2_moe(hf: dict[str, Any]) -> dict[str, Any]:
+    """DeepSeek-V2's experts as `transformers` routes them: softmax scores, the top k of all (``greedy``: V2-Lite's)
+    times routed_scaling_factor, not renormalised; shared experts beside them."""
+    if hf.get("topk_method", "greedy") != "greedy":
+        raise ValueError(f"config.json: topk_method={hf['topk_method']!r} is not supported (DeepSeek-V2's greedy "
+                         "is; its group_limited_greedy ranks groups by their best score, which kvlab's groups "
+                         "do not)")  # fmt: skip
+    if hf.get("norm_topk_prob"):
+        raise ValueError("config.json: norm_topk_prob=true with model_type deepseek_v2 is not supported: "
+                         "transformers' DeepSeek-V2 router does not renormalise, DeepSeek's own code does")  # fmt: skip
+    return {"kind": "moe", "hidden": hf["moe_intermediate_size"], "n_experts": hf.get("n_routed_experts", 64),
+            "top_k": hf.get("num_experts_per_tok") or 6, "n_shared": hf.get("n_shared_experts") or 0,
+            "score": "softmax", "routed_scale": float(hf.get("routed_scaling_factor", 1.0)),
+            # (DeepSeek-V2's expert-level balance loss, which kvlab's is)
+            "aux_loss_coef": float(hf.get("aux_loss_alpha", 0.001))}  # fmt: skip
+
+
+def _rope_rows(hf: dict[str, Any], state: dict[str, torch.Tensor], cfg: ModelConfig, inverse: bool) -> None:
+    """DeepSeek checkpoints rotate neighbouring channel pairs; we rotate (i, i + d/2) pairs. Reordering the RoPE
+    output rows of the query and key projections to [even channels, odd channels] turns theirs into ours exactly
+    (q.k is unchanged); ``inverse``: ours into theirs. DeepSeek-V2's class always rotates neighbours (complex
+    products), V3's as ``rope_interleave`` says."""
+    if hf["model_type"] == "deepseek_v3" and not hf.get("rope_interleave", True):
         return
     for i, m in enumerate(cfg.layer_mixers):
         D, R, r = m.head_dim, m.rope_head_dim, m.kv_lora_rank
         perm = torch.cat([torch.arange(0, R, 2), torch.arange(1, R, 2)])
+        perm = perm.argsort() if inverse else perm
         q_name = f"layers.{i}.mixer.{'q_proj' if m.q_lora_rank is None else 'q_b_proj'}.weight"
         q = state[q_name].view(m.n_heads, D + R, -1)
         state[q_name] = torch.cat([q[:, :D], q[:, D:][:, perm]], dim=1).reshape(m.n_heads * (D + R), -1)
@@ -688,11 +740,12 @@ def _deinterleave_rope(hf: dict[str, Any], state: dict[str, torch.Tensor], cfg: 
 register_native(
     NativeFamily(
         kind="mla",
-        model_types={"deepseek_v3": "DeepseekV3ForCausalLM"},
+        model_types={"deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM"},
         problems=_mla_problems,
         to_hf=_mla_to_hf,
         from_hf=_mla_from_hf,
-        fix_weights=_deinterleave_rope,
+        fix_weights=functools.partial(_rope_rows, inverse=False),
+        export_weights=functools.partial(_rope_rows, inverse=True),
         mlps_from_hf=_deepseek_mlps_from_hf,
     )
 )

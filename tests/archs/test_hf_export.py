@@ -469,6 +469,19 @@ def test_experts_export_as_mixtral_or_qwen3_moe(tmp_path, case):
         assert json.loads((tmp_path / "a" / "config.json").read_text())["mlp_only_layers"] == [1]
 
 
+def test_mla_with_deepseek_v2s_experts_exports_natively(tmp_path):
+    """MLA with experts routed as DeepSeek-V2's class routes them (softmax, the top k of all, scaled, a shared
+    expert) exports to DeepseekV2ForCausalLM, its RoPE rows put back in neighbouring pairs (``_native_round_trip``;
+    that class rotates and routes in float32 whatever the model's dtype)."""
+    moe = {"kind": "moe", "hidden": 32, "n_experts": 4, "top_k": 2, "n_shared": 1, "routed_scale": 1.5}
+    mla = {"kind": "mla", "n_heads": 4, "head_dim": 16, "rope_head_dim": 8, "kv_lora_rank": 32}
+    spec = {"mixer": mla, "mlp_pattern": "DEEE", "mlps": {"D": {"kind": "swiglu", "hidden": 48}, "E": moe}}
+    _native_round_trip(spec, tmp_path, "DeepseekV2ForCausalLM", 1e-5)
+    with pytest.raises(ValueError, match="MoE routing other than DeepSeek-V2's or V3's"):
+        save_hf(build_model(tiny(**{**spec, "mlps": {**spec["mlps"], "E": {**moe, "norm_topk": True}}})),
+                tmp_path / "c", remote_code=False)  # fmt: skip
+
+
 def test_mla_with_deepseeks_yarn_exports_natively(tmp_path):
     """MLA with YaRN on its RoPE channels and DeepSeek's mscale_all_dim fold of it into the softmax scale exports to
     DeepseekV3ForCausalLM (``_native_round_trip``: positions past the 4 the scaling was trained for)."""

@@ -67,6 +67,14 @@ CASES = {
         v_head_dim=16, rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "beta_fast": 32,
                                         "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 0.7,
                                         "original_max_position_embeddings": 16})),
+    # DeepSeek-V2 (V2-Lite's layout): neighbouring RoPE pairs always, a dense first layer, then experts routed by
+    # softmax, the top 2 of 4 scaled and not renormalised, a shared expert; and its YaRN
+    "deepseek-v2": (transformers.DeepseekV2Config, dict(
+        num_key_value_heads=4, first_k_dense_replace=1, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+        v_head_dim=16, q_lora_rank=None, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+        moe_intermediate_size=32, routed_scaling_factor=1.5,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "mscale": 0.7,
+                         "mscale_all_dim": 0.7, "original_max_position_embeddings": 16})),
     # GPT-NeoX (Pythia): LayerNorms, attention beside a biased GELU MLP, RoPE on a quarter of each head, q/k/v
     # fused head by head; and its sequential block with tanh's GELU and a tied head
     "gpt-neox-pythia": (transformers.GPTNeoXConfig, dict(rotary_pct=0.25, rotary_emb_base=5000)),
@@ -176,6 +184,13 @@ def test_import_matches_transformers(tmp_path, case, sharded):
         assert [m.rope_theta for m in ours.config.layer_mixers] == [500.0, 20000.0, 500.0]
     if "deepseek" in case:
         assert ours.config.mixer.kind == "mla" and ours.config.mixer.kv_lora_rank == 32
+    if case == "deepseek-v2":
+        moe = ours.config.mlps["E"]
+        assert ours.config.mlp_pattern == "DEE" and (moe.score, moe.norm_topk, moe.routed_scale) == (
+            "softmax",
+            False,
+            1.5,
+        )
     if case == "deepseek-v3-yarn":
         assert ours.config.mixer.mscale_all_dim == 0.7 and ours.config.mixer.rope_scaling["factor"] == 4.0
 
