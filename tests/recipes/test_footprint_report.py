@@ -96,3 +96,34 @@ def test_a_hugging_face_config_as_load_hf_imports_it(capsys, tmp_path):
     with pytest.raises(SystemExit):
         main(["--hf", str(tmp_path), "model=gqa"])
     assert "--hf gives the model; the overrides model=gqa would be ignored" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", ["deepseek-v2-lite", "mixtral-8x7b"])
+def test_hugging_face_configs_of_mla_and_experts_count_as_published(capsys, tmp_path, case):
+    """--hf on the hub's own config.json of DeepSeek-V2-Lite (MLA: 576 elements a token and layer, DeepSeek-V2's
+    Table 9, over 27 layers; its YaRN; 15.7B parameters) and of Mixtral 8x7B (8 K/V heads of 128 over 32 layers;
+    46.7B parameters): the caches and parameter counts their papers give."""
+    config = {
+        "deepseek-v2-lite": {
+            "model_type": "deepseek_v2", "vocab_size": 102400, "hidden_size": 2048, "intermediate_size": 10944,
+            "moe_intermediate_size": 1408, "num_hidden_layers": 27, "num_attention_heads": 16,
+            "num_key_value_heads": 16, "n_shared_experts": 2, "n_routed_experts": 64, "num_experts_per_tok": 6,
+            "first_k_dense_replace": 1, "moe_layer_freq": 1, "kv_lora_rank": 512, "q_lora_rank": None,
+            "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128, "max_position_embeddings": 163840,
+            "rope_theta": 10000, "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 0.707,
+            "mscale_all_dim": 0.707, "original_max_position_embeddings": 4096, "type": "yarn"},
+            "routed_scaling_factor": 1.0, "topk_method": "greedy", "norm_topk_prob": False, "scoring_func": "softmax",
+            "tie_word_embeddings": False,
+        },
+        "mixtral-8x7b": {
+            "model_type": "mixtral", "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336,
+            "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "num_local_experts": 8,
+            "num_experts_per_tok": 2, "max_position_embeddings": 32768, "rope_theta": 1e6, "sliding_window": None,
+            "tie_word_embeddings": False,
+        },
+    }[case]  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    r = report(capsys, "--hf", str(tmp_path))
+    per_token, params = {"deepseek-v2-lite": (576 * 27 * 2, 15_706_484_224),
+                         "mixtral-8x7b": (2 * 8 * 128 * 32 * 2, 46_702_792_704)}[case]  # fmt: skip
+    assert (r["bytes_per_token"], r["params"]) == (per_token, params)
