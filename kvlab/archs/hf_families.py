@@ -1300,9 +1300,13 @@ NATIVE_LAYOUTS["gemma3"] = NativeLayout(
 # (qk_norm_over: projection); SwiGLU. Names as Gemma's post norms (_gemma_state).
 
 
-def _olmo_claims(cfg: ModelConfig) -> bool:
-    projection = any(getattr(m, "qk_norm_over", "head") == "projection" for m in cfg.layer_mixers)
-    return _mixer_kinds(cfg) == {"attention"} and (not cfg.pre_norms or projection)
+def _projection_norms(cfg: ModelConfig) -> bool:
+    return any(getattr(m, "qk_norm_over", "head") == "projection" for m in cfg.layer_mixers)
+
+
+def _olmo_claims(cfg: ModelConfig) -> bool:  # (OLMoE's: norms before the sublayers and experts)
+    olmoe = cfg.pre_norms and _moe_of(cfg) is not None
+    return _mixer_kinds(cfg) == {"attention"} and (not cfg.pre_norms or _projection_norms(cfg)) and not olmoe
 
 
 def _olmo_problems(cfg: ModelConfig) -> list[str]:
@@ -1386,3 +1390,81 @@ for _olmo in ("olmo2", "olmo3"):
         export_state=_gemma_state,
         from_hf=_olmo_from_hf,
     )
+
+
+# OLMoE: Llama's block (norms before the sublayers) with OLMo's query and key norms over the whole projections and
+# a mixture of 64 SwiGLU experts in every layer, routed by softmax and top-8 (the chosen scores as they are).
+
+
+def _olmoe_claims(cfg: ModelConfig) -> bool:
+    return _mixer_kinds(cfg) == {"attention"} and cfg.pre_norms and _projection_norms(cfg) and _moe_of(cfg) is not None
+
+
+def _olmoe_problems(cfg: ModelConfig) -> list[str]:
+    problems = gemma_problems(cfg) + multiplier_problems(cfg)
+    if cfg.post_norms or cfg.norm.kind != "rmsnorm" or cfg.parallel_residual:
+        problems.append(f"post_norms={cfg.post_norms}, norm {cfg.norm.kind!r}, parallel_residual="
+                        f"{cfg.parallel_residual} (OLMoE has Llama's block)")  # fmt: skip
+    m, moe = cfg.layer_mixers[0], _moe_of(cfg)
+    if any(x != m for x in cfg.layer_mixers) or any(p.mlp != moe for p in cfg.plan):
+        problems.append("layers that differ (OLMoE has one attention and one MoE in every layer)")
+    problems += _attention_layer_problems(m)
+    if m.window is not None or m.qk_norm_eps != cfg.norm.eps or m.qkv_bias != m.o_bias:
+        problems.append(f"window={m.window}, qk_norm_eps={m.qk_norm_eps}, qkv_bias={m.qkv_bias}, o_bias={m.o_bias} "
+                        "(OLMoE: full attention, its norms at the model's eps, biases on all projections or "
+                        "none)")  # fmt: skip
+    if m.n_heads * m.head_dim != cfg.d_model:
+        problems.append(f"n_heads * head_dim = {m.n_heads * m.head_dim} apart from d_model={cfg.d_model} (OLMoE's "
+                        "query norm spans hidden_size)")  # fmt: skip
+    if moe.score != "softmax" or moe.n_shared or moe.score_bias or moe.n_groups != 1 or moe.routed_scale != 1:
+        problems.append("MoE routing other than OLMoE's (softmax, top-k, no shared experts, groups, bias or scale)")
+    return problems
+
+
+def _olmoe_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    m, moe = cfg.layer_mixers[0], _moe_of(cfg)
+    return {
+        "model_type": "olmoe", "num_key_value_heads": m.n_kv_heads, "attention_bias": m.qkv_bias,
+        "rope_parameters": rope_parameters(m), "intermediate_size": moe.hidden, "num_experts": moe.n_experts,
+        "num_experts_per_tok": moe.top_k, "norm_topk_prob": moe.norm_topk, "clip_qkv": None,
+        # transformers' balance loss is top_k times ours: the same term, its coefficient over top_k
+        "router_aux_loss_coef": moe.aux_loss_coef / moe.top_k,
+    }  # fmt: skip
+
+
+def _olmoe_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    from kvlab.archs.hf import kvlab_to_hf_name  # (Llama's names: the module imports this one)
+
+    return {kvlab_to_hf_name(name): value for name, value in state.items()}
+
+
+def _olmoe_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"config.json: hidden_act={hf['hidden_act']!r} is not supported (SwiGLU needs silu)")
+    if hf.get("clip_qkv") is not None:
+        raise ValueError(f"config.json: clip_qkv={hf['clip_qkv']} is not supported (kvlab clamps no projections)")
+    n_heads, d, eps = hf["num_attention_heads"], hf["hidden_size"], hf.get("rms_norm_eps", 1e-5)
+    rope, bias, top_k = read_rope(hf), bool(hf.get("attention_bias")), hf.get("num_experts_per_tok", 8)
+    return {
+        "vocab_size": hf["vocab_size"], "d_model": d, "n_layers": hf["num_hidden_layers"],
+        "max_seq_len": hf.get("max_position_embeddings", 4096), "norm": {"kind": "rmsnorm", "eps": eps},
+        "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
+        "mixer": {"kind": "attention", "n_heads": n_heads, "n_kv_heads": hf.get("num_key_value_heads") or n_heads,
+                  "head_dim": d // n_heads, "qkv_bias": bias, "o_bias": bias, "qk_norm": True, "qk_norm_eps": eps,
+                  "qk_norm_over": "projection", "rope_theta": rope.theta, "rope_scaling": rope.scaling},
+        "mlp": {"kind": "moe", "hidden": hf["intermediate_size"], "n_experts": hf.get("num_experts", 64),
+                "top_k": top_k, "norm_topk": bool(hf.get("norm_topk_prob", False)),
+                "aux_loss_coef": hf.get("router_aux_loss_coef", 0.01) * top_k},
+    }  # fmt: skip
+
+
+NATIVE_LAYOUTS["olmoe"] = NativeLayout(
+    model_type="olmoe",
+    architecture="OlmoeForCausalLM",
+    describes="attention with query and key norms over the projections and experts, norms before them, as olmoe",
+    claims=_olmoe_claims,
+    problems=_olmoe_problems,
+    to_hf=_olmoe_to_hf,
+    export_state=_olmoe_state,
+    from_hf=_olmoe_from_hf,
+)

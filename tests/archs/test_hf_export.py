@@ -448,14 +448,16 @@ EXPERTS = {  # Mixtral (Mistral's attention, experts renormalised in every layer
     "qwen3-moe": ({"mixer": {**ATTENTION, "qk_norm": True, "qkv_bias": True, "o_bias": True},
                    "norm": {"kind": "rmsnorm", "eps": 1e-5}, "mlp_pattern": "EDEE",
                    "mlps": {"E": MOE, "D": {"kind": "swiglu", "hidden": 48}}}, "Qwen3MoeForCausalLM"),
+    "olmoe": ({"mixer": {**ATTENTION, "qk_norm": True, "qk_norm_over": "projection", "qk_norm_eps": 1e-5},
+               "norm": {"kind": "rmsnorm", "eps": 1e-5}, "mlp": MOE}, "OlmoeForCausalLM"),
 }  # fmt: skip
 
 
 @pytest.mark.parametrize("case", list(EXPERTS))
-def test_experts_export_as_mixtral_or_qwen3_moe(tmp_path, case):
-    """A mixture of SwiGLU experts routed by softmax and top-k beside Mistral's or Qwen3's attention exports to
-    MixtralForCausalLM or Qwen3MoeForCausalLM (``_native_round_trip``: logits, tokens, the config read back); what
-    neither routes as is named."""
+def test_experts_export_as_mixtral_qwen3_moe_or_olmoe(tmp_path, case):
+    """A mixture of SwiGLU experts routed by softmax and top-k beside Mistral's, Qwen3's or OLMo's attention exports
+    to MixtralForCausalLM, Qwen3MoeForCausalLM or OlmoeForCausalLM (``_native_round_trip``: logits, tokens, the
+    config read back); what none routes as is named."""
     spec, architecture = EXPERTS[case]
     _native_round_trip(spec, tmp_path, architecture, 1e-6)
     if case == "mixtral":
@@ -465,7 +467,7 @@ def test_experts_export_as_mixtral_or_qwen3_moe(tmp_path, case):
         deepseek = {**spec, "mlp": {**MOE, "norm_topk": True, "score": "sigmoid"}}
         with pytest.raises(ValueError, match="MoE routing other than Mixtral's and Qwen3-MoE's"):
             save_hf(build_model(tiny(**deepseek)), tmp_path / "d", remote_code=False)
-    else:
+    elif case == "qwen3-moe":
         assert json.loads((tmp_path / "a" / "config.json").read_text())["mlp_only_layers"] == [1]
 
 

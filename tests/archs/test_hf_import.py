@@ -110,6 +110,9 @@ CASES = {
     "qwen3-moe": (transformers.Qwen3MoeConfig, dict(num_key_value_heads=2, head_dim=16, num_experts=4,
                                                     num_experts_per_tok=2, moe_intermediate_size=32,
                                                     mlp_only_layers=[1], attention_bias=True)),
+    # OLMoE: Llama's block, query and key norms over the whole projections, experts not renormalised
+    "olmoe": (transformers.OlmoeConfig, dict(num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                                             attention_bias=True, pad_token_id=0)),
     # Mamba and attention layers, MoE in every other one; save_pretrained writes each expert's own tensors
     "jamba-moe": (transformers.JambaConfig, dict(
         num_key_value_heads=2, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1,
