@@ -564,8 +564,10 @@ def _deepseek_mlps(cfg: ModelConfig) -> tuple[int, Any]:
 
 
 def _deepseek_v2_routing(moe) -> bool:
-    """Whether an MoE routes as DeepSeek-V2's class does (softmax, the top k of all, scaled, not renormalised)."""
-    return moe.score == "softmax" and not moe.score_bias and moe.n_groups == 1 and not moe.norm_topk
+    """Whether an MoE routes as DeepSeek-V2's class does (softmax, the top k of all or of the groups with the best
+    scores, scaled, not renormalised)."""
+    groups = moe.n_groups == 1 or moe.group_rank == "max"
+    return moe.score == "softmax" and not moe.score_bias and groups and not moe.norm_topk
 
 
 def _deepseek_mlp_problems(cfg: ModelConfig) -> list[str]:
@@ -612,7 +614,10 @@ def _mla_to_hf(cfg: ModelConfig, m) -> dict[str, Any]:
             **_deepseek_attention_fields(m), "model_type": "deepseek_v2",
             "intermediate_size": cfg.plan[0].mlp.hidden if first else moe.hidden, "first_k_dense_replace": first,
             "n_routed_experts": moe.n_experts, "num_experts_per_tok": moe.top_k, "moe_intermediate_size": moe.hidden,
-            "n_shared_experts": moe.n_shared, "topk_method": "greedy", "norm_topk_prob": False,
+            "n_shared_experts": moe.n_shared, "norm_topk_prob": False,
+            **({"topk_method": "greedy"} if moe.n_groups == 1 else {"topk_method": "group_limited_greedy",
+                                                                      "n_group": moe.n_groups,
+                                                                      "topk_group": moe.topk_groups}),
             "routed_scaling_factor": moe.routed_scale, "aux_loss_alpha": moe.aux_loss_coef,
         }  # fmt: skip
     if moe is not None:
@@ -704,17 +709,20 @@ def _deepseek_mlps_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
 
 def _deepseek_v2_moe(hf: dict[str, Any]) -> dict[str, Any]:
     """DeepSeek-V2's experts as `transformers` routes them: softmax scores, the top k of all (``greedy``: V2-Lite's)
-    times routed_scaling_factor, not renormalised; shared experts beside them."""
-    if hf.get("topk_method", "greedy") != "greedy":
-        raise ValueError(f"config.json: topk_method={hf['topk_method']!r} is not supported (DeepSeek-V2's greedy "
-                         "is; its group_limited_greedy ranks groups by their best score, which kvlab's groups "
-                         "do not)")  # fmt: skip
+    or of the ``topk_group`` groups with the best scores (``group_limited_greedy``: V2's, V2.5's), times
+    routed_scaling_factor, not renormalised; shared experts beside them."""
+    method = hf.get("topk_method", "greedy")
+    if method not in ("greedy", "group_limited_greedy"):
+        raise ValueError(f"config.json: topk_method={method!r} is not supported for deepseek_v2 (greedy and "
+                         "group_limited_greedy are)")  # fmt: skip
+    groups = {"n_groups": hf["n_group"], "topk_groups": hf["topk_group"], "group_rank": "max"} if (
+        method == "group_limited_greedy") else {}  # fmt: skip
     if hf.get("norm_topk_prob"):
         raise ValueError("config.json: norm_topk_prob=true with model_type deepseek_v2 is not supported: "
                          "transformers' DeepSeek-V2 router does not renormalise, DeepSeek's own code does")  # fmt: skip
     return {"kind": "moe", "hidden": hf["moe_intermediate_size"], "n_experts": hf.get("n_routed_experts", 64),
             "top_k": hf.get("num_experts_per_tok") or 6, "n_shared": hf.get("n_shared_experts") or 0,
-            "score": "softmax", "routed_scale": float(hf.get("routed_scaling_factor", 1.0)),
+            "score": "softmax", "routed_scale": float(hf.get("routed_scaling_factor", 1.0)), **groups,
             # (DeepSeek-V2's expert-level balance loss, which kvlab's is)
             "aux_loss_coef": float(hf.get("aux_loss_alpha", 0.001))}  # fmt: skip
 

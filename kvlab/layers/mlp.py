@@ -48,7 +48,8 @@ ROUTER_SCORES = ("softmax", "sigmoid")
 # token's experts' weights: static shapes, so the compiled decode step is one graph; more group tokens by expert.
 GATHER_ASSIGNMENTS = 64
 MOE_FIELDS = ("n_experts", "top_k", "n_shared", "score", "norm_topk", "routed_scale", "aux_loss_coef", "n_groups",
-              "topk_groups", "score_bias", "bias_update")  # fmt: skip
+              "topk_groups", "group_rank", "score_bias", "bias_update")  # fmt: skip
+GROUP_RANKS = ("top2_sum", "max")  # a group's rank: its two best scores summed (DeepSeek-V3) | its best (V2)
 
 
 @dataclass
@@ -70,7 +71,8 @@ class MLPConfig:
     routed_scale: float | None = None  # the routed experts' output scale (default 1)
     aux_loss_coef: float | None = None  # the load-balancing loss's weight (default 0.01)
     n_groups: int | None = None  # DeepSeek-V3: experts in this many groups (default 1) ...
-    topk_groups: int | None = None  # ... of which each token picks from the best this many (default n_groups)
+    topk_groups: int | None = None  # ... of which each token picks from the best this many (default n_groups) ...
+    group_rank: str | None = None  # ... ranked by top2_sum (default: V3's) | max (V2's group_limited_greedy)
     score_bias: bool | None = None  # DeepSeek-V3: a per-expert bias added to the scores to choose (default false)
     bias_update: float | None = None  # its update per step toward balance, auxiliary-loss-free (default 0)
 
@@ -103,7 +105,7 @@ class MLPConfig:
     def _validate_moe(self, path: str) -> None:
         defaults = {"n_experts": 8, "top_k": 2, "n_shared": 0, "score": "softmax", "norm_topk": False,
                     "routed_scale": 1.0, "aux_loss_coef": 0.01, "n_groups": 1, "topk_groups": self.n_groups or 1,
-                    "score_bias": False, "bias_update": 0.0}  # fmt: skip
+                    "group_rank": "top2_sum", "score_bias": False, "bias_update": 0.0}  # fmt: skip
         for name, value in defaults.items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
@@ -120,6 +122,7 @@ class MLPConfig:
             raise ValueError(f"{path}.top_k={self.top_k} exceeds {path}.n_experts={self.n_experts}")
         check_int(self.n_groups, f"{path}.n_groups", minimum=1)
         check_int(self.topk_groups, f"{path}.topk_groups", minimum=1)
+        check_choice(self.group_rank, f"{path}.group_rank", GROUP_RANKS)
         check_bool(self.score_bias, f"{path}.score_bias")
         check_float(self.bias_update, f"{path}.bias_update")
         if self.n_experts % self.n_groups:
@@ -265,9 +268,10 @@ class MoE(nn.Module):
         logits = logits.to(compute_dtype(logits.dtype))  # bf16 scores would tie and flip
         scores = logits.softmax(-1) if c.score == "softmax" else logits.sigmoid()
         choice = scores if self.score_bias is None else scores + self.score_bias
-        if c.topk_groups < c.n_groups:  # DeepSeek-V3: a group ranks by the sum of its two best scores
+        if c.topk_groups < c.n_groups:  # DeepSeek-V3: a group ranks by the sum of its two best scores; V2: its best
             groups = choice.unflatten(-1, (c.n_groups, -1))
-            rank = groups.topk(min(2, groups.shape[-1]), dim=-1).values.sum(-1)
+            best = 2 if c.group_rank == "top2_sum" else 1
+            rank = groups.topk(min(best, groups.shape[-1]), dim=-1).values.sum(-1)
             kept = torch.zeros_like(rank, dtype=torch.bool).scatter_(-1, rank.topk(c.topk_groups, -1).indices, True)
             choice = groups.masked_fill(~kept[..., None], float("-inf")).flatten(-2)
         experts = choice.topk(c.top_k, dim=-1).indices

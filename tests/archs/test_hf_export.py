@@ -479,6 +479,9 @@ def test_mla_with_deepseek_v2s_experts_exports_natively(tmp_path):
     mla = {"kind": "mla", "n_heads": 4, "head_dim": 16, "rope_head_dim": 8, "kv_lora_rank": 32}
     spec = {"mixer": mla, "mlp_pattern": "DEEE", "mlps": {"D": {"kind": "swiglu", "hidden": 48}, "E": moe}}
     _native_round_trip(spec, tmp_path, "DeepseekV2ForCausalLM", 1e-5)
+    grouped = {**moe, "n_experts": 8, "n_groups": 4, "topk_groups": 2, "group_rank": "max"}  # V2's group-limited
+    _native_round_trip({**spec, "mlps": {**spec["mlps"], "E": grouped}}, tmp_path / "grouped", "DeepseekV2ForCausalLM",
+                       1e-5)  # fmt: skip
     with pytest.raises(ValueError, match="MoE routing other than DeepSeek-V2's or V3's"):
         save_hf(build_model(tiny(**{**spec, "mlps": {**spec["mlps"], "E": {**moe, "norm_topk": True}}})),
                 tmp_path / "c", remote_code=False)  # fmt: skip

@@ -75,6 +75,11 @@ CASES = {
         moe_intermediate_size=32, routed_scaling_factor=1.5,
         rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "mscale": 0.7,
                          "mscale_all_dim": 0.7, "original_max_position_embeddings": 16})),
+    # DeepSeek-V2's (236B, V2.5) group-limited choice: the 2 of 4 groups with the best single scores
+    "deepseek-v2-groups": (transformers.DeepseekV2Config, dict(
+        num_key_value_heads=4, first_k_dense_replace=1, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+        v_head_dim=16, q_lora_rank=24, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+        moe_intermediate_size=32, topk_method="group_limited_greedy", n_group=4, topk_group=2)),
     # GPT-NeoX (Pythia): LayerNorms, attention beside a biased GELU MLP, RoPE on a quarter of each head, q/k/v
     # fused head by head; and its sequential block with tanh's GELU and a tied head
     "gpt-neox-pythia": (transformers.GPTNeoXConfig, dict(rotary_pct=0.25, rotary_emb_base=5000)),
@@ -194,6 +199,9 @@ def test_import_matches_transformers(tmp_path, case, sharded):
             False,
             1.5,
         )
+    if case == "deepseek-v2-groups":
+        moe = ours.config.mlps["E"]
+        assert (moe.n_groups, moe.topk_groups, moe.group_rank) == (4, 2, "max")
     if case == "deepseek-v3-yarn":
         assert ours.config.mixer.mscale_all_dim == 0.7 and ours.config.mixer.rope_scaling["factor"] == 4.0
 
