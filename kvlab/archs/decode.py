@@ -225,7 +225,8 @@ class _RecordingBackend:
                 out = graph(*args)
                 self.last = (graph, args, out, None)
                 return out
-            versions = [a._version if isinstance(a, torch.Tensor) else None for a in args]
+            # (tensors made under torch.inference_mode keep no version: nothing marks them written)
+            versions = [a._version if isinstance(a, torch.Tensor) and not a.is_inference() else None for a in args]
             with _innermost_call() as calls:
                 out = graph(*args)
             # what the wrappers marked as written (the cache's tensors): a direct call marks them too

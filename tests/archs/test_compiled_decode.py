@@ -138,6 +138,20 @@ def test_every_family_traces_into_one_graph(name, direct_calls):
     assert (logits - expected).abs().max() <= 1e-5
 
 
+def test_generating_under_inference_mode_stays_compiled(direct_calls):
+    """Callers that wrap generation in torch.inference_mode (as many do) get the compiled step too: its tensors
+    keep no version counter, which the step's recording of what a graph writes had read (it fell back to eager
+    with "Inference tensors do not track version counter"); every step after the first calls the graph directly."""
+    model = build_model(VARIANTS["gqa"]).eval()
+    ids = torch.randint(0, 97, (2, 5))
+    traced = DecodeStep(model, True, backend="eager")
+    with torch.inference_mode():
+        tokens, logits = _generate_with(traced, model, ids, 8)
+    assert traced.compiled and traced.fallback_reason is None and len(direct_calls) == 7
+    expected_tokens, expected = _generate_with(DecodeStep(model, False), model, ids, 8)
+    assert torch.equal(tokens, expected_tokens) and (logits - expected).abs().max() <= 1e-5
+
+
 @needs_cxx
 def test_inductor_step_gives_eager_tokens_without_recompiling(direct_calls):
     """64 steps through one compiled graph (torch's compile counters; all but the first called directly),
