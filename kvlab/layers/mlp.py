@@ -44,8 +44,10 @@ from kvlab.layers.kv_cache import StateSlot
 MLP_KINDS = ("swiglu", "geglu", "gelu", "rwkv_channel_mix", "moe", "none")
 GELU_APPROXIMATIONS = ("tanh", "none")  # torch's names: F.gelu(approximate=...)
 ROUTER_SCORES = ("softmax", "sigmoid")
-# Up to this many (token, expert) assignments (a decode step of up to 32 sequences at top-2), MoE gathers each
-# token's experts' weights: static shapes, so the compiled decode step is one graph; more group tokens by expert.
+# Up to this many (token, expert) assignments (a decode step of up to 32 sequences at top-2), a compiled MoE gathers
+# each token's experts' weights: static shapes, so the compiled decode step is one graph; more group tokens by
+# expert. Eager, it gathers only up to one assignment per expert: beyond, gathering copies more weights than grouping
+# reads (eager decoding at batch 8, top 2 of 8 experts: x1.25 to x1.6 faster grouped, benchmarks/RESULTS.md).
 GATHER_ASSIGNMENTS = 64
 MOE_FIELDS = ("n_experts", "top_k", "n_shared", "score", "norm_topk", "routed_scale", "aux_loss_coef", "n_groups",
               "topk_groups", "group_rank", "score_bias", "bias_update")  # fmt: skip
@@ -286,7 +288,8 @@ class MoE(nn.Module):
         scores, experts, weights = self.route(x)
         weights = weights.to(x.dtype)
         training = self.training and torch.is_grad_enabled()
-        gather = experts.numel() <= max(self.cfg.n_experts, GATHER_ASSIGNMENTS)  # decoding: each token's experts
+        limit = GATHER_ASSIGNMENTS if torch.compiler.is_compiling() else 0
+        gather = experts.numel() <= max(self.cfg.n_experts, limit)  # decoding: each token's experts
         counts = None if gather and not training else torch.bincount(experts.flatten(), minlength=self.cfg.n_experts)
         y = self._gathered(x, experts, weights) if gather else self._grouped(x, experts, weights, counts)
         if self.shared is not None:

@@ -205,3 +205,26 @@ def test_deepseek_score_bias_chooses_without_weighing_and_moves_toward_balance()
     model.update_routing()
     torch.testing.assert_close(layer.score_bias.double(), 0.1 * torch.sign(load.mean() - load))
     assert torch.equal(layer.score_bias > 0, load < load.mean())  # the underloaded experts are chosen more
+
+
+def test_eager_decoding_groups_by_expert_past_one_assignment_each_and_a_compiled_step_gathers(monkeypatch):
+    """A step of 8 tokens at top 2 over 4 experts: eager, grouped by expert (gathering each token's weights copies
+    more than grouping reads); traced, gathered (static shapes: the compiled decode step stays one graph); the same
+    outputs either way. One token's two assignments gather in both."""
+    moe = _moe(n_experts=4, top_k=2).eval()
+    gathered = []
+    through = MoE._gathered
+
+    def counted(self, *args):
+        gathered.append(args[1].numel())
+        return through(self, *args)
+
+    monkeypatch.setattr(MoE, "_gathered", counted)
+    x = torch.randn(8, 1, D, dtype=torch.float64)
+    with torch.no_grad():
+        eager = moe(x)
+        moe(x[:1])
+        assert gathered == [2]
+        traced = torch.compile(moe, backend="eager", fullgraph=True)(x)
+    assert gathered == [2, 16]
+    torch.testing.assert_close(traced, eager)

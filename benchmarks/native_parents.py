@@ -1,0 +1,133 @@
+"""Parents with classes of their own, decoded and trained by kvlab and by `transformers`' class, one process.
+
+    python benchmarks/native_parents.py [--parents gemma2,mixtral,deepseek_v2] [--batches 1,8] [--prompt 128]
+                                        [--new 128] [--repeats 3] [--steps 10]
+
+Each parent is built in kvlab at the presets' shapes (d_model 256, 6 layers, 8 query heads of 32, vocab 4,096,
+fp32) with its own parts: Gemma 2's windows on every other layer, soft-capped scores and logits and sandwich
+norms (`transformers` runs its scores eagerly: SDPA takes no cap); Mixtral's 8 experts, top 2, in every layer;
+DeepSeek-V2-Lite's MLA with 8 experts, top 2, and a shared one after a dense layer. kvlab's native export of it
+is loaded back into `transformers`' class (Gemma2ForCausalLM, MixtralForCausalLM, DeepseekV2ForCausalLM), so
+both hold the same weights, and their greedy tokens are checked equal. Decoding: ``generate`` of ``--new``
+tokens after a ``--prompt``-token prompt under ``torch.inference_mode`` (kvlab compiled, its compilation the
+warm-up, and eager; `transformers` eager, its dynamic cache). Training: one step (forward with the loss,
+backward, fused AdamW) on 8 x 256 tokens, best of ``--steps``. Every time is the best of its rounds, the runners
+interleaved (benchmarks/common.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+
+import torch
+import transformers
+from common import best_interleaved  # benchmarks/common.py, beside this script
+
+from kvlab import build_model
+from kvlab.archs.hf import save_hf
+
+SHAPES = {"vocab_size": 4096, "d_model": 256, "n_layers": 6, "max_seq_len": 2048}
+GQA = {"kind": "attention", "n_heads": 8, "n_kv_heads": 2, "head_dim": 32}
+PARENTS = {
+    "gemma2": {
+        **SHAPES, "norm": {"kind": "rmsnorm", "eps": 1e-6, "unit_offset": True}, "post_norms": True,
+        "embed_scale": 16.0, "mlp": {"kind": "geglu", "hidden": 688}, "tie_embeddings": True, "logit_softcap": 30.0,
+        "pattern": "LG", "mixers": {"L": {**GQA, "window": 64, "softcap": 50.0}, "G": {**GQA, "softcap": 50.0}},
+    },
+    "mixtral": {**SHAPES, "mixer": GQA, "mlp": {"kind": "moe", "hidden": 256, "n_experts": 8, "top_k": 2,
+                                                "norm_topk": True}},
+    "deepseek_v2": {
+        **SHAPES, "mixer": {"kind": "mla", "n_heads": 8, "head_dim": 32, "rope_head_dim": 16, "kv_lora_rank": 128},
+        "mlp_pattern": "DEEEEE", "mlps": {"D": {"kind": "swiglu", "hidden": 688},
+                                          "E": {"kind": "moe", "hidden": 128, "n_experts": 8, "top_k": 2,
+                                                "n_shared": 1}},
+    },
+}  # fmt: skip
+
+
+def twin(model):
+    with tempfile.TemporaryDirectory() as tmp:
+        save_hf(model, f"{tmp}/twin", remote_code=False)
+        return transformers.AutoModelForCausalLM.from_pretrained(
+            f"{tmp}/twin", dtype=torch.float32, experts_implementation="eager"
+        ).eval()
+
+
+def decoders(model, hf, ids, new: int):
+    def ours(compile: bool):
+        def run():
+            with torch.inference_mode():
+                return model.generate(ids, max_new_tokens=new, compile=compile)
+
+        return run
+
+    def theirs():
+        with torch.inference_mode():
+            return hf.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0,
+                               attention_mask=torch.ones_like(ids))  # fmt: skip
+
+    return {"kvlab compiled": ours(True), "kvlab eager": ours(False), "transformers": theirs}
+
+
+def trainers(model, hf, ids):
+    def step(module, loss_of):
+        opt = torch.optim.AdamW(module.parameters(), lr=1e-4, fused=True)
+
+        def run():
+            loss_of(module).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        return run
+
+    return {
+        "kvlab": step(model.train(), lambda m: m(ids, labels=ids)),
+        "transformers": step(hf.train(), lambda m: m(ids, labels=ids).loss),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--parents", default=",".join(PARENTS))
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--prompt", type=int, default=128)
+    p.add_argument("--new", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--steps", type=int, default=10)
+    args = p.parse_args()
+    torch.manual_seed(0)
+    print("| parent | class | batch | kvlab compiled tok/s | kvlab eager tok/s | transformers tok/s | compiled / "
+          "transformers | same tokens |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    training = []
+    for name in args.parents.split(","):
+        model = build_model(PARENTS[name]).eval()
+        hf = twin(model)
+        for batch in map(int, args.batches.split(",")):
+            ids = torch.randint(0, SHAPES["vocab_size"], (batch, args.prompt))
+            runs = decoders(model.eval(), hf.eval(), ids, args.new)
+            outs = {k: run() for k, run in runs.items()}  # the warm-up (kvlab's compilation)
+            same = torch.equal(outs["kvlab compiled"], outs["transformers"]) and torch.equal(
+                outs["kvlab eager"], outs["transformers"]
+            )
+            best, _ = best_interleaved(list(runs.items()), args.repeats)
+            rate = {k: batch * args.new / t for k, t in best.items()}
+            print(f"| {name} | {type(hf).__name__} | {batch} | {rate['kvlab compiled']:,.0f} | "
+                  f"{rate['kvlab eager']:,.0f} | {rate['transformers']:,.0f} | "
+                  f"x{rate['kvlab compiled'] / rate['transformers']:.2f} | {same} |")  # fmt: skip
+        ids = torch.randint(0, SHAPES["vocab_size"], (8, 256))
+        steps = trainers(model, hf, ids)
+        for run in steps.values():
+            run()  # warm-up
+        best, _ = best_interleaved(list(steps.items()), args.steps)
+        training.append((name, {k: ids.numel() / t for k, t in best.items()}))
+    print("\n| parent | kvlab training tok/s | transformers training tok/s | kvlab / transformers |")
+    print("| --- | --- | --- | --- |")
+    for name, rate in training:
+        print(f"| {name} | {rate['kvlab']:,.0f} | {rate['transformers']:,.0f} | "
+              f"x{rate['kvlab'] / rate['transformers']:.2f} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
