@@ -98,11 +98,12 @@ def test_a_hugging_face_config_as_load_hf_imports_it(capsys, tmp_path):
     assert "--hf gives the model; the overrides model=gqa would be ignored" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("case", ["deepseek-v2-lite", "mixtral-8x7b"])
+@pytest.mark.parametrize("case", ["deepseek-v2-lite", "mixtral-8x7b", "gemma-2-2b"])
 def test_hugging_face_configs_of_mla_and_experts_count_as_published(capsys, tmp_path, case):
     """--hf on the hub's own config.json of DeepSeek-V2-Lite (MLA: 576 elements a token and layer, DeepSeek-V2's
-    Table 9, over 27 layers; its YaRN; 15.7B parameters) and of Mixtral 8x7B (8 K/V heads of 128 over 32 layers;
-    46.7B parameters): the caches and parameter counts their papers give."""
+    Table 9, over 27 layers; its YaRN; 15.7B parameters), of Mixtral 8x7B (8 K/V heads of 128 over 32 layers;
+    46.7B parameters) and of Gemma 2 2B (4 K/V heads of 256 in 13 full layers, 13 of 4,096-token windows; 2.61B
+    parameters, its embeddings tied): the caches and parameter counts their papers give."""
     config = {
         "deepseek-v2-lite": {
             "model_type": "deepseek_v2", "vocab_size": 102400, "hidden_size": 2048, "intermediate_size": 10944,
@@ -121,9 +122,18 @@ def test_hugging_face_configs_of_mla_and_experts_count_as_published(capsys, tmp_
             "num_experts_per_tok": 2, "max_position_embeddings": 32768, "rope_theta": 1e6, "sliding_window": None,
             "tie_word_embeddings": False,
         },
+        "gemma-2-2b": {
+            "model_type": "gemma2", "vocab_size": 256000, "hidden_size": 2304, "intermediate_size": 9216,
+            "num_hidden_layers": 26, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
+            "query_pre_attn_scalar": 256, "sliding_window": 4096, "max_position_embeddings": 8192,
+            "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0, "hidden_activation": "gelu_pytorch_tanh",
+        },
     }[case]  # fmt: skip
     (tmp_path / "config.json").write_text(json.dumps(config))
     r = report(capsys, "--hf", str(tmp_path))
     per_token, params = {"deepseek-v2-lite": (576 * 27 * 2, 15_706_484_224),
-                         "mixtral-8x7b": (2 * 8 * 128 * 32 * 2, 46_702_792_704)}[case]  # fmt: skip
+                         "mixtral-8x7b": (2 * 8 * 128 * 32 * 2, 46_702_792_704),
+                         "gemma-2-2b": (2 * 4 * 256 * 13 * 2, 2_614_341_888)}[case]  # fmt: skip
     assert (r["bytes_per_token"], r["params"]) == (per_token, params)
+    if case == "gemma-2-2b":
+        assert r["fixed_bytes"] == 13 * 4096 * 2 * 4 * 256 * 2  # the windows, once full
