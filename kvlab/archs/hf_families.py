@@ -269,9 +269,9 @@ def _moe_problems(cfg: ModelConfig, m) -> list[str]:
         problems.append(f"dense layers or norm_topk={moe.norm_topk} without qk_norm (Mixtral has experts in "
                         "every layer and renormalises the chosen scores; Qwen3-MoE, with qk_norm, "
                         "may not)")  # fmt: skip
-    if _granite(cfg) or any(x != m for x in cfg.layer_mixers):
-        problems.append("experts with layers that differ or Granite's multipliers (Mixtral and Qwen3-MoE have "
-                        "one attention)")  # fmt: skip
+    if _granite(cfg) or any(x != m for x in cfg.layer_mixers) or m.rope_dims != m.head_dim:
+        problems.append("experts with layers that differ, Granite's multipliers or partial RoPE (Mixtral and "
+                        "Qwen3-MoE have one attention, RoPE on every channel)")  # fmt: skip
     return problems
 
 
@@ -580,12 +580,13 @@ def _deepseek_mlp_problems(cfg: ModelConfig) -> list[str]:
     problems = []
     if any(m.kind != "swiglu" or m != dense[0] for m in dense) or any(m != moe for m in rest):
         problems.append("MLPs other than SwiGLU in the first layers and one MoE in all the rest")
-    v3 = moe.score == "sigmoid" and moe.score_bias
+    v3 = moe.score == "sigmoid" and moe.score_bias and (moe.n_groups == 1 or moe.group_rank == "top2_sum")
     if not (v3 or _deepseek_v2_routing(moe)) or not moe.n_shared:
         problems.append(f"MoE routing other than DeepSeek-V2's or V3's (score={moe.score!r}, score_bias="
-                        f"{moe.score_bias}, n_groups={moe.n_groups}, norm_topk={moe.norm_topk}, n_shared="
-                        f"{moe.n_shared}; V3's: sigmoid with a score bias, V2's: softmax, the top k of all, not "
-                        "renormalised; both with shared experts)")  # fmt: skip
+                        f"{moe.score_bias}, n_groups={moe.n_groups}, group_rank={moe.group_rank}, norm_topk="
+                        f"{moe.norm_topk}, n_shared={moe.n_shared}; V3's: sigmoid with a score bias, groups by their "
+                        "two best; V2's: softmax, groups by their best, not renormalised; both with shared "
+                        "experts)")  # fmt: skip
     return problems
 
 

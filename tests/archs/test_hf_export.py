@@ -467,6 +467,9 @@ def test_experts_export_as_mixtral_qwen3_moe_or_olmoe(tmp_path, case):
         deepseek = {**spec, "mlp": {**MOE, "norm_topk": True, "score": "sigmoid"}}
         with pytest.raises(ValueError, match="MoE routing other than Mixtral's and Qwen3-MoE's"):
             save_hf(build_model(tiny(**deepseek)), tmp_path / "d", remote_code=False)
+        no_rope = {**spec, "mixer": {**spec["mixer"], "rope_dims": 0}}  # (SmolLM3's NoPE layers have no MoE class)
+        with pytest.raises(ValueError, match="partial RoPE \\(Mixtral and Qwen3-MoE have one attention"):
+            save_hf(build_model(tiny(**no_rope)), tmp_path / "e", remote_code=False)
     elif case == "qwen3-moe":
         assert json.loads((tmp_path / "a" / "config.json").read_text())["mlp_only_layers"] == [1]
 
