@@ -185,9 +185,14 @@ class DecodeStep:
         return result.clone() if cuda_graph else result  # a graph's output is overwritten by its next replay
 
     def _traced_step(self, graph, key, token, cache, start, tokens: bool) -> torch.Tensor | None:
-        """The step through TorchDynamo, compiling its graph first where ``graph`` is None (None: that failed)."""
+        """The step through TorchDynamo, compiling its graph first where ``graph`` is None (None: that failed, or
+        retracing an existing graph did: a cache of another layout, as a cache policy's, fails its guards)."""
         if graph is not None:
-            return graph(token, cache, start)
+            try:
+                return graph(token, cache, start)
+            except Exception as e:  # noqa: BLE001 - Dynamo's retrace failed before running: decode eager, say why
+                self._fall_back(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                return None
         t0 = time.perf_counter()
         try:
             graph = self._compile(token.device.type, tokens)

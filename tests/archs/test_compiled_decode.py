@@ -152,6 +152,30 @@ def test_generating_under_inference_mode_stays_compiled(direct_calls):
     assert torch.equal(tokens, expected_tokens) and (logits - expected).abs().max() <= 1e-5
 
 
+def test_a_cache_whose_step_cannot_be_retraced_decodes_eagerly_instead_of_raising():
+    """A model whose step compiled for one cache meets another layout at the same shapes (KIVI's, whose step Dynamo
+    cannot trace at its default groups): the retrace fails before running, and the step decodes eagerly, saying
+    why, where the failure had reached the caller ("Unsupported: Observed exception")."""
+    model = build_model(tiny(max_seq_len=256, mixer={"kind": "attention", "n_heads": 2, "n_kv_heads": 1})).eval()
+    ids = torch.randint(0, 97, (2, 12))
+    traced = DecodeStep(model, True, backend="eager")
+
+    def generate(policy):
+        cache = model.new_cache(2, 32, policy=policy)
+        with torch.no_grad():
+            token, out = model(ids, cache=cache, last_only=True)[:, -1].argmax(-1), []
+            for _ in range(6):
+                out.append(token)
+                token = traced(token[:, None], cache).argmax(-1)
+        return torch.stack(out, 1)
+
+    generate(None)
+    assert traced.compiled
+    tokens = generate("kivi")
+    assert not traced.compiled and "Observed exception" in traced.fallback_reason
+    assert torch.equal(tokens, model.generate(ids, 6, compile=False, cache_policy="kivi")[:, 12:])
+
+
 @needs_cxx
 def test_inductor_step_gives_eager_tokens_without_recompiling(direct_calls):
     """64 steps through one compiled graph (torch's compile counters; all but the first called directly),
