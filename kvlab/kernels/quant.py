@@ -50,6 +50,8 @@ def dequantize(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bi
     codes = unpack(packed, bits).to(work)
     *lead, width = codes.shape
     n_groups = scale.shape[-1]
+    if n_groups == 0:  # nothing held yet (KIVI's keys before their first group: a cache shorter than its residual)
+        return codes.to(dtype)
     values = codes.reshape(*lead, n_groups, width // n_groups) * scale.to(work).unsqueeze(-1)
     return (values + zero.to(work).unsqueeze(-1)).reshape(*lead, width).to(dtype)
 

@@ -152,13 +152,24 @@ def test_generating_under_inference_mode_stays_compiled(direct_calls):
     assert torch.equal(tokens, expected_tokens) and (logits - expected).abs().max() <= 1e-5
 
 
-def test_a_cache_whose_step_cannot_be_retraced_decodes_eagerly_instead_of_raising():
-    """A model whose step compiled for one cache meets another layout at the same shapes (KIVI's, whose step Dynamo
-    cannot trace at its default groups): the retrace fails before running, and the step decodes eagerly, saying
-    why, where the failure had reached the caller ("Unsupported: Observed exception")."""
-    model = build_model(tiny(max_seq_len=256, mixer={"kind": "attention", "n_heads": 2, "n_kv_heads": 1})).eval()
+def test_a_cache_whose_step_cannot_be_retraced_decodes_eagerly_instead_of_raising(monkeypatch):
+    """A model whose step compiled for one cache meets another layout at the same shapes (a cache policy's): if
+    Dynamo cannot retrace the step for it (here made to fail; KIVI's keys before their first group did, a
+    division by zero groups), the retrace fails before running and the step decodes eagerly, saying why, where the
+    failure had reached the caller."""
+    from kvlab.layers.cache_policy import PolicyKV
+
+    model = build_model(tiny(max_seq_len=256)).eval()
     ids = torch.randint(0, 97, (2, 12))
     traced = DecodeStep(model, True, backend="eager")
+    update = PolicyKV.update
+
+    def untraceable(self, *args):
+        if torch.compiler.is_compiling():
+            raise NotImplementedError("no trace of this layout")
+        return update(self, *args)
+
+    monkeypatch.setattr(PolicyKV, "update", untraceable)
 
     def generate(policy):
         cache = model.new_cache(2, 32, policy=policy)
@@ -171,9 +182,26 @@ def test_a_cache_whose_step_cannot_be_retraced_decodes_eagerly_instead_of_raisin
 
     generate(None)
     assert traced.compiled
-    tokens = generate("kivi")
-    assert not traced.compiled and "Observed exception" in traced.fallback_reason
-    assert torch.equal(tokens, model.generate(ids, 6, compile=False, cache_policy="kivi")[:, 12:])
+    tokens = generate("int8")
+    assert not traced.compiled and "Observed exception" in traced.fallback_reason  # (Dynamo's word for a raise)
+    assert torch.equal(tokens, model.generate(ids, 6, compile=False, cache_policy="int8")[:, 12:])
+
+
+def test_kivis_step_compiles_before_its_first_key_group():
+    """KIVI at its default settings (keys quantized in groups of 32 tokens behind a 128-token residual) on a cache
+    shorter than its residual: no key group is ever held, and the compiled step (which dequantizes the held keys
+    whole) took zero groups' width by zero (a ZeroDivisionError in tracing: decoding fell back to eager)."""
+    model = build_model(tiny(max_seq_len=256, mixer={"kind": "attention", "n_heads": 2, "n_kv_heads": 1})).eval()
+    ids = torch.randint(0, 97, (2, 12))
+    traced = DecodeStep(model, True, backend="eager")
+    cache = model.new_cache(2, 32, policy="kivi")
+    with torch.no_grad():
+        token, out = model(ids, cache=cache, last_only=True)[:, -1].argmax(-1), []
+        for _ in range(6):
+            out.append(token)
+            token = traced(token[:, None], cache).argmax(-1)
+    assert traced.compiled and traced.fallback_reason is None
+    assert torch.equal(torch.stack(out, 1), model.generate(ids, 6, compile=False, cache_policy="kivi")[:, 12:])
 
 
 @needs_cxx
