@@ -252,6 +252,14 @@ def _moe_of(cfg: ModelConfig):
     return next((p.mlp for p in cfg.plan if p.mlp.kind == "moe"), None)
 
 
+def _softmax_top_k(moe) -> bool:
+    """Whether an MoE routes as Mixtral, Qwen3-MoE, OLMoE and Jamba do: softmax scores, the top k of every expert
+    (no groups, no score bias), unscaled, no shared experts (the chosen scores renormalised or not: each class
+    says which)."""
+    return (moe.score == "softmax" and not moe.n_shared and not moe.score_bias and moe.n_groups == 1
+            and moe.routed_scale == 1)  # fmt: skip
+
+
 def _moe_problems(cfg: ModelConfig, m) -> list[str]:
     """What Mixtral's and Qwen3-MoE's MLPs lack: one MoE routed by softmax and top-k in every layer (Qwen3-MoE:
     or a SwiGLU in the layers mlp_only_layers names)."""
@@ -260,7 +268,7 @@ def _moe_problems(cfg: ModelConfig, m) -> list[str]:
     if any(p.mlp != moe for p in cfg.plan if p.mlp.kind == "moe") or any(x.kind != "swiglu" or x != dense[0]
                                                                          for x in dense):  # fmt: skip
         problems.append("MLPs other than one MoE, and one SwiGLU in some layers")
-    if moe.score != "softmax" or moe.n_shared or moe.score_bias or moe.n_groups != 1 or moe.routed_scale != 1:
+    if not _softmax_top_k(moe):
         problems.append(f"MoE routing other than Mixtral's and Qwen3-MoE's (score={moe.score!r}, "
                         f"n_shared={moe.n_shared}, score_bias={moe.score_bias}, n_groups={moe.n_groups}, "
                         f"routed_scale={moe.routed_scale}; theirs: softmax, top-k, no shared experts, groups, "
@@ -842,10 +850,9 @@ def _jamba_problems(cfg: ModelConfig) -> list[str]:
     if any(m.kind not in ("swiglu", "moe") for m in mlps) or len({m.hidden for m in mlps}) > 1:
         problems.append("MLPs other than SwiGLU/MoE, or of different widths (Jamba has one intermediate_size)")
     moe = [m for m in mlps if m.kind == "moe"]
-    if moe and (any(m != moe[0] for m in moe) or moe[0].score != "softmax" or moe[0].norm_topk
-                or moe[0].routed_scale != 1.0 or moe[0].n_shared):  # fmt: skip
-        problems.append("MoE layers that differ, or routing other than Jamba's (softmax, not renormalised, "
-                        "no scale, no shared experts)")  # fmt: skip
+    if moe and (any(m != moe[0] for m in moe) or not _softmax_top_k(moe[0]) or moe[0].norm_topk):
+        problems.append("MoE layers that differ, or routing other than Jamba's (softmax, the top k of every "
+                        "expert, not renormalised, no groups, score bias, scale or shared experts)")  # fmt: skip
     return problems
 
 
@@ -1425,7 +1432,7 @@ def _olmoe_problems(cfg: ModelConfig) -> list[str]:
     if m.n_heads * m.head_dim != cfg.d_model:
         problems.append(f"n_heads * head_dim = {m.n_heads * m.head_dim} apart from d_model={cfg.d_model} (OLMoE's "
                         "query norm spans hidden_size)")  # fmt: skip
-    if moe.score != "softmax" or moe.n_shared or moe.score_bias or moe.n_groups != 1 or moe.routed_scale != 1:
+    if not _softmax_top_k(moe):
         problems.append("MoE routing other than OLMoE's (softmax, top-k, no shared experts, groups, bias or scale)")
     return problems
 

@@ -330,6 +330,11 @@ def test_jamba_exports_natively_and_reads_back(tmp_path):
     assert again.config.plan == model.config.plan  # mlp_pattern comes back written out per layer
     save_hf(again, tmp_path / "b", remote_code=False)
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+    for routing in ({"n_groups": 4, "topk_groups": 2}, {"score_bias": True}):  # (the first had exported as Jamba)
+        grouped = _small(preset_dict("jamba"))
+        grouped["mlps"] = {**grouped["mlps"], "E": {**grouped["mlps"]["E"], **routing}}
+        with pytest.raises(ValueError, match="routing other than Jamba's"):
+            save_hf(build_model(grouped), tmp_path / "d", remote_code=False)
     with pytest.raises(ValueError, match="RoPE in attention"):  # jamba_m2 is no Jamba: remote code only
         save_hf(build_model(_small(preset_dict("jamba_m2") | {"mixers": {
             "M": {"kind": "mamba", "inner_norms": True, "norm_eps": 1e-5}, "A": {"kind": "attention"}}})),
