@@ -41,6 +41,7 @@ from kvlab.archs.config import ModelConfig
 from kvlab.archs.hf_families import (
     NATIVE_FAMILIES,
     NATIVE_LAYOUTS,
+    check_silu,
     family_of_model_type,
     layout_for,
     read_rope,
@@ -122,8 +123,7 @@ def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
             "and kvlab (our remote-code exports)"
         )
     rope = read_rope(hf)
-    if hf.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"config.json: hidden_act={hf['hidden_act']!r} is not supported (SwiGLU needs silu)")
+    check_silu(hf)
     if hf.get("mlp_bias"):
         raise ValueError("config.json: mlp_bias=true is not supported (kvlab's SwiGLU has no biases)")
     mixer = family.from_hf(hf, rope)

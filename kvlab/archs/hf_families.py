@@ -127,10 +127,21 @@ def same_but(a, b, fields: tuple[str, ...]) -> bool:
     return type(a) is type(b) and all(getattr(a, f) == getattr(b, f) for f in a.__dataclass_fields__ if f not in fields)
 
 
+def check_silu(hf: dict[str, Any]) -> None:
+    """SwiGLU's gate: a config.json's hidden_act must be silu."""
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"config.json: hidden_act={hf['hidden_act']!r} is not supported (SwiGLU needs silu)")
+
+
+def _projection_norms(cfg: ModelConfig) -> bool:
+    """Whether any layer normalises its whole query and key projections (qk_norm_over: projection: OLMo's)."""
+    return any(getattr(m, "qk_norm_over", "head") == "projection" for m in cfg.layer_mixers)
+
+
 def pre_norm_problems(cfg: ModelConfig) -> list[str]:
     """The norms before the mixer and the MLP, which all but OLMo 2's classes have; and per-head q/k norms."""
     problems = ["pre_norms=False (OLMo 2's)"] if not cfg.pre_norms else []
-    if any(getattr(m, "qk_norm_over", "head") == "projection" for m in cfg.layer_mixers):
+    if _projection_norms(cfg):
         problems.append("query and key norms over the whole projections (qk_norm_over: projection, OLMo 2's)")
     return problems
 
@@ -919,8 +930,7 @@ def _jamba_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, 
 
 
 def _jamba_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
-    if hf.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"config.json: hidden_act={hf['hidden_act']!r} is not supported (SwiGLU needs silu)")
+    check_silu(hf)
     if not hf.get("mamba_conv_bias", True) or hf.get("mamba_proj_bias", False):
         raise ValueError("config.json: Jamba with mamba_conv_bias=false or mamba_proj_bias=true is not supported")
     n, d, heads = hf["num_hidden_layers"], hf["hidden_size"], hf["num_attention_heads"]
@@ -1316,10 +1326,6 @@ NATIVE_LAYOUTS["gemma3"] = NativeLayout(
 # (qk_norm_over: projection); SwiGLU. Names as Gemma's post norms (_gemma_state).
 
 
-def _projection_norms(cfg: ModelConfig) -> bool:
-    return any(getattr(m, "qk_norm_over", "head") == "projection" for m in cfg.layer_mixers)
-
-
 def _olmo_claims(cfg: ModelConfig) -> bool:  # (OLMoE's: norms before the sublayers and experts)
     olmoe = cfg.pre_norms and _moe_of(cfg) is not None
     return _mixer_kinds(cfg) == {"attention"} and (not cfg.pre_norms or _projection_norms(cfg)) and not olmoe
@@ -1377,8 +1383,7 @@ def _olmo_to_hf(cfg: ModelConfig) -> dict[str, Any]:
 def _olmo_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
     import transformers
 
-    if hf.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"config.json: hidden_act={hf['hidden_act']!r} is not supported (SwiGLU needs silu)")
+    check_silu(hf)
     hf = transformers.AutoConfig.for_model(**hf).to_dict()  # (OLMo 3's layer_types as transformers derives them)
     n_heads, d, eps = hf["num_attention_heads"], hf["hidden_size"], hf.get("rms_norm_eps", 1e-6)
     bias = bool(hf.get("attention_bias"))
@@ -1455,8 +1460,7 @@ def _olmoe_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, 
 
 
 def _olmoe_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
-    if hf.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"config.json: hidden_act={hf['hidden_act']!r} is not supported (SwiGLU needs silu)")
+    check_silu(hf)
     if hf.get("clip_qkv") is not None:
         raise ValueError(f"config.json: clip_qkv={hf['clip_qkv']} is not supported (kvlab clamps no projections)")
     n_heads, d, eps = hf["num_attention_heads"], hf["hidden_size"], hf.get("rms_norm_eps", 1e-5)
