@@ -57,12 +57,17 @@ _RENAMES = [  # (transformers, kvlab) name fragments
     (".self_attn.", ".mixer."),
     (".input_layernorm.", ".mixer_norm."),
     (".post_attention_layernorm.", ".mlp_norm."),
-    # MoE (DeepSeek-V3's names): the router, its score bias, shared experts, the stacked experts
+    # MoE (DeepSeek-V3's names): the router, its score bias, shared experts, the stacked experts; Qwen2-MoE's
+    # gate of its shared expert, and its shared expert (read; written by _TYPE_RENAMES)
     (".mlp.gate.e_score_correction_bias", ".mlp.score_bias"),
     (".mlp.gate.", ".mlp.router."),
     (".mlp.shared_experts.", ".mlp.shared."),
+    (".mlp.shared_expert_gate.", ".mlp.shared_gate."),
+    (".mlp.shared_expert.", ".mlp.shared."),
     (".mlp.experts.", ".mlp."),
 ]
+# What a class names apart from the others, after kvlab_to_hf_name: Qwen2-MoE's shared expert (one, not DeepSeek's)
+_TYPE_RENAMES = {"qwen2_moe": (".mlp.shared_experts.", ".mlp.shared_expert.")}
 _STACKED_EXPERTS = re.compile(r"\.mlp\.(gate_up_proj|down_proj)$")  # ours; a dense MLP's end in .weight
 
 
@@ -345,6 +350,8 @@ def _write_export(model: CausalLM, tmp: Path, tokenizer, hf: dict | None, max_sh
     else:
         rename = kvlab_to_hf_name if hf is not None else (lambda name: REMOTE_PREFIX + name)
         cast = {rename(k): v for k, v in cast.items()}
+        if hf is not None and hf["model_type"] in _TYPE_RENAMES:
+            cast = {k.replace(*_TYPE_RENAMES[hf["model_type"]]): v for k, v in cast.items()}
     _save_weights({k: v.detach().contiguous() for k, v in cast.items()}, tmp, max_shard_bytes)
 
     weights_dtype = str(dtype or model.embed_tokens.weight.dtype).removeprefix("torch.")

@@ -10,7 +10,7 @@ family's ``config.json`` fields, and, on import, which family a
   Phi-3 (import) (our attention keeps their projection layout and RoPE
   convention: the weights are a renaming; layers may differ by their
   window or by having RoPE, ``per_layer_fields``); with a mixture of experts,
-  Mixtral and Qwen3-MoE;
+  Mixtral, Qwen3-MoE and Qwen2-MoE (its shared expert gated);
 - ``mla`` <-> DeepSeek-V3, dense or with MoE after its first dense layers,
   and DeepSeek-V2 (its routing); their RoPE channel pairs reordered on import
   (and back on V2's export).
@@ -102,13 +102,15 @@ LLAMA_TYPES: dict[str, dict[str, Any]] = {
     # Granite: Llama with multipliers (embeddings, sublayer outputs, attention scores, logits)
     "granite": {"qkv_bias": None, "o_bias": None, "window": False, "qk_norm": False},
     # Mixtral and Qwen3-MoE: Mistral's and Qwen3's attention (windows in every layer or none) with a mixture of
-    # SwiGLU experts, routed by softmax and top-k (MOE_TYPES)
+    # SwiGLU experts, routed by softmax and top-k (MOE_TYPES); Qwen2-MoE: Qwen2's attention (its query, key and
+    # value biases switched by its own field, qkv_bias) beside such experts and a shared expert, gated per token
     "mixtral": {"qkv_bias": False, "o_bias": False, "window": True, "qk_norm": False},
     "qwen3_moe": {"qkv_bias": None, "o_bias": None, "window": True, "qk_norm": True},
+    "qwen2_moe": {"qkv_bias": True, "o_bias": False, "window": True, "qk_norm": False},
 }
-MOE_TYPES = ("mixtral", "qwen3_moe")
+MOE_TYPES = ("mixtral", "qwen3_moe", "qwen2_moe")
 # windows on the layers layer_types names (Qwen2/3: by default the layers from max_window_layers on)
-PER_LAYER_WINDOWS = ("qwen2", "qwen3", "smollm3", "ministral")
+PER_LAYER_WINDOWS = ("qwen2", "qwen3", "smollm3", "ministral", "qwen2_moe")
 
 
 def llama_block_problems(cfg: ModelConfig) -> list[str]:
@@ -263,39 +265,57 @@ def _moe_of(cfg: ModelConfig):
     return next((p.mlp for p in cfg.plan if p.mlp.kind == "moe"), None)
 
 
-def _softmax_top_k(moe) -> bool:
+def _softmax_top_k(moe, gated_shared: bool = False) -> bool:
     """Whether an MoE routes as Mixtral, Qwen3-MoE, OLMoE and Jamba do: softmax scores, the top k of every expert
     (no groups, no score bias), unscaled, no shared experts (the chosen scores renormalised or not: each class
-    says which)."""
-    return (moe.score == "softmax" and not moe.n_shared and not moe.score_bias and moe.n_groups == 1
+    says which); ``gated_shared``: as Qwen2-MoE does, with shared experts gated per token."""
+    shared = bool(moe.n_shared and moe.shared_gate) if gated_shared else not moe.n_shared
+    return (moe.score == "softmax" and shared and not moe.score_bias and moe.n_groups == 1
             and moe.routed_scale == 1)  # fmt: skip
 
 
 def _moe_problems(cfg: ModelConfig, m) -> list[str]:
-    """What Mixtral's and Qwen3-MoE's MLPs lack: one MoE routed by softmax and top-k in every layer (Qwen3-MoE:
-    or a SwiGLU in the layers mlp_only_layers names)."""
+    """What Mixtral's, Qwen3-MoE's and Qwen2-MoE's MLPs lack: one MoE routed by softmax and top-k in every layer
+    (Qwen3-MoE and Qwen2-MoE: or a SwiGLU in the layers mlp_only_layers names), shared experts gated per token in
+    Qwen2-MoE's alone."""
     moe, problems = _moe_of(cfg), []
     dense = [p.mlp for p in cfg.plan if p.mlp.kind != "moe"]
     if any(p.mlp != moe for p in cfg.plan if p.mlp.kind == "moe") or any(x.kind != "swiglu" or x != dense[0]
                                                                          for x in dense):  # fmt: skip
         problems.append("MLPs other than one MoE, and one SwiGLU in some layers")
-    if not _softmax_top_k(moe):
-        problems.append(f"MoE routing other than Mixtral's and Qwen3-MoE's (score={moe.score!r}, "
-                        f"n_shared={moe.n_shared}, score_bias={moe.score_bias}, n_groups={moe.n_groups}, "
-                        f"routed_scale={moe.routed_scale}; theirs: softmax, top-k, no shared experts, groups, "
-                        "bias or scale)")  # fmt: skip
-    if not m.qk_norm and (dense or not moe.norm_topk):
+    if not _softmax_top_k(moe, gated_shared=moe.shared_gate):
+        problems.append(f"MoE routing other than Mixtral's, Qwen3-MoE's and Qwen2-MoE's (score={moe.score!r}, "
+                        f"n_shared={moe.n_shared}, shared_gate={moe.shared_gate}, score_bias={moe.score_bias}, "
+                        f"n_groups={moe.n_groups}, routed_scale={moe.routed_scale}; theirs: softmax, top-k, no "
+                        "groups, bias or scale, and no shared experts but Qwen2-MoE's gated ones)")  # fmt: skip
+    if moe.shared_gate:
+        problems += _qwen2_moe_attention_problems(cfg, m)
+    elif not m.qk_norm and (dense or not moe.norm_topk):
         problems.append(f"dense layers or norm_topk={moe.norm_topk} without qk_norm (Mixtral has experts in "
                         "every layer and renormalises the chosen scores; Qwen3-MoE, with qk_norm, "
                         "may not)")  # fmt: skip
-    if _granite(cfg) or any(x != m for x in cfg.layer_mixers) or m.rope_dims != m.head_dim:
-        problems.append("experts with layers that differ, Granite's multipliers or partial RoPE (Mixtral and "
-                        "Qwen3-MoE have one attention, RoPE on every channel)")  # fmt: skip
+    same = (lambda x: same_but(x, m, ("window",))) if moe.shared_gate else (lambda x: x == m)
+    if _granite(cfg) or not all(same(x) for x in cfg.layer_mixers) or m.rope_dims != m.head_dim:
+        problems.append("experts with layers that differ, Granite's multipliers or partial RoPE (Mixtral, "
+                        "Qwen3-MoE and Qwen2-MoE have one attention, RoPE on every channel; Qwen2-MoE's layers may "
+                        "differ by a window)")  # fmt: skip
     return problems
 
 
+def _qwen2_moe_attention_problems(cfg: ModelConfig, m) -> list[str]:
+    """Qwen2-MoE's attention: no query or key norms, no output bias, windows of one size (on any layers)."""
+    windows = {x.window for x in cfg.layer_mixers} - {None}
+    if m.qk_norm or m.o_bias or len(windows) > 1:
+        return [
+            f"shared experts gated (Qwen2-MoE's) with qk_norm={m.qk_norm}, o_bias={m.o_bias} or windows of "
+            f"sizes {sorted(windows)} (Qwen2-MoE has no query or key norms, no output bias, one sliding_window)"
+        ]
+    return []
+
+
 def _moe_to_hf(cfg: ModelConfig, m) -> dict[str, Any] | str:
-    """Mixtral (Mistral's attention) or Qwen3-MoE (Qwen3's), by the attention's query and key norms."""
+    """Mixtral (Mistral's attention) or Qwen3-MoE (Qwen3's), by the attention's query and key norms; Qwen2-MoE by
+    its gated shared experts."""
     moe = _moe_of(cfg)
     dense = [i for i, p in enumerate(cfg.plan) if p.mlp.kind != "moe"]
     hf: dict[str, Any] = {"num_key_value_heads": m.n_kv_heads, "head_dim": m.head_dim, "sliding_window": m.window,
@@ -304,6 +324,16 @@ def _moe_to_hf(cfg: ModelConfig, m) -> dict[str, Any] | str:
                           "router_aux_loss_coef": moe.aux_loss_coef / moe.top_k}  # fmt: skip
     if m.rope_scaling is not None:
         hf["rope_parameters"] = rope_parameters(m)
+    if moe.shared_gate:  # (its windows on the layers layer_types names)
+        windows = [x.window for x in cfg.layer_mixers]
+        window = next((w for w in windows if w is not None), None)
+        return hf | {"model_type": "qwen2_moe", "qkv_bias": m.qkv_bias, "sliding_window": window,
+                     "use_sliding_window": window is not None, "max_window_layers": cfg.n_layers,
+                     "layer_types": ["full_attention" if w is None else "sliding_attention" for w in windows],
+                     "num_experts": moe.n_experts, "moe_intermediate_size": moe.hidden,
+                     "shared_expert_intermediate_size": moe.n_shared * moe.hidden, "norm_topk_prob": moe.norm_topk,
+                     "decoder_sparse_step": 1, "mlp_only_layers": dense,
+                     "intermediate_size": cfg.plan[dense[0]].mlp.hidden if dense else moe.hidden}  # fmt: skip
     if m.qk_norm:
         problem = _qwen3_problem(cfg, m)
         if problem:
@@ -319,8 +349,8 @@ def _moe_to_hf(cfg: ModelConfig, m) -> dict[str, Any] | str:
 
 
 def _llama_mlps_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
-    """One SwiGLU in every layer; Mixtral's and Qwen3-MoE's experts (Qwen3-MoE: SwiGLU in its mlp_only_layers
-    and where decoder_sparse_step skips)."""
+    """One SwiGLU in every layer; Mixtral's, Qwen3-MoE's and Qwen2-MoE's experts (the Qwens: SwiGLU in their
+    mlp_only_layers and where decoder_sparse_step skips; Qwen2-MoE's shared expert as n_shared experts' width)."""
     model_type, n = hf["model_type"], hf["num_hidden_layers"]
     swiglu = {"kind": "swiglu", "hidden": hf["intermediate_size"]}
     if model_type not in MOE_TYPES:
@@ -328,14 +358,17 @@ def _llama_mlps_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
     if hf.get("router_jitter_noise"):
         raise ValueError(f"config.json: router_jitter_noise={hf['router_jitter_noise']} is not supported (kvlab's "
                          "router takes no noise in training)")  # fmt: skip
-    mixtral = model_type == "mixtral"
-    top_k = hf.get("num_experts_per_tok", 2 if mixtral else 8)
-    # (Qwen3-MoE's num_experts, which transformers 5 writes as num_local_experts)
-    n_experts = next((hf[k] for k in ("num_local_experts", "num_experts") if hf.get(k) is not None), 8 if mixtral
-                     else 128)  # fmt: skip
-    moe = {"kind": "moe", "hidden": hf["intermediate_size"] if mixtral else hf.get("moe_intermediate_size", 768),
+    mixtral, qwen2 = model_type == "mixtral", model_type == "qwen2_moe"
+    defaults = {"mixtral": (2, 8, None), "qwen3_moe": (8, 128, 768), "qwen2_moe": (4, 60, 1408)}[model_type]
+    top_k = hf.get("num_experts_per_tok", defaults[0])
+    # (the Qwens' num_experts, which transformers 5 writes as num_local_experts)
+    n_experts = next((hf[k] for k in ("num_local_experts", "num_experts") if hf.get(k) is not None), defaults[1])
+    hidden = hf["intermediate_size"] if mixtral else hf.get("moe_intermediate_size", defaults[2])
+    moe = {"kind": "moe", "hidden": hidden,
            "n_experts": n_experts, "top_k": top_k, "norm_topk": mixtral or bool(hf.get("norm_topk_prob", False)),
            "aux_loss_coef": hf.get("router_aux_loss_coef", 0.001) * top_k}  # fmt: skip
+    if qwen2:
+        moe.update(n_shared=_qwen2_shared_experts(hf, moe["hidden"]), shared_gate=True)
     step, only = hf.get("decoder_sparse_step") or 1, set(hf.get("mlp_only_layers") or [])
     sparse = [mixtral or (n_experts > 0 and i not in only and (i + 1) % step == 0) for i in range(n)]
     if not any(sparse):
@@ -343,6 +376,17 @@ def _llama_mlps_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
     if all(sparse):
         return {"mlp": moe}
     return {"mlp_pattern": "".join("E" if s else "D" for s in sparse), "mlps": {"D": swiglu, "E": moe}}
+
+
+def _qwen2_shared_experts(hf: dict[str, Any], hidden: int) -> int:
+    """Qwen2-MoE's shared expert as kvlab's n_shared experts of the routed experts' width (its checkpoints' are
+    whole multiples: 4 in Qwen1.5-MoE-A2.7B, 8 in Qwen2-57B-A14B)."""
+    width = hf.get("shared_expert_intermediate_size", 5632)
+    if width <= 0 or width % hidden:
+        raise ValueError(f"config.json: shared_expert_intermediate_size={width} is not supported (a positive "
+                         f"multiple of moe_intermediate_size={hidden} is: kvlab's shared experts are n_shared "
+                         "routed experts wide)")  # fmt: skip
+    return width // hidden
 
 
 def _granite_to_hf(cfg: ModelConfig, m) -> dict[str, Any] | str:
@@ -525,6 +569,8 @@ def _attention_from_hf(hf: dict[str, Any], rope: Rope) -> dict[str, Any] | list[
         windows = [window if t == "sliding_attention" else None for t in derived.layer_types]
         roped = [bool(r) for r in getattr(derived, "no_rope_layers", roped)]
     bias = {k: bool(hf.get("attention_bias")) if kind[k] is None else kind[k] for k in ("qkv_bias", "o_bias")}
+    if model_type == "qwen2_moe":  # (a field of its own, true unless set)
+        bias["qkv_bias"] = bool(hf.get("qkv_bias", True))
     n_heads = hf["num_attention_heads"]
     head_dim = hf.get("head_dim") or hf["hidden_size"] // n_heads
     rotated = hf.get("partial_rotary_factor", 1.0) if model_type == "phi3" else 1.0
@@ -562,6 +608,7 @@ register_native(
             "granite": "GraniteForCausalLM",
             "mixtral": "MixtralForCausalLM",
             "qwen3_moe": "Qwen3MoeForCausalLM",
+            "qwen2_moe": "Qwen2MoeForCausalLM",
         },  # fmt: skip
         problems=_attention_problems,
         to_hf=_attention_to_hf,
@@ -600,12 +647,12 @@ def _deepseek_mlp_problems(cfg: ModelConfig) -> list[str]:
     if any(m.kind != "swiglu" or m != dense[0] for m in dense) or any(m != moe for m in rest):
         problems.append("MLPs other than SwiGLU in the first layers and one MoE in all the rest")
     v3 = moe.score == "sigmoid" and moe.score_bias and (moe.n_groups == 1 or moe.group_rank == "top2_sum")
-    if not (v3 or _deepseek_v2_routing(moe)) or not moe.n_shared:
+    if not (v3 or _deepseek_v2_routing(moe)) or not moe.n_shared or moe.shared_gate:
         problems.append(f"MoE routing other than DeepSeek-V2's or V3's (score={moe.score!r}, score_bias="
                         f"{moe.score_bias}, n_groups={moe.n_groups}, group_rank={moe.group_rank}, norm_topk="
-                        f"{moe.norm_topk}, n_shared={moe.n_shared}; V3's: sigmoid with a score bias, groups by their "
-                        "two best; V2's: softmax, groups by their best, not renormalised; both with shared "
-                        "experts)")  # fmt: skip
+                        f"{moe.norm_topk}, n_shared={moe.n_shared}, shared_gate={moe.shared_gate}; V3's: sigmoid "
+                        "with a score bias, groups by their two best; V2's: softmax, groups by their best, not "
+                        "renormalised; both with shared experts, ungated)")  # fmt: skip
     return problems
 
 

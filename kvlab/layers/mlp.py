@@ -16,7 +16,8 @@ with ``norm_topk``, times ``routed_scale``), and
     y = sum_{e in top_k} g_e * expert_e(x)  +  shared(x)
 
 where ``shared`` is a SwiGLU of ``n_shared * hidden`` units every token
-passes (DeepSeek's shared experts; none by default). Routing is dropless:
+passes (DeepSeek's shared experts; none by default), or with ``shared_gate``
+sigmoid(w_s . x) shared(x), a gate per token (Qwen2-MoE's shared expert). Routing is dropless:
 every token reaches its ``top_k`` experts, whatever the load (no capacity
 factor, so no token is ever dropped). The load-balancing loss of the last
 training forward, ``aux_loss``, is DeepSeek-V2's expert-level one (Switch's,
@@ -50,7 +51,7 @@ ROUTER_SCORES = ("softmax", "sigmoid")
 # reads (eager decoding at batch 8, top 2 of 8 experts: x1.25 to x1.6 faster grouped, benchmarks/RESULTS.md).
 GATHER_ASSIGNMENTS = 64
 MOE_FIELDS = ("n_experts", "top_k", "n_shared", "score", "norm_topk", "routed_scale", "aux_loss_coef", "n_groups",
-              "topk_groups", "group_rank", "score_bias", "bias_update")  # fmt: skip
+              "topk_groups", "group_rank", "score_bias", "bias_update", "shared_gate")  # fmt: skip
 GROUP_RANKS = ("top2_sum", "max")  # a group's rank: its two best scores summed (DeepSeek-V3) | its best (V2)
 
 
@@ -67,7 +68,8 @@ class MLPConfig:
     # kind moe (None: its defaults; set only for moe):
     n_experts: int | None = None  # routed experts (default 8)
     top_k: int | None = None  # experts per token (default 2)
-    n_shared: int | None = None  # shared experts, one SwiGLU of n_shared * hidden units (default 0)
+    n_shared: int | None = None  # shared experts, one SwiGLU of n_shared * hidden units (default 0) ...
+    shared_gate: bool | None = None  # ... its output times sigmoid(w . x) per token (Qwen2-MoE's; default false)
     score: str | None = None  # softmax (default) | sigmoid: the router's scores
     norm_topk: bool | None = None  # renormalise the chosen scores to sum 1 (default false)
     routed_scale: float | None = None  # the routed experts' output scale (default 1)
@@ -107,13 +109,17 @@ class MLPConfig:
     def _validate_moe(self, path: str) -> None:
         defaults = {"n_experts": 8, "top_k": 2, "n_shared": 0, "score": "softmax", "norm_topk": False,
                     "routed_scale": 1.0, "aux_loss_coef": 0.01, "n_groups": 1, "topk_groups": self.n_groups or 1,
-                    "group_rank": "top2_sum", "score_bias": False, "bias_update": 0.0}  # fmt: skip
+                    "group_rank": "top2_sum", "score_bias": False, "bias_update": 0.0,
+                    "shared_gate": False}  # fmt: skip
         for name, value in defaults.items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
         check_int(self.n_experts, f"{path}.n_experts", minimum=1)
         check_int(self.top_k, f"{path}.top_k", minimum=1)
         check_int(self.n_shared, f"{path}.n_shared", minimum=0)
+        check_bool(self.shared_gate, f"{path}.shared_gate")
+        if self.shared_gate and not self.n_shared:
+            raise ValueError(f"{path}.shared_gate=true gates the shared experts, but {path}.n_shared=0: set n_shared")
         check_choice(self.score, f"{path}.score", ROUTER_SCORES)
         check_bool(self.norm_topk, f"{path}.norm_topk")
         check_float(self.routed_scale, f"{path}.routed_scale", positive=True)
@@ -243,6 +249,7 @@ class MoE(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * H, d_model))
         self.down_proj = nn.Parameter(torch.empty(E, d_model, H))
         self.shared = SwiGLU(d_model, cfg.n_shared * H) if cfg.n_shared else None
+        self.shared_gate = nn.Linear(d_model, 1, bias=False) if cfg.shared_gate else None
         # DeepSeek-V3's bias on the scores that choose (not on the weights), moved toward balance by
         # ``update_score_bias`` rather than by gradients: a buffer, saved with the model
         self.register_buffer("score_bias", torch.zeros(E) if cfg.score_bias else None)
@@ -293,7 +300,8 @@ class MoE(nn.Module):
         counts = None if gather and not training else torch.bincount(experts.flatten(), minlength=self.cfg.n_experts)
         y = self._gathered(x, experts, weights) if gather else self._grouped(x, experts, weights, counts)
         if self.shared is not None:
-            y = y + self.shared(x)
+            shared = self.shared(x)
+            y = y + (shared if self.shared_gate is None else torch.sigmoid(self.shared_gate(x)) * shared)
         if training:
             self.aux_loss = self.cfg.aux_loss_coef * self.balance(scores, counts)
             self.tokens_per_expert = counts

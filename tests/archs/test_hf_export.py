@@ -448,6 +448,7 @@ PER_LAYER = {  # layers that differ by a window or by RoPE, and OLMo's: (spec, c
 
 
 MOE = {"kind": "moe", "hidden": 32, "n_experts": 4, "top_k": 2}
+QWEN2_MOE = {"kind": "moe", "hidden": 32, "n_experts": 4, "top_k": 2, "n_shared": 2, "shared_gate": True}
 EXPERTS = {  # Mixtral (Mistral's attention, experts renormalised in every layer); Qwen3-MoE (qk_norm, a dense layer)
     "mixtral": ({"mixer": {**ATTENTION, "window": 5}, "mlp": {**MOE, "norm_topk": True}}, "MixtralForCausalLM"),
     "qwen3-moe": ({"mixer": {**ATTENTION, "qk_norm": True, "qkv_bias": True, "o_bias": True},
@@ -455,14 +456,20 @@ EXPERTS = {  # Mixtral (Mistral's attention, experts renormalised in every layer
                    "mlps": {"E": MOE, "D": {"kind": "swiglu", "hidden": 48}}}, "Qwen3MoeForCausalLM"),
     "olmoe": ({"mixer": {**ATTENTION, "qk_norm": True, "qk_norm_over": "projection", "qk_norm_eps": 1e-5},
                "norm": {"kind": "rmsnorm", "eps": 1e-5}, "mlp": MOE}, "OlmoeForCausalLM"),
+    # Qwen2-MoE: Qwen2's attention with windows on some layers, a shared expert gated per token, a dense layer
+    "qwen2-moe": ({"mixer": None, "pattern": "WFWF", "mixers": {"W": {**ATTENTION, "qkv_bias": True, "window": 5},
+                                                 "F": {**ATTENTION, "qkv_bias": True}},
+                   "mlp_pattern": "EEDE", "mlps": {"E": QWEN2_MOE, "D": {"kind": "swiglu", "hidden": 48}}},
+                  "Qwen2MoeForCausalLM"),
 }  # fmt: skip
 
 
 @pytest.mark.parametrize("case", list(EXPERTS))
-def test_experts_export_as_mixtral_qwen3_moe_or_olmoe(tmp_path, case):
+def test_experts_export_as_mixtral_qwen3_moe_qwen2_moe_or_olmoe(tmp_path, case):
     """A mixture of SwiGLU experts routed by softmax and top-k beside Mistral's, Qwen3's or OLMo's attention exports
-    to MixtralForCausalLM, Qwen3MoeForCausalLM or OlmoeForCausalLM (``_native_round_trip``: logits, tokens, the
-    config read back); what none routes as is named."""
+    to MixtralForCausalLM, Qwen3MoeForCausalLM or OlmoeForCausalLM, with a gated shared expert beside Qwen2's to
+    Qwen2MoeForCausalLM (``_native_round_trip``: logits, tokens, the config read back); what none routes as is
+    named."""
     spec, architecture = EXPERTS[case]
     _native_round_trip(spec, tmp_path, architecture, 1e-6)
     if case == "mixtral":
@@ -470,13 +477,23 @@ def test_experts_export_as_mixtral_qwen3_moe_or_olmoe(tmp_path, case):
         with pytest.raises(ValueError, match=r"norm_topk=False without qk_norm \(Mixtral"):
             save_hf(build_model(tiny(**plain)), tmp_path / "c", remote_code=False)
         deepseek = {**spec, "mlp": {**MOE, "norm_topk": True, "score": "sigmoid"}}
-        with pytest.raises(ValueError, match="MoE routing other than Mixtral's and Qwen3-MoE's"):
+        with pytest.raises(ValueError, match="MoE routing other than Mixtral's, Qwen3-MoE's and Qwen2-MoE's"):
             save_hf(build_model(tiny(**deepseek)), tmp_path / "d", remote_code=False)
         no_rope = {**spec, "mixer": {**spec["mixer"], "rope_dims": 0}}  # (SmolLM3's NoPE layers have no MoE class)
-        with pytest.raises(ValueError, match="partial RoPE \\(Mixtral and Qwen3-MoE have one attention"):
+        with pytest.raises(ValueError, match="partial RoPE \\(Mixtral, Qwen3-MoE and Qwen2-MoE have one attention"):
             save_hf(build_model(tiny(**no_rope)), tmp_path / "e", remote_code=False)
     elif case == "qwen3-moe":
         assert json.loads((tmp_path / "a" / "config.json").read_text())["mlp_only_layers"] == [1]
+    elif case == "qwen2-moe":
+        config = json.loads((tmp_path / "a" / "config.json").read_text())
+        assert (config["shared_expert_intermediate_size"], config["layer_types"][:2]) == (
+            64, ["sliding_attention", "full_attention"])  # fmt: skip
+        normed = {**spec, "mixers": {k: {**v, "qk_norm": True} for k, v in spec["mixers"].items()}}
+        with pytest.raises(ValueError, match=r"shared experts gated \(Qwen2-MoE's\) with qk_norm=True"):
+            save_hf(build_model(tiny(**normed)), tmp_path / "c", remote_code=False)
+        mla = {"kind": "mla", "n_heads": 4, "head_dim": 16, "rope_head_dim": 8, "kv_lora_rank": 32}
+        with pytest.raises(ValueError, match=r"MoE routing other than DeepSeek-V2's .* shared_gate=True"):
+            save_hf(build_model(tiny(mixer=mla, mlp=QWEN2_MOE)), tmp_path / "d", remote_code=False)
 
 
 def test_mla_with_deepseek_v2s_experts_exports_natively(tmp_path):

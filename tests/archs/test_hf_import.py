@@ -115,6 +115,12 @@ CASES = {
     "qwen3-moe": (transformers.Qwen3MoeConfig, dict(num_key_value_heads=2, head_dim=16, num_experts=4,
                                                     num_experts_per_tok=2, moe_intermediate_size=32,
                                                     mlp_only_layers=[1], attention_bias=True)),
+    # Qwen2-MoE: Qwen2's attention (windows on the first layer, as layer_types derives them from max_window_layers),
+    # experts not renormalised beside a shared expert twice their width, gated per token; a SwiGLU in layer 1
+    "qwen2-moe": (transformers.Qwen2MoeConfig, dict(num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                                                    moe_intermediate_size=32, shared_expert_intermediate_size=64,
+                                                    mlp_only_layers=[1], use_sliding_window=True, sliding_window=5,
+                                                    max_window_layers=2)),
     # OLMoE: Llama's block, query and key norms over the whole projections, experts not renormalised
     "olmoe": (transformers.OlmoeConfig, dict(num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
                                              attention_bias=True, pad_token_id=0)),
@@ -130,6 +136,7 @@ PER_LAYER = {  # (window, rope_dims) of each layer
     "qwen3-windows-alternating": [(5, 16), (None, 16), (5, 16)],
     "smollm3-nope": [(None, 16), (5, 0), (None, 16)],
     "ministral-windows-alternating": [(5, 16), (None, 16), (5, 16)],
+    "qwen2-moe": [(5, 16), (None, 16), (None, 16)],
 }
 
 # transformers' grouped expert products take no float64 (an option of transformers 5)
@@ -148,8 +155,8 @@ def test_import_matches_transformers(tmp_path, case, sharded):
                 p.normal_(std=0.5)
             elif "norm" in name:
                 p.normal_(mean=1.0, std=0.3)
-            elif name.endswith("mlp.gate.weight"):  # routers (Qwen3-MoE's start at zero: every score tied)
-                p.normal_(std=0.3)
+            elif name.endswith(("mlp.gate.weight", "shared_expert_gate.weight")):  # routers (Qwen3-MoE's start
+                p.normal_(std=0.3)  # at zero: every score tied), Qwen2-MoE's gate of its shared expert
         for name, b in hf.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 b.normal_(std=0.05)  # the router's scores are near 0.5 at init: this changes which experts win
@@ -185,6 +192,9 @@ def test_import_matches_transformers(tmp_path, case, sharded):
         assert ours.config.mlp_pattern == "EDE" and not ours.config.mlps["E"].norm_topk
     if case == "mixtral":
         assert ours.config.mlp.kind == "moe" and ours.config.mlp.norm_topk and ours.config.mixer.window == 5
+    if case == "qwen2-moe":
+        moe = ours.config.mlps["E"]
+        assert ours.config.mlp_pattern == "EDE" and (moe.n_shared, moe.shared_gate, moe.norm_topk) == (2, True, False)
     if case == "gemma":
         assert not ours.config.post_norms and ours.config.mixer is None and ours.config.pattern == "GGG"
     if case == "gemma3":
@@ -300,7 +310,7 @@ def test_a_fused_projection_of_other_rows_names_the_fields(tmp_path):
 
 def test_names_round_trip():
     moe = ["gate.weight", "gate.e_score_correction_bias", "experts.gate_up_proj", "experts.down_proj",
-           "shared_experts.down_proj.weight"]  # fmt: skip
+           "shared_experts.down_proj.weight", "shared_expert_gate.weight"]  # fmt: skip
     for name in ["model.layers.3.self_attn.q_proj.weight", "model.layers.0.input_layernorm.weight",
                  "model.layers.1.post_attention_layernorm.weight", "model.embed_tokens.weight", "model.norm.weight",
                  "lm_head.weight", "model.layers.2.mlp.gate_proj.weight",

@@ -25,6 +25,8 @@ def _moe(**settings) -> MoE:
     if moe.shared is not None:
         for p in moe.shared.parameters():
             torch.nn.init.normal_(p, std=0.3)
+    if moe.shared_gate is not None:
+        torch.nn.init.normal_(moe.shared_gate.weight, std=1.0)
     return moe
 
 
@@ -44,7 +46,8 @@ def _loop_reference(moe: MoE, x: torch.Tensor) -> torch.Tensor:
             out[n] += c.routed_scale * g * (moe.down_proj[e] @ h)
         if moe.shared is not None:
             s = moe.shared
-            out[n] += s.down_proj.weight @ (F.silu(s.gate_proj.weight @ x[n]) * (s.up_proj.weight @ x[n]))
+            gate = torch.sigmoid(moe.shared_gate.weight[0] @ x[n]) if c.shared_gate else 1.0
+            out[n] += gate * (s.down_proj.weight @ (F.silu(s.gate_proj.weight @ x[n]) * (s.up_proj.weight @ x[n])))
     return out
 
 
@@ -55,8 +58,9 @@ def _loop_reference(moe: MoE, x: torch.Tensor) -> torch.Tensor:
         {"n_experts": 5, "top_k": 2, "norm_topk": True},  # Mixtral
         {"n_experts": 6, "top_k": 3, "score": "sigmoid", "norm_topk": True, "routed_scale": 2.5, "n_shared": 2},
         {"n_experts": 4, "top_k": 1},
+        {"n_experts": 4, "top_k": 2, "n_shared": 2, "shared_gate": True},  # Qwen2-MoE: its shared expert gated
     ],
-    ids=["softmax", "renormalised", "sigmoid-shared", "top1"],
+    ids=["softmax", "renormalised", "sigmoid-shared", "top1", "gated-shared"],
 )
 def test_both_paths_match_a_loop_over_tokens_and_experts(settings):
     moe = _moe(**settings)
@@ -65,7 +69,10 @@ def test_both_paths_match_a_loop_over_tokens_and_experts(settings):
     torch.testing.assert_close(moe(x), want)  # 80 tokens: the grouped path
     scores, experts, weights = moe.route(x.reshape(-1, D))
     gathered = moe._gathered(x.reshape(-1, D), experts, weights.double())
-    torch.testing.assert_close(gathered + (moe.shared(x.reshape(-1, D)) if moe.shared else 0), want.reshape(-1, D))
+    flat, shared = x.reshape(-1, D), 0
+    if moe.shared is not None:  # (the gathered path is the routed experts' alone)
+        shared = moe.shared(flat) * (torch.sigmoid(moe.shared_gate(flat)) if moe.shared_gate is not None else 1)
+    torch.testing.assert_close(gathered + shared, want.reshape(-1, D))
     one = x[:1, :1]  # one token: the gathered path (decoding)
     torch.testing.assert_close(moe(one), want[:1, :1])
 
@@ -166,8 +173,22 @@ def test_layers_specs_may_give_an_mlp():
         ({"mlp_pattern": "DX", "mlps": {"D": {"kind": "swiglu"}}}, r"mlp_pattern='DX' uses 'X', which is not in mlps"),
         ({"mlp_pattern": "D"}, r"mlps=None must map each name in mlp_pattern='D'"),
         ({"mlp_pattern": "D", "mlps": {"D": {"kind": "moe", "hiden": 3}}}, r"mlps\.D\.hiden: unknown key"),
+        (
+            {"mlp": {"kind": "moe", "shared_gate": True}},
+            r"mlp\.shared_gate=true gates the shared experts, but "
+            r"mlp\.n_shared=0",
+        ),
     ],
-    ids=["moe-field-on-swiglu", "top-k", "score", "coefficient", "unknown-name", "no-mlps", "unknown-key"],
+    ids=[
+        "moe-field-on-swiglu",
+        "top-k",
+        "score",
+        "coefficient",
+        "unknown-name",
+        "no-mlps",
+        "unknown-key",
+        "gate-without-shared",
+    ],
 )
 def test_bad_moe_settings_name_the_field(change, error):
     with pytest.raises(ValueError, match=error):

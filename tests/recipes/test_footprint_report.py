@@ -98,12 +98,13 @@ def test_a_hugging_face_config_as_load_hf_imports_it(capsys, tmp_path):
     assert "--hf gives the model; the overrides model=gqa would be ignored" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("case", ["deepseek-v2-lite", "mixtral-8x7b", "gemma-2-2b"])
+@pytest.mark.parametrize("case", ["deepseek-v2-lite", "mixtral-8x7b", "gemma-2-2b", "qwen1.5-moe-a2.7b"])
 def test_hugging_face_configs_of_mla_and_experts_count_as_published(capsys, tmp_path, case):
     """--hf on the hub's own config.json of DeepSeek-V2-Lite (MLA: 576 elements a token and layer, DeepSeek-V2's
     Table 9, over 27 layers; its YaRN; 15.7B parameters), of Mixtral 8x7B (8 K/V heads of 128 over 32 layers;
     46.7B parameters) and of Gemma 2 2B (4 K/V heads of 256 in 13 full layers, 13 of 4,096-token windows; 2.61B
-    parameters, its embeddings tied): the caches and parameter counts their papers give."""
+    parameters, its embeddings tied) and of Qwen1.5-MoE-A2.7B (MHA, 16 heads of 128 over 24 layers; 60 experts
+    beside a gated shared expert: 14.3B parameters): the caches and parameter counts their papers give."""
     config = {
         "deepseek-v2-lite": {
             "model_type": "deepseek_v2", "vocab_size": 102400, "hidden_size": 2048, "intermediate_size": 10944,
@@ -128,12 +129,21 @@ def test_hugging_face_configs_of_mla_and_experts_count_as_published(capsys, tmp_
             "query_pre_attn_scalar": 256, "sliding_window": 4096, "max_position_embeddings": 8192,
             "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0, "hidden_activation": "gelu_pytorch_tanh",
         },
+        "qwen1.5-moe-a2.7b": {
+            "model_type": "qwen2_moe", "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 5632,
+            "num_hidden_layers": 24, "num_attention_heads": 16, "num_key_value_heads": 16, "num_experts": 60,
+            "num_experts_per_tok": 4, "moe_intermediate_size": 1408, "shared_expert_intermediate_size": 5632,
+            "decoder_sparse_step": 1, "norm_topk_prob": False, "max_position_embeddings": 8192,
+            "max_window_layers": 21, "sliding_window": 32768, "use_sliding_window": False, "rope_theta": 1e6,
+            "tie_word_embeddings": False,
+        },
     }[case]  # fmt: skip
     (tmp_path / "config.json").write_text(json.dumps(config))
     r = report(capsys, "--hf", str(tmp_path))
     per_token, params = {"deepseek-v2-lite": (576 * 27 * 2, 15_706_484_224),
                          "mixtral-8x7b": (2 * 8 * 128 * 32 * 2, 46_702_792_704),
-                         "gemma-2-2b": (2 * 4 * 256 * 13 * 2, 2_614_341_888)}[case]  # fmt: skip
+                         "gemma-2-2b": (2 * 4 * 256 * 13 * 2, 2_614_341_888),
+                         "qwen1.5-moe-a2.7b": (2 * 16 * 128 * 24 * 2, 14_315_784_192)}[case]  # fmt: skip
     assert (r["bytes_per_token"], r["params"]) == (per_token, params)
     if case == "gemma-2-2b":
         assert r["fixed_bytes"] == 13 * 4096 * 2 * 4 * 256 * 2  # the windows, once full
