@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from kvlab.archs.config import ModelConfig
-from kvlab.kernels.rope import yarn_mscale
+from kvlab.kernels.rope import longrope_attention_factor, yarn_mscale
 from kvlab.layers import MixerConfig
 
 
@@ -468,13 +468,18 @@ def rope_parameters(m) -> dict[str, Any]:
     out: dict[str, Any] = {"rope_type": "default", "rope_theta": m.rope_theta}
     s = m.rope_scaling
     if s is not None:
-        out.update(rope_type=s["kind"], factor=s["factor"])
+        out.update(rope_type=s["kind"], factor=s.get("factor"))
         if s["kind"] == "llama3":
             out.update(low_freq_factor=s["low_freq_factor"], high_freq_factor=s["high_freq_factor"],
                        original_max_position_embeddings=s["original_max_seq_len"])  # fmt: skip
         if s["kind"] == "yarn":
             out.update(original_max_position_embeddings=s["original_max_seq_len"], beta_fast=s["beta_fast"],
                        beta_slow=s["beta_slow"], attention_factor=s["attention_factor"])  # fmt: skip
+        if s["kind"] == "longrope":
+            del out["factor"]
+            out.update(short_factor=list(s["short_factor"]), long_factor=list(s["long_factor"]),
+                       original_max_position_embeddings=s["original_max_seq_len"],
+                       attention_factor=s["attention_factor"])  # fmt: skip
     return out
 
 
@@ -484,22 +489,40 @@ def read_rope(hf: dict[str, Any]) -> Rope:
     rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
     field = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", "linear", "llama3", "yarn"):
+    if hf.get("model_type") == "phi3" and rope_type in ("su", "yarn"):  # (Phi-3's earlier names of its LongRoPE)
+        rope_type = "longrope"
+    if rope_type not in ("default", "linear", "llama3", "yarn", "longrope"):
         raise ValueError(
             f"config.json: {field}.rope_type={rope_type!r}: this RoPE scaling is not supported (default, linear, "
-            "llama3 and yarn are); importing without it would change the model's outputs"
+            "llama3, yarn and longrope are); importing without it would change the model's outputs"
         )
     scaling = None
     if rope_type == "linear":
         scaling = {"kind": "linear", "factor": rope["factor"]}
     elif rope_type == "llama3":
         scaling = {"kind": "llama3", "factor": rope["factor"], "low_freq_factor": rope["low_freq_factor"],
-                   "high_freq_factor": rope["high_freq_factor"], "original_max_seq_len": rope.get(
-                       "original_max_position_embeddings", hf.get("max_position_embeddings", 2048))}  # fmt: skip
+                   "high_freq_factor": rope["high_freq_factor"],
+                   "original_max_seq_len": original_context(rope, hf)}  # fmt: skip
     elif rope_type == "yarn":
         scaling = yarn_scaling(rope, hf, field)
+    elif rope_type == "longrope":
+        original = original_context(rope, hf)
+        factor = rope.get("factor") or hf.get("max_position_embeddings", original) / original
+        scaling = {"kind": "longrope", "short_factor": [float(f) for f in rope["short_factor"]],
+                   "long_factor": [float(f) for f in rope["long_factor"]], "original_max_seq_len": original,
+                   "attention_factor": float(rope.get("attention_factor") or
+                                             longrope_attention_factor(factor, original))}  # fmt: skip
     theta = rope.get("rope_theta") or hf.get("rope_theta") or hf.get("rotary_emb_base") or 10000.0
     return Rope(float(theta), scaling, f"{field}.rope_type={rope_type!r}")
+
+
+def original_context(rope: dict[str, Any], hf: dict[str, Any]) -> int:
+    """The context a scaled RoPE extends, as `transformers` reads it: Phi-3's ``original_max_position_embeddings``
+    beside the RoPE settings (a field of its class: 4096 where config.json has none); any other's among them,
+    else max_position_embeddings."""
+    if hf.get("model_type") == "phi3":
+        return int(hf.get("original_max_position_embeddings", 4096))
+    return int(rope.get("original_max_position_embeddings") or hf.get("max_position_embeddings", 2048))
 
 
 def yarn_scaling(rope: dict[str, Any], hf: dict[str, Any], field: str) -> dict[str, Any]:
@@ -508,7 +531,7 @@ def yarn_scaling(rope: dict[str, Any], hf: dict[str, Any], field: str) -> dict[s
     mscale(factor, mscale) / mscale(factor, mscale_all_dim) with both, else mscale(factor)."""
     if rope.get("truncate", True) is False:
         raise ValueError(f"config.json: {field}.truncate=false is not supported (YaRN's floored and ceiled ramp is)")
-    original = rope.get("original_max_position_embeddings") or hf.get("max_position_embeddings", 2048)
+    original = original_context(rope, hf)
     factor = rope.get("factor") or hf["max_position_embeddings"] / original
     attention_factor = rope.get("attention_factor")
     if attention_factor is None:

@@ -850,7 +850,8 @@ class CausalLM(nn.Module):
         cache policy (a piece would see the earlier ones as the policy keeps
         them, one call sees them as computed), a ``context``, padded rows, LCKV's
         parallel prefill passes (which would iterate piece by piece), or a
-        model that prefills whole (``prefills_in_pieces``). Not by default on
+        model that prefills whole (``prefills_in_pieces``), or with LongRoPE (its
+        frequencies chosen per call, as `transformers` chooses them). Not by default on
         an accelerator: there a piece's attention over the cache takes a [T, S]
         mask (the fused kernels take fewer causal queries than keys on a CPU
         only, ``kvlab.kernels.attention``), where one call is causal and fused.
@@ -864,7 +865,10 @@ class CausalLM(nn.Module):
         # LCKV's prompt in parallel passes: a piece would iterate over its own tokens against the earlier pieces'
         # final keys, not over the whole prompt (sequential passes are token by token either way)
         iterated = self._cycle is not None and self.config.layer_passes.prefill != "sequential"
-        if whole or iterated or padded or not 0 < chunk < T:
+        # LongRoPE's frequencies are chosen per call by its last position: a piece within the original context
+        # would turn its keys at the short ones where the whole prompt, past it, turns them at the long ones
+        per_call = any(isinstance(m, Rotary) and m.original is not None for m in self.modules())
+        if whole or iterated or padded or per_call or not 0 < chunk < T:
             return self(input_ids, cache=cache, last_only=True, context=context, attention_mask=attention_mask)[:, -1]
         for at in range(0, T, chunk):
             logits = self(input_ids[:, at : at + chunk], cache=cache, last_only=True)

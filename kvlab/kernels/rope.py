@@ -20,11 +20,20 @@ ROPE_SCALINGS = {  # kind -> its settings; every one is required
     "linear": ("factor",),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_seq_len"),
     "yarn": ("factor", "original_max_seq_len", "beta_fast", "beta_slow", "attention_factor"),
+    "longrope": ("short_factor", "long_factor", "original_max_seq_len", "attention_factor"),
 }
+FACTOR_LISTS = ("short_factor", "long_factor")  # LongRoPE's: one factor per rotated pair
 
 
-def check_rope_scaling(scaling, path: str) -> None:
-    """Raise ValueError naming what is wrong with a ``rope_scaling`` mapping (None: no scaling)."""
+def longrope_attention_factor(factor: float, original_max_seq_len: int) -> float:
+    """LongRoPE's (Phi-3's) default attention factor, sqrt(1 + ln(s) / ln(L)) for a context extended s times from
+    L positions (1 for s <= 1)."""
+    return 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original_max_seq_len))
+
+
+def check_rope_scaling(scaling, path: str, dims: int | None = None) -> None:
+    """Raise ValueError naming what is wrong with a ``rope_scaling`` mapping (None: no scaling) for RoPE on
+    ``dims`` channels (None: not known yet; LongRoPE's factor lists are then not counted)."""
     if scaling is None:
         return
     kind = scaling.get("kind") if isinstance(scaling, dict) else None
@@ -37,10 +46,20 @@ def check_rope_scaling(scaling, path: str) -> None:
         )
     for key in ROPE_SCALINGS[kind]:
         value = scaling[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        if key in FACTOR_LISTS:
+            if not isinstance(value, (list, tuple)) or not value or not all(map(_positive, value)):
+                raise ValueError(f"{path}.{key}={value!r} must be a list of positive numbers, one per rotated pair")
+            if dims is not None and len(value) != dims // 2:
+                raise ValueError(f"{path}.{key} has {len(value)} factors; RoPE on {dims} channels rotates "
+                                 f"{dims // 2} pairs, one factor each")  # fmt: skip
+        elif not _positive(value):
             raise ValueError(f"{path}.{key}={value!r} must be a positive number")
     if kind == "llama3" and not scaling["high_freq_factor"] > scaling["low_freq_factor"]:
         raise ValueError(f"{path}: high_freq_factor must exceed low_freq_factor")
+
+
+def _positive(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
@@ -49,7 +68,9 @@ def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
-def scaled_frequencies(inv_freq: torch.Tensor, scaling: dict | None, theta: float | None = None) -> torch.Tensor:
+def scaled_frequencies(
+    inv_freq: torch.Tensor, scaling: dict | None, theta: float | None = None, long: bool = False
+) -> torch.Tensor:
     """The RoPE frequencies of a context-extended model.
 
     - ``linear`` (position interpolation, Chen et al. 2023): every frequency
@@ -68,9 +89,17 @@ def scaled_frequencies(inv_freq: torch.Tensor, scaling: dict | None, theta: floa
       them; ``theta`` is needed for them). Its ``attention_factor`` (eq. 21's
       0.1 ln s + 1 unless a model gives its own) scales the cos/sin tables
       (``rope_tables``), so the rotated channels' scores by its square.
+    - ``longrope`` (Ding et al. 2024, LongRoPE, as Phi-3 and Phi-4 use it):
+      frequency i divided by its own searched factor, ``short_factor[i]``
+      for the original context and ``long_factor[i]`` (``long``) past it;
+      its ``attention_factor`` scales the tables as YaRN's does. Which set a
+      step uses is the caller's (``kvlab.layers.rope.Rotary``).
     """
     if scaling is None:
         return inv_freq
+    if scaling["kind"] == "longrope":
+        factors = scaling["long_factor" if long else "short_factor"]
+        return inv_freq / torch.tensor(factors, dtype=inv_freq.dtype, device=inv_freq.device)
     factor = scaling["factor"]
     if scaling["kind"] == "linear":
         return inv_freq / factor
@@ -100,14 +129,15 @@ def rope_tables(
     device: torch.device | str | None = None,
     scaling: dict | None = None,
     dtype: torch.dtype = torch.float32,
+    long: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables of shape [max_len, dims] in ``dtype`` (float32; float64 for a float64 model), computed
-    in float64 once per model (``scaling``: see :func:`scaled_frequencies`)."""
+    in float64 once per model (``scaling`` and ``long``: see :func:`scaled_frequencies`)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, dims, 2, dtype=torch.float64, device=device) / dims)
-    inv_freq = scaled_frequencies(inv_freq, scaling, theta)
+    inv_freq = scaled_frequencies(inv_freq, scaling, theta, long)
     angles = torch.outer(torch.arange(max_len, dtype=torch.float64, device=device), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
-    gain = scaling["attention_factor"] if scaling is not None and scaling["kind"] == "yarn" else 1.0  # (YaRN's)
+    gain = scaling.get("attention_factor", 1.0) if scaling is not None else 1.0  # (YaRN's, LongRoPE's)
     return (angles.cos() * gain).to(dtype), (angles.sin() * gain).to(dtype)
 
 

@@ -253,6 +253,7 @@ class AttentionConfig(MixerConfig):
             raise ValueError(
                 f"{path}.rope_dims={self.rope_dims} must be even and at most {path}.head_dim={self.head_dim}"
             )
+        check_rope_scaling(self.rope_scaling, f"{path}.rope_scaling", self.rope_dims)  # (LongRoPE's factors)
 
     def _checked_groups(self, field: str, n_targets: int, target: str, path: str) -> list[int]:
         """``kv_groups`` / ``v_groups``: one head index per query head, every one of the ``n_targets`` read."""

@@ -1197,6 +1197,10 @@ def _check_slot(meta_slot, mixer, policy: CachePolicy, where: str) -> None:
         if isinstance(meta_slot, StaticKV) and getattr(mixer.cfg, "kv_ranks", None) is not None:
             raise ValueError(f"cache policy sinks: {where} caches MatryoshkaKV's projections of its keys, which "
                              "RoPE's angles cannot turn")  # fmt: skip
+        if isinstance(meta_slot, StaticKV) and mixer.rotary.original is not None:
+            raise ValueError(f"cache policy sinks: {where} has LongRoPE, whose frequencies change once a step is past "
+                             f"its original context ({mixer.rotary.original} positions): the sinks' keys, turned at "
+                             "the ones they were cached with, cannot be moved by a step's")  # fmt: skip
         # and its codec's widths, below (without one, check_width has nothing to check)
     elif policy.kind == "kivi":
         if not isinstance(meta_slot, StaticKV):

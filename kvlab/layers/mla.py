@@ -140,6 +140,9 @@ class MLAConfig(MixerConfig):
                              f"needs rope_scaling of kind yarn (got {self.rope_scaling})")  # fmt: skip
         if self.mscale_all_dim < 0:
             raise ValueError(f"{path}.mscale_all_dim={self.mscale_all_dim} must be at least 0")
+        if (self.rope_scaling or {}).get("kind") == "longrope":
+            raise ValueError(f"{path}.rope_scaling: longrope (Phi-3's) is not supported on MLA (linear, llama3 "
+                             "and yarn are)")  # fmt: skip
         if self.rope_scaling is not None and self.rope_spectrum is not None:
             raise ValueError(f"{path}: rope_scaling with rope_spectrum (per-head frequencies) is not supported")
         check_float(self.norm_eps, f"{path}.norm_eps", positive=True)
@@ -148,6 +151,7 @@ class MLAConfig(MixerConfig):
             self.rope_head_dim = max(2, self.head_dim // 4 * 2)
         if self.rope_head_dim % 2:
             raise ValueError(f"{path}.rope_head_dim={self.rope_head_dim} must be even (RoPE rotates pairs)")
+        check_rope_scaling(self.rope_scaling, f"{path}.rope_scaling", self.rope_head_dim)  # (LongRoPE's factors)
         if self.kv_lora_rank is None:
             self.kv_lora_rank = 4 * self.head_dim
         if self.v_head_dim is None:

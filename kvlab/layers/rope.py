@@ -4,7 +4,11 @@ positions after ``start`` (a cache's count) or explicit per-token
 
 - ``Rotary``: the standard frequencies theta^(-2i/dims) (or their context-extended
   scaling, ``kvlab.kernels.rope.scaled_frequencies``), as cos/sin tables
-  for every position up to max_seq_len, computed once. The tables are
+  for every position up to max_seq_len, computed once. LongRoPE holds two
+  sets, and a call whose last position is past the original context takes
+  the long one for all its positions, as Phi-3's code and `transformers`
+  choose per forward (so a cache filled before that point keeps keys turned
+  at the short frequencies, as theirs does). The tables are
   buffers that are not saved; ``reset_buffers`` recomputes them after a
   model is built on the meta device, and after a cast to float64
   (``ConstantBuffers``).
@@ -45,15 +49,23 @@ class Rotary(ConstantBuffers):
         self.dims, self.theta, self.max_seq_len, self.scaling = dims, theta, max_seq_len, scaling
         self.register_buffer("cos", torch.empty(max_seq_len, dims), persistent=False)
         self.register_buffer("sin", torch.empty(max_seq_len, dims), persistent=False)
+        # LongRoPE: the original context's length, past which a call takes the long tables
+        self.original = (
+            scaling["original_max_seq_len"] if scaling is not None and scaling["kind"] == "longrope" else None
+        )
+        if self.original is not None:
+            self.register_buffer("cos_long", torch.empty(max_seq_len, dims), persistent=False)
+            self.register_buffer("sin_long", torch.empty(max_seq_len, dims), persistent=False)
         self.reset_buffers()
 
     def reset_buffers(self) -> None:
         if self.cos.is_meta:
             return
-        cos, sin = rope_tables(self.dims, self.theta, self.max_seq_len, device=self.cos.device, scaling=self.scaling,
-                               dtype=compute_dtype(self.cos.dtype))  # fmt: skip
-        self.cos.copy_(cos)
-        self.sin.copy_(sin)
+        for long, suffix in ((False, ""), (True, "_long"))[: 1 if self.original is None else 2]:
+            cos, sin = rope_tables(self.dims, self.theta, self.max_seq_len, device=self.cos.device,
+                                   scaling=self.scaling, dtype=compute_dtype(self.cos.dtype), long=long)  # fmt: skip
+            getattr(self, "cos" + suffix).copy_(cos)
+            getattr(self, "sin" + suffix).copy_(sin)
 
     def forward(self, start: int | torch.Tensor, length: int, positions: torch.Tensor | None = None):
         """cos, sin of [length, dims] from position ``start`` on, or of [B, T, dims] at ``positions``.
@@ -63,9 +75,16 @@ class Rotary(ConstantBuffers):
         if isinstance(start, torch.Tensor) and positions is None:
             positions = start + torch.arange(length, device=start.device)
         if positions is not None:
-            return self.cos[positions], self.sin[positions]
+            cos, sin = self.cos[positions], self.sin[positions]
+            if self.original is not None:  # (a tensor's choice: no host sync, one graph for both)
+                long = positions.max() >= self.original
+                cos = torch.where(long, self.cos_long[positions], cos)
+                sin = torch.where(long, self.sin_long[positions], sin)
+            return cos, sin
         if start + length > self.max_seq_len:
             raise ValueError(f"position {start + length - 1} is beyond max_seq_len={self.max_seq_len}")
+        if self.original is not None and start + length > self.original:
+            return self.cos_long[start : start + length], self.sin_long[start : start + length]
         return self.cos[start : start + length], self.sin[start : start + length]
 
 

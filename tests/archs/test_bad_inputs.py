@@ -14,6 +14,8 @@ from tests.conftest import tiny
 
 NAN, INF = float("nan"), float("inf")
 
+LONGROPE = {"kind": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8, "original_max_seq_len": 8,
+            "attention_factor": 1.0}  # fmt: skip
 BAD_CONFIGS = {
     "nan init_std": (tiny(init_std=NAN), "init_std=nan must be a finite number"),
     "inf rope_theta": (tiny(mixer={"kind": "attention", "n_heads": 4, "rope_theta": INF}), "rope_theta=inf"),
@@ -41,6 +43,18 @@ BAD_CONFIGS = {
         tiny(mixer={"kind": "attention", "n_heads": 4, "rope_scaling": {"kind": "linear", "factor": -2.0}}),
         "mixer.rope_scaling.factor=-2.0 must be a positive number",
     ),  # fmt: skip
+    "longrope factors not a list": (
+        tiny(mixer={"kind": "attention", "n_heads": 4, "rope_scaling": LONGROPE | {"short_factor": 1.0}}),
+        r"mixer.rope_scaling.short_factor=1.0 must be a list of positive numbers, one per rotated pair",
+    ),
+    "longrope factors, one short": (
+        tiny(mixer={"kind": "attention", "n_heads": 4, "rope_scaling": LONGROPE | {"long_factor": [2.0] * 7}}),
+        "mixer.rope_scaling.long_factor has 7 factors; RoPE on 16 channels rotates 8 pairs, one factor each",
+    ),
+    "longrope on mla": (
+        tiny(mixer={"kind": "mla", "n_heads": 4, "rope_scaling": LONGROPE}),
+        r"mixer.rope_scaling: longrope \(Phi-3's\) is not supported on MLA",
+    ),
 }
 
 

@@ -1,6 +1,7 @@
 """load_hf: logits equal `transformers` on the same tokens for Llama-family and dense DeepSeek-V3 directories."""
 
 import json
+import math
 import re
 
 import pytest
@@ -239,6 +240,74 @@ def test_import_reads_pytorch_pickled_weights(tmp_path, sharded):
         assert (load_hf(tmp_path)(ids) - hf(ids).logits).abs().max() <= 1e-4
 
 
+def test_longrope_takes_its_long_factors_in_calls_past_the_original_context_as_transformers_does(tmp_path):
+    """Phi-3's LongRoPE (Phi-3.5-mini, Phi-4-mini: partial RoPE here as Phi-4-mini's) against `transformers` in
+    float64: a call whose last position is within the original 8 positions turns at the short factors, one past
+    it at the long ones, all its positions; so decoding past position 8 leaves the keys cached before it turned
+    at the short ones, as theirs does (step by step, and greedy tokens eager and compiled). A prompt is
+    prefilled in one call (pieces would choose apart), and StreamingLLM's sinks, which would turn keys cached at
+    one set by the other's angles, are refused by name."""
+    from transformers import DynamicCache
+
+    g = torch.Generator().manual_seed(1)
+    short, long = (1 + torch.rand(6, generator=g)).tolist(), (1 + 8 * torch.rand(6, generator=g)).tolist()
+    cfg = transformers.Phi3Config(**COMMON, num_key_value_heads=2, partial_rotary_factor=0.75, pad_token_id=0,
+                                  original_max_position_embeddings=8, rope_parameters={
+                                      "rope_type": "longrope", "short_factor": short, "long_factor": long})  # fmt: skip
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64).eval()
+    ours = load_hf(tmp_path, dtype=torch.float64).eval()
+    extension = COMMON["max_position_embeddings"] / 8  # the attention factor: sqrt(1 + ln(extension) / ln 8)
+    assert ours.config.mixer.rope_scaling["attention_factor"] == pytest.approx((1 + math.log(extension) / math.log(8))
+                                                                               ** 0.5, rel=1e-15)  # fmt: skip
+    ids = torch.randint(1, 101, (2, 12))
+    cache, their_cache = ours.new_cache(2, 12, dtype=torch.float64), DynamicCache(config=theirs.config)
+    with torch.no_grad():
+        for T in (8, 9):  # positions 0-7: short; 0-8: long
+            assert (ours(ids[:, :T]) - theirs(ids[:, :T]).logits).abs().max() <= 1e-6
+        for at, end in [(0, 6), *((t, t + 1) for t in range(6, 12))]:  # a prefill, then steps past position 8
+            want = theirs(ids[:, at:end], past_key_values=their_cache, use_cache=True).logits
+            assert (ours(ids[:, at:end], cache=cache) - want).abs().max() <= 1e-6, at
+        whole = ours.prefill(ids[:, :10], ours.new_cache(2, 12, dtype=torch.float64), chunk=4)
+        assert (whole - theirs(ids[:, :10]).logits[:, -1]).abs().max() <= 1e-6
+    rotary = ours.layers[0].mixer.rotary  # positions as tensors (the compiled step's, padded rows') choose alike
+    for start, length in [(7, 1), (8, 1), (0, 8), (0, 9)]:
+        for by_int, by_tensor in zip(rotary(start, length), rotary(torch.tensor(start), length), strict=True):
+            assert torch.equal(by_int, by_tensor), (start, length)
+    prompt = ids[:, :5]
+    greedy = theirs.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, min_new_tokens=8,
+                             do_sample=False, pad_token_id=0)  # fmt: skip
+    for compiled in (False, True):
+        assert torch.equal(ours.generate(prompt, max_new_tokens=8, compile=compiled), greedy), compiled
+    with pytest.raises(ValueError, match=r"cache policy sinks: layer 0 has LongRoPE, whose frequencies change"):
+        ours.new_cache(1, 40, policy={"kind": "sinks", "sinks": 2, "window": 8})
+
+
+@pytest.mark.parametrize("case", ["phi3-su", "phi3-yarn-top-level", "llama3-top-level", "yarn-in-rope"])
+def test_scaled_ropes_original_context_is_read_as_transformers_reads_it(case):
+    """Where a config.json puts the context its RoPE scaling extends (Phi-3's top-level field, its class default
+    4096, inside the RoPE settings) and Phi-3's earlier names of LongRoPE (su, yarn): read as `transformers`'
+    own configs standardise them."""
+    from kvlab.archs.hf_families import read_rope
+
+    factors = {"short_factor": [1.0] * 8, "long_factor": [2.0] * 8}
+    hf = {
+        "phi3-su": {"model_type": "phi3", "rope_scaling": {"type": "su", **factors}},
+        "phi3-yarn-top-level": {"model_type": "phi3", "original_max_position_embeddings": 32,
+                                "rope_scaling": {"type": "yarn", **factors}},
+        "llama3-top-level": {"model_type": "llama", "original_max_position_embeddings": 32, "rope_scaling": {
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16}},
+        "yarn-in-rope": {"model_type": "llama", "rope_scaling": {"rope_type": "yarn", "factor": 4.0,
+                                                                 "original_max_position_embeddings": 16}},
+    }[case] | {"hidden_size": 64, "num_attention_heads": 4, "max_position_embeddings": 8192}  # fmt: skip
+    theirs = transformers.AutoConfig.for_model(**hf).rope_parameters
+    ours = read_rope(hf).scaling
+    assert ours["kind"] == theirs["rope_type"] and ours["original_max_seq_len"] == theirs[
+        "original_max_position_embeddings"]  # fmt: skip
+
+
 def test_import_reads_pythia_checkpoints_as_the_hub_holds_them(tmp_path):
     """Pythia's config.json names RoPE rotary_pct and rotary_emb_base, and its weights hold buffers of older
     transformers (each layer's causal mask, masked_bias, inv_freq): read, and dropped."""
@@ -348,9 +417,13 @@ def test_unsupported_and_missing_are_named(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
         load_hf(tmp_path)
-    cfg["rope_parameters"] = {"rope_type": "longrope", "rope_theta": 1e4, "factor": 4.0}
+    cfg["rope_parameters"] = {"rope_type": "dynamic", "rope_theta": 1e4, "factor": 4.0}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="rope_parameters.rope_type='longrope': this RoPE scaling is not supported"):
+    with pytest.raises(ValueError, match="rope_parameters.rope_type='dynamic': this RoPE scaling is not supported"):
+        load_hf(tmp_path)
+    cfg["rope_parameters"] = {"rope_type": "longrope", "rope_theta": 1e4, "factor": 4.0}  # (its factors missing)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="config.json: the field 'short_factor' is missing"):
         load_hf(tmp_path)
     cfg["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "truncate": False}
     (tmp_path / "config.json").write_text(json.dumps(cfg))

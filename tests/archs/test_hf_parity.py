@@ -144,6 +144,23 @@ ROPE_SCALINGS = {
             "attention_factor": 1.25,
         },
     ),  # fmt: skip
+    # LongRoPE (Phi-3.5, Phi-4-mini): a factor per frequency; past the original context (every call here) the long
+    # ones, and the attention factor sqrt(1 + ln 8 / ln 16) of the context's extension 128 / 16
+    "longrope": (
+        {
+            "rope_type": "longrope",
+            "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.1, 3.8],
+            "long_factor": [1.0, 1.5, 2.5, 4.0, 6.0, 8.5, 11.5, 15.0],
+            "original_max_position_embeddings": 16,
+        },
+        {
+            "kind": "longrope",
+            "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.1, 3.8],
+            "long_factor": [1.0, 1.5, 2.5, 4.0, 6.0, 8.5, 11.5, 15.0],
+            "original_max_seq_len": 16,
+            "attention_factor": math.sqrt(1 + math.log(8) / math.log(16)),
+        },
+    ),  # fmt: skip
 }
 
 

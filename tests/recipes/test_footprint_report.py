@@ -98,13 +98,15 @@ def test_a_hugging_face_config_as_load_hf_imports_it(capsys, tmp_path):
     assert "--hf gives the model; the overrides model=gqa would be ignored" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("case", ["deepseek-v2-lite", "mixtral-8x7b", "gemma-2-2b", "qwen1.5-moe-a2.7b"])
+@pytest.mark.parametrize("case", ["deepseek-v2-lite", "mixtral-8x7b", "gemma-2-2b", "qwen1.5-moe-a2.7b", "phi-4-mini"])
 def test_hugging_face_configs_of_mla_and_experts_count_as_published(capsys, tmp_path, case):
     """--hf on the hub's own config.json of DeepSeek-V2-Lite (MLA: 576 elements a token and layer, DeepSeek-V2's
     Table 9, over 27 layers; its YaRN; 15.7B parameters), of Mixtral 8x7B (8 K/V heads of 128 over 32 layers;
     46.7B parameters) and of Gemma 2 2B (4 K/V heads of 256 in 13 full layers, 13 of 4,096-token windows; 2.61B
     parameters, its embeddings tied) and of Qwen1.5-MoE-A2.7B (MHA, 16 heads of 128 over 24 layers; 60 experts
-    beside a gated shared expert: 14.3B parameters): the caches and parameter counts their papers give."""
+    beside a gated shared expert: 14.3B parameters) and of Phi-4-mini (8 K/V heads of 128 over 32 layers, RoPE
+    on three quarters of each with LongRoPE's 48 factors, placeholders here; its window past its context, so full
+    attention; 3.84B parameters, tied): the caches and parameter counts their papers give."""
     config = {
         "deepseek-v2-lite": {
             "model_type": "deepseek_v2", "vocab_size": 102400, "hidden_size": 2048, "intermediate_size": 10944,
@@ -137,13 +139,21 @@ def test_hugging_face_configs_of_mla_and_experts_count_as_published(capsys, tmp_
             "max_window_layers": 21, "sliding_window": 32768, "use_sliding_window": False, "rope_theta": 1e6,
             "tie_word_embeddings": False,
         },
+        "phi-4-mini": {
+            "model_type": "phi3", "vocab_size": 200064, "hidden_size": 3072, "intermediate_size": 8192,
+            "num_hidden_layers": 32, "num_attention_heads": 24, "num_key_value_heads": 8,
+            "max_position_embeddings": 131072, "original_max_position_embeddings": 4096, "partial_rotary_factor": 0.75,
+            "rope_scaling": {"type": "longrope", "short_factor": [1.0] * 48, "long_factor": [2.0] * 48},
+            "rope_theta": 10000.0, "sliding_window": 262144, "tie_word_embeddings": True, "rms_norm_eps": 1e-5,
+        },
     }[case]  # fmt: skip
     (tmp_path / "config.json").write_text(json.dumps(config))
     r = report(capsys, "--hf", str(tmp_path))
     per_token, params = {"deepseek-v2-lite": (576 * 27 * 2, 15_706_484_224),
                          "mixtral-8x7b": (2 * 8 * 128 * 32 * 2, 46_702_792_704),
                          "gemma-2-2b": (2 * 4 * 256 * 13 * 2, 2_614_341_888),
-                         "qwen1.5-moe-a2.7b": (2 * 16 * 128 * 24 * 2, 14_315_784_192)}[case]  # fmt: skip
+                         "qwen1.5-moe-a2.7b": (2 * 16 * 128 * 24 * 2, 14_315_784_192),
+                         "phi-4-mini": (2 * 8 * 128 * 32 * 2, 3_836_021_760)}[case]  # fmt: skip
     assert (r["bytes_per_token"], r["params"]) == (per_token, params)
     if case == "gemma-2-2b":
         assert r["fixed_bytes"] == 13 * 4096 * 2 * 4 * 256 * 2  # the windows, once full
