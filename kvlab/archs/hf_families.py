@@ -197,9 +197,13 @@ def _granite(cfg: ModelConfig) -> bool:
 
 
 def _attention_layer_problems(m) -> list[str]:
-    """What Llama's attention layer lacks."""
-    if m.rope_dims != m.head_dim:
-        return [f"partial RoPE (rope_dims={m.rope_dims} of head_dim={m.head_dim})"]
+    """What Llama's attention layer lacks: partial RoPE (which classes with their own RoPE leave out of these), and
+    the first of the others."""
+    rope = [f"partial RoPE (rope_dims={m.rope_dims} of head_dim={m.head_dim})"] if m.rope_dims != m.head_dim else []
+    return rope + _attention_layer_others(m)
+
+
+def _attention_layer_others(m) -> list[str]:
     if m.kv_groups is not None:
         return ["uneven K/V groups (kv_groups)"]
     if m.n_q_heads is not None:

@@ -335,6 +335,10 @@ def test_jamba_exports_natively_and_reads_back(tmp_path):
         grouped["mlps"] = {**grouped["mlps"], "E": {**grouped["mlps"]["E"], **routing}}
         with pytest.raises(ValueError, match="routing other than Jamba's"):
             save_hf(build_model(grouped), tmp_path / "d", remote_code=False)
+    scaled = _small(preset_dict("jamba"))  # (its attention's rope_dims=0 had hidden every other attention setting)
+    scaled["mixers"] = {**scaled["mixers"], "A": {**scaled["mixers"]["A"], "softmax_scale": 0.5}}
+    with pytest.raises(ValueError, match=r"softmax_scale=0.5 \(1/sqrt\(head_dim\) is needed\)"):
+        save_hf(build_model(scaled), tmp_path / "e", remote_code=False)
     with pytest.raises(ValueError, match="RoPE in attention"):  # jamba_m2 is no Jamba: remote code only
         save_hf(build_model(_small(preset_dict("jamba_m2") | {"mixers": {
             "M": {"kind": "mamba", "inner_norms": True, "norm_eps": 1e-5}, "A": {"kind": "attention"}}})),
@@ -388,6 +392,9 @@ def test_gpt_neox_exports_natively_and_reads_back(tmp_path):
     with pytest.raises(ValueError, match=r"n_kv_heads=2 below n_heads=4 \(GPT-NeoX's attention is MHA\)"):
         save_hf(build_model(tiny(**NEOX | {"mixer": {**NEOX["mixer"], "n_kv_heads": 2}})), tmp_path / "c",
                 remote_code=False)  # fmt: skip
+    capped = NEOX | {"mixer": {**NEOX["mixer"], "softcap": 5.0}}  # (partial RoPE had hidden the attention's others)
+    with pytest.raises(ValueError, match=r"soft-capped scores \(softcap=5.0"):
+        save_hf(build_model(tiny(**capped)), tmp_path / "f", remote_code=False)
     with pytest.raises(ValueError, match="norm 'rmsnorm' \\(GPT-NeoX's are LayerNorms\\)"):  # Llama's norms
         save_hf(build_model(tiny(parallel_residual=True)), tmp_path / "d", remote_code=False)
     mla = {"kind": "mla", "n_heads": 4, "head_dim": 16, "rope_head_dim": 8, "kv_lora_rank": 32}
