@@ -7,7 +7,7 @@ family's ``config.json`` fields, and, on import, which family a
 ``NativeFamily`` here; the others export as remote code.
 
 - ``attention`` <-> Llama, Mistral, Ministral, Qwen2, Qwen3, SmolLM3, Granite,
-  Phi-3 (import) (our attention keeps their projection layout and RoPE
+  Phi-3 (exported where its RoPE is partial) (our attention keeps their projection layout and RoPE
   convention: the weights are a renaming; layers may differ by their
   window or by having RoPE, ``per_layer_fields``); with a mixture of experts,
   Mixtral, Qwen3-MoE and Qwen2-MoE (its shared expert gated);
@@ -92,8 +92,9 @@ LLAMA_TYPES: dict[str, dict[str, Any]] = {
     "mistral": {"qkv_bias": False, "o_bias": False, "window": True, "qk_norm": False},
     "qwen2": {"qkv_bias": True, "o_bias": False, "window": True, "qk_norm": False},
     "qwen3": {"qkv_bias": None, "o_bias": None, "window": True, "qk_norm": True},  # norms with rms_norm_eps
-    # Phi-3 (imported; exported as the Llama or Mistral it computes): projections fused (kvlab.archs.hf splits
-    # them), RoPE on the first partial_rotary_factor of each head (Phi-4-mini's 0.75)
+    # Phi-3: projections fused (kvlab.archs.hf splits them, _fuse_phi3 fuses them), RoPE on the first
+    # partial_rotary_factor of each head (Phi-4-mini's 0.75); exported as Phi-3 where that is partial, else as the
+    # Llama or Mistral it computes
     "phi3": {"qkv_bias": False, "o_bias": False, "window": True, "qk_norm": False},
     # SmolLM3: Llama with RoPE left out of every no_rope_layer_interval-th layer (no_rope_layers), and windows on
     # the layers layer_types names
@@ -182,12 +183,54 @@ def _attention_problems(cfg: ModelConfig, m) -> list[str]:
     if mlp_problems:
         return llama_block_problems(cfg) + mlp_problems
     problems = llama_block_problems(cfg)
-    granite = _granite(cfg)
+    granite, phi3 = _granite(cfg), _phi3_partial_rope(cfg)
     for x in {id(x): x for x in cfg.layer_mixers}.values():  # (a layer without RoPE is SmolLM3's)
-        allowed = ("partial RoPE",) if x.rope_dims == 0 else ()
+        allowed = ("partial RoPE",) if x.rope_dims == 0 or phi3 else ()
         allowed += ("softmax_scale",) if granite else ()  # (Granite's attention_multiplier)
         problems += [p for p in _attention_layer_problems(x) if p not in problems and not p.startswith(allowed)]
     return problems
+
+
+def _phi3_partial_rope(cfg: ModelConfig) -> bool:
+    """Whether a model's attention has Phi-3's partial RoPE (Phi-4-mini's): one attention in every layer, RoPE on
+    part of each head, no multipliers (the other classes take partial RoPE in none of their layers)."""
+    m = cfg.layer_mixers[0]
+    return all(x == m for x in cfg.layer_mixers) and 0 < m.rope_dims < m.head_dim and not _granite(cfg)
+
+
+def _phi3_to_hf(cfg: ModelConfig, m) -> dict[str, Any] | str:
+    """Phi-3: Llama's attention without biases or query and key norms, RoPE on the first partial_rotary_factor of
+    each head (plain or LongRoPE), one window or none; its projections fused on export (``_fuse_phi3``)."""
+    factor, scaling = m.rope_dims / m.head_dim, m.rope_scaling
+    problems = []
+    if m.qkv_bias or m.o_bias or m.qk_norm:
+        problems.append(f"qkv_bias={m.qkv_bias}, o_bias={m.o_bias}, qk_norm={m.qk_norm} (Phi-3 has none)")
+    if int(m.head_dim * factor) != m.rope_dims:  # (how Phi-3's class counts the rotated channels)
+        problems.append(f"rope_dims={m.rope_dims} of head_dim={m.head_dim}, which partial_rotary_factor={factor} "
+                        f"gives back as {int(m.head_dim * factor)}")  # fmt: skip
+    if scaling is not None and scaling["kind"] != "longrope":
+        problems.append(f"rope_scaling of kind {scaling['kind']} (Phi-3 takes longrope)")
+    if scaling is not None and m.n_heads * m.head_dim != cfg.d_model:  # (its check of the factors counts by these)
+        problems.append(f"LongRoPE with n_heads * head_dim = {m.n_heads * m.head_dim} apart from d_model")
+    if problems:
+        return "partial RoPE (Phi-3's) with " + "; ".join(problems)
+    hf: dict[str, Any] = {"model_type": "phi3", "num_key_value_heads": m.n_kv_heads, "head_dim": m.head_dim,
+                          "partial_rotary_factor": factor, "sliding_window": m.window,
+                          "rope_parameters": rope_parameters(m)}  # fmt: skip
+    if scaling is not None:  # (Phi-3's class reads it here, before its RoPE settings, and has 4096 by default)
+        hf["original_max_position_embeddings"] = scaling["original_max_seq_len"]
+    return hf
+
+
+def _fuse_phi3(hf: dict[str, Any], state: dict[str, torch.Tensor], cfg: ModelConfig) -> None:
+    """Phi-3's fused projections from ours, as load_hf splits them: qkv_proj the queries', keys' and values' rows,
+    gate_up_proj the gate's and the up projection's."""
+    if hf["model_type"] != "phi3":
+        return
+    for i in range(cfg.n_layers):
+        attention, mlp = f"layers.{i}.mixer.", f"layers.{i}.mlp."
+        state[attention + "qkv_proj.weight"] = torch.cat([state.pop(f"{attention}{x}_proj.weight") for x in "qkv"])
+        state[mlp + "gate_up_proj.weight"] = torch.cat([state.pop(f"{mlp}{x}_proj.weight") for x in ("gate", "up")])
 
 
 def _granite(cfg: ModelConfig) -> bool:
@@ -231,6 +274,8 @@ def _attention_to_hf(cfg: ModelConfig, m) -> dict[str, Any] | str:
     mixers = cfg.layer_mixers
     if _moe_of(cfg) is not None:
         return _moe_to_hf(cfg, m)
+    if _phi3_partial_rope(cfg):
+        return _phi3_to_hf(cfg, m)
     if _granite(cfg):
         return _granite_to_hf(cfg, m)
     # layers that differ by their window or their RoPE, or have none (SmolLM3's NoPE layers)
@@ -641,6 +686,7 @@ register_native(
         to_hf=_attention_to_hf,
         from_hf=_attention_from_hf,
         mlps_from_hf=_llama_mlps_from_hf,
+        export_weights=_fuse_phi3,
         per_layer_fields=("window", "rope_dims"),
         model_fields_from_hf=_granite_fields,
     )

@@ -81,7 +81,7 @@ REMOTE = {
     "cla_tied": tiny(kv_sharing={"kind": "cla", "every": 2}, tie_embeddings=True),
     "kv_source": tiny(kv_source=[0, 0, 0, 3]),
     "uneven_groups": tiny(mixer={**ATTENTION, "n_kv_heads": 3, "kv_groups": [0, 2, 1, 2]}),
-    "partial_rope": tiny(mixer={**ATTENTION, "rope_dims": 8}),
+    "partial_rope": tiny(mixer={**ATTENTION, "rope_dims": 8, "qkv_bias": True}),  # (without biases: Phi-3's)
     "gqkva": tiny(mixer={**ATTENTION, "n_q_heads": 2}),
     "dgqa": tiny(mixer={**ATTENTION, "query_allocation": "dgqa"}),  # its allocation buffer travels too
     "matryoshka": tiny(mixer={**ATTENTION, "kv_ranks": [4, 8, 16], "kv_rank": [8, 4]}),
@@ -503,6 +503,29 @@ def test_experts_export_as_mixtral_qwen3_moe_qwen2_moe_or_olmoe(tmp_path, case):
             save_hf(build_model(tiny(mixer=mla, mlp=QWEN2_MOE)), tmp_path / "d", remote_code=False)
 
 
+def test_partial_rope_exports_as_phi3(tmp_path):
+    """Attention with RoPE on three quarters of each head (Phi-4-mini's) and LongRoPE exports to Phi3ForCausalLM,
+    its projections fused (``_native_round_trip``: every call here past the original 4 positions); partial RoPE
+    that Phi-3 cannot take is named."""
+    longrope = {
+        "kind": "longrope",
+        "short_factor": [1.0, 1.2, 1.5, 2.0, 2.2, 3.0],
+        "long_factor": [2.0, 3.0, 5.0, 7.0, 9.0, 11.0],
+        "original_max_seq_len": 4,
+        "attention_factor": 1.2,
+    }
+    spec = {"mixer": {**ATTENTION, "rope_dims": 12, "window": 7, "rope_scaling": longrope}}  # fmt: skip
+    _native_round_trip(spec, tmp_path, "Phi3ForCausalLM", 1e-6)
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert (config["partial_rotary_factor"], config["original_max_position_embeddings"]) == (0.75, 4)
+    biased = {"mixer": {**spec["mixer"], "qkv_bias": True}}
+    with pytest.raises(ValueError, match=r"partial RoPE \(Phi-3's\) with qkv_bias=True"):
+        save_hf(build_model(tiny(**biased)), tmp_path / "c", remote_code=False)
+    uneven = {"mixer": {**ATTENTION, "head_dim": 44, "rope_dims": 30}}  # (30 / 44 * 44 is 29.999...)
+    with pytest.raises(ValueError, match=r"rope_dims=30 of head_dim=44, which partial_rotary_factor"):
+        save_hf(build_model(tiny(**uneven)), tmp_path / "d", remote_code=False)
+
+
 def test_mla_with_deepseek_v2s_experts_exports_natively(tmp_path):
     """MLA with experts routed as DeepSeek-V2's class routes them (softmax, the top k of all, scaled, a shared
     expert) exports to DeepseekV2ForCausalLM, its RoPE rows put back in neighbouring pairs (``_native_round_trip``;
@@ -646,7 +669,10 @@ def test_tokenizer_is_written_for_auto_tokenizer(tmp_path):
     [
         (tiny(kv_sharing={"kind": "cla", "every": 2}), "cross-layer sharing of K/V"),
         (tiny(attention_source=[0, 0, 2, 3]), "cross-layer sharing of attention weights"),
-        (tiny(mixer={**ATTENTION, "rope_dims": 8}), "partial RoPE (rope_dims=8 of head_dim=16)"),
+        (
+            tiny(mixer={**ATTENTION, "rope_dims": 8, "o_bias": True}),
+            "partial RoPE (Phi-3's) with qkv_bias=False, o_bias=True",
+        ),
         (tiny(mlp={"kind": "gelu", "hidden": 96}), "mlp 'gelu'"),
         (tiny(meta_tokens=2), "meta tokens before every sequence (meta_tokens=2)"),
         (tiny(mixer={**ATTENTION, "window": 4, "sinks": 2}), "sink positions beside the window (sinks=2)"),
