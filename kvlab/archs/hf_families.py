@@ -247,27 +247,23 @@ def _attention_layer_problems(m) -> list[str]:
 
 
 def _attention_layer_others(m) -> list[str]:
-    if m.kv_groups is not None:
-        return ["uneven K/V groups (kv_groups)"]
-    if m.n_q_heads is not None:
-        return [f"GQKVA query heads (n_q_heads={m.n_q_heads})"]
-    if m.value_residual is not None:
-        return [f"value residual ({m.value_residual})"]
-    if m.query_allocation is not None:
-        return [f"query heads allocated by key norms ({m.query_allocation})"]
-    if m.kv_ranks is not None:
-        return ["MatryoshkaKV projections of keys and values (kv_ranks)"]
-    if m.n_v_heads is not None or m.v_groups is not None:
-        return ["value heads grouped apart from the key heads (n_v_heads, v_groups)"]
-    if m.v_head_dim != m.head_dim:
-        return [f"value heads wider than the key heads (v_head_dim={m.v_head_dim}, head_dim={m.head_dim})"]
-    if m.sinks:
-        return [f"sink positions beside the window (sinks={m.sinks})"]
-    if m.softmax_scale is not None:
-        return [f"softmax_scale={m.softmax_scale} (1/sqrt(head_dim) is needed)"]
-    if m.softcap is not None:
-        return [f"soft-capped scores (softcap={m.softcap}: Gemma 2's)"]
-    return []
+    """Every one of them: a class that takes some (Granite a softmax scale, Gemma 2 a cap) filters those out, and
+    the rest must still be named."""
+    checks = [
+        (m.kv_groups is not None, "uneven K/V groups (kv_groups)"),
+        (m.n_q_heads is not None, f"GQKVA query heads (n_q_heads={m.n_q_heads})"),
+        (m.value_residual is not None, f"value residual ({m.value_residual})"),
+        (m.query_allocation is not None, f"query heads allocated by key norms ({m.query_allocation})"),
+        (m.kv_ranks is not None, "MatryoshkaKV projections of keys and values (kv_ranks)"),
+        (m.n_v_heads is not None or m.v_groups is not None,
+         "value heads grouped apart from the key heads (n_v_heads, v_groups)"),
+        (m.v_head_dim != m.head_dim,
+         f"value heads wider than the key heads (v_head_dim={m.v_head_dim}, head_dim={m.head_dim})"),
+        (bool(m.sinks), f"sink positions beside the window (sinks={m.sinks})"),
+        (m.softmax_scale is not None, f"softmax_scale={m.softmax_scale} (1/sqrt(head_dim) is needed)"),
+        (m.softcap is not None, f"soft-capped scores (softcap={m.softcap}: Gemma 2's)"),
+    ]  # fmt: skip
+    return [problem for applies, problem in checks if applies]
 
 
 def _attention_to_hf(cfg: ModelConfig, m) -> dict[str, Any] | str:

@@ -596,6 +596,10 @@ def test_layers_that_differ_by_window_or_rope_export_natively(tmp_path, case):
         windowed_gemma1 = {**spec, "post_norms": False}
         with pytest.raises(ValueError, match=r"windows=True, logit_softcap=0.5 \(the first Gemma's"):
             save_hf(build_model(tiny(**windowed_gemma1)), tmp_path / "d", remote_code=False)
+    if case == "granite":  # (its own softmax scale had hidden every attention setting checked after it)
+        capped = {**spec, "mixer": {**spec["mixer"], "softcap": 0.5}}
+        with pytest.raises(ValueError, match=r"soft-capped scores \(softcap=0.5"):
+            save_hf(build_model(tiny(**capped)), tmp_path / "c", remote_code=False)
     if case == "qwen2":
         two = {"W": {**ATTENTION, "qkv_bias": True, "window": 5}, "X": {**ATTENTION, "qkv_bias": True, "window": 6}}
         with pytest.raises(ValueError, match=r"windows of different sizes \(\[5, 6\]"):
