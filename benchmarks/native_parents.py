@@ -1,13 +1,17 @@
 """Parents with classes of their own, decoded and trained by kvlab and by `transformers`' class, one process.
 
-    python benchmarks/native_parents.py [--parents gemma2,mixtral,deepseek_v2] [--batches 1,8] [--prompt 128]
+    python benchmarks/native_parents.py [--parents gemma2,mixtral,deepseek_v2,qwen2_moe,phi3] [--batches 1,8]
+                                        [--prompt 128]
                                         [--new 128] [--repeats 3] [--steps 10]
 
 Each parent is built in kvlab at the presets' shapes (d_model 256, 6 layers, 8 query heads of 32, vocab 4,096,
 fp32) with its own parts: Gemma 2's windows on every other layer, soft-capped scores and logits and sandwich
 norms (`transformers` runs its scores eagerly: SDPA takes no cap); Mixtral's 8 experts, top 2, in every layer;
-DeepSeek-V2-Lite's MLA with 8 experts, top 2, and a shared one after a dense layer. kvlab's native export of it
-is loaded back into `transformers`' class (Gemma2ForCausalLM, MixtralForCausalLM, DeepseekV2ForCausalLM), so
+DeepSeek-V2-Lite's MLA with 8 experts, top 2, and a shared one after a dense layer; Qwen2-MoE's q/k/v biases and
+8 experts, top 2, beside a shared expert twice as wide, gated per token; Phi-4-mini's RoPE on three quarters of
+each head with LongRoPE, its original context 192 positions (so decoding switches to the long factors halfway).
+kvlab's native export of it is loaded back into `transformers`' class (Gemma2ForCausalLM, MixtralForCausalLM,
+DeepseekV2ForCausalLM, Qwen2MoeForCausalLM, Phi3ForCausalLM), so
 both hold the same weights, and their greedy tokens are checked equal. Decoding: ``generate`` of ``--new``
 tokens after a ``--prompt``-token prompt under ``torch.inference_mode`` (kvlab compiled, its compilation the
 warm-up, and eager; `transformers` eager, its dynamic cache). Training: one step (forward with the loss,
@@ -43,6 +47,11 @@ PARENTS = {
                                           "E": {"kind": "moe", "hidden": 128, "n_experts": 8, "top_k": 2,
                                                 "n_shared": 1}},
     },
+    "qwen2_moe": {**SHAPES, "mixer": {**GQA, "qkv_bias": True}, "mlp": {
+        "kind": "moe", "hidden": 128, "n_experts": 8, "top_k": 2, "n_shared": 2, "shared_gate": True}},
+    "phi3": {**SHAPES, "mixer": {**GQA, "rope_dims": 24, "rope_scaling": {
+        "kind": "longrope", "short_factor": [1.0 + i / 12 for i in range(12)],
+        "long_factor": [1.0 + i for i in range(12)], "original_max_seq_len": 192, "attention_factor": 1.19}}},
 }  # fmt: skip
 
 

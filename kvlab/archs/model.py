@@ -821,6 +821,7 @@ class CausalLM(nn.Module):
         if padded and cache.pads_refused_because():  # a policy that counts from the cache's first position
             return self._generate_rows(input_ids, attention_mask, context, options)
         logits = self.prefill(input_ids, cache, context=context, attention_mask=attention_mask, chunk=prefill_chunk)
+        switch = self.longrope_switch()
         out = [input_ids]
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         sample = functools.partial(_sample, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
@@ -832,11 +833,30 @@ class CausalLM(nn.Module):
             out.append(token[:, None])
             if step == max_new_tokens - 1 or (eos_token_id is not None and bool(done.all())):
                 break
+            if switch is not None and T + step == switch:  # this token is the first past LongRoPE's context
+                token = sample(self._prefill_again(torch.cat(out, dim=1), cache, context, attention_mask))
+                continue
             if temperature == 0:  # greedy: the choice made by the step itself (in its compiled graph)
                 token = decode.next_tokens(token[:, None], cache)
             else:
                 token = sample(decode(token[:, None], cache))
         return torch.cat(out, dim=1)
+
+    def longrope_switch(self) -> int | None:
+        """The first position that LongRoPE turns at its long factors (its original context), or None: no layer
+        has it."""
+        contexts = [m.original for m in self.modules() if isinstance(m, Rotary) and m.original is not None]
+        return min(contexts, default=None)
+
+    def _prefill_again(self, sequence, cache, context, attention_mask) -> torch.Tensor:
+        """Phi-3's generation at the first token past LongRoPE's original context, as its code and `transformers`'
+        Phi-3 generate: the cache, whose keys turned at the short factors, is filled again from the whole
+        sequence in one call, every key now at the long ones; the next token's logits."""
+        cache.reset()
+        if attention_mask is not None:  # (the new tokens are no pads)
+            ones = attention_mask.new_ones(sequence.shape[0], sequence.shape[1] - attention_mask.shape[1])
+            attention_mask = torch.cat([attention_mask, ones], dim=1)
+        return self.prefill(sequence, cache, context=context, attention_mask=attention_mask, chunk=0)
 
     @torch.no_grad()
     def prefill(self, input_ids, cache, *, context=None, attention_mask=None, chunk: int | None = None) -> torch.Tensor:
@@ -867,8 +887,7 @@ class CausalLM(nn.Module):
         iterated = self._cycle is not None and self.config.layer_passes.prefill != "sequential"
         # LongRoPE's frequencies are chosen per call by its last position: a piece within the original context
         # would turn its keys at the short ones where the whole prompt, past it, turns them at the long ones
-        per_call = any(isinstance(m, Rotary) and m.original is not None for m in self.modules())
-        if whole or iterated or padded or per_call or not 0 < chunk < T:
+        if whole or iterated or padded or self.longrope_switch() is not None or not 0 < chunk < T:
             return self(input_ids, cache=cache, last_only=True, context=context, attention_mask=attention_mask)[:, -1]
         for at in range(0, T, chunk):
             logits = self(input_ids[:, at : at + chunk], cache=cache, last_only=True)

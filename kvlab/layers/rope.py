@@ -8,7 +8,8 @@ positions after ``start`` (a cache's count) or explicit per-token
   sets, and a call whose last position is past the original context takes
   the long one for all its positions, as Phi-3's code and `transformers`
   choose per forward (so a cache filled before that point keeps keys turned
-  at the short frequencies, as theirs does). The tables are
+  at the short frequencies, as theirs does; ``CausalLM.generate`` fills it
+  again at that point, as their generation does). The tables are
   buffers that are not saved; ``reset_buffers`` recomputes them after a
   model is built on the meta device, and after a cast to float64
   (``ConstantBuffers``).

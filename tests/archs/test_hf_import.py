@@ -243,10 +243,11 @@ def test_import_reads_pytorch_pickled_weights(tmp_path, sharded):
 def test_longrope_takes_its_long_factors_in_calls_past_the_original_context_as_transformers_does(tmp_path):
     """Phi-3's LongRoPE (Phi-3.5-mini, Phi-4-mini: partial RoPE here as Phi-4-mini's) against `transformers` in
     float64: a call whose last position is within the original 8 positions turns at the short factors, one past
-    it at the long ones, all its positions; so decoding past position 8 leaves the keys cached before it turned
-    at the short ones, as theirs does (step by step, and greedy tokens eager and compiled). A prompt is
-    prefilled in one call (pieces would choose apart), and StreamingLLM's sinks, which would turn keys cached at
-    one set by the other's angles, are refused by name."""
+    it at the long ones, all its positions; so stepping past position 8 on a cache leaves the keys cached before
+    it turned at the short ones, as theirs does, while ``generate`` fills the cache again there, as Phi-3's
+    generation does (greedy tokens, eager and compiled). A prompt is prefilled in one call (pieces would choose
+    apart), and StreamingLLM's sinks, which would turn keys cached at one set by the other's angles, are
+    refused by name."""
     from transformers import DynamicCache
 
     g = torch.Generator().manual_seed(1)
@@ -275,11 +276,13 @@ def test_longrope_takes_its_long_factors_in_calls_past_the_original_context_as_t
     for start, length in [(7, 1), (8, 1), (0, 8), (0, 9)]:
         for by_int, by_tensor in zip(rotary(start, length), rotary(torch.tensor(start), length), strict=True):
             assert torch.equal(by_int, by_tensor), (start, length)
-    prompt = ids[:, :5]
-    greedy = theirs.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, min_new_tokens=8,
+    # generate: at the first token past the original context, Phi-3's generation fills the cache again from the
+    # whole sequence (every key at the long factors); without it the last two of these rows would differ
+    prompt = torch.cat([torch.randint(1, 101, (2, 5), generator=torch.Generator().manual_seed(s)) for s in range(5)])
+    greedy = theirs.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=16, min_new_tokens=16,
                              do_sample=False, pad_token_id=0)  # fmt: skip
     for compiled in (False, True):
-        assert torch.equal(ours.generate(prompt, max_new_tokens=8, compile=compiled), greedy), compiled
+        assert torch.equal(ours.generate(prompt, max_new_tokens=16, compile=compiled), greedy), compiled
     with pytest.raises(ValueError, match=r"cache policy sinks: layer 0 has LongRoPE, whose frequencies change"):
         ours.new_cache(1, 40, policy={"kind": "sinks", "sinks": 2, "window": 8})
 
