@@ -153,6 +153,10 @@ class KvlabForCausalLM(PreTrainedModel, GenerationMixin):
         # transformers 5 names the cache `cache`, earlier versions `past_key_values`
         cache = kwargs.pop("cache", None) if past_key_values is None else past_key_values
         started = isinstance(cache, KvlabCache) and cache.get_seq_length() > 0
+        switch = self.model.longrope_switch()
+        if started and switch is not None and cache.get_seq_length() <= switch < input_ids.shape[1]:
+            cache.reset()  # LongRoPE's first token past its context: every key again at the long factors, as
+            started = False  # kvlab's generate and Phi-3's do (kvlab.archs.model.CausalLM._prefill_again)
         if isinstance(cache, KvlabCache):  # feed only the tokens the cache has not seen
             input_ids = input_ids[:, cache.get_seq_length() :]
         inputs = {

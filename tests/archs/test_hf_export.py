@@ -849,6 +849,26 @@ def test_remote_code_refuses_assisted_generation_by_name():
     assert hf.generate(ids, max_new_tokens=2, do_sample=False).shape == (1, 5)
 
 
+def test_remote_code_generation_fills_the_cache_again_past_longropes_context():
+    """At the first token past LongRoPE's original context (8 positions), `transformers`' generate on kvlab's
+    remote code fills the cache again from the whole sequence, as kvlab's generate (and Phi-3's) does: the
+    tokens it feeds the model each step, and the same greedy tokens."""
+    from kvlab.archs.hf_modeling import KvlabConfig, KvlabForCausalLM
+
+    longrope = {"kind": "longrope", "short_factor": [1.0] * 8, "long_factor": [4.0] * 8, "original_max_seq_len": 8,
+                "attention_factor": 1.3}  # fmt: skip
+    model = build_model(tiny(kv_sharing={"kind": "cla", "every": 2}, mixer={**ATTENTION, "rope_scaling": longrope}))
+    hf = KvlabForCausalLM(KvlabConfig(kvlab=model.config.to_dict())).eval()
+    hf.model.load_state_dict(model.state_dict())
+    fed, inner = [], hf.model.forward
+    hf.model.forward = lambda ids, *args, **kwargs: (fed.append(ids.shape[1]), inner(ids, *args, **kwargs))[1]
+    prompt = torch.randint(1, 97, (3, 5))
+    out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, min_new_tokens=8,
+                      do_sample=False, pad_token_id=0)  # fmt: skip
+    assert fed == [5, 1, 1, 1, 9, 1, 1, 1]  # the prompt, positions 5 to 7, then 0 to 8 again, and on
+    assert torch.equal(out, model.eval().generate(prompt, max_new_tokens=8, compile=False))
+
+
 def test_remote_code_keeps_the_logits_asked_for():
     from kvlab.archs.hf_modeling import KvlabConfig, KvlabForCausalLM
 
