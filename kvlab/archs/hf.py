@@ -160,7 +160,7 @@ def hf_config_from_model(cfg: ModelConfig) -> dict[str, Any]:
     layout = layout_for(cfg)
     if layout is not None:
         _refuse(_model_problems(cfg) + layout.problems(cfg))
-        a = next(m for m in cfg.layer_mixers if m.kind == "attention")
+        a = next((m for m in cfg.layer_mixers if m.kind == "attention"), None)  # (None: Mamba's)
         return {"architectures": [layout.architecture], **_common_fields(cfg, a), **layout.to_hf(cfg)}
     mixers = cfg.layer_mixers
     m = mixers[0]
@@ -192,7 +192,7 @@ def _common_fields(cfg: ModelConfig, attention) -> dict[str, Any]:
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.d_model,
         "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": attention.n_heads,
+        **({"num_attention_heads": attention.n_heads} if attention is not None else {}),
         "max_position_embeddings": cfg.max_seq_len,
         "tie_word_embeddings": cfg.tie_embeddings,
         **({"rms_norm_eps": cfg.norm.eps, "hidden_act": "silu"} if cfg.norm.kind == "rmsnorm" else {}),  # Llama's

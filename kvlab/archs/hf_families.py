@@ -20,7 +20,8 @@ a class with names and layouts of its own) goes there instead: by its set
 of mixer kinds, ``attention`` + ``mamba`` <-> Jamba; by its block,
 attention layers with LayerNorm or a parallel residual <-> GPT-NeoX (Pythia),
 with Gemma's parts (unit-offset norms, scaled embeddings) <-> Gemma 1, 2 or 3
-(by its post norms and query/key norms), with post norms alone <-> OLMo 2 and 3.
+(by its post norms and query/key norms), with post norms alone <-> OLMo 2 and 3;
+``mamba`` or ``mamba2`` alone, without MLPs <-> Mamba, Mamba-2.
 """
 
 from __future__ import annotations
@@ -1011,9 +1012,19 @@ def _jamba_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     }
 
 
-_JAMBA_MAMBA = {"conv_weight": "conv1d.weight", "conv_bias": "conv1d.bias", "dt_bias": "dt_proj.bias",
+# A Mamba mixer's weights under transformers' names (Jamba's, Mamba's, Mamba-2's); Mamba's dt bias on its projection
+_MAMBA_NAMES = {"conv_weight": "conv1d.weight", "conv_bias": "conv1d.bias", "norm_weight": "norm.weight",
                 "dt_norm.weight": "dt_layernorm.weight", "b_norm.weight": "b_layernorm.weight",
                 "c_norm.weight": "c_layernorm.weight"}  # fmt: skip
+
+
+def _mamba_weight(name: str, value: torch.Tensor, kind: str) -> tuple[str, torch.Tensor]:
+    """A Mamba mixer's weight (our name within the mixer) under transformers' name, in its layout: the convolution
+    as nn.Conv1d holds it, Mamba-1's dt bias on its projection."""
+    theirs = "dt_proj.bias" if name == "dt_bias" and kind == "mamba" else _MAMBA_NAMES.get(name, name)
+    return theirs, value[:, None] if name == "conv_weight" else value
+
+
 _JAMBA_MOE = {
     "router.weight": "router.weight",
     "gate_up_proj": "experts.gate_up_proj",
@@ -1036,8 +1047,9 @@ def _jamba_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, 
             out[prefix + {"mixer_norm": "input_layernorm.", "mlp_norm": "pre_ff_layernorm."}[part] + rest] = value
         elif part == "mixer" and cfg.layer_mixers[int(i)].kind == "attention":
             out[prefix + "self_attn." + rest] = value
-        elif part == "mixer":  # Mamba: the convolution as nn.Conv1d holds it, dt's bias on its projection
-            out[prefix + "mamba." + _JAMBA_MAMBA.get(rest, rest)] = value[:, None] if rest == "conv_weight" else value
+        elif part == "mixer":
+            theirs, value = _mamba_weight(rest, value, "mamba")
+            out[prefix + "mamba." + theirs] = value
         elif cfg.plan[int(i)].mlp.kind == "moe":
             out[prefix + "feed_forward." + _JAMBA_MOE[rest]] = value
         else:
@@ -1604,3 +1616,104 @@ NATIVE_LAYOUTS["olmoe"] = NativeLayout(
     export_state=_olmoe_state,
     from_hf=_olmoe_from_hf,
 )
+
+
+# Mamba and Mamba-2 (`transformers`' MambaForCausalLM, Mamba2ForCausalLM: state-spaces' and Codestral's
+# checkpoints): every layer an RMSNorm and the mixer on the residual, no MLP. The convolution as nn.Conv1d holds
+# it; Mamba's dt bias on its projection. They have no position limit: max_seq_len travels in config.json as
+# max_position_embeddings, which they do not read (a hub config has none: NO_POSITION_LIMIT).
+
+NO_POSITION_LIMIT = 2**20
+_MAMBA_TOP = {"embed_tokens.weight": "backbone.embeddings.weight", "norm.weight": "backbone.norm_f.weight"}
+
+
+def _mamba_problems(cfg: ModelConfig) -> list[str]:
+    m, problems = cfg.layer_mixers[0], gemma_problems(cfg) + pre_norm_problems(cfg) + multiplier_problems(cfg)
+    if any(x != m for x in cfg.layer_mixers[1:]):
+        problems.append(f"{m.kind} layers that differ (its class has one mixer in every layer)")
+    if cfg.norm.kind != "rmsnorm" or cfg.parallel_residual:
+        problems.append(f"norm {cfg.norm.kind!r} or parallel_residual (an RMSNorm before the mixer is needed)")
+    if any(p.mlp.kind != "none" for p in cfg.plan):
+        problems.append(f"MLPs ({'/'.join(sorted({p.mlp.kind for p in cfg.plan}))}; its blocks have none: kind none)")
+    if m.kind == "mamba" and m.inner_norms:
+        problems.append("Mamba with inner_norms (Jamba's; MambaForCausalLM has none)")
+    if m.kind == "mamba2" and m.norm_eps != cfg.norm.eps:
+        problems.append(f"Mamba-2 norm_eps={m.norm_eps} apart from norm.eps={cfg.norm.eps} (its class has one "
+                        "layer_norm_epsilon)")  # fmt: skip
+    return problems
+
+
+def _mamba_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    m = cfg.layer_mixers[0]
+    hf = {"model_type": m.kind, "hidden_size": cfg.d_model, "state_size": m.state_dim, "expand": m.expand,
+          "conv_kernel": m.conv_kernel, "use_bias": False, "use_conv_bias": True, "layer_norm_epsilon": cfg.norm.eps,
+          "max_position_embeddings": cfg.max_seq_len}  # fmt: skip
+    if m.kind == "mamba":  # (its class reads intermediate_size where config.json gives it)
+        inner = m.expand * cfg.d_model if m.inner is None else m.inner
+        return hf | {"time_step_rank": m.dt_rank, "intermediate_size": inner}
+    return hf | {"num_heads": m.expand * cfg.d_model // m.head_dim, "head_dim": m.head_dim, "n_groups": m.n_groups,
+                 "chunk_size": m.chunk_size, "time_step_limit": [0.0, float("inf")]}  # fmt: skip
+
+
+def _mamba_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, value in state.items():
+        if not name.startswith("layers."):
+            out[_MAMBA_TOP.get(name, name)] = value
+            continue
+        _, i, part, rest = name.split(".", 3)
+        if part == "mixer_norm":
+            out[f"backbone.layers.{i}.norm.{rest}"] = value
+        else:
+            theirs, value = _mamba_weight(rest, value, cfg.layer_mixers[0].kind)
+            out[f"backbone.layers.{i}.mixer.{theirs}"] = value
+    return out
+
+
+def _mamba_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+    kind, d = hf["model_type"], hf["hidden_size"]
+    if hf.get("use_bias", False) or not hf.get("use_conv_bias", True):
+        raise ValueError(f"config.json: use_bias={hf.get('use_bias')}, use_conv_bias={hf.get('use_conv_bias')} is not "
+                         "supported (kvlab's Mamba projections have no biases, its convolution has one)")  # fmt: skip
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"config.json: hidden_act={hf['hidden_act']!r} is not supported (Mamba's silu is)")
+    eps = hf.get("layer_norm_epsilon", 1e-5)
+    mixer: dict[str, Any] = {"kind": kind, "state_dim": hf.get("state_size", 16 if kind == "mamba" else 128),
+                             "expand": hf.get("expand", 2), "conv_kernel": hf.get("conv_kernel", 4)}  # fmt: skip
+    if kind == "mamba":
+        rank = hf.get("time_step_rank", "auto")
+        mixer["dt_rank"] = -(-d // 16) if rank == "auto" else rank
+        inner = hf.get("intermediate_size") or int(mixer["expand"] * d)  # (which its class reads first)
+        if inner != mixer["expand"] * d:
+            mixer.update(inner=inner, expand=max(1, round(mixer["expand"])))
+    else:
+        # (transformers writes infinity as {"__float__": "Infinity"}: JSON has none)
+        limit = [float(x["__float__"]) if isinstance(x, dict) else float(x)
+                 for x in hf.get("time_step_limit") or (0.0, float("inf"))]  # fmt: skip
+        if limit[0] > 0 or limit[1] != float("inf"):
+            raise ValueError(f"config.json: time_step_limit={limit} is not supported (kvlab does not clamp dt)")
+        heads, head_dim = hf.get("num_heads", 128), hf.get("head_dim", 64)
+        if heads * head_dim != mixer["expand"] * d:
+            raise ValueError(f"config.json: num_heads * head_dim = {heads * head_dim} apart from expand * "
+                             f"hidden_size = {mixer['expand'] * d} is not supported")  # fmt: skip
+        mixer.update(head_dim=head_dim, n_groups=hf.get("n_groups", 8), chunk_size=hf.get("chunk_size", 256),
+                     norm_eps=eps)  # fmt: skip
+    return {
+        "vocab_size": hf["vocab_size"], "d_model": d, "n_layers": hf["num_hidden_layers"],
+        "max_seq_len": hf.get("max_position_embeddings") or NO_POSITION_LIMIT,
+        "norm": {"kind": "rmsnorm", "eps": eps}, "tie_embeddings": bool(hf.get("tie_word_embeddings", True)),
+        "mixer": mixer, "mlp": {"kind": "none"},
+    }  # fmt: skip
+
+
+for _kind, _class in (("mamba", "MambaForCausalLM"), ("mamba2", "Mamba2ForCausalLM")):
+    NATIVE_LAYOUTS[_kind] = NativeLayout(
+        model_type=_kind,
+        architecture=_class,
+        describes=f"{_kind} alone, without MLPs, as {_kind}",
+        claims=functools.partial(lambda kind, cfg: _mixer_kinds(cfg) == {kind}, _kind),
+        problems=_mamba_problems,
+        to_hf=_mamba_to_hf,
+        export_state=_mamba_state,
+        from_hf=_mamba_from_hf,
+    )

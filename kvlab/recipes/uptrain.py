@@ -160,6 +160,10 @@ def _resolve_convert(convert: dict | list[dict], parent_model: dict) -> dict | l
     # one mixer, or a pattern of attention mixers with one head layout (Gemma 2/3's windowed and full layers)
     mixers = [parent_model.get("mixer")] + list((parent_model.get("mixers") or {}).values())
     mixers = [m for m in mixers if m]
+    if mixers and not any(m.get("kind") == "attention" for m in mixers):  # (a Mamba parent: nothing to group)
+        kinds = ", ".join(sorted({str(m.get("kind")) for m in mixers}))
+        raise ConfigError(f"init.convert.to={convert['to']}: the parent has no attention layers (its mixers: {kinds}), "
+                          "so no heads to group; convert a parent with attention")  # fmt: skip
     heads = {(m.get("n_heads"), m.get("n_kv_heads") or m.get("n_heads")) for m in mixers}
     if not mixers or any(m.get("kind") != "attention" for m in mixers) or len(heads) != 1:
         raise ConfigError(f"init.convert.{missing[0]}: the parent's layers are not attention with one number of "

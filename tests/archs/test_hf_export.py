@@ -526,6 +526,21 @@ def test_partial_rope_exports_as_phi3(tmp_path):
         save_hf(build_model(tiny(**uneven)), tmp_path / "d", remote_code=False)
 
 
+@pytest.mark.parametrize("kind", ["mamba", "mamba2"])
+def test_mamba_alone_exports_as_mamba_or_mamba2(tmp_path, kind):
+    """Mamba or Mamba-2 in every layer, no MLP, exports to MambaForCausalLM or Mamba2ForCausalLM
+    (``_native_round_trip``; their scan runs in float32 whatever the dtype); what they lack is named."""
+    mixer = (
+        {"kind": "mamba", "state_dim": 8}
+        if kind == "mamba"
+        else {"kind": "mamba2", "state_dim": 16, "head_dim": 16, "n_groups": 2, "chunk_size": 8, "norm_eps": 1e-5}
+    )
+    spec = {"mixer": mixer, "mlp": {"kind": "none"}, "norm": {"kind": "rmsnorm", "eps": 1e-5}}  # fmt: skip
+    _native_round_trip(spec, tmp_path, "MambaForCausalLM" if kind == "mamba" else "Mamba2ForCausalLM", 1e-5)
+    with pytest.raises(ValueError, match=r"MLPs \(swiglu; its blocks have none"):
+        save_hf(build_model(tiny(**{**spec, "mlp": {"kind": "swiglu"}})), tmp_path / "c", remote_code=False)
+
+
 def test_mla_with_deepseek_v2s_experts_exports_natively(tmp_path):
     """MLA with experts routed as DeepSeek-V2's class routes them (softmax, the top k of all, scaled, a shared
     expert) exports to DeepseekV2ForCausalLM, its RoPE rows put back in neighbouring pairs (``_native_round_trip``;

@@ -125,6 +125,11 @@ CASES = {
     # OLMoE: Llama's block, query and key norms over the whole projections, experts not renormalised
     "olmoe": (transformers.OlmoeConfig, dict(num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
                                              attention_bias=True, pad_token_id=0)),
+    # Mamba and Mamba-2 alone (state-spaces', Codestral's): an RMSNorm and the mixer in every layer, no MLP;
+    # Mamba-2's B and C in 2 groups
+    "mamba": (transformers.MambaConfig, dict(state_size=8, time_step_rank=8, pad_token_id=0)),
+    "mamba2": (transformers.Mamba2Config, dict(state_size=16, num_heads=8, head_dim=16, n_groups=2, chunk_size=8,
+                                               pad_token_id=0)),
     # Mamba and attention layers, MoE in every other one; save_pretrained writes each expert's own tensors
     "jamba-moe": (transformers.JambaConfig, dict(
         num_key_value_heads=2, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1,
@@ -173,7 +178,8 @@ def test_import_matches_transformers(tmp_path, case, sharded):
         # transformers' own float32 parts (RoPE angles, norms, routers, Jamba's scan) leave 3e-7
         hf64 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64, **EAGER).eval()
         # (Gemma's seven norms a layer compute in float32 whatever the input, x.float(): 2.5e-6 here)
-        bound = 1e-5 if case.startswith("gemma") else 1e-6
+        # (transformers' Mamba computes its scan in float32 whatever the model's dtype: 1.5e-6 here)
+        bound = 1e-5 if case.startswith(("gemma", "mamba")) else 1e-6
         with torch.no_grad():
             assert (load_hf(tmp_path, dtype=torch.float64)(ids) - hf64(ids).logits).abs().max() <= bound
     if case in PER_LAYER:
@@ -193,6 +199,8 @@ def test_import_matches_transformers(tmp_path, case, sharded):
         assert ours.config.mlp_pattern == "EDE" and not ours.config.mlps["E"].norm_topk
     if case == "mixtral":
         assert ours.config.mlp.kind == "moe" and ours.config.mlp.norm_topk and ours.config.mixer.window == 5
+    if case.startswith("mamba"):
+        assert ours.config.mlp.kind == "none" and ours.config.max_seq_len == 128  # (its max_position_embeddings)
     if case == "qwen2-moe":
         moe = ours.config.mlps["E"]
         assert ours.config.mlp_pattern == "EDE" and (moe.n_shared, moe.shared_gate, moe.norm_topk) == (2, True, False)

@@ -98,7 +98,9 @@ def test_a_hugging_face_config_as_load_hf_imports_it(capsys, tmp_path):
     assert "--hf gives the model; the overrides model=gqa would be ignored" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("case", ["deepseek-v2-lite", "mixtral-8x7b", "gemma-2-2b", "qwen1.5-moe-a2.7b", "phi-4-mini"])
+@pytest.mark.parametrize(
+    "case", ["deepseek-v2-lite", "mixtral-8x7b", "gemma-2-2b", "qwen1.5-moe-a2.7b", "phi-4-mini", "mamba-130m"]
+)
 def test_hugging_face_configs_of_mla_and_experts_count_as_published(capsys, tmp_path, case):
     """--hf on the hub's own config.json of DeepSeek-V2-Lite (MLA: 576 elements a token and layer, DeepSeek-V2's
     Table 9, over 27 layers; its YaRN; 15.7B parameters), of Mixtral 8x7B (8 K/V heads of 128 over 32 layers;
@@ -106,7 +108,9 @@ def test_hugging_face_configs_of_mla_and_experts_count_as_published(capsys, tmp_
     parameters, its embeddings tied) and of Qwen1.5-MoE-A2.7B (MHA, 16 heads of 128 over 24 layers; 60 experts
     beside a gated shared expert: 14.3B parameters) and of Phi-4-mini (8 K/V heads of 128 over 32 layers, RoPE
     on three quarters of each with LongRoPE's 48 factors, placeholders here; its window past its context, so full
-    attention; 3.84B parameters, tied): the caches and parameter counts their papers give."""
+    attention; 3.84B parameters, tied) and of Mamba-130M (24 layers of 1,536 channels, a 16-wide state and 3
+    convolution inputs each, nothing per token; 129M parameters): the caches and parameter counts their papers
+    give."""
     config = {
         "deepseek-v2-lite": {
             "model_type": "deepseek_v2", "vocab_size": 102400, "hidden_size": 2048, "intermediate_size": 10944,
@@ -146,6 +150,11 @@ def test_hugging_face_configs_of_mla_and_experts_count_as_published(capsys, tmp_
             "rope_scaling": {"type": "longrope", "short_factor": [1.0] * 48, "long_factor": [2.0] * 48},
             "rope_theta": 10000.0, "sliding_window": 262144, "tie_word_embeddings": True, "rms_norm_eps": 1e-5,
         },
+        "mamba-130m": {
+            "model_type": "mamba", "vocab_size": 50280, "hidden_size": 768, "num_hidden_layers": 24,
+            "state_size": 16, "expand": 2, "conv_kernel": 4, "time_step_rank": 48, "layer_norm_epsilon": 1e-5,
+            "use_bias": False, "use_conv_bias": True, "tie_word_embeddings": True,
+        },
     }[case]  # fmt: skip
     (tmp_path / "config.json").write_text(json.dumps(config))
     r = report(capsys, "--hf", str(tmp_path))
@@ -153,7 +162,10 @@ def test_hugging_face_configs_of_mla_and_experts_count_as_published(capsys, tmp_
                          "mixtral-8x7b": (2 * 8 * 128 * 32 * 2, 46_702_792_704),
                          "gemma-2-2b": (2 * 4 * 256 * 13 * 2, 2_614_341_888),
                          "qwen1.5-moe-a2.7b": (2 * 16 * 128 * 24 * 2, 14_315_784_192),
-                         "phi-4-mini": (2 * 8 * 128 * 32 * 2, 3_836_021_760)}[case]  # fmt: skip
+                         "phi-4-mini": (2 * 8 * 128 * 32 * 2, 3_836_021_760),
+                         "mamba-130m": (0, 129_135_360)}[case]  # fmt: skip
     assert (r["bytes_per_token"], r["params"]) == (per_token, params)
     if case == "gemma-2-2b":
         assert r["fixed_bytes"] == 13 * 4096 * 2 * 4 * 256 * 2  # the windows, once full
+    if case == "mamba-130m":
+        assert r["fixed_bytes"] == 24 * 1536 * (16 + 3) * 2  # the state and the convolution's inputs, bf16

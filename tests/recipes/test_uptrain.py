@@ -341,3 +341,6 @@ def test_default_head_counts_come_from_attention_layers_with_one_head_layout():
     for parent in (uneven, hybrid):
         with pytest.raises(ValueError, match="not attention with one number of heads; give n_kv_heads"):
             _resolve_convert({"to": "gqa"}, parent)
+    with pytest.raises(ValueError, match=r"init.convert.to=gqa: the parent has no attention layers \(its mixers: "
+                                         r"mamba\)"):  # fmt: skip
+        _resolve_convert({"to": "gqa"}, {"mixer": {"kind": "mamba"}})  # (an imported Mamba)
