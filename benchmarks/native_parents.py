@@ -1,6 +1,7 @@
 """Parents with classes of their own, decoded and trained by kvlab and by `transformers`' class, one process.
 
-    python benchmarks/native_parents.py [--parents gemma2,mixtral,deepseek_v2,qwen2_moe,phi3] [--batches 1,8]
+    python benchmarks/native_parents.py [--parents gemma2,mixtral,deepseek_v2,qwen2_moe,phi3,mamba,mamba2]
+                                        [--batches 1,8]
                                         [--prompt 128]
                                         [--new 128] [--repeats 3] [--steps 10]
 
@@ -9,9 +10,11 @@ fp32) with its own parts: Gemma 2's windows on every other layer, soft-capped sc
 norms (`transformers` runs its scores eagerly: SDPA takes no cap); Mixtral's 8 experts, top 2, in every layer;
 DeepSeek-V2-Lite's MLA with 8 experts, top 2, and a shared one after a dense layer; Qwen2-MoE's q/k/v biases and
 8 experts, top 2, beside a shared expert twice as wide, gated per token; Phi-4-mini's RoPE on three quarters of
-each head with LongRoPE, its original context 192 positions (so decoding switches to the long factors halfway).
+each head with LongRoPE, its original context 192 positions (so decoding switches to the long factors halfway);
+Mamba and Mamba-2 alone, no MLPs, 12 layers (a Mamba block has about half a Llama block's weights).
 kvlab's native export of it is loaded back into `transformers`' class (Gemma2ForCausalLM, MixtralForCausalLM,
-DeepseekV2ForCausalLM, Qwen2MoeForCausalLM, Phi3ForCausalLM), so
+DeepseekV2ForCausalLM, Qwen2MoeForCausalLM, Phi3ForCausalLM, MambaForCausalLM, Mamba2ForCausalLM; the last two
+run their torch paths here, mamba-ssm's kernels being CUDA's), so
 both hold the same weights, and their greedy tokens are checked equal. Decoding: ``generate`` of ``--new``
 tokens after a ``--prompt``-token prompt under ``torch.inference_mode`` (kvlab compiled, its compilation the
 warm-up, and eager; `transformers` eager, its dynamic cache). Training: one step (forward with the loss,
@@ -52,6 +55,9 @@ PARENTS = {
     "phi3": {**SHAPES, "mixer": {**GQA, "rope_dims": 24, "rope_scaling": {
         "kind": "longrope", "short_factor": [1.0 + i / 12 for i in range(12)],
         "long_factor": [1.0 + i for i in range(12)], "original_max_seq_len": 192, "attention_factor": 1.19}}},
+    "mamba": {**SHAPES, "n_layers": 12, "mixer": {"kind": "mamba", "state_dim": 16}, "mlp": {"kind": "none"}},
+    "mamba2": {**SHAPES, "n_layers": 12, "mixer": {"kind": "mamba2", "head_dim": 32, "state_dim": 64, "n_groups": 1},
+               "mlp": {"kind": "none"}},
 }  # fmt: skip
 
 
@@ -103,7 +109,7 @@ def main() -> None:
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--new", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--steps", type=int, default=10)  # training steps timed (0: no training)
     args = p.parse_args()
     torch.manual_seed(0)
     print("| parent | class | batch | kvlab compiled tok/s | kvlab eager tok/s | transformers tok/s | compiled / "
@@ -125,12 +131,16 @@ def main() -> None:
             print(f"| {name} | {type(hf).__name__} | {batch} | {rate['kvlab compiled']:,.0f} | "
                   f"{rate['kvlab eager']:,.0f} | {rate['transformers']:,.0f} | "
                   f"x{rate['kvlab compiled'] / rate['transformers']:.2f} | {same} |")  # fmt: skip
+        if not args.steps:  # (0: decoding alone; transformers' Mamba trains through its slow torch scan here)
+            continue
         ids = torch.randint(0, SHAPES["vocab_size"], (8, 256))
         steps = trainers(model, hf, ids)
         for run in steps.values():
             run()  # warm-up
         best, _ = best_interleaved(list(steps.items()), args.steps)
         training.append((name, {k: ids.numel() / t for k, t in best.items()}))
+    if not training:
+        return
     print("\n| parent | kvlab training tok/s | transformers training tok/s | kvlab / transformers |")
     print("| --- | --- | --- | --- |")
     for name, rate in training:

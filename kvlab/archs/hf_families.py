@@ -21,7 +21,7 @@ of mixer kinds, ``attention`` + ``mamba`` <-> Jamba; by its block,
 attention layers with LayerNorm or a parallel residual <-> GPT-NeoX (Pythia),
 with Gemma's parts (unit-offset norms, scaled embeddings) <-> Gemma 1, 2 or 3
 (by its post norms and query/key norms), with post norms alone <-> OLMo 2 and 3;
-``mamba`` or ``mamba2`` alone, without MLPs <-> Mamba, Mamba-2.
+``mamba`` or ``mamba2`` alone, without MLPs <-> Mamba, Mamba-2; ``attention`` + ``mamba2`` <-> Bamba.
 """
 
 from __future__ import annotations
@@ -1036,6 +1036,7 @@ _JAMBA_TOP = {"embed_tokens.weight": "model.embed_tokens.weight", "norm.weight":
 
 
 def _jamba_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Jamba's names, which Bamba's are too."""
     out = {}
     for name, value in state.items():
         if not name.startswith("layers."):
@@ -1047,8 +1048,8 @@ def _jamba_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, 
             out[prefix + {"mixer_norm": "input_layernorm.", "mlp_norm": "pre_ff_layernorm."}[part] + rest] = value
         elif part == "mixer" and cfg.layer_mixers[int(i)].kind == "attention":
             out[prefix + "self_attn." + rest] = value
-        elif part == "mixer":
-            theirs, value = _mamba_weight(rest, value, "mamba")
+        elif part == "mixer":  # (Jamba's Mamba, Bamba's Mamba-2)
+            theirs, value = _mamba_weight(rest, value, cfg.layer_mixers[int(i)].kind)
             out[prefix + "mamba." + theirs] = value
         elif cfg.plan[int(i)].mlp.kind == "moe":
             out[prefix + "feed_forward." + _JAMBA_MOE[rest]] = value
@@ -1717,3 +1718,82 @@ for _kind, _class in (("mamba", "MambaForCausalLM"), ("mamba2", "Mamba2ForCausal
         export_state=_mamba_state,
         from_hf=_mamba_from_hf,
     )
+
+
+# Bamba (IBM's Bamba-9B): Jamba's block and names with Mamba-2 for Mamba, attention in the layers
+# attn_layer_indices names, RoPE on the first half of each head, a SwiGLU in every layer.
+
+
+def _bamba_problems(cfg: ModelConfig) -> list[str]:
+    attention = [m for m in cfg.layer_mixers if m.kind == "attention"]
+    mamba = [m for m in cfg.layer_mixers if m.kind == "mamba2"]
+    a, s = attention[0], mamba[0]
+    problems = llama_block_problems(cfg) + multiplier_problems(cfg) + one_swiglu_problems(cfg)
+    if any(m != a for m in attention) or any(m != s for m in mamba):
+        problems.append("attention or Mamba-2 layers that differ from one another (Bamba has one of each)")
+    if a.rope_dims != a.head_dim // 2 or a.rope_scaling is not None:
+        problems.append(f"attention with rope_dims={a.rope_dims} of head_dim={a.head_dim} or rope_scaling "
+                        f"{a.rope_scaling} (Bamba's RoPE: the first half of each head, unscaled)")  # fmt: skip
+    problems += [p for p in _attention_layer_problems(a) if not p.startswith("partial RoPE")]
+    if a.window is not None or a.qkv_bias != a.o_bias or a.qk_norm:
+        problems.append(f"attention with window={a.window}, qkv_bias={a.qkv_bias}, o_bias={a.o_bias}, qk_norm="
+                        f"{a.qk_norm} (Bamba's: full, biases on all projections or none, no norms)")  # fmt: skip
+    if s.norm_eps != cfg.norm.eps:
+        problems.append(
+            f"Mamba-2 norm_eps={s.norm_eps} apart from norm.eps={cfg.norm.eps} (Bamba has one rms_norm_eps)"
+        )
+    return problems
+
+
+def _bamba_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    a = next(m for m in cfg.layer_mixers if m.kind == "attention")
+    s = next(m for m in cfg.layer_mixers if m.kind == "mamba2")
+    return {
+        "model_type": "bamba", "intermediate_size": cfg.mlp.hidden, "num_key_value_heads": a.n_kv_heads,
+        "head_dim": a.head_dim, "attention_bias": a.qkv_bias, "rope_parameters": rope_parameters(a),
+        "attn_layer_indices": [i for i, m in enumerate(cfg.layer_mixers) if m.kind == "attention"],
+        "mamba_n_heads": s.expand * cfg.d_model // s.head_dim, "mamba_d_head": s.head_dim,
+        "mamba_n_groups": s.n_groups, "mamba_d_state": s.state_dim, "mamba_d_conv": s.conv_kernel,
+        "mamba_expand": s.expand, "mamba_chunk_size": s.chunk_size, "mamba_conv_bias": True,
+        "mamba_proj_bias": False, "time_step_limit": [0.0, float("inf")],
+    }  # fmt: skip
+
+
+def _bamba_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+    check_silu(hf)
+    if hf.get("mamba_proj_bias", False) or not hf.get("mamba_conv_bias", True):
+        raise ValueError("config.json: Bamba with mamba_proj_bias=true or mamba_conv_bias=false is not supported")
+    d, n, heads = hf["hidden_size"], hf["num_hidden_layers"], hf.get("mamba_n_heads", 128)
+    expand, d_head = hf.get("mamba_expand", 2), hf.get("mamba_d_head", "auto")
+    # its Mamba-2 as Mamba2ForCausalLM's config.json would say it (the checks and defaults: _mamba_from_hf's)
+    as_mamba2 = {"model_type": "mamba2", "hidden_size": d, "vocab_size": hf["vocab_size"], "num_hidden_layers": n,
+                 "state_size": hf.get("mamba_d_state", 256), "expand": expand, "num_heads": heads,
+                 "head_dim": expand * d // heads if d_head == "auto" else d_head,
+                 "n_groups": hf.get("mamba_n_groups", 1), "conv_kernel": hf.get("mamba_d_conv", 4),
+                 "chunk_size": hf.get("mamba_chunk_size", 256), "time_step_limit": hf.get("time_step_limit"),
+                 "layer_norm_epsilon": hf.get("rms_norm_eps", 1e-5)}  # fmt: skip
+    model = _mamba_from_hf(as_mamba2)
+    n_heads, rope, bias = hf["num_attention_heads"], read_rope(hf), bool(hf.get("attention_bias", False))
+    head_dim = hf.get("head_dim") or d // n_heads
+    attention = {"kind": "attention", "n_heads": n_heads, "n_kv_heads": hf.get("num_key_value_heads") or n_heads,
+                 "head_dim": head_dim, "rope_dims": int(head_dim * 0.5), "rope_theta": rope.theta,
+                 "rope_scaling": rope.scaling, "qkv_bias": bias, "o_bias": bias}  # fmt: skip
+    layers = set(hf.get("attn_layer_indices") or [])
+    return model | {
+        "max_seq_len": hf.get("max_position_embeddings", 262144), "mixer": None,
+        "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
+        "pattern": "".join("A" if i in layers else "M" for i in range(n)),
+        "mixers": {"A": attention, "M": model["mixer"]}, "mlp": {"kind": "swiglu", "hidden": hf["intermediate_size"]},
+    }  # fmt: skip
+
+
+NATIVE_LAYOUTS["bamba"] = NativeLayout(
+    model_type="bamba",
+    architecture="BambaForCausalLM",
+    describes="attention+mamba2 as bamba",
+    claims=lambda cfg: _mixer_kinds(cfg) == {"attention", "mamba2"},
+    problems=_bamba_problems,
+    to_hf=_bamba_to_hf,
+    export_state=_jamba_state,
+    from_hf=_bamba_from_hf,
+)

@@ -541,6 +541,20 @@ def test_mamba_alone_exports_as_mamba_or_mamba2(tmp_path, kind):
         save_hf(build_model(tiny(**{**spec, "mlp": {"kind": "swiglu"}})), tmp_path / "c", remote_code=False)
 
 
+def test_mamba2_and_attention_export_as_bamba(tmp_path):
+    """Mamba-2 layers and attention with RoPE on half of each head, a SwiGLU in every layer, export to
+    BambaForCausalLM (``_native_round_trip``); what Bamba lacks is named."""
+    mamba2 = {"kind": "mamba2", "state_dim": 16, "head_dim": 16, "n_groups": 2, "chunk_size": 8, "norm_eps": 1e-5}
+    spec = {"mixer": None, "pattern": "MAMM", "mixers": {"M": mamba2, "A": {**ATTENTION, "rope_dims": 8}},
+            "norm": {"kind": "rmsnorm", "eps": 1e-5}}  # fmt: skip
+    _native_round_trip(spec, tmp_path, "BambaForCausalLM", 1e-5)
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert config["attn_layer_indices"] == [1]
+    whole_rope = {**spec, "mixers": {**spec["mixers"], "A": ATTENTION}}
+    with pytest.raises(ValueError, match=r"rope_dims=16 of head_dim=16 or rope_scaling None \(Bamba's RoPE"):
+        save_hf(build_model(tiny(**whole_rope)), tmp_path / "c", remote_code=False)
+
+
 def test_mla_with_deepseek_v2s_experts_exports_natively(tmp_path):
     """MLA with experts routed as DeepSeek-V2's class routes them (softmax, the top k of all, scaled, a shared
     expert) exports to DeepseekV2ForCausalLM, its RoPE rows put back in neighbouring pairs (``_native_round_trip``;

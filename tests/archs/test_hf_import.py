@@ -130,6 +130,10 @@ CASES = {
     "mamba": (transformers.MambaConfig, dict(state_size=8, time_step_rank=8, pad_token_id=0)),
     "mamba2": (transformers.Mamba2Config, dict(state_size=16, num_heads=8, head_dim=16, n_groups=2, chunk_size=8,
                                                pad_token_id=0)),
+    # Bamba: Mamba-2 and attention (RoPE on half of each head) in the layers attn_layer_indices names, SwiGLU in all
+    "bamba": (transformers.BambaConfig, dict(num_key_value_heads=2, attn_layer_indices=[1], mamba_n_heads=8,
+                                             mamba_d_head=16, mamba_n_groups=2, mamba_d_state=16,
+                                             mamba_chunk_size=8)),
     # Mamba and attention layers, MoE in every other one; save_pretrained writes each expert's own tensors
     "jamba-moe": (transformers.JambaConfig, dict(
         num_key_value_heads=2, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1,
@@ -179,7 +183,7 @@ def test_import_matches_transformers(tmp_path, case, sharded):
         hf64 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64, **EAGER).eval()
         # (Gemma's seven norms a layer compute in float32 whatever the input, x.float(): 2.5e-6 here)
         # (transformers' Mamba computes its scan in float32 whatever the model's dtype: 1.5e-6 here)
-        bound = 1e-5 if case.startswith(("gemma", "mamba")) else 1e-6
+        bound = 1e-5 if case.startswith(("gemma", "mamba", "bamba")) else 1e-6
         with torch.no_grad():
             assert (load_hf(tmp_path, dtype=torch.float64)(ids) - hf64(ids).logits).abs().max() <= bound
     if case in PER_LAYER:
@@ -199,6 +203,8 @@ def test_import_matches_transformers(tmp_path, case, sharded):
         assert ours.config.mlp_pattern == "EDE" and not ours.config.mlps["E"].norm_topk
     if case == "mixtral":
         assert ours.config.mlp.kind == "moe" and ours.config.mlp.norm_topk and ours.config.mixer.window == 5
+    if case == "bamba":
+        assert ours.config.pattern == "MAM" and ours.config.mixers["A"].rope_dims == 8
     if case.startswith("mamba"):
         assert ours.config.mlp.kind == "none" and ours.config.max_seq_len == 128  # (its max_position_embeddings)
     if case == "qwen2-moe":
