@@ -21,7 +21,8 @@ of mixer kinds, ``attention`` + ``mamba`` <-> Jamba; by its block,
 attention layers with LayerNorm or a parallel residual <-> GPT-NeoX (Pythia),
 with Gemma's parts (unit-offset norms, scaled embeddings) <-> Gemma 1, 2 or 3
 (by its post norms and query/key norms), with post norms alone <-> OLMo 2 and 3;
-``mamba`` or ``mamba2`` alone, without MLPs <-> Mamba, Mamba-2; ``attention`` + ``mamba2`` <-> Bamba.
+``mamba`` or ``mamba2`` alone, without MLPs <-> Mamba, Mamba-2 (and Falcon-Mamba, read); ``attention`` +
+``mamba2`` <-> Bamba.
 """
 
 from __future__ import annotations
@@ -1672,7 +1673,8 @@ def _mamba_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, 
 
 
 def _mamba_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
-    kind, d = hf["model_type"], hf["hidden_size"]
+    falcon, d = hf["model_type"] == "falcon_mamba", hf["hidden_size"]
+    kind = "mamba" if falcon else hf["model_type"]
     if hf.get("use_bias", False) or not hf.get("use_conv_bias", True):
         raise ValueError(f"config.json: use_bias={hf.get('use_bias')}, use_conv_bias={hf.get('use_conv_bias')} is not "
                          "supported (kvlab's Mamba projections have no biases, its convolution has one)")  # fmt: skip
@@ -1687,6 +1689,8 @@ def _mamba_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
         inner = hf.get("intermediate_size") or int(mixer["expand"] * d)  # (which its class reads first)
         if inner != mixer["expand"] * d:
             mixer.update(inner=inner, expand=max(1, round(mixer["expand"])))
+        if falcon:  # its RMS norms of dt, B and C, weightless: ours with weights of one (_falcon_norms)
+            mixer.update(inner_norms=True, norm_eps=hf.get("mixer_rms_eps", 1e-6))
     else:
         # (transformers writes infinity as {"__float__": "Infinity"}: JSON has none)
         limit = [float(x["__float__"]) if isinstance(x, dict) else float(x)
@@ -1706,6 +1710,29 @@ def _mamba_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
         "mixer": mixer, "mlp": {"kind": "none"},
     }  # fmt: skip
 
+
+def _falcon_norms(theirs: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Falcon-Mamba's inner norms have no weights: ours, which do, start at one (exported then as remote code, a
+    trained weight being one no longer)."""
+    m = cfg.layer_mixers[0]
+    widths = {"dt_layernorm": m.dt_rank, "b_layernorm": m.state_dim, "c_layernorm": m.state_dim}
+    ones = {f"backbone.layers.{i}.mixer.{norm}.weight": torch.ones(width)
+            for i in range(cfg.n_layers) for norm, width in widths.items()}  # fmt: skip
+    return {**theirs, **ones}
+
+
+# read only (describes nothing): a Mamba with inner norms exports as remote code
+NATIVE_LAYOUTS["falcon_mamba"] = NativeLayout(
+    model_type="falcon_mamba",
+    architecture="FalconMambaForCausalLM",
+    describes="",
+    claims=lambda cfg: False,
+    problems=_mamba_problems,
+    to_hf=_mamba_to_hf,
+    export_state=_mamba_state,
+    from_hf=_mamba_from_hf,
+    prepare=_falcon_norms,
+)
 
 for _kind, _class in (("mamba", "MambaForCausalLM"), ("mamba2", "Mamba2ForCausalLM")):
     NATIVE_LAYOUTS[_kind] = NativeLayout(

@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from kvlab.archs.hf import hf_to_kvlab_name, kvlab_to_hf_name, load_hf
+from kvlab.archs.hf import hf_to_kvlab_name, kvlab_to_hf_name, load_hf, save_hf
 
 transformers = pytest.importorskip("transformers")
 
@@ -130,6 +130,9 @@ CASES = {
     "mamba": (transformers.MambaConfig, dict(state_size=8, time_step_rank=8, pad_token_id=0)),
     "mamba2": (transformers.Mamba2Config, dict(state_size=16, num_heads=8, head_dim=16, n_groups=2, chunk_size=8,
                                                pad_token_id=0)),
+    # Falcon-Mamba: Mamba with weightless RMS norms of dt, B and C (ours, weights of one)
+    "falcon-mamba": (transformers.FalconMambaConfig, dict(state_size=8, time_step_rank=8, mixer_rms_eps=1e-5,
+                                                          pad_token_id=0)),
     # Bamba: Mamba-2 and attention (RoPE on half of each head) in the layers attn_layer_indices names, SwiGLU in all
     "bamba": (transformers.BambaConfig, dict(num_key_value_heads=2, attn_layer_indices=[1], mamba_n_heads=8,
                                              mamba_d_head=16, mamba_n_groups=2, mamba_d_state=16,
@@ -183,7 +186,7 @@ def test_import_matches_transformers(tmp_path, case, sharded):
         hf64 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64, **EAGER).eval()
         # (Gemma's seven norms a layer compute in float32 whatever the input, x.float(): 2.5e-6 here)
         # (transformers' Mamba computes its scan in float32 whatever the model's dtype: 1.5e-6 here)
-        bound = 1e-5 if case.startswith(("gemma", "mamba", "bamba")) else 1e-6
+        bound = 1e-5 if case.startswith(("gemma", "mamba", "bamba", "falcon")) else 1e-6
         with torch.no_grad():
             assert (load_hf(tmp_path, dtype=torch.float64)(ids) - hf64(ids).logits).abs().max() <= bound
     if case in PER_LAYER:
@@ -205,8 +208,12 @@ def test_import_matches_transformers(tmp_path, case, sharded):
         assert ours.config.mlp.kind == "moe" and ours.config.mlp.norm_topk and ours.config.mixer.window == 5
     if case == "bamba":
         assert ours.config.pattern == "MAM" and ours.config.mixers["A"].rope_dims == 8
-    if case.startswith("mamba"):
+    if "mamba" in case:
         assert ours.config.mlp.kind == "none" and ours.config.max_seq_len == 128  # (its max_position_embeddings)
+    if case == "falcon-mamba":  # (the norms' weights train: no native class takes them)
+        assert ours.config.mixer.inner_norms and ours.config.mixer.norm_eps == 1e-5
+        with pytest.raises(ValueError, match="Mamba with inner_norms"):
+            save_hf(ours, tmp_path / "again", remote_code=False)
     if case == "qwen2-moe":
         moe = ours.config.mlps["E"]
         assert ours.config.mlp_pattern == "EDE" and (moe.n_shared, moe.shared_gate, moe.norm_topk) == (2, True, False)
