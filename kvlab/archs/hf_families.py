@@ -243,7 +243,7 @@ def _granite(cfg: ModelConfig) -> bool:
 
 def _attention_layer_problems(m) -> list[str]:
     """What Llama's attention layer lacks: partial RoPE (which classes with their own RoPE leave out of these), and
-    the first of the others."""
+    every other setting (``_attention_layer_others``)."""
     rope = [f"partial RoPE (rope_dims={m.rope_dims} of head_dim={m.head_dim})"] if m.rope_dims != m.head_dim else []
     return rope + _attention_layer_others(m)
 
@@ -515,7 +515,9 @@ def rope_parameters(m) -> dict[str, Any]:
     out: dict[str, Any] = {"rope_type": "default", "rope_theta": m.rope_theta}
     s = m.rope_scaling
     if s is not None:
-        out.update(rope_type=s["kind"], factor=s.get("factor"))
+        out["rope_type"] = s["kind"]
+        if "factor" in s:  # (LongRoPE's are per frequency)
+            out["factor"] = s["factor"]
         if s["kind"] == "llama3":
             out.update(low_freq_factor=s["low_freq_factor"], high_freq_factor=s["high_freq_factor"],
                        original_max_position_embeddings=s["original_max_seq_len"])  # fmt: skip
@@ -523,7 +525,6 @@ def rope_parameters(m) -> dict[str, Any]:
             out.update(original_max_position_embeddings=s["original_max_seq_len"], beta_fast=s["beta_fast"],
                        beta_slow=s["beta_slow"], attention_factor=s["attention_factor"])  # fmt: skip
         if s["kind"] == "longrope":
-            del out["factor"]
             out.update(short_factor=list(s["short_factor"]), long_factor=list(s["long_factor"]),
                        original_max_position_embeddings=s["original_max_seq_len"],
                        attention_factor=s["attention_factor"])  # fmt: skip
