@@ -220,6 +220,10 @@ class CausalLM(nn.Module):
         # kernels, equal for equal blocks, are compiled once); inference and validation stay eager.
         self.compile_blocks: str | None = None
         self._build_extra()
+        # LongRoPE's original context, the first position its long factors turn (None: no layer has it), read from
+        # the rotaries once: generate, prefill and the remote code's every step ask for it
+        self._longrope_switch = min((m.original for m in self.modules() if isinstance(m, Rotary) and m.original
+                                     is not None), default=None)  # fmt: skip
         if not self.embed_tokens.weight.is_meta:
             self.init_weights()
 
@@ -845,8 +849,7 @@ class CausalLM(nn.Module):
     def longrope_switch(self) -> int | None:
         """The first position that LongRoPE turns at its long factors (its original context), or None: no layer
         has it."""
-        contexts = [m.original for m in self.modules() if isinstance(m, Rotary) and m.original is not None]
-        return min(contexts, default=None)
+        return self._longrope_switch
 
     def _prefill_again(self, sequence, cache, context, attention_mask) -> torch.Tensor:
         """Phi-3's generation at the first token past LongRoPE's original context, as its code and `transformers`'

@@ -193,7 +193,6 @@ class AttentionConfig(MixerConfig):
                              "without a window every position is kept already (set window, or sinks: 0)")  # fmt: skip
         check_int(self.v_head_dim, f"{path}.v_head_dim", minimum=1, optional=True)
         check_float(self.rope_theta, f"{path}.rope_theta", positive=True)
-        check_rope_scaling(self.rope_scaling, f"{path}.rope_scaling")
         check_bool(self.qkv_bias, f"{path}.qkv_bias")
         check_bool(self.o_bias, f"{path}.o_bias")
         check_bool(self.qk_norm, f"{path}.qk_norm")
@@ -253,7 +252,7 @@ class AttentionConfig(MixerConfig):
             raise ValueError(
                 f"{path}.rope_dims={self.rope_dims} must be even and at most {path}.head_dim={self.head_dim}"
             )
-        check_rope_scaling(self.rope_scaling, f"{path}.rope_scaling", self.rope_dims)  # (LongRoPE's factors)
+        check_rope_scaling(self.rope_scaling, f"{path}.rope_scaling", self.rope_dims)  # (its rope_dims: LongRoPE's)
 
     def _checked_groups(self, field: str, n_targets: int, target: str, path: str) -> list[int]:
         """``kv_groups`` / ``v_groups``: one head index per query head, every one of the ``n_targets`` read."""
