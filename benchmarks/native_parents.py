@@ -1,6 +1,6 @@
 """Parents with classes of their own, decoded and trained by kvlab and by `transformers`' class, one process.
 
-    python benchmarks/native_parents.py [--parents gemma2,mixtral,deepseek_v2,qwen2_moe,phi3,mamba,mamba2]
+    python benchmarks/native_parents.py [--parents gemma2,mixtral,deepseek_v2,qwen2_moe,phi3,mamba,mamba2,gpt_oss]
                                         [--batches 1,8]
                                         [--prompt 128]
                                         [--new 128] [--repeats 3] [--steps 10]
@@ -11,10 +11,12 @@ norms (`transformers` runs its scores eagerly: SDPA takes no cap); Mixtral's 8 e
 DeepSeek-V2-Lite's MLA with 8 experts, top 2, and a shared one after a dense layer; Qwen2-MoE's q/k/v biases and
 8 experts, top 2, beside a shared expert twice as wide, gated per token; Phi-4-mini's RoPE on three quarters of
 each head with LongRoPE, its original context 192 positions (so decoding switches to the long factors halfway);
-Mamba and Mamba-2 alone, no MLPs, 12 layers (a Mamba block has about half a Llama block's weights).
+Mamba and Mamba-2 alone, no MLPs, 12 layers (a Mamba block has about half a Llama block's weights); gpt-oss's
+attention with biases and learned sinks, 128-token windows on every other layer, YaRN untruncated, and 8 experts
+with biases and the clamped SwiGLU, top 2 (`transformers` runs its scores eagerly: SDPA takes no sinks).
 kvlab's native export of it is loaded back into `transformers`' class (Gemma2ForCausalLM, MixtralForCausalLM,
-DeepseekV2ForCausalLM, Qwen2MoeForCausalLM, Phi3ForCausalLM, MambaForCausalLM, Mamba2ForCausalLM; the last two
-run their torch paths here, mamba-ssm's kernels being CUDA's), so
+DeepseekV2ForCausalLM, Qwen2MoeForCausalLM, Phi3ForCausalLM, MambaForCausalLM, Mamba2ForCausalLM, the Mambas
+running their torch paths here, mamba-ssm's kernels being CUDA's; GptOssForCausalLM), so
 both hold the same weights, and their greedy tokens are checked equal. Decoding: ``generate`` of ``--new``
 tokens after a ``--prompt``-token prompt under ``torch.inference_mode`` (kvlab compiled, its compilation the
 warm-up, and eager; `transformers` eager, its dynamic cache). Training: one step (forward with the loss,
@@ -36,6 +38,9 @@ from kvlab.archs.hf import save_hf
 
 SHAPES = {"vocab_size": 4096, "d_model": 256, "n_layers": 6, "max_seq_len": 2048}
 GQA = {"kind": "attention", "n_heads": 8, "n_kv_heads": 2, "head_dim": 32}
+GPT_OSS = {**GQA, "qkv_bias": True, "o_bias": True, "learned_sinks": True, "rope_theta": 150000.0, "rope_scaling": {
+    "kind": "yarn", "factor": 32.0, "original_max_seq_len": 4096, "beta_fast": 32.0, "beta_slow": 1.0,
+    "attention_factor": 1.3466, "truncate": False}}  # fmt: skip
 PARENTS = {
     "gemma2": {
         **SHAPES, "norm": {"kind": "rmsnorm", "eps": 1e-6, "unit_offset": True}, "post_norms": True,
@@ -58,6 +63,9 @@ PARENTS = {
     "mamba": {**SHAPES, "n_layers": 12, "mixer": {"kind": "mamba", "state_dim": 16}, "mlp": {"kind": "none"}},
     "mamba2": {**SHAPES, "n_layers": 12, "mixer": {"kind": "mamba2", "head_dim": 32, "state_dim": 64, "n_groups": 1},
                "mlp": {"kind": "none"}},
+    "gpt_oss": {**SHAPES, "pattern": "LG", "mixers": {"L": {**GPT_OSS, "window": 128}, "G": GPT_OSS},
+                "mlp": {"kind": "moe", "hidden": 256, "n_experts": 8, "top_k": 2, "norm_topk": True, "bias": True,
+                        "swiglu_limit": 7.0}},
 }  # fmt: skip
 
 

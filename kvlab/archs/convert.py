@@ -953,6 +953,7 @@ def _to_mla(model: CausalLM, kv_lora_rank: int, rope_dims: int, calibration: tor
         "per-head query and key norms (qk_norm)": m.qk_norm,  # the latent's keys are linear in it
         "a softmax_scale of its own": m.softmax_scale is not None,
         "soft-capped scores (softcap)": m.softcap is not None,
+        "learned sink logits (learned_sinks)": m.learned_sinks,
     }
     if any(reasons.values()):
         raise ValueError(f"convert.to=mla: the model has {', '.join(k for k, v in reasons.items() if v)}; MLA has none")

@@ -1,6 +1,6 @@
 """Hugging Face checkpoints: import and export (Llama, Mistral, Ministral, Qwen2/3, SmolLM3, Granite, Phi-3,
-Mixtral, Qwen3-MoE, DeepSeek-V2/V3, Jamba, GPT-NeoX, Gemma 1/2/3, OLMo 2/3, OLMoE, and our own remote-code
-exports).
+Mixtral, Qwen2/3-MoE, DeepSeek-V2/V3, Jamba, GPT-NeoX, Gemma 1/2/3, OLMo 2/3, OLMoE, gpt-oss, Mamba, Mamba-2, Bamba,
+and our own remote-code exports).
 
 ``load_hf``: a local directory with ``config.json`` and safetensors weights
 (one file or shards with ``model.safetensors.index.json``) becomes a kvlab
@@ -10,7 +10,7 @@ class for the architecture the export is native: each mixer family with a
 native counterpart registers how it maps, both ways, in
 ``kvlab.archs.hf_families`` (attention as the Llama family's classes, MLA
 as DeepSeek-V3, dense or with MoE; whole-model classes with names and
-layouts of their own, Jamba, GPT-NeoX, Gemma and OLMo, in
+layouts of their own, Jamba, GPT-NeoX, Gemma, OLMo, gpt-oss and Mamba, in
 ``NATIVE_LAYOUTS``), and this module asks those registries, knowing no
 family itself.
 The weight layout is ours up to names, so one adapter, a renaming plus a

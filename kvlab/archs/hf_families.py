@@ -22,7 +22,7 @@ attention layers with LayerNorm or a parallel residual <-> GPT-NeoX (Pythia),
 with Gemma's parts (unit-offset norms, scaled embeddings) <-> Gemma 1, 2 or 3
 (by its post norms and query/key norms), with post norms alone <-> OLMo 2 and 3;
 ``mamba`` or ``mamba2`` alone, without MLPs <-> Mamba, Mamba-2 (and Falcon-Mamba, read); ``attention`` +
-``mamba2`` <-> Bamba.
+``mamba2`` <-> Bamba; attention with learned sinks <-> gpt-oss.
 """
 
 from __future__ import annotations
@@ -264,6 +264,7 @@ def _attention_layer_others(m) -> list[str]:
         (bool(m.sinks), f"sink positions beside the window (sinks={m.sinks})"),
         (m.softmax_scale is not None, f"softmax_scale={m.softmax_scale} (1/sqrt(head_dim) is needed)"),
         (m.softcap is not None, f"soft-capped scores (softcap={m.softcap}: Gemma 2's)"),
+        (m.learned_sinks, "learned sink logits (learned_sinks: gpt-oss's)"),
     ]  # fmt: skip
     return [problem for applies, problem in checks if applies]
 
@@ -523,7 +524,8 @@ def rope_parameters(m) -> dict[str, Any]:
                        original_max_position_embeddings=s["original_max_seq_len"])  # fmt: skip
         if s["kind"] == "yarn":
             out.update(original_max_position_embeddings=s["original_max_seq_len"], beta_fast=s["beta_fast"],
-                       beta_slow=s["beta_slow"], attention_factor=s["attention_factor"])  # fmt: skip
+                       beta_slow=s["beta_slow"], attention_factor=s["attention_factor"],
+                       **({"truncate": False} if s.get("truncate", True) is False else {}))  # fmt: skip
         if s["kind"] == "longrope":
             out.update(short_factor=list(s["short_factor"]), long_factor=list(s["long_factor"]),
                        original_max_position_embeddings=s["original_max_seq_len"],
@@ -577,8 +579,6 @@ def yarn_scaling(rope: dict[str, Any], hf: dict[str, Any], field: str) -> dict[s
     """kvlab's yarn ``rope_scaling`` of a config's YaRN settings, read as `transformers` reads them: a missing
     factor is max_position_embeddings over the original context; the attention factor, unless given, is
     mscale(factor, mscale) / mscale(factor, mscale_all_dim) with both, else mscale(factor)."""
-    if rope.get("truncate", True) is False:
-        raise ValueError(f"config.json: {field}.truncate=false is not supported (YaRN's floored and ceiled ramp is)")
     original = original_context(rope, hf)
     factor = rope.get("factor") or hf["max_position_embeddings"] / original
     attention_factor = rope.get("attention_factor")
@@ -588,7 +588,8 @@ def yarn_scaling(rope: dict[str, Any], hf: dict[str, Any], field: str) -> dict[s
                             else yarn_mscale(factor))  # fmt: skip
     return {"kind": "yarn", "factor": float(factor), "original_max_seq_len": int(original),
             "beta_fast": float(rope.get("beta_fast") or 32), "beta_slow": float(rope.get("beta_slow") or 1),
-            "attention_factor": float(attention_factor)}  # fmt: skip
+            "attention_factor": float(attention_factor),
+            **({"truncate": False} if rope.get("truncate", True) is False else {})}  # fmt: skip
 
 
 def rope_of_layer_type(hf: dict[str, Any], layer_type: str) -> Rope:
@@ -1618,6 +1619,174 @@ NATIVE_LAYOUTS["olmoe"] = NativeLayout(
     to_hf=_olmoe_to_hf,
     export_state=_olmoe_state,
     from_hf=_olmoe_from_hf,
+)
+
+
+# gpt-oss (OpenAI 2025; `transformers`' GptOssForCausalLM): Llama's block; attention with biases on every projection
+# or none (attention_bias), a learned sink logit per head (its ``sinks``), windows of sliding_window on the layers
+# layer_types names (every other one), YaRN (truncate false); in every layer a mixture of experts with biases and the
+# clamped SwiGLU, routed by a softmax over the top k logits (= the top k of the softmax, renormalised). Its experts
+# are kept transposed, gate_up_proj [E, D, 2H] with the gate's and the up projection's columns interleaved and
+# down_proj [E, H, D]; OpenAI's checkpoints hold both as MXFP4 (blocks of 32 four-bit values and a power-of-two
+# scale each), dequantized on import.
+
+_GPT_OSS_EXPERTS = {"gate_up_proj": "experts.gate_up_proj", "gate_up_bias": "experts.gate_up_proj_bias",
+                    "down_proj": "experts.down_proj", "down_bias": "experts.down_proj_bias"}  # fmt: skip
+_MXFP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # E2M1's magnitudes; the code's fourth bit is the sign
+
+
+def _gpt_oss_claims(cfg: ModelConfig) -> bool:
+    return _mixer_kinds(cfg) == {"attention"} and any(m.learned_sinks for m in cfg.layer_mixers)
+
+
+def _gpt_oss_problems(cfg: ModelConfig) -> list[str]:
+    problems = llama_block_problems(cfg) + multiplier_problems(cfg)
+    m, moe = cfg.layer_mixers[0], _moe_of(cfg)
+    if any(not same_but(x, m, ("window",)) for x in cfg.layer_mixers):
+        problems.append("attention layers that differ beyond their window (gpt-oss has one, sinks in every layer)")
+    windows = {x.window for x in cfg.layer_mixers} - {None}
+    if len(windows) > 1:
+        problems.append(f"windows of sizes {sorted(windows)} (gpt-oss has one sliding_window)")
+    problems += [p for p in _attention_layer_problems(m) if not p.startswith("learned sink logits")]
+    if m.qk_norm or m.qkv_bias != m.o_bias:
+        problems.append(f"qk_norm={m.qk_norm}, qkv_bias={m.qkv_bias}, o_bias={m.o_bias} (gpt-oss: no query or key "
+                        "norms, biases on every projection or none)")  # fmt: skip
+    if m.rope_scaling is not None and m.rope_scaling["kind"] == "longrope":
+        problems.append("LongRoPE (gpt-oss's class switches no factors)")
+    if moe is None or any(p.mlp != moe for p in cfg.plan):
+        problems.append("MLPs other than one MoE in every layer (gpt-oss's)")
+    elif not (_softmax_top_k(moe) and moe.norm_topk and moe.bias and moe.swiglu_limit is not None):
+        problems.append(f"experts other than gpt-oss's (norm_topk={moe.norm_topk}, bias={moe.bias}, swiglu_limit="
+                        f"{moe.swiglu_limit}, score={moe.score!r}, n_shared={moe.n_shared}; its: the top k "
+                        "renormalised, biases, the clamped SwiGLU, softmax, no shared experts, groups, score bias or "
+                        "scale)")  # fmt: skip
+    return problems
+
+
+def _gpt_oss_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    m, moe = cfg.layer_mixers[0], _moe_of(cfg)
+    window = next((x.window for x in cfg.layer_mixers if x.window is not None), None)
+    return {
+        "model_type": "gpt_oss", "num_key_value_heads": m.n_kv_heads, "head_dim": m.head_dim,
+        "attention_bias": m.qkv_bias, "rope_parameters": rope_parameters(m),
+        "sliding_window": window or cfg.max_seq_len,  # (a field it always reads; no layer has one if None)
+        "layer_types": ["full_attention" if x.window is None else "sliding_attention" for x in cfg.layer_mixers],
+        "intermediate_size": moe.hidden, "num_local_experts": moe.n_experts, "num_experts_per_tok": moe.top_k,
+        "swiglu_limit": moe.swiglu_limit, "swiglu_alpha": moe.swiglu_alpha,
+        # transformers' balance loss is top_k times ours: the same term, its coefficient over top_k
+        "router_aux_loss_coef": moe.aux_loss_coef / moe.top_k,
+    }  # fmt: skip
+
+
+def _gpt_oss_name(name: str) -> str:
+    from kvlab.archs.hf import kvlab_to_hf_name  # (Llama's names: the module imports this one)
+
+    if name.endswith(".mixer.sink_logits"):
+        return "model." + name.replace(".mixer.sink_logits", ".self_attn.sinks")
+    if ".mlp." in name:  # its router keeps our name
+        prefix, _, last = name.rpartition(".mlp.")
+        return f"model.{prefix}.mlp.{_GPT_OSS_EXPERTS.get(last, last)}"
+    return kvlab_to_hf_name(name)
+
+
+def _interleaved(gate_up: torch.Tensor) -> torch.Tensor:
+    """[E, 2H, ...] rows gate then up -> the gate's and the up projection's rows alternating (gpt-oss's)."""
+    E, H2 = gate_up.shape[:2]
+    return gate_up.unflatten(1, (2, H2 // 2)).transpose(1, 2).reshape(gate_up.shape)
+
+
+def _gpt_oss_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, value in state.items():
+        last = name.rpartition(".")[2]
+        if last in ("gate_up_proj", "gate_up_bias"):
+            value = _interleaved(value)
+        if last in ("gate_up_proj", "down_proj"):  # theirs are [E, in, out]
+            value = value.transpose(1, 2)
+        out[_gpt_oss_name(name)] = value
+    return out
+
+
+def _gpt_oss_weights(theirs: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Their experts in our layouts, under their names: MXFP4 dequantized, [E, in, out] transposed, the gate's and
+    the up projection's rows apart again."""
+    out = {}
+    for name, value in theirs.items():
+        if name.endswith("_scales"):
+            continue
+        if name.endswith("_blocks"):  # (dequantized as [E, out, in]: not transposed)
+            name, value = (
+                name.removesuffix("_blocks"),
+                dequantize_mxfp4(value, theirs[name[: -len("blocks")] + "scales"]),
+            )
+        elif name.endswith((".experts.gate_up_proj", ".experts.down_proj")):
+            value = value.transpose(1, 2)
+        if name.endswith((".experts.gate_up_proj", ".experts.gate_up_proj_bias")):  # rows: gate, up, gate, ...
+            value = torch.cat([value[:, 0::2], value[:, 1::2]], dim=1)
+        out[name] = value
+    return out
+
+
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """MXFP4 (OCP's microscaling format, as OpenAI's gpt-oss checkpoints hold their experts) as float32: ``blocks``
+    [..., G, 16] bytes, each two 4-bit E2M1 codes (the low nibble first: sign bit, then the index of its magnitude),
+    ``scales`` [..., G] E8M0 exponents (2**(e - 127) for the group's 32 values) -> [..., G * 32]."""
+    if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8 or blocks.shape[:-1] != scales.shape:
+        raise ValueError(f"MXFP4 weights: blocks {list(blocks.shape)} {blocks.dtype}, scales {list(scales.shape)} "
+                         f"{scales.dtype} (uint8 blocks [..., G, 16] and scales [..., G] are needed)")  # fmt: skip
+    if blocks.dim() > 2:  # one leading index at a time: a layer's codes as indices would take 8 bytes per weight
+        return torch.stack([dequantize_mxfp4(b, s) for b, s in zip(blocks, scales, strict=True)])
+    codes = torch.stack([blocks & 0x0F, blocks >> 4], dim=-1).flatten(-2).int()  # [G, 32]
+    magnitude = torch.tensor(_MXFP4_VALUES)[codes & 0x7]
+    values = torch.where(codes >= 8, -magnitude, magnitude)
+    return torch.ldexp(values, scales.int()[..., None] - 127).flatten(-2)
+
+
+def _gpt_oss_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+    import transformers
+
+    quantized = hf.get("quantization_config") or {}
+    if quantized and quantized.get("quant_method") != "mxfp4":
+        raise ValueError(f"config.json: quantization_config.quant_method={quantized.get('quant_method')!r} is not "
+                         "supported (mxfp4, OpenAI's, is dequantized on import)")  # fmt: skip
+    derived = transformers.GptOssConfig(**{k: v for k, v in hf.items() if k != "quantization_config"})
+    read = {
+        "model_type": "gpt_oss",
+        "rope_parameters": derived.rope_parameters,
+        "max_position_embeddings": derived.max_position_embeddings,
+        "sliding_window": derived.sliding_window,
+    }
+    bias, top_k = bool(derived.attention_bias), derived.num_experts_per_tok
+    attention = {
+        "kind": "attention",
+        "n_heads": derived.num_attention_heads,
+        "head_dim": derived.head_dim,
+        "n_kv_heads": derived.num_key_value_heads,
+        "qkv_bias": bias,
+        "o_bias": bias,
+        "learned_sinks": True,
+    }
+    return {
+        "vocab_size": derived.vocab_size, "d_model": derived.hidden_size, "n_layers": derived.num_hidden_layers,
+        "max_seq_len": derived.max_position_embeddings, "norm": {"kind": "rmsnorm", "eps": derived.rms_norm_eps},
+        "tie_embeddings": bool(derived.tie_word_embeddings),
+        **layers_of_types(read, attention, derived.layer_types),
+        "mlp": {"kind": "moe", "hidden": derived.intermediate_size, "n_experts": derived.num_local_experts,
+                "top_k": top_k, "norm_topk": True, "bias": True, "swiglu_limit": float(derived.swiglu_limit),
+                "swiglu_alpha": float(derived.swiglu_alpha), "aux_loss_coef": derived.router_aux_loss_coef * top_k},
+    }  # fmt: skip
+
+
+NATIVE_LAYOUTS["gpt_oss"] = NativeLayout(
+    model_type="gpt_oss",
+    architecture="GptOssForCausalLM",
+    describes="attention with learned sinks and experts with biases and the clamped SwiGLU, as gpt_oss",
+    claims=_gpt_oss_claims,
+    problems=_gpt_oss_problems,
+    to_hf=_gpt_oss_to_hf,
+    export_state=_gpt_oss_state,
+    from_hf=_gpt_oss_from_hf,
+    prepare=_gpt_oss_weights,
 )
 
 

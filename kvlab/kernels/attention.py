@@ -24,6 +24,15 @@ per head, as ``transformers``' eager path (without gradients, a block of
 queries at a time); on a GPU kvlab's Triton kernel and flash-attn >= 2.6
 take it fused.
 
+``sink_logits`` [H] (gpt-oss's attention sinks): one learned logit b_h per
+query head joins every softmax of that head as a key with no value,
+
+    p_j = exp(s_j) / (exp(b_h) + sum_i exp(s_i)),   out = sum_j p_j v_j,
+
+so a head may attend to nothing (its weights sum to less than 1). Such
+attention forms its scores as soft-capped attention does (no fused kernel
+here takes the extra term).
+
 The structured options (causal, window, doc_ids) are what kernels that never
 build a mask (Triton, flash-attn varlen) take; here they become one.
 
@@ -71,15 +80,18 @@ def attention(
     doc_ids: torch.Tensor | None = None,
     scale: float | None = None,
     softcap: float | None = None,
+    sink_logits: torch.Tensor | None = None,
 ) -> torch.Tensor:
     B, H, T, D = q.shape
     S, Hkv = k.shape[2], k.shape[1]
     if causal and window is not None and doc_ids is None and mask is None and T <= S and T > 2 * window:
         # block by block: each block of ``window`` queries against the keys from ``window - 1`` before it, so
         # memory and time grow with T * window, not T * S (a long prefill, or a prompt's pieces after others)
-        return windowed_attention_with_sinks(attention, q, k, v, 0, window, 0, scale, softcap=softcap)
-    if softcap is not None:  # (scores capped before the softmax: formed explicitly)
-        return _capped_attention(q, k, v, mask, causal, window, doc_ids, scale, softcap)
+        return windowed_attention_with_sinks(
+            attention, q, k, v, 0, window, 0, scale, softcap=softcap, sink_logits=sink_logits
+        )
+    if softcap is not None or sink_logits is not None:  # (scores capped, or a sink's term: formed explicitly)
+        return _explicit_attention(q, k, v, mask, causal, window, doc_ids, scale, softcap, sink_logits)
     if T > 1 and q.shape[-1] > v.shape[-1]:
         # SDPA's memory-efficient kernels want one head size: pad the values (zeros add nothing), else the math
         # path would hold every [T, S] score (MLA's prefill: 20 GB at 16K tokens).
@@ -154,26 +166,25 @@ def _short_compiled_cpu_query(q, k) -> bool:
     )
 
 
-CAPPED_ROWS = 512  # queries per block of capped scores formed at once, where no gradient is wanted
+EXPLICIT_ROWS = 512  # queries per block of scores formed at once, where no gradient is wanted
 
 
-def _capped_attention(q, k, v, mask, causal, window, doc_ids, scale, softcap):
-    """Attention over soft-capped scores, formed explicitly (``attention_weights``). Without gradients (a prefill)
-    in blocks of CAPPED_ROWS queries, so a long prompt holds a block's [rows, S] scores per head, not [T, S]
-    (Gemma 2's 8K-token prompt: 2 GiB a layer in one block at 8 heads)."""
+def _explicit_attention(q, k, v, mask, causal, window, doc_ids, scale, softcap, sink_logits):
+    """Attention over soft-capped scores, or with sink logits, formed explicitly (``attention_weights``). Without
+    gradients (a prefill) in blocks of EXPLICIT_ROWS queries, so a long prompt holds a block's [rows, S] scores
+    per head, not [T, S] (Gemma 2's 8K-token prompt: 2 GiB a layer in one block at 8 heads)."""
     T = q.shape[2]
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    if T <= CAPPED_ROWS or grad:
-        weights = attention_weights(q, k, mask=mask, causal=causal, window=window, doc_ids=doc_ids, scale=scale,
-                                    softcap=softcap)  # fmt: skip
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, sink_logits))
+    scores = {"scale": scale, "softcap": softcap, "sink_logits": sink_logits}
+    if T <= EXPLICIT_ROWS or grad:
+        weights = attention_weights(q, k, mask=mask, causal=causal, window=window, doc_ids=doc_ids, **scores)
         return apply_attention_weights(weights, v)
     full = _weights_mask(q, k, mask, causal, window, doc_ids)  # boolean, [T, S] or broadcast to [B, H, T, S]
     out = []
-    for a in range(0, T, CAPPED_ROWS):
-        rows = slice(a, a + CAPPED_ROWS)
+    for a in range(0, T, EXPLICIT_ROWS):
+        rows = slice(a, a + EXPLICIT_ROWS)
         block = None if full is None else full if full.shape[-2] == 1 else full[..., rows, :]
-        out.append(apply_attention_weights(attention_weights(q[:, :, rows], k, mask=block, scale=scale,
-                                                             softcap=softcap), v))  # fmt: skip
+        out.append(apply_attention_weights(attention_weights(q[:, :, rows], k, mask=block, **scores), v))
     return torch.cat(out, dim=2)
 
 
@@ -224,7 +235,17 @@ def _causal_after_cache(q, k, v, scale):
 
 
 def windowed_attention_with_sinks(
-    attend, q, k, v, k_pos: torch.Tensor | int, window: int, sinks: int, scale=None, *, softcap=None
+    attend,
+    q,
+    k,
+    v,
+    k_pos: torch.Tensor | int,
+    window: int,
+    sinks: int,
+    scale=None,
+    *,
+    softcap=None,
+    sink_logits=None,
 ):
     """Sliding-window attention with sinks (``position_mask``'s rule) block by block, through ``attend`` (an
     attention op taking a mask) per block of ``window`` queries: the block's window of keys and the sinks before
@@ -254,7 +275,7 @@ def windowed_attention_with_sinks(
             k_b, v_b = torch.cat([k[:, :, :held], k_b], dim=2), torch.cat([v[:, :, :held], v_b], dim=2)
             pos_b = torch.cat([k_pos[:held], pos_b])
         mask = position_mask(q_pos[a:b], pos_b, window, sinks)
-        out.append(attend(q[:, :, a:b], k_b, v_b, mask=mask, scale=scale, softcap=softcap))
+        out.append(attend(q[:, :, a:b], k_b, v_b, mask=mask, scale=scale, softcap=softcap, sink_logits=sink_logits))
     return torch.cat(out, dim=2)
 
 
@@ -269,6 +290,7 @@ def attention_reference(
     doc_ids: torch.Tensor | None = None,
     scale: float | None = None,
     softcap: float | None = None,
+    sink_logits: torch.Tensor | None = None,
 ) -> torch.Tensor:
     groups = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(groups, dim=1)
@@ -280,7 +302,7 @@ def attention_reference(
     mask = _weights_mask(q, k, mask, causal, window, doc_ids)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    return (scores.softmax(dim=-1) @ upcast(v)).to(q.dtype)
+    return (_softmax_with_sinks_reference(scores, sink_logits) @ upcast(v)).to(q.dtype)
 
 
 def attention_weights(
@@ -293,10 +315,11 @@ def attention_weights(
     doc_ids: torch.Tensor | None = None,
     scale: float | None = None,
     softcap: float | None = None,
+    sink_logits: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """softmax(q k^T * scale + mask) [B, H, T, S] in q's dtype (the softmax in at least fp32), the scores
-    capped first at ``softcap``. Each K/V head's query heads become its rows, so grouped keys are never repeated to
-    the query heads."""
+    capped first at ``softcap``, each head's ``sink_logits`` in its denominators. Each K/V head's query heads become
+    its rows, so grouped keys are never repeated to the query heads."""
     B, H, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
@@ -308,7 +331,17 @@ def attention_weights(
     mask = _weights_mask(q, k, mask, causal, window, doc_ids)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.softmax(scores, dim=-1).to(q.dtype)
+    return _softmax_with_sinks(scores, sink_logits).to(q.dtype)
+
+
+def _softmax_with_sinks(scores: torch.Tensor, sink_logits: torch.Tensor | None) -> torch.Tensor:
+    """softmax over the last dim of scores [B, H, T, S]; with ``sink_logits`` [H], each head's logit joins its
+    rows as one more column, dropped after the softmax (a key with no value)."""
+    if sink_logits is None:
+        return scores.softmax(dim=-1)
+    B, H, T, _ = scores.shape
+    sinks = sink_logits.to(scores.dtype).view(1, H, 1, 1).expand(B, H, T, 1)
+    return torch.cat([scores, sinks], dim=-1).softmax(dim=-1)[..., :-1]
 
 
 def attention_weights_reference(
@@ -321,6 +354,7 @@ def attention_weights_reference(
     doc_ids: torch.Tensor | None = None,
     scale: float | None = None,
     softcap: float | None = None,
+    sink_logits: torch.Tensor | None = None,
 ) -> torch.Tensor:
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
@@ -331,7 +365,18 @@ def attention_weights_reference(
     mask = _weights_mask(q, k, mask, causal, window, doc_ids)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    return scores.softmax(dim=-1).to(q.dtype)
+    return _softmax_with_sinks_reference(scores, sink_logits).to(q.dtype)
+
+
+def _softmax_with_sinks_reference(scores: torch.Tensor, sink_logits: torch.Tensor | None) -> torch.Tensor:
+    """The references' softmax, the sink's term as written: exp(s_j - m) / (exp(b_h - m) + sum_i exp(s_i - m)),
+    m the larger of the row's largest score and b_h (a row that sees no key: all zeros)."""
+    if sink_logits is None:
+        return scores.softmax(dim=-1)
+    b = sink_logits.to(scores.dtype).view(1, -1, 1, 1)
+    m = torch.maximum(scores.amax(dim=-1, keepdim=True), b)
+    e = (scores - m).exp()
+    return e / (e.sum(dim=-1, keepdim=True) + (b - m).exp())
 
 
 def _weights_mask(q, k, mask, causal, window, doc_ids) -> torch.Tensor | None:

@@ -35,7 +35,11 @@ def document_boundaries(doc_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     return cu, int((cu[1:] - cu[:-1]).max())
 
 
-def flash_attention(q, k, v, *, mask=None, causal=False, window=None, doc_ids=None, scale=None, softcap=None):
+def flash_attention(
+    q, k, v, *, mask=None, causal=False, window=None, doc_ids=None, scale=None, softcap=None, sink_logits=None
+):
+    if sink_logits is not None:  # (the registry checks)
+        raise ValueError("flash-attn takes no sink logits")
     from flash_attn import flash_attn_func, flash_attn_varlen_func
 
     B, H, T, _ = q.shape

@@ -57,8 +57,10 @@ HALF = (torch.float16, torch.bfloat16)
 
 
 def _triton_attention_supports(
-    q, k, v, *, mask=None, causal=False, window=None, doc_ids=None, scale=None, softcap=None
+    q, k, v, *, mask=None, causal=False, window=None, doc_ids=None, scale=None, softcap=None, sink_logits=None
 ):
+    if sink_logits is not None:
+        return "sink logits (gpt-oss's attention sinks: the torch backend forms the scores)"
     if mask is not None:
         return "an explicit mask (the kernel takes causal/window/doc_ids)"
     if (causal or window is not None or doc_ids is not None) and q.shape[2] != k.shape[2]:
@@ -70,14 +72,17 @@ def _triton_attention_supports(
     return None
 
 
-def _flash_attention_supports(q, k, v, *, mask=None, causal=False, window=None, doc_ids=None, scale=None, softcap=None):
+def _flash_attention_supports(
+    q, k, v, *, mask=None, causal=False, window=None, doc_ids=None, scale=None, softcap=None, sink_logits=None
+):
     if not q.is_cuda or q.dtype not in HALF:
         return f"flash-attn needs CUDA fp16/bf16 tensors (got {q.device.type} {q.dtype})"
     if q.shape[-1] != v.shape[-1] or q.shape[-1] > 256 or q.shape[-1] % 8:
         return f"head dims q {q.shape[-1]}, v {v.shape[-1]} (flash-attn: equal, <= 256, multiple of 8)"
     if softcap is not None and not _flash_takes_softcap():
         return "a soft cap on the scores (flash-attn >= 2.6 takes it)"
-    return _triton_attention_supports(q, k, v, mask=mask, causal=causal, window=window, doc_ids=doc_ids)
+    return _triton_attention_supports(q, k, v, mask=mask, causal=causal, window=window, doc_ids=doc_ids,
+                                      sink_logits=sink_logits)  # fmt: skip
 
 
 def _flash_takes_softcap() -> bool:
@@ -110,7 +115,9 @@ def _triton_absorbed_supports(q, latent, value_dim, *, mask=None, scale=None):
     return None if q.shape[-1] <= 256 else f"latent width {q.shape[-1]} > 256"
 
 
-def _sdpa_is_faster(q, k, v, *, mask=None, causal=False, window=None, doc_ids=None, scale=None, softcap=None):
+def _sdpa_is_faster(
+    q, k, v, *, mask=None, causal=False, window=None, doc_ids=None, scale=None, softcap=None, sink_logits=None
+):
     # On an H200, SDPA's fused kernels ran causal attention 1.3x (FlashAttention-2) to 2x (cuDNN) faster than
     # kvlab's Triton kernel, forward + backward (benchmarks/RESULTS.md, "GPU kernels"). Windows, packed
     # documents, unequal head dims and capped scores SDPA runs unfused (a mask, padded values, the scores formed):
@@ -176,16 +183,21 @@ register("linear_cross_entropy", "triton", "kvlab.kernels.triton_cross_entropy:l
          packages=["triton"])  # fmt: skip
 
 
-def attention(q, k, v, *, mask=None, causal=False, window=None, doc_ids=None, scale=None, softcap=None):
+def attention(
+    q, k, v, *, mask=None, causal=False, window=None, doc_ids=None, scale=None, softcap=None, sink_logits=None
+):
     return dispatch(
-        "attention", q, k, v, mask=mask, causal=causal, window=window, doc_ids=doc_ids, scale=scale, softcap=softcap
-    )
+        "attention", q, k, v, mask=mask, causal=causal, window=window, doc_ids=doc_ids, scale=scale, softcap=softcap,
+        sink_logits=sink_logits,
+    )  # fmt: skip
 
 
-def attention_weights(q, k, *, mask=None, causal=False, window=None, doc_ids=None, scale=None, softcap=None):
+def attention_weights(
+    q, k, *, mask=None, causal=False, window=None, doc_ids=None, scale=None, softcap=None, sink_logits=None
+):
     return dispatch(
         "attention_weights", q, k, mask=mask, causal=causal, window=window, doc_ids=doc_ids, scale=scale,
-        softcap=softcap,
+        softcap=softcap, sink_logits=sink_logits,
     )  # fmt: skip
 
 

@@ -23,6 +23,9 @@ ROPE_SCALINGS = {  # kind -> its settings; every one is required
     "longrope": ("short_factor", "long_factor", "original_max_seq_len", "attention_factor"),
 }
 FACTOR_LISTS = ("short_factor", "long_factor")  # LongRoPE's: one factor per rotated pair
+# kind -> settings it may leave out: YaRN's truncate (default true: its ramp's ends floored and ceiled to whole
+# indices, as YaRN's code; gpt-oss's false keeps them as they are, as `transformers`' truncate=false)
+OPTIONAL_SCALINGS = {"yarn": ("truncate",)}
 
 
 def longrope_attention_factor(factor: float, original_max_seq_len: int) -> float:
@@ -39,11 +42,14 @@ def check_rope_scaling(scaling, path: str, dims: int | None = None) -> None:
     kind = scaling.get("kind") if isinstance(scaling, dict) else None
     if kind not in ROPE_SCALINGS:
         raise ValueError(f"{path}.kind={kind!r} is not one of {', '.join(ROPE_SCALINGS)}")
-    wanted = {"kind", *ROPE_SCALINGS[kind]}
-    if set(scaling) != wanted:
+    wanted, optional = {"kind", *ROPE_SCALINGS[kind]}, set(OPTIONAL_SCALINGS.get(kind, ()))
+    if not wanted <= set(scaling) <= wanted | optional:
+        more = f" (and may take {', '.join(sorted(optional))})" if optional else ""
         raise ValueError(
-            f"{path}: kind {kind} takes exactly {', '.join(sorted(wanted))}; got {', '.join(sorted(scaling))}"
+            f"{path}: kind {kind} takes exactly {', '.join(sorted(wanted))}{more}; got {', '.join(sorted(scaling))}"
         )
+    if "truncate" in scaling and not isinstance(scaling["truncate"], bool):
+        raise ValueError(f"{path}.truncate={scaling['truncate']!r} must be true or false")
     for key in ROPE_SCALINGS[kind]:
         value = scaling[key]
         if key in FACTOR_LISTS:
@@ -86,7 +92,8 @@ def scaled_frequencies(
       fewer than ``beta_slow``, and blended linearly in its index between
       (the indices of those rotation counts, i = d ln(L / (2 pi r)) / (2 ln
       theta), floored and ceiled, as YaRN's code and `transformers` compute
-      them; ``theta`` is needed for them). Its ``attention_factor`` (eq. 21's
+      them, or as they are with ``truncate: false``, gpt-oss's; ``theta`` is
+      needed for them). Its ``attention_factor`` (eq. 21's
       0.1 ln s + 1 unless a model gives its own) scales the cos/sin tables
       (``rope_tables``), so the rotated channels' scores by its square.
     - ``longrope`` (Ding et al. 2024, LongRoPE, as Phi-3 and Phi-4 use it):
@@ -110,8 +117,10 @@ def scaled_frequencies(
         def index_of(rotations: float) -> float:  # the frequency index that turns this often in the context
             return dims * math.log(scaling["original_max_seq_len"] / (rotations * 2 * math.pi)) / (2 * math.log(theta))
 
-        low = max(math.floor(index_of(scaling["beta_fast"])), 0)
-        high = min(math.ceil(index_of(scaling["beta_slow"])), dims - 1)
+        low, high = index_of(scaling["beta_fast"]), index_of(scaling["beta_slow"])
+        if scaling.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dims - 1)
         high = high + 0.001 if high == low else high  # (as YaRN's code: no zero-width ramp)
         ramp = ((torch.arange(half, dtype=inv_freq.dtype, device=inv_freq.device) - low) / (high - low)).clamp(0, 1)
         return inv_freq / factor * ramp + inv_freq * (1 - ramp)  # ramp 0: kept (fast), 1: interpolated

@@ -404,10 +404,12 @@ class _Attention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None
 
 
-def attention(q, k, v, *, mask=None, causal=False, window=None, doc_ids=None, scale=None, softcap=None):
-    """``kvlab.kernels.attention.attention``'s contract, without ``mask`` (the registry checks)."""
-    if mask is not None:
-        raise ValueError("the Triton attention kernel takes causal/window/doc_ids, not a mask")
+def attention(
+    q, k, v, *, mask=None, causal=False, window=None, doc_ids=None, scale=None, softcap=None, sink_logits=None
+):
+    """``kvlab.kernels.attention.attention``'s contract, without ``mask`` or ``sink_logits`` (the registry checks)."""
+    if mask is not None or sink_logits is not None:
+        raise ValueError("the Triton attention kernel takes causal/window/doc_ids, not a mask or sink logits")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     return _Attention.apply(q, k, v, causal, window, doc_ids, scale, softcap)
 

@@ -88,6 +88,13 @@ value heads, grouped as in GQA), so it caches values only. A layer that
 gives its weights to others forms them explicitly (``attention_weights``,
 reference and torch backends); every other layer keeps the fused kernels.
 
+Learned attention sinks (gpt-oss, OpenAI 2025): with ``learned_sinks`` each
+query head h has one trained logit b_h (``sink_logits``) in every softmax's
+denominator, exp(b_h) + sum_i exp(s_i), as a key it may attend to that adds
+no value; a head's weights then sum to less than 1 (and to 0 where it sees no
+key). The logits start at 0 and take no weight decay. Unlike ``sinks`` (kept
+positions) it adds nothing to the cache.
+
 Cache per token and layer: n_kv_heads * (head_dim + v_head_dim) elements (keys only
 for SVFormer layers above the first; values only for layers applying
 another's attention weights).
@@ -168,6 +175,7 @@ class AttentionConfig(MixerConfig):
     # the scores' scale; None: 1/sqrt(head_dim) (Gemma's query_pre_attn_scalar s gives s**-0.5: 27B's 168 for 128)
     softmax_scale: float | None = None
     softcap: float | None = None  # scores s become softcap * tanh(s / softcap) (Gemma 2's attn_logit_softcapping)
+    learned_sinks: bool = False  # a trained logit per query head in every softmax's denominator (gpt-oss's sinks)
     kv_merge: int = 1  # > 1: each K/V head is a learned weighted sum of this many projection heads (WGQA)
     kv_groups: list[int] | None = None  # per query head, the K/V head it reads; None: equal consecutive groups
     n_v_heads: int | None = None  # DHA: value heads apart from the key heads (n_kv_heads); None: as many
@@ -202,6 +210,7 @@ class AttentionConfig(MixerConfig):
             check_float(self.softmax_scale, f"{path}.softmax_scale", positive=True)
         if self.softcap is not None:
             check_float(self.softcap, f"{path}.softcap", positive=True)
+        check_bool(self.learned_sinks, f"{path}.learned_sinks")
         check_choice(self.qk_norm_over, f"{path}.qk_norm_over", QK_NORM_SPANS)
         if self.qk_norm_over != "head" and not self.qk_norm:
             raise ValueError(f"{path}.qk_norm_over={self.qk_norm_over!r} without {path}.qk_norm: there are no norms")
@@ -512,6 +521,8 @@ class Attention(nn.Module):
         self.values_apart = cfg.v_groups is not None or self.n_v_heads != self.n_kv_heads
         self.scale = 1.0 / math.sqrt(cfg.head_dim) if cfg.softmax_scale is None else cfg.softmax_scale
         self.softcap = cfg.softcap
+        # gpt-oss's sinks: one logit per attention head, in the softmax of every query of that head
+        self.sink_logits = nn.Parameter(torch.zeros(cfg.n_heads)) if cfg.learned_sinks else None
         self.n_q_heads = cfg.n_heads if cfg.n_q_heads is None else cfg.n_q_heads  # query projections
         self.norm_heads = cfg.qk_norm and cfg.qk_norm_over == "head"
         self.norm_projections = cfg.qk_norm and cfg.qk_norm_over == "projection"
@@ -578,7 +589,11 @@ class Attention(nn.Module):
             self.key_norm_average.zero_()
 
     def reset_parameters(self) -> None:
-        """WGQA merge weights start as mean pooling; MatryoshkaKV's bases as the identity, means at zero."""
+        """WGQA merge weights start as mean pooling; MatryoshkaKV's bases as the identity, means at zero; sink logits
+        at zero (exp(0): a sink worth one key of score 0)."""
+        if self.sink_logits is not None and not self.sink_logits.is_meta:
+            with torch.no_grad():
+                self.sink_logits.zero_()
         if hasattr(self, "k_merge") and not self.k_merge.is_meta:
             with torch.no_grad():
                 self.k_merge.fill_(1.0 / self.cfg.kv_merge)
@@ -646,9 +661,7 @@ class Attention(nn.Module):
             y = self._attend_key_driven(q, view, state)
         elif self.shares_attention:  # SA: the probabilities formed, applied here and by the layers reading them
             k, v = self._kv_for(q, view)
-            weights = attention_weights(
-                q, k, **self._mask_options(q, view, state), scale=self.scale, softcap=self.softcap
-            )
+            weights = attention_weights(q, k, **self._mask_options(q, view, state), **self.score_options())
             state.publish("attention", self.layer_idx, weights)
             y = apply_attention_weights(weights, v)
         elif cache is not None and getattr(cache, "scored_rows", 0):  # H2O, SnapKV: the cache keeps by attention
@@ -853,9 +866,14 @@ class Attention(nn.Module):
         if self._sinks_block_by_block(q, view, state):
             k_pos = view.k_pos if view.k_pos is not None else view.end - k.shape[2]  # a run's first position
             return windowed_attention_with_sinks(
-                attention, q, k, v, k_pos, self.cfg.window, self.cfg.sinks, self.scale, softcap=self.softcap
+                attention, q, k, v, k_pos, self.cfg.window, self.cfg.sinks, **self.score_options()
             )
-        return attention(q, k, v, **self._mask_options(q, view, state), scale=self.scale, softcap=self.softcap)
+        return attention(q, k, v, **self._mask_options(q, view, state), **self.score_options())
+
+    def score_options(self) -> dict[str, Any]:
+        """How the attention ops turn scores into weights here: the scale, Gemma 2's cap, gpt-oss's sink logits
+        (asked at each call: the parameter is the module's current one)."""
+        return {"scale": self.scale, "softcap": self.softcap, "sink_logits": self.sink_logits}
 
     def _sinks_block_by_block(self, q: torch.Tensor, view: KVView, state: StepState) -> bool:
         """Whether a window with sinks over many queries goes block by block: the queries the last T of the
@@ -900,17 +918,13 @@ class Attention(nn.Module):
         B, _, T, _ = q.shape
         rows = slot.scored_rows
         if rows == T:
-            weights = attention_weights(
-                q, k, **self._mask_options(q, view, state), scale=self.scale, softcap=self.softcap
-            )
+            weights = attention_weights(q, k, **self._mask_options(q, view, state), **self.score_options())
             y = apply_attention_weights(weights, v)
         else:  # SnapKV's observation window: the prompt's last queries
-            y = attention(q, k, v, **self._mask_options(q, view, state), scale=self.scale, softcap=self.softcap)
+            y = attention(q, k, v, **self._mask_options(q, view, state), **self.score_options())
             last = dataclasses.replace(state, start=state.start + T - rows)
             q = q[:, :, T - rows :]
-            weights = attention_weights(
-                q, k, **self._mask_options(q, view, last), scale=self.scale, softcap=self.softcap
-            )
+            weights = attention_weights(q, k, **self._mask_options(q, view, last), **self.score_options())
         real_keys = None
         if state.pads is not None:  # pads' queries give no attention, pads' keys are chosen last
             q_real = state.real_at(state.start + torch.arange(T - rows, T, device=q.device))  # [B, rows]
@@ -971,7 +985,7 @@ class Attention(nn.Module):
             mask = mask & state.pad_mask(q_pos, k_pos)
         sees_any = mask.any(dim=-1, keepdim=True)
         mask = mask | ~sees_any  # rows with nothing to see attend anywhere (no NaN), then count for nothing
-        return attention(q, k, v, mask=mask, scale=self.scale, softcap=self.softcap) * sees_any
+        return attention(q, k, v, mask=mask, **self.score_options()) * sees_any
 
     # -- cache and footprint -------------------------------------------------
 

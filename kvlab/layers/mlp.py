@@ -17,7 +17,13 @@ with ``norm_topk``, times ``routed_scale``), and
 
 where ``shared`` is a SwiGLU of ``n_shared * hidden`` units every token
 passes (DeepSeek's shared experts; none by default), or with ``shared_gate``
-sigmoid(w_s . x) shared(x), a gate per token (Qwen2-MoE's shared expert). Routing is dropless:
+sigmoid(w_s . x) shared(x), a gate per token (Qwen2-MoE's shared expert).
+gpt-oss's experts (OpenAI 2025) take ``bias`` (on the router's logits and on
+each expert's projections) and ``swiglu_limit`` L, its clamped SwiGLU:
+
+    g = min(gate, L),  u = clamp(up, -L, L),  expert(x) = down((u + 1) * g * sigmoid(swiglu_alpha * g))
+
+(swiglu_alpha 1.702 by default, GELU's sigmoid approximation). Routing is dropless:
 every token reaches its ``top_k`` experts, whatever the load (no capacity
 factor, so no token is ever dropped). The load-balancing loss of the last
 training forward, ``aux_loss``, is DeepSeek-V2's expert-level one (Switch's,
@@ -51,7 +57,8 @@ ROUTER_SCORES = ("softmax", "sigmoid")
 # reads (eager decoding at batch 8, top 2 of 8 experts: x1.25 to x1.6 faster grouped, benchmarks/RESULTS.md).
 GATHER_ASSIGNMENTS = 64
 MOE_FIELDS = ("n_experts", "top_k", "n_shared", "score", "norm_topk", "routed_scale", "aux_loss_coef", "n_groups",
-              "topk_groups", "group_rank", "score_bias", "bias_update", "shared_gate")  # fmt: skip
+              "topk_groups", "group_rank", "score_bias", "bias_update", "shared_gate", "swiglu_limit",
+              "swiglu_alpha")  # fmt: skip
 GROUP_RANKS = ("top2_sum", "max")  # a group's rank: its two best scores summed (DeepSeek-V3) | its best (V2)
 
 
@@ -61,9 +68,10 @@ class MLPConfig:
     # None: 8/3 d_model (SwiGLU, GeGLU and each MoE expert), 4 d_model (GELU), 7/2 d_model (RWKV), rounded up to 64
     hidden: int | None = None
     # kind none: blocks without an MLP, for mixers that carry one's weight (GAU)
-    # kind gelu (None: its defaults; set only for gelu): biases on both projections (default false; GPT-NeoX
-    # has them), and torch's GELU approximation: tanh (default, GPT-2's) | none (the exact erf form, GPT-NeoX's)
+    # kind gelu or moe (None: false): biases on both projections (GPT-NeoX has them); moe: on the router and on each
+    # expert's projections (gpt-oss)
     bias: bool | None = None
+    # kind gelu (None: tanh): torch's GELU approximation: tanh (GPT-2's) | none (the exact erf form, GPT-NeoX's)
     approximate: str | None = None
     # kind moe (None: its defaults; set only for moe):
     n_experts: int | None = None  # routed experts (default 8)
@@ -79,6 +87,8 @@ class MLPConfig:
     group_rank: str | None = None  # ... ranked by top2_sum (default: V3's) | max (V2's group_limited_greedy)
     score_bias: bool | None = None  # DeepSeek-V3: a per-expert bias added to the scores to choose (default false)
     bias_update: float | None = None  # its update per step toward balance, auxiliary-loss-free (default 0)
+    swiglu_limit: float | None = None  # gpt-oss's clamped SwiGLU in the experts, clamped at this (None: plain SwiGLU)
+    swiglu_alpha: float | None = None  # ... its sigmoid's gain (default 1.702; only with swiglu_limit)
 
     def validate(self, d_model: int, path: str) -> None:
         check_choice(self.kind, f"{path}.kind", MLP_KINDS)
@@ -89,16 +99,19 @@ class MLPConfig:
             given = [f"{path}.{name}={getattr(self, name)!r}" for name in MOE_FIELDS if getattr(self, name) is not None]
             if given:
                 raise ValueError(f"{', '.join(given)} set but {path}.kind={self.kind}; they configure kind moe")
-        if self.kind == "gelu":
+        if self.kind in ("gelu", "moe"):
             self.bias = False if self.bias is None else self.bias
-            self.approximate = "tanh" if self.approximate is None else self.approximate
             check_bool(self.bias, f"{path}.bias")
+        elif self.bias is not None:
+            raise ValueError(
+                f"{path}.bias={self.bias!r} set but {path}.kind={self.kind}; it configures kinds gelu, moe"
+            )
+        if self.kind == "gelu":
+            self.approximate = "tanh" if self.approximate is None else self.approximate
             check_choice(self.approximate, f"{path}.approximate", GELU_APPROXIMATIONS)
-        else:
-            given = [f"{path}.{name}={getattr(self, name)!r}" for name in ("bias", "approximate")
-                     if getattr(self, name) is not None]  # fmt: skip
-            if given:
-                raise ValueError(f"{', '.join(given)} set but {path}.kind={self.kind}; they configure kind gelu")
+        elif self.approximate is not None:
+            raise ValueError(f"{path}.approximate={self.approximate!r} set but {path}.kind={self.kind}; it "
+                             "configures kind gelu")  # fmt: skip
         if self.kind == "none":
             if self.hidden is not None:
                 raise ValueError(f"{path}.hidden={self.hidden} is set but {path}.kind=none has no hidden layer")
@@ -142,6 +155,13 @@ class MLPConfig:
                              f"groups ({self.topk_groups * (self.n_experts // self.n_groups)})")  # fmt: skip
         if self.bias_update < 0 or (self.bias_update and not self.score_bias):
             raise ValueError(f"{path}.bias_update={self.bias_update}: must be at least 0, and needs score_bias: true")
+        if self.swiglu_limit is not None:
+            check_float(self.swiglu_limit, f"{path}.swiglu_limit", positive=True)
+            self.swiglu_alpha = 1.702 if self.swiglu_alpha is None else self.swiglu_alpha
+            check_float(self.swiglu_alpha, f"{path}.swiglu_alpha", positive=True)
+        elif self.swiglu_alpha is not None:
+            raise ValueError(f"{path}.swiglu_alpha={self.swiglu_alpha} is the gain of gpt-oss's clamped SwiGLU: set "
+                             f"{path}.swiglu_limit too")  # fmt: skip
 
     @property
     def stateful(self) -> bool:
@@ -237,7 +257,8 @@ class RWKVChannelMix(nn.Module):
 class MoE(nn.Module):
     """A dropless mixture of SwiGLU experts (the module docstring has the equations). The experts' weights are
     stacked, ``gate_up_proj`` [n_experts, 2 hidden, d_model] and ``down_proj`` [n_experts, d_model, hidden],
-    as `transformers` keeps them (Jamba, Mixtral, DeepSeek-V3)."""
+    as `transformers` keeps them (Jamba, Mixtral, DeepSeek-V3); with ``bias``, ``gate_up_bias`` [n_experts,
+    2 hidden] and ``down_bias`` [n_experts, d_model] (gpt-oss)."""
 
     stateful = False
 
@@ -245,9 +266,11 @@ class MoE(nn.Module):
         super().__init__()
         self.cfg = cfg
         E, H = cfg.n_experts, cfg.hidden
-        self.router = nn.Linear(d_model, E, bias=False)
+        self.router = nn.Linear(d_model, E, bias=cfg.bias)
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * H, d_model))
         self.down_proj = nn.Parameter(torch.empty(E, d_model, H))
+        self.gate_up_bias = nn.Parameter(torch.empty(E, 2 * H)) if cfg.bias else None
+        self.down_bias = nn.Parameter(torch.empty(E, d_model)) if cfg.bias else None
         self.shared = SwiGLU(d_model, cfg.n_shared * H) if cfg.n_shared else None
         self.shared_gate = nn.Linear(d_model, 1, bias=False) if cfg.shared_gate else None
         # DeepSeek-V3's bias on the scores that choose (not on the weights), moved toward balance by
@@ -266,6 +289,9 @@ class MoE(nn.Module):
         out, as a Linear named up/down would get."""
         nn.init.normal_(self.gate_up_proj, std=std)
         nn.init.normal_(self.down_proj, std=out_std)
+        for bias in (self.gate_up_bias, self.down_bias):  # (as a Linear's: zero)
+            if bias is not None:
+                nn.init.zeros_(bias)
         if self.score_bias is not None:
             self.score_bias.zero_()
 
@@ -325,9 +351,17 @@ class MoE(nn.Module):
         share = scores if self.cfg.score == "softmax" else scores / scores.sum(-1, keepdim=True)
         return (load * share.mean(0)).sum()
 
-    def _expert(self, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, down)
+    def _expert(self, x: torch.Tensor, gate_up, down, gate_up_bias=None, down_bias=None) -> torch.Tensor:
+        gate, up = F.linear(x, gate_up, gate_up_bias).chunk(2, dim=-1)
+        return F.linear(self._glu(gate, up), down, down_bias)
+
+    def _glu(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """SwiGLU's silu(gate) * up, or gpt-oss's clamped form (``swiglu_limit``)."""
+        limit = self.cfg.swiglu_limit
+        if limit is None:
+            return F.silu(gate) * up
+        gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+        return (up + 1) * gate * torch.sigmoid(gate * self.cfg.swiglu_alpha)
 
     # Outside any compiled graph (trainer.compile's blocks): the experts' row counts change every step, and a
     # graph specialised on them recompiled at every step (jamba: 4.3 s a step against 0.64 eager).
@@ -348,16 +382,22 @@ class MoE(nn.Module):
         parts = x[rows].split(counts.tolist())
         # unbind, not [e]: indexing's backward writes each expert's gradient into a zeroed copy of the whole stack
         # and sums the copies (jamba's step: 64 zero-fills of 8 MB), unbind's stacks the experts' gradients once
-        experts_in = zip(parts, self.gate_up_proj.unbind(0), self.down_proj.unbind(0), strict=True)
-        out = torch.cat([self._expert(p, gate_up, down) for p, gate_up, down in experts_in])
+        stacks = [self.gate_up_proj, self.down_proj] + ([self.gate_up_bias, self.down_bias] if self.cfg.bias else [])
+        experts_in = zip(parts, *(t.unbind(0) for t in stacks), strict=True)
+        out = torch.cat([self._expert(*weights) for weights in experts_in])
         out = out * weights.flatten()[order, None]
         return torch.zeros_like(x).index_add_(0, rows, out)
 
     def _gathered(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Each token's experts' weights gathered: static shapes, so one compiled decode step serves any
         routing."""
-        gate, up = torch.einsum("nd,nkhd->nkh", x, self.gate_up_proj[experts]).chunk(2, dim=-1)
-        out = torch.einsum("nkh,nkdh->nkd", F.silu(gate) * up, self.down_proj[experts])
+        gate_up = torch.einsum("nd,nkhd->nkh", x, self.gate_up_proj[experts])
+        if self.gate_up_bias is not None:
+            gate_up = gate_up + self.gate_up_bias[experts]
+        gate, up = gate_up.chunk(2, dim=-1)
+        out = torch.einsum("nkh,nkdh->nkd", self._glu(gate, up), self.down_proj[experts])
+        if self.down_bias is not None:
+            out = out + self.down_bias[experts]
         return (out * weights.unsqueeze(-1)).sum(1)
 
 

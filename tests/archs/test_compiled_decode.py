@@ -42,7 +42,7 @@ FAMILIES = [
     "gemma2_softcaps",
 ] + [
     pytest.param(name, marks=pytest.mark.slow)
-    for name in ("rwkv7", "lckv", "mamba", "yoco_gret", "matryoshka", "dgqa", "hymba_heads")
+    for name in ("rwkv7", "lckv", "mamba", "yoco_gret", "matryoshka", "dgqa", "hymba_heads", "gpt_oss")
 ]
 
 

@@ -147,6 +147,28 @@ BAD = {
     "retention decay": (tiny(mixer={"kind": "retention", "decay": "learned"}), r"mixer\.decay='learned' is not one of"),
     "gelu settings on swiglu": (tiny(mlp={"kind": "swiglu", "bias": True}), r"mlp\.bias=True set but mlp\.kind=swiglu"),
     "gelu approximation": (tiny(mlp={"kind": "gelu", "approximate": "erf"}), r"mlp\.approximate='erf' is not one of"),
+    "swiglu gain without its clamp": (
+        tiny(mlp={"kind": "moe", "swiglu_alpha": 1.7}),
+        r"mlp\.swiglu_alpha=1\.7 is the gain of gpt-oss's clamped SwiGLU: set mlp\.swiglu_limit too",
+    ),
+    "learned sinks": (tiny(mixer={"kind": "attention", "learned_sinks": 1}), r"mixer\.learned_sinks=1 must be true or"),
+    "yarn truncate": (
+        tiny(
+            mixer={
+                "kind": "attention",
+                "rope_scaling": {
+                    "kind": "yarn",
+                    "factor": 4.0,
+                    "original_max_seq_len": 16,
+                    "beta_fast": 32.0,
+                    "beta_slow": 1.0,
+                    "attention_factor": 1.1,
+                    "truncate": "no",
+                },
+            }
+        ),
+        r"mixer\.rope_scaling\.truncate='no' must be true or false",
+    ),  # fmt: skip
     "unit offset on a layernorm": (tiny(norm={"kind": "layernorm", "unit_offset": True}), r"norm\.unit_offset=true"),
     "qk norm offset without norms": (
         tiny(mixer={"kind": "attention", "qk_norm_unit_offset": True}),

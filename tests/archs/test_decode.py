@@ -61,6 +61,15 @@ VARIANTS = {
             "G": {"kind": "attention", "n_heads": 4, "n_kv_heads": 2, "softcap": 0.2},
         },
     ),  # fmt: skip
+    "gpt_oss": tiny(  # gpt-oss's parts: learned sinks, windows on every other layer; experts with biases, clamped
+        mixer=None,
+        pattern="LG",
+        mixers={
+            "L": {"kind": "attention", "n_heads": 4, "n_kv_heads": 2, "window": 5, "learned_sinks": True},
+            "G": {"kind": "attention", "n_heads": 4, "n_kv_heads": 2, "learned_sinks": True, "qkv_bias": True},
+        },
+        mlp={"kind": "moe", "hidden": 32, "n_experts": 4, "top_k": 2, "bias": True, "swiglu_limit": 0.05},
+    ),
     "mla": tiny(mixer={"kind": "mla", "n_heads": 4, "head_dim": 16, "rope_head_dim": 8, "kv_lora_rank": 24}),
     "mla_q_lora": tiny(
         mixer={"kind": "mla", "n_heads": 4, "head_dim": 16, "rope_head_dim": 8, "kv_lora_rank": 24, "q_lora_rank": 32}

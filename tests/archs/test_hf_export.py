@@ -118,7 +118,8 @@ PRESET_TYPES = {"mha": "llama", "gqa": "llama", "mqa": "llama", "mla": "deepseek
                 "rwkv6": "kvlab", "rwkv7": "kvlab", "gau": "kvlab", "kdgqa": "kvlab", "dha": "kvlab", "clla": "kvlab",
                 "matryoshka": "kvlab", "sa": "kvlab", "block_transformer": "kvlab", "cepe": "kvlab",
                 "xc_cache": "kvlab", "hymba": "kvlab", "parallel_heads": "kvlab", "rwkv6_shared_mla": "kvlab",
-                "recurformer": "kvlab", "mixcon": "kvlab", "local_global": "ministral"}  # fmt: skip
+                "recurformer": "kvlab", "mixcon": "kvlab", "local_global": "ministral",
+                "gpt_oss": "gpt_oss"}  # fmt: skip
 EXPECTED_TYPE = {**PRESET_TYPES, "mistral_window": "mistral", "qwen2_bias": "qwen2", "qwen2_window": "qwen2",
                  "qwen3_qk_norm_bias": "qwen3",
                  "mla_q_lora": "deepseek_v3", "mla_moe": "deepseek_v3", **dict.fromkeys(REMOTE, "kvlab")}  # fmt: skip
@@ -359,7 +360,7 @@ def _native_round_trip(spec: dict, tmp_path, architecture: str, bound: float):
     model = build_model(tiny(**spec)).double().eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("bias") or "norm" in name:
+            if name.endswith(("bias", "sink_logits")) or "norm" in name:
                 p.add_(torch.randn_like(p) * 0.3)
     save_hf(model, tmp_path / "a", remote_code=False)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(  # (grouped expert products take no float64)
@@ -455,6 +456,9 @@ PER_LAYER = {  # layers that differ by a window or by RoPE, and OLMo's: (spec, c
 
 
 MOE = {"kind": "moe", "hidden": 32, "n_experts": 4, "top_k": 2}
+GPT_OSS_ATTENTION = {**ATTENTION, "qkv_bias": True, "o_bias": True, "learned_sinks": True, "rope_scaling": {
+    "kind": "yarn", "factor": 16.0, "original_max_seq_len": 4, "beta_fast": 32.0, "beta_slow": 1.0,
+    "attention_factor": 1.2, "truncate": False}}  # fmt: skip
 QWEN2_MOE = {"kind": "moe", "hidden": 32, "n_experts": 4, "top_k": 2, "n_shared": 2, "shared_gate": True}
 EXPERTS = {  # Mixtral (Mistral's attention, experts renormalised in every layer); Qwen3-MoE (qk_norm, a dense layer)
     "mixtral": ({"mixer": {**ATTENTION, "window": 5}, "mlp": {**MOE, "norm_topk": True}}, "MixtralForCausalLM"),
@@ -468,15 +472,20 @@ EXPERTS = {  # Mixtral (Mistral's attention, experts renormalised in every layer
                                                  "F": {**ATTENTION, "qkv_bias": True}},
                    "mlp_pattern": "EEDE", "mlps": {"E": QWEN2_MOE, "D": {"kind": "swiglu", "hidden": 48}}},
                   "Qwen2MoeForCausalLM"),
+    # gpt-oss: biases on every projection, learned sinks, windows on every other layer, YaRN untruncated; experts
+    # with biases and the clamped SwiGLU (clamped at 0.5 here: small weights' products reach it), renormalised
+    "gpt-oss": ({"mixer": None, "pattern": "WFWF", "mixers": {"W": {**GPT_OSS_ATTENTION, "window": 5},
+                                                             "F": GPT_OSS_ATTENTION},
+                 "mlp": {**MOE, "norm_topk": True, "bias": True, "swiglu_limit": 0.5}}, "GptOssForCausalLM"),
 }  # fmt: skip
 
 
 @pytest.mark.parametrize("case", list(EXPERTS))
-def test_experts_export_as_mixtral_qwen3_moe_qwen2_moe_or_olmoe(tmp_path, case):
+def test_experts_export_as_mixtral_qwen3_moe_qwen2_moe_olmoe_or_gpt_oss(tmp_path, case):
     """A mixture of SwiGLU experts routed by softmax and top-k beside Mistral's, Qwen3's or OLMo's attention exports
     to MixtralForCausalLM, Qwen3MoeForCausalLM or OlmoeForCausalLM, with a gated shared expert beside Qwen2's to
-    Qwen2MoeForCausalLM (``_native_round_trip``: logits, tokens, the config read back); what none routes as is
-    named."""
+    Qwen2MoeForCausalLM, gpt-oss's (biases, clamped) beside attention with learned sinks to GptOssForCausalLM
+    (``_native_round_trip``: logits, tokens, the config read back); what none routes as is named."""
     spec, architecture = EXPERTS[case]
     _native_round_trip(spec, tmp_path, architecture, 1e-6)
     if case == "mixtral":
@@ -501,6 +510,23 @@ def test_experts_export_as_mixtral_qwen3_moe_qwen2_moe_or_olmoe(tmp_path, case):
         mla = {"kind": "mla", "n_heads": 4, "head_dim": 16, "rope_head_dim": 8, "kv_lora_rank": 32}
         with pytest.raises(ValueError, match=r"MoE routing other than DeepSeek-V2's .* shared_gate=True"):
             save_hf(build_model(tiny(mixer=mla, mlp=QWEN2_MOE)), tmp_path / "d", remote_code=False)
+    elif case == "gpt-oss":
+        config = json.loads((tmp_path / "a" / "config.json").read_text())
+        assert config["rope_parameters"]["truncate"] is False and config["swiglu_limit"] == 0.5
+        for change, message in [
+            ({"mlp": {**MOE, "norm_topk": True, "bias": True}}, r"experts other than gpt-oss's .* swiglu_limit=None"),
+            ({"mlp": {"kind": "swiglu", "hidden": 48}}, r"MLPs other than one MoE in every layer \(gpt-oss's\)"),
+            (
+                {"mixers": {"W": {**GPT_OSS_ATTENTION, "window": 5, "softcap": 1.0}, "F": GPT_OSS_ATTENTION}},
+                "attention layers that differ beyond their window",
+            ),
+        ]:
+            with pytest.raises(ValueError, match=message):
+                save_hf(build_model(tiny(**spec | change)), tmp_path / "c", remote_code=False)
+        olmoe = EXPERTS["olmoe"][0]  # (another class's model, its attention with sinks)
+        with pytest.raises(ValueError, match=r"learned sink logits \(learned_sinks: gpt-oss's\)"):
+            save_hf(build_model(tiny(**olmoe | {"mixer": {**olmoe["mixer"], "learned_sinks": True}})), tmp_path / "c",
+                    remote_code=False)  # fmt: skip
 
 
 def test_partial_rope_exports_as_phi3(tmp_path):

@@ -125,6 +125,13 @@ CASES = {
     # OLMoE: Llama's block, query and key norms over the whole projections, experts not renormalised
     "olmoe": (transformers.OlmoeConfig, dict(num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
                                              attention_bias=True, pad_token_id=0)),
+    # gpt-oss: biases, learned sinks, windows on every other layer (its default layer_types), YaRN untruncated (over 16
+    # positions here); experts with biases and the clamped SwiGLU (at 0.1: small weights' products reach it)
+    "gpt-oss": (transformers.GptOssConfig, dict(num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                                                num_experts_per_tok=2, sliding_window=5, swiglu_limit=0.1,
+                                                rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 8.0,
+                                                                 "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                                                                 "original_max_position_embeddings": 16})),
     # Mamba and Mamba-2 alone (state-spaces', Codestral's): an RMSNorm and the mixer in every layer, no MLP;
     # Mamba-2's B and C in 2 groups
     "mamba": (transformers.MambaConfig, dict(state_size=8, time_step_rank=8, pad_token_id=0)),
@@ -150,6 +157,7 @@ PER_LAYER = {  # (window, rope_dims) of each layer
     "smollm3-nope": [(None, 16), (5, 0), (None, 16)],
     "ministral-windows-alternating": [(5, 16), (None, 16), (5, 16)],
     "qwen2-moe": [(5, 16), (None, 16), (None, 16)],
+    "gpt-oss": [(5, 16), (None, 16), (5, 16)],
 }
 
 # transformers' grouped expert products take no float64 (an option of transformers 5)
@@ -170,6 +178,8 @@ def test_import_matches_transformers(tmp_path, case, sharded):
                 p.normal_(mean=1.0, std=0.3)
             elif name.endswith(("mlp.gate.weight", "shared_expert_gate.weight")):  # routers (Qwen3-MoE's start
                 p.normal_(std=0.3)  # at zero: every score tied), Qwen2-MoE's gate of its shared expert
+            elif name.endswith(".sinks"):  # gpt-oss's sink logits (0.02 at init: barely a sink)
+                p.normal_(std=1.0)
         for name, b in hf.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 b.normal_(std=0.05)  # the router's scores are near 0.5 at init: this changes which experts win
@@ -259,6 +269,40 @@ def test_import_reads_pytorch_pickled_weights(tmp_path, sharded):
     ids = torch.randint(0, 101, (2, 13))
     with torch.no_grad():
         assert (load_hf(tmp_path)(ids) - hf(ids).logits).abs().max() <= 1e-4
+
+
+def test_gpt_oss_mxfp4_experts_load_as_transformers_dequantizes_them(tmp_path):
+    """OpenAI's gpt-oss checkpoints hold the experts as MXFP4 (``*_blocks``, ``*_scales``, quantization_config
+    mxfp4): dequantized on import exactly as `transformers`' own function does, the model's logits then equal to
+    theirs with those weights (float64); another quantization is refused by name."""
+    from safetensors.torch import load_file, save_file
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    cfg = transformers.GptOssConfig(**COMMON | {"num_hidden_layers": 2}, num_key_value_heads=2, head_dim=16,
+                                    num_local_experts=4, num_experts_per_tok=2, sliding_window=5)  # fmt: skip
+    torch.manual_seed(0)
+    theirs = transformers.AutoModelForCausalLM.from_config(cfg, **EAGER).double().eval()
+    theirs.save_pretrained(tmp_path)
+    state, g = load_file(tmp_path / "model.safetensors"), torch.Generator().manual_seed(0)
+    for i in range(2):
+        for part, (rows, columns) in (("gate_up_proj", (320, 64)), ("down_proj", (64, 160))):
+            name = f"model.layers.{i}.mlp.experts.{part}"
+            blocks = torch.randint(0, 256, (4, rows, columns // 32, 16), dtype=torch.uint8, generator=g)
+            scales = torch.randint(119, 125, (4, rows, columns // 32), dtype=torch.uint8, generator=g)
+            del state[name]
+            state |= {f"{name}_blocks": blocks, f"{name}_scales": scales}
+            with torch.no_grad():  # [E, in, out], as their class keeps the experts
+                theirs.get_parameter(name).copy_(convert_moe_packed_tensors(blocks, scales, dtype=torch.float64))
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((tmp_path / "config.json").read_text())
+    quantized = config | {"quantization_config": {"quant_method": "mxfp4"}}
+    (tmp_path / "config.json").write_text(json.dumps(quantized))
+    ids = torch.randint(0, 101, (2, 17))
+    with torch.no_grad():
+        assert (load_hf(tmp_path, dtype=torch.float64)(ids) - theirs(ids).logits).abs().max() <= 1e-6
+    (tmp_path / "config.json").write_text(json.dumps(config | {"quantization_config": {"quant_method": "gptq"}}))
+    with pytest.raises(ValueError, match="quant_method='gptq' is not supported"):
+        load_hf(tmp_path)
 
 
 def test_longrope_takes_its_long_factors_in_calls_past_the_original_context_as_transformers_does(tmp_path):
@@ -448,10 +492,6 @@ def test_unsupported_and_missing_are_named(tmp_path):
     cfg["rope_parameters"] = {"rope_type": "longrope", "rope_theta": 1e4, "factor": 4.0}  # (its factors missing)
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="config.json: the field 'short_factor' is missing"):
-        load_hf(tmp_path)
-    cfg["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "truncate": False}
-    (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="rope_parameters.truncate=false is not supported"):
         load_hf(tmp_path)
     # transformers reads a legacy rope_scaling in place of rope_parameters: so must we
     cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e4}

@@ -273,7 +273,48 @@ def test_a_long_capped_prefill_goes_block_by_block_as_in_one(case, monkeypatch):
               "mask": {"mask": torch.rand(2, 1, 23, 23) < 0.7}}[case]  # fmt: skip
     kwargs.get("mask", torch.ones(1, dtype=torch.bool))[..., 0] = True  # (every row sees a key)
     whole = attention(q, k, v, softcap=1.5, **kwargs)
-    monkeypatch.setattr(module, "CAPPED_ROWS", 5)
+    monkeypatch.setattr(module, "EXPLICIT_ROWS", 5)
     with torch.no_grad():
         torch.testing.assert_close(attention(q, k, v, softcap=1.5, **kwargs), whole)
     torch.testing.assert_close(attention_reference(q, k, v, softcap=1.5, **kwargs), whole)
+
+
+@pytest.mark.parametrize("case", ["causal", "long-window", "one-query-over-a-cache", "documents"])
+def test_sink_logits_match_a_transcription(case):
+    """gpt-oss's attention sinks in float64 against their definition, each weight exp(s_j) / (exp(b_h) + sum_i
+    exp(s_i)) written out row by row (values and gradients, the sink logits' included), through the fast path's
+    every route, the reference and the weights; a long prefill without gradients, block by block, the same."""
+    T, S = (1, 13) if case == "one-query-over-a-cache" else (37, 37)
+    q = (torch.randn(2, 4, T, 8, dtype=torch.float64) * 2).requires_grad_()
+    k, v = (torch.randn(2, 2, S, 8, dtype=torch.float64) * 2).requires_grad_(), torch.randn(2, 2, S, 8).double()
+    sinks = torch.tensor([-1.0, 0.5, 2.0, 4.0], dtype=torch.float64, requires_grad=True)
+    kwargs = {"causal": {"causal": True}, "long-window": {"causal": True, "window": 5}, "one-query-over-a-cache": {},
+              "documents": {"doc_ids": torch.tensor([[0] * 20 + [1] * 17, [0] * 37])}}[case]  # fmt: skip
+    scale = 0.3
+    doc = kwargs.get("doc_ids", torch.zeros(2, S, dtype=torch.long))
+    rows = []
+    for b in range(2):
+        for h in range(4):
+            for t in range(T):
+                p = t + S - T  # the query's position
+                seen = [j for j in range(S) if (not kwargs.get("causal") and "doc_ids" not in kwargs) or (
+                    j <= p and j > p - kwargs.get("window", S) and doc[b, j] == doc[b, min(p, S - 1)])]  # fmt: skip
+                e = torch.stack([(q[b, h, t] @ k[b, h // 2, j] * scale).exp() for j in seen])
+                rows.append((e[:, None] * v[b, h // 2, seen]).sum(0) / (sinks[h].exp() + e.sum()))
+    want = torch.stack(rows).view(2, 4, T, 8)
+    assert (attention(q, k, v, scale=scale, **kwargs) - want).abs().max() > 0.01  # (the sinks matter here)
+    want_grads = torch.autograd.grad((want * want.detach()).sum(), (q, k, sinks))
+    for got in (
+        attention(q, k, v, scale=scale, sink_logits=sinks, **kwargs),
+        attention_reference(q, k, v, scale=scale, sink_logits=sinks, **kwargs),
+        apply_attention_weights(attention_weights(q, k, scale=scale, sink_logits=sinks, **kwargs), v),
+    ):
+        torch.testing.assert_close(got, want)
+        for g, r in zip(torch.autograd.grad((got * want.detach()).sum(), (q, k, sinks)), want_grads, strict=True):
+            torch.testing.assert_close(g, r)
+    if case != "one-query-over-a-cache":
+        import kvlab.kernels.attention as module
+
+        with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
+            patch.setattr(module, "EXPLICIT_ROWS", 5)
+            torch.testing.assert_close(attention(q, k, v, scale=scale, sink_logits=sinks, **kwargs), want)

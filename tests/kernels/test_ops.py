@@ -14,7 +14,7 @@ import torch
 
 import kvlab.kernels.attention as attention_module
 import kvlab.kernels.ssm as ssm_module
-from kvlab.kernels import external, ops
+from kvlab.kernels import external, ops, registry
 from kvlab.kernels.attention import (
     absorbed_attention,
     absorbed_attention_reference,
@@ -310,3 +310,11 @@ def test_capped_scores_stay_on_the_triton_kernel_that_takes_them():
     assert ops._sdpa_is_faster(q, q, q, causal=True) is not None
     assert ops._sdpa_is_faster(q, q, q, causal=True, softcap=30.0) is None
     assert ops._triton_attention_supports(q, q, q, causal=True, softcap=30.0) is None
+
+
+def test_sink_logits_run_on_the_torch_backend():
+    """No fused kernel here takes gpt-oss's sink logits: Triton and flash-attn decline them by name, so auto runs
+    the torch backend's explicit scores."""
+    q, sinks = torch.randn(1, 2, 8, 16), torch.zeros(2)
+    assert "sink logits" in ops._triton_attention_supports(q, q, q, causal=True, sink_logits=sinks)
+    assert registry.choose("attention", (q, q, q), {"causal": True, "sink_logits": sinks}).name == "torch"

@@ -27,6 +27,9 @@ def _moe(**settings) -> MoE:
             torch.nn.init.normal_(p, std=0.3)
     if moe.shared_gate is not None:
         torch.nn.init.normal_(moe.shared_gate.weight, std=1.0)
+    for bias in (moe.router.bias, moe.gate_up_bias, moe.down_bias):  # gpt-oss's (zero at init)
+        if bias is not None:
+            torch.nn.init.normal_(bias, std=0.5)
     return moe
 
 
@@ -35,15 +38,25 @@ def _loop_reference(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     c = moe.cfg
     out = torch.zeros_like(x)
     for n in range(x.shape[0]):
-        logits = moe.router.weight @ x[n]
+        logits = moe.router.weight @ x[n] + (moe.router.bias if c.bias else 0)
         scores = torch.softmax(logits, 0) if c.score == "softmax" else torch.sigmoid(logits)
         chosen = sorted(range(c.n_experts), key=lambda e: -scores[e].item())[: c.top_k]
         total = sum(scores[e] for e in chosen)
         for e in chosen:
             g = scores[e] / total if c.norm_topk else scores[e]
             w_gate, w_up = moe.gate_up_proj[e][: c.hidden], moe.gate_up_proj[e][c.hidden :]
-            h = F.silu(w_gate @ x[n]) * (w_up @ x[n])
-            out[n] += c.routed_scale * g * (moe.down_proj[e] @ h)
+            gate, up = w_gate @ x[n], w_up @ x[n]
+            if c.bias:
+                gate, up = gate + moe.gate_up_bias[e][: c.hidden], up + moe.gate_up_bias[e][c.hidden :]
+            if c.swiglu_limit is None:
+                h = F.silu(gate) * up
+            else:  # gpt-oss's: the gate clamped above, the up projection both ways, (u + 1) g sigmoid(alpha g)
+                L = c.swiglu_limit
+                gate, up = torch.minimum(gate, torch.tensor(L)), torch.maximum(torch.minimum(up, torch.tensor(L)),
+                                                                               torch.tensor(-L))  # fmt: skip
+                h = (up + 1) * gate / (1 + torch.exp(-c.swiglu_alpha * gate))
+            down = moe.down_proj[e] @ h + (moe.down_bias[e] if c.bias else 0)
+            out[n] += c.routed_scale * g * down
         if moe.shared is not None:
             s = moe.shared
             gate = torch.sigmoid(moe.shared_gate.weight[0] @ x[n]) if c.shared_gate else 1.0
@@ -59,8 +72,10 @@ def _loop_reference(moe: MoE, x: torch.Tensor) -> torch.Tensor:
         {"n_experts": 6, "top_k": 3, "score": "sigmoid", "norm_topk": True, "routed_scale": 2.5, "n_shared": 2},
         {"n_experts": 4, "top_k": 1},
         {"n_experts": 4, "top_k": 2, "n_shared": 2, "shared_gate": True},  # Qwen2-MoE: its shared expert gated
+        # gpt-oss: biases on the router and the experts, the clamped SwiGLU (at 0.4: about half the values reach it)
+        {"n_experts": 4, "top_k": 2, "norm_topk": True, "bias": True, "swiglu_limit": 0.4, "swiglu_alpha": 1.5},
     ],
-    ids=["softmax", "renormalised", "sigmoid-shared", "top1", "gated-shared"],
+    ids=["softmax", "renormalised", "sigmoid-shared", "top1", "gated-shared", "gpt-oss"],
 )
 def test_both_paths_match_a_loop_over_tokens_and_experts(settings):
     moe = _moe(**settings)

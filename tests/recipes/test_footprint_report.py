@@ -99,7 +99,8 @@ def test_a_hugging_face_config_as_load_hf_imports_it(capsys, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "case", ["deepseek-v2-lite", "mixtral-8x7b", "gemma-2-2b", "qwen1.5-moe-a2.7b", "phi-4-mini", "mamba-130m"]
+    "case",
+    ["deepseek-v2-lite", "mixtral-8x7b", "gemma-2-2b", "qwen1.5-moe-a2.7b", "phi-4-mini", "mamba-130m", "gpt-oss-20b"],
 )
 def test_hugging_face_configs_of_mla_and_experts_count_as_published(capsys, tmp_path, case):
     """--hf on the hub's own config.json of DeepSeek-V2-Lite (MLA: 576 elements a token and layer, DeepSeek-V2's
@@ -109,8 +110,9 @@ def test_hugging_face_configs_of_mla_and_experts_count_as_published(capsys, tmp_
     beside a gated shared expert: 14.3B parameters) and of Phi-4-mini (8 K/V heads of 128 over 32 layers, RoPE
     on three quarters of each with LongRoPE's 48 factors, placeholders here; its window past its context, so full
     attention; 3.84B parameters, tied) and of Mamba-130M (24 layers of 1,536 channels, a 16-wide state and 3
-    convolution inputs each, nothing per token; 129M parameters): the caches and parameter counts their papers
-    give."""
+    convolution inputs each, nothing per token; 129M parameters) and of gpt-oss-20b (8 K/V heads of 64 in 12 full
+    layers, 12 of 128-token windows; 32 experts with biases; 20.9B parameters, as `transformers` counts its class
+    on this config; its MXFP4 quantization_config read): the caches and parameter counts their papers give."""
     config = {
         "deepseek-v2-lite": {
             "model_type": "deepseek_v2", "vocab_size": 102400, "hidden_size": 2048, "intermediate_size": 10944,
@@ -155,6 +157,17 @@ def test_hugging_face_configs_of_mla_and_experts_count_as_published(capsys, tmp_
             "state_size": 16, "expand": 2, "conv_kernel": 4, "time_step_rank": 48, "layer_norm_epsilon": 1e-5,
             "use_bias": False, "use_conv_bias": True, "tie_word_embeddings": True,
         },
+        "gpt-oss-20b": {
+            "model_type": "gpt_oss", "vocab_size": 201088, "hidden_size": 2880, "intermediate_size": 2880,
+            "num_hidden_layers": 24, "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 64,
+            "num_local_experts": 32, "num_experts_per_tok": 4, "experts_per_token": 4, "attention_bias": True,
+            "sliding_window": 128, "layer_types": ["sliding_attention", "full_attention"] * 12,
+            "max_position_embeddings": 131072, "rope_theta": 150000, "rope_scaling": {
+                "beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0, "original_max_position_embeddings": 4096,
+                "rope_type": "yarn", "truncate": False},
+            "swiglu_limit": 7.0, "router_aux_loss_coef": 0.9, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+            "quantization_config": {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]},
+        },
     }[case]  # fmt: skip
     (tmp_path / "config.json").write_text(json.dumps(config))
     r = report(capsys, "--hf", str(tmp_path))
@@ -163,9 +176,12 @@ def test_hugging_face_configs_of_mla_and_experts_count_as_published(capsys, tmp_
                          "gemma-2-2b": (2 * 4 * 256 * 13 * 2, 2_614_341_888),
                          "qwen1.5-moe-a2.7b": (2 * 16 * 128 * 24 * 2, 14_315_784_192),
                          "phi-4-mini": (2 * 8 * 128 * 32 * 2, 3_836_021_760),
-                         "mamba-130m": (0, 129_135_360)}[case]  # fmt: skip
+                         "mamba-130m": (0, 129_135_360),
+                         "gpt-oss-20b": (2 * 8 * 64 * 12 * 2, 20_914_757_184)}[case]  # fmt: skip
     assert (r["bytes_per_token"], r["params"]) == (per_token, params)
     if case == "gemma-2-2b":
         assert r["fixed_bytes"] == 13 * 4096 * 2 * 4 * 256 * 2  # the windows, once full
     if case == "mamba-130m":
         assert r["fixed_bytes"] == 24 * 1536 * (16 + 3) * 2  # the state and the convolution's inputs, bf16
+    if case == "gpt-oss-20b":
+        assert r["fixed_bytes"] == 12 * 128 * 2 * 8 * 64 * 2  # the windows, once full
