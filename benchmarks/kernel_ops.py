@@ -3,6 +3,7 @@
     python benchmarks/kernel_ops.py [--ops attention,rms_norm,...] [--repeats 3] [--device cpu|cuda] [--compile]
     python benchmarks/kernel_ops.py --memory [--vocab 32000] [--tokens 8192] [--dim 512]
     python benchmarks/kernel_ops.py --dispatch
+    python benchmarks/kernel_ops.py --sink-attention
 
 For every op in ``kvlab.kernels.ops`` and every registered backend that can
 run its inputs here (interpreted Triton is left out: it is a correctness
@@ -27,6 +28,12 @@ and outside it.
 float32 copies (the casts timed with it), 2,048 tokens a call (batch x
 positions), 8 query heads over 2 K/V heads, over head sizes and row
 lengths, and which of the two ``attention`` takes there (BF16_SHORT).
+
+``--sink-attention``: causal attention with gpt-oss's sink logits, forward +
+backward in float32, 8 query heads of 32 over 2 K/V heads: the sink as a
+key through the fused kernels (what ``attention`` takes over several
+queries), the scores formed (what it took before), and plain attention
+without sinks for scale; the two with sinks checked equal.
 """
 
 from __future__ import annotations
@@ -245,6 +252,27 @@ def bf16_attention(args) -> None:
             print(f"| {D} | {T} | {B} | {ms[0]:.2f} | {ms[1]:.2f} | x{ms[0] / ms[1]:.2f} | {takes} |")
 
 
+def sink_attention(args) -> None:
+    from kvlab.kernels import attention as kernel
+
+    print(f"causal attention with sink logits, forward + backward, float32, 8 query heads of 32 over 2 K/V heads, "
+          f"{args.device}, ms (best of {args.repeats})")  # fmt: skip
+    print("| positions | batch | sink as a key | scores formed | formed / as a key | no sinks | max difference |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for T, B in ((256, 8), (1024, 2), (2048, 1), (4096, 1)):
+        q, k, v = (torch.randn(B, h, T, 32, device=args.device, requires_grad=True) for h in (8, 2, 2))
+        sinks = torch.randn(8, device=args.device, requires_grad=True)
+        runs = {
+            "key": functools.partial(kernel._sink_as_key, q, k, v, sinks, None, True, None, None, None),
+            "formed": functools.partial(kernel._explicit_attention, q, k, v, None, True, None, None, None, None, sinks),
+            "plain": functools.partial(kernel.attention, q, k, v, causal=True),
+        }
+        difference = (runs["key"]() - runs["formed"]()).abs().max().item()
+        ms = {name: timed(lambda f=f: f().sum().backward(), args.repeats) * 1e3 for name, f in runs.items()}
+        print(f"| {T} | {B} | {ms['key']:.1f} | {ms['formed']:.1f} | x{ms['formed'] / ms['key']:.1f} | "
+              f"{ms['plain']:.1f} | {difference:.1e} |")  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--ops", default=",".join(OPS))
@@ -256,6 +284,7 @@ def main() -> None:
     p.add_argument("--memory", action="store_true")
     p.add_argument("--dispatch", action="store_true", help="the registry's cost per op call")
     p.add_argument("--bf16-attention", action="store_true", help="bf16 training attention: SDPA vs float32 copies")
+    p.add_argument("--sink-attention", action="store_true", help="sink logits: as a key vs their scores formed")
     p.add_argument("--memory-child", choices=["plain", "fused"])
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--tokens", type=int, default=8192)
@@ -269,6 +298,8 @@ def main() -> None:
         dispatch_cost(args)
     elif args.bf16_attention:
         bf16_attention(args)
+    elif args.sink_attention:
+        sink_attention(args)
     else:
         speed(args)
 

@@ -101,6 +101,8 @@ def _losses(spec, compile_blocks, steps: int = 20, packed: bool = False, checkpo
         ("mamba_moe", False, False, "aot_eager"),
         ("rwkv6", True, False, "aot_eager"),
         ("gemma2_softcaps", True, False, "aot_eager"),  # capped scores, formed (no fused kernel takes them on CPU)
+        # gpt-oss's sinks as a key (one more channel, a query before the others), its experts' biases and clamps
+        pytest.param("gpt_oss", True, False, "aot_eager", marks=pytest.mark.slow),
         # Dynamo's graphs alone: AOT autograd's decomposed ops round otherwise, which MatryoshkaKV's Cayley solves
         # amplify (4e-5 relative by step 18); through Dynamo alone its losses are eager's to the bit
         ("matryoshka", False, False, "eager"),

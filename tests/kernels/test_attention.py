@@ -279,16 +279,20 @@ def test_a_long_capped_prefill_goes_block_by_block_as_in_one(case, monkeypatch):
     torch.testing.assert_close(attention_reference(q, k, v, softcap=1.5, **kwargs), whole)
 
 
-@pytest.mark.parametrize("case", ["causal", "long-window", "one-query-over-a-cache", "documents"])
+@pytest.mark.parametrize(
+    "case", ["causal", "long-window", "one-query-over-a-cache", "prompt-over-a-cache", "documents", "mask"]
+)
 def test_sink_logits_match_a_transcription(case):
     """gpt-oss's attention sinks in float64 against their definition, each weight exp(s_j) / (exp(b_h) + sum_i
     exp(s_i)) written out row by row (values and gradients, the sink logits' included), through the fast path's
-    every route, the reference and the weights; a long prefill without gradients, block by block, the same."""
-    T, S = (1, 13) if case == "one-query-over-a-cache" else (37, 37)
+    every route (the sink as a key in the fused kernels, one query's scores formed), the reference, the weights,
+    and the scores formed over many queries (capped scores' route), block by block without gradients."""
+    T, S = {"one-query-over-a-cache": (1, 13), "prompt-over-a-cache": (5, 13)}.get(case, (37, 37))
     q = (torch.randn(2, 4, T, 8, dtype=torch.float64) * 2).requires_grad_()
     k, v = (torch.randn(2, 2, S, 8, dtype=torch.float64) * 2).requires_grad_(), torch.randn(2, 2, S, 8).double()
     sinks = torch.tensor([-1.0, 0.5, 2.0, 4.0], dtype=torch.float64, requires_grad=True)
     kwargs = {"causal": {"causal": True}, "long-window": {"causal": True, "window": 5}, "one-query-over-a-cache": {},
+              "prompt-over-a-cache": {"causal": True}, "mask": {"mask": torch.rand(2, 1, T, S) < 0.6},
               "documents": {"doc_ids": torch.tensor([[0] * 20 + [1] * 17, [0] * 37])}}[case]  # fmt: skip
     scale = 0.3
     doc = kwargs.get("doc_ids", torch.zeros(2, S, dtype=torch.long))
@@ -299,8 +303,9 @@ def test_sink_logits_match_a_transcription(case):
                 p = t + S - T  # the query's position
                 seen = [j for j in range(S) if (not kwargs.get("causal") and "doc_ids" not in kwargs) or (
                     j <= p and j > p - kwargs.get("window", S) and doc[b, j] == doc[b, min(p, S - 1)])]  # fmt: skip
-                e = torch.stack([(q[b, h, t] @ k[b, h // 2, j] * scale).exp() for j in seen])
-                rows.append((e[:, None] * v[b, h // 2, seen]).sum(0) / (sinks[h].exp() + e.sum()))
+                seen = [j for j in seen if "mask" not in kwargs or kwargs["mask"][b, 0, t, j]]
+                e = torch.stack([(q[b, h, t] @ k[b, h // 2, j] * scale).exp() for j in seen] or [q.new_zeros(())])
+                rows.append((e[:, None] * v[b, h // 2, seen or [0]]).sum(0) / (sinks[h].exp() + e.sum()))
     want = torch.stack(rows).view(2, 4, T, 8)
     assert (attention(q, k, v, scale=scale, **kwargs) - want).abs().max() > 0.01  # (the sinks matter here)
     want_grads = torch.autograd.grad((want * want.detach()).sum(), (q, k, sinks))
@@ -312,9 +317,9 @@ def test_sink_logits_match_a_transcription(case):
         torch.testing.assert_close(got, want)
         for g, r in zip(torch.autograd.grad((got * want.detach()).sum(), (q, k, sinks)), want_grads, strict=True):
             torch.testing.assert_close(g, r)
-    if case != "one-query-over-a-cache":
-        import kvlab.kernels.attention as module
+    import kvlab.kernels.attention as module
 
-        with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
-            patch.setattr(module, "EXPLICIT_ROWS", 5)
-            torch.testing.assert_close(attention(q, k, v, scale=scale, sink_logits=sinks, **kwargs), want)
+    with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(module, "EXPLICIT_ROWS", 5)
+        options = [kwargs.get(o) for o in ("mask", "causal", "window", "doc_ids")]
+        torch.testing.assert_close(module._explicit_attention(q, k, v, *options, scale, None, sinks), want)
