@@ -1,6 +1,7 @@
 """Parents with classes of their own, decoded and trained by kvlab and by `transformers`' class, one process.
 
-    python benchmarks/native_parents.py [--parents gemma2,mixtral,deepseek_v2,qwen2_moe,phi3,mamba,mamba2,gpt_oss]
+    python benchmarks/native_parents.py [--parents gemma2,mixtral,deepseek_v2,qwen2_moe,phi3,mamba,mamba2,gpt_oss,
+                                                   granite_4_h]
                                         [--batches 1,8]
                                         [--prompt 128]
                                         [--new 128] [--repeats 3] [--steps 10]
@@ -13,10 +14,13 @@ DeepSeek-V2-Lite's MLA with 8 experts, top 2, and a shared one after a dense lay
 each head with LongRoPE, its original context 192 positions (so decoding switches to the long factors halfway);
 Mamba and Mamba-2 alone, no MLPs, 12 layers (a Mamba block has about half a Llama block's weights); gpt-oss's
 attention with biases and learned sinks, 128-token windows on every other layer, YaRN untruncated, and 8 experts
-with biases and the clamped SwiGLU, top 2 (`transformers` runs its scores eagerly: SDPA takes no sinks).
+with biases and the clamped SwiGLU, top 2 (`transformers` runs its scores eagerly: SDPA takes no sinks); Granite
+4.0-H's Mamba-2 layers with one attention layer without RoPE (layer 2 of 6), Granite's multipliers, and 8 experts
+of 128, top 2, beside a shared SwiGLU of 256 in every layer.
 kvlab's native export of it is loaded back into `transformers`' class (Gemma2ForCausalLM, MixtralForCausalLM,
 DeepseekV2ForCausalLM, Qwen2MoeForCausalLM, Phi3ForCausalLM, MambaForCausalLM, Mamba2ForCausalLM, the Mambas
-running their torch paths here, mamba-ssm's kernels being CUDA's; GptOssForCausalLM), so
+running their torch paths here, mamba-ssm's kernels being CUDA's; GptOssForCausalLM; GraniteMoeHybridForCausalLM,
+its Mamba-2 on the same torch path), so
 both hold the same weights, and their greedy tokens are checked equal. Decoding: ``generate`` of ``--new``
 tokens after a ``--prompt``-token prompt under ``torch.inference_mode`` (kvlab compiled, its compilation the
 warm-up, and eager; `transformers` eager, its dynamic cache). Training: one step (forward with the loss,
@@ -66,6 +70,11 @@ PARENTS = {
     "gpt_oss": {**SHAPES, "pattern": "LG", "mixers": {"L": {**GPT_OSS, "window": 128}, "G": GPT_OSS},
                 "mlp": {"kind": "moe", "hidden": 256, "n_experts": 8, "top_k": 2, "norm_topk": True, "bias": True,
                         "swiglu_limit": 7.0}},
+    "granite_4_h": {**SHAPES, "pattern": "MMAMMM", "embed_scale": 12.0, "residual_scale": 0.22, "logit_scale": 1 / 6,
+                    "mixers": {"M": {"kind": "mamba2", "head_dim": 32, "state_dim": 64, "n_groups": 1},
+                               "A": {**GQA, "rope_dims": 0, "softmax_scale": 1 / 32}},
+                    "mlp": {"kind": "moe", "hidden": 128, "n_experts": 8, "top_k": 2, "norm_topk": True,
+                            "n_shared": 2}},
 }  # fmt: skip
 
 

@@ -1,6 +1,6 @@
 """Hugging Face checkpoints: import and export (Llama, Mistral, Ministral, Qwen2/3, SmolLM3, Granite, Phi-3,
 Mixtral, Qwen2/3-MoE, DeepSeek-V2/V3, Jamba, GPT-NeoX, Gemma 1/2/3, OLMo 2/3, OLMoE, gpt-oss, Mamba, Mamba-2, Bamba,
-and our own remote-code exports).
+Granite 4.0-H, and our own remote-code exports).
 
 ``load_hf``: a local directory with ``config.json`` and safetensors weights
 (one file or shards with ``model.safetensors.index.json``) becomes a kvlab

@@ -22,7 +22,8 @@ attention layers with LayerNorm or a parallel residual <-> GPT-NeoX (Pythia),
 with Gemma's parts (unit-offset norms, scaled embeddings) <-> Gemma 1, 2 or 3
 (by its post norms and query/key norms), with post norms alone <-> OLMo 2 and 3;
 ``mamba`` or ``mamba2`` alone, without MLPs <-> Mamba, Mamba-2 (and Falcon-Mamba, read); ``attention`` +
-``mamba2`` <-> Bamba; attention with learned sinks <-> gpt-oss.
+``mamba2`` <-> Bamba, with Granite's multipliers or experts <-> Granite 4.0-H; attention with learned sinks <->
+gpt-oss.
 """
 
 from __future__ import annotations
@@ -1922,12 +1923,9 @@ for _kind, _class in (("mamba", "MambaForCausalLM"), ("mamba2", "Mamba2ForCausal
 
 
 def _bamba_problems(cfg: ModelConfig) -> list[str]:
-    attention = [m for m in cfg.layer_mixers if m.kind == "attention"]
-    mamba = [m for m in cfg.layer_mixers if m.kind == "mamba2"]
-    a, s = attention[0], mamba[0]
+    a = next(m for m in cfg.layer_mixers if m.kind == "attention")
     problems = llama_block_problems(cfg) + multiplier_problems(cfg) + one_swiglu_problems(cfg)
-    if any(m != a for m in attention) or any(m != s for m in mamba):
-        problems.append("attention or Mamba-2 layers that differ from one another (Bamba has one of each)")
+    problems += _ibm_layer_problems(cfg, "Bamba")
     if a.rope_dims != a.head_dim // 2 or a.rope_scaling is not None:
         problems.append(f"attention with rope_dims={a.rope_dims} of head_dim={a.head_dim} or rope_scaling "
                         f"{a.rope_scaling} (Bamba's RoPE: the first half of each head, unscaled)")  # fmt: skip
@@ -1935,10 +1933,6 @@ def _bamba_problems(cfg: ModelConfig) -> list[str]:
     if a.window is not None or a.qkv_bias != a.o_bias or a.qk_norm:
         problems.append(f"attention with window={a.window}, qkv_bias={a.qkv_bias}, o_bias={a.o_bias}, qk_norm="
                         f"{a.qk_norm} (Bamba's: full, biases on all projections or none, no norms)")  # fmt: skip
-    if s.norm_eps != cfg.norm.eps:
-        problems.append(
-            f"Mamba-2 norm_eps={s.norm_eps} apart from norm.eps={cfg.norm.eps} (Bamba has one rms_norm_eps)"
-        )
     return problems
 
 
@@ -1949,6 +1943,13 @@ def _bamba_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         "model_type": "bamba", "intermediate_size": cfg.mlp.hidden, "num_key_value_heads": a.n_kv_heads,
         "head_dim": a.head_dim, "attention_bias": a.qkv_bias, "rope_parameters": rope_parameters(a),
         "attn_layer_indices": [i for i, m in enumerate(cfg.layer_mixers) if m.kind == "attention"],
+        **_ibm_mamba2_fields(cfg, s),
+    }  # fmt: skip
+
+
+def _ibm_mamba2_fields(cfg: ModelConfig, s) -> dict[str, Any]:
+    """The mamba_* fields of Bamba's and Granite 4.0-H's config.json for the Mamba-2 mixer ``s``."""
+    return {
         "mamba_n_heads": s.expand * cfg.d_model // s.head_dim, "mamba_d_head": s.head_dim,
         "mamba_n_groups": s.n_groups, "mamba_d_state": s.state_dim, "mamba_d_conv": s.conv_kernel,
         "mamba_expand": s.expand, "mamba_chunk_size": s.chunk_size, "mamba_conv_bias": True,
@@ -1956,10 +1957,26 @@ def _bamba_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def _bamba_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+def _ibm_layer_problems(cfg: ModelConfig, who: str) -> list[str]:
+    """Bamba's and Granite 4.0-H's layers: one attention and one Mamba-2, which takes the model's norm eps."""
+    attention = [m for m in cfg.layer_mixers if m.kind == "attention"]
+    mamba = [m for m in cfg.layer_mixers if m.kind == "mamba2"]
+    problems = []
+    if any(m != attention[0] for m in attention) or any(m != mamba[0] for m in mamba):
+        problems.append(f"attention or Mamba-2 layers that differ from one another ({who} has one of each)")
+    if mamba[0].norm_eps != cfg.norm.eps:
+        problems.append(f"Mamba-2 norm_eps={mamba[0].norm_eps} apart from norm.eps={cfg.norm.eps} ({who} has one "
+                        "rms_norm_eps)")  # fmt: skip
+    return problems
+
+
+def _ibm_mamba2(hf: dict[str, Any]) -> dict[str, Any]:
+    """The Mamba-2 of Bamba's and Granite 4.0-H's config.json (mamba_* fields), as a ModelConfig dict of Mamba-2
+    alone (``_mamba_from_hf``: its checks and defaults)."""
     check_silu(hf)
     if hf.get("mamba_proj_bias", False) or not hf.get("mamba_conv_bias", True):
-        raise ValueError("config.json: Bamba with mamba_proj_bias=true or mamba_conv_bias=false is not supported")
+        raise ValueError(f"config.json: {hf['model_type']} with mamba_proj_bias=true or mamba_conv_bias=false is not "
+                         "supported")  # fmt: skip
     d, n, heads = hf["hidden_size"], hf["num_hidden_layers"], hf.get("mamba_n_heads", 128)
     expand, d_head = hf.get("mamba_expand", 2), hf.get("mamba_d_head", "auto")
     # its Mamba-2 as Mamba2ForCausalLM's config.json would say it (the checks and defaults: _mamba_from_hf's)
@@ -1969,7 +1986,11 @@ def _bamba_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
                  "n_groups": hf.get("mamba_n_groups", 1), "conv_kernel": hf.get("mamba_d_conv", 4),
                  "chunk_size": hf.get("mamba_chunk_size", 256), "time_step_limit": hf.get("time_step_limit"),
                  "layer_norm_epsilon": hf.get("rms_norm_eps", 1e-5)}  # fmt: skip
-    model = _mamba_from_hf(as_mamba2)
+    return _mamba_from_hf(as_mamba2)
+
+
+def _bamba_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+    model, d, n = _ibm_mamba2(hf), hf["hidden_size"], hf["num_hidden_layers"]
     n_heads, rope, bias = hf["num_attention_heads"], read_rope(hf), bool(hf.get("attention_bias", False))
     head_dim = hf.get("head_dim") or d // n_heads
     attention = {"kind": "attention", "n_heads": n_heads, "n_kv_heads": hf.get("num_key_value_heads") or n_heads,
@@ -1988,9 +2009,162 @@ NATIVE_LAYOUTS["bamba"] = NativeLayout(
     model_type="bamba",
     architecture="BambaForCausalLM",
     describes="attention+mamba2 as bamba",
-    claims=lambda cfg: _mixer_kinds(cfg) == {"attention", "mamba2"},
+    claims=lambda cfg: _mixer_kinds(cfg) == {"attention", "mamba2"} and not _granite_hybrid(cfg),
     problems=_bamba_problems,
     to_hf=_bamba_to_hf,
     export_state=_jamba_state,
     from_hf=_bamba_from_hf,
+)
+
+
+# Granite 4.0-H (IBM's granite-4.0-h-micro, -tiny, -small; `transformers`' GraniteMoeHybridForCausalLM): Bamba's
+# layers (Mamba-2, and attention where layer_types puts it, with RoPE on every channel or none: NoPE in the
+# released models) in Granite's block and multipliers (embeddings, sublayer outputs, attention scores, logits),
+# and in every layer a SwiGLU (shared_mlp) beside a mixture of experts routed by a softmax over the top k logits
+# (none in the dense models): ours, experts with n_shared ungated shared ones of their width. Its names: Bamba's
+# for the mixers, Granite-MoE's for the experts (block_sparse_moe: router.layer, input_linear with the gate's rows
+# then the up projection's, output_linear), the SwiGLU's projections fused (shared_mlp.input_linear, gate then up).
+
+_GRANITE_EXPERTS = {"router.weight": "block_sparse_moe.router.layer.weight",
+                    "gate_up_proj": "block_sparse_moe.input_linear.weight",
+                    "down_proj": "block_sparse_moe.output_linear.weight"}  # fmt: skip
+
+
+def _granite_hybrid(cfg: ModelConfig) -> bool:
+    """Whether an attention + Mamba-2 model is Granite 4.0-H's rather than Bamba's: Granite's multipliers or
+    softmax scale, experts, or RoPE other than on half of each head."""
+    attention = [m for m in cfg.layer_mixers if m.kind == "attention"]
+    return _mixer_kinds(cfg) == {"attention", "mamba2"} and (
+        _granite(cfg) or _moe_of(cfg) is not None or any(m.rope_dims != m.head_dim // 2 for m in attention)
+    )
+
+
+def _granite_hybrid_problems(cfg: ModelConfig) -> list[str]:
+    a, moe = next(m for m in cfg.layer_mixers if m.kind == "attention"), _moe_of(cfg)
+    problems = llama_block_problems(cfg) + _ibm_layer_problems(cfg, "Granite 4.0-H")
+    if a.rope_dims not in (0, a.head_dim) or (a.rope_dims == 0 and a.rope_scaling is not None):
+        problems.append(f"attention with rope_dims={a.rope_dims} of head_dim={a.head_dim} (Granite 4.0-H's RoPE: on "
+                        "every channel or none)")  # fmt: skip
+    problems += [p for p in _attention_layer_problems(a) if not p.startswith(("partial RoPE", "softmax_scale"))]
+    if a.window is not None or a.qkv_bias != a.o_bias or a.qk_norm or a.n_heads * a.head_dim != cfg.d_model:
+        problems.append(f"attention with window={a.window}, qkv_bias={a.qkv_bias}, o_bias={a.o_bias}, qk_norm="
+                        f"{a.qk_norm}, n_heads * head_dim = {a.n_heads * a.head_dim} (Granite 4.0-H's: full, biases "
+                        "on all projections or none, no norms, heads spanning d_model)")  # fmt: skip
+    if moe is None:
+        problems += one_swiglu_problems(cfg)
+    elif any(p.mlp != moe for p in cfg.plan) or not (
+        moe.score == "softmax" and moe.norm_topk and moe.n_shared and not moe.shared_gate and not moe.score_bias
+        and moe.n_groups == 1 and moe.routed_scale == 1 and not moe.bias and moe.swiglu_limit is None
+    ):  # fmt: skip
+        problems.append(f"experts other than Granite 4.0-H's in every layer (norm_topk={moe.norm_topk}, n_shared="
+                        f"{moe.n_shared}, score={moe.score!r}; its: the top k renormalised beside ungated shared "
+                        "experts, softmax, no groups, biases, score bias, scale or clamp)")  # fmt: skip
+    return problems
+
+
+def _granite_hybrid_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    a = next(m for m in cfg.layer_mixers if m.kind == "attention")
+    s = next(m for m in cfg.layer_mixers if m.kind == "mamba2")
+    moe = _moe_of(cfg)
+    mlp = {"num_local_experts": 0, "shared_intermediate_size": cfg.mlp.hidden, "intermediate_size": cfg.mlp.hidden}
+    if moe is not None:
+        mlp = {"num_local_experts": moe.n_experts, "num_experts_per_tok": moe.top_k, "intermediate_size": moe.hidden,
+               "shared_intermediate_size": moe.n_shared * moe.hidden,
+               # transformers' balance loss is top_k times ours: the same term, its coefficient over top_k
+               "router_aux_loss_coef": moe.aux_loss_coef / moe.top_k}  # fmt: skip
+    return {
+        "model_type": "granitemoehybrid", "num_key_value_heads": a.n_kv_heads, "attention_bias": a.qkv_bias,
+        "attention_multiplier": a.softmax_scale or a.head_dim**-0.5,
+        "embedding_multiplier": cfg.embed_scale if cfg.embed_scale is not None else 1.0,
+        "residual_multiplier": cfg.residual_scale if cfg.residual_scale is not None else 1.0,
+        "logits_scaling": 1 / cfg.logit_scale if cfg.logit_scale is not None else 1.0,
+        "position_embedding_type": "rope" if a.rope_dims else "nope", "rope_parameters": rope_parameters(a),
+        "layer_types": ["mamba" if m.kind == "mamba2" else "attention" for m in cfg.layer_mixers],
+        **_ibm_mamba2_fields(cfg, s), **mlp,
+    }  # fmt: skip
+
+
+def _granite_hybrid_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    out, swiglu = {}, {}
+    mixers = {name: value for name, value in state.items() if ".mlp." not in name}
+    for name, value in _jamba_state(mixers, cfg).items():  # (Bamba's names for the mixers and the norms)
+        out[name.replace(".pre_ff_layernorm.", ".post_attention_layernorm.").replace(".final_layernorm.", ".norm.")] = (
+            value
+        )
+    for name, value in state.items():
+        layer, mlp, part = name.partition(".mlp.")
+        if not mlp:
+            continue
+        if part in _GRANITE_EXPERTS:
+            out[f"model.{layer}.{_GRANITE_EXPERTS[part]}"] = value
+        else:  # a SwiGLU, dense or the experts' shared one: shared_mlp, gate and up fused
+            swiglu.setdefault(f"model.{layer}", {})[part.removeprefix("shared.").split("_proj")[0]] = value
+    for prefix, parts in swiglu.items():
+        if "down" in parts:
+            out[prefix + ".shared_mlp.output_linear.weight"] = parts.pop("down")
+        if len(parts) == 2:
+            out[prefix + ".shared_mlp.input_linear.weight"] = torch.cat([parts["gate"], parts["up"]])
+        else:  # a part alone (import_state asks each name): its own name
+            out.update({f"{prefix}.shared_mlp.{which}_proj.weight": v for which, v in parts.items()})
+    return out
+
+
+def _granite_hybrid_weights(theirs: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Their fused SwiGLU (shared_mlp.input_linear: the gate's rows, then the up projection's) split."""
+    out = {}
+    for name, value in theirs.items():
+        prefix, fused, _ = name.rpartition(".shared_mlp.input_linear.weight")
+        if fused:
+            out[prefix + ".shared_mlp.gate_proj.weight"], out[prefix + ".shared_mlp.up_proj.weight"] = value.chunk(2)
+        else:
+            out[name] = value
+    return out
+
+
+def _granite_hybrid_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+    import transformers
+
+    # its defaults and its layer types' current names (the time steps' limit, written with a JSON tag for infinity,
+    # _ibm_mamba2 reads)
+    derived = transformers.GraniteMoeHybridConfig(**{k: v for k, v in hf.items() if k != "time_step_limit"})
+    model, d = _ibm_mamba2(hf), derived.hidden_size
+    n_heads, bias = derived.num_attention_heads, bool(derived.attention_bias)
+    roped = derived.position_embedding_type == "rope"
+    rope = read_rope({"model_type": "granitemoehybrid", "rope_parameters": derived.rope_parameters,
+                      "max_position_embeddings": derived.max_position_embeddings})  # fmt: skip
+    attention = {"kind": "attention", "n_heads": n_heads, "n_kv_heads": derived.num_key_value_heads,
+                 "head_dim": d // n_heads, "rope_dims": d // n_heads if roped else 0, "rope_theta": rope.theta,
+                 "rope_scaling": rope.scaling if roped else None, "qkv_bias": bias, "o_bias": bias,
+                 "softmax_scale": float(derived.attention_multiplier)}  # fmt: skip
+    shared, E, top_k = derived.shared_intermediate_size, derived.num_local_experts, derived.num_experts_per_tok
+    mlp: dict[str, Any] = {"kind": "swiglu", "hidden": shared}
+    if E:
+        hidden = derived.intermediate_size
+        if shared <= 0 or shared % hidden:
+            raise ValueError(f"config.json: shared_intermediate_size={shared} is not supported (a positive multiple "
+                             f"of intermediate_size={hidden} is: kvlab's shared experts are n_shared routed experts "
+                             "wide)")  # fmt: skip
+        mlp = {"kind": "moe", "hidden": hidden, "n_experts": E, "top_k": top_k, "norm_topk": True,
+               "n_shared": shared // hidden, "aux_loss_coef": derived.router_aux_loss_coef * top_k}  # fmt: skip
+    return model | {
+        "max_seq_len": derived.max_position_embeddings, "mixer": None,
+        "tie_embeddings": bool(derived.tie_word_embeddings),
+        "pattern": "".join("M" if t == "linear_attention" else "A" for t in derived.layer_types),
+        "mixers": {"A": attention, "M": model["mixer"]}, "mlp": mlp,
+        **_granite_fields({"model_type": "granite", "embedding_multiplier": derived.embedding_multiplier,
+                           "residual_multiplier": derived.residual_multiplier,
+                           "logits_scaling": derived.logits_scaling}),
+    }  # fmt: skip
+
+
+NATIVE_LAYOUTS["granitemoehybrid"] = NativeLayout(
+    model_type="granitemoehybrid",
+    architecture="GraniteMoeHybridForCausalLM",
+    describes="attention+mamba2 with Granite's multipliers or experts beside a shared SwiGLU as granitemoehybrid",
+    claims=_granite_hybrid,
+    problems=_granite_hybrid_problems,
+    to_hf=_granite_hybrid_to_hf,
+    export_state=_granite_hybrid_state,
+    from_hf=_granite_hybrid_from_hf,
+    prepare=_granite_hybrid_weights,
 )

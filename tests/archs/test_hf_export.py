@@ -113,7 +113,8 @@ REMOTE = {
 EXPORTED = {**NATIVE, **REMOTE}
 PRESET_TYPES = {"mha": "llama", "gqa": "llama", "mqa": "llama", "mla": "deepseek_v3", "cla": "kvlab", "mlkv": "kvlab",
                 "infini": "kvlab", "yoco_swa": "kvlab", "svformer": "kvlab", "lckv": "kvlab", "retnet": "kvlab",
-                "resformer": "kvlab", "yoco_gret": "kvlab", "mamba2": "kvlab", "jamba": "jamba", "jamba_m2": "kvlab",
+                "resformer": "kvlab", "yoco_gret": "kvlab", "mamba2": "kvlab", "jamba": "jamba",
+                "jamba_m2": "granitemoehybrid",
                 "samba": "kvlab", "samba_m2": "kvlab",
                 "rwkv6": "kvlab", "rwkv7": "kvlab", "gau": "kvlab", "kdgqa": "kvlab", "dha": "kvlab", "clla": "kvlab",
                 "matryoshka": "kvlab", "sa": "kvlab", "block_transformer": "kvlab", "cepe": "kvlab",
@@ -576,9 +577,35 @@ def test_mamba2_and_attention_export_as_bamba(tmp_path):
     _native_round_trip(spec, tmp_path, "BambaForCausalLM", 1e-5)
     config = json.loads((tmp_path / "a" / "config.json").read_text())
     assert config["attn_layer_indices"] == [1]
-    whole_rope = {**spec, "mixers": {**spec["mixers"], "A": ATTENTION}}
-    with pytest.raises(ValueError, match=r"rope_dims=16 of head_dim=16 or rope_scaling None \(Bamba's RoPE"):
-        save_hf(build_model(tiny(**whole_rope)), tmp_path / "c", remote_code=False)
+    scaled = {**spec, "mixers": {**spec["mixers"], "A": {**ATTENTION, "rope_dims": 8, "rope_scaling": {
+        "kind": "linear", "factor": 2.0}}}}  # fmt: skip
+    with pytest.raises(ValueError, match=r"rope_dims=8 of head_dim=16 or rope_scaling .* \(Bamba's RoPE"):
+        save_hf(build_model(tiny(**scaled)), tmp_path / "c", remote_code=False)
+
+
+@pytest.mark.parametrize("case", ["moe-nope", "dense-rope"])
+def test_mamba2_and_attention_with_granites_parts_export_as_granite_4_h(tmp_path, case):
+    """Mamba-2 layers and attention in Granite's block with its multipliers export to GraniteMoeHybridForCausalLM
+    (``_native_round_trip``): attention without RoPE beside experts and their ungated shared ones (Granite 4.0-H's
+    released form), or with RoPE on every channel beside a SwiGLU (its dense form, which Bamba's RoPE on half a
+    head is not); what it lacks is named."""
+    mamba2 = {"kind": "mamba2", "state_dim": 16, "head_dim": 16, "n_groups": 2, "chunk_size": 8, "norm_eps": 1e-5}
+    attention = {**ATTENTION, "rope_dims": 0 if case == "moe-nope" else 16, "softmax_scale": 0.1}
+    mlp = {**MOE, "norm_topk": True, "n_shared": 2} if case == "moe-nope" else {"kind": "swiglu", "hidden": 48}
+    spec = {"mixer": None, "pattern": "MAMM", "mixers": {"M": mamba2, "A": attention}, "mlp": mlp,
+            "norm": {"kind": "rmsnorm", "eps": 1e-5}, "embed_scale": 4.0, "residual_scale": 0.5,
+            "logit_scale": 0.25}  # fmt: skip
+    _native_round_trip(spec, tmp_path, "GraniteMoeHybridForCausalLM", 1e-5)
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert (config["position_embedding_type"], config["logits_scaling"]) == (
+        "nope" if case == "moe-nope" else "rope", 4.0)  # fmt: skip
+    if case == "moe-nope":
+        gated = {**spec, "mlp": {**mlp, "shared_gate": True}}
+        with pytest.raises(ValueError, match=r"experts other than Granite 4.0-H's in every layer"):
+            save_hf(build_model(tiny(**gated)), tmp_path / "c", remote_code=False)
+        windowed = {**spec, "mixers": {"M": mamba2, "A": {**attention, "window": 5}}}
+        with pytest.raises(ValueError, match=r"attention with window=5.*\(Granite 4.0-H's"):
+            save_hf(build_model(tiny(**windowed)), tmp_path / "c", remote_code=False)
 
 
 def test_mla_with_deepseek_v2s_experts_exports_natively(tmp_path):

@@ -144,6 +144,16 @@ CASES = {
     "bamba": (transformers.BambaConfig, dict(num_key_value_heads=2, attn_layer_indices=[1], mamba_n_heads=8,
                                              mamba_d_head=16, mamba_n_groups=2, mamba_d_state=16,
                                              mamba_chunk_size=8)),
+    # Granite 4.0-H: Bamba's layers in Granite's block and multipliers, attention without RoPE (NoPE, the released
+    # models'), experts (160 wide) beside a shared SwiGLU twice their width; the dense form, its attention with RoPE
+    **{f"granite-4.0-h-{name}": (transformers.GraniteMoeHybridConfig, dict(
+        num_key_value_heads=2, layer_types=["mamba", "attention", "mamba"], mamba_n_heads=8, mamba_d_head=16,
+        mamba_n_groups=2, mamba_d_state=16, mamba_chunk_size=8, embedding_multiplier=12.0, residual_multiplier=0.22,
+        logits_scaling=8.0, attention_multiplier=0.0078125, **extra))
+       for name, extra in [("moe", dict(num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=320,
+                                        position_embedding_type="nope")),
+                           ("dense-rope", dict(num_local_experts=0, shared_intermediate_size=48,
+                                               position_embedding_type="rope"))]},
     # Mamba and attention layers, MoE in every other one; save_pretrained writes each expert's own tensors
     "jamba-moe": (transformers.JambaConfig, dict(
         num_key_value_heads=2, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1,
@@ -178,6 +188,8 @@ def test_import_matches_transformers(tmp_path, case, sharded):
                 p.normal_(mean=1.0, std=0.3)
             elif name.endswith(("mlp.gate.weight", "shared_expert_gate.weight")):  # routers (Qwen3-MoE's start
                 p.normal_(std=0.3)  # at zero: every score tied), Qwen2-MoE's gate of its shared expert
+            elif name.endswith("block_sparse_moe.router.weight"):  # Granite 4.0-H's router (0.02 at init)
+                p.normal_(std=0.3)
             elif name.endswith(".sinks"):  # gpt-oss's sink logits (0.02 at init: barely a sink)
                 p.normal_(std=1.0)
         for name, b in hf.named_buffers():
@@ -218,6 +230,11 @@ def test_import_matches_transformers(tmp_path, case, sharded):
         assert ours.config.mlp.kind == "moe" and ours.config.mlp.norm_topk and ours.config.mixer.window == 5
     if case == "bamba":
         assert ours.config.pattern == "MAM" and ours.config.mixers["A"].rope_dims == 8
+    if case.startswith("granite-4.0-h"):
+        a, mlp = ours.config.mixers["A"], ours.config.mlp
+        assert (ours.config.pattern, a.rope_dims, a.softmax_scale, ours.config.residual_scale) == (
+            "MAM", 16 if "rope" in case else 0, 0.0078125, 0.22)  # fmt: skip
+        assert (mlp.kind, mlp.n_shared) == ("moe", 2) if "moe" in case else (mlp.kind, mlp.hidden) == ("swiglu", 48)
     if "mamba" in case:
         assert ours.config.mlp.kind == "none" and ours.config.max_seq_len == 128  # (its max_position_embeddings)
     if case == "falcon-mamba":  # (the norms' weights train: no native class takes them)
