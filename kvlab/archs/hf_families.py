@@ -1964,7 +1964,7 @@ def _ibm_layer_problems(cfg: ModelConfig, who: str) -> list[str]:
     problems = []
     if any(m != attention[0] for m in attention) or any(m != mamba[0] for m in mamba):
         problems.append(f"attention or Mamba-2 layers that differ from one another ({who} has one of each)")
-    if mamba[0].norm_eps != cfg.norm.eps:
+    if mamba and mamba[0].norm_eps != cfg.norm.eps:
         problems.append(f"Mamba-2 norm_eps={mamba[0].norm_eps} apart from norm.eps={cfg.norm.eps} ({who} has one "
                         "rms_norm_eps)")  # fmt: skip
     return problems
@@ -2031,11 +2031,14 @@ _GRANITE_EXPERTS = {"router.weight": "block_sparse_moe.router.layer.weight",
 
 
 def _granite_hybrid(cfg: ModelConfig) -> bool:
-    """Whether an attention + Mamba-2 model is Granite 4.0-H's rather than Bamba's: Granite's multipliers or
-    softmax scale, experts, or RoPE other than on half of each head."""
-    attention = [m for m in cfg.layer_mixers if m.kind == "attention"]
+    """Whether a model is Granite 4.0's: attention + Mamba-2 with Granite's multipliers or softmax scale, experts, or
+    RoPE other than on half of each head (else Bamba's); or attention alone beside experts with ungated shared ones
+    (Granite 4.0's attention-only models, which no other class has)."""
+    attention, moe = [m for m in cfg.layer_mixers if m.kind == "attention"], _moe_of(cfg)
+    if _mixer_kinds(cfg) == {"attention"}:
+        return moe is not None and bool(moe.n_shared) and not moe.shared_gate
     return _mixer_kinds(cfg) == {"attention", "mamba2"} and (
-        _granite(cfg) or _moe_of(cfg) is not None or any(m.rope_dims != m.head_dim // 2 for m in attention)
+        _granite(cfg) or moe is not None or any(m.rope_dims != m.head_dim // 2 for m in attention)
     )
 
 
@@ -2064,8 +2067,10 @@ def _granite_hybrid_problems(cfg: ModelConfig) -> list[str]:
 
 def _granite_hybrid_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     a = next(m for m in cfg.layer_mixers if m.kind == "attention")
-    s = next(m for m in cfg.layer_mixers if m.kind == "mamba2")
+    s = next((m for m in cfg.layer_mixers if m.kind == "mamba2"), None)
     moe = _moe_of(cfg)
+    # (no Mamba-2 layer: one head, which divides any width, for its class's checks of fields it will not use)
+    mamba = _ibm_mamba2_fields(cfg, s) if s is not None else {"mamba_n_heads": 1, "mamba_d_head": "auto"}
     mlp = {"num_local_experts": 0, "shared_intermediate_size": cfg.mlp.hidden, "intermediate_size": cfg.mlp.hidden}
     if moe is not None:
         mlp = {"num_local_experts": moe.n_experts, "num_experts_per_tok": moe.top_k, "intermediate_size": moe.hidden,
@@ -2080,7 +2085,7 @@ def _granite_hybrid_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         "logits_scaling": 1 / cfg.logit_scale if cfg.logit_scale is not None else 1.0,
         "position_embedding_type": "rope" if a.rope_dims else "nope", "rope_parameters": rope_parameters(a),
         "layer_types": ["mamba" if m.kind == "mamba2" else "attention" for m in cfg.layer_mixers],
-        **_ibm_mamba2_fields(cfg, s), **mlp,
+        **mamba, **mlp,
     }  # fmt: skip
 
 
@@ -2149,8 +2154,8 @@ def _granite_hybrid_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
     return model | {
         "max_seq_len": derived.max_position_embeddings, "mixer": None,
         "tie_embeddings": bool(derived.tie_word_embeddings),
-        "pattern": "".join("M" if t == "linear_attention" else "A" for t in derived.layer_types),
-        "mixers": {"A": attention, "M": model["mixer"]}, "mlp": mlp,
+        "pattern": (pattern := "".join("M" if t == "linear_attention" else "A" for t in derived.layer_types)),
+        "mixers": {k: v for k, v in {"A": attention, "M": model["mixer"]}.items() if k in pattern}, "mlp": mlp,
         **_granite_fields({"model_type": "granite", "embedding_multiplier": derived.embedding_multiplier,
                            "residual_multiplier": derived.residual_multiplier,
                            "logits_scaling": derived.logits_scaling}),
