@@ -441,9 +441,11 @@ def _qwen2_shared_experts(hf: dict[str, Any], hidden: int) -> int:
 def _granite_to_hf(cfg: ModelConfig, m) -> dict[str, Any] | str:
     """Granite: Llama with multipliers on the embeddings, the sublayer outputs, the attention scores, the
     logits (logits_scaling divides them)."""
-    if any(x != m for x in cfg.layer_mixers) or m.window is not None or m.qk_norm or m.qkv_bias != m.o_bias:
-        return (f"Granite's multipliers with layers that differ, a window, qk_norm or biases on some projections "
-                f"(window={m.window}, qk_norm={m.qk_norm}, qkv_bias={m.qkv_bias}, o_bias={m.o_bias})")  # fmt: skip
+    if (any(x != m for x in cfg.layer_mixers) or m.window is not None or m.qk_norm or m.qkv_bias != m.o_bias
+            or m.rope_dims != m.head_dim):  # fmt: skip
+        return (f"Granite's multipliers with layers that differ, a window, qk_norm, biases on some projections or "
+                f"RoPE on some channels (window={m.window}, qk_norm={m.qk_norm}, qkv_bias={m.qkv_bias}, o_bias="
+                f"{m.o_bias}, rope_dims={m.rope_dims} of head_dim={m.head_dim})")  # fmt: skip
     hf: dict[str, Any] = {"model_type": "granite", "num_key_value_heads": m.n_kv_heads, "head_dim": m.head_dim,
                           "attention_bias": m.qkv_bias,
                           "embedding_multiplier": cfg.embed_scale if cfg.embed_scale is not None else 1.0,
@@ -2032,11 +2034,12 @@ _GRANITE_EXPERTS = {"router.weight": "block_sparse_moe.router.layer.weight",
 
 def _granite_hybrid(cfg: ModelConfig) -> bool:
     """Whether a model is Granite 4.0's: attention + Mamba-2 with Granite's multipliers or softmax scale, experts, or
-    RoPE other than on half of each head (else Bamba's); or attention alone beside experts with ungated shared ones
-    (Granite 4.0's attention-only models, which no other class has)."""
+    RoPE other than on half of each head (else Bamba's); or attention alone beside experts with ungated shared ones,
+    or without RoPE with Granite's multipliers (Granite 4.0's attention-only models: no other class has these)."""
     attention, moe = [m for m in cfg.layer_mixers if m.kind == "attention"], _moe_of(cfg)
     if _mixer_kinds(cfg) == {"attention"}:
-        return moe is not None and bool(moe.n_shared) and not moe.shared_gate
+        nope = _granite(cfg) and all(m.rope_dims == 0 for m in attention)
+        return nope or (moe is not None and bool(moe.n_shared) and not moe.shared_gate)
     return _mixer_kinds(cfg) == {"attention", "mamba2"} and (
         _granite(cfg) or moe is not None or any(m.rope_dims != m.head_dim // 2 for m in attention)
     )

@@ -583,15 +583,16 @@ def test_mamba2_and_attention_export_as_bamba(tmp_path):
         save_hf(build_model(tiny(**scaled)), tmp_path / "c", remote_code=False)
 
 
-@pytest.mark.parametrize("case", ["moe-nope", "dense-rope", "attention-alone-moe"])
+@pytest.mark.parametrize("case", ["moe-nope", "dense-rope", "attention-alone-moe", "attention-alone-nope"])
 def test_mamba2_and_attention_with_granites_parts_export_as_granite_4_h(tmp_path, case):
     """Mamba-2 layers and attention in Granite's block with its multipliers export to GraniteMoeHybridForCausalLM
     (``_native_round_trip``): attention without RoPE beside experts and their ungated shared ones (Granite 4.0-H's
     released form), or with RoPE on every channel beside a SwiGLU (its dense form, which Bamba's RoPE on half a
-    head is not); and attention alone beside such experts (Granite 4.0's models without Mamba, which no other class
-    takes); what it lacks is named."""
+    head is not); and attention alone beside such experts, or without RoPE (Granite 4.0's models without Mamba, which
+    no other class takes: GraniteForCausalLM's RoPE is on every channel, and a model without it went there silently
+    until 2026-12-07); what it lacks is named."""
     mamba2 = {"kind": "mamba2", "state_dim": 16, "head_dim": 16, "n_groups": 2, "chunk_size": 8, "norm_eps": 1e-5}
-    attention = {**ATTENTION, "rope_dims": 0 if case == "moe-nope" else 16, "softmax_scale": 0.1}
+    attention = {**ATTENTION, "rope_dims": 0 if case.endswith("nope") else 16, "softmax_scale": 0.1}
     mlp = {**MOE, "norm_topk": True, "n_shared": 2} if case == "moe-nope" else {"kind": "swiglu", "hidden": 48}
     spec = {"mixer": None, "pattern": "MAMM", "mixers": {"M": mamba2, "A": attention}, "mlp": mlp,
             "norm": {"kind": "rmsnorm", "eps": 1e-5}, "embed_scale": 4.0, "residual_scale": 0.5,
@@ -603,11 +604,13 @@ def test_mamba2_and_attention_with_granites_parts_export_as_granite_4_h(tmp_path
             "mixer": {**attention, "rope_dims": 16},
             "mlp": {**MOE, "norm_topk": True, "n_shared": 1},
         }
+    if case == "attention-alone-nope":
+        spec |= {"pattern": None, "mixers": None, "mixer": attention, "mlp": {"kind": "swiglu", "hidden": 48}}
     _native_round_trip(spec, tmp_path, "GraniteMoeHybridForCausalLM", 1e-5)
     config = json.loads((tmp_path / "a" / "config.json").read_text())
     assert (config["position_embedding_type"], config["logits_scaling"]) == (
-        "nope" if case == "moe-nope" else "rope", 4.0)  # fmt: skip
-    assert ("linear_attention" in config["layer_types"]) == (case != "attention-alone-moe")
+        "nope" if case.endswith("nope") else "rope", 4.0)  # fmt: skip
+    assert ("linear_attention" in config["layer_types"]) == (not case.startswith("attention-alone"))
     if case == "moe-nope":
         gated = {**spec, "mlp": {**mlp, "shared_gate": True}}
         with pytest.raises(ValueError, match=r"experts other than Granite 4.0-H's in every layer"):
