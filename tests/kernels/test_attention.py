@@ -323,3 +323,5 @@ def test_sink_logits_match_a_transcription(case):
         patch.setattr(module, "EXPLICIT_ROWS", 5)
         options = [kwargs.get(o) for o in ("mask", "causal", "window", "doc_ids")]
         torch.testing.assert_close(module._explicit_attention(q, k, v, *options, scale, None, sinks), want)
+        # (and the fast path without gradients: a prompt over a cache splits in two fused calls there)
+        torch.testing.assert_close(attention(q, k, v, scale=scale, sink_logits=sinks, **kwargs), want)
