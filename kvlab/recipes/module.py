@@ -282,9 +282,11 @@ class LMModule(L.LightningModule):
 
     def configure_optimizers(self):
         decay, no_decay = [], []
-        for p in self.model.parameters():
-            if p.requires_grad:  # by the parameter's own shape: ZeRO-3 has flattened its partitions (ds_shape)
-                (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:  # by the parameter's own shape: ZeRO-3 has flattened its partitions (ds_shape);
+                # biases never, stacked per expert too (gpt-oss's experts' biases are [experts, width])
+                matrix = len(getattr(p, "ds_shape", p.shape)) >= 2 and not name.endswith("bias")
+                (decay if matrix else no_decay).append(p)
         groups = [
             {"params": decay, "weight_decay": self.optim.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},

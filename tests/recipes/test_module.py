@@ -48,6 +48,12 @@ def test_weight_decay_only_on_matrices():
     assert decay["weight_decay"] == 0.3 and all(p.dim() == 2 for p in decay["params"])
     assert no_decay["weight_decay"] == 0.0 and all(p.dim() == 1 for p in no_decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(module.model.parameters()))
+    experts = LMModule(model=tiny(mlp={"kind": "moe", "hidden": 32, "n_experts": 4, "bias": True}))
+    decay, no_decay = experts.configure_optimizers()["optimizer"].param_groups
+    stacked = [experts.model.layers[0].mlp.gate_up_bias, experts.model.layers[0].mlp.down_bias]  # [experts, width]
+    assert all(any(p is b for b in no_decay["params"]) for p in stacked) and not any(
+        p.dim() < 2 for p in decay["params"]
+    )
 
 
 def test_the_optimizer_is_fused_adamw_and_steps_as_the_per_tensor_loop():
