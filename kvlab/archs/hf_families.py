@@ -1655,7 +1655,7 @@ def _gpt_oss_problems(cfg: ModelConfig) -> list[str]:
         problems.append(f"qk_norm={m.qk_norm}, qkv_bias={m.qkv_bias}, o_bias={m.o_bias} (gpt-oss: no query or key "
                         "norms, biases on every projection or none)")  # fmt: skip
     if m.rope_scaling is not None and m.rope_scaling["kind"] == "longrope":
-        problems.append("LongRoPE (gpt-oss's class switches no factors)")
+        problems.append("LongRoPE beside learned sinks (not checked against gpt-oss's class)")
     if moe is None or any(p.mlp != moe for p in cfg.plan):
         problems.append("MLPs other than one MoE in every layer (gpt-oss's)")
     elif not (_softmax_top_k(moe) and moe.norm_topk and moe.bias and moe.swiglu_limit is not None):
