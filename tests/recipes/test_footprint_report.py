@@ -110,9 +110,10 @@ def test_hugging_face_configs_of_mla_and_experts_count_as_published(capsys, tmp_
     beside a gated shared expert: 14.3B parameters) and of Phi-4-mini (8 K/V heads of 128 over 32 layers, RoPE
     on three quarters of each with LongRoPE's 48 factors, placeholders here; its window past its context, so full
     attention; 3.84B parameters, tied) and of Mamba-130M (24 layers of 1,536 channels, a 16-wide state and 3
-    convolution inputs each, nothing per token; 129M parameters) and of gpt-oss-20b (8 K/V heads of 64 in 12 full
-    layers, 12 of 128-token windows; 32 experts with biases; 20.9B parameters, as `transformers` counts its class
-    on this config; its MXFP4 quantization_config read): the caches and parameter counts their papers give."""
+    convolution inputs each, nothing per token; 129M parameters) and of gpt-oss-20b and -120b (8 K/V heads of 64 in
+    12 or 18 full layers, as many of 128-token windows; 32 or 128 experts with biases; 20.9B and 116.8B parameters,
+    as its model card and `transformers`' count of its class on these configs give; its MXFP4 quantization_config
+    read): the caches and parameter counts their papers give."""
     config = {
         "deepseek-v2-lite": {
             "model_type": "deepseek_v2", "vocab_size": 102400, "hidden_size": 2048, "intermediate_size": 10944,
@@ -185,3 +186,9 @@ def test_hugging_face_configs_of_mla_and_experts_count_as_published(capsys, tmp_
         assert r["fixed_bytes"] == 24 * 1536 * (16 + 3) * 2  # the state and the convolution's inputs, bf16
     if case == "gpt-oss-20b":
         assert r["fixed_bytes"] == 12 * 128 * 2 * 8 * 64 * 2  # the windows, once full
+        # gpt-oss-120b: the same layers, 36 of them, 128 experts (116.83B parameters, its model card's)
+        bigger = {"num_hidden_layers": 36, "num_local_experts": 128, "layer_types": config["layer_types"][:2] * 18}
+        (tmp_path / "config.json").write_text(json.dumps(config | bigger))
+        r = report(capsys, "--hf", str(tmp_path))
+        assert (r["bytes_per_token"], r["params"], r["fixed_bytes"]) == (
+            2 * 8 * 64 * 18 * 2, 116_829_156_672, 18 * 128 * 2 * 8 * 64 * 2)  # fmt: skip
