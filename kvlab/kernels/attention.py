@@ -191,7 +191,7 @@ def _explicit_attention(q, k, v, mask, causal, window, doc_ids, scale, softcap, 
     return torch.cat(out, dim=2)
 
 
-def _sink_as_key(q, k, v, sink_logits, mask, causal, window, doc_ids, scale):
+def _sink_as_key(q, k, v, sink_logits, mask, causal, window, doc_ids, scale, align: int | None = None):
     """Attention with sink logits through the fused kernels: the sink as one more key, before the others, that every
     query sees, scoring b_h and adding nothing. Its score comes from one more channel: the queries' holds b_h /
     scale, the keys' 0 and the sink's 1, so q.k * scale is b_h whatever q is (and b_h gets its gradient through
@@ -200,19 +200,24 @@ def _sink_as_key(q, k, v, sink_logits, mask, causal, window, doc_ids, scale):
     others too, so SDPA's is_causal still applies (that row's output dropped); a causal prompt over a cache is
     causal still, the sink one more cached key (``attention`` splits it in two fused calls, no mask); any other
     mask gains the sink's column. Forward and backward over 1 x 2,048 positions: x6.6 faster than the scores
-    formed, 1.3x plain attention's time; over 8 x 256, x1.6 (benchmarks/RESULTS.md, "gpt-oss")."""
+    formed, 1.3x plain attention's time; over 8 x 256, x1.6 (benchmarks/RESULTS.md, "gpt-oss"). ``align``: the
+    widened heads are padded with zeros to a multiple of it (None: 1 on a CPU, whose kernels take any size; 8
+    elsewhere, as flash kernels want, which would otherwise leave SDPA its unfused path)."""
     B, H, T, D = q.shape
     Hkv, S, Dv = k.shape[1], k.shape[2], v.shape[-1]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    sink_key = k.new_zeros(B, Hkv, 1, D + 1)
+    align = (1 if q.device.type == "cpu" else 8) if align is None else align
+    extra = -(-(D + 1) // align) * align - D  # the sink's channel, then zeros
+    sink_key = k.new_zeros(B, Hkv, 1, D + extra)
     sink_key[..., D] = 1
-    k = torch.cat([sink_key, F.pad(k, (0, 1))], dim=2)
-    v = F.pad(v, (0, 1)) if Dv == D else v
+    k = torch.cat([sink_key, F.pad(k, (0, extra))], dim=2)
+    v = F.pad(v, (0, extra)) if Dv == D else v
     v = torch.cat([v.new_zeros(B, v.shape[1], 1, v.shape[-1]), v], dim=2)
-    q = torch.cat([q, (sink_logits / scale).to(q.dtype).view(1, H, 1, 1).expand(B, H, T, 1)], dim=-1)
+    sink_query = (sink_logits / scale).to(q.dtype).view(1, H, 1, 1).expand(B, H, T, 1)
+    q = torch.cat([q, F.pad(sink_query, (0, extra - 1))], dim=-1)
     full, square = _structured_mask(q, mask, causal, window, doc_ids, S)
     if square:
-        q = torch.cat([q.new_zeros(B, H, 1, D + 1), q], dim=2)
+        q = torch.cat([q.new_zeros(B, H, 1, D + extra), q], dim=2)
         return attention(q, k, v, causal=True, scale=scale)[:, :, 1:, :Dv]
     if causal and mask is None and window is None and doc_ids is None:  # (bottom-right: the sink among the cached)
         return attention(q, k, v, causal=True, scale=scale)[..., :Dv]
