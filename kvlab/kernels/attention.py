@@ -33,6 +33,7 @@ so a head may attend to nothing (its weights sum to less than 1). Over
 several queries (a prefill, training) the sink becomes one more key that
 every query sees, through the fused kernels (``_sink_as_key``); one query
 (decoding), or capped scores, form the scores as soft-capped attention does.
+kvlab's Triton kernel takes them in its online softmax (on a GPU).
 
 The structured options (causal, window, doc_ids) are what kernels that never
 build a mask (Triton, flash-attn varlen) take; here they become one.

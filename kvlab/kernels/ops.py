@@ -59,8 +59,6 @@ HALF = (torch.float16, torch.bfloat16)
 def _triton_attention_supports(
     q, k, v, *, mask=None, causal=False, window=None, doc_ids=None, scale=None, softcap=None, sink_logits=None
 ):
-    if sink_logits is not None:
-        return "sink logits (gpt-oss's attention sinks: the torch backend forms the scores)"
     if mask is not None:
         return "an explicit mask (the kernel takes causal/window/doc_ids)"
     if (causal or window is not None or doc_ids is not None) and q.shape[2] != k.shape[2]:
@@ -81,6 +79,8 @@ def _flash_attention_supports(
         return f"head dims q {q.shape[-1]}, v {v.shape[-1]} (flash-attn: equal, <= 256, multiple of 8)"
     if softcap is not None and not _flash_takes_softcap():
         return "a soft cap on the scores (flash-attn >= 2.6 takes it)"
+    if sink_logits is not None:
+        return "sink logits (gpt-oss's attention sinks: kvlab's Triton kernel and the torch backend take them)"
     return _triton_attention_supports(q, k, v, mask=mask, causal=causal, window=window, doc_ids=doc_ids,
                                       sink_logits=sink_logits)  # fmt: skip
 
@@ -121,8 +121,8 @@ def _sdpa_is_faster(
     # On an H200, SDPA's fused kernels ran causal attention 1.3x (FlashAttention-2) to 2x (cuDNN) faster than
     # kvlab's Triton kernel, forward + backward (benchmarks/RESULTS.md, "GPU kernels"). Windows, packed
     # documents, unequal head dims and capped scores SDPA runs unfused (a mask, padded values, the scores formed):
-    # those stay on the kernel.
-    if window is None and doc_ids is None and q.shape[-1] == v.shape[-1] and softcap is None:
+    # those stay on the kernel, as do sink logits (which SDPA takes only as one more key, its heads widened).
+    if window is None and doc_ids is None and q.shape[-1] == v.shape[-1] and softcap is None and sink_logits is None:
         return "SDPA's fused kernels run plain attention faster (benchmarks/RESULTS.md, 'GPU kernels')"
     return None
 

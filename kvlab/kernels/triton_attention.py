@@ -202,8 +202,9 @@ def _forward_blocks(acc, m_i, l_i, q, K, V, DOCS, kv_head, b, offs_m, offs_d, of
 
 @triton.autotune(configs=_TILES, key=_TUNE_KEY)
 @triton.jit
-def _forward(Q, K, V, OUT, LSE2, DOCS, qk_scale, cap2, T, S, H, GROUP, D, DV, WINDOW, T_BUCKET, S_BUCKET,
-             CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, MASK_ALL: tl.constexpr,
+def _forward(Q, K, V, OUT, LSE2, DOCS, SINKS, qk_scale, cap2, T, S, H, GROUP, D, DV, WINDOW, T_BUCKET, S_BUCKET,
+             HAS_SINKS: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr,
+             MASK_ALL: tl.constexpr,
              SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, CHECK_D: tl.constexpr, CHECK_LEN: tl.constexpr,
              DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
              BLOCK_DV: tl.constexpr):  # fmt: skip
@@ -213,8 +214,12 @@ def _forward(Q, K, V, OUT, LSE2, DOCS, qk_scale, cap2, T, S, H, GROUP, D, DV, WI
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     q = _tile(Q, bh * T, offs_m, T, offs_d, D, UPCAST, CHECK_LEN, CHECK_D)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if HAS_SINKS:  # gpt-oss's sink logit b_h: a key seen first, its score b_h (log2 e b_h here), its value zero
+        m_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32) + tl.load(SINKS + bh % H).to(tl.float32) * 1.4426950408889634
+        l_i = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     lo, mid, hi = _key_range(start_m, S, WINDOW, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW, MASK_ALL)
     acc, m_i, l_i = _forward_blocks(acc, m_i, l_i, q, K, V, DOCS, kv_head, b, offs_m, offs_d, offs_dv, lo, mid,
@@ -362,8 +367,12 @@ def _meta(q, k, v, window, doc_ids, causal, softcap) -> dict:
 
 
 class _Attention(torch.autograd.Function):
+    """The kernels' forward and backward. Sink logits need nothing of the backward kernels: the log-sum-exp the
+    forward stores counts the sink, so the probabilities they form are the sink's softmax's; the logits' own gradient
+    is -sum over rows of p_sink * rowsum(dO * O), formed here from that log-sum-exp."""
+
     @staticmethod
-    def forward(ctx, q, k, v, causal, window, doc_ids, scale, softcap):
+    def forward(ctx, q, k, v, causal, window, doc_ids, scale, softcap, sink_logits):
         B, H, T, D = q.shape
         S, DV = k.shape[2], v.shape[-1]
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -374,16 +383,17 @@ class _Attention(torch.autograd.Function):
         sizes = (T, S, H, H // k.shape[1], D, DV, window or 0, length_bucket(T), length_bucket(S))
         # the kernels exponentiate in base 2; a cap c: scores c log2 e tanh(q.k scale / c) (``_scores``)
         qk_scale, cap2 = (scale * _LOG2E, 0.0) if softcap is None else (scale / softcap, softcap * _LOG2E)
+        sinks = sink_logits.contiguous() if sink_logits is not None else q.new_empty(0)
         _forward[lambda tile: (triton.cdiv(T, tile["BLOCK_M"]), B * H)](
-            q, k, v, out, lse2, docs, qk_scale, cap2, *sizes, **meta
+            q, k, v, out, lse2, docs, sinks, qk_scale, cap2, *sizes, sink_logits is not None, **meta
         )
-        ctx.save_for_backward(q, k, v, out, lse2, docs)
+        ctx.save_for_backward(q, k, v, out, lse2, docs, sinks)
         ctx.sizes, ctx.meta, ctx.scales = sizes, meta, (qk_scale, cap2, scale)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, out, lse2, docs = ctx.saved_tensors
+        q, k, v, out, lse2, docs, sinks = ctx.saved_tensors
         B, H, T, D = q.shape
         Hkv, S = k.shape[1], k.shape[2]
         grad_out = grad_out.contiguous()
@@ -401,17 +411,21 @@ class _Attention(torch.autograd.Function):
         if Hkv != H:
             dk = dk.view(B, Hkv, H // Hkv, S, D).sum(2)
             dv = dv.view(B, Hkv, H // Hkv, S, -1).sum(2)
-        return dq, dk, dv, None, None, None, None, None
+        d_sinks = None
+        if sinks.numel():  # p_sink = 2^(log2 e b_h - lse2) per row
+            p_sink = torch.exp2(sinks.float().view(1, H, 1) * _LOG2E - lse2)
+            d_sinks = -(p_sink * delta).sum((0, 2)).to(sinks.dtype)
+        return dq, dk, dv, None, None, None, None, None, d_sinks
 
 
 def attention(
     q, k, v, *, mask=None, causal=False, window=None, doc_ids=None, scale=None, softcap=None, sink_logits=None
 ):
-    """``kvlab.kernels.attention.attention``'s contract, without ``mask`` or ``sink_logits`` (the registry checks)."""
-    if mask is not None or sink_logits is not None:
-        raise ValueError("the Triton attention kernel takes causal/window/doc_ids, not a mask or sink logits")
+    """``kvlab.kernels.attention.attention``'s contract, without ``mask`` (the registry checks)."""
+    if mask is not None:
+        raise ValueError("the Triton attention kernel takes causal/window/doc_ids, not a mask")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    return _Attention.apply(q, k, v, causal, window, doc_ids, scale, softcap)
+    return _Attention.apply(q, k, v, causal, window, doc_ids, scale, softcap, sink_logits)
 
 
 def absorbed_attention(q, latent, value_dim: int, *, mask=None, scale=None):

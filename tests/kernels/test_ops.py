@@ -312,9 +312,10 @@ def test_capped_scores_stay_on_the_triton_kernel_that_takes_them():
     assert ops._triton_attention_supports(q, q, q, causal=True, softcap=30.0) is None
 
 
-def test_sink_logits_run_on_the_torch_backend():
-    """No fused kernel here takes gpt-oss's sink logits: Triton and flash-attn decline them by name, so auto runs
-    the torch backend's explicit scores."""
+def test_sink_logits_stay_on_the_kernels_that_take_them():
+    """gpt-oss's sink logits: kvlab's Triton kernel takes them (auto does not leave them to SDPA, which takes them
+    only as a widened key), flash-attn declines them by name; on a CPU auto runs the torch backend."""
     q, sinks = torch.randn(1, 2, 8, 16), torch.zeros(2)
-    assert "sink logits" in ops._triton_attention_supports(q, q, q, causal=True, sink_logits=sinks)
+    assert ops._triton_attention_supports(q, q, q, causal=True, sink_logits=sinks) is None
+    assert ops._sdpa_is_faster(q, q, q, causal=True, sink_logits=sinks) is None
     assert registry.choose("attention", (q, q, q), {"causal": True, "sink_logits": sinks}).name == "torch"

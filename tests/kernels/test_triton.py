@@ -107,6 +107,26 @@ def test_flash_attention_matches_the_reference(case, heads):
            (q, k, v))  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    "case, heads", [("causal", (6, 2)), pytest.param("documents+window", (4, 1), marks=pytest.mark.slow)]
+)
+def test_flash_attention_with_sink_logits_matches_the_reference(case, heads):
+    """gpt-oss's sink logits in the kernel (a first key of score b_h and no value, in the online softmax), their
+    gradient formed from the stored log-sum-exp: outputs and every gradient, the logits' included."""
+    from kvlab.kernels.triton_attention import attention
+
+    H, Hkv = heads
+    B, T, D = 2, 37, 32
+    q = torch.randn(B, H, T, D, requires_grad=True)
+    k, v = torch.randn(B, Hkv, T, D, requires_grad=True), torch.randn(B, Hkv, T, D, requires_grad=True)
+    sinks = (torch.randn(H) * 2).requires_grad_()
+    kwargs = dict(ATTENTION_CASES[case])
+    if kwargs.get("doc_ids"):
+        kwargs["doc_ids"] = torch.tensor([[0] * 10 + [1] * 20 + [2] * 7, [4] * 37])
+    _check(lambda q, k, v, s: attention(q, k, v, sink_logits=s, **kwargs),
+           lambda q, k, v, s: attention_reference(q, k, v, sink_logits=s, **kwargs), (q, k, v, sinks))  # fmt: skip
+
+
 @pytest.mark.parametrize("tile", [(32, 16), (16, 32)], ids=["tall", "wide"])
 @pytest.mark.parametrize("case", ["causal", "documents+window"])
 def test_flash_attention_with_unequal_tiles(case, tile, monkeypatch):
