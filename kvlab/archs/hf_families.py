@@ -314,13 +314,21 @@ def _moe_of(cfg: ModelConfig):
     return next((p.mlp for p in cfg.plan if p.mlp.kind == "moe"), None)
 
 
-def _softmax_top_k(moe, gated_shared: bool = False) -> bool:
+def _plain_experts(moe) -> bool:
+    """Whether an MoE's experts are plain SwiGLUs: no biases, no clamp (gpt-oss's parts, which only its class has)."""
+    return not moe.bias and moe.swiglu_limit is None
+
+
+def _softmax_top_k(moe, shared: str | None = None, clamped: bool = False) -> bool:
     """Whether an MoE routes as Mixtral, Qwen3-MoE, OLMoE and Jamba do: softmax scores, the top k of every expert
-    (no groups, no score bias), unscaled, no shared experts (the chosen scores renormalised or not: each class
-    says which); ``gated_shared``: as Qwen2-MoE does, with shared experts gated per token."""
-    shared = bool(moe.n_shared and moe.shared_gate) if gated_shared else not moe.n_shared
-    return (moe.score == "softmax" and shared and not moe.score_bias and moe.n_groups == 1
-            and moe.routed_scale == 1)  # fmt: skip
+    (no groups, no score bias), unscaled, no shared experts, plain experts (the chosen scores renormalised or not:
+    each class says which); ``shared``: "gated", with shared experts gated per token, as Qwen2-MoE's, or
+    "ungated", as Granite 4.0-H's; ``clamped``: experts with biases and the clamped SwiGLU, as gpt-oss's."""
+    shared_ok = {None: not moe.n_shared, "gated": bool(moe.n_shared and moe.shared_gate),
+                 "ungated": bool(moe.n_shared and not moe.shared_gate)}[shared]  # fmt: skip
+    experts_ok = (moe.bias and moe.swiglu_limit is not None) if clamped else _plain_experts(moe)
+    return (moe.score == "softmax" and shared_ok and not moe.score_bias and moe.n_groups == 1
+            and moe.routed_scale == 1 and experts_ok)  # fmt: skip
 
 
 def _moe_problems(cfg: ModelConfig, m) -> list[str]:
@@ -332,11 +340,12 @@ def _moe_problems(cfg: ModelConfig, m) -> list[str]:
     if any(p.mlp != moe for p in cfg.plan if p.mlp.kind == "moe") or any(x.kind != "swiglu" or x != dense[0]
                                                                          for x in dense):  # fmt: skip
         problems.append("MLPs other than one MoE, and one SwiGLU in some layers")
-    if not _softmax_top_k(moe, gated_shared=moe.shared_gate):
+    if not _softmax_top_k(moe, shared="gated" if moe.shared_gate else None):
         problems.append(f"MoE routing other than Mixtral's, Qwen3-MoE's and Qwen2-MoE's (score={moe.score!r}, "
                         f"n_shared={moe.n_shared}, shared_gate={moe.shared_gate}, score_bias={moe.score_bias}, "
-                        f"n_groups={moe.n_groups}, routed_scale={moe.routed_scale}; theirs: softmax, top-k, no "
-                        "groups, bias or scale, and no shared experts but Qwen2-MoE's gated ones)")  # fmt: skip
+                        f"n_groups={moe.n_groups}, routed_scale={moe.routed_scale}, bias={moe.bias}, swiglu_limit="
+                        f"{moe.swiglu_limit}; theirs: softmax, top-k, no groups, bias or scale, plain SwiGLU "
+                        "experts, and no shared experts but Qwen2-MoE's gated ones)")  # fmt: skip
     if moe.shared_gate:
         problems += _qwen2_moe_attention_problems(cfg, m)
     elif not m.qk_norm and (dense or not moe.norm_topk):
@@ -447,14 +456,19 @@ def _granite_to_hf(cfg: ModelConfig, m) -> dict[str, Any] | str:
                 f"RoPE on some channels (window={m.window}, qk_norm={m.qk_norm}, qkv_bias={m.qkv_bias}, o_bias="
                 f"{m.o_bias}, rope_dims={m.rope_dims} of head_dim={m.head_dim})")  # fmt: skip
     hf: dict[str, Any] = {"model_type": "granite", "num_key_value_heads": m.n_kv_heads, "head_dim": m.head_dim,
-                          "attention_bias": m.qkv_bias,
-                          "embedding_multiplier": cfg.embed_scale if cfg.embed_scale is not None else 1.0,
-                          "residual_multiplier": cfg.residual_scale if cfg.residual_scale is not None else 1.0,
-                          "logits_scaling": 1 / cfg.logit_scale if cfg.logit_scale is not None else 1.0,
-                          "attention_multiplier": m.softmax_scale or m.head_dim**-0.5}  # fmt: skip
+                          "attention_bias": m.qkv_bias, **_granite_multipliers(cfg, m)}  # fmt: skip
     if m.rope_scaling is not None:
         hf["rope_parameters"] = rope_parameters(m)
     return hf
+
+
+def _granite_multipliers(cfg: ModelConfig, m) -> dict[str, Any]:
+    """Granite's multipliers under its classes' names (Granite's and Granite 4.0-H's), ``m`` the attention; the
+    inverse of ``_granite_fields``."""
+    return {"embedding_multiplier": cfg.embed_scale if cfg.embed_scale is not None else 1.0,
+            "residual_multiplier": cfg.residual_scale if cfg.residual_scale is not None else 1.0,
+            "logits_scaling": 1 / cfg.logit_scale if cfg.logit_scale is not None else 1.0,
+            "attention_multiplier": m.softmax_scale or m.head_dim**-0.5}  # fmt: skip
 
 
 def _granite_fields(hf: dict[str, Any]) -> dict[str, Any]:
@@ -723,12 +737,13 @@ def _deepseek_mlp_problems(cfg: ModelConfig) -> list[str]:
     if any(m.kind != "swiglu" or m != dense[0] for m in dense) or any(m != moe for m in rest):
         problems.append("MLPs other than SwiGLU in the first layers and one MoE in all the rest")
     v3 = moe.score == "sigmoid" and moe.score_bias and (moe.n_groups == 1 or moe.group_rank == "top2_sum")
-    if not (v3 or _deepseek_v2_routing(moe)) or not moe.n_shared or moe.shared_gate:
+    if not (v3 or _deepseek_v2_routing(moe)) or not moe.n_shared or moe.shared_gate or not _plain_experts(moe):
         problems.append(f"MoE routing other than DeepSeek-V2's or V3's (score={moe.score!r}, score_bias="
                         f"{moe.score_bias}, n_groups={moe.n_groups}, group_rank={moe.group_rank}, norm_topk="
-                        f"{moe.norm_topk}, n_shared={moe.n_shared}, shared_gate={moe.shared_gate}; V3's: sigmoid "
-                        "with a score bias, groups by their two best; V2's: softmax, groups by their best, not "
-                        "renormalised; both with shared experts, ungated)")  # fmt: skip
+                        f"{moe.norm_topk}, n_shared={moe.n_shared}, shared_gate={moe.shared_gate}, bias={moe.bias}, "
+                        f"swiglu_limit={moe.swiglu_limit}; V3's: sigmoid with a score bias, groups by their two best; "
+                        "V2's: softmax, groups by their best, not renormalised; both with shared experts, ungated, "
+                        "plain SwiGLU experts)")  # fmt: skip
     return problems
 
 
@@ -986,7 +1001,8 @@ def _jamba_problems(cfg: ModelConfig) -> list[str]:
     moe = [m for m in mlps if m.kind == "moe"]
     if moe and (any(m != moe[0] for m in moe) or not _softmax_top_k(moe[0]) or moe[0].norm_topk):
         problems.append("MoE layers that differ, or routing other than Jamba's (softmax, the top k of every "
-                        "expert, not renormalised, no groups, score bias, scale or shared experts)")  # fmt: skip
+                        "expert, not renormalised, no groups, score bias, scale or shared experts, plain SwiGLU "
+                        "experts)")  # fmt: skip
     return problems
 
 
@@ -1573,7 +1589,8 @@ def _olmoe_problems(cfg: ModelConfig) -> list[str]:
         problems.append(f"n_heads * head_dim = {m.n_heads * m.head_dim} apart from d_model={cfg.d_model} (OLMoE's "
                         "query norm spans hidden_size)")  # fmt: skip
     if not _softmax_top_k(moe):
-        problems.append("MoE routing other than OLMoE's (softmax, top-k, no shared experts, groups, bias or scale)")
+        problems.append("MoE routing other than OLMoE's (softmax, top-k, no shared experts, groups, bias or scale, "
+                        "plain SwiGLU experts)")  # fmt: skip
     return problems
 
 
@@ -1658,7 +1675,7 @@ def _gpt_oss_problems(cfg: ModelConfig) -> list[str]:
         problems.append("LongRoPE beside learned sinks (not checked against gpt-oss's class)")
     if moe is None or any(p.mlp != moe for p in cfg.plan):
         problems.append("MLPs other than one MoE in every layer (gpt-oss's)")
-    elif not (_softmax_top_k(moe) and moe.norm_topk and moe.bias and moe.swiglu_limit is not None):
+    elif not (_softmax_top_k(moe, clamped=True) and moe.norm_topk):
         problems.append(f"experts other than gpt-oss's (norm_topk={moe.norm_topk}, bias={moe.bias}, swiglu_limit="
                         f"{moe.swiglu_limit}, score={moe.score!r}, n_shared={moe.n_shared}; its: the top k "
                         "renormalised, biases, the clamped SwiGLU, softmax, no shared experts, groups, score bias or "
@@ -1694,8 +1711,7 @@ def _gpt_oss_name(name: str) -> str:
 
 def _interleaved(gate_up: torch.Tensor) -> torch.Tensor:
     """[E, 2H, ...] rows gate then up -> the gate's and the up projection's rows alternating (gpt-oss's)."""
-    E, H2 = gate_up.shape[:2]
-    return gate_up.unflatten(1, (2, H2 // 2)).transpose(1, 2).reshape(gate_up.shape)
+    return gate_up.unflatten(1, (2, gate_up.shape[1] // 2)).transpose(1, 2).reshape(gate_up.shape)
 
 
 def _gpt_oss_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -2058,10 +2074,7 @@ def _granite_hybrid_problems(cfg: ModelConfig) -> list[str]:
                         "on all projections or none, no norms, heads spanning d_model)")  # fmt: skip
     if moe is None:
         problems += one_swiglu_problems(cfg)
-    elif any(p.mlp != moe for p in cfg.plan) or not (
-        moe.score == "softmax" and moe.norm_topk and moe.n_shared and not moe.shared_gate and not moe.score_bias
-        and moe.n_groups == 1 and moe.routed_scale == 1 and not moe.bias and moe.swiglu_limit is None
-    ):  # fmt: skip
+    elif any(p.mlp != moe for p in cfg.plan) or not (_softmax_top_k(moe, shared="ungated") and moe.norm_topk):
         problems.append(f"experts other than Granite 4.0-H's in every layer (norm_topk={moe.norm_topk}, n_shared="
                         f"{moe.n_shared}, score={moe.score!r}; its: the top k renormalised beside ungated shared "
                         "experts, softmax, no groups, biases, score bias, scale or clamp)")  # fmt: skip
@@ -2082,11 +2095,8 @@ def _granite_hybrid_to_hf(cfg: ModelConfig) -> dict[str, Any]:
                "router_aux_loss_coef": moe.aux_loss_coef / moe.top_k}  # fmt: skip
     return {
         "model_type": "granitemoehybrid", "num_key_value_heads": a.n_kv_heads, "attention_bias": a.qkv_bias,
-        "attention_multiplier": a.softmax_scale or a.head_dim**-0.5,
-        "embedding_multiplier": cfg.embed_scale if cfg.embed_scale is not None else 1.0,
-        "residual_multiplier": cfg.residual_scale if cfg.residual_scale is not None else 1.0,
-        "logits_scaling": 1 / cfg.logit_scale if cfg.logit_scale is not None else 1.0,
-        "position_embedding_type": "rope" if a.rope_dims else "nope", "rope_parameters": rope_parameters(a),
+        **_granite_multipliers(cfg, a), "position_embedding_type": "rope" if a.rope_dims else "nope",
+        "rope_parameters": rope_parameters(a),
         "layer_types": ["mamba" if m.kind == "mamba2" else "attention" for m in cfg.layer_mixers],
         **mamba, **mlp,
     }  # fmt: skip

@@ -496,6 +496,10 @@ def test_experts_export_as_mixtral_qwen3_moe_qwen2_moe_olmoe_or_gpt_oss(tmp_path
         deepseek = {**spec, "mlp": {**MOE, "norm_topk": True, "score": "sigmoid"}}
         with pytest.raises(ValueError, match="MoE routing other than Mixtral's, Qwen3-MoE's and Qwen2-MoE's"):
             save_hf(build_model(tiny(**deepseek)), tmp_path / "d", remote_code=False)
+        for gpt_oss_part in ({"bias": True}, {"swiglu_limit": 7.0}):  # (Mixtral's experts would drop them silently)
+            experts = {**spec, "mlp": {**MOE, "norm_topk": True, **gpt_oss_part}}
+            with pytest.raises(ValueError, match=r"MoE routing other than Mixtral's.*plain SwiGLU experts"):
+                save_hf(build_model(tiny(**experts)), tmp_path / "d", remote_code=False)
         no_rope = {**spec, "mixer": {**spec["mixer"], "rope_dims": 0}}  # (SmolLM3's NoPE layers have no MoE class)
         with pytest.raises(ValueError, match="partial RoPE \\(Mixtral, Qwen3-MoE and Qwen2-MoE have one attention"):
             save_hf(build_model(tiny(**no_rope)), tmp_path / "e", remote_code=False)
