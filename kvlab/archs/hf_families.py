@@ -571,7 +571,7 @@ def read_rope(hf: dict[str, Any]) -> Rope:
                    "high_freq_factor": rope["high_freq_factor"],
                    "original_max_seq_len": original_context(rope, hf)}  # fmt: skip
     elif rope_type == "yarn":
-        scaling = yarn_scaling(rope, hf, field)
+        scaling = yarn_scaling(rope, hf)
     elif rope_type == "longrope":
         original = original_context(rope, hf)
         factor = rope.get("factor") or hf.get("max_position_embeddings", original) / original
@@ -592,7 +592,7 @@ def original_context(rope: dict[str, Any], hf: dict[str, Any]) -> int:
     return int(rope.get("original_max_position_embeddings") or hf.get("max_position_embeddings", 2048))
 
 
-def yarn_scaling(rope: dict[str, Any], hf: dict[str, Any], field: str) -> dict[str, Any]:
+def yarn_scaling(rope: dict[str, Any], hf: dict[str, Any]) -> dict[str, Any]:
     """kvlab's yarn ``rope_scaling`` of a config's YaRN settings, read as `transformers` reads them: a missing
     factor is max_position_embeddings over the original context; the attention factor, unless given, is
     mscale(factor, mscale) / mscale(factor, mscale_all_dim) with both, else mscale(factor)."""

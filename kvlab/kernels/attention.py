@@ -216,12 +216,12 @@ def _sink_as_key(q, k, v, sink_logits, mask, causal, window, doc_ids, scale, ali
     v = torch.cat([v.new_zeros(B, v.shape[1], 1, v.shape[-1]), v], dim=2)
     sink_query = (sink_logits / scale).to(q.dtype).view(1, H, 1, 1).expand(B, H, T, 1)
     q = torch.cat([q, F.pad(sink_query, (0, extra - 1))], dim=-1)
-    full, square = _structured_mask(q, mask, causal, window, doc_ids, S)
-    if square:
-        q = torch.cat([q.new_zeros(B, H, 1, D + extra), q], dim=2)
-        return attention(q, k, v, causal=True, scale=scale)[:, :, 1:, :Dv]
-    if causal and mask is None and window is None and doc_ids is None:  # (bottom-right: the sink among the cached)
-        return attention(q, k, v, causal=True, scale=scale)[..., :Dv]
+    if causal and mask is None and window is None and doc_ids is None:
+        if T == S:  # a square: is_causal with a query before the others
+            q = torch.cat([q.new_zeros(B, H, 1, D + extra), q], dim=2)
+            return attention(q, k, v, causal=True, scale=scale)[:, :, 1:, :Dv]
+        return attention(q, k, v, causal=True, scale=scale)[..., :Dv]  # (bottom-right: the sink among the cached)
+    full, _ = _structured_mask(q, mask, causal, window, doc_ids, S)
     if full is not None:
         full = torch.cat([full.new_ones(*full.shape[:-1], 1), full], dim=-1)
     return attention(q, k, v, mask=full, scale=scale)[..., :Dv]

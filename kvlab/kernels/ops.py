@@ -81,8 +81,7 @@ def _flash_attention_supports(
         return "a soft cap on the scores (flash-attn >= 2.6 takes it)"
     if sink_logits is not None:
         return "sink logits (gpt-oss's attention sinks: kvlab's Triton kernel and the torch backend take them)"
-    return _triton_attention_supports(q, k, v, mask=mask, causal=causal, window=window, doc_ids=doc_ids,
-                                      sink_logits=sink_logits)  # fmt: skip
+    return _triton_attention_supports(q, k, v, mask=mask, causal=causal, window=window, doc_ids=doc_ids)
 
 
 def _flash_takes_softcap() -> bool:

@@ -37,6 +37,7 @@ from kvlab.kernels.triton_common import block, dot_precision, interpreting, leng
 
 _LOG2E = 1.4426950408889634
 _TWO_LOG2E: tl.constexpr = tl.constexpr(2 * _LOG2E)  # (a kernel reads only constexpr globals)
+_KERNEL_LOG2E: tl.constexpr = tl.constexpr(_LOG2E)
 
 
 @triton.jit
@@ -215,7 +216,7 @@ def _forward(Q, K, V, OUT, LSE2, DOCS, SINKS, qk_scale, cap2, T, S, H, GROUP, D,
     offs_dv = tl.arange(0, BLOCK_DV)
     q = _tile(Q, bh * T, offs_m, T, offs_d, D, UPCAST, CHECK_LEN, CHECK_D)
     if HAS_SINKS:  # gpt-oss's sink logit b_h: a key seen first, its score b_h (log2 e b_h here), its value zero
-        m_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32) + tl.load(SINKS + bh % H).to(tl.float32) * 1.4426950408889634
+        m_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32) + tl.load(SINKS + bh % H).to(tl.float32) * _KERNEL_LOG2E
         l_i = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
     else:
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
