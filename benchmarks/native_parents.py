@@ -1,7 +1,7 @@
 """Parents with classes of their own, decoded and trained by kvlab and by `transformers`' class, one process.
 
     python benchmarks/native_parents.py [--parents gemma2,mixtral,deepseek_v2,qwen2_moe,phi3,mamba,mamba2,gpt_oss,
-                                                   granite_4_h]
+                                                   granite_4_h,qwen3_next]
                                         [--batches 1,8]
                                         [--prompt 128]
                                         [--new 128] [--repeats 3] [--steps 10]
@@ -16,11 +16,15 @@ Mamba and Mamba-2 alone, no MLPs, 12 layers (a Mamba block has about half a Llam
 attention with biases and learned sinks, 128-token windows on every other layer, YaRN untruncated, and 8 experts
 with biases and the clamped SwiGLU, top 2 (`transformers` runs its scores eagerly: SDPA takes no sinks); Granite
 4.0-H's Mamba-2 layers with one attention layer without RoPE (layer 2 of 6), Granite's multipliers, and 8 experts
-of 128, top 2, beside a shared SwiGLU of 256 in every layer.
+of 128, top 2, beside a shared SwiGLU of 256 in every layer; Qwen3-Next as the ``qwen3_next`` preset builds it (8
+layers: three gated DeltaNet layers, 4 value heads of 64 over 2 query/key heads, to one gated attention layer with
+zero-centred query/key norms and RoPE on a quarter of each head; 8 experts of 128, top 2, beside a gated shared
+expert; `transformers` runs its gated delta rule and convolution on their torch paths, fla's and causal-conv1d's
+kernels being CUDA's).
 kvlab's native export of it is loaded back into `transformers`' class (Gemma2ForCausalLM, MixtralForCausalLM,
 DeepseekV2ForCausalLM, Qwen2MoeForCausalLM, Phi3ForCausalLM, MambaForCausalLM, Mamba2ForCausalLM, the Mambas
 running their torch paths here, mamba-ssm's kernels being CUDA's; GptOssForCausalLM; GraniteMoeHybridForCausalLM,
-its Mamba-2 on the same torch path), so
+its Mamba-2 on the same torch path; Qwen3NextForCausalLM), so
 both hold the same weights, and their greedy tokens are checked equal. Decoding: ``generate`` of ``--new``
 tokens after a ``--prompt``-token prompt under ``torch.inference_mode`` (kvlab compiled, its compilation the
 warm-up, and eager; `transformers` eager, its dynamic cache). Training: one step (forward with the loss,
@@ -38,6 +42,7 @@ import transformers
 from common import best_interleaved  # benchmarks/common.py, beside this script
 
 from kvlab import build_model
+from kvlab.archs.config import ModelConfig
 from kvlab.archs.hf import save_hf
 
 SHAPES = {"vocab_size": 4096, "d_model": 256, "n_layers": 6, "max_seq_len": 2048}
@@ -75,6 +80,7 @@ PARENTS = {
                                "A": {**GQA, "rope_dims": 0, "softmax_scale": 1 / 32}},
                     "mlp": {"kind": "moe", "hidden": 128, "n_experts": 8, "top_k": 2, "norm_topk": True,
                             "n_shared": 2}},
+    "qwen3_next": ModelConfig.from_yaml("configs/model/qwen3_next.yaml").to_dict(),  # (run from the repository)
 }  # fmt: skip
 
 

@@ -362,6 +362,8 @@ def _to_gqa(
             q_order = [q for h in order for q in range(h * per_kv, (h + 1) * per_kv)]
             _permute_heads(state, f"layers.{i}.mixer.q_proj", q_order, mixer.head_dim, dim=0)
             _permute_heads(state, f"layers.{i}.mixer.o_proj", q_order, mixer.v_head_dim, dim=1)
+            if mixer.gate_proj is not None:  # each query head's output gate goes with it
+                _permute_heads(state, f"layers.{i}.mixer.gate_proj", q_order, mixer.v_head_dim, dim=0)
         if not mixer.owns_kv:
             continue
         # (a key norm over the whole projection, OLMo 2's, weighs each head's channels: pooled as the heads)
@@ -869,8 +871,9 @@ def _to_recurformer(
     for i, (m, src) in enumerate(zip(cfg.layer_mixers, cfg.layer_kv_source, strict=True)):
         if (not isinstance(m, AttentionConfig) or src != i or m.kv_merge > 1 or m.kv_groups is not None
                 or m.n_v_heads is not None or m.kv_ranks is not None or m.value_residual is not None
-                or m.query_allocation is not None):  # fmt: skip
-            raise ValueError(f"convert.to=recurformer: layer {i} is not plain attention with its own K/V (MHA/GQA/MQA)")
+                or m.query_allocation is not None or m.output_gate):  # fmt: skip
+            raise ValueError(f"convert.to=recurformer: layer {i} is not plain attention with its own K/V (MHA/GQA/MQA; "
+                             "no gated outputs)")  # fmt: skip
         if m.o_bias:
             raise ValueError(f"convert.to=recurformer: layer {i}'s o_proj has a bias (o_bias), which the replacing "
                              "Mamba's output projection has not")  # fmt: skip
@@ -954,6 +957,7 @@ def _to_mla(model: CausalLM, kv_lora_rank: int, rope_dims: int, calibration: tor
         "a softmax_scale of its own": m.softmax_scale is not None,
         "soft-capped scores (softcap)": m.softcap is not None,
         "learned sink logits (learned_sinks)": m.learned_sinks,
+        "gated outputs (output_gate)": m.output_gate,
     }
     if any(reasons.values()):
         raise ValueError(f"convert.to=mla: the model has {', '.join(k for k, v in reasons.items() if v)}; MLA has none")

@@ -266,6 +266,7 @@ def _attention_layer_others(m) -> list[str]:
         (m.softmax_scale is not None, f"softmax_scale={m.softmax_scale} (1/sqrt(head_dim) is needed)"),
         (m.softcap is not None, f"soft-capped scores (softcap={m.softcap}: Gemma 2's)"),
         (m.learned_sinks, "learned sink logits (learned_sinks: gpt-oss's)"),
+        (m.output_gate, "gated head outputs (output_gate: Qwen3-Next's)"),
     ]  # fmt: skip
     return [problem for applies, problem in checks if applies]
 
@@ -2185,4 +2186,212 @@ NATIVE_LAYOUTS["granitemoehybrid"] = NativeLayout(
     export_state=_granite_hybrid_state,
     from_hf=_granite_hybrid_from_hf,
     prepare=_granite_hybrid_weights,
+)
+
+
+# Qwen3-Next (Qwen's Qwen3-Next-80B-A3B; `transformers`' Qwen3NextForCausalLM): gated DeltaNet (linear_attn) and
+# gated attention (self_attn) where layer_types puts them, Llama's block with zero-centred RMSNorms (1 + w: Gemma's
+# convention, and ours with unit_offset), Qwen3's query/key norms (zero-centred too), RoPE on the first
+# partial_rotary_factor of each head; experts as Qwen2-MoE's (a shared expert gated per token) where
+# decoder_sparse_step and mlp_only_layers put them, a SwiGLU elsewhere. Its gated DeltaNet's projections are grouped
+# by query/key head: in_proj_qkvz holds, per query/key head, its q, its k, then the v and z of its value heads (ours:
+# every head's q, then every k, v, z); in_proj_ba, per query/key head, its value heads' b then their a. Its
+# attention's q_proj holds, per head, the query's rows then the output gate's (ours: q_proj and gate_proj).
+
+_QWEN3_NEXT_MIXER = {"in_proj.weight": "in_proj_qkvz.weight", "beta_decay_proj.weight": "in_proj_ba.weight",
+                     "conv_weight": "conv1d.weight", "norm_weight": "norm.weight"}  # fmt: skip
+
+
+def _qwen3_next_claims(cfg: ModelConfig) -> bool:
+    """Gated DeltaNet beside attention: its class's cache needs an attention layer to generate (without one,
+    transformers 5.25 fails at the first step), so gated DeltaNet alone exports as remote code."""
+    return _mixer_kinds(cfg) == {"attention", "gated_deltanet"}
+
+
+def _qwen3_next_problems(cfg: ModelConfig) -> list[str]:
+    problems = pre_norm_problems(cfg) + multiplier_problems(cfg)
+    if cfg.norm.kind != "rmsnorm" or not cfg.norm.unit_offset or cfg.post_norms or cfg.parallel_residual:
+        problems.append(f"norm {cfg.norm.kind!r} with unit_offset={cfg.norm.unit_offset}, post_norms or "
+                        "parallel_residual (Qwen3-Next's: an RMSNorm weighing by 1 + w before each "
+                        "sublayer)")  # fmt: skip
+    if cfg.logit_softcap is not None:
+        problems.append(f"logit_softcap={cfg.logit_softcap} (Gemma's)")
+    attention = [m for m in cfg.layer_mixers if m.kind == "attention"]
+    linear = [m for m in cfg.layer_mixers if m.kind == "gated_deltanet"]
+    if any(m != attention[0] for m in attention) or any(m != linear[0] for m in linear):
+        problems.append("attention or gated DeltaNet layers that differ from one another (Qwen3-Next has one of each)")
+    g, a = linear[0], attention[0]
+    if not g.output_gate or g.norm_eps != cfg.norm.eps:
+        problems.append(f"gated DeltaNet with output_gate={g.output_gate}, norm_eps={g.norm_eps} (Qwen3-Next's: "
+                        f"gated outputs, normalised at the model's eps {cfg.norm.eps})")  # fmt: skip
+    problems += [p for p in _attention_layer_problems(a) if not p.startswith(("partial RoPE", "gated head"))]
+    rotated = int(a.head_dim * (a.rope_dims / a.head_dim))  # (the channels its class computes from the factor)
+    gated_qwen3 = a.output_gate and a.qk_norm and a.qk_norm_unit_offset and a.qk_norm_eps == cfg.norm.eps
+    if not gated_qwen3 or a.window is not None or a.qkv_bias != a.o_bias or not a.rope_dims or rotated != a.rope_dims:
+        problems.append(f"attention with output_gate={a.output_gate}, qk_norm={a.qk_norm}, qk_norm_unit_offset="
+                        f"{a.qk_norm_unit_offset}, qk_norm_eps={a.qk_norm_eps}, window={a.window}, qkv_bias="
+                        f"{a.qkv_bias}, o_bias={a.o_bias}, rope_dims={a.rope_dims} (Qwen3-Next's: gated outputs, "
+                        "zero-centred query and key norms at the model's eps, no window, biases on every "
+                        "projection or none, RoPE on some channels)")  # fmt: skip
+    if a.rope_scaling is not None and a.rope_scaling["kind"] == "longrope":
+        problems.append("LongRoPE beside partial RoPE (not checked against Qwen3-Next's class)")
+    moe = _moe_of(cfg)
+    if moe is None:
+        return problems + one_swiglu_problems(cfg)
+    dense = [p.mlp for p in cfg.plan if p.mlp.kind != "moe"]
+    if any(p.mlp != moe for p in cfg.plan if p.mlp.kind == "moe") or any(x.kind != "swiglu" or x != dense[0]
+                                                                         for x in dense):  # fmt: skip
+        problems.append("MLPs other than one MoE, and one SwiGLU in some layers")
+    if not _softmax_top_k(moe, shared="gated"):
+        problems.append(f"experts other than Qwen3-Next's (score={moe.score!r}, n_shared={moe.n_shared}, shared_gate="
+                        f"{moe.shared_gate}, bias={moe.bias}; its: softmax, top k, shared experts gated per token, "
+                        "no groups, biases, score bias, scale or clamp)")  # fmt: skip
+    return problems
+
+
+def _qwen3_next_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    g = next(m for m in cfg.layer_mixers if m.kind == "gated_deltanet")
+    a = next(m for m in cfg.layer_mixers if m.kind == "attention")
+    return {
+        "model_type": "qwen3_next",
+        "layer_types": ["linear_attention" if m.kind == "gated_deltanet" else "full_attention"
+                        for m in cfg.layer_mixers],
+        "linear_num_value_heads": g.n_heads, "linear_num_key_heads": g.n_qk_heads,
+        "linear_key_head_dim": g.head_dim, "linear_value_head_dim": g.value_head_dim,
+        "linear_conv_kernel_dim": g.conv_kernel, "num_key_value_heads": a.n_kv_heads, "head_dim": a.head_dim,
+        "attention_bias": a.qkv_bias,
+        "rope_parameters": rope_parameters(a) | {"partial_rotary_factor": a.rope_dims / a.head_dim},
+        **_qwen3_next_mlps(cfg),
+    }  # fmt: skip
+
+
+def _qwen3_next_mlps(cfg: ModelConfig) -> dict[str, Any]:
+    moe = _moe_of(cfg)
+    if moe is None:
+        return {"num_experts": 0, "intermediate_size": cfg.mlp.hidden}
+    dense = [i for i, p in enumerate(cfg.plan) if p.mlp.kind != "moe"]
+    return {"num_experts": moe.n_experts, "num_experts_per_tok": moe.top_k, "moe_intermediate_size": moe.hidden,
+            "shared_expert_intermediate_size": moe.n_shared * moe.hidden, "norm_topk_prob": moe.norm_topk,
+            "decoder_sparse_step": 1, "mlp_only_layers": dense,
+            "intermediate_size": cfg.plan[dense[0]].mlp.hidden if dense else moe.hidden,
+            # transformers' balance loss is top_k times ours: the same term, its coefficient over top_k
+            "router_aux_loss_coef": moe.aux_loss_coef / moe.top_k}  # fmt: skip
+
+
+def _qwen3_next_rows(m, projection: str) -> torch.Tensor:
+    """Our rows of a gated DeltaNet's ``projection`` (in_proj or beta_decay_proj) in Qwen3-Next's order: grouped by
+    query/key head (its in_proj_qkvz, in_proj_ba)."""
+    per = m.n_heads // m.n_qk_heads  # value heads per query/key head
+    if projection == "beta_decay_proj":  # ours: every b, then every a
+        parts = [(0, per), (m.n_heads, per)]
+    else:  # ours: every q, k, v, then z
+        key, value, vw = m.n_qk_heads * m.head_dim, m.n_heads * m.value_head_dim, per * m.value_head_dim
+        parts = [(0, m.head_dim), (key, m.head_dim), (2 * key, vw), (2 * key + value, vw)]
+    return torch.cat([torch.arange(start + group * width, start + (group + 1) * width)
+                      for group in range(m.n_qk_heads) for start, width in parts])  # fmt: skip
+
+
+def _qwen3_next_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    from kvlab.archs.hf import kvlab_to_hf_name  # (Llama's names: the module imports this one)
+
+    out, queries = {}, {}
+    for name, value in state.items():
+        if ".mlp." in name:
+            out[kvlab_to_hf_name(name).replace(".mlp.shared_experts.", ".mlp.shared_expert.")] = value
+            continue
+        layer, mixer, rest = name.partition(".mixer.")
+        m = cfg.layer_mixers[int(layer.split(".")[1])] if mixer else None
+        if m is not None and m.kind == "gated_deltanet":
+            projection = rest.partition(".")[0]
+            if projection in ("in_proj", "beta_decay_proj"):
+                value = value[_qwen3_next_rows(m, projection)]
+            elif projection == "conv_weight":  # nn.Conv1d's [channels, 1, taps]
+                value = value.unsqueeze(1)
+            out[f"model.{layer}.linear_attn.{_QWEN3_NEXT_MIXER.get(rest, rest)}"] = value
+        elif m is not None and rest.split(".")[0] in ("q_proj", "gate_proj"):  # fused per head where both are here
+            queries.setdefault((f"model.{layer}.self_attn.", rest.split(".")[1]), {})[rest.split(".")[0]] = value
+        else:
+            out[kvlab_to_hf_name(name)] = value
+    for (prefix, tensor), parts in queries.items():
+        if len(parts) == 2:
+            heads = cfg.layer_mixers[int(prefix.split(".")[2])].n_heads
+            fused = torch.stack(
+                [parts["q_proj"].unflatten(0, (heads, -1)), parts["gate_proj"].unflatten(0, (heads, -1))], 1
+            )
+            out[f"{prefix}q_proj.{tensor}"] = fused.flatten(0, 2)
+        else:  # a part alone (import_state asks each name): its own name
+            out.update({f"{prefix}{which}.{tensor}": v for which, v in parts.items()})
+    return out
+
+
+def _qwen3_next_weights(theirs: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Theirs in our layouts: each head's query and gate rows apart (q_proj, gate_proj), the gated DeltaNet's
+    projections in our row order."""
+    out = {}
+    for name, value in theirs.items():
+        layer = name.split(".")[2] if name.startswith("model.layers.") else None
+        prefix, fused, tensor = name.rpartition(".self_attn.q_proj.")
+        if fused:
+            heads = cfg.layer_mixers[int(layer)].n_heads
+            query, gate = value.unflatten(0, (heads, 2, -1)).unbind(1)
+            out[f"{prefix}.self_attn.q_proj.{tensor}"] = query.flatten(0, 1)
+            out[f"{prefix}.self_attn.gate_proj.{tensor}"] = gate.flatten(0, 1)
+            continue
+        for projection, theirs_name in (("in_proj", ".in_proj_qkvz.weight"), ("beta_decay_proj", ".in_proj_ba.weight")):
+            if name.endswith(".linear_attn" + theirs_name):
+                value = value[torch.argsort(_qwen3_next_rows(cfg.layer_mixers[int(layer)], projection))]
+        out[name] = value
+    return out
+
+
+def _qwen3_next_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+    import transformers
+
+    check_silu(hf)
+    derived = transformers.Qwen3NextConfig(**hf)
+    types = derived.layer_types
+    if set(types) - {"linear_attention", "full_attention"}:
+        raise ValueError(f"config.json: layer_types {sorted(set(types))} are not supported (linear_attention and "
+                         "full_attention are)")  # fmt: skip
+    rope = read_rope({"model_type": "qwen3_next", "rope_parameters": derived.rope_parameters})
+    head_dim, eps, bias = derived.head_dim, derived.rms_norm_eps, bool(derived.attention_bias)
+    attention = {"kind": "attention", "n_heads": derived.num_attention_heads,
+                 "n_kv_heads": derived.num_key_value_heads, "head_dim": head_dim,
+                 "rope_dims": int(head_dim * derived.rope_parameters.get("partial_rotary_factor", 1.0)),
+                 "rope_theta": rope.theta, "rope_scaling": rope.scaling, "qkv_bias": bias, "o_bias": bias,
+                 "qk_norm": True, "qk_norm_unit_offset": True, "qk_norm_eps": eps, "output_gate": True}  # fmt: skip
+    linear = {"kind": "gated_deltanet", "n_heads": derived.linear_num_value_heads,
+              "n_qk_heads": derived.linear_num_key_heads, "head_dim": derived.linear_key_head_dim,
+              "value_head_dim": derived.linear_value_head_dim, "conv_kernel": derived.linear_conv_kernel_dim,
+              "output_gate": True, "norm_eps": eps}  # fmt: skip
+    pattern = "".join("D" if t == "linear_attention" else "A" for t in types)
+    # its MLPs as Qwen2-MoE's config.json would say them (the checks and defaults: _llama_mlps_from_hf's)
+    as_qwen2_moe = {"model_type": "qwen2_moe", "num_hidden_layers": derived.num_hidden_layers,
+                    "intermediate_size": derived.intermediate_size, "num_experts": derived.num_experts,
+                    "num_experts_per_tok": derived.num_experts_per_tok,
+                    "moe_intermediate_size": derived.moe_intermediate_size,
+                    "shared_expert_intermediate_size": derived.shared_expert_intermediate_size,
+                    "norm_topk_prob": derived.norm_topk_prob, "router_aux_loss_coef": derived.router_aux_loss_coef,
+                    "decoder_sparse_step": derived.decoder_sparse_step,
+                    "mlp_only_layers": derived.mlp_only_layers}  # fmt: skip
+    return {
+        "vocab_size": derived.vocab_size, "d_model": derived.hidden_size, "n_layers": derived.num_hidden_layers,
+        "max_seq_len": derived.max_position_embeddings,
+        "norm": {"kind": "rmsnorm", "eps": eps, "unit_offset": True},
+        "tie_embeddings": bool(derived.tie_word_embeddings), "mixer": None, "pattern": pattern,
+        "mixers": {k: v for k, v in {"A": attention, "D": linear}.items() if k in pattern},
+        **_llama_mlps_from_hf(as_qwen2_moe),
+    }  # fmt: skip
+
+
+NATIVE_LAYOUTS["qwen3_next"] = NativeLayout(
+    model_type="qwen3_next",
+    architecture="Qwen3NextForCausalLM",
+    describes="gated_deltanet beside gated attention as qwen3_next",
+    claims=_qwen3_next_claims,
+    problems=_qwen3_next_problems,
+    to_hf=_qwen3_next_to_hf,
+    export_state=_qwen3_next_state,
+    from_hf=_qwen3_next_from_hf,
+    prepare=_qwen3_next_weights,
 )

@@ -4,9 +4,11 @@ Per batch row and head, with a state S of [Dk, Dv]:
 
     S_t = diag(exp(g_t)) S_{t-1} + a_t^T (b_t S_{t-1}) + k_t^T v_t,      o_t = q_t S_t
 
-g_t <= 0 is a log decay per key channel; a_t, b_t [Dk] make the rank-one
-correction (RWKV-7: a = kappa * lr, b = -kappa, the delta rule's "replace
-what the state holds for kappa"; DeltaNet is g = 0, a = beta k, b = -k).
+g_t <= 0 is a log decay per key channel, or one per head (log_decay [.., 1]);
+a_t, b_t [Dk] make the rank-one correction (RWKV-7: a = kappa * lr, b = -kappa,
+the delta rule's "replace what the state holds for kappa"; DeltaNet is g = 0,
+a = beta k, b = -k, and beta k writes; gated DeltaNet adds one decay per head,
+a = exp(g) beta k).
 Packed documents (``doc_ids``) start from an empty state; position 0
 continues ``state``.
 
@@ -43,7 +45,8 @@ from kvlab.kernels.precision import compute_dtype
 def delta_rule_reference(q, k, v, log_decay, a, b, *, state=None, doc_ids=None, chunk_size=None):
     """o [B, H, T, Dv] and the final state [B, H, Dk, Dv], token by token.
 
-    q, k, a, b, log_decay [B, H, T, Dk]; v [B, H, T, Dv]; state [B, H, Dk, Dv] or None (zeros).
+    q, k, a, b [B, H, T, Dk]; log_decay [B, H, T, Dk] or [B, H, T, 1]; v [B, H, T, Dv]; state [B, H, Dk, Dv] or
+    None (zeros).
     """
     dt, out_dtype = compute_dtype(q.dtype), q.dtype
     B, H, T, Dk = q.shape
@@ -76,6 +79,9 @@ def delta_rule_chunked(q, k, v, log_decay, a, b, *, state=None, doc_ids=None, ch
     strict = inclusive.tril(-1)
     carries = None
     end = cum[:, :, :, -1:]  # [B, H, N, 1, Dk]
+    # One decay per head (log_decay [.., 1]: gated DeltaNet) may be strong enough to reach exp's slow paths on a CPU
+    # (flushed_exp); RWKV-7's per-channel decays stay above -0.61 a token, and plain exp serves them
+    exp = flushed_exp if g.shape[-1] == 1 else torch.exp
     if doc_ids is not None:
         starts = F.pad(document_starts(doc_ids), (0, pad)).view(B, 1, N, C)
         segment = starts.cumsum(dim=-1)
@@ -83,12 +89,11 @@ def delta_rule_chunked(q, k, v, log_decay, a, b, *, state=None, doc_ids=None, ch
         inclusive, strict = inclusive & same, strict & same
         carries = (segment == 0)[..., None]  # tokens whose document is the one the carried state belongs to
         in_last = (segment == segment[..., -1:])[..., None]  # only the chunk's last document passes state on
-        # exp(-inf) takes a slow path on a CPU (flushed_exp); elsewhere plain exp serves, as RWKV-7's log decays
-        # stay above -0.61 a token, and a chunk's far from where exp underflows
+        # exp(-inf) takes a slow path on a CPU (flushed_exp)
         end_weight = flushed_exp((end - cum).add_(minus_inf_where_hidden(in_last, cum.dtype)))
         carry_out = (segment[..., -1:] == 0)[..., None]  # [B, 1, N, 1, 1]
     else:
-        end_weight = (end - cum).exp()
+        end_weight = exp(end - cum)
         carry_out = None
     P_ba = decayed_products(b, a, before, cum, strict)  # exponents B_{t-1} - B_s
     P_bk = decayed_products(b, k, before, cum, strict)
@@ -96,7 +101,7 @@ def delta_rule_chunked(q, k, v, log_decay, a, b, *, state=None, doc_ids=None, ch
     P_qk = decayed_products(q, k, cum, cum, inclusive)
     eye = torch.eye(C, dtype=dt, device=q.device)
     # (I - P_ba) u = b Gamma_{t-1} S_0 + P_bk v: solved once for both right-hand sides
-    b_start, q_start = b * before.exp(), q * cum.exp()
+    b_start, q_start = b * exp(before), q * exp(cum)
     if carries is not None:
         b_start, q_start = b_start * carries, q_start * carries
     solved = torch.linalg.solve_triangular(eye - P_ba, torch.cat([b_start, P_bk @ v], dim=-1), upper=False)
@@ -106,7 +111,7 @@ def delta_rule_chunked(q, k, v, log_decay, a, b, *, state=None, doc_ids=None, ch
     # Gamma_C Gamma_s^{-1} applied to a_s and k_s: what each token leaves in the chunk's final state
     a_to_end = (a * end_weight).transpose(-1, -2)
     written = (k * end_weight).transpose(-1, -2) @ v  # [B, H, N, Dk, Dv]
-    decay_end = end.exp().transpose(-1, -2)  # [B, H, N, Dk, 1]
+    decay_end = exp(end).transpose(-1, -2)  # [B, H, N, Dk or 1, 1]
     if carry_out is not None:
         decay_end = decay_end * carry_out
     S = q.new_zeros(B, H, Dk, Dv) if state is None else state.to(dt)

@@ -169,4 +169,5 @@ class _DeltaRule(torch.autograd.Function):
 
 def delta_rule(q, k, v, log_decay, a, b, *, state=None, doc_ids=None, chunk_size=16):
     """``kvlab.kernels.delta_rule.delta_rule``'s contract."""
+    log_decay = log_decay.expand_as(q)  # one decay per head ([.., 1]) to every key channel (its gradient summed back)
     return _DeltaRule.apply(q, k, v, log_decay, a, b, state, doc_ids)

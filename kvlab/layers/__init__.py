@@ -6,6 +6,7 @@ Importing this package registers every mixer family in ``MIXERS``.
 # Importing a family registers its mixer kind.
 from kvlab.layers.attention import Attention  # noqa: F401
 from kvlab.layers.base import MIXERS, LayerFootprint, MixerConfig, mixer_config, register_mixer
+from kvlab.layers.delta_net import GatedDeltaNet  # noqa: F401
 from kvlab.layers.gau import GAU  # noqa: F401
 from kvlab.layers.infini import InfiniAttention  # noqa: F401
 from kvlab.layers.mamba import Mamba, Mamba2  # noqa: F401

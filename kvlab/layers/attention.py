@@ -176,6 +176,9 @@ class AttentionConfig(MixerConfig):
     softmax_scale: float | None = None
     softcap: float | None = None  # scores s become softcap * tanh(s / softcap) (Gemma 2's attn_logit_softcapping)
     learned_sinks: bool = False  # a trained logit per query head in every softmax's denominator (gpt-oss's sinks)
+    # gated attention (Qiu et al. 2025; Qwen3-Next): each head's output times sigmoid of a projection of the layer's
+    # input, channel by channel, before the output projection
+    output_gate: bool = False
     kv_merge: int = 1  # > 1: each K/V head is a learned weighted sum of this many projection heads (WGQA)
     kv_groups: list[int] | None = None  # per query head, the K/V head it reads; None: equal consecutive groups
     n_v_heads: int | None = None  # DHA: value heads apart from the key heads (n_kv_heads); None: as many
@@ -211,6 +214,7 @@ class AttentionConfig(MixerConfig):
         if self.softcap is not None:
             check_float(self.softcap, f"{path}.softcap", positive=True)
         check_bool(self.learned_sinks, f"{path}.learned_sinks")
+        check_bool(self.output_gate, f"{path}.output_gate")
         check_choice(self.qk_norm_over, f"{path}.qk_norm_over", QK_NORM_SPANS)
         if self.qk_norm_over != "head" and not self.qk_norm:
             raise ValueError(f"{path}.qk_norm_over={self.qk_norm_over!r} without {path}.qk_norm: there are no norms")
@@ -559,6 +563,10 @@ class Attention(nn.Module):
                 self.reset_parameters()
                 self.kv_rank = tuple(cfg.kv_rank or (d, d))  # outside training: ranks, or per-head lists
         self.o_proj = nn.Linear(cfg.n_heads * cfg.v_head_dim, d_model, bias=cfg.o_bias)
+        # (with the queries' bias setting: Qwen3-Next's gate is the second half of each head's query projection)
+        self.gate_proj = (
+            nn.Linear(d_model, cfg.n_heads * cfg.v_head_dim, bias=cfg.qkv_bias) if cfg.output_gate else None
+        )
         self.rotary = Rotary(cfg.rope_dims, cfg.rope_theta, max_seq_len, cfg.rope_scaling)
         if cfg.kv_groups is not None:
             self.register_buffer("kv_index", torch.empty(cfg.n_heads, dtype=torch.long), persistent=False)
@@ -672,7 +680,15 @@ class Attention(nn.Module):
             y = torch.einsum("bhtr,hdr->bhtd", y, bases[1][heads]) + self.v_mean[heads][None, :, None].to(y.dtype)
         if self.training and (self.cfg.query_allocation == "dgqa" or bases is not None):
             self._advance_training_state(view.k)
-        return self.o_proj(y.transpose(1, 2).reshape(B, Tq, self.n_heads * self.v_head_dim))
+        return self._output(x[:, -Tq:], y)
+
+    def _output(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The heads' outputs y [B, H, T, Dv] for the inputs x [B, T, D] they answer, gated (output_gate), projected."""
+        B, _, T, _ = y.shape
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.v_head_dim)
+        if self.gate_proj is not None:
+            y = y * torch.sigmoid(self.gate_proj(x)).to(y.dtype)
+        return self.o_proj(y)
 
     def _queries_can_be_trimmed(self, cache) -> bool:
         """Whether ``last_only`` may drop the other positions' queries: nothing else reads their attention (SA's
@@ -692,7 +708,7 @@ class Attention(nn.Module):
             v = cache.update(v.new_empty(B, self.n_kv_heads, T, 0), v, state.start).v
         weights = state.read("attention", self.attention_source, self.layer_idx)
         y = apply_attention_weights(weights, v.to(weights.dtype))
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.v_head_dim))
+        return self._output(x, y)
 
     # MatryoshkaKV's training forward under trainer.compile's blocks: each step takes the next pair of ranks, and
     # so other shapes, which traced would be a graph per pair and layer (16 x 6 at the preset: 10 s a step while

@@ -89,11 +89,17 @@ from kvlab.layers.norm import RMSNorm
 
 @torch.no_grad()
 def _init_conv_and_step(conv_weight, conv_bias, dt_bias, dt_min: float, dt_max: float) -> None:
-    """Mamba's init of the convolution (nn.Conv1d's default for a depthwise kernel) and of the step:
-    dt log-uniform in [dt_min, dt_max], through a bias that softplus maps onto it."""
+    """Mamba's init of the convolution (nn.Conv1d's default for a depthwise kernel) and of the step."""
     bound = 1 / math.sqrt(conv_weight.shape[1])
     nn.init.uniform_(conv_weight, -bound, bound)
     nn.init.uniform_(conv_bias, -bound, bound)
+    init_step_bias(dt_bias, dt_min, dt_max)
+
+
+@torch.no_grad()
+def init_step_bias(dt_bias, dt_min: float, dt_max: float) -> None:
+    """Mamba's init of the step: dt log-uniform in [dt_min, dt_max], through a bias that softplus maps onto it
+    (Mamba-2 and gated DeltaNet's too)."""
     lo, hi = math.log(dt_min), math.log(dt_max)
     dt = torch.exp(torch.rand(dt_bias.shape) * (hi - lo) + lo).clamp(min=1e-4)
     dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus(dt_bias) = dt

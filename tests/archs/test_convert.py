@@ -104,10 +104,10 @@ def _interleaved_twins(spec):
     [
         MHA,
         tiny(mixer={"kind": "attention", "n_heads": 8, "n_kv_heads": 4, "head_dim": 16, "qkv_bias": True,
-                    "o_bias": True}),
+                    "o_bias": True, "output_gate": True}),  # (each query head's gate permuted with it)
         tiny(mixer={"kind": "attention", "n_heads": 4}, kv_sharing={"kind": "cla", "every": 2}),
     ],
-    ids=["mha", "gqa-bias", "cla"],
+    ids=["mha", "gqa-bias-gated", "cla"],
 )  # fmt: skip
 def test_similarity_groups_alike_heads_and_pools_them_exactly(spec):
     from kvlab.archs.convert import similarity_groups

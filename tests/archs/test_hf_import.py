@@ -132,6 +132,13 @@ CASES = {
                                                 rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 8.0,
                                                                  "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
                                                                  "original_max_position_embeddings": 16})),
+    # Qwen3-Next: gated DeltaNet (2 query/key heads for 4 value heads) and gated attention (RoPE on a quarter of each
+    # head, biases), zero-centred norms; experts beside a gated shared expert twice their width, a SwiGLU in layer 1
+    "qwen3-next": (transformers.Qwen3NextConfig, dict(
+        num_key_value_heads=2, head_dim=16, attention_bias=True,
+        layer_types=["linear_attention", "full_attention", "linear_attention"], linear_num_key_heads=2,
+        linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=8, num_experts=4,
+        num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=64, mlp_only_layers=[1])),
     # Mamba and Mamba-2 alone (state-spaces', Codestral's): an RMSNorm and the mixer in every layer, no MLP;
     # Mamba-2's B and C in 2 groups
     "mamba": (transformers.MambaConfig, dict(state_size=8, time_step_rank=8, pad_token_id=0)),
@@ -208,7 +215,8 @@ def test_import_matches_transformers(tmp_path, case, sharded):
         hf64 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64, **EAGER).eval()
         # (Gemma's seven norms a layer compute in float32 whatever the input, x.float(): 2.5e-6 here)
         # (transformers' Mamba computes its scan in float32 whatever the model's dtype: 1.5e-6 here)
-        bound = 1e-5 if case.startswith(("gemma", "mamba", "bamba", "falcon")) else 1e-6
+        # (and Qwen3-Next's gated delta rule: in float32 too)
+        bound = 1e-5 if case.startswith(("gemma", "mamba", "bamba", "falcon", "qwen3-next")) else 1e-6
         with torch.no_grad():
             assert (load_hf(tmp_path, dtype=torch.float64)(ids) - hf64(ids).logits).abs().max() <= bound
     if case in PER_LAYER:
@@ -230,6 +238,10 @@ def test_import_matches_transformers(tmp_path, case, sharded):
         assert ours.config.mlp.kind == "moe" and ours.config.mlp.norm_topk and ours.config.mixer.window == 5
     if case == "bamba":
         assert ours.config.pattern == "MAM" and ours.config.mixers["A"].rope_dims == 8
+    if case == "qwen3-next":
+        a, linear, moe = ours.config.mixers["A"], ours.config.mixers["D"], ours.config.mlps["E"]
+        assert (ours.config.pattern, ours.config.mlp_pattern, a.rope_dims, a.output_gate) == ("DAD", "EDE", 4, True)
+        assert (linear.n_heads, linear.n_qk_heads, linear.value_head_dim, moe.n_shared) == (4, 2, 8, 2)
     if case.startswith("granite-4.0-h"):
         a, mlp = ours.config.mixers["A"], ours.config.mlp
         assert (ours.config.pattern, a.rope_dims, a.softmax_scale, ours.config.residual_scale) == (

@@ -21,6 +21,7 @@ FAMILIES = {
     "rwkv6": {"kind": "rwkv6", "chunk_size": 4},
     "mamba": {"kind": "mamba", "state_dim": 4, "expand": 1},
     "mamba2": {"kind": "mamba2", "head_dim": 16, "chunk_size": 4},
+    "gated_deltanet": {"kind": "gated_deltanet", "n_heads": 4, "n_qk_heads": 2, "chunk_size": 4},
     "conba": {"kind": "conba", "state_dim": 4, "expand": 1},
     "gau": {"kind": "gau", "qk_dim": 16, "chunk_size": 4},
     "infini": {"kind": "infini", "n_heads": 4, "n_kv_heads": 2, "segment_len": 5},

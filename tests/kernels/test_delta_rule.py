@@ -40,6 +40,34 @@ def test_chunked_equals_recurrent_outputs_state_and_gradients(chunk_size, with_s
         torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3, msg=name)
 
 
+@pytest.mark.parametrize("chunk_size, with_docs", [(4, True), (16, False)])
+def test_one_decay_per_head_equals_it_on_every_channel(chunk_size, with_docs):
+    """Gated DeltaNet's form: log_decay [.., 1], one per head and token, down to -8 a token (a chunk's decay far past
+    exp's range), a = -exp(g) beta k, b = k, the write beta k; outputs, state and every gradient as the recurrence
+    with the decay on every channel."""
+    q, k, v, _, _, _, s0 = _inputs(37)
+    k = F.normalize(k, dim=-1)
+    g = -torch.rand(B, H, 37, 1) * 8
+    beta = torch.rand(B, H, 37, 1)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, g, beta, s0)]
+
+    def run(kernel, expand, **kwargs):
+        q, k, v, g, beta, s0 = leaves
+        decay = g.expand(B, H, 37, DK) if expand else g
+        return kernel(q, beta * k, v, decay, -g.exp() * beta * k, k, state=s0,
+                      doc_ids=DOCS if with_docs else None, **kwargs)  # fmt: skip
+
+    out, state = run(delta_rule_chunked, False, chunk_size=chunk_size)
+    ref_out, ref_state = run(delta_rule_reference, True)
+    torch.testing.assert_close(out, ref_out, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(state, ref_state, atol=1e-4, rtol=1e-4)
+    weights = torch.randn_like(out)
+    grads = torch.autograd.grad((out * weights).sum() + state.sum(), leaves)
+    ref_grads = torch.autograd.grad((ref_out * weights).sum() + ref_state.sum(), leaves)
+    for name, got, want in zip("q k v log_decay beta state".split(), grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3, msg=name)
+
+
 def test_without_the_correction_it_is_linear_attention_with_vector_decay():
     q, k, v, g, a, b, s0 = _inputs(20)
     out, state = delta_rule_reference(q, k, v, g, torch.zeros_like(a), b, state=s0)

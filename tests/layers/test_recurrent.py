@@ -17,6 +17,7 @@ SPECS = {
     "rwkv7": {"kind": "rwkv7", "head_dim": 8, "decay_lora_rank": 4, "lr_lora_rank": 4, "value_lora_rank": 4,
               "gate_lora_rank": 4, "value_residual": False},
     "gau": {"kind": "gau", "qk_dim": 8},
+    "gated_deltanet": {"kind": "gated_deltanet", "n_heads": 4, "n_qk_heads": 2, "head_dim": 8},
 }  # fmt: skip
 
 

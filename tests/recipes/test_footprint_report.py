@@ -100,8 +100,9 @@ def test_a_hugging_face_config_as_load_hf_imports_it(capsys, tmp_path):
 
 @pytest.mark.parametrize(
     "case",
-    ["deepseek-v2-lite", "mixtral-8x7b", "gemma-2-2b", "qwen1.5-moe-a2.7b", "phi-4-mini", "mamba-130m", "gpt-oss-20b"],
-)
+    ["deepseek-v2-lite", "mixtral-8x7b", "gemma-2-2b", "qwen1.5-moe-a2.7b", "phi-4-mini", "mamba-130m", "gpt-oss-20b",
+     "qwen3-next-80b-a3b"],
+)  # fmt: skip
 def test_hugging_face_configs_of_mla_and_experts_count_as_published(capsys, tmp_path, case):
     """--hf on the hub's own config.json of DeepSeek-V2-Lite (MLA: 576 elements a token and layer, DeepSeek-V2's
     Table 9, over 27 layers; its YaRN; 15.7B parameters), of Mixtral 8x7B (8 K/V heads of 128 over 32 layers;
@@ -113,7 +114,10 @@ def test_hugging_face_configs_of_mla_and_experts_count_as_published(capsys, tmp_
     convolution inputs each, nothing per token; 129M parameters) and of gpt-oss-20b and -120b (8 K/V heads of 64 in
     12 or 18 full layers, as many of 128-token windows; 32 or 128 experts with biases; 20.9B and 116.8B parameters,
     as its model card and `transformers`' count of its class on these configs give; its MXFP4 quantization_config
-    read): the caches and parameter counts their papers give."""
+    read) and of Qwen3-Next-80B-A3B (2 K/V heads of 256 in 12 full attention layers; 36 gated DeltaNet layers of 32
+    states of 128 x 128 and 3 convolution inputs of 8,192 channels; 512 experts and a gated shared one: 79.67B
+    parameters, its card's 80B and `transformers`' count of its class on this config): the caches and parameter
+    counts their papers give."""
     config = {
         "deepseek-v2-lite": {
             "model_type": "deepseek_v2", "vocab_size": 102400, "hidden_size": 2048, "intermediate_size": 10944,
@@ -169,6 +173,16 @@ def test_hugging_face_configs_of_mla_and_experts_count_as_published(capsys, tmp_
             "swiglu_limit": 7.0, "router_aux_loss_coef": 0.9, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
             "quantization_config": {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]},
         },
+        "qwen3-next-80b-a3b": {
+            "model_type": "qwen3_next", "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 5120,
+            "num_hidden_layers": 48, "num_attention_heads": 16, "num_key_value_heads": 2, "head_dim": 256,
+            "full_attention_interval": 4, "partial_rotary_factor": 0.25, "rope_theta": 10000000,
+            "linear_conv_kernel_dim": 4, "linear_key_head_dim": 128, "linear_num_key_heads": 16,
+            "linear_num_value_heads": 32, "linear_value_head_dim": 128, "num_experts": 512, "num_experts_per_tok": 10,
+            "moe_intermediate_size": 512, "shared_expert_intermediate_size": 512, "norm_topk_prob": True,
+            "decoder_sparse_step": 1, "mlp_only_layers": [], "max_position_embeddings": 262144,
+            "rms_norm_eps": 1e-6, "attention_bias": False, "tie_word_embeddings": False,
+        },
     }[case]  # fmt: skip
     (tmp_path / "config.json").write_text(json.dumps(config))
     r = report(capsys, "--hf", str(tmp_path))
@@ -178,12 +192,15 @@ def test_hugging_face_configs_of_mla_and_experts_count_as_published(capsys, tmp_
                          "qwen1.5-moe-a2.7b": (2 * 16 * 128 * 24 * 2, 14_315_784_192),
                          "phi-4-mini": (2 * 8 * 128 * 32 * 2, 3_836_021_760),
                          "mamba-130m": (0, 129_135_360),
-                         "gpt-oss-20b": (2 * 8 * 64 * 12 * 2, 20_914_757_184)}[case]  # fmt: skip
+                         "gpt-oss-20b": (2 * 8 * 64 * 12 * 2, 20_914_757_184),
+                         "qwen3-next-80b-a3b": (2 * 2 * 256 * 12 * 2, 79_674_391_296)}[case]  # fmt: skip
     assert (r["bytes_per_token"], r["params"]) == (per_token, params)
     if case == "gemma-2-2b":
         assert r["fixed_bytes"] == 13 * 4096 * 2 * 4 * 256 * 2  # the windows, once full
     if case == "mamba-130m":
         assert r["fixed_bytes"] == 24 * 1536 * (16 + 3) * 2  # the state and the convolution's inputs, bf16
+    if case == "qwen3-next-80b-a3b":  # the states and the convolution's inputs (q, k and v: 2 x 2,048 + 4,096)
+        assert r["fixed_bytes"] == 36 * (32 * 128 * 128 + 3 * 8192) * 2
     if case == "gpt-oss-20b":
         assert r["fixed_bytes"] == 12 * 128 * 2 * 8 * 64 * 2  # the windows, once full
         # gpt-oss-120b: the same layers, 36 of them, 128 experts (116.83B parameters, its model card's)

@@ -1,0 +1,169 @@
+"""Gated DeltaNet (Yang, Kautz & Hatamizadeh 2024, "Gated Delta Networks: Improving Mamba2 with Delta Rule").
+
+Per value head h, with a state S [Dk, Dv] (the paper's S^T), the gated delta rule:
+
+    S_t = alpha_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,      o_t = S_t^T q_t
+
+alpha_t = exp(g_t) in (0, 1] forgets (Mamba-2's gate: g_t = -exp(A_log) softplus(a_t + dt_bias), one per head
+and token), beta_t = sigmoid(b_t) in (0, 1) writes: the state's answer for k_t moves a fraction beta_t of the
+way to v_t. q, k, v and z come from one projection (b and a from another); q, k and v each pass a short
+causal depthwise convolution and SiLU (no bias, as the paper's code and Qwen3-Next have it); q and k are
+L2-normalised per head, q scaled by Dk^-1/2. ``n_qk_heads`` < ``n_heads`` shares each query/key head among
+n_heads / n_qk_heads consecutive value heads (Qwen3-Next's 16 key heads for 32 value heads). The output
+is RMS-normalised per head, weighted, gated by silu(z) with z a projection of the input (``output_gate``;
+the norm alone without it), and projected back.
+Initialisation as the paper's code: A uniform in [0.01, 16] (its lower bound 0 is kept off log 0, as
+`transformers` does), dt log-uniform in [dt_min, dt_max] through dt_bias.
+
+The rule is the generalised delta rule (``kvlab.kernels.delta_rule``, RWKV-7's) with one decay per head:
+log decay g, correction a = -exp(g) beta k read by b = k, write beta k. A left pad's beta and g are zero, so
+the state passes it unchanged; packed documents start from an empty state. The cache is fixed: per sequence
+the states (n_heads x Dk x Dv) and the convolution's last ``conv_kernel - 1`` inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kvlab._config import check_bool, check_float, check_int
+from kvlab.kernels.causal_conv import skipping_pads
+from kvlab.kernels.ops import causal_conv1d, delta_rule
+from kvlab.kernels.precision import upcast
+from kvlab.layers.base import LayerFootprint, MixerConfig, StepState, check_reads_own_state, register_mixer
+from kvlab.layers.kv_cache import StateSlot
+from kvlab.layers.mamba import init_step_bias
+
+L2_NORM_EPS = 1e-6  # inside the square root, as the paper's code (fla's l2norm) and transformers' Qwen3-Next
+
+
+@dataclass
+class GatedDeltaNetConfig(MixerConfig):
+    kind = "gated_deltanet"
+    n_heads: int = 4  # value heads: one state each
+    n_qk_heads: int | None = None  # query/key heads, each read by n_heads / n_qk_heads value heads; None: n_heads
+    head_dim: int | None = None  # Dk, query and key width per head; None: d_model // n_heads
+    value_head_dim: int | None = None  # Dv; None: head_dim (the paper's expand_v 2: twice head_dim)
+    conv_kernel: int = 4
+    output_gate: bool = True  # the output's silu(z) gate (the paper's code: use_gate)
+    chunk_size: int = 64  # tokens per chunk of the chunked form (speed only)
+    dt_min: float = 0.001
+    dt_max: float = 0.1
+    norm_eps: float = 1e-5
+
+    def validate(self, d_model: int, path: str) -> None:
+        check_int(self.n_heads, f"{path}.n_heads", minimum=1)
+        for name in ("n_qk_heads", "head_dim", "value_head_dim"):
+            check_int(getattr(self, name), f"{path}.{name}", minimum=1, optional=True)
+        check_int(self.conv_kernel, f"{path}.conv_kernel", minimum=1)
+        check_int(self.chunk_size, f"{path}.chunk_size", minimum=1)
+        check_bool(self.output_gate, f"{path}.output_gate")
+        check_float(self.dt_min, f"{path}.dt_min", positive=True)
+        check_float(self.dt_max, f"{path}.dt_max", positive=True)
+        check_float(self.norm_eps, f"{path}.norm_eps", positive=True)
+        if self.dt_min > self.dt_max:
+            raise ValueError(f"{path}.dt_min={self.dt_min} must be at most {path}.dt_max={self.dt_max}")
+        if self.n_qk_heads is None:
+            self.n_qk_heads = self.n_heads
+        if self.n_heads % self.n_qk_heads:
+            raise ValueError(f"{path}.n_heads={self.n_heads} is not divisible by {path}.n_qk_heads={self.n_qk_heads}: "
+                             "each query/key head serves an equal group of value heads")  # fmt: skip
+        if self.head_dim is None:
+            if d_model % self.n_heads:
+                raise ValueError(f"d_model={d_model} is not divisible by {path}.n_heads={self.n_heads}; "
+                                 f"set {path}.head_dim")  # fmt: skip
+            self.head_dim = d_model // self.n_heads
+        if self.value_head_dim is None:
+            self.value_head_dim = self.head_dim
+
+
+@register_mixer
+class GatedDeltaNet(nn.Module):
+    Config = GatedDeltaNetConfig
+    output_projection = "out_proj"
+    takes_last_only = True  # forward's ``last_only``: the last position's output alone (``Block``)
+
+    def __init__(self, cfg: GatedDeltaNetConfig, *, d_model: int, layer_idx: int, kv_source: int, max_seq_len: int):
+        super().__init__()
+        cfg = cfg.resolved(d_model, "mixer")  # defaults filled on a copy: any config builds a working layer
+        check_reads_own_state(cfg.kind, layer_idx, kv_source)
+        self.cfg = cfg
+        self.key_dim = cfg.n_qk_heads * cfg.head_dim
+        self.value_dim = cfg.n_heads * cfg.value_head_dim
+        self.conv_dim = 2 * self.key_dim + self.value_dim  # q, k, v
+        gate = self.value_dim if cfg.output_gate else 0
+        self.in_proj = nn.Linear(d_model, self.conv_dim + gate, bias=False)  # q, k, v, z
+        # per value head, b (beta's logit) and a (the decay's step): a projection apart, as Qwen3-Next's
+        self.beta_decay_proj = nn.Linear(d_model, 2 * cfg.n_heads, bias=False)
+        self.conv_weight = nn.Parameter(torch.empty(self.conv_dim, cfg.conv_kernel))
+        self.dt_bias = nn.Parameter(torch.empty(cfg.n_heads))
+        self.A_log = nn.Parameter(torch.empty(cfg.n_heads))
+        self.norm_weight = nn.Parameter(torch.empty(cfg.value_head_dim))
+        self.out_proj = nn.Linear(self.value_dim, d_model, bias=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        if self.A_log.is_meta:
+            return
+        bound = 1 / self.cfg.conv_kernel**0.5  # nn.Conv1d's default for a depthwise kernel
+        nn.init.uniform_(self.conv_weight, -bound, bound)
+        init_step_bias(self.dt_bias, self.cfg.dt_min, self.cfg.dt_max)
+        self.A_log.copy_(torch.empty(self.cfg.n_heads).uniform_(0.01, 16).log())
+        self.norm_weight.fill_(1.0)
+
+    def forward(self, x, *, cache=None, state: StepState | None = None, last_only: bool = False):
+        """``positions`` are not used: the convolution and the decay carry order."""
+        state = StepState() if state is None else state
+        c = self.cfg
+        B, T, _ = x.shape
+        H, Hqk, Dk, Dv = c.n_heads, c.n_qk_heads, c.head_dim, c.value_head_dim
+        gate = self.value_dim if c.output_gate else 0
+        qkv, z = self.in_proj(x).split([self.conv_dim, gate], dim=-1)
+        b, a = self.beta_decay_proj(x).split([H, H], dim=-1)
+        qkv, conv_state = skipping_pads(
+            causal_conv1d, qkv, cache.conv if cache is not None else None, state.real, c.conv_kernel - 1,
+            weight=self.conv_weight, doc_ids=state.doc_ids,
+        )  # fmt: skip
+        q, k, v = F.silu(qkv).split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+
+        def heads(t, n):  # [B, T, n * D] -> [B, H, T, D], a query/key head repeated for each of its value heads
+            t = t.unflatten(-1, (n, -1)).transpose(1, 2)
+            return t.repeat_interleave(H // n, dim=1) if n != H else t
+
+        q, k = (upcast(heads(t, Hqk)) for t in (q, k))
+        q = q * torch.rsqrt(q.square().sum(-1, keepdim=True) + L2_NORM_EPS) * Dk**-0.5
+        k = k * torch.rsqrt(k.square().sum(-1, keepdim=True) + L2_NORM_EPS)
+        beta = torch.sigmoid(upcast(b)).transpose(1, 2)[..., None]  # [B, H, T, 1]
+        g = (-upcast(self.A_log).exp() * F.softplus(upcast(a) + upcast(self.dt_bias))).transpose(1, 2)[..., None]
+        if state.real is not None:  # a pad writes nothing, removes nothing, does not decay: the state passes it
+            real = state.real[:, None, :, None]
+            beta, g = beta * real, g * real
+        written = beta * k
+        o, new_state = delta_rule(
+            q, written, upcast(heads(v, H)), g, -g.exp() * written, k,
+            state=cache.state if cache is not None else None, doc_ids=state.doc_ids, chunk_size=c.chunk_size,
+        )  # fmt: skip
+        if cache is not None:
+            cache.state.copy_(new_state)
+            cache.conv.copy_(conv_state)
+        o = o.transpose(1, 2)  # [B, T, H, Dv]
+        if last_only:
+            o, z, T = o[:, -1:], z[:, -1:], 1
+        o = F.rms_norm(o, (Dv,), eps=c.norm_eps) * upcast(self.norm_weight)
+        if c.output_gate:
+            o = o * F.silu(upcast(z)).unflatten(-1, (H, Dv))
+        return self.out_proj(o.reshape(B, T, self.value_dim).to(x.dtype))
+
+    def new_cache_slot(self, batch_size: int, max_len: int, dtype: torch.dtype, device):
+        c = self.cfg
+        shapes = {"state": (c.n_heads, c.head_dim, c.value_head_dim), "conv": (c.conv_kernel - 1, self.conv_dim)}
+        return StateSlot(batch_size, shapes, dtype=dtype, device=device)
+
+    def kv_footprint(self, dtype: torch.dtype) -> LayerFootprint:
+        c = self.cfg
+        elements = c.n_heads * c.head_dim * c.value_head_dim + (c.conv_kernel - 1) * self.conv_dim
+        return LayerFootprint(fixed_bytes=elements * dtype.itemsize)
