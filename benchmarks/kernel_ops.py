@@ -4,6 +4,7 @@
     python benchmarks/kernel_ops.py --memory [--vocab 32000] [--tokens 8192] [--dim 512]
     python benchmarks/kernel_ops.py --dispatch
     python benchmarks/kernel_ops.py --sink-attention
+    python benchmarks/kernel_ops.py --gated-deltanet
 
 For every op in ``kvlab.kernels.ops`` and every registered backend that can
 run its inputs here (interpreted Triton is left out: it is a correctness
@@ -34,6 +35,13 @@ backward in float32, 8 query heads of 32 over 2 K/V heads: the sink as a
 key through the fused kernels (what ``attention`` takes over several
 queries), the scores formed (what it took before), and plain attention
 without sinks for scale; the two with sinks checked equal.
+
+``--gated-deltanet``: gated DeltaNet's rule, forward + backward in float32 (4 heads of 64, 8 x 256 tokens, decays
+of Qwen3-Next's init range): its chunked WY form at chunks of 16, 32 and 64, the generalised rule's chunked form
+with the decay on every key channel (what the layer first ran on), and `transformers`' torch path
+(``torch_chunk_gated_delta_rule``, chunks of 64: Qwen3-Next's without fla); then the whole layer against
+`transformers`' Qwen3NextGatedDeltaNet at the same weights (2 query/key heads for 4 value heads, d_model 256),
+outputs checked equal.
 """
 
 from __future__ import annotations
@@ -77,6 +85,10 @@ def _inputs(op: str, device: str):
         eta = torch.rand(B, H, T, D, device=device)  # RWKV-7's in-context learning rate: a = -k eta, b = k eta
         a, b = (-k * eta).requires_grad_(), (k * eta).requires_grad_()
         return (g(B, H, T, D, scale=0.3), k.requires_grad_(), g(B, H, T, D), decay, a, b), {}
+    if op == "gated_delta_rule":
+        k = torch.nn.functional.normalize(torch.randn(B, H, T, D, device=device), dim=-1).requires_grad_()
+        decay = (-torch.rand(B, H, T, device=device)).requires_grad_()
+        return (g(B, H, T, D, scale=0.1), k, g(B, H, T, D), decay, torch.rand(B, H, T, device=device)), {}
     if op == "ssd":
         dt = (torch.rand(B, T, H, device=device) * 0.1).requires_grad_()
         return (g(B, T, H, D), dt, (-torch.rand(H, device=device)).requires_grad_(), g(B, T, 1, 64), g(B, T, 1, 64)), {}
@@ -273,6 +285,62 @@ def sink_attention(args) -> None:
               f"{ms['plain']:.1f} | {difference:.1e} |")  # fmt: skip
 
 
+def gated_deltanet(args) -> None:
+    import transformers
+    from transformers.models.qwen3_next import modeling_qwen3_next as theirs
+
+    from kvlab.archs.hf_families import _qwen3_next_rows
+    from kvlab.kernels.delta_rule import delta_rule_chunked, gated_delta_rule_chunked
+    from kvlab.layers.delta_net import GatedDeltaNet, GatedDeltaNetConfig
+
+    B, H, T, D = 8, 4, 256, 64
+    q, k = (torch.nn.functional.normalize(torch.randn(B, H, T, D), dim=-1).requires_grad_() for _ in range(2))
+    v = torch.randn(B, H, T, D, requires_grad=True)
+    g = (-torch.rand(B, H, T) * 1.6).requires_grad_()  # up to 16 x softplus(.) ~ 0.1 a token, as initialised
+    beta = torch.rand(B, H, T, requires_grad=True)
+    runs = {f"WY, chunks of {c}": functools.partial(gated_delta_rule_chunked, q, k, v, g, beta, chunk_size=c)
+            for c in (16, 32, 64)}  # fmt: skip
+
+    def generalised():
+        written = beta[..., None] * k
+        return delta_rule_chunked(q, written, v, g[..., None].expand(-1, -1, -1, D), -g.exp()[..., None] * written, k,
+                                  chunk_size=32)  # fmt: skip
+
+    def transformers_torch():  # (it scales the queries by D^-1/2 itself: given q D^1/2)
+        out, _ = theirs.torch_chunk_gated_delta_rule(*(x.transpose(1, 2) for x in (q * D**0.5, k, v, g, beta)))
+        return out.transpose(1, 2)
+
+    runs |= {"generalised rule, chunks of 32": generalised, "transformers (torch path)": transformers_torch}
+    want = runs["WY, chunks of 32"]()[0]
+    print(f"gated delta rule, forward + backward, float32, {B} x {T} tokens, {H} heads of {D}, ms (best of "
+          f"{args.repeats})\n\n| form | ms | max difference |\n| --- | --- | --- |")  # fmt: skip
+    for name, run in runs.items():
+        out = run() if name.startswith("transformers") else run()[0]
+        ms = timed(lambda r=run, n=name: (r() if n.startswith("transformers") else r()[0]).sum().backward(),
+                   args.repeats) * 1e3  # fmt: skip
+        print(f"| {name} | {ms:.1f} | {(out - want).abs().max().item():.1e} |")
+    cfg = GatedDeltaNetConfig(n_heads=4, n_qk_heads=2, head_dim=64, value_head_dim=64, norm_eps=1e-6)
+    ours = GatedDeltaNet(cfg, d_model=256, layer_idx=0, kv_source=0, max_seq_len=T)
+    layer = theirs.Qwen3NextGatedDeltaNet(transformers.Qwen3NextConfig(
+        hidden_size=256, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=64,
+        linear_value_head_dim=64, num_hidden_layers=1, layer_types=["linear_attention"]), 0)  # fmt: skip
+    with torch.no_grad():  # our weights in its layouts (as the Qwen3-Next export writes them)
+        layer.in_proj_qkvz.weight.copy_(ours.in_proj.weight[_qwen3_next_rows(ours.cfg, "in_proj")])
+        layer.in_proj_ba.weight.copy_(ours.beta_decay_proj.weight[_qwen3_next_rows(ours.cfg, "beta_decay_proj")])
+        layer.conv1d.weight.copy_(ours.conv_weight[:, None])
+        for name in ("dt_bias", "A_log"):
+            getattr(layer, name).copy_(getattr(ours, name))
+        layer.norm.weight.copy_(ours.norm_weight)
+        layer.out_proj.weight.copy_(ours.out_proj.weight)
+    x = torch.randn(B, T, 256, requires_grad=True)
+    difference = (ours(x) - layer(x)).abs().max().item()
+    ms = {name: timed(lambda m=m: m(x).square().sum().backward(), args.repeats) * 1e3
+          for name, m in (("kvlab", ours), ("transformers", layer))}  # fmt: skip
+    print(f"\nthe layer (d_model 256, 2 query/key heads for 4 value heads of 64), forward + backward: kvlab "
+          f"{ms['kvlab']:.1f} ms, transformers {ms['transformers']:.1f} ms, x{ms['transformers'] / ms['kvlab']:.2f}; "
+          f"max difference {difference:.1e}")  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--ops", default=",".join(OPS))
@@ -285,6 +353,7 @@ def main() -> None:
     p.add_argument("--dispatch", action="store_true", help="the registry's cost per op call")
     p.add_argument("--bf16-attention", action="store_true", help="bf16 training attention: SDPA vs float32 copies")
     p.add_argument("--sink-attention", action="store_true", help="sink logits: as a key vs their scores formed")
+    p.add_argument("--gated-deltanet", action="store_true", help="gated DeltaNet's rule and layer vs transformers'")
     p.add_argument("--memory-child", choices=["plain", "fused"])
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--tokens", type=int, default=8192)
@@ -300,6 +369,8 @@ def main() -> None:
         bf16_attention(args)
     elif args.sink_attention:
         sink_attention(args)
+    elif args.gated_deltanet:
+        gated_deltanet(args)
     else:
         speed(args)
 

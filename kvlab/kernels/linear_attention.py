@@ -64,20 +64,15 @@ def decayed_products(x, y, x_decay, y_decay, visible):
     """P[.., t, s] = sum_d x_td y_sd exp(x_decay_td - y_decay_sd) where ``visible[t, s]``, else 0.
 
     x, y, x_decay, y_decay [.., C, D] (decays: cumulative log decays within a chunk, in [total, 0]);
-    visible [C, C] or broadcastable [.., C, C]. Decays of one channel ([.., C, 1] both: one per head)
-    make the exponents a [.., C, C] matrix, formed and masked outright. Otherwise the exponent factors
-    around the chunk's middle m, x exp(x_decay - m) times y exp(m - y_decay): one matrix product, used
-    while both factors stay within exp(+-FACTORABLE_DECAY). Chunks that decay harder (channels that forget within a few
+    visible [C, C] or broadcastable [.., C, C]. The exponent factors around the chunk's middle m,
+    x exp(x_decay - m) times y exp(m - y_decay): one matrix product, used while both factors stay
+    within exp(+-FACTORABLE_DECAY). Chunks that decay harder (channels that forget within a few
     tokens, as RWKV-6 or Mamba can learn) are evaluated row by row over [.., C, D] exponents,
     masked before exp, so none is positive: exact, slower, and no larger in memory.
 
     The choice reads the decays' values: under torch.compile (trainer.compile's blocks) its callers run
     between graphs (``between_graphs``), where traced it recompiled the block at every call.
     """
-    if x_decay.shape[-1] == 1 and y_decay.shape[-1] == 1:  # one decay per token and head (gated DeltaNet):
-        # the exponents are [.., C, C], formed outright at any decay: exact, and one product as the factored form
-        exponent = (x_decay - y_decay.transpose(-1, -2)).add_(minus_inf_where_hidden(visible, x_decay.dtype))
-        return (x @ y.transpose(-1, -2)) * flushed_exp(exponent)
     C = x.shape[-2]
     middle = y_decay[..., C // 2 : C // 2 + 1, :]
     x_exponent, y_exponent = x_decay - middle, middle - y_decay

@@ -10,6 +10,7 @@ modes, ``KVLAB_KERNELS`` and the fallback rules). Backends per op:
     absorbed_attention    x          einsums                 x (the attention kernel, one K/V head)
     linear_attention      x          chunked                 x (chunked over a chunk of tokens, else recurrent)
     delta_rule            x          chunked (UT transform)  x (recurrent, chunk checkpoints)
+    gated_delta_rule      x          chunked (WY form)       x (delta_rule's, the decay on every key channel)
     ssd                   x          via linear_attention            mamba-ssm
     selective_scan        x          token loop (compiled chunks)  x (recurrent, chunk checkpoints)  mamba-ssm
     causal_conv1d         x          shifted multiply-adds   x
@@ -39,6 +40,8 @@ from kvlab.kernels.cross_entropy import linear_cross_entropy as _linear_cross_en
 from kvlab.kernels.cross_entropy import linear_cross_entropy_reference as _linear_cross_entropy_reference
 from kvlab.kernels.delta_rule import delta_rule as _delta_rule_torch
 from kvlab.kernels.delta_rule import delta_rule_reference as _delta_rule_reference
+from kvlab.kernels.delta_rule import gated_delta_rule as _gated_delta_rule_torch
+from kvlab.kernels.delta_rule import gated_delta_rule_reference as _gated_delta_rule_reference
 from kvlab.kernels.linear_attention import linear_attention as _linear_attention_torch
 from kvlab.kernels.linear_attention import linear_attention_reference as _linear_attention_reference
 from kvlab.kernels.norm import rms_norm as _rms_norm_torch
@@ -154,6 +157,10 @@ register("delta_rule", "reference", _delta_rule_reference)
 register("delta_rule", "torch", _delta_rule_torch)
 register("delta_rule", "triton", "kvlab.kernels.triton_delta_rule:delta_rule", packages=["triton"],
          supports=_triton_recurrent_supports)  # fmt: skip
+register("gated_delta_rule", "reference", _gated_delta_rule_reference)
+register("gated_delta_rule", "torch", _gated_delta_rule_torch)
+register("gated_delta_rule", "triton", "kvlab.kernels.triton_delta_rule:gated_delta_rule", packages=["triton"],
+         supports=_triton_recurrent_supports)  # fmt: skip
 register("ssd", "reference", _ssd_reference)
 register("ssd", "torch", _ssd_torch)
 register("ssd", "external", "kvlab.kernels.external:mamba_ssd", packages=["mamba_ssm"], supports=_cuda)
@@ -213,6 +220,12 @@ def linear_attention(q, k, v, log_decay, *, state=None, doc_ids=None, exclusive=
 
 def delta_rule(q, k, v, log_decay, a, b, *, state=None, doc_ids=None, chunk_size=16):
     return dispatch("delta_rule", q, k, v, log_decay, a, b, state=state, doc_ids=doc_ids, chunk_size=chunk_size)
+
+
+def gated_delta_rule(q, k, v, log_decay, beta, *, state=None, doc_ids=None, chunk_size=64):
+    return dispatch(
+        "gated_delta_rule", q, k, v, log_decay, beta, state=state, doc_ids=doc_ids, chunk_size=chunk_size
+    )  # fmt: skip
 
 
 def ssd(x, dt, A, B, C, *, state=None, doc_ids=None, chunk_size=64):

@@ -84,6 +84,7 @@ OPS = (
     "absorbed_attention",
     "linear_attention",
     "delta_rule",
+    "gated_delta_rule",
     "ssd",
     "selective_scan",
     "causal_conv1d",

@@ -169,5 +169,11 @@ class _DeltaRule(torch.autograd.Function):
 
 def delta_rule(q, k, v, log_decay, a, b, *, state=None, doc_ids=None, chunk_size=16):
     """``kvlab.kernels.delta_rule.delta_rule``'s contract."""
-    log_decay = log_decay.expand_as(q)  # one decay per head ([.., 1]) to every key channel (its gradient summed back)
     return _DeltaRule.apply(q, k, v, log_decay, a, b, state, doc_ids)
+
+
+def gated_delta_rule(q, k, v, log_decay, beta, *, state=None, doc_ids=None, chunk_size=64):
+    """``kvlab.kernels.delta_rule.gated_delta_rule``'s contract, as the generalised rule: the decay on every key
+    channel (its gradient summed back), the correction -exp(g) beta k read along k, the write beta k."""
+    g, written = log_decay[..., None], beta[..., None] * k
+    return _DeltaRule.apply(q, written, v, g.expand_as(q), -g.exp() * written, k, state, doc_ids)

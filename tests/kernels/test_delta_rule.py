@@ -4,7 +4,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kvlab.kernels.delta_rule import delta_rule, delta_rule_chunked, delta_rule_reference
+from kvlab.kernels.delta_rule import (
+    delta_rule,
+    delta_rule_chunked,
+    delta_rule_reference,
+    gated_delta_rule_chunked,
+    gated_delta_rule_reference,
+)
 from kvlab.kernels.linear_attention import linear_attention_reference
 
 B, H, DK, DV = 2, 3, 8, 6
@@ -40,32 +46,24 @@ def test_chunked_equals_recurrent_outputs_state_and_gradients(chunk_size, with_s
         torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3, msg=name)
 
 
-@pytest.mark.parametrize("chunk_size, with_docs", [(4, True), (16, False)])
-def test_one_decay_per_head_equals_it_on_every_channel(chunk_size, with_docs):
-    """Gated DeltaNet's form: log_decay [.., 1], one per head and token, down to -8 a token (a chunk's decay far past
-    exp's range), a = -exp(g) beta k, b = k, the write beta k; outputs, state and every gradient as the recurrence
-    with the decay on every channel."""
-    q, k, v, _, _, _, s0 = _inputs(37)
+@pytest.mark.parametrize("chunk_size, with_docs", [(4, True), (16, False), (64, True)])
+def test_gated_rules_wy_form_equals_the_recurrence(chunk_size, with_docs):
+    """Gated DeltaNet's rule in its own chunked (WY) form against the generalised rule's recurrence with one decay
+    per head (a = -exp(g) beta k, b = k, the write beta k): decays down to -8 a token (a chunk's far past exp's
+    range), packed documents and a carried state; outputs, state and every gradient, in float64."""
+    q, k, v, _, _, _, s0 = (t.double() for t in _inputs(37))
     k = F.normalize(k, dim=-1)
-    g = -torch.rand(B, H, 37, 1) * 8
-    beta = torch.rand(B, H, 37, 1)
+    g, beta = -torch.rand(B, H, 37, dtype=torch.float64) * 8, torch.rand(B, H, 37, dtype=torch.float64)
     leaves = [t.clone().requires_grad_() for t in (q, k, v, g, beta, s0)]
-
-    def run(kernel, expand, **kwargs):
-        q, k, v, g, beta, s0 = leaves
-        decay = g.expand(B, H, 37, DK) if expand else g
-        return kernel(q, beta * k, v, decay, -g.exp() * beta * k, k, state=s0,
-                      doc_ids=DOCS if with_docs else None, **kwargs)  # fmt: skip
-
-    out, state = run(delta_rule_chunked, False, chunk_size=chunk_size)
-    ref_out, ref_state = run(delta_rule_reference, True)
-    torch.testing.assert_close(out, ref_out, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(state, ref_state, atol=1e-4, rtol=1e-4)
+    kwargs = {"state": leaves[-1], "doc_ids": DOCS if with_docs else None}
+    out, state = gated_delta_rule_chunked(*leaves[:-1], chunk_size=chunk_size, **kwargs)
+    ref_out, ref_state = gated_delta_rule_reference(*leaves[:-1], **kwargs)
+    assert (out - ref_out).abs().max() <= 1e-12 and (state - ref_state).abs().max() <= 1e-12
     weights = torch.randn_like(out)
     grads = torch.autograd.grad((out * weights).sum() + state.sum(), leaves)
     ref_grads = torch.autograd.grad((ref_out * weights).sum() + ref_state.sum(), leaves)
     for name, got, want in zip("q k v log_decay beta state".split(), grads, ref_grads, strict=True):
-        torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3, msg=name)
+        assert (got - want).abs().max() <= 1e-11, name
 
 
 def test_without_the_correction_it_is_linear_attention_with_vector_decay():

@@ -453,20 +453,22 @@ def test_recurrent_delta_rule_matches_the_reference(docs, with_state, final_grad
     _check(pick(delta_rule), pick(delta_rule_reference), inputs, n_outputs=2 if final_grad else 1)
 
 
-def test_recurrent_delta_rule_takes_one_decay_per_head():
-    """Gated DeltaNet's decays, log_decay [.., 1] (broadcast to the key channels, the gradient summed back)."""
-    from kvlab.kernels.triton_delta_rule import delta_rule
+def test_gated_delta_rule_runs_on_the_recurrent_kernel():
+    """Gated DeltaNet's rule as the generalised one (the decay broadcast to the key channels, its gradient summed
+    back) against its recurrence."""
+    from kvlab.kernels.delta_rule import gated_delta_rule_reference
+    from kvlab.kernels.triton_delta_rule import gated_delta_rule
 
     B, H, T, DK, DV = 1, 2, 21, 8, 12
     k = torch.nn.functional.normalize(torch.randn(B, H, T, DK), dim=-1)
-    g, beta = -torch.rand(B, H, T, 1) * 3, torch.rand(B, H, T, 1)
-    inputs = [torch.randn(B, H, T, DK), beta * k, torch.randn(B, H, T, DV), g, -g.exp() * beta * k, k]
-    inputs = [t.clone().requires_grad_() for t in inputs + [torch.randn(B, H, DK, DV)]]
+    inputs = [torch.randn(B, H, T, DK), k, torch.randn(B, H, T, DV), -torch.rand(B, H, T) * 3, torch.rand(B, H, T),
+              torch.randn(B, H, DK, DV)]  # fmt: skip
+    inputs = [t.clone().requires_grad_() for t in inputs]
 
-    def reference(q, k, v, g, a, b, state):
-        return delta_rule_reference(q, k, v, g.expand_as(q), a, b, state=state)
+    def pick(fn):
+        return lambda q, k, v, g, beta, state: fn(q, k, v, g, beta, state=state)
 
-    _check(lambda q, k, v, g, a, b, state: delta_rule(q, k, v, g, a, b, state=state), reference, inputs, n_outputs=2)
+    _check(pick(gated_delta_rule), pick(gated_delta_rule_reference), inputs, n_outputs=2)
 
 
 def test_mla_absorbed_decode_matches_the_reference():
