@@ -2324,9 +2324,9 @@ def _qwen3_next_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[
     return out
 
 
-def _qwen3_next_weights(theirs: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+def _qwen3_next_weights(theirs: dict[str, torch.Tensor], cfg: ModelConfig, grouped: bool = True):
     """Theirs in our layouts: each head's query and gate rows apart (q_proj, gate_proj), the gated DeltaNet's
-    projections in our row order."""
+    projections in our row order (``grouped``: Qwen3-Next's, by query/key head; else Qwen3.5's, ours already)."""
     out = {}
     for name, value in theirs.items():
         layer = name.split(".")[2] if name.startswith("model.layers.") else None
@@ -2338,7 +2338,7 @@ def _qwen3_next_weights(theirs: dict[str, torch.Tensor], cfg: ModelConfig) -> di
             out[f"{prefix}.self_attn.gate_proj.{tensor}"] = gate.flatten(0, 1)
             continue
         for projection, theirs_name in (("in_proj", ".in_proj_qkvz.weight"), ("beta_decay_proj", ".in_proj_ba.weight")):
-            if name.endswith(".linear_attn" + theirs_name):
+            if grouped and name.endswith(".linear_attn" + theirs_name):
                 value = value[torch.argsort(_qwen3_next_rows(cfg.layer_mixers[int(layer)], projection))]
         out[name] = value
     return out
@@ -2395,3 +2395,64 @@ NATIVE_LAYOUTS["qwen3_next"] = NativeLayout(
     from_hf=_qwen3_next_from_hf,
     prepare=_qwen3_next_weights,
 )
+
+
+# Qwen3.5 (Qwen's Qwen3.5 models; `transformers`' Qwen3_5ForCausalLM, Qwen3_5MoeForCausalLM, and the hub's multimodal
+# Qwen3_5(Moe)ForConditionalGeneration, whose text model is read): Qwen3-Next's layers and block (the MoE models'
+# experts in every layer, renormalised, beside a gated shared expert; the dense models' SwiGLU) with the gated
+# DeltaNet's projections apart (in_proj_qkv in our order, in_proj_z, in_proj_b, in_proj_a), and multimodal RoPE,
+# which on text (one position for its three sections) is RoPE. Read only: such a model exports as Qwen3-Next,
+# which computes the same. The vision tower and the multi-token prediction layers are not read.
+
+_QWEN3_5_SKIPPED = ("model.visual.", "mtp.")
+_QWEN3_5_FUSED = {"in_proj_qkvz": ("in_proj_qkv", "in_proj_z"), "in_proj_ba": ("in_proj_b", "in_proj_a")}
+
+
+def _qwen3_5_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+    import transformers
+
+    text = {k: v for k, v in hf.get("text_config", hf).items() if k != "model_type"}
+    moe = hf["model_type"].startswith("qwen3_5_moe")
+    derived = (transformers.Qwen3_5MoeTextConfig if moe else transformers.Qwen3_5TextConfig)(**text)
+    fields = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+              "head_dim", "hidden_act", "rms_norm_eps", "attention_bias", "rope_parameters", "max_position_embeddings",
+              "tie_word_embeddings", "layer_types", "linear_conv_kernel_dim", "linear_key_head_dim",
+              "linear_value_head_dim", "linear_num_key_heads", "linear_num_value_heads")  # fmt: skip
+    as_qwen3_next = {name: getattr(derived, name) for name in fields}
+    if moe:  # (experts in every layer, the chosen scores renormalised)
+        experts = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size",
+                   "router_aux_loss_coef")  # fmt: skip
+        as_qwen3_next |= {name: getattr(derived, name) for name in experts}
+        as_qwen3_next |= {"decoder_sparse_step": 1, "norm_topk_prob": True, "mlp_only_layers": []}
+    else:
+        as_qwen3_next |= {"num_experts": 0, "intermediate_size": derived.intermediate_size}
+    return _qwen3_next_from_hf(as_qwen3_next)
+
+
+def _qwen3_5_weights(theirs: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The text model's weights under Qwen3-Next's names, its gated DeltaNet's projections fused as ours."""
+    text = {}
+    for name, value in theirs.items():
+        if not name.startswith(_QWEN3_5_SKIPPED):
+            text[re.sub(r"^model\.language_model\.", "model.", name)] = value
+    for name in [n for n in text if n.endswith(".linear_attn.in_proj_qkv.weight")]:
+        prefix = name.removesuffix("in_proj_qkv.weight")
+        for fused, parts in _QWEN3_5_FUSED.items():
+            text[f"{prefix}{fused}.weight"] = torch.cat([text.pop(f"{prefix}{part}.weight") for part in parts])
+    return _qwen3_next_weights(text, cfg, grouped=False)
+
+
+for _type, _class in (("qwen3_5_text", "Qwen3_5ForCausalLM"), ("qwen3_5_moe_text", "Qwen3_5MoeForCausalLM"),
+                      ("qwen3_5", "Qwen3_5ForConditionalGeneration"),
+                      ("qwen3_5_moe", "Qwen3_5MoeForConditionalGeneration")):  # fmt: skip
+    NATIVE_LAYOUTS[_type] = NativeLayout(
+        model_type=_type,
+        architecture=_class,
+        describes="",  # (read only: exported as Qwen3-Next)
+        claims=lambda cfg: False,
+        problems=_qwen3_next_problems,
+        to_hf=_qwen3_next_to_hf,
+        export_state=_qwen3_next_state,
+        from_hf=_qwen3_5_from_hf,
+        prepare=_qwen3_5_weights,
+    )

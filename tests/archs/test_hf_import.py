@@ -139,6 +139,16 @@ CASES = {
         layer_types=["linear_attention", "full_attention", "linear_attention"], linear_num_key_heads=2,
         linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=8, num_experts=4,
         num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=64, mlp_only_layers=[1])),
+    # Qwen3.5: Qwen3-Next's layers with the gated DeltaNet's projections apart; dense (a SwiGLU in every layer) or
+    # experts in every layer (renormalised) beside a gated shared expert
+    **{name: (cls, dict(num_key_value_heads=2, head_dim=16, layer_types=["linear_attention", "full_attention",
+                                                                          "linear_attention"],
+                        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+                        linear_value_head_dim=8, **extra))
+       for name, cls, extra in [("qwen3.5", transformers.Qwen3_5TextConfig, {}),
+                                ("qwen3.5-moe", transformers.Qwen3_5MoeTextConfig,
+                                 dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                      shared_expert_intermediate_size=64))]},
     # Mamba and Mamba-2 alone (state-spaces', Codestral's): an RMSNorm and the mixer in every layer, no MLP;
     # Mamba-2's B and C in 2 groups
     "mamba": (transformers.MambaConfig, dict(state_size=8, time_step_rank=8, pad_token_id=0)),
@@ -216,7 +226,7 @@ def test_import_matches_transformers(tmp_path, case, sharded):
         # (Gemma's seven norms a layer compute in float32 whatever the input, x.float(): 2.5e-6 here)
         # (transformers' Mamba computes its scan in float32 whatever the model's dtype: 1.5e-6 here)
         # (and Qwen3-Next's gated delta rule: in float32 too)
-        bound = 1e-5 if case.startswith(("gemma", "mamba", "bamba", "falcon", "qwen3-next")) else 1e-6
+        bound = 1e-5 if case.startswith(("gemma", "mamba", "bamba", "falcon", "qwen3-next", "qwen3.5")) else 1e-6
         with torch.no_grad():
             assert (load_hf(tmp_path, dtype=torch.float64)(ids) - hf64(ids).logits).abs().max() <= bound
     if case in PER_LAYER:
@@ -238,6 +248,14 @@ def test_import_matches_transformers(tmp_path, case, sharded):
         assert ours.config.mlp.kind == "moe" and ours.config.mlp.norm_topk and ours.config.mixer.window == 5
     if case == "bamba":
         assert ours.config.pattern == "MAM" and ours.config.mixers["A"].rope_dims == 8
+    if case.startswith("qwen3.5"):  # exported as Qwen3-Next, which computes the same
+        assert ours.config.pattern == "DAD" and ours.config.mlp.kind == ("moe" if "moe" in case else "swiglu")
+        assert ours.config.mixers["A"].rope_dims == 4 and ours.config.mixers["D"].n_qk_heads == 2
+        save_hf(ours, tmp_path / "next", remote_code=False)
+        qwen3_next = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "next", **EAGER).eval()
+        assert type(qwen3_next).__name__ == "Qwen3NextForCausalLM"
+        with torch.no_grad():
+            assert (qwen3_next(ids).logits - want).abs().max() <= 1e-4
     if case == "qwen3-next":
         a, linear, moe = ours.config.mixers["A"], ours.config.mixers["D"], ours.config.mlps["E"]
         assert (ours.config.pattern, ours.config.mlp_pattern, a.rope_dims, a.output_gate) == ("DAD", "EDE", 4, True)
@@ -460,6 +478,29 @@ def test_import_reads_the_text_model_of_gemma3_multimodal_checkpoints(tmp_path, 
         save_file(hub, tmp_path / "model.safetensors", metadata={"format": "pt"})
     ours = load_hf(tmp_path).eval()
     assert ours.config.pattern == "LGL" and ours.config.tie_embeddings
+    ids = torch.randint(0, 97, (2, 17))
+    with torch.no_grad():
+        assert (hf(input_ids=ids).logits - ours(ids)).abs().max() <= 1e-4
+
+
+def test_import_reads_the_text_model_of_qwen3_5_multimodal_checkpoints(tmp_path):
+    """Qwen3.5's hub checkpoints are Qwen3_5ForConditionalGeneration: the text model is read (model.language_model.*),
+    the vision tower (model.visual.*) is not; logits as transformers' on tokens."""
+    torch.manual_seed(0)
+    text = dict(COMMON, num_key_value_heads=2, head_dim=16, layer_types=["linear_attention", "full_attention"] * 2,
+                num_hidden_layers=4, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+                linear_value_head_dim=8)  # fmt: skip
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64)
+    hf = transformers.Qwen3_5ForConditionalGeneration(
+        transformers.Qwen3_5Config(text_config=text, vision_config=vision)
+    )
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.normal_(std=0.3)
+    hf.eval().save_pretrained(tmp_path)
+    ours = load_hf(tmp_path).eval()
+    assert ours.config.pattern == "DADA" and ours.config.n_layers == 4
     ids = torch.randint(0, 97, (2, 17))
     with torch.no_grad():
         assert (hf(input_ids=ids).logits - ours(ids)).abs().max() <= 1e-4
