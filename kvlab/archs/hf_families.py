@@ -315,6 +315,21 @@ def _moe_of(cfg: ModelConfig):
     return next((p.mlp for p in cfg.plan if p.mlp.kind == "moe"), None)
 
 
+def _one_moe_and_swiglu_problems(cfg: ModelConfig) -> list[str]:
+    """Experts as most classes with them have: one MoE config wherever there is one, one SwiGLU in the other layers."""
+    moe, dense = _moe_of(cfg), [p.mlp for p in cfg.plan if p.mlp.kind != "moe"]
+    if any(p.mlp != moe for p in cfg.plan if p.mlp.kind == "moe") or any(x.kind != "swiglu" or x != dense[0]
+                                                                         for x in dense):  # fmt: skip
+        return ["MLPs other than one MoE, and one SwiGLU in some layers"]
+    return []
+
+
+def _deepseek_v3_routing(moe) -> bool:
+    """Whether an MoE routes as DeepSeek-V3's class does (sigmoid scores with a bias to choose, groups ranked by
+    their two best)."""
+    return moe.score == "sigmoid" and moe.score_bias and (moe.n_groups == 1 or moe.group_rank == "top2_sum")
+
+
 def _plain_experts(moe) -> bool:
     """Whether an MoE's experts are plain SwiGLUs: no biases, no clamp (gpt-oss's parts, which only its class has)."""
     return not moe.bias and moe.swiglu_limit is None
@@ -336,11 +351,8 @@ def _moe_problems(cfg: ModelConfig, m) -> list[str]:
     """What Mixtral's, Qwen3-MoE's and Qwen2-MoE's MLPs lack: one MoE routed by softmax and top-k in every layer
     (Qwen3-MoE and Qwen2-MoE: or a SwiGLU in the layers mlp_only_layers names), shared experts gated per token in
     Qwen2-MoE's alone."""
-    moe, problems = _moe_of(cfg), []
+    moe, problems = _moe_of(cfg), _one_moe_and_swiglu_problems(cfg)
     dense = [p.mlp for p in cfg.plan if p.mlp.kind != "moe"]
-    if any(p.mlp != moe for p in cfg.plan if p.mlp.kind == "moe") or any(x.kind != "swiglu" or x != dense[0]
-                                                                         for x in dense):  # fmt: skip
-        problems.append("MLPs other than one MoE, and one SwiGLU in some layers")
     if not _softmax_top_k(moe, shared="gated" if moe.shared_gate else None):
         problems.append(f"MoE routing other than Mixtral's, Qwen3-MoE's and Qwen2-MoE's (score={moe.score!r}, "
                         f"n_shared={moe.n_shared}, shared_gate={moe.shared_gate}, score_bias={moe.score_bias}, "
@@ -737,8 +749,12 @@ def _deepseek_mlp_problems(cfg: ModelConfig) -> list[str]:
     problems = []
     if any(m.kind != "swiglu" or m != dense[0] for m in dense) or any(m != moe for m in rest):
         problems.append("MLPs other than SwiGLU in the first layers and one MoE in all the rest")
-    v3 = moe.score == "sigmoid" and moe.score_bias and (moe.n_groups == 1 or moe.group_rank == "top2_sum")
-    if not (v3 or _deepseek_v2_routing(moe)) or not moe.n_shared or moe.shared_gate or not _plain_experts(moe):
+    if (
+        not (_deepseek_v3_routing(moe) or _deepseek_v2_routing(moe))
+        or not moe.n_shared
+        or moe.shared_gate
+        or not _plain_experts(moe)
+    ):
         problems.append(f"MoE routing other than DeepSeek-V2's or V3's (score={moe.score!r}, score_bias="
                         f"{moe.score_bias}, n_groups={moe.n_groups}, group_rank={moe.group_rank}, norm_topk="
                         f"{moe.norm_topk}, n_shared={moe.n_shared}, shared_gate={moe.shared_gate}, bias={moe.bias}, "
@@ -762,6 +778,8 @@ def _mla_problems(cfg: ModelConfig, m) -> list[str]:
         problems.append("MLA with per-head RoPE keys, picked RoPE frequencies or no latent norm (MHA2MLA's form)")
     if m.latent_bits is not None:
         problems.append(f"MLA latents quantized to {m.latent_bits} bits (CLLA-quant)")
+    if not m.rope:
+        problems.append("MLA without RoPE (rope: false, Kimi Linear's)")
     return problems
 
 
@@ -943,13 +961,11 @@ class NativeLayout:
         each of our names is exported alone to find its name there (``theirs`` prepared first)."""
         state = {}
         for name, like in ours.items():
-            ((their_name, _),) = self.export_state({name: like}, cfg).items()
-            if their_name in theirs:
-                state[name] = (
-                    theirs[their_name].reshape(like.shape)
-                    if theirs[their_name].numel() == like.numel()
-                    else theirs[their_name]
-                )
+            # (one of ours may be several of theirs, its rows split among them: Kimi Linear's q, k and v)
+            names = list(self.export_state({name: like}, cfg))
+            if all(n in theirs for n in names):
+                value = theirs[names[0]] if len(names) == 1 else torch.cat([theirs[n] for n in names])
+                state[name] = value.reshape(like.shape) if value.numel() == like.numel() else value
         return state
 
 
@@ -2221,6 +2237,10 @@ def _qwen3_next_problems(cfg: ModelConfig) -> list[str]:
     if any(m != attention[0] for m in attention) or any(m != linear[0] for m in linear):
         problems.append("attention or gated DeltaNet layers that differ from one another (Qwen3-Next has one of each)")
     g, a = linear[0], attention[0]
+    if g.decay != "head" or g.gate_rank is not None or g.gate_activation != "silu":
+        problems.append(f"gated DeltaNet with decay={g.decay!r}, gate_rank={g.gate_rank}, gate_activation="
+                        f"{g.gate_activation!r} (Kimi Linear's KDA; Qwen3-Next's: one decay per head, a full silu "
+                        "gate)")  # fmt: skip
     if not g.output_gate or g.norm_eps != cfg.norm.eps:
         problems.append(f"gated DeltaNet with output_gate={g.output_gate}, norm_eps={g.norm_eps} (Qwen3-Next's: "
                         f"gated outputs, normalised at the model's eps {cfg.norm.eps})")  # fmt: skip
@@ -2238,10 +2258,7 @@ def _qwen3_next_problems(cfg: ModelConfig) -> list[str]:
     moe = _moe_of(cfg)
     if moe is None:
         return problems + one_swiglu_problems(cfg)
-    dense = [p.mlp for p in cfg.plan if p.mlp.kind != "moe"]
-    if any(p.mlp != moe for p in cfg.plan if p.mlp.kind == "moe") or any(x.kind != "swiglu" or x != dense[0]
-                                                                         for x in dense):  # fmt: skip
-        problems.append("MLPs other than one MoE, and one SwiGLU in some layers")
+    problems += _one_moe_and_swiglu_problems(cfg)
     if not _softmax_top_k(moe, shared="gated"):
         problems.append(f"experts other than Qwen3-Next's (score={moe.score!r}, n_shared={moe.n_shared}, shared_gate="
                         f"{moe.shared_gate}, bias={moe.bias}; its: softmax, top k, shared experts gated per token, "
@@ -2456,3 +2473,172 @@ for _type, _class in (("qwen3_5_text", "Qwen3_5ForCausalLM"), ("qwen3_5_moe_text
         from_hf=_qwen3_5_from_hf,
         prepare=_qwen3_5_weights,
     )
+
+
+# Kimi Linear (Moonshot's Kimi-Linear-48B-A3B; `transformers`' KimiLinearForCausalLM): Kimi Delta Attention (gated
+# DeltaNet with a decay per key channel, decay: channel, its low-rank forget gate and sigmoid output gate) and MLA
+# without RoPE (rope: false) where layer_types puts them, both under self_attn; Llama's block of plain RMSNorms; a
+# SwiGLU where mlp_layer_types says dense, elsewhere DeepSeek-V3's experts (sigmoid scores with a bias to choose,
+# groups, renormalised, scaled, ungated shared experts). KDA's q, k and v are projections apart (ours: one, in_proj).
+
+_KDA = {"beta_decay_proj": "b_proj", "decay_down": "forget_gate.f_a_proj", "decay_up": "forget_gate.f_b_proj",
+        "dt_bias": "forget_gate.dt_bias", "A_log": "forget_gate.A_log", "gate_down": "g_a_proj", "gate_up": "g_b_proj",
+        "norm_weight": "o_norm.weight", "out_proj": "o_proj", "conv_weight": "conv1d.weight"}  # fmt: skip
+
+
+def _kimi_claims(cfg: ModelConfig) -> bool:
+    return _mixer_kinds(cfg) == {"mla", "gated_deltanet"}
+
+
+def _kimi_problems(cfg: ModelConfig) -> list[str]:
+    problems = llama_block_problems(cfg) + multiplier_problems(cfg)
+    mla = [m for m in cfg.layer_mixers if m.kind == "mla"]
+    kda = [m for m in cfg.layer_mixers if m.kind == "gated_deltanet"]
+    if any(m != mla[0] for m in mla) or any(m != kda[0] for m in kda):
+        problems.append("MLA or KDA layers that differ from one another (Kimi Linear has one of each)")
+    m, g = mla[0], kda[0]
+    if m.rope or m.rope_kv_heads != 1 or m.rope_spectrum is not None or not m.latent_norm or m.latent_bits:
+        problems.append(f"MLA with rope={m.rope}, rope_kv_heads={m.rope_kv_heads}, rope_spectrum={m.rope_spectrum}, "
+                        f"latent_norm={m.latent_norm}, latent_bits={m.latent_bits} (Kimi Linear's: no RoPE, one "
+                        "shared key slice, the latent normalised, not quantized)")  # fmt: skip
+    if m.norm_eps != DEEPSEEK_LATENT_EPS:
+        problems.append(f"MLA norm_eps={m.norm_eps} (its latent norms have eps {DEEPSEEK_LATENT_EPS})")
+    kda_parts = (g.decay == "channel" and g.decay_rank == g.head_dim and g.gate_rank == g.head_dim
+                 and g.gate_activation == "sigmoid" and g.output_gate and g.n_qk_heads == g.n_heads
+                 and g.value_head_dim == g.head_dim and g.norm_eps == cfg.norm.eps)  # fmt: skip
+    if not kda_parts:
+        problems.append(f"gated DeltaNet other than Kimi's KDA (decay={g.decay!r}, decay_rank={g.decay_rank}, "
+                        f"gate_rank={g.gate_rank}, gate_activation={g.gate_activation!r}, n_qk_heads={g.n_qk_heads}, "
+                        f"value_head_dim={g.value_head_dim}, norm_eps={g.norm_eps}; its: a decay per channel and a "
+                        "sigmoid gate, both through head_dim, every head its own query/key, values as wide as keys, "
+                        "the model's norm eps)")  # fmt: skip
+    return problems + _kimi_mlp_problems(cfg)
+
+
+def _kimi_mlp_problems(cfg: ModelConfig) -> list[str]:
+    moe = _moe_of(cfg)
+    if moe is None:
+        return one_swiglu_problems(cfg)
+    problems = _one_moe_and_swiglu_problems(cfg)
+    if not _deepseek_v3_routing(moe) or not moe.n_shared or moe.shared_gate or not _plain_experts(moe):
+        problems.append(f"experts other than Kimi Linear's (score={moe.score!r}, score_bias={moe.score_bias}, "
+                        f"n_shared={moe.n_shared}, shared_gate={moe.shared_gate}; its: DeepSeek-V3's routing, "
+                        "ungated shared experts, plain SwiGLU experts)")  # fmt: skip
+    return problems
+
+
+def _kimi_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    m = next(x for x in cfg.layer_mixers if x.kind == "mla")
+    g = next(x for x in cfg.layer_mixers if x.kind == "gated_deltanet")
+    moe = _moe_of(cfg)
+    hf = {
+        "model_type": "kimi_linear", "num_attention_heads": m.n_heads, "num_key_value_heads": m.n_heads,
+        "q_lora_rank": m.q_lora_rank, "kv_lora_rank": m.kv_lora_rank, "qk_nope_head_dim": m.head_dim,
+        "qk_rope_head_dim": m.rope_head_dim, "v_head_dim": m.v_head_dim, "attention_bias": False,
+        "layer_types": ["full_attention" if x.kind == "mla" else "linear_attention" for x in cfg.layer_mixers],
+        "mlp_layer_types": ["sparse" if p.mlp.kind == "moe" else "dense" for p in cfg.plan],
+        "linear_num_heads": g.n_heads, "linear_head_dim": g.head_dim, "linear_conv_kernel_dim": g.conv_kernel,
+        "intermediate_size": next((p.mlp.hidden for p in cfg.plan if p.mlp.kind != "moe"), cfg.plan[0].mlp.hidden),
+    }  # fmt: skip
+    if moe is not None:
+        hf |= {"num_local_experts": moe.n_experts, "num_experts_per_tok": moe.top_k,
+               "moe_intermediate_size": moe.hidden, "n_shared_experts": moe.n_shared, "n_group": moe.n_groups,
+               "topk_group": moe.topk_groups, "norm_topk_prob": moe.norm_topk,
+               "routed_scaling_factor": moe.routed_scale}  # fmt: skip
+    return hf
+
+
+def _kimi_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    from kvlab.archs.hf import kvlab_to_hf_name  # (Llama's and DeepSeek's names: the module imports this one)
+
+    out = {}
+    for name, value in state.items():
+        layer, mixer, rest = name.partition(".mixer.")
+        g = cfg.layer_mixers[int(layer.split(".")[1])] if mixer else None
+        if g is None or g.kind != "gated_deltanet":
+            out[kvlab_to_hf_name(name)] = value
+            continue
+        prefix, (part, _, tensor) = f"model.{layer}.self_attn.", rest.partition(".")
+        if part == "in_proj":  # q, k, v apart
+            widths = [g.n_qk_heads * g.head_dim] * 2 + [g.n_heads * g.value_head_dim]
+            out.update(
+                {f"{prefix}{which}_proj.{tensor}": v for which, v in zip("qkv", value.split(widths), strict=True)}
+            )
+        elif part == "conv_weight":
+            out[prefix + "conv1d.weight"] = value.unsqueeze(1)
+        elif part == "A_log":  # [1, 1, heads, 1]
+            out[prefix + "forget_gate.A_log"] = value.view(1, 1, -1, 1)
+        else:
+            their = _KDA[part]
+            out[prefix + (their if their.endswith(("weight", "bias", "A_log")) else f"{their}.{tensor}")] = value
+    return out
+
+
+def _kimi_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+    import transformers
+
+    check_silu(hf)
+    derived = transformers.KimiLinearConfig(**hf)
+    if derived.attention_bias:
+        raise ValueError("config.json: attention_bias=true is not supported for Kimi Linear's MLA")
+    types, mlps = derived.layer_types, derived.mlp_layer_types
+    if set(types) - {"linear_attention", "full_attention"} or set(mlps) - {"dense", "sparse"}:
+        raise ValueError(f"config.json: layer_types {sorted(set(types))} or mlp_layer_types {sorted(set(mlps))} are "
+                         "not supported (linear_attention, full_attention; dense, sparse are)")  # fmt: skip
+    mla = {"kind": "mla", "n_heads": derived.num_attention_heads, "head_dim": derived.qk_nope_head_dim,
+           "v_head_dim": derived.v_head_dim, "rope_head_dim": derived.qk_rope_head_dim,
+           "kv_lora_rank": derived.kv_lora_rank, "q_lora_rank": derived.q_lora_rank, "rope": False,
+           "norm_eps": DEEPSEEK_LATENT_EPS}  # fmt: skip
+    D = derived.linear_head_dim
+    kda = {"kind": "gated_deltanet", "n_heads": derived.linear_num_heads, "head_dim": D, "value_head_dim": D,
+           "conv_kernel": derived.linear_conv_kernel_dim, "decay": "channel", "decay_rank": D, "gate_rank": D,
+           "gate_activation": "sigmoid", "norm_eps": derived.rms_norm_eps}  # fmt: skip
+    moe = {"kind": "moe", "hidden": derived.moe_intermediate_size, "n_experts": derived.num_local_experts,
+           "top_k": derived.num_experts_per_tok, "n_shared": derived.n_shared_experts, "score": "sigmoid",
+           "score_bias": True, "norm_topk": bool(derived.norm_topk_prob),
+           "routed_scale": float(derived.routed_scaling_factor), "n_groups": derived.n_group,
+           "topk_groups": derived.topk_group}  # fmt: skip
+    pattern, mlp_pattern = ("".join(("A" if t == "full_attention" else "K") for t in types),
+                            "".join(("E" if t == "sparse" else "D") for t in mlps))  # fmt: skip
+    return {
+        "vocab_size": derived.vocab_size, "d_model": derived.hidden_size, "n_layers": derived.num_hidden_layers,
+        "max_seq_len": derived.max_position_embeddings, "norm": {"kind": "rmsnorm", "eps": derived.rms_norm_eps},
+        "tie_embeddings": bool(derived.tie_word_embeddings), "mixer": None, "pattern": pattern,
+        "mixers": {k: v for k, v in {"A": mla, "K": kda}.items() if k in pattern},
+        "mlp_pattern": mlp_pattern,
+        "mlps": {k: v for k, v in {"D": {"kind": "swiglu", "hidden": derived.intermediate_size}, "E": moe}.items()
+                 if k in mlp_pattern},
+    }  # fmt: skip
+
+
+_KIMI_HUB = {"self_attn.f_a_proj.": "self_attn.forget_gate.f_a_proj.", "self_attn.f_b_proj.":
+             "self_attn.forget_gate.f_b_proj.", "self_attn.dt_bias": "self_attn.forget_gate.dt_bias",
+             "self_attn.A_log": "self_attn.forget_gate.A_log", ".block_sparse_moe.": ".mlp."}  # fmt: skip
+
+
+def _kimi_weights(theirs: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The hub's names as `transformers`' class holds them (as its own conversion reads them): the forget gate's
+    parts under forget_gate, the MLPs under mlp (the experts already stacked: ``fuse_legacy_experts``), the q, k and v
+    convolutions one."""
+    out = {}
+    for name, value in theirs.items():
+        for old, new in _KIMI_HUB.items():
+            name = name.replace(old, new)
+        out[name] = value
+    for name in [n for n in out if n.endswith(".self_attn.q_conv1d.weight")]:
+        prefix = name.removesuffix("q_conv1d.weight")
+        out[prefix + "conv1d.weight"] = torch.cat([out.pop(f"{prefix}{x}_conv1d.weight") for x in "qkv"])
+    return out
+
+
+NATIVE_LAYOUTS["kimi_linear"] = NativeLayout(
+    model_type="kimi_linear",
+    architecture="KimiLinearForCausalLM",
+    describes="KDA (gated_deltanet with a decay per channel) beside MLA without RoPE as kimi_linear",
+    claims=_kimi_claims,
+    problems=_kimi_problems,
+    to_hf=_kimi_to_hf,
+    export_state=_kimi_state,
+    from_hf=_kimi_from_hf,
+    prepare=_kimi_weights,
+)

@@ -110,6 +110,7 @@ class MLAConfig(MixerConfig):
     kv_lora_rank: int | None = None  # latent width; None: 4 * head_dim (DeepSeek-V2's 512 for 128)
     q_lora_rank: int | None = None  # None: queries are not compressed
     rope_theta: float = 10000.0
+    rope: bool = True  # false: the decoupled channels are not rotated (Kimi Linear's MLA: no positions anywhere)
     # context-extended RoPE of the decoupled channels (kvlab.kernels.rope.scaled_frequencies: DeepSeek-V2/V3's yarn)
     rope_scaling: dict[str, Any] | None = None
     # DeepSeek's fold of YaRN into the softmax scale, times mscale(factor, mscale_all_dim)^2 = (0.1 m ln factor + 1)^2
@@ -129,6 +130,7 @@ class MLAConfig(MixerConfig):
         check_int(self.rope_kv_heads, f"{path}.rope_kv_heads", minimum=1)
         check_int(self.rope_spectrum, f"{path}.rope_spectrum", minimum=2, optional=True)
         check_bool(self.latent_norm, f"{path}.latent_norm")
+        check_bool(self.rope, f"{path}.rope")
         check_int(self.rope_head_dim, f"{path}.rope_head_dim", minimum=2, optional=True)
         check_int(self.kv_lora_rank, f"{path}.kv_lora_rank", minimum=1, optional=True)
         check_int(self.q_lora_rank, f"{path}.q_lora_rank", minimum=1, optional=True)
@@ -191,8 +193,8 @@ class MLAConfig(MixerConfig):
             return f"source mixer kind {source.kind!r} has no MLA latent"
         if self.rope_spectrum is not None or source.rope_spectrum is not None:
             return "per-head RoPE frequencies (rope_spectrum) are a layer's own; readers cannot share them"
-        for name in ("kv_lora_rank", "rope_head_dim", "rope_kv_heads", "rope_theta", "rope_scaling", "latent_norm",
-                     "latent_bits", "latent_group"):  # fmt: skip
+        for name in ("kv_lora_rank", "rope_head_dim", "rope_kv_heads", "rope_theta", "rope", "rope_scaling",
+                     "latent_norm", "latent_bits", "latent_group"):  # fmt: skip
             if getattr(self, name) != getattr(source, name):
                 return f"{name}={getattr(self, name)} differs from the source's {name}={getattr(source, name)}"
         return None
@@ -250,7 +252,8 @@ class MLA(nn.Module):
         cos, sin = self.rotary(start, T, state.positions)
         if self.owns_kv:
             c, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, G * R], dim=-1)
-            k_rope = apply_rope(k_rope.view(B, T, G, R).transpose(1, 2), cos, sin)
+            k_rope = k_rope.view(B, T, G, R).transpose(1, 2)
+            k_rope = apply_rope(k_rope, cos, sin) if self.cfg.rope else k_rope
             # what is cached: [B, T, kv_lora_rank + G * R]
             latent = torch.cat([self.kv_a_layernorm(c), k_rope.transpose(1, 2).reshape(B, T, G * R)], dim=-1)
             if cache is not None:  # every position so far (a quantized cache gives its latents back dequantized)
@@ -272,7 +275,7 @@ class MLA(nn.Module):
         q_nope, q_rope = q.view(B, T, H, D + R).transpose(1, 2).split([D, R], dim=-1)
         if cos.dim() == 4 and G < H:  # per-head frequencies: each query head turns as its RoPE key
             cos, sin = cos.repeat_interleave(H // G, dim=1), sin.repeat_interleave(H // G, dim=1)
-        q_rope = apply_rope(q_rope, cos, sin)
+        q_rope = apply_rope(q_rope, cos, sin) if self.cfg.rope else q_rope
         static = isinstance(start, torch.Tensor)  # the compiled decode step: the whole buffer is held
         pads = None  # left-padded rows: the pads' keys hidden, row by row
         if state.pads is not None:

@@ -653,6 +653,27 @@ def test_gated_deltanet_beside_gated_attention_exports_as_qwen3_next(tmp_path):
         save_hf(build_model(tiny(**{**spec, "pattern": "D"})), tmp_path / "c", remote_code=False)
 
 
+def test_kda_beside_mla_without_rope_exports_as_kimi_linear(tmp_path):
+    """KDA (gated DeltaNet with a decay per key channel and a low-rank sigmoid gate) beside MLA without RoPE, a SwiGLU
+    then DeepSeek-V3's experts, export to KimiLinearForCausalLM (``_native_round_trip``: its KDA runs in float32
+    whatever the dtype); what it lacks is named."""
+    kda = {"kind": "gated_deltanet", "n_heads": 4, "head_dim": 16, "decay": "channel", "gate_rank": 16,
+           "gate_activation": "sigmoid", "norm_eps": 1e-5}  # fmt: skip
+    mla = {"kind": "mla", "n_heads": 4, "head_dim": 16, "rope_head_dim": 8, "kv_lora_rank": 32, "rope": False}
+    moe = {**MOE, "n_shared": 1, "score": "sigmoid", "score_bias": True, "norm_topk": True, "routed_scale": 2.5,
+           "n_groups": 2, "topk_groups": 1}  # fmt: skip
+    spec = {"mixer": None, "pattern": "KA", "mixers": {"K": kda, "A": mla}, "mlp_pattern": "DEEE",
+            "mlps": {"D": {"kind": "swiglu", "hidden": 48}, "E": moe}}  # fmt: skip
+    _native_round_trip(spec, tmp_path, "KimiLinearForCausalLM", 1e-5)
+    for broken, match in (
+        ({"A": {**mla, "rope": True}}, r"MLA with rope=True"),
+        ({"K": {**kda, "decay": "head", "gate_rank": None}}, r"gated DeltaNet other than Kimi's"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            save_hf(build_model(tiny(**{**spec, "mixers": {**spec["mixers"], **broken}})), tmp_path / "c",
+                    remote_code=False)  # fmt: skip
+
+
 def test_mla_with_deepseek_v2s_experts_exports_natively(tmp_path):
     """MLA with experts routed as DeepSeek-V2's class routes them (softmax, the top k of all, scaled, a shared
     expert) exports to DeepseekV2ForCausalLM, its RoPE rows put back in neighbouring pairs (``_native_round_trip``;

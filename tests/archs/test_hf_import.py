@@ -149,6 +149,16 @@ CASES = {
                                 ("qwen3.5-moe", transformers.Qwen3_5MoeTextConfig,
                                  dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                                       shared_expert_intermediate_size=64))]},
+    # Kimi Linear: KDA (a decay per key channel, low-rank forget and sigmoid output gates) and MLA without RoPE, a
+    # SwiGLU in layer 0 and DeepSeek-V3's experts (2 groups) after it; save_pretrained writes the hub's names (the
+    # q, k and v convolutions apart, each expert's own tensors under block_sparse_moe)
+    "kimi-linear": (transformers.KimiLinearConfig, dict(
+        num_key_value_heads=4, kv_lora_rank=32, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=16,
+        v_head_dim=16, moe_intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+        n_group=2, topk_group=1, linear_head_dim=16, linear_num_heads=4,
+        layer_types=["linear_attention", "full_attention", "linear_attention"], mlp_layer_types=["dense", "sparse",
+                                                                                                  "sparse"],
+        pad_token_id=0, bos_token_id=1, eos_token_id=2)),
     # Mamba and Mamba-2 alone (state-spaces', Codestral's): an RMSNorm and the mixer in every layer, no MLP;
     # Mamba-2's B and C in 2 groups
     "mamba": (transformers.MambaConfig, dict(state_size=8, time_step_rank=8, pad_token_id=0)),
@@ -226,7 +236,9 @@ def test_import_matches_transformers(tmp_path, case, sharded):
         # (Gemma's seven norms a layer compute in float32 whatever the input, x.float(): 2.5e-6 here)
         # (transformers' Mamba computes its scan in float32 whatever the model's dtype: 1.5e-6 here)
         # (and Qwen3-Next's gated delta rule: in float32 too)
-        bound = 1e-5 if case.startswith(("gemma", "mamba", "bamba", "falcon", "qwen3-next", "qwen3.5")) else 1e-6
+        bound = (
+            1e-5 if case.startswith(("gemma", "mamba", "bamba", "falcon", "qwen3-next", "qwen3.5", "kimi")) else 1e-6
+        )
         with torch.no_grad():
             assert (load_hf(tmp_path, dtype=torch.float64)(ids) - hf64(ids).logits).abs().max() <= bound
     if case in PER_LAYER:
@@ -256,6 +268,9 @@ def test_import_matches_transformers(tmp_path, case, sharded):
         assert type(qwen3_next).__name__ == "Qwen3NextForCausalLM"
         with torch.no_grad():
             assert (qwen3_next(ids).logits - want).abs().max() <= 1e-4
+    if case == "kimi-linear":
+        kda, mla = ours.config.mixers["K"], ours.config.mixers["A"]
+        assert (ours.config.pattern, ours.config.mlp_pattern, mla.rope, kda.decay) == ("KAK", "DEE", False, "channel")
     if case == "qwen3-next":
         a, linear, moe = ours.config.mixers["A"], ours.config.mixers["D"], ours.config.mlps["E"]
         assert (ours.config.pattern, ours.config.mlp_pattern, a.rope_dims, a.output_gate) == ("DAD", "EDE", 4, True)

@@ -18,6 +18,8 @@ SPECS = {
               "gate_lora_rank": 4, "value_residual": False},
     "gau": {"kind": "gau", "qk_dim": 8},
     "gated_deltanet": {"kind": "gated_deltanet", "n_heads": 4, "n_qk_heads": 2, "head_dim": 8},
+    "kda": {"kind": "gated_deltanet", "n_heads": 4, "head_dim": 8, "decay": "channel", "gate_rank": 8,
+            "gate_activation": "sigmoid"},
 }  # fmt: skip
 
 
