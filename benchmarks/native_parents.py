@@ -1,7 +1,7 @@
 """Parents with classes of their own, decoded and trained by kvlab and by `transformers`' class, one process.
 
     python benchmarks/native_parents.py [--parents gemma2,mixtral,deepseek_v2,qwen2_moe,phi3,mamba,mamba2,gpt_oss,
-                                                   granite_4_h,qwen3_next]
+                                                   granite_4_h,qwen3_next,kimi_linear]
                                         [--batches 1,8]
                                         [--prompt 128]
                                         [--new 128] [--repeats 3] [--steps 10]
@@ -20,11 +20,13 @@ of 128, top 2, beside a shared SwiGLU of 256 in every layer; Qwen3-Next as the `
 layers: three gated DeltaNet layers, 4 value heads of 64 over 2 query/key heads, to one gated attention layer with
 zero-centred query/key norms and RoPE on a quarter of each head; 8 experts of 128, top 2, beside a gated shared
 expert; `transformers` runs its gated delta rule and convolution on their torch paths, fla's and causal-conv1d's
-kernels being CUDA's).
+kernels being CUDA's); Kimi Linear as the ``kimi_linear`` preset builds it (8 layers: three KDA layers, 4 heads of 64
+with a decay per key channel, to one MLA layer without RoPE; a SwiGLU, then 8 experts of 128, top 2, by DeepSeek-V3's
+routing beside a shared expert; its KDA and convolution on their torch paths).
 kvlab's native export of it is loaded back into `transformers`' class (Gemma2ForCausalLM, MixtralForCausalLM,
 DeepseekV2ForCausalLM, Qwen2MoeForCausalLM, Phi3ForCausalLM, MambaForCausalLM, Mamba2ForCausalLM, the Mambas
 running their torch paths here, mamba-ssm's kernels being CUDA's; GptOssForCausalLM; GraniteMoeHybridForCausalLM,
-its Mamba-2 on the same torch path; Qwen3NextForCausalLM), so
+its Mamba-2 on the same torch path; Qwen3NextForCausalLM; KimiLinearForCausalLM), so
 both hold the same weights, and their greedy tokens are checked equal. Decoding: ``generate`` of ``--new``
 tokens after a ``--prompt``-token prompt under ``torch.inference_mode`` (kvlab compiled, its compilation the
 warm-up, and eager; `transformers` eager, its dynamic cache). Training: one step (forward with the loss,
@@ -80,7 +82,8 @@ PARENTS = {
                                "A": {**GQA, "rope_dims": 0, "softmax_scale": 1 / 32}},
                     "mlp": {"kind": "moe", "hidden": 128, "n_experts": 8, "top_k": 2, "norm_topk": True,
                             "n_shared": 2}},
-    "qwen3_next": ModelConfig.from_yaml("configs/model/qwen3_next.yaml").to_dict(),  # (run from the repository)
+    # (run from the repository)
+    **{name: ModelConfig.from_yaml(f"configs/model/{name}.yaml").to_dict() for name in ("qwen3_next", "kimi_linear")},
 }  # fmt: skip
 
 
