@@ -120,7 +120,8 @@ PRESET_TYPES = {"mha": "llama", "gqa": "llama", "mqa": "llama", "mla": "deepseek
                 "matryoshka": "kvlab", "sa": "kvlab", "block_transformer": "kvlab", "cepe": "kvlab",
                 "xc_cache": "kvlab", "hymba": "kvlab", "parallel_heads": "kvlab", "rwkv6_shared_mla": "kvlab",
                 "recurformer": "kvlab", "mixcon": "kvlab", "local_global": "ministral",
-                "gpt_oss": "gpt_oss", "qwen3_next": "qwen3_next", "kimi_linear": "kimi_linear"}  # fmt: skip
+                "gpt_oss": "gpt_oss", "qwen3_next": "qwen3_next", "kimi_linear": "kimi_linear",
+                "gated_deltanet": "kvlab"}  # fmt: skip
 EXPECTED_TYPE = {**PRESET_TYPES, "mistral_window": "mistral", "qwen2_bias": "qwen2", "qwen2_window": "qwen2",
                  "qwen3_qk_norm_bias": "qwen3",
                  "mla_q_lora": "deepseek_v3", "mla_moe": "deepseek_v3", **dict.fromkeys(REMOTE, "kvlab")}  # fmt: skip
