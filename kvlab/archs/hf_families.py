@@ -23,7 +23,8 @@ with Gemma's parts (unit-offset norms, scaled embeddings) <-> Gemma 1, 2 or 3
 (by its post norms and query/key norms), with post norms alone <-> OLMo 2 and 3;
 ``mamba`` or ``mamba2`` alone, without MLPs <-> Mamba, Mamba-2 (and Falcon-Mamba, read); ``attention`` +
 ``mamba2`` <-> Bamba, with Granite's multipliers or experts <-> Granite 4.0-H; attention with learned sinks <->
-gpt-oss.
+gpt-oss; ``attention`` + ``gated_deltanet`` <-> Qwen3-Next (and Qwen3.5, read); ``mla`` + ``gated_deltanet`` (KDA)
+<-> Kimi Linear.
 """
 
 from __future__ import annotations
