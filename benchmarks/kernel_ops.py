@@ -5,6 +5,7 @@
     python benchmarks/kernel_ops.py --dispatch
     python benchmarks/kernel_ops.py --sink-attention
     python benchmarks/kernel_ops.py --gated-deltanet
+    python benchmarks/kernel_ops.py --hard-decays
 
 For every op in ``kvlab.kernels.ops`` and every registered backend that can
 run its inputs here (interpreted Triton is left out: it is a correctness
@@ -42,6 +43,12 @@ with the decay on every key channel (what the layer first ran on), and `transfor
 (``torch_chunk_gated_delta_rule``, chunks of 64: Qwen3-Next's without fla); then the whole layer against
 `transformers`' Qwen3NextGatedDeltaNet at the same weights (2 query/key heads for 4 value heads, d_model 256),
 outputs checked equal.
+
+``--hard-decays``: ``decayed_products`` (the chunked forms' products under a decay per key channel: RWKV-6, RWKV-7,
+KDA) at KDA's training shape (8 x 4 heads x 8 chunks of 32 tokens, 64 channels), forward + backward, with decays
+that factor whole (-0.05 a token) and with decays that do not (down to -4 a token: channels that forget within a
+chunk, factored block by block); then the kimi_linear preset's training step (8 x 256 tokens) as initialised and
+with half its KDA channels forgetting at -1 a token.
 """
 
 from __future__ import annotations
@@ -341,6 +348,44 @@ def gated_deltanet(args) -> None:
           f"max difference {difference:.1e}")  # fmt: skip
 
 
+def hard_decays(args) -> None:
+    import math
+
+    from kvlab import build_model
+    from kvlab.archs.config import ModelConfig
+    from kvlab.kernels.linear_attention import decayed_products
+
+    B, H, N, C, D = 8, 4, 8, 32, 64
+    x, y = (torch.randn(B, H, N, C, D, requires_grad=True) for _ in range(2))
+    visible = torch.ones(C, C, dtype=torch.bool).tril()
+    print(f"decayed_products, forward + backward, [{B}, {H}, {N}, {C}, {D}], float32, ms (best of {args.repeats})\n")
+    print("| decays a token | ms |\n| --- | --- |")
+    for name, scale in (("down to -0.05 (factored whole)", 0.05), ("down to -4 (block by block)", 4.0)):
+        cum = (-torch.rand(B, H, N, C, D) * scale).cumsum(-2)
+        ms = timed(lambda c=cum: decayed_products(x, y, c, c, visible).sum().backward(), args.repeats) * 1e3
+        print(f"| {name} | {ms:.1f} |")
+    print("\n| kimi_linear training step, 8 x 256 tokens | tokens/s |\n| --- | --- |")
+    for hard in (False, True):
+        torch.manual_seed(0)
+        model = build_model(ModelConfig.from_yaml("configs/model/kimi_linear.yaml").to_dict()).train()
+        if hard:  # as a trained model's fastest channels: half of them at -1 a token
+            with torch.no_grad():
+                for layer in model.layers:
+                    if hasattr(layer.mixer, "decay_up"):
+                        layer.mixer.A_log.fill_(math.log(4.0))
+                        layer.mixer.dt_bias[::2].fill_(0.0)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        ids = torch.randint(0, 4096, (8, 256))
+
+        def step(m=model, o=opt, ids=ids):
+            m(ids, labels=ids).backward()
+            o.step()
+            o.zero_grad(set_to_none=True)
+
+        seconds = timed(step, args.repeats)
+        print(f"| {'half the channels at -1 a token' if hard else 'as initialised'} | {ids.numel() / seconds:,.0f} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--ops", default=",".join(OPS))
@@ -354,6 +399,7 @@ def main() -> None:
     p.add_argument("--bf16-attention", action="store_true", help="bf16 training attention: SDPA vs float32 copies")
     p.add_argument("--sink-attention", action="store_true", help="sink logits: as a key vs their scores formed")
     p.add_argument("--gated-deltanet", action="store_true", help="gated DeltaNet's rule and layer vs transformers'")
+    p.add_argument("--hard-decays", action="store_true", help="decayed_products factored whole vs block by block")
     p.add_argument("--memory-child", choices=["plain", "fused"])
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--tokens", type=int, default=8192)
@@ -371,6 +417,8 @@ def main() -> None:
         sink_attention(args)
     elif args.gated_deltanet:
         gated_deltanet(args)
+    elif args.hard_decays:
+        hard_decays(args)
     else:
         speed(args)
 

@@ -67,8 +67,8 @@ def decayed_products(x, y, x_decay, y_decay, visible):
     visible [C, C] or broadcastable [.., C, C]. The exponent factors around the chunk's middle m,
     x exp(x_decay - m) times y exp(m - y_decay): one matrix product, used while both factors stay
     within exp(+-FACTORABLE_DECAY). Chunks that decay harder (channels that forget within a few
-    tokens, as RWKV-6 or Mamba can learn) are evaluated row by row over [.., C, D] exponents,
-    masked before exp, so none is positive: exact, slower, and no larger in memory.
+    tokens, as RWKV-6, Mamba or KDA can learn) are factored block by block (``_blocked_products``):
+    exact, slower, no exponent positive.
 
     The choice reads the decays' values: under torch.compile (trainer.compile's blocks) its callers run
     between graphs (``between_graphs``), where traced it recompiled the block at every call.
@@ -81,11 +81,37 @@ def decayed_products(x, y, x_decay, y_decay, visible):
         # (finite scores: zeroed by a product, a vectorized pass, where masked_fill with a broadcast mask is ATen's
         # scalar loop: 40-50 against 640 us at 8 x 8 x 2 x 64 x 64)
         return scores.mul_(visible)
-    rows = []
-    for t in range(C):
-        exponent = (x_decay[..., t : t + 1, :] - y_decay).masked_fill(~visible[..., t, :, None], float("-inf"))
-        rows.append((x[..., t : t + 1, :] * y * flushed_exp(exponent)).sum(-1))
-    return torch.stack(rows, dim=-2)
+    return _blocked_products(x, y, x_decay, y_decay, visible)
+
+
+def _blocked_products(x, y, x_decay, y_decay, visible, block: int = 8):
+    """``decayed_products`` for chunks that decay too hard to factor whole: in blocks of ``block`` rows. A block's
+    rows against the columns before it factor around the decay of the last column before the block, r: x exp(X - r)
+    times y exp(r - Y), both exponents <= 0 (decays only accumulate), so none overflows, one batched product for
+    every block; within a block the [block, block, D] exponents are formed."""
+    C, D = x.shape[-2:]
+    pad = -C % block
+    if pad:  # (rows and columns past C: cut away below; the decays repeat the last, so they stay monotone)
+        x, y = F.pad(x, (0, 0, 0, pad)), F.pad(y, (0, 0, 0, pad))
+        x_decay, y_decay = (torch.cat([d, d[..., -1:, :].expand(*d.shape[:-2], pad, d.shape[-1])], dim=-2)
+                            for d in (x_decay, y_decay))  # fmt: skip
+        visible = F.pad(visible.to(torch.uint8), (0, pad, 0, pad)).bool()
+    n = (C + pad) // block
+    xb, xd = x.unflatten(-2, (n, block)), x_decay.unflatten(-2, (n, block))  # [.., n, block, D]
+    yb, yd = y.unflatten(-2, (n, block)), y_decay.unflatten(-2, (n, block))
+    # r_i: the decay of the column before block i (block 0 has no such columns: its own first, all hidden below)
+    r = torch.cat([yd[..., :1, :1, :].expand_as(yd[..., :1, :1, :]), yd[..., :-1, -1:, :]], dim=-3)  # [.., n, 1, D]
+    before = torch.arange(C + pad, device=x.device) < (torch.arange(n, device=x.device) * block)[:, None]  # [n, C]
+    columns = (r - y_decay[..., None, :, :]).add_(minus_inf_where_hidden(before[..., None], r.dtype))
+    rows = (xd - r).clamp_(max=0)  # (<= 0 already, but in block 0, whose columns are all hidden)
+    earlier = (xb * flushed_exp(rows)) @ (y[..., None, :, :] * flushed_exp(columns)).transpose(-1, -2)  # [.., n, b, C]
+    # (a pair after its row's token, the exponent positive, is clamped to 0: finite, and hidden by ``visible`` below)
+    exponent = (xd[..., :, None, :] - yd[..., None, :, :]).clamp_(max=0)
+    own = (xb[..., :, None, :] * yb[..., None, :, :] * flushed_exp(exponent)).sum(-1)  # [.., n, block, block]
+    eye = torch.eye(n, dtype=own.dtype, device=own.device)[:, None, :, None]
+    scores = earlier.unflatten(-1, (n, block)) + own[..., None, :] * eye  # [.., n, block, n, block]
+    scores = scores.flatten(-4, -3).flatten(-2, -1) * visible
+    return scores[..., :C, :C]
 
 
 def linear_attention_reference(

@@ -212,6 +212,33 @@ def test_decayed_products_factored_and_pairwise_agree(monkeypatch):
     torch.testing.assert_close(pairwise[0], definition * visible)
 
 
+@pytest.mark.parametrize("strict, with_docs", [(False, False), (True, True)])
+def test_blocked_products_match_the_definition_at_any_decay(strict, with_docs):
+    """Chunks that decay too hard to factor whole (down to -10 a token per channel, so a chunk's exponents span
+    hundreds) are factored block by block: the definition's products, pair by pair, in float64, gradients too; a
+    chunk of 21 (blocks of 8, the last padded), a read before its own token's decay (strict) and packed documents."""
+    C = 21
+    x, y = (torch.randn(2, 3, C, 5, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    g = -torch.rand(2, 3, C, 5, dtype=torch.float64) * 10
+    cum = g.cumsum(2)
+    reads = cum - g if strict else cum
+    visible = torch.ones(C, C, dtype=torch.bool).tril(-1 if strict else 0)
+    if with_docs:
+        segment = torch.tensor([0] * 6 + [1] * 10 + [2] * 5)
+        visible = visible & (segment[:, None] == segment[None, :])
+    got = decayed_products(x, y, reads, cum, visible)
+    exponent = (reads[..., :, None, :] - cum[..., None, :, :]).masked_fill(~visible[..., None], float("-inf"))
+    want = (x[..., :, None, :] * y[..., None, :, :] * exponent.exp()).sum(-1)
+    assert (got - want).abs().max() <= 1e-12
+    weights = torch.randn_like(want)
+    for a, b in zip(
+        torch.autograd.grad((got * weights).sum(), (x, y)),
+        torch.autograd.grad((want * weights).sum(), (x, y)),
+        strict=True,
+    ):
+        assert (a - b).abs().max() <= 1e-12
+
+
 def test_flushed_exp_is_exp_without_subnormals_and_exact_at_minus_infinity():
     """float32 on a CPU: exp to 4e-6 relative above the flush (2^-100), exactly 0 below it and at -inf, never
     a subnormal (which would slow every matrix product it enters); its gradient is exp's. float64: exp itself."""
