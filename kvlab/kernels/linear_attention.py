@@ -89,7 +89,7 @@ def _blocked_products(x, y, x_decay, y_decay, visible, block: int = 8):
     rows against the columns before it factor around the decay of the last column before the block, r: x exp(X - r)
     times y exp(r - Y), both exponents <= 0 (decays only accumulate), so none overflows, one batched product for
     every block; within a block the [block, block, D] exponents are formed."""
-    C, D = x.shape[-2:]
+    C = x.shape[-2]
     pad = -C % block
     if pad:  # (rows and columns past C: cut away below; the decays repeat the last, so they stay monotone)
         x, y = F.pad(x, (0, 0, 0, pad)), F.pad(y, (0, 0, 0, pad))
@@ -100,7 +100,7 @@ def _blocked_products(x, y, x_decay, y_decay, visible, block: int = 8):
     xb, xd = x.unflatten(-2, (n, block)), x_decay.unflatten(-2, (n, block))  # [.., n, block, D]
     yb, yd = y.unflatten(-2, (n, block)), y_decay.unflatten(-2, (n, block))
     # r_i: the decay of the column before block i (block 0 has no such columns: its own first, all hidden below)
-    r = torch.cat([yd[..., :1, :1, :].expand_as(yd[..., :1, :1, :]), yd[..., :-1, -1:, :]], dim=-3)  # [.., n, 1, D]
+    r = torch.cat([yd[..., :1, :1, :], yd[..., :-1, -1:, :]], dim=-3)  # [.., n, 1, D]
     before = torch.arange(C + pad, device=x.device) < (torch.arange(n, device=x.device) * block)[:, None]  # [n, C]
     columns = (r - y_decay[..., None, :, :]).add_(minus_inf_where_hidden(before[..., None], r.dtype))
     rows = (xd - r).clamp_(max=0)  # (<= 0 already, but in block 0, whose columns are all hidden)
