@@ -137,13 +137,15 @@ def delta_rule(q, k, v, log_decay, a, b, *, state=None, doc_ids=None, chunk_size
 #
 #     S_t = alpha_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,      o_t = q_t S_t,      alpha_t = exp(g_t)
 #
-# the generalised rule with log_decay g [.., 1], a = -alpha beta k, b = k and the write beta k; its own chunked
-# form (the WY form of DeltaNet's chunkwise training, with decay) needs half the products. Inside a chunk, with
-# gamma_t the cumulative log decay and d_t = beta_t (v_t - alpha_t S_{t-1}^T k_t) what token t writes
-# (S_t = alpha_t S_{t-1} + k_t d_t^T):
+# the generalised rule with a = -beta k, b = k exp(g) and the write beta k; its own chunked form (the WY form of
+# DeltaNet's chunkwise training, with decay) needs half the products. KDA's rule is the same with a decay per key
+# channel, S_t = (I - beta_t k_t k_t^T) Diag(alpha_t) S_{t-1} + beta_t k_t v_t^T (log_decay [.., Dk]: the products
+# below then sum exp(gamma_td - gamma_sd) channel by channel, ``decayed_products``). Inside a chunk, with gamma_t the
+# cumulative log decay and d_t = beta_t (v_t - S_{t-1}^T (alpha_t k_t)) what token t writes
+# (S_t = Diag(alpha_t) S_{t-1} + k_t d_t^T):
 #
-#     (I + A) d = beta V - (beta exp(gamma) K) S_0,       A[t, s] = beta_t exp(gamma_t - gamma_s) k_t . k_s  (s < t)
-#     O = (exp(gamma) Q) S_0 + (Q K^T * M) d,              M[t, s] = exp(gamma_t - gamma_s)  (s <= t)
+#     (I + A) d = beta V - (beta exp(gamma) K) S_0,       A[t, s] = beta_t k_t . (exp(gamma_t - gamma_s) k_s)  (s < t)
+#     O = (exp(gamma) Q) S_0 + P d,                        P[t, s] = q_t . (exp(gamma_t - gamma_s) k_s)  (s <= t)
 #     S_C = exp(gamma_C) S_0 + (exp(gamma_C - gamma) K)^T d
 #
 # so d = U - W S_0 with U, W one triangular solve per chunk, and only S's carry is sequential.
@@ -152,9 +154,10 @@ def delta_rule(q, k, v, log_decay, a, b, *, state=None, doc_ids=None, chunk_size
 def gated_delta_rule_reference(q, k, v, log_decay, beta, *, state=None, doc_ids=None, chunk_size=None):
     """o [B, H, T, Dv] and the final state [B, H, Dk, Dv]: the generalised rule's recurrence, token by token.
 
-    q, k [B, H, T, Dk]; v [B, H, T, Dv]; log_decay, beta [B, H, T]; state [B, H, Dk, Dv] or None (zeros)."""
-    g, written = log_decay[..., None], beta[..., None] * k
-    return delta_rule_reference(q, written, v, g, -g.exp() * written, k, state=state, doc_ids=doc_ids)
+    q, k [B, H, T, Dk]; v [B, H, T, Dv]; beta [B, H, T]; log_decay [B, H, T] (one per head) or [B, H, T, Dk] (per key
+    channel: KDA); state [B, H, Dk, Dv] or None (zeros)."""
+    g, written = log_decay if log_decay.dim() == 4 else log_decay[..., None], beta[..., None] * k
+    return delta_rule_reference(q, written, v, g, -written, k * g.exp(), state=state, doc_ids=doc_ids)
 
 
 def gated_delta_rule_chunked(q, k, v, log_decay, beta, *, state=None, doc_ids=None, chunk_size: int = 64):
@@ -169,9 +172,11 @@ def gated_delta_rule_chunked(q, k, v, log_decay, beta, *, state=None, doc_ids=No
     def chunked(x):  # [B, H, T, D] -> [B, H, N, C, D]
         return F.pad(x.to(dt), (0, 0, 0, pad)).view(B, H, N, C, -1)
 
-    q, k, v, g, beta = chunked(q), chunked(k), chunked(v), chunked(log_decay[..., None]), chunked(beta[..., None])
-    gamma = g.cumsum(dim=3)  # [B, H, N, C, 1]
-    end = gamma[:, :, :, -1:]  # [B, H, N, 1, 1]
+    vector = log_decay.dim() == 4  # a decay per key channel (KDA)
+    g = chunked(log_decay if vector else log_decay[..., None])
+    q, k, v, beta = chunked(q), chunked(k), chunked(v), chunked(beta[..., None])
+    gamma = g.cumsum(dim=3)  # [B, H, N, C, 1 or Dk]
+    end = gamma[:, :, :, -1:]  # [B, H, N, 1, 1 or Dk]
     inclusive = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
     carries = carry_out = None
     to_end = end - gamma  # [B, H, N, C, 1]: what the chunk's end keeps of each token's write, in log
@@ -182,11 +187,14 @@ def gated_delta_rule_chunked(q, k, v, log_decay, beta, *, state=None, doc_ids=No
         carries = (segment == 0)[..., None]  # tokens whose document the carried state belongs to
         carry_out = (segment[..., -1:] == 0)[..., None]  # [B, 1, N, 1, 1]: the chunk is one document
         to_end = to_end + minus_inf_where_hidden((segment == segment[..., -1:])[..., None], dt)
-    # exp(gamma_t - gamma_s) where s <= t in one document, else 0; every exponent <= 0 (flushed_exp: a CPU's
-    # slow paths far below zero, which a hard-forgetting head reaches within a chunk)
-    M = flushed_exp((gamma - gamma.transpose(-1, -2)).add_(minus_inf_where_hidden(inclusive, dt)))
-    strict = M.tril(-1)
-    A = (beta * (k @ k.transpose(-1, -2))) * strict
+    if vector:  # sum_d x_td k_sd exp(gamma_td - gamma_sd), the exponents factored (decayed_products)
+        P_kk = decayed_products(k, k, gamma, gamma, inclusive.tril(-1))
+        P = decayed_products(q, k, gamma, gamma, inclusive)
+    else:  # exp(gamma_t - gamma_s) where s <= t in one document, else 0; every exponent <= 0 (flushed_exp: a
+        # CPU's slow paths far below zero, which a hard-forgetting head reaches within a chunk)
+        M = flushed_exp((gamma - gamma.transpose(-1, -2)).add_(minus_inf_where_hidden(inclusive, dt)))
+        P_kk, P = (k @ k.transpose(-1, -2)) * M.tril(-1), (q @ k.transpose(-1, -2)) * M
+    A = beta * P_kk
     decayed = flushed_exp(gamma)  # exp(gamma_t)
     k_state = beta * decayed * k  # what each token's correction reads of the carried state, before the solve
     q_state = q * decayed
@@ -196,11 +204,10 @@ def gated_delta_rule_chunked(q, k, v, log_decay, beta, *, state=None, doc_ids=No
     U, W = torch.linalg.solve_triangular(
         eye + A, torch.cat([beta * v, k_state], dim=-1), upper=False, unitriangular=True
     ).split([Dv, Dk], dim=-1)  # d = U - W S_0
-    P = (q @ k.transpose(-1, -2)) * M
     out_chunk = P @ U  # the chunk's own part
     reads = torch.cat([q_state - P @ W, W], dim=-2)  # [B, H, N, 2C, Dk]: times S_0, the outputs' and d's
     k_end = (k * flushed_exp(to_end)).transpose(-1, -2)  # [B, H, N, Dk, C]
-    decay_end = flushed_exp(end)
+    decay_end = flushed_exp(end).transpose(-1, -2)  # [B, H, N, 1 or Dk, 1]: what S keeps of itself, per key row
     if carry_out is not None:
         decay_end = decay_end * carry_out
     S = q.new_zeros(B, H, Dk, Dv) if state is None else state.to(dt)
@@ -217,7 +224,9 @@ def gated_delta_rule_chunked(q, k, v, log_decay, beta, *, state=None, doc_ids=No
 
 
 def gated_delta_rule(q, k, v, log_decay, beta, *, state=None, doc_ids=None, chunk_size: int = 64):
-    """The recurrence for one or two tokens (decoding), the chunked form otherwise."""
+    """The recurrence for one or two tokens (decoding), the chunked form otherwise (between compiled graphs with a
+    decay per channel: its products read the decays' values, ``decayed_products``)."""
     if q.shape[2] <= 2:
         return gated_delta_rule_reference(q, k, v, log_decay, beta, state=state, doc_ids=doc_ids)
-    return gated_delta_rule_chunked(q, k, v, log_decay, beta, state=state, doc_ids=doc_ids, chunk_size=chunk_size)
+    chunked = between_graphs(gated_delta_rule_chunked) if log_decay.dim() == 4 else gated_delta_rule_chunked
+    return chunked(q, k, v, log_decay, beta, state=state, doc_ids=doc_ids, chunk_size=chunk_size)

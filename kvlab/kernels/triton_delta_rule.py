@@ -174,6 +174,7 @@ def delta_rule(q, k, v, log_decay, a, b, *, state=None, doc_ids=None, chunk_size
 
 def gated_delta_rule(q, k, v, log_decay, beta, *, state=None, doc_ids=None, chunk_size=64):
     """``kvlab.kernels.delta_rule.gated_delta_rule``'s contract, as the generalised rule: the decay on every key
-    channel (its gradient summed back), the correction -exp(g) beta k read along k, the write beta k."""
-    g, written = log_decay[..., None], beta[..., None] * k
-    return _DeltaRule.apply(q, written, v, g.expand_as(q), -g.exp() * written, k, state, doc_ids)
+    channel (one per head broadcast, its gradient summed back), the correction -beta k read along k exp(g), the
+    write beta k."""
+    g, written = (log_decay if log_decay.dim() == 4 else log_decay[..., None]).expand_as(q), beta[..., None] * k
+    return _DeltaRule.apply(q, written, v, g, -written, k * g.exp(), state, doc_ids)

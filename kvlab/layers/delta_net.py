@@ -22,12 +22,11 @@ the same layer with a decay per key channel, ``decay: channel``:
 
 alpha_t = exp(-exp(A_log_h) softplus(W_b W_a x_t + dt_bias)) [Dk] from a low-rank projection (``decay_rank``,
 its head_dim; one dt_bias per channel, one A_log per head), and its output gate low-rank too (``gate_rank``)
-and a sigmoid (``gate_activation: sigmoid``) where gated DeltaNet's is silu. It runs on the generalised rule
-(``kvlab.kernels.ops.delta_rule``): decay g per channel, correction -beta k reading along k exp(g), write beta k.
+and a sigmoid (``gate_activation: sigmoid``) where gated DeltaNet's is silu.
 
-Gated DeltaNet's rule runs on ``kvlab.kernels.ops.gated_delta_rule``: chunked in its WY form (training, prefill), the
-recurrence decoding (the generalised delta rule's, RWKV-7's, with one decay per head: correction
--exp(g) beta k read along k, write beta k). A left pad's beta and g are zero, so the state passes it
+Both rules run on ``kvlab.kernels.ops.gated_delta_rule``: chunked in its WY form (training, prefill; a decay per
+channel through ``decayed_products``), the recurrence decoding (the generalised delta rule's, RWKV-7's: correction
+-beta k read along k exp(g), write beta k). A left pad's beta and g are zero, so the state passes it
 unchanged; packed documents start from an empty state. The cache is fixed: per sequence the states
 (n_heads x Dk x Dv) and the convolution's last ``conv_kernel - 1`` inputs.
 """
@@ -42,7 +41,7 @@ from torch import nn
 
 from kvlab._config import check_bool, check_choice, check_float, check_int
 from kvlab.kernels.causal_conv import skipping_pads
-from kvlab.kernels.ops import causal_conv1d, delta_rule, gated_delta_rule
+from kvlab.kernels.ops import causal_conv1d, gated_delta_rule
 from kvlab.kernels.precision import upcast
 from kvlab.layers.base import LayerFootprint, MixerConfig, StepState, check_reads_own_state, register_mixer
 from kvlab.layers.kv_cache import StateSlot
@@ -186,14 +185,10 @@ class GatedDeltaNet(nn.Module):
         if state.real is not None:  # a pad writes nothing, removes nothing, does not decay: the state passes it
             real = state.real[:, None, :]
             beta, g = beta * real, g * (real if c.decay == "head" else real[..., None])
-        v, held = upcast(heads(v, H)), cache.state if cache is not None else None
-        if c.decay == "head":
-            o, new_state = gated_delta_rule(q, k, v, g, beta, state=held, doc_ids=state.doc_ids,
-                                            chunk_size=c.chunk_size)  # fmt: skip
-        else:  # the generalised rule: the correction -beta k reads the decayed state along k
-            written = beta[..., None] * k
-            o, new_state = delta_rule(q, written, v, g, -written, k * g.exp(), state=held, doc_ids=state.doc_ids,
-                                      chunk_size=c.chunk_size)  # fmt: skip
+        o, new_state = gated_delta_rule(
+            q, k, upcast(heads(v, H)), g, beta,
+            state=cache.state if cache is not None else None, doc_ids=state.doc_ids, chunk_size=c.chunk_size,
+        )  # fmt: skip
         if cache is not None:
             cache.state.copy_(new_state)
             cache.conv.copy_(conv_state)

@@ -46,14 +46,18 @@ def test_chunked_equals_recurrent_outputs_state_and_gradients(chunk_size, with_s
         torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3, msg=name)
 
 
-@pytest.mark.parametrize("chunk_size, with_docs", [(4, True), (16, False), (64, True)])
-def test_gated_rules_wy_form_equals_the_recurrence(chunk_size, with_docs):
-    """Gated DeltaNet's rule in its own chunked (WY) form against the generalised rule's recurrence with one decay
-    per head (a = -exp(g) beta k, b = k, the write beta k): decays down to -8 a token (a chunk's far past exp's
-    range), packed documents and a carried state; outputs, state and every gradient, in float64."""
+@pytest.mark.parametrize(
+    "chunk_size, with_docs, per_channel", [(4, True, False), (16, False, False), (64, True, False), (16, True, True)]
+)
+def test_gated_rules_wy_form_equals_the_recurrence(chunk_size, with_docs, per_channel):
+    """Gated DeltaNet's rule (one decay per head) and KDA's (one per key channel) in their chunked (WY) form against
+    the generalised rule's recurrence (a = -beta k, b = k exp(g), the write beta k): decays down to -8 a token (a
+    chunk's far past exp's range), packed documents and a carried state; outputs, state and every gradient, in
+    float64."""
     q, k, v, _, _, _, s0 = (t.double() for t in _inputs(37))
     k = F.normalize(k, dim=-1)
-    g, beta = -torch.rand(B, H, 37, dtype=torch.float64) * 8, torch.rand(B, H, 37, dtype=torch.float64)
+    g = -torch.rand(B, H, 37, *([DK] if per_channel else []), dtype=torch.float64) * 8
+    beta = torch.rand(B, H, 37, dtype=torch.float64)
     leaves = [t.clone().requires_grad_() for t in (q, k, v, g, beta, s0)]
     kwargs = {"state": leaves[-1], "doc_ids": DOCS if with_docs else None}
     out, state = gated_delta_rule_chunked(*leaves[:-1], chunk_size=chunk_size, **kwargs)

@@ -454,15 +454,15 @@ def test_recurrent_delta_rule_matches_the_reference(docs, with_state, final_grad
 
 
 def test_gated_delta_rule_runs_on_the_recurrent_kernel():
-    """Gated DeltaNet's rule as the generalised one (the decay broadcast to the key channels, its gradient summed
-    back) against its recurrence."""
+    """Gated DeltaNet's and KDA's rule as the generalised one (here a decay per key channel, KDA's) against its
+    recurrence."""
     from kvlab.kernels.delta_rule import gated_delta_rule_reference
     from kvlab.kernels.triton_delta_rule import gated_delta_rule
 
     B, H, T, DK, DV = 1, 2, 21, 8, 12
     k = torch.nn.functional.normalize(torch.randn(B, H, T, DK), dim=-1)
-    inputs = [torch.randn(B, H, T, DK), k, torch.randn(B, H, T, DV), -torch.rand(B, H, T) * 3, torch.rand(B, H, T),
-              torch.randn(B, H, DK, DV)]  # fmt: skip
+    inputs = [torch.randn(B, H, T, DK), k, torch.randn(B, H, T, DV), -torch.rand(B, H, T, DK) * 3,
+              torch.rand(B, H, T), torch.randn(B, H, DK, DV)]  # fmt: skip
     inputs = [t.clone().requires_grad_() for t in inputs]
 
     def pick(fn):
