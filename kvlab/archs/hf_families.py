@@ -2482,9 +2482,10 @@ for _type, _class in (("qwen3_5_text", "Qwen3_5ForCausalLM"), ("qwen3_5_moe_text
 # SwiGLU where mlp_layer_types says dense, elsewhere DeepSeek-V3's experts (sigmoid scores with a bias to choose,
 # groups, renormalised, scaled, ungated shared experts). KDA's q, k and v are projections apart (ours: one, in_proj).
 
-_KDA = {"beta_decay_proj": "b_proj", "decay_down": "forget_gate.f_a_proj", "decay_up": "forget_gate.f_b_proj",
-        "dt_bias": "forget_gate.dt_bias", "A_log": "forget_gate.A_log", "gate_down": "g_a_proj", "gate_up": "g_b_proj",
-        "norm_weight": "o_norm.weight", "out_proj": "o_proj", "conv_weight": "conv1d.weight"}  # fmt: skip
+_KDA = {"beta_decay_proj.weight": "b_proj.weight", "decay_down.weight": "forget_gate.f_a_proj.weight",
+        "decay_up.weight": "forget_gate.f_b_proj.weight", "dt_bias": "forget_gate.dt_bias",
+        "A_log": "forget_gate.A_log", "gate_down.weight": "g_a_proj.weight", "gate_up.weight": "g_b_proj.weight",
+        "norm_weight": "o_norm.weight", "out_proj.weight": "o_proj.weight", "conv_weight": "conv1d.weight"}  # fmt: skip
 
 
 def _kimi_claims(cfg: ModelConfig) -> bool:
@@ -2559,19 +2560,16 @@ def _kimi_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, t
         if g is None or g.kind != "gated_deltanet":
             out[kvlab_to_hf_name(name)] = value
             continue
-        prefix, (part, _, tensor) = f"model.{layer}.self_attn.", rest.partition(".")
-        if part == "in_proj":  # q, k, v apart
+        prefix = f"model.{layer}.self_attn."
+        if rest == "in_proj.weight":  # q, k, v apart
             widths = [g.n_qk_heads * g.head_dim] * 2 + [g.n_heads * g.value_head_dim]
-            out.update(
-                {f"{prefix}{which}_proj.{tensor}": v for which, v in zip("qkv", value.split(widths), strict=True)}
-            )
-        elif part == "conv_weight":
-            out[prefix + "conv1d.weight"] = value.unsqueeze(1)
-        elif part == "A_log":  # [1, 1, heads, 1]
-            out[prefix + "forget_gate.A_log"] = value.view(1, 1, -1, 1)
-        else:
-            their = _KDA[part]
-            out[prefix + (their if their.endswith(("weight", "bias", "A_log")) else f"{their}.{tensor}")] = value
+            out.update({f"{prefix}{x}_proj.weight": v for x, v in zip("qkv", value.split(widths), strict=True)})
+            continue
+        if rest == "conv_weight":  # nn.Conv1d's [channels, 1, taps]
+            value = value.unsqueeze(1)
+        elif rest == "A_log":  # [1, 1, heads, 1]
+            value = value.view(1, 1, -1, 1)
+        out[prefix + _KDA[rest]] = value
     return out
 
 

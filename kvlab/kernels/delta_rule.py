@@ -156,8 +156,14 @@ def gated_delta_rule_reference(q, k, v, log_decay, beta, *, state=None, doc_ids=
 
     q, k [B, H, T, Dk]; v [B, H, T, Dv]; beta [B, H, T]; log_decay [B, H, T] (one per head) or [B, H, T, Dk] (per key
     channel: KDA); state [B, H, Dk, Dv] or None (zeros)."""
+    return delta_rule_reference(q, *as_generalised(k, v, log_decay, beta), state=state, doc_ids=doc_ids)
+
+
+def as_generalised(k, v, log_decay, beta):
+    """The gated rule's arguments as the generalised rule's (k, v, log_decay, a, b): the write beta k, the decay
+    [.., 1 or Dk], the correction -beta k read along k exp(g)."""
     g, written = log_decay if log_decay.dim() == 4 else log_decay[..., None], beta[..., None] * k
-    return delta_rule_reference(q, written, v, g, -written, k * g.exp(), state=state, doc_ids=doc_ids)
+    return written, v, g, -written, k * g.exp()
 
 
 def gated_delta_rule_chunked(q, k, v, log_decay, beta, *, state=None, doc_ids=None, chunk_size: int = 64):
@@ -179,7 +185,7 @@ def gated_delta_rule_chunked(q, k, v, log_decay, beta, *, state=None, doc_ids=No
     end = gamma[:, :, :, -1:]  # [B, H, N, 1, 1 or Dk]
     inclusive = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
     carries = carry_out = None
-    to_end = end - gamma  # [B, H, N, C, 1]: what the chunk's end keeps of each token's write, in log
+    to_end = end - gamma  # [B, H, N, C, 1 or Dk]: what the chunk's end keeps of each token's write, in log
     if doc_ids is not None:
         starts = F.pad(document_starts(doc_ids), (0, pad)).view(B, 1, N, C)
         segment = starts.cumsum(dim=-1)  # documents begun so far within the chunk

@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from kvlab.kernels.attention import document_starts
+from kvlab.kernels.delta_rule import as_generalised
 from kvlab.kernels.triton_common import interpreting, load_state, state_slice
 
 
@@ -176,5 +177,5 @@ def gated_delta_rule(q, k, v, log_decay, beta, *, state=None, doc_ids=None, chun
     """``kvlab.kernels.delta_rule.gated_delta_rule``'s contract, as the generalised rule: the decay on every key
     channel (one per head broadcast, its gradient summed back), the correction -beta k read along k exp(g), the
     write beta k."""
-    g, written = (log_decay if log_decay.dim() == 4 else log_decay[..., None]).expand_as(q), beta[..., None] * k
-    return _DeltaRule.apply(q, written, v, g, -written, k * g.exp(), state, doc_ids)
+    written, v, g, a, b = as_generalised(k, v, log_decay, beta)
+    return _DeltaRule.apply(q, written, v, g.expand_as(q), a, b, state, doc_ids)

@@ -45,7 +45,7 @@ from kvlab.kernels.ops import causal_conv1d, gated_delta_rule
 from kvlab.kernels.precision import upcast
 from kvlab.layers.base import LayerFootprint, MixerConfig, StepState, check_reads_own_state, register_mixer
 from kvlab.layers.kv_cache import StateSlot
-from kvlab.layers.mamba import init_step_bias
+from kvlab.layers.mamba import init_depthwise_conv, init_step_bias
 
 L2_NORM_EPS = 1e-6  # inside the square root, as the paper's code (fla's l2norm) and transformers' Qwen3-Next
 DECAYS = ("head", "channel")  # one decay per head and token (gated DeltaNet), or per key channel (KDA)
@@ -143,8 +143,7 @@ class GatedDeltaNet(nn.Module):
     def reset_parameters(self) -> None:
         if self.A_log.is_meta:
             return
-        bound = 1 / self.cfg.conv_kernel**0.5  # nn.Conv1d's default for a depthwise kernel
-        nn.init.uniform_(self.conv_weight, -bound, bound)
+        init_depthwise_conv(self.conv_weight)
         init_step_bias(self.dt_bias, self.cfg.dt_min, self.cfg.dt_max)
         low = 0.01 if self.cfg.decay == "head" else 1.0  # KDA's code (fla's): A in [1, 16]
         self.A_log.copy_(torch.empty(self.cfg.n_heads).uniform_(low, 16).log())

@@ -89,11 +89,19 @@ from kvlab.layers.norm import RMSNorm
 
 @torch.no_grad()
 def _init_conv_and_step(conv_weight, conv_bias, dt_bias, dt_min: float, dt_max: float) -> None:
-    """Mamba's init of the convolution (nn.Conv1d's default for a depthwise kernel) and of the step."""
+    """Mamba's init of the convolution and of the step."""
+    init_depthwise_conv(conv_weight, conv_bias)
+    init_step_bias(dt_bias, dt_min, dt_max)
+
+
+@torch.no_grad()
+def init_depthwise_conv(conv_weight, conv_bias=None) -> None:
+    """nn.Conv1d's default init of a depthwise kernel [channels, taps] (and its bias): uniform in +-1/sqrt(taps)
+    (Mamba's and gated DeltaNet's short convolutions)."""
     bound = 1 / math.sqrt(conv_weight.shape[1])
     nn.init.uniform_(conv_weight, -bound, bound)
-    nn.init.uniform_(conv_bias, -bound, bound)
-    init_step_bias(dt_bias, dt_min, dt_max)
+    if conv_bias is not None:
+        nn.init.uniform_(conv_bias, -bound, bound)
 
 
 @torch.no_grad()
