@@ -6,6 +6,7 @@
     python benchmarks/kernel_ops.py --sink-attention
     python benchmarks/kernel_ops.py --gated-deltanet
     python benchmarks/kernel_ops.py --hard-decays
+    python benchmarks/kernel_ops.py --diagonal-scan
 
 For every op in ``kvlab.kernels.ops`` and every registered backend that can
 run its inputs here (interpreted Triton is left out: it is a correctness
@@ -49,6 +50,13 @@ KDA) at KDA's training shape (8 x 4 heads x 8 chunks of 32 tokens, 64 channels),
 that factor whole (-0.05 a token) and with decays that do not (down to -4 a token: channels that forget within a
 chunk, factored block by block); then the kimi_linear preset's training step (8 x 256 tokens) as initialised and
 with half its KDA channels forgetting at -1 a token.
+
+``--diagonal-scan``: Griffin's RG-LRU recurrence (a decay per channel and token), forward + backward in float32 at
+the griffin preset's training shape (8 x 256 tokens, 256 channels, decays as initialised): ``diagonal_scan``
+(Hillis and Steele's passes), its token-by-token reference, linear attention's chunked form with each channel a
+head of one key and one value (chunks of 8, 16 and 64), and `transformers`' RecurrentGemma scan (a token loop);
+then the recurrent block against `transformers`' RecurrentGemmaRecurrentBlock at the same weights, outputs
+checked equal.
 """
 
 from __future__ import annotations
@@ -103,6 +111,8 @@ def _inputs(op: str, device: str):
         delta = (torch.rand(B, 512, T, device=device) * 0.1).requires_grad_()
         return (g(B, 512, T), delta, (-torch.rand(512, 16, device=device)).requires_grad_(), g(B, 16, T),
                 g(B, 16, T)), {}  # fmt: skip
+    if op == "diagonal_scan":  # Griffin's RG-LRU: 512 channels, decays as initialised (a^8 of a in [0.9, 0.999])
+        return (g(B, T, 512), (-torch.rand(B, T, 512, device=device) * 0.8).requires_grad_()), {}
     if op == "causal_conv1d":
         return (g(B, T, 1024), g(1024, 4), g(1024)), {}
     if op == "rms_norm":
@@ -386,6 +396,69 @@ def hard_decays(args) -> None:
         print(f"| {'half the channels at -1 a token' if hard else 'as initialised'} | {ids.numel() / seconds:,.0f} |")
 
 
+def diagonal_scan(args) -> None:
+    import transformers
+    from transformers.models.recurrent_gemma import modeling_recurrent_gemma as theirs
+
+    from kvlab.kernels.diagonal_scan import diagonal_scan_reference
+    from kvlab.kernels.linear_attention import linear_attention_chunked
+    from kvlab.layers.rglru import RGLRU, RGLRUConfig
+
+    B, T, W = 8, 256, 256
+    x = torch.randn(B, T, W, requires_grad=True)
+    g = (-torch.rand(B, T, W) * 0.8).requires_grad_()  # -8 r softplus(-Lambda): a^8 r, a in [0.9, 0.999], r in (0, 1)
+    ones = torch.ones(B, 1, T, 1)
+
+    def channels_as_heads(chunk):
+        out, _ = linear_attention_chunked(ones, ones, x.transpose(1, 2)[..., None], g.transpose(1, 2),
+                                          chunk_size=chunk)  # fmt: skip
+        return out[..., 0].transpose(1, 2)
+
+    def transformers_scan():
+        out, _ = theirs.RecurrentGemmaRglru._rnn_scan(None, x, g.exp(), torch.zeros(B, T, 1, dtype=torch.bool), None)
+        return out
+
+    runs = {"diagonal_scan (Hillis and Steele)": lambda: ops.diagonal_scan(x, g)[0],
+            "token loop (its reference)": lambda: diagonal_scan_reference(x, g)[0],
+            **{f"linear attention, a channel a head, chunks of {c}": functools.partial(channels_as_heads, c)
+               for c in (8, 16, 64)},
+            "transformers (RecurrentGemma's scan)": transformers_scan}  # fmt: skip
+    want = runs["token loop (its reference)"]()
+    print(f"diagonal recurrence, forward + backward, float32, {B} x {T} tokens, {W} channels, ms (best of "
+          f"{args.repeats})\n\n| form | ms | max difference |\n| --- | --- | --- |")  # fmt: skip
+    for name, run in runs.items():
+        ms = timed(lambda r=run: r().sum().backward(), args.repeats) * 1e3
+        print(f"| {name} | {ms:.1f} | {(run() - want).abs().max().item():.1e} |")
+    ours = RGLRU(RGLRUConfig(width=W, n_heads=8), d_model=256, layer_idx=0, kv_source=0, max_seq_len=T)
+    config = transformers.RecurrentGemmaConfig(hidden_size=256, lru_width=W, num_attention_heads=8,
+                                               num_hidden_layers=1)  # fmt: skip
+    block = theirs.RecurrentGemmaRecurrentBlock(config, 0)
+    with torch.no_grad():  # our weights in its layouts (as the RecurrentGemma export writes them)
+        for part, linear in (("linear_y", 0), ("linear_x", 1)):
+            getattr(block, part).weight.copy_(ours.in_proj.weight.chunk(2)[linear])
+            getattr(block, part).bias.copy_(ours.in_proj.bias.chunk(2)[linear])
+        block.linear_out.load_state_dict(ours.out_proj.state_dict())
+        block.conv_1d.weight.copy_(ours.conv_weight[:, None])
+        block.conv_1d.bias.copy_(ours.conv_bias)
+        lru = block.rg_lru
+        for mine, its in (("input_gate", "input_gate"), ("recurrence_gate", "recurrent_gate")):
+            getattr(lru, f"{its}_weight").copy_(getattr(ours, f"{mine}_weight"))
+            getattr(lru, f"{its}_bias").copy_(getattr(ours, f"{mine}_bias"))
+        lru.recurrent_param.copy_(-ours.decay_logit)
+    h = torch.randn(B, T, 256, requires_grad=True)
+    positions = torch.arange(T)[None].expand(B, T)
+
+    def its(h=h):
+        return block(h, positions, None, use_cache=False)[0]
+
+    difference = (ours(h) - its()).abs().max().item()
+    ms = {name: timed(lambda f=f: f().square().sum().backward(), args.repeats) * 1e3
+          for name, f in (("kvlab", lambda: ours(h)), ("transformers", its))}  # fmt: skip
+    print(f"\nthe recurrent block (d_model and width 256, gates in 8 blocks), forward + backward: kvlab "
+          f"{ms['kvlab']:.1f} ms, transformers {ms['transformers']:.1f} ms, x{ms['transformers'] / ms['kvlab']:.2f}; "
+          f"max difference {difference:.1e}")  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--ops", default=",".join(OPS))
@@ -400,6 +473,7 @@ def main() -> None:
     p.add_argument("--sink-attention", action="store_true", help="sink logits: as a key vs their scores formed")
     p.add_argument("--gated-deltanet", action="store_true", help="gated DeltaNet's rule and layer vs transformers'")
     p.add_argument("--hard-decays", action="store_true", help="decayed_products factored whole vs block by block")
+    p.add_argument("--diagonal-scan", action="store_true", help="Griffin's recurrence: the scan vs other forms")
     p.add_argument("--memory-child", choices=["plain", "fused"])
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--tokens", type=int, default=8192)
@@ -419,6 +493,8 @@ def main() -> None:
         gated_deltanet(args)
     elif args.hard_decays:
         hard_decays(args)
+    elif args.diagonal_scan:
+        diagonal_scan(args)
     else:
         speed(args)
 

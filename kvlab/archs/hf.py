@@ -159,7 +159,7 @@ def hf_config_from_model(cfg: ModelConfig) -> dict[str, Any]:
     """
     layout = layout_for(cfg)
     if layout is not None:
-        _refuse(_model_problems(cfg) + layout.problems(cfg))
+        _refuse(_model_problems(cfg, mlp_bias=layout.mlp_bias) + layout.problems(cfg))
         a = next((m for m in cfg.layer_mixers if m.kind == "attention"), None)  # (None: Mamba's)
         return {"architectures": [layout.architecture], **_common_fields(cfg, a), **layout.to_hf(cfg)}
     mixers = cfg.layer_mixers
@@ -210,9 +210,11 @@ def _refuse(problems: list[str]) -> None:
         )
 
 
-def _model_problems(cfg: ModelConfig) -> list[str]:
-    """What no native class has, whatever the mixers."""
+def _model_problems(cfg: ModelConfig, mlp_bias: bool = False) -> list[str]:
+    """What no native class has, whatever the mixers (``mlp_bias``: but biases on gated MLPs, which it has)."""
     problems = []
+    if not mlp_bias and any(p.mlp.kind in ("swiglu", "geglu") and p.mlp.bias for p in cfg.plan):
+        problems.append("biases on the gated MLPs (mlp bias: RecurrentGemma's)")
     if cfg.blocks is not None:
         problems.append("a Block Transformer (blocks)")
     if cfg.context is not None:

@@ -956,6 +956,7 @@ class NativeLayout:
     # their weights in our layouts, under the names export_state gives each of ours alone: fused tensors split,
     # values offset, the buffers old checkpoints hold dropped (None: as they are)
     prepare: Callable[[dict[str, torch.Tensor], ModelConfig], dict[str, torch.Tensor]] | None = None
+    mlp_bias: bool = False  # its gated MLPs (SwiGLU, GeGLU) take biases (RecurrentGemma's)
 
     def import_state(self, theirs: dict[str, torch.Tensor], ours: dict[str, torch.Tensor], cfg: ModelConfig):
         """Their weights under our names and in our layouts, for our model's state ``ours`` (shapes wanted):
@@ -2640,4 +2641,147 @@ NATIVE_LAYOUTS["kimi_linear"] = NativeLayout(
     export_state=_kimi_state,
     from_hf=_kimi_from_hf,
     prepare=_kimi_weights,
+)
+
+
+# RecurrentGemma (Botev et al. 2024; Griffin's layers, De et al. 2024; `transformers`' RecurrentGemmaForCausalLM):
+# Griffin's recurrent blocks (RG-LRU) and local MQA where block_types puts them, Gemma's block (RMSNorms weighing by
+# 1 + w, embeddings times sqrt(d_model) rounded to bf16, as its normaliser buffer holds it, logits soft-capped), a
+# GeGLU of intermediate_size / 2 with biases, the attention's output projection with a bias, RoPE on half of each
+# head (partial_rotary_factor). Its recurrent block's linear_y and linear_x are the halves of our in_proj; its
+# recurrent_param is -Lambda (it decays by exp(-c r softplus(recurrent_param))); the gates' blocks as ours.
+
+_RECURRENT_GEMMA_MIXER = {"conv_weight": "conv_1d.weight", "conv_bias": "conv_1d.bias",
+                          "input_gate_weight": "rg_lru.input_gate_weight", "input_gate_bias": "rg_lru.input_gate_bias",
+                          "recurrence_gate_weight": "rg_lru.recurrent_gate_weight",
+                          "recurrence_gate_bias": "rg_lru.recurrent_gate_bias",
+                          "decay_logit": "rg_lru.recurrent_param"}  # fmt: skip
+_RECURRENT_GEMMA_PARTS = {"mixer_norm": "temporal_pre_norm", "mlp_norm": "channel_pre_norm", "mixer": "temporal_block",
+                          "mlp": "mlp_block"}  # fmt: skip
+
+
+def recurrent_gemma_embed_scale(d_model: int) -> float:
+    """sqrt(d_model) as RecurrentGemma's normaliser holds it: in bf16 (2560: 50.5, not 50.596)."""
+    return float(torch.tensor(d_model**0.5, dtype=torch.bfloat16))
+
+
+def _recurrent_gemma_claims(cfg: ModelConfig) -> bool:
+    """RG-LRU beside attention: its class's cache needs an attention layer (without one, transformers 5.25 fails at
+    the first call with a cache), so Hawk, the recurrent blocks alone, exports as remote code."""
+    return _mixer_kinds(cfg) == {"rglru", "attention"}
+
+
+def _recurrent_gemma_problems(cfg: ModelConfig) -> list[str]:
+    problems = pre_norm_problems(cfg) + multiplier_problems(cfg, but=("embed_scale",))
+    scale = recurrent_gemma_embed_scale(cfg.d_model)
+    if (cfg.norm.kind != "rmsnorm" or not cfg.norm.unit_offset or cfg.post_norms or cfg.parallel_residual
+            or cfg.embed_scale != scale or cfg.logit_softcap is None):  # fmt: skip
+        problems.append(f"norm {cfg.norm.kind!r} with unit_offset={cfg.norm.unit_offset}, post_norms="
+                        f"{cfg.post_norms}, parallel_residual={cfg.parallel_residual}, embed_scale={cfg.embed_scale}, "
+                        f"logit_softcap={cfg.logit_softcap} (RecurrentGemma's: an RMSNorm weighing by 1 + w before "
+                        f"each sublayer, embeddings times sqrt(d_model) in bf16 = {scale:g}, capped "
+                        "logits)")  # fmt: skip
+    recurrent = [m for m in cfg.layer_mixers if m.kind == "rglru"]
+    attention = [m for m in cfg.layer_mixers if m.kind == "attention"]
+    if any(m != recurrent[0] for m in recurrent) or any(m != attention[0] for m in attention):
+        problems.append("RG-LRU or attention layers that differ from one another (RecurrentGemma has one of each)")
+    r, a = recurrent[0], attention[0]
+    heads = a.n_heads
+    if r.c != 8.0 or r.n_heads != heads or cfg.d_model % heads:
+        problems.append(f"RG-LRU with c={r.c} and n_heads={r.n_heads} (RecurrentGemma's: c 8, a gate block per "
+                        f"attention head, {heads}, dividing d_model)")  # fmt: skip
+    problems += [p for p in _attention_layer_problems(a) if not p.startswith("partial RoPE")]
+    rope_dims = a.rope_dims or a.head_dim
+    if (a.window is None or not a.o_bias or a.head_dim != cfg.d_model // heads or a.qk_norm
+            or a.rope_scaling is not None or int(a.head_dim * (rope_dims / a.head_dim)) != rope_dims):  # fmt: skip
+        problems.append(f"attention with window={a.window}, o_bias={a.o_bias}, head_dim={a.head_dim}, qk_norm="
+                        f"{a.qk_norm}, rope_scaling={a.rope_scaling} (RecurrentGemma's: a sliding window, a bias on "
+                        "the output projection, heads of d_model / n_heads, no query/key norms, plain "
+                        "RoPE)")  # fmt: skip
+    if any(p.mlp != cfg.mlp for p in cfg.plan) or cfg.mlp.kind != "geglu" or not cfg.mlp.bias:
+        problems.append("MLPs other than one GeGLU with biases in every layer (RecurrentGemma's)")
+    return problems
+
+
+def _recurrent_gemma_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    r = next(m for m in cfg.layer_mixers if m.kind == "rglru")
+    a = next(m for m in cfg.layer_mixers if m.kind == "attention")
+    return {
+        "model_type": "recurrent_gemma", "num_attention_heads": a.n_heads, "num_key_value_heads": a.n_kv_heads,
+        "lru_width": r.width, "attention_window_size": a.window, "conv1d_width": r.conv_kernel,
+        "logits_soft_cap": cfg.logit_softcap, "intermediate_size": 2 * cfg.mlp.hidden,
+        "hidden_activation": "gelu_pytorch_tanh", "hidden_act": "gelu_pytorch_tanh",
+        "block_types": ["recurrent" if m.kind == "rglru" else "attention" for m in cfg.layer_mixers],
+        "attention_bias": a.qkv_bias,
+        "rope_parameters": rope_parameters(a) | {"partial_rotary_factor": (a.rope_dims or a.head_dim) / a.head_dim},
+    }  # fmt: skip
+
+
+def _recurrent_gemma_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, value in state.items():
+        if not name.startswith("layers."):
+            out[name if name == "lm_head.weight" else "model." + name.replace("norm.", "final_norm.", 1)] = value
+            continue
+        _, i, part, rest = name.split(".", 3)
+        prefix = f"model.layers.{i}.{_RECURRENT_GEMMA_PARTS.get(part, part)}."
+        if part != "mixer" or cfg.layer_mixers[int(i)].kind != "rglru":
+            out[prefix + rest] = value
+            continue
+        head, _, tensor = rest.partition(".")
+        if head == "in_proj":  # [y, x]
+            y, x = value.chunk(2)
+            out[f"{prefix}linear_y.{tensor}"], out[f"{prefix}linear_x.{tensor}"] = y, x
+        elif head == "out_proj":
+            out[f"{prefix}linear_out.{tensor}"] = value
+        else:
+            value = {"conv_weight": value.unsqueeze(1), "decay_logit": -value}.get(head, value)  # (conv: [W, 1, K])
+            out[prefix + _RECURRENT_GEMMA_MIXER[head]] = value
+    return out
+
+
+def _recurrent_gemma_weights(theirs: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Theirs in our layouts: recurrent_param back to Lambda; the normaliser buffer old checkpoints hold dropped."""
+    return {name: -value if name.endswith(".rg_lru.recurrent_param") else value for name, value in theirs.items()
+            if not name.endswith(".normalizer")}  # fmt: skip
+
+
+def _recurrent_gemma_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+    import transformers
+
+    derived = transformers.RecurrentGemmaConfig(**{k: v for k, v in hf.items() if k != "model_type"})
+    if derived.hidden_activation != "gelu_pytorch_tanh":
+        raise ValueError(f"config.json: hidden_activation={derived.hidden_activation!r} is not supported (GeGLU with "
+                         "tanh's GELU, gelu_pytorch_tanh, is)")  # fmt: skip
+    rope = read_rope({"model_type": "recurrent_gemma", "rope_parameters": derived.rope_parameters})
+    d, heads, head_dim = derived.hidden_size, derived.num_attention_heads, derived.head_dim
+    factor = derived.rope_parameters.get("partial_rotary_factor", 0.5)
+    attention = {"kind": "attention", "n_heads": heads, "n_kv_heads": derived.num_key_value_heads,
+                 "head_dim": head_dim, "rope_theta": rope.theta, "rope_dims": int(head_dim * factor),
+                 "window": derived.attention_window_size, "qkv_bias": bool(derived.attention_bias),
+                 "o_bias": True}  # fmt: skip
+    recurrent = {"kind": "rglru", "width": derived.lru_width, "n_heads": heads, "conv_kernel": derived.conv1d_width}
+    pattern = "".join("R" if t == "linear_attention" else "A" for t in derived.layers_block_type)
+    return {
+        "vocab_size": derived.vocab_size, "d_model": d, "n_layers": derived.num_hidden_layers,
+        "max_seq_len": hf.get("max_position_embeddings") or 8192,  # (none in its config: it was trained at 8,192)
+        "norm": {"kind": "rmsnorm", "eps": derived.rms_norm_eps, "unit_offset": True},
+        "tie_embeddings": bool(derived.tie_word_embeddings), "embed_scale": recurrent_gemma_embed_scale(d),
+        "logit_softcap": derived.logits_soft_cap, "mixer": None, "pattern": pattern,
+        "mixers": {k: v for k, v in {"A": attention, "R": recurrent}.items() if k in pattern},
+        "mlp": {"kind": "geglu", "hidden": derived.intermediate_size // 2, "bias": True},
+    }  # fmt: skip
+
+
+NATIVE_LAYOUTS["recurrent_gemma"] = NativeLayout(
+    model_type="recurrent_gemma",
+    architecture="RecurrentGemmaForCausalLM",
+    describes="rglru (Griffin's recurrent block) beside local attention as recurrent_gemma",
+    claims=_recurrent_gemma_claims,
+    problems=_recurrent_gemma_problems,
+    to_hf=_recurrent_gemma_to_hf,
+    export_state=_recurrent_gemma_state,
+    from_hf=_recurrent_gemma_from_hf,
+    prepare=_recurrent_gemma_weights,
+    mlp_bias=True,
 )

@@ -13,6 +13,7 @@ modes, ``KVLAB_KERNELS`` and the fallback rules). Backends per op:
     gated_delta_rule      x          chunked (WY form)       x (delta_rule's, the decay on every key channel)
     ssd                   x          via linear_attention            mamba-ssm
     selective_scan        x          token loop (compiled chunks)  x (recurrent, chunk checkpoints)  mamba-ssm
+    diagonal_scan         x          Hillis-Steele (log2 T passes, reverse-scan backward)  x (token by token)
     causal_conv1d         x          shifted multiply-adds   x
     rms_norm (+residual)  x          F.rms_norm              x
     apply_rope            x          rotate-half             x
@@ -42,6 +43,8 @@ from kvlab.kernels.delta_rule import delta_rule as _delta_rule_torch
 from kvlab.kernels.delta_rule import delta_rule_reference as _delta_rule_reference
 from kvlab.kernels.delta_rule import gated_delta_rule as _gated_delta_rule_torch
 from kvlab.kernels.delta_rule import gated_delta_rule_reference as _gated_delta_rule_reference
+from kvlab.kernels.diagonal_scan import diagonal_scan as _diagonal_scan_torch
+from kvlab.kernels.diagonal_scan import diagonal_scan_reference as _diagonal_scan_reference
 from kvlab.kernels.linear_attention import linear_attention as _linear_attention_torch
 from kvlab.kernels.linear_attention import linear_attention_reference as _linear_attention_reference
 from kvlab.kernels.norm import rms_norm as _rms_norm_torch
@@ -169,6 +172,9 @@ register("selective_scan", "torch", _selective_scan_torch)
 register("selective_scan", "triton", "kvlab.kernels.triton_selective_scan:selective_scan", packages=["triton"])
 register("selective_scan", "external", "kvlab.kernels.external:mamba_selective_scan", packages=["mamba_ssm"],
          supports=_selective_scan_supports)  # fmt: skip
+register("diagonal_scan", "reference", _diagonal_scan_reference)
+register("diagonal_scan", "torch", _diagonal_scan_torch)
+register("diagonal_scan", "triton", "kvlab.kernels.triton_diagonal_scan:diagonal_scan", packages=["triton"])
 register("causal_conv1d", "reference", _causal_conv1d_reference)
 register("causal_conv1d", "torch", _causal_conv1d_torch)
 register("causal_conv1d", "triton", "kvlab.kernels.triton_causal_conv:causal_conv1d", packages=["triton"])
@@ -234,6 +240,10 @@ def ssd(x, dt, A, B, C, *, state=None, doc_ids=None, chunk_size=64):
 
 def selective_scan(u, delta, A, B, C, *, state=None, doc_ids=None, chunk_size=64):
     return dispatch("selective_scan", u, delta, A, B, C, state=state, doc_ids=doc_ids, chunk_size=chunk_size)
+
+
+def diagonal_scan(x, log_decay, *, state=None, doc_ids=None):
+    return dispatch("diagonal_scan", x, log_decay, state=state, doc_ids=doc_ids)
 
 
 def dequantize(packed, scale, zero, bits, dtype):

@@ -87,6 +87,7 @@ OPS = (
     "gated_delta_rule",
     "ssd",
     "selective_scan",
+    "diagonal_scan",
     "causal_conv1d",
     "rms_norm",
     "apply_rope",

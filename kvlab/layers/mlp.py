@@ -69,7 +69,7 @@ class MLPConfig:
     hidden: int | None = None
     # kind none: blocks without an MLP, for mixers that carry one's weight (GAU)
     # kind gelu or moe (None: false): biases on both projections (GPT-NeoX has them); moe: on the router and on each
-    # expert's projections (gpt-oss)
+    # expert's projections (gpt-oss); swiglu or geglu (None: none): on the three projections (RecurrentGemma's)
     bias: bool | None = None
     # kind gelu (None: tanh): torch's GELU approximation: tanh (GPT-2's) | none (the exact erf form, GPT-NeoX's)
     approximate: str | None = None
@@ -102,10 +102,12 @@ class MLPConfig:
         if self.kind in ("gelu", "moe"):
             self.bias = False if self.bias is None else self.bias
             check_bool(self.bias, f"{path}.bias")
+        elif self.kind in ("swiglu", "geglu"):  # (None stays None: the configs written before biases read alike)
+            if self.bias is not None:
+                check_bool(self.bias, f"{path}.bias")
         elif self.bias is not None:
-            raise ValueError(
-                f"{path}.bias={self.bias!r} set but {path}.kind={self.kind}; it configures kinds gelu, moe"
-            )
+            raise ValueError(f"{path}.bias={self.bias!r} set but {path}.kind={self.kind}; it configures kinds gelu, "
+                             "moe, swiglu, geglu")  # fmt: skip
         if self.kind == "gelu":
             self.approximate = "tanh" if self.approximate is None else self.approximate
             check_choice(self.approximate, f"{path}.approximate", GELU_APPROXIMATIONS)
@@ -174,11 +176,11 @@ class SwiGLU(nn.Module):
 
     stateful = False
 
-    def __init__(self, d_model: int, hidden: int):
+    def __init__(self, d_model: int, hidden: int, bias: bool = False):
         super().__init__()
-        self.gate_proj = nn.Linear(d_model, hidden, bias=False)
-        self.up_proj = nn.Linear(d_model, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, d_model, bias=False)
+        self.gate_proj = nn.Linear(d_model, hidden, bias=bias)
+        self.up_proj = nn.Linear(d_model, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, d_model, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_proj(x), self.up_proj(x)
@@ -409,6 +411,8 @@ def build_mlp(cfg: MLPConfig, d_model: int) -> nn.Module | None:
         return MoE(d_model, cfg)
     if cfg.kind == "gelu":
         return GeluMLP(d_model, cfg.hidden, cfg.bias, cfg.approximate)
+    if cfg.kind in ("swiglu", "geglu"):
+        return MLP_CLASSES[cfg.kind](d_model, cfg.hidden, bool(cfg.bias))
     return MLP_CLASSES[cfg.kind](d_model, cfg.hidden)
 
 

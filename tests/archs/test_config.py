@@ -145,7 +145,15 @@ BAD = {
         r"\(got attention with head_dim=16\)$",
     ),
     "retention decay": (tiny(mixer={"kind": "retention", "decay": "learned"}), r"mixer\.decay='learned' is not one of"),
-    "gelu settings on swiglu": (tiny(mlp={"kind": "swiglu", "bias": True}), r"mlp\.bias=True set but mlp\.kind=swiglu"),
+    "bias on rwkv's channel mix": (
+        tiny(mlp={"kind": "rwkv_channel_mix", "bias": True}),
+        r"mlp\.bias=True set but mlp\.kind=rwkv_channel_mix",
+    ),
+    "gelu settings on swiglu": (
+        tiny(mlp={"kind": "swiglu", "approximate": "none"}),
+        r"mlp\.approximate='none' set but mlp\.kind=swiglu",
+    ),
+    "bias not a bool": (tiny(mlp={"kind": "geglu", "bias": "yes"}), r"mlp\.bias='yes' must be true or false"),
     "gelu approximation": (tiny(mlp={"kind": "gelu", "approximate": "erf"}), r"mlp\.approximate='erf' is not one of"),
     "swiglu gain without its clamp": (
         tiny(mlp={"kind": "moe", "swiglu_alpha": 1.7}),

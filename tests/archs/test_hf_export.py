@@ -121,7 +121,7 @@ PRESET_TYPES = {"mha": "llama", "gqa": "llama", "mqa": "llama", "mla": "deepseek
                 "xc_cache": "kvlab", "hymba": "kvlab", "parallel_heads": "kvlab", "rwkv6_shared_mla": "kvlab",
                 "recurformer": "kvlab", "mixcon": "kvlab", "local_global": "ministral",
                 "gpt_oss": "gpt_oss", "qwen3_next": "qwen3_next", "kimi_linear": "kimi_linear",
-                "gated_deltanet": "kvlab"}  # fmt: skip
+                "gated_deltanet": "kvlab", "griffin": "recurrent_gemma"}  # fmt: skip
 EXPECTED_TYPE = {**PRESET_TYPES, "mistral_window": "mistral", "qwen2_bias": "qwen2", "qwen2_window": "qwen2",
                  "qwen3_qk_norm_bias": "qwen3",
                  "mla_q_lora": "deepseek_v3", "mla_moe": "deepseek_v3", **dict.fromkeys(REMOTE, "kvlab")}  # fmt: skip
@@ -146,7 +146,7 @@ for name, directory in json.loads(sys.argv[1]).items():
         greedy_fed = fed[:]
         beams = model.generate(ids[:1, :5], max_new_tokens=8, min_new_tokens=8, num_beams=4, do_sample=False,
                                num_return_sequences=4, output_scores=True, return_dict_in_generate=True)
-    cache = result["cache"] if "cache" in result.keys() else result["past_key_values"]  # transformers 5, 4
+    cache = result.get("cache", result.get("past_key_values"))  # transformers 5, 4; RecurrentGemma's: none
     float64 = None
     if not remote:  # again in float64, where float32's rounding no longer hides another constant (an eps, a scale)
         try:  # transformers' grouped expert products take no float64
@@ -182,8 +182,8 @@ for name, directory in json.loads(sys.argv[1]).items():
                                                   min_new_tokens=8, do_sample=False)[0, 5:]
     torch.save({"logits": result.logits, "generated": generated[0, 5:], "beams": beams.sequences[:, 5:],
                 "beam_scores": beams.sequences_scores,
-                "cache_shape": None if remote else next(tuple(layer.keys.shape) for layer in cache.layers
-                                                        if getattr(layer, "keys", None) is not None),
+                "cache_shape": None if remote or cache is None else next(
+                    tuple(layer.keys.shape) for layer in cache.layers if getattr(layer, "keys", None) is not None),
                 "cache_bytes": cache.cache.nbytes() if remote else None,
                 "class": type(model).__name__, "context": context, "policy": policy, "fed": greedy_fed,
                 "padded": padded, "float64": float64},
@@ -253,7 +253,8 @@ def test_export_loads_and_matches_logits_and_generation(exported, name):
         if theirs["float64"] is not None and not name.startswith("sharp"):
             ours_logits = copy.deepcopy(model).double()(ids)
             # (their gated delta rules: in float32 whatever the dtype)
-            bound = 1e-5 if config["model_type"] in ("qwen3_next", "kimi_linear") else 1e-6
+            # (and RecurrentGemma's norms and scan)
+            bound = 1e-5 if config["model_type"] in ("qwen3_next", "kimi_linear", "recurrent_gemma") else 1e-6
             assert (theirs["float64"] - ours_logits).abs().max() <= bound * max(1, ours_logits.abs().max())
     ours = model.generate(ids[:1, :5], max_new_tokens=16)[0, 5:]
     assert torch.equal(theirs["generated"], ours)
@@ -262,7 +263,9 @@ def test_export_loads_and_matches_logits_and_generation(exported, name):
         with torch.no_grad():
             assert (theirs["context"]["logits"] - model(ids, context=ctx)).abs().max() <= 1e-4
         assert torch.equal(theirs["context"]["generated"], model.generate(ids[:1, :5], 8, context=ctx[:1])[0, 5:])
-    if model.takes_pads():  # left-padded rows: each gets what it gets alone (native classes as well as ours)
+    # left-padded rows: each gets what it gets alone (native classes as well as ours; not RecurrentGemma's, whose
+    # recurrent blocks read a row's pads as tokens: ours are checked alone in tests/archs/test_padding.py)
+    if model.takes_pads() and config["model_type"] != "recurrent_gemma":
         padded = torch.load(f"{dirs[name]}/padded.pt")
         for row, n in enumerate(PADDED_ROWS):
             alone = padded["ids"][row : row + 1, -n:]
@@ -284,6 +287,8 @@ def test_export_loads_and_matches_logits_and_generation(exported, name):
             assert torch.equal(
                 theirs["policy"]["generated"], model.generate(ids[:1, :5], 8, cache_policy="int8")[0, 5:]
             )
+    elif theirs["cache_shape"] is None:  # RecurrentGemma's class holds its states and K/V in its modules
+        assert config["model_type"] == "recurrent_gemma"
     elif (m := next(m for m in model.config.layer_mixers if m.kind in ("mla", "attention"))).kind == "mla":
         assert theirs["cache_shape"][1::2] == (1, m.kv_lora_rank)  # transformers caches the latent too, one "head"
     else:  # transformers' cache is the GQA one (Jamba's attention layer: its only K/V)
@@ -652,6 +657,34 @@ def test_gated_deltanet_beside_gated_attention_exports_as_qwen3_next(tmp_path):
                     remote_code=False)  # fmt: skip
     with pytest.raises(ValueError, match=r"mixer kind 'gated_deltanet'"):
         save_hf(build_model(tiny(**{**spec, "pattern": "D"})), tmp_path / "c", remote_code=False)
+
+
+def test_griffin_and_hawk_export_as_recurrent_gemma(tmp_path):
+    """Griffin's recurrent blocks (RG-LRU) beside local MQA with RoPE on half of each head, in Gemma's block with
+    RecurrentGemma's parts (a biased GeGLU, a bias on the attention's output, capped logits), export to
+    RecurrentGemmaForCausalLM (``_native_round_trip``: its norms and scan run in float32 whatever the dtype); what
+    it lacks is named; the recurrent blocks alone (Hawk), which its class cannot decode, are not claimed; a Llama
+    with a biased SwiGLU is refused."""
+    attention = {"kind": "attention", "n_heads": 4, "n_kv_heads": 1, "head_dim": 16, "rope_dims": 8, "window": 4,
+                 "o_bias": True}  # fmt: skip
+    spec = {"mixer": None, "pattern": "RRAR", "mixers": {"R": {"kind": "rglru", "width": 48}, "A": attention},
+            "norm": {"kind": "rmsnorm", "eps": 1e-6, "unit_offset": True}, "embed_scale": 8.0, "logit_softcap": 30.0,
+            "mlp": {"kind": "geglu", "hidden": 48, "bias": True}}  # fmt: skip
+    _native_round_trip(spec, tmp_path, "RecurrentGemmaForCausalLM", 1e-5)
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert (config["block_types"], config["lru_width"], config["intermediate_size"]) == (
+        ["recurrent", "recurrent", "attention", "recurrent"], 48, 96)  # fmt: skip
+    with pytest.raises(ValueError, match=r"mixer kind 'rglru'"):
+        save_hf(build_model(tiny(**{**spec, "pattern": "RRRR"})), tmp_path / "c", remote_code=False)
+    for broken, match in (({"mlp": {"kind": "geglu", "hidden": 48}}, r"MLPs other than one GeGLU with biases"),
+                          ({"embed_scale": None}, r"embed_scale=None, .*\(RecurrentGemma's"),
+                          ({"mixers": {**spec["mixers"], "A": {**attention, "window": None}}},
+                           r"attention with window=None")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            save_hf(build_model(tiny(**{**spec, **broken})), tmp_path / "c", remote_code=False)
+    with pytest.raises(ValueError, match=r"biases on the gated MLPs"):
+        save_hf(build_model(tiny(mlp={"kind": "swiglu", "hidden": 48, "bias": True})), tmp_path / "c",
+                remote_code=False)  # fmt: skip
 
 
 def test_kda_beside_mla_without_rope_exports_as_kimi_linear(tmp_path):

@@ -159,6 +159,10 @@ CASES = {
         layer_types=["linear_attention", "full_attention", "linear_attention"], mlp_layer_types=["dense", "sparse",
                                                                                                   "sparse"],
         pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    # RecurrentGemma: Griffin's recurrent blocks (RG-LRU, 48 channels in 4 gate blocks) twice, then local MQA (RoPE
+    # on half of each head); Gemma's block, a GeGLU with biases
+    "recurrent-gemma": (transformers.RecurrentGemmaConfig, dict(lru_width=48, num_key_value_heads=1,
+                                                                attention_window_size=5)),
     # Mamba and Mamba-2 alone (state-spaces', Codestral's): an RMSNorm and the mixer in every layer, no MLP;
     # Mamba-2's B and C in 2 groups
     "mamba": (transformers.MambaConfig, dict(state_size=8, time_step_rank=8, pad_token_id=0)),
@@ -237,7 +241,9 @@ def test_import_matches_transformers(tmp_path, case, sharded):
         # (transformers' Mamba computes its scan in float32 whatever the model's dtype: 1.5e-6 here)
         # (and Qwen3-Next's gated delta rule: in float32 too)
         bound = (
-            1e-5 if case.startswith(("gemma", "mamba", "bamba", "falcon", "qwen3-next", "qwen3.5", "kimi")) else 1e-6
+            1e-5
+            if case.startswith(("gemma", "mamba", "bamba", "falcon", "qwen3-next", "qwen3.5", "kimi", "recurrent"))
+            else 1e-6
         )
         with torch.no_grad():
             assert (load_hf(tmp_path, dtype=torch.float64)(ids) - hf64(ids).logits).abs().max() <= bound
@@ -268,6 +274,11 @@ def test_import_matches_transformers(tmp_path, case, sharded):
         assert type(qwen3_next).__name__ == "Qwen3NextForCausalLM"
         with torch.no_grad():
             assert (qwen3_next(ids).logits - want).abs().max() <= 1e-4
+    if case == "recurrent-gemma":  # (its normaliser sqrt(64) = 8 in bf16 too)
+        r, a = ours.config.mixers["R"], ours.config.mixers["A"]
+        assert (ours.config.pattern, ours.config.embed_scale, ours.config.mlp.hidden, ours.config.mlp.bias) == (
+            "RRA", 8.0, 80, True)  # fmt: skip
+        assert (r.width, r.n_heads, a.window, a.rope_dims, a.n_kv_heads) == (48, 4, 5, 8, 1)
     if case == "kimi-linear":
         kda, mla = ours.config.mixers["K"], ours.config.mixers["A"]
         assert (ours.config.pattern, ours.config.mlp_pattern, mla.rope, kda.decay) == ("KAK", "DEE", False, "channel")

@@ -123,6 +123,7 @@ def run_entry_points(dtype: torch.dtype) -> None:
         triton_causal_conv,
         triton_cross_entropy,
         triton_delta_rule,
+        triton_diagonal_scan,
         triton_linear_attention,
         triton_norm,
         triton_quant,
@@ -161,6 +162,9 @@ def run_entry_points(dtype: torch.dtype) -> None:
     _grad(triton_selective_scan.selective_scan(u, delta, A, b, c, state=s0, doc_ids=docs), (u, delta, A, b, c, s0))
     with torch.no_grad():  # a prefill: no checkpoints
         triton_selective_scan.selective_scan(u, delta, A, b, c, state=s0)
+
+    x, decay, h0 = _leaves(dtype, (B, T, 96), (B, T, 96), (B, 96))
+    _grad(triton_diagonal_scan.diagonal_scan(x, decay, state=h0, doc_ids=docs), (x, decay, h0))
 
     x, weight, bias, prev = _leaves(dtype, (B, T, 96), (96, 4), (96,), (B, 3, 96))
     _grad(triton_causal_conv.causal_conv1d(x, weight), (x, weight))

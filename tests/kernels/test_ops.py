@@ -22,6 +22,7 @@ from kvlab.kernels.attention import (
     attention_reference,
 )
 from kvlab.kernels.causal_conv import causal_conv1d, causal_conv1d_reference
+from kvlab.kernels.diagonal_scan import diagonal_scan_reference
 from kvlab.kernels.ssm import selective_scan, selective_scan_reference, ssd, ssd_reference
 from tests.conftest import rel_error
 
@@ -188,6 +189,26 @@ def test_selective_scan_inside_a_compiled_block_is_chosen_between_its_graphs(mon
     assert chosen == [("selective_scan", "reference")]
     for a, b in zip(got, expected, strict=True):
         assert rel_error(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_diagonal_scan_matches_its_recurrence(grad):
+    """Hillis & Steele's passes and their reverse-scan backward against the token loop in float64: packed
+    documents, a carried state, decays from 0 to exp(-40) and a zero one (log decay -inf, Griffin's reset), over 23
+    tokens (no power of two); without gradients the same forward."""
+    x, state = torch.randn(2, 23, 5, dtype=torch.float64), torch.randn(2, 5, dtype=torch.float64)
+    log_decay = -torch.rand(2, 23, 5, dtype=torch.float64) * torch.tensor([0.0, 0.1, 1.0, 8.0, 40.0])
+    log_decay[0, 4, 2] = float("-inf")
+    inputs = [t.requires_grad_(grad) for t in (x, log_decay, state)]
+    weights = torch.randn(2, 23, 5, dtype=torch.float64), torch.randn(2, 5, dtype=torch.float64)
+    results = []
+    for scan in (ops.diagonal_scan, diagonal_scan_reference):
+        with torch.set_grad_enabled(grad):
+            h, final = scan(x, log_decay, state=state, doc_ids=DOCS)
+        loss = (h * weights[0]).sum() + (final * weights[1]).sum()
+        results.append([h, final, *(torch.autograd.grad(loss, inputs) if grad else ())])
+    for a, b in zip(*results, strict=True):
+        assert (a - b).abs().max() <= 1e-12
 
 
 def test_causal_conv1d_matches_its_reference_across_documents_and_calls():

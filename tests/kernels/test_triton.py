@@ -545,6 +545,27 @@ def test_causal_conv_decodes_a_token_and_runs_without_bias():
         assert not got.isnan().any() and rel_error(got, expected) < TOL
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["one-document", "packed+state"])
+def test_diagonal_scan_matches_the_reference(packed):
+    """Griffin's recurrence token by token in the kernel, its gradients walked back: 40 channels over blocks of 16
+    under the interpreter, a zero decay (a reset) and decays to -6 a token."""
+    from kvlab.kernels.diagonal_scan import diagonal_scan_reference
+    from kvlab.kernels.triton_diagonal_scan import diagonal_scan
+
+    B, T, W = 2, 37, 40
+    log_decay = -torch.rand(B, T, W) * 6
+    log_decay[0, 9, :5] = float("-inf")
+    inputs = [torch.randn(B, T, W).requires_grad_(), log_decay.requires_grad_()]
+    if packed:
+        inputs.append(torch.randn(B, W).requires_grad_())
+    doc_ids = torch.tensor([[0] * 20 + [1] * 17, [4] * 37]) if packed else None
+
+    def pick(fn):
+        return lambda x, g, s=None: fn(x, g, state=s, doc_ids=doc_ids)
+
+    _check(pick(diagonal_scan), pick(diagonal_scan_reference), inputs, n_outputs=2)
+
+
 @pytest.mark.parametrize("bits, group", [(2, 4), (4, 48), (8, 16)])
 def test_dequantize_matches_the_reference(bits, group):
     from kvlab.kernels.quant import dequantize_reference, quantize

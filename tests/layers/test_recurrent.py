@@ -20,11 +20,13 @@ SPECS = {
     "gated_deltanet": {"kind": "gated_deltanet", "n_heads": 4, "n_qk_heads": 2, "head_dim": 8},
     "kda": {"kind": "gated_deltanet", "n_heads": 4, "head_dim": 8, "decay": "channel", "gate_rank": 8,
             "gate_activation": "sigmoid"},
+    "rglru": {"kind": "rglru", "width": 24, "n_heads": 3},  # (no chunks: one scan over the whole sequence)
 }  # fmt: skip
+CASES = [(name, chunk) for name in SPECS for chunk in ([1, 3, 8, 64] if name != "rglru" else [None])]
 
 
-def _layer(name: str, chunk_size: int):
-    cfg = mixer_config({**SPECS[name], "chunk_size": chunk_size}, "mixer")
+def _layer(name: str, chunk_size: int | None):
+    cfg = mixer_config({**SPECS[name], **({"chunk_size": chunk_size} if chunk_size else {})}, "mixer")
     cfg.validate(D_MODEL, "mixer")
     layer = MIXERS[cfg.kind](cfg, d_model=D_MODEL, layer_idx=0, kv_source=0, max_seq_len=64)
     with torch.no_grad():
@@ -33,8 +35,7 @@ def _layer(name: str, chunk_size: int):
     return layer.eval()
 
 
-@pytest.mark.parametrize("chunk_size", [1, 3, 8, 64])
-@pytest.mark.parametrize("name", list(SPECS))
+@pytest.mark.parametrize(("name", "chunk_size"), CASES)
 def test_chunked_form_equals_the_recurrence(name, chunk_size):
     layer = _layer(name, chunk_size)
     x = torch.randn(2, T, D_MODEL)

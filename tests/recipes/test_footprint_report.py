@@ -101,7 +101,7 @@ def test_a_hugging_face_config_as_load_hf_imports_it(capsys, tmp_path):
 @pytest.mark.parametrize(
     "case",
     ["deepseek-v2-lite", "mixtral-8x7b", "gemma-2-2b", "qwen1.5-moe-a2.7b", "phi-4-mini", "mamba-130m", "gpt-oss-20b",
-     "qwen3-next-80b-a3b"],
+     "qwen3-next-80b-a3b", "recurrentgemma-2b"],
 )  # fmt: skip
 def test_hugging_face_configs_of_mla_and_experts_count_as_published(capsys, tmp_path, case):
     """--hf on the hub's own config.json of DeepSeek-V2-Lite (MLA: 576 elements a token and layer, DeepSeek-V2's
@@ -116,8 +116,10 @@ def test_hugging_face_configs_of_mla_and_experts_count_as_published(capsys, tmp_
     as its model card and `transformers`' count of its class on these configs give; its MXFP4 quantization_config
     read) and of Qwen3-Next-80B-A3B (2 K/V heads of 256 in 12 full attention layers; 36 gated DeltaNet layers of 32
     states of 128 x 128 and 3 convolution inputs of 8,192 channels; 512 experts and a gated shared one: 79.67B
-    parameters, its card's 80B and `transformers`' count of its class on this config): the caches and parameter
-    counts their papers give."""
+    parameters, its card's 80B and `transformers`' count of its class on this config) and of RecurrentGemma-2B (18
+    RG-LRU layers of 2,560 states and 3 convolution inputs; 8 MQA layers of 2,048-token windows, one K/V head of 256:
+    nothing per token past the windows; 2.68B parameters, its paper's 2.7B and `transformers`' count): the caches and
+    parameter counts their papers give."""
     config = {
         "deepseek-v2-lite": {
             "model_type": "deepseek_v2", "vocab_size": 102400, "hidden_size": 2048, "intermediate_size": 10944,
@@ -183,6 +185,13 @@ def test_hugging_face_configs_of_mla_and_experts_count_as_published(capsys, tmp_
             "decoder_sparse_step": 1, "mlp_only_layers": [], "max_position_embeddings": 262144,
             "rms_norm_eps": 1e-6, "attention_bias": False, "tie_word_embeddings": False,
         },
+        "recurrentgemma-2b": {
+            "model_type": "recurrent_gemma", "vocab_size": 256000, "hidden_size": 2560, "intermediate_size": 15360,
+            "num_hidden_layers": 26, "num_attention_heads": 10, "num_key_value_heads": 1, "lru_width": 2560,
+            "attention_window_size": 2048, "block_types": ["recurrent", "recurrent", "attention"],
+            "conv1d_width": 4, "logits_soft_cap": 30.0, "partial_rotary_factor": 0.5, "rope_theta": 10000.0,
+            "hidden_activation": "gelu_pytorch_tanh", "rms_norm_eps": 1e-6, "attention_bias": False,
+        },
     }[case]  # fmt: skip
     (tmp_path / "config.json").write_text(json.dumps(config))
     r = report(capsys, "--hf", str(tmp_path))
@@ -193,10 +202,13 @@ def test_hugging_face_configs_of_mla_and_experts_count_as_published(capsys, tmp_
                          "phi-4-mini": (2 * 8 * 128 * 32 * 2, 3_836_021_760),
                          "mamba-130m": (0, 129_135_360),
                          "gpt-oss-20b": (2 * 8 * 64 * 12 * 2, 20_914_757_184),
-                         "qwen3-next-80b-a3b": (2 * 2 * 256 * 12 * 2, 79_674_391_296)}[case]  # fmt: skip
+                         "qwen3-next-80b-a3b": (2 * 2 * 256 * 12 * 2, 79_674_391_296),
+                         "recurrentgemma-2b": (0, 2_682_862_080)}[case]  # fmt: skip
     assert (r["bytes_per_token"], r["params"]) == (per_token, params)
     if case == "gemma-2-2b":
         assert r["fixed_bytes"] == 13 * 4096 * 2 * 4 * 256 * 2  # the windows, once full
+    if case == "recurrentgemma-2b":  # the windows once full, and per RG-LRU layer its states and convolution inputs
+        assert r["fixed_bytes"] == 8 * 2048 * 2 * 256 * 2 + 18 * (2560 + 3 * 2560) * 2
     if case == "mamba-130m":
         assert r["fixed_bytes"] == 24 * 1536 * (16 + 3) * 2  # the state and the convolution's inputs, bf16
     if case == "qwen3-next-80b-a3b":  # the states and the convolution's inputs (q, k and v: 2 x 2,048 + 4,096)
