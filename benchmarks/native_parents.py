@@ -1,7 +1,7 @@
 """Parents with classes of their own, decoded and trained by kvlab and by `transformers`' class, one process.
 
     python benchmarks/native_parents.py [--parents gemma2,mixtral,deepseek_v2,qwen2_moe,phi3,mamba,mamba2,gpt_oss,
-                                                   granite_4_h,qwen3_next,kimi_linear,griffin]
+                                                   granite_4_h,qwen3_next,kimi_linear,griffin,lfm2]
                                         [--batches 1,8]
                                         [--prompt 128]
                                         [--new 128] [--repeats 3] [--steps 10]
@@ -24,12 +24,14 @@ kernels being CUDA's); Kimi Linear as the ``kimi_linear`` preset builds it (8 la
 with a decay per key channel, to one MLA layer without RoPE; a SwiGLU, then 8 experts of 128, top 2, by DeepSeek-V3's
 routing beside a shared expert; its KDA and convolution on their torch paths); Griffin as the ``griffin`` preset builds
 it (RecurrentGemma's parts: two RG-LRU blocks of 256 channels, then local MQA over 128-token windows, twice; a biased
-GeGLU of 768; `transformers` scans its RG-LRU token by token).
+GeGLU of 768; `transformers` scans its RG-LRU token by token); LFM2 as the ``lfm2`` preset builds it (two gated short
+convolutions, then GQA with query/key norms, twice; `transformers` runs its convolution on the torch path,
+causal-conv1d's kernels being CUDA's).
 kvlab's native export of it is loaded back into `transformers`' class (Gemma2ForCausalLM, MixtralForCausalLM,
 DeepseekV2ForCausalLM, Qwen2MoeForCausalLM, Phi3ForCausalLM, MambaForCausalLM, Mamba2ForCausalLM, the Mambas
 running their torch paths here, mamba-ssm's kernels being CUDA's; GptOssForCausalLM; GraniteMoeHybridForCausalLM,
-its Mamba-2 on the same torch path; Qwen3NextForCausalLM; KimiLinearForCausalLM; RecurrentGemmaForCausalLM), so
-both hold the same weights, and their greedy tokens are checked equal. Decoding: ``generate`` of ``--new``
+its Mamba-2 on the same torch path; Qwen3NextForCausalLM; KimiLinearForCausalLM; RecurrentGemmaForCausalLM;
+Lfm2ForCausalLM), so both hold the same weights, and their greedy tokens are checked equal. Decoding: ``generate`` of ``--new``
 tokens after a ``--prompt``-token prompt under ``torch.inference_mode`` (kvlab compiled, its compilation the
 warm-up, and eager; `transformers` eager, its dynamic cache). Training: one step (forward with the loss,
 backward, fused AdamW) on 8 x 256 tokens, best of ``--steps``. Every time is the best of its rounds, the runners
@@ -86,7 +88,7 @@ PARENTS = {
                             "n_shared": 2}},
     # (run from the repository)
     **{name: ModelConfig.from_yaml(f"configs/model/{name}.yaml").to_dict()
-       for name in ("qwen3_next", "kimi_linear", "griffin")},
+       for name in ("qwen3_next", "kimi_linear", "griffin", "lfm2")},
 }  # fmt: skip
 
 

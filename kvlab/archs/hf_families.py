@@ -2785,3 +2785,118 @@ NATIVE_LAYOUTS["recurrent_gemma"] = NativeLayout(
     prepare=_recurrent_gemma_weights,
     mlp_bias=True,
 )
+
+
+# LFM2 (Liquid AI 2025; `transformers`' Lfm2ForCausalLM, Liquid's own): gated short convolutions ("conv") and GQA
+# with per-head query/key RMSNorms ("full_attention") where layer_types puts them, Llama's block (operator_norm,
+# ffn_norm; the final norm named embedding_norm), a SwiGLU (w1 the gate, w3 up, w2 down) whose width its config
+# derives (block_auto_adjust_ff_dim: 2/3 of intermediate_size, times block_ffn_dim_multiplier, rounded up to
+# block_multiple_of; exported as the width itself, adjustment off). Its conv layer's in_proj, conv and out_proj are
+# ours (the convolution as nn.Conv1d's [d, 1, taps]).
+
+_LFM2_PARTS = {"mixer_norm": "operator_norm", "mlp_norm": "ffn_norm", "mlp": "feed_forward"}
+_LFM2_MLP = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+_LFM2_ATTENTION = {"o_proj": "out_proj", "q_norm": "q_layernorm", "k_norm": "k_layernorm"}
+
+
+def _lfm2_claims(cfg: ModelConfig) -> bool:
+    """Gated convolutions beside attention: its class's cache needs an attention layer (without one, transformers
+    5.25 fails at the first call), so the convolutions alone export as remote code."""
+    return _mixer_kinds(cfg) == {"short_conv", "attention"}
+
+
+def _lfm2_problems(cfg: ModelConfig) -> list[str]:
+    problems = pre_norm_problems(cfg) + multiplier_problems(cfg) + gemma_problems(cfg) + one_swiglu_problems(cfg)
+    if cfg.norm.kind != "rmsnorm" or cfg.parallel_residual:
+        problems.append(f"norm {cfg.norm.kind!r}, parallel_residual={cfg.parallel_residual} (LFM2's: an RMSNorm "
+                        "before each sublayer)")  # fmt: skip
+    convs = [m for m in cfg.layer_mixers if m.kind == "short_conv"]
+    attention = [m for m in cfg.layer_mixers if m.kind == "attention"]
+    if any(m != convs[0] for m in convs) or any(m != attention[0] for m in attention):
+        problems.append("convolution or attention layers that differ from one another (LFM2 has one of each)")
+    a = attention[0]
+    problems += _attention_layer_problems(a)
+    if (not a.qk_norm or a.qk_norm_eps != cfg.norm.eps or a.qk_norm_unit_offset or a.window is not None or a.qkv_bias
+            or a.o_bias or a.rope_scaling is not None or a.head_dim != cfg.d_model // a.n_heads):  # fmt: skip
+        problems.append(f"attention with qk_norm={a.qk_norm}, qk_norm_eps={a.qk_norm_eps}, window={a.window}, "
+                        f"qkv_bias={a.qkv_bias}, o_bias={a.o_bias}, rope_scaling={a.rope_scaling}, head_dim="
+                        f"{a.head_dim} (LFM2's: query and key norms per head at the model's eps, no window, no "
+                        "biases, plain RoPE, heads of d_model / n_heads)")  # fmt: skip
+    return problems
+
+
+def _lfm2_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    s = next(m for m in cfg.layer_mixers if m.kind == "short_conv")
+    a = next(m for m in cfg.layer_mixers if m.kind == "attention")
+    return {
+        "model_type": "lfm2", "norm_eps": cfg.norm.eps, "conv_L_cache": s.conv_kernel, "conv_bias": s.bias,
+        "intermediate_size": cfg.mlp.hidden, "block_auto_adjust_ff_dim": False,
+        "layer_types": ["conv" if m.kind == "short_conv" else "full_attention" for m in cfg.layer_mixers],
+        "num_key_value_heads": a.n_kv_heads, "rope_parameters": rope_parameters(a),
+    }  # fmt: skip
+
+
+def _lfm2_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, value in state.items():
+        if not name.startswith("layers."):
+            out[name if name == "lm_head.weight" else "model." + name.replace("norm.", "embedding_norm.", 1)] = value
+            continue
+        _, i, part, rest = name.split(".", 3)
+        head, _, tensor = rest.partition(".")
+        if part == "mlp":
+            rest = f"{_LFM2_MLP[head]}.{tensor}"
+        elif part == "mixer" and cfg.layer_mixers[int(i)].kind == "short_conv":
+            part, rest = "conv", {"conv_weight": "conv.weight", "conv_bias": "conv.bias"}.get(rest, rest)
+            value = value.unsqueeze(1) if head == "conv_weight" else value  # nn.Conv1d's [d, 1, taps]
+        elif part == "mixer":
+            part, rest = "self_attn", f"{_LFM2_ATTENTION.get(head, head)}.{tensor}"
+        out[f"model.layers.{i}.{_LFM2_PARTS.get(part, part)}.{rest}"] = value
+    return out
+
+
+def lfm2_mlp_width(hf: dict[str, Any]) -> int:
+    """The SwiGLU's width as LFM2's class derives it from its config (Lfm2MLP)."""
+    width = hf.get("intermediate_size", hf.get("block_ff_dim", 12288))
+    if hf.get("block_auto_adjust_ff_dim", True):
+        width = int(2 * width / 3)
+        multiplier = hf.get("block_ffn_dim_multiplier", 1.0)
+        if multiplier is not None:
+            step = hf.get("block_multiple_of", 256)
+            width = step * ((int(multiplier * width) + step - 1) // step)
+    return width
+
+
+def _lfm2_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+    import transformers
+
+    derived = transformers.Lfm2Config(**{k: v for k, v in hf.items() if k != "model_type"})
+    if set(derived.layer_types) - {"conv", "full_attention"}:
+        raise ValueError(f"config.json: layer_types {sorted(set(derived.layer_types))} are not supported (conv and "
+                         "full_attention are)")  # fmt: skip
+    rope = read_rope({"model_type": "lfm2", "rope_parameters": derived.rope_parameters})
+    d, heads, eps = derived.hidden_size, derived.num_attention_heads, derived.norm_eps
+    attention = {"kind": "attention", "n_heads": heads, "n_kv_heads": derived.num_key_value_heads,
+                 "head_dim": d // heads, "rope_theta": rope.theta, "rope_scaling": rope.scaling, "qk_norm": True,
+                 "qk_norm_eps": eps}  # fmt: skip
+    conv = {"kind": "short_conv", "conv_kernel": derived.conv_L_cache, "bias": bool(derived.conv_bias)}
+    pattern = "".join("C" if t == "conv" else "A" for t in derived.layer_types)
+    return {
+        "vocab_size": derived.vocab_size, "d_model": d, "n_layers": derived.num_hidden_layers,
+        "max_seq_len": derived.max_position_embeddings, "norm": {"kind": "rmsnorm", "eps": eps},
+        "tie_embeddings": bool(derived.tie_word_embeddings), "mixer": None, "pattern": pattern,
+        "mixers": {k: v for k, v in {"A": attention, "C": conv}.items() if k in pattern},
+        "mlp": {"kind": "swiglu", "hidden": lfm2_mlp_width(derived.to_dict())},
+    }  # fmt: skip
+
+
+NATIVE_LAYOUTS["lfm2"] = NativeLayout(
+    model_type="lfm2",
+    architecture="Lfm2ForCausalLM",
+    describes="short_conv (LFM2's gated convolution) beside attention as lfm2",
+    claims=_lfm2_claims,
+    problems=_lfm2_problems,
+    to_hf=_lfm2_to_hf,
+    export_state=_lfm2_state,
+    from_hf=_lfm2_from_hf,
+)

@@ -17,6 +17,7 @@ from kvlab.layers.parallel import Parallel  # noqa: F401
 from kvlab.layers.retention import Retention  # noqa: F401
 from kvlab.layers.rglru import RGLRU  # noqa: F401
 from kvlab.layers.rwkv import RWKV6, RWKV7  # noqa: F401
+from kvlab.layers.short_conv import ShortConv  # noqa: F401
 
 __all__ = [
     "MIXERS",

@@ -121,7 +121,7 @@ PRESET_TYPES = {"mha": "llama", "gqa": "llama", "mqa": "llama", "mla": "deepseek
                 "xc_cache": "kvlab", "hymba": "kvlab", "parallel_heads": "kvlab", "rwkv6_shared_mla": "kvlab",
                 "recurformer": "kvlab", "mixcon": "kvlab", "local_global": "ministral",
                 "gpt_oss": "gpt_oss", "qwen3_next": "qwen3_next", "kimi_linear": "kimi_linear",
-                "gated_deltanet": "kvlab", "griffin": "recurrent_gemma"}  # fmt: skip
+                "gated_deltanet": "kvlab", "griffin": "recurrent_gemma", "lfm2": "lfm2"}  # fmt: skip
 EXPECTED_TYPE = {**PRESET_TYPES, "mistral_window": "mistral", "qwen2_bias": "qwen2", "qwen2_window": "qwen2",
                  "qwen3_qk_norm_bias": "qwen3",
                  "mla_q_lora": "deepseek_v3", "mla_moe": "deepseek_v3", **dict.fromkeys(REMOTE, "kvlab")}  # fmt: skip
@@ -685,6 +685,26 @@ def test_griffin_and_hawk_export_as_recurrent_gemma(tmp_path):
     with pytest.raises(ValueError, match=r"biases on the gated MLPs"):
         save_hf(build_model(tiny(mlp={"kind": "swiglu", "hidden": 48, "bias": True})), tmp_path / "c",
                 remote_code=False)  # fmt: skip
+
+
+def test_gated_short_convolutions_beside_attention_export_as_lfm2(tmp_path):
+    """LFM2's gated short convolutions (with biases) beside GQA with per-head query/key norms export to
+    Lfm2ForCausalLM (``_native_round_trip``: its RMSNorms run in float32 whatever the dtype); what it lacks is
+    named; the convolutions alone, which its class cannot run a cache for, are not claimed."""
+    attention = {"kind": "attention", "n_heads": 4, "n_kv_heads": 2, "qk_norm": True, "qk_norm_eps": 1e-5}
+    spec = {"mixer": None, "pattern": "CCAC", "mixers": {"C": {"kind": "short_conv", "bias": True}, "A": attention},
+            "norm": {"kind": "rmsnorm", "eps": 1e-5}}  # fmt: skip
+    _native_round_trip(spec, tmp_path, "Lfm2ForCausalLM", 1e-5)
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert (config["layer_types"], config["conv_bias"], config["block_auto_adjust_ff_dim"]) == (
+        ["conv", "conv", "full_attention", "conv"], True, False)  # fmt: skip
+    for broken, match in (({"A": {**attention, "qk_norm": False}}, r"attention with qk_norm=False"),
+                          ({"A": {**attention, "window": 5}}, r"window=5, .*\(LFM2's")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            save_hf(build_model(tiny(**{**spec, "mixers": {**spec["mixers"], **broken}})), tmp_path / "c",
+                    remote_code=False)  # fmt: skip
+    with pytest.raises(ValueError, match=r"mixer kind 'short_conv'"):
+        save_hf(build_model(tiny(**{**spec, "pattern": "C"})), tmp_path / "c", remote_code=False)
 
 
 def test_kda_beside_mla_without_rope_exports_as_kimi_linear(tmp_path):

@@ -163,6 +163,10 @@ CASES = {
     # on half of each head); Gemma's block, a GeGLU with biases
     "recurrent-gemma": (transformers.RecurrentGemmaConfig, dict(lru_width=48, num_key_value_heads=1,
                                                                 attention_window_size=5)),
+    # LFM2: gated short convolutions (with biases) around one GQA layer with query/key norms; its SwiGLU's width
+    # derived from intermediate_size (2/3 of 160, rounded up to 256)
+    "lfm2": (transformers.Lfm2Config, dict(num_key_value_heads=2, layer_types=["conv", "full_attention", "conv"],
+                                           conv_bias=True, norm_eps=1e-6)),
     # Mamba and Mamba-2 alone (state-spaces', Codestral's): an RMSNorm and the mixer in every layer, no MLP;
     # Mamba-2's B and C in 2 groups
     "mamba": (transformers.MambaConfig, dict(state_size=8, time_step_rank=8, pad_token_id=0)),
@@ -242,7 +246,9 @@ def test_import_matches_transformers(tmp_path, case, sharded):
         # (and Qwen3-Next's gated delta rule: in float32 too)
         bound = (
             1e-5
-            if case.startswith(("gemma", "mamba", "bamba", "falcon", "qwen3-next", "qwen3.5", "kimi", "recurrent"))
+            if case.startswith(
+                ("gemma", "mamba", "bamba", "falcon", "qwen3-next", "qwen3.5", "kimi", "recurrent", "lfm2")
+            )
             else 1e-6
         )
         with torch.no_grad():
@@ -279,6 +285,8 @@ def test_import_matches_transformers(tmp_path, case, sharded):
         assert (ours.config.pattern, ours.config.embed_scale, ours.config.mlp.hidden, ours.config.mlp.bias) == (
             "RRA", 8.0, 80, True)  # fmt: skip
         assert (r.width, r.n_heads, a.window, a.rope_dims, a.n_kv_heads) == (48, 4, 5, 8, 1)
+    if case == "lfm2":
+        assert (ours.config.pattern, ours.config.mlp.hidden, ours.config.mixers["C"].bias) == ("CAC", 256, True)
     if case == "kimi-linear":
         kda, mla = ours.config.mixers["K"], ours.config.mixers["A"]
         assert (ours.config.pattern, ours.config.mlp_pattern, mla.rope, kda.decay) == ("KAK", "DEE", False, "channel")

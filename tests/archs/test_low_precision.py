@@ -24,6 +24,7 @@ FAMILIES = {
     "gated_deltanet": {"kind": "gated_deltanet", "n_heads": 4, "n_qk_heads": 2, "chunk_size": 4},
     "conba": {"kind": "conba", "state_dim": 4, "expand": 1},
     "rglru": {"kind": "rglru", "width": 32},
+    "short_conv": {"kind": "short_conv"},
     "gau": {"kind": "gau", "qk_dim": 16, "chunk_size": 4},
     "infini": {"kind": "infini", "n_heads": 4, "n_kv_heads": 2, "segment_len": 5},
     "parallel": {

@@ -21,8 +21,9 @@ SPECS = {
     "kda": {"kind": "gated_deltanet", "n_heads": 4, "head_dim": 8, "decay": "channel", "gate_rank": 8,
             "gate_activation": "sigmoid"},
     "rglru": {"kind": "rglru", "width": 24, "n_heads": 3},  # (no chunks: one scan over the whole sequence)
+    "short_conv": {"kind": "short_conv", "bias": True},  # (no chunks: a convolution)
 }  # fmt: skip
-CASES = [(name, chunk) for name in SPECS for chunk in ([1, 3, 8, 64] if name != "rglru" else [None])]
+CASES = [(name, chunk) for name in SPECS for chunk in ([None] if name in ("rglru", "short_conv") else [1, 3, 8, 64])]
 
 
 def _layer(name: str, chunk_size: int | None):

@@ -101,7 +101,7 @@ def test_a_hugging_face_config_as_load_hf_imports_it(capsys, tmp_path):
 @pytest.mark.parametrize(
     "case",
     ["deepseek-v2-lite", "mixtral-8x7b", "gemma-2-2b", "qwen1.5-moe-a2.7b", "phi-4-mini", "mamba-130m", "gpt-oss-20b",
-     "qwen3-next-80b-a3b", "recurrentgemma-2b"],
+     "qwen3-next-80b-a3b", "recurrentgemma-2b", "lfm2-1.2b"],
 )  # fmt: skip
 def test_hugging_face_configs_of_mla_and_experts_count_as_published(capsys, tmp_path, case):
     """--hf on the hub's own config.json of DeepSeek-V2-Lite (MLA: 576 elements a token and layer, DeepSeek-V2's
@@ -118,7 +118,9 @@ def test_hugging_face_configs_of_mla_and_experts_count_as_published(capsys, tmp_
     states of 128 x 128 and 3 convolution inputs of 8,192 channels; 512 experts and a gated shared one: 79.67B
     parameters, its card's 80B and `transformers`' count of its class on this config) and of RecurrentGemma-2B (18
     RG-LRU layers of 2,560 states and 3 convolution inputs; 8 MQA layers of 2,048-token windows, one K/V head of 256:
-    nothing per token past the windows; 2.68B parameters, its paper's 2.7B and `transformers`' count): the caches and
+    nothing per token past the windows; 2.68B parameters, its paper's 2.7B and `transformers`' count) and of LFM2-1.2B
+    (6 GQA layers of 8 K/V heads of 64; 10 gated convolutions holding 2 inputs of 2,048 channels; its SwiGLU's width
+    derived from block_ff_dim; 1,170,340,608 parameters, its model card's and `transformers`' count): the caches and
     parameter counts their papers give."""
     config = {
         "deepseek-v2-lite": {
@@ -192,6 +194,13 @@ def test_hugging_face_configs_of_mla_and_experts_count_as_published(capsys, tmp_
             "conv1d_width": 4, "logits_soft_cap": 30.0, "partial_rotary_factor": 0.5, "rope_theta": 10000.0,
             "hidden_activation": "gelu_pytorch_tanh", "rms_norm_eps": 1e-6, "attention_bias": False,
         },
+        "lfm2-1.2b": {
+            "model_type": "lfm2", "vocab_size": 65536, "hidden_size": 2048, "block_ff_dim": 12288,
+            "block_auto_adjust_ff_dim": True, "block_ffn_dim_multiplier": 1.0, "block_multiple_of": 256,
+            "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8, "conv_L_cache": 3,
+            "conv_bias": False, "layer_types": ["conv", "conv", "full_attention"] * 3 + ["conv", "full_attention"] * 3
+            + ["conv"], "max_position_embeddings": 128000, "norm_eps": 1e-5, "rope_theta": 1e6, "tie_embedding": True,
+        },
     }[case]  # fmt: skip
     (tmp_path / "config.json").write_text(json.dumps(config))
     r = report(capsys, "--hf", str(tmp_path))
@@ -203,12 +212,15 @@ def test_hugging_face_configs_of_mla_and_experts_count_as_published(capsys, tmp_
                          "mamba-130m": (0, 129_135_360),
                          "gpt-oss-20b": (2 * 8 * 64 * 12 * 2, 20_914_757_184),
                          "qwen3-next-80b-a3b": (2 * 2 * 256 * 12 * 2, 79_674_391_296),
-                         "recurrentgemma-2b": (0, 2_682_862_080)}[case]  # fmt: skip
+                         "recurrentgemma-2b": (0, 2_682_862_080),
+                         "lfm2-1.2b": (2 * 8 * 64 * 6 * 2, 1_170_340_608)}[case]  # fmt: skip
     assert (r["bytes_per_token"], r["params"]) == (per_token, params)
     if case == "gemma-2-2b":
         assert r["fixed_bytes"] == 13 * 4096 * 2 * 4 * 256 * 2  # the windows, once full
     if case == "recurrentgemma-2b":  # the windows once full, and per RG-LRU layer its states and convolution inputs
         assert r["fixed_bytes"] == 8 * 2048 * 2 * 256 * 2 + 18 * (2560 + 3 * 2560) * 2
+    if case == "lfm2-1.2b":
+        assert r["fixed_bytes"] == 10 * 2 * 2048 * 2
     if case == "mamba-130m":
         assert r["fixed_bytes"] == 24 * 1536 * (16 + 3) * 2  # the state and the convolution's inputs, bf16
     if case == "qwen3-next-80b-a3b":  # the states and the convolution's inputs (q, k and v: 2 x 2,048 + 4,096)
