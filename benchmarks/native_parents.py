@@ -31,8 +31,9 @@ kvlab's native export of it is loaded back into `transformers`' class (Gemma2For
 DeepseekV2ForCausalLM, Qwen2MoeForCausalLM, Phi3ForCausalLM, MambaForCausalLM, Mamba2ForCausalLM, the Mambas
 running their torch paths here, mamba-ssm's kernels being CUDA's; GptOssForCausalLM; GraniteMoeHybridForCausalLM,
 its Mamba-2 on the same torch path; Qwen3NextForCausalLM; KimiLinearForCausalLM; RecurrentGemmaForCausalLM;
-Lfm2ForCausalLM), so both hold the same weights, and their greedy tokens are checked equal. Decoding: ``generate`` of ``--new``
-tokens after a ``--prompt``-token prompt under ``torch.inference_mode`` (kvlab compiled, its compilation the
+Lfm2ForCausalLM), so both hold the same weights, and their greedy tokens are checked equal. Decoding:
+``generate`` of ``--new`` tokens after a ``--prompt``-token prompt under ``torch.inference_mode`` (kvlab compiled,
+its compilation the
 warm-up, and eager; `transformers` eager, its dynamic cache). Training: one step (forward with the loss,
 backward, fused AdamW) on 8 x 256 tokens, best of ``--steps``. Every time is the best of its rounds, the runners
 interleaved (benchmarks/common.py).
