@@ -171,6 +171,28 @@ VARIANTS = {
     # MixCon's Mamba and its output maps; their first, u (W_s u + b_s), is quadratic in the small outputs of a
     # model at its init scale, so a larger one lets the tokens' mixing show
     "conba": tiny(mixer={"kind": "conba", "state_dim": 4, "expand": 1}, init_std=0.05),
+    "griffin": tiny(  # Griffin's layout: RG-LRU blocks, then local MQA (RecurrentGemma's parts)
+        mixer=None,
+        pattern="RRA",
+        n_layers=3,
+        mixers={
+            "R": {"kind": "rglru", "width": 48},
+            "A": {"kind": "attention", "n_heads": 4, "n_kv_heads": 1, "window": 5, "rope_dims": 8, "o_bias": True},
+        },
+        mlp={"kind": "geglu", "hidden": 96, "bias": True},
+        norm={"kind": "rmsnorm", "eps": 1e-6, "unit_offset": True},
+        embed_scale=8.0,
+        logit_softcap=30.0,
+    ),
+    "lfm2": tiny(  # LFM2's layout: gated short convolutions, then GQA with query/key norms
+        mixer=None,
+        pattern="CCA",
+        n_layers=3,
+        mixers={
+            "C": {"kind": "short_conv", "bias": True},
+            "A": {"kind": "attention", "n_heads": 4, "n_kv_heads": 2, "qk_norm": True},
+        },
+    ),
     "hybrid_mamba2_window": tiny(  # Samba's layout
         mixer=None,
         pattern="MW",

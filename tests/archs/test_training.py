@@ -100,6 +100,7 @@ def _losses(spec, compile_blocks, steps: int = 20, packed: bool = False, checkpo
         ("lckv", False, True, "aot_eager"),
         ("mamba_moe", False, False, "aot_eager"),
         ("rwkv6", True, False, "aot_eager"),
+        ("griffin", True, False, "aot_eager"),  # the RG-LRU's scan: a custom autograd function inside the graphs
         ("gemma2_softcaps", True, False, "aot_eager"),  # capped scores, formed (no fused kernel takes them on CPU)
         # gpt-oss's sinks as a key (one more channel, a query before the others), its experts' biases and clamps
         pytest.param("gpt_oss", True, False, "aot_eager", marks=pytest.mark.slow),
