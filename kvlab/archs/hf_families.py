@@ -1947,7 +1947,8 @@ for _kind, _class in (("mamba", "MambaForCausalLM"), ("mamba2", "Mamba2ForCausal
         model_type=_kind,
         architecture=_class,
         describes=f"{_kind} alone, without MLPs, as {_kind}",
-        claims=functools.partial(lambda kind, cfg: _mixer_kinds(cfg) == {kind}, _kind),
+        # (Mamba-2 with squared-ReLU MLPs is Nemotron-H's)
+        claims=functools.partial(lambda kind, cfg: _mixer_kinds(cfg) == {kind} and not _squared_relu(cfg), _kind),
         problems=_mamba_problems,
         to_hf=_mamba_to_hf,
         export_state=_mamba_state,
@@ -2046,7 +2047,9 @@ NATIVE_LAYOUTS["bamba"] = NativeLayout(
     model_type="bamba",
     architecture="BambaForCausalLM",
     describes="attention+mamba2 as bamba",
-    claims=lambda cfg: _mixer_kinds(cfg) == {"attention", "mamba2"} and not _granite_hybrid(cfg),
+    claims=lambda cfg: (
+        _mixer_kinds(cfg) == {"attention", "mamba2"} and not _granite_hybrid(cfg) and not _squared_relu(cfg)
+    ),
     problems=_bamba_problems,
     to_hf=_bamba_to_hf,
     export_state=_jamba_state,
@@ -2075,8 +2078,10 @@ def _granite_hybrid(cfg: ModelConfig) -> bool:
     if _mixer_kinds(cfg) == {"attention"}:
         nope = _granite(cfg) and all(m.rope_dims == 0 for m in attention)
         return nope or (moe is not None and bool(moe.n_shared) and not moe.shared_gate)
-    return _mixer_kinds(cfg) == {"attention", "mamba2"} and (
-        _granite(cfg) or moe is not None or any(m.rope_dims != m.head_dim // 2 for m in attention)
+    return (
+        _mixer_kinds(cfg) == {"attention", "mamba2"}
+        and not _squared_relu(cfg)
+        and (_granite(cfg) or moe is not None or any(m.rope_dims != m.head_dim // 2 for m in attention))
     )
 
 
@@ -2899,4 +2904,160 @@ NATIVE_LAYOUTS["lfm2"] = NativeLayout(
     to_hf=_lfm2_to_hf,
     export_state=_lfm2_state,
     from_hf=_lfm2_from_hf,
+)
+
+
+# Nemotron-H (NVIDIA 2025, "Nemotron-H: A Family of Accurate and Efficient Hybrid Mamba-Transformer Models";
+# `transformers`' NemotronHForCausalLM): each of its layers is one sublayer behind an RMSNorm and a residual, Mamba-2
+# ("M": linear_attention), attention without positional encoding ("*": full_attention) or a squared-ReLU MLP ("-":
+# mlp), in the order its hybrid_override_pattern gives. A mixer layer and the MLP layer after it are one kvlab block
+# (mixer_norm, mixer, mlp_norm, mlp: the same sums), a mixer layer before another mixer a block without MLP (kind
+# none); an MLP layer after another, or first, has no block to join and is refused, as are Nemotron 3's experts
+# ("E": moe). Names: embeddings, norm_f, each layer's norm and mixer (the MLP's under mixer too).
+
+
+def _squared_relu(cfg: ModelConfig) -> bool:
+    return any(p.mlp.kind == "relu2" for p in cfg.plan)
+
+
+def _nemotron_h_layers(cfg: ModelConfig) -> list[tuple[int, int | None]]:
+    """Per block, its mixer's layer and its MLP's layer (None without one) among Nemotron-H's layers."""
+    out, at = [], 0
+    for p in cfg.plan:
+        has_mlp = p.mlp.kind != "none"
+        out.append((at, at + 1 if has_mlp else None))
+        at += 2 if has_mlp else 1
+    return out
+
+
+def _nemotron_h_claims(cfg: ModelConfig) -> bool:
+    """Mamba-2 beside attention with squared-ReLU MLPs: its class's cache needs an attention layer (without one,
+    transformers 5.25 fails at the first call), so Mamba-2 alone with them exports as remote code."""
+    return _mixer_kinds(cfg) == {"mamba2", "attention"} and _squared_relu(cfg)
+
+
+def _nemotron_h_problems(cfg: ModelConfig) -> list[str]:
+    problems = (
+        pre_norm_problems(cfg) + multiplier_problems(cfg) + gemma_problems(cfg) + _ibm_layer_problems(cfg, "Nemotron-H")
+    )
+    if cfg.norm.kind != "rmsnorm" or cfg.parallel_residual:
+        problems.append(f"norm {cfg.norm.kind!r}, parallel_residual={cfg.parallel_residual} (Nemotron-H's: an RMSNorm "
+                        "before each sublayer)")  # fmt: skip
+    dense = [p.mlp for p in cfg.plan if p.mlp.kind != "none"]
+    if any(m.kind != "relu2" or m != dense[0] for m in dense):
+        problems.append("MLPs other than one squared-ReLU MLP (relu2) or none per block (Nemotron-H's)")
+    a = next(m for m in cfg.layer_mixers if m.kind == "attention")
+    problems += [p for p in _attention_layer_problems(a) if not p.startswith("partial RoPE")]
+    if a.rope_dims != 0 or a.window is not None or a.qkv_bias or a.o_bias or a.qk_norm:
+        problems.append(f"attention with rope_dims={a.rope_dims}, window={a.window}, qkv_bias={a.qkv_bias}, "
+                        f"o_bias={a.o_bias}, qk_norm={a.qk_norm} (Nemotron-H's: no positional encoding, full, no "
+                        "biases or norms)")  # fmt: skip
+    return problems
+
+
+def _nemotron_h_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    s = next(m for m in cfg.layer_mixers if m.kind == "mamba2")
+    a = next(m for m in cfg.layer_mixers if m.kind == "attention")
+    mlp = next(p.mlp for p in cfg.plan if p.mlp.kind != "none")
+    types = []
+    for p in cfg.plan:
+        types.append("linear_attention" if p.mixer.kind == "mamba2" else "full_attention")
+        types += ["mlp"] if p.mlp.kind != "none" else []
+    return {
+        "model_type": "nemotron_h", "layers_block_type": types, "num_hidden_layers": len(types),
+        "intermediate_size": mlp.hidden, "mlp_hidden_act": "relu2", "mlp_bias": mlp.bias,
+        "mamba_num_heads": s.expand * cfg.d_model // s.head_dim, "mamba_head_dim": s.head_dim,
+        "ssm_state_size": s.state_dim, "n_groups": s.n_groups, "conv_kernel": s.conv_kernel, "expand": s.expand,
+        "chunk_size": s.chunk_size, "use_conv_bias": True, "use_bias": False, "mamba_hidden_act": "silu",
+        "layer_norm_epsilon": cfg.norm.eps, "attention_bias": False, "num_attention_heads": a.n_heads,
+        "num_key_value_heads": a.n_kv_heads, "head_dim": a.head_dim,
+    }  # fmt: skip
+
+
+def _nemotron_h_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    layers, out = _nemotron_h_layers(cfg), {}
+    for name, value in state.items():
+        if not name.startswith("layers."):
+            top = {"embed_tokens.weight": "model.embeddings.weight", "norm.weight": "model.norm_f.weight"}
+            out[top.get(name, name)] = value
+            continue
+        _, b, part, rest = name.split(".", 3)
+        mixer_layer, mlp_layer = layers[int(b)]
+        at = mlp_layer if part in ("mlp", "mlp_norm") else mixer_layer
+        if part in ("mixer_norm", "mlp_norm"):
+            out[f"model.layers.{at}.norm.{rest}"] = value
+            continue
+        if part == "mixer" and cfg.layer_mixers[int(b)].kind == "mamba2":
+            rest, value = _mamba_weight(rest, value, "mamba2")
+        out[f"model.layers.{at}.mixer.{rest}"] = value
+    return out
+
+
+def _nemotron_h_weights(theirs: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The hub's names (backbone.*) as `transformers`' class holds them (model.*)."""
+    return {("model." + n.removeprefix("backbone.")) if n.startswith("backbone.") else n: v for n, v in theirs.items()}
+
+
+def _nemotron_h_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+    import transformers
+
+    # (transformers writes infinity as {"__float__": "Infinity"}: JSON has none; its config class takes floats)
+    limit = tuple(float(x["__float__"]) if isinstance(x, dict) else float(x)
+                  for x in hf.get("time_step_limit") or (0.0, float("inf")))  # fmt: skip
+    fields = {k: v for k, v in hf.items() if k != "model_type"} | {"time_step_limit": limit}
+    derived = transformers.NemotronHConfig(**fields)
+    types = list(derived.layers_block_type)
+    if "moe" in types or set(types) - {"linear_attention", "full_attention", "mlp"}:
+        raise ValueError(f"config.json: layers_block_type {sorted(set(types))} is not supported (linear_attention, "
+                         "full_attention and mlp are; Nemotron 3's experts, moe, are not)")  # fmt: skip
+    blocks = []  # (mixer type, MLP after it)
+    for i, t in enumerate(types):
+        if t != "mlp":
+            blocks.append([t, False])
+        elif not blocks or blocks[-1][1]:
+            raise ValueError(f"config.json: layer {i} is an MLP layer after {'another' if blocks else 'nothing'}; "
+                             "kvlab joins each MLP layer to the mixer layer before it")  # fmt: skip
+        else:
+            blocks[-1][1] = True
+    if derived.mlp_hidden_act != "relu2" or derived.use_bias or not derived.use_conv_bias:
+        raise ValueError(f"config.json: mlp_hidden_act={derived.mlp_hidden_act!r}, use_bias={derived.use_bias}, "
+                         f"use_conv_bias={derived.use_conv_bias} are not supported (relu2, false and true "
+                         "are)")  # fmt: skip
+    if derived.sliding_window is not None:
+        raise ValueError(f"config.json: sliding_window={derived.sliding_window} is not supported (its class's "
+                         "attention is full)")  # fmt: skip
+    d, heads, head_dim = derived.hidden_size, derived.mamba_num_heads, derived.mamba_head_dim
+    # its Mamba-2 as Mamba2ForCausalLM's config.json would say it (the checks and defaults: _mamba_from_hf's)
+    as_mamba2 = {"model_type": "mamba2", "hidden_size": d, "vocab_size": derived.vocab_size,
+                 "num_hidden_layers": len(blocks), "state_size": derived.ssm_state_size,
+                 "expand": heads * head_dim // d, "num_heads": heads, "head_dim": head_dim,
+                 "n_groups": derived.n_groups, "conv_kernel": derived.conv_kernel, "chunk_size": derived.chunk_size,
+                 "time_step_limit": derived.time_step_limit, "hidden_act": derived.mamba_hidden_act,
+                 "layer_norm_epsilon": derived.layer_norm_epsilon}  # fmt: skip
+    model = _mamba_from_hf(as_mamba2)
+    del model["mlp"]  # (the blocks' MLPs: mlp_pattern below)
+    attention = {"kind": "attention", "n_heads": derived.num_attention_heads,
+                 "n_kv_heads": derived.num_key_value_heads, "head_dim": derived.head_dim, "rope_dims": 0}  # fmt: skip
+    pattern = "".join("M" if t == "linear_attention" else "A" for t, _ in blocks)
+    return model | {
+        "max_seq_len": derived.max_position_embeddings, "mixer": None,
+        "tie_embeddings": bool(derived.tie_word_embeddings), "pattern": pattern,
+        "mixers": {k: v for k, v in {"A": attention, "M": model["mixer"]}.items() if k in pattern},
+        "mlp_pattern": "".join("D" if mlp else "N" for _, mlp in blocks),
+        "mlps": {k: v for k, v in {"D": {"kind": "relu2", "hidden": derived.intermediate_size,
+                                         "bias": bool(derived.mlp_bias)}, "N": {"kind": "none"}}.items()
+                 if any((k == "D") == mlp for _, mlp in blocks)},
+    }  # fmt: skip
+
+
+NATIVE_LAYOUTS["nemotron_h"] = NativeLayout(
+    model_type="nemotron_h",
+    architecture="NemotronHForCausalLM",
+    describes="mamba2 beside attention without positions, with squared-ReLU MLPs, as nemotron_h",
+    claims=_nemotron_h_claims,
+    problems=_nemotron_h_problems,
+    to_hf=_nemotron_h_to_hf,
+    export_state=_nemotron_h_state,
+    from_hf=_nemotron_h_from_hf,
+    prepare=_nemotron_h_weights,
 )

@@ -1,5 +1,5 @@
-"""Channel mixers: SwiGLU (Shazeer 2020, as in Llama), the GELU MLP of GPT-2, RWKV's channel mix, and a
-mixture of SwiGLU experts (MoE).
+"""Channel mixers: SwiGLU (Shazeer 2020, as in Llama), the GELU MLP of GPT-2, the squared ReLU MLP (Primer;
+Nemotron-H's), RWKV's channel mix, and a mixture of SwiGLU experts (MoE).
 
 RWKV's channel mix (Peng et al. 2023, 2024) mixes each token with the one
 before it (token shift), so it is the one MLP that keeps state when
@@ -48,7 +48,7 @@ from kvlab.kernels.causal_conv import skipping_pads, token_shift
 from kvlab.kernels.precision import compute_dtype
 from kvlab.layers.kv_cache import StateSlot
 
-MLP_KINDS = ("swiglu", "geglu", "gelu", "rwkv_channel_mix", "moe", "none")
+MLP_KINDS = ("swiglu", "geglu", "gelu", "relu2", "rwkv_channel_mix", "moe", "none")
 GELU_APPROXIMATIONS = ("tanh", "none")  # torch's names: F.gelu(approximate=...)
 ROUTER_SCORES = ("softmax", "sigmoid")
 # Up to this many (token, expert) assignments (a decode step of up to 32 sequences at top-2), a compiled MoE gathers
@@ -99,7 +99,7 @@ class MLPConfig:
             given = [f"{path}.{name}={getattr(self, name)!r}" for name in MOE_FIELDS if getattr(self, name) is not None]
             if given:
                 raise ValueError(f"{', '.join(given)} set but {path}.kind={self.kind}; they configure kind moe")
-        if self.kind in ("gelu", "moe"):
+        if self.kind in ("gelu", "relu2", "moe"):
             self.bias = False if self.bias is None else self.bias
             check_bool(self.bias, f"{path}.bias")
         elif self.kind in ("swiglu", "geglu"):  # (None stays None: the configs written before biases read alike)
@@ -107,7 +107,7 @@ class MLPConfig:
                 check_bool(self.bias, f"{path}.bias")
         elif self.bias is not None:
             raise ValueError(f"{path}.bias={self.bias!r} set but {path}.kind={self.kind}; it configures kinds gelu, "
-                             "moe, swiglu, geglu")  # fmt: skip
+                             "relu2, moe, swiglu, geglu")  # fmt: skip
         if self.kind == "gelu":
             self.approximate = "tanh" if self.approximate is None else self.approximate
             check_choice(self.approximate, f"{path}.approximate", GELU_APPROXIMATIONS)
@@ -118,7 +118,9 @@ class MLPConfig:
             if self.hidden is not None:
                 raise ValueError(f"{path}.hidden={self.hidden} is set but {path}.kind=none has no hidden layer")
         elif self.hidden is None:
-            width = {"gelu": 4 * d_model, "rwkv_channel_mix": 7 * d_model // 2}.get(self.kind, 8 * d_model // 3)
+            width = {"gelu": 4 * d_model, "relu2": 4 * d_model, "rwkv_channel_mix": 7 * d_model // 2}.get(
+                self.kind, 8 * d_model // 3
+            )
             self.hidden = -(-width // 64) * 64
 
     def _validate_moe(self, path: str) -> None:
@@ -217,6 +219,20 @@ class GeluMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.gelu(self.up_proj(x), approximate=self.approximate))
+
+
+class SquaredReluMLP(nn.Module):
+    """down(relu(up(x))^2): the squared ReLU of Primer (So et al. 2021), Nemotron-H's MLP (no gate)."""
+
+    stateful = False
+
+    def __init__(self, d_model: int, hidden: int, bias: bool = False):
+        super().__init__()
+        self.up_proj = nn.Linear(d_model, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, d_model, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.relu(self.up_proj(x)).square())
 
 
 class RWKVChannelMix(nn.Module):
@@ -411,9 +427,12 @@ def build_mlp(cfg: MLPConfig, d_model: int) -> nn.Module | None:
         return MoE(d_model, cfg)
     if cfg.kind == "gelu":
         return GeluMLP(d_model, cfg.hidden, cfg.bias, cfg.approximate)
+    if cfg.kind == "relu2":
+        return SquaredReluMLP(d_model, cfg.hidden, cfg.bias)
     if cfg.kind in ("swiglu", "geglu"):
         return MLP_CLASSES[cfg.kind](d_model, cfg.hidden, bool(cfg.bias))
     return MLP_CLASSES[cfg.kind](d_model, cfg.hidden)
 
 
-MLP_CLASSES = {"swiglu": SwiGLU, "geglu": GeGLU, "gelu": GeluMLP, "rwkv_channel_mix": RWKVChannelMix, "moe": MoE}
+MLP_CLASSES = {"swiglu": SwiGLU, "geglu": GeGLU, "gelu": GeluMLP, "relu2": SquaredReluMLP,
+               "rwkv_channel_mix": RWKVChannelMix, "moe": MoE}  # fmt: skip

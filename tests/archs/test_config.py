@@ -99,7 +99,7 @@ BAD = {
     "odd rope dims": (tiny(mixer={"kind": "attention", "n_heads": 4, "rope_dims": 7}), r"mixer\.rope_dims=7"),
     "wrong type": (tiny(vocab_size="97"), r"vocab_size='97' must be an integer"),
     "bad norm": (tiny(norm={"kind": "batchnorm"}), r"norm\.kind='batchnorm' is not one of"),
-    "bad mlp": (tiny(mlp={"kind": "relu2"}), r"mlp\.kind='relu2' is not one of"),
+    "bad mlp": (tiny(mlp={"kind": "relu3"}), r"mlp\.kind='relu3' is not one of"),
     "kv_source length": (tiny(kv_source=[0, 0]), r"kv_source has 2 entries.*n_layers=4"),
     "kv_source outside": (
         tiny(kv_source=[0, 5, 2, 3]),

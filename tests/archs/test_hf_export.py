@@ -707,6 +707,34 @@ def test_gated_short_convolutions_beside_attention_export_as_lfm2(tmp_path):
         save_hf(build_model(tiny(**{**spec, "pattern": "C"})), tmp_path / "c", remote_code=False)
 
 
+def test_mamba2_beside_attention_with_squared_relu_mlps_exports_as_nemotron_h(tmp_path):
+    """Mamba-2 (2 groups) beside attention without positional encoding, a squared-ReLU MLP in some blocks and none
+    in another, export to NemotronHForCausalLM, each block its mixer's layer and its MLP's (``_native_round_trip``:
+    its norms and scan run in float32); what it lacks is named; Mamba-2 alone with such MLPs is not claimed (its
+    class cannot run a cache without attention), nor by Mamba2ForCausalLM or Bamba's; an MLP layer after another
+    is refused on import."""
+    from kvlab.archs.hf_families import _nemotron_h_from_hf
+
+    mamba2 = {"kind": "mamba2", "head_dim": 16, "state_dim": 8, "n_groups": 2, "chunk_size": 8}
+    attention = {"kind": "attention", "n_heads": 4, "n_kv_heads": 2, "rope_dims": 0}
+    spec = {"mixer": None, "pattern": "MMAM", "mixers": {"M": mamba2, "A": attention}, "mlp_pattern": "DNDD",
+            "mlps": {"D": {"kind": "relu2", "hidden": 96}, "N": {"kind": "none"}}}  # fmt: skip
+    _native_round_trip(spec, tmp_path, "NemotronHForCausalLM", 1e-5)
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert config["layers_block_type"] == ["linear_attention", "mlp", "linear_attention", "full_attention", "mlp",
+                                           "linear_attention", "mlp"]  # fmt: skip
+    for broken, match in (({"mixers": {"M": mamba2, "A": {**attention, "rope_dims": 16}}}, r"rope_dims=16"),
+                          ({"mlp_pattern": "DNDE", "mlps": {**spec["mlps"], "E": {"kind": "relu2", "hidden": 48}}},
+                           r"MLPs other than one squared-ReLU MLP")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            save_hf(build_model(tiny(**{**spec, **broken})), tmp_path / "c", remote_code=False)
+    with pytest.raises(ValueError, match=r"mixer kind 'mamba2'"):
+        save_hf(build_model(tiny(**{**spec, "pattern": "M"})), tmp_path / "c", remote_code=False)
+    with pytest.raises(ValueError, match=r"layer 2 is an MLP layer after another"):
+        _nemotron_h_from_hf({"vocab_size": 97, "hidden_size": 64, "layers_block_type": ["linear_attention", "mlp",
+                                                                                         "mlp"]})  # fmt: skip
+
+
 def test_kda_beside_mla_without_rope_exports_as_kimi_linear(tmp_path):
     """KDA (gated DeltaNet with a decay per key channel and a low-rank sigmoid gate) beside MLA without RoPE, a SwiGLU
     then DeepSeek-V3's experts, export to KimiLinearForCausalLM (``_native_round_trip``: its KDA runs in float32

@@ -167,6 +167,11 @@ CASES = {
     # derived from intermediate_size (2/3 of 160, rounded up to 256)
     "lfm2": (transformers.Lfm2Config, dict(num_key_value_heads=2, layer_types=["conv", "full_attention", "conv"],
                                            conv_bias=True, norm_eps=1e-6)),
+    # Nemotron-H: Mamba-2 (2 groups), attention without positions, squared-ReLU MLP layers after some mixers (each
+    # joins the mixer before it: 3 blocks from 5 layers)
+    "nemotron-h": (transformers.NemotronHConfig, dict(
+        layers_block_type=["linear_attention", "mlp", "full_attention", "linear_attention", "mlp"], mamba_num_heads=8,
+        mamba_head_dim=16, ssm_state_size=16, n_groups=2, chunk_size=8, num_key_value_heads=2, head_dim=16)),
     # Mamba and Mamba-2 alone (state-spaces', Codestral's): an RMSNorm and the mixer in every layer, no MLP;
     # Mamba-2's B and C in 2 groups
     "mamba": (transformers.MambaConfig, dict(state_size=8, time_step_rank=8, pad_token_id=0)),
@@ -247,7 +252,7 @@ def test_import_matches_transformers(tmp_path, case, sharded):
         bound = (
             1e-5
             if case.startswith(
-                ("gemma", "mamba", "bamba", "falcon", "qwen3-next", "qwen3.5", "kimi", "recurrent", "lfm2")
+                ("gemma", "mamba", "bamba", "falcon", "qwen3-next", "qwen3.5", "kimi", "recurrent", "lfm2", "nemotron")
             )
             else 1e-6
         )
@@ -285,6 +290,8 @@ def test_import_matches_transformers(tmp_path, case, sharded):
         assert (ours.config.pattern, ours.config.embed_scale, ours.config.mlp.hidden, ours.config.mlp.bias) == (
             "RRA", 8.0, 80, True)  # fmt: skip
         assert (r.width, r.n_heads, a.window, a.rope_dims, a.n_kv_heads) == (48, 4, 5, 8, 1)
+    if case == "nemotron-h":
+        assert (ours.config.n_layers, ours.config.pattern, ours.config.mlp_pattern) == (3, "MAM", "DND")
     if case == "lfm2":
         assert (ours.config.pattern, ours.config.mlp.hidden, ours.config.mixers["C"].bias) == ("CAC", 256, True)
     if case == "kimi-linear":
