@@ -16,9 +16,9 @@ Mamba and Mamba-2 alone, no MLPs, 12 layers (a Mamba block has about half a Llam
 attention with biases and learned sinks, 128-token windows on every other layer, YaRN untruncated, and 8 experts
 with biases and the clamped SwiGLU, top 2 (`transformers` runs its scores eagerly: SDPA takes no sinks); Granite
 4.0-H's Mamba-2 layers with one attention layer without RoPE (layer 2 of 6), Granite's multipliers, and 8 experts
-of 128, top 2, beside a shared SwiGLU of 256 in every layer; Nemotron-H-8B's layout (Mamba-2 in 2 groups, one
-attention layer without positions at block 3, squared-ReLU MLPs of 1,024 after every mixer but the one before the
-attention, each its own layer there); Qwen3-Next as the ``qwen3_next`` preset builds it (8
+of 128, top 2, beside a shared SwiGLU of 256 in every layer; Nemotron-H as the ``nemotron_h`` preset builds it
+(Mamba-2 in 2 groups, one attention layer without positions at block 3, squared-ReLU MLPs of 1,344 after every mixer
+but the one before the attention, each its own layer there); Qwen3-Next as the ``qwen3_next`` preset builds it (8
 layers: three gated DeltaNet layers, 4 value heads of 64 over 2 query/key heads, to one gated attention layer with
 zero-centred query/key norms and RoPE on a quarter of each head; 8 experts of 128, top 2, beside a gated shared
 expert; `transformers` runs its gated delta rule and convolution on their torch paths, fla's and causal-conv1d's
@@ -88,14 +88,9 @@ PARENTS = {
                                "A": {**GQA, "rope_dims": 0, "softmax_scale": 1 / 32}},
                     "mlp": {"kind": "moe", "hidden": 128, "n_experts": 8, "top_k": 2, "norm_topk": True,
                             "n_shared": 2}},
-    # Nemotron-H-8B's layout scaled down: M-M-M*-M-M- (a Mamba-2 block without its MLP before the attention block)
-    "nemotron_h": {**SHAPES, "pattern": "MMMAMM", "mlp_pattern": "DDNDDD",
-                   "mixers": {"M": {"kind": "mamba2", "head_dim": 32, "state_dim": 64, "n_groups": 2},
-                              "A": {**GQA, "rope_dims": 0}},
-                   "mlps": {"D": {"kind": "relu2", "hidden": 1024}, "N": {"kind": "none"}}},
     # (run from the repository)
     **{name: ModelConfig.from_yaml(f"configs/model/{name}.yaml").to_dict()
-       for name in ("qwen3_next", "kimi_linear", "griffin", "lfm2")},
+       for name in ("nemotron_h", "qwen3_next", "kimi_linear", "griffin", "lfm2")},
 }  # fmt: skip
 
 

@@ -68,8 +68,8 @@ class MLPConfig:
     # None: 8/3 d_model (SwiGLU, GeGLU and each MoE expert), 4 d_model (GELU), 7/2 d_model (RWKV), rounded up to 64
     hidden: int | None = None
     # kind none: blocks without an MLP, for mixers that carry one's weight (GAU)
-    # kind gelu or moe (None: false): biases on both projections (GPT-NeoX has them); moe: on the router and on each
-    # expert's projections (gpt-oss); swiglu or geglu (None: none): on the three projections (RecurrentGemma's)
+    # kind gelu, relu2 or moe (None: false): biases on both projections (GPT-NeoX has them); moe: on the router and
+    # on each expert's projections (gpt-oss); swiglu or geglu (None: none): on the three (RecurrentGemma's)
     bias: bool | None = None
     # kind gelu (None: tanh): torch's GELU approximation: tanh (GPT-2's) | none (the exact erf form, GPT-NeoX's)
     approximate: str | None = None
