@@ -156,8 +156,6 @@ class GatedDeltaNet(nn.Module):
         B, T, _ = x.shape
         H, Hqk, Dk, Dv = c.n_heads, c.n_qk_heads, c.head_dim, c.value_head_dim
         qkv, z = self.in_proj(x).split([self.conv_dim, self.gate_width], dim=-1)
-        if c.gate_rank is not None:
-            z = self.gate_up(self.gate_down(x))
         if c.decay == "head":
             b, a = self.beta_decay_proj(x).split([H, H], dim=-1)
         else:  # [B, T, H * Dk]
@@ -193,7 +191,9 @@ class GatedDeltaNet(nn.Module):
             cache.conv.copy_(conv_state)
         o = o.transpose(1, 2)  # [B, T, H, Dv]
         if last_only:
-            o, z, T = o[:, -1:], z[:, -1:], 1
+            o, z, x, T = o[:, -1:], z[:, -1:], x[:, -1:], 1
+        if c.gate_rank is not None:  # (after last_only: a prefill's top layer projects its last position alone)
+            z = self.gate_up(self.gate_down(x))
         o = F.rms_norm(o, (Dv,), eps=c.norm_eps) * upcast(self.norm_weight)
         if c.output_gate:
             o = o * GATE_ACTIVATIONS[c.gate_activation](upcast(z)).unflatten(-1, (H, Dv))

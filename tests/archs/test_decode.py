@@ -171,9 +171,9 @@ VARIANTS = {
     # MixCon's Mamba and its output maps; their first, u (W_s u + b_s), is quadratic in the small outputs of a
     # model at its init scale, so a larger one lets the tokens' mixing show
     "conba": tiny(mixer={"kind": "conba", "state_dim": 4, "expand": 1}, init_std=0.05),
-    "griffin": tiny(  # Griffin's layout: RG-LRU blocks, then local MQA (RecurrentGemma's parts)
+    "griffin": tiny(  # Griffin's layers: RG-LRU, local MQA (RecurrentGemma's parts); the RG-LRU on top (last_only)
         mixer=None,
-        pattern="RRA",
+        pattern="RAR",
         n_layers=3,
         mixers={
             "R": {"kind": "rglru", "width": 48},
@@ -184,13 +184,25 @@ VARIANTS = {
         embed_scale=8.0,
         logit_softcap=30.0,
     ),
-    "lfm2": tiny(  # LFM2's layout: gated short convolutions, then GQA with query/key norms
+    "lfm2": tiny(  # LFM2's layers: gated short convolutions and GQA with query/key norms; a convolution on top
         mixer=None,
-        pattern="CCA",
+        pattern="CAC",
         n_layers=3,
         mixers={
             "C": {"kind": "short_conv", "bias": True},
             "A": {"kind": "attention", "n_heads": 4, "n_kv_heads": 2, "qk_norm": True},
+        },
+    ),
+    "kda": tiny(  # Kimi's KDA (a decay per key channel, low-rank sigmoid gate) in both layers
+        n_layers=2,
+        mixer={
+            "kind": "gated_deltanet",
+            "n_heads": 4,
+            "head_dim": 16,
+            "decay": "channel",
+            "gate_rank": 16,
+            "gate_activation": "sigmoid",
+            "chunk_size": 4,
         },
     ),
     "hybrid_mamba2_window": tiny(  # Samba's layout
