@@ -1880,6 +1880,13 @@ def _mamba_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, 
     return out
 
 
+def time_step_limit(hf: dict[str, Any]) -> tuple[float, ...]:
+    """A Mamba-2 config.json's time_step_limit as floats: transformers writes infinity as {"__float__": "Infinity"}
+    (JSON has none), and config classes take floats."""
+    return tuple(float(x["__float__"]) if isinstance(x, dict) else float(x)
+                 for x in hf.get("time_step_limit") or (0.0, float("inf")))  # fmt: skip
+
+
 def _mamba_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
     falcon, d = hf["model_type"] == "falcon_mamba", hf["hidden_size"]
     kind = "mamba" if falcon else hf["model_type"]
@@ -1900,9 +1907,7 @@ def _mamba_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
         if falcon:  # its RMS norms of dt, B and C, weightless: ours with weights of one (_falcon_norms)
             mixer.update(inner_norms=True, norm_eps=hf.get("mixer_rms_eps", 1e-6))
     else:
-        # (transformers writes infinity as {"__float__": "Infinity"}: JSON has none)
-        limit = [float(x["__float__"]) if isinstance(x, dict) else float(x)
-                 for x in hf.get("time_step_limit") or (0.0, float("inf"))]  # fmt: skip
+        limit = time_step_limit(hf)
         if limit[0] > 0 or limit[1] != float("inf"):
             raise ValueError(f"config.json: time_step_limit={limit} is not supported (kvlab does not clamp dt)")
         heads, head_dim = hf.get("num_heads", 128), hf.get("head_dim", 64)
@@ -3001,10 +3006,7 @@ def _nemotron_h_weights(theirs: dict[str, torch.Tensor], cfg: ModelConfig) -> di
 def _nemotron_h_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
     import transformers
 
-    # (transformers writes infinity as {"__float__": "Infinity"}: JSON has none; its config class takes floats)
-    limit = tuple(float(x["__float__"]) if isinstance(x, dict) else float(x)
-                  for x in hf.get("time_step_limit") or (0.0, float("inf")))  # fmt: skip
-    fields = {k: v for k, v in hf.items() if k != "model_type"} | {"time_step_limit": limit}
+    fields = {k: v for k, v in hf.items() if k != "model_type"} | {"time_step_limit": time_step_limit(hf)}
     derived = transformers.NemotronHConfig(**fields)
     types = list(derived.layers_block_type)
     if "moe" in types or set(types) - {"linear_attention", "full_attention", "mlp"}:
@@ -3019,10 +3021,8 @@ def _nemotron_h_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
                              "kvlab joins each MLP layer to the mixer layer before it")  # fmt: skip
         else:
             blocks[-1][1] = True
-    if derived.mlp_hidden_act != "relu2" or derived.use_bias or not derived.use_conv_bias:
-        raise ValueError(f"config.json: mlp_hidden_act={derived.mlp_hidden_act!r}, use_bias={derived.use_bias}, "
-                         f"use_conv_bias={derived.use_conv_bias} are not supported (relu2, false and true "
-                         "are)")  # fmt: skip
+    if derived.mlp_hidden_act != "relu2":
+        raise ValueError(f"config.json: mlp_hidden_act={derived.mlp_hidden_act!r} is not supported (relu2 is)")
     if derived.sliding_window is not None:
         raise ValueError(f"config.json: sliding_window={derived.sliding_window} is not supported (its class's "
                          "attention is full)")  # fmt: skip
@@ -3033,6 +3033,7 @@ def _nemotron_h_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
                  "expand": heads * head_dim // d, "num_heads": heads, "head_dim": head_dim,
                  "n_groups": derived.n_groups, "conv_kernel": derived.conv_kernel, "chunk_size": derived.chunk_size,
                  "time_step_limit": derived.time_step_limit, "hidden_act": derived.mamba_hidden_act,
+                 "use_bias": derived.use_bias, "use_conv_bias": derived.use_conv_bias,
                  "layer_norm_epsilon": derived.layer_norm_epsilon}  # fmt: skip
     model = _mamba_from_hf(as_mamba2)
     del model["mlp"]  # (the blocks' MLPs: mlp_pattern below)

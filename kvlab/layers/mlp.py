@@ -221,15 +221,12 @@ class GeluMLP(nn.Module):
         return self.down_proj(F.gelu(self.up_proj(x), approximate=self.approximate))
 
 
-class SquaredReluMLP(nn.Module):
-    """down(relu(up(x))^2): the squared ReLU of Primer (So et al. 2021), Nemotron-H's MLP (no gate)."""
-
-    stateful = False
+class SquaredReluMLP(GeluMLP):
+    """down(relu(up(x))^2): the squared ReLU of Primer (So et al. 2021), Nemotron-H's MLP (no gate); GeluMLP's
+    projections with another activation."""
 
     def __init__(self, d_model: int, hidden: int, bias: bool = False):
-        super().__init__()
-        self.up_proj = nn.Linear(d_model, hidden, bias=bias)
-        self.down_proj = nn.Linear(hidden, d_model, bias=bias)
+        super().__init__(d_model, hidden, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.relu(self.up_proj(x)).square())
