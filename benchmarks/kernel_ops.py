@@ -7,6 +7,7 @@
     python benchmarks/kernel_ops.py --gated-deltanet
     python benchmarks/kernel_ops.py --hard-decays
     python benchmarks/kernel_ops.py --diagonal-scan
+    python benchmarks/kernel_ops.py --lightning
 
 For every op in ``kvlab.kernels.ops`` and every registered backend that can
 run its inputs here (interpreted Triton is left out: it is a correctness
@@ -57,6 +58,11 @@ the griffin preset's training shape (8 x 256 tokens, 256 channels, decays as ini
 head of one key and one value (chunks of 8, 16 and 64), and `transformers`' RecurrentGemma scan (a token loop);
 then the recurrent block against `transformers`' RecurrentGemmaRecurrentBlock at the same weights, outputs
 checked equal.
+
+``--lightning``: MiniMax-01's lightning-attention layer at the minimax_01 preset's training shape (8 x 256 tokens,
+d_model 256, 8 heads of 32, layer 1 of 8), forward + backward in float32, kvlab's at chunks of 32 to 256 (the
+``linear_attention`` kernel) against `transformers`' MiniMaxLightningAttention (256-token blocks: one here) at the
+same weights, outputs checked equal.
 """
 
 from __future__ import annotations
@@ -459,6 +465,35 @@ def diagonal_scan(args) -> None:
           f"max difference {difference:.1e}")  # fmt: skip
 
 
+def lightning(args) -> None:
+    import transformers
+    from transformers.models.minimax.modeling_minimax import MiniMaxLightningAttention
+
+    from kvlab.layers.retention import LightningAttention, LightningConfig
+
+    B, T, d, H = 8, 256, 256, 8
+    config = transformers.MiniMaxConfig(hidden_size=d, num_attention_heads=H, head_dim=d // H, num_hidden_layers=8,
+                                        layer_types=["linear_attention"] * 8, block_size=256)  # fmt: skip
+    theirs = MiniMaxLightningAttention(config, 1)
+    x = torch.randn(B, T, d, requires_grad=True)
+    runs = {}
+    for chunk in (32, 64, 128, 256):
+        ours = LightningAttention(LightningConfig(n_heads=H, chunk_size=chunk), d_model=d, layer_idx=1, kv_source=1,
+                                  max_seq_len=T, n_layers=8)  # fmt: skip
+        weights = {name: getattr(theirs, name).weight for name in ("output_gate", "norm", "out_proj")}
+        ours.load_state_dict(
+            {"in_proj.weight": theirs.qkv_proj.weight} | {f"{n}.weight": w for n, w in weights.items()}
+        )
+        runs[f"kvlab, chunks of {chunk}"] = ours
+    runs["transformers (256-token blocks)"] = lambda h: theirs(h, None, None)[0]
+    want = runs["transformers (256-token blocks)"](x)
+    print(f"lightning attention, forward + backward, float32, {B} x {T} tokens, d_model {d}, {H} heads, ms (best of "
+          f"{args.repeats})\n\n| form | ms | max difference |\n| --- | --- | --- |")  # fmt: skip
+    for name, run in runs.items():
+        ms = timed(lambda r=run: r(x).square().sum().backward(), args.repeats) * 1e3
+        print(f"| {name} | {ms:.1f} | {(run(x) - want).abs().max().item():.1e} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--ops", default=",".join(OPS))
@@ -474,6 +509,7 @@ def main() -> None:
     p.add_argument("--gated-deltanet", action="store_true", help="gated DeltaNet's rule and layer vs transformers'")
     p.add_argument("--hard-decays", action="store_true", help="decayed_products factored whole vs block by block")
     p.add_argument("--diagonal-scan", action="store_true", help="Griffin's recurrence: the scan vs other forms")
+    p.add_argument("--lightning", action="store_true", help="MiniMax-01's lightning attention vs transformers'")
     p.add_argument("--memory-child", choices=["plain", "fused"])
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--tokens", type=int, default=8192)
@@ -495,6 +531,8 @@ def main() -> None:
         hard_decays(args)
     elif args.diagonal_scan:
         diagonal_scan(args)
+    elif args.lightning:
+        lightning(args)
     else:
         speed(args)
 

@@ -323,6 +323,10 @@ class ModelConfig:
     # times logit_scale (Granite: 1 / logits_scaling); None: 1
     residual_scale: float | None = None
     logit_scale: float | None = None
+    # MiniMax-01's block: each sublayer's residual is its normalised input, times residual_alpha (None: 1):
+    # x' = alpha * norm(x) + residual_scale * f(norm(x)) (its "postnorm"; alpha = (2 n_layers)^(1/4), DeepNet's)
+    normed_residual: bool = False
+    residual_alpha: float | None = None
     # the logits z become logit_softcap * tanh(z / logit_softcap) (Gemma 2's final_logit_softcapping); None: as they are
     logit_softcap: float | None = None
     mixer: MixerConfig | None = None
@@ -528,9 +532,17 @@ class ModelConfig:
         check_bool(self.parallel_residual, "parallel_residual")
         check_bool(self.post_norms, "post_norms")
         check_bool(self.pre_norms, "pre_norms")
-        for name in ("embed_scale", "residual_scale", "logit_scale", "logit_softcap"):
+        for name in ("embed_scale", "residual_scale", "logit_scale", "logit_softcap", "residual_alpha"):
             if getattr(self, name) is not None:
                 check_float(getattr(self, name), name, positive=True)
+        check_bool(self.normed_residual, "normed_residual")
+        if self.residual_alpha is not None and not self.normed_residual:
+            raise ValueError(f"residual_alpha={self.residual_alpha} scales the normalised residual: it needs "
+                             "normed_residual: true (MiniMax-01's block)")  # fmt: skip
+        if self.normed_residual and (self.parallel_residual or not self.pre_norms):
+            raise ValueError(f"normed_residual=true takes the residual after the norm before each sublayer: it needs "
+                             f"pre_norms: true and parallel_residual: false (got pre_norms={self.pre_norms}, "
+                             f"parallel_residual={self.parallel_residual})")  # fmt: skip
         check_int(self.meta_tokens, "meta_tokens", minimum=0)
         for name in ("blocks", "context"):
             if self.meta_tokens and getattr(self, name) is not None:
@@ -584,6 +596,9 @@ class ModelConfig:
                     "parallel_residual=true with context.cross=sublayer: CEPE's cross-attention sublayer "
                     "goes between the mixer and the MLP, which a parallel block runs side by side"
                 )
+        if self.normed_residual and self.context is not None and self.context.cross == "sublayer":
+            raise ValueError("normed_residual=true with context.cross=sublayer: CEPE's cross-attention sublayer "
+                             "keeps a plain residual; MiniMax-01's block has none to give it")  # fmt: skip
         if self.blocks is not None:
             if self.context is not None:
                 raise ValueError("context and blocks are both set: a Block Transformer has no cross-attention")
@@ -608,6 +623,7 @@ class ModelConfig:
                 kernels=self.kernels, init_std=self.init_std, parallel_residual=self.parallel_residual,
                 post_norms=self.post_norms, embed_scale=self.embed_scale, pre_norms=self.pre_norms,
                 residual_scale=self.residual_scale, logit_scale=self.logit_scale, logit_softcap=self.logit_softcap,
+                normed_residual=self.normed_residual, residual_alpha=self.residual_alpha,
             )  # fmt: skip
         except ValueError as e:
             raise ValueError(f"blocks: the token decoder: {e}") from None

@@ -957,6 +957,7 @@ class NativeLayout:
     # values offset, the buffers old checkpoints hold dropped (None: as they are)
     prepare: Callable[[dict[str, torch.Tensor], ModelConfig], dict[str, torch.Tensor]] | None = None
     mlp_bias: bool = False  # its gated MLPs (SwiGLU, GeGLU) take biases (RecurrentGemma's)
+    normed_residual: bool = False  # its block takes each residual after the norm (MiniMax's)
 
     def import_state(self, theirs: dict[str, torch.Tensor], ours: dict[str, torch.Tensor], cfg: ModelConfig):
         """Their weights under our names and in our layouts, for our model's state ``ours`` (shapes wanted):
@@ -3061,4 +3062,147 @@ NATIVE_LAYOUTS["nemotron_h"] = NativeLayout(
     export_state=_nemotron_h_state,
     from_hf=_nemotron_h_from_hf,
     prepare=_nemotron_h_weights,
+)
+
+
+# MiniMax-01 (MiniMax 2025, "Scaling Foundation Models with Lightning Attention"; `transformers`' MiniMaxForCausalLM,
+# MiniMax-Text-01 and M1): lightning attention ("linear_attention") and GQA with RoPE on every channel
+# ("full_attention") where layer_types puts them, experts in every layer (Mixtral's routing and names), and its
+# block: each sublayer's residual its normalised input times an alpha, its output times a beta (our
+# normed_residual, residual_alpha and residual_scale; its class has no other block, and the three sublayer kinds'
+# alphas and betas must each be one value here). Lightning's heads are the attention's (num_attention_heads,
+# head_dim), its qkv_proj our in_proj, its block_size our chunk_size (speed only, in either); its decays follow from
+# the layer's depth in either, so its persistent decay tables (slope_rate and those made from it) are dropped on
+# import and left out of an export (its class makes them when it loads, and lists them as new).
+
+_MINIMAX_PARTS = {"mixer_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm", "mixer": "self_attn"}
+_MINIMAX_MOE = {"router.weight": "gate.weight", "gate_up_proj": "experts.gate_up_proj",
+                "down_proj": "experts.down_proj"}  # fmt: skip
+_MINIMAX_SCALES = (("full_attn_alpha_factor", "linear_attn_alpha_factor", "mlp_alpha_factor"),
+                   ("full_attn_beta_factor", "linear_attn_beta_factor", "mlp_beta_factor"))  # fmt: skip
+_MINIMAX_BUFFERS = re.compile(r"\.self_attn\.(slope_rate|query_decay|key_decay|diagonal_decay)$")
+_LIGHTNING_NORM_EPS = 1e-6  # MiniMax's lightning norm takes no eps from its config
+
+
+def _minimax_claims(cfg: ModelConfig) -> bool:
+    return "lightning" in _mixer_kinds(cfg) and _mixer_kinds(cfg) <= {"lightning", "attention"}
+
+
+def _minimax_problems(cfg: ModelConfig) -> list[str]:
+    problems = pre_norm_problems(cfg) + gemma_problems(cfg) + multiplier_problems(cfg, but=("residual_scale",))
+    if cfg.norm.kind != "rmsnorm" or cfg.parallel_residual or not cfg.normed_residual:
+        problems.append(f"norm {cfg.norm.kind!r}, parallel_residual={cfg.parallel_residual}, normed_residual="
+                        f"{cfg.normed_residual} (MiniMax's block: RMSNorms, each sublayer's residual its "
+                        "normalised input: normed_residual)")  # fmt: skip
+    lightning = [m for m in cfg.layer_mixers if m.kind == "lightning"]
+    attention = [m for m in cfg.layer_mixers if m.kind == "attention"]
+    s = lightning[0]
+    if any(m != s for m in lightning) or any(m != attention[0] for m in attention):
+        problems.append("lightning or attention layers that differ from one another (MiniMax has one of each)")
+    if s.norm_eps != _LIGHTNING_NORM_EPS:
+        problems.append(f"lightning with norm_eps={s.norm_eps} (MiniMax's: {_LIGHTNING_NORM_EPS})")
+    if attention:
+        a = attention[0]
+        problems += _attention_layer_problems(a)
+        if a.qkv_bias or a.o_bias or a.qk_norm or (a.n_heads, a.head_dim) != (s.n_heads, s.head_dim):
+            problems.append(f"attention with qkv_bias={a.qkv_bias}, o_bias={a.o_bias}, qk_norm={a.qk_norm}, "
+                            f"{a.n_heads} heads of {a.head_dim} beside lightning's {s.n_heads} of {s.head_dim} "
+                            "(MiniMax's: no biases or norms, the two with the same heads)")  # fmt: skip
+    moe = _moe_of(cfg)
+    if moe is None or any(p.mlp != moe for p in cfg.plan) or not _softmax_top_k(moe) or not moe.norm_topk:
+        problems.append("MLPs other than one MoE in every layer routed as Mixtral's (softmax, the top k renormalised, "
+                        "no groups, bias, scale or shared experts, plain SwiGLU experts): MiniMax's")  # fmt: skip
+    return problems
+
+
+def _minimax_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    s = next(m for m in cfg.layer_mixers if m.kind == "lightning")
+    a = next((m for m in cfg.layer_mixers if m.kind == "attention"), None)
+    moe = _moe_of(cfg)
+    alpha = 1.0 if cfg.residual_alpha is None else cfg.residual_alpha
+    beta = 1.0 if cfg.residual_scale is None else cfg.residual_scale
+    return {
+        "model_type": "minimax", "num_attention_heads": s.n_heads, "head_dim": s.head_dim,
+        "num_key_value_heads": a.n_kv_heads if a else s.n_heads, "sliding_window": a.window if a else None,
+        "rope_parameters": rope_parameters(a) if a else {"rope_type": "default", "rope_theta": 10000.0},
+        "layer_types": ["linear_attention" if m.kind == "lightning" else "full_attention" for m in cfg.layer_mixers],
+        "block_size": s.chunk_size, "intermediate_size": moe.hidden, "num_local_experts": moe.n_experts,
+        "num_experts_per_tok": moe.top_k, "router_aux_loss_coef": moe.aux_loss_coef / moe.top_k,
+        **dict.fromkeys(_MINIMAX_SCALES[0], alpha), **dict.fromkeys(_MINIMAX_SCALES[1], beta),
+    }  # fmt: skip
+
+
+def _minimax_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, value in state.items():
+        if not name.startswith("layers."):
+            out[name if name == "lm_head.weight" else "model." + name] = value
+            continue
+        _, i, part, rest = name.split(".", 3)
+        if part == "mlp":
+            rest = _MINIMAX_MOE[rest]
+        elif part == "mixer" and rest == "in_proj.weight":
+            rest = "qkv_proj.weight"
+        out[f"model.layers.{i}.{_MINIMAX_PARTS.get(part, part)}.{rest}"] = value
+    return out
+
+
+def _minimax_weights(theirs: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Without the decay tables its class saves (made again from the layer's depth); the hub's block_sparse_moe
+    as its class's mlp (the experts already stacked by ``fuse_legacy_experts``)."""
+    return {n.replace(".block_sparse_moe.", ".mlp."): v for n, v in theirs.items() if not _MINIMAX_BUFFERS.search(n)}
+
+
+def _minimax_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+    import transformers
+
+    check_silu(hf)
+    derived = transformers.MiniMaxConfig(**{k: v for k, v in hf.items() if k != "model_type"})
+    if set(derived.layer_types) - {"linear_attention", "full_attention"}:
+        raise ValueError(f"config.json: layer_types {sorted(set(derived.layer_types))} are not supported "
+                         "(linear_attention and full_attention are)")  # fmt: skip
+    alpha, beta = ({getattr(derived, f) for f in fields} for fields in _MINIMAX_SCALES)
+    if len(alpha) > 1 or len(beta) > 1:
+        raise ValueError(f"config.json: {', '.join(_MINIMAX_SCALES[0])} = {sorted(alpha)} or "
+                         f"{', '.join(_MINIMAX_SCALES[1])} = {sorted(beta)} differ; kvlab's block holds one alpha "
+                         "and one beta for every sublayer (MiniMax-Text-01's and M1's are)")  # fmt: skip
+    if derived.router_jitter_noise:
+        raise ValueError(f"config.json: router_jitter_noise={derived.router_jitter_noise} is not supported (kvlab's "
+                         "router takes no noise in training)")  # fmt: skip
+    (alpha,), (beta,) = alpha, beta
+    rope = read_rope({"model_type": "minimax", "rope_parameters": derived.rope_parameters})
+    d, heads = derived.hidden_size, derived.num_attention_heads
+    head_dim = derived.head_dim or d // heads
+    # RoPE on the first rotary_dim channels of each head where config.json says so, as MiniMax's released code
+    # rotates them (its class ignores the field and rotates every channel)
+    attention = {"kind": "attention", "n_heads": heads, "n_kv_heads": derived.num_key_value_heads,
+                 "head_dim": head_dim, "rope_dims": hf.get("rotary_dim") or head_dim, "rope_theta": rope.theta,
+                 "rope_scaling": rope.scaling, "window": derived.sliding_window}  # fmt: skip
+    lightning = {"kind": "lightning", "n_heads": heads, "head_dim": head_dim, "chunk_size": derived.block_size,
+                 "norm_eps": _LIGHTNING_NORM_EPS}  # fmt: skip
+    pattern = "".join("L" if t == "linear_attention" else "A" for t in derived.layer_types)
+    top_k = derived.num_experts_per_tok
+    return {
+        "vocab_size": derived.vocab_size, "d_model": d, "n_layers": derived.num_hidden_layers,
+        "max_seq_len": derived.max_position_embeddings, "norm": {"kind": "rmsnorm", "eps": derived.rms_norm_eps},
+        "tie_embeddings": bool(derived.tie_word_embeddings), "mixer": None, "pattern": pattern,
+        "mixers": {k: v for k, v in {"A": attention, "L": lightning}.items() if k in pattern},
+        "mlp": {"kind": "moe", "hidden": derived.intermediate_size, "n_experts": derived.num_local_experts,
+                "top_k": top_k, "norm_topk": True, "aux_loss_coef": derived.router_aux_loss_coef * top_k},
+        "normed_residual": True, "residual_alpha": None if alpha == 1 else float(alpha),
+        "residual_scale": None if beta == 1 else float(beta),
+    }  # fmt: skip
+
+
+NATIVE_LAYOUTS["minimax"] = NativeLayout(
+    model_type="minimax",
+    architecture="MiniMaxForCausalLM",
+    describes="lightning (MiniMax-01's) beside attention, experts in every layer and normed_residual, as minimax",
+    claims=_minimax_claims,
+    problems=_minimax_problems,
+    to_hf=_minimax_to_hf,
+    export_state=_minimax_state,
+    from_hf=_minimax_from_hf,
+    prepare=_minimax_weights,
+    normed_residual=True,
 )

@@ -76,19 +76,22 @@ class Block(nn.Module):
                 self.cross_block = CrossBlock(cfg.d_model, d_states, heads, plan.norm, cross_rotary)
         # (none before the mixer and the MLP with pre_norms false: OLMo 2 normalises their outputs alone)
         self.mixer_norm = build_norm(plan.norm, cfg.d_model) if cfg.pre_norms else nn.Identity()
-        # attention weights given to or taken from other layers (SA): only mixers that read them are told
-        weights = {}
+        # what only some mixers are told: attention weights given to or taken from other layers (SA), and the
+        # model's depth (lightning's decays)
+        extras = {}
         if plan.attention_source != layer_idx:
-            weights["attention_source"] = plan.attention_source
+            extras["attention_source"] = plan.attention_source
         if any(Read("attention", layer_idx) in p.reads for p in cfg.plan):
-            weights["shares_attention"] = True
+            extras["shares_attention"] = True
+        if plan.mixer.takes_depth:
+            extras["n_layers"] = cfg.n_layers
         self.mixer = MIXERS[plan.mixer.kind](
             plan.mixer,
             d_model=cfg.d_model,
             layer_idx=layer_idx,
             kv_source=plan.kv_source,
             max_seq_len=cfg.positions,
-            **weights,
+            **extras,
         )
         mlp = build_mlp(plan.mlp, cfg.d_model)  # None: no MLP (mlp kind none)
         self.mlp_norm = None if mlp is None else build_norm(plan.norm, cfg.d_model) if cfg.pre_norms else nn.Identity()
@@ -98,7 +101,10 @@ class Block(nn.Module):
         # norms on the mixer's and the MLP's outputs (post_norms: Gemma's, and OLMo 2's without pre-norms)
         self.mixer_post_norm = build_norm(plan.norm, cfg.d_model) if cfg.post_norms else None
         self.mlp_post_norm = build_norm(plan.norm, cfg.d_model) if cfg.post_norms and mlp is not None else None
-        self.residual_scale = cfg.residual_scale  # Granite's residual_multiplier (None: 1)
+        self.residual_scale = cfg.residual_scale  # Granite's residual_multiplier (None: 1); MiniMax-01's beta
+        # MiniMax-01's: the residual is the sublayer's normalised input, times alpha (None: the input itself)
+        self.normed_residual = cfg.normed_residual
+        self.residual_alpha = cfg.residual_alpha
 
     def forward(self, x, state: StepState, cache=None, mlp_cache=None, last_only: bool = False):
         """``last_only``: only the last position's output is wanted (a prefill's top layer). The mixer still
@@ -108,6 +114,8 @@ class Block(nn.Module):
         if block is not None and context is not None:
             x = block(x, context, state.start, state.positions)
         h = self.mixer_norm(x)
+        if self.normed_residual:
+            x = h if self.residual_alpha is None else h * self.residual_alpha
         last_only = last_only and not self.mlp_stateful  # a stateful MLP takes every position in
         if last_only and self.cross is None and getattr(self.mixer, "takes_last_only", False):
             mixed = self.mixer(h, cache=cache, state=state, last_only=True)  # [B, 1, D] (or [B, T, D])
@@ -132,6 +140,8 @@ class Block(nn.Module):
         else:
             x = x + mixed
             h = self.mlp_norm(x)
+        if self.normed_residual:
+            x = h if self.residual_alpha is None else h * self.residual_alpha
         if self.mlp_stateful:
             out = self.mlp(h, cache=mlp_cache, doc_ids=state.doc_ids, real=state.real)
         else:

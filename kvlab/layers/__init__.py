@@ -14,7 +14,7 @@ from kvlab.layers.mla import MLA  # noqa: F401
 from kvlab.layers.mlp import MLPConfig, build_mlp
 from kvlab.layers.norm import NormConfig, build_norm
 from kvlab.layers.parallel import Parallel  # noqa: F401
-from kvlab.layers.retention import Retention  # noqa: F401
+from kvlab.layers.retention import LightningAttention, Retention  # noqa: F401
 from kvlab.layers.rglru import RGLRU  # noqa: F401
 from kvlab.layers.rwkv import RWKV6, RWKV7  # noqa: F401
 from kvlab.layers.short_conv import ShortConv  # noqa: F401

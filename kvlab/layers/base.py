@@ -4,7 +4,8 @@ A mixer is an ``nn.Module`` registered under a ``kind`` with a config
 dataclass. The generic decoder builds one per layer with
 ``MIXERS[kind](cfg, d_model=..., layer_idx=..., kv_source=..., max_seq_len=...)``
 (``kv_source``: the layer whose keys/values it attends to, itself unless the
-model's plan says otherwise) and relies on this interface:
+model's plan says otherwise; a config with ``takes_depth`` also gets
+``n_layers``, the model's depth) and relies on this interface:
 
 - ``forward(x, *, cache=None, state=None) -> y`` where ``cache`` is the slot
   the mixer allocated itself (``None`` when running without a cache or when
@@ -77,6 +78,7 @@ class MixerConfig:
     reads: ClassVar[frozenset[str]] = frozenset()  # what of READ_KINDS it can take from another layer
     reads_later: ClassVar[bool] = False  # it can read a later layer's keys/values (LCKV's parallel passes)
     takes_pads: ClassVar[bool] = True  # it gives left-padded rows their unpadded outputs (StepState.pads)
+    takes_depth: ClassVar[bool] = False  # its mixer is built knowing the model's depth (n_layers=...)
 
     def validate(self, d_model: int, path: str) -> None:
         """Check values and fill defaults that depend on the model (e.g. head_dim), in place.

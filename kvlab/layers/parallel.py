@@ -110,6 +110,10 @@ class ParallelConfig(MixerConfig):
     def takes_pads(self) -> bool:  # every branch must (an instance's: the branches are its own)
         return all(m.takes_pads for m in self.mixers if isinstance(m, MixerConfig))
 
+    @property
+    def takes_depth(self) -> bool:  # any branch (given to those that do)
+        return any(m.takes_depth for m in self.mixers if isinstance(m, MixerConfig))
+
     def kv_branch(self) -> MixerConfig | None:
         """The one branch that has K/V to give or take (attention); None if there is none."""
         found = [m for m in self.mixers if "kv" in m.publishes]
@@ -138,7 +142,8 @@ class ParallelConfig(MixerConfig):
 class Parallel(nn.Module):
     Config = ParallelConfig
 
-    def __init__(self, cfg: ParallelConfig, *, d_model: int, layer_idx: int, kv_source: int, max_seq_len: int):
+    def __init__(self, cfg: ParallelConfig, *, d_model: int, layer_idx: int, kv_source: int, max_seq_len: int,
+                 n_layers: int | None = None):  # fmt: skip
         super().__init__()
         cfg = cfg.resolved(d_model, "mixer")  # defaults filled on a copy: any config builds a working layer
         self.cfg = cfg
@@ -153,6 +158,7 @@ class Parallel(nn.Module):
                 layer_idx=layer_idx,
                 max_seq_len=max_seq_len,
                 kv_source=kv_source if m is kv_branch else layer_idx,
+                **({"n_layers": n_layers} if m.takes_depth else {}),
             )  # fmt: skip
             for m in cfg.mixers
         )

@@ -193,6 +193,18 @@ VARIANTS = {
             "A": {"kind": "attention", "n_heads": 4, "n_kv_heads": 2, "qk_norm": True},
         },
     ),
+    "minimax": tiny(  # MiniMax-01's: lightning attention beside GQA, experts, the normalised residual scaled
+        mixer=None,
+        pattern="LAL",
+        n_layers=3,
+        mixers={
+            "L": {"kind": "lightning", "n_heads": 4, "chunk_size": 4},
+            "A": {"kind": "attention", "n_heads": 4, "n_kv_heads": 2},
+        },
+        mlp={"kind": "moe", "hidden": 16, "n_experts": 4, "top_k": 2, "norm_topk": True},
+        normed_residual=True,
+        residual_alpha=1.7,
+    ),
     "kda": tiny(  # Kimi's KDA (a decay per key channel, low-rank sigmoid gate) in both layers
         n_layers=2,
         mixer={

@@ -122,7 +122,7 @@ PRESET_TYPES = {"mha": "llama", "gqa": "llama", "mqa": "llama", "mla": "deepseek
                 "recurformer": "kvlab", "mixcon": "kvlab", "local_global": "ministral",
                 "gpt_oss": "gpt_oss", "qwen3_next": "qwen3_next", "kimi_linear": "kimi_linear",
                 "gated_deltanet": "kvlab", "griffin": "recurrent_gemma", "lfm2": "lfm2",
-                "nemotron_h": "nemotron_h"}  # fmt: skip
+                "nemotron_h": "nemotron_h", "minimax_01": "kvlab"}  # fmt: skip
 EXPECTED_TYPE = {**PRESET_TYPES, "mistral_window": "mistral", "qwen2_bias": "qwen2", "qwen2_window": "qwen2",
                  "qwen3_qk_norm_bias": "qwen3",
                  "mla_q_lora": "deepseek_v3", "mla_moe": "deepseek_v3", **dict.fromkeys(REMOTE, "kvlab")}  # fmt: skip
@@ -1117,3 +1117,32 @@ def test_remote_code_keeps_the_logits_asked_for():
         ):
             out = hf(ids, logits_to_keep=keep, use_cache=False).logits
             assert out.shape == expected.shape and torch.allclose(out, expected, atol=1e-5), keep
+
+
+def test_lightning_beside_attention_with_experts_exports_as_minimax(tmp_path):
+    """MiniMax-01's layers (lightning attention, GQA, experts in every layer) in its block (the normalised residual
+    times alpha, the sublayer's output times beta) export to MiniMaxForCausalLM (``_native_round_trip``: its RMSNorms
+    run in float32 whatever the dtype); what it lacks is named: partial RoPE (MiniMax's released code rotates half of
+    each head, its class every channel), a dense MLP, a plain residual; and a plain residual goes to no other class.
+    On import, alphas (or betas) that differ between the sublayer kinds are refused."""
+    from kvlab.archs.hf_families import _minimax_from_hf
+
+    moe = {"kind": "moe", "hidden": 32, "n_experts": 4, "top_k": 2, "norm_topk": True}
+    attention = {"kind": "attention", "n_heads": 4, "n_kv_heads": 2}
+    spec = {"mixer": None, "pattern": "LLAL", "n_layers": 4, "mlp": moe, "normed_residual": True,
+            "residual_alpha": 2.5, "residual_scale": 0.7,
+            "mixers": {"L": {"kind": "lightning", "n_heads": 4, "chunk_size": 4}, "A": attention}}  # fmt: skip
+    _native_round_trip(spec, tmp_path, "MiniMaxForCausalLM", 1e-5)
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert (config["layer_types"], config["mlp_alpha_factor"], config["linear_attn_beta_factor"]) == (
+        ["linear_attention", "linear_attention", "full_attention", "linear_attention"], 2.5, 0.7)  # fmt: skip
+    for broken, match in (({"mixers": {**spec["mixers"], "A": {**attention, "rope_dims": 8}}}, r"partial RoPE"),
+                          ({"mlp": {"kind": "swiglu", "hidden": 32}}, r"MLPs other than one MoE"),
+                          ({"normed_residual": False, "residual_alpha": None}, r"normed_residual=False")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            save_hf(build_model(tiny(**{**spec, **broken})), tmp_path / "c", remote_code=False)
+    with pytest.raises(ValueError, match=r"residuals taken after the norms \(normed_residual"):
+        save_hf(build_model(tiny(normed_residual=True)), tmp_path / "c", remote_code=False)
+    with pytest.raises(ValueError, match=r"mlp_alpha_factor = \[1, 2.5\] .* differ; kvlab's block holds one alpha"):
+        _minimax_from_hf({"vocab_size": 97, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                          "mlp_alpha_factor": 2.5})  # fmt: skip

@@ -172,6 +172,13 @@ CASES = {
     "nemotron-h": (transformers.NemotronHConfig, dict(
         layers_block_type=["linear_attention", "mlp", "full_attention", "linear_attention", "mlp"], mamba_num_heads=8,
         mamba_head_dim=16, ssm_state_size=16, n_groups=2, chunk_size=8, num_key_value_heads=2, head_dim=16)),
+    # MiniMax-01: lightning attention around one GQA layer, experts in every layer, the block's alpha and beta (its
+    # class saves its decay tables, which the import drops)
+    "minimax": (transformers.MiniMaxConfig, dict(
+        layer_types=["linear_attention", "full_attention", "linear_attention"], num_key_value_heads=2,
+        num_local_experts=4, num_experts_per_tok=2, block_size=8,
+        **dict.fromkeys(("full_attn_alpha_factor", "linear_attn_alpha_factor", "mlp_alpha_factor"), 2.5),
+        **dict.fromkeys(("full_attn_beta_factor", "linear_attn_beta_factor", "mlp_beta_factor"), 0.8))),
     # Mamba and Mamba-2 alone (state-spaces', Codestral's): an RMSNorm and the mixer in every layer, no MLP;
     # Mamba-2's B and C in 2 groups
     "mamba": (transformers.MambaConfig, dict(state_size=8, time_step_rank=8, pad_token_id=0)),
@@ -252,7 +259,19 @@ def test_import_matches_transformers(tmp_path, case, sharded):
         bound = (
             1e-5
             if case.startswith(
-                ("gemma", "mamba", "bamba", "falcon", "qwen3-next", "qwen3.5", "kimi", "recurrent", "lfm2", "nemotron")
+                (
+                    "gemma",
+                    "mamba",
+                    "bamba",
+                    "falcon",
+                    "qwen3-next",
+                    "qwen3.5",
+                    "kimi",
+                    "recurrent",
+                    "lfm2",
+                    "nemotron",
+                    "minimax",
+                )
             )
             else 1e-6
         )
@@ -292,6 +311,11 @@ def test_import_matches_transformers(tmp_path, case, sharded):
         assert (r.width, r.n_heads, a.window, a.rope_dims, a.n_kv_heads) == (48, 4, 5, 8, 1)
     if case == "nemotron-h":
         assert (ours.config.n_layers, ours.config.pattern, ours.config.mlp_pattern) == (3, "MAM", "DND")
+    if case == "minimax":
+        c = ours.config
+        assert (c.pattern, c.normed_residual, c.residual_alpha, c.residual_scale, c.mixers["L"].chunk_size) == (
+            "LAL", True, 2.5, 0.8, 8)  # fmt: skip
+        assert (c.mlp.kind, c.mlp.n_experts, c.mlp.norm_topk) == ("moe", 4, True)
     if case == "lfm2":
         assert (ours.config.pattern, ours.config.mlp.hidden, ours.config.mixers["C"].bias) == ("CAC", 256, True)
     if case == "kimi-linear":

@@ -18,6 +18,7 @@ FAMILIES = {
     "attention": {"kind": "attention", "n_heads": 4, "n_kv_heads": 2},
     "mla": {"kind": "mla", "n_heads": 4, "kv_lora_rank": 16, "head_dim": 16, "rope_head_dim": 8},
     "retention": {"kind": "retention", "n_heads": 4, "chunk_size": 4},
+    "lightning": {"kind": "lightning", "n_heads": 4, "chunk_size": 4},
     "rwkv6": {"kind": "rwkv6", "chunk_size": 4},
     "mamba": {"kind": "mamba", "state_dim": 4, "expand": 1},
     "mamba2": {"kind": "mamba2", "head_dim": 16, "chunk_size": 4},

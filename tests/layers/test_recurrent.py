@@ -11,6 +11,7 @@ D_MODEL, T = 32, 19
 SPECS = {
     "retention": {"kind": "retention", "n_heads": 2},
     "gated_retention": {"kind": "retention", "n_heads": 2, "decay": "gated", "v_head_dim": 8},
+    "lightning": {"kind": "lightning", "n_heads": 2},
     "mamba2": {"kind": "mamba2", "head_dim": 16, "state_dim": 8, "n_groups": 2},
     "mamba": {"kind": "mamba", "state_dim": 4},
     "rwkv6": {"kind": "rwkv6", "head_dim": 8, "mix_lora_rank": 4, "decay_lora_rank": 4},
