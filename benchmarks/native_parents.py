@@ -2,7 +2,7 @@
 
     python benchmarks/native_parents.py [--parents gemma2,mixtral,deepseek_v2,qwen2_moe,phi3,mamba,mamba2,gpt_oss,
                                                    granite_4_h,nemotron_h,qwen3_next,kimi_linear,griffin,lfm2,
-                                                   minimax]
+                                                   minimax,falcon_h1]
                                         [--batches 1,8]
                                         [--prompt 128]
                                         [--new 128] [--repeats 3] [--steps 10]
@@ -32,16 +32,19 @@ convolutions, then GQA with query/key norms, twice; `transformers` runs its conv
 causal-conv1d's kernels being CUDA's); MiniMax-01 as the ``minimax_01`` preset builds it but with RoPE on every
 channel of its attention heads, as `transformers`' class rotates them (8 layers: seven lightning layers, 8 heads of
 32, then GQA over one K/V head; 8 experts of 256, top 2, in every layer; the normalised residual times 2;
-`transformers` runs lightning attention in 256-token blocks in a prompt, then token by token).
+`transformers` runs lightning attention in 256-token blocks in a prompt, then token by token); Falcon-H1 at
+Falcon-H1-0.5B's proportions (in every layer GQA, 8 heads of 32 over 2 K/V heads, beside Mamba-2 1.5 d_model wide in
+6 heads of 64 with a 64-wide state, their outputs added; a SwiGLU of 2 d_model; its multipliers 1, as kvlab's
+weights hold them; `transformers` runs its Mamba-2 on the torch path).
 kvlab's native export of it is loaded back into `transformers`' class (Gemma2ForCausalLM, MixtralForCausalLM,
 DeepseekV2ForCausalLM, Qwen2MoeForCausalLM, Phi3ForCausalLM, MambaForCausalLM, Mamba2ForCausalLM, the Mambas
 running their torch paths here, mamba-ssm's kernels being CUDA's; GptOssForCausalLM; GraniteMoeHybridForCausalLM,
 its Mamba-2 on the same torch path; NemotronHForCausalLM, the same; Qwen3NextForCausalLM; KimiLinearForCausalLM;
-RecurrentGemmaForCausalLM; Lfm2ForCausalLM; MiniMaxForCausalLM), so both hold the same weights, and their greedy
-tokens are checked equal. Decoding: ``generate`` of ``--new`` tokens after a ``--prompt``-token prompt under
-``torch.inference_mode`` (kvlab compiled, its compilation the warm-up, and eager; `transformers` eager, its
-dynamic cache). Training: one step (forward with the loss, backward, fused AdamW) on 8 x 256 tokens, best of
-``--steps``. Every time is the best of its rounds, the runners interleaved (benchmarks/common.py).
+RecurrentGemmaForCausalLM; Lfm2ForCausalLM; MiniMaxForCausalLM; FalconH1ForCausalLM), so both hold the same
+weights, and their greedy tokens are checked equal. Decoding: ``generate`` of ``--new`` tokens after a
+``--prompt``-token prompt under ``torch.inference_mode`` (kvlab compiled, its compilation the warm-up, and eager;
+`transformers` eager, its dynamic cache). Training: one step (forward with the loss, backward, fused AdamW) on 8 x
+256 tokens, best of ``--steps``. Every time is the best of its rounds, the runners interleaved (benchmarks/common.py).
 """
 
 from __future__ import annotations
@@ -95,6 +98,9 @@ PARENTS = {
     # (run from the repository)
     **{name: ModelConfig.from_yaml(f"configs/model/{name}.yaml").to_dict()
        for name in ("nemotron_h", "qwen3_next", "kimi_linear", "griffin", "lfm2")},
+    "falcon_h1": {**SHAPES, "mlp": {"kind": "swiglu", "hidden": 512}, "mixer": {
+        "kind": "parallel", "combine": "sum", "mixers": [
+            GQA, {"kind": "mamba2", "head_dim": 64, "state_dim": 64, "inner": 384, "n_groups": 1}]}},
     "minimax": (lambda d: {**d, "mixers": {**d["mixers"], "A": {**d["mixers"]["A"], "rope_dims": 32}}})(
         ModelConfig.from_yaml("configs/model/minimax_01.yaml").to_dict()),
 }  # fmt: skip

@@ -701,6 +701,8 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32) -> CausalLM:
     family = family_of_model_type(hf["model_type"])
     if family is not None and family.fix_weights is not None:
         family.fix_weights(hf, state, cfg)
+    if layout is not None and layout.fold is not None:
+        layout.fold(hf, state, cfg)
     model.load_state_dict(state, strict=False)
     return model
 

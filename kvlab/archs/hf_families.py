@@ -958,6 +958,8 @@ class NativeLayout:
     prepare: Callable[[dict[str, torch.Tensor], ModelConfig], dict[str, torch.Tensor]] | None = None
     mlp_bias: bool = False  # its gated MLPs (SwiGLU, GeGLU) take biases (RecurrentGemma's)
     normed_residual: bool = False  # its block takes each residual after the norm (MiniMax's)
+    # after import, config.json's multipliers folded into our weights (names ours, in place; None: none)
+    fold: Callable[[dict[str, Any], dict[str, torch.Tensor], ModelConfig], None] | None = None
 
     def import_state(self, theirs: dict[str, torch.Tensor], ours: dict[str, torch.Tensor], cfg: ModelConfig):
         """Their weights under our names and in our layouts, for our model's state ``ours`` (shapes wanted):
@@ -1851,6 +1853,8 @@ def _mamba_problems(cfg: ModelConfig) -> list[str]:
     if m.kind == "mamba2" and m.norm_eps != cfg.norm.eps:
         problems.append(f"Mamba-2 norm_eps={m.norm_eps} apart from norm.eps={cfg.norm.eps} (its class has one "
                         "layer_norm_epsilon)")  # fmt: skip
+    if m.kind == "mamba2" and m.inner is not None:
+        problems.append(f"Mamba-2 with inner={m.inner} given outright (its width is expand * hidden_size)")
     return problems
 
 
@@ -2011,6 +2015,8 @@ def _ibm_layer_problems(cfg: ModelConfig, who: str) -> list[str]:
     if mamba and mamba[0].norm_eps != cfg.norm.eps:
         problems.append(f"Mamba-2 norm_eps={mamba[0].norm_eps} apart from norm.eps={cfg.norm.eps} ({who} has one "
                         "rms_norm_eps)")  # fmt: skip
+    if mamba and mamba[0].inner is not None:
+        problems.append(f"Mamba-2 with inner={mamba[0].inner} given outright ({who}'s width is expand * hidden_size)")
     return problems
 
 
@@ -3205,4 +3211,167 @@ NATIVE_LAYOUTS["minimax"] = NativeLayout(
     from_hf=_minimax_from_hf,
     prepare=_minimax_weights,
     normed_residual=True,
+)
+
+
+# Falcon-H1 (TII 2025, "Falcon-H1: A Family of Hybrid-Head Language Models"; `transformers`' FalconH1ForCausalLM):
+# in every layer attention and Mamba-2 side by side on the same normalised input, their outputs added (our parallel
+# mixer with combine: sum), then a SwiGLU, Llama's norms around them. Its muP multipliers are linear, so kvlab's
+# weights hold them: on import each is folded into the weights it scales (attention_in into q, k and v,
+# key_multiplier into k, attention_out into o; ssm_in and the five ssm_multipliers into in_proj's rows of z, x, B, C
+# and dt; ssm_out into Mamba-2's out_proj; mlp_multipliers into the gate and down projections), and an export writes
+# them as 1; embedding_multiplier and lm_head_multiplier are our embed_scale and logit_scale. Its Mamba-2 is ours
+# with the gated RMSNorm after the gate (mamba_rms_norm, not mamba_norm_before_gate), its width mamba_d_ssm.
+
+_FALCON_H1_PARTS = {"mixer_norm": "input_layernorm", "mlp_norm": "pre_ff_layernorm", "mlp": "feed_forward"}
+_FALCON_H1_TOP = {"embed_tokens.weight": "model.embed_tokens.weight", "norm.weight": "model.final_layernorm.weight"}
+
+
+def _falcon_h1_branches(m) -> dict[str, int] | None:
+    """A parallel mixer's branch index by kind, when it is Falcon-H1's (attention and Mamba-2 added); else None."""
+    if m.kind != "parallel" or m.combine != "sum" or m.shared_output:
+        return None
+    kinds = {b.kind: i for i, b in enumerate(m.mixers)}
+    return kinds if len(m.mixers) == 2 and set(kinds) == {"attention", "mamba2"} else None
+
+
+def _falcon_h1_claims(cfg: ModelConfig) -> bool:
+    return all(_falcon_h1_branches(m) is not None for m in cfg.layer_mixers)
+
+
+def _falcon_h1_problems(cfg: ModelConfig) -> list[str]:
+    problems = pre_norm_problems(cfg) + gemma_problems(cfg) + one_swiglu_problems(cfg)
+    problems += multiplier_problems(cfg, but=("embed_scale", "logit_scale"))
+    if cfg.norm.kind != "rmsnorm" or cfg.parallel_residual:
+        problems.append(f"norm {cfg.norm.kind!r}, parallel_residual={cfg.parallel_residual} (Falcon-H1's: an RMSNorm "
+                        "before each sublayer)")  # fmt: skip
+    m = cfg.layer_mixers[0]
+    if any(x != m for x in cfg.layer_mixers[1:]):
+        problems.append("layers that differ from one another (Falcon-H1 has one attention and one Mamba-2)")
+    kinds = _falcon_h1_branches(m)
+    a, s = m.mixers[kinds["attention"]], m.mixers[kinds["mamba2"]]
+    problems += _attention_layer_problems(a)
+    if a.qkv_bias or a.o_bias or a.qk_norm or a.window is not None:
+        problems.append(f"attention with qkv_bias={a.qkv_bias}, o_bias={a.o_bias}, qk_norm={a.qk_norm}, window="
+                        f"{a.window} (Falcon-H1's: full, no biases or norms)")  # fmt: skip
+    if s.norm_eps != cfg.norm.eps:
+        problems.append(f"Mamba-2 norm_eps={s.norm_eps} apart from norm.eps={cfg.norm.eps} (its one rms_norm_eps)")
+    return problems
+
+
+def _falcon_h1_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    m = cfg.layer_mixers[0]
+    kinds = _falcon_h1_branches(m)
+    a, s = m.mixers[kinds["attention"]], m.mixers[kinds["mamba2"]]
+    inner = s.expand * cfg.d_model if s.inner is None else s.inner
+    return {
+        "model_type": "falcon_h1", "intermediate_size": cfg.mlp.hidden, "num_attention_heads": a.n_heads,
+        "num_key_value_heads": a.n_kv_heads,
+        "head_dim": a.head_dim, "rope_parameters": rope_parameters(a), "attention_bias": False, "mlp_bias": False,
+        "projectors_bias": False, "mamba_d_ssm": inner, "mamba_n_heads": inner // s.head_dim,
+        "mamba_d_head": s.head_dim, "mamba_n_groups": s.n_groups, "mamba_d_state": s.state_dim,
+        "mamba_d_conv": s.conv_kernel, "mamba_expand": s.expand, "mamba_chunk_size": s.chunk_size,
+        "mamba_conv_bias": True, "mamba_proj_bias": False, "mamba_rms_norm": True, "mamba_norm_before_gate": False,
+        "time_step_limit": [0.0, float("inf")],
+        "embedding_multiplier": 1.0 if cfg.embed_scale is None else cfg.embed_scale,
+        "lm_head_multiplier": 1.0 if cfg.logit_scale is None else cfg.logit_scale,
+        "key_multiplier": 1.0, "attention_in_multiplier": 1.0, "attention_out_multiplier": 1.0,
+        "ssm_in_multiplier": 1.0, "ssm_out_multiplier": 1.0, "ssm_multipliers": [1.0] * 5,
+        "mlp_multipliers": [1.0, 1.0],
+    }  # fmt: skip
+
+
+def _falcon_h1_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, value in state.items():
+        if not name.startswith("layers."):
+            out[_FALCON_H1_TOP.get(name, name)] = value
+            continue
+        _, i, part, rest = name.split(".", 3)
+        if part == "mixer":  # branches.<b>.<name>
+            _, b, rest = rest.split(".", 2)
+            if cfg.layer_mixers[int(i)].mixers[int(b)].kind == "mamba2":
+                rest, value = _mamba_weight(rest, value, "mamba2")
+                part = "mamba"
+            else:
+                part = "self_attn"
+        out[f"model.layers.{i}.{_FALCON_H1_PARTS.get(part, part)}.{rest}"] = value
+    return out
+
+
+def _falcon_h1_config(hf: dict[str, Any]):
+    """config.json as its class reads it (defaults filled, time_step_limit's JSON infinity parsed)."""
+    import transformers
+
+    fields = {k: v for k, v in hf.items() if k != "model_type"} | {"time_step_limit": time_step_limit(hf)}
+    return transformers.FalconH1Config(**fields)
+
+
+def _falcon_h1_fold(hf: dict[str, Any], state: dict[str, torch.Tensor], cfg: ModelConfig) -> None:
+    """Its multipliers into the weights each scales (ours, in place; exact but for one rounding each)."""
+    c = _falcon_h1_config(hf)
+    for i, m in enumerate(cfg.layer_mixers):
+        kinds = _falcon_h1_branches(m)
+        a, s = f"layers.{i}.mixer.branches.{kinds['attention']}.", f"layers.{i}.mixer.branches.{kinds['mamba2']}."
+        scales = {a + "q_proj.weight": c.attention_in_multiplier, a + "v_proj.weight": c.attention_in_multiplier,
+                  a + "k_proj.weight": c.attention_in_multiplier * c.key_multiplier,
+                  a + "o_proj.weight": c.attention_out_multiplier, s + "out_proj.weight": c.ssm_out_multiplier,
+                  f"layers.{i}.mlp.gate_proj.weight": c.mlp_multipliers[0],
+                  f"layers.{i}.mlp.down_proj.weight": c.mlp_multipliers[1]}  # fmt: skip
+        for name, scale in scales.items():
+            state[name] = state[name] * scale
+        mixer = m.mixers[kinds["mamba2"]]
+        inner = mixer.expand * cfg.d_model if mixer.inner is None else mixer.inner
+        widths = [inner, inner, mixer.n_groups * mixer.state_dim, mixer.n_groups * mixer.state_dim,
+                  inner // mixer.head_dim]  # z, x, B, C, dt  # fmt: skip
+        rows = torch.cat([torch.full((w,), float(x)) for w, x in zip(widths, c.ssm_multipliers, strict=True)])
+        weight = state[s + "in_proj.weight"]
+        state[s + "in_proj.weight"] = weight * (rows.to(torch.float64) * c.ssm_in_multiplier).to(weight.dtype)[:, None]
+
+
+def _falcon_h1_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+    check_silu(hf)
+    c = _falcon_h1_config(hf)
+    unsupported = [(name, value) for name, value, supported in (
+        ("mamba_rms_norm", c.mamba_rms_norm, True), ("mamba_norm_before_gate", c.mamba_norm_before_gate, False),
+        ("mamba_proj_bias", c.mamba_proj_bias, False), ("mamba_conv_bias", c.mamba_conv_bias, True),
+        ("projectors_bias", c.projectors_bias, False), ("attention_bias", c.attention_bias, False),
+        ("mlp_bias", c.mlp_bias, False)) if bool(value) != supported]  # fmt: skip
+    if unsupported:
+        raise ValueError(f"config.json: {', '.join(f'{n}={v}' for n, v in unsupported)} is not supported (kvlab's "
+                         "Mamba-2 normalises its gated output, RMSNorm(y * silu(z)); its projections have no "
+                         "biases, its convolution has one)")  # fmt: skip
+    limit = time_step_limit(hf)
+    if limit[0] > 0 or limit[1] != float("inf"):
+        raise ValueError(f"config.json: time_step_limit={limit} is not supported (kvlab does not clamp dt)")
+    d, eps = c.hidden_size, c.rms_norm_eps
+    inner = c.mamba_expand * d if c.mamba_d_ssm is None else c.mamba_d_ssm
+    rope = read_rope({"model_type": "falcon_h1", "rope_parameters": c.rope_parameters})
+    attention = {"kind": "attention", "n_heads": c.num_attention_heads, "n_kv_heads": c.num_key_value_heads,
+                 "head_dim": hf.get("head_dim") or d // c.num_attention_heads, "rope_theta": rope.theta,
+                 "rope_scaling": rope.scaling}  # fmt: skip
+    mamba2 = {"kind": "mamba2", "head_dim": c.mamba_d_head, "state_dim": c.mamba_d_state, "expand": c.mamba_expand,
+              "inner": None if inner == c.mamba_expand * d else inner, "n_groups": c.mamba_n_groups,
+              "conv_kernel": c.mamba_d_conv, "chunk_size": c.mamba_chunk_size, "norm_eps": eps}  # fmt: skip
+    return {
+        "vocab_size": c.vocab_size, "d_model": d, "n_layers": c.num_hidden_layers,
+        "max_seq_len": c.max_position_embeddings, "norm": {"kind": "rmsnorm", "eps": eps},
+        "tie_embeddings": bool(c.tie_word_embeddings),
+        "mixer": {"kind": "parallel", "mixers": [attention, mamba2], "combine": "sum"},
+        "mlp": {"kind": "swiglu", "hidden": c.intermediate_size},
+        "embed_scale": None if c.embedding_multiplier == 1 else float(c.embedding_multiplier),
+        "logit_scale": None if c.lm_head_multiplier == 1 else float(c.lm_head_multiplier),
+    }  # fmt: skip
+
+
+NATIVE_LAYOUTS["falcon_h1"] = NativeLayout(
+    model_type="falcon_h1",
+    architecture="FalconH1ForCausalLM",
+    describes="attention and mamba2 side by side, added (parallel, combine: sum), as falcon_h1",
+    claims=_falcon_h1_claims,
+    problems=_falcon_h1_problems,
+    to_hf=_falcon_h1_to_hf,
+    export_state=_falcon_h1_state,
+    from_hf=_falcon_h1_from_hf,
+    fold=_falcon_h1_fold,
 )

@@ -15,7 +15,8 @@ which is linear attention with a scalar decay per head and token (q = C,
 k = B, v = dt x): the chunked kernel trains it, the recurrence decodes it.
 The output is gated and normalised, RMSNorm(y * silu(z)) per group, and
 projected back. Heads are ``head_dim`` wide, ``expand * d_model`` channels
-in all. Initialisation as in the paper's code: A in [1, 16], dt in
+in all (``inner``, where given: Falcon-H1's mamba_d_ssm, 1.5 d_model in its
+0.5B). Initialisation as in the paper's code: A in [1, 16], dt in
 [dt_min, dt_max] log-uniformly, D = 1.
 
 The cache is fixed: per sequence the SSM state (n_heads x state_dim x
@@ -119,6 +120,7 @@ class Mamba2Config(MixerConfig):
     head_dim: int = 64  # P: channels per head; n_heads = expand * d_model / head_dim
     state_dim: int = 64  # N: the state's width per head (d_state)
     expand: int = 2  # inner channels = expand * d_model
+    inner: int | None = None  # inner channels given outright (None: expand * d_model)
     n_groups: int = 1  # B and C are shared by n_heads / n_groups heads each
     conv_kernel: int = 4
     chunk_size: int = 64  # tokens per chunk of the chunked form (speed only)
@@ -130,17 +132,18 @@ class Mamba2Config(MixerConfig):
         for name, minimum in (("head_dim", 1), ("state_dim", 1), ("expand", 1), ("n_groups", 1),
                               ("conv_kernel", 1), ("chunk_size", 1)):  # fmt: skip
             check_int(getattr(self, name), f"{path}.{name}", minimum=minimum)
+        check_int(self.inner, f"{path}.inner", minimum=1, optional=True)
         check_float(self.dt_min, f"{path}.dt_min", positive=True)
         check_float(self.dt_max, f"{path}.dt_max", positive=True)
         check_float(self.norm_eps, f"{path}.norm_eps", positive=True)
         if self.dt_min > self.dt_max:
             raise ValueError(f"{path}.dt_min={self.dt_min} must be at most {path}.dt_max={self.dt_max}")
-        inner = self.expand * d_model
+        inner, named = (self.expand * d_model, "expand * d_model") if self.inner is None else (self.inner, "inner")
         if inner % self.head_dim:
-            raise ValueError(f"{path}.expand * d_model = {inner} is not divisible by {path}.head_dim={self.head_dim}")
+            raise ValueError(f"{path}.{named} = {inner} is not divisible by {path}.head_dim={self.head_dim}")
         if (inner // self.head_dim) % self.n_groups:
             raise ValueError(
-                f"{path}: n_heads = {inner // self.head_dim} (expand * d_model / head_dim) is not divisible "
+                f"{path}: n_heads = {inner // self.head_dim} ({named} / head_dim) is not divisible "
                 f"by {path}.n_groups={self.n_groups}"
             )
 
@@ -156,7 +159,7 @@ class Mamba2(nn.Module):
         cfg = cfg.resolved(d_model, "mixer")  # defaults filled on a copy: any config builds a working layer
         check_reads_own_state(cfg.kind, layer_idx, kv_source)
         self.cfg = cfg
-        self.inner = cfg.expand * d_model
+        self.inner = cfg.expand * d_model if cfg.inner is None else cfg.inner
         self.n_heads = self.inner // cfg.head_dim
         self.conv_dim = self.inner + 2 * cfg.n_groups * cfg.state_dim  # x, B, C
         self.in_proj = nn.Linear(d_model, self.inner + self.conv_dim + self.n_heads, bias=False)  # z, xBC, dt

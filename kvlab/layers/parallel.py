@@ -23,6 +23,9 @@ beta, then averaged. Two forms:
   ``y = W_out [attention heads(x); mamba(x)]``, no norms, no betas, widths
   free. ``kvlab.archs.convert`` makes it from a trained attention layer
   (``to: recurformer``), keeping every weight of the heads that stay.
+- ``combine: sum``, Falcon-H1's (TII 2025): the branches' outputs added,
+  ``y = sum_i branch_i(x)``, no norms, no betas (its multipliers on each
+  branch's input and output are linear: its weights hold them here).
 
 Attention recalls exactly from its cache, the SSM summarises the context in
 a fixed state; Hymba runs both on every token. The layer reads another
@@ -53,7 +56,7 @@ from kvlab.layers.base import (
 from kvlab.layers.kv_cache import SlotGroup
 from kvlab.layers.norm import RMSNorm
 
-COMBINES = ("mean", "concat")  # how the branches' outputs meet: Hymba's normalised average, RecurFormer's heads
+COMBINES = ("mean", "concat", "sum")  # how the outputs meet: Hymba's normalised average, RecurFormer's heads, a sum
 
 
 @dataclass
@@ -63,7 +66,7 @@ class ParallelConfig(MixerConfig):
     reads = frozenset({"kv", "values"})  # K/V through its attention branch; a branch's value residual
     mixers: list = field(default_factory=list)  # two or more mixer specs, run side by side
     shared_output: bool = False  # Hymba: one output projection after the normalised, averaged branches
-    combine: str = "mean"  # mean: Hymba's normalised average; concat: RecurFormer's heads side by side
+    combine: str = "mean"  # mean: Hymba's normalised average; concat: RecurFormer's heads side by side; sum
     norm_eps: float = 1e-5
 
     def validate(self, d_model: int, path: str) -> None:
@@ -100,7 +103,7 @@ class ParallelConfig(MixerConfig):
                 raise ValueError(f"{path}.mixers[{i}]: a shared output projection has no bias; this branch's {name} "
                                  "has one (e.g. attention's o_bias)")  # fmt: skip
             widths.append(proj.in_features)
-        if len(set(widths)) > 1 and self.combine == "mean":
+        if len(set(widths)) > 1 and self.combine != "concat":
             raise ValueError(
                 f"{path}.shared_output: the branches' outputs are {widths} wide; one projection needs "
                 "them equal (e.g. attention's n_heads * v_head_dim = the SSM's expand * d_model)"
@@ -180,7 +183,10 @@ class Parallel(nn.Module):
                 for i, branch in enumerate(self.branches)]  # fmt: skip
         if self.cfg.combine == "concat":
             return self.out_proj(torch.cat(outs, dim=-1))
-        out = sum(norm(o) for o, norm in zip(outs, self.betas, strict=True)) / len(outs)
+        if self.cfg.combine == "sum":
+            out = sum(outs)
+        else:
+            out = sum(norm(o) for o, norm in zip(outs, self.betas, strict=True)) / len(outs)
         return self.out_proj(out) if self.cfg.shared_output else out
 
     def new_cache_slot(self, batch_size: int, max_len: int, dtype: torch.dtype, device):

@@ -205,6 +205,16 @@ VARIANTS = {
         normed_residual=True,
         residual_alpha=1.7,
     ),
+    "falcon_h1": tiny(  # Falcon-H1's layer: attention and Mamba-2 (its own width) added
+        mixer={
+            "kind": "parallel",
+            "combine": "sum",
+            "mixers": [
+                {"kind": "attention", "n_heads": 4, "n_kv_heads": 2},
+                {"kind": "mamba2", "head_dim": 16, "state_dim": 8, "inner": 48, "chunk_size": 4},
+            ],
+        },
+    ),
     "kda": tiny(  # Kimi's KDA (a decay per key channel, low-rank sigmoid gate) in both layers
         n_layers=2,
         mixer={

@@ -1146,3 +1146,25 @@ def test_lightning_beside_attention_with_experts_exports_as_minimax(tmp_path):
     with pytest.raises(ValueError, match=r"mlp_alpha_factor = \[1, 2.5\] .* differ; kvlab's block holds one alpha"):
         _minimax_from_hf({"vocab_size": 97, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
                           "mlp_alpha_factor": 2.5})  # fmt: skip
+
+
+def test_attention_and_mamba2_added_export_as_falcon_h1(tmp_path):
+    """Attention and Mamba-2 (2 groups, its width given outright: Falcon-H1's mamba_d_ssm) side by side, their outputs
+    added, in every layer, with an embedding scale and a logit scale, export to FalconH1ForCausalLM
+    (``_native_round_trip``: its norms and scan run in float32), every other multiplier written as 1; what it lacks is
+    named; a Mamba-2 of its own width goes to no class that takes expand * hidden_size."""
+    attention = {"kind": "attention", "n_heads": 4, "n_kv_heads": 2}
+    mamba2 = {"kind": "mamba2", "head_dim": 16, "state_dim": 8, "n_groups": 2, "chunk_size": 8, "inner": 96}
+    spec = {"mixer": {"kind": "parallel", "combine": "sum", "mixers": [attention, mamba2]}, "n_layers": 2,
+            "embed_scale": 3.0, "logit_scale": 0.5}  # fmt: skip
+    _native_round_trip(spec, tmp_path, "FalconH1ForCausalLM", 1e-5)
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert (config["mamba_d_ssm"], config["mamba_n_heads"], config["embedding_multiplier"], config["key_multiplier"],
+            config["ssm_multipliers"]) == (96, 6, 3.0, 1.0, [1.0] * 5)  # fmt: skip
+    for broken, match in (({"combine": "mean"}, r"mixer kind 'parallel'"),
+                          ({"mixers": [{**attention, "window": 5}, mamba2]}, r"window=5 \(Falcon-H1's")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            save_hf(build_model(tiny(**{**spec, "mixer": {**spec["mixer"], **broken}})), tmp_path / "c",
+                    remote_code=False)  # fmt: skip
+    with pytest.raises(ValueError, match=r"Mamba-2 with inner=96 given outright"):
+        save_hf(build_model(tiny(mixer=mamba2, mlp={"kind": "none"})), tmp_path / "c", remote_code=False)

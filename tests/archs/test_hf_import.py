@@ -179,6 +179,14 @@ CASES = {
         num_local_experts=4, num_experts_per_tok=2, block_size=8,
         **dict.fromkeys(("full_attn_alpha_factor", "linear_attn_alpha_factor", "mlp_alpha_factor"), 2.5),
         **dict.fromkeys(("full_attn_beta_factor", "linear_attn_beta_factor", "mlp_beta_factor"), 0.8))),
+    # Falcon-H1: attention and Mamba-2 (its own width, 2 groups) added in every layer; every muP multiplier away
+    # from 1 (folded into the weights on import)
+    "falcon-h1": (transformers.FalconH1Config, dict(
+        num_key_value_heads=2, head_dim=16, mamba_d_ssm=96, mamba_n_heads=6, mamba_d_head=16, mamba_d_state=8,
+        mamba_n_groups=2, mamba_chunk_size=8, mamba_rms_norm=True, mamba_norm_before_gate=False,
+        embedding_multiplier=5.6, lm_head_multiplier=0.4, key_multiplier=0.3, attention_in_multiplier=0.9,
+        attention_out_multiplier=0.7, ssm_in_multiplier=0.8, ssm_out_multiplier=0.6,
+        ssm_multipliers=[0.35, 0.25, 0.18, 0.5, 0.35], mlp_multipliers=[0.29, 0.6])),
     # Mamba and Mamba-2 alone (state-spaces', Codestral's): an RMSNorm and the mixer in every layer, no MLP;
     # Mamba-2's B and C in 2 groups
     "mamba": (transformers.MambaConfig, dict(state_size=8, time_step_rank=8, pad_token_id=0)),
@@ -311,6 +319,9 @@ def test_import_matches_transformers(tmp_path, case, sharded):
         assert (r.width, r.n_heads, a.window, a.rope_dims, a.n_kv_heads) == (48, 4, 5, 8, 1)
     if case == "nemotron-h":
         assert (ours.config.n_layers, ours.config.pattern, ours.config.mlp_pattern) == (3, "MAM", "DND")
+    if case == "falcon-h1":
+        c, s = ours.config, ours.config.mixer.mixers[1]
+        assert (c.mixer.combine, s.inner, s.n_groups, c.embed_scale, c.logit_scale) == ("sum", 96, 2, 5.6, 0.4)
     if case == "minimax":
         c = ours.config
         assert (c.pattern, c.normed_residual, c.residual_alpha, c.residual_scale, c.mixers["L"].chunk_size) == (

@@ -106,8 +106,24 @@ def test_recurformer_layer_is_its_heads_side_by_side_in_float64():
     torch.testing.assert_close(layer(x, state=StepState())[0], expected, rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match=r"mixer.combine=concat .* needs shared_output: true"):
         ParallelConfig(mixers=branches, combine="concat").resolved(D, "mixer")
-    with pytest.raises(ValueError, match=r"mixer.combine='sum' is not one of mean, concat"):
-        ParallelConfig(mixers=branches, shared_output=True, combine="sum").resolved(D, "mixer")
+    with pytest.raises(ValueError, match=r"mixer.combine='max' is not one of mean, concat, sum"):
+        ParallelConfig(mixers=branches, shared_output=True, combine="max").resolved(D, "mixer")
+
+
+def test_falcon_h1_layer_is_its_branches_added_in_float64():
+    """Falcon-H1's layer (combine: sum): each branch through its own output projection, added, no norms:
+    W_o attention heads(x) + W_out mamba(x)."""
+    torch.manual_seed(0)
+    layer = Parallel(ParallelConfig(mixers=BRANCHES, combine="sum"), d_model=D, layer_idx=0, kv_source=0,
+                     max_seq_len=32).double()  # fmt: skip
+    assert not hasattr(layer, "betas") and not hasattr(layer, "out_proj")
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(1, 11, D, dtype=torch.float64)
+    att, ssm = layer.branches
+    expected = _attention_heads(att, x[0]) @ att.o_proj.weight.T + _mamba_heads(ssm, x[0]) @ ssm.out_proj.weight.T
+    torch.testing.assert_close(layer(x, state=StepState())[0], expected, rtol=1e-10, atol=1e-12)
 
 
 def test_shared_output_needs_equal_widths_and_projections_without_bias():
