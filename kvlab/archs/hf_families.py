@@ -1892,7 +1892,8 @@ def time_step_limit(hf: dict[str, Any]) -> tuple[float, ...]:
                  for x in hf.get("time_step_limit") or (0.0, float("inf")))  # fmt: skip
 
 
-def _mamba_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+def _mamba_from_hf(hf: dict[str, Any], width_given: bool = False) -> dict[str, Any]:
+    """``width_given``: Mamba-2's width is its heads' (num_heads * head_dim), whatever expand says (Nemotron-H's)."""
     falcon, d = hf["model_type"] == "falcon_mamba", hf["hidden_size"]
     kind = "mamba" if falcon else hf["model_type"]
     if hf.get("use_bias", False) or not hf.get("use_conv_bias", True):
@@ -1916,7 +1917,9 @@ def _mamba_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
         if limit[0] > 0 or limit[1] != float("inf"):
             raise ValueError(f"config.json: time_step_limit={limit} is not supported (kvlab does not clamp dt)")
         heads, head_dim = hf.get("num_heads", 128), hf.get("head_dim", 64)
-        if heads * head_dim != mixer["expand"] * d:
+        if width_given and heads * head_dim != mixer["expand"] * d:
+            mixer["inner"] = heads * head_dim
+        elif heads * head_dim != mixer["expand"] * d:
             raise ValueError(f"config.json: num_heads * head_dim = {heads * head_dim} apart from expand * "
                              f"hidden_size = {mixer['expand'] * d} is not supported")  # fmt: skip
         mixer.update(head_dim=head_dim, n_groups=hf.get("n_groups", 8), chunk_size=hf.get("chunk_size", 256),
@@ -2005,8 +2008,9 @@ def _ibm_mamba2_fields(cfg: ModelConfig, s) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def _ibm_layer_problems(cfg: ModelConfig, who: str) -> list[str]:
-    """Bamba's and Granite 4.0-H's layers: one attention and one Mamba-2, which takes the model's norm eps."""
+def _ibm_layer_problems(cfg: ModelConfig, who: str, width_given: bool = False) -> list[str]:
+    """Bamba's and Granite 4.0-H's layers: one attention and one Mamba-2, which takes the model's norm eps
+    (``width_given``: Nemotron-H's, whose Mamba-2 is as wide as its heads, expand * d_model or not)."""
     attention = [m for m in cfg.layer_mixers if m.kind == "attention"]
     mamba = [m for m in cfg.layer_mixers if m.kind == "mamba2"]
     problems = []
@@ -2015,7 +2019,7 @@ def _ibm_layer_problems(cfg: ModelConfig, who: str) -> list[str]:
     if mamba and mamba[0].norm_eps != cfg.norm.eps:
         problems.append(f"Mamba-2 norm_eps={mamba[0].norm_eps} apart from norm.eps={cfg.norm.eps} ({who} has one "
                         "rms_norm_eps)")  # fmt: skip
-    if mamba and mamba[0].inner is not None:
+    if mamba and mamba[0].inner is not None and not width_given:
         problems.append(f"Mamba-2 with inner={mamba[0].inner} given outright ({who}'s width is expand * hidden_size)")
     return problems
 
@@ -2950,7 +2954,10 @@ def _nemotron_h_claims(cfg: ModelConfig) -> bool:
 
 def _nemotron_h_problems(cfg: ModelConfig) -> list[str]:
     problems = (
-        pre_norm_problems(cfg) + multiplier_problems(cfg) + gemma_problems(cfg) + _ibm_layer_problems(cfg, "Nemotron-H")
+        pre_norm_problems(cfg)
+        + multiplier_problems(cfg)
+        + gemma_problems(cfg)
+        + _ibm_layer_problems(cfg, "Nemotron-H", width_given=True)
     )
     if cfg.norm.kind != "rmsnorm" or cfg.parallel_residual:
         problems.append(f"norm {cfg.norm.kind!r}, parallel_residual={cfg.parallel_residual} (Nemotron-H's: an RMSNorm "
@@ -2978,7 +2985,7 @@ def _nemotron_h_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     return {
         "model_type": "nemotron_h", "layers_block_type": types, "num_hidden_layers": len(types),
         "intermediate_size": mlp.hidden, "mlp_hidden_act": "relu2", "mlp_bias": mlp.bias,
-        "mamba_num_heads": s.expand * cfg.d_model // s.head_dim, "mamba_head_dim": s.head_dim,
+        "mamba_num_heads": (s.inner or s.expand * cfg.d_model) // s.head_dim, "mamba_head_dim": s.head_dim,
         "ssm_state_size": s.state_dim, "n_groups": s.n_groups, "conv_kernel": s.conv_kernel, "expand": s.expand,
         "chunk_size": s.chunk_size, "use_conv_bias": True, "use_bias": False, "mamba_hidden_act": "silu",
         "layer_norm_epsilon": cfg.norm.eps, "attention_bias": False, "num_attention_heads": a.n_heads,
@@ -3037,12 +3044,12 @@ def _nemotron_h_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
     # its Mamba-2 as Mamba2ForCausalLM's config.json would say it (the checks and defaults: _mamba_from_hf's)
     as_mamba2 = {"model_type": "mamba2", "hidden_size": d, "vocab_size": derived.vocab_size,
                  "num_hidden_layers": len(blocks), "state_size": derived.ssm_state_size,
-                 "expand": heads * head_dim // d, "num_heads": heads, "head_dim": head_dim,
+                 "expand": derived.expand, "num_heads": heads, "head_dim": head_dim,
                  "n_groups": derived.n_groups, "conv_kernel": derived.conv_kernel, "chunk_size": derived.chunk_size,
                  "time_step_limit": derived.time_step_limit, "hidden_act": derived.mamba_hidden_act,
                  "use_bias": derived.use_bias, "use_conv_bias": derived.use_conv_bias,
                  "layer_norm_epsilon": derived.layer_norm_epsilon}  # fmt: skip
-    model = _mamba_from_hf(as_mamba2)
+    model = _mamba_from_hf(as_mamba2, width_given=True)
     del model["mlp"]  # (the blocks' MLPs: mlp_pattern below)
     attention = {"kind": "attention", "n_heads": derived.num_attention_heads,
                  "n_kv_heads": derived.num_key_value_heads, "head_dim": derived.head_dim, "rope_dims": 0}  # fmt: skip

@@ -709,14 +709,15 @@ def test_gated_short_convolutions_beside_attention_export_as_lfm2(tmp_path):
 
 
 def test_mamba2_beside_attention_with_squared_relu_mlps_exports_as_nemotron_h(tmp_path):
-    """Mamba-2 (2 groups) beside attention without positional encoding, a squared-ReLU MLP in some blocks and none
+    """Mamba-2 (2 groups, 1.5 d_model wide: Nemotron Nano 2's width is no multiple of it) beside attention without
+    positional encoding, a squared-ReLU MLP in some blocks and none
     in another, export to NemotronHForCausalLM, each block its mixer's layer and its MLP's (``_native_round_trip``:
     its norms and scan run in float32); what it lacks is named; Mamba-2 alone with such MLPs is not claimed (its
     class cannot run a cache without attention), nor by Mamba2ForCausalLM or Bamba's; an MLP layer after another
     is refused on import."""
     from kvlab.archs.hf_families import _nemotron_h_from_hf
 
-    mamba2 = {"kind": "mamba2", "head_dim": 16, "state_dim": 8, "n_groups": 2, "chunk_size": 8}
+    mamba2 = {"kind": "mamba2", "head_dim": 16, "state_dim": 8, "n_groups": 2, "chunk_size": 8, "inner": 96}
     attention = {"kind": "attention", "n_heads": 4, "n_kv_heads": 2, "rope_dims": 0}
     spec = {"mixer": None, "pattern": "MMAM", "mixers": {"M": mamba2, "A": attention}, "mlp_pattern": "DNDD",
             "mlps": {"D": {"kind": "relu2", "hidden": 96}, "N": {"kind": "none"}}}  # fmt: skip

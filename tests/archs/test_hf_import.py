@@ -167,10 +167,11 @@ CASES = {
     # derived from intermediate_size (2/3 of 160, rounded up to 256)
     "lfm2": (transformers.Lfm2Config, dict(num_key_value_heads=2, layer_types=["conv", "full_attention", "conv"],
                                            conv_bias=True, norm_eps=1e-6)),
-    # Nemotron-H: Mamba-2 (2 groups), attention without positions, squared-ReLU MLP layers after some mixers (each
-    # joins the mixer before it: 3 blocks from 5 layers)
+    # Nemotron-H: Mamba-2 (2 groups, 6 heads of 16: 1.5 hidden_size, as Nemotron Nano 2's width is no multiple of
+    # it), attention without positions, squared-ReLU MLP layers after some mixers (each joins the mixer before it: 3
+    # blocks from 5 layers)
     "nemotron-h": (transformers.NemotronHConfig, dict(
-        layers_block_type=["linear_attention", "mlp", "full_attention", "linear_attention", "mlp"], mamba_num_heads=8,
+        layers_block_type=["linear_attention", "mlp", "full_attention", "linear_attention", "mlp"], mamba_num_heads=6,
         mamba_head_dim=16, ssm_state_size=16, n_groups=2, chunk_size=8, num_key_value_heads=2, head_dim=16)),
     # MiniMax-01: lightning attention around one GQA layer, experts in every layer, the block's alpha and beta (its
     # class saves its decay tables, which the import drops)
@@ -319,6 +320,7 @@ def test_import_matches_transformers(tmp_path, case, sharded):
         assert (r.width, r.n_heads, a.window, a.rope_dims, a.n_kv_heads) == (48, 4, 5, 8, 1)
     if case == "nemotron-h":
         assert (ours.config.n_layers, ours.config.pattern, ours.config.mlp_pattern) == (3, "MAM", "DND")
+        assert ours.config.mixers["M"].inner == 96
     if case == "falcon-h1":
         c, s = ours.config, ours.config.mixer.mixers[1]
         assert (c.mixer.combine, s.inner, s.n_groups, c.embed_scale, c.logit_scale) == ("sum", 96, 2, 5.6, 0.4)
