@@ -319,6 +319,10 @@ class ModelConfig:
     post_norms: bool = False
     embed_scale: float | None = None
     pre_norms: bool = True  # false: no norm before the mixer or the MLP, only post_norms after them (OLMo 2)
+    # Where each layer's norms go, as a pattern tiled to n_layers: P before each sublayer (Llama's), O on each
+    # sublayer's output alone (OLMo 2's); None: pre_norms and post_norms in every layer. OLMo Hybrid's: its gated
+    # DeltaNet layers P, its attention layers O.
+    norm_pattern: str | None = None
     # Granite's multipliers: each sublayer's output times residual_scale before its residual add, the logits
     # times logit_scale (Granite: 1 / logits_scaling); None: 1
     residual_scale: float | None = None
@@ -518,6 +522,14 @@ class ModelConfig:
         """Each layer's keys/values source: the layer itself unless it reads another's."""
         return [p.kv_source for p in self.plan]
 
+    def norm_placement(self, layer: int) -> tuple[bool, bool]:
+        """Layer ``layer``'s (norms before its sublayers, norms on their outputs): ``norm_pattern``'s letter there, or
+        ``pre_norms`` and ``post_norms``."""
+        if self.norm_pattern is None:
+            return self.pre_norms, self.post_norms
+        letter = self.norm_pattern[layer % len(self.norm_pattern)]
+        return letter == "P", letter == "O"
+
     def describe_plan(self) -> str:
         """The plan, one line per layer: ``3: attention <- kv of 5``."""
         return "\n".join(p.describe() for p in self.plan)
@@ -535,14 +547,22 @@ class ModelConfig:
         for name in ("embed_scale", "residual_scale", "logit_scale", "logit_softcap", "residual_alpha"):
             if getattr(self, name) is not None:
                 check_float(getattr(self, name), name, positive=True)
+        if self.norm_pattern is not None:
+            if not isinstance(self.norm_pattern, str) or not self.norm_pattern or set(self.norm_pattern) - set("PO"):
+                raise ValueError(f"norm_pattern={self.norm_pattern!r} must be a non-empty string of P (norms before "
+                                 "each sublayer) and O (norms on each sublayer's output alone)")  # fmt: skip
+            if not self.pre_norms or self.post_norms:
+                raise ValueError(f"norm_pattern={self.norm_pattern!r} places every layer's norms: leave pre_norms "
+                                 f"true and post_norms false (got {self.pre_norms}, {self.post_norms})")  # fmt: skip
         check_bool(self.normed_residual, "normed_residual")
         if self.residual_alpha is not None and not self.normed_residual:
             raise ValueError(f"residual_alpha={self.residual_alpha} scales the normalised residual: it needs "
                              "normed_residual: true (MiniMax-01's block)")  # fmt: skip
-        if self.normed_residual and (self.parallel_residual or not self.pre_norms):
+        if self.normed_residual and (self.parallel_residual or not self.pre_norms or "O" in (self.norm_pattern or "")):
             raise ValueError(f"normed_residual=true takes the residual after the norm before each sublayer: it needs "
-                             f"pre_norms: true and parallel_residual: false (got pre_norms={self.pre_norms}, "
-                             f"parallel_residual={self.parallel_residual})")  # fmt: skip
+                             f"pre_norms: true, no O in norm_pattern and parallel_residual: false (got pre_norms="
+                             f"{self.pre_norms}, norm_pattern={self.norm_pattern}, parallel_residual="
+                             f"{self.parallel_residual})")  # fmt: skip
         check_int(self.meta_tokens, "meta_tokens", minimum=0)
         for name in ("blocks", "context"):
             if self.meta_tokens and getattr(self, name) is not None:
@@ -624,6 +644,7 @@ class ModelConfig:
                 post_norms=self.post_norms, embed_scale=self.embed_scale, pre_norms=self.pre_norms,
                 residual_scale=self.residual_scale, logit_scale=self.logit_scale, logit_softcap=self.logit_softcap,
                 normed_residual=self.normed_residual, residual_alpha=self.residual_alpha,
+                norm_pattern=self.norm_pattern,
             )  # fmt: skip
         except ValueError as e:
             raise ValueError(f"blocks: the token decoder: {e}") from None

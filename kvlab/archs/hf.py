@@ -159,8 +159,9 @@ def hf_config_from_model(cfg: ModelConfig) -> dict[str, Any]:
     """
     layout = layout_for(cfg)
     if layout is not None:
-        _refuse(_model_problems(cfg, mlp_bias=layout.mlp_bias, normed_residual=layout.normed_residual)
-                + layout.problems(cfg))  # fmt: skip
+        allowed = {"mlp_bias": layout.mlp_bias, "normed_residual": layout.normed_residual,
+                   "norm_pattern": layout.norm_pattern}  # fmt: skip
+        _refuse(_model_problems(cfg, **allowed) + layout.problems(cfg))
         a = next((m for m in cfg.layer_mixers if m.kind == "attention"), None)  # (None: Mamba's)
         return {"architectures": [layout.architecture], **_common_fields(cfg, a), **layout.to_hf(cfg)}
     mixers = cfg.layer_mixers
@@ -211,12 +212,16 @@ def _refuse(problems: list[str]) -> None:
         )
 
 
-def _model_problems(cfg: ModelConfig, mlp_bias: bool = False, normed_residual: bool = False) -> list[str]:
+def _model_problems(
+    cfg: ModelConfig, mlp_bias: bool = False, normed_residual: bool = False, norm_pattern: bool = False
+) -> list[str]:
     """What no native class has, whatever the mixers (``mlp_bias``: but biases on gated MLPs, ``normed_residual``:
-    but MiniMax's block, which it has)."""
+    but MiniMax's block, ``norm_pattern``: but norms placed per layer, which it has)."""
     problems = []
     if not normed_residual and cfg.normed_residual:
         problems.append("residuals taken after the norms (normed_residual: MiniMax-01's block)")
+    if not norm_pattern and cfg.norm_pattern is not None:
+        problems.append(f"norms placed per layer (norm_pattern={cfg.norm_pattern!r}: OLMo Hybrid's)")
     if not mlp_bias and any(p.mlp.kind in ("swiglu", "geglu") and p.mlp.bias for p in cfg.plan):
         problems.append("biases on the gated MLPs (mlp bias: RecurrentGemma's)")
     if cfg.blocks is not None:

@@ -958,6 +958,7 @@ class NativeLayout:
     prepare: Callable[[dict[str, torch.Tensor], ModelConfig], dict[str, torch.Tensor]] | None = None
     mlp_bias: bool = False  # its gated MLPs (SwiGLU, GeGLU) take biases (RecurrentGemma's)
     normed_residual: bool = False  # its block takes each residual after the norm (MiniMax's)
+    norm_pattern: bool = False  # its layers place their norms by kind (OLMo Hybrid's)
     # after import, config.json's multipliers folded into our weights (names ours, in place; None: none)
     fold: Callable[[dict[str, Any], dict[str, torch.Tensor], ModelConfig], None] | None = None
 
@@ -1394,6 +1395,11 @@ def _scalar(softmax_scale: float) -> int | float:
     return round(s) if abs(s - round(s)) < 1e-6 * s else s
 
 
+def _llama_top_name(name: str) -> str:
+    """One of our names outside the layers as Llama's class holds it (under model., but the head)."""
+    return name if name == "lm_head.weight" else "model." + name
+
+
 def _gemma_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Names with post norms (Gemma 2 and 3, OLMo), or Llama's without them (Gemma 1)."""
     norms = (
@@ -1402,7 +1408,7 @@ def _gemma_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, 
     out = {}
     for name, value in state.items():
         if not name.startswith("layers."):
-            out["model." + name if name != "lm_head.weight" else name] = value
+            out[_llama_top_name(name)] = value
             continue
         _, i, part, rest = name.split(".", 3)
         part = norms.get(part, {"mixer": "self_attn"}.get(part, part))
@@ -2244,7 +2250,7 @@ _QWEN3_NEXT_MIXER = {"in_proj.weight": "in_proj_qkvz.weight", "beta_decay_proj.w
 def _qwen3_next_claims(cfg: ModelConfig) -> bool:
     """Gated DeltaNet beside attention: its class's cache needs an attention layer to generate (without one,
     transformers 5.25 fails at the first step), so gated DeltaNet alone exports as remote code."""
-    return _mixer_kinds(cfg) == {"attention", "gated_deltanet"}
+    return _mixer_kinds(cfg) == {"attention", "gated_deltanet"} and cfg.norm_pattern is None
 
 
 def _qwen3_next_problems(cfg: ModelConfig) -> list[str]:
@@ -3149,7 +3155,7 @@ def _minimax_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str
     out = {}
     for name, value in state.items():
         if not name.startswith("layers."):
-            out[name if name == "lm_head.weight" else "model." + name] = value
+            out[_llama_top_name(name)] = value
             continue
         _, i, part, rest = name.split(".", 3)
         if part == "mlp":
@@ -3381,4 +3387,163 @@ NATIVE_LAYOUTS["falcon_h1"] = NativeLayout(
     export_state=_falcon_h1_state,
     from_hf=_falcon_h1_from_hf,
     fold=_falcon_h1_fold,
+)
+
+
+# OLMo Hybrid (AllenAI 2025, Olmo-Hybrid-7B; `transformers`' OlmoHybridForCausalLM): gated DeltaNet
+# ("linear_attention") in Llama's block (an RMSNorm before each sublayer) and OLMo 3's attention ("full_attention")
+# in OLMo 2's block (an RMSNorm on each sublayer's output alone), where layer_types puts them (our norm_pattern: P
+# and O), a SwiGLU in both. Its gated DeltaNet: q, k and v (one key head per value head) through a causal
+# convolution without bias, beta = 2 sigmoid(b) (allow_neg_eigval: our negative_eigenvalues), its gated output norm
+# at eps 1e-5; q_proj, k_proj, v_proj and g_proj are the row blocks of our in_proj, b_proj and a_proj of
+# beta_decay_proj. Its attention: query and key RMSNorms over the whole projections (qk_norm_over: projection), RoPE
+# on every channel (its NoPE form, without rope_theta, is refused).
+
+_OLMO_HYBRID_LINEAR = ("q_proj", "k_proj", "v_proj", "g_proj")
+_OLMO_HYBRID_NAMES = {"norm_weight": "o_norm.weight", "out_proj.weight": "o_proj.weight",
+                      "conv_weight": "conv1d.weight"}  # fmt: skip
+# both blocks' norms under its names (each block has one pair: Llama's before the sublayers, OLMo 2's after them)
+_OLMO_HYBRID_BLOCK = {
+    "mixer_norm": "input_layernorm",
+    "mlp_norm": "post_attention_layernorm",
+    "mixer_post_norm": "post_attention_layernorm",
+    "mlp_post_norm": "post_feedforward_layernorm",
+}
+_OLMO_HYBRID_GDN_EPS = 1e-5  # its gated DeltaNet's output norm takes no eps from its config
+
+
+def _olmo_hybrid_claims(cfg: ModelConfig) -> bool:
+    return _mixer_kinds(cfg) == {"attention", "gated_deltanet"} and cfg.norm_pattern is not None
+
+
+def _olmo_hybrid_problems(cfg: ModelConfig) -> list[str]:
+    problems = multiplier_problems(cfg) + gemma_problems(cfg) + one_swiglu_problems(cfg)
+    if cfg.norm.kind != "rmsnorm" or cfg.parallel_residual:
+        problems.append(f"norm {cfg.norm.kind!r}, parallel_residual={cfg.parallel_residual} (OLMo Hybrid's: RMSNorms, "
+                        "the MLP after the mixer)")  # fmt: skip
+    places = [cfg.norm_placement(i) for i in range(cfg.n_layers)]
+    if any(place != ((True, False) if m.kind == "gated_deltanet" else (False, True))
+           for place, m in zip(places, cfg.layer_mixers, strict=True)):  # fmt: skip
+        problems.append(f"norm_pattern={cfg.norm_pattern!r} against its layers (OLMo Hybrid's: P at gated DeltaNet, "
+                        "O at attention)")  # fmt: skip
+    linear = [m for m in cfg.layer_mixers if m.kind == "gated_deltanet"]
+    attention = [m for m in cfg.layer_mixers if m.kind == "attention"]
+    if any(m != linear[0] for m in linear) or any(m != attention[0] for m in attention):
+        problems.append("gated DeltaNet or attention layers that differ from one another (OLMo Hybrid has one of each)")
+    g, a = linear[0], attention[0]
+    if (g.decay != "head" or not g.output_gate or g.gate_rank is not None or g.gate_activation != "silu"
+            or g.n_qk_heads != g.n_heads or g.norm_eps != _OLMO_HYBRID_GDN_EPS):  # fmt: skip
+        problems.append(f"gated DeltaNet with decay={g.decay!r}, output_gate={g.output_gate}, gate_rank={g.gate_rank}, "
+                        f"gate_activation={g.gate_activation!r}, {g.n_qk_heads} query/key heads for {g.n_heads}, "
+                        f"norm_eps={g.norm_eps} (OLMo Hybrid's: a decay per head, a full silu gate, a key head per "
+                        f"value head, eps {_OLMO_HYBRID_GDN_EPS})")  # fmt: skip
+    problems += _attention_layer_problems(a)
+    if not a.qk_norm or a.qk_norm_over != "projection" or a.qk_norm_eps != cfg.norm.eps or a.window is not None:
+        problems.append("attention without query and key norms over the projections at the model's norm eps, or "
+                        "windowed (OLMo Hybrid's attention is full)")  # fmt: skip
+    if a.qkv_bias or a.o_bias:
+        problems.append(f"attention with qkv_bias={a.qkv_bias}, o_bias={a.o_bias} (OLMo Hybrid's has none)")
+    return problems
+
+
+def _olmo_hybrid_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    g = next(m for m in cfg.layer_mixers if m.kind == "gated_deltanet")
+    a = next(m for m in cfg.layer_mixers if m.kind == "attention")
+    return {
+        "model_type": "olmo_hybrid", "intermediate_size": cfg.mlp.hidden, "num_key_value_heads": a.n_kv_heads,
+        "rope_parameters": rope_parameters(a), "attention_bias": False,
+        "layer_types": ["linear_attention" if m.kind == "gated_deltanet" else "full_attention"
+                        for m in cfg.layer_mixers],
+        "linear_num_key_heads": g.n_qk_heads, "linear_num_value_heads": g.n_heads, "linear_key_head_dim": g.head_dim,
+        "linear_value_head_dim": g.value_head_dim, "linear_conv_kernel_dim": g.conv_kernel,
+        "linear_allow_neg_eigval": g.negative_eigenvalues,
+    }  # fmt: skip
+
+
+def _olmo_hybrid_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, value in state.items():
+        if not name.startswith("layers."):
+            out[_llama_top_name(name)] = value
+            continue
+        _, i, part, rest = name.split(".", 3)
+        prefix, g = f"model.layers.{i}.", cfg.layer_mixers[int(i)]
+        if part != "mixer":  # (the norms of OLMo 2's block, or of Llama's; the MLP)
+            out[prefix + _OLMO_HYBRID_BLOCK.get(part, part) + "." + rest] = value
+        elif g.kind == "attention":
+            out[prefix + "self_attn." + rest] = value
+        elif rest == "in_proj.weight":
+            widths = [g.n_qk_heads * g.head_dim] * 2 + [g.n_heads * g.value_head_dim] * 2
+            out.update({f"{prefix}linear_attn.{n}.weight": w
+                        for n, w in zip(_OLMO_HYBRID_LINEAR, value.split(widths), strict=True)})  # fmt: skip
+        elif rest == "beta_decay_proj.weight":
+            out.update({f"{prefix}linear_attn.{n}.weight": w
+                        for n, w in zip(("b_proj", "a_proj"), value.chunk(2), strict=True)})  # fmt: skip
+        else:
+            theirs = _OLMO_HYBRID_NAMES.get(rest, rest)
+            out[f"{prefix}linear_attn.{theirs}"] = value[:, None] if rest == "conv_weight" else value
+    return out
+
+
+def _olmo_hybrid_weights(theirs: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The hub's names (which its class's save_pretrained writes too) as its class holds them: the gated DeltaNet
+    layers' attention_layer_norm and feedforward_layer_norm its input and post-attention norms, their q, k and v
+    convolutions one."""
+    out = {}
+    for name, value in theirs.items():
+        name = name.replace(".attention_layer_norm.", ".input_layernorm.")
+        out[name.replace(".feedforward_layer_norm.", ".post_attention_layernorm.")] = value
+    for name in [n for n in out if n.endswith(".linear_attn.q_conv1d.weight")]:
+        prefix = name.removesuffix("q_conv1d.weight")
+        out[prefix + "conv1d.weight"] = torch.cat([out.pop(f"{prefix}{x}_conv1d.weight") for x in "qkv"])
+    return out
+
+
+def _olmo_hybrid_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+    import transformers
+
+    check_silu(hf)
+    c = transformers.OlmoHybridConfig(**{k: v for k, v in hf.items() if k != "model_type"})
+    if set(c.layer_types) - {"linear_attention", "full_attention"}:
+        raise ValueError(f"config.json: layer_types {sorted(set(c.layer_types))} are not supported "
+                         "(linear_attention and full_attention are)")  # fmt: skip
+    if c.linear_num_key_heads != c.linear_num_value_heads:
+        raise ValueError(f"config.json: linear_num_key_heads={c.linear_num_key_heads} apart from "
+                         f"linear_num_value_heads={c.linear_num_value_heads} is not supported (its class reads one "
+                         "key head per value head)")  # fmt: skip
+    if not c.rope_parameters or c.rope_parameters.get("rope_theta") is None:
+        raise ValueError("config.json: attention without RoPE (OLMo Hybrid's NoPE form, no rope_theta) is not "
+                         "supported")  # fmt: skip
+    rope = read_rope({"model_type": "olmo_hybrid", "rope_parameters": c.rope_parameters})
+    d, heads, eps = c.hidden_size, c.num_attention_heads, c.rms_norm_eps
+    attention = {"kind": "attention", "n_heads": heads, "n_kv_heads": c.num_key_value_heads, "head_dim": d // heads,
+                 "rope_theta": rope.theta, "rope_scaling": rope.scaling, "qkv_bias": bool(c.attention_bias),
+                 "o_bias": bool(c.attention_bias), "qk_norm": True, "qk_norm_eps": eps,
+                 "qk_norm_over": "projection"}  # fmt: skip
+    linear = {"kind": "gated_deltanet", "n_heads": c.linear_num_value_heads, "n_qk_heads": c.linear_num_key_heads,
+              "head_dim": c.linear_key_head_dim, "value_head_dim": c.linear_value_head_dim,
+              "conv_kernel": c.linear_conv_kernel_dim, "negative_eigenvalues": bool(c.linear_allow_neg_eigval),
+              "norm_eps": _OLMO_HYBRID_GDN_EPS}  # fmt: skip
+    pattern = "".join("D" if t == "linear_attention" else "A" for t in c.layer_types)
+    return {
+        "vocab_size": c.vocab_size, "d_model": d, "n_layers": c.num_hidden_layers,
+        "max_seq_len": c.max_position_embeddings, "norm": {"kind": "rmsnorm", "eps": eps},
+        "tie_embeddings": bool(c.tie_word_embeddings), "mixer": None, "pattern": pattern,
+        "mixers": {k: v for k, v in {"A": attention, "D": linear}.items() if k in pattern},
+        "norm_pattern": pattern.replace("D", "P").replace("A", "O"),
+        "mlp": {"kind": "swiglu", "hidden": c.intermediate_size},
+    }  # fmt: skip
+
+
+NATIVE_LAYOUTS["olmo_hybrid"] = NativeLayout(
+    model_type="olmo_hybrid",
+    architecture="OlmoHybridForCausalLM",
+    describes="gated_deltanet in Llama's block beside attention in OLMo 2's (norm_pattern) as olmo_hybrid",
+    claims=_olmo_hybrid_claims,
+    problems=_olmo_hybrid_problems,
+    to_hf=_olmo_hybrid_to_hf,
+    export_state=_olmo_hybrid_state,
+    from_hf=_olmo_hybrid_from_hf,
+    prepare=_olmo_hybrid_weights,
+    norm_pattern=True,
 )

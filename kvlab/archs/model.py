@@ -75,7 +75,8 @@ class Block(nn.Module):
             elif not ctx.shared_cross:
                 self.cross_block = CrossBlock(cfg.d_model, d_states, heads, plan.norm, cross_rotary)
         # (none before the mixer and the MLP with pre_norms false: OLMo 2 normalises their outputs alone)
-        self.mixer_norm = build_norm(plan.norm, cfg.d_model) if cfg.pre_norms else nn.Identity()
+        pre_norms, post_norms = cfg.norm_placement(layer_idx)
+        self.mixer_norm = build_norm(plan.norm, cfg.d_model) if pre_norms else nn.Identity()
         # what only some mixers are told: attention weights given to or taken from other layers (SA), and the
         # model's depth (lightning's decays)
         extras = {}
@@ -94,13 +95,13 @@ class Block(nn.Module):
             **extras,
         )
         mlp = build_mlp(plan.mlp, cfg.d_model)  # None: no MLP (mlp kind none)
-        self.mlp_norm = None if mlp is None else build_norm(plan.norm, cfg.d_model) if cfg.pre_norms else nn.Identity()
+        self.mlp_norm = None if mlp is None else build_norm(plan.norm, cfg.d_model) if pre_norms else nn.Identity()
         self.mlp = mlp
         self.mlp_stateful = getattr(mlp, "stateful", False)
         self.parallel_residual = cfg.parallel_residual
         # norms on the mixer's and the MLP's outputs (post_norms: Gemma's, and OLMo 2's without pre-norms)
-        self.mixer_post_norm = build_norm(plan.norm, cfg.d_model) if cfg.post_norms else None
-        self.mlp_post_norm = build_norm(plan.norm, cfg.d_model) if cfg.post_norms and mlp is not None else None
+        self.mixer_post_norm = build_norm(plan.norm, cfg.d_model) if post_norms else None
+        self.mlp_post_norm = build_norm(plan.norm, cfg.d_model) if post_norms and mlp is not None else None
         self.residual_scale = cfg.residual_scale  # Granite's residual_multiplier (None: 1); MiniMax-01's beta
         # MiniMax-01's: the residual is the sublayer's normalised input, times alpha (None: the input itself)
         self.normed_residual = cfg.normed_residual

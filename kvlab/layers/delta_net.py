@@ -69,9 +69,13 @@ class GatedDeltaNetConfig(MixerConfig):
     dt_min: float = 0.001
     dt_max: float = 0.1
     norm_eps: float = 1e-5
+    # beta = 2 sigmoid(b): I - beta k k^T's eigenvalue along k in (-1, 1), not (0, 1) (Grazzi et al. 2025, "Unlocking
+    # State-Tracking in Linear RNNs Through Negative Eigenvalues"; OLMo Hybrid's allow_neg_eigval)
+    negative_eigenvalues: bool = False
 
     def validate(self, d_model: int, path: str) -> None:
         check_int(self.n_heads, f"{path}.n_heads", minimum=1)
+        check_bool(self.negative_eigenvalues, f"{path}.negative_eigenvalues")
         for name in ("n_qk_heads", "head_dim", "value_head_dim"):
             check_int(getattr(self, name), f"{path}.{name}", minimum=1, optional=True)
         check_int(self.conv_kernel, f"{path}.conv_kernel", minimum=1)
@@ -174,6 +178,8 @@ class GatedDeltaNet(nn.Module):
         q = q * torch.rsqrt(q.square().sum(-1, keepdim=True) + L2_NORM_EPS) * Dk**-0.5
         k = k * torch.rsqrt(k.square().sum(-1, keepdim=True) + L2_NORM_EPS)
         beta = torch.sigmoid(upcast(b)).transpose(1, 2)  # [B, H, T]
+        if c.negative_eigenvalues:
+            beta = beta * 2
         step = F.softplus(upcast(a) + upcast(self.dt_bias))  # [B, T, H] or [B, T, H * Dk]
         if c.decay == "head":
             g = (-upcast(self.A_log).exp() * step).transpose(1, 2)  # [B, H, T]

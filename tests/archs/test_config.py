@@ -204,7 +204,14 @@ BAD = {
         ),
         r"parallel_residual=true, but layers \[1, 3\] have no MLP",
     ),  # fmt: skip
-}
+    "norm pattern letters": (tiny(norm_pattern="PX"), r"norm_pattern='PX' must be a non-empty string of P"),
+    "norm pattern beside pre_norms": (tiny(norm_pattern="PO", pre_norms=False, post_norms=True),
+                                      r"norm_pattern='PO' places every layer's norms: leave pre_norms true"),
+    "residual alpha alone": (tiny(residual_alpha=2.0), r"residual_alpha=2.0 scales the normalised residual: it needs "
+                             r"normed_residual: true"),
+    "normed residual after post norms": (tiny(normed_residual=True, norm_pattern="PO"),
+                                         r"normed_residual=true .* no O in norm_pattern"),
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("case", list(BAD))
@@ -233,3 +240,11 @@ def test_with_params_widens_the_mlp_to_a_parameter_count(name):
     assert abs(step - 10**6) <= 8 * per_unit
     with pytest.raises(ValueError, match="mlp.kind=none has no width"):
         ModelConfig.from_dict(preset_dict("gau")).with_params(target)
+
+
+def test_norm_pattern_places_each_layers_norms():
+    """P: norms before the mixer and the MLP (Llama's), O: on their outputs alone (OLMo 2's), tiled to n_layers."""
+    model = build_model(tiny(n_layers=3, norm_pattern="PO"))
+    placed = [(type(b.mixer_norm).__name__, b.mixer_post_norm is not None, b.mlp_post_norm is not None)
+              for b in model.layers]  # fmt: skip
+    assert placed == [("RMSNorm", False, False), ("Identity", True, True), ("RMSNorm", False, False)]

@@ -215,6 +215,22 @@ VARIANTS = {
             ],
         },
     ),
+    "olmo_hybrid": tiny(  # OLMo Hybrid's: gated DeltaNet in Llama's block, attention in OLMo 2's
+        mixer=None,
+        pattern="DAD",
+        n_layers=3,
+        norm_pattern="POP",
+        mixers={
+            "D": {
+                "kind": "gated_deltanet",
+                "n_heads": 4,
+                "head_dim": 16,
+                "negative_eigenvalues": True,
+                "chunk_size": 4,
+            },
+            "A": {"kind": "attention", "n_heads": 4, "n_kv_heads": 2, "qk_norm": True, "qk_norm_over": "projection"},
+        },
+    ),
     "kda": tiny(  # Kimi's KDA (a decay per key channel, low-rank sigmoid gate) in both layers
         n_layers=2,
         mixer={

@@ -1169,3 +1169,24 @@ def test_attention_and_mamba2_added_export_as_falcon_h1(tmp_path):
                     remote_code=False)  # fmt: skip
     with pytest.raises(ValueError, match=r"Mamba-2 with inner=96 given outright"):
         save_hf(build_model(tiny(mixer=mamba2, mlp={"kind": "none"})), tmp_path / "c", remote_code=False)
+
+
+def test_gated_deltanet_and_attention_in_their_own_blocks_export_as_olmo_hybrid(tmp_path):
+    """Gated DeltaNet with negative eigenvalues in Llama's block beside OLMo 3's attention (query and key norms over
+    the projections) in OLMo 2's block (norm_pattern PPOP) export to OlmoHybridForCausalLM (``_native_round_trip``);
+    what it lacks is named; norms placed per layer go to no other class, and Qwen3-Next's does not claim them."""
+    gdn = {"kind": "gated_deltanet", "n_heads": 4, "head_dim": 12, "value_head_dim": 24, "negative_eigenvalues": True}
+    attention = {"kind": "attention", "n_heads": 4, "n_kv_heads": 2, "qk_norm": True, "qk_norm_over": "projection"}
+    spec = {"mixer": None, "pattern": "DDAD", "n_layers": 4, "mixers": {"D": gdn, "A": attention},
+            "norm_pattern": "PPOP", "norm": {"kind": "rmsnorm", "eps": 1e-5}}  # fmt: skip
+    _native_round_trip(spec, tmp_path, "OlmoHybridForCausalLM", 1e-5)
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert (config["layer_types"][1:3], config["linear_allow_neg_eigval"]) == (
+        ["linear_attention", "full_attention"], True)  # fmt: skip
+    for broken, match in (({"norm_pattern": "PPPP"}, r"norm_pattern='PPPP' against its layers"),
+                          ({"mixers": {"D": {**gdn, "n_qk_heads": 2}, "A": attention}},
+                           r"2 query/key heads for 4")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            save_hf(build_model(tiny(**{**spec, **broken})), tmp_path / "c", remote_code=False)
+    with pytest.raises(ValueError, match=r"norms placed per layer \(norm_pattern='PO'"):
+        save_hf(build_model(tiny(norm_pattern="PO")), tmp_path / "c", remote_code=False)

@@ -188,6 +188,11 @@ CASES = {
         embedding_multiplier=5.6, lm_head_multiplier=0.4, key_multiplier=0.3, attention_in_multiplier=0.9,
         attention_out_multiplier=0.7, ssm_in_multiplier=0.8, ssm_out_multiplier=0.6,
         ssm_multipliers=[0.35, 0.25, 0.18, 0.5, 0.35], mlp_multipliers=[0.29, 0.6])),
+    # OLMo Hybrid: gated DeltaNet (negative eigenvalues) in Llama's block, OLMo 3's attention in OLMo 2's; the hub's
+    # names (its save_pretrained writes them: the q, k and v convolutions apart, the norms renamed)
+    "olmo-hybrid": (transformers.OlmoHybridConfig, dict(
+        num_key_value_heads=2, layer_types=["linear_attention", "full_attention", "linear_attention"],
+        pad_token_id=0, eos_token_id=1)),
     # Mamba and Mamba-2 alone (state-spaces', Codestral's): an RMSNorm and the mixer in every layer, no MLP;
     # Mamba-2's B and C in 2 groups
     "mamba": (transformers.MambaConfig, dict(state_size=8, time_step_rank=8, pad_token_id=0)),
@@ -280,6 +285,7 @@ def test_import_matches_transformers(tmp_path, case, sharded):
                     "lfm2",
                     "nemotron",
                     "minimax",
+                    "olmo-hybrid",
                 )
             )
             else 1e-6
@@ -321,6 +327,10 @@ def test_import_matches_transformers(tmp_path, case, sharded):
     if case == "nemotron-h":
         assert (ours.config.n_layers, ours.config.pattern, ours.config.mlp_pattern) == (3, "MAM", "DND")
         assert ours.config.mixers["M"].inner == 96
+    if case == "olmo-hybrid":
+        c, g = ours.config, ours.config.mixers["D"]
+        assert (c.pattern, c.norm_pattern, g.negative_eigenvalues, g.head_dim, g.value_head_dim) == (
+            "DAD", "POP", True, 12, 24)  # fmt: skip
     if case == "falcon-h1":
         c, s = ours.config, ours.config.mixer.mixers[1]
         assert (c.mixer.combine, s.inner, s.n_groups, c.embed_scale, c.logit_scale) == ("sum", 96, 2, 5.6, 0.4)

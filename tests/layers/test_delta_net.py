@@ -36,6 +36,7 @@ def _transcription(layer: GatedDeltaNet, x: torch.Tensor) -> torch.Tensor:
                 qt = qt / torch.sqrt(qt @ qt + 1e-6) / Dk**0.5
                 kt = kt / torch.sqrt(kt @ kt + 1e-6)
                 beta, eye = torch.sigmoid(b[row, t, h]), torch.eye(Dk, dtype=x.dtype)
+                beta = 2 * beta if c.negative_eigenvalues else beta  # (its eigenvalue along k: 1 - beta, in (-1, 1))
                 if c.decay == "head":  # S_t = alpha_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T
                     step = torch.log1p(torch.exp(a[row, t, h] + layer.dt_bias[h]))
                     S = torch.exp(-layer.A_log[h].exp() * step) * (eye - beta * torch.outer(kt, kt)) @ S
@@ -55,12 +56,14 @@ def _transcription(layer: GatedDeltaNet, x: torch.Tensor) -> torch.Tensor:
 KDA = {"decay": "channel", "gate_rank": 8, "gate_activation": "sigmoid", "n_qk_heads": 4, "value_head_dim": 8}
 
 
-@pytest.mark.parametrize("case", ["gated", "ungated", "kda"])
+@pytest.mark.parametrize("case", ["gated", "ungated", "kda", "negative_eigenvalues"])
 def test_layer_matches_the_papers_recurrence(case):
     """Chunks of 8 over 21 tokens, 2 query/key heads for 4 value heads, one head decaying hard (a chunk of it far past
     exp's range), value heads narrower than the keys; float64 to its rounding, float32 to its own. KDA (Kimi
-    Linear's): a decay per key channel through a low rank, a low-rank sigmoid gate."""
-    options = {"gated": {}, "ungated": {"output_gate": False}, "kda": KDA}[case]
+    Linear's): a decay per key channel through a low rank, a low-rank sigmoid gate. Negative eigenvalues (OLMo
+    Hybrid's): beta = 2 sigmoid(b)."""
+    options = {"gated": {}, "ungated": {"output_gate": False}, "kda": KDA,
+               "negative_eigenvalues": {"negative_eigenvalues": True}}[case]  # fmt: skip
     cfg = GatedDeltaNetConfig(**{"n_heads": 4, "n_qk_heads": 2, "head_dim": 8, "value_head_dim": 6, "chunk_size": 8,
                                  **options})  # fmt: skip
     layer = GatedDeltaNet(cfg, d_model=32, layer_idx=0, kv_source=0, max_seq_len=64).double()
