@@ -2,7 +2,7 @@
 
     python benchmarks/native_parents.py [--parents gemma2,mixtral,deepseek_v2,qwen2_moe,phi3,mamba,mamba2,gpt_oss,
                                                    granite_4_h,nemotron_h,qwen3_next,kimi_linear,griffin,lfm2,
-                                                   minimax,falcon_h1,olmo_hybrid]
+                                                   minimax,falcon_h1,olmo_hybrid,exaone4]
                                         [--batches 1,8]
                                         [--prompt 128]
                                         [--new 128] [--repeats 3] [--steps 10]
@@ -38,12 +38,15 @@ Falcon-H1-0.5B's proportions (in every layer GQA, 8 heads of 32 over 2 K/V heads
 weights hold them; `transformers` runs its Mamba-2 on the torch path); OLMo Hybrid at Olmo-Hybrid-7B's proportions
 (8 layers: three gated DeltaNet layers, 4 heads with keys of 0.75 d_model / 4 and values twice that, negative
 eigenvalues, in Llama's block, to one MHA layer with query and key norms over the projections in OLMo 2's block; a
-SwiGLU of 688; `transformers` runs its gated delta rule and convolution on their torch paths).
+SwiGLU of 688; `transformers` runs its gated delta rule and convolution on their torch paths); EXAONE 4.0 at its
+32B's layout (8 layers, three with 128-token windows and RoPE to one full layer without positions, GQA with per-head
+query/key norms, OLMo 2's block).
 kvlab's native export of it is loaded back into `transformers`' class (Gemma2ForCausalLM, MixtralForCausalLM,
 DeepseekV2ForCausalLM, Qwen2MoeForCausalLM, Phi3ForCausalLM, MambaForCausalLM, Mamba2ForCausalLM, the Mambas
 running their torch paths here, mamba-ssm's kernels being CUDA's; GptOssForCausalLM; GraniteMoeHybridForCausalLM,
 its Mamba-2 on the same torch path; NemotronHForCausalLM, the same; Qwen3NextForCausalLM; KimiLinearForCausalLM;
-RecurrentGemmaForCausalLM; Lfm2ForCausalLM; MiniMaxForCausalLM; FalconH1ForCausalLM; OlmoHybridForCausalLM), so
+RecurrentGemmaForCausalLM; Lfm2ForCausalLM; MiniMaxForCausalLM; FalconH1ForCausalLM; OlmoHybridForCausalLM;
+Exaone4ForCausalLM), so
 both hold the same weights, and their greedy tokens are checked equal. Decoding: ``generate`` of ``--new`` tokens
 after a ``--prompt``-token prompt under ``torch.inference_mode`` (kvlab compiled, its compilation the warm-up, and
 eager; `transformers` eager, its dynamic cache). Training: one step (forward with the loss, backward, fused AdamW) on
@@ -109,6 +112,8 @@ PARENTS = {
         "D": {"kind": "gated_deltanet", "n_heads": 4, "head_dim": 48, "value_head_dim": 96,
               "negative_eigenvalues": True},
         "A": {"kind": "attention", "n_heads": 8, "head_dim": 32, "qk_norm": True, "qk_norm_over": "projection"}}},
+    "exaone4": {**SHAPES, "n_layers": 8, "pattern": "LLLG", "pre_norms": False, "post_norms": True, "mixers": {
+        "L": {**GQA, "qk_norm": True, "window": 128}, "G": {**GQA, "qk_norm": True, "rope_dims": 0}}},
     "minimax": (lambda d: {**d, "mixers": {**d["mixers"], "A": {**d["mixers"]["A"], "rope_dims": 32}}})(
         ModelConfig.from_yaml("configs/model/minimax_01.yaml").to_dict()),
 }  # fmt: skip

@@ -1505,9 +1505,10 @@ NATIVE_LAYOUTS["gemma3"] = NativeLayout(
 # (qk_norm_over: projection); SwiGLU. Names as Gemma's post norms (_gemma_state).
 
 
-def _olmo_claims(cfg: ModelConfig) -> bool:  # (OLMoE's: norms before the sublayers and experts)
+def _olmo_claims(cfg: ModelConfig) -> bool:  # (OLMoE's: norms before the sublayers and experts; EXAONE 4.0's)
     olmoe = cfg.pre_norms and _moe_of(cfg) is not None
-    return _mixer_kinds(cfg) == {"attention"} and (not cfg.pre_norms or _projection_norms(cfg)) and not olmoe
+    return (_mixer_kinds(cfg) == {"attention"} and (not cfg.pre_norms or _projection_norms(cfg)) and not olmoe
+            and not _exaone4_claims(cfg))  # fmt: skip
 
 
 def _olmo_problems(cfg: ModelConfig) -> list[str]:
@@ -3546,4 +3547,95 @@ NATIVE_LAYOUTS["olmo_hybrid"] = NativeLayout(
     from_hf=_olmo_hybrid_from_hf,
     prepare=_olmo_hybrid_weights,
     norm_pattern=True,
+)
+
+
+# EXAONE 4.0 (LG AI Research 2025, "EXAONE 4.0: Unified Large Language Models Integrating Non-reasoning and
+# Reasoning Modes"; `transformers`' Exaone4ForCausalLM): OLMo 2's block (an RMSNorm on each sublayer's output alone,
+# its "QK-Reorder-LN"), RMSNorms of each query and key head, sliding-window attention with RoPE where layer_types
+# puts it (3 of every 4 layers in the 32B) and full attention without positions (NoPE) in the others; without a
+# sliding_window every layer is full, with RoPE. Names as OLMo's (_gemma_state).
+
+
+def _exaone4_claims(cfg: ModelConfig) -> bool:
+    return (_mixer_kinds(cfg) == {"attention"} and not cfg.pre_norms and cfg.post_norms
+            and all(m.qk_norm and m.qk_norm_over == "head" for m in cfg.layer_mixers))  # fmt: skip
+
+
+def _exaone4_problems(cfg: ModelConfig) -> list[str]:
+    problems = multiplier_problems(cfg) + one_swiglu_problems(cfg)
+    if cfg.logit_softcap is not None or cfg.norm.unit_offset or cfg.norm.kind != "rmsnorm" or cfg.parallel_residual:
+        problems.append(f"logit_softcap={cfg.logit_softcap}, norm {cfg.norm.kind!r} with unit_offset="
+                        f"{cfg.norm.unit_offset}, parallel_residual={cfg.parallel_residual} (EXAONE 4.0's: plain "
+                        "RMSNorms on the sublayers' outputs)")  # fmt: skip
+    mixers = cfg.layer_mixers
+    windowed = [m for m in mixers if m.window is not None]
+    full = [m for m in mixers if m.window is None]
+    if any(m != windowed[0] for m in windowed) or any(m != full[0] for m in full):
+        problems.append("windowed or full layers that differ from one another (EXAONE 4.0 has one of each)")
+    m = (windowed or full)[0]
+    if windowed and full and not same_but(full[0], m, ("window", "rope_dims")):
+        problems.append("windowed and full layers that differ by more than the window and RoPE")
+    if windowed and full and full[0].rope_dims != 0:
+        problems.append(f"full layers with RoPE (rope_dims={full[0].rope_dims}) beside windowed ones (EXAONE 4.0's "
+                        "full layers have no positions then)")  # fmt: skip
+    problems += _attention_layer_problems(m)
+    if m.qk_norm_eps != cfg.norm.eps or m.qk_norm_unit_offset or m.qkv_bias or m.o_bias:
+        problems.append(f"attention with qk_norm_eps={m.qk_norm_eps}, qk_norm_unit_offset={m.qk_norm_unit_offset}, "
+                        f"qkv_bias={m.qkv_bias}, o_bias={m.o_bias} (EXAONE 4.0's: per-head norms at the model's eps, "
+                        "no biases)")  # fmt: skip
+    return problems
+
+
+def _exaone4_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    mixers = cfg.layer_mixers
+    windowed = next((m for m in mixers if m.window is not None), None)
+    m = windowed or mixers[0]
+    return {
+        "model_type": "exaone4", "intermediate_size": cfg.mlp.hidden, "num_key_value_heads": m.n_kv_heads,
+        "head_dim": m.head_dim, "rope_parameters": rope_parameters(m),
+        "sliding_window": windowed.window if windowed else None,
+        "layer_types": ["sliding_attention" if x.window is not None else "full_attention" for x in mixers],
+    }  # fmt: skip
+
+
+def _exaone4_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+    import transformers
+
+    check_silu(hf)
+    c = transformers.Exaone4Config(**{k: v for k, v in hf.items() if k != "model_type"})
+    if set(c.layer_types) - set(LAYER_TYPES):
+        raise ValueError(f"config.json: layer_types {sorted(set(c.layer_types))} are not supported (sliding_attention "
+                         "and full_attention are)")  # fmt: skip
+    rope = read_rope({"model_type": "exaone4", "rope_parameters": c.rope_parameters})
+    d, heads, eps = c.hidden_size, c.num_attention_heads, c.rms_norm_eps
+    head_dim = hf.get("head_dim") or d // heads
+    attention = {"kind": "attention", "n_heads": heads, "n_kv_heads": c.num_key_value_heads, "head_dim": head_dim,
+                 "rope_theta": rope.theta, "rope_scaling": rope.scaling, "qk_norm": True,
+                 "qk_norm_eps": eps}  # fmt: skip
+    windowed = c.sliding_window is not None
+    mixers = {
+        "L": {**attention, "window": c.sliding_window},
+        "G": {**attention, "rope_dims": 0 if windowed else head_dim},
+    }  # (its global NoPE beside windows)
+    pattern = "".join("L" if windowed and t == "sliding_attention" else "G" for t in c.layer_types)
+    return {
+        "vocab_size": c.vocab_size, "d_model": d, "n_layers": c.num_hidden_layers,
+        "max_seq_len": c.max_position_embeddings, "norm": {"kind": "rmsnorm", "eps": eps},
+        "tie_embeddings": bool(c.tie_word_embeddings), "pre_norms": False, "post_norms": True, "mixer": None,
+        "pattern": pattern, "mixers": {k: v for k, v in mixers.items() if k in pattern},
+        "mlp": {"kind": "swiglu", "hidden": c.intermediate_size},
+    }  # fmt: skip
+
+
+NATIVE_LAYOUTS["exaone4"] = NativeLayout(
+    model_type="exaone4",
+    architecture="Exaone4ForCausalLM",
+    describes="attention with post norms alone and per-head query/key norms (windows with RoPE, full layers without) "
+    "as exaone4",
+    claims=_exaone4_claims,
+    problems=_exaone4_problems,
+    to_hf=_exaone4_to_hf,
+    export_state=_gemma_state,
+    from_hf=_exaone4_from_hf,
 )

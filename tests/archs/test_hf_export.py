@@ -1190,3 +1190,23 @@ def test_gated_deltanet_and_attention_in_their_own_blocks_export_as_olmo_hybrid(
             save_hf(build_model(tiny(**{**spec, **broken})), tmp_path / "c", remote_code=False)
     with pytest.raises(ValueError, match=r"norms placed per layer \(norm_pattern='PO'"):
         save_hf(build_model(tiny(norm_pattern="PO")), tmp_path / "c", remote_code=False)
+
+
+def test_post_norms_and_per_head_query_key_norms_export_as_exaone4(tmp_path):
+    """OLMo 2's block with RMSNorms of each query and key head: windowed layers with RoPE beside full layers without
+    positions (3 to 1), and full layers alone with RoPE, export to Exaone4ForCausalLM (``_native_round_trip``); what
+    it lacks is named; norms over the whole projections stay OLMo's."""
+    attention = {"kind": "attention", "n_heads": 4, "n_kv_heads": 2, "qk_norm": True}
+    spec = {"mixer": None, "pattern": "LLLG", "n_layers": 4, "pre_norms": False, "post_norms": True,
+            "mixers": {"L": {**attention, "window": 5}, "G": {**attention, "rope_dims": 0}}}  # fmt: skip
+    _native_round_trip(spec, tmp_path, "Exaone4ForCausalLM", 1e-5)
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert (config["sliding_window"], config["layer_types"][2:]) == (5, ["sliding_attention", "full_attention"])
+    _native_round_trip({"pre_norms": False, "post_norms": True, "mixer": attention}, tmp_path / "full",
+                       "Exaone4ForCausalLM", 1e-5)  # fmt: skip
+    with pytest.raises(ValueError, match=r"full layers with RoPE \(rope_dims=16\) beside windowed ones"):
+        save_hf(build_model(tiny(**{**spec, "mixers": {**spec["mixers"], "G": attention}})), tmp_path / "c",
+                remote_code=False)  # fmt: skip
+    olmo = {**attention, "qk_norm_over": "projection"}
+    save_hf(build_model(tiny(pre_norms=False, post_norms=True, mixer=olmo)), tmp_path / "olmo", remote_code=False)
+    assert json.loads((tmp_path / "olmo" / "config.json").read_text())["model_type"] == "olmo2"

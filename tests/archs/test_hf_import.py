@@ -193,6 +193,8 @@ CASES = {
     "olmo-hybrid": (transformers.OlmoHybridConfig, dict(
         num_key_value_heads=2, layer_types=["linear_attention", "full_attention", "linear_attention"],
         pad_token_id=0, eos_token_id=1)),
+    # EXAONE 4.0: OLMo 2's block, per-head query/key norms, windows with RoPE beside a full layer without positions
+    "exaone4": (transformers.Exaone4Config, dict(num_key_value_heads=2, sliding_window=5, sliding_window_pattern=2)),
     # Mamba and Mamba-2 alone (state-spaces', Codestral's): an RMSNorm and the mixer in every layer, no MLP;
     # Mamba-2's B and C in 2 groups
     "mamba": (transformers.MambaConfig, dict(state_size=8, time_step_rank=8, pad_token_id=0)),
@@ -229,6 +231,7 @@ PER_LAYER = {  # (window, rope_dims) of each layer
     "ministral-windows-alternating": [(5, 16), (None, 16), (5, 16)],
     "qwen2-moe": [(5, 16), (None, 16), (None, 16)],
     "gpt-oss": [(5, 16), (None, 16), (5, 16)],
+    "exaone4": [(5, 16), (None, 0), (5, 16)],
 }
 
 # transformers' grouped expert products take no float64 (an option of transformers 5)
