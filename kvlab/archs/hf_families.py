@@ -1862,6 +1862,8 @@ def _mamba_problems(cfg: ModelConfig) -> list[str]:
                         "layer_norm_epsilon)")  # fmt: skip
     if m.kind == "mamba2" and m.inner is not None:
         problems.append(f"Mamba-2 with inner={m.inner} given outright (its width is expand * hidden_size)")
+    if m.kind == "mamba2" and not m.gated_norm:
+        problems.append("Mamba-2 with gated_norm=False (its output is normalised)")
     return problems
 
 
@@ -2026,6 +2028,8 @@ def _ibm_layer_problems(cfg: ModelConfig, who: str, width_given: bool = False) -
     if mamba and mamba[0].norm_eps != cfg.norm.eps:
         problems.append(f"Mamba-2 norm_eps={mamba[0].norm_eps} apart from norm.eps={cfg.norm.eps} ({who} has one "
                         "rms_norm_eps)")  # fmt: skip
+    if mamba and not mamba[0].gated_norm:
+        problems.append(f"Mamba-2 with gated_norm=False ({who}'s output is normalised)")
     if mamba and mamba[0].inner is not None and not width_given:
         problems.append(f"Mamba-2 with inner={mamba[0].inner} given outright ({who}'s width is expand * hidden_size)")
     return problems
@@ -3235,7 +3239,8 @@ NATIVE_LAYOUTS["minimax"] = NativeLayout(
 # key_multiplier into k, attention_out into o; ssm_in and the five ssm_multipliers into in_proj's rows of z, x, B, C
 # and dt; ssm_out into Mamba-2's out_proj; mlp_multipliers into the gate and down projections), and an export writes
 # them as 1; embedding_multiplier and lm_head_multiplier are our embed_scale and logit_scale. Its Mamba-2 is ours
-# with the gated RMSNorm after the gate (mamba_rms_norm, not mamba_norm_before_gate), its width mamba_d_ssm.
+# with the gated RMSNorm after the gate (mamba_rms_norm, not mamba_norm_before_gate) or none (gated_norm false), its
+# width mamba_d_ssm.
 
 _FALCON_H1_PARTS = {"mixer_norm": "input_layernorm", "mlp_norm": "pre_ff_layernorm", "mlp": "feed_forward"}
 _FALCON_H1_TOP = {"embed_tokens.weight": "model.embed_tokens.weight", "norm.weight": "model.final_layernorm.weight"}
@@ -3285,7 +3290,8 @@ def _falcon_h1_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         "projectors_bias": False, "mamba_d_ssm": inner, "mamba_n_heads": inner // s.head_dim,
         "mamba_d_head": s.head_dim, "mamba_n_groups": s.n_groups, "mamba_d_state": s.state_dim,
         "mamba_d_conv": s.conv_kernel, "mamba_expand": s.expand, "mamba_chunk_size": s.chunk_size,
-        "mamba_conv_bias": True, "mamba_proj_bias": False, "mamba_rms_norm": True, "mamba_norm_before_gate": False,
+        "mamba_conv_bias": True, "mamba_proj_bias": False, "mamba_rms_norm": s.gated_norm,
+        "mamba_norm_before_gate": False,
         "time_step_limit": [0.0, float("inf")],
         "embedding_multiplier": 1.0 if cfg.embed_scale is None else cfg.embed_scale,
         "lm_head_multiplier": 1.0 if cfg.logit_scale is None else cfg.logit_scale,
@@ -3347,14 +3353,14 @@ def _falcon_h1_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
     check_silu(hf)
     c = _falcon_h1_config(hf)
     unsupported = [(name, value) for name, value, supported in (
-        ("mamba_rms_norm", c.mamba_rms_norm, True), ("mamba_norm_before_gate", c.mamba_norm_before_gate, False),
+        ("mamba_norm_before_gate", c.mamba_norm_before_gate and c.mamba_rms_norm, False),
         ("mamba_proj_bias", c.mamba_proj_bias, False), ("mamba_conv_bias", c.mamba_conv_bias, True),
         ("projectors_bias", c.projectors_bias, False), ("attention_bias", c.attention_bias, False),
         ("mlp_bias", c.mlp_bias, False)) if bool(value) != supported]  # fmt: skip
     if unsupported:
         raise ValueError(f"config.json: {', '.join(f'{n}={v}' for n, v in unsupported)} is not supported (kvlab's "
-                         "Mamba-2 normalises its gated output, RMSNorm(y * silu(z)); its projections have no "
-                         "biases, its convolution has one)")  # fmt: skip
+                         "Mamba-2 normalises its gated output, RMSNorm(y * silu(z)), or not at all; its projections "
+                         "have no biases, its convolution has one)")  # fmt: skip
     limit = time_step_limit(hf)
     if limit[0] > 0 or limit[1] != float("inf"):
         raise ValueError(f"config.json: time_step_limit={limit} is not supported (kvlab does not clamp dt)")
@@ -3366,7 +3372,8 @@ def _falcon_h1_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
                  "rope_scaling": rope.scaling}  # fmt: skip
     mamba2 = {"kind": "mamba2", "head_dim": c.mamba_d_head, "state_dim": c.mamba_d_state, "expand": c.mamba_expand,
               "inner": None if inner == c.mamba_expand * d else inner, "n_groups": c.mamba_n_groups,
-              "conv_kernel": c.mamba_d_conv, "chunk_size": c.mamba_chunk_size, "norm_eps": eps}  # fmt: skip
+              "conv_kernel": c.mamba_d_conv, "chunk_size": c.mamba_chunk_size, "norm_eps": eps,
+              "gated_norm": bool(c.mamba_rms_norm)}  # fmt: skip
     return {
         "vocab_size": c.vocab_size, "d_model": d, "n_layers": c.num_hidden_layers,
         "max_seq_len": c.max_position_embeddings, "norm": {"kind": "rmsnorm", "eps": eps},

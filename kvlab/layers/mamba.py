@@ -13,11 +13,12 @@ convolution and SiLU; then per head h, with state S [state_dim, head_dim]:
 
 which is linear attention with a scalar decay per head and token (q = C,
 k = B, v = dt x): the chunked kernel trains it, the recurrence decodes it.
-The output is gated and normalised, RMSNorm(y * silu(z)) per group, and
-projected back. Heads are ``head_dim`` wide, ``expand * d_model`` channels
-in all (``inner``, where given: Falcon-H1's mamba_d_ssm, 1.5 d_model in its
-0.5B). Initialisation as in the paper's code: A in [1, 16], dt in
-[dt_min, dt_max] log-uniformly, D = 1.
+The output is gated and normalised, RMSNorm(y * silu(z)) per group
+(``gated_norm: false``: y * silu(z) alone), and projected back. Heads are
+``head_dim`` wide, ``expand * d_model`` channels in all (``inner``, where
+given: Falcon-H1's mamba_d_ssm, 1.5 d_model in its 0.5B). Initialisation as
+in the paper's code: A in [1, 16], dt in [dt_min, dt_max] log-uniformly,
+D = 1.
 
 The cache is fixed: per sequence the SSM state (n_heads x state_dim x
 head_dim; on a CPU held with state_dim contiguous, as mamba-ssm holds it,
@@ -127,8 +128,10 @@ class Mamba2Config(MixerConfig):
     dt_min: float = 0.001
     dt_max: float = 0.1
     norm_eps: float = 1e-5
+    gated_norm: bool = True  # false: the output y * silu(z), not normalised (Falcon-H1's mamba_rms_norm: false)
 
     def validate(self, d_model: int, path: str) -> None:
+        check_bool(self.gated_norm, f"{path}.gated_norm")
         for name, minimum in (("head_dim", 1), ("state_dim", 1), ("expand", 1), ("n_groups", 1),
                               ("conv_kernel", 1), ("chunk_size", 1)):  # fmt: skip
             check_int(getattr(self, name), f"{path}.{name}", minimum=minimum)
@@ -168,7 +171,8 @@ class Mamba2(nn.Module):
         self.dt_bias = nn.Parameter(torch.empty(self.n_heads))
         self.A_log = nn.Parameter(torch.empty(self.n_heads))
         self.D = nn.Parameter(torch.empty(self.n_heads))
-        self.norm_weight = nn.Parameter(torch.empty(self.inner))
+        if cfg.gated_norm:
+            self.norm_weight = nn.Parameter(torch.empty(self.inner))
         self.out_proj = nn.Linear(self.inner, d_model, bias=False)
         self.reset_parameters()
 
@@ -179,7 +183,8 @@ class Mamba2(nn.Module):
         _init_conv_and_step(self.conv_weight, self.conv_bias, self.dt_bias, self.cfg.dt_min, self.cfg.dt_max)
         self.A_log.copy_(torch.empty(self.n_heads).uniform_(1, 16).log())
         self.D.fill_(1.0)
-        self.norm_weight.fill_(1.0)
+        if self.cfg.gated_norm:
+            self.norm_weight.fill_(1.0)
 
     def forward(self, x, *, cache=None, state: StepState | None = None, last_only: bool = False):
         """``positions`` are not used: the convolution and the decay carry order. ``last_only``: the output of
@@ -214,7 +219,10 @@ class Mamba2(nn.Module):
         return self.out_proj(self._gated_norm(y, z))
 
     def _gated_norm(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """RMSNorm(y * silu(z)) within each of the n_groups channel groups, times a learned weight."""
+        """RMSNorm(y * silu(z)) within each of the n_groups channel groups, times a learned weight (gated_norm false:
+        y * silu(z) alone)."""
+        if not self.cfg.gated_norm:
+            return y * F.silu(z)
         gated = upcast(y * F.silu(z) if torch.is_grad_enabled() else F.silu(z).mul_(y))  # (no grad: in place)
         G, eps = self.cfg.n_groups, self.cfg.norm_eps
         if G == 1:  # the kernels' RMSNorm (in float32 here, its weight too)

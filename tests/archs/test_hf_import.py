@@ -7,7 +7,9 @@ import re
 import pytest
 import torch
 
+from kvlab import build_model
 from kvlab.archs.hf import hf_to_kvlab_name, kvlab_to_hf_name, load_hf, save_hf
+from tests.conftest import tiny
 
 transformers = pytest.importorskip("transformers")
 
@@ -188,6 +190,10 @@ CASES = {
         embedding_multiplier=5.6, lm_head_multiplier=0.4, key_multiplier=0.3, attention_in_multiplier=0.9,
         attention_out_multiplier=0.7, ssm_in_multiplier=0.8, ssm_out_multiplier=0.6,
         ssm_multipliers=[0.35, 0.25, 0.18, 0.5, 0.35], mlp_multipliers=[0.29, 0.6])),
+    # its class's default: Mamba-2's gated output not normalised (mamba_rms_norm false)
+    "falcon-h1-unnormalised": (transformers.FalconH1Config, dict(
+        num_key_value_heads=2, head_dim=16, mamba_d_ssm=96, mamba_n_heads=6, mamba_d_head=16, mamba_d_state=8,
+        mamba_chunk_size=8, key_multiplier=0.3)),
     # OLMo Hybrid: gated DeltaNet (negative eigenvalues) in Llama's block, OLMo 3's attention in OLMo 2's; the hub's
     # names (its save_pretrained writes them: the q, k and v convolutions apart, the norms renamed)
     "olmo-hybrid": (transformers.OlmoHybridConfig, dict(
@@ -337,6 +343,11 @@ def test_import_matches_transformers(tmp_path, case, sharded):
     if case == "falcon-h1":
         c, s = ours.config, ours.config.mixer.mixers[1]
         assert (c.mixer.combine, s.inner, s.n_groups, c.embed_scale, c.logit_scale) == ("sum", 96, 2, 5.6, 0.4)
+    if case == "falcon-h1-unnormalised":
+        assert not ours.config.mixer.mixers[1].gated_norm
+        with pytest.raises(ValueError, match=r"Mamba-2 with gated_norm=False \(its output is normalised\)"):
+            unnormalised = {"kind": "mamba2", "head_dim": 16, "state_dim": 8, "gated_norm": False}
+            save_hf(build_model(tiny(mixer=unnormalised, mlp={"kind": "none"})), tmp_path / "m2", remote_code=False)
     if case == "minimax":
         c = ours.config
         assert (c.pattern, c.normed_residual, c.residual_alpha, c.residual_scale, c.mixers["L"].chunk_size) == (
