@@ -3646,3 +3646,51 @@ NATIVE_LAYOUTS["exaone4"] = NativeLayout(
     export_state=_gemma_state,
     from_hf=_exaone4_from_hf,
 )
+
+
+# MiniMax-M1 and MiniMax-Text-01 as their hub repositories hold them (remote code: model_type "minimax_m1",
+# "MiniMaxText01"): MiniMax's layers under its class's names, its config in its own fields (attn_type_list, 0
+# lightning and 1 softmax; layernorm_*_alpha and _beta; postnorm; rope_theta and rotary_dim), read into
+# MiniMaxForCausalLM's and imported as that (exports go to that class). postnorm false with alphas and betas of 1 is
+# Llama's residual; its shared experts (shared_intermediate_size) are refused.
+
+_MINIMAX_REMOTE_SCALES = {"full_attn_alpha_factor": "layernorm_full_attention_alpha",
+                          "full_attn_beta_factor": "layernorm_full_attention_beta",
+                          "linear_attn_alpha_factor": "layernorm_linear_attention_alpha",
+                          "linear_attn_beta_factor": "layernorm_linear_attention_beta",
+                          "mlp_alpha_factor": "layernorm_mlp_alpha",
+                          "mlp_beta_factor": "layernorm_mlp_beta"}  # fmt: skip
+
+
+def _minimax_remote_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+    if hf.get("shared_intermediate_size"):
+        raise ValueError(f"config.json: shared_intermediate_size={hf['shared_intermediate_size']} is not supported "
+                         "(MiniMax's shared experts; its released models have none)")  # fmt: skip
+    kinds = hf.get("attn_type_list")
+    if not isinstance(kinds, list) or set(kinds) - {0, 1}:
+        raise ValueError(f"config.json: attn_type_list={kinds!r} must list 0 (lightning) or 1 (softmax) per layer")
+    scales = {ours: hf.get(theirs, 1) for ours, theirs in _MINIMAX_REMOTE_SCALES.items()}
+    postnorm = bool(hf.get("postnorm", False))
+    if not postnorm and set(scales.values()) != {1}:
+        raise ValueError("config.json: postnorm=false with layernorm alphas or betas other than 1 is not supported "
+                         "(kvlab scales the residual only after the norm: postnorm true)")  # fmt: skip
+    dropped = {"model_type", "attn_type_list", "postnorm", "rope_theta", "auto_map", *_MINIMAX_REMOTE_SCALES.values()}
+    model = _minimax_from_hf({k: v for k, v in hf.items() if k not in dropped} | scales | {
+        "layer_types": ["linear_attention" if k == 0 else "full_attention" for k in kinds],
+        "rope_parameters": {"rope_type": "default", "rope_theta": hf.get("rope_theta", 1e6)}})  # fmt: skip
+    return model if postnorm else model | {"normed_residual": False}
+
+
+for _remote in ("minimax_m1", "MiniMaxText01"):
+    NATIVE_LAYOUTS[_remote] = NativeLayout(
+        model_type=_remote,
+        architecture="MiniMaxForCausalLM",
+        describes="",  # (read only: MiniMax's models export as MiniMaxForCausalLM)
+        claims=lambda cfg: False,
+        problems=_minimax_problems,
+        to_hf=_minimax_to_hf,
+        export_state=_minimax_state,
+        from_hf=_minimax_remote_from_hf,
+        prepare=_minimax_weights,
+        normed_residual=True,
+    )

@@ -688,3 +688,60 @@ def test_import_builds_in_the_dtype_asked_for(tmp_path, dtype):
     assert all(torch.equal(p, theirs[name]) for name, p in ours.named_parameters())
     cast = load_hf(tmp_path).to(dtype)  # through float32 and cast: the same buffers
     assert all(torch.equal(b, dict(cast.named_buffers())[name]) for name, b in ours.named_buffers())
+
+
+def test_minimax_m1_as_its_hub_repository_holds_it(tmp_path):
+    """MiniMax-M1's remote-code checkpoint (model_type minimax_m1: attn_type_list, layernorm_*_alpha, postnorm,
+    rope_theta and rotary_dim in its own fields; block_sparse_moe with one tensor per expert, w1/w3/w2) imports as
+    the same model MiniMaxForCausalLM holds: logits equal; shared experts and a scaled plain residual are refused."""
+    from safetensors.torch import load_file, save_file
+
+    from kvlab.archs.hf_families import _minimax_remote_from_hf
+
+    scales = dict.fromkeys(("full_attn_alpha_factor", "linear_attn_alpha_factor", "mlp_alpha_factor"), 2.5)
+    cfg = transformers.MiniMaxConfig(**COMMON | {"intermediate_size": 48}, num_key_value_heads=2, head_dim=16,
+                                     num_local_experts=4, layer_types=["linear_attention", "full_attention",
+                                                                       "linear_attention"], **scales)  # fmt: skip
+    torch.manual_seed(0)
+    hf = transformers.MiniMaxForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name or name.endswith("mlp.gate.weight"):
+                p.normal_(mean=1.0 if "norm" in name else 0.0, std=0.3)
+    hf.save_pretrained(tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    remote = {
+        k: v
+        for k, v in config.items()
+        if k not in ("layer_types", "rope_parameters", "architectures") and not k.endswith("_factor")
+    } | {  # fmt: skip
+        "model_type": "minimax_m1",
+        "attn_type_list": [0, 1, 0],
+        "postnorm": True,
+        "rope_theta": config["rope_parameters"]["rope_theta"],
+        "rotary_dim": 16,
+        "shared_intermediate_size": 0,
+        **{f"layernorm_{kind}_alpha": 2.5 for kind in ("full_attention", "linear_attention", "mlp")},
+    }
+    (tmp_path / "m1").mkdir()
+    (tmp_path / "m1" / "config.json").write_text(json.dumps(remote))
+    weights = {}
+    for name, value in load_file(tmp_path / "hf" / "model.safetensors").items():
+        prefix = name.rsplit("mlp.experts.", 1)[0] + "block_sparse_moe.experts."
+        if name.endswith("mlp.experts.gate_up_proj"):
+            for e, (gate, up) in enumerate(v.chunk(2) for v in value):
+                weights |= {f"{prefix}{e}.w1.weight": gate, f"{prefix}{e}.w3.weight": up}
+        elif name.endswith("mlp.experts.down_proj"):
+            weights |= {f"{prefix}{e}.w2.weight": down for e, down in enumerate(value)}
+        else:
+            weights[name.replace(".mlp.gate.", ".block_sparse_moe.gate.")] = value
+    save_file({k: v.contiguous() for k, v in weights.items()}, tmp_path / "m1" / "model.safetensors")
+    ours = load_hf(tmp_path / "m1").eval()
+    assert (ours.config.pattern, ours.config.residual_alpha) == ("LAL", 2.5)
+    ids = torch.randint(0, 101, (2, 19))
+    with torch.no_grad():
+        assert (ours(ids) - hf(ids).logits).abs().max() <= 1e-5
+    with pytest.raises(ValueError, match=r"shared_intermediate_size=8 is not supported"):
+        _minimax_remote_from_hf(remote | {"shared_intermediate_size": 8})
+    with pytest.raises(ValueError, match=r"postnorm=false with layernorm alphas or betas other than 1"):
+        _minimax_remote_from_hf(remote | {"postnorm": False})

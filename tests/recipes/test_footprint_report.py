@@ -101,7 +101,7 @@ def test_a_hugging_face_config_as_load_hf_imports_it(capsys, tmp_path):
 @pytest.mark.parametrize(
     "case",
     ["deepseek-v2-lite", "mixtral-8x7b", "gemma-2-2b", "qwen1.5-moe-a2.7b", "phi-4-mini", "mamba-130m", "gpt-oss-20b",
-     "qwen3-next-80b-a3b", "recurrentgemma-2b", "lfm2-1.2b", "minimax-text-01"],
+     "qwen3-next-80b-a3b", "recurrentgemma-2b", "lfm2-1.2b", "minimax-text-01", "minimax-m1"],
 )  # fmt: skip
 def test_hugging_face_configs_of_mla_and_experts_count_as_published(capsys, tmp_path, case):
     """--hf on the hub's own config.json of DeepSeek-V2-Lite (MLA: 576 elements a token and layer, DeepSeek-V2's
@@ -122,8 +122,8 @@ def test_hugging_face_configs_of_mla_and_experts_count_as_published(capsys, tmp_
     (6 GQA layers of 8 K/V heads of 64; 10 gated convolutions holding 2 inputs of 2,048 channels; its SwiGLU's width
     derived from block_ff_dim; 1,170,340,608 parameters, its model card's and `transformers`' count) and of
     MiniMax-Text-01 (8 K/V heads of 128 in 10 softmax layers; 70 lightning layers of 64 states of 128 x 128; 32
-    experts in every layer: 456.09B parameters, its paper's 456B and `transformers`' count): the caches and
-    parameter counts their papers give."""
+    experts in every layer: 456.09B parameters, its paper's 456B and `transformers`' count; MiniMax-M1's remote-code
+    config.json, the same layers in its own fields, alike): the caches and parameter counts their papers give."""
     config = {
         "deepseek-v2-lite": {
             "model_type": "deepseek_v2", "vocab_size": 102400, "hidden_size": 2048, "intermediate_size": 10944,
@@ -212,6 +212,15 @@ def test_hugging_face_configs_of_mla_and_experts_count_as_published(capsys, tmp_
             **dict.fromkeys(("full_attn_alpha_factor", "linear_attn_alpha_factor", "mlp_alpha_factor"),
                             3.5565588200778455),
         },
+        "minimax-m1": {
+            "model_type": "minimax_m1", "vocab_size": 200064, "hidden_size": 6144, "intermediate_size": 9216,
+            "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 128,
+            "num_local_experts": 32, "num_experts_per_tok": 2, "attn_type_list": ([0] * 7 + [1]) * 10,
+            "rotary_dim": 64, "rope_theta": 10000000, "rms_norm_eps": 1e-5, "max_position_embeddings": 10240000,
+            "tie_word_embeddings": False, "postnorm": True, "shared_intermediate_size": 0,
+            **{f"layernorm_{kind}_{which}": 3.5565588200778455 if which == "alpha" else 1.0
+               for kind in ("full_attention", "linear_attention", "mlp") for which in ("alpha", "beta")},
+        },
     }[case]  # fmt: skip
     (tmp_path / "config.json").write_text(json.dumps(config))
     r = report(capsys, "--hf", str(tmp_path))
@@ -225,7 +234,8 @@ def test_hugging_face_configs_of_mla_and_experts_count_as_published(capsys, tmp_
                          "qwen3-next-80b-a3b": (2 * 2 * 256 * 12 * 2, 79_674_391_296),
                          "recurrentgemma-2b": (0, 2_682_862_080),
                          "lfm2-1.2b": (2 * 8 * 64 * 6 * 2, 1_170_340_608),
-                         "minimax-text-01": (2 * 8 * 128 * 10 * 2, 456_089_655_296)}[case]  # fmt: skip
+                         "minimax-text-01": (2 * 8 * 128 * 10 * 2, 456_089_655_296),
+                         "minimax-m1": (2 * 8 * 128 * 10 * 2, 456_089_655_296)}[case]  # fmt: skip
     assert (r["bytes_per_token"], r["params"]) == (per_token, params)
     if case == "gemma-2-2b":
         assert r["fixed_bytes"] == 13 * 4096 * 2 * 4 * 256 * 2  # the windows, once full
@@ -233,7 +243,7 @@ def test_hugging_face_configs_of_mla_and_experts_count_as_published(capsys, tmp_
         assert r["fixed_bytes"] == 8 * 2048 * 2 * 256 * 2 + 18 * (2560 + 3 * 2560) * 2
     if case == "lfm2-1.2b":
         assert r["fixed_bytes"] == 10 * 2 * 2048 * 2
-    if case == "minimax-text-01":
+    if case.startswith("minimax"):
         assert r["fixed_bytes"] == 70 * 64 * 128 * 128 * 2
     if case == "mamba-130m":
         assert r["fixed_bytes"] == 24 * 1536 * (16 + 3) * 2  # the state and the convolution's inputs, bf16
