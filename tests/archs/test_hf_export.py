@@ -122,7 +122,7 @@ PRESET_TYPES = {"mha": "llama", "gqa": "llama", "mqa": "llama", "mla": "deepseek
                 "recurformer": "kvlab", "mixcon": "kvlab", "local_global": "ministral",
                 "gpt_oss": "gpt_oss", "qwen3_next": "qwen3_next", "kimi_linear": "kimi_linear",
                 "gated_deltanet": "kvlab", "griffin": "recurrent_gemma", "lfm2": "lfm2",
-                "nemotron_h": "nemotron_h", "minimax_01": "kvlab"}  # fmt: skip
+                "nemotron_h": "nemotron_h", "minimax_01": "kvlab", "exaone4": "exaone4"}  # fmt: skip
 EXPECTED_TYPE = {**PRESET_TYPES, "mistral_window": "mistral", "qwen2_bias": "qwen2", "qwen2_window": "qwen2",
                  "qwen3_qk_norm_bias": "qwen3",
                  "mla_q_lora": "deepseek_v3", "mla_moe": "deepseek_v3", **dict.fromkeys(REMOTE, "kvlab")}  # fmt: skip
