@@ -40,6 +40,7 @@ import torch
 from kvlab.archs.config import ModelConfig
 from kvlab.kernels.rope import longrope_attention_factor, yarn_mscale
 from kvlab.layers import MixerConfig
+from kvlab.layers.mamba import inner_width
 
 
 @dataclass(frozen=True)
@@ -1873,7 +1874,7 @@ def _mamba_to_hf(cfg: ModelConfig) -> dict[str, Any]:
           "conv_kernel": m.conv_kernel, "use_bias": False, "use_conv_bias": True, "layer_norm_epsilon": cfg.norm.eps,
           "max_position_embeddings": cfg.max_seq_len}  # fmt: skip
     if m.kind == "mamba":  # (its class reads intermediate_size where config.json gives it)
-        inner = m.expand * cfg.d_model if m.inner is None else m.inner
+        inner = inner_width(m, cfg.d_model)
         return hf | {"time_step_rank": m.dt_rank, "intermediate_size": inner}
     return hf | {"num_heads": m.expand * cfg.d_model // m.head_dim, "head_dim": m.head_dim, "n_groups": m.n_groups,
                  "chunk_size": m.chunk_size, "time_step_limit": [0.0, float("inf")]}  # fmt: skip
@@ -1899,6 +1900,17 @@ def time_step_limit(hf: dict[str, Any]) -> tuple[float, ...]:
     (JSON has none), and config classes take floats."""
     return tuple(float(x["__float__"]) if isinstance(x, dict) else float(x)
                  for x in hf.get("time_step_limit") or (0.0, float("inf")))  # fmt: skip
+
+
+def class_config(name: str, hf: dict[str, Any]):
+    """config.json as `transformers`' config class ``name`` reads it: its defaults filled, time_step_limit's JSON
+    infinity parsed where config.json gives one (``time_step_limit``)."""
+    import transformers
+
+    fields = {k: v for k, v in hf.items() if k != "model_type"}
+    if "time_step_limit" in hf:
+        fields["time_step_limit"] = time_step_limit(hf)
+    return getattr(transformers, name)(**fields)
 
 
 def _mamba_from_hf(hf: dict[str, Any], width_given: bool = False) -> dict[str, Any]:
@@ -2779,9 +2791,7 @@ def _recurrent_gemma_weights(theirs: dict[str, torch.Tensor], cfg: ModelConfig) 
 
 
 def _recurrent_gemma_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
-    import transformers
-
-    derived = transformers.RecurrentGemmaConfig(**{k: v for k, v in hf.items() if k != "model_type"})
+    derived = class_config("RecurrentGemmaConfig", hf)
     if derived.hidden_activation != "gelu_pytorch_tanh":
         raise ValueError(f"config.json: hidden_activation={derived.hidden_activation!r} is not supported (GeGLU with "
                          "tanh's GELU, gelu_pytorch_tanh, is)")  # fmt: skip
@@ -2900,9 +2910,7 @@ def lfm2_mlp_width(hf: dict[str, Any]) -> int:
 
 
 def _lfm2_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
-    import transformers
-
-    derived = transformers.Lfm2Config(**{k: v for k, v in hf.items() if k != "model_type"})
+    derived = class_config("Lfm2Config", hf)
     if set(derived.layer_types) - {"conv", "full_attention"}:
         raise ValueError(f"config.json: layer_types {sorted(set(derived.layer_types))} are not supported (conv and "
                          "full_attention are)")  # fmt: skip
@@ -2996,7 +3004,7 @@ def _nemotron_h_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     return {
         "model_type": "nemotron_h", "layers_block_type": types, "num_hidden_layers": len(types),
         "intermediate_size": mlp.hidden, "mlp_hidden_act": "relu2", "mlp_bias": mlp.bias,
-        "mamba_num_heads": (s.inner or s.expand * cfg.d_model) // s.head_dim, "mamba_head_dim": s.head_dim,
+        "mamba_num_heads": inner_width(s, cfg.d_model) // s.head_dim, "mamba_head_dim": s.head_dim,
         "ssm_state_size": s.state_dim, "n_groups": s.n_groups, "conv_kernel": s.conv_kernel, "expand": s.expand,
         "chunk_size": s.chunk_size, "use_conv_bias": True, "use_bias": False, "mamba_hidden_act": "silu",
         "layer_norm_epsilon": cfg.norm.eps, "attention_bias": False, "num_attention_heads": a.n_heads,
@@ -3029,10 +3037,7 @@ def _nemotron_h_weights(theirs: dict[str, torch.Tensor], cfg: ModelConfig) -> di
 
 
 def _nemotron_h_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
-    import transformers
-
-    fields = {k: v for k, v in hf.items() if k != "model_type"} | {"time_step_limit": time_step_limit(hf)}
-    derived = transformers.NemotronHConfig(**fields)
+    derived = class_config("NemotronHConfig", hf)
     types = list(derived.layers_block_type)
     if "moe" in types or set(types) - {"linear_attention", "full_attention", "mlp"}:
         raise ValueError(f"config.json: layers_block_type {sorted(set(types))} is not supported (linear_attention, "
@@ -3178,10 +3183,8 @@ def _minimax_weights(theirs: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[
 
 
 def _minimax_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
-    import transformers
-
     check_silu(hf)
-    derived = transformers.MiniMaxConfig(**{k: v for k, v in hf.items() if k != "model_type"})
+    derived = class_config("MiniMaxConfig", hf)
     if set(derived.layer_types) - {"linear_attention", "full_attention"}:
         raise ValueError(f"config.json: layer_types {sorted(set(derived.layer_types))} are not supported "
                          "(linear_attention and full_attention are)")  # fmt: skip
@@ -3282,7 +3285,7 @@ def _falcon_h1_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     m = cfg.layer_mixers[0]
     kinds = _falcon_h1_branches(m)
     a, s = m.mixers[kinds["attention"]], m.mixers[kinds["mamba2"]]
-    inner = s.expand * cfg.d_model if s.inner is None else s.inner
+    inner = inner_width(s, cfg.d_model)
     return {
         "model_type": "falcon_h1", "intermediate_size": cfg.mlp.hidden, "num_attention_heads": a.n_heads,
         "num_key_value_heads": a.n_kv_heads,
@@ -3319,17 +3322,9 @@ def _falcon_h1_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[s
     return out
 
 
-def _falcon_h1_config(hf: dict[str, Any]):
-    """config.json as its class reads it (defaults filled, time_step_limit's JSON infinity parsed)."""
-    import transformers
-
-    fields = {k: v for k, v in hf.items() if k != "model_type"} | {"time_step_limit": time_step_limit(hf)}
-    return transformers.FalconH1Config(**fields)
-
-
 def _falcon_h1_fold(hf: dict[str, Any], state: dict[str, torch.Tensor], cfg: ModelConfig) -> None:
     """Its multipliers into the weights each scales (ours, in place; exact but for one rounding each)."""
-    c = _falcon_h1_config(hf)
+    c = class_config("FalconH1Config", hf)
     for i, m in enumerate(cfg.layer_mixers):
         kinds = _falcon_h1_branches(m)
         a, s = f"layers.{i}.mixer.branches.{kinds['attention']}.", f"layers.{i}.mixer.branches.{kinds['mamba2']}."
@@ -3341,7 +3336,7 @@ def _falcon_h1_fold(hf: dict[str, Any], state: dict[str, torch.Tensor], cfg: Mod
         for name, scale in scales.items():
             state[name] = state[name] * scale
         mixer = m.mixers[kinds["mamba2"]]
-        inner = mixer.expand * cfg.d_model if mixer.inner is None else mixer.inner
+        inner = inner_width(mixer, cfg.d_model)
         widths = [inner, inner, mixer.n_groups * mixer.state_dim, mixer.n_groups * mixer.state_dim,
                   inner // mixer.head_dim]  # z, x, B, C, dt  # fmt: skip
         rows = torch.cat([torch.full((w,), float(x)) for w, x in zip(widths, c.ssm_multipliers, strict=True)])
@@ -3351,7 +3346,7 @@ def _falcon_h1_fold(hf: dict[str, Any], state: dict[str, torch.Tensor], cfg: Mod
 
 def _falcon_h1_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
     check_silu(hf)
-    c = _falcon_h1_config(hf)
+    c = class_config("FalconH1Config", hf)
     unsupported = [(name, value) for name, value, supported in (
         ("mamba_norm_before_gate", c.mamba_norm_before_gate and c.mamba_rms_norm, False),
         ("mamba_proj_bias", c.mamba_proj_bias, False), ("mamba_conv_bias", c.mamba_conv_bias, True),
@@ -3508,10 +3503,8 @@ def _olmo_hybrid_weights(theirs: dict[str, torch.Tensor], cfg: ModelConfig) -> d
 
 
 def _olmo_hybrid_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
-    import transformers
-
     check_silu(hf)
-    c = transformers.OlmoHybridConfig(**{k: v for k, v in hf.items() if k != "model_type"})
+    c = class_config("OlmoHybridConfig", hf)
     if set(c.layer_types) - {"linear_attention", "full_attention"}:
         raise ValueError(f"config.json: layer_types {sorted(set(c.layer_types))} are not supported "
                          "(linear_attention and full_attention are)")  # fmt: skip
@@ -3607,10 +3600,8 @@ def _exaone4_to_hf(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def _exaone4_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
-    import transformers
-
     check_silu(hf)
-    c = transformers.Exaone4Config(**{k: v for k, v in hf.items() if k != "model_type"})
+    c = class_config("Exaone4Config", hf)
     if set(c.layer_types) - set(LAYER_TYPES):
         raise ValueError(f"config.json: layer_types {sorted(set(c.layer_types))} are not supported (sliding_attention "
                          "and full_attention are)")  # fmt: skip

@@ -115,6 +115,11 @@ def init_step_bias(dt_bias, dt_min: float, dt_max: float) -> None:
     dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus(dt_bias) = dt
 
 
+def inner_width(cfg, d_model: int) -> int:
+    """A Mamba or Mamba-2 config's inner channels: ``inner`` where given, else ``expand * d_model``."""
+    return cfg.expand * d_model if cfg.inner is None else cfg.inner
+
+
 @dataclass
 class Mamba2Config(MixerConfig):
     kind = "mamba2"
@@ -141,7 +146,7 @@ class Mamba2Config(MixerConfig):
         check_float(self.norm_eps, f"{path}.norm_eps", positive=True)
         if self.dt_min > self.dt_max:
             raise ValueError(f"{path}.dt_min={self.dt_min} must be at most {path}.dt_max={self.dt_max}")
-        inner, named = (self.expand * d_model, "expand * d_model") if self.inner is None else (self.inner, "inner")
+        inner, named = inner_width(self, d_model), "expand * d_model" if self.inner is None else "inner"
         if inner % self.head_dim:
             raise ValueError(f"{path}.{named} = {inner} is not divisible by {path}.head_dim={self.head_dim}")
         if (inner // self.head_dim) % self.n_groups:
@@ -162,7 +167,7 @@ class Mamba2(nn.Module):
         cfg = cfg.resolved(d_model, "mixer")  # defaults filled on a copy: any config builds a working layer
         check_reads_own_state(cfg.kind, layer_idx, kv_source)
         self.cfg = cfg
-        self.inner = cfg.expand * d_model if cfg.inner is None else cfg.inner
+        self.inner = inner_width(cfg, d_model)
         self.n_heads = self.inner // cfg.head_dim
         self.conv_dim = self.inner + 2 * cfg.n_groups * cfg.state_dim  # x, B, C
         self.in_proj = nn.Linear(d_model, self.inner + self.conv_dim + self.n_heads, bias=False)  # z, xBC, dt
@@ -280,7 +285,7 @@ class Mamba(nn.Module):
         cfg = cfg.resolved(d_model, "mixer")  # defaults filled on a copy: any config builds a working layer
         check_reads_own_state(cfg.kind, layer_idx, kv_source)
         self.cfg = cfg
-        self.inner = cfg.inner if cfg.inner is not None else cfg.expand * d_model
+        self.inner = inner_width(cfg, d_model)
         self.in_proj = nn.Linear(d_model, 2 * self.inner, bias=False)  # x, z
         self.conv_weight = nn.Parameter(torch.empty(self.inner, cfg.conv_kernel))
         self.conv_bias = nn.Parameter(torch.empty(self.inner))
